@@ -1,0 +1,138 @@
+"""The public message types. Each validates on construction; storage validates again at enqueue,
+since a mutable field may have changed in between."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import IntEnum
+from typing import Any, Generic, TypeVar
+
+from .errors import InvalidRequestError
+
+__all__ = [
+    "LLMRequest",
+    "MessageAttributes",
+    "Priority",
+    "QueueMessage",
+    "TokenInfo",
+    "validate_token_count",
+]
+
+T = TypeVar("T")
+
+
+class Priority(IntEnum):
+    """Request priority; lower values are served first."""
+
+    URGENT = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+
+def validate_token_count(value: object, field_name: str) -> int:
+    """Returns ``value`` as an int token count, or raises `InvalidRequestError` naming the field.
+
+    Accepted: ints >= 0 (not bools) and integral, finite floats >= 0 (``12.0`` becomes ``12``).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{field_name} must be an int >= 0, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidRequestError(f"{field_name} must be a finite integral count, got {value!r}")
+        value = int(value)
+    if value < 0:
+        raise InvalidRequestError(f"{field_name} must be >= 0, got {value!r}")
+    return int(value)
+
+
+def _validate_priority(value: object) -> Priority:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"priority must be a Priority or an int 0..3, got {value!r}")
+    try:
+        return Priority(value)
+    except ValueError:
+        raise InvalidRequestError(f"priority must be within 0..3, got {value!r}") from None
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Token counts of one request: the estimate used for scheduling, the actual count once known."""
+
+    estimated: int
+    actual: int | None = None
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "estimated", validate_token_count(self.estimated, "token_info.estimated"))
+        if self.actual is not None:
+            object.__setattr__(self, "actual", validate_token_count(self.actual, "token_info.actual"))
+
+
+@dataclass
+class LLMRequest(Generic[T]):
+    """One LLM API call waiting to be dispatched. ``payload`` is kept by reference in memory."""
+
+    id: str
+    payload: T
+    priority: Priority = Priority.NORMAL
+    token_info: TokenInfo = field(default_factory=lambda: TokenInfo(0))
+    expected_processing_time: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=_utc_now)
+    tenant: str | None = None
+    deadline: datetime | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks every field again (and normalises ``priority``); raises `InvalidRequestError`."""
+        if not isinstance(self.id, str) or not self.id:
+            raise InvalidRequestError(f"id must be a non-empty str, got {self.id!r}")
+        self.priority = _validate_priority(self.priority)
+        if not isinstance(self.token_info, TokenInfo):
+            raise InvalidRequestError(f"token_info must be a TokenInfo, got {self.token_info!r}")
+        # TokenInfo is frozen but a caller may have bypassed __init__; check the count again.
+        validate_token_count(self.token_info.estimated, "token_info.estimated")
+        ept = self.expected_processing_time
+        if ept is not None and (
+            isinstance(ept, bool) or not isinstance(ept, (int, float)) or not math.isfinite(ept) or ept < 0
+        ):
+            raise InvalidRequestError(
+                f"expected_processing_time must be None or a finite number of seconds >= 0, got {ept!r}"
+            )
+        if not isinstance(self.metadata, dict):
+            raise InvalidRequestError(f"metadata must be a dict, got {self.metadata!r}")
+        if not isinstance(self.created_at, datetime):
+            raise InvalidRequestError(f"created_at must be a datetime, got {self.created_at!r}")
+        if self.deadline is not None and not isinstance(self.deadline, datetime):
+            raise InvalidRequestError(f"deadline must be None or a datetime, got {self.deadline!r}")
+        if self.tenant is not None and not isinstance(self.tenant, str):
+            raise InvalidRequestError(f"tenant must be None or a str, got {self.tenant!r}")
+
+
+@dataclass(frozen=True)
+class MessageAttributes:
+    """What the store knows of one delivery of a message."""
+
+    message_id: str
+    receipt_handle: str
+    enqueued_at: datetime
+    receive_count: int
+    first_received_at: datetime | None
+
+
+@dataclass(frozen=True)
+class QueueMessage(Generic[T]):
+    """A request as the store holds it: the request plus its delivery attributes."""
+
+    id: str
+    payload: LLMRequest[T]
+    attributes: MessageAttributes

@@ -1,0 +1,94 @@
+//! Time sources. The pure-Rust core never reads a clock itself: callers pass `now` (seconds) into
+//! every operation, so the same logic runs on a virtual clock in tests and simulations.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::errors::{CoreError, CoreResult};
+
+/// A clock that only moves when told to; shared by reference between the objects that read it.
+#[derive(Debug)]
+pub struct ManualClock {
+    // f64 bits, so reads are lock-free from any thread.
+    seconds: AtomicU64,
+}
+
+impl ManualClock {
+    /// A clock reading `start` seconds; `start` must be finite.
+    pub fn new(start: f64) -> CoreResult<Self> {
+        if !start.is_finite() {
+            return Err(CoreError::InvalidRequest(format!("start must be finite, got {start}")));
+        }
+        Ok(Self { seconds: AtomicU64::new(start.to_bits()) })
+    }
+
+    /// The current reading in seconds.
+    pub fn now(&self) -> f64 {
+        f64::from_bits(self.seconds.load(Ordering::Acquire))
+    }
+
+    /// Moves the clock forward by `seconds` (finite, >= 0) and returns the new reading.
+    pub fn advance(&self, seconds: f64) -> CoreResult<f64> {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return Err(CoreError::InvalidRequest(format!(
+                "seconds must be a finite number >= 0, got {seconds}"
+            )));
+        }
+        // fetch_update keeps concurrent advances additive.
+        let previous = self
+            .seconds
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                Some((f64::from_bits(bits) + seconds).to_bits())
+            })
+            .unwrap_or_else(|bits| bits);
+        Ok(f64::from_bits(previous) + seconds)
+    }
+
+    /// Sets the clock to `seconds`; a clock never goes back, so `seconds` must be >= now.
+    pub fn set(&self, seconds: f64) -> CoreResult<()> {
+        let now = self.now();
+        if !seconds.is_finite() || seconds < now {
+            return Err(CoreError::InvalidRequest(format!(
+                "seconds must be finite and >= the current reading {now}, got {seconds}"
+            )));
+        }
+        self.seconds.store(seconds.to_bits(), Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Seconds on a monotonic clock, counted from the first call in this process.
+pub fn monotonic_now() -> f64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// Seconds since the Unix epoch on the wall clock.
+pub fn wall_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_advances_and_refuses_to_go_back() {
+        let clock = ManualClock::new(10.0).unwrap();
+        assert!((clock.advance(2.5).unwrap() - 12.5).abs() < 1e-12);
+        assert!(clock.advance(-1.0).is_err());
+        assert!(clock.advance(f64::NAN).is_err());
+        assert!(clock.set(11.0).is_err());
+        clock.set(20.0).unwrap();
+        assert!((clock.now() - 20.0).abs() < 1e-12);
+        assert!(ManualClock::new(f64::INFINITY).is_err());
+    }
+
+    #[test]
+    fn monotonic_never_decreases() {
+        let a = monotonic_now();
+        let b = monotonic_now();
+        assert!(b >= a);
+    }
+}

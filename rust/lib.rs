@@ -1,0 +1,11 @@
+//! Rust core of `llm_queue_dispatcher`.
+//!
+//! The pure-Rust modules (`clock`, `errors`, and the ones that follow) know nothing of Python and
+//! are tested with `cargo test`; [`py`] holds the thin `PyO3` layer that exposes them as
+//! `llm_queue_dispatcher._core`.
+
+pub mod clock;
+pub mod errors;
+pub mod py;
+
+pub use py::_core;
