@@ -4,6 +4,7 @@
 //! are tested with `cargo test`; [`py`] holds the thin `PyO3` layer that exposes them as
 //! `llm_queue_dispatcher._core`.
 
+pub mod cells;
 pub mod clock;
 pub mod errors;
 pub mod py;
