@@ -1,8 +1,22 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
-from typing import final
+import logging
+from typing import Any, Literal, final
 
-__all__ = ["ManualClock", "__version__"]
+__all__ = [
+    "BucketMetrics",
+    "BucketState",
+    "CompensationMetrics",
+    "ConsumptionRecord",
+    "ConsumptionStatistics",
+    "LLMThrottle",
+    "ManualClock",
+    "MemoryMetrics",
+    "RateLimitCheckResult",
+    "RateLimitMetrics",
+    "StateSnapshot",
+    "__version__",
+]
 
 __version__: str
 
@@ -19,3 +33,195 @@ class ManualClock:
         """Sets the clock to ``seconds``, which must not be earlier than the current reading."""
     def __call__(self) -> float:
         """The current reading: a ManualClock is also a plain callable clock."""
+
+@final
+class RateLimitCheckResult:
+    """The answer of `LLMThrottle.can_process`."""
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the request would be admitted now."""
+    @property
+    def reason(self) -> Literal["rpm_limit", "tpm_limit"] | None:
+        """Which bucket is short (the request bucket is reported first); None when allowed."""
+    @property
+    def available_in(self) -> float:
+        """Exact seconds until admitted: 0 when allowed, ``inf`` when it can never fit."""
+    @property
+    def available_tokens(self) -> dict[str, float]:
+        """``{"rpm": requests left, "tpm": tokens left}``."""
+
+@final
+class BucketMetrics:
+    """Use of one bucket; ``limit`` is its capacity, ``percentage`` the share used."""
+
+    @property
+    def used(self) -> float: ...
+    @property
+    def available(self) -> float: ...
+    @property
+    def limit(self) -> float: ...
+    @property
+    def percentage(self) -> float: ...
+    def to_dict(self) -> dict[str, float]: ...
+
+@final
+class ConsumptionStatistics:
+    """Figures of the consumption history (tokens are actual counts where adjusted)."""
+
+    @property
+    def count(self) -> int: ...
+    @property
+    def average_tokens_per_request(self) -> float: ...
+    @property
+    def total_tokens(self) -> int: ...
+    @property
+    def estimation_accuracy(self) -> float:
+        """Mean of min(est, act) / max(est, act) over adjusted records; 1.0 without any."""
+    def to_dict(self) -> dict[str, float]: ...
+
+@final
+class MemoryMetrics:
+    """Size of the consumption history (200 bytes per record, as the seed library estimates)."""
+
+    @property
+    def history_records(self) -> int: ...
+    @property
+    def estimated_memory_usage(self) -> int: ...
+    @property
+    def max_history_records(self) -> int: ...
+    def to_dict(self) -> dict[str, int]: ...
+
+@final
+class CompensationMetrics:
+    """Tokens the next successful consume takes on top of its estimate."""
+
+    @property
+    def total_debt(self) -> float: ...
+    @property
+    def pending_compensation(self) -> float: ...
+    def to_dict(self) -> dict[str, float]: ...
+
+@final
+class RateLimitMetrics:
+    """Everything `LLMThrottle.get_metrics` reports."""
+
+    @property
+    def rpm(self) -> BucketMetrics: ...
+    @property
+    def tpm(self) -> BucketMetrics: ...
+    @property
+    def efficiency(self) -> float:
+        """Estimate accuracy over the last ``efficiency_window_size`` records (1.0 without
+        records, 0.85 when none has an actual count yet)."""
+    @property
+    def consumption_history(self) -> ConsumptionStatistics: ...
+    @property
+    def memory(self) -> MemoryMetrics: ...
+    @property
+    def compensation(self) -> CompensationMetrics: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The metrics as nested plain dicts."""
+
+@final
+class ConsumptionRecord:
+    """One successful `LLMThrottle.consume`."""
+
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def tokens(self) -> int:
+        """The estimate, or the actual count once adjusted."""
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def metadata(self) -> Any: ...
+    @property
+    def estimated_tokens(self) -> int: ...
+    @property
+    def actual_tokens(self) -> int | None: ...
+    @property
+    def compensation_debt(self) -> float:
+        """Debt this consume took on top of its estimate."""
+
+@final
+class BucketState:
+    """One bucket in a snapshot."""
+
+    def __new__(cls, available: float, capacity: float, last_refill: float) -> BucketState: ...
+    @property
+    def available(self) -> float: ...
+    @property
+    def capacity(self) -> float: ...
+    @property
+    def last_refill(self) -> float: ...
+
+@final
+class StateSnapshot:
+    """The buckets and the compensation debt at one instant."""
+
+    def __new__(
+        cls,
+        timestamp: float,
+        rpm_bucket_state: BucketState,
+        tpm_bucket_state: BucketState,
+        history_count: int,
+        compensation_debt: float,
+    ) -> StateSnapshot: ...
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def rpm_bucket_state(self) -> BucketState: ...
+    @property
+    def tpm_bucket_state(self) -> BucketState: ...
+    @property
+    def history_count(self) -> int: ...
+    @property
+    def compensation_debt(self) -> float: ...
+
+@final
+class LLMThrottle:
+    """Dual token bucket (requests and tokens per minute) with burst, history and compensation.
+
+    Both buckets start full; the request bucket holds ``burst_rpm or rpm`` and refills at
+    ``rpm / 60`` per second, the token bucket likewise with ``tpm``. Thread-safe.
+    """
+
+    def __new__(
+        cls,
+        rpm: float,
+        tpm: float,
+        *,
+        burst_rpm: float | None = None,
+        burst_tpm: float | None = None,
+        clock: Any = None,
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        max_history_records: int = 10000,
+        history_retention: float = 60.0,
+        efficiency_window_size: int = 50,
+        logger: logging.Logger | None = None,
+    ) -> LLMThrottle: ...
+    def can_process(self, estimated_tokens: int) -> RateLimitCheckResult:
+        """Whether 1 request and ``estimated_tokens`` (plus any compensation debt) fit now."""
+    def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+        """Takes 1 request and ``estimated_tokens`` + debt, all or nothing; False takes nothing."""
+    def consume_or_raise(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> None:
+        """Like `consume`, raising `RateLimitError(reason, available_in)` when refused."""
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        """Sets the latest consume of ``request_id`` to ``actual_tokens``: takes the extra (per
+        the adjustment failure strategy when short) or refunds the difference."""
+    def get_metrics(self) -> RateLimitMetrics:
+        """Bucket use, efficiency, history statistics, memory and compensation."""
+    def get_consumption_history(self) -> list[ConsumptionRecord]:
+        """The records kept (within ``history_retention`` and ``max_history_records``), oldest first."""
+    def reset(self) -> None:
+        """Full buckets, no history, no debt."""
+    def validate_state(self) -> bool:
+        """Whether buckets, debt and history are consistent."""
+    def create_snapshot(self) -> StateSnapshot:
+        """The buckets and the debt now."""
+    def restore_from_snapshot(self, snapshot: StateSnapshot) -> None:
+        """Restores buckets and debt (validated first; the history is cleared)."""
+    @property
+    def clock(self) -> Any:
+        """The clock given at construction; None for the system monotonic clock."""

@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod errors;
+pub mod throttle;
 
 use pyo3::prelude::*;
 
@@ -10,6 +11,11 @@ use pyo3::prelude::*;
 pub mod _core {
     #[pymodule_export]
     use super::clock::PyManualClock;
+    #[pymodule_export]
+    use super::throttle::{
+        PyBucketMetrics, PyBucketState, PyCheckResult, PyCompensationMetrics, PyConsumptionRecord,
+        PyHistoryStatistics, PyMemoryMetrics, PyRateLimitMetrics, PyStateSnapshot, PyThrottle,
+    };
 
     use pyo3::prelude::*;
 

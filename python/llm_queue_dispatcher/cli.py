@@ -1,0 +1,71 @@
+"""``llmqd``: the command line. ``llmqd throttle-demo`` shows the limiter admitting a burst."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ._core import LLMThrottle, ManualClock
+
+__all__ = ["main"]
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _throttle_demo(args: argparse.Namespace) -> int:
+    """Offers a burst of equal requests to a fresh limiter on a virtual clock, then waits as
+    `can_process` says and admits the rest; prints when each one got through."""
+    clock = ManualClock()
+    throttle = LLMThrottle(args.rpm, args.tpm, clock=clock)
+    print(f"limiter: {args.rpm:g} requests/min, {args.tpm:g} tokens/min (both buckets start full)")
+    print(f"offering {args.requests} requests of {args.tokens} tokens at t=0\n")
+    print(f"{'request':>8} {'admitted at':>12} {'waited for':>11}  {'requests left':>13} {'tokens left':>12}")
+    for index in range(args.requests):
+        check = throttle.can_process(args.tokens)
+        if check.available_in == float("inf"):
+            print(f"request {index} needs {args.tokens} tokens: more than the bucket can ever hold")
+            return 1
+        limited_by = check.reason or "-"
+        clock.advance(check.available_in)
+        throttle.consume_or_raise(f"req-{index}", args.tokens)
+        left = throttle.get_metrics()
+        requests, tokens = left.rpm.available, left.tpm.available
+        print(f"{index:>8} {clock.now():>11.2f}s {limited_by:>11}  {requests:>13.2f} {tokens:>12.0f}")
+    print(f"\n{args.requests} requests admitted in {clock.now():.2f} virtual seconds")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmqd", description="llm-queue-dispatcher command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("throttle-demo", help="show the RPM/TPM limiter admitting a burst of requests")
+    demo.add_argument("--rpm", type=_positive, default=30.0, help="requests per minute (default 30)")
+    demo.add_argument("--tpm", type=_positive, default=20_000.0, help="tokens per minute (default 20000)")
+    demo.add_argument("--requests", type=_count, default=12, help="requests in the burst (default 12)")
+    demo.add_argument("--tokens", type=_count, default=2_500, help="tokens per request (default 2500)")
+    demo.set_defaults(run=_throttle_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``llmqd``; returns the process exit status."""
+    args = _parser().parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The rate limiter: `LLMThrottle` (Rust), its factory, and the `RateLimiter` protocol.
+
+Any object with the protocol's four methods can gate a dispatcher; `LLMThrottle` additionally
+takes a native fast path in which selection and budget reservation happen in one Rust call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from ._core import (
+    BucketMetrics,
+    BucketState,
+    CompensationMetrics,
+    ConsumptionRecord,
+    ConsumptionStatistics,
+    LLMThrottle,
+    MemoryMetrics,
+    RateLimitCheckResult,
+    RateLimitMetrics,
+    StateSnapshot,
+)
+
+__all__ = [
+    "AdjustmentFailureStrategy",
+    "BucketMetrics",
+    "BucketState",
+    "CompensationMetrics",
+    "ConsumptionRecord",
+    "ConsumptionStatistics",
+    "LLMThrottle",
+    "MemoryMetrics",
+    "RateLimitCheckResult",
+    "RateLimitMetrics",
+    "RateLimiter",
+    "StateSnapshot",
+    "create_llm_throttle",
+]
+
+AdjustmentFailureStrategy = Literal["strict", "warn", "compensate"]
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """What a dispatcher needs from a rate limiter (`LLMThrottle` is one)."""
+
+    def can_process(self, estimated_tokens: int) -> RateLimitCheckResult:
+        """Whether a request of ``estimated_tokens`` would be admitted now, and if not, when."""
+        ...
+
+    def get_metrics(self) -> RateLimitMetrics:
+        """Current use; the dispatcher reads ``.tpm.available`` and ``.tpm.limit``."""
+        ...
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
+        """Takes one request and ``estimated_tokens``, all or nothing."""
+        ...
+
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        """Corrects the tokens taken for ``request_id`` to ``actual_tokens``."""
+        ...
+
+
+def create_llm_throttle(
+    *,
+    rpm: float,
+    tpm: float,
+    burst_rpm: float | None = None,
+    burst_tpm: float | None = None,
+    clock: Any = None,
+    adjustment_failure_strategy: AdjustmentFailureStrategy = "warn",
+    max_history_records: int = 10_000,
+    history_retention: float = 60.0,
+    efficiency_window_size: int = 50,
+    logger: logging.Logger | None = None,
+) -> LLMThrottle:
+    """An `LLMThrottle` from keyword arguments.
+
+    >>> from llm_queue_dispatcher import ManualClock, create_llm_throttle
+    >>> throttle = create_llm_throttle(rpm=60, tpm=10_000, clock=ManualClock())
+    >>> throttle.consume("req-1", 4_000)
+    True
+    >>> throttle.can_process(7_000).available_in   # 1,000 tokens short at 10,000 / 60 per second
+    6.0
+    """
+    return LLMThrottle(
+        rpm,
+        tpm,
+        burst_rpm=burst_rpm,
+        burst_tpm=burst_tpm,
+        clock=clock,
+        adjustment_failure_strategy=adjustment_failure_strategy,
+        max_history_records=max_history_records,
+        history_retention=history_retention,
+        efficiency_window_size=efficiency_window_size,
+        logger=logger,
+    )

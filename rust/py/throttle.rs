@@ -1,0 +1,741 @@
+//! `LLMThrottle` and its result classes: the binding of `crate::throttle`.
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyFloat, PyInt, PyString};
+use pyo3::{PyTraverseError, PyVisit};
+
+use super::clock::ClockSource;
+use super::errors::{invalid_config_error, to_py_err};
+use crate::errors::CoreError;
+use crate::throttle::{
+    Adjustment, AdjustmentFailureStrategy, BucketState, CheckResult, ConsumptionRecord, Snapshot, Throttle,
+    ThrottleConfig,
+};
+
+// The seed library's estimate of one consumption record's footprint, kept for metric parity.
+const RECORD_SIZE_ESTIMATE: usize = 200;
+
+fn invalid_request(py: Python<'_>, message: String) -> PyErr {
+    to_py_err(py, CoreError::InvalidRequest(message))
+}
+
+/// Reads a token count: an int >= 0 (not a bool), or an integral finite float >= 0.
+pub fn extract_token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64> {
+    let py = value.py();
+    if let Ok(int) = value.cast::<PyInt>() {
+        if value.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)));
+        }
+        return int.extract::<u64>().map_err(|_| {
+            let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
+            invalid_request(py, format!("{field} must be an int >= 0 and below 2**64, got {shown}"))
+        });
+    }
+    if let Ok(float) = value.cast::<PyFloat>() {
+        let number = float.value();
+        if number.is_finite() && number >= 0.0 && number.fract() == 0.0 && number < 1.8e19 {
+            return Ok(number as u64);
+        }
+        return Err(invalid_request(
+            py,
+            format!("{field} must be a finite integral count >= 0, got {}", value.repr()?),
+        ));
+    }
+    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)))
+}
+
+/// Reads a request id: a non-empty str that is not only whitespace.
+pub fn extract_request_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let py = value.py();
+    match value.cast::<PyString>() {
+        Ok(text) => {
+            let text = text.to_str()?;
+            if text.trim().is_empty() {
+                Err(invalid_request(py, format!("request_id must be a non-empty str, got {text:?}")))
+            } else {
+                Ok(text.to_owned())
+            }
+        }
+        Err(_) => {
+            Err(invalid_request(py, format!("request_id must be a non-empty str, got {}", value.repr()?)))
+        }
+    }
+}
+
+fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<f64>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
+    let py = value.py();
+    if value.is_instance_of::<pyo3::types::PyBool>()
+        || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
+    {
+        return Err(PyErr::from_value(
+            invalid_config_error(py)?.call1((format!("{field} must be a number, got {}", value.repr()?),))?,
+        ));
+    }
+    Ok(Some(value.extract::<f64>()?))
+}
+
+fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
+    let py = value.py();
+    if value.is_instance_of::<pyo3::types::PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(PyErr::from_value(
+            invalid_config_error(py)?
+                .call1((format!("{field} must be an int >= 1, got {}", value.repr()?),))?,
+        ));
+    }
+    value.extract::<usize>().map_err(|_| {
+        let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
+        to_py_err(py, CoreError::InvalidConfig(format!("{field} must be an int >= 1, got {shown}")))
+    })
+}
+
+fn default_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    LOGGER
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("logging")?.call_method1("getLogger", ("llm_queue_dispatcher",))?.unbind(),
+            )
+        })
+        .map(|logger| logger.bind(py).clone())
+}
+
+/// The answer of `LLMThrottle.can_process`.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "RateLimitCheckResult", frozen)]
+#[derive(Debug, Clone)]
+pub struct PyCheckResult {
+    /// Whether the request would be admitted now.
+    #[pyo3(get)]
+    pub allowed: bool,
+    /// `"rpm_limit"`, `"tpm_limit"` or None.
+    #[pyo3(get)]
+    pub reason: Option<&'static str>,
+    /// Exact seconds until admitted (0 when allowed, inf when it can never fit).
+    #[pyo3(get)]
+    pub available_in: f64,
+    requests: f64,
+    tokens: f64,
+}
+
+impl From<CheckResult> for PyCheckResult {
+    fn from(check: CheckResult) -> Self {
+        Self {
+            allowed: check.allowed,
+            reason: check.reason,
+            available_in: check.available_in,
+            requests: check.available_requests,
+            tokens: check.available_tokens,
+        }
+    }
+}
+
+#[pymethods]
+impl PyCheckResult {
+    /// `{"rpm": requests left, "tpm": tokens left}`.
+    #[getter]
+    fn available_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("rpm", self.requests)?;
+        dict.set_item("tpm", self.tokens)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "RateLimitCheckResult(allowed={}, reason={}, available_in={}, available_tokens={{'rpm': {}, 'tpm': {}}})",
+            if self.allowed { "True" } else { "False" },
+            self.reason.map_or_else(|| "None".to_owned(), |r| format!("'{r}'")),
+            self.available_in,
+            self.requests,
+            self.tokens
+        )
+    }
+}
+
+/// Use of one bucket: `used`, `available`, `limit` (its capacity) and `percentage` used.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "BucketMetrics", frozen, get_all, eq)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyBucketMetrics {
+    used: f64,
+    available: f64,
+    limit: f64,
+    percentage: f64,
+}
+
+#[pymethods]
+impl PyBucketMetrics {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("used", self.used)?;
+        dict.set_item("available", self.available)?;
+        dict.set_item("limit", self.limit)?;
+        dict.set_item("percentage", self.percentage)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "BucketMetrics(used={}, available={}, limit={}, percentage={})",
+            self.used, self.available, self.limit, self.percentage
+        )
+    }
+}
+
+/// Figures of the consumption history.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "ConsumptionStatistics", frozen, get_all, eq)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyHistoryStatistics {
+    count: usize,
+    average_tokens_per_request: f64,
+    total_tokens: u64,
+    estimation_accuracy: f64,
+}
+
+#[pymethods]
+impl PyHistoryStatistics {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("count", self.count)?;
+        dict.set_item("average_tokens_per_request", self.average_tokens_per_request)?;
+        dict.set_item("total_tokens", self.total_tokens)?;
+        dict.set_item("estimation_accuracy", self.estimation_accuracy)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ConsumptionStatistics(count={}, average_tokens_per_request={}, total_tokens={}, estimation_accuracy={})",
+            self.count, self.average_tokens_per_request, self.total_tokens, self.estimation_accuracy
+        )
+    }
+}
+
+/// Size of the consumption history.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "MemoryMetrics", frozen, get_all, eq)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyMemoryMetrics {
+    history_records: usize,
+    estimated_memory_usage: usize,
+    max_history_records: usize,
+}
+
+#[pymethods]
+impl PyMemoryMetrics {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("history_records", self.history_records)?;
+        dict.set_item("estimated_memory_usage", self.estimated_memory_usage)?;
+        dict.set_item("max_history_records", self.max_history_records)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "MemoryMetrics(history_records={}, estimated_memory_usage={}, max_history_records={})",
+            self.history_records, self.estimated_memory_usage, self.max_history_records
+        )
+    }
+}
+
+/// The compensation debt (`total_debt` and `pending_compensation` are the same figure).
+#[pyclass(module = "llm_queue_dispatcher._core", name = "CompensationMetrics", frozen, get_all, eq)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyCompensationMetrics {
+    total_debt: f64,
+    pending_compensation: f64,
+}
+
+#[pymethods]
+impl PyCompensationMetrics {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("total_debt", self.total_debt)?;
+        dict.set_item("pending_compensation", self.pending_compensation)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "CompensationMetrics(total_debt={}, pending_compensation={})",
+            self.total_debt, self.pending_compensation
+        )
+    }
+}
+
+/// Everything `LLMThrottle.get_metrics` reports.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "RateLimitMetrics", frozen, get_all)]
+pub struct PyRateLimitMetrics {
+    rpm: Py<PyBucketMetrics>,
+    tpm: Py<PyBucketMetrics>,
+    efficiency: f64,
+    consumption_history: Py<PyHistoryStatistics>,
+    memory: Py<PyMemoryMetrics>,
+    compensation: Py<PyCompensationMetrics>,
+}
+
+#[pymethods]
+impl PyRateLimitMetrics {
+    /// The metrics as nested plain dicts.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        dict.set_item("rpm", self.rpm.get().to_dict(py)?)?;
+        dict.set_item("tpm", self.tpm.get().to_dict(py)?)?;
+        dict.set_item("efficiency", self.efficiency)?;
+        dict.set_item("consumption_history", self.consumption_history.get().to_dict(py)?)?;
+        dict.set_item("memory", self.memory.get().to_dict(py)?)?;
+        dict.set_item("compensation", self.compensation.get().to_dict(py)?)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "RateLimitMetrics(rpm={}, tpm={}, efficiency={}, consumption_history={}, memory={}, compensation={})",
+            self.rpm.get().__repr__(),
+            self.tpm.get().__repr__(),
+            self.efficiency,
+            self.consumption_history.get().__repr__(),
+            self.memory.get().__repr__(),
+            self.compensation.get().__repr__()
+        )
+    }
+}
+
+/// One successful `consume`.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "ConsumptionRecord", frozen, get_all)]
+pub struct PyConsumptionRecord {
+    timestamp: f64,
+    tokens: u64,
+    request_id: String,
+    metadata: Option<Py<PyAny>>,
+    estimated_tokens: u64,
+    actual_tokens: Option<u64>,
+    compensation_debt: f64,
+}
+
+#[pymethods]
+impl PyConsumptionRecord {
+    fn __repr__(&self) -> String {
+        format!(
+            "ConsumptionRecord(request_id={:?}, timestamp={}, tokens={}, estimated_tokens={}, actual_tokens={}, \
+             compensation_debt={})",
+            self.request_id,
+            self.timestamp,
+            self.tokens,
+            self.estimated_tokens,
+            self.actual_tokens.map_or_else(|| "None".to_owned(), |a| a.to_string()),
+            self.compensation_debt
+        )
+    }
+}
+
+/// The state of one bucket in a snapshot.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "BucketState", frozen, get_all, eq, from_py_object)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyBucketState {
+    available: f64,
+    capacity: f64,
+    last_refill: f64,
+}
+
+#[pymethods]
+impl PyBucketState {
+    #[new]
+    #[pyo3(signature = (available, capacity, last_refill))]
+    fn new(available: f64, capacity: f64, last_refill: f64) -> Self {
+        Self { available, capacity, last_refill }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "BucketState(available={}, capacity={}, last_refill={})",
+            self.available, self.capacity, self.last_refill
+        )
+    }
+}
+
+impl From<BucketState> for PyBucketState {
+    fn from(state: BucketState) -> Self {
+        Self { available: state.available, capacity: state.capacity, last_refill: state.last_refill }
+    }
+}
+
+impl From<&PyBucketState> for BucketState {
+    fn from(state: &PyBucketState) -> Self {
+        Self { available: state.available, capacity: state.capacity, last_refill: state.last_refill }
+    }
+}
+
+/// The buckets and the compensation debt at one instant, for backup and restore.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "StateSnapshot", frozen, get_all, eq)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PyStateSnapshot {
+    timestamp: f64,
+    rpm_bucket_state: PyBucketState,
+    tpm_bucket_state: PyBucketState,
+    history_count: usize,
+    compensation_debt: f64,
+}
+
+#[pymethods]
+impl PyStateSnapshot {
+    #[new]
+    #[pyo3(signature = (timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt))]
+    fn new(
+        timestamp: f64,
+        rpm_bucket_state: PyBucketState,
+        tpm_bucket_state: PyBucketState,
+        history_count: usize,
+        compensation_debt: f64,
+    ) -> Self {
+        Self { timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "StateSnapshot(timestamp={}, rpm_bucket_state={}, tpm_bucket_state={}, history_count={}, \
+             compensation_debt={})",
+            self.timestamp,
+            self.rpm_bucket_state.__repr__(),
+            self.tpm_bucket_state.__repr__(),
+            self.history_count,
+            self.compensation_debt
+        )
+    }
+}
+
+type Metadata = Option<Py<PyAny>>;
+
+/// `LLMThrottle`: the dual token-bucket limiter, thread-safe.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "LLMThrottle", frozen)]
+pub struct PyThrottle {
+    state: Mutex<Throttle<Metadata>>,
+    clock: ClockSource,
+    logger: Option<Py<PyAny>>,
+}
+
+impl PyThrottle {
+    /// Runs `f` on the state advanced to the clock's current reading, under the lock.
+    pub fn with_state<R>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Throttle<Metadata>, f64) -> R,
+    ) -> PyResult<R> {
+        let now = self.clock.now(py)?;
+        let mut state = self.state.lock();
+        state.advance(now);
+        Ok(f(&mut state, now))
+    }
+
+    fn logger<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.logger {
+            Some(logger) => Ok(logger.bind(py).clone()),
+            None => default_logger(py),
+        }
+    }
+
+    fn try_consume(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        estimated_tokens: &Bound<'_, PyAny>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Result<(), CheckResult>> {
+        let request_id = extract_request_id(request_id)?;
+        let tokens = extract_token_count(estimated_tokens, "estimated_tokens")?;
+        let metadata = metadata.filter(|m| !m.is_none()).map(Bound::unbind);
+        self.with_state(py, |state, now| {
+            if state.consume(now, &request_id, tokens, metadata) {
+                Ok(())
+            } else {
+                Err(state.check(tokens))
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl PyThrottle {
+    #[new]
+    #[pyo3(signature = (rpm, tpm, *, burst_rpm=None, burst_tpm=None, clock=None,
+        adjustment_failure_strategy="warn".to_owned(), max_history_records=None,
+        history_retention=None, efficiency_window_size=None, logger=None))]
+    // The real defaults, for introspection; None also means "the default" for the three counts.
+    #[pyo3(text_signature = "(rpm, tpm, *, burst_rpm=None, burst_tpm=None, clock=None, \
+        adjustment_failure_strategy='warn', max_history_records=10000, history_retention=60.0, \
+        efficiency_window_size=50, logger=None)")]
+    // The contract's keyword names: `burst_rpm` and `burst_tpm` are meant to look alike.
+    #[allow(clippy::too_many_arguments, clippy::similar_names)]
+    fn new(
+        py: Python<'_>,
+        rpm: &Bound<'_, PyAny>,
+        tpm: &Bound<'_, PyAny>,
+        burst_rpm: Option<&Bound<'_, PyAny>>,
+        burst_tpm: Option<&Bound<'_, PyAny>>,
+        clock: Option<&Bound<'_, PyAny>>,
+        adjustment_failure_strategy: String,
+        max_history_records: Option<&Bound<'_, PyAny>>,
+        history_retention: Option<&Bound<'_, PyAny>>,
+        efficiency_window_size: Option<&Bound<'_, PyAny>>,
+        logger: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let required = |value: &Bound<'_, PyAny>, field: &str| -> PyResult<f64> {
+            config_number(Some(value), field)?.ok_or_else(|| {
+                to_py_err(py, CoreError::InvalidConfig(format!("{field} must be a number > 0, got None")))
+            })
+        };
+        let count = |value: Option<&Bound<'_, PyAny>>, field: &str, default: usize| -> PyResult<usize> {
+            match value.filter(|v| !v.is_none()) {
+                Some(value) => config_count(value, field),
+                None => Ok(default),
+            }
+        };
+        let config = ThrottleConfig {
+            rpm: required(rpm, "rpm")?,
+            tpm: required(tpm, "tpm")?,
+            burst_rpm: config_number(burst_rpm, "burst_rpm")?,
+            burst_tpm: config_number(burst_tpm, "burst_tpm")?,
+            adjustment_failure_strategy: AdjustmentFailureStrategy::parse(&adjustment_failure_strategy)
+                .map_err(|e| to_py_err(py, e))?,
+            max_history_records: count(max_history_records, "max_history_records", 10_000)?,
+            history_retention: config_number(history_retention, "history_retention")?.unwrap_or(60.0),
+            efficiency_window_size: count(efficiency_window_size, "efficiency_window_size", 50)?,
+        };
+        let clock = ClockSource::from_arg(clock, ClockSource::Monotonic)?;
+        let logger = logger.filter(|l| !l.is_none()).map(|l| l.clone().unbind());
+        let now = clock.now(py)?;
+        let state = Throttle::new(config, now).map_err(|e| to_py_err(py, e))?;
+        Ok(Self { state: Mutex::new(state), clock, logger })
+    }
+
+    /// Whether a request of `estimated_tokens` would be admitted now, and if not, when.
+    fn can_process(&self, py: Python<'_>, estimated_tokens: &Bound<'_, PyAny>) -> PyResult<PyCheckResult> {
+        let tokens = extract_token_count(estimated_tokens, "estimated_tokens")?;
+        self.with_state(py, |state, _| state.check(tokens).into())
+    }
+
+    /// Takes 1 request and `estimated_tokens` (+ debt), all or nothing.
+    #[pyo3(signature = (request_id, estimated_tokens, metadata=None))]
+    fn consume(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        estimated_tokens: &Bound<'_, PyAny>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        Ok(self.try_consume(py, request_id, estimated_tokens, metadata)?.is_ok())
+    }
+
+    /// Like `consume`, but raises `RateLimitError(reason, available_in)` when refused.
+    #[pyo3(signature = (request_id, estimated_tokens, metadata=None))]
+    fn consume_or_raise(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        estimated_tokens: &Bound<'_, PyAny>,
+        metadata: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        match self.try_consume(py, request_id, estimated_tokens, metadata)? {
+            Ok(()) => Ok(()),
+            Err(check) => Err(to_py_err(
+                py,
+                CoreError::RateLimit {
+                    reason: check.reason.unwrap_or("tpm_limit"),
+                    available_in: check.available_in,
+                },
+            )),
+        }
+    }
+
+    /// Sets the latest consume of `request_id` to `actual_tokens`: takes the extra or refunds.
+    fn adjust_consumption(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        actual_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let request_id = extract_request_id(request_id)?;
+        let actual = extract_token_count(actual_tokens, "actual_tokens")?;
+        let outcome = self.with_state(py, |state, _| state.adjust(&request_id, actual))?;
+        match outcome.map_err(|e| to_py_err(py, e))? {
+            Adjustment::Applied => {}
+            Adjustment::Warned { shortfall } => {
+                self.logger(py)?.call_method1(
+                    "warning",
+                    (format!(
+                        "could not take {shortfall} more tokens for request {request_id:?}: the token bucket is empty"
+                    ),),
+                )?;
+            }
+            Adjustment::Compensated { shortfall, total_debt } => {
+                self.logger(py)?.call_method1(
+                    "info",
+                    (format!(
+                        "adding {shortfall} tokens of request {request_id:?} to the compensation debt \
+                         (now {total_debt})"
+                    ),),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bucket use, efficiency, history statistics, memory and compensation.
+    fn get_metrics(&self, py: Python<'_>) -> PyResult<PyRateLimitMetrics> {
+        let (requests, tokens, efficiency, stats, records, max_records, debt) =
+            self.with_state(py, |state, _| {
+                (
+                    state.requests().clone(),
+                    state.tokens().clone(),
+                    state.efficiency(),
+                    state.history_statistics(),
+                    state.history().len(),
+                    state.config().max_history_records,
+                    state.debt(),
+                )
+            })?;
+        let bucket = |b: &crate::throttle::TokenBucket| {
+            let used = b.capacity() - b.available();
+            PyBucketMetrics {
+                used,
+                available: b.available(),
+                limit: b.capacity(),
+                percentage: used / b.capacity() * 100.0,
+            }
+        };
+        Ok(PyRateLimitMetrics {
+            rpm: Py::new(py, bucket(&requests))?,
+            tpm: Py::new(py, bucket(&tokens))?,
+            efficiency,
+            consumption_history: Py::new(
+                py,
+                PyHistoryStatistics {
+                    count: stats.count,
+                    average_tokens_per_request: stats.average_tokens_per_request,
+                    total_tokens: stats.total_tokens,
+                    estimation_accuracy: stats.estimation_accuracy,
+                },
+            )?,
+            memory: Py::new(
+                py,
+                PyMemoryMetrics {
+                    history_records: records,
+                    estimated_memory_usage: records * RECORD_SIZE_ESTIMATE,
+                    max_history_records: max_records,
+                },
+            )?,
+            compensation: Py::new(
+                py,
+                PyCompensationMetrics { total_debt: debt, pending_compensation: debt },
+            )?,
+        })
+    }
+
+    /// The consumption records kept, oldest first.
+    fn get_consumption_history(&self, py: Python<'_>) -> PyResult<Vec<PyConsumptionRecord>> {
+        self.with_state(py, |state, _| {
+            state
+                .history()
+                .map(|record: &ConsumptionRecord<Metadata>| PyConsumptionRecord {
+                    timestamp: record.timestamp,
+                    tokens: record.tokens,
+                    request_id: record.request_id.clone(),
+                    metadata: record.metadata.as_ref().map(|m| m.clone_ref(py)),
+                    estimated_tokens: record.estimated_tokens,
+                    actual_tokens: record.actual_tokens,
+                    compensation_debt: record.compensation_debt,
+                })
+                .collect()
+        })
+    }
+
+    /// Full buckets, no history, no debt.
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        self.with_state(py, Throttle::reset)
+    }
+
+    /// Whether the internal state is consistent.
+    fn validate_state(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with_state(py, |state, now| state.validate_state(now))
+    }
+
+    /// The buckets and the debt now.
+    fn create_snapshot(&self, py: Python<'_>) -> PyResult<PyStateSnapshot> {
+        let snapshot = self.with_state(py, |state, now| state.snapshot(now))?;
+        Ok(PyStateSnapshot {
+            timestamp: snapshot.timestamp,
+            rpm_bucket_state: snapshot.rpm.into(),
+            tpm_bucket_state: snapshot.tpm.into(),
+            history_count: snapshot.history_count,
+            compensation_debt: snapshot.compensation_debt,
+        })
+    }
+
+    /// Restores the buckets and the debt of `snapshot` (the history is cleared).
+    fn restore_from_snapshot(&self, py: Python<'_>, snapshot: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Ok(snapshot) = snapshot.cast::<PyStateSnapshot>() else {
+            return Err(PyTypeError::new_err(format!(
+                "snapshot must be a StateSnapshot, got {}",
+                snapshot.repr()?
+            )));
+        };
+        let snapshot = snapshot.get();
+        let core = Snapshot {
+            timestamp: snapshot.timestamp,
+            rpm: (&snapshot.rpm_bucket_state).into(),
+            tpm: (&snapshot.tpm_bucket_state).into(),
+            history_count: snapshot.history_count,
+            compensation_debt: snapshot.compensation_debt,
+        };
+        self.with_state(py, |state, _| state.restore(&core))?.map_err(|e| to_py_err(py, e))
+    }
+
+    /// The clock given at construction (None for the system monotonic clock).
+    #[getter]
+    fn clock(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.clock.as_object(py)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = self.state.lock();
+        let config = state.config();
+        format!(
+            "LLMThrottle(rpm={}, tpm={}, burst_rpm={}, burst_tpm={}, adjustment_failure_strategy='{}', \
+             available_requests={:.3}, available_tokens={:.3})",
+            config.rpm,
+            config.tpm,
+            state.requests().capacity(),
+            state.tokens().capacity(),
+            config.adjustment_failure_strategy.name(),
+            state.requests().available(),
+            state.tokens().available()
+        )
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.clock.traverse(&visit)?;
+        if let Some(logger) = &self.logger {
+            visit.call(logger)?;
+        }
+        // A collector pass never runs while another thread holds the lock with the GIL released
+        // in the middle of a call, but `try_lock` keeps it safe if it ever did.
+        if let Some(state) = self.state.try_lock() {
+            for record in state.history() {
+                if let Some(metadata) = &record.metadata {
+                    visit.call(metadata)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // Metadata is the only Python state that can form a cycle through this object and be
+        // dropped without changing what the throttle means: forget the history.
+        if let Some(mut state) = self.state.try_lock() {
+            state.clear_history();
+        }
+    }
+}
