@@ -8,6 +8,8 @@ pub mod cells;
 pub mod clock;
 pub mod errors;
 pub mod py;
+pub mod scoring;
+pub mod select;
 pub mod throttle;
 
 pub use py::_core;

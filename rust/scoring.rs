@@ -1,0 +1,278 @@
+//! The six score factors of the contract, their weights, and upper bounds over a cell.
+//!
+//! Each factor is in [0, 1] before weighting. `available` is the limiter's available TPM (`A`),
+//! `u = tokens / A`. Only the wait-time factor changes with time for a given message, and it
+//! never decreases as the message ages: that is what makes the exact search of `select` cheap.
+
+use crate::cells::{processing_ms, CellKey};
+use crate::errors::{CoreError, CoreResult};
+
+/// Names of the six factors, in the order of `Weights::as_array` and of a breakdown.
+pub const FACTOR_NAMES: [&str; 6] =
+    ["priority", "efficiency", "wait_time", "retry", "token_fit", "processing_time"];
+
+// Scores and bounds are sums of six products; a bound computed from class endpoints may round
+// differently from the exact score of a member by a few ulps. Bounds are raised by this much so
+// they stay upper bounds.
+const BOUND_SLACK: f64 = 1e-9;
+
+/// Priority factor by priority value (URGENT, HIGH, NORMAL, LOW).
+pub const PRIORITY_FACTOR: [f64; 4] = [1.0, 0.7, 0.4, 0.1];
+/// Seconds of waiting after which the wait-time factor is 1, by priority.
+pub const MAX_WAIT_SECONDS: [f64; 4] = [10.0, 30.0, 60.0, 300.0];
+
+/// Weights of the six factors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Weight of the priority factor.
+    pub priority: f64,
+    /// Weight of the budget-efficiency factor.
+    pub efficiency: f64,
+    /// Weight of the wait-time factor.
+    pub wait_time: f64,
+    /// Weight of the retry factor.
+    pub retry: f64,
+    /// Weight of the token-fit factor.
+    pub token_fit: f64,
+    /// Weight of the processing-time factor.
+    pub processing_time: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            priority: 0.25,
+            efficiency: 0.20,
+            wait_time: 0.20,
+            retry: 0.10,
+            token_fit: 0.15,
+            processing_time: 0.10,
+        }
+    }
+}
+
+impl Weights {
+    /// From an array in `FACTOR_NAMES` order.
+    pub fn from_array(values: [f64; 6]) -> Self {
+        let [priority, efficiency, wait_time, retry, token_fit, processing_time] = values;
+        Self { priority, efficiency, wait_time, retry, token_fit, processing_time }
+    }
+
+    /// The weights in `FACTOR_NAMES` order.
+    pub fn as_array(&self) -> [f64; 6] {
+        [self.priority, self.efficiency, self.wait_time, self.retry, self.token_fit, self.processing_time]
+    }
+}
+
+/// Checks that a weight is a finite number >= 0 (a negative weight would break the bounds).
+pub fn validate_weight(name: &str, value: f64) -> CoreResult<()> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(CoreError::InvalidConfig(format!("weight {name} must be a finite number >= 0, got {value}")))
+    }
+}
+
+/// Priority factor; `priority` is 0..=3.
+pub fn priority_factor(priority: u8) -> f64 {
+    PRIORITY_FACTOR[usize::from(priority.min(3))]
+}
+
+/// How well `tokens` uses the available budget: best when it takes 70–90 % of it.
+pub fn efficiency_factor(tokens: f64, available: f64) -> f64 {
+    if available <= 0.0 {
+        return 0.0;
+    }
+    efficiency_of_share(tokens / available)
+}
+
+fn efficiency_of_share(u: f64) -> f64 {
+    if u > 1.0 {
+        0.0
+    } else if (0.7..=0.9).contains(&u) {
+        1.0
+    } else if u > 0.9 {
+        0.9
+    } else {
+        u / 0.7
+    }
+}
+
+/// Wait-time factor: `min(age / max_wait, 1)`, square-rooted for URGENT.
+pub fn wait_time_factor(age: f64, priority: u8) -> f64 {
+    let p = usize::from(priority.min(3));
+    let share = (age.max(0.0) / MAX_WAIT_SECONDS[p]).min(1.0);
+    if p == 0 {
+        share.sqrt()
+    } else {
+        share
+    }
+}
+
+/// Retry factor: 1 for a first delivery, then `max(0.1, 0.7^receive_count)`.
+pub fn retry_factor(receive_count: u32) -> f64 {
+    if receive_count == 0 {
+        1.0
+    } else {
+        0.7f64.powi(receive_count.min(64) as i32).max(0.1)
+    }
+}
+
+/// Token-fit factor: rises to 1 at 10 % of the budget, flat to 50 %, then falls to 0.8 at 100 %.
+pub fn token_fit_factor(tokens: f64, available: f64) -> f64 {
+    if available <= 0.0 {
+        return 0.0;
+    }
+    token_fit_of_share(tokens / available)
+}
+
+fn token_fit_of_share(u: f64) -> f64 {
+    if u > 1.0 {
+        0.0
+    } else if u < 0.1 {
+        10.0 * u
+    } else if u <= 0.5 {
+        1.0
+    } else {
+        1.0 - (u - 0.5) * 0.4
+    }
+}
+
+/// Processing-time factor of a duration in milliseconds: 1 up to 1 s, down to 0.1 past 30 s.
+pub fn processing_time_factor(ms: f64) -> f64 {
+    if ms <= 1000.0 {
+        1.0
+    } else if ms <= 5000.0 {
+        1.0 - (ms - 1000.0) / 4000.0 * 0.3
+    } else if ms <= 30_000.0 {
+        0.7 - (ms - 5000.0) / 25_000.0 * 0.6
+    } else {
+        0.1
+    }
+}
+
+/// What the score of a message depends on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MessageTraits {
+    /// 0 (URGENT) ..= 3 (LOW).
+    pub priority: u8,
+    /// Deliveries so far.
+    pub receive_count: u32,
+    /// Estimated tokens.
+    pub tokens: u64,
+    /// Expected processing time in seconds, if given.
+    pub expected_processing_seconds: Option<f64>,
+    /// When it was enqueued, in the store clock's seconds.
+    pub enqueued_at: f64,
+}
+
+/// The six weighted factors of a message at `now` under budget `available`.
+pub fn weighted_factors(weights: &Weights, traits: &MessageTraits, now: f64, available: f64) -> [f64; 6] {
+    let tokens = traits.tokens as f64;
+    [
+        weights.priority * priority_factor(traits.priority),
+        weights.efficiency * efficiency_factor(tokens, available),
+        weights.wait_time * wait_time_factor(now - traits.enqueued_at, traits.priority),
+        weights.retry * retry_factor(traits.receive_count),
+        weights.token_fit * token_fit_factor(tokens, available),
+        weights.processing_time
+            * processing_time_factor(processing_ms(traits.tokens, traits.expected_processing_seconds)),
+    ]
+}
+
+/// Sum of the weighted factors, in a fixed order so bounds and scores round alike.
+pub fn total(factors: &[f64; 6]) -> f64 {
+    factors.iter().sum()
+}
+
+/// The part of a cell's upper bound that does not depend on time: priority, retry, the best
+/// efficiency + token fit over the cell's token range (capped at `max_tokens`, the largest
+/// estimate the limiter admits now), and the best processing-time factor over its time range.
+/// None when no member of the cell can be admitted.
+pub fn static_cell_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
+    let (lo, hi) = key.token_range();
+    if lo > max_tokens {
+        return None;
+    }
+    let hi = hi.min(max_tokens);
+    let budget_part = if available <= 0.0 {
+        0.0
+    } else {
+        // Efficiency and token fit are piecewise linear in u with breakpoints 0.1, 0.5, 0.7, 0.9
+        // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
+        // one of its ends or at a breakpoint inside it.
+        let (u_lo, u_hi) = (lo / available, hi / available);
+        [u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0]
+            .into_iter()
+            .filter(|u| (u_lo..=u_hi).contains(u))
+            .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
+            .fold(0.0, f64::max)
+    };
+    // The processing-time factor never rises with the duration: best at the range's low end.
+    let (ms_lo, _) = key.time_range_ms();
+    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
+    Some(
+        weights.priority * priority_factor(key.priority)
+            + weights.retry * retry
+            + budget_part
+            + weights.processing_time * processing_time_factor(ms_lo)
+            + BOUND_SLACK,
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // the factor values at breakpoints are exact
+mod tests {
+    use super::*;
+    use crate::cells::CellKey;
+    use proptest::prelude::*;
+
+    #[test]
+    fn factor_values_from_the_contract() {
+        assert_eq!(PRIORITY_FACTOR, [1.0, 0.7, 0.4, 0.1]);
+        assert_eq!(efficiency_factor(800.0, 1000.0), 1.0);
+        assert_eq!(efficiency_factor(950.0, 1000.0), 0.9);
+        assert!((efficiency_factor(350.0, 1000.0) - 0.5).abs() < 1e-12);
+        assert_eq!(efficiency_factor(1001.0, 1000.0), 0.0);
+        assert_eq!(efficiency_factor(10.0, 0.0), 0.0);
+        assert!((wait_time_factor(2.5, 0) - 0.5).abs() < 1e-12);
+        assert_eq!(wait_time_factor(15.0, 1), 0.5);
+        assert_eq!(wait_time_factor(1e9, 3), 1.0);
+        assert_eq!(wait_time_factor(-5.0, 2), 0.0);
+        assert_eq!(retry_factor(0), 1.0);
+        assert!((retry_factor(2) - 0.49).abs() < 1e-12);
+        assert_eq!(retry_factor(7), 0.1);
+        assert!((token_fit_factor(50.0, 1000.0) - 0.5).abs() < 1e-12);
+        assert_eq!(token_fit_factor(300.0, 1000.0), 1.0);
+        assert!((token_fit_factor(1000.0, 1000.0) - 0.8).abs() < 1e-12);
+        assert!((processing_time_factor(3000.0) - 0.85).abs() < 1e-12);
+        assert!((processing_time_factor(17_500.0) - 0.4).abs() < 1e-12);
+        assert_eq!(processing_time_factor(30_001.0), 0.1);
+    }
+
+    fn weights() -> impl Strategy<Value = Weights> {
+        proptest::array::uniform6(0.0f64..1.0).prop_map(Weights::from_array)
+    }
+
+    proptest! {
+        // The static part of a cell's bound is at least the static part of every member's score.
+        #[test]
+        fn static_bound_covers_every_member(
+            w in weights(),
+            priority in 0u8..4,
+            receive_count in 0u32..12,
+            tokens in 0u64..200_000,
+            ept in proptest::option::of(0.0f64..60.0),
+            available in 0.0f64..100_000.0,
+        ) {
+            let key = CellKey::for_message(priority, receive_count, tokens, ept);
+            let traits = MessageTraits { priority, receive_count, tokens, expected_processing_seconds: ept, enqueued_at: 0.0 };
+            let f = weighted_factors(&w, &traits, 0.0, available);
+            let exact_static = f[0] + f[1] + f[3] + f[4] + f[5];
+            match static_cell_bound(&w, &key, available, available) {
+                Some(bound) => prop_assert!(bound >= exact_static, "{bound} < {exact_static}"),
+                None => prop_assert!(tokens as f64 > available),
+            }
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! Exact best-message search over the candidate index.
+//!
+//! Candidates come out in exactly descending base score (the six weighted factors), ties broken
+//! by older `enqueued_at`, then lower sequence number. A max-heap holds two kinds of entries:
+//! a cell, keyed by an upper bound of every member it has not yet produced (its static bound +
+//! the wait-time factor of its oldest remaining member, which is the largest in the cell), and a
+//! message, keyed by its exact score. Popping a cell expands its oldest remaining member; popping
+//! a message yields it: every other entry is an upper bound, so nothing left can beat it. Only the
+//! cells whose bound reaches the top are ever walked, so the cost does not grow with the number
+//! of messages in a cell.
+//!
+//! Custom scorers add at most their weight to any message (scores are clamped to [0, 1]), so
+//! `choose` evaluates them on candidates in that order and stops as soon as the best total found
+//! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use crate::cells::CellKey;
+use crate::scoring::{static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights};
+
+/// What the search needs from an index of visible messages grouped in cells, oldest first.
+pub trait CandidateIndex {
+    /// Calls `visit` with every non-empty cell and the slot of its oldest member.
+    fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32));
+    /// The member after `slot` in its cell (the next oldest), if any.
+    fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32>;
+    /// The score inputs of the message in `slot`.
+    fn traits(&self, slot: u32) -> MessageTraits;
+    /// The enqueue sequence number of the message in `slot` (the last tie-breaker).
+    fn seq(&self, slot: u32) -> u64;
+}
+
+/// A message the search produced, with its exact weighted factors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Where the message lives in its index.
+    pub slot: u32,
+    /// The six weighted factors.
+    pub factors: [f64; 6],
+    /// Their sum.
+    pub base: f64,
+    /// Estimated tokens.
+    pub tokens: u64,
+    /// Tie-breakers.
+    pub enqueued_at: f64,
+    /// Tie-breaker after `enqueued_at`.
+    pub seq: u64,
+}
+
+/// The scoring inputs that hold for one search.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchContext {
+    /// Factor weights.
+    pub weights: Weights,
+    /// Current instant, in the clock of `enqueued_at`.
+    pub now: f64,
+    /// The limiter's available tokens (`A` of the formulas).
+    pub available: f64,
+    /// The largest estimate the limiter would admit now; larger messages are not candidates.
+    pub max_tokens: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Cell { key: CellKey, slot: u32, static_bound: f64 },
+    Message(Candidate),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: f64,
+    enqueued_at: f64,
+    seq: u64,
+    kind: Kind,
+}
+
+impl Entry {
+    // Greater = comes out first: higher score, then older, then lower sequence number.
+    fn rank(&self, other: &Self) -> Ordering {
+        self.key
+            .total_cmp(&other.key)
+            .then_with(|| other.enqueued_at.total_cmp(&self.enqueued_at))
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.rank(other) == Ordering::Equal
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.rank(other)
+    }
+}
+
+/// Produces candidates in exactly descending base score.
+pub trait CandidateStream {
+    /// The next best candidate, if any.
+    fn next_candidate(&mut self) -> Option<Candidate>;
+    /// An upper bound of the base score of every candidate not yet produced (None if none).
+    fn remaining_bound(&self) -> Option<f64>;
+}
+
+/// Best-first search over a `CandidateIndex`.
+pub struct IndexSearch<'a, I: CandidateIndex> {
+    index: &'a I,
+    context: SearchContext,
+    heap: BinaryHeap<Entry>,
+}
+
+impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
+    /// Seeds the heap with every cell that holds an admissible member.
+    pub fn new(index: &'a I, context: SearchContext) -> Self {
+        let mut heap = BinaryHeap::new();
+        index.for_each_cell(|key, slot| {
+            if let Some(static_bound) =
+                static_cell_bound(&context.weights, key, context.available, context.max_tokens)
+            {
+                heap.push(Self::cell_entry(index, &context, *key, slot, static_bound));
+            }
+        });
+        Self { index, context, heap }
+    }
+
+    fn cell_entry(index: &I, context: &SearchContext, key: CellKey, slot: u32, static_bound: f64) -> Entry {
+        let traits = index.traits(slot);
+        let wait =
+            context.weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+        Entry {
+            key: static_bound + wait,
+            enqueued_at: traits.enqueued_at,
+            seq: index.seq(slot),
+            kind: Kind::Cell { key, slot, static_bound },
+        }
+    }
+}
+
+impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
+    fn next_candidate(&mut self) -> Option<Candidate> {
+        while let Some(entry) = self.heap.pop() {
+            match entry.kind {
+                Kind::Message(candidate) => return Some(candidate),
+                Kind::Cell { key, slot, static_bound } => {
+                    if let Some(next) = self.index.next_in_cell(&key, slot) {
+                        self.heap.push(Self::cell_entry(self.index, &self.context, key, next, static_bound));
+                    }
+                    let traits = self.index.traits(slot);
+                    if traits.tokens as f64 <= self.context.max_tokens {
+                        let factors = weighted_factors(
+                            &self.context.weights,
+                            &traits,
+                            self.context.now,
+                            self.context.available,
+                        );
+                        let base = total(&factors);
+                        self.heap.push(Entry {
+                            key: base,
+                            enqueued_at: entry.enqueued_at,
+                            seq: entry.seq,
+                            kind: Kind::Message(Candidate {
+                                slot,
+                                factors,
+                                base,
+                                tokens: traits.tokens,
+                                enqueued_at: traits.enqueued_at,
+                                seq: entry.seq,
+                            }),
+                        });
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn remaining_bound(&self) -> Option<f64> {
+        self.heap.peek().map(|entry| entry.key)
+    }
+}
+
+/// A stream over a small set of messages scored all at once (the prefetch buffer).
+pub struct SortedCandidates {
+    sorted: Vec<Candidate>,
+    next: usize,
+}
+
+impl SortedCandidates {
+    /// Scores `messages` (slot, traits, seq) and sorts them best first.
+    pub fn new(
+        context: &SearchContext,
+        messages: impl IntoIterator<Item = (u32, MessageTraits, u64)>,
+    ) -> Self {
+        let mut sorted: Vec<Candidate> = messages
+            .into_iter()
+            .filter(|(_, traits, _)| traits.tokens as f64 <= context.max_tokens)
+            .map(|(slot, traits, seq)| {
+                let factors = weighted_factors(&context.weights, &traits, context.now, context.available);
+                Candidate {
+                    slot,
+                    factors,
+                    base: total(&factors),
+                    tokens: traits.tokens,
+                    enqueued_at: traits.enqueued_at,
+                    seq,
+                }
+            })
+            .collect();
+        sorted.sort_by(|a, b| {
+            b.base.total_cmp(&a.base).then(a.enqueued_at.total_cmp(&b.enqueued_at)).then(a.seq.cmp(&b.seq))
+        });
+        Self { sorted, next: 0 }
+    }
+}
+
+impl CandidateStream for SortedCandidates {
+    fn next_candidate(&mut self) -> Option<Candidate> {
+        let candidate = self.sorted.get(self.next).copied();
+        self.next += 1;
+        candidate
+    }
+
+    fn remaining_bound(&self) -> Option<f64> {
+        self.sorted.get(self.next).map(|c| c.base)
+    }
+}
+
+/// A candidate taken from a stream, with the bound of everything the stream still held.
+#[derive(Debug, Clone, Copy)]
+pub struct Collected {
+    /// The candidate.
+    pub candidate: Candidate,
+    /// Upper bound of the base score of every later candidate (None if there is none).
+    pub bound_after: Option<f64>,
+}
+
+/// Takes up to `limit` candidates, best first.
+pub fn collect(stream: &mut impl CandidateStream, limit: usize) -> Vec<Collected> {
+    let mut out = Vec::with_capacity(limit.min(64));
+    while out.len() < limit {
+        let Some(candidate) = stream.next_candidate() else { break };
+        out.push(Collected { candidate, bound_after: stream.remaining_bound() });
+    }
+    out
+}
+
+/// The winner of a selection with its score parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The winning candidate.
+    pub candidate: Candidate,
+    /// Weighted custom scores, in scorer order.
+    pub custom: Vec<f64>,
+    /// Base + custom.
+    pub total: f64,
+}
+
+/// A custom score as the contract counts it: clamped to [0, 1], NaN as 0.
+pub fn clamp_custom(score: f64) -> f64 {
+    if score.is_nan() {
+        0.0
+    } else {
+        score.clamp(0.0, 1.0)
+    }
+}
+
+/// Picks the best of `collected` (best-first candidates) once custom scores are added.
+/// `evaluate` returns the raw custom scores of a candidate; it is called in order and no more
+/// than needed: it stops once no later candidate can beat the best total (exact), or when the
+/// collected candidates run out (the `max_candidates_to_evaluate` cap).
+pub fn choose<E>(
+    collected: &[Collected],
+    custom_weights: &[f64],
+    mut evaluate: impl FnMut(usize, &Candidate) -> Result<Vec<f64>, E>,
+) -> Result<Option<Choice>, E> {
+    let custom_total: f64 = custom_weights.iter().sum();
+    let mut best: Option<Choice> = None;
+    for (i, item) in collected.iter().enumerate() {
+        if let Some(best) = &best {
+            // Every candidate from here on scores at most its base + every custom weight.
+            if item.candidate.base + custom_total <= best.total {
+                break;
+            }
+        }
+        let custom: Vec<f64> = if custom_weights.is_empty() {
+            Vec::new()
+        } else {
+            let raw = evaluate(i, &item.candidate)?;
+            custom_weights.iter().zip(raw).map(|(weight, score)| weight * clamp_custom(score)).collect()
+        };
+        let total = item.candidate.base + custom.iter().sum::<f64>();
+        if best.as_ref().is_none_or(|b| total > b.total) {
+            best = Some(Choice { candidate: item.candidate, custom, total });
+        }
+        if custom_weights.is_empty() {
+            break;
+        }
+        let best_total = best.as_ref().map_or(f64::NEG_INFINITY, |b| b.total);
+        if item.bound_after.is_none_or(|bound| bound + custom_total <= best_total) {
+            break;
+        }
+    }
+    Ok(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// A plain index: cells in a map, members oldest first.
+    struct VecIndex {
+        messages: Vec<MessageTraits>,
+        cells: BTreeMap<CellKey, Vec<u32>>,
+    }
+
+    impl VecIndex {
+        fn new(messages: Vec<MessageTraits>) -> Self {
+            let mut cells: BTreeMap<CellKey, Vec<u32>> = BTreeMap::new();
+            for (slot, m) in messages.iter().enumerate() {
+                let key = CellKey::for_message(
+                    m.priority,
+                    m.receive_count,
+                    m.tokens,
+                    m.expected_processing_seconds,
+                );
+                cells.entry(key).or_default().push(slot as u32);
+            }
+            for members in cells.values_mut() {
+                members.sort_by(|&a, &b| {
+                    messages[a as usize]
+                        .enqueued_at
+                        .total_cmp(&messages[b as usize].enqueued_at)
+                        .then(a.cmp(&b))
+                });
+            }
+            Self { messages, cells }
+        }
+    }
+
+    impl CandidateIndex for VecIndex {
+        fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32)) {
+            for (key, members) in &self.cells {
+                visit(key, members[0]);
+            }
+        }
+        fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32> {
+            let members = &self.cells[key];
+            let at = members.iter().position(|&s| s == slot)?;
+            members.get(at + 1).copied()
+        }
+        fn traits(&self, slot: u32) -> MessageTraits {
+            self.messages[slot as usize]
+        }
+        fn seq(&self, slot: u32) -> u64 {
+            u64::from(slot)
+        }
+    }
+
+    fn message() -> impl Strategy<Value = MessageTraits> {
+        (
+            0u8..4,
+            0u32..10,
+            prop_oneof![0u64..10, 1u64..5_000, 1u64..200_000],
+            proptest::option::of(0.0f64..50.0),
+            0.0f64..400.0,
+        )
+            .prop_map(|(priority, receive_count, tokens, ept, enqueued_at)| MessageTraits {
+                priority,
+                receive_count,
+                tokens,
+                expected_processing_seconds: ept,
+                enqueued_at,
+            })
+    }
+
+    fn brute_force(index: &VecIndex, context: &SearchContext, custom: &[(f64, Vec<f64>)]) -> Option<f64> {
+        index
+            .messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.tokens as f64 <= context.max_tokens)
+            .map(|(slot, m)| {
+                let base = total(&weighted_factors(&context.weights, m, context.now, context.available));
+                base + custom.iter().map(|(w, scores)| w * clamp_custom(scores[slot])).sum::<f64>()
+            })
+            .max_by(f64::total_cmp)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn stream_is_exactly_descending_and_complete(
+            messages in proptest::collection::vec(message(), 0..120),
+            weights in proptest::array::uniform6(0.0f64..1.0),
+            available in 0.0f64..60_000.0,
+        ) {
+            let index = VecIndex::new(messages);
+            let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+            let mut search = IndexSearch::new(&index, context);
+            let mut produced = Vec::new();
+            while let Some(c) = search.next_candidate() {
+                // Everything left is bounded by what just came out.
+                if let Some(bound) = search.remaining_bound() {
+                    prop_assert!(bound <= c.base, "{bound} > {}", c.base);
+                }
+                produced.push(c);
+            }
+            for pair in produced.windows(2) {
+                prop_assert!(pair[0].base >= pair[1].base - 1e-9, "{} then {}", pair[0].base, pair[1].base);
+            }
+            let eligible = index.messages.iter().filter(|m| m.tokens as f64 <= available).count();
+            prop_assert_eq!(produced.len(), eligible);
+        }
+
+        #[test]
+        fn choice_matches_brute_force(
+            messages in proptest::collection::vec(message(), 0..120),
+            weights in proptest::array::uniform6(0.0f64..1.0),
+            available in 0.0f64..60_000.0,
+            custom_weights in proptest::collection::vec(0.0f64..0.6, 0..3),
+            seed in any::<u64>(),
+        ) {
+            let n = messages.len();
+            let index = VecIndex::new(messages);
+            let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+            // Deterministic pseudo-random custom scores per message, some outside [0, 1] or NaN.
+            let custom: Vec<(f64, Vec<f64>)> = custom_weights.iter().enumerate().map(|(j, &w)| {
+                let scores = (0..n).map(|i| {
+                    let x = ((seed ^ (i as u64 * 7919 + j as u64 * 104_729)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+                        / (1u64 << 53) as f64;
+                    if i % 17 == 3 { f64::NAN } else { x * 1.4 - 0.2 }
+                }).collect();
+                (w, scores)
+            }).collect();
+            let weights_only: Vec<f64> = custom.iter().map(|(w, _)| *w).collect();
+            let mut search = IndexSearch::new(&index, context);
+            let collected = collect(&mut search, usize::MAX);
+            let mut calls = 0;
+            let choice = choose::<()>(&collected, &weights_only, |_, c| {
+                calls += 1;
+                Ok(custom.iter().map(|(_, scores)| scores[c.slot as usize]).collect())
+            }).unwrap();
+            let expected = brute_force(&index, &context, &custom);
+            match (choice, expected) {
+                (None, None) => {}
+                (Some(choice), Some(expected)) => {
+                    prop_assert!((choice.total - expected).abs() < 1e-9, "{} vs {}", choice.total, expected);
+                    prop_assert!(choice.candidate.tokens as f64 <= available);
+                }
+                (got, want) => prop_assert!(false, "got {:?}, want {:?}", got, want),
+            }
+            if weights_only.is_empty() {
+                prop_assert_eq!(calls, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_older_message() {
+        let m = |enqueued_at| MessageTraits {
+            priority: 2,
+            receive_count: 0,
+            tokens: 100,
+            expected_processing_seconds: None,
+            enqueued_at,
+        };
+        // Both waited past NORMAL's 60 s, so their scores are equal; the older one wins.
+        let index = VecIndex::new(vec![m(5.0), m(1.0), m(3.0)]);
+        let context =
+            SearchContext { weights: Weights::default(), now: 100.0, available: 1000.0, max_tokens: 1000.0 };
+        let mut search = IndexSearch::new(&index, context);
+        assert_eq!(search.next_candidate().unwrap().slot, 1);
+        assert_eq!(search.next_candidate().unwrap().slot, 2);
+        assert_eq!(search.next_candidate().unwrap().slot, 0);
+    }
+}
