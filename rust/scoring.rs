@@ -114,7 +114,8 @@ pub fn retry_factor(receive_count: u32) -> f64 {
     if receive_count == 0 {
         1.0
     } else {
-        0.7f64.powi(receive_count.min(64) as i32).max(0.1)
+        // 0.7^7 is already below the 0.1 floor; min(64) keeps the exponent small.
+        0.7f64.powi(i32::try_from(receive_count.min(64)).unwrap_or(64)).max(0.1)
     }
 }
 
