@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod errors;
+pub mod select;
 pub mod throttle;
 
 use pyo3::prelude::*;
@@ -11,6 +12,8 @@ use pyo3::prelude::*;
 pub mod _core {
     #[pymodule_export]
     use super::clock::PyManualClock;
+    #[pymodule_export]
+    use super::select::{PyCandidateBuffer, PyScoringParams, PySelection};
     #[pymodule_export]
     use super::throttle::{
         PyBucketMetrics, PyBucketState, PyCheckResult, PyCompensationMetrics, PyConsumptionRecord,
