@@ -186,6 +186,19 @@ pub fn total(factors: &[f64; 6]) -> f64 {
     factors.iter().sum()
 }
 
+/// A bound of a cell's static part that does not depend on the budget: the efficiency and
+/// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
+pub fn loose_cell_bound(weights: &Weights, key: &CellKey) -> f64 {
+    let (ms_lo, _) = key.time_range_ms();
+    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
+    weights.priority * priority_factor(key.priority)
+        + weights.retry * retry
+        + weights.efficiency
+        + weights.token_fit
+        + weights.processing_time * processing_time_factor(ms_lo)
+        + BOUND_SLACK
+}
+
 /// The part of a cell's upper bound that does not depend on time: priority, retry, the best
 /// efficiency + token fit over the cell's token range (capped at `max_tokens`, the largest
 /// estimate the limiter admits now), and the best processing-time factor over its time range.

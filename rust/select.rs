@@ -17,7 +17,9 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use crate::cells::CellKey;
-use crate::scoring::{static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights};
+use crate::scoring::{
+    loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights,
+};
 
 /// What the search needs from an index of visible messages grouped in cells, oldest first.
 pub trait CandidateIndex {
@@ -185,6 +187,65 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     fn remaining_bound(&self) -> Option<f64> {
         self.heap.peek().map(|entry| entry.key)
     }
+}
+
+/// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
+/// over the cells that needs no heap. A cell is skipped when a cheap bound (its budget part
+/// taken at its maximum, `w_e + w_tf`) cannot beat the best found, then when its exact bound
+/// cannot; inside a cell members are walked oldest first until the bound at the next member's
+/// age falls behind. Ties are broken as in `IndexSearch` (older, then lower sequence number).
+pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
+    let weights = &context.weights;
+    let mut best: Option<Candidate> = None;
+    // (score, enqueued_at, seq) beats `best` in the order candidates are ranked.
+    let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| match best {
+        None => true,
+        Some(b) => {
+            score
+                .total_cmp(&b.base)
+                .then_with(|| b.enqueued_at.total_cmp(&enqueued_at))
+                .then_with(|| b.seq.cmp(&seq))
+                == Ordering::Greater
+        }
+    };
+    index.for_each_cell(|key, first| {
+        let oldest = index.traits(first);
+        let wait = weights.wait_time * wait_time_factor(context.now - oldest.enqueued_at, key.priority);
+        let loose = loose_cell_bound(weights, key) + wait;
+        if !beats(&best, loose, oldest.enqueued_at, index.seq(first)) {
+            return;
+        }
+        let Some(static_bound) = static_cell_bound(weights, key, context.available, context.max_tokens)
+        else {
+            return;
+        };
+        let mut slot = Some(first);
+        while let Some(current) = slot {
+            let traits = index.traits(current);
+            let seq = index.seq(current);
+            let wait = weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+            if !beats(&best, static_bound + wait, traits.enqueued_at, seq) {
+                // Younger members wait less: none of them can win either.
+                break;
+            }
+            if traits.tokens as f64 <= context.max_tokens {
+                let factors = weighted_factors(weights, &traits, context.now, context.available);
+                let base = total(&factors);
+                if beats(&best, base, traits.enqueued_at, seq) {
+                    best = Some(Candidate {
+                        slot: current,
+                        factors,
+                        base,
+                        tokens: traits.tokens,
+                        enqueued_at: traits.enqueued_at,
+                        seq,
+                    });
+                }
+            }
+            slot = index.next_in_cell(key, current);
+        }
+    });
+    best
 }
 
 /// A stream over a small set of messages scored all at once (the prefetch buffer).
@@ -421,6 +482,8 @@ mod tests {
             }
             let eligible = index.messages.iter().filter(|m| m.tokens as f64 <= available).count();
             prop_assert_eq!(produced.len(), eligible);
+            // The heap-free fast path finds the very same first candidate.
+            prop_assert_eq!(best_candidate(&index, &context), produced.first().copied());
         }
 
         #[test]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,41 @@ def _throttle_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1), got {text}")
+    return value
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """Runs the workload through each strategy and prints them side by side."""
+    from .simulate import STRATEGIES, Workload, format_table, run_simulation
+
+    strategies = args.strategy or ["default", "fifo"]
+    unknown = [name for name in strategies if name not in STRATEGIES]
+    if unknown:
+        print(f"llmqd simulate: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    workload = Workload(
+        requests=args.requests,
+        arrival=args.arrival,
+        arrival_rate=args.arrival_rate,
+        failure_rate=args.failure_rate,
+        seed=args.seed,
+    )
+    results = [run_simulation(name, workload, rpm=args.rpm, tpm=args.tpm) for name in strategies]
+    if args.json:
+        print(json.dumps([result.to_dict() for result in results], indent=2))
+    else:
+        print(
+            f"{args.requests} requests, {args.arrival} arrivals, rpm {args.rpm:g}, tpm {args.tpm:g}, "
+            f"failure rate {args.failure_rate:g}, seed {args.seed} (virtual time)\n"
+        )
+        print(format_table(results))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmqd", description="llm-queue-dispatcher command line")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=_count, default=12, help="requests in the burst (default 12)")
     demo.add_argument("--tokens", type=_count, default=2_500, help="tokens per request (default 2500)")
     demo.set_defaults(run=_throttle_demo)
+    simulate = commands.add_parser(
+        "simulate", help="dispatch a synthetic workload under RPM/TPM limits and compare strategies"
+    )
+    simulate.add_argument("--requests", type=_count, default=10_000, help="requests in the workload (default 10000)")
+    simulate.add_argument("--rpm", type=_positive, default=500.0, help="requests per minute (default 500)")
+    simulate.add_argument("--tpm", type=_positive, default=100_000.0, help="tokens per minute (default 100000)")
+    simulate.add_argument(
+        "--strategy",
+        action="append",
+        help="default, simple_priority, throughput, fair or fifo; repeat to compare (default: default and fifo)",
+    )
+    simulate.add_argument("--arrival", choices=["poisson", "burst"], default="poisson", help="arrival pattern")
+    simulate.add_argument(
+        "--arrival-rate", type=_positive, default=20.0, help="Poisson arrivals per second (default 20)"
+    )
+    simulate.add_argument(
+        "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"
+    )
+    simulate.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    simulate.set_defaults(run=_simulate)
     return parser
 
 

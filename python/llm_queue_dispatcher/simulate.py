@@ -102,6 +102,7 @@ class SimulationResult:
     requests: int
     completed: int = 0
     dead_lettered: int = 0
+    unfittable: int = 0
     retries: int = 0
     makespan: float = 0.0
     tokens_used: int = 0
@@ -131,6 +132,7 @@ class SimulationResult:
             "requests": self.requests,
             "completed": self.completed,
             "dead_lettered": self.dead_lettered,
+            "unfittable": self.unfittable,
             "retries": self.retries,
             "makespan_s": self.makespan,
             "throughput_per_min": self.throughput_per_minute,
@@ -247,6 +249,11 @@ async def _run_dispatcher(strategy: str, workload: Workload, provider: ProviderM
                 wait = run.limiter.can_process(pending_tokens[0][0]).available_in
             if not run.advance(wait):
                 break
+        # Requests above the TPM capacity can never be sent: the dispatcher reports them instead
+        # of letting them block the queue; take them out and count them.
+        for message in await dispatcher.take_unfittable(run.limiter):
+            await storage.delete_message(message.attributes.receipt_handle)
+            run.result.unfittable += 1
         attributes = await storage.get_queue_attributes()
         run.result.dead_lettered = attributes.dead_lettered
     return run.finish()
@@ -273,8 +280,8 @@ def _run_fifo(workload: Workload, provider: ProviderModel, rpm: float, tpm: floa
             head = queue[0]
             check = run.limiter.can_process(head.token_info.estimated)
             if math.isinf(check.available_in):
-                queue.popleft()  # can never fit: a FIFO would block forever; count it as lost
-                run.result.dead_lettered += 1
+                queue.popleft()  # can never fit: a FIFO would block forever; count it apart
+                run.result.unfittable += 1
                 continue
             if not run.limiter.consume(head.id, head.token_info.estimated):
                 wait = check.available_in
@@ -314,6 +321,7 @@ def format_table(results: Sequence[SimulationResult]) -> str:
             )
     rows.append(("retries", [str(r.retries) for r in results]))
     rows.append(("dead-lettered", [str(r.dead_lettered) for r in results]))
+    rows.append(("unfittable (> TPM)", [str(r.unfittable) for r in results]))
     header = ["", *[r.strategy for r in results]]
     width0 = max(len(name) for name, _ in rows)
     widths = [max(len(header[i + 1]), *(len(values[i]) for _, values in rows)) for i in range(len(results))]

@@ -70,6 +70,9 @@ def _build_config(
         # A preset only fills fields the caller left at their default.
         if fields[name] == getattr(_DEFAULTS, name):
             fields[name] = value
+        elif name == "scoring" and fields[name].weights is None:
+            # The caller brought custom scorers but no weights: keep both.
+            fields[name] = ScoringConfig(weights=value.weights, custom_scorers=list(fields[name].custom_scorers))
     fields.update(overrides)
     return LLMQueueDispatcherConfig(**fields)
 

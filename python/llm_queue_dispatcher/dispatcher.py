@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._core import CandidateBuffer, LLMThrottle
+from ._core import CandidateBuffer, LLMThrottle, ScoringParams
 from .config import LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError, UnknownRequestError
 from .metrics import (
@@ -188,8 +188,7 @@ class LLMQueueDispatcher(Generic[T]):
         self._custom_scorers = list(scoring.custom_scorers)
         self._scoring_params = ScoringParams(
             weights.as_tuple(),
-            [scorer.weight for scorer in self._custom_scorers],
-            [scorer.name for scorer in self._custom_scorers],
+            [float(scorer.weight) for scorer in self._custom_scorers],
             self.config.max_candidates_to_evaluate,
         )
         self._breakdown_names = (*FACTOR_NAMES, *(scorer.name for scorer in self._custom_scorers))
@@ -269,18 +268,22 @@ class LLMQueueDispatcher(Generic[T]):
             )
         else:
             metrics = rate_limiter.get_metrics()
-            candidate = selector.select(
+            selection = selector.select(
                 float(metrics.tpm.available),
                 float(metrics.rpm.available),
                 self._scoring_params,
                 custom_fn,
                 self.config.min_score_threshold,
             )
-            if candidate is None:
+            if selection is None:
                 return None
-            if reserve and not rate_limiter.consume(candidate.request_id, candidate.tokens):
+            if reserve and not rate_limiter.consume(selection.request_id, selection.tokens):
                 return None
-            picked = selector.take(candidate, self.config.visibility_timeout)
+            picked = selector.take(selection, self.config.visibility_timeout)
+            if picked is None and reserve:
+                # The winner left between selection and take (another task): return its budget.
+                with contextlib.suppress(UnknownRequestError):
+                    rate_limiter.adjust_consumption(selection.request_id, 0)
         if picked is None:
             return None
         message, total, breakdown = picked
