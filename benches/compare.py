@@ -497,7 +497,7 @@ class DispatcherUnavailable(Exception):
 def measure_ours(depth: int, rounds: int, seed: int = DEFAULT_SEED) -> dict[str, Any]:
     """Our dispatcher through the public contract API only."""
     try:
-        from llm_queue_dispatcher import (  # noqa: PLC0415 - optional until the dispatcher lands
+        from llm_queue_dispatcher import (  # type: ignore[attr-defined,unused-ignore]  # not on main yet
             LLMRequest,
             LLMThrottle,
             ManualClock,
@@ -786,9 +786,9 @@ def ratio_lines(ratios: Sequence[dict[str, Any]]) -> list[str]:
     lines = []
     for entry in ratios:
         parts = [
-            f"ours/heapq p50 {fmt(entry['ours_over_heapq'])}×",
-            f"TS/ours p50 {fmt(entry['ts_over_ours'])}×",
-            f"TS/bruteforce p50 {fmt(entry['ts_over_bruteforce'])}×",
+            f"ours/heapq p50 {fmt(entry['ours_over_heapq'])}x",
+            f"TS/ours p50 {fmt(entry['ts_over_ours'])}x",
+            f"TS/bruteforce p50 {fmt(entry['ts_over_bruteforce'])}x",
         ]
         lines.append(f"{human_depth(entry['depth'])}: " + ", ".join(parts))
     return lines
@@ -809,7 +809,10 @@ def text_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in all_rows) for i in range(len(TABLE_HEADER))]
     out = []
     for index, row in enumerate(all_rows):
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        cells = [
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
         out.append("  ".join(cells))
         if index == 0:
             out.append("  ".join("-" * w for w in widths))
@@ -851,7 +854,7 @@ def markdown_section(report: dict[str, Any]) -> str:
 
 
 NOTES = (
-    "Same seeded workload everywhere (mulberry32; 10/20/50/20 % URGENT/HIGH/NORMAL/LOW, 50–4000"
+    "Same seeded workload everywhere (mulberry32; 10/20/50/20 % URGENT/HIGH/NORMAL/LOW, 50-4000"
     " estimated tokens, a quarter with an explicit expected processing time); the node run checks"
     " its stream's fingerprint against Python's.",
     "Limiters are configured with rpm = tpm = 1e9, so none ever blocks.",
@@ -884,7 +887,9 @@ def rewrite_results(path: Path, section: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--depths", type=parse_depths, help="comma-separated depths, e.g. 1k,10k,100k,1M")
     parser.add_argument("--quick", action="store_true", help="small smoke configuration")
     parser.add_argument("--rounds", type=int, help=f"measured rounds per depth (default {DEFAULT_ROUNDS})")
@@ -956,7 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
-    report = {
+    report: dict[str, Any] = {
         "command": " ".join(["python benches/compare.py", *(sys.argv[1:] if argv is None else argv)]),
         "environment": environment(),
         "depths": depths,
