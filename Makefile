@@ -52,5 +52,11 @@ test: test-rust test-python
 bench:
 	$(PY) -m pytest benches --benchmark-enable --benchmark-only -q
 
+COMPARE_ARGS ?=
+
+.PHONY: bench-compare  ## side by side with heapq, a brute force and the TS library (COMPARE_ARGS=--quick ...)
+bench-compare:
+	$(PY) benches/compare.py $(COMPARE_ARGS)
+
 .PHONY: all  ## install, lint and test
 all: install lint test
