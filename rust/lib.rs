@@ -8,5 +8,6 @@ pub mod cells;
 pub mod clock;
 pub mod errors;
 pub mod py;
+pub mod store;
 
 pub use py::_core;
