@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod errors;
+pub mod store;
 
 use pyo3::prelude::*;
 
@@ -10,6 +11,8 @@ use pyo3::prelude::*;
 pub mod _core {
     #[pymodule_export]
     use super::clock::PyManualClock;
+    #[pymodule_export]
+    use super::store::PyStoreCore;
 
     use pyo3::prelude::*;
 
