@@ -12,10 +12,12 @@ from .errors import (
     StorageError,
     UnknownRequestError,
 )
+from .storage import InMemoryStorage, QueueAttributes, QueueStorageAdapter
 from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo
 
 __all__ = [
     "DuplicateRequestError",
+    "InMemoryStorage",
     "InvalidConfigError",
     "InvalidRequestError",
     "LLMQueueDispatcherError",
@@ -24,7 +26,9 @@ __all__ = [
     "MessageAttributes",
     "MessageStateError",
     "Priority",
+    "QueueAttributes",
     "QueueMessage",
+    "QueueStorageAdapter",
     "RateLimitError",
     "ReceiptHandleError",
     "StorageError",

@@ -1,7 +1,6 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any, final
 
 from .types import LLMRequest, QueueMessage
