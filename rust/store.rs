@@ -199,14 +199,20 @@ impl ReceiptHandle {
     }
 }
 
+impl ReceiptHandle {
+    /// Writes the string form into `out` without allocating and returns it.
+    pub fn encode_into<'a>(&self, out: &'a mut [u8; Self::LEN]) -> &'a str {
+        write_hex(&mut out[..16], self.epoch);
+        write_hex(&mut out[16..24], u64::from(self.slot));
+        write_hex(&mut out[24..], u64::from(self.generation));
+        // Hex digits are ASCII.
+        std::str::from_utf8(out).unwrap_or_default()
+    }
+}
+
 impl fmt::Display for ReceiptHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = [0u8; Self::LEN];
-        write_hex(&mut buf[..16], self.epoch);
-        write_hex(&mut buf[16..24], u64::from(self.slot));
-        write_hex(&mut buf[24..], u64::from(self.generation));
-        // Hex digits are ASCII.
-        f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+        f.write_str(self.encode_into(&mut [0u8; Self::LEN]))
     }
 }
 
@@ -577,6 +583,10 @@ impl<P> Store<P> {
     /// Returns the payloads so the caller decides where they are released.
     pub fn purge(&mut self, now: f64) -> Vec<P> {
         self.maintain(now);
+        self.purge_inner(now)
+    }
+
+    fn purge_inner(&mut self, now: f64) -> Vec<P> {
         let payloads: Vec<P> = self.slots.drain(..).filter_map(|s| s.message.map(|m| m.payload)).collect();
         self.free.clear();
         self.ids.clear();
@@ -589,6 +599,24 @@ impl<P> Store<P> {
         self.epoch = random_u64();
         self.last_modified_at = now;
         payloads
+    }
+
+    /// Empties the store without maintenance, pending outboxes included, and returns every
+    /// payload (for a garbage collector's `__clear__`).
+    pub fn clear(&mut self, now: f64) -> Vec<P> {
+        let mut payloads = self.purge_inner(now);
+        payloads.extend(self.outbox.drain(..).map(|m| m.payload));
+        payloads.append(&mut self.dropped);
+        payloads
+    }
+
+    /// Every payload the store holds, pending outboxes included (for `__traverse__`).
+    pub fn payloads(&self) -> impl Iterator<Item = &P> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.message.as_ref().map(|m| &m.payload))
+            .chain(self.outbox.iter().map(|m| &m.payload))
+            .chain(self.dropped.iter())
     }
 
     /// The maintenance step: expired in-flight messages become visible again (or are
