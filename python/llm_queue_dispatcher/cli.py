@@ -102,9 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--requests", type=_count, default=10_000, help="requests in the workload (default 10000)"
     )
-    simulate.add_argument("--rpm", type=_positive, default=500.0, help="requests per minute (default 500)")
+    simulate.add_argument("--rpm", type=_positive, default=120.0, help="requests per minute (default 120)")
     simulate.add_argument(
-        "--tpm", type=_positive, default=100_000.0, help="tokens per minute (default 100000)"
+        "--tpm", type=_positive, default=500_000.0, help="tokens per minute (default 500000)"
     )
     simulate.add_argument(
         "--strategy",
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
         "--arrival", choices=["poisson", "burst"], default="poisson", help="arrival pattern"
     )
     simulate.add_argument(
-        "--arrival-rate", type=_positive, default=20.0, help="Poisson arrivals per second (default 20)"
+        "--arrival-rate", type=_positive, default=2.2, help="Poisson arrivals per second (default 2.2)"
     )
     simulate.add_argument(
         "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"

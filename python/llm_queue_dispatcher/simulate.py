@@ -61,7 +61,7 @@ class Workload:
     token_min: int = 20
     token_max: int = 200_000
     arrival: str = "poisson"  # or "burst": everything at t = 0
-    arrival_rate: float = 20.0  # requests per second, for Poisson arrivals
+    arrival_rate: float = 2.2  # requests per second, for Poisson arrivals
     failure_rate: float = 0.0
     seed: int = 7
 
@@ -155,7 +155,11 @@ class _Run:
         self, strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float
     ) -> None:
         self.clock = ManualClock(0.0)
-        self.limiter = LLMThrottle(rpm, tpm, clock=self.clock)
+        # Keep consumption records as long as the slowest request can take, so every completion
+        # can still adjust its reservation.
+        self.limiter = LLMThrottle(
+            rpm, tpm, clock=self.clock, history_retention=86_400.0, max_history_records=1_000_000
+        )
         self.provider = provider
         self.arrivals = deque(workload.generate())
         self.arrived_at = {request.id: at for at, request in self.arrivals}
@@ -312,8 +316,8 @@ def run_simulation(
     workload: Workload,
     provider: ProviderModel | None = None,
     *,
-    rpm: float = 500.0,
-    tpm: float = 100_000.0,
+    rpm: float = 120.0,
+    tpm: float = 500_000.0,
 ) -> SimulationResult:
     """Runs ``workload`` through ``strategy`` (one of `STRATEGIES`) and returns what it achieved."""
     provider = provider or ProviderModel()
