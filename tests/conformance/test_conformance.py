@@ -48,7 +48,8 @@ async def test_enqueue_returns_the_stored_message(make_storage: StorageFactory, 
     request = req("a", Priority.HIGH)
     message = await storage.enqueue(request)
     assert message.payload is request
-    assert message.id == message.attributes.message_id and message.id
+    assert message.id == message.attributes.message_id
+    assert message.id
     assert message.attributes.receipt_handle == ""
     assert message.attributes.receive_count == 0
     assert message.attributes.first_received_at is None
@@ -116,7 +117,7 @@ async def test_enqueue_revalidates_token_counts(
     storage = make_storage(clock)
     request = req("a")
     object.__setattr__(request.token_info, "estimated", estimated)  # bypasses the frozen dataclass
-    with pytest.raises(InvalidRequestError, match="token_info.estimated"):
+    with pytest.raises(InvalidRequestError, match=r"token_info\.estimated"):
         await storage.enqueue(request)
     assert await counts(storage) == (0, 0)
 
@@ -180,7 +181,8 @@ async def test_receive_sets_attributes_and_hides_the_message(
     assert await storage.dequeue(5, 10.0) == []
     clock.advance(0.5)  # the deadline itself: visible again
     [second] = await storage.dequeue(5, 10.0)
-    assert second.id == first.id and second.payload is first.payload
+    assert second.id == first.id
+    assert second.payload is first.payload
     assert second.attributes.receive_count == 2
     assert second.attributes.first_received_at == utc(START + 2)
     assert second.attributes.receipt_handle != first.attributes.receipt_handle
@@ -222,7 +224,8 @@ async def test_visibility_timeout_bounds_are_accepted(
     [a] = await storage.dequeue(1, 0)
     assert await counts(storage) == (2, 0)  # 0: visible again at once
     [again] = await storage.dequeue(1, 43_200)
-    assert again.id == a.id and again.attributes.receive_count == 2
+    assert again.id == a.id
+    assert again.attributes.receive_count == 2
     clock.advance(43_199)
     assert ids(await storage.dequeue(5, 30.0)) == ["b"]
 
@@ -524,9 +527,10 @@ def test_operations_never_suspend(make_storage: StorageFactory, clock: ManualClo
 async def test_payloads_are_kept_by_reference(make_storage: StorageFactory, clock: ManualClock) -> None:
     storage = make_storage(clock)
     payload = {"prompt": "hi", "n": [1, 2]}
-    request = req("a", token_info=None) if False else req("a")
+    request = req("a")
     request.payload = payload  # type: ignore[assignment]
     await storage.enqueue(request)
     [message] = await storage.dequeue(1, 1.0)
-    assert message.payload is request and message.payload.payload is payload
+    assert message.payload is request
+    assert message.payload.payload is payload
     assert message.payload.token_info == TokenInfo(10)
