@@ -21,12 +21,20 @@ use crate::scoring::{
     loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights,
 };
 
-/// What the search needs from an index of visible messages grouped in cells, oldest first.
+/// What the search needs from an index of visible messages grouped in cells.
+///
+/// Inside a cell, members with identical score inputs besides their age (the same token
+/// estimate and processing time) form a group, oldest first. The oldest member of a group
+/// scores at least as much as every other one (its wait is the longest) and wins their ties, so
+/// a cell's best message is the best of its group heads: ties in age (a batch enqueued at once)
+/// or saturated wait factors (a long backlog) never force a walk through a whole cell.
 pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell and the slot of its oldest member.
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32));
-    /// The member after `slot` in its cell (the next oldest), if any.
-    fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32>;
+    /// Calls `visit` with the oldest member of every group of the cell `key`.
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32));
+    /// The member after `slot` in its group (the next oldest), if any.
+    fn next_in_group(&self, slot: u32) -> Option<u32>;
     /// The score inputs of the message in `slot`.
     fn traits(&self, slot: u32) -> MessageTraits;
     /// The enqueue sequence number of the message in `slot` (the last tie-breaker).
@@ -65,7 +73,7 @@ pub struct SearchContext {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Cell { key: CellKey, slot: u32, static_bound: f64 },
+    Cell { key: CellKey },
     Message(Candidate),
 }
 
@@ -123,60 +131,70 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     /// Seeds the heap with every cell that holds an admissible member.
     pub fn new(index: &'a I, context: SearchContext) -> Self {
         let mut heap = BinaryHeap::new();
-        index.for_each_cell(|key, slot| {
+        index.for_each_cell(|key, oldest| {
             if let Some(static_bound) =
                 static_cell_bound(&context.weights, key, context.available, context.max_tokens)
             {
-                heap.push(Self::cell_entry(index, &context, *key, slot, static_bound));
+                let traits = index.traits(oldest);
+                let wait = context.weights.wait_time
+                    * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+                heap.push(Entry {
+                    key: static_bound + wait,
+                    enqueued_at: traits.enqueued_at,
+                    seq: index.seq(oldest),
+                    kind: Kind::Cell { key: *key },
+                });
             }
         });
         Self { index, context, heap }
     }
 
-    fn cell_entry(index: &I, context: &SearchContext, key: CellKey, slot: u32, static_bound: f64) -> Entry {
-        let traits = index.traits(slot);
-        let wait =
-            context.weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
-        Entry {
-            key: static_bound + wait,
-            enqueued_at: traits.enqueued_at,
-            seq: index.seq(slot),
-            kind: Kind::Cell { key, slot, static_bound },
+    /// Pushes the member in `slot` with its exact score, if the limiter admits it.
+    fn push_member(&mut self, slot: u32) {
+        if let Some(candidate) = score_member(self.index, &self.context, slot) {
+            self.heap.push(Entry {
+                key: candidate.base,
+                enqueued_at: candidate.enqueued_at,
+                seq: candidate.seq,
+                kind: Kind::Message(candidate),
+            });
         }
     }
+}
+
+/// The exact candidate of the member in `slot`, or None when its estimate is not admissible.
+fn score_member(index: &impl CandidateIndex, context: &SearchContext, slot: u32) -> Option<Candidate> {
+    let traits = index.traits(slot);
+    if traits.tokens as f64 > context.max_tokens {
+        return None;
+    }
+    let factors = weighted_factors(&context.weights, &traits, context.now, context.available);
+    Some(Candidate {
+        slot,
+        factors,
+        base: total(&factors),
+        tokens: traits.tokens,
+        enqueued_at: traits.enqueued_at,
+        seq: index.seq(slot),
+    })
 }
 
 impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     fn next_candidate(&mut self) -> Option<Candidate> {
         while let Some(entry) = self.heap.pop() {
             match entry.kind {
-                Kind::Message(candidate) => return Some(candidate),
-                Kind::Cell { key, slot, static_bound } => {
-                    if let Some(next) = self.index.next_in_cell(&key, slot) {
-                        self.heap.push(Self::cell_entry(self.index, &self.context, key, next, static_bound));
+                Kind::Message(candidate) => {
+                    // The rest of its group scores no more; it enters the race now.
+                    if let Some(next) = self.index.next_in_group(candidate.slot) {
+                        self.push_member(next);
                     }
-                    let traits = self.index.traits(slot);
-                    if traits.tokens as f64 <= self.context.max_tokens {
-                        let factors = weighted_factors(
-                            &self.context.weights,
-                            &traits,
-                            self.context.now,
-                            self.context.available,
-                        );
-                        let base = total(&factors);
-                        self.heap.push(Entry {
-                            key: base,
-                            enqueued_at: entry.enqueued_at,
-                            seq: entry.seq,
-                            kind: Kind::Message(Candidate {
-                                slot,
-                                factors,
-                                base,
-                                tokens: traits.tokens,
-                                enqueued_at: traits.enqueued_at,
-                                seq: entry.seq,
-                            }),
-                        });
+                    return Some(candidate);
+                }
+                Kind::Cell { key } => {
+                    let mut heads = Vec::new();
+                    self.index.for_each_group_head(&key, |slot| heads.push(slot));
+                    for slot in heads {
+                        self.push_member(slot);
                     }
                 }
             }
@@ -192,8 +210,8 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
 /// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
 /// over the cells that needs no heap. A cell is skipped when a cheap bound (its budget part
 /// taken at its maximum, `w_e + w_tf`) cannot beat the best found, then when its exact bound
-/// cannot; inside a cell members are walked oldest first until the bound at the next member's
-/// age falls behind. Ties are broken as in `IndexSearch` (older, then lower sequence number).
+/// cannot; otherwise its group heads are scored. Ties are broken as in `IndexSearch` (older,
+/// then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
@@ -208,42 +226,27 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 == Ordering::Greater
         }
     };
-    index.for_each_cell(|key, first| {
-        let oldest = index.traits(first);
-        let wait = weights.wait_time * wait_time_factor(context.now - oldest.enqueued_at, key.priority);
-        let loose = loose_cell_bound(weights, key) + wait;
-        if !beats(&best, loose, oldest.enqueued_at, index.seq(first)) {
+    index.for_each_cell(|key, oldest| {
+        let traits = index.traits(oldest);
+        let seq = index.seq(oldest);
+        let wait = weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+        if !beats(&best, loose_cell_bound(weights, key) + wait, traits.enqueued_at, seq) {
             return;
         }
         let Some(static_bound) = static_cell_bound(weights, key, context.available, context.max_tokens)
         else {
             return;
         };
-        let mut slot = Some(first);
-        while let Some(current) = slot {
-            let traits = index.traits(current);
-            let seq = index.seq(current);
-            let wait = weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
-            if !beats(&best, static_bound + wait, traits.enqueued_at, seq) {
-                // Younger members wait less: none of them can win either.
-                break;
-            }
-            if traits.tokens as f64 <= context.max_tokens {
-                let factors = weighted_factors(weights, &traits, context.now, context.available);
-                let base = total(&factors);
-                if beats(&best, base, traits.enqueued_at, seq) {
-                    best = Some(Candidate {
-                        slot: current,
-                        factors,
-                        base,
-                        tokens: traits.tokens,
-                        enqueued_at: traits.enqueued_at,
-                        seq,
-                    });
+        if !beats(&best, static_bound + wait, traits.enqueued_at, seq) {
+            return;
+        }
+        index.for_each_group_head(key, |head| {
+            if let Some(candidate) = score_member(index, context, head) {
+                if beats(&best, candidate.base, candidate.enqueued_at, candidate.seq) {
+                    best = Some(candidate);
                 }
             }
-            slot = index.next_in_cell(key, current);
-        }
+        });
     });
     best
 }
@@ -383,10 +386,12 @@ impl<P> CandidateIndex for crate::store::Store<P> {
         }
     }
 
-    fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32> {
-        let seq = self.message(slot).message_id;
-        let members = self.visible_cells().get(key)?;
-        members.range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded)).next().map(|(_, &s)| s)
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32)) {
+        self.for_each_group_head_in(key, visit);
+    }
+
+    fn next_in_group(&self, slot: u32) -> Option<u32> {
+        self.next_in_group_of(slot)
     }
 
     fn traits(&self, slot: u32) -> MessageTraits {
@@ -411,10 +416,15 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    /// A plain index: cells in a map, members oldest first.
+    /// A plain index: cells in a map, members oldest first, groups by (tokens, processing time).
     struct VecIndex {
         messages: Vec<MessageTraits>,
         cells: BTreeMap<CellKey, Vec<u32>>,
+        lookups: std::cell::Cell<usize>,
+    }
+
+    fn group_of(m: &MessageTraits) -> (u64, Option<u64>) {
+        (m.tokens, m.expected_processing_seconds.map(f64::to_bits))
     }
 
     impl VecIndex {
@@ -437,7 +447,12 @@ mod tests {
                         .then(a.cmp(&b))
                 });
             }
-            Self { messages, cells }
+            Self { messages, cells, lookups: std::cell::Cell::new(0) }
+        }
+
+        fn key_of(&self, slot: u32) -> CellKey {
+            let m = &self.messages[slot as usize];
+            CellKey::for_message(m.priority, m.receive_count, m.tokens, m.expected_processing_seconds)
         }
     }
 
@@ -447,12 +462,22 @@ mod tests {
                 visit(key, members[0]);
             }
         }
-        fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32> {
-            let members = &self.cells[key];
+        fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
+            let mut seen = std::collections::BTreeSet::new();
+            for &slot in &self.cells[key] {
+                if seen.insert(group_of(&self.messages[slot as usize])) {
+                    visit(slot);
+                }
+            }
+        }
+        fn next_in_group(&self, slot: u32) -> Option<u32> {
+            let members = &self.cells[&self.key_of(slot)];
+            let group = group_of(&self.messages[slot as usize]);
             let at = members.iter().position(|&s| s == slot)?;
-            members.get(at + 1).copied()
+            members[at + 1..].iter().copied().find(|&s| group_of(&self.messages[s as usize]) == group)
         }
         fn traits(&self, slot: u32) -> MessageTraits {
+            self.lookups.set(self.lookups.get() + 1);
             self.messages[slot as usize]
         }
         fn seq(&self, slot: u32) -> u64 {
@@ -560,6 +585,79 @@ mod tests {
                 prop_assert_eq!(calls, 0);
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        // The real store as the index: after random enqueues (batches at equal instants
+        // included), receives and redeliveries, both searches find the brute-force best.
+        #[test]
+        fn searches_over_the_store_match_brute_force(
+            batches in proptest::collection::vec(proptest::collection::vec(message(), 1..20), 1..8),
+            receives in 0usize..10,
+            weights in proptest::array::uniform6(0.0f64..1.0),
+            available in 0.0f64..60_000.0,
+            now in 0.0f64..1_000.0,
+        ) {
+            use crate::store::{NewMessage, Store, StoreConfig};
+            let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
+            let mut store: Store<u32> = Store::new(config, 0.0).unwrap();
+            let mut at = 0.0;
+            let mut n = 0u32;
+            for batch in batches {
+                at += 7.5;
+                let batch = batch.into_iter().map(|m| {
+                    n += 1;
+                    NewMessage {
+                        request_id: format!("r{n}").into(),
+                        payload: n,
+                        priority: m.priority,
+                        tokens: m.tokens,
+                        expected_processing_seconds: m.expected_processing_seconds,
+                    }
+                }).collect();
+                store.enqueue_batch(batch, at).unwrap();
+            }
+            // Receive some with a short lease so they come back with a higher receive count.
+            store.receive(receives, 1.0, at).unwrap();
+            let now = at + 2.0 + now;
+            store.release_expired(now);
+            let context = SearchContext { weights: Weights::from_array(weights), now, available, max_tokens: available };
+            let expected = (0..n)
+                .filter(|&slot| store.is_visible(slot) == Some(true))
+                .map(|slot| CandidateIndex::traits(&store, slot))
+                .filter(|t| t.tokens as f64 <= available)
+                .map(|t| total(&weighted_factors(&context.weights, &t, now, available)))
+                .max_by(f64::total_cmp);
+            let fast = best_candidate(&store, &context).map(|c| c.base);
+            let streamed = IndexSearch::new(&store, context).next_candidate().map(|c| c.base);
+            prop_assert_eq!(fast, expected);
+            prop_assert_eq!(streamed, expected);
+        }
+    }
+
+    #[test]
+    fn a_batch_of_equal_ages_is_not_walked_member_by_member() {
+        // 20,000 messages enqueued at the same instant with 40 distinct estimates.
+        let messages = (0..20_000u64)
+            .map(|i| MessageTraits {
+                priority: 2,
+                receive_count: 0,
+                tokens: 1_000 + (i % 40) * 3,
+                expected_processing_seconds: None,
+                enqueued_at: 0.0,
+            })
+            .collect();
+        let index = VecIndex::new(messages);
+        let context =
+            SearchContext { weights: Weights::default(), now: 5.0, available: 2_000.0, max_tokens: 2_000.0 };
+        let best = best_candidate(&index, &context).unwrap();
+        // 40 group heads plus the cells' oldest members: far fewer lookups than messages.
+        assert!(index.lookups.get() < 200, "{} lookups", index.lookups.get());
+        // The best estimate is the one nearest 70 % of the budget, and its oldest message wins.
+        assert_eq!(best.tokens, 1_117);
+        assert_eq!(best.seq, 39);
     }
 
     #[test]

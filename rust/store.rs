@@ -28,7 +28,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::OnceLock;
@@ -318,6 +318,9 @@ pub struct Store<P> {
     ids: HashTable<u32>,
     hasher: RandomState,
     cells: BTreeMap<CellKey, BTreeMap<u64, u32>>,
+    /// The same visible messages again, by group: members of a cell with identical score
+    /// inputs besides their age, oldest first. Selection scores only group heads.
+    groups: BTreeMap<GroupId, BTreeMap<u64, u32>>,
     /// `(priority, head seq, cell)` of every non-empty cell: its first element is the next
     /// message to receive.
     receive_heads: BTreeSet<(u8, u64, CellKey)>,
@@ -333,6 +336,15 @@ pub struct Store<P> {
     expired: u64,
     outbox: Vec<StoredMessage<P>>,
     dropped: Vec<P>,
+}
+
+/// A group of a cell: `(cell, tokens, processing-time bits)`; `u64::MAX` stands for "no
+/// expected processing time" (the time then follows from the tokens).
+type GroupId = (CellKey, u64, u64);
+
+fn group_id<P>(key: CellKey, message: &StoredMessage<P>) -> GroupId {
+    // Non-negative floats order like their bits; the store never holds a negative or NaN time.
+    (key, message.tokens, message.expected_processing_seconds.map_or(u64::MAX, f64::to_bits))
 }
 
 fn check_visibility_timeout(seconds: f64) -> CoreResult<()> {
@@ -364,6 +376,7 @@ impl<P> Store<P> {
             ids: HashTable::new(),
             hasher: RandomState::new(),
             cells: BTreeMap::new(),
+            groups: BTreeMap::new(),
             receive_heads: BTreeSet::new(),
             age_heads: BTreeSet::new(),
             in_flight: BTreeSet::new(),
@@ -390,6 +403,24 @@ impl<P> Store<P> {
     /// (sequence order is `enqueued_at` order). Empty cells are never present.
     pub fn visible_cells(&self) -> &BTreeMap<CellKey, BTreeMap<u64, u32>> {
         &self.cells
+    }
+
+    /// Calls `visit` with the oldest member of every group of the visible cell `key` (a group:
+    /// members with the same estimate and processing time, which score alike but for age).
+    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
+        let range = (*key, 0, 0)..=(*key, u64::MAX, u64::MAX);
+        for members in self.groups.range(range).map(|(_, members)| members) {
+            if let Some((_, &slot)) = members.first_key_value() {
+                visit(slot);
+            }
+        }
+    }
+
+    /// The visible member after `slot` in its group (the next oldest), if any.
+    pub fn next_in_group_of(&self, slot: u32) -> Option<u32> {
+        let message = self.get(slot)?;
+        let members = self.groups.get(&group_id(message.cell_key(), message))?;
+        members.range(message.message_id + 1..).next().map(|(_, &s)| s)
     }
 
     /// The message in `slot`; panics when the slot is vacant (slots from the store are not).
@@ -593,6 +624,7 @@ impl<P> Store<P> {
         self.free.clear();
         self.ids.clear();
         self.cells.clear();
+        self.groups.clear();
         self.receive_heads.clear();
         self.age_heads.clear();
         self.in_flight.clear();
@@ -780,6 +812,7 @@ impl<P> Store<P> {
     }
 
     fn cell_insert(&mut self, key: CellKey, seq: u64, slot: u32) {
+        self.groups.entry(group_id(key, self.message(slot))).or_default().insert(seq, slot);
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
         cell.insert(seq, slot);
@@ -797,7 +830,15 @@ impl<P> Store<P> {
     fn cell_remove(&mut self, key: CellKey, seq: u64) {
         let cell = self.cells.get_mut(&key).expect("visible message has a cell");
         let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == seq);
-        cell.remove(&seq).expect("visible message is in its cell");
+        let slot = cell.remove(&seq).expect("visible message is in its cell");
+        let group = group_id(key, self.message(slot));
+        if let Some(members) = self.groups.get_mut(&group) {
+            members.remove(&seq);
+            if members.is_empty() {
+                self.groups.remove(&group);
+            }
+        }
+        let cell = self.cells.get_mut(&key).expect("visible message has a cell");
         if was_head {
             self.receive_heads.remove(&(key.priority, seq, key));
             self.age_heads.remove(&(seq, key));
@@ -840,6 +881,22 @@ impl<P> Store<P> {
                 visible += 1;
                 by_priority[usize::from(m.priority)] += 1;
             }
+        }
+        let mut grouped = 0usize;
+        for (group, members) in &self.groups {
+            if members.is_empty() {
+                return Err(format!("empty group {group:?}"));
+            }
+            for (&seq, &slot) in members {
+                let in_cell = self.cells.get(&group.0).and_then(|cell| cell.get(&seq)) == Some(&slot);
+                if !in_cell || group_id(group.0, self.message(slot)) != *group {
+                    return Err(format!("slot {slot} is in the wrong group"));
+                }
+                grouped += 1;
+            }
+        }
+        if grouped != visible {
+            return Err(format!("{grouped} grouped messages but {visible} visible"));
         }
         if heads != self.receive_heads {
             return Err("receive heads out of date".into());
@@ -904,7 +961,9 @@ pub fn py_repr(text: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
             c => out.push(c),
         }
     }

@@ -122,7 +122,8 @@ impl TokenBucket {
             return f64::INFINITY;
         }
         let mut wait = (count - self.available) / self.rate;
-        let refilled = |wait: f64| self.available + ((self.last_refill + wait) - self.last_refill) * self.rate;
+        let refilled =
+            |wait: f64| self.available + ((self.last_refill + wait) - self.last_refill) * self.rate;
         // Division and the clock's addition each round: step up by the shortfall, or by at least
         // one float step of the clock reading, until a refill at that reading covers `count`.
         for _ in 0..64 {

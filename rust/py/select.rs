@@ -306,7 +306,9 @@ fn read_message(message: &Bound<'_, PyAny>) -> PyResult<(String, String, crate::
         extract_token_count(&request.getattr("token_info")?.getattr("estimated")?, "token_info.estimated")?;
     let expected: Option<f64> = request.getattr("expected_processing_time")?.extract()?;
     let enqueued_at: f64 = attributes.getattr("enqueued_at")?.call_method0("timestamp")?.extract()?;
-    let receive_count: u32 = attributes.getattr("receive_count")?.extract()?;
+    // The buffer's own receive is not a retry: score the count as the store had it before, as
+    // the in-memory path does.
+    let receive_count = attributes.getattr("receive_count")?.extract::<u32>()?.saturating_sub(1);
     let handle: String = attributes.getattr("receipt_handle")?.extract()?;
     Ok((
         request_id,
