@@ -637,7 +637,9 @@ async def test_custom_scorer_is_called_with_the_message_and_a_context(clock: Man
     ("raw", "counted"),
     [(0.25, 0.25), (5.0, 1.0), (-3.0, 0.0), (math.nan, 0.0), (math.inf, 1.0), (-math.inf, 0.0), (1, 1.0)],
 )
-async def test_custom_scores_are_clamped_and_nan_counts_as_zero(clock: ManualClock, raw: float, counted: float) -> None:
+async def test_custom_scores_are_clamped_and_nan_counts_as_zero(
+    clock: ManualClock, raw: float, counted: float
+) -> None:
     dispatcher = scored_queue(clock, CustomScorer("c", 0.4, lambda message, context: raw))
     await dispatcher.enqueue(request("a"))
     job = await dispatcher.dequeue(throttle(clock))
@@ -820,7 +822,9 @@ class FixedBudgetLimiter:
         if estimated_tokens > self.capacity:
             return Check(False, "tpm_limit", math.inf, self._available())
         allowed = self.requests >= 1 and estimated_tokens <= self.tokens
-        return Check(allowed, None if allowed else "tpm_limit", 0.0 if allowed else math.inf, self._available())
+        return Check(
+            allowed, None if allowed else "tpm_limit", 0.0 if allowed else math.inf, self._available()
+        )
 
     def _available(self) -> dict[str, float]:
         return {"rpm": self.requests, "tpm": self.tokens}
@@ -829,7 +833,9 @@ class FixedBudgetLimiter:
         bucket = SimpleNamespace
         return SimpleNamespace(
             rpm=bucket(used=0.0, available=self.requests, limit=100.0, percentage=0.0),
-            tpm=bucket(used=self.capacity - self.tokens, available=self.tokens, limit=self.capacity, percentage=0.0),
+            tpm=bucket(
+                used=self.capacity - self.tokens, available=self.tokens, limit=self.capacity, percentage=0.0
+            ),
         )
 
     def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
@@ -918,7 +924,11 @@ async def test_queue_metrics_report_counts_waits_throughput_and_in_flight(clock:
     clock.advance(10.0)
     metrics = await dispatcher.get_queue_metrics()
     q = metrics.queue
-    assert (q.approximate_number_of_messages, q.approximate_number_of_messages_in_flight, q.total_messages) == (4, 0, 4)
+    assert (
+        q.approximate_number_of_messages,
+        q.approximate_number_of_messages_in_flight,
+        q.total_messages,
+    ) == (4, 0, 4)
     assert q.messages_by_priority == {"URGENT": 1, "HIGH": 1, "NORMAL": 2, "LOW": 0}
     assert q.oldest_message_age == pytest.approx(10.0)
     assert q.failed == 0
@@ -934,7 +944,11 @@ async def test_queue_metrics_report_counts_waits_throughput_and_in_flight(clock:
     assert (urgent.message.payload.id, high.message.payload.id) == ("u", "h")
     metrics = await dispatcher.get_queue_metrics()
     q = metrics.queue
-    assert (q.approximate_number_of_messages, q.approximate_number_of_messages_in_flight, q.total_messages) == (2, 2, 4)
+    assert (
+        q.approximate_number_of_messages,
+        q.approximate_number_of_messages_in_flight,
+        q.total_messages,
+    ) == (2, 2, 4)
     assert q.messages_by_priority == {"URGENT": 0, "HIGH": 0, "NORMAL": 2, "LOW": 0}
     assert q.average_wait_time == pytest.approx(20.0)  # waited 10 s and 30 s
     p = q.wait_time_percentiles
@@ -958,7 +972,9 @@ async def test_queue_metrics_report_counts_waits_throughput_and_in_flight(clock:
     assert third is not None
     await third.mark_as_processed()  # no actual count: its estimate counts
     q = (await dispatcher.get_queue_metrics()).queue
-    assert q.throughput.tokens_per_minute == pytest.approx(1_000.0 + third.message.payload.token_info.estimated)
+    assert q.throughput.tokens_per_minute == pytest.approx(
+        1_000.0 + third.message.payload.token_info.estimated
+    )
     assert q.throughput.messages_per_minute == pytest.approx(2.0)
 
     performance = (await dispatcher.get_queue_metrics()).performance
@@ -1093,7 +1109,9 @@ def _score(message: QueueMessage[Any], context: ScoringContext) -> float:
         lambda: CustomScorer("x", -1.0, _score),
         lambda: CustomScorer("x", math.nan, _score),
         lambda: CustomScorer("x", 1.0, "not callable"),  # type: ignore[arg-type]
-        lambda: ScoringConfig(custom_scorers=[CustomScorer("x", 1.0, _score), CustomScorer("x", 0.5, _score)]),
+        lambda: ScoringConfig(
+            custom_scorers=[CustomScorer("x", 1.0, _score), CustomScorer("x", 0.5, _score)]
+        ),
         lambda: ScoringConfig(custom_scorers=[CustomScorer("priority", 1.0, _score)]),
     ],
     ids=["empty-name", "negative-weight", "nan-weight", "not-callable", "duplicate-name", "shadows-a-factor"],
@@ -1129,7 +1147,14 @@ async def observed_weights(dispatcher: LLMQueueDispatcher[Any], clock: ManualClo
     job = await dispatcher.dequeue(throttle(clock, tpm=10_000))
     assert job is not None
     b = job.score.breakdown
-    return (b["priority"], b["efficiency"], b["wait_time"], b["retry"], b["token_fit"] / 0.88, b["processing_time"])
+    return (
+        b["priority"],
+        b["efficiency"],
+        b["wait_time"],
+        b["retry"],
+        b["token_fit"] / 0.88,
+        b["processing_time"],
+    )
 
 
 PRESETS = [
@@ -1154,7 +1179,11 @@ async def test_in_memory_factory_uses_default_weights(clock: ManualClock) -> Non
 
 def test_factory_preset_settings(clock: ManualClock) -> None:
     prefetching = create_prefetching_queue(InMemoryStorage(clock=clock), clock=clock).config
-    assert (prefetching.enable_prefetch, prefetching.buffer_size, prefetching.prefetch_interval) == (True, 100, 5.0)
+    assert (prefetching.enable_prefetch, prefetching.buffer_size, prefetching.prefetch_interval) == (
+        True,
+        100,
+        5.0,
+    )
     throughput = create_throughput_optimized_queue(InMemoryStorage(clock=clock), clock=clock).config
     assert (throughput.enable_prefetch, throughput.buffer_size, throughput.max_candidates_to_evaluate) == (
         True,
@@ -1168,7 +1197,8 @@ def test_factory_preset_settings(clock: ManualClock) -> None:
 async def test_explicit_config_and_overrides_win_over_presets(clock: ManualClock) -> None:
     mine = ScoringWeights(0.1, 0.2, 0.3, 0.1, 0.2, 0.1)
     dispatcher = create_simple_priority_queue(
-        InMemoryStorage(clock=clock), LLMQueueDispatcherConfig(clock=clock, scoring=ScoringConfig(weights=mine))
+        InMemoryStorage(clock=clock),
+        LLMQueueDispatcherConfig(clock=clock, scoring=ScoringConfig(weights=mine)),
     )
     assert await observed_weights(dispatcher, clock) == pytest.approx(mine.as_tuple(), abs=1e-12)
     prefetching = create_prefetching_queue(InMemoryStorage(clock=clock), clock=clock, buffer_size=7)

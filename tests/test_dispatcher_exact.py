@@ -142,7 +142,9 @@ def reference_total(
     weights: ScoringWeights,
     custom: Sequence[tuple[str, float, float]] = (),
 ) -> float:
-    return sum(reference_breakdown(message, now=now, available=available, weights=weights, custom=custom).values())
+    return sum(
+        reference_breakdown(message, now=now, available=available, weights=weights, custom=custom).values()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +232,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(
         messages=draw(st.lists(message_strategy, min_size=1, max_size=25)),
         weights=draw(weights_strategy),
-        custom=draw(st.lists(st.tuples(st.floats(0.0, 1.0, allow_nan=False), st.integers(0, 10**6)), max_size=3)),
+        custom=draw(
+            st.lists(st.tuples(st.floats(0.0, 1.0, allow_nan=False), st.integers(0, 10**6)), max_size=3)
+        ),
         rpm=draw(st.sampled_from([1.0, 2.0, 60.0, 1e6])),
         tpm=draw(st.sampled_from([1.0, 50.0, 1_000.0, 40_000.0, 1e6, 1e9])),
         pre_consumed=draw(st.sampled_from([0.0, 0.0, 0.3, 0.75, 0.99, 1.0])),
@@ -249,7 +253,7 @@ async def run_scenario(scenario: Scenario) -> None:
     scorers = [RecordingScorer(seed) for _, seed in scenario.custom]
     custom_scorers = [
         CustomScorer(name=f"custom{i}", weight=weight, calculate=scorer)
-        for i, ((weight, _), scorer) in enumerate(zip(scenario.custom, scorers))
+        for i, ((weight, _), scorer) in enumerate(zip(scenario.custom, scorers, strict=True))
     ]
     config = LLMQueueDispatcherConfig(
         clock=clock,
@@ -267,7 +271,10 @@ async def run_scenario(scenario: Scenario) -> None:
     for index, (priority, tokens, ept, advance, receive_round) in enumerate(scenario.messages):
         clock.advance(advance)
         request = LLMRequest(
-            id=f"m{index}", payload=index, priority=priority, token_info=TokenInfo(tokens),
+            id=f"m{index}",
+            payload=index,
+            priority=priority,
+            token_info=TokenInfo(tokens),
             expected_processing_time=ept,
         )
         message = await dispatcher.enqueue(request)
@@ -338,7 +345,11 @@ async def run_scenario(scenario: Scenario) -> None:
         )
         assert list(job.score.breakdown) == list(expected_parts)
         for name, value in expected_parts.items():
-            assert abs(job.score.breakdown[name] - value) <= TOLERANCE, (name, job.score.breakdown, expected_parts)
+            assert abs(job.score.breakdown[name] - value) <= TOLERANCE, (
+                name,
+                job.score.breakdown,
+                expected_parts,
+            )
         # The dispatched message is the stored one, with its delivery counted.
         assert job.message.attributes.receive_count == latest[got_id].attributes.receive_count + 1
         # Each custom scorer was called at most once per candidate.
