@@ -10,6 +10,7 @@ pub mod errors;
 pub mod py;
 pub mod scoring;
 pub mod select;
+pub mod store;
 pub mod throttle;
 
 pub use py::_core;

@@ -372,6 +372,39 @@ pub fn choose<E>(
     Ok(best)
 }
 
+/// The in-memory store is searched in place: its visible cells map sequence number to slot,
+/// oldest first.
+impl<P> CandidateIndex for crate::store::Store<P> {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32)) {
+        for (key, members) in self.visible_cells() {
+            if let Some((_, &slot)) = members.first_key_value() {
+                visit(key, slot);
+            }
+        }
+    }
+
+    fn next_in_cell(&self, key: &CellKey, slot: u32) -> Option<u32> {
+        let seq = self.message(slot).message_id;
+        let members = self.visible_cells().get(key)?;
+        members.range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded)).next().map(|(_, &s)| s)
+    }
+
+    fn traits(&self, slot: u32) -> MessageTraits {
+        let message = self.message(slot);
+        MessageTraits {
+            priority: message.priority,
+            receive_count: message.receive_count,
+            tokens: message.tokens,
+            expected_processing_seconds: message.expected_processing_seconds,
+            enqueued_at: message.enqueued_at,
+        }
+    }
+
+    fn seq(&self, slot: u32) -> u64 {
+        self.message(slot).message_id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,8 @@
 """llm-queue-dispatcher: exact, rate-limit-aware scheduling of LLM API requests, with a Rust core."""
 
 from ._core import ManualClock, __version__
+from .config import LLMQueueDispatcherConfig
+from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     DuplicateRequestError,
     InvalidConfigError,
@@ -12,6 +14,31 @@ from .errors import (
     StorageError,
     UnknownRequestError,
 )
+from .factories import (
+    create_fair_llm_queue_dispatcher,
+    create_fair_queue,
+    create_in_memory_llm_queue_dispatcher,
+    create_in_memory_queue,
+    create_llm_queue_dispatcher,
+    create_prefetching_llm_queue_dispatcher,
+    create_prefetching_queue,
+    create_simple_priority_llm_queue_dispatcher,
+    create_simple_priority_queue,
+    create_throughput_optimized_llm_queue_dispatcher,
+    create_throughput_optimized_queue,
+)
+from .metrics import (
+    InFlightDetail,
+    LatencyPercentiles,
+    PerformanceMetrics,
+    ProcessingMetrics,
+    QueueMetrics,
+    QueueMetricsReport,
+    Throughput,
+    WaitTimePercentiles,
+)
+from .scoring import FACTOR_NAMES, CustomScorer, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
+from .storage import InMemoryStorage, QueueAttributes, QueueStorageAdapter
 from .throttle import (
     BucketMetrics,
     BucketState,
@@ -29,32 +56,63 @@ from .throttle import (
 from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo
 
 __all__ = [
+    "FACTOR_NAMES",
     "BucketMetrics",
     "BucketState",
     "CompensationMetrics",
     "ConsumptionRecord",
     "ConsumptionStatistics",
+    "CustomScorer",
     "DuplicateRequestError",
+    "InFlightDetail",
+    "InMemoryStorage",
     "InvalidConfigError",
     "InvalidRequestError",
+    "LLMQueueDispatcher",
+    "LLMQueueDispatcherConfig",
     "LLMQueueDispatcherError",
     "LLMRequest",
     "LLMThrottle",
+    "LatencyPercentiles",
     "ManualClock",
     "MemoryMetrics",
     "MessageAttributes",
+    "MessageScore",
     "MessageStateError",
+    "PerformanceMetrics",
     "Priority",
+    "ProcessableMessage",
+    "ProcessingMetrics",
+    "QueueAttributes",
     "QueueMessage",
+    "QueueMetrics",
+    "QueueMetricsReport",
+    "QueueStorageAdapter",
     "RateLimitCheckResult",
     "RateLimitError",
     "RateLimitMetrics",
     "RateLimiter",
     "ReceiptHandleError",
+    "ScoringConfig",
+    "ScoringContext",
+    "ScoringWeights",
     "StateSnapshot",
     "StorageError",
+    "Throughput",
     "TokenInfo",
     "UnknownRequestError",
+    "WaitTimePercentiles",
     "__version__",
+    "create_fair_llm_queue_dispatcher",
+    "create_fair_queue",
+    "create_in_memory_llm_queue_dispatcher",
+    "create_in_memory_queue",
+    "create_llm_queue_dispatcher",
     "create_llm_throttle",
+    "create_prefetching_llm_queue_dispatcher",
+    "create_prefetching_queue",
+    "create_simple_priority_llm_queue_dispatcher",
+    "create_simple_priority_queue",
+    "create_throughput_optimized_llm_queue_dispatcher",
+    "create_throughput_optimized_queue",
 ]

@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod errors;
 pub mod select;
+pub mod store;
 pub mod throttle;
 
 use pyo3::prelude::*;
@@ -14,6 +15,8 @@ pub mod _core {
     use super::clock::PyManualClock;
     #[pymodule_export]
     use super::select::{PyCandidateBuffer, PyScoringParams, PySelection};
+    #[pymodule_export]
+    use super::store::PyStoreCore;
     #[pymodule_export]
     use super::throttle::{
         PyBucketMetrics, PyBucketState, PyCheckResult, PyCompensationMetrics, PyConsumptionRecord,

@@ -12,10 +12,15 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use super::clock::ClockSource;
 use super::errors::to_py_err;
+use super::store::{build_message, PyStoreCore};
 use super::throttle::{extract_token_count, PyThrottle};
 use crate::errors::CoreError;
 use crate::scoring::{validate_weight, Weights, FACTOR_NAMES};
-use crate::select::{choose, collect, Candidate, Choice, Collected, SearchContext, SortedCandidates};
+use crate::select::{
+    best_candidate, choose, collect, Candidate, Choice, Collected, IndexSearch, SearchContext,
+    SortedCandidates,
+};
+use crate::store::{ReceiptHandle, Store};
 use crate::throttle::Throttle;
 
 // How often one dispatch step starts over when the winner vanished or stopped fitting while
@@ -109,8 +114,8 @@ pub trait Pool {
         visibility_timeout: f64,
     ) -> PyResult<Option<Py<PyAny>>>;
 
-    /// The request id of a collected candidate (for the limiter's records).
-    fn request_id(&self, candidate: &Candidate) -> Option<String>;
+    /// The request id of a collected candidate (for the limiter's records), if still there.
+    fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>>;
 }
 
 fn evaluate_custom(
@@ -181,7 +186,7 @@ pub fn dispatch_with_throttle(
         if choice.total < min_score {
             return Ok(None);
         }
-        let Some(request_id) = pool.request_id(&choice.candidate) else { continue };
+        let Some(request_id) = pool.request_id(py, &choice.candidate)? else { continue };
         let tokens = choice.candidate.tokens;
         if reserve {
             let consumed =
@@ -224,7 +229,7 @@ pub fn select_candidate(
     if choice.total < min_score {
         return Ok(None);
     }
-    let Some(request_id) = pool.request_id(&choice.candidate) else { return Ok(None) };
+    let Some(request_id) = pool.request_id(py, &choice.candidate)? else { return Ok(None) };
     Ok(Some(PySelection { breakdown: breakdown(&choice), choice, request_id }))
 }
 
@@ -363,9 +368,9 @@ impl Pool for PyCandidateBuffer {
         Ok(state.position(candidate.seq).map(|i| state.items.swap_remove(i).message.clone_ref(py)))
     }
 
-    fn request_id(&self, candidate: &Candidate) -> Option<String> {
+    fn request_id(&self, _py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>> {
         let state = self.state.lock();
-        state.position(candidate.seq).map(|i| state.items[i].request_id.clone())
+        Ok(state.position(candidate.seq).map(|i| state.items[i].request_id.clone()))
     }
 }
 
@@ -531,4 +536,182 @@ impl PyCandidateBuffer {
             state.items.clear();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-memory store: selection runs over its cells in place.
+
+fn still_visible(store: &Store<Py<PyAny>>, candidate: &Candidate) -> bool {
+    store.get(candidate.slot).is_some_and(|m| m.message_id == candidate.seq)
+        && store.is_visible(candidate.slot) == Some(true)
+}
+
+impl Pool for PyStoreCore {
+    fn collect(
+        &self,
+        py: Python<'_>,
+        weights: &Weights,
+        budget: Budget,
+        limit: usize,
+        want_messages: bool,
+    ) -> PyResult<(Vec<Collected>, Vec<Py<PyAny>>)> {
+        self.with_store(py, |store, now| {
+            let context = SearchContext {
+                weights: *weights,
+                now,
+                available: budget.available,
+                max_tokens: budget.max_tokens,
+            };
+            let collected = if limit == 1 && !want_messages {
+                // Without custom scorers only the best matters: the heap-free walk.
+                best_candidate(&*store, &context)
+                    .map(|candidate| Collected { candidate, bound_after: None })
+                    .into_iter()
+                    .collect()
+            } else {
+                collect(&mut IndexSearch::new(&*store, context), limit)
+            };
+            let messages: Vec<PyResult<Py<PyAny>>> = if want_messages {
+                collected
+                    .iter()
+                    .map(|item| build_message(py, store.message(item.candidate.slot), None))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Ok((collected, messages))
+        })
+        .and_then(|(collected, messages)| {
+            Ok((collected, messages.into_iter().collect::<PyResult<Vec<_>>>()?))
+        })
+    }
+
+    fn take(
+        &self,
+        py: Python<'_>,
+        candidate: &Candidate,
+        visibility_timeout: f64,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let built = self.with_store(py, |store, now| {
+            if !still_visible(store, candidate) {
+                return Ok(None);
+            }
+            let handle = store.receive_slot(candidate.slot, visibility_timeout, now)?;
+            let mut buffer = [0u8; ReceiptHandle::LEN];
+            let handle = handle.encode_into(&mut buffer);
+            Ok(Some(build_message(py, store.message(candidate.slot), Some(handle))))
+        })?;
+        built.transpose()
+    }
+
+    fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>> {
+        self.with_store(py, |store, _| {
+            Ok(still_visible(store, candidate).then(|| store.message(candidate.slot).request_id.to_string()))
+        })
+    }
+}
+
+#[pymethods]
+impl PyStoreCore {
+    /// One dispatch step with the budget of `throttle`: `(message, total, breakdown)` or None.
+    #[pyo3(name = "dispatch_native", signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    #[allow(clippy::too_many_arguments)]
+    fn py_dispatch_native(
+        &self,
+        py: Python<'_>,
+        throttle: &Bound<'_, PyThrottle>,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        visibility_timeout: f64,
+        min_score: f64,
+        reserve: bool,
+    ) -> PyResult<Option<Dispatched>> {
+        let custom_fn = custom_fn.filter(|f| !f.is_none());
+        dispatch_with_throttle(
+            py,
+            self,
+            throttle.get(),
+            params.get(),
+            custom_fn,
+            visibility_timeout,
+            min_score,
+            reserve,
+        )
+    }
+
+    /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
+    #[pyo3(name = "select", signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    fn py_select(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        min_score: f64,
+    ) -> PyResult<Option<PySelection>> {
+        if available_requests < 1.0 {
+            return Ok(None);
+        }
+        let budget = Budget { available: available_tokens, max_tokens: available_tokens };
+        select_candidate(py, self, budget, params.get(), custom_fn.filter(|f| !f.is_none()), min_score)
+    }
+
+    /// Receives a selected candidate: `(message, total, breakdown)`, or None if it left.
+    #[pyo3(name = "take")]
+    fn py_take(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PySelection>,
+        visibility_timeout: f64,
+    ) -> PyResult<Option<Dispatched>> {
+        let selection = selection.get();
+        Ok(Pool::take(self, py, &selection.choice.candidate, visibility_timeout)?
+            .map(|message| (message, selection.choice.total, selection.breakdown.clone())))
+    }
+
+    /// A lower bound of the smallest estimate among visible messages (from the cells' ranges).
+    fn min_visible_tokens(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        self.with_store(py, |store, _| {
+            Ok(store.visible_cells().keys().map(|key| key.token_range().0.floor() as u64).min())
+        })
+    }
+
+    /// Request ids of visible messages whose estimate exceeds `capacity`.
+    fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
+        self.with_store(py, |store, _| {
+            Ok(slots_above(store, capacity)
+                .into_iter()
+                .map(|slot| store.message(slot).request_id.to_string())
+                .collect())
+        })
+    }
+
+    /// Receives every visible message whose estimate exceeds `capacity` (they can never be
+    /// dispatched): the caller deletes them or fails them into the dead-letter queue.
+    fn take_above(&self, py: Python<'_>, capacity: f64, visibility_timeout: f64) -> PyResult<Vec<Py<PyAny>>> {
+        let built = self.with_store(py, |store, now| {
+            let mut out = Vec::new();
+            for slot in slots_above(store, capacity) {
+                let handle = store.receive_slot(slot, visibility_timeout, now)?;
+                let mut buffer = [0u8; ReceiptHandle::LEN];
+                out.push(build_message(py, store.message(slot), Some(handle.encode_into(&mut buffer))));
+            }
+            Ok(out)
+        })?;
+        built.into_iter().collect()
+    }
+}
+
+/// Slots of visible messages with more tokens than `capacity`: only cells whose token range
+/// reaches past it are walked.
+fn slots_above(store: &Store<Py<PyAny>>, capacity: f64) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (key, members) in store.visible_cells() {
+        if key.token_range().1 <= capacity {
+            continue;
+        }
+        out.extend(members.values().copied().filter(|&slot| store.message(slot).tokens as f64 > capacity));
+    }
+    out
 }

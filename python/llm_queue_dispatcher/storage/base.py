@@ -1,0 +1,211 @@
+"""The storage adapter ABC: what a queue backend must provide to the dispatcher.
+
+Semantics every adapter honours (SQS-like, at-least-once delivery):
+
+* ``enqueue`` stores a validated `LLMRequest` and returns its `QueueMessage`, whose ``id`` (equal to
+  ``attributes.message_id``) the store assigns. A request whose ``id`` equals the id of a message
+  not yet deleted (visible or in flight) is refused with `DuplicateRequestError`; a deleted or
+  dead-lettered message's id may be reused.
+* ``dequeue(limit, visibility_timeout)`` receives up to ``limit`` *visible* messages in order of
+  priority (0 = URGENT first), then oldest ``enqueued_at``, then enqueue order. Each received
+  message becomes invisible ("in flight") for ``visibility_timeout`` seconds, its
+  ``receive_count`` grows by one, ``first_received_at`` is set on its first receive, and it gets a
+  fresh ``receipt_handle``. When the visibility runs out without a delete, the message becomes
+  visible again, unchanged but for those attributes: a consumer that crashes loses nothing.
+* A receipt handle is valid from its receive until the message is received again, deleted,
+  dead-lettered or purged. A handle whose visibility ran out still deletes (and still changes
+  visibility) until someone else receives the message, as in SQS. ``delete_message`` and
+  ``update_visibility_timeout`` with a stale or unknown handle raise `ReceiptHandleError` and
+  change nothing. A visibility change counts from now; 0 makes the message visible at once.
+* ``visibility_timeout`` must lie within [0, 43200] seconds, else `InvalidRequestError` (nothing
+  changes).
+* With ``max_receive_count`` configured, a message received that many times and not deleted is,
+  when its visibility runs out, moved to the dead-letter store (or dropped, and counted, without
+  one) instead of becoming visible.
+* Messages older than the retention period are dropped (counted).
+* Bad input raises at the call that received it, with a typed error naming the field and the bad
+  value, and changes nothing. A backend failure raises `StorageError`; the message is not lost.
+
+Writing an adapter (Redis, SQS, Postgres, ...): subclass `QueueStorageAdapter`, implement the six
+abstract coroutines, and override the four defaults where the backend can do better (a batch
+enqueue in one transaction, a server-side purge, real attribute counts). Run the conformance suite
+(``tests/conformance``) against it by adding a factory to its ``conftest.py``. Receive, delete and
+visibility changes must each be atomic in the backend (a Lua script, a conditional update, a
+``SELECT ... FOR UPDATE SKIP LOCKED``), since many workers may share one queue.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from ..errors import DuplicateRequestError, InvalidRequestError, ReceiptHandleError
+from ..types import LLMRequest, QueueMessage
+
+__all__ = ["MAX_VISIBILITY_TIMEOUT", "QueueAttributes", "QueueStorageAdapter"]
+
+T = TypeVar("T")
+
+#: The longest visibility timeout in seconds (12 hours, as in SQS).
+MAX_VISIBILITY_TIMEOUT = 43_200.0
+
+_PURGE_BATCH = 100
+
+
+@dataclass(frozen=True)
+class QueueAttributes:
+    """A snapshot of a queue's counters, named after SQS's queue attributes.
+
+    ``visibility_timeout`` is the timeout of the latest ``dequeue`` (None before the first, or when
+    the backend does not know it); ``message_retention_period`` is in seconds (None if unknown);
+    ``dead_lettered`` counts messages moved to a dead-letter store or dropped by the
+    ``max_receive_count`` rule; ``expired`` counts messages dropped by retention.
+    """
+
+    approximate_number_of_messages: int
+    approximate_number_of_messages_in_flight: int
+    approximate_number_of_messages_delayed: int
+    created_timestamp: datetime | None
+    last_modified_timestamp: datetime | None
+    visibility_timeout: float | None
+    message_retention_period: float | None
+    dead_lettered: int
+    expired: int = 0
+
+
+def check_visibility_timeout(visibility_timeout: float) -> float:
+    """Returns ``visibility_timeout`` as a float, or raises `InvalidRequestError`."""
+    if (
+        isinstance(visibility_timeout, bool)
+        or not isinstance(visibility_timeout, (int, float))
+        or not 0.0 <= visibility_timeout <= MAX_VISIBILITY_TIMEOUT
+    ):
+        raise InvalidRequestError(
+            f"visibility_timeout must be within [0, 43200] seconds, got {visibility_timeout!r}"
+        )
+    return float(visibility_timeout)
+
+
+def check_batch(requests: Sequence[LLMRequest[T]]) -> None:
+    """Validates every request of a batch and refuses ids repeated within it.
+
+    Raises `InvalidRequestError` (a malformed request) or `DuplicateRequestError` before anything is
+    stored, as the batch contract requires. Adapters can call it from their own ``batch_enqueue``.
+    """
+    seen: set[str] = set()
+    for request in requests:
+        if not isinstance(request, LLMRequest):
+            raise InvalidRequestError(f"request must be an LLMRequest, got {request!r}")
+        request.validate()
+        if request.id in seen:
+            raise DuplicateRequestError(f"id {request.id!r} appears more than once in the batch")
+        seen.add(request.id)
+
+
+class QueueStorageAdapter(ABC, Generic[T]):
+    """A queue backend with SQS-like, at-least-once semantics (see the module docstring).
+
+    Six coroutines are abstract; ``batch_enqueue``, ``batch_delete``, ``get_queue_attributes`` and
+    ``purge`` have working defaults built on them, which a backend may replace with faster or
+    atomic versions. Instances are used from one event loop; a backend shared between processes
+    makes each step atomic on its side.
+    """
+
+    @abstractmethod
+    async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
+        """Validates ``request`` again (its fields may have changed since construction) and stores
+        it as a visible message.
+
+        Returns the `QueueMessage` with a storage-assigned ``id``, ``receive_count`` 0,
+        ``first_received_at`` None and an empty ``receipt_handle`` (it has not been received).
+        Raises `InvalidRequestError` for a malformed request and `DuplicateRequestError` when a
+        message with the same ``request.id`` is stored and not yet deleted; nothing is stored then.
+        """
+
+    @abstractmethod
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
+        """Receives up to ``limit`` visible messages, priority first, then oldest.
+
+        Each returned message is invisible for ``visibility_timeout`` seconds (within
+        [0, 43200], else `InvalidRequestError`), has ``receive_count`` one higher, a
+        ``first_received_at`` set on its first receive, and a fresh ``receipt_handle`` that
+        replaces any earlier one. Returns ``[]`` when nothing is visible; ``limit`` 0 receives
+        nothing. Must not wait for messages to arrive.
+        """
+
+    @abstractmethod
+    async def delete_message(self, receipt_handle: str) -> None:
+        """Deletes the message ``receipt_handle`` names, acknowledging it for good.
+
+        Works while the handle is current, even after its visibility ran out, until the message
+        is received again. A stale or unknown handle raises `ReceiptHandleError`, nothing changes.
+        """
+
+    @abstractmethod
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        """Makes the message invisible for ``visibility_timeout`` seconds counted from now.
+
+        0 makes it visible at once (a retry without waiting); the receive count is kept. Raises
+        `InvalidRequestError` for a timeout outside [0, 43200] and `ReceiptHandleError` for a
+        stale or unknown handle; nothing changes then.
+        """
+
+    @abstractmethod
+    async def get_approximate_message_count(self) -> int:
+        """The number of visible messages (in-flight ones excluded)."""
+
+    @abstractmethod
+    async def peek_messages_by_priority(self, priority: int, limit: int) -> list[QueueMessage[T]]:
+        """Up to ``limit`` visible messages of ``priority`` (0..3), oldest first, without receiving
+        them: nothing changes, and their ``receipt_handle`` is "" (a peek grants no handle)."""
+
+    async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
+        """Enqueues ``requests`` in order and returns their messages.
+
+        The default validates every request and refuses ids repeated within the batch before
+        storing anything, then calls ``enqueue`` one by one. It cannot check the backend for ids
+        already stored in advance, so a `DuplicateRequestError` found there leaves the earlier
+        requests enqueued; backends that can should override this to be all-or-nothing (the
+        in-memory store does).
+        """
+        check_batch(requests)
+        return [await self.enqueue(request) for request in requests]
+
+    async def batch_delete(self, receipt_handles: Sequence[str]) -> None:
+        """Deletes the messages of every current handle, then raises `ReceiptHandleError` naming
+        the stale or unknown ones (as SQS's DeleteMessageBatch reports per-entry failures)."""
+        failed: list[str] = []
+        for handle in receipt_handles:
+            try:
+                await self.delete_message(handle)
+            except ReceiptHandleError:
+                failed.append(handle)
+        if failed:
+            raise ReceiptHandleError(
+                f"{len(failed)} of {len(receipt_handles)} receipt handles are unknown or no longer "
+                f"current: {failed!r}"
+            )
+
+    async def get_queue_attributes(self) -> QueueAttributes:
+        """Queue counters. The default knows only the visible count; backends should override."""
+        return QueueAttributes(
+            approximate_number_of_messages=await self.get_approximate_message_count(),
+            approximate_number_of_messages_in_flight=0,
+            approximate_number_of_messages_delayed=0,
+            created_timestamp=None,
+            last_modified_timestamp=None,
+            visibility_timeout=None,
+            message_retention_period=None,
+            dead_lettered=0,
+        )
+
+    async def purge(self) -> None:
+        """Removes the messages. The default receives and deletes every visible message (each
+        receive counts); in-flight ones stay until their visibility ends, so backends should
+        override it with a real purge that also invalidates every receipt handle."""
+        while batch := await self.dequeue(_PURGE_BATCH, MAX_VISIBILITY_TIMEOUT):
+            for message in batch:
+                await self.delete_message(message.attributes.receipt_handle)
