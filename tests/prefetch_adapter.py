@@ -75,7 +75,7 @@ class PlainAdapter(QueueStorageAdapter[T]):
             or not isinstance(visibility_timeout, (int, float))
             or not 0 <= visibility_timeout <= 43_200
         ):
-            raise InvalidRequestError(f"visibility_timeout must be within [0, 43200], got {visibility_timeout!r}")
+            raise InvalidRequestError(f"visibility_timeout must be in [0, 43200], got {visibility_timeout!r}")
 
     def _record_of(self, receipt_handle: str) -> _Record[T]:
         message_id = self.by_handle.get(receipt_handle)

@@ -191,28 +191,34 @@ weights_strategy = st.one_of(
     st.tuples(*[st.floats(0.0, 1.0, allow_nan=False) for _ in range(6)]),
 )
 
-tokens_strategy = st.one_of(
-    st.integers(0, 60),
-    st.integers(1, 5_000),
-    st.integers(1, 200_000),
-    st.integers(1, 20_000_000),
-)
+
+def tokens_strategy(tpm: float) -> st.SearchStrategy[int]:
+    """Token estimates from 0 to far above the budget, many of them near it."""
+    return st.one_of(
+        st.integers(0, 60),
+        st.integers(1, 200_000),
+        st.floats(0.0, 1.1).map(lambda share: int(share * tpm)),
+        st.floats(1.0, 1_000.0).map(lambda share: int(share * tpm) + 1),
+    )
+
 
 # Quarter seconds keep every instant exact in floats and in `datetime` (microseconds).
-quarters = st.integers(0, 400).map(lambda q: q / 4)
+quarters = st.one_of(st.integers(0, 12), st.integers(0, 400)).map(lambda q: q / 4)
 
-message_strategy = st.tuples(
-    st.sampled_from(list(Priority)),
-    tokens_strategy,
-    st.one_of(st.none(), st.just(0.0), st.floats(0.0, 120.0, allow_nan=False)),
-    quarters,  # clock advance before the enqueue
-    # After the enqueue: None, or a receive round (how many to receive, which to park, and
-    # whether it goes through the dispatcher and mark_as_failed instead of the store).
-    st.one_of(
-        st.none(),
-        st.tuples(st.integers(1, 6), st.lists(st.booleans(), min_size=6, max_size=6), st.booleans()),
-    ),
-)
+
+def message_strategy(tpm: float) -> st.SearchStrategy[tuple[Any, ...]]:
+    return st.tuples(
+        st.sampled_from(list(Priority)),
+        tokens_strategy(tpm),
+        st.one_of(st.none(), st.just(0.0), st.floats(0.0, 120.0, allow_nan=False)),
+        quarters,  # clock advance before the enqueue
+        # After the enqueue: None, or a receive round (how many to receive, which to park, and
+        # whether it goes through the dispatcher and mark_as_failed instead of the store).
+        st.one_of(
+            st.none(),
+            st.tuples(st.integers(1, 6), st.lists(st.booleans(), min_size=6, max_size=6), st.booleans()),
+        ),
+    )
 
 
 @dataclass
@@ -229,16 +235,17 @@ class Scenario:
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
+    tpm = draw(st.sampled_from([1.0, 50.0, 1_000.0, 40_000.0, 1e6, 1e9]))
     return Scenario(
-        messages=draw(st.lists(message_strategy, min_size=1, max_size=25)),
+        messages=draw(st.lists(message_strategy(tpm), min_size=1, max_size=25)),
         weights=draw(weights_strategy),
         custom=draw(
             st.lists(st.tuples(st.floats(0.0, 1.0, allow_nan=False), st.integers(0, 10**6)), max_size=3)
         ),
         rpm=draw(st.sampled_from([1.0, 2.0, 60.0, 1e6])),
-        tpm=draw(st.sampled_from([1.0, 50.0, 1_000.0, 40_000.0, 1e6, 1e9])),
+        tpm=tpm,
         pre_consumed=draw(st.sampled_from([0.0, 0.0, 0.3, 0.75, 0.99, 1.0])),
-        refill_advance=draw(st.integers(0, 240).map(lambda q: q / 4)),
+        refill_advance=draw(st.one_of(st.integers(0, 8), st.integers(0, 240)).map(lambda q: q / 4)),
         dispatches=draw(st.integers(1, 3)),
     )
 
