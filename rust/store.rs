@@ -347,8 +347,9 @@ fn check_visibility_timeout(seconds: f64) -> CoreResult<()> {
 
 fn stale_handle(handle: &str) -> CoreError {
     CoreError::ReceiptHandle(format!(
-        "receipt handle {handle:?} is unknown or no longer current (the message was received \
-         again, deleted, dead-lettered or purged)"
+        "receipt handle {} is unknown or no longer current (the message was received \
+         again, deleted, dead-lettered or purged)",
+        py_repr(handle)
     ))
 }
 
@@ -505,7 +506,8 @@ impl<P> Store<P> {
             let hash = self.hasher.hash_one(id);
             if seen.find(hash, |&j| &*messages[j].request_id == id).is_some() {
                 return Err(CoreError::DuplicateRequest(format!(
-                    "id {id:?} appears more than once in the batch"
+                    "id {} appears more than once in the batch",
+                    py_repr(id)
                 )));
             }
             seen.insert_unique(hash, i, |&j| self.hasher.hash_one(&*messages[j].request_id));
@@ -884,7 +886,30 @@ fn slot_id<P>(slots: &[Slot<P>], slot: u32) -> Option<&str> {
 }
 
 fn duplicate(id: &str) -> CoreError {
-    CoreError::DuplicateRequest(format!("id {id:?} is already in the queue and not yet deleted"))
+    CoreError::DuplicateRequest(format!("id {} is already in the queue and not yet deleted", py_repr(id)))
+}
+
+/// A string quoted the way Python's `repr` quotes it, so messages read the same from every layer.
+pub fn py_repr(text: &str) -> String {
+    let quote = if text.contains('\'') && !text.contains('"') { '"' } else { '\'' };
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push(quote);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
 }
 
 #[cfg(test)]

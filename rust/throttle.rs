@@ -9,10 +9,8 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::errors::{CoreError, CoreResult};
 
-// A bucket counts as holding `count` tokens when it is short by no more than this relative
-// amount: refill arithmetic rounds, and a request told "available in x s" must be admitted at
-// exactly now + x.
-const TOLERANCE: f64 = 1e-9;
+// Debt below this many tokens is float dust from refunds and is forgotten.
+const DEBT_DUST: f64 = 1e-9;
 
 /// What `adjust_consumption` does when the bucket holds less than the extra tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +67,12 @@ pub struct TokenBucket {
 }
 
 fn holds(available: f64, count: f64) -> bool {
-    available >= count - TOLERANCE * count.max(1.0)
+    available >= count
+}
+
+/// The smallest float above a positive `x`.
+fn next_up(x: f64) -> f64 {
+    f64::from_bits(x.to_bits() + 1)
 }
 
 impl TokenBucket {
@@ -109,14 +112,28 @@ impl TokenBucket {
     }
 
     /// Seconds until the bucket holds `count` tokens: 0 if it does, infinite if it never can.
+    /// Exact in the clock's own arithmetic: a refill at `last_refill + wait` (the reading a
+    /// clock advanced by `wait` gives) finds `count` tokens, and one a float step earlier not.
     pub fn time_until(&self, count: f64) -> f64 {
         if self.has(count) {
-            0.0
-        } else if count > self.capacity {
-            f64::INFINITY
-        } else {
-            (count - self.available) / self.rate
+            return 0.0;
         }
+        if count > self.capacity {
+            return f64::INFINITY;
+        }
+        let mut wait = (count - self.available) / self.rate;
+        let refilled = |wait: f64| self.available + ((self.last_refill + wait) - self.last_refill) * self.rate;
+        // Division and the clock's addition each round: step up by the shortfall, or by at least
+        // one float step of the clock reading, until a refill at that reading covers `count`.
+        for _ in 0..64 {
+            let shortfall = count - refilled(wait);
+            if shortfall <= 0.0 {
+                break;
+            }
+            let reading = (self.last_refill + wait).abs();
+            wait = (wait + shortfall / self.rate).max(wait + (next_up(reading) - reading)).max(next_up(wait));
+        }
+        wait
     }
 
     /// Takes `count` tokens if the bucket holds them.
@@ -401,7 +418,7 @@ impl<M> Throttle<M> {
         self.tokens.take(needed);
         let applied_debt = (needed - estimated as f64).max(0.0);
         self.debt -= applied_debt;
-        if self.debt < TOLERANCE {
+        if self.debt < DEBT_DUST {
             self.debt = 0.0;
         }
         let seq = self.first_seq + self.history.len() as u64;

@@ -439,3 +439,23 @@ def test_grants_in_any_window_never_exceed_burst_plus_rate(
             window = at - start
             assert tokens <= burst_tpm + tpm / 60 * window + 1e-6
             assert requests <= burst_rpm + rpm / 60 * window + 1e-9
+
+
+@given(
+    tpm=st.floats(1.0, 1e9),
+    start=st.floats(0.0, 2e9),
+    first=st.floats(0.0, 1.0),
+    second=st.floats(0.0, 1.0),
+)
+def test_available_in_is_exact_at_any_scale(tpm: float, start: float, first: float, second: float) -> None:
+    """Advancing the clock by `available_in` admits the request; it is never admitted sooner
+    than the bucket really refills, and an estimate past the capacity waits forever."""
+    clock = ManualClock(start)
+    throttle = LLMThrottle(1e9, tpm, clock=clock)
+    assert throttle.consume("a", int(tpm * first))
+    wanted = int(tpm * second)
+    check = throttle.can_process(wanted)
+    clock.advance(check.available_in)
+    assert throttle.can_process(wanted).allowed
+    assert throttle.consume("b", wanted)
+    assert math.isinf(throttle.can_process(int(tpm) + 1).available_in)

@@ -1,7 +1,7 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, final
 
 from .types import LLMRequest, QueueMessage
@@ -9,6 +9,7 @@ from .types import LLMRequest, QueueMessage
 __all__ = [
     "BucketMetrics",
     "BucketState",
+    "CandidateBuffer",
     "CompensationMetrics",
     "ConsumptionRecord",
     "ConsumptionStatistics",
@@ -17,6 +18,8 @@ __all__ = [
     "MemoryMetrics",
     "RateLimitCheckResult",
     "RateLimitMetrics",
+    "ScoringParams",
+    "Selection",
     "StateSnapshot",
     "StoreCore",
     "__version__",
@@ -284,5 +287,111 @@ class StoreCore:
     def message_retention(self) -> float: ...
     @property
     def dead_letter(self) -> StoreCore | None: ...
+    def dispatch_native(
+        self,
+        throttle: LLMThrottle,
+        params: ScoringParams,
+        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
+        visibility_timeout: float,
+        min_score: float,
+        reserve: bool,
+    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        """One dispatch step: the best admissible message, its budget reserved on ``throttle``
+        (when ``reserve``) and received; ``(message, total, weighted parts)``, or None."""
+    def select(
+        self,
+        available_tokens: float,
+        available_requests: float,
+        params: ScoringParams,
+        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
+        min_score: float,
+    ) -> Selection | None:
+        """The best message fitting ``available_tokens`` (for other rate limiters), not taken."""
+    def take(
+        self, selection: Selection, visibility_timeout: float
+    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        """Receives a selected message, or None if it is no longer visible."""
+    def min_visible_tokens(self) -> int | None:
+        """A lower bound of the smallest estimate among visible messages."""
+    def ids_above(self, capacity: float) -> list[str]:
+        """Request ids of visible messages whose estimate exceeds ``capacity``."""
+    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        """Receives every visible message whose estimate exceeds ``capacity``."""
     def _check_invariants(self) -> None:
         """Checks the structural invariants by a full scan; raises AssertionError."""
+
+@final
+class ScoringParams:
+    """Validated weights of a dispatcher: the six factors, the custom scorers, the cap on
+    custom-scorer evaluations per dequeue."""
+
+    def __new__(
+        cls,
+        weights: tuple[float, float, float, float, float, float],
+        custom_weights: list[float],
+        max_candidates: int,
+    ) -> ScoringParams: ...
+    @property
+    def weights(self) -> list[float]: ...
+
+@final
+class Selection:
+    """A selected message not yet taken (the path for rate limiters other than LLMThrottle)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def total(self) -> float: ...
+    @property
+    def breakdown(self) -> list[float]: ...
+
+@final
+class CandidateBuffer:
+    """The prefetch buffer of a dispatcher over an external store: leased messages, selected
+    from exactly (every buffered message is scored)."""
+
+    def __new__(cls, clock: Any = None) -> CandidateBuffer: ...
+    def insert(self, messages: Iterable[QueueMessage[Any]]) -> None:
+        """Adds leased messages; all are checked before any is added."""
+    def drain(self) -> list[QueueMessage[Any]]:
+        """Removes and returns every buffered message."""
+    def handles(self) -> list[str]:
+        """Receipt handles of the buffered messages."""
+    def discard(self, handle: str) -> bool:
+        """Drops the message with this receipt handle; True if it was buffered."""
+    def __len__(self) -> int: ...
+    def dispatch_native(
+        self,
+        throttle: LLMThrottle,
+        params: ScoringParams,
+        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
+        visibility_timeout: float,
+        min_score: float,
+        reserve: bool,
+    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        """One dispatch step over the buffer with the budget of ``throttle``."""
+    def select(
+        self,
+        available_tokens: float,
+        available_requests: float,
+        params: ScoringParams,
+        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
+        min_score: float,
+    ) -> Selection | None:
+        """The best buffered message fitting ``available_tokens``, not taken."""
+    def take(
+        self, selection: Selection, visibility_timeout: float
+    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        """Removes a selected message from the buffer, or None if it left."""
+    def min_visible_tokens(self) -> int | None:
+        """Smallest estimate in the buffer."""
+    def ids_above(self, capacity: float) -> list[str]:
+        """Request ids of buffered messages whose estimate exceeds ``capacity``."""
+    def take_above(self, capacity: float, visibility_timeout: float | None = None) -> list[QueueMessage[Any]]:
+        """Removes and returns buffered messages whose estimate exceeds ``capacity``."""
+    def counts_by_priority(self) -> list[int]:
+        """Buffered messages per priority, URGENT first."""
+    def oldest_enqueued_at(self) -> float | None:
+        """Oldest ``enqueued_at`` in the buffer, in clock seconds."""

@@ -63,7 +63,10 @@ def _simulate(args: argparse.Namespace) -> int:
     strategies = args.strategy or ["default", "fifo"]
     unknown = [name for name in strategies if name not in STRATEGIES]
     if unknown:
-        print(f"llmqd simulate: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}", file=sys.stderr)
+        print(
+            f"llmqd simulate: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}",
+            file=sys.stderr,
+        )
         return 2
     workload = Workload(
         requests=args.requests,
@@ -96,17 +99,23 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="dispatch a synthetic workload under RPM/TPM limits and compare strategies"
     )
-    simulate.add_argument("--requests", type=_count, default=10_000, help="requests in the workload (default 10000)")
-    simulate.add_argument("--rpm", type=_positive, default=500.0, help="requests per minute (default 500)")
-    simulate.add_argument("--tpm", type=_positive, default=100_000.0, help="tokens per minute (default 100000)")
+    simulate.add_argument(
+        "--requests", type=_count, default=10_000, help="requests in the workload (default 10000)"
+    )
+    simulate.add_argument("--rpm", type=_positive, default=120.0, help="requests per minute (default 120)")
+    simulate.add_argument(
+        "--tpm", type=_positive, default=500_000.0, help="tokens per minute (default 500000)"
+    )
     simulate.add_argument(
         "--strategy",
         action="append",
-        help="default, simple_priority, throughput, fair or fifo; repeat to compare (default: default and fifo)",
+        help="default, simple_priority, throughput, fair or fifo; repeat to compare (default: default, fifo)",
     )
-    simulate.add_argument("--arrival", choices=["poisson", "burst"], default="poisson", help="arrival pattern")
     simulate.add_argument(
-        "--arrival-rate", type=_positive, default=20.0, help="Poisson arrivals per second (default 20)"
+        "--arrival", choices=["poisson", "burst"], default="poisson", help="arrival pattern"
+    )
+    simulate.add_argument(
+        "--arrival-rate", type=_positive, default=2.2, help="Poisson arrivals per second (default 2.2)"
     )
     simulate.add_argument(
         "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"

@@ -84,7 +84,9 @@ class ProcessableMessage(Generic[T]):
 
     def _settle(self, action: str) -> None:
         if self._settled:
-            raise MessageStateError(f"message {self.message.payload.id!r} was already marked; cannot {action}")
+            raise MessageStateError(
+                f"message {self.message.payload.id!r} was already marked; cannot {action}"
+            )
         self._settled = True
 
     def _adjust(self, actual_tokens: int) -> None:
@@ -122,10 +124,14 @@ class ProcessableMessage(Generic[T]):
         its reserved tokens. The store's dead-letter rule applies."""
         delay = 0.0 if retry_after is None else retry_after
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (0.0 <= delay <= 43_200.0):
-            raise InvalidRequestError(f"retry_after must be None or within [0, 43200] seconds, got {retry_after!r}")
+            raise InvalidRequestError(
+                f"retry_after must be None or within [0, 43200] seconds, got {retry_after!r}"
+            )
         self._settle("mark it failed")
         try:
-            await self._dispatcher._storage.update_visibility_timeout(self.message.attributes.receipt_handle, delay)
+            await self._dispatcher._storage.update_visibility_timeout(
+                self.message.attributes.receipt_handle, delay
+            )
         except BaseException:
             self._settled = False
             raise
@@ -137,7 +143,9 @@ class ProcessableMessage(Generic[T]):
         """Keeps the message leased for ``seconds`` more, counted from now."""
         if self._settled:
             raise MessageStateError(f"message {self.message.payload.id!r} was already marked")
-        await self._dispatcher._storage.update_visibility_timeout(self.message.attributes.receipt_handle, seconds)
+        await self._dispatcher._storage.update_visibility_timeout(
+            self.message.attributes.receipt_handle, seconds
+        )
 
     async def __aenter__(self) -> ProcessableMessage[T]:
         return self
@@ -176,7 +184,9 @@ class LLMQueueDispatcher(Generic[T]):
     'b'
     """
 
-    def __init__(self, storage: QueueStorageAdapter[T], config: LLMQueueDispatcherConfig | None = None) -> None:
+    def __init__(
+        self, storage: QueueStorageAdapter[T], config: LLMQueueDispatcherConfig | None = None
+    ) -> None:
         if not isinstance(storage, QueueStorageAdapter):
             raise InvalidRequestError(f"storage must be a QueueStorageAdapter, got {storage!r}")
         self.config = config if config is not None else LLMQueueDispatcherConfig()
@@ -193,7 +203,9 @@ class LLMQueueDispatcher(Generic[T]):
         )
         self._breakdown_names = (*FACTOR_NAMES, *(scorer.name for scorer in self._custom_scorers))
         self._native = isinstance(storage, InMemoryStorage)
-        self._selector: Any = storage.core if isinstance(storage, InMemoryStorage) else CandidateBuffer(self.config.clock)
+        self._selector: Any = (
+            storage.core if isinstance(storage, InMemoryStorage) else CandidateBuffer(self.config.clock)
+        )
         self._clock = self.config.clock
         self._metrics = MetricsRecorder(self.config.metrics_retention)
         self._in_flight: dict[str, ProcessableMessage[T]] = {}
@@ -287,7 +299,7 @@ class LLMQueueDispatcher(Generic[T]):
         if picked is None:
             return None
         message, total, breakdown = picked
-        score = MessageScore(total=total, breakdown=dict(zip(self._breakdown_names, breakdown)))
+        score = MessageScore(total=total, breakdown=dict(zip(self._breakdown_names, breakdown, strict=True)))
         now = self._now()
         processable = ProcessableMessage(self, message, score, rate_limiter, reserve, now)
         self._in_flight[message.payload.id] = processable
@@ -337,7 +349,9 @@ class LLMQueueDispatcher(Generic[T]):
             if processable is None or await self._take_lease(processable):
                 return processable
 
-    async def dequeue(self, rate_limiter: RateLimiter, *, timeout: float | None = None) -> ProcessableMessage[T] | None:
+    async def dequeue(
+        self, rate_limiter: RateLimiter, *, timeout: float | None = None
+    ) -> ProcessableMessage[T] | None:
         """The best message the limiter can take now, with its budget reserved; or None.
 
         ``timeout=None`` returns at once. ``timeout=s`` waits up to ``s`` seconds of the event
@@ -349,7 +363,12 @@ class LLMQueueDispatcher(Generic[T]):
             raise InvalidRequestError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
         if self._stopped and not self._native:
             raise MessageStateError("dispatcher is closed")
-        if self.config.enable_prefetch and not self._native and self._prefetch_task is None and not self._stopped:
+        if (
+            self.config.enable_prefetch
+            and not self._native
+            and self._prefetch_task is None
+            and not self._stopped
+        ):
             self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_loop())
         if timeout is None:
             return await self._try_dequeue(rate_limiter)
@@ -463,7 +482,7 @@ class LLMQueueDispatcher(Generic[T]):
         """The queue report from in-process state only (what custom scorers may read)."""
         now = self._now()
         average, percentiles = self._metrics.wait_times(now)
-        by_priority = dict(zip([p.name for p in Priority], self._selector.counts_by_priority()))
+        by_priority = dict(zip([p.name for p in Priority], self._selector.counts_by_priority(), strict=True))
         oldest = self._selector.oldest_enqueued_at()
         visible = sum(by_priority.values())
         in_flight = len(self._in_flight) if not self._native else self._selector.in_flight_count()

@@ -41,7 +41,12 @@ _DEFAULTS = LLMQueueDispatcherConfig()
 
 
 def _weights(
-    priority: float, efficiency: float, wait_time: float, retry: float, token_fit: float, processing_time: float
+    priority: float,
+    efficiency: float,
+    wait_time: float,
+    retry: float,
+    token_fit: float,
+    processing_time: float,
 ) -> ScoringConfig:
     return ScoringConfig(
         weights=ScoringWeights(
@@ -72,7 +77,9 @@ def _build_config(
             fields[name] = value
         elif name == "scoring" and fields[name].weights is None:
             # The caller brought custom scorers but no weights: keep both.
-            fields[name] = ScoringConfig(weights=value.weights, custom_scorers=list(fields[name].custom_scorers))
+            fields[name] = ScoringConfig(
+                weights=value.weights, custom_scorers=list(fields[name].custom_scorers)
+            )
     fields.update(overrides)
     return LLMQueueDispatcherConfig(**fields)
 

@@ -28,11 +28,23 @@ __all__ = [
 ]
 
 #: The six built-in factors, in the order weights are listed everywhere.
-FACTOR_NAMES: tuple[str, ...] = ("priority", "efficiency", "wait_time", "retry", "token_fit", "processing_time")
+FACTOR_NAMES: tuple[str, ...] = (
+    "priority",
+    "efficiency",
+    "wait_time",
+    "retry",
+    "token_fit",
+    "processing_time",
+)
 
 
 def _check_weight(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise InvalidConfigError(f"weight {name} must be a finite number >= 0, got {value!r}")
 
 
@@ -113,7 +125,9 @@ class ScoringConfig:
                 raise InvalidConfigError(f"custom_scorers must hold CustomScorer objects, got {scorer!r}")
             scorer.validate()
             if scorer.name in seen:
-                raise InvalidConfigError(f"custom scorer name {scorer.name!r} is already used by another factor")
+                raise InvalidConfigError(
+                    f"custom scorer name {scorer.name!r} is already used by another factor"
+                )
             seen.add(scorer.name)
 
 
@@ -130,6 +144,8 @@ class ScoringContext:
 
     rate_limiter_metrics: RateLimitMetrics
     current_time: float
+    _queue_metrics: Any
+    _queue_metrics_factory: Callable[[], QueueMetricsReport] | None
 
     def __init__(
         self, rate_limiter_metrics: RateLimitMetrics, queue_metrics: QueueMetricsReport, current_time: float
@@ -156,6 +172,7 @@ class ScoringContext:
     def queue_metrics(self) -> QueueMetricsReport:
         """The queue part of the dispatcher's metrics at this dequeue."""
         if self._queue_metrics is _UNSET:
+            assert self._queue_metrics_factory is not None
             object.__setattr__(self, "_queue_metrics", self._queue_metrics_factory())
         report: QueueMetricsReport = self._queue_metrics
         return report
@@ -167,7 +184,10 @@ class ScoringContext:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
     def __repr__(self) -> str:
-        return f"ScoringContext(current_time={self.current_time!r}, rate_limiter_metrics={self.rate_limiter_metrics!r})"
+        return (
+            f"ScoringContext(current_time={self.current_time!r}, "
+            f"rate_limiter_metrics={self.rate_limiter_metrics!r})"
+        )
 
 
 @dataclass(frozen=True)

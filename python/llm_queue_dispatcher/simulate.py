@@ -61,7 +61,7 @@ class Workload:
     token_min: int = 20
     token_max: int = 200_000
     arrival: str = "poisson"  # or "burst": everything at t = 0
-    arrival_rate: float = 20.0  # requests per second, for Poisson arrivals
+    arrival_rate: float = 2.2  # requests per second, for Poisson arrivals
     failure_rate: float = 0.0
     seed: int = 7
 
@@ -74,9 +74,16 @@ class Workload:
         for index in range(self.requests):
             if self.arrival == "poisson":
                 now += rng.expovariate(self.arrival_rate)
-            tokens = int(min(self.token_max, max(self.token_min, rng.lognormvariate(math.log(self.token_median), self.token_sigma))))
+            tokens = int(
+                min(
+                    self.token_max,
+                    max(self.token_min, rng.lognormvariate(math.log(self.token_median), self.token_sigma)),
+                )
+            )
             priority = rng.choices(priorities, weights=self.priority_mix)[0]
-            request = LLMRequest(id=f"r{index}", payload=index, priority=priority, token_info=TokenInfo(tokens))
+            request = LLMRequest(
+                id=f"r{index}", payload=index, priority=priority, token_info=TokenInfo(tokens)
+            )
             out.append((now, request))
         return out
 
@@ -144,9 +151,15 @@ class SimulationResult:
 class _Run:
     """Shared event bookkeeping of one simulated run."""
 
-    def __init__(self, strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float) -> None:
+    def __init__(
+        self, strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float
+    ) -> None:
         self.clock = ManualClock(0.0)
-        self.limiter = LLMThrottle(rpm, tpm, clock=self.clock)
+        # Keep consumption records as long as the slowest request can take, so every completion
+        # can still adjust its reservation.
+        self.limiter = LLMThrottle(
+            rpm, tpm, clock=self.clock, history_retention=86_400.0, max_history_records=1_000_000
+        )
         self.provider = provider
         self.arrivals = deque(workload.generate())
         self.arrived_at = {request.id: at for at, request in self.arrivals}
@@ -184,7 +197,9 @@ class _Run:
     def record_success(self, request: LLMRequest[int], dispatched_at: float, tokens: int) -> None:
         self.result.completed += 1
         self.result.tokens_used += tokens
-        self.result.wait_by_priority[request.priority.name].append(dispatched_at - self.arrived_at[request.id])
+        self.result.wait_by_priority[request.priority.name].append(
+            dispatched_at - self.arrived_at[request.id]
+        )
         self.last_completion = self.clock.now()
 
     def advance(self, wait_for_budget: float | None) -> bool:
@@ -206,7 +221,9 @@ class _Run:
         return self.result
 
 
-async def _run_dispatcher(strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float) -> SimulationResult:
+async def _run_dispatcher(
+    strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float
+) -> SimulationResult:
     run = _Run(strategy, workload, provider, rpm, tpm)
     storage: InMemoryStorage[int] = InMemoryStorage(clock=run.clock, max_receive_count=_MAX_RECEIVES)
     config = LLMQueueDispatcherConfig(clock=run.clock, visibility_timeout=3600.0, min_score_threshold=0.0)
@@ -295,7 +312,12 @@ def _run_fifo(workload: Workload, provider: ProviderModel, rpm: float, tpm: floa
 
 
 def run_simulation(
-    strategy: str, workload: Workload, provider: ProviderModel | None = None, *, rpm: float = 500.0, tpm: float = 100_000.0
+    strategy: str,
+    workload: Workload,
+    provider: ProviderModel | None = None,
+    *,
+    rpm: float = 120.0,
+    tpm: float = 500_000.0,
 ) -> SimulationResult:
     """Runs ``workload`` through ``strategy`` (one of `STRATEGIES`) and returns what it achieved."""
     provider = provider or ProviderModel()
@@ -317,7 +339,10 @@ def format_table(results: Sequence[SimulationResult]) -> str:
     for priority in Priority:
         for q in ("p50", "p95", "p99"):
             rows.append(
-                (f"wait {q} {priority.name} (s)", [f"{r.wait_percentiles()[priority.name][q]:.1f}" for r in results])
+                (
+                    f"wait {q} {priority.name} (s)",
+                    [f"{r.wait_percentiles()[priority.name][q]:.1f}" for r in results],
+                )
             )
     rows.append(("retries", [str(r.retries) for r in results]))
     rows.append(("dead-lettered", [str(r.dead_lettered) for r in results]))
@@ -325,7 +350,9 @@ def format_table(results: Sequence[SimulationResult]) -> str:
     header = ["", *[r.strategy for r in results]]
     width0 = max(len(name) for name, _ in rows)
     widths = [max(len(header[i + 1]), *(len(values[i]) for _, values in rows)) for i in range(len(results))]
-    lines = ["  ".join([" " * width0, *(h.rjust(w) for h, w in zip(header[1:], widths))])]
+    lines = ["  ".join([" " * width0, *(h.rjust(w) for h, w in zip(header[1:], widths, strict=True))])]
     for name, values in rows:
-        lines.append("  ".join([name.ljust(width0), *(v.rjust(w) for v, w in zip(values, widths))]))
+        lines.append(
+            "  ".join([name.ljust(width0), *(v.rjust(w) for v, w in zip(values, widths, strict=True))])
+        )
     return "\n".join(lines)

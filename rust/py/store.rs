@@ -367,7 +367,7 @@ pub(crate) struct StoreState {
 }
 
 /// The in-memory store's Rust core: SQS semantics over `LLMRequest` objects kept by reference.
-#[pyclass(module = "llm_queue_dispatcher._core", name = "StoreCore", frozen)]
+#[pyclass(module = "llm_queue_dispatcher._core", name = "StoreCore", frozen, weakref)]
 pub struct PyStoreCore {
     pub(crate) state: Mutex<StoreState>,
     config: StoreConfig,

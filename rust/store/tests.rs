@@ -539,3 +539,10 @@ fn slots_stay_compact() {
     // The memory budget (<= 200 B per queued message) assumes this size for a pointer payload.
     assert!(std::mem::size_of::<Slot<usize>>() <= 104, "{}", std::mem::size_of::<Slot<usize>>());
 }
+
+#[test]
+fn messages_quote_like_python() {
+    assert_eq!(py_repr("a"), "'a'");
+    assert_eq!(py_repr("it's"), "\"it's\"");
+    assert_eq!(py_repr("a'\"b\n"), "'a\\'\"b\\n'");
+}

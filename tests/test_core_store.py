@@ -1,0 +1,177 @@
+"""`StoreCore` specifics beyond the conformance suite: messages identical to Python validation,
+garbage collection of cycles through payloads, clocks, the dead-letter hand-off."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    InvalidConfigError,
+    InvalidRequestError,
+    LLMRequest,
+    ManualClock,
+    TokenInfo,
+)
+from llm_queue_dispatcher._core import StoreCore
+
+
+def make(rid: str = "a", **kw: Any) -> LLMRequest[Any]:
+    return LLMRequest(id=rid, payload=None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", ""),
+        ("id", 3),
+        ("priority", 9),
+        ("priority", False),
+        ("priority", 2.0),
+        ("token_info", 5),
+        ("expected_processing_time", -0.5),
+        ("expected_processing_time", True),
+    ],
+)
+def test_rust_validation_messages_equal_python_ones(field: str, value: Any) -> None:
+    request = make()
+    setattr(request, field, value)
+    with pytest.raises(InvalidRequestError) as python_error:
+        request.validate()
+    with pytest.raises(InvalidRequestError) as rust_error:
+        StoreCore().enqueue(request)
+    assert str(rust_error.value) == str(python_error.value)
+
+
+@pytest.mark.parametrize("estimated", [-2, 2.5, math.nan, True, None])
+def test_rust_token_messages_equal_python_ones(estimated: Any) -> None:
+    request = make()
+    object.__setattr__(request.token_info, "estimated", estimated)
+    with pytest.raises(InvalidRequestError) as python_error:
+        request.validate()
+    with pytest.raises(InvalidRequestError) as rust_error:
+        StoreCore().enqueue(request)
+    assert str(rust_error.value) == str(python_error.value)
+
+
+def test_integral_floats_and_huge_token_counts_are_accepted() -> None:
+    core = StoreCore(clock=ManualClock())
+    big = make("big", token_info=TokenInfo(10**30))
+    floaty = make("floaty")
+    object.__setattr__(floaty.token_info, "estimated", 12.0)
+    assert len(core.enqueue_batch([big, floaty])) == 2
+
+
+def test_cycles_through_payloads_are_collected() -> None:
+    class Holder:
+        storage: Any = None
+
+    storage: InMemoryStorage[Any] = InMemoryStorage(clock=ManualClock())
+    holder = Holder()
+    holder.storage = storage  # storage -> request -> holder -> storage
+    storage.core.enqueue(LLMRequest(id="cycle", payload=holder))
+    storage.core.dequeue(1, 30.0)
+    refs = [weakref.ref(storage.core), weakref.ref(holder)]
+    del storage, holder
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_cycles_through_callable_clocks_and_dead_letter_stores_are_collected() -> None:
+    class Clock:
+        core: Any = None
+
+        def __call__(self) -> float:
+            return 0.0
+
+    clock = Clock()
+    dead = StoreCore(clock=clock)
+    core = StoreCore(clock=clock, dead_letter=dead, max_receive_count=1)
+    clock.core = core
+    refs = [weakref.ref(core), weakref.ref(dead), weakref.ref(clock)]
+    del clock, dead, core
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_a_callable_clock_drives_datetimes() -> None:
+    now = [100.25]
+    core = StoreCore(clock=lambda: now[0])
+    message = core.enqueue(make())
+    assert message.attributes.enqueued_at == datetime.fromtimestamp(100.25, timezone.utc)
+    now[0] = 200.0
+    [received] = core.dequeue(1, 5)
+    assert received.attributes.first_received_at == datetime.fromtimestamp(200.0, timezone.utc)
+    assert core.next_visibility_change() == 205.0
+
+
+def test_a_clock_that_returns_nan_is_refused() -> None:
+    with pytest.raises(InvalidConfigError):
+        StoreCore(clock=lambda: math.nan)
+    with pytest.raises(InvalidConfigError):
+        StoreCore(clock="soon")
+
+
+def test_the_wall_clock_is_the_default() -> None:
+    message = StoreCore().enqueue(make())
+    age = datetime.now(timezone.utc) - message.attributes.enqueued_at
+    assert 0 <= age.total_seconds() < 60
+
+
+def test_dead_letters_chain_through_stores() -> None:
+    clock = ManualClock()
+    last = StoreCore(clock=clock)
+    middle = StoreCore(clock=clock, max_receive_count=1, dead_letter=last)
+    first = StoreCore(clock=clock, max_receive_count=1, dead_letter=middle)
+    request = make()
+    first.enqueue(request)
+    first.dequeue(1, 1.0)
+    clock.advance(1)
+    assert (first.visible_count(), middle.visible_count()) == (0, 1)
+    middle.dequeue(1, 1.0)
+    clock.advance(1)
+    assert last.visible_count() == 0  # expiry is found by the source's next operation
+    assert middle.in_flight_count() == 0
+    [final] = last.peek(2, 5)
+    assert final.payload is request
+    assert middle.dead_letter is last
+    assert first.attributes()["dead_lettered"] == 1
+
+
+def test_a_dead_letter_duplicate_is_dropped_not_raised() -> None:
+    clock = ManualClock()
+    dead = StoreCore(clock=clock)
+    dead.enqueue(make())
+    core = StoreCore(clock=clock, max_receive_count=1, dead_letter=dead)
+    core.enqueue(make())
+    core.dequeue(1, 1.0)
+    clock.advance(1)
+    assert core.visible_count() == 0
+    assert dead.visible_count() == 1
+    assert core.attributes()["dead_lettered"] == 1
+
+
+def test_counts_and_introspection() -> None:
+    clock = ManualClock(10.0)
+    core = StoreCore(clock=clock, max_receive_count=4, message_retention=math.inf)
+    core.enqueue_batch([make("u", priority=0), make("l", priority=3), make("l2", priority=3)])
+    assert core.counts_by_priority() == [1, 0, 0, 2]
+    assert core.oldest_enqueued_at() == 10.0
+    core.dequeue(1, 3.0)
+    assert (core.visible_count(), core.in_flight_count()) == (2, 1)
+    assert core.next_visibility_change() == 13.0
+    assert core.now() == 10.0
+    assert (core.max_receive_count, core.message_retention, core.clock) == (4, math.inf, clock)
+    assert "visible=2" in repr(core)
+    core._check_invariants()
+
+
+def test_dead_letter_must_be_a_store_core() -> None:
+    with pytest.raises(InvalidConfigError, match="dead_letter"):
+        StoreCore(dead_letter=InMemoryStorage())  # type: ignore[arg-type]
