@@ -14,8 +14,6 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from prefetch_adapter import PlainAdapter
-from test_dispatcher_exact import reference_total
 
 from llm_queue_dispatcher import (
     LLMQueueDispatcher,
@@ -28,6 +26,8 @@ from llm_queue_dispatcher import (
     ScoringWeights,
     TokenInfo,
 )
+from tests.prefetch_adapter import PlainAdapter
+from tests.test_dispatcher_exact import reference_total
 
 
 def request(request_id: str, priority: Priority = Priority.NORMAL, tokens: int = 100) -> LLMRequest[str]:
