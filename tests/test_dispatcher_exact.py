@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
@@ -366,6 +366,18 @@ async def run_scenario(scenario: Scenario) -> None:
 
 
 @given(scenarios())
+@example(  # one token above the capacity: can_process and the dispatcher must agree on it
+    Scenario(
+        messages=[(Priority.URGENT, 1_000_000_001, None, 0.0, None)],
+        weights=PRESET_WEIGHTS[0],
+        custom=[],
+        rpm=60.0,
+        tpm=1e9,
+        pre_consumed=0.0,
+        refill_advance=0.0,
+        dispatches=1,
+    )
+)
 def test_dispatch_picks_the_brute_force_maximum(scenario: Scenario) -> None:
     asyncio.run(run_scenario(scenario))
 
