@@ -1,0 +1,271 @@
+"""The dispatcher over an external (plain-Python) store: the prefetch buffer.
+
+The buffer is filled with ``storage.dequeue(buffer_size, visibility_timeout)``, selection over it
+is exact, buffered leases are renewed every ``prefetch_interval``, ``close()`` releases them
+(visibility 0), and no buffered message is ever handed out twice, even when its lease runs out
+and another consumer receives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llm_queue_dispatcher import (
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    QueueMessage,
+    ScoringWeights,
+    TokenInfo,
+)
+from tests.prefetch_adapter import PlainAdapter
+from tests.test_dispatcher_exact import reference_total
+
+
+def request(request_id: str, priority: Priority = Priority.NORMAL, tokens: int = 100) -> LLMRequest[str]:
+    return LLMRequest(request_id, f"payload of {request_id}", priority, TokenInfo(tokens))
+
+
+def make(clock: ManualClock, **config: Any) -> tuple[PlainAdapter[str], LLMQueueDispatcher[str]]:
+    adapter: PlainAdapter[str] = PlainAdapter(clock)
+    dispatcher = LLMQueueDispatcher(adapter, LLMQueueDispatcherConfig(clock=clock, **config))
+    return adapter, dispatcher
+
+
+async def test_buffer_fills_with_one_storage_dequeue_of_buffer_size() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=4, visibility_timeout=30.0)
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(10)])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert adapter.calls_named("dequeue") == [(4, 30.0)]
+    assert await adapter.get_approximate_message_count() == 6  # 4 leased: 3 buffered, 1 handed out
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.queue.buffered_messages == 3
+    assert metrics.performance.buffer_utilization == 3 / 4
+    second = await dispatcher.dequeue(limiter)
+    assert second is not None
+    assert adapter.calls_named("dequeue")[-1] == (1, 30.0)  # topped up to buffer_size
+    assert second.message.payload.id != job.message.payload.id
+
+
+async def test_handed_out_message_can_be_marked_in_the_store() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=3)
+    await dispatcher.batch_enqueue([request("a"), request("b")])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_processed(actual_tokens=50)
+    assert job.message.payload.id not in adapter.records
+    other = await dispatcher.dequeue(limiter)
+    assert other is not None
+    await other.mark_as_failed(RuntimeError("x"))
+    assert adapter.is_visible(other.message.payload.id)  # retry_after None: visible at once
+    assert limiter.get_metrics().tpm.available == 100_000 - 50
+
+
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from(list(Priority)),
+            st.one_of(st.integers(0, 50), st.integers(1, 30_000)),
+            st.integers(0, 200).map(lambda q: q / 4),
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+    tpm=st.sampled_from([500.0, 10_000.0, 1e6]),
+)
+def test_selection_over_the_buffer_is_exact(messages: list[tuple[Priority, int, float]], tpm: float) -> None:
+    async def scenario() -> None:
+        clock = ManualClock(1_000_000.0)
+        adapter, dispatcher = make(clock, buffer_size=len(messages), min_score_threshold=0.0)
+        for index, (priority, tokens, advance) in enumerate(messages):
+            clock.advance(advance)
+            await dispatcher.enqueue(request(f"m{index}", priority, tokens))
+        limiter = LLMThrottle(1e6, tpm, clock=clock)
+        for _ in range(3):
+            now = clock.now()
+            available = limiter.get_metrics().tpm.available
+            admissible = {tokens: limiter.can_process(tokens).allowed for _, tokens, _ in messages}
+            job = await dispatcher.dequeue(limiter)
+            # Everything not handed out sits in the buffer (leased once by the dispatcher). The
+            # buffer's own lease is not a retry: score with the deliveries before it.
+            buffered: list[QueueMessage[str]] = []
+            for record in adapter.records.values():
+                if job is not None and record.request.id == job.message.payload.id:
+                    message = job.message
+                else:
+                    message = adapter._message(record)
+                attributes = dataclasses.replace(message.attributes, receive_count=record.receive_count - 1)
+                buffered.append(dataclasses.replace(message, attributes=attributes))
+            totals = {
+                m.payload.id: reference_total(m, now=now, available=available, weights=ScoringWeights())
+                for m in buffered
+                if admissible[m.payload.token_info.estimated]
+            }
+            if job is None:
+                assert not totals
+                return
+            assert abs(job.score.total - max(totals.values())) <= 1e-9, (job.score, totals)
+            await job.mark_as_processed()
+
+    asyncio.run(scenario())
+
+
+async def test_buffered_leases_are_renewed_every_prefetch_interval() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(
+        clock, buffer_size=5, visibility_timeout=30.0, enable_prefetch=True, prefetch_interval=0.05
+    )
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(5)])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    buffered = {r.handle for r in adapter.records.values()} - {job.message.attributes.receipt_handle}
+    assert len(buffered) == 4
+    await job.mark_as_processed()
+    await asyncio.sleep(0.18)  # about three intervals
+    renewals = [args for args in adapter.calls_named("update_visibility_timeout") if args[0] in buffered]
+    per_handle = {handle: sum(1 for h, _ in renewals if h == handle) for handle in buffered}
+    assert all(2 <= n <= 6 for n in per_handle.values()), per_handle
+    assert all(seconds == 30.0 for _, seconds in renewals)
+    # With the renewals, the buffered messages outlive their first lease on the store's clock.
+    clock.advance(25.0)
+    await asyncio.sleep(0.08)
+    clock.advance(25.0)
+    assert await adapter.get_approximate_message_count() == 0
+    await dispatcher.close()
+
+
+async def test_stop_ends_the_renewals_and_keeps_the_leases() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=5, enable_prefetch=True, prefetch_interval=0.03)
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(3)])
+    assert await dispatcher.dequeue(LLMThrottle(600, 100_000, clock=clock)) is not None
+    await asyncio.sleep(0.05)
+    dispatcher.stop()
+    await asyncio.sleep(0)
+    calls = len(adapter.calls)
+    await asyncio.sleep(0.1)
+    assert len(adapter.calls) == calls  # no more prefetching
+    assert await adapter.get_approximate_message_count() == 0  # buffered messages stay leased
+    await dispatcher.close()
+    assert await adapter.get_approximate_message_count() == 2
+
+
+async def test_close_releases_buffered_messages_at_once() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=4, visibility_timeout=30.0)
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(6)])
+    async with dispatcher:
+        job = await dispatcher.dequeue(LLMThrottle(600, 100_000, clock=clock))
+        assert job is not None
+        assert await adapter.get_approximate_message_count() == 2
+        buffered = {r.handle for r in adapter.records.values() if r.handle} - {
+            job.message.attributes.receipt_handle
+        }
+    releases = [args for args in adapter.calls_named("update_visibility_timeout") if args[1] == 0.0]
+    assert {handle for handle, _ in releases} == buffered
+    assert await adapter.get_approximate_message_count() == 5  # the clock did not move
+    assert not adapter.is_visible(job.message.payload.id)  # the handed-out one stays leased
+    assert (await dispatcher.get_queue_metrics()).queue.buffered_messages == 0
+
+
+async def test_a_buffered_message_received_by_another_consumer_is_not_handed_out() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=3, visibility_timeout=30.0)
+    await dispatcher.batch_enqueue([request("a", Priority.URGENT), request("b"), request("c", Priority.LOW)])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    assert first.message.payload.id == "a"
+    await first.mark_as_processed()
+    clock.advance(31.0)  # b and c: leases ran out in the buffer (no prefetch loop renewing them)
+    taken = await adapter.dequeue(10, 300.0)  # another consumer
+    assert {m.payload.id for m in taken} == {"b", "c"}
+    assert await dispatcher.dequeue(limiter) is None
+    # The stale entries left the buffer: a new message goes straight through.
+    await dispatcher.enqueue(request("d", Priority.LOW))
+    fresh = await dispatcher.dequeue(limiter)
+    assert fresh is not None
+    assert fresh.message.payload.id == "d"
+
+
+async def test_a_lapsed_lease_nobody_took_is_handed_out_once() -> None:
+    clock = ManualClock(1_000.0)
+    adapter, dispatcher = make(clock, buffer_size=2, visibility_timeout=30.0)
+    await dispatcher.batch_enqueue([request("a"), request("b")])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    handed: list[str] = []
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    handed.append(job.message.payload.id)
+    clock.advance(31.0)  # both leases lapse; the buffered one is visible in the store again
+    while (job := await dispatcher.dequeue(limiter)) is not None:
+        assert adapter.current_handle(job.message.payload.id) == job.message.attributes.receipt_handle
+        handed.append(job.message.payload.id)
+        await job.mark_as_processed()
+        if len(handed) > 4:
+            break
+    # "a" lapsed while handed out: at-least-once redelivery is allowed; "b" was only buffered.
+    assert handed.count("b") == 1, handed
+
+
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("dispatch"), st.booleans()),
+            st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 29.0, 31.0, 60.0])),
+            st.tuples(st.just("steal"), st.integers(1, 4)),
+            st.tuples(st.just("enqueue"), st.sampled_from(list(Priority))),
+        ),
+        max_size=40,
+    )
+)
+def test_no_delivery_is_handed_out_twice(ops: list[tuple[str, Any]]) -> None:
+    """Random dispatches, clock jumps past the lease, and a competing consumer: every message
+    the dispatcher hands out carries the store's current receipt handle (nobody else holds it),
+    and no delivery is handed out twice."""
+
+    async def scenario() -> None:
+        clock = ManualClock(1_000.0)
+        adapter, dispatcher = make(clock, buffer_size=4, visibility_timeout=30.0, min_score_threshold=0.0)
+        limiter = LLMThrottle(1e6, 1e9, clock=clock)
+        await dispatcher.batch_enqueue([request(f"r{i}") for i in range(6)])
+        next_id = 6
+        handed_handles: set[str] = set()
+        held: dict[str, QueueMessage[str]] = {}
+        for op, arg in ops:
+            if op == "dispatch":
+                job = await dispatcher.dequeue(limiter)
+                if job is None:
+                    continue
+                handle = job.message.attributes.receipt_handle
+                assert adapter.current_handle(job.message.payload.id) == handle
+                assert not adapter.is_visible(job.message.payload.id)
+                assert handle not in handed_handles
+                handed_handles.add(handle)
+                if arg:
+                    await job.mark_as_processed()
+            elif op == "advance":
+                clock.advance(arg)
+            elif op == "steal":
+                for message in await adapter.dequeue(arg, 45.0):
+                    held[message.payload.id] = message
+            else:
+                await dispatcher.enqueue(request(f"r{next_id}", arg))
+                next_id += 1
+        await dispatcher.close()
+
+    asyncio.run(scenario())

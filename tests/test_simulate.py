@@ -1,0 +1,110 @@
+"""`llmqd simulate`: the table, --json, determinism, strategies compared, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher.cli import main
+from llm_queue_dispatcher.simulate import Workload, run_simulation
+
+SMALL = ["--requests", "150", "--rpm", "300", "--tpm", "60000", "--seed", "3"]
+
+
+def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    assert main(["simulate", *SMALL, *args, "--json"]) == 0
+    data: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    return data
+
+
+def test_console_script_is_the_cli_main() -> None:
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "llmqd"]
+    assert script.load() is main
+
+
+def test_table_has_one_column_per_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["simulate", *SMALL, "--strategy", "default", "--strategy", "fifo", "--strategy", "fair"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if "default" in line and "fifo" in line)
+    assert header.split() == ["default", "fifo", "fair"]
+    completed = next(line for line in lines if line.startswith("completed"))
+    assert len(completed.split()) == 1 + 3
+    for label in ("makespan", "throughput", "TPM utilisation", "wait p50 URGENT", "wait p99 LOW", "retries"):
+        assert any(line.startswith(label) for line in lines), label
+    assert any(line.startswith("dead-lettered") for line in lines)
+
+
+def test_json_counts_add_up(capsys: pytest.CaptureFixture[str]) -> None:
+    results = simulate_json(capsys, "--strategy", "default", "--strategy", "fifo", "--failure-rate", "0.2")
+    assert [r["strategy"] for r in results] == ["default", "fifo"]
+    for result in results:
+        assert result["requests"] == 150
+        assert result["completed"] + result["dead_lettered"] + result["unfittable"] == 150
+        assert result["completed"] > 0
+        assert result["retries"] > 0  # one attempt in five fails
+        assert result["makespan_s"] > 0
+        # The bucket starts full, so a short run may use up to one extra minute's worth.
+        assert 0 < result["tpm_utilisation"] <= 1.0 + 60.0 / result["makespan_s"]
+        assert set(result["wait_s"]) == {"URGENT", "HIGH", "NORMAL", "LOW"}
+        for waits in result["wait_s"].values():
+            assert 0 <= waits["p50"] <= waits["p95"] <= waits["p99"]
+
+
+def test_same_seed_same_result_and_another_seed_differs(capsys: pytest.CaptureFixture[str]) -> None:
+    first = simulate_json(capsys, "--strategy", "default", "--failure-rate", "0.1")
+    second = simulate_json(capsys, "--strategy", "default", "--failure-rate", "0.1")
+    assert first == second
+    assert (
+        main(["simulate", *SMALL[:-1], "4", "--strategy", "default", "--failure-rate", "0.1", "--json"]) == 0
+    )
+    other = json.loads(capsys.readouterr().out)
+    assert other != first
+
+
+def test_simple_priority_serves_urgent_sooner_than_fifo() -> None:
+    workload = Workload(requests=300, arrival="burst", seed=11)
+    fifo = run_simulation("fifo", workload, rpm=120.0, tpm=60_000.0)
+    priority = run_simulation("simple_priority", workload, rpm=120.0, tpm=60_000.0)
+    assert fifo.completed == priority.completed == 300
+    fifo_urgent = fifo.wait_percentiles()["URGENT"]["p50"]
+    priority_urgent = priority.wait_percentiles()["URGENT"]["p50"]
+    assert priority_urgent < fifo_urgent / 2, (priority_urgent, fifo_urgent)
+    # Under simple_priority URGENT requests also beat the LOW ones of the same run.
+    assert priority_urgent < priority.wait_percentiles()["LOW"]["p50"]
+
+
+def test_every_strategy_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["default", "simple_priority", "throughput", "fair", "fifo"]
+    args = [a for name in names for a in ("--strategy", name)]
+    results = simulate_json(capsys, *args, "--arrival", "burst")
+    assert [r["strategy"] for r in results] == names
+    assert all(r["completed"] + r["dead_lettered"] + r["unfittable"] == 150 for r in results)
+
+
+def test_unknown_strategy_exits_non_zero_naming_it() -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_queue_dispatcher.cli",
+            "simulate",
+            "--requests",
+            "10",
+            "--strategy",
+            "bogus",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert "bogus" in completed.stderr
+    assert completed.stdout == ""
