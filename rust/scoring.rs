@@ -14,7 +14,7 @@ pub const FACTOR_NAMES: [&str; 6] =
 // Scores and bounds are sums of six products; a bound computed from class endpoints may round
 // differently from the exact score of a member by a few ulps. Bounds are raised by this much so
 // they stay upper bounds.
-const BOUND_SLACK: f64 = 1e-9;
+pub const BOUND_SLACK: f64 = 1e-9;
 
 /// Priority factor by priority value (URGENT, HIGH, NORMAL, LOW).
 pub const PRIORITY_FACTOR: [f64; 4] = [1.0, 0.7, 0.4, 0.1];

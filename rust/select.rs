@@ -19,22 +19,28 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 use crate::scoring::{
     loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights,
+    BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
 ///
-/// Inside a cell, members with identical score inputs besides their age (the same token
-/// estimate and processing time) form a group, oldest first. The oldest member of a group
-/// scores at least as much as every other one (its wait is the longest) and wins their ties, so
-/// a cell's best message is the best of its group heads: ties in age (a batch enqueued at once)
-/// or saturated wait factors (a long backlog) never force a walk through a whole cell.
+/// Inside a cell, the members with one token estimate form a group; a group is ordered by
+/// processing-time key (best processing-time factor first) and then by age, so it falls into
+/// runs of members that score alike but for their wait. A run's head (its oldest member) scores
+/// at least as much as the rest of its run and wins their ties; later runs score less but for
+/// their wait, which is at most the cell's oldest member's. So the search only ever scores run
+/// heads, and stops walking a group as soon as a head, credited with the cell's longest wait,
+/// cannot win: ties in age (a batch enqueued at once) and saturated wait factors (a long
+/// backlog) never force a walk through a whole cell.
 pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell and the slot of its oldest member.
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32));
-    /// Calls `visit` with the oldest member of every group of the cell `key`.
+    /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32));
-    /// The member after `slot` in its group (the next oldest), if any.
-    fn next_in_group(&self, slot: u32) -> Option<u32>;
+    /// The member after `slot` in its run (the next oldest with the same time key), if any.
+    fn next_in_run(&self, slot: u32) -> Option<u32>;
+    /// The head of the run after `slot`'s in its group, if any.
+    fn next_run_head(&self, slot: u32) -> Option<u32>;
     /// The score inputs of the message in `slot`.
     fn traits(&self, slot: u32) -> MessageTraits;
     /// The enqueue sequence number of the message in `slot` (the last tie-breaker).
@@ -73,8 +79,14 @@ pub struct SearchContext {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Cell { key: CellKey },
-    Message(Candidate),
+    Cell {
+        key: CellKey,
+    },
+    /// A scored member; `run_head` when it is the first of its run.
+    Message {
+        candidate: Candidate,
+        run_head: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -150,13 +162,13 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     }
 
     /// Pushes the member in `slot` with its exact score, if the limiter admits it.
-    fn push_member(&mut self, slot: u32) {
+    fn push_member(&mut self, slot: u32, run_head: bool) {
         if let Some(candidate) = score_member(self.index, &self.context, slot) {
             self.heap.push(Entry {
                 key: candidate.base,
                 enqueued_at: candidate.enqueued_at,
                 seq: candidate.seq,
-                kind: Kind::Message(candidate),
+                kind: Kind::Message { candidate, run_head },
             });
         }
     }
@@ -183,10 +195,16 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     fn next_candidate(&mut self) -> Option<Candidate> {
         while let Some(entry) = self.heap.pop() {
             match entry.kind {
-                Kind::Message(candidate) => {
-                    // The rest of its group scores no more; it enters the race now.
-                    if let Some(next) = self.index.next_in_group(candidate.slot) {
-                        self.push_member(next);
+                Kind::Message { candidate, run_head } => {
+                    // What it bounded enters the race now: the rest of its run, and after a
+                    // run head, the next run of its group.
+                    if let Some(next) = self.index.next_in_run(candidate.slot) {
+                        self.push_member(next, false);
+                    }
+                    if run_head {
+                        if let Some(next) = self.index.next_run_head(candidate.slot) {
+                            self.push_member(next, true);
+                        }
                     }
                     return Some(candidate);
                 }
@@ -194,7 +212,7 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
                     let mut heads = Vec::new();
                     self.index.for_each_group_head(&key, |slot| heads.push(slot));
                     for slot in heads {
-                        self.push_member(slot);
+                        self.push_member(slot, true);
                     }
                 }
             }
@@ -240,11 +258,23 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
         if !beats(&best, static_bound + wait, traits.enqueued_at, seq) {
             return;
         }
-        index.for_each_group_head(key, |head| {
-            if let Some(candidate) = score_member(index, context, head) {
+        index.for_each_group_head(key, |first| {
+            let mut head = Some(first);
+            while let Some(slot) = head {
+                // A group shares its estimate: one inadmissible member means all are.
+                let Some(candidate) = score_member(index, context, slot) else { break };
+                // This run and every later one score at most this head with the cell's
+                // longest wait in place of its own.
+                let own_wait =
+                    weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
+                let rest = candidate.base - own_wait + wait + BOUND_SLACK;
+                if !beats(&best, rest, traits.enqueued_at, seq) {
+                    break;
+                }
                 if beats(&best, candidate.base, candidate.enqueued_at, candidate.seq) {
                     best = Some(candidate);
                 }
+                head = index.next_run_head(slot);
             }
         });
     });
@@ -390,8 +420,12 @@ impl<P> CandidateIndex for crate::store::Store<P> {
         self.for_each_group_head_in(key, visit);
     }
 
-    fn next_in_group(&self, slot: u32) -> Option<u32> {
-        self.next_in_group_of(slot)
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        self.next_in_run_of(slot)
+    }
+
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        self.next_run_head_of(slot)
     }
 
     fn traits(&self, slot: u32) -> MessageTraits {
@@ -423,8 +457,8 @@ mod tests {
         lookups: std::cell::Cell<usize>,
     }
 
-    fn group_of(m: &MessageTraits) -> (u64, Option<u64>) {
-        (m.tokens, m.expected_processing_seconds.map(f64::to_bits))
+    fn time_key(m: &MessageTraits) -> u64 {
+        crate::cells::processing_ms(m.tokens, m.expected_processing_seconds).clamp(1000.0, 30_001.0).to_bits()
     }
 
     impl VecIndex {
@@ -454,6 +488,21 @@ mod tests {
             let m = &self.messages[slot as usize];
             CellKey::for_message(m.priority, m.receive_count, m.tokens, m.expected_processing_seconds)
         }
+
+        /// Group order: time key, then age (slots are enqueued in order of their position
+        /// among equal enqueue instants).
+        fn order(&self, slot: u32) -> (u64, u64, u32) {
+            let m = &self.messages[slot as usize];
+            (time_key(m), m.enqueued_at.to_bits(), slot)
+        }
+
+        fn group_members(&self, slot: u32) -> impl Iterator<Item = u32> + '_ {
+            let tokens = self.messages[slot as usize].tokens;
+            self.cells[&self.key_of(slot)]
+                .iter()
+                .copied()
+                .filter(move |&s| self.messages[s as usize].tokens == tokens)
+        }
     }
 
     impl CandidateIndex for VecIndex {
@@ -463,18 +512,29 @@ mod tests {
             }
         }
         fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
-            let mut seen = std::collections::BTreeSet::new();
+            let mut groups: BTreeMap<u64, u32> = BTreeMap::new();
             for &slot in &self.cells[key] {
-                if seen.insert(group_of(&self.messages[slot as usize])) {
-                    visit(slot);
+                let order = self.order(slot);
+                let head = groups.entry(self.messages[slot as usize].tokens).or_insert(slot);
+                if order < self.order(*head) {
+                    *head = slot;
                 }
             }
+            groups.into_values().for_each(&mut visit);
         }
-        fn next_in_group(&self, slot: u32) -> Option<u32> {
-            let members = &self.cells[&self.key_of(slot)];
-            let group = group_of(&self.messages[slot as usize]);
-            let at = members.iter().position(|&s| s == slot)?;
-            members[at + 1..].iter().copied().find(|&s| group_of(&self.messages[s as usize]) == group)
+        fn next_in_run(&self, slot: u32) -> Option<u32> {
+            let m = &self.messages[slot as usize];
+            self.group_members(slot)
+                .filter(|&s| {
+                    time_key(&self.messages[s as usize]) == time_key(m) && self.order(s) > self.order(slot)
+                })
+                .min_by_key(|&s| self.order(s))
+        }
+        fn next_run_head(&self, slot: u32) -> Option<u32> {
+            let m = &self.messages[slot as usize];
+            self.group_members(slot)
+                .filter(|&s| time_key(&self.messages[s as usize]) > time_key(m))
+                .min_by_key(|&s| self.order(s))
         }
         fn traits(&self, slot: u32) -> MessageTraits {
             self.lookups.set(self.lookups.get() + 1);

@@ -318,9 +318,10 @@ pub struct Store<P> {
     ids: HashTable<u32>,
     hasher: RandomState,
     cells: BTreeMap<CellKey, BTreeMap<u64, u32>>,
-    /// The same visible messages again, by group: members of a cell with identical score
-    /// inputs besides their age, oldest first. Selection scores only group heads.
-    groups: BTreeMap<GroupId, BTreeMap<u64, u32>>,
+    /// The same visible messages again, by group: the members of a cell with the same token
+    /// estimate, ordered by processing-time key (best processing-time factor first), then age.
+    /// Selection scores run heads only (see `select`).
+    groups: BTreeMap<GroupId, BTreeMap<(u64, u64), u32>>,
     /// `(priority, head seq, cell)` of every non-empty cell: its first element is the next
     /// message to receive.
     receive_heads: BTreeSet<(u8, u64, CellKey)>,
@@ -338,13 +339,19 @@ pub struct Store<P> {
     dropped: Vec<P>,
 }
 
-/// A group of a cell: `(cell, tokens, processing-time bits)`; `u64::MAX` stands for "no
-/// expected processing time" (the time then follows from the tokens).
-type GroupId = (CellKey, u64, u64);
+/// A group of a cell: the members with one token estimate.
+type GroupId = (CellKey, u64);
 
 fn group_id<P>(key: CellKey, message: &StoredMessage<P>) -> GroupId {
-    // Non-negative floats order like their bits; the store never holds a negative or NaN time.
-    (key, message.tokens, message.expected_processing_seconds.map_or(u64::MAX, f64::to_bits))
+    (key, message.tokens)
+}
+
+/// The processing time in ms clamped to the sloped part of its factor, [1 s, 30 s + 1 ms]: times
+/// with equal keys have equal factors, and a smaller key never has a smaller factor. As bits:
+/// positive floats order like their bit patterns.
+fn time_key<P>(message: &StoredMessage<P>) -> u64 {
+    let ms = crate::cells::processing_ms(message.tokens, message.expected_processing_seconds);
+    ms.clamp(1000.0, 30_001.0).to_bits()
 }
 
 fn check_visibility_timeout(seconds: f64) -> CoreResult<()> {
@@ -405,22 +412,35 @@ impl<P> Store<P> {
         &self.cells
     }
 
-    /// Calls `visit` with the oldest member of every group of the visible cell `key` (a group:
-    /// members with the same estimate and processing time, which score alike but for age).
+    /// Calls `visit` with the first member of every group of the visible cell `key`: a group
+    /// holds the members with one token estimate, in runs of equal processing-time key (best
+    /// processing-time factor first), each run oldest first.
     pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
-        let range = (*key, 0, 0)..=(*key, u64::MAX, u64::MAX);
-        for members in self.groups.range(range).map(|(_, members)| members) {
+        for (_, members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
             if let Some((_, &slot)) = members.first_key_value() {
                 visit(slot);
             }
         }
     }
 
-    /// The visible member after `slot` in its group (the next oldest), if any.
-    pub fn next_in_group_of(&self, slot: u32) -> Option<u32> {
+    /// The visible member after `slot` in its run (same processing-time key, next oldest).
+    pub fn next_in_run_of(&self, slot: u32) -> Option<u32> {
         let message = self.get(slot)?;
         let members = self.groups.get(&group_id(message.cell_key(), message))?;
-        members.range(message.message_id + 1..).next().map(|(_, &s)| s)
+        let time = time_key(message);
+        members.range((time, message.message_id + 1)..=(time, u64::MAX)).next().map(|(_, &s)| s)
+    }
+
+    /// The first member of the run after `slot`'s in its group (the next worse
+    /// processing-time key), if any.
+    pub fn next_run_head_of(&self, slot: u32) -> Option<u32> {
+        let message = self.get(slot)?;
+        let members = self.groups.get(&group_id(message.cell_key(), message))?;
+        let time = time_key(message);
+        if time == u64::MAX {
+            return None;
+        }
+        members.range((time + 1, 0)..).next().map(|(_, &s)| s)
     }
 
     /// The message in `slot`; panics when the slot is vacant (slots from the store are not).
@@ -812,7 +832,9 @@ impl<P> Store<P> {
     }
 
     fn cell_insert(&mut self, key: CellKey, seq: u64, slot: u32) {
-        self.groups.entry(group_id(key, self.message(slot))).or_default().insert(seq, slot);
+        let message = self.message(slot);
+        let member = (time_key(message), seq);
+        self.groups.entry(group_id(key, message)).or_default().insert(member, slot);
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
         cell.insert(seq, slot);
@@ -831,9 +853,10 @@ impl<P> Store<P> {
         let cell = self.cells.get_mut(&key).expect("visible message has a cell");
         let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == seq);
         let slot = cell.remove(&seq).expect("visible message is in its cell");
-        let group = group_id(key, self.message(slot));
+        let message = self.message(slot);
+        let (group, member) = (group_id(key, message), (time_key(message), seq));
         if let Some(members) = self.groups.get_mut(&group) {
-            members.remove(&seq);
+            members.remove(&member);
             if members.is_empty() {
                 self.groups.remove(&group);
             }
@@ -887,9 +910,10 @@ impl<P> Store<P> {
             if members.is_empty() {
                 return Err(format!("empty group {group:?}"));
             }
-            for (&seq, &slot) in members {
+            for (&(time, seq), &slot) in members {
                 let in_cell = self.cells.get(&group.0).and_then(|cell| cell.get(&seq)) == Some(&slot);
-                if !in_cell || group_id(group.0, self.message(slot)) != *group {
+                let m = self.message(slot);
+                if !in_cell || group_id(group.0, m) != *group || time_key(m) != time {
                     return Err(format!("slot {slot} is in the wrong group"));
                 }
                 grouped += 1;
