@@ -188,8 +188,9 @@ pub fn total(factors: &[f64; 6]) -> f64 {
 
 /// A bound of a cell's static part that does not depend on the budget: the efficiency and
 /// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
-pub fn loose_cell_bound(weights: &Weights, key: &CellKey) -> f64 {
-    let (ms_lo, _) = key.time_range_ms();
+/// `best_time_ms` is the smallest processing time (in ms) among the cell's members.
+pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {
+    let ms_lo = best_time_ms;
     let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
     weights.priority * priority_factor(key.priority)
         + weights.retry * retry
@@ -201,9 +202,16 @@ pub fn loose_cell_bound(weights: &Weights, key: &CellKey) -> f64 {
 
 /// The part of a cell's upper bound that does not depend on time: priority, retry, the best
 /// efficiency + token fit over the cell's token range (capped at `max_tokens`, the largest
-/// estimate the limiter admits now), and the best processing-time factor over its time range.
+/// estimate the limiter admits now), and the processing-time factor of `best_time_ms`, the
+/// smallest processing time among its members.
 /// None when no member of the cell can be admitted.
-pub fn static_cell_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
+pub fn static_cell_bound(
+    weights: &Weights,
+    key: &CellKey,
+    best_time_ms: f64,
+    available: f64,
+    max_tokens: f64,
+) -> Option<f64> {
     let (lo, hi) = key.token_range();
     if lo > max_tokens {
         return None;
@@ -222,8 +230,8 @@ pub fn static_cell_bound(weights: &Weights, key: &CellKey, available: f64, max_t
             .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
             .fold(0.0, f64::max)
     };
-    // The processing-time factor never rises with the duration: best at the range's low end.
-    let (ms_lo, _) = key.time_range_ms();
+    // The processing-time factor never rises with the duration: best at the smallest time.
+    let ms_lo = best_time_ms;
     let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
     Some(
         weights.priority * priority_factor(key.priority)
@@ -279,11 +287,12 @@ mod tests {
             ept in proptest::option::of(0.0f64..60.0),
             available in 0.0f64..100_000.0,
         ) {
-            let key = CellKey::for_message(priority, receive_count, tokens, ept);
+            let key = CellKey::for_message(priority, receive_count, tokens);
+            let best_time_ms = crate::cells::processing_ms(tokens, ept);
             let traits = MessageTraits { priority, receive_count, tokens, expected_processing_seconds: ept, enqueued_at: 0.0 };
             let f = weighted_factors(&w, &traits, 0.0, available);
             let exact_static = f[0] + f[1] + f[3] + f[4] + f[5];
-            match static_cell_bound(&w, &key, available, available) {
+            match static_cell_bound(&w, &key, best_time_ms, available, available) {
                 Some(bound) => prop_assert!(bound >= exact_static, "{bound} < {exact_static}"),
                 None => prop_assert!(tokens as f64 > available),
             }

@@ -33,8 +33,9 @@ use crate::scoring::{
 /// cannot win: ties in age (a batch enqueued at once) and saturated wait factors (a long
 /// backlog) never force a walk through a whole cell.
 pub trait CandidateIndex {
-    /// Calls `visit` with every non-empty cell and the slot of its oldest member.
-    fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32));
+    /// Calls `visit` with every non-empty cell, the slot of its oldest member, and the smallest
+    /// processing time among its members in ms (as clamped by `cells::time_key`).
+    fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32, f64));
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32));
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
@@ -79,14 +80,13 @@ pub struct SearchContext {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Cell {
-        key: CellKey,
-    },
-    /// A scored member; `run_head` when it is the first of its run.
-    Message {
-        candidate: Candidate,
-        run_head: bool,
-    },
+    /// A cell not yet expanded; `cell_wait` is the weighted wait factor of its oldest member,
+    /// the most any member can have.
+    Cell { key: CellKey, cell_wait: f64 },
+    /// The runs of a group after the one `head` leads.
+    LaterRuns { head: Candidate, priority: u8, cell_wait: f64 },
+    /// A scored member.
+    Message(Candidate),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -143,18 +143,19 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     /// Seeds the heap with every cell that holds an admissible member.
     pub fn new(index: &'a I, context: SearchContext) -> Self {
         let mut heap = BinaryHeap::new();
-        index.for_each_cell(|key, oldest| {
+        index.for_each_cell(|key, oldest, best_time_ms| {
+            let weights = &context.weights;
             if let Some(static_bound) =
-                static_cell_bound(&context.weights, key, context.available, context.max_tokens)
+                static_cell_bound(weights, key, best_time_ms, context.available, context.max_tokens)
             {
                 let traits = index.traits(oldest);
-                let wait = context.weights.wait_time
-                    * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+                let cell_wait =
+                    weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
                 heap.push(Entry {
-                    key: static_bound + wait,
+                    key: static_bound + cell_wait,
                     enqueued_at: traits.enqueued_at,
                     seq: index.seq(oldest),
-                    kind: Kind::Cell { key: *key },
+                    kind: Kind::Cell { key: *key, cell_wait },
                 });
             }
         });
@@ -162,15 +163,30 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     }
 
     /// Pushes the member in `slot` with its exact score, if the limiter admits it.
-    fn push_member(&mut self, slot: u32, run_head: bool) {
-        if let Some(candidate) = score_member(self.index, &self.context, slot) {
-            self.heap.push(Entry {
-                key: candidate.base,
-                enqueued_at: candidate.enqueued_at,
-                seq: candidate.seq,
-                kind: Kind::Message { candidate, run_head },
-            });
-        }
+    fn push_member(&mut self, slot: u32) -> Option<Candidate> {
+        let candidate = score_member(self.index, &self.context, slot)?;
+        self.heap.push(Entry {
+            key: candidate.base,
+            enqueued_at: candidate.enqueued_at,
+            seq: candidate.seq,
+            kind: Kind::Message(candidate),
+        });
+        Some(candidate)
+    }
+
+    /// Pushes the run head in `slot`, and a bound of the runs after it: they share its
+    /// estimate, have no better processing-time factor, and wait no longer than the cell's
+    /// oldest member (whose age and sequence number the bound carries for tie-breaking).
+    fn push_run_head(&mut self, slot: u32, priority: u8, cell_wait: f64, oldest: (f64, u64)) {
+        let Some(head) = self.push_member(slot) else { return };
+        let own_wait =
+            self.context.weights.wait_time * wait_time_factor(self.context.now - head.enqueued_at, priority);
+        self.heap.push(Entry {
+            key: head.base - own_wait + cell_wait + BOUND_SLACK,
+            enqueued_at: oldest.0,
+            seq: oldest.1,
+            kind: Kind::LaterRuns { head, priority, cell_wait },
+        });
     }
 }
 
@@ -194,25 +210,25 @@ fn score_member(index: &impl CandidateIndex, context: &SearchContext, slot: u32)
 impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     fn next_candidate(&mut self) -> Option<Candidate> {
         while let Some(entry) = self.heap.pop() {
+            let oldest = (entry.enqueued_at, entry.seq);
             match entry.kind {
-                Kind::Message { candidate, run_head } => {
-                    // What it bounded enters the race now: the rest of its run, and after a
-                    // run head, the next run of its group.
+                Kind::Message(candidate) => {
+                    // The rest of its run scores no more than it did: it enters the race now.
                     if let Some(next) = self.index.next_in_run(candidate.slot) {
-                        self.push_member(next, false);
-                    }
-                    if run_head {
-                        if let Some(next) = self.index.next_run_head(candidate.slot) {
-                            self.push_member(next, true);
-                        }
+                        self.push_member(next);
                     }
                     return Some(candidate);
                 }
-                Kind::Cell { key } => {
+                Kind::LaterRuns { head, priority, cell_wait } => {
+                    if let Some(next) = self.index.next_run_head(head.slot) {
+                        self.push_run_head(next, priority, cell_wait, oldest);
+                    }
+                }
+                Kind::Cell { key, cell_wait } => {
                     let mut heads = Vec::new();
                     self.index.for_each_group_head(&key, |slot| heads.push(slot));
                     for slot in heads {
-                        self.push_member(slot, true);
+                        self.push_run_head(slot, key.priority, cell_wait, oldest);
                     }
                 }
             }
@@ -244,14 +260,15 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 == Ordering::Greater
         }
     };
-    index.for_each_cell(|key, oldest| {
+    index.for_each_cell(|key, oldest, best_time_ms| {
         let traits = index.traits(oldest);
         let seq = index.seq(oldest);
         let wait = weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
-        if !beats(&best, loose_cell_bound(weights, key) + wait, traits.enqueued_at, seq) {
+        if !beats(&best, loose_cell_bound(weights, key, best_time_ms) + wait, traits.enqueued_at, seq) {
             return;
         }
-        let Some(static_bound) = static_cell_bound(weights, key, context.available, context.max_tokens)
+        let Some(static_bound) =
+            static_cell_bound(weights, key, best_time_ms, context.available, context.max_tokens)
         else {
             return;
         };
@@ -408,10 +425,10 @@ pub fn choose<E>(
 /// The in-memory store is searched in place: its visible cells map sequence number to slot,
 /// oldest first.
 impl<P> CandidateIndex for crate::store::Store<P> {
-    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32)) {
-        for (key, members) in self.visible_cells() {
-            if let Some((_, &slot)) = members.first_key_value() {
-                visit(key, slot);
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32, f64)) {
+        for (key, cell) in self.visible_cells() {
+            if let Some((_, &slot)) = cell.first_key_value() {
+                visit(key, slot, cell.best_time_ms());
             }
         }
     }
@@ -458,19 +475,14 @@ mod tests {
     }
 
     fn time_key(m: &MessageTraits) -> u64 {
-        crate::cells::processing_ms(m.tokens, m.expected_processing_seconds).clamp(1000.0, 30_001.0).to_bits()
+        crate::cells::time_key(m.tokens, m.expected_processing_seconds)
     }
 
     impl VecIndex {
         fn new(messages: Vec<MessageTraits>) -> Self {
             let mut cells: BTreeMap<CellKey, Vec<u32>> = BTreeMap::new();
             for (slot, m) in messages.iter().enumerate() {
-                let key = CellKey::for_message(
-                    m.priority,
-                    m.receive_count,
-                    m.tokens,
-                    m.expected_processing_seconds,
-                );
+                let key = CellKey::for_message(m.priority, m.receive_count, m.tokens);
                 cells.entry(key).or_default().push(slot as u32);
             }
             for members in cells.values_mut() {
@@ -486,7 +498,7 @@ mod tests {
 
         fn key_of(&self, slot: u32) -> CellKey {
             let m = &self.messages[slot as usize];
-            CellKey::for_message(m.priority, m.receive_count, m.tokens, m.expected_processing_seconds)
+            CellKey::for_message(m.priority, m.receive_count, m.tokens)
         }
 
         /// Group order: time key, then age (slots are enqueued in order of their position
@@ -506,9 +518,13 @@ mod tests {
     }
 
     impl CandidateIndex for VecIndex {
-        fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32)) {
+        fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32, f64)) {
             for (key, members) in &self.cells {
-                visit(key, members[0]);
+                let best = members
+                    .iter()
+                    .map(|&s| f64::from_bits(time_key(&self.messages[s as usize])))
+                    .fold(f64::INFINITY, f64::min);
+                visit(key, members[0], best);
             }
         }
         fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32)) {

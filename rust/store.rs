@@ -94,7 +94,7 @@ pub struct StoredMessage<P> {
 impl<P> StoredMessage<P> {
     /// The cell this message belongs to while visible.
     pub fn cell_key(&self) -> CellKey {
-        CellKey::for_message(self.priority, self.receive_count, self.tokens, self.expected_processing_seconds)
+        CellKey::for_message(self.priority, self.receive_count, self.tokens)
     }
 }
 
@@ -317,7 +317,7 @@ pub struct Store<P> {
     free: Vec<u32>,
     ids: HashTable<u32>,
     hasher: RandomState,
-    cells: BTreeMap<CellKey, BTreeMap<u64, u32>>,
+    cells: BTreeMap<CellKey, Cell>,
     /// The same visible messages again, by group: the members of a cell with the same token
     /// estimate, ordered by processing-time key (best processing-time factor first), then age.
     /// Selection scores run heads only (see `select`).
@@ -346,12 +346,49 @@ fn group_id<P>(key: CellKey, message: &StoredMessage<P>) -> GroupId {
     (key, message.tokens)
 }
 
-/// The processing time in ms clamped to the sloped part of its factor, [1 s, 30 s + 1 ms]: times
-/// with equal keys have equal factors, and a smaller key never has a smaller factor. As bits:
-/// positive floats order like their bit patterns.
+/// The processing-time key of a message (`cells::time_key`).
 fn time_key<P>(message: &StoredMessage<P>) -> u64 {
-    let ms = crate::cells::processing_ms(message.tokens, message.expected_processing_seconds);
-    ms.clamp(1000.0, 30_001.0).to_bits()
+    crate::cells::time_key(message.tokens, message.expected_processing_seconds)
+}
+
+/// The visible messages of one cell, oldest first (dereferences to the `seq -> slot` map), and
+/// the multiset of their processing-time keys, whose smallest bounds the cell's
+/// processing-time factor exactly.
+#[derive(Debug, Default)]
+pub struct Cell {
+    members: BTreeMap<u64, u32>,
+    times: BTreeMap<u64, u32>,
+}
+
+impl Cell {
+    /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
+    pub fn best_time_ms(&self) -> f64 {
+        self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits))
+    }
+
+    fn insert(&mut self, seq: u64, slot: u32, time: u64) {
+        self.members.insert(seq, slot);
+        *self.times.entry(time).or_default() += 1;
+    }
+
+    fn remove(&mut self, seq: u64, time: u64) -> Option<u32> {
+        let slot = self.members.remove(&seq)?;
+        if let Some(count) = self.times.get_mut(&time) {
+            *count -= 1;
+            if *count == 0 {
+                self.times.remove(&time);
+            }
+        }
+        Some(slot)
+    }
+}
+
+impl std::ops::Deref for Cell {
+    type Target = BTreeMap<u64, u32>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.members
+    }
 }
 
 fn check_visibility_timeout(seconds: f64) -> CoreResult<()> {
@@ -408,7 +445,7 @@ impl<P> Store<P> {
 
     /// The visible messages by cell: each cell maps sequence number to slot, oldest first
     /// (sequence order is `enqueued_at` order). Empty cells are never present.
-    pub fn visible_cells(&self) -> &BTreeMap<CellKey, BTreeMap<u64, u32>> {
+    pub fn visible_cells(&self) -> &BTreeMap<CellKey, Cell> {
         &self.cells
     }
 
@@ -508,8 +545,7 @@ impl<P> Store<P> {
     /// Up to `limit` visible messages of `priority` in receive order, without receiving them.
     /// Costs O(cells of that priority + limit · log cells).
     pub fn peek(&self, priority: u8, limit: usize) -> Vec<u32> {
-        let lo = CellKey { priority, retry_class: 0, token_class: 0, time_class: 0 };
-        let hi = CellKey { priority, retry_class: u8::MAX, token_class: u16::MAX, time_class: u8::MAX };
+        let (lo, hi) = CellKey::priority_range(priority);
         let mut iters: Vec<_> = self.cells.range(lo..=hi).map(|(_, cell)| cell.iter()).collect();
         let mut heap = BinaryHeap::with_capacity(iters.len());
         for (i, it) in iters.iter_mut().enumerate() {
@@ -833,11 +869,11 @@ impl<P> Store<P> {
 
     fn cell_insert(&mut self, key: CellKey, seq: u64, slot: u32) {
         let message = self.message(slot);
-        let member = (time_key(message), seq);
-        self.groups.entry(group_id(key, message)).or_default().insert(member, slot);
+        let time = time_key(message);
+        self.groups.entry(group_id(key, message)).or_default().insert((time, seq), slot);
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
-        cell.insert(seq, slot);
+        cell.insert(seq, slot, time);
         if old_head.is_none_or(|head| seq < head) {
             if let Some(head) = old_head {
                 self.receive_heads.remove(&(key.priority, head, key));
@@ -850,11 +886,12 @@ impl<P> Store<P> {
     }
 
     fn cell_remove(&mut self, key: CellKey, seq: u64) {
-        let cell = self.cells.get_mut(&key).expect("visible message has a cell");
+        let cell = self.cells.get(&key).expect("visible message has a cell");
         let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == seq);
-        let slot = cell.remove(&seq).expect("visible message is in its cell");
+        let slot = *cell.get(&seq).expect("visible message is in its cell");
         let message = self.message(slot);
         let (group, member) = (group_id(key, message), (time_key(message), seq));
+        self.cells.get_mut(&key).expect("visible message has a cell").remove(seq, member.0);
         if let Some(members) = self.groups.get_mut(&group) {
             members.remove(&member);
             if members.is_empty() {
@@ -888,7 +925,11 @@ impl<P> Store<P> {
             };
             heads.insert((key.priority, head, *key));
             let mut previous_at = f64::NEG_INFINITY;
-            for (&seq, &slot) in cell {
+            let mut times: BTreeMap<u64, u32> = BTreeMap::new();
+            for (&seq, &slot) in cell.iter() {
+                if let Some(m) = self.get(slot) {
+                    *times.entry(time_key(m)).or_default() += 1;
+                }
                 let s = self.slots.get(slot as usize).ok_or("cell slot out of range")?;
                 let m = s.message.as_ref().ok_or("cell names a vacant slot")?;
                 if !s.deadline.is_nan() {
@@ -903,6 +944,9 @@ impl<P> Store<P> {
                 previous_at = m.enqueued_at;
                 visible += 1;
                 by_priority[usize::from(m.priority)] += 1;
+            }
+            if times != cell.times {
+                return Err(format!("processing-time keys of cell {key:?} out of date"));
             }
         }
         let mut grouped = 0usize;

@@ -284,7 +284,7 @@ fn cells_group_by_key_oldest_first() {
     s.enqueue(NewMessage { tokens: 1, ..new("c", 1, 3) }, 2.0).unwrap();
     let cells = s.visible_cells();
     assert_eq!(cells.len(), 2);
-    let key = CellKey::for_message(1, 0, 1000, None);
+    let key = CellKey::for_message(1, 0, 1000);
     let order: Vec<u32> = cells[&key].values().map(|&slot| s.message(slot).payload).collect();
     assert_eq!(order, vec![1, 2]);
 }
