@@ -186,6 +186,20 @@ pub fn total(factors: &[f64; 6]) -> f64 {
     factors.iter().sum()
 }
 
+/// The score of every member of a group (one estimate `tokens` in cell `key`, best processing
+/// time `best_time_ms`) but for the wait factor: exact for its best run, an upper bound for the
+/// others.
+pub fn group_bound(weights: &Weights, key: &CellKey, tokens: u64, best_time_ms: f64, available: f64) -> f64 {
+    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
+    let tokens = tokens as f64;
+    weights.priority * priority_factor(key.priority)
+        + weights.efficiency * efficiency_factor(tokens, available)
+        + weights.retry * retry
+        + weights.token_fit * token_fit_factor(tokens, available)
+        + weights.processing_time * processing_time_factor(best_time_ms)
+        + BOUND_SLACK
+}
+
 /// A bound of a cell's static part that does not depend on the budget: the efficiency and
 /// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
 /// `best_time_ms` is the smallest processing time (in ms) among the cell's members.

@@ -18,9 +18,21 @@ use std::collections::BinaryHeap;
 
 use crate::cells::CellKey;
 use crate::scoring::{
-    loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors, MessageTraits, Weights,
-    BOUND_SLACK,
+    group_bound, loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors,
+    MessageTraits, Weights, BOUND_SLACK,
 };
+
+/// What the search reads of a cell before deciding to look inside: nothing that needs a visit
+/// to its members' memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CellSummary {
+    /// Enqueue instant of the oldest member.
+    pub oldest_enqueued_at: f64,
+    /// Sequence number of the oldest member.
+    pub oldest_seq: u64,
+    /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
+    pub best_time_ms: f64,
+}
 
 /// What the search needs from an index of visible messages grouped in cells.
 ///
@@ -35,9 +47,12 @@ use crate::scoring::{
 pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell, the slot of its oldest member, and the smallest
     /// processing time among its members in ms (as clamped by `cells::time_key`).
-    fn for_each_cell(&self, visit: impl FnMut(&CellKey, u32, f64));
+    fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary));
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32));
+    /// Calls `visit` with the first member (the head of the first run) of every group of `key`,
+    /// the group's token estimate, and its best processing time in ms (as `for_each_cell`):
+    /// enough to bound the group without touching its members.
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64));
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
     fn next_in_run(&self, slot: u32) -> Option<u32>;
     /// The head of the run after `slot`'s in its group, if any.
@@ -143,18 +158,18 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     /// Seeds the heap with every cell that holds an admissible member.
     pub fn new(index: &'a I, context: SearchContext) -> Self {
         let mut heap = BinaryHeap::new();
-        index.for_each_cell(|key, oldest, best_time_ms| {
+        index.for_each_cell(|key, cell| {
+            let best_time_ms = cell.best_time_ms;
             let weights = &context.weights;
             if let Some(static_bound) =
                 static_cell_bound(weights, key, best_time_ms, context.available, context.max_tokens)
             {
-                let traits = index.traits(oldest);
                 let cell_wait =
-                    weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
+                    weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
                 heap.push(Entry {
                     key: static_bound + cell_wait,
-                    enqueued_at: traits.enqueued_at,
-                    seq: index.seq(oldest),
+                    enqueued_at: cell.oldest_enqueued_at,
+                    seq: cell.oldest_seq,
                     kind: Kind::Cell { key: *key, cell_wait },
                 });
             }
@@ -226,7 +241,7 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
                 }
                 Kind::Cell { key, cell_wait } => {
                     let mut heads = Vec::new();
-                    self.index.for_each_group_head(&key, |slot| heads.push(slot));
+                    self.index.for_each_group_head(&key, |slot, _, _| heads.push(slot));
                     for slot in heads {
                         self.push_run_head(slot, key.priority, cell_wait, oldest);
                     }
@@ -260,11 +275,10 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 == Ordering::Greater
         }
     };
-    index.for_each_cell(|key, oldest, best_time_ms| {
-        let traits = index.traits(oldest);
-        let seq = index.seq(oldest);
-        let wait = weights.wait_time * wait_time_factor(context.now - traits.enqueued_at, key.priority);
-        if !beats(&best, loose_cell_bound(weights, key, best_time_ms) + wait, traits.enqueued_at, seq) {
+    index.for_each_cell(|key, cell| {
+        let (oldest_at, seq, best_time_ms) = (cell.oldest_enqueued_at, cell.oldest_seq, cell.best_time_ms);
+        let wait = weights.wait_time * wait_time_factor(context.now - oldest_at, key.priority);
+        if !beats(&best, loose_cell_bound(weights, key, best_time_ms) + wait, oldest_at, seq) {
             return;
         }
         let Some(static_bound) =
@@ -272,10 +286,15 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
         else {
             return;
         };
-        if !beats(&best, static_bound + wait, traits.enqueued_at, seq) {
+        if !beats(&best, static_bound + wait, oldest_at, seq) {
             return;
         }
-        index.for_each_group_head(key, |first| {
+        index.for_each_group_head(key, |first, tokens, best_time_ms| {
+            // A cheap bound from the group's key alone spares the members' cache lines.
+            let bound = group_bound(weights, key, tokens, best_time_ms, context.available) + wait;
+            if tokens as f64 > context.max_tokens || !beats(&best, bound, oldest_at, seq) {
+                return;
+            }
             let mut head = Some(first);
             while let Some(slot) = head {
                 // A group shares its estimate: one inadmissible member means all are.
@@ -285,7 +304,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 let own_wait =
                     weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
                 let rest = candidate.base - own_wait + wait + BOUND_SLACK;
-                if !beats(&best, rest, traits.enqueued_at, seq) {
+                if !beats(&best, rest, oldest_at, seq) {
                     break;
                 }
                 if beats(&best, candidate.base, candidate.enqueued_at, candidate.seq) {
@@ -425,15 +444,13 @@ pub fn choose<E>(
 /// The in-memory store is searched in place: its visible cells map sequence number to slot,
 /// oldest first.
 impl<P> CandidateIndex for crate::store::Store<P> {
-    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32, f64)) {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
         for (key, cell) in self.visible_cells() {
-            if let Some((_, &slot)) = cell.first_key_value() {
-                visit(key, slot, cell.best_time_ms());
-            }
+            visit(key, cell.summary());
         }
     }
 
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32)) {
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64)) {
         self.for_each_group_head_in(key, visit);
     }
 
@@ -518,16 +535,22 @@ mod tests {
     }
 
     impl CandidateIndex for VecIndex {
-        fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, u32, f64)) {
+        fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
             for (key, members) in &self.cells {
-                let best = members
+                let best_time_ms = members
                     .iter()
                     .map(|&s| f64::from_bits(time_key(&self.messages[s as usize])))
                     .fold(f64::INFINITY, f64::min);
-                visit(key, members[0], best);
+                let oldest = members[0];
+                let summary = CellSummary {
+                    oldest_enqueued_at: self.messages[oldest as usize].enqueued_at,
+                    oldest_seq: u64::from(oldest),
+                    best_time_ms,
+                };
+                visit(key, &summary);
             }
         }
-        fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
+        fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64)) {
             let mut groups: BTreeMap<u64, u32> = BTreeMap::new();
             for &slot in &self.cells[key] {
                 let order = self.order(slot);
@@ -536,7 +559,9 @@ mod tests {
                     *head = slot;
                 }
             }
-            groups.into_values().for_each(&mut visit);
+            for (tokens, slot) in groups {
+                visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])));
+            }
         }
         fn next_in_run(&self, slot: u32) -> Option<u32> {
             let m = &self.messages[slot as usize];

@@ -37,6 +37,7 @@ use hashbrown::HashTable;
 
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
+use crate::select::CellSummary;
 
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
@@ -354,29 +355,56 @@ fn time_key<P>(message: &StoredMessage<P>) -> u64 {
 /// The visible messages of one cell, oldest first (dereferences to the `seq -> slot` map), and
 /// the multiset of their processing-time keys, whose smallest bounds the cell's
 /// processing-time factor exactly.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Cell {
     members: BTreeMap<u64, u32>,
     times: BTreeMap<u64, u32>,
+    /// What selection reads first, kept here so that pruning a cell touches no message.
+    summary: CellSummary,
+}
+
+impl Default for Cell {
+    fn default() -> Self {
+        Self {
+            members: BTreeMap::new(),
+            times: BTreeMap::new(),
+            summary: CellSummary { oldest_enqueued_at: 0.0, oldest_seq: 0, best_time_ms: 1000.0 },
+        }
+    }
 }
 
 impl Cell {
-    /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
-    pub fn best_time_ms(&self) -> f64 {
-        self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits))
+    /// The oldest member's enqueue instant and sequence number, and the best processing time.
+    pub fn summary(&self) -> &CellSummary {
+        &self.summary
     }
 
-    fn insert(&mut self, seq: u64, slot: u32, time: u64) {
+    fn insert(&mut self, seq: u64, slot: u32, time: u64, enqueued_at: f64) {
+        if self.members.first_key_value().is_none_or(|(&head, _)| seq < head) {
+            self.summary.oldest_seq = seq;
+            self.summary.oldest_enqueued_at = enqueued_at;
+        }
         self.members.insert(seq, slot);
         *self.times.entry(time).or_default() += 1;
+        self.summary.best_time_ms =
+            self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
     }
 
-    fn remove(&mut self, seq: u64, time: u64) -> Option<u32> {
+    /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
+    fn remove(&mut self, seq: u64, time: u64, enqueued_at_of: impl Fn(u32) -> f64) -> Option<u32> {
         let slot = self.members.remove(&seq)?;
         if let Some(count) = self.times.get_mut(&time) {
             *count -= 1;
             if *count == 0 {
                 self.times.remove(&time);
+                self.summary.best_time_ms =
+                    self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
+            }
+        }
+        if seq == self.summary.oldest_seq {
+            if let Some((&head, &head_slot)) = self.members.first_key_value() {
+                self.summary.oldest_seq = head;
+                self.summary.oldest_enqueued_at = enqueued_at_of(head_slot);
             }
         }
         Some(slot)
@@ -452,10 +480,11 @@ impl<P> Store<P> {
     /// Calls `visit` with the first member of every group of the visible cell `key`: a group
     /// holds the members with one token estimate, in runs of equal processing-time key (best
     /// processing-time factor first), each run oldest first.
-    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32)) {
-        for (_, members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
-            if let Some((_, &slot)) = members.first_key_value() {
-                visit(slot);
+    /// Also passes the group's estimate and its best processing time in ms.
+    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64)) {
+        for (&(_, tokens), members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
+            if let Some((&(time, _), &slot)) = members.first_key_value() {
+                visit(slot, tokens, f64::from_bits(time));
             }
         }
     }
@@ -869,11 +898,11 @@ impl<P> Store<P> {
 
     fn cell_insert(&mut self, key: CellKey, seq: u64, slot: u32) {
         let message = self.message(slot);
-        let time = time_key(message);
+        let (time, enqueued_at) = (time_key(message), message.enqueued_at);
         self.groups.entry(group_id(key, message)).or_default().insert((time, seq), slot);
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
-        cell.insert(seq, slot, time);
+        cell.insert(seq, slot, time, enqueued_at);
         if old_head.is_none_or(|head| seq < head) {
             if let Some(head) = old_head {
                 self.receive_heads.remove(&(key.priority, head, key));
@@ -891,7 +920,9 @@ impl<P> Store<P> {
         let slot = *cell.get(&seq).expect("visible message is in its cell");
         let message = self.message(slot);
         let (group, member) = (group_id(key, message), (time_key(message), seq));
-        self.cells.get_mut(&key).expect("visible message has a cell").remove(seq, member.0);
+        let slots = &self.slots;
+        let enqueued_at_of = |s: u32| slots[s as usize].message.as_ref().map_or(f64::NAN, |m| m.enqueued_at);
+        self.cells.get_mut(&key).expect("visible message has a cell").remove(seq, member.0, enqueued_at_of);
         if let Some(members) = self.groups.get_mut(&group) {
             members.remove(&member);
             if members.is_empty() {
@@ -944,6 +975,14 @@ impl<P> Store<P> {
                 previous_at = m.enqueued_at;
                 visible += 1;
                 by_priority[usize::from(m.priority)] += 1;
+            }
+            let head_at = self.get(*cell.members.values().next().unwrap_or(&0)).map(|m| m.enqueued_at);
+            if cell.summary.oldest_seq != head || head_at != Some(cell.summary.oldest_enqueued_at) {
+                return Err(format!("summary of cell {key:?} out of date"));
+            }
+            let best = times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
+            if best.to_bits() != cell.summary.best_time_ms.to_bits() {
+                return Err(format!("best processing time of cell {key:?} out of date"));
             }
             if times != cell.times {
                 return Err(format!("processing-time keys of cell {key:?} out of date"));
