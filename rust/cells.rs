@@ -8,6 +8,8 @@
 //! of the estimate, and a key per time band multiplied the cells by forty. Instead each cell
 //! tracks its best (smallest) processing-time key, which bounds the factor exactly.
 
+use std::sync::OnceLock;
+
 /// Classes per doubling of the token estimate.
 pub const CLASSES_PER_OCTAVE: f64 = 8.0;
 /// Receive counts from this one on share a retry class (their retry factor is the 0.1 floor).
@@ -50,6 +52,19 @@ pub fn token_class(tokens: u64) -> u16 {
     }
 }
 
+// `token_class(u64::MAX)` = 1 + floor(8 · 64) = 513.
+const MAX_TOKEN_CLASS: u16 = 513;
+
+fn compute_token_range(token_class: u16) -> (f64, f64) {
+    if token_class == 0 {
+        return (0.0, 0.0);
+    }
+    let c = f64::from(token_class);
+    let lo = ((c - 1.0) / CLASSES_PER_OCTAVE).exp2() * (1.0 - RANGE_MARGIN);
+    let hi = (c / CLASSES_PER_OCTAVE).exp2() * (1.0 + RANGE_MARGIN);
+    (lo.max(1.0), hi)
+}
+
 impl CellKey {
     /// The cell of a message with these attributes.
     pub fn for_message(priority: u8, receive_count: u32, tokens: u64) -> Self {
@@ -70,13 +85,13 @@ impl CellKey {
 
     /// An interval `[lo, hi]` that contains every token estimate of this cell.
     pub fn token_range(&self) -> (f64, f64) {
-        if self.token_class == 0 {
-            return (0.0, 0.0);
-        }
-        let c = f64::from(self.token_class);
-        let lo = ((c - 1.0) / CLASSES_PER_OCTAVE).exp2() * (1.0 - RANGE_MARGIN);
-        let hi = (c / CLASSES_PER_OCTAVE).exp2() * (1.0 + RANGE_MARGIN);
-        (lo.max(1.0), hi)
+        // Selection asks for every cell's range on every dequeue: look it up, not exp2 it.
+        static RANGES: OnceLock<Vec<(f64, f64)>> = OnceLock::new();
+        let ranges = RANGES.get_or_init(|| (0..=MAX_TOKEN_CLASS).map(compute_token_range).collect());
+        ranges
+            .get(usize::from(self.token_class))
+            .copied()
+            .unwrap_or_else(|| compute_token_range(self.token_class))
     }
 }
 
