@@ -109,8 +109,13 @@ class ProcessableMessage(Generic[T]):
 
             actual_tokens = validate_token_count(actual_tokens, "actual_tokens")
         self._settle("mark it processed")
+        dispatcher = self._dispatcher
         try:
-            await self._dispatcher._storage.delete_message(self.message.attributes.receipt_handle)
+            if dispatcher._native:
+                # The in-memory store's core directly: the same call without a coroutine.
+                dispatcher._selector.delete(self.message.attributes.receipt_handle)
+            else:
+                await dispatcher._storage.delete_message(self.message.attributes.receipt_handle)
         except BaseException:
             self._settled = False
             raise
@@ -202,10 +207,9 @@ class LLMQueueDispatcher(Generic[T]):
             self.config.max_candidates_to_evaluate,
         )
         self._breakdown_names = (*FACTOR_NAMES, *(scorer.name for scorer in self._custom_scorers))
-        self._native = isinstance(storage, InMemoryStorage)
-        self._selector: Any = (
-            storage.core if isinstance(storage, InMemoryStorage) else CandidateBuffer(self.config.clock)
-        )
+        # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
+        self._native = type(storage) is InMemoryStorage
+        self._selector: Any = storage.core if self._native else CandidateBuffer(self.config.clock)
         self._clock = self.config.clock
         self._metrics = MetricsRecorder(self.config.metrics_retention)
         self._in_flight: dict[str, ProcessableMessage[T]] = {}
@@ -226,7 +230,10 @@ class LLMQueueDispatcher(Generic[T]):
     # -- queue operations ----------------------------------------------------------------------
     async def enqueue(self, request: Any) -> QueueMessage[T]:
         """Stores ``request``; wakes a waiting `dequeue`."""
-        message = await self._storage.enqueue(request)
+        if self._native:
+            message: QueueMessage[T] = self._selector.enqueue(request)
+        else:
+            message = await self._storage.enqueue(request)
         self._notify()
         return message
 
@@ -266,16 +273,17 @@ class LLMQueueDispatcher(Generic[T]):
 
     def _select(self, rate_limiter: RateLimiter) -> ProcessableMessage[T] | None:
         started = time.perf_counter()
-        reserve = self.config.reserve_budget
-        custom_fn = self._custom_fn(rate_limiter)
+        config = self.config
+        reserve = config.reserve_budget
+        custom_fn = self._custom_fn(rate_limiter) if self._custom_scorers else None
         selector = self._selector
-        if isinstance(rate_limiter, LLMThrottle):
+        if type(rate_limiter) is LLMThrottle:
             picked = selector.dispatch_native(
                 rate_limiter,
                 self._scoring_params,
                 custom_fn,
-                self.config.visibility_timeout,
-                self.config.min_score_threshold,
+                config.visibility_timeout,
+                config.min_score_threshold,
                 reserve,
             )
         else:
@@ -299,7 +307,7 @@ class LLMQueueDispatcher(Generic[T]):
         if picked is None:
             return None
         message, total, breakdown = picked
-        score = MessageScore(total=total, breakdown=dict(zip(self._breakdown_names, breakdown, strict=True)))
+        score = MessageScore.of(total, dict(zip(self._breakdown_names, breakdown, strict=True)))
         now = self._now()
         processable = ProcessableMessage(self, message, score, rate_limiter, reserve, now)
         self._in_flight[message.payload.id] = processable
@@ -371,7 +379,7 @@ class LLMQueueDispatcher(Generic[T]):
         ):
             self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_loop())
         if timeout is None:
-            return await self._try_dequeue(rate_limiter)
+            return self._select(rate_limiter) if self._native else await self._try_dequeue(rate_limiter)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._changed is None:

@@ -198,6 +198,14 @@ class MessageScore:
     total: float
     breakdown: dict[str, float]
 
+    @classmethod
+    def of(cls, total: float, breakdown: dict[str, float]) -> MessageScore:
+        """The same as ``MessageScore(total, breakdown)`` without the frozen ``__init__``'s
+        per-field ``object.__setattr__``: the dispatcher builds one per dequeue."""
+        score = object.__new__(cls)
+        score.__dict__.update(total=total, breakdown=breakdown)
+        return score
+
 
 # Weight field names double as the breakdown keys; keep the two lists in step.
 assert tuple(f.name for f in fields(ScoringWeights)) == FACTOR_NAMES
