@@ -209,7 +209,11 @@ class LLMQueueDispatcher(Generic[T]):
         self._breakdown_names = (*FACTOR_NAMES, *(scorer.name for scorer in self._custom_scorers))
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
         self._native = type(storage) is InMemoryStorage
-        self._selector: Any = storage.core if self._native else CandidateBuffer(self.config.clock)
+        self._selector: Any = (
+            storage.core
+            if isinstance(storage, InMemoryStorage) and self._native
+            else CandidateBuffer(self.config.clock)
+        )
         self._clock = self.config.clock
         self._metrics = MetricsRecorder(self.config.metrics_retention)
         self._in_flight: dict[str, ProcessableMessage[T]] = {}
