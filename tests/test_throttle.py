@@ -459,3 +459,8 @@ def test_available_in_is_exact_at_any_scale(tpm: float, start: float, first: flo
     assert throttle.can_process(wanted).allowed
     assert throttle.consume("b", wanted)
     assert math.isinf(throttle.can_process(int(tpm) + 1).available_in)
+
+
+def test_token_capacity_is_the_token_bucket_size() -> None:
+    assert LLMThrottle(10, 500).token_capacity == 500
+    assert LLMThrottle(10, 500, burst_tpm=800).token_capacity == 800

@@ -230,6 +230,9 @@ class LLMThrottle:
     def restore_from_snapshot(self, snapshot: StateSnapshot) -> None:
         """Restores buckets and debt (validated first; the history is cleared)."""
     @property
+    def token_capacity(self) -> float:
+        """Capacity of the token bucket (``burst_tpm or tpm``): no larger estimate ever fits."""
+    @property
     def clock(self) -> Any:
         """The clock given at construction; None for the system monotonic clock."""
 

@@ -221,6 +221,8 @@ class LLMQueueDispatcher(Generic[T]):
         self._prefetch_task: asyncio.Task[None] | None = None
         self._stopped = False
         self._reported_unfittable: set[str] = set()
+        # Token capacity of the limiter last seen, for the unfittable count of the metrics.
+        self._last_capacity: float | None = None
 
     # -- time and wake-ups -------------------------------------------------------------------
     def _now(self) -> float:
@@ -383,7 +385,10 @@ class LLMQueueDispatcher(Generic[T]):
         ):
             self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_loop())
         if timeout is None:
-            return self._select(rate_limiter) if self._native else await self._try_dequeue(rate_limiter)
+            found = self._select(rate_limiter) if self._native else await self._try_dequeue(rate_limiter)
+            if found is None:
+                self._report_unfittable(rate_limiter)
+            return found
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._changed is None:
@@ -394,6 +399,7 @@ class LLMQueueDispatcher(Generic[T]):
             processable = await self._try_dequeue(rate_limiter)
             if processable is not None:
                 return processable
+            self._report_unfittable(rate_limiter)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -415,7 +421,7 @@ class LLMQueueDispatcher(Generic[T]):
         if smallest is not None:
             wait = rate_limiter.can_process(smallest).available_in
             if math.isinf(wait):
-                self._report_unfittable(rate_limiter)
+                pass  # nothing waiting can ever fit: only an enqueue or a mark changes that
             elif wait > 0:
                 candidates.append(wait)
             else:
@@ -424,7 +430,10 @@ class LLMQueueDispatcher(Generic[T]):
         return min(candidates) if candidates else math.inf
 
     def _report_unfittable(self, rate_limiter: RateLimiter) -> None:
+        """Logs, once each, the visible requests that exceed the limiter's token capacity (run
+        whenever a dequeue finds nothing, so they never wait unnoticed)."""
         capacity = self._token_capacity(rate_limiter)
+        self._last_capacity = capacity
         for request_id in self._selector.ids_above(capacity):
             if request_id not in self._reported_unfittable:
                 self._reported_unfittable.add(request_id)
@@ -437,6 +446,9 @@ class LLMQueueDispatcher(Generic[T]):
 
     @staticmethod
     def _token_capacity(rate_limiter: RateLimiter) -> float:
+        # LLMThrottle answers without building its metrics (which summarise its history).
+        if type(rate_limiter) is LLMThrottle:
+            return rate_limiter.token_capacity
         return float(rate_limiter.get_metrics().tpm.limit)
 
     async def take_unfittable(self, rate_limiter: RateLimiter) -> list[QueueMessage[T]]:
@@ -447,6 +459,8 @@ class LLMQueueDispatcher(Generic[T]):
         """
         capacity = self._token_capacity(rate_limiter)
         taken: list[QueueMessage[T]] = self._selector.take_above(capacity, self.config.visibility_timeout)
+        for message in taken:
+            self._reported_unfittable.discard(message.payload.id)
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -511,6 +525,9 @@ class LLMQueueDispatcher(Generic[T]):
             throughput=self._metrics.throughput(now),
             dead_lettered=0,
             failed=self._metrics.failed,
+            unfittable_messages=(
+                0 if self._last_capacity is None else len(self._selector.ids_above(self._last_capacity))
+            ),
         )
 
     async def get_queue_metrics(self) -> QueueMetrics:

@@ -63,6 +63,9 @@ class QueueMetricsReport(_Report):
     throughput: Throughput = field(default_factory=Throughput)
     dead_lettered: int = 0
     failed: int = 0
+    #: Visible messages whose estimate exceeds the token capacity of the limiter last used:
+    #: they can never be dispatched (see `LLMQueueDispatcher.take_unfittable`).
+    unfittable_messages: int = 0
 
 
 @dataclass(frozen=True)

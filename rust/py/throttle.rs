@@ -692,6 +692,12 @@ impl PyThrottle {
         self.with_state(py, |state, _| state.restore(&core))?.map_err(|e| to_py_err(py, e))
     }
 
+    /// Capacity of the token bucket (`burst_tpm or tpm`): no estimate above it ever fits.
+    #[getter]
+    fn token_capacity(&self) -> f64 {
+        self.state.lock().tokens().capacity()
+    }
+
     /// The clock given at construction (None for the system monotonic clock).
     #[getter]
     fn clock(&self, py: Python<'_>) -> Option<Py<PyAny>> {
