@@ -175,3 +175,10 @@ def test_counts_and_introspection() -> None:
 def test_dead_letter_must_be_a_store_core() -> None:
     with pytest.raises(InvalidConfigError, match="dead_letter"):
         StoreCore(dead_letter=InMemoryStorage())  # type: ignore[arg-type]
+
+
+def test_a_dead_letter_target_must_be_an_in_memory_storage() -> None:
+    from llm_queue_dispatcher import InMemoryStorage, InvalidConfigError
+
+    with pytest.raises(InvalidConfigError):
+        InMemoryStorage(dead_letter="elsewhere")  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from .._core import StoreCore
+from ..errors import InvalidConfigError
 from ..types import LLMRequest, QueueMessage
 from .base import QueueAttributes, QueueStorageAdapter
 
@@ -45,6 +46,8 @@ class InMemoryStorage(QueueStorageAdapter[T]):
         dead_letter: InMemoryStorage[Any] | None = None,
         message_retention: float = 345_600.0,
     ) -> None:
+        if dead_letter is not None and not isinstance(dead_letter, InMemoryStorage):
+            raise InvalidConfigError(f"dead_letter must be an InMemoryStorage or None, got {dead_letter!r}")
         self._dead_letter = dead_letter
         self.core: StoreCore = StoreCore(
             clock=clock,
