@@ -42,7 +42,10 @@ def stream(prefix: str) -> Iterator[LLMRequest[int]]:
 
 
 def depths(config: pytest.Config) -> list[int]:
-    timing = not config.getoption("benchmark_disable", default=True)
+    # `make bench` passes --benchmark-enable on top of the --benchmark-disable of addopts.
+    timing = config.getoption("benchmark_enable", default=False) or not config.getoption(
+        "benchmark_disable", default=True
+    )
     return [1_000, 100_000, 1_000_000] if timing else [1_000, 10_000]
 
 
