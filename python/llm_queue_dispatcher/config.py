@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidConfigError
+from .storage.base import MAX_VISIBILITY_TIMEOUT
 
 if TYPE_CHECKING:
     from .scoring import ScoringConfig
 
 __all__ = ["LLMQueueDispatcherConfig"]
-
-# Longest visibility timeout a message may be given, as in SQS (12 hours).
-MAX_VISIBILITY_TIMEOUT = 43_200.0
 
 
 def _require_number(name: str, value: object, *, minimum: float, inclusive: bool = True) -> None:

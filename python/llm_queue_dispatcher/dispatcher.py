@@ -30,6 +30,7 @@ from .metrics import (
 )
 from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueStorageAdapter
+from .storage.base import MAX_VISIBILITY_TIMEOUT
 from .throttle import RateLimiter
 from .types import Priority, QueueMessage
 
@@ -128,7 +129,11 @@ class ProcessableMessage(Generic[T]):
         """Makes the message visible again after ``retry_after`` s (default at once) and refunds
         its reserved tokens. The store's dead-letter rule applies."""
         delay = 0.0 if retry_after is None else retry_after
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (0.0 <= delay <= 43_200.0):
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or not (0.0 <= delay <= MAX_VISIBILITY_TIMEOUT)
+        ):
             raise InvalidRequestError(
                 f"retry_after must be None or within [0, 43200] seconds, got {retry_after!r}"
             )
