@@ -50,9 +50,10 @@ pub trait CandidateIndex {
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary));
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`,
-    /// the group's token estimate, and its best processing time in ms (as `for_each_cell`):
-    /// enough to bound the group without touching its members.
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64));
+    /// the group's token estimate, its best processing time in ms (as `for_each_cell`), and
+    /// whether the group is a single run: enough to bound the group without touching its
+    /// members, and to skip looking for a next run that does not exist.
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
     fn next_in_run(&self, slot: u32) -> Option<u32>;
     /// The head of the run after `slot`'s in its group, if any.
@@ -241,7 +242,7 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
                 }
                 Kind::Cell { key, cell_wait } => {
                     let mut heads = Vec::new();
-                    self.index.for_each_group_head(&key, |slot, _, _| heads.push(slot));
+                    self.index.for_each_group_head(&key, |slot, _, _, _| heads.push(slot));
                     for slot in heads {
                         self.push_run_head(slot, key.priority, cell_wait, oldest);
                     }
@@ -289,7 +290,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
         if !beats(&best, static_bound + wait, oldest_at, seq) {
             return;
         }
-        index.for_each_group_head(key, |first, tokens, best_time_ms| {
+        index.for_each_group_head(key, |first, tokens, best_time_ms, single_run| {
             // A cheap bound from the group's key alone spares the members' cache lines.
             let bound = group_bound(weights, key, tokens, best_time_ms, context.available) + wait;
             if tokens as f64 > context.max_tokens || !beats(&best, bound, oldest_at, seq) {
@@ -310,7 +311,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 if beats(&best, candidate.base, candidate.enqueued_at, candidate.seq) {
                     best = Some(candidate);
                 }
-                head = index.next_run_head(slot);
+                head = if single_run { None } else { index.next_run_head(slot) };
             }
         });
     });
@@ -450,7 +451,7 @@ impl<P> CandidateIndex for crate::store::Store<P> {
         }
     }
 
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64)) {
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool)) {
         self.for_each_group_head_in(key, visit);
     }
 
@@ -550,7 +551,7 @@ mod tests {
                 visit(key, &summary);
             }
         }
-        fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64)) {
+        fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
             let mut groups: BTreeMap<u64, u32> = BTreeMap::new();
             for &slot in &self.cells[key] {
                 let order = self.order(slot);
@@ -560,7 +561,8 @@ mod tests {
                 }
             }
             for (tokens, slot) in groups {
-                visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])));
+                let single = self.next_run_head(slot).is_none();
+                visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])), single);
             }
         }
         fn next_in_run(&self, slot: u32) -> Option<u32> {

@@ -480,11 +480,14 @@ impl<P> Store<P> {
     /// Calls `visit` with the first member of every group of the visible cell `key`: a group
     /// holds the members with one token estimate, in runs of equal processing-time key (best
     /// processing-time factor first), each run oldest first.
-    /// Also passes the group's estimate and its best processing time in ms.
-    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64)) {
+    /// Also passes the group's estimate, its best processing time in ms, and whether all its
+    /// members share one processing-time key (a single run).
+    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
         for (&(_, tokens), members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
-            if let Some((&(time, _), &slot)) = members.first_key_value() {
-                visit(slot, tokens, f64::from_bits(time));
+            if let (Some((&(time, _), &slot)), Some((&(last, _), _))) =
+                (members.first_key_value(), members.last_key_value())
+            {
+                visit(slot, tokens, f64::from_bits(time), time == last);
             }
         }
     }
