@@ -12,7 +12,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use super::clock::ClockSource;
 use super::errors::to_py_err;
-use super::store::{build_message, PyStoreCore};
+use super::store::{build_view_message, MessageView, PyStoreCore};
 use super::throttle::{extract_token_count, PyThrottle};
 use crate::errors::CoreError;
 use crate::scoring::{validate_weight, Weights, FACTOR_NAMES};
@@ -20,7 +20,7 @@ use crate::select::{
     best_candidate, choose, collect, Candidate, Choice, Collected, IndexSearch, SearchContext,
     SortedCandidates,
 };
-use crate::store::{ReceiptHandle, Store};
+use crate::store::Store;
 use crate::throttle::Throttle;
 
 // How often one dispatch step starts over when the winner vanished or stopped fitting while
@@ -416,10 +416,15 @@ impl PyCandidateBuffer {
 
     /// Drops the message with this receipt handle (its lease was lost); True if it was there.
     fn discard(&self, handle: &str) -> bool {
-        let mut state = self.state.lock();
-        let before = state.items.len();
-        state.items.retain(|item| item.handle != handle);
-        state.items.len() != before
+        let removed: Vec<Buffered> = {
+            let mut state = self.state.lock();
+            let (gone, kept) =
+                std::mem::take(&mut state.items).into_iter().partition(|item| item.handle == handle);
+            state.items = kept;
+            gone
+        };
+        // Dropped unlocked: releasing the last reference may run finalizers.
+        !removed.is_empty()
     }
 
     fn __len__(&self) -> usize {
@@ -534,9 +539,9 @@ impl PyCandidateBuffer {
     }
 
     fn __clear__(&self) {
-        if let Some(mut state) = self.state.try_lock() {
-            state.items.clear();
-        }
+        let items = self.state.try_lock().map(|mut state| std::mem::take(&mut state.items));
+        // Dropped unlocked: releasing the last reference may run finalizers.
+        drop(items);
     }
 }
 
@@ -573,18 +578,21 @@ impl Pool for PyStoreCore {
             } else {
                 collect(&mut IndexSearch::new(&*store, context), limit)
             };
-            let messages: Vec<PyResult<Py<PyAny>>> = if want_messages {
+            let views: Vec<MessageView> = if want_messages {
                 collected
                     .iter()
-                    .map(|item| build_message(py, store.message(item.candidate.slot), None))
+                    .map(|item| MessageView::of(py, store.message(item.candidate.slot), None))
                     .collect()
             } else {
                 Vec::new()
             };
-            Ok((collected, messages))
+            Ok((collected, views))
         })
-        .and_then(|(collected, messages)| {
-            Ok((collected, messages.into_iter().collect::<PyResult<Vec<_>>>()?))
+        .and_then(|(collected, views)| {
+            // Built unlocked: see `build_view_message`.
+            let messages =
+                views.iter().map(|view| build_view_message(py, view)).collect::<PyResult<Vec<_>>>()?;
+            Ok((collected, messages))
         })
     }
 
@@ -594,16 +602,14 @@ impl Pool for PyStoreCore {
         candidate: &Candidate,
         visibility_timeout: f64,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let built = self.with_store(py, |store, now| {
+        let view = self.with_store(py, |store, now| {
             if !still_visible(store, candidate) {
                 return Ok(None);
             }
             let handle = store.receive_slot(candidate.slot, visibility_timeout, now)?;
-            let mut buffer = [0u8; ReceiptHandle::LEN];
-            let handle = handle.encode_into(&mut buffer);
-            Ok(Some(build_message(py, store.message(candidate.slot), Some(handle))))
+            Ok(Some(MessageView::of(py, store.message(candidate.slot), Some(handle))))
         })?;
-        built.transpose()
+        view.map(|view| build_view_message(py, &view)).transpose()
     }
 
     fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>> {
@@ -692,16 +698,15 @@ impl PyStoreCore {
     /// Receives every visible message whose estimate exceeds `capacity` (they can never be
     /// dispatched): the caller deletes them or fails them into the dead-letter queue.
     fn take_above(&self, py: Python<'_>, capacity: f64, visibility_timeout: f64) -> PyResult<Vec<Py<PyAny>>> {
-        let built = self.with_store(py, |store, now| {
+        let views = self.with_store(py, |store, now| {
             let mut out = Vec::new();
             for slot in slots_above(store, capacity) {
                 let handle = store.receive_slot(slot, visibility_timeout, now)?;
-                let mut buffer = [0u8; ReceiptHandle::LEN];
-                out.push(build_message(py, store.message(slot), Some(handle.encode_into(&mut buffer))));
+                out.push(MessageView::of(py, store.message(slot), Some(handle)));
             }
             Ok(out)
         })?;
-        built.into_iter().collect()
+        views.iter().map(|view| build_view_message(py, view)).collect()
     }
 }
 

@@ -202,18 +202,11 @@ fn build_list<'py>(py: Python<'py>, views: &[MessageView]) -> PyResult<Bound<'py
     PyList::new(py, items)
 }
 
-/// Builds the `QueueMessage` of a stored message (selection reuses this); `handle` None gives
-/// an empty `receipt_handle`. Runs no Python code besides object construction.
-// Not called here yet: the exact selection (rust/py/select.rs) builds its winner with it.
-#[allow(dead_code)]
-pub(crate) fn build_message(
-    py: Python<'_>,
-    message: &StoredMessage<Py<PyAny>>,
-    handle: Option<&str>,
-) -> PyResult<Py<PyAny>> {
-    let view = MessageView::of(py, message, None);
-    let handle = PyString::new(py, handle.unwrap_or(""));
-    Ok(build_from_parts(py, &view, handle, &mut DateCache::default())?.unbind())
+/// Builds the `QueueMessage` of a view copied under the lock (selection builds its messages
+/// with this after unlocking: constructing objects may run the garbage collector, and with it
+/// arbitrary finalizers that might call back into the store).
+pub(crate) fn build_view_message(py: Python<'_>, view: &MessageView) -> PyResult<Py<PyAny>> {
+    Ok(build_view(py, view, &mut DateCache::default())?.unbind())
 }
 
 // ----- validating requests -------------------------------------------------------------------
