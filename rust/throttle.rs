@@ -314,6 +314,7 @@ pub struct Throttle<M> {
     first_seq: u64,
     latest_by_id: HashMap<String, u64>,
     debt: f64,
+    evicted: Vec<M>,
 }
 
 impl<M> Throttle<M> {
@@ -330,6 +331,7 @@ impl<M> Throttle<M> {
             first_seq: 0,
             latest_by_id: HashMap::new(),
             debt: 0.0,
+            evicted: Vec::new(),
         })
     }
 
@@ -357,7 +359,21 @@ impl<M> Throttle<M> {
                 self.latest_by_id.remove(&record.request_id);
             }
             self.first_seq += 1;
+            self.evicted.push(record.metadata);
         }
+    }
+
+    /// Metadata of the records dropped since the last call, for the caller to release (a
+    /// binding drops Python objects only after unlocking: finalizers may run).
+    pub fn take_evicted(&mut self) -> Vec<M> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    fn evict_all(&mut self) {
+        let history = std::mem::take(&mut self.history);
+        self.evicted.extend(history.into_iter().map(|record| record.metadata));
+        self.latest_by_id.clear();
+        self.first_seq = 0;
     }
 
     /// The request bucket.
@@ -538,18 +554,14 @@ impl<M> Throttle<M> {
 
     /// Forgets every consumption record (no adjustment possible for them any more).
     pub fn clear_history(&mut self) {
-        self.history.clear();
-        self.latest_by_id.clear();
-        self.first_seq = 0;
+        self.evict_all();
     }
 
     /// Full buckets, no history, no debt.
     pub fn reset(&mut self, now: f64) {
         self.requests.reset(now);
         self.tokens.reset(now);
-        self.history.clear();
-        self.latest_by_id.clear();
-        self.first_seq = 0;
+        self.evict_all();
         self.debt = 0.0;
     }
 
@@ -617,9 +629,7 @@ impl<M> Throttle<M> {
         self.tokens.available = snapshot.tpm.available;
         self.tokens.last_refill = snapshot.tpm.last_refill;
         self.debt = snapshot.compensation_debt;
-        self.history.clear();
-        self.latest_by_id.clear();
-        self.first_seq = 0;
+        self.evict_all();
         Ok(())
     }
 }

@@ -424,9 +424,15 @@ impl PyThrottle {
         f: impl FnOnce(&mut Throttle<Metadata>, f64) -> R,
     ) -> PyResult<R> {
         let now = self.clock.now(py)?;
-        let mut state = self.state.lock();
-        state.advance(now);
-        Ok(f(&mut state, now))
+        let (result, evicted) = {
+            let mut state = self.state.lock();
+            state.advance(now);
+            let result = f(&mut state, now);
+            (result, state.take_evicted())
+        };
+        // Released unlocked: dropping the last reference to metadata may run finalizers.
+        drop(evicted);
+        Ok(result)
     }
 
     fn logger<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -740,8 +746,10 @@ impl PyThrottle {
     fn __clear__(&self) {
         // Metadata is the only Python state that can form a cycle through this object and be
         // dropped without changing what the throttle means: forget the history.
-        if let Some(mut state) = self.state.try_lock() {
+        let evicted = self.state.try_lock().map(|mut state| {
             state.clear_history();
-        }
+            state.take_evicted()
+        });
+        drop(evicted);
     }
 }
