@@ -635,11 +635,15 @@ impl PyStoreCore {
         reserve: bool,
     ) -> PyResult<Option<Dispatched>> {
         let custom_fn = custom_fn.filter(|f| !f.is_none());
+        let params = params.get();
+        if custom_fn.is_none() || params.custom_weights.is_empty() {
+            return self.dispatch_fused(py, throttle.get(), params, visibility_timeout, min_score, reserve);
+        }
         dispatch_with_throttle(
             py,
             self,
             throttle.get(),
-            params.get(),
+            params,
             custom_fn,
             visibility_timeout,
             min_score,
@@ -707,6 +711,48 @@ impl PyStoreCore {
             Ok(out)
         })?;
         views.iter().map(|view| build_view_message(py, view)).collect()
+    }
+}
+
+impl PyStoreCore {
+    /// The dispatch step without custom scorers, atomic: under the throttle's lock, then the
+    /// store's (the one order both are ever taken in), select the best admissible message,
+    /// reserve its budget and receive it. The message object is built after both are released.
+    fn dispatch_fused(
+        &self,
+        py: Python<'_>,
+        throttle: &PyThrottle,
+        params: &PyScoringParams,
+        visibility_timeout: f64,
+        min_score: f64,
+        reserve: bool,
+    ) -> PyResult<Option<Dispatched>> {
+        let picked = throttle.with_state(py, |limiter, limiter_now| {
+            let Some(budget) = throttle_budget(limiter) else { return Ok(None) };
+            self.with_store(py, |store, now| {
+                let context = SearchContext {
+                    weights: params.weights,
+                    now,
+                    available: budget.available,
+                    max_tokens: budget.max_tokens,
+                };
+                let Some(candidate) = best_candidate(&*store, &context) else { return Ok(None) };
+                if candidate.base < min_score {
+                    return Ok(None);
+                }
+                if reserve {
+                    let request_id = &store.message(candidate.slot).request_id;
+                    if !limiter.consume(limiter_now, request_id, candidate.tokens, None) {
+                        return Ok(None);
+                    }
+                }
+                let handle = store.receive_slot(candidate.slot, visibility_timeout, now)?;
+                Ok(Some((MessageView::of(py, store.message(candidate.slot), Some(handle)), candidate)))
+            })
+        })??;
+        let Some((view, candidate)) = picked else { return Ok(None) };
+        let message = build_view_message(py, &view)?;
+        Ok(Some((message, candidate.base, candidate.factors.to_vec())))
     }
 }
 
