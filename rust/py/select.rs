@@ -233,6 +233,35 @@ pub fn select_candidate(
     Ok(Some(PySelection { breakdown: breakdown(&choice), choice, request_id }))
 }
 
+/// `select` of both pools: the budget a limiter reports, then `select_candidate`.
+fn select_with_budget(
+    py: Python<'_>,
+    pool: &impl Pool,
+    available_tokens: f64,
+    available_requests: f64,
+    params: &PyScoringParams,
+    custom_fn: Option<&Bound<'_, PyAny>>,
+    min_score: f64,
+) -> PyResult<Option<PySelection>> {
+    if available_requests < 1.0 {
+        return Ok(None);
+    }
+    let budget = Budget { available: available_tokens, max_tokens: available_tokens };
+    select_candidate(py, pool, budget, params, custom_fn.filter(|f| !f.is_none()), min_score)
+}
+
+/// `take` of both pools: the selected message with its score, or None if it left.
+fn take_selection(
+    py: Python<'_>,
+    pool: &impl Pool,
+    selection: &PySelection,
+    visibility_timeout: f64,
+) -> PyResult<Option<Dispatched>> {
+    Ok(pool
+        .take(py, &selection.choice.candidate, visibility_timeout)?
+        .map(|message| (message, selection.choice.total, selection.breakdown.clone())))
+}
+
 /// A selected, not yet taken candidate (the non-native limiter path).
 #[pyclass(module = "llm_queue_dispatcher._core", name = "Selection", frozen)]
 pub struct PySelection {
@@ -468,11 +497,7 @@ impl PyCandidateBuffer {
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
     ) -> PyResult<Option<PySelection>> {
-        if available_requests < 1.0 {
-            return Ok(None);
-        }
-        let budget = Budget { available: available_tokens, max_tokens: available_tokens };
-        select_candidate(py, self, budget, params.get(), custom_fn.filter(|f| !f.is_none()), min_score)
+        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score)
     }
 
     /// Takes a selected candidate out: `(message, total, breakdown)`, or None if it left.
@@ -482,9 +507,7 @@ impl PyCandidateBuffer {
         selection: &Bound<'_, PySelection>,
         visibility_timeout: f64,
     ) -> PyResult<Option<Dispatched>> {
-        let selection = selection.get();
-        Ok(Pool::take(self, py, &selection.choice.candidate, visibility_timeout)?
-            .map(|message| (message, selection.choice.total, selection.breakdown.clone())))
+        take_selection(py, self, selection.get(), visibility_timeout)
     }
 
     /// Smallest estimate among buffered messages.
@@ -662,11 +685,7 @@ impl PyStoreCore {
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
     ) -> PyResult<Option<PySelection>> {
-        if available_requests < 1.0 {
-            return Ok(None);
-        }
-        let budget = Budget { available: available_tokens, max_tokens: available_tokens };
-        select_candidate(py, self, budget, params.get(), custom_fn.filter(|f| !f.is_none()), min_score)
+        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score)
     }
 
     /// Receives a selected candidate: `(message, total, breakdown)`, or None if it left.
@@ -677,9 +696,7 @@ impl PyStoreCore {
         selection: &Bound<'_, PySelection>,
         visibility_timeout: f64,
     ) -> PyResult<Option<Dispatched>> {
-        let selection = selection.get();
-        Ok(Pool::take(self, py, &selection.choice.candidate, visibility_timeout)?
-            .map(|message| (message, selection.choice.total, selection.breakdown.clone())))
+        take_selection(py, self, selection.get(), visibility_timeout)
     }
 
     /// A lower bound of the smallest estimate among visible messages (from the cells' ranges).
