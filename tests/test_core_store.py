@@ -182,3 +182,26 @@ def test_a_dead_letter_target_must_be_an_in_memory_storage() -> None:
 
     with pytest.raises(InvalidConfigError):
         InMemoryStorage(dead_letter="elsewhere")  # type: ignore[arg-type]
+
+
+def test_batch_building_leaves_the_garbage_collector_as_it_found_it() -> None:
+    import gc
+
+    from llm_queue_dispatcher import LLMRequest
+    from llm_queue_dispatcher._core import StoreCore
+
+    core = StoreCore()
+    assert gc.isenabled()
+    core.enqueue_batch([LLMRequest(f"a{i}", i) for i in range(10)])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        core.enqueue_batch([LLMRequest(f"b{i}", i) for i in range(10)])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    from llm_queue_dispatcher import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError):  # a bad request fails the whole batch
+        core.enqueue_batch([LLMRequest("c", 1), "not a request"])
+    assert gc.isenabled()
