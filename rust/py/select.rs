@@ -92,10 +92,30 @@ pub fn throttle_budget(state: &Throttle<Option<Py<PyAny>>>) -> Option<Budget> {
     Some(Budget { available: tokens.available(), max_tokens: max_tokens.max(-1.0) })
 }
 
+/// A candidate's message object, or what builds it: the store copies a view under its lock and
+/// builds the object only if a custom scorer is asked about it (the stopping rule often ends the
+/// evaluation after a few candidates).
+pub(crate) enum LazyMessage {
+    /// Already a Python object (the prefetch buffer holds them).
+    Built(Py<PyAny>),
+    /// A view of a stored message.
+    View(MessageView),
+}
+
+impl LazyMessage {
+    fn get(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Self::Built(message) => Ok(message.clone_ref(py)),
+            Self::View(view) => build_view_message(py, view),
+        }
+    }
+}
+
 /// What a dispatch step needs from the place messages are selected from.
-pub trait Pool {
+pub(crate) trait Pool {
     /// Runs the search at the pool's `now` and collects up to `limit` candidates, best first;
-    /// with `want_messages`, also the Python message object of each (for custom scorers).
+    /// with `want_messages`, also what gives the Python message object of each (for custom
+    /// scorers; built only for the candidates actually evaluated).
     fn collect(
         &self,
         py: Python<'_>,
@@ -103,7 +123,7 @@ pub trait Pool {
         budget: Budget,
         limit: usize,
         want_messages: bool,
-    ) -> PyResult<(Vec<Collected>, Vec<Py<PyAny>>)>;
+    ) -> PyResult<(Vec<Collected>, Vec<LazyMessage>)>;
 
     /// Hands out `candidate` if it is still there (same slot and sequence number): the message
     /// object with its new receipt handle (store) or as buffered (buffer).
@@ -142,12 +162,12 @@ fn pick(
     params: &PyScoringParams,
     custom_fn: Option<&Bound<'_, PyAny>>,
     collected: &[Collected],
-    messages: &[Py<PyAny>],
+    messages: &[LazyMessage],
 ) -> PyResult<Option<Choice>> {
     match custom_fn {
         Some(custom_fn) if !params.custom_weights.is_empty() => {
             choose(collected, &params.custom_weights, |i, _| {
-                evaluate_custom(py, custom_fn, &messages[i], params.custom_weights.len())
+                evaluate_custom(py, custom_fn, &messages[i].get(py)?, params.custom_weights.len())
             })
         }
         _ => choose::<PyErr>(collected, &[], |_, _| Ok(Vec::new())),
@@ -163,7 +183,7 @@ fn breakdown(choice: &Choice) -> Vec<f64> {
 
 /// One dispatch step against an `LLMThrottle`: select, reserve (when `reserve`), receive.
 #[allow(clippy::too_many_arguments)]
-pub fn dispatch_with_throttle(
+pub(crate) fn dispatch_with_throttle(
     py: Python<'_>,
     pool: &impl Pool,
     throttle: &PyThrottle,
@@ -212,7 +232,7 @@ pub fn dispatch_with_throttle(
 
 /// The selection half of a dispatch step against any other rate limiter: the best candidate
 /// under `available` tokens, not yet taken. `(slot, seq, request_id, tokens, total, breakdown)`.
-pub fn select_candidate(
+pub(crate) fn select_candidate(
     py: Python<'_>,
     pool: &impl Pool,
     budget: Budget,
@@ -367,7 +387,7 @@ impl Pool for PyCandidateBuffer {
         budget: Budget,
         limit: usize,
         want_messages: bool,
-    ) -> PyResult<(Vec<Collected>, Vec<Py<PyAny>>)> {
+    ) -> PyResult<(Vec<Collected>, Vec<LazyMessage>)> {
         let now = self.clock.now(py)?;
         let state = self.state.lock();
         let context = SearchContext {
@@ -382,7 +402,10 @@ impl Pool for PyCandidateBuffer {
         );
         let collected = collect(&mut stream, limit);
         let messages = if want_messages {
-            collected.iter().map(|c| state.items[c.candidate.slot as usize].message.clone_ref(py)).collect()
+            collected
+                .iter()
+                .map(|c| LazyMessage::Built(state.items[c.candidate.slot as usize].message.clone_ref(py)))
+                .collect()
         } else {
             Vec::new()
         };
@@ -584,7 +607,7 @@ impl Pool for PyStoreCore {
         budget: Budget,
         limit: usize,
         want_messages: bool,
-    ) -> PyResult<(Vec<Collected>, Vec<Py<PyAny>>)> {
+    ) -> PyResult<(Vec<Collected>, Vec<LazyMessage>)> {
         self.with_store(py, |store, now| {
             let context = SearchContext {
                 weights: *weights,
@@ -601,21 +624,18 @@ impl Pool for PyStoreCore {
             } else {
                 collect(&mut IndexSearch::new(&*store, context), limit)
             };
-            let views: Vec<MessageView> = if want_messages {
+            // Views only: objects are built unlocked, and only when evaluated (`LazyMessage`).
+            let views: Vec<LazyMessage> = if want_messages {
                 collected
                     .iter()
-                    .map(|item| MessageView::of(py, store.message(item.candidate.slot), None))
+                    .map(|item| {
+                        LazyMessage::View(MessageView::of(py, store.message(item.candidate.slot), None))
+                    })
                     .collect()
             } else {
                 Vec::new()
             };
             Ok((collected, views))
-        })
-        .and_then(|(collected, views)| {
-            // Built unlocked: see `build_view_message`.
-            let messages =
-                views.iter().map(|view| build_view_message(py, view)).collect::<PyResult<Vec<_>>>()?;
-            Ok((collected, messages))
         })
     }
 
