@@ -70,6 +70,46 @@ fn holds(available: f64, count: f64) -> bool {
     available >= count
 }
 
+/// How close an estimate was, as the seed library's estimation accuracy counts it.
+fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
+    if estimated == 0 {
+        1.0
+    } else {
+        estimated.min(actual) as f64 / estimated.max(actual) as f64
+    }
+}
+
+/// Sums over the kept history, updated as records come and go, so metrics cost O(1) however
+/// long the history is.
+#[derive(Debug, Clone, Copy, Default)]
+struct HistoryTotals {
+    tokens: u128,
+    adjusted: usize,
+    accuracy_sum: f64,
+}
+
+impl HistoryTotals {
+    fn add<M>(&mut self, record: &ConsumptionRecord<M>) {
+        self.tokens += u128::from(record.tokens);
+        if let Some(actual) = record.actual_tokens {
+            self.adjusted += 1;
+            self.accuracy_sum += estimation_accuracy(record.estimated_tokens, actual);
+        }
+    }
+
+    fn remove<M>(&mut self, record: &ConsumptionRecord<M>) {
+        self.tokens -= u128::from(record.tokens);
+        if let Some(actual) = record.actual_tokens {
+            self.adjusted -= 1;
+            self.accuracy_sum -= estimation_accuracy(record.estimated_tokens, actual);
+        }
+        if self.adjusted == 0 {
+            // Float dust from the subtractions must not outlive the records it came from.
+            self.accuracy_sum = 0.0;
+        }
+    }
+}
+
 /// The smallest float above a positive `x`.
 fn next_up(x: f64) -> f64 {
     f64::from_bits(x.to_bits() + 1)
@@ -315,6 +355,7 @@ pub struct Throttle<M> {
     latest_by_id: HashMap<String, u64>,
     debt: f64,
     evicted: Vec<M>,
+    totals: HistoryTotals,
 }
 
 impl<M> Throttle<M> {
@@ -332,6 +373,7 @@ impl<M> Throttle<M> {
             latest_by_id: HashMap::new(),
             debt: 0.0,
             evicted: Vec::new(),
+            totals: HistoryTotals::default(),
         })
     }
 
@@ -355,6 +397,7 @@ impl<M> Throttle<M> {
 
     fn pop_oldest(&mut self) {
         if let Some(record) = self.history.pop_front() {
+            self.totals.remove(&record);
             if self.latest_by_id.get(&record.request_id) == Some(&self.first_seq) {
                 self.latest_by_id.remove(&record.request_id);
             }
@@ -370,6 +413,7 @@ impl<M> Throttle<M> {
     }
 
     fn evict_all(&mut self) {
+        self.totals = HistoryTotals::default();
         let history = std::mem::take(&mut self.history);
         self.evicted.extend(history.into_iter().map(|record| record.metadata));
         self.latest_by_id.clear();
@@ -448,6 +492,7 @@ impl<M> Throttle<M> {
             actual_tokens: None,
             compensation_debt: applied_debt,
         });
+        self.totals.tokens += u128::from(estimated);
         self.latest_by_id.insert(request_id.to_owned(), seq);
         while self.history.len() > self.config.max_history_records {
             self.pop_oldest();
@@ -493,8 +538,10 @@ impl<M> Throttle<M> {
             self.tokens.refund((recorded - actual) as f64);
         }
         let record = &mut self.history[index];
+        self.totals.remove(record);
         record.tokens = actual;
         record.actual_tokens = Some(actual);
+        self.totals.add(record);
         Ok(outcome)
     }
 
@@ -531,24 +578,18 @@ impl<M> Throttle<M> {
     /// Count, totals and estimation accuracy of the history.
     pub fn history_statistics(&self) -> HistoryStatistics {
         let count = self.history.len();
-        let total_tokens: u64 = self.history.iter().map(|record| record.tokens).sum();
-        let (sum, adjusted) = self
-            .history
-            .iter()
-            .filter_map(|record| record.actual_tokens.map(|actual| (record.estimated_tokens, actual)))
-            .fold((0.0, 0usize), |(sum, adjusted), (estimated, actual)| {
-                let accuracy = if estimated == 0 {
-                    1.0
-                } else {
-                    estimated.min(actual) as f64 / estimated.max(actual) as f64
-                };
-                (sum + accuracy, adjusted + 1)
-            });
+        let totals = self.totals;
+        // Token totals stay far below 2^64 in any real history; saturate rather than wrap.
+        let total_tokens = u64::try_from(totals.tokens).unwrap_or(u64::MAX);
         HistoryStatistics {
             count,
-            average_tokens_per_request: if count == 0 { 0.0 } else { total_tokens as f64 / count as f64 },
+            average_tokens_per_request: if count == 0 { 0.0 } else { totals.tokens as f64 / count as f64 },
             total_tokens,
-            estimation_accuracy: if adjusted == 0 { 1.0 } else { sum / adjusted as f64 },
+            estimation_accuracy: if totals.adjusted == 0 {
+                1.0
+            } else {
+                (totals.accuracy_sum / totals.adjusted as f64).clamp(0.0, 1.0)
+            },
         }
     }
 
@@ -822,6 +863,16 @@ mod tests {
                 t.advance(now);
                 prop_assert!(t.validate_state(now));
             }
+            // The running totals agree with a recount of the history.
+            let stats = t.history_statistics();
+            let recount: u64 = t.history().map(|r| r.tokens).sum();
+            let adjusted: Vec<f64> = t.history()
+                .filter_map(|r| r.actual_tokens.map(|a| estimation_accuracy(r.estimated_tokens, a)))
+                .collect();
+            prop_assert_eq!(stats.total_tokens, recount);
+            prop_assert_eq!(stats.count, t.history().len());
+            let expected = if adjusted.is_empty() { 1.0 } else { adjusted.iter().sum::<f64>() / adjusted.len() as f64 };
+            prop_assert!((stats.estimation_accuracy - expected).abs() < 1e-9);
             for (i, &(start, _, _)) in events.iter().enumerate() {
                 let (mut tokens, mut requests) = (0.0, 0.0);
                 for &(at, net, reqs) in &events[i..] {
