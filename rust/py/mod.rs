@@ -1,5 +1,6 @@
 //! The `PyO3` layer: thin `#[pyclass]` wrappers over the pure-Rust core, and the module itself.
 
+pub mod args;
 pub mod clock;
 pub mod errors;
 pub mod select;

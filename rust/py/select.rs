@@ -10,10 +10,11 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::{PyTraverseError, PyVisit};
 
+use super::args::token_count;
 use super::clock::ClockSource;
 use super::errors::to_py_err;
 use super::store::{build_view_message, MessageView, PyStoreCore};
-use super::throttle::{extract_token_count, PyThrottle};
+use super::throttle::PyThrottle;
 use crate::errors::CoreError;
 use crate::scoring::{validate_weight, Weights, FACTOR_NAMES};
 use crate::select::{
@@ -351,8 +352,7 @@ fn read_message(message: &Bound<'_, PyAny>) -> PyResult<(String, String, crate::
     if priority > 3 {
         return Err(CoreError::InvalidRequest(format!("priority must be within 0..3, got {priority}")).into());
     }
-    let tokens =
-        extract_token_count(&request.getattr("token_info")?.getattr("estimated")?, "token_info.estimated")?;
+    let tokens = token_count(&request.getattr("token_info")?.getattr("estimated")?, "token_info.estimated")?;
     let expected: Option<f64> = request.getattr("expected_processing_time")?.extract()?;
     let enqueued_at: f64 = attributes.getattr("enqueued_at")?.call_method0("timestamp")?.extract()?;
     // The buffer's own receive is not a retry: score the count as the store had it before, as

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDateTime, PyDict, PyFloat, PyInt, PyList, PyString, PyType, PyTzInfo};
+use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyType, PyTzInfo};
 use pyo3::{ffi, intern, PyTraverseError, PyVisit};
 
 use crate::errors::CoreError;
+use crate::py::args::{invalid_request, is_number, token_count};
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
 use crate::store::{
@@ -237,46 +238,8 @@ pub(crate) fn build_view_message(py: Python<'_>, view: &MessageView) -> PyResult
 
 // ----- validating requests -------------------------------------------------------------------
 
-fn invalid_request(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidRequest(message))
-}
-
 fn invalid_config(py: Python<'_>, message: String) -> PyErr {
     to_py_err(py, CoreError::InvalidConfig(message))
-}
-
-fn is_number(value: &Bound<'_, PyAny>) -> bool {
-    !value.is_instance_of::<PyBool>()
-        && (value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
-}
-
-/// `types.validate_token_count` in Rust, with the same messages.
-fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64> {
-    let py = value.py();
-    if !is_number(value) {
-        return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)));
-    }
-    if let Ok(float) = value.cast::<PyFloat>() {
-        let v = float.value();
-        if !v.is_finite() || v.fract() != 0.0 {
-            return Err(invalid_request(
-                py,
-                format!("{field} must be a finite integral count, got {}", value.repr()?),
-            ));
-        }
-        if v < 0.0 {
-            return Err(invalid_request(py, format!("{field} must be >= 0, got {}", value.repr()?)));
-        }
-        return Ok(v as u64);
-    }
-    match value.extract::<u64>() {
-        Ok(v) => Ok(v),
-        Err(_) if value.lt(0)? => {
-            Err(invalid_request(py, format!("{field} must be >= 0, got {}", value.repr()?)))
-        }
-        // Beyond u64: no budget will ever fit it; saturating keeps it last in every order.
-        Err(_) => Ok(u64::MAX),
-    }
 }
 
 /// Reads and checks the fields of an `LLMRequest` the store uses, with the messages of

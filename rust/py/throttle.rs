@@ -4,9 +4,10 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyString};
+use pyo3::types::{PyDict, PyFloat, PyInt};
 use pyo3::{PyTraverseError, PyVisit};
 
+use super::args::{extract_request_id, token_count};
 use super::clock::ClockSource;
 use super::errors::{invalid_config_error, to_py_err};
 use crate::errors::CoreError;
@@ -17,53 +18,6 @@ use crate::throttle::{
 
 // The seed library's estimate of one consumption record's footprint, kept for metric parity.
 const RECORD_SIZE_ESTIMATE: usize = 200;
-
-fn invalid_request(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidRequest(message))
-}
-
-/// Reads a token count: an int >= 0 (not a bool), or an integral finite float >= 0.
-pub fn extract_token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64> {
-    let py = value.py();
-    if let Ok(int) = value.cast::<PyInt>() {
-        if value.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)));
-        }
-        return int.extract::<u64>().map_err(|_| {
-            let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
-            invalid_request(py, format!("{field} must be an int >= 0 and below 2**64, got {shown}"))
-        });
-    }
-    if let Ok(float) = value.cast::<PyFloat>() {
-        let number = float.value();
-        if number.is_finite() && number >= 0.0 && number.fract() == 0.0 && number < 1.8e19 {
-            return Ok(number as u64);
-        }
-        return Err(invalid_request(
-            py,
-            format!("{field} must be a finite integral count >= 0, got {}", value.repr()?),
-        ));
-    }
-    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)))
-}
-
-/// Reads a request id: a non-empty str that is not only whitespace.
-pub fn extract_request_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
-    let py = value.py();
-    match value.cast::<PyString>() {
-        Ok(text) => {
-            let text = text.to_str()?;
-            if text.trim().is_empty() {
-                Err(invalid_request(py, format!("request_id must be a non-empty str, got {text:?}")))
-            } else {
-                Ok(text.to_owned())
-            }
-        }
-        Err(_) => {
-            Err(invalid_request(py, format!("request_id must be a non-empty str, got {}", value.repr()?)))
-        }
-    }
-}
 
 fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<f64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
@@ -450,7 +404,7 @@ impl PyThrottle {
         metadata: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Result<(), CheckResult>> {
         let request_id = extract_request_id(request_id)?;
-        let tokens = extract_token_count(estimated_tokens, "estimated_tokens")?;
+        let tokens = token_count(estimated_tokens, "estimated_tokens")?;
         let metadata = metadata.filter(|m| !m.is_none()).map(Bound::unbind);
         self.with_state(py, |state, now| {
             if state.consume(now, &request_id, tokens, metadata) {
@@ -518,7 +472,7 @@ impl PyThrottle {
 
     /// Whether a request of `estimated_tokens` would be admitted now, and if not, when.
     fn can_process(&self, py: Python<'_>, estimated_tokens: &Bound<'_, PyAny>) -> PyResult<PyCheckResult> {
-        let tokens = extract_token_count(estimated_tokens, "estimated_tokens")?;
+        let tokens = token_count(estimated_tokens, "estimated_tokens")?;
         self.with_state(py, |state, _| state.check(tokens).into())
     }
 
@@ -563,7 +517,7 @@ impl PyThrottle {
         actual_tokens: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let request_id = extract_request_id(request_id)?;
-        let actual = extract_token_count(actual_tokens, "actual_tokens")?;
+        let actual = token_count(actual_tokens, "actual_tokens")?;
         let outcome = self.with_state(py, |state, _| state.adjust(&request_id, actual))?;
         match outcome.map_err(|e| to_py_err(py, e))? {
             Adjustment::Applied => {}
