@@ -186,39 +186,36 @@ pub fn total(factors: &[f64; 6]) -> f64 {
     factors.iter().sum()
 }
 
-/// The score of every member of a group (one estimate `tokens` in cell `key`, best processing
-/// time `best_time_ms`) but for the wait factor: exact for its best run, an upper bound for the
-/// others.
-pub fn group_bound(weights: &Weights, key: &CellKey, tokens: u64, best_time_ms: f64, available: f64) -> f64 {
-    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
-    let tokens = tokens as f64;
+/// The part of every bound below that is fixed by the cell: priority, retry (the class is the
+/// receive count up to 6, and 7 stands for every count whose factor is the 0.1 floor), and the
+/// processing-time factor of `best_time_ms`, the smallest processing time among the members
+/// (the factor never rises with the duration), plus the slack that keeps bounds above scores.
+fn fixed_part(weights: &Weights, key: CellKey, best_time_ms: f64) -> f64 {
     weights.priority * priority_factor(key.priority)
-        + weights.efficiency * efficiency_factor(tokens, available)
-        + weights.retry * retry
-        + weights.token_fit * token_fit_factor(tokens, available)
+        + weights.retry * retry_factor(u32::from(key.retry_class))
         + weights.processing_time * processing_time_factor(best_time_ms)
         + BOUND_SLACK
 }
 
-/// A bound of a cell's static part that does not depend on the budget: the efficiency and
-/// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
-/// `best_time_ms` is the smallest processing time (in ms) among the cell's members.
-pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {
-    let ms_lo = best_time_ms;
-    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
-    weights.priority * priority_factor(key.priority)
-        + weights.retry * retry
-        + weights.efficiency
-        + weights.token_fit
-        + weights.processing_time * processing_time_factor(ms_lo)
-        + BOUND_SLACK
+/// The score of every member of a group (one estimate `tokens` in cell `key`, best processing
+/// time `best_time_ms`) but for the wait factor: exact for its best run, an upper bound for the
+/// others.
+pub fn group_bound(weights: &Weights, key: &CellKey, tokens: u64, best_time_ms: f64, available: f64) -> f64 {
+    let tokens = tokens as f64;
+    fixed_part(weights, *key, best_time_ms)
+        + weights.efficiency * efficiency_factor(tokens, available)
+        + weights.token_fit * token_fit_factor(tokens, available)
 }
 
-/// The part of a cell's upper bound that does not depend on time: priority, retry, the best
+/// A bound of a cell's static part that does not depend on the budget: the efficiency and
+/// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
+pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {
+    fixed_part(weights, *key, best_time_ms) + weights.efficiency + weights.token_fit
+}
+
+/// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best
 /// efficiency + token fit over the cell's token range (capped at `max_tokens`, the largest
-/// estimate the limiter admits now), and the processing-time factor of `best_time_ms`, the
-/// smallest processing time among its members.
-/// None when no member of the cell can be admitted.
+/// estimate the limiter admits now). None when no member of the cell can be admitted.
 pub fn static_cell_bound(
     weights: &Weights,
     key: &CellKey,
@@ -244,16 +241,7 @@ pub fn static_cell_bound(
             .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
             .fold(0.0, f64::max)
     };
-    // The processing-time factor never rises with the duration: best at the smallest time.
-    let ms_lo = best_time_ms;
-    let retry = if key.retry_class == 0 { 1.0 } else { retry_factor(u32::from(key.retry_class)) };
-    Some(
-        weights.priority * priority_factor(key.priority)
-            + weights.retry * retry
-            + budget_part
-            + weights.processing_time * processing_time_factor(ms_lo)
-            + BOUND_SLACK,
-    )
+    Some(fixed_part(weights, *key, best_time_ms) + budget_part)
 }
 
 #[cfg(test)]

@@ -105,6 +105,12 @@ enum Kind {
     Message(Candidate),
 }
 
+/// The selection order of `(score, enqueued_at, seq)` triples: `Greater` when `a` comes first
+/// (a higher score, then older, then a lower sequence number).
+fn rank(a: (f64, f64, u64), b: (f64, f64, u64)) -> Ordering {
+    a.0.total_cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)).then_with(|| b.2.cmp(&a.2))
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     key: f64,
@@ -116,10 +122,7 @@ struct Entry {
 impl Entry {
     // Greater = comes out first: higher score, then older, then lower sequence number.
     fn rank(&self, other: &Self) -> Ordering {
-        self.key
-            .total_cmp(&other.key)
-            .then_with(|| other.enqueued_at.total_cmp(&self.enqueued_at))
-            .then_with(|| other.seq.cmp(&self.seq))
+        rank((self.key, self.enqueued_at, self.seq), (other.key, other.enqueued_at, other.seq))
     }
 }
 
@@ -209,18 +212,23 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
 /// The exact candidate of the member in `slot`, or None when its estimate is not admissible.
 fn score_member(index: &impl CandidateIndex, context: &SearchContext, slot: u32) -> Option<Candidate> {
     let traits = index.traits(slot);
-    if traits.tokens as f64 > context.max_tokens {
-        return None;
+    (traits.tokens as f64 <= context.max_tokens)
+        .then(|| Candidate::scored(context, slot, &traits, index.seq(slot)))
+}
+
+impl Candidate {
+    /// The message in `slot` with its exact weighted factors under `context`.
+    fn scored(context: &SearchContext, slot: u32, traits: &MessageTraits, seq: u64) -> Self {
+        let factors = weighted_factors(&context.weights, traits, context.now, context.available);
+        Self {
+            slot,
+            factors,
+            base: total(&factors),
+            tokens: traits.tokens,
+            enqueued_at: traits.enqueued_at,
+            seq,
+        }
     }
-    let factors = weighted_factors(&context.weights, &traits, context.now, context.available);
-    Some(Candidate {
-        slot,
-        factors,
-        base: total(&factors),
-        tokens: traits.tokens,
-        enqueued_at: traits.enqueued_at,
-        seq: index.seq(slot),
-    })
 }
 
 impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
@@ -266,15 +274,10 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
     // (score, enqueued_at, seq) beats `best` in the order candidates are ranked.
-    let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| match best {
-        None => true,
-        Some(b) => {
-            score
-                .total_cmp(&b.base)
-                .then_with(|| b.enqueued_at.total_cmp(&enqueued_at))
-                .then_with(|| b.seq.cmp(&seq))
-                == Ordering::Greater
-        }
+    let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| {
+        best.is_none_or(|b| {
+            rank((score, enqueued_at, seq), (b.base, b.enqueued_at, b.seq)) == Ordering::Greater
+        })
     };
     index.for_each_cell(|key, cell| {
         let (oldest_at, seq, best_time_ms) = (cell.oldest_enqueued_at, cell.oldest_seq, cell.best_time_ms);
@@ -333,21 +336,9 @@ impl SortedCandidates {
         let mut sorted: Vec<Candidate> = messages
             .into_iter()
             .filter(|(_, traits, _)| traits.tokens as f64 <= context.max_tokens)
-            .map(|(slot, traits, seq)| {
-                let factors = weighted_factors(&context.weights, &traits, context.now, context.available);
-                Candidate {
-                    slot,
-                    factors,
-                    base: total(&factors),
-                    tokens: traits.tokens,
-                    enqueued_at: traits.enqueued_at,
-                    seq,
-                }
-            })
+            .map(|(slot, traits, seq)| Candidate::scored(context, slot, &traits, seq))
             .collect();
-        sorted.sort_by(|a, b| {
-            b.base.total_cmp(&a.base).then(a.enqueued_at.total_cmp(&b.enqueued_at)).then(a.seq.cmp(&b.seq))
-        });
+        sorted.sort_by(|a, b| rank((b.base, b.enqueued_at, b.seq), (a.base, a.enqueued_at, a.seq)));
         Self { sorted, next: 0 }
     }
 }

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, LLMThrottle, ScoringParams
 from .config import LLMQueueDispatcherConfig
-from .errors import InvalidRequestError, MessageStateError, UnknownRequestError
+from .errors import InvalidRequestError, MessageStateError, ReceiptHandleError, UnknownRequestError
 from .metrics import (
     InFlightDetail,
     MetricsRecorder,
@@ -32,7 +32,7 @@ from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, 
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 from .throttle import RateLimiter
-from .types import Priority, QueueMessage
+from .types import Priority, QueueMessage, validate_token_count
 
 __all__ = ["LLMQueueDispatcher", "ProcessableMessage"]
 
@@ -106,8 +106,6 @@ class ProcessableMessage(Generic[T]):
     async def mark_as_processed(self, actual_tokens: int | None = None) -> None:
         """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``."""
         if actual_tokens is not None:
-            from .types import validate_token_count
-
             actual_tokens = validate_token_count(actual_tokens, "actual_tokens")
         self._settle("mark it processed")
         dispatcher = self._dispatcher
@@ -268,8 +266,7 @@ class LLMQueueDispatcher(Generic[T]):
 
     # -- selection -----------------------------------------------------------------------------
     def _custom_fn(self, rate_limiter: RateLimiter) -> Any:
-        if not self._custom_scorers:
-            return None
+        """The callable Rust asks for custom scores (call only with custom scorers configured)."""
         scorers = self._custom_scorers
         context = ScoringContext.lazy(
             rate_limiter_metrics=rate_limiter.get_metrics(),
@@ -344,8 +341,6 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def _take_lease(self, processable: ProcessableMessage[T]) -> bool:
         """Renews the lease of a message leaving the buffer; False if someone else now holds it."""
-        from .errors import ReceiptHandleError
-
         try:
             await self._storage.update_visibility_timeout(
                 processable.message.attributes.receipt_handle, self.config.visibility_timeout
@@ -470,8 +465,6 @@ class LLMQueueDispatcher(Generic[T]):
 
     # -- prefetching and shutdown --------------------------------------------------------------
     async def _prefetch_loop(self) -> None:
-        from .errors import ReceiptHandleError
-
         while not self._stopped:
             try:
                 await self._fill_buffer()
@@ -493,8 +486,6 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def close(self) -> None:
         """Stops prefetching and releases buffered messages at once (visibility 0)."""
-        from .errors import ReceiptHandleError
-
         self.stop()
         for message in self._release_buffer_locally():
             with contextlib.suppress(ReceiptHandleError):
