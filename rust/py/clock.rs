@@ -5,7 +5,8 @@ use pyo3::prelude::*;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::clock::{monotonic_now, wall_now, ManualClock};
-use crate::py::errors::{invalid_config_error, to_py_err};
+use crate::errors::CoreError;
+use crate::py::errors::to_py_err;
 
 /// A clock that only moves when told to. Rust code reads it natively.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "ManualClock", frozen)]
@@ -79,10 +80,13 @@ impl ClockSource {
             return Ok(ClockSource::Callable(clock.clone().unbind()));
         }
         let py = clock.py();
-        Err(PyErr::from_value(invalid_config_error(py)?.call1((format!(
-            "clock must be a ManualClock or a callable returning seconds, got {}",
-            clock.repr()?
-        ),))?))
+        Err(to_py_err(
+            py,
+            CoreError::InvalidConfig(format!(
+                "clock must be a ManualClock or a callable returning seconds, got {}",
+                clock.repr()?
+            )),
+        ))
     }
 
     /// The current reading in seconds.
@@ -96,9 +100,9 @@ impl ClockSource {
                 if seconds.is_finite() {
                     Ok(seconds)
                 } else {
-                    Err(PyErr::from_value(
-                        invalid_config_error(py)?
-                            .call1((format!("clock returned a non-finite reading: {seconds}"),))?,
+                    Err(to_py_err(
+                        py,
+                        CoreError::InvalidConfig(format!("clock returned a non-finite reading: {seconds}")),
                     ))
                 }
             }

@@ -11,7 +11,7 @@ use crate::errors::CoreError;
 macro_rules! python_error_class {
     ($fn_name:ident, $class:literal) => {
         /// The Python class of the same name in `llm_queue_dispatcher.errors`.
-        pub fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+        fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
             static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
             CLASS.import(py, "llm_queue_dispatcher.errors", $class)
         }

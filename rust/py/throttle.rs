@@ -4,12 +4,12 @@ use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyFloat, PyInt};
+use pyo3::types::{PyDict, PyInt};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::args::{extract_request_id, token_count};
+use super::args::{extract_request_id, is_number, token_count};
 use super::clock::ClockSource;
-use super::errors::{invalid_config_error, to_py_err};
+use super::errors::to_py_err;
 use crate::errors::CoreError;
 use crate::throttle::{
     Adjustment, AdjustmentFailureStrategy, BucketState, CheckResult, ConsumptionRecord, Snapshot, Throttle,
@@ -19,31 +19,24 @@ use crate::throttle::{
 // The seed library's estimate of one consumption record's footprint, kept for metric parity.
 const RECORD_SIZE_ESTIMATE: usize = 200;
 
+fn invalid_config(py: Python<'_>, message: String) -> PyErr {
+    to_py_err(py, CoreError::InvalidConfig(message))
+}
+
 fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<f64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
-    let py = value.py();
-    if value.is_instance_of::<pyo3::types::PyBool>()
-        || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
-    {
-        return Err(PyErr::from_value(
-            invalid_config_error(py)?.call1((format!("{field} must be a number, got {}", value.repr()?),))?,
-        ));
+    if !is_number(value) {
+        return Err(invalid_config(value.py(), format!("{field} must be a number, got {}", value.repr()?)));
     }
     Ok(Some(value.extract::<f64>()?))
 }
 
 fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let py = value.py();
-    if value.is_instance_of::<pyo3::types::PyBool>() || !value.is_instance_of::<PyInt>() {
-        return Err(PyErr::from_value(
-            invalid_config_error(py)?
-                .call1((format!("{field} must be an int >= 1, got {}", value.repr()?),))?,
-        ));
-    }
-    value.extract::<usize>().map_err(|_| {
-        let shown = value.repr().map(|r| r.to_string()).unwrap_or_default();
-        to_py_err(py, CoreError::InvalidConfig(format!("{field} must be an int >= 1, got {shown}")))
-    })
+    let shown = value.repr()?;
+    let count = (!value.is_instance_of::<pyo3::types::PyBool>() && value.is_instance_of::<PyInt>())
+        .then(|| value.extract::<usize>().ok())
+        .flatten();
+    count.ok_or_else(|| invalid_config(value.py(), format!("{field} must be an int >= 1, got {shown}")))
 }
 
 fn default_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
