@@ -446,9 +446,6 @@ class LLMQueueDispatcher(Generic[T]):
 
     @staticmethod
     def _token_capacity(rate_limiter: RateLimiter) -> float:
-        # LLMThrottle answers without building its metrics (which summarise its history).
-        if type(rate_limiter) is LLMThrottle:
-            return rate_limiter.token_capacity
         return float(rate_limiter.get_metrics().tpm.limit)
 
     async def take_unfittable(self, rate_limiter: RateLimiter) -> list[QueueMessage[T]]:
