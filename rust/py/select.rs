@@ -232,7 +232,7 @@ pub(crate) fn dispatch_with_throttle(
 }
 
 /// The selection half of a dispatch step against any other rate limiter: the best candidate
-/// under `available` tokens, not yet taken. `(slot, seq, request_id, tokens, total, breakdown)`.
+/// under `available` tokens, not yet taken.
 pub(crate) fn select_candidate(
     py: Python<'_>,
     pool: &impl Pool,
@@ -251,7 +251,7 @@ pub(crate) fn select_candidate(
         return Ok(None);
     }
     let Some(request_id) = pool.request_id(py, &choice.candidate)? else { return Ok(None) };
-    Ok(Some(PySelection { breakdown: breakdown(&choice), choice, request_id }))
+    Ok(Some(PySelection { choice, request_id }))
 }
 
 /// `select` of both pools: the budget a limiter reports, then `select_candidate`.
@@ -280,14 +280,13 @@ fn take_selection(
 ) -> PyResult<Option<Dispatched>> {
     Ok(pool
         .take(py, &selection.choice.candidate, visibility_timeout)?
-        .map(|message| (message, selection.choice.total, selection.breakdown.clone())))
+        .map(|message| (message, selection.choice.total, breakdown(&selection.choice))))
 }
 
 /// A selected, not yet taken candidate (the non-native limiter path).
 #[pyclass(module = "llm_queue_dispatcher._core", name = "Selection", frozen)]
 pub struct PySelection {
     pub(crate) choice: Choice,
-    pub(crate) breakdown: Vec<f64>,
     /// The winner's request id.
     #[pyo3(get)]
     pub request_id: String,
@@ -310,7 +309,7 @@ impl PySelection {
     /// Its weighted factors, then its weighted custom scores.
     #[getter]
     fn breakdown(&self) -> Vec<f64> {
-        self.breakdown.clone()
+        breakdown(&self.choice)
     }
 
     fn __repr__(&self) -> String {
