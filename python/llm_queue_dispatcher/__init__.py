@@ -7,10 +7,14 @@ from .errors import (
     DuplicateRequestError,
     InvalidConfigError,
     InvalidRequestError,
+    LimiterUnavailableError,
     LLMQueueDispatcherError,
     MessageStateError,
+    PayloadTooLargeError,
+    PermanentError,
     RateLimitError,
     ReceiptHandleError,
+    RetryableError,
     StorageError,
     UnknownRequestError,
 )
@@ -34,12 +38,15 @@ from .metrics import (
     ProcessingMetrics,
     QueueMetrics,
     QueueMetricsReport,
+    TenantMetrics,
     Throughput,
     WaitTimePercentiles,
 )
+from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .scoring import FACTOR_NAMES, CustomScorer, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueAttributes, QueueStorageAdapter
 from .throttle import (
+    AsyncRateLimiter,
     BucketMetrics,
     BucketState,
     CompensationMetrics,
@@ -57,6 +64,7 @@ from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenI
 
 __all__ = [
     "FACTOR_NAMES",
+    "AsyncRateLimiter",
     "BucketMetrics",
     "BucketState",
     "CompensationMetrics",
@@ -74,15 +82,19 @@ __all__ = [
     "LLMRequest",
     "LLMThrottle",
     "LatencyPercentiles",
+    "LimiterUnavailableError",
     "ManualClock",
     "MemoryMetrics",
     "MessageAttributes",
     "MessageScore",
     "MessageStateError",
+    "PayloadTooLargeError",
     "PerformanceMetrics",
+    "PermanentError",
     "Priority",
     "ProcessableMessage",
     "ProcessingMetrics",
+    "ProviderLimits",
     "QueueAttributes",
     "QueueMessage",
     "QueueMetrics",
@@ -93,11 +105,13 @@ __all__ = [
     "RateLimitMetrics",
     "RateLimiter",
     "ReceiptHandleError",
+    "RetryableError",
     "ScoringConfig",
     "ScoringContext",
     "ScoringWeights",
     "StateSnapshot",
     "StorageError",
+    "TenantMetrics",
     "Throughput",
     "TokenInfo",
     "UnknownRequestError",
@@ -115,4 +129,5 @@ __all__ = [
     "create_simple_priority_queue",
     "create_throughput_optimized_llm_queue_dispatcher",
     "create_throughput_optimized_queue",
+    "parse_rate_limit_headers",
 ]

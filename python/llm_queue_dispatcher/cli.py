@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ._core import LLMThrottle, ManualClock
+from ._core import LLMThrottle, ManualClock, __version__
 
 __all__ = ["main"]
 
@@ -87,15 +88,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmqd", description="llm-queue-dispatcher command line")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _register_throttle_demo(commands: Any) -> None:
     demo = commands.add_parser("throttle-demo", help="show the RPM/TPM limiter admitting a burst of requests")
     demo.add_argument("--rpm", type=_positive, default=30.0, help="requests per minute (default 30)")
     demo.add_argument("--tpm", type=_positive, default=20_000.0, help="tokens per minute (default 20000)")
     demo.add_argument("--requests", type=_count, default=12, help="requests in the burst (default 12)")
     demo.add_argument("--tokens", type=_count, default=2_500, help="tokens per request (default 2500)")
     demo.set_defaults(run=_throttle_demo)
+
+
+def _register_simulate(commands: Any) -> None:
     simulate = commands.add_parser(
         "simulate", help="dispatch a synthetic workload under RPM/TPM limits and compare strategies"
     )
@@ -123,6 +125,20 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     simulate.set_defaults(run=_simulate)
+
+
+#: Each subcommand registers itself here: ``register(commands)`` adds its parser and sets
+#: ``run`` to a function of the parsed arguments returning the exit status. A command whose
+#: module needs an optional dependency imports it inside ``run``, so ``llmqd --help`` needs none.
+_COMMANDS: tuple[Callable[[Any], None], ...] = (_register_throttle_demo, _register_simulate)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmqd", description="llm-queue-dispatcher command line")
+    parser.add_argument("--version", action="version", version=f"llmqd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for register in _COMMANDS:
+        register(commands)
     return parser
 
 

@@ -7,9 +7,13 @@ __all__ = [
     "InvalidConfigError",
     "InvalidRequestError",
     "LLMQueueDispatcherError",
+    "LimiterUnavailableError",
     "MessageStateError",
+    "PayloadTooLargeError",
+    "PermanentError",
     "RateLimitError",
     "ReceiptHandleError",
+    "RetryableError",
     "StorageError",
     "UnknownRequestError",
 ]
@@ -61,3 +65,36 @@ class RateLimitError(LLMQueueDispatcherError):
 
 class StorageError(LLMQueueDispatcherError):
     """A storage backend failed. The message is not lost: it stays where it was."""
+
+
+class LimiterUnavailableError(StorageError):
+    """A shared rate limiter could not be reached. It fails closed: nothing was granted."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """A serialised payload is larger than the store accepts; nothing was sent or stored."""
+
+
+class RetryableError(LLMQueueDispatcherError):
+    """Raised by a handler: the call failed but may succeed later.
+
+    ``retry_after`` (seconds, e.g. a provider's ``Retry-After``) overrides the worker's backoff.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_retryable, (type(self), str(self), self.retry_after))
+
+
+def _rebuild_retryable(cls: type[RetryableError], message: str, retry_after: float | None) -> RetryableError:
+    return cls(message, retry_after=retry_after)
+
+
+class PermanentError(LLMQueueDispatcherError):
+    """Raised by a handler: the request can never succeed; it is dead-lettered at once."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)

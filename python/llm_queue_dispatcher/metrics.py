@@ -20,6 +20,7 @@ __all__ = [
     "ProcessingMetrics",
     "QueueMetrics",
     "QueueMetricsReport",
+    "TenantMetrics",
     "Throughput",
     "WaitTimePercentiles",
 ]
@@ -66,6 +67,8 @@ class QueueMetricsReport(_Report):
     #: Visible messages whose estimate exceeds the token capacity of the limiter last used:
     #: they can never be dispatched (see `LLMQueueDispatcher.take_unfittable`).
     unfittable_messages: int = 0
+    #: Requests removed unsent because their ``deadline`` had passed (``drop_expired``).
+    expired_deadlines: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,27 @@ class PerformanceMetrics(_Report):
 
 
 @dataclass(frozen=True)
+class TenantMetrics(_Report):
+    """One tenant's share of the queue (a request's ``tenant``; None is the tenant ``""``)."""
+
+    visible: int = 0
+    in_flight: int = 0
+    #: Tokens charged to the tenant over the fairness window (estimates, corrected to actual
+    #: counts at the marks): what ``fair_priority`` ranks tenants by.
+    tokens_in_window: float = 0.0
+    #: Tokens of the tenant's requests marked processed (actual where known).
+    tokens_served: int = 0
+    wait_time_percentiles: WaitTimePercentiles = field(default_factory=WaitTimePercentiles)
+
+
+@dataclass(frozen=True)
 class QueueMetrics(_Report):
     """Everything `LLMQueueDispatcher.get_queue_metrics()` reports."""
 
     queue: QueueMetricsReport
     processing: ProcessingMetrics
     performance: PerformanceMetrics
+    tenants: dict[str, TenantMetrics] = field(default_factory=dict)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -1,7 +1,11 @@
-"""The rate limiter: `LLMThrottle` (Rust), its factory, and the `RateLimiter` protocol.
+"""The rate limiter: `LLMThrottle` (Rust), its factory, and the `RateLimiter` protocols.
 
-Any object with the protocol's four methods can gate a dispatcher; `LLMThrottle` additionally
-takes a native fast path in which selection and budget reservation happen in one Rust call.
+Any object with the `RateLimiter` protocol's four methods can gate a dispatcher; `LLMThrottle`
+additionally takes a native fast path in which selection and budget reservation happen in one
+Rust call. A limiter whose methods are coroutines (`AsyncRateLimiter`, such as
+`llm_queue_dispatcher.redis.RedisThrottle`) works too. Both may offer ``release(request_id)``,
+which gives a reservation back whole (its tokens and its request); without it the dispatcher
+falls back to ``adjust_consumption(request_id, 0)``, which refunds the tokens only.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._core import (
 
 __all__ = [
     "AdjustmentFailureStrategy",
+    "AsyncRateLimiter",
     "BucketMetrics",
     "BucketState",
     "CompensationMetrics",
@@ -58,6 +63,29 @@ class RateLimiter(Protocol):
         ...
 
     def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        """Corrects the tokens taken for ``request_id`` to ``actual_tokens``."""
+        ...
+
+
+@runtime_checkable
+class AsyncRateLimiter(Protocol):
+    """The `RateLimiter` protocol with coroutine methods: a limiter shared through a server."""
+
+    async def can_process(self, estimated_tokens: int) -> Any:
+        """Like `RateLimiter.can_process`: ``.allowed``, ``.reason``, ``.available_in``."""
+        ...
+
+    async def get_metrics(self) -> Any:
+        """Like `RateLimiter.get_metrics`: ``.tpm.available``, ``.tpm.limit``, ``.rpm``."""
+        ...
+
+    async def consume(
+        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> bool:
+        """Takes one request and ``estimated_tokens``, all or nothing."""
+        ...
+
+    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         """Corrects the tokens taken for ``request_id`` to ``actual_tokens``."""
         ...
 

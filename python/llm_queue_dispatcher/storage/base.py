@@ -36,6 +36,7 @@ visibility changes must each be atomic in the backend (a Lua script, a condition
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ T = TypeVar("T")
 MAX_VISIBILITY_TIMEOUT = 43_200.0
 
 _PURGE_BATCH = 100
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,30 @@ class QueueStorageAdapter(ABC, Generic[T]):
                 f"{len(failed)} of {len(receipt_handles)} receipt handles are unknown or no longer "
                 f"current: {failed!r}"
             )
+
+    async def dead_letter_message(self, message: QueueMessage[T]) -> None:
+        """Moves a received message to the dead-letter target now, without waiting for its
+        receives to run out (a handler raised `PermanentError`).
+
+        ``message.attributes.receipt_handle`` must be current (else `ReceiptHandleError`, and
+        nothing changes). The message counts in ``QueueAttributes.dead_lettered``; without a
+        dead-letter target it is dropped and counted, as the ``max_receive_count`` rule does.
+
+        The default enqueues the request into ``self.dead_letter`` when the adapter has such an
+        attribute holding another `QueueStorageAdapter`, then deletes the message here. A
+        failure of that enqueue (`DuplicateRequestError`, `StorageError`) propagates and leaves
+        the message where it was: nothing is lost. Adapters override it to do both in one atomic
+        step and to count it.
+        """
+        target = getattr(self, "dead_letter", None)
+        if isinstance(target, QueueStorageAdapter):
+            await target.enqueue(message.payload)
+        else:
+            _LOGGER.error(
+                "request %r dead-lettered with no dead-letter store configured: dropped",
+                message.payload.id,
+            )
+        await self.delete_message(message.attributes.receipt_handle)
 
     async def get_queue_attributes(self) -> QueueAttributes:
         """Queue counters. The default knows only the visible count; backends should override."""

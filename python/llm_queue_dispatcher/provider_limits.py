@@ -1,0 +1,197 @@
+"""What a provider says of its own rate limits, read from the headers of a response.
+
+Both limiters (`LLMThrottle` and `redis.RedisThrottle`) learn from it through
+``sync_from_headers(headers)``, with one meaning:
+
+* ``retry_after`` (``retry-after`` / ``retry-after-ms``, seconds or an HTTP date) becomes
+  ``penalize(retry_after)``: nothing is granted until then.
+* ``requests_remaining`` / ``tokens_remaining`` lower what the limiter believes its request and
+  token buckets hold: each bucket is cut to at most the provider's figure at once, and until the
+  provider's reset (``requests_reset`` / ``tokens_reset``, seconds from now) it can hold no more
+  than that figure minus what was granted since. So the limiter never believes it has more than
+  the provider says remains. Without a reset figure the cut happens once and the bucket refills
+  as usual.
+
+Headers understood (case-insensitive):
+
+* OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; resets are durations such
+  as ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``.
+* Anthropic: ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (resets are
+  RFC 3339 instants), falling back to ``anthropic-ratelimit-input-tokens-*`` when the combined
+  token headers are absent.
+* ``retry-after`` (seconds or an HTTP date) and ``retry-after-ms``.
+
+Malformed values are ignored: a provider's header never makes a worker fail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+__all__ = ["ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    """The provider's view of its limits; None where a response did not say.
+
+    Resets and ``retry_after`` are seconds from the moment the headers were read.
+    """
+
+    requests_limit: float | None = None
+    requests_remaining: float | None = None
+    requests_reset: float | None = None
+    tokens_limit: float | None = None
+    tokens_remaining: float | None = None
+    tokens_reset: float | None = None
+    retry_after: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when the headers said nothing this module understands."""
+        return all(getattr(self, name) is None for name in self.__dataclass_fields__)
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds of an OpenAI-style duration (``"6m0s"``, ``"20ms"``, ``"1.5"``); None if malformed."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        plain = float(text)
+    except ValueError:
+        pass
+    else:
+        return plain if math.isfinite(plain) and plain >= 0 else None
+    position = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    return total if position == len(text) and math.isfinite(total) else None
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _instant_in(value: str | None, now: float) -> float | None:
+    """Seconds from ``now`` until an RFC 3339 instant (Anthropic's resets); None if malformed."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=timezone.utc)
+    return max(0.0, instant.timestamp() - now)
+
+
+def _retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    milliseconds = _number(headers.get("retry-after-ms"))
+    if milliseconds is not None:
+        return milliseconds / 1000.0
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        instant = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=timezone.utc)
+    return max(0.0, instant.timestamp() - now)
+
+
+def _lowercase(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, str] = {}
+    for key, value in items:
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        if isinstance(key, str) and isinstance(value, str):
+            out[key.lower()] = value
+    return out
+
+
+def parse_rate_limit_headers(
+    headers: Mapping[str, Any] | Iterable[tuple[str, Any]], *, now: float | None = None
+) -> ProviderLimits:
+    """Reads OpenAI's and Anthropic's rate-limit headers and ``retry-after``.
+
+    ``headers`` is any mapping (``httpx.Headers``, a dict) or a sequence of pairs; ``now`` is the
+    wall-clock time in seconds used for absolute instants (default: ``time.time()``).
+
+    >>> limits = parse_rate_limit_headers({"x-ratelimit-remaining-tokens": "1200",
+    ...                                    "x-ratelimit-reset-tokens": "6m0s"})
+    >>> limits.tokens_remaining, limits.tokens_reset
+    (1200.0, 360.0)
+    """
+    h = _lowercase(headers)
+    now = time.time() if now is None else now
+
+    def duration(name: str) -> float | None:
+        value = h.get(name)
+        return None if value is None else parse_duration(value)
+
+    requests = (
+        _number(h.get("x-ratelimit-limit-requests")),
+        _number(h.get("x-ratelimit-remaining-requests")),
+        duration("x-ratelimit-reset-requests"),
+    )
+    tokens = (
+        _number(h.get("x-ratelimit-limit-tokens")),
+        _number(h.get("x-ratelimit-remaining-tokens")),
+        duration("x-ratelimit-reset-tokens"),
+    )
+    if all(v is None for v in requests):
+        requests = (
+            _number(h.get("anthropic-ratelimit-requests-limit")),
+            _number(h.get("anthropic-ratelimit-requests-remaining")),
+            _instant_in(h.get("anthropic-ratelimit-requests-reset"), now),
+        )
+    if all(v is None for v in tokens):
+        for prefix in ("anthropic-ratelimit-tokens", "anthropic-ratelimit-input-tokens"):
+            tokens = (
+                _number(h.get(f"{prefix}-limit")),
+                _number(h.get(f"{prefix}-remaining")),
+                _instant_in(h.get(f"{prefix}-reset"), now),
+            )
+            if any(v is not None for v in tokens):
+                break
+    return ProviderLimits(
+        requests_limit=requests[0],
+        requests_remaining=requests[1],
+        requests_reset=requests[2],
+        tokens_limit=tokens[0],
+        tokens_remaining=tokens[1],
+        tokens_reset=tokens[2],
+        retry_after=_retry_after(h, now),
+    )

@@ -1,0 +1,99 @@
+"""Reading providers' rate-limit headers (OpenAI, Anthropic, retry-after)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from llm_queue_dispatcher import (
+    InvalidRequestError,
+    LimiterUnavailableError,
+    PayloadTooLargeError,
+    PermanentError,
+    RetryableError,
+    StorageError,
+    parse_rate_limit_headers,
+)
+from llm_queue_dispatcher.provider_limits import parse_duration
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("0.5", 0.5), ("7", 7.0)],
+)
+def test_openai_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1s2", "-1s", "1x", "nan", "inf", "s"])
+def test_malformed_durations_are_none(text: str) -> None:
+    assert parse_duration(text) is None
+
+
+def test_openai_headers_any_case() -> None:
+    limits = parse_rate_limit_headers(
+        {
+            "X-RateLimit-Limit-Requests": "500",
+            "x-ratelimit-remaining-requests": "499",
+            "x-ratelimit-reset-requests": "120ms",
+            "x-ratelimit-limit-tokens": "30000",
+            "x-ratelimit-remaining-tokens": "29100",
+            "x-ratelimit-reset-tokens": "1.8s",
+        },
+        now=NOW,
+    )
+    assert (limits.requests_limit, limits.requests_remaining) == (500.0, 499.0)
+    assert limits.requests_reset == pytest.approx(0.12)
+    assert (limits.tokens_limit, limits.tokens_remaining) == (30000.0, 29100.0)
+    assert limits.tokens_reset == pytest.approx(1.8)
+    assert limits.retry_after is None
+    assert not limits.empty
+
+
+def test_anthropic_headers_and_input_token_fallback() -> None:
+    limits = parse_rate_limit_headers(
+        [
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50Z"),
+            ("anthropic-ratelimit-input-tokens-remaining", "1000"),
+            ("anthropic-ratelimit-input-tokens-reset", "2023-11-14T22:14:20+00:00"),
+            ("retry-after", "12"),
+        ],
+        now=NOW,
+    )
+    assert limits.requests_remaining == 49.0
+    assert limits.requests_reset == pytest.approx(30.0)
+    assert limits.tokens_remaining == 1000.0
+    assert limits.tokens_reset == pytest.approx(60.0)
+    assert limits.retry_after == 12.0
+
+
+def test_retry_after_forms() -> None:
+    assert parse_rate_limit_headers({"retry-after-ms": "1500"}).retry_after == 1.5
+    http_date = parse_rate_limit_headers({"Retry-After": "Tue, 14 Nov 2023 22:14:20 GMT"}, now=NOW)
+    assert http_date.retry_after == pytest.approx(60.0)
+    assert parse_rate_limit_headers({"retry-after": "soon"}).retry_after is None
+
+
+def test_garbage_is_ignored_not_raised() -> None:
+    limits = parse_rate_limit_headers(
+        {"x-ratelimit-remaining-tokens": "-5", "x-ratelimit-reset-tokens": "later", "retry-after": "nan"}
+    )
+    assert limits.empty
+
+
+def test_new_error_classes() -> None:
+    assert issubclass(LimiterUnavailableError, StorageError)
+    assert issubclass(PayloadTooLargeError, InvalidRequestError)
+    assert issubclass(PayloadTooLargeError, ValueError)
+    error = RetryableError("slow down", retry_after=2.5)
+    assert error.retry_after == 2.5
+    assert str(error) == "slow down"
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, RetryableError)
+    assert copy.retry_after == 2.5
+    assert RetryableError().retry_after is None
+    assert str(PermanentError("bad request")) == "bad request"
