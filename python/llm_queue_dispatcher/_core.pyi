@@ -1,9 +1,10 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, final
 
+from .provider_limits import ProviderLimits
 from .types import LLMRequest, QueueMessage
 
 __all__ = [
@@ -217,6 +218,16 @@ class LLMThrottle:
     def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         """Sets the latest consume of ``request_id`` to ``actual_tokens``: takes the extra (per
         the adjustment failure strategy when short) or refunds the difference."""
+    def release(self, request_id: str) -> None:
+        """Gives the latest reservation of ``request_id`` back whole (its tokens, its request, the
+        debt it paid); it no longer counts. `UnknownRequestError` when there is none."""
+    def penalize(self, seconds: float) -> None:
+        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``)."""
+    def sync_from_headers(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ProviderLimits:
+        """Lowers the buckets to what the provider's rate-limit headers say remains, until their
+        reset, and applies ``retry-after`` as a penalty; returns what was read."""
+    def apply_provider_limits(self, limits: ProviderLimits) -> None:
+        """`sync_from_headers` for figures already read."""
     def get_metrics(self) -> RateLimitMetrics:
         """Bucket use, efficiency, history statistics, memory and compensation."""
     def get_consumption_history(self) -> list[ConsumptionRecord]:

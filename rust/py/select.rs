@@ -82,7 +82,7 @@ pub struct Budget {
 
 /// The budget of an `LLMThrottle` now: None when no request can be admitted at all.
 pub fn throttle_budget(state: &Throttle<Option<Py<PyAny>>>) -> Option<Budget> {
-    if !state.requests().has(1.0) {
+    if state.penalty_left() > 0.0 || !state.requests().has(1.0) {
         return None;
     }
     let tokens = state.tokens();
