@@ -147,6 +147,21 @@ class ProcessableMessage(Generic[T]):
         self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
         self._dispatcher._on_settled(self, processed=False, tokens=0)
 
+    async def mark_as_dead_lettered(self, error: BaseException) -> None:
+        """Moves the message to the store's dead-letter target at once, whatever its receive
+        count (a handler's `PermanentError`), and refunds its reserved tokens. Without a
+        dead-letter target the store drops it and counts it, as its ``max_receive_count`` rule
+        does."""
+        self._settle("dead-letter it")
+        try:
+            await self._dispatcher._storage.dead_letter_message(self.message)
+        except BaseException:
+            self._settled = False
+            raise
+        self._adjust(0)
+        self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
+        self._dispatcher._on_settled(self, processed=False, tokens=0)
+
     async def update_visibility(self, seconds: float) -> None:
         """Keeps the message leased for ``seconds`` more, counted from now."""
         if self._settled:
