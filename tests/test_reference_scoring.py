@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
     LLMRequest,
@@ -32,6 +34,7 @@ from tests.reference.scoring import (
     token_fit_factor,
     total_score,
     wait_time_factor,
+    weighted_factors,
 )
 
 
@@ -126,6 +129,27 @@ def test_total_score_with_default_weights() -> None:
         weights=ContractWeights(),
     )
     assert score == pytest.approx(0.8448)
+
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@given(
+    priority=st.integers(0, 3),
+    tokens=st.integers(0, 10**6),
+    expected_processing_time=st.one_of(st.none(), st.floats(0.0, 100.0, allow_nan=False)),
+    age=st.floats(0.0, 1_000.0, allow_nan=False),
+    receive_count=st.integers(0, 20),
+    available=st.floats(-10.0, 1e6, allow_nan=False),
+    weights=st.tuples(*[unit] * 6).map(lambda values: ContractWeights(*values)),
+    custom=st.lists(st.tuples(unit, st.floats(-2.0, 2.0) | st.just(math.nan)), max_size=3).map(
+        lambda parts: [(f"c{i}", weight, raw) for i, (weight, raw) in enumerate(parts)]
+    ),
+)
+def test_total_score_is_the_sum_of_the_breakdown(**arguments: Any) -> None:
+    # total_score repeats the breakdown's six terms as one expression (it runs per message in the
+    # benchmarks' brute force); the two must agree to the last bit.
+    assert total_score(**arguments) == sum(weighted_factors(**arguments).values())
 
 
 def test_contract_weights_are_the_packages_defaults() -> None:
