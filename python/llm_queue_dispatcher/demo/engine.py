@@ -311,7 +311,7 @@ def _detail(
         "estimated_tokens": request.token_info.estimated,
         "actual_tokens": tokens,
         "attempt": job.message.attributes.receive_count,
-        "wait": round(job.dispatched_at - enqueued, 3),
+        "wait": round(max(0.0, job.dispatched_at - enqueued), 3),
         "in_provider": round(max(0.0, now - job.dispatched_at), 3),
         "score": {"total": job.score.total, "breakdown": dict(job.score.breakdown)},
         "reason": job.reason,
@@ -372,11 +372,15 @@ class DemoEngine:
         """Simulated seconds since the start."""
         return self.clock.now() - self.origin
 
-    def _advance_clock(self) -> float:
-        loop_now = asyncio.get_running_loop().time()
-        if self._loop_origin is None:
-            self._loop_origin = loop_now
-        target = self.origin + (loop_now - self._loop_origin) * self.speed
+    def _advance_clock(self, at: float | None = None) -> float:
+        """Moves the clock forward to ``at`` simulated seconds since the start, or by default to
+        the event loop's elapsed time times the speed; never backwards."""
+        if at is None:
+            loop_now = asyncio.get_running_loop().time()
+            if self._loop_origin is None:
+                self._loop_origin = loop_now
+            at = (loop_now - self._loop_origin) * self.speed
+        target = self.origin + at
         if target > self.clock.now():
             self.clock.set(target)
         return self.clock.now()
@@ -462,15 +466,16 @@ class DemoEngine:
             raise InvalidConfigError(
                 f"a burst of {count} would exceed {MAX_PENDING} waiting requests (now {fullest})"
             )
-        now = self._advance_clock()
+        now = self.clock.now()
         await self._enqueue([self._new_request(now, chosen) for _ in range(count)])
         return count
 
     # -- the loop ----------------------------------------------------------------------------
-    async def step(self) -> None:
-        """Moves the clock to the loop's time, enqueues due arrivals, settles due completions
-        and dispatches while each provider has room."""
-        now = self._advance_clock()
+    async def step(self, at: float | None = None) -> None:
+        """Moves the clock (to ``at`` simulated seconds since the start, default: the loop's
+        elapsed time times the speed), enqueues due arrivals, settles due completions and
+        dispatches while each provider has room."""
+        now = self._advance_clock(at)
         due: list[LLMRequest[Any]] = []
         while self._next_arrival <= now and len(due) < MAX_BURST:
             due.append(self._new_request(self._next_arrival))
@@ -520,9 +525,8 @@ class DemoEngine:
             lane.in_flight[request.id] = _Flight(job, done_at, fails, actual)
             lane._seq += 1
             heapq.heappush(lane.completions, (done_at, lane._seq, request.id))
-            lane.waits[int(request.priority)].append(
-                (now, job.dispatched_at - job.message.attributes.enqueued_at.timestamp())
-            )
+            waited = max(0.0, job.dispatched_at - job.message.attributes.enqueued_at.timestamp())
+            lane.waits[int(request.priority)].append((now, waited))
             lane.pending_estimate -= 1
             if lane.observer is not None:
                 lane.observer.record_dispatch(job, latency)

@@ -35,7 +35,7 @@ from ..errors import InvalidConfigError
 from ..prometheus import QueueCollector
 from .engine import DemoEngine, encode
 
-__all__ = ["DemoServer", "create_app", "serve"]
+__all__ = ["SERVER_KEY", "DemoServer", "create_app", "serve"]
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 HOST = "127.0.0.1"
@@ -214,11 +214,15 @@ async def _local_only(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
+#: Where `create_app` keeps the `DemoServer` in the application.
+SERVER_KEY = web.AppKey("llmqd_demo", DemoServer)
+
+
 def create_app(engine: DemoEngine, *, push_interval: float = 0.25) -> web.Application:
     """The aiohttp application of the demo over ``engine`` (started and stopped with the app)."""
     server = DemoServer(engine, push_interval=push_interval)
     app = web.Application(client_max_size=_MAX_BODY, middlewares=[_local_only])
-    app["demo"] = server
+    app[SERVER_KEY] = server
     app.on_startup.append(server.start)
     app.on_shutdown.append(server.shutdown)
     app.on_cleanup.append(server.cleanup)
