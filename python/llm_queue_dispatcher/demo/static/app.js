@@ -75,7 +75,8 @@ function buildLanes(strategies) {
       <p class="desc">${escapeHtml(strategy.description)}</p>
       <div class="stats"></div>
       <table class="waits"><thead><tr><th>wait (s)</th><th>p50</th><th>p95</th><th>p99</th></tr></thead><tbody></tbody></table>
-      <div class="section pending"><h3>Pending <span class="count"></span></h3><div class="depthbar"></div><div class="chips"></div></div>
+      <div class="section pending"><h3>Pending <span class="count"></span></h3><div class="depthbar"></div>
+        <div class="mix" title="waiting by priority"></div><div class="chips"></div></div>
       <div class="section processing"><h3>Processing <span class="count"></span></h3><div class="chips"></div></div>
       <div class="section completed"><h3>Completed <span class="count"></span></h3><div class="chips"></div></div>`;
     container.appendChild(lane);
@@ -90,6 +91,7 @@ function buildLanes(strategies) {
       stats: lane.querySelector(".stats"),
       waits: lane.querySelector(".waits tbody"),
       depthbar: lane.querySelector(".depthbar"),
+      mix: lane.querySelector(".pending .mix"),
       pending: section("pending"),
       processing: section("processing"),
       completed: section("completed"),
@@ -141,12 +143,19 @@ function renderLane(lane, data) {
   const total = data.pending.total;
   lane.depthbar.innerHTML = total === 0 ? "" : data.pending.by_priority.map((n, i) =>
     `<div style="width:${(100 * n) / total}%;background:${PRIORITY_COLORS[i]}" title="${state.info.priorities[i]}: ${n}"></div>`).join("");
-  lane.pending.count.textContent = `${fmt(total)} (${data.pending.by_priority.map((n) => fmt(n)).join(" / ")})`;
-  lane.processing.count.textContent = fmt(data.processing.total);
-  lane.completed.count.textContent = fmt(data.completed.total);
+  setCount(lane.pending, total, fmt(total));
+  lane.mix.innerHTML = data.pending.by_priority.map((n, i) =>
+    `<span style="color:${PRIORITY_COLORS[i]}">${state.info.priorities[i][0]}</span> ${fmt(n)}`).join(" · ");
+  setCount(lane.processing, data.processing.total, fmt(data.processing.total));
+  setCount(lane.completed, data.completed.total, fmt(data.completed.total));
   renderChips(lane, "pending", data.pending.head);
   renderChips(lane, "processing", data.processing.items);
   renderChips(lane, "completed", data.completed.items);
+}
+
+function setCount(section, total, text) {
+  section.count.textContent = text;
+  section.count.dataset.total = total;
 }
 
 // Keyed update: a chip still shown keeps its element, so it does not flicker or vanish under
