@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import json
 import math
 import random
@@ -89,6 +90,8 @@ STRATEGIES: dict[str, Strategy] = {
             "create_throughput_optimized_queue: budget use first",
             create_throughput_optimized_queue,
         ),
+        # TODO(issue 7): once `create_fair_priority_queue` is in the package, import it and add
+        # Strategy("fair_priority", "tenants share, URGENT first", create_fair_priority_queue),
     )
 }
 
@@ -265,7 +268,7 @@ class _Lane:
     failed_attempts: int = 0
     dropped_unfittable: int = 0
     shed: int = 0
-    pending_estimate: int = 0  # visible + in flight, as last measured, plus enqueued since
+    pending_estimate: int = 0  # visible messages: measured at each snapshot, tracked in between
     check_unfittable: bool = False
     observer: Any = None  # a prometheus WatchedQueue, when /metrics is served
     _seq: int = 0
@@ -540,7 +543,7 @@ class DemoEngine:
             metrics = await lane.dispatcher.get_queue_metrics()
             report = metrics.queue
             by_priority = [report.messages_by_priority.get(p.name, 0) for p in Priority]
-            lane.pending_estimate = report.approximate_number_of_messages + len(lane.in_flight)
+            lane.pending_estimate = report.approximate_number_of_messages
             head: list[dict[str, Any]] = []
             for priority in Priority:
                 if len(head) >= _HEAD:
@@ -551,7 +554,7 @@ class DemoEngine:
                     ):
                         head.append(lane.chip(message.payload))
             flights = sorted(lane.in_flight.values(), key=lambda f: f.job.dispatched_at, reverse=True)[:_HEAD]
-            recent = list(lane.recent.values())[-_HEAD:][::-1]
+            recent = list(itertools.islice(reversed(lane.recent.values()), _HEAD))
             limits = lane.limiter.get_metrics()
             lanes.append(
                 {
