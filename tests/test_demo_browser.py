@@ -145,6 +145,13 @@ def test_a_click_shows_the_score_breakdown_and_reason(page: tuple[Page, list[str
     parts = [float(value) for value in detail.locator(".breakdown td.value").all_inner_texts()]
     assert total == pytest.approx(sum(parts), abs=0.004)
     assert detail.locator(".reason").inner_text().startswith(f"score {total:.3f}")
+    # A waiting request has no score yet: the panel says so and shows what is known.
+    browser_page.locator('.lane[data-lane="fair"] .pending .chip').first.click()
+    browser_page.wait_for_function("document.querySelector('#detail .breakdown') === null")
+    assert "Waiting" in detail.inner_text()
+    assert "fair" in detail.locator("dd").all_inner_texts()
+    # The wait chart follows the chosen column.
+    browser_page.select_option("#wait-lane", label="throughput")
     assert errors == []
 
 
