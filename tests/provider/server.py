@@ -70,6 +70,15 @@ class _Bucket:
         return (self.capacity - self.level) / self.per_second
 
 
+async def _cancel_the_rest() -> None:
+    """Ends handlers still sleeping (a slow answer) before their loop closes."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def _prompt_tokens(body: dict[str, Any]) -> int:
     chars = 0
     for message in body.get("messages") or []:
@@ -247,6 +256,7 @@ class ProviderServer:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._close())
+            loop.run_until_complete(_cancel_the_rest())
             loop.close()
 
         self._thread = threading.Thread(target=serve, name="provider-server", daemon=True)
@@ -261,7 +271,7 @@ class ProviderServer:
     async def _open(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
