@@ -424,7 +424,7 @@ async def test_a_new_message_wakes_an_idle_worker_at_once() -> None:
     begun = time.monotonic()
     await fill(dispatcher, 1)
     await asyncio.wait_for(done.wait(), 2)
-    assert time.monotonic() - begun < 0.2
+    assert time.monotonic() - begun < 0.5  # woken by the enqueue, not by the 30 s idle timeout
     worker.stop()
     await asyncio.wait_for(run, 5)
 
