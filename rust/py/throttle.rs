@@ -364,7 +364,8 @@ impl PyStateSnapshot {
     }
 }
 
-type Metadata = Option<Py<PyAny>>;
+/// What a consumption record carries from Python: the caller's metadata, if any.
+pub type Metadata = Option<Py<PyAny>>;
 
 /// `LLMThrottle`: the dual token-bucket limiter, thread-safe.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "LLMThrottle", frozen)]

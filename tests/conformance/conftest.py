@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import InMemoryStorage, ManualClock, QueueStorageAdapter
-from tests.conformance.reference_adapter import ReferenceStorage
+from tests.reference.storage import ReferenceStorage
 
 StorageFactory = Callable[..., QueueStorageAdapter[Any]]
 
