@@ -320,7 +320,7 @@ async def test_429s_stay_few_after_the_first_ones(provider: ProviderServer, clie
     first = [at for at in provider.rate_limited_at if at < 0.5]
     later = [at for at in provider.rate_limited_at if at >= 0.5]
     assert len(first) >= 1  # the limiter's minute-sized burst did overrun the provider at first
-    assert len(later) <= 2, provider.rate_limited_at
+    assert len(later) <= 3, provider.rate_limited_at  # measured 0-1; without the sync, 170+ (below)
     assert worker.stats.retried == provider.statuses[429]
 
 
@@ -346,7 +346,7 @@ async def test_without_header_sync_and_penalty_429s_keep_coming(
         client, limiter, keys, concurrency=16, max_tokens=100, retry_base_delay=0.05, max_retry_delay=0.2
     )
     assert provider.successes == Counter({key: 1 for key in keys})
-    assert len([at for at in provider.rate_limited_at if at >= 0.5]) > 5
+    assert len([at for at in provider.rate_limited_at if at >= 0.5]) > 50
 
 
 async def test_a_slow_call_keeps_its_message_invisible(provider: ProviderServer, client: AsyncOpenAI) -> None:
