@@ -62,6 +62,7 @@ from .throttle import (
     create_llm_throttle,
 )
 from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo
+from .worker import Worker, WorkerStats
 
 __all__ = [
     "FACTOR_NAMES",
@@ -118,6 +119,8 @@ __all__ = [
     "TokenInfo",
     "UnknownRequestError",
     "WaitTimePercentiles",
+    "Worker",
+    "WorkerStats",
     "__version__",
     "create_fair_llm_queue_dispatcher",
     "create_fair_priority_queue",
