@@ -23,7 +23,7 @@ if not CHROMIUM.exists():
 
 from playwright.sync_api import Page
 
-STRATEGIES = ("default", "simple_priority", "fair", "throughput")
+from llm_queue_dispatcher.demo.engine import DEFAULT_STRATEGIES as STRATEGIES
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from .. import (
     ProcessableMessage,
     StateSnapshot,
     TokenInfo,
+    create_fair_priority_queue,
     create_fair_queue,
     create_llm_queue_dispatcher,
     create_simple_priority_queue,
@@ -90,8 +91,11 @@ STRATEGIES: dict[str, Strategy] = {
             "create_throughput_optimized_queue: budget use first",
             create_throughput_optimized_queue,
         ),
-        # TODO(issue 7): once `create_fair_priority_queue` is in the package, import it and add
-        # Strategy("fair_priority", "tenants share, URGENT first", create_fair_priority_queue),
+        Strategy(
+            "fair_priority",
+            "create_fair_priority_queue: URGENT first, then the tenant with the least recent use",
+            create_fair_priority_queue,
+        ),
     )
 }
 
