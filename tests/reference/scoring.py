@@ -3,9 +3,12 @@
 Source: /work/shared/API.md, "Scoring" (the six factor functions, `A` = the limiter's available
 tokens, custom scores clamped to [0, 1] with NaN as 0) and "Dispatcher" (the highest total among
 the admissible messages wins, ties go to the older message, then to the earlier enqueue; nothing
-below ``min_score_threshold``). Every formula is the contract's, verbatim, so the dispatcher's
-exact selection can be checked against it (tests/test_dispatcher_exact.py, tests/test_prefetch.py)
-and the benchmarks' plain-Python brute force dispatches with it (benches/compare.py).
+below ``min_score_threshold``), and "Scheduling under overload" for ``hold_budget``
+(`reference_hold_select`: every message that fits the token capacity is ranked with `A` = the
+capacity; the best one goes when the limiter admits it now, else the dispatcher holds for it).
+Every formula is the contract's, verbatim, so the dispatcher's exact selection can be checked
+against it (tests/test_dispatcher_exact.py, tests/test_prefetch.py, tests/policies/) and the
+benchmarks' plain-Python brute force dispatches with it (benches/compare.py).
 
 It imports nothing from ``llm_queue_dispatcher``: the brute force must run even where the package
 cannot be imported, and a reference should not borrow the values it checks (the default weights
@@ -33,6 +36,8 @@ __all__ = [
     "priority_factor",
     "processing_time_factor",
     "reference_breakdown",
+    "reference_hold_select",
+    "reference_ranking",
     "reference_select",
     "reference_total",
     "retry_factor",
@@ -276,3 +281,55 @@ def reference_select(
     if best is None or best[0][0] < min_score_threshold:
         return None
     return best[1]
+
+
+def reference_ranking(
+    messages: Iterable[QueueMessage[Any]],
+    *,
+    now: float,
+    available: float,
+    weights: Weights,
+    eligible: Callable[[int], bool],
+    custom: Callable[[QueueMessage[Any]], Sequence[CustomPart]] = lambda message: (),
+) -> list[tuple[float, QueueMessage[Any]]]:
+    """``(total, message)`` of every message whose estimate is ``eligible``, best first by
+    `selection_key` (``messages`` in enqueue order)."""
+    keyed = []
+    for order, message in enumerate(messages):
+        if not eligible(message.payload.token_info.estimated):
+            continue
+        total = reference_total(
+            message, now=now, available=available, weights=weights, custom=custom(message)
+        )
+        keyed.append((selection_key(total, message.attributes.enqueued_at.timestamp(), order), message))
+    keyed.sort(key=lambda item: item[0], reverse=True)
+    return [(key[0], message) for key, message in keyed]
+
+
+def reference_hold_select(
+    messages: Iterable[QueueMessage[Any]],
+    *,
+    now: float,
+    capacity: float,
+    weights: Weights,
+    can_process: Callable[[int], bool],
+    custom: Callable[[QueueMessage[Any]], Sequence[CustomPart]] = lambda message: (),
+    min_score_threshold: float = 0.0,
+) -> tuple[QueueMessage[Any], bool] | None:
+    """The decision with ``hold_budget=True``: among ``messages`` whose estimate fits the token
+    ``capacity``, scored with `A` = ``capacity``, the best by `selection_key`; returned with
+    whether ``can_process`` admits it now (False: the dispatcher holds for it and hands out
+    nothing). None when no message fits the capacity or the best total is below
+    ``min_score_threshold``."""
+    winner = reference_select(
+        messages,
+        now=now,
+        available=capacity,
+        weights=weights,
+        can_process=lambda tokens: tokens <= capacity,
+        custom=custom,
+        min_score_threshold=min_score_threshold,
+    )
+    if winner is None:
+        return None
+    return winner, can_process(winner.payload.token_info.estimated)
