@@ -1,0 +1,230 @@
+"""The ``fair_priority`` ranking by example: charge corrections at the marks change who goes next
+(a tenant whose request failed is not charged for it), tenant weights, the window, URGENT
+charged too, and the ``reason`` of each kind of choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_queue_dispatcher import (
+    FairPriorityConfig,
+    LLMQueueDispatcher,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    ProcessableMessage,
+)
+from tests.policies.support import Limiter, Store, limiter_for, make_dispatcher, make_store, request
+
+STORES = ["memory", "external"]
+LIMITERS = ["native", "python"]
+
+
+class Fair:
+    """A fair dispatcher on a roomy limiter, and helpers to drive it."""
+
+    def __init__(self, store: Store, limiter: Limiter, **fair: object) -> None:
+        self.clock = ManualClock(1_000.0)
+        self.dispatcher: LLMQueueDispatcher[str] = make_dispatcher(
+            make_store(store, self.clock),
+            self.clock,
+            policy="fair_priority",
+            fair=FairPriorityConfig(reserve_tokens=0, **fair),  # type: ignore[arg-type]
+        )
+        self.limiter = limiter_for(limiter, LLMThrottle(6_000, 1_000_000, clock=self.clock))
+
+    async def add(self, request_id: str, tenant: str | None, tokens: int, **kwargs: object) -> None:
+        self.clock.advance(1.0)  # each request older than the next
+        await self.dispatcher.enqueue(request(request_id, tenant=tenant, tokens=tokens, **kwargs))  # type: ignore[arg-type]
+
+    async def next(self) -> ProcessableMessage[str]:
+        job = await self.dispatcher.dequeue(self.limiter)
+        assert job is not None
+        return job
+
+    async def usage(self) -> dict[str, float]:
+        return {
+            name: t.tokens_in_window
+            for name, t in (await self.dispatcher.get_queue_metrics()).tenants.items()
+        }
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+async def test_a_tenant_whose_request_failed_is_not_charged_for_it(store: Store, limiter: Limiter) -> None:
+    fair = Fair(store, limiter)
+    await fair.add("b0", "b", 10)
+    await (await fair.next()).mark_as_processed(actual_tokens=10)
+    await fair.add("b1", "b", 10)
+    await fair.add("a1", "a", 1_000)
+    await fair.add("b2", "b", 10)
+    first = await fair.next()
+    assert first.message.payload.id == "a1"  # "a" used less than "b"
+    assert await fair.usage() == {"a": 1_000, "b": 10}
+    await first.mark_as_failed(RuntimeError("retry"))
+    assert await fair.usage() == {"a": 0, "b": 10}
+    # Uncharged, "a" still used less than "b": a1 again, not b1.
+    again = await fair.next()
+    assert again.message.payload.id == "a1"
+    await again.mark_as_dead_lettered(RuntimeError("give up"))
+    assert await fair.usage() == {"a": 0, "b": 10}
+    # Dead-lettered: not charged either.
+    await fair.add("a2", "a", 10)
+    assert (await fair.next()).message.payload.id == "a2"
+    assert (await fair.next()).message.payload.id == "b1"
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+async def test_the_actual_count_at_a_mark_replaces_the_estimate(store: Store, limiter: Limiter) -> None:
+    fair = Fair(store, limiter)
+    await fair.add("a1", "a", 1_000)
+    await fair.add("b1", "b", 10)
+    await fair.add("b2", "b", 10)
+    await fair.add("a2", "a", 10)
+    a1 = await fair.next()
+    b1 = await fair.next()
+    assert (a1.message.payload.id, b1.message.payload.id) == ("a1", "b1")  # b used less
+    assert await fair.usage() == {"a": 1_000, "b": 10}
+    await a1.mark_as_processed(actual_tokens=5)
+    assert await fair.usage() == {"a": 5, "b": 10}
+    # "a" now used less than "b": its a2 goes before the older b2.
+    a2 = await fair.next()
+    assert a2.message.payload.id == "a2"
+    await b1.mark_as_processed(actual_tokens=10_000)  # more than estimated: charged in full
+    await a2.mark_as_processed()  # no actual count: the estimate stands
+    assert await fair.usage() == {"a": 15, "b": 10_000}
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_tenants_rank_by_use_per_weight(store: Store) -> None:
+    fair = Fair(store, "native", tenant_weights={"gold": 4.0, "": 0.5})
+    await fair.add("g1", "gold", 1_000)
+    await fair.add("s1", "silver", 300)
+    await fair.add("d1", None, 100)
+    await fair.add("g2", "gold", 10)
+    await fair.add("s2", "silver", 10)
+    await fair.add("d2", None, 10)
+    # Nobody has used anything: the oldest heads, in turn, while use per weight stays lower.
+    order = [(await fair.next()).message.payload.id for _ in range(3)]
+    assert order == ["g1", "s1", "d1"]
+    # Use per weight: gold 1000/4 = 250, silver 300/1 = 300, default 100/0.5 = 200.
+    order = [(await fair.next()).message.payload.id for _ in range(3)]
+    assert order == ["d2", "g2", "s2"]
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_use_leaves_the_ranking_after_the_fairness_window(store: Store) -> None:
+    fair = Fair(store, "native", fairness_window=30.0)
+    await fair.add("a1", "a", 500)
+    assert (await fair.next()).message.payload.id == "a1"
+    dispatched = fair.clock.now()
+    await fair.add("a2", "a", 10)
+    await fair.add("b1", "b", 10)
+    fair.clock.set(dispatched + 29.75)
+    assert (await fair.usage())["a"] == 500
+    b1 = await fair.next()
+    assert b1.message.payload.id == "b1"  # "a" still carries a1
+    await b1.mark_as_failed(RuntimeError("retry"))
+    fair.clock.set(dispatched + 30.0)  # a charge counts for exactly the window
+    assert (await fair.usage()).get("a", 0.0) == 0
+    assert (await fair.next()).message.payload.id == "a2"  # ties again: the older head
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_urgent_requests_go_first_and_are_charged(store: Store) -> None:
+    fair = Fair(store, "native")
+    await fair.add("a-normal", "a", 10)
+    await fair.add("b-normal", "b", 10)
+    await fair.add("b-urgent", "b", 700, priority=Priority.URGENT)
+    await fair.add("a-urgent", "a", 500, priority=Priority.URGENT)
+    first, second = await fair.next(), await fair.next()
+    assert [first.message.payload.id, second.message.payload.id] == ["b-urgent", "a-urgent"]
+    assert "URGENT first" in first.reason
+    assert await fair.usage() == {"a": 500, "b": 700}
+    assert (await fair.next()).message.payload.id == "a-normal"  # a used less
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_urgent_first_off_ranks_urgent_inside_its_tenant(store: Store) -> None:
+    fair = Fair(store, "native", urgent_first=False)
+    await fair.add("a1", "a", 100)
+    assert (await fair.next()).message.payload.id == "a1"
+    await fair.add("b1", "b", 10)
+    await fair.add("a-urgent", "a", 10, priority=Priority.URGENT)
+    # "a" has used tokens, "b" has not: b1 first, though a-urgent is URGENT.
+    assert (await fair.next()).message.payload.id == "b1"
+    assert (await fair.next()).message.payload.id == "a-urgent"
+
+
+@pytest.mark.parametrize("store", STORES)
+async def test_inside_a_tenant_priority_then_deadline_then_age(store: Store) -> None:
+    fair = Fair(store, "native")
+    t = fair.clock.now()
+    await fair.add("low", "a", 10, priority=Priority.LOW)
+    await fair.add("normal-late", "a", 10, deadline=t + 500)
+    await fair.add("normal-none", "a", 10)
+    await fair.add("normal-soon", "a", 10, deadline=t + 100)
+    await fair.add("normal-none-2", "a", 10)
+    await fair.add("high", "a", 10, priority=Priority.HIGH)
+    order = [(await fair.next()).message.payload.id for _ in range(6)]
+    assert order == ["high", "normal-soon", "normal-late", "normal-none", "normal-none-2", "low"]
+
+
+# --------------------------------------------------------------------------------------------
+# reason
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+async def test_reason_of_an_urgent_choice(store: Store, limiter: Limiter) -> None:
+    fair = Fair(store, limiter)
+    await fair.add("u", "acme", 10, priority=Priority.URGENT)
+    fair.clock.advance(4.5)
+    reason = (await fair.next()).reason
+    assert reason.startswith("fair_priority:")
+    assert "URGENT" in reason
+    assert "'acme'" in reason
+    assert "waited 4.5 s" in reason
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+async def test_reason_of_a_tenant_choice(store: Store, limiter: Limiter) -> None:
+    fair = Fair(store, limiter)
+    await fair.add("a1", "a", 1_200)
+    await (await fair.next()).mark_as_processed(actual_tokens=1_234)
+    await fair.add("a2", "a", 10)
+    await fair.add("b1", None, 10)
+    fair.clock.advance(2.0)
+    light = (await fair.next()).reason
+    assert "the default tenant" in light
+    assert "used 0 tokens" in light
+    assert "rank 1 of 2" in light
+    assert "NORMAL" in light
+    assert "aged" not in light
+    assert "waited 2.0 s" in light
+    heavy = (await fair.next()).reason
+    assert "'a'" in heavy
+    assert "used 1,234 tokens in the last 60 s" in heavy
+    assert "rank 1 of 1" in heavy
+    assert "waited 3.0 s" in heavy
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+async def test_reason_of_an_aged_choice(store: Store, limiter: Limiter) -> None:
+    fair = Fair(store, limiter, max_wait={Priority.LOW: 10.0})
+    await fair.add("old-low", "a", 10, priority=Priority.LOW)
+    await fair.add("normal", "a", 10)
+    fair.clock.advance(9.0)  # old-low has waited exactly 10 s: not longer than max_wait
+    first = await fair.next()
+    assert first.message.payload.id == "normal"
+    assert "aged" not in first.reason
+    await first.mark_as_failed(RuntimeError("retry"))
+    fair.clock.advance(0.25)  # now it has: it ranks as HIGH, ahead of the NORMAL one
+    aged = await fair.next()
+    assert aged.message.payload.id == "old-low"
+    assert "HIGH (aged from LOW)" in aged.reason
+    assert "waited 10.2 s" in aged.reason
