@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, 
 from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .types import LLMRequest, Priority, QueueMessage
+from .wakeup import Wakeup
 
 __all__ = ["LLMQueueDispatcher", "ProcessableMessage"]
 
@@ -50,10 +50,6 @@ _LOGGER = logging.getLogger("llm_queue_dispatcher")
 # often once the time-only bound says it could have (custom scores may change with anything).
 _CUSTOM_RECHECK = 1.0
 
-# Longest single sleep while waiting with nothing scheduled to change: a guard against a clock
-# that differs from the event loop's (a wall clock stepped back), never a polling interval.
-_MAX_SLEEP = 3600.0
-
 
 class _Picked(NamedTuple):
     """A message a dispatch step chose and took, with what explains the choice."""
@@ -63,52 +59,6 @@ class _Picked(NamedTuple):
     reason: str | None
     #: `(tenant id, charge id)` of a fair_priority dispatch, to correct at the mark.
     charge: tuple[int, int] | None
-
-
-class _Wakeup:
-    """Wakes waiting dequeues when something changes (an enqueue, a mark, a purge).
-
-    A version number closes the race between looking and sleeping: a wait that starts after a
-    change it has not seen returns at once. Futures are made in the running loop at each wait,
-    so one dispatcher can serve several event loops one after the other.
-    """
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def notify(self) -> None:
-        self.version += 1
-        if not self._waiters:
-            return
-        for waiter in self._waiters:
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.set_result(None)
-        self._waiters.clear()
-
-    async def wait(self, seen: int, timeout: float) -> None:
-        """Sleeps until a change after version ``seen``, or ``timeout`` seconds. A cancellation
-        propagates at once and changes nothing."""
-        if self.version != seen or timeout <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.add(waiter)
-        timer = loop.call_later(min(timeout, _MAX_SLEEP), _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiters.discard(waiter)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _is_async_limiter(limiter: Any) -> bool:
-    return inspect.iscoroutinefunction(getattr(limiter, "consume", None))
 
 
 class LLMQueueDispatcher(Generic[T]):
@@ -172,7 +122,7 @@ class LLMQueueDispatcher(Generic[T]):
         # Keyed by delivery (the object itself): a redelivered message is a second entry, and a
         # stale mark of the first delivery never removes the live one.
         self._in_flight: dict[ProcessableMessage[T], None] = {}
-        self._wakeup = _Wakeup()
+        self._wakeup = Wakeup()
         # Bumped by purge(): deliveries from before it belong to messages that no longer exist.
         self._generation = 0
         self._closed = False
