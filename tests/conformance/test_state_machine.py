@@ -285,4 +285,6 @@ def test_storage_matches_the_model(kind: str, request: pytest.FixtureRequest) ->
     if kind in FACTORIES:
         run_state_machine_as_test(machine_for(FACTORIES[kind]))
     else:
-        run_state_machine_as_test(machine_for(RedisFactory(request.getfixturevalue("redis_url")), in_process=False))
+        run_state_machine_as_test(
+            machine_for(RedisFactory(request.getfixturevalue("redis_url")), in_process=False)
+        )

@@ -143,7 +143,10 @@ class RedisServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 return False
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5) as conn:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.5) as conn,
+            ):
                 conn.sendall(b"PING\r\n")
                 reply = conn.recv(64)
                 # +PONG, or -NOAUTH with a password: either way it is serving (AOF loaded).

@@ -59,7 +59,9 @@ def _check_json(value: Any, path: str, depth: int = 0) -> None:
         return
     if isinstance(value, tuple):
         raise _refuse(path, "a tuple would come back as a list; use a list")
-    raise _refuse(path, f"{type(value).__name__} is not JSON (pass serializer=(dumps, loads) for other types)")
+    raise _refuse(
+        path, f"{type(value).__name__} is not JSON (pass serializer=(dumps, loads) for other types)"
+    )
 
 
 def _find_surrogate(value: Any, path: str) -> str | None:
@@ -113,7 +115,9 @@ def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_
         except Exception as exc:
             raise _refuse("payload", f"serializer dumps raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(payload_bytes, (bytes, bytearray, memoryview)):
-            raise _refuse("payload", f"serializer dumps must return bytes, got {type(payload_bytes).__name__}")
+            raise _refuse(
+                "payload", f"serializer dumps must return bytes, got {type(payload_bytes).__name__}"
+            )
         payload_bytes = bytes(payload_bytes)
     token_info = request.token_info
     if token_info.model is not None and not isinstance(token_info.model, str):

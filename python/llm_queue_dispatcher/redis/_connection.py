@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -122,7 +122,8 @@ class Connection:
             self.owned = False
         else:
             raise InvalidConfigError(
-                f"redis must be a redis.asyncio.Redis client or a URL string, got {type(redis_or_url).__name__}"
+                "redis must be a redis.asyncio.Redis client or a URL string, "
+                f"got {type(redis_or_url).__name__}"
             )
 
     def scrub(self, text: str) -> str:
@@ -144,7 +145,7 @@ class Connection:
 
 @cache
 def _source(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 class Script:
@@ -158,12 +159,13 @@ class Script:
     async def run(self, client: redis.asyncio.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
         Replies are never decoded, whatever the client's ``decode_responses``."""
+        execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
         options = {NEVER_DECODE: True}
         try:
-            return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **options)
+            return await execute("EVALSHA", self.sha, len(keys), *keys, *args, **options)
         except redis.exceptions.NoScriptError:
-            await client.execute_command("SCRIPT LOAD", self.source)
-            return await client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **options)
+            await execute("SCRIPT LOAD", self.source)
+            return await execute("EVALSHA", self.sha, len(keys), *keys, *args, **options)
 
 
 @cache

@@ -124,9 +124,13 @@ class RedisStorage(QueueStorageAdapter[T]):
         self.queue = check_name(queue, "queue")
         self.namespace = check_name(namespace, "namespace")
         if max_receive_count is not None and (
-            isinstance(max_receive_count, bool) or not isinstance(max_receive_count, int) or max_receive_count < 1
+            isinstance(max_receive_count, bool)
+            or not isinstance(max_receive_count, int)
+            or max_receive_count < 1
         ):
-            raise InvalidConfigError(f"max_receive_count must be None or an int >= 1, got {max_receive_count!r}")
+            raise InvalidConfigError(
+                f"max_receive_count must be None or an int >= 1, got {max_receive_count!r}"
+            )
         if dead_letter is not None:
             check_name(dead_letter, "dead_letter")
             if dead_letter == queue:
@@ -137,8 +141,14 @@ class RedisStorage(QueueStorageAdapter[T]):
             or math.isnan(message_retention)
             or message_retention <= 0
         ):
-            raise InvalidConfigError(f"message_retention must be a number of seconds > 0, got {message_retention!r}")
-        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise InvalidConfigError(
+                f"message_retention must be a number of seconds > 0, got {message_retention!r}"
+            )
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < 1
+        ):
             raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {max_payload_bytes!r}")
         if serializer is not None and not (
             isinstance(serializer, tuple) and len(serializer) == 2 and all(callable(f) for f in serializer)
@@ -217,13 +227,17 @@ class RedisStorage(QueueStorageAdapter[T]):
         rid = request_id_bytes(request.id)
         return rid, int(request.priority), encode_request(request, self.serializer, self.max_payload_bytes)
 
-    async def _enqueue(self, requests: Sequence[LLMRequest[T]], encoded: list[tuple[bytes, int, bytes]]) -> list[QueueMessage[T]]:
+    async def _enqueue(
+        self, requests: Sequence[LLMRequest[T]], encoded: list[tuple[bytes, int, bytes]]
+    ) -> list[QueueMessage[T]]:
         args: list[Any] = []
         for rid, priority, body in encoded:
             args += (rid, priority, body)
         reply = await self._run("enqueue", *args)
         if reply[0] == b"dup":
-            raise DuplicateRequestError(f"id {reply[1].decode()!r} is already in the queue and not yet deleted")
+            raise DuplicateRequestError(
+                f"id {reply[1].decode()!r} is already in the queue and not yet deleted"
+            )
         return [
             self._message(request, reply[1 + 2 * i], 0, int(reply[2 + 2 * i]), -1, "")
             for i, request in enumerate(requests)
@@ -290,7 +304,8 @@ class RedisStorage(QueueStorageAdapter[T]):
             failed += [sent[int(index)] for index in stale]
         if failed:
             raise ReceiptHandleError(
-                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer current: {failed!r}"
+                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer current: "
+                f"{failed!r}"
             )
 
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:

@@ -124,7 +124,11 @@ def _usage(available: float, limit: float) -> BucketUsage:
 
 
 def _positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
         raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -136,7 +140,11 @@ def _request_id(request_id: object) -> bytes:
 
 
 def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
         raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
 
@@ -202,7 +210,9 @@ class RedisThrottle:
                 or not isinstance(burst, (int, float))
                 or not (math.isfinite(burst) and burst >= rate)
             ):
-                raise InvalidConfigError(f"{option} must be a finite number >= the rate ({rate}), got {burst!r}")
+                raise InvalidConfigError(
+                    f"{option} must be a finite number >= the rate ({rate}), got {burst!r}"
+                )
         self.burst_rpm = None if burst_rpm is None else float(burst_rpm)
         self.burst_tpm = None if burst_tpm is None else float(burst_tpm)
         if adjustment_failure_strategy not in _STRATEGIES:
@@ -255,8 +265,8 @@ class RedisThrottle:
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
         message = (
-            f"shared limiter {self.name!r} unavailable ({operation}): {self._connection.describe_error(exc)}; "
-            "failing closed, nothing granted"
+            f"shared limiter {self.name!r} unavailable ({operation}): "
+            f"{self._connection.describe_error(exc)}; failing closed, nothing granted"
         )
         self._logger.warning("%s", message)
         if self._connection.scrub(str(exc)) != str(exc):
@@ -289,7 +299,9 @@ class RedisThrottle:
             return None
         return self._check(*reply[1:])
 
-    async def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
+    async def consume(
+        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> bool:
         """Takes one request and ``estimated_tokens`` (plus any debt), all or nothing, for every
         process at once. ``metadata`` is accepted for `RateLimiter` compatibility and not stored."""
         return await self._consume(request_id, estimated_tokens) is None
@@ -410,6 +422,7 @@ class RedisThrottle:
 
     def __repr__(self) -> str:
         return (
-            f"RedisThrottle(name={self.name!r}, namespace={self.namespace!r}, redis={self._connection.description}, "
-            f"rpm={self.rpm!r}, tpm={self.tpm!r}, burst_rpm={self.burst_rpm!r}, burst_tpm={self.burst_tpm!r})"
+            f"RedisThrottle(name={self.name!r}, namespace={self.namespace!r}, "
+            f"redis={self._connection.description}, rpm={self.rpm!r}, tpm={self.tpm!r}, "
+            f"burst_rpm={self.burst_rpm!r}, burst_tpm={self.burst_tpm!r})"
         )
