@@ -11,7 +11,7 @@
 -- ARGV[6] history retention in us  ARGV[7] most history records  ARGV[8..] the operation's own.
 --
 -- Instants are whole microseconds. A bucket stores its level at `last`; its level at any t >= last
--- is min(cap, avail + (t - last) * rate), computed by level() alone, so the wait a check reports
+-- is min(cap, avail + (t - last) * per_minute / 60e6), computed by level() alone, so the wait a check reports
 -- is exactly the one the next grant sees. A provider ceiling (sync_from_headers) caps what a
 -- bucket may hand out until its reset, and falls with every grant.
 
@@ -40,7 +40,7 @@ local raw = redis.call('HMGET', STATE, 'ra', 'rl', 'rc', 'rcu', 'ta', 'tl', 'tc'
 
 local function bucket(avail, last, ceiling, ceiling_until, cap, per_minute)
   local b = {
-    avail = tonumber(avail) or cap, last = tonumber(last) or NOW, cap = cap, rate = per_minute / 60000000,
+    avail = tonumber(avail) or cap, last = tonumber(last) or NOW, cap = cap, per_minute = per_minute,
     ceiling = tonumber(ceiling), ceiling_until = tonumber(ceiling_until) or 0,
   }
   if b.avail > cap then
@@ -62,7 +62,9 @@ local function level(b, t)
   if t <= b.last then
     return math.min(b.cap, b.avail)
   end
-  return math.min(b.cap, b.avail + (t - b.last) * b.rate)
+  -- Multiply before dividing: whole seconds at whole rates per second come out exact, as in
+  -- LLMThrottle's float arithmetic, so both limiters draw the same line at the same instant.
+  return math.min(b.cap, b.avail + (t - b.last) * b.per_minute / 60000000)
 end
 
 -- What the bucket may hand out now: its level, under the provider's ceiling while one holds.
@@ -84,7 +86,7 @@ local function wait_for(b, n)
   end
   local t = NOW
   if level(b, NOW) < n then
-    t = math.max(NOW, b.last + math.ceil((n - b.avail) / b.rate))
+    t = math.max(NOW, b.last + math.ceil((n - b.avail) * 60000000 / b.per_minute))
     while level(b, t) < n do
       t = t + 1
     end
