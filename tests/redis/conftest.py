@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import ManualClock
-from tests.redis.support import ClockedRedisStorage, ClockedRedisThrottle, RedisServer, running_server
+from llm_queue_dispatcher.redis import RedisStorage
+from tests.redis.support import (
+    ClockedRedisStorage,
+    ClockedRedisThrottle,
+    RedisServer,
+    free_port,
+    running_server,
+)
 
 START = 1_700_000_000.0
 _names = itertools.count()
@@ -81,3 +88,12 @@ async def clocked_throttle(
     yield make
     for throttle in made:
         await throttle.aclose()
+
+
+@pytest.fixture
+async def unreachable_storage() -> AsyncIterator[RedisStorage[Any]]:
+    """A storage whose server does not exist (a port nothing listens on): any command it sent
+    would raise `StorageError`, so a test expecting another error proves nothing was sent."""
+    storage: RedisStorage[Any] = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
+    yield storage
+    await storage.aclose()

@@ -42,7 +42,7 @@ OPERATIONS = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     operations=OPERATIONS,
     strategy=st.sampled_from(["strict", "warn", "compensate"]),
