@@ -385,7 +385,8 @@ async def test_receipt_handles_carry_the_receive_count_and_128_random_bits(
         handles.append(message.attributes.receipt_handle)
         _member, receives, token = message.attributes.receipt_handle.split(".")
         assert int(receives) == count
-        assert len(token) == 32 and int(token, 16) >= 0
+        assert len(token) == 32
+        assert int(token, 16) >= 0
         clock.advance(1)
     assert len({h.split(".")[2] for h in handles}) == 3
     forged = handles[-1].rsplit(".", 1)[0] + "." + "0" * 32
@@ -399,5 +400,7 @@ async def test_payloads_come_back_equal_not_identical(clocked_storage: MakeStora
     request = LLMRequest("a", payload)
     assert (await storage.enqueue(request)).payload is request  # enqueue answers with the request given
     [message] = await storage.dequeue(1, 1.0)
-    assert message.payload == request and message.payload is not request
-    assert message.payload.payload == payload and message.payload.payload is not payload
+    assert message.payload == request
+    assert message.payload is not request
+    assert message.payload.payload == payload
+    assert message.payload.payload is not payload
