@@ -93,12 +93,13 @@ def check(
         event = record["event"]
         if event == "recv":
             deliveries[record["id"]].append(record)
-        elif event in ("ack", "ack_unknown") or (event == "deleting" and record["pid"] in killed):
+        elif event == "ack":
             settled_handles.add(record["handle"])
-            if event == "ack":
-                acknowledged[record["id"]] += 1
-            else:
-                acknowledged[record["id"]] += 0
+            acknowledged[record["id"]] += 1
+        elif event == "ack_unknown" or (event == "deleting" and record["pid"] in killed):
+            # Perhaps applied, perhaps not (then the lease ran out and the message came back):
+            # not lost, and not a settled delivery either.
+            acknowledged[record["id"]] += 0
         if event in ("recv", "deleting", "ack", "ack_unknown") and record["id"] not in enqueued:
             verdict.unexpected.add(record["id"])
     verdict.lost = {rid for rid in enqueued if rid not in acknowledged and rid not in dead_lettered}
