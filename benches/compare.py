@@ -4,9 +4,9 @@
 One run measures, at each queue depth (``--depths``, default 1k/10k/100k/1M):
 
 * ``heapq``      a bare ``heapq`` pop+push loop: the floor of any Python-level queue;
-* ``bruteforce`` a plain-Python dispatcher that scans every message with the six factor functions of
-                 the contract (/work/shared/API.md "Scoring"), default weights, a simple token bucket
-                 (1k and 10k only: it is O(depth) per dequeue);
+* ``bruteforce`` a plain-Python dispatcher that scans every message with the reference scorer
+                 (tests/reference/scoring.py: the contract's six factor functions), default
+                 weights, a simple token bucket (1k and 10k only: it is O(depth) per dequeue);
 * ``ts``         ``@aid-on/llm-queue-dispatcher@1.0.2`` + ``@aid-on/llm-throttle@1.0.1`` under node
                  (installed with npm into ``benches/.cache/``), driven by ``benches/ts/bench.mjs``;
 * ``ours``       this package through its public API only.
@@ -37,11 +37,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
+# The brute force scores with the shared reference scorer (tests/reference/scoring.py), which
+# imports nothing from the package: run as a script, the repository root is not on sys.path.
+sys.path.insert(0, str(HERE.parent))
+
+from tests.reference.scoring import ContractWeights, Weights, selection_key, total_score  # noqa: E402
+
 CACHE_DIR = HERE / ".cache"
 TS_SCRIPT = HERE / "ts" / "bench.mjs"
 RESULTS_PATH = HERE / "RESULTS.md"
@@ -136,101 +141,6 @@ def fingerprint(items: Sequence[WorkItem]) -> str:
     return f"n={len(items)} p={by_priority} tokens={token_sum} timed={timed} time_sum={time_sum:.6f}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Scoring, exactly as the contract gives it (/work/shared/API.md "Scoring")
-# ---------------------------------------------------------------------------------------------
-
-PRIORITY_FACTOR = (1.0, 0.7, 0.4, 0.1)
-MAX_WAIT = (10.0, 30.0, 60.0, 300.0)  # seconds, by priority
-
-
-@dataclass(frozen=True)
-class ScoringWeights:
-    """The contract's default weights."""
-
-    priority: float = 0.25
-    efficiency: float = 0.20
-    wait_time: float = 0.20
-    retry: float = 0.10
-    token_fit: float = 0.15
-    processing_time: float = 0.10
-
-
-def priority_factor(priority: int) -> float:
-    return PRIORITY_FACTOR[priority]
-
-
-def efficiency_factor(tokens: int, available: float) -> float:
-    if available <= 0:
-        return 0.0
-    u = tokens / available
-    if u > 1:
-        return 0.0
-    if 0.7 <= u <= 0.9:
-        return 1.0
-    if u > 0.9:
-        return 0.9
-    return u / 0.7
-
-
-def wait_time_factor(age: float, priority: int) -> float:
-    # An age below zero (clock skew) counts as zero; the contract's formula assumes age >= 0.
-    ratio = min(max(age, 0.0) / MAX_WAIT[priority], 1.0)
-    return math.sqrt(ratio) if priority == 0 else ratio
-
-
-def retry_factor(receive_count: int) -> float:
-    if receive_count == 0:
-        return 1.0
-    return max(0.1, 0.7**receive_count)
-
-
-def token_fit_factor(tokens: int, available: float) -> float:
-    if available <= 0:
-        return 0.0
-    u = tokens / available
-    if u > 1:
-        return 0.0
-    if u < 0.1:
-        return 10 * u
-    if u <= 0.5:
-        return 1.0
-    return 1 - (u - 0.5) * 0.4
-
-
-def processing_time_factor(tokens: int, expected_processing_time: float | None) -> float:
-    seconds = tokens * 0.01 if expected_processing_time is None else expected_processing_time
-    x = seconds * 1000.0
-    if x <= 1000:
-        return 1.0
-    if x <= 5000:
-        return 1 - (x - 1000) / 4000 * 0.3
-    if x <= 30000:
-        return 0.7 - (x - 5000) / 25000 * 0.6
-    return 0.1
-
-
-def total_score(
-    *,
-    priority: int,
-    tokens: int,
-    expected_processing_time: float | None,
-    age: float,
-    receive_count: int,
-    available: float,
-    weights: ScoringWeights,
-) -> float:
-    """Σ weightᵢ · factorᵢ over the six factors (no custom scorers)."""
-    return (
-        weights.priority * priority_factor(priority)
-        + weights.efficiency * efficiency_factor(tokens, available)
-        + weights.wait_time * wait_time_factor(age, priority)
-        + weights.retry * retry_factor(receive_count)
-        + weights.token_fit * token_fit_factor(tokens, available)
-        + weights.processing_time * processing_time_factor(tokens, expected_processing_time)
-    )
-
-
 class TokenBucket:
     """Capacity ``per_minute``, refilled continuously at ``per_minute / 60`` per second; starts full."""
 
@@ -256,16 +166,18 @@ class TokenBucket:
 
 
 class _Message:
-    __slots__ = ("enqueued_at", "item", "receive_count")
+    __slots__ = ("enqueued_at", "item", "receive_count", "seq")
 
-    def __init__(self, item: WorkItem, enqueued_at: float) -> None:
+    def __init__(self, item: WorkItem, enqueued_at: float, seq: int) -> None:
         self.item = item
         self.enqueued_at = enqueued_at
+        self.seq = seq  # enqueue order, the last tie-breaker
         self.receive_count = 0
 
 
 class BruteForceDispatcher:
-    """Exact selection the naive way: score every visible message on every dequeue."""
+    """Exact selection the naive way: score every visible message on every dequeue with the
+    reference scorer (tests/reference/scoring.py), ties to the older message, then enqueue order."""
 
     def __init__(
         self,
@@ -273,17 +185,19 @@ class BruteForceDispatcher:
         *,
         rpm: float = LIMIT,
         tpm: float = LIMIT,
-        weights: ScoringWeights | None = None,
+        weights: Weights | None = None,
     ) -> None:
         self.clock = clock
         self.requests = TokenBucket(rpm, clock)
         self.tokens = TokenBucket(tpm, clock)
-        self.weights = weights or ScoringWeights()
+        self.weights = weights or ContractWeights()
         self.visible: list[_Message] = []
         self.in_flight: dict[str, _Message] = {}
+        self._seq = 0
 
     def enqueue(self, item: WorkItem) -> None:
-        self.visible.append(_Message(item, self.clock()))
+        self.visible.append(_Message(item, self.clock(), self._seq))
+        self._seq += 1
 
     def dequeue(self) -> WorkItem | None:
         """Best-scoring message the buckets can serve now (reserving its budget), or None."""
@@ -294,6 +208,7 @@ class BruteForceDispatcher:
         weights = self.weights
         best_index = -1
         best_score = -math.inf
+        best_key = (-math.inf, 0.0, 0)
         for index, message in enumerate(self.visible):
             item = message.item
             if item.tokens > available:
@@ -307,8 +222,10 @@ class BruteForceDispatcher:
                 available=available,
                 weights=weights,
             )
-            if score > best_score:
-                best_index, best_score = index, score
+            if score >= best_score:  # the full key only where it can matter: cheap per message
+                key = selection_key(score, message.enqueued_at, message.seq)
+                if key > best_key:
+                    best_index, best_score, best_key = index, score, key
         if best_index < 0 or best_score < MIN_SCORE_THRESHOLD:
             return None
         # Swap-remove: O(1), and order does not matter to a full scan.

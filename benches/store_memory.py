@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm_queue_dispatcher import LLMRequest, ManualClock, Priority, TokenInfo
 from llm_queue_dispatcher._core import StoreCore
-from tests.conformance.reference_adapter import ReferenceStorage
 from tests.conformance.support import run
+from tests.reference.storage import ReferenceStorage
 
 CHUNK = 10_000
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -17,21 +17,9 @@ from typing import Any
 
 import compare
 import pytest
-from compare import (
-    BruteForceDispatcher,
-    Mulberry32,
-    ScoringWeights,
-    SimulatedClock,
-    WorkItem,
-    efficiency_factor,
-    priority_factor,
-    processing_time_factor,
-    retry_factor,
-    token_fit_factor,
-    total_score,
-    wait_time_factor,
-    workload,
-)
+from compare import BruteForceDispatcher, Mulberry32, SimulatedClock, WorkItem, workload
+
+from tests.reference.scoring import ContractWeights, total_score
 
 SCRIPT = Path(compare.__file__).resolve()
 
@@ -92,102 +80,6 @@ def test_parse_depth_rejects_nonsense() -> None:
         compare.parse_depth("ten")
 
 
-# --- scoring: hand-computed values from the contract ------------------------------------------
-
-
-def test_priority_factor() -> None:
-    assert [priority_factor(p) for p in range(4)] == [1.0, 0.7, 0.4, 0.1]
-
-
-@pytest.mark.parametrize(
-    ("tokens", "available", "expected"),
-    [
-        (800, 1000, 1.0),  # u = 0.8
-        (700, 1000, 1.0),  # u = 0.7, lower edge of the plateau
-        (900, 1000, 1.0),  # u = 0.9, upper edge
-        (950, 1000, 0.9),  # 0.9 < u <= 1
-        (1000, 1000, 0.9),
-        (350, 1000, 0.5),  # u / 0.7
-        (1001, 1000, 0.0),  # u > 1
-        (10, 0, 0.0),  # A <= 0
-        (10, -5, 0.0),
-    ],
-)
-def test_efficiency_factor(tokens: int, available: float, expected: float) -> None:
-    assert efficiency_factor(tokens, available) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("tokens", "available", "expected"),
-    [
-        (50, 1000, 0.5),  # u = 0.05 -> 10u
-        (100, 1000, 1.0),  # u = 0.1
-        (500, 1000, 1.0),  # u = 0.5
-        (750, 1000, 0.9),  # 1 - 0.25 * 0.4
-        (1000, 1000, 0.8),
-        (1200, 1000, 0.0),
-        (10, 0, 0.0),
-    ],
-)
-def test_token_fit_factor(tokens: int, available: float, expected: float) -> None:
-    assert token_fit_factor(tokens, available) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("tokens", "expected_time", "expected"),
-    [
-        (4000, 3.0, 0.85),  # 3000 ms: 1 - 2000/4000 * 0.3
-        (300, None, 0.85),  # derived: 300 tokens * 0.01 s = 3000 ms
-        (4000, 0.0, 1.0),  # 0 is a value, not "missing"
-        (100, None, 1.0),  # 1000 ms
-        (4000, 5.0, 0.7),
-        (4000, 17.5, 0.4),  # 0.7 - 12500/25000 * 0.6
-        (4000, 30.0, 0.1),
-        (4000, 40.0, 0.1),
-    ],
-)
-def test_processing_time_factor(tokens: int, expected_time: float | None, expected: float) -> None:
-    assert processing_time_factor(tokens, expected_time) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("age", "priority", "expected"),
-    [
-        (2.5, 0, 0.5),  # URGENT: sqrt(2.5 / 10)
-        (10.0, 0, 1.0),
-        (15.0, 1, 0.5),  # HIGH: 15 / 30
-        (30.0, 2, 0.5),  # NORMAL: 30 / 60
-        (120.0, 2, 1.0),  # capped
-        (30.0, 3, 0.1),  # LOW: 30 / 300
-        (0.0, 0, 0.0),
-    ],
-)
-def test_wait_time_factor(age: float, priority: int, expected: float) -> None:
-    assert wait_time_factor(age, priority) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("count", "expected"), [(0, 1.0), (1, 0.7), (2, 0.49), (6, 0.7**6), (7, 0.1), (20, 0.1)]
-)
-def test_retry_factor(count: int, expected: float) -> None:
-    assert retry_factor(count) == pytest.approx(expected)
-
-
-def test_total_score_with_default_weights() -> None:
-    # URGENT, 800 of 1000 tokens, 2.5 s old, never received, time derived (8000 ms):
-    # 0.25*1 + 0.20*1 + 0.20*0.5 + 0.10*1 + 0.15*0.88 + 0.10*0.628 = 0.8448
-    score = total_score(
-        priority=0,
-        tokens=800,
-        expected_processing_time=None,
-        age=2.5,
-        receive_count=0,
-        available=1000,
-        weights=ScoringWeights(),
-    )
-    assert score == pytest.approx(0.8448)
-
-
 # --- the brute-force dispatcher ---------------------------------------------------------------
 
 
@@ -210,7 +102,7 @@ def test_bruteforce_picks_the_best_score_every_time() -> None:
                     age=clock() - m.enqueued_at,
                     receive_count=0,
                     available=available,
-                    weights=ScoringWeights(),
+                    weights=ContractWeights(),
                 )
                 for m in dispatcher.visible
                 if m.item.tokens <= available
@@ -229,7 +121,7 @@ def test_bruteforce_picks_the_best_score_every_time() -> None:
             age=age,
             receive_count=0,
             available=available,
-            weights=ScoringWeights(),
+            weights=ContractWeights(),
         )
         assert got == pytest.approx(expected_best)
         dispatcher.ack(picked.id)

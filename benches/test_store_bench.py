@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import InMemoryStorage, LLMRequest, ManualClock, Priority, TokenInfo
-from tests.conformance.reference_adapter import ReferenceStorage
 from tests.conformance.support import run
+from tests.reference.storage import ReferenceStorage
 
 BATCH = 1_000
 ADAPTERS: dict[str, Callable[[ManualClock], Any]] = {

@@ -7,6 +7,7 @@
 pub mod cells;
 pub mod clock;
 pub mod errors;
+pub mod index;
 pub mod py;
 pub mod scoring;
 pub mod select;

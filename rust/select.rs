@@ -17,22 +17,11 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use crate::cells::CellKey;
+pub use crate::index::CellSummary;
 use crate::scoring::{
     group_bound, loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors,
     MessageTraits, Weights, BOUND_SLACK,
 };
-
-/// What the search reads of a cell before deciding to look inside: nothing that needs a visit
-/// to its members' memory.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CellSummary {
-    /// Enqueue instant of the oldest member.
-    pub oldest_enqueued_at: f64,
-    /// Sequence number of the oldest member.
-    pub oldest_seq: u64,
-    /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
-    pub best_time_ms: f64,
-}
 
 /// What the search needs from an index of visible messages grouped in cells.
 ///
@@ -433,43 +422,6 @@ pub fn choose<E>(
     Ok(best)
 }
 
-/// The in-memory store is searched in place: its visible cells map sequence number to slot,
-/// oldest first.
-impl<P> CandidateIndex for crate::store::Store<P> {
-    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
-        for (key, cell) in self.visible_cells() {
-            visit(key, cell.summary());
-        }
-    }
-
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool)) {
-        self.for_each_group_head_in(key, visit);
-    }
-
-    fn next_in_run(&self, slot: u32) -> Option<u32> {
-        self.next_in_run_of(slot)
-    }
-
-    fn next_run_head(&self, slot: u32) -> Option<u32> {
-        self.next_run_head_of(slot)
-    }
-
-    fn traits(&self, slot: u32) -> MessageTraits {
-        let message = self.message(slot);
-        MessageTraits {
-            priority: message.priority,
-            receive_count: message.receive_count,
-            tokens: message.tokens,
-            expected_processing_seconds: message.expected_processing_seconds,
-            enqueued_at: message.enqueued_at,
-        }
-    }
-
-    fn seq(&self, slot: u32) -> u64 {
-        self.message(slot).message_id
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,6 +661,8 @@ mod tests {
                         priority: m.priority,
                         tokens: m.tokens,
                         expected_processing_seconds: m.expected_processing_seconds,
+                        tenant: None,
+                        deadline: None,
                     }
                 }).collect();
                 store.enqueue_batch(batch, at).unwrap();

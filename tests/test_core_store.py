@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import (
+    DuplicateRequestError,
     InMemoryStorage,
     InvalidConfigError,
     InvalidRequestError,
@@ -144,7 +145,9 @@ def test_dead_letters_chain_through_stores() -> None:
     assert first.attributes()["dead_lettered"] == 1
 
 
-def test_a_dead_letter_duplicate_is_dropped_not_raised() -> None:
+def test_a_dead_letter_duplicate_is_kept_not_dropped() -> None:
+    # A dead-letter store that already holds a message with the same id keeps the second copy:
+    # dropping it would lose a request (it used to be counted and stored nowhere).
     clock = ManualClock()
     dead = StoreCore(clock=clock)
     dead.enqueue(make())
@@ -153,8 +156,17 @@ def test_a_dead_letter_duplicate_is_dropped_not_raised() -> None:
     core.dequeue(1, 1.0)
     clock.advance(1)
     assert core.visible_count() == 0
-    assert dead.visible_count() == 1
+    assert dead.visible_count() == 2
     assert core.attributes()["dead_lettered"] == 1
+    with pytest.raises(DuplicateRequestError):
+        dead.enqueue(make())  # an ordinary enqueue still refuses the id
+    first, second = dead.dequeue(2, 30.0)
+    assert first.payload.id == second.payload.id
+    assert first.id != second.id
+    dead.delete(first.attributes.receipt_handle)
+    dead.delete(second.attributes.receipt_handle)
+    assert dead.visible_count() == 0
+    dead._check_invariants()
 
 
 def test_counts_and_introspection() -> None:

@@ -1,11 +1,11 @@
 """Exactness of the dispatcher's selection, proven against a brute-force reference.
 
-The reference below is the contract's scoring written out in plain Python (API.md, "Scoring"):
-it scores every visible message the rate limiter can process now and takes the maximum. The
-dispatcher over `InMemoryStorage` must hand out a message whose total equals that maximum, for
-random queues (priorities, ages, receive counts, token estimates from 0 to far above the budget,
-expected processing times incl. None and 0), budgets from tiny to huge, and 0-3 custom scorers
-with deterministic pseudo-random scores including out-of-range values and NaN.
+The reference (tests/reference/scoring.py) is the contract's scoring written out in plain Python
+(API.md, "Scoring"): it scores every visible message the rate limiter can process now and takes
+the maximum. The dispatcher over `InMemoryStorage` must hand out a message whose total equals that
+maximum, for random queues (priorities, ages, receive counts, token estimates from 0 to far above
+the budget, expected processing times incl. None and 0), budgets from tiny to huge, and 0-3
+custom scorers with deterministic pseudo-random scores including out-of-range values and NaN.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,116 +34,9 @@ from llm_queue_dispatcher import (
     ScoringWeights,
     TokenInfo,
 )
+from tests.reference.scoring import reference_breakdown, reference_total
 
 TOLERANCE = 1e-9
-FACTOR_NAMES = ("priority", "efficiency", "wait_time", "retry", "token_fit", "processing_time")
-
-# --------------------------------------------------------------------------------------------
-# The reference scorer: the contract's six factor functions, verbatim.
-# --------------------------------------------------------------------------------------------
-
-PRIORITY_FACTOR = {0: 1.0, 1: 0.7, 2: 0.4, 3: 0.1}
-MAX_WAIT_SECONDS = {0: 10.0, 1: 30.0, 2: 60.0, 3: 300.0}
-
-
-def priority_factor(priority: int) -> float:
-    return PRIORITY_FACTOR[priority]
-
-
-def efficiency_factor(tokens: int, available: float) -> float:
-    if available <= 0:
-        return 0.0
-    u = tokens / available
-    if u > 1:
-        return 0.0
-    if 0.7 <= u <= 0.9:
-        return 1.0
-    if 0.9 < u <= 1:
-        return 0.9
-    return u / 0.7
-
-
-def wait_time_factor(age: float, priority: int) -> float:
-    share = min(age / MAX_WAIT_SECONDS[priority], 1.0)
-    return math.sqrt(share) if priority == Priority.URGENT else share
-
-
-def retry_factor(receive_count: int) -> float:
-    if receive_count == 0:
-        return 1.0
-    return max(0.1, 0.7**receive_count)
-
-
-def token_fit_factor(tokens: int, available: float) -> float:
-    if available <= 0:
-        return 0.0
-    u = tokens / available
-    if u > 1:
-        return 0.0
-    if u < 0.1:
-        return 10 * u
-    if u <= 0.5:
-        return 1.0
-    return 1 - (u - 0.5) * 0.4
-
-
-def processing_time_factor(expected_processing_time: float | None, tokens: int) -> float:
-    seconds = tokens * 0.01 if expected_processing_time is None else expected_processing_time
-    x = seconds * 1000
-    if x <= 1000:
-        return 1.0
-    if x <= 5000:
-        return 1 - (x - 1000) / 4000 * 0.3
-    if x <= 30000:
-        return 0.7 - (x - 5000) / 25000 * 0.6
-    return 0.1
-
-
-def clamp_custom(score: float) -> float:
-    """A custom score as the contract counts it: clamped to [0, 1], NaN as 0."""
-    if math.isnan(score):
-        return 0.0
-    return min(1.0, max(0.0, score))
-
-
-def reference_breakdown(
-    message: QueueMessage[Any],
-    *,
-    now: float,
-    available: float,
-    weights: ScoringWeights,
-    custom: Sequence[tuple[str, float, float]] = (),
-) -> dict[str, float]:
-    """The weighted factors of ``message`` (and ``(name, weight, raw score)`` of custom scorers)."""
-    request = message.payload
-    priority = int(request.priority)
-    tokens = request.token_info.estimated
-    age = now - message.attributes.enqueued_at.timestamp()
-    parts = {
-        "priority": weights.priority * priority_factor(priority),
-        "efficiency": weights.efficiency * efficiency_factor(tokens, available),
-        "wait_time": weights.wait_time * wait_time_factor(age, priority),
-        "retry": weights.retry * retry_factor(message.attributes.receive_count),
-        "token_fit": weights.token_fit * token_fit_factor(tokens, available),
-        "processing_time": weights.processing_time
-        * processing_time_factor(request.expected_processing_time, tokens),
-    }
-    for name, weight, raw in custom:
-        parts[name] = weight * clamp_custom(raw)
-    return parts
-
-
-def reference_total(
-    message: QueueMessage[Any],
-    *,
-    now: float,
-    available: float,
-    weights: ScoringWeights,
-    custom: Sequence[tuple[str, float, float]] = (),
-) -> float:
-    return sum(
-        reference_breakdown(message, now=now, available=available, weights=weights, custom=custom).values()
-    )
 
 
 # --------------------------------------------------------------------------------------------

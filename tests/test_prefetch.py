@@ -26,16 +26,16 @@ from llm_queue_dispatcher import (
     ScoringWeights,
     TokenInfo,
 )
-from tests.prefetch_adapter import PlainAdapter
-from tests.test_dispatcher_exact import reference_total
+from tests.reference.scoring import reference_total
+from tests.reference.storage import RecordingStorage
 
 
 def request(request_id: str, priority: Priority = Priority.NORMAL, tokens: int = 100) -> LLMRequest[str]:
     return LLMRequest(request_id, f"payload of {request_id}", priority, TokenInfo(tokens))
 
 
-def make(clock: ManualClock, **config: Any) -> tuple[PlainAdapter[str], LLMQueueDispatcher[str]]:
-    adapter: PlainAdapter[str] = PlainAdapter(clock)
+def make(clock: ManualClock, **config: Any) -> tuple[RecordingStorage[str], LLMQueueDispatcher[str]]:
+    adapter: RecordingStorage[str] = RecordingStorage(clock)
     dispatcher = LLMQueueDispatcher(adapter, LLMQueueDispatcherConfig(clock=clock, **config))
     return adapter, dispatcher
 

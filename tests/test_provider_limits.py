@@ -9,6 +9,7 @@ import pytest
 from llm_queue_dispatcher import (
     InvalidRequestError,
     LimiterUnavailableError,
+    ManualClock,
     PayloadTooLargeError,
     PermanentError,
     RetryableError,
@@ -97,3 +98,31 @@ def test_new_error_classes() -> None:
     assert copy.retry_after == 2.5
     assert RetryableError().retry_after is None
     assert str(PermanentError("bad request")) == "bad request"
+
+
+async def test_mark_as_dead_lettered_moves_the_message_now() -> None:
+    from llm_queue_dispatcher import (
+        InMemoryStorage,
+        LLMRequest,
+        LLMThrottle,
+        MessageStateError,
+        TokenInfo,
+        create_llm_queue_dispatcher,
+    )
+
+    clock = ManualClock()
+    dead: InMemoryStorage[str] = InMemoryStorage(clock=clock)
+    storage: InMemoryStorage[str] = InMemoryStorage(clock=clock, max_receive_count=5, dead_letter=dead)
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    dispatcher = create_llm_queue_dispatcher(storage, clock=clock)
+    await dispatcher.enqueue(LLMRequest("bad", "x", token_info=TokenInfo(500)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_dead_lettered(PermanentError("invalid request"))
+    assert await storage.get_approximate_message_count() == 0
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    [moved] = await dead.peek_messages_by_priority(2, 10)
+    assert moved.payload.id == "bad"
+    assert limiter.get_metrics().tpm.available == pytest.approx(10_000)
+    with pytest.raises(MessageStateError):
+        await job.mark_as_processed()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -86,6 +87,38 @@ def test_every_strategy_runs(capsys: pytest.CaptureFixture[str]) -> None:
     results = simulate_json(capsys, *args, "--arrival", "burst")
     assert [r["strategy"] for r in results] == names
     assert all(r["completed"] + r["dead_lettered"] + r["unfittable"] == 150 for r in results)
+
+
+def test_requests_above_the_tpm_limit_are_reported_once_in_the_clis_words(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Most requests of the workload need more than 100 tokens: they can never be sent.
+    args = ["simulate", "--requests", "200", "--tpm", "100", "--strategy", "default", "--strategy", "fair"]
+    with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
+        assert main([*args, "--strategy", "fifo"]) == 0
+    captured = capsys.readouterr()
+    # No library warning per request (advising a call a CLI user cannot make) ...
+    assert [record.getMessage() for record in caplog.records] == []
+    # ... but one line of its own, with the count the table shows in its "unfittable" row.
+    row = next(line for line in captured.out.splitlines() if line.startswith("unfittable (> TPM)"))
+    counts = set(row.split()[-3:])
+    assert len(counts) == 1
+    [count] = counts
+    assert 0 < int(count) < 200
+    assert captured.err.splitlines() == [
+        f"llmqd simulate: {count} of 200 requests need more tokens than the TPM limit (100) allows "
+        "and were never sent (the 'unfittable' count); raise --tpm"
+    ]
+    # --json keeps stdout machine-readable and says it on stderr too.
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["unfittable"] for r in json.loads(captured.out)] == [int(count), int(count)]
+    assert len(captured.err.splitlines()) == 1
+
+
+def test_a_run_where_everything_fits_says_nothing_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", *SMALL, "--strategy", "default"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_unknown_strategy_exits_non_zero_naming_it() -> None:

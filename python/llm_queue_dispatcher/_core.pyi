@@ -1,9 +1,10 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, final
 
+from .provider_limits import ProviderLimits
 from .types import LLMRequest, QueueMessage
 
 __all__ = [
@@ -217,6 +218,16 @@ class LLMThrottle:
     def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         """Sets the latest consume of ``request_id`` to ``actual_tokens``: takes the extra (per
         the adjustment failure strategy when short) or refunds the difference."""
+    def release(self, request_id: str) -> None:
+        """Gives the latest reservation of ``request_id`` back whole (its tokens, its request, the
+        debt it paid); it no longer counts. `UnknownRequestError` when there is none."""
+    def penalize(self, seconds: float) -> None:
+        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``)."""
+    def sync_from_headers(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ProviderLimits:
+        """Lowers the buckets to what the provider's rate-limit headers say remains, until their
+        reset, and applies ``retry-after`` as a penalty; returns what was read."""
+    def apply_provider_limits(self, limits: ProviderLimits) -> None:
+        """`sync_from_headers` for figures already read."""
     def get_metrics(self) -> RateLimitMetrics:
         """Bucket use, efficiency, history statistics, memory and compensation."""
     def get_consumption_history(self) -> list[ConsumptionRecord]:
@@ -261,6 +272,8 @@ class StoreCore:
         """Receives up to ``limit`` visible messages, priority then oldest first."""
     def delete(self, handle: str) -> None:
         """Deletes the message a current receipt handle names; ``ReceiptHandleError`` otherwise."""
+    def dead_letter_now(self, handle: str) -> None:
+        """Dead-letters the message a current receipt handle names, at once (counted)."""
     def change_visibility(self, handle: str, visibility_timeout: float) -> None:
         """Makes the message invisible for ``visibility_timeout`` seconds from now (0: visible)."""
     def peek(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
@@ -273,6 +286,8 @@ class StoreCore:
         """Visible messages."""
     def in_flight_count(self) -> int:
         """Received messages whose visibility has not run out."""
+    def tenant_counts(self) -> dict[str, tuple[int, int]]:
+        """``{tenant: (visible, in_flight)}`` of every tenant with a message ("" for none)."""
     def next_visibility_change(self) -> float | None:
         """Clock reading at which the next in-flight message's visibility ends."""
     def counts_by_priority(self) -> list[int]:
@@ -315,7 +330,12 @@ class StoreCore:
     ) -> tuple[QueueMessage[Any], float, list[float]] | None:
         """Receives a selected message, or None if it is no longer visible."""
     def min_visible_tokens(self) -> int | None:
-        """A lower bound of the smallest estimate among visible messages."""
+        """The smallest estimate among visible messages."""
+    def time_until_score(
+        self, available_tokens: float, params: ScoringParams, threshold: float
+    ) -> float | None:
+        """Seconds until the best score reaches ``threshold`` with time alone; None: never
+        without another change."""
     def ids_above(self, capacity: float) -> list[str]:
         """Request ids of visible messages whose estimate exceeds ``capacity``."""
     def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[Any]]:
@@ -362,8 +382,8 @@ class CandidateBuffer:
         """Removes and returns every buffered message."""
     def handles(self) -> list[str]:
         """Receipt handles of the buffered messages."""
-    def discard(self, handle: str) -> bool:
-        """Drops the message with this receipt handle; True if it was buffered."""
+    def discard(self, handle: str) -> QueueMessage[Any] | None:
+        """Removes and returns the message with this receipt handle, if it is buffered."""
     def __len__(self) -> int: ...
     def dispatch_native(
         self,
@@ -390,6 +410,10 @@ class CandidateBuffer:
         """Removes a selected message from the buffer, or None if it left."""
     def min_visible_tokens(self) -> int | None:
         """Smallest estimate in the buffer."""
+    def time_until_score(
+        self, available_tokens: float, params: ScoringParams, threshold: float
+    ) -> float | None:
+        """Seconds until the best buffered score reaches ``threshold`` with time alone."""
     def ids_above(self, capacity: float) -> list[str]:
         """Request ids of buffered messages whose estimate exceeds ``capacity``."""
     def take_above(self, capacity: float, visibility_timeout: float | None = None) -> list[QueueMessage[Any]]:

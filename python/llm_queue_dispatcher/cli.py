@@ -77,6 +77,13 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     results = [run_simulation(name, workload, rpm=args.rpm, tpm=args.tpm) for name in strategies]
+    unfittable = max(result.unfittable for result in results)  # the same workload for each strategy
+    if unfittable:
+        print(
+            f"llmqd simulate: {unfittable} of {args.requests} requests need more tokens than the TPM "
+            f"limit ({args.tpm:g}) allows and were never sent (the 'unfittable' count); raise --tpm",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([result.to_dict() for result in results], indent=2))
     else:

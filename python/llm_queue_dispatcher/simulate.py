@@ -221,6 +221,22 @@ class _Run:
         return self.result
 
 
+async def _drop_unfittable(
+    run: _Run, dispatcher: LLMQueueDispatcher[int], storage: InMemoryStorage[int]
+) -> set[str]:
+    """Takes out and counts the queued requests above the TPM capacity, which can never be sent.
+
+    Done as they arrive, as the dispatcher advises an application to: left in the queue, they
+    would not block the others, but every empty dequeue would report them (a warning per request,
+    thousands with ``llmqd simulate --tpm 100``); the CLI reports the count once instead.
+    """
+    taken = await dispatcher.take_unfittable(run.limiter)
+    for message in taken:
+        await storage.delete_message(message.attributes.receipt_handle)
+    run.result.unfittable += len(taken)
+    return {message.payload.id for message in taken}
+
+
 async def _run_dispatcher(
     strategy: str, workload: Workload, provider: ProviderModel, rpm: float, tpm: float
 ) -> SimulationResult:
@@ -236,9 +252,13 @@ async def _run_dispatcher(
             due = run.due_arrivals()
             if due:
                 await dispatcher.batch_enqueue(due)
+                dropped: set[str] = set()
+                if any(request.token_info.estimated > tpm for request in due):
+                    dropped = await _drop_unfittable(run, dispatcher, storage)
                 for request in due:
-                    heapq.heappush(pending_tokens, (request.token_info.estimated, request.id))
-                    visible.add(request.id)
+                    if request.id not in dropped:
+                        heapq.heappush(pending_tokens, (request.token_info.estimated, request.id))
+                        visible.add(request.id)
             for processable, dispatched_at in run.due_completions():
                 in_flight -= 1
                 request = processable.message.payload
@@ -266,11 +286,7 @@ async def _run_dispatcher(
                 wait = run.limiter.can_process(pending_tokens[0][0]).available_in
             if not run.advance(wait):
                 break
-        # Requests above the TPM capacity can never be sent: the dispatcher reports them instead
-        # of letting them block the queue; take them out and count them.
-        for message in await dispatcher.take_unfittable(run.limiter):
-            await storage.delete_message(message.attributes.receipt_handle)
-            run.result.unfittable += 1
+        await _drop_unfittable(run, dispatcher, storage)  # none is left; a safety net
         attributes = await storage.get_queue_attributes()
         run.result.dead_lettered = attributes.dead_lettered
     return run.finish()

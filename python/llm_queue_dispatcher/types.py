@@ -17,6 +17,7 @@ __all__ = [
     "Priority",
     "QueueMessage",
     "TokenInfo",
+    "validate_request_id",
     "validate_token_count",
 ]
 
@@ -46,6 +47,28 @@ def validate_token_count(value: object, field_name: str) -> int:
     if value < 0:
         raise InvalidRequestError(f"{field_name} must be >= 0, got {value!r}")
     return int(value)
+
+
+def _check_text(value: str, field_name: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            f"{field_name} must be a str of valid Unicode (no lone surrogates), got {value!r}"
+        ) from None
+
+
+def validate_request_id(value: object, field_name: str = "id") -> str:
+    """The one request id rule of the package (store, limiter and dispatcher alike): a str of
+    valid Unicode that is not empty and not only whitespace. Raises `InvalidRequestError`."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{field_name} must be a str, got {value!r}")
+    _check_text(value, field_name)
+    if not value.strip():
+        raise InvalidRequestError(
+            f"{field_name} must be a non-empty str that is not only whitespace, got {value!r}"
+        )
+    return value
 
 
 def _validate_priority(value: object) -> Priority:
@@ -94,8 +117,7 @@ class LLMRequest(Generic[T]):
 
     def validate(self) -> None:
         """Checks every field again (and normalises ``priority``); raises `InvalidRequestError`."""
-        if not isinstance(self.id, str) or not self.id:
-            raise InvalidRequestError(f"id must be a non-empty str, got {self.id!r}")
+        validate_request_id(self.id)
         self.priority = _validate_priority(self.priority)
         if not isinstance(self.token_info, TokenInfo):
             raise InvalidRequestError(f"token_info must be a TokenInfo, got {self.token_info!r}")
@@ -114,8 +136,10 @@ class LLMRequest(Generic[T]):
             raise InvalidRequestError(f"created_at must be a datetime, got {self.created_at!r}")
         if self.deadline is not None and not isinstance(self.deadline, datetime):
             raise InvalidRequestError(f"deadline must be None or a datetime, got {self.deadline!r}")
-        if self.tenant is not None and not isinstance(self.tenant, str):
-            raise InvalidRequestError(f"tenant must be None or a str, got {self.tenant!r}")
+        if self.tenant is not None:
+            if not isinstance(self.tenant, str):
+                raise InvalidRequestError(f"tenant must be None or a str, got {self.tenant!r}")
+            _check_text(self.tenant, "tenant")
 
 
 @dataclass(frozen=True)

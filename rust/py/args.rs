@@ -5,6 +5,7 @@ use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 
 use super::errors::to_py_err;
 use crate::errors::CoreError;
+use crate::store::validate_request_id;
 
 /// An `InvalidRequestError` with `message`.
 pub(crate) fn invalid_request(py: Python<'_>, message: String) -> PyErr {
@@ -46,20 +47,26 @@ pub(crate) fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64
     }
 }
 
-/// Reads a request id: a non-empty str that is not only whitespace.
-pub(crate) fn extract_request_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
+/// Reads a `str` argument as UTF-8; a non-str, or a str Rust cannot hold (lone surrogates), is
+/// an `InvalidRequestError` naming the field.
+pub(crate) fn text_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<String> {
     let py = value.py();
+    let shown = || value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string());
     match value.cast::<PyString>() {
-        Ok(text) => {
-            let text = text.to_str()?;
-            if text.trim().is_empty() {
-                Err(invalid_request(py, format!("request_id must be a non-empty str, got {text:?}")))
-            } else {
-                Ok(text.to_owned())
-            }
-        }
-        Err(_) => {
-            Err(invalid_request(py, format!("request_id must be a non-empty str, got {}", value.repr()?)))
-        }
+        Ok(text) => text.to_str().map(str::to_owned).map_err(|_| {
+            invalid_request(
+                py,
+                format!("{field} must be a str of valid Unicode (no lone surrogates), got {}", shown()),
+            )
+        }),
+        Err(_) => Err(invalid_request(py, format!("{field} must be a str, got {}", shown()))),
     }
+}
+
+/// Reads a request id with the one id rule of the package (`store::validate_request_id`): a
+/// non-empty str that is not only whitespace.
+pub(crate) fn extract_request_id(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let id = text_arg(value, "request_id")?;
+    validate_request_id(&id, "request_id").map_err(|e| to_py_err(value.py(), e))?;
+    Ok(id)
 }

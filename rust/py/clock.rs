@@ -96,14 +96,16 @@ impl ClockSource {
             ClockSource::Wall => Ok(wall_now()),
             ClockSource::Manual(clock) => Ok(clock.get().read()),
             ClockSource::Callable(callable) => {
-                let seconds: f64 = callable.call0(py)?.extract(py)?;
-                if seconds.is_finite() {
-                    Ok(seconds)
-                } else {
-                    Err(to_py_err(
+                let reading = callable.call0(py)?;
+                match reading.extract::<f64>(py) {
+                    Ok(seconds) if seconds.is_finite() => Ok(seconds),
+                    _ => Err(to_py_err(
                         py,
-                        CoreError::InvalidConfig(format!("clock returned a non-finite reading: {seconds}")),
-                    ))
+                        CoreError::InvalidConfig(format!(
+                            "clock must return a finite number of seconds, got {}",
+                            reading.bind(py).repr()?
+                        )),
+                    )),
                 }
             }
         }

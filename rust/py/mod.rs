@@ -1,21 +1,31 @@
 //! The `PyO3` layer: thin `#[pyclass]` wrappers over the pure-Rust core, and the module itself.
 
 pub mod args;
+pub mod buffer;
 pub mod clock;
+pub mod dispatch;
 pub mod errors;
-pub mod select;
+pub mod messages;
+pub mod params;
 pub mod store;
 pub mod throttle;
 
 use pyo3::prelude::*;
 
 /// `llm_queue_dispatcher._core`: the compiled part of the package.
-#[pymodule(gil_used = false)]
+// `gil_used = true` until free-threaded builds are tested (a 3.13t job and a threaded stress
+// test): the locks are taken so they cannot deadlock with the interpreter, but nothing proves
+// the rest safe without the GIL yet.
+#[pymodule(gil_used = true)]
 pub mod _core {
+    #[pymodule_export]
+    use super::buffer::PyCandidateBuffer;
     #[pymodule_export]
     use super::clock::PyManualClock;
     #[pymodule_export]
-    use super::select::{PyCandidateBuffer, PyScoringParams, PySelection};
+    use super::dispatch::PySelection;
+    #[pymodule_export]
+    use super::params::PyScoringParams;
     #[pymodule_export]
     use super::store::PyStoreCore;
     #[pymodule_export]

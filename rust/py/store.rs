@@ -1,240 +1,38 @@
 //! `StoreCore`: the Python face of [`Store`], holding `LLMRequest` objects by reference.
 //!
-//! Locking discipline: the store sits behind a `parking_lot::Mutex`. No Python code runs while
-//! it is held: requests are read and validated before locking, messages are copied out as
-//! [`MessageView`]s (a few numbers and one new reference) and turned into Python objects after
-//! unlocking, and removed payloads are released after unlocking too. So a property, a clock or
-//! a finalizer that calls back into the same store can never deadlock it.
-//!
-//! Fast construction: `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of
-//! `types.py`, but are built with `object.__new__` and `PyObject_GenericSetAttr` (what a frozen
-//! dataclass's own `__init__` does through `object.__setattr__`), and datetimes from their
-//! calendar fields, so building a message costs well under a microsecond.
+//! Locking discipline: the store sits behind a `parking_lot::Mutex`, taken with
+//! `lock_py_attached` (a thread waiting for it never blocks the interpreter). No Python code
+//! runs while it is held: requests are read and validated and the clock is read before
+//! locking; messages are copied out as `MessageView`s (a few numbers and one new reference) and
+//! turned into Python objects after unlocking; what an operation leaves behind — dead letters
+//! for the dead-letter store, payloads to release — is an [`Aftermath`] finished after every
+//! lock is released. So a property, a clock or a finalizer that calls back into the same store
+//! (or the limiter) can never deadlock it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyType, PyTzInfo};
-use pyo3::{ffi, intern, PyTraverseError, PyVisit};
+use pyo3::sync::{MutexExt, PyOnceLock};
+use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyTzInfo};
+use pyo3::{intern, PyTraverseError, PyVisit};
 
-use crate::errors::CoreError;
-use crate::py::args::{invalid_request, is_number, token_count};
+use super::dispatch::{self, Dispatched, PySelection};
+use super::messages::{
+    build_list, build_view, llm_request_class, token_info_class, utc_datetime, DateCache, MessageView,
+};
+use super::params::PyScoringParams;
+use super::throttle::PyThrottle;
+use crate::errors::{CoreError, CoreResult};
+use crate::py::args::{invalid_request, is_number, text_arg, token_count};
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
 use crate::store::{
-    format_message_id_into, NewMessage, ReceiptHandle, Store, StoreConfig, StoredMessage, MESSAGE_ID_LEN,
-    PRIORITIES,
+    validate_request_id, NewMessage, ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES,
 };
 
-// ----- classes of types.py -----------------------------------------------------------------
-
-macro_rules! types_class {
-    ($fn_name:ident, $class:literal) => {
-        fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-            static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-            CLASS.import(py, "llm_queue_dispatcher.types", $class)
-        }
-    };
-}
-
-types_class!(llm_request_class, "LLMRequest");
-types_class!(token_info_class, "TokenInfo");
-types_class!(queue_message_class, "QueueMessage");
-types_class!(message_attributes_class, "MessageAttributes");
-
-fn object_new(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static OBJECT_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    OBJECT_NEW
-        .get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("builtins")?.getattr("object")?.getattr("__new__")?.unbind())
-        })
-        .map(|f| f.bind(py))
-}
-
-/// `object.__new__(cls)`: an instance whose `__init__` has not run.
-fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
-    object_new(cls.py())?.call1((cls,))
-}
-
-/// `object.__setattr__(obj, name, value)`: bypasses a frozen dataclass's `__setattr__`.
-fn set_field<T>(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, value: &Bound<'_, T>) -> PyResult<()> {
-    // SAFETY: all three pointers are live, owned by the Bound references for the call.
-    let status = unsafe { ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value.as_ptr()) };
-    if status < 0 {
-        Err(PyErr::fetch(obj.py()))
-    } else {
-        Ok(())
-    }
-}
-
-// ----- datetimes -----------------------------------------------------------------------------
-
-/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
-
-/// A timezone-aware UTC datetime for a clock reading in seconds since the epoch, rounded to the
-/// microsecond.
-pub(crate) fn utc_datetime(py: Python<'_>, seconds: f64) -> PyResult<Bound<'_, PyDateTime>> {
-    const MICROS_PER_DAY: i64 = 86_400_000_000;
-    let micros = (seconds * 1e6).round();
-    // Years 1..=9999 are about ±2.5e17 µs around the epoch; datetime refuses the rest anyway.
-    if !micros.is_finite() || micros.abs() > 4e17 {
-        return Err(to_py_err(
-            py,
-            CoreError::InvalidRequest(format!("clock reading {seconds:?} is not a datetime")),
-        ));
-    }
-    let micros = micros as i64;
-    let (year, month, day) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
-    let rest = micros.rem_euclid(MICROS_PER_DAY);
-    let second_of_day = rest / 1_000_000;
-    let utc = PyTzInfo::utc(py)?;
-    PyDateTime::new(
-        py,
-        year as i32,
-        month,
-        day,
-        (second_of_day / 3600) as u8,
-        (second_of_day / 60 % 60) as u8,
-        (second_of_day % 60) as u8,
-        (rest % 1_000_000) as u32,
-        Some(&utc),
-    )
-}
-
-/// Messages built in one call often share instants (a batch's `enqueued_at`): reuse the object.
-#[derive(Default)]
-struct DateCache<'py> {
-    last: Option<(u64, Bound<'py, PyDateTime>)>,
-}
-
-impl<'py> DateCache<'py> {
-    fn get(&mut self, py: Python<'py>, seconds: f64) -> PyResult<Bound<'py, PyDateTime>> {
-        match &self.last {
-            Some((bits, date)) if *bits == seconds.to_bits() => Ok(date.clone()),
-            _ => {
-                let date = utc_datetime(py, seconds)?;
-                self.last = Some((seconds.to_bits(), date.clone()));
-                Ok(date)
-            }
-        }
-    }
-}
-
-// ----- messages ------------------------------------------------------------------------------
-
-/// What building a `QueueMessage` needs, copied out of the store under its lock.
-pub(crate) struct MessageView {
-    /// The `LLMRequest`.
-    pub payload: Py<PyAny>,
-    pub message_id: u64,
-    pub enqueued_at: f64,
-    pub receive_count: u32,
-    pub first_received_at: Option<f64>,
-    /// None for messages not received by this call (enqueue, peek): `receipt_handle` is "".
-    pub handle: Option<ReceiptHandle>,
-}
-
-impl MessageView {
-    /// Copies a stored message (one new reference to its payload).
-    pub fn of(py: Python<'_>, message: &StoredMessage<Py<PyAny>>, handle: Option<ReceiptHandle>) -> Self {
-        Self {
-            payload: message.payload.clone_ref(py),
-            message_id: message.message_id,
-            enqueued_at: message.enqueued_at,
-            receive_count: message.receive_count,
-            first_received_at: message.first_received_at,
-            handle,
-        }
-    }
-}
-
-fn build_from_parts<'py>(
-    py: Python<'py>,
-    view: &MessageView,
-    handle: Bound<'py, PyString>,
-    dates: &mut DateCache<'py>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let mut id_buf = [0u8; MESSAGE_ID_LEN];
-    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf));
-    let attributes = new_instance(message_attributes_class(py)?)?;
-    set_field(&attributes, intern!(py, "message_id"), &id)?;
-    set_field(&attributes, intern!(py, "receipt_handle"), &handle)?;
-    set_field(&attributes, intern!(py, "enqueued_at"), &dates.get(py, view.enqueued_at)?)?;
-    set_field(&attributes, intern!(py, "receive_count"), &view.receive_count.into_pyobject(py)?)?;
-    match view.first_received_at {
-        Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
-        None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
-    }
-    let message = new_instance(queue_message_class(py)?)?;
-    set_field(&message, intern!(py, "id"), &id)?;
-    set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
-    set_field(&message, intern!(py, "attributes"), &attributes)?;
-    Ok(message)
-}
-
-fn build_view<'py>(
-    py: Python<'py>,
-    view: &MessageView,
-    dates: &mut DateCache<'py>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let handle = match &view.handle {
-        Some(h) => PyString::new(py, h.encode_into(&mut [0u8; ReceiptHandle::LEN])),
-        None => intern!(py, "").clone(),
-    };
-    build_from_parts(py, view, handle, dates)
-}
-
-fn build_list<'py>(py: Python<'py>, views: &[MessageView]) -> PyResult<Bound<'py, PyList>> {
-    let _paused = GcPause::new();
-    let mut dates = DateCache::default();
-    let items = views.iter().map(|v| build_view(py, v, &mut dates)).collect::<PyResult<Vec<_>>>()?;
-    PyList::new(py, items)
-}
-
-/// Pauses `CPython`'s cyclic garbage collector while a batch of messages is built. Every object
-/// built is reachable from the list returned, so a collection in between can free nothing, but
-/// the allocations would trigger collections that scan every object of the process, which made
-/// large batches several times slower. Restores the collector's previous state when dropped.
-struct GcPause {
-    was_enabled: bool,
-}
-
-impl GcPause {
-    fn new() -> Self {
-        // SAFETY: the caller holds the GIL (it has a `Python` token); these only flip a flag.
-        let was_enabled = unsafe { pyo3::ffi::PyGC_Disable() } != 0;
-        Self { was_enabled }
-    }
-}
-
-impl Drop for GcPause {
-    fn drop(&mut self) {
-        if self.was_enabled {
-            // SAFETY: as in `new`; the GIL is still held, the guard lives inside the call.
-            unsafe { pyo3::ffi::PyGC_Enable() };
-        }
-    }
-}
-
-/// Builds the `QueueMessage` of a view copied under the lock (selection builds its messages
-/// with this after unlocking: constructing objects may run the garbage collector, and with it
-/// arbitrary finalizers that might call back into the store).
-pub(crate) fn build_view_message(py: Python<'_>, view: &MessageView) -> PyResult<Py<PyAny>> {
-    Ok(build_view(py, view, &mut DateCache::default())?.unbind())
-}
+/// The store as the binding holds it: `LLMRequest` payloads.
+pub(crate) type PyStore = Store<Py<PyAny>>;
 
 // ----- validating requests -------------------------------------------------------------------
 
@@ -242,23 +40,54 @@ fn invalid_config(py: Python<'_>, message: String) -> PyErr {
     to_py_err(py, CoreError::InvalidConfig(message))
 }
 
+fn repr_of(value: &Bound<'_, PyAny>) -> String {
+    value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string())
+}
+
+/// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
+fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+    let py = value.py();
+    let Ok(date) = value.cast::<PyDateTime>() else {
+        return Err(invalid_request(
+            py,
+            format!("{field} must be None or a datetime, got {}", repr_of(value)),
+        ));
+    };
+    let aware = if date.getattr(intern!(py, "tzinfo"))?.is_none() {
+        static REPLACE_UTC: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+        let kwargs = REPLACE_UTC.get_or_try_init(py, || -> PyResult<Py<PyDict>> {
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("tzinfo", PyTzInfo::utc(py)?)?;
+            Ok(kwargs.unbind())
+        })?;
+        date.call_method(intern!(py, "replace"), (), Some(kwargs.bind(py)))?
+    } else {
+        date.clone().into_any()
+    };
+    match aware.call_method0(intern!(py, "timestamp")).and_then(|t| t.extract::<f64>()) {
+        Ok(seconds) if seconds.is_finite() => Ok(seconds),
+        _ => Err(invalid_request(
+            py,
+            format!("{field} must be a datetime with a valid instant, got {}", repr_of(value)),
+        )),
+    }
+}
+
 /// Reads and checks the fields of an `LLMRequest` the store uses, with the messages of
 /// `LLMRequest.validate`; the request itself becomes the payload.
 fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>> {
     let py = request.py();
     if !request.is_instance(llm_request_class(py)?)? {
-        return Err(invalid_request(py, format!("request must be an LLMRequest, got {}", request.repr()?)));
+        return Err(invalid_request(py, format!("request must be an LLMRequest, got {}", repr_of(request))));
     }
     let id = request.getattr(intern!(py, "id"))?;
-    let request_id: Box<str> = match id.cast::<PyString>() {
-        Ok(s) if !s.to_str()?.is_empty() => s.to_str()?.into(),
-        _ => return Err(invalid_request(py, format!("id must be a non-empty str, got {}", id.repr()?))),
-    };
+    let request_id: Box<str> = text_arg(&id, "id")?.into();
+    validate_request_id(&request_id, "id").map_err(|e| to_py_err(py, e))?;
     let priority = request.getattr(intern!(py, "priority"))?;
     if priority.is_instance_of::<PyBool>() || !priority.is_instance_of::<PyInt>() {
         return Err(invalid_request(
             py,
-            format!("priority must be a Priority or an int 0..3, got {}", priority.repr()?),
+            format!("priority must be a Priority or an int 0..3, got {}", repr_of(&priority)),
         ));
     }
     let priority_value = match priority.extract::<i64>() {
@@ -266,7 +95,7 @@ fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>
         _ => {
             return Err(invalid_request(
                 py,
-                format!("priority must be within 0..3, got {}", priority.repr()?),
+                format!("priority must be within 0..3, got {}", repr_of(&priority)),
             ))
         }
     };
@@ -274,7 +103,7 @@ fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>
     if !token_info.is_instance(token_info_class(py)?)? {
         return Err(invalid_request(
             py,
-            format!("token_info must be a TokenInfo, got {}", token_info.repr()?),
+            format!("token_info must be a TokenInfo, got {}", repr_of(&token_info)),
         ));
     }
     let tokens = token_count(&token_info.getattr(intern!(py, "estimated"))?, "token_info.estimated")?;
@@ -290,18 +119,30 @@ fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>
                     py,
                     format!(
                         "expected_processing_time must be None or a finite number of seconds >= 0, got {}",
-                        ept.repr()?
+                        repr_of(&ept)
                     ),
                 ))
             }
         }
     };
+    let tenant = request.getattr(intern!(py, "tenant"))?;
+    let tenant = if tenant.is_none() {
+        None
+    } else if tenant.is_instance_of::<PyString>() {
+        Some(text_arg(&tenant, "tenant")?.into())
+    } else {
+        return Err(invalid_request(py, format!("tenant must be None or a str, got {}", repr_of(&tenant))));
+    };
+    let deadline = request.getattr(intern!(py, "deadline"))?;
+    let deadline = if deadline.is_none() { None } else { Some(datetime_seconds(&deadline, "deadline")?) };
     Ok(NewMessage {
         request_id,
         payload: request.clone().unbind(),
         priority: priority_value,
         tokens,
         expected_processing_seconds,
+        tenant,
+        deadline,
     })
 }
 
@@ -312,7 +153,7 @@ fn seconds_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
             return Ok(v);
         }
     }
-    Err(invalid_request(py, format!("{field} must be a number of seconds, got {}", value.repr()?)))
+    Err(invalid_request(py, format!("{field} must be a number of seconds, got {}", repr_of(value))))
 }
 
 fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
@@ -325,14 +166,31 @@ fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
             return Ok(usize::MAX);
         }
     }
-    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)))
+    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
 }
 
-fn handle_arg<'a, 'py>(value: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py, PyString>> {
-    value.cast::<PyString>().map_err(|_| {
-        let py = value.py();
-        let repr = value.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
-        to_py_err(py, CoreError::ReceiptHandle(format!("receipt handle must be a str, got {repr}")))
+fn handle_arg(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    let py = value.py();
+    match value.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned)) {
+        Some(handle) => Ok(handle),
+        None => Err(to_py_err(
+            py,
+            CoreError::ReceiptHandle(format!("receipt handle must be a str, got {}", repr_of(value))),
+        )),
+    }
+}
+
+/// A visibility timeout within [0, 43200] seconds, else `InvalidRequestError`.
+pub(crate) fn visibility_timeout_arg(value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let py = value.py();
+    let seconds = seconds_arg(value, "visibility_timeout")
+        .ok()
+        .filter(|s| (0.0..=crate::store::MAX_VISIBILITY_TIMEOUT).contains(s));
+    seconds.ok_or_else(|| {
+        invalid_request(
+            py,
+            format!("visibility_timeout must be within [0, 43200] seconds, got {}", repr_of(value)),
+        )
     })
 }
 
@@ -341,11 +199,62 @@ fn handle_arg<'a, 'py>(value: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py, 
 /// What the lock guards.
 pub(crate) struct StoreState {
     /// The store; payloads are the `LLMRequest` objects.
-    pub store: Store<Py<PyAny>>,
+    pub store: PyStore,
     /// Where instants come from (the wall clock by default: datetimes derive from it).
     pub clock: ClockSource,
     /// Where dead-lettered messages go; None drops them (they are counted either way).
     pub dead_letter: Option<Py<PyStoreCore>>,
+}
+
+/// A dead-lettered message on its way to the dead-letter store, with its tenant's name.
+type DeadLetter = (StoredMessage<Py<PyAny>>, Option<Box<str>>);
+
+/// Dead letters a store could not take, with the reason.
+type Refused = (PyErr, Vec<StoredMessage<Py<PyAny>>>);
+
+/// What a store operation leaves to do once every lock is released: hand dead letters to the
+/// dead-letter store, release dropped payloads (their finalizers may run).
+#[must_use = "an aftermath must be finished once the locks are released"]
+pub(crate) struct Aftermath {
+    dead: Vec<DeadLetter>,
+    target: Option<Py<PyStoreCore>>,
+    dropped: Vec<Py<PyAny>>,
+}
+
+impl Aftermath {
+    /// Hands the dead letters over and releases the payloads. A dead-letter store that cannot
+    /// take them now (its clock failed, say) leaves them in `source`'s outbox for the next
+    /// operation: a failing hand-off loses nothing. Never raises: the operation itself
+    /// succeeded; the failure is logged.
+    pub(crate) fn finish(self, py: Python<'_>, source: &PyStoreCore) {
+        let Self { dead, target, dropped } = self;
+        drop(dropped);
+        if dead.is_empty() {
+            return;
+        }
+        let Some(target) = target else {
+            // No dead-letter store: dropped, and counted, as SQS does.
+            drop(dead);
+            return;
+        };
+        if let Err((error, back)) = target.get().accept_dead_letters(py, dead) {
+            let count = back.len();
+            source.state.lock_py_attached(py).store.return_dead_letters(back);
+            let _ = log_warning(
+                py,
+                &format!("could not hand {count} dead-lettered message(s) to the dead-letter store, kept for the next operation: {error}"),
+            );
+        }
+    }
+}
+
+fn log_warning(py: Python<'_>, message: &str) -> PyResult<()> {
+    static LOGGER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let logger = LOGGER.get_or_try_init(py, || -> PyResult<Py<PyAny>> {
+        Ok(py.import("logging")?.call_method1("getLogger", ("llm_queue_dispatcher",))?.unbind())
+    })?;
+    logger.bind(py).call_method1("warning", (message,))?;
+    Ok(())
 }
 
 /// The in-memory store's Rust core: SQS semantics over `LLMRequest` objects kept by reference.
@@ -361,7 +270,7 @@ impl PyStoreCore {
     /// The current clock reading. A Python callable clock is called without the lock held.
     pub(crate) fn now(&self, py: Python<'_>) -> PyResult<f64> {
         let clock = {
-            let state = self.state.lock();
+            let state = self.state.lock_py_attached(py);
             match &state.clock {
                 ClockSource::Callable(callable) => ClockSource::Callable(callable.clone_ref(py)),
                 other => return other.now(py),
@@ -370,63 +279,62 @@ impl PyStoreCore {
         clock.now(py)
     }
 
-    /// Runs `f` on the store at the current clock reading, under the lock, then (unlocked)
-    /// moves dead-lettered messages to the dead-letter store and releases dropped payloads.
-    /// Every store operation runs the maintenance step first, so `f` sees expired messages
-    /// released.
+    /// Runs `f` on the store at `now`, under the lock, after the maintenance step; returns its
+    /// result and what is left to do once every lock is released. `f` must run no Python code.
+    pub(crate) fn locked<R>(
+        &self,
+        py: Python<'_>,
+        now: f64,
+        f: impl FnOnce(&mut PyStore, f64) -> CoreResult<R>,
+    ) -> (CoreResult<R>, Aftermath) {
+        let mut state = self.state.lock_py_attached(py);
+        // Maintenance first, so read-only closures see expired messages released too.
+        let mut dead = state.store.release_expired(now);
+        let result = f(&mut state.store, now);
+        dead.append(&mut state.store.take_dead_lettered());
+        let dead: Vec<_> = dead
+            .into_iter()
+            .map(|m| {
+                let tenant = (m.tenant != 0).then(|| state.store.tenant_name(m.tenant).into());
+                (m, tenant)
+            })
+            .collect();
+        let target = if dead.is_empty() { None } else { state.dead_letter.as_ref().map(|t| t.clone_ref(py)) };
+        let dropped = state.store.take_dropped();
+        (result, Aftermath { dead, target, dropped })
+    }
+
+    /// `locked` at the clock's reading, with the aftermath finished and errors raised.
     pub(crate) fn with_store<R>(
         &self,
         py: Python<'_>,
-        f: impl FnOnce(&mut Store<Py<PyAny>>, f64) -> Result<R, CoreError>,
+        f: impl FnOnce(&mut PyStore, f64) -> CoreResult<R>,
     ) -> PyResult<R> {
         let now = self.now(py)?;
-        let (result, dead, dropped, target) = {
-            let mut state = self.state.lock();
-            // Maintenance first, so read-only closures see expired messages released too.
-            let mut dead = state.store.release_expired(now);
-            let result = f(&mut state.store, now);
-            dead.append(&mut state.store.take_dead_lettered());
-            let dropped = state.store.take_dropped();
-            let target =
-                if dead.is_empty() { None } else { state.dead_letter.as_ref().map(|t| t.clone_ref(py)) };
-            (result, dead, dropped, target)
-        };
-        drop(dropped);
-        if let Some(target) = target {
-            target.get().accept_dead_letters(py, dead)?;
-        }
+        let (result, aftermath) = self.locked(py, now, f);
+        aftermath.finish(py, self);
         result.map_err(|e| to_py_err(py, e))
     }
 
-    /// Enqueues messages dead-lettered by another store, as new messages here. One whose id is
-    /// already here (not yet deleted) is dropped: the source has counted it as dead-lettered.
-    fn accept_dead_letters(&self, py: Python<'_>, messages: Vec<StoredMessage<Py<PyAny>>>) -> PyResult<()> {
-        let rejected = self.with_store(py, |store, now| {
-            let mut rejected = Vec::new();
-            for m in messages {
-                let message = NewMessage {
-                    request_id: m.request_id,
-                    payload: m.payload,
-                    priority: m.priority,
-                    tokens: m.tokens,
-                    expected_processing_seconds: m.expected_processing_seconds,
-                };
-                if store.slot_of(&message.request_id).is_some() {
-                    rejected.push(message);
-                } else {
-                    store.enqueue(message, now)?;
-                }
-            }
-            Ok(rejected)
-        })?;
-        drop(rejected);
+    /// Enqueues messages dead-lettered by another store, as new messages here; a request id
+    /// already here is kept too (a dead-letter store keeps every copy). On failure (this
+    /// store's clock) they are handed back.
+    fn accept_dead_letters(&self, py: Python<'_>, messages: Vec<DeadLetter>) -> Result<(), Refused> {
+        let now = match self.now(py) {
+            Ok(now) => now,
+            Err(error) => return Err((error, messages.into_iter().map(|(m, _)| m).collect())),
+        };
+        let new = messages.into_iter().map(|(m, tenant)| m.into_new(tenant)).collect();
+        let (slots, aftermath) = self.locked(py, now, |store, now| Ok(store.enqueue_dead_letters(new, now)));
+        aftermath.finish(py, self);
+        drop(slots);
         Ok(())
     }
 
     fn views(
         &self,
         py: Python<'_>,
-        f: impl FnOnce(&mut Store<Py<PyAny>>, f64) -> Result<Vec<(u32, Option<ReceiptHandle>)>, CoreError>,
+        f: impl FnOnce(&mut PyStore, f64) -> CoreResult<Vec<(u32, Option<ReceiptHandle>)>>,
     ) -> PyResult<Vec<MessageView>> {
         self.with_store(py, |store, now| {
             let picked = f(store, now)?;
@@ -460,7 +368,7 @@ impl PyStoreCore {
                 _ => {
                     return Err(invalid_config(
                         py,
-                        format!("max_receive_count must be None or an int >= 1, got {}", v.repr()?),
+                        format!("max_receive_count must be None or an int >= 1, got {}", repr_of(v)),
                     ))
                 }
             },
@@ -470,10 +378,7 @@ impl PyStoreCore {
             Some(v) => seconds_arg(v, "message_retention").map_err(|_| {
                 invalid_config(
                     py,
-                    format!(
-                        "message_retention must be a number of seconds > 0, got {}",
-                        v.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string())
-                    ),
+                    format!("message_retention must be a number of seconds > 0, got {}", repr_of(v)),
                 )
             })?,
         };
@@ -484,10 +389,7 @@ impl PyStoreCore {
                     .map_err(|_| {
                         invalid_config(
                             py,
-                            format!(
-                                "dead_letter must be a StoreCore or None, got {}",
-                                v.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string())
-                            ),
+                            format!("dead_letter must be a StoreCore or None, got {}", repr_of(v)),
                         )
                     })?
                     .clone()
@@ -546,10 +448,16 @@ impl PyStoreCore {
 
     /// Deletes the message a current receipt handle names.
     fn delete(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
-        let handle = handle_arg(handle)?.to_str()?;
-        let removed = self.with_store(py, |store, now| store.delete(handle, now))?;
+        let handle = handle_arg(handle)?;
+        let removed = self.with_store(py, |store, now| store.delete(&handle, now))?;
         drop(removed);
         Ok(())
+    }
+
+    /// Dead-letters the message a current receipt handle names, at once.
+    fn dead_letter_now(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+        let handle = handle_arg(handle)?;
+        self.with_store(py, |store, now| store.dead_letter_now(&handle, now))
     }
 
     /// Makes the message a current handle names invisible for `visibility_timeout` seconds from
@@ -561,8 +469,8 @@ impl PyStoreCore {
         visibility_timeout: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let timeout = visibility_timeout_arg(visibility_timeout)?;
-        let handle = handle_arg(handle)?.to_str()?;
-        self.with_store(py, |store, now| store.change_visibility(handle, timeout, now))
+        let handle = handle_arg(handle)?;
+        self.with_store(py, |store, now| store.change_visibility(&handle, timeout, now))
     }
 
     /// Up to `limit` visible messages of `priority`, oldest first, without receiving them
@@ -578,7 +486,7 @@ impl PyStoreCore {
             _ => {
                 return Err(invalid_request(
                     py,
-                    format!("priority must be within 0..3, got {}", priority.repr()?),
+                    format!("priority must be within 0..3, got {}", repr_of(priority)),
                 ))
             }
         };
@@ -622,6 +530,22 @@ impl PyStoreCore {
         self.with_store(py, |store, _| Ok(store.in_flight_count()))
     }
 
+    /// `{tenant: (visible, in_flight)}` for every tenant with a message ("" for none).
+    fn tenant_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let counts: Vec<(String, usize, usize)> = self.with_store(py, |store, _| {
+            Ok(store
+                .tenant_counts()
+                .filter(|(_, c)| c.visible + c.in_flight > 0)
+                .map(|(name, c)| (name.to_owned(), c.visible, c.in_flight))
+                .collect())
+        })?;
+        let d = PyDict::new(py);
+        for (name, visible, in_flight) in counts {
+            d.set_item(name, (visible, in_flight))?;
+        }
+        Ok(d)
+    }
+
     /// The clock reading at which the next in-flight message becomes visible (or is
     /// dead-lettered), None when nothing is in flight.
     fn next_visibility_change(&self, py: Python<'_>) -> PyResult<Option<f64>> {
@@ -647,7 +571,7 @@ impl PyStoreCore {
     /// The clock given at construction (None for the wall clock).
     #[getter]
     fn clock(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.state.lock().clock.as_object(py)
+        self.state.lock_py_attached(py).clock.as_object(py)
     }
 
     #[getter]
@@ -662,12 +586,125 @@ impl PyStoreCore {
 
     #[getter]
     fn dead_letter(&self, py: Python<'_>) -> Option<Py<PyStoreCore>> {
-        self.state.lock().dead_letter.as_ref().map(|d| d.clone_ref(py))
+        self.state.lock_py_attached(py).dead_letter.as_ref().map(|d| d.clone_ref(py))
+    }
+
+    // ----- selection (see `dispatch`) ----------------------------------------------------------
+
+    /// One dispatch step with the budget of `throttle`: `(message, total, breakdown)` or None.
+    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_native(
+        slf: &Bound<'_, Self>,
+        throttle: &Bound<'_, PyThrottle>,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        visibility_timeout: &Bound<'_, PyAny>,
+        min_score: f64,
+        reserve: bool,
+    ) -> PyResult<Option<Dispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        dispatch::dispatch_store(
+            slf.py(),
+            slf.get(),
+            throttle.get(),
+            params.get(),
+            custom_fn,
+            timeout,
+            min_score,
+            reserve,
+        )
+    }
+
+    /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    fn select(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        min_score: f64,
+    ) -> PyResult<Option<PySelection>> {
+        dispatch::select_with_budget(
+            py,
+            self,
+            available_tokens,
+            available_requests,
+            params.get(),
+            custom_fn,
+            min_score,
+        )
+    }
+
+    /// Receives a selected candidate: `(message, total, breakdown)`, or None if it left.
+    fn take(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PySelection>,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Dispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        dispatch::take_selection(py, self, selection.get(), timeout)
+    }
+
+    /// The smallest estimate among visible messages.
+    fn min_visible_tokens(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        self.with_store(py, |store, _| Ok(store.index().min_tokens()))
+    }
+
+    /// Seconds until the best visible score reaches `threshold` with time alone (None: never
+    /// without another change).
+    fn time_until_score(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        params: &Bound<'_, PyScoringParams>,
+        threshold: f64,
+    ) -> PyResult<Option<f64>> {
+        let budget = dispatch::Budget { available: available_tokens, max_tokens: available_tokens };
+        dispatch::time_until_score(py, self, params.get(), budget, threshold)
+    }
+
+    /// Request ids of visible messages whose estimate exceeds `capacity`.
+    fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
+        self.with_store(py, |store, _| {
+            Ok(dispatch::slots_above(store, capacity)
+                .into_iter()
+                .map(|slot| store.message(slot).request_id.to_string())
+                .collect())
+        })
+    }
+
+    /// Receives every visible message whose estimate exceeds `capacity` (they can never be
+    /// dispatched): the caller deletes them or fails them into the dead-letter queue.
+    fn take_above(
+        &self,
+        py: Python<'_>,
+        capacity: f64,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        let views = self.with_store(py, |store, now| {
+            let mut out = Vec::new();
+            for slot in dispatch::slots_above(store, capacity) {
+                let handle = store.receive_slot(slot, timeout, now)?;
+                out.push(MessageView::of(py, store.message(slot), Some(handle)));
+            }
+            Ok(out)
+        })?;
+        let list = build_list(py, &views)?;
+        Ok(list.iter().map(Bound::unbind).collect())
     }
 
     /// Checks the store's structural invariants by a full scan; raises `AssertionError`.
-    fn _check_invariants(&self) -> PyResult<()> {
-        self.state.lock().store.check_invariants().map_err(pyo3::exceptions::PyAssertionError::new_err)
+    fn _check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        self.state
+            .lock_py_attached(py)
+            .store
+            .check_invariants()
+            .map_err(pyo3::exceptions::PyAssertionError::new_err)
     }
 
     fn __repr__(&self) -> String {
@@ -705,30 +742,5 @@ impl PyStoreCore {
         });
         // Released here, after the lock.
         drop(taken);
-    }
-}
-
-fn visibility_timeout_arg(value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let py = value.py();
-    let seconds = seconds_arg(value, "visibility_timeout")
-        .ok()
-        .filter(|s| (0.0..=crate::store::MAX_VISIBILITY_TIMEOUT).contains(s));
-    seconds.ok_or_else(|| {
-        let repr = value.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
-        invalid_request(py, format!("visibility_timeout must be within [0, 43200] seconds, got {repr}"))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::civil_from_days;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(-719_162), (1, 1, 1));
-        assert_eq!(civil_from_days(2_932_896), (9999, 12, 31));
     }
 }

@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
+use pyo3::sync::{MutexExt, PyOnceLock};
 use pyo3::types::{PyDict, PyInt};
 use pyo3::{PyTraverseError, PyVisit};
 
@@ -37,6 +37,17 @@ fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
         .then(|| value.extract::<usize>().ok())
         .flatten();
     count.ok_or_else(|| invalid_config(value.py(), format!("{field} must be an int >= 1, got {shown}")))
+}
+
+fn seconds_value(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+    let seconds = if is_number(value) { value.extract::<f64>().ok() } else { None };
+    seconds.filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+        let shown = value.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
+        to_py_err(
+            value.py(),
+            CoreError::InvalidRequest(format!("{field} must be a finite number >= 0, got {shown}")),
+        )
+    })
 }
 
 fn default_logger(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
@@ -353,7 +364,8 @@ impl PyStateSnapshot {
     }
 }
 
-type Metadata = Option<Py<PyAny>>;
+/// What a consumption record carries from Python: the caller's metadata, if any.
+pub type Metadata = Option<Py<PyAny>>;
 
 /// `LLMThrottle`: the dual token-bucket limiter, thread-safe.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "LLMThrottle", frozen)]
@@ -364,22 +376,39 @@ pub struct PyThrottle {
 }
 
 impl PyThrottle {
+    /// The clock's current reading. Read before locking: a Python clock is Python code.
+    pub fn now(&self, py: Python<'_>) -> PyResult<f64> {
+        self.clock.now(py)
+    }
+
     /// Runs `f` on the state advanced to the clock's current reading, under the lock.
     pub fn with_state<R>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut Throttle<Metadata>, f64) -> R,
     ) -> PyResult<R> {
-        let now = self.clock.now(py)?;
+        let now = self.now(py)?;
+        Ok(self.with_state_at(py, now, f))
+    }
+
+    /// Runs `f` on the state advanced to `now`, under the lock. No Python code may run in `f`:
+    /// the lock is taken detached from the interpreter while it waits, and the metadata of
+    /// records dropped meanwhile is released after unlocking (finalizers may run).
+    pub fn with_state_at<R>(
+        &self,
+        py: Python<'_>,
+        now: f64,
+        f: impl FnOnce(&mut Throttle<Metadata>, f64) -> R,
+    ) -> R {
         let (result, evicted) = {
-            let mut state = self.state.lock();
+            let mut state = self.state.lock_py_attached(py);
             state.advance(now);
+            let now = state.now();
             let result = f(&mut state, now);
             (result, state.take_evicted())
         };
-        // Released unlocked: dropping the last reference to metadata may run finalizers.
         drop(evicted);
-        Ok(result)
+        result
     }
 
     fn logger<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -399,13 +428,13 @@ impl PyThrottle {
         let request_id = extract_request_id(request_id)?;
         let tokens = token_count(estimated_tokens, "estimated_tokens")?;
         let metadata = metadata.filter(|m| !m.is_none()).map(Bound::unbind);
-        self.with_state(py, |state, now| {
-            if state.consume(now, &request_id, tokens, metadata) {
-                Ok(())
-            } else {
-                Err(state.check(tokens))
-            }
-        })
+        let outcome = self.with_state(py, |state, now| {
+            state
+                .try_consume(now, &request_id, tokens, metadata)
+                .map_err(|refused| (state.check(tokens), refused))
+        })?;
+        // A refused request's metadata is released here, unlocked.
+        Ok(outcome.map_err(|(check, _refused)| check))
     }
 }
 
@@ -544,7 +573,7 @@ impl PyThrottle {
                     state.tokens().clone(),
                     state.efficiency(),
                     state.history_statistics(),
-                    state.history().len(),
+                    state.history_len(),
                     state.config().max_history_records,
                     state.debt(),
                 )
@@ -645,10 +674,56 @@ impl PyThrottle {
         self.with_state(py, |state, _| state.restore(&core))?.map_err(|e| to_py_err(py, e))
     }
 
+    /// Gives the latest reservation of `request_id` back whole: its tokens and its request
+    /// return to the buckets, the debt it paid is owed again, and it no longer counts in the
+    /// history. For a reservation that was never used; `UnknownRequestError` when there is none.
+    fn release(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let request_id = extract_request_id(request_id)?;
+        self.with_state(py, |state, _| state.release(&request_id))?.map_err(|e| to_py_err(py, e))
+    }
+
+    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`).
+    fn penalize(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+        let seconds = seconds_value(seconds, "seconds")?;
+        self.with_state(py, |state, _| state.penalize(seconds))?.map_err(|e| to_py_err(py, e))
+    }
+
+    /// Lowers what the limiter believes it holds to what the provider says remains, until the
+    /// provider's reset, and applies its `Retry-After` as a penalty. See
+    /// `llm_queue_dispatcher.provider_limits` for the headers understood. Returns what was read.
+    fn sync_from_headers<'py>(
+        &self,
+        py: Python<'py>,
+        headers: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        static PARSE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let parse = PARSE.import(py, "llm_queue_dispatcher.provider_limits", "parse_rate_limit_headers")?;
+        let limits = parse.call1((headers,))?;
+        self.apply_provider_limits(py, &limits)?;
+        Ok(limits)
+    }
+
+    /// `sync_from_headers` for figures already read (a `ProviderLimits`).
+    fn apply_provider_limits(&self, py: Python<'_>, limits: &Bound<'_, PyAny>) -> PyResult<()> {
+        let figure = |remaining: &str, reset: &str| -> PyResult<Option<(f64, Option<f64>)>> {
+            let remaining: Option<f64> = limits.getattr(remaining)?.extract()?;
+            let reset: Option<f64> = limits.getattr(reset)?.extract()?;
+            Ok(remaining.map(|r| (r, reset)))
+        };
+        let requests = figure("requests_remaining", "requests_reset")?;
+        let tokens = figure("tokens_remaining", "tokens_reset")?;
+        let retry_after: Option<f64> = limits.getattr("retry_after")?.extract()?;
+        self.with_state(py, |state, _| {
+            state.cap(requests, tokens)?;
+            retry_after.map_or(Ok(()), |seconds| state.penalize(seconds))
+        })?
+        .map_err(|e| to_py_err(py, e))
+    }
+
     /// Capacity of the token bucket (`burst_tpm or tpm`): no estimate above it ever fits.
     #[getter]
-    fn token_capacity(&self) -> f64 {
-        self.state.lock().tokens().capacity()
+    fn token_capacity(&self, py: Python<'_>) -> f64 {
+        self.state.lock_py_attached(py).tokens().capacity()
     }
 
     /// The clock given at construction (None for the system monotonic clock).
@@ -657,8 +732,8 @@ impl PyThrottle {
         self.clock.as_object(py)
     }
 
-    fn __repr__(&self) -> String {
-        let state = self.state.lock();
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let state = self.state.lock_py_attached(py);
         let config = state.config();
         format!(
             "LLMThrottle(rpm={}, tpm={}, burst_rpm={}, burst_tpm={}, adjustment_failure_strategy='{}', \

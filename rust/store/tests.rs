@@ -6,7 +6,15 @@ fn store() -> Store<u32> {
 }
 
 fn new(id: &str, priority: u8, payload: u32) -> NewMessage<u32> {
-    NewMessage { request_id: id.into(), payload, priority, tokens: 100, expected_processing_seconds: None }
+    NewMessage {
+        request_id: id.into(),
+        payload,
+        priority,
+        tokens: 100,
+        expected_processing_seconds: None,
+        tenant: None,
+        deadline: None,
+    }
 }
 
 fn payloads(store: &Store<u32>, received: &[(u32, ReceiptHandle)]) -> Vec<u32> {
@@ -39,7 +47,7 @@ fn visibility_expiry_returns_message_with_counts_and_keeps_the_handle_valid() {
     assert!(s.release_expired(11.0).is_empty());
     assert_eq!(s.visible_count(), 1);
     let m = s.message(slot);
-    assert_eq!((m.receive_count, m.first_received_at), (1, Some(1.0)));
+    assert_eq!((m.receive_count, m.first_received_at()), (1, Some(1.0)));
     // Still the current handle: change_visibility re-leases without a receive.
     s.change_visibility(&h1.to_string(), 5.0, 12.0).unwrap();
     assert_eq!((s.visible_count(), s.in_flight_count()), (0, 1));
@@ -48,7 +56,7 @@ fn visibility_expiry_returns_message_with_counts_and_keeps_the_handle_valid() {
     let (_, h2) = s.receive(1, 10.0, 17.0).unwrap()[0];
     assert_ne!(h1, h2);
     assert_eq!(s.message(slot).receive_count, 2);
-    assert_eq!(s.message(slot).first_received_at, Some(1.0));
+    assert_eq!(s.message(slot).first_received_at(), Some(1.0));
     // The old handle is stale now: nothing changes.
     let err = s.delete(&h1.to_string(), 18.0).unwrap_err();
     assert!(matches!(err, CoreError::ReceiptHandle(_)));

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import InMemoryStorage, ManualClock, QueueStorageAdapter
-from tests.conformance.reference_adapter import ReferenceStorage
 from tests.redis.support import ClockedRedisStorage, RedisServer, running_server
+from tests.reference.storage import ReferenceStorage
 
 StorageFactory = Callable[..., QueueStorageAdapter[Any]]
 

@@ -89,6 +89,11 @@ class InMemoryStorage(QueueStorageAdapter[T]):
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
         self.core.change_visibility(receipt_handle, visibility_timeout)
 
+    async def dead_letter_message(self, message: QueueMessage[T]) -> None:
+        """Moves the message to ``dead_letter`` at once (or drops it there is none), counted
+        in ``dead_lettered``; one atomic step in the store."""
+        self.core.dead_letter_now(message.attributes.receipt_handle)
+
     async def get_approximate_message_count(self) -> int:
         return self.core.visible_count()
 

@@ -1,14 +1,12 @@
 //! The in-memory queue store: SQS semantics (visibility timeouts, receipt handles, receive counts,
-//! dead-lettering, retention) over a layout the exact selection search can walk.
+//! dead-lettering, retention) over the candidate index the exact selection search walks.
 //!
 //! Layout. Messages live in a slab (`Vec` of slots plus a free list; a slot index is a `u32`).
 //! Request ids map to slots through a `hashbrown::HashTable<u32>` that hashes the id stored in
 //! the slot, so an id is stored once (a `HashMap<Box<str>, u32>` would store it twice and double
-//! the table's footprint; see the memory note below). Visible messages are grouped in cells
-//! ([`CellKey`]); a cell is a `BTreeMap<seq, slot>`, oldest first. In-flight messages sit in a
-//! `BTreeSet<(deadline, slot)>`, so expiry costs O(log n) per expired message. Two small sets of
-//! cell heads (one ordered by priority then age, one by age) give the receive order and the
-//! oldest visible message in O(log cells).
+//! the table's footprint). Visible messages are in the [`VisibleIndex`] (and in a second
+//! [`Ranking`], when one is plugged in); in-flight messages sit in a `BTreeSet<(deadline, slot)>`,
+//! so expiry costs O(log n) per expired message. Receipt handles are in `handles`.
 //!
 //! Sequence order is age order: `enqueued_at` never decreases within a store (a clock reading
 //! earlier than the previous enqueue is clamped to it), and sequence numbers only grow, so
@@ -19,32 +17,36 @@
 //! messages whose deadline is `<= now` become visible again, or are dead-lettered when they have
 //! been received `max_receive_count` times; visible messages older than the retention period
 //! are dropped. Dead-lettered messages wait in an outbox the caller drains
-//! ([`Store::take_dead_lettered`], or the return value of `release_expired`) to move them to the
-//! dead-letter store; payloads of dropped messages wait in [`Store::take_dropped`] so a Python
-//! layer can release them after unlocking.
+//! ([`Store::take_dead_lettered`]) to move them to the dead-letter store, and put back
+//! ([`Store::return_dead_letters`]) what the target could not take, so a failing hand-off loses
+//! nothing; payloads of dropped messages wait in [`Store::take_dropped`] so a Python layer can
+//! release them after unlocking.
 //!
-//! Memory at 1M queued messages (`P` = one pointer): slot 104 B, request id heap block ~32 B,
-//! hash table ~10 B (2^21 buckets of 4 B + 1 control byte), cell B-tree ~25 B: ~170 B.
+//! Memory at 1M queued messages (`P` = one pointer): slot ~120 B, request id heap block ~32 B,
+//! hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~55 B.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::fmt::{self, Write as _};
+mod handles;
+
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::OnceLock;
 
 use hashbrown::HashTable;
 
+pub use self::handles::{format_message_id, format_message_id_into, ReceiptHandle, MESSAGE_ID_LEN};
+use self::handles::{random_u64, take_message_ids};
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
-use crate::select::CellSummary;
+pub use crate::index::PRIORITIES;
+use crate::index::{Cell, CellSummary, IndexEntry, Ranking, VisibleIndex};
+use crate::scoring::MessageTraits;
+use crate::select::CandidateIndex;
 
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
 /// Default retention period in seconds (4 days, as in SQS).
 pub const DEFAULT_MESSAGE_RETENTION: f64 = 345_600.0;
-/// Number of priorities (0 = URGENT ..= 3 = LOW).
-pub const PRIORITIES: usize = 4;
 
 /// An `f64` with a total order, for B-tree keys. The store never builds one from NaN.
 #[derive(Debug, Clone, Copy)]
@@ -71,31 +73,77 @@ impl Ord for OrdTime {
 /// them without copies; only the store mutates them.
 #[derive(Debug)]
 pub struct StoredMessage<P> {
-    /// The request's id (unique among messages in the store).
+    /// The request's id (unique among messages in the store, but for dead letters).
     pub request_id: Box<str>,
     /// The caller's object (the `LLMRequest` in the Python layer), kept by reference.
     pub payload: P,
     /// Estimated tokens.
     pub tokens: u64,
-    /// Expected processing time in seconds, when given.
-    pub expected_processing_seconds: Option<f64>,
+    /// Expected processing time in seconds; NaN when not given (see the accessor).
+    expected_processing: f64,
     /// When the message was enqueued (clock seconds; never decreases within a store).
     pub enqueued_at: f64,
-    /// When the message was first received, once it has been.
-    pub first_received_at: Option<f64>,
+    /// When the message was first received; NaN until it has been (see the accessor).
+    first_received: f64,
     /// Storage-assigned id, unique in the process and increasing in enqueue order; it is also the
     /// message's sequence number. [`format_message_id`] gives its string form.
     pub message_id: u64,
     /// How many times the message has been received.
     pub receive_count: u32,
+    /// Interned tenant ([`Store::tenant_name`]; 0 is the tenant of requests without one).
+    pub tenant: u32,
+    /// Deadline instant in clock seconds; NaN for none.
+    pub deadline: f64,
     /// 0 (URGENT) ..= 3 (LOW).
     pub priority: u8,
 }
 
+// Optional instants and durations are NaN-encoded: an `Option<f64>` costs 16 B, and two of
+// them would push a slot past the 104 B the memory budget assumes.
+fn nan_to_none(value: f64) -> Option<f64> {
+    (!value.is_nan()).then_some(value)
+}
+
 impl<P> StoredMessage<P> {
+    /// Expected processing time in seconds, when given.
+    pub fn expected_processing_seconds(&self) -> Option<f64> {
+        nan_to_none(self.expected_processing)
+    }
+
+    /// When the message was first received, once it has been.
+    pub fn first_received_at(&self) -> Option<f64> {
+        nan_to_none(self.first_received)
+    }
+
     /// The cell this message belongs to while visible.
     pub fn cell_key(&self) -> CellKey {
         CellKey::for_message(self.priority, self.receive_count, self.tokens)
+    }
+
+    /// What the index and any other ranking know of this message.
+    pub fn index_entry(&self) -> IndexEntry {
+        IndexEntry {
+            cell: self.cell_key(),
+            tokens: self.tokens,
+            time: crate::cells::time_key(self.tokens, self.expected_processing_seconds()),
+            enqueued_at: self.enqueued_at,
+            seq: self.message_id,
+            tenant: self.tenant,
+            deadline: self.deadline,
+        }
+    }
+
+    /// The message as a new one, for another store (dead-lettering).
+    pub fn into_new(self, tenant: Option<Box<str>>) -> NewMessage<P> {
+        NewMessage {
+            request_id: self.request_id,
+            payload: self.payload,
+            priority: self.priority,
+            tokens: self.tokens,
+            expected_processing_seconds: nan_to_none(self.expected_processing),
+            tenant,
+            deadline: nan_to_none(self.deadline),
+        }
     }
 }
 
@@ -112,14 +160,29 @@ pub struct NewMessage<P> {
     pub tokens: u64,
     /// None, or a finite number of seconds >= 0.
     pub expected_processing_seconds: Option<f64>,
+    /// The request's tenant; None (and "") is the tenant of requests without one.
+    pub tenant: Option<Box<str>>,
+    /// Deadline instant in clock seconds, when given (finite).
+    pub deadline: Option<f64>,
+}
+
+/// The one rule for request ids, at every door (store, limiter, buffer): a non-empty string
+/// that is not only whitespace.
+pub fn validate_request_id(id: &str, field: &str) -> CoreResult<()> {
+    if id.trim().is_empty() {
+        Err(CoreError::InvalidRequest(format!(
+            "{field} must be a non-empty str that is not only whitespace, got {}",
+            py_repr(id)
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 impl<P> NewMessage<P> {
     /// Checks the fields with the same rules (and messages) as `LLMRequest.validate`.
     pub fn validate(&self) -> CoreResult<()> {
-        if self.request_id.is_empty() {
-            return Err(CoreError::InvalidRequest("id must be a non-empty str, got ''".into()));
-        }
+        validate_request_id(&self.request_id, "id")?;
         if usize::from(self.priority) >= PRIORITIES {
             return Err(CoreError::InvalidRequest(format!(
                 "priority must be within 0..3, got {}",
@@ -131,6 +194,13 @@ impl<P> NewMessage<P> {
                 return Err(CoreError::InvalidRequest(format!(
                     "expected_processing_time must be None or a finite number of seconds >= 0, \
                      got {seconds:?}"
+                )));
+            }
+        }
+        if let Some(deadline) = self.deadline {
+            if !deadline.is_finite() {
+                return Err(CoreError::InvalidRequest(format!(
+                    "deadline must be None or a datetime, got the instant {deadline:?}"
                 )));
             }
         }
@@ -171,119 +241,6 @@ impl StoreConfig {
     }
 }
 
-/// A receipt handle: which slot, which receive of it, and which epoch of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReceiptHandle {
-    /// The store's handle epoch (random, renewed by `purge`).
-    pub epoch: u64,
-    /// Slab slot of the message.
-    pub slot: u32,
-    /// The slot's generation at the receive that issued this handle.
-    pub generation: u32,
-}
-
-impl ReceiptHandle {
-    /// Length of the string form: 32 lowercase hex digits.
-    pub const LEN: usize = 32;
-
-    /// Parses the string form; None for anything that is not exactly 32 lowercase hex digits.
-    pub fn parse(text: &str) -> Option<Self> {
-        let bytes = text.as_bytes();
-        if bytes.len() != Self::LEN {
-            return None;
-        }
-        Some(Self {
-            epoch: parse_hex(&bytes[..16])?,
-            slot: parse_hex(&bytes[16..24])? as u32,
-            generation: parse_hex(&bytes[24..])? as u32,
-        })
-    }
-}
-
-impl ReceiptHandle {
-    /// Writes the string form into `out` without allocating and returns it.
-    pub fn encode_into<'a>(&self, out: &'a mut [u8; Self::LEN]) -> &'a str {
-        write_hex(&mut out[..16], self.epoch);
-        write_hex(&mut out[16..24], u64::from(self.slot));
-        write_hex(&mut out[24..], u64::from(self.generation));
-        // Hex digits are ASCII.
-        std::str::from_utf8(out).unwrap_or_default()
-    }
-}
-
-impl fmt::Display for ReceiptHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.encode_into(&mut [0u8; Self::LEN]))
-    }
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn write_hex(out: &mut [u8], mut value: u64) {
-    for byte in out.iter_mut().rev() {
-        *byte = HEX[(value & 0xf) as usize];
-        value >>= 4;
-    }
-}
-
-fn parse_hex(digits: &[u8]) -> Option<u64> {
-    // Only lowercase hex: `u64::from_str_radix` would also take a sign and uppercase, which
-    // would let several strings name one handle.
-    digits.iter().try_fold(0u64, |acc, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        Some((acc << 4) | u64::from(v))
-    })
-}
-
-fn random_u64() -> u64 {
-    // std's RandomState is seeded from the OS and advanced per instance: enough for ids that
-    // must not collide across stores or processes, without another dependency.
-    RandomState::new().hash_one(0x5eed_u64)
-}
-
-fn process_nonce() -> u64 {
-    static NONCE: OnceLock<u64> = OnceLock::new();
-    *NONCE.get_or_init(random_u64)
-}
-
-/// Message ids come from one process-wide counter, so they are unique across stores (a message
-/// moved to a dead-letter store gets a new one there) and increase within each store.
-static NEXT_MESSAGE_ID: AtomicU64 = AtomicU64::new(1);
-
-fn take_message_ids(count: u64) -> u64 {
-    NEXT_MESSAGE_ID.fetch_add(count, AtomicOrdering::Relaxed)
-}
-
-/// Length of [`format_message_id`]'s output.
-pub const MESSAGE_ID_LEN: usize = 36;
-
-/// Writes the string form of a message id (UUID-shaped: the process nonce, then the id) into
-/// `out`, returning it as `&str`.
-pub fn format_message_id_into(id: u64, out: &mut [u8; MESSAGE_ID_LEN]) -> &str {
-    let nonce = process_nonce();
-    write_hex(&mut out[0..8], nonce >> 32);
-    out[8] = b'-';
-    write_hex(&mut out[9..13], (nonce >> 16) & 0xffff);
-    out[13] = b'-';
-    write_hex(&mut out[14..18], nonce & 0xffff);
-    out[18] = b'-';
-    write_hex(&mut out[19..23], id >> 48);
-    out[23] = b'-';
-    write_hex(&mut out[24..36], id & 0xffff_ffff_ffff);
-    // Every byte written above is ASCII.
-    std::str::from_utf8(out).unwrap_or_default()
-}
-
-/// The string form of a message id.
-pub fn format_message_id(id: u64) -> String {
-    let mut buf = [0u8; MESSAGE_ID_LEN];
-    format_message_id_into(id, &mut buf).to_owned()
-}
-
 struct Slot<P> {
     message: Option<StoredMessage<P>>,
     /// Visibility deadline while in flight; NaN while visible (an `Option<f64>` would cost 8 B).
@@ -311,25 +268,59 @@ pub struct StoreStats {
     pub last_modified_at: f64,
 }
 
-/// An in-memory queue with SQS semantics, generic over the payload type.
-pub struct Store<P> {
+/// Visible and in-flight messages of one tenant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantCounts {
+    /// Visible messages.
+    pub visible: usize,
+    /// Received messages whose visibility has not expired.
+    pub in_flight: usize,
+}
+
+/// Tenant names interned to small numbers, with their message counts.
+#[derive(Debug)]
+struct Tenants {
+    names: Vec<Box<str>>,
+    ids: HashMap<Box<str>, u32>,
+    counts: Vec<TenantCounts>,
+}
+
+impl Default for Tenants {
+    fn default() -> Self {
+        Self {
+            names: vec!["".into()],
+            ids: HashMap::from([("".into(), 0)]),
+            counts: vec![TenantCounts::default()],
+        }
+    }
+}
+
+impl Tenants {
+    fn intern(&mut self, name: Option<&str>) -> u32 {
+        let name = name.unwrap_or("");
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = u32::try_from(self.names.len()).expect("more than 2^32 tenants");
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        self.counts.push(TenantCounts::default());
+        id
+    }
+}
+
+/// An in-memory queue with SQS semantics, generic over the payload type, with an optional
+/// second ranking `R` of its visible messages kept beside the candidate index.
+pub struct Store<P, R: Ranking = ()> {
     config: StoreConfig,
     slots: Vec<Slot<P>>,
     free: Vec<u32>,
     ids: HashTable<u32>,
     hasher: RandomState,
-    cells: BTreeMap<CellKey, Cell>,
-    /// The same visible messages again, by group: the members of a cell with the same token
-    /// estimate, ordered by processing-time key (best processing-time factor first), then age.
-    /// Selection scores run heads only (see `select`).
-    groups: BTreeMap<GroupId, BTreeMap<(u64, u64), u32>>,
-    /// `(priority, head seq, cell)` of every non-empty cell: its first element is the next
-    /// message to receive.
-    receive_heads: BTreeSet<(u8, u64, CellKey)>,
-    /// `(head seq, cell)` of every non-empty cell: its first element is the oldest visible message.
-    age_heads: BTreeSet<(u64, CellKey)>,
+    index: VisibleIndex,
+    ranking: R,
     in_flight: BTreeSet<(OrdTime, u32)>,
-    visible_by_priority: [usize; PRIORITIES],
+    tenants: Tenants,
     epoch: u64,
     created_at: f64,
     last_modified_at: f64,
@@ -338,85 +329,6 @@ pub struct Store<P> {
     expired: u64,
     outbox: Vec<StoredMessage<P>>,
     dropped: Vec<P>,
-}
-
-/// A group of a cell: the members with one token estimate.
-type GroupId = (CellKey, u64);
-
-fn group_id<P>(key: CellKey, message: &StoredMessage<P>) -> GroupId {
-    (key, message.tokens)
-}
-
-/// The processing-time key of a message (`cells::time_key`).
-fn time_key<P>(message: &StoredMessage<P>) -> u64 {
-    crate::cells::time_key(message.tokens, message.expected_processing_seconds)
-}
-
-/// The visible messages of one cell, oldest first (dereferences to the `seq -> slot` map), and
-/// the multiset of their processing-time keys, whose smallest bounds the cell's
-/// processing-time factor exactly.
-#[derive(Debug)]
-pub struct Cell {
-    members: BTreeMap<u64, u32>,
-    times: BTreeMap<u64, u32>,
-    /// What selection reads first, kept here so that pruning a cell touches no message.
-    summary: CellSummary,
-}
-
-impl Default for Cell {
-    fn default() -> Self {
-        Self {
-            members: BTreeMap::new(),
-            times: BTreeMap::new(),
-            summary: CellSummary { oldest_enqueued_at: 0.0, oldest_seq: 0, best_time_ms: 1000.0 },
-        }
-    }
-}
-
-impl Cell {
-    /// The oldest member's enqueue instant and sequence number, and the best processing time.
-    pub fn summary(&self) -> &CellSummary {
-        &self.summary
-    }
-
-    fn insert(&mut self, seq: u64, slot: u32, time: u64, enqueued_at: f64) {
-        if self.members.first_key_value().is_none_or(|(&head, _)| seq < head) {
-            self.summary.oldest_seq = seq;
-            self.summary.oldest_enqueued_at = enqueued_at;
-        }
-        self.members.insert(seq, slot);
-        *self.times.entry(time).or_default() += 1;
-        self.summary.best_time_ms =
-            self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
-    }
-
-    /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
-    fn remove(&mut self, seq: u64, time: u64, enqueued_at_of: impl Fn(u32) -> f64) -> Option<u32> {
-        let slot = self.members.remove(&seq)?;
-        if let Some(count) = self.times.get_mut(&time) {
-            *count -= 1;
-            if *count == 0 {
-                self.times.remove(&time);
-                self.summary.best_time_ms =
-                    self.times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
-            }
-        }
-        if seq == self.summary.oldest_seq {
-            if let Some((&head, &head_slot)) = self.members.first_key_value() {
-                self.summary.oldest_seq = head;
-                self.summary.oldest_enqueued_at = enqueued_at_of(head_slot);
-            }
-        }
-        Some(slot)
-    }
-}
-
-impl std::ops::Deref for Cell {
-    type Target = BTreeMap<u64, u32>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.members
-    }
 }
 
 fn check_visibility_timeout(seconds: f64) -> CoreResult<()> {
@@ -438,8 +350,15 @@ fn stale_handle(handle: &str) -> CoreError {
 }
 
 impl<P> Store<P> {
-    /// An empty store created at `now`.
+    /// An empty store created at `now`, without a second ranking.
     pub fn new(config: StoreConfig, now: f64) -> CoreResult<Self> {
+        Self::with_ranking(config, now, ())
+    }
+}
+
+impl<P, R: Ranking> Store<P, R> {
+    /// An empty store created at `now`, keeping `ranking` beside its index.
+    pub fn with_ranking(config: StoreConfig, now: f64, ranking: R) -> CoreResult<Self> {
         config.validate()?;
         Ok(Self {
             config,
@@ -447,12 +366,10 @@ impl<P> Store<P> {
             free: Vec::new(),
             ids: HashTable::new(),
             hasher: RandomState::new(),
-            cells: BTreeMap::new(),
-            groups: BTreeMap::new(),
-            receive_heads: BTreeSet::new(),
-            age_heads: BTreeSet::new(),
+            index: VisibleIndex::default(),
+            ranking,
             in_flight: BTreeSet::new(),
-            visible_by_priority: [0; PRIORITIES],
+            tenants: Tenants::default(),
             epoch: random_u64(),
             created_at: now,
             last_modified_at: now,
@@ -469,47 +386,38 @@ impl<P> Store<P> {
         self.config
     }
 
-    // ----- reading -------------------------------------------------------------------------
-
-    /// The visible messages by cell: each cell maps sequence number to slot, oldest first
-    /// (sequence order is `enqueued_at` order). Empty cells are never present.
-    pub fn visible_cells(&self) -> &BTreeMap<CellKey, Cell> {
-        &self.cells
+    /// The candidate index of the visible messages.
+    pub fn index(&self) -> &VisibleIndex {
+        &self.index
     }
 
-    /// Calls `visit` with the first member of every group of the visible cell `key`: a group
-    /// holds the members with one token estimate, in runs of equal processing-time key (best
-    /// processing-time factor first), each run oldest first.
-    /// Also passes the group's estimate, its best processing time in ms, and whether all its
-    /// members share one processing-time key (a single run).
-    pub fn for_each_group_head_in(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
-        for (&(_, tokens), members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
-            if let (Some((&(time, _), &slot)), Some((&(last, _), _))) =
-                (members.first_key_value(), members.last_key_value())
-            {
-                visit(slot, tokens, f64::from_bits(time), time == last);
+    /// The second ranking.
+    pub fn ranking(&self) -> &R {
+        &self.ranking
+    }
+
+    /// The second ranking, to replace or configure it; after replacing it, call
+    /// [`Store::rebuild_ranking`].
+    pub fn ranking_mut(&mut self) -> &mut R {
+        &mut self.ranking
+    }
+
+    /// Tells the second ranking about every visible message (after it was replaced).
+    pub fn rebuild_ranking(&mut self) {
+        self.ranking.clear();
+        for (slot, s) in self.slots.iter().enumerate() {
+            if let (Some(message), true) = (&s.message, s.deadline.is_nan()) {
+                self.ranking.insert(slot as u32, &message.index_entry());
             }
         }
     }
 
-    /// The visible member after `slot` in its run (same processing-time key, next oldest).
-    pub fn next_in_run_of(&self, slot: u32) -> Option<u32> {
-        let message = self.get(slot)?;
-        let members = self.groups.get(&group_id(message.cell_key(), message))?;
-        let time = time_key(message);
-        members.range((time, message.message_id + 1)..=(time, u64::MAX)).next().map(|(_, &s)| s)
-    }
+    // ----- reading -------------------------------------------------------------------------
 
-    /// The first member of the run after `slot`'s in its group (the next worse
-    /// processing-time key), if any.
-    pub fn next_run_head_of(&self, slot: u32) -> Option<u32> {
-        let message = self.get(slot)?;
-        let members = self.groups.get(&group_id(message.cell_key(), message))?;
-        let time = time_key(message);
-        if time == u64::MAX {
-            return None;
-        }
-        members.range((time + 1, 0)..).next().map(|(_, &s)| s)
+    /// The visible messages by cell: each cell maps sequence number to slot, oldest first
+    /// (sequence order is `enqueued_at` order). Empty cells are never present.
+    pub fn visible_cells(&self) -> &std::collections::BTreeMap<CellKey, Cell> {
+        self.index.cells()
     }
 
     /// The message in `slot`; panics when the slot is vacant (slots from the store are not).
@@ -528,16 +436,32 @@ impl<P> Store<P> {
         s.message.as_ref().map(|_| s.deadline.is_nan())
     }
 
-    /// The slot of the message with this request id.
+    /// The slot of a message with this request id (one of them, in a dead-letter store that
+    /// holds several).
     pub fn slot_of(&self, request_id: &str) -> Option<u32> {
         let hash = self.hasher.hash_one(request_id);
         let slots = &self.slots;
         self.ids.find(hash, |&s| slot_id(slots, s) == Some(request_id)).copied()
     }
 
+    /// The name of an interned tenant ("" for requests without one).
+    pub fn tenant_name(&self, tenant: u32) -> &str {
+        self.tenants.names.get(tenant as usize).map_or("", |name| name)
+    }
+
+    /// The interned number of a tenant name, if the store has seen it.
+    pub fn tenant_id(&self, name: &str) -> Option<u32> {
+        self.tenants.ids.get(name).copied()
+    }
+
+    /// Every tenant seen, with its visible and in-flight counts, by interned number.
+    pub fn tenant_counts(&self) -> impl Iterator<Item = (&str, TenantCounts)> {
+        self.tenants.names.iter().map(|name| &**name).zip(self.tenants.counts.iter().copied())
+    }
+
     /// Visible messages.
     pub fn visible_count(&self) -> usize {
-        self.visible_by_priority.iter().sum()
+        self.index.len()
     }
 
     /// In-flight messages.
@@ -547,7 +471,7 @@ impl<P> Store<P> {
 
     /// Visible messages per priority.
     pub fn counts_by_priority(&self) -> [usize; PRIORITIES] {
-        self.visible_by_priority
+        self.index.counts_by_priority()
     }
 
     /// The earliest in-flight visibility deadline: when the next message may become visible.
@@ -557,7 +481,7 @@ impl<P> Store<P> {
 
     /// `enqueued_at` of the oldest visible message.
     pub fn oldest_enqueued_at(&self) -> Option<f64> {
-        let (_, slot) = self.oldest_visible()?;
+        let (_, slot) = self.index.oldest()?;
         Some(self.message(slot).enqueued_at)
     }
 
@@ -575,27 +499,8 @@ impl<P> Store<P> {
     }
 
     /// Up to `limit` visible messages of `priority` in receive order, without receiving them.
-    /// Costs O(cells of that priority + limit · log cells).
     pub fn peek(&self, priority: u8, limit: usize) -> Vec<u32> {
-        let (lo, hi) = CellKey::priority_range(priority);
-        let mut iters: Vec<_> = self.cells.range(lo..=hi).map(|(_, cell)| cell.iter()).collect();
-        let mut heap = BinaryHeap::with_capacity(iters.len());
-        for (i, it) in iters.iter_mut().enumerate() {
-            if let Some((&seq, &slot)) = it.next() {
-                heap.push(Reverse((seq, slot, i)));
-            }
-        }
-        let mut out = Vec::with_capacity(
-            limit.min(self.visible_by_priority.get(usize::from(priority)).copied().unwrap_or(0)),
-        );
-        while out.len() < limit {
-            let Some(Reverse((_, slot, i))) = heap.pop() else { break };
-            out.push(slot);
-            if let Some((&seq, &slot)) = iters[i].next() {
-                heap.push(Reverse((seq, slot, i)));
-            }
-        }
-        out
+        self.index.peek(priority, limit)
     }
 
     // ----- writing -------------------------------------------------------------------------
@@ -609,6 +514,15 @@ impl<P> Store<P> {
         }
         let id = take_message_ids(1);
         Ok(self.insert(message, id, now))
+    }
+
+    /// Enqueues messages dead-lettered by another store, as new messages. Unlike `enqueue`, a
+    /// request id already here is no obstacle: a dead-letter store keeps every copy (dropping
+    /// one would lose it). Returns their slots.
+    pub fn enqueue_dead_letters(&mut self, messages: Vec<NewMessage<P>>, now: f64) -> Vec<u32> {
+        self.maintain(now);
+        let first_id = take_message_ids(messages.len() as u64);
+        messages.into_iter().zip(first_id..).map(|(message, id)| self.insert(message, id, now)).collect()
     }
 
     /// Enqueues a batch, validated whole first (fields, ids already queued, ids repeated within
@@ -650,8 +564,7 @@ impl<P> Store<P> {
         self.maintain(now);
         let mut out = Vec::with_capacity(limit.min(self.visible_count()));
         while out.len() < limit {
-            let Some(&(_, seq, key)) = self.receive_heads.first() else { break };
-            let slot = self.cells[&key][&seq];
+            let Some((_, slot)) = self.index.next_to_receive() else { break };
             out.push((slot, self.receive_visible(slot, visibility_timeout, now)));
         }
         Ok(out)
@@ -673,6 +586,27 @@ impl<P> Store<P> {
         Ok(self.receive_visible(slot, visibility_timeout, now))
     }
 
+    /// Undoes the receive that issued `handle`, which the caller could not hand out (building
+    /// its message failed): the message is visible again at once, with its receive count and
+    /// first receive as they were before. The handle becomes stale.
+    pub fn cancel_receive(
+        &mut self,
+        handle: &str,
+        first_received_at: Option<f64>,
+        now: f64,
+    ) -> CoreResult<()> {
+        let slot = self.resolve(handle)?;
+        self.detach(slot);
+        let s = &mut self.slots[slot as usize];
+        s.generation = s.generation.wrapping_add(1);
+        let message = s.message.as_mut().expect("a current handle names a message");
+        message.receive_count = message.receive_count.saturating_sub(1);
+        message.first_received = first_received_at.unwrap_or(f64::NAN);
+        self.make_visible(slot);
+        self.last_modified_at = now;
+        Ok(())
+    }
+
     /// Deletes the message `handle` names and returns it. A stale or unknown handle errors with
     /// `ReceiptHandle` and changes nothing.
     pub fn delete(&mut self, handle: &str, now: f64) -> CoreResult<StoredMessage<P>> {
@@ -681,6 +615,20 @@ impl<P> Store<P> {
         self.detach(slot);
         self.last_modified_at = now;
         Ok(self.release_slot(slot))
+    }
+
+    /// Dead-letters the message `handle` names at once, whatever its receive count (a handler
+    /// found it can never succeed): it goes to the outbox, or is dropped, and is counted, as
+    /// the `max_receive_count` rule does. A stale or unknown handle changes nothing.
+    pub fn dead_letter_now(&mut self, handle: &str, now: f64) -> CoreResult<()> {
+        self.maintain(now);
+        let slot = self.resolve(handle)?;
+        self.detach(slot);
+        self.last_modified_at = now;
+        self.dead_lettered += 1;
+        let message = self.release_slot(slot);
+        self.outbox.push(message);
+        Ok(())
     }
 
     /// Makes the message `handle` names invisible for `visibility_timeout` seconds from `now`
@@ -694,6 +642,7 @@ impl<P> Store<P> {
         let deadline = now + visibility_timeout;
         self.slots[slot as usize].deadline = deadline;
         self.in_flight.insert((OrdTime(deadline), slot));
+        self.count_tenant(slot, |c| c.in_flight += 1);
         self.last_modified_at = now;
         // A zero timeout makes the message visible now, not at the next operation.
         self.maintain(now);
@@ -711,12 +660,12 @@ impl<P> Store<P> {
         let payloads: Vec<P> = self.slots.drain(..).filter_map(|s| s.message.map(|m| m.payload)).collect();
         self.free.clear();
         self.ids.clear();
-        self.cells.clear();
-        self.groups.clear();
-        self.receive_heads.clear();
-        self.age_heads.clear();
+        self.index.clear();
+        self.ranking.clear();
         self.in_flight.clear();
-        self.visible_by_priority = [0; PRIORITIES];
+        for counts in &mut self.tenants.counts {
+            *counts = TenantCounts::default();
+        }
         // The slab restarts at generation 0; a new epoch keeps every old handle refused.
         self.epoch = random_u64();
         self.last_modified_at = now;
@@ -743,16 +692,24 @@ impl<P> Store<P> {
 
     /// The maintenance step: expired in-flight messages become visible again (or are
     /// dead-lettered), visible messages past retention are dropped. Returns the messages
-    /// dead-lettered so far (by this call or by operations since the last drain) for the
-    /// caller to move to the dead-letter store.
+    /// dead-lettered so far (by this call or by operations since the last drain) for the caller
+    /// to move to the dead-letter store.
     pub fn release_expired(&mut self, now: f64) -> Vec<StoredMessage<P>> {
         self.maintain(now);
         self.take_dead_lettered()
     }
 
-    /// Drains the dead-letter outbox.
+    /// Drains the dead-letter outbox: messages dead-lettered (and counted) here, for the caller
+    /// to move to the dead-letter store.
     pub fn take_dead_lettered(&mut self) -> Vec<StoredMessage<P>> {
         std::mem::take(&mut self.outbox)
+    }
+
+    /// Puts back dead letters the dead-letter store could not take: they wait in the outbox
+    /// for the next hand-off (still counted once).
+    pub fn return_dead_letters(&mut self, mut messages: Vec<StoredMessage<P>>) {
+        messages.append(&mut self.outbox);
+        self.outbox = messages;
     }
 
     /// Drains the payloads of messages dropped by retention.
@@ -769,6 +726,7 @@ impl<P> Store<P> {
             }
             self.in_flight.pop_first();
             self.slots[slot as usize].deadline = f64::NAN;
+            self.count_tenant(slot, |c| c.in_flight -= 1);
             self.last_modified_at = self.last_modified_at.max(deadline);
             let message = self.message(slot);
             if now - message.enqueued_at > self.config.message_retention {
@@ -781,15 +739,14 @@ impl<P> Store<P> {
                 let message = self.release_slot(slot);
                 self.outbox.push(message);
             } else {
-                let (key, seq) = (message.cell_key(), message.message_id);
-                self.cell_insert(key, seq, slot);
+                self.make_visible(slot);
             }
         }
-        while let Some((seq, key, slot)) = self.oldest_visible_entry() {
+        while let Some((_, slot)) = self.index.oldest() {
             if now - self.message(slot).enqueued_at <= self.config.message_retention {
                 break;
             }
-            self.cell_remove(key, seq);
+            self.hide(slot);
             self.expired += 1;
             self.last_modified_at = now;
             let message = self.release_slot(slot);
@@ -797,13 +754,27 @@ impl<P> Store<P> {
         }
     }
 
-    fn oldest_visible_entry(&self) -> Option<(u64, CellKey, u32)> {
-        let &(seq, key) = self.age_heads.first()?;
-        Some((seq, key, self.cells[&key][&seq]))
+    fn count_tenant(&mut self, slot: u32, change: impl FnOnce(&mut TenantCounts)) {
+        let tenant = self.message(slot).tenant as usize;
+        change(&mut self.tenants.counts[tenant]);
     }
 
-    fn oldest_visible(&self) -> Option<(u64, u32)> {
-        self.oldest_visible_entry().map(|(seq, _, slot)| (seq, slot))
+    /// Puts a message that is in no set into the visible index (and the second ranking).
+    fn make_visible(&mut self, slot: u32) {
+        let entry = self.message(slot).index_entry();
+        self.index.insert(slot, &entry);
+        self.ranking.insert(slot, &entry);
+        self.tenants.counts[entry.tenant as usize].visible += 1;
+    }
+
+    /// Takes a visible message out of the visible index (and the second ranking).
+    fn hide(&mut self, slot: u32) {
+        let entry = self.message(slot).index_entry();
+        let slots = &self.slots;
+        let enqueued_at_of = |s: u32| slots[s as usize].message.as_ref().map_or(f64::NAN, |m| m.enqueued_at);
+        self.index.remove(&entry, enqueued_at_of);
+        self.ranking.remove(slot, &entry);
+        self.tenants.counts[entry.tenant as usize].visible -= 1;
     }
 
     fn insert(&mut self, message: NewMessage<P>, id: u64, now: f64) -> u32 {
@@ -811,18 +782,20 @@ impl<P> Store<P> {
         let enqueued_at = now.max(self.last_enqueued_at);
         self.last_enqueued_at = enqueued_at;
         self.last_modified_at = now;
+        let tenant = self.tenants.intern(message.tenant.as_deref());
         let stored = StoredMessage {
             request_id: message.request_id,
             payload: message.payload,
             tokens: message.tokens,
-            expected_processing_seconds: message.expected_processing_seconds,
+            expected_processing: message.expected_processing_seconds.unwrap_or(f64::NAN),
             enqueued_at,
-            first_received_at: None,
+            first_received: f64::NAN,
             message_id: id,
             receive_count: 0,
+            tenant,
+            deadline: message.deadline.unwrap_or(f64::NAN),
             priority: message.priority,
         };
-        let key = stored.cell_key();
         let hash = self.hasher.hash_one(&*stored.request_id);
         let slot = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
@@ -836,25 +809,27 @@ impl<P> Store<P> {
         };
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.ids.insert_unique(hash, slot, |&s| hasher.hash_one(slot_id(slots, s).unwrap_or("")));
-        self.cell_insert(key, id, slot);
+        self.make_visible(slot);
         slot
     }
 
     fn receive_visible(&mut self, slot: u32, visibility_timeout: f64, now: f64) -> ReceiptHandle {
-        let message = self.message(slot);
-        let (key, seq) = (message.cell_key(), message.message_id);
-        self.cell_remove(key, seq);
+        self.hide(slot);
         let deadline = now + visibility_timeout;
         let s = &mut self.slots[slot as usize];
         let message = s.message.as_mut().expect("visible slot holds a message");
         message.receive_count = message.receive_count.saturating_add(1);
-        message.first_received_at.get_or_insert(now);
+        if message.first_received.is_nan() {
+            message.first_received = now;
+        }
         // Wrapping: a handle could only be confused with one 2^32 receives of this slot older.
         s.generation = s.generation.wrapping_add(1);
         s.deadline = deadline;
+        let generation = s.generation;
         self.in_flight.insert((OrdTime(deadline), slot));
+        self.count_tenant(slot, |c| c.in_flight += 1);
         self.last_modified_at = now;
-        ReceiptHandle { epoch: self.epoch, slot, generation: s.generation }
+        ReceiptHandle { epoch: self.epoch, slot, generation }
     }
 
     /// The slot a current handle names, in O(1).
@@ -872,16 +847,15 @@ impl<P> Store<P> {
         }
     }
 
-    /// Takes the message in `slot` out of the visible cells or the in-flight set.
+    /// Takes the message in `slot` out of the visible index or the in-flight set.
     fn detach(&mut self, slot: u32) {
         let deadline = self.slots[slot as usize].deadline;
         if deadline.is_nan() {
-            let message = self.message(slot);
-            let (key, seq) = (message.cell_key(), message.message_id);
-            self.cell_remove(key, seq);
+            self.hide(slot);
         } else {
             self.in_flight.remove(&(OrdTime(deadline), slot));
             self.slots[slot as usize].deadline = f64::NAN;
+            self.count_tenant(slot, |c| c.in_flight -= 1);
         }
     }
 
@@ -899,125 +873,30 @@ impl<P> Store<P> {
         message
     }
 
-    fn cell_insert(&mut self, key: CellKey, seq: u64, slot: u32) {
-        let message = self.message(slot);
-        let (time, enqueued_at) = (time_key(message), message.enqueued_at);
-        self.groups.entry(group_id(key, message)).or_default().insert((time, seq), slot);
-        let cell = self.cells.entry(key).or_default();
-        let old_head = cell.first_key_value().map(|(&s, _)| s);
-        cell.insert(seq, slot, time, enqueued_at);
-        if old_head.is_none_or(|head| seq < head) {
-            if let Some(head) = old_head {
-                self.receive_heads.remove(&(key.priority, head, key));
-                self.age_heads.remove(&(head, key));
-            }
-            self.receive_heads.insert((key.priority, seq, key));
-            self.age_heads.insert((seq, key));
-        }
-        self.visible_by_priority[usize::from(key.priority)] += 1;
-    }
-
-    fn cell_remove(&mut self, key: CellKey, seq: u64) {
-        let cell = self.cells.get(&key).expect("visible message has a cell");
-        let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == seq);
-        let slot = *cell.get(&seq).expect("visible message is in its cell");
-        let message = self.message(slot);
-        let (group, member) = (group_id(key, message), (time_key(message), seq));
-        let slots = &self.slots;
-        let enqueued_at_of = |s: u32| slots[s as usize].message.as_ref().map_or(f64::NAN, |m| m.enqueued_at);
-        self.cells.get_mut(&key).expect("visible message has a cell").remove(seq, member.0, enqueued_at_of);
-        if let Some(members) = self.groups.get_mut(&group) {
-            members.remove(&member);
-            if members.is_empty() {
-                self.groups.remove(&group);
-            }
-        }
-        let cell = self.cells.get_mut(&key).expect("visible message has a cell");
-        if was_head {
-            self.receive_heads.remove(&(key.priority, seq, key));
-            self.age_heads.remove(&(seq, key));
-            if let Some((&head, _)) = cell.first_key_value() {
-                self.receive_heads.insert((key.priority, head, key));
-                self.age_heads.insert((head, key));
-            } else {
-                self.cells.remove(&key);
-            }
-        }
-        self.visible_by_priority[usize::from(key.priority)] -= 1;
-    }
-
     /// Checks every structural invariant by a full scan (tests and debugging only): each
-    /// message is in exactly one of the visible cells and the in-flight set, cell membership
-    /// matches the key, heads and counts are consistent, the id table maps every id.
+    /// message is in exactly one of the visible index and the in-flight set, the index matches
+    /// the visible messages, counts agree, the id table maps every id.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut visible = 0usize;
-        let mut by_priority = [0usize; PRIORITIES];
-        let mut heads = BTreeSet::new();
-        for (key, cell) in &self.cells {
-            let Some((&head, _)) = cell.first_key_value() else {
-                return Err(format!("empty cell {key:?}"));
-            };
-            heads.insert((key.priority, head, *key));
-            let mut previous_at = f64::NEG_INFINITY;
-            let mut times: BTreeMap<u64, u32> = BTreeMap::new();
-            for (&seq, &slot) in cell.iter() {
-                if let Some(m) = self.get(slot) {
-                    *times.entry(time_key(m)).or_default() += 1;
+        let mut visible = Vec::new();
+        let mut tenant_counts = vec![TenantCounts::default(); self.tenants.counts.len()];
+        for (slot, s) in self.slots.iter().enumerate() {
+            let Some(m) = &s.message else { continue };
+            let counts = &mut tenant_counts[m.tenant as usize];
+            if s.deadline.is_nan() {
+                visible.push((slot as u32, m.index_entry()));
+                counts.visible += 1;
+            } else {
+                if !self.in_flight.contains(&(OrdTime(s.deadline), slot as u32)) {
+                    return Err(format!("slot {slot} is in flight but not in the in-flight set"));
                 }
-                let s = self.slots.get(slot as usize).ok_or("cell slot out of range")?;
-                let m = s.message.as_ref().ok_or("cell names a vacant slot")?;
-                if !s.deadline.is_nan() {
-                    return Err(format!("slot {slot} is in a cell and in flight"));
-                }
-                if m.cell_key() != *key || m.message_id != seq {
-                    return Err(format!("slot {slot} is in the wrong cell or under the wrong seq"));
-                }
-                if m.enqueued_at < previous_at {
-                    return Err(format!("cell {key:?} is not oldest-first"));
-                }
-                previous_at = m.enqueued_at;
-                visible += 1;
-                by_priority[usize::from(m.priority)] += 1;
+                counts.in_flight += 1;
             }
-            let head_at = self.get(*cell.members.values().next().unwrap_or(&0)).map(|m| m.enqueued_at);
-            if cell.summary.oldest_seq != head || head_at != Some(cell.summary.oldest_enqueued_at) {
-                return Err(format!("summary of cell {key:?} out of date"));
-            }
-            let best = times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits));
-            if best.to_bits() != cell.summary.best_time_ms.to_bits() {
-                return Err(format!("best processing time of cell {key:?} out of date"));
-            }
-            if times != cell.times {
-                return Err(format!("processing-time keys of cell {key:?} out of date"));
+            let hash = self.hasher.hash_one(&*m.request_id);
+            if self.ids.find(hash, |&x| x == slot as u32).is_none() {
+                return Err(format!("id {:?} does not map to its slot", m.request_id));
             }
         }
-        let mut grouped = 0usize;
-        for (group, members) in &self.groups {
-            if members.is_empty() {
-                return Err(format!("empty group {group:?}"));
-            }
-            for (&(time, seq), &slot) in members {
-                let in_cell = self.cells.get(&group.0).and_then(|cell| cell.get(&seq)) == Some(&slot);
-                let m = self.message(slot);
-                if !in_cell || group_id(group.0, m) != *group || time_key(m) != time {
-                    return Err(format!("slot {slot} is in the wrong group"));
-                }
-                grouped += 1;
-            }
-        }
-        if grouped != visible {
-            return Err(format!("{grouped} grouped messages but {visible} visible"));
-        }
-        if heads != self.receive_heads {
-            return Err("receive heads out of date".into());
-        }
-        let age: BTreeSet<_> = heads.iter().map(|&(_, seq, key)| (seq, key)).collect();
-        if age != self.age_heads {
-            return Err("age heads out of date".into());
-        }
-        if by_priority != self.visible_by_priority {
-            return Err(format!("counts {:?} != {by_priority:?}", self.visible_by_priority));
-        }
+        self.index.check(&visible)?;
         for &(OrdTime(deadline), slot) in &self.in_flight {
             let s = &self.slots[slot as usize];
             if s.message.is_none() || s.deadline.to_bits() != deadline.to_bits() {
@@ -1025,26 +904,59 @@ impl<P> Store<P> {
             }
         }
         let occupied = self.slots.iter().filter(|s| s.message.is_some()).count();
-        if occupied != visible + self.in_flight.len() {
+        if occupied != visible.len() + self.in_flight.len() {
             return Err(format!(
-                "{occupied} messages but {visible} visible + {} in flight",
+                "{occupied} messages but {} visible + {} in flight",
+                visible.len(),
                 self.in_flight.len()
             ));
         }
         if self.ids.len() != occupied {
             return Err(format!("{} ids for {occupied} messages", self.ids.len()));
         }
-        for (slot, s) in self.slots.iter().enumerate() {
-            if let Some(m) = &s.message {
-                if self.slot_of(&m.request_id) != Some(slot as u32) {
-                    return Err(format!("id {:?} does not map to its slot", m.request_id));
-                }
-            }
-        }
         if self.free.len() + occupied != self.slots.len() {
             return Err("free list out of date".into());
         }
+        if tenant_counts != self.tenants.counts {
+            return Err(format!("tenant counts {:?} != {tenant_counts:?}", self.tenants.counts));
+        }
         Ok(())
+    }
+}
+
+/// The in-memory store is searched in place: its index's cells, read through its slab.
+impl<P, R: Ranking> CandidateIndex for Store<P, R> {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
+        for (key, cell) in self.index.cells() {
+            visit(key, cell.summary());
+        }
+    }
+
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool)) {
+        self.index.for_each_group_head(key, visit);
+    }
+
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        self.index.next_in_run(&self.get(slot)?.index_entry())
+    }
+
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        self.index.next_run_head(&self.get(slot)?.index_entry())
+    }
+
+    fn traits(&self, slot: u32) -> MessageTraits {
+        let message = self.message(slot);
+        MessageTraits {
+            priority: message.priority,
+            receive_count: message.receive_count,
+            tokens: message.tokens,
+            expected_processing_seconds: message.expected_processing_seconds(),
+            enqueued_at: message.enqueued_at,
+        }
+    }
+
+    fn seq(&self, slot: u32) -> u64 {
+        self.message(slot).message_id
     }
 }
 

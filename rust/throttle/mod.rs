@@ -9,6 +9,10 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::errors::{CoreError, CoreResult};
 
+mod bucket;
+
+pub use bucket::{BucketState, TokenBucket};
+
 // Debt below this many tokens is float dust from refunds and is forgotten.
 const DEBT_DUST: f64 = 1e-9;
 
@@ -46,36 +50,14 @@ impl AdjustmentFailureStrategy {
     }
 }
 
-/// The state of one bucket, as snapshots carry it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BucketState {
-    /// Tokens in the bucket at `last_refill`.
-    pub available: f64,
-    /// Most tokens the bucket holds.
-    pub capacity: f64,
-    /// Instant of the last refill, in the throttle clock's seconds.
-    pub last_refill: f64,
-}
-
-/// A token bucket refilled continuously at `rate` tokens per second up to `capacity`.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    capacity: f64,
-    rate: f64,
-    available: f64,
-    last_refill: f64,
-}
-
-fn holds(available: f64, count: f64) -> bool {
-    available >= count
-}
-
-/// How close an estimate was, as the seed library's estimation accuracy counts it.
+/// How close an estimate was: `min / max` of the two counts, 1 when both are 0 and 0 when only
+/// one is (nothing estimated for a call that used tokens is a miss, not a perfect guess). One
+/// formula for the efficiency and the estimation accuracy metrics.
 fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
-    if estimated == 0 {
-        1.0
-    } else {
-        estimated.min(actual) as f64 / estimated.max(actual) as f64
+    match (estimated, actual) {
+        (0, 0) => 1.0,
+        (0, _) | (_, 0) => 0.0,
+        (e, a) => e.min(a) as f64 / e.max(a) as f64,
     }
 }
 
@@ -83,6 +65,8 @@ fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
 /// long the history is.
 #[derive(Debug, Clone, Copy, Default)]
 struct HistoryTotals {
+    /// Records that count (not released).
+    live: usize,
     tokens: u128,
     adjusted: usize,
     accuracy_sum: f64,
@@ -90,6 +74,7 @@ struct HistoryTotals {
 
 impl HistoryTotals {
     fn add<M>(&mut self, record: &ConsumptionRecord<M>) {
+        self.live += 1;
         self.tokens += u128::from(record.tokens);
         if let Some(actual) = record.actual_tokens {
             self.adjusted += 1;
@@ -98,6 +83,7 @@ impl HistoryTotals {
     }
 
     fn remove<M>(&mut self, record: &ConsumptionRecord<M>) {
+        self.live -= 1;
         self.tokens -= u128::from(record.tokens);
         if let Some(actual) = record.actual_tokens {
             self.adjusted -= 1;
@@ -107,111 +93,6 @@ impl HistoryTotals {
             // Float dust from the subtractions must not outlive the records it came from.
             self.accuracy_sum = 0.0;
         }
-    }
-}
-
-/// The smallest float above a positive `x`.
-fn next_up(x: f64) -> f64 {
-    f64::from_bits(x.to_bits() + 1)
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(capacity: f64, rate: f64, now: f64) -> Self {
-        Self { capacity, rate, available: capacity, last_refill: now }
-    }
-
-    /// Adds the tokens refilled since the last call. A clock reading older than the last one
-    /// (two threads racing for the lock) adds nothing rather than draining the bucket.
-    pub fn refill(&mut self, now: f64) {
-        let elapsed = now - self.last_refill;
-        if elapsed > 0.0 {
-            self.available = (self.available + elapsed * self.rate).min(self.capacity);
-            self.last_refill = now;
-        }
-    }
-
-    /// Tokens in the bucket (call `refill` first for the current figure).
-    pub fn available(&self) -> f64 {
-        self.available
-    }
-
-    /// Most tokens the bucket holds.
-    pub fn capacity(&self) -> f64 {
-        self.capacity
-    }
-
-    /// Tokens added per second.
-    pub fn rate(&self) -> f64 {
-        self.rate
-    }
-
-    /// Whether `count` tokens can be taken now.
-    pub fn has(&self, count: f64) -> bool {
-        holds(self.available, count)
-    }
-
-    /// Seconds until the bucket holds `count` tokens: 0 if it does, infinite if it never can.
-    /// Exact in the clock's own arithmetic: a refill at `last_refill + wait` (the reading a
-    /// clock advanced by `wait` gives) finds `count` tokens, and one a float step earlier not.
-    pub fn time_until(&self, count: f64) -> f64 {
-        if self.has(count) {
-            return 0.0;
-        }
-        if count > self.capacity {
-            return f64::INFINITY;
-        }
-        let mut wait = (count - self.available) / self.rate;
-        let refilled =
-            |wait: f64| self.available + ((self.last_refill + wait) - self.last_refill) * self.rate;
-        // Division and the clock's addition each round: step up by the shortfall, or by at least
-        // one float step of the clock reading, until a refill at that reading covers `count`.
-        for _ in 0..64 {
-            let shortfall = count - refilled(wait);
-            if shortfall <= 0.0 {
-                break;
-            }
-            let reading = (self.last_refill + wait).abs();
-            wait = (wait + shortfall / self.rate).max(wait + (next_up(reading) - reading)).max(next_up(wait));
-        }
-        wait
-    }
-
-    /// Takes `count` tokens if the bucket holds them.
-    pub fn take(&mut self, count: f64) -> bool {
-        if self.has(count) {
-            self.available = (self.available - count).max(0.0);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Takes as many of `count` tokens as there are; returns how many it could not take.
-    pub fn take_up_to(&mut self, count: f64) -> f64 {
-        let taken = count.min(self.available).max(0.0);
-        self.available -= taken;
-        count - taken
-    }
-
-    /// Gives back `count` tokens, up to the capacity.
-    pub fn refund(&mut self, count: f64) {
-        self.available = (self.available + count).min(self.capacity);
-    }
-
-    /// Fills the bucket.
-    pub fn reset(&mut self, now: f64) {
-        self.available = self.capacity;
-        self.last_refill = now;
-    }
-
-    /// The bucket's state for a snapshot.
-    pub fn state(&self) -> BucketState {
-        BucketState { available: self.available, capacity: self.capacity, last_refill: self.last_refill }
-    }
-
-    fn consistent(&self) -> bool {
-        (0.0..=self.capacity).contains(&self.available) && self.capacity > 0.0 && self.rate > 0.0
     }
 }
 
@@ -287,6 +168,8 @@ pub struct ConsumptionRecord<M> {
     pub actual_tokens: Option<u64>,
     /// Debt taken on top of the estimate by this consume.
     pub compensation_debt: f64,
+    /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
+    pub released: bool,
 }
 
 /// The answer of `can_process`.
@@ -356,6 +239,10 @@ pub struct Throttle<M> {
     debt: f64,
     evicted: Vec<M>,
     totals: HistoryTotals,
+    /// The reading of the last `advance`: "now" for `check` and `consume`.
+    now: f64,
+    /// Nothing is granted before this instant (a provider's 429 and its `Retry-After`).
+    penalized_until: f64,
 }
 
 impl<M> Throttle<M> {
@@ -374,6 +261,8 @@ impl<M> Throttle<M> {
             debt: 0.0,
             evicted: Vec::new(),
             totals: HistoryTotals::default(),
+            now,
+            penalized_until: f64::NEG_INFINITY,
         })
     }
 
@@ -384,6 +273,8 @@ impl<M> Throttle<M> {
 
     /// Refills both buckets and drops history past its retention and its record limit.
     pub fn advance(&mut self, now: f64) {
+        // A clock read before another thread's later reading must not move time back.
+        self.now = self.now.max(now);
         self.requests.refill(now);
         self.tokens.refill(now);
         let cutoff = now - self.config.history_retention;
@@ -397,7 +288,9 @@ impl<M> Throttle<M> {
 
     fn pop_oldest(&mut self) {
         if let Some(record) = self.history.pop_front() {
-            self.totals.remove(&record);
+            if !record.released {
+                self.totals.remove(&record);
+            }
             if self.latest_by_id.get(&record.request_id) == Some(&self.first_seq) {
                 self.latest_by_id.remove(&record.request_id);
             }
@@ -451,7 +344,8 @@ impl<M> Throttle<M> {
     /// not, exactly when. Call `advance` first.
     pub fn check(&self, estimated: u64) -> CheckResult {
         let needed = self.tokens_needed(estimated);
-        let request_wait = self.requests.time_until(1.0);
+        // A penalty holds the request bucket shut: it reports as the request limit.
+        let request_wait = self.requests.time_until(1.0).max(self.penalty_left());
         let token_wait = self.tokens.time_until(needed);
         let reason = if request_wait > 0.0 {
             Some("rpm_limit")
@@ -471,9 +365,14 @@ impl<M> Throttle<M> {
 
     /// Takes one request and the estimate plus the debt, all or nothing. Call `advance` first.
     pub fn consume(&mut self, now: f64, request_id: &str, estimated: u64, metadata: M) -> bool {
+        self.try_consume(now, request_id, estimated, metadata).is_ok()
+    }
+
+    /// `consume`, handing `metadata` back when refused (a binding releases it unlocked).
+    pub fn try_consume(&mut self, now: f64, request_id: &str, estimated: u64, metadata: M) -> Result<(), M> {
         let needed = self.tokens_needed(estimated);
-        if !(self.requests.has(1.0) && self.tokens.has(needed)) {
-            return false;
+        if self.penalty_left() > 0.0 || !(self.requests.has(1.0) && self.tokens.has(needed)) {
+            return Err(metadata);
         }
         self.requests.take(1.0);
         self.tokens.take(needed);
@@ -491,26 +390,22 @@ impl<M> Throttle<M> {
             estimated_tokens: estimated,
             actual_tokens: None,
             compensation_debt: applied_debt,
+            released: false,
         });
-        self.totals.tokens += u128::from(estimated);
+        if let Some(record) = self.history.back() {
+            self.totals.add(record);
+        }
         self.latest_by_id.insert(request_id.to_owned(), seq);
         while self.history.len() > self.config.max_history_records {
             self.pop_oldest();
         }
-        true
+        Ok(())
     }
 
     /// Sets the token count of the latest consume of `request_id` to `actual`: takes the extra
     /// or refunds the difference. Call `advance` first.
     pub fn adjust(&mut self, request_id: &str, actual: u64) -> CoreResult<Adjustment> {
-        let Some(&seq) = self.latest_by_id.get(request_id) else {
-            return Err(CoreError::UnknownRequest(format!(
-                "request {request_id:?} has no consumption record (never consumed, or older than \
-                 history_retention = {} s)",
-                self.config.history_retention
-            )));
-        };
-        let index = (seq - self.first_seq) as usize;
+        let index = self.record_index(request_id)?;
         let recorded = self.history[index].tokens;
         let mut outcome = Adjustment::Applied;
         if actual > recorded {
@@ -545,28 +440,108 @@ impl<M> Throttle<M> {
         Ok(outcome)
     }
 
-    /// The consumption records kept, oldest first.
-    pub fn history(&self) -> impl ExactSizeIterator<Item = &ConsumptionRecord<M>> {
-        self.history.iter()
+    /// Gives back the latest consume of `request_id` whole, as if it never happened: its
+    /// tokens (the estimate, or the actual count once adjusted) and its request go back to the
+    /// buckets, the debt it paid is owed again, and its record stops counting. For a
+    /// reservation that was never used (the dispatch failed after it was made). Call `advance`
+    /// first.
+    pub fn release(&mut self, request_id: &str) -> CoreResult<()> {
+        let index = self.record_index(request_id)?;
+        let record = &mut self.history[index];
+        let (tokens, debt) = (record.tokens as f64, record.compensation_debt);
+        record.released = true;
+        let record = &self.history[index];
+        self.totals.remove(record);
+        self.latest_by_id.remove(request_id);
+        self.requests.refund(1.0);
+        self.tokens.refund(tokens + debt);
+        self.debt += debt;
+        Ok(())
+    }
+
+    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`); a shorter
+    /// penalty never cuts a longer one short. Call `advance` first.
+    pub fn penalize(&mut self, seconds: f64) -> CoreResult<()> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(CoreError::InvalidRequest(format!(
+                "seconds must be a finite number >= 0, got {seconds}"
+            )));
+        }
+        self.penalized_until = self.penalized_until.max(self.now + seconds);
+        Ok(())
+    }
+
+    /// The reading of the last `advance`.
+    pub fn now(&self) -> f64 {
+        self.now
+    }
+
+    /// Seconds left of a penalty (0 when none).
+    pub fn penalty_left(&self) -> f64 {
+        (self.penalized_until - self.now).max(0.0)
+    }
+
+    /// Lowers what the buckets hold to what a provider says remains: each figure given cuts its
+    /// bucket now and, with a reset (seconds from now), caps it until then at that figure minus
+    /// what is granted meanwhile (see `provider_limits.py`). Call `advance` first.
+    pub fn cap(
+        &mut self,
+        requests: Option<(f64, Option<f64>)>,
+        tokens: Option<(f64, Option<f64>)>,
+    ) -> CoreResult<()> {
+        for (name, figure) in [("requests", requests), ("tokens", tokens)] {
+            if let Some((remaining, reset)) = figure {
+                let bad_reset = reset.is_some_and(|r| !(r.is_finite() && r >= 0.0));
+                if !(remaining.is_finite() && remaining >= 0.0) || bad_reset {
+                    return Err(CoreError::InvalidRequest(format!(
+                        "{name} remaining and reset must be finite numbers >= 0, got {remaining} and {reset:?}"
+                    )));
+                }
+            }
+        }
+        let now = self.now;
+        if let Some((remaining, reset)) = requests {
+            self.requests.cap(remaining, reset.map(|r| now + r));
+        }
+        if let Some((remaining, reset)) = tokens {
+            self.tokens.cap(remaining, reset.map(|r| now + r));
+        }
+        Ok(())
+    }
+
+    fn record_index(&self, request_id: &str) -> CoreResult<usize> {
+        let Some(&seq) = self.latest_by_id.get(request_id) else {
+            return Err(CoreError::UnknownRequest(format!(
+                "request {request_id:?} has no consumption record (never consumed, released, or older \
+                 than history_retention = {} s)",
+                self.config.history_retention
+            )));
+        };
+        Ok((seq - self.first_seq) as usize)
+    }
+
+    /// The consumption records that count (not released), oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &ConsumptionRecord<M>> {
+        self.history.iter().filter(|record| !record.released)
+    }
+
+    /// How many records count (not released).
+    pub fn history_len(&self) -> usize {
+        self.totals.live
     }
 
     /// Mean estimate accuracy over the last `efficiency_window_size` records: 1 without
     /// records, 0.85 when none has an actual count yet (the seed library's conventions).
     pub fn efficiency(&self) -> f64 {
-        let window = self.history.len().min(self.config.efficiency_window_size);
-        let recent = self.history.range(self.history.len() - window..);
-        if window == 0 {
+        if self.totals.live == 0 {
             return 1.0;
         }
+        let recent =
+            self.history.iter().rev().filter(|r| !r.released).take(self.config.efficiency_window_size);
         let (sum, count) = recent
             .filter_map(|record| record.actual_tokens.map(|actual| (record.estimated_tokens, actual)))
             .fold((0.0, 0usize), |(sum, count), (estimated, actual)| {
-                let accuracy = match (estimated, actual) {
-                    (0, 0) => 1.0,
-                    (0, _) | (_, 0) => 0.0,
-                    (e, a) => e.min(a) as f64 / e.max(a) as f64,
-                };
-                (sum + accuracy, count + 1)
+                (sum + estimation_accuracy(estimated, actual), count + 1)
             });
         if count == 0 {
             0.85
@@ -577,7 +552,7 @@ impl<M> Throttle<M> {
 
     /// Count, totals and estimation accuracy of the history.
     pub fn history_statistics(&self) -> HistoryStatistics {
-        let count = self.history.len();
+        let count = self.totals.live;
         let totals = self.totals;
         // Token totals stay far below 2^64 in any real history; saturate rather than wrap.
         let total_tokens = u64::try_from(totals.tokens).unwrap_or(u64::MAX);
@@ -604,6 +579,7 @@ impl<M> Throttle<M> {
         self.tokens.reset(now);
         self.evict_all();
         self.debt = 0.0;
+        self.penalized_until = f64::NEG_INFINITY;
     }
 
     /// Whether the internal state is consistent (buckets in range, debt >= 0, history within
@@ -626,13 +602,16 @@ impl<M> Throttle<M> {
             timestamp: now,
             rpm: self.requests.state(),
             tpm: self.tokens.state(),
-            history_count: self.history.len(),
+            history_count: self.totals.live,
             compensation_debt: self.debt,
         }
     }
 
     /// Restores the buckets and the debt of `snapshot` and clears the history. Checked whole
-    /// first: on a bad snapshot nothing changes.
+    /// first: on a bad snapshot nothing changes. Only durations are taken from the snapshot's
+    /// instants (how long each bucket had refilled for when it was taken): the restoring
+    /// throttle's clock may count from anywhere (another process, a restart), and the buckets
+    /// refill from its `now` as they would have from the snapshot's. Call `advance` first.
     // A snapshot of another configuration must be refused, so capacities compare exactly.
     #[allow(clippy::float_cmp)]
     pub fn restore(&mut self, snapshot: &Snapshot) -> CoreResult<()> {
@@ -659,16 +638,21 @@ impl<M> Throttle<M> {
                 )));
             }
         }
+        if !snapshot.timestamp.is_finite() {
+            return Err(CoreError::InvalidRequest(format!(
+                "snapshot timestamp must be finite, got {}",
+                snapshot.timestamp
+            )));
+        }
         if !(snapshot.compensation_debt.is_finite() && snapshot.compensation_debt >= 0.0) {
             return Err(CoreError::InvalidRequest(format!(
                 "snapshot compensation_debt must be a finite number >= 0, got {}",
                 snapshot.compensation_debt
             )));
         }
-        self.requests.available = snapshot.rpm.available;
-        self.requests.last_refill = snapshot.rpm.last_refill;
-        self.tokens.available = snapshot.tpm.available;
-        self.tokens.last_refill = snapshot.tpm.last_refill;
+        let since = |state: &BucketState| (snapshot.timestamp - state.last_refill).max(0.0);
+        self.requests.restore(&snapshot.rpm, since(&snapshot.rpm), self.now);
+        self.tokens.restore(&snapshot.tpm, since(&snapshot.tpm), self.now);
         self.debt = snapshot.compensation_debt;
         self.evict_all();
         Ok(())
@@ -677,212 +661,4 @@ impl<M> Throttle<M> {
 
 #[cfg(test)]
 #[allow(clippy::float_cmp)] // values in these tests are exact in binary
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn config(rpm: f64, tpm: f64, strategy: AdjustmentFailureStrategy) -> ThrottleConfig {
-        ThrottleConfig {
-            rpm,
-            tpm,
-            burst_rpm: None,
-            burst_tpm: None,
-            adjustment_failure_strategy: strategy,
-            max_history_records: 10_000,
-            history_retention: 60.0,
-            efficiency_window_size: 50,
-        }
-    }
-
-    fn throttle(rpm: f64, tpm: f64) -> Throttle<()> {
-        Throttle::new(config(rpm, tpm, AdjustmentFailureStrategy::Warn), 0.0).unwrap()
-    }
-
-    #[test]
-    fn starts_full_and_refuses_past_the_budget() {
-        let mut t = throttle(60.0, 1000.0);
-        assert!(t.consume(0.0, "a", 600, ()));
-        assert!(!t.consume(0.0, "b", 600, ()));
-        let check = t.check(600);
-        assert_eq!(check.reason, Some("tpm_limit"));
-        // 200 tokens short at 1000/60 tokens per second.
-        assert!((check.available_in - 12.0).abs() < 1e-9);
-        t.advance(check.available_in);
-        assert!(t.check(600).allowed);
-        assert!(t.consume(12.0, "b", 600, ()));
-    }
-
-    #[test]
-    fn available_in_is_infinite_past_the_capacity_and_takes_the_longer_wait() {
-        let mut t = throttle(1.0, 1000.0);
-        assert!(t.check(1001).available_in.is_infinite());
-        assert!(t.consume(0.0, "a", 900, ()));
-        let check = t.check(500);
-        assert_eq!(check.reason, Some("rpm_limit"));
-        // One request per minute: 60 s for the request bucket, 24 s for the tokens.
-        assert!((check.available_in - 60.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn adjust_refunds_and_takes_extra_and_rejects_unknown_ids() {
-        let mut t = throttle(60.0, 1000.0);
-        assert!(t.consume(0.0, "a", 500, ()));
-        t.adjust("a", 200).unwrap();
-        assert!((t.tokens().available() - 800.0).abs() < 1e-9);
-        t.adjust("a", 700).unwrap();
-        assert!((t.tokens().available() - 300.0).abs() < 1e-9);
-        assert!(matches!(t.adjust("zzz", 1), Err(CoreError::UnknownRequest(_))));
-    }
-
-    #[test]
-    fn strategies_on_a_short_bucket() {
-        for strategy in [
-            AdjustmentFailureStrategy::Strict,
-            AdjustmentFailureStrategy::Warn,
-            AdjustmentFailureStrategy::Compensate,
-        ] {
-            let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();
-            assert!(t.consume(0.0, "a", 900, ()));
-            let result = t.adjust("a", 1300);
-            match strategy {
-                AdjustmentFailureStrategy::Strict => {
-                    assert!(matches!(result, Err(CoreError::RateLimit { reason: "tpm_limit", .. })));
-                    assert!((t.tokens().available() - 100.0).abs() < 1e-9);
-                    assert_eq!(t.history().next().unwrap().tokens, 900);
-                }
-                AdjustmentFailureStrategy::Warn => {
-                    assert_eq!(result.unwrap(), Adjustment::Warned { shortfall: 300.0 });
-                    assert_eq!(t.tokens().available(), 0.0);
-                    assert_eq!(t.debt(), 0.0);
-                }
-                AdjustmentFailureStrategy::Compensate => {
-                    assert_eq!(
-                        result.unwrap(),
-                        Adjustment::Compensated { shortfall: 300.0, total_debt: 300.0 }
-                    );
-                    t.advance(60.0);
-                    assert!(t.consume(60.0, "b", 100, ()));
-                    assert_eq!(t.debt(), 0.0);
-                    assert!((t.tokens().available() - 600.0).abs() < 1e-9);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn history_expires_and_is_capped() {
-        let mut c = config(1e6, 1e9, AdjustmentFailureStrategy::Warn);
-        c.max_history_records = 3;
-        let mut t: Throttle<()> = Throttle::new(c, 0.0).unwrap();
-        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            assert!(t.consume(i as f64, id, 1, ()));
-        }
-        assert_eq!(t.history().len(), 3);
-        assert!(matches!(t.adjust("a", 2), Err(CoreError::UnknownRequest(_))));
-        t.advance(62.5);
-        assert_eq!(t.history().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), vec!["d"]);
-        assert!(t.adjust("d", 2).is_ok());
-    }
-
-    #[test]
-    fn a_debt_beyond_the_capacity_does_not_block_forever() {
-        let mut t: Throttle<()> =
-            Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
-        assert!(t.consume(0.0, "a", 1000, ()));
-        t.adjust("a", 3000).unwrap();
-        assert_eq!(t.debt(), 2000.0);
-        let check = t.check(10);
-        assert!(check.available_in.is_finite());
-        t.advance(check.available_in);
-        assert!(t.consume(check.available_in, "b", 10, ()));
-        assert!((t.debt() - 1010.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn restore_checks_the_whole_snapshot_first() {
-        let mut t = throttle(60.0, 1000.0);
-        assert!(t.consume(0.0, "a", 400, ()));
-        let snapshot = t.snapshot(0.0);
-        let mut bad = snapshot;
-        bad.tpm.available = 5000.0;
-        t.reset(0.0);
-        assert!(t.restore(&bad).is_err());
-        assert_eq!(t.tokens().available(), 1000.0);
-        t.restore(&snapshot).unwrap();
-        assert_eq!(t.tokens().available(), 600.0);
-        assert_eq!(t.history().len(), 0);
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Consume(u64),
-        Adjust(usize, u64),
-        Advance(f64),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0u64..1500).prop_map(Op::Consume),
-            (0usize..20, 0u64..2000).prop_map(|(i, a)| Op::Adjust(i, a)),
-            (0.0f64..20.0).prop_map(Op::Advance),
-        ]
-    }
-
-    proptest! {
-        // Net tokens taken (consumes + adjustment extras − refunds) in any window [a, b] never
-        // exceed burst + rate · (b − a); requests likewise; buckets stay within [0, capacity].
-        #[test]
-        fn grants_within_any_window_respect_the_bucket(ops in proptest::collection::vec(op(), 1..120)) {
-            let mut t: Throttle<()> =
-                Throttle::new(config(30.0, 1200.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
-            let mut now = 0.0;
-            let mut ids = Vec::new();
-            // (instant, net tokens, requests)
-            let mut events: Vec<(f64, f64, f64)> = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Consume(tokens) => {
-                        t.advance(now);
-                        let before = t.tokens().available();
-                        let id = format!("r{}", ids.len());
-                        if t.consume(now, &id, tokens, ()) {
-                            events.push((now, before - t.tokens().available(), 1.0));
-                            ids.push(id);
-                        }
-                    }
-                    Op::Adjust(i, actual) => {
-                        if let Some(id) = ids.get(i) {
-                            t.advance(now);
-                            let before = t.tokens().available();
-                            let _ = t.adjust(id, actual);
-                            events.push((now, before - t.tokens().available(), 0.0));
-                        }
-                    }
-                    Op::Advance(dt) => now += dt,
-                }
-                t.advance(now);
-                prop_assert!(t.validate_state(now));
-            }
-            // The running totals agree with a recount of the history.
-            let stats = t.history_statistics();
-            let recount: u64 = t.history().map(|r| r.tokens).sum();
-            let adjusted: Vec<f64> = t.history()
-                .filter_map(|r| r.actual_tokens.map(|a| estimation_accuracy(r.estimated_tokens, a)))
-                .collect();
-            prop_assert_eq!(stats.total_tokens, recount);
-            prop_assert_eq!(stats.count, t.history().len());
-            let expected = if adjusted.is_empty() { 1.0 } else { adjusted.iter().sum::<f64>() / adjusted.len() as f64 };
-            prop_assert!((stats.estimation_accuracy - expected).abs() < 1e-9);
-            for (i, &(start, _, _)) in events.iter().enumerate() {
-                let (mut tokens, mut requests) = (0.0, 0.0);
-                for &(at, net, reqs) in &events[i..] {
-                    tokens += net;
-                    requests += reqs;
-                    let window = at - start;
-                    prop_assert!(tokens <= 1200.0 + 20.0 * window + 1e-6);
-                    prop_assert!(requests <= 30.0 + 0.5 * window + 1e-6);
-                }
-            }
-        }
-    }
-}
+mod tests;

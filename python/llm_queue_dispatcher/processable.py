@@ -1,0 +1,223 @@
+"""`ProcessableMessage`: a message handed out by a dispatcher, to be marked exactly once.
+
+Every mark keeps the books: the store learns the outcome through the dispatcher's message
+source, the limiter's reservation is corrected to the actual count (processed), refunded
+(failed, dead-lettered) or left alone (never marked), and the dispatcher forgets the delivery,
+also when its receipt handle has gone stale or the store was purged meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import (
+    InvalidRequestError,
+    MessageStateError,
+    RateLimitError,
+    ReceiptHandleError,
+    UnknownRequestError,
+)
+from .limiters import call_limiter
+from .scoring import MessageScore
+from .storage.base import MAX_VISIBILITY_TIMEOUT
+from .types import QueueMessage, validate_token_count
+
+if TYPE_CHECKING:
+    from .dispatcher import LLMQueueDispatcher
+
+__all__ = ["ProcessableMessage", "describe_score"]
+
+T = TypeVar("T")
+
+
+def describe_score(score: MessageScore) -> str:
+    """A human explanation naming the top weighted factors."""
+    top = sorted(score.breakdown.items(), key=lambda item: item[1], reverse=True)[:3]
+    parts = ", ".join(f"{name} {value:.3f}" for name, value in top if value > 0)
+    return f"score {score.total:.3f}: {parts}" if parts else f"score {score.total:.3f}"
+
+
+def _check_delay(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (0.0 <= value <= MAX_VISIBILITY_TIMEOUT)
+    ):
+        raise InvalidRequestError(f"{name} must be None or within [0, 43200] seconds, got {value!r}")
+    return float(value)
+
+
+class ProcessableMessage(Generic[T]):
+    """A message handed out by `LLMQueueDispatcher.dequeue`, to be marked exactly once.
+
+    ``async with processable:`` marks it processed on a normal exit and failed on an exception
+    (which is re-raised).
+    """
+
+    __slots__ = (
+        "_dispatcher",
+        "_generation",
+        "_limiter",
+        "_reason",
+        "_reserved",
+        "_settled",
+        "dispatched_at",
+        "message",
+        "score",
+    )
+
+    def __init__(
+        self,
+        dispatcher: LLMQueueDispatcher[T],
+        message: QueueMessage[T],
+        score: MessageScore,
+        limiter: Any,
+        reserved: bool,
+        dispatched_at: float,
+        generation: int,
+        reason: str | None = None,
+    ) -> None:
+        self.message = message
+        self.score = score
+        self.dispatched_at = dispatched_at
+        self._dispatcher = dispatcher
+        self._limiter = limiter
+        self._reserved = reserved
+        self._generation = generation
+        self._reason = reason
+        self._settled = False
+
+    @property
+    def reason(self) -> str:
+        """Why this message won: its policy's explanation, or its total and top factors."""
+        return self._reason if self._reason is not None else describe_score(self.score)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the message was marked (processed, failed or dead-lettered)."""
+        return self._settled
+
+    def _claim(self, action: str) -> None:
+        if self._settled:
+            raise MessageStateError(
+                f"message {self.message.payload.id!r} was already marked; cannot {action}"
+            )
+        self._settled = True
+
+    def _purged(self) -> bool:
+        """Whether the store was purged since this delivery: the message no longer exists."""
+        return self._generation != self._dispatcher._generation
+
+    async def _store_step(self, step: Any) -> bool:
+        """Runs a store call for a mark. True when it landed; False when the delivery is over
+        (stale handle, purged store): the mark then settles the books without the store. Any
+        other failure un-claims the mark, so it can be retried, and propagates."""
+        if self._purged():
+            return False
+        try:
+            await step
+        except ReceiptHandleError:
+            return False
+        except BaseException:
+            self._settled = False
+            raise
+        return True
+
+    async def _adjust(self, actual_tokens: int) -> None:
+        if not self._reserved:
+            return
+        request_id = self.message.payload.id
+        try:
+            # Shielded: a cancelled mark must not leave the reservation half corrected.
+            await asyncio.shield(call_limiter(self._limiter, "adjust_consumption", request_id, actual_tokens))
+        except UnknownRequestError:
+            # The limiter forgot the reservation (older than its history retention): nothing to
+            # adjust any more, and the message itself is settled.
+            self._dispatcher._logger.warning(
+                "rate limiter no longer knows request %r; its token count was not adjusted", request_id
+            )
+        except RateLimitError as error:
+            # A "strict" limiter refuses to take the extra tokens. The message is settled all
+            # the same: the call happened, and refusing to settle would strand the delivery.
+            self._dispatcher._logger.warning(
+                "rate limiter refused the extra tokens of request %r (%s); the message is settled",
+                request_id,
+                error,
+            )
+
+    async def mark_as_processed(self, actual_tokens: int | None = None) -> None:
+        """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``.
+
+        A stale receipt handle (the visibility ran out and another consumer received the
+        message) settles the delivery here and raises `ReceiptHandleError`: the message will be
+        processed again.
+        """
+        if actual_tokens is not None:
+            actual_tokens = validate_token_count(actual_tokens, "actual_tokens")
+        self._claim("mark it processed")
+        deleted = await self._store_step(
+            self._dispatcher._source.delete(self.message.attributes.receipt_handle)
+        )
+        if actual_tokens is not None:
+            await self._adjust(actual_tokens)
+        used = actual_tokens if actual_tokens is not None else self.message.payload.token_info.estimated
+        self._dispatcher._on_settled(self, processed=True, tokens=used)
+        if not deleted and not self._purged():
+            raise ReceiptHandleError(
+                f"message {self.message.payload.id!r} could not be deleted: its receipt handle is no longer "
+                "current (the visibility ran out and it was received again)"
+            )
+
+    async def mark_as_failed(self, error: BaseException, *, retry_after: float | None = None) -> None:
+        """Makes the message visible again after ``retry_after`` s (default at once) and refunds
+        its reserved tokens. The store's dead-letter rule applies."""
+        delay = 0.0 if retry_after is None else _check_delay(retry_after, "retry_after")
+        self._claim("mark it failed")
+        await self._store_step(
+            self._dispatcher._source.change_visibility(self.message.attributes.receipt_handle, delay)
+        )
+        await self._adjust(0)
+        self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
+        self._dispatcher._on_settled(self, processed=False, tokens=0)
+
+    async def mark_as_dead_lettered(self, error: BaseException) -> None:
+        """Moves the message to the store's dead-letter target at once, whatever its receive
+        count (a handler's `PermanentError`), and refunds its reserved tokens. Without a
+        dead-letter target the store drops it and counts it, as its ``max_receive_count`` rule
+        does."""
+        self._claim("dead-letter it")
+        moved = await self._store_step(self._dispatcher._source.dead_letter(self.message))
+        await self._adjust(0)
+        self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
+        self._dispatcher._on_settled(self, processed=False, tokens=0)
+        if not moved and not self._purged():
+            raise ReceiptHandleError(
+                f"message {self.message.payload.id!r} could not be dead-lettered: its receipt handle is no "
+                "longer current (the visibility ran out and it was received again)"
+            )
+
+    async def update_visibility(self, seconds: float) -> None:
+        """Keeps the message leased for ``seconds`` more, counted from now."""
+        if self._settled:
+            raise MessageStateError(f"message {self.message.payload.id!r} was already marked")
+        seconds = _check_delay(seconds, "seconds")
+        await self._dispatcher._source.change_visibility(self.message.attributes.receipt_handle, seconds)
+
+    async def __aenter__(self) -> ProcessableMessage[T]:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._settled:
+            return
+        if exc is None:
+            await self.mark_as_processed()
+        else:
+            await self.mark_as_failed(exc)
+
+    def __repr__(self) -> str:
+        state = "marked" if self._settled else "in flight"
+        return f"<ProcessableMessage {self.message.payload.id!r} {state} {self.reason}>"

@@ -1,0 +1,375 @@
+"""Where a dispatcher's messages come from: one interface, two implementations.
+
+`InMemorySource` drives an `InMemoryStorage`'s Rust core directly: selection runs over every
+visible message in place, and with an `LLMThrottle` a dispatch step (select, reserve, receive)
+is one call into Rust without an await. `PrefetchSource` serves any other `QueueStorageAdapter`
+from a prefetch buffer of leased messages (a Rust `CandidateBuffer`), renews the leases, and
+releases them on close. `ProcessableMessage` and `LLMQueueDispatcher` talk to this interface
+only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+from ._core import CandidateBuffer, LLMThrottle, ScoringParams, Selection, StoreCore
+from .errors import ReceiptHandleError
+from .storage import InMemoryStorage, QueueStorageAdapter
+from .types import LLMRequest, QueueMessage
+
+__all__ = ["Dispatched", "InMemorySource", "MessageSource", "PrefetchSource"]
+
+T = TypeVar("T")
+
+#: What a dispatch step hands out: the message, its total score and its breakdown values.
+Dispatched = tuple[QueueMessage[Any], float, list[float]]
+
+
+class MessageSource(ABC, Generic[T]):
+    """The dispatcher's view of its store: selection, and the operations a mark needs."""
+
+    def __init__(self, storage: QueueStorageAdapter[T]) -> None:
+        self.storage = storage
+
+    # -- queue operations
+    async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
+        return await self.storage.enqueue(request)
+
+    async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
+        return await self.storage.batch_enqueue(requests)
+
+    async def delete(self, receipt_handle: str) -> None:
+        await self.storage.delete_message(receipt_handle)
+
+    async def change_visibility(self, receipt_handle: str, seconds: float) -> None:
+        await self.storage.update_visibility_timeout(receipt_handle, seconds)
+
+    async def dead_letter(self, message: QueueMessage[T]) -> None:
+        await self.storage.dead_letter_message(message)
+
+    @abstractmethod
+    async def purge(self) -> None:
+        """Removes every message from the store (and the buffer)."""
+
+    # -- selection
+    async def prepare(self) -> None:
+        """Makes candidates available before a selection (fills the prefetch buffer)."""
+
+    @abstractmethod
+    def dispatch_native(
+        self,
+        throttle: LLMThrottle,
+        params: ScoringParams,
+        custom_fn: Any,
+        visibility_timeout: float,
+        min_score: float,
+        reserve: bool,
+    ) -> Dispatched | None:
+        """One dispatch step against an `LLMThrottle`: select, reserve, take."""
+
+    @abstractmethod
+    def select(
+        self,
+        available_tokens: float,
+        available_requests: float,
+        params: ScoringParams,
+        custom_fn: Any,
+        min_score: float,
+    ) -> Selection | None:
+        """The best candidate under a limiter's reported budget, not yet taken."""
+
+    @abstractmethod
+    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
+        """Takes a selected candidate out, or None if it left meanwhile."""
+
+    async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
+        """Makes sure the handed-out message is ours for ``visibility_timeout``; False when its
+        lease was lost (another consumer holds it now)."""
+        return True
+
+    async def hand_back(self, message: QueueMessage[T]) -> None:
+        """Returns a message taken but not handed out (the dispatch failed or was cancelled)."""
+        with contextlib.suppress(ReceiptHandleError):
+            await self.storage.update_visibility_timeout(message.attributes.receipt_handle, 0.0)
+
+    # -- what the waiting and the metrics read
+    @abstractmethod
+    def next_visibility_change(self) -> float | None:
+        """The store clock's instant at which the next in-flight message becomes visible."""
+
+    @abstractmethod
+    def min_visible_tokens(self) -> int | None:
+        """The smallest estimate among the messages selection can choose from."""
+
+    @abstractmethod
+    def time_until_score(
+        self, available_tokens: float, params: ScoringParams, threshold: float
+    ) -> float | None:
+        """Seconds until the best score reaches ``threshold`` with time alone (None: never)."""
+
+    @abstractmethod
+    def ids_above(self, capacity: float) -> list[str]:
+        """Request ids of selectable messages whose estimate exceeds ``capacity``."""
+
+    @abstractmethod
+    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
+        """Takes every selectable message whose estimate exceeds ``capacity`` (leased)."""
+
+    @abstractmethod
+    def counts_by_priority(self) -> list[int]:
+        """Selectable messages per priority, URGENT first."""
+
+    @abstractmethod
+    def oldest_enqueued_at(self) -> float | None:
+        """Enqueue instant (seconds) of the oldest selectable message."""
+
+    @abstractmethod
+    def in_flight_count(self) -> int | None:
+        """Messages in flight in the store, when known locally."""
+
+    @property
+    def buffered(self) -> int:
+        """Messages leased into a prefetch buffer (0 in memory)."""
+        return 0
+
+    async def close(self) -> None:
+        """Stops prefetching and releases what the source holds."""
+
+    def stop(self) -> None:
+        """Stops prefetching; buffered messages stay leased."""
+
+
+class InMemorySource(MessageSource[T]):
+    """An `InMemoryStorage` driven through its Rust core, without coroutines on the hot path."""
+
+    def __init__(self, storage: InMemoryStorage[T]) -> None:
+        super().__init__(storage)
+        self.core: StoreCore = storage.core
+
+    async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
+        return self.core.enqueue(request)
+
+    async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
+        return self.core.enqueue_batch(requests)
+
+    async def delete(self, receipt_handle: str) -> None:
+        self.core.delete(receipt_handle)
+
+    async def change_visibility(self, receipt_handle: str, seconds: float) -> None:
+        self.core.change_visibility(receipt_handle, seconds)
+
+    async def dead_letter(self, message: QueueMessage[T]) -> None:
+        self.core.dead_letter_now(message.attributes.receipt_handle)
+
+    async def purge(self) -> None:
+        self.core.purge()
+
+    def dispatch_native(
+        self,
+        throttle: LLMThrottle,
+        params: ScoringParams,
+        custom_fn: Any,
+        visibility_timeout: float,
+        min_score: float,
+        reserve: bool,
+    ) -> Dispatched | None:
+        return self.core.dispatch_native(throttle, params, custom_fn, visibility_timeout, min_score, reserve)
+
+    def select(
+        self,
+        available_tokens: float,
+        available_requests: float,
+        params: ScoringParams,
+        custom_fn: Any,
+        min_score: float,
+    ) -> Selection | None:
+        return self.core.select(available_tokens, available_requests, params, custom_fn, min_score)
+
+    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
+        return self.core.take(selection, visibility_timeout)
+
+    def next_visibility_change(self) -> float | None:
+        return self.core.next_visibility_change()
+
+    def min_visible_tokens(self) -> int | None:
+        return self.core.min_visible_tokens()
+
+    def time_until_score(
+        self, available_tokens: float, params: ScoringParams, threshold: float
+    ) -> float | None:
+        return self.core.time_until_score(available_tokens, params, threshold)
+
+    def ids_above(self, capacity: float) -> list[str]:
+        return self.core.ids_above(capacity)
+
+    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
+        return self.core.take_above(capacity, visibility_timeout)
+
+    def counts_by_priority(self) -> list[int]:
+        return list(self.core.counts_by_priority())
+
+    def oldest_enqueued_at(self) -> float | None:
+        return self.core.oldest_enqueued_at()
+
+    def in_flight_count(self) -> int | None:
+        return self.core.in_flight_count()
+
+
+class PrefetchSource(MessageSource[T]):
+    """Any other store, served from a buffer of up to ``buffer_size`` leased messages.
+
+    The buffer is topped up with one ``storage.dequeue`` before each selection and, with
+    ``enable_prefetch``, every ``prefetch_interval`` seconds, when the leases of buffered messages
+    are renewed too. A message leaving the buffer has its lease renewed first, so it is never
+    handed out after another consumer received it.
+    """
+
+    def __init__(
+        self,
+        storage: QueueStorageAdapter[T],
+        *,
+        clock: Any,
+        buffer_size: int,
+        visibility_timeout: float,
+        prefetch_interval: float,
+        logger: logging.Logger,
+    ) -> None:
+        super().__init__(storage)
+        self.buffer = CandidateBuffer(clock)
+        self._buffer_size = buffer_size
+        self._visibility_timeout = visibility_timeout
+        self._prefetch_interval = prefetch_interval
+        self._logger = logger
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    async def purge(self) -> None:
+        self.buffer.drain()
+        await self.storage.purge()
+
+    async def prepare(self) -> None:
+        missing = self._buffer_size - len(self.buffer)
+        if missing > 0:
+            messages = await self.storage.dequeue(missing, self._visibility_timeout)
+            if messages:
+                self.buffer.insert(messages)
+
+    def start_prefetching(self) -> None:
+        """Starts (or restarts, in a new event loop) the background refresh of the buffer."""
+        if self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._task.get_loop() is loop:
+            return
+        self._task = loop.create_task(self._prefetch_loop())
+
+    async def _prefetch_loop(self) -> None:
+        while not self._stopped:
+            try:
+                await self.prepare()
+                for handle in self.buffer.handles():
+                    try:
+                        await self.storage.update_visibility_timeout(handle, self._visibility_timeout)
+                    except ReceiptHandleError:
+                        # Its lease ran out and another consumer received it: forget it.
+                        self.buffer.discard(handle)
+            except Exception:  # keep prefetching through transient storage failures
+                self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
+            await asyncio.sleep(self._prefetch_interval)
+
+    def dispatch_native(
+        self,
+        throttle: LLMThrottle,
+        params: ScoringParams,
+        custom_fn: Any,
+        visibility_timeout: float,
+        min_score: float,
+        reserve: bool,
+    ) -> Dispatched | None:
+        return self.buffer.dispatch_native(
+            throttle, params, custom_fn, visibility_timeout, min_score, reserve
+        )
+
+    def select(
+        self,
+        available_tokens: float,
+        available_requests: float,
+        params: ScoringParams,
+        custom_fn: Any,
+        min_score: float,
+    ) -> Selection | None:
+        return self.buffer.select(available_tokens, available_requests, params, custom_fn, min_score)
+
+    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
+        return self.buffer.take(selection, visibility_timeout)
+
+    async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
+        try:
+            await self.storage.update_visibility_timeout(
+                message.attributes.receipt_handle, visibility_timeout
+            )
+        except ReceiptHandleError:
+            # Its visibility ran out while buffered and another consumer received it: never
+            # hand out a message twice.
+            return False
+        except BaseException:
+            # Cancelled or failed mid-renewal: the lease is still ours either way, so the
+            # message goes back into the buffer, not to nobody.
+            self.buffer.insert([message])
+            raise
+        return True
+
+    async def hand_back(self, message: QueueMessage[T]) -> None:
+        # Still leased by this dispatcher: back into the buffer, where it is selectable again.
+        self.buffer.insert([message])
+
+    def next_visibility_change(self) -> float | None:
+        return None
+
+    def min_visible_tokens(self) -> int | None:
+        return self.buffer.min_visible_tokens()
+
+    def time_until_score(
+        self, available_tokens: float, params: ScoringParams, threshold: float
+    ) -> float | None:
+        return self.buffer.time_until_score(available_tokens, params, threshold)
+
+    def ids_above(self, capacity: float) -> list[str]:
+        return self.buffer.ids_above(capacity)
+
+    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
+        return self.buffer.take_above(capacity, visibility_timeout)
+
+    def counts_by_priority(self) -> list[int]:
+        return list(self.buffer.counts_by_priority())
+
+    def oldest_enqueued_at(self) -> float | None:
+        return self.buffer.oldest_enqueued_at()
+
+    def in_flight_count(self) -> int | None:
+        return None
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def close(self) -> None:
+        self.stop()
+        for message in self.buffer.drain():
+            with contextlib.suppress(ReceiptHandleError):
+                await self.storage.update_visibility_timeout(message.attributes.receipt_handle, 0.0)

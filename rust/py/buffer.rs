@@ -1,0 +1,321 @@
+//! `CandidateBuffer`: the prefetch buffer of external stores — messages leased from the store
+//! with `storage.dequeue`, selected from exactly with the same scoring and stopping rule as the
+//! in-memory store (a full scan: the buffer holds at most `buffer_size` messages, 50–200).
+
+use parking_lot::Mutex;
+use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
+use pyo3::{PyTraverseError, PyVisit};
+
+use super::args::{text_arg, token_count};
+use super::clock::ClockSource;
+use super::dispatch::{
+    dispatch_with_throttle, select_with_budget, take_selection, time_until_score, Budget, Dispatched,
+    LazyMessage, Pool, PySelection,
+};
+use super::params::PyScoringParams;
+use super::store::visibility_timeout_arg;
+use super::throttle::PyThrottle;
+use crate::scoring::{MessageTraits, Weights};
+use crate::select::{collect, Candidate, Collected, SearchContext, SortedCandidates};
+
+struct Buffered {
+    message: Py<PyAny>,
+    request_id: String,
+    handle: String,
+    traits: MessageTraits,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct BufferState {
+    items: Vec<Buffered>,
+    next_seq: u64,
+}
+
+impl BufferState {
+    fn position(&self, seq: u64) -> Option<usize> {
+        self.items.iter().position(|item| item.seq == seq)
+    }
+}
+
+fn read_message(message: &Bound<'_, PyAny>) -> PyResult<(String, String, MessageTraits)> {
+    let py = message.py();
+    let request = message.getattr("payload")?;
+    let attributes = message.getattr("attributes")?;
+    let request_id = text_arg(&request.getattr("id")?, "payload.id")?;
+    let priority =
+        request.getattr("priority")?.extract::<u8>().ok().filter(|&p| p <= 3).ok_or_else(|| {
+            super::args::invalid_request(py, "buffered message: priority must be within 0..3".to_owned())
+        })?;
+    let tokens = token_count(&request.getattr("token_info")?.getattr("estimated")?, "token_info.estimated")?;
+    let expected: Option<f64> = request.getattr("expected_processing_time")?.extract()?;
+    let enqueued_at: f64 = attributes.getattr("enqueued_at")?.call_method0("timestamp")?.extract()?;
+    // The buffer's own receive is not a retry: score the count as the store had it before, as
+    // the in-memory path does.
+    let receive_count = attributes.getattr("receive_count")?.extract::<u32>()?.saturating_sub(1);
+    let handle = text_arg(&attributes.getattr("receipt_handle")?, "attributes.receipt_handle")?;
+    Ok((
+        request_id,
+        handle,
+        MessageTraits { priority, receive_count, tokens, expected_processing_seconds: expected, enqueued_at },
+    ))
+}
+
+/// The prefetch buffer: messages leased from an external store, selected from exactly.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "CandidateBuffer", frozen)]
+pub struct PyCandidateBuffer {
+    state: Mutex<BufferState>,
+    clock: ClockSource,
+}
+
+impl PyCandidateBuffer {
+    fn collect_at(
+        &self,
+        py: Python<'_>,
+        weights: &Weights,
+        budget: Budget,
+        limit: usize,
+        want_messages: bool,
+        offset: f64,
+    ) -> PyResult<(Vec<Collected>, Vec<LazyMessage>)> {
+        let now = self.clock.now(py)? + offset;
+        let state = self.state.lock_py_attached(py);
+        let context = SearchContext {
+            weights: *weights,
+            now,
+            available: budget.available,
+            max_tokens: budget.max_tokens,
+        };
+        let mut stream = SortedCandidates::new(
+            &context,
+            state.items.iter().enumerate().map(|(i, item)| (i as u32, item.traits, item.seq)),
+        );
+        let collected = collect(&mut stream, limit);
+        let messages = if want_messages {
+            collected
+                .iter()
+                .map(|c| LazyMessage::Built(state.items[c.candidate.slot as usize].message.clone_ref(py)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((collected, messages))
+    }
+}
+
+impl Pool for PyCandidateBuffer {
+    fn collect(
+        &self,
+        py: Python<'_>,
+        weights: &Weights,
+        budget: Budget,
+        limit: usize,
+        want_messages: bool,
+    ) -> PyResult<(Vec<Collected>, Vec<LazyMessage>)> {
+        self.collect_at(py, weights, budget, limit, want_messages, 0.0)
+    }
+
+    fn take(
+        &self,
+        py: Python<'_>,
+        candidate: &Candidate,
+        _visibility_timeout: f64,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let mut state = self.state.lock_py_attached(py);
+        Ok(state.position(candidate.seq).map(|i| state.items.swap_remove(i).message))
+    }
+
+    fn best_score_at(
+        &self,
+        py: Python<'_>,
+        weights: &Weights,
+        budget: Budget,
+        offset: f64,
+    ) -> PyResult<Option<f64>> {
+        let (collected, _) = self.collect_at(py, weights, budget, 1, false, offset)?;
+        Ok(collected.first().map(|c| c.candidate.base))
+    }
+
+    fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>> {
+        let state = self.state.lock_py_attached(py);
+        Ok(state.position(candidate.seq).map(|i| state.items[i].request_id.clone()))
+    }
+}
+
+#[pymethods]
+impl PyCandidateBuffer {
+    #[new]
+    #[pyo3(signature = (clock=None))]
+    fn new(clock: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(Self {
+            state: Mutex::new(BufferState::default()),
+            clock: ClockSource::from_arg(clock, ClockSource::Wall)?,
+        })
+    }
+
+    /// Adds leased messages (all checked before any is added).
+    fn insert(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut read = Vec::new();
+        for message in messages.try_iter()? {
+            let message = message?;
+            let (request_id, handle, traits) = read_message(&message)?;
+            read.push((message.unbind(), request_id, handle, traits));
+        }
+        let mut state = self.state.lock_py_attached(py);
+        for (message, request_id, handle, traits) in read {
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.items.push(Buffered { message, request_id, handle, traits, seq });
+        }
+        Ok(())
+    }
+
+    /// Removes and returns every buffered message.
+    fn drain(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        let items = std::mem::take(&mut self.state.lock_py_attached(py).items);
+        items.into_iter().map(|item| item.message).collect()
+    }
+
+    /// Receipt handles of the buffered messages (to keep their leases alive).
+    fn handles(&self, py: Python<'_>) -> Vec<String> {
+        self.state.lock_py_attached(py).items.iter().map(|item| item.handle.clone()).collect()
+    }
+
+    /// Removes and returns the message with this receipt handle (its lease was lost, or the
+    /// caller releases it), if it is there.
+    fn discard(&self, py: Python<'_>, handle: &str) -> Option<Py<PyAny>> {
+        let removed = {
+            let mut state = self.state.lock_py_attached(py);
+            let position = state.items.iter().position(|item| item.handle == handle);
+            position.map(|i| state.items.swap_remove(i))
+        };
+        removed.map(|item| item.message)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.state.lock_py_attached(py).items.len()
+    }
+
+    /// One dispatch step with the budget of `throttle`.
+    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_native(
+        &self,
+        py: Python<'_>,
+        throttle: &Bound<'_, PyThrottle>,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        visibility_timeout: &Bound<'_, PyAny>,
+        min_score: f64,
+        reserve: bool,
+    ) -> PyResult<Option<Dispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        dispatch_with_throttle(py, self, throttle.get(), params.get(), custom_fn, timeout, min_score, reserve)
+    }
+
+    /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    fn select(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        params: &Bound<'_, PyScoringParams>,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+        min_score: f64,
+    ) -> PyResult<Option<PySelection>> {
+        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score)
+    }
+
+    /// Takes a selected candidate out: `(message, total, breakdown)`, or None if it left.
+    fn take(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PySelection>,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Dispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        take_selection(py, self, selection.get(), timeout)
+    }
+
+    /// Seconds until the best buffered score reaches `threshold` with time alone (None: never
+    /// without another change).
+    fn time_until_score(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        params: &Bound<'_, PyScoringParams>,
+        threshold: f64,
+    ) -> PyResult<Option<f64>> {
+        let budget = Budget { available: available_tokens, max_tokens: available_tokens };
+        time_until_score(py, self, params.get(), budget, threshold)
+    }
+
+    /// Smallest estimate among buffered messages.
+    fn min_visible_tokens(&self, py: Python<'_>) -> Option<u64> {
+        self.state.lock_py_attached(py).items.iter().map(|item| item.traits.tokens).min()
+    }
+
+    /// Ids of buffered messages whose estimate exceeds `capacity`.
+    fn ids_above(&self, py: Python<'_>, capacity: f64) -> Vec<String> {
+        let state = self.state.lock_py_attached(py);
+        state
+            .items
+            .iter()
+            .filter(|i| i.traits.tokens as f64 > capacity)
+            .map(|i| i.request_id.clone())
+            .collect()
+    }
+
+    /// Removes and returns buffered messages whose estimate exceeds `capacity` (still leased).
+    #[pyo3(signature = (capacity, visibility_timeout=None))]
+    fn take_above(
+        &self,
+        py: Python<'_>,
+        capacity: f64,
+        visibility_timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        if let Some(timeout) = visibility_timeout {
+            visibility_timeout_arg(timeout)?;
+        }
+        let above: Vec<Buffered> = {
+            let mut state = self.state.lock_py_attached(py);
+            let (above, keep): (Vec<Buffered>, Vec<Buffered>) =
+                state.items.drain(..).partition(|item| item.traits.tokens as f64 > capacity);
+            state.items = keep;
+            above
+        };
+        Ok(above.into_iter().map(|item| item.message).collect())
+    }
+
+    /// Buffered messages per priority 0..=3.
+    fn counts_by_priority(&self, py: Python<'_>) -> [usize; 4] {
+        let mut counts = [0; 4];
+        for item in &self.state.lock_py_attached(py).items {
+            counts[usize::from(item.traits.priority)] += 1;
+        }
+        counts
+    }
+
+    /// Oldest `enqueued_at` in the buffer.
+    fn oldest_enqueued_at(&self, py: Python<'_>) -> Option<f64> {
+        self.state.lock_py_attached(py).items.iter().map(|item| item.traits.enqueued_at).reduce(f64::min)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.clock.traverse(&visit)?;
+        if let Some(state) = self.state.try_lock() {
+            for item in &state.items {
+                visit.call(&item.message)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let items = self.state.try_lock().map(|mut state| std::mem::take(&mut state.items));
+        // Dropped unlocked: releasing the last reference may run finalizers.
+        drop(items);
+    }
+}

@@ -1,0 +1,238 @@
+//! Building `QueueMessage` objects from stored messages, fast.
+//!
+//! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, but are
+//! built with `object.__new__` and `PyObject_GenericSetAttr` (what a frozen dataclass's own
+//! `__init__` does through `object.__setattr__`), and datetimes from their calendar fields, so
+//! building a message costs well under a microsecond. `tests/test_core_store.py` checks that the
+//! attributes set here are exactly the dataclasses' fields.
+//!
+//! Messages are built from [`MessageView`]s copied out of the store under its lock, after the
+//! lock is released: constructing objects may run the garbage collector, and with it arbitrary
+//! finalizers that might call back into the store.
+
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDateTime, PyList, PyString, PyType, PyTzInfo};
+use pyo3::{ffi, intern};
+
+use crate::errors::CoreError;
+use crate::py::errors::to_py_err;
+use crate::store::{format_message_id_into, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN};
+
+// ----- classes of types.py -----------------------------------------------------------------
+
+macro_rules! types_class {
+    ($vis:vis $fn_name:ident, $class:literal) => {
+        $vis fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+            static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+            CLASS.import(py, "llm_queue_dispatcher.types", $class)
+        }
+    };
+}
+
+types_class!(pub(crate) llm_request_class, "LLMRequest");
+types_class!(pub(crate) token_info_class, "TokenInfo");
+types_class!(queue_message_class, "QueueMessage");
+types_class!(message_attributes_class, "MessageAttributes");
+
+fn object_new(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    static OBJECT_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    OBJECT_NEW
+        .get_or_try_init(py, || {
+            Ok::<_, PyErr>(py.import("builtins")?.getattr("object")?.getattr("__new__")?.unbind())
+        })
+        .map(|f| f.bind(py))
+}
+
+/// `object.__new__(cls)`: an instance whose `__init__` has not run.
+fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    object_new(cls.py())?.call1((cls,))
+}
+
+/// `object.__setattr__(obj, name, value)`: bypasses a frozen dataclass's `__setattr__`.
+fn set_field<T>(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, value: &Bound<'_, T>) -> PyResult<()> {
+    // SAFETY: all three pointers are live, owned by the Bound references for the call.
+    let status = unsafe { ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value.as_ptr()) };
+    if status < 0 {
+        Err(PyErr::fetch(obj.py()))
+    } else {
+        Ok(())
+    }
+}
+
+// ----- datetimes -----------------------------------------------------------------------------
+
+/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// A timezone-aware UTC datetime for a clock reading in seconds since the epoch, rounded to the
+/// microsecond.
+pub(crate) fn utc_datetime(py: Python<'_>, seconds: f64) -> PyResult<Bound<'_, PyDateTime>> {
+    const MICROS_PER_DAY: i64 = 86_400_000_000;
+    let micros = (seconds * 1e6).round();
+    // Years 1..=9999 are about ±2.5e17 µs around the epoch; datetime refuses the rest anyway.
+    if !micros.is_finite() || micros.abs() > 4e17 {
+        return Err(to_py_err(
+            py,
+            CoreError::InvalidRequest(format!("clock reading {seconds:?} is not a datetime")),
+        ));
+    }
+    let micros = micros as i64;
+    let (year, month, day) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
+    let rest = micros.rem_euclid(MICROS_PER_DAY);
+    let second_of_day = rest / 1_000_000;
+    let utc = PyTzInfo::utc(py)?;
+    PyDateTime::new(
+        py,
+        year as i32,
+        month,
+        day,
+        (second_of_day / 3600) as u8,
+        (second_of_day / 60 % 60) as u8,
+        (second_of_day % 60) as u8,
+        (rest % 1_000_000) as u32,
+        Some(&utc),
+    )
+}
+
+/// Messages built in one call often share instants (a batch's `enqueued_at`): reuse the object.
+#[derive(Default)]
+pub(crate) struct DateCache<'py> {
+    last: Option<(u64, Bound<'py, PyDateTime>)>,
+}
+
+impl<'py> DateCache<'py> {
+    pub(crate) fn get(&mut self, py: Python<'py>, seconds: f64) -> PyResult<Bound<'py, PyDateTime>> {
+        match &self.last {
+            Some((bits, date)) if *bits == seconds.to_bits() => Ok(date.clone()),
+            _ => {
+                let date = utc_datetime(py, seconds)?;
+                self.last = Some((seconds.to_bits(), date.clone()));
+                Ok(date)
+            }
+        }
+    }
+}
+
+// ----- messages ------------------------------------------------------------------------------
+
+/// What building a `QueueMessage` needs, copied out of the store under its lock.
+pub(crate) struct MessageView {
+    /// The `LLMRequest`.
+    pub payload: Py<PyAny>,
+    pub message_id: u64,
+    pub enqueued_at: f64,
+    pub receive_count: u32,
+    pub first_received_at: Option<f64>,
+    /// None for messages not received by this call (enqueue, peek): `receipt_handle` is "".
+    pub handle: Option<ReceiptHandle>,
+}
+
+impl MessageView {
+    /// Copies a stored message (one new reference to its payload).
+    pub fn of(py: Python<'_>, message: &StoredMessage<Py<PyAny>>, handle: Option<ReceiptHandle>) -> Self {
+        Self {
+            payload: message.payload.clone_ref(py),
+            message_id: message.message_id,
+            enqueued_at: message.enqueued_at,
+            receive_count: message.receive_count,
+            first_received_at: message.first_received_at(),
+            handle,
+        }
+    }
+}
+
+fn build_from_parts<'py>(
+    py: Python<'py>,
+    view: &MessageView,
+    handle: Bound<'py, PyString>,
+    dates: &mut DateCache<'py>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut id_buf = [0u8; MESSAGE_ID_LEN];
+    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf));
+    let attributes = new_instance(message_attributes_class(py)?)?;
+    set_field(&attributes, intern!(py, "message_id"), &id)?;
+    set_field(&attributes, intern!(py, "receipt_handle"), &handle)?;
+    set_field(&attributes, intern!(py, "enqueued_at"), &dates.get(py, view.enqueued_at)?)?;
+    set_field(&attributes, intern!(py, "receive_count"), &view.receive_count.into_pyobject(py)?)?;
+    match view.first_received_at {
+        Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
+        None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
+    }
+    let message = new_instance(queue_message_class(py)?)?;
+    set_field(&message, intern!(py, "id"), &id)?;
+    set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
+    set_field(&message, intern!(py, "attributes"), &attributes)?;
+    Ok(message)
+}
+
+pub(crate) fn build_view<'py>(
+    py: Python<'py>,
+    view: &MessageView,
+    dates: &mut DateCache<'py>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let handle = match &view.handle {
+        Some(h) => PyString::new(py, h.encode_into(&mut [0u8; ReceiptHandle::LEN])),
+        None => intern!(py, "").clone(),
+    };
+    build_from_parts(py, view, handle, dates)
+}
+
+pub(crate) fn build_list<'py>(py: Python<'py>, views: &[MessageView]) -> PyResult<Bound<'py, PyList>> {
+    let _paused = GcPause::new();
+    let mut dates = DateCache::default();
+    let items = views.iter().map(|v| build_view(py, v, &mut dates)).collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
+}
+
+/// Pauses `CPython`'s cyclic garbage collector while a batch of messages is built. Every object
+/// built is reachable from the list returned, so a collection in between can free nothing, but
+/// the allocations would trigger collections that scan every object of the process, which made
+/// large batches several times slower. Pauses nest and overlap across threads: the first one
+/// records whether the collector was enabled, the last one to end restores that.
+struct GcPause;
+
+/// `(pauses in progress, whether the collector was enabled before the first)`.
+static GC_PAUSES: Mutex<(usize, bool)> = Mutex::new((0, false));
+
+impl GcPause {
+    fn new() -> Self {
+        let mut pauses = GC_PAUSES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pauses.0 == 0 {
+            // SAFETY: the caller is attached to the interpreter; this only flips a flag.
+            pauses.1 = unsafe { ffi::PyGC_Disable() } != 0;
+        }
+        pauses.0 += 1;
+        Self
+    }
+}
+
+impl Drop for GcPause {
+    fn drop(&mut self) {
+        let mut pauses = GC_PAUSES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pauses.0 -= 1;
+        if pauses.0 == 0 && pauses.1 {
+            // SAFETY: as in `new`; the guard lives inside a call attached to the interpreter.
+            unsafe { ffi::PyGC_Enable() };
+        }
+    }
+}
+
+/// Builds the `QueueMessage` of a view copied under the lock (selection builds its messages
+/// with this after unlocking: constructing objects may run the garbage collector, and with it
+/// arbitrary finalizers that might call back into the store).
+pub(crate) fn build_view_message(py: Python<'_>, view: &MessageView) -> PyResult<Py<PyAny>> {
+    Ok(build_view(py, view, &mut DateCache::default())?.unbind())
+}

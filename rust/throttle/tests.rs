@@ -1,0 +1,305 @@
+use super::*;
+use proptest::prelude::*;
+
+fn config(rpm: f64, tpm: f64, strategy: AdjustmentFailureStrategy) -> ThrottleConfig {
+    ThrottleConfig {
+        rpm,
+        tpm,
+        burst_rpm: None,
+        burst_tpm: None,
+        adjustment_failure_strategy: strategy,
+        max_history_records: 10_000,
+        history_retention: 60.0,
+        efficiency_window_size: 50,
+    }
+}
+
+fn throttle(rpm: f64, tpm: f64) -> Throttle<()> {
+    Throttle::new(config(rpm, tpm, AdjustmentFailureStrategy::Warn), 0.0).unwrap()
+}
+
+#[test]
+fn starts_full_and_refuses_past_the_budget() {
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 600, ()));
+    assert!(!t.consume(0.0, "b", 600, ()));
+    let check = t.check(600);
+    assert_eq!(check.reason, Some("tpm_limit"));
+    // 200 tokens short at 1000/60 tokens per second.
+    assert!((check.available_in - 12.0).abs() < 1e-9);
+    t.advance(check.available_in);
+    assert!(t.check(600).allowed);
+    assert!(t.consume(12.0, "b", 600, ()));
+}
+
+#[test]
+fn available_in_is_infinite_past_the_capacity_and_takes_the_longer_wait() {
+    let mut t = throttle(1.0, 1000.0);
+    assert!(t.check(1001).available_in.is_infinite());
+    assert!(t.consume(0.0, "a", 900, ()));
+    let check = t.check(500);
+    assert_eq!(check.reason, Some("rpm_limit"));
+    // One request per minute: 60 s for the request bucket, 24 s for the tokens.
+    assert!((check.available_in - 60.0).abs() < 1e-9);
+}
+
+#[test]
+fn adjust_refunds_and_takes_extra_and_rejects_unknown_ids() {
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 500, ()));
+    t.adjust("a", 200).unwrap();
+    assert!((t.tokens().available() - 800.0).abs() < 1e-9);
+    t.adjust("a", 700).unwrap();
+    assert!((t.tokens().available() - 300.0).abs() < 1e-9);
+    assert!(matches!(t.adjust("zzz", 1), Err(CoreError::UnknownRequest(_))));
+}
+
+#[test]
+fn strategies_on_a_short_bucket() {
+    for strategy in [
+        AdjustmentFailureStrategy::Strict,
+        AdjustmentFailureStrategy::Warn,
+        AdjustmentFailureStrategy::Compensate,
+    ] {
+        let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();
+        assert!(t.consume(0.0, "a", 900, ()));
+        let result = t.adjust("a", 1300);
+        match strategy {
+            AdjustmentFailureStrategy::Strict => {
+                assert!(matches!(result, Err(CoreError::RateLimit { reason: "tpm_limit", .. })));
+                assert!((t.tokens().available() - 100.0).abs() < 1e-9);
+                assert_eq!(t.history().next().unwrap().tokens, 900);
+            }
+            AdjustmentFailureStrategy::Warn => {
+                assert_eq!(result.unwrap(), Adjustment::Warned { shortfall: 300.0 });
+                assert_eq!(t.tokens().available(), 0.0);
+                assert_eq!(t.debt(), 0.0);
+            }
+            AdjustmentFailureStrategy::Compensate => {
+                assert_eq!(result.unwrap(), Adjustment::Compensated { shortfall: 300.0, total_debt: 300.0 });
+                t.advance(60.0);
+                assert!(t.consume(60.0, "b", 100, ()));
+                assert_eq!(t.debt(), 0.0);
+                assert!((t.tokens().available() - 600.0).abs() < 1e-9);
+            }
+        }
+    }
+}
+
+#[test]
+fn history_expires_and_is_capped() {
+    let mut c = config(1e6, 1e9, AdjustmentFailureStrategy::Warn);
+    c.max_history_records = 3;
+    let mut t: Throttle<()> = Throttle::new(c, 0.0).unwrap();
+    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+        assert!(t.consume(i as f64, id, 1, ()));
+    }
+    assert_eq!(t.history_len(), 3);
+    assert!(matches!(t.adjust("a", 2), Err(CoreError::UnknownRequest(_))));
+    t.advance(62.5);
+    assert_eq!(t.history().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), vec!["d"]);
+    assert!(t.adjust("d", 2).is_ok());
+}
+
+#[test]
+fn a_debt_beyond_the_capacity_does_not_block_forever() {
+    let mut t: Throttle<()> =
+        Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
+    assert!(t.consume(0.0, "a", 1000, ()));
+    t.adjust("a", 3000).unwrap();
+    assert_eq!(t.debt(), 2000.0);
+    let check = t.check(10);
+    assert!(check.available_in.is_finite());
+    t.advance(check.available_in);
+    assert!(t.consume(check.available_in, "b", 10, ()));
+    assert!((t.debt() - 1010.0).abs() < 1e-6);
+}
+
+#[test]
+fn restore_checks_the_whole_snapshot_first() {
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 400, ()));
+    let snapshot = t.snapshot(0.0);
+    let mut bad = snapshot;
+    bad.tpm.available = 5000.0;
+    t.reset(0.0);
+    assert!(t.restore(&bad).is_err());
+    assert_eq!(t.tokens().available(), 1000.0);
+    t.restore(&snapshot).unwrap();
+    assert_eq!(t.tokens().available(), 600.0);
+    assert_eq!(t.history_len(), 0);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Consume(u64),
+    Adjust(usize, u64),
+    Release(usize),
+    Penalize(f64),
+    Cap(f64, Option<f64>),
+    Advance(f64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u64..1500).prop_map(Op::Consume),
+        2 => (0usize..20, 0u64..2000).prop_map(|(i, a)| Op::Adjust(i, a)),
+        1 => (0usize..20).prop_map(Op::Release),
+        1 => (0.0f64..30.0).prop_map(Op::Penalize),
+        1 => (0.0f64..1500.0, proptest::option::of(0.0f64..40.0)).prop_map(|(r, s)| Op::Cap(r, s)),
+        3 => (0.0f64..20.0).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    // Net tokens taken (consumes + adjustment extras − refunds − releases) in any window
+    // [a, b] never exceed burst + rate · (b − a); requests likewise; buckets stay within
+    // [0, capacity]; nothing is granted during a penalty; a provider's figure caps what is
+    // granted until its reset.
+    #[test]
+    fn grants_within_any_window_respect_the_bucket(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut t: Throttle<()> =
+            Throttle::new(config(30.0, 1200.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
+        let mut now = 0.0;
+        let mut ids = Vec::new();
+        // (instant, net tokens, net requests)
+        let mut events: Vec<(f64, f64, f64)> = Vec::new();
+        // A provider's figure: (remaining, until, tokens granted since).
+        let mut provider: Option<(f64, f64, f64)> = None;
+        for op in ops {
+            t.advance(now);
+            let (tokens_before, requests_before) = (t.tokens().available(), t.requests().available());
+            match op.clone() {
+                Op::Consume(tokens) => {
+                    let penalized = t.penalty_left() > 0.0;
+                    let id = format!("r{}", ids.len());
+                    if t.consume(now, &id, tokens, ()) {
+                        prop_assert!(!penalized, "granted during a penalty");
+                        ids.push(id);
+                    }
+                }
+                Op::Adjust(i, actual) => {
+                    if let Some(id) = ids.get(i) {
+                        let _ = t.adjust(id, actual);
+                    }
+                }
+                Op::Release(i) => {
+                    if let Some(id) = ids.get(i) {
+                        let _ = t.release(id);
+                    }
+                }
+                Op::Penalize(seconds) => t.penalize(seconds).unwrap(),
+                Op::Cap(remaining, reset) => {
+                    t.cap(None, Some((remaining, reset))).unwrap();
+                    prop_assert!(t.tokens().available() <= remaining);
+                    provider = reset.map(|r| (remaining, now + r, 0.0));
+                }
+                Op::Advance(dt) => now += dt,
+            }
+            // A provider's cut is not a grant.
+            let taken = if matches!(op, Op::Cap(..)) { 0.0 } else { tokens_before - t.tokens().available() };
+            if taken != 0.0 || requests_before != t.requests().available() {
+                events.push((now, taken, requests_before - t.requests().available()));
+            }
+            if let Some((_, until, granted)) = &mut provider {
+                if now < *until {
+                    *granted += taken.max(0.0);
+                }
+            }
+            t.advance(now);
+            if let Some((remaining, until, granted)) = provider {
+                if now < until {
+                    prop_assert!(t.tokens().available() <= (remaining - granted).max(0.0) + 1e-6);
+                }
+            }
+            prop_assert!(t.validate_state(now));
+        }
+        // The running totals agree with a recount of the history.
+        let stats = t.history_statistics();
+        let recount: u64 = t.history().map(|r| r.tokens).sum();
+        let adjusted: Vec<f64> = t.history()
+            .filter_map(|r| r.actual_tokens.map(|a| estimation_accuracy(r.estimated_tokens, a)))
+            .collect();
+        prop_assert_eq!(stats.total_tokens, recount);
+        prop_assert_eq!(stats.count, t.history_len());
+        let expected = if adjusted.is_empty() { 1.0 } else { adjusted.iter().sum::<f64>() / adjusted.len() as f64 };
+        prop_assert!((stats.estimation_accuracy - expected).abs() < 1e-9);
+        for (i, &(start, _, _)) in events.iter().enumerate() {
+            let (mut tokens, mut requests) = (0.0, 0.0);
+            for &(at, net, reqs) in &events[i..] {
+                tokens += net;
+                requests += reqs;
+                let window = at - start;
+                prop_assert!(tokens <= 1200.0 + 20.0 * window + 1e-6);
+                prop_assert!(requests <= 30.0 + 0.5 * window + 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn release_gives_a_reservation_back_whole() {
+    let mut t: Throttle<()> =
+        Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
+    assert!(t.consume(0.0, "a", 1000, ()));
+    t.adjust("a", 1300).unwrap();
+    assert_eq!(t.debt(), 300.0);
+    t.advance(30.0);
+    // 500 refilled; "b" pays the 300 of debt on top of its 100.
+    assert!(t.consume(30.0, "b", 100, ()));
+    assert!((t.tokens().available() - 100.0).abs() < 1e-9);
+    assert_eq!(t.debt(), 0.0);
+    let requests = t.requests().available();
+    t.release("b").unwrap();
+    assert!((t.tokens().available() - 500.0).abs() < 1e-9);
+    assert_eq!(t.requests().available(), requests + 1.0);
+    assert_eq!(t.debt(), 300.0);
+    // It no longer counts, and cannot be released or adjusted twice.
+    assert_eq!(t.history_len(), 1);
+    assert_eq!(t.history_statistics().total_tokens, 1300);
+    assert!(matches!(t.release("b"), Err(CoreError::UnknownRequest(_))));
+    assert!(matches!(t.adjust("b", 5), Err(CoreError::UnknownRequest(_))));
+}
+
+#[test]
+fn a_penalty_grants_nothing_until_it_ends() {
+    let mut t = throttle(60.0, 1000.0);
+    t.penalize(10.0).unwrap();
+    t.penalize(2.0).unwrap(); // a shorter one does not cut it short
+    let check = t.check(10);
+    assert_eq!(check.reason, Some("rpm_limit"));
+    assert_eq!(check.available_in, 10.0);
+    assert!(!t.consume(0.0, "a", 10, ()));
+    t.advance(10.0);
+    assert!(t.consume(10.0, "a", 10, ()));
+    assert!(t.penalize(f64::NAN).is_err());
+    assert!(t.penalize(-1.0).is_err());
+}
+
+#[test]
+fn restore_on_another_clock_refills_from_its_now() {
+    let mut a = throttle(60.0, 6000.0);
+    a.advance(1_000_000.0);
+    assert!(a.consume(1_000_000.0, "x", 6000, ()));
+    let snapshot = a.snapshot(1_000_000.0);
+    // Another process: its clock started at 0.
+    let mut b = throttle(60.0, 6000.0);
+    b.advance(5.0);
+    b.restore(&snapshot).unwrap();
+    assert_eq!(b.tokens().available(), 0.0);
+    b.advance(6.0);
+    assert!((b.tokens().available() - 100.0).abs() < 1e-9);
+}
+
+#[test]
+fn one_accuracy_formula() {
+    assert_eq!(estimation_accuracy(0, 0), 1.0);
+    assert_eq!(estimation_accuracy(0, 10), 0.0);
+    assert_eq!(estimation_accuracy(10, 0), 0.0);
+    assert_eq!(estimation_accuracy(10, 5), 0.5);
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 0, ()));
+    t.adjust("a", 10).unwrap();
+    assert_eq!(t.efficiency(), 0.0);
+    assert_eq!(t.history_statistics().estimation_accuracy, 0.0);
+}

@@ -1,0 +1,125 @@
+"""Any `RateLimiter`: a plain-Python limiter instead of `LLMThrottle`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from llm_queue_dispatcher import (
+    CustomScorer,
+    ManualClock,
+    Priority,
+    QueueMessage,
+    RateLimiter,
+    ScoringContext,
+)
+from tests.dispatcher.support import counts, queue, request, scored_queue
+
+
+@dataclass
+class Check:
+    allowed: bool
+    reason: str | None
+    available_in: float
+    available_tokens: dict[str, float]
+
+
+class FixedBudgetLimiter:
+    """A RateLimiter in plain Python: a fixed budget that never refills."""
+
+    def __init__(self, tokens: float, requests: float = 100.0, accept: bool = True) -> None:
+        self.tokens = tokens
+        self.capacity = tokens
+        self.requests = requests
+        self.accept = accept
+        self.consumed: list[tuple[str, int]] = []
+        self.adjusted: list[tuple[str, int]] = []
+        self._reserved: dict[str, int] = {}
+
+    def can_process(self, estimated_tokens: int) -> Check:
+        if estimated_tokens > self.capacity:
+            return Check(False, "tpm_limit", math.inf, self._available())
+        allowed = self.requests >= 1 and estimated_tokens <= self.tokens
+        return Check(
+            allowed, None if allowed else "tpm_limit", 0.0 if allowed else math.inf, self._available()
+        )
+
+    def _available(self) -> dict[str, float]:
+        return {"rpm": self.requests, "tpm": self.tokens}
+
+    def get_metrics(self) -> Any:
+        bucket = SimpleNamespace
+        return SimpleNamespace(
+            rpm=bucket(used=0.0, available=self.requests, limit=100.0, percentage=0.0),
+            tpm=bucket(
+                used=self.capacity - self.tokens, available=self.tokens, limit=self.capacity, percentage=0.0
+            ),
+        )
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
+        if not self.accept or estimated_tokens > self.tokens or self.requests < 1:
+            return False
+        self.consumed.append((request_id, estimated_tokens))
+        self._reserved[request_id] = estimated_tokens
+        self.tokens -= estimated_tokens
+        self.requests -= 1
+        return True
+
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        self.adjusted.append((request_id, actual_tokens))
+        self.tokens += self._reserved.pop(request_id) - actual_tokens
+
+
+async def test_a_plain_python_rate_limiter_works(clock: ManualClock) -> None:
+    dispatcher = queue(clock)
+    limiter = FixedBudgetLimiter(tokens=2_000)
+    assert isinstance(limiter, RateLimiter)
+    await dispatcher.batch_enqueue(
+        [
+            request("too-big-now", Priority.URGENT, tokens=5_000),
+            request("high", Priority.HIGH, tokens=500),
+            request("low", Priority.LOW, tokens=100),
+        ]
+    )
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "high"
+    assert limiter.consumed == [("high", 500)]
+    await job.mark_as_processed(actual_tokens=700)
+    assert limiter.adjusted == [("high", 700)]
+    assert limiter.tokens == 1_300
+    nxt = await dispatcher.dequeue(limiter)
+    assert nxt is not None
+    assert nxt.message.payload.id == "low"
+    await nxt.mark_as_failed(RuntimeError("x"))
+    assert limiter.adjusted[-1] == ("low", 0)
+    assert limiter.tokens == 1_300
+
+
+async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:
+    dispatcher = queue(clock)
+    limiter = FixedBudgetLimiter(tokens=2_000, accept=False)
+    await dispatcher.enqueue(request("a"))
+    assert await dispatcher.dequeue(limiter) is None
+    assert await counts(dispatcher) == (1, 0, 1)
+
+
+async def test_a_plain_python_limiter_without_requests_left_gets_nothing(clock: ManualClock) -> None:
+    dispatcher = queue(clock)
+    await dispatcher.enqueue(request("a"))
+    assert await dispatcher.dequeue(FixedBudgetLimiter(tokens=2_000, requests=0)) is None
+
+
+async def test_custom_scorers_see_a_plain_limiters_metrics(clock: ManualClock) -> None:
+    seen: list[float] = []
+
+    def spy(message: QueueMessage[Any], context: ScoringContext) -> float:
+        seen.append(context.rate_limiter_metrics.tpm.available)
+        return 0.0
+
+    dispatcher = scored_queue(clock, CustomScorer("spy", 0.1, spy))
+    await dispatcher.enqueue(request("a"))
+    assert await dispatcher.dequeue(FixedBudgetLimiter(tokens=1_234)) is not None
+    assert seen == [1_234]
