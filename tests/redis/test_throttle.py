@@ -36,10 +36,25 @@ OPERATIONS = st.lists(
         st.tuples(st.just("consume"), st.integers(0, 1500)),
         st.tuples(st.just("check"), st.integers(0, 1500)),
         st.tuples(st.just("adjust"), st.integers(0, 12), st.integers(0, 2500)),
+        st.tuples(st.just("release"), st.integers(0, 12)),
         st.tuples(st.just("advance"), st.integers(0, 25)),
+        st.tuples(st.just("penalize"), st.integers(0, 10)),
+        st.tuples(
+            st.just("sync"),
+            st.sampled_from(["requests", "tokens"]),
+            st.integers(0, 1500),
+            st.none() | st.integers(1, 30),
+        ),
     ),
     max_size=35,
 )
+
+
+def headers(bucket: str, remaining: int, reset: int | None) -> dict[str, str]:
+    out = {f"x-ratelimit-remaining-{bucket}": str(remaining)}
+    if reset is not None:
+        out[f"x-ratelimit-reset-{bucket}"] = f"{reset}s"
+    return out
 
 
 @settings(max_examples=100, deadline=None)
@@ -52,7 +67,10 @@ def test_decisions_match_llm_throttle(
     shared_server: RedisServer, operations: list[tuple[Any, ...]], strategy: Any, burst: int | None
 ) -> None:
     """Whole rates per second and whole-second steps keep both arithmetics exact, so every grant,
-    refusal, reason, wait (to the microsecond), adjustment outcome and bucket level must agree."""
+    refusal, reason, wait (to the microsecond), adjustment outcome, penalty, provider ceiling and
+    bucket level must agree. (Releases are compared for grants never adjusted upwards: after an
+    extra the bucket could not give, `RedisThrottle.release` gives back what the grant really
+    holds and takes back the debt it added, where `LLMThrottle` gives back its full count.)"""
 
     async def scenario() -> None:
         clock = ManualClock(START)
@@ -62,11 +80,18 @@ def test_decisions_match_llm_throttle(
             shared_server.url, fresh_name("differential"), rpm=120, tpm=1200, clock=clock, **options
         )
         granted: list[str] = []
+        raised: set[str] = set()
         try:
             for step, operation in enumerate(operations):
                 kind = operation[0]
                 if kind == "advance":
                     clock.advance(operation[1])
+                elif kind == "penalize":
+                    local.penalize(operation[1])
+                    await shared.penalize(operation[1])
+                elif kind == "sync":
+                    said = headers(*operation[1:])
+                    assert await shared.sync_from_headers(said) == local.sync_from_headers(said)
                 elif kind == "consume":
                     rid = f"r{step}"
                     expected = local.consume(rid, operation[1])
@@ -79,17 +104,26 @@ def test_decisions_match_llm_throttle(
                     assert got.available_in == pytest.approx(want.available_in, abs=US) or (
                         math.isinf(got.available_in) and math.isinf(want.available_in)
                     )
-                else:
-                    if not granted:
-                        continue
+                    assert got.available_tokens == pytest.approx(want.available_tokens, abs=1e-9)
+                elif granted:
                     rid = granted[operation[1] % len(granted)]
+                    if kind == "release" and rid in raised:
+                        continue
                     expected_outcome = got_outcome = "ok"
+                    if kind == "adjust":
+                        raised.add(rid)
                     try:
-                        local.adjust_consumption(rid, operation[2])
+                        if kind == "adjust":
+                            local.adjust_consumption(rid, operation[2])
+                        else:
+                            local.release(rid)
                     except (RateLimitError, UnknownRequestError) as exc:
                         expected_outcome = type(exc).__name__
                     try:
-                        await shared.adjust_consumption(rid, operation[2])
+                        if kind == "adjust":
+                            await shared.adjust_consumption(rid, operation[2])
+                        else:
+                            await shared.release(rid)
                     except (RateLimitError, UnknownRequestError) as exc:
                         got_outcome = type(exc).__name__
                     assert got_outcome == expected_outcome
@@ -248,14 +282,16 @@ async def test_remaining_tokens_with_a_reset_set_a_falling_ceiling(
     )
     assert (await throttle.get_metrics()).tpm.available == 5000.0  # cut from 60,000 at once
     assert await throttle.consume("a", 3000)
-    clock.advance(10)  # the bucket refills 10,000, but the provider said 5,000 - 3,000 remain
+    clock.advance(10)  # the bucket would refill 10,000, but the provider said 5,000 - 3,000 remain
     assert (await throttle.get_metrics()).tpm.available == 2000.0
-    check = await throttle.can_process(2500)
-    assert (check.reason, check.available_in) == ("tpm_limit", pytest.approx(10.0, abs=US))
+    check = await throttle.can_process(2500)  # the ceiling holds until t=20, then 0.5 s of refill
+    assert (check.reason, check.available_in) == ("tpm_limit", pytest.approx(10.5, abs=US))
     assert await throttle.consume("b", 2000)
     assert not await throttle.consume("c", 1)
-    clock.advance(10)  # the reset: the ceiling is gone, the bucket's own level shows
-    assert (await throttle.get_metrics()).tpm.available == 20_000.0
+    clock.advance(10)  # the reset: the bucket refills freely from where the ceiling held it
+    assert (await throttle.get_metrics()).tpm.available == 0.0
+    clock.advance(2.5)
+    assert (await throttle.get_metrics()).tpm.available == 2500.0
     assert await throttle.consume("c", 2500)
 
 

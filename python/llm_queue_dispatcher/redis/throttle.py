@@ -387,11 +387,18 @@ class RedisThrottle:
     ) -> ProviderLimits:
         """Learns from a provider response's rate-limit headers (see
         `llm_queue_dispatcher.provider_limits`): ``retry-after`` penalizes; a remaining figure
-        cuts its bucket to at most that now and, until the reset, caps it at that figure minus
-        what is granted since. Returns what was read; malformed headers are ignored."""
+        cuts its bucket to at most that now and, until the reset, keeps it at most that figure
+        minus what is granted since. Returns what was read; malformed headers are ignored."""
         limits = parse_rate_limit_headers(headers)
+        await self.apply_provider_limits(limits)
+        return limits
+
+    async def apply_provider_limits(self, limits: ProviderLimits) -> None:
+        """`sync_from_headers` for figures already read."""
+        if not isinstance(limits, ProviderLimits):
+            raise InvalidRequestError(f"limits must be a ProviderLimits, got {limits!r}")
         if limits.empty:
-            return limits
+            return
         await self._run(
             "limiter_sync",
             _microseconds(limits.retry_after),
@@ -400,7 +407,6 @@ class RedisThrottle:
             _figure(limits.tokens_remaining),
             _microseconds(limits.tokens_reset),
         )
-        return limits
 
     async def reset(self) -> None:
         """Full buckets, no history, no debt, no penalty, no ceiling, for every process."""

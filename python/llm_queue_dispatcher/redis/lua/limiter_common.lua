@@ -11,9 +11,9 @@
 -- ARGV[6] history retention in us  ARGV[7] most history records  ARGV[8..] the operation's own.
 --
 -- Instants are whole microseconds. A bucket stores its level at `last`; its level at any t >= last
--- is min(cap, avail + (t - last) * per_minute / 60e6), computed by level() alone, so the wait a check reports
--- is exactly the one the next grant sees. A provider ceiling (sync_from_headers) caps what a
--- bucket may hand out until its reset, and falls with every grant.
+-- is computed by level() alone, so the wait a check reports is exactly the one the next grant
+-- sees. A provider ceiling (sync_from_headers) stops the refill above it until its reset, and
+-- falls with every grant.
 
 local function fmt(n)
   return string.format('%.0f', n)
@@ -46,9 +46,6 @@ local function bucket(avail, last, ceiling, ceiling_until, cap, per_minute)
   if b.avail > cap then
     b.avail = cap -- another process configured a smaller burst
   end
-  if b.ceiling ~= nil and NOW >= b.ceiling_until then
-    b.ceiling = nil -- the provider's reset has passed
-  end
   return b
 end
 
@@ -58,67 +55,106 @@ local DEBT = tonumber(raw[9]) or 0
 local PENALTY = tonumber(raw[10]) or 0
 local TOTALS = {tokens = tonumber(raw[11]) or 0, adjusted = tonumber(raw[12]) or 0, accuracy = tonumber(raw[13]) or 0}
 
+-- The refill of LLMThrottle's TokenBucket (rust/throttle/bucket.rs), in microseconds. Multiply
+-- before dividing: whole seconds at whole rates per second come out exact, as in LLMThrottle's
+-- float arithmetic, so both limiters draw the same line at the same instant. A ceiling stops
+-- the refill above it (never taking away what is there) until its instant; after that the
+-- bucket refills freely from where the ceiling held it.
+local function refill_to(b, t, limit)
+  local elapsed = t - b.last
+  if elapsed > 0 then
+    local refilled = math.min(b.cap, b.avail + elapsed * b.per_minute / 60000000)
+    b.avail = math.min(refilled, math.max(limit, b.avail))
+    b.last = t
+  end
+end
+
+local function refill_until(b, t)
+  if b.ceiling ~= nil then
+    if t < b.ceiling_until then
+      refill_to(b, t, b.ceiling)
+      return
+    end
+    refill_to(b, b.ceiling_until, b.ceiling)
+    b.ceiling = nil
+  end
+  refill_to(b, t, b.cap)
+end
+
+local function refill(b)
+  refill_until(b, NOW)
+end
+
+-- The bucket's level at t >= NOW, computed from its stored state alone (changing nothing): the
+-- level a grant at t will find, so the wait a check reports is exactly the one that grant sees.
 local function level(b, t)
-  if t <= b.last then
-    return math.min(b.cap, b.avail)
-  end
-  -- Multiply before dividing: whole seconds at whole rates per second come out exact, as in
-  -- LLMThrottle's float arithmetic, so both limiters draw the same line at the same instant.
-  return math.min(b.cap, b.avail + (t - b.last) * b.per_minute / 60000000)
+  local copy = {
+    avail = b.avail, last = b.last, cap = b.cap, per_minute = b.per_minute, ceiling = b.ceiling,
+    ceiling_until = b.ceiling_until,
+  }
+  refill_until(copy, t)
+  return copy.avail
 end
 
--- What the bucket may hand out now: its level, under the provider's ceiling while one holds.
 local function available(b)
-  local lvl = level(b, NOW)
-  if b.ceiling ~= nil and b.ceiling < lvl then
-    lvl = b.ceiling
-  end
-  return lvl
+  return level(b, NOW)
 end
 
--- Microseconds until the bucket can hand out n: 0 now, math.huge never (n above its capacity).
+-- Microseconds until the bucket holds n: 0 now, math.huge never (n above its capacity). Under
+-- a ceiling below n, the wait runs past the ceiling's end.
 local function wait_for(b, n)
-  if available(b) >= n then
+  local now_level = level(b, NOW)
+  if now_level >= n then
     return 0
   end
   if n > b.cap then
     return math.huge
   end
-  local t = NOW
-  if level(b, NOW) < n then
-    t = math.max(NOW, b.last + math.ceil((n - b.avail) * 60000000 / b.per_minute))
-    while level(b, t) < n do
-      t = t + 1
-    end
-    while t > NOW and level(b, t - 1) >= n do
-      t = t - 1
-    end
+  local base, base_level = NOW, now_level
+  if b.ceiling ~= nil and b.ceiling_until > NOW and math.max(b.ceiling, now_level) < n then
+    base = b.ceiling_until
+    base_level = level(b, base)
   end
-  if b.ceiling ~= nil and b.ceiling < n then
-    t = math.max(t, b.ceiling_until)
+  local t = base + math.max(0, math.ceil((n - base_level) * 60000000 / b.per_minute))
+  while level(b, t) < n do
+    t = t + 1
+  end
+  while t > NOW and level(b, t - 1) >= n do
+    t = t - 1
   end
   return t - NOW
 end
 
-local function refill(b)
-  b.avail = level(b, NOW)
-  if NOW > b.last then
-    b.last = NOW
-  end
-end
-
--- Takes up to n from the bucket (and its ceiling); returns how much it could not take.
+-- Takes up to n from a refilled bucket, lowering its ceiling by n; returns what it could not take.
 local function take(b, n)
-  local taken = math.max(0, math.min(n, available(b)))
-  b.avail = math.max(0, b.avail - taken)
+  local taken = math.max(0, math.min(n, b.avail))
+  b.avail = b.avail - taken
   if b.ceiling ~= nil then
-    b.ceiling = math.max(0, b.ceiling - taken)
+    b.ceiling = math.max(0, b.ceiling - n)
   end
   return n - taken
 end
 
+-- Gives back n, up to the capacity and a live ceiling (which a refund does not raise: the
+-- provider never said it refunds).
 local function refund(b, n)
-  b.avail = math.min(b.cap, b.avail + n)
+  local limit = b.cap
+  if b.ceiling ~= nil then
+    limit = math.min(b.cap, math.max(b.ceiling, b.avail))
+  end
+  b.avail = math.min(b.avail + n, limit)
+end
+
+-- A provider's figure: at most `remaining` now and, with a reset, until then at most
+-- `remaining` minus what is granted since. A later figure replaces the ceiling.
+local function cap_at(b, remaining, reset)
+  b.avail = math.min(b.avail, math.max(remaining, 0))
+  if reset ~= nil and NOW + reset > b.last then
+    b.ceiling = remaining
+    b.ceiling_until = NOW + reset
+  else
+    b.ceiling = nil
+  end
 end
 
 -- Tokens a request of `estimated` must find: the estimate plus the debt, but never more than a
