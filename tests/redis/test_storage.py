@@ -55,7 +55,7 @@ INSTANTS = st.datetimes(
 )
 REQUESTS = st.builds(
     LLMRequest,
-    id=st.text(min_size=1, max_size=20),
+    id=st.text(min_size=1, max_size=20).filter(str.strip),
     payload=JSON,
     priority=st.sampled_from(list(Priority)),
     token_info=st.builds(

@@ -15,6 +15,8 @@ Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
                           first_received_at, current receipt token, message id, request id
     {ns}:q:{q}:vis:0..3   zsets per priority, score enqueued_at (us): the visible messages
     {ns}:q:{q}:inflight   zset, score visibility deadline (us): the messages in flight
+    {ns}:q:{q}:copies     hash: request id -> live copies beyond the first (a dead-letter queue
+                          keeps every copy it is sent, as InMemoryStorage does)
 
 A member is the sequence number zero-padded to 15 digits; a receipt handle is
 ``<member>.<receive count>.<128-bit token>``. The token is replaced on every receive, so the
@@ -53,7 +55,7 @@ T = TypeVar("T")
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _HANDLE = re.compile(r"(\d{15})\.\d{1,10}\.([0-9a-f]{32})")
-_KEY_PARTS = ("meta", "seq", "ids", "body", "state", "vis:0", "vis:1", "vis:2", "vis:3", "inflight")
+_KEY_PARTS = ("meta", "seq", "ids", "body", "state", "vis:0", "vis:1", "vis:2", "vis:3", "inflight", "copies")
 # Retention beyond this many microseconds (about 285 years) is forever.
 _FOREVER_US = 2**53
 

@@ -35,8 +35,7 @@ from ..errors import (
     UnknownRequestError,
 )
 from ..provider_limits import ProviderLimits, parse_rate_limit_headers
-from ..types import validate_token_count
-from ._codec import request_id_bytes
+from ..types import validate_request_id, validate_token_count
 from ._connection import CLIENT_ERRORS, Connection, check_name, script
 
 __all__ = [
@@ -134,9 +133,7 @@ def _positive(value: object, name: str) -> float:
 
 
 def _request_id(request_id: object) -> bytes:
-    if not isinstance(request_id, str) or not request_id:
-        raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
-    return request_id_bytes(request_id)
+    return validate_request_id(request_id, "request_id").encode("utf-8")
 
 
 def _seconds(value: object, name: str) -> float:

@@ -17,7 +17,7 @@ for i = 0, count - 1 do
   local member = redis.call('HGET', Q.ids, rid)
   if member then
     local s = load(Q, member)
-    if i == 0 and s.mid == message_id(0) then
+    if i == 0 and s ~= nil and s.mid == message_id(0) then
       for j = 0, count - 1 do
         out[#out + 1] = message_id(j)
         out[#out + 1] = s.at

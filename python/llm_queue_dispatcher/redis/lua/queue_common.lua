@@ -1,11 +1,12 @@
 -- Shared prelude of every queue script (RedisStorage prepends it to each operation's file, so
 -- each operation is still one script, loaded once and run atomically).
 --
--- KEYS[1..10]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
+-- KEYS[1..11]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
 --              body (hash member -> serialised request), state (hash member -> msgpack),
 --              vis0..vis3 (zsets per priority: score enqueued_at in us, member), inflight
---              (zset: score visibility deadline in us, member)
--- KEYS[11..20] the dead-letter queue, same layout (absent without one)
+--              (zset: score visibility deadline in us, member), copies (hash request id ->
+--              live copies beyond the first: a dead-letter queue keeps every copy it is sent)
+-- KEYS[12..22] the dead-letter queue, same layout (absent without one)
 -- ARGV[1] ""  in production: every instant comes from the server's TIME. Only the test suite's
 --             private subclass passes "<now_us> <created_us>" (see tests/redis_support.py).
 -- ARGV[2] 128 random bits (hex) from the client: the seed of this call's receipt tokens and
@@ -44,14 +45,14 @@ local function queue_keys(base)
     meta = KEYS[base], seq = KEYS[base + 1], ids = KEYS[base + 2], body = KEYS[base + 3],
     state = KEYS[base + 4],
     vis = {KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]},
-    inflight = KEYS[base + 9],
+    inflight = KEYS[base + 9], copies = KEYS[base + 10],
   }
 end
 
 local Q = queue_keys(1)
 local DLQ = nil
-if #KEYS >= 20 then
-  DLQ = queue_keys(11)
+if #KEYS >= 22 then
+  DLQ = queue_keys(12)
 end
 
 -- Fresh identifiers for this call: 128 bits each, derived from the client's random seed.
@@ -81,8 +82,16 @@ local function touch(q)
   redis.call('HSET', q.meta, 'modified', fmt(NOW))
 end
 
+-- The request id stays taken while another copy of it lives (only dead-letter queues hold
+-- copies); `ids` then names one copy, or one gone: it is used only to refuse duplicates.
 local function forget(q, member, s)
-  redis.call('HDEL', q.ids, s.rid)
+  if redis.call('HEXISTS', q.copies, s.rid) == 1 then
+    if redis.call('HINCRBY', q.copies, s.rid, -1) <= 0 then
+      redis.call('HDEL', q.copies, s.rid)
+    end
+  else
+    redis.call('HDEL', q.ids, s.rid)
+  end
   redis.call('HDEL', q.body, member)
   redis.call('HDEL', q.state, member)
 end
@@ -99,13 +108,17 @@ local function insert(q, rid, p, at, body, mid)
 end
 
 -- Moves a message that has left Q (already out of its zset) to the dead-letter queue, keeping its
--- original enqueue time; without one it is dropped. Counted in Q's meta either way. A request id
--- already live in the dead-letter queue is not stored twice.
+-- original enqueue time; without one it is dropped. Counted in Q's meta either way. The
+-- dead-letter queue keeps every copy, even of a request id it already holds (as InMemoryStorage
+-- does: dropping one would lose it).
 local function dead_letter(member, s)
   local body = redis.call('HGET', Q.body, member)
   forget(Q, member, s)
   redis.call('HINCRBY', Q.meta, 'dead', 1)
-  if DLQ ~= nil and redis.call('HEXISTS', DLQ.ids, s.rid) == 0 then
+  if DLQ ~= nil then
+    if redis.call('HEXISTS', DLQ.ids, s.rid) == 1 then
+      redis.call('HINCRBY', DLQ.copies, s.rid, 1)
+    end
     insert(DLQ, s.rid, s.p, s.at, body, fresh())
     touch(DLQ)
   end
