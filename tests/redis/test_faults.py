@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import LLMRequest, Priority, StorageError
+from llm_queue_dispatcher import LLMRequest, Priority, StorageError, TokenInfo
 from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.ledger import Verdict, check, read_ledgers
 from tests.redis.support import RedisServer
@@ -344,3 +344,40 @@ def test_dispatchers_in_several_processes_share_one_queue(
     assert not verdict.duplicates
     assert len({r["pid"] for r in records if r["event"] == "ack"}) == 3
     assert asyncio.run(queue_state(private_server.url, "dispatch")) == (0, 0, 0)
+
+
+def test_dispatchers_in_several_processes_share_one_budget(
+    private_server: RedisServer, workers: Workers
+) -> None:
+    """Three dispatcher processes, one queue, one `RedisThrottle`: the reservations of all three
+    together stay within the one budget (a minute's burst, then the refill), and still no message
+    goes to two of them. 64 requests of 100 tokens against 6,000 TPM: 60 at once, the rest one a
+    second, each dispatcher waiting (``dequeue(timeout=...)``) until the shared bucket has room."""
+    ids = [f"b{i}" for i in range(64)]
+
+    async def fill_with_tokens() -> None:
+        async with RedisStorage(private_server.url, "budget") as storage:
+            await storage.batch_enqueue(
+                [LLMRequest(rid, {"n": rid}, token_info=TokenInfo(100)) for rid in ids]
+            )
+
+    asyncio.run(fill_with_tokens())
+    limiter = {"name": "shared", "rpm": 6_000.0, "tpm": 6_000.0}
+    for _ in range(3):
+        workers.start(
+            "dispatch", url=private_server.url, queue="budget", buffer_size=4, visibility=60.0,
+            limiter=limiter, max_seconds=60,
+        )  # fmt: skip
+    workers.wait(90)
+    records = workers.records()
+    verdict = check(set(ids), records)
+    assert_clean(verdict)
+    assert not verdict.duplicates
+    grants = sorted((r for r in records if r["event"] == "recv"), key=lambda r: r["after"])
+    start = min(g["before"] for g in grants)
+    total = 0
+    for grant in grants:
+        total += grant["tokens"]
+        assert total <= 6_000 + 100 * (grant["after"] - start) + 1e-6, "more than the shared budget"
+    assert grants[-1]["after"] - start >= 3.0  # the last four really waited for the refill
+    assert len({g["pid"] for g in grants}) >= 2

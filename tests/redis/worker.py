@@ -183,15 +183,22 @@ async def dispatch(options: dict[str, Any], ledger: Ledger) -> None:
         enable_prefetch=options.get("prefetch", False),
         prefetch_interval=options.get("prefetch_interval", 5.0),
     )
-    limiter = LLMThrottle(1e9, 1e12)
+    shared = options.get("limiter")
+    limiter: Any = (
+        LLMThrottle(1e9, 1e12)
+        if shared is None
+        else RedisThrottle(options["url"], shared["name"], rpm=shared["rpm"], tpm=shared["tpm"])
+    )
     async with RedisStorage(options["url"], options["queue"]) as storage:
         dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
         async with dispatcher:
             idle = 0
             while _real_time() < deadline:
+                before = _real_time()
                 job = await dispatcher.dequeue(limiter, timeout=0.2)
+                after = _real_time()
                 if job is None:
-                    attributes = await storage.get_queue_attributes()
+                    attributes = await storage.get_queue_attributes()  # a shared limiter may be the wait
                     if attributes.approximate_number_of_messages == 0 and (
                         attributes.approximate_number_of_messages_in_flight == 0 or idle > 10
                     ):
@@ -200,9 +207,12 @@ async def dispatch(options: dict[str, Any], ledger: Ledger) -> None:
                     continue
                 idle = 0
                 rid, handle = job.message.payload.id, job.message.attributes.receipt_handle
-                ledger.write("recv", id=rid, handle=handle, count=job.message.attributes.receive_count)
+                ledger.write(
+                    "recv", id=rid, handle=handle, count=job.message.attributes.receive_count,
+                    tokens=job.message.payload.token_info.estimated, before=before, after=after,
+                )  # fmt: skip
                 await asyncio.sleep(options.get("work", 0.0))
-                await job.mark_as_processed(actual_tokens=5)
+                await job.mark_as_processed()
                 ledger.write("ack", id=rid, handle=handle)
 
 
