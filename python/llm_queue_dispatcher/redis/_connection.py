@@ -156,7 +156,7 @@ class Script:
         self.source = f"{_source(prelude)}\n{_source(name)}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
-    async def run(self, client: redis.asyncio.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def run(self, client: redis.asyncio.Redis, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
         Replies are never decoded, whatever the client's ``decode_responses``."""
         execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py

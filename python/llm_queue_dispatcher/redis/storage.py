@@ -68,9 +68,10 @@ def _microseconds(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
-def _queue_keys(namespace: str, queue: str) -> list[str]:
+def _queue_keys(namespace: str, queue: str) -> list[bytes]:
+    # Encoded once: every call sends them, and redis-py passes bytes through untouched.
     prefix = f"{{{namespace}}}:q:{queue}:"
-    return [prefix + part for part in _KEY_PARTS]
+    return [(prefix + part).encode() for part in _KEY_PARTS]
 
 
 def _count(value: object, name: str) -> int:
@@ -166,7 +167,10 @@ class RedisStorage(QueueStorageAdapter[T]):
         if dead_letter is not None:
             self._keys += _queue_keys(namespace, dead_letter)
         retention_us = _microseconds(self.message_retention) if math.isfinite(self.message_retention) else 0
-        self._settings = (str(max_receive_count or 0), str(0 if retention_us > _FOREVER_US else retention_us))
+        self._settings = (
+            str(max_receive_count or 0).encode(),
+            str(0 if retention_us > _FOREVER_US else retention_us).encode(),
+        )
 
     # ----- plumbing ------------------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ class RedisThrottle:
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
         prefix = f"{{{namespace}}}:l:{name}:"
-        self._keys = [prefix + "state", prefix + "history", prefix + "order"]
+        self._keys = [(prefix + part).encode() for part in ("state", "history", "order")]
         self.request_capacity = self.burst_rpm or self.rpm
         self.token_capacity = self.burst_tpm or self.tpm
         self._settings = (
