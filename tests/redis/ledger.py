@@ -5,6 +5,8 @@ Every process of a fault test appends JSON lines to its own ledger file with one
 happened before it. Events:
 
 * ``enq``   a producer's enqueue was acknowledged by Redis (the message must never be lost);
+  ``enq_uncertain`` it took a retry after an attempt whose outcome was unknown (Redis may have
+  stored that one too: if it was processed before the retry, the retry stores a second copy);
 * ``recv``  a consumer received a message (id, receipt handle, receive count);
 * ``deleting`` a consumer is about to delete (so a delete that Redis applied for a process
             killed before it could write ``ack`` is not mistaken for a loss);
@@ -19,7 +21,8 @@ happened before it. Events:
 * unexpected: received or acknowledged though never enqueued;
 * duplicates: received more than once; *unexplained* unless every earlier delivery ended
   without an acknowledgement in a process the test killed, or (when the scenario lets leases
-  run out) without an acknowledgement at all; an id acknowledged twice is always unexplained.
+  run out) without an acknowledgement at all, or its producer's enqueue was uncertain (then
+  two copies may have been stored); an id acknowledged twice is unexplained but for the latter.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def check(
     acknowledged: Counter[str] = Counter()
     settled_handles: set[str] = set()
     deliveries: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    uncertain = {record["id"] for record in records if record["event"] == "enq_uncertain"}
     for record in records:
         event = record["event"]
         if event == "recv":
@@ -104,12 +108,14 @@ def check(
             verdict.unexpected.add(record["id"])
     verdict.lost = {rid for rid in enqueued if rid not in acknowledged and rid not in dead_lettered}
     for rid, count in acknowledged.items():
-        if count > 1:
+        if count > 1 and rid not in uncertain:
             verdict.unexplained_duplicates.add(rid)
     for rid, received in deliveries.items():
         if len(received) < 2:
             continue
         verdict.duplicates.add(rid)
+        if rid in uncertain:
+            continue
         for earlier in received[:-1]:
             unsettled = earlier["handle"] not in settled_handles
             if not (unsettled and (earlier["pid"] in killed or leases_may_expire)):

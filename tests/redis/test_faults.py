@@ -141,6 +141,8 @@ def test_the_checker_counts_what_it_should() -> None:
     assert verdict.unexplained_duplicates == {"b"}  # "a" was held by killed pid 1; "b" was acked twice
     assert check({"a"}, records[:3], killed=set()).unexplained_duplicates == {"a"}
     assert check({"a"}, records[:3], leases_may_expire=True).clean
+    resent = [{"event": "enq_uncertain", "id": "b", "pid": 9}, *records[3:7]]
+    assert check({"b"}, resent).clean  # "b" was acked twice, but its producer may have stored it twice
 
 
 # ----- many receivers ------------------------------------------------------------------------------
@@ -262,6 +264,8 @@ def test_a_restarted_server_loses_nothing_acknowledged(private_server: RedisServ
     verdict = check(enqueued, records, leases_may_expire=True)
     assert_clean(verdict)
     assert any(r["event"] == "storage_error" for r in records), "no worker noticed the outage"
+    uncertain = {r["id"] for r in records if r["event"] == "enq_uncertain"}
+    assert len(uncertain) <= 1  # only the enqueue in flight when the server died
     assert asyncio.run(queue_state(private_server.url, "restart"))[:2] == (0, 0)
 
 

@@ -26,6 +26,7 @@ from llm_queue_dispatcher import (
     Priority,
     QueueStorageAdapter,
     ReceiptHandleError,
+    StorageError,
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
@@ -404,3 +405,52 @@ async def test_payloads_come_back_equal_not_identical(clocked_storage: MakeStora
     assert message.payload is not request
     assert message.payload.payload == payload
     assert message.payload.payload is not payload
+
+
+# ----- auto-pipelining -----------------------------------------------------------------------------
+
+
+async def test_concurrent_calls_share_round_trips_and_each_gets_its_own_answer(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls made while a round trip is in flight go out together as one pipeline; every caller
+    still gets its own reply or its own error, even when the server forgot the scripts between."""
+    from llm_queue_dispatcher import DuplicateRequestError
+    from llm_queue_dispatcher.redis._connection import Batcher
+
+    sizes: list[int] = []
+    original = Batcher._pipeline
+
+    async def recording(self: Batcher, batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return await original(self, batch)
+
+    monkeypatch.setattr(Batcher, "_pipeline", recording)
+    async with RedisStorage(redis_url, fresh_name("pipelined")) as storage:
+        await storage.enqueue(LLMRequest("taken", 0))
+        await storage.redis.script_flush()  # the batch below must reload what it needs
+        requests = [LLMRequest(f"r{i}", {"i": i}) for i in range(60)] + [LLMRequest("taken", 1)]
+        outcomes = await asyncio.gather(*(storage.enqueue(r) for r in requests), return_exceptions=True)
+        assert max(sizes) > 1  # batched
+        assert isinstance(outcomes[-1], DuplicateRequestError)
+        assert [m.payload.id for m in outcomes[:-1]] == [f"r{i}" for i in range(60)]  # type: ignore[union-attr]
+        received = await storage.dequeue(100, 30.0)
+        handles = [m.attributes.receipt_handle for m in received] + ["000000000000001.1." + "0" * 32]
+        deleted = await asyncio.gather(*(storage.delete_message(h) for h in handles), return_exceptions=True)
+        assert deleted[:-1] == [None] * len(received)
+        assert isinstance(deleted[-1], ReceiptHandleError)
+        assert await storage.get_approximate_message_count() == 0
+
+
+async def test_a_failed_round_trip_fails_every_call_in_it(private_server: RedisServer) -> None:
+    async with RedisStorage(private_server.url + "?socket_timeout=0.5", "pipefail") as storage:
+        await storage.enqueue(LLMRequest("warm", 0))
+        private_server.pause()
+        try:
+            outcomes = await asyncio.gather(
+                *(storage.enqueue(LLMRequest(f"r{i}", i)) for i in range(20)), return_exceptions=True
+            )
+        finally:
+            private_server.resume()
+        assert all(isinstance(outcome, StorageError) for outcome in outcomes)
+        assert await storage.get_approximate_message_count() >= 1  # and the storage works again

@@ -73,6 +73,10 @@ async def produce(options: dict[str, Any], ledger: Ledger) -> None:
                     retried = True  # stored or not: retry; a duplicate then means it was
                     await asyncio.sleep(0.05)
                     continue
+                if retried:
+                    # The failed attempt may have been stored and even processed already, in
+                    # which case this one is a second copy: at-least-once, for the producer too.
+                    ledger.write("enq_uncertain", id=rid)
                 ledger.write("enq", id=rid)
                 break
             await asyncio.sleep(options.get("pace", 0.0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
@@ -101,6 +102,9 @@ class Connection:
 
     def __init__(self, redis_or_url: object) -> None:
         self._secrets: list[str] = []
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
         if isinstance(redis_or_url, str):
             self.description = redact_url(redis_or_url)
             self._secrets = _secrets_of(redis_or_url)
@@ -137,6 +141,14 @@ class Connection:
         detail = self.scrub(str(exc)) or type(exc).__name__
         return f"{type(exc).__name__}: {detail}"
 
+    async def run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Runs ``script`` through this event loop's `Batcher` (auto-pipelining)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = Batcher(self.client)
+        return await batcher.call(script, keys, args)
+
     async def aclose(self) -> None:
         """Closes the client if it was built here from a URL."""
         if self.owned:
@@ -156,16 +168,108 @@ class Script:
         self.source = f"{_source(prelude)}\n{_source(name)}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
+    def command(self, keys: Sequence[bytes], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
     async def run(self, client: redis.asyncio.Redis, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
         Replies are never decoded, whatever the client's ``decode_responses``."""
         execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
-        options = {NEVER_DECODE: True}
         try:
-            return await execute("EVALSHA", self.sha, len(keys), *keys, *args, **options)
+            return await execute(*self.command(keys, args), **_RAW)
         except redis.exceptions.NoScriptError:
             await execute("SCRIPT LOAD", self.source)
-            return await execute("EVALSHA", self.sha, len(keys), *keys, *args, **options)
+            return await execute(*self.command(keys, args), **_RAW)
+
+
+_RAW = {NEVER_DECODE: True}
+_Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class Batcher:
+    """Auto-pipelining for one client in one event loop.
+
+    A call made while nothing is on the wire goes out at once, alone. Calls made while a round
+    trip is in flight wait for it and then go out together, as one pipeline (``transaction=False``:
+    each script is still its own atomic step, with its own reply or error). Under concurrency
+    this replaces a send, a receive and redis-py's per-command bookkeeping per call by one per
+    batch; alone, a call pays nothing extra.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._busy = False
+        self._pending: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((script, keys, args, future))
+            return await future
+        self._busy = True
+        try:
+            return await script.run(self.client, keys, args)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        batch = [call for call in self._pending if not call[3].done()]
+        self._pending = []
+        if not batch:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._pipeline(batch)
+            missing = {
+                call[0]
+                for call, result in zip(batch, results, strict=True)
+                if isinstance(result, redis.exceptions.NoScriptError)
+            }
+            if missing:  # a restart or SCRIPT FLUSH: load each once and run those calls again
+                execute: Callable[..., Awaitable[Any]] = self.client.execute_command
+                for script in missing:
+                    await execute("SCRIPT LOAD", script.source)
+                again = [
+                    i
+                    for i, result in enumerate(results)
+                    if isinstance(result, redis.exceptions.NoScriptError)
+                ]
+                for i, result in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
+                    results[i] = result
+            for (_, _, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except BaseException as exc:  # the whole round trip failed (or was cancelled): every call did
+            for _, _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._next()
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        if len(batch) == 1:
+            script, keys, args, _ = batch[0]
+            try:
+                return [await script.run(self.client, keys, args)]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.execute_command(*script.command(keys, args), **_RAW)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
 
 @cache

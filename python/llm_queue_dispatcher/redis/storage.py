@@ -187,7 +187,7 @@ class RedisStorage(QueueStorageAdapter[T]):
     async def _run(self, name: str, *args: Any) -> Any:
         arguments = (self._time_argument(), secrets.token_hex(16), *self._settings, *args)
         try:
-            return await script("queue_common", name).run(self._connection.client, self._keys, arguments)
+            return await self._connection.run(script("queue_common", name), self._keys, arguments)
         except CLIENT_ERRORS as exc:
             self._fail(name, exc)
 

@@ -256,7 +256,7 @@ class RedisThrottle:
     async def _run(self, name: str, *args: Any) -> Any:
         arguments = (self._time_argument(), *self._settings, *args)
         try:
-            return await script("limiter_common", name).run(self._connection.client, self._keys, arguments)
+            return await self._connection.run(script("limiter_common", name), self._keys, arguments)
         except CLIENT_ERRORS as exc:
             self._fail(name, exc)
 
