@@ -334,6 +334,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             notes.append(f"BullMQ skipped: {skip}")
             print(f"BullMQ skipped: {skip}", file=sys.stderr)
     n = args.messages
+    load_before = os.getloadavg()[0]
     with redis_server(args.fsync) as port:
         serial = iter(range(1_000_000))
 
@@ -373,6 +374,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 queue = queue_name()
                 run_bullmq(modules, "fill", port, queue, n, 1)
                 row("bullmq work", processes, run_bullmq(modules, "work", port, queue, n, processes))
+    notes.append(
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+        "the machine is shared, so figures move from run to run."
+    )
     return {
         "rows": rows,
         "notes": notes,
