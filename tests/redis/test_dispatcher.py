@@ -123,3 +123,22 @@ async def test_a_local_throttle_over_redis_storage_works_too(storage: RedisStora
             await job.mark_as_processed()
     assert len(order) == 6
     assert await counts(storage) == (0, 0)
+
+
+async def test_a_permanent_failure_dead_letters_at_once(redis_url: str, limiter: RedisThrottle) -> None:
+    dead_name = fresh_name("dead")
+    async with (
+        RedisStorage(redis_url, fresh_name("permanent"), dead_letter=dead_name) as storage,
+        RedisStorage(redis_url, dead_name) as dead,
+    ):
+        request = LLMRequest("doomed", {"bad": True}, token_info=TokenInfo(700))
+        await storage.enqueue(request)
+        async with LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(buffer_size=5)) as dispatcher:
+            job = await dispatcher.dequeue(limiter)
+            assert job is not None
+            await job.mark_as_dead_lettered(ValueError("the provider refuses this request"))
+        assert (await storage.get_queue_attributes()).dead_lettered == 1
+        assert await counts(storage) == (0, 0)
+        [moved] = await dead.dequeue(1, 30.0)
+        assert moved.payload == request
+        assert (await limiter.get_metrics()).tpm.used == pytest.approx(0, abs=1)  # tokens refunded
