@@ -251,7 +251,11 @@ class Batcher:
                     future.set_result(result)
         except BaseException as exc:  # the whole round trip failed (or was cancelled): every call did
             for _, _, _, future in batch:
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
