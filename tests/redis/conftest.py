@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +18,7 @@ import pytest
 
 from llm_queue_dispatcher import ManualClock
 from llm_queue_dispatcher.redis import RedisStorage
+from tests.redis.ledger import read_ledgers
 from tests.redis.support import (
     ClockedRedisStorage,
     ClockedRedisThrottle,
@@ -21,6 +28,7 @@ from tests.redis.support import (
 )
 
 START = 1_700_000_000.0
+ROOT = Path(__file__).resolve().parents[2]
 _names = itertools.count()
 
 
@@ -97,3 +105,63 @@ async def unreachable_storage() -> AsyncIterator[RedisStorage[Any]]:
     storage: RedisStorage[Any] = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
     yield storage
     await storage.aclose()
+
+
+class Workers:
+    """Worker processes of one test, each in its own process group, all killed at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.ledgers: list[Path] = []
+        self._numbers = itertools.count()
+
+    def start(self, mode: str, **options: Any) -> subprocess.Popen[bytes]:
+        ledger = self.directory / f"{mode}-{next(self._numbers)}.jsonl"
+        self.ledgers.append(ledger)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.redis.worker",
+                mode,
+                json.dumps({**options, "ledger": str(ledger)}),
+            ],
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"worker {process.args[3]} (pid {process.pid}) still running after {timeout} s")
+        failed = [p for p in self.processes if p.returncode not in (0, -signal.SIGKILL)]
+        assert not failed, f"workers exited with errors: {[(p.args[3], p.returncode) for p in failed]}"
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_ledgers(self.ledgers)
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGCONT)
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    directory = tmp_path / "ledgers"
+    directory.mkdir()
+    pool = Workers(directory)
+    yield pool
+    pool.kill_all()

@@ -9,14 +9,9 @@ minute on two cores; they carry the ``fault`` marker and run in the default ``ma
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,72 +19,11 @@ import pytest
 
 from llm_queue_dispatcher import LLMRequest, Priority, StorageError, TokenInfo
 from llm_queue_dispatcher.redis import RedisStorage
-from tests.redis.ledger import Verdict, check, read_ledgers
+from tests.redis.conftest import Workers
+from tests.redis.ledger import Verdict, check
 from tests.redis.support import RedisServer
 
 pytestmark = pytest.mark.fault
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class Workers:
-    """Worker processes of one test, each in its own process group, all killed at teardown."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.ledgers: list[Path] = []
-        self._numbers = itertools.count()
-
-    def start(self, mode: str, **options: Any) -> subprocess.Popen[bytes]:
-        ledger = self.directory / f"{mode}-{next(self._numbers)}.jsonl"
-        self.ledgers.append(ledger)
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.redis.worker",
-                mode,
-                json.dumps({**options, "ledger": str(ledger)}),
-            ],
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for process in self.processes:
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                process.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"worker {process.args[3]} (pid {process.pid}) still running after {timeout} s")
-        failed = [p for p in self.processes if p.returncode not in (0, -signal.SIGKILL)]
-        assert not failed, f"workers exited with errors: {[(p.args[3], p.returncode) for p in failed]}"
-
-    def records(self) -> list[dict[str, Any]]:
-        return read_ledgers(self.ledgers)
-
-    def kill_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGCONT)
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait(timeout=10)
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    directory = tmp_path / "ledgers"
-    directory.mkdir()
-    pool = Workers(directory)
-    yield pool
-    pool.kill_all()
 
 
 def enqueued_ids(records: list[dict[str, Any]]) -> set[str]:

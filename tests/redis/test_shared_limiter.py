@@ -12,8 +12,8 @@ import pytest
 
 from llm_queue_dispatcher import LimiterUnavailableError
 from llm_queue_dispatcher.redis import RedisThrottle
+from tests.redis.conftest import Workers
 from tests.redis.support import RedisServer, free_port
-from tests.redis.test_faults import Workers, workers  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.fault
 
@@ -54,7 +54,7 @@ def window_violations(grants: list[dict[str, Any]], *, emptied_at: float) -> lis
 
 def test_four_processes_with_skewed_clocks_share_one_budget(
     private_server: RedisServer,
-    workers: Workers,  # noqa: F811
+    workers: Workers,
 ) -> None:
     async def empty_the_bucket() -> float:
         async with RedisThrottle(private_server.url, "gpt", rpm=RPM, tpm=TPM) as limiter:
