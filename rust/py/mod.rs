@@ -5,10 +5,13 @@ pub mod buffer;
 pub mod clock;
 pub mod dispatch;
 pub mod errors;
+pub mod fair;
 pub mod messages;
 pub mod params;
+pub mod requests;
 pub mod store;
 pub mod throttle;
+pub mod throttle_results;
 
 use pyo3::prelude::*;
 
@@ -24,6 +27,8 @@ pub mod _core {
     use super::clock::PyManualClock;
     #[pymodule_export]
     use super::dispatch::PySelection;
+    #[pymodule_export]
+    use super::fair::PyFairSelection;
     #[pymodule_export]
     use super::params::PyScoringParams;
     #[pymodule_export]

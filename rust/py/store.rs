@@ -14,185 +14,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::sync::{MutexExt, PyOnceLock};
-use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyTzInfo};
-use pyo3::{intern, PyTraverseError, PyVisit};
+use pyo3::types::{PyDict, PyList};
+use pyo3::{PyTraverseError, PyVisit};
 
-use super::dispatch::{self, Dispatched, PySelection};
-use super::messages::{
-    build_list, build_view, llm_request_class, token_info_class, utc_datetime, DateCache, MessageView,
-};
+use super::dispatch::{self, Dispatched, Outcome, PySelection};
+use super::fair::{FairDispatched, FairSettings, PyFairSelection};
+use super::messages::{build_list, build_view, utc_datetime, DateCache, MessageView};
 use super::params::PyScoringParams;
+use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
+pub(crate) use super::requests::{datetime_seconds, visibility_timeout_arg};
 use super::throttle::PyThrottle;
-use crate::errors::{CoreError, CoreResult};
-use crate::py::args::{invalid_request, is_number, text_arg, token_count};
+use crate::deadlines::DeadlineIndex;
+use crate::errors::CoreResult;
+use crate::fair::FairRuntime;
+use crate::policy::Rankings;
+use crate::policy::Snapshot;
+use crate::py::args::invalid_request;
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
-use crate::store::{
-    validate_request_id, NewMessage, ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES,
-};
+use crate::store::{ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES};
 
 /// The store as the binding holds it: `LLMRequest` payloads.
-pub(crate) type PyStore = Store<Py<PyAny>>;
-
-// ----- validating requests -------------------------------------------------------------------
-
-fn invalid_config(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidConfig(message))
-}
-
-fn repr_of(value: &Bound<'_, PyAny>) -> String {
-    value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string())
-}
-
-/// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
-fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let py = value.py();
-    let Ok(date) = value.cast::<PyDateTime>() else {
-        return Err(invalid_request(
-            py,
-            format!("{field} must be None or a datetime, got {}", repr_of(value)),
-        ));
-    };
-    let aware = if date.getattr(intern!(py, "tzinfo"))?.is_none() {
-        static REPLACE_UTC: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
-        let kwargs = REPLACE_UTC.get_or_try_init(py, || -> PyResult<Py<PyDict>> {
-            let kwargs = PyDict::new(py);
-            kwargs.set_item("tzinfo", PyTzInfo::utc(py)?)?;
-            Ok(kwargs.unbind())
-        })?;
-        date.call_method(intern!(py, "replace"), (), Some(kwargs.bind(py)))?
-    } else {
-        date.clone().into_any()
-    };
-    match aware.call_method0(intern!(py, "timestamp")).and_then(|t| t.extract::<f64>()) {
-        Ok(seconds) if seconds.is_finite() => Ok(seconds),
-        _ => Err(invalid_request(
-            py,
-            format!("{field} must be a datetime with a valid instant, got {}", repr_of(value)),
-        )),
-    }
-}
-
-/// Reads and checks the fields of an `LLMRequest` the store uses, with the messages of
-/// `LLMRequest.validate`; the request itself becomes the payload.
-fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>> {
-    let py = request.py();
-    if !request.is_instance(llm_request_class(py)?)? {
-        return Err(invalid_request(py, format!("request must be an LLMRequest, got {}", repr_of(request))));
-    }
-    let id = request.getattr(intern!(py, "id"))?;
-    let request_id: Box<str> = text_arg(&id, "id")?.into();
-    validate_request_id(&request_id, "id").map_err(|e| to_py_err(py, e))?;
-    let priority = request.getattr(intern!(py, "priority"))?;
-    if priority.is_instance_of::<PyBool>() || !priority.is_instance_of::<PyInt>() {
-        return Err(invalid_request(
-            py,
-            format!("priority must be a Priority or an int 0..3, got {}", repr_of(&priority)),
-        ));
-    }
-    let priority_value = match priority.extract::<i64>() {
-        Ok(p @ 0..=3) => p as u8,
-        _ => {
-            return Err(invalid_request(
-                py,
-                format!("priority must be within 0..3, got {}", repr_of(&priority)),
-            ))
-        }
-    };
-    let token_info = request.getattr(intern!(py, "token_info"))?;
-    if !token_info.is_instance(token_info_class(py)?)? {
-        return Err(invalid_request(
-            py,
-            format!("token_info must be a TokenInfo, got {}", repr_of(&token_info)),
-        ));
-    }
-    let tokens = token_count(&token_info.getattr(intern!(py, "estimated"))?, "token_info.estimated")?;
-    let ept = request.getattr(intern!(py, "expected_processing_time"))?;
-    let expected_processing_seconds = if ept.is_none() {
-        None
-    } else {
-        let seconds = if is_number(&ept) { ept.extract::<f64>().ok() } else { None };
-        match seconds {
-            Some(s) if s.is_finite() && s >= 0.0 => Some(s),
-            _ => {
-                return Err(invalid_request(
-                    py,
-                    format!(
-                        "expected_processing_time must be None or a finite number of seconds >= 0, got {}",
-                        repr_of(&ept)
-                    ),
-                ))
-            }
-        }
-    };
-    let tenant = request.getattr(intern!(py, "tenant"))?;
-    let tenant = if tenant.is_none() {
-        None
-    } else if tenant.is_instance_of::<PyString>() {
-        Some(text_arg(&tenant, "tenant")?.into())
-    } else {
-        return Err(invalid_request(py, format!("tenant must be None or a str, got {}", repr_of(&tenant))));
-    };
-    let deadline = request.getattr(intern!(py, "deadline"))?;
-    let deadline = if deadline.is_none() { None } else { Some(datetime_seconds(&deadline, "deadline")?) };
-    Ok(NewMessage {
-        request_id,
-        payload: request.clone().unbind(),
-        priority: priority_value,
-        tokens,
-        expected_processing_seconds,
-        tenant,
-        deadline,
-    })
-}
-
-fn seconds_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let py = value.py();
-    if is_number(value) {
-        if let Ok(v) = value.extract::<f64>() {
-            return Ok(v);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be a number of seconds, got {}", repr_of(value))))
-}
-
-fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let py = value.py();
-    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
-        if let Ok(v) = value.extract::<usize>() {
-            return Ok(v);
-        }
-        if value.gt(0)? {
-            return Ok(usize::MAX);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
-}
-
-fn handle_arg(value: &Bound<'_, PyAny>) -> PyResult<String> {
-    let py = value.py();
-    match value.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned)) {
-        Some(handle) => Ok(handle),
-        None => Err(to_py_err(
-            py,
-            CoreError::ReceiptHandle(format!("receipt handle must be a str, got {}", repr_of(value))),
-        )),
-    }
-}
-
-/// A visibility timeout within [0, 43200] seconds, else `InvalidRequestError`.
-pub(crate) fn visibility_timeout_arg(value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let py = value.py();
-    let seconds = seconds_arg(value, "visibility_timeout")
-        .ok()
-        .filter(|s| (0.0..=crate::store::MAX_VISIBILITY_TIMEOUT).contains(s));
-    seconds.ok_or_else(|| {
-        invalid_request(
-            py,
-            format!("visibility_timeout must be within [0, 43200] seconds, got {}", repr_of(value)),
-        )
-    })
-}
+pub(crate) type PyStore = Store<Py<PyAny>, Rankings>;
 
 // ----- the class -----------------------------------------------------------------------------
 
@@ -204,6 +47,8 @@ pub(crate) struct StoreState {
     pub clock: ClockSource,
     /// Where dead-lettered messages go; None drops them (they are counted either way).
     pub dead_letter: Option<Py<PyStoreCore>>,
+    /// Tenant use and reserve of a `fair_priority` dispatcher using this store.
+    pub fair: Option<FairRuntime>,
 }
 
 /// A dead-lettered message on its way to the dead-letter store, with its tenant's name.
@@ -287,10 +132,20 @@ impl PyStoreCore {
         now: f64,
         f: impl FnOnce(&mut PyStore, f64) -> CoreResult<R>,
     ) -> (CoreResult<R>, Aftermath) {
+        self.locked_state(py, now, |state, now| f(&mut state.store, now))
+    }
+
+    /// `locked` with the whole guarded state.
+    pub(crate) fn locked_state<R>(
+        &self,
+        py: Python<'_>,
+        now: f64,
+        f: impl FnOnce(&mut StoreState, f64) -> CoreResult<R>,
+    ) -> (CoreResult<R>, Aftermath) {
         let mut state = self.state.lock_py_attached(py);
         // Maintenance first, so read-only closures see expired messages released too.
         let mut dead = state.store.release_expired(now);
-        let result = f(&mut state.store, now);
+        let result = f(&mut state, now);
         dead.append(&mut state.store.take_dead_lettered());
         let dead: Vec<_> = dead
             .into_iter()
@@ -398,9 +253,10 @@ impl PyStoreCore {
         };
         let config = StoreConfig { max_receive_count, message_retention };
         let now = clock.now(py)?;
-        let store = Store::new(config, now).map_err(|e| to_py_err(py, e))?;
+        let store = Store::with_ranking(config, now, (DeadlineIndex::default(), None))
+            .map_err(|e| to_py_err(py, e))?;
         Ok(Self {
-            state: Mutex::new(StoreState { store, clock, dead_letter }),
+            state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
             config,
             last_visibility_timeout: AtomicU64::new(f64::NAN.to_bits()),
         })
@@ -591,8 +447,9 @@ impl PyStoreCore {
 
     // ----- selection (see `dispatch`) ----------------------------------------------------------
 
-    /// One dispatch step with the budget of `throttle`: `(message, total, breakdown)` or None.
-    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    /// One dispatch step with the budget of `throttle` (score policy): `(message, total,
+    /// breakdown)`, the seconds until a held winner fits, or None.
+    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold=false))]
     #[allow(clippy::too_many_arguments)]
     fn dispatch_native(
         slf: &Bound<'_, Self>,
@@ -602,18 +459,93 @@ impl PyStoreCore {
         visibility_timeout: &Bound<'_, PyAny>,
         min_score: f64,
         reserve: bool,
-    ) -> PyResult<Option<Dispatched>> {
+        hold: bool,
+    ) -> PyResult<Outcome<Dispatched>> {
         let timeout = visibility_timeout_arg(visibility_timeout)?;
+        let (py, store) = (slf.py(), slf.get());
         dispatch::dispatch_store(
-            slf.py(),
-            slf.get(),
+            py,
+            store,
             throttle.get(),
             params.get(),
             custom_fn,
             timeout,
             min_score,
             reserve,
+            hold,
         )
+    }
+
+    /// Keeps `fair_priority` lanes beside the index from now on (see `FairPriorityConfig`).
+    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens))]
+    fn configure_fair(
+        &self,
+        py: Python<'_>,
+        tenant_weights: &Bound<'_, PyDict>,
+        fairness_window: f64,
+        urgent_first: bool,
+        max_wait: [f64; 4],
+        reserve_tokens: Option<f64>,
+    ) -> PyResult<()> {
+        let settings =
+            FairSettings::read(tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens)?;
+        self.configure_fair_lanes(py, &settings);
+        Ok(())
+    }
+
+    /// One `fair_priority` dispatch step with the budget of `throttle`: `(message, facts)`, the
+    /// seconds until a held winner fits, or None.
+    #[pyo3(signature = (throttle, visibility_timeout, reserve, hold))]
+    fn dispatch_fair(
+        &self,
+        py: Python<'_>,
+        throttle: &Bound<'_, PyThrottle>,
+        visibility_timeout: &Bound<'_, PyAny>,
+        reserve: bool,
+        hold: bool,
+    ) -> PyResult<Outcome<FairDispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        self.dispatch_fair_step(py, throttle.get(), timeout, reserve, hold)
+    }
+
+    /// The `fair_priority` choice under a reported budget (any rate limiter), not yet taken.
+    fn select_fair(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        capacity: f64,
+        hold: bool,
+    ) -> PyResult<Option<PyFairSelection>> {
+        let snapshot = Snapshot { available_tokens, available_requests, capacity };
+        self.select_fair_step(py, snapshot, hold)
+    }
+
+    /// Receives a fair selection (charging its tenant): `(message, facts)`, or None if it left.
+    fn take_fair(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PyFairSelection>,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<FairDispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        self.take_fair_step(py, selection.get(), timeout)
+    }
+
+    /// Corrects the charge of a fair dispatch to `tokens` (0 takes it back).
+    fn correct_charge(&self, py: Python<'_>, tenant: u32, charge: u64, tokens: f64) {
+        self.correct_fair_charge(py, tenant, charge, tokens);
+    }
+
+    /// `{tenant: tokens used over the fairness window}` (empty without fair lanes).
+    fn fair_usage(&self, py: Python<'_>) -> PyResult<Vec<(String, f64)>> {
+        self.fair_usages(py)
+    }
+
+    /// Dead-letters every visible message whose deadline has passed; returns their ids.
+    fn drop_expired(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let ids = self.with_store(py, crate::policy::drop_expired)?;
+        Ok(ids.into_iter().map(String::from).collect())
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
