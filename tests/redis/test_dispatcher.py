@@ -142,3 +142,43 @@ async def test_a_permanent_failure_dead_letters_at_once(redis_url: str, limiter:
         [moved] = await dead.dequeue(1, 30.0)
         assert moved.payload == request
         assert (await limiter.get_metrics()).tpm.used == pytest.approx(0, abs=1)  # tokens refunded
+
+
+async def test_a_worker_over_redis_storage_and_the_shared_limiter(
+    redis_url: str, limiter: RedisThrottle
+) -> None:
+    """`Worker` with a `RedisThrottle`: every message handled once, a flaky one retried, a hopeless
+    one dead-lettered, a slow one kept leased past its visibility timeout, budget settled."""
+    from llm_queue_dispatcher import PermanentError, RetryableError, Worker
+
+    dead_name = fresh_name("worker-dead")
+    async with (
+        RedisStorage(redis_url, fresh_name("worker"), dead_letter=dead_name) as storage,
+        RedisStorage(redis_url, dead_name) as dead,
+    ):
+        await storage.batch_enqueue(
+            [LLMRequest(f"w{i}", {"i": i}, token_info=TokenInfo(100)) for i in range(12)]
+        )
+        attempts: dict[str, int] = {}
+
+        async def handle(job: Any) -> int:
+            rid = job.message.payload.id
+            attempts[rid] = attempts.get(rid, 0) + 1
+            if rid == "w3" and attempts[rid] == 1:
+                raise RetryableError("flaky", retry_after=0.0)
+            if rid == "w7":
+                raise PermanentError("hopeless")
+            if rid == "w5":
+                await asyncio.sleep(1.0)  # longer than the 0.4 s lease: the worker extends it
+            return 60
+
+        config = LLMQueueDispatcherConfig(buffer_size=4, visibility_timeout=0.4)
+        async with LLMQueueDispatcher(storage, config) as dispatcher:
+            worker = Worker(dispatcher, limiter, handle, concurrency=4, handle_signals=False)
+            stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 60)
+        assert (stats.processed, stats.dead_lettered) == (11, 1)
+        assert attempts == {**{f"w{i}": 1 for i in range(12)}, "w3": 2}  # w5 was never handed out twice
+        assert await counts(storage) == (0, 0)
+        assert [m.payload.id for m in await dead.dequeue(5, 30.0)] == ["w7"]
+        metrics = await limiter.get_metrics()
+        assert metrics.consumption_history.total_tokens == 11 * 60  # actual counts; failures refunded
