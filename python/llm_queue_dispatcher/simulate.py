@@ -63,6 +63,7 @@ __all__ = [
     "SimulationResult",
     "TraceRecord",
     "Workload",
+    "format_summary",
     "format_table",
     "run_simulation",
     "strategy_label",
@@ -867,6 +868,43 @@ def format_table(results: Sequence[SimulationResult]) -> str:
             "  ".join([name.ljust(width0), *(v.rjust(w) for v, w in zip(values, widths, strict=True))])
         )
     return "\n".join(lines)
+
+
+def format_summary(results: Sequence[SimulationResult]) -> str:
+    """One row per strategy: utilisation and the p99 waits (per priority, light and heavy
+    tenants) that tell the policies apart."""
+    header = ["strategy", "util arrivals", "util run", *(f"{p.name} p99" for p in Priority)]
+    tenants = any(r.tenant_summary() for r in results)
+    if tenants:
+        header += ["light p99", "worst light p99", "heavy p99"]
+    rows = [header]
+    for result in results:
+        waits = result.wait_percentiles()
+        row = [
+            result.strategy,
+            f"{result.arrival_utilisation:.3f}",
+            f"{result.tpm_utilisation:.3f}",
+            *(_seconds(waits[p.name]["p99"]) for p in Priority),
+        ]
+        if tenants:
+            summary = result.tenant_summary()
+            row += (
+                [
+                    _seconds(summary["light_wait_s"]["p99"]),
+                    _seconds(summary["worst_light_p99_s"]),
+                    _seconds(summary["heavy_wait_s"]["p99"]),
+                ]
+                if summary
+                else ["-", "-", "-"]
+            )
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        )
+        for row in rows
+    )
 
 
 def _seconds(value: float) -> str:

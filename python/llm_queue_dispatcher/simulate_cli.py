@@ -30,6 +30,7 @@ from .simulate import (
     SimulationResult,
     TraceRecord,
     Workload,
+    format_summary,
     format_table,
     run_simulation,
     strategy_label,
@@ -63,6 +64,10 @@ _WORKLOAD_FLAGS = {
     "heavy_share": "--heavy-share",
     "deadline": "--deadline",
 }
+
+
+# `--strategy all`: the baseline, the seed's presets and rule, then the two policies.
+_ALL = ("fifo", *(f"{name}:no-hold" for name in SCORE_STRATEGIES), "default", "fair_priority")
 
 
 class UsageError(Exception):
@@ -195,8 +200,8 @@ def register(commands: Any) -> None:
         action="append",
         metavar="NAME",
         help=(
-            f"one of {', '.join(STRATEGIES)}, optionally with ':no-hold' (the seed's rule); repeat "
-            "to compare (default: default, fair_priority, fifo)"
+            f"one of {', '.join(STRATEGIES)}, optionally with ':no-hold' (the seed's rule), or 'all' "
+            f"({', '.join(_ALL)}); repeat to compare (default: default, fair_priority, fifo)"
         ),
     )
     strategies.add_argument(
@@ -209,6 +214,9 @@ def register(commands: Any) -> None:
     )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument(
+        "--summary", action="store_true", help="one row per strategy: utilisation and p99 waits only"
+    )
     output.add_argument(
         "--plot", metavar="FILE.png", help="draw wait distributions and queue depth (extra [plot])"
     )
@@ -355,7 +363,10 @@ def _scenario(args: argparse.Namespace) -> Scenario:
 def _strategies(args: argparse.Namespace) -> list[tuple[str, bool]]:
     """(name, hold_budget) per requested strategy."""
     out = []
+    names: list[str] = []
     for text in args.strategy or ["default", "fair_priority", "fifo"]:
+        names += list(_ALL) if text == "all" else [text]
+    for text in names:
         name, _, suffix = text.partition(":")
         if name not in STRATEGIES or suffix not in ("", "no-hold"):
             raise UsageError(
@@ -555,4 +566,4 @@ def _report(args: argparse.Namespace, scenario: Scenario, results: list[Simulati
         print(json.dumps([result.to_dict() for result in results], indent=2))
     else:
         print(scenario.description + "\n")
-        print(format_table(results))
+        print(format_summary(results) if args.summary else format_table(results))
