@@ -247,7 +247,8 @@ class Scenario:
 
 def _workload(
     args: argparse.Namespace, preset_workload: Workload, preset_load: float | None, tpm: float
-) -> Workload:
+) -> tuple[Workload, float | None]:
+    """The workload the flags ask for, and the load it was built for (None: a rate or a burst)."""
     given = {name: getattr(args, name) for name in _WORKLOAD_FLAGS if getattr(args, name) is not None}
     if "load" in given and "arrival_rate" in given:
         raise UsageError("give --load or --arrival-rate, not both")
@@ -278,16 +279,19 @@ def _workload(
         raise UsageError(str(error)) from None
     load = given.get("load", None if "arrival_rate" in given else preset_load)
     if load is not None and workload.arrival == "poisson":
-        workload = workload.with_load(load, tpm)
-    return workload
+        return workload.with_load(load, tpm), load
+    return workload, None
 
 
-def _describe_workload(workload: Workload, records: Sequence[TraceRecord], tpm: float) -> str:
+def _describe_workload(
+    workload: Workload, load: float | None, records: Sequence[TraceRecord], tpm: float
+) -> str:
     if workload.arrival == "burst":
         shape = f"{len(records):,} requests at t = 0"
     else:
         period = records[-1].arrival if records else 0.0
-        shape = f"{len(records):,} requests over {period:,.0f} s (Poisson, {workload.arrival_rate:.2f}/s)"
+        rate = f"{workload.arrival_rate:.2f}/s" + (f" for a load of {load:g}x" if load is not None else "")
+        shape = f"{len(records):,} requests over {period:,.0f} s (Poisson, {rate})"
     parts = [shape, _offered(records, tpm)]
     if workload.tenants > 1:
         if workload.heavy_share is None:
@@ -308,7 +312,7 @@ def _offered(records: Sequence[TraceRecord], tpm: float) -> str:
     if len(records) < 2 or records[-1].arrival <= 0:
         return ""
     estimated = sum(record.estimated_tokens for record in records)
-    return f"offered load {estimated / records[-1].arrival * 60.0 / tpm:.2f}x the TPM limit"
+    return f"offered {estimated / records[-1].arrival * 60.0 / tpm:.2f}x the TPM limit in estimates"
 
 
 def _scenario(args: argparse.Namespace) -> Scenario:
@@ -341,13 +345,13 @@ def _scenario(args: argparse.Namespace) -> Scenario:
             if part
         )
     else:
-        workload = _workload(
+        workload, load = _workload(
             args, preset.workload if preset else Workload(), preset.load if preset else None, tpm
         )
         records = workload.generate()
         if not records:
             raise UsageError("the workload has no requests (raise --duration or --arrival-rate)")
-        description = _describe_workload(workload, records, tpm)
+        description = _describe_workload(workload, load, records, tpm)
     head = f"{args.preset} preset: " if preset and not args.trace else ""
     description = (
         f"{head}{description}; rpm {rpm:g}, tpm {tpm:g}, concurrency {provider.concurrency}, latency "
