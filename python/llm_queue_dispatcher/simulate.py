@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, NamedTuple
 
-from ._core import LLMThrottle, ManualClock
+from ._core import DEFAULT_MESSAGE_RETENTION, LLMThrottle, ManualClock
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .factories import (
@@ -77,7 +77,7 @@ SCORE_STRATEGIES = ("default", "simple_priority", "throughput", "fair")
 STRATEGIES = (*SCORE_STRATEGIES, "fair_priority", "fifo")
 
 #: `InMemoryStorage`'s default message retention (4 days), which the simulation keeps.
-DEFAULT_RETENTION = 345_600.0
+DEFAULT_RETENTION: float = DEFAULT_MESSAGE_RETENTION
 
 # Deliveries before a failing request is dead-lettered.
 _MAX_RECEIVES = 5
