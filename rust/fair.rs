@@ -147,8 +147,12 @@ pub struct FairRuntime {
     pub ledger: UsageLedger,
     /// The reserve a backlogged tenant may not take; None: automatic (see `reserve`).
     pub reserve_tokens: Option<f64>,
-    recent: VecDeque<u64>,
-    recent_sum: u128,
+    /// The last estimates dispatched, oldest first, with their sequence numbers.
+    recent: VecDeque<(u64, u64)>,
+    /// The sliding maximum of `recent`: decreasing estimates, each the largest from its
+    /// position on (a monotonic queue: O(1) amortized per dispatch).
+    maxima: VecDeque<(u64, u64)>,
+    dispatched: u64,
 }
 
 /// Estimates the automatic reserve is sized from.
@@ -161,31 +165,39 @@ impl FairRuntime {
             ledger: UsageLedger::new(config.fairness_window),
             reserve_tokens,
             recent: VecDeque::new(),
-            recent_sum: 0,
+            maxima: VecDeque::new(),
+            dispatched: 0,
         }
     }
 
-    /// The reserve for a bucket of `capacity` tokens. Automatic: twice the mean estimate of
-    /// the last 256 dispatched requests — enough for a typical lone request to go at once —
-    /// at most a tenth of the capacity; 1 % of the capacity before the first dispatch.
+    /// The reserve for a bucket of `capacity` tokens. Automatic: the largest estimate among
+    /// the last 256 dispatched requests — so that any typical request, arriving alone or
+    /// URGENT, finds its tokens at once — at most a tenth of the capacity; 1 % of the capacity
+    /// before the first dispatch.
     pub fn reserve(&self, capacity: f64) -> f64 {
         if let Some(reserve) = self.reserve_tokens {
             return reserve;
         }
-        if self.recent.is_empty() {
-            return 0.01 * capacity;
+        match self.maxima.front() {
+            None => 0.01 * capacity,
+            Some(&(largest, _)) => (largest as f64).min(0.1 * capacity),
         }
-        let mean = self.recent_sum as f64 / self.recent.len() as f64;
-        (2.0 * mean).min(0.1 * capacity)
     }
 
     /// Charges a dispatch of `tokens` to `tenant`; returns the charge's id.
     pub fn charge(&mut self, tenant: u32, now: f64, tokens: u64) -> u64 {
-        self.recent.push_back(tokens);
-        self.recent_sum += u128::from(tokens);
+        let seq = self.dispatched;
+        self.dispatched += 1;
+        self.recent.push_back((tokens, seq));
+        while self.maxima.back().is_some_and(|&(largest, _)| largest <= tokens) {
+            self.maxima.pop_back();
+        }
+        self.maxima.push_back((tokens, seq));
         if self.recent.len() > RECENT_ESTIMATES {
-            if let Some(old) = self.recent.pop_front() {
-                self.recent_sum -= u128::from(old);
+            if let Some((_, old)) = self.recent.pop_front() {
+                if self.maxima.front().is_some_and(|&(_, front)| front == old) {
+                    self.maxima.pop_front();
+                }
             }
         }
         self.ledger.charge(tenant, now, tokens as f64)

@@ -190,3 +190,21 @@ fn aging_moves_a_message_once_at_its_instant() {
     lanes.remove(0, &entry(0, &old_low));
     assert_eq!(pick(&mut lanes, 901.0), Some(1));
 }
+
+#[test]
+fn automatic_reserve_is_the_largest_recent_estimate_capped() {
+    let config = FairConfig::default();
+    let mut runtime = FairRuntime::new(&config, None);
+    assert!((runtime.reserve(100_000.0) - 1_000.0).abs() < 1e-9);
+    runtime.charge(0, 0.0, 3_000);
+    runtime.charge(0, 0.0, 500);
+    assert!((runtime.reserve(100_000.0) - 3_000.0).abs() < 1e-9);
+    assert!((runtime.reserve(20_000.0) - 2_000.0).abs() < 1e-9); // at most a tenth
+    // The 3,000 leaves the window after 256 more dispatches.
+    for _ in 0..256 {
+        runtime.charge(0, 0.0, 700);
+    }
+    assert!((runtime.reserve(100_000.0) - 700.0).abs() < 1e-9);
+    let fixed = FairRuntime::new(&config, Some(42.0));
+    assert!((fixed.reserve(100_000.0) - 42.0).abs() < 1e-9);
+}
