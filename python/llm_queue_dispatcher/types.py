@@ -58,13 +58,26 @@ def _check_text(value: str, field_name: str) -> None:
         ) from None
 
 
+# Python's str.isspace() also counts the four information separators U+001C..U+001F, which are
+# not Unicode White_Space; the core's rule (Rust's `str::trim`) strips exactly White_Space. One
+# rule at every door: the core's.
+_NOT_WHITE_SPACE = frozenset("\x1c\x1d\x1e\x1f")
+
+
+def _only_white_space(value: str) -> bool:
+    """Whether ``value`` is empty or consists of Unicode White_Space characters only."""
+    # White_Space is str.isspace() less the separators: all isspace and none a separator.
+    return not value.strip() and _NOT_WHITE_SPACE.isdisjoint(value)
+
+
 def validate_request_id(value: object, field_name: str = "id") -> str:
     """The one request id rule of the package (store, limiter and dispatcher alike): a str of
-    valid Unicode that is not empty and not only whitespace. Raises `InvalidRequestError`."""
+    valid Unicode that is not empty and not only (Unicode White_Space) whitespace. Raises
+    `InvalidRequestError`."""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{field_name} must be a str, got {value!r}")
     _check_text(value, field_name)
-    if not value.strip():
+    if _only_white_space(value):
         raise InvalidRequestError(
             f"{field_name} must be a non-empty str that is not only whitespace, got {value!r}"
         )
