@@ -93,6 +93,18 @@ def _validate_priority(value: object) -> Priority:
         raise InvalidRequestError(f"priority must be within 0..3, got {value!r}") from None
 
 
+def _finite_seconds(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool) of finite seconds >= 0. An int too
+    large for a float is not finite (``math.isfinite`` would raise `OverflowError` on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(seconds) and seconds >= 0
+
+
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -109,6 +121,10 @@ class TokenInfo:
         object.__setattr__(self, "estimated", validate_token_count(self.estimated, "token_info.estimated"))
         if self.actual is not None:
             object.__setattr__(self, "actual", validate_token_count(self.actual, "token_info.actual"))
+        if self.model is not None:
+            if not isinstance(self.model, str):
+                raise InvalidRequestError(f"token_info.model must be None or a str, got {self.model!r}")
+            _check_text(self.model, "token_info.model")
 
 
 @dataclass
@@ -137,9 +153,7 @@ class LLMRequest(Generic[T]):
         # TokenInfo is frozen but a caller may have bypassed __init__; check the count again.
         validate_token_count(self.token_info.estimated, "token_info.estimated")
         ept = self.expected_processing_time
-        if ept is not None and (
-            isinstance(ept, bool) or not isinstance(ept, (int, float)) or not math.isfinite(ept) or ept < 0
-        ):
+        if ept is not None and not _finite_seconds(ept):
             raise InvalidRequestError(
                 f"expected_processing_time must be None or a finite number of seconds >= 0, got {ept!r}"
             )

@@ -234,13 +234,13 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         return self._message(self._insert(request, now))
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
-        check_batch(requests)
+        batch = check_batch(requests)
         now = self._clock()
         self._maintain(now)
-        for request in requests:
+        for request in batch:
             if self._holds(request.id):
                 raise DuplicateRequestError(f"id {request.id!r} is already in the queue and not yet deleted")
-        return [self._message(self._insert(request, now)) for request in requests]
+        return [self._message(self._insert(request, now)) for request in batch]
 
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
         limit = _count(limit, "limit")
