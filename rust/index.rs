@@ -60,6 +60,22 @@ impl Ranking for () {
     fn clear(&mut self) {}
 }
 
+/// Two rankings side by side.
+impl<A: Ranking, B: Ranking> Ranking for (A, B) {
+    fn insert(&mut self, slot: u32, entry: &IndexEntry) {
+        self.0.insert(slot, entry);
+        self.1.insert(slot, entry);
+    }
+    fn remove(&mut self, slot: u32, entry: &IndexEntry) {
+        self.0.remove(slot, entry);
+        self.1.remove(slot, entry);
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+        self.1.clear();
+    }
+}
+
 /// A ranking kept only while it is wanted.
 impl<R: Ranking> Ranking for Option<R> {
     fn insert(&mut self, slot: u32, entry: &IndexEntry) {

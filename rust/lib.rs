@@ -6,8 +6,11 @@
 
 pub mod cells;
 pub mod clock;
+pub mod deadlines;
 pub mod errors;
+pub mod fair;
 pub mod index;
+pub mod policy;
 pub mod py;
 pub mod scoring;
 pub mod select;

@@ -157,6 +157,8 @@ async def run_scenario(scenario: Scenario) -> None:
     config = LLMQueueDispatcherConfig(
         clock=clock,
         min_score_threshold=0.0,
+        # The seed's rule (best among those admitted now) is what this reference computes.
+        hold_budget=False,
         # Large enough that the search can always stop on its exact rule.
         max_candidates_to_evaluate=len(scenario.messages) + 1,
         scoring=ScoringConfig(weights=weights, custom_scorers=custom_scorers),
@@ -297,6 +299,7 @@ def test_custom_calls_never_exceed_max_candidates(
         config = LLMQueueDispatcherConfig(
             clock=clock,
             min_score_threshold=0.0,
+            hold_budget=False,
             max_candidates_to_evaluate=cap,
             scoring=ScoringConfig(
                 custom_scorers=[CustomScorer(f"c{i}", 1.0, scorer) for i, scorer in enumerate(scorers)]

@@ -89,7 +89,9 @@ async def test_handed_out_message_can_be_marked_in_the_store() -> None:
 def test_selection_over_the_buffer_is_exact(messages: list[tuple[Priority, int, float]], tpm: float) -> None:
     async def scenario() -> None:
         clock = ManualClock(1_000_000.0)
-        adapter, dispatcher = make(clock, buffer_size=len(messages), min_score_threshold=0.0)
+        adapter, dispatcher = make(
+            clock, buffer_size=len(messages), min_score_threshold=0.0, hold_budget=False
+        )
         for index, (priority, tokens, advance) in enumerate(messages):
             clock.advance(advance)
             await dispatcher.enqueue(request(f"m{index}", priority, tokens))

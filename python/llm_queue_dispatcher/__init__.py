@@ -1,7 +1,7 @@
 """llm-queue-dispatcher: exact, rate-limit-aware scheduling of LLM API requests, with a Rust core."""
 
 from ._core import ManualClock, __version__
-from .config import LLMQueueDispatcherConfig
+from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     DuplicateRequestError,
@@ -20,6 +20,7 @@ from .errors import (
 )
 from .factories import (
     create_fair_llm_queue_dispatcher,
+    create_fair_priority_queue,
     create_fair_queue,
     create_in_memory_llm_queue_dispatcher,
     create_in_memory_queue,
@@ -61,6 +62,7 @@ from .throttle import (
     create_llm_throttle,
 )
 from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo
+from .worker import Worker, WorkerStats
 
 __all__ = [
     "FACTOR_NAMES",
@@ -72,6 +74,7 @@ __all__ = [
     "ConsumptionStatistics",
     "CustomScorer",
     "DuplicateRequestError",
+    "FairPriorityConfig",
     "InFlightDetail",
     "InMemoryStorage",
     "InvalidConfigError",
@@ -116,8 +119,11 @@ __all__ = [
     "TokenInfo",
     "UnknownRequestError",
     "WaitTimePercentiles",
+    "Worker",
+    "WorkerStats",
     "__version__",
     "create_fair_llm_queue_dispatcher",
+    "create_fair_priority_queue",
     "create_fair_queue",
     "create_in_memory_llm_queue_dispatcher",
     "create_in_memory_queue",

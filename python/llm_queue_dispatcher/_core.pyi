@@ -14,6 +14,7 @@ __all__ = [
     "CompensationMetrics",
     "ConsumptionRecord",
     "ConsumptionStatistics",
+    "FairSelection",
     "LLMThrottle",
     "ManualClock",
     "MemoryMetrics",
@@ -313,9 +314,39 @@ class StoreCore:
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        hold: bool = False,
+    ) -> tuple[QueueMessage[Any], float, list[float]] | float | None:
         """One dispatch step: the best admissible message, its budget reserved on ``throttle``
-        (when ``reserve``) and received; ``(message, total, weighted parts)``, or None."""
+        (when ``reserve``) and received; ``(message, total, weighted parts)``; with ``hold``,
+        the seconds until a winner that does not fit yet will; or None."""
+    def configure_fair(
+        self,
+        tenant_weights: dict[str, float],
+        fairness_window: float,
+        urgent_first: bool,
+        max_wait: list[float],
+        reserve_tokens: float | None,
+    ) -> None:
+        """Ranks by the ``fair_priority`` policy from now on."""
+    def dispatch_fair(
+        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
+    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
+        """One fair dispatch step: ``(message, facts)``, the seconds until a held winner fits, or
+        None."""
+    def select_fair(
+        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
+    ) -> FairSelection | None:
+        """The fair choice under a reported budget (other rate limiters), not taken."""
+    def take_fair(
+        self, selection: FairSelection, visibility_timeout: float
+    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | None:
+        """Takes a fair selection (charging its tenant), or None if it left."""
+    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
+        """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+    def fair_usage(self) -> list[tuple[str, float]]:
+        """Each tenant's token use over the fairness window."""
+    def drop_expired(self) -> list[str]:
+        """Dead-letters every visible message whose deadline has passed; their ids."""
     def select(
         self,
         available_tokens: float,
@@ -371,6 +402,21 @@ class Selection:
     def breakdown(self) -> list[float]: ...
 
 @final
+class FairSelection:
+    """A ``fair_priority`` choice not yet taken (the path for other rate limiters)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def margin(self) -> float:
+        """Tokens it must leave in the bucket (the reserve of a backlogged tenant)."""
+    @property
+    def fits(self) -> bool:
+        """Whether the reported budget admits it now."""
+
+@final
 class CandidateBuffer:
     """The prefetch buffer of a dispatcher over an external store: leased messages, selected
     from exactly (every buffered message is scored)."""
@@ -393,8 +439,37 @@ class CandidateBuffer:
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
+        hold: bool = False,
+    ) -> tuple[QueueMessage[Any], float, list[float]] | float | None:
         """One dispatch step over the buffer with the budget of ``throttle``."""
+    def configure_fair(
+        self,
+        tenant_weights: dict[str, float],
+        fairness_window: float,
+        urgent_first: bool,
+        max_wait: list[float],
+        reserve_tokens: float | None,
+    ) -> None:
+        """Ranks by the ``fair_priority`` policy from now on."""
+    def dispatch_fair(
+        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
+    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
+        """One fair dispatch step: ``(message, facts)``, the seconds until a held winner fits, or
+        None."""
+    def select_fair(
+        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
+    ) -> FairSelection | None:
+        """The fair choice under a reported budget (other rate limiters), not taken."""
+    def take_fair(
+        self, selection: FairSelection, visibility_timeout: float
+    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | None:
+        """Takes a fair selection (charging its tenant), or None if it left."""
+    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
+        """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+    def fair_usage(self) -> list[tuple[str, float]]:
+        """Each tenant's token use over the fairness window."""
+    def take_expired(self) -> list[QueueMessage[Any]]:
+        """Removes and returns buffered messages whose deadline has passed (still leased)."""
     def select(
         self,
         available_tokens: float,

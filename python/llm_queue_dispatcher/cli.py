@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._core import LLMThrottle, ManualClock, __version__
+from .batch import register as _register_batch
+from .demo import register as _register_demo
 
 __all__ = ["main"]
 
@@ -137,7 +139,12 @@ def _register_simulate(commands: Any) -> None:
 #: Each subcommand registers itself here: ``register(commands)`` adds its parser and sets
 #: ``run`` to a function of the parsed arguments returning the exit status. A command whose
 #: module needs an optional dependency imports it inside ``run``, so ``llmqd --help`` needs none.
-_COMMANDS: tuple[Callable[[Any], None], ...] = (_register_throttle_demo, _register_simulate)
+_COMMANDS: tuple[Callable[[Any], None], ...] = (
+    _register_throttle_demo,
+    _register_simulate,
+    _register_batch,
+    _register_demo,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

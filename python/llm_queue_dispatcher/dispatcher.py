@@ -18,10 +18,10 @@ import math
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ._core import LLMThrottle, ScoringParams
-from .config import LLMQueueDispatcherConfig
+from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError
 from .limiters import call_limiter, release_reservation
 from .metrics import (
@@ -32,10 +32,11 @@ from .metrics import (
     QueueMetrics,
     QueueMetricsReport,
     TenantMetrics,
+    WaitTimePercentiles,
 )
 from .processable import ProcessableMessage
 from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
-from .sources import Dispatched, InMemorySource, MessageSource, PrefetchSource
+from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .types import LLMRequest, Priority, QueueMessage
 
@@ -52,6 +53,16 @@ _CUSTOM_RECHECK = 1.0
 # Longest single sleep while waiting with nothing scheduled to change: a guard against a clock
 # that differs from the event loop's (a wall clock stepped back), never a polling interval.
 _MAX_SLEEP = 3600.0
+
+
+class _Picked(NamedTuple):
+    """A message a dispatch step chose and took, with what explains the choice."""
+
+    message: QueueMessage[Any]
+    score: MessageScore
+    reason: str | None
+    #: `(tenant id, charge id)` of a fair_priority dispatch, to correct at the mark.
+    charge: tuple[int, int] | None
 
 
 class _Wakeup:
@@ -151,8 +162,11 @@ class LLMQueueDispatcher(Generic[T]):
                 prefetch_interval=self.config.prefetch_interval,
                 logger=self._logger,
             )
+        self._fair = self.config.fair_priority or FairPriorityConfig()
+        if self.config.policy == "fair_priority":
+            self._source.configure_fair(self._fair)
         self._clock = self.config.clock
-        self._metrics = MetricsRecorder(self.config.metrics_retention)
+        self._metrics = MetricsRecorder(self.config.metrics_retention, self._fair.fairness_window)
         # Keyed by delivery (the object itself): a redelivered message is a second entry, and a
         # stale mark of the first delivery never removes the live one.
         self._in_flight: dict[ProcessableMessage[T], None] = {}
@@ -161,6 +175,8 @@ class LLMQueueDispatcher(Generic[T]):
         self._generation = 0
         self._closed = False
         self._reported_unfittable: set[str] = set()
+        # (change version, clock instant) a dequeue that found nothing could next succeed at.
+        self._ready: tuple[int, float] | None = None
         # Token capacity of the limiter last seen, for the unfittable count of the metrics.
         self._last_capacity: float | None = None
 
@@ -205,53 +221,139 @@ class LLMQueueDispatcher(Generic[T]):
 
         return evaluate
 
-    async def _pick(self, limiter: Any) -> Dispatched | None:
-        """One selection with the budget reserved: the native step for an `LLMThrottle`, else
+    async def _pick(self, limiter: Any) -> _Picked | float | None:
+        """One selection with the budget reserved: the chosen message, the seconds until a held
+        winner fits, or None. With an `LLMThrottle` one native step; with any other limiter,
         select, reserve and take, giving the reservation back on every path that does not hand
         the message out."""
+        if self.config.policy == "fair_priority":
+            return await self._pick_fair(limiter)
         config = self.config
-        reserve = config.reserve_budget
+        reserve, hold = config.reserve_budget, config.hold_budget
         if type(limiter) is LLMThrottle:
             custom_fn = self._custom_fn(limiter.get_metrics()) if self._custom_scorers else None
-            return self._source.dispatch_native(
+            outcome = self._source.dispatch_native(
                 limiter,
                 self._scoring_params,
                 custom_fn,
                 config.visibility_timeout,
                 config.min_score_threshold,
                 reserve,
+                hold,
             )
+            if outcome is None or isinstance(outcome, float):
+                return outcome
+            return self._scored(*outcome)
         metrics = await call_limiter(limiter, "get_metrics")
         custom_fn = self._custom_fn(metrics) if self._custom_scorers else None
+        # Holding the budget ranks every message that fits the capacity, against the capacity.
+        budget = float(metrics.tpm.limit) if hold else float(metrics.tpm.available)
+        requests = float(metrics.rpm.limit) if hold else float(metrics.rpm.available)
         selection = self._source.select(
-            float(metrics.tpm.available),
-            float(metrics.rpm.available),
-            self._scoring_params,
-            custom_fn,
-            config.min_score_threshold,
+            budget, requests, self._scoring_params, custom_fn, config.min_score_threshold
         )
         if selection is None:
             return None
-        if reserve and not await call_limiter(limiter, "consume", selection.request_id, selection.tokens):
-            return None
+        if hold or reserve:
+            granted = await call_limiter(limiter, "consume", selection.request_id, selection.tokens)
+            if not granted:
+                return await self._held_for(limiter, selection.tokens) if hold else None
+            if not reserve:
+                # Only checking, not reserving: give the check's grant back at once.
+                await asyncio.shield(release_reservation(limiter, selection.request_id))
         try:
             picked = self._source.take(selection, config.visibility_timeout)
         except BaseException:
             if reserve:
                 await asyncio.shield(release_reservation(limiter, selection.request_id))
             raise
-        if picked is None and reserve:
-            # The winner left between selection and take (another task): give the budget back.
-            await asyncio.shield(release_reservation(limiter, selection.request_id))
-        return picked
+        if picked is None:
+            if reserve:
+                # The winner left between selection and take (another task): give the budget back.
+                await asyncio.shield(release_reservation(limiter, selection.request_id))
+            return None
+        return self._scored(*picked)
 
-    async def _hand_out(self, limiter: Any, picked: Dispatched, started: float) -> ProcessableMessage[T]:
-        message, total, breakdown = picked
+    async def _pick_fair(self, limiter: Any) -> _Picked | float | None:
+        config = self.config
+        reserve, hold = config.reserve_budget, config.hold_budget
+        if type(limiter) is LLMThrottle:
+            outcome = self._source.dispatch_fair(limiter, config.visibility_timeout, reserve, hold)
+            if outcome is None or isinstance(outcome, float):
+                return outcome
+            return self._fairly(outcome)
+        metrics = await call_limiter(limiter, "get_metrics")
+        selection = self._source.select_fair(
+            float(metrics.tpm.available), float(metrics.rpm.available), float(metrics.tpm.limit), hold
+        )
+        if selection is None:
+            return None
+        needed = selection.tokens + math.ceil(selection.margin)
+        if not selection.fits:
+            return await self._held_for(limiter, needed) if hold else None
+        if reserve and not await call_limiter(limiter, "consume", selection.request_id, selection.tokens):
+            return await self._held_for(limiter, needed) if hold else None
+        try:
+            picked = self._source.take_fair(selection, config.visibility_timeout)
+        except BaseException:
+            if reserve:
+                await asyncio.shield(release_reservation(limiter, selection.request_id))
+            raise
+        if picked is None:
+            if reserve:
+                await asyncio.shield(release_reservation(limiter, selection.request_id))
+            return None
+        return self._fairly(picked)
+
+    @staticmethod
+    async def _held_for(limiter: Any, tokens: int) -> float | None:
+        """Seconds until a held winner of ``tokens`` fits (None when it never will)."""
+        check = await call_limiter(limiter, "can_process", tokens)
+        wait = float(check.available_in)
+        return wait if math.isfinite(wait) else None
+
+    def _scored(self, message: QueueMessage[T], total: float, breakdown: list[float]) -> _Picked:
+        score = MessageScore.of(total, dict(zip(self._breakdown_names, breakdown, strict=True)))
+        return _Picked(message, score, None, None)
+
+    def _fairly(self, picked: FairDispatched) -> _Picked:
+        message, (urgent, tenant, used, rank, of, effective, tenant_id, charge) = picked
+        request = message.payload
+        waited = max(0.0, self._now() - message.attributes.enqueued_at.timestamp())
+        who = f"tenant {tenant!r}" if tenant else "the default tenant"
+        if urgent:
+            reason = f"fair_priority: URGENT first ({who}), waited {waited:.1f} s"
+        else:
+            priority = Priority(effective).name
+            aged = f" (aged from {request.priority.name})" if effective < request.priority else ""
+            reason = (
+                f"fair_priority: {who} used {used:,.0f} tokens in the last {self._fair.fairness_window:g} s "
+                f"(rank {rank} of {of}); {priority}{aged}; waited {waited:.1f} s"
+            )
+        breakdown = {
+            "urgent_first": float(urgent),
+            "tenant_rank": float(rank),
+            "tenant_tokens": float(used),
+            "effective_priority": float(effective),
+        }
+        return _Picked(message, MessageScore.of(0.0, breakdown), reason, (tenant_id, charge))
+
+    async def _hand_out(self, limiter: Any, picked: _Picked, started: float) -> ProcessableMessage[T]:
+        message = picked.message
         reserve = self.config.reserve_budget
         try:
-            score = MessageScore.of(total, dict(zip(self._breakdown_names, breakdown, strict=True)))
             now = self._now()
-            processable = ProcessableMessage(self, message, score, limiter, reserve, now, self._generation)
+            processable = ProcessableMessage(
+                self,
+                message,
+                picked.score,
+                limiter,
+                reserve,
+                now,
+                self._generation,
+                picked.reason,
+                picked.charge,
+            )
             request = message.payload
             wait = now - message.attributes.enqueued_at.timestamp()
             self._metrics.record_dispatch(
@@ -259,39 +361,55 @@ class LLMQueueDispatcher(Generic[T]):
             )
         except BaseException:
             # Nobody will own it: back where it came from, and its budget with it.
-            await asyncio.shield(self._give_back(limiter, message))
+            await asyncio.shield(self._give_back(limiter, message, picked.charge))
             raise
         self._in_flight[processable] = None
         return processable
 
-    async def _give_back(self, limiter: Any, message: QueueMessage[T]) -> None:
+    async def _give_back(
+        self, limiter: Any, message: QueueMessage[T], charge: tuple[int, int] | None = None
+    ) -> None:
         await self._source.hand_back(message)
+        if charge is not None:
+            self._source.correct_charge(charge[0], charge[1], 0.0)
         if self.config.reserve_budget:
             await release_reservation(limiter, message.payload.id)
 
-    async def _try_dequeue(self, limiter: Any) -> ProcessableMessage[T] | None:
+    async def _try_dequeue(self, limiter: Any) -> ProcessableMessage[T] | float | None:
+        """A handed-out message, the seconds until a held winner fits, or None."""
         while True:
             await self._source.prepare()
+            if self.config.drop_expired:
+                await self._drop_expired()
             started = time.perf_counter()
             picked = await self._pick(limiter)
-            if picked is None:
-                return None
+            if picked is None or isinstance(picked, float):
+                return picked
             processable = await self._hand_out(limiter, picked, started)
             try:
                 confirmed = await self._source.confirm(processable.message, self.config.visibility_timeout)
             except BaseException:
                 # Cancelled or failed while renewing the lease: the source kept the message;
                 # the budget goes back and the delivery is forgotten.
-                self._forget(processable)
-                if self.config.reserve_budget:
-                    await asyncio.shield(release_reservation(limiter, processable.message.payload.id))
+                await asyncio.shield(self._revoke(limiter, processable))
                 raise
             if confirmed:
                 return processable
             # Another consumer holds it now: never hand out a message twice.
-            self._forget(processable)
-            if self.config.reserve_budget:
-                await asyncio.shield(release_reservation(limiter, processable.message.payload.id))
+            await asyncio.shield(self._revoke(limiter, processable))
+
+    async def _revoke(self, limiter: Any, processable: ProcessableMessage[T]) -> None:
+        """Takes back a delivery that was never handed out: its budget, its charge."""
+        self._forget(processable)
+        if processable._charge is not None:
+            self._source.correct_charge(processable._charge[0], processable._charge[1], 0.0)
+        if self.config.reserve_budget:
+            await release_reservation(limiter, processable.message.payload.id)
+
+    async def _drop_expired(self) -> None:
+        for request_id in await self._source.drop_expired():
+            self._metrics.expired_deadlines += 1
+            self._logger.warning("request %r removed unsent: its deadline has passed", request_id)
 
     def _forget(self, processable: ProcessableMessage[T]) -> None:
         processable._settled = True
@@ -326,22 +444,50 @@ class LLMQueueDispatcher(Generic[T]):
             self._source.start_prefetching()
         if timeout is None:
             # Returns at once; with the in-memory store this never suspends.
+            seen = self._wakeup.version
             found = await self._try_dequeue(rate_limiter)
-            if found is None:
-                self._report_unfittable(await self._token_capacity(rate_limiter))
-            return found
+            if isinstance(found, ProcessableMessage):
+                return found
+            await self._nothing_found(rate_limiter, found, seen)
+            return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             seen = self._wakeup.version
-            processable = await self._try_dequeue(rate_limiter)
-            if processable is not None:
-                return processable
-            self._report_unfittable(await self._token_capacity(rate_limiter))
+            found = await self._try_dequeue(rate_limiter)
+            if isinstance(found, ProcessableMessage):
+                return found
+            until = await self._nothing_found(rate_limiter, found, seen)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
-            await self._wakeup.wait(seen, min(remaining, await self._time_until_change(rate_limiter)))
+            await self._wakeup.wait(seen, min(remaining, until))
+
+    async def _nothing_found(self, limiter: Any, held: float | None, seen: int) -> float:
+        """After a selection that handed nothing out: reports unfittable requests and works out
+        (and remembers, for `time_until_ready`) how long until a dequeue could succeed."""
+        self._report_unfittable(await self._token_capacity(limiter))
+        if held is not None:
+            # Held for a winner: until it fits, or a visibility change brings another.
+            until = held
+            expiry = self._source.next_visibility_change()
+            if expiry is not None:
+                until = min(until, max(0.0, expiry - self._now()))
+        else:
+            until = await self._time_until_change(limiter)
+        self._ready = (seen, self._now() + until)
+        return until
+
+    def time_until_ready(self) -> float:
+        """Seconds of the dispatcher's clock until a `dequeue` could hand something out, as the
+        last `dequeue` that found nothing worked it out: until a held winner fits, a message
+        becomes visible, or the smallest waiting one fits the budget. 0 when anything changed
+        since (an enqueue, a mark) or no dequeue has come up empty yet; ``inf`` when only an
+        enqueue or a mark can help. What a loop on a virtual clock (a simulation) advances by.
+        """
+        if self._ready is None or self._ready[0] != self._wakeup.version:
+            return 0.0
+        return max(0.0, self._ready[1] - self._now())
 
     async def _time_until_change(self, limiter: Any) -> float:
         """Seconds until a message becomes visible or the smallest waiting one fits the budget."""
@@ -513,6 +659,14 @@ class LLMQueueDispatcher(Generic[T]):
                 visible, in_flight = counts.get(name, (0, 0))
                 counts[name] = (visible, in_flight + 1)
         summaries = self._metrics.tenant_summaries(now, set(counts))
+        if self.config.policy == "fair_priority":
+            # What the policy ranks by: its own ledger of charges and corrections.
+            usage = self._source.fair_usage()
+            summaries = {
+                name: (usage.get(name, 0.0), served, waits) for name, (_, served, waits) in summaries.items()
+            }
+            for name, used in usage.items():
+                summaries.setdefault(name, (used, 0, WaitTimePercentiles()))
         out: dict[str, TenantMetrics] = {}
         for name in sorted(set(counts) | set(summaries)):
             visible, in_flight = counts.get(name, (0, 0))

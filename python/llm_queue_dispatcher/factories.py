@@ -23,6 +23,7 @@ from .storage import InMemoryStorage, QueueStorageAdapter
 
 __all__ = [
     "create_fair_llm_queue_dispatcher",
+    "create_fair_priority_queue",
     "create_fair_queue",
     "create_in_memory_llm_queue_dispatcher",
     "create_in_memory_queue",
@@ -134,6 +135,27 @@ def create_fair_queue(
     """Wait time first (weights 0.2/0.1/0.5/0.15/0.05/0): close to FIFO within the budget."""
     preset = {"scoring": _weights(0.2, 0.1, 0.5, 0.15, 0.05, 0.0)}
     return LLMQueueDispatcher(storage, _build_config(config, preset, overrides))
+
+
+def create_fair_priority_queue(
+    storage: QueueStorageAdapter[T] | None = None,
+    config: LLMQueueDispatcherConfig | None = None,
+    **overrides: Any,
+) -> LLMQueueDispatcher[T]:
+    """The ``fair_priority`` policy: URGENT first, then the tenant with the least recent token use,
+    priority, deadline and age inside a tenant (see `FairPriorityConfig`). Without ``storage``, a
+    new `InMemoryStorage` sharing the configuration's clock.
+
+    >>> from llm_queue_dispatcher import FairPriorityConfig, ManualClock, create_fair_priority_queue
+    >>> dispatcher = create_fair_priority_queue(
+    ...     clock=ManualClock(), fair_priority=FairPriorityConfig(tenant_weights={"vip": 2.0})
+    ... )
+    >>> dispatcher.config.policy
+    'fair_priority'
+    """
+    built = _build_config(config, {"policy": "fair_priority"}, overrides)
+    store: QueueStorageAdapter[Any] = storage if storage is not None else InMemoryStorage(clock=built.clock)
+    return LLMQueueDispatcher(store, built)
 
 
 # Seed-style names.

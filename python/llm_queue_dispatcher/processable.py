@@ -57,6 +57,7 @@ class ProcessableMessage(Generic[T]):
     """
 
     __slots__ = (
+        "_charge",
         "_dispatcher",
         "_generation",
         "_limiter",
@@ -78,6 +79,7 @@ class ProcessableMessage(Generic[T]):
         dispatched_at: float,
         generation: int,
         reason: str | None = None,
+        charge: tuple[int, int] | None = None,
     ) -> None:
         self.message = message
         self.score = score
@@ -87,6 +89,7 @@ class ProcessableMessage(Generic[T]):
         self._reserved = reserved
         self._generation = generation
         self._reason = reason
+        self._charge = charge
         self._settled = False
 
     @property
@@ -125,7 +128,13 @@ class ProcessableMessage(Generic[T]):
             raise
         return True
 
+    def _recharge(self, tokens: int) -> None:
+        """Corrects what a fair_priority dispatch charged the tenant (0: takes it back)."""
+        if self._charge is not None:
+            self._dispatcher._source.correct_charge(self._charge[0], self._charge[1], float(tokens))
+
     async def _adjust(self, actual_tokens: int) -> None:
+        self._recharge(actual_tokens)
         if not self._reserved:
             return
         request_id = self.message.payload.id

@@ -244,7 +244,6 @@ async def _run_dispatcher(
     storage: InMemoryStorage[int] = InMemoryStorage(clock=run.clock, max_receive_count=_MAX_RECEIVES)
     config = LLMQueueDispatcherConfig(clock=run.clock, visibility_timeout=3600.0, min_score_threshold=0.0)
     dispatcher = _FACTORIES[strategy](storage, config)
-    pending_tokens: list[tuple[int, str]] = []  # min-heap of visible estimates, lazily cleaned
     visible: set[str] = set()
     in_flight = 0
     async with dispatcher:
@@ -255,10 +254,7 @@ async def _run_dispatcher(
                 dropped: set[str] = set()
                 if any(request.token_info.estimated > tpm for request in due):
                     dropped = await _drop_unfittable(run, dispatcher, storage)
-                for request in due:
-                    if request.id not in dropped:
-                        heapq.heappush(pending_tokens, (request.token_info.estimated, request.id))
-                        visible.add(request.id)
+                visible.update(request.id for request in due if request.id not in dropped)
             for processable, dispatched_at in run.due_completions():
                 in_flight -= 1
                 request = processable.message.payload
@@ -266,7 +262,6 @@ async def _run_dispatcher(
                     run.result.retries += 1
                     await processable.mark_as_failed(SimulatedProviderError(request.id))
                     if processable.message.attributes.receive_count < _MAX_RECEIVES:
-                        heapq.heappush(pending_tokens, (request.token_info.estimated, request.id))
                         visible.add(request.id)
                 else:
                     tokens = int(request.token_info.estimated * provider.actual_token_ratio)
@@ -279,11 +274,10 @@ async def _run_dispatcher(
                 visible.discard(got.message.payload.id)
                 in_flight += 1
                 run.start(got.message.payload, (got, run.clock.now()))
-            while pending_tokens and pending_tokens[0][1] not in visible:
-                heapq.heappop(pending_tokens)
             wait = None
-            if pending_tokens and in_flight < provider.concurrency:
-                wait = run.limiter.can_process(pending_tokens[0][0]).available_in
+            if visible and in_flight < provider.concurrency:
+                # The last dequeue found nothing: the dispatcher knows when one next could.
+                wait = dispatcher.time_until_ready()
             if not run.advance(wait):
                 break
         await _drop_unfittable(run, dispatcher, storage)  # none is left; a safety net

@@ -17,17 +17,31 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
-from ._core import CandidateBuffer, LLMThrottle, ScoringParams, Selection, StoreCore
+from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
+from .config import FairPriorityConfig
 from .errors import ReceiptHandleError
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .types import LLMRequest, QueueMessage
 
-__all__ = ["Dispatched", "InMemorySource", "MessageSource", "PrefetchSource"]
+__all__ = ["Dispatched", "FairDispatched", "FairFacts", "InMemorySource", "MessageSource", "PrefetchSource"]
 
 T = TypeVar("T")
 
 #: What a dispatch step hands out: the message, its total score and its breakdown values.
 Dispatched = tuple[QueueMessage[Any], float, list[float]]
+
+#: What a fair dispatch step hands out: the message and the facts of its choice (urgent,
+#: tenant, tenant's use, rank, tenants waiting, effective priority, tenant id, charge id).
+FairFacts = tuple[bool, str, float, int, int, int, int, int]
+FairDispatched = tuple[QueueMessage[Any], FairFacts]
+
+
+def _fair_arguments(
+    config: FairPriorityConfig,
+) -> tuple[dict[str, float], float, bool, list[float], float | None]:
+    reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
+    weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
+    return weights, float(config.fairness_window), config.urgent_first, config.max_wait_by_priority(), reserve
 
 
 class MessageSource(ABC, Generic[T]):
@@ -69,8 +83,10 @@ class MessageSource(ABC, Generic[T]):
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-    ) -> Dispatched | None:
-        """One dispatch step against an `LLMThrottle`: select, reserve, take."""
+        hold: bool,
+    ) -> Dispatched | float | None:
+        """One dispatch step against an `LLMThrottle`: select, reserve, take; with ``hold``, the
+        seconds until a winner that does not fit yet will."""
 
     @abstractmethod
     def select(
@@ -86,6 +102,39 @@ class MessageSource(ABC, Generic[T]):
     @abstractmethod
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         """Takes a selected candidate out, or None if it left meanwhile."""
+
+    @abstractmethod
+    def configure_fair(self, config: FairPriorityConfig) -> None:
+        """Ranks by the ``fair_priority`` policy from now on."""
+
+    @abstractmethod
+    def dispatch_fair(
+        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
+    ) -> FairDispatched | float | None:
+        """One fair dispatch step against an `LLMThrottle`: the message and its facts, the
+        seconds until a held winner fits, or None."""
+
+    @abstractmethod
+    def select_fair(
+        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
+    ) -> FairSelection | None:
+        """The fair choice under a limiter's reported budget, not yet taken."""
+
+    @abstractmethod
+    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
+        """Takes a fair selection out (charging its tenant), or None if it left meanwhile."""
+
+    @abstractmethod
+    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
+        """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+
+    @abstractmethod
+    def fair_usage(self) -> dict[str, float]:
+        """Each tenant's token use over the fairness window (empty without ``fair_priority``)."""
+
+    @abstractmethod
+    async def drop_expired(self) -> list[str]:
+        """Dead-letters the selectable messages whose deadline has passed; their ids."""
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
         """Makes sure the handed-out message is ours for ``visibility_timeout``; False when its
@@ -177,8 +226,11 @@ class InMemorySource(MessageSource[T]):
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-    ) -> Dispatched | None:
-        return self.core.dispatch_native(throttle, params, custom_fn, visibility_timeout, min_score, reserve)
+        hold: bool,
+    ) -> Dispatched | float | None:
+        return self.core.dispatch_native(
+            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
+        )
 
     def select(
         self,
@@ -192,6 +244,31 @@ class InMemorySource(MessageSource[T]):
 
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         return self.core.take(selection, visibility_timeout)
+
+    def configure_fair(self, config: FairPriorityConfig) -> None:
+        self.core.configure_fair(*_fair_arguments(config))
+
+    def dispatch_fair(
+        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
+    ) -> FairDispatched | float | None:
+        return self.core.dispatch_fair(throttle, visibility_timeout, reserve, hold)
+
+    def select_fair(
+        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
+    ) -> FairSelection | None:
+        return self.core.select_fair(available_tokens, available_requests, capacity, hold)
+
+    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
+        return self.core.take_fair(selection, visibility_timeout)
+
+    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
+        self.core.correct_charge(tenant, charge, tokens)
+
+    def fair_usage(self) -> dict[str, float]:
+        return dict(self.core.fair_usage())
+
+    async def drop_expired(self) -> list[str]:
+        return self.core.drop_expired()
 
     def next_visibility_change(self) -> float | None:
         return self.core.next_visibility_change()
@@ -294,9 +371,10 @@ class PrefetchSource(MessageSource[T]):
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-    ) -> Dispatched | None:
+        hold: bool,
+    ) -> Dispatched | float | None:
         return self.buffer.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve
+            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
         )
 
     def select(
@@ -311,6 +389,41 @@ class PrefetchSource(MessageSource[T]):
 
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         return self.buffer.take(selection, visibility_timeout)
+
+    def configure_fair(self, config: FairPriorityConfig) -> None:
+        self.buffer.configure_fair(*_fair_arguments(config))
+
+    def dispatch_fair(
+        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
+    ) -> FairDispatched | float | None:
+        return self.buffer.dispatch_fair(throttle, visibility_timeout, reserve, hold)
+
+    def select_fair(
+        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
+    ) -> FairSelection | None:
+        return self.buffer.select_fair(available_tokens, available_requests, capacity, hold)
+
+    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
+        return self.buffer.take_fair(selection, visibility_timeout)
+
+    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
+        self.buffer.correct_charge(tenant, charge, tokens)
+
+    def fair_usage(self) -> dict[str, float]:
+        return dict(self.buffer.fair_usage())
+
+    async def drop_expired(self) -> list[str]:
+        ids: list[str] = []
+        for message in self.buffer.take_expired():
+            try:
+                await self.storage.dead_letter_message(message)
+            except ReceiptHandleError:
+                continue  # its lease ran out: another consumer holds it now
+            except BaseException:
+                self.buffer.insert([message])  # still leased by us: kept, tried again later
+                raise
+            ids.append(message.payload.id)
+        return ids
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
         try:

@@ -144,6 +144,23 @@ class LLMRequest(Generic[T]):
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def from_openai_chat(
+        cls,
+        id: str,
+        payload: Any,
+        *,
+        priority: Priority | int = Priority.NORMAL,
+        tenant: str | None = None,
+        **fields: Any,
+    ) -> LLMRequest[Any]:
+        """A request for an OpenAI chat completion: ``payload`` is the keyword arguments of
+        ``chat.completions.create``, the estimate `llm_queue_dispatcher.openai.estimate_chat_tokens`
+        (``tokenizer=`` and ``default_completion_tokens=`` are passed on to it)."""
+        from .openai import request_from_openai_chat  # the openai SDK itself is not needed
+
+        return request_from_openai_chat(id, payload, priority=priority, tenant=tenant, **fields)
+
     def validate(self) -> None:
         """Checks every field again (and normalises ``priority``); raises `InvalidRequestError`."""
         validate_request_id(self.id)

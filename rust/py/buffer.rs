@@ -11,11 +11,20 @@ use super::args::{text_arg, token_count};
 use super::clock::ClockSource;
 use super::dispatch::{
     dispatch_with_throttle, select_with_budget, take_selection, time_until_score, Budget, Dispatched,
-    LazyMessage, Pool, PySelection,
+    LazyMessage, Outcome, Pool, PySelection,
 };
+use super::fair::{info as fair_info, FairDispatched, FairInfo, FairSettings, PyFairSelection};
 use super::params::PyScoringParams;
-use super::store::visibility_timeout_arg;
+use super::store::{datetime_seconds, visibility_timeout_arg};
 use super::throttle::PyThrottle;
+use std::collections::HashMap;
+
+use pyo3::types::PyDict;
+
+use crate::cells::CellKey;
+use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRuntime};
+use crate::index::{IndexEntry, Ranking};
+use crate::policy::{decide_fair_lanes, Admission, FairDecision, Snapshot};
 use crate::scoring::{MessageTraits, Weights};
 use crate::select::{collect, Candidate, Collected, SearchContext, SortedCandidates};
 
@@ -25,12 +34,82 @@ struct Buffered {
     handle: String,
     traits: MessageTraits,
     seq: u64,
+    tenant: u32,
+    /// Deadline instant; NaN for none.
+    deadline: f64,
+}
+
+impl Buffered {
+    fn entry(&self) -> IndexEntry {
+        IndexEntry {
+            cell: CellKey::for_message(self.traits.priority, self.traits.receive_count, self.traits.tokens),
+            tokens: self.traits.tokens,
+            time: 0,
+            enqueued_at: self.traits.enqueued_at,
+            seq: self.seq,
+            tenant: self.tenant,
+            deadline: self.deadline,
+        }
+    }
 }
 
 #[derive(Default)]
 struct BufferState {
     items: Vec<Buffered>,
     next_seq: u64,
+    /// Tenant names interned (0 is "").
+    tenant_names: Vec<String>,
+    tenant_ids: HashMap<String, u32>,
+    /// A `fair_priority` dispatcher's settings and runtime.
+    fair: Option<(FairConfig, FairRuntime)>,
+}
+
+impl BufferState {
+    fn intern(&mut self, name: &str) -> u32 {
+        if self.tenant_names.is_empty() {
+            self.tenant_names.push(String::new());
+            self.tenant_ids.insert(String::new(), 0);
+        }
+        if let Some(&id) = self.tenant_ids.get(name) {
+            return id;
+        }
+        let id = self.tenant_names.len() as u32;
+        self.tenant_names.push(name.to_owned());
+        self.tenant_ids.insert(name.to_owned(), id);
+        id
+    }
+
+    fn tenant_name(&self, id: u32) -> &str {
+        self.tenant_names.get(id as usize).map_or("", String::as_str)
+    }
+
+    /// The fair lanes of the buffered messages at `now` (the buffer is small: built per step).
+    fn lanes(&self, config: &FairConfig, now: f64) -> FairLanes {
+        let mut lanes = FairLanes::new(config.clone());
+        for (i, item) in self.items.iter().enumerate() {
+            lanes.insert(i as u32, &item.entry());
+        }
+        lanes.age(now);
+        lanes
+    }
+
+    /// The fair decision over the buffer; None without fair settings or messages.
+    fn decide_fair(&mut self, limiter: &impl Admission, now: f64, hold: bool) -> Option<FairDecision> {
+        let (config, _) = self.fair.as_ref()?;
+        let lanes = self.lanes(config, now);
+        let items = &self.items;
+        let (_, runtime) = self.fair.as_mut()?;
+        decide_fair_lanes(&lanes, |slot| items[slot as usize].traits.tokens, runtime, limiter, now, hold)
+    }
+
+    /// Takes the item in `slot` out and charges its tenant: the message and the facts.
+    fn take_fair(&mut self, slot: u32, decision: &FairCandidate, now: f64) -> Option<(Py<PyAny>, FairInfo)> {
+        let item = self.items.swap_remove(slot as usize);
+        let (_, runtime) = self.fair.as_mut()?;
+        let charge = runtime.charge(item.tenant, now, item.traits.tokens);
+        let facts = fair_info(decision, self.tenant_name(item.tenant), charge);
+        Some((item.message, facts))
+    }
 }
 
 impl BufferState {
@@ -39,7 +118,10 @@ impl BufferState {
     }
 }
 
-fn read_message(message: &Bound<'_, PyAny>) -> PyResult<(String, String, MessageTraits)> {
+/// What the buffer reads of a leased message: id, handle, score inputs, tenant, deadline.
+type Read = (String, String, MessageTraits, Option<String>, f64);
+
+fn read_message(message: &Bound<'_, PyAny>) -> PyResult<Read> {
     let py = message.py();
     let request = message.getattr("payload")?;
     let attributes = message.getattr("attributes")?;
@@ -55,10 +137,17 @@ fn read_message(message: &Bound<'_, PyAny>) -> PyResult<(String, String, Message
     // the in-memory path does.
     let receive_count = attributes.getattr("receive_count")?.extract::<u32>()?.saturating_sub(1);
     let handle = text_arg(&attributes.getattr("receipt_handle")?, "attributes.receipt_handle")?;
+    let tenant = request.getattr("tenant")?;
+    let tenant = if tenant.is_none() { None } else { Some(text_arg(&tenant, "payload.tenant")?) };
+    let deadline = request.getattr("deadline")?;
+    let deadline =
+        if deadline.is_none() { f64::NAN } else { datetime_seconds(&deadline, "payload.deadline")? };
     Ok((
         request_id,
         handle,
         MessageTraits { priority, receive_count, tokens, expected_processing_seconds: expected, enqueued_at },
+        tenant,
+        deadline,
     ))
 }
 
@@ -159,14 +248,15 @@ impl PyCandidateBuffer {
         let mut read = Vec::new();
         for message in messages.try_iter()? {
             let message = message?;
-            let (request_id, handle, traits) = read_message(&message)?;
-            read.push((message.unbind(), request_id, handle, traits));
+            let (request_id, handle, traits, tenant, deadline) = read_message(&message)?;
+            read.push((message.unbind(), request_id, handle, traits, tenant, deadline));
         }
         let mut state = self.state.lock_py_attached(py);
-        for (message, request_id, handle, traits) in read {
+        for (message, request_id, handle, traits, tenant, deadline) in read {
             let seq = state.next_seq;
             state.next_seq += 1;
-            state.items.push(Buffered { message, request_id, handle, traits, seq });
+            let tenant = state.intern(tenant.as_deref().unwrap_or(""));
+            state.items.push(Buffered { message, request_id, handle, traits, seq, tenant, deadline });
         }
         Ok(())
     }
@@ -197,8 +287,9 @@ impl PyCandidateBuffer {
         self.state.lock_py_attached(py).items.len()
     }
 
-    /// One dispatch step with the budget of `throttle`.
-    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    /// One dispatch step with the budget of `throttle` (score policy): `(message, total,
+    /// breakdown)`, the seconds until a held winner fits, or None.
+    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold=false))]
     #[allow(clippy::too_many_arguments)]
     fn dispatch_native(
         &self,
@@ -209,9 +300,20 @@ impl PyCandidateBuffer {
         visibility_timeout: &Bound<'_, PyAny>,
         min_score: f64,
         reserve: bool,
-    ) -> PyResult<Option<Dispatched>> {
+        hold: bool,
+    ) -> PyResult<Outcome<Dispatched>> {
         let timeout = visibility_timeout_arg(visibility_timeout)?;
-        dispatch_with_throttle(py, self, throttle.get(), params.get(), custom_fn, timeout, min_score, reserve)
+        dispatch_with_throttle(
+            py,
+            self,
+            throttle.get(),
+            params.get(),
+            custom_fn,
+            timeout,
+            min_score,
+            reserve,
+            hold,
+        )
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
@@ -250,6 +352,132 @@ impl PyCandidateBuffer {
     ) -> PyResult<Option<f64>> {
         let budget = Budget { available: available_tokens, max_tokens: available_tokens };
         time_until_score(py, self, params.get(), budget, threshold)
+    }
+
+    /// Ranks the buffer by the `fair_priority` policy from now on (see `FairPriorityConfig`).
+    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens))]
+    fn configure_fair(
+        &self,
+        py: Python<'_>,
+        tenant_weights: &Bound<'_, PyDict>,
+        fairness_window: f64,
+        urgent_first: bool,
+        max_wait: [f64; 4],
+        reserve_tokens: Option<f64>,
+    ) -> PyResult<()> {
+        let settings =
+            FairSettings::read(tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens)?;
+        let mut state = self.state.lock_py_attached(py);
+        let config = settings.config(|name| state.intern(name));
+        let runtime = FairRuntime::new(&config, settings.reserve_tokens);
+        state.fair = Some((config, runtime));
+        Ok(())
+    }
+
+    /// One `fair_priority` dispatch step over the buffer with the budget of `throttle`.
+    #[pyo3(signature = (throttle, visibility_timeout, reserve, hold))]
+    fn dispatch_fair(
+        &self,
+        py: Python<'_>,
+        throttle: &Bound<'_, PyThrottle>,
+        visibility_timeout: &Bound<'_, PyAny>,
+        reserve: bool,
+        hold: bool,
+    ) -> PyResult<Outcome<FairDispatched>> {
+        visibility_timeout_arg(visibility_timeout)?;
+        let throttle = throttle.get();
+        let limiter_now = throttle.now(py)?;
+        let now = self.clock.now(py)?;
+        let outcome = throttle.with_state_at(py, limiter_now, |limiter, limiter_now| {
+            let mut state = self.state.lock_py_attached(py);
+            let Some(decision) = state.decide_fair(limiter, now, hold) else { return Outcome::Nothing };
+            if !decision.fits {
+                return if decision.wait.is_finite() {
+                    Outcome::Wait(decision.wait)
+                } else {
+                    Outcome::Nothing
+                };
+            }
+            let slot = decision.candidate.slot;
+            let item = &state.items[slot as usize];
+            if reserve && !limiter.consume(limiter_now, &item.request_id, item.traits.tokens, None) {
+                return Outcome::Nothing;
+            }
+            state.take_fair(slot, &decision.candidate, now).map_or(Outcome::Nothing, Outcome::Taken)
+        });
+        Ok(outcome)
+    }
+
+    /// The `fair_priority` choice under a reported budget (any rate limiter), not yet taken.
+    fn select_fair(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        capacity: f64,
+        hold: bool,
+    ) -> PyResult<Option<PyFairSelection>> {
+        let now = self.clock.now(py)?;
+        let snapshot = Snapshot { available_tokens, available_requests, capacity };
+        let mut state = self.state.lock_py_attached(py);
+        let Some(decision) = state.decide_fair(&snapshot, now, hold) else { return Ok(None) };
+        let item = &state.items[decision.candidate.slot as usize];
+        Ok(Some(PyFairSelection {
+            slot: decision.candidate.slot,
+            seq: item.seq,
+            candidate: decision.candidate,
+            request_id: item.request_id.clone(),
+            tokens: item.traits.tokens,
+            margin: decision.margin,
+            fits: decision.fits,
+        }))
+    }
+
+    /// Takes a fair selection out of the buffer (charging its tenant), or None if it left.
+    fn take_fair(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PyFairSelection>,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<FairDispatched>> {
+        visibility_timeout_arg(visibility_timeout)?;
+        let now = self.clock.now(py)?;
+        let selection = selection.get();
+        let mut state = self.state.lock_py_attached(py);
+        let Some(position) = state.position(selection.seq) else { return Ok(None) };
+        Ok(state.take_fair(position as u32, &selection.candidate, now))
+    }
+
+    /// Corrects the charge of a fair dispatch to `tokens` (0 takes it back).
+    fn correct_charge(&self, py: Python<'_>, tenant: u32, charge: u64, tokens: f64) {
+        if let Some((_, runtime)) = self.state.lock_py_attached(py).fair.as_mut() {
+            runtime.ledger.correct(tenant, charge, tokens);
+        }
+    }
+
+    /// `[(tenant, tokens used over the fairness window)]` (empty without fair settings).
+    fn fair_usage(&self, py: Python<'_>) -> PyResult<Vec<(String, f64)>> {
+        let now = self.clock.now(py)?;
+        let mut state = self.state.lock_py_attached(py);
+        let usages = match state.fair.as_mut() {
+            Some((_, runtime)) => runtime.ledger.usages(now),
+            None => return Ok(Vec::new()),
+        };
+        Ok(usages.into_iter().map(|(t, u)| (state.tenant_name(t).to_owned(), u)).collect())
+    }
+
+    /// Removes and returns buffered messages whose deadline has passed (still leased: the
+    /// caller dead-letters them).
+    fn take_expired(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let now = self.clock.now(py)?;
+        let expired: Vec<Buffered> = {
+            let mut state = self.state.lock_py_attached(py);
+            let (expired, keep): (Vec<Buffered>, Vec<Buffered>) =
+                state.items.drain(..).partition(|item| item.deadline < now);
+            state.items = keep;
+            expired
+        };
+        Ok(expired.into_iter().map(|item| item.message).collect())
     }
 
     /// Smallest estimate among buffered messages.

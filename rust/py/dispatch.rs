@@ -11,42 +11,52 @@
 //! is still there; otherwise the step starts over.
 
 use pyo3::prelude::*;
+use pyo3::BoundObject;
 
 use super::messages::{build_view_message, MessageView};
 use super::params::PyScoringParams;
 use super::store::{PyStore, PyStoreCore};
-use super::throttle::{Metadata, PyThrottle};
+use super::throttle::PyThrottle;
 use crate::errors::CoreError;
+use crate::policy::{decide_score, ranking_budget, Decision};
 use crate::scoring::Weights;
 use crate::select::{
     best_candidate, choose, collect, Candidate, Choice, Collected, IndexSearch, SearchContext,
 };
-use crate::throttle::Throttle;
 
 // How often one dispatch step starts over when the winner vanished or stopped fitting while
 // custom scorers ran (only possible with several threads): after that it reports nothing found.
 const MAX_ATTEMPTS: usize = 8;
 
-/// The budget one selection works against.
-#[derive(Debug, Clone, Copy)]
-pub struct Budget {
-    /// Tokens available (`A`).
-    pub available: f64,
-    /// Largest admissible estimate.
-    pub max_tokens: f64,
+pub use crate::policy::Budget;
+
+/// What a dispatch step gives Python: the message with its score, the seconds until a held
+/// winner fits, or nothing.
+pub(crate) enum Outcome<T> {
+    /// Handed out.
+    Taken(T),
+    /// Held for the winner, which fits in this many seconds.
+    Wait(f64),
+    /// Nothing to hand out.
+    Nothing,
 }
 
-/// The budget of an `LLMThrottle` now: None when no request can be admitted at all.
-pub fn throttle_budget(state: &Throttle<Metadata>) -> Option<Budget> {
-    if state.penalty_left() > 0.0 || !state.requests().has(1.0) {
-        return None;
+impl<'py, T: IntoPyObject<'py>> IntoPyObject<'py> for Outcome<T> {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Self::Taken(value) => value
+                .into_pyobject(py)
+                .map(BoundObject::into_any)
+                .map(BoundObject::into_bound)
+                .map_err(Into::into),
+            Self::Wait(seconds) => Ok(seconds.into_pyobject(py)?.into_any()),
+            Self::Nothing => Ok(py.None().into_bound(py)),
+        }
     }
-    let tokens = state.tokens();
-    let capacity = tokens.capacity();
-    // A request is admitted when the bucket holds its estimate plus the debt, or is full and the
-    // estimate alone fits the capacity (see `Throttle::tokens_needed`).
-    let max_tokens = if tokens.has(capacity) { capacity } else { tokens.available() - state.debt() };
-    Some(Budget { available: tokens.available(), max_tokens: max_tokens.max(-1.0) })
 }
 
 /// A candidate's message object, or what builds it: the store copies a view under its lock and
@@ -218,9 +228,10 @@ pub(crate) fn dispatch_store(
     visibility_timeout: f64,
     min_score: f64,
     reserve: bool,
-) -> PyResult<Option<Dispatched>> {
+    hold: bool,
+) -> PyResult<Outcome<Dispatched>> {
     match custom(custom_fn, params) {
-        None => dispatch_fused(py, store, throttle, params, visibility_timeout, min_score, reserve),
+        None => dispatch_fused(py, store, throttle, params, visibility_timeout, min_score, reserve, hold),
         Some(custom_fn) => dispatch_with_throttle(
             py,
             store,
@@ -230,12 +241,14 @@ pub(crate) fn dispatch_store(
             visibility_timeout,
             min_score,
             reserve,
+            hold,
         ),
     }
 }
 
 /// One dispatch step against an `LLMThrottle` over any pool: select, reserve (when `reserve`),
-/// take. Custom scorers run with no lock held.
+/// take; with `hold`, ranked against the whole capacity and held for a winner that does not fit
+/// yet. Custom scorers run with no lock held.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch_with_throttle(
     py: Python<'_>,
@@ -246,23 +259,34 @@ pub(crate) fn dispatch_with_throttle(
     visibility_timeout: f64,
     min_score: f64,
     reserve: bool,
-) -> PyResult<Option<Dispatched>> {
+    hold: bool,
+) -> PyResult<Outcome<Dispatched>> {
     let custom_fn = custom(custom_fn, params);
     let limit = if custom_fn.is_some() { params.max_candidates } else { 1 };
     for _ in 0..MAX_ATTEMPTS {
-        let Some(budget) = throttle.with_state(py, |state, _| throttle_budget(state))? else {
-            return Ok(None);
+        let Some(budget) = throttle.with_state(py, |state, _| ranking_budget(state, hold))? else {
+            return Ok(Outcome::Nothing);
         };
         let (collected, messages) = pool.collect(py, &params.weights, budget, limit, custom_fn.is_some())?;
         let Some(choice) = pick(py, params, custom_fn, &collected, &messages)? else {
-            return Ok(None);
+            return Ok(Outcome::Nothing);
         };
         drop(messages);
         if choice.total < min_score {
-            return Ok(None);
+            return Ok(Outcome::Nothing);
         }
         let Some(request_id) = pool.request_id(py, &choice.candidate)? else { continue };
         let tokens = choice.candidate.tokens;
+        if hold {
+            let check = throttle.with_state(py, |state, _| state.check(tokens))?;
+            if !check.allowed {
+                return Ok(if check.available_in.is_finite() {
+                    Outcome::Wait(check.available_in)
+                } else {
+                    Outcome::Nothing
+                });
+            }
+        }
         if reserve {
             let consumed =
                 throttle.with_state(py, |state, now| state.consume(now, &request_id, tokens, None))?;
@@ -272,7 +296,7 @@ pub(crate) fn dispatch_with_throttle(
             }
         }
         match pool.take(py, &choice.candidate, visibility_timeout) {
-            Ok(Some(message)) => return Ok(Some((message, choice.total, breakdown(&choice)))),
+            Ok(Some(message)) => return Ok(Outcome::Taken((message, choice.total, breakdown(&choice)))),
             Ok(None) => {
                 // The winner left while custom scorers ran: give its reservation back whole.
                 if reserve {
@@ -287,7 +311,7 @@ pub(crate) fn dispatch_with_throttle(
             }
         }
     }
-    Ok(None)
+    Ok(Outcome::Nothing)
 }
 
 /// What the fused step took under the locks.
@@ -299,8 +323,9 @@ struct Taken {
 }
 
 /// The dispatch step without custom scorers, atomic: under the throttle's lock, then the
-/// store's, select the best admissible message, reserve its budget and receive it. The message
-/// object is built after both are released; if that fails, both steps are undone.
+/// store's, decide (`policy::decide_score`), reserve the budget and receive the message. The
+/// message object is built after both are released; if that fails, both steps are undone.
+#[allow(clippy::too_many_arguments)]
 fn dispatch_fused(
     py: Python<'_>,
     store: &PyStoreCore,
@@ -309,28 +334,22 @@ fn dispatch_fused(
     visibility_timeout: f64,
     min_score: f64,
     reserve: bool,
-) -> PyResult<Option<Dispatched>> {
+    hold: bool,
+) -> PyResult<Outcome<Dispatched>> {
     // Both clocks before any lock: either may be a Python callable.
     let limiter_now = throttle.now(py)?;
     let store_now = store.now(py)?;
-    let (taken, aftermath) = throttle.with_state_at(py, limiter_now, |limiter, limiter_now| {
-        let budget = throttle_budget(limiter);
+    let (decided, aftermath) = throttle.with_state_at(py, limiter_now, |limiter, limiter_now| {
         store.locked(py, store_now, |s, now| {
-            let Some(budget) = budget else { return Ok(None) };
-            let context = SearchContext {
-                weights: params.weights,
-                now,
-                available: budget.available,
-                max_tokens: budget.max_tokens,
+            let candidate = match decide_score(s, &params.weights, limiter, now, hold, min_score) {
+                Decision::Take(candidate) => candidate,
+                Decision::Wait(seconds) => return Ok(Outcome::Wait(seconds)),
+                Decision::Nothing => return Ok(Outcome::Nothing),
             };
-            let Some(candidate) = best_candidate(&*s, &context) else { return Ok(None) };
-            if candidate.base < min_score {
-                return Ok(None);
-            }
             let message = s.message(candidate.slot);
             let (request_id, first_received_at) = (message.request_id.clone(), message.first_received_at());
             if reserve && !limiter.consume(limiter_now, &request_id, candidate.tokens, None) {
-                return Ok(None);
+                return Ok(Outcome::Nothing);
             }
             let handle = match s.receive_slot(candidate.slot, visibility_timeout, now) {
                 Ok(handle) => handle,
@@ -342,25 +361,50 @@ fn dispatch_fused(
                 }
             };
             let view = MessageView::of(py, s.message(candidate.slot), Some(handle));
-            Ok(Some(Taken { view, candidate, request_id, first_received_at }))
+            Ok(Outcome::Taken(Taken { view, candidate, request_id, first_received_at }))
         })
     });
     aftermath.finish(py, store);
-    let Some(taken) = taken.map_err(|e| super::errors::to_py_err(py, e))? else { return Ok(None) };
+    let taken = match decided.map_err(|e| super::errors::to_py_err(py, e))? {
+        Outcome::Taken(taken) => taken,
+        Outcome::Wait(seconds) => return Ok(Outcome::Wait(seconds)),
+        Outcome::Nothing => return Ok(Outcome::Nothing),
+    };
     match build_view_message(py, &taken.view) {
-        Ok(message) => Ok(Some((message, taken.candidate.base, taken.candidate.factors.to_vec()))),
+        Ok(message) => Ok(Outcome::Taken((message, taken.candidate.base, taken.candidate.factors.to_vec()))),
         Err(error) => {
-            // Nobody will own it: put the message back as it was and give the budget back.
-            let handle = taken.view.handle.map(|h| h.to_string()).unwrap_or_default();
-            let (undone, aftermath) =
-                store.locked(py, store_now, |s, now| s.cancel_receive(&handle, taken.first_received_at, now));
-            aftermath.finish(py, store);
-            let _ = undone;
-            if reserve {
-                throttle.with_state_at(py, limiter_now, |limiter, _| limiter.release(&taken.request_id)).ok();
-            }
+            undo_take(
+                py,
+                store,
+                throttle,
+                &taken.view,
+                taken.first_received_at,
+                reserve.then_some(&*taken.request_id),
+            );
             Err(error)
         }
+    }
+}
+
+/// Puts back a message received for a dispatch that cannot hand it out (building its object
+/// failed), and gives its reservation back: nobody will own it.
+pub(crate) fn undo_take(
+    py: Python<'_>,
+    store: &PyStoreCore,
+    throttle: &PyThrottle,
+    view: &MessageView,
+    first_received_at: Option<f64>,
+    reserved: Option<&str>,
+) {
+    let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
+    if let Ok(now) = store.now(py) {
+        let (undone, aftermath) =
+            store.locked(py, now, |s, now| s.cancel_receive(&handle, first_received_at, now));
+        aftermath.finish(py, store);
+        drop(undone);
+    }
+    if let (Some(request_id), Ok(now)) = (reserved, throttle.now(py)) {
+        let _ = throttle.with_state_at(py, now, |limiter, _| limiter.release(request_id));
     }
 }
 

@@ -5,6 +5,7 @@ pub mod buffer;
 pub mod clock;
 pub mod dispatch;
 pub mod errors;
+pub mod fair;
 pub mod messages;
 pub mod params;
 pub mod store;
@@ -24,6 +25,8 @@ pub mod _core {
     use super::clock::PyManualClock;
     #[pymodule_export]
     use super::dispatch::PySelection;
+    #[pymodule_export]
+    use super::fair::PyFairSelection;
     #[pymodule_export]
     use super::params::PyScoringParams;
     #[pymodule_export]

@@ -17,13 +17,18 @@ use pyo3::sync::{MutexExt, PyOnceLock};
 use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyTzInfo};
 use pyo3::{intern, PyTraverseError, PyVisit};
 
-use super::dispatch::{self, Dispatched, PySelection};
+use super::dispatch::{self, Dispatched, Outcome, PySelection};
+use super::fair::{FairDispatched, FairSettings, PyFairSelection};
 use super::messages::{
     build_list, build_view, llm_request_class, token_info_class, utc_datetime, DateCache, MessageView,
 };
 use super::params::PyScoringParams;
 use super::throttle::PyThrottle;
+use crate::deadlines::DeadlineIndex;
 use crate::errors::{CoreError, CoreResult};
+use crate::fair::FairRuntime;
+use crate::policy::Rankings;
+use crate::policy::Snapshot;
 use crate::py::args::{invalid_request, is_number, text_arg, token_count};
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
@@ -32,7 +37,7 @@ use crate::store::{
 };
 
 /// The store as the binding holds it: `LLMRequest` payloads.
-pub(crate) type PyStore = Store<Py<PyAny>>;
+pub(crate) type PyStore = Store<Py<PyAny>, Rankings>;
 
 // ----- validating requests -------------------------------------------------------------------
 
@@ -45,7 +50,7 @@ fn repr_of(value: &Bound<'_, PyAny>) -> String {
 }
 
 /// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
-fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+pub(crate) fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
     let py = value.py();
     let Ok(date) = value.cast::<PyDateTime>() else {
         return Err(invalid_request(
@@ -204,6 +209,8 @@ pub(crate) struct StoreState {
     pub clock: ClockSource,
     /// Where dead-lettered messages go; None drops them (they are counted either way).
     pub dead_letter: Option<Py<PyStoreCore>>,
+    /// Tenant use and reserve of a `fair_priority` dispatcher using this store.
+    pub fair: Option<FairRuntime>,
 }
 
 /// A dead-lettered message on its way to the dead-letter store, with its tenant's name.
@@ -287,10 +294,20 @@ impl PyStoreCore {
         now: f64,
         f: impl FnOnce(&mut PyStore, f64) -> CoreResult<R>,
     ) -> (CoreResult<R>, Aftermath) {
+        self.locked_state(py, now, |state, now| f(&mut state.store, now))
+    }
+
+    /// `locked` with the whole guarded state.
+    pub(crate) fn locked_state<R>(
+        &self,
+        py: Python<'_>,
+        now: f64,
+        f: impl FnOnce(&mut StoreState, f64) -> CoreResult<R>,
+    ) -> (CoreResult<R>, Aftermath) {
         let mut state = self.state.lock_py_attached(py);
         // Maintenance first, so read-only closures see expired messages released too.
         let mut dead = state.store.release_expired(now);
-        let result = f(&mut state.store, now);
+        let result = f(&mut state, now);
         dead.append(&mut state.store.take_dead_lettered());
         let dead: Vec<_> = dead
             .into_iter()
@@ -398,9 +415,10 @@ impl PyStoreCore {
         };
         let config = StoreConfig { max_receive_count, message_retention };
         let now = clock.now(py)?;
-        let store = Store::new(config, now).map_err(|e| to_py_err(py, e))?;
+        let store = Store::with_ranking(config, now, (DeadlineIndex::default(), None))
+            .map_err(|e| to_py_err(py, e))?;
         Ok(Self {
-            state: Mutex::new(StoreState { store, clock, dead_letter }),
+            state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
             config,
             last_visibility_timeout: AtomicU64::new(f64::NAN.to_bits()),
         })
@@ -591,8 +609,9 @@ impl PyStoreCore {
 
     // ----- selection (see `dispatch`) ----------------------------------------------------------
 
-    /// One dispatch step with the budget of `throttle`: `(message, total, breakdown)` or None.
-    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve))]
+    /// One dispatch step with the budget of `throttle` (score policy): `(message, total,
+    /// breakdown)`, the seconds until a held winner fits, or None.
+    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold=false))]
     #[allow(clippy::too_many_arguments)]
     fn dispatch_native(
         slf: &Bound<'_, Self>,
@@ -602,18 +621,93 @@ impl PyStoreCore {
         visibility_timeout: &Bound<'_, PyAny>,
         min_score: f64,
         reserve: bool,
-    ) -> PyResult<Option<Dispatched>> {
+        hold: bool,
+    ) -> PyResult<Outcome<Dispatched>> {
         let timeout = visibility_timeout_arg(visibility_timeout)?;
+        let (py, store) = (slf.py(), slf.get());
         dispatch::dispatch_store(
-            slf.py(),
-            slf.get(),
+            py,
+            store,
             throttle.get(),
             params.get(),
             custom_fn,
             timeout,
             min_score,
             reserve,
+            hold,
         )
+    }
+
+    /// Keeps `fair_priority` lanes beside the index from now on (see `FairPriorityConfig`).
+    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens))]
+    fn configure_fair(
+        &self,
+        py: Python<'_>,
+        tenant_weights: &Bound<'_, PyDict>,
+        fairness_window: f64,
+        urgent_first: bool,
+        max_wait: [f64; 4],
+        reserve_tokens: Option<f64>,
+    ) -> PyResult<()> {
+        let settings =
+            FairSettings::read(tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens)?;
+        self.configure_fair_lanes(py, &settings);
+        Ok(())
+    }
+
+    /// One `fair_priority` dispatch step with the budget of `throttle`: `(message, facts)`, the
+    /// seconds until a held winner fits, or None.
+    #[pyo3(signature = (throttle, visibility_timeout, reserve, hold))]
+    fn dispatch_fair(
+        &self,
+        py: Python<'_>,
+        throttle: &Bound<'_, PyThrottle>,
+        visibility_timeout: &Bound<'_, PyAny>,
+        reserve: bool,
+        hold: bool,
+    ) -> PyResult<Outcome<FairDispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        self.dispatch_fair_step(py, throttle.get(), timeout, reserve, hold)
+    }
+
+    /// The `fair_priority` choice under a reported budget (any rate limiter), not yet taken.
+    fn select_fair(
+        &self,
+        py: Python<'_>,
+        available_tokens: f64,
+        available_requests: f64,
+        capacity: f64,
+        hold: bool,
+    ) -> PyResult<Option<PyFairSelection>> {
+        let snapshot = Snapshot { available_tokens, available_requests, capacity };
+        self.select_fair_step(py, snapshot, hold)
+    }
+
+    /// Receives a fair selection (charging its tenant): `(message, facts)`, or None if it left.
+    fn take_fair(
+        &self,
+        py: Python<'_>,
+        selection: &Bound<'_, PyFairSelection>,
+        visibility_timeout: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<FairDispatched>> {
+        let timeout = visibility_timeout_arg(visibility_timeout)?;
+        self.take_fair_step(py, selection.get(), timeout)
+    }
+
+    /// Corrects the charge of a fair dispatch to `tokens` (0 takes it back).
+    fn correct_charge(&self, py: Python<'_>, tenant: u32, charge: u64, tokens: f64) {
+        self.correct_fair_charge(py, tenant, charge, tokens);
+    }
+
+    /// `{tenant: tokens used over the fairness window}` (empty without fair lanes).
+    fn fair_usage(&self, py: Python<'_>) -> PyResult<Vec<(String, f64)>> {
+        self.fair_usages(py)
+    }
+
+    /// Dead-letters every visible message whose deadline has passed; returns their ids.
+    fn drop_expired(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let ids = self.with_store(py, crate::policy::drop_expired)?;
+        Ok(ids.into_iter().map(String::from).collect())
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.

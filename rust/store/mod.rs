@@ -631,6 +631,26 @@ impl<P, R: Ranking> Store<P, R> {
         Ok(())
     }
 
+    /// Dead-letters a visible message at once (its deadline passed: `drop_expired`), counted
+    /// as dead-lettered; returns its request id. Errors when the slot holds no visible message.
+    pub fn dead_letter_visible(&mut self, slot: u32, now: f64) -> CoreResult<Box<str>> {
+        if self.is_visible(slot) != Some(true) {
+            return Err(CoreError::MessageState(format!("slot {slot} holds no visible message")));
+        }
+        self.hide(slot);
+        self.last_modified_at = now;
+        self.dead_lettered += 1;
+        let message = self.release_slot(slot);
+        let id = message.request_id.clone();
+        self.outbox.push(message);
+        Ok(id)
+    }
+
+    /// Interns a tenant name (for configurations that name tenants before their messages).
+    pub fn intern_tenant(&mut self, name: &str) -> u32 {
+        self.tenants.intern(Some(name))
+    }
+
     /// Makes the message `handle` names invisible for `visibility_timeout` seconds from `now`
     /// (0 makes it visible at once). Works on a message whose visibility already ran out as long
     /// as the handle is current. Bad timeout or handle: an error and nothing changes.

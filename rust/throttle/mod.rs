@@ -343,7 +343,16 @@ impl<M> Throttle<M> {
     /// Whether a request of `estimated` tokens (plus any debt) would be admitted now, and if
     /// not, exactly when. Call `advance` first.
     pub fn check(&self, estimated: u64) -> CheckResult {
-        let needed = self.tokens_needed(estimated);
+        self.check_with_margin(estimated, 0.0)
+    }
+
+    /// `check` for a request that must also leave `margin` tokens in the bucket (a reserve
+    /// kept back), the total at most the capacity. Call `advance` first.
+    pub fn check_with_margin(&self, estimated: u64, margin: f64) -> CheckResult {
+        let mut needed = self.tokens_needed(estimated);
+        if margin > 0.0 {
+            needed = (needed + margin).min(self.tokens.capacity().max(needed));
+        }
         // A penalty holds the request bucket shut: it reports as the request limit.
         let request_wait = self.requests.time_until(1.0).max(self.penalty_left());
         let token_wait = self.tokens.time_until(needed);

@@ -1,0 +1,332 @@
+"""Chat completions through the ``openai`` SDK (any OpenAI-compatible endpoint), for `Worker`.
+
+Install with ``pip install 'llm-queue-dispatcher[openai]'``. The SDK is imported only when a
+call is made: `estimate_chat_tokens` and `LLMRequest.from_openai_chat` work without it, and
+``import llm_queue_dispatcher`` never imports it.
+
+Every response (success or error) updates the limiter from the provider's rate-limit headers
+(``sync_from_headers``): it never believes it holds more than the provider says remains until
+the provider's reset, and a ``Retry-After`` pauses it. Errors become the worker's vocabulary:
+
+============================================  =======================================================
+Response                                       Raised to the worker
+============================================  =======================================================
+429 (rate limited)                             `RetryableError` after ``Retry-After`` (else the reset
+                                               of the exhausted limit, else 1 s), and
+                                               ``limiter.penalize`` for as long, so no other request
+                                               goes out meanwhile
+429 with code ``insufficient_quota``           `PermanentError` (billing: a retry cannot succeed)
+408, 409, 5xx; a timeout; a connection error   `RetryableError` (``retry_after`` from ``Retry-After``
+                                               when given, else the worker's backoff)
+400, 401, 403, 404, 422 and any other 4xx      `PermanentError`: dead-lettered at once
+a malformed 2xx body                           `RetryableError`
+``x-should-retry: true`` / ``false``           overrides the status (the SDK's own convention)
+============================================  =======================================================
+
+The SDK's own retries are turned off for these calls (``max_retries=0``): the worker retries,
+under the limiter, with the message's receive count, instead of the SDK sleeping inside a
+handler while the message's budget stays reserved.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError, PermanentError, RetryableError
+from .provider_limits import ProviderLimits, parse_rate_limit_headers
+from .types import LLMRequest, Priority, TokenInfo, validate_token_count
+
+if TYPE_CHECKING:
+    from openai import APIStatusError, AsyncOpenAI
+    from openai.types.chat import ChatCompletion
+
+    from .dispatcher import ProcessableMessage
+    from .throttle import AsyncRateLimiter, RateLimiter
+
+__all__ = [
+    "DEFAULT_COMPLETION_TOKENS",
+    "IMAGE_PART_TOKENS",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "REPLY_OVERHEAD_TOKENS",
+    "Tokenizer",
+    "create_chat_completion",
+    "estimate_chat_tokens",
+    "openai_chat_handler",
+    "request_from_openai_chat",
+]
+
+#: Completion tokens assumed when a payload sets neither ``max_completion_tokens`` nor
+#: ``max_tokens``. Set one of them: the estimate is then the real ceiling of the call.
+DEFAULT_COMPLETION_TOKENS = 1_024
+#: Tokens added per message for its role and delimiters. OpenAI's cookbook ("How to count tokens
+#: with tiktoken") counts 3 for current chat models; 4 leaves a margin.
+MESSAGE_OVERHEAD_TOKENS = 4
+#: Tokens that prime the assistant's reply (the same cookbook's 3).
+REPLY_OVERHEAD_TOKENS = 3
+#: An image part, whatever its size: OpenAI's tile formula for a high-detail image at its
+#: largest after scaling (768 x 2048 px: 85 + 170 x 8 tiles).
+IMAGE_PART_TOKENS = 1_445
+# Penalty after a 429 that named neither a Retry-After nor an exhausted limit's reset.
+_DEFAULT_RATE_LIMIT_PAUSE = 1.0
+
+#: A tokenizer: text -> token count (for instance ``lambda text: len(encoding.encode(text))``
+#: with a tiktoken encoding whose file is installed locally).
+Tokenizer = Callable[[str], int]
+
+
+# -- estimating --------------------------------------------------------------------------------
+def _default_count(text: str) -> int:
+    """ASCII characters / 4 rounded up, plus one token per other character.
+
+    Four characters per token is OpenAI's rule of thumb for English; text in other scripts
+    (CJK above all) runs closer to one token per character, so counting those characters one
+    each keeps the estimate conservative without a tokenizer."""
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return -(-ascii_chars // 4) + (len(text) - ascii_chars)
+
+
+def _as_json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _count_tokens(count: Tokenizer, text: str, where: str) -> int:
+    value = count(text)
+    try:
+        return validate_token_count(value, f"tokenizer result for {where}")
+    except InvalidRequestError:
+        raise InvalidRequestError(f"tokenizer must return an int >= 0, got {value!r} for {where}") from None
+
+
+def _content_tokens(count: Tokenizer, content: object, where: str) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return _count_tokens(count, content, where)
+    if isinstance(content, Sequence):
+        total = 0
+        for index, part in enumerate(content):
+            part_where = f"{where}[{index}]"
+            if isinstance(part, str):
+                total += _count_tokens(count, part, part_where)
+            elif not isinstance(part, Mapping):
+                raise InvalidRequestError(f"{part_where} must be a str or an object, got {part!r}")
+            elif part.get("type") in ("image_url", "input_image", "image"):
+                total += IMAGE_PART_TOKENS
+            elif isinstance(part.get("text"), str):
+                total += _count_tokens(count, part["text"], part_where)
+            else:  # audio, files, refusals, ...: their JSON, which overcounts
+                total += _count_tokens(count, _as_json(part), part_where)
+        return total
+    raise InvalidRequestError(f"{where} must be a str, a list of parts or None, got {content!r}")
+
+
+def _completion_allowance(payload: Mapping[str, Any], default_completion_tokens: int) -> int:
+    completion = default_completion_tokens
+    for key in ("max_tokens", "max_completion_tokens"):  # the second wins when both are set
+        value = payload.get(key)
+        if value is not None:
+            completion = validate_token_count(value, f"payload[{key!r}]")
+    choices = payload.get("n")
+    if choices is not None:
+        if isinstance(choices, bool) or not isinstance(choices, int) or choices < 1:
+            raise InvalidRequestError(f"payload['n'] must be an int >= 1, got {choices!r}")
+        completion *= choices
+    return completion
+
+
+def estimate_chat_tokens(
+    payload: Mapping[str, Any],
+    *,
+    tokenizer: Tokenizer | None = None,
+    default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS,
+) -> int:
+    """A conservative token estimate of one chat completion call, for scheduling.
+
+    ``payload`` is the keyword arguments of ``client.chat.completions.create``. The estimate is
+    the sum of:
+
+    * each message's text (role, name, content, tool calls, tool call id), counted by
+      ``tokenizer`` or, without one, as ASCII characters / 4 rounded up plus one token per
+      other character; ``MESSAGE_OVERHEAD_TOKENS`` (4) per message; ``REPLY_OVERHEAD_TOKENS``;
+    * an image part: ``IMAGE_PART_TOKENS`` (1,445); another non-text part: its JSON's count;
+    * ``tools``, ``functions`` and ``response_format``: their JSON's count;
+    * the completion allowance: ``max_completion_tokens``, else ``max_tokens``, else
+      ``default_completion_tokens`` (1,024), times ``n``.
+
+    Nothing is downloaded: pass a tokenizer whose files are installed to count exactly. After
+    each call `Worker` corrects the limiter to the provider's ``usage.total_tokens``.
+
+    >>> estimate_chat_tokens({"model": "m", "messages": [{"role": "user", "content": "Hello there!"}],
+    ...                       "max_tokens": 100})
+    111
+    """
+    if not isinstance(payload, Mapping):
+        raise InvalidRequestError(f"payload must be a mapping of create() keyword arguments, got {payload!r}")
+    count: Tokenizer = tokenizer if tokenizer is not None else _default_count
+    if not callable(count):
+        raise InvalidRequestError(f"tokenizer must be a callable str -> int, got {tokenizer!r}")
+    default = validate_token_count(default_completion_tokens, "default_completion_tokens")
+    messages = payload.get("messages")
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidRequestError(
+            f"payload['messages'] must be a non-empty list of messages, got {messages!r}"
+        )
+    total = REPLY_OVERHEAD_TOKENS
+    for index, message in enumerate(messages):
+        where = f"payload['messages'][{index}]"
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"{where} must be an object, got {message!r}")
+        total += MESSAGE_OVERHEAD_TOKENS
+        for key in ("role", "name", "tool_call_id"):
+            value = message.get(key)
+            if isinstance(value, str):
+                total += _count_tokens(count, value, f"{where}[{key!r}]")
+        total += _content_tokens(count, message.get("content"), f"{where}['content']")
+        for key in ("tool_calls", "function_call", "audio"):
+            if message.get(key) is not None:
+                total += _count_tokens(count, _as_json(message[key]), f"{where}[{key!r}]")
+    for key in ("tools", "functions", "response_format"):
+        if payload.get(key) is not None:
+            total += _count_tokens(count, _as_json(payload[key]), f"payload[{key!r}]")
+    return total + _completion_allowance(payload, default)
+
+
+def request_from_openai_chat(
+    id: str,
+    payload: Mapping[str, Any],
+    *,
+    priority: Priority | int = Priority.NORMAL,
+    tenant: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS,
+    **fields: Any,
+) -> LLMRequest[Any]:
+    """An `LLMRequest` carrying ``payload`` (the ``create()`` keyword arguments), its token
+    estimate from `estimate_chat_tokens` and the payload's ``model``; ``fields`` are further
+    `LLMRequest` fields (``metadata``, ``deadline``, ``expected_processing_time``, ...).
+    Streaming payloads are refused: the handler needs the whole response's usage."""
+    estimate = estimate_chat_tokens(
+        payload, tokenizer=tokenizer, default_completion_tokens=default_completion_tokens
+    )
+    if payload.get("stream"):
+        raise InvalidRequestError("payload['stream'] must be false: the handler reads the whole response")
+    model = payload.get("model")
+    token_info = TokenInfo(estimate, model=model if isinstance(model, str) else None)
+    # LLMRequest validates ``priority`` (ints 0..3 become a Priority).
+    return LLMRequest(id, payload, priority, token_info, tenant=tenant, **fields)  # type: ignore[arg-type]
+
+
+# -- calling -------------------------------------------------------------------------------------
+async def _maybe_await(value: object) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+async def _sync_limiter(limiter: object, headers: Any) -> ProviderLimits:
+    sync = getattr(limiter, "sync_from_headers", None)
+    if sync is not None:
+        result = sync(headers)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, ProviderLimits):
+            return result
+    return parse_rate_limit_headers(headers)
+
+
+def _rate_limit_pause(limits: ProviderLimits) -> float:
+    """How long to hold everything after a 429: Retry-After, else the reset of a limit the
+    provider says is exhausted, else a second."""
+    if limits.retry_after is not None:
+        return limits.retry_after
+    resets = [
+        reset
+        for remaining, reset in (
+            (limits.requests_remaining, limits.requests_reset),
+            (limits.tokens_remaining, limits.tokens_reset),
+        )
+        if reset is not None and remaining is not None and remaining < 1
+    ]
+    return max(resets) if resets else _DEFAULT_RATE_LIMIT_PAUSE
+
+
+async def _classify(error: APIStatusError, limiter: object) -> Exception:
+    status = error.status_code
+    limits = await _sync_limiter(limiter, error.response.headers)
+    description = f"HTTP {status}: {error.message}"
+    should_retry = error.response.headers.get("x-should-retry")
+    if status == 429 and getattr(error, "code", None) == "insufficient_quota":
+        return PermanentError(description)
+    if status == 429 and should_retry != "false":
+        pause = _rate_limit_pause(limits)
+        penalize = getattr(limiter, "penalize", None)
+        if penalize is not None and pause > 0 and math.isfinite(pause):
+            await _maybe_await(penalize(pause))
+        return RetryableError(description, retry_after=pause)
+    retryable = status in (408, 409) or status >= 500
+    if should_retry in ("true", "false"):
+        retryable = should_retry == "true"
+    if retryable:
+        return RetryableError(description, retry_after=limits.retry_after)
+    return PermanentError(description)
+
+
+async def create_chat_completion(
+    client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> ChatCompletion:
+    """Calls ``client.chat.completions.create(**payload)`` once (SDK retries off), syncs
+    ``limiter`` from the response's rate-limit headers, and maps failures as the module's table
+    says. ``limiter`` may be synchronous or have coroutine methods; ``penalize`` and
+    ``sync_from_headers`` are used when it has them."""
+    import openai
+
+    if getattr(client, "max_retries", 0) != 0:
+        client = client.with_options(max_retries=0)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(**dict(payload))
+    except openai.APIStatusError as error:
+        raise await _classify(error, limiter) from error
+    except openai.APITimeoutError as error:
+        raise RetryableError(f"timed out: {error}") from error
+    except openai.APIConnectionError as error:
+        raise RetryableError(f"connection failed: {error}") from error
+    except openai.APIResponseValidationError as error:
+        raise RetryableError(f"malformed response: {error}") from error
+    await _sync_limiter(limiter, raw.headers)
+    try:
+        parsed: Any = raw.parse()
+        if inspect.isawaitable(parsed):  # the SDK announces parse() becomes a coroutine
+            parsed = await parsed
+    except openai.APIResponseValidationError as error:
+        raise RetryableError(f"malformed response: {error}") from error
+    completion: ChatCompletion = parsed
+    return completion
+
+
+def openai_chat_handler(
+    client: AsyncOpenAI,
+    limiter: RateLimiter | AsyncRateLimiter,
+    *,
+    on_completion: Callable[[ProcessableMessage[Any], ChatCompletion], Awaitable[None] | None] | None = None,
+) -> Callable[[ProcessableMessage[Any]], Awaitable[int | None]]:
+    """A `Worker` handler: sends each message's payload with `create_chat_completion` and
+    returns ``usage.total_tokens`` (None when the response has no usage).
+
+    ``on_completion(job, completion)`` (plain or async) sees each successful response before
+    the message is acknowledged: store the answer there. If it raises, the message is retried.
+    """
+    if not callable(getattr(client, "with_options", None)):
+        raise InvalidRequestError(f"client must be an openai.AsyncOpenAI, got {client!r}")
+    quiet = client.with_options(max_retries=0)
+
+    async def handle(job: ProcessableMessage[Any]) -> int | None:
+        completion = await create_chat_completion(quiet, limiter, job.message.payload.payload)
+        if on_completion is not None:
+            await _maybe_await(on_completion(job, completion))
+        usage = completion.usage
+        return None if usage is None else int(usage.total_tokens)
+
+    return handle

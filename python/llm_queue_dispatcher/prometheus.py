@@ -1,0 +1,477 @@
+"""Prometheus metrics of dispatchers and rate limiters (extra ``[prometheus]``: prometheus-client).
+
+`QueueCollector` is a prometheus-client collector. Register it once, tell it which dispatchers
+(and their limiters) to watch, and keep its snapshot fresh from your event loop::
+
+    from prometheus_client import REGISTRY
+    from llm_queue_dispatcher.prometheus import QueueCollector
+
+    collector = QueueCollector()
+    REGISTRY.register(collector)
+    watched = collector.watch(dispatcher, limiter, queue="chat")   # labels are yours to choose
+    collector.start(interval=5.0)       # inside the running loop: refreshes every 5 s
+
+Two kinds of figures, read two ways:
+
+- **State, read on refresh.** `refresh()` awaits each dispatcher's ``get_queue_metrics()`` and
+  reads each limiter's ``get_metrics()`` (awaited too for an async limiter such as
+  ``RedisThrottle``), then swaps in the new snapshot. ``collect()``, which prometheus-client
+  calls on every scrape (possibly from its own HTTP thread), only formats the latest snapshot:
+  a scrape never waits on the event loop, never awaits a store, and never calls anything that
+  changes a dispatcher. Queue depth by priority, in flight, oldest age, unfittable, the wait
+  and dequeue-latency percentiles of the dispatcher's window, throughput, failed and
+  dead-lettered totals, the limiter's available and limit for requests and tokens, its debt,
+  and each tenant's counts, tokens and waits (``get_queue_metrics().tenants``).
+- **Events, recorded as they happen.** The dispatcher keeps no cumulative dispatch or completion
+  counts and no latency distribution, so the caller that dequeues reports them:
+  ``watched.record_dispatch(job, dequeue_seconds)`` after a ``dequeue`` that returned a job and
+  ``watched.record_completion(job, tokens)`` after ``mark_as_processed``. They feed the
+  ``llmqd_dispatched_total`` and ``llmqd_completed_total`` counters and the wait-time (by
+  priority) and dequeue-latency histograms; each is a few additions under a lock.
+
+To serve the text format from an aiohttp app, refresh on each scrape::
+
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = await collector.render(registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+From an ASGI app (Starlette, FastAPI) mount prometheus-client's own app and keep the snapshot
+fresh with ``collector.start()`` in the app's startup: ``app.mount("/metrics", make_asgi_app())``.
+Every metric name starts with ``llmqd_``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .dispatcher import ProcessableMessage
+from .errors import InvalidConfigError, InvalidRequestError
+from .metrics import QueueMetrics
+from .types import Priority
+
+__all__ = [
+    "DEQUEUE_LATENCY_BUCKETS",
+    "WAIT_TIME_BUCKETS",
+    "MetricsSource",
+    "QueueCollector",
+    "WatchedQueue",
+]
+
+#: Upper bounds (seconds) of the wait-time histogram: from enqueue to dispatch.
+WAIT_TIME_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Upper bounds (seconds) of the dequeue-latency histogram: the wall time of one ``dequeue``.
+DEQUEUE_LATENCY_BUCKETS: tuple[float, ...] = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+)
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Label names the collector adds itself.
+_RESERVED_LABELS = frozenset({"priority", "tenant", "quantile", "state", "le"})
+_PRIORITY_NAMES = tuple(p.name for p in Priority)
+_QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
+
+
+class MetricsSource(Protocol):
+    """What the collector reads from a dispatcher: `LLMQueueDispatcher` is one."""
+
+    async def get_queue_metrics(self) -> QueueMetrics:
+        """Queue, processing, performance and tenant metrics now."""
+        ...
+
+
+class _Histogram:
+    """Cumulative bucket counts and a sum, exported as a Prometheus histogram."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+        self.count += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = [(_format_bound(bound), float(n)) for bound, n in zip(self.bounds, self.counts, strict=True)]
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+def _format_bound(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    queue: QueueMetrics | None = None
+    limiter: Any = None  # RateLimitMetrics (or an async limiter's equivalent)
+
+
+class WatchedQueue:
+    """One dispatcher (and optionally its limiter) watched by a `QueueCollector`.
+
+    ``limiter`` may be reassigned, e.g. after replacing a limiter to change its limits.
+    """
+
+    def __init__(self, dispatcher: MetricsSource, limiter: Any, labels: dict[str, str]) -> None:
+        self.dispatcher = dispatcher
+        self.limiter = limiter
+        self.labels = labels
+        self._lock = threading.Lock()
+        self._dispatched = 0
+        self._completed = 0
+        self._completed_tokens = 0
+        self._waits = {name: _Histogram(WAIT_TIME_BUCKETS) for name in _PRIORITY_NAMES}
+        self._latency = _Histogram(DEQUEUE_LATENCY_BUCKETS)
+        self._snapshot = _Snapshot()
+
+    def record_dispatch(self, job: ProcessableMessage[Any], dequeue_seconds: float) -> None:
+        """Counts a dispatch: ``job`` came out of a ``dequeue`` that took ``dequeue_seconds``.
+
+        Its wait (from enqueue to dispatch, on the dispatcher's clock) goes to the wait-time
+        histogram of its priority.
+        """
+        latency = _check_seconds("dequeue_seconds", dequeue_seconds)
+        wait = max(0.0, job.dispatched_at - job.message.attributes.enqueued_at.timestamp())
+        priority = Priority(job.message.payload.priority).name
+        with self._lock:
+            self._dispatched += 1
+            self._waits[priority].observe(wait)
+            self._latency.observe(latency)
+
+    def record_completion(self, job: ProcessableMessage[Any], tokens: int | None = None) -> None:
+        """Counts a completion of ``job`` that used ``tokens`` (default: its estimate)."""
+        used = job.message.payload.token_info.estimated if tokens is None else tokens
+        if isinstance(used, bool) or not isinstance(used, int) or used < 0:
+            raise InvalidRequestError(f"tokens must be None or an int >= 0, got {tokens!r}")
+        with self._lock:
+            self._completed += 1
+            self._completed_tokens += used
+
+    async def _read(self) -> _Snapshot:
+        queue = await self.dispatcher.get_queue_metrics()
+        limiter_metrics = None
+        if self.limiter is not None:
+            limiter_metrics = self.limiter.get_metrics()
+            if inspect.isawaitable(limiter_metrics):
+                limiter_metrics = await limiter_metrics
+        return _Snapshot(queue=queue, limiter=limiter_metrics)
+
+
+class QueueCollector:
+    """A prometheus-client collector of `llmqd_` metrics over the dispatchers it watches.
+
+    ``collect()`` formats the snapshot taken by the last `refresh()` plus the events recorded
+    since start; it never awaits and never calls into a dispatcher. Every watched queue must use
+    the same label names (Prometheus needs one label set per metric family).
+
+    Args:
+        max_tenants: per watched queue, tenants exported at most (those with the most visible
+            and in-flight messages first), to bound the series a scrape returns.
+    """
+
+    def __init__(self, *, max_tenants: int = 100) -> None:
+        if isinstance(max_tenants, bool) or not isinstance(max_tenants, int) or max_tenants < 0:
+            raise InvalidConfigError(f"max_tenants must be an int >= 0, got {max_tenants!r}")
+        self.max_tenants = max_tenants
+        self._watched: list[WatchedQueue] = []
+        self._label_names: tuple[str, ...] | None = None
+        self._refresh_lock: asyncio.Lock | None = None
+        self.last_refresh: float | None = None  # time.time() of the last completed refresh
+
+    # -- what to watch ------------------------------------------------------------------------
+    def watch(self, dispatcher: MetricsSource, limiter: Any = None, **labels: str) -> WatchedQueue:
+        """Starts watching ``dispatcher`` (and ``limiter``, a `RateLimiter` or async limiter).
+
+        ``labels`` (e.g. ``queue="chat"``) tell queues apart; their names must be the same for
+        every watched queue and must not be ``priority``, ``tenant``, ``quantile``, ``state`` or
+        ``le``.
+        """
+        if not callable(getattr(dispatcher, "get_queue_metrics", None)):
+            raise InvalidConfigError(f"dispatcher must have get_queue_metrics(), got {dispatcher!r}")
+        if limiter is not None and not callable(getattr(limiter, "get_metrics", None)):
+            raise InvalidConfigError(f"limiter must have get_metrics(), got {limiter!r}")
+        for name, value in labels.items():
+            if not _LABEL_NAME.match(name) or name.startswith("__") or name in _RESERVED_LABELS:
+                raise InvalidConfigError(f"label name {name!r} is not allowed")
+            if not isinstance(value, str):
+                raise InvalidConfigError(f"label {name} must be a str, got {value!r}")
+        names = tuple(sorted(labels))
+        if self._label_names is not None and names != self._label_names:
+            raise InvalidConfigError(
+                f"every watched queue needs the labels {list(self._label_names)}, got {list(names)}"
+            )
+        values = tuple(labels[name] for name in names)
+        if any(tuple(w.labels[n] for n in names) == values for w in self._watched):
+            raise InvalidConfigError(f"a queue with the labels {labels!r} is already watched")
+        self._label_names = names
+        watched = WatchedQueue(dispatcher, limiter, {name: labels[name] for name in names})
+        self._watched.append(watched)
+        return watched
+
+    def unwatch(self, watched: WatchedQueue) -> None:
+        """Stops exporting ``watched``."""
+        self._watched = [w for w in self._watched if w is not watched]
+
+    # -- keeping the snapshot fresh -----------------------------------------------------------
+    async def refresh(self) -> None:
+        """Reads every watched dispatcher and limiter and swaps in the new snapshot.
+
+        Yields to the event loop between queues, so refreshing many queues does not hold the
+        loop for long. Concurrent calls run one at a time.
+        """
+        if self._refresh_lock is None:
+            self._refresh_lock = asyncio.Lock()
+        async with self._refresh_lock:
+            for watched in list(self._watched):
+                snapshot = await watched._read()
+                watched._snapshot = snapshot  # one reference swap: collect() sees old or new
+                await asyncio.sleep(0)
+            self.last_refresh = time.time()
+
+    def start(self, interval: float = 5.0) -> asyncio.Task[None]:
+        """Refreshes every ``interval`` seconds in the running loop until the task is cancelled.
+
+        A refresh that raises is logged and retried at the next interval.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise InvalidConfigError(f"interval must be a number of seconds > 0, got {interval!r}")
+        if not math.isfinite(interval):
+            raise InvalidConfigError(f"interval must be finite, got {interval!r}")
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await self.refresh()
+                except Exception:
+                    _LOGGER.exception("refreshing the Prometheus metrics failed")
+                await asyncio.sleep(interval)
+
+        return asyncio.get_running_loop().create_task(loop())
+
+    async def render(self, registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
+        """Refreshes, then returns the text exposition of ``registry`` (default: only this
+        collector) and its content type: the body of a ``/metrics`` response."""
+        await self.refresh()
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self)
+            try:
+                return generate_latest(registry), CONTENT_TYPE_LATEST
+            finally:
+                registry.unregister(self)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    # -- prometheus-client collector protocol -------------------------------------------------
+    def describe(self) -> Iterable[Metric]:
+        """The metric families, without samples (lets a registry check names without collecting)."""
+        return self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families with one sample set per watched queue, from the last snapshot."""
+        families = self._families()
+        for watched in list(self._watched):
+            self._add_samples(families, watched)
+        yield from families.values()
+
+    def _families(self) -> dict[str, Metric]:
+        base = list(self._label_names or ())
+        gauge = GaugeMetricFamily
+        counter = CounterMetricFamily
+        specs: list[Metric] = [
+            gauge(
+                "llmqd_queue_messages", "Visible messages waiting, by priority.", labels=[*base, "priority"]
+            ),
+            gauge("llmqd_in_flight_messages", "Messages dispatched and not yet marked.", labels=base),
+            gauge("llmqd_oldest_message_age_seconds", "Age of the oldest visible message.", labels=base),
+            gauge(
+                "llmqd_unfittable_messages",
+                "Visible messages larger than the limiter's token capacity (never dispatchable).",
+                labels=base,
+            ),
+            gauge(
+                "llmqd_window_wait_time_seconds",
+                "Wait from enqueue to dispatch over the dispatcher's metrics window, by quantile.",
+                labels=[*base, "quantile"],
+            ),
+            gauge(
+                "llmqd_window_dequeue_latency_seconds",
+                "Time the dispatcher spent selecting, over its last samples, by quantile.",
+                labels=[*base, "quantile"],
+            ),
+            gauge("llmqd_throughput_messages_per_minute", "Completions over the last minute.", labels=base),
+            gauge(
+                "llmqd_throughput_tokens_per_minute",
+                "Tokens of the completions over the last minute (actual where known).",
+                labels=base,
+            ),
+            counter("llmqd_failed", "Dispatches marked failed.", labels=base),
+            counter("llmqd_dead_lettered", "Messages dead-lettered by the store.", labels=base),
+            counter("llmqd_expired_deadlines", "Requests removed unsent past their deadline.", labels=base),
+            counter("llmqd_dispatched", "Dispatches recorded with record_dispatch().", labels=base),
+            counter("llmqd_completed", "Completions recorded with record_completion().", labels=base),
+            counter("llmqd_completed_tokens", "Tokens of the recorded completions.", labels=base),
+            HistogramMetricFamily(
+                "llmqd_wait_time_seconds",
+                "Wait from enqueue to dispatch of the recorded dispatches, by priority.",
+                labels=[*base, "priority"],
+            ),
+            HistogramMetricFamily(
+                "llmqd_dequeue_latency_seconds",
+                "Wall time of the recorded dequeue calls that returned a message.",
+                labels=base,
+            ),
+            gauge("llmqd_limiter_tokens_available", "Tokens in the limiter's token bucket.", labels=base),
+            gauge(
+                "llmqd_limiter_tokens_limit", "Capacity of the token bucket (burst_tpm or tpm).", labels=base
+            ),
+            gauge(
+                "llmqd_limiter_requests_available", "Requests in the limiter's request bucket.", labels=base
+            ),
+            gauge(
+                "llmqd_limiter_requests_limit",
+                "Capacity of the request bucket (burst_rpm or rpm).",
+                labels=base,
+            ),
+            gauge(
+                "llmqd_limiter_compensation_debt_tokens",
+                "Tokens the limiter's next consume takes on top of its estimate.",
+                labels=base,
+            ),
+            gauge(
+                "llmqd_tenant_messages",
+                "A tenant's messages, visible or in flight.",
+                labels=[*base, "tenant", "state"],
+            ),
+            gauge(
+                "llmqd_tenant_window_tokens",
+                "Tokens charged to a tenant over the fairness window.",
+                labels=[*base, "tenant"],
+            ),
+            counter(
+                "llmqd_tenant_served_tokens",
+                "Tokens of a tenant's requests marked processed.",
+                labels=[*base, "tenant"],
+            ),
+            gauge(
+                "llmqd_tenant_wait_time_seconds",
+                "A tenant's wait from enqueue to dispatch, by quantile.",
+                labels=[*base, "tenant", "quantile"],
+            ),
+        ]
+        return {family.name: family for family in specs}
+
+    def _add_samples(self, families: Mapping[str, Metric], watched: WatchedQueue) -> None:
+        base = list(watched.labels.values())
+
+        def add(name: str, value: float, *extra: str) -> None:
+            family = families[name]
+            assert isinstance(family, (GaugeMetricFamily, CounterMetricFamily))
+            family.add_metric([*base, *extra], float(value))
+
+        with watched._lock:
+            dispatched, completed, tokens = watched._dispatched, watched._completed, watched._completed_tokens
+            waits = {name: (h.buckets(), h.total) for name, h in watched._waits.items()}
+            latency = (watched._latency.buckets(), watched._latency.total)
+        add("llmqd_dispatched", dispatched)
+        add("llmqd_completed", completed)
+        add("llmqd_completed_tokens", tokens)
+        wait_family = families["llmqd_wait_time_seconds"]
+        assert isinstance(wait_family, HistogramMetricFamily)
+        for name, (buckets, total) in waits.items():
+            wait_family.add_metric([*base, name], buckets, total)
+        latency_family = families["llmqd_dequeue_latency_seconds"]
+        assert isinstance(latency_family, HistogramMetricFamily)
+        latency_family.add_metric(base, latency[0], latency[1])
+
+        snapshot = watched._snapshot
+        if snapshot.queue is not None:
+            report = snapshot.queue.queue
+            for name in _PRIORITY_NAMES:
+                add("llmqd_queue_messages", report.messages_by_priority.get(name, 0), name)
+            add("llmqd_in_flight_messages", report.approximate_number_of_messages_in_flight)
+            add("llmqd_oldest_message_age_seconds", report.oldest_message_age)
+            add("llmqd_unfittable_messages", report.unfittable_messages)
+            for quantile, field in _QUANTILES:
+                add("llmqd_window_wait_time_seconds", getattr(report.wait_time_percentiles, field), quantile)
+            latency_report = snapshot.queue.performance.dequeue_latency
+            add("llmqd_window_dequeue_latency_seconds", latency_report.p50, "0.5")
+            add("llmqd_window_dequeue_latency_seconds", latency_report.p99, "0.99")
+            add("llmqd_throughput_messages_per_minute", report.throughput.messages_per_minute)
+            add("llmqd_throughput_tokens_per_minute", report.throughput.tokens_per_minute)
+            add("llmqd_failed", report.failed)
+            add("llmqd_dead_lettered", report.dead_lettered)
+            add("llmqd_expired_deadlines", report.expired_deadlines)
+            tenants = sorted(
+                snapshot.queue.tenants.items(),
+                key=lambda item: (-(item[1].visible + item[1].in_flight), item[0]),
+            )[: self.max_tenants]
+            for tenant, usage in tenants:
+                add("llmqd_tenant_messages", usage.visible, tenant, "visible")
+                add("llmqd_tenant_messages", usage.in_flight, tenant, "in_flight")
+                add("llmqd_tenant_window_tokens", usage.tokens_in_window, tenant)
+                add("llmqd_tenant_served_tokens", usage.tokens_served, tenant)
+                for quantile, field in _QUANTILES:
+                    add(
+                        "llmqd_tenant_wait_time_seconds",
+                        getattr(usage.wait_time_percentiles, field),
+                        tenant,
+                        quantile,
+                    )
+        if snapshot.limiter is not None:
+            limits = snapshot.limiter
+            add("llmqd_limiter_tokens_available", limits.tpm.available)
+            add("llmqd_limiter_tokens_limit", limits.tpm.limit)
+            add("llmqd_limiter_requests_available", limits.rpm.available)
+            add("llmqd_limiter_requests_limit", limits.rpm.limit)
+            with contextlib.suppress(AttributeError):  # an async limiter may report no debt
+                add("llmqd_limiter_compensation_debt_tokens", limits.compensation.total_debt)

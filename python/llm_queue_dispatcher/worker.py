@@ -1,0 +1,557 @@
+"""`Worker`: the loop every user would otherwise write around `LLMQueueDispatcher.dequeue`.
+
+It takes the message the dispatcher chose (its budget already reserved), runs the handler on it
+with at most ``concurrency`` handlers at once, keeps the message leased while the handler runs,
+and settles it exactly once:
+
+* the handler returns ``n`` (or None) -> ``mark_as_processed(actual_tokens=n)``;
+* it raises `PermanentError` -> ``mark_as_dead_lettered`` at once;
+* it raises anything else -> ``mark_as_failed(error, retry_after=delay)``, where ``delay`` is a
+  `RetryableError`'s ``retry_after`` or exponential backoff with full jitter;
+* it is cancelled (stop past the grace, or ``run()`` cancelled) -> ``mark_as_failed(error,
+  retry_after=0)``: the message is visible again at once for another worker, its receive count
+  kept, its reserved tokens refunded.
+
+So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
+every reservation is used or given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from .dispatcher import LLMQueueDispatcher, ProcessableMessage
+from .errors import (
+    InvalidConfigError,
+    InvalidRequestError,
+    MessageStateError,
+    PermanentError,
+    ReceiptHandleError,
+    RetryableError,
+    StorageError,
+)
+from .storage.base import MAX_VISIBILITY_TIMEOUT
+from .throttle import AsyncRateLimiter, RateLimiter
+from .types import validate_token_count
+
+__all__ = ["Handler", "Worker", "WorkerStats", "backoff_delay"]
+
+T = TypeVar("T")
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+
+#: A handler: takes a dispatched message, returns the actual tokens used (or None).
+Handler = Callable[[ProcessableMessage[T]], Awaitable["int | None"]]
+
+# How long one dequeue sleeps when nothing can be dispatched. The dispatcher wakes it early on
+# an enqueue, a mark, a visibility expiry or a refill, so this only bounds an idle wait.
+_DEQUEUE_WAIT = 30.0
+# With stop_when_empty, how often an idle worker looks whether the queue emptied by a path that
+# wakes no dequeue (a message the store dead-letters at its visibility expiry).
+_DRAIN_CHECK = 1.0
+# How long a cancelled handler may take to finish after the grace before the worker releases its
+# message itself (a handler that swallows CancelledError).
+_CANCEL_WAIT = 5.0
+# Backoff after the storage failed a dequeue, doubled per consecutive failure up to the cap.
+_STORAGE_RETRY_BASE = 0.5
+_STORAGE_RETRY_CAP = 30.0
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in ``[0, min(cap, base * 2 ** (attempt - 1))]``.
+
+    "Full jitter" from Marc Brooker, "Exponential Backoff And Jitter" (AWS Architecture Blog,
+    2015): spreading retries over the whole interval keeps many failed callers from coming back
+    together. ``attempt`` is 1 for the first failure (a message's ``receive_count``).
+
+    >>> backoff_delay(3, base=1.0, cap=300.0, rng=random.Random(7)) <= 4.0
+    True
+    """
+    exponent = min(max(attempt, 1) - 1, 64)  # 2 ** 64 s is past any cap; avoids float overflow
+    ceiling = min(cap, base * math.ldexp(1.0, exponent))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What a worker did so far.
+
+    ``processed``: handlers that returned (messages deleted). ``retried``: failed attempts handed
+    back with a delay. ``dead_lettered``: `PermanentError`\\ s. ``released``: messages handed
+    back at once (visibility 0) because the worker stopped or was cancelled while their handler
+    ran. ``tokens``: tokens of the processed messages, actual where the handler returned a count
+    and estimated otherwise. ``in_flight``: handlers running now.
+    """
+
+    processed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    tokens: int = 0
+    in_flight: int = 0
+
+
+def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidConfigError(f"{name} must be a finite number of seconds, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise InvalidConfigError(f"{name} must be within [{minimum}, {maximum}], got {value!r}")
+    return float(value)
+
+
+class Worker(Generic[T]):
+    """Runs ``handler`` on the messages ``dispatcher`` hands out under ``limiter``.
+
+    >>> import asyncio
+    >>> from llm_queue_dispatcher import LLMRequest, LLMThrottle, TokenInfo, Worker, create_in_memory_queue
+    >>> async def main() -> int:
+    ...     dispatcher = create_in_memory_queue()
+    ...     for n in range(3):
+    ...         await dispatcher.enqueue(LLMRequest(f"r{n}", {"n": n}, token_info=TokenInfo(100)))
+    ...     async def handle(job):
+    ...         return 80  # the tokens the call really used
+    ...     worker = Worker(dispatcher, LLMThrottle(60, 10_000), handle, handle_signals=False)
+    ...     stats = await worker.run(stop_when_empty=True)
+    ...     return stats.processed
+    >>> asyncio.run(main())
+    3
+
+    Args:
+        dispatcher: where the messages come from; its ``visibility_timeout`` is the lease the
+            worker renews at half its length while a handler runs.
+        limiter: a `RateLimiter` (`LLMThrottle`) or an `AsyncRateLimiter`, passed to ``dequeue``.
+        handler: ``async def handler(job) -> int | None``; returns the actual tokens used.
+        concurrency: handlers running at once (>= 1).
+        shutdown_grace: seconds running handlers get to finish after a stop; then they are
+            cancelled and their messages released (visibility 0).
+        max_retry_delay: cap of the backoff after a failure, in seconds (<= 43200).
+        retry_base_delay: backoff ceiling after the first failure; doubles per receive.
+        handle_signals: in the main thread, stop on SIGTERM and SIGINT while `run` runs (a second
+            signal skips the rest of the grace); the previous handlers are restored after.
+        rng: the random source of the jitter (a seeded `random.Random` in tests).
+        logger: where the worker logs; default the ``llm_queue_dispatcher`` logger.
+    """
+
+    def __init__(
+        self,
+        dispatcher: LLMQueueDispatcher[T],
+        limiter: RateLimiter | AsyncRateLimiter,
+        handler: Callable[[ProcessableMessage[T]], Awaitable[int | None]],
+        *,
+        concurrency: int = 16,
+        shutdown_grace: float = 30.0,
+        max_retry_delay: float = 300.0,
+        retry_base_delay: float = 1.0,
+        handle_signals: bool = True,
+        rng: random.Random | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if not isinstance(dispatcher, LLMQueueDispatcher):
+            raise InvalidConfigError(f"dispatcher must be an LLMQueueDispatcher, got {dispatcher!r}")
+        if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+            raise InvalidConfigError(
+                f"limiter must have can_process, get_metrics, consume and adjust_consumption, got {limiter!r}"
+            )
+        if not callable(handler):
+            raise InvalidConfigError(f"handler must be an async callable, got {handler!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        self.shutdown_grace = _require_number("shutdown_grace", shutdown_grace, minimum=0.0)
+        self.max_retry_delay = _require_number(
+            "max_retry_delay", max_retry_delay, minimum=0.0, maximum=MAX_VISIBILITY_TIMEOUT
+        )
+        self.retry_base_delay = _require_number("retry_base_delay", retry_base_delay, minimum=0.0)
+        if self.retry_base_delay == 0.0:
+            raise InvalidConfigError("retry_base_delay must be > 0, got 0")
+        if not isinstance(handle_signals, bool):
+            raise InvalidConfigError(f"handle_signals must be a bool, got {handle_signals!r}")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise InvalidConfigError(f"rng must be a random.Random or None, got {rng!r}")
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise InvalidConfigError(f"logger must be a logging.Logger or None, got {logger!r}")
+        self.dispatcher = dispatcher
+        self.limiter = limiter
+        self.handler = handler
+        self.concurrency = concurrency
+        self.handle_signals = handle_signals
+        self._rng = rng or random.Random()
+        self._logger = logger or _LOGGER
+        #: The signal that stopped the last run (SIGTERM or SIGINT), or None.
+        self.stop_signal: signal.Signals | None = None
+        self._active: dict[asyncio.Task[None], ProcessableMessage[T]] = {}
+        self._running = False
+        self._stop_requested = False
+        self._force = False
+        self._stop_event: asyncio.Event | None = None
+        self._force_event: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._idle = asyncio.Event()
+        self._stop_when_empty = False
+        self._processed = 0
+        self._retried = 0
+        self._dead_lettered = 0
+        self._released = 0
+        self._tokens = 0
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def stats(self) -> WorkerStats:
+        """Counts of what this worker did, across runs."""
+        return WorkerStats(
+            processed=self._processed,
+            retried=self._retried,
+            dead_lettered=self._dead_lettered,
+            released=self._released,
+            tokens=self._tokens,
+            in_flight=len(self._active),
+        )
+
+    @property
+    def running(self) -> bool:
+        """True while `run` runs."""
+        return self._running
+
+    def stop(self) -> None:
+        """Stops taking messages; `run` returns once the running handlers finished or the grace
+        ran out. Call it from the event loop's thread (from another thread:
+        ``loop.call_soon_threadsafe(worker.stop)``). Before `run`, makes the next run return at
+        once."""
+        self._stop_requested = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    def retry_delay(self, job: ProcessableMessage[T], error: BaseException) -> float:
+        """Seconds before a failed message is visible again: a `RetryableError`'s valid
+        ``retry_after`` (at most 43200, the store's limit), else `backoff_delay` over the
+        message's receive count, capped at ``max_retry_delay``."""
+        if isinstance(error, RetryableError):
+            after = error.retry_after
+            if (
+                not isinstance(after, bool)
+                and isinstance(after, (int, float))
+                and math.isfinite(after)
+                and after >= 0
+            ):
+                return min(float(after), MAX_VISIBILITY_TIMEOUT)
+        return backoff_delay(
+            job.message.attributes.receive_count,
+            base=self.retry_base_delay,
+            cap=self.max_retry_delay,
+            rng=self._rng,
+        )
+
+    async def run(self, *, stop_when_empty: bool = False) -> WorkerStats:
+        """Takes and handles messages until `stop`, SIGTERM or SIGINT; returns the `stats`.
+
+        With ``stop_when_empty`` it also stops once the queue holds nothing (no visible message,
+        none in flight, none waiting for a retry) and no handler runs.
+
+        Cancelling the task that runs it cancels the running handlers at once and releases their
+        messages (visibility 0) before the cancellation propagates: nothing is lost.
+        """
+        if self._running:
+            raise RuntimeError("this Worker is already running")
+        loop = asyncio.get_running_loop()
+        self._running = True
+        self._force = False
+        self.stop_signal = None
+        self._stop_when_empty = stop_when_empty
+        self._stop_event = asyncio.Event()
+        self._force_event = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        if self._stop_requested:
+            self._stop_event.set()
+        installed = self._install_signal_handlers(loop)
+        dispatch: asyncio.Task[None] | None = None
+        watchers: list[asyncio.Task[Any]] = []
+        try:
+            dispatch = loop.create_task(self._dispatch_loop(), name="llmqd-worker-dispatch")
+            watchers.append(loop.create_task(self._stop_event.wait()))
+            if stop_when_empty:
+                watchers.append(loop.create_task(self._stop_when_drained()))
+            try:
+                await asyncio.wait({dispatch, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for watcher in watchers:
+                    watcher.cancel()
+            failure = None
+            for task in (dispatch, *watchers):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    failure = failure or task.exception()
+            await self._shutdown(dispatch, graceful=True)
+            if failure is not None:
+                raise failure
+        except asyncio.CancelledError:
+            await self._shutdown(dispatch, graceful=False)
+            raise
+        finally:
+            self._restore_signal_handlers(loop, installed)
+            self._running = False
+            self._stop_requested = False
+            self._stop_event = None
+            self._force_event = None
+        return self.stats
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        assert self._slots is not None
+        storage_failures = 0
+        wait = _DRAIN_CHECK if self._stop_when_empty else _DEQUEUE_WAIT
+        while not self._stop_requested:
+            await self._slots.acquire()
+            if self._stop_requested:
+                self._slots.release()
+                return
+            try:
+                # The dispatcher takes either kind of limiter (AsyncRateLimiter: see its dequeue).
+                job = await self.dispatcher.dequeue(cast("RateLimiter", self.limiter), timeout=wait)
+            except StorageError:
+                self._slots.release()
+                storage_failures += 1
+                delay = min(_STORAGE_RETRY_CAP, _STORAGE_RETRY_BASE * 2 ** min(storage_failures, 16))
+                self._logger.exception("dequeue failed; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            storage_failures = 0
+            if job is None:
+                self._slots.release()
+                if not self._active:
+                    self._idle.set()
+                continue
+            # No await between the dequeue and this: the job has an owner at once.
+            task = asyncio.get_running_loop().create_task(
+                self._process(job), name=f"llmqd-job-{job.message.payload.id}"
+            )
+            self._active[task] = job
+            task.add_done_callback(self._on_job_done)
+
+    def _on_job_done(self, task: asyncio.Task[None]) -> None:
+        self._active.pop(task, None)
+        if self._slots is not None:
+            self._slots.release()
+        if not self._active:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:
+            self._logger.error("worker task failed", exc_info=task.exception())
+
+    async def _stop_when_drained(self) -> None:
+        """Stops the worker once no handler runs and the queue holds nothing (checked each time
+        the last running handler ends, at start, and when an idle dequeue times out)."""
+        while True:
+            await self._idle.wait()
+            self._idle.clear()
+            if self._active:
+                continue
+            try:
+                metrics = await self.dispatcher.get_queue_metrics()
+            except StorageError:
+                self._logger.exception("could not read the queue's size")
+                continue
+            if metrics.queue.total_messages == 0 and not self._active:
+                self.stop()
+                return
+
+    async def _process(self, job: ProcessableMessage[T]) -> None:
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.create_task(self._keep_leased(job))
+        try:
+            result = await self.handler(job)
+        except asyncio.CancelledError as error:
+            await self._stop_heartbeat(heartbeat)
+            await self._release(job, error)
+            raise
+        except PermanentError as error:
+            await self._stop_heartbeat(heartbeat)
+            await self._settle(job, "dead-letter", job.mark_as_dead_lettered(error))
+            self._dead_lettered += 1
+        except Exception as error:
+            await self._stop_heartbeat(heartbeat)
+            delay = self.retry_delay(job, error)
+            self._logger.info(
+                "request %r failed (attempt %d), retrying in %.2f s: %r",
+                job.message.payload.id,
+                job.message.attributes.receive_count,
+                delay,
+                error,
+            )
+            await self._settle(job, "retry", job.mark_as_failed(error, retry_after=delay))
+            self._retried += 1
+        except BaseException as error:  # KeyboardInterrupt or SystemExit raised inside a handler
+            await self._stop_heartbeat(heartbeat)
+            await self._release(job, error)
+            raise
+        else:
+            await self._stop_heartbeat(heartbeat)
+            tokens = self._token_count(job, result)
+            await self._settle(job, "mark processed", job.mark_as_processed(actual_tokens=tokens))
+            self._processed += 1
+            self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
+
+    def _token_count(self, job: ProcessableMessage[T], result: object) -> int | None:
+        if result is None:
+            return None
+        try:
+            return validate_token_count(result, "handler result")
+        except InvalidRequestError:
+            # The call itself succeeded: retrying would spend it again. Keep the estimate.
+            self._logger.error(
+                "handler for %r returned %r, not a token count (int >= 0 or None); marked processed "
+                "with its estimate",
+                job.message.payload.id,
+                result,
+            )
+            return None
+
+    async def _settle(self, job: ProcessableMessage[T], action: str, marking: Awaitable[None]) -> None:
+        try:
+            await marking
+        except MessageStateError:
+            self._logger.debug("request %r was already marked by its handler", job.message.payload.id)
+        except ReceiptHandleError:
+            self._logger.warning(
+                "could not %s request %r: its lease ran out and another consumer received it",
+                action,
+                job.message.payload.id,
+            )
+        except Exception:
+            self._logger.exception(
+                "could not %s request %r; it stays leased until its visibility ends, then is delivered again",
+                action,
+                job.message.payload.id,
+            )
+
+    async def _release(self, job: ProcessableMessage[T], error: BaseException) -> None:
+        """Hands a message back at once (visibility 0) with its reservation refunded."""
+        try:
+            await job.mark_as_failed(error, retry_after=0.0)
+        except MessageStateError:
+            return
+        except ReceiptHandleError:
+            self._logger.warning("request %r was no longer leased when released", job.message.payload.id)
+            return
+        except Exception:
+            self._logger.exception(
+                "could not release request %r; it is delivered again when its visibility ends",
+                job.message.payload.id,
+            )
+            return
+        self._released += 1
+
+    # -- leases ----------------------------------------------------------------------------------
+    async def _keep_leased(self, job: ProcessableMessage[T]) -> None:
+        """Extends the message's visibility at half its length while the handler runs."""
+        while True:
+            visibility = float(self.dispatcher.config.visibility_timeout)
+            if visibility <= 0:
+                return  # a zero lease cannot be kept: the message is visible again at once
+            await asyncio.sleep(visibility / 2)
+            try:
+                await job.update_visibility(visibility)
+            except MessageStateError:
+                return  # the handler settled it itself
+            except ReceiptHandleError:
+                self._logger.warning(
+                    "lost the lease of request %r (another consumer received it)", job.message.payload.id
+                )
+                return
+            except Exception:
+                self._logger.exception("could not extend the lease of request %r", job.message.payload.id)
+
+    @staticmethod
+    async def _stop_heartbeat(heartbeat: asyncio.Task[None]) -> None:
+        # Wait for it to end, so a visibility update in progress cannot land after the mark.
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+
+    # -- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(self, dispatch: asyncio.Task[None] | None, *, graceful: bool) -> None:
+        """No new dequeues; the running handlers get the grace (when ``graceful``), then are
+        cancelled; a message still held after that is released here. Idempotent."""
+        loop = asyncio.get_running_loop()
+        if dispatch is not None and not dispatch.done():
+            # The dequeue waits on an event and reserves budget only in the same step as it
+            # takes a message, so cancelling it in its wait takes nothing.
+            dispatch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatch
+        if graceful and self._active and not self._force:
+            deadline = loop.time() + self.shutdown_grace
+            assert self._force_event is not None
+            force_wait = loop.create_task(self._force_event.wait())
+            try:
+                while self._active and not self._force:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    await asyncio.wait(
+                        {*self._active, force_wait}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                    )
+            finally:
+                force_wait.cancel()
+        pending = dict(self._active)
+        if not pending:
+            return
+        self._logger.warning("cancelling %d handler(s) still running; releasing their messages", len(pending))
+        for task in pending:
+            task.cancel()
+        _done, stuck = await asyncio.wait(pending, timeout=_CANCEL_WAIT)
+        for task in stuck:
+            job = pending[task]
+            self._logger.error(
+                "handler of request %r ignored its cancellation; releasing its message anyway",
+                job.message.payload.id,
+            )
+            await self._release(job, asyncio.CancelledError())
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _on_signal(self, signum: signal.Signals) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self._logger.warning("%s: stopping (again to skip the grace)", signum.name)
+            self.stop()
+        else:
+            self._logger.warning("%s again: cancelling the running handlers now", signum.name)
+            self._force = True
+            if self._force_event is not None:
+                self._force_event.set()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[tuple[signal.Signals, Any]]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return []
+        installed: list[tuple[signal.Signals, Any]] = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # not a Unix loop
+                continue
+            installed.append((signum, previous))
+        return installed
+
+    @staticmethod
+    def _restore_signal_handlers(
+        loop: asyncio.AbstractEventLoop, installed: list[tuple[signal.Signals, Any]]
+    ) -> None:
+        for signum, previous in installed:
+            loop.remove_signal_handler(signum)
+            if previous is not None:
+                signal.signal(signum, previous)
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "idle"
+        return f"<Worker {state} concurrency={self.concurrency} {self.stats}>"

@@ -1,0 +1,324 @@
+"""A local OpenAI-compatible chat completions server for tests (aiohttp, 127.0.0.1 only).
+
+It enforces its own limits the way a provider does: a request bucket and a token bucket, each
+refilled continuously at ``rpm / 60`` and ``tpm / 60`` per second, with capacities
+``burst_requests`` and ``burst_tokens`` (a provider enforces a minute's limit in finer slices).
+A request is charged its prompt (characters / 4, rounded up) plus its ``max_tokens`` (or
+``max_completion_tokens``, or 256) on arrival; unused completion tokens are not refunded, as
+OpenAI does not. Over the limits it answers 429 with ``retry-after``, ``retry-after-ms`` and
+the ``x-ratelimit-*`` headers, which every response carries.
+
+Per-request behaviour is keyed by the content of the request's last message: ``fail_first``
+(answer 500 that many times first), ``status_for`` (always answer that status), ``quota``
+(429 with code ``insufficient_quota``), ``slow`` (the first call waits that long). ``latency``
+delays every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
+
+Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
+async tests and subprocesses can call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class ProviderConfig:
+    rpm: float = 60_000.0
+    tpm: float = 10_000_000.0
+    burst_requests: float | None = None  # default: rpm
+    burst_tokens: float | None = None  # default: tpm
+    completion_tokens: int = 20  # tokens a reply uses, at most max_tokens
+    latency: float = 0.0
+    fail_rate: float = 0.0
+    seed: int = 0
+    fail_first: dict[str, int] = field(default_factory=dict)
+    status_for: dict[str, int] = field(default_factory=dict)
+    quota: set[str] = field(default_factory=set)
+    slow: dict[str, float] = field(default_factory=dict)
+
+
+class _Bucket:
+    def __init__(self, capacity: float, per_second: float, now: float) -> None:
+        self.capacity = capacity
+        self.per_second = per_second
+        self.level = capacity
+        self.stamp = now
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.per_second)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level) / self.per_second)
+
+    def until_full(self) -> float:
+        return (self.capacity - self.level) / self.per_second
+
+
+async def _cancel_the_rest() -> None:
+    """Ends handlers still sleeping (a slow answer) before their loop closes."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    chars = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+    return -(-chars // 4)
+
+
+def _key(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1], dict) and isinstance(messages[-1].get("content"), str):
+        return str(messages[-1]["content"])
+    return ""
+
+
+class ProviderServer:
+    """The server and what it saw. Read the counters after the calls finished."""
+
+    def __init__(self, config: ProviderConfig | None = None) -> None:
+        self.config = config or ProviderConfig()
+        self.calls: Counter[str] = Counter()  # every request, by key
+        self.successes: Counter[str] = Counter()  # 200 answers, by key
+        self.statuses: Counter[int] = Counter()
+        self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
+        self.rate_limited_at: list[float] = []  # server time of each 429 answer
+        self.started_at = 0.0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._buckets: tuple[_Bucket, _Bucket] | None = None
+        self._rng = random.Random(self.config.seed)
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def configure(self, **changes: Any) -> None:
+        """Changes the configuration and starts the buckets full again."""
+        with self._lock:
+            for name, value in changes.items():
+                setattr(self.config, name, value)
+            self._buckets = None
+            self._rng = random.Random(self.config.seed)
+            self.started_at = time.monotonic()
+
+    def _limits(self, now: float) -> tuple[_Bucket, _Bucket]:
+        if self._buckets is None:
+            config = self.config
+            self._buckets = (
+                _Bucket(config.burst_requests or config.rpm, config.rpm / 60.0, now),
+                _Bucket(config.burst_tokens or config.tpm, config.tpm / 60.0, now),
+            )
+        requests, tokens = self._buckets
+        requests.refill(now)
+        tokens.refill(now)
+        return requests, tokens
+
+    def _headers(self, now: float) -> dict[str, str]:
+        requests, tokens = self._limits(now)
+        return {
+            "x-ratelimit-limit-requests": str(int(self.config.rpm)),
+            "x-ratelimit-remaining-requests": str(int(requests.level)),
+            "x-ratelimit-reset-requests": f"{requests.until_full():.3f}s",
+            "x-ratelimit-limit-tokens": str(int(self.config.tpm)),
+            "x-ratelimit-remaining-tokens": str(int(tokens.level)),
+            "x-ratelimit-reset-tokens": f"{tokens.until_full():.3f}s",
+        }
+
+    @staticmethod
+    def _error(
+        status: int, message: str, kind: str, headers: dict[str, str], code: str | None = None
+    ) -> web.Response:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return self._error(400, "body is not JSON", "invalid_request_error", {})
+        key = _key(body)
+        config = self.config
+        with self._lock:
+            now = time.monotonic()
+            self.calls[key] += 1
+            attempt = self.calls[key]
+            requests, tokens = self._limits(now)
+            prompt = _prompt_tokens(body)
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+            charge = prompt + int(max_tokens)
+            wait = max(requests.wait_for(1), tokens.wait_for(charge))
+            random_failure = config.fail_rate > 0 and self._rng.random() < config.fail_rate
+            if wait == 0:
+                requests.level -= 1
+                tokens.level -= charge
+        if key in config.status_for:
+            status = config.status_for[key]
+            return self._finish(
+                status, self._error(status, f"refused {key}", "invalid_request_error", self._headers_now())
+            )
+        if key in config.quota:
+            return self._finish(
+                429,
+                self._error(
+                    429, "quota exceeded", "insufficient_quota", self._headers_now(), "insufficient_quota"
+                ),
+            )
+        if wait > 0:
+            headers = self._headers_now()
+            headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+            headers["retry-after"] = str(math.ceil(wait))
+            with self._lock:
+                self.rate_limited_at.append(time.monotonic() - self.started_at)
+            return self._finish(
+                429, self._error(429, "rate limit reached", "requests", headers, "rate_limit_exceeded")
+            )
+        delay = config.latency + (config.slow.get(key, 0.0) if attempt == 1 else 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if attempt <= config.fail_first.get(key, 0) or random_failure:
+            return self._finish(500, self._error(500, "internal error", "server_error", self._headers_now()))
+        completion = min(int(max_tokens), config.completion_tokens)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        with self._lock:
+            self.successes[key] += 1
+            self.usage[key] = prompt + completion
+        answer = {
+            "id": f"chatcmpl-{key}-{attempt}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "test-model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"echo: {key}"},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+        return self._finish(200, web.json_response(answer, headers=self._headers_now()))
+
+    def _headers_now(self) -> dict[str, str]:
+        with self._lock:
+            return self._headers(time.monotonic())
+
+    def _finish(self, status: int, response: web.Response) -> web.Response:
+        with self._lock:
+            self.statuses[status] += 1
+        return response
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> ProviderServer:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as error:  # reported to start()
+                failure.append(error)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.run_until_complete(_cancel_the_rest())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="provider-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("provider server did not start")
+        if failure:
+            raise failure[0]
+        self.started_at = time.monotonic()
+        return self
+
+    async def _open(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+
+def main() -> None:
+    """``python -m tests.provider.server [--rpm N --tpm N ...]``: serve until Ctrl-C (for the
+    README's captured output)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rpm", type=float, default=600.0)
+    parser.add_argument("--tpm", type=float, default=100_000.0)
+    parser.add_argument("--burst-requests", type=float, default=None)
+    parser.add_argument("--burst-tokens", type=float, default=None)
+    parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--fail-rate", type=float, default=0.0)
+    args = parser.parse_args()
+    server = ProviderServer(
+        ProviderConfig(
+            rpm=args.rpm,
+            tpm=args.tpm,
+            burst_requests=args.burst_requests,
+            burst_tokens=args.burst_tokens,
+            latency=args.latency,
+            fail_rate=args.fail_rate,
+        )
+    ).start()
+    print(f"serving {server.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+        print(f"statuses: {dict(server.statuses)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The openai integration against a local OpenAI-compatible server, with the real SDK: the
+estimator, the error mapping, header sync and penalties, and Worker runs end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+from openai import AsyncOpenAI
+
+import llm_queue_dispatcher.openai as lqd_openai
+import llm_queue_dispatcher.worker as lqd_worker
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    InvalidRequestError,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    LLMThrottle,
+    PermanentError,
+    Priority,
+    ProcessableMessage,
+    RetryableError,
+    Worker,
+)
+from llm_queue_dispatcher.openai import (
+    DEFAULT_COMPLETION_TOKENS,
+    IMAGE_PART_TOKENS,
+    create_chat_completion,
+    estimate_chat_tokens,
+    openai_chat_handler,
+)
+
+from .server import ProviderServer
+
+
+def chat(key: str, max_tokens: int = 50, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "test-model",
+        "messages": [{"role": "user", "content": key}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
+
+
+# -- estimator -----------------------------------------------------------------------------------
+def test_importing_the_package_does_not_import_openai() -> None:
+    code = (
+        "import sys, llm_queue_dispatcher as l; "
+        "l.LLMRequest.from_openai_chat('a', {'messages': [{'role': 'user', 'content': 'x'}]}); "
+        "print('openai' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_doctests_of_the_worker_and_openai_modules() -> None:
+    for module in (lqd_worker, lqd_openai):
+        failures, tried = doctest.testmod(module)
+        assert tried > 0
+        assert failures == 0
+
+
+def test_estimate_counts_text_overheads_and_the_completion_allowance() -> None:
+    payload = {
+        "model": "m",
+        "messages": [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "hi"}],
+    }
+    # system: 4 + role 2 + 10; user: 4 + role 1 + 1; reply 3; no max_tokens: the default.
+    assert estimate_chat_tokens(payload) == 25 + DEFAULT_COMPLETION_TOKENS
+    assert estimate_chat_tokens({**payload, "max_tokens": 10}) == 35
+    assert estimate_chat_tokens({**payload, "max_tokens": 10, "max_completion_tokens": 30}) == 55
+    assert estimate_chat_tokens({**payload, "max_tokens": 10, "n": 3}) == 55
+    assert estimate_chat_tokens(payload, default_completion_tokens=0) == 25
+
+
+def test_estimate_is_conservative_for_other_scripts_images_and_tools() -> None:
+    base = {"model": "m", "max_tokens": 0}
+    cjk = estimate_chat_tokens({**base, "messages": [{"role": "user", "content": "東京の天気は"}]})
+    assert cjk == 3 + 4 + 1 + 6  # one token per non-ASCII character
+    image = estimate_chat_tokens(
+        {
+            **base,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}},
+                    ],
+                }
+            ],
+        }
+    )
+    assert image == 3 + 4 + 1 + 3 + IMAGE_PART_TOKENS
+    plain = estimate_chat_tokens({**base, "messages": [{"role": "user", "content": "hi"}]})
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    assert (
+        estimate_chat_tokens({**base, "messages": [{"role": "user", "content": "hi"}], "tools": tools})
+        > plain + 10
+    )
+
+
+def test_estimate_uses_a_pluggable_tokenizer() -> None:
+    words = estimate_chat_tokens(
+        {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 5},
+        tokenizer=lambda text: len(text.split()),
+    )
+    assert words == 3 + 4 + 1 + 3 + 5
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        estimate_chat_tokens({"messages": [{"role": "user", "content": "x"}]}, tokenizer=lambda text: -1)
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        estimate_chat_tokens({"messages": [{"role": "user", "content": "x"}]}, tokenizer=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ([], "payload"),
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": ["hello"]}, r"messages'\]\[0\]"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "'n'"),
+    ],
+)
+def test_estimate_names_the_bad_field(payload: Any, field: str) -> None:
+    with pytest.raises(InvalidRequestError, match=field):
+        estimate_chat_tokens(payload)
+
+
+def test_from_openai_chat_builds_an_estimated_request() -> None:
+    payload = chat("hello", max_tokens=100)
+    request = LLMRequest.from_openai_chat("r1", payload, priority=1, tenant="acme", metadata={"k": 1})
+    assert request.payload is payload
+    assert request.priority is Priority.HIGH
+    assert request.tenant == "acme"
+    assert request.metadata == {"k": 1}
+    assert request.token_info.estimated == estimate_chat_tokens(payload)
+    assert request.token_info.model == "test-model"
+    words = LLMRequest.from_openai_chat("r2", payload, tokenizer=lambda text: 1)
+    assert words.token_info.estimated == 3 + 4 + 1 + 1 + 100
+    with pytest.raises(InvalidRequestError, match="stream"):
+        LLMRequest.from_openai_chat("r3", {**payload, "stream": True})
+    with pytest.raises(InvalidRequestError, match="priority"):
+        LLMRequest.from_openai_chat("r4", payload, priority=9)
+    with pytest.raises(InvalidRequestError, match="id"):
+        LLMRequest.from_openai_chat("", payload)
+
+
+# -- one call ------------------------------------------------------------------------------------
+async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    provider.configure(rpm=600, tpm=60_000, burst_requests=5, burst_tokens=1_000)
+    limiter = LLMThrottle(600, 60_000)  # believes in a minute's burst: 600 requests, 60k tokens
+    completion = await create_chat_completion(client, limiter, chat("hello", max_tokens=100))
+    assert completion.choices[0].message.content == "echo: hello"
+    assert completion.usage is not None
+    assert completion.usage.total_tokens == 2 + 20
+    metrics = limiter.get_metrics()
+    assert metrics.rpm.available <= 4 + 0.5  # the server said 4 remain
+    assert metrics.tpm.available <= 1_000 - 102 + 5
+
+
+class AsyncLimiter:
+    """An AsyncRateLimiter over LLMThrottle, as a shared (Redis) limiter would look."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+        self.awaited: Counter[str] = Counter()
+
+    async def can_process(self, estimated_tokens: int) -> Any:
+        return self.inner.can_process(estimated_tokens)
+
+    async def get_metrics(self) -> Any:
+        return self.inner.get_metrics()
+
+    async def consume(
+        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> bool:
+        return self.inner.consume(request_id, estimated_tokens, metadata)
+
+    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, actual_tokens)
+
+    async def penalize(self, seconds: float) -> None:
+        self.awaited["penalize"] += 1
+        self.inner.penalize(seconds)
+
+    async def sync_from_headers(self, headers: Any) -> Any:
+        self.awaited["sync_from_headers"] += 1
+        return self.inner.sync_from_headers(headers)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_429_penalizes_the_limiter_and_is_retryable_after_retry_after(
+    provider: ProviderServer, client: AsyncOpenAI, kind: str
+) -> None:
+    provider.configure(rpm=60, burst_requests=1)  # one request, then one a second
+    inner = LLMThrottle(60_000, 1_000_000)
+    limiter: Any = inner if kind == "sync" else AsyncLimiter(inner)
+    await create_chat_completion(client, limiter, chat("first"))
+    with pytest.raises(RetryableError) as caught:
+        await create_chat_completion(client, limiter, chat("second"))
+    assert caught.value.retry_after is not None
+    assert 0.5 < caught.value.retry_after <= 1.0
+    assert inner.can_process(1).available_in >= caught.value.retry_after - 0.05
+    assert provider.statuses[429] == 1
+    if kind == "async":
+        assert limiter.awaited == Counter({"sync_from_headers": 2, "penalize": 1})
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ({"status_for": {"k": 400}}, PermanentError),
+        ({"status_for": {"k": 401}}, PermanentError),
+        ({"status_for": {"k": 403}}, PermanentError),
+        ({"status_for": {"k": 404}}, PermanentError),
+        ({"status_for": {"k": 422}}, PermanentError),
+        ({"quota": {"k"}}, PermanentError),
+        ({"status_for": {"k": 500}}, RetryableError),
+        ({"status_for": {"k": 503}}, RetryableError),
+        ({"status_for": {"k": 408}}, RetryableError),
+        ({"status_for": {"k": 409}}, RetryableError),
+    ],
+)
+async def test_status_codes_map_to_retryable_or_permanent(
+    provider: ProviderServer, client: AsyncOpenAI, setup: dict[str, Any], expected: type[Exception]
+) -> None:
+    provider.configure(**setup)
+    with pytest.raises(expected):
+        await create_chat_completion(client, LLMThrottle(60_000, 1_000_000), chat("k"))
+    assert provider.calls["k"] == 1  # the SDK's own retries are off
+
+
+async def test_a_timeout_and_a_refused_connection_are_retryable(provider: ProviderServer) -> None:
+    provider.configure(slow={"k": 0.8})
+    sdk = AsyncOpenAI(base_url=provider.base_url, api_key="x", timeout=0.3)
+    try:
+        with pytest.raises(RetryableError, match="timed out"):
+            await create_chat_completion(sdk, LLMThrottle(60_000, 1_000_000), chat("k"))
+    finally:
+        await sdk.close()
+    closed = AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", timeout=2.0)
+    try:
+        with pytest.raises(RetryableError, match="connection"):
+            await create_chat_completion(closed, LLMThrottle(60_000, 1_000_000), chat("k"))
+    finally:
+        await closed.close()
+
+
+# -- Worker end to end ---------------------------------------------------------------------------
+async def run_batch(
+    client: AsyncOpenAI,
+    limiter: Any,
+    keys: list[str],
+    *,
+    storage: InMemoryStorage[Any] | None = None,
+    visibility_timeout: float = 30.0,
+    concurrency: int = 8,
+    max_tokens: int = 200,
+    **worker_options: Any,
+) -> tuple[Worker[Any], LLMQueueDispatcher[Any]]:
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage if storage is not None else InMemoryStorage(),
+        LLMQueueDispatcherConfig(visibility_timeout=visibility_timeout),
+    )
+    for key in keys:
+        await dispatcher.enqueue(LLMRequest.from_openai_chat(key, chat(key, max_tokens=max_tokens)))
+    worker: Worker[Any] = Worker(
+        dispatcher,
+        limiter,
+        openai_chat_handler(client, limiter),
+        concurrency=concurrency,
+        handle_signals=False,
+        **worker_options,
+    )
+    await asyncio.wait_for(worker.run(stop_when_empty=True), 60)
+    return worker, dispatcher
+
+
+async def test_every_request_completes_exactly_once_and_actual_tokens_reach_the_limiter(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    keys = [f"request-{n:02d}" for n in range(40)]
+    provider.configure(fail_first={keys[3]: 2, keys[17]: 1}, fail_rate=0.1, seed=3, completion_tokens=30)
+    limiter = LLMThrottle(60_000, 10_000_000)
+    worker, dispatcher = await run_batch(client, limiter, keys, retry_base_delay=0.01, max_retry_delay=0.05)
+    assert provider.successes == Counter({key: 1 for key in keys})
+    assert provider.statuses[500] >= 3
+    stats = worker.stats
+    assert (stats.processed, stats.retried, stats.dead_lettered) == (40, provider.statuses[500], 0)
+    # The limiter holds the provider's usage for each request, not the estimate.
+    actual = {record.request_id: record.actual_tokens for record in limiter.get_consumption_history()}
+    assert actual == provider.usage
+    assert stats.tokens == sum(provider.usage.values())
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_429s_stay_few_after_the_first_ones(provider: ProviderServer, client: AsyncOpenAI) -> None:
+    # The provider enforces its minute in one-second slices (like OpenAI); the limiter is told
+    # the same per-minute limits, so it starts out believing in a whole minute's burst.
+    provider.configure(rpm=1_200, tpm=120_000, burst_requests=20, burst_tokens=1_000, latency=0.05)
+    keys = [f"request-{n:02d}" for n in range(40)]
+    limiter = LLMThrottle(1_200, 120_000)
+    worker, _ = await run_batch(client, limiter, keys, concurrency=16, max_tokens=100)
+    assert provider.successes == Counter({key: 1 for key in keys})
+    # About 1.5 s of work at the provider's 2,000 tokens a second after its burst of 1,000.
+    first = [at for at in provider.rate_limited_at if at < 0.5]
+    later = [at for at in provider.rate_limited_at if at >= 0.5]
+    assert len(first) >= 1  # the limiter's minute-sized burst did overrun the provider at first
+    assert len(later) <= 3, provider.rate_limited_at  # measured 0-1; without the sync, 170+ (below)
+    assert worker.stats.retried == provider.statuses[429]
+
+
+async def test_without_header_sync_and_penalty_429s_keep_coming(
+    provider: ProviderServer, client: AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The control of the test above: the same run with a limiter that ignores the provider.
+    provider.configure(rpm=1_200, tpm=120_000, burst_requests=20, burst_tokens=1_000, latency=0.05)
+
+    class Deaf:
+        """LLMThrottle's budget without penalize or sync_from_headers."""
+
+        def __init__(self, inner: LLMThrottle) -> None:
+            self.can_process = inner.can_process
+            self.get_metrics = inner.get_metrics
+            self.consume = inner.consume
+            self.adjust_consumption = inner.adjust_consumption
+            self.get_consumption_history = inner.get_consumption_history
+
+    keys = [f"request-{n:02d}" for n in range(40)]
+    limiter: Any = Deaf(LLMThrottle(1_200, 120_000))
+    await run_batch(
+        client, limiter, keys, concurrency=16, max_tokens=100, retry_base_delay=0.05, max_retry_delay=0.2
+    )
+    assert provider.successes == Counter({key: 1 for key in keys})
+    assert len([at for at in provider.rate_limited_at if at >= 0.5]) > 50
+
+
+async def test_a_slow_call_keeps_its_message_invisible(provider: ProviderServer, client: AsyncOpenAI) -> None:
+    provider.configure(slow={"slow-one": 1.2})
+    storage: InMemoryStorage[Any] = InMemoryStorage()
+    limiter = LLMThrottle(60_000, 10_000_000)
+    run = asyncio.ensure_future(
+        run_batch(client, limiter, ["slow-one"], storage=storage, visibility_timeout=0.3)
+    )
+    await asyncio.sleep(0.2)
+    rival: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage)
+    assert await rival.dequeue(LLMThrottle(60_000, 10_000_000), timeout=0.9) is None
+    worker, _ = await run
+    assert provider.calls["slow-one"] == 1
+    assert worker.stats.processed == 1
+
+
+async def test_permanent_errors_dead_letter_and_the_rest_completes(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    provider.configure(status_for={"bad-model": 404, "bad-args": 400}, quota={"no-money"})
+    dead: InMemoryStorage[Any] = InMemoryStorage()
+    keys = ["ok-1", "bad-model", "ok-2", "bad-args", "no-money"]
+    limiter = LLMThrottle(60_000, 10_000_000)
+    worker, _ = await run_batch(client, limiter, keys, storage=InMemoryStorage(dead_letter=dead))
+    assert worker.stats.dead_lettered == 3
+    assert worker.stats.processed == 2
+    assert {provider.calls[key] for key in ("bad-model", "bad-args", "no-money")} == {1}
+    moved = await dead.dequeue(10, 30.0)
+    assert sorted(message.payload.id for message in moved) == ["bad-args", "bad-model", "no-money"]
+
+
+async def test_the_handler_hands_each_completion_to_on_completion(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    seen: dict[str, str | None] = {}
+
+    async def keep(job: ProcessableMessage[Any], completion: Any) -> None:
+        seen[job.message.payload.id] = completion.choices[0].message.content
+
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage())
+    await dispatcher.enqueue(LLMRequest.from_openai_chat("a", chat("a")))
+    limiter = LLMThrottle(60_000, 10_000_000)
+    worker: Worker[Any] = Worker(
+        dispatcher, limiter, openai_chat_handler(client, limiter, on_completion=keep), handle_signals=False
+    )
+    await asyncio.wait_for(worker.run(stop_when_empty=True), 30)
+    assert seen == {"a": "echo: a"}
+    with pytest.raises(InvalidRequestError, match="client"):
+        openai_chat_handler(object(), limiter)  # type: ignore[arg-type]
+
+
+def test_the_readme_openai_example_runs_against_an_openai_compatible_server(provider: ProviderServer) -> None:
+    import os
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Running workers") :]
+    code = re.search(r"```python norun\n(.*?)```", section, re.S)
+    assert code is not None
+    env = {**os.environ, "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": provider.base_url}
+    result = subprocess.run(
+        [sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "q0 echo: What is a token bucket?",
+        "q1 echo: Why add jitter to retries?",
+        "q2 echo: What is a dead-letter queue?",
+    ]
+    assert result.stdout.splitlines()[3].startswith("WorkerStats(processed=3, retried=0, dead_lettered=0")

@@ -1,0 +1,167 @@
+"""The demo's web app over HTTP (aiohttp's test server on 127.0.0.1), without a browser."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_queue_dispatcher.demo.engine import Controls, DemoEngine
+from llm_queue_dispatcher.demo.server import create_app
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TestClient[Any, Any]]:
+    engine = DemoEngine(["default", "fair"], speed=50.0, controls=Controls(failure_rate=0.0))
+    await engine.burst(60)
+    app = create_app(engine, push_interval=0.05)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as test_client:
+        yield test_client
+
+
+async def _events(client: TestClient[Any, Any], count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``count`` server-sent events of a fresh connection."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    async with client.get("/events") as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        event = ""
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                out.append((event, json.loads(line[len("data: ") :])))
+                if len(out) == count:
+                    break
+    return out
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+async def test_the_page_and_its_files_come_from_this_server_only(client: TestClient[Any, Any]) -> None:
+    page = await client.get("/")
+    assert page.status == 200
+    html = await page.text()
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert "/static/app.js" in assets
+    assert "/static/vendor/uplot/uPlot.iife.min.js" in assets
+    for asset in assets:
+        # Nothing from the network: local paths (and the empty data: favicon) only.
+        assert asset.startswith(("/", "data:")), asset
+        if asset.startswith("/static/"):
+            response = await client.get(asset)
+            assert response.status == 200, asset
+    script = await (await client.get("/static/app.js")).text()
+    assert "http://" not in script
+    assert "https://" not in script
+    assert (await client.get("/static/../__init__.py")).status == 404
+
+
+async def test_events_say_hello_then_push_snapshots(client: TestClient[Any, Any]) -> None:
+    events = await _events(client, 3)
+    (first, hello), (second, snapshot), _ = events
+    assert first == "hello"
+    assert [s["name"] for s in hello["strategies"]] == ["default", "fair"]
+    assert hello["controls"]["tpm"] == 60_000
+    assert second == "snapshot"
+    assert [lane["name"] for lane in snapshot["lanes"]] == ["default", "fair"]
+    assert snapshot["point"]["t"] == snapshot["t"]
+    assert set(snapshot["lanes"][0]) >= {"pending", "processing", "completed", "stats"}
+
+
+async def test_a_tpm_change_reaches_the_limiter_and_metrics(client: TestClient[Any, Any]) -> None:
+    response = await client.post("/api/controls", json={"tpm": 123_456})
+    assert response.status == 200
+    assert (await response.json())["controls"]["tpm"] == 123_456
+    metrics = await (await client.get("/metrics")).text()
+    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 123_456
+    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="fair") == 123_456
+    names = {sample.name for family in text_string_to_metric_families(metrics) for sample in family.samples}
+    assert names
+    assert all(name.startswith("llmqd_") for name in names)
+    assert "llmqd_dispatched_total" in names
+    assert "llmqd_wait_time_seconds_bucket" in names
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"tpm": -1}, "tpm"),
+        ({"rpm": None}, "rpm"),
+        ({"tpm": 1e300}, "tpm"),
+        ({"tenants": 99}, "tenants"),
+        ({"priority_mix": [1, 2]}, "priority_mix"),
+        ({"volume": 11}, "unknown control"),
+        ([1, 2], "JSON object"),
+    ],
+)
+async def test_bad_controls_get_400_and_change_nothing(
+    client: TestClient[Any, Any], body: Any, message: str
+) -> None:
+    response = await client.post("/api/controls", json=body)
+    assert response.status == 400
+    assert message in (await response.json())["error"]
+    metrics = await (await client.get("/metrics")).text()
+    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 60_000
+
+
+async def test_malformed_posts_are_refused(client: TestClient[Any, Any]) -> None:
+    for body in ("{", "NaN]", ""):
+        response = await client.post("/api/controls", data=body, headers={"Content-Type": "application/json"})
+        assert response.status == 400
+    # A JSON NaN parses but is not a finite number.
+    response = await client.post(
+        "/api/controls", data='{"tpm": NaN}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert "finite" in (await response.json())["error"]
+    # Form posts (what another site could send without a CORS preflight) are refused.
+    response = await client.post("/api/controls", data={"tpm": "1"})
+    assert response.status == 415
+    response = await client.post(
+        "/api/burst", data="x" * 20_000, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+
+
+async def test_bursts(client: TestClient[Any, Any]) -> None:
+    response = await client.post("/api/burst", json={"size": 25, "priority": "URGENT"})
+    assert response.status == 200
+    assert await response.json() == {"enqueued": 25}
+    for body in ({"size": -3}, {"size": "many"}, {"size": 10, "priority": "SOON"}, {"size": 1, "extra": 1}):
+        response = await client.post("/api/burst", json=body)
+        assert response.status == 400, body
+        assert "error" in await response.json()
+
+
+async def test_request_details(client: TestClient[Any, Any]) -> None:
+    snapshot: dict[str, Any] = {}
+    for event, data in await _events(client, 40):
+        if event == "snapshot" and data["lanes"][0]["completed"]["items"]:
+            snapshot = data
+            break
+    assert snapshot, "nothing completed"
+    chip = snapshot["lanes"][0]["completed"]["items"][0]
+    response = await client.get(f"/api/requests/default/{chip['id']}")
+    assert response.status == 200
+    detail = await response.json()
+    assert detail["id"] == chip["id"]
+    assert set(detail["score"]["breakdown"]) >= {"priority", "wait_time", "token_fit"}
+    assert detail["reason"].startswith("score ")
+    assert (await client.get("/api/requests/default/nope")).status == 404
+
+
+async def test_requests_for_another_host_name_are_refused(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/", headers={"Host": "attacker.example:8765"})
+    assert response.status == 403

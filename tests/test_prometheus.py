@@ -1,0 +1,234 @@
+"""`llm_queue_dispatcher.prometheus`: what a scrape reports, and that a scrape only reads a snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_queue_dispatcher import (
+    InvalidConfigError,
+    InvalidRequestError,
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    QueueMetrics,
+    TenantMetrics,
+    TokenInfo,
+    WaitTimePercentiles,
+    create_in_memory_queue,
+)
+from llm_queue_dispatcher.metrics import PerformanceMetrics, ProcessingMetrics, QueueMetricsReport
+from llm_queue_dispatcher.prometheus import QueueCollector
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def _registry(collector: QueueCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+async def test_a_scrape_reports_the_queue_the_limiter_and_the_recorded_events() -> None:
+    clock = ManualClock(1_000.0)
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    dispatcher = create_in_memory_queue(clock=clock)
+    collector = QueueCollector()
+    registry = _registry(collector)
+    watched = collector.watch(dispatcher, limiter, queue="chat")
+    for index, priority in enumerate([Priority.URGENT, Priority.LOW, Priority.LOW, Priority.NORMAL]):
+        await dispatcher.enqueue(LLMRequest(f"r{index}", None, priority, TokenInfo(1_000)))
+    clock.advance(4.0)
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    watched.record_dispatch(first, 0.0002)
+    second = await dispatcher.dequeue(limiter)
+    assert second is not None
+    assert (first.message.payload.id, second.message.payload.id) == ("r0", "r3")  # URGENT, NORMAL
+    watched.record_dispatch(second, 0.00003)
+    await first.mark_as_processed(actual_tokens=800)
+    watched.record_completion(first, 800)
+    await second.mark_as_failed(RuntimeError("provider down"))
+
+    await collector.refresh()
+    samples = _samples(generate_latest(registry))
+
+    assert all(name.startswith("llmqd_") for name, _ in samples)
+    # r3 (NORMAL) failed and is visible again; r1 and r2 (LOW) never left.
+    assert _value(samples, "llmqd_queue_messages", queue="chat", priority="LOW") == 2
+    assert _value(samples, "llmqd_queue_messages", queue="chat", priority="NORMAL") == 1
+    assert _value(samples, "llmqd_queue_messages", queue="chat", priority="URGENT") == 0
+    assert _value(samples, "llmqd_in_flight_messages", queue="chat") == 0
+    assert _value(samples, "llmqd_dispatched_total", queue="chat") == 2
+    assert _value(samples, "llmqd_completed_total", queue="chat") == 1
+    assert _value(samples, "llmqd_completed_tokens_total", queue="chat") == 800
+    assert _value(samples, "llmqd_failed_total", queue="chat") == 1
+    assert _value(samples, "llmqd_dead_lettered_total", queue="chat") == 0
+    # Two dispatches reserved 1 request and 1,000 tokens each; the completion refunded 200 and
+    # the failure its 1,000; no time passed since.
+    assert _value(samples, "llmqd_limiter_tokens_available", queue="chat") == pytest.approx(9_200)
+    assert _value(samples, "llmqd_limiter_tokens_limit", queue="chat") == 10_000
+    assert _value(samples, "llmqd_limiter_requests_available", queue="chat") == pytest.approx(58)
+    assert _value(samples, "llmqd_limiter_requests_limit", queue="chat") == 60
+    # Both waited 4 s: the URGENT one and the NORMAL one.
+    assert _value(samples, "llmqd_wait_time_seconds_count", queue="chat", priority="URGENT") == 1
+    assert _value(samples, "llmqd_wait_time_seconds_bucket", queue="chat", priority="URGENT", le="2.5") == 0
+    assert _value(samples, "llmqd_wait_time_seconds_bucket", queue="chat", priority="URGENT", le="5.0") == 1
+    assert _value(samples, "llmqd_wait_time_seconds_sum", queue="chat", priority="NORMAL") == pytest.approx(
+        4.0
+    )
+    assert _value(samples, "llmqd_wait_time_seconds_count", queue="chat", priority="HIGH") == 0
+    assert _value(samples, "llmqd_dequeue_latency_seconds_count", queue="chat") == 2
+    assert _value(samples, "llmqd_dequeue_latency_seconds_bucket", queue="chat", le="5e-05") == 1
+    assert _value(samples, "llmqd_window_wait_time_seconds", queue="chat", quantile="0.5") == pytest.approx(
+        4.0
+    )
+    assert _value(samples, "llmqd_oldest_message_age_seconds", queue="chat") == pytest.approx(4.0)
+
+
+class _FakeSource:
+    """A dispatcher stand-in whose report is fixed, counting how often it is read."""
+
+    def __init__(self, tenants: dict[str, TenantMetrics]) -> None:
+        self.reads = 0
+        self.tenants = tenants
+
+    async def get_queue_metrics(self) -> QueueMetrics:
+        self.reads += 1
+        return QueueMetrics(
+            queue=QueueMetricsReport(messages_by_priority={"URGENT": 3, "HIGH": 0, "NORMAL": 0, "LOW": 0}),
+            processing=ProcessingMetrics(),
+            performance=PerformanceMetrics(),
+            tenants=self.tenants,
+        )
+
+
+async def test_tenants_are_exported_and_capped() -> None:
+    tenants = {
+        "acme": TenantMetrics(
+            visible=5,
+            in_flight=2,
+            tokens_in_window=1_500.0,
+            tokens_served=40_000,
+            wait_time_percentiles=WaitTimePercentiles(p50=1.0, p95=3.0, p99=7.5),
+        ),
+        "tiny": TenantMetrics(visible=1),
+        "": TenantMetrics(in_flight=1),
+    }
+    collector = QueueCollector(max_tenants=2)
+    registry = _registry(collector)
+    collector.watch(_FakeSource(tenants), queue="q")
+    await collector.refresh()
+    samples = _samples(generate_latest(registry))
+    assert _value(samples, "llmqd_tenant_messages", queue="q", tenant="acme", state="visible") == 5
+    assert _value(samples, "llmqd_tenant_messages", queue="q", tenant="acme", state="in_flight") == 2
+    assert _value(samples, "llmqd_tenant_window_tokens", queue="q", tenant="acme") == 1_500
+    assert _value(samples, "llmqd_tenant_served_tokens_total", queue="q", tenant="acme") == 40_000
+    assert _value(samples, "llmqd_tenant_wait_time_seconds", queue="q", tenant="acme", quantile="0.99") == 7.5
+    exported = {labels for name, labels in samples if name == "llmqd_tenant_window_tokens"}
+    # Two tenants at most: the busiest first, then by name ("" before "tiny").
+    assert exported == {(("queue", "q"), ("tenant", "acme")), (("queue", "q"), ("tenant", ""))}
+
+
+async def test_a_scrape_reads_only_the_snapshot() -> None:
+    source = _FakeSource({})
+    collector = QueueCollector()
+    registry = _registry(collector)
+    collector.watch(source, queue="q")
+    before = _samples(generate_latest(registry))
+    assert source.reads == 0
+    assert ("llmqd_queue_messages", (("priority", "URGENT"), ("queue", "q"))) not in before
+    await collector.refresh()
+    assert source.reads == 1
+    # From another thread too (prometheus-client's own HTTP server scrapes from one).
+    for _ in range(3):
+        text = await asyncio.to_thread(generate_latest, registry)
+    assert source.reads == 1
+    assert _value(_samples(text), "llmqd_queue_messages", queue="q", priority="URGENT") == 3
+
+
+async def test_start_keeps_refreshing_and_render_serves_the_text_format() -> None:
+    source = _FakeSource({})
+    collector = QueueCollector()
+    collector.watch(source, queue="q")
+    task = collector.start(interval=0.01)
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+    assert source.reads >= 3
+    assert collector.last_refresh is not None
+    body, content_type = await collector.render()
+    assert content_type.startswith("text/plain")
+    assert b'llmqd_queue_messages{priority="URGENT",queue="q"} 3.0' in body
+
+
+async def test_an_async_limiter_is_awaited() -> None:
+    clock = ManualClock()
+    inner = LLMThrottle(30, 5_000, clock=clock)
+
+    class AsyncLimiter:
+        async def get_metrics(self) -> Any:
+            await asyncio.sleep(0)
+            return inner.get_metrics()
+
+    collector = QueueCollector()
+    collector.watch(create_in_memory_queue(clock=clock), AsyncLimiter(), queue="q")
+    body, _ = await collector.render()
+    assert _value(_samples(body), "llmqd_limiter_tokens_limit", queue="q") == 5_000
+
+
+def test_bad_watches_and_arguments_are_refused() -> None:
+    collector = QueueCollector()
+    dispatcher = create_in_memory_queue()
+    with pytest.raises(InvalidConfigError, match="get_queue_metrics"):
+        collector.watch(object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match="get_metrics"):
+        collector.watch(dispatcher, object())
+    for name in ("priority", "le", "__x", "bad-name"):
+        with pytest.raises(InvalidConfigError, match="label name"):
+            collector.watch(dispatcher, **{name: "x"})
+    collector.watch(dispatcher, queue="a")
+    with pytest.raises(InvalidConfigError, match="labels"):
+        collector.watch(dispatcher, region="eu")
+    with pytest.raises(InvalidConfigError, match="already watched"):
+        collector.watch(dispatcher, queue="a")
+    with pytest.raises(InvalidConfigError, match="max_tenants"):
+        QueueCollector(max_tenants=-1)
+    with pytest.raises(InvalidConfigError, match="interval"):
+        collector.start(interval=0)
+
+
+async def test_bad_event_records_are_refused_and_count_nothing() -> None:
+    clock = ManualClock()
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    dispatcher = create_in_memory_queue(clock=clock)
+    collector = QueueCollector()
+    watched = collector.watch(dispatcher, limiter)
+    await dispatcher.enqueue(LLMRequest("a", None, Priority.HIGH, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    for latency in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(InvalidRequestError, match="dequeue_seconds"):
+            watched.record_dispatch(job, latency)
+    with pytest.raises(InvalidRequestError, match="tokens"):
+        watched.record_completion(job, -5)
+    samples = _samples(generate_latest(_registry(collector)))
+    assert _value(samples, "llmqd_dispatched_total") == 0
+    assert _value(samples, "llmqd_completed_total") == 0
+    assert _value(samples, "llmqd_wait_time_seconds_count", priority="HIGH") == 0
