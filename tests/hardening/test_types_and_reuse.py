@@ -1,6 +1,6 @@
 """Issue 9, defect 13: messages built by Rust are exactly the dataclasses of `types.py`; an
 external store's metrics count a buffered message once; a dispatcher serves a second
-`asyncio.run()` as well as the first."""
+`asyncio.run()` as well as the first; one accuracy formula."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import dataclasses
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
     InMemoryStorage,
@@ -137,3 +139,21 @@ def test_a_dispatcher_serves_a_second_event_loop(source: str) -> None:
     assert asyncio.run(one_run("first")) == ["first-1", "first-2"]
     assert asyncio.run(one_run("second")) == ["second-1", "second-2"]
     dispatcher.stop()
+
+
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+@example(0, 0)
+@example(0, 1)
+@example(1, 0)
+def test_one_accuracy_formula_for_efficiency_and_history(estimated: int, actual: int) -> None:
+    """Defect 13: the efficiency metric and the history's estimation accuracy use one formula,
+    also when the estimate (or the actual count) is 0, where the two used to disagree."""
+    limiter = native_limiter(ManualClock(), tpm=1_000_000)
+    assert limiter.consume("a", estimated)
+    limiter.adjust_consumption("a", actual)
+    metrics = limiter.get_metrics()
+    assert metrics.efficiency == metrics.consumption_history.estimation_accuracy
+    if estimated == actual:
+        assert metrics.efficiency == 1.0
+    elif min(estimated, actual) == 0:
+        assert metrics.efficiency == 0.0
