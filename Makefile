@@ -58,5 +58,11 @@ COMPARE_ARGS ?=
 bench-compare:
 	$(PY) benches/compare.py $(COMPARE_ARGS)
 
+REDIS_COMPARE_ARGS ?=
+
+.PHONY: bench-redis  ## RedisStorage, the dispatcher and the shared limiter beside BullMQ 5 on one redis-server (REDIS_COMPARE_ARGS=--quick ...)
+bench-redis:
+	$(PY) benches/redis_compare.py $(REDIS_COMPARE_ARGS)
+
 .PHONY: all  ## install, lint and test
 all: install lint test

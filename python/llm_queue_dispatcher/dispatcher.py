@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, 
 from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .types import LLMRequest, Priority, QueueMessage
+from .wakeup import Wakeup
 
 __all__ = ["LLMQueueDispatcher", "ProcessableMessage"]
 
@@ -50,10 +50,6 @@ _LOGGER = logging.getLogger("llm_queue_dispatcher")
 # often once the time-only bound says it could have (custom scores may change with anything).
 _CUSTOM_RECHECK = 1.0
 
-# Longest single sleep while waiting with nothing scheduled to change: a guard against a clock
-# that differs from the event loop's (a wall clock stepped back), never a polling interval.
-_MAX_SLEEP = 3600.0
-
 
 class _Picked(NamedTuple):
     """A message a dispatch step chose and took, with what explains the choice."""
@@ -63,50 +59,6 @@ class _Picked(NamedTuple):
     reason: str | None
     #: `(tenant id, charge id)` of a fair_priority dispatch, to correct at the mark.
     charge: tuple[int, int] | None
-
-
-class _Wakeup:
-    """Wakes waiting dequeues when something changes (an enqueue, a mark, a purge).
-
-    A version number closes the race between looking and sleeping: a wait that starts after a
-    change it has not seen returns at once. Futures are made in the running loop at each wait,
-    so one dispatcher can serve several event loops one after the other.
-    """
-
-    def __init__(self) -> None:
-        self.version = 0
-        self._waiters: set[asyncio.Future[None]] = set()
-
-    def notify(self) -> None:
-        self.version += 1
-        for waiter in self._waiters:
-            if not waiter.done() and not waiter.get_loop().is_closed():
-                waiter.set_result(None)
-        self._waiters.clear()
-
-    async def wait(self, seen: int, timeout: float) -> None:
-        """Sleeps until a change after version ``seen``, or ``timeout`` seconds. A cancellation
-        propagates at once and changes nothing."""
-        if self.version != seen or timeout <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._waiters.add(waiter)
-        timer = loop.call_later(min(timeout, _MAX_SLEEP), _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiters.discard(waiter)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _is_async_limiter(limiter: Any) -> bool:
-    return inspect.iscoroutinefunction(getattr(limiter, "consume", None))
 
 
 class LLMQueueDispatcher(Generic[T]):
@@ -170,7 +122,7 @@ class LLMQueueDispatcher(Generic[T]):
         # Keyed by delivery (the object itself): a redelivered message is a second entry, and a
         # stale mark of the first delivery never removes the live one.
         self._in_flight: dict[ProcessableMessage[T], None] = {}
-        self._wakeup = _Wakeup()
+        self._wakeup = Wakeup()
         # Bumped by purge(): deliveries from before it belong to messages that no longer exist.
         self._generation = 0
         self._closed = False
@@ -221,29 +173,45 @@ class LLMQueueDispatcher(Generic[T]):
 
         return evaluate
 
-    async def _pick(self, limiter: Any) -> _Picked | float | None:
-        """One selection with the budget reserved: the chosen message, the seconds until a held
-        winner fits, or None. With an `LLMThrottle` one native step; with any other limiter,
-        select, reserve and take, giving the reservation back on every path that does not hand
-        the message out."""
+    def _pick_native(self, limiter: LLMThrottle) -> _Picked | float | None:
+        """One dispatch step against an `LLMThrottle`, in Rust: select, reserve and take (atomic
+        without custom scorers). The chosen message, the seconds until a held winner fits, or
+        None."""
+        config = self.config
+        if config.policy == "fair_priority":
+            fair = self._source.dispatch_fair(
+                limiter, config.visibility_timeout, config.reserve_budget, config.hold_budget
+            )
+            if fair is None or isinstance(fair, float):
+                return fair
+            return self._fairly(fair)
+        custom_fn = self._custom_fn(limiter.get_metrics()) if self._custom_scorers else None
+        outcome = self._source.dispatch_native(
+            limiter,
+            self._scoring_params,
+            custom_fn,
+            config.visibility_timeout,
+            config.min_score_threshold,
+            config.reserve_budget,
+            config.hold_budget,
+        )
+        if outcome is None or isinstance(outcome, float):
+            return outcome
+        message, total, breakdown = outcome
+        return _Picked(
+            message,
+            MessageScore.of(total, dict(zip(self._breakdown_names, breakdown, strict=False))),
+            None,
+            None,
+        )
+
+    async def _pick_other(self, limiter: Any) -> _Picked | float | None:
+        """One selection against any other limiter: select, reserve and take, giving the
+        reservation back on every path that does not hand the message out."""
         if self.config.policy == "fair_priority":
             return await self._pick_fair(limiter)
         config = self.config
         reserve, hold = config.reserve_budget, config.hold_budget
-        if type(limiter) is LLMThrottle:
-            custom_fn = self._custom_fn(limiter.get_metrics()) if self._custom_scorers else None
-            outcome = self._source.dispatch_native(
-                limiter,
-                self._scoring_params,
-                custom_fn,
-                config.visibility_timeout,
-                config.min_score_threshold,
-                reserve,
-                hold,
-            )
-            if outcome is None or isinstance(outcome, float):
-                return outcome
-            return self._scored(*outcome)
         metrics = await call_limiter(limiter, "get_metrics")
         custom_fn = self._custom_fn(metrics) if self._custom_scorers else None
         # Holding the budget ranks every message that fits the capacity, against the capacity.
@@ -277,11 +245,6 @@ class LLMQueueDispatcher(Generic[T]):
     async def _pick_fair(self, limiter: Any) -> _Picked | float | None:
         config = self.config
         reserve, hold = config.reserve_budget, config.hold_budget
-        if type(limiter) is LLMThrottle:
-            outcome = self._source.dispatch_fair(limiter, config.visibility_timeout, reserve, hold)
-            if outcome is None or isinstance(outcome, float):
-                return outcome
-            return self._fairly(outcome)
         metrics = await call_limiter(limiter, "get_metrics")
         selection = self._source.select_fair(
             float(metrics.tpm.available), float(metrics.rpm.available), float(metrics.tpm.limit), hold
@@ -338,31 +301,29 @@ class LLMQueueDispatcher(Generic[T]):
         }
         return _Picked(message, MessageScore.of(0.0, breakdown), reason, (tenant_id, charge))
 
-    async def _hand_out(self, limiter: Any, picked: _Picked, started: float) -> ProcessableMessage[T]:
+    def _hand_out(self, limiter: Any, picked: _Picked, started: float) -> ProcessableMessage[T]:
+        """The delivery of a message a step took: tracked, and counted in the metrics."""
         message = picked.message
-        reserve = self.config.reserve_budget
-        try:
-            now = self._now()
-            processable = ProcessableMessage(
-                self,
-                message,
-                picked.score,
-                limiter,
-                reserve,
-                now,
-                self._generation,
-                picked.reason,
-                picked.charge,
-            )
-            request = message.payload
-            wait = now - message.attributes.enqueued_at.timestamp()
-            self._metrics.record_dispatch(
-                now, wait, time.perf_counter() - started, request.tenant or "", request.token_info.estimated
-            )
-        except BaseException:
-            # Nobody will own it: back where it came from, and its budget with it.
-            await asyncio.shield(self._give_back(limiter, message, picked.charge))
-            raise
+        now = self._now()
+        processable = ProcessableMessage(
+            self,
+            message,
+            picked.score,
+            limiter,
+            self.config.reserve_budget,
+            now,
+            self._generation,
+            picked.reason,
+            picked.charge,
+        )
+        request = message.payload
+        self._metrics.record_dispatch(
+            now,
+            now - message.attributes.enqueued_at.timestamp(),
+            time.perf_counter() - started,
+            request.tenant or "",
+            request.token_info.estimated,
+        )
         self._in_flight[processable] = None
         return processable
 
@@ -376,18 +337,29 @@ class LLMQueueDispatcher(Generic[T]):
             await release_reservation(limiter, message.payload.id)
 
     async def _try_dequeue(self, limiter: Any) -> ProcessableMessage[T] | float | None:
-        """A handed-out message, the seconds until a held winner fits, or None."""
+        """A handed-out message, the seconds until a held winner fits, or None. With the
+        in-memory store and an `LLMThrottle` this never suspends."""
+        source = self._source
+        native = type(limiter) is LLMThrottle
         while True:
-            await self._source.prepare()
+            if source.leases:
+                await source.prepare()
             if self.config.drop_expired:
                 await self._drop_expired()
             started = time.perf_counter()
-            picked = await self._pick(limiter)
+            picked = self._pick_native(limiter) if native else await self._pick_other(limiter)
             if picked is None or isinstance(picked, float):
                 return picked
-            processable = await self._hand_out(limiter, picked, started)
             try:
-                confirmed = await self._source.confirm(processable.message, self.config.visibility_timeout)
+                processable = self._hand_out(limiter, picked, started)
+            except BaseException:
+                # Nobody will own it: back where it came from, and its budget with it.
+                await asyncio.shield(self._give_back(limiter, picked.message, picked.charge))
+                raise
+            if not source.leases:
+                return processable
+            try:
+                confirmed = await source.confirm(processable.message, self.config.visibility_timeout)
             except BaseException:
                 # Cancelled or failed while renewing the lease: the source kept the message;
                 # the budget goes back and the delivery is forgotten.
@@ -445,6 +417,18 @@ class LLMQueueDispatcher(Generic[T]):
         if timeout is None:
             # Returns at once; with the in-memory store this never suspends.
             seen = self._wakeup.version
+            if type(rate_limiter) is LLMThrottle and not self._source.leases and not self.config.drop_expired:
+                # The hot path: one call into Rust and the bookkeeping, no coroutine in between.
+                started = time.perf_counter()
+                picked = self._pick_native(rate_limiter)
+                if isinstance(picked, _Picked):
+                    try:
+                        return self._hand_out(rate_limiter, picked, started)
+                    except BaseException:
+                        await asyncio.shield(self._give_back(rate_limiter, picked.message, picked.charge))
+                        raise
+                await self._nothing_found(rate_limiter, picked, seen)
+                return None
             found = await self._try_dequeue(rate_limiter)
             if isinstance(found, ProcessableMessage):
                 return found

@@ -155,18 +155,16 @@ class _Window:
         self._buckets: deque[list[float]] = deque()  # [second, count, tokens]
 
     def add(self, now: float, count: float, tokens: float) -> None:
+        buckets = self._buckets
         second = math.floor(now)
-        if self._buckets and self._buckets[-1][0] == second:
-            bucket = self._buckets[-1]
+        if buckets and buckets[-1][0] >= second:
+            # The current second (or a clock read before another's later reading: counted in
+            # the latest second).
+            bucket = buckets[-1]
             bucket[1] += count
             bucket[2] += tokens
-        elif self._buckets and self._buckets[-1][0] > second:
-            # A clock read before another's later reading: count it in the latest second.
-            bucket = self._buckets[-1]
-            bucket[1] += count
-            bucket[2] += tokens
-        else:
-            self._buckets.append([second, count, tokens])
+            return
+        buckets.append([second, count, tokens])
         self._expire(now)
 
     def _expire(self, now: float) -> None:
@@ -180,16 +178,6 @@ class _Window:
         return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
 
 
-class _TenantRecord:
-    __slots__ = ("last_seen", "tokens_served", "usage", "waits")
-
-    def __init__(self, fairness_window: float, samples: int) -> None:
-        self.waits: deque[tuple[float, float]] = deque(maxlen=samples)
-        self.usage = _Window(fairness_window)
-        self.tokens_served = 0
-        self.last_seen = -math.inf
-
-
 def _percentiles(samples: list[float]) -> WaitTimePercentiles:
     samples.sort()
     return WaitTimePercentiles(
@@ -200,67 +188,62 @@ def _percentiles(samples: list[float]) -> WaitTimePercentiles:
 class MetricsRecorder:
     """Streaming summaries of dispatches and completions, bounded in memory whatever the rate.
 
-    Wait times keep the last ``_WAIT_SAMPLES`` dispatches within the retention window,
-    throughput counts completions per clock second over the last minute, and each tenant keeps
-    its own last waits and its token use over the fairness window.
+    Each dispatch appends one record (when, wait, tenant, tokens charged) to a deque of the last
+    ``_SAMPLES``; wait percentiles and per-tenant figures are computed from it when a report
+    asks, over the retention window (and, for token use, the fairness window). Throughput
+    counts completions per clock second over the last minute. Recording costs two appends.
     """
 
-    # Samples kept regardless of the clock (a ManualClock may never advance).
-    _WAIT_SAMPLES = 10_000
-    _LATENCY_SAMPLES = 10_000
-    _TENANT_WAIT_SAMPLES = 2_000
+    # Records kept regardless of the clock (a ManualClock may never advance).
+    _SAMPLES = 10_000
 
     def __init__(self, retention: float, fairness_window: float = 60.0) -> None:
         self.retention = retention
         self.fairness_window = fairness_window
-        self._waits: deque[tuple[float, float]] = deque(maxlen=self._WAIT_SAMPLES)
+        #: (dispatched_at, wait, tenant, tokens charged)
+        self._dispatches: deque[tuple[float, float, str, int]] = deque(maxlen=self._SAMPLES)
+        #: (at, tenant, correction of a charge) from the marks
+        self._corrections: deque[tuple[float, str, int]] = deque(maxlen=self._SAMPLES)
         self._completions = _Window(min(60.0, retention))
-        self._latencies: deque[float] = deque(maxlen=self._LATENCY_SAMPLES)
-        self._tenants: dict[str, _TenantRecord] = {}
+        self._latencies: deque[float] = deque(maxlen=self._SAMPLES)
+        self._served: dict[str, int] = {}
         self.failed = 0
         self.completed = 0
         self.expired_deadlines = 0
-
-    def _tenant(self, tenant: str, now: float) -> _TenantRecord:
-        record = self._tenants.get(tenant)
-        if record is None:
-            record = self._tenants[tenant] = _TenantRecord(self.fairness_window, self._TENANT_WAIT_SAMPLES)
-        record.last_seen = max(record.last_seen, now)
-        return record
 
     def record_dispatch(
         self, now: float, wait: float, latency: float, tenant: str = "", charged_tokens: int = 0
     ) -> None:
         """A message was handed out after waiting ``wait`` s; selecting it took ``latency`` s."""
-        self._waits.append((now, wait))
+        self._dispatches.append((now, wait, tenant, charged_tokens))
         self._latencies.append(latency)
-        record = self._tenant(tenant, now)
-        record.waits.append((now, wait))
-        record.usage.add(now, 1, charged_tokens)
 
     def record_completion(self, now: float, tokens: int, tenant: str = "", correction: int = 0) -> None:
         """A message was marked processed having used ``tokens`` tokens; ``correction`` is the
         difference from what its dispatch charged the tenant."""
         self.completed += 1
         self._completions.add(now, 1, tokens)
-        record = self._tenant(tenant, now)
-        record.tokens_served += tokens
+        self._served[tenant] = self._served.get(tenant, 0) + tokens
         if correction:
-            record.usage.add(now, 0, correction)
+            self._corrections.append((now, tenant, correction))
 
     def record_failure(self, now: float = 0.0, tenant: str = "", correction: int = 0) -> None:
         """A message was marked failed (or dead-lettered); ``correction`` takes back what its
         dispatch charged the tenant."""
         self.failed += 1
         if correction:
-            self._tenant(tenant, now).usage.add(now, 0, correction)
+            self._corrections.append((now, tenant, correction))
+
+    def _recent(self, now: float) -> list[tuple[float, float, str, int]]:
+        horizon = now - self.retention
+        dispatches = self._dispatches
+        while dispatches and dispatches[0][0] < horizon:
+            dispatches.popleft()
+        return list(dispatches)
 
     def wait_times(self, now: float) -> tuple[float, WaitTimePercentiles]:
         """Average wait and its percentiles over the retained dispatches."""
-        horizon = now - self.retention
-        while self._waits and self._waits[0][0] < horizon:
-            self._waits.popleft()
-        waits = [wait for _, wait in self._waits]
+        waits = [wait for _, wait, _, _ in self._recent(now)]
         if not waits:
             return 0.0, WaitTimePercentiles()
         return sum(waits) / len(waits), _percentiles(waits)
@@ -279,16 +262,19 @@ class MetricsRecorder:
     def tenant_summaries(
         self, now: float, keep: set[str]
     ) -> dict[str, tuple[float, int, WaitTimePercentiles]]:
-        """Per tenant: token use over the fairness window, tokens served, wait percentiles.
-        Tenants idle for longer than the retention and not in ``keep`` are forgotten."""
-        out: dict[str, tuple[float, int, WaitTimePercentiles]] = {}
-        horizon = now - self.retention
-        for name in list(self._tenants):
-            record = self._tenants[name]
-            if record.last_seen < horizon and name not in keep:
-                del self._tenants[name]
-                continue
-            _, used = record.usage.totals(now)
-            waits = [wait for at, wait in record.waits if at >= horizon]
-            out[name] = (max(0.0, used), record.tokens_served, _percentiles(waits))
-        return out
+        """Per tenant seen in the retained dispatches (or in ``keep``): token use charged over
+        the fairness window (with the marks' corrections), tokens served, wait percentiles."""
+        window = now - self.fairness_window
+        waits: dict[str, list[float]] = {name: [] for name in keep}
+        used: dict[str, float] = {}
+        for at, wait, tenant, charged in self._recent(now):
+            waits.setdefault(tenant, []).append(wait)
+            if at > window:
+                used[tenant] = used.get(tenant, 0.0) + charged
+        for at, tenant, correction in self._corrections:
+            if at > window and tenant in used:
+                used[tenant] += correction
+        return {
+            name: (max(0.0, used.get(name, 0.0)), self._served.get(name, 0), _percentiles(samples))
+            for name, samples in waits.items()
+        }

@@ -9,6 +9,7 @@ also when its receipt handle has gone stale or the store was purged meanwhile.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -113,14 +114,14 @@ class ProcessableMessage(Generic[T]):
         """Whether the store was purged since this delivery: the message no longer exists."""
         return self._generation != self._dispatcher._generation
 
-    async def _store_step(self, step: Any) -> bool:
-        """Runs a store call for a mark. True when it landed; False when the delivery is over
+    async def _store_step(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """Runs the store call of a mark. True when it landed; False when the delivery is over
         (stale handle, purged store): the mark then settles the books without the store. Any
         other failure un-claims the mark, so it can be retried, and propagates."""
-        if self._purged():
+        if self._generation != self._dispatcher._generation:
             return False
         try:
-            await step
+            await step()
         except ReceiptHandleError:
             return False
         except BaseException:
@@ -166,9 +167,16 @@ class ProcessableMessage(Generic[T]):
         if actual_tokens is not None:
             actual_tokens = validate_token_count(actual_tokens, "actual_tokens")
         self._claim("mark it processed")
-        deleted = await self._store_step(
-            self._dispatcher._source.delete(self.message.attributes.receipt_handle)
-        )
+        dispatcher = self._dispatcher
+        deleted = self._generation == dispatcher._generation
+        if deleted:
+            try:
+                await dispatcher._source.delete(self.message.attributes.receipt_handle)
+            except ReceiptHandleError:
+                deleted = False
+            except BaseException:
+                self._settled = False
+                raise
         if actual_tokens is not None:
             await self._adjust(actual_tokens)
         used = actual_tokens if actual_tokens is not None else self.message.payload.token_info.estimated
@@ -184,9 +192,8 @@ class ProcessableMessage(Generic[T]):
         its reserved tokens. The store's dead-letter rule applies."""
         delay = 0.0 if retry_after is None else _check_delay(retry_after, "retry_after")
         self._claim("mark it failed")
-        await self._store_step(
-            self._dispatcher._source.change_visibility(self.message.attributes.receipt_handle, delay)
-        )
+        source, handle = self._dispatcher._source, self.message.attributes.receipt_handle
+        await self._store_step(lambda: source.change_visibility(handle, delay))
         await self._adjust(0)
         self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
         self._dispatcher._on_settled(self, processed=False, tokens=0)
@@ -197,7 +204,8 @@ class ProcessableMessage(Generic[T]):
         dead-letter target the store drops it and counts it, as its ``max_receive_count`` rule
         does."""
         self._claim("dead-letter it")
-        moved = await self._store_step(self._dispatcher._source.dead_letter(self.message))
+        source, message = self._dispatcher._source, self.message
+        moved = await self._store_step(lambda: source.dead_letter(message))
         await self._adjust(0)
         self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
         self._dispatcher._on_settled(self, processed=False, tokens=0)

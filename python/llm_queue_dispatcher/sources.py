@@ -47,6 +47,10 @@ def _fair_arguments(
 class MessageSource(ABC, Generic[T]):
     """The dispatcher's view of its store: selection, and the operations a mark needs."""
 
+    #: Whether messages are leased ahead into a buffer: selection then needs `prepare` first,
+    #: and a handed-out message's lease `confirm`ed.
+    leases: bool = False
+
     def __init__(self, storage: QueueStorageAdapter[T]) -> None:
         self.storage = storage
 
@@ -305,6 +309,8 @@ class PrefetchSource(MessageSource[T]):
     are renewed too. A message leaving the buffer has its lease renewed first, so it is never
     handed out after another consumer received it.
     """
+
+    leases = True
 
     def __init__(
         self,

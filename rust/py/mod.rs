@@ -8,8 +8,10 @@ pub mod errors;
 pub mod fair;
 pub mod messages;
 pub mod params;
+pub mod requests;
 pub mod store;
 pub mod throttle;
+pub mod throttle_results;
 
 use pyo3::prelude::*;
 

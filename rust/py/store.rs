@@ -14,190 +14,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::sync::{MutexExt, PyOnceLock};
-use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyList, PyString, PyTzInfo};
-use pyo3::{intern, PyTraverseError, PyVisit};
+use pyo3::types::{PyDict, PyList};
+use pyo3::{PyTraverseError, PyVisit};
 
 use super::dispatch::{self, Dispatched, Outcome, PySelection};
 use super::fair::{FairDispatched, FairSettings, PyFairSelection};
-use super::messages::{
-    build_list, build_view, llm_request_class, token_info_class, utc_datetime, DateCache, MessageView,
-};
+use super::messages::{build_list, build_view, utc_datetime, DateCache, MessageView};
 use super::params::PyScoringParams;
+use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
+pub(crate) use super::requests::{datetime_seconds, visibility_timeout_arg};
 use super::throttle::PyThrottle;
 use crate::deadlines::DeadlineIndex;
-use crate::errors::{CoreError, CoreResult};
+use crate::errors::CoreResult;
 use crate::fair::FairRuntime;
 use crate::policy::Rankings;
 use crate::policy::Snapshot;
-use crate::py::args::{invalid_request, is_number, text_arg, token_count};
+use crate::py::args::invalid_request;
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
-use crate::store::{
-    validate_request_id, NewMessage, ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES,
-};
+use crate::store::{ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES};
 
 /// The store as the binding holds it: `LLMRequest` payloads.
 pub(crate) type PyStore = Store<Py<PyAny>, Rankings>;
-
-// ----- validating requests -------------------------------------------------------------------
-
-fn invalid_config(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidConfig(message))
-}
-
-fn repr_of(value: &Bound<'_, PyAny>) -> String {
-    value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string())
-}
-
-/// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
-pub(crate) fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let py = value.py();
-    let Ok(date) = value.cast::<PyDateTime>() else {
-        return Err(invalid_request(
-            py,
-            format!("{field} must be None or a datetime, got {}", repr_of(value)),
-        ));
-    };
-    let aware = if date.getattr(intern!(py, "tzinfo"))?.is_none() {
-        static REPLACE_UTC: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
-        let kwargs = REPLACE_UTC.get_or_try_init(py, || -> PyResult<Py<PyDict>> {
-            let kwargs = PyDict::new(py);
-            kwargs.set_item("tzinfo", PyTzInfo::utc(py)?)?;
-            Ok(kwargs.unbind())
-        })?;
-        date.call_method(intern!(py, "replace"), (), Some(kwargs.bind(py)))?
-    } else {
-        date.clone().into_any()
-    };
-    match aware.call_method0(intern!(py, "timestamp")).and_then(|t| t.extract::<f64>()) {
-        Ok(seconds) if seconds.is_finite() => Ok(seconds),
-        _ => Err(invalid_request(
-            py,
-            format!("{field} must be a datetime with a valid instant, got {}", repr_of(value)),
-        )),
-    }
-}
-
-/// Reads and checks the fields of an `LLMRequest` the store uses, with the messages of
-/// `LLMRequest.validate`; the request itself becomes the payload.
-fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage<Py<PyAny>>> {
-    let py = request.py();
-    if !request.is_instance(llm_request_class(py)?)? {
-        return Err(invalid_request(py, format!("request must be an LLMRequest, got {}", repr_of(request))));
-    }
-    let id = request.getattr(intern!(py, "id"))?;
-    let request_id: Box<str> = text_arg(&id, "id")?.into();
-    validate_request_id(&request_id, "id").map_err(|e| to_py_err(py, e))?;
-    let priority = request.getattr(intern!(py, "priority"))?;
-    if priority.is_instance_of::<PyBool>() || !priority.is_instance_of::<PyInt>() {
-        return Err(invalid_request(
-            py,
-            format!("priority must be a Priority or an int 0..3, got {}", repr_of(&priority)),
-        ));
-    }
-    let priority_value = match priority.extract::<i64>() {
-        Ok(p @ 0..=3) => p as u8,
-        _ => {
-            return Err(invalid_request(
-                py,
-                format!("priority must be within 0..3, got {}", repr_of(&priority)),
-            ))
-        }
-    };
-    let token_info = request.getattr(intern!(py, "token_info"))?;
-    if !token_info.is_instance(token_info_class(py)?)? {
-        return Err(invalid_request(
-            py,
-            format!("token_info must be a TokenInfo, got {}", repr_of(&token_info)),
-        ));
-    }
-    let tokens = token_count(&token_info.getattr(intern!(py, "estimated"))?, "token_info.estimated")?;
-    let ept = request.getattr(intern!(py, "expected_processing_time"))?;
-    let expected_processing_seconds = if ept.is_none() {
-        None
-    } else {
-        let seconds = if is_number(&ept) { ept.extract::<f64>().ok() } else { None };
-        match seconds {
-            Some(s) if s.is_finite() && s >= 0.0 => Some(s),
-            _ => {
-                return Err(invalid_request(
-                    py,
-                    format!(
-                        "expected_processing_time must be None or a finite number of seconds >= 0, got {}",
-                        repr_of(&ept)
-                    ),
-                ))
-            }
-        }
-    };
-    let tenant = request.getattr(intern!(py, "tenant"))?;
-    let tenant = if tenant.is_none() {
-        None
-    } else if tenant.is_instance_of::<PyString>() {
-        Some(text_arg(&tenant, "tenant")?.into())
-    } else {
-        return Err(invalid_request(py, format!("tenant must be None or a str, got {}", repr_of(&tenant))));
-    };
-    let deadline = request.getattr(intern!(py, "deadline"))?;
-    let deadline = if deadline.is_none() { None } else { Some(datetime_seconds(&deadline, "deadline")?) };
-    Ok(NewMessage {
-        request_id,
-        payload: request.clone().unbind(),
-        priority: priority_value,
-        tokens,
-        expected_processing_seconds,
-        tenant,
-        deadline,
-    })
-}
-
-fn seconds_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let py = value.py();
-    if is_number(value) {
-        if let Ok(v) = value.extract::<f64>() {
-            return Ok(v);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be a number of seconds, got {}", repr_of(value))))
-}
-
-fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let py = value.py();
-    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
-        if let Ok(v) = value.extract::<usize>() {
-            return Ok(v);
-        }
-        if value.gt(0)? {
-            return Ok(usize::MAX);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
-}
-
-fn handle_arg(value: &Bound<'_, PyAny>) -> PyResult<String> {
-    let py = value.py();
-    match value.cast::<PyString>().ok().and_then(|s| s.to_str().ok().map(str::to_owned)) {
-        Some(handle) => Ok(handle),
-        None => Err(to_py_err(
-            py,
-            CoreError::ReceiptHandle(format!("receipt handle must be a str, got {}", repr_of(value))),
-        )),
-    }
-}
-
-/// A visibility timeout within [0, 43200] seconds, else `InvalidRequestError`.
-pub(crate) fn visibility_timeout_arg(value: &Bound<'_, PyAny>) -> PyResult<f64> {
-    let py = value.py();
-    let seconds = seconds_arg(value, "visibility_timeout")
-        .ok()
-        .filter(|s| (0.0..=crate::store::MAX_VISIBILITY_TIMEOUT).contains(s));
-    seconds.ok_or_else(|| {
-        invalid_request(
-            py,
-            format!("visibility_timeout must be within [0, 43200] seconds, got {}", repr_of(value)),
-        )
-    })
-}
 
 // ----- the class -----------------------------------------------------------------------------
 

@@ -26,9 +26,12 @@
 //! hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~55 B.
 
 mod handles;
+mod invariants;
+mod message;
+mod search;
+mod tenants;
 
-use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, RandomState};
 
@@ -36,212 +39,20 @@ use hashbrown::HashTable;
 
 pub use self::handles::{format_message_id, format_message_id_into, ReceiptHandle, MESSAGE_ID_LEN};
 use self::handles::{random_u64, take_message_ids};
+pub use self::message::{
+    validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
+};
+pub use self::tenants::TenantCounts;
+use self::tenants::Tenants;
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
 pub use crate::index::PRIORITIES;
-use crate::index::{Cell, CellSummary, IndexEntry, Ranking, VisibleIndex};
-use crate::scoring::MessageTraits;
-use crate::select::CandidateIndex;
+use crate::index::{Cell, Ranking, VisibleIndex};
 
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
-/// Default retention period in seconds (4 days, as in SQS).
-pub const DEFAULT_MESSAGE_RETENTION: f64 = 345_600.0;
 
-/// An `f64` with a total order, for B-tree keys. The store never builds one from NaN.
-#[derive(Debug, Clone, Copy)]
-pub struct OrdTime(pub f64);
-
-impl PartialEq for OrdTime {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for OrdTime {}
-impl PartialOrd for OrdTime {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for OrdTime {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
-
-/// One message held by the store. Fields are public so selection and the Python layer can read
-/// them without copies; only the store mutates them.
-#[derive(Debug)]
-pub struct StoredMessage<P> {
-    /// The request's id (unique among messages in the store, but for dead letters).
-    pub request_id: Box<str>,
-    /// The caller's object (the `LLMRequest` in the Python layer), kept by reference.
-    pub payload: P,
-    /// Estimated tokens.
-    pub tokens: u64,
-    /// Expected processing time in seconds; NaN when not given (see the accessor).
-    expected_processing: f64,
-    /// When the message was enqueued (clock seconds; never decreases within a store).
-    pub enqueued_at: f64,
-    /// When the message was first received; NaN until it has been (see the accessor).
-    first_received: f64,
-    /// Storage-assigned id, unique in the process and increasing in enqueue order; it is also the
-    /// message's sequence number. [`format_message_id`] gives its string form.
-    pub message_id: u64,
-    /// How many times the message has been received.
-    pub receive_count: u32,
-    /// Interned tenant ([`Store::tenant_name`]; 0 is the tenant of requests without one).
-    pub tenant: u32,
-    /// Deadline instant in clock seconds; NaN for none.
-    pub deadline: f64,
-    /// 0 (URGENT) ..= 3 (LOW).
-    pub priority: u8,
-}
-
-// Optional instants and durations are NaN-encoded: an `Option<f64>` costs 16 B, and two of
-// them would push a slot past the 104 B the memory budget assumes.
-fn nan_to_none(value: f64) -> Option<f64> {
-    (!value.is_nan()).then_some(value)
-}
-
-impl<P> StoredMessage<P> {
-    /// Expected processing time in seconds, when given.
-    pub fn expected_processing_seconds(&self) -> Option<f64> {
-        nan_to_none(self.expected_processing)
-    }
-
-    /// When the message was first received, once it has been.
-    pub fn first_received_at(&self) -> Option<f64> {
-        nan_to_none(self.first_received)
-    }
-
-    /// The cell this message belongs to while visible.
-    pub fn cell_key(&self) -> CellKey {
-        CellKey::for_message(self.priority, self.receive_count, self.tokens)
-    }
-
-    /// What the index and any other ranking know of this message.
-    pub fn index_entry(&self) -> IndexEntry {
-        IndexEntry {
-            cell: self.cell_key(),
-            tokens: self.tokens,
-            time: crate::cells::time_key(self.tokens, self.expected_processing_seconds()),
-            enqueued_at: self.enqueued_at,
-            seq: self.message_id,
-            tenant: self.tenant,
-            deadline: self.deadline,
-        }
-    }
-
-    /// The message as a new one, for another store (dead-lettering).
-    pub fn into_new(self, tenant: Option<Box<str>>) -> NewMessage<P> {
-        NewMessage {
-            request_id: self.request_id,
-            payload: self.payload,
-            priority: self.priority,
-            tokens: self.tokens,
-            expected_processing_seconds: nan_to_none(self.expected_processing),
-            tenant,
-            deadline: nan_to_none(self.deadline),
-        }
-    }
-}
-
-/// What a caller hands to [`Store::enqueue`].
-#[derive(Debug)]
-pub struct NewMessage<P> {
-    /// Non-empty, unique among messages in the store.
-    pub request_id: Box<str>,
-    /// The caller's object.
-    pub payload: P,
-    /// 0 ..= 3.
-    pub priority: u8,
-    /// Estimated tokens.
-    pub tokens: u64,
-    /// None, or a finite number of seconds >= 0.
-    pub expected_processing_seconds: Option<f64>,
-    /// The request's tenant; None (and "") is the tenant of requests without one.
-    pub tenant: Option<Box<str>>,
-    /// Deadline instant in clock seconds, when given (finite).
-    pub deadline: Option<f64>,
-}
-
-/// The one rule for request ids, at every door (store, limiter, buffer): a non-empty string
-/// that is not only whitespace.
-pub fn validate_request_id(id: &str, field: &str) -> CoreResult<()> {
-    if id.trim().is_empty() {
-        Err(CoreError::InvalidRequest(format!(
-            "{field} must be a non-empty str that is not only whitespace, got {}",
-            py_repr(id)
-        )))
-    } else {
-        Ok(())
-    }
-}
-
-impl<P> NewMessage<P> {
-    /// Checks the fields with the same rules (and messages) as `LLMRequest.validate`.
-    pub fn validate(&self) -> CoreResult<()> {
-        validate_request_id(&self.request_id, "id")?;
-        if usize::from(self.priority) >= PRIORITIES {
-            return Err(CoreError::InvalidRequest(format!(
-                "priority must be within 0..3, got {}",
-                self.priority
-            )));
-        }
-        if let Some(seconds) = self.expected_processing_seconds {
-            if !seconds.is_finite() || seconds < 0.0 {
-                return Err(CoreError::InvalidRequest(format!(
-                    "expected_processing_time must be None or a finite number of seconds >= 0, \
-                     got {seconds:?}"
-                )));
-            }
-        }
-        if let Some(deadline) = self.deadline {
-            if !deadline.is_finite() {
-                return Err(CoreError::InvalidRequest(format!(
-                    "deadline must be None or a datetime, got the instant {deadline:?}"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Configuration of a store.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StoreConfig {
-    /// Receives after which an expiring message is dead-lettered; None = never.
-    pub max_receive_count: Option<u32>,
-    /// Seconds after enqueue after which a message is dropped (may be infinite).
-    pub message_retention: f64,
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self { max_receive_count: None, message_retention: DEFAULT_MESSAGE_RETENTION }
-    }
-}
-
-impl StoreConfig {
-    /// Checks the configuration: `max_receive_count >= 1`, retention > 0 (infinite allowed).
-    pub fn validate(&self) -> CoreResult<()> {
-        if self.max_receive_count == Some(0) {
-            return Err(CoreError::InvalidConfig(
-                "max_receive_count must be None or an int >= 1, got 0".into(),
-            ));
-        }
-        if self.message_retention.is_nan() || self.message_retention <= 0.0 {
-            return Err(CoreError::InvalidConfig(format!(
-                "message_retention must be a number of seconds > 0, got {:?}",
-                self.message_retention
-            )));
-        }
-        Ok(())
-    }
-}
-
-struct Slot<P> {
+pub(crate) struct Slot<P> {
     message: Option<StoredMessage<P>>,
     /// Visibility deadline while in flight; NaN while visible (an `Option<f64>` would cost 8 B).
     deadline: f64,
@@ -266,47 +77,6 @@ pub struct StoreStats {
     pub created_at: f64,
     /// The last time the store's contents changed.
     pub last_modified_at: f64,
-}
-
-/// Visible and in-flight messages of one tenant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TenantCounts {
-    /// Visible messages.
-    pub visible: usize,
-    /// Received messages whose visibility has not expired.
-    pub in_flight: usize,
-}
-
-/// Tenant names interned to small numbers, with their message counts.
-#[derive(Debug)]
-struct Tenants {
-    names: Vec<Box<str>>,
-    ids: HashMap<Box<str>, u32>,
-    counts: Vec<TenantCounts>,
-}
-
-impl Default for Tenants {
-    fn default() -> Self {
-        Self {
-            names: vec!["".into()],
-            ids: HashMap::from([("".into(), 0)]),
-            counts: vec![TenantCounts::default()],
-        }
-    }
-}
-
-impl Tenants {
-    fn intern(&mut self, name: Option<&str>) -> u32 {
-        let name = name.unwrap_or("");
-        if let Some(&id) = self.ids.get(name) {
-            return id;
-        }
-        let id = u32::try_from(self.names.len()).expect("more than 2^32 tenants");
-        self.names.push(name.into());
-        self.ids.insert(name.into(), id);
-        self.counts.push(TenantCounts::default());
-        id
-    }
 }
 
 /// An in-memory queue with SQS semantics, generic over the payload type, with an optional
@@ -892,95 +662,9 @@ impl<P, R: Ranking> Store<P, R> {
         self.free.push(slot);
         message
     }
-
-    /// Checks every structural invariant by a full scan (tests and debugging only): each
-    /// message is in exactly one of the visible index and the in-flight set, the index matches
-    /// the visible messages, counts agree, the id table maps every id.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut visible = Vec::new();
-        let mut tenant_counts = vec![TenantCounts::default(); self.tenants.counts.len()];
-        for (slot, s) in self.slots.iter().enumerate() {
-            let Some(m) = &s.message else { continue };
-            let counts = &mut tenant_counts[m.tenant as usize];
-            if s.deadline.is_nan() {
-                visible.push((slot as u32, m.index_entry()));
-                counts.visible += 1;
-            } else {
-                if !self.in_flight.contains(&(OrdTime(s.deadline), slot as u32)) {
-                    return Err(format!("slot {slot} is in flight but not in the in-flight set"));
-                }
-                counts.in_flight += 1;
-            }
-            let hash = self.hasher.hash_one(&*m.request_id);
-            if self.ids.find(hash, |&x| x == slot as u32).is_none() {
-                return Err(format!("id {:?} does not map to its slot", m.request_id));
-            }
-        }
-        self.index.check(&visible)?;
-        for &(OrdTime(deadline), slot) in &self.in_flight {
-            let s = &self.slots[slot as usize];
-            if s.message.is_none() || s.deadline.to_bits() != deadline.to_bits() {
-                return Err(format!("in-flight entry of slot {slot} does not match the slot"));
-            }
-        }
-        let occupied = self.slots.iter().filter(|s| s.message.is_some()).count();
-        if occupied != visible.len() + self.in_flight.len() {
-            return Err(format!(
-                "{occupied} messages but {} visible + {} in flight",
-                visible.len(),
-                self.in_flight.len()
-            ));
-        }
-        if self.ids.len() != occupied {
-            return Err(format!("{} ids for {occupied} messages", self.ids.len()));
-        }
-        if self.free.len() + occupied != self.slots.len() {
-            return Err("free list out of date".into());
-        }
-        if tenant_counts != self.tenants.counts {
-            return Err(format!("tenant counts {:?} != {tenant_counts:?}", self.tenants.counts));
-        }
-        Ok(())
-    }
 }
 
-/// The in-memory store is searched in place: its index's cells, read through its slab.
-impl<P, R: Ranking> CandidateIndex for Store<P, R> {
-    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
-        for (key, cell) in self.index.cells() {
-            visit(key, cell.summary());
-        }
-    }
-
-    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool)) {
-        self.index.for_each_group_head(key, visit);
-    }
-
-    fn next_in_run(&self, slot: u32) -> Option<u32> {
-        self.index.next_in_run(&self.get(slot)?.index_entry())
-    }
-
-    fn next_run_head(&self, slot: u32) -> Option<u32> {
-        self.index.next_run_head(&self.get(slot)?.index_entry())
-    }
-
-    fn traits(&self, slot: u32) -> MessageTraits {
-        let message = self.message(slot);
-        MessageTraits {
-            priority: message.priority,
-            receive_count: message.receive_count,
-            tokens: message.tokens,
-            expected_processing_seconds: message.expected_processing_seconds(),
-            enqueued_at: message.enqueued_at,
-        }
-    }
-
-    fn seq(&self, slot: u32) -> u64 {
-        self.message(slot).message_id
-    }
-}
-
-fn slot_id<P>(slots: &[Slot<P>], slot: u32) -> Option<&str> {
+pub(crate) fn slot_id<P>(slots: &[Slot<P>], slot: u32) -> Option<&str> {
     slots.get(slot as usize).and_then(|s| s.message.as_ref()).map(|m| &*m.request_id)
 }
 

@@ -20,7 +20,7 @@ from llm_queue_dispatcher import (
     ReceiptHandleError,
     TokenInfo,
 )
-from tests.conformance.conftest import START, StorageFactory
+from tests.conformance.conftest import START, StorageFactory, same_request
 from tests.conformance.support import req, run
 
 
@@ -182,7 +182,7 @@ async def test_receive_sets_attributes_and_hides_the_message(
     clock.advance(0.5)  # the deadline itself: visible again
     [second] = await storage.dequeue(5, 10.0)
     assert second.id == first.id
-    assert second.payload is first.payload
+    assert same_request(make_storage, second.payload, first.payload)
     assert second.attributes.receive_count == 2
     assert second.attributes.first_received_at == utc(START + 2)
     assert second.attributes.receipt_handle != first.attributes.receipt_handle
@@ -360,7 +360,7 @@ async def test_max_receive_count_moves_to_the_dead_letter_store(
     with pytest.raises(ReceiptHandleError):
         await storage.delete_message(second.attributes.receipt_handle)
     [moved] = await dead.dequeue(1, 30.0)
-    assert moved.payload is request
+    assert same_request(make_storage, moved.payload, request)
     assert moved.attributes.receive_count == 1  # a new message in the dead-letter store
     await storage.enqueue(req("a"))  # the id is free again in the source
     assert first.attributes.receive_count == 1
@@ -510,8 +510,8 @@ async def test_datetimes_follow_the_clock_to_the_microsecond(
         assert message.attributes.enqueued_at == utc(start)
 
 
-def test_operations_never_suspend(make_storage: StorageFactory, clock: ManualClock) -> None:
-    storage = make_storage(clock)
+def test_operations_never_suspend(make_in_process_storage: StorageFactory, clock: ManualClock) -> None:
+    storage = make_in_process_storage(clock)
     run(storage.enqueue(req("a")))
     run(storage.batch_enqueue([req("b"), req("c", tokens=3)]))
     [message] = run(storage.dequeue(1, 10.0))
@@ -524,8 +524,10 @@ def test_operations_never_suspend(make_storage: StorageFactory, clock: ManualClo
     run(storage.purge())
 
 
-async def test_payloads_are_kept_by_reference(make_storage: StorageFactory, clock: ManualClock) -> None:
-    storage = make_storage(clock)
+async def test_payloads_are_kept_by_reference(
+    make_in_process_storage: StorageFactory, clock: ManualClock
+) -> None:
+    storage = make_in_process_storage(clock)
     payload = {"prompt": "hi", "n": [1, 2]}
     request = req("a")
     request.payload = payload  # type: ignore[assignment]

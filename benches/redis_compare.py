@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""Redis side by side: `RedisStorage`, the dispatcher over it, and BullMQ 5, on one redis-server.
+
+One run starts its own ``redis-server`` (free port, temporary directory, ``--appendonly yes``
+with ``--appendfsync everysec`` by default, ``--maxmemory-policy noeviction``), then measures,
+with 1 and with 4 processes started at one instant (throughput = all messages / wall time from
+the first start to the last finish):
+
+* ``enqueue``         `RedisStorage.enqueue`, 50 calls in flight per process
+* ``batch_enqueue``   `RedisStorage.batch_enqueue`, 100 requests per call
+* ``dequeue+ack``     ``dequeue(50)`` then one ``batch_delete`` of the 50 (two scripts per 50)
+* ``dequeue+delete``  ``dequeue(50)`` then 50 ``delete_message`` calls in flight
+* ``dispatcher``      `LLMQueueDispatcher` (prefetch buffer of 50) with 16 tasks each doing
+                      ``dequeue`` then ``mark_as_processed``, an `LLMThrottle` that never binds
+* ``dispatcher+RedisThrottle``  the same with a shared `RedisThrottle` reserving every message
+* ``limiter consume`` `RedisThrottle.consume` latency, one call at a time (p50, p99), and its
+                      throughput with 4 processes
+* ``bullmq add`` / ``bullmq addBulk`` / ``bullmq work``  BullMQ 5 (installed with npm into
+                      ``benches/.cache/``): ``queue.add`` with 50 in flight, ``addBulk`` of 100,
+                      a ``Worker`` with concurrency 50 and a no-op processor (removeOnComplete)
+
+Skips BullMQ with a message where node or npm is missing.
+
+    python benches/redis_compare.py --quick --no-bullmq       # smoke configuration
+    python benches/redis_compare.py --write-results           # the full run; updates RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE_DIR = HERE / ".cache"
+BULLMQ_SCRIPT = HERE / "bullmq" / "bench.mjs"
+BULLMQ_PACKAGE = "bullmq@5"
+RESULTS_PATH = HERE / "RESULTS.md"
+START_MARKER = "<!-- redis-compare:start -->"
+END_MARKER = "<!-- redis-compare:end -->"
+PAYLOAD = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class Skip(Exception):
+    """A side of the comparison that cannot run here (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def redis_server(fsync: str) -> Iterator[int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found (apt-get install redis-server)")
+    directory = Path(tempfile.mkdtemp(prefix="lqd-bench-redis-"))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--appendonly", "yes", "--appendfsync", fsync, "--maxmemory-policy", "noeviction",
+            "--save", "", "--logfile", str(directory / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"redis-server did not start on port {port}")
+            time.sleep(0.02)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def redis_version() -> str | None:
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"v=(\S+)", out)
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Python children: one measurement each, started together, JSON on stdout
+# ---------------------------------------------------------------------------------------------
+
+
+async def _child(task: str, url: str, queue: str, count: int, start_at: float) -> dict[str, Any]:
+    from llm_queue_dispatcher import (
+        LLMQueueDispatcher,
+        LLMQueueDispatcherConfig,
+        LLMRequest,
+        LLMThrottle,
+        TokenInfo,
+    )
+    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+
+    pid = os.getpid()
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
+    limiter: Any = None
+    if task in ("consume", "dispatcher+RedisThrottle"):
+        limiter = RedisThrottle(url, f"bench-{queue}", rpm=1e12, tpm=1e15)
+        await limiter.can_process(0)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    started = time.time()
+    done = 0
+    latencies: list[float] = []
+    if task == "enqueue":
+        next_index = 0
+
+        async def lane() -> None:
+            nonlocal next_index, done
+            while next_index < count:
+                i = next_index
+                next_index += 1
+                await storage.enqueue(LLMRequest(f"{pid}-{i}", PAYLOAD, token_info=TokenInfo(10)))
+                done += 1
+
+        await asyncio.gather(*(lane() for _ in range(50)))
+    elif task == "batch_enqueue":
+        for first in range(0, count, 100):
+            batch = [
+                LLMRequest(f"{pid}-{i}", PAYLOAD, token_info=TokenInfo(10))
+                for i in range(first, min(count, first + 100))
+            ]
+            await storage.batch_enqueue(batch)
+            done += len(batch)
+    elif task in ("dequeue+ack", "dequeue+delete"):
+        while batch := await storage.dequeue(50, 60.0):
+            handles = [m.attributes.receipt_handle for m in batch]
+            if task == "dequeue+ack":
+                await storage.batch_delete(handles)
+            else:
+                await asyncio.gather(*(storage.delete_message(h) for h in handles))
+            done += len(batch)
+    elif task in ("dispatcher", "dispatcher+RedisThrottle"):
+        limit = limiter if limiter is not None else LLMThrottle(1e12, 1e15)
+        config = LLMQueueDispatcherConfig(buffer_size=50, visibility_timeout=60.0)
+        async with LLMQueueDispatcher(storage, config) as dispatcher:
+
+            async def worker() -> None:
+                nonlocal done
+                while (job := await dispatcher.dequeue(limit)) is not None:
+                    await job.mark_as_processed()
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(16)))
+    elif task == "consume":
+        for i in range(count):
+            before = time.perf_counter()
+            await limiter.consume(f"{pid}-{i}", 10)
+            latencies.append(time.perf_counter() - before)
+            done += 1
+    else:
+        raise SystemExit(f"unknown task {task}")
+    finished = time.time()
+    await storage.aclose()
+    if limiter is not None:
+        await limiter.aclose()
+    result: dict[str, Any] = {"count": done, "started": started, "finished": finished}
+    if latencies:
+        latencies.sort()
+        result["p50_us"] = statistics.median(latencies) * 1e6
+        result["p99_us"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e6
+    return result
+
+
+def run_python(task: str, port: int, queue: str, count: int, processes: int) -> dict[str, Any]:
+    """``processes`` children of this script, each doing ``count`` (or draining the queue)."""
+    start_at = time.time() + 1.0 + 0.4 * processes  # after every child has imported and connected
+    url = f"redis://127.0.0.1:{port}/0"
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", task, url, queue, str(count), repr(start_at)],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    for child in children:
+        out, _ = child.communicate(timeout=900)
+        if child.returncode != 0:
+            raise RuntimeError(f"{task} child failed with {child.returncode}")
+        results.append(json.loads(out))
+    return combine(results)
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(r["count"] for r in results)
+    wall = max(r["finished"] for r in results) - min(r["started"] for r in results)
+    combined: dict[str, Any] = {
+        "count": total,
+        "seconds": wall,
+        "per_second": total / wall if wall > 0 else None,
+    }
+    for key in ("p50_us", "p99_us"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            combined[key] = statistics.median(values)
+    return combined
+
+
+async def _fill(port: int, queue: str, count: int) -> None:
+    from llm_queue_dispatcher import LLMRequest, TokenInfo
+    from llm_queue_dispatcher.redis import RedisStorage
+
+    async with RedisStorage(f"redis://127.0.0.1:{port}/0", queue) as storage:
+        for first in range(0, count, 500):
+            await storage.batch_enqueue(
+                [
+                    LLMRequest(f"f{i}", PAYLOAD, token_info=TokenInfo(10))
+                    for i in range(first, min(count, first + 500))
+                ]
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# BullMQ
+# ---------------------------------------------------------------------------------------------
+
+
+def bullmq_install(cache_dir: Path = CACHE_DIR) -> Path:
+    """node_modules with BullMQ 5, installed once into the cache."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise Skip("node or npm not found on PATH")
+    target = cache_dir / "bullmq-5"
+    modules = target / "node_modules"
+    if (modules / "bullmq" / "package.json").exists():
+        return modules
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="npm-", dir=cache_dir))
+    try:
+        (staging / "package.json").write_text('{"name": "llmqd-redis-compare", "private": true}\n')
+        proc = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--silent", BULLMQ_PACKAGE],
+            cwd=staging,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise Skip(f"npm install failed: {tail}")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except subprocess.TimeoutExpired as exc:
+        raise Skip("npm install timed out") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return modules
+
+
+def bullmq_version(modules: Path) -> str:
+    return str(json.loads((modules / "bullmq" / "package.json").read_text())["version"])
+
+
+def run_bullmq(modules: Path, mode: str, port: int, queue: str, count: int, processes: int) -> dict[str, Any]:
+    start_at_ms = int((time.time() + 1.0 + 0.3 * processes) * 1000)
+    command = ["node", str(BULLMQ_SCRIPT), "--modules", str(modules), "--port", str(port), "--queue", queue]
+    children = [
+        subprocess.Popen(
+            [*command, "--mode", mode, "--count", str(count), "--start-at", str(start_at_ms)],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    for child in children:
+        out, _ = child.communicate(timeout=900)
+        if child.returncode != 0:
+            raise RuntimeError(f"bullmq {mode} failed with {child.returncode}")
+        raw = json.loads(out)
+        results.append(
+            {"count": raw["count"], "started": raw["started"] / 1000, "finished": raw["finished"] / 1000}
+        )
+    return combine(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    modules: Path | None = None
+    if not args.no_bullmq:
+        try:
+            modules = bullmq_install()
+        except Skip as skip:
+            notes.append(f"BullMQ skipped: {skip}")
+            print(f"BullMQ skipped: {skip}", file=sys.stderr)
+    n = args.messages
+    load_before = os.getloadavg()[0]
+    with redis_server(args.fsync) as port:
+        serial = iter(range(1_000_000))
+
+        def queue_name() -> str:
+            return f"bench-{next(serial)}"
+
+        def row(name: str, processes: int, result: dict[str, Any]) -> None:
+            rows.append({"name": name, "processes": processes, **result})
+            rate = result.get("per_second")
+            extra = (
+                f", p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us"
+                if "p50_us" in result
+                else ""
+            )
+            print(f"{name:28} x{processes}: {rate:10,.0f} /s{extra}", file=sys.stderr)
+
+        for processes in args.processes:
+            share = max(1, n // processes)
+            row("enqueue", processes, run_python("enqueue", port, queue_name(), share, processes))
+            row("batch_enqueue", processes, run_python("batch_enqueue", port, queue_name(), share, processes))
+            for task in ("dequeue+ack", "dequeue+delete", "dispatcher", "dispatcher+RedisThrottle"):
+                queue = queue_name()
+                asyncio.run(_fill(port, queue, n))
+                row(task, processes, run_python(task, port, queue, n, processes))
+            row(
+                "limiter consume",
+                processes,
+                run_python("consume", port, queue_name(), args.consumes, processes),
+            )
+            if modules is not None:
+                row("bullmq add", processes, run_bullmq(modules, "add", port, queue_name(), share, processes))
+                row(
+                    "bullmq addBulk",
+                    processes,
+                    run_bullmq(modules, "addBulk", port, queue_name(), share, processes),
+                )
+                queue = queue_name()
+                run_bullmq(modules, "fill", port, queue, n, 1)
+                row("bullmq work", processes, run_bullmq(modules, "work", port, queue, n, processes))
+    notes.append(
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+        "the machine is shared, so figures move from run to run."
+    )
+    return {
+        "rows": rows,
+        "notes": notes,
+        "environment": environment(modules),
+        "command": "python benches/redis_compare.py " + " ".join(sys.argv[1:]),
+        "messages": n,
+        "fsync": args.fsync,
+    }
+
+
+def environment(modules: Path | None) -> dict[str, Any]:
+    from compare import cpu_model, tool_version
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "nproc": tool_version(["nproc"]) or str(os.cpu_count()),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "redis_py": _redis_py_version(),
+        "redis_server": redis_version(),
+        "node": tool_version(["node", "--version"]),
+        "bullmq": bullmq_version(modules) if modules is not None else None,
+    }
+
+
+def _redis_py_version() -> str:
+    import redis
+
+    return str(redis.__version__)
+
+
+def render(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    by = {(r["name"], r["processes"]): r for r in report["rows"]}
+    counts = sorted({r["processes"] for r in report["rows"]})
+    lines = [
+        START_MARKER,
+        f"Measured {env['date']} on {env['nproc']} cores ({env['cpu']}), Python {env['python']}, redis-py "
+        f"{env['redis_py']}, redis-server {env['redis_server']} (append-only file, appendfsync "
+        f"{report['fsync']}, noeviction), node {env['node'] or 'not found'}, "
+        f"BullMQ {env['bullmq'] or 'skipped'}. {report['messages']:,} messages per measurement; every "
+        "process and the server share the machine.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| measurement (per second, all processes) | "
+        + " | ".join(f"{p} process{'es' if p > 1 else ''}" for p in counts)
+        + " |",
+        "|---|" + "---:|" * len(counts),
+    ]
+    names = list(dict.fromkeys(r["name"] for r in report["rows"]))
+    for name in names:
+        cells = []
+        for processes in counts:
+            record = by.get((name, processes))
+            if record is None or record.get("per_second") is None:
+                cells.append("-")
+            elif "p50_us" in record:
+                latency = f"p50 {record['p50_us']:.0f} µs, p99 {record['p99_us']:.0f} µs"
+                cells.append(f"{record['per_second']:,.0f} ({latency})")
+            else:
+                cells.append(f"{record['per_second']:,.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for note in report["notes"]:
+        lines += ["", note]
+    lines.append(END_MARKER)
+    return "\n".join(lines)
+
+
+def write_results(section: str, path: Path = RESULTS_PATH) -> None:
+    text = path.read_text()
+    if START_MARKER in text and END_MARKER in text:
+        before, rest = text.split(START_MARKER, 1)
+        _, after = rest.split(END_MARKER, 1)
+        text = before + section + after
+    else:
+        text = (
+            text.rstrip()
+            + "\n\n## Redis: RedisStorage, the dispatcher and BullMQ on one server\n\n"
+            + section
+            + "\n"
+        )
+    path.write_text(text)
+
+
+def parse_processes(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"bad process counts {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        task, url, queue, count, start_at = argv[1:6]
+        print(json.dumps(asyncio.run(_child(task, url, queue, int(count), float(start_at)))))
+        return 0
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--messages", type=int, default=20_000, help="messages per measurement (default 20000)"
+    )
+    parser.add_argument("--consumes", type=int, default=5_000, help="limiter consumes per process")
+    parser.add_argument("--processes", type=parse_processes, default=[1, 4], help="e.g. 1,4 (default)")
+    parser.add_argument("--fsync", choices=["everysec", "always", "no"], default="everysec")
+    parser.add_argument("--no-bullmq", action="store_true", help="skip the BullMQ side")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS_PATH.name}")
+    parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.messages, args.consumes = min(args.messages, 300), min(args.consumes, 200)
+    report = measure(args)
+    section = render(report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(section)
+    if args.write_results:
+        write_results(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))  # compare.py's environment helpers
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Smoke tests of benches/redis_compare.py: every measurement on tiny sizes, in process (plus one
+through a child process), the table and the RESULTS.md section. A few seconds; no node needed."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis_compare
+from redis_compare import END_MARKER, START_MARKER, _child, _fill, combine, redis_server, render, run_python
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+TASKS = (
+    "enqueue",
+    "batch_enqueue",
+    "dequeue+ack",
+    "dequeue+delete",
+    "dispatcher",
+    "dispatcher+RedisThrottle",
+    "consume",
+)
+
+
+def test_every_measurement_runs_and_counts_what_it_did() -> None:
+    with redis_server("everysec") as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        for i, task in enumerate(TASKS):
+            queue = f"smoke-{i}"
+            if task.startswith(("dequeue", "dispatcher")):
+                asyncio.run(_fill(port, queue, 30))
+            result = asyncio.run(_child(task, url, queue, 30, time.time()))
+            assert result["count"] == 30, task
+            assert result["finished"] >= result["started"]
+            if task == "consume":
+                assert 0 < result["p50_us"] <= result["p99_us"]
+        through_a_child = run_python("batch_enqueue", port, "smoke-child", 50, 1)
+        assert through_a_child["count"] == 50
+        assert through_a_child["per_second"] > 0
+
+
+def test_processes_are_combined_over_the_whole_wall_time() -> None:
+    combined = combine(
+        [{"count": 10, "started": 0.0, "finished": 1.0}, {"count": 30, "started": 0.5, "finished": 2.0}]
+    )
+    assert combined == {"count": 40, "seconds": 2.0, "per_second": 20.0}
+
+
+def test_the_results_section_is_replaced_in_place(tmp_path: Path) -> None:
+    report: dict[str, Any] = {
+        "rows": [
+            {"name": "enqueue", "processes": 1, "per_second": 1234.5},
+            {
+                "name": "limiter consume",
+                "processes": 1,
+                "per_second": 5000.0,
+                "p50_us": 150.0,
+                "p99_us": 300.0,
+            },
+        ],
+        "notes": ["BullMQ skipped: node or npm not found on PATH"],
+        "environment": {
+            "date": "d",
+            "nproc": "2",
+            "cpu": "c",
+            "python": "3",
+            "redis_py": "8",
+            "redis_server": "7",
+            "node": None,
+            "bullmq": None,
+        },
+        "command": "python benches/redis_compare.py",
+        "messages": 100,
+        "fsync": "everysec",
+    }
+    section = render(report)
+    assert "| enqueue | 1,234 |" in section
+    assert "p50 150 µs" in section
+    assert "BullMQ skipped" in section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nearlier\n")
+    redis_compare.write_results(section, path)
+    redis_compare.write_results(section.replace("1,234", "4,321"), path)
+    text = path.read_text()
+    assert text.count(START_MARKER) == text.count(END_MARKER) == 1
+    assert "4,321" in text
+    assert "earlier" in text

@@ -1,0 +1,167 @@
+"""How an `LLMRequest` is stored in Redis: bytes that read back to an equal request, never pickle.
+
+A stored request is one line of JSON holding every field but the payload (id, priority, token
+info, expected processing time, metadata, created_at, tenant, deadline), a newline, then the
+payload's bytes: JSON by default, or whatever the ``dumps`` of a ``serializer=(dumps, loads)``
+pair returns. JSON never holds a raw newline, so the first one ends the envelope.
+
+What JSON cannot give back equal is refused before any network call, with `InvalidRequestError`
+naming the field: tuples (they come back as lists), dict keys that are not strings (they come
+back as strings), NaN and infinities, objects JSON does not know, strings holding lone
+surrogates (not encodable as UTF-8), nesting too deep to walk. Datetimes travel as ISO 8601
+strings, so an aware datetime comes back equal (same instant) and a naive one identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from ..errors import InvalidRequestError, PayloadTooLargeError
+from ..types import LLMRequest, Priority, TokenInfo
+
+__all__ = ["Serializer", "decode_request", "encode_request", "request_id_bytes"]
+
+#: ``(dumps, loads)``: ``dumps(payload) -> bytes`` and ``loads(bytes) -> payload``.
+Serializer = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
+
+_dumps_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_loads_json = json.loads
+
+
+def _refuse(path: str, why: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{path} cannot be stored in Redis: {why}")
+
+
+def _check_json(value: Any, path: str, depth: int = 0) -> None:
+    """Raises `InvalidRequestError` naming the first part of ``value`` that JSON would not give
+    back equal."""
+    if depth > 200:
+        raise _refuse(path, "nested more than 200 levels deep")
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _refuse(path, f"{value!r} is not a JSON number")
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _refuse(path, f"key {key!r} is not a str (JSON would give it back as a string)")
+            _check_json(item, f"{path}[{key!r}]", depth + 1)
+        return
+    if isinstance(value, tuple):
+        raise _refuse(path, "a tuple would come back as a list; use a list")
+    raise _refuse(
+        path, f"{type(value).__name__} is not JSON (pass serializer=(dumps, loads) for other types)"
+    )
+
+
+def _find_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` that is not encodable as UTF-8, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _find_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_surrogate(key, f"{path} key {key!r}") or _find_surrogate(item, f"{path}[{key!r}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _utf8(text: str, path: str, root: Any = None) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = _find_surrogate(root, path) if root is not None else path
+        raise _refuse(where or path, "a string holds a lone surrogate (not encodable as UTF-8)") from None
+
+
+def request_id_bytes(request_id: str) -> bytes:
+    """The UTF-8 bytes of a request id, or `InvalidRequestError`."""
+    return _utf8(request_id, "id")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_bytes: int) -> bytes:
+    """The stored bytes of a validated ``request``; raises `InvalidRequestError` (naming the
+    field) or `PayloadTooLargeError`."""
+    payload = request.payload
+    if serializer is None:
+        _check_json(payload, "payload")
+        payload_bytes = _utf8(_dumps_json(payload), "payload", payload)
+    else:
+        try:
+            payload_bytes = serializer[0](payload)
+        except Exception as exc:
+            raise _refuse("payload", f"serializer dumps raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(payload_bytes, (bytes, bytearray, memoryview)):
+            raise _refuse(
+                "payload", f"serializer dumps must return bytes, got {type(payload_bytes).__name__}"
+            )
+        payload_bytes = bytes(payload_bytes)
+    token_info = request.token_info
+    if token_info.model is not None and not isinstance(token_info.model, str):
+        raise _refuse("token_info.model", f"must be None or a str, got {token_info.model!r}")
+    _check_json(request.metadata, "metadata")
+    envelope = {
+        "id": request.id,
+        "priority": int(request.priority),
+        "token_info": [token_info.estimated, token_info.actual, token_info.model],
+        "expected_processing_time": request.expected_processing_time,
+        "metadata": request.metadata,
+        "created_at": _iso(request.created_at),
+        "tenant": request.tenant,
+        "deadline": _iso(request.deadline),
+    }
+    try:
+        head = _dumps_json(envelope).encode("utf-8")
+    except UnicodeEncodeError:
+        where = next(filter(None, (_find_surrogate(v, k) for k, v in envelope.items())), "request")
+        raise _refuse(where, "a string holds a lone surrogate (not encodable as UTF-8)") from None
+    size = len(head) + 1 + len(payload_bytes)
+    if size > max_bytes:
+        raise PayloadTooLargeError(
+            f"request {request.id!r} serialises to {size} bytes, more than max_payload_bytes = {max_bytes}"
+        )
+    return head + b"\n" + payload_bytes
+
+
+def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any]:
+    """The request ``encode_request`` stored (equal to it, not the same object)."""
+    head, _, payload_bytes = blob.partition(b"\n")
+    fields = _loads_json(head)
+    payload = _loads_json(payload_bytes) if serializer is None else serializer[1](payload_bytes)
+    estimated, actual, model = fields["token_info"]
+    created_at = fields["created_at"]
+    deadline = fields["deadline"]
+    return LLMRequest(
+        id=fields["id"],
+        payload=payload,
+        priority=Priority(fields["priority"]),
+        token_info=TokenInfo(estimated, actual, model),
+        expected_processing_time=fields["expected_processing_time"],
+        metadata=fields["metadata"],
+        created_at=datetime.fromisoformat(created_at),
+        tenant=fields["tenant"],
+        deadline=None if deadline is None else datetime.fromisoformat(deadline),
+    )

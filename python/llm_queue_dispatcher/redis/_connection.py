@@ -1,0 +1,291 @@
+"""What `RedisStorage` and `RedisThrottle` share: names, the client, the scripts, the errors.
+
+* Names (queues, limiters, namespaces) match ``[A-Za-z0-9_.-]{1,80}``: no braces (they would
+  break the hash tag), no colon (the key separator), no whitespace; else `InvalidConfigError`.
+* Every key of a namespace carries the hash tag ``{namespace}``: a queue, its dead-letter queue
+  and the limiters of one namespace live in one Redis Cluster slot, so one script can move a
+  message between two queues atomically. Spread load over a cluster with several namespaces.
+* A URL is turned into a client with bounded timeouts and one immediate retry on a broken
+  connection (so a pooled connection that a Redis restart cut is replaced without the caller
+  seeing it); a timeout is not retried, so a slow or paused server surfaces within the socket
+  timeout. The password of a URL appears nowhere: not in ``repr``, not in errors, not in logs.
+* Each operation is one Lua script, sent by its SHA1 (``EVALSHA``) and loaded (``SCRIPT LOAD``)
+  only when the server answers ``NOSCRIPT``: after a restart, a ``SCRIPT FLUSH`` or on a new
+  server, invisibly to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.client import NEVER_DECODE
+
+from ..errors import InvalidConfigError
+
+__all__ = [
+    "CLIENT_ERRORS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_SOCKET_TIMEOUT",
+    "Connection",
+    "Script",
+    "check_name",
+    "redact_url",
+    "script",
+]
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+
+#: Seconds a command may take before it fails with `StorageError` (clients built from a URL;
+#: ``?socket_timeout=`` in the URL overrides it).
+DEFAULT_SOCKET_TIMEOUT = 5.0
+#: Seconds to establish a connection (``?socket_connect_timeout=`` overrides it).
+DEFAULT_CONNECT_TIMEOUT = 2.0
+
+
+def check_name(value: object, what: str) -> str:
+    """Returns ``value`` if it is a valid queue, limiter or namespace name, else raises
+    `InvalidConfigError` naming ``what``."""
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
+        raise InvalidConfigError(f"{what} must match [A-Za-z0-9_.-]{{1,80}}, got {value!r}")
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and any ``password=`` query value) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, colon, _password = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if colon else f"{user}@{host}" if user else f"***@{host}"
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable Redis URL>"
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The password in ``url`` as written and percent-decoded, for scrubbing messages."""
+    from urllib.parse import parse_qs, unquote
+
+    found: list[str] = []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    for value in parse_qs(parts.query).get("password", []):
+        found += [value, unquote(value)]
+    return [secret for secret in found if secret]
+
+
+class Connection:
+    """A client and how to describe it without leaking a password.
+
+    ``redis`` is a `redis.asyncio.Redis` (used as given, never closed here) or a URL string (a
+    client is built with bounded timeouts, owned and closed by `aclose`).
+    """
+
+    def __init__(self, redis_or_url: object) -> None:
+        self._secrets: list[str] = []
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
+        if isinstance(redis_or_url, str):
+            self.description = redact_url(redis_or_url)
+            self._secrets = _secrets_of(redis_or_url)
+            try:
+                self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+                    redis_or_url,
+                    socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+                    socket_connect_timeout=DEFAULT_CONNECT_TIMEOUT,
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+                )
+            except Exception as exc:  # a malformed URL: say so without echoing it
+                raise InvalidConfigError(
+                    f"redis URL {self.description} is not usable: {self.scrub(str(exc))}"
+                ) from None
+            self.owned = True
+        elif isinstance(redis_or_url, redis.asyncio.Redis):
+            self.client = redis_or_url
+            self.description = repr(redis_or_url)
+            self.owned = False
+        else:
+            raise InvalidConfigError(
+                "redis must be a redis.asyncio.Redis client or a URL string, "
+                f"got {type(redis_or_url).__name__}"
+            )
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the URL's password (if any) replaced by ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def describe_error(self, exc: BaseException) -> str:
+        """A one-line account of a client error, safe to log."""
+        detail = self.scrub(str(exc)) or type(exc).__name__
+        return f"{type(exc).__name__}: {detail}"
+
+    async def run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Runs ``script`` through this event loop's `Batcher` (auto-pipelining)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = Batcher(self.client)
+        return await batcher.call(script, keys, args)
+
+    async def aclose(self) -> None:
+        """Closes the client if it was built here from a URL."""
+        if self.owned:
+            await self.client.aclose()
+
+
+@cache
+def _source(name: str) -> str:
+    return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Script:
+    """One operation: a prelude (shared helpers) and the operation's file, as one Lua script."""
+
+    def __init__(self, prelude: str, name: str) -> None:
+        self.name = name
+        self.source = f"{_source(prelude)}\n{_source(name)}"
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+    def command(self, keys: Sequence[bytes], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def run(self, client: redis.asyncio.Redis, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
+        Replies are never decoded, whatever the client's ``decode_responses``."""
+        execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
+        try:
+            return await execute(*self.command(keys, args), **_RAW)
+        except redis.exceptions.NoScriptError:
+            await execute("SCRIPT LOAD", self.source)
+            return await execute(*self.command(keys, args), **_RAW)
+
+
+_RAW = {NEVER_DECODE: True}
+_Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class Batcher:
+    """Auto-pipelining for one client in one event loop.
+
+    A call made while nothing is on the wire goes out at once, alone. Calls made while a round
+    trip is in flight wait for it and then go out together, as one pipeline (``transaction=False``:
+    each script is still its own atomic step, with its own reply or error). Under concurrency
+    this replaces a send, a receive and redis-py's per-command bookkeeping per call by one per
+    batch; alone, a call pays nothing extra.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._busy = False
+        self._pending: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        if self._busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((script, keys, args, future))
+            return await future
+        self._busy = True
+        try:
+            return await script.run(self.client, keys, args)
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        batch = [call for call in self._pending if not call[3].done()]
+        self._pending = []
+        if not batch:
+            self._busy = False
+            return
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[_Call]) -> None:
+        try:
+            results = await self._pipeline(batch)
+            missing = {
+                call[0]
+                for call, result in zip(batch, results, strict=True)
+                if isinstance(result, redis.exceptions.NoScriptError)
+            }
+            if missing:  # a restart or SCRIPT FLUSH: load each once and run those calls again
+                execute: Callable[..., Awaitable[Any]] = self.client.execute_command
+                for script in missing:
+                    await execute("SCRIPT LOAD", script.source)
+                again = [
+                    i
+                    for i, result in enumerate(results)
+                    if isinstance(result, redis.exceptions.NoScriptError)
+                ]
+                for i, result in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
+                    results[i] = result
+            for (_, _, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except BaseException as exc:  # the whole round trip failed (or was cancelled): every call did
+            for _, _, _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._next()
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        if len(batch) == 1:
+            script, keys, args, _ = batch[0]
+            try:
+                return [await script.run(self.client, keys, args)]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.execute_command(*script.command(keys, args), **_RAW)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
+@cache
+def script(prelude: str, name: str) -> Script:
+    """The script of operation ``name`` (built once per process)."""
+    return Script(prelude, name)
+
+
+#: What a failing client raises: Redis errors, socket errors, asyncio timeouts.
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.RedisError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)

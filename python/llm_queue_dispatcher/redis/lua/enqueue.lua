@@ -1,0 +1,39 @@
+-- enqueue / batch_enqueue: ARGV[5..] = request id, priority, serialised request, repeated.
+-- All or nothing: a request id already live refuses the whole batch. Returns {'ok', message id,
+-- enqueued_at, ...} or {'dup', request id}.
+--
+-- The i-th message id is derived from the call's random seed and i alone. So a retry of this very
+-- call (the client resends it after a reply lost in transit) recognises its own first message and
+-- answers as the first run did, instead of reporting its own requests as duplicates: the script is
+-- atomic, so that run stored every request of the batch, all at one instant.
+maintain()
+local function message_id(i)
+  return string.sub(redis.sha1hex(NONCE .. ':enqueue:' .. i), 1, 32)
+end
+local out = {'ok'}
+local count = (#ARGV - 4) / 3
+for i = 0, count - 1 do
+  local rid = ARGV[5 + 3 * i]
+  local member = redis.call('HGET', Q.ids, rid)
+  if member then
+    local s = load(Q, member)
+    if i == 0 and s ~= nil and s.mid == message_id(0) then
+      for j = 0, count - 1 do
+        out[#out + 1] = message_id(j)
+        out[#out + 1] = s.at
+      end
+      return out
+    end
+    return {'dup', rid}
+  end
+end
+for i = 0, count - 1 do
+  local rid, p, body = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
+  insert(Q, rid, p, NOW, body, message_id(i))
+  out[#out + 1] = message_id(i)
+  out[#out + 1] = NOW
+end
+if count > 0 then
+  touch(Q)
+end
+return out

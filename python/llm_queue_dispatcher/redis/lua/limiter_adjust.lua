@@ -1,0 +1,43 @@
+-- adjust_consumption: ARGV[8] request id, ARGV[9] actual tokens, ARGV[10] strategy. Takes the
+-- extra or refunds the difference against the latest grant of that id. Returns {'ok'},
+-- {'unknown'}, {'strict', wait in us} (nothing taken), {'warn', shortfall} or
+-- {'compensate', shortfall, total debt}.
+local request_id, actual, strategy = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+prune()
+local record = load_record(request_id)
+if record == nil then
+  save()
+  return {'unknown'}
+end
+refill(TOKENS)
+local out = {'ok'}
+if actual > record.tokens then
+  local extra = actual - record.tokens
+  if available(TOKENS) >= extra then
+    take(TOKENS, extra)
+    record.held = record.held + extra
+  elseif strategy == 'strict' then
+    save()
+    return {'strict', exact(wait_for(TOKENS, extra))}
+  else
+    local shortfall = take(TOKENS, extra)
+    record.held = record.held + extra - shortfall
+    if strategy == 'compensate' then
+      DEBT = DEBT + shortfall
+      record.owed = record.owed + shortfall
+      out = {'compensate', exact(shortfall), exact(DEBT)}
+    else
+      out = {'warn', exact(shortfall)}
+    end
+  end
+elseif actual < record.tokens then
+  refund(TOKENS, record.tokens - actual)
+  record.held = math.max(0, record.held - (record.tokens - actual))
+end
+count_in(record, -1)
+record.tokens = actual
+record.actual = actual
+count_in(record, 1)
+store_record(request_id, record)
+save()
+return out

@@ -1,0 +1,22 @@
+-- release: ARGV[8] request id. Gives the latest grant of that id back whole and forgets it, as if
+-- it had never been granted: its request, the tokens it holds, the debt it paid (owed again) less
+-- the debt its adjustments added. A provider ceiling is not raised by it. Returns 1, or 0 when
+-- the id has no record.
+local request_id = ARGV[8]
+prune()
+local record = load_record(request_id)
+if record == nil then
+  save()
+  return 0
+end
+refill(REQUESTS)
+refill(TOKENS)
+refund(REQUESTS, 1)
+refund(TOKENS, record.held)
+DEBT = math.max(0, DEBT + record.debt - record.owed)
+if DEBT < DEBT_DUST then
+  DEBT = 0
+end
+forget_record(request_id, record)
+save()
+return 1

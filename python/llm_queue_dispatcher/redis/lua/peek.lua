@@ -1,0 +1,18 @@
+-- peek_messages_by_priority: ARGV[5] priority, ARGV[6] limit. Visible messages of that priority,
+-- oldest first, unchanged. Returns per message: message id, receive count, enqueued_at,
+-- first_received_at, serialised request.
+maintain()
+local out = {}
+local limit = tonumber(ARGV[6])
+if limit <= 0 then
+  return out
+end
+for _, member in ipairs(redis.call('ZRANGE', Q.vis[tonumber(ARGV[5]) + 1], 0, limit - 1)) do
+  local s = load(Q, member)
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = redis.call('HGET', Q.body, member)
+end
+return out

@@ -1,0 +1,391 @@
+"""`RedisStorage`: one SQS-like queue shared by every process and host that names it.
+
+Each operation is one Lua script (``lua/queue_common.lua`` + the operation's file), atomic on the
+server. Every instant comes from the server's ``TIME``, so client clocks never matter. Visibility
+expiry, dead-lettering and retention are applied by whichever script runs next (no background
+task, no lost update between processes).
+
+Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
+
+    {ns}:q:{q}:meta       hash: created, modified, visibility_timeout, dead, expired
+    {ns}:q:{q}:seq        counter: the next message's sequence number
+    {ns}:q:{q}:ids        hash: request id -> member (messages not yet deleted)
+    {ns}:q:{q}:body       hash: member -> the serialised request (see _codec)
+    {ns}:q:{q}:state      hash: member -> msgpack of priority, enqueued_at, receive count,
+                          first_received_at, current receipt token, message id, request id
+    {ns}:q:{q}:vis:0..3   zsets per priority, score enqueued_at (us): the visible messages
+    {ns}:q:{q}:inflight   zset, score visibility deadline (us): the messages in flight
+    {ns}:q:{q}:copies     hash: request id -> live copies beyond the first (a dead-letter queue
+                          keeps every copy it is sent, as InMemoryStorage does)
+
+A member is the sequence number zero-padded to 15 digits; a receipt handle is
+``<member>.<receive count>.<128-bit token>``. The token is replaced on every receive, so the
+handle of a consumer whose lease ran out and whose message someone else received is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
+
+import redis.asyncio
+
+from ..errors import (
+    DuplicateRequestError,
+    InvalidConfigError,
+    InvalidRequestError,
+    ReceiptHandleError,
+    StorageError,
+)
+from ..storage.base import QueueAttributes, QueueStorageAdapter, check_batch, check_visibility_timeout
+from ..types import LLMRequest, MessageAttributes, Priority, QueueMessage
+from ._codec import Serializer, decode_request, encode_request, request_id_bytes
+from ._connection import CLIENT_ERRORS, Connection, check_name, script
+
+__all__ = ["RedisStorage"]
+
+T = TypeVar("T")
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_HANDLE = re.compile(r"(\d{15})\.\d{1,10}\.([0-9a-f]{32})")
+_KEY_PARTS = ("meta", "seq", "ids", "body", "state", "vis:0", "vis:1", "vis:2", "vis:3", "inflight", "copies")
+# Retention beyond this many microseconds (about 285 years) is forever.
+_FOREVER_US = 2**53
+
+
+def _utc(microseconds: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=microseconds)
+
+
+def _microseconds(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _queue_keys(namespace: str, queue: str) -> list[bytes]:
+    # Encoded once: every call sends them, and redis-py passes bytes through untouched.
+    prefix = f"{{{namespace}}}:q:{queue}:"
+    return [(prefix + part).encode() for part in _KEY_PARTS]
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+class RedisStorage(QueueStorageAdapter[T]):
+    """A queue in Redis with the semantics of the storage contract, shared by many processes.
+
+    Args:
+        redis: a `redis.asyncio.Redis` client (used as given; you close it), or a URL such as
+            ``"redis://:password@host:6379/0"`` (a client with a 5 s command timeout and a 2 s
+            connect timeout is built, owned and closed by `aclose`).
+        queue: the queue's name, ``[A-Za-z0-9_.-]{1,80}``.
+        namespace: the key prefix and hash tag shared with the dead-letter queue and limiters.
+        max_receive_count: after this many receives without a delete, a message whose
+            visibility runs out is dead-lettered. None: never.
+        dead_letter: the name of another queue of the same namespace that receives
+            dead-lettered messages (with their original enqueue time); None drops and counts them.
+        message_retention: seconds after enqueue after which a message is dropped (counted).
+        max_payload_bytes: the most bytes one serialised request may take.
+        serializer: ``(dumps, loads)`` for payloads that are not JSON: ``dumps(payload)`` returns
+            bytes. None: JSON (the payload must read back equal). Never pickle.
+
+    Every process using one queue should pass the same settings: each call applies the settings
+    of the process that makes it. A payload read back is equal to the one enqueued, not the same
+    object. Redis unreachable or too slow: `StorageError` within the client's timeout.
+
+    Example::
+
+        storage = RedisStorage("redis://localhost:6379/0", "chat", max_receive_count=5,
+                               dead_letter="chat-dead")
+        await storage.enqueue(LLMRequest(id="r1", payload={"messages": [...]}))
+        [message] = await storage.dequeue(1, visibility_timeout=30.0)
+        await storage.delete_message(message.attributes.receipt_handle)
+        await storage.aclose()
+    """
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis | str,
+        queue: str,
+        *,
+        namespace: str = "lqd",
+        max_receive_count: int | None = None,
+        dead_letter: str | None = None,
+        message_retention: float = 345_600.0,
+        max_payload_bytes: int = 1_048_576,
+        serializer: Serializer | None = None,
+    ) -> None:
+        self.queue = check_name(queue, "queue")
+        self.namespace = check_name(namespace, "namespace")
+        if max_receive_count is not None and (
+            isinstance(max_receive_count, bool)
+            or not isinstance(max_receive_count, int)
+            or max_receive_count < 1
+        ):
+            raise InvalidConfigError(
+                f"max_receive_count must be None or an int >= 1, got {max_receive_count!r}"
+            )
+        if dead_letter is not None:
+            check_name(dead_letter, "dead_letter")
+            if dead_letter == queue:
+                raise InvalidConfigError(f"dead_letter must name another queue than {queue!r}")
+        if (
+            isinstance(message_retention, bool)
+            or not isinstance(message_retention, (int, float))
+            or math.isnan(message_retention)
+            or message_retention <= 0
+        ):
+            raise InvalidConfigError(
+                f"message_retention must be a number of seconds > 0, got {message_retention!r}"
+            )
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < 1
+        ):
+            raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {max_payload_bytes!r}")
+        if serializer is not None and not (
+            isinstance(serializer, tuple) and len(serializer) == 2 and all(callable(f) for f in serializer)
+        ):
+            raise InvalidConfigError(f"serializer must be None or a (dumps, loads) pair, got {serializer!r}")
+        self.max_receive_count = max_receive_count
+        self.dead_letter = dead_letter
+        self.message_retention = float(message_retention)
+        self.max_payload_bytes = max_payload_bytes
+        self.serializer = serializer
+        self._connection = Connection(redis)
+        self._keys = _queue_keys(namespace, queue)
+        if dead_letter is not None:
+            self._keys += _queue_keys(namespace, dead_letter)
+        retention_us = _microseconds(self.message_retention) if math.isfinite(self.message_retention) else 0
+        self._settings = (
+            str(max_receive_count or 0).encode(),
+            str(0 if retention_us > _FOREVER_US else retention_us).encode(),
+        )
+
+    # ----- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def redis(self) -> redis.asyncio.Redis:
+        """The client this storage talks through."""
+        return self._connection.client
+
+    def _time_argument(self) -> str:
+        """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
+        only the test suite's private subclass passes a manual clock's readings."""
+        return ""
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        arguments = (self._time_argument(), secrets.token_hex(16), *self._settings, *args)
+        try:
+            return await self._connection.run(script("queue_common", name), self._keys, arguments)
+        except CLIENT_ERRORS as exc:
+            self._fail(name, exc)
+
+    def _fail(self, operation: str, exc: BaseException) -> NoReturn:
+        message = f"Redis {operation} on queue {self.queue!r} failed: {self._connection.describe_error(exc)}"
+        _LOGGER.warning("%s", message)
+        if self._connection.scrub(str(exc)) != str(exc):
+            raise StorageError(message) from None
+        raise StorageError(message) from exc
+
+    def _handle(self, receipt_handle: object) -> tuple[str, str]:
+        match = _HANDLE.fullmatch(receipt_handle) if isinstance(receipt_handle, str) else None
+        if match is None:
+            raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
+        return match.group(1), match.group(2)
+
+    def _message(
+        self,
+        request: LLMRequest[T],
+        message_id: bytes,
+        receive_count: int,
+        enqueued_us: int,
+        first_us: int,
+        handle: str,
+    ) -> QueueMessage[T]:
+        mid = message_id.decode()
+        return QueueMessage(
+            id=mid,
+            payload=request,
+            attributes=MessageAttributes(
+                message_id=mid,
+                receipt_handle=handle,
+                enqueued_at=_utc(enqueued_us),
+                receive_count=receive_count,
+                first_received_at=None if first_us < 0 else _utc(first_us),
+            ),
+        )
+
+    def _encode(self, request: LLMRequest[T]) -> tuple[bytes, int, bytes]:
+        if not isinstance(request, LLMRequest):
+            raise InvalidRequestError(f"request must be an LLMRequest, got {request!r}")
+        request.validate()
+        rid = request_id_bytes(request.id)
+        return rid, int(request.priority), encode_request(request, self.serializer, self.max_payload_bytes)
+
+    async def _enqueue(
+        self, requests: Sequence[LLMRequest[T]], encoded: list[tuple[bytes, int, bytes]]
+    ) -> list[QueueMessage[T]]:
+        args: list[Any] = []
+        for rid, priority, body in encoded:
+            args += (rid, priority, body)
+        reply = await self._run("enqueue", *args)
+        if reply[0] == b"dup":
+            raise DuplicateRequestError(
+                f"id {reply[1].decode()!r} is already in the queue and not yet deleted"
+            )
+        return [
+            self._message(request, reply[1 + 2 * i], 0, int(reply[2 + 2 * i]), -1, "")
+            for i, request in enumerate(requests)
+        ]
+
+    # ----- the adapter ---------------------------------------------------------------------------
+
+    async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
+        """Stores ``request`` (validated and serialised before any network call)."""
+        encoded = self._encode(request)
+        [message] = await self._enqueue([request], [encoded])
+        return message
+
+    async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
+        """All or nothing, in one script: a duplicate anywhere stores none of the batch."""
+        check_batch(requests)
+        encoded = [self._encode(request) for request in requests]
+        if not encoded:
+            return []
+        return await self._enqueue(requests, encoded)
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
+        limit = _count(limit, "limit")
+        timeout = check_visibility_timeout(visibility_timeout)
+        reply = await self._run("dequeue", limit, _microseconds(timeout), repr(timeout))
+        messages: list[QueueMessage[T]] = []
+        for i in range(0, len(reply), 7):
+            member, mid, count, enqueued, first, token, body = reply[i : i + 7]
+            handle = f"{member.decode()}.{count}.{token.decode()}"
+            request = self._decode(body)
+            messages.append(self._message(request, mid, count, enqueued, first, handle))
+        return messages
+
+    def _decode(self, body: bytes) -> LLMRequest[T]:
+        try:
+            return decode_request(body, self.serializer)
+        except Exception as exc:
+            raise StorageError(
+                f"a message of queue {self.queue!r} cannot be read back ({type(exc).__name__}: {exc}); "
+                "were its writers using another serializer?"
+            ) from exc
+
+    async def delete_message(self, receipt_handle: str) -> None:
+        member, token = self._handle(receipt_handle)
+        if not await self._run("delete", member, token):
+            raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
+
+    async def batch_delete(self, receipt_handles: Sequence[str]) -> None:
+        """Deletes every current handle in one script, then names the stale or unknown ones."""
+        handles = list(receipt_handles)
+        failed: list[str] = []
+        args: list[str] = []
+        sent: list[str] = []
+        for handle in handles:
+            try:
+                member, token = self._handle(handle)
+            except ReceiptHandleError:
+                failed.append(handle)
+                continue
+            args += (member, token)
+            sent.append(handle)
+        if sent:
+            stale = await self._run("delete_batch", *args)
+            failed += [sent[int(index)] for index in stale]
+        if failed:
+            raise ReceiptHandleError(
+                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer current: "
+                f"{failed!r}"
+            )
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        timeout = check_visibility_timeout(visibility_timeout)
+        member, token = self._handle(receipt_handle)
+        if not await self._run("change_visibility", member, token, _microseconds(timeout)):
+            raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
+
+    async def dead_letter_message(self, message: QueueMessage[T]) -> None:
+        """Moves a received message to the dead-letter queue now, atomically (one script): the
+        stored request, with its original enqueue time; without a dead-letter queue it is dropped.
+        Counted in ``dead_lettered``. A stale handle raises `ReceiptHandleError`, nothing changes."""
+        if not isinstance(message, QueueMessage):
+            raise InvalidRequestError(f"message must be a QueueMessage, got {message!r}")
+        handle = message.attributes.receipt_handle
+        member, token = self._handle(handle)
+        if not await self._run("dead_letter", member, token):
+            raise ReceiptHandleError(f"receipt handle {handle!r} is unknown or no longer current")
+        if self.dead_letter is None:
+            _LOGGER.error(
+                "request %r dead-lettered from queue %r with no dead-letter queue configured: dropped",
+                message.payload.id,
+                self.queue,
+            )
+
+    async def get_approximate_message_count(self) -> int:
+        return int(await self._run("count"))
+
+    async def peek_messages_by_priority(self, priority: int, limit: int) -> list[QueueMessage[T]]:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 3:
+            raise InvalidRequestError(f"priority must be within 0..3, got {priority!r}")
+        limit = _count(limit, "limit")
+        reply = await self._run("peek", int(Priority(priority)), limit)
+        return [
+            self._message(self._decode(reply[i + 4]), reply[i], reply[i + 1], reply[i + 2], reply[i + 3], "")
+            for i in range(0, len(reply), 5)
+        ]
+
+    async def get_queue_attributes(self) -> QueueAttributes:
+        reply = await self._run("attributes")
+        visible, in_flight, created, modified, timeout, dead, expired = reply[:7]
+        return QueueAttributes(
+            approximate_number_of_messages=int(visible),
+            approximate_number_of_messages_in_flight=int(in_flight),
+            approximate_number_of_messages_delayed=0,
+            created_timestamp=_utc(int(created)),
+            last_modified_timestamp=_utc(int(modified)),
+            visibility_timeout=float(timeout) if timeout else None,
+            message_retention_period=self.message_retention,
+            dead_lettered=int(dead),
+            expired=int(expired),
+        )
+
+    async def purge(self) -> None:
+        """Removes every message, visible and in flight; every receipt handle becomes stale."""
+        await self._run("purge")
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Closes the client if this storage built it from a URL (a client you passed stays open)."""
+        await self._connection.aclose()
+
+    async def __aenter__(self) -> RedisStorage[T]:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisStorage(queue={self.queue!r}, namespace={self.namespace!r}, "
+            f"redis={self._connection.description}, max_receive_count={self.max_receive_count!r}, "
+            f"dead_letter={self.dead_letter!r}, message_retention={self.message_retention!r})"
+        )

@@ -1,0 +1,431 @@
+"""`RedisThrottle`: one RPM/TPM budget shared by every process and host that names it.
+
+The semantics are `LLMThrottle`'s (a request bucket and a token bucket, both refilled
+continuously up to their burst; all-or-nothing grants; an exact ``available_in``, infinite past
+the capacity; ``adjust_consumption`` with the strict, warn and compensate strategies and a
+compensation debt), plus ``release``, ``penalize`` and ``sync_from_headers``. Each method is one
+Lua script (``lua/limiter_common.lua`` + the method's file) run atomically on the server, on the
+server's clock: a client whose clock is minutes off changes nothing.
+
+It fails closed: when Redis cannot be reached, every method raises `LimiterUnavailableError` (a
+`StorageError`) and nothing is granted. Falling back to a per-process budget would let N
+processes overshoot the provider's limit N times.
+
+Keys, under the namespace's hash tag: ``{ns}:l:{name}:state`` (hash: bucket levels, debt,
+penalty, provider ceilings, history totals), ``{ns}:l:{name}:history`` (hash: request id ->
+latest grant) and ``{ns}:l:{name}:order`` (zset: request ids by grant instant, for retention).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Literal, NoReturn
+
+import redis.asyncio
+
+from ..errors import (
+    InvalidConfigError,
+    InvalidRequestError,
+    LimiterUnavailableError,
+    RateLimitError,
+    UnknownRequestError,
+)
+from ..provider_limits import ProviderLimits, parse_rate_limit_headers
+from ..types import validate_request_id, validate_token_count
+from ._connection import CLIENT_ERRORS, Connection, check_name, script
+
+__all__ = [
+    "BucketUsage",
+    "CompensationUsage",
+    "HistoryUsage",
+    "RateLimitCheck",
+    "RedisThrottle",
+    "SharedRateLimitMetrics",
+]
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+_STRATEGIES = ("strict", "warn", "compensate")
+
+
+@dataclass(frozen=True)
+class RateLimitCheck:
+    """The answer of `RedisThrottle.can_process`, with `RateLimitCheckResult`'s attributes."""
+
+    allowed: bool
+    reason: Literal["rpm_limit", "tpm_limit"] | None
+    available_in: float
+    available_tokens: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class BucketUsage:
+    """One bucket: ``used`` (capacity minus available), ``available``, ``limit`` (its capacity)
+    and ``percentage`` used."""
+
+    used: float
+    available: float
+    limit: float
+    percentage: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HistoryUsage:
+    """The grants kept (those younger than ``history_retention``)."""
+
+    count: int
+    average_tokens_per_request: float
+    total_tokens: int
+    estimation_accuracy: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CompensationUsage:
+    """The compensation debt the next grant takes on top of its estimate."""
+
+    total_debt: float
+    pending_compensation: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SharedRateLimitMetrics:
+    """`RedisThrottle.get_metrics`: the shape of `RateLimitMetrics` (``.rpm``, ``.tpm``,
+    ``.efficiency``, ``.consumption_history``, ``.compensation``) plus ``penalty_remaining``
+    (seconds). ``efficiency`` is the estimation accuracy over the kept grants (1.0 when none was
+    adjusted yet)."""
+
+    rpm: BucketUsage
+    tpm: BucketUsage
+    efficiency: float
+    consumption_history: HistoryUsage
+    compensation: CompensationUsage
+    penalty_remaining: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _usage(available: float, limit: float) -> BucketUsage:
+    used = limit - available
+    return BucketUsage(used=used, available=available, limit=limit, percentage=used / limit * 100.0)
+
+
+def _positive(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _request_id(request_id: object) -> bytes:
+    return validate_request_id(request_id, "request_id").encode("utf-8")
+
+
+def _seconds(value: object, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _microseconds(seconds: float | None) -> str:
+    return "" if seconds is None else str(round(seconds * 1_000_000))
+
+
+def _figure(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+class RedisThrottle:
+    """A dual token-bucket limiter in Redis, shared by every process that uses the same name.
+
+    Args:
+        redis: a `redis.asyncio.Redis` client (used as given), or a URL (a client with bounded
+            timeouts is built, owned and closed by `aclose`).
+        name: the limiter's name, ``[A-Za-z0-9_.-]{1,80}``; processes naming the same one share
+            one budget.
+        rpm, tpm: requests and tokens per minute (the refill rates).
+        burst_rpm, burst_tpm: bucket capacities (default: the rates).
+        namespace: key prefix and hash tag.
+        adjustment_failure_strategy: "strict", "warn" or "compensate", as in `LLMThrottle`.
+        history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
+        max_history_records: the most grants kept.
+        logger: where "warn" and "compensate" adjustments are logged.
+
+    Every method is a coroutine; ``can_process`` returns a `RateLimitCheck`, ``get_metrics`` a
+    `SharedRateLimitMetrics`. Processes sharing a name should pass the same settings: each call
+    applies the caller's. Redis unreachable: `LimiterUnavailableError`, nothing granted.
+
+    Example::
+
+        limiter = RedisThrottle("redis://localhost:6379/0", "openai-gpt-4o", rpm=500, tpm=200_000)
+        if await limiter.consume("req-1", 1_200):
+            ...  # call the provider, then:
+            await limiter.adjust_consumption("req-1", 950)
+    """
+
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis | str,
+        name: str,
+        *,
+        rpm: float,
+        tpm: float,
+        burst_rpm: float | None = None,
+        burst_tpm: float | None = None,
+        namespace: str = "lqd",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        history_retention: float = 60.0,
+        max_history_records: int = 10_000,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.name = check_name(name, "name")
+        self.namespace = check_name(namespace, "namespace")
+        self.rpm = _positive(rpm, "rpm")
+        self.tpm = _positive(tpm, "tpm")
+        for option, burst, rate in (("burst_rpm", burst_rpm, self.rpm), ("burst_tpm", burst_tpm, self.tpm)):
+            if burst is not None and (
+                isinstance(burst, bool)
+                or not isinstance(burst, (int, float))
+                or not (math.isfinite(burst) and burst >= rate)
+            ):
+                raise InvalidConfigError(
+                    f"{option} must be a finite number >= the rate ({rate}), got {burst!r}"
+                )
+        self.burst_rpm = None if burst_rpm is None else float(burst_rpm)
+        self.burst_tpm = None if burst_tpm is None else float(burst_tpm)
+        if adjustment_failure_strategy not in _STRATEGIES:
+            raise InvalidConfigError(
+                "adjustment_failure_strategy must be 'strict', 'warn' or 'compensate', "
+                f"got {adjustment_failure_strategy!r}"
+            )
+        self.adjustment_failure_strategy = adjustment_failure_strategy
+        self.history_retention = _positive(history_retention, "history_retention")
+        if (
+            isinstance(max_history_records, bool)
+            or not isinstance(max_history_records, int)
+            or max_history_records < 1
+        ):
+            raise InvalidConfigError(f"max_history_records must be an int >= 1, got {max_history_records!r}")
+        self.max_history_records = max_history_records
+        self._logger = logger or _LOGGER
+        self._connection = Connection(redis)
+        prefix = f"{{{namespace}}}:l:{name}:"
+        self._keys = [(prefix + part).encode() for part in ("state", "history", "order")]
+        self.request_capacity = self.burst_rpm or self.rpm
+        self.token_capacity = self.burst_tpm or self.tpm
+        self._settings = (
+            repr(self.rpm),
+            repr(self.tpm),
+            repr(self.request_capacity),
+            repr(self.token_capacity),
+            _microseconds(self.history_retention),
+            str(max_history_records),
+        )
+
+    # ----- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def redis(self) -> redis.asyncio.Redis:
+        """The client this limiter talks through."""
+        return self._connection.client
+
+    def _time_argument(self) -> str:
+        """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
+        only the test suite's private subclass passes a manual clock's readings."""
+        return ""
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        arguments = (self._time_argument(), *self._settings, *args)
+        try:
+            return await self._connection.run(script("limiter_common", name), self._keys, arguments)
+        except CLIENT_ERRORS as exc:
+            self._fail(name, exc)
+
+    def _fail(self, operation: str, exc: BaseException) -> NoReturn:
+        message = (
+            f"shared limiter {self.name!r} unavailable ({operation}): "
+            f"{self._connection.describe_error(exc)}; failing closed, nothing granted"
+        )
+        self._logger.warning("%s", message)
+        if self._connection.scrub(str(exc)) != str(exc):
+            raise LimiterUnavailableError(message) from None
+        raise LimiterUnavailableError(message) from exc
+
+    def _check(self, reason: bytes, wait_us: bytes, requests: bytes, tokens: bytes) -> RateLimitCheck:
+        named = reason.decode()
+        return RateLimitCheck(
+            allowed=not named,
+            reason="rpm_limit" if named == "rpm_limit" else "tpm_limit" if named else None,
+            available_in=float(wait_us) / 1_000_000,
+            available_tokens={"rpm": float(requests), "tpm": float(tokens)},
+        )
+
+    # ----- the limiter ---------------------------------------------------------------------------
+
+    async def can_process(self, estimated_tokens: int) -> RateLimitCheck:
+        """Whether a request of ``estimated_tokens`` would be granted now, and if not, in exactly
+        how many seconds (``inf`` when it exceeds the token capacity)."""
+        estimated = validate_token_count(estimated_tokens, "estimated_tokens")
+        reply = await self._run("limiter_check", estimated)
+        return self._check(*reply)
+
+    async def _consume(self, request_id: str, estimated_tokens: int) -> RateLimitCheck | None:
+        rid = _request_id(request_id)
+        estimated = validate_token_count(estimated_tokens, "estimated_tokens")
+        reply = await self._run("limiter_consume", rid, estimated)
+        if reply[0] == 1:
+            return None
+        return self._check(*reply[1:])
+
+    async def consume(
+        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> bool:
+        """Takes one request and ``estimated_tokens`` (plus any debt), all or nothing, for every
+        process at once. ``metadata`` is accepted for `RateLimiter` compatibility and not stored."""
+        return await self._consume(request_id, estimated_tokens) is None
+
+    async def consume_or_raise(
+        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Like `consume`, but raises `RateLimitError(reason, available_in)` when refused."""
+        refused = await self._consume(request_id, estimated_tokens)
+        if refused is not None:
+            raise RateLimitError(refused.reason or "tpm_limit", refused.available_in)
+
+    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        """Sets the latest grant of ``request_id`` to ``actual_tokens``: takes the extra or refunds
+        the difference. When the bucket holds less than the extra: "strict" raises
+        `RateLimitError` and takes nothing, "warn" empties the bucket and logs, "compensate"
+        empties it and carries the rest as debt. Unknown id: `UnknownRequestError`."""
+        rid = _request_id(request_id)
+        actual = validate_token_count(actual_tokens, "actual_tokens")
+        reply = await self._run("limiter_adjust", rid, actual, self.adjustment_failure_strategy)
+        outcome = reply[0]
+        if outcome == b"unknown":
+            raise UnknownRequestError(
+                f"request {request_id!r} has no consumption record (never consumed, or older than "
+                f"history_retention = {self.history_retention} s)"
+            )
+        if outcome == b"strict":
+            raise RateLimitError("tpm_limit", float(reply[1]) / 1_000_000)
+        if outcome == b"warn":
+            self._logger.warning(
+                "could not take %s more tokens for request %r: the shared token bucket %r is empty",
+                float(reply[1]),
+                request_id,
+                self.name,
+            )
+        elif outcome == b"compensate":
+            self._logger.info(
+                "adding %s tokens of request %r to the compensation debt of %r (now %s)",
+                float(reply[1]),
+                request_id,
+                self.name,
+                float(reply[2]),
+            )
+
+    async def release(self, request_id: str) -> None:
+        """Gives the latest grant of ``request_id`` back whole (its request, its tokens and the
+        debt it paid) and forgets it, as if it had never been granted. Under a provider ceiling
+        (`sync_from_headers`) the tokens come back only up to it. Unknown id: `UnknownRequestError`."""
+        rid = _request_id(request_id)
+        if not await self._run("limiter_release", rid):
+            raise UnknownRequestError(
+                f"request {request_id!r} has no consumption record (never consumed, released, or older "
+                f"than history_retention = {self.history_retention} s)"
+            )
+
+    async def get_metrics(self) -> SharedRateLimitMetrics:
+        """Both buckets (as every process sees them now), the history totals, debt and penalty."""
+        reply = await self._run("limiter_metrics")
+        requests, tokens, debt, penalty_us = (float(value) for value in reply[:4])
+        count, total, adjusted = int(reply[4]), int(reply[5]), int(reply[6])
+        accuracy = 1.0 if adjusted == 0 else min(1.0, max(0.0, float(reply[7]) / adjusted))
+        return SharedRateLimitMetrics(
+            rpm=_usage(requests, self.request_capacity),
+            tpm=_usage(tokens, self.token_capacity),
+            efficiency=accuracy,
+            consumption_history=HistoryUsage(
+                count=count,
+                average_tokens_per_request=total / count if count else 0.0,
+                total_tokens=total,
+                estimation_accuracy=accuracy,
+            ),
+            compensation=CompensationUsage(total_debt=debt, pending_compensation=debt),
+            penalty_remaining=penalty_us / 1_000_000,
+        )
+
+    async def penalize(self, seconds: float) -> None:
+        """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
+        with ``Retry-After``); a later penalty already set is kept."""
+        await self._run("limiter_penalize", _microseconds(_seconds(seconds, "seconds")))
+
+    async def sync_from_headers(
+        self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]
+    ) -> ProviderLimits:
+        """Learns from a provider response's rate-limit headers (see
+        `llm_queue_dispatcher.provider_limits`): ``retry-after`` penalizes; a remaining figure
+        cuts its bucket to at most that now and, until the reset, keeps it at most that figure
+        minus what is granted since. Returns what was read; malformed headers are ignored."""
+        limits = parse_rate_limit_headers(headers)
+        await self.apply_provider_limits(limits)
+        return limits
+
+    async def apply_provider_limits(self, limits: ProviderLimits) -> None:
+        """`sync_from_headers` for figures already read."""
+        if not isinstance(limits, ProviderLimits):
+            raise InvalidRequestError(f"limits must be a ProviderLimits, got {limits!r}")
+        if limits.empty:
+            return
+        await self._run(
+            "limiter_sync",
+            _microseconds(limits.retry_after),
+            _figure(limits.requests_remaining),
+            _microseconds(limits.requests_reset),
+            _figure(limits.tokens_remaining),
+            _microseconds(limits.tokens_reset),
+        )
+
+    async def reset(self) -> None:
+        """Full buckets, no history, no debt, no penalty, no ceiling, for every process."""
+        await self._run("limiter_reset")
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Closes the client if this limiter built it from a URL."""
+        await self._connection.aclose()
+
+    async def __aenter__(self) -> RedisThrottle:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisThrottle(name={self.name!r}, namespace={self.namespace!r}, "
+            f"redis={self._connection.description}, rpm={self.rpm!r}, tpm={self.tpm!r}, "
+            f"burst_rpm={self.burst_rpm!r}, burst_tpm={self.burst_tpm!r})"
+        )

@@ -1,0 +1,299 @@
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+/// A plain index: cells in a map, members oldest first, groups by (tokens, processing time).
+struct VecIndex {
+    messages: Vec<MessageTraits>,
+    cells: BTreeMap<CellKey, Vec<u32>>,
+    lookups: std::cell::Cell<usize>,
+}
+
+fn time_key(m: &MessageTraits) -> u64 {
+    crate::cells::time_key(m.tokens, m.expected_processing_seconds)
+}
+
+impl VecIndex {
+    fn new(messages: Vec<MessageTraits>) -> Self {
+        let mut cells: BTreeMap<CellKey, Vec<u32>> = BTreeMap::new();
+        for (slot, m) in messages.iter().enumerate() {
+            let key = CellKey::for_message(m.priority, m.receive_count, m.tokens);
+            cells.entry(key).or_default().push(slot as u32);
+        }
+        for members in cells.values_mut() {
+            members.sort_by(|&a, &b| {
+                messages[a as usize].enqueued_at.total_cmp(&messages[b as usize].enqueued_at).then(a.cmp(&b))
+            });
+        }
+        Self { messages, cells, lookups: std::cell::Cell::new(0) }
+    }
+
+    fn key_of(&self, slot: u32) -> CellKey {
+        let m = &self.messages[slot as usize];
+        CellKey::for_message(m.priority, m.receive_count, m.tokens)
+    }
+
+    /// Group order: time key, then age (slots are enqueued in order of their position
+    /// among equal enqueue instants).
+    fn order(&self, slot: u32) -> (u64, u64, u32) {
+        let m = &self.messages[slot as usize];
+        (time_key(m), m.enqueued_at.to_bits(), slot)
+    }
+
+    fn group_members(&self, slot: u32) -> impl Iterator<Item = u32> + '_ {
+        let tokens = self.messages[slot as usize].tokens;
+        self.cells[&self.key_of(slot)]
+            .iter()
+            .copied()
+            .filter(move |&s| self.messages[s as usize].tokens == tokens)
+    }
+}
+
+impl CandidateIndex for VecIndex {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
+        for (key, members) in &self.cells {
+            let best_time_ms = members
+                .iter()
+                .map(|&s| f64::from_bits(time_key(&self.messages[s as usize])))
+                .fold(f64::INFINITY, f64::min);
+            let oldest = members[0];
+            let summary = CellSummary {
+                oldest_enqueued_at: self.messages[oldest as usize].enqueued_at,
+                oldest_seq: u64::from(oldest),
+                best_time_ms,
+            };
+            visit(key, &summary);
+        }
+    }
+    fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
+        let mut groups: BTreeMap<u64, u32> = BTreeMap::new();
+        for &slot in &self.cells[key] {
+            let order = self.order(slot);
+            let head = groups.entry(self.messages[slot as usize].tokens).or_insert(slot);
+            if order < self.order(*head) {
+                *head = slot;
+            }
+        }
+        for (tokens, slot) in groups {
+            let single = self.next_run_head(slot).is_none();
+            visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])), single);
+        }
+    }
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        let m = &self.messages[slot as usize];
+        self.group_members(slot)
+            .filter(|&s| {
+                time_key(&self.messages[s as usize]) == time_key(m) && self.order(s) > self.order(slot)
+            })
+            .min_by_key(|&s| self.order(s))
+    }
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        let m = &self.messages[slot as usize];
+        self.group_members(slot)
+            .filter(|&s| time_key(&self.messages[s as usize]) > time_key(m))
+            .min_by_key(|&s| self.order(s))
+    }
+    fn traits(&self, slot: u32) -> MessageTraits {
+        self.lookups.set(self.lookups.get() + 1);
+        self.messages[slot as usize]
+    }
+    fn seq(&self, slot: u32) -> u64 {
+        u64::from(slot)
+    }
+}
+
+fn message() -> impl Strategy<Value = MessageTraits> {
+    (
+        0u8..4,
+        0u32..10,
+        prop_oneof![0u64..10, 1u64..5_000, 1u64..200_000],
+        proptest::option::of(0.0f64..50.0),
+        0.0f64..400.0,
+    )
+        .prop_map(|(priority, receive_count, tokens, ept, enqueued_at)| MessageTraits {
+            priority,
+            receive_count,
+            tokens,
+            expected_processing_seconds: ept,
+            enqueued_at,
+        })
+}
+
+fn brute_force(index: &VecIndex, context: &SearchContext, custom: &[(f64, Vec<f64>)]) -> Option<f64> {
+    index
+        .messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.tokens as f64 <= context.max_tokens)
+        .map(|(slot, m)| {
+            let base = total(&weighted_factors(&context.weights, m, context.now, context.available));
+            base + custom.iter().map(|(w, scores)| w * clamp_custom(scores[slot])).sum::<f64>()
+        })
+        .max_by(f64::total_cmp)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn stream_is_exactly_descending_and_complete(
+        messages in proptest::collection::vec(message(), 0..120),
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in 0.0f64..60_000.0,
+    ) {
+        let index = VecIndex::new(messages);
+        let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+        let mut search = IndexSearch::new(&index, context);
+        let mut produced = Vec::new();
+        while let Some(c) = search.next_candidate() {
+            // Everything left is bounded by what just came out.
+            if let Some(bound) = search.remaining_bound() {
+                prop_assert!(bound <= c.base, "{bound} > {}", c.base);
+            }
+            produced.push(c);
+        }
+        for pair in produced.windows(2) {
+            prop_assert!(pair[0].base >= pair[1].base - 1e-9, "{} then {}", pair[0].base, pair[1].base);
+        }
+        let eligible = index.messages.iter().filter(|m| m.tokens as f64 <= available).count();
+        prop_assert_eq!(produced.len(), eligible);
+        // The heap-free fast path finds the very same first candidate.
+        prop_assert_eq!(best_candidate(&index, &context), produced.first().copied());
+    }
+
+    #[test]
+    fn choice_matches_brute_force(
+        messages in proptest::collection::vec(message(), 0..120),
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in 0.0f64..60_000.0,
+        custom_weights in proptest::collection::vec(0.0f64..0.6, 0..3),
+        seed in any::<u64>(),
+    ) {
+        let n = messages.len();
+        let index = VecIndex::new(messages);
+        let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+        // Deterministic pseudo-random custom scores per message, some outside [0, 1] or NaN.
+        let custom: Vec<(f64, Vec<f64>)> = custom_weights.iter().enumerate().map(|(j, &w)| {
+            let scores = (0..n).map(|i| {
+                let x = ((seed ^ (i as u64 * 7919 + j as u64 * 104_729)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+                    / (1u64 << 53) as f64;
+                if i % 17 == 3 { f64::NAN } else { x * 1.4 - 0.2 }
+            }).collect();
+            (w, scores)
+        }).collect();
+        let weights_only: Vec<f64> = custom.iter().map(|(w, _)| *w).collect();
+        let mut search = IndexSearch::new(&index, context);
+        let collected = collect(&mut search, usize::MAX);
+        let mut calls = 0;
+        let choice = choose::<()>(&collected, &weights_only, |_, c| {
+            calls += 1;
+            Ok(custom.iter().map(|(_, scores)| scores[c.slot as usize]).collect())
+        }).unwrap();
+        let expected = brute_force(&index, &context, &custom);
+        match (choice, expected) {
+            (None, None) => {}
+            (Some(choice), Some(expected)) => {
+                prop_assert!((choice.total - expected).abs() < 1e-9, "{} vs {}", choice.total, expected);
+                prop_assert!(choice.candidate.tokens as f64 <= available);
+            }
+            (got, want) => prop_assert!(false, "got {:?}, want {:?}", got, want),
+        }
+        if weights_only.is_empty() {
+            prop_assert_eq!(calls, 0);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    // The real store as the index: after random enqueues (batches at equal instants
+    // included), receives and redeliveries, both searches find the brute-force best.
+    #[test]
+    fn searches_over_the_store_match_brute_force(
+        batches in proptest::collection::vec(proptest::collection::vec(message(), 1..20), 1..8),
+        receives in 0usize..10,
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in 0.0f64..60_000.0,
+        now in 0.0f64..1_000.0,
+    ) {
+        use crate::store::{NewMessage, Store, StoreConfig};
+        let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
+        let mut store: Store<u32> = Store::new(config, 0.0).unwrap();
+        let mut at = 0.0;
+        let mut n = 0u32;
+        for batch in batches {
+            at += 7.5;
+            let batch = batch.into_iter().map(|m| {
+                n += 1;
+                NewMessage {
+                    request_id: format!("r{n}").into(),
+                    payload: n,
+                    priority: m.priority,
+                    tokens: m.tokens,
+                    expected_processing_seconds: m.expected_processing_seconds,
+                    tenant: None,
+                    deadline: None,
+                }
+            }).collect();
+            store.enqueue_batch(batch, at).unwrap();
+        }
+        // Receive some with a short lease so they come back with a higher receive count.
+        store.receive(receives, 1.0, at).unwrap();
+        let now = at + 2.0 + now;
+        store.release_expired(now);
+        let context = SearchContext { weights: Weights::from_array(weights), now, available, max_tokens: available };
+        let expected = (0..n)
+            .filter(|&slot| store.is_visible(slot) == Some(true))
+            .map(|slot| CandidateIndex::traits(&store, slot))
+            .filter(|t| t.tokens as f64 <= available)
+            .map(|t| total(&weighted_factors(&context.weights, &t, now, available)))
+            .max_by(f64::total_cmp);
+        let fast = best_candidate(&store, &context).map(|c| c.base);
+        let streamed = IndexSearch::new(&store, context).next_candidate().map(|c| c.base);
+        prop_assert_eq!(fast, expected);
+        prop_assert_eq!(streamed, expected);
+    }
+}
+
+#[test]
+fn a_batch_of_equal_ages_is_not_walked_member_by_member() {
+    // 20,000 messages enqueued at the same instant with 40 distinct estimates.
+    let messages = (0..20_000u64)
+        .map(|i| MessageTraits {
+            priority: 2,
+            receive_count: 0,
+            tokens: 1_000 + (i % 40) * 3,
+            expected_processing_seconds: None,
+            enqueued_at: 0.0,
+        })
+        .collect();
+    let index = VecIndex::new(messages);
+    let context =
+        SearchContext { weights: Weights::default(), now: 5.0, available: 2_000.0, max_tokens: 2_000.0 };
+    let best = best_candidate(&index, &context).unwrap();
+    // 40 group heads plus the cells' oldest members: far fewer lookups than messages.
+    assert!(index.lookups.get() < 200, "{} lookups", index.lookups.get());
+    // The best estimate is the one nearest 70 % of the budget, and its oldest message wins.
+    assert_eq!(best.tokens, 1_117);
+    assert_eq!(best.seq, 39);
+}
+
+#[test]
+fn ties_go_to_the_older_message() {
+    let m = |enqueued_at| MessageTraits {
+        priority: 2,
+        receive_count: 0,
+        tokens: 100,
+        expected_processing_seconds: None,
+        enqueued_at,
+    };
+    // Both waited past NORMAL's 60 s, so their scores are equal; the older one wins.
+    let index = VecIndex::new(vec![m(5.0), m(1.0), m(3.0)]);
+    let context =
+        SearchContext { weights: Weights::default(), now: 100.0, available: 1000.0, max_tokens: 1000.0 };
+    let mut search = IndexSearch::new(&index, context);
+    assert_eq!(search.next_candidate().unwrap().slot, 1);
+    assert_eq!(search.next_candidate().unwrap().slot, 2);
+    assert_eq!(search.next_candidate().unwrap().slot, 0);
+}

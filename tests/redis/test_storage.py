@@ -1,0 +1,456 @@
+"""`RedisStorage` beyond the conformance suite: what crossing a process boundary adds (payloads
+that round-trip, serializers, scripts the server forgot, keys in one slot, the server's clock,
+dead-lettering in one step, retried enqueues)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import redis.asyncio
+import redis.crc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_queue_dispatcher import (
+    InvalidConfigError,
+    InvalidRequestError,
+    LLMRequest,
+    ManualClock,
+    PayloadTooLargeError,
+    Priority,
+    QueueStorageAdapter,
+    ReceiptHandleError,
+    StorageError,
+    TokenInfo,
+)
+from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+from tests.redis.conftest import START, fresh_name
+from tests.redis.support import ClockedRedisStorage, RedisServer
+
+MakeStorage = Callable[..., ClockedRedisStorage[Any]]
+
+
+def utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+# ----- payloads ------------------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+INSTANTS = st.datetimes(
+    min_value=datetime(1971, 1, 1),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.none()
+    | st.just(timezone.utc)
+    | st.builds(timezone, st.sampled_from([timedelta(hours=-5), timedelta(hours=5, minutes=30)])),
+)
+REQUESTS = st.builds(
+    LLMRequest,
+    id=st.text(min_size=1, max_size=20).filter(str.strip),
+    payload=JSON,
+    priority=st.sampled_from(list(Priority)),
+    token_info=st.builds(
+        TokenInfo, st.integers(0, 10**12), st.none() | st.integers(0, 10**9), st.none() | st.text(max_size=10)
+    ),
+    expected_processing_time=st.none() | st.floats(0, 1e6) | st.integers(0, 1000),
+    metadata=st.dictionaries(st.text(max_size=8), JSON, max_size=3),
+    created_at=INSTANTS,
+    tenant=st.none() | st.text(max_size=10),
+    deadline=st.none() | INSTANTS,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(REQUESTS, min_size=1, max_size=4, unique_by=lambda r: r.id))
+def test_the_whole_request_round_trips(shared_server: RedisServer, requests: list[LLMRequest[Any]]) -> None:
+    """Every field of every request comes back equal (not the same object), through single and
+    batch enqueues alike. Strings with lone surrogates are refused, so they are left out here."""
+    requests = [r for r in requests if _encodable(r)]
+
+    async def scenario() -> None:
+        async with RedisStorage(shared_server.url, fresh_name("roundtrip")) as storage:
+            await storage.enqueue(requests[0]) if requests else None
+            await storage.batch_enqueue(requests[1:])
+            got = await storage.dequeue(10, 30.0)
+            by_id = {m.payload.id: m.payload for m in got}
+            assert len(got) == len(requests)
+            for request in requests:
+                back = by_id[request.id]
+                assert back == request
+                assert back is not request
+                assert back.created_at.utcoffset() == request.created_at.utcoffset()
+
+    asyncio.run(scenario())
+
+
+def _encodable(request: LLMRequest[Any]) -> bool:
+    import json
+
+    try:
+        json.dumps(
+            [request.id, request.payload, request.metadata, request.tenant, request.token_info.model],
+            ensure_ascii=False,
+        ).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def test_a_serializer_pair_carries_bytes(clocked_storage: MakeStorage) -> None:
+    point = struct.Struct("<dd")
+    storage = clocked_storage(serializer=(lambda p: point.pack(*p), point.unpack))
+    await storage.enqueue(LLMRequest("p", (1.5, -2.25)))
+    raw = clocked_storage(serializer=(bytes, bytes))
+    payload = b"\x00\n\xff{}\r\n" * 3
+    await raw.enqueue(LLMRequest("b", payload))
+    [message] = await storage.dequeue(1, 5.0)
+    assert message.payload.payload == (1.5, -2.25)
+    [message] = await raw.dequeue(1, 5.0)
+    assert message.payload.payload == payload
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        (object(), "object is not JSON"),
+        ((1, 2), "tuple"),
+        ({"a": (1,)}, r"payload\['a'\]"),
+        ({1: "one"}, "key 1"),
+        ([math.nan], r"payload\[0\]"),
+        ({"x": math.inf}, "not a JSON number"),
+        ({1, 2}, "set is not JSON"),
+        (b"bytes", "bytes is not JSON"),
+        ("lone \ud800 surrogate", "surrogate"),
+        ({"k": ["\udfff"]}, r"payload\['k'\]\[0\]"),
+    ],
+)
+async def test_payloads_json_cannot_give_back_are_refused(
+    unreachable_storage: RedisStorage[Any], payload: Any, named: str
+) -> None:
+    """Refused with `InvalidRequestError` naming the part, before any network call: the storage
+    points at a port where nothing listens, so a command sent would raise `StorageError`."""
+    with pytest.raises(InvalidRequestError, match=named):
+        await unreachable_storage.enqueue(LLMRequest("a", payload))
+    with pytest.raises(InvalidRequestError, match=named):
+        await unreachable_storage.batch_enqueue([LLMRequest("ok", 1), LLMRequest("a", payload)])
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: setattr(r, "metadata", {"when": datetime(2020, 1, 1)}), "metadata"),
+        (lambda r: setattr(r, "metadata", {"s": "\ud800"}), r"metadata\['s'\]"),
+        (lambda r: setattr(r, "tenant", "\udc80"), "tenant"),
+        (lambda r: setattr(r, "id", "x\ud800"), "id"),
+        (lambda r: object.__setattr__(r.token_info, "model", 5), "token_info.model"),
+    ],
+)
+async def test_other_fields_are_checked_too(
+    unreachable_storage: RedisStorage[Any], change: Callable[[LLMRequest[Any]], None], named: str
+) -> None:
+    request = LLMRequest("a", {"ok": True})
+    change(request)
+    with pytest.raises(InvalidRequestError, match=named):
+        await unreachable_storage.enqueue(request)
+
+
+async def test_oversized_requests_are_refused_before_any_io(unreachable_storage: RedisStorage[Any]) -> None:
+    small = RedisStorage(unreachable_storage.redis, "small", max_payload_bytes=200)
+    with pytest.raises(PayloadTooLargeError, match="max_payload_bytes = 200"):
+        await small.enqueue(LLMRequest("a", "x" * 200))
+    assert isinstance(PayloadTooLargeError("x"), InvalidRequestError)
+    with pytest.raises(PayloadTooLargeError):
+        await unreachable_storage.enqueue(LLMRequest("big", "y" * 1_048_576))
+
+
+async def test_a_serializer_that_fails_or_returns_text_is_refused(
+    unreachable_storage: RedisStorage[Any],
+) -> None:
+    def boom(payload: Any) -> bytes:
+        raise TypeError("cannot")
+
+    for serializer, named in (((boom, bytes), "raised TypeError"), ((str, bytes), "must return bytes")):
+        storage = RedisStorage(unreachable_storage.redis, "s", serializer=serializer)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match=named):
+            await storage.enqueue(LLMRequest("a", 1))
+
+
+async def test_a_mutated_request_is_validated_again(unreachable_storage: RedisStorage[Any]) -> None:
+    request = LLMRequest("a", 1)
+    request.priority = 9  # type: ignore[assignment]
+    with pytest.raises(InvalidRequestError, match="priority"):
+        await unreachable_storage.enqueue(request)
+
+
+# ----- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "{tag}", "a b", "line\nbreak", "a:b", "x" * 81, "ü", None, 3])
+def test_bad_names_are_refused(redis_url: str, name: Any) -> None:
+    with pytest.raises(InvalidConfigError, match="queue"):
+        RedisStorage(redis_url, name)
+    with pytest.raises(InvalidConfigError, match="namespace"):
+        RedisStorage(redis_url, "ok", namespace=name)
+    if name is not None:
+        with pytest.raises(InvalidConfigError, match="dead_letter"):
+            RedisStorage(redis_url, "ok", dead_letter=name)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dead_letter": "same"},
+        {"max_payload_bytes": 0},
+        {"max_payload_bytes": 1.5},
+        {"serializer": (bytes,)},
+        {"serializer": "json"},
+    ],
+)
+def test_bad_options_are_refused(redis_url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidConfigError):
+        RedisStorage(redis_url, "same", **options)
+
+
+def test_the_client_must_be_a_redis_client_or_a_url() -> None:
+    with pytest.raises(InvalidConfigError, match="redis must be"):
+        RedisStorage(object(), "q")  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match="not usable"):
+        RedisStorage("http://not-redis", "q")
+
+
+# ----- scripts, keys, clocks -----------------------------------------------------------------------
+
+
+async def test_scripts_flushed_from_the_server_are_reloaded_invisibly(redis_url: str) -> None:
+    async with (
+        RedisStorage(redis_url, fresh_name("flush")) as storage,
+        RedisThrottle(redis_url, fresh_name("flush"), rpm=60, tpm=1000) as limiter,
+    ):
+        admin = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            await storage.enqueue(LLMRequest("a", 1))
+            assert await limiter.consume("a", 1)
+            await admin.script_flush()
+            assert await admin.script_exists(storage.redis and _sha("queue_common", "dequeue")) == [False]
+            [message] = await storage.dequeue(1, 30.0)
+            await storage.delete_message(message.attributes.receipt_handle)
+            assert await limiter.consume("b", 1)
+            assert await admin.script_exists(_sha("queue_common", "dequeue")) == [True]
+        finally:
+            await admin.aclose()
+
+
+def _sha(prelude: str, name: str) -> str:
+    from llm_queue_dispatcher.redis._connection import script
+
+    return script(prelude, name).sha
+
+
+async def test_every_key_of_a_namespace_is_in_one_cluster_slot(redis_url: str) -> None:
+    namespace = fresh_name("slot")
+    async with (
+        RedisStorage(
+            redis_url, "work", namespace=namespace, max_receive_count=1, dead_letter="dead"
+        ) as storage,
+        RedisThrottle(redis_url, "gpt", namespace=namespace, rpm=60, tpm=100) as limiter,
+    ):
+        await storage.enqueue(LLMRequest("a", 1))
+        message = (await storage.dequeue(1, 30.0))[0]
+        await storage.dead_letter_message(message)
+        await storage.enqueue(LLMRequest("b", 1))
+        await storage.dequeue(1, 30.0)
+        assert await limiter.consume("a", 5)
+        keys = [key async for key in storage.redis.scan_iter(match=f"{{{namespace}}}:*")]
+    assert len(keys) >= 10
+    assert {redis.crc.key_slot(key) for key in keys} == {redis.crc.key_slot(f"{{{namespace}}}".encode())}
+
+
+async def test_instants_come_from_the_server_and_expiry_needs_no_background_task(redis_url: str) -> None:
+    async with RedisStorage(redis_url, fresh_name("server-clock")) as storage:
+        server_seconds, server_micro = await storage.redis.time()
+        message = await storage.enqueue(LLMRequest("a", 1))
+        server_now = server_seconds + server_micro / 1e6
+        assert abs(message.attributes.enqueued_at.timestamp() - server_now) < 1.0
+        [received] = await storage.dequeue(1, 0.2)
+        assert await storage.dequeue(1, 0.2) == []
+        await asyncio.sleep(0.25)  # no task runs in between: the next call finds it visible
+        [again] = await storage.dequeue(1, 0.2)
+        assert again.attributes.receive_count == 2
+        assert again.attributes.first_received_at == received.attributes.first_received_at
+
+
+async def test_a_client_decoding_responses_works_too(redis_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        storage: RedisStorage[Any] = RedisStorage(client, fresh_name("decoding"), serializer=(bytes, bytes))
+        await storage.enqueue(LLMRequest("a", b"\xff\x00 not utf-8"))
+        [message] = await storage.dequeue(1, 5.0)
+        assert message.payload.payload == b"\xff\x00 not utf-8"
+        await storage.aclose()  # a client passed in is not closed by the storage
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+# ----- dead-lettering and retried enqueues ---------------------------------------------------------
+
+
+async def test_dead_letter_message_moves_at_once_keeping_the_enqueue_time(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    dead = clocked_storage()
+    storage = clocked_storage(dead_letter=dead.queue)
+    request = LLMRequest("a", {"n": 1}, Priority.HIGH, TokenInfo(7))
+    await storage.enqueue(request)
+    clock.advance(5)
+    [message] = await storage.dequeue(1, 30.0)
+    await storage.dead_letter_message(message)
+    attributes = await storage.get_queue_attributes()
+    assert (attributes.approximate_number_of_messages_in_flight, attributes.dead_lettered) == (0, 1)
+    [moved] = await dead.dequeue(1, 30.0)
+    assert moved.payload == request
+    assert moved.attributes.enqueued_at == utc(START)  # the original enqueue time
+    assert moved.attributes.receive_count == 1
+    with pytest.raises(ReceiptHandleError):
+        await storage.dead_letter_message(message)  # its handle is stale now
+    with pytest.raises(ReceiptHandleError):
+        await storage.delete_message(message.attributes.receipt_handle)
+
+
+async def test_dead_letter_message_without_a_target_drops_and_counts(
+    clocked_storage: MakeStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", 1))
+    [message] = await storage.dequeue(1, 30.0)
+    await storage.dead_letter_message(message)
+    attributes = await storage.get_queue_attributes()
+    assert (attributes.approximate_number_of_messages_in_flight, attributes.dead_lettered) == (0, 1)
+    assert "dropped" in caplog.text
+
+
+async def test_expiry_dead_letters_keep_the_enqueue_time(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    dead = clocked_storage()
+    storage = clocked_storage(max_receive_count=1, dead_letter=dead.queue)
+    await storage.enqueue(LLMRequest("a", 1))
+    clock.advance(3)
+    await storage.dequeue(1, 10.0)
+    clock.advance(10)
+    assert await storage.get_approximate_message_count() == 0
+    [moved] = await dead.peek_messages_by_priority(Priority.NORMAL, 5)
+    assert moved.attributes.enqueued_at == utc(START)
+
+
+async def test_a_retried_enqueue_finds_its_own_messages(
+    clocked_storage: MakeStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that resends an enqueue whose reply was lost gets the first run's answer, not a
+    duplicate error; another call with the same ids is a duplicate."""
+    import llm_queue_dispatcher.redis.storage as module
+
+    storage = clocked_storage()
+    batch = [LLMRequest("a", 1), LLMRequest("b", 2)]
+    monkeypatch.setattr(module.secrets, "token_hex", lambda n: "ab" * n)
+    first = await storage.batch_enqueue(batch)
+    again = await storage.batch_enqueue(batch)  # the same call, resent
+    assert [m.id for m in again] == [m.id for m in first]
+    assert [m.attributes.enqueued_at for m in again] == [m.attributes.enqueued_at for m in first]
+    assert await storage.get_approximate_message_count() == 2
+    monkeypatch.undo()
+    from llm_queue_dispatcher import DuplicateRequestError
+
+    with pytest.raises(DuplicateRequestError, match="'a'"):
+        await storage.batch_enqueue(batch)
+
+
+async def test_receipt_handles_carry_the_receive_count_and_128_random_bits(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", 1))
+    handles = []
+    for count in (1, 2, 3):
+        [message] = await storage.dequeue(1, 1.0)
+        handles.append(message.attributes.receipt_handle)
+        _member, receives, token = message.attributes.receipt_handle.split(".")
+        assert int(receives) == count
+        assert len(token) == 32
+        assert int(token, 16) >= 0
+        clock.advance(1)
+    assert len({h.split(".")[2] for h in handles}) == 3
+    forged = handles[-1].rsplit(".", 1)[0] + "." + "0" * 32
+    with pytest.raises(ReceiptHandleError):
+        await storage.delete_message(forged)
+
+
+async def test_payloads_come_back_equal_not_identical(clocked_storage: MakeStorage) -> None:
+    storage: QueueStorageAdapter[Any] = clocked_storage()
+    payload = {"prompt": "hi", "n": [1, 2]}
+    request = LLMRequest("a", payload)
+    assert (await storage.enqueue(request)).payload is request  # enqueue answers with the request given
+    [message] = await storage.dequeue(1, 1.0)
+    assert message.payload == request
+    assert message.payload is not request
+    assert message.payload.payload == payload
+    assert message.payload.payload is not payload
+
+
+# ----- auto-pipelining -----------------------------------------------------------------------------
+
+
+async def test_concurrent_calls_share_round_trips_and_each_gets_its_own_answer(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls made while a round trip is in flight go out together as one pipeline; every caller
+    still gets its own reply or its own error, even when the server forgot the scripts between."""
+    from llm_queue_dispatcher import DuplicateRequestError
+    from llm_queue_dispatcher.redis._connection import Batcher
+
+    sizes: list[int] = []
+    original = Batcher._pipeline
+
+    async def recording(self: Batcher, batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return await original(self, batch)
+
+    monkeypatch.setattr(Batcher, "_pipeline", recording)
+    async with RedisStorage(redis_url, fresh_name("pipelined")) as storage:
+        await storage.enqueue(LLMRequest("taken", 0))
+        await storage.redis.script_flush()  # the batch below must reload what it needs
+        requests = [LLMRequest(f"r{i}", {"i": i}) for i in range(60)] + [LLMRequest("taken", 1)]
+        outcomes = await asyncio.gather(*(storage.enqueue(r) for r in requests), return_exceptions=True)
+        assert max(sizes) > 1  # batched
+        assert isinstance(outcomes[-1], DuplicateRequestError)
+        assert [m.payload.id for m in outcomes[:-1]] == [f"r{i}" for i in range(60)]  # type: ignore[union-attr]
+        received = await storage.dequeue(100, 30.0)
+        handles = [m.attributes.receipt_handle for m in received] + ["000000000000001.1." + "0" * 32]
+        deleted = await asyncio.gather(*(storage.delete_message(h) for h in handles), return_exceptions=True)
+        assert deleted[:-1] == [None] * len(received)
+        assert isinstance(deleted[-1], ReceiptHandleError)
+        assert await storage.get_approximate_message_count() == 0
+
+
+async def test_a_failed_round_trip_fails_every_call_in_it(private_server: RedisServer) -> None:
+    async with RedisStorage(private_server.url + "?socket_timeout=0.5", "pipefail") as storage:
+        await storage.enqueue(LLMRequest("warm", 0))
+        private_server.pause()
+        try:
+            outcomes = await asyncio.gather(
+                *(storage.enqueue(LLMRequest(f"r{i}", i)) for i in range(20)), return_exceptions=True
+            )
+        finally:
+            private_server.resume()
+        assert all(isinstance(outcome, StorageError) for outcome in outcomes)
+        assert await storage.get_approximate_message_count() >= 1  # and the storage works again

@@ -1,0 +1,399 @@
+"""`RedisThrottle`: `LLMThrottle`'s semantics (checked against it step by step), plus release,
+penalties and provider headers, on a real redis-server and a test clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_queue_dispatcher import (
+    InvalidConfigError,
+    InvalidRequestError,
+    LLMThrottle,
+    ManualClock,
+    RateLimitError,
+    UnknownRequestError,
+)
+from llm_queue_dispatcher.redis import RateLimitCheck, RedisThrottle, SharedRateLimitMetrics
+from tests.redis.conftest import START, fresh_name
+from tests.redis.support import ClockedRedisThrottle, RedisServer
+
+MakeThrottle = Callable[..., ClockedRedisThrottle]
+US = 1e-6
+
+
+# ----- the same decisions as LLMThrottle -----------------------------------------------------------
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("consume"), st.integers(0, 1500)),
+        st.tuples(st.just("check"), st.integers(0, 1500)),
+        st.tuples(st.just("adjust"), st.integers(0, 12), st.integers(0, 2500)),
+        st.tuples(st.just("release"), st.integers(0, 12)),
+        st.tuples(st.just("advance"), st.integers(0, 25)),
+        st.tuples(st.just("penalize"), st.integers(0, 10)),
+        st.tuples(
+            st.just("sync"),
+            st.sampled_from(["requests", "tokens"]),
+            st.integers(0, 1500),
+            st.none() | st.integers(1, 30),
+        ),
+    ),
+    max_size=35,
+)
+
+
+def headers(bucket: str, remaining: int, reset: int | None) -> dict[str, str]:
+    out = {f"x-ratelimit-remaining-{bucket}": str(remaining)}
+    if reset is not None:
+        out[f"x-ratelimit-reset-{bucket}"] = f"{reset}s"
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    operations=OPERATIONS,
+    strategy=st.sampled_from(["strict", "warn", "compensate"]),
+    burst=st.sampled_from([None, 1800]),
+)
+def test_decisions_match_llm_throttle(
+    shared_server: RedisServer, operations: list[tuple[Any, ...]], strategy: Any, burst: int | None
+) -> None:
+    """Whole rates per second and whole-second steps keep both arithmetics exact, so every grant,
+    refusal, reason, wait (to the microsecond), adjustment outcome, penalty, provider ceiling and
+    bucket level must agree. (Releases are compared for grants never adjusted upwards: after an
+    extra the bucket could not give, `RedisThrottle.release` gives back what the grant really
+    holds and takes back the debt it added, where `LLMThrottle` gives back its full count.)"""
+
+    async def scenario() -> None:
+        clock = ManualClock(START)
+        options: dict[str, Any] = {"burst_tpm": burst, "adjustment_failure_strategy": strategy}
+        local = LLMThrottle(120, 1200, clock=clock, logger=logging.getLogger("quiet"), **options)
+        shared = ClockedRedisThrottle(
+            shared_server.url, fresh_name("differential"), rpm=120, tpm=1200, clock=clock, **options
+        )
+        granted: list[str] = []
+        raised: set[str] = set()
+        try:
+            for step, operation in enumerate(operations):
+                kind = operation[0]
+                if kind == "advance":
+                    clock.advance(operation[1])
+                elif kind == "penalize":
+                    local.penalize(operation[1])
+                    await shared.penalize(operation[1])
+                elif kind == "sync":
+                    said = headers(*operation[1:])
+                    assert await shared.sync_from_headers(said) == local.sync_from_headers(said)
+                elif kind == "consume":
+                    rid = f"r{step}"
+                    expected = local.consume(rid, operation[1])
+                    assert await shared.consume(rid, operation[1]) == expected
+                    if expected:
+                        granted.append(rid)
+                elif kind == "check":
+                    want, got = local.can_process(operation[1]), await shared.can_process(operation[1])
+                    assert (got.allowed, got.reason) == (want.allowed, want.reason)
+                    assert got.available_in == pytest.approx(want.available_in, abs=US) or (
+                        math.isinf(got.available_in) and math.isinf(want.available_in)
+                    )
+                    assert got.available_tokens == pytest.approx(want.available_tokens, abs=1e-9)
+                elif granted:
+                    rid = granted[operation[1] % len(granted)]
+                    if kind == "release" and rid in raised:
+                        continue
+                    expected_outcome = got_outcome = "ok"
+                    if kind == "adjust":
+                        raised.add(rid)
+                    try:
+                        if kind == "adjust":
+                            local.adjust_consumption(rid, operation[2])
+                        else:
+                            local.release(rid)
+                    except (RateLimitError, UnknownRequestError) as exc:
+                        expected_outcome = type(exc).__name__
+                    try:
+                        if kind == "adjust":
+                            await shared.adjust_consumption(rid, operation[2])
+                        else:
+                            await shared.release(rid)
+                    except (RateLimitError, UnknownRequestError) as exc:
+                        got_outcome = type(exc).__name__
+                    assert got_outcome == expected_outcome
+                want_metrics, got_metrics = local.get_metrics(), await shared.get_metrics()
+                assert got_metrics.tpm.available == pytest.approx(want_metrics.tpm.available, abs=1e-9)
+                assert got_metrics.rpm.available == pytest.approx(want_metrics.rpm.available, abs=1e-9)
+                assert got_metrics.compensation.total_debt == pytest.approx(
+                    want_metrics.compensation.total_debt, abs=1e-9
+                )
+                assert got_metrics.consumption_history.count == want_metrics.consumption_history.count
+                assert (
+                    got_metrics.consumption_history.total_tokens
+                    == want_metrics.consumption_history.total_tokens
+                )
+        finally:
+            await shared.aclose()
+
+    asyncio.run(scenario())
+
+
+# ----- exact waits, capacity, strategies ---------------------------------------------------------
+
+
+async def test_available_in_is_exact_to_the_microsecond(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=7, tpm=1000)
+    assert await throttle.consume("a", 600)
+    check = await throttle.can_process(777)
+    assert isinstance(check, RateLimitCheck)
+    assert (check.allowed, check.reason) == (False, "tpm_limit")
+    assert check.available_in == pytest.approx(377 / (1000 / 60), abs=US)
+    clock.advance(check.available_in - US)
+    assert not (await throttle.can_process(777)).allowed
+    assert not await throttle.consume("b", 777)
+    clock.advance(US)
+    assert (await throttle.can_process(777)).allowed
+    assert await throttle.consume("b", 777)
+
+
+async def test_more_than_the_capacity_never_fits(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000, burst_tpm=1500)
+    check = await throttle.can_process(1501)
+    assert (check.allowed, check.reason, check.available_in) == (False, "tpm_limit", math.inf)
+    assert not await throttle.consume("big", 1501)
+    with pytest.raises(RateLimitError) as raised:
+        await throttle.consume_or_raise("big", 1501)
+    assert (raised.value.reason, raised.value.available_in) == ("tpm_limit", math.inf)
+    assert await throttle.consume("burst", 1500)
+
+
+async def test_the_request_bucket_is_reported_first(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=1, tpm=1000)
+    assert await throttle.consume("a", 900)
+    check = await throttle.can_process(500)
+    assert (check.reason, check.available_in) == ("rpm_limit", pytest.approx(60.0, abs=US))
+    assert check.available_tokens == {"rpm": 0.0, "tpm": 100.0}
+
+
+async def test_adjustment_strategies_on_a_short_bucket(
+    clocked_throttle: MakeThrottle, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    strict = clocked_throttle(rpm=60, tpm=1000, adjustment_failure_strategy="strict")
+    assert await strict.consume("a", 900)
+    with pytest.raises(RateLimitError) as raised:
+        await strict.adjust_consumption("a", 1300)
+    assert raised.value.reason == "tpm_limit"
+    assert (await strict.get_metrics()).tpm.available == 100.0  # nothing taken
+
+    warn = clocked_throttle(rpm=60, tpm=1000)
+    assert await warn.consume("a", 900)
+    with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
+        await warn.adjust_consumption("a", 1300)
+    assert "300" in caplog.text
+    metrics = await warn.get_metrics()
+    assert (metrics.tpm.available, metrics.compensation.total_debt) == (0.0, 0.0)
+
+    compensate = clocked_throttle(rpm=60, tpm=1000, adjustment_failure_strategy="compensate")
+    assert await compensate.consume("a", 900)
+    await compensate.adjust_consumption("a", 1300)
+    assert (await compensate.get_metrics()).compensation.total_debt == 300.0
+    clock.advance(60)
+    assert await compensate.consume("b", 100)  # takes 100 + the 300 owed
+    metrics = await compensate.get_metrics()
+    assert (metrics.tpm.available, metrics.compensation.total_debt) == (600.0, 0.0)
+
+
+async def test_adjust_refunds_and_unknown_ids_are_refused(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000, history_retention=30.0)
+    assert await throttle.consume("a", 500)
+    await throttle.adjust_consumption("a", 200)
+    assert (await throttle.get_metrics()).tpm.available == 800.0
+    with pytest.raises(UnknownRequestError, match="never"):
+        await throttle.adjust_consumption("nobody", 5)
+    clock.advance(30)
+    with pytest.raises(UnknownRequestError):
+        await throttle.adjust_consumption("a", 100)  # older than the retention
+
+
+async def test_release_gives_a_grant_back_whole(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000, adjustment_failure_strategy="compensate")
+    assert await throttle.consume("a", 900)
+    await throttle.adjust_consumption("a", 1200)  # 100 taken, 200 owed
+    assert await throttle.consume("b", 0) is False  # the debt needs 200 tokens first
+    await throttle.release("a")
+    metrics = await throttle.get_metrics()
+    assert (metrics.rpm.available, metrics.tpm.available) == (60.0, 1000.0)
+    assert metrics.compensation.total_debt == 0.0
+    assert metrics.consumption_history.count == 0
+    with pytest.raises(UnknownRequestError):
+        await throttle.release("a")  # forgotten: a second release gives nothing back
+    with pytest.raises(UnknownRequestError):
+        await throttle.adjust_consumption("a", 10)
+
+
+# ----- penalties and provider headers --------------------------------------------------------------
+
+
+async def test_penalize_refuses_everything_until_it_ends(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=600, tpm=100_000)
+    await throttle.penalize(20)
+    await throttle.penalize(5)  # an earlier end does not shorten it
+    check = await throttle.can_process(1)
+    assert (check.allowed, check.reason) == (False, "rpm_limit")
+    assert check.available_in >= 20
+    assert not await throttle.consume("a", 1)
+    assert (await throttle.get_metrics()).penalty_remaining == 20.0
+    clock.advance(19.999999)
+    assert not await throttle.consume("a", 1)
+    clock.advance(US)
+    assert await throttle.consume("a", 1)
+    for bad in (-1, math.nan, math.inf, "5", True):
+        with pytest.raises(InvalidRequestError, match="seconds"):
+            await throttle.penalize(bad)
+
+
+async def test_retry_after_header_penalizes(clocked_throttle: MakeThrottle, clock: ManualClock) -> None:
+    throttle = clocked_throttle(rpm=600, tpm=100_000)
+    limits = await throttle.sync_from_headers({"Retry-After": "7"})
+    assert limits.retry_after == 7.0
+    assert (await throttle.can_process(1)).available_in == pytest.approx(7.0, abs=US)
+    clock.advance(7)
+    assert await throttle.consume("a", 1)
+
+
+async def test_remaining_tokens_with_a_reset_set_a_falling_ceiling(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=600, tpm=60_000)  # 1,000 tokens a second
+    await throttle.sync_from_headers(
+        {"x-ratelimit-remaining-tokens": "5000", "x-ratelimit-reset-tokens": "20s"}
+    )
+    assert (await throttle.get_metrics()).tpm.available == 5000.0  # cut from 60,000 at once
+    assert await throttle.consume("a", 3000)
+    clock.advance(10)  # the bucket would refill 10,000, but the provider said 5,000 - 3,000 remain
+    assert (await throttle.get_metrics()).tpm.available == 2000.0
+    check = await throttle.can_process(2500)  # the ceiling holds until t=20, then 0.5 s of refill
+    assert (check.reason, check.available_in) == ("tpm_limit", pytest.approx(10.5, abs=US))
+    assert await throttle.consume("b", 2000)
+    assert not await throttle.consume("c", 1)
+    clock.advance(10)  # the reset: the bucket refills freely from where the ceiling held it
+    assert (await throttle.get_metrics()).tpm.available == 0.0
+    clock.advance(2.5)
+    assert (await throttle.get_metrics()).tpm.available == 2500.0
+    assert await throttle.consume("c", 2500)
+
+
+async def test_remaining_without_a_reset_cuts_once(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=60_000)
+    await throttle.sync_from_headers([("x-ratelimit-remaining-requests", "3")])
+    assert (await throttle.get_metrics()).rpm.available == 3.0
+    clock.advance(2)
+    assert (await throttle.get_metrics()).rpm.available == 5.0  # refills as usual
+    await throttle.sync_from_headers({"x-ratelimit-remaining-requests": "bogus"})
+    assert (await throttle.get_metrics()).rpm.available == 5.0  # malformed: ignored
+
+
+async def test_anthropic_headers_are_understood(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=60_000)
+    await throttle.sync_from_headers(
+        {"anthropic-ratelimit-requests-remaining": "2", "anthropic-ratelimit-tokens-remaining": "900"}
+    )
+    metrics = await throttle.get_metrics()
+    assert (metrics.rpm.available, metrics.tpm.available) == (2.0, 900.0)
+
+
+# ----- one budget for every process ----------------------------------------------------------------
+
+
+async def test_two_instances_of_one_name_share_one_budget(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    name = fresh_name("shared")
+    one = clocked_throttle(name=name, rpm=2, tpm=1000)
+    two = clocked_throttle(name=name, rpm=2, tpm=1000)
+    assert await one.consume("a", 400)
+    assert await two.consume("b", 400)
+    assert not await one.consume("c", 100)  # two requests a minute, both used
+    assert (await two.can_process(100)).reason == "rpm_limit"
+    await one.adjust_consumption("b", 100)  # adjusts the grant the other instance made
+    assert (await two.get_metrics()).tpm.available == 500.0
+    other = clocked_throttle(name=fresh_name("other"), rpm=2, tpm=1000)
+    assert await other.consume("a", 900)  # another name: another budget
+
+
+async def test_metrics_have_the_shape_of_llm_throttle(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000)
+    assert await throttle.consume("a", 250)
+    await throttle.adjust_consumption("a", 500)
+    metrics = await throttle.get_metrics()
+    assert isinstance(metrics, SharedRateLimitMetrics)
+    assert metrics.tpm.to_dict() == {"used": 500.0, "available": 500.0, "limit": 1000.0, "percentage": 50.0}
+    assert metrics.rpm.used == 1.0
+    assert metrics.consumption_history.to_dict() == {
+        "count": 1,
+        "average_tokens_per_request": 500.0,
+        "total_tokens": 500,
+        "estimation_accuracy": 0.5,
+    }
+    assert metrics.efficiency == 0.5
+    assert metrics.to_dict()["tpm"]["limit"] == 1000.0
+
+
+# ----- configuration and input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rpm": 0, "tpm": 10},
+        {"rpm": 10, "tpm": math.nan},
+        {"rpm": 10, "tpm": 10, "burst_rpm": 5},
+        {"rpm": 10, "tpm": 10, "burst_tpm": math.inf},
+        {"rpm": 10, "tpm": 10, "adjustment_failure_strategy": "ignore"},
+        {"rpm": 10, "tpm": 10, "history_retention": 0},
+        {"rpm": 10, "tpm": 10, "max_history_records": 0},
+        {"rpm": True, "tpm": 10},
+    ],
+)
+def test_bad_configuration_is_refused(redis_url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidConfigError):
+        RedisThrottle(redis_url, "x", **options)
+
+
+@pytest.mark.parametrize("name", ["", "a{b}", "has space", "new\nline", "colon:name", "x" * 81, "é", 5])
+def test_bad_names_are_refused(redis_url: str, name: Any) -> None:
+    with pytest.raises(InvalidConfigError, match="name"):
+        RedisThrottle(redis_url, name, rpm=1, tpm=1)
+    with pytest.raises(InvalidConfigError, match="namespace"):
+        RedisThrottle(redis_url, "ok", rpm=1, tpm=1, namespace=name)
+
+
+async def test_bad_arguments_are_refused_and_change_nothing(clocked_throttle: MakeThrottle) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000)
+    for tokens in (-1, 1.5, math.nan, True, "10"):
+        with pytest.raises(InvalidRequestError, match="estimated_tokens"):
+            await throttle.consume("a", tokens)
+        with pytest.raises(InvalidRequestError, match="estimated_tokens"):
+            await throttle.can_process(tokens)
+    for request_id in ("", None, 5, "\ud800"):
+        with pytest.raises(InvalidRequestError):
+            await throttle.consume(request_id, 1)  # type: ignore[arg-type]
+    assert await throttle.consume("a", 1)
+    with pytest.raises(InvalidRequestError, match="actual_tokens"):
+        await throttle.adjust_consumption("a", -5)
+    metrics = await throttle.get_metrics()
+    assert (metrics.rpm.available, metrics.tpm.available) == (59.0, 999.0)
