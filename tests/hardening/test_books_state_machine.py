@@ -6,20 +6,17 @@ running past leases, and faults injected into any of it — the books hold:
 * every message enqueued is acknowledged, visible, in flight with an owner (a live delivery, or
   a failed one's retry delay), dead-lettered (in the dead-letter store), or purged: exactly one;
 * a message's receive count is the number of deliveries handed out for it;
-* each dispatcher tracks exactly its unsettled deliveries from since its last purge;
+* each dispatcher tracks exactly its unsettled deliveries since its last purge;
 * each limiter counts one request per delivery handed out, and as tokens the estimate of every
   unsettled delivery plus the actual count of every settled one (estimate for a completion
   without a count, 0 for a failure or a dead letter). A failed dequeue reserves nothing.
 
-Left out, because they fail on main and are reported (with failing tests that are not
-committed; remove each exclusion once its fix lands):
+Left out, because it fails on main and is reported (remove the exclusion once the fix lands):
 
 * marking a delivery after the same request id was reserved again on the same limiter, by a
   later delivery or by a dispatch attempt that failed. Limiters keep reservations by request id,
   so such a mark settles the newer reservation, or finds none once the failed attempt's was
-  released (tests/hardening/test_redelivery_budget.py). Set `MARK_SUPERSEDED` to include them;
-* the `RuntimeWarning` of a mark after a purge, whose store call is never awaited
-  (tests/hardening/test_purge_coroutines.py): ignored here, so the books are still checked.
+  released (reported with failing tests). Set `MARK_SUPERSEDED` to include them.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -51,8 +47,6 @@ from llm_queue_dispatcher import (
 )
 from tests.hardening.support import BookLimiter
 from tests.hardening.test_error_paths import FaultyClock
-
-pytestmark = pytest.mark.filterwarnings("ignore:coroutine '.*Source.*' was never awaited:RuntimeWarning")
 
 MARK_SUPERSEDED = False
 VISIBILITY = 30.0

@@ -1,10 +1,6 @@
 """Issue 9, defect 5: `purge()` forgets the deliveries it removed, and marking them afterwards
 settles their budget cleanly: a refund for a failure, the actual count for a completion, no
 exception for a failure, no phantom in-flight entry.
-
-A mark after a purge still leaves its store call's coroutine unawaited (a `RuntimeWarning`),
-which tests/hardening/test_purge_coroutines.py shows (reported, not committed); this module
-ignores that one warning so it tests the books only. Remove the filter once it is fixed.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ from llm_queue_dispatcher import (
 )
 from tests.hardening.support import BookLimiter, native_limiter, request
 from tests.reference.storage import ReferenceStorage
-
-pytestmark = pytest.mark.filterwarnings("ignore:coroutine '.*Source.*' was never awaited:RuntimeWarning")
 
 SOURCES = ["memory", "prefetch"]
 LIMITERS = ["native", "python"]
