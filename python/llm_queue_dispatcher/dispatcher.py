@@ -113,6 +113,7 @@ class LLMQueueDispatcher(Generic[T]):
                 visibility_timeout=self.config.visibility_timeout,
                 prefetch_interval=self.config.prefetch_interval,
                 logger=self._logger,
+                on_arrival=self._notify,
             )
         self._fair = self.config.fair_priority or FairPriorityConfig()
         if self.config.policy == "fair_priority":
@@ -131,6 +132,10 @@ class LLMQueueDispatcher(Generic[T]):
         self._ready: tuple[int, float] | None = None
         # Token capacity of the limiter last seen, for the unfittable count of the metrics.
         self._last_capacity: float | None = None
+
+    def _notify(self) -> None:
+        """Something changed that a waiting dequeue should look at."""
+        self._wakeup.notify()
 
     # -- time ----------------------------------------------------------------------------------
     def _now(self) -> float:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
@@ -304,10 +306,14 @@ class InMemorySource(MessageSource[T]):
 class PrefetchSource(MessageSource[T]):
     """Any other store, served from a buffer of up to ``buffer_size`` leased messages.
 
-    The buffer is topped up with one ``storage.dequeue`` before each selection and, with
-    ``enable_prefetch``, every ``prefetch_interval`` seconds, when the leases of buffered messages
-    are renewed too. A message leaving the buffer has its lease renewed first, so it is never
-    handed out after another consumer received it.
+    The buffer is filled with one ``storage.dequeue``: before a selection when it is empty, and
+    otherwise in the background as soon as a message leaves it, so a dispatch does not wait for
+    a round trip to the store; with ``enable_prefetch`` also every ``prefetch_interval`` seconds,
+    when the leases of buffered messages are renewed too. A message leaving the buffer gets a
+    full ``visibility_timeout`` again: its lease is renewed before it is handed out when less
+    than half of it is left (by the dispatcher's clock, counted from before the receive, so the
+    estimate errs short) — then never after another consumer could have received it — and in the
+    background otherwise.
     """
 
     leases = True
@@ -321,15 +327,29 @@ class PrefetchSource(MessageSource[T]):
         visibility_timeout: float,
         prefetch_interval: float,
         logger: logging.Logger,
+        on_arrival: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(storage)
+        # Called when a fill brings messages into the buffer (wakes waiting dequeues).
+        self._on_arrival = on_arrival
         self.buffer = CandidateBuffer(clock)
         self._buffer_size = buffer_size
         self._visibility_timeout = visibility_timeout
         self._prefetch_interval = prefetch_interval
         self._logger = logger
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        # Messages the receive in flight will bring, and that receive.
+        self._pending = 0
+        self._fill_task: asyncio.Task[None] | None = None
+        # Receipt handle -> the instant (dispatcher clock) its lease ends at the latest.
+        self._lease_ends: dict[str, float] = {}
+        # Background fills and renewals, kept so they can be awaited on close.
+        self._background: set[asyncio.Task[None]] = set()
+        # Renewals of handed-out messages still in flight, by receipt handle: a mark waits for
+        # its message's renewal, so the two reach the store in the order they were made.
+        self._renewals: dict[str, asyncio.Task[None]] = {}
 
     @property
     def stopped(self) -> bool:
@@ -337,14 +357,87 @@ class PrefetchSource(MessageSource[T]):
 
     async def purge(self) -> None:
         self.buffer.drain()
+        self._lease_ends.clear()
         await self.storage.purge()
 
-    async def prepare(self) -> None:
-        missing = self._buffer_size - len(self.buffer)
-        if missing > 0:
+    def _now(self) -> float:
+        clock = self._clock
+        return float(clock()) if clock is not None else time.monotonic()
+
+    async def _fill(self) -> None:
+        missing = self._buffer_size - len(self.buffer) - self._pending
+        if missing <= 0:
+            return
+        self._pending += missing
+        started = self._now()
+        try:
             messages = await self.storage.dequeue(missing, self._visibility_timeout)
-            if messages:
-                self.buffer.insert(messages)
+        finally:
+            self._pending -= missing
+        if messages:
+            ends = started + self._visibility_timeout
+            for message in messages:
+                self._lease_ends[message.attributes.receipt_handle] = ends
+            self.buffer.insert(messages)
+            if self._on_arrival is not None:
+                self._on_arrival()
+
+    def _start_fill(self) -> asyncio.Task[None]:
+        """The fill in flight, or a new one: one receive at a time."""
+        if self._fill_task is None or self._fill_task.done():
+            self._fill_task = asyncio.get_running_loop().create_task(self._fill())
+            self._background.add(self._fill_task)
+            self._fill_task.add_done_callback(self._fill_done)
+        return self._fill_task
+
+    def _fill_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Seen here; a dequeue waiting on this fill re-raises it too.
+            self._logger.warning("filling the prefetch buffer failed: %r", task.exception())
+
+    async def prepare(self) -> None:
+        if len(self.buffer) == 0:
+            # Nothing to select from: wait for the fill (one already in flight, or a new one).
+            # Shielded: a cancelled dequeue must not cancel a receive others wait for.
+            await asyncio.shield(self._start_fill())
+        else:
+            self._refill_soon()
+
+    def _refill_soon(self) -> None:
+        if len(self.buffer) + self._pending < self._buffer_size:
+            self._start_fill()
+
+    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await work
+            except ReceiptHandleError:
+                pass  # the message was marked (or received elsewhere) meanwhile: nothing to do
+            except Exception:
+                self._logger.exception("%s failed", what)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _after_renewal(self, receipt_handle: str) -> None:
+        renewal = self._renewals.get(receipt_handle)
+        if renewal is not None:
+            await asyncio.shield(renewal)
+
+    async def delete(self, receipt_handle: str) -> None:
+        await self._after_renewal(receipt_handle)
+        await self.storage.delete_message(receipt_handle)
+
+    async def change_visibility(self, receipt_handle: str, seconds: float) -> None:
+        await self._after_renewal(receipt_handle)
+        await self.storage.update_visibility_timeout(receipt_handle, seconds)
+
+    async def dead_letter(self, message: QueueMessage[T]) -> None:
+        await self._after_renewal(message.attributes.receipt_handle)
+        await self.storage.dead_letter_message(message)
 
     def start_prefetching(self) -> None:
         """Starts (or restarts, in a new event loop) the background refresh of the buffer."""
@@ -360,11 +453,15 @@ class PrefetchSource(MessageSource[T]):
             try:
                 await self.prepare()
                 for handle in self.buffer.handles():
+                    started = self._now()
                     try:
                         await self.storage.update_visibility_timeout(handle, self._visibility_timeout)
                     except ReceiptHandleError:
                         # Its lease ran out and another consumer received it: forget it.
                         self.buffer.discard(handle)
+                        self._lease_ends.pop(handle, None)
+                    else:
+                        self._lease_ends[handle] = started + self._visibility_timeout
             except Exception:  # keep prefetching through transient storage failures
                 self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
             await asyncio.sleep(self._prefetch_interval)
@@ -432,10 +529,21 @@ class PrefetchSource(MessageSource[T]):
         return ids
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
-        try:
-            await self.storage.update_visibility_timeout(
-                message.attributes.receipt_handle, visibility_timeout
+        if not self._stopped:
+            # The message left the buffer: top it up meanwhile, off this dispatch's path.
+            self._refill_soon()
+        handle = message.attributes.receipt_handle
+        lease_end = self._lease_ends.pop(handle, -math.inf)
+        if lease_end - self._now() > visibility_timeout / 2:
+            # Still ours for a while: nobody else can hold it, renew without waiting.
+            renewal = self._in_background(
+                self.storage.update_visibility_timeout(handle, visibility_timeout), "renewing a lease"
             )
+            self._renewals[handle] = renewal
+            renewal.add_done_callback(lambda _: self._renewals.pop(handle, None))
+            return True
+        try:
+            await self.storage.update_visibility_timeout(handle, visibility_timeout)
         except ReceiptHandleError:
             # Its visibility ran out while buffered and another consumer received it: never
             # hand out a message twice.
@@ -443,6 +551,7 @@ class PrefetchSource(MessageSource[T]):
         except BaseException:
             # Cancelled or failed mid-renewal: the lease is still ours either way, so the
             # message goes back into the buffer, not to nobody.
+            self._lease_ends[handle] = lease_end
             self.buffer.insert([message])
             raise
         return True
@@ -489,6 +598,15 @@ class PrefetchSource(MessageSource[T]):
 
     async def close(self) -> None:
         self.stop()
+        # A fill in flight may still bring messages: let it land, then release everything.
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._lease_ends.clear()
         for message in self.buffer.drain():
-            with contextlib.suppress(ReceiptHandleError):
+            try:
                 await self.storage.update_visibility_timeout(message.attributes.receipt_handle, 0.0)
+            except ReceiptHandleError:
+                continue
+            except Exception:
+                # Its lease runs out by itself; the others are still released.
+                self._logger.exception("releasing a buffered message failed")
