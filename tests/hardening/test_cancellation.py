@@ -8,8 +8,7 @@ external store (the plain-Python reference adapter) through the prefetch buffer.
 message is in a job some consumer returned, or visible, or leased by the dispatcher's buffer, and
 the limiter holds exactly the returned jobs' reservations.
 
-(A store whose lease renewal suspends, so that a cancellation lands in the middle of it, still
-leaks a reservation at e1deeea: see the report of the hardening branch.)
+test_cancellation_renewal.py does the same with a store whose lease renewal suspends.
 """
 
 from __future__ import annotations
