@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+from .. import _core
 from ..errors import DuplicateRequestError, InvalidRequestError, ReceiptHandleError
 from ..types import LLMRequest, QueueMessage
 
@@ -50,8 +51,8 @@ __all__ = ["MAX_VISIBILITY_TIMEOUT", "QueueAttributes", "QueueStorageAdapter"]
 
 T = TypeVar("T")
 
-#: The longest visibility timeout in seconds (12 hours, as in SQS).
-MAX_VISIBILITY_TIMEOUT = 43_200.0
+#: The longest visibility timeout in seconds (12 hours, as in SQS), defined in the Rust core.
+MAX_VISIBILITY_TIMEOUT: float = _core.MAX_VISIBILITY_TIMEOUT
 
 _PURGE_BATCH = 100
 
