@@ -38,23 +38,18 @@ FairFacts = tuple[bool, str, float, int, int, int, int, int]
 FairDispatched = tuple[QueueMessage[Any], FairFacts]
 
 
-def _fair_arguments(
-    config: FairPriorityConfig,
-) -> tuple[dict[str, float], float, bool, list[float], float | None]:
-    reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
-    weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
-    return weights, float(config.fairness_window), config.urgent_first, config.max_wait_by_priority(), reserve
-
-
 class MessageSource(ABC, Generic[T]):
-    """The dispatcher's view of its store: selection, and the operations a mark needs."""
+    """The dispatcher's view of its store: selection over a Rust pool of candidates (the
+    in-memory store's core, or the prefetch buffer — both answer the same calls), and the
+    operations a mark needs."""
 
     #: Whether messages are leased ahead into a buffer: selection then needs `prepare` first,
     #: and a handed-out message's lease `confirm`ed.
     leases: bool = False
 
-    def __init__(self, storage: QueueStorageAdapter[T]) -> None:
+    def __init__(self, storage: QueueStorageAdapter[T], pool: StoreCore | CandidateBuffer) -> None:
         self.storage = storage
+        self.pool = pool
 
     # -- queue operations
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -76,11 +71,14 @@ class MessageSource(ABC, Generic[T]):
     async def purge(self) -> None:
         """Removes every message from the store (and the buffer)."""
 
-    # -- selection
+    @abstractmethod
+    async def drop_expired(self) -> list[str]:
+        """Dead-letters the selectable messages whose deadline has passed; their ids."""
+
+    # -- selection (the pool, in Rust)
     async def prepare(self) -> None:
         """Makes candidates available before a selection (fills the prefetch buffer)."""
 
-    @abstractmethod
     def dispatch_native(
         self,
         throttle: LLMThrottle,
@@ -93,8 +91,10 @@ class MessageSource(ABC, Generic[T]):
     ) -> Dispatched | float | None:
         """One dispatch step against an `LLMThrottle`: select, reserve, take; with ``hold``, the
         seconds until a winner that does not fit yet will."""
+        return self.pool.dispatch_native(
+            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
+        )
 
-    @abstractmethod
     def select(
         self,
         available_tokens: float,
@@ -104,43 +104,43 @@ class MessageSource(ABC, Generic[T]):
         min_score: float,
     ) -> Selection | None:
         """The best candidate under a limiter's reported budget, not yet taken."""
+        return self.pool.select(available_tokens, available_requests, params, custom_fn, min_score)
 
-    @abstractmethod
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         """Takes a selected candidate out, or None if it left meanwhile."""
+        return self.pool.take(selection, visibility_timeout)
 
-    @abstractmethod
     def configure_fair(self, config: FairPriorityConfig) -> None:
         """Ranks by the ``fair_priority`` policy from now on."""
+        reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
+        weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
+        window, max_wait = float(config.fairness_window), config.max_wait_by_priority()
+        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve)
 
-    @abstractmethod
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> FairDispatched | float | None:
         """One fair dispatch step against an `LLMThrottle`: the message and its facts, the
         seconds until a held winner fits, or None."""
+        return self.pool.dispatch_fair(throttle, visibility_timeout, reserve, hold)
 
-    @abstractmethod
     def select_fair(
         self, available_tokens: float, available_requests: float, capacity: float, hold: bool
     ) -> FairSelection | None:
         """The fair choice under a limiter's reported budget, not yet taken."""
+        return self.pool.select_fair(available_tokens, available_requests, capacity, hold)
 
-    @abstractmethod
     def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
         """Takes a fair selection out (charging its tenant), or None if it left meanwhile."""
+        return self.pool.take_fair(selection, visibility_timeout)
 
-    @abstractmethod
     def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
         """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+        self.pool.correct_charge(tenant, charge, tokens)
 
-    @abstractmethod
     def fair_usage(self) -> dict[str, float]:
         """Each tenant's token use over the fairness window (empty without ``fair_priority``)."""
-
-    @abstractmethod
-    async def drop_expired(self) -> list[str]:
-        """Dead-letters the selectable messages whose deadline has passed; their ids."""
+        return dict(self.pool.fair_usage())
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
         """Makes sure the handed-out message is ours for ``visibility_timeout``; False when its
@@ -157,31 +157,31 @@ class MessageSource(ABC, Generic[T]):
     def next_visibility_change(self) -> float | None:
         """The store clock's instant at which the next in-flight message becomes visible."""
 
-    @abstractmethod
     def min_visible_tokens(self) -> int | None:
         """The smallest estimate among the messages selection can choose from."""
+        return self.pool.min_visible_tokens()
 
-    @abstractmethod
     def time_until_score(
         self, available_tokens: float, params: ScoringParams, threshold: float
     ) -> float | None:
         """Seconds until the best score reaches ``threshold`` with time alone (None: never)."""
+        return self.pool.time_until_score(available_tokens, params, threshold)
 
-    @abstractmethod
     def ids_above(self, capacity: float) -> list[str]:
         """Request ids of selectable messages whose estimate exceeds ``capacity``."""
+        return self.pool.ids_above(capacity)
 
-    @abstractmethod
     def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
         """Takes every selectable message whose estimate exceeds ``capacity`` (leased)."""
+        return self.pool.take_above(capacity, visibility_timeout)
 
-    @abstractmethod
     def counts_by_priority(self) -> list[int]:
         """Selectable messages per priority, URGENT first."""
+        return list(self.pool.counts_by_priority())
 
-    @abstractmethod
     def oldest_enqueued_at(self) -> float | None:
         """Enqueue instant (seconds) of the oldest selectable message."""
+        return self.pool.oldest_enqueued_at()
 
     @abstractmethod
     def in_flight_count(self) -> int | None:
@@ -203,7 +203,7 @@ class InMemorySource(MessageSource[T]):
     """An `InMemoryStorage` driven through its Rust core, without coroutines on the hot path."""
 
     def __init__(self, storage: InMemoryStorage[T]) -> None:
-        super().__init__(storage)
+        super().__init__(storage, storage.core)
         self.core: StoreCore = storage.core
 
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -224,80 +224,11 @@ class InMemorySource(MessageSource[T]):
     async def purge(self) -> None:
         self.core.purge()
 
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Any,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool,
-    ) -> Dispatched | float | None:
-        return self.core.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
-        )
-
-    def select(
-        self,
-        available_tokens: float,
-        available_requests: float,
-        params: ScoringParams,
-        custom_fn: Any,
-        min_score: float,
-    ) -> Selection | None:
-        return self.core.select(available_tokens, available_requests, params, custom_fn, min_score)
-
-    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
-        return self.core.take(selection, visibility_timeout)
-
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        self.core.configure_fair(*_fair_arguments(config))
-
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> FairDispatched | float | None:
-        return self.core.dispatch_fair(throttle, visibility_timeout, reserve, hold)
-
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        return self.core.select_fair(available_tokens, available_requests, capacity, hold)
-
-    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
-        return self.core.take_fair(selection, visibility_timeout)
-
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        self.core.correct_charge(tenant, charge, tokens)
-
-    def fair_usage(self) -> dict[str, float]:
-        return dict(self.core.fair_usage())
-
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
 
     def next_visibility_change(self) -> float | None:
         return self.core.next_visibility_change()
-
-    def min_visible_tokens(self) -> int | None:
-        return self.core.min_visible_tokens()
-
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        return self.core.time_until_score(available_tokens, params, threshold)
-
-    def ids_above(self, capacity: float) -> list[str]:
-        return self.core.ids_above(capacity)
-
-    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
-        return self.core.take_above(capacity, visibility_timeout)
-
-    def counts_by_priority(self) -> list[int]:
-        return list(self.core.counts_by_priority())
-
-    def oldest_enqueued_at(self) -> float | None:
-        return self.core.oldest_enqueued_at()
 
     def in_flight_count(self) -> int | None:
         return self.core.in_flight_count()
@@ -329,10 +260,10 @@ class PrefetchSource(MessageSource[T]):
         logger: logging.Logger,
         on_arrival: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(storage)
+        self.buffer = CandidateBuffer(clock)
+        super().__init__(storage, self.buffer)
         # Called when a fill brings messages into the buffer (wakes waiting dequeues).
         self._on_arrival = on_arrival
-        self.buffer = CandidateBuffer(clock)
         self._buffer_size = buffer_size
         self._visibility_timeout = visibility_timeout
         self._prefetch_interval = prefetch_interval
@@ -466,55 +397,6 @@ class PrefetchSource(MessageSource[T]):
                 self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
             await asyncio.sleep(self._prefetch_interval)
 
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Any,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool,
-    ) -> Dispatched | float | None:
-        return self.buffer.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
-        )
-
-    def select(
-        self,
-        available_tokens: float,
-        available_requests: float,
-        params: ScoringParams,
-        custom_fn: Any,
-        min_score: float,
-    ) -> Selection | None:
-        return self.buffer.select(available_tokens, available_requests, params, custom_fn, min_score)
-
-    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
-        return self.buffer.take(selection, visibility_timeout)
-
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        self.buffer.configure_fair(*_fair_arguments(config))
-
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> FairDispatched | float | None:
-        return self.buffer.dispatch_fair(throttle, visibility_timeout, reserve, hold)
-
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        return self.buffer.select_fair(available_tokens, available_requests, capacity, hold)
-
-    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
-        return self.buffer.take_fair(selection, visibility_timeout)
-
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        self.buffer.correct_charge(tenant, charge, tokens)
-
-    def fair_usage(self) -> dict[str, float]:
-        return dict(self.buffer.fair_usage())
-
     async def drop_expired(self) -> list[str]:
         ids: list[str] = []
         for message in self.buffer.take_expired():
@@ -562,26 +444,6 @@ class PrefetchSource(MessageSource[T]):
 
     def next_visibility_change(self) -> float | None:
         return None
-
-    def min_visible_tokens(self) -> int | None:
-        return self.buffer.min_visible_tokens()
-
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        return self.buffer.time_until_score(available_tokens, params, threshold)
-
-    def ids_above(self, capacity: float) -> list[str]:
-        return self.buffer.ids_above(capacity)
-
-    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
-        return self.buffer.take_above(capacity, visibility_timeout)
-
-    def counts_by_priority(self) -> list[int]:
-        return list(self.buffer.counts_by_priority())
-
-    def oldest_enqueued_at(self) -> float | None:
-        return self.buffer.oldest_enqueued_at()
 
     def in_flight_count(self) -> int | None:
         return None
