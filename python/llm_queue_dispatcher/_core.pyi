@@ -8,6 +8,10 @@ from .provider_limits import ProviderLimits
 from .types import LLMRequest, QueueMessage
 
 __all__ = [
+    "DEFAULT_MESSAGE_RETENTION",
+    "DEFAULT_WEIGHTS",
+    "FACTOR_NAMES",
+    "MAX_VISIBILITY_TIMEOUT",
     "BucketMetrics",
     "BucketState",
     "CandidateBuffer",
@@ -28,6 +32,14 @@ __all__ = [
 ]
 
 __version__: str
+#: The longest visibility timeout in seconds (12 hours, as in SQS).
+MAX_VISIBILITY_TIMEOUT: float
+#: The default message retention in seconds (4 days, as in SQS).
+DEFAULT_MESSAGE_RETENTION: float
+#: The six score factors, in the order weights are listed everywhere.
+FACTOR_NAMES: list[str]
+#: The default weights of the six factors, in FACTOR_NAMES order.
+DEFAULT_WEIGHTS: list[float]
 
 @final
 class ManualClock:

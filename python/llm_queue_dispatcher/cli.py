@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from ._core import LLMThrottle, ManualClock, __version__
 from .batch import register as _register_batch
 from .demo import register as _register_demo
+from .simulate_cli import register as _register_simulate
 
 __all__ = ["main"]
 
@@ -52,51 +52,6 @@ def _throttle_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1), got {text}")
-    return value
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    """Runs the workload through each strategy and prints them side by side."""
-    from .simulate import STRATEGIES, Workload, format_table, run_simulation
-
-    strategies = args.strategy or ["default", "fifo"]
-    unknown = [name for name in strategies if name not in STRATEGIES]
-    if unknown:
-        print(
-            f"llmqd simulate: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}",
-            file=sys.stderr,
-        )
-        return 2
-    workload = Workload(
-        requests=args.requests,
-        arrival=args.arrival,
-        arrival_rate=args.arrival_rate,
-        failure_rate=args.failure_rate,
-        seed=args.seed,
-    )
-    results = [run_simulation(name, workload, rpm=args.rpm, tpm=args.tpm) for name in strategies]
-    unfittable = max(result.unfittable for result in results)  # the same workload for each strategy
-    if unfittable:
-        print(
-            f"llmqd simulate: {unfittable} of {args.requests} requests need more tokens than the TPM "
-            f"limit ({args.tpm:g}) allows and were never sent (the 'unfittable' count); raise --tpm",
-            file=sys.stderr,
-        )
-    if args.json:
-        print(json.dumps([result.to_dict() for result in results], indent=2))
-    else:
-        print(
-            f"{args.requests} requests, {args.arrival} arrivals, rpm {args.rpm:g}, tpm {args.tpm:g}, "
-            f"failure rate {args.failure_rate:g}, seed {args.seed} (virtual time)\n"
-        )
-        print(format_table(results))
-    return 0
-
-
 def _register_throttle_demo(commands: Any) -> None:
     demo = commands.add_parser("throttle-demo", help="show the RPM/TPM limiter admitting a burst of requests")
     demo.add_argument("--rpm", type=_positive, default=30.0, help="requests per minute (default 30)")
@@ -104,36 +59,6 @@ def _register_throttle_demo(commands: Any) -> None:
     demo.add_argument("--requests", type=_count, default=12, help="requests in the burst (default 12)")
     demo.add_argument("--tokens", type=_count, default=2_500, help="tokens per request (default 2500)")
     demo.set_defaults(run=_throttle_demo)
-
-
-def _register_simulate(commands: Any) -> None:
-    simulate = commands.add_parser(
-        "simulate", help="dispatch a synthetic workload under RPM/TPM limits and compare strategies"
-    )
-    simulate.add_argument(
-        "--requests", type=_count, default=10_000, help="requests in the workload (default 10000)"
-    )
-    simulate.add_argument("--rpm", type=_positive, default=120.0, help="requests per minute (default 120)")
-    simulate.add_argument(
-        "--tpm", type=_positive, default=500_000.0, help="tokens per minute (default 500000)"
-    )
-    simulate.add_argument(
-        "--strategy",
-        action="append",
-        help="default, simple_priority, throughput, fair or fifo; repeat to compare (default: default, fifo)",
-    )
-    simulate.add_argument(
-        "--arrival", choices=["poisson", "burst"], default="poisson", help="arrival pattern"
-    )
-    simulate.add_argument(
-        "--arrival-rate", type=_positive, default=2.2, help="Poisson arrivals per second (default 2.2)"
-    )
-    simulate.add_argument(
-        "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"
-    )
-    simulate.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
-    simulate.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    simulate.set_defaults(run=_simulate)
 
 
 #: Each subcommand registers itself here: ``register(commands)`` adds its parser and sets

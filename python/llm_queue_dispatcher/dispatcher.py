@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -43,6 +43,7 @@ from .wakeup import Wakeup
 __all__ = ["LLMQueueDispatcher", "ProcessableMessage"]
 
 T = TypeVar("T")
+_Taken = TypeVar("_Taken")
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
@@ -113,6 +114,7 @@ class LLMQueueDispatcher(Generic[T]):
                 visibility_timeout=self.config.visibility_timeout,
                 prefetch_interval=self.config.prefetch_interval,
                 logger=self._logger,
+                on_arrival=self._notify,
             )
         self._fair = self.config.fair_priority or FairPriorityConfig()
         if self.config.policy == "fair_priority":
@@ -131,6 +133,10 @@ class LLMQueueDispatcher(Generic[T]):
         self._ready: tuple[int, float] | None = None
         # Token capacity of the limiter last seen, for the unfittable count of the metrics.
         self._last_capacity: float | None = None
+
+    def _notify(self) -> None:
+        """Something changed that a waiting dequeue should look at."""
+        self._wakeup.notify()
 
     # -- time ----------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -222,25 +228,15 @@ class LLMQueueDispatcher(Generic[T]):
         )
         if selection is None:
             return None
-        if hold or reserve:
-            granted = await call_limiter(limiter, "consume", selection.request_id, selection.tokens)
-            if not granted:
-                return await self._held_for(limiter, selection.tokens) if hold else None
-            if not reserve:
-                # Only checking, not reserving: give the check's grant back at once.
-                await asyncio.shield(release_reservation(limiter, selection.request_id))
-        try:
-            picked = self._source.take(selection, config.visibility_timeout)
-        except BaseException:
-            if reserve:
-                await asyncio.shield(release_reservation(limiter, selection.request_id))
-            raise
-        if picked is None:
-            if reserve:
-                # The winner left between selection and take (another task): give the budget back.
-                await asyncio.shield(release_reservation(limiter, selection.request_id))
-            return None
-        return self._scored(*picked)
+        if not await self._admitted(limiter, selection.request_id, selection.tokens, reserve):
+            return await self._held_for(limiter, selection.tokens) if hold else None
+        picked = await self._take_reserved(
+            limiter,
+            selection.request_id,
+            reserve,
+            lambda: self._source.take(selection, config.visibility_timeout),
+        )
+        return None if picked is None else self._scored(*picked)
 
     async def _pick_fair(self, limiter: Any) -> _Picked | float | None:
         config = self.config
@@ -252,21 +248,42 @@ class LLMQueueDispatcher(Generic[T]):
         if selection is None:
             return None
         needed = selection.tokens + math.ceil(selection.margin)
-        if not selection.fits:
+        if not selection.fits or not await self._admitted(
+            limiter, selection.request_id, selection.tokens, reserve
+        ):
             return await self._held_for(limiter, needed) if hold else None
-        if reserve and not await call_limiter(limiter, "consume", selection.request_id, selection.tokens):
-            return await self._held_for(limiter, needed) if hold else None
+        picked = await self._take_reserved(
+            limiter,
+            selection.request_id,
+            reserve,
+            lambda: self._source.take_fair(selection, config.visibility_timeout),
+        )
+        return None if picked is None else self._fairly(picked)
+
+    @staticmethod
+    async def _admitted(limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
+        """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
+        only checked."""
+        if reserve:
+            return bool(await call_limiter(limiter, "consume", request_id, tokens))
+        check = await call_limiter(limiter, "can_process", tokens)
+        return bool(check.allowed)
+
+    @staticmethod
+    async def _take_reserved(
+        limiter: Any, request_id: str, reserved: bool, take: Callable[[], _Taken | None]
+    ) -> _Taken | None:
+        """``take()`` of a winner whose budget may be reserved: the reservation goes back whole
+        when the take fails or the winner left meanwhile (another task took it)."""
         try:
-            picked = self._source.take_fair(selection, config.visibility_timeout)
+            picked = take()
         except BaseException:
-            if reserve:
-                await asyncio.shield(release_reservation(limiter, selection.request_id))
+            if reserved:
+                await asyncio.shield(release_reservation(limiter, request_id))
             raise
-        if picked is None:
-            if reserve:
-                await asyncio.shield(release_reservation(limiter, selection.request_id))
-            return None
-        return self._fairly(picked)
+        if picked is None and reserved:
+            await asyncio.shield(release_reservation(limiter, request_id))
+        return picked
 
     @staticmethod
     async def _held_for(limiter: Any, tokens: int) -> float | None:

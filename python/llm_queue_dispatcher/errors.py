@@ -57,7 +57,14 @@ class RateLimitError(LLMQueueDispatcherError):
     def __init__(self, reason: str, available_in: float, message: str | None = None) -> None:
         self.reason = reason
         self.available_in = available_in
-        super().__init__(message or f"rate limited ({reason}); available in {available_in:.3f} s")
+        if not message:
+            # Raised by user limiters too: whatever they pass, building the error must not fail.
+            try:
+                shown = f"{available_in:.3f}"
+            except (TypeError, ValueError, OverflowError):
+                shown = repr(available_in)
+            message = f"rate limited ({reason}); available in {shown} s"
+        super().__init__(message)
 
     def __reduce__(self) -> tuple[type[RateLimitError], tuple[str, float, str]]:
         return (type(self), (self.reason, self.available_in, str(self)))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from . import _core
 from .errors import InvalidConfigError
 
 if TYPE_CHECKING:
@@ -27,15 +28,8 @@ __all__ = [
     "ScoringWeights",
 ]
 
-#: The six built-in factors, in the order weights are listed everywhere.
-FACTOR_NAMES: tuple[str, ...] = (
-    "priority",
-    "efficiency",
-    "wait_time",
-    "retry",
-    "token_fit",
-    "processing_time",
-)
+#: The six built-in factors, in the order weights are listed everywhere (defined in the core).
+FACTOR_NAMES: tuple[str, ...] = tuple(_core.FACTOR_NAMES)
 
 
 def _check_weight(name: str, value: object) -> None:
@@ -207,5 +201,6 @@ class MessageScore:
         return score
 
 
-# Weight field names double as the breakdown keys; keep the two lists in step.
+# Weight field names double as the breakdown keys, and the defaults are the core's: keep in step.
 assert tuple(f.name for f in fields(ScoringWeights)) == FACTOR_NAMES
+assert ScoringWeights().as_tuple() == tuple(_core.DEFAULT_WEIGHTS)

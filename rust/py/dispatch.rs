@@ -30,6 +30,19 @@ const MAX_ATTEMPTS: usize = 8;
 
 pub use crate::policy::Budget;
 
+/// How one dispatch step hands a message out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// Seconds the message is leased for.
+    pub visibility_timeout: f64,
+    /// Scores below this are not handed out.
+    pub min_score: f64,
+    /// Whether the budget is reserved on the limiter.
+    pub reserve: bool,
+    /// Whether the budget is held for the winner (`hold_budget`).
+    pub hold: bool,
+}
+
 /// What a dispatch step gives Python: the message with its score, the seconds until a held
 /// winner fits, or nothing.
 pub(crate) enum Outcome<T> {
@@ -218,49 +231,32 @@ fn custom<'a, 'py>(
 
 /// One dispatch step over the in-memory store: fused without custom scorers, else the general
 /// step.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch_store(
     py: Python<'_>,
     store: &PyStoreCore,
     throttle: &PyThrottle,
     params: &PyScoringParams,
     custom_fn: Option<&Bound<'_, PyAny>>,
-    visibility_timeout: f64,
-    min_score: f64,
-    reserve: bool,
-    hold: bool,
+    settings: Settings,
 ) -> PyResult<Outcome<Dispatched>> {
     match custom(custom_fn, params) {
-        None => dispatch_fused(py, store, throttle, params, visibility_timeout, min_score, reserve, hold),
-        Some(custom_fn) => dispatch_with_throttle(
-            py,
-            store,
-            throttle,
-            params,
-            Some(custom_fn),
-            visibility_timeout,
-            min_score,
-            reserve,
-            hold,
-        ),
+        None => dispatch_fused(py, store, throttle, params, settings),
+        Some(custom_fn) => dispatch_with_throttle(py, store, throttle, params, Some(custom_fn), settings),
     }
 }
 
 /// One dispatch step against an `LLMThrottle` over any pool: select, reserve (when `reserve`),
 /// take; with `hold`, ranked against the whole capacity and held for a winner that does not fit
 /// yet. Custom scorers run with no lock held.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch_with_throttle(
     py: Python<'_>,
     pool: &impl Pool,
     throttle: &PyThrottle,
     params: &PyScoringParams,
     custom_fn: Option<&Bound<'_, PyAny>>,
-    visibility_timeout: f64,
-    min_score: f64,
-    reserve: bool,
-    hold: bool,
+    settings: Settings,
 ) -> PyResult<Outcome<Dispatched>> {
+    let Settings { visibility_timeout, min_score, reserve, hold } = settings;
     let custom_fn = custom(custom_fn, params);
     let limit = if custom_fn.is_some() { params.max_candidates } else { 1 };
     for _ in 0..MAX_ATTEMPTS {
@@ -325,17 +321,14 @@ struct Taken {
 /// The dispatch step without custom scorers, atomic: under the throttle's lock, then the
 /// store's, decide (`policy::decide_score`), reserve the budget and receive the message. The
 /// message object is built after both are released; if that fails, both steps are undone.
-#[allow(clippy::too_many_arguments)]
 fn dispatch_fused(
     py: Python<'_>,
     store: &PyStoreCore,
     throttle: &PyThrottle,
     params: &PyScoringParams,
-    visibility_timeout: f64,
-    min_score: f64,
-    reserve: bool,
-    hold: bool,
+    settings: Settings,
 ) -> PyResult<Outcome<Dispatched>> {
+    let Settings { visibility_timeout, min_score, reserve, hold } = settings;
     // Both clocks before any lock: either may be a Python callable.
     let limiter_now = throttle.now(py)?;
     let store_now = store.now(py)?;

@@ -17,6 +17,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDateTime, PyList, PyString, PyType, PyTzInfo};
 use pyo3::{ffi, intern};
 
+use crate::clock::civil_from_days;
 use crate::errors::CoreError;
 use crate::py::errors::to_py_err;
 use crate::store::{format_message_id_into, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN};
@@ -63,19 +64,6 @@ fn set_field<T>(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, value: &Boun
 }
 
 // ----- datetimes -----------------------------------------------------------------------------
-
-/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
-}
 
 /// A timezone-aware UTC datetime for a clock reading in seconds since the epoch, rounded to the
 /// microsecond.

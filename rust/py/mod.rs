@@ -44,6 +44,11 @@ pub mod _core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // The constants the Python layer shares with the core, defined once, here.
+        m.add("MAX_VISIBILITY_TIMEOUT", crate::store::MAX_VISIBILITY_TIMEOUT)?;
+        m.add("DEFAULT_MESSAGE_RETENTION", crate::store::DEFAULT_MESSAGE_RETENTION)?;
+        m.add("FACTOR_NAMES", crate::scoring::FACTOR_NAMES)?;
+        m.add("DEFAULT_WEIGHTS", crate::scoring::Weights::default().as_array())?;
         Ok(())
     }
 }

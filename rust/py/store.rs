@@ -461,19 +461,9 @@ impl PyStoreCore {
         reserve: bool,
         hold: bool,
     ) -> PyResult<Outcome<Dispatched>> {
-        let timeout = visibility_timeout_arg(visibility_timeout)?;
-        let (py, store) = (slf.py(), slf.get());
-        dispatch::dispatch_store(
-            py,
-            store,
-            throttle.get(),
-            params.get(),
-            custom_fn,
-            timeout,
-            min_score,
-            reserve,
-            hold,
-        )
+        let visibility_timeout = visibility_timeout_arg(visibility_timeout)?;
+        let settings = dispatch::Settings { visibility_timeout, min_score, reserve, hold };
+        dispatch::dispatch_store(slf.py(), slf.get(), throttle.get(), params.get(), custom_fn, settings)
     }
 
     /// Keeps `fair_priority` lanes beside the index from now on (see `FairPriorityConfig`).

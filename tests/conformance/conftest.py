@@ -31,11 +31,10 @@ FACTORIES: dict[str, StorageFactory] = {
     "reference": lambda clock, **options: ReferenceStorage(clock=clock, **options),
 }
 KINDS = sorted([*FACTORIES, "redis"])
-# Whether a kind's dead-letter store keeps a second copy of a request id it already holds. The
-# in-memory store does since main's store restructure ("dropping one would lose it"), and so does
-# RedisStorage; the reference adapter still drops it. The stateful model checks each against its
-# own rule until the contract settles on one.
-DEAD_LETTER_COPIES = {"memory": True, "reference": False, "redis": True}
+# Whether a kind's dead-letter store keeps a second copy of a request id it already holds. Every
+# adapter does now (issue 9, defect 7: dropping one loses a request; test_dead_letter_copies.py
+# holds each to it); the stateful model still takes the rule per kind.
+DEAD_LETTER_COPIES = {"memory": True, "reference": True, "redis": True}
 
 START = 1_700_000_000.0
 

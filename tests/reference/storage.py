@@ -93,11 +93,14 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         self.max_receive_count = max_receive_count
         self.dead_letter = dead_letter
         self.message_retention = float(message_retention)
-        self._by_id: dict[str, _Entry[T]] = {}
+        # Keyed by enqueue sequence number, not request id: a dead-letter store keeps every copy
+        # of a request it is sent, so one id may have several entries here.
+        self._entries: dict[int, _Entry[T]] = {}
+        self._id_counts: dict[str, int] = {}  # entries per request id (duplicate check)
         self._by_handle: dict[str, _Entry[T]] = {}
-        self._visible: list[tuple[int, float, int, int, str]] = []  # priority, at, seq, version, id
-        self._ages: list[tuple[float, int, int, str]] = []  # at, seq, version, id (visible only)
-        self._in_flight: list[tuple[float, int, int, str]] = []  # deadline, seq, version, id
+        self._visible: list[tuple[int, float, int, int]] = []  # priority, at, seq, version
+        self._ages: list[tuple[float, int, int]] = []  # at, seq, version (visible only)
+        self._in_flight: list[tuple[float, int, int]] = []  # deadline, seq, version
         self._visible_count = 0
         self._in_flight_count = 0
         self._seq = 0
@@ -109,27 +112,29 @@ class ReferenceStorage(QueueStorageAdapter[T]):
 
     # ----- internals ----------------------------------------------------------------------
 
-    def _live(self, rid: str, seq: int, version: int) -> _Entry[T] | None:
-        entry = self._by_id.get(rid)
-        if entry is None or entry.seq != seq or entry.version != version:
+    def _live(self, seq: int, version: int) -> _Entry[T] | None:
+        entry = self._entries.get(seq)
+        if entry is None or entry.version != version:
             return None
         return entry
+
+    def _holds(self, request_id: str) -> bool:
+        return self._id_counts.get(request_id, 0) > 0
 
     def _make_visible(self, entry: _Entry[T]) -> None:
         entry.deadline = None
         entry.version += 1
         self._visible_count += 1
         heapq.heappush(
-            self._visible,
-            (int(entry.request.priority), entry.enqueued_at, entry.seq, entry.version, entry.request.id),
+            self._visible, (int(entry.request.priority), entry.enqueued_at, entry.seq, entry.version)
         )
-        heapq.heappush(self._ages, (entry.enqueued_at, entry.seq, entry.version, entry.request.id))
+        heapq.heappush(self._ages, (entry.enqueued_at, entry.seq, entry.version))
 
     def _make_in_flight(self, entry: _Entry[T], deadline: float) -> None:
         entry.deadline = deadline
         entry.version += 1
         self._in_flight_count += 1
-        heapq.heappush(self._in_flight, (deadline, entry.seq, entry.version, entry.request.id))
+        heapq.heappush(self._in_flight, (deadline, entry.seq, entry.version))
 
     def _leave_state(self, entry: _Entry[T]) -> None:
         if entry.deadline is None:
@@ -139,14 +144,18 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         entry.version += 1  # every heap item of the old state is now stale
 
     def _remove(self, entry: _Entry[T]) -> None:
-        del self._by_id[entry.request.id]
+        del self._entries[entry.seq]
+        rid = entry.request.id
+        self._id_counts[rid] -= 1
+        if not self._id_counts[rid]:
+            del self._id_counts[rid]
         if entry.handle is not None:
             del self._by_handle[entry.handle]
 
     def _maintain(self, now: float) -> None:
         while self._in_flight and self._in_flight[0][0] <= now:
-            _, seq, version, rid = heapq.heappop(self._in_flight)
-            entry = self._live(rid, seq, version)
+            _, seq, version = heapq.heappop(self._in_flight)
+            entry = self._live(seq, version)
             if entry is None:
                 continue
             self._leave_state(entry)
@@ -162,8 +171,8 @@ class ReferenceStorage(QueueStorageAdapter[T]):
             else:
                 self._make_visible(entry)
         while self._ages:
-            at, seq, version, rid = self._ages[0]
-            entry = self._live(rid, seq, version)
+            at, seq, version = self._ages[0]
+            entry = self._live(seq, version)
             if entry is not None and now - at <= self.message_retention:
                 break
             heapq.heappop(self._ages)
@@ -176,13 +185,15 @@ class ReferenceStorage(QueueStorageAdapter[T]):
     def _accept_dead_letter(self, request: LLMRequest[T]) -> None:
         now = self._clock()
         self._maintain(now)
-        if request.id not in self._by_id:  # a duplicate is dropped; the source counted it
-            self._insert(request, now)
+        # Unlike enqueue, an id already here is no obstacle: a dead-letter store keeps every
+        # copy (dropping one would lose a request).
+        self._insert(request, now)
 
     def _insert(self, request: LLMRequest[T], now: float) -> _Entry[T]:
         entry = _Entry(request, str(uuid.uuid4()), self._seq, now)
         self._seq += 1
-        self._by_id[request.id] = entry
+        self._entries[entry.seq] = entry
+        self._id_counts[request.id] = self._id_counts.get(request.id, 0) + 1
         self._make_visible(entry)
         self._last_modified_at = now
         return entry
@@ -218,18 +229,18 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         self._check_request(request)
         now = self._clock()
         self._maintain(now)
-        if request.id in self._by_id:
+        if self._holds(request.id):
             raise DuplicateRequestError(f"id {request.id!r} is already in the queue and not yet deleted")
         return self._message(self._insert(request, now))
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
-        check_batch(requests)
+        batch = check_batch(requests)
         now = self._clock()
         self._maintain(now)
-        for request in requests:
-            if request.id in self._by_id:
+        for request in batch:
+            if self._holds(request.id):
                 raise DuplicateRequestError(f"id {request.id!r} is already in the queue and not yet deleted")
-        return [self._message(self._insert(request, now)) for request in requests]
+        return [self._message(self._insert(request, now)) for request in batch]
 
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
         limit = _count(limit, "limit")
@@ -239,8 +250,8 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         self._last_visibility_timeout = timeout
         out: list[QueueMessage[T]] = []
         while len(out) < limit and self._visible:
-            _, _, seq, version, rid = heapq.heappop(self._visible)
-            entry = self._live(rid, seq, version)
+            _, _, seq, version = heapq.heappop(self._visible)
+            entry = self._live(seq, version)
             if entry is None:
                 continue
             self._leave_state(entry)
@@ -274,6 +285,21 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         self._last_modified_at = now
         self._maintain(now)  # a zero timeout makes the message visible at once
 
+    async def dead_letter_message(self, message: QueueMessage[T]) -> None:
+        """Moves the message to ``dead_letter`` at once (or drops it without one), counted in
+        ``dead_lettered``: one step, as `InMemoryStorage` does."""
+        if not isinstance(message, QueueMessage):
+            raise InvalidRequestError(f"message must be a QueueMessage, got {message!r}")
+        now = self._clock()
+        self._maintain(now)
+        entry = self._resolve(message.attributes.receipt_handle)
+        self._leave_state(entry)
+        self._remove(entry)
+        self._dead_lettered += 1
+        self._last_modified_at = now
+        if self.dead_letter is not None:
+            self.dead_letter._accept_dead_letter(entry.request)
+
     async def get_approximate_message_count(self) -> int:
         self._maintain(self._clock())
         return self._visible_count
@@ -284,7 +310,7 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         limit = _count(limit, "limit")
         self._maintain(self._clock())
         entries = sorted(
-            (e for e in self._by_id.values() if e.deadline is None and int(e.request.priority) == priority),
+            (e for e in self._entries.values() if e.deadline is None and int(e.request.priority) == priority),
             key=lambda e: (e.enqueued_at, e.seq),
         )
         return [self._message(e) for e in entries[:limit]]
@@ -306,7 +332,8 @@ class ReferenceStorage(QueueStorageAdapter[T]):
     async def purge(self) -> None:
         now = self._clock()
         self._maintain(now)
-        self._by_id.clear()
+        self._entries.clear()
+        self._id_counts.clear()
         self._by_handle.clear()
         self._visible.clear()
         self._ages.clear()
@@ -325,20 +352,20 @@ class RecordingStorage(ReferenceStorage[T]):
 
     @property
     def records(self) -> dict[str, Any]:
-        """Every stored message by request id (visible or in flight)."""
-        return self._by_id
+        """Every stored message by request id (visible or in flight; the latest copy of an id)."""
+        return {entry.request.id: entry for entry in self._entries.values()}
 
     def calls_named(self, name: str) -> list[tuple[Any, ...]]:
         return [args for call, args in self.calls if call == name]
 
     def current_handle(self, request_id: str) -> str | None:
         """The receipt handle of the latest receive of ``request_id``'s message, if stored."""
-        entry = self._by_id.get(request_id)
+        entry = self.records.get(request_id)
         return None if entry is None else entry.handle
 
     def is_visible(self, request_id: str) -> bool:
         """Whether ``request_id``'s message is stored and visible now."""
-        entry = self._by_id.get(request_id)
+        entry = self.records.get(request_id)
         return entry is not None and (entry.deadline is None or entry.deadline <= self._clock())
 
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:

@@ -41,8 +41,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .. import _core
 from ..errors import DuplicateRequestError, InvalidRequestError, ReceiptHandleError
 from ..types import LLMRequest, QueueMessage
 
@@ -50,8 +51,8 @@ __all__ = ["MAX_VISIBILITY_TIMEOUT", "QueueAttributes", "QueueStorageAdapter"]
 
 T = TypeVar("T")
 
-#: The longest visibility timeout in seconds (12 hours, as in SQS).
-MAX_VISIBILITY_TIMEOUT = 43_200.0
+#: The longest visibility timeout in seconds (12 hours, as in SQS), defined in the Rust core.
+MAX_VISIBILITY_TIMEOUT: float = _core.MAX_VISIBILITY_TIMEOUT
 
 _PURGE_BATCH = 100
 
@@ -92,20 +93,36 @@ def check_visibility_timeout(visibility_timeout: float) -> float:
     return float(visibility_timeout)
 
 
-def check_batch(requests: Sequence[LLMRequest[T]]) -> None:
-    """Validates every request of a batch and refuses ids repeated within it.
+def _as_list(items: object, name: str) -> list[Any]:
+    """``items`` as a list, read once (a generator is consumed here, not twice); a str or
+    anything not iterable is an `InvalidRequestError`."""
+    if isinstance(items, (str, bytes)):
+        raise InvalidRequestError(f"{name} must be a sequence, got {items!r}")
+    try:
+        iterator = iter(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be a sequence, got {items!r}") from None
+    return list(iterator)
 
-    Raises `InvalidRequestError` (a malformed request) or `DuplicateRequestError` before anything is
-    stored, as the batch contract requires. Adapters can call it from their own ``batch_enqueue``.
+
+def check_batch(requests: Sequence[LLMRequest[T]]) -> list[LLMRequest[T]]:
+    """Validates every request of a batch and refuses ids repeated within it; returns the batch
+    as a list (so an iterator is read once).
+
+    Raises `InvalidRequestError` (not a sequence, a malformed request) or `DuplicateRequestError`
+    before anything is stored, as the batch contract requires. Adapters can call it from their
+    own ``batch_enqueue``.
     """
+    batch: list[LLMRequest[T]] = _as_list(requests, "requests")
     seen: set[str] = set()
-    for request in requests:
+    for request in batch:
         if not isinstance(request, LLMRequest):
             raise InvalidRequestError(f"request must be an LLMRequest, got {request!r}")
         request.validate()
         if request.id in seen:
             raise DuplicateRequestError(f"id {request.id!r} appears more than once in the batch")
         seen.add(request.id)
+    return batch
 
 
 class QueueStorageAdapter(ABC, Generic[T]):
@@ -174,21 +191,22 @@ class QueueStorageAdapter(ABC, Generic[T]):
         requests enqueued; backends that can should override this to be all-or-nothing (the
         in-memory store does).
         """
-        check_batch(requests)
-        return [await self.enqueue(request) for request in requests]
+        batch = check_batch(requests)
+        return [await self.enqueue(request) for request in batch]
 
     async def batch_delete(self, receipt_handles: Sequence[str]) -> None:
         """Deletes the messages of every current handle, then raises `ReceiptHandleError` naming
         the stale or unknown ones (as SQS's DeleteMessageBatch reports per-entry failures)."""
+        handles: list[str] = _as_list(receipt_handles, "receipt_handles")
         failed: list[str] = []
-        for handle in receipt_handles:
+        for handle in handles:
             try:
                 await self.delete_message(handle)
             except ReceiptHandleError:
                 failed.append(handle)
         if failed:
             raise ReceiptHandleError(
-                f"{len(failed)} of {len(receipt_handles)} receipt handles are unknown or no longer "
+                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer "
                 f"current: {failed!r}"
             )
 
@@ -206,6 +224,8 @@ class QueueStorageAdapter(ABC, Generic[T]):
         the message where it was: nothing is lost. Adapters override it to do both in one atomic
         step and to count it.
         """
+        if not isinstance(message, QueueMessage):
+            raise InvalidRequestError(f"message must be a QueueMessage, got {message!r}")
         target = getattr(self, "dead_letter", None)
         if isinstance(target, QueueStorageAdapter):
             await target.enqueue(message.payload)

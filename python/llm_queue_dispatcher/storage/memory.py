@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from .._core import StoreCore
+from .._core import DEFAULT_MESSAGE_RETENTION, StoreCore
 from ..errors import InvalidConfigError
 from ..types import LLMRequest, QueueMessage
 from .base import QueueAttributes, QueueStorageAdapter
@@ -44,7 +44,7 @@ class InMemoryStorage(QueueStorageAdapter[T]):
         clock: Any = None,
         max_receive_count: int | None = None,
         dead_letter: InMemoryStorage[Any] | None = None,
-        message_retention: float = 345_600.0,
+        message_retention: float = DEFAULT_MESSAGE_RETENTION,
     ) -> None:
         if dead_letter is not None and not isinstance(dead_letter, InMemoryStorage):
             raise InvalidConfigError(f"dead_letter must be an InMemoryStorage or None, got {dead_letter!r}")

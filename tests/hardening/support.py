@@ -1,0 +1,199 @@
+"""Helpers of the hardening tests (issue 9): a plain-Python rate limiter that keeps exact books,
+a bookkeeping snapshot of a dispatcher, and a runner for scenarios that could hang."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    LLMQueueDispatcher,
+    LLMRequest,
+    LLMThrottle,
+    Priority,
+    TokenInfo,
+    UnknownRequestError,
+)
+
+#: Seconds a child interpreter may take before its scenario counts as hung.
+HANG_TIMEOUT = 30.0
+
+
+def run_isolated(code: str, timeout: float = HANG_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Runs ``code`` in a child interpreter. A deadlock hangs an interpreter for good (Ctrl-C
+    does nothing), so a scenario that could hang runs here: a hang fails the test after
+    ``timeout`` seconds instead of hanging the run."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as expired:
+        # subprocess.run kills the child before raising: nothing is left running.
+        raise AssertionError(f"the scenario hung (no exit within {timeout} s)") from expired
+
+
+def request(
+    request_id: str, tokens: int = 100, priority: Priority = Priority.NORMAL, payload: Any = None
+) -> LLMRequest[Any]:
+    return LLMRequest(
+        request_id,
+        f"payload of {request_id}" if payload is None else payload,
+        priority,
+        TokenInfo(tokens),
+    )
+
+
+@dataclass
+class _Check:
+    allowed: bool
+    reason: str | None
+    available_in: float
+
+
+@dataclass
+class _Bucket:
+    used: float
+    available: float
+    limit: float
+    percentage: float
+
+
+@dataclass
+class _Metrics:
+    rpm: _Bucket
+    tpm: _Bucket
+
+
+@dataclass
+class BookLimiter:
+    """A plain-Python `RateLimiter` (not an `LLMThrottle`, so the dispatcher takes its general
+    path) whose books are exact: ``tokens[request_id]`` and ``requests[request_id]`` hold what
+    the latest reservation of each id holds now. Its clock never moves: nothing refills.
+
+    ``release`` gives a reservation back whole, as `LLMThrottle.release` does. ``fail_on`` names
+    methods that raise ``RuntimeError`` on their next call (fault injection); ``calls`` counts
+    every call by method name.
+    """
+
+    token_capacity: float = 1e9
+    request_capacity: float = 1e9
+    tokens: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+    settled_tokens: int = 0
+    settled_requests: int = 0
+    fail_on: set[str] = field(default_factory=set)
+    calls: dict[str, int] = field(default_factory=dict)
+    strict: bool = False
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if method in self.fail_on:
+            self.fail_on.discard(method)
+            raise RuntimeError(f"injected failure in {method}")
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(self.tokens.values()) + self.settled_tokens
+
+    @property
+    def used_requests(self) -> int:
+        return sum(self.requests.values()) + self.settled_requests
+
+    def can_process(self, estimated_tokens: int) -> _Check:
+        self._enter("can_process")
+        tokens_ok = self.used_tokens + estimated_tokens <= self.token_capacity
+        requests_ok = self.used_requests + 1 <= self.request_capacity
+        if estimated_tokens > self.token_capacity:
+            return _Check(False, "tpm_limit", math.inf)
+        if requests_ok and tokens_ok:
+            return _Check(True, None, 0.0)
+        # Nothing refills: it fits only when a reservation is given back.
+        return _Check(False, "rpm_limit" if not requests_ok else "tpm_limit", math.inf)
+
+    def get_metrics(self) -> _Metrics:
+        self._enter("get_metrics")
+        tokens_left = self.token_capacity - self.used_tokens
+        requests_left = self.request_capacity - self.used_requests
+        return _Metrics(
+            rpm=_Bucket(self.used_requests, requests_left, self.request_capacity, 0.0),
+            tpm=_Bucket(self.used_tokens, tokens_left, self.token_capacity, 0.0),
+        )
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+        self._enter("consume")
+        if self.used_tokens + estimated_tokens > self.token_capacity:
+            return False
+        if self.used_requests + 1 > self.request_capacity:
+            return False
+        # A new reservation under an id already held settles the older one as it stands.
+        self._settle(request_id)
+        self.tokens[request_id] = estimated_tokens
+        self.requests[request_id] = 1
+        return True
+
+    def _settle(self, request_id: str) -> None:
+        self.settled_tokens += self.tokens.pop(request_id, 0)
+        self.settled_requests += self.requests.pop(request_id, 0)
+
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        self._enter("adjust_consumption")
+        if request_id not in self.tokens:
+            raise UnknownRequestError(f"no reservation for {request_id!r}")
+        if self.strict and actual_tokens > self.tokens[request_id]:
+            from llm_queue_dispatcher import RateLimitError
+
+            raise RateLimitError("tpm_limit", 1.0)
+        self.tokens[request_id] = actual_tokens
+
+    def release(self, request_id: str) -> None:
+        self._enter("release")
+        if request_id not in self.tokens:
+            raise UnknownRequestError(f"no reservation for {request_id!r}")
+        del self.tokens[request_id]
+        del self.requests[request_id]
+
+
+@dataclass(frozen=True)
+class Books:
+    """What a limiter, a store and a dispatcher hold at one moment."""
+
+    requests_available: float
+    tokens_available: float
+    visible: int
+    in_flight: int
+    active_requests: int
+
+
+async def books(
+    limiter: Any, storage: InMemoryStorage[Any], dispatcher: LLMQueueDispatcher[Any], *, reports: bool = True
+) -> Books:
+    """The books now; ``reports=False`` reads the counts without the metrics reports (which
+    need the store's timestamps to be datetimes)."""
+    metrics = limiter.get_metrics()
+    if reports:
+        attributes = await storage.get_queue_attributes()
+        visible = attributes.approximate_number_of_messages
+        in_flight = attributes.approximate_number_of_messages_in_flight
+        active = (await dispatcher.get_queue_metrics()).processing.active_requests
+    else:
+        visible, in_flight = storage.core.visible_count(), storage.core.in_flight_count()
+        active = len(dispatcher._in_flight)
+    return Books(
+        requests_available=float(metrics.rpm.available),
+        tokens_available=float(metrics.tpm.available),
+        visible=visible,
+        in_flight=in_flight,
+        active_requests=active,
+    )
+
+
+def native_limiter(clock: Any, rpm: float = 600.0, tpm: float = 100_000.0, **options: Any) -> LLMThrottle:
+    return LLMThrottle(rpm, tpm, clock=clock, **options)
