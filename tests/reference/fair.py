@@ -1,8 +1,8 @@
 """The brute-force reference of the ``fair_priority`` policy, written from the contract.
 
-Source: /work/shared/API.md, "Scheduling under overload (policies)", and the documented
-settings of `FairPriorityConfig` (the automatic reserve). Nothing here is borrowed from the
-implementation: every rule is spelled out over a plain list of the visible messages, sorted
+Source: /work/shared/API.md, "Scheduling under overload (policies)", and the documentation of
+rust/fair.rs (which tenant is backlogged; the automatic reserve). Nothing here is borrowed from
+the implementation: every rule is spelled out over a plain list of the visible messages, sorted
 afresh at each decision.
 
 The total order of the visible messages at an instant ``now``:
@@ -21,9 +21,11 @@ Admission (rule 3b and the hold rule):
 
 - A request needing more tokens than the limiter's capacity never fits: it is skipped and holds
   nothing.
-- A message of a tenant with more than one visible message (URGENT ones included) must leave
-  the reserve in the bucket, its need capped at the capacity. URGENT messages are exempt (see
-  `FairModel.urgent_exempt` for the reading with ``urgent_first=False``).
+- A message of a backlogged tenant must leave the reserve in the bucket, its need capped at the
+  capacity. A tenant is backlogged when it has more than one visible message (URGENT ones
+  included) and has used at least the mean share (token use per weight) of the tenants ranked
+  by rule 2. URGENT messages are exempt (see `FairModel.urgent_exempt` for the reading with
+  ``urgent_first=False``).
 - With ``hold``, the first message of the order (that can ever fit) is the winner: it goes when
   it is admissible now, else the dispatcher holds for it. Without, the first message of the
   order that is admissible now goes.
@@ -32,9 +34,9 @@ Token use is a ledger: each dispatch charges its estimate at the dispatch instan
 corrects that charge while it lies in the window (processed with ``actual_tokens`` to that
 count; failed or dead-lettered to 0). A charge at ``t`` counts while ``now - window < t``.
 
-The automatic reserve (``reserve_tokens=None``) is the documented one: twice the mean estimate
-of the last 256 dispatched requests, at most a tenth of the capacity; 1 % of the capacity before
-the first dispatch.
+The automatic reserve (``reserve_tokens=None``): one and a half times the largest estimate
+among the last 256 dispatched requests, at most a tenth of the capacity; 1 % of the capacity
+before the first dispatch.
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ class _Ranked:
     rank: int
     of: int
     usage: float
+    #: Whether its tenant has used at least the mean share of the tenants ranked by rule 2.
+    heavy: bool
 
 
 class FairModel:
@@ -194,8 +198,6 @@ class FairModel:
         ranked: list[_Ranked] = []
         rest = messages
         if settings.urgent_first:
-            urgent = sorted((m for m in messages if m.priority == URGENT), key=oldest_key)
-            ranked += [_Ranked(m, True, 0, 0, self.ledger.usage(m.tenant, now)) for m in urgent]
             rest = [m for m in messages if m.priority != URGENT]
         by_tenant: dict[str, list[FairMessage]] = {}
         for message in rest:
@@ -203,12 +205,18 @@ class FairModel:
         for queue in by_tenant.values():
             queue.sort(key=lambda m: within_tenant_key(m, now, settings))
         usage = {tenant: self.ledger.usage(tenant, now) for tenant in by_tenant}
-        tenants = sorted(
-            by_tenant,
-            key=lambda t: (usage[t] / settings.weight(t), oldest_key(by_tenant[t][0])),
-        )
+        share = {tenant: usage[tenant] / settings.weight(tenant) for tenant in by_tenant}
+        mean_share = sum(share.values()) / len(share) if share else 0.0
+        if settings.urgent_first:
+            urgent = sorted((m for m in messages if m.priority == URGENT), key=oldest_key)
+            for m in urgent:
+                used = self.ledger.usage(m.tenant, now)
+                heavy = used / settings.weight(m.tenant) >= mean_share
+                ranked.append(_Ranked(m, True, 0, 0, used, heavy))
+        tenants = sorted(by_tenant, key=lambda t: (share[t], oldest_key(by_tenant[t][0])))
         for rank, tenant in enumerate(tenants, start=1):
-            ranked += [_Ranked(m, False, rank, len(tenants), usage[tenant]) for m in by_tenant[tenant]]
+            heavy = share[tenant] >= mean_share
+            ranked += [_Ranked(m, False, rank, len(tenants), usage[tenant], heavy) for m in by_tenant[tenant]]
         return ranked
 
     # -- admission ------------------------------------------------------------------------------
@@ -217,8 +225,7 @@ class FairModel:
             return float(self.settings.reserve_tokens)
         if not self.recent:
             return 0.01 * capacity
-        window = self.recent[-RECENT_ESTIMATES:]
-        return min(2.0 * (sum(window) / len(window)), 0.1 * capacity)
+        return min(1.5 * max(self.recent[-RECENT_ESTIMATES:]), 0.1 * capacity)
 
     def _exempt(self, ranked: _Ranked) -> bool:
         if ranked.message.priority != URGENT:
@@ -230,7 +237,8 @@ class FairModel:
     def margin(self, ranked: _Ranked, backlog: Mapping[str, int], capacity: float) -> float:
         """The reserve part of what the message must find in the bucket."""
         tokens = ranked.message.tokens
-        if backlog[ranked.message.tenant] <= 1 or self._exempt(ranked):
+        backlogged = backlog[ranked.message.tenant] > 1 and ranked.heavy
+        if not backlogged or self._exempt(ranked):
             return 0.0
         return min(tokens + self.reserve(capacity), capacity) - tokens
 
