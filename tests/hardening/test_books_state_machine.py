@@ -197,11 +197,7 @@ class DispatchBooks(RuleBasedStateMachine):
         self.retry_until.pop(delivery.request_id, None)
 
     def markable(self) -> list[Delivery]:
-        return [
-            d
-            for d in self.deliveries
-            if d.settled_tokens is None
-        ]
+        return [d for d in self.deliveries if d.settled_tokens is None]
 
     @precondition(lambda self: bool(self.markable()))
     @rule(
