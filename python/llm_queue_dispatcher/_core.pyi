@@ -293,6 +293,9 @@ class StoreCore:
         """Deletes the message a current receipt handle names; ``ReceiptHandleError`` otherwise."""
     def dead_letter_now(self, handle: str) -> None:
         """Dead-letters the message a current receipt handle names, at once (counted)."""
+    def cancel_receive(self, handle: str) -> None:
+        """Undoes the receive that issued a current handle: visible again at once, its receive
+        count and first receive as before."""
     def change_visibility(self, handle: str, visibility_timeout: float) -> None:
         """Makes the message invisible for ``visibility_timeout`` seconds from now (0: visible)."""
     def peek(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
