@@ -13,9 +13,10 @@
 //! The winner is the first message of that order. Holding the budget for it, and the reserve a
 //! backlogged tenant may not take (rule 3b of the contract), are decided by the caller with
 //! [`FairLanes::admission_tokens`]. A tenant is backlogged when it has more than one visible
-//! message and has used at least the mean share (use per weight) of the tenants waiting: a
-//! light tenant with two or three requests queued goes at once like a lone one, which is what
-//! the reserve is kept for.
+//! message and has used at least its fair share of the window's capacity (the tokens the
+//! limiter refills over `fairness_window`, split by weight among the tenants that are waiting
+//! or have used tokens in the window): a light tenant with two or three requests queued goes
+//! at once like a lone one, which is what the reserve is kept for.
 //!
 //! [`FairLanes`] keeps the visible messages in that order as a [`Ranking`] beside the store's
 //! candidate index: an URGENT lane, and per tenant one lane per priority keyed by (deadline,
@@ -280,8 +281,8 @@ pub struct FairCandidate {
     pub slot: u32,
     /// Its tenant.
     pub tenant: u32,
-    /// Whether its tenant is backlogged: other visible messages, and at least the mean share of
-    /// recent use (such a tenant may not take the reserve).
+    /// Whether its tenant is backlogged: other visible messages, and at least its fair share of
+    /// the window's capacity used (such a tenant may not take the reserve).
     pub backlogged: bool,
     /// Why it ranks where it does.
     pub rank: FairRank,
@@ -352,6 +353,7 @@ impl FairLanes {
     pub fn select(
         &self,
         usage: &mut impl FnMut(u32) -> f64,
+        share_per_weight: f64,
         hold: bool,
         fits: &mut impl FnMut(&FairCandidate) -> Fit,
     ) -> Option<(FairCandidate, bool)> {
@@ -365,9 +367,6 @@ impl FairLanes {
         };
         let ranked = self.ranked_tenants(usage);
         let of = ranked.len();
-        // The reserve is kept back from a tenant with a backlog that has used at least the
-        // mean share: a light tenant's few requests are no backlog that needs holding back.
-        let mean_share = if of == 0 { 0.0 } else { ranked.iter().map(|r| r.0).sum::<f64>() / of as f64 };
         if self.config.urgent_first {
             for &(_, slot) in &self.urgent {
                 let tenant = self.placed.get(&slot).map_or(0, |p| p.0);
@@ -381,7 +380,8 @@ impl FairLanes {
         }
         for (position, &(share, _, tenant, usage)) in ranked.iter().enumerate() {
             let lanes = &self.tenants[&tenant];
-            let backlogged = self.visible_of(tenant) > 1 && share >= mean_share;
+            // A light tenant's few queued requests are no backlog to hold the reserve back from.
+            let backlogged = self.visible_of(tenant) > 1 && share >= share_per_weight;
             for (priority, lane) in lanes.lanes.iter().enumerate() {
                 for &(_, _, slot) in lane {
                     let rank = FairRank::Tenant {
@@ -413,6 +413,11 @@ impl FairLanes {
             .collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         ranked
+    }
+
+    /// Tenants with visible messages.
+    pub fn waiting_tenants(&self) -> impl Iterator<Item = u32> + '_ {
+        self.visible.keys().copied()
     }
 
     /// Visible messages of `tenant` (its lanes and, with `urgent_first`, its URGENT ones).

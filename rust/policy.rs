@@ -107,6 +107,8 @@ pub fn admit<M, T>(limiter: &Throttle<M>, candidate: T, tokens: u64, margin: f64
 pub trait Admission {
     /// The token bucket's capacity: no larger request ever fits.
     fn capacity(&self) -> f64;
+    /// Tokens the bucket refills per second.
+    fn refill_rate(&self) -> f64;
     /// Whether it goes now.
     fn admits(&self, tokens: u64, margin: f64) -> bool;
     /// Seconds until it would go (NaN when unknown).
@@ -116,6 +118,9 @@ pub trait Admission {
 impl<M> Admission for Throttle<M> {
     fn capacity(&self) -> f64 {
         self.tokens().capacity()
+    }
+    fn refill_rate(&self) -> f64 {
+        self.tokens().rate()
     }
     fn admits(&self, tokens: u64, margin: f64) -> bool {
         self.check_with_margin(tokens, margin).allowed
@@ -139,6 +144,10 @@ pub struct Snapshot {
 impl Admission for Snapshot {
     fn capacity(&self) -> f64 {
         self.capacity
+    }
+    /// A reported budget says only its capacity: taken as a minute's worth (no burst).
+    fn refill_rate(&self) -> f64 {
+        self.capacity / 60.0
     }
     fn admits(&self, tokens: u64, margin: f64) -> bool {
         self.available_requests >= 1.0 && tokens as f64 + margin <= self.available_tokens
@@ -188,15 +197,40 @@ pub fn decide_fair_lanes(
     hold: bool,
 ) -> Option<FairDecision> {
     let reserve = runtime.reserve(limiter.capacity());
+    let share_per_weight = fair_share_per_weight(lanes, runtime, limiter, now);
     let ledger = &mut runtime.ledger;
     let (candidate, fits) =
-        lanes.select(&mut |tenant| ledger.usage(tenant, now), hold, &mut |candidate| {
+        lanes.select(&mut |tenant| ledger.usage(tenant, now), share_per_weight, hold, &mut |candidate| {
             fair_fit(limiter, candidate, tokens_of(candidate.slot), reserve).0
         })?;
     let tokens = tokens_of(candidate.slot);
     let (_, margin) = fair_fit(limiter, &candidate, tokens, reserve);
     let wait = if fits { 0.0 } else { limiter.wait(tokens, margin) };
     Some(FairDecision { candidate, fits, wait, margin })
+}
+
+/// Tokens per unit of weight a tenant may use over the fairness window before it counts as
+/// backlogged: what the limiter refills over the window, split by weight among the tenants
+/// that are waiting or have used tokens in it.
+pub fn fair_share_per_weight(
+    lanes: &FairLanes,
+    runtime: &mut FairRuntime,
+    limiter: &impl Admission,
+    now: f64,
+) -> f64 {
+    let config = lanes.config();
+    let mut active: Vec<u32> =
+        runtime.ledger.usages(now).into_iter().filter(|&(_, u)| u > 0.0).map(|(t, _)| t).collect();
+    active.extend(lanes.waiting_tenants());
+    active.sort_unstable();
+    active.dedup();
+    let total_weight: f64 = active.iter().map(|&t| config.weight(t)).sum();
+    if total_weight > 0.0 {
+        // Rounded down a hair: a tenant that used exactly its share counts as having used it.
+        limiter.refill_rate() * config.fairness_window / total_weight * (1.0 - 1e-9)
+    } else {
+        f64::INFINITY
+    }
 }
 
 /// The fair policy's decision over a store at `now` with an `LLMThrottle`. Ages the lanes
@@ -297,19 +331,27 @@ mod tests {
         let mut s = store();
         s.enqueue(message("h1", 2, 400, "heavy"), 0.0).unwrap();
         s.enqueue(message("h2", 2, 400, "heavy"), 0.0).unwrap();
+        let heavy = s.message(s.slot_of("h1").unwrap()).tenant;
         let mut runtime = FairRuntime::new(&FairConfig::default(), Some(300.0));
         let mut l = limiter(1_000.0);
         assert!(l.consume(0.0, "x", 400, ()));
-        // 600 left: 400 + the 300 reserve do not fit for a backlogged tenant.
+        // Two messages but no use yet: no backlog to hold back, 400 of the 600 left go.
+        assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Take(_)));
+        // Having used its fair share of the window (1,000 tokens a minute, one tenant), it is
+        // backlogged: 400 + the 300 reserve do not fit in 600.
+        runtime.charge(heavy, 0.0, 1_000);
         assert!(
             matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Wait(w) if (w - 6.0).abs() < 1e-9)
         );
-        // A light tenant with the same (no) use ranks after the older head: still held.
+        // A light tenant ranks first (less use), and its lone request needs only its tokens.
         s.enqueue(message("l1", 2, 500, "light"), 0.0).unwrap();
-        assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Wait(_)));
-        // Once "heavy" has used tokens, "light" ranks first, and its lone request needs only
-        // its own tokens.
-        runtime.charge(s.message(s.slot_of("h1").unwrap()).tenant, 0.0, 400);
+        match decide_fair(&mut s, &mut runtime, &l, 0.0, true) {
+            Decision::Take(c) => assert_eq!(s.message(c.slot).request_id.as_ref(), "l1"),
+            other => panic!("{other:?}"),
+        }
+        // So do its two, three queued requests: it has used less than its share (500 a minute
+        // with two tenants active).
+        s.enqueue(message("l2", 2, 500, "light"), 0.0).unwrap();
         match decide_fair(&mut s, &mut runtime, &l, 0.0, true) {
             Decision::Take(c) => assert_eq!(s.message(c.slot).request_id.as_ref(), "l1"),
             other => panic!("{other:?}"),

@@ -167,7 +167,8 @@ class ConsumptionRecord:
 
 @final
 class BucketState:
-    """One bucket in a snapshot."""
+    """One bucket in a snapshot. Fields are ints or floats (else `InvalidRequestError`);
+    `LLMThrottle.restore_from_snapshot` checks their range."""
 
     def __new__(cls, available: float, capacity: float, last_refill: float) -> BucketState: ...
     @property
@@ -179,7 +180,8 @@ class BucketState:
 
 @final
 class StateSnapshot:
-    """The buckets and the compensation debt at one instant."""
+    """The buckets and the compensation debt at one instant. Built from numbers, two
+    `BucketState` objects and an int count (else `InvalidRequestError`)."""
 
     def __new__(
         cls,
@@ -206,6 +208,10 @@ class LLMThrottle:
 
     Both buckets start full; the request bucket holds ``burst_rpm or rpm`` and refills at
     ``rpm / 60`` per second, the token bucket likewise with ``tpm``. Thread-safe.
+
+    Every argument is checked at construction (`InvalidConfigError` naming it): the numbers are
+    ints or floats (not bools) a float can hold; ``logger`` is None (the ``llm_queue_dispatcher``
+    logger) or a `logging.Logger`, the rule of every ``logger`` option of the package.
     """
 
     def __new__(
@@ -287,6 +293,9 @@ class StoreCore:
         """Deletes the message a current receipt handle names; ``ReceiptHandleError`` otherwise."""
     def dead_letter_now(self, handle: str) -> None:
         """Dead-letters the message a current receipt handle names, at once (counted)."""
+    def cancel_receive(self, handle: str) -> None:
+        """Undoes the receive that issued a current handle: visible again at once, its receive
+        count and first receive as before."""
     def change_visibility(self, handle: str, visibility_timeout: float) -> None:
         """Makes the message invisible for ``visibility_timeout`` seconds from now (0: visible)."""
     def peek(self, priority: int, limit: int) -> list[QueueMessage[Any]]:

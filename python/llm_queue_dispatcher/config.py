@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._checks import finite_float, shown
 from .errors import InvalidConfigError
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 
@@ -57,27 +58,38 @@ class FairPriorityConfig:
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
         if not isinstance(self.tenant_weights, Mapping):
-            raise InvalidConfigError(f"tenant_weights must be a mapping, got {self.tenant_weights!r}")
+            raise InvalidConfigError(f"tenant_weights must be a mapping, got {shown(self.tenant_weights)}")
         for tenant, weight in self.tenant_weights.items():
-            if not isinstance(tenant, str):
-                raise InvalidConfigError(f"tenant_weights keys must be tenant names (str), got {tenant!r}")
+            if not isinstance(tenant, str) or not _is_unicode(tenant):
+                raise InvalidConfigError(
+                    f"tenant_weights keys must be tenant names (str of valid Unicode), got {shown(tenant)}"
+                )
             _require_number(f"tenant_weights[{tenant!r}]", weight, minimum=0.0, inclusive=False)
         _require_number("fairness_window", self.fairness_window, minimum=0.0, inclusive=False)
         if self.reserve_tokens is not None:
             _require_int("reserve_tokens", self.reserve_tokens, minimum=0)
+            # The core holds the reserve as a float: a count no float can hold is refused here,
+            # not by an OverflowError when a dispatcher starts.
+            if finite_float(self.reserve_tokens) is None:
+                raise InvalidConfigError(
+                    f"reserve_tokens must be an int a float can hold, got {shown(self.reserve_tokens)}"
+                )
         if not isinstance(self.urgent_first, bool):
-            raise InvalidConfigError(f"urgent_first must be a bool, got {self.urgent_first!r}")
+            raise InvalidConfigError(f"urgent_first must be a bool, got {shown(self.urgent_first)}")
         if not isinstance(self.max_wait, Mapping):
             raise InvalidConfigError(
-                f"max_wait must be a mapping of priority to seconds, got {self.max_wait!r}"
+                f"max_wait must be a mapping of priority to seconds, got {shown(self.max_wait)}"
             )
         for priority, seconds in self.max_wait.items():
             if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 3:
                 raise InvalidConfigError(
-                    f"max_wait keys must be HIGH, NORMAL or LOW (URGENT never ages), got {priority!r}"
+                    f"max_wait keys must be HIGH, NORMAL or LOW (URGENT never ages), got {shown(priority)}"
                 )
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
-                raise InvalidConfigError(f"max_wait[{priority!r}] must be seconds >= 0, got {seconds!r}")
+            # inf is valid (that priority never ages); an int too large for a float is not.
+            if seconds != math.inf and (finite_float(seconds) is None or seconds < 0):
+                raise InvalidConfigError(
+                    f"max_wait[{priority!r}] must be seconds >= 0 (inf: never), got {shown(seconds)}"
+                )
 
     def max_wait_by_priority(self) -> list[float]:
         """Seconds per priority 0..3 (infinite where a priority does not age)."""
@@ -85,16 +97,28 @@ class FairPriorityConfig:
 
 
 def _require_number(name: str, value: object, *, minimum: float, inclusive: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (not inclusive and value == minimum):
+    """An int or float (not a bool) of finite value, an int too large for a float refused;
+    ``>= minimum`` (``> minimum`` unless ``inclusive``)."""
+    number = finite_float(value)
+    if number is None:
+        raise InvalidConfigError(f"{name} must be a finite number, got {shown(value)}")
+    if number < minimum or (not inclusive and number == minimum):
         relation = ">=" if inclusive else ">"
-        raise InvalidConfigError(f"{name} must be {relation} {minimum}, got {value!r}")
+        raise InvalidConfigError(f"{name} must be {relation} {minimum}, got {shown(value)}")
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise InvalidConfigError(f"{name} must be an int >= {minimum}, got {shown(value)}")
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogates), as the core's strings must be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -134,30 +158,34 @@ class LLMQueueDispatcherConfig:
         _require_number("visibility_timeout", self.visibility_timeout, minimum=0.0)
         if self.visibility_timeout > MAX_VISIBILITY_TIMEOUT:
             raise InvalidConfigError(
-                f"visibility_timeout must be <= {MAX_VISIBILITY_TIMEOUT}, got {self.visibility_timeout!r}"
+                f"visibility_timeout must be <= {MAX_VISIBILITY_TIMEOUT}, "
+                f"got {shown(self.visibility_timeout)}"
             )
         if not isinstance(self.enable_prefetch, bool):
-            raise InvalidConfigError(f"enable_prefetch must be a bool, got {self.enable_prefetch!r}")
+            raise InvalidConfigError(f"enable_prefetch must be a bool, got {shown(self.enable_prefetch)}")
         if not isinstance(self.reserve_budget, bool):
-            raise InvalidConfigError(f"reserve_budget must be a bool, got {self.reserve_budget!r}")
+            raise InvalidConfigError(f"reserve_budget must be a bool, got {shown(self.reserve_budget)}")
         if self.logger is not None and not isinstance(self.logger, logging.Logger):
-            raise InvalidConfigError(f"logger must be a logging.Logger or None, got {self.logger!r}")
+            raise InvalidConfigError(f"logger must be a logging.Logger or None, got {shown(self.logger)}")
         if self.clock is not None and not callable(self.clock):
-            raise InvalidConfigError(f"clock must be a ManualClock or a callable, got {self.clock!r}")
+            raise InvalidConfigError(f"clock must be a ManualClock or a callable, got {shown(self.clock)}")
         if self.scoring is not None:
             from .scoring import ScoringConfig
 
             if not isinstance(self.scoring, ScoringConfig):
-                raise InvalidConfigError(f"scoring must be a ScoringConfig or None, got {self.scoring!r}")
+                raise InvalidConfigError(
+                    f"scoring must be a ScoringConfig or None, got {shown(self.scoring)}"
+                )
+            self.scoring.validate()
         if self.policy not in _POLICIES:
-            raise InvalidConfigError(f"policy must be 'score' or 'fair_priority', got {self.policy!r}")
+            raise InvalidConfigError(f"policy must be 'score' or 'fair_priority', got {shown(self.policy)}")
         for name in ("hold_budget", "drop_expired"):
             if not isinstance(getattr(self, name), bool):
-                raise InvalidConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise InvalidConfigError(f"{name} must be a bool, got {shown(getattr(self, name))}")
         if self.fair_priority is not None:
             if not isinstance(self.fair_priority, FairPriorityConfig):
                 raise InvalidConfigError(
-                    f"fair_priority must be a FairPriorityConfig or None, got {self.fair_priority!r}"
+                    f"fair_priority must be a FairPriorityConfig or None, got {shown(self.fair_priority)}"
                 )
             self.fair_priority.validate()
         if self.policy == "fair_priority" and self.scoring is not None:

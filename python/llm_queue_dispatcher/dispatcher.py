@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from ._checks import shown
 from ._core import LLMThrottle, ScoringParams
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError
@@ -37,6 +38,8 @@ from .processable import ProcessableMessage
 from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
 from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource
 from .storage import InMemoryStorage, QueueStorageAdapter
+from .storage.base import _as_list
+from .throttle import check_rate_limiter
 from .types import LLMRequest, Priority, QueueMessage
 from .wakeup import Wakeup
 
@@ -152,6 +155,7 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
         """Stores all of ``requests`` or, on any bad one, none of them."""
+        requests = _as_list(requests, "requests")
         messages = await self._source.batch_enqueue(requests)
         self._wakeup.notify()
         return messages
@@ -414,19 +418,18 @@ class LLMQueueDispatcher(Generic[T]):
         loop's time, sleeping until the earliest moment a message or the budget can change. A
         cancelled dequeue raises `asyncio.CancelledError` and leaves nothing taken.
         """
+        check_rate_limiter(rate_limiter)
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            # The sign is checked on the value given: an int too large for a float waits for
+            # ever if positive, and is refused if negative.
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
                 raise InvalidRequestError(
-                    f"timeout must be None or a number of seconds >= 0, got {timeout!r}"
+                    f"timeout must be None or a number of seconds >= 0, got {shown(timeout)}"
                 )
             try:
                 timeout = float(timeout)
             except OverflowError:
                 timeout = math.inf
-            if not timeout >= 0:
-                raise InvalidRequestError(
-                    f"timeout must be None or a number of seconds >= 0, got {timeout!r}"
-                )
         if self._closed and isinstance(self._source, PrefetchSource):
             raise MessageStateError("dispatcher is closed")
         if self.config.enable_prefetch and isinstance(self._source, PrefetchSource):
@@ -542,6 +545,7 @@ class LLMQueueDispatcher(Generic[T]):
         Such a request can never be dispatched. The messages come back leased (in flight, no
         budget reserved); delete them, or fail them until the store dead-letters them.
         """
+        check_rate_limiter(rate_limiter)
         capacity = await self._token_capacity(rate_limiter)
         taken = self._source.take_above(capacity, self.config.visibility_timeout)
         for message in taken:

@@ -134,9 +134,13 @@ class ProcessableMessage(Generic[T]):
         if self._charge is not None:
             self._dispatcher._source.correct_charge(self._charge[0], self._charge[1], float(tokens))
 
-    async def _adjust(self, actual_tokens: int) -> None:
+    async def _adjust(self, actual_tokens: int, landed: bool = True) -> None:
+        """Corrects the tenant's charge and the limiter's reservation to ``actual_tokens``. When
+        the store step did not land because the delivery went stale (the message was received
+        again), the limiter is left alone: its record for this request id is the new delivery's
+        now, and correcting it would count the wrong call (erring high, on the safe side)."""
         self._recharge(actual_tokens)
-        if not self._reserved:
+        if not self._reserved or (not landed and not self._purged()):
             return
         request_id = self.message.payload.id
         try:
@@ -155,6 +159,12 @@ class ProcessableMessage(Generic[T]):
                 "rate limiter refused the extra tokens of request %r (%s); the message is settled",
                 request_id,
                 error,
+            )
+        except Exception as error:
+            # The limiter failed (a shared one unreachable): the store step landed, so the
+            # message is settled and forgotten; only the limiter's count could not be corrected.
+            self._dispatcher._logger.warning(
+                "rate limiter failed to correct request %r (%r); the message is settled", request_id, error
             )
 
     async def mark_as_processed(self, actual_tokens: int | None = None) -> None:
@@ -178,7 +188,7 @@ class ProcessableMessage(Generic[T]):
                 self._settled = False
                 raise
         if actual_tokens is not None:
-            await self._adjust(actual_tokens)
+            await self._adjust(actual_tokens, deleted)
         used = actual_tokens if actual_tokens is not None else self.message.payload.token_info.estimated
         self._dispatcher._on_settled(self, processed=True, tokens=used)
         if not deleted and not self._purged():
@@ -193,8 +203,8 @@ class ProcessableMessage(Generic[T]):
         delay = 0.0 if retry_after is None else _check_delay(retry_after, "retry_after")
         self._claim("mark it failed")
         source, handle = self._dispatcher._source, self.message.attributes.receipt_handle
-        await self._store_step(lambda: source.change_visibility(handle, delay))
-        await self._adjust(0)
+        landed = await self._store_step(lambda: source.change_visibility(handle, delay))
+        await self._adjust(0, landed)
         self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
         self._dispatcher._on_settled(self, processed=False, tokens=0)
 
@@ -206,7 +216,7 @@ class ProcessableMessage(Generic[T]):
         self._claim("dead-letter it")
         source, message = self._dispatcher._source, self.message
         moved = await self._store_step(lambda: source.dead_letter(message))
-        await self._adjust(0)
+        await self._adjust(0, moved)
         self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
         self._dispatcher._on_settled(self, processed=False, tokens=0)
         if not moved and not self._purged():

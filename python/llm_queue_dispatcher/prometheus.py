@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import re
 import threading
 import time
@@ -63,6 +62,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ._checks import finite_float, shown
 from .dispatcher import ProcessableMessage
 from .errors import InvalidConfigError, InvalidRequestError
 from .metrics import QueueMetrics
@@ -140,14 +140,10 @@ def _format_bound(bound: float) -> str:
 
 
 def _check_seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    number = finite_float(value)
+    if number is None or number < 0:
+        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {shown(value)}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -283,10 +279,11 @@ class QueueCollector:
 
         A refresh that raises is logged and retried at the next interval.
         """
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-            raise InvalidConfigError(f"interval must be a number of seconds > 0, got {interval!r}")
-        if not math.isfinite(interval):
-            raise InvalidConfigError(f"interval must be finite, got {interval!r}")
+        seconds = finite_float(interval)
+        if seconds is None or not seconds > 0:
+            raise InvalidConfigError(
+                f"interval must be a finite number of seconds > 0, got {shown(interval)}"
+            )
 
         async def loop() -> None:
             while True:
@@ -294,7 +291,7 @@ class QueueCollector:
                     await self.refresh()
                 except Exception:
                     _LOGGER.exception("refreshing the Prometheus metrics failed")
-                await asyncio.sleep(interval)
+                await asyncio.sleep(seconds)
 
         return asyncio.get_running_loop().create_task(loop())
 

@@ -21,7 +21,9 @@ Headers understood (case-insensitive):
   token headers are absent.
 * ``retry-after`` (seconds or an HTTP date) and ``retry-after-ms``.
 
-Malformed values are ignored: a provider's header never makes a worker fail.
+Malformed values are ignored: a provider's header never makes a worker fail. Headers that are not
+a mapping or an iterable of ``(name, value)`` pairs are a caller's mistake, refused with
+`InvalidRequestError`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+from ._checks import finite_float, shown
+from .errors import InvalidRequestError
 
 __all__ = ["ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
 
@@ -55,6 +60,12 @@ class ProviderLimits:
     tokens_remaining: float | None = None
     tokens_reset: float | None = None
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is not None and ((figure := finite_float(value)) is None or figure < 0):
+                raise InvalidRequestError(f"{name} must be None or a finite number >= 0, got {shown(value)}")
 
     @property
     def empty(self) -> bool:
@@ -121,17 +132,37 @@ def _retry_after(headers: Mapping[str, str], now: float) -> float | None:
         return seconds
     try:
         instant = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past datetime's range
         return None
     if instant.tzinfo is None:
         instant = instant.replace(tzinfo=timezone.utc)
     return max(0.0, instant.timestamp() - now)
 
 
+def _header_items(headers: object) -> Iterable[Any]:
+    """The ``(name, value)`` pairs of a mapping or an iterable of pairs; anything else (a str,
+    a number, None) is an `InvalidRequestError`."""
+    if isinstance(headers, Mapping):
+        return headers.items()
+    if not isinstance(headers, (str, bytes)):
+        try:
+            return iter(headers)  # type: ignore[call-overload, no-any-return]
+        except TypeError:
+            pass
+    raise InvalidRequestError(
+        f"headers must be a mapping or an iterable of (name, value) pairs, got {shown(headers)}"
+    )
+
+
 def _lowercase(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
-    items = headers.items() if isinstance(headers, Mapping) else headers
     out: dict[str, str] = {}
-    for key, value in items:
+    for pair in _header_items(headers):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
+            raise InvalidRequestError(f"headers must hold (name, value) pairs, got {shown(pair)}")
+        pair = tuple(pair)
+        if len(pair) != 2:
+            raise InvalidRequestError(f"headers must hold (name, value) pairs, got {shown(pair)}")
+        key, value = pair
         if isinstance(key, bytes):
             key = key.decode("latin-1")
         if isinstance(value, bytes):
@@ -154,8 +185,10 @@ def parse_rate_limit_headers(
     >>> limits.tokens_remaining, limits.tokens_reset
     (1200.0, 360.0)
     """
+    if now is not None and finite_float(now) is None:
+        raise InvalidRequestError(f"now must be None or a finite number of seconds, got {shown(now)}")
     h = _lowercase(headers)
-    now = time.time() if now is None else now
+    now = time.time() if now is None else float(now)
 
     def duration(name: str) -> float | None:
         value = h.get(name)

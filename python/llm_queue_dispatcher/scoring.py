@@ -6,12 +6,12 @@ contract, each in [0, 1] before weighting.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from ._checks import finite_float, shown
 from .errors import InvalidConfigError
 
 if TYPE_CHECKING:
@@ -33,13 +33,9 @@ FACTOR_NAMES: tuple[str, ...] = tuple(_core.FACTOR_NAMES)
 
 
 def _check_weight(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise InvalidConfigError(f"weight {name} must be a finite number >= 0, got {value!r}")
+    weight = finite_float(value)
+    if weight is None or weight < 0:
+        raise InvalidConfigError(f"weight {name} must be a finite number >= 0, got {shown(value)}")
 
 
 @dataclass
@@ -91,7 +87,13 @@ class CustomScorer:
     def validate(self) -> None:
         """Raises `InvalidConfigError` for an empty name, a bad weight or a non-callable."""
         if not isinstance(self.name, str) or not self.name:
-            raise InvalidConfigError(f"custom scorer name must be a non-empty str, got {self.name!r}")
+            raise InvalidConfigError(f"custom scorer name must be a non-empty str, got {shown(self.name)}")
+        try:
+            self.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidConfigError(
+                f"custom scorer name must be a str of valid Unicode (no lone surrogates), got {self.name!r}"
+            ) from None
         _check_weight(self.name, self.weight)
         if not callable(self.calculate):
             raise InvalidConfigError(f"custom scorer {self.name!r}: calculate must be callable")
@@ -111,12 +113,21 @@ class ScoringConfig:
         """Checks every weight and scorer, and that breakdown names are unique."""
         if self.weights is not None:
             if not isinstance(self.weights, ScoringWeights):
-                raise InvalidConfigError(f"weights must be a ScoringWeights or None, got {self.weights!r}")
+                raise InvalidConfigError(
+                    f"weights must be a ScoringWeights or None, got {shown(self.weights)}"
+                )
             self.weights.validate()
+        # A list (or tuple): read more than once, so never a generator, and never a str.
+        if not isinstance(self.custom_scorers, Sequence) or isinstance(self.custom_scorers, (str, bytes)):
+            raise InvalidConfigError(
+                f"custom_scorers must be a list of CustomScorer, got {shown(self.custom_scorers)}"
+            )
         seen = set(FACTOR_NAMES)
         for scorer in self.custom_scorers:
             if not isinstance(scorer, CustomScorer):
-                raise InvalidConfigError(f"custom_scorers must hold CustomScorer objects, got {scorer!r}")
+                raise InvalidConfigError(
+                    f"custom_scorers must hold CustomScorer objects, got {shown(scorer)}"
+                )
             scorer.validate()
             if scorer.name in seen:
                 raise InvalidConfigError(

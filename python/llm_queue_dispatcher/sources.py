@@ -227,6 +227,11 @@ class InMemorySource(MessageSource[T]):
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
 
+    async def hand_back(self, message: QueueMessage[T]) -> None:
+        # Undone, not released: a receive nobody got must not count toward max_receive_count.
+        with contextlib.suppress(ReceiptHandleError):
+            self.core.cancel_receive(message.attributes.receipt_handle)
+
     def next_visibility_change(self) -> float | None:
         return self.core.next_visibility_change()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ._checks import shown
 from ._core import (
     BucketMetrics,
     BucketState,
@@ -25,6 +26,7 @@ from ._core import (
     RateLimitMetrics,
     StateSnapshot,
 )
+from .errors import InvalidRequestError
 
 __all__ = [
     "AdjustmentFailureStrategy",
@@ -88,6 +90,23 @@ class AsyncRateLimiter(Protocol):
     async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         """Corrects the tokens taken for ``request_id`` to ``actual_tokens``."""
         ...
+
+
+_LIMITER_METHODS = ("can_process", "get_metrics", "consume", "adjust_consumption")
+
+
+def check_rate_limiter(limiter: object, name: str = "rate_limiter") -> None:
+    """Raises `InvalidRequestError` naming ``name`` unless ``limiter`` has the four methods of
+    the `RateLimiter` protocol, plain or coroutines (`AsyncRateLimiter`): checked at the door, so
+    a wrong object fails before anything is selected or taken, not with an `AttributeError`
+    half-way."""
+    if type(limiter) is LLMThrottle:
+        return
+    if not all(callable(getattr(limiter, method, None)) for method in _LIMITER_METHODS):
+        raise InvalidRequestError(
+            f"{name} must be a RateLimiter or an AsyncRateLimiter (can_process, get_metrics, consume "
+            f"and adjust_consumption), got {shown(limiter)}"
+        )
 
 
 def create_llm_throttle(

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
+from ._checks import finite_float, shown
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     InvalidConfigError,
@@ -101,11 +102,12 @@ class WorkerStats:
 
 
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidConfigError(f"{name} must be a finite number of seconds, got {value!r}")
-    if not minimum <= value <= maximum:
+    number = finite_float(value)
+    if number is None:
+        raise InvalidConfigError(f"{name} must be a finite number of seconds, got {shown(value)}")
+    if not minimum <= number <= maximum:
         raise InvalidConfigError(f"{name} must be within [{minimum}, {maximum}], got {value!r}")
-    return float(value)
+    return number
 
 
 class Worker(Generic[T]):

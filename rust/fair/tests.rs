@@ -29,6 +29,7 @@ fn brute_force(
     config: &FairConfig,
     now: f64,
     usage: &HashMap<u32, f64>,
+    share_per_weight: f64,
     hold: bool,
     fits: &dyn Fn(u32, bool, bool) -> bool,
 ) -> Option<(u32, bool)> {
@@ -74,17 +75,9 @@ fn brute_force(
         mine.sort_by(in_tenant);
         order.extend(mine.iter().map(|(slot, _)| (*slot, false)));
     }
-    let mut waiting: Vec<u32> = rest.iter().map(|(_, m)| m.tenant).collect();
-    waiting.sort_unstable();
-    waiting.dedup();
-    let mean = if waiting.is_empty() {
-        0.0
-    } else {
-        waiting.iter().map(|&t| share(t)).sum::<f64>() / waiting.len() as f64
-    };
     for (slot, urgent) in order {
         let tenant = msgs.iter().find(|(s, _)| *s == slot).unwrap().1.tenant;
-        let backlogged = visible(tenant) > 1 && (urgent || share(tenant) >= mean);
+        let backlogged = visible(tenant) > 1 && (urgent || share(tenant) >= share_per_weight);
         let fit = fits(slot, backlogged, urgent);
         if fit || hold {
             return Some((slot, fit));
@@ -119,6 +112,7 @@ proptest! {
         hold in any::<bool>(),
         budget in 0u64..6_000,
         reserve in 0u64..2_000,
+        share_per_weight in 0.0f64..8_000.0,
     ) {
         let config = FairConfig {
             weights: (0u32..4).zip(weights.iter().copied()).collect(),
@@ -151,9 +145,10 @@ proptest! {
                 let need = if backlogged && !urgent { (t + reserve).min(6_000.max(t)) } else { t };
                 need <= budget
             };
-            let expected = brute_force(&live, &config, now, &usage, hold, &fits_brute);
+            let expected = brute_force(&live, &config, now, &usage, share_per_weight, hold, &fits_brute);
             let got = lanes.select(
                 &mut |tenant| usage.get(&tenant).copied().unwrap_or(0.0),
+                share_per_weight,
                 hold,
                 &mut |c: &FairCandidate| {
                     Fit::from_allowed(FairLanes::admission_tokens(c, tokens_of(c.slot), reserve as f64, 6_000.0) <= budget as f64)
@@ -190,7 +185,7 @@ fn aging_moves_a_message_once_at_its_instant() {
     lanes.insert(1, &entry(1, &new_high));
     let pick = |lanes: &mut FairLanes, now: f64| {
         lanes.age(now);
-        lanes.select(&mut |_| 0.0, true, &mut |_| Fit::Now).map(|(c, _)| c.slot)
+        lanes.select(&mut |_| 0.0, f64::INFINITY, true, &mut |_| Fit::Now).map(|(c, _)| c.slot)
     };
     assert_eq!(pick(&mut lanes, 900.0), Some(1)); // waited exactly 900 s: not yet HIGH
     assert_eq!(pick(&mut lanes, 900.5), Some(0)); // HIGH now, and older

@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
+use pyo3::Borrowed;
 
 use super::errors::to_py_err;
 use crate::errors::CoreError;
@@ -12,35 +13,101 @@ pub(crate) fn invalid_request(py: Python<'_>, message: String) -> PyErr {
     to_py_err(py, CoreError::InvalidRequest(message))
 }
 
+/// An `InvalidConfigError` with `message`.
+pub(crate) fn invalid_config(py: Python<'_>, message: String) -> PyErr {
+    to_py_err(py, CoreError::InvalidConfig(message))
+}
+
+/// `repr(value)` for an error message. Never fails: building the error for a bad value must not
+/// raise another (an int past Python's digit limit has no repr, and a user's `__repr__` may raise).
+pub(crate) fn repr_of(value: &Bound<'_, PyAny>) -> String {
+    if let Ok(shown) = value.repr() {
+        return shown.to_string();
+    }
+    if value.is_instance_of::<PyInt>() {
+        if let Ok(bits) = value.call_method0("bit_length").and_then(|b| b.extract::<u64>()) {
+            return format!("<int of {bits} bits>");
+        }
+    }
+    format!("<{} object>", value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string()))
+}
+
+/// An argument as given, None included, or `Absent` when it was left out: for an optional
+/// argument whose default is not None and to which None must not be passed (a plain
+/// `Option<T>` argument reads None as left out).
+pub(crate) enum Given<'py> {
+    /// The argument was not passed.
+    Absent,
+    /// The object passed.
+    Value(Bound<'py, PyAny>),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Given<'py> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Given::Value(obj.to_owned()))
+    }
+}
+
 /// Whether `value` is an int or a float (a bool is neither here).
 pub(crate) fn is_number(value: &Bound<'_, PyAny>) -> bool {
     !value.is_instance_of::<PyBool>()
         && (value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
 }
 
+/// An int or float (not a bool) as an `f64`; None for anything else, an int too large for a
+/// float included (reading it would raise `OverflowError`). Non-finite floats pass through: the
+/// caller says whether they are valid.
+pub(crate) fn float_arg(value: &Bound<'_, PyAny>) -> Option<f64> {
+    if let Ok(float) = value.cast::<PyFloat>() {
+        return Some(float.value());
+    }
+    if is_number(value) {
+        value.extract::<f64>().ok()
+    } else {
+        None
+    }
+}
+
+/// A count: an int >= 0 (not a bool); one too large for a `usize` saturates (a limit that large
+/// means "no limit"). Anything else is an `InvalidRequestError` naming the field.
+pub(crate) fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
+    let py = value.py();
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+        if let Ok(v) = value.extract::<usize>() {
+            return Ok(v);
+        }
+        if value.gt(0)? {
+            return Ok(usize::MAX);
+        }
+    }
+    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
+}
+
 /// `types.validate_token_count` in Rust, with the same messages.
 pub(crate) fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64> {
     let py = value.py();
     if !is_number(value) {
-        return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", value.repr()?)));
+        return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))));
     }
     if let Ok(float) = value.cast::<PyFloat>() {
         let v = float.value();
         if !v.is_finite() || v.fract() != 0.0 {
             return Err(invalid_request(
                 py,
-                format!("{field} must be a finite integral count, got {}", value.repr()?),
+                format!("{field} must be a finite integral count, got {}", repr_of(value)),
             ));
         }
         if v < 0.0 {
-            return Err(invalid_request(py, format!("{field} must be >= 0, got {}", value.repr()?)));
+            return Err(invalid_request(py, format!("{field} must be >= 0, got {}", repr_of(value))));
         }
         return Ok(v as u64);
     }
     match value.extract::<u64>() {
         Ok(v) => Ok(v),
         Err(_) if value.lt(0)? => {
-            Err(invalid_request(py, format!("{field} must be >= 0, got {}", value.repr()?)))
+            Err(invalid_request(py, format!("{field} must be >= 0, got {}", repr_of(value))))
         }
         // Beyond u64: no budget will ever fit it; saturating keeps it last in every order.
         Err(_) => Ok(u64::MAX),
@@ -51,15 +118,17 @@ pub(crate) fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64
 /// an `InvalidRequestError` naming the field.
 pub(crate) fn text_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<String> {
     let py = value.py();
-    let shown = || value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string());
     match value.cast::<PyString>() {
         Ok(text) => text.to_str().map(str::to_owned).map_err(|_| {
             invalid_request(
                 py,
-                format!("{field} must be a str of valid Unicode (no lone surrogates), got {}", shown()),
+                format!(
+                    "{field} must be a str of valid Unicode (no lone surrogates), got {}",
+                    repr_of(value)
+                ),
             )
         }),
-        Err(_) => Err(invalid_request(py, format!("{field} must be a str, got {}", shown()))),
+        Err(_) => Err(invalid_request(py, format!("{field} must be a str, got {}", repr_of(value)))),
     }
 }
 

@@ -6,7 +6,16 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::clock::{monotonic_now, wall_now, ManualClock};
 use crate::errors::CoreError;
+use crate::py::args::{float_arg, invalid_request, repr_of, Given};
 use crate::py::errors::to_py_err;
+
+/// Reads a number of seconds for `field`: an int or float, not a bool; the clock itself checks
+/// the range.
+fn clock_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+    float_arg(value).ok_or_else(|| {
+        invalid_request(value.py(), format!("{field} must be a finite number, got {}", repr_of(value)))
+    })
+}
 
 /// A clock that only moves when told to. Rust code reads it natively.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "ManualClock", frozen)]
@@ -24,8 +33,12 @@ impl PyManualClock {
 #[pymethods]
 impl PyManualClock {
     #[new]
-    #[pyo3(signature = (start = 0.0))]
-    fn new(py: Python<'_>, start: f64) -> PyResult<Self> {
+    #[pyo3(signature = (start = Given::Absent), text_signature = "(start=0.0)")]
+    fn new(py: Python<'_>, start: Given<'_>) -> PyResult<Self> {
+        let start = match start {
+            Given::Absent => 0.0,
+            Given::Value(value) => clock_seconds(&value, "start")?,
+        };
         ManualClock::new(start).map(|inner| Self { inner }).map_err(|e| to_py_err(py, e))
     }
 
@@ -35,13 +48,13 @@ impl PyManualClock {
     }
 
     /// Moves the clock forward by `seconds` and returns the new reading.
-    fn advance(&self, py: Python<'_>, seconds: f64) -> PyResult<f64> {
-        self.inner.advance(seconds).map_err(|e| to_py_err(py, e))
+    fn advance(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<f64> {
+        self.inner.advance(clock_seconds(seconds, "seconds")?).map_err(|e| to_py_err(py, e))
     }
 
     /// Sets the clock to `seconds`, which must not be earlier than the current reading.
-    fn set(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
-        self.inner.set(seconds).map_err(|e| to_py_err(py, e))
+    fn set(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set(clock_seconds(seconds, "seconds")?).map_err(|e| to_py_err(py, e))
     }
 
     /// A `ManualClock` is also a plain callable clock.
@@ -84,7 +97,7 @@ impl ClockSource {
             py,
             CoreError::InvalidConfig(format!(
                 "clock must be a ManualClock or a callable returning seconds, got {}",
-                clock.repr()?
+                repr_of(clock)
             )),
         ))
     }
@@ -103,7 +116,7 @@ impl ClockSource {
                         py,
                         CoreError::InvalidConfig(format!(
                             "clock must return a finite number of seconds, got {}",
-                            reading.bind(py).repr()?
+                            repr_of(reading.bind(py))
                         )),
                     )),
                 }

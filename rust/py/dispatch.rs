@@ -315,7 +315,6 @@ struct Taken {
     view: MessageView,
     candidate: Candidate,
     request_id: Box<str>,
-    first_received_at: Option<f64>,
 }
 
 /// The dispatch step without custom scorers, atomic: under the throttle's lock, then the
@@ -340,7 +339,7 @@ fn dispatch_fused(
                 Decision::Nothing => return Ok(Outcome::Nothing),
             };
             let message = s.message(candidate.slot);
-            let (request_id, first_received_at) = (message.request_id.clone(), message.first_received_at());
+            let request_id = message.request_id.clone();
             if reserve && !limiter.consume(limiter_now, &request_id, candidate.tokens, None) {
                 return Ok(Outcome::Nothing);
             }
@@ -354,7 +353,7 @@ fn dispatch_fused(
                 }
             };
             let view = MessageView::of(py, s.message(candidate.slot), Some(handle));
-            Ok(Outcome::Taken(Taken { view, candidate, request_id, first_received_at }))
+            Ok(Outcome::Taken(Taken { view, candidate, request_id }))
         })
     });
     aftermath.finish(py, store);
@@ -366,14 +365,7 @@ fn dispatch_fused(
     match build_view_message(py, &taken.view) {
         Ok(message) => Ok(Outcome::Taken((message, taken.candidate.base, taken.candidate.factors.to_vec()))),
         Err(error) => {
-            undo_take(
-                py,
-                store,
-                throttle,
-                &taken.view,
-                taken.first_received_at,
-                reserve.then_some(&*taken.request_id),
-            );
+            undo_take(py, store, throttle, &taken.view, reserve.then_some(&*taken.request_id));
             Err(error)
         }
     }
@@ -386,13 +378,11 @@ pub(crate) fn undo_take(
     store: &PyStoreCore,
     throttle: &PyThrottle,
     view: &MessageView,
-    first_received_at: Option<f64>,
     reserved: Option<&str>,
 ) {
     let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
     if let Ok(now) = store.now(py) {
-        let (undone, aftermath) =
-            store.locked(py, now, |s, now| s.cancel_receive(&handle, first_received_at, now));
+        let (undone, aftermath) = store.locked(py, now, |s, now| s.cancel_receive(&handle, now));
         aftermath.finish(py, store);
         drop(undone);
     }
@@ -549,20 +539,18 @@ impl Pool for PyStoreCore {
             if !still_visible(store, candidate) {
                 return Ok(None);
             }
-            let first_received_at = store.message(candidate.slot).first_received_at();
             let handle = store.receive_slot(candidate.slot, visibility_timeout, now)?;
-            Ok(Some((MessageView::of(py, store.message(candidate.slot), Some(handle)), first_received_at)))
+            Ok(Some(MessageView::of(py, store.message(candidate.slot), Some(handle))))
         });
         aftermath.finish(py, self);
-        let Some((view, first_received_at)) = taken.map_err(|e| super::errors::to_py_err(py, e))? else {
+        let Some(view) = taken.map_err(|e| super::errors::to_py_err(py, e))? else {
             return Ok(None);
         };
         match build_view_message(py, &view) {
             Ok(message) => Ok(Some(message)),
             Err(error) => {
                 let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-                let (undone, aftermath) =
-                    self.locked(py, now, |s, now| s.cancel_receive(&handle, first_received_at, now));
+                let (undone, aftermath) = self.locked(py, now, |s, now| s.cancel_receive(&handle, now));
                 aftermath.finish(py, self);
                 let _ = undone;
                 Err(error)

@@ -145,8 +145,7 @@ impl PyStoreCore {
                     Decision::Nothing => return Ok(Outcome::Nothing),
                 };
                 let message = store.message(candidate.slot);
-                let (request_id, tokens, first) =
-                    (message.request_id.clone(), message.tokens, message.first_received_at());
+                let (request_id, tokens) = (message.request_id.clone(), message.tokens);
                 if reserve && !limiter.consume(limiter_now, &request_id, tokens, None) {
                     return Ok(Outcome::Nothing);
                 }
@@ -162,11 +161,11 @@ impl PyStoreCore {
                 let charge = runtime.charge(candidate.tenant, now, tokens);
                 let view = MessageView::of(py, store.message(candidate.slot), Some(handle));
                 let facts = info(&candidate, store.tenant_name(candidate.tenant), charge);
-                Ok(Outcome::Taken((view, facts, request_id, first)))
+                Ok(Outcome::Taken((view, facts, request_id)))
             })
         });
         aftermath.finish(py, self);
-        let (view, facts, request_id, first) = match decided.map_err(|e| to_py_err(py, e))? {
+        let (view, facts, request_id) = match decided.map_err(|e| to_py_err(py, e))? {
             Outcome::Taken(taken) => taken,
             Outcome::Wait(seconds) => return Ok(Outcome::Wait(seconds)),
             Outcome::Nothing => return Ok(Outcome::Nothing),
@@ -175,7 +174,7 @@ impl PyStoreCore {
             Ok(message) => Ok(Outcome::Taken((message, facts))),
             Err(error) => {
                 self.correct_fair_charge(py, facts.6, facts.7, 0.0);
-                undo_take(py, self, throttle, &view, first, reserve.then_some(&*request_id));
+                undo_take(py, self, throttle, &view, reserve.then_some(&*request_id));
                 Err(error)
             }
         }
@@ -243,21 +242,19 @@ impl PyStoreCore {
             if !there {
                 return Ok(None);
             }
-            let first = store.message(selection.slot).first_received_at();
             let handle = store.receive_slot(selection.slot, visibility_timeout, now)?;
             let charge = runtime.charge(selection.candidate.tenant, now, selection.tokens);
             let facts = info(&selection.candidate, store.tenant_name(selection.candidate.tenant), charge);
-            Ok(Some((MessageView::of(py, store.message(selection.slot), Some(handle)), facts, first)))
+            Ok(Some((MessageView::of(py, store.message(selection.slot), Some(handle)), facts)))
         });
         aftermath.finish(py, self);
-        let Some((view, facts, first)) = taken.map_err(|e| to_py_err(py, e))? else { return Ok(None) };
+        let Some((view, facts)) = taken.map_err(|e| to_py_err(py, e))? else { return Ok(None) };
         match build_view_message(py, &view) {
             Ok(message) => Ok(Some((message, facts))),
             Err(error) => {
                 self.correct_fair_charge(py, facts.6, facts.7, 0.0);
                 let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-                let (undone, aftermath) =
-                    self.locked(py, now, |s, now| s.cancel_receive(&handle, first, now));
+                let (undone, aftermath) = self.locked(py, now, |s, now| s.cancel_receive(&handle, now));
                 aftermath.finish(py, self);
                 drop(undone);
                 Err(error)

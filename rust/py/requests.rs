@@ -8,17 +8,10 @@ use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyString, PyTzInfo};
 
 use super::messages::{llm_request_class, token_info_class};
 use crate::errors::CoreError;
-use crate::py::args::{invalid_request, is_number, text_arg, token_count};
+pub(crate) use crate::py::args::{count_arg, invalid_config, repr_of};
+use crate::py::args::{float_arg, invalid_request, text_arg, token_count};
 use crate::py::errors::to_py_err;
 use crate::store::{validate_request_id, NewMessage};
-
-pub(crate) fn invalid_config(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidConfig(message))
-}
-
-pub(crate) fn repr_of(value: &Bound<'_, PyAny>) -> String {
-    value.repr().map_or_else(|_| "<unrepresentable>".to_owned(), |r| r.to_string())
-}
 
 /// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
 pub(crate) fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
@@ -87,8 +80,7 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
     let expected_processing_seconds = if ept.is_none() {
         None
     } else {
-        let seconds = if is_number(&ept) { ept.extract::<f64>().ok() } else { None };
-        match seconds {
+        match float_arg(&ept) {
             Some(s) if s.is_finite() && s >= 0.0 => Some(s),
             _ => {
                 return Err(invalid_request(
@@ -122,27 +114,11 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
     })
 }
 
+/// A number of seconds (an int or float, not a bool); an int too large for a float is refused.
 pub(crate) fn seconds_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let py = value.py();
-    if is_number(value) {
-        if let Ok(v) = value.extract::<f64>() {
-            return Ok(v);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be a number of seconds, got {}", repr_of(value))))
-}
-
-pub(crate) fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let py = value.py();
-    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
-        if let Ok(v) = value.extract::<usize>() {
-            return Ok(v);
-        }
-        if value.gt(0)? {
-            return Ok(usize::MAX);
-        }
-    }
-    Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
+    float_arg(value).ok_or_else(|| {
+        invalid_request(value.py(), format!("{field} must be a number of seconds, got {}", repr_of(value)))
+    })
 }
 
 pub(crate) fn handle_arg(value: &Bound<'_, PyAny>) -> PyResult<String> {

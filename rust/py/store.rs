@@ -316,6 +316,13 @@ impl PyStoreCore {
         self.with_store(py, |store, now| store.dead_letter_now(&handle, now))
     }
 
+    /// Undoes the receive that issued a current handle (a message taken but not handed out):
+    /// visible again at once, its receive count and first receive as before.
+    fn cancel_receive(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+        let handle = handle_arg(handle)?;
+        self.with_store(py, |store, now| store.cancel_receive(&handle, now))
+    }
+
     /// Makes the message a current handle names invisible for `visibility_timeout` seconds from
     /// now (0: visible at once).
     fn change_visibility(

@@ -1,13 +1,14 @@
 //! `LLMThrottle` and its result classes: the binding of `crate::throttle`.
 
 use parking_lot::Mutex;
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::{MutexExt, PyOnceLock};
-use pyo3::types::PyInt;
+use pyo3::types::{PyInt, PyString, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::args::{extract_request_id, is_number, token_count};
+use super::args::{
+    extract_request_id, float_arg, invalid_config, invalid_request, repr_of, token_count, Given,
+};
 use super::clock::ClockSource;
 use super::errors::to_py_err;
 pub use super::throttle_results::{
@@ -22,34 +23,73 @@ use crate::throttle::{
 // The seed library's estimate of one consumption record's footprint, kept for metric parity.
 const RECORD_SIZE_ESTIMATE: usize = 200;
 
-fn invalid_config(py: Python<'_>, message: String) -> PyErr {
-    to_py_err(py, CoreError::InvalidConfig(message))
-}
-
+/// An optional number of the configuration (None: not given); anything but an int or float,
+/// an int too large for a float included, is an `InvalidConfigError`. The range is the core's.
 fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<f64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
-    if !is_number(value) {
-        return Err(invalid_config(value.py(), format!("{field} must be a number, got {}", value.repr()?)));
-    }
-    Ok(Some(value.extract::<f64>()?))
+    float_arg(value).map(Some).ok_or_else(|| {
+        invalid_config(value.py(), format!("{field} must be a finite number, got {}", repr_of(value)))
+    })
 }
 
 fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let shown = value.repr()?;
     let count = (!value.is_instance_of::<pyo3::types::PyBool>() && value.is_instance_of::<PyInt>())
         .then(|| value.extract::<usize>().ok())
         .flatten();
-    count.ok_or_else(|| invalid_config(value.py(), format!("{field} must be an int >= 1, got {shown}")))
+    count.ok_or_else(|| {
+        invalid_config(value.py(), format!("{field} must be an int >= 1, got {}", repr_of(value)))
+    })
+}
+
+/// The strategy's name; absent: "warn". A non-str, or a str that is not a strategy's name, is an
+/// `InvalidConfigError`.
+fn strategy_arg(value: Given<'_>) -> PyResult<AdjustmentFailureStrategy> {
+    let Given::Value(value) = value else { return Ok(AdjustmentFailureStrategy::Warn) };
+    let py = value.py();
+    let name = value.cast::<PyString>().ok().and_then(|name| name.to_str().ok().map(str::to_owned));
+    match name {
+        Some(name) => AdjustmentFailureStrategy::parse(&name).map_err(|e| to_py_err(py, e)),
+        None => Err(invalid_config(
+            py,
+            format!(
+                "adjustment_failure_strategy must be 'strict', 'warn' or 'compensate', got {}",
+                repr_of(&value)
+            ),
+        )),
+    }
+}
+
+/// The `logger=` argument: None (the package's logger) or a `logging.Logger`, the rule of every
+/// `logger` option of the package (`LLMQueueDispatcherConfig`, `Worker`).
+fn logger_arg(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Py<PyAny>>> {
+    static LOGGER_CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
+    let py = value.py();
+    if value.is_instance(LOGGER_CLASS.import(py, "logging", "Logger")?)? {
+        Ok(Some(value.clone().unbind()))
+    } else {
+        Err(invalid_config(py, format!("logger must be a logging.Logger or None, got {}", repr_of(value))))
+    }
+}
+
+/// A figure of a `ProviderLimits`: None, or a finite number >= 0; else `InvalidRequestError`.
+fn provider_figure(limits: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64>> {
+    let value = limits.getattr(name)?;
+    if value.is_none() {
+        return Ok(None);
+    }
+    match float_arg(&value) {
+        Some(figure) if figure.is_finite() && figure >= 0.0 => Ok(Some(figure)),
+        _ => Err(invalid_request(
+            value.py(),
+            format!("limits.{name} must be None or a finite number >= 0, got {}", repr_of(&value)),
+        )),
+    }
 }
 
 fn seconds_value(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let seconds = if is_number(value) { value.extract::<f64>().ok() } else { None };
-    seconds.filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
-        let shown = value.repr().map_or_else(|_| "?".to_owned(), |r| r.to_string());
-        to_py_err(
-            value.py(),
-            CoreError::InvalidRequest(format!("{field} must be a finite number >= 0, got {shown}")),
-        )
+    float_arg(value).filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+        invalid_request(value.py(), format!("{field} must be a finite number >= 0, got {}", repr_of(value)))
     })
 }
 
@@ -142,7 +182,7 @@ impl PyThrottle {
 impl PyThrottle {
     #[new]
     #[pyo3(signature = (rpm, tpm, *, burst_rpm=None, burst_tpm=None, clock=None,
-        adjustment_failure_strategy="warn".to_owned(), max_history_records=None,
+        adjustment_failure_strategy=Given::Absent, max_history_records=None,
         history_retention=None, efficiency_window_size=None, logger=None))]
     // The real defaults, for introspection; None also means "the default" for the three counts.
     #[pyo3(text_signature = "(rpm, tpm, *, burst_rpm=None, burst_tpm=None, clock=None, \
@@ -157,16 +197,15 @@ impl PyThrottle {
         burst_rpm: Option<&Bound<'_, PyAny>>,
         burst_tpm: Option<&Bound<'_, PyAny>>,
         clock: Option<&Bound<'_, PyAny>>,
-        adjustment_failure_strategy: String,
+        adjustment_failure_strategy: Given<'_>,
         max_history_records: Option<&Bound<'_, PyAny>>,
         history_retention: Option<&Bound<'_, PyAny>>,
         efficiency_window_size: Option<&Bound<'_, PyAny>>,
         logger: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let required = |value: &Bound<'_, PyAny>, field: &str| -> PyResult<f64> {
-            config_number(Some(value), field)?.ok_or_else(|| {
-                to_py_err(py, CoreError::InvalidConfig(format!("{field} must be a number > 0, got None")))
-            })
+            config_number(Some(value), field)?
+                .ok_or_else(|| invalid_config(py, format!("{field} must be a number > 0, got None")))
         };
         let count = |value: Option<&Bound<'_, PyAny>>, field: &str, default: usize| -> PyResult<usize> {
             match value.filter(|v| !v.is_none()) {
@@ -179,14 +218,13 @@ impl PyThrottle {
             tpm: required(tpm, "tpm")?,
             burst_rpm: config_number(burst_rpm, "burst_rpm")?,
             burst_tpm: config_number(burst_tpm, "burst_tpm")?,
-            adjustment_failure_strategy: AdjustmentFailureStrategy::parse(&adjustment_failure_strategy)
-                .map_err(|e| to_py_err(py, e))?,
+            adjustment_failure_strategy: strategy_arg(adjustment_failure_strategy)?,
             max_history_records: count(max_history_records, "max_history_records", 10_000)?,
             history_retention: config_number(history_retention, "history_retention")?.unwrap_or(60.0),
             efficiency_window_size: count(efficiency_window_size, "efficiency_window_size", 50)?,
         };
         let clock = ClockSource::from_arg(clock, ClockSource::Monotonic)?;
-        let logger = logger.filter(|l| !l.is_none()).map(|l| l.clone().unbind());
+        let logger = logger_arg(logger)?;
         let now = clock.now(py)?;
         let state = Throttle::new(config, now).map_err(|e| to_py_err(py, e))?;
         Ok(Self { state: Mutex::new(state), clock, logger })
@@ -358,10 +396,10 @@ impl PyThrottle {
     /// Restores the buckets and the debt of `snapshot` (the history is cleared).
     fn restore_from_snapshot(&self, py: Python<'_>, snapshot: &Bound<'_, PyAny>) -> PyResult<()> {
         let Ok(snapshot) = snapshot.cast::<PyStateSnapshot>() else {
-            return Err(PyTypeError::new_err(format!(
-                "snapshot must be a StateSnapshot, got {}",
-                snapshot.repr()?
-            )));
+            return Err(invalid_request(
+                py,
+                format!("snapshot must be a StateSnapshot, got {}", repr_of(snapshot)),
+            ));
         };
         let snapshot = snapshot.get();
         let core = Snapshot {
@@ -405,14 +443,23 @@ impl PyThrottle {
 
     /// `sync_from_headers` for figures already read (a `ProviderLimits`).
     fn apply_provider_limits(&self, py: Python<'_>, limits: &Bound<'_, PyAny>) -> PyResult<()> {
+        static PROVIDER_LIMITS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+        let class = PROVIDER_LIMITS.import(py, "llm_queue_dispatcher.provider_limits", "ProviderLimits")?;
+        if !limits.is_instance(class)? {
+            return Err(invalid_request(
+                py,
+                format!("limits must be a ProviderLimits, got {}", repr_of(limits)),
+            ));
+        }
+        // Every figure is read and checked before the lock: a bad one changes nothing.
         let figure = |remaining: &str, reset: &str| -> PyResult<Option<(f64, Option<f64>)>> {
-            let remaining: Option<f64> = limits.getattr(remaining)?.extract()?;
-            let reset: Option<f64> = limits.getattr(reset)?.extract()?;
+            let remaining = provider_figure(limits, remaining)?;
+            let reset = provider_figure(limits, reset)?;
             Ok(remaining.map(|r| (r, reset)))
         };
         let requests = figure("requests_remaining", "requests_reset")?;
         let tokens = figure("tokens_remaining", "tokens_reset")?;
-        let retry_after: Option<f64> = limits.getattr("retry_after")?.extract()?;
+        let retry_after = provider_figure(limits, "retry_after")?;
         self.with_state(py, |state, _| {
             state.cap(requests, tokens)?;
             retry_after.map_or(Ok(()), |seconds| state.penalize(seconds))

@@ -3,7 +3,22 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::args::{count_arg, float_arg, invalid_request, repr_of};
 use crate::throttle::{BucketState, CheckResult};
+
+/// A number field of a snapshot: an int or float, not a bool (`restore_from_snapshot` checks the
+/// range, so a snapshot can carry what a throttle reported).
+fn snapshot_number(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+    float_arg(value).ok_or_else(|| {
+        invalid_request(value.py(), format!("{field} must be a number, got {}", repr_of(value)))
+    })
+}
+
+fn snapshot_bucket(value: &Bound<'_, PyAny>, field: &str) -> PyResult<PyBucketState> {
+    value.cast::<PyBucketState>().map(|state| state.get().clone()).map_err(|_| {
+        invalid_request(value.py(), format!("{field} must be a BucketState, got {}", repr_of(value)))
+    })
+}
 
 /// The answer of `LLMThrottle.can_process`.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "RateLimitCheckResult", frozen)]
@@ -234,7 +249,7 @@ impl PyConsumptionRecord {
 }
 
 /// The state of one bucket in a snapshot.
-#[pyclass(module = "llm_queue_dispatcher._core", name = "BucketState", frozen, get_all, eq, from_py_object)]
+#[pyclass(module = "llm_queue_dispatcher._core", name = "BucketState", frozen, get_all, eq)]
 #[derive(Debug, Clone, PartialEq)]
 pub struct PyBucketState {
     pub(crate) available: f64,
@@ -246,8 +261,16 @@ pub struct PyBucketState {
 impl PyBucketState {
     #[new]
     #[pyo3(signature = (available, capacity, last_refill))]
-    fn new(available: f64, capacity: f64, last_refill: f64) -> Self {
-        Self { available, capacity, last_refill }
+    fn new(
+        available: &Bound<'_, PyAny>,
+        capacity: &Bound<'_, PyAny>,
+        last_refill: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            available: snapshot_number(available, "available")?,
+            capacity: snapshot_number(capacity, "capacity")?,
+            last_refill: snapshot_number(last_refill, "last_refill")?,
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -286,13 +309,23 @@ impl PyStateSnapshot {
     #[new]
     #[pyo3(signature = (timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt))]
     fn new(
-        timestamp: f64,
-        rpm_bucket_state: PyBucketState,
-        tpm_bucket_state: PyBucketState,
-        history_count: usize,
-        compensation_debt: f64,
-    ) -> Self {
-        Self { timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt }
+        timestamp: &Bound<'_, PyAny>,
+        rpm_bucket_state: &Bound<'_, PyAny>,
+        tpm_bucket_state: &Bound<'_, PyAny>,
+        history_count: &Bound<'_, PyAny>,
+        compensation_debt: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let timestamp = snapshot_number(timestamp, "timestamp")?;
+        let rpm_bucket_state = snapshot_bucket(rpm_bucket_state, "rpm_bucket_state")?;
+        let tpm_bucket_state = snapshot_bucket(tpm_bucket_state, "tpm_bucket_state")?;
+        let history_count = count_arg(history_count, "history_count")?;
+        Ok(Self {
+            timestamp,
+            rpm_bucket_state,
+            tpm_bucket_state,
+            history_count,
+            compensation_debt: snapshot_number(compensation_debt, "compensation_debt")?,
+        })
     }
 
     fn __repr__(&self) -> String {

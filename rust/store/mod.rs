@@ -357,21 +357,19 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     /// Undoes the receive that issued `handle`, which the caller could not hand out (building
-    /// its message failed): the message is visible again at once, with its receive count and
-    /// first receive as they were before. The handle becomes stale.
-    pub fn cancel_receive(
-        &mut self,
-        handle: &str,
-        first_received_at: Option<f64>,
-        now: f64,
-    ) -> CoreResult<()> {
+    /// its message failed, or the dispatch was abandoned): the message is visible again at
+    /// once, with its receive count and first receive as they were before (a first receive is
+    /// forgotten). The handle becomes stale.
+    pub fn cancel_receive(&mut self, handle: &str, now: f64) -> CoreResult<()> {
         let slot = self.resolve(handle)?;
         self.detach(slot);
         let s = &mut self.slots[slot as usize];
         s.generation = s.generation.wrapping_add(1);
         let message = s.message.as_mut().expect("a current handle names a message");
         message.receive_count = message.receive_count.saturating_sub(1);
-        message.first_received = first_received_at.unwrap_or(f64::NAN);
+        if message.receive_count == 0 {
+            message.first_received = f64::NAN;
+        }
         self.make_visible(slot);
         self.last_modified_at = now;
         Ok(())

@@ -461,7 +461,12 @@ impl<M> Throttle<M> {
         record.released = true;
         let record = &self.history[index];
         self.totals.remove(record);
-        self.latest_by_id.remove(request_id);
+        // An earlier consume of the same id (a delivery still in progress) is the latest again.
+        let previous = self.history.range(..index).rposition(|r| !r.released && r.request_id == request_id);
+        match previous {
+            Some(i) => self.latest_by_id.insert(request_id.to_owned(), self.first_seq + i as u64),
+            None => self.latest_by_id.remove(request_id),
+        };
         self.requests.refund(1.0);
         self.tokens.refund(tokens + debt);
         self.debt += debt;

@@ -303,3 +303,15 @@ fn one_accuracy_formula() {
     assert_eq!(t.efficiency(), 0.0);
     assert_eq!(t.history_statistics().estimation_accuracy, 0.0);
 }
+
+#[test]
+fn releasing_a_second_consume_of_an_id_leaves_the_first_adjustable() {
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 100, ()));
+    assert!(t.consume(0.0, "a", 200, ())); // a redelivery, reserved again
+    t.release("a").unwrap();
+    assert!((t.tokens().available() - 900.0).abs() < 1e-9);
+    t.adjust("a", 30).unwrap(); // the first delivery's record
+    assert!((t.tokens().available() - 970.0).abs() < 1e-9);
+    assert_eq!(t.history().map(|r| r.tokens).collect::<Vec<_>>(), vec![30]);
+}

@@ -78,7 +78,8 @@ class BookLimiter:
     path) whose books are exact: ``tokens[request_id]`` and ``requests[request_id]`` hold what
     the latest reservation of each id holds now. Its clock never moves: nothing refills.
 
-    ``release`` gives a reservation back whole, as `LLMThrottle.release` does. ``fail_on`` names
+    ``release`` gives a reservation back whole and, as `LLMThrottle.release` does, makes the
+    reservation it had superseded under the same id the current one again. ``fail_on`` names
     methods that raise ``RuntimeError`` on their next call (fault injection); ``calls`` counts
     every call by method name.
     """
@@ -89,6 +90,8 @@ class BookLimiter:
     requests: dict[str, int] = field(default_factory=dict)
     settled_tokens: int = 0
     settled_requests: int = 0
+    # id -> the (tokens, requests) of older reservations a newer one under that id superseded
+    superseded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     fail_on: set[str] = field(default_factory=set)
     calls: dict[str, int] = field(default_factory=dict)
     strict: bool = False
@@ -140,8 +143,11 @@ class BookLimiter:
         return True
 
     def _settle(self, request_id: str) -> None:
-        self.settled_tokens += self.tokens.pop(request_id, 0)
-        self.settled_requests += self.requests.pop(request_id, 0)
+        if request_id in self.tokens:
+            older = (self.tokens.pop(request_id), self.requests.pop(request_id))
+            self.superseded.setdefault(request_id, []).append(older)
+            self.settled_tokens += older[0]
+            self.settled_requests += older[1]
 
     def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         self._enter("adjust_consumption")
@@ -159,6 +165,12 @@ class BookLimiter:
             raise UnknownRequestError(f"no reservation for {request_id!r}")
         del self.tokens[request_id]
         del self.requests[request_id]
+        older = self.superseded.get(request_id)
+        if older:
+            tokens, requests = older.pop()
+            self.settled_tokens -= tokens
+            self.settled_requests -= requests
+            self.tokens[request_id], self.requests[request_id] = tokens, requests
 
 
 @dataclass(frozen=True)

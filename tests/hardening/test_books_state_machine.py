@@ -10,13 +10,9 @@ running past leases, and faults injected into any of it — the books hold:
 * each limiter counts one request per delivery handed out, and as tokens the estimate of every
   unsettled delivery plus the actual count of every settled one (estimate for a completion
   without a count, 0 for a failure or a dead letter). A failed dequeue reserves nothing.
-
-Left out, because it fails on main and is reported (remove the exclusion once the fix lands):
-
-* marking a delivery after the same request id was reserved again on the same limiter, by a
-  later delivery or by a dispatch attempt that failed. Limiters keep reservations by request id,
-  so such a mark settles the newer reservation, or finds none once the failed attempt's was
-  released (reported with failing tests). Set `MARK_SUPERSEDED` to include them.
+  Limiters keep reservations by request id, so a stale mark (its message was received again,
+  or is gone) leaves the limiter alone: that delivery keeps counting its estimate, erring high
+  (its call may have reached the provider) and never touching a newer reservation of the id.
 """
 
 from __future__ import annotations
@@ -48,7 +44,6 @@ from llm_queue_dispatcher import (
 from tests.hardening.support import BookLimiter
 from tests.hardening.test_error_paths import FaultyClock
 
-MARK_SUPERSEDED = False
 VISIBILITY = 30.0
 MAX_RECEIVES = 3
 LIMITERS = ("native", "python")
@@ -117,8 +112,6 @@ class DispatchBooks(RuleBasedStateMachine):
         self.deliveries: list[Delivery] = []
         self.latest: dict[str, Delivery] = {}
         self.retry_until: dict[str, float] = {}  # a failed delivery's retry delay
-        # (limiter, request id) -> seq of a failed dispatch attempt that may have reserved it
-        self.attempts: dict[tuple[str, str], int] = {}
         self.generations = dict.fromkeys(DISPATCHERS, 0)
 
     def teardown(self) -> None:
@@ -177,7 +170,6 @@ class DispatchBooks(RuleBasedStateMachine):
         nth=st.integers(1, 4),
     )
     def dequeue(self, dispatcher: str, limiter: str, fault: str, nth: int) -> None:
-        candidates = set(self.visible())  # (read before a fault is armed)
         if fault == "store clock":
             self.store_clock.fail_at(nth)
         elif fault == "dead clock":
@@ -191,10 +183,8 @@ class DispatchBooks(RuleBasedStateMachine):
         try:
             job = self.run(self.dispatchers[dispatcher].dequeue(self.limiters[limiter]))
         except (OSError, KeyError, RuntimeError, InvalidRequestError):
-            # It may have reserved (and released) any visible message's request id.
-            seq = next(self.seqs)
-            for rid in candidates:
-                self.attempts[(limiter, rid)] = seq
+            # A failed attempt releases what it reserved, and the id's older reservation (a
+            # delivery whose lease ran out) is the current one again.
             job = None
         finally:
             self.disarm()
@@ -206,20 +196,8 @@ class DispatchBooks(RuleBasedStateMachine):
         self.latest[delivery.request_id] = delivery
         self.retry_until.pop(delivery.request_id, None)
 
-    def superseded(self, d: Delivery) -> bool:
-        """Whether the request id was reserved again on the same limiter after ``d``."""
-        if self.attempts.get((d.limiter, d.request_id), -1) > d.seq:
-            return True
-        return any(
-            o.seq > d.seq and o.limiter == d.limiter and o.request_id == d.request_id for o in self.deliveries
-        )
-
     def markable(self) -> list[Delivery]:
-        return [
-            d
-            for d in self.deliveries
-            if d.settled_tokens is None and (MARK_SUPERSEDED or not self.superseded(d))
-        ]
+        return [d for d in self.deliveries if d.settled_tokens is None]
 
     @precondition(lambda self: bool(self.markable()))
     @rule(
@@ -262,7 +240,9 @@ class DispatchBooks(RuleBasedStateMachine):
         if not job.settled:
             assert fault == "store clock"  # a failed store step leaves the job markable
             return
-        if mark == "processed with count":
+        if not current and not purged_here:
+            delivery.settled_tokens = delivery.estimate  # stale: the limiter is left alone
+        elif mark == "processed with count":
             delivery.settled_tokens = actual
         elif mark == "processed":
             delivery.settled_tokens = delivery.estimate

@@ -11,8 +11,9 @@ tries every other value on a fresh world and compares the world's state before a
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,19 +21,26 @@ import pytest
 
 from llm_queue_dispatcher import (
     CustomScorer,
+    FairPriorityConfig,
     InMemoryStorage,
+    InvalidConfigError,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMQueueDispatcherError,
     LLMRequest,
     LLMThrottle,
     ManualClock,
+    Priority,
     ProcessableMessage,
     RateLimitError,
     ScoringConfig,
+    ScoringWeights,
     TokenInfo,
     create_in_memory_queue,
+    create_llm_throttle,
 )
+from llm_queue_dispatcher._core import BucketState, StateSnapshot
+from llm_queue_dispatcher.provider_limits import ProviderLimits, parse_rate_limit_headers
 from tests.hardening.support import request
 from tests.reference.storage import ReferenceStorage
 
@@ -126,6 +134,43 @@ def entry(name: str, call: Callable[[World, Any], Any], *valid: str) -> EntryPoi
     return EntryPoint(name, call, frozenset(valid))
 
 
+class _Pairs(Mapping[Any, Any]):
+    """A mapping over a list of pairs, so that a hostile value can be a key even when it is not
+    hashable (a list)."""
+
+    def __init__(self, *pairs: tuple[Any, Any]) -> None:
+        self._pairs = list(pairs)
+
+    def __getitem__(self, key: Any) -> Any:
+        for k, v in self._pairs:
+            if k is key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([k for k, _ in self._pairs])
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
+_GOOD_RPM = BucketState(1, 600, 0)
+
+
+def _snapshot(
+    timestamp: Any = 0.0, rpm: Any = _GOOD_RPM, history_count: Any = 0, compensation_debt: Any = 0.0
+) -> StateSnapshot:
+    """A snapshot the world's throttle (600 rpm, 100,000 tpm) accepts, but for the value given."""
+    return StateSnapshot(timestamp, rpm, BucketState(1, 100_000, 0), history_count, compensation_debt)
+
+
+def _fair_queue(w: World, **fields: Any) -> LLMQueueDispatcher[Any]:
+    """A fair_priority dispatcher: a bad field must fail at the config, not when it is used."""
+    return create_in_memory_queue(
+        clock=w.clock, policy="fair_priority", fair_priority=FairPriorityConfig(**fields)
+    )
+
+
 ENTRY_POINTS = [
     # ----- the message types
     entry("TokenInfo.estimated", lambda w, v: TokenInfo(v), "huge", "-0.0"),
@@ -164,6 +209,84 @@ ENTRY_POINTS = [
     ),
     entry("LLMThrottle.release", lambda w, v: w.throttle.release(v)),
     entry("LLMThrottle.penalize", lambda w, v: w.throttle.penalize(v), "-0.0"),
+    entry("LLMThrottle.restore_from_snapshot", lambda w, v: w.throttle.restore_from_snapshot(v)),
+    entry("LLMThrottle.sync_from_headers", lambda w, v: w.throttle.sync_from_headers(v), "list"),
+    entry("LLMThrottle.sync_from_headers.pair", lambda w, v: w.throttle.sync_from_headers([v])),
+    entry(
+        "LLMThrottle.sync_from_headers.value",
+        # A provider's malformed header value is ignored, never an error.
+        lambda w, v: w.throttle.sync_from_headers({"x-ratelimit-remaining-tokens": v}),
+        *HOSTILE,
+    ),
+    entry("LLMThrottle.apply_provider_limits", lambda w, v: w.throttle.apply_provider_limits(v)),
+    entry(
+        "ProviderLimits.tokens_remaining",
+        lambda w, v: w.throttle.apply_provider_limits(ProviderLimits(tokens_remaining=v)),
+        "none",
+        "-0.0",
+    ),
+    entry(
+        "ProviderLimits.retry_after",
+        lambda w, v: w.throttle.apply_provider_limits(ProviderLimits(tokens_remaining=5, retry_after=v)),
+        "none",
+        "-0.0",
+    ),
+    entry("parse_rate_limit_headers.now", lambda w, v: parse_rate_limit_headers({}, now=v), "none", "-0.0"),
+    # ----- the limiter's construction and snapshots
+    entry("LLMThrottle.rpm", lambda w, v: LLMThrottle(v, 100)),
+    entry("LLMThrottle.tpm", lambda w, v: LLMThrottle(60, v)),
+    entry("LLMThrottle.burst_rpm", lambda w, v: LLMThrottle(60, 100, burst_rpm=v), "none"),
+    entry("LLMThrottle.burst_tpm", lambda w, v: LLMThrottle(60, 100, burst_tpm=v), "none"),
+    entry("LLMThrottle.clock", lambda w, v: LLMThrottle(60, 100, clock=v), "none"),
+    entry(
+        "LLMThrottle.adjustment_failure_strategy",
+        lambda w, v: LLMThrottle(60, 100, adjustment_failure_strategy=v),
+    ),
+    entry(
+        "LLMThrottle.max_history_records", lambda w, v: LLMThrottle(60, 100, max_history_records=v), "none"
+    ),
+    entry("LLMThrottle.history_retention", lambda w, v: LLMThrottle(60, 100, history_retention=v), "none"),
+    entry(
+        "LLMThrottle.efficiency_window_size",
+        lambda w, v: LLMThrottle(60, 100, efficiency_window_size=v),
+        "none",
+    ),
+    entry("LLMThrottle.logger", lambda w, v: LLMThrottle(60, 100, logger=v), "none"),
+    entry("create_llm_throttle.rpm", lambda w, v: create_llm_throttle(rpm=v, tpm=100)),
+    entry(
+        "StateSnapshot.timestamp",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(timestamp=v)),
+        "-0.0",
+    ),
+    entry("StateSnapshot.rpm_bucket_state", lambda w, v: w.throttle.restore_from_snapshot(_snapshot(rpm=v))),
+    entry(
+        "StateSnapshot.history_count",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(history_count=v)),
+        "huge",
+    ),
+    entry(
+        "StateSnapshot.compensation_debt",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(compensation_debt=v)),
+        "-0.0",
+    ),
+    entry(
+        "BucketState.available",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(rpm=BucketState(v, 600, 0))),
+        "-0.0",
+    ),
+    entry(
+        "BucketState.capacity",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(rpm=BucketState(1, v, 0))),
+    ),
+    entry(
+        "BucketState.last_refill",
+        lambda w, v: w.throttle.restore_from_snapshot(_snapshot(rpm=BucketState(1, 600, v))),
+        "-0.0",
+    ),
+    # ----- the manual clock
+    entry("ManualClock.start", lambda w, v: ManualClock(v), "-0.0"),
+    entry("ManualClock.advance", lambda w, v: w.clock.advance(v), "-0.0"),
+    entry("ManualClock.set", lambda w, v: w.clock.set(v)),
     # ----- the in-memory store
     entry("InMemoryStorage.clock", lambda w, v: InMemoryStorage(clock=v), "none"),
     entry(
@@ -191,6 +314,8 @@ ENTRY_POINTS = [
         "InMemoryStorage.peek.limit", lambda w, v: w.run(w.storage.peek_messages_by_priority(2, v)), "huge"
     ),
     entry("InMemoryStorage.batch_delete", lambda w, v: w.run(w.storage.batch_delete(v)), "list"),
+    entry("InMemoryStorage.batch_enqueue", lambda w, v: w.run(w.storage.batch_enqueue(v)), "list"),
+    entry("InMemoryStorage.dead_letter_message", lambda w, v: w.run(w.storage.dead_letter_message(v))),
     # ----- the storage ABC's defaults and the reference adapter
     entry("ReferenceStorage.enqueue", lambda w, v: w.run(w.reference.enqueue(v))),
     entry("ReferenceStorage.batch_enqueue", lambda w, v: w.run(w.reference.batch_enqueue(v)), "list"),
@@ -231,11 +356,79 @@ ENTRY_POINTS = [
         "bool",
     ),
     entry("LLMQueueDispatcherConfig.clock", lambda w, v: LLMQueueDispatcherConfig(clock=v), "none"),
+    entry(
+        "LLMQueueDispatcherConfig.prefetch_interval",
+        lambda w, v: LLMQueueDispatcherConfig(prefetch_interval=v),
+    ),
+    entry(
+        "LLMQueueDispatcherConfig.min_score_threshold",
+        lambda w, v: LLMQueueDispatcherConfig(min_score_threshold=v),
+        "-0.0",
+    ),
+    entry(
+        "LLMQueueDispatcherConfig.metrics_retention",
+        lambda w, v: LLMQueueDispatcherConfig(metrics_retention=v),
+    ),
+    entry(
+        "LLMQueueDispatcherConfig.visibility_timeout",
+        lambda w, v: LLMQueueDispatcherConfig(visibility_timeout=v),
+        "-0.0",
+    ),
+    entry("LLMQueueDispatcherConfig.policy", lambda w, v: LLMQueueDispatcherConfig(policy=v)),
+    entry(
+        "LLMQueueDispatcherConfig.hold_budget", lambda w, v: LLMQueueDispatcherConfig(hold_budget=v), "bool"
+    ),
+    entry(
+        "LLMQueueDispatcherConfig.drop_expired", lambda w, v: LLMQueueDispatcherConfig(drop_expired=v), "bool"
+    ),
+    entry(
+        "LLMQueueDispatcherConfig.fair_priority",
+        lambda w, v: LLMQueueDispatcherConfig(fair_priority=v),
+        "none",
+    ),
+    entry(
+        "create_in_memory_queue.visibility_timeout",
+        lambda w, v: create_in_memory_queue(visibility_timeout=v),
+        "-0.0",
+    ),
+    entry("FairPriorityConfig.tenant_weights", lambda w, v: _fair_queue(w, tenant_weights=v)),
+    entry(
+        "FairPriorityConfig.tenant_weights.key",
+        lambda w, v: _fair_queue(w, tenant_weights=_Pairs((v, 1.0))),
+        "str",
+    ),
+    entry("FairPriorityConfig.tenant_weights.value", lambda w, v: _fair_queue(w, tenant_weights={"a": v})),
+    entry("FairPriorityConfig.fairness_window", lambda w, v: _fair_queue(w, fairness_window=v)),
+    entry("FairPriorityConfig.reserve_tokens", lambda w, v: _fair_queue(w, reserve_tokens=v), "none"),
+    entry("FairPriorityConfig.urgent_first", lambda w, v: _fair_queue(w, urgent_first=v), "bool"),
+    entry("FairPriorityConfig.max_wait", lambda w, v: _fair_queue(w, max_wait=v)),
+    entry("FairPriorityConfig.max_wait.key", lambda w, v: _fair_queue(w, max_wait=_Pairs((v, 1.0)))),
+    entry(
+        "FairPriorityConfig.max_wait.value",
+        lambda w, v: _fair_queue(w, max_wait={Priority.HIGH: v}),
+        "-0.0",
+        "inf",
+    ),
     entry("ScoringConfig.weights", lambda w, v: ScoringConfig(weights=v), "none"),
+    entry("ScoringConfig.custom_scorers", lambda w, v: ScoringConfig(custom_scorers=v), "list"),
+    entry("ScoringWeights.priority", lambda w, v: ScoringWeights(priority=v), "-0.0"),
+    entry("CustomScorer.name", lambda w, v: CustomScorer(v, 0.1, lambda m, c: 0.5), "str"),
+    entry("CustomScorer.weight", lambda w, v: CustomScorer("c", v, lambda m, c: 0.5), "-0.0"),
     entry("CustomScorer.calculate", lambda w, v: CustomScorer("c", 0.1, v)),
     entry("LLMQueueDispatcher.storage", lambda w, v: LLMQueueDispatcher(v)),
     entry("LLMQueueDispatcher.config", lambda w, v: LLMQueueDispatcher(w.storage, v), "none"),
     entry("LLMQueueDispatcher.enqueue", lambda w, v: w.run(w.dispatcher.enqueue(v))),
+    entry("LLMQueueDispatcher.batch_enqueue", lambda w, v: w.run(w.dispatcher.batch_enqueue(v)), "list"),
+    entry("LLMQueueDispatcher.dequeue.rate_limiter", lambda w, v: w.run(w.dispatcher.dequeue(v))),
+    entry(
+        "LLMQueueDispatcher.dequeue.timeout",
+        lambda w, v: w.run(w.dispatcher.dequeue(w.throttle, timeout=v)),
+        "none",
+        "-0.0",
+        "huge",
+        "inf",
+    ),
+    entry("LLMQueueDispatcher.take_unfittable", lambda w, v: w.run(w.dispatcher.take_unfittable(v))),
     # ----- marks
     entry(
         "mark_as_processed.actual_tokens",
@@ -302,3 +495,162 @@ def test_the_world_itself_is_sane() -> None:
         assert world.state() != before
     finally:
         world.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda w: ManualClock(True), "start must be a finite number, got True"),
+        (lambda w: w.clock.advance("1"), "seconds must be a finite number, got '1'"),
+        (lambda w: LLMThrottle(10**400, 100), "rpm must be a finite number, got 1000"),
+        (
+            lambda w: LLMThrottle(60, 100, adjustment_failure_strategy=None),
+            "adjustment_failure_strategy must be 'strict', 'warn' or 'compensate', got None",
+        ),
+        (lambda w: LLMThrottle(60, 100, logger="app"), "logger must be a logging.Logger or None, got 'app'"),
+        (lambda w: w.throttle.restore_from_snapshot({}), "snapshot must be a StateSnapshot, got {}"),
+        (lambda w: StateSnapshot(None, 1, 2, 3, 4), "timestamp must be a number, got None"),
+        (lambda w: w.throttle.apply_provider_limits({}), "limits must be a ProviderLimits, got {}"),
+        (
+            lambda w: LLMQueueDispatcherConfig(metrics_retention=-(10**400)),
+            "metrics_retention must be a finite",
+        ),
+        (lambda w: CustomScorer("c", 10**400, lambda m, c: 0.5), "weight c must be a finite number >= 0"),
+        (
+            lambda w: ScoringConfig(custom_scorers=None),
+            "custom_scorers must be a list of CustomScorer, got None",
+        ),
+        (lambda w: w.run(w.dispatcher.dequeue(w.throttle, timeout=-(10**400))), "timeout must be None or"),
+        (
+            lambda w: w.run(w.dispatcher.dequeue(None)),
+            "rate_limiter must be a RateLimiter or an AsyncRateLimiter",
+        ),
+        (lambda w: w.run(w.storage.dead_letter_message(None)), "message must be a QueueMessage, got None"),
+    ],
+)
+def test_the_error_names_the_field_and_the_bad_value(call: Callable[[World], Any], message: str) -> None:
+    """Defect 12: "field must be ..., got <repr>", as every door words it."""
+    world = World()
+    try:
+        with pytest.raises(LLMQueueDispatcherError) as raised:
+            call(world)
+        assert str(raised.value).startswith(message)
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w, v: w.throttle.can_process(v),
+        lambda w, v: ManualClock(v),
+        lambda w, v: LLMThrottle(v, 100),
+        lambda w, v: LLMQueueDispatcherConfig(prefetch_interval=v),
+        lambda w, v: ScoringWeights(retry=v),
+        lambda w, v: w.run(w.dispatcher.dequeue(w.throttle, timeout=v)),
+    ],
+    ids=["can_process", "ManualClock", "LLMThrottle.rpm", "prefetch_interval", "weights", "dequeue.timeout"],
+)
+def test_an_int_without_a_repr_still_gets_a_typed_error(call: Callable[[World, Any], Any]) -> None:
+    """Defect 12: past Python's limit on int digits, ``repr`` raises ValueError; building the
+    message must not let that out instead of the typed error."""
+    world = World()
+    try:
+        before = world.state()
+        with pytest.raises(LLMQueueDispatcherError, match="int of 16610 bits"):
+            call(world, -(10**5000))
+        assert world.state() == before
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[("x-ratelimit-remaining-tokens", "5", "extra")], [("retry-after",)], ["retry-after"], [None], "abc"],
+    ids=["triple", "single", "str pair", "None pair", "str"],
+)
+def test_headers_of_the_wrong_shape_are_refused_whole(headers: Any) -> None:
+    """Defect 12: `sync_from_headers` given pairs of the wrong shape raised TypeError or
+    ValueError from unpacking. A malformed header value is ignored (a provider's header never
+    makes a worker fail); a malformed collection is the caller's mistake."""
+    world = World()
+    try:
+        before = world.state()
+        with pytest.raises(LLMQueueDispatcherError, match="headers must"):
+            world.throttle.sync_from_headers([("x-ratelimit-remaining-tokens", "0"), *headers])
+        assert world.state() == before
+    finally:
+        world.close()
+
+
+@pytest.mark.parametrize(
+    "value", ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Mon, 32 Jan 2020 00:00:00 GMT", "1e400", "\ud800"]
+)
+def test_a_malformed_retry_after_is_ignored(value: str) -> None:
+    """Defect 12: an HTTP date past datetime's range raised OverflowError out of the header
+    parser; a provider's malformed value is ignored, as for every other header."""
+    assert parse_rate_limit_headers({"retry-after": value}).retry_after is None
+
+
+def test_a_bad_retry_after_leaves_the_buckets_uncut() -> None:
+    """Defect 12: `apply_provider_limits` cut the buckets, then refused the penalty; every figure
+    is now checked before anything changes."""
+    world = World()
+    try:
+        limits = ProviderLimits(tokens_remaining=0.0)
+        object.__setattr__(limits, "retry_after", -1.0)  # past the dataclass's own check
+        before = world.state()
+        with pytest.raises(LLMQueueDispatcherError, match="retry_after"):
+            world.throttle.apply_provider_limits(limits)
+        assert world.state() == before
+    finally:
+        world.close()
+
+
+def test_the_throttle_takes_a_logger_as_the_dispatcher_does() -> None:
+    """Defect 12, the rule chosen: ``logger=`` is None or a `logging.Logger` (a subclass
+    included) for `LLMThrottle`, as for `LLMQueueDispatcherConfig` and `Worker`; anything else,
+    a `LoggerAdapter` included, is refused at construction rather than failing at the first
+    warning."""
+
+    class AppLogger(logging.Logger):
+        def __init__(self) -> None:
+            super().__init__("app.throttle")
+            self.seen: list[str] = []
+
+        def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+            self.seen.append(str(msg))
+
+    logger = AppLogger()
+    throttle = LLMThrottle(60, 1_000, clock=ManualClock(), logger=logger)
+    assert throttle.consume("a", 1_000)
+    throttle.adjust_consumption("a", 1_100)
+    assert len(logger.seen) == 1
+    with pytest.raises(InvalidConfigError, match=r"logger must be a logging\.Logger"):
+        LLMThrottle(60, 1_000, logger=logging.LoggerAdapter(logger, {}))
+
+
+async def test_an_async_limiter_passes_the_check_at_the_door() -> None:
+    """Defect 12: the up-front limiter check of `dequeue` and `take_unfittable` takes a limiter
+    whose methods are coroutines (`AsyncRateLimiter`) as well as a plain one."""
+    throttle = LLMThrottle(600, 100_000, clock=ManualClock())
+
+    class Async:
+        async def can_process(self, estimated_tokens: int) -> Any:
+            return throttle.can_process(estimated_tokens)
+
+        async def get_metrics(self) -> Any:
+            return throttle.get_metrics()
+
+        async def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+            return throttle.consume(request_id, estimated_tokens, metadata)
+
+        async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+            throttle.adjust_consumption(request_id, actual_tokens)
+
+    dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue(clock=ManualClock(1_000.0))
+    await dispatcher.enqueue(request("r"))
+    assert await dispatcher.take_unfittable(Async()) == []
+    job = await dispatcher.dequeue(Async())
+    assert job is not None
+    await job.mark_as_processed()

@@ -54,6 +54,7 @@ from .. import (
     create_simple_priority_queue,
     create_throughput_optimized_queue,
 )
+from .._checks import finite_float, shown
 
 __all__ = [
     "DEFAULT_STRATEGIES",
@@ -118,12 +119,13 @@ _MAX_RECEIVES = 5
 
 def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
     """``value`` as a float within [low, high] (or (low, high]); else `InvalidConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
+    number = finite_float(value)
+    if number is None:
+        raise InvalidConfigError(f"{name} must be a finite number, got {shown(value)}")
+    if number < low or number > high or (low_open and number == low):
         opening = "(" if low_open else "["
         raise InvalidConfigError(f"{name} must be within {opening}{low:g}, {high:g}], got {value!r}")
-    return float(value)
+    return number
 
 
 def _integer(name: str, value: object, low: int, high: int) -> int:

@@ -19,7 +19,6 @@ latest grant) and ``{ns}:l:{name}:order`` (zset: request ids by grant instant, f
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -27,6 +26,7 @@ from typing import Any, Literal, NoReturn
 
 import redis.asyncio
 
+from .._checks import finite_float, shown
 from ..errors import (
     InvalidConfigError,
     InvalidRequestError,
@@ -123,13 +123,10 @@ def _usage(available: float, limit: float) -> BucketUsage:
 
 
 def _positive(value: object, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise InvalidConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    number = finite_float(value)
+    if number is None or not number > 0:
+        raise InvalidConfigError(f"{name} must be a finite number > 0, got {shown(value)}")
+    return number
 
 
 def _request_id(request_id: object) -> bytes:
@@ -137,13 +134,10 @@ def _request_id(request_id: object) -> bytes:
 
 
 def _seconds(value: object, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value >= 0)
-    ):
-        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    number = finite_float(value)
+    if number is None or not number >= 0:
+        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {shown(value)}")
+    return number
 
 
 def _microseconds(seconds: float | None) -> str:
@@ -202,13 +196,9 @@ class RedisThrottle:
         self.rpm = _positive(rpm, "rpm")
         self.tpm = _positive(tpm, "tpm")
         for option, burst, rate in (("burst_rpm", burst_rpm, self.rpm), ("burst_tpm", burst_tpm, self.tpm)):
-            if burst is not None and (
-                isinstance(burst, bool)
-                or not isinstance(burst, (int, float))
-                or not (math.isfinite(burst) and burst >= rate)
-            ):
+            if burst is not None and not ((number := finite_float(burst)) is not None and number >= rate):
                 raise InvalidConfigError(
-                    f"{option} must be a finite number >= the rate ({rate}), got {burst!r}"
+                    f"{option} must be a finite number >= the rate ({rate}), got {shown(burst)}"
                 )
         self.burst_rpm = None if burst_rpm is None else float(burst_rpm)
         self.burst_tpm = None if burst_tpm is None else float(burst_tpm)

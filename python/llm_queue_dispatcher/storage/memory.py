@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from .._checks import shown
 from .._core import DEFAULT_MESSAGE_RETENTION, StoreCore
-from ..errors import InvalidConfigError
+from ..errors import InvalidConfigError, InvalidRequestError
 from ..types import LLMRequest, QueueMessage
-from .base import QueueAttributes, QueueStorageAdapter
+from .base import QueueAttributes, QueueStorageAdapter, _as_list
 
 __all__ = ["InMemoryStorage"]
 
@@ -78,7 +79,8 @@ class InMemoryStorage(QueueStorageAdapter[T]):
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
         """All or nothing: the whole batch is validated, duplicates included, before storing."""
-        return self.core.enqueue_batch(requests)
+        # Read once into a list here: the core checks each request, this the batch's shape.
+        return self.core.enqueue_batch(_as_list(requests, "requests"))
 
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
         return self.core.dequeue(limit, visibility_timeout)
@@ -92,6 +94,8 @@ class InMemoryStorage(QueueStorageAdapter[T]):
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
         """Moves the message to ``dead_letter`` at once (or drops it there is none), counted
         in ``dead_lettered``; one atomic step in the store."""
+        if not isinstance(message, QueueMessage):
+            raise InvalidRequestError(f"message must be a QueueMessage, got {shown(message)}")
         self.core.dead_letter_now(message.attributes.receipt_handle)
 
     async def get_approximate_message_count(self) -> int:

@@ -1,0 +1,143 @@
+"""Issue 9, defects 2 and 6: a mark whose delivery went stale, a hand-out that fails, and a
+limiter failing during a mark keep the books.
+
+Limiters key reservations by request id. When a message's lease runs out and it is dispatched
+again, the limiter's record for that id belongs to the live second delivery; a stale mark of the
+first delivery leaves it alone (the count errs high, never low: both calls may have reached the
+provider). A failed second dispatch releases its own reservation and leaves the first one
+adjustable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import (
+    CustomScorer,
+    InMemoryStorage,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    ManualClock,
+    ReceiptHandleError,
+    ScoringConfig,
+)
+from tests.hardening.support import BookLimiter, native_limiter, request
+from tests.hardening.test_error_paths import FaultyClock
+from tests.hardening.test_redelivery import SOURCES, redelivered
+
+
+@pytest.mark.parametrize("source", SOURCES)
+async def test_a_stale_processed_mark_leaves_the_live_reservation_alone(source: str) -> None:
+    limiter = BookLimiter()
+    _, first, second = await redelivered(source, limiter)
+    assert limiter.used_tokens == 200  # two reservations of 100
+    with pytest.raises(ReceiptHandleError):
+        await first.mark_as_processed(actual_tokens=80)
+    assert limiter.used_tokens == 200  # the live reservation is untouched
+    await second.mark_as_processed(actual_tokens=120)
+    assert limiter.used_tokens == 100 + 120
+
+
+@pytest.mark.parametrize("source", SOURCES)
+async def test_a_stale_failure_never_refunds_the_live_reservation(source: str) -> None:
+    limiter = native_limiter(ManualClock(), rpm=600, tpm=10_000)
+    _, first, second = await redelivered(source, limiter)
+    assert limiter.get_metrics().tpm.used == 200
+    await first.mark_as_failed(RuntimeError("x"))
+    assert limiter.get_metrics().tpm.used == 200
+    await second.mark_as_processed(actual_tokens=150)
+    assert limiter.get_metrics().tpm.used == 250
+    assert [r.tokens for r in limiter.get_consumption_history()] == [100, 150]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+async def test_a_stale_dead_letter_mark_leaves_the_live_reservation_alone(source: str) -> None:
+    limiter = native_limiter(ManualClock(), rpm=600, tpm=10_000)
+    _, first, second = await redelivered(source, limiter)
+    with pytest.raises(ReceiptHandleError):
+        await first.mark_as_dead_lettered(RuntimeError("x"))
+    assert limiter.get_metrics().tpm.used == 200
+    await second.mark_as_failed(RuntimeError("y"))
+    assert [r.tokens for r in limiter.get_consumption_history()] == [100, 0]
+
+
+async def test_a_failed_redispatch_leaves_the_first_deliverys_reservation_adjustable() -> None:
+    """The first lease ran out; a second dispatch reserves the same request id again and then
+    fails at the take (its store clock raises), so that reservation is released. The first
+    delivery, whose handle is still current, stays adjustable."""
+    time = ManualClock(1_000.0)
+    store_clock = FaultyClock(time)
+    storage: InMemoryStorage[object] = InMemoryStorage(clock=store_clock)
+    scoring = ScoringConfig(custom_scorers=[CustomScorer("c", 0.1, lambda message, context: 0.5)])
+    dispatcher: LLMQueueDispatcher[object] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=time, scoring=scoring)
+    )
+    limiter = native_limiter(ManualClock(), rpm=600, tpm=10_000)
+    await dispatcher.enqueue(request("a", 100))
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    time.advance(31.0)
+    store_clock.fail_at(3)  # the take of the second dispatch step (collect, request id, take)
+    with pytest.raises(OSError, match="injected"):
+        await dispatcher.dequeue(limiter)
+    store_clock.disarm()
+    assert limiter.get_metrics().tpm.used == 100  # the failed reservation was released
+    await first.mark_as_processed(actual_tokens=30)
+    assert limiter.get_metrics().tpm.used == 30
+
+
+async def test_a_failed_hand_out_leaves_the_receive_count_as_it_was() -> None:
+    """Three hand-outs failing in a row (the dispatcher's clock raises while the message is
+    built) leave the message visible with receive count 0, not dead-lettered by
+    ``max_receive_count=2``, and nothing reserved."""
+    dispatcher_clock = FaultyClock(ManualClock(1_000.0))
+    dead: InMemoryStorage[Any] = InMemoryStorage(clock=ManualClock(1_000.0))
+    storage: InMemoryStorage[Any] = InMemoryStorage(
+        clock=ManualClock(1_000.0), max_receive_count=2, dead_letter=dead
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=dispatcher_clock)
+    )
+    limiter = native_limiter(ManualClock())
+    await dispatcher.enqueue(request("a"))
+    for _ in range(3):
+        dispatcher_clock.fail_at(1)
+        with contextlib.suppress(OSError):
+            await dispatcher.dequeue(limiter)
+        dispatcher_clock.disarm()
+    assert await dead.get_approximate_message_count() == 0
+    [message] = await storage.peek_messages_by_priority(2, 10)
+    assert message.attributes.receive_count == 0
+    assert message.attributes.first_received_at is None
+    assert limiter.get_metrics().rpm.used == 0
+
+
+@pytest.mark.parametrize("mark", ["processed", "failed", "dead_lettered"])
+async def test_a_limiter_failing_in_a_mark_settles_the_message_and_logs(
+    mark: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store step landed, so the mark completes: the dispatcher forgets the job and the
+    limiter's failure is logged (the count it could not correct errs as reserved)."""
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(clock=ManualClock(1_000.0)))
+    limiter = BookLimiter()
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    limiter.fail_on.add("adjust_consumption")
+    with caplog.at_level(logging.WARNING):
+        if mark == "processed":
+            await job.mark_as_processed(actual_tokens=5)
+        elif mark == "failed":
+            await job.mark_as_failed(RuntimeError("x"))
+        else:
+            await job.mark_as_dead_lettered(RuntimeError("x"))
+    assert job.settled
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert "rate limiter failed to correct request 'a'" in caplog.text
+    expected_visible = 1 if mark == "failed" else 0
+    assert metrics.queue.approximate_number_of_messages == expected_visible
