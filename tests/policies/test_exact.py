@@ -486,6 +486,7 @@ class Run:
                 [t.fair_message() for t in visible],
                 now,
                 capacity=self.capacity,
+                refill_rate=self.scenario.tpm / 60.0,
                 admits=self.admits,
                 hold=self.hold,
             )

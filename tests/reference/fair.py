@@ -23,8 +23,11 @@ Admission (rule 3b and the hold rule):
   nothing.
 - A message of a backlogged tenant must leave the reserve in the bucket, its need capped at the
   capacity. A tenant is backlogged when it has more than one visible message (URGENT ones
-  included) and has used at least the mean share (token use per weight) of the tenants ranked
-  by rule 2. URGENT messages are exempt (see `FairModel.urgent_exempt` for the reading with
+  included) and has used, per weight, at least its fair share of the window's capacity: the
+  tokens the limiter refills over ``fairness_window``, divided by the total weight of the
+  tenants that are waiting (have a visible message) or have used tokens in the window (use
+  above 0). Exact arithmetic: a tenant that used exactly its share is backlogged. URGENT
+  messages are exempt (see `FairModel.urgent_exempt` for the reading with
   ``urgent_first=False``).
 - With ``hold``, the first message of the order (that can ever fit) is the winner: it goes when
   it is admissible now, else the dispatcher holds for it. Without, the first message of the
@@ -42,9 +45,9 @@ before the first dispatch.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 __all__ = [
     "HIGH",
@@ -126,6 +129,10 @@ class Ledger:
         horizon = now - self.window
         return {c.tenant for c in self._charges.values() if c.at > horizon}
 
+    def active(self, now: float) -> set[str]:
+        """Tenants that used tokens in the window ending at ``now`` (their use is above 0)."""
+        return {t for t in self.tenants(now) if self.usage(t, now) > 0}
+
 
 @dataclass(frozen=True)
 class FairChoice:
@@ -173,8 +180,6 @@ class _Ranked:
     rank: int
     of: int
     usage: float
-    #: Whether its tenant has used at least the mean share of the tenants ranked by rule 2.
-    heavy: bool
 
 
 class FairModel:
@@ -205,18 +210,14 @@ class FairModel:
         for queue in by_tenant.values():
             queue.sort(key=lambda m: within_tenant_key(m, now, settings))
         usage = {tenant: self.ledger.usage(tenant, now) for tenant in by_tenant}
-        share = {tenant: usage[tenant] / settings.weight(tenant) for tenant in by_tenant}
-        mean_share = sum(share.values()) / len(share) if share else 0.0
         if settings.urgent_first:
             urgent = sorted((m for m in messages if m.priority == URGENT), key=oldest_key)
-            for m in urgent:
-                used = self.ledger.usage(m.tenant, now)
-                heavy = used / settings.weight(m.tenant) >= mean_share
-                ranked.append(_Ranked(m, True, 0, 0, used, heavy))
-        tenants = sorted(by_tenant, key=lambda t: (share[t], oldest_key(by_tenant[t][0])))
+            ranked += [_Ranked(m, True, 0, 0, self.ledger.usage(m.tenant, now)) for m in urgent]
+        tenants = sorted(
+            by_tenant, key=lambda t: (usage[t] / settings.weight(t), oldest_key(by_tenant[t][0]))
+        )
         for rank, tenant in enumerate(tenants, start=1):
-            heavy = share[tenant] >= mean_share
-            ranked += [_Ranked(m, False, rank, len(tenants), usage[tenant], heavy) for m in by_tenant[tenant]]
+            ranked += [_Ranked(m, False, rank, len(tenants), usage[tenant]) for m in by_tenant[tenant]]
         return ranked
 
     # -- admission ------------------------------------------------------------------------------
@@ -234,10 +235,25 @@ class FairModel:
             return ranked.urgent
         return self.urgent_exempt
 
-    def margin(self, ranked: _Ranked, backlog: Mapping[str, int], capacity: float) -> float:
+    def fair_share(self, visible: Sequence[FairMessage], now: float, refill_rate: float) -> Fraction | None:
+        """Tokens per unit of weight a tenant may use over the window before it is backlogged
+        (None: no tenant at all)."""
+        active = self.ledger.active(now) | {m.tenant for m in visible}
+        total = sum(Fraction(self.settings.weight(t)) for t in active)
+        if total == 0:
+            return None
+        return Fraction(refill_rate) * Fraction(self.settings.fairness_window) / total
+
+    def backlogged(self, tenant: str, visible: Sequence[FairMessage], now: float, refill_rate: float) -> bool:
+        if sum(1 for m in visible if m.tenant == tenant) <= 1:
+            return False
+        share = self.fair_share(visible, now, refill_rate)
+        used = Fraction(self.ledger.usage(tenant, now)) / Fraction(self.settings.weight(tenant))
+        return share is not None and used >= share
+
+    def margin(self, ranked: _Ranked, backlogged: bool, capacity: float) -> float:
         """The reserve part of what the message must find in the bucket."""
         tokens = ranked.message.tokens
-        backlogged = backlog[ranked.message.tenant] > 1 and ranked.heavy
         if not backlogged or self._exempt(ranked):
             return 0.0
         return min(tokens + self.reserve(capacity), capacity) - tokens
@@ -248,17 +264,19 @@ class FairModel:
         now: float,
         *,
         capacity: float,
+        refill_rate: float,
         admits: Callable[[float], bool],
         hold: bool,
     ) -> FairChoice | None:
-        """The dispatch decision at ``now``: ``admits(tokens)`` tells whether the limiter admits
-        a request needing that many tokens now. None: nothing goes and nothing is held."""
-        backlog = Counter(m.tenant for m in visible)
+        """The dispatch decision at ``now`` with a limiter of token ``capacity`` refilling
+        ``refill_rate`` tokens per second: ``admits(tokens)`` tells whether it admits a request
+        needing that many tokens now. None: nothing goes and nothing is held."""
         for ranked in self.order(visible, now):
             message = ranked.message
             if message.tokens > capacity:
                 continue  # never fits: holds nothing
-            margin = self.margin(ranked, backlog, capacity)
+            backlogged = self.backlogged(message.tenant, visible, now, refill_rate)
+            margin = self.margin(ranked, backlogged, capacity)
             fits = admits(message.tokens + margin)
             if fits or hold:
                 return FairChoice(
