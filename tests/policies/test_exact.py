@@ -59,7 +59,7 @@ from tests.policies.support import (
     request,
 )
 from tests.reference.fair import PRIORITY_NAMES, FairMessage, FairModel, FairSettings, expired
-from tests.reference.scoring import reference_ranking
+from tests.reference.scoring import reference_breakdown, reference_ranking
 
 TOLERANCE = 1e-9
 
@@ -419,8 +419,10 @@ class Run:
 
     def score_outcomes(self, visible: list[Tracked]) -> tuple[set[str], list[tuple[str, float]]] | None:
         """The messages the score policy may hand out now, and the (message, wait) it may hold
-        for; None when nothing goes and nothing is held. Several only for totals equal to 1e-9
-        between messages of different inputs (float rounding may order those either way)."""
+        for; None when nothing goes and nothing is held. One winner, by the reference's order
+        (the highest total, then the older, then the earlier enqueue), unless another message
+        scores within 1e-9 of it from different weighted factors: float rounding may order
+        those either way, so each such message (the first of its factors) may win too."""
         now = self.clock.now()
         seed = self.scenario.custom_seed
 
@@ -446,16 +448,17 @@ class Run:
         best = ranking[0][0]
         take: set[str] = set()
         held: list[tuple[str, float]] = []
-        seen_inputs: set[tuple[Any, ...]] = set()
-        for total, message in ranking:  # best first; identical inputs: the older first
+        seen: set[tuple[float, ...]] = set()
+        for total, message in ranking:  # best first
             if total < best - TOLERANCE:
                 break
-            tracked = self.messages[message.payload.id]
-            inputs = (tracked.request.priority, tracked.request.token_info.estimated)
-            inputs += (tracked.receive_count, tracked.enqueued_at, tuple(custom(message)))
-            if inputs in seen_inputs:
-                continue
-            seen_inputs.add(inputs)
+            factors = reference_breakdown(
+                message, now=now, available=available, weights=self.weights, custom=custom(message)
+            )
+            key = tuple(factors.values())
+            if key in seen:
+                continue  # the same weighted factors as one ranked above: the tie-break decides
+            seen.add(key)
             tokens = message.payload.token_info.estimated
             if self.inner.can_process(tokens).allowed:
                 take.add(message.payload.id)
@@ -503,8 +506,7 @@ class Run:
             assert job is None, f"nothing should go or be held, got {job!r}; {context}"
         elif job is None:
             take, held = outcomes
-            assert not take, f"expected one of {take}, got None; {context}"
-            assert held, context
+            assert held, f"expected one of {take}, got None; {context}"
             wait = self.dispatcher.time_until_ready()
             if filled and wait == 0.0:
                 # The fill this dequeue waited for counted as a change since it started, so
