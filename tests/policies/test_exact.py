@@ -176,9 +176,9 @@ def op_strategy(capacity: int) -> st.SearchStrategy[Op]:
 fair_settings = st.builds(
     FairSettings,
     tenant_weights=st.dictionaries(
-        st.sampled_from(["", "a", "b", "c"]), st.sampled_from([0.5, 1.0, 2.0, 4.0]), max_size=4
+        st.sampled_from(["", "a", "b", "c"]), st.sampled_from([0.5, 1.0, 2.0, 4.0, 64.0]), max_size=4
     ),
-    fairness_window=st.sampled_from([5.0, 30.0, 60.0]),
+    fairness_window=st.sampled_from([1.0, 2.0, 5.0, 30.0, 60.0]),
     reserve_tokens=st.one_of(st.none(), st.integers(0, 2_000), st.integers(0, 100_000)),
     urgent_first=st.booleans(),
     max_wait=st.dictionaries(
