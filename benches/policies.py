@@ -68,7 +68,7 @@ def main() -> None:
     )
     parser.add_argument("--depths", default="1k,100k,1M")
     parser.add_argument("--rounds", type=int, default=3_000)
-    print(f"{'depth':>9}  {'policy':<20} {'p50 µs':>8} {'p99 µs':>9} {'p50 / score':>12}")
+    parser.add_argument("--tenants", type=int, default=8)
     args = parser.parse_args()
     print(f"{'depth':>9}  {'policy':<20} {'p50 µs':>8} {'p99 µs':>9} {'p50 / score':>12}")
     for depth in (parse_depth(d) for d in args.depths.split(",")):

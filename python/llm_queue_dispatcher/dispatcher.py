@@ -418,7 +418,8 @@ class LLMQueueDispatcher(Generic[T]):
         loop's time, sleeping until the earliest moment a message or the budget can change. A
         cancelled dequeue raises `asyncio.CancelledError` and leaves nothing taken.
         """
-        check_rate_limiter(rate_limiter)
+        if type(rate_limiter) is not LLMThrottle:
+            check_rate_limiter(rate_limiter)
         if timeout is not None:
             # The sign is checked on the value given: an int too large for a float waits for
             # ever if positive, and is refused if negative.

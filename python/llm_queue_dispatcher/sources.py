@@ -47,9 +47,18 @@ class MessageSource(ABC, Generic[T]):
     #: and a handed-out message's lease `confirm`ed.
     leases: bool = False
 
+    #: One dispatch step against an `LLMThrottle`: select, reserve, take; with ``hold``, the
+    #: seconds until a winner that does not fit yet will. Arguments: throttle, scoring params,
+    #: custom scorer function, visibility timeout, minimum score, reserve, hold. It is the
+    #: pool's own method, bound at construction: the hot path runs no Python frame here.
+    dispatch_native: Callable[
+        [LLMThrottle, ScoringParams, Any, float, float, bool, bool], Dispatched | float | None
+    ]
+
     def __init__(self, storage: QueueStorageAdapter[T], pool: StoreCore | CandidateBuffer) -> None:
         self.storage = storage
         self.pool = pool
+        self.dispatch_native = pool.dispatch_native
 
     # -- queue operations
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -78,22 +87,6 @@ class MessageSource(ABC, Generic[T]):
     # -- selection (the pool, in Rust)
     async def prepare(self) -> None:
         """Makes candidates available before a selection (fills the prefetch buffer)."""
-
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Any,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool,
-    ) -> Dispatched | float | None:
-        """One dispatch step against an `LLMThrottle`: select, reserve, take; with ``hold``, the
-        seconds until a winner that does not fit yet will."""
-        return self.pool.dispatch_native(
-            throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold
-        )
 
     def select(
         self,
