@@ -208,7 +208,9 @@ def _finished_ids(out: Path) -> set[str]:
             handle.truncate(keep)
         data = data[:keep]
     done: set[str] = set()
-    for number, text in enumerate(data.decode("utf-8").splitlines(), start=1):
+    # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        text = raw.decode("utf-8")
         if not text.strip():
             continue
         try:

@@ -248,3 +248,17 @@ def test_sigterm_in_the_middle_loses_nothing_and_resume_finishes(
     final = [line["id"] for line in results(out)]
     assert sorted(final) == ids
     assert final[: len(first)] == first
+
+
+def test_resume_reads_results_whose_text_holds_unicode_line_separators(tmp_path: Path) -> None:
+    """A response holding U+2028 or U+0085 (written unescaped) is one result line, not several:
+    resuming must not call the file corrupt."""
+    from llm_queue_dispatcher.batch import _finished_ids
+
+    out = tmp_path / "out.jsonl"
+    records = [
+        {"id": "a", "status": "ok", "response": {"text": "one\u2028two\u0085three\x1cfour"}},
+        {"id": "b", "status": "ok", "response": {"text": "plain"}},
+    ]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert _finished_ids(out) == {"a", "b"}
