@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,8 @@ __all__ = [
     "openai_chat_handler",
     "request_from_openai_chat",
 ]
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 #: Completion tokens assumed when a payload sets neither ``max_completion_tokens`` nor
 #: ``max_tokens``. Set one of them: the estimate is then the real ceiling of the call.
@@ -227,13 +230,20 @@ async def _maybe_await(value: object) -> None:
 
 
 async def _sync_limiter(limiter: object, headers: Any) -> ProviderLimits:
+    """Tells the limiter what the provider's headers say. A limiter failing here (a shared one
+    whose server is down) is logged, not raised: the call's outcome is already decided, and a
+    paid-for completion must not be turned into a retry."""
     sync = getattr(limiter, "sync_from_headers", None)
     if sync is not None:
-        result = sync(headers)
-        if inspect.isawaitable(result):
-            result = await result
-        if isinstance(result, ProviderLimits):
-            return result
+        try:
+            result = sync(headers)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:
+            _LOGGER.warning("the limiter's sync_from_headers failed; the call's result stands", exc_info=True)
+        else:
+            if isinstance(result, ProviderLimits):
+                return result
     return parse_rate_limit_headers(headers)
 
 
@@ -264,7 +274,10 @@ async def _classify(error: APIStatusError, limiter: object) -> Exception:
         pause = _rate_limit_pause(limits)
         penalize = getattr(limiter, "penalize", None)
         if penalize is not None and pause > 0 and math.isfinite(pause):
-            await _maybe_await(penalize(pause))
+            try:
+                await _maybe_await(penalize(pause))
+            except Exception:  # as in _sync_limiter: the 429 stays the outcome
+                _LOGGER.warning("the limiter's penalize failed; the 429 stands", exc_info=True)
         return RetryableError(description, retry_after=pause)
     retryable = status in (408, 409) or status >= 500
     if should_retry in ("true", "false"):

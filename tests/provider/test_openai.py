@@ -419,3 +419,34 @@ def test_the_readme_openai_example_runs_against_an_openai_compatible_server(prov
         "q2 echo: What is a dead-letter queue?",
     ]
     assert result.stdout.splitlines()[3].startswith("WorkerStats(processed=3, retried=0, dead_lettered=0")
+
+
+class BrokenSyncLimiter(AsyncLimiter):
+    """A shared limiter whose server went away between the call and the header sync."""
+
+    async def sync_from_headers(self, headers: Any) -> Any:
+        raise ConnectionError("limiter store unreachable")
+
+    async def penalize(self, seconds: float) -> None:
+        raise ConnectionError("limiter store unreachable")
+
+
+async def test_a_limiter_failing_to_sync_does_not_turn_a_completion_into_a_retry(
+    provider: ProviderServer, client: AsyncOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = BrokenSyncLimiter(LLMThrottle(600, 60_000))
+    completion = await create_chat_completion(client, limiter, chat("paid for"))
+    assert completion.choices[0].message.content == "echo: paid for"
+    assert "sync_from_headers failed" in caplog.text
+
+
+async def test_a_limiter_failing_at_a_429_still_gives_the_429s_retry(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    provider.configure(rpm=60, burst_requests=1)
+    limiter = BrokenSyncLimiter(LLMThrottle(60_000, 1_000_000))
+    await create_chat_completion(client, limiter, chat("first"))
+    with pytest.raises(RetryableError) as caught:
+        await create_chat_completion(client, limiter, chat("second"))
+    assert caught.value.retry_after is not None
+    assert caught.value.retry_after > 0
