@@ -454,3 +454,44 @@ async def test_a_failed_round_trip_fails_every_call_in_it(private_server: RedisS
             private_server.resume()
         assert all(isinstance(outcome, StorageError) for outcome in outcomes)
         assert await storage.get_approximate_message_count() >= 1  # and the storage works again
+
+
+@pytest.mark.parametrize("with_dead_letter", [True, False])
+async def test_an_unreadable_message_does_not_strand_the_ones_received_with_it(
+    clocked_storage: MakeStorage, clock: ManualClock, with_dead_letter: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = clocked_storage(serializer=(bytes, bytes))
+    storage = clocked_storage(dead_letter=dead.queue if with_dead_letter else None)
+    writer = clocked_storage(queue=storage.queue, serializer=(bytes, bytes))  # another serializer
+    await storage.enqueue(LLMRequest("good-1", {"n": 1}))
+    await writer.enqueue(LLMRequest("bad", b"\xff not json"))
+    await storage.enqueue(LLMRequest("good-2", {"n": 2}))
+    messages = await storage.dequeue(10, 30.0)
+    assert [m.payload.id for m in messages] == ["good-1", "good-2"]
+    assert "cannot be read back" in caplog.text
+    for message in messages:
+        await storage.delete_message(message.attributes.receipt_handle)
+    attributes = await storage.get_queue_attributes()
+    if with_dead_letter:
+        # Moved unread, readable with the writer's serializer.
+        assert (attributes.approximate_number_of_messages, attributes.dead_lettered) == (0, 1)
+        [moved] = await dead.dequeue(1, 30.0)
+        assert (moved.payload.id, moved.payload.payload) == ("bad", b"\xff not json")
+    else:
+        # Still stored, leased; received again after its visibility timeout, alone: an error.
+        assert attributes.approximate_number_of_messages_in_flight == 1
+        clock.advance(31)
+        with pytest.raises(StorageError, match="cannot be read back"):
+            await storage.dequeue(10, 30.0)
+        clock.advance(31)
+        [again] = await writer.dequeue(1, 30.0)  # the right serializer reads it
+        assert (again.payload.id, again.attributes.receive_count) == ("bad", 3)
+
+
+@pytest.mark.parametrize("limit", [10**17, 2**63, 10**40])
+async def test_a_huge_limit_means_everything(clocked_storage: MakeStorage, limit: int) -> None:
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", 1))
+    await storage.enqueue(LLMRequest("b", 2, Priority.HIGH))
+    assert [m.payload.id for m in await storage.peek_messages_by_priority(int(Priority.HIGH), limit)] == ["b"]
+    assert [m.payload.id for m in await storage.dequeue(limit, 30.0)] == ["b", "a"]

@@ -74,10 +74,14 @@ def _queue_keys(namespace: str, queue: str) -> list[bytes]:
     return [(prefix + part).encode() for part in _KEY_PARTS]
 
 
+# Lua numbers are doubles: a count past 2**53 would not arrive intact. No queue holds more.
+_MAX_COUNT = 2**31
+
+
 def _count(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
-    return value
+    return min(value, _MAX_COUNT)
 
 
 class RedisStorage(QueueStorageAdapter[T]):
@@ -270,12 +274,31 @@ class RedisStorage(QueueStorageAdapter[T]):
         timeout = check_visibility_timeout(visibility_timeout)
         reply = await self._run("dequeue", limit, _microseconds(timeout), repr(timeout))
         messages: list[QueueMessage[T]] = []
+        unreadable: list[tuple[str, str, StorageError]] = []
         for i in range(0, len(reply), 7):
             member, mid, count, enqueued, first, token, body = reply[i : i + 7]
             handle = f"{member.decode()}.{count}.{token.decode()}"
-            request = self._decode(body)
+            try:
+                request = self._decode(body)
+            except StorageError as unread:
+                # One unreadable message must not strand the readable ones received with it.
+                unreadable.append((member.decode(), token.decode(), unread))
+                continue
             messages.append(self._message(request, mid, count, enqueued, first, handle))
+        for member_id, token_id, problem in unreadable:
+            await self._set_aside(member_id, token_id, problem)
+        if unreadable and not messages:
+            raise unreadable[0][2]
         return messages
+
+    async def _set_aside(self, member: str, token: str, error: StorageError) -> None:
+        """An unreadable message goes to the dead-letter queue as it is stored, to be read with
+        the right serializer; without one it stays leased and comes back after its visibility
+        timeout (``max_receive_count`` then dead-letters it), never dropped here."""
+        if self.dead_letter is not None and await self._run("dead_letter", member, token):
+            _LOGGER.error("%s; moved to dead-letter queue %r unread", error, self.dead_letter)
+        else:
+            _LOGGER.error("%s; it is received again after its visibility timeout", error)
 
     def _decode(self, body: bytes) -> LLMRequest[T]:
         try:
