@@ -383,6 +383,10 @@ impl FairLanes {
             // A light tenant's few queued requests are no backlog to hold the reserve back from.
             let backlogged = self.visible_of(tenant) > 1 && share >= share_per_weight;
             for (priority, lane) in lanes.lanes.iter().enumerate() {
+                // An URGENT message finds budget at once whatever its rank (rule 3b): without
+                // `urgent_first` it sits in its tenant's first lane, which holds nothing else
+                // (aging never ranks a message as URGENT).
+                let backlogged = backlogged && priority != URGENT as usize;
                 for &(_, _, slot) in lane {
                     let rank = FairRank::Tenant {
                         rank: position + 1,
@@ -427,7 +431,7 @@ impl FairLanes {
 
     /// Tokens a candidate of `tokens` must find in the bucket (on top of the limiter's own
     /// rule): its estimate, plus `reserve` when its tenant has a backlog and it is not URGENT
-    /// (rule 3b), at most `capacity`.
+    /// (rule 3b; `backlogged` is false for an URGENT candidate), at most `capacity`.
     pub fn admission_tokens(candidate: &FairCandidate, tokens: u64, reserve: f64, capacity: f64) -> f64 {
         let tokens = tokens as f64;
         if candidate.backlogged && candidate.rank != FairRank::Urgent {

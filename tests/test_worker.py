@@ -553,3 +553,40 @@ async def test_stop_when_empty_also_notices_a_message_the_store_dead_lettered() 
     assert time.monotonic() - begun < 2.5  # within one idle check after the expiry
     assert stats.retried == 1
     assert (await dead.get_queue_attributes()).approximate_number_of_messages == 1
+
+
+class ExternalStore(InMemoryStorage[Any]):
+    """An `InMemoryStorage` the dispatcher must treat as an external store (leased ahead into
+    a prefetch buffer): a subclass is not driven through the in-memory core."""
+
+
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+async def test_stopping_gives_back_the_messages_leased_ahead_into_the_buffer(how: str) -> None:
+    store = ExternalStore()
+    config = LLMQueueDispatcherConfig(visibility_timeout=600.0, buffer_size=10, enable_prefetch=True)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    assert dispatcher._source.leases  # the premise: a prefetch buffer
+    await fill(dispatcher, 20)
+    handled: list[str] = []
+
+    async def slow(job: ProcessableMessage[Any]) -> int | None:
+        handled.append(job.message.payload.id)
+        await asyncio.sleep(60)
+        return None
+
+    limiter = roomy_limiter()
+    worker = Worker(dispatcher, limiter, slow, concurrency=2, shutdown_grace=0.0, handle_signals=False)
+    run = asyncio.ensure_future(worker.run())
+    await asyncio.sleep(0.2)
+    assert len(handled) == 2
+    assert (await store.get_queue_attributes()).approximate_number_of_messages < 18  # leased ahead
+    if how == "stop":
+        worker.stop()
+        await run
+    else:
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    queue = await store.get_queue_attributes()
+    # The two handled ones are released too: all 20 are visible to another worker at once.
+    assert (queue.approximate_number_of_messages, queue.approximate_number_of_messages_in_flight) == (20, 0)

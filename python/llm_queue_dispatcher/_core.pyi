@@ -443,8 +443,9 @@ class CandidateBuffer:
     from exactly (every buffered message is scored)."""
 
     def __new__(cls, clock: Any = None) -> CandidateBuffer: ...
-    def insert(self, messages: Iterable[QueueMessage[Any]]) -> None:
-        """Adds leased messages; all are checked before any is added."""
+    def insert(self, messages: Iterable[QueueMessage[Any]]) -> list[str]:
+        """Adds leased messages; all are checked before any is added. A message already
+        buffered under an older receipt handle is replaced; returns the handles replaced."""
     def drain(self) -> list[QueueMessage[Any]]:
         """Removes and returns every buffered message."""
     def handles(self) -> list[str]:
@@ -487,6 +488,8 @@ class CandidateBuffer:
         """Takes a fair selection (charging its tenant), or None if it left."""
     def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
         """Corrects a fair charge to ``tokens`` (0 takes it back)."""
+    def tenant_counts(self) -> dict[str, tuple[int, int]]:
+        """``{tenant: (buffered, 0)}`` of every tenant with a buffered message ("" for none)."""
     def fair_usage(self) -> list[tuple[str, float]]:
         """Each tenant's token use over the fairness window."""
     def take_expired(self) -> list[QueueMessage[Any]]:

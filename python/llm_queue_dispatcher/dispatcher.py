@@ -24,6 +24,7 @@ from ._core import LLMThrottle, ScoringParams
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError
 from .limiters import call_limiter, release_reservation
+from .limiters import reserve as reserve_budget
 from .metrics import (
     InFlightDetail,
     MetricsRecorder,
@@ -53,6 +54,10 @@ _LOGGER = logging.getLogger("llm_queue_dispatcher")
 # With custom scorers, a dequeue waiting for a score to reach min_score_threshold re-checks this
 # often once the time-only bound says it could have (custom scores may change with anything).
 _CUSTOM_RECHECK = 1.0
+
+
+#: The shortest sleep of a `dequeue` waiting for something to change (seconds).
+_MIN_WAIT = 0.001
 
 
 class _Picked(NamedTuple):
@@ -163,7 +168,7 @@ class LLMQueueDispatcher(Generic[T]):
     async def purge(self) -> None:
         """Removes every message from the store and the buffer. Messages handed out before are
         gone too: marking them later settles their budget and nothing else."""
-        await self._source.purge()
+        await self._source.purge([p.message.attributes.receipt_handle for p in self._in_flight])
         self._generation += 1
         self._in_flight.clear()
         self._wakeup.notify()
@@ -269,7 +274,7 @@ class LLMQueueDispatcher(Generic[T]):
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
         only checked."""
         if reserve:
-            return bool(await call_limiter(limiter, "consume", request_id, tokens))
+            return await reserve_budget(limiter, request_id, tokens)
         check = await call_limiter(limiter, "can_process", tokens)
         return bool(check.allowed)
 
@@ -466,7 +471,9 @@ class LLMQueueDispatcher(Generic[T]):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
-            await self._wakeup.wait(seen, min(remaining, until))
+            # At least a millisecond: a wait worked out as 0 (clocks that disagree) must still
+            # yield to the event loop, never spin it.
+            await self._wakeup.wait(seen, min(remaining, max(until, _MIN_WAIT)))
 
     async def _nothing_found(self, limiter: Any, held: float | None, seen: int) -> float:
         """After a selection that handed nothing out: reports unfittable requests and works out
@@ -478,6 +485,9 @@ class LLMQueueDispatcher(Generic[T]):
             expiry = self._source.next_visibility_change()
             if expiry is not None:
                 until = min(until, max(0.0, expiry - self._now()))
+            if isinstance(self._source, PrefetchSource):
+                # Other producers' messages reach the buffer only when it is filled again.
+                until = min(until, self.config.prefetch_interval)
         else:
             until = await self._time_until_change(limiter)
         self._ready = (seen, self._now() + until)
@@ -557,7 +567,7 @@ class LLMQueueDispatcher(Generic[T]):
         self._in_flight.pop(processable, None)
         now = self._now()
         request = processable.message.payload
-        charged = request.token_info.estimated if processable._reserved else 0
+        charged = request.token_info.estimated  # what `_hand_out` recorded, reserved or not
         if processed:
             self._metrics.record_completion(now, tokens, request.tenant or "", tokens - charged)
         else:
@@ -573,6 +583,14 @@ class LLMQueueDispatcher(Generic[T]):
         """Stops prefetching and releases buffered messages at once (visibility 0)."""
         self._closed = True
         await self._source.close()
+
+    async def release_buffered(self) -> None:
+        """Stops prefetching and releases buffered messages at once (visibility 0), so other
+        consumers take them now; unlike `close()` the dispatcher stays usable (a later
+        `dequeue` fills the buffer again). `Worker` calls it when it stops. A no-op with the
+        in-memory store, which has no buffer."""
+        if isinstance(self._source, PrefetchSource):
+            await self._source.release_buffered()
 
     async def __aenter__(self) -> LLMQueueDispatcher[T]:
         return self
@@ -656,11 +674,11 @@ class LLMQueueDispatcher(Generic[T]):
         )
 
     def _tenant_metrics(self, now: float) -> dict[str, TenantMetrics]:
-        counts: dict[str, tuple[int, int]] = {}
-        if isinstance(self._source, InMemorySource):
-            counts = dict(self._source.core.tenant_counts())
-        for p in self._in_flight:
-            if not isinstance(self._source, InMemorySource):
+        # In memory: the store's counts. Otherwise: the buffer's (what waits here, leased) and
+        # this dispatcher's deliveries (what other processes hold or the store keeps is unseen).
+        counts = dict(self._source.pool.tenant_counts())
+        if not isinstance(self._source, InMemorySource):
+            for p in self._in_flight:
                 name = p.message.payload.tenant or ""
                 visible, in_flight = counts.get(name, (0, 0))
                 counts[name] = (visible, in_flight + 1)

@@ -187,10 +187,14 @@ class ProcessableMessage(Generic[T]):
             except BaseException:
                 self._settled = False
                 raise
-        if actual_tokens is not None:
-            await self._adjust(actual_tokens, deleted)
         used = actual_tokens if actual_tokens is not None else self.message.payload.token_info.estimated
-        self._dispatcher._on_settled(self, processed=True, tokens=used)
+        try:
+            if actual_tokens is not None:
+                await self._adjust(actual_tokens, deleted)
+        finally:
+            # The store step is done: even a mark cancelled at the limiter's (shielded)
+            # correction is settled and forgotten, and waiting dequeues are woken.
+            self._dispatcher._on_settled(self, processed=True, tokens=used)
         if not deleted and not self._purged():
             raise ReceiptHandleError(
                 f"message {self.message.payload.id!r} could not be deleted: its receipt handle is no longer "
@@ -204,9 +208,11 @@ class ProcessableMessage(Generic[T]):
         self._claim("mark it failed")
         source, handle = self._dispatcher._source, self.message.attributes.receipt_handle
         landed = await self._store_step(lambda: source.change_visibility(handle, delay))
-        await self._adjust(0, landed)
-        self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
-        self._dispatcher._on_settled(self, processed=False, tokens=0)
+        try:
+            await self._adjust(0, landed)
+        finally:
+            self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
+            self._dispatcher._on_settled(self, processed=False, tokens=0)
 
     async def mark_as_dead_lettered(self, error: BaseException) -> None:
         """Moves the message to the store's dead-letter target at once, whatever its receive
@@ -216,9 +222,11 @@ class ProcessableMessage(Generic[T]):
         self._claim("dead-letter it")
         source, message = self._dispatcher._source, self.message
         moved = await self._store_step(lambda: source.dead_letter(message))
-        await self._adjust(0, moved)
-        self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
-        self._dispatcher._on_settled(self, processed=False, tokens=0)
+        try:
+            await self._adjust(0, moved)
+        finally:
+            self._dispatcher._logger.warning("request %r dead-lettered: %r", self.message.payload.id, error)
+            self._dispatcher._on_settled(self, processed=False, tokens=0)
         if not moved and not self._purged():
             raise ReceiptHandleError(
                 f"message {self.message.payload.id!r} could not be dead-lettered: its receipt handle is no "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -77,8 +78,9 @@ class MessageSource(ABC, Generic[T]):
         await self.storage.dead_letter_message(message)
 
     @abstractmethod
-    async def purge(self) -> None:
-        """Removes every message from the store (and the buffer)."""
+    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+        """Removes every message from the store (and the buffer); ``handed_out`` are the
+        receipt handles of this dispatcher's deliveries still in flight."""
 
     @abstractmethod
     async def drop_expired(self) -> list[str]:
@@ -214,8 +216,8 @@ class InMemorySource(MessageSource[T]):
     async def dead_letter(self, message: QueueMessage[T]) -> None:
         self.core.dead_letter_now(message.attributes.receipt_handle)
 
-    async def purge(self) -> None:
-        self.core.purge()
+    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+        self.core.purge()  # every message, in flight included
 
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
@@ -238,7 +240,11 @@ class PrefetchSource(MessageSource[T]):
     The buffer is filled with one ``storage.dequeue``: before a selection when it is empty, and
     otherwise in the background as soon as a message leaves it, so a dispatch does not wait for
     a round trip to the store; with ``enable_prefetch`` also every ``prefetch_interval`` seconds,
-    when the leases of buffered messages are renewed too. A message leaving the buffer gets a
+    when the leases of buffered messages are renewed too. Whatever the settings, a buffered
+    message's lease is renewed once half of it is used (before each selection, and by a
+    background task while the buffer holds messages): it must not become visible in the store
+    while it waits here, or a fill would receive it again, a receive nobody got that counts
+    toward ``max_receive_count``. A message leaving the buffer gets a
     full ``visibility_timeout`` again: its lease is renewed before it is handed out when less
     than half of it is left (by the dispatcher's clock, counted from before the receive, so the
     estimate errs short) — then never after another consumer could have received it — and in the
@@ -279,14 +285,20 @@ class PrefetchSource(MessageSource[T]):
         # Renewals of handed-out messages still in flight, by receipt handle: a mark waits for
         # its message's renewal, so the two reach the store in the order they were made.
         self._renewals: dict[str, asyncio.Task[None]] = {}
+        # Renews buffered leases while the buffer holds messages (see `_keep_leases`).
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def stopped(self) -> bool:
         return self._stopped
 
-    async def purge(self) -> None:
-        self.buffer.drain()
+    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+        # A store's purge may leave in-flight messages (the adapter's default does): the ones
+        # leased here, buffered or handed out, are deleted by handle.
         self._lease_ends.clear()
+        for handle in [m.attributes.receipt_handle for m in self.buffer.drain()] + list(handed_out):
+            with contextlib.suppress(ReceiptHandleError):
+                await self.storage.delete_message(handle)
         await self.storage.purge()
 
     def _now(self) -> float:
@@ -307,7 +319,9 @@ class PrefetchSource(MessageSource[T]):
             ends = started + self._visibility_timeout
             for message in messages:
                 self._lease_ends[message.attributes.receipt_handle] = ends
-            self.buffer.insert(messages)
+            for stale in self.buffer.insert(messages):
+                self._lease_ends.pop(stale, None)
+            self._keep_leases()
             if self._on_arrival is not None:
                 self._on_arrival()
 
@@ -326,6 +340,7 @@ class PrefetchSource(MessageSource[T]):
             self._logger.warning("filling the prefetch buffer failed: %r", task.exception())
 
     async def prepare(self) -> None:
+        await self._renew_due()
         if len(self.buffer) == 0:
             # Nothing to select from: wait for the fill (one already in flight, or a new one).
             # Shielded: a cancelled dequeue must not cancel a receive others wait for.
@@ -367,6 +382,58 @@ class PrefetchSource(MessageSource[T]):
     async def dead_letter(self, message: QueueMessage[T]) -> None:
         await self._after_renewal(message.attributes.receipt_handle)
         await self.storage.dead_letter_message(message)
+
+    async def _renew_due(self) -> None:
+        """Renews the lease of every buffered message with half of it or less left."""
+        half = self._visibility_timeout / 2
+        for handle in self.buffer.handles():
+            ends = self._lease_ends.get(handle)
+            if ends is None or ends - self._now() > half:
+                continue  # (None: it left the buffer meanwhile)
+            started = self._now()
+            renewal = asyncio.ensure_future(
+                self.storage.update_visibility_timeout(handle, self._visibility_timeout)
+            )
+            # A mark of the message, once handed out, waits for this renewal (store order).
+            self._renewals[handle] = renewal
+            renewal.add_done_callback(functools.partial(self._forget_renewal, handle))
+            try:
+                await asyncio.shield(renewal)
+            except ReceiptHandleError:
+                # Its lease ran out and another consumer received it: forget it.
+                self.buffer.discard(handle)
+                self._lease_ends.pop(handle, None)
+            else:
+                if handle in self._lease_ends:  # still buffered
+                    self._lease_ends[handle] = started + self._visibility_timeout
+
+    def _forget_renewal(self, handle: str, task: asyncio.Future[None]) -> None:
+        if self._renewals.get(handle) is task:
+            del self._renewals[handle]
+        if not task.cancelled():
+            task.exception()  # retrieved: the awaiting side handles it
+
+    def _keep_leases(self) -> None:
+        """Starts the background renewal of buffered leases unless it runs; it ends when the
+        buffer is empty or the source stops."""
+        if self._stopped or (self._keeper is not None and not self._keeper.done()):
+            return
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_leases_loop())
+
+    async def _keep_leases_loop(self) -> None:
+        half = self._visibility_timeout / 2
+        while not self._stopped and len(self.buffer):
+            ends = [self._lease_ends[h] for h in self.buffer.handles() if h in self._lease_ends]
+            if not ends:
+                return
+            # Real seconds, as the prefetch loop sleeps: the dispatcher's clock is assumed to
+            # run at that rate (a virtual clock is covered by the renewal before each selection).
+            await asyncio.sleep(max(0.01, min(ends) - half - self._now()))
+            try:
+                await self._renew_due()
+            except Exception:
+                self._logger.exception("renewing buffered leases failed; retrying")
+                await asyncio.sleep(min(half, self._prefetch_interval))
 
     def start_prefetching(self) -> None:
         """Starts (or restarts, in a new event loop) the background refresh of the buffer."""
@@ -438,7 +505,9 @@ class PrefetchSource(MessageSource[T]):
 
     async def hand_back(self, message: QueueMessage[T]) -> None:
         # Still leased by this dispatcher: back into the buffer, where it is selectable again.
+        self._lease_ends.setdefault(message.attributes.receipt_handle, self._now())  # renewed soon
         self.buffer.insert([message])
+        self._keep_leases()
 
     def next_visibility_change(self) -> float | None:
         return None
@@ -455,8 +524,15 @@ class PrefetchSource(MessageSource[T]):
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
 
     async def close(self) -> None:
+        await self.release_buffered()
+
+    async def release_buffered(self) -> None:
+        """Stops prefetching and gives every buffered message back to the store (visibility 0)."""
         self.stop()
         # A fill in flight may still bring messages: let it land, then release everything.
         if self._background:

@@ -505,6 +505,13 @@ class Worker(Generic[T]):
                     )
             finally:
                 force_wait.cancel()
+        try:
+            await self._cancel_remaining()
+        finally:
+            # Messages this process leased ahead into the dispatcher's buffer are held too.
+            await self.dispatcher.release_buffered()
+
+    async def _cancel_remaining(self) -> None:
         pending = dict(self._active)
         if not pending:
             return

@@ -76,9 +76,12 @@ fn brute_force(
         order.extend(mine.iter().map(|(slot, _)| (*slot, false)));
     }
     for (slot, urgent) in order {
-        let tenant = msgs.iter().find(|(s, _)| *s == slot).unwrap().1.tenant;
+        let msg = &msgs.iter().find(|(s, _)| *s == slot).unwrap().1;
+        let tenant = msg.tenant;
         let backlogged = visible(tenant) > 1 && (urgent || share(tenant) >= share_per_weight);
-        let fit = fits(slot, backlogged, urgent);
+        // URGENT never waits for the reserve, in the urgent lane or (without `urgent_first`)
+        // in its tenant's lanes.
+        let fit = fits(slot, backlogged, urgent || msg.priority == URGENT);
         if fit || hold {
             return Some((slot, fit));
         }

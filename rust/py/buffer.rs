@@ -84,10 +84,24 @@ impl BufferState {
     }
 
     /// The fair lanes of the buffered messages at `now` (the buffer is small: built per step).
+    /// Lanes order by sequence number as age order, but the buffer's own sequence is the order
+    /// messages arrived in it (the store hands them over by priority, a failed one again last):
+    /// each entry gets its rank by enqueue instant instead (ties by arrival).
     fn lanes(&self, config: &FairConfig, now: f64) -> FairLanes {
         let mut lanes = FairLanes::new(config.clone());
-        for (i, item) in self.items.iter().enumerate() {
-            lanes.insert(i as u32, &item.entry());
+        let items = &self.items;
+        let mut by_age: Vec<usize> = (0..items.len()).collect();
+        by_age.sort_by(|&a, &b| {
+            items[a]
+                .traits
+                .enqueued_at
+                .total_cmp(&items[b].traits.enqueued_at)
+                .then(items[a].seq.cmp(&items[b].seq))
+        });
+        for (age_rank, &i) in by_age.iter().enumerate() {
+            let mut entry = items[i].entry();
+            entry.seq = age_rank as u64;
+            lanes.insert(i as u32, &entry);
         }
         lanes.age(now);
         lanes
@@ -243,22 +257,31 @@ impl PyCandidateBuffer {
         })
     }
 
-    /// Adds leased messages (all checked before any is added).
-    fn insert(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Adds leased messages (all checked before any is added). A message already buffered
+    /// under an older receipt handle (its lease ran out and a fill received it again) is
+    /// replaced: the new handle is the current one. Returns the handles replaced.
+    fn insert(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let mut read = Vec::new();
         for message in messages.try_iter()? {
             let message = message?;
             let (request_id, handle, traits, tenant, deadline) = read_message(&message)?;
             read.push((message.unbind(), request_id, handle, traits, tenant, deadline));
         }
-        let mut state = self.state.lock_py_attached(py);
-        for (message, request_id, handle, traits, tenant, deadline) in read {
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            let tenant = state.intern(tenant.as_deref().unwrap_or(""));
-            state.items.push(Buffered { message, request_id, handle, traits, seq, tenant, deadline });
+        let mut replaced = Vec::new();
+        {
+            let mut state = self.state.lock_py_attached(py);
+            for (message, request_id, handle, traits, tenant, deadline) in read {
+                if let Some(i) = state.items.iter().position(|item| item.request_id == request_id) {
+                    replaced.push(state.items.swap_remove(i));
+                }
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                let tenant = state.intern(tenant.as_deref().unwrap_or(""));
+                state.items.push(Buffered { message, request_id, handle, traits, seq, tenant, deadline });
+            }
         }
-        Ok(())
+        // The stale copies' message objects are released here, after the lock.
+        Ok(replaced.into_iter().map(|item| item.handle).collect())
     }
 
     /// Removes and returns every buffered message.
@@ -450,6 +473,24 @@ impl PyCandidateBuffer {
         if let Some((_, runtime)) = self.state.lock_py_attached(py).fair.as_mut() {
             runtime.ledger.correct(tenant, charge, tokens);
         }
+    }
+
+    /// `{tenant: (buffered, 0)}` of every tenant with a buffered message ("" for none): they
+    /// wait here, leased; what is in flight is the dispatcher's to count.
+    fn tenant_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let counts: Vec<(String, usize)> = {
+            let state = self.state.lock_py_attached(py);
+            let mut by_tenant: HashMap<u32, usize> = HashMap::new();
+            for item in &state.items {
+                *by_tenant.entry(item.tenant).or_default() += 1;
+            }
+            by_tenant.into_iter().map(|(tenant, n)| (state.tenant_name(tenant).to_owned(), n)).collect()
+        };
+        let d = PyDict::new(py);
+        for (name, buffered) in counts {
+            d.set_item(name, (buffered, 0))?;
+        }
+        Ok(d)
     }
 
     /// `[(tenant, tokens used over the fairness window)]` (empty without fair settings).

@@ -25,6 +25,7 @@ background after each dequeue).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -63,12 +64,10 @@ from tests.reference.scoring import reference_breakdown, reference_ranking
 
 TOLERANCE = 1e-9
 
-#: Whether ``fair_priority`` over an external store ranks "oldest" by age. Today the prefetch
-#: buffer ranks by the order messages arrived in the buffer (a store's receive order: priority
-#: first; a failed message arrives again last), reported to the lead with reproducers. Until
-#: then, fair runs over an external store let messages arrive in age order: a dequeue after
-#: every enqueue, and no failed marks (dead-lettered instead). Set True once fixed.
-BUFFER_RANKS_BY_AGE = False
+#: Whether ``fair_priority`` over an external store ranks "oldest" by age (the prefetch buffer
+#: receives by priority, and a failed message arrives again last; it ranks by enqueue instant).
+#: False restricts fair runs over an external store to messages arriving in age order.
+BUFFER_RANKS_BY_AGE = True
 TENANTS = [None, "a", "b", "c"]
 # Multiples of 240 tokens per minute refill whole tokens every quarter second: bucket levels
 # stay integral, so admission is never decided by float dust.
@@ -313,7 +312,7 @@ class Run:
         # (urgent_first); with urgent_first=False an URGENT message of a backlogged tenant
         # leaves the reserve like any other. The contract's "URGENT exempt" / "an URGENT one
         # finds budget at once" reads wider; the question is with the lead.
-        self.model = FairModel(fair, urgent_exempt=None)
+        self.model = FairModel(fair)
         # External store: the messages the prefetch buffer holds. Per `PrefetchSource`, it is
         # filled before a selection when it is empty, and otherwise in the background as soon
         # as a message leaves it (a dequeue starts that fill; it lands once the event loop
@@ -329,7 +328,15 @@ class Run:
     # -- operations -----------------------------------------------------------------------------
     def operations(self) -> list[Op]:
         ops = self.scenario.ops
-        if BUFFER_RANKS_BY_AGE or self.policy == "score" or self.store_kind == "memory":
+        if self.policy == "score" or self.store_kind == "memory":
+            return ops
+        # An external store tells the buffer a message's enqueue instant, not its enqueue order:
+        # messages enqueued at one instant may rank either way, so each gets its own instant.
+        ops = [
+            dataclasses.replace(op, advance=max(op.advance, 0.25)) if isinstance(op, Enqueue) else op
+            for op in ops
+        ]
+        if BUFFER_RANKS_BY_AGE:
             return ops
         arriving_by_age: list[Op] = []
         for op in ops:
@@ -409,7 +416,15 @@ class Run:
         return metrics.rpm.available >= 1.0 and metrics.tpm.available >= needed
 
     def expected_wait(self, tokens: int, margin: float) -> float:
-        """The limiter's own wait for a request of ``tokens`` that must leave ``margin``."""
+        """The limiter's own wait for a request of ``tokens`` that must leave ``margin``; over an
+        external store at most ``prefetch_interval`` (other producers' messages reach the buffer
+        only when it is filled again, so a held dequeue looks again by then)."""
+        wait = self.limiter_wait(tokens, margin)
+        if self.store_kind == "external":
+            return min(wait, self.dispatcher.config.prefetch_interval)
+        return wait
+
+    def limiter_wait(self, tokens: int, margin: float) -> float:
         if margin == int(margin) or not self.native:
             # The plain-Python path asks the limiter for the whole tokens it needs.
             return float(self.inner.can_process(tokens + math.ceil(margin)).available_in)

@@ -312,6 +312,7 @@ async def test_the_automatic_reserve(store: Store) -> None:
         fair.clock,
         policy="fair_priority",
         fair=FairPriorityConfig(tenant_weights={"z": 1_000.0}),
+        prefetch_interval=1_000.0,  # a held wait over an external store is capped by it
     )
     await fair.add("never", "z", 10_000)
     await fair.add("b0", "b", 10)

@@ -27,8 +27,7 @@ Admission (rule 3b and the hold rule):
   tokens the limiter refills over ``fairness_window``, divided by the total weight of the
   tenants that are waiting (have a visible message) or have used tokens in the window (use
   above 0). Exact arithmetic: a tenant that used exactly its share is backlogged. URGENT
-  messages are exempt (see `FairModel.urgent_exempt` for the reading with
-  ``urgent_first=False``).
+  messages are exempt, with or without ``urgent_first`` ("an URGENT one finds budget at once").
 - With ``hold``, the first message of the order (that can ever fit) is the winner: it goes when
   it is admissible now, else the dispatcher holds for it. Without, the first message of the
   order that is admissible now goes.

@@ -1,0 +1,223 @@
+"""Defects found by the review of issues 9-13, each with its test: buffered leases kept alive
+whatever the prefetch setting; a cancelled mark still settles its delivery; a dequeue cancelled
+while an asynchronous limiter's consume is on its way gives the reservation back; `purge()` over
+a store whose purge leaves in-flight messages; a `dequeue(timeout)` whose clocks disagree
+yields to the event loop instead of spinning it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    QueueMessage,
+    TokenInfo,
+    create_in_memory_queue,
+)
+from llm_queue_dispatcher._core import CandidateBuffer
+from llm_queue_dispatcher.storage import QueueStorageAdapter
+
+
+class Delegating(QueueStorageAdapter[Any]):
+    """An external store with only the six required methods (the adapter's defaults for the
+    rest: its purge leaves in-flight messages), over an `InMemoryStorage`."""
+
+    def __init__(self, inner: InMemoryStorage[Any]) -> None:
+        self.inner = inner
+
+    async def enqueue(self, request: LLMRequest[Any]) -> QueueMessage[Any]:
+        return await self.inner.enqueue(request)
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        return await self.inner.dequeue(limit, visibility_timeout)
+
+    async def delete_message(self, receipt_handle: str) -> None:
+        await self.inner.delete_message(receipt_handle)
+
+    async def update_visibility_timeout(self, receipt_handle: str, seconds: float) -> None:
+        await self.inner.update_visibility_timeout(receipt_handle, seconds)
+
+    async def get_approximate_message_count(self) -> int:
+        return await self.inner.get_approximate_message_count()
+
+    async def peek_messages_by_priority(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
+        return await self.inner.peek_messages_by_priority(priority, limit)
+
+
+class SlowReplyLimiter:
+    """An asynchronous limiter whose consume takes effect at once and answers 50 ms later (a
+    round trip to a shared limiter)."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+
+    async def can_process(self, tokens: int) -> Any:
+        return self.inner.can_process(tokens)
+
+    async def get_metrics(self) -> Any:
+        return self.inner.get_metrics()
+
+    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+        granted = self.inner.consume(request_id, tokens, metadata)
+        await asyncio.sleep(0.05)
+        return granted
+
+    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, tokens)
+
+    async def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
+
+def request(name: str, tokens: int = 100) -> LLMRequest[Any]:
+    return LLMRequest(name, {"n": name}, Priority.NORMAL, TokenInfo(tokens))
+
+
+@pytest.mark.parametrize("enable_prefetch", [False, True])
+async def test_buffered_messages_keep_their_leases_while_a_slow_consumer_works(enable_prefetch: bool) -> None:
+    """A consumer taking 20 s a message, a 30 s visibility and a buffer holding all five: each is
+    handed out once with receive count 1, none is dead-lettered (``max_receive_count=2``), and
+    the buffer never holds two copies of one message."""
+    clock = ManualClock(1_000.0)
+    dead: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock, max_receive_count=2, dead_letter=dead)
+    config = LLMQueueDispatcherConfig(clock=clock, buffer_size=10, enable_prefetch=enable_prefetch)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    for i in range(5):
+        await dispatcher.enqueue(request(str(i)))
+    delivered = []
+    for _ in range(8):
+        job = await dispatcher.dequeue(limiter)
+        if job is not None:
+            delivered.append((job.message.payload.id, job.message.attributes.receive_count))
+            clock.advance(20)
+            await job.mark_as_processed()
+        else:
+            clock.advance(40)
+        await asyncio.sleep(0)
+        pool = dispatcher._source.pool
+        if isinstance(pool, CandidateBuffer):
+            buffered = pool.ids_above(-1.0)  # every buffered request id
+            assert len(buffered) == len(set(buffered))
+    await dispatcher.close()
+    assert delivered == [(str(i), 1) for i in range(5)]
+    assert await dead.get_approximate_message_count() == 0
+
+
+@pytest.mark.parametrize("mark", ["processed", "failed", "dead_lettered"])
+async def test_a_mark_cancelled_at_the_limiter_correction_still_settles(mark: str) -> None:
+    limiter = LLMThrottle(600, 100_000, clock=ManualClock(1_000.0))  # no refill hides a leak
+    dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue()
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    if mark == "processed":
+        task = asyncio.ensure_future(job.mark_as_processed(actual_tokens=50))
+    elif mark == "failed":
+        task = asyncio.ensure_future(job.mark_as_failed(RuntimeError("x")))
+    else:
+        task = asyncio.ensure_future(job.mark_as_dead_lettered(RuntimeError("x")))
+    await asyncio.sleep(0)  # the mark runs up to the shielded limiter call
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)  # the shielded correction completes
+    assert job.settled
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    if mark == "processed":
+        assert limiter.get_metrics().tpm.used == 50
+        assert metrics.queue.total_messages == 0
+    else:
+        assert limiter.get_metrics().tpm.used == 0
+        assert metrics.queue.failed == 1 or mark == "dead_lettered"
+
+
+async def test_a_failed_mark_cancelled_still_wakes_a_waiting_dequeue() -> None:
+    limiter = LLMThrottle(600, 100_000)
+    dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue()
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    waiting = asyncio.ensure_future(dispatcher.dequeue(limiter, timeout=10.0))
+    await asyncio.sleep(0.01)
+    mark = asyncio.ensure_future(job.mark_as_failed(RuntimeError("x")))
+    await asyncio.sleep(0)
+    mark.cancel()
+    started = time.monotonic()
+    again = await waiting
+    assert again is not None
+    assert again.message.payload.id == "a"
+    assert time.monotonic() - started < 5.0
+
+
+async def test_a_dequeue_cancelled_while_the_limiter_answers_gives_the_reservation_back() -> None:
+    inner = LLMThrottle(600, 10_000, clock=ManualClock(1_000.0))  # no refill hides a leak
+    dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue()
+    await dispatcher.enqueue(request("a", 1_000))
+    task = asyncio.ensure_future(dispatcher.dequeue(SlowReplyLimiter(inner)))
+    await asyncio.sleep(0.01)  # the consume took effect; its answer is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)  # the answer arrives; the reservation is given back
+    metrics = inner.get_metrics()
+    assert metrics.tpm.used == 0
+    assert metrics.rpm.used == 0
+    assert (await dispatcher.get_queue_metrics()).queue.approximate_number_of_messages == 1
+
+
+async def test_purge_over_a_store_whose_purge_leaves_in_flight_messages() -> None:
+    """The adapter's default purge leaves in-flight messages: the dispatcher deletes the ones it
+    leased (buffered and handed out), so nothing comes back after the leases run out."""
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        Delegating(inner), LLMQueueDispatcherConfig(clock=clock, buffer_size=5)
+    )
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    for i in range(3):
+        await dispatcher.enqueue(request(str(i)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await dispatcher.purge()
+    await job.mark_as_processed()
+    clock.advance(31)
+    assert await inner.get_approximate_message_count() == 0
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    assert await dispatcher.dequeue(limiter) is None
+    await dispatcher.close()
+
+
+async def test_a_waiting_dequeue_never_freezes_the_event_loop() -> None:
+    """The store on a ManualClock, the dispatcher on the wall clock (a misconfiguration): the
+    in-flight message's visibility end is long past by the dispatcher's reckoning, so each wait
+    is worked out as 0. The dequeue must still yield: a 100 ms ticker keeps running."""
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(clock=ManualClock(1_000.0)))
+    limiter = LLMThrottle(600, 100_000)
+    await dispatcher.enqueue(request("a"))
+    assert await dispatcher.dequeue(limiter) is not None
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.1)
+            ticks += 1
+
+    ticking = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    assert await dispatcher.dequeue(limiter, timeout=1.0) is None
+    ticking.cancel()
+    assert ticks >= 5
