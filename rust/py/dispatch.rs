@@ -214,8 +214,9 @@ fn breakdown(choice: &Choice) -> Vec<f64> {
     choice.candidate.factors.iter().copied().chain(choice.custom.iter().copied()).collect()
 }
 
-/// Gives a reservation that was not used back whole. It was just made, so the record is
-/// there; if another thread's history eviction dropped it, there is nothing left to give back.
+/// Gives a reservation that was not used back whole. It was just made, so its record is there
+/// unless other threads' consumes pushed it out of a full history (`max_history_records`)
+/// meanwhile: then it cannot be found, and its tokens stay spent until they refill.
 fn release(py: Python<'_>, throttle: &PyThrottle, request_id: &str) -> PyResult<()> {
     let _unknown = throttle.with_state(py, |state, _| state.release(request_id))?;
     Ok(())
@@ -365,29 +366,29 @@ fn dispatch_fused(
     match build_view_message(py, &taken.view) {
         Ok(message) => Ok(Outcome::Taken((message, taken.candidate.base, taken.candidate.factors.to_vec()))),
         Err(error) => {
-            undo_take(py, store, throttle, &taken.view, reserve.then_some(&*taken.request_id));
+            let reserved = reserve.then_some(&*taken.request_id);
+            undo_take(py, (store, store_now), (throttle, limiter_now), &taken.view, reserved);
             Err(error)
         }
     }
 }
 
 /// Puts back a message received for a dispatch that cannot hand it out (building its object
-/// failed), and gives its reservation back: nobody will own it.
+/// failed), and gives its reservation back: nobody will own it. Uses the instants the step read
+/// (`store_now`, `limiter_now`): reading a clock again could fail and leave the take in place.
 pub(crate) fn undo_take(
     py: Python<'_>,
-    store: &PyStoreCore,
-    throttle: &PyThrottle,
+    (store, store_now): (&PyStoreCore, f64),
+    (throttle, limiter_now): (&PyThrottle, f64),
     view: &MessageView,
     reserved: Option<&str>,
 ) {
     let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-    if let Ok(now) = store.now(py) {
-        let (undone, aftermath) = store.locked(py, now, |s, now| s.cancel_receive(&handle, now));
-        aftermath.finish(py, store);
-        drop(undone);
-    }
-    if let (Some(request_id), Ok(now)) = (reserved, throttle.now(py)) {
-        let _ = throttle.with_state_at(py, now, |limiter, _| limiter.release(request_id));
+    let (undone, aftermath) = store.locked(py, store_now, |s, now| s.cancel_receive(&handle, now));
+    aftermath.finish(py, store);
+    drop(undone);
+    if let Some(request_id) = reserved {
+        let _ = throttle.with_state_at(py, limiter_now, |limiter, _| limiter.release(request_id));
     }
 }
 

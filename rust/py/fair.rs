@@ -174,7 +174,8 @@ impl PyStoreCore {
             Ok(message) => Ok(Outcome::Taken((message, facts))),
             Err(error) => {
                 self.correct_fair_charge(py, facts.6, facts.7, 0.0);
-                undo_take(py, self, throttle, &view, reserve.then_some(&*request_id));
+                let reserved = reserve.then_some(&*request_id);
+                undo_take(py, (self, store_now), (throttle, limiter_now), &view, reserved);
                 Err(error)
             }
         }

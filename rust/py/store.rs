@@ -278,11 +278,13 @@ impl PyStoreCore {
         py: Python<'py>,
         requests: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let messages = requests.try_iter()?.map(|r| extract_request(&r?)).collect::<PyResult<Vec<_>>>()?;
+        let mut messages =
+            requests.try_iter()?.map(|r| extract_request(&r?)).collect::<PyResult<Vec<_>>>()?;
         let views = self.views(py, |store, now| {
-            Ok(store.enqueue_batch(messages, now)?.into_iter().map(|slot| (slot, None)).collect())
-        })?;
-        build_list(py, &views)
+            Ok(store.enqueue_batch(&mut messages, now)?.into_iter().map(|slot| (slot, None)).collect())
+        });
+        drop(messages); // refused payloads are dropped here, with no lock held
+        build_list(py, &views?)
     }
 
     /// Receives up to `limit` visible messages (priority, then oldest first), each invisible for

@@ -224,7 +224,7 @@ proptest! {
         let mut n = 0u32;
         for batch in batches {
             at += 7.5;
-            let batch = batch.into_iter().map(|m| {
+            let mut batch: Vec<_> = batch.into_iter().map(|m| {
                 n += 1;
                 NewMessage {
                     request_id: format!("r{n}").into(),
@@ -236,7 +236,7 @@ proptest! {
                     deadline: None,
                 }
             }).collect();
-            store.enqueue_batch(batch, at).unwrap();
+            store.enqueue_batch(&mut batch, at).unwrap();
         }
         // Receive some with a short lease so they come back with a higher receive count.
         store.receive(receives, 1.0, at).unwrap();

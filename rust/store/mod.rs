@@ -296,8 +296,9 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     /// Enqueues a batch, validated whole first (fields, ids already queued, ids repeated within
-    /// the batch): on any error nothing is enqueued. Returns the slots in batch order.
-    pub fn enqueue_batch(&mut self, messages: Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
+    /// the batch): on any error nothing is enqueued and `messages` is left as it was (the caller
+    /// drops it, after its lock), else it is emptied. Returns the slots in batch order.
+    pub fn enqueue_batch(&mut self, messages: &mut Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
         self.maintain(now);
         let mut seen = HashTable::<usize>::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
@@ -319,7 +320,7 @@ impl<P, R: Ranking> Store<P, R> {
         let first_id = take_message_ids(messages.len() as u64);
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
-        Ok(messages.into_iter().zip(first_id..).map(|(message, id)| self.insert(message, id, now)).collect())
+        Ok(messages.drain(..).zip(first_id..).map(|(message, id)| self.insert(message, id, now)).collect())
     }
 
     /// Receives up to `limit` visible messages in receive order (priority, then oldest), each

@@ -158,12 +158,14 @@ fn batch_is_validated_whole() {
         vec![new("a", 1, 1), new("b", 4, 2)],
         vec![new("a", 1, 1), NewMessage { expected_processing_seconds: Some(f64::NAN), ..new("b", 1, 2) }],
     ];
-    for batch in bad_batches {
-        assert!(s.enqueue_batch(batch, 0.0).is_err());
+    for mut batch in bad_batches {
+        let before = batch.len();
+        assert!(s.enqueue_batch(&mut batch, 0.0).is_err());
+        assert_eq!(batch.len(), before); // handed back whole, to be dropped after the lock
         assert_eq!(s.visible_count(), 1);
         assert!(s.slot_of("a").is_none());
     }
-    let slots = s.enqueue_batch(vec![new("a", 3, 1), new("b", 0, 2)], 1.0).unwrap();
+    let slots = s.enqueue_batch(&mut vec![new("a", 3, 1), new("b", 0, 2)], 1.0).unwrap();
     assert_eq!(slots.len(), 2);
     assert!(s.message(slots[0]).message_id < s.message(slots[1]).message_id);
     assert_eq!(s.counts_by_priority(), [1, 1, 0, 1]);
@@ -430,12 +432,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 distinct.sort_unstable();
                 distinct.dedup();
                 let ok = distinct.len() == ids.len() && !model.messages.iter().any(|m| ids.contains(&m.id));
-                let batch = ids
+                let mut batch: Vec<_> = ids
                     .iter()
                     .enumerate()
                     .map(|(k, id)| new(&id.to_string(), 2, (model.seq + k as u64) as u32))
                     .collect();
-                prop_assert_eq!(s.enqueue_batch(batch, now).is_ok(), ok);
+                prop_assert_eq!(s.enqueue_batch(&mut batch, now).is_ok(), ok);
                 if ok {
                     for id in ids {
                         model.messages.push(ModelMessage {

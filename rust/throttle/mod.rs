@@ -168,6 +168,9 @@ pub struct ConsumptionRecord<M> {
     pub actual_tokens: Option<u64>,
     /// Debt taken on top of the estimate by this consume.
     pub compensation_debt: f64,
+    /// Tokens of an upward adjustment the bucket could not pay (`warn` or `compensate`): counted
+    /// in `tokens` but never taken, so `release` does not give them back.
+    pub unpaid: f64,
     /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
     pub released: bool,
 }
@@ -399,6 +402,7 @@ impl<M> Throttle<M> {
             estimated_tokens: estimated,
             actual_tokens: None,
             compensation_debt: applied_debt,
+            unpaid: 0.0,
             released: false,
         });
         if let Some(record) = self.history.back() {
@@ -417,6 +421,7 @@ impl<M> Throttle<M> {
         let index = self.record_index(request_id)?;
         let recorded = self.history[index].tokens;
         let mut outcome = Adjustment::Applied;
+        let mut unpaid = self.history[index].unpaid;
         if actual > recorded {
             let extra = (actual - recorded) as f64;
             if !self.tokens.take(extra) {
@@ -429,20 +434,28 @@ impl<M> Throttle<M> {
                     }
                     AdjustmentFailureStrategy::Warn => {
                         let shortfall = self.tokens.take_up_to(extra);
+                        unpaid += shortfall;
                         outcome = Adjustment::Warned { shortfall };
                     }
                     AdjustmentFailureStrategy::Compensate => {
                         let shortfall = self.tokens.take_up_to(extra);
+                        unpaid += shortfall;
                         self.debt += shortfall;
                         outcome = Adjustment::Compensated { shortfall, total_debt: self.debt };
                     }
                 }
             }
         } else if actual < recorded {
-            self.tokens.refund((recorded - actual) as f64);
+            // A lower count forgives what was never paid first (a second adjustment).
+            let lower = (recorded - actual) as f64;
+            let forgiven = lower.min(unpaid);
+            unpaid -= forgiven;
+            self.forgive_debt(forgiven);
+            self.tokens.refund(lower - forgiven);
         }
         let record = &mut self.history[index];
         self.totals.remove(record);
+        record.unpaid = unpaid;
         record.tokens = actual;
         record.actual_tokens = Some(actual);
         self.totals.add(record);
@@ -457,7 +470,7 @@ impl<M> Throttle<M> {
     pub fn release(&mut self, request_id: &str) -> CoreResult<()> {
         let index = self.record_index(request_id)?;
         let record = &mut self.history[index];
-        let (tokens, debt) = (record.tokens as f64, record.compensation_debt);
+        let (tokens, debt, unpaid) = (record.tokens as f64, record.compensation_debt, record.unpaid);
         record.released = true;
         let record = &self.history[index];
         self.totals.remove(record);
@@ -468,9 +481,18 @@ impl<M> Throttle<M> {
             None => self.latest_by_id.remove(request_id),
         };
         self.requests.refund(1.0);
-        self.tokens.refund(tokens + debt);
+        self.tokens.refund(tokens - unpaid + debt);
+        // The debt the consume paid is owed again; the debt its unpaid adjustment added is not.
+        self.forgive_debt(unpaid);
         self.debt += debt;
         Ok(())
+    }
+
+    /// Cancels debt an unpaid adjustment of `tokens` added (`compensate` only).
+    fn forgive_debt(&mut self, tokens: f64) {
+        if self.config.adjustment_failure_strategy == AdjustmentFailureStrategy::Compensate {
+            self.debt = (self.debt - tokens).max(0.0);
+        }
     }
 
     /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`); a shorter

@@ -238,6 +238,36 @@ proptest! {
 }
 
 #[test]
+fn release_after_an_unpaid_adjustment_gives_back_only_what_was_taken() {
+    for strategy in [AdjustmentFailureStrategy::Warn, AdjustmentFailureStrategy::Compensate] {
+        let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();
+        assert!(t.consume(0.0, "x", 300, ()));
+        assert!(t.consume(0.0, "a", 500, ()));
+        t.adjust("a", 1500).unwrap(); // 200 more taken, 800 unpaid
+        assert!(t.tokens().available().abs() < 1e-9);
+        t.release("a").unwrap();
+        // As if it never happened: "x" still holds its 300, no debt.
+        assert!((t.tokens().available() - 700.0).abs() < 1e-9, "{strategy:?}");
+        assert_eq!(t.debt(), 0.0, "{strategy:?}");
+    }
+}
+
+#[test]
+fn a_lower_second_adjustment_forgives_the_unpaid_part_first() {
+    for strategy in [AdjustmentFailureStrategy::Warn, AdjustmentFailureStrategy::Compensate] {
+        let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();
+        assert!(t.consume(0.0, "x", 300, ()));
+        assert!(t.consume(0.0, "a", 500, ()));
+        t.adjust("a", 1500).unwrap(); // 200 more taken, 800 unpaid
+        t.adjust("a", 600).unwrap(); // 900 lower: 800 unpaid forgiven, 100 refunded
+        assert!((t.tokens().available() - 100.0).abs() < 1e-9, "{strategy:?}");
+        assert_eq!(t.debt(), 0.0, "{strategy:?}");
+        t.release("a").unwrap();
+        assert!((t.tokens().available() - 700.0).abs() < 1e-9, "{strategy:?}");
+    }
+}
+
+#[test]
 fn release_gives_a_reservation_back_whole() {
     let mut t: Throttle<()> =
         Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();

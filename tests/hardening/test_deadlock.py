@@ -261,3 +261,31 @@ def test_a_custom_scorer_that_reads_the_limiter_and_the_store_from_threads() -> 
         print("done")
         """
     )
+
+
+def test_a_refused_batch_releases_its_payloads_with_no_lock_held() -> None:
+    """Defect 1: a batch refused whole (an id repeated) drops its payloads; one whose
+    `__del__` re-enters the store must find it unlocked."""
+    assert_done(
+        """
+        storage = InMemoryStorage()
+        finalized = []
+
+        class Payload:
+            def __del__(self):
+                storage.core.visible_count()
+                finalized.append(1)
+
+        # A generator: once read, the core holds the payloads' last references.
+        try:
+            storage.core.enqueue_batch(LLMRequest("a", Payload()) for _ in range(2))
+        except Exception as error:
+            assert type(error).__name__ == "DuplicateRequestError", error
+        else:
+            raise AssertionError("a repeated id was accepted")
+        gc.collect()
+        assert len(finalized) == 2, finalized
+        assert storage.core.visible_count() == 0
+        print("done")
+        """
+    )
