@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from . import _argtypes as argtypes
 from .errors import InvalidRequestError, PermanentError
 from .types import LLMRequest, Priority
 
@@ -44,27 +45,6 @@ _RESERVED = ("id", "priority", "tenant")
 
 
 # -- arguments -----------------------------------------------------------------------------------
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
 def register(commands: Any) -> None:
     """Adds ``llmqd batch`` to the subcommands."""
     batch = commands.add_parser(
@@ -74,9 +54,11 @@ def register(commands: Any) -> None:
     )
     batch.add_argument("input", type=Path, help="requests, one JSON object per line")
     batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; resumes from it)")
-    batch.add_argument("--rpm", type=_positive, required=True, help="requests per minute allowed")
-    batch.add_argument("--tpm", type=_positive, required=True, help="tokens per minute allowed")
-    batch.add_argument("--concurrency", type=_count, default=16, help="calls in flight at most (default 16)")
+    batch.add_argument("--rpm", type=argtypes.positive, required=True, help="requests per minute allowed")
+    batch.add_argument("--tpm", type=argtypes.positive, required=True, help="tokens per minute allowed")
+    batch.add_argument(
+        "--concurrency", type=argtypes.count, default=16, help="calls in flight at most (default 16)"
+    )
     batch.add_argument(
         "--base-url", default=None, help="API base URL (default: $OPENAI_BASE_URL or OpenAI's)"
     )
@@ -86,20 +68,25 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--max-attempts",
-        type=_count,
+        type=argtypes.count,
         default=5,
         help="failed attempts (429s not counted) before a request is given up (default 5)",
     )
     batch.add_argument(
-        "--max-retry-delay", type=_non_negative, default=60.0, help="backoff cap in seconds (default 60)"
+        "--max-retry-delay",
+        type=argtypes.non_negative,
+        default=60.0,
+        help="backoff cap in seconds (default 60)",
     )
     batch.add_argument(
         "--shutdown-grace",
-        type=_non_negative,
+        type=argtypes.non_negative,
         default=30.0,
         help="seconds running calls get after Ctrl-C or SIGTERM (default 30)",
     )
-    batch.add_argument("--timeout", type=_positive, default=120.0, help="seconds per call (default 120)")
+    batch.add_argument(
+        "--timeout", type=argtypes.positive, default=120.0, help="seconds per call (default 120)"
+    )
     batch.add_argument(
         "--default-max-tokens",
         type=int,
@@ -115,7 +102,7 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--progress-interval",
-        type=_positive,
+        type=argtypes.positive,
         default=10.0,
         help="seconds between progress lines (default 10)",
     )

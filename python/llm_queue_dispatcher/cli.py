@@ -7,26 +7,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import _argtypes as argtypes
 from ._core import LLMThrottle, ManualClock, __version__
 from .batch import register as _register_batch
 from .demo import register as _register_demo
 from .simulate_cli import register as _register_simulate
 
 __all__ = ["main"]
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
 def _throttle_demo(args: argparse.Namespace) -> int:
@@ -54,10 +41,16 @@ def _throttle_demo(args: argparse.Namespace) -> int:
 
 def _register_throttle_demo(commands: Any) -> None:
     demo = commands.add_parser("throttle-demo", help="show the RPM/TPM limiter admitting a burst of requests")
-    demo.add_argument("--rpm", type=_positive, default=30.0, help="requests per minute (default 30)")
-    demo.add_argument("--tpm", type=_positive, default=20_000.0, help="tokens per minute (default 20000)")
-    demo.add_argument("--requests", type=_count, default=12, help="requests in the burst (default 12)")
-    demo.add_argument("--tokens", type=_count, default=2_500, help="tokens per request (default 2500)")
+    demo.add_argument("--rpm", type=argtypes.positive, default=30.0, help="requests per minute (default 30)")
+    demo.add_argument(
+        "--tpm", type=argtypes.positive, default=20_000.0, help="tokens per minute (default 20000)"
+    )
+    demo.add_argument(
+        "--requests", type=argtypes.count, default=12, help="requests in the burst (default 12)"
+    )
+    demo.add_argument(
+        "--tokens", type=argtypes.count, default=2_500, help="tokens per request (default 2500)"
+    )
     demo.set_defaults(run=_throttle_demo)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from . import _argtypes as argtypes
 from .config import FairPriorityConfig
 from .simulate import (
     DEFAULT_RETENTION,
@@ -74,49 +75,7 @@ class UsageError(Exception):
     """A bad combination of flags; exit status 2."""
 
 
-# -- argument types ------------------------------------------------------------------------------
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _tokens(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1), got {text}")
-    return value
-
-
+# -- argument types (the shared ones are in _argtypes) -------------------------------------------
 def _mix(text: str) -> tuple[float, float, float, float]:
     parts = [part.strip() for part in text.split(",")]
     try:
@@ -146,33 +105,41 @@ def register(commands: Any) -> None:
     workload.add_argument(
         "--preset", choices=sorted(PRESETS), help="a named scenario (overload: 8 tenants at 2x the TPM limit)"
     )
-    workload.add_argument("--requests", type=_count, help="requests in the workload (default 10000)")
+    workload.add_argument("--requests", type=argtypes.count, help="requests in the workload (default 10000)")
     workload.add_argument(
-        "--duration", type=_positive, help="seconds of Poisson arrivals (instead of a request count)"
+        "--duration", type=argtypes.positive, help="seconds of Poisson arrivals (instead of a request count)"
     )
     workload.add_argument("--arrival", choices=["poisson", "burst"], help="arrival pattern (default poisson)")
-    workload.add_argument("--arrival-rate", type=_positive, help="Poisson arrivals per second (default 2.2)")
+    workload.add_argument(
+        "--arrival-rate", type=argtypes.positive, help="Poisson arrivals per second (default 2.2)"
+    )
     workload.add_argument(
         "--load",
-        type=_positive,
+        type=argtypes.positive,
         help="offered load: estimated tokens arriving per minute / the TPM limit; sets the arrival rate",
     )
     workload.add_argument(
         "--priority-mix", type=_mix, help="weights of URGENT,HIGH,NORMAL,LOW (default 10,20,50,20)"
     )
-    workload.add_argument("--token-median", type=_positive, help="median token estimate (default 800)")
     workload.add_argument(
-        "--token-sigma", type=_non_negative, help="log-normal sigma of the estimates (default 1)"
+        "--token-median", type=argtypes.positive, help="median token estimate (default 800)"
     )
-    workload.add_argument("--token-min", type=_tokens, help="smallest estimate (default 20)")
-    workload.add_argument("--token-max", type=_tokens, help="largest estimate (default 200000)")
-    workload.add_argument("--tenants", type=_count, help="tenants sending requests (default 1: none)")
     workload.add_argument(
-        "--heavy-share", type=_share, help="share of the requests the heavy tenant(s) send (default: equal)"
+        "--token-sigma", type=argtypes.non_negative, help="log-normal sigma of the estimates (default 1)"
     )
-    workload.add_argument("--heavy-tenants", type=_count, help="how many tenants are heavy (default 1)")
+    workload.add_argument("--token-min", type=argtypes.tokens, help="smallest estimate (default 20)")
+    workload.add_argument("--token-max", type=argtypes.tokens, help="largest estimate (default 200000)")
+    workload.add_argument("--tenants", type=argtypes.count, help="tenants sending requests (default 1: none)")
     workload.add_argument(
-        "--deadline", type=_non_negative, help="each request's deadline, seconds after arrival"
+        "--heavy-share",
+        type=argtypes.share,
+        help="share of the requests the heavy tenant(s) send (default: equal)",
+    )
+    workload.add_argument(
+        "--heavy-tenants", type=argtypes.count, help="how many tenants are heavy (default 1)"
+    )
+    workload.add_argument(
+        "--deadline", type=argtypes.non_negative, help="each request's deadline, seconds after arrival"
     )
     workload.add_argument(
         "--seed", type=int, default=7, help="random seed of the workload and failures (default 7)"
@@ -182,15 +149,20 @@ def register(commands: Any) -> None:
         "--save-trace", metavar="FILE", help="write the workload as a trace (.csv, else JSON Lines)"
     )
     limits = parser.add_argument_group("provider and limits")
-    limits.add_argument("--rpm", type=_positive, help=f"requests per minute (default {_BASE_RPM:g})")
-    limits.add_argument("--tpm", type=_positive, help=f"tokens per minute (default {_BASE_TPM:g})")
-    limits.add_argument("--concurrency", type=_count, help="concurrent calls the provider takes (default 32)")
+    limits.add_argument("--rpm", type=argtypes.positive, help=f"requests per minute (default {_BASE_RPM:g})")
+    limits.add_argument("--tpm", type=argtypes.positive, help=f"tokens per minute (default {_BASE_TPM:g})")
     limits.add_argument(
-        "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"
+        "--concurrency", type=argtypes.count, help="concurrent calls the provider takes (default 32)"
+    )
+    limits.add_argument(
+        "--failure-rate",
+        type=argtypes.fraction,
+        default=0.0,
+        help="share of attempts the provider fails (default 0)",
     )
     limits.add_argument(
         "--retention",
-        type=_positive,
+        type=argtypes.positive,
         default=DEFAULT_RETENTION,
         help="seconds a queued request is kept before the store drops it (default 4 days)",
     )
@@ -210,7 +182,7 @@ def register(commands: Any) -> None:
         help="the score strategies use the seed's rule: the best among those the limiter admits now",
     )
     strategies.add_argument(
-        "--reserve-tokens", type=_tokens, help="fair_priority's reserve (default: automatic)"
+        "--reserve-tokens", type=argtypes.tokens, help="fair_priority's reserve (default: automatic)"
     )
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -227,7 +199,10 @@ def register(commands: Any) -> None:
         help="on runs over 2 s: a bar (rich, on a terminal), lines on stderr, or nothing (default auto)",
     )
     output.add_argument(
-        "--progress-interval", type=_positive, default=5.0, help="seconds between progress lines (default 5)"
+        "--progress-interval",
+        type=argtypes.positive,
+        default=5.0,
+        help="seconds between progress lines (default 5)",
     )
     parser.set_defaults(run=run)
 
