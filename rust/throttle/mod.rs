@@ -450,7 +450,7 @@ impl<M> Throttle<M> {
             let lower = (recorded - actual) as f64;
             let forgiven = lower.min(unpaid);
             unpaid -= forgiven;
-            self.forgive_debt(forgiven);
+            self.give_back_unpaid(forgiven);
             self.tokens.refund(lower - forgiven);
         }
         let record = &mut self.history[index];
@@ -482,16 +482,21 @@ impl<M> Throttle<M> {
         };
         self.requests.refund(1.0);
         self.tokens.refund(tokens - unpaid + debt);
-        // The debt the consume paid is owed again; the debt its unpaid adjustment added is not.
-        self.forgive_debt(unpaid);
+        // The debt its unpaid adjustment added is not owed; the debt the consume paid is again.
+        self.give_back_unpaid(unpaid);
         self.debt += debt;
         Ok(())
     }
 
-    /// Cancels debt an unpaid adjustment of `tokens` added (`compensate` only).
-    fn forgive_debt(&mut self, tokens: f64) {
+    /// Gives back `tokens` of an upward adjustment the bucket could not pay. Under `warn` they
+    /// were never taken: nothing to do. Under `compensate` they became debt: what is still owed
+    /// is cancelled, and what later consumes already paid of it goes back to the bucket. (Such
+    /// a payer's own `release` then re-owes what it paid: exact attribution is not kept.)
+    fn give_back_unpaid(&mut self, tokens: f64) {
         if self.config.adjustment_failure_strategy == AdjustmentFailureStrategy::Compensate {
-            self.debt = (self.debt - tokens).max(0.0);
+            let cancelled = tokens.min(self.debt);
+            self.debt -= cancelled;
+            self.tokens.refund(tokens - cancelled);
         }
     }
 

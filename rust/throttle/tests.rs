@@ -253,6 +253,30 @@ fn release_after_an_unpaid_adjustment_gives_back_only_what_was_taken() {
 }
 
 #[test]
+fn an_unpaid_adjustment_whose_debt_another_consume_paid_is_refunded_as_tokens() {
+    let strategy = AdjustmentFailureStrategy::Compensate;
+    for release in [true, false] {
+        let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();
+        assert!(t.consume(0.0, "x", 300, ()));
+        assert!(t.consume(0.0, "a", 200, ()));
+        t.adjust("a", 1200).unwrap(); // 500 taken, 500 owed
+        assert_eq!(t.debt(), 500.0);
+        t.advance(30.0); // 500 refilled
+        assert!(t.consume(30.0, "b", 0, ())); // pays the 500 owed
+        assert_eq!(t.debt(), 0.0);
+        assert!(t.tokens().available().abs() < 1e-9);
+        if release {
+            t.release("a").unwrap(); // charged 1200 in all: all of it back
+            assert!((t.tokens().available() - 1000.0).abs() < 1e-9);
+        } else {
+            t.adjust("a", 200).unwrap(); // 1000 lower: all of it back
+            assert!((t.tokens().available() - 1000.0).abs() < 1e-9);
+        }
+        assert_eq!(t.debt(), 0.0);
+    }
+}
+
+#[test]
 fn a_lower_second_adjustment_forgives_the_unpaid_part_first() {
     for strategy in [AdjustmentFailureStrategy::Warn, AdjustmentFailureStrategy::Compensate] {
         let mut t: Throttle<()> = Throttle::new(config(60.0, 1000.0, strategy), 0.0).unwrap();

@@ -22,6 +22,7 @@ from llm_queue_dispatcher import (
     LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
+    ManualClock,
     PermanentError,
     Priority,
     ProcessableMessage,
@@ -162,7 +163,9 @@ async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
     provider: ProviderServer, client: AsyncOpenAI
 ) -> None:
     provider.configure(rpm=600, tpm=60_000, burst_requests=5, burst_tokens=1_000)
-    limiter = LLMThrottle(600, 60_000)  # believes in a minute's burst: 600 requests, 60k tokens
+    # Believes in a minute's burst: 600 requests, 60k tokens. A manual clock: no refill between
+    # the sync and the reading (at 10 requests/s, a slow machine's 0.1 s would add one).
+    limiter = LLMThrottle(600, 60_000, clock=ManualClock())
     completion = await create_chat_completion(client, limiter, chat("hello", max_tokens=100))
     assert completion.choices[0].message.content == "echo: hello"
     assert completion.usage is not None

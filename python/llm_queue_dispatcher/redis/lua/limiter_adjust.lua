@@ -31,8 +31,17 @@ if actual > record.tokens then
     end
   end
 elseif actual < record.tokens then
-  refund(TOKENS, record.tokens - actual)
-  record.held = math.max(0, record.held - (record.tokens - actual))
+  -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
+  -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
+  local lower = record.tokens - actual
+  local never = math.max(0, record.tokens + record.debt - record.held - record.owed)
+  lower = lower - math.min(lower, never)
+  local owed = math.min(lower, record.owed)
+  record.owed = record.owed - owed
+  give_back_owed(owed)
+  lower = lower - owed
+  refund(TOKENS, lower)
+  record.held = record.held - lower
 end
 count_in(record, -1)
 record.tokens = actual

@@ -145,6 +145,15 @@ local function refund(b, n)
   b.avail = math.min(b.avail + n, limit)
 end
 
+-- Gives back n tokens of debt an upward adjustment added: what is still owed is cancelled, what
+-- later grants already paid goes back to the bucket. (Such a payer's own release re-owes what it
+-- paid: who paid whose debt is not kept.)
+local function give_back_owed(n)
+  local cancelled = math.min(DEBT, n)
+  DEBT = DEBT - cancelled
+  refund(TOKENS, n - cancelled)
+end
+
 -- A provider's figure: at most `remaining` now and, with a reset, until then at most
 -- `remaining` minus what is granted since. A later figure replaces the ceiling.
 local function cap_at(b, remaining, reset)

@@ -1,6 +1,6 @@
 -- release: ARGV[8] request id. Gives the latest grant of that id back whole and forgets it, as if
--- it had never been granted: its request, the tokens it holds, the debt it paid (owed again) less
--- the debt its adjustments added. A provider ceiling is not raised by it. Returns 1, or 0 when
+-- it had never been granted: its request, the tokens it holds, the debt it paid (owed again), and
+-- the debt its adjustments added (cancelled, or given back where later grants paid it). A provider ceiling is not raised by it. Returns 1, or 0 when
 -- the id has no record.
 local request_id = ARGV[8]
 prune()
@@ -13,7 +13,8 @@ refill(REQUESTS)
 refill(TOKENS)
 refund(REQUESTS, 1)
 refund(TOKENS, record.held)
-DEBT = math.max(0, DEBT + record.debt - record.owed)
+give_back_owed(record.owed)
+DEBT = DEBT + record.debt
 if DEBT < DEBT_DUST then
   DEBT = 0
 end
