@@ -444,8 +444,9 @@ class CandidateBuffer:
 
     def __new__(cls, clock: Any = None) -> CandidateBuffer: ...
     def insert(self, messages: Iterable[QueueMessage[Any]]) -> list[str]:
-        """Adds leased messages; all are checked before any is added. A message already
-        buffered under an older receipt handle is replaced; returns the handles replaced."""
+        """Adds leased messages; all are checked before any is added. Of two copies of one
+        request the later delivery (higher receive count) is kept; returns the handles of the
+        copies not kept."""
     def drain(self) -> list[QueueMessage[Any]]:
         """Removes and returns every buffered message."""
     def handles(self) -> list[str]:

@@ -168,10 +168,16 @@ class LLMQueueDispatcher(Generic[T]):
     async def purge(self) -> None:
         """Removes every message from the store and the buffer. Messages handed out before are
         gone too: marking them later settles their budget and nothing else."""
-        await self._source.purge([p.message.attributes.receipt_handle for p in self._in_flight])
+        # The handed-out ones count as purged from now: a mark made while the store is purged
+        # settles its budget and nothing else (and a job handed out meanwhile stays tracked).
+        handed_out = list(self._in_flight)
         self._generation += 1
-        self._in_flight.clear()
-        self._wakeup.notify()
+        for processable in handed_out:
+            self._in_flight.pop(processable, None)
+        try:
+            await self._source.purge([p.message.attributes.receipt_handle for p in handed_out])
+        finally:
+            self._wakeup.notify()
 
     # -- selection -----------------------------------------------------------------------------
     def _custom_fn(self, limiter_metrics: Any) -> Any:
@@ -585,10 +591,11 @@ class LLMQueueDispatcher(Generic[T]):
         await self._source.close()
 
     async def release_buffered(self) -> None:
-        """Stops prefetching and releases buffered messages at once (visibility 0), so other
-        consumers take them now; unlike `close()` the dispatcher stays usable (a later
-        `dequeue` fills the buffer again). `Worker` calls it when it stops. A no-op with the
-        in-memory store, which has no buffer."""
+        """Releases buffered messages at once (visibility 0), so other consumers take them now,
+        and halts the background prefetch and lease renewal. Unlike `close()` the dispatcher
+        stays usable: a later `dequeue` fills the buffer and restarts them (unless `stop()` was
+        called). `Worker` calls it when it stops. A no-op with the in-memory store, which has
+        no buffer."""
         if isinstance(self._source, PrefetchSource):
             await self._source.release_buffered()
 

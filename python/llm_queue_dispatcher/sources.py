@@ -319,11 +319,16 @@ class PrefetchSource(MessageSource[T]):
             ends = started + self._visibility_timeout
             for message in messages:
                 self._lease_ends[message.attributes.receipt_handle] = ends
-            for stale in self.buffer.insert(messages):
-                self._lease_ends.pop(stale, None)
+            self._buffer(messages)
             self._keep_leases()
             if self._on_arrival is not None:
                 self._on_arrival()
+
+    def _buffer(self, messages: Sequence[QueueMessage[T]]) -> None:
+        """Puts leased messages into the buffer. Of two copies of one request it keeps the later
+        delivery; the lease of the other (its handle is stale) is forgotten."""
+        for stale in self.buffer.insert(messages):
+            self._lease_ends.pop(stale, None)
 
     def _start_fill(self) -> asyncio.Task[None]:
         """The fill in flight, or a new one: one receive at a time."""
@@ -340,7 +345,11 @@ class PrefetchSource(MessageSource[T]):
             self._logger.warning("filling the prefetch buffer failed: %r", task.exception())
 
     async def prepare(self) -> None:
-        await self._renew_due()
+        try:
+            await self._renew_due()
+        except Exception:
+            # Not this dispatch's failure: the hand-out renews its own message's lease first.
+            self._logger.warning("renewing buffered leases failed; retrying later", exc_info=True)
         if len(self.buffer) == 0:
             # Nothing to select from: wait for the fill (one already in flight, or a new one).
             # Shielded: a cancelled dequeue must not cancel a receive others wait for.
@@ -384,28 +393,40 @@ class PrefetchSource(MessageSource[T]):
         await self.storage.dead_letter_message(message)
 
     async def _renew_due(self) -> None:
-        """Renews the lease of every buffered message with half of it or less left."""
+        """Renews, all at once, the lease of every buffered message with half of it or less
+        left (one already being renewed is left to that renewal)."""
         half = self._visibility_timeout / 2
-        for handle in self.buffer.handles():
-            ends = self._lease_ends.get(handle)
-            if ends is None or ends - self._now() > half:
-                continue  # (None: it left the buffer meanwhile)
-            started = self._now()
+        now = self._now()
+        due = [
+            handle
+            for handle in self.buffer.handles()
+            if handle not in self._renewals and self._lease_ends.get(handle, math.inf) - now <= half
+        ]
+        if not due:
+            return
+        renewals: list[asyncio.Future[None]] = []
+        for handle in due:
             renewal = asyncio.ensure_future(
                 self.storage.update_visibility_timeout(handle, self._visibility_timeout)
             )
             # A mark of the message, once handed out, waits for this renewal (store order).
             self._renewals[handle] = renewal
             renewal.add_done_callback(functools.partial(self._forget_renewal, handle))
-            try:
-                await asyncio.shield(renewal)
-            except ReceiptHandleError:
+            renewals.append(renewal)
+        # Shielded: a cancelled caller leaves the renewals running (they are ours either way).
+        results = await asyncio.gather(*(asyncio.shield(r) for r in renewals), return_exceptions=True)
+        failure: BaseException | None = None
+        for handle, result in zip(due, results, strict=True):
+            if isinstance(result, ReceiptHandleError):
                 # Its lease ran out and another consumer received it: forget it.
                 self.buffer.discard(handle)
                 self._lease_ends.pop(handle, None)
-            else:
-                if handle in self._lease_ends:  # still buffered
-                    self._lease_ends[handle] = started + self._visibility_timeout
+            elif isinstance(result, BaseException):
+                failure = failure or result
+            elif handle in self._lease_ends:  # still buffered
+                self._lease_ends[handle] = now + self._visibility_timeout
+        if failure is not None:
+            raise failure
 
     def _forget_renewal(self, handle: str, task: asyncio.Future[None]) -> None:
         if self._renewals.get(handle) is task:
@@ -470,7 +491,7 @@ class PrefetchSource(MessageSource[T]):
             except ReceiptHandleError:
                 continue  # its lease ran out: another consumer holds it now
             except BaseException:
-                self.buffer.insert([message])  # still leased by us: kept, tried again later
+                self._buffer([message])  # still leased by us: kept, tried again later
                 raise
             ids.append(message.payload.id)
         return ids
@@ -499,14 +520,14 @@ class PrefetchSource(MessageSource[T]):
             # Cancelled or failed mid-renewal: the lease is still ours either way, so the
             # message goes back into the buffer, not to nobody.
             self._lease_ends[handle] = lease_end
-            self.buffer.insert([message])
+            self._buffer([message])
             raise
         return True
 
     async def hand_back(self, message: QueueMessage[T]) -> None:
         # Still leased by this dispatcher: back into the buffer, where it is selectable again.
         self._lease_ends.setdefault(message.attributes.receipt_handle, self._now())  # renewed soon
-        self.buffer.insert([message])
+        self._buffer([message])
         self._keep_leases()
 
     def next_visibility_change(self) -> float | None:
@@ -521,6 +542,11 @@ class PrefetchSource(MessageSource[T]):
 
     def stop(self) -> None:
         self._stopped = True
+        self._halt()
+
+    def _halt(self) -> None:
+        """Cancels the background prefetch and lease renewal (restarted by the next dequeue and
+        fill unless stopped)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -529,20 +555,29 @@ class PrefetchSource(MessageSource[T]):
             self._keeper = None
 
     async def close(self) -> None:
+        self.stop()
         await self.release_buffered()
 
     async def release_buffered(self) -> None:
-        """Stops prefetching and gives every buffered message back to the store (visibility 0)."""
-        self.stop()
+        """Gives every buffered message back to the store (visibility 0). The background
+        prefetch and renewals halt; a later dequeue restarts them unless `stop()` was called."""
+        self._halt()
         # A fill in flight may still bring messages: let it land, then release everything.
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        self._lease_ends.clear()
-        for message in self.buffer.drain():
+        messages = self.buffer.drain()
+        for index, message in enumerate(messages):
+            handle = message.attributes.receipt_handle
             try:
-                await self.storage.update_visibility_timeout(message.attributes.receipt_handle, 0.0)
+                await self._after_renewal(handle)  # a renewal landing later would lease it again
+                await self.storage.update_visibility_timeout(handle, 0.0)
             except ReceiptHandleError:
-                continue
+                pass
             except Exception:
                 # Its lease runs out by itself; the others are still released.
                 self._logger.exception("releasing a buffered message failed")
+            except BaseException:
+                # Cancelled: the messages not released yet are still ours, back into the buffer.
+                self._buffer(messages[index:])
+                raise
+            self._lease_ends.pop(handle, None)

@@ -257,9 +257,10 @@ impl PyCandidateBuffer {
         })
     }
 
-    /// Adds leased messages (all checked before any is added). A message already buffered
-    /// under an older receipt handle (its lease ran out and a fill received it again) is
-    /// replaced: the new handle is the current one. Returns the handles replaced.
+    /// Adds leased messages (all checked before any is added). Of two copies of one request
+    /// (its lease ran out and a fill received it again) the buffer keeps the later delivery,
+    /// the one with the higher receive count (the incoming one on a tie): the other's handle is
+    /// stale. Returns the handles of the copies not kept.
     fn insert(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let mut read = Vec::new();
         for message in messages.try_iter()? {
@@ -267,12 +268,17 @@ impl PyCandidateBuffer {
             let (request_id, handle, traits, tenant, deadline) = read_message(&message)?;
             read.push((message.unbind(), request_id, handle, traits, tenant, deadline));
         }
-        let mut replaced = Vec::new();
+        let mut not_kept: Vec<(Py<PyAny>, String)> = Vec::new();
         {
             let mut state = self.state.lock_py_attached(py);
             for (message, request_id, handle, traits, tenant, deadline) in read {
                 if let Some(i) = state.items.iter().position(|item| item.request_id == request_id) {
-                    replaced.push(state.items.swap_remove(i));
+                    if state.items[i].traits.receive_count > traits.receive_count {
+                        not_kept.push((message, handle)); // an older delivery coming back
+                        continue;
+                    }
+                    let old = state.items.swap_remove(i);
+                    not_kept.push((old.message, old.handle));
                 }
                 let seq = state.next_seq;
                 state.next_seq += 1;
@@ -281,7 +287,7 @@ impl PyCandidateBuffer {
             }
         }
         // The stale copies' message objects are released here, after the lock.
-        Ok(replaced.into_iter().map(|item| item.handle).collect())
+        Ok(not_kept.into_iter().map(|(_, handle)| handle).collect())
     }
 
     /// Removes and returns every buffered message.

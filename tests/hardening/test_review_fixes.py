@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -19,8 +20,10 @@ from llm_queue_dispatcher import (
     LLMRequest,
     LLMThrottle,
     ManualClock,
+    MessageAttributes,
     Priority,
     QueueMessage,
+    StorageError,
     TokenInfo,
     create_in_memory_queue,
 )
@@ -221,3 +224,116 @@ async def test_a_waiting_dequeue_never_freezes_the_event_loop() -> None:
     assert await dispatcher.dequeue(limiter, timeout=1.0) is None
     ticking.cancel()
     assert ticks >= 5
+
+
+async def test_after_release_buffered_the_buffer_is_renewed_again() -> None:
+    """`release_buffered` (what a stopping Worker calls) halts the background renewal only
+    until the next dequeue: a buffer filled again keeps its leases under a slow consumer."""
+    inner: InMemoryStorage[Any] = InMemoryStorage()
+    config = LLMQueueDispatcherConfig(visibility_timeout=1.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(60_000, 10_000_000)
+    for i in range(5):
+        await dispatcher.enqueue(request(str(i)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_failed(RuntimeError("x"))  # visible again at once
+    await dispatcher.release_buffered()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    job = await dispatcher.dequeue(limiter)  # fills the buffer again
+    assert job is not None
+    await job.update_visibility(600.0)  # the handed-out one is its consumer's to extend
+    await asyncio.sleep(2.5)  # a slow call: the buffered leases (1 s) must be renewed meanwhile
+    attributes = await inner.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 5
+    await job.mark_as_processed()
+    await dispatcher.close()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages == 4
+
+
+def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
+    buffer = CandidateBuffer()
+
+    def delivery(count: int) -> QueueMessage[Any]:
+        attributes = MessageAttributes(
+            message_id="m",
+            receipt_handle=f"h{count}",
+            enqueued_at=datetime.now(timezone.utc),
+            receive_count=count,
+            first_received_at=datetime.now(timezone.utc),
+        )
+        return QueueMessage("m", request("a"), attributes)
+
+    assert buffer.insert([delivery(2)]) == []
+    assert buffer.insert([delivery(1)]) == ["h1"]  # an older one coming back is not kept
+    assert buffer.handles() == ["h2"]
+    assert buffer.insert([delivery(3)]) == ["h2"]
+    assert buffer.handles() == ["h3"]
+
+
+class RenewalFails(Delegating):
+    """Renewing the lease of request "stuck" fails with the store's error."""
+
+    def __init__(self, inner: InMemoryStorage[Any]) -> None:
+        super().__init__(inner)
+        self.stuck: set[str] = set()
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        messages = await super().dequeue(limit, visibility_timeout)
+        self.stuck |= {m.attributes.receipt_handle for m in messages if m.payload.id == "stuck"}
+        return messages
+
+    async def update_visibility_timeout(self, receipt_handle: str, seconds: float) -> None:
+        if receipt_handle in self.stuck and seconds > 0:
+            raise StorageError("lease renewal refused")
+        await super().update_visibility_timeout(receipt_handle, seconds)
+
+
+async def test_a_failing_renewal_of_another_buffered_message_does_not_fail_the_dequeue() -> None:
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    store = RenewalFails(inner)
+    config = LLMQueueDispatcherConfig(clock=clock, visibility_timeout=30.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(LLMRequest("stuck", None, Priority.LOW, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("first", None, Priority.URGENT, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("second", None, Priority.HIGH, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "first"
+    await job.mark_as_processed()
+    clock.advance(20)  # every buffered lease is due for renewal; "stuck"'s fails
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "second"
+    await job.mark_as_processed()
+    await dispatcher.close()
+
+
+async def test_a_mark_made_while_the_store_is_purged_settles_its_budget_only() -> None:
+    class SlowPurge(Delegating):
+        async def purge(self) -> None:
+            await asyncio.sleep(0.2)
+            await self.inner.purge()
+
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        SlowPurge(inner), LLMQueueDispatcherConfig(clock=clock)
+    )
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(request("a"))
+    await dispatcher.enqueue(request("b"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    purge = asyncio.ensure_future(dispatcher.purge())
+    await asyncio.sleep(0.1)  # the purge deleted the handed-out message and purges the store
+    await job.mark_as_processed(actual_tokens=40)  # no ReceiptHandleError: settled, budget only
+    await purge
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == 40
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert await inner.get_approximate_message_count() == 0
+    await dispatcher.close()

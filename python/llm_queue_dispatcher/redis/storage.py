@@ -295,7 +295,11 @@ class RedisStorage(QueueStorageAdapter[T]):
         """An unreadable message goes to the dead-letter queue as it is stored, to be read with
         the right serializer; without one it stays leased and comes back after its visibility
         timeout (``max_receive_count`` then dead-letters it), never dropped here."""
-        if self.dead_letter is not None and await self._run("dead_letter", member, token):
+        try:
+            moved = self.dead_letter is not None and await self._run("dead_letter", member, token)
+        except StorageError:
+            moved = False  # the readable messages received with it are handed out all the same
+        if moved:
             _LOGGER.error("%s; moved to dead-letter queue %r unread", error, self.dead_letter)
         else:
             _LOGGER.error("%s; it is received again after its visibility timeout", error)
