@@ -60,6 +60,15 @@ _CUSTOM_RECHECK = 1.0
 _MIN_WAIT = 0.001
 
 
+class _LostRace:
+    """A selection whose winner another task took while the limiter answered."""
+
+
+_LOST_RACE = _LostRace()
+#: Selections a dispatch step makes before it gives way to the dequeue loop.
+_MAX_LOST_RACES = 8
+
+
 class _Picked(NamedTuple):
     """A message a dispatch step chose and took, with what explains the choice."""
 
@@ -141,6 +150,18 @@ class LLMQueueDispatcher(Generic[T]):
         self._ready: tuple[int, float] | None = None
         # Token capacity of the limiter last seen, for the unfittable count of the metrics.
         self._last_capacity: float | None = None
+        # Work that outlives a cancelled caller (a mark run to its end, a reservation given
+        # back): `close()` waits for it.
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._pending.add(task)
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Future[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller still waiting gets it too
 
     def _notify(self) -> None:
         """Something changed that a waiting dequeue should look at."""
@@ -228,9 +249,16 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def _pick_other(self, limiter: Any) -> _Picked | float | None:
         """One selection against any other limiter: select, reserve and take, giving the
-        reservation back on every path that does not hand the message out."""
-        if self.config.policy == "fair_priority":
-            return await self._pick_fair(limiter)
+        reservation back on every path that does not hand the message out. A winner another
+        task took while the limiter answered is a lost race, not an empty queue: select again."""
+        pick = self._pick_fair if self.config.policy == "fair_priority" else self._pick_scored
+        for _ in range(_MAX_LOST_RACES):
+            picked = await pick(limiter)
+            if not isinstance(picked, _LostRace):
+                return picked
+        return 0.0  # raced out every time: try again at once, from the dequeue loop
+
+    async def _pick_scored(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
         reserve, hold = config.reserve_budget, config.hold_budget
         metrics = await call_limiter(limiter, "get_metrics")
@@ -251,9 +279,9 @@ class LLMQueueDispatcher(Generic[T]):
             reserve,
             lambda: self._source.take(selection, config.visibility_timeout),
         )
-        return None if picked is None else self._scored(*picked)
+        return _LOST_RACE if picked is None else self._scored(*picked)
 
-    async def _pick_fair(self, limiter: Any) -> _Picked | float | None:
+    async def _pick_fair(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
         reserve, hold = config.reserve_budget, config.hold_budget
         metrics = await call_limiter(limiter, "get_metrics")
@@ -273,14 +301,13 @@ class LLMQueueDispatcher(Generic[T]):
             reserve,
             lambda: self._source.take_fair(selection, config.visibility_timeout),
         )
-        return None if picked is None else self._fairly(picked)
+        return _LOST_RACE if picked is None else self._fairly(picked)
 
-    @staticmethod
-    async def _admitted(limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
+    async def _admitted(self, limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
         only checked."""
         if reserve:
-            return await reserve_budget(limiter, request_id, tokens)
+            return await reserve_budget(limiter, request_id, tokens, self._track)
         check = await call_limiter(limiter, "can_process", tokens)
         return bool(check.allowed)
 
@@ -586,9 +613,14 @@ class LLMQueueDispatcher(Generic[T]):
         self._source.stop()
 
     async def close(self) -> None:
-        """Stops prefetching and releases buffered messages at once (visibility 0)."""
+        """Stops prefetching and releases buffered messages at once (visibility 0); waits for
+        marks and reservation give-backs whose callers were cancelled."""
         self._closed = True
-        await self._source.close()
+        try:
+            await self._source.close()
+        finally:
+            if self._pending:
+                await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def release_buffered(self) -> None:
         """Releases buffered messages at once (visibility 0), so other consumers take them now,

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .errors import UnknownRequestError
@@ -24,10 +25,16 @@ async def call_limiter(limiter: Any, method: str, *args: Any) -> Any:
     return result
 
 
-async def reserve(limiter: Any, request_id: str, tokens: int) -> bool:
+async def reserve(
+    limiter: Any,
+    request_id: str,
+    tokens: int,
+    track: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> bool:
     """``limiter.consume(request_id, tokens)``. Cancelled while an asynchronous consume is on
     its way (a round trip to a shared limiter), the call still completes, in the background,
-    and a reservation it made is given back: a cancelled dequeue leaves nothing taken."""
+    and a reservation it made is given back: a cancelled dequeue leaves nothing taken. That
+    background step is handed to ``track`` (the dispatcher's, so `close` waits for it)."""
     result = limiter.consume(request_id, tokens)
     if not inspect.isawaitable(result):
         return bool(result)
@@ -35,30 +42,31 @@ async def reserve(limiter: Any, request_id: str, tokens: int) -> bool:
     try:
         return bool(await asyncio.shield(consumed))
     except asyncio.CancelledError:
-        consumed.add_done_callback(lambda done: _release_if_granted(limiter, request_id, done))
+        give_back = asyncio.ensure_future(_give_back_if_granted(limiter, request_id, consumed))
+        (track or _keep)(give_back)
         raise
 
 
-#: Releases started from callbacks, referenced until they finish.
-_RELEASES: set[asyncio.Task[None]] = set()
+#: Background steps nobody tracks, referenced until they finish.
+_UNTRACKED: set[asyncio.Future[Any]] = set()
 
 
-def _release_if_granted(limiter: Any, request_id: str, consumed: asyncio.Future[Any]) -> None:
-    if consumed.cancelled() or consumed.exception() is not None or not consumed.result():
+def _keep(task: asyncio.Future[Any]) -> None:
+    _UNTRACKED.add(task)
+    task.add_done_callback(_UNTRACKED.discard)
+
+
+async def _give_back_if_granted(limiter: Any, request_id: str, consumed: asyncio.Future[Any]) -> None:
+    try:
+        granted = await consumed
+    except Exception:
+        return  # refused with an error: nothing was taken
+    if not granted:
         return
-    release = asyncio.ensure_future(release_reservation(limiter, request_id))
-    _RELEASES.add(release)
-
-    def finished(task: asyncio.Task[None]) -> None:
-        _RELEASES.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _LOGGER.warning(
-                "could not give back the reservation of cancelled request %r: %r",
-                request_id,
-                task.exception(),
-            )
-
-    release.add_done_callback(finished)
+    try:
+        await release_reservation(limiter, request_id)
+    except Exception as error:
+        _LOGGER.warning("could not give back the reservation of cancelled request %r: %r", request_id, error)
 
 
 async def release_reservation(limiter: Any, request_id: str) -> None:

@@ -9,7 +9,7 @@ also when its receipt handle has gone stale or the store was purged meanwhile.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -110,6 +110,18 @@ class ProcessableMessage(Generic[T]):
             )
         self._settled = True
 
+    def _run_to_end(self, mark: Coroutine[Any, Any, None]) -> Awaitable[None]:
+        """What a mark awaits to run ``mark``, a claimed mark's steps, to its end even if the
+        caller is cancelled meanwhile: its store step may already have landed, and the books
+        must follow it (the caller still gets `CancelledError`; `LLMQueueDispatcher.close`
+        waits for such marks). With the in-memory store the store step never suspends: the
+        mark runs inline, as the hot path wants."""
+        if not self._dispatcher._source.leases:
+            return mark
+        task = asyncio.ensure_future(mark)
+        self._dispatcher._track(task)
+        return asyncio.shield(task)
+
     def _purged(self) -> bool:
         """Whether the store was purged since this delivery: the message no longer exists."""
         return self._generation != self._dispatcher._generation
@@ -177,6 +189,9 @@ class ProcessableMessage(Generic[T]):
         if actual_tokens is not None:
             actual_tokens = validate_token_count(actual_tokens, "actual_tokens")
         self._claim("mark it processed")
+        await self._run_to_end(self._processed(actual_tokens))
+
+    async def _processed(self, actual_tokens: int | None) -> None:
         dispatcher = self._dispatcher
         deleted = self._generation == dispatcher._generation
         if deleted:
@@ -206,6 +221,9 @@ class ProcessableMessage(Generic[T]):
         its reserved tokens. The store's dead-letter rule applies."""
         delay = 0.0 if retry_after is None else _check_delay(retry_after, "retry_after")
         self._claim("mark it failed")
+        await self._run_to_end(self._failed(error, delay))
+
+    async def _failed(self, error: BaseException, delay: float) -> None:
         source, handle = self._dispatcher._source, self.message.attributes.receipt_handle
         landed = await self._store_step(lambda: source.change_visibility(handle, delay))
         try:
@@ -220,6 +238,9 @@ class ProcessableMessage(Generic[T]):
         dead-letter target the store drops it and counts it, as its ``max_receive_count`` rule
         does."""
         self._claim("dead-letter it")
+        await self._run_to_end(self._dead_lettered(error))
+
+    async def _dead_lettered(self, error: BaseException) -> None:
         source, message = self._dispatcher._source, self.message
         moved = await self._store_step(lambda: source.dead_letter(message))
         try:

@@ -275,6 +275,8 @@ class PrefetchSource(MessageSource[T]):
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        # Purges in progress: no receive starts meanwhile.
+        self._purging = 0
         # Messages the receive in flight will bring, and that receive.
         self._pending = 0
         self._fill_task: asyncio.Task[None] | None = None
@@ -293,6 +295,17 @@ class PrefetchSource(MessageSource[T]):
         return self._stopped
 
     async def purge(self, handed_out: Sequence[str] = ()) -> None:
+        # A receive in flight would put messages from before the purge into the buffer after
+        # it: it lands first, and none starts until the purge is done.
+        self._purging += 1
+        try:
+            while self._fill_task is not None and not self._fill_task.done():
+                await asyncio.wait({self._fill_task})
+            await self._purge(handed_out)
+        finally:
+            self._purging -= 1
+
+    async def _purge(self, handed_out: Sequence[str]) -> None:
         # A store's purge may leave in-flight messages (the adapter's default does): the ones
         # leased here, buffered or handed out, are deleted by handle.
         self._lease_ends.clear()
@@ -307,7 +320,7 @@ class PrefetchSource(MessageSource[T]):
 
     async def _fill(self) -> None:
         missing = self._buffer_size - len(self.buffer) - self._pending
-        if missing <= 0:
+        if missing <= 0 or self._purging:
             return
         self._pending += missing
         started = self._now()
@@ -395,6 +408,8 @@ class PrefetchSource(MessageSource[T]):
     async def _renew_due(self) -> None:
         """Renews, all at once, the lease of every buffered message with half of it or less
         left (one already being renewed is left to that renewal)."""
+        if self._visibility_timeout <= 0:
+            return  # nothing is leased ahead for any time: nothing to keep
         half = self._visibility_timeout / 2
         now = self._now()
         due = [
@@ -436,8 +451,10 @@ class PrefetchSource(MessageSource[T]):
 
     def _keep_leases(self) -> None:
         """Starts the background renewal of buffered leases unless it runs; it ends when the
-        buffer is empty or the source stops."""
-        if self._stopped or (self._keeper is not None and not self._keeper.done()):
+        buffer is empty or the source stops. (A visibility timeout of 0 leases nothing to keep.)"""
+        if self._stopped or self._visibility_timeout <= 0:
+            return
+        if self._keeper is not None and not self._keeper.done():
             return
         self._keeper = asyncio.get_running_loop().create_task(self._keep_leases_loop())
 
@@ -544,18 +561,19 @@ class PrefetchSource(MessageSource[T]):
         self._stopped = True
         self._halt()
 
-    def _halt(self) -> None:
+    def _halt(self) -> list[asyncio.Task[None]]:
         """Cancels the background prefetch and lease renewal (restarted by the next dequeue and
-        fill unless stopped)."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        if self._keeper is not None:
-            self._keeper.cancel()
-            self._keeper = None
+        fill unless stopped); returns the tasks cancelled."""
+        halted = [task for task in (self._task, self._keeper) if task is not None]
+        for task in halted:
+            task.cancel()
+        self._task = self._keeper = None
+        return halted
 
     async def close(self) -> None:
-        self.stop()
+        self._stopped = True
+        halted = self._halt()
+        await asyncio.gather(*halted, return_exceptions=True)  # none outlives the close
         await self.release_buffered()
 
     async def release_buffered(self) -> None:

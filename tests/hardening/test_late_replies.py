@@ -1,0 +1,173 @@
+"""Store and limiter replies that arrive late (a round trip to Redis), met by a purge, a
+cancellation, a concurrent dequeue or a close: found by a hostile probe of the prefetch buffer
+and the marks."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    MessageStateError,
+    Priority,
+    QueueMessage,
+    TokenInfo,
+)
+
+
+class External(InMemoryStorage[Any]):
+    """An external store to the dispatcher (a subclass is not driven through the in-memory
+    core); counts its calls, and can delay the replies of receives and deletes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.late_receive = 0.0
+        self.late_delete = 0.0
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        self.calls["dequeue"] += 1
+        received = await super().dequeue(limit, visibility_timeout)  # done on the server
+        await asyncio.sleep(self.late_receive)  # the reply in transit
+        return received
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        self.calls["update_visibility_timeout"] += 1
+        await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+    async def delete_message(self, receipt_handle: str) -> None:
+        await super().delete_message(receipt_handle)
+        await asyncio.sleep(self.late_delete)
+
+
+class RoundTripLimiter:
+    """`LLMThrottle` behind coroutines whose consume answers 10 ms later."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+
+    async def can_process(self, tokens: int) -> Any:
+        return self.inner.can_process(tokens)
+
+    async def get_metrics(self) -> Any:
+        return self.inner.get_metrics()
+
+    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+        await asyncio.sleep(0.01)
+        return self.inner.consume(request_id, tokens, metadata)
+
+    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, tokens)
+
+    async def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
+
+def request(name: str, priority: Priority = Priority.NORMAL, tokens: int = 10) -> LLMRequest[Any]:
+    return LLMRequest(name, {"n": name}, priority, TokenInfo(tokens))
+
+
+async def test_a_purge_waits_for_the_receive_in_flight_and_nothing_from_before_it_is_handed_out() -> None:
+    store = External()
+    store.late_receive = 0.05
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(buffer_size=2))
+    limiter = LLMThrottle(6_000, 1_000_000)
+    for i in range(6):
+        await dispatcher.enqueue(request(f"r{i}"))
+    job = await dispatcher.dequeue(limiter)  # takes one of two buffered, starts a refill
+    assert job is not None
+    await asyncio.sleep(0.01)  # the refill's receive is done in the store, its reply is not here
+    await dispatcher.purge()
+    await asyncio.sleep(0.1)
+    attributes = await store.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (0, 0)
+    assert await dispatcher.dequeue(limiter) is None
+    await dispatcher.close()
+
+
+async def test_a_mark_cancelled_after_its_store_call_landed_still_corrects_the_limiter() -> None:
+    clock = ManualClock(0.0)
+    store = External(clock=clock)
+    store.late_delete = 0.05
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(clock=clock))
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    mark = asyncio.ensure_future(job.mark_as_processed(actual_tokens=100))
+    await asyncio.sleep(0.01)  # the delete landed; its reply is on its way
+    mark.cancel()
+    await asyncio.gather(mark, return_exceptions=True)
+    await dispatcher.close()  # waits for the mark to run to its end
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == 100
+    assert (await dispatcher.get_queue_metrics()).processing.active_requests == 0
+    try:
+        await job.mark_as_processed(actual_tokens=100)
+    except MessageStateError:
+        pass  # marked once, and only once
+    else:
+        raise AssertionError("a second mark was accepted")
+
+
+async def test_two_concurrent_dequeues_over_a_round_trip_limiter_get_both_messages() -> None:
+    for storage in (InMemoryStorage[Any](), External()):
+        dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage)
+        limiter = RoundTripLimiter(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+        await dispatcher.enqueue(request("a", Priority.URGENT))
+        await dispatcher.enqueue(request("b", Priority.LOW))
+        jobs = await asyncio.gather(dispatcher.dequeue(limiter), dispatcher.dequeue(limiter))
+        assert sorted(job.message.payload.id for job in jobs if job is not None) == ["a", "b"]
+        metrics = limiter.inner.get_metrics()
+        assert (metrics.rpm.used, metrics.tpm.used) == (2, 20)  # the loser's first grant went back
+        await dispatcher.close()
+
+
+async def test_no_lease_renewal_spins_with_a_visibility_timeout_of_zero() -> None:
+    store = External()
+    config = LLMQueueDispatcherConfig(visibility_timeout=0.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(6_000, 1_000_000)
+    for i in range(3):
+        await dispatcher.enqueue(request(f"r{i}"))
+    assert await dispatcher.dequeue(limiter) is not None
+    store.calls.clear()
+    await asyncio.sleep(0.5)
+    assert store.calls["update_visibility_timeout"] <= 2
+    await dispatcher.close()
+
+
+async def test_close_leaves_no_task_behind() -> None:
+    store = External()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        store, LLMQueueDispatcherConfig(enable_prefetch=True, prefetch_interval=0.05)
+    )
+    limiter = RoundTripLimiter(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+    for i in range(4):
+        await dispatcher.enqueue(request(f"r{i}"))
+    before = asyncio.all_tasks()
+    cancelled = asyncio.ensure_future(dispatcher.dequeue(limiter))
+    await asyncio.sleep(0.005)  # its consume is on the wire
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    store.late_delete = 0.05
+    mark = asyncio.ensure_future(job.mark_as_processed(actual_tokens=5))
+    await asyncio.sleep(0.01)
+    mark.cancel()
+    await asyncio.gather(mark, return_exceptions=True)
+    await dispatcher.close()
+    assert asyncio.all_tasks() <= before
+    metrics = limiter.inner.get_metrics()
+    assert (metrics.rpm.used, metrics.tpm.used) == (1, 5)  # the cancelled dequeue took nothing
