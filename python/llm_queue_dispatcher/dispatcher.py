@@ -153,6 +153,7 @@ class LLMQueueDispatcher(Generic[T]):
         # Work that outlives a cancelled caller (a mark run to its end, a reservation given
         # back): `close()` waits for it.
         self._pending: set[asyncio.Future[Any]] = set()
+        self._pick_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._pending.add(task)
@@ -252,11 +253,22 @@ class LLMQueueDispatcher(Generic[T]):
         reservation back on every path that does not hand the message out. A winner another
         task took while the limiter answered is a lost race, not an empty queue: select again."""
         pick = self._pick_fair if self.config.policy == "fair_priority" else self._pick_scored
-        for _ in range(_MAX_LOST_RACES):
-            picked = await pick(limiter)
-            if not isinstance(picked, _LostRace):
-                return picked
+        # One at a time: two concurrent steps would pick the same winner and reserve its request
+        # id twice, and the loser's release would take back the winner's reservation.
+        async with self._picking():
+            for _ in range(_MAX_LOST_RACES):
+                picked = await pick(limiter)
+                if not isinstance(picked, _LostRace):
+                    return picked
         return 0.0  # raced out every time: try again at once, from the dequeue loop
+
+    def _picking(self) -> asyncio.Lock:
+        """The lock of the select-reserve-take step with other limiters, for the running loop
+        (a dispatcher may serve several `asyncio.run` calls in turn)."""
+        loop = asyncio.get_running_loop()
+        if self._pick_lock is None or self._pick_lock[0] is not loop:
+            self._pick_lock = (loop, asyncio.Lock())
+        return self._pick_lock[1]
 
     async def _pick_scored(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config

@@ -275,8 +275,10 @@ class PrefetchSource(MessageSource[T]):
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        # Purges in progress: no receive starts meanwhile.
+        # Purges in progress: no receive starts meanwhile, and what one in flight brings is
+        # handed to the purge.
         self._purging = 0
+        self._arrived_while_purging: list[QueueMessage[T]] = []
         # Messages the receive in flight will bring, and that receive.
         self._pending = 0
         self._fill_task: asyncio.Task[None] | None = None
@@ -295,21 +297,25 @@ class PrefetchSource(MessageSource[T]):
         return self._stopped
 
     async def purge(self, handed_out: Sequence[str] = ()) -> None:
-        # A receive in flight would put messages from before the purge into the buffer after
-        # it: it lands first, and none starts until the purge is done.
+        # Nothing buffered is selectable from now on; a receive in flight lands first and what
+        # it brings goes to the purge; none starts until the purge is done.
         self._purging += 1
+        leased = [m.attributes.receipt_handle for m in self.buffer.drain()]
         try:
             while self._fill_task is not None and not self._fill_task.done():
                 await asyncio.wait({self._fill_task})
-            await self._purge(handed_out)
+            leased += [m.attributes.receipt_handle for m in self.buffer.drain()]
+            leased += [m.attributes.receipt_handle for m in self._arrived_while_purging]
+            self._arrived_while_purging.clear()
+            await self._purge(leased + list(handed_out))
         finally:
             self._purging -= 1
 
-    async def _purge(self, handed_out: Sequence[str]) -> None:
+    async def _purge(self, leased: Sequence[str]) -> None:
         # A store's purge may leave in-flight messages (the adapter's default does): the ones
         # leased here, buffered or handed out, are deleted by handle.
         self._lease_ends.clear()
-        for handle in [m.attributes.receipt_handle for m in self.buffer.drain()] + list(handed_out):
+        for handle in leased:
             with contextlib.suppress(ReceiptHandleError):
                 await self.storage.delete_message(handle)
         await self.storage.purge()
@@ -328,6 +334,10 @@ class PrefetchSource(MessageSource[T]):
             messages = await self.storage.dequeue(missing, self._visibility_timeout)
         finally:
             self._pending -= missing
+        if self._purging:
+            # Received before a purge that started meanwhile: the purge deletes them.
+            self._arrived_while_purging += messages
+            return
         if messages:
             ends = started + self._visibility_timeout
             for message in messages:
@@ -580,9 +590,10 @@ class PrefetchSource(MessageSource[T]):
         """Gives every buffered message back to the store (visibility 0). The background
         prefetch and renewals halt; a later dequeue restarts them unless `stop()` was called."""
         self._halt()
-        # A fill in flight may still bring messages: let it land, then release everything.
+        # A fill in flight may still bring messages: let it land (a cancelled release must not
+        # cancel it: its messages would be leased to nobody), then release everything.
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.wait(set(self._background))
         messages = self.buffer.drain()
         for index, message in enumerate(messages):
             handle = message.attributes.receipt_handle
@@ -595,7 +606,9 @@ class PrefetchSource(MessageSource[T]):
                 # Its lease runs out by itself; the others are still released.
                 self._logger.exception("releasing a buffered message failed")
             except BaseException:
-                # Cancelled: the messages not released yet are still ours, back into the buffer.
+                # Cancelled: the messages not released yet are still ours, back into the buffer;
+                # this one's release may have landed, so its lease is checked before a hand-out.
+                self._lease_ends[handle] = -math.inf
                 self._buffer(messages[index:])
                 raise
             self._lease_ends.pop(handle, None)

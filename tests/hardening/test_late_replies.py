@@ -171,3 +171,125 @@ async def test_close_leaves_no_task_behind() -> None:
     assert asyncio.all_tasks() <= before
     metrics = limiter.inner.get_metrics()
     assert (metrics.rpm.used, metrics.tpm.used) == (1, 5)  # the cancelled dequeue took nothing
+
+
+async def test_two_concurrent_dequeues_never_reserve_one_request_twice() -> None:
+    """Both would pick the URGENT winner; the loser's give-back must not take back the
+    winner's reservation (a limiter keeps its records by request id)."""
+
+    class OneRecordPerId(RoundTripLimiter):
+        """Keeps one reservation per request id, as `RedisThrottle` does: a second consume of
+        an id with a reservation outstanding would overwrite it."""
+
+        def __init__(self, inner: LLMThrottle) -> None:
+            super().__init__(inner)
+            self.outstanding: set[str] = set()
+            self.overwritten: list[str] = []
+
+        async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+            if request_id in self.outstanding:
+                self.overwritten.append(request_id)
+            self.outstanding.add(request_id)
+            return await super().consume(request_id, tokens, metadata)
+
+        async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+            self.outstanding.discard(request_id)
+            await super().adjust_consumption(request_id, tokens)
+
+        async def release(self, request_id: str) -> None:
+            self.outstanding.discard(request_id)
+            await super().release(request_id)
+
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage[Any]())
+    limiter = OneRecordPerId(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+    await dispatcher.enqueue(request("a", Priority.LOW, tokens=100))
+    await dispatcher.enqueue(request("b", Priority.URGENT, tokens=1_000))
+    first, second = await asyncio.gather(dispatcher.dequeue(limiter), dispatcher.dequeue(limiter))
+    assert first is not None
+    assert second is not None
+    assert limiter.overwritten == []
+    metrics = limiter.inner.get_metrics()
+    assert (metrics.rpm.used, metrics.tpm.used) == (2, 1_100)
+    await first.mark_as_failed(RuntimeError("x"))  # the winner's mark, before anything else
+    await second.mark_as_failed(RuntimeError("x"))
+    metrics = limiter.inner.get_metrics()
+    assert (metrics.rpm.used, metrics.tpm.used) == (2, 0)  # the calls count, their tokens back
+
+
+async def test_a_cancelled_release_buffered_cancels_no_fill_and_strands_nothing() -> None:
+    store = External()
+    store.late_receive = 0.05
+    config = LLMQueueDispatcherConfig(buffer_size=2, visibility_timeout=300.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 1_000_000)
+    for i in range(3):
+        await dispatcher.enqueue(request(f"r{i}"))
+    waiting = asyncio.ensure_future(dispatcher.dequeue(limiter))  # waits on the first fill
+    await asyncio.sleep(0.01)  # the fill's receive is done in the store, its reply is not here
+    release = asyncio.ensure_future(dispatcher.release_buffered())
+    await asyncio.sleep(0.01)
+    release.cancel()
+    await asyncio.gather(release, return_exceptions=True)
+    job = await waiting  # not cancelled: it gets its message
+    assert job is not None
+    await job.mark_as_processed()
+    await dispatcher.close()
+    attributes = await store.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (2, 0)
+
+
+async def test_a_message_whose_cancelled_release_may_have_landed_is_checked_before_a_hand_out() -> None:
+    class LateVisibilityReply(External):
+        async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+            await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+            if visibility_timeout == 0:
+                await asyncio.sleep(0.05)  # released in the store, the reply on its way
+
+    store = LateVisibilityReply()
+    config = LLMQueueDispatcherConfig(buffer_size=5, visibility_timeout=300.0)
+    mine: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    other: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 1_000_000)
+    await mine.enqueue(request("a"))
+    await mine.enqueue(request("b"))
+    first = await mine.dequeue(limiter)
+    assert first is not None  # "b" stays buffered, leased by `mine`
+    release = asyncio.ensure_future(mine.release_buffered())
+    await asyncio.sleep(0.01)  # "b" is visible again in the store
+    release.cancel()
+    await asyncio.gather(release, return_exceptions=True)
+    theirs = await other.dequeue(limiter)  # another host receives "b"
+    ours = await mine.dequeue(limiter)  # must not hand out "b" too
+    handed_out = [job.message.payload.id for job in (theirs, ours) if job is not None]
+    assert sorted(handed_out) == ["b"]
+    await mine.close()
+    await other.close()
+
+
+async def test_a_dequeue_during_a_purge_hands_out_nothing_from_before_it() -> None:
+    store = External()
+    store.late_receive = 0.05
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(buffer_size=2))
+    limiter = RoundTripLimiter(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+    for i in range(6):
+        await dispatcher.enqueue(request(f"r{i}"))
+    job = await dispatcher.dequeue(limiter)  # one of two buffered out, a refill on its way
+    assert job is not None
+    await asyncio.sleep(0.01)
+    purge = asyncio.ensure_future(dispatcher.purge())
+    await asyncio.sleep(0)
+    during = await dispatcher.dequeue(limiter)
+    await purge
+    assert during is None
+    await job.mark_as_failed(RuntimeError("x"))  # purged: settles its budget only
+    metrics = limiter.inner.get_metrics()
+    assert (metrics.rpm.used, metrics.tpm.used) == (1, 0)  # nothing else was reserved
+    attributes = await store.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (0, 0)
+    await dispatcher.close()
