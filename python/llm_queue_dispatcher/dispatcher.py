@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from .metrics import (
 )
 from .processable import ProcessableMessage
 from .scoring import FACTOR_NAMES, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
-from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource
+from .sources import FairDispatched, InMemorySource, MessageSource, PrefetchSource, running_here
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .storage.base import _as_list
 from .throttle import check_rate_limiter
@@ -154,6 +155,8 @@ class LLMQueueDispatcher(Generic[T]):
         # back): `close()` waits for it.
         self._pending: set[asyncio.Future[Any]] = set()
         self._pick_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # Reservations going back, by request id (see `_give_back_reservation`).
+        self._releasing: dict[str, asyncio.Future[Any]] = {}
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._pending.add(task)
@@ -197,9 +200,20 @@ class LLMQueueDispatcher(Generic[T]):
         for processable in handed_out:
             self._in_flight.pop(processable, None)
         try:
-            await self._source.purge([p.message.attributes.receipt_handle for p in handed_out])
+            stale = await self._source.purge([p.message.attributes.receipt_handle for p in handed_out])
+        except BaseException:
+            # Not purged (or not all): the jobs are live deliveries again, marked in the store.
+            for processable in handed_out:
+                if not processable.settled:
+                    processable._generation = self._generation
+                    self._in_flight[processable] = None
+            raise
         finally:
             self._wakeup.notify()
+        for processable in handed_out:
+            # Its message was received again before the purge: like any stale delivery, its
+            # mark leaves the limiter alone (the record for its request id is the newer one's).
+            processable._stale_at_purge = processable.message.attributes.receipt_handle in stale
 
     # -- selection -----------------------------------------------------------------------------
     def _custom_fn(self, limiter_metrics: Any) -> Any:
@@ -318,14 +332,19 @@ class LLMQueueDispatcher(Generic[T]):
     async def _admitted(self, limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
         only checked."""
+        while (release := self._releasing.get(request_id)) is not None and release.get_loop() is (
+            asyncio.get_running_loop()
+        ):
+            await asyncio.wait({release})  # an earlier reservation of it is still going back
         if reserve:
-            return await reserve_budget(limiter, request_id, tokens, self._track)
+            return await reserve_budget(
+                limiter, request_id, tokens, functools.partial(self._track_release, request_id)
+            )
         check = await call_limiter(limiter, "can_process", tokens)
         return bool(check.allowed)
 
-    @staticmethod
     async def _take_reserved(
-        limiter: Any, request_id: str, reserved: bool, take: Callable[[], _Taken | None]
+        self, limiter: Any, request_id: str, reserved: bool, take: Callable[[], _Taken | None]
     ) -> _Taken | None:
         """``take()`` of a winner whose budget may be reserved: the reservation goes back whole
         when the take fails or the winner left meanwhile (another task took it)."""
@@ -333,11 +352,29 @@ class LLMQueueDispatcher(Generic[T]):
             picked = take()
         except BaseException:
             if reserved:
-                await asyncio.shield(release_reservation(limiter, request_id))
+                await self._give_back_reservation(limiter, request_id)
             raise
         if picked is None and reserved:
-            await asyncio.shield(release_reservation(limiter, request_id))
+            await self._give_back_reservation(limiter, request_id)
         return picked
+
+    def _give_back_reservation(self, limiter: Any, request_id: str) -> asyncio.Future[None]:
+        """Gives a reservation back whole, to the end even if the caller is cancelled. Until
+        it lands, a dispatch step that picks the same request waits (`_admitted`): limiters
+        keep reservations by request id, and this release must not take back the new one."""
+        release = asyncio.ensure_future(release_reservation(limiter, request_id))
+        self._track_release(request_id, release)
+        return asyncio.shield(release)
+
+    def _track_release(self, request_id: str, release: asyncio.Future[Any]) -> None:
+        self._releasing[request_id] = release
+        self._track(release)
+
+        def landed(task: asyncio.Future[Any]) -> None:
+            if self._releasing.get(request_id) is task:
+                del self._releasing[request_id]
+
+        release.add_done_callback(landed)
 
     @staticmethod
     async def _held_for(limiter: Any, tokens: int) -> float | None:
@@ -401,11 +438,16 @@ class LLMQueueDispatcher(Generic[T]):
     async def _give_back(
         self, limiter: Any, message: QueueMessage[T], charge: tuple[int, int] | None = None
     ) -> None:
-        await self._source.hand_back(message)
-        if charge is not None:
-            self._source.correct_charge(charge[0], charge[1], 0.0)
-        if self.config.reserve_budget:
-            await release_reservation(limiter, message.payload.id)
+        # The release is registered before the message is selectable again (see `_admitted`).
+        reserved = self.config.reserve_budget
+        release = self._give_back_reservation(limiter, message.payload.id) if reserved else None
+        try:
+            await self._source.hand_back(message)
+            if charge is not None:
+                self._source.correct_charge(charge[0], charge[1], 0.0)
+        finally:
+            if release is not None:
+                await release
 
     async def _try_dequeue(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """A handed-out message, the seconds until a held winner fits, or None. With the
@@ -436,9 +478,10 @@ class LLMQueueDispatcher(Generic[T]):
                 # the budget goes back and the delivery is forgotten.
                 await asyncio.shield(self._revoke(limiter, processable))
                 raise
-            if confirmed:
+            if confirmed and processable._generation == self._generation:
                 return processable
-            # Another consumer holds it now: never hand out a message twice.
+            # Another consumer holds it now (never hand out a message twice), or a purge
+            # removed it while its lease was renewed.
             await asyncio.shield(self._revoke(limiter, processable))
 
     async def _revoke(self, limiter: Any, processable: ProcessableMessage[T]) -> None:
@@ -447,7 +490,7 @@ class LLMQueueDispatcher(Generic[T]):
         if processable._charge is not None:
             self._source.correct_charge(processable._charge[0], processable._charge[1], 0.0)
         if self.config.reserve_budget:
-            await release_reservation(limiter, processable.message.payload.id)
+            await self._give_back_reservation(limiter, processable.message.payload.id)
 
     async def _drop_expired(self) -> None:
         for request_id in await self._source.drop_expired():
@@ -631,8 +674,9 @@ class LLMQueueDispatcher(Generic[T]):
         try:
             await self._source.close()
         finally:
-            if self._pending:
-                await asyncio.gather(*self._pending, return_exceptions=True)
+            if running := running_here(self._pending):
+                # `wait`, not `gather`: a cancelled close must not cancel what it waits for.
+                await asyncio.wait(running)
 
     async def release_buffered(self) -> None:
         """Releases buffered messages at once (visibility 0), so other consumers take them now,

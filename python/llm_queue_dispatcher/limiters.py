@@ -58,7 +58,7 @@ def _keep(task: asyncio.Future[Any]) -> None:
 
 async def _give_back_if_granted(limiter: Any, request_id: str, consumed: asyncio.Future[Any]) -> None:
     try:
-        granted = await consumed
+        granted = await asyncio.shield(consumed)
     except Exception:
         return  # refused with an error: nothing was taken
     if not granted:

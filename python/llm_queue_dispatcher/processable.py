@@ -65,6 +65,7 @@ class ProcessableMessage(Generic[T]):
         "_reason",
         "_reserved",
         "_settled",
+        "_stale_at_purge",
         "dispatched_at",
         "message",
         "score",
@@ -89,6 +90,7 @@ class ProcessableMessage(Generic[T]):
         self._limiter = limiter
         self._reserved = reserved
         self._generation = generation
+        self._stale_at_purge = False
         self._reason = reason
         self._charge = charge
         self._settled = False
@@ -152,7 +154,7 @@ class ProcessableMessage(Generic[T]):
         again), the limiter is left alone: its record for this request id is the new delivery's
         now, and correcting it would count the wrong call (erring high, on the safe side)."""
         self._recharge(actual_tokens)
-        if not self._reserved or (not landed and not self._purged()):
+        if not self._reserved or (not landed and (not self._purged() or self._stale_at_purge)):
             return
         request_id = self.message.payload.id
         try:

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
@@ -37,6 +37,13 @@ Dispatched = tuple[QueueMessage[Any], float, list[float]]
 #: tenant, tenant's use, rank, tenants waiting, effective priority, tenant id, charge id).
 FairFacts = tuple[bool, str, float, int, int, int, int, int]
 FairDispatched = tuple[QueueMessage[Any], FairFacts]
+
+
+def running_here(tasks: Iterable[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
+    """The tasks still running in this event loop: one left by an earlier `asyncio.run` can
+    never finish, and waiting for it would fail."""
+    loop = asyncio.get_running_loop()
+    return {task for task in tasks if not task.done() and task.get_loop() is loop}
 
 
 class MessageSource(ABC, Generic[T]):
@@ -78,9 +85,10 @@ class MessageSource(ABC, Generic[T]):
         await self.storage.dead_letter_message(message)
 
     @abstractmethod
-    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
         """Removes every message from the store (and the buffer); ``handed_out`` are the
-        receipt handles of this dispatcher's deliveries still in flight."""
+        receipt handles of this dispatcher's deliveries still in flight. Returns those of them
+        that were stale already (their message received again, or gone)."""
 
     @abstractmethod
     async def drop_expired(self) -> list[str]:
@@ -216,8 +224,15 @@ class InMemorySource(MessageSource[T]):
     async def dead_letter(self, message: QueueMessage[T]) -> None:
         self.core.dead_letter_now(message.attributes.receipt_handle)
 
-    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
+        stale: set[str] = set()
+        for handle in handed_out:  # deleted by handle first, to learn which were stale
+            try:
+                self.core.delete(handle)
+            except ReceiptHandleError:
+                stale.add(handle)
         self.core.purge()  # every message, in flight included
+        return stale
 
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
@@ -296,29 +311,42 @@ class PrefetchSource(MessageSource[T]):
     def stopped(self) -> bool:
         return self._stopped
 
-    async def purge(self, handed_out: Sequence[str] = ()) -> None:
+    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
         # Nothing buffered is selectable from now on; a receive in flight lands first and what
         # it brings goes to the purge; none starts until the purge is done.
         self._purging += 1
-        leased = [m.attributes.receipt_handle for m in self.buffer.drain()]
+        leased = self.buffer.drain()
         try:
             while self._fill_task is not None and not self._fill_task.done():
                 await asyncio.wait({self._fill_task})
-            leased += [m.attributes.receipt_handle for m in self.buffer.drain()]
-            leased += [m.attributes.receipt_handle for m in self._arrived_while_purging]
-            self._arrived_while_purging.clear()
-            await self._purge(leased + list(handed_out))
+            leased += self.buffer.drain() + self._arrived_while_purging
+            self._arrived_while_purging = []
+            # A store's purge may leave in-flight messages (the adapter's default does): the
+            # ones leased here are deleted by handle, then the handed-out ones.
+            while leased:
+                handle = leased[0].attributes.receipt_handle
+                with contextlib.suppress(ReceiptHandleError):
+                    await self.storage.delete_message(handle)
+                self._lease_ends.pop(handle, None)
+                leased.pop(0)
+            stale: set[str] = set()
+            for handle in handed_out:
+                try:
+                    await self.storage.delete_message(handle)
+                except ReceiptHandleError:
+                    stale.add(handle)
+            await self.storage.purge()
+        except BaseException:
+            # Cancelled or failed: what is still leased here and not deleted stays ours.
+            leased += self._arrived_while_purging
+            self._arrived_while_purging = []
+            for message in leased:
+                self._lease_ends.setdefault(message.attributes.receipt_handle, -math.inf)
+            self._buffer(leased)
+            raise
         finally:
             self._purging -= 1
-
-    async def _purge(self, leased: Sequence[str]) -> None:
-        # A store's purge may leave in-flight messages (the adapter's default does): the ones
-        # leased here, buffered or handed out, are deleted by handle.
-        self._lease_ends.clear()
-        for handle in leased:
-            with contextlib.suppress(ReceiptHandleError):
-                await self.storage.delete_message(handle)
-        await self.storage.purge()
+        return stale
 
     def _now(self) -> float:
         clock = self._clock
@@ -471,7 +499,12 @@ class PrefetchSource(MessageSource[T]):
     async def _keep_leases_loop(self) -> None:
         half = self._visibility_timeout / 2
         while not self._stopped and len(self.buffer):
-            ends = [self._lease_ends[h] for h in self.buffer.handles() if h in self._lease_ends]
+            handles = self.buffer.handles()
+            if renewing := {self._renewals[h] for h in handles if h in self._renewals}:
+                # Renewals started elsewhere (a selection's): wait for them, do not poll.
+                await asyncio.wait(renewing)
+                continue
+            ends = [self._lease_ends[h] for h in handles if h in self._lease_ends]
             if not ends:
                 return
             # Real seconds, as the prefetch loop sleeps: the dispatcher's clock is assumed to
@@ -583,7 +616,8 @@ class PrefetchSource(MessageSource[T]):
     async def close(self) -> None:
         self._stopped = True
         halted = self._halt()
-        await asyncio.gather(*halted, return_exceptions=True)  # none outlives the close
+        if running := running_here(halted):
+            await asyncio.wait(running)  # none outlives the close
         await self.release_buffered()
 
     async def release_buffered(self) -> None:
@@ -592,8 +626,8 @@ class PrefetchSource(MessageSource[T]):
         self._halt()
         # A fill in flight may still bring messages: let it land (a cancelled release must not
         # cancel it: its messages would be leased to nobody), then release everything.
-        if self._background:
-            await asyncio.wait(set(self._background))
+        if running := running_here(self._background):
+            await asyncio.wait(running)
         messages = self.buffer.drain()
         for index, message in enumerate(messages):
             handle = message.attributes.receipt_handle

@@ -58,6 +58,7 @@ class Delivery:
     generation: int  # the dispatcher's purge count when handed out
     seq: int  # order of hand-out, over all deliveries
     settled_tokens: int | None = None  # None while unsettled
+    stale_at_purge: bool = False  # already received again when its dispatcher purged
 
     @property
     def request_id(self) -> str:
@@ -240,7 +241,7 @@ class DispatchBooks(RuleBasedStateMachine):
         if not job.settled:
             assert fault == "store clock"  # a failed store step leaves the job markable
             return
-        if not current and not purged_here:
+        if not current and (not purged_here or delivery.stale_at_purge):
             delivery.settled_tokens = delivery.estimate  # stale: the limiter is left alone
         elif mark == "processed with count":
             delivery.settled_tokens = actual
@@ -260,6 +261,9 @@ class DispatchBooks(RuleBasedStateMachine):
 
     @rule(dispatcher=st.sampled_from(DISPATCHERS))
     def purge(self, dispatcher: str) -> None:
+        for delivery in self.markable():
+            if delivery.dispatcher == dispatcher and delivery.generation == self.generations[dispatcher]:
+                delivery.stale_at_purge = not self.current(delivery)
         gone = self.in_store()
         self.run(self.dispatchers[dispatcher].purge())
         self.purged |= gone

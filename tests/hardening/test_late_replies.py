@@ -8,6 +8,8 @@ import asyncio
 import collections
 from typing import Any
 
+import pytest
+
 from llm_queue_dispatcher import (
     InMemoryStorage,
     LLMQueueDispatcher,
@@ -18,6 +20,7 @@ from llm_queue_dispatcher import (
     MessageStateError,
     Priority,
     QueueMessage,
+    StorageError,
     TokenInfo,
 )
 
@@ -293,3 +296,101 @@ async def test_a_dequeue_during_a_purge_hands_out_nothing_from_before_it() -> No
         attributes.approximate_number_of_messages_in_flight,
     ) == (0, 0)
     await dispatcher.close()
+
+
+async def test_a_purge_that_fails_leaves_the_handed_out_jobs_live() -> None:
+    class FlakyDelete(External):
+        failures = 0
+
+        async def delete_message(self, receipt_handle: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise StorageError("store unreachable")
+            await super().delete_message(receipt_handle)
+
+    store = FlakyDelete()
+    config = LLMQueueDispatcherConfig(buffer_size=2, visibility_timeout=300.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 1_000_000)
+    await dispatcher.enqueue(request("a"))
+    await dispatcher.enqueue(request("b"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    store.failures = 1
+    with pytest.raises(StorageError):
+        await dispatcher.purge()
+    await job.mark_as_processed()  # the work was done: the message must be deleted
+    assert job.message.payload.id not in {m.payload.id for m in await store.peek_messages_by_priority(2, 10)}
+    attributes = await store.get_queue_attributes()
+    # Nothing of "a" left anywhere; "b" (not purged) is still there, buffered or visible.
+    assert (
+        attributes.approximate_number_of_messages + attributes.approximate_number_of_messages_in_flight == 1
+    )
+    await dispatcher.close()
+    assert [m.payload.id for m in await store.peek_messages_by_priority(2, 10)] == ["b"]
+
+
+async def test_a_close_cut_short_does_not_cancel_the_mark_it_waits_for() -> None:
+    clock = ManualClock(0.0)
+    store = External(clock=clock)
+    store.late_delete = 0.2
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(clock=clock))
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    mark = asyncio.ensure_future(job.mark_as_processed(actual_tokens=100))
+    await asyncio.sleep(0.01)  # the delete landed, its reply is on its way
+    mark.cancel()
+    await asyncio.gather(mark, return_exceptions=True)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(dispatcher.close(), 0.05)
+    await asyncio.sleep(0.3)
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == 100
+
+
+def test_close_in_a_later_event_loop_releases_the_buffer() -> None:
+    store = External()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(buffer_size=5))
+    limiter = LLMThrottle(600, 1_000_000)
+
+    async def first() -> None:
+        for i in range(3):
+            await dispatcher.enqueue(request(f"r{i}"))
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        await job.mark_as_processed()
+
+    asyncio.run(first())
+    asyncio.run(dispatcher.close())  # its lease keeper died with the first loop
+    attributes = asyncio.run(store.get_queue_attributes())
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (2, 0)
+
+
+async def test_a_cancelled_purge_strands_nothing() -> None:
+    store = External()
+    store.late_receive = 0.05
+    config = LLMQueueDispatcherConfig(buffer_size=3, visibility_timeout=30.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(6_000, 1_000_000)
+    for i in range(6):
+        await dispatcher.enqueue(request(f"r{i}"))
+    job = await dispatcher.dequeue(limiter)  # three received, two buffered, a refill on its way
+    assert job is not None
+    await job.mark_as_processed()
+    await asyncio.sleep(0.01)
+    purge = asyncio.ensure_future(dispatcher.purge())
+    await asyncio.sleep(0.01)  # the buffer is drained, the purge waits for the fill
+    purge.cancel()
+    await asyncio.gather(purge, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    await dispatcher.close()
+    attributes = await store.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (5, 0)
