@@ -154,9 +154,6 @@ class LLMQueueDispatcher(Generic[T]):
         # Work that outlives a cancelled caller (a mark run to its end, a reservation given
         # back): `close()` waits for it.
         self._pending: set[asyncio.Future[Any]] = set()
-        self._pick_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
-        # Reservations going back, by request id (see `_give_back_reservation`).
-        self._releasing: dict[str, asyncio.Future[Any]] = {}
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._pending.add(task)
@@ -267,22 +264,12 @@ class LLMQueueDispatcher(Generic[T]):
         reservation back on every path that does not hand the message out. A winner another
         task took while the limiter answered is a lost race, not an empty queue: select again."""
         pick = self._pick_fair if self.config.policy == "fair_priority" else self._pick_scored
-        # One at a time: two concurrent steps would pick the same winner and reserve its request
-        # id twice, and the loser's release would take back the winner's reservation.
-        async with self._picking():
+        async with self._source.selection_guard().lock:
             for _ in range(_MAX_LOST_RACES):
                 picked = await pick(limiter)
                 if not isinstance(picked, _LostRace):
                     return picked
         return 0.0  # raced out every time: try again at once, from the dequeue loop
-
-    def _picking(self) -> asyncio.Lock:
-        """The lock of the select-reserve-take step with other limiters, for the running loop
-        (a dispatcher may serve several `asyncio.run` calls in turn)."""
-        loop = asyncio.get_running_loop()
-        if self._pick_lock is None or self._pick_lock[0] is not loop:
-            self._pick_lock = (loop, asyncio.Lock())
-        return self._pick_lock[1]
 
     async def _pick_scored(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
@@ -332,9 +319,8 @@ class LLMQueueDispatcher(Generic[T]):
     async def _admitted(self, limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
         only checked."""
-        while (release := self._releasing.get(request_id)) is not None and release.get_loop() is (
-            asyncio.get_running_loop()
-        ):
+        releasing = self._source.selection_guard().releasing
+        while (release := releasing.get(request_id)) is not None:
             await asyncio.wait({release})  # an earlier reservation of it is still going back
         if reserve:
             return await reserve_budget(
@@ -367,12 +353,13 @@ class LLMQueueDispatcher(Generic[T]):
         return asyncio.shield(release)
 
     def _track_release(self, request_id: str, release: asyncio.Future[Any]) -> None:
-        self._releasing[request_id] = release
+        releasing = self._source.selection_guard().releasing
+        releasing[request_id] = release
         self._track(release)
 
         def landed(task: asyncio.Future[Any]) -> None:
-            if self._releasing.get(request_id) is task:
-                del self._releasing[request_id]
+            if releasing.get(request_id) is task:
+                del releasing[request_id]
 
         release.add_done_callback(landed)
 

@@ -9,6 +9,7 @@ also when its receipt handle has gone stale or the store was purged meanwhile.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -20,7 +21,6 @@ from .errors import (
     ReceiptHandleError,
     UnknownRequestError,
 )
-from .limiters import call_limiter
 from .scoring import MessageScore
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 from .types import QueueMessage, validate_token_count
@@ -124,6 +124,13 @@ class ProcessableMessage(Generic[T]):
         self._dispatcher._track(task)
         return asyncio.shield(task)
 
+    def _abandon(self) -> None:
+        """Gives up a delivery whose mark failed in the store (a `Worker` does): it is settled
+        and forgotten; the store redelivers its message when the lease ends, and the limiter
+        keeps its reservation (as for any stale delivery, erring high)."""
+        if not self._settled:
+            self._dispatcher._forget(self)
+
     def _purged(self) -> bool:
         """Whether the store was purged since this delivery: the message no longer exists."""
         return self._generation != self._dispatcher._generation
@@ -158,8 +165,10 @@ class ProcessableMessage(Generic[T]):
             return
         request_id = self.message.payload.id
         try:
-            # Shielded: a cancelled mark must not leave the reservation half corrected.
-            await asyncio.shield(call_limiter(self._limiter, "adjust_consumption", request_id, actual_tokens))
+            result = self._limiter.adjust_consumption(request_id, actual_tokens)
+            if inspect.isawaitable(result):
+                # Shielded: a cancelled mark must not leave the reservation half corrected.
+                await asyncio.shield(result)
         except UnknownRequestError:
             # The limiter forgot the reservation (older than its history retention): nothing to
             # adjust any more, and the message itself is settled.
@@ -227,12 +236,34 @@ class ProcessableMessage(Generic[T]):
 
     async def _failed(self, error: BaseException, delay: float) -> None:
         source, handle = self._dispatcher._source, self.message.attributes.receipt_handle
-        landed = await self._store_step(lambda: source.change_visibility(handle, delay))
+        # With a reservation, the message is kept leased (proving the lease is ours) until it
+        # is refunded, and only then made visible after ``delay``: limiters keep reservations by
+        # request id, and a refund landing after the next delivery's reservation would take
+        # that one back.
+        first = self._dispatcher.config.visibility_timeout if self._reserved else delay
+        landed = await self._store_step(lambda: source.change_visibility(handle, first))
         try:
-            await self._adjust(0, landed)
+            try:
+                await self._adjust(0, landed)
+            finally:
+                if landed and self._reserved:
+                    await self._release_after(delay)
         finally:
             self._dispatcher._logger.info("request %r failed: %r", self.message.payload.id, error)
             self._dispatcher._on_settled(self, processed=False, tokens=0)
+
+    async def _release_after(self, delay: float) -> None:
+        """Makes a failed message visible after ``delay``, its reservation already back."""
+        try:
+            await self._dispatcher._source.change_visibility(self.message.attributes.receipt_handle, delay)
+        except Exception as error:
+            # The mark stands (its budget is back): the message returns when the hold ends.
+            self._dispatcher._logger.warning(
+                "request %r: could not make it visible again (%r); it is delivered again after %s s",
+                self.message.payload.id,
+                error,
+                self._dispatcher.config.visibility_timeout,
+            )
 
     async def mark_as_dead_lettered(self, error: BaseException) -> None:
         """Moves the message to the store's dead-letter target at once, whatever its receive

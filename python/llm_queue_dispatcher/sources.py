@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Generic, TypeVar
@@ -37,6 +38,24 @@ Dispatched = tuple[QueueMessage[Any], float, list[float]]
 #: tenant, tenant's use, rank, tenants waiting, effective priority, tenant id, charge id).
 FairFacts = tuple[bool, str, float, int, int, int, int, int]
 FairDispatched = tuple[QueueMessage[Any], FairFacts]
+
+
+class SelectionGuard:
+    """What keeps dispatch steps over one pool from reserving a request twice, with limiters
+    other than `LLMThrottle` (whose step is one atomic call): two steps would pick the same
+    winner and reserve its request id twice, and the loser's give-back would take back the
+    winner's reservation (limiters keep reservations by request id). ``lock`` serialises
+    select-reserve-take; ``releasing`` holds the give-backs still on their way, by request id,
+    which a step picking that request waits for."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+        self.releasing: dict[str, asyncio.Future[Any]] = {}
+
+
+#: The guard of each pool owner, for the event loop it was made in.
+_GUARDS: weakref.WeakKeyDictionary[Any, SelectionGuard] = weakref.WeakKeyDictionary()
 
 
 def running_here(tasks: Iterable[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
@@ -195,6 +214,21 @@ class MessageSource(ABC, Generic[T]):
         """Messages leased into a prefetch buffer (0 in memory)."""
         return 0
 
+    def _selection_owner(self) -> Any:
+        """Whose candidates selection takes from: dispatchers sharing it share one lock."""
+        return self
+
+    def selection_guard(self) -> SelectionGuard:
+        """The `SelectionGuard` of this pool (an `InMemoryStorage` shared by several
+        dispatchers has one) for the running event loop (a dispatcher may serve several
+        `asyncio.run` in turn)."""
+        loop = asyncio.get_running_loop()
+        owner = self._selection_owner()
+        guard = _GUARDS.get(owner)
+        if guard is None or guard.loop is not loop:
+            guard = _GUARDS[owner] = SelectionGuard(loop)
+        return guard
+
     async def close(self) -> None:
         """Stops prefetching and releases what the source holds."""
 
@@ -208,6 +242,9 @@ class InMemorySource(MessageSource[T]):
     def __init__(self, storage: InMemoryStorage[T]) -> None:
         super().__init__(storage, storage.core)
         self.core: StoreCore = storage.core
+
+    def _selection_owner(self) -> Any:
+        return self.storage  # every dispatcher over this store selects from its core
 
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
         return self.core.enqueue(request)

@@ -378,8 +378,8 @@ class Worker(Generic[T]):
             raise
         except PermanentError as error:
             await self._stop_heartbeat(heartbeat)
-            await self._settle(job, "dead-letter", job.mark_as_dead_lettered(error))
-            self._dead_lettered += 1
+            if await self._settle(job, "dead-letter", job.mark_as_dead_lettered(error)):
+                self._dead_lettered += 1
         except Exception as error:
             await self._stop_heartbeat(heartbeat)
             delay = self.retry_delay(job, error)
@@ -390,8 +390,8 @@ class Worker(Generic[T]):
                 delay,
                 error,
             )
-            await self._settle(job, "retry", job.mark_as_failed(error, retry_after=delay))
-            self._retried += 1
+            if await self._settle(job, "retry", job.mark_as_failed(error, retry_after=delay)):
+                self._retried += 1
         except BaseException as error:  # KeyboardInterrupt or SystemExit raised inside a handler
             await self._stop_heartbeat(heartbeat)
             await self._release(job, error)
@@ -399,9 +399,9 @@ class Worker(Generic[T]):
         else:
             await self._stop_heartbeat(heartbeat)
             tokens = self._token_count(job, result)
-            await self._settle(job, "mark processed", job.mark_as_processed(actual_tokens=tokens))
-            self._processed += 1
-            self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
+            if await self._settle(job, "mark processed", job.mark_as_processed(actual_tokens=tokens)):
+                self._processed += 1
+                self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
 
     def _token_count(self, job: ProcessableMessage[T], result: object) -> int | None:
         if result is None:
@@ -418,7 +418,8 @@ class Worker(Generic[T]):
             )
             return None
 
-    async def _settle(self, job: ProcessableMessage[T], action: str, marking: Awaitable[None]) -> None:
+    async def _settle(self, job: ProcessableMessage[T], action: str, marking: Awaitable[None]) -> bool:
+        """Runs a mark; whether it counts (the handler's own mark counts too)."""
         try:
             await marking
         except MessageStateError:
@@ -429,12 +430,17 @@ class Worker(Generic[T]):
                 action,
                 job.message.payload.id,
             )
+            return False
         except Exception:
             self._logger.exception(
                 "could not %s request %r; it stays leased until its visibility ends, then is delivered again",
                 action,
                 job.message.payload.id,
             )
+            # Nobody will mark this delivery now: the dispatcher stops counting it in flight.
+            job._abandon()
+            return False
+        return True
 
     async def _release(self, job: ProcessableMessage[T], error: BaseException) -> None:
         """Hands a message back at once (visibility 0) with its reservation refunded."""

@@ -22,6 +22,8 @@ from llm_queue_dispatcher import (
     QueueMessage,
     StorageError,
     TokenInfo,
+    Worker,
+    create_in_memory_queue,
 )
 
 
@@ -394,3 +396,90 @@ async def test_a_cancelled_purge_strands_nothing() -> None:
         attributes.approximate_number_of_messages,
         attributes.approximate_number_of_messages_in_flight,
     ) == (5, 0)
+
+
+async def test_a_failed_mark_refunds_its_own_reservation_not_the_redeliverys() -> None:
+    """The refund lands before the message can be received again: a concurrent dequeue that
+    takes the redelivery keeps its own reservation (limiters keep them by request id)."""
+    for throttle_is_async in (False, True):
+        clock = ManualClock(1_000.0)
+        dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue(clock=clock)
+        throttle = LLMThrottle(60, 10_000, clock=clock)
+        limiter: Any = RoundTripLimiter(throttle) if throttle_is_async else throttle
+        await dispatcher.enqueue(request("a", tokens=500))
+        first = await dispatcher.dequeue(limiter)
+        assert first is not None
+        failing = asyncio.ensure_future(first.mark_as_failed(RuntimeError("x")))
+        await asyncio.sleep(0)
+        second = await dispatcher.dequeue(limiter, timeout=1.0)  # takes the redelivery
+        await failing
+        assert second is not None
+        await second.mark_as_processed(actual_tokens=100)
+        assert throttle.get_metrics().tpm.used == 100, throttle_is_async
+
+
+async def test_dispatchers_sharing_one_store_never_reserve_one_request_twice() -> None:
+    class WithoutRelease:
+        """The four methods an `AsyncRateLimiter` must have, and no `release`."""
+
+        def __init__(self, inner: LLMThrottle) -> None:
+            self.inner = inner
+
+        async def can_process(self, tokens: int) -> Any:
+            return self.inner.can_process(tokens)
+
+        async def get_metrics(self) -> Any:
+            return self.inner.get_metrics()
+
+        async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+            await asyncio.sleep(0)
+            return self.inner.consume(request_id, tokens, metadata)
+
+        async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+            self.inner.adjust_consumption(request_id, tokens)
+
+    store: InMemoryStorage[Any] = InMemoryStorage()
+    throttle = LLMThrottle(60, 10_000, clock=ManualClock())
+    limiter = WithoutRelease(throttle)
+    one: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
+    two: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
+    await store.enqueue(request("a", tokens=500))
+    await store.enqueue(request("b", tokens=500))
+    jobs = await asyncio.gather(one.dequeue(limiter), two.dequeue(limiter))
+    assert sorted(job.message.payload.id for job in jobs if job is not None) == ["a", "b"]
+    for job in jobs:
+        assert job is not None
+        await job.mark_as_processed(actual_tokens=100)
+    assert throttle.get_metrics().tpm.used == 200
+
+
+async def test_a_worker_whose_mark_fails_in_the_store_counts_nothing_and_keeps_no_phantom() -> None:
+    class DeletesFail(External):
+        failures = 2
+
+        async def delete_message(self, receipt_handle: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise StorageError("store unreachable")
+            await super().delete_message(receipt_handle)
+
+    store = DeletesFail()
+    config = LLMQueueDispatcherConfig(visibility_timeout=0.3, buffer_size=4)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    for i in range(6):
+        await dispatcher.enqueue(request(f"r{i}"))
+
+    async def handle(job: Any) -> int:
+        return 7
+
+    worker = Worker(dispatcher, LLMThrottle(60_000, 10_000_000), handle, concurrency=2, handle_signals=False)
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 30)
+    # Two marks failed: those messages came back after their lease and were processed again.
+    assert (stats.processed, stats.tokens) == (6, 42)
+    assert (await dispatcher.get_queue_metrics()).processing.active_requests == 0
+    await dispatcher.close()
+    attributes = await store.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (0, 0)

@@ -82,6 +82,17 @@ class SlowReplyLimiter:
         self.inner.release(request_id)
 
 
+class SlowCorrection(SlowReplyLimiter):
+    """An asynchronous limiter whose corrections answer 5 ms later."""
+
+    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+        return self.inner.consume(request_id, tokens, metadata)
+
+    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, tokens)
+        await asyncio.sleep(0.005)
+
+
 def request(name: str, tokens: int = 100) -> LLMRequest[Any]:
     return LLMRequest(name, {"n": name}, Priority.NORMAL, TokenInfo(tokens))
 
@@ -120,7 +131,8 @@ async def test_buffered_messages_keep_their_leases_while_a_slow_consumer_works(e
 
 @pytest.mark.parametrize("mark", ["processed", "failed", "dead_lettered"])
 async def test_a_mark_cancelled_at_the_limiter_correction_still_settles(mark: str) -> None:
-    limiter = LLMThrottle(600, 100_000, clock=ManualClock(1_000.0))  # no refill hides a leak
+    throttle = LLMThrottle(600, 100_000, clock=ManualClock(1_000.0))  # no refill hides a leak
+    limiter = SlowCorrection(throttle)
     dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue()
     await dispatcher.enqueue(request("a"))
     job = await dispatcher.dequeue(limiter)
@@ -140,10 +152,10 @@ async def test_a_mark_cancelled_at_the_limiter_correction_still_settles(mark: st
     metrics = await dispatcher.get_queue_metrics()
     assert metrics.processing.active_requests == 0
     if mark == "processed":
-        assert limiter.get_metrics().tpm.used == 50
+        assert throttle.get_metrics().tpm.used == 50
         assert metrics.queue.total_messages == 0
     else:
-        assert limiter.get_metrics().tpm.used == 0
+        assert throttle.get_metrics().tpm.used == 0
         assert metrics.queue.failed == 1 or mark == "dead_lettered"
 
 
