@@ -68,6 +68,9 @@ class _LostRace:
 _LOST_RACE = _LostRace()
 #: Selections a dispatch step makes before it gives way to the dequeue loop.
 _MAX_LOST_RACES = 8
+#: How long a dispatch step waits for the limiter to confirm an earlier give-back of the
+#: request it picked before it reserves the request again (seconds).
+_RELEASE_WAIT = 1.0
 
 
 class _Picked(NamedTuple):
@@ -264,12 +267,20 @@ class LLMQueueDispatcher(Generic[T]):
         reservation back on every path that does not hand the message out. A winner another
         task took while the limiter answered is a lost race, not an empty queue: select again."""
         pick = self._pick_fair if self.config.policy == "fair_priority" else self._pick_scored
-        async with self._source.selection_guard().lock:
-            for _ in range(_MAX_LOST_RACES):
-                picked = await pick(limiter)
-                if not isinstance(picked, _LostRace):
-                    return picked
-        return 0.0  # raced out every time: try again at once, from the dequeue loop
+        guard = self._source.selection_guard(limiter)
+        before = set(guard.releasing.values())
+        try:
+            async with guard.lock:
+                for _ in range(_MAX_LOST_RACES):
+                    picked = await pick(limiter)
+                    if not isinstance(picked, _LostRace):
+                        return picked
+            return 0.0  # raced out every time: try again at once, from the dequeue loop
+        finally:
+            # This step's own give-backs land before it returns (within reason: a limiter that
+            # never answers must not hang it); outside the lock, so that other steps go on.
+            if mine := {release for release in guard.releasing.values() if release not in before}:
+                await asyncio.wait(mine, timeout=_RELEASE_WAIT)
 
     async def _pick_scored(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
@@ -319,12 +330,20 @@ class LLMQueueDispatcher(Generic[T]):
     async def _admitted(self, limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
         only checked."""
-        releasing = self._source.selection_guard().releasing
-        while (release := releasing.get(request_id)) is not None:
-            await asyncio.wait({release})  # an earlier reservation of it is still going back
+        releasing = self._source.selection_guard(limiter).releasing
+        if (release := releasing.get(request_id)) is not None:
+            # An earlier reservation of it is still going back: wait for it, within reason (a
+            # limiter that never answers must not stall the dispatcher for good).
+            await asyncio.wait({release}, timeout=_RELEASE_WAIT)
+            if not release.done():
+                self._logger.warning(
+                    "the limiter has not confirmed giving back request %r after %s s; reserving it again",
+                    request_id,
+                    _RELEASE_WAIT,
+                )
         if reserve:
             return await reserve_budget(
-                limiter, request_id, tokens, functools.partial(self._track_release, request_id)
+                limiter, request_id, tokens, functools.partial(self._track_release, limiter, request_id)
             )
         check = await call_limiter(limiter, "can_process", tokens)
         return bool(check.allowed)
@@ -338,22 +357,24 @@ class LLMQueueDispatcher(Generic[T]):
             picked = take()
         except BaseException:
             if reserved:
-                await self._give_back_reservation(limiter, request_id)
+                await asyncio.shield(self._give_back_reservation(limiter, request_id))
             raise
         if picked is None and reserved:
-            await self._give_back_reservation(limiter, request_id)
+            # Not awaited under the selection lock: a step picking this id again waits for it.
+            self._give_back_reservation(limiter, request_id)
         return picked
 
     def _give_back_reservation(self, limiter: Any, request_id: str) -> asyncio.Future[None]:
-        """Gives a reservation back whole, to the end even if the caller is cancelled. Until
-        it lands, a dispatch step that picks the same request waits (`_admitted`): limiters
-        keep reservations by request id, and this release must not take back the new one."""
+        """Gives a reservation back whole, in a task of its own (to await shielded, or not at
+        all). Until it lands, a dispatch step that picks the same request waits (`_admitted`):
+        limiters keep reservations by request id, and this release must not take back the new
+        one."""
         release = asyncio.ensure_future(release_reservation(limiter, request_id))
-        self._track_release(request_id, release)
-        return asyncio.shield(release)
+        self._track_release(limiter, request_id, release)
+        return release
 
-    def _track_release(self, request_id: str, release: asyncio.Future[Any]) -> None:
-        releasing = self._source.selection_guard().releasing
+    def _track_release(self, limiter: Any, request_id: str, release: asyncio.Future[Any]) -> None:
+        releasing = self._source.selection_guard(limiter).releasing
         releasing[request_id] = release
         self._track(release)
 
@@ -434,7 +455,7 @@ class LLMQueueDispatcher(Generic[T]):
                 self._source.correct_charge(charge[0], charge[1], 0.0)
         finally:
             if release is not None:
-                await release
+                await asyncio.shield(release)
 
     async def _try_dequeue(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """A handed-out message, the seconds until a held winner fits, or None. With the
@@ -477,7 +498,7 @@ class LLMQueueDispatcher(Generic[T]):
         if processable._charge is not None:
             self._source.correct_charge(processable._charge[0], processable._charge[1], 0.0)
         if self.config.reserve_budget:
-            await self._give_back_reservation(limiter, processable.message.payload.id)
+            await asyncio.shield(self._give_back_reservation(limiter, processable.message.payload.id))
 
     async def _drop_expired(self) -> None:
         for request_id in await self._source.drop_expired():

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._core import LLMThrottle
 from .errors import (
     InvalidRequestError,
     MessageStateError,
@@ -48,6 +49,13 @@ def _check_delay(value: object, name: str) -> float:
     ):
         raise InvalidRequestError(f"{name} must be None or within [0, 43200] seconds, got {value!r}")
     return float(value)
+
+
+def _is_async(limiter: Any) -> bool:
+    """Whether a mark's correction of ``limiter`` may suspend (an `AsyncRateLimiter`)."""
+    if type(limiter) is LLMThrottle:
+        return False
+    return inspect.iscoroutinefunction(getattr(limiter, "adjust_consumption", None))
 
 
 class ProcessableMessage(Generic[T]):
@@ -116,9 +124,9 @@ class ProcessableMessage(Generic[T]):
         """What a mark awaits to run ``mark``, a claimed mark's steps, to its end even if the
         caller is cancelled meanwhile: its store step may already have landed, and the books
         must follow it (the caller still gets `CancelledError`; `LLMQueueDispatcher.close`
-        waits for such marks). With the in-memory store the store step never suspends: the
-        mark runs inline, as the hot path wants."""
-        if not self._dispatcher._source.leases:
+        waits for such marks). A mark that cannot suspend (the in-memory store, a plain
+        limiter) runs inline, as the hot path wants."""
+        if not self._dispatcher._source.leases and not _is_async(self._limiter):
             return mark
         task = asyncio.ensure_future(mark)
         self._dispatcher._track(task)

@@ -54,8 +54,11 @@ class SelectionGuard:
         self.releasing: dict[str, asyncio.Future[Any]] = {}
 
 
-#: The guard of each pool owner, for the event loop it was made in.
-_GUARDS: weakref.WeakKeyDictionary[Any, SelectionGuard] = weakref.WeakKeyDictionary()
+#: The guards of each pool owner, by (event loop, limiter): reservations conflict only within one
+#: limiter, and a lock serves one loop.
+_GUARDS: weakref.WeakKeyDictionary[Any, dict[tuple[asyncio.AbstractEventLoop, int], SelectionGuard]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def running_here(tasks: Iterable[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
@@ -218,15 +221,18 @@ class MessageSource(ABC, Generic[T]):
         """Whose candidates selection takes from: dispatchers sharing it share one lock."""
         return self
 
-    def selection_guard(self) -> SelectionGuard:
+    def selection_guard(self, limiter: Any) -> SelectionGuard:
         """The `SelectionGuard` of this pool (an `InMemoryStorage` shared by several
-        dispatchers has one) for the running event loop (a dispatcher may serve several
-        `asyncio.run` in turn)."""
+        dispatchers has one) and ``limiter``, for the running event loop (a dispatcher may
+        serve several `asyncio.run` in turn, or threads one each)."""
         loop = asyncio.get_running_loop()
-        owner = self._selection_owner()
-        guard = _GUARDS.get(owner)
-        if guard is None or guard.loop is not loop:
-            guard = _GUARDS[owner] = SelectionGuard(loop)
+        guards = _GUARDS.setdefault(self._selection_owner(), {})
+        key = (loop, id(limiter))
+        guard = guards.get(key)
+        if guard is None:
+            for stale in [k for k in guards if k[0].is_closed()]:
+                del guards[stale]
+            guard = guards[key] = SelectionGuard(loop)
         return guard
 
     async def close(self) -> None:

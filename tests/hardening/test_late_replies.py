@@ -483,3 +483,53 @@ async def test_a_worker_whose_mark_fails_in_the_store_counts_nothing_and_keeps_n
         attributes.approximate_number_of_messages,
         attributes.approximate_number_of_messages_in_flight,
     ) == (0, 0)
+
+
+async def test_a_cancelled_failed_mark_refunds_before_the_message_is_visible_again() -> None:
+    class SlowRefund(RoundTripLimiter):
+        async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+            return self.inner.consume(request_id, tokens, metadata)
+
+        async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+            await asyncio.sleep(0.05)
+            self.inner.adjust_consumption(request_id, tokens)
+
+    throttle = LLMThrottle(60, 10_000, clock=ManualClock())
+    limiter = SlowRefund(throttle)
+    dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue()
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    failing = asyncio.ensure_future(first.mark_as_failed(RuntimeError("x")))
+    await asyncio.sleep(0.01)  # the refund is on its way
+    failing.cancel()
+    await asyncio.gather(failing, return_exceptions=True)
+    second = await dispatcher.dequeue(limiter, timeout=1.0)  # only once the refund landed
+    assert second is not None
+    await second.mark_as_processed(actual_tokens=200)
+    await dispatcher.close()
+    assert throttle.get_metrics().tpm.used == 200
+
+
+async def test_a_limiter_that_never_confirms_a_give_back_stalls_nothing_for_good() -> None:
+    class NeverReleases(RoundTripLimiter):
+        async def release(self, request_id: str) -> None:
+            await asyncio.Event().wait()  # hangs
+
+    store: InMemoryStorage[Any] = InMemoryStorage()
+    stuck = NeverReleases(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+    healthy = RoundTripLimiter(LLMThrottle(6_000, 1_000_000, clock=ManualClock()))
+    one: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
+    two: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
+    await store.enqueue(request("a", Priority.URGENT))
+    await store.enqueue(request("b", Priority.LOW))
+    cancelled = asyncio.ensure_future(one.dequeue(stuck))
+    await asyncio.sleep(0.005)  # its consume is on the wire
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)  # its give-back never lands
+    job = await asyncio.wait_for(two.dequeue(healthy), 0.5)  # another limiter: not held up
+    assert job is not None
+    assert job.message.payload.id == "a"
+    await job.mark_as_failed(RuntimeError("x"))
+    again = await asyncio.wait_for(one.dequeue(stuck), 3.0)  # held up about a second at most
+    assert again is not None
