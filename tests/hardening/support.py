@@ -3,6 +3,7 @@ a bookkeeping snapshot of a dispatcher, and a runner for scenarios that could ha
 
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 import sys
@@ -209,3 +210,35 @@ async def books(
 
 def native_limiter(clock: Any, rpm: float = 600.0, tpm: float = 100_000.0, **options: Any) -> LLMThrottle:
     return LLMThrottle(rpm, tpm, clock=clock, **options)
+
+
+class AsyncThrottle:
+    """An `LLMThrottle` behind the four coroutines an `AsyncRateLimiter` must have (no
+    `release`), whose consume answers ``consume_latency`` seconds after it took effect (a
+    round trip to a shared limiter)."""
+
+    consume_latency = 0.0
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+
+    async def can_process(self, tokens: int) -> Any:
+        return self.inner.can_process(tokens)
+
+    async def get_metrics(self) -> Any:
+        return self.inner.get_metrics()
+
+    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+        granted = self.inner.consume(request_id, tokens, metadata)
+        await asyncio.sleep(self.consume_latency)
+        return granted
+
+    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, tokens)
+
+
+class AsyncThrottleWithRelease(AsyncThrottle):
+    """`AsyncThrottle` with `release`, as `RedisThrottle` has."""
+
+    async def release(self, request_id: str) -> None:
+        self.inner.release(request_id)

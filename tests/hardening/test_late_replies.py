@@ -25,6 +25,7 @@ from llm_queue_dispatcher import (
     Worker,
     create_in_memory_queue,
 )
+from tests.hardening.support import AsyncThrottle, AsyncThrottleWithRelease
 
 
 class External(InMemoryStorage[Any]):
@@ -52,27 +53,10 @@ class External(InMemoryStorage[Any]):
         await asyncio.sleep(self.late_delete)
 
 
-class RoundTripLimiter:
-    """`LLMThrottle` behind coroutines whose consume answers 10 ms later."""
+class RoundTripLimiter(AsyncThrottleWithRelease):
+    """`LLMThrottle` behind coroutines whose consume answers 10 ms after it took effect."""
 
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-
-    async def can_process(self, tokens: int) -> Any:
-        return self.inner.can_process(tokens)
-
-    async def get_metrics(self) -> Any:
-        return self.inner.get_metrics()
-
-    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
-        await asyncio.sleep(0.01)
-        return self.inner.consume(request_id, tokens, metadata)
-
-    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
-        self.inner.adjust_consumption(request_id, tokens)
-
-    async def release(self, request_id: str) -> None:
-        self.inner.release(request_id)
+    consume_latency = 0.01
 
 
 def request(name: str, priority: Priority = Priority.NORMAL, tokens: int = 10) -> LLMRequest[Any]:
@@ -419,28 +403,9 @@ async def test_a_failed_mark_refunds_its_own_reservation_not_the_redeliverys() -
 
 
 async def test_dispatchers_sharing_one_store_never_reserve_one_request_twice() -> None:
-    class WithoutRelease:
-        """The four methods an `AsyncRateLimiter` must have, and no `release`."""
-
-        def __init__(self, inner: LLMThrottle) -> None:
-            self.inner = inner
-
-        async def can_process(self, tokens: int) -> Any:
-            return self.inner.can_process(tokens)
-
-        async def get_metrics(self) -> Any:
-            return self.inner.get_metrics()
-
-        async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
-            await asyncio.sleep(0)
-            return self.inner.consume(request_id, tokens, metadata)
-
-        async def adjust_consumption(self, request_id: str, tokens: int) -> None:
-            self.inner.adjust_consumption(request_id, tokens)
-
     store: InMemoryStorage[Any] = InMemoryStorage()
     throttle = LLMThrottle(60, 10_000, clock=ManualClock())
-    limiter = WithoutRelease(throttle)
+    limiter = AsyncThrottle(throttle)  # no release: the four required coroutines only
     one: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
     two: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store)
     await store.enqueue(request("a", tokens=500))

@@ -29,6 +29,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher._core import CandidateBuffer
 from llm_queue_dispatcher.storage import QueueStorageAdapter
+from tests.hardening.support import AsyncThrottleWithRelease
 
 
 class Delegating(QueueStorageAdapter[Any]):
@@ -57,29 +58,11 @@ class Delegating(QueueStorageAdapter[Any]):
         return await self.inner.peek_messages_by_priority(priority, limit)
 
 
-class SlowReplyLimiter:
+class SlowReplyLimiter(AsyncThrottleWithRelease):
     """An asynchronous limiter whose consume takes effect at once and answers 50 ms later (a
     round trip to a shared limiter)."""
 
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-
-    async def can_process(self, tokens: int) -> Any:
-        return self.inner.can_process(tokens)
-
-    async def get_metrics(self) -> Any:
-        return self.inner.get_metrics()
-
-    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
-        granted = self.inner.consume(request_id, tokens, metadata)
-        await asyncio.sleep(0.05)
-        return granted
-
-    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
-        self.inner.adjust_consumption(request_id, tokens)
-
-    async def release(self, request_id: str) -> None:
-        self.inner.release(request_id)
+    consume_latency = 0.05
 
 
 class SlowCorrection(SlowReplyLimiter):
