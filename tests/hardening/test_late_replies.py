@@ -30,13 +30,14 @@ from tests.hardening.support import AsyncThrottle, AsyncThrottleWithRelease
 
 class External(InMemoryStorage[Any]):
     """An external store to the dispatcher (a subclass is not driven through the in-memory
-    core); counts its calls, and can delay the replies of receives and deletes."""
+    core); counts its calls, can delay the replies of receives and deletes, and fail deletes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.calls: collections.Counter[str] = collections.Counter()
         self.late_receive = 0.0
         self.late_delete = 0.0
+        self.failing_deletes = 0
 
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
         self.calls["dequeue"] += 1
@@ -49,6 +50,9 @@ class External(InMemoryStorage[Any]):
         await super().update_visibility_timeout(receipt_handle, visibility_timeout)
 
     async def delete_message(self, receipt_handle: str) -> None:
+        if self.failing_deletes:
+            self.failing_deletes -= 1
+            raise StorageError("store unreachable")
         await super().delete_message(receipt_handle)
         await asyncio.sleep(self.late_delete)
 
@@ -285,16 +289,7 @@ async def test_a_dequeue_during_a_purge_hands_out_nothing_from_before_it() -> No
 
 
 async def test_a_purge_that_fails_leaves_the_handed_out_jobs_live() -> None:
-    class FlakyDelete(External):
-        failures = 0
-
-        async def delete_message(self, receipt_handle: str) -> None:
-            if self.failures:
-                self.failures -= 1
-                raise StorageError("store unreachable")
-            await super().delete_message(receipt_handle)
-
-    store = FlakyDelete()
+    store = External()
     config = LLMQueueDispatcherConfig(buffer_size=2, visibility_timeout=300.0)
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
     limiter = LLMThrottle(600, 1_000_000)
@@ -302,7 +297,7 @@ async def test_a_purge_that_fails_leaves_the_handed_out_jobs_live() -> None:
     await dispatcher.enqueue(request("b"))
     job = await dispatcher.dequeue(limiter)
     assert job is not None
-    store.failures = 1
+    store.failing_deletes = 1
     with pytest.raises(StorageError):
         await dispatcher.purge()
     await job.mark_as_processed()  # the work was done: the message must be deleted
@@ -419,16 +414,8 @@ async def test_dispatchers_sharing_one_store_never_reserve_one_request_twice() -
 
 
 async def test_a_worker_whose_mark_fails_in_the_store_counts_nothing_and_keeps_no_phantom() -> None:
-    class DeletesFail(External):
-        failures = 2
-
-        async def delete_message(self, receipt_handle: str) -> None:
-            if self.failures:
-                self.failures -= 1
-                raise StorageError("store unreachable")
-            await super().delete_message(receipt_handle)
-
-    store = DeletesFail()
+    store = External()
+    store.failing_deletes = 2
     config = LLMQueueDispatcherConfig(visibility_timeout=0.3, buffer_size=4)
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
     for i in range(6):
