@@ -24,7 +24,7 @@ from ._checks import shown
 from ._core import LLMThrottle, ScoringParams
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError
-from .limiters import call_limiter, release_reservation
+from .limiters import call_limiter, start_release
 from .limiters import reserve as reserve_budget
 from .metrics import (
     InFlightDetail,
@@ -61,11 +61,13 @@ _CUSTOM_RECHECK = 1.0
 _MIN_WAIT = 0.001
 
 
-class _LostRace:
-    """A selection whose winner another task took while the limiter answered."""
+class _LostRace(NamedTuple):
+    """A selection whose winner another task took while the limiter answered, and the
+    give-back of the reservation made for it (None when nothing was reserved)."""
+
+    give_back: asyncio.Future[None] | None
 
 
-_LOST_RACE = _LostRace()
 #: Selections a dispatch step makes before it gives way to the dequeue loop.
 _MAX_LOST_RACES = 8
 #: How long a dispatch step waits for the limiter to confirm an earlier give-back of the
@@ -192,28 +194,30 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def purge(self) -> None:
         """Removes every message from the store and the buffer. Messages handed out before are
-        gone too: marking them later settles their budget and nothing else."""
+        gone too: marking them later settles their budget and nothing else (the budget of one
+        whose message had been received again meanwhile is left alone, as for any stale
+        delivery). If the purge fails, those it had not deleted yet are live deliveries again."""
         # The handed-out ones count as purged from now: a mark made while the store is purged
         # settles its budget and nothing else (and a job handed out meanwhile stays tracked).
         handed_out = list(self._in_flight)
         self._generation += 1
+        outcome: dict[str, bool] = {}  # receipt handle -> deleted (True) or stale (False)
         for processable in handed_out:
             self._in_flight.pop(processable, None)
+            processable._purge_outcome = outcome
         try:
-            stale = await self._source.purge([p.message.attributes.receipt_handle for p in handed_out])
+            handles = [p.message.attributes.receipt_handle for p in handed_out]
+            await self._source.purge(handles, outcome)
         except BaseException:
-            # Not purged (or not all): the jobs are live deliveries again, marked in the store.
+            # Not purged: the jobs not deleted yet are live deliveries again, marked in the store.
             for processable in handed_out:
-                if not processable.settled:
+                if not processable.settled and processable.message.attributes.receipt_handle not in outcome:
                     processable._generation = self._generation
+                    processable._purge_outcome = None
                     self._in_flight[processable] = None
             raise
         finally:
             self._wakeup.notify()
-        for processable in handed_out:
-            # Its message was received again before the purge: like any stale delivery, its
-            # mark leaves the limiter alone (the record for its request id is the newer one's).
-            processable._stale_at_purge = processable.message.attributes.receipt_handle in stale
 
     # -- selection -----------------------------------------------------------------------------
     def _custom_fn(self, limiter_metrics: Any) -> Any:
@@ -267,20 +271,22 @@ class LLMQueueDispatcher(Generic[T]):
         reservation back on every path that does not hand the message out. A winner another
         task took while the limiter answered is a lost race, not an empty queue: select again."""
         pick = self._pick_fair if self.config.policy == "fair_priority" else self._pick_scored
-        guard = self._source.selection_guard(limiter)
-        before = set(guard.releasing.values())
-        try:
-            async with guard.lock:
-                for _ in range(_MAX_LOST_RACES):
-                    picked = await pick(limiter)
-                    if not isinstance(picked, _LostRace):
-                        return picked
-            return 0.0  # raced out every time: try again at once, from the dequeue loop
-        finally:
-            # This step's own give-backs land before it returns (within reason: a limiter that
-            # never answers must not hang it); outside the lock, so that other steps go on.
-            if mine := {release for release in guard.releasing.values() if release not in before}:
-                await asyncio.wait(mine, timeout=_RELEASE_WAIT)
+        give_backs: list[asyncio.Future[None]] = []
+        picked: _Picked | float | _LostRace | None = 0.0  # raced out every time: try again at once
+        async with self._source.selection_guard(limiter).lock:
+            for _ in range(_MAX_LOST_RACES):
+                picked = await pick(limiter)
+                if not isinstance(picked, _LostRace):
+                    break
+                if picked.give_back is not None:
+                    give_backs.append(picked.give_back)
+        if isinstance(picked, _LostRace):
+            picked = 0.0
+        if give_backs and not isinstance(picked, _Picked):
+            # Handing nothing out, the step returns with its books settled (within reason: a
+            # limiter that never answers must not hang it); outside the lock, so others go on.
+            await asyncio.wait(give_backs, timeout=_RELEASE_WAIT)
+        return picked
 
     async def _pick_scored(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
@@ -303,7 +309,7 @@ class LLMQueueDispatcher(Generic[T]):
             reserve,
             lambda: self._source.take(selection, config.visibility_timeout),
         )
-        return _LOST_RACE if picked is None else self._scored(*picked)
+        return picked if isinstance(picked, _LostRace) else self._scored(*picked)
 
     async def _pick_fair(self, limiter: Any) -> _Picked | float | _LostRace | None:
         config = self.config
@@ -325,7 +331,7 @@ class LLMQueueDispatcher(Generic[T]):
             reserve,
             lambda: self._source.take_fair(selection, config.visibility_timeout),
         )
-        return _LOST_RACE if picked is None else self._fairly(picked)
+        return picked if isinstance(picked, _LostRace) else self._fairly(picked)
 
     async def _admitted(self, limiter: Any, request_id: str, tokens: int, reserve: bool) -> bool:
         """Whether the limiter admits the winner now: its budget reserved (``reserve``), or
@@ -350,28 +356,51 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def _take_reserved(
         self, limiter: Any, request_id: str, reserved: bool, take: Callable[[], _Taken | None]
-    ) -> _Taken | None:
+    ) -> _Taken | _LostRace:
         """``take()`` of a winner whose budget may be reserved: the reservation goes back whole
-        when the take fails or the winner left meanwhile (another task took it)."""
+        when the take fails or the winner left meanwhile (another task took it: a lost race,
+        whose give-back is not awaited under the selection lock; a step picking this request
+        again waits for it in `_admitted`)."""
         try:
             picked = take()
         except BaseException:
             if reserved:
                 await asyncio.shield(self._give_back_reservation(limiter, request_id))
             raise
-        if picked is None and reserved:
-            # Not awaited under the selection lock: a step picking this id again waits for it.
-            self._give_back_reservation(limiter, request_id)
+        if picked is None:
+            return _LostRace(self._give_back_reservation(limiter, request_id) if reserved else None)
         return picked
 
     def _give_back_reservation(self, limiter: Any, request_id: str) -> asyncio.Future[None]:
-        """Gives a reservation back whole, in a task of its own (to await shielded, or not at
-        all). Until it lands, a dispatch step that picks the same request waits (`_admitted`):
-        limiters keep reservations by request id, and this release must not take back the new
-        one."""
-        release = asyncio.ensure_future(release_reservation(limiter, request_id))
+        """Gives a reservation back whole: at once with a plain limiter (the future returned
+        is done); with an asynchronous one in a task of its own (to await shielded, or not at
+        all). Until that lands, a dispatch step that picks the same request waits
+        (`_admitted`): limiters keep reservations by request id, and this release must not
+        take back the new one. A failure is logged: the reservation stays spent until it
+        refills."""
+        loop = asyncio.get_running_loop()
+        try:
+            answer = start_release(limiter, request_id)
+        except Exception as error:
+            answer = None
+            self._release_failed(request_id, error)
+        if answer is None:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        release = asyncio.ensure_future(answer)
         self._track_release(limiter, request_id, release)
+        release.add_done_callback(
+            lambda task: (
+                None
+                if task.cancelled() or task.exception() is None
+                else self._release_failed(request_id, task.exception())
+            )
+        )
         return release
+
+    def _release_failed(self, request_id: str, error: BaseException | None) -> None:
+        self._logger.warning("could not give back the reservation of request %r: %r", request_id, error)
 
     def _track_release(self, limiter: Any, request_id: str, release: asyncio.Future[Any]) -> None:
         releasing = self._source.selection_guard(limiter).releasing

@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import UnknownRequestError
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
-__all__ = ["call_limiter", "release_reservation", "reserve"]
+__all__ = ["call_limiter", "release_reservation", "reserve", "start_release"]
 
 
 async def call_limiter(limiter: Any, method: str, *args: Any) -> Any:
@@ -77,3 +77,23 @@ async def release_reservation(limiter: Any, request_id: str) -> None:
     args = (request_id,) if method == "release" else (request_id, 0)
     with contextlib.suppress(UnknownRequestError):
         await call_limiter(limiter, method, *args)
+
+
+def start_release(limiter: Any, request_id: str) -> Awaitable[None] | None:
+    """`release_reservation` begun at once: a plain limiter has given the reservation back when
+    this returns (None); an asynchronous one's answer is the awaitable returned (its unknown
+    request errors suppressed, as above)."""
+    method = "release" if callable(getattr(limiter, "release", None)) else "adjust_consumption"
+    args = (request_id,) if method == "release" else (request_id, 0)
+    try:
+        result = getattr(limiter, method)(*args)
+    except UnknownRequestError:
+        return None
+    if not inspect.isawaitable(result):
+        return None
+    return _suppress_unknown(result)
+
+
+async def _suppress_unknown(answer: Awaitable[Any]) -> None:
+    with contextlib.suppress(UnknownRequestError):
+        await answer

@@ -51,13 +51,6 @@ def _check_delay(value: object, name: str) -> float:
     return float(value)
 
 
-def _is_async(limiter: Any) -> bool:
-    """Whether a mark's correction of ``limiter`` may suspend (an `AsyncRateLimiter`)."""
-    if type(limiter) is LLMThrottle:
-        return False
-    return inspect.iscoroutinefunction(getattr(limiter, "adjust_consumption", None))
-
-
 class ProcessableMessage(Generic[T]):
     """A message handed out by `LLMQueueDispatcher.dequeue`, to be marked exactly once.
 
@@ -70,10 +63,10 @@ class ProcessableMessage(Generic[T]):
         "_dispatcher",
         "_generation",
         "_limiter",
+        "_purge_outcome",
         "_reason",
         "_reserved",
         "_settled",
-        "_stale_at_purge",
         "dispatched_at",
         "message",
         "score",
@@ -98,7 +91,8 @@ class ProcessableMessage(Generic[T]):
         self._limiter = limiter
         self._reserved = reserved
         self._generation = generation
-        self._stale_at_purge = False
+        # Set by a purge of its delivery: receipt handle -> deleted, or stale already (False).
+        self._purge_outcome: dict[str, bool] | None = None
         self._reason = reason
         self._charge = charge
         self._settled = False
@@ -124,9 +118,9 @@ class ProcessableMessage(Generic[T]):
         """What a mark awaits to run ``mark``, a claimed mark's steps, to its end even if the
         caller is cancelled meanwhile: its store step may already have landed, and the books
         must follow it (the caller still gets `CancelledError`; `LLMQueueDispatcher.close`
-        waits for such marks). A mark that cannot suspend (the in-memory store, a plain
-        limiter) runs inline, as the hot path wants."""
-        if not self._dispatcher._source.leases and not _is_async(self._limiter):
+        waits for such marks). A mark that cannot suspend (the in-memory store and an
+        `LLMThrottle`) runs inline, as the hot path wants."""
+        if type(self._limiter) is LLMThrottle and not self._dispatcher._source.leases:
             return mark
         task = asyncio.ensure_future(mark)
         self._dispatcher._track(task)
@@ -138,6 +132,11 @@ class ProcessableMessage(Generic[T]):
         keeps its reservation (as for any stale delivery, erring high)."""
         if not self._settled:
             self._dispatcher._forget(self)
+
+    def _stale_at_purge(self) -> bool:
+        """Whether a purge found this delivery's message received again already (or gone)."""
+        outcome = self._purge_outcome
+        return outcome is not None and outcome.get(self.message.attributes.receipt_handle) is False
 
     def _purged(self) -> bool:
         """Whether the store was purged since this delivery: the message no longer exists."""
@@ -169,7 +168,7 @@ class ProcessableMessage(Generic[T]):
         again), the limiter is left alone: its record for this request id is the new delivery's
         now, and correcting it would count the wrong call (erring high, on the safe side)."""
         self._recharge(actual_tokens)
-        if not self._reserved or (not landed and (not self._purged() or self._stale_at_purge)):
+        if not self._reserved or (not landed and (not self._purged() or self._stale_at_purge())):
             return
         request_id = self.message.payload.id
         try:

@@ -107,10 +107,11 @@ class MessageSource(ABC, Generic[T]):
         await self.storage.dead_letter_message(message)
 
     @abstractmethod
-    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
-        """Removes every message from the store (and the buffer); ``handed_out`` are the
-        receipt handles of this dispatcher's deliveries still in flight. Returns those of them
-        that were stale already (their message received again, or gone)."""
+    async def purge(self, handed_out: Sequence[str], outcome: dict[str, bool]) -> None:
+        """Removes every message from the store (and the buffer). ``handed_out`` are the
+        receipt handles of this dispatcher's deliveries still in flight: each is deleted first,
+        and ``outcome`` learns at once whether it was (True) or was stale already (False: its
+        message received again, or gone), also when the purge fails later."""
 
     @abstractmethod
     async def drop_expired(self) -> list[str]:
@@ -267,15 +268,15 @@ class InMemorySource(MessageSource[T]):
     async def dead_letter(self, message: QueueMessage[T]) -> None:
         self.core.dead_letter_now(message.attributes.receipt_handle)
 
-    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
-        stale: set[str] = set()
+    async def purge(self, handed_out: Sequence[str], outcome: dict[str, bool]) -> None:
         for handle in handed_out:  # deleted by handle first, to learn which were stale
             try:
                 self.core.delete(handle)
             except ReceiptHandleError:
-                stale.add(handle)
+                outcome[handle] = False
+            else:
+                outcome[handle] = True
         self.core.purge()  # every message, in flight included
-        return stale
 
     async def drop_expired(self) -> list[str]:
         return self.core.drop_expired()
@@ -342,10 +343,10 @@ class PrefetchSource(MessageSource[T]):
         self._fill_task: asyncio.Task[None] | None = None
         # Receipt handle -> the instant (dispatcher clock) its lease ends at the latest.
         self._lease_ends: dict[str, float] = {}
-        # Background fills and renewals, kept so they can be awaited on close.
+        # Background fills and hand-out renewals, kept so they can be awaited on close.
         self._background: set[asyncio.Task[None]] = set()
-        # Renewals of handed-out messages still in flight, by receipt handle: a mark waits for
-        # its message's renewal, so the two reach the store in the order they were made.
+        # Lease renewals on their way, by receipt handle (buffered or handed-out messages): a
+        # mark or a release waits for its message's, so they reach the store in order.
         self._renewals: dict[str, asyncio.Task[None]] = {}
         # Renews buffered leases while the buffer holds messages (see `_keep_leases`).
         self._keeper: asyncio.Task[None] | None = None
@@ -354,7 +355,7 @@ class PrefetchSource(MessageSource[T]):
     def stopped(self) -> bool:
         return self._stopped
 
-    async def purge(self, handed_out: Sequence[str] = ()) -> set[str]:
+    async def purge(self, handed_out: Sequence[str], outcome: dict[str, bool]) -> None:
         # Nothing buffered is selectable from now on; a receive in flight lands first and what
         # it brings goes to the purge; none starts until the purge is done.
         self._purging += 1
@@ -372,12 +373,13 @@ class PrefetchSource(MessageSource[T]):
                     await self.storage.delete_message(handle)
                 self._lease_ends.pop(handle, None)
                 leased.pop(0)
-            stale: set[str] = set()
             for handle in handed_out:
                 try:
                     await self.storage.delete_message(handle)
                 except ReceiptHandleError:
-                    stale.add(handle)
+                    outcome[handle] = False
+                else:
+                    outcome[handle] = True
             await self.storage.purge()
         except BaseException:
             # Cancelled or failed: what is still leased here and not deleted stays ours.
@@ -389,7 +391,6 @@ class PrefetchSource(MessageSource[T]):
             raise
         finally:
             self._purging -= 1
-        return stale
 
     def _now(self) -> float:
         clock = self._clock
@@ -414,15 +415,16 @@ class PrefetchSource(MessageSource[T]):
             for message in messages:
                 self._lease_ends[message.attributes.receipt_handle] = ends
             self._buffer(messages)
-            self._keep_leases()
             if self._on_arrival is not None:
                 self._on_arrival()
 
     def _buffer(self, messages: Sequence[QueueMessage[T]]) -> None:
-        """Puts leased messages into the buffer. Of two copies of one request it keeps the later
-        delivery; the lease of the other (its handle is stale) is forgotten."""
+        """Puts leased messages into the buffer, where the lease keeper renews them. Of two
+        copies of one request it keeps the later delivery; the lease of the other (its handle
+        is stale) is forgotten."""
         for stale in self.buffer.insert(messages):
             self._lease_ends.pop(stale, None)
+        self._keep_leases()
 
     def _start_fill(self) -> asyncio.Task[None]:
         """The fill in flight, or a new one: one receive at a time."""
@@ -486,9 +488,11 @@ class PrefetchSource(MessageSource[T]):
         await self._after_renewal(message.attributes.receipt_handle)
         await self.storage.dead_letter_message(message)
 
-    async def _renew_due(self) -> None:
+    async def _renew_due(self, *, every: bool = False) -> None:
         """Renews, all at once, the lease of every buffered message with half of it or less
-        left (one already being renewed is left to that renewal)."""
+        left (``every``: of every buffered message; one already being renewed is left to that
+        renewal). Each renewal is registered in `_renewals`, so a mark or a release of its
+        message waits for it and reaches the store after it."""
         if self._visibility_timeout <= 0:
             return  # nothing is leased ahead for any time: nothing to keep
         half = self._visibility_timeout / 2
@@ -496,19 +500,12 @@ class PrefetchSource(MessageSource[T]):
         due = [
             handle
             for handle in self.buffer.handles()
-            if handle not in self._renewals and self._lease_ends.get(handle, math.inf) - now <= half
+            if handle not in self._renewals
+            and (every or self._lease_ends.get(handle, math.inf) - now <= half)
         ]
         if not due:
             return
-        renewals: list[asyncio.Future[None]] = []
-        for handle in due:
-            renewal = asyncio.ensure_future(
-                self.storage.update_visibility_timeout(handle, self._visibility_timeout)
-            )
-            # A mark of the message, once handed out, waits for this renewal (store order).
-            self._renewals[handle] = renewal
-            renewal.add_done_callback(functools.partial(self._forget_renewal, handle))
-            renewals.append(renewal)
+        renewals = [self._renew(handle, self._visibility_timeout) for handle in due]
         # Shielded: a cancelled caller leaves the renewals running (they are ours either way).
         results = await asyncio.gather(*(asyncio.shield(r) for r in renewals), return_exceptions=True)
         failure: BaseException | None = None
@@ -524,6 +521,29 @@ class PrefetchSource(MessageSource[T]):
         if failure is not None:
             raise failure
 
+    def _renew(self, handle: str, seconds: float) -> asyncio.Task[None]:
+        """Renews a lease for ``seconds`` in a task, after any renewal of it already on its way,
+        registered in `_renewals` until it lands: a mark or a release of the message waits
+        for it, so the store sees them in the order they were made."""
+        previous = self._renewals.get(handle)
+
+        async def renew() -> None:
+            if previous is not None:
+                await asyncio.wait({previous})
+            await self.storage.update_visibility_timeout(handle, seconds)
+
+        renewal = asyncio.get_running_loop().create_task(renew())
+        self._renewals[handle] = renewal
+        renewal.add_done_callback(functools.partial(self._forget_renewal, handle))
+        return renewal
+
+    def _renewed_in_background(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if task.cancelled() or isinstance(task.exception(), ReceiptHandleError):
+            return  # marked, or received elsewhere, meanwhile: nothing to do
+        if task.exception() is not None:
+            self._logger.error("renewing a lease failed: %r", task.exception())
+
     def _forget_renewal(self, handle: str, task: asyncio.Future[None]) -> None:
         if self._renewals.get(handle) is task:
             del self._renewals[handle]
@@ -535,9 +555,10 @@ class PrefetchSource(MessageSource[T]):
         buffer is empty or the source stops. (A visibility timeout of 0 leases nothing to keep.)"""
         if self._stopped or self._visibility_timeout <= 0:
             return
-        if self._keeper is not None and not self._keeper.done():
+        loop = asyncio.get_running_loop()
+        if self._keeper is not None and not self._keeper.done() and self._keeper.get_loop() is loop:
             return
-        self._keeper = asyncio.get_running_loop().create_task(self._keep_leases_loop())
+        self._keeper = loop.create_task(self._keep_leases_loop())
 
     async def _keep_leases_loop(self) -> None:
         half = self._visibility_timeout / 2
@@ -572,29 +593,21 @@ class PrefetchSource(MessageSource[T]):
         while not self._stopped:
             try:
                 await self.prepare()
-                for handle in self.buffer.handles():
-                    started = self._now()
-                    try:
-                        await self.storage.update_visibility_timeout(handle, self._visibility_timeout)
-                    except ReceiptHandleError:
-                        # Its lease ran out and another consumer received it: forget it.
-                        self.buffer.discard(handle)
-                        self._lease_ends.pop(handle, None)
-                    else:
-                        self._lease_ends[handle] = started + self._visibility_timeout
+                await self._renew_due(every=True)
             except Exception:  # keep prefetching through transient storage failures
                 self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
             await asyncio.sleep(self._prefetch_interval)
 
     async def drop_expired(self) -> list[str]:
         ids: list[str] = []
-        for message in self.buffer.take_expired():
+        expired = self.buffer.take_expired()
+        for index, message in enumerate(expired):
             try:
                 await self.storage.dead_letter_message(message)
             except ReceiptHandleError:
                 continue  # its lease ran out: another consumer holds it now
             except BaseException:
-                self._buffer([message])  # still leased by us: kept, tried again later
+                self._buffer(expired[index:])  # still leased by us: kept, tried again later
                 raise
             ids.append(message.payload.id)
         return ids
@@ -607,11 +620,9 @@ class PrefetchSource(MessageSource[T]):
         lease_end = self._lease_ends.pop(handle, -math.inf)
         if lease_end - self._now() > visibility_timeout / 2:
             # Still ours for a while: nobody else can hold it, renew without waiting.
-            renewal = self._in_background(
-                self.storage.update_visibility_timeout(handle, visibility_timeout), "renewing a lease"
-            )
-            self._renewals[handle] = renewal
-            renewal.add_done_callback(lambda _: self._renewals.pop(handle, None))
+            renewal = self._renew(handle, visibility_timeout)
+            self._background.add(renewal)
+            renewal.add_done_callback(self._renewed_in_background)
             return True
         try:
             await self.storage.update_visibility_timeout(handle, visibility_timeout)
@@ -631,7 +642,6 @@ class PrefetchSource(MessageSource[T]):
         # Still leased by this dispatcher: back into the buffer, where it is selectable again.
         self._lease_ends.setdefault(message.attributes.receipt_handle, self._now())  # renewed soon
         self._buffer([message])
-        self._keep_leases()
 
     def next_visibility_change(self) -> float | None:
         return None

@@ -456,6 +456,7 @@ class Worker(Generic[T]):
                 "could not release request %r; it is delivered again when its visibility ends",
                 job.message.payload.id,
             )
+            job._abandon()  # nobody will mark it now: no longer counted in flight
             return
         self._released += 1
 

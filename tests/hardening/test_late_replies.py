@@ -485,3 +485,79 @@ async def test_a_limiter_that_never_confirms_a_give_back_stalls_nothing_for_good
     await job.mark_as_failed(RuntimeError("x"))
     again = await asyncio.wait_for(one.dequeue(stuck), 3.0)  # held up about a second at most
     assert again is not None
+
+
+async def test_a_dequeue_that_won_after_a_lost_race_returns_at_once() -> None:
+    """The lost race's slow give-back is not waited for once a winner is handed out: a cancel
+    arriving meanwhile must not strand the message taken."""
+
+    class SlowRelease(RoundTripLimiter):
+        async def release(self, request_id: str) -> None:
+            await asyncio.sleep(0.5)
+            self.inner.release(request_id)
+
+    clock = ManualClock(1_000.0)
+    storage: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    await dispatcher.enqueue(request("x", Priority.URGENT))
+    await dispatcher.enqueue(request("y", Priority.LOW))
+    limiter = SlowRelease(LLMThrottle(600, 100_000, clock=clock))
+
+    async def thief() -> None:
+        await asyncio.sleep(0.005)
+        await storage.dequeue(1, 30.0)  # takes the winner while the consume is on the wire
+
+    stolen = asyncio.ensure_future(thief())
+    job = await asyncio.wait_for(dispatcher.dequeue(limiter), 0.3)
+    await stolen
+    assert job is not None
+    assert job.message.payload.id == "y"
+
+
+async def test_a_failed_mark_is_not_hidden_again_by_a_renewal_on_its_way() -> None:
+    class SlowRenewals(External):
+        slow = False
+
+        async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+            if self.slow:
+                await asyncio.sleep(0.05)
+            await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+    store = SlowRenewals()
+    config = LLMQueueDispatcherConfig(enable_prefetch=True, prefetch_interval=0.2, visibility_timeout=30.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    await dispatcher.enqueue(request("a", tokens=100))
+    await dispatcher.enqueue(request("b", tokens=50))
+    limiter = LLMThrottle(600, 100_000)
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    await first.mark_as_failed(RuntimeError("x"))
+    await asyncio.sleep(0.1)
+    store.slow = True
+    await asyncio.sleep(0.12)  # the prefetch loop renews the buffered leases, slowly
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    store.slow = False
+    await job.mark_as_failed(RuntimeError("x"), retry_after=0)
+    await asyncio.sleep(0.1)  # the renewal that was on its way has landed before the release
+    visible = {m.payload.id for m in await store.peek_messages_by_priority(int(Priority.NORMAL), 10)}
+    assert job.message.payload.id in visible
+    await dispatcher.close()
+
+
+async def test_a_purge_failing_after_its_deletes_keeps_deleted_jobs_purged() -> None:
+    class PurgeFails(External):
+        async def purge(self) -> None:
+            raise StorageError("store unreachable")
+
+    store = PurgeFails()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(buffer_size=1))
+    throttle = LLMThrottle(600, 100_000, clock=ManualClock())
+    await dispatcher.enqueue(request("a", tokens=300))
+    job = await dispatcher.dequeue(throttle)
+    assert job is not None
+    with pytest.raises(StorageError):
+        await dispatcher.purge()  # deleted "a" by its handle, then the store's purge failed
+    await job.mark_as_failed(RuntimeError("x"))  # purged: its budget comes back, no error
+    assert throttle.get_metrics().tpm.used == 0
+    await dispatcher.close()
