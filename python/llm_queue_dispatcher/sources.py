@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
 from .config import FairPriorityConfig
-from .errors import ReceiptHandleError
+from .errors import ReceiptHandleError, StorageError
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .types import LLMRequest, QueueMessage
 
@@ -594,7 +594,9 @@ class PrefetchSource(MessageSource[T]):
             try:
                 await self.prepare()
                 await self._renew_due(every=True)
-            except Exception:  # keep prefetching through transient storage failures
+            except StorageError as error:  # the store is down: keep trying, without a traceback each time
+                self._logger.warning("prefetch failed (%r); retrying in %s s", error, self._prefetch_interval)
+            except Exception:  # keep prefetching through other failures too
                 self._logger.exception("prefetch failed; retrying in %s s", self._prefetch_interval)
             await asyncio.sleep(self._prefetch_interval)
 
@@ -681,21 +683,24 @@ class PrefetchSource(MessageSource[T]):
         # cancel it: its messages would be leased to nobody), then release everything.
         if running := running_here(self._background):
             await asyncio.wait(running)
-        messages = self.buffer.drain()
-        for index, message in enumerate(messages):
-            handle = message.attributes.receipt_handle
-            try:
-                await self._after_renewal(handle)  # a renewal landing later would lease it again
-                await self.storage.update_visibility_timeout(handle, 0.0)
-            except ReceiptHandleError:
-                pass
-            except Exception:
-                # Its lease runs out by itself; the others are still released.
-                self._logger.exception("releasing a buffered message failed")
-            except BaseException:
-                # Cancelled: the messages not released yet are still ours, back into the buffer;
-                # this one's release may have landed, so its lease is checked before a hand-out.
-                self._lease_ends[handle] = -math.inf
-                self._buffer(messages[index:])
-                raise
+        # All at once, each to its end in a task of its own: a store that does not answer costs
+        # one timeout, not one per message, and a cancelled release leaves none half done.
+        releases = [asyncio.ensure_future(self._release(m)) for m in self.buffer.drain()]
+        self._background.update(releases)
+        for release in releases:
+            release.add_done_callback(self._background.discard)
+        if releases:
+            await asyncio.wait(releases)
+
+    async def _release(self, message: QueueMessage[T]) -> None:
+        handle = message.attributes.receipt_handle
+        try:
+            await self._after_renewal(handle)  # a renewal landing later would lease it again
+            await self.storage.update_visibility_timeout(handle, 0.0)
+        except ReceiptHandleError:
+            pass
+        except Exception as error:
+            # Its lease runs out by itself; the others are still released.
+            self._logger.warning("releasing buffered request %r failed: %r", message.payload.id, error)
+        finally:
             self._lease_ends.pop(handle, None)

@@ -181,3 +181,26 @@ async def test_a_worker_over_redis_storage_and_the_shared_limiter(
         assert [m.payload.id for m in await dead.dequeue(5, 30.0)] == ["w7"]
         metrics = await limiter.get_metrics()
         assert metrics.consumption_history.total_tokens == 11 * 60  # actual counts; failures refunded
+
+
+async def test_releasing_a_buffer_against_a_hung_server_costs_one_timeout(private_server: Any) -> None:
+    """`close()` (and a stopping Worker) gives every buffered message back at once: a paused
+    server costs one client timeout, not one per message."""
+    async with RedisStorage(private_server.url + "?socket_timeout=0.5", fresh_name("hung")) as store:
+        await store.batch_enqueue([LLMRequest(f"r{i}", i, token_info=TokenInfo(1)) for i in range(10)])
+        dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+            store, LLMQueueDispatcherConfig(buffer_size=10, visibility_timeout=2.0)
+        )
+        job = await dispatcher.dequeue(LLMThrottle(600, 100_000))
+        assert job is not None
+        loop = asyncio.get_running_loop()
+        private_server.pause()
+        try:
+            started = loop.time()
+            await dispatcher.close()
+            took = loop.time() - started
+        finally:
+            private_server.resume()
+        assert took < 2.5  # one timeout (0.5 s), where one per message took 4.5 s
+        await asyncio.sleep(2.5)  # the leases it could not give back run out by themselves
+        assert (await counts(store))[0] >= 9

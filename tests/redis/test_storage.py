@@ -495,3 +495,27 @@ async def test_a_huge_limit_means_everything(clocked_storage: MakeStorage, limit
     await storage.enqueue(LLMRequest("b", 2, Priority.HIGH))
     assert [m.payload.id for m in await storage.peek_messages_by_priority(int(Priority.HIGH), limit)] == ["b"]
     assert [m.payload.id for m in await storage.dequeue(limit, 30.0)] == ["b", "a"]
+
+
+async def test_a_call_queued_behind_a_hung_one_fails_within_its_own_timeout(
+    private_server: RedisServer,
+) -> None:
+    """A paused server: the first call times out after the client's timeout; a call made while
+    it is on the wire must not wait for that and then for its own timeout too."""
+    async with RedisStorage(private_server.url + "?socket_timeout=1.0", "queued") as storage:
+        await storage.enqueue(LLMRequest("warm", 0))
+        loop = asyncio.get_running_loop()
+        private_server.pause()
+        try:
+            first = asyncio.ensure_future(storage.get_approximate_message_count())
+            await asyncio.sleep(0.3)
+            started = loop.time()
+            with pytest.raises(StorageError):
+                await storage.get_approximate_message_count()  # queued behind the first
+            waited = loop.time() - started
+            with pytest.raises(StorageError):
+                await first
+        finally:
+            private_server.resume()
+        assert waited < 1.35  # its own timeout (1 s), not the first's remainder plus its own (1.7 s)
+        assert await storage.get_approximate_message_count() == 1

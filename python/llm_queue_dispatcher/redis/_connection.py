@@ -206,7 +206,16 @@ class Batcher:
         if self._busy:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._pending.append((script, keys, args, future))
-            return await future
+            timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+            if timeout is None:
+                return await future
+            # The client's timeout counts from this call, not from when its batch goes out: a
+            # call queued behind one that hangs must not wait that one's timeout and then its
+            # own. Timed out before its batch went out, it is never sent.
+            try:
+                return await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                raise redis.exceptions.TimeoutError(f"no reply within {timeout} s") from None
         self._busy = True
         try:
             return await script.run(self.client, keys, args)
