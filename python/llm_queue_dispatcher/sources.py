@@ -18,7 +18,7 @@ import math
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._core import CandidateBuffer, FairSelection, LLMThrottle, ScoringParams, Selection, StoreCore
@@ -456,20 +456,6 @@ class PrefetchSource(MessageSource[T]):
     def _refill_soon(self) -> None:
         if len(self.buffer) + self._pending < self._buffer_size:
             self._start_fill()
-
-    def _in_background(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-        async def guarded() -> None:
-            try:
-                await work
-            except ReceiptHandleError:
-                pass  # the message was marked (or received elsewhere) meanwhile: nothing to do
-            except Exception:
-                self._logger.exception("%s failed", what)
-
-        task = asyncio.get_running_loop().create_task(guarded())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     async def _after_renewal(self, receipt_handle: str) -> None:
         renewal = self._renewals.get(receipt_handle)
