@@ -155,6 +155,23 @@ class Connection:
             await self.client.aclose()
 
 
+class ScriptClient:
+    """What `RedisStorage` and `RedisThrottle` share: the `Connection` their scripts run
+    through, and the scripts' time source."""
+
+    _connection: Connection
+
+    @property
+    def redis(self) -> redis.asyncio.Redis:
+        """The client this object talks through."""
+        return self._connection.client
+
+    def _time_argument(self) -> str:
+        """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
+        only the test suite's private subclasses pass a manual clock's readings."""
+        return ""
+
+
 @cache
 def _source(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")

@@ -46,7 +46,7 @@ from ..errors import (
 from ..storage.base import QueueAttributes, QueueStorageAdapter, check_batch, check_visibility_timeout
 from ..types import LLMRequest, MessageAttributes, Priority, QueueMessage
 from ._codec import Serializer, decode_request, encode_request, request_id_bytes
-from ._connection import CLIENT_ERRORS, Connection, check_name, script
+from ._connection import CLIENT_ERRORS, Connection, ScriptClient, check_name, script
 
 __all__ = ["RedisStorage"]
 
@@ -84,7 +84,7 @@ def _count(value: object, name: str) -> int:
     return min(value, _MAX_COUNT)
 
 
-class RedisStorage(QueueStorageAdapter[T]):
+class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
     """A queue in Redis with the semantics of the storage contract, shared by many processes.
 
     Args:
@@ -177,16 +177,6 @@ class RedisStorage(QueueStorageAdapter[T]):
         )
 
     # ----- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def redis(self) -> redis.asyncio.Redis:
-        """The client this storage talks through."""
-        return self._connection.client
-
-    def _time_argument(self) -> str:
-        """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
-        only the test suite's private subclass passes a manual clock's readings."""
-        return ""
 
     async def _run(self, name: str, *args: Any) -> Any:
         arguments = (self._time_argument(), secrets.token_hex(16), *self._settings, *args)

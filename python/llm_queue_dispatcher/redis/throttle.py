@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..provider_limits import ProviderLimits, parse_rate_limit_headers
 from ..types import validate_request_id, validate_token_count
-from ._connection import CLIENT_ERRORS, Connection, check_name, script
+from ._connection import CLIENT_ERRORS, Connection, ScriptClient, check_name, script
 
 __all__ = [
     "BucketUsage",
@@ -148,7 +148,7 @@ def _figure(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
-class RedisThrottle:
+class RedisThrottle(ScriptClient):
     """A dual token-bucket limiter in Redis, shared by every process that uses the same name.
 
     Args:
@@ -232,16 +232,6 @@ class RedisThrottle:
         )
 
     # ----- plumbing ------------------------------------------------------------------------------
-
-    @property
-    def redis(self) -> redis.asyncio.Redis:
-        """The client this limiter talks through."""
-        return self._connection.client
-
-    def _time_argument(self) -> str:
-        """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
-        only the test suite's private subclass passes a manual clock's readings."""
-        return ""
 
     async def _run(self, name: str, *args: Any) -> Any:
         arguments = (self._time_argument(), *self._settings, *args)
