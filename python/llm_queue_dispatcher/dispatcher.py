@@ -6,6 +6,13 @@ is one call into Rust: exact selection over every visible message, the budget re
 the receive, under the limiter's then the store's lock, with no await. Every error path keeps
 the books: a reservation made is used or released whole, a message received is handed out or
 put back.
+
+Why one file of over 700 lines: it is one class, and its parts (selection with the two kinds of
+limiter, waiting, the settle hooks the marks call, shutdown, the metrics report) all read and
+write the same private state (deliveries in flight, purge generation, wake-ups, pending
+give-backs). The pieces with a job of their own already live apart: the sources
+(`sources.py`), the marks (`processable.py`), calling limiters (`limiters.py`), the metrics
+recorder (`metrics.py`).
 """
 
 from __future__ import annotations

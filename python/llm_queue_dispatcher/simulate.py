@@ -28,15 +28,13 @@ import asyncio
 import heapq
 import math
 import random
-import sys
 import threading
 import time
-from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from ._core import DEFAULT_MESSAGE_RETENTION, LLMThrottle, ManualClock
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
@@ -49,6 +47,7 @@ from .factories import (
     create_throughput_optimized_queue,
 )
 from .metrics import percentile
+from .simulate_workload import PRESETS, Preset, ProviderModel, TraceRecord, Workload
 from .storage import InMemoryStorage
 from .types import LLMRequest, Priority, TokenInfo
 
@@ -110,224 +109,6 @@ class SimulatedProviderError(Exception):
 def strategy_label(strategy: str, hold_budget: bool = True) -> str:
     """The column name of a strategy: ``default``, or ``default:no-hold`` for the seed's rule."""
     return strategy if hold_budget or strategy == "fifo" else f"{strategy}:no-hold"
-
-
-class TraceRecord(NamedTuple):
-    """One request of a workload, as a trace file holds it.
-
-    ``arrival`` is seconds from the start of the run; ``deadline`` (optional) is seconds after
-    the request's own arrival. ``actual_tokens`` is what the call really uses: it sets the call's
-    latency and is reported to the limiter with ``mark_as_processed(actual_tokens=...)``.
-    """
-
-    arrival: float
-    priority: Priority
-    estimated_tokens: int
-    actual_tokens: int
-    tenant: str | None = None
-    deadline: float | None = None
-
-
-def _normal_cdf(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A synthetic workload; the same fields and seed give the same requests.
-
-    * ``requests`` of them, or (``requests=None``) every Poisson arrival within ``duration``
-      seconds.
-    * ``priority_mix``: relative weights of URGENT, HIGH, NORMAL, LOW.
-    * Estimates are log-normal (``token_median``, ``token_sigma``), rounded and clipped to
-      ``[token_min, token_max]``; the actual count is the estimate times a uniform draw from
-      ``actual_ratio``.
-    * ``arrival``: ``"poisson"`` at ``arrival_rate`` per second, or ``"burst"`` (all at t = 0).
-      `with_load` sets the rate from an offered load.
-    * ``tenants``: with more than one, the first ``heavy_tenants`` (``t1``, ...) send
-      ``heavy_share`` of the requests between them and the others share the rest equally
-      (``heavy_share=None``: every tenant sends alike). One tenant means no tenant at all.
-    * ``deadline``: seconds after its arrival each request should be sent by (None: none).
-    """
-
-    requests: int | None = 10_000
-    duration: float | None = None
-    priority_mix: tuple[float, float, float, float] = (0.1, 0.2, 0.5, 0.2)
-    token_median: float = 800.0
-    token_sigma: float = 1.0
-    token_min: int = 20
-    token_max: int = 200_000
-    actual_ratio: tuple[float, float] = (0.6, 1.2)
-    arrival: Literal["poisson", "burst"] = "poisson"
-    arrival_rate: float = 2.2
-    tenants: int = 1
-    heavy_tenants: int = 1
-    heavy_share: float | None = None
-    deadline: float | None = None
-    seed: int = 7
-
-    def __post_init__(self) -> None:
-        if self.arrival not in ("poisson", "burst"):
-            raise ValueError(f"arrival must be 'poisson' or 'burst', got {self.arrival!r}")
-        if self.requests is None:
-            if self.duration is None or self.arrival != "poisson":
-                raise ValueError("requests=None needs Poisson arrivals and a duration")
-        elif self.requests < 0:
-            raise ValueError(f"requests must be >= 0, got {self.requests}")
-        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
-            raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
-        if len(self.priority_mix) != 4 or min(self.priority_mix) < 0 or not sum(self.priority_mix) > 0:
-            raise ValueError(f"priority_mix must be 4 weights >= 0, not all 0, got {self.priority_mix}")
-        if not (self.token_median > 0 and self.token_sigma >= 0):
-            raise ValueError("token_median must be > 0 and token_sigma >= 0")
-        if not 0 <= self.token_min <= self.token_max:
-            raise ValueError(f"need 0 <= token_min <= token_max, got {self.token_min}, {self.token_max}")
-        low, high = self.actual_ratio
-        if not 0 <= low <= high:
-            raise ValueError(
-                f"actual_ratio must be (low, high) with 0 <= low <= high, got {self.actual_ratio}"
-            )
-        if not (math.isfinite(self.arrival_rate) and self.arrival_rate > 0):
-            raise ValueError(f"arrival_rate must be > 0, got {self.arrival_rate}")
-        if self.tenants < 1 or not 1 <= self.heavy_tenants <= self.tenants:
-            raise ValueError(f"need tenants >= 1 and 1 <= heavy_tenants <= tenants, got {self.tenants}")
-        if self.heavy_share is not None and not 0 <= self.heavy_share <= 1:
-            raise ValueError(f"heavy_share must be within [0, 1], got {self.heavy_share}")
-        if self.deadline is not None and not self.deadline >= 0:
-            raise ValueError(f"deadline must be >= 0 seconds, got {self.deadline}")
-
-    def mean_estimate(self) -> float:
-        """The expected estimate: the mean of the clipped log-normal (rounding aside)."""
-        low, high = float(max(self.token_min, 1e-9)), float(self.token_max)
-        mu, sigma = math.log(self.token_median), self.token_sigma
-        if sigma == 0:
-            return min(high, max(low, self.token_median))
-        alpha = (math.log(low) - mu) / sigma
-        beta = (math.log(high) - mu) / sigma
-        inside = math.exp(mu + sigma * sigma / 2) * (_normal_cdf(beta - sigma) - _normal_cdf(alpha - sigma))
-        return low * _normal_cdf(alpha) + high * (1.0 - _normal_cdf(beta)) + inside
-
-    def mean_actual(self) -> float:
-        """The expected actual token count of a request."""
-        return self.mean_estimate() * (self.actual_ratio[0] + self.actual_ratio[1]) / 2.0
-
-    def with_load(self, load: float, tpm: float) -> Workload:
-        """This workload with the Poisson rate that offers ``load`` times ``tpm``: load = the
-        estimated tokens arriving per minute / the TPM limit (what the dispatcher is asked to
-        schedule; the tokens actually used are `mean_actual` / `mean_estimate` of that)."""
-        if not (math.isfinite(load) and load > 0):
-            raise ValueError(f"load must be > 0, got {load}")
-        return replace(self, arrival="poisson", arrival_rate=load * tpm / 60.0 / self.mean_estimate())
-
-    def tenant_names(self) -> list[str | None]:
-        """The tenants' names, heavy ones first (``[None]`` for a single tenant)."""
-        return [None] if self.tenants == 1 else [f"t{i + 1}" for i in range(self.tenants)]
-
-    def _tenant_weights(self) -> list[float]:
-        if self.tenants == 1 or self.heavy_share is None:
-            return [1.0] * self.tenants
-        light = self.tenants - self.heavy_tenants
-        heavy_each = self.heavy_share / self.heavy_tenants
-        light_each = (1.0 - self.heavy_share) / light if light else 0.0
-        return [heavy_each] * self.heavy_tenants + [light_each] * light
-
-    def generate(self) -> list[TraceRecord]:
-        """The requests, in arrival order."""
-        rng = random.Random(self.seed)
-        draw, lognormal, exponential = rng.random, rng.lognormvariate, rng.expovariate
-        priorities = list(Priority)
-        total = sum(self.priority_mix)
-        cum_priority = [sum(self.priority_mix[: i + 1]) / total for i in range(3)]
-        tenants = self.tenant_names()
-        weights = self._tenant_weights()
-        cum_tenant = [sum(weights[: i + 1]) / sum(weights) for i in range(len(weights) - 1)]
-        mu, sigma = math.log(self.token_median), self.token_sigma
-        token_min, token_max = self.token_min, self.token_max
-        low, spread = self.actual_ratio[0], self.actual_ratio[1] - self.actual_ratio[0]
-        count = self.requests if self.requests is not None else sys.maxsize
-        horizon = self.duration if self.duration is not None else math.inf
-        rate = self.arrival_rate if self.arrival == "poisson" else 0.0
-        deadline = self.deadline
-        now = 0.0
-        out: list[TraceRecord] = []
-        append = out.append
-        for _ in range(count):
-            if rate:
-                now += exponential(rate)
-                if now > horizon:
-                    break
-            estimate = min(token_max, max(token_min, round(lognormal(mu, sigma))))
-            priority = priorities[bisect_right(cum_priority, draw())]
-            tenant = tenants[bisect_right(cum_tenant, draw())]
-            actual = round(estimate * (low + spread * draw()))
-            append(TraceRecord(now, priority, estimate, actual, tenant, deadline))
-        return out
-
-
-@dataclass(frozen=True)
-class ProviderModel:
-    """The simulated provider: ``concurrency`` calls at once, each taking ``base_latency +
-    actual tokens / 1000 * seconds_per_1k_tokens`` seconds (0.4 s + 1.5 ms per token by default);
-    an attempt fails with probability ``failure_rate``, drawn from a random sequence seeded by
-    ``seed``."""
-
-    base_latency: float = 0.4
-    seconds_per_1k_tokens: float = 1.5
-    concurrency: int = 32
-    failure_rate: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if not 0 <= self.failure_rate < 1:
-            raise ValueError(f"failure_rate must be within [0, 1), got {self.failure_rate}")
-        if self.base_latency < 0 or self.seconds_per_1k_tokens < 0:
-            raise ValueError("latencies must be >= 0")
-
-    def latency(self, tokens: int) -> float:
-        """Seconds a call that uses ``tokens`` takes."""
-        return self.base_latency + tokens / 1000.0 * self.seconds_per_1k_tokens
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named scenario of `llmqd simulate --preset`: workload, provider and limits."""
-
-    description: str
-    workload: Workload
-    provider: ProviderModel
-    rpm: float
-    tpm: float
-    load: float | None = None
-
-
-#: ``overload``: the workload of issue 10 (Poisson arrivals at twice the TPM limit for 600 s,
-#: priorities 5/20/50/25 %, log-normal estimates with median 800 and sigma 1 clipped to
-#: 20-16,000, actual = estimate x U(0.6, 1.2), 8 tenants of which one sends 80 % of the
-#: requests, 32 concurrent calls, RPM 600 / TPM 400,000).
-PRESETS: dict[str, Preset] = {
-    "overload": Preset(
-        description="issue 10's overload: 8 tenants, one sending 80 %, at 2x the TPM limit for 600 s",
-        workload=Workload(
-            requests=None,
-            duration=600.0,
-            priority_mix=(0.05, 0.20, 0.50, 0.25),
-            token_median=800.0,
-            token_sigma=1.0,
-            token_min=20,
-            token_max=16_000,
-            actual_ratio=(0.6, 1.2),
-            tenants=8,
-            heavy_tenants=1,
-            heavy_share=0.8,
-        ),
-        provider=ProviderModel(concurrency=32),
-        rpm=600.0,
-        tpm=400_000.0,
-        load=2.0,
-    ),
-}
 
 
 @dataclass(frozen=True)

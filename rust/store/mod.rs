@@ -1,5 +1,7 @@
 //! The in-memory queue store: SQS semantics (visibility timeouts, receipt handles, receive counts,
 //! dead-lettering, retention) over the candidate index the exact selection search walks.
+//! (About 700 lines: handles, invariants, messages, tenants and the search are in their own files;
+//! what stays is the slab and the state transitions every operation shares.)
 //!
 //! Layout. Messages live in a slab (`Vec` of slots plus a free list; a slot index is a `u32`).
 //! Request ids map to slots through a `hashbrown::HashTable<u32>` that hashes the id stored in

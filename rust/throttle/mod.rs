@@ -4,6 +4,10 @@
 //! changes the contract asks for: durations in seconds, an exact `available_in` that accounts for
 //! both buckets and is infinite when a request can never fit, and all-or-nothing bad-input checks.
 //! Every instant is an `f64` passed in by the caller, so the logic is deterministic under test.
+//!
+//! About 700 lines for one concept: the two buckets live in `bucket.rs` and the tests in
+//! `tests.rs`; what stays here is the limiter's state machine (consume, adjust, release, debt,
+//! penalty, provider ceilings, history, snapshots), whose steps share its invariants.
 
 use std::collections::{HashMap, VecDeque};
 
