@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from llm_queue_dispatcher import (
@@ -51,3 +52,28 @@ async def counts(dispatcher: LLMQueueDispatcher[Any]) -> tuple[int, int, int]:
 
 def scored_queue(clock: ManualClock, *scorers: CustomScorer, **overrides: Any) -> LLMQueueDispatcher[Any]:
     return queue(clock, scoring=ScoringConfig(custom_scorers=list(scorers)), **overrides)
+
+
+class CountingLimiter:
+    """A `RateLimiter` in plain Python (the protocol's four methods only), delegating to an
+    `LLMThrottle` and counting calls: the dispatcher's non-native path."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def can_process(self, estimated_tokens: int) -> Any:
+        self.calls["can_process"] += 1
+        return self.inner.can_process(estimated_tokens)
+
+    def get_metrics(self) -> Any:
+        self.calls["get_metrics"] += 1
+        return self.inner.get_metrics()
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
+        self.calls["consume"] += 1
+        return self.inner.consume(request_id, estimated_tokens, metadata)
+
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        self.calls["adjust_consumption"] += 1
+        self.inner.adjust_consumption(request_id, actual_tokens)

@@ -6,37 +6,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
 from typing import Any
 
 import pytest
 
 from llm_queue_dispatcher import InvalidRequestError, LLMThrottle, ManualClock, create_in_memory_queue
-from tests.dispatcher.support import queue, request, throttle
-
-
-class CountingLimiter:
-    """A plain-Python RateLimiter delegating to an LLMThrottle and counting calls."""
-
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def can_process(self, estimated_tokens: int) -> Any:
-        self.calls["can_process"] += 1
-        return self.inner.can_process(estimated_tokens)
-
-    def get_metrics(self) -> Any:
-        self.calls["get_metrics"] += 1
-        return self.inner.get_metrics()
-
-    def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
-        self.calls["consume"] += 1
-        return self.inner.consume(request_id, estimated_tokens, metadata)
-
-    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        self.calls["adjust_consumption"] += 1
-        self.inner.adjust_consumption(request_id, actual_tokens)
+from tests.dispatcher.support import CountingLimiter, queue, request, throttle
 
 
 async def test_dequeue_without_timeout_returns_at_once(clock: ManualClock) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
@@ -22,6 +21,7 @@ from llm_queue_dispatcher import (
     QueueStorageAdapter,
     TokenInfo,
 )
+from tests.dispatcher.support import CountingLimiter
 from tests.reference.storage import ReferenceStorage
 
 T = TypeVar("T")
@@ -33,29 +33,8 @@ Limiter = Literal["native", "python"]
 LONG_VISIBILITY = 43_200.0
 
 
-class PythonLimiter:
-    """A `RateLimiter` in plain Python (the protocol's four methods only), delegating to an
-    `LLMThrottle` and counting calls: the dispatcher's non-native path."""
-
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-        self.calls: Counter[str] = Counter()
-
-    def can_process(self, estimated_tokens: int) -> Any:
-        self.calls["can_process"] += 1
-        return self.inner.can_process(estimated_tokens)
-
-    def get_metrics(self) -> Any:
-        self.calls["get_metrics"] += 1
-        return self.inner.get_metrics()
-
-    def consume(self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None) -> bool:
-        self.calls["consume"] += 1
-        return self.inner.consume(request_id, estimated_tokens, metadata)
-
-    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        self.calls["adjust_consumption"] += 1
-        self.inner.adjust_consumption(request_id, actual_tokens)
+#: A plain-Python `RateLimiter` counting its calls: the dispatcher's non-native path.
+PythonLimiter = CountingLimiter
 
 
 def limiter_for(kind: Limiter, inner: LLMThrottle) -> Any:
