@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -170,6 +171,15 @@ class ScriptClient:
         """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
         only the test suite's private subclasses pass a manual clock's readings."""
         return ""
+
+    async def aclose(self) -> None:
+        """Closes the client if this object built it from a URL (a client you passed stays open)."""
+        await self._connection.aclose()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 @cache

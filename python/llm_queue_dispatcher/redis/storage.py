@@ -31,7 +31,6 @@ import re
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from types import TracebackType
 from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio
@@ -388,17 +387,8 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
 
     # ----- lifecycle -----------------------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        """Closes the client if this storage built it from a URL (a client you passed stays open)."""
-        await self._connection.aclose()
-
     async def __aenter__(self) -> RedisStorage[T]:
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return (

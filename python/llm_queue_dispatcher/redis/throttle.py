@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from types import TracebackType
 from typing import Any, Literal, NoReturn
 
 import redis.asyncio
@@ -391,17 +390,8 @@ class RedisThrottle(ScriptClient):
 
     # ----- lifecycle -----------------------------------------------------------------------------
 
-    async def aclose(self) -> None:
-        """Closes the client if this limiter built it from a URL."""
-        await self._connection.aclose()
-
     async def __aenter__(self) -> RedisThrottle:
         return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return (
