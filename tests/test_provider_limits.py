@@ -17,8 +17,8 @@ from llm_queue_dispatcher import (
     RetryableError,
     StorageError,
     parse_rate_limit_headers,
+    provider_limits,
 )
-from llm_queue_dispatcher import provider_limits
 from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT, parse_duration
 
 NOW = 1_700_000_000.0
@@ -186,6 +186,8 @@ def test_a_bad_header_is_logged_once_per_name(
 
 
 def test_provider_limits_built_by_hand_cut_their_waits_to_a_day() -> None:
-    limits = ProviderLimits(requests_reset=1e12, tokens_reset=90_000.0, retry_after=1e300, tokens_remaining=1e12)
+    limits = ProviderLimits(
+        requests_reset=1e12, tokens_reset=90_000.0, retry_after=1e300, tokens_remaining=1e12
+    )
     assert (limits.requests_reset, limits.tokens_reset, limits.retry_after) == (MAX_PROVIDER_WAIT,) * 3
     assert limits.tokens_remaining == 1e12  # not a wait: left as given

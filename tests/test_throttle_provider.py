@@ -96,7 +96,10 @@ def test_sync_from_headers_retry_after_is_a_penalty() -> None:
     "headers",
     [
         {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "99999999999s"},
-        {"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "9999-12-31T23:59:59Z"},
+        {
+            "anthropic-ratelimit-tokens-remaining": "0",
+            "anthropic-ratelimit-tokens-reset": "9999-12-31T23:59:59Z",
+        },
         {"retry-after": "99999999999"},
         {"retry-after-ms": "99999999999999"},
     ],
