@@ -270,14 +270,17 @@ def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str], i
             continue
         first_line[request_id] = number
         entries.append(_Entry(number, request))
+    bad_lines = len(errors) + len(too_large)
     if too_large:
-        named = ", ".join(f"{number} (about {tokens:,})" for number, tokens in too_large[:_LINES_NAMED])
+        named = ", ".join(
+            f"line {number} (about {tokens:,} tokens)" for number, tokens in too_large[:_LINES_NAMED]
+        )
         more = f" and {len(too_large) - _LINES_NAMED:,} more" if len(too_large) > _LINES_NAMED else ""
         errors.append(
             f"{len(too_large):,} line(s) need more tokens than --tpm {args.tpm:g} allows in any minute: "
-            f"line {named}{more}; lower their max_tokens or raise --tpm"
+            f"{named}{more}; lower their max_tokens or raise --tpm"
         )
-    return entries, errors, len(errors) - (1 if too_large else 0) + len(too_large)
+    return entries, errors, bad_lines
 
 
 # -- output --------------------------------------------------------------------------------------
