@@ -336,9 +336,7 @@ ENTRY_POINTS = [
     entry("ReferenceStorage.batch_delete", lambda w, v: w.run(w.reference.batch_delete(v)), "list"),
     entry("ReferenceStorage.dead_letter_message", lambda w, v: w.run(w.reference.dead_letter_message(v))),
     # ----- the dispatcher and its configuration
-    entry(
-        "LLMQueueDispatcherConfig.buffer_size", lambda w, v: LLMQueueDispatcherConfig(buffer_size=v), "huge"
-    ),
+    entry("LLMQueueDispatcherConfig.buffer_size", lambda w, v: LLMQueueDispatcherConfig(buffer_size=v)),
     entry(
         "LLMQueueDispatcherConfig.enable_prefetch",
         lambda w, v: LLMQueueDispatcherConfig(enable_prefetch=v),
@@ -347,7 +345,6 @@ ENTRY_POINTS = [
     entry(
         "LLMQueueDispatcherConfig.max_candidates_to_evaluate",
         lambda w, v: LLMQueueDispatcherConfig(max_candidates_to_evaluate=v),
-        "huge",
     ),
     entry("LLMQueueDispatcherConfig.scoring", lambda w, v: LLMQueueDispatcherConfig(scoring=v), "none"),
     entry("LLMQueueDispatcherConfig.logger", lambda w, v: LLMQueueDispatcherConfig(logger=v), "none"),
