@@ -15,6 +15,7 @@ from llm_queue_dispatcher import (
     Priority,
     TokenInfo,
 )
+from llm_queue_dispatcher.types import validate_token_count
 
 
 def test_manual_clock_moves_only_when_told() -> None:
@@ -83,3 +84,83 @@ def test_token_info_rejects_bad_estimates(bad: object) -> None:
 
 def test_token_info_accepts_integral_float() -> None:
     assert TokenInfo(12.0).estimated == 12  # type: ignore[arg-type]
+
+
+def test_manual_clock_refuses_to_advance_to_a_reading_that_is_not_finite() -> None:
+    clock = ManualClock()
+    assert clock.advance(1e308) == 1e308
+    with pytest.raises(InvalidRequestError, match=r"^seconds = 1e308 would move the clock past .* unchanged"):
+        clock.advance(1e308)
+    assert clock.now() == 1e308
+    assert clock.advance(0.0) == 1e308
+
+
+class IntLike:
+    """An integer that is not an int, as numpy's are: usable wherever Python wants an index."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+class BrokenIndex:
+    def __index__(self) -> int:
+        raise RuntimeError("not ours to hide")
+
+
+def int_likes() -> list[object]:
+    """`IntLike` always; numpy's integers too when numpy is installed (it is not a dependency)."""
+    values: list[object] = [IntLike(5)]
+    try:
+        import numpy
+    except ImportError:
+        return values
+    return [*values, numpy.int64(5), numpy.uint16(5), numpy.int8(5)]
+
+
+@pytest.mark.parametrize("count", int_likes(), ids=lambda v: type(v).__name__)
+def test_integer_like_objects_are_valid_token_counts(count: object) -> None:
+    info = TokenInfo(count, actual=count)  # type: ignore[arg-type]
+    assert (info.estimated, info.actual) == (5, 5)
+    assert type(info.estimated) is int
+    assert validate_token_count(count, "tokens") == 5
+    throttle = lqd.LLMThrottle(60, 1_000, clock=ManualClock())
+    assert throttle.can_process(count).allowed  # type: ignore[arg-type]
+    assert throttle.consume("a", count)  # type: ignore[arg-type]
+    throttle.adjust_consumption("a", count)  # type: ignore[arg-type]
+    [record] = throttle.get_consumption_history()
+    assert (record.estimated_tokens, record.actual_tokens) == (5, 5)
+
+
+@pytest.mark.parametrize("bad", [IntLike(-1), object()], ids=["negative", "object"])
+def test_integer_like_objects_follow_the_token_count_rules(bad: object) -> None:
+    throttle = lqd.LLMThrottle(60, 1_000, clock=ManualClock())
+    for call in (
+        lambda: TokenInfo(bad),  # type: ignore[arg-type]
+        lambda: throttle.consume("a", bad),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidRequestError, match="estimated"):
+            call()
+    assert throttle.get_consumption_history() == []
+
+
+def test_an_index_that_raises_propagates_its_own_error() -> None:
+    with pytest.raises(RuntimeError, match="not ours to hide"):
+        TokenInfo(BrokenIndex())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="not ours to hide"):
+        lqd.LLMThrottle(60, 1_000).consume("a", BrokenIndex())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count", int_likes(), ids=lambda v: type(v).__name__)
+async def test_integer_like_token_counts_go_through_a_dispatch_and_its_mark(count: object) -> None:
+    clock = ManualClock(1_000.0)
+    dispatcher = lqd.create_in_memory_queue(clock=clock)
+    throttle = lqd.LLMThrottle(60, 1_000, clock=clock)
+    await dispatcher.enqueue(LLMRequest("a", None, token_info=TokenInfo(count)))  # type: ignore[arg-type]
+    job = await dispatcher.dequeue(throttle)
+    assert job is not None
+    await job.mark_as_processed(actual_tokens=count)  # type: ignore[arg-type]
+    [record] = throttle.get_consumption_history()
+    assert (record.estimated_tokens, record.actual_tokens) == (5, 5)

@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_MESSAGE_RETENTION",
     "DEFAULT_WEIGHTS",
     "FACTOR_NAMES",
+    "MAX_PROVIDER_WAIT",
     "MAX_VISIBILITY_TIMEOUT",
     "BucketMetrics",
     "BucketState",
@@ -40,6 +41,9 @@ DEFAULT_MESSAGE_RETENTION: float
 FACTOR_NAMES: list[str]
 #: The default weights of the six factors, in FACTOR_NAMES order.
 DEFAULT_WEIGHTS: list[float]
+#: The longest wait a provider can impose on a limiter, in seconds (one day): longer penalties,
+#: ``Retry-After`` values and resets are clamped to it.
+MAX_PROVIDER_WAIT: float
 
 @final
 class ManualClock:
@@ -49,7 +53,8 @@ class ManualClock:
     def now(self) -> float:
         """The current reading in seconds."""
     def advance(self, seconds: float) -> float:
-        """Moves the clock forward by ``seconds`` (finite, >= 0); returns the new reading."""
+        """Moves the clock forward by ``seconds`` (finite, >= 0); returns the new reading. A move
+        to a reading that is not finite raises `InvalidRequestError` and changes nothing."""
     def set(self, seconds: float) -> None:
         """Sets the clock to ``seconds``, which must not be earlier than the current reading."""
     def __call__(self) -> float:
@@ -160,7 +165,9 @@ class ConsumptionRecord:
     @property
     def estimated_tokens(self) -> int: ...
     @property
-    def actual_tokens(self) -> int | None: ...
+    def actual_tokens(self) -> int | None:
+        """The count of the last adjustment; None before one, and after an adjustment to 0 (a
+        refund: a failed call is not an estimation miss)."""
     @property
     def compensation_debt(self) -> float:
         """Debt this consume took on top of its estimate."""
@@ -210,8 +217,11 @@ class LLMThrottle:
     ``rpm / 60`` per second, the token bucket likewise with ``tpm``. Thread-safe.
 
     Every argument is checked at construction (`InvalidConfigError` naming it): the numbers are
-    ints or floats (not bools) a float can hold; ``logger`` is None (the ``llm_queue_dispatcher``
-    logger) or a `logging.Logger`, the rule of every ``logger`` option of the package.
+    ints or floats (not bools) a float can hold; each bucket holds at least one (``rpm`` or
+    ``burst_rpm``, ``tpm`` or ``burst_tpm`` >= 1: a smaller bucket never admits a request);
+    ``logger`` is None (the ``llm_queue_dispatcher`` logger) or a `logging.Logger`, the rule of
+    every ``logger`` option of the package. The default ``adjustment_failure_strategy``,
+    "compensate", keeps long-run use within the limits when estimates run low.
     """
 
     def __new__(
@@ -222,7 +232,7 @@ class LLMThrottle:
         burst_rpm: float | None = None,
         burst_tpm: float | None = None,
         clock: Any = None,
-        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "compensate",
         max_history_records: int = 10000,
         history_retention: float = 60.0,
         efficiency_window_size: int = 50,
@@ -236,15 +246,19 @@ class LLMThrottle:
         """Like `consume`, raising `RateLimitError(reason, available_in)` when refused."""
     def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
         """Sets the latest consume of ``request_id`` to ``actual_tokens``: takes the extra (per
-        the adjustment failure strategy when short) or refunds the difference."""
+        the adjustment failure strategy when short) or refunds the difference. 0 is a refund (a
+        failed call): it records no actual count, so it is not an estimation miss."""
     def release(self, request_id: str) -> None:
         """Gives the latest reservation of ``request_id`` back whole (its tokens, its request, the
         debt it paid); it no longer counts. `UnknownRequestError` when there is none."""
     def penalize(self, seconds: float) -> None:
-        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``)."""
+        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``). More
+        than `MAX_PROVIDER_WAIT` (infinity included) is clamped to it and logged once per
+        limiter; NaN or a negative wait raises `InvalidRequestError`."""
     def sync_from_headers(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ProviderLimits:
         """Lowers the buckets to what the provider's rate-limit headers say remains, until their
-        reset, and applies ``retry-after`` as a penalty; returns what was read."""
+        reset, and applies ``retry-after`` as a penalty; returns what was read. Resets and
+        ``retry-after`` beyond `MAX_PROVIDER_WAIT` are clamped to it (logged once per limiter)."""
     def apply_provider_limits(self, limits: ProviderLimits) -> None:
         """`sync_from_headers` for figures already read."""
     def get_metrics(self) -> RateLimitMetrics:

@@ -78,14 +78,6 @@ signal N (Ctrl-C, SIGTERM)."""
 
 
 # -- arguments -----------------------------------------------------------------------------------
-def _per_minute(text: str) -> float:
-    """A per-minute limit: a finite number >= 1 (below one, no request ever fits)."""
-    value = argtypes.positive(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (below one no request ever fits), got {text}")
-    return value
-
-
 def register(commands: Any) -> None:
     """Adds ``llmqd batch`` to the subcommands."""
     batch = commands.add_parser(
@@ -99,8 +91,12 @@ def register(commands: Any) -> None:
     )
     batch.add_argument("input", help='requests, one JSON object per line ("-" reads standard input)')
     batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; a rerun resumes)")
-    batch.add_argument("--rpm", type=_per_minute, required=True, help="requests per minute allowed (>= 1)")
-    batch.add_argument("--tpm", type=_per_minute, required=True, help="tokens per minute allowed (>= 1)")
+    batch.add_argument(
+        "--rpm", type=argtypes.limit_per_minute, required=True, help="requests per minute allowed (>= 1)"
+    )
+    batch.add_argument(
+        "--tpm", type=argtypes.limit_per_minute, required=True, help="tokens per minute allowed (>= 1)"
+    )
     batch.add_argument(
         "--concurrency", type=argtypes.count, default=16, help="calls in flight at most (default 16)"
     )

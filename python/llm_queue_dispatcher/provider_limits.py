@@ -44,16 +44,16 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ._checks import finite_float, shown
+
+# The longest wait, in seconds, a provider's header is believed: one day, the core's constant
+# (`LLMThrottle.penalize` clamps to it too). A ``Retry-After`` or a reset further away is cut to
+# it: providers' windows run from a minute (OpenAI, Anthropic) to a day (per-day limits), so a
+# longer figure is a mistake, and believing it would stop every request for years.
+from ._core import MAX_PROVIDER_WAIT
 from .errors import InvalidRequestError
 
 __all__ = ["MAX_PROVIDER_WAIT", "ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
 
-#: The longest wait, in seconds, a provider's header is believed: one day. A ``Retry-After`` or a
-#: reset further away is cut to it. Providers' windows are a minute (OpenAI, Anthropic) up to a
-#: day (requests-per-day limits), so a longer figure is a mistake; believing it would stop every
-#: request for years. Both limiters (`LLMThrottle.penalize`, ``RedisThrottle``) and the openai
-#: handler use this bound too.
-MAX_PROVIDER_WAIT = 86_400.0
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 # Header names already logged as cut or ignored: a provider sending a bad figure on every

@@ -6,6 +6,9 @@ Rust call. A limiter whose methods are coroutines (`AsyncRateLimiter`, such as
 `llm_queue_dispatcher.redis.RedisThrottle`) works too. Both may offer ``release(request_id)``,
 which gives a reservation back whole (its tokens and its request); without it the dispatcher
 falls back to ``adjust_consumption(request_id, 0)``, which refunds the tokens only.
+
+`MAX_PROVIDER_WAIT` (one day) bounds every wait a provider can impose on `LLMThrottle`:
+``penalize(seconds)`` and the resets and ``Retry-After`` read by ``sync_from_headers``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._checks import shown
 from ._core import (
+    MAX_PROVIDER_WAIT,
     BucketMetrics,
     BucketState,
     CompensationMetrics,
@@ -29,6 +33,7 @@ from ._core import (
 from .errors import InvalidRequestError
 
 __all__ = [
+    "MAX_PROVIDER_WAIT",
     "AdjustmentFailureStrategy",
     "AsyncRateLimiter",
     "BucketMetrics",
@@ -116,13 +121,13 @@ def create_llm_throttle(
     burst_rpm: float | None = None,
     burst_tpm: float | None = None,
     clock: Any = None,
-    adjustment_failure_strategy: AdjustmentFailureStrategy = "warn",
+    adjustment_failure_strategy: AdjustmentFailureStrategy = "compensate",
     max_history_records: int = 10_000,
     history_retention: float = 60.0,
     efficiency_window_size: int = 50,
     logger: logging.Logger | None = None,
 ) -> LLMThrottle:
-    """An `LLMThrottle` from keyword arguments.
+    """An `LLMThrottle` from keyword arguments (the same defaults and checks).
 
     >>> from llm_queue_dispatcher import ManualClock, create_llm_throttle
     >>> throttle = create_llm_throttle(rpm=60, tpm=10_000, clock=ManualClock())

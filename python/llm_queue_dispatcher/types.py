@@ -4,6 +4,7 @@ since a mutable field may have changed in between."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import IntEnum
@@ -37,10 +38,12 @@ class Priority(IntEnum):
 def validate_token_count(value: object, field_name: str) -> int:
     """Returns ``value`` as an int token count, or raises `InvalidRequestError` naming the field.
 
-    Accepted: ints >= 0 (not bools) and integral, finite floats >= 0 (``12.0`` becomes ``12``).
+    Accepted: ints >= 0 (not bools), integer-like objects whose ``__index__`` gives one (a
+    ``numpy.int64``, say: what a tokenizer or a dataframe hands back), and integral, finite
+    floats >= 0 (``12.0`` becomes ``12``).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(f"{field_name} must be an int >= 0, got {shown(value)}")
+        value = _index_of(value, field_name)
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
             raise InvalidRequestError(f"{field_name} must be a finite integral count, got {shown(value)}")
@@ -48,6 +51,21 @@ def validate_token_count(value: object, field_name: str) -> int:
     if value < 0:
         raise InvalidRequestError(f"{field_name} must be >= 0, got {shown(value)}")
     return int(value)
+
+
+def _index_of(value: object, field_name: str) -> int:
+    """``operator.index(value)`` for an integer-like object that is not a bool (``numpy.bool_``
+    has no ``__index__``); `InvalidRequestError` for anything else. An exception other than
+    `TypeError` raised by a user's ``__index__`` is not ours to hide: it propagates."""
+    if not isinstance(value, bool):
+        try:
+            index = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if not isinstance(index, bool):
+                return index
+    raise InvalidRequestError(f"{field_name} must be an int >= 0, got {shown(value)}")
 
 
 def _check_text(value: str, field_name: str) -> None:

@@ -1,5 +1,7 @@
 //! `LLMThrottle` and its result classes: the binding of `crate::throttle`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::sync::{MutexExt, PyOnceLock};
@@ -17,7 +19,8 @@ pub use super::throttle_results::{
 };
 use crate::errors::CoreError;
 use crate::throttle::{
-    Adjustment, AdjustmentFailureStrategy, CheckResult, ConsumptionRecord, Snapshot, Throttle, ThrottleConfig,
+    Adjustment, AdjustmentFailureStrategy, CheckResult, ConsumptionRecord, Snapshot, Throttle,
+    ThrottleConfig, MAX_PROVIDER_WAIT,
 };
 
 // The seed library's estimate of one consumption record's footprint, kept for metric parity.
@@ -32,19 +35,25 @@ fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Opti
     })
 }
 
+/// A count of the configuration: an int (not a bool) from 1 to the largest `usize`; anything
+/// else, an int too large included, is an `InvalidConfigError` naming the field and the range.
 fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
     let count = (!value.is_instance_of::<pyo3::types::PyBool>() && value.is_instance_of::<PyInt>())
         .then(|| value.extract::<usize>().ok())
         .flatten();
     count.ok_or_else(|| {
-        invalid_config(value.py(), format!("{field} must be an int >= 1, got {}", repr_of(value)))
+        invalid_config(
+            value.py(),
+            format!("{field} must be an int from 1 to {}, got {}", usize::MAX, repr_of(value)),
+        )
     })
 }
 
-/// The strategy's name; absent: "warn". A non-str, or a str that is not a strategy's name, is an
+/// The strategy's name; absent: "compensate", which keeps long-run use within the limit when
+/// estimates run low. A non-str, or a str that is not a strategy's name, is an
 /// `InvalidConfigError`.
 fn strategy_arg(value: Given<'_>) -> PyResult<AdjustmentFailureStrategy> {
-    let Given::Value(value) = value else { return Ok(AdjustmentFailureStrategy::Warn) };
+    let Given::Value(value) = value else { return Ok(AdjustmentFailureStrategy::Compensate) };
     let py = value.py();
     let name = value.cast::<PyString>().ok().and_then(|name| name.to_str().ok().map(str::to_owned));
     match name {
@@ -87,9 +96,19 @@ fn provider_figure(limits: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64
     }
 }
 
-fn seconds_value(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    float_arg(value).filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
-        invalid_request(value.py(), format!("{field} must be a finite number >= 0, got {}", repr_of(value)))
+/// A wait in seconds: an int or float (not a bool) >= 0. An int too large for a float reads as
+/// infinite: the core clamps every wait to `MAX_PROVIDER_WAIT`. NaN, a negative number or
+/// anything else is an `InvalidRequestError` naming the field.
+fn wait_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
+    let seconds = match float_arg(value) {
+        Some(seconds) => Some(seconds),
+        None if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() => {
+            value.gt(0)?.then_some(f64::INFINITY)
+        }
+        None => None,
+    };
+    seconds.filter(|s| *s >= 0.0).ok_or_else(|| {
+        invalid_request(value.py(), format!("{field} must be a number >= 0, got {}", repr_of(value)))
     })
 }
 
@@ -113,6 +132,9 @@ pub struct PyThrottle {
     state: Mutex<Throttle<Metadata>>,
     clock: ClockSource,
     logger: Option<Py<PyAny>>,
+    /// Whether a wait clamped to `MAX_PROVIDER_WAIT` was logged: once per limiter, so a provider
+    /// sending a malformed header on every reply does not flood the log.
+    clamp_logged: AtomicBool,
 }
 
 impl PyThrottle {
@@ -158,6 +180,22 @@ impl PyThrottle {
         }
     }
 
+    /// Logs, once per limiter, that `asked` seconds of `what` were clamped to one day.
+    fn log_clamped(&self, py: Python<'_>, what: &str, asked: Option<f64>) -> PyResult<()> {
+        let Some(asked) = asked else { return Ok(()) };
+        if self.clamp_logged.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.logger(py)?.call_method1(
+            "warning",
+            (format!(
+                "{what} of {asked:?} s is longer than the maximum wait of {MAX_PROVIDER_WAIT} s (one day) and \
+                 was clamped to it; later clamps of this limiter are not logged"
+            ),),
+        )?;
+        Ok(())
+    }
+
     fn try_consume(
         &self,
         py: Python<'_>,
@@ -186,7 +224,7 @@ impl PyThrottle {
         history_retention=None, efficiency_window_size=None, logger=None))]
     // The real defaults, for introspection; None also means "the default" for the three counts.
     #[pyo3(text_signature = "(rpm, tpm, *, burst_rpm=None, burst_tpm=None, clock=None, \
-        adjustment_failure_strategy='warn', max_history_records=10000, history_retention=60.0, \
+        adjustment_failure_strategy='compensate', max_history_records=10000, history_retention=60.0, \
         efficiency_window_size=50, logger=None)")]
     // The contract's keyword names: `burst_rpm` and `burst_tpm` are meant to look alike.
     #[allow(clippy::too_many_arguments, clippy::similar_names)]
@@ -227,7 +265,7 @@ impl PyThrottle {
         let logger = logger_arg(logger)?;
         let now = clock.now(py)?;
         let state = Throttle::new(config, now).map_err(|e| to_py_err(py, e))?;
-        Ok(Self { state: Mutex::new(state), clock, logger })
+        Ok(Self { state: Mutex::new(state), clock, logger, clamp_logged: AtomicBool::new(false) })
     }
 
     /// Whether a request of `estimated_tokens` would be admitted now, and if not, when.
@@ -420,10 +458,13 @@ impl PyThrottle {
         self.with_state(py, |state, _| state.release(&request_id))?.map_err(|e| to_py_err(py, e))
     }
 
-    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`).
+    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`), at most
+    /// `MAX_PROVIDER_WAIT` (one day): a longer wait is clamped and logged once.
     fn penalize(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
-        let seconds = seconds_value(seconds, "seconds")?;
-        self.with_state(py, |state, _| state.penalize(seconds))?.map_err(|e| to_py_err(py, e))
+        let seconds = wait_seconds(seconds, "seconds")?;
+        let clamped =
+            self.with_state(py, |state, _| state.penalize(seconds))?.map_err(|e| to_py_err(py, e))?;
+        self.log_clamped(py, "penalize(seconds)", clamped)
     }
 
     /// Lowers what the limiter believes it holds to what the provider says remains, until the
@@ -460,11 +501,17 @@ impl PyThrottle {
         let requests = figure("requests_remaining", "requests_reset")?;
         let tokens = figure("tokens_remaining", "tokens_reset")?;
         let retry_after = provider_figure(limits, "retry_after")?;
-        self.with_state(py, |state, _| {
-            state.cap(requests, tokens)?;
-            retry_after.map_or(Ok(()), |seconds| state.penalize(seconds))
-        })?
-        .map_err(|e| to_py_err(py, e))
+        let (reset, retry) = self
+            .with_state(py, |state, _| {
+                // `retry_after` is finite and >= 0 (read above): once the figures pass `cap`'s
+                // checks, the penalty cannot fail, so a bad figure changes nothing.
+                let reset = state.cap(requests, tokens)?;
+                let retry = retry_after.map_or(Ok(None), |seconds| state.penalize(seconds))?;
+                Ok::<_, CoreError>((reset, retry))
+            })?
+            .map_err(|e| to_py_err(py, e))?;
+        self.log_clamped(py, "a provider's reset", reset)?;
+        self.log_clamped(py, "a provider's Retry-After", retry)
     }
 
     /// Capacity of the token bucket (`burst_tpm or tpm`): no estimate above it ever fits.

@@ -20,6 +20,21 @@ pub use bucket::{BucketState, TokenBucket};
 // Debt below this many tokens is float dust from refunds and is forgotten.
 const DEBT_DUST: f64 = 1e-9;
 
+/// The longest wait a provider can impose on a limiter, in seconds (one day): a `penalize`, a
+/// `Retry-After` or a reset read from headers beyond it is clamped to it. A provider's own
+/// windows are a minute or a day at most, so a longer figure is a malformed header; believing it
+/// would freeze the limiter for years.
+pub const MAX_PROVIDER_WAIT: f64 = 86_400.0;
+
+/// `seconds` within [0, `MAX_PROVIDER_WAIT`], and whether it had to be clamped; a NaN or
+/// negative wait is an `InvalidRequest` naming `field`.
+fn provider_wait(seconds: f64, field: &str) -> CoreResult<(f64, bool)> {
+    if seconds.is_nan() || seconds < 0.0 {
+        return Err(CoreError::InvalidRequest(format!("{field} must be a number >= 0, got {seconds:?}")));
+    }
+    Ok((seconds.min(MAX_PROVIDER_WAIT), seconds > MAX_PROVIDER_WAIT))
+}
+
 /// What `adjust_consumption` does when the bucket holds less than the extra tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdjustmentFailureStrategy {
@@ -56,7 +71,8 @@ impl AdjustmentFailureStrategy {
 
 /// How close an estimate was: `min / max` of the two counts, 1 when both are 0 and 0 when only
 /// one is (nothing estimated for a call that used tokens is a miss, not a perfect guess). One
-/// formula for the efficiency and the estimation accuracy metrics.
+/// formula for the efficiency and the estimation accuracy metrics. (An adjustment to 0 tokens is
+/// a refund, not a measurement: it records no actual count, so it never reaches this formula.)
 fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
     match (estimated, actual) {
         (0, 0) => 1.0,
@@ -143,6 +159,29 @@ impl ThrottleConfig {
                         "{name} must be a finite number >= the rate ({rate}), got {burst}"
                     )));
                 }
+            }
+        }
+        // A bucket that holds less than one request (or one token) can never admit anything: a
+        // limiter that waits for ever is refused here, where the mistake is made.
+        for (rate_name, burst_name, rate, burst, unit) in [
+            ("rpm", "burst_rpm", self.rpm, self.burst_rpm, "request"),
+            ("tpm", "burst_tpm", self.tpm, self.burst_tpm, "token"),
+        ] {
+            match burst {
+                Some(burst) if burst < 1.0 => {
+                    return Err(CoreError::InvalidConfig(format!(
+                        "{burst_name} must be >= 1: it is the {unit} bucket's capacity, and a bucket \
+                         holding less than one {unit} never admits a request; got {burst}"
+                    )));
+                }
+                None if rate < 1.0 => {
+                    return Err(CoreError::InvalidConfig(format!(
+                        "{rate_name} must be >= 1: without {burst_name} it is the {unit} bucket's \
+                         capacity, and a bucket holding less than one {unit} never admits a request; \
+                         got {rate} (for less than one {unit} a minute, also set {burst_name} >= 1)"
+                    )));
+                }
+                _ => {}
             }
         }
         if self.max_history_records == 0 {
@@ -420,7 +459,8 @@ impl<M> Throttle<M> {
     }
 
     /// Sets the token count of the latest consume of `request_id` to `actual`: takes the extra
-    /// or refunds the difference. Call `advance` first.
+    /// or refunds the difference. `actual` = 0 refunds the tokens and records no actual count
+    /// (the estimation metrics ignore it). Call `advance` first.
     pub fn adjust(&mut self, request_id: &str, actual: u64) -> CoreResult<Adjustment> {
         let index = self.record_index(request_id)?;
         let recorded = self.history[index].tokens;
@@ -461,7 +501,9 @@ impl<M> Throttle<M> {
         self.totals.remove(record);
         record.unpaid = unpaid;
         record.tokens = actual;
-        record.actual_tokens = Some(actual);
+        // 0 tokens is a refund (the call failed, or never reached the provider), not a measured
+        // count: recording it would score a failed call as an estimation miss.
+        record.actual_tokens = (actual > 0).then_some(actual);
         self.totals.add(record);
         Ok(outcome)
     }
@@ -505,15 +547,13 @@ impl<M> Throttle<M> {
     }
 
     /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`); a shorter
-    /// penalty never cuts a longer one short. Call `advance` first.
-    pub fn penalize(&mut self, seconds: f64) -> CoreResult<()> {
-        if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(CoreError::InvalidRequest(format!(
-                "seconds must be a finite number >= 0, got {seconds}"
-            )));
-        }
-        self.penalized_until = self.penalized_until.max(self.now + seconds);
-        Ok(())
+    /// penalty never cuts a longer one short. More than `MAX_PROVIDER_WAIT` (infinity included)
+    /// is clamped to it, and the wait asked for is returned for the caller to log; NaN or a
+    /// negative wait is an `InvalidRequest` and changes nothing. Call `advance` first.
+    pub fn penalize(&mut self, seconds: f64) -> CoreResult<Option<f64>> {
+        let (wait, clamped) = provider_wait(seconds, "seconds")?;
+        self.penalized_until = self.penalized_until.max(self.now + wait);
+        Ok(clamped.then_some(seconds))
     }
 
     /// The reading of the last `advance`.
@@ -528,30 +568,41 @@ impl<M> Throttle<M> {
 
     /// Lowers what the buckets hold to what a provider says remains: each figure given cuts its
     /// bucket now and, with a reset (seconds from now), caps it until then at that figure minus
-    /// what is granted meanwhile (see `provider_limits.py`). Call `advance` first.
+    /// what is granted meanwhile (see `provider_limits.py`). A reset beyond `MAX_PROVIDER_WAIT`
+    /// (infinity included) is clamped to it, and the longest reset asked for is then returned
+    /// for the caller to log. Checked whole first: on a bad figure nothing changes. Call
+    /// `advance` first.
     pub fn cap(
         &mut self,
         requests: Option<(f64, Option<f64>)>,
         tokens: Option<(f64, Option<f64>)>,
-    ) -> CoreResult<()> {
-        for (name, figure) in [("requests", requests), ("tokens", tokens)] {
+    ) -> CoreResult<Option<f64>> {
+        let mut clamped: Option<f64> = None;
+        let mut resets = [None, None];
+        for (slot, (name, figure)) in resets.iter_mut().zip([("requests", requests), ("tokens", tokens)]) {
             if let Some((remaining, reset)) = figure {
-                let bad_reset = reset.is_some_and(|r| !(r.is_finite() && r >= 0.0));
-                if !(remaining.is_finite() && remaining >= 0.0) || bad_reset {
+                if !(remaining.is_finite() && remaining >= 0.0) {
                     return Err(CoreError::InvalidRequest(format!(
-                        "{name} remaining and reset must be finite numbers >= 0, got {remaining} and {reset:?}"
+                        "{name} remaining must be a finite number >= 0, got {remaining}"
                     )));
+                }
+                if let Some(reset) = reset {
+                    let (wait, was_clamped) = provider_wait(reset, &format!("{name} reset"))?;
+                    if was_clamped {
+                        clamped = Some(clamped.map_or(reset, |c| c.max(reset)));
+                    }
+                    *slot = Some(wait);
                 }
             }
         }
         let now = self.now;
-        if let Some((remaining, reset)) = requests {
-            self.requests.cap(remaining, reset.map(|r| now + r));
+        if let Some((remaining, _)) = requests {
+            self.requests.cap(remaining, resets[0].map(|r| now + r));
         }
-        if let Some((remaining, reset)) = tokens {
-            self.tokens.cap(remaining, reset.map(|r| now + r));
+        if let Some((remaining, _)) = tokens {
+            self.tokens.cap(remaining, resets[1].map(|r| now + r));
         }
-        Ok(())
+        Ok(clamped)
     }
 
     fn record_index(&self, request_id: &str) -> CoreResult<usize> {
