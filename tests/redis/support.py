@@ -58,6 +58,9 @@ class ClockedRedisStorage(RedisStorage[T]):
     def _time_argument(self) -> str:
         return f"{microseconds(self.clock())} {self._created_us}"
 
+    def _host_time(self) -> float:
+        return self.clock()  # the scripts' clock: this "host" agrees with the "server"
+
 
 class ClockedRedisThrottle(RedisThrottle):
     """`RedisThrottle` on a test clock (see the module docstring). Test-only."""
@@ -68,6 +71,9 @@ class ClockedRedisThrottle(RedisThrottle):
 
     def _time_argument(self) -> str:
         return str(microseconds(self.clock()))
+
+    def _host_time(self) -> float:
+        return self.clock()  # the scripts' clock: this "host" agrees with the "server"
 
 
 def require_redis_server() -> str:
