@@ -140,7 +140,11 @@ async def test_braces_and_newlines_in_ids_and_payloads_are_data(redis_url: str) 
         assert {m.payload.id: m.payload for m in got} == {r.id: r for r in requests}
         keys = [key async for key in storage.redis.scan_iter(match=f"{{{namespace}}}*")]
         assert {redis.crc.key_slot(key) for key in keys} == {redis.crc.key_slot(f"{{{namespace}}}".encode())}
-        assert len(keys) == 6  # meta, seq, ids, body, state, in flight (all received): no stray key
+        replies = [key for key in keys if b":reply:" in key]
+        assert len(replies) == 1  # the receive's reply, kept a minute for a resend
+        assert 0 < await storage.redis.pttl(replies[0]) <= 60_000
+        # meta, seq, ids, body, state, in flight (all received): no stray key
+        assert len(keys) - len(replies) == 6
 
 
 # ----- the password ---------------------------------------------------------------------------------

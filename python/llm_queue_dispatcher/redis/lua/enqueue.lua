@@ -1,6 +1,6 @@
 -- enqueue / batch_enqueue: ARGV[5..] = request id, priority, serialised request, repeated.
--- All or nothing: a request id already live refuses the whole batch. Returns {'ok', message id,
--- enqueued_at, ...} or {'dup', request id}.
+-- All or nothing: a request id already live refuses the whole batch. Returns {NOW, 'ok',
+-- message id, enqueued_at, ...} or {NOW, 'dup', request id}.
 --
 -- The i-th message id is derived from the call's random seed and i alone. So a retry of this very
 -- call (the client resends it after a reply lost in transit) recognises its own first message and
@@ -10,8 +10,9 @@ maintain()
 local function message_id(i)
   return string.sub(redis.sha1hex(NONCE .. ':enqueue:' .. i), 1, 32)
 end
-local out = {'ok'}
+local out = {fmt(NOW), 'ok'}
 local count = (#ARGV - 4) / 3
+-- Bounded by the call's arguments (one round per request), as are the two loops below.
 for i = 0, count - 1 do
   local rid = ARGV[5 + 3 * i]
   local member = redis.call('HGET', Q.ids, rid)
@@ -24,7 +25,7 @@ for i = 0, count - 1 do
       end
       return out
     end
-    return {'dup', rid}
+    return {fmt(NOW), 'dup', rid}
   end
 end
 for i = 0, count - 1 do
