@@ -8,6 +8,7 @@ import asyncio
 import math
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,7 +33,7 @@ from llm_queue_dispatcher import (
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
 from tests.redis.conftest import START, fresh_name
-from tests.redis.support import ClockedRedisStorage, RedisServer
+from tests.redis.support import ClockedRedisStorage, RedisServer, ReplyCutter
 
 MakeStorage = Callable[..., ClockedRedisStorage[Any]]
 
@@ -507,6 +508,93 @@ async def test_batch_release_gives_back_the_current_and_names_the_stale(
     assert sorted(m.payload.id for m in again) == ["r0", "r2", "r3"]
     assert {m.attributes.receive_count for m in again} == {1}
     await storage.batch_release([])  # nothing to do, nothing sent
+
+
+# ----- replies lost in transit ----------------------------------------------------------------------
+
+
+async def _load_scripts(storage: RedisStorage[Any]) -> None:
+    """Runs every script once, so the server knows them and an armed cut falls on a script that
+    runs (not on a NOSCRIPT answer)."""
+    stale = f"{'0' * 15}.1.{'0' * 32}"
+    await storage.dequeue(0, 1.0)
+    for call in (
+        storage.delete_message(stale),
+        storage.batch_delete([stale]),
+        storage.release_message(stale),
+        storage.update_visibility_timeout(stale, 1.0),
+    ):
+        with pytest.raises(ReceiptHandleError):
+            await call
+
+
+async def test_a_delete_whose_reply_was_lost_is_not_reported_stale(reply_cutter: ReplyCutter) -> None:
+    """The delete ran, the connection broke before its reply, redis-py resent it: the resend
+    answers as the first run did instead of calling its own handle stale."""
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-delete")) as storage:
+        await _load_scripts(storage)
+        await storage.batch_enqueue([LLMRequest(f"r{i}", i) for i in range(3)])
+        handles = [m.attributes.receipt_handle for m in await storage.dequeue(3, 30.0)]
+        reply_cutter.armed = 1
+        await storage.delete_message(handles[0])
+        reply_cutter.armed = 1
+        await storage.batch_delete(handles[1:])
+        assert reply_cutter.cuts == 2
+        attributes = await storage.get_queue_attributes()
+        assert (
+            attributes.approximate_number_of_messages + attributes.approximate_number_of_messages_in_flight
+            == 0
+        )
+
+
+async def test_a_receive_whose_reply_was_lost_hands_out_what_it_leased(reply_cutter: ReplyCutter) -> None:
+    """The resent receive returns the messages the first run leased, and leases no others:
+    nothing is left leased to nobody."""
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-receive")) as storage:
+        await _load_scripts(storage)
+        await storage.batch_enqueue([LLMRequest(f"r{i}", i) for i in range(5)])
+        reply_cutter.armed = 1
+        received = await storage.dequeue(2, 30.0)
+        assert reply_cutter.cuts == 1
+        assert [m.payload.id for m in received] == ["r0", "r1"]
+        assert [m.attributes.receive_count for m in received] == [1, 1]
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages_in_flight == 2
+        await storage.batch_delete([m.attributes.receipt_handle for m in received])  # the handles work
+
+
+async def test_releases_and_visibility_changes_whose_reply_was_lost_apply_once(
+    reply_cutter: ReplyCutter,
+) -> None:
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-release")) as storage:
+        await _load_scripts(storage)
+        await storage.enqueue(LLMRequest("a", 1))
+        [first] = await storage.dequeue(1, 30.0)
+        reply_cutter.armed = 1
+        await storage.update_visibility_timeout(first.attributes.receipt_handle, 0.0)  # visible now
+        [second] = await storage.dequeue(1, 30.0)
+        assert second.attributes.receive_count == 2
+        reply_cutter.armed = 1
+        await storage.release_message(second.attributes.receipt_handle)
+        assert reply_cutter.cuts == 2
+        [back] = await storage.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        assert back.attributes.receive_count == 1  # that receive undone, once
+
+
+async def test_a_dead_letter_whose_reply_was_lost_moves_once(reply_cutter: ReplyCutter) -> None:
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-dlq")) as storage:
+        await _load_scripts(storage)
+        await storage.enqueue(LLMRequest("a", 1))
+        [message] = await storage.dequeue(1, 30.0)
+        stale = replace(
+            message, attributes=replace(message.attributes, receipt_handle=f"{'0' * 15}.1.{'0' * 32}")
+        )
+        with pytest.raises(ReceiptHandleError):
+            await storage.dead_letter_message(stale)  # loads the script
+        reply_cutter.armed = 1
+        await storage.dead_letter_message(message)
+        assert reply_cutter.cuts == 1
+        assert (await storage.get_queue_attributes()).dead_lettered == 1
 
 
 async def test_receipt_handles_carry_the_receive_count_and_128_random_bits(

@@ -29,7 +29,7 @@ from llm_queue_dispatcher.redis import (
     SharedRateLimitMetrics,
 )
 from tests.redis.conftest import START, fresh_name
-from tests.redis.support import ClockedRedisThrottle, RedisServer
+from tests.redis.support import ClockedRedisThrottle, RedisServer, ReplyCutter
 
 MakeThrottle = Callable[..., ClockedRedisThrottle]
 US = 1e-6
@@ -445,6 +445,37 @@ async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     for bad in (math.inf, math.nan, -1.0, 10**400):
         with pytest.raises(InvalidRequestError, match="seconds"):
             await throttle.penalize(bad)
+
+
+# ----- replies lost in transit ----------------------------------------------------------------------
+
+
+async def test_calls_whose_reply_was_lost_are_applied_once(
+    reply_cutter: ReplyCutter, clock: ManualClock
+) -> None:
+    """The script ran, the connection broke before its reply, redis-py resent the call: the
+    resend answers as the first run did. A grant is charged once, an adjustment taken once, a
+    release gives back one grant (not the one before it too)."""
+    limiter = ClockedRedisThrottle(reply_cutter.url, fresh_name("lost"), rpm=60, tpm=1000, clock=clock)
+    async with limiter:
+        assert await limiter.consume("warm", 0)  # loads the scripts: a cut falls on one that runs
+        await limiter.adjust_consumption("warm", 0)
+        await limiter.release("warm")
+        reply_cutter.armed = 1
+        assert await limiter.consume("a", 100)
+        reply_cutter.armed = 1
+        await limiter.adjust_consumption("a", 300)
+        assert await limiter.consume("b", 10)
+        assert await limiter.consume("b", 20)  # a second reservation under "b"
+        reply_cutter.armed = 1
+        await limiter.release("b")
+        assert reply_cutter.cuts == 3
+        metrics = await limiter.get_metrics()
+        assert (metrics.rpm.used, metrics.tpm.used) == (2.0, 310.0)  # "a" once at 300, the first "b"
+        assert metrics.consumption_history.count == 2
+        await limiter.release("b")  # the first "b" is still there to give back
+        with pytest.raises(UnknownRequestError):
+            await limiter.release("b")
 
 
 # ----- one budget for every process ----------------------------------------------------------------
