@@ -82,6 +82,29 @@ class ClockedRedisThrottle(RedisThrottle):
         return self.clock()  # the scripts' clock: this "host" agrees with the "server"
 
 
+#: How far the clock of `an_hour_ahead` hosts is off.
+HOUR = 3600.0
+
+
+def an_hour_ahead() -> float:
+    """The clock of a host an hour ahead of the server (and of this one)."""
+    return time.time() + HOUR
+
+
+class RedisStorageAnHourAhead(RedisStorage[T]):
+    """`RedisStorage` on a host whose clock is an hour ahead of the server's. Test-only."""
+
+    def _host_time(self) -> float:
+        return an_hour_ahead()
+
+
+class RedisThrottleAnHourAhead(RedisThrottle):
+    """`RedisThrottle` on a host whose clock is an hour ahead of the server's. Test-only."""
+
+    def _host_time(self) -> float:
+        return an_hour_ahead()
+
+
 def require_redis_server() -> str:
     """The path of ``redis-server``. Missing: a skip on a developer's machine, a failure in CI
     (``.ci/run`` installs it, so a missing binary there is a broken setup, not a reason to skip)."""

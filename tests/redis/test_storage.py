@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -33,7 +34,14 @@ from llm_queue_dispatcher import (
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
 from tests.redis.conftest import START, fresh_name
-from tests.redis.support import ClockedRedisStorage, RedisServer, ReplyCutter
+from tests.redis.support import (
+    HOUR,
+    ClockedRedisStorage,
+    RedisServer,
+    RedisStorageAnHourAhead,
+    ReplyCutter,
+    an_hour_ahead,
+)
 
 MakeStorage = Callable[..., ClockedRedisStorage[Any]]
 
@@ -314,6 +322,38 @@ async def test_instants_come_from_the_server_and_expiry_needs_no_background_task
         [again] = await storage.dequeue(1, 0.2)
         assert again.attributes.receive_count == 2
         assert again.attributes.first_received_at == received.attributes.first_received_at
+
+
+async def test_a_host_clock_an_hour_off_sees_the_same_ages(redis_url: str) -> None:
+    """Instants are the server's, told on each host's clock: a host an hour ahead gets them an
+    hour later, so its ``now - enqueued_at`` (a message's age, its wait) is the server's age,
+    the same as on a host whose clock agrees."""
+    queue = fresh_name("skewed-host")
+    async with (
+        RedisStorage(redis_url, queue) as here,
+        RedisStorageAnHourAhead[Any](redis_url, queue) as ahead,
+    ):
+        await here.enqueue(LLMRequest("a", 1))
+        await ahead.enqueue(LLMRequest("b", 2))
+        await asyncio.sleep(0.2)
+        seen_here = await here.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        seen_ahead = await ahead.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        ages_here = [time.time() - m.attributes.enqueued_at.timestamp() for m in seen_here]
+        ages_ahead = [an_hour_ahead() - m.attributes.enqueued_at.timestamp() for m in seen_ahead]
+        assert ages_ahead == pytest.approx(ages_here, abs=0.05)
+        assert all(0.15 < age < 5 for age in ages_ahead)
+        for mine, theirs in zip(seen_here, seen_ahead, strict=True):
+            shift = theirs.attributes.enqueued_at - mine.attributes.enqueued_at
+            assert shift.total_seconds() == pytest.approx(HOUR, abs=0.05)
+        [received] = await ahead.dequeue(1, 30.0)
+        assert received.attributes.first_received_at is not None
+        assert 0 <= an_hour_ahead() - received.attributes.first_received_at.timestamp() < 1
+        attributes_here, attributes_ahead = (
+            await here.get_queue_attributes(),
+            await ahead.get_queue_attributes(),
+        )
+        shift = attributes_ahead.created_timestamp - attributes_here.created_timestamp
+        assert shift.total_seconds() == pytest.approx(HOUR, abs=0.05)
 
 
 async def test_a_client_decoding_responses_works_too(redis_url: str) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ from llm_queue_dispatcher.redis import (
     SharedRateLimitMetrics,
 )
 from tests.redis.conftest import START, fresh_name
-from tests.redis.support import ClockedRedisThrottle, RedisServer, ReplyCutter
+from tests.redis.support import ClockedRedisThrottle, RedisServer, RedisThrottleAnHourAhead, ReplyCutter
 
 MakeThrottle = Callable[..., ClockedRedisThrottle]
 US = 1e-6
@@ -445,6 +447,30 @@ async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     for bad in (math.inf, math.nan, -1.0, 10**400):
         with pytest.raises(InvalidRequestError, match="seconds"):
             await throttle.penalize(bad)
+
+
+# ----- the server's clock only -----------------------------------------------------------------------
+
+
+async def test_a_host_clock_an_hour_off_changes_no_answer(redis_url: str) -> None:
+    """Waits, refills and penalties run on the server's clock; a provider's absolute instant (an
+    Anthropic reset, a Retry-After date) is read against the server's clock too, so a reset 30 s
+    away holds for 30 s on a host an hour ahead as on one whose clock agrees."""
+    reset = datetime.fromtimestamp(time.time() + 30, timezone.utc).isoformat()
+    said = {"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": reset}
+    answers = []
+    for kind in (RedisThrottle, RedisThrottleAnHourAhead):
+        async with kind(redis_url, fresh_name("skewed-host"), rpm=600, tpm=60_000) as limiter:
+            await limiter.sync_from_headers(said)
+            check = await limiter.can_process(1)
+            await limiter.penalize(2)
+            penalty = (await limiter.get_metrics()).penalty_remaining
+            answers.append((check.allowed, check.reason, check.available_in, penalty))
+    here, ahead = answers
+    assert here[:2] == ahead[:2] == (False, "tpm_limit")
+    assert ahead[2] == pytest.approx(here[2], abs=0.1)
+    assert 29 < here[2] <= 30.01
+    assert ahead[3] == pytest.approx(here[3], abs=0.1)
 
 
 # ----- replies lost in transit ----------------------------------------------------------------------
