@@ -8,7 +8,10 @@
 * A URL is turned into a client with bounded timeouts and one immediate retry on a broken
   connection (so a pooled connection that a Redis restart cut is replaced without the caller
   seeing it); a timeout is not retried, so a slow or paused server surfaces within the socket
-  timeout. The password of a URL appears nowhere: not in ``repr``, not in errors, not in logs.
+  timeout. The call resent may have run before the connection broke: every call that changes
+  something carries a reply key named after a random token drawn for that call, and the script
+  answers a resend from the reply its first run kept there (``lua/common.lua``). The password of
+  a URL appears nowhere: not in ``repr``, not in errors, not in logs.
 * Each operation is one Lua script, sent by its SHA1 (``EVALSHA``) and loaded (``SCRIPT LOAD``)
   only when the server answers ``NOSCRIPT``: after a restart, a ``SCRIPT FLUSH`` or on a new
   server, invisibly to the caller.

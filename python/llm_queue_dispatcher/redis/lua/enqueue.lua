@@ -12,13 +12,14 @@ local function message_id(i)
 end
 local out = {fmt(NOW), 'ok'}
 local count = (#ARGV - 4) / 3
--- Bounded by the call's arguments (one round per request), as are the two loops below.
+-- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
   local rid = ARGV[5 + 3 * i]
   local member = redis.call('HGET', Q.ids, rid)
   if member then
     local s = load(Q, member)
     if i == 0 and s ~= nil and s.mid == message_id(0) then
+      -- Bounded by the call's arguments: one round per request.
       for j = 0, count - 1 do
         out[#out + 1] = message_id(j)
         out[#out + 1] = s.at
@@ -28,6 +29,7 @@ for i = 0, count - 1 do
     return {fmt(NOW), 'dup', rid}
   end
 end
+-- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
   local rid, p, body = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
   insert(Q, rid, p, NOW, body, message_id(i))
