@@ -25,7 +25,7 @@ from llm_queue_dispatcher import (
     UnknownRequestError,
 )
 from llm_queue_dispatcher.redis import (
-    MAX_PROVIDER_DELAY,
+    MAX_PROVIDER_WAIT,
     RateLimitCheck,
     RedisThrottle,
     SharedRateLimitMetrics,
@@ -209,7 +209,7 @@ async def test_adjustment_strategies_on_a_short_bucket(
     assert raised.value.reason == "tpm_limit"
     assert (await strict.get_metrics()).tpm.available == 100.0  # nothing taken
 
-    warn = clocked_throttle(rpm=60, tpm=1000)
+    warn = clocked_throttle(rpm=60, tpm=1000, adjustment_failure_strategy="warn")
     assert await warn.consume("a", 900)
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
         await warn.adjust_consumption("a", 1300)
@@ -217,7 +217,7 @@ async def test_adjustment_strategies_on_a_short_bucket(
     metrics = await warn.get_metrics()
     assert (metrics.tpm.available, metrics.compensation.total_debt) == (0.0, 0.0)
 
-    compensate = clocked_throttle(rpm=60, tpm=1000, adjustment_failure_strategy="compensate")
+    compensate = clocked_throttle(rpm=60, tpm=1000)  # the default, as for LLMThrottle
     assert await compensate.consume("a", 900)
     await compensate.adjust_consumption("a", 1300)
     assert (await compensate.get_metrics()).compensation.total_debt == 300.0
@@ -371,7 +371,7 @@ async def test_a_reset_or_retry_after_far_in_the_future_holds_for_one_day_at_mos
         await limiter.sync_from_headers(said)
         check = await _answers_at_once(limiter, other_client)
         assert not check.allowed
-        assert MAX_PROVIDER_DELAY - 5 <= check.available_in <= MAX_PROVIDER_DELAY + 1
+        assert MAX_PROVIDER_WAIT - 5 <= check.available_in <= MAX_PROVIDER_WAIT + 1
 
 
 async def test_a_drained_bucket_that_refills_for_centuries_answers_at_once_as_llm_throttle_does(
@@ -406,9 +406,9 @@ async def test_any_number_reaching_the_scripts_is_bounded(
             await limiter._run("limiter_penalize", penalty)
         await limiter._run("limiter_sync", "inf", "0", "1e300", "nan", "nan")
         check = await _answers_at_once(limiter, other_client)
-        assert MAX_PROVIDER_DELAY - 5 <= check.available_in <= MAX_PROVIDER_DELAY + 1
+        assert MAX_PROVIDER_WAIT - 5 <= check.available_in <= MAX_PROVIDER_WAIT + 1
         metrics = await limiter.get_metrics()
-        assert metrics.penalty_remaining <= MAX_PROVIDER_DELAY
+        assert metrics.penalty_remaining <= MAX_PROVIDER_WAIT
         assert metrics.tpm.available == 60_000.0  # a NaN figure changed nothing
 
 
@@ -420,10 +420,10 @@ async def test_a_penalty_stored_beyond_a_day_ends_within_one(
     throttle = clocked_throttle(rpm=600, tpm=60_000)
     state = throttle._keys[0]
     await throttle.redis.hset(state, "penalty", str(int((START + 10**9) * 1e6)))
-    assert (await throttle.can_process(1)).available_in == pytest.approx(MAX_PROVIDER_DELAY, abs=US)
-    clock.advance(MAX_PROVIDER_DELAY / 2)
-    assert (await throttle.can_process(1)).available_in == pytest.approx(MAX_PROVIDER_DELAY / 2, abs=US)
-    clock.advance(MAX_PROVIDER_DELAY / 2)
+    assert (await throttle.can_process(1)).available_in == pytest.approx(MAX_PROVIDER_WAIT, abs=US)
+    clock.advance(MAX_PROVIDER_WAIT / 2)
+    assert (await throttle.can_process(1)).available_in == pytest.approx(MAX_PROVIDER_WAIT / 2, abs=US)
+    clock.advance(MAX_PROVIDER_WAIT / 2)
     assert await throttle.consume("a", 1)
 
 
@@ -437,8 +437,8 @@ async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
         await throttle.sync_from_headers({"retry-after": "1e12", "x-ratelimit-reset-tokens": "1e12s"})
     [record] = [r for r in caplog.records if "one day" in r.getMessage()]
     assert throttle.name in record.getMessage()
-    assert (await throttle.get_metrics()).penalty_remaining == MAX_PROVIDER_DELAY
-    clock.advance(MAX_PROVIDER_DELAY)
+    assert (await throttle.get_metrics()).penalty_remaining == MAX_PROVIDER_WAIT
+    clock.advance(MAX_PROVIDER_WAIT)
     assert await throttle.consume("a", 1)
     other = clocked_throttle(rpm=600, tpm=60_000)
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
@@ -539,6 +539,20 @@ async def test_metrics_have_the_shape_of_llm_throttle(clocked_throttle: MakeThro
     }
     assert metrics.efficiency == 0.5
     assert metrics.to_dict()["tpm"]["limit"] == 1000.0
+
+
+async def test_a_refund_to_zero_is_not_an_estimation_miss(clocked_throttle: MakeThrottle) -> None:
+    # mark_as_failed refunds through an adjustment to 0 tokens: the call failed, it measured
+    # nothing, so the accuracy metrics ignore it (as LLMThrottle's do).
+    throttle = clocked_throttle(rpm=60, tpm=1000)
+    assert await throttle.consume("ok", 400)
+    await throttle.adjust_consumption("ok", 400)
+    assert await throttle.consume("failed", 300)
+    await throttle.adjust_consumption("failed", 0)
+    metrics = await throttle.get_metrics()
+    assert metrics.consumption_history.estimation_accuracy == 1.0
+    assert metrics.efficiency == 1.0
+    assert metrics.tpm.available == 600.0  # the failed call's tokens came back
 
 
 # ----- configuration and input ---------------------------------------------------------------------

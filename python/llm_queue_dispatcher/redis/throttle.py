@@ -12,7 +12,7 @@ It fails closed: when Redis cannot be reached, every method raises `LimiterUnava
 processes overshoot the provider's limit N times.
 
 A provider's delay (``penalize(seconds)``, ``Retry-After``, a reset) counts at most
-`MAX_PROVIDER_DELAY` (one day): a larger one is logged once per limiter and cut to it, so no
+`MAX_PROVIDER_WAIT` (one day): a larger one is logged once per limiter and cut to it, so no
 header can hold every process's budget shut for longer, and no wait, however far (a reset in the
 year 9999, a drained bucket refilling a token a minute), makes a script loop: each answers at
 once with a finite wait or ``inf``. A call resent because its reply was lost (redis-py resends
@@ -46,6 +46,7 @@ from ..errors import (
     UnknownRequestError,
 )
 from ..provider_limits import ProviderLimits, parse_rate_limit_headers
+from ..throttle import MAX_PROVIDER_WAIT
 from ..types import validate_request_id, validate_token_count
 from ._connection import (
     CLIENT_ERRORS,
@@ -58,7 +59,7 @@ from ._connection import (
 )
 
 __all__ = [
-    "MAX_PROVIDER_DELAY",
+    "MAX_PROVIDER_WAIT",
     "BucketUsage",
     "CompensationUsage",
     "HistoryUsage",
@@ -73,7 +74,6 @@ _STRATEGIES = ("strict", "warn", "compensate")
 #: The longest delay, in seconds, a provider can impose on a `RedisThrottle`: one day. A
 #: ``penalize(seconds)``, ``Retry-After`` or rate-limit reset beyond it counts as one day (logged
 #: once per limiter). The scripts apply the same bound to whatever reaches them.
-MAX_PROVIDER_DELAY = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class RedisThrottle(ScriptClient):
             that cannot hold one request (or one token) would never admit anything.
         burst_rpm, burst_tpm: bucket capacities (default: the rates), at least the rates.
         namespace: key prefix and hash tag.
-        adjustment_failure_strategy: "strict", "warn" or "compensate", as in `LLMThrottle`.
+        adjustment_failure_strategy: "compensate" (default), "strict" or "warn", as in `LLMThrottle`.
         history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
         max_history_records: the most grants kept.
         logger: where "warn" and "compensate" adjustments are logged.
@@ -222,7 +222,7 @@ class RedisThrottle(ScriptClient):
         burst_rpm: float | None = None,
         burst_tpm: float | None = None,
         namespace: str = "lqd",
-        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "compensate",
         history_retention: float = 60.0,
         max_history_records: int = 10_000,
         logger: logging.Logger | None = None,
@@ -295,8 +295,8 @@ class RedisThrottle(ScriptClient):
         return reply
 
     def _bounded_delay(self, seconds: float | None, what: str) -> float | None:
-        """``seconds`` cut to `MAX_PROVIDER_DELAY`; the first cut of this limiter is logged."""
-        if seconds is None or seconds <= MAX_PROVIDER_DELAY:
+        """``seconds`` cut to `MAX_PROVIDER_WAIT`; the first cut of this limiter is logged."""
+        if seconds is None or seconds <= MAX_PROVIDER_WAIT:
             return seconds
         if not self._delay_logged:
             self._delay_logged = True
@@ -306,9 +306,9 @@ class RedisThrottle(ScriptClient):
                 what,
                 seconds,
                 self.name,
-                MAX_PROVIDER_DELAY,
+                MAX_PROVIDER_WAIT,
             )
-        return MAX_PROVIDER_DELAY
+        return MAX_PROVIDER_WAIT
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
         message = (
@@ -432,7 +432,7 @@ class RedisThrottle(ScriptClient):
     async def penalize(self, seconds: float) -> None:
         """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
         with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a finite
-        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_DELAY` (one day) it counts
+        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_WAIT` (one day) it counts
         as one day."""
         bounded = self._bounded_delay(_seconds(seconds, "seconds"), "a penalty")
         await self._run("limiter_penalize", _microseconds(bounded))
@@ -447,7 +447,7 @@ class RedisThrottle(ScriptClient):
 
         Absolute instants (Anthropic's resets, a ``Retry-After`` date) are read against the
         server's clock, not this host's: a host clock an hour off changes nothing. Delays count
-        at most `MAX_PROVIDER_DELAY`."""
+        at most `MAX_PROVIDER_WAIT`."""
         if not isinstance(headers, (Mapping, str, bytes)):
             # Read twice below; not iterable: parse_rate_limit_headers refuses it.
             with contextlib.suppress(TypeError):

@@ -49,7 +49,13 @@ elseif actual < record.tokens then
 end
 count_in(record, -1)
 record.tokens = actual
-record.actual = actual
+-- 0 tokens is a refund (the call failed, or never reached the provider), not a measured count:
+-- recording it would score a failed call as an estimation miss (as LLMThrottle does).
+if actual > 0 then
+  record.actual = actual
+else
+  record.actual = -1
+end
 count_in(record, 1)
 store_record(record)
 save()
