@@ -17,7 +17,7 @@ def test_it_serves_on_loopback_and_stops_cleanly_on_ctrl_c() -> None:
         with urllib.request.urlopen(demo.url, timeout=5) as response:
             assert b"llmqd demo" in response.read()
         with urllib.request.urlopen(demo.url + "metrics", timeout=5) as response:
-            assert b'llmqd_limiter_tokens_limit{strategy="fair"} 60000.0' in response.read()
+            assert b'llmqd_limiter_capacity_tokens{strategy="fair"} 60000.0' in response.read()
         demo.process.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=10)
     assert demo.process.returncode == 0, err

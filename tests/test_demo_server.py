@@ -85,8 +85,8 @@ async def test_a_tpm_change_reaches_the_limiter_and_metrics(client: TestClient[A
     assert response.status == 200
     assert (await response.json())["controls"]["tpm"] == 123_456
     metrics = await (await client.get("/metrics")).text()
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 123_456
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="fair") == 123_456
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="default") == 123_456
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="fair") == 123_456
     names = {sample.name for family in text_string_to_metric_families(metrics) for sample in family.samples}
     assert names
     assert all(name.startswith("llmqd_") for name in names)
@@ -113,7 +113,7 @@ async def test_bad_controls_get_400_and_change_nothing(
     assert response.status == 400
     assert message in (await response.json())["error"]
     metrics = await (await client.get("/metrics")).text()
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 60_000
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="default") == 60_000
 
 
 async def test_malformed_posts_are_refused(client: TestClient[Any, Any]) -> None:
