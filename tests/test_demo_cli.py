@@ -47,7 +47,9 @@ def test_bad_arguments_are_refused() -> None:
         ["--speed", "nan"],
         ["--port", "-1"],
         ["--rpm", "-5"],
+        ["--rpm", "0.5"],
         ["--tpm", "inf"],
+        ["--tpm", "15999"],
         ["--initial-burst", "-1"],
     ):
         result = subprocess.run(
@@ -58,6 +60,7 @@ def test_bad_arguments_are_refused() -> None:
         )
         assert result.returncode == 2, arguments
         assert f"argument {arguments[0]}" in result.stderr
+        assert "Traceback" not in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "llm_queue_dispatcher.cli", "demo", "--strategy", "nope"],
         capture_output=True,
