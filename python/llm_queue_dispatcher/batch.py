@@ -328,6 +328,7 @@ async def _batch(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         shutdown_grace=args.shutdown_grace,
         max_retry_delay=args.max_retry_delay,
+        handle_signals=True,  # the whole program: Ctrl-C and SIGTERM stop it gracefully
     )
     reporter = _start_reporter(args, progress, results)
     started = time.monotonic()
