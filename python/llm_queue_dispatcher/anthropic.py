@@ -103,8 +103,10 @@ UNCOUNTED_DOCUMENT_PAGES = 10
 #: The system prompt Anthropic adds when ``tools`` are given: 530 tokens is the largest figure
 #: of its tool-use pricing table (Claude 3 Opus with ``tool_choice`` auto; 346 for Claude 4).
 TOOL_USE_SYSTEM_TOKENS = 530
-#: The longest wait a provider's header can impose, in seconds (a day). It must equal
-#: ``provider_limits.MAX_PROVIDER_WAIT``, which the limiter applies to the same headers.
+# Defined here until the branches meet: it must equal the limiters' own MAX_PROVIDER_WAIT
+# (llm_queue_dispatcher.throttle, from _core, on main; provider_limits on the batch branch).
+#: The longest wait a provider's header can impose, in seconds (a day), for the limiter's pause
+#: as for the message's retry.
 MAX_PROVIDER_WAIT = 86_400.0
 
 # Request-level keyword arguments whose JSON reaches the model as input.
