@@ -537,7 +537,7 @@ async def _batch(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         shutdown_grace=args.shutdown_grace,
         max_retry_delay=args.max_retry_delay,
-        handle_signals=True,
+        handle_signals=True,  # the whole program: Ctrl-C and SIGTERM stop it gracefully
     )
     results.on_broken = worker.stop
     reporter = _start_reporter(args, progress, results)

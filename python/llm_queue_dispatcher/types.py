@@ -180,6 +180,23 @@ class LLMRequest(Generic[T]):
 
         return request_from_openai_chat(id, payload, priority=priority, tenant=tenant, **fields)
 
+    @classmethod
+    def from_anthropic_messages(
+        cls,
+        id: str,
+        payload: Any,
+        *,
+        priority: Priority | int = Priority.NORMAL,
+        tenant: str | None = None,
+        **fields: Any,
+    ) -> LLMRequest[Any]:
+        """A request for an Anthropic message: ``payload`` is the keyword arguments of
+        ``messages.create``, the estimate `llm_queue_dispatcher.anthropic.estimate_messages_tokens`
+        (``tokenizer=`` is passed on to it)."""
+        from .anthropic import request_from_anthropic_messages  # the anthropic SDK itself is not needed
+
+        return request_from_anthropic_messages(id, payload, priority=priority, tenant=tenant, **fields)
+
     def validate(self) -> None:
         """Checks every field again (and normalises ``priority``); raises `InvalidRequestError`."""
         validate_request_id(self.id)

@@ -18,7 +18,8 @@ text, which may hold anything JSON can escape, a lone surrogate included), ``hea
 every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
 
 Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
-async tests and subprocesses can call it.
+async tests and subprocesses can call it. `BackgroundServer` is that lifecycle, shared with the
+Anthropic server (`tests/provider/anthropic_server.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -87,6 +88,73 @@ async def _cancel_the_rest() -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
+Server = TypeVar("Server", bound="BackgroundServer")
+
+
+class BackgroundServer:
+    """An aiohttp application on 127.0.0.1 (a free port), served by a thread with its own event
+    loop. Subclasses add their routes in `_routes` and keep their books under ``_lock``."""
+
+    def __init__(self) -> None:
+        self.started_at = 0.0
+        self.port = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    def _routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def start(self: Server) -> Server:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as error:  # reported to start()
+                failure.append(error)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.run_until_complete(_cancel_the_rest())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        if failure:
+            raise failure[0]
+        self.started_at = time.monotonic()
+        return self
+
+    async def _open(self) -> None:
+        app = web.Application()
+        self._routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+
 def _prompt_tokens(body: dict[str, Any]) -> int:
     chars = 0
     for message in body.get("messages") or []:
@@ -103,24 +171,19 @@ def _key(body: dict[str, Any]) -> str:
     return ""
 
 
-class ProviderServer:
+class ProviderServer(BackgroundServer):
     """The server and what it saw. Read the counters after the calls finished."""
 
     def __init__(self, config: ProviderConfig | None = None) -> None:
+        super().__init__()
         self.config = config or ProviderConfig()
         self.calls: Counter[str] = Counter()  # every request, by key
         self.successes: Counter[str] = Counter()  # 200 answers, by key
         self.statuses: Counter[int] = Counter()
         self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
-        self.started_at = 0.0
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
         self._buckets: tuple[_Bucket, _Bucket] | None = None
         self._rng = random.Random(self.config.seed)
-        self.port = 0
 
     @property
     def base_url(self) -> str:
@@ -265,54 +328,8 @@ class ProviderServer:
             self.statuses[status] += 1
         return response
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> ProviderServer:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as error:  # reported to start()
-                failure.append(error)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._close())
-            loop.run_until_complete(_cancel_the_rest())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="provider-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("provider server did not start")
-        if failure:
-            raise failure[0]
-        self.started_at = time.monotonic()
-        return self
-
-    async def _open(self) -> None:
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def _close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
 
 
 def main() -> None:

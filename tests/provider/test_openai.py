@@ -39,6 +39,7 @@ from llm_queue_dispatcher.openai import (
 from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT
 
 from .server import ProviderServer
+from .support import AsyncLimiter, BrokenSyncLimiter
 
 
 def chat(key: str, max_tokens: int = 50, **extra: Any) -> dict[str, Any]:
@@ -247,36 +248,6 @@ async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
     metrics = limiter.get_metrics()
     assert metrics.rpm.available <= 4 + 0.5  # the server said 4 remain
     assert metrics.tpm.available <= 1_000 - 102 + 5
-
-
-class AsyncLimiter:
-    """An AsyncRateLimiter over LLMThrottle, as a shared (Redis) limiter would look."""
-
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-        self.awaited: Counter[str] = Counter()
-
-    async def can_process(self, estimated_tokens: int) -> Any:
-        return self.inner.can_process(estimated_tokens)
-
-    async def get_metrics(self) -> Any:
-        return self.inner.get_metrics()
-
-    async def consume(
-        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
-    ) -> bool:
-        return self.inner.consume(request_id, estimated_tokens, metadata)
-
-    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        self.inner.adjust_consumption(request_id, actual_tokens)
-
-    async def penalize(self, seconds: float) -> None:
-        self.awaited["penalize"] += 1
-        self.inner.penalize(seconds)
-
-    async def sync_from_headers(self, headers: Any) -> Any:
-        self.awaited["sync_from_headers"] += 1
-        return self.inner.sync_from_headers(headers)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -601,16 +572,6 @@ def test_the_openai_examples_run_against_an_openai_compatible_server(
     ][:questions]
     assert sorted(lines[:questions]) == asked  # the README prints answers as they come
     assert lines[questions].startswith(f"WorkerStats(processed={questions}, retried=0, dead_lettered=0")
-
-
-class BrokenSyncLimiter(AsyncLimiter):
-    """A shared limiter whose server went away between the call and the header sync."""
-
-    async def sync_from_headers(self, headers: Any) -> Any:
-        raise ConnectionError("limiter store unreachable")
-
-    async def penalize(self, seconds: float) -> None:
-        raise ConnectionError("limiter store unreachable")
 
 
 async def test_a_limiter_failing_to_sync_does_not_turn_a_completion_into_a_retry(

@@ -11,14 +11,26 @@ It fails closed: when Redis cannot be reached, every method raises `LimiterUnava
 `StorageError`) and nothing is granted. Falling back to a per-process budget would let N
 processes overshoot the provider's limit N times.
 
+A provider's delay (``penalize(seconds)``, ``Retry-After``, a reset) counts at most
+`MAX_PROVIDER_WAIT` (one day): a larger one is logged once per limiter and cut to it, so no
+header can hold every process's budget shut for longer, and no wait, however far (a reset in the
+year 9999, a drained bucket refilling a token a minute), makes a script loop: each answers at
+once with a finite wait or ``inf``. A call resent because its reply was lost (redis-py resends
+on a broken connection) is applied once: a grant is charged once, a release gives back once.
+
 Keys, under the namespace's hash tag: ``{ns}:l:{name}:state`` (hash: bucket levels, debt,
-penalty, provider ceilings, history totals), ``{ns}:l:{name}:history`` (hash: request id ->
-latest grant) and ``{ns}:l:{name}:order`` (zset: request ids by grant instant, for retention).
+penalty, provider ceilings, history totals), ``{ns}:l:{name}:grants`` (hash: grant number ->
+record), ``{ns}:l:{name}:grant-order`` (list: grant numbers, oldest first),
+``{ns}:l:{name}:latest`` (hash: request id -> its latest grant that counts) and, for a minute
+after each call that changed something, ``{ns}:l:{name}:reply:<token>`` (its reply, for a
+resend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NoReturn
@@ -34,10 +46,20 @@ from ..errors import (
     UnknownRequestError,
 )
 from ..provider_limits import ProviderLimits, parse_rate_limit_headers
+from ..throttle import MAX_PROVIDER_WAIT
 from ..types import validate_request_id, validate_token_count
-from ._connection import CLIENT_ERRORS, Connection, ScriptClient, check_name, script
+from ._connection import (
+    CLIENT_ERRORS,
+    ClockOffset,
+    Connection,
+    ScriptClient,
+    check_name,
+    host_microseconds,
+    script,
+)
 
 __all__ = [
+    "MAX_PROVIDER_WAIT",
     "BucketUsage",
     "CompensationUsage",
     "HistoryUsage",
@@ -48,6 +70,10 @@ __all__ = [
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _STRATEGIES = ("strict", "warn", "compensate")
+
+#: The longest delay, in seconds, a provider can impose on a `RedisThrottle`: one day. A
+#: ``penalize(seconds)``, ``Retry-After`` or rate-limit reset beyond it counts as one day (logged
+#: once per limiter). The scripts apply the same bound to whatever reaches them.
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,16 @@ def _positive(value: object, name: str) -> float:
     return number
 
 
+def _rate(value: object, name: str, unit: str) -> float:
+    number = finite_float(value)
+    if number is None or not number >= 1:
+        raise InvalidConfigError(
+            f"{name} must be a finite number >= 1 (a bucket that cannot hold one {unit} never admits "
+            f"a request), got {shown(value)}"
+        )
+    return number
+
+
 def _request_id(request_id: object) -> bytes:
     return validate_request_id(request_id, "request_id").encode("utf-8")
 
@@ -155,10 +191,11 @@ class RedisThrottle(ScriptClient):
             timeouts is built, owned and closed by `aclose`).
         name: the limiter's name, ``[A-Za-z0-9_.-]{1,80}``; processes naming the same one share
             one budget.
-        rpm, tpm: requests and tokens per minute (the refill rates).
-        burst_rpm, burst_tpm: bucket capacities (default: the rates).
+        rpm, tpm: requests and tokens per minute (the refill rates), each at least 1: a bucket
+            that cannot hold one request (or one token) would never admit anything.
+        burst_rpm, burst_tpm: bucket capacities (default: the rates), at least the rates.
         namespace: key prefix and hash tag.
-        adjustment_failure_strategy: "strict", "warn" or "compensate", as in `LLMThrottle`.
+        adjustment_failure_strategy: "compensate" (default), "strict" or "warn", as in `LLMThrottle`.
         history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
         max_history_records: the most grants kept.
         logger: where "warn" and "compensate" adjustments are logged.
@@ -185,16 +222,17 @@ class RedisThrottle(ScriptClient):
         burst_rpm: float | None = None,
         burst_tpm: float | None = None,
         namespace: str = "lqd",
-        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "compensate",
         history_retention: float = 60.0,
         max_history_records: int = 10_000,
         logger: logging.Logger | None = None,
     ) -> None:
         self.name = check_name(name, "name")
         self.namespace = check_name(namespace, "namespace")
-        self.rpm = _positive(rpm, "rpm")
-        self.tpm = _positive(tpm, "tpm")
+        self.rpm = _rate(rpm, "rpm", "request")
+        self.tpm = _rate(tpm, "tpm", "token")
         for option, burst, rate in (("burst_rpm", burst_rpm, self.rpm), ("burst_tpm", burst_tpm, self.tpm)):
+            # At least the rate, which is at least 1: every bucket holds one request or token.
             if burst is not None and not ((number := finite_float(burst)) is not None and number >= rate):
                 raise InvalidConfigError(
                     f"{option} must be a finite number >= the rate ({rate}), got {shown(burst)}"
@@ -217,8 +255,10 @@ class RedisThrottle(ScriptClient):
         self.max_history_records = max_history_records
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
-        prefix = f"{{{namespace}}}:l:{name}:"
-        self._keys = [(prefix + part).encode() for part in ("state", "history", "order")]
+        self._prefix = f"{{{namespace}}}:l:{name}:"
+        self._keys = [(self._prefix + part).encode() for part in ("state", "grants", "grant-order", "latest")]
+        self._clock_offset = ClockOffset()
+        self._delay_logged = False
         self.request_capacity = self.burst_rpm or self.rpm
         self.token_capacity = self.burst_tpm or self.tpm
         self._settings = (
@@ -232,12 +272,43 @@ class RedisThrottle(ScriptClient):
 
     # ----- plumbing ------------------------------------------------------------------------------
 
-    async def _run(self, name: str, *args: Any) -> Any:
+    async def _run(self, name: str, *args: Any, resendable: bool = False) -> Any:
+        """Runs operation ``name``. ``resendable``: the call changes the books, so it gets a key
+        of its own (a random token drawn once for this call) under which the script keeps its
+        reply, and a resend of this very call (redis-py resends on a broken connection) is
+        answered from it instead of being applied twice."""
+        keys = self._keys
+        if resendable:
+            keys = [*keys, f"{self._prefix}reply:{secrets.token_hex(16)}".encode()]
         arguments = (self._time_argument(), *self._settings, *args)
         try:
-            return await self._connection.run(script("limiter_common", name), self._keys, arguments)
+            return await self._connection.run(script("limiter_common", name), keys, arguments)
         except CLIENT_ERRORS as exc:
             self._fail(name, exc)
+
+    async def _run_observed(self, name: str, *args: Any) -> Any:
+        """`_run` for a script that answers the server's instant (us): learns this host's offset
+        from it."""
+        sent = host_microseconds(self._host_time())
+        reply = await self._run(name, *args)
+        self._clock_offset.observe(sent, host_microseconds(self._host_time()), int(reply))
+        return reply
+
+    def _bounded_delay(self, seconds: float | None, what: str) -> float | None:
+        """``seconds`` cut to `MAX_PROVIDER_WAIT`; the first cut of this limiter is logged."""
+        if seconds is None or seconds <= MAX_PROVIDER_WAIT:
+            return seconds
+        if not self._delay_logged:
+            self._delay_logged = True
+            self._logger.warning(
+                "%s of %s s for shared limiter %r counts as %s s (one day, the most a provider's "
+                "delay counts); later ones above it are cut silently",
+                what,
+                seconds,
+                self.name,
+                MAX_PROVIDER_WAIT,
+            )
+        return MAX_PROVIDER_WAIT
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
         message = (
@@ -270,7 +341,7 @@ class RedisThrottle(ScriptClient):
     async def _consume(self, request_id: str, estimated_tokens: int) -> RateLimitCheck | None:
         rid = _request_id(request_id)
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
-        reply = await self._run("limiter_consume", rid, estimated)
+        reply = await self._run("limiter_consume", rid, estimated, resendable=True)
         if reply[0] == 1:
             return None
         return self._check(*reply[1:])
@@ -279,7 +350,10 @@ class RedisThrottle(ScriptClient):
         self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
     ) -> bool:
         """Takes one request and ``estimated_tokens`` (plus any debt), all or nothing, for every
-        process at once. ``metadata`` is accepted for `RateLimiter` compatibility and not stored."""
+        process at once. A second grant under one ``request_id`` is a grant of its own, as in
+        `LLMThrottle`: ``adjust_consumption`` and ``release`` act on the latest, and after its
+        release the one before it is the latest again. ``metadata`` is accepted for
+        `RateLimiter` compatibility and not stored."""
         return await self._consume(request_id, estimated_tokens) is None
 
     async def consume_or_raise(
@@ -297,7 +371,8 @@ class RedisThrottle(ScriptClient):
         empties it and carries the rest as debt. Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
         actual = validate_token_count(actual_tokens, "actual_tokens")
-        reply = await self._run("limiter_adjust", rid, actual, self.adjustment_failure_strategy)
+        strategy = self.adjustment_failure_strategy
+        reply = await self._run("limiter_adjust", rid, actual, strategy, resendable=True)
         outcome = reply[0]
         if outcome == b"unknown":
             raise UnknownRequestError(
@@ -324,10 +399,11 @@ class RedisThrottle(ScriptClient):
 
     async def release(self, request_id: str) -> None:
         """Gives the latest grant of ``request_id`` back whole (its request, its tokens and the
-        debt it paid) and forgets it, as if it had never been granted. Under a provider ceiling
+        debt it paid) and forgets it, as if it had never been granted; an earlier grant of the
+        same id, if one still counts, is the latest again. Under a provider ceiling
         (`sync_from_headers`) the tokens come back only up to it. Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
-        if not await self._run("limiter_release", rid):
+        if not await self._run("limiter_release", rid, resendable=True):
             raise UnknownRequestError(
                 f"request {request_id!r} has no consumption record (never consumed, released, or older "
                 f"than history_retention = {self.history_retention} s)"
@@ -355,8 +431,11 @@ class RedisThrottle(ScriptClient):
 
     async def penalize(self, seconds: float) -> None:
         """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
-        with ``Retry-After``); a later penalty already set is kept."""
-        await self._run("limiter_penalize", _microseconds(_seconds(seconds, "seconds")))
+        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a finite
+        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_WAIT` (one day) it counts
+        as one day."""
+        bounded = self._bounded_delay(_seconds(seconds, "seconds"), "a penalty")
+        await self._run("limiter_penalize", _microseconds(bounded))
 
     async def sync_from_headers(
         self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]
@@ -364,10 +443,25 @@ class RedisThrottle(ScriptClient):
         """Learns from a provider response's rate-limit headers (see
         `llm_queue_dispatcher.provider_limits`): ``retry-after`` penalizes; a remaining figure
         cuts its bucket to at most that now and, until the reset, keeps it at most that figure
-        minus what is granted since. Returns what was read; malformed headers are ignored."""
-        limits = parse_rate_limit_headers(headers)
+        minus what is granted since. Returns what was read; malformed headers are ignored.
+
+        Absolute instants (Anthropic's resets, a ``Retry-After`` date) are read against the
+        server's clock, not this host's: a host clock an hour off changes nothing. Delays count
+        at most `MAX_PROVIDER_WAIT`."""
+        if not isinstance(headers, (Mapping, str, bytes)):
+            # Read twice below; not iterable: parse_rate_limit_headers refuses it.
+            with contextlib.suppress(TypeError):
+                headers = list(headers)
+        limits = parse_rate_limit_headers(headers, now=self._server_now())
+        if not self._clock_offset.observed:  # the first sync: learn this host's offset first
+            await self._run_observed("limiter_time")
+            limits = parse_rate_limit_headers(headers, now=self._server_now())
         await self.apply_provider_limits(limits)
         return limits
+
+    def _server_now(self) -> float:
+        """The server's clock now, as this host estimates it (seconds)."""
+        return self._host_time() - self._clock_offset.microseconds / 1_000_000
 
     async def apply_provider_limits(self, limits: ProviderLimits) -> None:
         """`sync_from_headers` for figures already read."""
@@ -375,13 +469,13 @@ class RedisThrottle(ScriptClient):
             raise InvalidRequestError(f"limits must be a ProviderLimits, got {limits!r}")
         if limits.empty:
             return
-        await self._run(
+        await self._run_observed(
             "limiter_sync",
-            _microseconds(limits.retry_after),
+            _microseconds(self._bounded_delay(limits.retry_after, "a Retry-After")),
             _figure(limits.requests_remaining),
-            _microseconds(limits.requests_reset),
+            _microseconds(self._bounded_delay(limits.requests_reset, "a request limit reset")),
             _figure(limits.tokens_remaining),
-            _microseconds(limits.tokens_reset),
+            _microseconds(self._bounded_delay(limits.tokens_reset, "a token limit reset")),
         )
 
     async def reset(self) -> None:

@@ -1,10 +1,14 @@
 -- adjust_consumption: ARGV[8] request id, ARGV[9] actual tokens, ARGV[10] strategy. Takes the
 -- extra or refunds the difference against the latest grant of that id. Returns {'ok'},
 -- {'unknown'}, {'strict', wait in us} (nothing taken), {'warn', shortfall} or
--- {'compensate', shortfall, total debt}.
+-- {'compensate', shortfall, total debt}. A resent call (its reply lost) answers as the first run.
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
 local request_id, actual, strategy = ARGV[8], tonumber(ARGV[9]), ARGV[10]
 prune()
-local record = load_record(request_id)
+local record = latest_record(request_id)
 if record == nil then
   save()
   return {'unknown'}
@@ -45,8 +49,14 @@ elseif actual < record.tokens then
 end
 count_in(record, -1)
 record.tokens = actual
-record.actual = actual
+-- 0 tokens is a refund (the call failed, or never reached the provider), not a measured count:
+-- recording it would score a failed call as an estimation miss (as LLMThrottle does).
+if actual > 0 then
+  record.actual = actual
+else
+  record.actual = -1
+end
 count_in(record, 1)
-store_record(request_id, record)
+store_record(record)
 save()
-return out
+return remember(REPLY, out)

@@ -1,10 +1,13 @@
--- Shared prelude of every limiter script (RedisThrottle prepends it to each operation's file).
--- The semantics are LLMThrottle's (rust/throttle.rs): two token buckets refilled continuously,
--- all-or-nothing grants, an exact wait, a compensation debt. Shared by every process that names
--- the limiter, on the server's clock.
+-- Shared prelude of every limiter script (RedisThrottle prepends common.lua and this file to each
+-- operation's file). The semantics are LLMThrottle's (rust/throttle/): two token buckets refilled
+-- continuously, all-or-nothing grants, an exact wait, a compensation debt, a history of grants.
+-- Shared by every process that names the limiter, on the server's clock.
 --
--- KEYS[1] state (hash)   KEYS[2] history (hash request id -> msgpack record)
--- KEYS[3] history order (zset request id by grant instant)
+-- KEYS[1] state (hash: bucket levels, debt, penalty, ceilings, history totals, grant counter)
+-- KEYS[2] grants (hash: grant number -> msgpack record)
+-- KEYS[3] grant order (list of grant numbers, oldest first: LLMThrottle's history)
+-- KEYS[4] latest (hash: request id -> number of its latest grant that counts)
+-- KEYS[5] only for calls that change the books: where this call's reply is kept (common.lua)
 -- ARGV[1] ""  in production: instants come from the server's TIME. Only the test suite's private
 --             subclass passes "<now_us>" (see tests/redis/support.py).
 -- ARGV[2] rpm  ARGV[3] tpm  ARGV[4] request capacity  ARGV[5] token capacity
@@ -15,14 +18,6 @@
 -- sees. A provider ceiling (sync_from_headers) stops the refill above it until its reset, and
 -- falls with every grant.
 
-local function fmt(n)
-  return string.format('%.0f', n)
-end
-
-local function exact(n)
-  return string.format('%.17g', n)
-end
-
 local NOW
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -30,13 +25,15 @@ if ARGV[1] == '' then
 else
   NOW = tonumber(ARGV[1])
 end
-local STATE, HISTORY, ORDER = KEYS[1], KEYS[2], KEYS[3]
+local STATE, GRANTS, ORDER, LATEST, REPLY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local RETENTION = tonumber(ARGV[6])
 local MAX_RECORDS = tonumber(ARGV[7])
 local DEBT_DUST = 1e-9
+-- Past 2^53 us (the year 2255) doubles no longer hold every microsecond.
+local EXACT_US = 2 ^ 53
 
 local raw = redis.call('HMGET', STATE, 'ra', 'rl', 'rc', 'rcu', 'ta', 'tl', 'tc', 'tcu', 'debt', 'penalty',
-  'tokens', 'adjusted', 'accuracy')
+  'tokens', 'adjusted', 'accuracy', 'live')
 
 local function bucket(avail, last, ceiling, ceiling_until, cap, per_minute)
   local b = {
@@ -53,7 +50,23 @@ local REQUESTS = bucket(raw[1], raw[2], raw[3], raw[4], tonumber(ARGV[4]), tonum
 local TOKENS = bucket(raw[5], raw[6], raw[7], raw[8], tonumber(ARGV[5]), tonumber(ARGV[3]))
 local DEBT = tonumber(raw[9]) or 0
 local PENALTY = tonumber(raw[10]) or 0
-local TOTALS = {tokens = tonumber(raw[11]) or 0, adjusted = tonumber(raw[12]) or 0, accuracy = tonumber(raw[13]) or 0}
+local TOTALS = {
+  tokens = tonumber(raw[11]) or 0, adjusted = tonumber(raw[12]) or 0, accuracy = tonumber(raw[13]) or 0,
+  live = tonumber(raw[14]) or 0,
+}
+
+-- A penalty or a ceiling stored further ahead than MAX_DELAY_US (by a client that did not bound
+-- it) ends a day from now, stored so at once: nothing holds the limiter shut for longer.
+if PENALTY > NOW + MAX_DELAY_US then
+  PENALTY = NOW + MAX_DELAY_US
+  redis.call('HSET', STATE, 'penalty', fmt(PENALTY))
+end
+for _, pair in ipairs({{REQUESTS, 'rcu'}, {TOKENS, 'tcu'}}) do -- the two buckets
+  if pair[1].ceiling ~= nil and pair[1].ceiling_until > NOW + MAX_DELAY_US then
+    pair[1].ceiling_until = NOW + MAX_DELAY_US
+    redis.call('HSET', STATE, pair[2], fmt(pair[1].ceiling_until))
+  end
+end
 
 -- The refill of LLMThrottle's TokenBucket (rust/throttle/bucket.rs), in microseconds. Multiply
 -- before dividing: whole seconds at whole rates per second come out exact, as in LLMThrottle's
@@ -101,7 +114,11 @@ local function available(b)
 end
 
 -- Microseconds until the bucket holds n: 0 now, math.huge never (n above its capacity). Under
--- a ceiling below n, the wait runs past the ceiling's end.
+-- a ceiling below n, the wait runs past the ceiling's end. The first guess is the exact refill
+-- time rounded up; rounding in level() can leave it a microsecond or two off, which the two
+-- loops correct (LLMThrottle's TokenBucket::time_until corrects its own float rounding the same
+-- way, in at most 64 rounds). However far the answer (a drained bucket of 1e9 tokens refilling
+-- one token a minute waits 1,900 years), it comes at once.
 local function wait_for(b, n)
   local now_level = level(b, NOW)
   if now_level >= n then
@@ -116,10 +133,22 @@ local function wait_for(b, n)
     base_level = level(b, base)
   end
   local t = base + math.max(0, math.ceil((n - base_level) * 60000000 / b.per_minute))
-  while level(b, t) < n do
-    t = t + 1
+  if t >= EXACT_US then
+    return t - NOW -- centuries away: no microsecond to correct
   end
-  while t > NOW and level(b, t - 1) >= n do
+  -- Bounded: 64 rounds, each adding at least a microsecond.
+  for _ = 1, 64 do
+    local short = n - level(b, t)
+    if short <= 0 then
+      break
+    end
+    t = t + math.max(1, math.ceil(short * 60000000 / b.per_minute))
+  end
+  -- Bounded: 64 rounds of a microsecond back, to the first instant that holds n.
+  for _ = 1, 64 do
+    if t <= NOW or level(b, t - 1) < n then
+      break
+    end
     t = t - 1
   end
   return t - NOW
@@ -194,7 +223,7 @@ local function save()
   local fields = {
     'ra', exact(REQUESTS.avail), 'rl', fmt(REQUESTS.last), 'ta', exact(TOKENS.avail), 'tl', fmt(TOKENS.last),
     'debt', exact(DEBT), 'tokens', fmt(TOTALS.tokens), 'adjusted', fmt(TOTALS.adjusted),
-    'accuracy', exact(TOTALS.accuracy),
+    'accuracy', exact(TOTALS.accuracy), 'live', fmt(TOTALS.live),
   }
   if PENALTY > NOW then
     fields[#fields + 1] = 'penalty'
@@ -202,7 +231,7 @@ local function save()
   else
     redis.call('HDEL', STATE, 'penalty')
   end
-  for _, pair in ipairs({{REQUESTS, 'rc', 'rcu'}, {TOKENS, 'tc', 'tcu'}}) do
+  for _, pair in ipairs({{REQUESTS, 'rc', 'rcu'}, {TOKENS, 'tc', 'tcu'}}) do -- the two buckets
     local b = pair[1]
     if b.ceiling ~= nil then
       fields[#fields + 1] = pair[2]
@@ -216,16 +245,37 @@ local function save()
   redis.call('HSET', STATE, unpack(fields))
 end
 
--- History records: granted at, tokens (estimate, then actual), estimate, actual (-1: none),
--- debt paid on top of the estimate, tokens this grant holds out of the bucket now (what a
--- release gives back), debt its adjustments added (what a release takes back).
-local function load_record(request_id)
-  local packed = redis.call('HGET', HISTORY, request_id)
+-- The history: one record per grant, as LLMThrottle keeps it. A record holds: granted at, the
+-- request id, tokens (estimate, then actual), estimate, actual (-1: none), debt paid on top of
+-- the estimate, tokens this grant holds out of the bucket now (what a release gives back), debt
+-- its adjustments added (what a release takes back), the number of the grant of the same id that
+-- was latest when it was made ('' for none), and whether it was released (1) or still counts (0).
+-- A second grant under one request id is a record of its own: adjust_consumption and release act
+-- on the latest, and once that one is released the one before it is the latest again. Released
+-- records stay in the order, as LLMThrottle keeps them, until they age out.
+local function load_record(number)
+  if not number then
+    return nil
+  end
+  local packed = redis.call('HGET', GRANTS, number)
   if not packed then
     return nil
   end
-  local at, tokens, estimated, actual, debt, held, owed = cmsgpack.unpack(packed)
-  return {at = at, tokens = tokens, estimated = estimated, actual = actual, debt = debt, held = held, owed = owed}
+  local at, rid, tokens, estimated, actual, debt, held, owed, previous, released = cmsgpack.unpack(packed)
+  return {
+    number = number, at = at, rid = rid, tokens = tokens, estimated = estimated, actual = actual, debt = debt,
+    held = held, owed = owed, previous = previous, released = released,
+  }
+end
+
+-- The latest grant of a request id that still counts, or nil.
+local function latest_record(request_id)
+  return load_record(redis.call('HGET', LATEST, request_id))
+end
+
+local function store_record(r)
+  redis.call('HSET', GRANTS, r.number, cmsgpack.pack(
+    r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released))
 end
 
 local function accuracy(r)
@@ -236,6 +286,7 @@ local function accuracy(r)
 end
 
 local function count_in(r, sign)
+  TOTALS.live = TOTALS.live + sign
   TOTALS.tokens = TOTALS.tokens + sign * r.tokens
   if r.actual >= 0 then
     TOTALS.adjusted = TOTALS.adjusted + sign
@@ -247,27 +298,66 @@ local function count_in(r, sign)
   end
 end
 
-local function forget_record(request_id, r)
+-- A new grant of `request_id`, latest of its id from now on.
+local function add_record(request_id, r)
+  r.number = fmt(redis.call('HINCRBY', STATE, 'grants', 1))
+  r.rid = request_id
+  r.previous = redis.call('HGET', LATEST, request_id) or ''
+  r.released = 0
+  store_record(r)
+  redis.call('RPUSH', ORDER, r.number)
+  redis.call('HSET', LATEST, request_id, r.number)
+  count_in(r, 1)
+end
+
+-- Releases the latest grant of its id: it stops counting, and the grant of the same id before it
+-- (if it still counts, that is, has not aged out) is the latest again.
+local function release_record(r)
+  r.released = 1
+  store_record(r)
   count_in(r, -1)
-  redis.call('HDEL', HISTORY, request_id)
-  redis.call('ZREM', ORDER, request_id)
+  local previous = load_record(r.previous)
+  if previous ~= nil and previous.released == 0 then
+    redis.call('HSET', LATEST, r.rid, previous.number)
+  else
+    redis.call('HDEL', LATEST, r.rid)
+  end
 end
 
-local function store_record(request_id, r)
-  redis.call('HSET', HISTORY, request_id, cmsgpack.pack(r.at, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed))
+-- Drops the oldest record (LLMThrottle's pop_oldest).
+local function pop_oldest()
+  local number = redis.call('LPOP', ORDER)
+  local r = load_record(number)
+  if r == nil then
+    return
+  end
+  if r.released == 0 then
+    count_in(r, -1)
+  end
+  if redis.call('HGET', LATEST, r.rid) == number then
+    redis.call('HDEL', LATEST, r.rid)
+  end
+  redis.call('HDEL', GRANTS, number)
 end
 
--- Drops records older than the retention, then the oldest beyond the record limit.
+-- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
+-- younger one), then the oldest beyond the record limit: LLMThrottle's advance. Returns how many.
 local function prune()
-  local old = redis.call('ZRANGEBYSCORE', ORDER, '-inf', fmt(NOW - RETENTION))
-  local excess = redis.call('ZCARD', ORDER) - #old - MAX_RECORDS
-  if excess > 0 then
-    for _, id in ipairs(redis.call('ZRANGE', ORDER, #old, #old + excess - 1)) do
-      old[#old + 1] = id
+  local dropped = 0
+  local cutoff = NOW - RETENTION
+  -- Bounded by the records kept (the list's length when the loop starts).
+  for _ = 1, redis.call('LLEN', ORDER) do
+    local oldest = load_record(redis.call('LINDEX', ORDER, 0))
+    if oldest ~= nil and oldest.at > cutoff then
+      break
     end
+    pop_oldest()
+    dropped = dropped + 1
   end
-  for _, id in ipairs(old) do
-    forget_record(id, load_record(id))
+  -- Bounded by the records beyond the limit.
+  for _ = 1, redis.call('LLEN', ORDER) - MAX_RECORDS do
+    pop_oldest()
+    dropped = dropped + 1
   end
-  return #old
+  return dropped
 end

@@ -1,6 +1,12 @@
 -- consume: ARGV[8] request id, ARGV[9] estimated tokens. One request and the estimate plus the
 -- debt, all or nothing. Returns {1} when granted, else {0, reason, wait in us, requests available,
--- tokens available} and nothing changes.
+-- tokens available} and nothing changes. A grant is a new record, even when the id already has
+-- one (LLMThrottle keeps both; adjust_consumption and release then act on the newer). A resent
+-- call (its reply lost) is granted once: the first run's reply is kept (common.lua).
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
 local request_id, estimated = ARGV[8], tonumber(ARGV[9])
 local reason, wait = check(estimated)
 if reason ~= '' then
@@ -16,14 +22,7 @@ DEBT = DEBT - applied
 if DEBT < DEBT_DUST then
   DEBT = 0
 end
-local previous = load_record(request_id)
-if previous ~= nil then
-  forget_record(request_id, previous)
-end
-local record = {at = NOW, tokens = estimated, estimated = estimated, actual = -1, debt = applied, held = needed, owed = 0}
-store_record(request_id, record)
-redis.call('ZADD', ORDER, fmt(NOW), request_id)
-count_in(record, 1)
+add_record(request_id, {at = NOW, tokens = estimated, estimated = estimated, actual = -1, debt = applied, held = needed, owed = 0})
 prune()
 save()
-return {1}
+return remember(REPLY, {1})
