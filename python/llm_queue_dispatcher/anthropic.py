@@ -56,6 +56,7 @@ from .errors import InvalidRequestError, PermanentError, RetryableError
 # pause after a 429) live in openai.py, the first integration; none of them imports the openai SDK.
 from .openai import Tokenizer, _as_json, _count_tokens, _maybe_await, _rate_limit_pause, _sync_limiter
 from .provider_limits import parse_rate_limit_headers
+from .throttle import MAX_PROVIDER_WAIT
 from .types import LLMRequest, Priority, TokenInfo, validate_token_count
 
 if TYPE_CHECKING:
@@ -103,11 +104,6 @@ UNCOUNTED_DOCUMENT_PAGES = 10
 #: The system prompt Anthropic adds when ``tools`` are given: 530 tokens is the largest figure
 #: of its tool-use pricing table (Claude 3 Opus with ``tool_choice`` auto; 346 for Claude 4).
 TOOL_USE_SYSTEM_TOKENS = 530
-# Defined here until the branches meet: it must equal the limiters' own MAX_PROVIDER_WAIT
-# (llm_queue_dispatcher.throttle, from _core, on main; provider_limits on the batch branch).
-#: The longest wait a provider's header can impose, in seconds (a day), for the limiter's pause
-#: as for the message's retry.
-MAX_PROVIDER_WAIT = 86_400.0
 
 # Request-level keyword arguments whose JSON reaches the model as input.
 _JSON_INPUTS = ("tool_choice", "output_format", "output_config", "mcp_servers")
