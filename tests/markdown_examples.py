@@ -8,8 +8,10 @@
   output: compared line for line, trailing whitespace ignored. An expected line that ends in
   `...` matches any line that starts with the text before the `...`, for figures that vary from
   run to run.
-- A block whose fence says ```python norun (one that needs a server or a secret) is not run, only
-  compiled, so it still has to be valid Python.
+- A block whose fence says ```python {.norun} (one that needs a server or a secret) is not run,
+  only compiled, so it still has to be valid Python. (`{.norun}` is an attribute list: GitHub
+  highlights the block as Python, MkDocs' superfences renders it with a `norun` class; a bare
+  word after the language would break the fence on the documentation site.)
 
 The blocks are read when the tests are collected, so the rule covers every block, present and
 future, and a failure names the file, the block's heading and its line number.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WILDCARD = "..."
-NORUN = "norun"
+NORUN = "{.norun}"
 TIMEOUT_SECONDS = 120.0
 
 # An opening fence: up to three spaces, three or more backticks, an info string without backticks.

@@ -52,7 +52,7 @@ More prose.
 not the output of the block above: two lines of prose lie between
 ```
 
-```python norun
+```python {.norun}
 import secret_service
 ```
 
@@ -71,7 +71,7 @@ def test_blocks_pair_with_the_text_block_that_follows() -> None:
     assert [(e.block.line, e.block.info, e.expected) for e in found] == [
         (3, ("python",), "a\n"),
         (13, ("python",), None),
-        (24, ("python", "norun"), None),
+        (24, ("python", "{.norun}"), None),
         (28, ("python",), None),  # the next block is bash
     ]
     assert found[0].block.heading == "Title"

@@ -55,7 +55,8 @@ from .errors import InvalidRequestError, PermanentError, RetryableError
 # The helpers every provider integration shares (token counting plumbing, limiter syncing, the
 # pause after a 429) live in openai.py, the first integration; none of them imports the openai SDK.
 from .openai import Tokenizer, _as_json, _count_tokens, _maybe_await, _rate_limit_pause, _sync_limiter
-from .provider_limits import MAX_PROVIDER_WAIT, parse_rate_limit_headers
+from .provider_limits import parse_rate_limit_headers
+from .throttle import MAX_PROVIDER_WAIT
 from .types import LLMRequest, Priority, TokenInfo, validate_token_count
 
 if TYPE_CHECKING:

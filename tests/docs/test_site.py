@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.markdown_examples import Example, examples, run_example
+from tests.markdown_examples import Example, examples, parse_blocks, run_example
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DOCS = ROOT / "docs"
@@ -46,6 +46,17 @@ def test_the_site_builds_in_strict_mode(tmp_path: Path) -> None:
 @pytest.mark.parametrize("example", DOCS_EXAMPLES, ids=[example.id for example in DOCS_EXAMPLES])
 def test_documentation_example_runs_and_prints_what_the_page_shows(example: Example, tmp_path: Path) -> None:
     run_example(example, tmp_path)
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda page: page.name)
+def test_every_fence_renders_on_the_site_and_on_github(page: Path) -> None:
+    # A fence's info string is a language, optionally followed by an attribute list: "python
+    # {.norun}". A bare word after the language ("python norun") is no fence at all to MkDocs'
+    # superfences: the block and every heading after it would render as plain text.
+    for block in parse_blocks(page.read_text(encoding="utf-8")):
+        assert len(block.info) <= 1 or (len(block.info) == 2 and block.info[1].startswith("{")), (
+            f"{page.name}:{block.line}: fence info {' '.join(block.info)!r}"
+        )
 
 
 def test_the_documentation_examples_are_found() -> None:

@@ -593,7 +593,7 @@ async def test_the_handler_hands_each_message_to_on_completion(
 def test_the_documentation_example_runs_against_the_local_server(provider: AnthropicServer) -> None:
     page = (ROOT / "docs" / "workers.md").read_text(encoding="utf-8")
     section = page[page.index("## The anthropic SDK") :]
-    code = re.search(r"```python norun\n(.*?)```", section, re.S)
+    code = re.search(r"```python \{\.norun\}\n(.*?)```", section, re.S)
     assert code is not None
     env = {**os.environ, "ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": provider.base_url}
     result = subprocess.run(
