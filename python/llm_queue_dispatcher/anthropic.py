@@ -168,12 +168,14 @@ def _block_tokens(count: Tokenizer, block: object, where: str) -> int:
     if kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
         name = block.get("name")
         named = _count_tokens(count, name, f"{where}['name']") if isinstance(name, str) else 0
-        return named + _count_tokens(count, _as_json(block.get("input")), f"{where}['input']")
+        return named + _count_tokens(
+            count, _as_json(block.get("input"), f"{where}['input']"), f"{where}['input']"
+        )
     for key in ("text", "thinking"):  # a text block; a thinking block sent back with tools
         if kind == key and isinstance(block.get(key), str):
             return _count_tokens(count, block[key], f"{where}[{key!r}]")
     # Search results, redacted thinking, server tool results, ...: their JSON, which overcounts.
-    return _count_tokens(count, _as_json(block), where)
+    return _count_tokens(count, _as_json(block, where), where)
 
 
 def _blocks_tokens(count: Tokenizer, content: object, where: str) -> int:
@@ -253,10 +255,12 @@ def estimate_messages_input_tokens(payload: Mapping[str, Any], *, tokenizer: Tok
         )
     tools = payload.get("tools")
     if tools:
-        total += TOOL_USE_SYSTEM_TOKENS + _count_tokens(count, _as_json(tools), "payload['tools']")
+        total += TOOL_USE_SYSTEM_TOKENS + _count_tokens(
+            count, _as_json(tools, "payload['tools']"), "payload['tools']"
+        )
     for key in _JSON_INPUTS:
         if payload.get(key) is not None:
-            total += _count_tokens(count, _as_json(payload[key]), f"payload[{key!r}]")
+            total += _count_tokens(count, _as_json(payload[key], f"payload[{key!r}]"), f"payload[{key!r}]")
     return total
 
 

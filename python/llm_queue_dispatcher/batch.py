@@ -1,19 +1,30 @@
 """``llmqd batch``: send a JSONL file of chat requests to an OpenAI-compatible endpoint under
 RPM/TPM limits, with `Worker`, the in-memory dispatcher and `LLMThrottle`.
 
-Input: one JSON object per line: optional ``id`` (default ``line-N``), ``priority`` (0..3 or
-``urgent``/``high``/``normal``/``low``), ``tenant``; every other key is a keyword argument of
-``chat.completions.create`` (``model`` may come from ``--model``). The whole file is checked
-before anything is sent: bad lines are reported with their numbers and nothing is sent (or,
-with ``--skip-invalid``, they are left out).
+Input: one JSON object per line (``-`` reads standard input): optional ``id`` (default
+``line-N``), ``priority`` (0..3 or ``urgent``/``high``/``normal``/``low``), ``tenant``; every
+other key is a keyword argument of ``chat.completions.create`` (``model`` may come from
+``--model``). The flags, ``--out`` and the whole input are checked before anything is sent: a
+bad flag or ``--out`` is one line naming it; bad lines (not UTF-8, not JSON, NaN or Infinity, a
+bad field) are reported with their numbers, the lines needing more than ``--tpm`` in one
+message, and nothing is sent (or, with ``--skip-invalid``, they are left out). Exit status 2.
 
 Output: one JSON object per finished request, appended and flushed as each one finishes:
 ``{"id", "status": "ok", "response", "tokens", "attempts"}`` or ``{"id", "status": "failed",
-"error": {"type", "message", "status_code"}, "attempts"}``. Ids already in the output are
-skipped, so running the same command again resumes an interrupted run; delete a failed line to
-send it again. SIGINT or SIGTERM stops taking requests; those running get ``--shutdown-grace``
-seconds, and anything unfinished is simply not in the output, so the next run sends it. (A
-call cut off past the grace may have been billed by the provider without its answer arriving.)
+"error": {"type", "message", "status_code", "retryable"}, "attempts"}``. A line that UTF-8
+cannot hold (a reply with a lone surrogate) is written with its non-ASCII characters escaped.
+When the output cannot be written (disk full), the run stops at once with exit status 3: no
+request is sent again for it, the lines written stay and a line cut off is removed.
+
+Retries: 5xx, 408, 409, timeouts, connection errors and malformed replies are retried with
+backoff up to ``--max-attempts`` failed attempts (429s, which the limiter paces, do not count);
+then the request is written as failed with ``"retryable": true``. Running the same command
+again resumes from the output, where the last line of an id is its result: it skips the ids
+done or failed for good, sends again those that failed on a transient error (all failed ones
+with ``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those running
+get ``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the
+next run sends it. (A call cut off past the grace may have been billed by the provider without
+its answer arriving.)
 """
 
 from __future__ import annotations
@@ -24,24 +35,46 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from . import _argtypes as argtypes
-from .errors import InvalidRequestError, PermanentError
+from .errors import InvalidRequestError, PermanentError, RetryableError
 from .types import LLMRequest, Priority
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
 
-__all__ = ["register", "run"]
+__all__ = ["EXIT_NOT_WRITTEN", "register", "run"]
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _RESERVED = ("id", "priority", "tenant")
+#: Exit status of a run stopped because its output could not be written.
+EXIT_NOT_WRITTEN = 3
+# Lines named in the one "needs more than --tpm" message; the others are counted.
+_LINES_NAMED = 5
+
+_DESCRIPTION = "Send a JSONL file of chat requests to an OpenAI-compatible endpoint under RPM/TPM limits."
+_EPILOG = """\
+Each input line is a JSON object: the keyword arguments of chat.completions.create, plus an
+optional id, priority (0..3 or urgent/high/normal/low) and tenant. INPUT "-" reads standard
+input. The flags, --out and every line are checked before anything is sent.
+
+The API key is read from the environment variable OPENAI_API_KEY (--api-key-env names
+another); the endpoint is --base-url, else $OPENAI_BASE_URL, else OpenAI's.
+
+Each finished request is appended to --out as one JSON line. Running the same command again
+resumes: it skips the requests done or failed for good, and sends again those that failed on a
+transient error (5xx, timeout, connection); --retry-failed sends every failed one again.
+
+exit status: 0 every request sent is done, 1 some failed, 2 bad flags or input (nothing sent),
+3 --out could not be written (the run stopped; what was written is kept), 128+N stopped by
+signal N (Ctrl-C, SIGTERM)."""
 
 
 # -- arguments -----------------------------------------------------------------------------------
@@ -50,12 +83,20 @@ def register(commands: Any) -> None:
     batch = commands.add_parser(
         "batch",
         help="send a JSONL file of chat requests to an OpenAI-compatible endpoint under RPM/TPM limits",
-        description=(__doc__ or "").split("\n\n")[0],
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        # Short, so that a bad flag's error is not buried under a screen of usage.
+        usage="%(prog)s INPUT --out FILE --rpm N --tpm N [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    batch.add_argument("input", type=Path, help="requests, one JSON object per line")
-    batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; resumes from it)")
-    batch.add_argument("--rpm", type=argtypes.positive, required=True, help="requests per minute allowed")
-    batch.add_argument("--tpm", type=argtypes.positive, required=True, help="tokens per minute allowed")
+    batch.add_argument("input", help='requests, one JSON object per line ("-" reads standard input)')
+    batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; a rerun resumes)")
+    batch.add_argument(
+        "--rpm", type=argtypes.limit_per_minute, required=True, help="requests per minute allowed (>= 1)"
+    )
+    batch.add_argument(
+        "--tpm", type=argtypes.limit_per_minute, required=True, help="tokens per minute allowed (>= 1)"
+    )
     batch.add_argument(
         "--concurrency", type=argtypes.count, default=16, help="calls in flight at most (default 16)"
     )
@@ -64,13 +105,20 @@ def register(commands: Any) -> None:
     )
     batch.add_argument("--model", default=None, help="model for lines that name none")
     batch.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default OPENAI_API_KEY)",
     )
     batch.add_argument(
         "--max-attempts",
         type=argtypes.count,
         default=5,
         help="failed attempts (429s not counted) before a request is given up (default 5)",
+    )
+    batch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also send again the requests whose result in --out is a permanent failure",
     )
     batch.add_argument(
         "--max-retry-delay",
@@ -89,7 +137,7 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--default-max-tokens",
-        type=int,
+        type=argtypes.tokens,
         default=None,
         help="completion tokens assumed for scheduling when a line sets no max_tokens (default 1024)",
     )
@@ -109,7 +157,11 @@ def register(commands: Any) -> None:
     batch.set_defaults(run=run)
 
 
-# -- input and output ----------------------------------------------------------------------------
+class _Refused(Exception):
+    """Why the run cannot start (one line); exit status 2, nothing sent."""
+
+
+# -- input ---------------------------------------------------------------------------------------
 @dataclass
 class _Entry:
     line: int
@@ -120,12 +172,49 @@ def _priority(value: object) -> Priority | int:
     if isinstance(value, str) and value.upper() in Priority.__members__:
         return Priority[value.upper()]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"priority must be 0..3 or urgent/high/normal/low, got {value!r}")
+        raise InvalidRequestError(f"priority must be 0..3 or urgent/high/normal/low, got {value!r:.80}")
     return value
 
 
-def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str]]:
-    """Every valid request of the input and a message per bad line."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_line(raw: bytes) -> Any:
+    """One input line's JSON value; `InvalidRequestError` saying why there is none."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequestError(
+            f"not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+        ) from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"not JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise InvalidRequestError("not JSON this reader can hold (nested too deeply)") from None
+    except ValueError as error:  # NaN or Infinity; an int of more than 4,300 digits
+        raise InvalidRequestError(f"not JSON ({error})") from None
+
+
+def _input_bytes(args: argparse.Namespace) -> bytes:
+    if args.input == "-":
+        return sys.stdin.buffer.read()
+    path = Path(args.input)
+    if path.is_dir():
+        raise _Refused(f"{args.input}: is a directory, not a file of requests")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _Refused(f"{args.input}: no such file") from None
+    except OSError as error:
+        raise _Refused(f"{args.input}: cannot read: {error.strerror or error}") from None
+
+
+def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str], int]:
+    """Every valid request of the input, the messages about bad lines, and how many lines are
+    bad. The lines needing more than ``--tpm`` share one message."""
     from .openai import DEFAULT_COMPLETION_TOKENS, request_from_openai_chat
 
     default_completion = (
@@ -133,60 +222,94 @@ def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str]]:
     )
     entries: list[_Entry] = []
     errors: list[str] = []
+    too_large: list[tuple[int, int]] = []
     first_line: dict[str, int] = {}
-    with args.input.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError as error:
-                errors.append(f"line {number}: not JSON ({error.msg} at column {error.colno})")
-                continue
-            if not isinstance(item, dict):
-                errors.append(f"line {number}: expected a JSON object, got {type(item).__name__}")
-                continue
-            request_id = item.get("id", f"line-{number}")
-            if isinstance(request_id, int) and not isinstance(request_id, bool):
-                request_id = str(request_id)
-            payload = {key: value for key, value in item.items() if key not in _RESERVED}
-            if "model" not in payload and args.model is not None:
-                payload["model"] = args.model
-            try:
-                if not isinstance(request_id, str) or not request_id:
-                    raise InvalidRequestError(f"id must be a non-empty string, got {request_id!r}")
-                if not isinstance(payload.get("model"), str):
-                    raise InvalidRequestError("no model: set 'model' on the line or pass --model")
-                request = request_from_openai_chat(
-                    request_id,
-                    payload,
-                    priority=_priority(item.get("priority", Priority.NORMAL)),
-                    tenant=item.get("tenant"),
-                    default_completion_tokens=default_completion,
-                    metadata={"line": number},
-                )
-            except InvalidRequestError as error:
-                errors.append(f"line {number}: {error}")
-                continue
-            if request.token_info.estimated > args.tpm:
-                errors.append(
-                    f"line {number}: needs about {request.token_info.estimated} tokens, more than --tpm "
-                    f"{args.tpm:g} allows in any minute (lower its max_tokens)"
-                )
-                continue
-            if request_id in first_line:
-                errors.append(f"line {number}: id {request_id!r} repeats line {first_line[request_id]}")
-                continue
-            first_line[request_id] = number
-            entries.append(_Entry(number, request))
-    return entries, errors
+    # Split on b"\n" only: `str.splitlines` would also split inside a text holding U+2028.
+    for number, raw in enumerate(_input_bytes(args).split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = _parse_line(raw)
+        except InvalidRequestError as error:
+            errors.append(f"line {number}: {error}")
+            continue
+        if not isinstance(item, dict):
+            errors.append(f"line {number}: expected a JSON object, got {type(item).__name__}")
+            continue
+        request_id = item.get("id", f"line-{number}")
+        if isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 10**18:
+            request_id = str(request_id)
+        payload = {key: value for key, value in item.items() if key not in _RESERVED}
+        if "model" not in payload and args.model is not None:
+            payload["model"] = args.model
+        try:
+            if not isinstance(request_id, str) or not request_id:
+                raise InvalidRequestError(f"id must be a non-empty string, got {request_id!r:.80}")
+            if not isinstance(payload.get("model"), str):
+                raise InvalidRequestError("no model: set 'model' on the line or pass --model")
+            request = request_from_openai_chat(
+                request_id,
+                payload,
+                priority=_priority(item.get("priority", Priority.NORMAL)),
+                tenant=item.get("tenant"),
+                default_completion_tokens=default_completion,
+                metadata={"line": number},
+            )
+        except InvalidRequestError as error:
+            errors.append(f"line {number}: {error}")
+            continue
+        if request.token_info.estimated > args.tpm:
+            too_large.append((number, request.token_info.estimated))
+            continue
+        if request_id in first_line:
+            errors.append(f"line {number}: id {request_id!r} repeats line {first_line[request_id]}")
+            continue
+        first_line[request_id] = number
+        entries.append(_Entry(number, request))
+    bad_lines = len(errors) + len(too_large)
+    if too_large:
+        named = ", ".join(
+            f"line {number} (about {tokens:,} tokens)" for number, tokens in too_large[:_LINES_NAMED]
+        )
+        more = f" and {len(too_large) - _LINES_NAMED:,} more" if len(too_large) > _LINES_NAMED else ""
+        errors.append(
+            f"{len(too_large):,} line(s) need more tokens than --tpm {args.tpm:g} allows in any minute: "
+            f"{named}{more}; lower their max_tokens or raise --tpm"
+        )
+    return entries, errors, bad_lines
 
 
-def _finished_ids(out: Path) -> set[str]:
-    """Ids in an existing output. A last line cut off by a crash is removed (it is sent again);
-    any other unreadable line is an error."""
-    if not out.exists():
-        return set()
+# -- output --------------------------------------------------------------------------------------
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuses an ``--out`` that cannot be the results file, before anything is sent."""
+    out: Path = args.out
+    if out.is_dir():
+        raise _Refused(f"--out {out}: is a directory; name a file")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _Refused(f"--out {out}: {parent} is a file, not a directory")
+    if args.input != "-" and out.exists():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(args.input, out):
+                raise _Refused(f"--out {out}: is the input file; name another file")
+
+
+@dataclass
+class _Previous:
+    """What the output already says of one id: its last line."""
+
+    ok: bool
+    retryable: bool = False
+
+
+def _previous_results(out: Path) -> dict[str, _Previous]:
+    """The last result of each id in an existing output. A last line cut off by a crash is
+    removed (that request is sent again); any other unreadable line is refused. A device or a
+    pipe (``/dev/stdout``) holds nothing to resume from."""
+    if not out.is_file():
+        return {}
     data = out.read_bytes()
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
@@ -194,20 +317,61 @@ def _finished_ids(out: Path) -> set[str]:
         with out.open("r+b") as handle:
             handle.truncate(keep)
         data = data[:keep]
-    done: set[str] = set()
+    previous: dict[str, _Previous] = {}
     # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        text = raw.decode("utf-8")
-        if not text.strip():
+        if not raw.strip():
             continue
         try:
-            item = json.loads(text)
-        except json.JSONDecodeError:
+            item = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON
             item = None
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise ValueError(f"{out}: line {number} is not an llmqd batch result")
-        done.add(item["id"])
-    return done
+            raise _Refused(f"--out {out}: line {number} is not an llmqd batch result")
+        error = item.get("error")
+        retryable = False
+        if isinstance(error, dict):
+            flag = error.get("retryable")
+            # Lines written before the flag existed: a give-up after transient errors kept their type.
+            retryable = flag if isinstance(flag, bool) else error.get("type") == "RetryableError"
+        previous[item["id"]] = _Previous(ok=item.get("status") == "ok", retryable=retryable)
+    return previous
+
+
+def _select(
+    args: argparse.Namespace, entries: list[_Entry], previous: dict[str, _Previous]
+) -> tuple[list[_Entry], int]:
+    """The entries to send and how many are skipped; says on stderr what it skipped and why."""
+    pending: list[_Entry] = []
+    done = failed_for_good = failed_again = transient_again = 0
+    for entry in entries:
+        before = previous.get(entry.request.id)
+        if before is None:
+            pending.append(entry)
+        elif before.ok:
+            done += 1
+        elif before.retryable:
+            transient_again += 1
+            pending.append(entry)
+        elif args.retry_failed:
+            failed_again += 1
+            pending.append(entry)
+        else:
+            failed_for_good += 1
+    known = done + failed_for_good + failed_again + transient_again
+    if known:
+        parts = [f"skipping {done:,} done"]
+        if failed_for_good:
+            parts.append(f"{failed_for_good:,} failed for good (--retry-failed sends them again)")
+        if transient_again:
+            parts.append(f"sending again {transient_again:,} that failed on a transient error")
+        if failed_again:
+            parts.append(f"sending again {failed_again:,} failed for good (--retry-failed)")
+        print(
+            f"llmqd batch: {args.out} already holds {known:,} of these requests: " + "; ".join(parts),
+            file=sys.stderr,
+        )
+    return pending, done + failed_for_good
 
 
 @dataclass
@@ -216,6 +380,7 @@ class _Progress:
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
+    retryable: int = 0
     tokens: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
 
@@ -227,43 +392,102 @@ class _Progress:
         )
 
 
+def _encode(record: dict[str, Any]) -> bytes:
+    text = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: \\ud800 escaped, as the provider had sent it
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
 class _Results:
-    """Appends one line per finished request, flushed at once."""
+    """Appends one line per finished request, written through at once (no buffer). The first
+    write that fails stops every later one: the output keeps whole lines only (a line cut off
+    is truncated away), `on_broken` is called once, and each result not written is counted."""
 
     def __init__(self, out: Path, progress: _Progress) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = out.open("a", encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._file = out.open("ab", buffering=0)
+        except OSError as error:
+            raise _Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
+        self._regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+        self.out = out
         self.progress = progress
+        self.error: BaseException | None = None
+        self.written = 0
+        self.unwritten = 0
         self.on_write: Any = None
+        self.on_broken: Any = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        if record["status"] == "ok":
-            self.progress.done += 1
-            self.progress.tokens += record.get("tokens") or 0
-        else:
-            self.progress.failed += 1
-        if self.on_write is not None:
-            self.on_write()
+        """Appends ``record``; after a failure, only counts it as not written."""
+        if self.error is None:
+            try:
+                self._append(_encode(record))
+            except (OSError, ValueError, TypeError, RecursionError) as error:
+                self.broken(error)
+            else:
+                self.written += 1
+                if record["status"] == "ok":
+                    self.progress.done += 1
+                    self.progress.tokens += record.get("tokens") or 0
+                else:
+                    self.progress.failed += 1
+                    self.progress.retryable += bool(record["error"].get("retryable"))
+                if self.on_write is not None:
+                    self.on_write()
+                return
+        self.unwritten += 1
+
+    def broken(self, error: BaseException) -> None:
+        """Records the first failure to write and stops the run (`on_broken`)."""
+        if self.error is None:
+            self.error = error
+            if self.on_broken is not None:
+                self.on_broken()
+
+    def _append(self, line: bytes) -> None:
+        start = os.fstat(self._file.fileno()).st_size if self._regular else None
+        view = memoryview(line)
+        try:
+            while view:
+                count = self._file.write(view)
+                if not count:
+                    raise OSError(f"{self.out}: the write took nothing")
+                view = view[count:]
+        except OSError:
+            if start is not None:  # keep whole lines only: cut off what part of this one got in
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file.fileno(), start)
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def _error_record(error: BaseException) -> dict[str, Any]:
     cause = error.__cause__ if error.__cause__ is not None else error
     status = getattr(cause, "status_code", None)
-    return {"type": type(error).__name__, "message": str(error), "status_code": status}
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "status_code": status,
+        "retryable": isinstance(error, RetryableError),
+    }
 
 
 # -- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Runs ``llmqd batch``; returns the exit status (0 all done, 1 some failed, 2 bad input or
-    setup, 128 + signal number when interrupted)."""
+    setup, 3 the output could not be written, 128 + signal number when interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="llmqd: %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(_batch(args))
+    except _Refused as refusal:
+        print(f"llmqd batch: {refusal}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the worker's own handlers were in place: nothing sent
         return 130
 
@@ -271,45 +495,32 @@ def run(args: argparse.Namespace) -> int:
 async def _batch(args: argparse.Namespace) -> int:
     from .worker import Worker
 
-    if not args.input.is_file():
-        print(f"llmqd batch: {args.input}: no such file", file=sys.stderr)
-        return 2
-    entries, errors = _read_requests(args)
+    _check_out(args)
+    entries, errors, bad_lines = _read_requests(args)
+    where = "standard input" if args.input == "-" else args.input
     for message in errors:
-        print(f"llmqd batch: {args.input}: {message}", file=sys.stderr)
+        print(f"llmqd batch: {where}: {message}", file=sys.stderr)
     if errors and not args.skip_invalid:
         print(
-            f"llmqd batch: {len(errors)} bad line(s); nothing sent (--skip-invalid sends the rest)",
+            f"llmqd batch: {bad_lines} bad line(s); nothing sent (--skip-invalid sends the rest)",
             file=sys.stderr,
         )
         return 2
-    try:
-        finished = _finished_ids(args.out)
-    except (ValueError, UnicodeDecodeError) as error:
-        print(f"llmqd batch: {error}", file=sys.stderr)
-        return 2
-    pending = [entry for entry in entries if entry.request.id not in finished]
-    skipped = len(entries) - len(pending)
+    pending, skipped = _select(args, entries, _previous_results(args.out))
     api_key = os.environ.get(args.api_key_env)
     if not api_key:
-        print(
-            f"llmqd batch: set {args.api_key_env} to the API key (any value for a server that needs none)",
-            file=sys.stderr,
-        )
-        return 2
+        raise _Refused(f"set {args.api_key_env} to the API key (any value for a server that needs none)")
     try:
         from openai import AsyncOpenAI
     except ImportError:
-        print(
-            "llmqd batch: needs the openai SDK: pip install 'llm-queue-dispatcher[openai]'", file=sys.stderr
-        )
-        return 2
+        raise _Refused("needs the openai SDK: pip install 'llm-queue-dispatcher[openai]'") from None
     from ._core import LLMThrottle
     from .config import LLMQueueDispatcherConfig
     from .dispatcher import LLMQueueDispatcher
     from .storage import InMemoryStorage
 
     progress = _Progress(total=len(pending))
+    results = _Results(args.out, progress)
     limiter = LLMThrottle(args.rpm, args.tpm)
     # Failed requests are in the output; the dead-letter store only keeps the queue's books.
     storage: InMemoryStorage[Any] = InMemoryStorage(dead_letter=InMemoryStorage())
@@ -318,9 +529,7 @@ async def _batch(args: argparse.Namespace) -> int:
     )
     await dispatcher.batch_enqueue([entry.request for entry in pending])
     client = AsyncOpenAI(base_url=args.base_url, api_key=api_key, timeout=args.timeout, max_retries=0)
-    results = _Results(args.out, progress)
-    failures: Counter[str] = Counter()
-    handler = _make_handler(args, client, limiter, results, failures)
+    handler = _make_handler(args, client, limiter, results)
     worker: Worker[Any] = Worker(
         dispatcher,
         limiter,
@@ -330,6 +539,7 @@ async def _batch(args: argparse.Namespace) -> int:
         max_retry_delay=args.max_retry_delay,
         handle_signals=True,  # the whole program: Ctrl-C and SIGTERM stop it gracefully
     )
+    results.on_broken = worker.stop
     reporter = _start_reporter(args, progress, results)
     started = time.monotonic()
     try:
@@ -339,7 +549,15 @@ async def _batch(args: argparse.Namespace) -> int:
         results.close()
         await client.close()
     wall = time.monotonic() - started
-    print(_summary(args, len(entries), skipped, progress, stats.retried, wall))
+    print(_summary(args, len(entries), skipped, progress, stats.retried, results.unwritten, wall))
+    if results.error is not None:
+        print(
+            f"llmqd batch: stopped: cannot write {args.out}: {results.error}. The {results.written} "
+            f"result(s) written are kept; {results.unwritten} answer(s) received could not be "
+            "written and go out again with the rest on the next run",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_WRITTEN
     if worker.stop_signal is not None:
         left = progress.total - progress.done - progress.failed
         print(
@@ -347,17 +565,26 @@ async def _batch(args: argparse.Namespace) -> int:
             "run the same command to send them"
         )
         return 128 + int(worker.stop_signal)
+    if progress.retryable:
+        print(
+            f"llmqd batch: {progress.retryable} request(s) failed on transient errors after "
+            "--max-attempts; run the same command to send them again",
+            file=sys.stderr,
+        )
     return 1 if progress.failed else 0
 
 
-def _make_handler(
-    args: argparse.Namespace, client: Any, limiter: Any, results: _Results, failures: Counter[str]
-) -> Any:
-    from .openai import create_chat_completion
+def _make_handler(args: argparse.Namespace, client: Any, limiter: Any, results: _Results) -> Any:
+    from .openai import create_chat_completion, total_tokens
+
+    failures: Counter[str] = Counter()
 
     async def handle(job: ProcessableMessage[Any]) -> int | None:
         request = job.message.payload
         attempts = job.message.attributes.receive_count
+        if results.error is not None:
+            # The output broke while this request waited: not sent; the next run sends it.
+            raise RetryableError("not sent: the results cannot be written")
         try:
             completion = await create_chat_completion(client, limiter, request.payload)
         except PermanentError as error:
@@ -366,9 +593,10 @@ def _make_handler(
             )
             raise
         except Exception as error:
+            # Every failed attempt counts, whatever failed, but a 429: the limiter paces those.
             status = getattr(error.__cause__, "status_code", None)
             results.progress.statuses[status or 0] += 1
-            if status != 429:  # the limiter paces 429s away; they do not use up attempts
+            if status != 429:
                 failures[request.id] += 1
             if failures[request.id] >= args.max_attempts:
                 record = _error_record(error)
@@ -378,16 +606,16 @@ def _make_handler(
                 results.write({"id": request.id, "status": "failed", "error": record, "attempts": attempts})
                 raise PermanentError(record["message"]) from error
             raise
-        usage = completion.usage
-        tokens = None if usage is None else int(usage.total_tokens)
+        # Answered (and billed): from here on nothing makes the request go out again in this run.
+        tokens = total_tokens(completion)
+        try:
+            response = completion.model_dump(mode="json")
+        except Exception as error:  # a reply that cannot be written stops the run as a full disk does
+            results.broken(error)
+            results.unwritten += 1
+            return tokens
         results.write(
-            {
-                "id": request.id,
-                "status": "ok",
-                "response": completion.model_dump(mode="json"),
-                "tokens": tokens,
-                "attempts": attempts,
-            }
+            {"id": request.id, "status": "ok", "response": response, "tokens": tokens, "attempts": attempts}
         )
         return tokens
 
@@ -460,7 +688,13 @@ def _start_reporter(args: argparse.Namespace, progress: _Progress, results: _Res
 
 
 def _summary(
-    args: argparse.Namespace, in_file: int, skipped: int, progress: _Progress, retried: int, wall: float
+    args: argparse.Namespace,
+    in_file: int,
+    skipped: int,
+    progress: _Progress,
+    retried: int,
+    unwritten: int,
+    wall: float,
 ) -> str:
     minutes = wall / 60.0 if wall > 0 else float("inf")
     unfinished = progress.total - progress.done - progress.failed
@@ -470,6 +704,11 @@ def _summary(
         ("done", f"{progress.done:,}"),
         ("failed", f"{progress.failed:,}"),
         ("not finished", f"{unfinished:,}"),
+        *(
+            [("not written", f"{unwritten:,}  (answered, but --out could not take them)")]
+            if unwritten
+            else []
+        ),
         ("retried", f"{retried:,}"),
         ("rate limited (429)", f"{progress.statuses[429]:,}"),
         ("tokens", f"{progress.tokens:,}"),

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
+from ._checks import shown
 from .errors import InvalidRequestError
 
 __all__ = [
@@ -45,10 +46,10 @@ def validate_token_count(value: object, field_name: str) -> int:
         value = _index_of(value, field_name)
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise InvalidRequestError(f"{field_name} must be a finite integral count, got {value!r}")
+            raise InvalidRequestError(f"{field_name} must be a finite integral count, got {shown(value)}")
         value = int(value)
     if value < 0:
-        raise InvalidRequestError(f"{field_name} must be >= 0, got {value!r}")
+        raise InvalidRequestError(f"{field_name} must be >= 0, got {shown(value)}")
     return int(value)
 
 
@@ -64,7 +65,7 @@ def _index_of(value: object, field_name: str) -> int:
         else:
             if not isinstance(index, bool):
                 return index
-    raise InvalidRequestError(f"{field_name} must be an int >= 0, got {value!r}")
+    raise InvalidRequestError(f"{field_name} must be an int >= 0, got {shown(value)}")
 
 
 def _check_text(value: str, field_name: str) -> None:
@@ -72,7 +73,7 @@ def _check_text(value: str, field_name: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequestError(
-            f"{field_name} must be a str of valid Unicode (no lone surrogates), got {value!r}"
+            f"{field_name} must be a str of valid Unicode (no lone surrogates), got {shown(value)}"
         ) from None
 
 
@@ -93,22 +94,22 @@ def validate_request_id(value: object, field_name: str = "id") -> str:
     valid Unicode that is not empty and not only (Unicode White_Space) whitespace. Raises
     `InvalidRequestError`."""
     if not isinstance(value, str):
-        raise InvalidRequestError(f"{field_name} must be a str, got {value!r}")
+        raise InvalidRequestError(f"{field_name} must be a str, got {shown(value)}")
     _check_text(value, field_name)
     if _only_white_space(value):
         raise InvalidRequestError(
-            f"{field_name} must be a non-empty str that is not only whitespace, got {value!r}"
+            f"{field_name} must be a non-empty str that is not only whitespace, got {shown(value)}"
         )
     return value
 
 
 def _validate_priority(value: object) -> Priority:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"priority must be a Priority or an int 0..3, got {value!r}")
+        raise InvalidRequestError(f"priority must be a Priority or an int 0..3, got {shown(value)}")
     try:
         return Priority(value)
     except ValueError:
-        raise InvalidRequestError(f"priority must be within 0..3, got {value!r}") from None
+        raise InvalidRequestError(f"priority must be within 0..3, got {shown(value)}") from None
 
 
 def _finite_seconds(value: object) -> bool:
@@ -141,7 +142,7 @@ class TokenInfo:
             object.__setattr__(self, "actual", validate_token_count(self.actual, "token_info.actual"))
         if self.model is not None:
             if not isinstance(self.model, str):
-                raise InvalidRequestError(f"token_info.model must be None or a str, got {self.model!r}")
+                raise InvalidRequestError(f"token_info.model must be None or a str, got {shown(self.model)}")
             _check_text(self.model, "token_info.model")
 
 
@@ -201,23 +202,23 @@ class LLMRequest(Generic[T]):
         validate_request_id(self.id)
         self.priority = _validate_priority(self.priority)
         if not isinstance(self.token_info, TokenInfo):
-            raise InvalidRequestError(f"token_info must be a TokenInfo, got {self.token_info!r}")
+            raise InvalidRequestError(f"token_info must be a TokenInfo, got {shown(self.token_info)}")
         # TokenInfo is frozen but a caller may have bypassed __init__; check the count again.
         validate_token_count(self.token_info.estimated, "token_info.estimated")
         ept = self.expected_processing_time
         if ept is not None and not _finite_seconds(ept):
             raise InvalidRequestError(
-                f"expected_processing_time must be None or a finite number of seconds >= 0, got {ept!r}"
+                f"expected_processing_time must be None or a finite number of seconds >= 0, got {shown(ept)}"
             )
         if not isinstance(self.metadata, dict):
-            raise InvalidRequestError(f"metadata must be a dict, got {self.metadata!r}")
+            raise InvalidRequestError(f"metadata must be a dict, got {shown(self.metadata)}")
         if not isinstance(self.created_at, datetime):
-            raise InvalidRequestError(f"created_at must be a datetime, got {self.created_at!r}")
+            raise InvalidRequestError(f"created_at must be a datetime, got {shown(self.created_at)}")
         if self.deadline is not None and not isinstance(self.deadline, datetime):
-            raise InvalidRequestError(f"deadline must be None or a datetime, got {self.deadline!r}")
+            raise InvalidRequestError(f"deadline must be None or a datetime, got {shown(self.deadline)}")
         if self.tenant is not None:
             if not isinstance(self.tenant, str):
-                raise InvalidRequestError(f"tenant must be None or a str, got {self.tenant!r}")
+                raise InvalidRequestError(f"tenant must be None or a str, got {shown(self.tenant)}")
             _check_text(self.tenant, "tenant")
 
 

@@ -9,9 +9,13 @@ OpenAI does not. Over the limits it answers 429 with ``retry-after``, ``retry-af
 the ``x-ratelimit-*`` headers, which every response carries.
 
 Per-request behaviour is keyed by the content of the request's last message: ``fail_first``
-(answer 500 that many times first), ``status_for`` (always answer that status), ``quota``
-(429 with code ``insufficient_quota``), ``slow`` (the first call waits that long). ``latency``
-delays every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
+(answer 500 that many times first), ``drop_first`` (close the connection without an answer
+that many times first), ``status_for`` (always answer that status), ``quota`` (429 with code
+``insufficient_quota``), ``slow`` (the first call waits that long), ``body_for`` (answer 200
+with this body and content type instead of a completion), ``content_for`` (the assistant's
+text, which may hold anything JSON can escape, a lone surrogate included), ``headers_for``
+(headers added to every answer, an error's included). ``latency`` delays
+every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
 
 Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
 async tests and subprocesses can call it. `BackgroundServer` is that lifecycle, shared with the
@@ -49,6 +53,10 @@ class ProviderConfig:
     status_for: dict[str, int] = field(default_factory=dict)
     quota: set[str] = field(default_factory=set)
     slow: dict[str, float] = field(default_factory=dict)
+    drop_first: dict[str, int] = field(default_factory=dict)
+    body_for: dict[str, tuple[str, str]] = field(default_factory=dict)  # key: (body, content type)
+    content_for: dict[str, str] = field(default_factory=dict)
+    headers_for: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class _Bucket:
@@ -221,10 +229,17 @@ class ProviderServer(BackgroundServer):
         return web.json_response(body, status=status, headers=headers)
 
     async def _chat(self, request: web.Request) -> web.Response:
+        key, response = await self._answer(request)
+        extra = self.config.headers_for.get(key)
+        if extra:
+            response.headers.update(extra)
+        return response
+
+    async def _answer(self, request: web.Request) -> tuple[str, web.Response]:
         try:
             body = await request.json()
         except json.JSONDecodeError:
-            return self._error(400, "body is not JSON", "invalid_request_error", {})
+            return "", self._error(400, "body is not JSON", "invalid_request_error", {})
         key = _key(body)
         config = self.config
         with self._lock:
@@ -242,11 +257,11 @@ class ProviderServer(BackgroundServer):
                 tokens.level -= charge
         if key in config.status_for:
             status = config.status_for[key]
-            return self._finish(
+            return key, self._finish(
                 status, self._error(status, f"refused {key}", "invalid_request_error", self._headers_now())
             )
         if key in config.quota:
-            return self._finish(
+            return key, self._finish(
                 429,
                 self._error(
                     429, "quota exceeded", "insufficient_quota", self._headers_now(), "insufficient_quota"
@@ -258,14 +273,26 @@ class ProviderServer(BackgroundServer):
             headers["retry-after"] = str(math.ceil(wait))
             with self._lock:
                 self.rate_limited_at.append(time.monotonic() - self.started_at)
-            return self._finish(
+            return key, self._finish(
                 429, self._error(429, "rate limit reached", "requests", headers, "rate_limit_exceeded")
             )
         delay = config.latency + (config.slow.get(key, 0.0) if attempt == 1 else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
+        if attempt <= config.drop_first.get(key, 0):
+            # The connection closes with no answer: the client sees a connection error.
+            if request.transport is not None:
+                request.transport.abort()
+            return key, self._finish(0, web.Response(status=500))
         if attempt <= config.fail_first.get(key, 0) or random_failure:
-            return self._finish(500, self._error(500, "internal error", "server_error", self._headers_now()))
+            return key, self._finish(
+                500, self._error(500, "internal error", "server_error", self._headers_now())
+            )
+        if key in config.body_for:
+            text, content_type = config.body_for[key]
+            return key, self._finish(
+                200, web.Response(text=text, content_type=content_type, headers=self._headers_now())
+            )
         completion = min(int(max_tokens), config.completion_tokens)
         usage = {
             "prompt_tokens": prompt,
@@ -283,14 +310,14 @@ class ProviderServer(BackgroundServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"echo: {key}"},
+                    "message": {"role": "assistant", "content": config.content_for.get(key, f"echo: {key}")},
                     "finish_reason": "stop",
                     "logprobs": None,
                 }
             ],
             "usage": usage,
         }
-        return self._finish(200, web.json_response(answer, headers=self._headers_now()))
+        return key, self._finish(200, web.json_response(answer, headers=self._headers_now()))
 
     def _headers_now(self) -> dict[str, str]:
         with self._lock:
