@@ -12,9 +12,16 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher.cli import main
-from llm_queue_dispatcher.simulate import Workload, run_simulation
+from llm_queue_dispatcher.simulate import SimulationResult, Workload, run_simulation
 
 SMALL = ["--requests", "150", "--rpm", "300", "--tpm", "60000", "--seed", "3"]
+
+def waited(result: SimulationResult, priority: str, q: str) -> float:
+    """A wait percentile of a class that had requests sent."""
+    value = result.wait_percentiles()[priority][q]
+    assert value is not None, (priority, q)
+    return value
+
 
 
 def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
@@ -89,11 +96,11 @@ def test_simple_priority_serves_urgent_sooner_than_fifo() -> None:
     fifo = run_simulation("fifo", workload, rpm=120.0, tpm=60_000.0)
     priority = run_simulation("simple_priority", workload, rpm=120.0, tpm=60_000.0)
     assert fifo.completed == priority.completed == 300
-    fifo_urgent = fifo.wait_percentiles()["URGENT"]["p50"]
-    priority_urgent = priority.wait_percentiles()["URGENT"]["p50"]
+    fifo_urgent = waited(fifo, "URGENT", "p50")
+    priority_urgent = waited(priority, "URGENT", "p50")
     assert priority_urgent < fifo_urgent / 2, (priority_urgent, fifo_urgent)
     # Under simple_priority URGENT requests also beat the LOW ones of the same run.
-    assert priority_urgent < priority.wait_percentiles()["LOW"]["p50"]
+    assert priority_urgent < waited(priority, "LOW", "p50")
 
 
 def test_every_strategy_runs(capsys: pytest.CaptureFixture[str]) -> None:
