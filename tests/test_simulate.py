@@ -16,12 +16,12 @@ from llm_queue_dispatcher.simulate import SimulationResult, Workload, run_simula
 
 SMALL = ["--requests", "150", "--rpm", "300", "--tpm", "60000", "--seed", "3"]
 
+
 def waited(result: SimulationResult, priority: str, q: str) -> float:
     """A wait percentile of a class that had requests sent."""
     value = result.wait_percentiles()[priority][q]
     assert value is not None, (priority, q)
     return value
-
 
 
 def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:

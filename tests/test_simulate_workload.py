@@ -28,12 +28,12 @@ from llm_queue_dispatcher.simulate_trace import TraceError, dumps, read_trace, w
 
 OVERLOAD = PRESETS["overload"]
 
+
 def waited(result: SimulationResult, priority: str, q: str) -> float:
     """A wait percentile of a class that had requests sent."""
     value = result.wait_percentiles()[priority][q]
     assert value is not None, (priority, q)
     return value
-
 
 
 def small_overload(seconds: float = 60.0, load: float = 2.0, seed: int = 3) -> list[TraceRecord]:

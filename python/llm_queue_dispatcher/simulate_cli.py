@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import FairPriorityConfig
 from .simulate import (
@@ -286,6 +286,14 @@ def register(commands: Any) -> None:
         help="seconds between progress lines (default 5)",
     )
     parser.set_defaults(run=run)
+    # A bad flag is one line naming it (exit status 2), like every other refusal of the command,
+    # not the 25 lines of usage argparse prints before it.
+    setattr(parser, "error", _one_line_error)  # noqa: B010  (an instance attribute, on purpose)
+
+
+def _one_line_error(message: str) -> NoReturn:
+    print(f"{_PROG}: {message} (see llmqd simulate --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def _strategies(args: argparse.Namespace) -> list[tuple[str, bool]]:

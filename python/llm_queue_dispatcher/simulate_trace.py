@@ -113,7 +113,7 @@ class TraceError(ValueError):
 class TraceRow(NamedTuple):
     """One request as a file holds it, before `assemble_trace` gives it what the file lacks."""
 
-    time: float  # seconds on the file's clock (dated files: seconds since 1970-01-01)
+    time: float  # seconds on the file's clock (dated files: since midnight of `TraceFile.day`)
     actual: int  # prompt + completion
     output: int | None  # the completion, when known
     estimated: int | None  # the project's format only
@@ -131,9 +131,14 @@ class TraceFile:
     path: str
     label: str
     format: str
-    dated: bool  # timestamps are dates (Azure), not seconds from the trace's start
+    day: int | None  # dated files (Azure): the day (since 1970-01-01) the times count from
     rows: list[TraceRow]
     columns: tuple[str, ...] = ()
+
+    @property
+    def dated(self) -> bool:
+        """Whether the timestamps are dates (Azure), not seconds from the trace's start."""
+        return self.day is not None
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -164,10 +169,10 @@ def read_trace_file(
         if first is None:
             raise TraceError(f"{name}: empty file")
         reader = _read_jsonl if first.lstrip().startswith("{") else _read_csv
-        kind, dated, rows = reader(lines, name, format, tuple(columns))
+        kind, day, rows = reader(lines, name, format, tuple(columns))
     if not rows:
         raise TraceError(f"{name}: no requests in the trace")
-    return TraceFile(name, label if label is not None else Path(name).stem, kind, dated, rows, tuple(columns))
+    return TraceFile(name, label if label is not None else Path(name).stem, kind, day, rows, tuple(columns))
 
 
 class _Lines:
@@ -214,7 +219,7 @@ class _Lines:
             yield text
 
 
-_Rows = tuple[str, bool, list[TraceRow]]
+_Rows = tuple[str, "int | None", list[TraceRow]]
 
 
 def _detect(keys: Iterable[str], forced: str) -> str:
@@ -234,6 +239,7 @@ def _check_count(rows: list[TraceRow], where: str) -> None:
 
 def _read_csv(lines: _Lines, name: str, forced: str, columns: tuple[str, ...]) -> _Rows:
     reader = csv.reader(iter(lines))
+    clock = _DayClock()
     rows: list[TraceRow] = []
     header: list[str] | None = None
     parse: Callable[[list[str], str, int], TraceRow] | None = None
@@ -246,7 +252,7 @@ def _read_csv(lines: _Lines, name: str, forced: str, columns: tuple[str, ...]) -
             if header is None:
                 header = [cell.strip() for cell in cells]
                 kind = _detect(header, forced)
-                parse = _csv_parser(kind, header, columns, f"{name}:{line}")
+                parse = _csv_parser(kind, header, columns, f"{name}:{line}", clock)
                 continue
             assert parse is not None
             if len(cells) != len(header):
@@ -257,11 +263,11 @@ def _read_csv(lines: _Lines, name: str, forced: str, columns: tuple[str, ...]) -
         raise TraceError(f"{name}:{lines.number}: not valid CSV ({error})") from None
     if header is None:
         raise TraceError(f"{name}: empty file (a CSV trace starts with a header row)")
-    return kind, kind == "azure", rows
+    return kind, clock.day, rows
 
 
 def _csv_parser(
-    kind: str, header: list[str], columns: tuple[str, ...], where: str
+    kind: str, header: list[str], columns: tuple[str, ...], where: str, clock: _DayClock
 ) -> Callable[[list[str], str, int], TraceRow]:
     if kind == "llmqd":
         unknown = [column for column in header if column not in FIELDS]
@@ -293,7 +299,7 @@ def _csv_parser(
             raise TraceError(f"{where}: the header has no {column!r} column ({_NAMES[kind]})")
     time_at, input_at, output_at = (header.index(c) for c in (time_column, input_column, output_column))
     extra_at = [header.index(column) for column in columns]
-    to_seconds: Callable[[str, str, str], float] = _azure_time if kind == "azure" else _seconds_value
+    to_seconds: Callable[[str, str, str], float] = clock.seconds if kind == "azure" else _seconds_value
 
     def published(cells: list[str], at: str, line: int) -> TraceRow:
         time = to_seconds(cells[time_at].strip(), time_column, at)
@@ -335,7 +341,7 @@ def _read_jsonl(lines: _Lines, name: str, forced: str, columns: tuple[str, ...])
         output = _token_value(value["output_length"], "output_length", where)
         extra = tuple(_key_text(value.get(key)) for key in columns)
         rows.append(TraceRow(milliseconds, prompt + output, output, None, None, None, None, extra, line))
-    return kind or "llmqd", False, rows
+    return kind or "llmqd", None, rows
 
 
 def _refuse_constant(text: str) -> Any:
@@ -424,30 +430,39 @@ def _shown(value: Any) -> str:
 
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2}(?:\.\d{1,9})?)")
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
-_days: dict[tuple[str, str, str], int] = {}
 
 
-def _azure_time(text: str, name: str, where: str) -> float:
-    """``2023-11-16 18:17:03.9799600`` as seconds since 1970-01-01 (the trace's clock, no zone)."""
-    match = _DATE.fullmatch(text)
-    if match is None:
-        raise TraceError(
-            f"{where}: {name} must be a date like 2023-11-16 18:17:03.9799600, got {_shown(text)}"
-        )
-    year, month, day, hours, minutes, seconds = match.groups()
-    key = (year, month, day)
-    days = _days.get(key)
-    if days is None:
-        try:
-            days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_DAY
-        except ValueError as error:
-            raise TraceError(f"{where}: {name} is no date ({error}), got {text!r}") from None
-        if len(_days) < 100_000:
-            _days[key] = days
-    hour, minute, second = int(hours), int(minutes), float(seconds)
-    if hour > 23 or minute > 59 or second >= 61:
-        raise TraceError(f"{where}: {name} is no time of day, got {text!r}")
-    return days * 86_400.0 + hour * 3_600.0 + minute * 60.0 + second
+class _DayClock:
+    """Reads dates like ``2023-11-16 18:17:03.9799600`` (the trace's clock, no zone) as seconds
+    from midnight of the first date read: counted from 1970 a float would keep only a quarter of
+    a microsecond, from that midnight it keeps the trace's 100 ns."""
+
+    def __init__(self) -> None:
+        self.day: int | None = None
+        self._days: dict[tuple[str, str, str], int] = {}
+
+    def seconds(self, text: str, name: str, where: str) -> float:
+        match = _DATE.fullmatch(text)
+        if match is None:
+            raise TraceError(
+                f"{where}: {name} must be a date like 2023-11-16 18:17:03.9799600, got {_shown(text)}"
+            )
+        year, month, day, hours, minutes, seconds = match.groups()
+        key = (year, month, day)
+        days = self._days.get(key)
+        if days is None:
+            try:
+                days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_DAY
+            except ValueError as error:
+                raise TraceError(f"{where}: {name} is no date ({error}), got {text!r}") from None
+            if len(self._days) < 10_000:
+                self._days[key] = days
+        hour, minute, second = int(hours), int(minutes), float(seconds)
+        if hour > 23 or minute > 59 or second >= 61:
+            raise TraceError(f"{where}: {name} is no time of day, got {text!r}")
+        if self.day is None:
+            self.day = days
+        return (days - self.day) * 86_400.0 + hour * 3_600.0 + minute * 60.0 + second
 
 
 def _priority(value: Any, where: str) -> Priority | None:
@@ -545,8 +560,8 @@ def assemble_trace(files: Sequence[TraceFile], rules: TraceRules) -> TraceWorklo
     that do not share a clock, a rule naming no file or value, a span over `MAX_SECONDS`."""
     if not files:
         raise TraceError("no trace files")
-    dated = {file.dated for file in files}
-    if len(dated) > 1:
+    days = [file.day for file in files if file.day is not None]
+    if days and len(days) < len(files):
         first_dated = next(file for file in files if file.dated)
         other = next(file for file in files if not file.dated)
         raise TraceError(
@@ -557,14 +572,18 @@ def assemble_trace(files: Sequence[TraceFile], rules: TraceRules) -> TraceWorklo
     if total > MAX_REQUESTS:
         raise TraceError(f"the traces hold {total:,} requests; at most {MAX_REQUESTS:,}")
     _check_rules(files, rules)
+    # Dated files count from midnight of their first date: brought onto the earliest one's.
+    first_day = min(days) if days else 0
+    shifts = [((file.day or first_day) - first_day) * 86_400.0 for file in files]
     merged = sorted(
-        ((row, index) for index, file in enumerate(files) for row in file.rows), key=lambda item: item[0].time
+        ((row.time + shifts[index], row, index) for index, file in enumerate(files) for row in file.rows),
+        key=lambda item: item[0],
     )
-    start = merged[0][0].time if dated == {True} else 0.0
-    last_row, last_file = merged[-1]
-    if last_row.time - start > MAX_SECONDS:
+    start = merged[0][0] if days else 0.0
+    last_time, last_row, last_file = merged[-1]
+    if last_time - start > MAX_SECONDS:
         raise TraceError(
-            f"{files[last_file].path}:{last_row.line}: {last_row.time - start:.3g} s after the trace's "
+            f"{files[last_file].path}:{last_row.line}: {last_time - start:.3g} s after the trace's "
             f"start; at most {MAX_SECONDS:g} s"
         )
     rng = random.Random(rules.seed)
@@ -575,30 +594,30 @@ def assemble_trace(files: Sequence[TraceFile], rules: TraceRules) -> TraceWorklo
         for key, mix in rules.priorities.items()
     }
     default_mix = mixes.get(None, ([Priority.NORMAL], []))
-    by_column = rules.priority_by.startswith("column:")
-    column_index = {name: i for i, name in enumerate(rules.columns())}
-    priority_at = column_index.get(rules.priority_by[7:]) if by_column else None
-    tenant_at = column_index.get(rules.tenant_by[7:]) if rules.tenant_by.startswith("column:") else None
+    priority_at = [_column_at(file, rules.priority_by) for file in files]
+    tenant_at = [_column_at(file, rules.tenant_by) for file in files]
     labels = [file.label for file in files]
     caps = [rules.max_tokens.get(label, rules.max_tokens.get(None)) for label in labels]
     cap_mode = rules.estimate == "cap"
     records: list[TraceRecord] = []
     append = records.append
     cut = 0
-    for row, index in merged:
+    for time, row, index in merged:
         urgent, pick = draw(), draw()
         priority = row.priority
         if priority is None:
             if urgent < share:
                 priority = Priority.URGENT
             else:
-                key = row.columns[priority_at] if priority_at is not None else labels[index]
+                at = priority_at[index]
+                key = labels[index] if at is None else row.columns[at] if at >= 0 else None
                 classes, cumulative = mixes.get(key, default_mix)
                 priority = classes[bisect_right(cumulative, pick)]
         tenant = row.tenant
         if tenant is None:
-            if tenant_at is not None:
-                tenant = row.columns[tenant_at]
+            at = tenant_at[index]
+            if at is not None:
+                tenant = row.columns[at] if at >= 0 else None
             elif rules.tenant_by == "file":
                 tenant = labels[index]
         actual, output, estimated = row.actual, row.output, row.estimated
@@ -612,8 +631,21 @@ def assemble_trace(files: Sequence[TraceFile], rules: TraceRules) -> TraceWorklo
                 estimated = actual - output + cap
             else:
                 estimated = actual
-        append(TraceRecord(row.time - start, priority, estimated, actual, tenant, row.deadline, output))
-    return TraceWorkload(records, start if dated == {True} else None, cut)
+        append(TraceRecord(time - start, priority, estimated, actual, tenant, row.deadline, output))
+    return TraceWorkload(records, first_day * 86_400.0 + start if days else None, cut)
+
+
+def _column_at(file: TraceFile, rule: str) -> int | None:
+    """Where a ``column:NAME`` rule's value sits in ``file``'s rows (-1: the file has no such
+    column, as the project's format); None for a rule that is no column."""
+    if not rule.startswith("column:"):
+        return None
+    name = rule[7:]
+    if name in file.columns:
+        return file.columns.index(name)
+    if file.format != "llmqd":
+        raise TraceError(f"{file.path} was read without the column {name!r} the rules ask for")
+    return -1
 
 
 def _check_rules(files: Sequence[TraceFile], rules: TraceRules) -> None:
@@ -628,8 +660,11 @@ def _check_rules(files: Sequence[TraceFile], rules: TraceRules) -> None:
             raise TraceError(f"no trace file is labelled {unknown[0]!r} (labels: {', '.join(labels)})")
     elif keys:
         column = rules.priority_by[7:]
-        at = rules.columns().index(column)
-        seen = {row.columns[at] for file in files for row in file.rows}
+        seen: set[str | None] = set()
+        for file in files:
+            at = _column_at(file, rules.priority_by)
+            if at is not None and at >= 0:
+                seen.update(row.columns[at] for row in file.rows)
         unknown = [key for key in keys if key not in seen]
         if unknown:
             values = ", ".join(sorted(repr(v) for v in seen if v is not None)[:8])
