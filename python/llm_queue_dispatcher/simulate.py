@@ -716,7 +716,7 @@ def _run_fifo(run: _Run, retention: float) -> SimulationResult:
         while queue and in_flight < concurrency:
             index = queue[0]
             record = records[index]
-            if record.arrival + retention <= now:
+            if now - record.arrival > retention:  # the store's rule: older than the retention
                 queue.popleft()
                 run.inversions.drop(index)
                 result.expired += 1
@@ -752,7 +752,7 @@ def check_workload(records: Sequence[TraceRecord], provider: ProviderModel) -> N
     if longest > _MAX_VISIBILITY_TIMEOUT / 2:
         raise ValueError(
             f"the longest call would take {longest:,.0f} s of the provider's time; at most "
-            f"{_MAX_VISIBILITY_TIMEOUT / 2:,.0f} s (lower the latency per token)"
+            f"{_MAX_VISIBILITY_TIMEOUT / 2:,.0f} s"
         )
 
 

@@ -214,25 +214,23 @@ class InversionCounter:
         if klass == 0:
             return
         tenant = self._tenants[index]
-        expired_before = now - self._retention
-        if any(
-            self._fits(self._by_class[higher], available_tokens, expired_before) for higher in range(klass)
-        ):
+        if any(self._fits(self._by_class[higher], available_tokens, now) for higher in range(klass)):
             self.inversions += 1
             if any(
-                self._fits(self._by_tenant[tenant, higher], available_tokens, expired_before)
+                self._fits(self._by_tenant[tenant, higher], available_tokens, now)
                 for higher in range(klass)
                 if (tenant, higher) in self._by_tenant
             ):
                 self.within_tenant += 1
 
-    def _fits(self, heap: list[tuple[int, int]], available: float, expired_before: float) -> bool:
+    def _fits(self, heap: list[tuple[int, int]], available: float, now: float) -> bool:
         """Whether the smallest request still waiting in ``heap`` fits ``available`` (entries of
-        requests no longer waiting are dropped on the way)."""
-        waiting, arrivals = self._waiting, self._arrivals
+        requests no longer waiting are dropped on the way; a request older than the retention
+        is, as the store drops it)."""
+        waiting, arrivals, retention = self._waiting, self._arrivals, self._retention
         while heap:
             estimate, index = heap[0]
-            if waiting[index] and arrivals[index] > expired_before:
+            if waiting[index] and now - arrivals[index] <= retention:
                 return estimate <= available
             heapq.heappop(heap)
         return False

@@ -248,6 +248,8 @@ def _check_runnable(records: Sequence[TraceRecord], provider: ProviderModel, fla
     try:
         check_workload(records, provider)
     except ValueError as error:
+        if str(error).startswith("the longest call"):
+            flags = "--base-latency, --ms-per-token, --ms-per-input-token and --ms-per-output-token"
         raise UsageError(f"{error} (check {flags})") from None
 
 
@@ -314,7 +316,8 @@ def _workload(
         if load is not None and workload.arrival == "poisson":
             return workload.with_load(load, tpm), load
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        named = [flag for name, flag in _WORKLOAD_FLAGS.items() if name in given]
+        raise UsageError(f"{error} (check {', '.join(named) or 'the preset'})") from None
     return workload, None
 
 
