@@ -55,7 +55,6 @@ def test_table_has_one_column_per_strategy(capsys: pytest.CaptureFixture[str]) -
         "wait p50 URGENT",
         "wait p99 LOW",
         "SLO URGENT <= 1 s",
-        "Jain's index",
         "priority inversions",
         "retries",
         "wall time (s)",

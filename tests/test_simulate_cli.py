@@ -18,7 +18,7 @@ from llm_queue_dispatcher import simulate_cli
 from llm_queue_dispatcher.cli import main
 from llm_queue_dispatcher.simulate import SimulationProgress
 
-# 120 s of issue 10's overload at 2x: about 1,300 requests, under a second a strategy.
+# 120 s of the overload preset at 2x: about 1,300 requests, under a second a strategy.
 OVERLOAD = ["--preset", "overload", "--duration", "120"]
 
 
@@ -31,7 +31,7 @@ def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[s
     return data
 
 
-def test_the_overload_preset_is_issue_10s_workload(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_overload_preset_is_the_documented_workload(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", *OVERLOAD, "--strategy", "fair_priority", "--strategy", "fifo"]) == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]

@@ -164,13 +164,13 @@ def test_a_set_stop_event_ends_the_run_with_a_partial_result() -> None:
     assert "unfinished (interrupted)" in format_table([result])
 
 
-def test_hold_budget_false_is_the_seed_rule_and_labels_the_column() -> None:
+def test_hold_budget_false_holds_no_budget_and_labels_the_column() -> None:
     records = small_overload(240.0)
     seed_rule = run("default", records, hold_budget=False)
     held = run("default", records)
     assert seed_rule.strategy == "default:no-hold"
     assert held.strategy == "default"
-    # The seed's rule lets small requests drain the bucket ahead of a large URGENT winner.
+    # Without a held budget small requests drain the bucket ahead of a large URGENT winner.
     urgent = {r.strategy: waited(r, "URGENT", "p99") for r in (seed_rule, held)}
     assert urgent["default"] < urgent["default:no-hold"]
 

@@ -95,15 +95,16 @@ def format_table(results: Sequence[SimulationResult], per_tenant: bool = False) 
                         [_seconds(s["per_tenant"][name]["wait_s"]["p99"]) if s else "-" for s in summaries],
                     )
                 )
-    rows.append(("Jain's index, 60 s windows", [_jain(r) for r in results]))
-    rows.append(
-        (
-            "max service gap (tokens)",
-            [f"{r.fairness.max_gap:,.0f}" if r.fairness.max_gap is not None else "-" for r in results],
+        rows.append(("Jain's index, 60 s windows", [_jain(r) for r in results]))
+        rows.append(
+            (
+                "max service gap (tokens)",
+                [f"{r.fairness.max_gap:,.0f}" if r.fairness.max_gap is not None else "-" for r in results],
+            )
         )
-    )
     rows.append(("priority inversions", [f"{r.inversions:,}" for r in results]))
-    rows.append(("  within a tenant", [f"{r.inversions_within_tenant:,}" for r in results]))
+    if any(summaries):
+        rows.append(("  within a tenant", [f"{r.inversions_within_tenant:,}" for r in results]))
     rows.append(("retries", [str(r.retries) for r in results]))
     rows.append(("dead-lettered", [str(r.dead_lettered) for r in results]))
     rows.append(("expired (retention)", [str(r.expired) for r in results]))

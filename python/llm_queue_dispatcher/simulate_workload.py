@@ -298,13 +298,13 @@ class Preset:
     load: float | None = None
 
 
-#: ``overload``: the workload of issue 10 (Poisson arrivals at twice the TPM limit for 600 s,
+#: ``overload``: a synthetic overload (Poisson arrivals at twice the TPM limit for 600 s,
 #: priorities 5/20/50/25 %, log-normal estimates with median 800 and sigma 1 clipped to
 #: 20-16,000, actual = estimate x U(0.6, 1.2), 8 tenants of which one sends 80 % of the
 #: requests, 32 concurrent calls, RPM 600 / TPM 400,000).
 PRESETS: dict[str, Preset] = {
     "overload": Preset(
-        description="issue 10's overload: 8 tenants, one sending 80 %, at 2x the TPM limit for 600 s",
+        description="a synthetic overload: 8 tenants, one sending 80 %, at 2x the TPM limit for 600 s",
         workload=Workload(
             requests=None,
             duration=600.0,
