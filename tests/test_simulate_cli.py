@@ -23,11 +23,12 @@ OVERLOAD = ["--preset", "overload", "--duration", "120"]
 
 
 def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
-    """The JSON of a run, without the wall time (the only figure that differs between reruns)."""
+    """The JSON of a run, without its wall and CPU time (what differs between reruns)."""
     assert main(["simulate", *args, "--json"]) == 0
     data: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
     for result in data:
         assert result.pop("wall_time_s") >= 0
+        assert result.pop("cpu_time_s") >= 0
     return data
 
 

@@ -194,6 +194,7 @@ class SimulationResult:
     rpm_limit: float = 0.0
     interrupted: bool = False
     wall_time: float = 0.0
+    cpu_time: float = 0.0
     wait_by_priority: dict[str, list[float]] = field(default_factory=dict)
     wait_by_tenant: dict[str, list[float]] = field(default_factory=dict)
     requests_by_tenant: dict[str, int] = field(default_factory=dict)
@@ -362,6 +363,7 @@ class SimulationResult:
             "fairness": self.fairness.to_dict(),
             "tenants": self.tenant_summary(per_tenant),
             "wall_time_s": self.wall_time,
+            "cpu_time_s": self.cpu_time,
         }
 
 
@@ -437,6 +439,7 @@ class _Run:
         self._on_progress = on_progress
         self._progress_interval = progress_interval
         self._started = time.monotonic()
+        self._cpu_started = time.process_time()
         self._last_report = self._started
         self._ticks = 0
         self._depth_interval = 1.0
@@ -594,6 +597,7 @@ class _Run:
                 _FAIRNESS_WINDOW,
             )
         result.wall_time = time.monotonic() - self._started
+        result.cpu_time = time.process_time() - self._cpu_started
         if self._on_progress is not None:
             self._on_progress(self.progress(result.expired, result.dead_lettered))
         return result

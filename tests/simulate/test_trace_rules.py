@@ -195,6 +195,7 @@ def test_every_strategy_reports_every_figure_on_the_reference_workload(
         assert result["priority_inversions"] >= result["priority_inversions_within_tenant"] >= 0
         assert set(result["tenants"]["per_tenant"]) == {"conv", "code"}
         assert result["wall_time_s"] > 0
+        assert result["cpu_time_s"] > 0
     # Without --per-tenant the JSON keeps the groups but not each tenant.
     [plain] = simulate_json(capsys, *args[:-2], "--strategy", "fifo")
     assert "per_tenant" not in plain["tenants"]
