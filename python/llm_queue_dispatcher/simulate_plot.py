@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .simulate import SimulationResult
+from .simulate_result import SimulationResult
 from .types import Priority
 
 __all__ = ["MissingPlotDependency", "plot_results", "require_matplotlib"]

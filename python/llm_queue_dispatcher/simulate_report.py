@@ -5,12 +5,9 @@ single tenant) and an empty group of tenants as ``none``, never as 0."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from .simulate_result import SimulationResult
 from .types import Priority
-
-if TYPE_CHECKING:
-    from .simulate import SimulationResult
 
 __all__ = ["format_summary", "format_table"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .simulate import PRESETS, ProviderModel, TraceRecord, Workload
 from .simulate_metrics import DEFAULT_SLO
-from .simulate_trace import ClassMix, TraceRules, TraceWorkload, assemble_trace, read_trace_file
+from .simulate_trace import ClassMix, TraceFile, TraceRules, TraceWorkload, assemble_trace, read_trace_file
 from .simulate_workload import (
     MAX_SECONDS,
     MAX_TOKENS,
@@ -454,7 +454,7 @@ def _shown_path(label: str, path: str) -> str:
 
 def _describe_trace(
     args: argparse.Namespace,
-    files: Sequence[Any],
+    files: Sequence[TraceFile],
     workload: TraceWorkload,
     records: Sequence[TraceRecord],
     offered: float | None,

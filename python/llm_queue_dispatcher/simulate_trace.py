@@ -39,6 +39,10 @@ Python's shortest exact representation, so a saved trace replays to the very sam
 Every file is read as bytes a line at a time: a line that is not UTF-8, longer than
 `MAX_LINE_BYTES`, or holds a bad value, and a file of more than `MAX_REQUESTS` requests, raise
 `TraceError` naming the file and the line, before anything runs.
+
+One file, over 700 lines, because reading and assembling share what a row is (`TraceRow`, its
+file and line for every message) and the format table above: the readers of four formats, the
+rules that complete their rows, and the writer of the project's format, each a few functions.
 """
 
 from __future__ import annotations
