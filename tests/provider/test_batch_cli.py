@@ -279,7 +279,7 @@ def test_sigterm_in_the_middle_loses_nothing_and_resume_finishes(
 def test_resume_reads_results_whose_text_holds_unicode_line_separators(tmp_path: Path) -> None:
     """A response holding U+2028 or U+0085 (written unescaped) is one result line, not several:
     resuming must not call the file corrupt."""
-    from llm_queue_dispatcher.batch import _previous_results
+    from llm_queue_dispatcher.batch_formats import FORMATS, previous_results
 
     out = tmp_path / "out.jsonl"
     records = [
@@ -287,7 +287,7 @@ def test_resume_reads_results_whose_text_holds_unicode_line_separators(tmp_path:
         {"id": "b", "status": "ok", "response": {"text": "plain"}},
     ]
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    assert set(_previous_results(out)) == {"a", "b"}
+    assert set(previous_results(out, FORMATS["native"])) == {"a", "b"}
 
 
 # -- the output cannot be written ----------------------------------------------------------------
