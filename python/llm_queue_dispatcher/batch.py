@@ -590,7 +590,8 @@ def _make_handler(
         # Answered (and billed): from here on nothing makes the request go out again in this run.
         tokens = provider.tokens(answer)
         try:
-            body = answer.model_dump(mode="json")
+            # The fields the provider sent (the SDK's models add a null for every field absent).
+            body = answer.model_dump(mode="json", exclude_unset=True)
         except Exception as error:  # a reply that cannot be written stops the run as a full disk does
             results.broken(error)
             results.unwritten += 1

@@ -14,7 +14,8 @@ that many times first), ``status_for`` (always answer that status), ``quota`` (4
 ``insufficient_quota``), ``slow`` (the first call waits that long), ``body_for`` (answer 200
 with this body and content type instead of a completion), ``content_for`` (the assistant's
 text, which may hold anything JSON can escape, a lone surrogate included), ``headers_for``
-(headers added to every answer, an error's included). ``latency`` delays
+(headers added to every answer, an error's included). Every answer carries an ``x-request-id``.
+``latency`` delays
 every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
 
 Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
@@ -219,6 +220,7 @@ class ProviderServer(BackgroundServer):
             "x-ratelimit-limit-tokens": str(int(self.config.tpm)),
             "x-ratelimit-remaining-tokens": str(int(tokens.level)),
             "x-ratelimit-reset-tokens": f"{tokens.until_full():.3f}s",
+            "x-request-id": f"req_{random.getrandbits(64):016x}",
         }
 
     @staticmethod
