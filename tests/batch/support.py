@@ -92,6 +92,17 @@ CASES = [
 ]
 
 
+#: One pairing per output format and per provider, for the behaviours the format reaches only
+#: when it writes (the same code reads every format).
+WRITING_CASES = [
+    Case("openai", "native"),
+    Case("anthropic", "batch-api"),
+    Case("anthropic", "message-batches"),
+]
+#: Every format with each provider once.
+RESUMING_CASES = [case for case in CASES if case != Case("anthropic", "native")]
+
+
 def case_id(case: Case) -> str:
     return f"{case.provider}-{case.format}"
 

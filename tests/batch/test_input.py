@@ -17,6 +17,7 @@ from .support import (
     ENDPOINTS,
     Case,
     Fake,
+    case_id,
     command,
     environment,
     last_outcomes,
@@ -134,6 +135,9 @@ def test_lines_needing_more_than_the_tpm_are_reported_once_with_a_count(
     assert sum(openai_fake.calls.values()) == 0
 
 
+@pytest.mark.parametrize(
+    "case", [Case("openai", "native"), Case("anthropic", "message-batches")], ids=case_id
+)
 def test_a_dash_reads_the_requests_from_standard_input(case: Case, fake: Fake, tmp_path: Path) -> None:
     requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     ids = write_requests(requests, 4, case)

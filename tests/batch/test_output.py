@@ -6,12 +6,25 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.provider.anthropic_server import AnthropicServer
 from tests.provider.server import ProviderServer
 
-from .support import Case, Fake, last_outcomes, outcomes, results, run_cli, write_requests
+from .support import (
+    WRITING_CASES,
+    Case,
+    Fake,
+    case_id,
+    last_outcomes,
+    outcomes,
+    results,
+    run_cli,
+    write_requests,
+)
 
 
+@pytest.mark.parametrize("case", WRITING_CASES, ids=case_id)
 def test_a_full_disk_stops_the_run_at_once_and_sends_no_request_again(
     case: Case, fake: Fake, tmp_path: Path
 ) -> None:
@@ -29,6 +42,7 @@ def test_a_full_disk_stops_the_run_at_once_and_sends_no_request_again(
     assert "not written" in done.stdout
 
 
+@pytest.mark.parametrize("case", WRITING_CASES, ids=case_id)
 def test_a_write_cut_off_mid_line_keeps_the_whole_lines_and_the_next_run_finishes(
     case: Case, fake: Fake, tmp_path: Path
 ) -> None:

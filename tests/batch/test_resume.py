@@ -12,7 +12,18 @@ import pytest
 from llm_queue_dispatcher.batch_formats import FORMATS, previous_results
 from tests.provider.server import ProviderServer
 
-from .support import CASES, Case, Fake, case_id, last_outcomes, outcomes, results, run_cli, write_requests
+from .support import (
+    CASES,
+    RESUMING_CASES,
+    Case,
+    Fake,
+    case_id,
+    last_outcomes,
+    outcomes,
+    results,
+    run_cli,
+    write_requests,
+)
 
 OPTIONS = ("--rpm", "6000", "--tpm", "1000000", "--max-retry-delay", "0.05")
 
@@ -41,6 +52,7 @@ def test_a_resumed_run_sends_only_what_is_missing(
     assert set(provider.calls) == set(ids[8:])
 
 
+@pytest.mark.parametrize("case", RESUMING_CASES, ids=case_id)
 def test_a_resumed_run_sends_only_what_is_missing_in_each_provider_and_format(
     case: Case, fake: Fake, tmp_path: Path
 ) -> None:
@@ -68,6 +80,7 @@ def test_a_resumed_run_sends_only_what_is_missing_in_each_provider_and_format(
     assert sum(fake.calls.values()) == 13
 
 
+@pytest.mark.parametrize("case", RESUMING_CASES, ids=case_id)
 def test_a_rerun_sends_the_transient_failures_again_and_retry_failed_the_others(
     case: Case, fake: Fake, tmp_path: Path
 ) -> None:

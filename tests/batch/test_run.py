@@ -9,12 +9,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.provider.server import ProviderServer
 
 from .support import (
     Case,
     Fake,
     answer_text,
+    case_id,
     last_outcomes,
     outcomes,
     results,
@@ -73,6 +76,7 @@ def test_every_request_is_answered_and_written_once_in_each_provider_and_format(
     assert f"tokens              {tokens:,}" in done.stdout
 
 
+@pytest.mark.parametrize("case", [Case("openai", "native"), Case("anthropic", "batch-api")], ids=case_id)
 def test_the_batch_api_output_names_each_line_and_the_providers_request(
     case: Case, fake: Fake, tmp_path: Path
 ) -> None:
