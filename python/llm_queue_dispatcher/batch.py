@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import stat
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +105,26 @@ class _Provider:
     name = ""
     key_variable = ""
     extra = ""
+    _named: frozenset[str] | None = None  # the parameters of the SDK's create
+    _takes_any = False
+
+    def as_written(self, create: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``payload`` as keyword arguments of the SDK's ``create``: the keys it does not name
+        go in ``extra_body``, so that the request's JSON is the line's as written (a parameter
+        newer than the installed SDK, one an OpenAI-compatible server adds), where the SDK
+        would raise `TypeError` at each attempt."""
+        if self._named is None:  # read once: the SDK does not change during a run
+            parameters = inspect.signature(create).parameters.values()
+            self._takes_any = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+            self._named = frozenset(parameter.name for parameter in parameters)
+        if self._takes_any:
+            return dict(payload)
+        arguments = {key: value for key, value in payload.items() if key in self._named}
+        unnamed = {key: value for key, value in payload.items() if key not in self._named}
+        if unnamed:
+            given = arguments.get("extra_body")
+            arguments["extra_body"] = {**(given if isinstance(given, Mapping) else {}), **unnamed}
+        return arguments
 
     def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
         """The SDK's async client (its own retries off: the worker retries)."""
@@ -128,6 +150,7 @@ class _OpenAI(_Provider):
     async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
         from .openai import create_chat_completion
 
+        payload = self.as_written(client.chat.completions.create, payload)
         return await create_chat_completion(client, limiter, payload)
 
     def tokens(self, answer: Any) -> int | None:
@@ -147,6 +170,7 @@ class _Anthropic(_Provider):
     async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
         from .anthropic import create_message
 
+        payload = self.as_written(client.messages.create, payload)
         return await create_message(client, limiter, payload)
 
     def tokens(self, answer: Any) -> int | None:
@@ -482,10 +506,6 @@ async def _batch(args: argparse.Namespace) -> int:
         )
         return 2
     output = FORMATS[args.output_format] if args.output_format is not None else read.format
-    if output.name == "message-batches" and provider.name != "anthropic":
-        raise Refused(
-            f"{where}: the message-batches format holds Anthropic requests: pass --provider anthropic"
-        )
     pending, skipped = _select(args, read.entries, previous_results(args.out, output))
     key_variable = args.api_key_env or provider.key_variable
     api_key = os.environ.get(key_variable)

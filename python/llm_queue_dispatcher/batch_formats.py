@@ -497,6 +497,11 @@ def read_requests(
             continue
         if fmt is None:
             fmt = _detected(item)
+            if fmt.name == "message-batches" and provider != "anthropic":
+                raise Refused(
+                    f"line {number} is in Anthropic's Message Batches format (custom_id and params): "
+                    "pass --provider anthropic"
+                )
         try:
             request_id, payload = fmt.request_fields(item, provider)
             if request_id is None:

@@ -270,8 +270,13 @@ def test_bad_message_batches_lines_are_reported_with_their_numbers(
 def test_a_message_batches_file_needs_the_anthropic_provider(openai_fake: Fake, tmp_path: Path) -> None:
     requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     write_requests(requests, 3, Case("anthropic", "message-batches"))
+    # Refused for the file, not line by line: its lines may well be bad chat completions too.
+    with requests.open("a") as handle:
+        handle.write(json.dumps({"custom_id": "x", "params": {"messages": []}}) + "\n")
     done = run_cli(openai_fake, requests, out, *LIMITS)
-    assert_refused(done, openai_fake, "message-batches", "--provider anthropic")
+    assert_refused(
+        done, openai_fake, "line 1 is in Anthropic's Message Batches format", "--provider anthropic"
+    )
     assert not out.exists()
 
 

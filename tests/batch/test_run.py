@@ -4,6 +4,7 @@ errors retried up to --max-attempts."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -228,3 +229,20 @@ def test_help_is_plain_text_and_names_the_api_key_variables() -> None:
     assert "`" not in shown.stdout
     assert "--retry-failed" in shown.stdout
     assert "exit status" in shown.stdout
+
+
+@pytest.mark.parametrize("case", [Case("openai", "batch-api"), Case("anthropic", "native")], ids=case_id)
+def test_an_argument_the_sdk_does_not_name_is_sent_in_the_body_as_written(
+    case: Case, fake: Fake, tmp_path: Path
+) -> None:
+    # A Batch API body is the HTTP request's JSON: a parameter newer than the installed SDK, or
+    # one an OpenAI-compatible server adds, goes out as written (the SDK's extra_body).
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    line = case.line("q000", max_tokens=5, top_k=3, service_hint={"tier": "flex"})
+    requests.write_text(json.dumps(line) + "\n")
+    done = run_cli(fake, requests, out, "--rpm", "600", "--tpm", "100000")
+    assert done.returncode == 0, done.stderr
+    assert fake.calls["q000"] == 1
+    sent = fake.server.bodies["q000"]
+    assert (sent["top_k"], sent["service_hint"], sent["max_tokens"]) == (3, {"tier": "flex"}, 5)
+    assert "extra_body" not in sent

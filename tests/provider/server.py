@@ -182,6 +182,7 @@ class ProviderServer(BackgroundServer):
         self.successes: Counter[str] = Counter()  # 200 answers, by key
         self.statuses: Counter[int] = Counter()
         self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
+        self.bodies: dict[str, Any] = {}  # the JSON body of the last request, by key
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
         self._buckets: tuple[_Bucket, _Bucket] | None = None
         self._rng = random.Random(self.config.seed)
@@ -247,6 +248,7 @@ class ProviderServer(BackgroundServer):
         with self._lock:
             now = time.monotonic()
             self.calls[key] += 1
+            self.bodies[key] = body
             attempt = self.calls[key]
             requests, tokens = self._limits(now)
             prompt = _prompt_tokens(body)
