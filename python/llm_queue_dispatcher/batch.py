@@ -26,6 +26,10 @@ failed for good, sends again those that failed on a transient error (all failed 
 ``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the next
 run sends it. (A call cut off past the grace may have been billed by the provider without its
 answer arriving.)
+
+The file formats live in `batch_formats`; this module is the command itself (flags, the two
+providers' calls, the run, the results file and its progress), kept in one file so that a run
+reads from top to bottom.
 """
 
 from __future__ import annotations
