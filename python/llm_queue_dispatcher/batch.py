@@ -1,30 +1,35 @@
-"""``llmqd batch``: send a JSONL file of chat requests to an OpenAI-compatible endpoint under
-RPM/TPM limits, with `Worker`, the in-memory dispatcher and `LLMThrottle`.
+"""``llmqd batch``: send a JSONL file of requests to OpenAI (or any OpenAI-compatible endpoint)
+or to Anthropic under RPM/TPM limits, with `Worker`, the in-memory dispatcher and `LLMThrottle`.
 
-Input: one JSON object per line (``-`` reads standard input): optional ``id`` (default
-``line-N``), ``priority`` (0..3 or ``urgent``/``high``/``normal``/``low``), ``tenant``; every
-other key is a keyword argument of ``chat.completions.create`` (``model`` may come from
-``--model``). The flags, ``--out`` and the whole input are checked before anything is sent: a
-bad flag or ``--out`` is one line naming it; bad lines (not UTF-8, not JSON, NaN or Infinity, a
-bad field) are reported with their numbers, the lines needing more than ``--tpm`` in one
-message, and nothing is sent (or, with ``--skip-invalid``, they are left out). Exit status 2.
+Input: one JSON object per line (``-`` reads standard input), in llmqd's own format (optional
+``id``, ``priority``, ``tenant``; every other key a keyword argument of
+``chat.completions.create``, or of ``messages.create`` with ``--provider anthropic``), in the
+OpenAI Batch API's (``custom_id``, ``method``, ``url``, ``body``) or in Anthropic's Message
+Batches' (``custom_id``, ``params``): `batch_formats` reads and writes them. The flags, ``--out``
+and the whole input are checked before anything is sent: a bad flag or ``--out`` is one line
+naming it; bad lines (not UTF-8, not JSON, NaN or Infinity, a bad field) are reported with their
+numbers, the lines needing more than ``--tpm`` in one message, and nothing is sent (or, with
+``--skip-invalid``, they are left out). Exit status 2.
 
-Output: one JSON object per finished request, appended and flushed as each one finishes:
-``{"id", "status": "ok", "response", "tokens", "attempts"}`` or ``{"id", "status": "failed",
-"error": {"type", "message", "status_code", "retryable"}, "attempts"}``. A line that UTF-8
-cannot hold (a reply with a lone surrogate) is written with its non-ASCII characters escaped.
-When the output cannot be written (disk full), the run stops at once with exit status 3: no
-request is sent again for it, the lines written stay and a line cut off is removed.
+Output: one JSON object per finished request in the output format (by default the input's),
+appended and flushed as each one finishes. A line that UTF-8 cannot hold (a reply with a lone
+surrogate) is written with its non-ASCII characters escaped. When the output cannot be written
+(disk full), the run stops at once with exit status 3: no request is sent again for it, the
+lines written stay and a line cut off is removed.
 
-Retries: 5xx, 408, 409, timeouts, connection errors and malformed replies are retried with
+Retries: 5xx, 529, 408, 409, timeouts, connection errors and malformed replies are retried with
 backoff up to ``--max-attempts`` failed attempts (429s, which the limiter paces, do not count);
-then the request is written as failed with ``"retryable": true``. Running the same command
-again resumes from the output, where the last line of an id is its result: it skips the ids
-done or failed for good, sends again those that failed on a transient error (all failed ones
-with ``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those running
-get ``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the
-next run sends it. (A call cut off past the grace may have been billed by the provider without
-its answer arriving.)
+then the request is written as failed on a transient error. Running the same command again
+resumes from the output, where the last line of an id is its result: it skips the ids done or
+failed for good, sends again those that failed on a transient error (all failed ones with
+``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those running get
+``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the next
+run sends it. (A call cut off past the grace may have been billed by the provider without its
+answer arriving.)
+
+The file formats live in `batch_formats`; this module is the command itself (flags, the two
+providers' calls, the run, the results file and its progress), kept in one file so that a run
+reads from top to bottom.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -39,13 +45,25 @@ import stat
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _argtypes as argtypes
-from .errors import InvalidRequestError, PermanentError, RetryableError
-from .types import LLMRequest, Priority
+from .batch_formats import (
+    FORMATS,
+    Answer,
+    Entry,
+    Failure,
+    Format,
+    Previous,
+    Refused,
+    failure_of,
+    previous_results,
+    read_requests,
+)
+from .errors import PermanentError, RetryableError
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
@@ -53,20 +71,27 @@ if TYPE_CHECKING:
 __all__ = ["EXIT_NOT_WRITTEN", "register", "run"]
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
-_RESERVED = ("id", "priority", "tenant")
 #: Exit status of a run stopped because its output could not be written.
 EXIT_NOT_WRITTEN = 3
-# Lines named in the one "needs more than --tpm" message; the others are counted.
-_LINES_NAMED = 5
 
-_DESCRIPTION = "Send a JSONL file of chat requests to an OpenAI-compatible endpoint under RPM/TPM limits."
+_DESCRIPTION = (
+    "Send a JSONL file of requests to OpenAI (or any OpenAI-compatible endpoint) or to Anthropic "
+    "under RPM/TPM limits."
+)
 _EPILOG = """\
-Each input line is a JSON object: the keyword arguments of chat.completions.create, plus an
-optional id, priority (0..3 or urgent/high/normal/low) and tenant. INPUT "-" reads standard
-input. The flags, --out and every line are checked before anything is sent.
+Each input line is a JSON object: the keyword arguments of chat.completions.create (of
+messages.create with --provider anthropic), plus an optional id, priority (0..3 or
+urgent/high/normal/low) and tenant. The OpenAI Batch API's input files are read too (custom_id,
+method "POST", url "/v1/chat/completions" or "/v1/messages", body), and Anthropic's Message
+Batches' (custom_id, params): a file whose first line has a custom_id is read in that format
+(--input-format says it), and its results are written in the Batch API's output format, or as
+Message Batches results (--output-format says otherwise). INPUT "-" reads standard input. The
+flags, --out and every line are checked before anything is sent.
 
-The API key is read from the environment variable OPENAI_API_KEY (--api-key-env names
-another); the endpoint is --base-url, else $OPENAI_BASE_URL, else OpenAI's.
+The API key is read from the environment variable OPENAI_API_KEY, or ANTHROPIC_API_KEY with
+--provider anthropic (--api-key-env names another); the endpoint is --base-url, else
+$OPENAI_BASE_URL (or $ANTHROPIC_BASE_URL), else the provider's. Anthropic requires max_tokens:
+--default-max-tokens fills it into the lines that set none.
 
 Each finished request is appended to --out as one JSON line. Running the same command again
 resumes: it skips the requests done or failed for good, and sends again those that failed on a
@@ -77,12 +102,96 @@ exit status: 0 every request sent is done, 1 some failed, 2 bad flags or input (
 signal N (Ctrl-C, SIGTERM)."""
 
 
+# -- providers -----------------------------------------------------------------------------------
+class _Provider:
+    """One provider's SDK: its client, its call and the tokens an answer counts."""
+
+    name = ""
+    key_variable = ""
+    extra = ""
+    _named: frozenset[str] | None = None  # the parameters of the SDK's create
+    _takes_any = False
+
+    def as_written(self, create: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``payload`` as keyword arguments of the SDK's ``create``: the keys it does not name
+        go in ``extra_body``, so that the request's JSON is the line's as written (a parameter
+        newer than the installed SDK, one an OpenAI-compatible server adds), where the SDK
+        would raise `TypeError` at each attempt."""
+        if self._named is None:  # read once: the SDK does not change during a run
+            parameters = inspect.signature(create).parameters.values()
+            self._takes_any = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+            self._named = frozenset(parameter.name for parameter in parameters)
+        if self._takes_any:
+            return dict(payload)
+        arguments = {key: value for key, value in payload.items() if key in self._named}
+        unnamed = {key: value for key, value in payload.items() if key not in self._named}
+        if unnamed:
+            given = arguments.get("extra_body")
+            arguments["extra_body"] = {**(given if isinstance(given, Mapping) else {}), **unnamed}
+        return arguments
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        """The SDK's async client (its own retries off: the worker retries)."""
+        raise NotImplementedError
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        """One call, with failures mapped to `RetryableError` and `PermanentError`."""
+        raise NotImplementedError
+
+    def tokens(self, answer: Any) -> int | None:
+        """The tokens the answer counts against the limits (None: keep the estimate)."""
+        raise NotImplementedError
+
+
+class _OpenAI(_Provider):
+    name, key_variable, extra = "openai", "OPENAI_API_KEY", "openai"
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        from .openai import create_chat_completion
+
+        payload = self.as_written(client.chat.completions.create, payload)
+        return await create_chat_completion(client, limiter, payload)
+
+    def tokens(self, answer: Any) -> int | None:
+        from .openai import total_tokens
+
+        return total_tokens(answer)
+
+
+class _Anthropic(_Provider):
+    name, key_variable, extra = "anthropic", "ANTHROPIC_API_KEY", "anthropic"
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        from anthropic import AsyncAnthropic
+
+        return AsyncAnthropic(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        from .anthropic import create_message
+
+        payload = self.as_written(client.messages.create, payload)
+        return await create_message(client, limiter, payload)
+
+    def tokens(self, answer: Any) -> int | None:
+        from .anthropic import message_tokens
+
+        return message_tokens(answer)
+
+
+_PROVIDERS: dict[str, _Provider] = {provider.name: provider for provider in (_OpenAI(), _Anthropic())}
+
+
 # -- arguments -----------------------------------------------------------------------------------
 def register(commands: Any) -> None:
     """Adds ``llmqd batch`` to the subcommands."""
     batch = commands.add_parser(
         "batch",
-        help="send a JSONL file of chat requests to an OpenAI-compatible endpoint under RPM/TPM limits",
+        help="send a JSONL file of requests to OpenAI or Anthropic under RPM/TPM limits",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         # Short, so that a bad flag's error is not buried under a screen of usage.
@@ -95,19 +204,45 @@ def register(commands: Any) -> None:
         "--rpm", type=argtypes.limit_per_minute, required=True, help="requests per minute allowed (>= 1)"
     )
     batch.add_argument(
-        "--tpm", type=argtypes.limit_per_minute, required=True, help="tokens per minute allowed (>= 1)"
+        "--tpm",
+        type=argtypes.limit_per_minute,
+        required=True,
+        help="tokens per minute allowed, input and output together (>= 1)",
+    )
+    batch.add_argument(
+        "--provider",
+        choices=sorted(_PROVIDERS),
+        default="openai",
+        help="openai (chat.completions.create, any OpenAI-compatible endpoint) or anthropic "
+        "(messages.create) (default openai)",
+    )
+    batch.add_argument(
+        "--input-format",
+        choices=["auto", *FORMATS],
+        default="auto",
+        help="auto: a first line with custom_id means the provider's batch format, else native "
+        "(default auto)",
+    )
+    batch.add_argument(
+        "--output-format",
+        choices=list(FORMATS),
+        default=None,
+        help="results format (default: the input's)",
     )
     batch.add_argument(
         "--concurrency", type=argtypes.count, default=16, help="calls in flight at most (default 16)"
     )
     batch.add_argument(
-        "--base-url", default=None, help="API base URL (default: $OPENAI_BASE_URL or OpenAI's)"
+        "--base-url",
+        default=None,
+        help="API base URL (default: $OPENAI_BASE_URL or $ANTHROPIC_BASE_URL, else the provider's)",
     )
     batch.add_argument("--model", default=None, help="model for lines that name none")
     batch.add_argument(
         "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable holding the API key (default OPENAI_API_KEY)",
+        default=None,
+        help="environment variable holding the API key (default OPENAI_API_KEY, or ANTHROPIC_API_KEY "
+        "with --provider anthropic)",
     )
     batch.add_argument(
         "--max-attempts",
@@ -139,7 +274,8 @@ def register(commands: Any) -> None:
         "--default-max-tokens",
         type=argtypes.tokens,
         default=None,
-        help="completion tokens assumed for scheduling when a line sets no max_tokens (default 1024)",
+        help="for lines that set no max_tokens: with openai the completion tokens assumed for "
+        "scheduling (default 1024); with anthropic the max_tokens sent (required, >= 1)",
     )
     batch.add_argument("--skip-invalid", action="store_true", help="send the valid lines despite bad ones")
     batch.add_argument(
@@ -157,45 +293,13 @@ def register(commands: Any) -> None:
     batch.set_defaults(run=run)
 
 
-class _Refused(Exception):
-    """Why the run cannot start (one line); exit status 2, nothing sent."""
-
-
-# -- input ---------------------------------------------------------------------------------------
-@dataclass
-class _Entry:
-    line: int
-    request: LLMRequest[Any]
-
-
-def _priority(value: object) -> Priority | int:
-    if isinstance(value, str) and value.upper() in Priority.__members__:
-        return Priority[value.upper()]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"priority must be 0..3 or urgent/high/normal/low, got {value!r:.80}")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _parse_line(raw: bytes) -> Any:
-    """One input line's JSON value; `InvalidRequestError` saying why there is none."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidRequestError(
-            f"not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
-        ) from None
-    try:
-        return json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as error:
-        raise InvalidRequestError(f"not JSON ({error.msg} at column {error.colno})") from None
-    except RecursionError:
-        raise InvalidRequestError("not JSON this reader can hold (nested too deeply)") from None
-    except ValueError as error:  # NaN or Infinity; an int of more than 4,300 digits
-        raise InvalidRequestError(f"not JSON ({error})") from None
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuses the flag combinations no run can serve, in one line naming the flag."""
+    for flag, value in (("--input-format", args.input_format), ("--output-format", args.output_format)):
+        if value == "message-batches" and args.provider != "anthropic":
+            raise Refused(f"{flag} message-batches holds Anthropic messages: pass --provider anthropic")
+    if args.provider == "anthropic" and args.default_max_tokens == 0:
+        raise Refused("--default-max-tokens 0: Anthropic needs max_tokens >= 1")
 
 
 def _input_bytes(args: argparse.Namespace) -> bytes:
@@ -203,80 +307,13 @@ def _input_bytes(args: argparse.Namespace) -> bytes:
         return sys.stdin.buffer.read()
     path = Path(args.input)
     if path.is_dir():
-        raise _Refused(f"{args.input}: is a directory, not a file of requests")
+        raise Refused(f"{args.input}: is a directory, not a file of requests")
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise _Refused(f"{args.input}: no such file") from None
+        raise Refused(f"{args.input}: no such file") from None
     except OSError as error:
-        raise _Refused(f"{args.input}: cannot read: {error.strerror or error}") from None
-
-
-def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str], int]:
-    """Every valid request of the input, the messages about bad lines, and how many lines are
-    bad. The lines needing more than ``--tpm`` share one message."""
-    from .openai import DEFAULT_COMPLETION_TOKENS, request_from_openai_chat
-
-    default_completion = (
-        DEFAULT_COMPLETION_TOKENS if args.default_max_tokens is None else args.default_max_tokens
-    )
-    entries: list[_Entry] = []
-    errors: list[str] = []
-    too_large: list[tuple[int, int]] = []
-    first_line: dict[str, int] = {}
-    # Split on b"\n" only: `str.splitlines` would also split inside a text holding U+2028.
-    for number, raw in enumerate(_input_bytes(args).split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = _parse_line(raw)
-        except InvalidRequestError as error:
-            errors.append(f"line {number}: {error}")
-            continue
-        if not isinstance(item, dict):
-            errors.append(f"line {number}: expected a JSON object, got {type(item).__name__}")
-            continue
-        request_id = item.get("id", f"line-{number}")
-        if isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 10**18:
-            request_id = str(request_id)
-        payload = {key: value for key, value in item.items() if key not in _RESERVED}
-        if "model" not in payload and args.model is not None:
-            payload["model"] = args.model
-        try:
-            if not isinstance(request_id, str) or not request_id:
-                raise InvalidRequestError(f"id must be a non-empty string, got {request_id!r:.80}")
-            if not isinstance(payload.get("model"), str):
-                raise InvalidRequestError("no model: set 'model' on the line or pass --model")
-            request = request_from_openai_chat(
-                request_id,
-                payload,
-                priority=_priority(item.get("priority", Priority.NORMAL)),
-                tenant=item.get("tenant"),
-                default_completion_tokens=default_completion,
-                metadata={"line": number},
-            )
-        except InvalidRequestError as error:
-            errors.append(f"line {number}: {error}")
-            continue
-        if request.token_info.estimated > args.tpm:
-            too_large.append((number, request.token_info.estimated))
-            continue
-        if request_id in first_line:
-            errors.append(f"line {number}: id {request_id!r} repeats line {first_line[request_id]}")
-            continue
-        first_line[request_id] = number
-        entries.append(_Entry(number, request))
-    bad_lines = len(errors) + len(too_large)
-    if too_large:
-        named = ", ".join(
-            f"line {number} (about {tokens:,} tokens)" for number, tokens in too_large[:_LINES_NAMED]
-        )
-        more = f" and {len(too_large) - _LINES_NAMED:,} more" if len(too_large) > _LINES_NAMED else ""
-        errors.append(
-            f"{len(too_large):,} line(s) need more tokens than --tpm {args.tpm:g} allows in any minute: "
-            f"{named}{more}; lower their max_tokens or raise --tpm"
-        )
-    return entries, errors, bad_lines
+        raise Refused(f"{args.input}: cannot read: {error.strerror or error}") from None
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -284,65 +321,23 @@ def _check_out(args: argparse.Namespace) -> None:
     """Refuses an ``--out`` that cannot be the results file, before anything is sent."""
     out: Path = args.out
     if out.is_dir():
-        raise _Refused(f"--out {out}: is a directory; name a file")
+        raise Refused(f"--out {out}: is a directory; name a file")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise _Refused(f"--out {out}: {parent} is a file, not a directory")
+        raise Refused(f"--out {out}: {parent} is a file, not a directory")
     if args.input != "-" and out.exists():
         with contextlib.suppress(OSError):
             if os.path.samefile(args.input, out):
-                raise _Refused(f"--out {out}: is the input file; name another file")
-
-
-@dataclass
-class _Previous:
-    """What the output already says of one id: its last line."""
-
-    ok: bool
-    retryable: bool = False
-
-
-def _previous_results(out: Path) -> dict[str, _Previous]:
-    """The last result of each id in an existing output. A last line cut off by a crash is
-    removed (that request is sent again); any other unreadable line is refused. A device or a
-    pipe (``/dev/stdout``) holds nothing to resume from."""
-    if not out.is_file():
-        return {}
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        _LOGGER.warning("%s: removing an incomplete last line (that request is sent again)", out)
-        with out.open("r+b") as handle:
-            handle.truncate(keep)
-        data = data[:keep]
-    previous: dict[str, _Previous] = {}
-    # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):  # not UTF-8, not JSON
-            item = None
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise _Refused(f"--out {out}: line {number} is not an llmqd batch result")
-        error = item.get("error")
-        retryable = False
-        if isinstance(error, dict):
-            flag = error.get("retryable")
-            # Lines written before the flag existed: a give-up after transient errors kept their type.
-            retryable = flag if isinstance(flag, bool) else error.get("type") == "RetryableError"
-        previous[item["id"]] = _Previous(ok=item.get("status") == "ok", retryable=retryable)
-    return previous
+                raise Refused(f"--out {out}: is the input file; name another file")
 
 
 def _select(
-    args: argparse.Namespace, entries: list[_Entry], previous: dict[str, _Previous]
-) -> tuple[list[_Entry], int]:
+    args: argparse.Namespace, entries: list[Entry], previous: dict[str, Previous]
+) -> tuple[list[Entry], int]:
     """The entries to send and how many are skipped; says on stderr what it skipped and why."""
-    pending: list[_Entry] = []
+    pending: list[Entry] = []
     done = failed_for_good = failed_again = transient_again = 0
     for entry in entries:
         before = previous.get(entry.request.id)
@@ -405,14 +400,15 @@ class _Results:
     write that fails stops every later one: the output keeps whole lines only (a line cut off
     is truncated away), `on_broken` is called once, and each result not written is counted."""
 
-    def __init__(self, out: Path, progress: _Progress) -> None:
+    def __init__(self, out: Path, fmt: Format, progress: _Progress) -> None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             self._file = out.open("ab", buffering=0)
         except OSError as error:
-            raise _Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
+            raise Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
         self._regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
         self.out = out
+        self.format = fmt
         self.progress = progress
         self.error: BaseException | None = None
         self.written = 0
@@ -420,21 +416,30 @@ class _Results:
         self.on_write: Any = None
         self.on_broken: Any = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Appends ``record``; after a failure, only counts it as not written."""
+    def succeeded(self, request_id: str, answer: Answer) -> None:
+        """Appends the result line of an answer."""
+        self._write(lambda: self.format.succeeded(request_id, answer), None, answer.tokens or 0)
+
+    def failed(self, request_id: str, failure: Failure) -> None:
+        """Appends the result line of a request given up."""
+        self._write(lambda: self.format.failed(request_id, failure), failure, 0)
+
+    def _write(self, record: Any, failure: Failure | None, tokens: int) -> None:
+        """Appends the line ``record()`` builds and counts it; after a failure to write, only
+        counts it as not written."""
         if self.error is None:
             try:
-                self._append(_encode(record))
+                self._append(_encode(record()))
             except (OSError, ValueError, TypeError, RecursionError) as error:
                 self.broken(error)
             else:
                 self.written += 1
-                if record["status"] == "ok":
+                if failure is None:
                     self.progress.done += 1
-                    self.progress.tokens += record.get("tokens") or 0
+                    self.progress.tokens += tokens
                 else:
                     self.progress.failed += 1
-                    self.progress.retryable += bool(record["error"].get("retryable"))
+                    self.progress.retryable += failure.retryable
                 if self.on_write is not None:
                     self.on_write()
                 return
@@ -467,17 +472,6 @@ class _Results:
             self._file.close()
 
 
-def _error_record(error: BaseException) -> dict[str, Any]:
-    cause = error.__cause__ if error.__cause__ is not None else error
-    status = getattr(cause, "status_code", None)
-    return {
-        "type": type(error).__name__,
-        "message": str(error),
-        "status_code": status,
-        "retryable": isinstance(error, RetryableError),
-    }
-
-
 # -- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Runs ``llmqd batch``; returns the exit status (0 all done, 1 some failed, 2 bad input or
@@ -485,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="llmqd: %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(_batch(args))
-    except _Refused as refusal:
+    except Refused as refusal:
         print(f"llmqd batch: {refusal}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the worker's own handlers were in place: nothing sent
@@ -495,32 +489,49 @@ def run(args: argparse.Namespace) -> int:
 async def _batch(args: argparse.Namespace) -> int:
     from .worker import Worker
 
+    _check_flags(args)
     _check_out(args)
-    entries, errors, bad_lines = _read_requests(args)
+    provider = _PROVIDERS[args.provider]
+    read = read_requests(
+        _input_bytes(args),
+        provider=provider.name,
+        input_format=args.input_format,
+        model=args.model,
+        default_max_tokens=args.default_max_tokens,
+        tpm=args.tpm,
+    )
     where = "standard input" if args.input == "-" else args.input
-    for message in errors:
+    for message in read.errors:
         print(f"llmqd batch: {where}: {message}", file=sys.stderr)
-    if errors and not args.skip_invalid:
+    if read.errors and not args.skip_invalid:
         print(
-            f"llmqd batch: {bad_lines} bad line(s); nothing sent (--skip-invalid sends the rest)",
+            f"llmqd batch: {read.bad_lines} bad line(s); nothing sent (--skip-invalid sends the rest)",
             file=sys.stderr,
         )
         return 2
-    pending, skipped = _select(args, entries, _previous_results(args.out))
-    api_key = os.environ.get(args.api_key_env)
+    output = FORMATS[args.output_format] if args.output_format is not None else read.format
+    pending, skipped = _select(args, read.entries, previous_results(args.out, output))
+    key_variable = args.api_key_env or provider.key_variable
+    api_key = os.environ.get(key_variable)
     if not api_key:
-        raise _Refused(f"set {args.api_key_env} to the API key (any value for a server that needs none)")
+        raise Refused(f"set {key_variable} to the API key (any value for a server that needs none)")
     try:
-        from openai import AsyncOpenAI
+        client = provider.client(args.base_url, api_key, args.timeout)
     except ImportError:
-        raise _Refused("needs the openai SDK: pip install 'llm-queue-dispatcher[openai]'") from None
+        raise Refused(
+            f"needs the {provider.name} SDK: pip install 'llm-queue-dispatcher[{provider.extra}]'"
+        ) from None
     from ._core import LLMThrottle
     from .config import LLMQueueDispatcherConfig
     from .dispatcher import LLMQueueDispatcher
     from .storage import InMemoryStorage
 
     progress = _Progress(total=len(pending))
-    results = _Results(args.out, progress)
+    try:
+        results = _Results(args.out, output, progress)
+    except Refused:
+        await client.close()
+        raise
     limiter = LLMThrottle(args.rpm, args.tpm)
     # Failed requests are in the output; the dead-letter store only keeps the queue's books.
     storage: InMemoryStorage[Any] = InMemoryStorage(dead_letter=InMemoryStorage())
@@ -528,8 +539,7 @@ async def _batch(args: argparse.Namespace) -> int:
         storage, LLMQueueDispatcherConfig(visibility_timeout=60.0)
     )
     await dispatcher.batch_enqueue([entry.request for entry in pending])
-    client = AsyncOpenAI(base_url=args.base_url, api_key=api_key, timeout=args.timeout, max_retries=0)
-    handler = _make_handler(args, client, limiter, results)
+    handler = _make_handler(args, provider, client, limiter, results)
     worker: Worker[Any] = Worker(
         dispatcher,
         limiter,
@@ -549,7 +559,7 @@ async def _batch(args: argparse.Namespace) -> int:
         results.close()
         await client.close()
     wall = time.monotonic() - started
-    print(_summary(args, len(entries), skipped, progress, stats.retried, results.unwritten, wall))
+    print(_summary(args, len(read.entries), skipped, progress, stats.retried, results.unwritten, wall))
     if results.error is not None:
         print(
             f"llmqd batch: stopped: cannot write {args.out}: {results.error}. The {results.written} "
@@ -574,9 +584,9 @@ async def _batch(args: argparse.Namespace) -> int:
     return 1 if progress.failed else 0
 
 
-def _make_handler(args: argparse.Namespace, client: Any, limiter: Any, results: _Results) -> Any:
-    from .openai import create_chat_completion, total_tokens
-
+def _make_handler(
+    args: argparse.Namespace, provider: _Provider, client: Any, limiter: Any, results: _Results
+) -> Any:
     failures: Counter[str] = Counter()
 
     async def handle(job: ProcessableMessage[Any]) -> int | None:
@@ -586,11 +596,9 @@ def _make_handler(args: argparse.Namespace, client: Any, limiter: Any, results: 
             # The output broke while this request waited: not sent; the next run sends it.
             raise RetryableError("not sent: the results cannot be written")
         try:
-            completion = await create_chat_completion(client, limiter, request.payload)
+            answer = await provider.call(client, limiter, request.payload)
         except PermanentError as error:
-            results.write(
-                {"id": request.id, "status": "failed", "error": _error_record(error), "attempts": attempts}
-            )
+            results.failed(request.id, failure_of(error, attempts))
             raise
         except Exception as error:
             # Every failed attempt counts, whatever failed, but a 429: the limiter paces those.
@@ -599,23 +607,23 @@ def _make_handler(args: argparse.Namespace, client: Any, limiter: Any, results: 
             if status != 429:
                 failures[request.id] += 1
             if failures[request.id] >= args.max_attempts:
-                record = _error_record(error)
-                record["message"] = (
-                    f"gave up after {failures[request.id]} failed attempts: {record['message']}"
-                )
-                results.write({"id": request.id, "status": "failed", "error": record, "attempts": attempts})
-                raise PermanentError(record["message"]) from error
+                message = f"gave up after {failures[request.id]} failed attempts: {error}"
+                results.failed(request.id, failure_of(error, attempts, message))
+                raise PermanentError(message) from error
             raise
         # Answered (and billed): from here on nothing makes the request go out again in this run.
-        tokens = total_tokens(completion)
+        tokens = provider.tokens(answer)
         try:
-            response = completion.model_dump(mode="json")
+            # The fields the provider sent (the SDK's models add a null for every field absent).
+            body = answer.model_dump(mode="json", exclude_unset=True)
         except Exception as error:  # a reply that cannot be written stops the run as a full disk does
             results.broken(error)
             results.unwritten += 1
             return tokens
-        results.write(
-            {"id": request.id, "status": "ok", "response": response, "tokens": tokens, "attempts": attempts}
+        request_id = getattr(answer, "_request_id", None)
+        results.succeeded(
+            request.id,
+            Answer(body, request_id if isinstance(request_id, str) else None, tokens, attempts),
         )
         return tokens
 

@@ -27,10 +27,10 @@ as a request the API refuses), ``slow`` (the first attempt waits that long), ``h
 (extra headers on every answer). ``fail_rate``, ``overload_rate`` and ``malformed_rate`` inject
 500s, 529s and malformed 200s at random (seeded).
 
-What it saw is in the counters (read them after the calls finished): ``calls`` and
-``successes`` per key, ``statuses``, ``usage`` (input, output of the last success per key),
-``rate_limited`` (the 429s, per dimension that lacked room) and `AnthropicServer.peak`, the most
-admitted in any window of a dimension.
+What it saw is in the counters (read them after the calls finished): ``calls``, ``bodies`` (the
+last request's JSON) and ``successes`` per key, ``statuses``, ``usage`` (input, output of the
+last success per key), ``rate_limited`` (the 429s, per dimension that lacked room) and
+`AnthropicServer.peak`, the most admitted in any window of a dimension.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class AnthropicServer(BackgroundServer):
         self.statuses: Counter[int] = Counter()
         self.malformed: Counter[str] = Counter()  # malformed 200 answers, by kind
         self.usage: dict[str, tuple[int, int]] = {}  # (input, output) of the last success, by key
+        self.bodies: dict[str, Any] = {}  # the JSON of the last request, by key
         self.rate_limited: Counter[str] = Counter()  # 429s, by dimension that lacked room
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
         self._events: dict[str, list[tuple[float, float]]] = {name: [] for name in DIMENSIONS}
@@ -245,6 +246,7 @@ class AnthropicServer(BackgroundServer):
         if key in config.status_for:
             with self._lock:
                 self.calls[key] += 1
+                self.bodies[key] = body
             return self._error(config.status_for[key], f"refused {key}", key)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             return self._error(400, "max_tokens: field required", key)
@@ -256,6 +258,7 @@ class AnthropicServer(BackgroundServer):
         with self._lock:
             now = time.monotonic()
             self.calls[key] += 1
+            self.bodies[key] = body
             attempt = self.calls[key]
             buckets = self._limits(now)
             waits = {name: buckets[name].wait_for(amount) for name, amount in charge.items()}

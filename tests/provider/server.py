@@ -14,7 +14,8 @@ that many times first), ``status_for`` (always answer that status), ``quota`` (4
 ``insufficient_quota``), ``slow`` (the first call waits that long), ``body_for`` (answer 200
 with this body and content type instead of a completion), ``content_for`` (the assistant's
 text, which may hold anything JSON can escape, a lone surrogate included), ``headers_for``
-(headers added to every answer, an error's included). ``latency`` delays
+(headers added to every answer, an error's included). Every answer carries an ``x-request-id``.
+``latency`` delays
 every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
 
 Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
@@ -181,6 +182,7 @@ class ProviderServer(BackgroundServer):
         self.successes: Counter[str] = Counter()  # 200 answers, by key
         self.statuses: Counter[int] = Counter()
         self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
+        self.bodies: dict[str, Any] = {}  # the JSON body of the last request, by key
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
         self._buckets: tuple[_Bucket, _Bucket] | None = None
         self._rng = random.Random(self.config.seed)
@@ -219,6 +221,7 @@ class ProviderServer(BackgroundServer):
             "x-ratelimit-limit-tokens": str(int(self.config.tpm)),
             "x-ratelimit-remaining-tokens": str(int(tokens.level)),
             "x-ratelimit-reset-tokens": f"{tokens.until_full():.3f}s",
+            "x-request-id": f"req_{random.getrandbits(64):016x}",
         }
 
     @staticmethod
@@ -245,6 +248,7 @@ class ProviderServer(BackgroundServer):
         with self._lock:
             now = time.monotonic()
             self.calls[key] += 1
+            self.bodies[key] = body
             attempt = self.calls[key]
             requests, tokens = self._limits(now)
             prompt = _prompt_tokens(body)
