@@ -1,38 +1,36 @@
-//! The dual token-bucket rate limiter behind `LLMThrottle`, without Python.
+//! The token-bucket rate limiter behind `LLMThrottle`, without Python.
 //!
 //! Semantics follow `@aid-on/llm-throttle` 1.0.1 (its `LLMThrottle` and `TokenBucket`), with the
 //! changes the contract asks for: durations in seconds, an exact `available_in` that accounts for
-//! both buckets and is infinite when a request can never fit, and all-or-nothing bad-input checks.
-//! Every instant is an `f64` passed in by the caller, so the logic is deterministic under test.
+//! every bucket and is infinite when a request can never fit, all-or-nothing bad-input checks,
+//! and the limits providers publish besides requests and tokens per minute (input and output
+//! tokens per minute, requests and tokens per day, requests in flight: `meters.rs`). Every
+//! instant is an `f64` passed in by the caller, so the logic is deterministic under test.
 //!
-//! About 700 lines for one concept: the two buckets live in `bucket.rs` and the tests in
-//! `tests.rs`; what stays here is the limiter's state machine (consume, adjust, release, debt,
-//! penalty, provider ceilings, history, snapshots), whose steps share its invariants.
+//! About 700 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
+//! `meters.rs`, the history in `history.rs`, snapshots in `snapshot.rs`, a provider's figures in
+//! `provider.rs` and the tests in `tests.rs` and `limits_tests.rs`; what stays here is the
+//! limiter's state machine (check, consume, adjust, release across every limit), whose steps
+//! share its invariants.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::errors::{CoreError, CoreResult};
 
 mod bucket;
+mod history;
 mod meters;
+mod provider;
+mod snapshot;
 
 pub use bucket::{BucketState, TokenBucket};
+#[cfg(test)]
+use history::estimation_accuracy;
+use history::HistoryTotals;
+pub use history::{ConsumptionRecord, HistoryStatistics};
 pub use meters::{Charge, Dimension, ExtraLimits, Meter, Slots, DAY};
-
-/// The longest wait a provider can impose on a limiter, in seconds (one day): a `penalize`, a
-/// `Retry-After` or a reset read from headers beyond it is clamped to it. A provider's own
-/// windows are a minute or a day at most, so a longer figure is a malformed header; believing it
-/// would freeze the limiter for years.
-pub const MAX_PROVIDER_WAIT: f64 = 86_400.0;
-
-/// `seconds` within [0, `MAX_PROVIDER_WAIT`], and whether it had to be clamped; a NaN or
-/// negative wait is an `InvalidRequest` naming `field`.
-fn provider_wait(seconds: f64, field: &str) -> CoreResult<(f64, bool)> {
-    if seconds.is_nan() || seconds < 0.0 {
-        return Err(CoreError::InvalidRequest(format!("{field} must be a number >= 0, got {seconds:?}")));
-    }
-    Ok((seconds.min(MAX_PROVIDER_WAIT), seconds > MAX_PROVIDER_WAIT))
-}
+pub use provider::MAX_PROVIDER_WAIT;
+pub use snapshot::{ExtraState, Snapshot};
 
 /// What `adjust_consumption` does when the bucket holds less than the extra tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,53 +62,6 @@ impl AdjustmentFailureStrategy {
             Self::Strict => "strict",
             Self::Warn => "warn",
             Self::Compensate => "compensate",
-        }
-    }
-}
-
-/// How close an estimate was: `min / max` of the two counts, 1 when both are 0 and 0 when only
-/// one is (nothing estimated for a call that used tokens is a miss, not a perfect guess). One
-/// formula for the efficiency and the estimation accuracy metrics. (An adjustment to 0 tokens is
-/// a refund, not a measurement: it records no actual count, so it never reaches this formula.)
-fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
-    match (estimated, actual) {
-        (0, 0) => 1.0,
-        (0, _) | (_, 0) => 0.0,
-        (e, a) => e.min(a) as f64 / e.max(a) as f64,
-    }
-}
-
-/// Sums over the kept history, updated as records come and go, so metrics cost O(1) however
-/// long the history is.
-#[derive(Debug, Clone, Copy, Default)]
-struct HistoryTotals {
-    /// Records that count (not released).
-    live: usize,
-    tokens: u128,
-    adjusted: usize,
-    accuracy_sum: f64,
-}
-
-impl HistoryTotals {
-    fn add<M>(&mut self, record: &ConsumptionRecord<M>) {
-        self.live += 1;
-        self.tokens += u128::from(record.tokens);
-        if let Some(actual) = record.actual_tokens {
-            self.adjusted += 1;
-            self.accuracy_sum += estimation_accuracy(record.estimated_tokens, actual);
-        }
-    }
-
-    fn remove<M>(&mut self, record: &ConsumptionRecord<M>) {
-        self.live -= 1;
-        self.tokens -= u128::from(record.tokens);
-        if let Some(actual) = record.actual_tokens {
-            self.adjusted -= 1;
-            self.accuracy_sum -= estimation_accuracy(record.estimated_tokens, actual);
-        }
-        if self.adjusted == 0 {
-            // Float dust from the subtractions must not outlive the records it came from.
-            self.accuracy_sum = 0.0;
         }
     }
 }
@@ -193,41 +144,6 @@ impl ThrottleConfig {
     }
 }
 
-/// One successful `consume`, kept for `adjust_consumption` and the metrics.
-#[derive(Debug, Clone)]
-pub struct ConsumptionRecord<M> {
-    /// When it was consumed.
-    pub timestamp: f64,
-    /// Tokens it counts for: the estimate, then the actual count once adjusted.
-    pub tokens: u64,
-    /// The caller's request id.
-    pub request_id: String,
-    /// The caller's metadata.
-    pub metadata: M,
-    /// The estimate it was consumed with.
-    pub estimated_tokens: u64,
-    /// The actual count, once adjusted.
-    pub actual_tokens: Option<u64>,
-    /// Debt taken on top of the estimate by this consume (of the token bucket).
-    pub compensation_debt: f64,
-    /// Tokens of an upward adjustment the token bucket could not pay (`warn` or `compensate`):
-    /// counted in `tokens` but never taken, so `release` does not give them back.
-    pub unpaid: f64,
-    /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
-    pub released: bool,
-    /// The input and output tokens it counts for, when they were given: the estimate's parts,
-    /// then the actual ones once adjusted with them (None after an adjustment without them).
-    pub parts: Option<(u64, u64)>,
-    /// The output tokens it reserved (the request's most output), when given: the provider
-    /// stops there, so an adjustment without parts counts no more output than this.
-    pub output_cap: Option<u64>,
-    /// Its charge on each of the other token limits (itpm, otpm, tpd: those configured, in
-    /// that order).
-    pub charges: Vec<Charge>,
-    /// Whether it holds a slot of `max_concurrent` (until adjusted, released or forgotten).
-    pub holds_slot: bool,
-}
-
 /// The answer of `can_process`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckResult {
@@ -287,58 +203,6 @@ pub enum Adjustment {
     Warned { shortfall: f64 },
     /// `compensate`: the bucket was emptied and `shortfall` added to the debt, now `total_debt`.
     Compensated { shortfall: f64, total_debt: f64 },
-}
-
-/// Figures of the consumption history.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HistoryStatistics {
-    /// Records kept.
-    pub count: usize,
-    /// `total_tokens / count` (0 without records).
-    pub average_tokens_per_request: f64,
-    /// Sum of the records' token counts (actual where adjusted).
-    pub total_tokens: u64,
-    /// Mean of `min(est, act) / max(est, act)` over adjusted records (1 without any).
-    pub estimation_accuracy: f64,
-}
-
-/// One of the other buckets in a snapshot, with its debt (0 for the daily request bucket).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ExtraState {
-    /// The bucket.
-    pub bucket: BucketState,
-    /// Its compensation debt.
-    pub debt: f64,
-}
-
-/// A point-in-time copy of the buckets and the debt, for backup and restore.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Snapshot {
-    /// When it was taken.
-    pub timestamp: f64,
-    /// The request bucket.
-    pub rpm: BucketState,
-    /// The token bucket.
-    pub tpm: BucketState,
-    /// Consumption records at the time (history is not restored).
-    pub history_count: usize,
-    /// Compensation debt of the token bucket at the time.
-    pub compensation_debt: f64,
-    /// The other buckets configured (itpm, otpm, rpd, tpd: see `extra_index`).
-    pub extra: [Option<ExtraState>; 4],
-}
-
-/// The name a provider's figure for `dimension` goes by in messages.
-fn figure_name(dimension: Dimension) -> &'static str {
-    match dimension {
-        Dimension::Rpm => "requests",
-        Dimension::Tpm => "tokens",
-        Dimension::Itpm => "input tokens",
-        Dimension::Otpm => "output tokens",
-        Dimension::Rpd => "daily requests",
-        Dimension::Tpd => "daily tokens",
-        Dimension::Concurrency => "requests in flight",
-    }
 }
 
 /// The input and output parts of `total` from what a caller gave: both (they must add up to
@@ -808,16 +672,6 @@ impl<M> Throttle<M> {
         Ok(())
     }
 
-    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`); a shorter
-    /// penalty never cuts a longer one short. More than `MAX_PROVIDER_WAIT` (infinity included)
-    /// is clamped to it, and the wait asked for is returned for the caller to log; NaN or a
-    /// negative wait is an `InvalidRequest` and changes nothing. Call `advance` first.
-    pub fn penalize(&mut self, seconds: f64) -> CoreResult<Option<f64>> {
-        let (wait, clamped) = provider_wait(seconds, "seconds")?;
-        self.penalized_until = self.penalized_until.max(self.now + wait);
-        Ok(clamped.then_some(seconds))
-    }
-
     /// The reading of the last `advance`.
     pub fn now(&self) -> f64 {
         self.now
@@ -826,63 +680,6 @@ impl<M> Throttle<M> {
     /// Seconds left of a penalty (0 when none).
     pub fn penalty_left(&self) -> f64 {
         (self.penalized_until - self.now).max(0.0)
-    }
-
-    /// `cap_limits` for the request and token buckets.
-    pub fn cap(
-        &mut self,
-        requests: Option<(f64, Option<f64>)>,
-        tokens: Option<(f64, Option<f64>)>,
-    ) -> CoreResult<Option<f64>> {
-        let figures = [requests.map(|f| (Dimension::Rpm, f)), tokens.map(|f| (Dimension::Tpm, f))];
-        self.cap_limits(&figures.into_iter().flatten().collect::<Vec<_>>())
-    }
-
-    /// Lowers what the buckets hold to what a provider says remains: each figure
-    /// `(limit, (remaining, reset))` cuts its bucket now and, with a reset (seconds from now),
-    /// caps it until then at that figure minus what is granted meanwhile; after the reset the
-    /// bucket refills at its own rate up to its own capacity (see `provider_limits.py`). A
-    /// figure for a limit this throttle does not keep is ignored. A reset beyond
-    /// `MAX_PROVIDER_WAIT` (infinity included) is clamped to it, and the longest reset asked
-    /// for is then returned for the caller to log. Checked whole first: on a bad figure nothing
-    /// changes. Call `advance` first.
-    pub fn cap_limits(&mut self, figures: &[(Dimension, (f64, Option<f64>))]) -> CoreResult<Option<f64>> {
-        let mut clamped: Option<f64> = None;
-        let mut resets = Vec::with_capacity(figures.len());
-        for &(dimension, (remaining, reset)) in figures {
-            let name = figure_name(dimension);
-            if !(remaining.is_finite() && remaining >= 0.0) {
-                return Err(CoreError::InvalidRequest(format!(
-                    "{name} remaining must be a finite number >= 0, got {remaining}"
-                )));
-            }
-            let mut wait = None;
-            if let Some(reset) = reset {
-                let (bounded, was_clamped) = provider_wait(reset, &format!("{name} reset"))?;
-                if was_clamped {
-                    clamped = Some(clamped.map_or(reset, |c| c.max(reset)));
-                }
-                wait = Some(bounded);
-            }
-            resets.push(wait);
-        }
-        let now = self.now;
-        for (&(dimension, (remaining, _)), reset) in figures.iter().zip(resets) {
-            if let Some(bucket) = self.bucket_mut(dimension) {
-                bucket.cap(remaining, reset.map(|r| now + r));
-            }
-        }
-        Ok(clamped)
-    }
-
-    fn bucket_mut(&mut self, dimension: Dimension) -> Option<&mut TokenBucket> {
-        match dimension {
-            Dimension::Rpm => Some(&mut self.requests),
-            Dimension::Tpm => Some(self.tokens.bucket_mut()),
-            Dimension::Rpd => self.daily_requests.as_mut(),
-            Dimension::Concurrency => None,
-            other => self.meters.iter_mut().find(|m| m.dimension() == other).map(Meter::bucket_mut),
-        }
     }
 
     fn record_index(&self, request_id: &str) -> CoreResult<usize> {
@@ -894,54 +691,6 @@ impl<M> Throttle<M> {
             )));
         };
         Ok((seq - self.first_seq) as usize)
-    }
-
-    /// The consumption records that count (not released), oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &ConsumptionRecord<M>> {
-        self.history.iter().filter(|record| !record.released)
-    }
-
-    /// How many records count (not released).
-    pub fn history_len(&self) -> usize {
-        self.totals.live
-    }
-
-    /// Mean estimate accuracy over the last `efficiency_window_size` records: 1 without
-    /// records, 0.85 when none has an actual count yet (the seed library's conventions).
-    pub fn efficiency(&self) -> f64 {
-        if self.totals.live == 0 {
-            return 1.0;
-        }
-        let recent =
-            self.history.iter().rev().filter(|r| !r.released).take(self.config.efficiency_window_size);
-        let (sum, count) = recent
-            .filter_map(|record| record.actual_tokens.map(|actual| (record.estimated_tokens, actual)))
-            .fold((0.0, 0usize), |(sum, count), (estimated, actual)| {
-                (sum + estimation_accuracy(estimated, actual), count + 1)
-            });
-        if count == 0 {
-            0.85
-        } else {
-            sum / count as f64
-        }
-    }
-
-    /// Count, totals and estimation accuracy of the history.
-    pub fn history_statistics(&self) -> HistoryStatistics {
-        let count = self.totals.live;
-        let totals = self.totals;
-        // Token totals stay far below 2^64 in any real history; saturate rather than wrap.
-        let total_tokens = u64::try_from(totals.tokens).unwrap_or(u64::MAX);
-        HistoryStatistics {
-            count,
-            average_tokens_per_request: if count == 0 { 0.0 } else { totals.tokens as f64 / count as f64 },
-            total_tokens,
-            estimation_accuracy: if totals.adjusted == 0 {
-                1.0
-            } else {
-                (totals.accuracy_sum / totals.adjusted as f64).clamp(0.0, 1.0)
-            },
-        }
     }
 
     /// Forgets every consumption record (no adjustment possible for them any more, and the
@@ -982,122 +731,6 @@ impl<M> Throttle<M> {
                 .iter()
                 .all(|record| record.timestamp >= oldest_allowed && record.timestamp <= now + 1.0)
     }
-
-    /// The buckets and the debts now. Call `advance` first.
-    pub fn snapshot(&self, now: f64) -> Snapshot {
-        let mut extra = [None; 4];
-        if let Some(daily) = &self.daily_requests {
-            extra[2] = Some(ExtraState { bucket: daily.state(), debt: 0.0 });
-        }
-        for meter in &self.meters {
-            if let Some(index) = extra_index(meter.dimension()) {
-                extra[index] = Some(ExtraState { bucket: meter.bucket().state(), debt: meter.debt() });
-            }
-        }
-        Snapshot {
-            timestamp: now,
-            rpm: self.requests.state(),
-            tpm: self.tokens.bucket().state(),
-            history_count: self.totals.live,
-            compensation_debt: self.tokens.debt(),
-            extra,
-        }
-    }
-
-    /// Restores the buckets and the debts of `snapshot` and clears the history (the slots its
-    /// records held are free). Checked whole first: on a bad snapshot, or one of a throttle with
-    /// other limits, nothing changes. Only durations are taken from the snapshot's instants (how
-    /// long each bucket had refilled for when it was taken): the restoring throttle's clock may
-    /// count from anywhere (another process, a restart), and the buckets refill from its `now`
-    /// as they would have from the snapshot's. Call `advance` first.
-    pub fn restore(&mut self, snapshot: &Snapshot) -> CoreResult<()> {
-        let extra_dimensions = [Dimension::Itpm, Dimension::Otpm, Dimension::Rpd, Dimension::Tpd];
-        let mut states = vec![
-            ("rpm", &snapshot.rpm, self.requests.capacity(), 0.0),
-            ("tpm", &snapshot.tpm, self.tokens.bucket().capacity(), snapshot.compensation_debt),
-        ];
-        for (dimension, state) in extra_dimensions.iter().zip(&snapshot.extra) {
-            let name = dimension.name();
-            let capacity = match *dimension {
-                Dimension::Rpd => self.daily_requests.as_ref().map(TokenBucket::capacity),
-                other => self.meter(other).map(|m| m.bucket().capacity()),
-            };
-            match (state, capacity) {
-                (Some(state), Some(capacity)) => states.push((name, &state.bucket, capacity, state.debt)),
-                (None, None) => {}
-                (Some(_), None) => {
-                    return Err(CoreError::InvalidRequest(format!(
-                        "snapshot has a {name} bucket, and this throttle has no {name} limit"
-                    )));
-                }
-                (None, Some(_)) => {
-                    return Err(CoreError::InvalidRequest(format!(
-                        "snapshot has no {name} bucket, and this throttle has a {name} limit"
-                    )));
-                }
-            }
-        }
-        for &(name, state, capacity, debt) in &states {
-            check_snapshot_bucket(name, state, capacity)?;
-            if !(debt.is_finite() && debt >= 0.0) {
-                let field =
-                    if name == "tpm" { "compensation_debt".to_owned() } else { format!("{name} debt") };
-                return Err(CoreError::InvalidRequest(format!(
-                    "snapshot {field} must be a finite number >= 0, got {debt}"
-                )));
-            }
-        }
-        if !snapshot.timestamp.is_finite() {
-            return Err(CoreError::InvalidRequest(format!(
-                "snapshot timestamp must be finite, got {}",
-                snapshot.timestamp
-            )));
-        }
-        let since = |state: &BucketState| (snapshot.timestamp - state.last_refill).max(0.0);
-        let now = self.now;
-        self.requests.restore(&snapshot.rpm, since(&snapshot.rpm), now);
-        self.tokens.bucket_mut().restore(&snapshot.tpm, since(&snapshot.tpm), now);
-        self.tokens.set_debt(snapshot.compensation_debt);
-        for (dimension, state) in extra_dimensions.iter().zip(&snapshot.extra) {
-            let Some(state) = state else { continue };
-            if *dimension == Dimension::Rpd {
-                if let Some(daily) = &mut self.daily_requests {
-                    daily.restore(&state.bucket, since(&state.bucket), now);
-                }
-            } else if let Some(meter) = self.meters.iter_mut().find(|m| m.dimension() == *dimension) {
-                meter.bucket_mut().restore(&state.bucket, since(&state.bucket), now);
-                meter.set_debt(state.debt);
-            }
-        }
-        self.evict_all();
-        Ok(())
-    }
-}
-
-/// A snapshot's bucket must be of a bucket of this capacity (a snapshot of another
-/// configuration is refused, so capacities compare exactly), hold within it, and have a finite
-/// refill instant.
-#[allow(clippy::float_cmp)]
-fn check_snapshot_bucket(name: &str, state: &BucketState, capacity: f64) -> CoreResult<()> {
-    if state.capacity != capacity {
-        return Err(CoreError::InvalidRequest(format!(
-            "snapshot {name} capacity {} does not match this throttle's {capacity}",
-            state.capacity
-        )));
-    }
-    if !(state.available.is_finite() && (0.0..=state.capacity).contains(&state.available)) {
-        return Err(CoreError::InvalidRequest(format!(
-            "snapshot {name} available must be within [0, {}], got {}",
-            state.capacity, state.available
-        )));
-    }
-    if !state.last_refill.is_finite() {
-        return Err(CoreError::InvalidRequest(format!(
-            "snapshot {name} last_refill must be finite, got {}",
-            state.last_refill
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
