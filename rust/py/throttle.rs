@@ -68,7 +68,22 @@ fn concurrency_arg(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
 
 /// The input and output parts a call gave (`input_tokens`, `output_tokens`, each None or a
 /// token count), checked against the total named `total_name` (see `split_parts`).
+#[inline]
 fn parts_arg(
+    py: Python<'_>,
+    total: u64,
+    total_name: &str,
+    input: Option<&Bound<'_, PyAny>>,
+    output: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<(u64, u64)>> {
+    if input.is_none_or(PyAnyMethods::is_none) && output.is_none_or(PyAnyMethods::is_none) {
+        return Ok(None); // the common call: no parts
+    }
+    given_parts(py, total, total_name, input, output)
+}
+
+#[inline(never)]
+fn given_parts(
     py: Python<'_>,
     total: u64,
     total_name: &str,
@@ -283,19 +298,23 @@ impl PyThrottle {
         estimated_tokens: &Bound<'_, PyAny>,
         metadata: Option<Bound<'_, PyAny>>,
         (input_tokens, output_tokens): (Option<&Bound<'_, PyAny>>, Option<&Bound<'_, PyAny>>),
-    ) -> PyResult<Result<(), CheckResult>> {
+        explain: bool,
+    ) -> PyResult<Result<(), Option<Box<CheckResult>>>> {
         let request_id = extract_request_id(request_id)?;
         let tokens = token_count(estimated_tokens, "estimated_tokens")?;
         let parts = parts_arg(py, tokens, "estimated_tokens", input_tokens, output_tokens)?;
         let metadata = metadata.filter(|m| !m.is_none()).map(Bound::unbind);
-        // The refusal's check, and its metadata handed back to be released here, unlocked.
-        let (refusal, _refused) = self.with_state(py, |state, now| {
+        // A refusal, explained when asked (`consume_or_raise`), and its metadata handed back to
+        // be released here, unlocked.
+        let (outcome, _refused) = self.with_state(py, |state, now| {
             match state.try_consume_parts(now, &request_id, tokens, parts, metadata) {
-                Ok(()) => (None, None),
-                Err(refused) => (Some(state.check_parts(tokens, parts, 0.0)), refused),
+                Ok(()) => (Ok(()), None),
+                Err(refused) => {
+                    (Err(explain.then(|| Box::new(state.check_parts(tokens, parts, 0.0)))), refused)
+                }
             }
         })?;
-        Ok(refusal.map_or(Ok(()), Err))
+        Ok(outcome)
     }
 }
 
@@ -396,7 +415,7 @@ impl PyThrottle {
         output_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<bool> {
         let parts = (input_tokens, output_tokens);
-        Ok(self.try_consume(py, request_id, estimated_tokens, metadata, parts)?.is_ok())
+        Ok(self.try_consume(py, request_id, estimated_tokens, metadata, parts, false)?.is_ok())
     }
 
     /// Like `consume`, but raises `RateLimitError(reason, available_in)` when refused.
@@ -411,15 +430,14 @@ impl PyThrottle {
         output_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let parts = (input_tokens, output_tokens);
-        match self.try_consume(py, request_id, estimated_tokens, metadata, parts)? {
+        match self.try_consume(py, request_id, estimated_tokens, metadata, parts, true)? {
             Ok(()) => Ok(()),
-            Err(check) => Err(to_py_err(
-                py,
-                CoreError::RateLimit {
-                    reason: check.reason.unwrap_or("tpm_limit"),
-                    available_in: check.available_in,
-                },
-            )),
+            Err(check) => {
+                let (reason, available_in) = check.map_or(("tpm_limit", f64::INFINITY), |c| {
+                    (c.reason.unwrap_or("tpm_limit"), c.available_in)
+                });
+                Err(to_py_err(py, CoreError::RateLimit { reason, available_in }))
+            }
         }
     }
 
@@ -533,8 +551,8 @@ impl PyThrottle {
                     estimated_tokens: record.estimated_tokens,
                     actual_tokens: record.actual_tokens,
                     compensation_debt: record.compensation_debt,
-                    input_tokens: record.parts.map(|(input, _)| input),
-                    output_tokens: record.parts.map(|(_, output)| output),
+                    input_tokens: record.parts().map(|(input, _)| input),
+                    output_tokens: record.parts().map(|(_, output)| output),
                 })
                 .collect()
         })

@@ -42,7 +42,9 @@ pub struct PyCheckResult {
     pub available_in: f64,
     pub(crate) requests: f64,
     pub(crate) tokens: f64,
-    pub(crate) extra: [Option<f64>; 5],
+    /// The other limits' levels, when any is configured (boxed: a result of a throttle of
+    /// requests and tokens alone stays as small as it was).
+    pub(crate) extra: Option<Box<[Option<f64>; 5]>>,
 }
 
 impl From<CheckResult> for PyCheckResult {
@@ -53,7 +55,7 @@ impl From<CheckResult> for PyCheckResult {
             available_in: check.available_in,
             requests: check.available_requests,
             tokens: check.available_tokens,
-            extra: check.available_extra,
+            extra: check.available_extra.map(Box::new),
         }
     }
 }
@@ -86,9 +88,12 @@ impl PyCheckResult {
 
 impl PyCheckResult {
     fn levels(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
-        [("rpm", self.requests), ("tpm", self.tokens)]
-            .into_iter()
-            .chain(EXTRA_KEYS.iter().zip(self.extra).filter_map(|(&key, level)| level.map(|l| (key, l))))
+        [("rpm", self.requests), ("tpm", self.tokens)].into_iter().chain(
+            EXTRA_KEYS
+                .iter()
+                .zip(self.extra.as_deref().copied().unwrap_or_default())
+                .filter_map(|(&key, level)| level.map(|l| (key, l))),
+        )
     }
 }
 

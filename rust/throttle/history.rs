@@ -72,6 +72,17 @@ pub struct ConsumptionRecord<M> {
     pub unpaid: f64,
     /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
     pub released: bool,
+    /// Whether it holds a slot of `max_concurrent` (until adjusted, released or forgotten).
+    pub holds_slot: bool,
+    /// Its parts and its charges on the other token limits, when it has any: boxed, so the
+    /// records of a throttle of requests and tokens alone stay as small as they were (thousands
+    /// of them cycle through the history).
+    pub extra: Option<Box<RecordExtra>>,
+}
+
+/// What a record of a request with parts, or of a throttle with other token limits, adds.
+#[derive(Debug, Clone, Default)]
+pub struct RecordExtra {
     /// The input and output tokens it counts for, when they were given: the estimate's parts,
     /// then the actual ones once adjusted with them (None after an adjustment without them).
     pub parts: Option<(u64, u64)>,
@@ -81,8 +92,13 @@ pub struct ConsumptionRecord<M> {
     /// Its charge on each of the other token limits (itpm, otpm, tpd: those configured, in
     /// that order).
     pub charges: Vec<Charge>,
-    /// Whether it holds a slot of `max_concurrent` (until adjusted, released or forgotten).
-    pub holds_slot: bool,
+}
+
+impl<M> ConsumptionRecord<M> {
+    /// The input and output tokens it counts for, when given (see `RecordExtra::parts`).
+    pub fn parts(&self) -> Option<(u64, u64)> {
+        self.extra.as_ref().and_then(|extra| extra.parts)
+    }
 }
 
 /// Figures of the consumption history.

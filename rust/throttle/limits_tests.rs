@@ -35,12 +35,12 @@ fn each_part_is_taken_from_its_own_limit_and_the_total_from_tpm() {
     assert_eq!(level(&t, Dimension::Tpm), 40_000.0);
     assert_eq!(level(&t, Dimension::Itpm), 21_000.0);
     assert_eq!(level(&t, Dimension::Otpm), 13_000.0);
-    assert_eq!(t.history().next().unwrap().parts, Some((15_000, 5_000)));
+    assert_eq!(t.history().next().unwrap().parts(), Some((15_000, 5_000)));
     // 14,000 output tokens: 1,000 short at 300 a second.
     let check = t.check_parts(15_000, Some((1_000, 14_000)), 0.0);
     assert_eq!(check.reason, Some("otpm_limit"));
     assert!((check.available_in - 1_000.0 / 300.0).abs() < 1e-9);
-    assert_eq!(check.available_extra[..2], [Some(21_000.0), Some(13_000.0)]);
+    assert_eq!(check.available_extra.unwrap()[..2], [Some(21_000.0), Some(13_000.0)]);
     assert!(t.try_consume_parts(0.0, "b", 15_000, Some((1_000, 14_000)), ()).is_err());
     t.advance(check.available_in);
     assert!(t.try_consume_parts(check.available_in, "b", 15_000, Some((1_000, 14_000)), ()).is_ok());
@@ -95,7 +95,7 @@ fn an_adjustment_without_parts_counts_it_all_as_input_and_as_output_up_to_what_w
     assert_eq!(level(&t, Dimension::Itpm), 36_000.0 - 5_500.0);
     // The provider stops at the reserved 1,000 output tokens.
     assert_eq!(level(&t, Dimension::Otpm), 18_000.0 - 1_000.0);
-    assert_eq!(t.history().next().unwrap().parts, None);
+    assert_eq!(t.history().next().unwrap().parts(), None);
     // Reserved without parts: output is bounded by nothing but the actual count.
     assert!(t.consume(0.0, "b", 1_000, ()));
     t.adjust("b", 2_000).unwrap();
@@ -174,7 +174,7 @@ fn a_slot_is_held_until_settled_released_or_forgotten_and_its_wait_is_exact() {
     assert!(t.consume(start + 0.3, "b", 1, ()));
     let check = t.check(1);
     assert_eq!((check.allowed, check.reason), (false, Some("concurrency_limit")));
-    assert_eq!(check.available_extra[4], Some(0.0));
+    assert_eq!(check.available_extra.unwrap()[4], Some(0.0));
     // Until "a" is forgotten, history_retention after it was made, unless one is settled first.
     let wait = check.available_in;
     assert!((wait - 59.7).abs() < 1e-6);

@@ -285,7 +285,12 @@ impl Meter {
 
     /// Takes `tokens` plus the debt (the caller checked `admits`); returns the grant's charge.
     pub fn take(&mut self, tokens: u64) -> Charge {
-        let needed = self.needed(tokens);
+        self.take_needed(tokens, self.needed(tokens))
+    }
+
+    /// `take`, with `needed` (`self.needed(tokens)`) computed by the caller.
+    #[inline]
+    pub fn take_needed(&mut self, tokens: u64, needed: f64) -> Charge {
         self.bucket.take(needed);
         let applied = (needed - tokens as f64).max(0.0);
         self.debt -= applied;

@@ -27,7 +27,7 @@ pub use bucket::{BucketState, TokenBucket};
 #[cfg(test)]
 use history::estimation_accuracy;
 use history::HistoryTotals;
-pub use history::{ConsumptionRecord, HistoryStatistics};
+pub use history::{ConsumptionRecord, HistoryStatistics, RecordExtra};
 pub use meters::{Charge, Dimension, ExtraLimits, Meter, Slots, DAY};
 pub use provider::MAX_PROVIDER_WAIT;
 pub use snapshot::{ExtraState, Snapshot};
@@ -159,9 +159,9 @@ pub struct CheckResult {
     pub available_requests: f64,
     /// Tokens in the token bucket.
     pub available_tokens: f64,
-    /// The other limits configured, in the order itpm, otpm, rpd, tpd (what their buckets
-    /// hold) and concurrency (slots free); None where not configured.
-    pub available_extra: [Option<f64>; 5],
+    /// The other limits, when any is configured: in the order itpm, otpm, rpd, tpd (what their
+    /// buckets hold) and concurrency (slots free), None where not configured.
+    pub available_extra: Option<[Option<f64>; 5]>,
 }
 
 /// Where a limit other than rpm and tpm sits in `CheckResult::available_extra` and
@@ -241,6 +241,8 @@ pub fn split_parts(
 pub struct Throttle<M> {
     config: ThrottleConfig,
     limits: ExtraLimits,
+    /// Whether any of `limits` is set (a throttle of requests and tokens alone skips them).
+    extra_limits: bool,
     requests: TokenBucket,
     tokens: Meter,
     /// Requests per day.
@@ -279,6 +281,7 @@ impl<M> Throttle<M> {
             meters: limits.meters(now),
             slots: limits.max_concurrent.map(Slots::new),
             config,
+            extra_limits: limits.any(),
             limits,
             requests,
             tokens,
@@ -308,11 +311,13 @@ impl<M> Throttle<M> {
         self.now = self.now.max(now);
         self.requests.refill(now);
         self.tokens.bucket_mut().refill(now);
-        if let Some(daily) = &mut self.daily_requests {
-            daily.refill(now);
-        }
-        for meter in &mut self.meters {
-            meter.bucket_mut().refill(now);
+        if self.extra_limits {
+            if let Some(daily) = &mut self.daily_requests {
+                daily.refill(now);
+            }
+            for meter in &mut self.meters {
+                meter.bucket_mut().refill(now);
+            }
         }
         let cutoff = now - self.config.history_retention;
         while self.history.front().is_some_and(|record| record.timestamp <= cutoff) {
@@ -438,29 +443,19 @@ impl<M> Throttle<M> {
 
     /// `check_with_margin` for a request whose input and output parts may be known: the exact
     /// wait over every limit, the binding one named. Call `advance` first.
+    #[inline]
     pub fn check_parts(&self, estimated: u64, parts: Option<(u64, u64)>, margin: f64) -> CheckResult {
-        let mut binding = Binding::NONE;
         // A penalty holds the request bucket shut: it reports as the request limit.
-        binding.offer(Dimension::Rpm, self.requests.time_until(1.0).max(self.penalty_left()));
-        binding.offer(Dimension::Tpm, self.tokens.wait(estimated, margin));
-        let mut available_extra = [None; 5];
-        if self.limits.any() {
-            if let Some(daily) = &self.daily_requests {
-                binding.offer(Dimension::Rpd, daily.time_until(1.0));
-                available_extra[2] = Some(daily.available());
-            }
-            for meter in &self.meters {
-                let dimension = meter.dimension();
-                binding.offer(dimension, meter.wait(dimension.share(estimated, parts), 0.0));
-                if let Some(index) = extra_index(dimension) {
-                    available_extra[index] = Some(meter.bucket().available());
-                }
-            }
-            if let Some(slots) = &self.slots {
-                binding.offer(Dimension::Concurrency, slots.wait(self.now, self.config.history_retention));
-                available_extra[4] = Some(slots.free() as f64);
-            }
-        }
+        let request_wait = self.requests.time_until(1.0).max(self.penalty_left());
+        let token_wait = self.tokens.wait(estimated, margin);
+        let mut binding = if token_wait > request_wait {
+            Binding { wait: token_wait, dimension: Some(Dimension::Tpm) }
+        } else if request_wait > 0.0 {
+            Binding { wait: request_wait, dimension: Some(Dimension::Rpm) }
+        } else {
+            Binding::NONE
+        };
+        let available_extra = self.extra_limits.then(|| self.check_extra(&mut binding, estimated, parts));
         CheckResult {
             allowed: binding.dimension.is_none(),
             reason: binding.reason(),
@@ -471,12 +466,39 @@ impl<M> Throttle<M> {
         }
     }
 
-    /// Whether every limit admits a request of `estimated` (split into `parts` when known) now.
-    fn admits(&self, estimated: u64, parts: Option<(u64, u64)>) -> bool {
-        self.penalty_left() <= 0.0
-            && self.requests.has(1.0)
-            && self.tokens.admits(estimated)
-            && self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
+    /// `check_parts` over the optional limits: kept out of line, so a throttle of requests and
+    /// tokens alone checks as fast as it did before they existed.
+    #[inline(never)]
+    fn check_extra(
+        &self,
+        binding: &mut Binding,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+    ) -> [Option<f64>; 5] {
+        let mut available_extra = [None; 5];
+        if let Some(daily) = &self.daily_requests {
+            binding.offer(Dimension::Rpd, daily.time_until(1.0));
+            available_extra[2] = Some(daily.available());
+        }
+        for meter in &self.meters {
+            let dimension = meter.dimension();
+            binding.offer(dimension, meter.wait(dimension.share(estimated, parts), 0.0));
+            if let Some(index) = extra_index(dimension) {
+                available_extra[index] = Some(meter.bucket().available());
+            }
+        }
+        if let Some(slots) = &self.slots {
+            binding.offer(Dimension::Concurrency, slots.wait(self.now, self.config.history_retention));
+            available_extra[4] = Some(slots.free() as f64);
+        }
+        available_extra
+    }
+
+    /// Whether the limits beyond rpm and tpm admit a request of `estimated` (split into `parts`
+    /// when known) now.
+    #[inline(never)]
+    fn admits_extra(&self, estimated: u64, parts: Option<(u64, u64)>) -> bool {
+        self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
             && self.meters.iter().all(|meter| meter.admits(meter.dimension().share(estimated, parts)))
             && self.slots.as_ref().is_none_or(|slots| slots.free() > 0)
     }
@@ -503,29 +525,22 @@ impl<M> Throttle<M> {
         parts: Option<(u64, u64)>,
         metadata: M,
     ) -> Result<(), M> {
-        if !self.admits(estimated, parts) {
+        // The token need computed once, for the check and the take (the hot path of a dispatch).
+        let needed = self.tokens.needed(estimated);
+        let admitted = self.penalty_left() <= 0.0
+            && self.requests.has(1.0)
+            && self.tokens.bucket().has(needed)
+            && (!self.extra_limits || self.admits_extra(estimated, parts));
+        if !admitted {
             return Err(metadata);
         }
         self.requests.take(1.0);
-        let charge = self.tokens.take(estimated);
-        if let Some(daily) = &mut self.daily_requests {
-            daily.take(1.0);
-        }
-        let charges: Vec<Charge> = self
-            .meters
-            .iter_mut()
-            .map(|meter| {
-                let share = meter.dimension().share(estimated, parts);
-                meter.take(share)
-            })
-            .collect();
+        let charge = self.tokens.take_needed(estimated, needed);
         let seq = self.first_seq + self.history.len() as u64;
-        let holds_slot = match &mut self.slots {
-            Some(slots) => {
-                slots.hold(seq, now);
-                true
-            }
-            None => false,
+        let (extra, holds_slot) = if self.extra_limits || parts.is_some() {
+            self.take_extra(seq, now, estimated, parts)
+        } else {
+            (None, false)
         };
         self.history.push_back(ConsumptionRecord {
             timestamp: now,
@@ -537,10 +552,8 @@ impl<M> Throttle<M> {
             compensation_debt: charge.debt,
             unpaid: 0.0,
             released: false,
-            parts,
-            output_cap: parts.map(|(_, output)| output),
-            charges,
             holds_slot,
+            extra,
         });
         if let Some(record) = self.history.back() {
             self.totals.add(record);
@@ -550,6 +563,39 @@ impl<M> Throttle<M> {
             self.pop_oldest();
         }
         Ok(())
+    }
+
+    /// The part of a grant beyond requests and tokens per minute: a request of the day, its
+    /// share of each other token limit, a slot; and the record's extra part. Kept out of line,
+    /// so a throttle of requests and tokens alone grants as fast as it did before they existed.
+    #[inline(never)]
+    fn take_extra(
+        &mut self,
+        seq: u64,
+        now: f64,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+    ) -> (Option<Box<RecordExtra>>, bool) {
+        if let Some(daily) = &mut self.daily_requests {
+            daily.take(1.0);
+        }
+        let charges = self
+            .meters
+            .iter_mut()
+            .map(|meter| {
+                let share = meter.dimension().share(estimated, parts);
+                meter.take(share)
+            })
+            .collect();
+        let extra = RecordExtra { parts, output_cap: parts.map(|(_, output)| output), charges };
+        let holds_slot = match &mut self.slots {
+            Some(slots) => {
+                slots.hold(seq, now);
+                true
+            }
+            None => false,
+        };
+        (Some(Box::new(extra)), holds_slot)
     }
 
     /// Sets the token count of the latest consume of `request_id` to `actual`: takes the extra
@@ -579,7 +625,7 @@ impl<M> Throttle<M> {
         let index = self.record_index(request_id)?;
         let strategy = self.config.adjustment_failure_strategy;
         let record = &self.history[index];
-        let output_cap = record.output_cap.unwrap_or(u64::MAX);
+        let output_cap = record.extra.as_ref().and_then(|extra| extra.output_cap).unwrap_or(u64::MAX);
         let target = |dimension: Dimension| match (dimension, parts) {
             (_, Some(_)) => dimension.share(actual, parts),
             (Dimension::Otpm, None) => actual.min(output_cap),
@@ -587,7 +633,7 @@ impl<M> Throttle<M> {
         };
         let mut charge =
             Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
-        let mut charges = record.charges.clone();
+        let mut charges = record.extra.as_ref().map(|extra| extra.charges.clone()).unwrap_or_default();
         if strategy == AdjustmentFailureStrategy::Strict {
             let mut refusal = Binding::NONE;
             if let Some(wait) = self.tokens.shortfall_wait(&charge, actual) {
@@ -622,8 +668,11 @@ impl<M> Throttle<M> {
         // 0 tokens is a refund (the call failed, or never reached the provider), not a measured
         // count: recording it would score a failed call as an estimation miss.
         record.actual_tokens = (actual > 0).then_some(actual);
-        record.parts = parts;
-        record.charges = charges;
+        if record.extra.is_some() || parts.is_some() {
+            let extra = record.extra.get_or_insert_with(Box::default);
+            extra.parts = parts;
+            extra.charges = charges;
+        }
         let settled = std::mem::take(&mut record.holds_slot);
         self.totals.add(record);
         if settled {
@@ -645,7 +694,8 @@ impl<M> Throttle<M> {
         let seq = self.first_seq + index as u64;
         let record = &mut self.history[index];
         let charge = Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
-        let charges = std::mem::take(&mut record.charges);
+        let charges =
+            record.extra.as_mut().map(|extra| std::mem::take(&mut extra.charges)).unwrap_or_default();
         let held_slot = std::mem::take(&mut record.holds_slot);
         record.released = true;
         let record = &self.history[index];
