@@ -357,6 +357,10 @@ class LLMThrottle:
         """Gives the latest reservation of ``request_id`` back whole (its tokens, its requests,
         its slot, the debt it paid); it no longer counts. `UnknownRequestError` when there is
         none."""
+    def settle(self, request_id: str) -> None:
+        """Ends the time in flight of the latest reservation of ``request_id``: frees its slot of
+        ``max_concurrent`` and keeps its tokens as counted (a call that ended without a count to
+        adjust to; an adjustment settles too). `UnknownRequestError` when there is none."""
     def penalize(self, seconds: float) -> None:
         """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``). More
         than `MAX_PROVIDER_WAIT` (infinity included) is clamped to it and logged once per

@@ -634,6 +634,14 @@ impl PyThrottle {
         self.with_state(py, |state, _| state.release(&request_id))?.map_err(|e| to_py_err(py, e))
     }
 
+    /// Ends the time in flight of the latest reservation of `request_id`: frees its slot of
+    /// `max_concurrent`, its tokens stay as counted (a call that ended without a count to adjust
+    /// to). `UnknownRequestError` when there is none.
+    fn settle(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let request_id = extract_request_id(request_id)?;
+        self.with_state(py, |state, _| state.settle(&request_id))?.map_err(|e| to_py_err(py, e))
+    }
+
     /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`), at most
     /// `MAX_PROVIDER_WAIT` (one day): a longer wait is clamped and logged once.
     fn penalize(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {

@@ -184,12 +184,19 @@ fn a_slot_is_held_until_settled_released_or_forgotten_and_its_wait_is_exact() {
     t.advance(start + 0.3 + wait);
     assert!(t.check(1).allowed);
     assert!(t.consume(t.now(), "c", 1, ()));
-    // A release frees its slot; so does a settle.
+    // A release frees its slot; so does an adjustment, and a settle (its tokens kept).
     t.release("c").unwrap();
     assert_eq!(t.slots().unwrap().in_flight(), 1);
     assert!(t.consume(t.now(), "d", 1, ()));
     t.adjust("d", 1).unwrap();
     assert_eq!(t.slots().unwrap().in_flight(), 1);
+    assert!(t.consume(t.now(), "e", 7, ()));
+    let level = t.tokens().available();
+    t.settle("e").unwrap();
+    t.settle("e").unwrap();
+    assert_eq!(t.slots().unwrap().in_flight(), 1);
+    assert_eq!(t.tokens().available(), level);
+    assert!(matches!(t.settle("nobody"), Err(CoreError::UnknownRequest(_))));
     assert!(t.validate_state(t.now()));
     t.reset(t.now());
     assert_eq!(t.slots().unwrap().in_flight(), 0);
@@ -328,6 +335,7 @@ enum Op {
     Consume(u64, Option<u64>),
     Adjust(usize, u64, Option<u64>),
     Release(usize),
+    Settle(usize),
     Cap(Dimension, f64, Option<f64>),
     Advance(f64),
 }
@@ -338,6 +346,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u64..3_000, input.clone()).prop_map(|(tokens, input)| Op::Consume(tokens, input)),
         2 => (0usize..20, 0u64..4_000, input).prop_map(|(i, actual, input)| Op::Adjust(i, actual, input)),
         1 => (0usize..20).prop_map(Op::Release),
+        1 => (0usize..20).prop_map(Op::Settle),
         1 => (prop::sample::select(vec![Dimension::Itpm, Dimension::Otpm]), 0.0f64..2_000.0,
               proptest::option::of(0.0f64..40.0)).prop_map(|(d, r, s)| Op::Cap(d, r, s)),
         3 => (0.0f64..20.0).prop_map(Op::Advance),
@@ -412,6 +421,11 @@ proptest! {
                 Op::Release(i) => {
                     if let Some(id) = ids.get(i) {
                         let _ = t.release(id);
+                    }
+                }
+                Op::Settle(i) => {
+                    if let Some(id) = ids.get(i) {
+                        let _ = t.settle(id);
                     }
                 }
                 Op::Cap(dimension, remaining, reset) => {

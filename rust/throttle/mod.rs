@@ -683,6 +683,20 @@ impl<M> Throttle<M> {
         Ok(outcomes)
     }
 
+    /// Ends the time in flight of the latest consume of `request_id`: frees its slot of
+    /// `max_concurrent` (if it still holds one) and keeps its tokens as counted. For a call that
+    /// ended without a count to adjust to. Call `advance` first.
+    pub fn settle(&mut self, request_id: &str) -> CoreResult<()> {
+        let index = self.record_index(request_id)?;
+        if std::mem::take(&mut self.history[index].holds_slot) {
+            let seq = self.first_seq + index as u64;
+            if let Some(slots) = &mut self.slots {
+                slots.free_slot(seq);
+            }
+        }
+        Ok(())
+    }
+
     /// Gives back the latest consume of `request_id` whole, as if it never happened: its
     /// tokens (the estimate, or the actual count once adjusted) and its request go back to the
     /// buckets, the debt it paid is owed again, its slot is free, and its record stops

@@ -51,6 +51,7 @@ OPERATIONS = st.lists(
         st.tuples(st.just("check"), st.integers(0, 1500), INPUT),
         st.tuples(st.just("adjust"), st.integers(0, 12), st.integers(0, 2500), INPUT),
         st.tuples(st.just("release"), st.integers(0, 12)),
+        st.tuples(st.just("settle"), st.integers(0, 12)),
         st.tuples(st.just("advance"), st.integers(0, 25)),
         st.tuples(st.just("penalize"), st.integers(0, 10)),
         st.tuples(
@@ -181,6 +182,8 @@ def test_decisions_match_llm_throttle(
                     try:
                         if kind == "adjust":
                             local.adjust_consumption(rid, operation[2], **parts(operation[2], operation[3]))
+                        elif kind == "settle":
+                            local.settle(rid)
                         else:
                             local.release(rid)
                     except (RateLimitError, UnknownRequestError) as exc:
@@ -190,6 +193,8 @@ def test_decisions_match_llm_throttle(
                             await shared.adjust_consumption(
                                 rid, operation[2], **parts(operation[2], operation[3])
                             )
+                        elif kind == "settle":
+                            await shared.settle(rid)
                         else:
                             await shared.release(rid)
                     except (RateLimitError, UnknownRequestError) as exc:
@@ -444,7 +449,9 @@ async def test_every_process_shares_the_slots_of_max_concurrent(
     assert check.available_in == pytest.approx(55.0, abs=US)  # until "a" is forgotten
     assert check.available_tokens["concurrency"] == 0
     assert not await two.consume("c", 10)
-    await one.adjust_consumption("b", 12)  # settled by the other process: its slot is free
+    await one.settle("b")  # settled by the other process, without a count: its slot is free
+    await one.settle("b")  # a second settle frees nothing more
+    await one.adjust_consumption("b", 12)  # nor does an adjustment after it
     concurrency = (await two.get_metrics()).concurrency
     assert concurrency is not None
     assert (concurrency.used, concurrency.available) == (1.0, 1.0)

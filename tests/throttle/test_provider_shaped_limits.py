@@ -21,6 +21,7 @@ from llm_queue_dispatcher import (
     ProviderLimits,
     RateLimitError,
     RateLimitMetrics,
+    UnknownRequestError,
     create_llm_throttle,
 )
 
@@ -244,6 +245,15 @@ def test_the_request_bucket_is_named_when_its_wait_binds() -> None:
     assert check.available_tokens == {"rpm": 0.0, "tpm": 100.0}
 
 
+def test_the_token_bucket_is_named_when_its_wait_binds_though_a_request_is_short_too() -> None:
+    throttle = LLMThrottle(60, 1_000, clock=ManualClock())
+    for n in range(60):
+        assert throttle.consume(f"r{n}", 15)
+    check = throttle.can_process(500)  # a request in 1 s, 400 tokens in 24 s
+    assert check.reason == "tpm_limit"
+    assert check.available_in == pytest.approx(24.0)
+
+
 def test_daily_limits_refill_over_a_day() -> None:
     clock = ManualClock()
     throttle = LLMThrottle(600, 60_000, rpd=2, tpd=DAY, clock=clock)
@@ -278,12 +288,30 @@ def test_a_reservation_holds_a_slot_until_it_is_settled_released_or_forgotten() 
     assert not throttle.consume("c", 10)
     throttle.adjust_consumption("b", 12)  # settled: its slot is free
     assert bucket(throttle.get_metrics(), "concurrency").used == 1
+    throttle.settle("b")  # a settle after it frees nothing more
+    assert bucket(throttle.get_metrics(), "concurrency").used == 1
     assert throttle.consume("c", 10)
     throttle.release("c")  # released: its slot is free too
     assert throttle.consume("d", 10)
     clock.advance(55.0)  # "a", never settled, is forgotten and frees its slot
     assert throttle.can_process(1).allowed
     assert throttle.validate_state()
+
+
+def test_a_call_that_ended_without_a_count_is_settled_its_tokens_kept() -> None:
+    throttle = LLMThrottle(600, 60_000, max_concurrent=1, clock=ManualClock())
+    assert throttle.consume("a", 1_000)
+    assert not throttle.consume("b", 10)
+    throttle.settle("a")
+    metrics = throttle.get_metrics()
+    assert (bucket(metrics, "concurrency").used, metrics.tpm.available) == (0, 59_000)
+    [record] = throttle.get_consumption_history()
+    assert (record.tokens, record.actual_tokens) == (1_000, None)  # no measurement, no miss
+    assert throttle.consume("b", 10)
+    with pytest.raises(UnknownRequestError):
+        throttle.settle("nobody")
+    with pytest.raises(InvalidRequestError):
+        throttle.settle("  ")
 
 
 # ----- metrics and snapshots -----------------------------------------------------------------------

@@ -571,6 +571,17 @@ class RedisThrottle(ScriptClient):
                 f"than history_retention = {self.history_retention} s)"
             )
 
+    async def settle(self, request_id: str) -> None:
+        """Ends the time in flight of the latest grant of ``request_id``, for every process: frees
+        its slot of ``max_concurrent`` and keeps its tokens as counted (a call that ended without
+        a count to adjust to; an adjustment settles too). Unknown id: `UnknownRequestError`."""
+        rid = _request_id(request_id)
+        if not await self._run("limiter_settle", rid, resendable=True):
+            raise UnknownRequestError(
+                f"request {request_id!r} has no consumption record (never consumed, released, or older "
+                f"than history_retention = {self.history_retention} s)"
+            )
+
     async def get_metrics(self) -> SharedRateLimitMetrics:
         """Every bucket (as every process sees them now), the history totals, debts and penalty."""
         reply = await self._run("limiter_metrics")
