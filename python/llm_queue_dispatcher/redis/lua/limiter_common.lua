@@ -77,7 +77,7 @@ end
 
 local fields = {'penalty', 'tokens', 'adjusted', 'accuracy', 'live'}
 for _, spec in ipairs(SPECS) do -- the buckets configured
-  for _, suffix in ipairs({'a', 'l', 'c', 'cu'}) do
+  for _, suffix in ipairs({'a', 'l', 'c', 'cu'}) do -- a bucket's four fields
     fields[#fields + 1] = spec.key .. suffix
   end
   fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
