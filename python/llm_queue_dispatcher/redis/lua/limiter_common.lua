@@ -531,5 +531,10 @@ local function prune()
     pop_oldest()
     dropped = dropped + 1
   end
+  if MAX_CONCURRENT ~= nil then
+    -- Slots of grants forgotten without this script's pop_oldest (a client of an earlier
+    -- version dropped them): they count no more (in_flight), and are not kept either.
+    redis.call('ZREMRANGEBYSCORE', HELD, '-inf', fmt(cutoff))
+  end
   return dropped
 end
