@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -84,6 +85,73 @@ def test_token_info_rejects_bad_estimates(bad: object) -> None:
 
 def test_token_info_accepts_integral_float() -> None:
     assert TokenInfo(12.0).estimated == 12  # type: ignore[arg-type]
+
+
+def test_an_estimate_alone_is_a_token_info_as_before() -> None:
+    info = TokenInfo(1_200, 900, "gpt-4o")
+    assert (info.estimated, info.actual, info.model, info.input, info.max_output) == (
+        1_200,
+        900,
+        "gpt-4o",
+        None,
+        None,
+    )
+    assert info.parts is None
+    assert info == TokenInfo(estimated=1_200, actual=900, model="gpt-4o")
+
+
+def test_input_and_max_output_make_the_estimate() -> None:
+    info = TokenInfo(input=1_000, max_output=200)
+    assert (info.estimated, info.input, info.max_output, info.parts) == (1_200, 1_000, 200, (1_000, 200))
+    assert TokenInfo(1_200, input=1_000, max_output=200) == info
+
+
+def test_one_part_with_the_estimate_leaves_the_rest_to_the_other() -> None:
+    assert TokenInfo(1_200, input=1_000).max_output == 200
+    assert TokenInfo(1_200, max_output=1_200).input == 0
+    assert TokenInfo(12.0, input=2).parts == (2, 10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, r"token_info.estimated is required unless both input and max_output are given"),
+        ({"input": 100}, r"token_info.estimated is required unless both"),
+        (
+            {"estimated": 100, "input": 60, "max_output": 60},
+            r"token_info.input \+ token_info.max_output must equal",
+        ),
+        ({"estimated": 100, "input": 101}, r"token_info.input must be at most token_info.estimated \(100\)"),
+        ({"estimated": 100, "max_output": 101}, r"token_info.max_output must be at most"),
+        ({"input": -1, "max_output": 5}, r"token_info.input must be >= 0"),
+        ({"input": 5, "max_output": 1.5}, r"token_info.max_output"),
+        ({"input": True, "max_output": 5}, r"token_info.input"),
+        ({"estimated": 10, "input": "5"}, r"token_info.input"),
+    ],
+)
+def test_parts_that_are_no_counts_or_do_not_add_up_are_refused(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        TokenInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_parts_changed_behind_the_constructor_are_refused_at_the_request() -> None:
+    info = TokenInfo(input=10, max_output=5)
+    object.__setattr__(info, "input", 11)
+    with pytest.raises(InvalidRequestError, match=r"token_info.input \+ token_info.max_output must equal"):
+        LLMRequest("a", None, token_info=info)
+    object.__setattr__(info, "max_output", None)
+    with pytest.raises(InvalidRequestError, match="both None or both set"):
+        LLMRequest("a", None, token_info=info)
+
+
+def test_replacing_a_part_needs_the_estimate_recomputed() -> None:
+    info = TokenInfo(input=10, max_output=5)
+    assert dataclasses.replace(info, actual=12).parts == (10, 5)
+    assert dataclasses.replace(info, estimated=None, input=20).estimated == 25  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="must equal"):
+        dataclasses.replace(info, input=20)
 
 
 def test_manual_clock_refuses_to_advance_to_a_reading_that_is_not_finite() -> None:

@@ -75,6 +75,33 @@ def test_anthropic_headers_and_input_token_fallback() -> None:
     assert limits.retry_after == 12.0
 
 
+def test_anthropic_input_and_output_token_figures_apart() -> None:
+    # As Anthropic's responses carry them: the combined figure is input plus output.
+    limits = parse_rate_limit_headers(
+        {
+            "anthropic-ratelimit-input-tokens-limit": "80000",
+            "anthropic-ratelimit-input-tokens-remaining": "79000",
+            "anthropic-ratelimit-input-tokens-reset": "2023-11-14T22:13:21Z",
+            "anthropic-ratelimit-output-tokens-limit": "16000",
+            "anthropic-ratelimit-output-tokens-remaining": "12000",
+            "anthropic-ratelimit-output-tokens-reset": "2023-11-14T22:13:35Z",
+            "anthropic-ratelimit-tokens-limit": "96000",
+            "anthropic-ratelimit-tokens-remaining": "91000",
+            "anthropic-ratelimit-tokens-reset": "2023-11-14T22:13:35Z",
+        },
+        now=NOW,
+    )
+    assert (limits.input_tokens_limit, limits.input_tokens_remaining) == (80000.0, 79000.0)
+    assert limits.input_tokens_reset == pytest.approx(1.0)
+    assert (limits.output_tokens_limit, limits.output_tokens_remaining) == (16000.0, 12000.0)
+    assert limits.output_tokens_reset == pytest.approx(15.0)
+    assert (limits.tokens_limit, limits.tokens_remaining) == (96000.0, 91000.0)
+    openai = parse_rate_limit_headers({"x-ratelimit-remaining-tokens": "5"}, now=NOW)
+    assert openai.input_tokens_remaining is None
+    assert openai.output_tokens_remaining is None
+    assert not parse_rate_limit_headers({"anthropic-ratelimit-output-tokens-remaining": "1"}).empty
+
+
 def test_retry_after_forms() -> None:
     assert parse_rate_limit_headers({"retry-after-ms": "1500"}).retry_after == 1.5
     http_date = parse_rate_limit_headers({"Retry-After": "Tue, 14 Nov 2023 22:14:20 GMT"}, now=NOW)

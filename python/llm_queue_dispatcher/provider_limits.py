@@ -10,15 +10,18 @@ Both limiters (`LLMThrottle` and `redis.RedisThrottle`) learn from it through
   provider's reset (``requests_reset`` / ``tokens_reset``, seconds from now) it can hold no more
   than that figure minus what was granted since. So the limiter never believes it has more than
   the provider says remains. Without a reset figure the cut happens once and the bucket refills
-  as usual.
+  as usual. ``input_tokens_*`` and ``output_tokens_*`` do the same to a limiter's input and
+  output token buckets (its ``itpm`` and ``otpm``), where it has them.
 
 Headers understood (case-insensitive):
 
 * OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; resets are durations such
   as ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``.
 * Anthropic: ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (resets are
-  RFC 3339 instants), falling back to ``anthropic-ratelimit-input-tokens-*`` when the combined
-  token headers are absent.
+  RFC 3339 instants; the ``tokens`` figures are input and output together), falling back to
+  ``anthropic-ratelimit-input-tokens-*`` when the combined token headers are absent; and
+  ``anthropic-ratelimit-input-tokens-*`` / ``anthropic-ratelimit-output-tokens-*`` as the input
+  and output figures.
 * ``retry-after`` (seconds or an HTTP date) and ``retry-after-ms``.
 
 Every wait read (``retry_after`` and both resets) is at most `MAX_PROVIDER_WAIT` (one day): a
@@ -81,6 +84,12 @@ class ProviderLimits:
     tokens_remaining: float | None = None
     tokens_reset: float | None = None
     retry_after: float | None = None
+    input_tokens_limit: float | None = None
+    input_tokens_remaining: float | None = None
+    input_tokens_reset: float | None = None
+    output_tokens_limit: float | None = None
+    output_tokens_remaining: float | None = None
+    output_tokens_reset: float | None = None
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -280,15 +289,20 @@ def parse_rate_limit_headers(
             _number(h, "anthropic-ratelimit-requests-remaining"),
             _instant_in(h, "anthropic-ratelimit-requests-reset", now),
         )
+
+    def anthropic(prefix: str) -> tuple[float | None, float | None, float | None]:
+        return (
+            _number(h, f"{prefix}-limit"),
+            _number(h, f"{prefix}-remaining"),
+            _instant_in(h, f"{prefix}-reset", now),
+        )
+
+    input_tokens = anthropic("anthropic-ratelimit-input-tokens")
+    output_tokens = anthropic("anthropic-ratelimit-output-tokens")
     if all(v is None for v in tokens):
-        for prefix in ("anthropic-ratelimit-tokens", "anthropic-ratelimit-input-tokens"):
-            tokens = (
-                _number(h, f"{prefix}-limit"),
-                _number(h, f"{prefix}-remaining"),
-                _instant_in(h, f"{prefix}-reset", now),
-            )
-            if any(v is not None for v in tokens):
-                break
+        tokens = anthropic("anthropic-ratelimit-tokens")
+        if all(v is None for v in tokens):
+            tokens = input_tokens
     return ProviderLimits(
         requests_limit=requests[0],
         requests_remaining=requests[1],
@@ -297,4 +311,10 @@ def parse_rate_limit_headers(
         tokens_remaining=tokens[1],
         tokens_reset=tokens[2],
         retry_after=_retry_after(h, now),
+        input_tokens_limit=input_tokens[0],
+        input_tokens_remaining=input_tokens[1],
+        input_tokens_reset=input_tokens[2],
+        output_tokens_limit=output_tokens[0],
+        output_tokens_remaining=output_tokens[1],
+        output_tokens_reset=output_tokens[2],
     )

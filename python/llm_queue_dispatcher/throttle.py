@@ -9,6 +9,12 @@ falls back to ``adjust_consumption(request_id, 0)``, which refunds the tokens on
 
 `MAX_PROVIDER_WAIT` (one day) bounds every wait a provider can impose on `LLMThrottle`:
 ``penalize(seconds)`` and the resets and ``Retry-After`` read by ``sync_from_headers``.
+
+Besides ``rpm`` and ``tpm``, `LLMThrottle` (and ``RedisThrottle``) take the other limits
+providers publish: ``itpm`` and ``otpm`` (input and output tokens per minute), ``rpd`` and
+``tpd`` (per day) and ``max_concurrent`` (requests in flight). `can_process`, `consume` and
+`adjust_consumption` then take the request's ``input_tokens`` and ``output_tokens`` as keyword
+arguments; the four-method protocols below stay what a dispatcher needs of any limiter.
 """
 
 from __future__ import annotations
@@ -120,6 +126,13 @@ def create_llm_throttle(
     tpm: float,
     burst_rpm: float | None = None,
     burst_tpm: float | None = None,
+    itpm: float | None = None,
+    otpm: float | None = None,
+    burst_itpm: float | None = None,
+    burst_otpm: float | None = None,
+    rpd: float | None = None,
+    tpd: float | None = None,
+    max_concurrent: int | None = None,
     clock: Any = None,
     adjustment_failure_strategy: AdjustmentFailureStrategy = "compensate",
     max_history_records: int = 10_000,
@@ -135,12 +148,28 @@ def create_llm_throttle(
     True
     >>> throttle.can_process(7_000).available_in   # 1,000 tokens short at 10,000 / 60 per second
     6.0
+
+    Anthropic's limits, input and output tokens apart:
+
+    >>> claude = create_llm_throttle(rpm=50, tpm=36_000, itpm=30_000, otpm=6_000, clock=ManualClock())
+    >>> claude.consume("req-2", 7_000, input_tokens=3_000, output_tokens=4_000)
+    True
+    >>> check = claude.can_process(6_000, input_tokens=1_000, output_tokens=5_000)
+    >>> check.reason, check.available_in   # 3,000 output tokens short at 6,000 / 60 per second
+    ('otpm_limit', 30.0)
     """
     return LLMThrottle(
         rpm,
         tpm,
         burst_rpm=burst_rpm,
         burst_tpm=burst_tpm,
+        itpm=itpm,
+        otpm=otpm,
+        burst_itpm=burst_itpm,
+        burst_otpm=burst_otpm,
+        rpd=rpd,
+        tpd=tpd,
+        max_concurrent=max_concurrent,
         clock=clock,
         adjustment_failure_strategy=adjustment_failure_strategy,
         max_history_records=max_history_records,

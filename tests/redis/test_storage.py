@@ -75,6 +75,12 @@ REQUESTS = st.builds(
     priority=st.sampled_from(list(Priority)),
     token_info=st.builds(
         TokenInfo, st.integers(0, 10**12), st.none() | st.integers(0, 10**9), st.none() | st.text(max_size=10)
+    )
+    | st.builds(  # with the estimate's input and output parts
+        TokenInfo,
+        actual=st.none() | st.integers(0, 10**9),
+        input=st.integers(0, 10**12),
+        max_output=st.integers(0, 10**6),
     ),
     expected_processing_time=st.none() | st.floats(0, 1e6) | st.integers(0, 1000),
     metadata=st.dictionaries(st.text(max_size=8), JSON, max_size=3),

@@ -149,6 +149,8 @@ def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_
     for field, number in (
         ("token_info.estimated", token_info.estimated),
         ("token_info.actual", token_info.actual),
+        ("token_info.input", token_info.input),
+        ("token_info.max_output", token_info.max_output),
         ("expected_processing_time", request.expected_processing_time),
     ):
         if isinstance(number, int):
@@ -157,7 +159,9 @@ def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_
     envelope = {
         "id": request.id,
         "priority": int(request.priority),
-        "token_info": [token_info.estimated, token_info.actual, token_info.model],
+        # The estimate's parts, where known, after the three fields every stored request has.
+        "token_info": [token_info.estimated, token_info.actual, token_info.model]
+        + ([] if token_info.parts is None else list(token_info.parts)),
         "expected_processing_time": request.expected_processing_time,
         "metadata": request.metadata,
         "created_at": _iso(request.created_at),
@@ -182,14 +186,15 @@ def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any
     head, _, payload_bytes = blob.partition(b"\n")
     fields = _loads_json(head)
     payload = _loads_json(payload_bytes) if serializer is None else serializer[1](payload_bytes)
-    estimated, actual, model = fields["token_info"]
+    estimated, actual, model, *parts = fields["token_info"]
+    input_tokens, max_output = parts if parts else (None, None)
     created_at = fields["created_at"]
     deadline = fields["deadline"]
     return LLMRequest(
         id=fields["id"],
         payload=payload,
         priority=Priority(fields["priority"]),
-        token_info=TokenInfo(estimated, actual, model),
+        token_info=TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output),
         expected_processing_time=fields["expected_processing_time"],
         metadata=fields["metadata"],
         created_at=datetime.fromisoformat(created_at),
