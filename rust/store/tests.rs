@@ -591,7 +591,7 @@ fn a_dead_lettered_message_keeps_its_tenant_known_until_handed_off() {
     let (slot, handle) = s.receive(1, 30.0, 0.0).unwrap()[0];
     let tenant = s.message(slot).tenant;
     s.dead_letter_now(&handle.to_string(), 1.0).unwrap();
-    s.release_expired(100.0);
+    s.enqueue(new("b", 2, 2), 100.0).unwrap();
     assert_eq!(s.tenant_name(tenant), "t");
     let dead = s.take_dead_lettered();
     // Still readable until the next operation, then forgotten.
