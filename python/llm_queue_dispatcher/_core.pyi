@@ -347,8 +347,10 @@ class StoreCore:
         urgent_first: bool,
         max_wait: list[float],
         reserve_tokens: float | None,
+        urgent_reserve: float | None = None,
     ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
+        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
@@ -398,13 +400,18 @@ class StoreCore:
 @final
 class ScoringParams:
     """Validated weights of a dispatcher: the six factors, the custom scorers, the cap on
-    custom-scorer evaluations per dequeue."""
+    custom-scorer evaluations per dequeue; whether URGENT ranks above every score
+    (``urgent_first``) and the tokens a non-URGENT winner leaves for URGENT ones
+    (``urgent_reserve``; None: automatic with ``urgent_first``, none without)."""
 
     def __new__(
         cls,
         weights: tuple[float, float, float, float, float, float],
         custom_weights: list[float],
         max_candidates: int,
+        *,
+        urgent_first: bool = False,
+        urgent_reserve: float | None = None,
     ) -> ScoringParams: ...
     @property
     def weights(self) -> list[float]: ...
@@ -472,8 +479,10 @@ class CandidateBuffer:
         urgent_first: bool,
         max_wait: list[float],
         reserve_tokens: float | None,
+        urgent_reserve: float | None = None,
     ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
+        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:

@@ -144,9 +144,26 @@ class LLMQueueDispatcherConfig:
     hold_budget: bool = True
     fair_priority: FairPriorityConfig | None = None
     drop_expired: bool = False
+    #: Score policy: every URGENT request ranks above every other, whatever the scores (among
+    #: URGENT ones the score decides). False: URGENT is the priority factor's 1.0 among six
+    #: weighted factors, the TypeScript library's rule. None (the default) follows
+    #: ``hold_budget``: on when the budget is held, off with ``hold_budget=False``, which stays
+    #: the TypeScript library's rule exactly. (``fair_priority`` has its own switch,
+    #: ``FairPriorityConfig.urgent_first``.)
+    urgent_first: bool | None = None
+    #: Tokens every non-URGENT dispatch leaves in the bucket for URGENT requests, under both
+    #: policies while URGENT goes first. None: automatic, twice the largest of the last 64
+    #: URGENT estimates (the largest of the last 64 estimates until one has been seen), at most
+    #: a quarter of the token capacity. 0: none.
+    urgent_reserve: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def score_urgent_first(self) -> bool:
+        """Whether the score policy ranks URGENT first: ``urgent_first``, or ``hold_budget``
+        when it is None."""
+        return self.hold_budget if self.urgent_first is None else self.urgent_first
 
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
@@ -188,6 +205,19 @@ class LLMQueueDispatcherConfig:
                     f"fair_priority must be a FairPriorityConfig or None, got {shown(self.fair_priority)}"
                 )
             self.fair_priority.validate()
+        if self.urgent_first is not None and not isinstance(self.urgent_first, bool):
+            raise InvalidConfigError(f"urgent_first must be a bool or None, got {shown(self.urgent_first)}")
+        if self.policy == "fair_priority" and self.urgent_first is not None:
+            raise InvalidConfigError(
+                "urgent_first applies to the score policy; with policy 'fair_priority' set "
+                "FairPriorityConfig.urgent_first instead"
+            )
+        if self.urgent_reserve is not None:
+            _require_int("urgent_reserve", self.urgent_reserve, minimum=0)
+            if finite_float(self.urgent_reserve) is None:
+                raise InvalidConfigError(
+                    f"urgent_reserve must be an int a float can hold, got {shown(self.urgent_reserve)}"
+                )
         if self.policy == "fair_priority" and self.scoring is not None:
             raise InvalidConfigError(
                 "policy 'fair_priority' ranks without weights: scoring (weights, custom scorers) does not "

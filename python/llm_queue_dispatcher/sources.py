@@ -136,12 +136,14 @@ class MessageSource(ABC, Generic[T]):
         """Takes a selected candidate out, or None if it left meanwhile."""
         return self.pool.take(selection, visibility_timeout)
 
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+    def configure_fair(self, config: FairPriorityConfig, urgent_reserve: int | None = None) -> None:
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the dispatcher's,
+        None for automatic)."""
         reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
         weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
         window, max_wait = float(config.fairness_window), config.max_wait_by_priority()
-        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve)
+        urgent = None if urgent_reserve is None else float(urgent_reserve)
+        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve, urgent)
 
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
