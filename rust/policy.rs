@@ -191,13 +191,22 @@ pub fn score_urgent_reserve(weights: &Weights, history: Option<&UrgentReserve>, 
     }
 }
 
+/// The URGENT reserve a non-URGENT score-policy winner leaves now: none when the limiter
+/// admits everything waiting at once ([`reserves_apply`]), else `score_urgent_reserve`.
+pub fn score_reserve(weights: &Weights, history: Option<&UrgentReserve>, limiter: &impl Admission) -> f64 {
+    match history {
+        Some(h) if !reserves_apply(limiter, h.waiting_tokens()) => 0.0,
+        _ => score_urgent_reserve(weights, history, limiter.capacity()),
+    }
+}
+
 /// The tokens a score-policy winner must leave in the bucket: the URGENT reserve, unless it is
-/// URGENT itself.
-pub fn score_margin(candidate: &Candidate, reserve: f64) -> f64 {
+/// URGENT itself; its need at most a full bucket of `capacity` (or its own estimate).
+pub fn score_margin(candidate: &Candidate, reserve: f64, capacity: f64) -> f64 {
     if candidate.priority == 0 {
         0.0
     } else {
-        reserve
+        reserve.min((capacity - candidate.tokens as f64).max(0.0))
     }
 }
 
@@ -258,16 +267,12 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     min_score: f64,
 ) -> Decision<Candidate> {
     let Some(budget) = ranking_budget(limiter, hold) else { return Decision::Nothing };
-    let capacity = limiter.tokens().capacity();
-    let history = store.ranking().urgent_history();
-    let reserve = match history {
-        Some(h) if !reserves_apply(limiter, h.waiting_tokens()) => 0.0,
-        _ => score_urgent_reserve(weights, history, capacity),
-    };
+    let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter);
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
     let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
-    let margin = score_margin(&candidate, reserve);
+    let capacity = limiter.tokens().capacity();
+    let margin = score_margin(&candidate, reserve, capacity);
     if !hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
         // Without holding: the best among what leaves the reserve. No URGENT message fits now
         // (one would have won), so the search is over the others, each needing the reserve.
@@ -278,7 +283,7 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     if candidate.base < min_score {
         return Decision::Nothing;
     }
-    admit(limiter, candidate, candidate.tokens, score_margin(&candidate, reserve), hold)
+    admit(limiter, candidate, candidate.tokens, score_margin(&candidate, reserve, capacity), hold)
 }
 
 /// Whether `candidate` (of `tokens`, keeping `margin` more in the bucket) goes now, or how long

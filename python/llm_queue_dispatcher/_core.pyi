@@ -377,8 +377,14 @@ class StoreCore:
         params: ScoringParams,
         custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best message fitting ``available_tokens`` (for other rate limiters), not taken."""
+        """The best message fitting ``available_tokens`` (for other rate limiters), not taken. With
+        ``reported`` (the limiter's available tokens, available requests and token capacity),
+        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
+        the reported budget admits it with it (without ``hold``, the best that does)."""
     def take(
         self, selection: Selection, visibility_timeout: float
     ) -> tuple[QueueMessage[Any], float, list[float]] | None:
@@ -428,6 +434,12 @@ class Selection:
     def total(self) -> float: ...
     @property
     def breakdown(self) -> list[float]: ...
+    @property
+    def margin(self) -> float:
+        """Tokens it must leave in the bucket (the URGENT reserve, for a non-URGENT winner)."""
+    @property
+    def fits(self) -> bool:
+        """Whether the reported budget admits it now with that margin."""
 
 @final
 class FairSelection:
@@ -511,8 +523,14 @@ class CandidateBuffer:
         params: ScoringParams,
         custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best buffered message fitting ``available_tokens``, not taken."""
+        """The best buffered message fitting ``available_tokens``, not taken. With
+        ``reported`` (the limiter's available tokens, available requests and token capacity),
+        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
+        the reported budget admits it with it (without ``hold``, the best that does)."""
     def take(
         self, selection: Selection, visibility_timeout: float
     ) -> tuple[QueueMessage[Any], float, list[float]] | None:

@@ -306,13 +306,17 @@ class LLMQueueDispatcher(Generic[T]):
         # Holding the budget ranks every message that fits the capacity, against the capacity.
         budget = float(metrics.tpm.limit) if hold else float(metrics.tpm.available)
         requests = float(metrics.rpm.limit) if hold else float(metrics.rpm.available)
+        reported = (float(metrics.tpm.available), float(metrics.rpm.available), float(metrics.tpm.limit))
         selection = self._source.select(
-            budget, requests, self._scoring_params, custom_fn, config.min_score_threshold
+            budget, requests, self._scoring_params, custom_fn, config.min_score_threshold, reported=reported, hold=hold
         )
         if selection is None:
             return None
-        if not await self._admitted(limiter, selection.request_id, selection.tokens, reserve):
-            return await self._held_for(limiter, selection.tokens) if hold else None
+        needed = selection.tokens + math.ceil(selection.margin)
+        if not selection.fits or not await self._admitted(
+            limiter, selection.request_id, selection.tokens, reserve
+        ):
+            return await self._held_for(limiter, needed) if hold else None
         picked = await self._take_reserved(
             limiter,
             selection.request_id,

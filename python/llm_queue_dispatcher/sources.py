@@ -128,9 +128,15 @@ class MessageSource(ABC, Generic[T]):
         params: ScoringParams,
         custom_fn: Any,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best candidate under a limiter's reported budget, not yet taken."""
-        return self.pool.select(available_tokens, available_requests, params, custom_fn, min_score)
+        """The best candidate under a limiter's reported budget, not yet taken (``reported``:
+        what the limiter reported, for the URGENT reserve a non-URGENT winner leaves)."""
+        return self.pool.select(
+            available_tokens, available_requests, params, custom_fn, min_score, reported=reported, hold=hold
+        )
 
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         """Takes a selected candidate out, or None if it left meanwhile."""

@@ -248,6 +248,13 @@ impl Pool for PyCandidateBuffer {
         let state = self.state.lock_py_attached(py);
         Ok(state.position(candidate.seq).map(|i| state.items[i].request_id.clone()))
     }
+
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<UrgentReserve> {
+        let state = self.state.lock_py_attached(py);
+        let mut history = state.urgent.clone();
+        history.set_waiting_tokens(state.items.iter().map(|item| item.traits.tokens).sum());
+        Ok(history)
+    }
 }
 
 #[pymethods]
@@ -348,7 +355,8 @@ impl PyCandidateBuffer {
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
-    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score, *, reported=None, hold=false))]
+    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         py: Python<'_>,
@@ -357,8 +365,11 @@ impl PyCandidateBuffer {
         params: &Bound<'_, PyScoringParams>,
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
+        reported: Option<(f64, f64, f64)>,
+        hold: bool,
     ) -> PyResult<Option<PySelection>> {
-        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score)
+        let reported = super::dispatch::reported_budget(reported, hold);
+        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score, reported)
     }
 
     /// Takes a selected candidate out: `(message, total, breakdown)`, or None if it left.

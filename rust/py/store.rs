@@ -554,7 +554,8 @@ impl PyStoreCore {
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
-    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score, *, reported=None, hold=false))]
+    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         py: Python<'_>,
@@ -563,6 +564,8 @@ impl PyStoreCore {
         params: &Bound<'_, PyScoringParams>,
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
+        reported: Option<(f64, f64, f64)>,
+        hold: bool,
     ) -> PyResult<Option<PySelection>> {
         dispatch::select_with_budget(
             py,
@@ -572,6 +575,7 @@ impl PyStoreCore {
             params.get(),
             custom_fn,
             min_score,
+            dispatch::reported_budget(reported, hold),
         )
     }
 
