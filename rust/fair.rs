@@ -76,8 +76,8 @@ pub struct FairConfig {
     /// Seconds after which a message of each priority moves to the aged lane (URGENT and HIGH:
     /// never).
     pub max_wait: [f64; PRIORITIES],
-    /// Tokens every non-URGENT dispatch leaves for URGENT ones; None: automatic with
-    /// `urgent_first` (`policy::UrgentReserve`), none without.
+    /// Tokens every non-URGENT dispatch leaves for URGENT ones while `urgent_first`; None:
+    /// automatic (`policy::UrgentReserve`).
     pub urgent_reserve: Option<f64>,
 }
 

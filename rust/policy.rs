@@ -125,13 +125,13 @@ impl UrgentReserve {
         }
     }
 
-    /// The reserve: `fixed` when set; else the automatic one when URGENT goes first
-    /// (`automatic_on`), none otherwise.
-    pub fn reserve(&self, fixed: Option<f64>, automatic_on: bool, capacity: f64) -> f64 {
+    /// The reserve while URGENT goes first (`urgent_first`): `fixed` when set, else the
+    /// automatic one; none when URGENT does not go first.
+    pub fn reserve(&self, fixed: Option<f64>, urgent_first: bool, capacity: f64) -> f64 {
         match fixed {
+            _ if !urgent_first => 0.0,
             Some(reserve) => reserve,
-            None if automatic_on => self.automatic(capacity),
-            None => 0.0,
+            None => self.automatic(capacity),
         }
     }
 }
@@ -182,12 +182,13 @@ impl<F> UrgentHistory for ((DeadlineIndex, UrgentReserve), F) {
     }
 }
 
-/// The URGENT reserve of the score policy under `weights` for a bucket of `capacity`.
+/// The URGENT reserve of the score policy under `weights` for a bucket of `capacity`: none
+/// unless URGENT goes first (the TypeScript library's rule keeps none).
 pub fn score_urgent_reserve(weights: &Weights, history: Option<&UrgentReserve>, capacity: f64) -> f64 {
     match weights.urgent_reserve {
+        _ if !weights.urgent_first => 0.0,
         Some(reserve) => reserve,
-        None if weights.urgent_first => history.map_or(0.0, |h| h.automatic(capacity)),
-        None => 0.0,
+        None => history.map_or(0.0, |h| h.automatic(capacity)),
     }
 }
 
@@ -614,6 +615,7 @@ mod tests {
         assert_eq!(history.automatic(100_000.0), 1_000.0, "the 20,000 is out of the last 64");
         assert_eq!(history.reserve(Some(7.0), true, 100_000.0), 7.0);
         assert_eq!(history.reserve(None, false, 100_000.0), 0.0);
+        assert_eq!(history.reserve(Some(7.0), false, 100_000.0), 0.0, "none unless URGENT goes first");
     }
 
     #[test]

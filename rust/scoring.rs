@@ -41,8 +41,8 @@ pub struct Weights {
     /// the weighted sum; among URGENT messages the score decides). False: URGENT is the
     /// priority factor's 1.0 among six weighted factors, the TypeScript library's rule.
     pub urgent_first: bool,
-    /// Tokens a non-URGENT winner leaves in the bucket for URGENT requests; None: automatic
-    /// with `urgent_first` (`policy::UrgentReserve`), none without.
+    /// Tokens a non-URGENT winner leaves in the bucket for URGENT requests while
+    /// `urgent_first`; None: automatic (`policy::UrgentReserve`). Without `urgent_first`, none.
     pub urgent_reserve: Option<f64>,
 }
 

@@ -42,8 +42,8 @@ count; failed or dead-lettered to 0). A charge at ``t`` counts while ``now - win
 
 The automatic tenant reserve (``reserve_tokens=None``): one and a half times the largest
 estimate among the last 256 dispatched requests, at most a tenth of the capacity; 1 % of the
-capacity before the first dispatch. The URGENT reserve: ``urgent_reserve`` when set, else
-automatic with ``urgent_first`` (`tests.reference.scoring.UrgentHistory`), none without.
+capacity before the first dispatch. The URGENT reserve, with ``urgent_first`` only:
+``urgent_reserve`` when set, else automatic (`tests.reference.scoring.UrgentHistory`).
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class UrgentHistory:
     The automatic reserve is twice the largest of the last 64 URGENT estimates, at most a
     quarter of the token capacity; until an URGENT message has been seen, the largest of the
     last 64 estimates of any priority (same cap); 0 before any message. A fixed reserve
-    replaces it; without URGENT first there is none (unless fixed). The reserves are not kept
+    replaces it; without URGENT first there is none. The reserves are not kept
     when the limiter admits, now, one request as large as every visible message together."""
 
     def __init__(self) -> None:
@@ -297,9 +297,9 @@ class UrgentHistory:
         return 0.0
 
     def reserve(self, capacity: float, *, fixed: float | None, urgent_first: bool) -> float:
-        if fixed is not None:
-            return float(fixed)
-        return self.automatic(capacity) if urgent_first else 0.0
+        if not urgent_first:
+            return 0.0
+        return float(fixed) if fixed is not None else self.automatic(capacity)
 
 
 def urgent_margin(priority: int, tokens: int, reserve: float, capacity: float) -> float:
