@@ -80,29 +80,41 @@ pub const URGENT_RESERVE_SHARE: f64 = 0.25;
 /// waiting 1.2-1.85 s behind a long-context backlog, and a cap of a tenth of the capacity was
 /// smaller than its large requests.)
 ///
-/// It also keeps the sum of the visible messages' estimates: when the bucket holds enough for
-/// all of them at once, nothing would be left waiting, and the reserves are not kept (see
-/// [`reserves_apply`]).
+/// It also keeps the sum of the visible messages' estimates and the latest arrival: a backlog
+/// that is clearing (the bucket holds everything waiting, and nothing has arrived for as long
+/// as the reserves take to refill) keeps no reserve (see [`reserves_apply`]).
 #[derive(Debug, Clone)]
 pub struct UrgentReserve {
     urgent: RecentMax,
     any: RecentMax,
     waiting: u64,
+    last_arrival: f64,
 }
 
 impl Default for UrgentReserve {
     fn default() -> Self {
-        Self { urgent: RecentMax::new(RECENT_URGENT), any: RecentMax::new(RECENT_URGENT), waiting: 0 }
+        Self {
+            urgent: RecentMax::new(RECENT_URGENT),
+            any: RecentMax::new(RECENT_URGENT),
+            waiting: 0,
+            last_arrival: f64::NEG_INFINITY,
+        }
     }
 }
 
 impl UrgentReserve {
-    /// Notes a message of `priority` and `tokens` becoming visible.
-    pub fn observe(&mut self, priority: u8, tokens: u64) {
+    /// Notes a message of `priority` and `tokens`, enqueued at `enqueued_at`, becoming visible.
+    pub fn observe(&mut self, priority: u8, tokens: u64, enqueued_at: f64) {
         if priority == 0 {
             self.urgent.push(tokens);
         }
         self.any.push(tokens);
+        self.last_arrival = self.last_arrival.max(enqueued_at);
+    }
+
+    /// The latest enqueue instant among the messages observed.
+    pub fn last_arrival(&self) -> f64 {
+        self.last_arrival
     }
 
     /// The estimates of the visible messages, summed (as told by `insert` and `remove`).
@@ -138,7 +150,7 @@ impl UrgentReserve {
 
 impl Ranking for UrgentReserve {
     fn insert(&mut self, _slot: u32, entry: &IndexEntry) {
-        self.observe(entry.cell.priority, entry.tokens);
+        self.observe(entry.cell.priority, entry.tokens, entry.enqueued_at);
         self.waiting = self.waiting.saturating_add(entry.tokens);
     }
     fn remove(&mut self, _slot: u32, entry: &IndexEntry) {
@@ -150,13 +162,18 @@ impl Ranking for UrgentReserve {
     }
 }
 
-/// Whether the reserves are kept now: unless the limiter admits, now, one request as large as
-/// every visible message together (`waiting_tokens`). Then nothing would be left waiting
-/// after them, there is no backlog to keep the reserve from, and holding it back would only
-/// delay the last requests of a backlog that is clearing. Under overload the backlog never
-/// fits, so the reserves always hold.
-pub fn reserves_apply(limiter: &impl Admission, waiting_tokens: u64) -> bool {
-    !limiter.admits(waiting_tokens, 0.0)
+/// Whether reserves totalling `reserve` tokens are kept at `now`: unless the backlog is
+/// clearing — the limiter admits, now, one request as large as every visible message together,
+/// and nothing has arrived for as long as the bucket takes to refill the reserves. Then
+/// holding them back would only delay the last requests of a backlog while nothing new comes
+/// (a backlog that is building, with arrivals, keeps them, so the bucket never drains below
+/// them at the moment an overload starts).
+pub fn reserves_apply(limiter: &impl Admission, history: &UrgentReserve, reserve: f64, now: f64) -> bool {
+    if reserve <= 0.0 {
+        return true;
+    }
+    let quiet = now - history.last_arrival() >= reserve / limiter.refill_rate();
+    !(quiet && limiter.admits(history.waiting_tokens(), 0.0))
 }
 
 /// The rankings a store keeps beside its candidate index: deadlines (for `drop_expired`), the
@@ -192,12 +209,18 @@ pub fn score_urgent_reserve(weights: &Weights, history: Option<&UrgentReserve>, 
     }
 }
 
-/// The URGENT reserve a non-URGENT score-policy winner leaves now: none when the limiter
-/// admits everything waiting at once ([`reserves_apply`]), else `score_urgent_reserve`.
-pub fn score_reserve(weights: &Weights, history: Option<&UrgentReserve>, limiter: &impl Admission) -> f64 {
+/// The URGENT reserve a non-URGENT score-policy winner leaves at `now`: `score_urgent_reserve`,
+/// unless the backlog is clearing ([`reserves_apply`]).
+pub fn score_reserve(
+    weights: &Weights,
+    history: Option<&UrgentReserve>,
+    limiter: &impl Admission,
+    now: f64,
+) -> f64 {
+    let reserve = score_urgent_reserve(weights, history, limiter.capacity());
     match history {
-        Some(h) if !reserves_apply(limiter, h.waiting_tokens()) => 0.0,
-        _ => score_urgent_reserve(weights, history, limiter.capacity()),
+        Some(h) if !reserves_apply(limiter, h, reserve, now) => 0.0,
+        _ => reserve,
     }
 }
 
@@ -268,7 +291,7 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     min_score: f64,
 ) -> Decision<Candidate> {
     let Some(budget) = ranking_budget(limiter, hold) else { return Decision::Nothing };
-    let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter);
+    let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter, now);
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
     let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
@@ -395,15 +418,19 @@ pub fn decide_fair_lanes(
     runtime: &FairRuntime,
     history: &UrgentReserve,
     limiter: &impl Admission,
+    now: f64,
     hold: bool,
 ) -> Option<FairDecision> {
     let capacity = limiter.capacity();
     let config = lanes.config();
-    let (tenant_reserve, urgent_reserve) = if reserves_apply(limiter, history.waiting_tokens()) {
-        (runtime.reserve(capacity), history.reserve(config.urgent_reserve, config.urgent_first, capacity))
-    } else {
-        (0.0, 0.0)
-    };
+    let (tenant_reserve, urgent_reserve) =
+        (runtime.reserve(capacity), history.reserve(config.urgent_reserve, config.urgent_first, capacity));
+    let (tenant_reserve, urgent_reserve) =
+        if reserves_apply(limiter, history, tenant_reserve + urgent_reserve, now) {
+            (tenant_reserve, urgent_reserve)
+        } else {
+            (0.0, 0.0)
+        };
     let share_per_weight = lanes.share_per_weight(limiter.refill_rate());
     let (candidate, fits) = lanes.select(share_per_weight, hold, &mut |candidate| {
         fair_fit(limiter, candidate, tokens_of(candidate.slot), tenant_reserve, urgent_reserve).0
@@ -425,7 +452,7 @@ pub fn decide_fair_store<P>(
 ) -> Option<FairDecision> {
     store.ranking_mut().1.as_mut()?.prepare(now, &mut runtime.ledger);
     let ((_, history), lanes) = store.ranking();
-    decide_fair_lanes(lanes.as_ref()?, |slot| store.message(slot).tokens, runtime, history, limiter, hold)
+    decide_fair_lanes(lanes.as_ref()?, |slot| store.message(slot).tokens, runtime, history, limiter, now, hold)
 }
 
 /// The fair policy's decision over a store at `now` with an `LLMThrottle`. Nothing when the
@@ -602,15 +629,15 @@ mod tests {
     fn the_automatic_urgent_reserve_is_twice_the_largest_recent_urgent_estimate_capped() {
         let mut history = UrgentReserve::default();
         assert_eq!(history.automatic(100_000.0), 0.0);
-        history.observe(2, 3_000);
+        history.observe(2, 3_000, 0.0);
         // No URGENT seen yet: room for one request as large as the recent ones.
         assert_eq!(history.automatic(100_000.0), 3_000.0);
-        history.observe(0, 1_000);
+        history.observe(0, 1_000, 0.0);
         assert_eq!(history.automatic(100_000.0), 2_000.0);
-        history.observe(0, 20_000);
+        history.observe(0, 20_000, 0.0);
         assert_eq!(history.automatic(100_000.0), 25_000.0, "at most a quarter of the capacity");
         for _ in 0..RECENT_URGENT {
-            history.observe(0, 500);
+            history.observe(0, 500, 0.0);
         }
         assert_eq!(history.automatic(100_000.0), 1_000.0, "the 20,000 is out of the last 64");
         assert_eq!(history.reserve(Some(7.0), true, 100_000.0), 7.0);
@@ -647,8 +674,10 @@ mod tests {
         // left, 800 + 600 do not fit; it is held until they do.
         s.receive_slot(s.slot_of("urgent").unwrap(), 30.0, 100.0).unwrap();
         let l = limiter_with(10_000.0, 9_000);
-        // Alone, it would go: nothing would be left waiting behind it.
-        assert!(matches!(decide_score(&s, &weights, &l, 100.0, true, 0.0), Decision::Take(c) if c.tokens == 800));
+        // Alone and with nothing arriving: a backlog clearing, it goes without the reserve
+        // once nothing has arrived for as long as the reserve takes to refill (3.6 s).
+        assert!(matches!(decide_score(&s, &weights, &l, 100.0, true, 0.0), Decision::Wait(_)));
+        assert!(matches!(decide_score(&s, &weights, &l, 104.0, true, 0.0), Decision::Take(c) if c.tokens == 800));
         s.enqueue(message("big-low", 3, 5_000, "a"), 100.0).unwrap();
         match decide_score(&s, &weights, &l, 100.0, true, 0.0) {
             Decision::Wait(wait) => assert!((wait - 400.0 / (10_000.0 / 60.0)).abs() < 1e-9, "{wait}"),
@@ -675,7 +704,7 @@ mod tests {
         s.enqueue(message("lone", 2, 500, "b"), 1.0).unwrap();
         let mut runtime = FairRuntime::new(&FairConfig::default(), Some(0.0));
         let l = limiter_with(10_000.0, 9_000);
-        assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 1.0, true), Decision::Take(_)));
+        assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 1.0, true), Decision::Wait(_)));
         s.enqueue(message("other", 3, 9_000, "c"), 1.0).unwrap();
         match decide_fair(&mut s, &mut runtime, &l, 1.0, true) {
             Decision::Wait(wait) => assert!((wait - 300.0 / (10_000.0 / 60.0)).abs() < 1e-6, "{wait}"),

@@ -117,7 +117,7 @@ impl BufferState {
         lanes.prepare_all(now, &mut runtime.ledger);
         self.urgent.set_waiting_tokens(items.iter().map(|item| item.traits.tokens).sum());
         let tokens_of = |slot: u32| items[slot as usize].traits.tokens;
-        decide_fair_lanes(&lanes, tokens_of, runtime, &self.urgent, limiter, hold)
+        decide_fair_lanes(&lanes, tokens_of, runtime, &self.urgent, limiter, now, hold)
     }
 
     /// Takes the item in `slot` out and charges its tenant: the message and the facts.
@@ -249,11 +249,12 @@ impl Pool for PyCandidateBuffer {
         Ok(state.position(candidate.seq).map(|i| state.items[i].request_id.clone()))
     }
 
-    fn urgent_history(&self, py: Python<'_>) -> PyResult<UrgentReserve> {
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)> {
+        let now = self.clock.now(py)?;
         let state = self.state.lock_py_attached(py);
         let mut history = state.urgent.clone();
         history.set_waiting_tokens(state.items.iter().map(|item| item.traits.tokens).sum());
-        Ok(history)
+        Ok((history, now))
     }
 }
 
@@ -294,7 +295,7 @@ impl PyCandidateBuffer {
                 let seq = state.next_seq;
                 state.next_seq += 1;
                 let tenant = state.intern(tenant.as_deref().unwrap_or(""));
-                state.urgent.observe(traits.priority, traits.tokens);
+                state.urgent.observe(traits.priority, traits.tokens, traits.enqueued_at);
                 state.items.push(Buffered { message, request_id, handle, traits, seq, tenant, deadline });
             }
         }

@@ -118,8 +118,9 @@ pub(crate) trait Pool {
     /// The request id of a collected candidate (for the limiter's records), if still there.
     fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>>;
 
-    /// What sizes the URGENT reserve: the recent estimates and the tokens waiting.
-    fn urgent_history(&self, py: Python<'_>) -> PyResult<UrgentReserve>;
+    /// What sizes the URGENT reserve (the recent estimates, the tokens waiting, the latest
+    /// arrival), with the pool's clock reading.
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)>;
 
     /// The best base score the pool would offer `offset` seconds from now, its messages
     /// unchanged.
@@ -266,9 +267,9 @@ pub(crate) fn dispatch_with_throttle(
         let Some(budget) = throttle.with_state(py, |state, _| ranking_budget(state, hold))? else {
             return Ok(Outcome::Nothing);
         };
-        let history = pool.urgent_history(py)?;
+        let (history, now) = pool.urgent_history(py)?;
         let (urgent_reserve, capacity) = throttle.with_state(py, |state, _| {
-            (score_reserve(&params.weights, Some(&history), state), state.tokens().capacity())
+            (score_reserve(&params.weights, Some(&history), state, now), state.tokens().capacity())
         })?;
         let admits = |tokens, margin| throttle.with_state(py, |state, _| state.admits(tokens, margin));
         let leaving = Leaving { reserve: urgent_reserve, capacity, hold, admits: &admits };
@@ -450,7 +451,10 @@ pub(crate) fn select_candidate(
 ) -> PyResult<Option<PySelection>> {
     let custom_fn = custom(custom_fn, params);
     let reserve = match reported {
-        Some((snapshot, _)) => score_reserve(&params.weights, Some(&pool.urgent_history(py)?), &snapshot),
+        Some((snapshot, _)) => {
+            let (history, now) = pool.urgent_history(py)?;
+            score_reserve(&params.weights, Some(&history), &snapshot, now)
+        }
         None => 0.0,
     };
     let admits = |tokens, margin| Ok(reported.is_none_or(|(snapshot, _)| snapshot.admits(tokens, margin)));
@@ -652,8 +656,8 @@ impl Pool for PyStoreCore {
         })
     }
 
-    fn urgent_history(&self, py: Python<'_>) -> PyResult<UrgentReserve> {
-        self.with_store(py, |store, _| Ok(store.ranking().0 .1.clone()))
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)> {
+        self.with_store(py, |store, now| Ok((store.ranking().0 .1.clone(), now)))
     }
 }
 

@@ -386,7 +386,7 @@ class Run:
     def observe(self, tracked: Tracked) -> None:
         """A message became visible to the selection: the URGENT reserve's history."""
         message = tracked.fair_message()
-        self.history.observe(message.priority, message.tokens)
+        self.history.observe(message.priority, message.tokens, message.enqueued_at)
         self.model.observe(message)
 
     def visible(self) -> list[Tracked]:
@@ -472,10 +472,11 @@ class Run:
             return [] if seed is None else [("custom", 0.3, custom_raw(seed, message.payload.id))]
 
         waiting = sum(t.request.token_info.estimated for t in visible)
-        reserve = 0.0
-        if not self.admits(waiting):
-            fixed = self.scenario.urgent_reserve
-            reserve = self.history.reserve(capacity, fixed=fixed, urgent_first=urgent_first)
+        reserve = self.history.reserve(capacity, fixed=self.scenario.urgent_reserve, urgent_first=urgent_first)
+        refill = self.scenario.tpm / 60.0
+        if not self.history.kept(reserve, now=now, refill_rate=refill, admits_waiting=self.admits(waiting)):
+            event("score: a clearing backlog keeps no reserve")
+            reserve = 0.0
 
         def margin(message: QueueMessage[Any]) -> float:
             return urgent_margin(int(message.payload.priority), message.payload.token_info.estimated, reserve, capacity)

@@ -25,8 +25,10 @@ Admission (the reserves and the hold rule):
   nothing.
 - An URGENT message leaves nothing in the bucket (with or without ``urgent_first``). Every other
   message leaves the URGENT reserve, and one of a backlogged tenant the tenant reserve on top;
-  its need (estimate + reserves) is capped at the capacity. Neither reserve is kept when the
-  limiter admits, now, one request as large as all the visible messages together.
+  its need (estimate + reserves) is capped at the capacity. Neither reserve is kept while a
+  backlog clears: the limiter admits, now, one request as large as all the visible messages
+  together, and nothing has arrived for as long as the bucket takes to refill both reserves
+  (`tests.reference.scoring.UrgentHistory.kept`).
 - A tenant is backlogged when it has more than one visible message (URGENT ones included) and
   has used, per weight, at least its fair share of the window's capacity: the tokens the limiter
   refills over ``fairness_window``, divided by the total weight of the tenants that are waiting
@@ -211,7 +213,7 @@ class FairModel:
 
     def observe(self, message: FairMessage) -> None:
         """A message became visible (enqueued, visible again, taken into the buffer)."""
-        self.history.observe(message.priority, message.tokens)
+        self.history.observe(message.priority, message.tokens, message.enqueued_at)
 
     # -- the order ------------------------------------------------------------------------------
     def order(self, visible: Iterable[FairMessage], now: float) -> list[_Ranked]:
@@ -279,6 +281,11 @@ class FairModel:
         reserve = self.urgent_reserve(capacity) + (self.reserve(capacity) if backlogged else 0.0)
         return min(tokens + reserve, capacity) - tokens
 
+    def reserves_kept(self, visible: Sequence[FairMessage], now: float, capacity: float, refill_rate: float, admits: Callable[[float], bool]) -> bool:
+        both = self.urgent_reserve(capacity) + self.reserve(capacity)
+        waiting = sum(m.tokens for m in visible)
+        return self.history.kept(both, now=now, refill_rate=refill_rate, admits_waiting=admits(waiting))
+
     def choose(
         self,
         visible: Sequence[FairMessage],
@@ -292,7 +299,7 @@ class FairModel:
         """The dispatch decision at ``now`` with a limiter of token ``capacity`` refilling
         ``refill_rate`` tokens per second: ``admits(tokens)`` tells whether it admits a request
         needing that many tokens now. None: nothing goes and nothing is held."""
-        reserves_kept = not admits(sum(m.tokens for m in visible))
+        reserves_kept = self.reserves_kept(visible, now, capacity, refill_rate, admits)
         for ranked in self.order(visible, now):
             message = ranked.message
             if message.tokens > capacity:

@@ -276,17 +276,29 @@ class UrgentHistory:
     The automatic reserve is twice the largest of the last 64 URGENT estimates, at most a
     quarter of the token capacity; until an URGENT message has been seen, the largest of the
     last 64 estimates of any priority (same cap); 0 before any message. A fixed reserve
-    replaces it; without URGENT first there is none. The reserves are not kept
-    when the limiter admits, now, one request as large as every visible message together."""
+    replaces it; without URGENT first there is none. The reserves are not kept while a backlog
+    clears (`kept`): the limiter admits, now, one request as large as every visible message
+    together, and no message has arrived (latest enqueue instant among those observed) for as
+    long as the bucket takes to refill the reserves."""
 
     def __init__(self) -> None:
         self.urgent: list[int] = []
         self.any: list[int] = []
+        self.last_arrival = -math.inf
 
-    def observe(self, priority: int, tokens: int) -> None:
+    def observe(self, priority: int, tokens: int, enqueued_at: float) -> None:
         if priority == URGENT:
             self.urgent.append(tokens)
         self.any.append(tokens)
+        self.last_arrival = max(self.last_arrival, enqueued_at)
+
+    def kept(self, reserve: float, *, now: float, refill_rate: float, admits_waiting: bool) -> bool:
+        """Whether reserves totalling ``reserve`` are kept at ``now`` (``admits_waiting``: the
+        limiter admits one request of every visible message's tokens together)."""
+        if reserve <= 0:
+            return True
+        quiet = now - self.last_arrival >= reserve / refill_rate
+        return not (quiet and admits_waiting)
 
     def automatic(self, capacity: float) -> float:
         cap = URGENT_RESERVE_SHARE * capacity
