@@ -33,7 +33,8 @@ WARMUP = 500
 def timing(config: pytest.Config) -> bool:
     # `make bench` passes --benchmark-enable on top of the --benchmark-disable of addopts.
     return bool(
-        config.getoption("benchmark_enable", default=False) or not config.getoption("benchmark_disable", default=True)
+        config.getoption("benchmark_enable", default=False)
+        or not config.getoption("benchmark_disable", default=True)
     )
 
 
@@ -59,7 +60,9 @@ def workload(tenants: int, seed: int = 7) -> Iterator[LLMRequest[int]]:
 @pytest.mark.benchmark(group="fair_priority: dequeue + ack + enqueue, by tenants")
 def test_fair_round_trip(benchmark: Any, tenants: int, depth: int) -> None:
     clock = ManualClock(1_700_000_000.0)
-    dispatcher = create_fair_priority_queue(clock=clock, fair_priority=FairPriorityConfig(fairness_window=60.0))
+    dispatcher = create_fair_priority_queue(
+        clock=clock, fair_priority=FairPriorityConfig(fairness_window=60.0)
+    )
     source = workload(tenants)
     run(dispatcher.batch_enqueue([next(source) for _ in range(depth)]))
     limiter = LLMThrottle(1e12, 1e15, clock=clock, max_history_records=1_000)

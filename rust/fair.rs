@@ -20,10 +20,11 @@
 //! it must leave in the bucket, are decided by the caller with [`FairLanes::admission_tokens`]:
 //! every non-URGENT message leaves the URGENT reserve (`policy::UrgentReserve`), and one of a
 //! backlogged tenant also the tenant reserve ([`FairRuntime::reserve`]). A tenant is
-//! backlogged when it has more than one visible message and has used at least its fair share
-//! of the window's capacity (the tokens the limiter refills over `fairness_window`, split by
-//! weight among the tenants that are waiting or have used tokens in the window): a light
-//! tenant with two or three requests queued goes at once like a lone one.
+//! backlogged when another tenant is active (waiting, or with use in the window: the tenant
+//! reserve is for them), it has more than one visible message, and it has used at least its
+//! fair share of the window's capacity (the tokens the limiter refills over `fairness_window`,
+//! split by weight among the tenants that are waiting or have used tokens in the window): a
+//! light tenant with two or three requests queued goes at once like a lone one.
 //!
 //! [`FairLanes`] keeps the visible messages in that order beside the store's candidate index:
 //! an URGENT lane, per tenant five lanes keyed by (deadline, sequence), and the tenants with
@@ -329,8 +330,9 @@ pub struct FairCandidate {
     pub tenant: u32,
     /// Whether it is URGENT: it leaves no reserve, whatever its rank.
     pub urgent: bool,
-    /// Whether its tenant is backlogged: other visible messages, and at least its fair share of
-    /// the window's capacity used (such a tenant leaves the tenant reserve too).
+    /// Whether its tenant is backlogged: another tenant active, other visible messages, and at
+    /// least its fair share of the window's capacity used (such a tenant leaves the tenant
+    /// reserve too).
     pub backlogged: bool,
     /// Why it ranks where it does.
     pub rank: FairRank,
@@ -372,6 +374,10 @@ impl ActiveWeight {
 
     fn total(&self) -> f64 {
         self.unweighted as f64 + self.weighted_sum
+    }
+
+    fn count(&self) -> usize {
+        self.unweighted + self.weighted.len()
     }
 }
 
@@ -558,10 +564,12 @@ impl FairLanes {
             }
         }
         let of = self.order.len();
+        // The tenant reserve is for other tenants: with none active, nobody needs it.
+        let others = self.active.count() > 1;
         for (position, &(OrdTime(per_weight), _, _, tenant)) in self.order.iter().enumerate() {
             let lanes = &self.tenants[&tenant];
             // A light tenant's few queued requests are no backlog to hold the reserve back from.
-            let backlogged = self.visible_of(tenant) > 1 && per_weight >= share_per_weight;
+            let backlogged = others && self.visible_of(tenant) > 1 && per_weight >= share_per_weight;
             let usage = self.usage.get(&tenant).copied().unwrap_or(0.0);
             for (lane, keys) in lanes.lanes.iter().enumerate() {
                 let effective_priority = lane_priority(lane);

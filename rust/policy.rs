@@ -452,7 +452,15 @@ pub fn decide_fair_store<P>(
 ) -> Option<FairDecision> {
     store.ranking_mut().1.as_mut()?.prepare(now, &mut runtime.ledger);
     let ((_, history), lanes) = store.ranking();
-    decide_fair_lanes(lanes.as_ref()?, |slot| store.message(slot).tokens, runtime, history, limiter, now, hold)
+    decide_fair_lanes(
+        lanes.as_ref()?,
+        |slot| store.message(slot).tokens,
+        runtime,
+        history,
+        limiter,
+        now,
+        hold,
+    )
 }
 
 /// The fair policy's decision over a store at `now` with an `LLMThrottle`. Nothing when the
@@ -558,9 +566,14 @@ mod tests {
         assert!(l.consume(0.0, "x", 400, ()));
         // Two messages but no use yet: no backlog to hold back, 400 of the 600 left go.
         assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Take(_)));
-        // Having used its fair share of the window (1,000 tokens a minute, one tenant), it is
-        // backlogged: 400 + the 300 reserve do not fit in 600.
+        // Having used its fair share of the window (1,000 tokens a minute, one tenant), it would
+        // be backlogged, but no other tenant is active: the reserve would be for nobody.
         runtime.charge(heavy, 0.0, 1_000);
+        assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Take(_)));
+        // Another tenant active (it used tokens in the window): now it is backlogged, with 500
+        // tokens a minute as its share, and 400 + the 300 reserve do not fit in 600.
+        let other = s.intern_tenant("other");
+        runtime.charge(other, 0.0, 1);
         assert!(
             matches!(decide_fair(&mut s, &mut runtime, &l, 0.0, true), Decision::Wait(w) if (w - 6.0).abs() < 1e-9)
         );
@@ -570,8 +583,8 @@ mod tests {
             Decision::Take(c) => assert_eq!(s.message(c.slot).request_id.as_ref(), "l1"),
             other => panic!("{other:?}"),
         }
-        // So do its two, three queued requests: it has used less than its share (500 a minute
-        // with two tenants active).
+        // So do its two, three queued requests: it has used less than its share (333 a minute
+        // with three tenants active).
         s.enqueue(message("l2", 2, 500, "light"), 0.0).unwrap();
         match decide_fair(&mut s, &mut runtime, &l, 0.0, true) {
             Decision::Take(c) => assert_eq!(s.message(c.slot).request_id.as_ref(), "l1"),
@@ -661,7 +674,8 @@ mod tests {
             expected_processing_seconds: None,
             enqueued_at: 0.0,
         };
-        let high = crate::scoring::total(&crate::scoring::weighted_factors(&weights, &traits, 100.0, 10_000.0));
+        let high =
+            crate::scoring::total(&crate::scoring::weighted_factors(&weights, &traits, 100.0, 10_000.0));
         let urgent = match decide_score(&s, &weights, &l, 100.0, true, 0.0) {
             Decision::Take(c) => c,
             other => panic!("{other:?}"),
@@ -669,7 +683,9 @@ mod tests {
         assert_eq!(urgent.priority, 0);
         assert!(urgent.base < high, "{} < {high}", urgent.base);
         // The TypeScript library's rule: the old HIGH request's higher score wins.
-        assert!(matches!(decide_score(&s, &Weights::default(), &l, 100.0, true, 0.0), Decision::Take(c) if c.priority == 1));
+        assert!(
+            matches!(decide_score(&s, &Weights::default(), &l, 100.0, true, 0.0), Decision::Take(c) if c.priority == 1)
+        );
         // A non-URGENT winner leaves twice the largest URGENT estimate (600): with 1,000 tokens
         // left, 800 + 600 do not fit; it is held until they do.
         s.receive_slot(s.slot_of("urgent").unwrap(), 30.0, 100.0).unwrap();
@@ -677,7 +693,9 @@ mod tests {
         // Alone and with nothing arriving: a backlog clearing, it goes without the reserve
         // once nothing has arrived for as long as the reserve takes to refill (3.6 s).
         assert!(matches!(decide_score(&s, &weights, &l, 100.0, true, 0.0), Decision::Wait(_)));
-        assert!(matches!(decide_score(&s, &weights, &l, 104.0, true, 0.0), Decision::Take(c) if c.tokens == 800));
+        assert!(
+            matches!(decide_score(&s, &weights, &l, 104.0, true, 0.0), Decision::Take(c) if c.tokens == 800)
+        );
         s.enqueue(message("big-low", 3, 5_000, "a"), 100.0).unwrap();
         match decide_score(&s, &weights, &l, 100.0, true, 0.0) {
             Decision::Wait(wait) => assert!((wait - 400.0 / (10_000.0 / 60.0)).abs() < 1e-9, "{wait}"),

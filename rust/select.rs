@@ -128,7 +128,10 @@ impl Entry {
     // Greater = comes out first: higher tier, then higher score, then older, then lower
     // sequence number.
     fn rank(&self, other: &Self) -> Ordering {
-        rank((self.tier, self.key, self.enqueued_at, self.seq), (other.tier, other.key, other.enqueued_at, other.seq))
+        rank(
+            (self.tier, self.key, self.enqueued_at, self.seq),
+            (other.tier, other.key, other.enqueued_at, other.seq),
+        )
     }
 }
 

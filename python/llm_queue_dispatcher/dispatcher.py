@@ -308,7 +308,13 @@ class LLMQueueDispatcher(Generic[T]):
         requests = float(metrics.rpm.limit) if hold else float(metrics.rpm.available)
         reported = (float(metrics.tpm.available), float(metrics.rpm.available), float(metrics.tpm.limit))
         selection = self._source.select(
-            budget, requests, self._scoring_params, custom_fn, config.min_score_threshold, reported=reported, hold=hold
+            budget,
+            requests,
+            self._scoring_params,
+            custom_fn,
+            config.min_score_threshold,
+            reported=reported,
+            hold=hold,
         )
         if selection is None:
             return None

@@ -1,3 +1,6 @@
+// Weights, usages and sums compared here are whole numbers or copies: exact.
+#![allow(clippy::float_cmp)]
+
 use super::*;
 use crate::cells::CellKey;
 use proptest::prelude::*;
@@ -62,7 +65,9 @@ fn brute_force(
     active.sort_unstable();
     active.dedup();
     let total: f64 = active.iter().map(|&t| config.weight(t)).sum();
-    let share = if total > 0.0 { REFILL * config.fairness_window / total * (1.0 - 1e-9) } else { f64::INFINITY };
+    let others = active.len() > 1;
+    let share =
+        if total > 0.0 { REFILL * config.fairness_window / total * (1.0 - 1e-9) } else { f64::INFINITY };
     let in_urgent_lane = |m: &Msg| config.urgent_first && m.priority == URGENT;
     let mut order: Vec<(u32, bool)> = Vec::new(); // (slot, ahead of fairness)
     let mut urgent: Vec<&(u32, Msg)> = msgs.iter().filter(|(_, m)| in_urgent_lane(m)).collect();
@@ -91,12 +96,9 @@ fn brute_force(
             continue; // never fits: holds nothing
         }
         let urgent = msg.priority == URGENT;
-        let backlogged = visible(msg.tenant) > 1 && per_weight(msg.tenant) >= share;
-        let margin = if urgent {
-            0.0
-        } else {
-            ask.urgent_reserve + if backlogged { ask.tenant_reserve } else { 0.0 }
-        };
+        let backlogged = others && visible(msg.tenant) > 1 && per_weight(msg.tenant) >= share;
+        let margin =
+            if urgent { 0.0 } else { ask.urgent_reserve + if backlogged { ask.tenant_reserve } else { 0.0 } };
         let need = (msg.tokens as f64 + margin).min(CAPACITY);
         let fit = need <= ask.budget as f64;
         if fit || ask.hold {
@@ -108,7 +110,13 @@ fn brute_force(
 
 fn msg() -> impl Strategy<Value = Msg> {
     (0u32..5, 0u8..4, 0.0f64..100.0, prop_oneof![Just(f64::NAN), 0.0f64..3_000.0], 1u64..7_000).prop_map(
-        |(tenant, priority, late, deadline, tokens)| Msg { tenant, priority, enqueued_at: late, deadline, tokens },
+        |(tenant, priority, late, deadline, tokens)| Msg {
+            tenant,
+            priority,
+            enqueued_at: late,
+            deadline,
+            tokens,
+        },
     )
 }
 
@@ -129,8 +137,9 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let ask = (0u64..7_000, 0.0f64..2_000.0, 0.0f64..2_000.0, any::<bool>())
-        .prop_map(|(budget, tenant_reserve, urgent_reserve, hold)| Ask { budget, tenant_reserve, urgent_reserve, hold });
+    let ask = (0u64..7_000, 0.0f64..2_000.0, 0.0f64..2_000.0, any::<bool>()).prop_map(
+        |(budget, tenant_reserve, urgent_reserve, hold)| Ask { budget, tenant_reserve, urgent_reserve, hold },
+    );
     prop_oneof![
         4 => msg().prop_map(Op::Insert),
         2 => any::<usize>().prop_map(Op::Remove),
@@ -185,25 +194,27 @@ proptest! {
                     live.push((next_slot, m));
                     next_slot += 1;
                 }
-                Op::Remove(i) if !live.is_empty() => {
-                    let (slot, m) = live.remove(i % live.len());
-                    lanes.remove(slot, &entry(slot, &m));
+                Op::Remove(i) => {
+                    if !live.is_empty() {
+                        let (slot, m) = live.remove(i % live.len());
+                        lanes.remove(slot, &entry(slot, &m));
+                    }
                 }
-                Op::Remove(_) => {}
                 Op::Charge(tenant, tokens) => {
                     let id = ledger.charge(tenant, now, tokens as f64);
                     charges.push((now, tenant, tokens as f64, id));
                 }
-                Op::Correct(i, tokens) if !charges.is_empty() => {
-                    let i = i % charges.len();
-                    let (at, tenant, _, id) = charges[i];
-                    ledger.correct(tenant, id, tokens as f64);
-                    // Only a charge still in the window is corrected.
-                    if at > now - window {
-                        charges[i].2 = tokens as f64;
+                Op::Correct(i, tokens) => {
+                    if !charges.is_empty() {
+                        let i = i % charges.len();
+                        let (at, tenant, _, id) = charges[i];
+                        ledger.correct(tenant, id, tokens as f64);
+                        // Only a charge still in the window is corrected.
+                        if at > now - window {
+                            charges[i].2 = tokens as f64;
+                        }
                     }
                 }
-                Op::Correct(..) => {}
                 Op::Advance(dt) => now += dt,
                 Op::Decide(ask) => {
                     lanes.prepare(now, &mut ledger);
@@ -289,7 +300,10 @@ fn an_aged_request_ranks_behind_fresh_high_ones() {
     lanes.remove(1, &entry(1, &fresh_high));
     let (candidate, _) = lanes.select(f64::INFINITY, true, &mut |_| Fit::Now).unwrap();
     // The aged one ranks as HIGH.
-    assert_eq!((candidate.slot, candidate.rank), (0, FairRank::Tenant { rank: 1, of: 1, usage: 0.0, effective_priority: HIGH }));
+    assert_eq!(
+        (candidate.slot, candidate.rank),
+        (0, FairRank::Tenant { rank: 1, of: 1, usage: 0.0, effective_priority: HIGH })
+    );
 }
 
 #[test]
@@ -314,7 +328,7 @@ fn automatic_tenant_reserve_is_the_largest_recent_estimate_capped() {
     runtime.charge(0, 0.0, 500);
     assert!((runtime.reserve(100_000.0) - 4_500.0).abs() < 1e-9);
     assert!((runtime.reserve(20_000.0) - 2_000.0).abs() < 1e-9); // at most a tenth
-    // The 3,000 leaves the window after 256 more dispatches.
+                                                                 // The 3,000 leaves the window after 256 more dispatches.
     for _ in 0..256 {
         runtime.charge(0, 0.0, 700);
     }

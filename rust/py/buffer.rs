@@ -370,7 +370,16 @@ impl PyCandidateBuffer {
         hold: bool,
     ) -> PyResult<Option<PySelection>> {
         let reported = super::dispatch::reported_budget(reported, hold);
-        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score, reported)
+        select_with_budget(
+            py,
+            self,
+            available_tokens,
+            available_requests,
+            params.get(),
+            custom_fn,
+            min_score,
+            reported,
+        )
     }
 
     /// Takes a selected candidate out: `(message, total, breakdown)`, or None if it left.

@@ -18,7 +18,9 @@ use super::params::PyScoringParams;
 use super::store::{PyStore, PyStoreCore};
 use super::throttle::PyThrottle;
 use crate::errors::CoreError;
-use crate::policy::{decide_score, ranking_budget, score_margin, score_reserve, Admission, Decision, Snapshot, UrgentReserve};
+use crate::policy::{
+    decide_score, ranking_budget, score_margin, score_reserve, Admission, Decision, Snapshot, UrgentReserve,
+};
 use crate::scoring::Weights;
 use crate::select::{
     best_candidate, choose, collect, Candidate, Choice, Collected, IndexSearch, SearchContext,
@@ -474,6 +476,8 @@ pub(crate) fn select_candidate(
 }
 
 /// `select` of both pools: the budget a limiter reports, then `select_candidate`.
+// The arguments of the Python method, passed through as they are.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn select_with_budget(
     py: Python<'_>,
     pool: &impl Pool,

@@ -252,8 +252,7 @@ impl PyStoreCore {
         };
         let config = StoreConfig { max_receive_count, message_retention };
         let now = clock.now(py)?;
-        let store = Store::with_ranking(config, now, Rankings::default())
-            .map_err(|e| to_py_err(py, e))?;
+        let store = Store::with_ranking(config, now, Rankings::default()).map_err(|e| to_py_err(py, e))?;
         Ok(Self {
             state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
             config,

@@ -416,7 +416,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.last_modified_at = now;
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
-        self.to_outbox(message);
+        self.send_to_outbox(message);
         Ok(())
     }
 
@@ -432,7 +432,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
         let id = message.request_id.clone();
-        self.to_outbox(message);
+        self.send_to_outbox(message);
         Ok(id)
     }
 
@@ -562,7 +562,7 @@ impl<P, R: Ranking> Store<P, R> {
             } else if self.config.max_receive_count.is_some_and(|max| message.receive_count >= max) {
                 self.dead_lettered += 1;
                 let message = self.release_slot(slot);
-                self.to_outbox(message);
+                self.send_to_outbox(message);
             } else {
                 self.make_visible(slot);
             }
@@ -585,7 +585,7 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     /// Puts a dead-lettered message in the outbox (its tenant stays known while it is there).
-    fn to_outbox(&mut self, message: StoredMessage<P>) {
+    fn send_to_outbox(&mut self, message: StoredMessage<P>) {
         self.tenants.change(message.tenant, self.now, |t| t.outbox += 1);
         self.outbox.push(message);
     }

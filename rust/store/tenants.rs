@@ -57,8 +57,13 @@ pub(super) struct Tenants {
 
 impl Default for Tenants {
     fn default() -> Self {
-        let mut tenants =
-            Self { ids: HashMap::new(), entries: HashMap::new(), next_id: 0, idle: VecDeque::new(), retention: 0.0 };
+        let mut tenants = Self {
+            ids: HashMap::new(),
+            entries: HashMap::new(),
+            next_id: 0,
+            idle: VecDeque::new(),
+            retention: 0.0,
+        };
         let id = tenants.intern(None);
         debug_assert_eq!(id, 0);
         tenants.pin(0);
@@ -82,7 +87,13 @@ impl Tenants {
         self.ids.insert(name.into(), id);
         self.entries.insert(
             id,
-            Tenant { name: name.into(), counts: TenantCounts::default(), outbox: 0, pinned: false, idle_since: f64::NAN },
+            Tenant {
+                name: name.into(),
+                counts: TenantCounts::default(),
+                outbox: 0,
+                pinned: false,
+                idle_since: f64::NAN,
+            },
         );
         id
     }

@@ -219,7 +219,7 @@ def test_bad_urgent_fields_are_refused(field: str, value: Any) -> None:
 def test_urgent_first_belongs_to_the_score_policy() -> None:
     """``fair_priority`` has its own switch (`FairPriorityConfig.urgent_first`): setting the
     score policy's under ``fair_priority`` is refused, naming the one to use."""
-    with pytest.raises(InvalidConfigError, match="FairPriorityConfig.urgent_first"):
+    with pytest.raises(InvalidConfigError, match=r"FairPriorityConfig\.urgent_first"):
         LLMQueueDispatcherConfig(policy="fair_priority", urgent_first=False)
     with pytest.raises(InvalidConfigError, match="urgent_first"):
         create_fair_priority_queue(urgent_first=True)

@@ -472,14 +472,18 @@ class Run:
             return [] if seed is None else [("custom", 0.3, custom_raw(seed, message.payload.id))]
 
         waiting = sum(t.request.token_info.estimated for t in visible)
-        reserve = self.history.reserve(capacity, fixed=self.scenario.urgent_reserve, urgent_first=urgent_first)
+        reserve = self.history.reserve(
+            capacity, fixed=self.scenario.urgent_reserve, urgent_first=urgent_first
+        )
         refill = self.scenario.tpm / 60.0
         if not self.history.kept(reserve, now=now, refill_rate=refill, admits_waiting=self.admits(waiting)):
             event("score: a clearing backlog keeps no reserve")
             reserve = 0.0
 
         def margin(message: QueueMessage[Any]) -> float:
-            return urgent_margin(int(message.payload.priority), message.payload.token_info.estimated, reserve, capacity)
+            return urgent_margin(
+                int(message.payload.priority), message.payload.token_info.estimated, reserve, capacity
+            )
 
         def fits_now(message: QueueMessage[Any]) -> bool:
             tokens = message.payload.token_info.estimated
@@ -488,12 +492,12 @@ class Run:
                 return self.admits(tokens + leave)
             return bool(self.inner.can_process(tokens).allowed)
 
-        if self.hold:
-            available = capacity
-            eligible: Any = lambda message: message.payload.token_info.estimated <= capacity  # noqa: E731
-        else:
-            available = self.inner.get_metrics().tpm.available
-            eligible = lambda message: bool(self.inner.can_process(message.payload.token_info.estimated).allowed)  # noqa: E731
+        available = capacity if self.hold else self.inner.get_metrics().tpm.available
+
+        def eligible(message: QueueMessage[Any]) -> bool:
+            tokens = message.payload.token_info.estimated
+            return tokens <= capacity if self.hold else bool(self.inner.can_process(tokens).allowed)
+
         messages = [t.queue_message() for t in visible]
 
         def rank(accept: Any) -> list[tuple[float, QueueMessage[Any]]]:
@@ -532,7 +536,12 @@ class Run:
             if fits_now(message):
                 take.add(message.payload.id)
             else:
-                held.append((message.payload.id, self.expected_wait(message.payload.token_info.estimated, margin(message))))
+                held.append(
+                    (
+                        message.payload.id,
+                        self.expected_wait(message.payload.token_info.estimated, margin(message)),
+                    )
+                )
         if best_tier:
             event("score: URGENT first")
         if reserve > 0 and any(margin(m) > 0 for _, m in ranking[:1]):

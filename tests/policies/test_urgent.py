@@ -78,7 +78,9 @@ def queue(policy: str, store: Store = "memory", limiter: Limiter = "native", **c
 
 @pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("limiter", LIMITERS)
-async def test_a_fresh_urgent_request_goes_ahead_of_old_high_ones_that_score_more(store: Store, limiter: Limiter) -> None:
+async def test_a_fresh_urgent_request_goes_ahead_of_old_high_ones_that_score_more(
+    store: Store, limiter: Limiter
+) -> None:
     q = queue("score", store, limiter)
     await q.add("old-high", Priority.HIGH, 500)
     q.clock.advance(60.0)  # its wait factor is saturated: it outscores a fresh URGENT request
@@ -173,7 +175,10 @@ async def test_a_fixed_urgent_reserve_and_none(policy: str) -> None:
 async def test_a_clearing_backlog_keeps_no_reserve(policy: str) -> None:
     """When the bucket holds everything waiting and nothing has arrived for as long as the
     reserves take to refill, the last requests go without them."""
-    q = queue(policy, **({"fair_priority": FairPriorityConfig(reserve_tokens=0)} if policy == "fair_priority" else {}))
+    q = queue(
+        policy,
+        **({"fair_priority": FairPriorityConfig(reserve_tokens=0)} if policy == "fair_priority" else {}),
+    )
     await backlog(q)
     q.leave(10_000)
     q.clock.advance(1.0)  # the bucket holds 11,000; waiting: 16,000
@@ -214,7 +219,15 @@ async def test_a_backlog_of_aged_requests_never_overtakes_fresh_high_ones(store:
     order = [await q.next() for _ in range(8)]
     assert order[0] == "fresh-high"
     # The aged ones, oldest first, ahead of the fresh NORMAL one.
-    assert order[1:] == ["old-low0", "old-normal0", "old-low1", "old-normal1", "old-low2", "old-normal2", "fresh-normal"]
+    assert order[1:] == [
+        "old-low0",
+        "old-normal0",
+        "old-low1",
+        "old-normal1",
+        "old-low2",
+        "old-normal2",
+        "fresh-normal",
+    ]
 
 
 @pytest.mark.parametrize("store", STORES)

@@ -29,11 +29,12 @@ Admission (the reserves and the hold rule):
   backlog clears: the limiter admits, now, one request as large as all the visible messages
   together, and nothing has arrived for as long as the bucket takes to refill both reserves
   (`tests.reference.scoring.UrgentHistory.kept`).
-- A tenant is backlogged when it has more than one visible message (URGENT ones included) and
-  has used, per weight, at least its fair share of the window's capacity: the tokens the limiter
-  refills over ``fairness_window``, divided by the total weight of the tenants that are waiting
-  (have a visible message) or have used tokens in the window (use above 0). Exact arithmetic: a
-  tenant that used exactly its share is backlogged.
+- A tenant is backlogged when another tenant is active, it has more than one visible message
+  (URGENT ones included), and it has used, per weight, at least its fair share of the window's
+  capacity: the tokens the limiter refills over ``fairness_window``, divided by the total weight
+  of the active tenants, those that are waiting (have a visible message) or have used tokens in
+  the window (use above 0). Exact arithmetic: a tenant that used exactly its share is
+  backlogged.
 - With ``hold``, the first message of the order (that can ever fit) is the winner: it goes when
   it is admissible now, else the dispatcher holds for it. Without, the first message of the
   order that is admissible now goes.
@@ -255,7 +256,9 @@ class FairModel:
 
     def urgent_reserve(self, capacity: float) -> float:
         settings = self.settings
-        return self.history.reserve(capacity, fixed=settings.urgent_reserve, urgent_first=settings.urgent_first)
+        return self.history.reserve(
+            capacity, fixed=settings.urgent_reserve, urgent_first=settings.urgent_first
+        )
 
     def fair_share(self, visible: Sequence[FairMessage], now: float, refill_rate: float) -> Fraction | None:
         """Tokens per unit of weight a tenant may use over the window before it is backlogged
@@ -269,6 +272,8 @@ class FairModel:
     def backlogged(self, tenant: str, visible: Sequence[FairMessage], now: float, refill_rate: float) -> bool:
         if sum(1 for m in visible if m.tenant == tenant) <= 1:
             return False
+        if len(self.ledger.active(now) | {m.tenant for m in visible}) <= 1:
+            return False  # the tenant reserve is for other tenants: none is active
         share = self.fair_share(visible, now, refill_rate)
         used = Fraction(self.ledger.usage(tenant, now)) / Fraction(self.settings.weight(tenant))
         return share is not None and used >= share
@@ -281,7 +286,14 @@ class FairModel:
         reserve = self.urgent_reserve(capacity) + (self.reserve(capacity) if backlogged else 0.0)
         return min(tokens + reserve, capacity) - tokens
 
-    def reserves_kept(self, visible: Sequence[FairMessage], now: float, capacity: float, refill_rate: float, admits: Callable[[float], bool]) -> bool:
+    def reserves_kept(
+        self,
+        visible: Sequence[FairMessage],
+        now: float,
+        capacity: float,
+        refill_rate: float,
+        admits: Callable[[float], bool],
+    ) -> bool:
         both = self.urgent_reserve(capacity) + self.reserve(capacity)
         waiting = sum(m.tokens for m in visible)
         return self.history.kept(both, now=now, refill_rate=refill_rate, admits_waiting=admits(waiting))

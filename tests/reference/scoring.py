@@ -8,9 +8,10 @@ below ``min_score_threshold``), and "Scheduling under overload" for ``hold_budge
 capacity; the best one goes when the limiter admits it now, else the dispatcher holds for it).
 "Scheduling that holds on real traffic" for URGENT first (``urgent_first``: every URGENT
 message ranks above every other whatever the scores) and its reserve (`UrgentHistory`, the rule
-written out in the README's "How a request is chosen"). Every formula is the contract's, verbatim, so the dispatcher's exact selection can be checked
-against it (tests/test_dispatcher_exact.py, tests/test_prefetch.py, tests/policies/) and the
-benchmarks' plain-Python brute force dispatches with it (benches/compare.py).
+written out in the README's "How a request is chosen"). Every formula is the contract's,
+verbatim, so the dispatcher's exact selection can be checked against it
+(tests/test_dispatcher_exact.py, tests/test_prefetch.py, tests/policies/) and the benchmarks'
+plain-Python brute force dispatches with it (benches/compare.py).
 
 It imports nothing from ``llm_queue_dispatcher``: the brute force must run even where the package
 cannot be imported, and a reference should not borrow the values it checks (the default weights
@@ -45,9 +46,9 @@ __all__ = [
     "reference_total",
     "retry_factor",
     "selection_key",
-    "urgent_margin",
     "token_fit_factor",
     "total_score",
+    "urgent_margin",
     "wait_time_factor",
     "weighted_factors",
 ]
