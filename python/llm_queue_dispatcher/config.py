@@ -37,13 +37,17 @@ class FairPriorityConfig:
     * ``tenant_weights``: share weight per tenant (default 1.0): a tenant of weight 2 may use
       twice the tokens of one of weight 1 before ranking behind it.
     * ``fairness_window``: seconds of token use that rank tenants.
-    * ``reserve_tokens``: tokens a tenant with more than one waiting message may not take from
-      the bucket, so that a lone request of a light tenant, or an URGENT one, finds budget at
-      once. None chooses it automatically: twice the mean estimate of the last 256 dispatched
-      requests, at most 10 % of the token capacity (1 % before the first dispatch).
-    * ``urgent_first``: URGENT messages of every tenant go ahead of fairness, oldest first.
-    * ``max_wait``: seconds after which a waiting message of that priority ranks as HIGH (never
-      as URGENT); priorities not listed never age.
+    * ``reserve_tokens``: the tenant reserve, tokens a backlogged tenant (more than one waiting
+      message, at least its fair share of the window used, another tenant active) leaves in the
+      bucket on top of the URGENT reserve, so that a request of a quiet tenant finds budget at
+      once. None chooses it automatically: 1.5 times the largest of the last 256 dispatched
+      estimates, at most 10 % of the token capacity (1 % before the first dispatch).
+    * ``urgent_first``: URGENT messages of every tenant go ahead of fairness, oldest first, and
+      every other dispatch leaves the URGENT reserve (``LLMQueueDispatcherConfig.urgent_reserve``).
+      False: URGENT ranks inside its tenant, and no URGENT reserve is kept.
+    * ``max_wait``: seconds after which a waiting NORMAL or LOW message is aged: it ranks as
+      HIGH behind every native HIGH message of its tenant (never as URGENT); priorities not
+      listed never age.
     """
 
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
