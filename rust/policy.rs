@@ -74,8 +74,8 @@ pub const URGENT_RESERVE_SHARE: f64 = 0.25;
 ///
 /// The automatic reserve is twice the largest of the last 64 URGENT estimates — room for two
 /// URGENT requests arriving close together, the second before the bucket refilled what the
-/// first took — at most a quarter of the token capacity. Until an URGENT request has been
-/// seen, the largest of the last 64 estimates of any priority (room for one). (On real traces
+/// first took — at most a quarter of the token capacity; none until an URGENT request has been
+/// seen (an application that sends none keeps nothing back). (On real traces
 /// at twice the TPM limit, the p99 of the last 64 URGENT estimates left URGENT requests
 /// waiting 1.2-1.85 s behind a long-context backlog, and a cap of a tenth of the capacity was
 /// smaller than its large requests.)
@@ -86,7 +86,6 @@ pub const URGENT_RESERVE_SHARE: f64 = 0.25;
 #[derive(Debug, Clone)]
 pub struct UrgentReserve {
     urgent: RecentMax,
-    any: RecentMax,
     waiting: u64,
     last_arrival: f64,
 }
@@ -95,7 +94,6 @@ impl Default for UrgentReserve {
     fn default() -> Self {
         Self {
             urgent: RecentMax::new(RECENT_URGENT),
-            any: RecentMax::new(RECENT_URGENT),
             waiting: 0,
             last_arrival: f64::NEG_INFINITY,
         }
@@ -108,7 +106,6 @@ impl UrgentReserve {
         if priority == 0 {
             self.urgent.push(tokens);
         }
-        self.any.push(tokens);
         self.last_arrival = self.last_arrival.max(enqueued_at);
     }
 
@@ -129,12 +126,7 @@ impl UrgentReserve {
 
     /// The automatic reserve for a bucket of `capacity` tokens (see the type's docs).
     pub fn automatic(&self, capacity: f64) -> f64 {
-        let cap = URGENT_RESERVE_SHARE * capacity;
-        match (self.urgent.max(), self.any.max()) {
-            (Some(largest), _) => (2.0 * largest as f64).min(cap),
-            (None, Some(largest)) => (largest as f64).min(cap),
-            (None, None) => 0.0,
-        }
+        self.urgent.max().map_or(0.0, |largest| (2.0 * largest as f64).min(URGENT_RESERVE_SHARE * capacity))
     }
 
     /// The reserve while URGENT goes first (`urgent_first`): `fixed` when set, else the
@@ -643,8 +635,8 @@ mod tests {
         let mut history = UrgentReserve::default();
         assert_eq!(history.automatic(100_000.0), 0.0);
         history.observe(2, 3_000, 0.0);
-        // No URGENT seen yet: room for one request as large as the recent ones.
-        assert_eq!(history.automatic(100_000.0), 3_000.0);
+        // No URGENT seen yet: nothing kept back.
+        assert_eq!(history.automatic(100_000.0), 0.0);
         history.observe(0, 1_000, 0.0);
         assert_eq!(history.automatic(100_000.0), 2_000.0);
         history.observe(0, 20_000, 0.0);

@@ -156,9 +156,9 @@ class LLMQueueDispatcherConfig:
     #: ``FairPriorityConfig.urgent_first``.)
     urgent_first: bool | None = None
     #: Tokens every non-URGENT dispatch leaves in the bucket for URGENT requests, under both
-    #: policies while URGENT goes first (none otherwise). None: automatic, twice the largest of the last 64
-    #: URGENT estimates (the largest of the last 64 estimates until one has been seen), at most
-    #: a quarter of the token capacity. 0: none.
+    #: policies while URGENT goes first (none otherwise). None: automatic, twice the largest of
+    #: the last 64 URGENT estimates (none before the first), at most a quarter of the token
+    #: capacity. 0: none.
     urgent_reserve: int | None = None
 
     def __post_init__(self) -> None:

@@ -275,8 +275,7 @@ class UrgentHistory:
     prefetch buffer), in that order.
 
     The automatic reserve is twice the largest of the last 64 URGENT estimates, at most a
-    quarter of the token capacity; until an URGENT message has been seen, the largest of the
-    last 64 estimates of any priority (same cap); 0 before any message. A fixed reserve
+    quarter of the token capacity; none until an URGENT message has been seen. A fixed reserve
     replaces it; without URGENT first there is none. The reserves are not kept while a backlog
     clears (`kept`): the limiter admits, now, one request as large as every visible message
     together, and no message has arrived (latest enqueue instant among those observed) for as
@@ -284,13 +283,11 @@ class UrgentHistory:
 
     def __init__(self) -> None:
         self.urgent: list[int] = []
-        self.any: list[int] = []
         self.last_arrival = -math.inf
 
     def observe(self, priority: int, tokens: int, enqueued_at: float) -> None:
         if priority == URGENT:
             self.urgent.append(tokens)
-        self.any.append(tokens)
         self.last_arrival = max(self.last_arrival, enqueued_at)
 
     def kept(self, reserve: float, *, now: float, refill_rate: float, admits_waiting: bool) -> bool:
@@ -302,12 +299,9 @@ class UrgentHistory:
         return not (quiet and admits_waiting)
 
     def automatic(self, capacity: float) -> float:
-        cap = URGENT_RESERVE_SHARE * capacity
-        if self.urgent:
-            return min(2.0 * max(self.urgent[-RECENT_URGENT:]), cap)
-        if self.any:
-            return min(float(max(self.any[-RECENT_URGENT:])), cap)
-        return 0.0
+        if not self.urgent:
+            return 0.0
+        return min(2.0 * max(self.urgent[-RECENT_URGENT:]), URGENT_RESERVE_SHARE * capacity)
 
     def reserve(self, capacity: float, *, fixed: float | None, urgent_first: bool) -> float:
         if not urgent_first:
