@@ -92,11 +92,7 @@ pub struct UrgentReserve {
 
 impl Default for UrgentReserve {
     fn default() -> Self {
-        Self {
-            urgent: RecentMax::new(RECENT_URGENT),
-            waiting: 0,
-            last_arrival: f64::NEG_INFINITY,
-        }
+        Self { urgent: RecentMax::new(RECENT_URGENT), waiting: 0, last_arrival: f64::NEG_INFINITY }
     }
 }
 
