@@ -720,4 +720,75 @@ mod tests {
         s.enqueue(message("u2", 0, 800, "c"), 1.0).unwrap();
         assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 1.0, true), Decision::Take(c) if c.urgent));
     }
+
+    /// A message in the brute force: slot, (tier, score, -enqueued_at, -seq), priority, tokens.
+    type Ranked = (u32, (u8, f64, f64, i128), u8, u64);
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        // The score policy's decision with URGENT first and a fixed URGENT reserve, against brute
+        // force: the best by (tier, score, age) of what may be ranked; with `hold` it goes when it
+        // fits with its margin, else is waited for; without, the best of those that fit now with
+        // theirs.
+        #[test]
+        fn score_decision_matches_brute_force(
+            messages in proptest::collection::vec((0u8..4, 0u64..6_000, 0.0f64..100.0), 1..40),
+            spent in 0u64..10_000,
+            reserve in 0.0f64..4_000.0,
+            hold in proptest::prelude::any::<bool>(),
+            urgent_first in proptest::prelude::any::<bool>(),
+        ) {
+            let mut s = store();
+            let mut at = 0.0;
+            for (i, &(priority, tokens, advance)) in messages.iter().enumerate() {
+                at += advance;
+                s.enqueue(message(&format!("m{i}"), priority, tokens, "a"), at).unwrap();
+            }
+            let mut l = limiter(10_000.0);
+            l.advance(at);
+            proptest::prop_assume!(l.consume(at, "x", spent, ()));
+            let weights = Weights::default().with_urgent(urgent_first, Some(reserve));
+            let capacity = l.tokens().capacity();
+            let budget = ranking_budget(&l, hold).unwrap();
+            let reserve = if urgent_first { reserve } else { 0.0 };
+            let margin = |priority: u8, tokens: u64| {
+                if priority == 0 { 0.0 } else { reserve.min((capacity - tokens as f64).max(0.0)) }
+            };
+            // Every visible message with its key: (tier, score, -enqueued_at, -seq).
+            let ranked: Vec<Ranked> = (0..messages.len() as u32)
+                .map(|slot| {
+                    let m = s.message(slot);
+                    let traits = crate::scoring::MessageTraits {
+                        priority: m.priority,
+                        receive_count: 0,
+                        tokens: m.tokens,
+                        expected_processing_seconds: None,
+                        enqueued_at: m.enqueued_at,
+                    };
+                    let score = crate::scoring::total(&crate::scoring::weighted_factors(&weights, &traits, at, budget.available));
+                    (slot, (weights.tier(m.priority), score, -m.enqueued_at, -i128::from(m.message_id)), m.priority, m.tokens)
+                })
+                .collect();
+            let best_of = |accept: &dyn Fn(u8, u64) -> bool| {
+                ranked
+                    .iter()
+                    .filter(|(_, _, p, t)| accept(*p, *t))
+                    .max_by(|a, b| a.1.0.cmp(&b.1.0).then(a.1.1.total_cmp(&b.1.1)).then(a.1.2.total_cmp(&b.1.2)).then(a.1.3.cmp(&b.1.3)))
+                    .copied()
+            };
+            let fits = |p: u8, t: u64| l.admits(t, margin(p, t));
+            let expected = if hold {
+                best_of(&|_, t| t as f64 <= capacity).map(|(slot, _, p, t)| if fits(p, t) { Ok(slot) } else { Err(()) })
+            } else {
+                best_of(&|p, t| t as f64 <= budget.max_tokens && fits(p, t)).map(|(slot, ..)| Ok(slot))
+            };
+            let got = match decide_score(&s, &weights, &l, at, hold, f64::NEG_INFINITY) {
+                Decision::Take(c) => Some(Ok(c.slot)),
+                Decision::Wait(_) => Some(Err(())),
+                Decision::Nothing => None,
+            };
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
 }
