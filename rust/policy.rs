@@ -721,7 +721,7 @@ mod tests {
         assert!(matches!(decide_fair(&mut s, &mut runtime, &l, 1.0, true), Decision::Take(c) if c.urgent));
     }
 
-    /// A message in the brute force: slot, (tier, score, -enqueued_at, -seq), priority, tokens.
+    /// A message in the brute force: slot, `(tier, score, -enqueued_at, -seq)`, priority, tokens.
     type Ranked = (u32, (u8, f64, f64, i128), u8, u64);
 
     proptest::proptest! {
