@@ -476,8 +476,10 @@ class StoreCore:
         urgent_first: bool,
         max_wait: list[float],
         reserve_tokens: float | None,
+        urgent_reserve: float | None = None,
     ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
+        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
@@ -504,8 +506,14 @@ class StoreCore:
         params: ScoringParams,
         custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best message fitting ``available_tokens`` (for other rate limiters), not taken."""
+        """The best message fitting ``available_tokens`` (for other rate limiters), not taken. With
+        ``reported`` (the limiter's available tokens, available requests and token capacity),
+        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
+        the reported budget admits it with it (without ``hold``, the best that does)."""
     def take(
         self, selection: Selection, visibility_timeout: float
     ) -> tuple[QueueMessage[Any], float, list[float]] | None:
@@ -527,13 +535,18 @@ class StoreCore:
 @final
 class ScoringParams:
     """Validated weights of a dispatcher: the six factors, the custom scorers, the cap on
-    custom-scorer evaluations per dequeue."""
+    custom-scorer evaluations per dequeue; whether URGENT ranks above every score
+    (``urgent_first``) and the tokens a non-URGENT winner leaves for URGENT ones
+    (``urgent_reserve``; None: automatic with ``urgent_first``, none without)."""
 
     def __new__(
         cls,
         weights: tuple[float, float, float, float, float, float],
         custom_weights: list[float],
         max_candidates: int,
+        *,
+        urgent_first: bool = False,
+        urgent_reserve: float | None = None,
     ) -> ScoringParams: ...
     @property
     def weights(self) -> list[float]: ...
@@ -550,6 +563,12 @@ class Selection:
     def total(self) -> float: ...
     @property
     def breakdown(self) -> list[float]: ...
+    @property
+    def margin(self) -> float:
+        """Tokens it must leave in the bucket (the URGENT reserve, for a non-URGENT winner)."""
+    @property
+    def fits(self) -> bool:
+        """Whether the reported budget admits it now with that margin."""
 
 @final
 class FairSelection:
@@ -601,8 +620,10 @@ class CandidateBuffer:
         urgent_first: bool,
         max_wait: list[float],
         reserve_tokens: float | None,
+        urgent_reserve: float | None = None,
     ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
+        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
     ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
@@ -631,8 +652,14 @@ class CandidateBuffer:
         params: ScoringParams,
         custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best buffered message fitting ``available_tokens``, not taken."""
+        """The best buffered message fitting ``available_tokens``, not taken. With
+        ``reported`` (the limiter's available tokens, available requests and token capacity),
+        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
+        the reported budget admits it with it (without ``hold``, the best that does)."""
     def take(
         self, selection: Selection, visibility_timeout: float
     ) -> tuple[QueueMessage[Any], float, list[float]] | None:

@@ -126,10 +126,13 @@ class LLMQueueDispatcher(Generic[T]):
         scoring = self.config.scoring or ScoringConfig()
         weights = scoring.weights or ScoringWeights()
         self._custom_scorers = list(scoring.custom_scorers)
+        urgent_reserve = self.config.urgent_reserve
         self._scoring_params = ScoringParams(
             weights.as_tuple(),
             [float(scorer.weight) for scorer in self._custom_scorers],
             self.config.max_candidates_to_evaluate,
+            urgent_first=self.config.score_urgent_first(),
+            urgent_reserve=None if urgent_reserve is None else float(urgent_reserve),
         )
         self._breakdown_names = (*FACTOR_NAMES, *(scorer.name for scorer in self._custom_scorers))
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
@@ -148,7 +151,7 @@ class LLMQueueDispatcher(Generic[T]):
             )
         self._fair = self.config.fair_priority or FairPriorityConfig()
         if self.config.policy == "fair_priority":
-            self._source.configure_fair(self._fair)
+            self._source.configure_fair(self._fair, self.config.urgent_reserve)
         self._clock = self.config.clock
         self._metrics = MetricsRecorder(self.config.metrics_retention, self._fair.fairness_window)
         # Keyed by delivery (the object itself): a redelivered message is a second entry, and a
@@ -303,13 +306,23 @@ class LLMQueueDispatcher(Generic[T]):
         # Holding the budget ranks every message that fits the capacity, against the capacity.
         budget = float(metrics.tpm.limit) if hold else float(metrics.tpm.available)
         requests = float(metrics.rpm.limit) if hold else float(metrics.rpm.available)
+        reported = (float(metrics.tpm.available), float(metrics.rpm.available), float(metrics.tpm.limit))
         selection = self._source.select(
-            budget, requests, self._scoring_params, custom_fn, config.min_score_threshold
+            budget,
+            requests,
+            self._scoring_params,
+            custom_fn,
+            config.min_score_threshold,
+            reported=reported,
+            hold=hold,
         )
         if selection is None:
             return None
-        if not await self._admitted(limiter, selection.request_id, selection.tokens, reserve):
-            return await self._held_for(limiter, selection.tokens) if hold else None
+        needed = selection.tokens + math.ceil(selection.margin)
+        if not selection.fits or not await self._admitted(
+            limiter, selection.request_id, selection.tokens, reserve
+        ):
+            return await self._held_for(limiter, needed) if hold else None
         picked = await self._take_reserved(
             limiter,
             selection.request_id,

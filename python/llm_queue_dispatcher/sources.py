@@ -128,20 +128,28 @@ class MessageSource(ABC, Generic[T]):
         params: ScoringParams,
         custom_fn: Any,
         min_score: float,
+        *,
+        reported: tuple[float, float, float] | None = None,
+        hold: bool = False,
     ) -> Selection | None:
-        """The best candidate under a limiter's reported budget, not yet taken."""
-        return self.pool.select(available_tokens, available_requests, params, custom_fn, min_score)
+        """The best candidate under a limiter's reported budget, not yet taken (``reported``:
+        what the limiter reported, for the URGENT reserve a non-URGENT winner leaves)."""
+        return self.pool.select(
+            available_tokens, available_requests, params, custom_fn, min_score, reported=reported, hold=hold
+        )
 
     def take(self, selection: Selection, visibility_timeout: float) -> Dispatched | None:
         """Takes a selected candidate out, or None if it left meanwhile."""
         return self.pool.take(selection, visibility_timeout)
 
-    def configure_fair(self, config: FairPriorityConfig) -> None:
-        """Ranks by the ``fair_priority`` policy from now on."""
+    def configure_fair(self, config: FairPriorityConfig, urgent_reserve: int | None = None) -> None:
+        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the dispatcher's,
+        None for automatic)."""
         reserve = None if config.reserve_tokens is None else float(config.reserve_tokens)
         weights = {name: float(weight) for name, weight in config.tenant_weights.items()}
         window, max_wait = float(config.fairness_window), config.max_wait_by_priority()
-        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve)
+        urgent = None if urgent_reserve is None else float(urgent_reserve)
+        self.pool.configure_fair(weights, window, config.urgent_first, max_wait, reserve, urgent)
 
     def dispatch_fair(
         self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool

@@ -24,7 +24,7 @@ use pyo3::types::PyDict;
 use crate::cells::CellKey;
 use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRuntime};
 use crate::index::{IndexEntry, Ranking};
-use crate::policy::{decide_fair_lanes, Admission, FairDecision, Snapshot};
+use crate::policy::{decide_fair_lanes, Admission, FairDecision, Snapshot, UrgentReserve};
 use crate::scoring::{MessageTraits, Weights};
 use crate::select::{collect, Candidate, Collected, SearchContext, SortedCandidates};
 
@@ -62,6 +62,8 @@ struct BufferState {
     tenant_ids: HashMap<String, u32>,
     /// A `fair_priority` dispatcher's settings and runtime.
     fair: Option<(FairConfig, FairRuntime)>,
+    /// The estimates of the messages buffered so far (the URGENT reserve's history).
+    urgent: UrgentReserve,
 }
 
 impl BufferState {
@@ -83,11 +85,11 @@ impl BufferState {
         self.tenant_names.get(id as usize).map_or("", String::as_str)
     }
 
-    /// The fair lanes of the buffered messages at `now` (the buffer is small: built per step).
+    /// The fair lanes of the buffered messages (the buffer is small: built per step).
     /// Lanes order by sequence number as age order, but the buffer's own sequence is the order
     /// messages arrived in it (the store hands them over by priority, a failed one again last):
     /// each entry gets its rank by enqueue instant instead (ties by arrival).
-    fn lanes(&self, config: &FairConfig, now: f64) -> FairLanes {
+    fn lanes(&self, config: &FairConfig) -> FairLanes {
         let mut lanes = FairLanes::new(config.clone());
         let items = &self.items;
         let mut by_age: Vec<usize> = (0..items.len()).collect();
@@ -103,17 +105,19 @@ impl BufferState {
             entry.seq = age_rank as u64;
             lanes.insert(i as u32, &entry);
         }
-        lanes.age(now);
         lanes
     }
 
     /// The fair decision over the buffer; None without fair settings or messages.
     fn decide_fair(&mut self, limiter: &impl Admission, now: f64, hold: bool) -> Option<FairDecision> {
         let (config, _) = self.fair.as_ref()?;
-        let lanes = self.lanes(config, now);
+        let mut lanes = self.lanes(config);
         let items = &self.items;
         let (_, runtime) = self.fair.as_mut()?;
-        decide_fair_lanes(&lanes, |slot| items[slot as usize].traits.tokens, runtime, limiter, now, hold)
+        lanes.prepare_all(now, &mut runtime.ledger);
+        self.urgent.set_waiting_tokens(items.iter().map(|item| item.traits.tokens).sum());
+        let tokens_of = |slot: u32| items[slot as usize].traits.tokens;
+        decide_fair_lanes(&lanes, tokens_of, runtime, &self.urgent, limiter, now, hold)
     }
 
     /// Takes the item in `slot` out and charges its tenant: the message and the facts.
@@ -244,6 +248,14 @@ impl Pool for PyCandidateBuffer {
         let state = self.state.lock_py_attached(py);
         Ok(state.position(candidate.seq).map(|i| state.items[i].request_id.clone()))
     }
+
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)> {
+        let now = self.clock.now(py)?;
+        let state = self.state.lock_py_attached(py);
+        let mut history = state.urgent.clone();
+        history.set_waiting_tokens(state.items.iter().map(|item| item.traits.tokens).sum());
+        Ok((history, now))
+    }
 }
 
 #[pymethods]
@@ -283,6 +295,7 @@ impl PyCandidateBuffer {
                 let seq = state.next_seq;
                 state.next_seq += 1;
                 let tenant = state.intern(tenant.as_deref().unwrap_or(""));
+                state.urgent.observe(traits.priority, traits.tokens, traits.enqueued_at);
                 state.items.push(Buffered { message, request_id, handle, traits, seq, tenant, deadline });
             }
         }
@@ -343,7 +356,8 @@ impl PyCandidateBuffer {
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
-    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score, *, reported=None, hold=false))]
+    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         py: Python<'_>,
@@ -352,8 +366,20 @@ impl PyCandidateBuffer {
         params: &Bound<'_, PyScoringParams>,
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
+        reported: Option<(f64, f64, f64)>,
+        hold: bool,
     ) -> PyResult<Option<PySelection>> {
-        select_with_budget(py, self, available_tokens, available_requests, params.get(), custom_fn, min_score)
+        let reported = super::dispatch::reported_budget(reported, hold);
+        select_with_budget(
+            py,
+            self,
+            available_tokens,
+            available_requests,
+            params.get(),
+            custom_fn,
+            min_score,
+            reported,
+        )
     }
 
     /// Takes a selected candidate out: `(message, total, breakdown)`, or None if it left.
@@ -381,7 +407,8 @@ impl PyCandidateBuffer {
     }
 
     /// Ranks the buffer by the `fair_priority` policy from now on (see `FairPriorityConfig`).
-    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens))]
+    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens, urgent_reserve=None))]
+    #[allow(clippy::too_many_arguments)]
     fn configure_fair(
         &self,
         py: Python<'_>,
@@ -390,9 +417,15 @@ impl PyCandidateBuffer {
         urgent_first: bool,
         max_wait: [f64; 4],
         reserve_tokens: Option<f64>,
+        urgent_reserve: Option<f64>,
     ) -> PyResult<()> {
-        let settings =
-            FairSettings::read(tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens)?;
+        let settings = FairSettings::read(
+            tenant_weights,
+            fairness_window,
+            urgent_first,
+            max_wait,
+            (reserve_tokens, urgent_reserve),
+        )?;
         let mut state = self.state.lock_py_attached(py);
         let config = settings.config(|name| state.intern(name));
         let runtime = FairRuntime::new(&config, settings.reserve_tokens);

@@ -18,7 +18,9 @@ use super::params::PyScoringParams;
 use super::store::{PyStore, PyStoreCore};
 use super::throttle::PyThrottle;
 use crate::errors::CoreError;
-use crate::policy::{decide_score, ranking_budget, Decision};
+use crate::policy::{
+    decide_score, ranking_budget, score_margin, score_reserve, Admission, Decision, Snapshot, UrgentReserve,
+};
 use crate::scoring::Weights;
 use crate::select::{
     best_candidate, choose, collect, Candidate, Choice, Collected, IndexSearch, SearchContext,
@@ -117,6 +119,10 @@ pub(crate) trait Pool {
 
     /// The request id of a collected candidate (for the limiter's records), if still there.
     fn request_id(&self, py: Python<'_>, candidate: &Candidate) -> PyResult<Option<String>>;
+
+    /// What sizes the URGENT reserve (the recent estimates, the tokens waiting, the latest
+    /// arrival), with the pool's clock reading.
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)>;
 
     /// The best base score the pool would offer `offset` seconds from now, its messages
     /// unchanged.
@@ -259,23 +265,30 @@ pub(crate) fn dispatch_with_throttle(
 ) -> PyResult<Outcome<Dispatched>> {
     let Settings { visibility_timeout, min_score, reserve, hold } = settings;
     let custom_fn = custom(custom_fn, params);
-    let limit = if custom_fn.is_some() { params.max_candidates } else { 1 };
     for _ in 0..MAX_ATTEMPTS {
         let Some(budget) = throttle.with_state(py, |state, _| ranking_budget(state, hold))? else {
             return Ok(Outcome::Nothing);
         };
-        let (collected, messages) = pool.collect(py, &params.weights, budget, limit, custom_fn.is_some())?;
-        let Some(choice) = pick(py, params, custom_fn, &collected, &messages)? else {
+        let (history, now) = pool.urgent_history(py)?;
+        let (urgent_reserve, capacity) = throttle.with_state(py, |state, _| {
+            (score_reserve(&params.weights, Some(&history), state, now), state.tokens().capacity())
+        })?;
+        let admits = |tokens, margin| throttle.with_state(py, |state, _| state.admits(tokens, margin));
+        let leaving = Leaving { reserve: urgent_reserve, capacity, hold, admits: &admits };
+        let Some(choice) = pick_leaving(py, pool, params, custom_fn, budget, &leaving)? else {
             return Ok(Outcome::Nothing);
         };
-        drop(messages);
         if choice.total < min_score {
             return Ok(Outcome::Nothing);
         }
         let Some(request_id) = pool.request_id(py, &choice.candidate)? else { continue };
         let tokens = choice.candidate.tokens;
-        if hold {
-            let check = throttle.with_state(py, |state, _| state.check(tokens))?;
+        let margin = score_margin(&choice.candidate, urgent_reserve, capacity);
+        if hold || margin > 0.0 {
+            let check = throttle.with_state(py, |state, _| state.check_with_margin(tokens, margin))?;
+            if !check.allowed && !hold {
+                continue; // the budget moved while custom scorers ran (another thread)
+            }
             if !check.allowed {
                 return Ok(if check.available_in.is_finite() {
                     Outcome::Wait(check.available_in)
@@ -309,6 +322,40 @@ pub(crate) fn dispatch_with_throttle(
         }
     }
     Ok(Outcome::Nothing)
+}
+
+/// The URGENT reserve a selection leaves, whether it holds the budget, and whether the limiter
+/// admits a request of so many tokens leaving so many more.
+struct Leaving<'a> {
+    reserve: f64,
+    capacity: f64,
+    hold: bool,
+    admits: &'a dyn Fn(u64, f64) -> PyResult<bool>,
+}
+
+/// The winner of a selection that leaves the URGENT reserve: the best of `budget`; without
+/// holding, when that is a non-URGENT one that the limiter does not admit with the reserve,
+/// the best of what leaves it (no URGENT one fits then: it would have won).
+fn pick_leaving(
+    py: Python<'_>,
+    pool: &impl Pool,
+    params: &PyScoringParams,
+    custom_fn: Option<&Bound<'_, PyAny>>,
+    budget: Budget,
+    leaving: &Leaving<'_>,
+) -> PyResult<Option<Choice>> {
+    let limit = if custom_fn.is_some() { params.max_candidates } else { 1 };
+    let (collected, messages) = pool.collect(py, &params.weights, budget, limit, custom_fn.is_some())?;
+    let Some(choice) = pick(py, params, custom_fn, &collected, &messages)? else { return Ok(None) };
+    drop(messages);
+    let reserve = leaving.reserve;
+    let margin = score_margin(&choice.candidate, reserve, leaving.capacity);
+    if leaving.hold || margin <= 0.0 || (leaving.admits)(choice.candidate.tokens, margin)? {
+        return Ok(Some(choice));
+    }
+    let budget = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
+    let (collected, messages) = pool.collect(py, &params.weights, budget, limit, custom_fn.is_some())?;
+    pick(py, params, custom_fn, &collected, &messages)
 }
 
 /// What the fused step took under the locks.
@@ -393,7 +440,8 @@ pub(crate) fn undo_take(
 }
 
 /// The selection half of a dispatch step against any other rate limiter: the best candidate
-/// under `budget`, not yet taken.
+/// under `budget`, not yet taken. With the budget the limiter `reported`, the winner's URGENT
+/// reserve and whether it fits now with it.
 pub(crate) fn select_candidate(
     py: Python<'_>,
     pool: &impl Pool,
@@ -401,21 +449,35 @@ pub(crate) fn select_candidate(
     params: &PyScoringParams,
     custom_fn: Option<&Bound<'_, PyAny>>,
     min_score: f64,
+    reported: Option<(Snapshot, bool)>,
 ) -> PyResult<Option<PySelection>> {
     let custom_fn = custom(custom_fn, params);
-    let limit = if custom_fn.is_some() { params.max_candidates } else { 1 };
-    let (collected, messages) = pool.collect(py, &params.weights, budget, limit, custom_fn.is_some())?;
-    let Some(choice) = pick(py, params, custom_fn, &collected, &messages)? else {
+    let reserve = match reported {
+        Some((snapshot, _)) => {
+            let (history, now) = pool.urgent_history(py)?;
+            score_reserve(&params.weights, Some(&history), &snapshot, now)
+        }
+        None => 0.0,
+    };
+    let admits = |tokens, margin| Ok(reported.is_none_or(|(snapshot, _)| snapshot.admits(tokens, margin)));
+    let hold = reported.is_none_or(|(_, hold)| hold);
+    let capacity = reported.map_or(f64::INFINITY, |(snapshot, _)| snapshot.capacity);
+    let leaving = Leaving { reserve, capacity, hold, admits: &admits };
+    let Some(choice) = pick_leaving(py, pool, params, custom_fn, budget, &leaving)? else {
         return Ok(None);
     };
     if choice.total < min_score {
         return Ok(None);
     }
     let Some(request_id) = pool.request_id(py, &choice.candidate)? else { return Ok(None) };
-    Ok(Some(PySelection { choice, request_id }))
+    let margin = score_margin(&choice.candidate, reserve, capacity);
+    let fits = admits(choice.candidate.tokens, margin)?;
+    Ok(Some(PySelection { choice, request_id, margin, fits }))
 }
 
 /// `select` of both pools: the budget a limiter reports, then `select_candidate`.
+// The arguments of the Python method, passed through as they are.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn select_with_budget(
     py: Python<'_>,
     pool: &impl Pool,
@@ -424,12 +486,21 @@ pub(crate) fn select_with_budget(
     params: &PyScoringParams,
     custom_fn: Option<&Bound<'_, PyAny>>,
     min_score: f64,
+    reported: Option<(Snapshot, bool)>,
 ) -> PyResult<Option<PySelection>> {
     if available_requests < 1.0 {
         return Ok(None);
     }
     let budget = Budget { available: available_tokens, max_tokens: available_tokens };
-    select_candidate(py, pool, budget, params, custom_fn, min_score)
+    select_candidate(py, pool, budget, params, custom_fn, min_score, reported)
+}
+
+/// The budget another limiter reported, `(available tokens, available requests, capacity)`,
+/// and whether the budget is held, as `select_candidate` takes them.
+pub(crate) fn reported_budget(reported: Option<(f64, f64, f64)>, hold: bool) -> Option<(Snapshot, bool)> {
+    reported.map(|(available_tokens, available_requests, capacity)| {
+        (Snapshot { available_tokens, available_requests, capacity }, hold)
+    })
 }
 
 /// `take` of both pools: the selected message with its score, or None if it left.
@@ -451,6 +522,12 @@ pub struct PySelection {
     /// The winner's request id.
     #[pyo3(get)]
     pub request_id: String,
+    /// Tokens it must leave in the bucket (the URGENT reserve, for a non-URGENT winner).
+    #[pyo3(get)]
+    pub margin: f64,
+    /// Whether the reported budget admits it now with that margin (True without a report).
+    #[pyo3(get)]
+    pub fits: bool,
 }
 
 #[pymethods]
@@ -581,6 +658,10 @@ impl Pool for PyStoreCore {
         self.with_store(py, |store, _| {
             Ok(still_visible(store, candidate).then(|| store.message(candidate.slot).request_id.to_string()))
         })
+    }
+
+    fn urgent_history(&self, py: Python<'_>) -> PyResult<(UrgentReserve, f64)> {
+        self.with_store(py, |store, now| Ok((store.ranking().0 .1.clone(), now)))
     }
 }
 

@@ -14,7 +14,7 @@ use super::store::{PyStore, PyStoreCore};
 use super::throttle::PyThrottle;
 use crate::errors::{CoreError, CoreResult};
 use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRank, FairRuntime};
-use crate::policy::{decide_fair, decide_fair_lanes, Decision, Snapshot};
+use crate::policy::{decide_fair, decide_fair_store, Decision, Snapshot};
 use crate::py::errors::to_py_err;
 
 /// What Python learns of a fair dispatch, to explain it and to correct the tenant's charge at
@@ -29,6 +29,7 @@ pub(crate) struct FairSettings {
     pub urgent_first: bool,
     pub max_wait: [f64; 4],
     pub reserve_tokens: Option<f64>,
+    pub urgent_reserve: Option<f64>,
 }
 
 impl FairSettings {
@@ -37,7 +38,7 @@ impl FairSettings {
         fairness_window: f64,
         urgent_first: bool,
         max_wait: [f64; 4],
-        reserve_tokens: Option<f64>,
+        (reserve_tokens, urgent_reserve): (Option<f64>, Option<f64>),
     ) -> PyResult<Self> {
         let py = tenant_weights.py();
         let weights = tenant_weights.extract::<HashMap<String, f64>>()?.into_iter().collect::<Vec<_>>();
@@ -56,7 +57,10 @@ impl FairSettings {
         if reserve_tokens.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
             return Err(bad(format!("reserve_tokens must be None or a count >= 0, got {reserve_tokens:?}")));
         }
-        Ok(Self { weights, fairness_window, urgent_first, max_wait, reserve_tokens })
+        if urgent_reserve.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
+            return Err(bad(format!("urgent_reserve must be None or a count >= 0, got {urgent_reserve:?}")));
+        }
+        Ok(Self { weights, fairness_window, urgent_first, max_wait, reserve_tokens, urgent_reserve })
     }
 
     /// The core configuration, with tenant names interned by `intern`.
@@ -66,6 +70,7 @@ impl FairSettings {
             fairness_window: self.fairness_window,
             urgent_first: self.urgent_first,
             max_wait: self.max_wait,
+            urgent_reserve: self.urgent_reserve,
         }
     }
 }
@@ -122,6 +127,7 @@ impl PyStoreCore {
         let mut state = pyo3::sync::MutexExt::lock_py_attached(&self.state, py);
         let config = settings.config(|name| state.store.intern_tenant(name));
         state.fair = Some(FairRuntime::new(&config, settings.reserve_tokens));
+        state.store.set_tenant_retention(config.fairness_window);
         state.store.ranking_mut().1 = Some(FairLanes::new(config));
         state.store.rebuild_ranking();
     }
@@ -207,11 +213,7 @@ impl PyStoreCore {
     ) -> PyResult<Option<PyFairSelection>> {
         let now = self.now(py)?;
         let (chosen, aftermath) = self.locked_with_fair(py, now, |store, runtime, now| {
-            let Some(lanes) = store.ranking_mut().1.as_mut() else { return Ok(None) };
-            lanes.age(now);
-            let Some(lanes) = store.ranking().1.as_ref() else { return Ok(None) };
-            let decision =
-                decide_fair_lanes(lanes, |slot| store.message(slot).tokens, runtime, &snapshot, now, hold);
+            let decision = decide_fair_store(store, runtime, &snapshot, now, hold);
             Ok(decision.map(|d| {
                 let message = store.message(d.candidate.slot);
                 PyFairSelection {

@@ -16,8 +16,14 @@ pub struct PyScoringParams {
 #[pymethods]
 impl PyScoringParams {
     #[new]
-    #[pyo3(signature = (weights, custom_weights, max_candidates))]
-    fn new(weights: [f64; 6], custom_weights: Vec<f64>, max_candidates: usize) -> PyResult<Self> {
+    #[pyo3(signature = (weights, custom_weights, max_candidates, *, urgent_first=false, urgent_reserve=None))]
+    fn new(
+        weights: [f64; 6],
+        custom_weights: Vec<f64>,
+        max_candidates: usize,
+        urgent_first: bool,
+        urgent_reserve: Option<f64>,
+    ) -> PyResult<Self> {
         for (name, value) in FACTOR_NAMES.iter().zip(weights) {
             validate_weight(name, value)?;
         }
@@ -29,7 +35,14 @@ impl PyScoringParams {
                 CoreError::InvalidConfig("max_candidates_to_evaluate must be >= 1, got 0".into()).into()
             );
         }
-        Ok(Self { weights: Weights::from_array(weights), custom_weights, max_candidates })
+        if urgent_reserve.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
+            return Err(CoreError::InvalidConfig(format!(
+                "urgent_reserve must be None or a count >= 0, got {urgent_reserve:?}"
+            ))
+            .into());
+        }
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, urgent_reserve);
+        Ok(Self { weights, custom_weights, max_candidates })
     }
 
     /// The six weights in factor order.
@@ -40,10 +53,12 @@ impl PyScoringParams {
 
     fn __repr__(&self) -> String {
         format!(
-            "ScoringParams(weights={:?}, custom_weights={:?}, max_candidates={})",
+            "ScoringParams(weights={:?}, custom_weights={:?}, max_candidates={}, urgent_first={}, urgent_reserve={:?})",
             self.weights.as_array(),
             self.custom_weights,
-            self.max_candidates
+            self.max_candidates,
+            if self.weights.urgent_first { "True" } else { "False" },
+            self.weights.urgent_reserve,
         )
     }
 }

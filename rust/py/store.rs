@@ -24,7 +24,6 @@ use super::params::PyScoringParams;
 use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
 pub(crate) use super::requests::{datetime_seconds, visibility_timeout_arg};
 use super::throttle::PyThrottle;
-use crate::deadlines::DeadlineIndex;
 use crate::errors::CoreResult;
 use crate::fair::FairRuntime;
 use crate::policy::Rankings;
@@ -253,8 +252,7 @@ impl PyStoreCore {
         };
         let config = StoreConfig { max_receive_count, message_retention };
         let now = clock.now(py)?;
-        let store = Store::with_ranking(config, now, (DeadlineIndex::default(), None))
-            .map_err(|e| to_py_err(py, e))?;
+        let store = Store::with_ranking(config, now, Rankings::default()).map_err(|e| to_py_err(py, e))?;
         Ok(Self {
             state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
             config,
@@ -476,7 +474,8 @@ impl PyStoreCore {
     }
 
     /// Keeps `fair_priority` lanes beside the index from now on (see `FairPriorityConfig`).
-    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens))]
+    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens, urgent_reserve=None))]
+    #[allow(clippy::too_many_arguments)]
     fn configure_fair(
         &self,
         py: Python<'_>,
@@ -485,9 +484,15 @@ impl PyStoreCore {
         urgent_first: bool,
         max_wait: [f64; 4],
         reserve_tokens: Option<f64>,
+        urgent_reserve: Option<f64>,
     ) -> PyResult<()> {
-        let settings =
-            FairSettings::read(tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens)?;
+        let settings = FairSettings::read(
+            tenant_weights,
+            fairness_window,
+            urgent_first,
+            max_wait,
+            (reserve_tokens, urgent_reserve),
+        )?;
         self.configure_fair_lanes(py, &settings);
         Ok(())
     }
@@ -548,7 +553,8 @@ impl PyStoreCore {
     }
 
     /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
-    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score))]
+    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score, *, reported=None, hold=false))]
+    #[allow(clippy::too_many_arguments)]
     fn select(
         &self,
         py: Python<'_>,
@@ -557,6 +563,8 @@ impl PyStoreCore {
         params: &Bound<'_, PyScoringParams>,
         custom_fn: Option<&Bound<'_, PyAny>>,
         min_score: f64,
+        reported: Option<(f64, f64, f64)>,
+        hold: bool,
     ) -> PyResult<Option<PySelection>> {
         dispatch::select_with_budget(
             py,
@@ -566,6 +574,7 @@ impl PyStoreCore {
             params.get(),
             custom_fn,
             min_score,
+            dispatch::reported_budget(reported, hold),
         )
     }
 
