@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from ._checks import finite_float, shown
+from ._checks import finite_float, real_number, shown
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     InvalidConfigError,
@@ -274,6 +274,8 @@ class Worker(Generic[T]):
         self._released = 0
         self._tokens = 0
         self._redelivered = 0
+        # Whether a `retry_after` past the store's limit was logged (once per worker).
+        self._clamp_logged = False
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -304,18 +306,25 @@ class Worker(Generic[T]):
             self._stop_event.set()
 
     def retry_delay(self, job: ProcessableMessage[T], error: BaseException) -> float:
-        """Seconds before a failed message is visible again: a `RetryableError`'s valid
-        ``retry_after`` (at most 43200, the store's limit), else `backoff_delay` over the
-        message's receive count, capped at ``max_retry_delay``."""
-        if isinstance(error, RetryableError):
-            after = error.retry_after
-            if (
-                not isinstance(after, bool)
-                and isinstance(after, (int, float))
-                and math.isfinite(after)
-                and after >= 0
-            ):
-                return min(float(after), MAX_VISIBILITY_TIMEOUT)
+        """Seconds before a failed message is visible again: a `RetryableError`'s
+        ``retry_after`` when it is a number >= 0 (an int, a float or an integer-like such as
+        ``numpy.int64``), cut to 43200 (the store's limit; infinity and an int too large for a
+        float included, logged once per worker); else, and for a NaN, a negative or a non-number
+        ``retry_after``, `backoff_delay` over the message's receive count, capped at
+        ``max_retry_delay``."""
+        if isinstance(error, RetryableError) and error.retry_after is not None:
+            after = real_number(error.retry_after)
+            if after is not None and after >= 0:  # NaN fails the comparison
+                if after > MAX_VISIBILITY_TIMEOUT and not self._clamp_logged:
+                    self._clamp_logged = True
+                    self._logger.warning(
+                        "request %r asked to be retried after %s s; waiting %s s, the longest a "
+                        "message can stay invisible (logged once per worker)",
+                        job.message.payload.id,
+                        shown(error.retry_after),
+                        MAX_VISIBILITY_TIMEOUT,
+                    )
+                return min(after, MAX_VISIBILITY_TIMEOUT)
         return backoff_delay(
             job.message.attributes.receive_count,
             base=self.retry_base_delay,
@@ -539,7 +548,20 @@ class Worker(Generic[T]):
     ) -> None:
         """Hands a failed message back after its retry delay (backoff or ``retry_after``)."""
         current = await self._close_run(task, job)
-        delay = self.retry_delay(current, error)
+        try:
+            delay = self.retry_delay(current, error)
+            if not 0.0 <= delay <= MAX_VISIBILITY_TIMEOUT:  # NaN fails it too
+                raise ValueError(f"retry_delay returned {shown(delay)}, not within [0, 43200] seconds")
+        except Exception:
+            # An overridden retry_delay that raised or answered nonsense: the message is handed
+            # back all the same (never left leased with its reservation held), after a backoff.
+            self._logger.exception("could not compute the retry delay of request %r", job.message.payload.id)
+            delay = backoff_delay(
+                current.message.attributes.receive_count,
+                base=self.retry_base_delay,
+                cap=self.max_retry_delay,
+                rng=self._rng,
+            )
         self._logger.info(
             "request %r failed (attempt %d), retrying in %.2f s: %r",
             job.message.payload.id,
