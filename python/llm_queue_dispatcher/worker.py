@@ -12,8 +12,9 @@ and settles it exactly once:
   itself (a cancelled inner task): backed off like any failure, never retried in a hot loop;
 * it is cancelled by the worker (stop past the grace, or ``run()`` cancelled) -> released: the
   message is visible again at once for another worker, its reserved tokens refunded;
-* it raises `KeyboardInterrupt` or `SystemExit` -> its message is released and the worker stops
-  gracefully (the other handlers get the grace), then ``run()`` raises that exception.
+* it raises `KeyboardInterrupt` or `SystemExit` -> the worker stops taking messages, its message
+  is released (so not handled again before the stop) and the worker stops gracefully (the other
+  handlers get the grace), then ``run()`` raises that exception.
 
 A message delivered again while its handler still runs (its lease ran out because a handler
 blocked the event loop for longer than the visibility timeout, so no lease renewal could run) is
@@ -267,6 +268,9 @@ class Worker(Generic[T]):
         self._force_event: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._idle = asyncio.Event()
+        # Set once the dispatch loop of the current run has ended: no dequeue can take a message
+        # any more.
+        self._dispatch_ended = asyncio.Event()
         self._stop_when_empty = False
         self._processed = 0
         self._retried = 0
@@ -359,6 +363,7 @@ class Worker(Generic[T]):
         self._slots = asyncio.Semaphore(self.concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._dispatch_ended = asyncio.Event()
         self._fatal = None
         if self._stop_requested:
             self._stop_event.set()
@@ -399,6 +404,12 @@ class Worker(Generic[T]):
 
     # -- the loop --------------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
+        try:
+            await self._take_messages()
+        finally:
+            self._dispatch_ended.set()
+
+    async def _take_messages(self) -> None:
         assert self._slots is not None
         storage_failures = 0
         wait = _DRAIN_CHECK if self._stop_when_empty else _DEQUEUE_WAIT
@@ -522,12 +533,18 @@ class Worker(Generic[T]):
                 job.message.payload.id,
                 error,
             )
-            current = await self._close_run(task, job)
-            await self._release(current, error)
-            await self._close_superseded(task, error)
             if self._fatal is None:
                 self._fatal = error
+            # Stop taking messages before this one is visible again, or the dequeue waiting for
+            # work would take it and run the handler on it a second time: `run` ends the
+            # dispatch loop on the stop, before it gives the running handlers their grace.
             self.stop()
+            try:
+                await self._dispatch_ended.wait()
+            finally:  # a stop past the grace cancels this wait: the message is released all the same
+                current = await self._close_run(task, job)
+                await self._release(current, error)
+                await self._close_superseded(task, error)
         except PermanentError as error:
             current = await self._close_run(task, job)
             if await self._settle(current, "dead-letter", current.mark_as_dead_lettered(error)):
