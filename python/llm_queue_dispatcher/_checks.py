@@ -32,7 +32,7 @@ def real_number(value: object) -> float | None:
         return float(value)
     if not isinstance(value, int):
         try:
-            value = operator.index(value)
+            value = operator.index(value)  # type: ignore[arg-type]  # TypeError when it has no __index__
         except TypeError:
             return None
     try:

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from . import _signals
 from ._checks import finite_float, real_number, shown
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
@@ -126,38 +127,6 @@ class _Run(Generic[T]):
     closed: bool = False
 
 
-@dataclass(frozen=True)
-class _SavedSignal:
-    """What a signal had before `Worker.run` took it, to put back exactly."""
-
-    signum: signal.Signals
-    #: ``signal.getsignal`` before (None: not installed from Python).
-    python_handler: Any
-    #: The loop's own handler before (``loop.add_signal_handler``), the very `asyncio.Handle`.
-    loop_handle: asyncio.Handle | None
-    #: The worker's handle, to tell whether someone replaced it while `run` ran.
-    ours: asyncio.Handle | None
-
-
-# The Python-level handlers a signal has when nobody installed one.
-_DEFAULT_HANDLERS = (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
-
-
-def _loop_signal_table(loop: asyncio.AbstractEventLoop) -> dict[int, asyncio.Handle] | None:
-    """The loop's ``add_signal_handler`` registrations, when it exposes them (asyncio's Unix
-    loops keep them in ``_signal_handlers``); None for a loop that does not (uvloop)."""
-    table = getattr(loop, "_signal_handlers", None)
-    return table if isinstance(table, dict) else None
-
-
-def _wakeup_fd() -> int:
-    """The current ``signal.set_wakeup_fd`` (main thread only), read without changing it."""
-    fd = signal.set_wakeup_fd(-1)
-    if fd != -1:
-        signal.set_wakeup_fd(fd)
-    return fd
-
-
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
     number = finite_float(value)
     if number is None:
@@ -200,7 +169,9 @@ class Worker(Generic[T]):
             is the whole program), in the main thread `run` stops on SIGTERM and SIGINT (a
             second signal skips the rest of the grace) and afterwards puts back exactly what
             each signal had: a ``signal.signal`` handler, or the very handler a host registered
-            with ``loop.add_signal_handler``. On a loop that does not expose its handlers
+            with ``loop.add_signal_handler``. Several such workers of one loop share the
+            signals: a signal stops them all, and the last to end puts back what the first
+            found, whatever order they end in. On a loop that does not expose its handlers
             (uvloop) a signal that already has a handler is left to it.
         rng: the random source of the jitter (a seeded `random.Random` in tests).
         logger: where the worker logs; default the ``llm_queue_dispatcher`` logger.
@@ -791,59 +762,21 @@ class Worker(Generic[T]):
             if self._force_event is not None:
                 self._force_event.set()
 
-    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> tuple[list[_SavedSignal], int]:
-        """Takes SIGTERM and SIGINT for `run` (with ``handle_signals``, in the main thread);
-        returns what to put back: each signal's previous handlers and the wakeup fd."""
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> _signals.SignalListener | None:
+        """With ``handle_signals``, in the main thread: SIGTERM and SIGINT stop this run, through
+        the registration every such worker of ``loop`` shares (`_signals`)."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return [], -1
-        table = _loop_signal_table(loop)
-        wakeup = _wakeup_fd()
-        installed: list[_SavedSignal] = []
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            python_handler = signal.getsignal(signum)
-            loop_handle = table.get(signum) if table is not None else None
-            if table is None and python_handler not in _DEFAULT_HANDLERS:
-                # Perhaps the host's own `loop.add_signal_handler`, which this loop cannot hand
-                # back: leave the signal to it.
-                self._logger.warning(
-                    "%s already has a handler this event loop cannot restore; the worker leaves it alone",
-                    signum.name,
-                )
-                continue
-            try:
-                loop.add_signal_handler(signum, self._on_signal, signum)
-            except (NotImplementedError, RuntimeError, ValueError):  # not a Unix loop
-                continue
-            ours = table.get(signum) if table is not None else None
-            installed.append(_SavedSignal(signum, python_handler, loop_handle, ours))
-        return installed, wakeup
+            return None
+        return _signals.listen(loop, self._on_signal, self._logger)
 
     @staticmethod
     def _restore_signal_handlers(
-        loop: asyncio.AbstractEventLoop, saved: tuple[list[_SavedSignal], int]
+        loop: asyncio.AbstractEventLoop, listener: _signals.SignalListener | None
     ) -> None:
-        """Puts back exactly what `_install_signal_handlers` found, unless someone replaced the
-        worker's handler meanwhile (then theirs stays)."""
-        installed, wakeup = saved
-        if not installed:
-            return
-        table = _loop_signal_table(loop)
-        for entry in reversed(installed):
-            if table is not None:
-                if table.get(entry.signum) is not entry.ours:
-                    continue
-                if entry.loop_handle is not None:
-                    # The host's very Handle back in the loop's table: the signal's C-level
-                    # handler and the wakeup fd are still the loop's, as before.
-                    table[entry.signum] = entry.loop_handle
-                    continue
-            loop.remove_signal_handler(entry.signum)
-            if entry.python_handler is not None:
-                signal.signal(entry.signum, entry.python_handler)
-        # Removing the loop's last handler clears the wakeup fd; give back the one there was.
-        if _wakeup_fd() != wakeup:
-            with contextlib.suppress(ValueError, OSError):
-                signal.set_wakeup_fd(wakeup)
+        """Leaves the shared registration; the last worker to leave puts back exactly what the
+        signals had before the first took them."""
+        if listener is not None:
+            _signals.stop_listening(listener)
 
     def __repr__(self) -> str:
         state = "running" if self._running else "idle"

@@ -138,7 +138,8 @@ async def main():
         await worker.run()
     except RAISE:
         queue = (await dispatcher.get_queue_metrics()).queue
-        print(len(calls), queue.approximate_number_of_messages, queue.approximate_number_of_messages_in_flight)
+        print(len(calls), queue.approximate_number_of_messages,
+              queue.approximate_number_of_messages_in_flight)
 
 asyncio.run(main())
 """
