@@ -33,6 +33,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
+from tests.integer_like import IntegerLike
 from tests.redis.conftest import START, fresh_name
 from tests.redis.support import (
     HOUR,
@@ -254,6 +255,34 @@ def test_bad_names_are_refused(redis_url: str, name: Any) -> None:
 def test_bad_options_are_refused(redis_url: str, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfigError):
         RedisStorage(redis_url, "same", **options)
+
+
+@pytest.mark.parametrize("retention", [1e308, math.inf, 2.0**53], ids=["1e308", "inf", "2**53 s"])
+async def test_a_retention_longer_than_redis_can_count_keeps_messages_forever(
+    clocked_storage: MakeStorage, clock: ManualClock, retention: float
+) -> None:
+    storage = clocked_storage(message_retention=retention)
+    assert storage.message_retention == retention
+    await storage.enqueue(LLMRequest("r", {"n": 1}, token_info=TokenInfo(1)))
+    clock.advance(10 * 365 * 86_400.0)  # ten years on
+    [message] = await storage.dequeue(1, 30.0)
+    assert message.payload.id == "r"
+
+
+@pytest.mark.parametrize(
+    "retention",
+    [10**400, -(10**400), 0, math.nan, "60", True],
+    ids=["10**400", "-10**400", "0", "nan", "str", "bool"],
+)
+def test_a_retention_no_number_of_seconds_can_hold_is_refused_naming_it(
+    redis_url: str, retention: Any
+) -> None:
+    with pytest.raises(InvalidConfigError, match="message_retention"):
+        RedisStorage(redis_url, "q", message_retention=retention)
+
+
+def test_a_retention_may_be_an_integer_like_number(redis_url: str) -> None:
+    assert RedisStorage(redis_url, "q", message_retention=IntegerLike(3600)).message_retention == 3600.0  # type: ignore[arg-type]
 
 
 def test_the_client_must_be_a_redis_client_or_a_url() -> None:

@@ -576,6 +576,31 @@ def test_bad_configuration_is_refused(redis_url: str, options: dict[str, Any]) -
         RedisThrottle(redis_url, "x", **options)
 
 
+async def test_a_history_retention_longer_than_redis_can_count_keeps_grants_like_llm_throttle(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    local_clock = ManualClock(0.0)
+    local = LLMThrottle(60, 100, history_retention=1e308, clock=local_clock)
+    throttle = clocked_throttle(rpm=60, tpm=100, history_retention=1e308)
+    assert await throttle.consume("a", 10)
+    assert local.consume("a", 10)
+    # Ten years on, the grant is still there to adjust, in both.
+    clock.advance(10 * 365 * 86_400.0)
+    local_clock.advance(10 * 365 * 86_400.0)
+    await throttle.adjust_consumption("a", 4)
+    local.adjust_consumption("a", 4)
+    assert (await throttle.get_metrics()).consumption_history.total_tokens == 4
+    assert local.get_metrics().consumption_history.total_tokens == 4
+
+
+@pytest.mark.parametrize("retention", [10**400, math.inf, math.nan, 0], ids=["10**400", "inf", "nan", "0"])
+def test_a_history_retention_no_number_of_seconds_can_hold_is_refused_naming_it(
+    redis_url: str, retention: Any
+) -> None:
+    with pytest.raises(InvalidConfigError, match="history_retention"):
+        RedisThrottle(redis_url, "t", rpm=60, tpm=100, history_retention=retention)
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

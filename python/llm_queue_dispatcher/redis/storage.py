@@ -48,6 +48,7 @@ from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio
 
+from .._checks import finite_float, shown
 from ..errors import (
     DuplicateRequestError,
     InvalidConfigError,
@@ -129,7 +130,8 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             visibility runs out is dead-lettered. None: never.
         dead_letter: the name of another queue of the same namespace that receives
             dead-lettered messages (with their original enqueue time); None drops and counts them.
-        message_retention: seconds after enqueue after which a message is dropped (counted).
+        message_retention: seconds after enqueue after which a message is dropped (counted); inf,
+            or anything past 2**53 microseconds (about 285 years), keeps messages forever.
         max_payload_bytes: the most bytes one serialised request may take.
         serializer: ``(dumps, loads)`` for payloads that are not JSON: ``dumps(payload)`` returns
             bytes. None: JSON (the payload must read back equal). Never pickle.
@@ -174,14 +176,15 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             check_name(dead_letter, "dead_letter")
             if dead_letter == queue:
                 raise InvalidConfigError(f"dead_letter must name another queue than {queue!r}")
-        if (
-            isinstance(message_retention, bool)
-            or not isinstance(message_retention, (int, float))
-            or math.isnan(message_retention)
-            or message_retention <= 0
-        ):
+        # Any number > 0 (inf: forever), as InMemoryStorage takes it; an int too large for a
+        # float is refused (there too), never read as an OverflowError.
+        retention = finite_float(message_retention)
+        if retention is None and isinstance(message_retention, float) and message_retention == math.inf:
+            retention = math.inf
+        if retention is None or not retention > 0:
             raise InvalidConfigError(
-                f"message_retention must be a number of seconds > 0, got {message_retention!r}"
+                "message_retention must be a number of seconds > 0 (inf: forever), "
+                f"got {shown(message_retention)}"
             )
         if (
             isinstance(max_payload_bytes, bool)
@@ -195,7 +198,7 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             raise InvalidConfigError(f"serializer must be None or a (dumps, loads) pair, got {serializer!r}")
         self.max_receive_count = max_receive_count
         self.dead_letter = dead_letter
-        self.message_retention = float(message_retention)
+        self.message_retention = retention
         self.max_payload_bytes = max_payload_bytes
         self.serializer = serializer
         self._connection = Connection(redis)
@@ -204,10 +207,11 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         self._keys = _queue_keys(namespace, queue)
         if dead_letter is not None:
             self._keys += _queue_keys(namespace, dead_letter)
-        retention_us = _microseconds(self.message_retention) if math.isfinite(self.message_retention) else 0
+        # Compared before rounding: 1e308 s in microseconds is inf, which round() refuses.
+        retention_us = self.message_retention * 1_000_000
         self._settings = (
             str(max_receive_count or 0).encode(),
-            str(0 if retention_us > _FOREVER_US else retention_us).encode(),
+            str(0 if retention_us > _FOREVER_US else round(retention_us)).encode(),
         )
 
     # ----- plumbing ------------------------------------------------------------------------------

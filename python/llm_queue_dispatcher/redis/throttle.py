@@ -175,8 +175,16 @@ def _seconds(value: object, name: str) -> float:
     return number
 
 
+# Microseconds past 2**53 (about 285 years; Lua's doubles hold no finer instant there) are
+# forever: a history_retention of 1e308 s keeps grants as long as the record limit allows.
+_FOREVER_US = 2**53
+
+
 def _microseconds(seconds: float | None) -> str:
-    return "" if seconds is None else str(round(seconds * 1_000_000))
+    if seconds is None:
+        return ""
+    microseconds = seconds * 1_000_000  # compared before rounding: round(inf) raises
+    return str(_FOREVER_US if microseconds > _FOREVER_US else round(microseconds))
 
 
 def _figure(value: float | None) -> str:
@@ -196,7 +204,9 @@ class RedisThrottle(ScriptClient):
         burst_rpm, burst_tpm: bucket capacities (default: the rates), at least the rates.
         namespace: key prefix and hash tag.
         adjustment_failure_strategy: "compensate" (default), "strict" or "warn", as in `LLMThrottle`.
-        history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
+        history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``
+            (finite, > 0; past 2**53 microseconds, about 285 years, is as long as
+            ``max_history_records`` allows).
         max_history_records: the most grants kept.
         logger: where "warn" and "compensate" adjustments are logged.
 
