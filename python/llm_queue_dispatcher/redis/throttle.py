@@ -37,7 +37,7 @@ from typing import Any, Literal, NoReturn
 
 import redis.asyncio
 
-from .._checks import finite_float, shown
+from .._checks import finite_float, integer, real_number, shown
 from ..errors import (
     InvalidConfigError,
     InvalidRequestError,
@@ -168,13 +168,6 @@ def _request_id(request_id: object) -> bytes:
     return validate_request_id(request_id, "request_id").encode("utf-8")
 
 
-def _seconds(value: object, name: str) -> float:
-    number = finite_float(value)
-    if number is None or not number >= 0:
-        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {shown(value)}")
-    return number
-
-
 # Microseconds past 2**53 (about 285 years; Lua's doubles hold no finer instant there) are
 # forever: a history_retention of 1e308 s keeps grants as long as the record limit allows.
 _FOREVER_US = 2**53
@@ -256,13 +249,12 @@ class RedisThrottle(ScriptClient):
             )
         self.adjustment_failure_strategy = adjustment_failure_strategy
         self.history_retention = _positive(history_retention, "history_retention")
-        if (
-            isinstance(max_history_records, bool)
-            or not isinstance(max_history_records, int)
-            or max_history_records < 1
-        ):
-            raise InvalidConfigError(f"max_history_records must be an int >= 1, got {max_history_records!r}")
-        self.max_history_records = max_history_records
+        records = integer(max_history_records)  # an int or an integer-like (numpy's), not a bool
+        if records is None or records < 1:
+            raise InvalidConfigError(
+                f"max_history_records must be an int >= 1, got {shown(max_history_records)}"
+            )
+        self.max_history_records = records
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
         self._prefix = f"{{{namespace}}}:l:{name}:"
@@ -277,7 +269,7 @@ class RedisThrottle(ScriptClient):
             repr(self.request_capacity),
             repr(self.token_capacity),
             _microseconds(self.history_retention),
-            str(max_history_records),
+            str(records),
         )
 
     # ----- plumbing ------------------------------------------------------------------------------
@@ -441,10 +433,14 @@ class RedisThrottle(ScriptClient):
 
     async def penalize(self, seconds: float) -> None:
         """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
-        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a finite
-        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_WAIT` (one day) it counts
-        as one day."""
-        bounded = self._bounded_delay(_seconds(seconds, "seconds"), "a penalty")
+        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a number
+        >= 0 (an int, a float or an integer-like; else `InvalidRequestError`); above
+        `MAX_PROVIDER_WAIT` (one day), infinity and an int too large for a float included, it
+        counts as one day, logged once per limiter: `LLMThrottle.penalize`'s rule."""
+        number = real_number(seconds)
+        if number is None or not number >= 0:  # NaN fails it too
+            raise InvalidRequestError(f"seconds must be a number >= 0, got {shown(seconds)}")
+        bounded = self._bounded_delay(number, "a penalty")
         await self._run("limiter_penalize", _microseconds(bounded))
 
     async def sync_from_headers(
