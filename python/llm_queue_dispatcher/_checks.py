@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import operator
 
-__all__ = ["finite_float", "real_number", "shown"]
+__all__ = ["finite_float", "integer", "real_number", "shown"]
 
 
 def shown(value: object) -> str:
@@ -47,3 +47,16 @@ def finite_float(value: object) -> float | None:
     for a float included (``math.isfinite`` and ``float`` would raise `OverflowError` on it)."""
     number = real_number(value)
     return number if number is not None and math.isfinite(number) else None
+
+
+def integer(value: object) -> int | None:
+    """``value`` as an int when it is one (not a bool) or an integer-like object (with
+    ``__index__``, such as ``numpy.int64``); None for anything else, a float included."""
+    if isinstance(value, (bool, float)):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    try:
+        return operator.index(value)  # type: ignore[arg-type]  # TypeError when it has no __index__
+    except TypeError:
+        return None

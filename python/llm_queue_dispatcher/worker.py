@@ -33,6 +33,7 @@ import contextlib
 import inspect
 import logging
 import math
+import operator
 import random
 import signal
 import threading
@@ -199,8 +200,10 @@ class Worker(Generic[T]):
             )
         if not callable(handler):
             raise InvalidConfigError(f"handler must be an async callable, got {handler!r}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise InvalidConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        count = real_number(concurrency)  # an int or an integer-like (numpy's), not a bool
+        if count is None or isinstance(concurrency, float) or count < 1:
+            raise InvalidConfigError(f"concurrency must be an int >= 1, got {shown(concurrency)}")
+        concurrency = operator.index(concurrency)
         self.shutdown_grace = _require_number("shutdown_grace", shutdown_grace, minimum=0.0)
         self.max_retry_delay = _require_number(
             "max_retry_delay", max_retry_delay, minimum=0.0, maximum=MAX_VISIBILITY_TIMEOUT

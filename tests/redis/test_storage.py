@@ -33,7 +33,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
-from tests.integer_like import IntegerLike
+from tests.integer_like import IntLike, int_likes
 from tests.redis.conftest import START, fresh_name
 from tests.redis.support import (
     HOUR,
@@ -281,8 +281,21 @@ def test_a_retention_no_number_of_seconds_can_hold_is_refused_naming_it(
         RedisStorage(redis_url, "q", message_retention=retention)
 
 
-def test_a_retention_may_be_an_integer_like_number(redis_url: str) -> None:
-    assert RedisStorage(redis_url, "q", message_retention=IntegerLike(3600)).message_retention == 3600.0  # type: ignore[arg-type]
+@pytest.mark.parametrize("number", int_likes(30), ids=lambda v: type(v).__name__)
+async def test_integer_like_numbers_are_valid_storage_arguments(
+    clocked_storage: MakeStorage, number: object
+) -> None:
+    storage = clocked_storage(
+        message_retention=number, max_receive_count=number, max_payload_bytes=IntLike(4096)
+    )
+    assert (storage.message_retention, storage.max_receive_count, storage.max_payload_bytes) == (
+        30.0,
+        30,
+        4096,
+    )
+    await storage.enqueue(LLMRequest("r", {"n": 1}, token_info=TokenInfo(1)))
+    [message] = await storage.dequeue(number, number)  # type: ignore[arg-type]
+    await storage.update_visibility_timeout(message.attributes.receipt_handle, number)  # type: ignore[arg-type]
 
 
 def test_the_client_must_be_a_redis_client_or_a_url() -> None:

@@ -30,6 +30,7 @@ from llm_queue_dispatcher.redis import (
     RedisThrottle,
     SharedRateLimitMetrics,
 )
+from tests.integer_like import IntLike, int_likes
 from tests.redis.conftest import START, fresh_name
 from tests.redis.support import ClockedRedisThrottle, RedisServer, RedisThrottleAnHourAhead, ReplyCutter
 
@@ -275,7 +276,7 @@ async def test_penalize_refuses_everything_until_it_ends(
     assert not await throttle.consume("a", 1)
     clock.advance(US)
     assert await throttle.consume("a", 1)
-    for bad in (-1, math.nan, math.inf, "5", True):
+    for bad in (-1, math.nan, "5", True):
         with pytest.raises(InvalidRequestError, match="seconds"):
             await throttle.penalize(bad)
 
@@ -430,10 +431,15 @@ async def test_a_penalty_stored_beyond_a_day_ends_within_one(
 async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     clocked_throttle: MakeThrottle, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """`LLMThrottle.penalize`'s rule: any number >= 0 is taken, infinity and an int too large for
+    a float included, and above a day counts as a day; NaN and negatives are refused."""
     throttle = clocked_throttle(rpm=600, tpm=60_000)
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
         await throttle.penalize(1e308)
         await throttle.penalize(10**30)
+        await throttle.penalize(math.inf)
+        await throttle.penalize(10**400)
+        await throttle.penalize(IntLike(10**400))  # type: ignore[arg-type]
         await throttle.sync_from_headers({"retry-after": "1e12", "x-ratelimit-reset-tokens": "1e12s"})
     [record] = [r for r in caplog.records if "one day" in r.getMessage()]
     assert throttle.name in record.getMessage()
@@ -444,9 +450,24 @@ async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
         await other.penalize(1e9)
     assert len([r for r in caplog.records if "one day" in r.getMessage()]) == 2  # once per limiter
-    for bad in (math.inf, math.nan, -1.0, 10**400):
-        with pytest.raises(InvalidRequestError, match="seconds"):
-            await throttle.penalize(bad)
+    for bad in (math.nan, -1.0, -(10**400), -math.inf, IntLike(-1), "5", None, True):
+        with pytest.raises(InvalidRequestError, match=r"^seconds must be a number >= 0"):
+            await throttle.penalize(bad)  # type: ignore[arg-type]
+    for bad in (math.nan, -1.0, -(10**400), -math.inf, IntLike(-1), "5", None, True):  # the same rule
+        with pytest.raises(InvalidRequestError, match=r"^seconds must be a number >= 0"):
+            LLMThrottle(600, 60_000).penalize(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("number", int_likes(60), ids=lambda v: type(v).__name__)
+async def test_integer_like_numbers_are_valid_limits_and_penalties(
+    clocked_throttle: MakeThrottle, number: object
+) -> None:
+    throttle = clocked_throttle(
+        rpm=number, tpm=number, burst_rpm=number, burst_tpm=number, history_retention=number
+    )
+    assert (throttle.rpm, throttle.token_capacity) == (60.0, 60.0)
+    await throttle.penalize(number)  # type: ignore[arg-type]
+    assert (await throttle.get_metrics()).penalty_remaining == 60.0
 
 
 # ----- the server's clock only -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from llm_queue_dispatcher import (
     create_in_memory_queue,
 )
 from llm_queue_dispatcher.worker import backoff_delay
-from tests.integer_like import IntegerLike
+from tests.integer_like import IntLike
 from tests.worker.support import fill, noop, roomy_limiter
 
 
@@ -182,7 +182,7 @@ async def test_a_handler_that_marks_its_own_job_is_not_marked_twice() -> None:
 
 @pytest.mark.parametrize(
     "retry_after",
-    [10**400, math.inf, IntegerLike(10**400), 1e300],
+    [10**400, math.inf, IntLike(10**400), 1e300],
     ids=["int too large for a float", "inf", "integer-like", "1e300"],
 )
 async def test_an_absurd_retry_after_is_cut_to_the_store_limit_and_the_message_still_settled(
@@ -236,7 +236,7 @@ async def test_a_negative_nan_or_non_number_retry_after_falls_back_to_backoff(re
     worker = Worker(dispatcher, roomy_limiter(), noop, retry_base_delay=1.0, rng=random.Random(1))
     delay = worker.retry_delay(job, RetryableError("x", retry_after=retry_after))  # type: ignore[arg-type]
     assert 0.0 <= delay <= 1.0
-    assert worker.retry_delay(job, RetryableError("x", retry_after=IntegerLike(45))) == 45.0  # type: ignore[arg-type]
+    assert worker.retry_delay(job, RetryableError("x", retry_after=IntLike(45))) == 45.0  # type: ignore[arg-type]
     await job.mark_as_processed()
 
 

@@ -48,7 +48,7 @@ from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio
 
-from .._checks import finite_float, shown
+from .._checks import finite_float, integer, shown
 from ..errors import (
     DuplicateRequestError,
     InvalidConfigError,
@@ -112,9 +112,10 @@ _MAX_COUNT = 2**31
 
 
 def _count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
-    return min(value, _MAX_COUNT)
+    count = integer(value)  # an int or an integer-like (numpy's), not a bool
+    if count is None or count < 0:
+        raise InvalidRequestError(f"{name} must be an int >= 0, got {shown(value)}")
+    return min(count, _MAX_COUNT)
 
 
 class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
@@ -164,14 +165,13 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
     ) -> None:
         self.queue = check_name(queue, "queue")
         self.namespace = check_name(namespace, "namespace")
-        if max_receive_count is not None and (
-            isinstance(max_receive_count, bool)
-            or not isinstance(max_receive_count, int)
-            or max_receive_count < 1
-        ):
-            raise InvalidConfigError(
-                f"max_receive_count must be None or an int >= 1, got {max_receive_count!r}"
-            )
+        if max_receive_count is not None:
+            receives = integer(max_receive_count)  # an int or an integer-like, not a bool
+            if receives is None or receives < 1:
+                raise InvalidConfigError(
+                    f"max_receive_count must be None or an int >= 1, got {shown(max_receive_count)}"
+                )
+            max_receive_count = receives
         if dead_letter is not None:
             check_name(dead_letter, "dead_letter")
             if dead_letter == queue:
@@ -186,12 +186,10 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
                 "message_retention must be a number of seconds > 0 (inf: forever), "
                 f"got {shown(message_retention)}"
             )
-        if (
-            isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, int)
-            or max_payload_bytes < 1
-        ):
-            raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {max_payload_bytes!r}")
+        payload_bytes = integer(max_payload_bytes)  # an int or an integer-like, not a bool
+        if payload_bytes is None or payload_bytes < 1:
+            raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {shown(max_payload_bytes)}")
+        max_payload_bytes = payload_bytes
         if serializer is not None and not (
             isinstance(serializer, tuple) and len(serializer) == 2 and all(callable(f) for f in serializer)
         ):
