@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from llm_queue_dispatcher import (
     InvalidConfigError,
     InvalidRequestError,
+    LimiterUnavailableError,
     LLMThrottle,
     ManualClock,
     RateLimitError,
@@ -523,6 +524,25 @@ async def test_calls_whose_reply_was_lost_are_applied_once(
         await limiter.release("b")  # the first "b" is still there to give back
         with pytest.raises(UnknownRequestError):
             await limiter.release("b")
+
+
+async def test_a_grant_whose_replies_were_all_lost_is_given_back_by_the_next_call(
+    reply_cutter: ReplyCutter, clock: ManualClock
+) -> None:
+    """The script ran, the reply was lost, the resend's reply too: the caller is told nothing was
+    granted (fail closed), so the grant that landed is given back by the next call, once."""
+    limiter = ClockedRedisThrottle(reply_cutter.url, fresh_name("lost"), rpm=60, tpm=1000, clock=clock)
+    async with limiter:
+        assert await limiter.consume("warm", 0)  # loads the scripts: a cut falls on one that runs
+        await limiter.release("warm")
+        reply_cutter.armed = 2  # the call and redis-py's resend
+        with pytest.raises(LimiterUnavailableError, match="gives the grant back"):
+            await limiter.consume("a", 100)
+        assert reply_cutter.cuts == 2
+        metrics = await limiter.get_metrics()
+        assert (metrics.rpm.used, metrics.tpm.used, metrics.consumption_history.count) == (0.0, 0.0, 0)
+        assert await limiter.consume("b", 1000)  # the whole budget is there
+        assert (await limiter.get_metrics()).tpm.used == 1000.0  # settled once, not again
 
 
 # ----- one budget for every process ----------------------------------------------------------------

@@ -9,7 +9,12 @@ server's clock: a client whose clock is minutes off changes nothing.
 
 It fails closed: when Redis cannot be reached, every method raises `LimiterUnavailableError` (a
 `StorageError`) and nothing is granted. Falling back to a per-process budget would let N
-processes overshoot the provider's limit N times.
+processes overshoot the provider's limit N times. A ``consume`` whose reply never came (a
+timeout while Redis was paused or slow) may still have run, or run later when Redis resumes: the
+limiter keeps that call's reply key, and its next call that reaches Redis first settles it
+(``lua/limiter_settle.lua``): a grant that landed is given back whole, and a call that has not
+run yet is answered in advance so that it grants nothing. The books hold as if it had never been
+made.
 
 A provider's delay (``penalize(seconds)``, ``Retry-After``, a reset) counts at most
 `MAX_PROVIDER_WAIT` (one day): a larger one is logged once per limiter and cut to it, so no
@@ -142,6 +147,15 @@ class SharedRateLimitMetrics:
         return asdict(self)
 
 
+# Consume calls whose reply was lost, kept for settling: at most this many (a reply is kept a
+# minute on the server; this many lost replies in a minute means Redis is down, not paused) and
+# this many settled per call (the keys of one script call).
+_MAX_UNSETTLED = 1024
+_SETTLE_BATCH = 64
+# The calls that change the books besides consume: a lost reply leaves their outcome unknown.
+_BOOK_CHANGES = ("limiter_adjust", "limiter_release", "limiter_penalize", "limiter_sync", "limiter_reset")
+
+
 def _usage(available: float, limit: float) -> BucketUsage:
     used = limit - available
     return BucketUsage(used=used, available=available, limit=limit, percentage=used / limit * 100.0)
@@ -205,7 +219,8 @@ class RedisThrottle(ScriptClient):
 
     Every method is a coroutine; ``can_process`` returns a `RateLimitCheck`, ``get_metrics`` a
     `SharedRateLimitMetrics`. Processes sharing a name should pass the same settings: each call
-    applies the caller's. Redis unreachable: `LimiterUnavailableError`, nothing granted.
+    applies the caller's. Redis unreachable: `LimiterUnavailableError`, nothing granted (a
+    consume that runs anyway, once a paused Redis resumes, is given back by the next call).
 
     Example::
 
@@ -261,6 +276,8 @@ class RedisThrottle(ScriptClient):
         self._keys = [(self._prefix + part).encode() for part in ("state", "grants", "grant-order", "latest")]
         self._clock_offset = ClockOffset()
         self._delay_logged = False
+        # Reply keys of consume calls whose reply never came, oldest first (`_settle_lost_grants`).
+        self._unsettled: list[bytes] = []
         self.request_capacity = self.burst_rpm or self.rpm
         self.token_capacity = self.burst_tpm or self.tpm
         self._settings = (
@@ -278,15 +295,47 @@ class RedisThrottle(ScriptClient):
         """Runs operation ``name``. ``resendable``: the call changes the books, so it gets a key
         of its own (a random token drawn once for this call) under which the script keeps its
         reply, and a resend of this very call (redis-py resends on a broken connection) is
-        answered from it instead of being applied twice."""
+        answered from it instead of being applied twice. Grants whose reply was lost are settled
+        first (`_settle_lost_grants`)."""
+        if self._unsettled:
+            await self._settle_lost_grants()
         keys = self._keys
+        reply_key = None
         if resendable:
-            keys = [*keys, f"{self._prefix}reply:{secrets.token_hex(16)}".encode()]
+            reply_key = f"{self._prefix}reply:{secrets.token_hex(16)}".encode()
+            keys = [*keys, reply_key]
         arguments = (self._time_argument(), *self._settings, *args)
         try:
             return await self._connection.run(script("limiter_common", name), keys, arguments)
         except CLIENT_ERRORS as exc:
+            if name == "limiter_consume" and reply_key is not None:
+                # Sent, perhaps run, perhaps still to run when Redis resumes: settled by the next
+                # call that reaches Redis. Past the bound, the oldest are dropped (their replies
+                # expired long ago; a grant among them went back to the budget by refill).
+                self._unsettled.append(reply_key)
+                del self._unsettled[:-_MAX_UNSETTLED]
             self._fail(name, exc)
+
+    async def _settle_lost_grants(self) -> None:
+        """Settles the consume calls whose reply never came (``lua/limiter_settle.lua``): a grant
+        that landed is given back, a call still to run is answered in advance with a refusal.
+        Redis still unreachable: they wait for the next call."""
+        batch, self._unsettled = self._unsettled[:_SETTLE_BATCH], self._unsettled[_SETTLE_BATCH:]
+        arguments = (self._time_argument(), *self._settings)
+        try:
+            given_back = await self._connection.run(
+                script("limiter_common", "limiter_settle"), [*self._keys, *batch], arguments
+            )
+        except CLIENT_ERRORS:
+            self._unsettled[:0] = batch
+            return
+        if given_back:
+            self._logger.warning(
+                "shared limiter %r: gave back %d grant(s) made by a consume whose reply was lost "
+                "(its caller was told nothing was granted)",
+                self.name,
+                given_back,
+            )
 
     async def _run_observed(self, name: str, *args: Any) -> Any:
         """`_run` for a script that answers the server's instant (us): learns this host's offset
@@ -313,9 +362,19 @@ class RedisThrottle(ScriptClient):
         return MAX_PROVIDER_WAIT
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
+        if operation == "limiter_consume":
+            outcome = (
+                "failing closed, nothing granted to this call (if Redis runs it anyway, once paused "
+                "or slow past the timeout, this limiter's next call that reaches Redis gives the "
+                "grant back)"
+            )
+        elif operation in _BOOK_CHANGES:
+            outcome = "failing closed; the call may or may not have been applied"
+        else:
+            outcome = "failing closed, nothing granted"
         message = (
             f"shared limiter {self.name!r} unavailable ({operation}): "
-            f"{self._connection.describe_error(exc)}; failing closed, nothing granted"
+            f"{self._connection.describe_error(exc)}; {outcome}"
         )
         self._logger.warning("%s", message)
         if self._connection.scrub(str(exc)) != str(exc):

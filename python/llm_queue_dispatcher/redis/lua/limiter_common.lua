@@ -324,6 +324,30 @@ local function release_record(r)
   end
 end
 
+-- Gives a grant back whole, as if it had never been made: its request, the tokens it holds, the
+-- debt it paid (owed again), and the debt its adjustments added (cancelled, or given back where
+-- later grants paid it). A provider ceiling is not raised by it. `latest`: it is the latest
+-- grant of its id, and the one before it becomes the latest again; an earlier grant of an id
+-- that has a later one only stops counting.
+local function give_back(record, latest)
+  refill(REQUESTS)
+  refill(TOKENS)
+  refund(REQUESTS, 1)
+  refund(TOKENS, record.held)
+  give_back_owed(record.owed)
+  DEBT = DEBT + record.debt
+  if DEBT < DEBT_DUST then
+    DEBT = 0
+  end
+  if latest then
+    release_record(record)
+  else
+    record.released = 1
+    store_record(record)
+    count_in(record, -1)
+  end
+end
+
 -- Drops the oldest record (LLMThrottle's pop_oldest).
 local function pop_oldest()
   local number = redis.call('LPOP', ORDER)
