@@ -3,7 +3,9 @@
 Each operation is one Lua script (``lua/common.lua`` + ``lua/queue_common.lua`` + the operation's
 file), atomic on the server. Every instant is taken from the server's ``TIME``: visibility expiry,
 dead-lettering and retention are applied by whichever script runs next (no background task, no
-lost update between processes), and no host's clock decides any of them.
+lost update between processes), at most 1,000 messages per script (``MAINTAIN_BATCH``: the rest
+in the next ones, a message past the retention period skipped by every reader meanwhile), and no
+host's clock decides any of them.
 
 Instants handed back (``enqueued_at``, ``first_received_at``, the queue's timestamps) are the
 server's, translated to this host's clock by how far it is from the server's (learned from the
