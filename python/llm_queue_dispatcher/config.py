@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import operator
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ class FairPriorityConfig:
 
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
+        _plain_numbers(self, ("fairness_window", "reserve_tokens"))
         if not isinstance(self.tenant_weights, Mapping):
             raise InvalidConfigError(f"tenant_weights must be a mapping, got {shown(self.tenant_weights)}")
         for tenant, weight in self.tenant_weights.items():
@@ -91,7 +94,8 @@ class FairPriorityConfig:
                     f"max_wait keys must be HIGH, NORMAL or LOW (URGENT never ages), got {shown(priority)}"
                 )
             # inf is valid (that priority never ages); an int too large for a float is not.
-            if seconds != math.inf and (finite_float(seconds) is None or seconds < 0):
+            figure = finite_float(seconds)
+            if seconds != math.inf and (figure is None or figure < 0):
                 raise InvalidConfigError(
                     f"max_wait[{priority!r}] must be seconds >= 0 (inf: never), got {shown(seconds)}"
                 )
@@ -99,6 +103,16 @@ class FairPriorityConfig:
     def max_wait_by_priority(self) -> list[float]:
         """Seconds per priority 0..3 (infinite where a priority does not age)."""
         return [math.inf] + [float(self.max_wait.get(p, math.inf)) for p in (1, 2, 3)]
+
+
+def _plain_numbers(config: object, names: tuple[str, ...]) -> None:
+    """Replaces each integer-like field (a numpy integer: ``__index__``, not an int) by the int
+    it stands for, so every reader of the field, in Python or in the core, takes it."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) and hasattr(type(value), "__index__"):
+            with contextlib.suppress(TypeError):  # numpy's bool has __index__ and refuses
+                setattr(config, name, operator.index(value))
 
 
 def _require_number(name: str, value: object, *, minimum: float, inclusive: bool = True) -> None:
@@ -113,9 +127,9 @@ def _require_number(name: str, value: object, *, minimum: float, inclusive: bool
 
 
 def _require_int(name: str, value: object, *, minimum: int, maximum: int = sys.maxsize) -> None:
-    """An int (not a bool) within [minimum, maximum]. The default maximum is the largest count
-    the core holds (``sys.maxsize``): a larger one would raise `OverflowError` where it is used,
-    far from the field that caused it."""
+    """An int (not a bool; `_plain_numbers` turned integer-likes into ints) within [minimum,
+    maximum]. The default maximum is the largest count the core holds (``sys.maxsize``): a larger
+    one would raise `OverflowError` where it is used, far from the field that caused it."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise InvalidConfigError(f"{name} must be an int from {minimum} to {maximum}, got {shown(value)}")
 
@@ -175,6 +189,17 @@ class LLMQueueDispatcherConfig:
 
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
+        _plain_numbers(
+            self,
+            (
+                "buffer_size",
+                "max_candidates_to_evaluate",
+                "prefetch_interval",
+                "min_score_threshold",
+                "metrics_retention",
+                "visibility_timeout",
+            ),
+        )
         _require_int("buffer_size", self.buffer_size, minimum=1)
         _require_int("max_candidates_to_evaluate", self.max_candidates_to_evaluate, minimum=1)
         _require_number("prefetch_interval", self.prefetch_interval, minimum=0.0, inclusive=False)

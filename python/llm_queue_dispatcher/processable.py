@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._checks import real_number, shown
 from ._core import LLMThrottle
 from .errors import (
     InvalidRequestError,
@@ -42,13 +43,10 @@ def describe_score(score: MessageScore) -> str:
 
 
 def _check_delay(value: object, name: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (0.0 <= value <= MAX_VISIBILITY_TIMEOUT)
-    ):
-        raise InvalidRequestError(f"{name} must be None or within [0, 43200] seconds, got {value!r}")
-    return float(value)
+    number = real_number(value)  # an int, a float or an integer-like (numpy's), not a bool
+    if number is None or not 0.0 <= number <= MAX_VISIBILITY_TIMEOUT:
+        raise InvalidRequestError(f"{name} must be None or within [0, 43200] seconds, got {shown(value)}")
+    return number
 
 
 class ProcessableMessage(Generic[T]):
