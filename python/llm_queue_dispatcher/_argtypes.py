@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .openai import MAX_TOKEN_COUNT
+
 __all__ = ["count", "fraction", "limit_per_minute", "non_negative", "positive", "share", "tokens"]
 
 
@@ -60,10 +62,12 @@ def count(text: str) -> int:
 
 
 def tokens(text: str) -> int:
-    """An integer >= 0."""
+    """A token count: an integer within 0..MAX_TOKEN_COUNT (2**53, the largest a float, and so
+    the limiter and the token estimates, hold exactly), the rule of every count a request
+    carries; refused here once, naming the flag, rather than on every line that uses it."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value <= MAX_TOKEN_COUNT:
+        raise argparse.ArgumentTypeError(f"must be an integer within 0..{MAX_TOKEN_COUNT:,}, got {text}")
     return value
 
 

@@ -18,14 +18,19 @@ surrogate) is written with its non-ASCII characters escaped. When the output can
 lines written stay and a line cut off is removed.
 
 Retries: 5xx, 529, 408, 409, timeouts, connection errors and malformed replies are retried with
-backoff up to ``--max-attempts`` failed attempts (429s, which the limiter paces, do not count);
-then the request is written as failed on a transient error. Running the same command again
-resumes from the output, where the last line of an id is its result: it skips the ids done or
-failed for good, sends again those that failed on a transient error (all failed ones with
-``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those running get
-``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the next
-run sends it. (A call cut off past the grace may have been billed by the provider without its
-answer arriving.)
+backoff up to ``--max-attempts`` failed attempts; 429s, which the limiter paces, count apart, up
+to ``--max-rate-limited`` (a request the provider never admits, one larger than its limit, is
+not retried for ever); then the request is written as failed on a transient error. Running the
+same command again resumes from the output, where the last line of an id is its result: it skips
+the ids done or failed for good, sends again those that failed on a transient error (all failed
+ones with ``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those
+running get ``--shutdown-grace`` seconds, and anything unfinished is simply not in the output,
+so the next run sends it. (A call cut off past the grace may have been billed by the provider
+without its answer arriving.)
+
+Two runs on one ``--out`` at once would each send what the other has not written yet: a run
+holds an exclusive lock on ``--out`` (``flock``) from before it reads the earlier results to its
+end, and a second run is refused (exit status 2, nothing sent). On Windows no lock is taken.
 
 The file formats live in `batch_formats`; this module is the command itself (flags, the two
 providers' calls, the run, the results file and its progress), kept in one file so that a run
@@ -40,15 +45,16 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _argtypes as argtypes
 from .batch_formats import (
@@ -59,11 +65,14 @@ from .batch_formats import (
     Format,
     Previous,
     Refused,
+    Requests,
     failure_of,
+    plain_number,
     previous_results,
     read_requests,
 )
 from .errors import PermanentError, RetryableError
+from .storage.base import MAX_VISIBILITY_TIMEOUT
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
@@ -73,6 +82,10 @@ __all__ = ["EXIT_NOT_WRITTEN", "register", "run"]
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 #: Exit status of a run stopped because its output could not be written.
 EXIT_NOT_WRITTEN = 3
+#: The shortest --progress-interval: a line more often than this is a flood, not progress.
+_MIN_PROGRESS_INTERVAL = 0.1
+#: The largest --max-concurrent: the limiter counts requests in flight in 64 bits.
+_MAX_CONCURRENT = 2**64 - 1
 
 _DESCRIPTION = (
     "Send a JSONL file of requests to OpenAI (or any OpenAI-compatible endpoint) or to Anthropic "
@@ -88,6 +101,10 @@ Batches' (custom_id, params): a file whose first line has a custom_id is read in
 Message Batches results (--output-format says otherwise). INPUT "-" reads standard input. The
 flags, --out and every line are checked before anything is sent.
 
+Limits: --rpm and --tpm as OpenAI publishes them; for Anthropic, which limits input and output
+tokens per minute apart, --itpm and --otpm (--tpm then defaults to their sum); --rpd, --tpd
+(per day) and --max-concurrent (calls in flight) where a provider sets them.
+
 The API key is read from the environment variable OPENAI_API_KEY, or ANTHROPIC_API_KEY with
 --provider anthropic (--api-key-env names another); the endpoint is --base-url, else
 $OPENAI_BASE_URL (or $ANTHROPIC_BASE_URL), else the provider's. Anthropic requires max_tokens:
@@ -95,11 +112,13 @@ $OPENAI_BASE_URL (or $ANTHROPIC_BASE_URL), else the provider's. Anthropic requir
 
 Each finished request is appended to --out as one JSON line. Running the same command again
 resumes: it skips the requests done or failed for good, and sends again those that failed on a
-transient error (5xx, timeout, connection); --retry-failed sends every failed one again.
+transient error (5xx, timeout, connection, a 429 past --max-rate-limited); --retry-failed sends
+every failed one again. A run holds a lock on --out: a second run on it is refused while the
+first runs.
 
-exit status: 0 every request sent is done, 1 some failed, 2 bad flags or input (nothing sent),
-3 --out could not be written (the run stopped; what was written is kept), 128+N stopped by
-signal N (Ctrl-C, SIGTERM)."""
+exit status: 0 every request sent is done, 1 some failed, 2 bad flags or input, or --out in use
+by another run (nothing sent), 3 --out could not be written (the run stopped; what was written
+is kept), 128+N stopped by signal N (Ctrl-C, SIGTERM)."""
 
 
 # -- providers -----------------------------------------------------------------------------------
@@ -187,6 +206,39 @@ _PROVIDERS: dict[str, _Provider] = {provider.name: provider for provider in (_Op
 
 
 # -- arguments -----------------------------------------------------------------------------------
+def _within(
+    parse: Callable[[str], Any], *, minimum: float | None = None, maximum: float | None = None, unit: str = ""
+) -> Callable[[str], Any]:
+    """``parse`` (one of `_argtypes`) bounded to what the object the flag feeds accepts, so that
+    a value past it is one line naming the flag before anything runs, not a traceback later."""
+
+    def bounded(text: str) -> Any:
+        value = parse(text)
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {plain_number(minimum)}{unit}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {plain_number(maximum)}{unit}, got {text}")
+        return value
+
+    bounded.__name__ = parse.__name__  # argparse names it in "invalid ... value"
+    return bounded
+
+
+def _limit_per_day(text: str) -> float:
+    """``--rpd``, ``--tpd``: a finite number >= 1, the rule of `LLMThrottle`'s day buckets."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of requests or tokens per day, got {text!r}"
+        ) from None
+    if not math.isfinite(value) or not value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 1 (a limit below one per day never admits a request), got {text}"
+        )
+    return value
+
+
 def register(commands: Any) -> None:
     """Adds ``llmqd batch`` to the subcommands."""
     batch = commands.add_parser(
@@ -195,7 +247,7 @@ def register(commands: Any) -> None:
         description=_DESCRIPTION,
         epilog=_EPILOG,
         # Short, so that a bad flag's error is not buried under a screen of usage.
-        usage="%(prog)s INPUT --out FILE --rpm N --tpm N [options]",
+        usage="%(prog)s INPUT --out FILE --rpm N (--tpm N | --itpm N --otpm N) [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     batch.add_argument("input", help='requests, one JSON object per line ("-" reads standard input)')
@@ -206,8 +258,29 @@ def register(commands: Any) -> None:
     batch.add_argument(
         "--tpm",
         type=argtypes.limit_per_minute,
-        required=True,
-        help="tokens per minute allowed, input and output together (>= 1)",
+        default=None,
+        help="tokens per minute allowed, input and output together (>= 1; required unless --itpm "
+        "and --otpm are given, whose sum it then is)",
+    )
+    batch.add_argument(
+        "--itpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="input tokens per minute allowed (Anthropic's ITPM)",
+    )
+    batch.add_argument(
+        "--otpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="output tokens per minute allowed (Anthropic's OTPM)",
+    )
+    batch.add_argument("--rpd", type=_limit_per_day, default=None, help="requests per day allowed")
+    batch.add_argument("--tpd", type=_limit_per_day, default=None, help="tokens per day allowed")
+    batch.add_argument(
+        "--max-concurrent",
+        type=_within(argtypes.count, maximum=_MAX_CONCURRENT),
+        default=None,
+        help="requests in flight the provider allows at once (a limit of the limiter, beside --concurrency)",
     )
     batch.add_argument(
         "--provider",
@@ -248,7 +321,15 @@ def register(commands: Any) -> None:
         "--max-attempts",
         type=argtypes.count,
         default=5,
-        help="failed attempts (429s not counted) before a request is given up (default 5)",
+        help="failed attempts before a request is given up (default 5; 429s count apart, toward "
+        "--max-rate-limited)",
+    )
+    batch.add_argument(
+        "--max-rate-limited",
+        type=argtypes.count,
+        default=20,
+        help="429 answers to one request before it is given up, written as failed on a transient "
+        "error that a rerun sends again (default 20)",
     )
     batch.add_argument(
         "--retry-failed",
@@ -257,9 +338,9 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--max-retry-delay",
-        type=argtypes.non_negative,
+        type=_within(argtypes.non_negative, maximum=MAX_VISIBILITY_TIMEOUT, unit=" seconds (12 hours)"),
         default=60.0,
-        help="backoff cap in seconds (default 60)",
+        help="backoff cap in seconds, at most 43200 (default 60)",
     )
     batch.add_argument(
         "--shutdown-grace",
@@ -286,9 +367,9 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--progress-interval",
-        type=argtypes.positive,
+        type=_within(argtypes.positive, minimum=_MIN_PROGRESS_INTERVAL, unit=" seconds"),
         default=10.0,
-        help="seconds between progress lines (default 10)",
+        help="seconds between progress lines, at least 0.1 (default 10)",
     )
     batch.set_defaults(run=run)
 
@@ -300,6 +381,36 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise Refused(f"{flag} message-batches holds Anthropic messages: pass --provider anthropic")
     if args.provider == "anthropic" and args.default_max_tokens == 0:
         raise Refused("--default-max-tokens 0: Anthropic needs max_tokens >= 1")
+    if args.tpm is None:
+        if args.itpm is None or args.otpm is None:
+            raise Refused("--tpm is required (or --itpm and --otpm, whose sum it then is)")
+        args.tpm = args.itpm + args.otpm
+
+
+def _token_limits(args: argparse.Namespace) -> dict[str, float]:
+    """The token limits given, by flag: a request's estimate must fit each."""
+    given = {"--tpm": args.tpm, "--itpm": args.itpm, "--otpm": args.otpm, "--tpd": args.tpd}
+    return {flag: limit for flag, limit in given.items() if limit is not None}
+
+
+def _limiter(args: argparse.Namespace) -> Any:
+    """The `LLMThrottle` of the run: every limit given. (Without the parts of each request's
+    estimate, which the dispatcher does not pass at reservation yet, ``itpm`` and ``otpm``
+    each count the whole estimate: the side that never overshoots the provider.)"""
+    from ._core import LLMThrottle
+
+    return LLMThrottle(
+        args.rpm,
+        args.tpm,
+        itpm=args.itpm,
+        otpm=args.otpm,
+        rpd=args.rpd,
+        tpd=args.tpd,
+        max_concurrent=args.max_concurrent,
+        # A reservation is kept (and holds its slot of --max-concurrent) until its call ends:
+        # at least as long as one call may take.
+        history_retention=max(60.0, args.timeout),
+    )
 
 
 def _input_bytes(args: argparse.Namespace) -> bytes:
@@ -331,6 +442,45 @@ def _check_out(args: argparse.Namespace) -> None:
         with contextlib.suppress(OSError):
             if os.path.samefile(args.input, out):
                 raise Refused(f"--out {out}: is the input file; name another file")
+
+
+def _open_out(out: Path) -> BinaryIO:
+    """``--out`` opened to append, unbuffered, and locked for the whole run: two runs on one
+    output would each send what the other has not written yet (and a reader of a line being
+    written would take it for one cut off by a crash). The lock is taken before the earlier
+    results are read, and released when the file is closed, or the process ends however."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = out.open("ab", buffering=0)
+    except OSError as error:
+        raise Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
+    try:
+        _lock(handle, out)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _lock(handle: BinaryIO, out: Path) -> None:
+    """An exclusive ``flock`` on the results file, not waited for: refused when another run holds
+    it. A device or a pipe (``/dev/stdout``) holds no results to share and is not locked, nor is
+    any file on Windows, which has no ``fcntl`` (its ``msvcrt`` locks would keep this run's own
+    resume from reading the file)."""
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Refused(
+            f"--out {out}: another llmqd batch run is writing it; wait for it to end or name another file"
+        ) from None
+    except OSError as error:  # a file system without locks: run as before, unguarded
+        _LOGGER.warning("cannot lock %s (%s): two runs on it at once would send requests twice", out, error)
 
 
 def _select(
@@ -400,12 +550,8 @@ class _Results:
     write that fails stops every later one: the output keeps whole lines only (a line cut off
     is truncated away), `on_broken` is called once, and each result not written is counted."""
 
-    def __init__(self, out: Path, fmt: Format, progress: _Progress) -> None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self._file = out.open("ab", buffering=0)
-        except OSError as error:
-            raise Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
+    def __init__(self, handle: BinaryIO, out: Path, fmt: Format, progress: _Progress) -> None:
+        self._file = handle  # `_open_out`'s, locked: closing it ends the lock
         self._regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
         self.out = out
         self.format = fmt
@@ -467,10 +613,6 @@ class _Results:
                     os.ftruncate(self._file.fileno(), start)
             raise
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-
 
 # -- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
@@ -487,8 +629,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _batch(args: argparse.Namespace) -> int:
-    from .worker import Worker
-
     _check_flags(args)
     _check_out(args)
     provider = _PROVIDERS[args.provider]
@@ -498,7 +638,7 @@ async def _batch(args: argparse.Namespace) -> int:
         input_format=args.input_format,
         model=args.model,
         default_max_tokens=args.default_max_tokens,
-        tpm=args.tpm,
+        token_limits=_token_limits(args),
     )
     where = "standard input" if args.input == "-" else args.input
     for message in read.errors:
@@ -509,8 +649,6 @@ async def _batch(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    output = FORMATS[args.output_format] if args.output_format is not None else read.format
-    pending, skipped = _select(args, read.entries, previous_results(args.out, output))
     key_variable = args.api_key_env or provider.key_variable
     api_key = os.environ.get(key_variable)
     if not api_key:
@@ -521,18 +659,33 @@ async def _batch(args: argparse.Namespace) -> int:
         raise Refused(
             f"needs the {provider.name} SDK: pip install 'llm-queue-dispatcher[{provider.extra}]'"
         ) from None
-    from ._core import LLMThrottle
+    try:
+        # Locked before the earlier results are read: they are this run's alone until it ends.
+        handle = _open_out(args.out)
+        try:
+            return await _send(args, provider, client, read, handle)
+        finally:
+            with contextlib.suppress(OSError):  # every line was written through already
+                handle.close()
+    finally:
+        await client.close()
+
+
+async def _send(
+    args: argparse.Namespace, provider: _Provider, client: Any, read: Requests, handle: BinaryIO
+) -> int:
+    """The run itself, ``--out`` open and locked as ``handle``: what to send, the worker, the
+    summary; the exit status."""
     from .config import LLMQueueDispatcherConfig
     from .dispatcher import LLMQueueDispatcher
     from .storage import InMemoryStorage
+    from .worker import Worker
 
+    output = FORMATS[args.output_format] if args.output_format is not None else read.format
+    pending, skipped = _select(args, read.entries, previous_results(args.out, output))
     progress = _Progress(total=len(pending))
-    try:
-        results = _Results(args.out, output, progress)
-    except Refused:
-        await client.close()
-        raise
-    limiter = LLMThrottle(args.rpm, args.tpm)
+    results = _Results(handle, args.out, output, progress)
+    limiter = _limiter(args)
     # Failed requests are in the output; the dead-letter store only keeps the queue's books.
     storage: InMemoryStorage[Any] = InMemoryStorage(dead_letter=InMemoryStorage())
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
@@ -556,8 +709,6 @@ async def _batch(args: argparse.Namespace) -> int:
         stats = await worker.run(stop_when_empty=True)
     finally:
         await reporter.close()
-        results.close()
-        await client.close()
     wall = time.monotonic() - started
     print(_summary(args, len(read.entries), skipped, progress, stats.retried, results.unwritten, wall))
     if results.error is not None:
@@ -578,7 +729,7 @@ async def _batch(args: argparse.Namespace) -> int:
     if progress.retryable:
         print(
             f"llmqd batch: {progress.retryable} request(s) failed on transient errors after "
-            "--max-attempts; run the same command to send them again",
+            "--max-attempts (or --max-rate-limited 429s); run the same command to send them again",
             file=sys.stderr,
         )
     return 1 if progress.failed else 0
@@ -588,6 +739,7 @@ def _make_handler(
     args: argparse.Namespace, provider: _Provider, client: Any, limiter: Any, results: _Results
 ) -> Any:
     failures: Counter[str] = Counter()
+    rate_limited: Counter[str] = Counter()
 
     async def handle(job: ProcessableMessage[Any]) -> int | None:
         request = job.message.payload
@@ -601,13 +753,23 @@ def _make_handler(
             results.failed(request.id, failure_of(error, attempts))
             raise
         except Exception as error:
-            # Every failed attempt counts, whatever failed, but a 429: the limiter paces those.
+            # Every failed attempt counts, whatever failed. A 429 counts apart, against a larger
+            # budget: the limiter paces those, but one the provider never admits (a request
+            # larger than its limit, which OpenAI answers with a 429) must not go on for ever.
             status = getattr(error.__cause__, "status_code", None)
             results.progress.statuses[status or 0] += 1
-            if status != 429:
+            if status == 429:
+                rate_limited[request.id] += 1
+                budget, count, what = (
+                    args.max_rate_limited,
+                    rate_limited[request.id],
+                    "rate-limited (429) answers",
+                )
+            else:
                 failures[request.id] += 1
-            if failures[request.id] >= args.max_attempts:
-                message = f"gave up after {failures[request.id]} failed attempts: {error}"
+                budget, count, what = args.max_attempts, failures[request.id], "failed attempts"
+            if count >= budget:
+                message = f"gave up after {count} {what}: {error}"
                 results.failed(request.id, failure_of(error, attempts, message))
                 raise PermanentError(message) from error
             raise
@@ -721,8 +883,8 @@ def _summary(
         ("rate limited (429)", f"{progress.statuses[429]:,}"),
         ("tokens", f"{progress.tokens:,}"),
         ("wall time", f"{wall:.1f} s"),
-        ("achieved RPM", f"{progress.done / minutes:,.1f}  (limit {args.rpm:g})"),
-        ("achieved TPM", f"{progress.tokens / minutes:,.0f}  (limit {args.tpm:g})"),
+        ("achieved RPM", f"{progress.done / minutes:,.1f}  (limit {plain_number(args.rpm)})"),
+        ("achieved TPM", f"{progress.tokens / minutes:,.0f}  (limit {plain_number(args.tpm)})"),
     ]
     width = max(len(name) for name, _ in rows)
     body = "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import InvalidRequestError, RetryableError
-from .types import LLMRequest, Priority
+from .types import LLMRequest, Priority, TokenInfo
 
 __all__ = [
     "ENDPOINTS",
@@ -50,6 +52,7 @@ __all__ = [
     "Requests",
     "failure_of",
     "format_named",
+    "plain_number",
     "previous_results",
     "read_requests",
 ]
@@ -74,10 +77,22 @@ _ANTHROPIC_ERROR_TYPES = {
 }
 _ANTHROPIC_TRANSIENT_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error"})
 _BATCH_API_TRANSIENT_CODES = frozenset({"timeout", "connection_error", "malformed_response"})
+# A JSON escape of a UTF-16 surrogate (\ud800 to \udfff): the only way a line that is valid
+# UTF-8 can hold a lone one, which UTF-8 cannot encode again to send it. A line without such an
+# escape is not searched further.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class Refused(Exception):
     """Why the run cannot start (one line); exit status 2, nothing sent."""
+
+
+def plain_number(value: float, *, separators: bool = True) -> str:
+    """A limit as a person writes it: ``1,000,000`` (``1000000`` without ``separators``), never
+    ``1e+06``; a fraction keeps its digits (``1,234.5``)."""
+    if float(value).is_integer():
+        return f"{int(value):,}" if separators else str(int(value))
+    return f"{value:,}" if separators else repr(float(value))
 
 
 # -- what a call gave ----------------------------------------------------------------------------
@@ -422,13 +437,48 @@ def _parse_line(raw: bytes) -> Any:
             f"not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
         ) from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as error:
         raise InvalidRequestError(f"not JSON ({error.msg} at column {error.colno})") from None
     except RecursionError:
         raise InvalidRequestError("not JSON this reader can hold (nested too deeply)") from None
     except ValueError as error:  # NaN or Infinity; an int of more than 4,300 digits
         raise InvalidRequestError(f"not JSON ({error})") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate(value)
+        if where is not None:
+            raise InvalidRequestError(
+                f"{where} holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
+                "UTF-8 cannot carry it to the provider"
+            )
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Where in ``value`` (parsed JSON) a string holds a lone surrogate, as a path
+    (``messages[0].content``), or None. A loop, not recursion: the JSON reader took the depth."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                return where or "the line"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _encodable(key):  # the path stops before it: it cannot be printed
+                    return f"a key of {where or 'the line'}"
+                stack.append((f"{where}.{key}" if where else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{index}]", child) for index, child in enumerate(item))
+    return None
 
 
 def _build(
@@ -439,10 +489,14 @@ def _build(
     number: int,
     default_max_tokens: int | None,
 ) -> LLMRequest[Any]:
+    """The request of one line, its estimate split into the input and the most the reply may
+    use (``TokenInfo.input`` and ``max_output``), which limits of input and output tokens per
+    minute (``--itpm``, ``--otpm``) charge apart."""
     priority = _priority(item.get("priority", Priority.NORMAL))
     tenant = item.get("tenant")
+    request: LLMRequest[Any]
     if provider == "anthropic":
-        from .anthropic import request_from_anthropic_messages
+        from .anthropic import estimate_messages_input_tokens, request_from_anthropic_messages
 
         if "max_tokens" not in payload:
             if default_max_tokens is None:
@@ -450,21 +504,26 @@ def _build(
                     "no max_tokens: Anthropic requires it; set it on the line or pass --default-max-tokens"
                 )
             payload["max_tokens"] = default_max_tokens
-        return request_from_anthropic_messages(
+        request = request_from_anthropic_messages(
             request_id, payload, priority=priority, tenant=tenant, metadata={"line": number}
         )
-    from .openai import DEFAULT_COMPLETION_TOKENS, request_from_openai_chat
+        input_tokens = estimate_messages_input_tokens(payload)
+    else:
+        from .openai import DEFAULT_COMPLETION_TOKENS, _completion_allowance, request_from_openai_chat
 
-    return request_from_openai_chat(
-        request_id,
-        payload,
-        priority=priority,
-        tenant=tenant,
-        default_completion_tokens=(
-            DEFAULT_COMPLETION_TOKENS if default_max_tokens is None else default_max_tokens
-        ),
-        metadata={"line": number},
-    )
+        completion_tokens = DEFAULT_COMPLETION_TOKENS if default_max_tokens is None else default_max_tokens
+        request = request_from_openai_chat(
+            request_id,
+            payload,
+            priority=priority,
+            tenant=tenant,
+            default_completion_tokens=completion_tokens,
+            metadata={"line": number},
+        )
+        input_tokens = request.token_info.estimated - _completion_allowance(payload, completion_tokens)
+    info = request.token_info
+    request.token_info = TokenInfo(info.estimated, model=info.model, input=input_tokens)
+    return request
 
 
 def read_requests(
@@ -474,11 +533,15 @@ def read_requests(
     input_format: str,
     model: str | None,
     default_max_tokens: int | None,
-    tpm: float,
+    token_limits: Mapping[str, float],
 ) -> Requests:
     """Every request of the input ``data`` (``input_format`` ``auto`` or a format's name), and
-    a message naming each bad line. The lines needing more than ``tpm`` share one message."""
+    a message naming each bad line. ``token_limits`` are the token limits by flag (``--tpm``,
+    ``--itpm``, ``--otpm``, ``--tpd``): a request's whole estimate must fit the smallest, which
+    the limiter charges it all (it is not told the parts), and the lines needing more share one
+    message naming that flag."""
     fmt = None if input_format == "auto" else FORMATS[input_format]
+    flag, capacity = min(token_limits.items(), key=lambda limit: limit[1])
     entries: list[Entry] = []
     errors: list[str] = []
     too_large: list[tuple[int, int]] = []
@@ -516,7 +579,7 @@ def read_requests(
         except InvalidRequestError as error:
             errors.append(f"line {number}: {error}")
             continue
-        if request.token_info.estimated > tpm:
+        if request.token_info.estimated > capacity:
             too_large.append((number, request.token_info.estimated))
             continue
         if request_id in first_line:
@@ -530,9 +593,16 @@ def read_requests(
             f"line {number} (about {tokens:,} tokens)" for number, tokens in too_large[:_LINES_NAMED]
         )
         more = f" and {len(too_large) - _LINES_NAMED:,} more" if len(too_large) > _LINES_NAMED else ""
+        period = "day" if flag.endswith("pd") else "minute"
+        whole = (
+            " (each token limit counts a request's whole estimate, input and output)"
+            if flag in ("--itpm", "--otpm")
+            else ""
+        )
+        limit = plain_number(capacity, separators=False)
         errors.append(
-            f"{len(too_large):,} line(s) need more tokens than --tpm {tpm:g} allows in any minute: "
-            f"{named}{more}; lower their max_tokens or raise --tpm"
+            f"{len(too_large):,} line(s) need more tokens than {flag} {limit} allows in any {period}"
+            f"{whole}: {named}{more}; lower their max_tokens or raise {flag}"
         )
     return Requests(entries, errors, bad_lines, fmt if fmt is not None else FORMATS["native"])
 

@@ -1,16 +1,20 @@
 """``llmqd batch --provider anthropic`` under the fake Anthropic server's request, input-token and
 output-token limits: each request answered once, no 429, and the tokens written are the ones the
 server counted. In each run one of the server's token limits binds (more than a minute's worth
-is asked), so the limiter must hold requests back for the server's bucket to refill."""
+is asked), so the limiter must hold requests back for the server's bucket to refill. The limits
+as Anthropic publishes them (--itpm, --otpm, --rpd, --tpd, --max-concurrent) reach the limiter."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llm_queue_dispatcher.batch import _check_flags, _limiter
+from llm_queue_dispatcher.cli import _parser
 from tests.provider.anthropic_server import AnthropicServer
 
 from .support import Case, Fake, outcomes, run_cli
@@ -58,3 +62,71 @@ def test_the_servers_input_and_output_token_limits_are_never_exceeded(
     for result in written:
         usage = result.response["usage"]
         assert (usage["input_tokens"], usage["output_tokens"]) == anthropic_server.usage[result.id]
+
+
+def limiter_of(*flags: str) -> Any:
+    """The limiter ``llmqd batch`` builds from these flags."""
+    args = _parser().parse_args(["batch", "requests.jsonl", "--out", "results.jsonl", "--rpm", "50", *flags])
+    _check_flags(args)
+    return _limiter(args)
+
+
+def test_the_limit_flags_reach_the_limiter() -> None:
+    flags = (
+        "--itpm",
+        "30000",
+        "--otpm",
+        "8000",
+        "--rpd",
+        "1000",
+        "--tpd",
+        "2000000",
+        "--max-concurrent",
+        "4",
+    )
+    metrics = limiter_of(*flags).get_metrics().to_dict()
+    limits = {
+        name: metrics[name]["limit"] for name in ("rpm", "tpm", "itpm", "otpm", "rpd", "tpd", "concurrency")
+    }
+    # Without --tpm, tokens per minute are input and output together.
+    assert limits == {
+        "rpm": 50,
+        "tpm": 38_000,
+        "itpm": 30_000,
+        "otpm": 8_000,
+        "rpd": 1_000,
+        "tpd": 2_000_000,
+        "concurrency": 4,
+    }
+    alone = limiter_of("--tpm", "9000", "--otpm", "8000").get_metrics().to_dict()
+    assert alone["tpm"]["limit"] == 9_000
+    assert alone["otpm"]["limit"] == 8_000
+    assert not {"itpm", "rpd", "tpd", "concurrency"} & set(alone)
+
+
+def test_otpm_keeps_the_servers_output_token_limit_with_no_429(
+    anthropic_server: AnthropicServer, anthropic_fake: Fake, tmp_path: Path
+) -> None:
+    # Anthropic reserves max_tokens from its output-token limit when a call starts and gives back
+    # what the reply did not use when it ends: 100 calls of max_tokens 1,000 at once are 100,000
+    # output tokens reserved against 60,000 a minute, though each reply uses 10.
+    anthropic_server.configure(rpm=6_000, itpm=1_000_000, otpm=60_000, output_tokens=10, latency=0.5)
+    requests = tmp_path / "requests.jsonl"
+    keys = write_lines(requests, Case("anthropic", "native"), 150, padding=0, max_tokens=1_000)
+    common = ("--rpm", "6000", "--concurrency", "100")
+    # --tpm alone counts input and output together: the server's output limit is overrun.
+    unpaced = run_cli(anthropic_fake, requests, tmp_path / "tpm.jsonl", *common, "--tpm", "1000000")
+    assert unpaced.returncode == 0, unpaced.stderr
+    assert anthropic_server.rate_limited["output_tokens"] > 10
+    # --otpm keeps it. The limiter charges each request's whole estimate against --otpm (the
+    # dispatcher does not pass the parts yet): more than the server does, so it never overshoots.
+    anthropic_server.configure()  # the buckets full again
+    calls_before = Counter(anthropic_server.successes)
+    statuses_before = anthropic_server.statuses[429]
+    out = tmp_path / "otpm.jsonl"
+    done = run_cli(anthropic_fake, requests, out, *common, "--itpm", "1000000", "--otpm", "60000")
+    assert done.returncode == 0, done.stderr
+    assert anthropic_server.statuses[429] == statuses_before
+    assert anthropic_server.successes - calls_before == Counter({key: 1 for key in keys})
+    assert all(result.ok for result in outcomes(out))
+    assert "(limit 1,060,000)" in done.stdout  # the TPM: --itpm and --otpm together

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from llm_queue_dispatcher.anthropic import estimate_messages_input_tokens, estimate_messages_tokens
+from llm_queue_dispatcher.batch_formats import read_requests
+from llm_queue_dispatcher.openai import estimate_chat_tokens
 from tests.provider.anthropic_server import AnthropicServer
 from tests.provider.server import ProviderServer
 
@@ -106,8 +110,16 @@ def test_bad_lines_are_reported_with_their_numbers_and_nothing_is_sent(
             "line 2: not JSON (-Infinity",
         ),
         (b"[" * 100_000 + b"]" * 100_000, "line 2: not JSON"),
+        (
+            b'{"messages": [{"role": "user", "content": "x\\ud800"}]}',
+            "line 2: messages[0].content holds a lone surrogate",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}], "metadata": {"\\udfff": 1}}',
+            "line 2: a key of metadata holds a lone surrogate",
+        ),
     ],
-    ids=["not-utf8", "nan", "infinity", "minus-infinity", "nested-deep"],
+    ids=["not-utf8", "nan", "infinity", "minus-infinity", "nested-deep", "lone-surrogate", "surrogate-key"],
 )
 def test_a_line_that_is_not_plain_json_is_refused_with_its_number(
     openai_fake: Fake, tmp_path: Path, line: bytes, reason: str
@@ -117,6 +129,28 @@ def test_a_line_that_is_not_plain_json_is_refused_with_its_number(
     requests.write_bytes(good + b"\n" + line + b"\n" + good.replace(b"fine", b"also fine") + b"\n")
     done = run_cli(openai_fake, requests, out, *LIMITS)
     assert_lines_refused(done, openai_fake, out, reason, "1 bad line(s); nothing sent")
+
+
+def test_a_line_holding_a_lone_surrogate_is_refused_and_skip_invalid_sends_the_others(
+    openai_fake: Fake, tmp_path: Path
+) -> None:
+    # Valid JSON, but UTF-8 cannot encode a lone surrogate: no attempt could ever send it. A
+    # pair of escapes is one character, and goes.
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    lines = [
+        b'{"id": "plain", "messages": [{"role": "user", "content": "plain"}], "max_tokens": 5}',
+        b'{"id": "lone", "messages": [{"role": "user", "content": "lone \\udc00"}], "max_tokens": 5}',
+        b'{"id": "pair", "messages": [{"role": "user", "content": "pair \\ud83d\\ude00"}], "max_tokens": 5}',
+    ]
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    refused = run_cli(openai_fake, requests, out, *LIMITS)
+    assert_lines_refused(
+        refused, openai_fake, out, "line 2: messages[0].content holds a lone surrogate", "1 bad line(s)"
+    )
+    skipped = run_cli(openai_fake, requests, out, *LIMITS, "--skip-invalid")
+    assert skipped.returncode == 0, skipped.stderr
+    assert sorted(line["id"] for line in results(out)) == ["pair", "plain"]
+    assert openai_fake.calls == Counter({"plain": 1, "pair \U0001f600": 1})
 
 
 def test_lines_needing_more_than_the_tpm_are_reported_once_with_a_count(
@@ -135,6 +169,57 @@ def test_lines_needing_more_than_the_tpm_are_reported_once_with_a_count(
     assert sum(openai_fake.calls.values()) == 0
 
 
+def test_lines_needing_more_than_the_smallest_token_limit_are_reported_naming_its_flag(
+    anthropic_fake: Fake, tmp_path: Path
+) -> None:
+    # Each token limit counts a request's whole estimate: 2,000 output tokens and a few input
+    # ones never fit an --otpm of 2,000.
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    write_requests(requests, 3, Case("anthropic", "native"), max_tokens=2_000)
+    done = run_cli(anthropic_fake, requests, out, "--rpm", "600", "--itpm", "100000", "--otpm", "2000")
+    assert_lines_refused(
+        done,
+        anthropic_fake,
+        out,
+        "3 line(s) need more tokens than --otpm 2000 allows in any minute (each token limit counts a "
+        "request's whole estimate, input and output): line 1 (about 2,",
+        "3 bad line(s); nothing sent",
+    )
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_each_request_carries_its_input_and_its_most_output_apart(provider: str) -> None:
+    # The parts a limiter with --itpm and --otpm charges apart: max_output is the most the reply
+    # may use (max_tokens, times n with OpenAI; --default-max-tokens where a line sets none).
+    call = {"model": "m", "messages": [{"role": "user", "content": "How long is a minute? " * 10}]}
+    lines = [{"id": "set", **call, "max_tokens": 300}, {"id": "default", **call}]
+    if provider == "openai":
+        lines.append({"id": "n", **call, "max_tokens": 300, "n": 3})
+    read = read_requests(
+        "".join(json.dumps(line) + "\n" for line in lines).encode(),
+        provider=provider,
+        input_format="auto",
+        model=None,
+        default_max_tokens=50,
+        token_limits={"--tpm": 100_000.0},
+    )
+    assert read.errors == []
+    infos = {entry.request.id: entry.request.token_info for entry in read.entries}
+    payload = {**call, "max_tokens": 300}
+    if provider == "openai":
+        whole = estimate_chat_tokens(payload)
+        expected = {"set": 300, "default": 50, "n": 900}
+    else:
+        whole = estimate_messages_tokens(payload)
+        expected = {"set": 300, "default": 50}
+        assert infos["set"].input == estimate_messages_input_tokens(payload)
+    assert {request_id: info.max_output for request_id, info in infos.items()} == expected
+    assert infos["set"].estimated == whole
+    for info in infos.values():
+        assert info.input == whole - 300
+        assert info.input + info.max_output == info.estimated
+
+
 @pytest.mark.parametrize(
     "case", [Case("openai", "native"), Case("anthropic", "message-batches")], ids=case_id
 )
@@ -149,7 +234,30 @@ def test_a_dash_reads_the_requests_from_standard_input(case: Case, fake: Fake, t
 # -- flags and --out -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--rpm", "0.5"), ("--rpm", "0"), ("--tpm", "0.9"), ("--tpm", "-5"), ("--default-max-tokens", "-1")],
+    [
+        ("--rpm", "0.5"),
+        ("--rpm", "0"),
+        ("--tpm", "0.9"),
+        ("--tpm", "-5"),
+        ("--default-max-tokens", "-1"),
+        # Each bounded to what the object it feeds accepts: the worker's backoff cap, the
+        # token counts of a request, the limiter's limits; a progress line a flood.
+        ("--max-retry-delay", "50000"),
+        ("--max-retry-delay", "-1"),
+        ("--default-max-tokens", str(2**53 + 1)),
+        ("--progress-interval", "0.001"),
+        ("--max-attempts", "0"),
+        ("--max-rate-limited", "0"),
+        ("--concurrency", "0"),
+        ("--shutdown-grace", "-1"),
+        ("--timeout", "0"),
+        ("--itpm", "0.5"),
+        ("--otpm", "nan"),
+        ("--rpd", "0.5"),
+        ("--tpd", "inf"),
+        ("--max-concurrent", "0"),
+        ("--max-concurrent", str(2**64)),
+    ],
 )
 def test_a_bad_flag_is_one_line_naming_it_and_nothing_is_sent(
     openai_fake: Fake, tmp_path: Path, flag: str, value: str
@@ -159,6 +267,17 @@ def test_a_bad_flag_is_one_line_naming_it_and_nothing_is_sent(
     options = {"--rpm": "600", "--tpm": "100000", flag: value}
     done = run_cli(openai_fake, requests, out, *(item for pair in options.items() for item in pair))
     assert_refused(done, openai_fake, flag, value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("given", [(), ("--itpm", "30000"), ("--otpm", "8000")], ids=["none", "itpm", "otpm"])
+def test_tpm_is_required_unless_itpm_and_otpm_are_both_given(
+    anthropic_fake: Fake, tmp_path: Path, given: tuple[str, ...]
+) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    write_requests(requests, 3, Case("anthropic", "native"))
+    done = run_cli(anthropic_fake, requests, out, "--rpm", "600", *given)
+    assert_refused(done, anthropic_fake, "--tpm is required (or --itpm and --otpm")
     assert not out.exists()
 
 

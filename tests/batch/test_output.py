@@ -1,8 +1,12 @@
 """What ``llmqd batch`` writes: each result once, in the output format, and a run stopped at once,
-with nothing sent again, when the output cannot be written (in each provider and format)."""
+with nothing sent again, when the output cannot be written (in each provider and format); one
+run at a time on an output."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from .support import (
     Case,
     Fake,
     case_id,
+    command,
+    environment,
     last_outcomes,
     outcomes,
     results,
@@ -114,3 +120,45 @@ def test_message_batches_results_hold_the_message_or_anthropics_error(
     malformed = lines["q002"]["result"]["error"]["error"]
     assert malformed["type"] == "api_error"  # a retry may cure it: a rerun sends it again
     assert malformed["message"].startswith("gave up after 2 failed attempts: malformed response")
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(
+    provider: ProviderServer, openai_fake: Fake, tmp_path: Path
+) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    ids = write_requests(requests, 10)
+    # Every first call hangs: the first run holds all ten in flight, none written, while the
+    # second starts. Without a lock the second would send all ten again.
+    provider.configure(slow={request_id: 60.0 for request_id in ids})
+    options = ("--rpm", "6000", "--tpm", "1000000", "--shutdown-grace", "0")
+    first = subprocess.Popen(
+        command(openai_fake, requests, out, *options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while sum(provider.calls.values()) < len(ids):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run did not send its requests"
+            time.sleep(0.05)
+        second = run_cli(openai_fake, requests, out, *options)
+        sent = Counter(provider.calls)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"llmqd batch: --out {out}: another llmqd batch run is writing it; wait for it to end or "
+        "name another file"
+    ]
+    assert sent == Counter({request_id: 1 for request_id in ids})
+    assert first.returncode == 128 + signal.SIGTERM
+    assert results(out) == []
+    # The lock ends with its run: the same command now sends each request once more and ends.
+    third = run_cli(openai_fake, requests, out, *options)
+    assert third.returncode == 0, third.stderr
+    assert sorted(line["id"] for line in results(out)) == ids
+    assert provider.calls == Counter({request_id: 2 for request_id in ids})

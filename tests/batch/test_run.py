@@ -1,6 +1,6 @@
 """``llmqd batch`` end to end against the local fake providers: every request answered and
 written once, in each provider and file format; failures written with their error; transient
-errors retried up to --max-attempts."""
+errors retried up to --max-attempts, 429s up to --max-rate-limited; the summary."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from tests.provider.server import ProviderServer
 
 from .support import (
+    WRITING_CASES,
     Case,
     Fake,
     answer_text,
@@ -246,3 +247,73 @@ def test_an_argument_the_sdk_does_not_name_is_sent_in_the_body_as_written(
     sent = fake.server.bodies["q000"]
     assert (sent["top_k"], sent["service_hint"], sent["max_tokens"]) == (3, {"tier": "flex"}, 5)
     assert "extra_body" not in sent
+
+
+@pytest.mark.parametrize("case", WRITING_CASES, ids=case_id)
+def test_a_request_always_rate_limited_is_given_up_after_max_rate_limited_and_a_rerun_sends_it(
+    case: Case, fake: Fake, tmp_path: Path
+) -> None:
+    # OpenAI answers a request larger than the TPM with a 429: no wait ever admits it. 429s do
+    # not count toward --max-attempts; they have a budget of their own, 20 by default.
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    ids = write_requests(requests, 3, case)
+    fake.server.configure(status_for={"q001": 429}, headers_for={"q001": {"retry-after-ms": "10"}})
+    options = ("--rpm", "6000", "--tpm", "1000000", "--max-retry-delay", "0.05")
+    first = run_cli(fake, requests, out, *options)
+    assert first.returncode == 1, first.stderr
+    assert fake.calls["q001"] == 20
+    by_id = last_outcomes(out)
+    assert (by_id["q000"].ok, by_id["q001"].ok, by_id["q002"].ok) == (True, False, True)
+    assert "1 request(s) failed on transient errors" in first.stderr
+    # The provider's error, as each format writes an answer that was an error.
+    assert (
+        by_id["q001"].failure
+        == {"native": 429, "batch-api": 429, "message-batches": "rate_limit_error"}[case.format]
+    )
+    if case.format == "native":
+        line = next(line for line in results(out) if line["id"] == "q001")
+        assert line["error"]["message"].startswith("gave up after 20 rate-limited (429) answers")
+        assert line["error"]["retryable"] is True
+    fake.server.configure(status_for={}, headers_for={})
+    again = run_cli(fake, requests, out, *options, "--max-rate-limited", "3")
+    assert again.returncode == 0, again.stderr
+    assert "sending again 1 that failed on a transient error" in again.stderr
+    assert fake.calls["q001"] == 21
+    assert sorted(last_outcomes(out)) == ids
+    assert all(result.ok for result in last_outcomes(out).values())
+
+
+def test_max_rate_limited_sets_the_budget_of_429s(
+    provider: ProviderServer, openai_fake: Fake, tmp_path: Path
+) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    write_requests(requests, 2)
+    provider.configure(status_for={"q000": 429}, headers_for={"q000": {"retry-after-ms": "10"}})
+    done = run_cli(
+        openai_fake,
+        requests,
+        out,
+        "--rpm",
+        "6000",
+        "--tpm",
+        "1000000",
+        "--max-rate-limited",
+        "3",
+        "--max-attempts",
+        "1",
+        "--max-retry-delay",
+        "0.05",
+    )
+    assert done.returncode == 1, done.stderr
+    assert provider.calls == Counter({"q000": 3, "q001": 1})
+    assert "rate limited (429)  3" in done.stdout
+
+
+def test_the_summary_prints_the_limits_as_plain_numbers(openai_fake: Fake, tmp_path: Path) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    write_requests(requests, 1)
+    done = run_cli(openai_fake, requests, out, "--rpm", "1000000", "--tpm", "2500000.5")
+    assert done.returncode == 0, done.stderr
+    assert "(limit 1,000,000)" in done.stdout
+    assert "(limit 2,500,000.5)" in done.stdout
+    assert "e+" not in done.stdout
