@@ -384,7 +384,7 @@ pub(crate) fn undo_take(
     reserved: Option<&str>,
 ) {
     let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-    let (undone, aftermath) = store.locked(py, store_now, |s, now| s.cancel_receive(&handle, now));
+    let (undone, aftermath) = store.locked(py, store_now, |s, now| s.release(&handle, now));
     aftermath.finish(py, store);
     drop(undone);
     if let Some(request_id) = reserved {
@@ -551,7 +551,7 @@ impl Pool for PyStoreCore {
             Ok(message) => Ok(Some(message)),
             Err(error) => {
                 let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-                let (undone, aftermath) = self.locked(py, now, |s, now| s.cancel_receive(&handle, now));
+                let (undone, aftermath) = self.locked(py, now, |s, now| s.release(&handle, now));
                 aftermath.finish(py, self);
                 let _ = undone;
                 Err(error)

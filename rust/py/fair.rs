@@ -255,7 +255,7 @@ impl PyStoreCore {
             Err(error) => {
                 self.correct_fair_charge(py, facts.6, facts.7, 0.0);
                 let handle = view.handle.map(|h| h.to_string()).unwrap_or_default();
-                let (undone, aftermath) = self.locked(py, now, |s, now| s.cancel_receive(&handle, now));
+                let (undone, aftermath) = self.locked(py, now, |s, now| s.release(&handle, now));
                 aftermath.finish(py, self);
                 drop(undone);
                 Err(error)

@@ -322,7 +322,7 @@ impl PyStoreCore {
     /// visible again at once, its receive count and first receive as before.
     fn cancel_receive(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
         let handle = handle_arg(handle)?;
-        self.with_store(py, |store, now| store.cancel_receive(&handle, now))
+        self.with_store(py, |store, now| store.release(&handle, now))
     }
 
     /// Makes the message a current handle names invisible for `visibility_timeout` seconds from

@@ -44,8 +44,7 @@ use self::handles::{random_u64, take_message_ids};
 pub use self::message::{
     validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
 };
-pub use self::tenants::TenantCounts;
-use self::tenants::Tenants;
+pub use self::tenants::{TenantCounts, Tenants};
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
 pub use crate::index::PRIORITIES;
@@ -359,11 +358,14 @@ impl<P, R: Ranking> Store<P, R> {
         Ok(self.receive_visible(slot, visibility_timeout, now))
     }
 
-    /// Undoes the receive that issued `handle`, which the caller could not hand out (building
-    /// its message failed, or the dispatch was abandoned): the message is visible again at
-    /// once, with its receive count and first receive as they were before (a first receive is
-    /// forgotten). The handle becomes stale.
-    pub fn cancel_receive(&mut self, handle: &str, now: f64) -> CoreResult<()> {
+    /// Gives a received message back unprocessed, as if the receive that issued `handle` had
+    /// not happened (a dispatch that could not hand it out, a job given back because its worker
+    /// stopped): the message is visible again at once, with its receive count and first receive
+    /// as they were before (a first receive is forgotten), so a stop never uses up a receive
+    /// toward `max_receive_count`. The handle becomes stale. A stale or unknown handle changes
+    /// nothing.
+    pub fn release(&mut self, handle: &str, now: f64) -> CoreResult<()> {
+        self.maintain(now);
         let slot = self.resolve(handle)?;
         self.detach(slot);
         let s = &mut self.slots[slot as usize];

@@ -11,9 +11,10 @@ pub struct TenantCounts {
     pub in_flight: usize,
 }
 
-/// Tenant names interned to small numbers, with their message counts.
+/// Tenant names interned to small numbers (0 is the tenant of requests without one), with their
+/// message counts. The prefetch buffer interns its tenants with it too.
 #[derive(Debug)]
-pub(super) struct Tenants {
+pub struct Tenants {
     pub(super) names: Vec<Box<str>>,
     pub(super) ids: HashMap<Box<str>, u32>,
     pub(super) counts: Vec<TenantCounts>,
@@ -30,7 +31,8 @@ impl Default for Tenants {
 }
 
 impl Tenants {
-    pub(super) fn intern(&mut self, name: Option<&str>) -> u32 {
+    /// The number of `name` (None is ""), interned on first sight.
+    pub fn intern(&mut self, name: Option<&str>) -> u32 {
         let name = name.unwrap_or("");
         if let Some(&id) = self.ids.get(name) {
             return id;
@@ -40,5 +42,12 @@ impl Tenants {
         self.ids.insert(name.into(), id);
         self.counts.push(TenantCounts::default());
         id
+    }
+}
+
+impl Tenants {
+    /// The name of an interned tenant ("" for an unknown number).
+    pub fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", |name| name)
     }
 }

@@ -179,6 +179,13 @@ pub struct ConsumptionRecord<M> {
     pub released: bool,
 }
 
+/// The key of one reservation made with [`Throttle::reserve`]: the sequence number of its
+/// consumption record. A dispatcher keys every delivery's reservation by it, so a stale
+/// delivery's mark settles its own reservation and never a newer one of the same request (the
+/// request id is kept in the record for the history only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationKey(pub u64);
+
 /// The answer of `can_process`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckResult {
@@ -298,7 +305,10 @@ impl<M> Throttle<M> {
             if !record.released {
                 self.totals.remove(&record);
             }
-            if self.latest_by_id.get(&record.request_id) == Some(&self.first_seq) {
+            // Reservations made by key are not in the id map: skip the lookup when it is empty.
+            if !self.latest_by_id.is_empty()
+                && self.latest_by_id.get(&record.request_id) == Some(&self.first_seq)
+            {
                 self.latest_by_id.remove(&record.request_id);
             }
             self.first_seq += 1;
@@ -315,9 +325,10 @@ impl<M> Throttle<M> {
     fn evict_all(&mut self) {
         self.totals = HistoryTotals::default();
         let history = std::mem::take(&mut self.history);
+        // Sequence numbers keep growing: a reservation key made before never names a new record.
+        self.first_seq += history.len() as u64;
         self.evicted.extend(history.into_iter().map(|record| record.metadata));
         self.latest_by_id.clear();
-        self.first_seq = 0;
     }
 
     /// The request bucket.
@@ -386,6 +397,22 @@ impl<M> Throttle<M> {
 
     /// `consume`, handing `metadata` back when refused (a binding releases it unlocked).
     pub fn try_consume(&mut self, now: f64, request_id: &str, estimated: u64, metadata: M) -> Result<(), M> {
+        let key = self.reserve(now, request_id, estimated, metadata)?;
+        self.latest_by_id.insert(request_id.to_owned(), key.0);
+        Ok(())
+    }
+
+    /// Takes one request and the estimate plus the debt, all or nothing, like `consume`, and
+    /// returns the reservation's key; the record is found by that key only (`adjust_reservation`,
+    /// `release_reservation`), not by `request_id`, which it keeps for the history. Call
+    /// `advance` first.
+    pub fn reserve(
+        &mut self,
+        now: f64,
+        request_id: &str,
+        estimated: u64,
+        metadata: M,
+    ) -> Result<ReservationKey, M> {
         let needed = self.tokens_needed(estimated);
         if self.penalty_left() > 0.0 || !(self.requests.has(1.0) && self.tokens.has(needed)) {
             return Err(metadata);
@@ -412,17 +439,26 @@ impl<M> Throttle<M> {
         if let Some(record) = self.history.back() {
             self.totals.add(record);
         }
-        self.latest_by_id.insert(request_id.to_owned(), seq);
         while self.history.len() > self.config.max_history_records {
             self.pop_oldest();
         }
-        Ok(())
+        Ok(ReservationKey(seq))
     }
 
     /// Sets the token count of the latest consume of `request_id` to `actual`: takes the extra
     /// or refunds the difference. Call `advance` first.
     pub fn adjust(&mut self, request_id: &str, actual: u64) -> CoreResult<Adjustment> {
         let index = self.record_index(request_id)?;
+        self.adjust_at(index, actual)
+    }
+
+    /// `adjust` of the reservation `key` names. Call `advance` first.
+    pub fn adjust_reservation(&mut self, key: ReservationKey, actual: u64) -> CoreResult<Adjustment> {
+        let index = self.key_index(key)?;
+        self.adjust_at(index, actual)
+    }
+
+    fn adjust_at(&mut self, index: usize, actual: u64) -> CoreResult<Adjustment> {
         let recorded = self.history[index].tokens;
         let mut outcome = Adjustment::Applied;
         let mut unpaid = self.history[index].unpaid;
@@ -473,23 +509,34 @@ impl<M> Throttle<M> {
     /// first.
     pub fn release(&mut self, request_id: &str) -> CoreResult<()> {
         let index = self.record_index(request_id)?;
-        let record = &mut self.history[index];
-        let (tokens, debt, unpaid) = (record.tokens as f64, record.compensation_debt, record.unpaid);
-        record.released = true;
-        let record = &self.history[index];
-        self.totals.remove(record);
+        self.release_at(index);
         // An earlier consume of the same id (a delivery still in progress) is the latest again.
         let previous = self.history.range(..index).rposition(|r| !r.released && r.request_id == request_id);
         match previous {
             Some(i) => self.latest_by_id.insert(request_id.to_owned(), self.first_seq + i as u64),
             None => self.latest_by_id.remove(request_id),
         };
+        Ok(())
+    }
+
+    /// `release` of the reservation `key` names. Call `advance` first.
+    pub fn release_reservation(&mut self, key: ReservationKey) -> CoreResult<()> {
+        let index = self.key_index(key)?;
+        self.release_at(index);
+        Ok(())
+    }
+
+    fn release_at(&mut self, index: usize) {
+        let record = &mut self.history[index];
+        let (tokens, debt, unpaid) = (record.tokens as f64, record.compensation_debt, record.unpaid);
+        record.released = true;
+        let record = &self.history[index];
+        self.totals.remove(record);
         self.requests.refund(1.0);
         self.tokens.refund(tokens - unpaid + debt);
         // The debt its unpaid adjustment added is not owed; the debt the consume paid is again.
         self.give_back_unpaid(unpaid);
         self.debt += debt;
-        Ok(())
     }
 
     /// Gives back `tokens` of an upward adjustment the bucket could not pay. Under `warn` they
@@ -563,6 +610,17 @@ impl<M> Throttle<M> {
             )));
         };
         Ok((seq - self.first_seq) as usize)
+    }
+
+    fn key_index(&self, key: ReservationKey) -> CoreResult<usize> {
+        let index = key.0.checked_sub(self.first_seq).map(|i| i as usize);
+        match index {
+            Some(i) if self.history.get(i).is_some_and(|r| !r.released) => Ok(i),
+            _ => Err(CoreError::UnknownRequest(format!(
+                "reservation {} has no consumption record (released, or older than history_retention = {} s)",
+                key.0, self.config.history_retention
+            ))),
+        }
     }
 
     /// The consumption records that count (not released), oldest first.

@@ -1,0 +1,460 @@
+//! One dispatch step: choose the message to hand out under a policy, reserve its budget, and take
+//! it out of its pool (the in-memory store, or the prefetch buffer of another store), keeping
+//! the books on every path: a reservation made is released whole when the take fails, a message
+//! taken is put back when the reservation fails.
+//!
+//! Pure Rust over `Store`, `Buffer` and `Throttle`; the binding locks, calls and builds objects.
+//! Three shapes:
+//! - **fused** ([`fused_score`], [`fused_fair`]): the in-memory store and an `LLMThrottle`
+//!   without custom scorers, atomic under both locks (the caller holds them for the call);
+//! - **buffered** ([`buffered_score`], [`buffered_fair`]): the prefetch buffer and an
+//!   `LLMThrottle` without custom scorers, the same under the buffer's lock;
+//! - **stepwise** ([`attempt`]): everything else — custom scorers (Python callables, run with no
+//!   lock held), or a limiter whose reservation the caller awaits. Each step locks on its own, so
+//!   another thread may take the winner in between; the loop then starts over, at most
+//!   [`MAX_ATTEMPTS`] times.
+
+use crate::buffer::{Buffer, Buffered};
+use crate::errors::{CoreError, CoreResult};
+use crate::fair::{FairCandidate, FairRuntime};
+use crate::policy::{
+    admit, decide_fair, decide_score, ranking_budget, Admission, Budget, Decision, FairDecision, Rankings,
+};
+use crate::scoring::Weights;
+use crate::select::{best_candidate, choose, Candidate, Choice, Collected, SearchContext};
+use crate::store::{ReceiptHandle, Store};
+use crate::throttle::{ReservationKey, Throttle};
+
+#[cfg(test)]
+mod tests;
+
+/// How often a stepwise dispatch starts over when its winner vanished or stopped fitting while
+/// custom scorers ran (only possible with several threads): after that it reports nothing found.
+pub const MAX_ATTEMPTS: usize = 8;
+
+/// How a dispatch hands a message out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// Seconds the message is leased for (the in-memory store's receive).
+    pub visibility_timeout: f64,
+    /// Scores below this are not handed out (score policy).
+    pub min_score: f64,
+    /// Whether the budget is reserved on the limiter.
+    pub reserve: bool,
+    /// Whether the budget is held for the winner (`hold_budget`).
+    pub hold: bool,
+}
+
+/// What a dispatch step comes to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<T> {
+    /// This was taken.
+    Taken(T),
+    /// Held for the winner, which fits in this many seconds.
+    Wait(f64),
+    /// Nothing to hand out now.
+    Nothing,
+}
+
+impl<T> Outcome<T> {
+    /// `Wait` for a finite wait, else `Nothing` (a winner that can never fit holds nothing).
+    pub fn wait(seconds: f64) -> Self {
+        if seconds.is_finite() {
+            Self::Wait(seconds)
+        } else {
+            Self::Nothing
+        }
+    }
+
+    /// The taken value mapped.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Self::Taken(t) => Outcome::Taken(f(t)),
+            Self::Wait(s) => Outcome::Wait(s),
+            Self::Nothing => Outcome::Nothing,
+        }
+    }
+}
+
+/// Why a message was chosen: what its `score` and `reason` are built from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Facts {
+    /// The score policy: the six weighted factors, the weighted custom scores, their total.
+    Score {
+        /// The six weighted factors.
+        factors: [f64; 6],
+        /// Weighted custom scores, in scorer order.
+        custom: Vec<f64>,
+        /// Their sum.
+        total: f64,
+    },
+    /// The `fair_priority` policy: the candidate with its rank.
+    Fair(FairCandidate),
+}
+
+impl Facts {
+    fn of_choice(choice: &Choice) -> Self {
+        Self::Score { factors: choice.candidate.factors, custom: choice.custom.clone(), total: choice.total }
+    }
+
+    fn of_candidate(candidate: &Candidate) -> Self {
+        Self::Score { factors: candidate.factors, custom: Vec::new(), total: candidate.base }
+    }
+}
+
+/// A fair charge: the tenant charged and the charge's id, to correct at the mark.
+pub type Charge = (u32, u64);
+
+/// What a fused step took from the in-memory store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreTake {
+    /// Where the message lives.
+    pub slot: u32,
+    /// The receive's handle.
+    pub handle: ReceiptHandle,
+    /// The reservation, when the budget was reserved.
+    pub key: Option<ReservationKey>,
+    /// Why it was chosen.
+    pub facts: Facts,
+    /// Its fair charge (`fair_priority`).
+    pub charge: Option<Charge>,
+}
+
+/// The score policy's fused step: decide (`policy::decide_score`), reserve and receive, under
+/// the caller's locks of `store` (at `now`) and `limiter` (at `limiter_now`, advanced).
+pub fn fused_score<P, M: Default>(
+    store: &mut Store<P, Rankings>,
+    limiter: &mut Throttle<M>,
+    weights: &Weights,
+    settings: Settings,
+    now: f64,
+    limiter_now: f64,
+) -> CoreResult<Outcome<StoreTake>> {
+    let candidate = match decide_score(store, weights, limiter, now, settings.hold, settings.min_score) {
+        Decision::Take(candidate) => candidate,
+        Decision::Wait(seconds) => return Ok(Outcome::Wait(seconds)),
+        Decision::Nothing => return Ok(Outcome::Nothing),
+    };
+    let facts = Facts::of_candidate(&candidate);
+    receive_reserved(store, limiter, candidate.slot, settings, now, limiter_now).map(|taken| {
+        taken.map(|(handle, key)| StoreTake { slot: candidate.slot, handle, key, facts, charge: None })
+    })
+}
+
+/// The `fair_priority` policy's fused step: decide (`policy::decide_fair`), reserve, receive and
+/// charge the tenant, under the caller's locks.
+pub fn fused_fair<P, M: Default>(
+    store: &mut Store<P, Rankings>,
+    runtime: &mut FairRuntime,
+    limiter: &mut Throttle<M>,
+    settings: Settings,
+    now: f64,
+    limiter_now: f64,
+) -> CoreResult<Outcome<StoreTake>> {
+    let candidate = match decide_fair(store, runtime, limiter, now, settings.hold) {
+        Decision::Take(candidate) => candidate,
+        Decision::Wait(seconds) => return Ok(Outcome::Wait(seconds)),
+        Decision::Nothing => return Ok(Outcome::Nothing),
+    };
+    let tokens = store.message(candidate.slot).tokens;
+    let taken = receive_reserved(store, limiter, candidate.slot, settings, now, limiter_now)?;
+    Ok(taken.map(|(handle, key)| {
+        let charge = runtime.charge(candidate.tenant, now, tokens);
+        StoreTake {
+            slot: candidate.slot,
+            handle,
+            key,
+            facts: Facts::Fair(candidate),
+            charge: Some((candidate.tenant, charge)),
+        }
+    }))
+}
+
+/// Reserves the budget of the message in `slot` (when `settings.reserve`) and receives it; a
+/// failed receive releases the reservation. `Nothing` when the limiter refuses.
+fn receive_reserved<P, M: Default>(
+    store: &mut Store<P, Rankings>,
+    limiter: &mut Throttle<M>,
+    slot: u32,
+    settings: Settings,
+    now: f64,
+    limiter_now: f64,
+) -> CoreResult<Outcome<(ReceiptHandle, Option<ReservationKey>)>> {
+    let key = if settings.reserve {
+        let message = store.message(slot);
+        match limiter.reserve(limiter_now, &message.request_id, message.tokens, M::default()) {
+            Ok(key) => Some(key),
+            Err(_) => return Ok(Outcome::Nothing),
+        }
+    } else {
+        None
+    };
+    match store.receive_slot(slot, settings.visibility_timeout, now) {
+        Ok(handle) => Ok(Outcome::Taken((handle, key))),
+        Err(error) => {
+            if let Some(key) = key {
+                let _ = limiter.release_reservation(key);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// What a step took out of the prefetch buffer.
+#[derive(Debug)]
+pub struct BufferTake<M> {
+    /// The buffered message, out of the buffer.
+    pub item: Buffered<M>,
+    /// The reservation, when the budget was reserved.
+    pub key: Option<ReservationKey>,
+    /// Why it was chosen.
+    pub facts: Facts,
+    /// Its fair charge (`fair_priority`).
+    pub charge: Option<Charge>,
+}
+
+/// The score policy's step over the buffer with an `LLMThrottle` and no custom scorers: the
+/// best buffered message under the limiter's budget, reserved and taken out.
+pub fn buffered_score<M, L: Default>(
+    buffer: &mut Buffer<M>,
+    limiter: &mut Throttle<L>,
+    weights: &Weights,
+    settings: Settings,
+    now: f64,
+    limiter_now: f64,
+) -> Outcome<BufferTake<M>> {
+    let Some(budget) = ranking_budget(limiter, settings.hold) else { return Outcome::Nothing };
+    let context =
+        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
+    let Some(best) = buffer.collect(&context, 1).into_iter().next() else { return Outcome::Nothing };
+    let candidate = best.candidate;
+    if candidate.base < settings.min_score {
+        return Outcome::Nothing;
+    }
+    match admit(limiter, (), candidate.tokens, 0.0, settings.hold) {
+        Decision::Take(()) => {}
+        Decision::Wait(seconds) => return Outcome::Wait(seconds),
+        Decision::Nothing => return Outcome::Nothing,
+    }
+    let Ok(key) = reserve_buffered(buffer, limiter, candidate.seq, candidate.tokens, settings, limiter_now)
+    else {
+        return Outcome::Nothing;
+    };
+    match buffer.take(candidate.seq) {
+        Some(item) => {
+            Outcome::Taken(BufferTake { item, key, facts: Facts::of_candidate(&candidate), charge: None })
+        }
+        None => Outcome::Nothing,
+    }
+}
+
+/// The `fair_priority` step over the buffer with an `LLMThrottle`: decide, reserve, take, charge.
+pub fn buffered_fair<M, L: Default>(
+    buffer: &mut Buffer<M>,
+    limiter: &mut Throttle<L>,
+    settings: Settings,
+    now: f64,
+    limiter_now: f64,
+) -> Outcome<BufferTake<M>> {
+    let Some(decision) = buffer.decide_fair(limiter, now, settings.hold) else { return Outcome::Nothing };
+    if !decision.fits {
+        return Outcome::wait(decision.wait);
+    }
+    let seq = buffer.items()[decision.candidate.slot as usize].seq;
+    let tokens = buffer.items()[decision.candidate.slot as usize].traits.tokens;
+    let Ok(key) = reserve_buffered(buffer, limiter, seq, tokens, settings, limiter_now) else {
+        return Outcome::Nothing;
+    };
+    let charge = buffer.charge(&decision.candidate, now, tokens);
+    match buffer.take(seq) {
+        Some(item) => Outcome::Taken(BufferTake {
+            item,
+            key,
+            facts: Facts::Fair(decision.candidate),
+            charge: Some((decision.candidate.tenant, charge)),
+        }),
+        None => Outcome::Nothing,
+    }
+}
+
+/// The limiter refused a reservation.
+struct Refused;
+
+/// Reserves a buffered message's budget: the key, None when nothing is to be reserved.
+fn reserve_buffered<M, L: Default>(
+    buffer: &Buffer<M>,
+    limiter: &mut Throttle<L>,
+    seq: u64,
+    tokens: u64,
+    settings: Settings,
+    limiter_now: f64,
+) -> Result<Option<ReservationKey>, Refused> {
+    if !settings.reserve {
+        return Ok(None);
+    }
+    let item = buffer.get(seq).ok_or(Refused)?;
+    limiter.reserve(limiter_now, &item.request_id, tokens, L::default()).map(Some).map_err(|_| Refused)
+}
+
+// ----- stepwise -------------------------------------------------------------------------------
+
+/// What a stepwise dispatch asks of its pool and its limiter, one locked step at a time.
+pub trait Steps {
+    /// What a take gives.
+    type Taken;
+    /// The caller's error (a Python exception in the binding).
+    type Error: From<CoreError>;
+
+    /// The budget to rank against (None: the limiter admits nothing now).
+    fn budget(&mut self, hold: bool) -> Result<Option<Budget>, Self::Error>;
+    /// Up to `limit` candidates, best first, under `budget`.
+    fn collect(&mut self, budget: Budget, limit: usize) -> Result<Vec<Collected>, Self::Error>;
+    /// The raw custom scores of the `i`-th collected candidate (run with no lock held).
+    fn evaluate(&mut self, i: usize, candidate: &Candidate) -> Result<Vec<f64>, Self::Error>;
+    /// Seconds until a request of `tokens` fits (0: now; infinite: never).
+    fn wait(&mut self, tokens: u64) -> Result<f64, Self::Error>;
+    /// Reserves `candidate`'s budget: the key, or None when refused.
+    fn reserve(&mut self, candidate: &Candidate) -> Result<Option<ReservationKey>, Self::Error>;
+    /// Takes `candidate` out if it is still there (None: it left).
+    fn take(&mut self, candidate: &Candidate, facts: Facts) -> Result<Option<Self::Taken>, Self::Error>;
+    /// Gives a reservation back whole.
+    fn release(&mut self, key: ReservationKey);
+}
+
+/// What a stepwise dispatch took, with its reservation (when it made one).
+pub type Attempted<T> = Outcome<(T, Option<ReservationKey>)>;
+
+/// The score policy, step by step: choose with custom scorers (`select::choose`, evaluated in
+/// bound order, at most `max_candidates`), hold or reserve, take; start over when the winner
+/// left or the budget moved meanwhile. With `reserve` off nothing is reserved (the caller
+/// reserves afterwards, when its limiter must be awaited).
+pub fn attempt<S: Steps>(
+    steps: &mut S,
+    custom_weights: &[f64],
+    max_candidates: usize,
+    settings: Settings,
+) -> Result<Attempted<S::Taken>, S::Error> {
+    let limit = if custom_weights.is_empty() { 1 } else { max_candidates };
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(budget) = steps.budget(settings.hold)? else { return Ok(Outcome::Nothing) };
+        let collected = steps.collect(budget, limit)?;
+        let Some(choice) = choose(&collected, custom_weights, |i, candidate| steps.evaluate(i, candidate))?
+        else {
+            return Ok(Outcome::Nothing);
+        };
+        if choice.total < settings.min_score {
+            return Ok(Outcome::Nothing);
+        }
+        let tokens = choice.candidate.tokens;
+        if settings.hold {
+            let wait = steps.wait(tokens)?;
+            if wait > 0.0 {
+                return Ok(Outcome::wait(wait));
+            }
+        }
+        let key = if settings.reserve {
+            match steps.reserve(&choice.candidate)? {
+                Some(key) => Some(key),
+                None => continue, // the budget moved while custom scorers ran: start over
+            }
+        } else {
+            None
+        };
+        match steps.take(&choice.candidate, Facts::of_choice(&choice)) {
+            Ok(Some(taken)) => return Ok(Outcome::Taken((taken, key))),
+            Ok(None) => {
+                // The winner left while custom scorers ran: its reservation goes back whole.
+                if let Some(key) = key {
+                    steps.release(key);
+                }
+            }
+            Err(error) => {
+                if let Some(key) = key {
+                    steps.release(key);
+                }
+                return Err(error);
+            }
+        }
+    }
+    Ok(Outcome::Nothing)
+}
+
+/// The `fair_priority` choice under `limiter` over the in-memory store (lanes aged to `now`):
+/// the decision, with the slot's request not yet taken. None without fair lanes or messages.
+pub fn choose_fair_in_store<P>(
+    store: &mut Store<P, Rankings>,
+    runtime: &mut FairRuntime,
+    limiter: &impl Admission,
+    now: f64,
+    hold: bool,
+) -> Option<FairDecision> {
+    let lanes = store.ranking_mut().1.as_mut()?;
+    lanes.age(now);
+    let lanes = store.ranking().1.as_ref()?;
+    crate::policy::decide_fair_lanes(lanes, |slot| store.message(slot).tokens, runtime, limiter, now, hold)
+}
+
+// ----- waiting --------------------------------------------------------------------------------
+
+// Every wait-time factor is saturated after 300 s (LOW's `max_wait`): past that, time alone
+// changes no score.
+const SCORE_HORIZON: f64 = 301.0;
+
+/// Seconds until the best score reaches `threshold` with time alone (scores only rise as
+/// messages wait): 0 when it does now, None when it never will without another change.
+/// `best_at(offset)` is the best base score `offset` seconds from now (None: no candidate);
+/// `custom_total`, the custom scorers' weights, is counted in full, so with custom scorers this
+/// is the earliest moment the threshold can be reached.
+pub fn time_until_score<E>(
+    mut best_at: impl FnMut(f64) -> Result<Option<f64>, E>,
+    custom_total: f64,
+    threshold: f64,
+) -> Result<Option<f64>, E> {
+    let mut reaches = |offset: f64| -> Result<Option<bool>, E> {
+        Ok(best_at(offset)?.map(|best| best + custom_total >= threshold))
+    };
+    match reaches(0.0)? {
+        None => return Ok(None),
+        Some(true) => return Ok(Some(0.0)),
+        Some(false) => {}
+    }
+    if reaches(SCORE_HORIZON)? != Some(true) {
+        return Ok(None);
+    }
+    let (mut below, mut above) = (0.0, SCORE_HORIZON);
+    // Bisection to a millisecond: the best score never decreases as time passes.
+    while above - below > 1e-3 {
+        let middle = f64::midpoint(below, above);
+        if reaches(middle)? == Some(true) {
+            above = middle;
+        } else {
+            below = middle;
+        }
+    }
+    Ok(Some(above))
+}
+
+/// The best base score of the store's visible messages at `now` under `budget`.
+pub fn best_score_in_store<P, R: crate::index::Ranking>(
+    store: &Store<P, R>,
+    weights: &Weights,
+    budget: Budget,
+    now: f64,
+) -> Option<f64> {
+    let context =
+        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
+    best_candidate(store, &context).map(|c| c.base)
+}
+
+/// Slots of the store's visible messages with more tokens than `capacity`: only cells whose
+/// token range reaches past it are walked.
+pub fn slots_above<P, R: crate::index::Ranking>(store: &Store<P, R>, capacity: f64) -> Vec<u32> {
+    let mut out = Vec::new();
+    for (key, members) in store.visible_cells() {
+        if key.token_range().1 <= capacity {
+            continue;
+        }
+        out.extend(members.values().copied().filter(|&slot| store.message(slot).tokens as f64 > capacity));
+    }
+    out
+}

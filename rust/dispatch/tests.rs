@@ -1,0 +1,330 @@
+use super::*;
+use crate::buffer::Leased;
+use crate::deadlines::DeadlineIndex;
+use crate::fair::{FairConfig, FairLanes};
+use crate::policy::Snapshot;
+use crate::scoring::MessageTraits;
+use crate::store::{NewMessage, StoreConfig};
+use crate::throttle::{AdjustmentFailureStrategy, ThrottleConfig};
+
+fn limiter(tpm: f64) -> Throttle<()> {
+    let config = ThrottleConfig {
+        rpm: 6_000.0,
+        tpm,
+        burst_rpm: None,
+        burst_tpm: None,
+        adjustment_failure_strategy: AdjustmentFailureStrategy::Warn,
+        max_history_records: 100,
+        history_retention: 60.0,
+        efficiency_window_size: 50,
+    };
+    Throttle::new(config, 0.0).unwrap()
+}
+
+fn message(id: &str, priority: u8, tokens: u64, tenant: &str) -> NewMessage<()> {
+    NewMessage {
+        request_id: id.into(),
+        payload: (),
+        priority,
+        tokens,
+        expected_processing_seconds: None,
+        tenant: Some(tenant.into()),
+        deadline: None,
+    }
+}
+
+fn store(fair: bool) -> Store<(), Rankings> {
+    let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
+    let mut store = Store::with_ranking(config, 0.0, (DeadlineIndex::default(), None)).unwrap();
+    if fair {
+        store.ranking_mut().1 = Some(FairLanes::new(FairConfig::default()));
+        store.rebuild_ranking();
+    }
+    store
+}
+
+const SETTINGS: Settings = Settings { visibility_timeout: 30.0, min_score: 0.0, reserve: true, hold: true };
+
+#[test]
+fn a_fused_step_reserves_under_the_delivery_and_receives() {
+    let mut s = store(false);
+    s.enqueue(message("a", 2, 100, "t"), 0.0).unwrap();
+    let mut l = limiter(1_000.0);
+    let Outcome::Taken(taken) = fused_score(&mut s, &mut l, &Weights::default(), SETTINGS, 1.0, 1.0).unwrap()
+    else {
+        panic!("nothing taken")
+    };
+    assert_eq!(s.message(taken.slot).receive_count, 1);
+    assert!((l.tokens().available() - 900.0).abs() < 1e-9);
+    // The reservation is the delivery's: released by its key, not by the request id.
+    l.release_reservation(taken.key.unwrap()).unwrap();
+    assert!((l.tokens().available() - 1_000.0).abs() < 1e-9);
+    assert!(matches!(taken.facts, Facts::Score { .. }));
+    assert_eq!(
+        fused_score(&mut s, &mut l, &Weights::default(), SETTINGS, 1.0, 1.0).unwrap(),
+        Outcome::Nothing
+    );
+}
+
+#[test]
+fn a_fused_step_that_cannot_receive_leaves_nothing_reserved() {
+    let mut s = store(false);
+    s.enqueue(message("a", 2, 100, "t"), 0.0).unwrap();
+    let mut l = limiter(1_000.0);
+    let bad = Settings { visibility_timeout: 1e9, ..SETTINGS };
+    assert!(fused_score(&mut s, &mut l, &Weights::default(), bad, 1.0, 1.0).is_err());
+    assert!((l.tokens().available() - 1_000.0).abs() < 1e-9);
+    assert_eq!(l.history_len(), 0);
+    assert_eq!(s.visible_count(), 1);
+}
+
+#[test]
+fn a_held_winner_waits_and_nothing_below_it_goes() {
+    let mut s = store(false);
+    s.enqueue(message("big", 0, 900, "t"), 0.0).unwrap();
+    s.enqueue(message("small", 3, 50, "t"), 0.0).unwrap();
+    let mut l = limiter(1_000.0);
+    l.reserve(0.0, "x", 500, ()).unwrap();
+    match fused_score(&mut s, &mut l, &Weights::default(), SETTINGS, 0.0, 0.0).unwrap() {
+        Outcome::Wait(wait) => assert!((wait - 24.0).abs() < 1e-9),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.visible_count(), 2);
+}
+
+#[test]
+fn a_fused_fair_step_charges_the_tenant() {
+    let mut s = store(true);
+    s.enqueue(message("a", 2, 100, "t"), 0.0).unwrap();
+    let mut runtime = FairRuntime::new(&FairConfig::default(), Some(0.0));
+    let mut l = limiter(1_000.0);
+    let Outcome::Taken(taken) = fused_fair(&mut s, &mut runtime, &mut l, SETTINGS, 1.0, 1.0).unwrap() else {
+        panic!("nothing taken")
+    };
+    let (tenant, _) = taken.charge.unwrap();
+    assert!((runtime.ledger.usage(tenant, 1.0) - 100.0).abs() < 1e-9);
+    assert!(matches!(taken.facts, Facts::Fair(_)));
+}
+
+fn leased(id: &str, priority: u8, tokens: u64) -> Leased<&'static str> {
+    Leased {
+        message: "m",
+        request_id: id.into(),
+        handle: format!("h-{id}").into(),
+        traits: MessageTraits {
+            priority,
+            receive_count: 0,
+            tokens,
+            expected_processing_seconds: None,
+            enqueued_at: 0.0,
+        },
+        tenant: None,
+        deadline: f64::NAN,
+    }
+}
+
+#[test]
+fn a_buffered_step_takes_the_best_and_reserves_it() {
+    let mut buffer = Buffer::default();
+    buffer.insert([leased("low", 3, 100), leased("urgent", 0, 100)]);
+    let mut l = limiter(1_000.0);
+    let Outcome::Taken(taken) = buffered_score(&mut buffer, &mut l, &Weights::default(), SETTINGS, 1.0, 1.0)
+    else {
+        panic!("nothing taken")
+    };
+    assert_eq!(&*taken.item.request_id, "urgent");
+    assert!(taken.key.is_some());
+    assert_eq!(buffer.len(), 1);
+    // Not reserving: nothing taken from the limiter, but still only what fits now.
+    let no_reserve = Settings { reserve: false, hold: false, ..SETTINGS };
+    l.reserve(1.0, "y", 850, ()).unwrap();
+    assert_eq!(
+        buffered_score(&mut buffer, &mut l, &Weights::default(), no_reserve, 1.0, 1.0).map(|_| ()),
+        Outcome::Nothing
+    );
+}
+
+#[test]
+fn a_buffered_fair_step_holds_for_its_winner() {
+    let mut buffer = Buffer::default();
+    buffer.insert([leased("a", 2, 900)]);
+    buffer.configure_fair(&[], FairConfig::default(), Some(0.0));
+    let mut l = limiter(1_000.0);
+    l.reserve(0.0, "x", 500, ()).unwrap();
+    match buffered_fair(&mut buffer, &mut l, SETTINGS, 0.0, 0.0) {
+        Outcome::Wait(wait) => assert!((wait - 24.0).abs() < 1e-9),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    l.advance(24.0);
+    assert!(matches!(buffered_fair(&mut buffer, &mut l, SETTINGS, 24.0, 24.0), Outcome::Taken(_)));
+}
+
+/// Steps over a list of `(score, tokens)` candidates, with scripted failures.
+struct Scripted {
+    candidates: Vec<(f64, u64)>,
+    taken: Vec<u64>,
+    /// Takes that find their winner gone (another thread took it).
+    vanish: usize,
+    refuse: usize,
+    wait: f64,
+    reserved: Vec<u64>,
+    released: Vec<u64>,
+    evaluated: usize,
+}
+
+impl Scripted {
+    fn new(candidates: Vec<(f64, u64)>) -> Self {
+        Self {
+            candidates,
+            taken: Vec::new(),
+            vanish: 0,
+            refuse: 0,
+            wait: 0.0,
+            reserved: Vec::new(),
+            released: Vec::new(),
+            evaluated: 0,
+        }
+    }
+}
+
+impl Steps for Scripted {
+    type Taken = u64;
+    type Error = CoreError;
+
+    fn budget(&mut self, _hold: bool) -> CoreResult<Option<Budget>> {
+        Ok(Some(Budget { available: 1e9, max_tokens: 1e9 }))
+    }
+
+    fn collect(&mut self, _budget: Budget, limit: usize) -> CoreResult<Vec<Collected>> {
+        let mut sorted: Vec<_> =
+            self.candidates.iter().enumerate().filter(|(i, _)| !self.taken.contains(&(*i as u64))).collect();
+        sorted.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let candidates: Vec<Candidate> = sorted
+            .iter()
+            .map(|(i, &(score, tokens))| Candidate {
+                slot: *i as u32,
+                factors: [0.0; 6],
+                base: score,
+                tokens,
+                enqueued_at: 0.0,
+                seq: *i as u64,
+            })
+            .collect();
+        Ok(candidates
+            .iter()
+            .enumerate()
+            .take(limit)
+            .map(|(i, c)| Collected { candidate: *c, bound_after: candidates.get(i + 1).map(|n| n.base) })
+            .collect())
+    }
+
+    fn evaluate(&mut self, _i: usize, _candidate: &Candidate) -> CoreResult<Vec<f64>> {
+        self.evaluated += 1;
+        Ok(vec![1.0])
+    }
+
+    fn wait(&mut self, _tokens: u64) -> CoreResult<f64> {
+        Ok(self.wait)
+    }
+
+    fn reserve(&mut self, candidate: &Candidate) -> CoreResult<Option<ReservationKey>> {
+        if self.refuse > 0 {
+            self.refuse -= 1;
+            return Ok(None);
+        }
+        self.reserved.push(candidate.seq);
+        Ok(Some(ReservationKey(candidate.seq)))
+    }
+
+    fn take(&mut self, candidate: &Candidate, _facts: Facts) -> CoreResult<Option<u64>> {
+        if self.vanish > 0 {
+            self.vanish -= 1;
+            self.taken.push(candidate.seq); // someone else has it now
+            return Ok(None);
+        }
+        self.taken.push(candidate.seq);
+        Ok(Some(candidate.seq))
+    }
+
+    fn release(&mut self, key: ReservationKey) {
+        self.released.push(key.0);
+    }
+}
+
+#[test]
+fn a_winner_that_left_gives_its_reservation_back_and_the_next_best_goes() {
+    let mut steps = Scripted::new(vec![(0.9, 10), (0.5, 10), (0.1, 10)]);
+    steps.vanish = 1;
+    let outcome = attempt(&mut steps, &[0.1], 20, SETTINGS).unwrap();
+    assert_eq!(outcome, Outcome::Taken((1, Some(ReservationKey(1)))));
+    assert_eq!(steps.released, [0]);
+}
+
+#[test]
+fn a_refused_reservation_starts_over_and_gives_up_after_the_attempts() {
+    let mut steps = Scripted::new(vec![(0.9, 10)]);
+    steps.refuse = MAX_ATTEMPTS;
+    assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Nothing);
+    let mut steps = Scripted::new(vec![(0.9, 10)]);
+    steps.refuse = 2;
+    assert!(matches!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Taken(_)));
+}
+
+#[test]
+fn custom_scorers_stop_as_soon_as_nothing_left_can_win() {
+    // A custom weight of 0.1 cannot lift 0.5 past 0.9 + 0.1: one evaluation.
+    let mut steps = Scripted::new(vec![(0.9, 10), (0.5, 10), (0.4, 10)]);
+    attempt(&mut steps, &[0.1], 20, SETTINGS).unwrap();
+    assert_eq!(steps.evaluated, 1);
+}
+
+#[test]
+fn a_held_winner_reserves_nothing() {
+    let mut steps = Scripted::new(vec![(0.9, 10)]);
+    steps.wait = 3.0;
+    assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Wait(3.0));
+    steps.wait = f64::INFINITY;
+    assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Nothing);
+    assert!(steps.reserved.is_empty());
+}
+
+#[test]
+fn below_the_minimum_score_nothing_goes() {
+    let mut steps = Scripted::new(vec![(0.05, 10)]);
+    let settings = Settings { min_score: 0.1, ..SETTINGS };
+    assert_eq!(attempt(&mut steps, &[], 20, settings).unwrap(), Outcome::Nothing);
+}
+
+#[test]
+fn the_score_crossing_is_found_by_bisection() {
+    // A score rising by 0.01 a second from 0.2 reaches 0.5 at 30 s.
+    let crossing =
+        time_until_score(|offset| Ok::<_, ()>(Some(0.2 + 0.01 * offset.min(100.0))), 0.0, 0.5).unwrap();
+    assert!((crossing.unwrap() - 30.0).abs() < 2e-3);
+    assert_eq!(time_until_score(|_| Ok::<_, ()>(Some(0.6)), 0.0, 0.5).unwrap(), Some(0.0));
+    assert_eq!(time_until_score(|_| Ok::<_, ()>(Some(0.1)), 0.0, 0.5).unwrap(), None);
+    assert_eq!(time_until_score(|_| Ok::<_, ()>(None), 0.0, 0.5).unwrap(), None);
+    // Custom weights count in full.
+    assert_eq!(time_until_score(|_| Ok::<_, ()>(Some(0.45)), 0.1, 0.5).unwrap(), Some(0.0));
+}
+
+#[test]
+fn the_fair_choice_over_a_snapshot_is_not_yet_taken() {
+    let mut s = store(true);
+    s.enqueue(message("a", 2, 100, "t"), 0.0).unwrap();
+    let mut runtime = FairRuntime::new(&FairConfig::default(), Some(0.0));
+    let snapshot = Snapshot { available_tokens: 50.0, available_requests: 10.0, capacity: 1_000.0 };
+    let decision = choose_fair_in_store(&mut s, &mut runtime, &snapshot, 0.0, true).unwrap();
+    assert!(!decision.fits);
+    assert_eq!(s.visible_count(), 1);
+}
+
+#[test]
+fn slots_above_the_capacity_are_found() {
+    let mut s = store(false);
+    s.enqueue(message("huge", 2, 5_000, "t"), 0.0).unwrap();
+    s.enqueue(message("ok", 2, 10, "t"), 0.0).unwrap();
+    let slots = slots_above(&s, 1_000.0);
+    assert_eq!(slots.len(), 1);
+    assert_eq!(&*s.message(slots[0]).request_id, "huge");
+}
