@@ -1,5 +1,5 @@
 """Calling a rate limiter whether its methods are plain (`RateLimiter`, e.g. `LLMThrottle`) or
-coroutines (`AsyncRateLimiter`, e.g. `redis.RedisThrottle`)."""
+coroutines (`AsyncRateLimiter`, e.g. `redis.RedisThrottle`), under a delivery's reservation key."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .errors import UnknownRequestError
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
-__all__ = ["call_limiter", "release_reservation", "reserve", "start_release"]
+__all__ = ["call_limiter", "release_reservation", "reserve"]
 
 
 async def call_limiter(limiter: Any, method: str, *args: Any) -> Any:
@@ -26,74 +26,40 @@ async def call_limiter(limiter: Any, method: str, *args: Any) -> Any:
 
 
 async def reserve(
-    limiter: Any,
-    request_id: str,
-    tokens: int,
-    track: Callable[[asyncio.Future[Any]], None] | None = None,
+    limiter: Any, key: str, tokens: int, run_to_end: Callable[[Awaitable[None]], Awaitable[None]]
 ) -> bool:
-    """``limiter.consume(request_id, tokens)``. Cancelled while an asynchronous consume is on
-    its way (a round trip to a shared limiter), the call still completes, in the background,
-    and a reservation it made is given back: a cancelled dequeue leaves nothing taken. That
-    background step is handed to ``track`` (the dispatcher's, so `close` waits for it)."""
-    result = limiter.consume(request_id, tokens)
+    """``limiter.consume(key, tokens)``. Cancelled while an asynchronous consume is on its way (a
+    round trip to a shared limiter), the call still completes, and a reservation it made is given
+    back by ``run_to_end`` (the dispatcher's, so `close` waits for it): a cancelled dequeue leaves
+    nothing taken."""
+    result = limiter.consume(key, tokens)
     if not inspect.isawaitable(result):
         return bool(result)
     consumed = asyncio.ensure_future(result)
     try:
         return bool(await asyncio.shield(consumed))
     except asyncio.CancelledError:
-        give_back = asyncio.ensure_future(_give_back_if_granted(limiter, request_id, consumed))
-        (track or _keep)(give_back)
+        run_to_end(_give_back_if_granted(limiter, key, consumed))
         raise
 
 
-#: Background steps nobody tracks, referenced until they finish.
-_UNTRACKED: set[asyncio.Future[Any]] = set()
-
-
-def _keep(task: asyncio.Future[Any]) -> None:
-    _UNTRACKED.add(task)
-    task.add_done_callback(_UNTRACKED.discard)
-
-
-async def _give_back_if_granted(limiter: Any, request_id: str, consumed: asyncio.Future[Any]) -> None:
+async def _give_back_if_granted(limiter: Any, key: str, consumed: asyncio.Future[Any]) -> None:
     try:
         granted = await asyncio.shield(consumed)
     except Exception:
         return  # refused with an error: nothing was taken
-    if not granted:
-        return
-    try:
-        await release_reservation(limiter, request_id)
-    except Exception as error:
-        _LOGGER.warning("could not give back the reservation of cancelled request %r: %r", request_id, error)
+    if granted:
+        try:
+            await release_reservation(limiter, key)
+        except Exception as error:
+            _LOGGER.warning("could not give back the reservation %r of a cancelled dequeue: %r", key, error)
 
 
-async def release_reservation(limiter: Any, request_id: str) -> None:
+async def release_reservation(limiter: Any, key: str) -> None:
     """Gives an unused reservation back whole: ``release`` where the limiter has it, else
-    ``adjust_consumption(request_id, 0)`` (which refunds the tokens but not the request). A
-    reservation the limiter no longer knows has nothing left to give back."""
+    ``adjust_consumption(key, 0)`` (which refunds the tokens but not the request). A reservation
+    the limiter no longer knows has nothing left to give back."""
     method = "release" if callable(getattr(limiter, "release", None)) else "adjust_consumption"
-    args = (request_id,) if method == "release" else (request_id, 0)
+    args = (key,) if method == "release" else (key, 0)
     with contextlib.suppress(UnknownRequestError):
         await call_limiter(limiter, method, *args)
-
-
-def start_release(limiter: Any, request_id: str) -> Awaitable[None] | None:
-    """`release_reservation` begun at once: a plain limiter has given the reservation back when
-    this returns (None); an asynchronous one's answer is the awaitable returned (its unknown
-    request errors suppressed, as above)."""
-    method = "release" if callable(getattr(limiter, "release", None)) else "adjust_consumption"
-    args = (request_id,) if method == "release" else (request_id, 0)
-    try:
-        result = getattr(limiter, method)(*args)
-    except UnknownRequestError:
-        return None
-    if not inspect.isawaitable(result):
-        return None
-    return _suppress_unknown(result)
-
-
-async def _suppress_unknown(answer: Awaitable[Any]) -> None:
-    with contextlib.suppress(UnknownRequestError):
-        await answer

@@ -8,9 +8,9 @@ and settles it exactly once:
 * it raises `PermanentError` -> ``mark_as_dead_lettered`` at once;
 * it raises anything else -> ``mark_as_failed(error, retry_after=delay)``, where ``delay`` is a
   `RetryableError`'s ``retry_after`` or exponential backoff with full jitter;
-* it is cancelled (stop past the grace, or ``run()`` cancelled) -> ``mark_as_failed(error,
-  retry_after=0)``: the message is visible again at once for another worker, its receive count
-  kept, its reserved tokens refunded.
+* it is cancelled (stop past the grace, or ``run()`` cancelled) -> ``job.release()``: the
+  message is visible again at once for another worker, its receive undone (a stop never uses
+  one up toward ``max_receive_count``), its whole reservation released.
 
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
@@ -88,7 +88,7 @@ class WorkerStats:
 
     ``processed``: handlers that returned (messages deleted). ``retried``: failed attempts handed
     back with a delay. ``dead_lettered``: `PermanentError`\\ s. ``released``: messages handed
-    back at once (visibility 0) because the worker stopped or was cancelled while their handler
+    back unprocessed (their receive undone) because the worker stopped or was cancelled while their handler
     ran. ``tokens``: tokens of the processed messages, actual where the handler returned a count
     and estimated otherwise. ``in_flight``: handlers running now.
     """
@@ -134,7 +134,7 @@ class Worker(Generic[T]):
         handler: ``async def handler(job) -> int | None``; returns the actual tokens used.
         concurrency: handlers running at once (>= 1).
         shutdown_grace: seconds running handlers get to finish after a stop; then they are
-            cancelled and their messages released (visibility 0).
+            cancelled and their messages given back unprocessed (their receive undone).
         max_retry_delay: cap of the backoff after a failure, in seconds (<= 43200).
         retry_base_delay: backoff ceiling after the first failure; doubles per receive.
         handle_signals: in the main thread, stop on SIGTERM and SIGINT while `run` runs (a second
@@ -258,7 +258,7 @@ class Worker(Generic[T]):
         none in flight, none waiting for a retry) and no handler runs.
 
         Cancelling the task that runs it cancels the running handlers at once and releases their
-        messages (visibility 0) before the cancellation propagates: nothing is lost.
+        messages (their receive undone) before the cancellation propagates: nothing is lost.
         """
         if self._running:
             raise RuntimeError("this Worker is already running")
@@ -443,9 +443,10 @@ class Worker(Generic[T]):
         return True
 
     async def _release(self, job: ProcessableMessage[T], error: BaseException) -> None:
-        """Hands a message back at once (visibility 0) with its reservation refunded."""
+        """Gives a message back unprocessed (``job.release()``: visible at once, its receive
+        undone so a stop never uses one up, its whole reservation released)."""
         try:
-            await job.mark_as_failed(error, retry_after=0.0)
+            await job.release()
         except MessageStateError:
             return
         except ReceiptHandleError:
@@ -526,13 +527,16 @@ class Worker(Generic[T]):
         for task in pending:
             task.cancel()
         _done, stuck = await asyncio.wait(pending, timeout=_CANCEL_WAIT)
-        for task in stuck:
-            job = pending[task]
-            self._logger.error(
-                "handler of request %r ignored its cancellation; releasing its message anyway",
-                job.message.payload.id,
-            )
-            await self._release(job, asyncio.CancelledError())
+        for task, job in pending.items():
+            if task in stuck:
+                self._logger.error(
+                    "handler of request %r ignored its cancellation; releasing its message anyway",
+                    job.message.payload.id,
+                )
+            if task in stuck or not job.settled:
+                # Ignored its cancellation, or cancelled before it started (its handler never
+                # ran, so nothing released the message): given back here.
+                await self._release(job, asyncio.CancelledError())
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: signal.Signals) -> None:

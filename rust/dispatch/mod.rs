@@ -394,6 +394,70 @@ pub fn choose_fair_in_store<P>(
     crate::policy::decide_fair_lanes(lanes, |slot| store.message(slot).tokens, runtime, limiter, now, hold)
 }
 
+/// Tokens a held fair winner waits for: its estimate and the reserve margin it must leave.
+fn needed(tokens: u64, decision: &FairDecision) -> u64 {
+    tokens + decision.margin.max(0.0).ceil() as u64
+}
+
+/// The `fair_priority` step over the in-memory store under another limiter's reported budget:
+/// the winner received and charged (its reservation is the caller's to make), with the tokens
+/// to wait for if that is refused; or, when it does not fit now, `Wait` for that many tokens
+/// (held; the caller asks its limiter when) or `Nothing`.
+pub fn take_fair_in_store<P>(
+    store: &mut Store<P, Rankings>,
+    runtime: &mut FairRuntime,
+    limiter: &impl Admission,
+    settings: Settings,
+    now: f64,
+) -> CoreResult<Outcome<(StoreTake, u64)>> {
+    let Some(decision) = choose_fair_in_store(store, runtime, limiter, now, settings.hold) else {
+        return Ok(Outcome::Nothing);
+    };
+    let slot = decision.candidate.slot;
+    let tokens = store.message(slot).tokens;
+    if !decision.fits {
+        return Ok(if settings.hold {
+            Outcome::Wait(needed(tokens, &decision) as f64)
+        } else {
+            Outcome::Nothing
+        });
+    }
+    let handle = store.receive_slot(slot, settings.visibility_timeout, now)?;
+    let charge = (decision.candidate.tenant, runtime.charge(decision.candidate.tenant, now, tokens));
+    let take =
+        StoreTake { slot, handle, key: None, facts: Facts::Fair(decision.candidate), charge: Some(charge) };
+    Ok(Outcome::Taken((take, needed(tokens, &decision))))
+}
+
+/// The `fair_priority` step over the buffer under another limiter's reported budget, as
+/// [`take_fair_in_store`].
+pub fn take_fair_buffered<M>(
+    buffer: &mut Buffer<M>,
+    limiter: &impl Admission,
+    settings: Settings,
+    now: f64,
+) -> Outcome<(BufferTake<M>, u64)> {
+    let Some(decision) = buffer.decide_fair(limiter, now, settings.hold) else { return Outcome::Nothing };
+    let item = &buffer.items()[decision.candidate.slot as usize];
+    let (seq, tokens) = (item.seq, item.traits.tokens);
+    if !decision.fits {
+        return if settings.hold {
+            Outcome::Wait(needed(tokens, &decision) as f64)
+        } else {
+            Outcome::Nothing
+        };
+    }
+    let charge = buffer.charge(&decision.candidate, now, tokens);
+    match buffer.take(seq) {
+        Some(item) => {
+            let charge = Some((decision.candidate.tenant, charge));
+            let take = BufferTake { item, key: None, facts: Facts::Fair(decision.candidate), charge };
+            Outcome::Taken((take, needed(tokens, &decision)))
+        }
+        None => Outcome::Nothing,
+    }
+}
+
 // ----- waiting --------------------------------------------------------------------------------
 
 // Every wait-time factor is saturated after 300 s (LOW's `max_wait`): past that, time alone
@@ -432,6 +496,18 @@ pub fn time_until_score<E>(
         }
     }
     Ok(Some(above))
+}
+
+/// The best base score of the buffered messages at `now` under `budget`.
+pub fn best_score_buffered<M>(
+    buffer: &Buffer<M>,
+    weights: &Weights,
+    budget: Budget,
+    now: f64,
+) -> Option<f64> {
+    let context =
+        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
+    buffer.collect(&context, 1).first().map(|c| c.candidate.base)
 }
 
 /// The best base score of the store's visible messages at `now` under `budget`.

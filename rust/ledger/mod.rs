@@ -36,7 +36,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use stats::{percentile, Percentiles, Stats, TenantSummary, SAMPLES};
+pub use stats::{percentile, Percentiles, Stats, TenantCount, TenantLine, TenantSummary, SAMPLES};
 
 use crate::errors::{CoreError, CoreResult};
 
@@ -221,6 +221,8 @@ pub struct AfterStore {
     pub proceed: bool,
     /// Whether the mark must report a stale receipt handle once finished.
     pub stale_error: bool,
+    /// The plan's charge correction, due now (None when nothing is due).
+    pub charge: Option<ChargeFix>,
 }
 
 struct Slot<D> {
@@ -236,6 +238,30 @@ pub struct Ledger<D> {
     live: usize,
     /// The metrics summaries.
     pub stats: Stats,
+}
+
+/// The limiter call `mark` makes on a delivery's reservation (none without one): to the actual
+/// count (processed with one), refunding the tokens (failed, dead-lettered), giving it back
+/// whole (released).
+pub fn limiter_op(facts: Facts, mark: Mark) -> Option<LimiterOp> {
+    if !facts.reserved {
+        return None;
+    }
+    match mark {
+        Mark::Processed { actual } => actual.map(LimiterOp::Adjust),
+        Mark::Failed { .. } | Mark::DeadLettered => Some(LimiterOp::Adjust(0)),
+        Mark::Released => Some(LimiterOp::Release),
+    }
+}
+
+/// The correction of a delivery's fair charge that `mark` makes: to the actual count (processed
+/// with one), to nothing (failed, dead-lettered, released), or none (processed without a count).
+fn charge_fix(facts: Facts, mark: Mark) -> Option<ChargeFix> {
+    let tokens = match mark {
+        Mark::Processed { actual } => actual.map(|a| a as f64),
+        _ => Some(0.0),
+    };
+    facts.charge.zip(tokens).map(|((tenant, charge), tokens)| ChargeFix { tenant, charge, tokens })
 }
 
 fn state_error(id: DeliveryId, what: &str) -> CoreError {
@@ -294,6 +320,18 @@ impl<D> Ledger<D> {
     /// The deliveries that count in flight.
     pub fn in_flight(&self) -> impl Iterator<Item = (DeliveryId, &Delivery<D>)> {
         self.deliveries().filter(|(_, d)| d.in_flight())
+    }
+
+    /// Deliveries in flight per tenant.
+    pub fn in_flight_by_tenant(&self) -> Vec<(u32, usize)> {
+        let mut counts: Vec<(u32, usize)> = Vec::new();
+        for (_, delivery) in self.in_flight() {
+            match counts.iter_mut().find(|(t, _)| *t == delivery.facts.tenant) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((delivery.facts.tenant, 1)),
+            }
+        }
+        counts
     }
 
     /// Every live delivery.
@@ -395,21 +433,7 @@ impl<D> Ledger<D> {
             Mark::Released => StoreOp::Release,
         });
         delivery.state = State::Settling { mark, store_pending: store.is_some() };
-        let limiter = facts.reserved.then_some(()).and_then(|()| match mark {
-            Mark::Processed { actual } => actual.map(LimiterOp::Adjust),
-            Mark::Failed { .. } | Mark::DeadLettered => Some(LimiterOp::Adjust(0)),
-            Mark::Released => Some(LimiterOp::Release),
-        });
-        let charge_tokens = match mark {
-            Mark::Processed { actual } => actual.map(|a| a as f64),
-            _ => Some(0.0),
-        };
-        let charge = facts.charge.zip(charge_tokens).map(|((tenant, charge), tokens)| ChargeFix {
-            tenant,
-            charge,
-            tokens,
-        });
-        Ok(Plan { delivery: id, store, limiter, charge })
+        Ok(Plan { delivery: id, store, limiter: limiter_op(facts, mark), charge: charge_fix(facts, mark) })
     }
 
     /// The store's reply to a settling delivery's call. `Failed` puts it back to `HandedOut`
@@ -422,11 +446,11 @@ impl<D> Ledger<D> {
         };
         if reply == StoreReply::Failed {
             delivery.state = State::HandedOut;
-            return Ok(AfterStore { proceed: false, stale_error: false });
+            return Ok(AfterStore { proceed: false, stale_error: false, charge: None });
         }
         delivery.state = State::Settling { mark, store_pending: false };
         let stale_error = reply == StoreReply::Stale && mark.stale_is_an_error() && !delivery.purged();
-        Ok(AfterStore { proceed: true, stale_error })
+        Ok(AfterStore { proceed: true, stale_error, charge: charge_fix(delivery.facts, mark) })
     }
 
     /// Ends a settling delivery whose store call replied (or that had none) at `now`, its

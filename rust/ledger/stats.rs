@@ -95,6 +95,35 @@ pub struct TenantSummary {
     pub waits: Percentiles,
 }
 
+/// A tenant's messages as its pool counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCount {
+    /// The tenant (the pool's number).
+    pub tenant: u32,
+    /// Messages waiting (visible, or buffered).
+    pub visible: usize,
+    /// Messages in flight.
+    pub in_flight: usize,
+}
+
+/// One tenant's line of a metrics report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TenantLine {
+    /// The tenant (the pool's number).
+    pub tenant: u32,
+    /// Messages waiting.
+    pub visible: usize,
+    /// Messages in flight.
+    pub in_flight: usize,
+    /// Tokens in the fairness window: the fair policy's own use when it ranks, else the
+    /// dispatches' charges with the marks' corrections.
+    pub used: f64,
+    /// Tokens of its requests marked processed.
+    pub served: u64,
+    /// Its wait percentiles.
+    pub waits: Percentiles,
+}
+
 /// The summaries.
 #[derive(Debug, Clone)]
 pub struct Stats {
@@ -233,6 +262,50 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// The tenant lines of a report at `now`: every tenant the pool `counts`, has recent
+    /// dispatches, or (with `fair_usage`, what the fair policy ranks by) used tokens in the
+    /// window.
+    pub fn tenant_lines(
+        &mut self,
+        now: f64,
+        counts: &[TenantCount],
+        fair_usage: Option<&[(u32, f64)]>,
+    ) -> Vec<TenantLine> {
+        let keep: Vec<u32> = counts.iter().map(|c| c.tenant).collect();
+        let summaries = self.tenant_summaries(now, &keep);
+        let usage_of =
+            |tenant: u32| fair_usage.and_then(|u| u.iter().find(|(t, _)| *t == tenant).map(|(_, u)| *u));
+        let mut lines: Vec<TenantLine> = summaries
+            .iter()
+            .map(|&(tenant, summary)| {
+                let count = counts.iter().find(|c| c.tenant == tenant);
+                TenantLine {
+                    tenant,
+                    visible: count.map_or(0, |c| c.visible),
+                    in_flight: count.map_or(0, |c| c.in_flight),
+                    used: if fair_usage.is_some() { usage_of(tenant).unwrap_or(0.0) } else { summary.used },
+                    served: summary.served,
+                    waits: summary.waits,
+                }
+            })
+            .collect();
+        for &(tenant, used) in fair_usage.unwrap_or(&[]) {
+            if !summaries.iter().any(|(t, _)| *t == tenant) {
+                lines.push(TenantLine {
+                    tenant,
+                    visible: 0,
+                    in_flight: 0,
+                    used,
+                    served: 0,
+                    waits: (0.0, 0.0, 0.0),
+                });
+            }
+        }
+        lines
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::float_cmp)]
 mod tests {
@@ -278,6 +351,25 @@ mod tests {
         // Past the window the use is gone; past the retention the waits too.
         assert_eq!(stats.tenant_summaries(100.0, &[])[0].1.used, 0.0);
         assert!(stats.tenant_summaries(400.0, &[]).is_empty());
+    }
+
+    #[test]
+    fn tenant_lines_join_counts_summaries_and_the_fair_use() {
+        let mut stats = Stats::new(300.0, 60.0);
+        stats.record_dispatch(1.0, 2.0, 0.0, 1, 500);
+        let counts = [TenantCount { tenant: 2, visible: 3, in_flight: 1 }];
+        let lines = stats.tenant_lines(10.0, &counts, None);
+        assert_eq!(
+            lines.iter().map(|l| (l.tenant, l.visible, l.in_flight, l.used)).collect::<Vec<_>>(),
+            [(1, 0, 0, 500.0), (2, 3, 1, 0.0)]
+        );
+        // Under fair_priority the policy's own use replaces the charges; a tenant only it knows
+        // gets a line too.
+        let lines = stats.tenant_lines(10.0, &counts, Some(&[(1, 7.0), (9, 4.0)]));
+        assert_eq!(
+            lines.iter().map(|l| (l.tenant, l.used)).collect::<Vec<_>>(),
+            [(1, 7.0), (2, 0.0), (9, 4.0)]
+        );
     }
 
     #[test]

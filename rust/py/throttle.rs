@@ -176,6 +176,46 @@ impl PyThrottle {
         // A refused request's metadata is released here, unlocked.
         Ok(outcome.map_err(|(check, _refused)| check))
     }
+
+    /// Adjusts the reservation `key` (a dispatcher's delivery of `request_id`) to `actual`,
+    /// logging what a short bucket did as `adjust_consumption` does; the refusal of a strict
+    /// limiter or an unknown key is returned, for the dispatcher to log (the mark stands).
+    pub(crate) fn adjust_reservation(
+        &self,
+        py: Python<'_>,
+        key: crate::throttle::ReservationKey,
+        actual: u64,
+        request_id: &str,
+    ) -> PyResult<Result<(), CoreError>> {
+        match self.with_state(py, |state, _| state.adjust_reservation(key, actual))? {
+            Ok(adjustment) => self.log_adjustment(py, adjustment, request_id).map(Ok),
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
+    fn log_adjustment(&self, py: Python<'_>, adjustment: Adjustment, request_id: &str) -> PyResult<()> {
+        match adjustment {
+            Adjustment::Applied => {}
+            Adjustment::Warned { shortfall } => {
+                self.logger(py)?.call_method1(
+                    "warning",
+                    (format!(
+                        "could not take {shortfall} more tokens for request {request_id:?}: the token bucket is empty"
+                    ),),
+                )?;
+            }
+            Adjustment::Compensated { shortfall, total_debt } => {
+                self.logger(py)?.call_method1(
+                    "info",
+                    (format!(
+                        "adding {shortfall} tokens of request {request_id:?} to the compensation debt \
+                         (now {total_debt})"
+                    ),),
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[pymethods]
@@ -279,27 +319,8 @@ impl PyThrottle {
         let request_id = extract_request_id(request_id)?;
         let actual = token_count(actual_tokens, "actual_tokens")?;
         let outcome = self.with_state(py, |state, _| state.adjust(&request_id, actual))?;
-        match outcome.map_err(|e| to_py_err(py, e))? {
-            Adjustment::Applied => {}
-            Adjustment::Warned { shortfall } => {
-                self.logger(py)?.call_method1(
-                    "warning",
-                    (format!(
-                        "could not take {shortfall} more tokens for request {request_id:?}: the token bucket is empty"
-                    ),),
-                )?;
-            }
-            Adjustment::Compensated { shortfall, total_debt } => {
-                self.logger(py)?.call_method1(
-                    "info",
-                    (format!(
-                        "adding {shortfall} tokens of request {request_id:?} to the compensation debt \
-                         (now {total_debt})"
-                    ),),
-                )?;
-            }
-        }
-        Ok(())
+        let adjustment = outcome.map_err(|e| to_py_err(py, e))?;
+        self.log_adjustment(py, adjustment, &request_id)
     }
 
     /// Bucket use, efficiency, history statistics, memory and compensation.

@@ -86,16 +86,21 @@ async def test_a_plain_python_rate_limiter_works(clock: ManualClock) -> None:
     job = await dispatcher.dequeue(limiter)
     assert job is not None
     assert job.message.payload.id == "high"
-    assert limiter.consumed == [("high", 500)]
+    # Reserved under the delivery: the request id and its delivery number.
+    assert limiter.consumed == [("high#1", 500)]
     await job.mark_as_processed(actual_tokens=700)
-    assert limiter.adjusted == [("high", 700)]
+    assert limiter.adjusted == [("high#1", 700)]
     assert limiter.tokens == 1_300
     nxt = await dispatcher.dequeue(limiter)
     assert nxt is not None
     assert nxt.message.payload.id == "low"
     await nxt.mark_as_failed(RuntimeError("x"))
-    assert limiter.adjusted[-1] == ("low", 0)
+    assert limiter.adjusted[-1] == ("low#1", 0)
     assert limiter.tokens == 1_300
+    again = await dispatcher.dequeue(limiter)
+    assert again is not None
+    assert again.message.payload.id == "low"
+    assert limiter.consumed[-1] == ("low#2", 100)  # its second delivery, its own reservation
 
 
 async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:

@@ -198,7 +198,7 @@ async def books(
         active = (await dispatcher.get_queue_metrics()).processing.active_requests
     else:
         visible, in_flight = storage.core.visible_count(), storage.core.in_flight_count()
-        active = len(dispatcher._in_flight)
+        active = dispatcher._core.active
     return Books(
         requests_available=float(metrics.rpm.available),
         tokens_available=float(metrics.tpm.available),

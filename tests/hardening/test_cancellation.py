@@ -93,11 +93,8 @@ async def assert_books(
         assert storage.core.in_flight_count() == len(jobs)
         storage.core._check_invariants()
     else:
-        from llm_queue_dispatcher.sources import PrefetchSource
-
-        source = dispatcher._source
-        assert isinstance(source, PrefetchSource)
-        buffered = set(source.buffer.handles())
+        assert dispatcher._prefetch is not None
+        buffered = set(dispatcher._core.buffer_handles())
         held = {job.message.attributes.receipt_handle for job in jobs}
         assert not buffered & held
         for entry in storage.records.values():

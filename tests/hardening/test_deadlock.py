@@ -19,7 +19,6 @@ from llm_queue_dispatcher import (
     InMemoryStorage, LLMQueueDispatcher, LLMQueueDispatcherConfig, LLMRequest, LLMThrottle,
     ManualClock, ScoringConfig, CustomScorer, TokenInfo, create_in_memory_queue,
 )
-from llm_queue_dispatcher._core import ScoringParams
 sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show at once
 """
 
@@ -68,7 +67,7 @@ def test_two_threads_dispatching_and_checking_with_a_python_store_clock() -> Non
 
 
 def test_threads_calling_the_core_dispatch_step_with_python_clocks() -> None:
-    """Defect 1: several threads call `StoreCore.dispatch_native` and the limiter at once, the
+    """Defect 1: several threads call the core's dispatch step and the limiter at once, the
     store and the limiter both on Python callable clocks."""
     assert_done(
         """
@@ -77,15 +76,16 @@ def test_threads_calling_the_core_dispatch_step_with_python_clocks() -> None:
         core = storage.core
         for i in range(2_000):
             core.enqueue(LLMRequest(f"r{i}", None, token_info=TokenInfo(i % 50)))
-        params = ScoringParams((0.25, 0.2, 0.2, 0.1, 0.15, 0.1), [], 20)
+        config = LLMQueueDispatcherConfig(min_score_threshold=-1.0)
+        dispatch_core = LLMQueueDispatcher(storage, config)._core
         taken = []
 
         def dispatch():
             while True:
-                picked = core.dispatch_native(limiter, params, None, 30.0, -1.0, True)
+                picked = dispatch_core.dispatch(limiter)
                 if picked is None:
                     return
-                taken.append(picked[0].payload.id)
+                taken.append(picked.message.payload.id)
                 limiter.get_metrics()
 
         def check():

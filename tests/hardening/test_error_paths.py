@@ -100,10 +100,12 @@ async def assert_intact(
         assert state.tokens_available == pytest.approx(100_000 - reserved)
         assert limiter.get_metrics().consumption_history.count == len(held)
     else:
-        assert limiter.requests == {job.message.payload.id: 1 for job in held}
-        assert limiter.tokens == {
-            job.message.payload.id: job.message.payload.token_info.estimated for job in held
-        }
+        # Reserved under each delivery's key: the request id and its delivery number.
+        assert limiter.requests == {job._key: 1 for job in held}
+        assert limiter.tokens == {job._key: job.message.payload.token_info.estimated for job in held}
+        assert all(
+            job._key == f"{job.message.payload.id}#{job.message.attributes.receive_count}" for job in held
+        )
         assert (limiter.settled_requests, limiter.settled_tokens) == (0, 0)
     assert state.in_flight == len(held) + others_in_flight
     assert state.active_requests == len(held)
@@ -144,18 +146,21 @@ async def test_a_store_clock_failing_at_any_reading(kind: str, scorer: str, nth:
 
 @pytest.mark.parametrize("kind", LIMITERS)
 @pytest.mark.parametrize("scorer", list(SCORERS))
-async def test_an_invalid_visibility_timeout_reserves_nothing(kind: str, scorer: str) -> None:
-    """Defect 2: a visibility timeout the store refuses (the config mutated after construction)
-    fails the dequeue before anything is reserved or received."""
+async def test_the_config_is_read_once_so_a_later_change_cannot_fail_a_dispatch(
+    kind: str, scorer: str
+) -> None:
+    """A visibility timeout the store would refuse, set on the dispatcher's config after its
+    construction, never reaches a dispatch: the config is validated and read once."""
     clock = ManualClock(1_000.0)
     storage, dispatcher = make(clock, SCORERS[scorer])
     limiter = limiter_of(kind)
     await dispatcher.enqueue(request("a"))
     for bad in (50_000.0, -1.0, float("nan")):
         dispatcher.config.visibility_timeout = bad
-        with pytest.raises(InvalidRequestError):
-            await dispatcher.dequeue(limiter)
-        await assert_intact(limiter, storage, dispatcher, [], visible=1)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await assert_intact(limiter, storage, dispatcher, [job], visible=0)
+    assert storage.core.next_visibility_change() == 1_000.0 + 30.0  # the timeout given at construction
 
 
 @pytest.mark.parametrize("scorer", list(SCORERS))
@@ -179,9 +184,12 @@ async def test_a_lost_race_with_the_native_limiter(scorer: str, nth: int) -> Non
 
 
 @pytest.mark.parametrize("scorer", list(SCORERS))
-async def test_a_lost_race_with_a_python_limiter(scorer: str) -> None:
-    """Defect 2: the winner is received by another consumer between selection and take (here
-    from inside the limiter's `consume`): the reservation goes back whole, request included."""
+async def test_another_consumer_receiving_while_the_limiter_answers_leaves_the_winner_ours(
+    scorer: str,
+) -> None:
+    """Defect 2, with a plain-Python limiter: the winner is taken before its reservation is
+    asked for (under its delivery's key), so another consumer receiving every visible message
+    from inside the limiter's `consume` gets the others; the winner is handed out, reserved once."""
     clock = ManualClock(1_000.0)
     storage, dispatcher = make(clock, SCORERS[scorer])
     stolen: list[Any] = []
@@ -193,9 +201,11 @@ async def test_a_lost_race_with_a_python_limiter(scorer: str) -> None:
 
     limiter = Racing()
     await dispatcher.batch_enqueue([request(f"r{i}") for i in range(3)])
-    assert await dispatcher.dequeue(limiter) is None
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
     assert limiter.calls["consume"] == 1
-    await assert_intact(limiter, storage, dispatcher, [], visible=0, others_in_flight=3)
+    assert job.message.payload.id not in {m.payload.id for m in stolen}
+    await assert_intact(limiter, storage, dispatcher, [job], visible=0, others_in_flight=2)
 
 
 @pytest.mark.parametrize("kind", LIMITERS)

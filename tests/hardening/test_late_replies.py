@@ -487,12 +487,16 @@ async def test_a_limiter_that_never_confirms_a_give_back_stalls_nothing_for_good
     assert again is not None
 
 
-async def test_a_dequeue_that_won_after_a_lost_race_returns_at_once() -> None:
-    """The lost race's slow give-back is not waited for once a winner is handed out: a cancel
-    arriving meanwhile must not strand the message taken."""
+async def test_another_consumer_receiving_while_a_consume_is_on_the_wire_leaves_the_winner_ours() -> None:
+    """The winner is taken before its reservation is asked for: another consumer receiving
+    while the consume is on the wire gets the next message, and the dequeue hands the winner out
+    at once, with no give-back to wait for (the limiter's slow release is never called)."""
+
+    released: list[str] = []
 
     class SlowRelease(RoundTripLimiter):
         async def release(self, request_id: str) -> None:
+            released.append(request_id)
             await asyncio.sleep(0.5)
             self.inner.release(request_id)
 
@@ -503,15 +507,16 @@ async def test_a_dequeue_that_won_after_a_lost_race_returns_at_once() -> None:
     await dispatcher.enqueue(request("y", Priority.LOW))
     limiter = SlowRelease(LLMThrottle(600, 100_000, clock=clock))
 
-    async def thief() -> None:
+    async def thief() -> list[Any]:
         await asyncio.sleep(0.005)
-        await storage.dequeue(1, 30.0)  # takes the winner while the consume is on the wire
+        return await storage.dequeue(1, 30.0)  # receives while the consume is on the wire
 
     stolen = asyncio.ensure_future(thief())
     job = await asyncio.wait_for(dispatcher.dequeue(limiter), 0.3)
-    await stolen
     assert job is not None
-    assert job.message.payload.id == "y"
+    assert job.message.payload.id == "x"
+    assert [m.payload.id for m in await stolen] == ["y"]
+    assert released == []
 
 
 async def test_a_failed_mark_is_not_hidden_again_by_a_renewal_on_its_way() -> None:

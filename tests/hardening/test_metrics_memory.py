@@ -1,33 +1,11 @@
 """Issue 9, defect 11: the dispatcher's metrics stay bounded in memory however many dispatches
 there are. The windows used to keep one sample per dispatch for the whole retention (54 MB over
 200k cycles at constant depth, and a `get_queue_metrics()` sorting all of them). Sizes are
-measured by counting what the recorder holds, never by timing."""
+measured by counting the samples the core's recorder holds, never by timing."""
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any
-
 from llm_queue_dispatcher import LLMRequest, LLMThrottle, ManualClock, TokenInfo, create_in_memory_queue
-
-
-def held(obj: Any, seen: set[int] | None = None) -> int:
-    """Elements held in the containers reachable from ``obj`` (lists, deques, dicts, sets,
-    tuples, and the attributes of plain objects), counted recursively."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        return len(obj) + sum(held(v, seen) for v in obj.values())
-    if isinstance(obj, (list, deque, set, frozenset, tuple)):
-        return len(obj) + sum(held(v, seen) for v in obj)
-    state: dict[str, Any] = dict(getattr(obj, "__dict__", {}))
-    for klass in type(obj).__mro__:
-        for name in getattr(klass, "__slots__", ()):
-            if hasattr(obj, name):
-                state[name] = getattr(obj, name)
-    return sum(held(v, seen) for v in state.values())
 
 
 async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> None:
@@ -48,7 +26,7 @@ async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> No
             assert job is not None
             await job.mark_as_processed(actual_tokens=7)
             clock.advance(0.001)
-        sizes.append(held(dispatcher._metrics))
+        sizes.append(dispatcher._core._samples_held)
     # Per-second buckets of the last minute may differ by one at the two instants measured.
     assert sizes[1] <= sizes[0] + 100, sizes
     # And far below one element per cycle (the unbounded windows held six per cycle).
@@ -57,4 +35,4 @@ async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> No
     assert metrics.queue.approximate_number_of_messages == 10
     assert metrics.processing.active_requests == 0
     assert metrics.queue.throughput.messages_per_minute > 0
-    assert held(dispatcher._metrics) <= sizes[1] + 100
+    assert dispatcher._core._samples_held <= sizes[1] + 100

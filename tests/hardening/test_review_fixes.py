@@ -27,7 +27,6 @@ from llm_queue_dispatcher import (
     TokenInfo,
     create_in_memory_queue,
 )
-from llm_queue_dispatcher._core import CandidateBuffer
 from llm_queue_dispatcher.storage import QueueStorageAdapter
 from tests.hardening.support import AsyncThrottleWithRelease
 
@@ -103,10 +102,8 @@ async def test_buffered_messages_keep_their_leases_while_a_slow_consumer_works(e
         else:
             clock.advance(40)
         await asyncio.sleep(0)
-        pool = dispatcher._source.pool
-        if isinstance(pool, CandidateBuffer):
-            buffered = pool.ids_above(-1.0)  # every buffered request id
-            assert len(buffered) == len(set(buffered))
+        buffered = dispatcher._core.ids_above(-1.0)  # every buffered request id
+        assert len(buffered) == len(set(buffered))
     await dispatcher.close()
     assert delivered == [(str(i), 1) for i in range(5)]
     assert await dead.get_approximate_message_count() == 0
@@ -247,7 +244,7 @@ async def test_after_release_buffered_the_buffer_is_renewed_again() -> None:
 
 
 def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
-    buffer = CandidateBuffer()
+    core = LLMQueueDispatcher(Delegating(InMemoryStorage()))._core
 
     def delivery(count: int) -> QueueMessage[Any]:
         attributes = MessageAttributes(
@@ -259,11 +256,11 @@ def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
         )
         return QueueMessage("m", request("a"), attributes)
 
-    assert buffer.insert([delivery(2)]) == []
-    assert buffer.insert([delivery(1)]) == ["h1"]  # an older one coming back is not kept
-    assert buffer.handles() == ["h2"]
-    assert buffer.insert([delivery(3)]) == ["h2"]
-    assert buffer.handles() == ["h3"]
+    assert core.buffer_insert([delivery(2)]) == []
+    assert core.buffer_insert([delivery(1)]) == ["h1"]  # an older one coming back is not kept
+    assert core.buffer_handles() == ["h2"]
+    assert core.buffer_insert([delivery(3)]) == ["h2"]
+    assert core.buffer_handles() == ["h3"]
 
 
 class RenewalFails(Delegating):

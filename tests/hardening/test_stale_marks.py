@@ -1,11 +1,10 @@
 """Issue 9, defects 2 and 6: a mark whose delivery went stale, a hand-out that fails, and a
 limiter failing during a mark keep the books.
 
-Limiters key reservations by request id. When a message's lease runs out and it is dispatched
-again, the limiter's record for that id belongs to the live second delivery; a stale mark of the
-first delivery leaves it alone (the count errs high, never low: both calls may have reached the
-provider). A failed second dispatch releases its own reservation and leaves the first one
-adjustable.
+Every delivery has a reservation of its own (under its key, never the request id's): when a
+message's lease runs out and it is dispatched again, a stale mark of the first delivery settles
+the first delivery's reservation exactly (its call happened) and never touches the second's. A
+failed second dispatch releases its own reservation and leaves the first one adjustable.
 """
 
 from __future__ import annotations
@@ -31,38 +30,40 @@ from tests.hardening.test_redelivery import SOURCES, redelivered
 
 
 @pytest.mark.parametrize("source", SOURCES)
-async def test_a_stale_processed_mark_leaves_the_live_reservation_alone(source: str) -> None:
+async def test_a_stale_processed_mark_settles_its_own_reservation_only(source: str) -> None:
     limiter = BookLimiter()
     _, first, second = await redelivered(source, limiter)
-    assert limiter.used_tokens == 200  # two reservations of 100
+    assert limiter.used_tokens == 200  # two reservations of 100, one per delivery
+    assert limiter.tokens == {first._key: 100, second._key: 100}
     with pytest.raises(ReceiptHandleError):
         await first.mark_as_processed(actual_tokens=80)
-    assert limiter.used_tokens == 200  # the live reservation is untouched
+    assert limiter.tokens == {first._key: 80, second._key: 100}  # the live one is untouched
     await second.mark_as_processed(actual_tokens=120)
-    assert limiter.used_tokens == 100 + 120
+    assert limiter.used_tokens == 80 + 120
 
 
 @pytest.mark.parametrize("source", SOURCES)
-async def test_a_stale_failure_never_refunds_the_live_reservation(source: str) -> None:
+async def test_a_stale_failure_refunds_its_own_reservation_only(source: str) -> None:
     limiter = native_limiter(ManualClock(), rpm=600, tpm=10_000)
     _, first, second = await redelivered(source, limiter)
     assert limiter.get_metrics().tpm.used == 200
     await first.mark_as_failed(RuntimeError("x"))
-    assert limiter.get_metrics().tpm.used == 200
+    assert limiter.get_metrics().tpm.used == 100
     await second.mark_as_processed(actual_tokens=150)
-    assert limiter.get_metrics().tpm.used == 250
-    assert [r.tokens for r in limiter.get_consumption_history()] == [100, 150]
+    assert limiter.get_metrics().tpm.used == 150
+    assert [r.tokens for r in limiter.get_consumption_history()] == [0, 150]
+    assert limiter.get_metrics().rpm.used == 2  # both calls counted
 
 
 @pytest.mark.parametrize("source", SOURCES)
-async def test_a_stale_dead_letter_mark_leaves_the_live_reservation_alone(source: str) -> None:
+async def test_a_stale_dead_letter_mark_refunds_its_own_reservation_only(source: str) -> None:
     limiter = native_limiter(ManualClock(), rpm=600, tpm=10_000)
     _, first, second = await redelivered(source, limiter)
     with pytest.raises(ReceiptHandleError):
         await first.mark_as_dead_lettered(RuntimeError("x"))
-    assert limiter.get_metrics().tpm.used == 200
+    assert limiter.get_metrics().tpm.used == 100
     await second.mark_as_failed(RuntimeError("y"))
-    assert [r.tokens for r in limiter.get_consumption_history()] == [100, 0]
+    assert [r.tokens for r in limiter.get_consumption_history()] == [0, 0]
 
 
 async def test_a_failed_redispatch_leaves_the_first_deliverys_reservation_adjustable() -> None:

@@ -47,13 +47,13 @@ class Counting:
 def counting_looks(dispatcher: LLMQueueDispatcher[Any]) -> list[int]:
     """Counts the dispatcher's attempts to dequeue (one per wake-up, plus the first look)."""
     looks = [0]
-    attempt = dispatcher._try_dequeue
+    attempt = dispatcher._attempt
 
     async def counted(limiter: Any) -> Any:
         looks[0] += 1
         return await attempt(limiter)
 
-    dispatcher._try_dequeue = counted  # type: ignore[method-assign]
+    dispatcher._attempt = counted  # type: ignore[method-assign]
     return looks
 
 
