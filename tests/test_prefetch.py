@@ -1,9 +1,9 @@
 """The dispatcher over an external (plain-Python) store: the prefetch buffer.
 
 The buffer is filled with ``storage.dequeue(buffer_size, visibility_timeout)``, selection over it
-is exact, buffered leases are renewed every ``prefetch_interval``, ``close()`` releases them
-(visibility 0), and no buffered message is ever handed out twice, even when its lease runs out
-and another consumer receives it.
+is exact, buffered leases are renewed every ``prefetch_interval``, ``close()`` gives them back
+unprocessed (``release_message``: their receive undone), and no buffered message is ever handed
+out twice, even when its lease runs out and another consumer receives it.
 """
 
 from __future__ import annotations
@@ -178,13 +178,16 @@ async def test_close_releases_buffered_messages_at_once() -> None:
         assert job is not None
         assert await adapter.get_approximate_message_count() == 2
     # close() let the background top-up land (the buffer was full again: 4), then released
-    # every buffered message, and only those.
-    releases = [args for args in adapter.calls_named("update_visibility_timeout") if args[1] == 0.0]
-    released = {handle for handle, _ in releases}
+    # every buffered message, and only those, their receive undone.
+    releases = adapter.calls_named("release_message")
+    released = {handle for (handle,) in releases}
     assert len(releases) == len(released) == 4
     assert job.message.attributes.receipt_handle not in released
     assert await adapter.get_approximate_message_count() == 5  # the clock did not move
     assert not adapter.is_visible(job.message.payload.id)  # the handed-out one stays leased
+    for priority in range(4):
+        for message in await adapter.peek_messages_by_priority(priority, 10):
+            assert message.attributes.receive_count == 0  # no receive used up by the close
     assert (await dispatcher.get_queue_metrics()).queue.buffered_messages == 0
 
 
@@ -275,3 +278,41 @@ def test_no_delivery_is_handed_out_twice(ops: list[tuple[str, Any]]) -> None:
         await dispatcher.close()
 
     asyncio.run(scenario())
+
+
+class SlowRenewal(RecordingStorage[str]):
+    """A store whose visibility changes take a round trip (a network call)."""
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        await asyncio.sleep(0.01)
+        await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+
+async def test_a_dequeue_cancelled_while_its_lease_is_renewed_leaves_nothing_in_flight() -> None:
+    """The winner's lease is half used, so the hand-out renews it first; cancelled meanwhile,
+    the dequeue takes nothing: no delivery in flight in any of the metrics, its reservation
+    given back, the message back in the buffer for the next dequeue."""
+    clock = ManualClock(1_000.0)
+    store: SlowRenewal = SlowRenewal(clock)
+    dispatcher = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(clock=clock, visibility_timeout=30.0))
+    await dispatcher.enqueue(dataclasses.replace(request("a"), tenant="t"))
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher._prefetch.prepare()  # type: ignore[union-attr]  # leased into the buffer
+    clock.advance(20.0)  # less than half of the lease left: the hand-out renews and waits
+    dequeue = asyncio.ensure_future(dispatcher.dequeue(limiter))
+    while not any(name == "update_visibility_timeout" for name, *_ in store.calls):
+        await asyncio.sleep(0)
+    dequeue.cancel()
+    await asyncio.gather(dequeue, return_exceptions=True)
+    assert dequeue.cancelled()
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert metrics.processing.in_flight_details == []
+    assert metrics.tenants["t"].in_flight == 0
+    assert metrics.queue.buffered_messages == 1
+    assert limiter.get_metrics().rpm.used == 0
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_processed()
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    await dispatcher.close()

@@ -190,6 +190,8 @@ class Worker(Generic[T]):
         #: The signal that stopped the last run (SIGTERM or SIGINT), or None.
         self.stop_signal: signal.Signals | None = None
         self._active: dict[asyncio.Task[None], ProcessableMessage[T]] = {}
+        # Give-backs of jobs whose handler was cancelled before it started (see `_on_job_done`).
+        self._releasing: set[asyncio.Future[None]] = set()
         self._running = False
         self._stop_requested = False
         self._force = False
@@ -342,7 +344,12 @@ class Worker(Generic[T]):
             task.add_done_callback(self._on_job_done)
 
     def _on_job_done(self, task: asyncio.Task[None]) -> None:
-        self._active.pop(task, None)
+        job = self._active.pop(task, None)
+        if job is not None and task.cancelled() and not job.settled:
+            # Cancelled before its handler started: nothing gave its message back yet.
+            release = asyncio.ensure_future(self._release(job, asyncio.CancelledError()))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
         if self._slots is not None:
             self._slots.release()
         if not self._active:
@@ -515,6 +522,8 @@ class Worker(Generic[T]):
                 force_wait.cancel()
         try:
             await self._cancel_remaining()
+            if self._releasing:
+                await asyncio.wait(set(self._releasing))
         finally:
             # Messages this process leased ahead into the dispatcher's buffer are held too.
             await self.dispatcher.release_buffered()
@@ -527,16 +536,13 @@ class Worker(Generic[T]):
         for task in pending:
             task.cancel()
         _done, stuck = await asyncio.wait(pending, timeout=_CANCEL_WAIT)
-        for task, job in pending.items():
-            if task in stuck:
-                self._logger.error(
-                    "handler of request %r ignored its cancellation; releasing its message anyway",
-                    job.message.payload.id,
-                )
-            if task in stuck or not job.settled:
-                # Ignored its cancellation, or cancelled before it started (its handler never
-                # ran, so nothing released the message): given back here.
-                await self._release(job, asyncio.CancelledError())
+        for task in stuck:
+            job = pending[task]
+            self._logger.error(
+                "handler of request %r ignored its cancellation; releasing its message anyway",
+                job.message.payload.id,
+            )
+            await self._release(job, asyncio.CancelledError())
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: signal.Signals) -> None:

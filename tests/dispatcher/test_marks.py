@@ -3,6 +3,7 @@ mark_as_failed, dead-lettering, update_visibility, `async with job`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -199,3 +200,24 @@ async def test_async_with_processable_marks_failed_and_reraises(clock: ManualClo
     assert again.message.attributes.receive_count == 2
     with pytest.raises(MessageStateError):
         await job.mark_as_processed()
+
+
+@pytest.mark.parametrize("retry_after", [10**400, math.inf, math.nan, -1.0, 43_200.5, "5", True])
+async def test_a_bad_retry_after_is_refused_naming_it_and_the_job_stays_markable(
+    clock: ManualClock, retry_after: Any
+) -> None:
+    """Refused at the mark, with nothing changed: the message stays leased, the reservation
+    whole, and the job can still be marked (it is neither lost nor half settled)."""
+    dispatcher = queue(clock)
+    limiter = throttle(clock, tpm=10_000)
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    with pytest.raises(InvalidRequestError, match="retry_after"):
+        await job.mark_as_failed(RuntimeError("x"), retry_after=retry_after)
+    assert not job.settled
+    assert await counts(dispatcher) == (0, 1, 1)
+    assert limiter.get_metrics().tpm.used == pytest.approx(1_000.0)
+    await job.mark_as_failed(RuntimeError("x"), retry_after=5.0)
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == pytest.approx(0.0)

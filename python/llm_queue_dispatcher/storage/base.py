@@ -225,9 +225,9 @@ class QueueStorageAdapter(ABC, Generic[T]):
         A stale or unknown handle raises `ReceiptHandleError` and changes nothing.
 
         The default cannot undo a receive: it makes the message visible at once with
-        ``update_visibility_timeout(receipt_handle, 0)``, its receive still counted. Adapters
-        whose backend can restore the count override it (the in-memory store and `RedisStorage`
-        do).
+        ``update_visibility_timeout(receipt_handle, 0)``, its receive still counted (and the
+        handle current until the next receive, as after any visibility change). Adapters whose
+        backend can restore the count override it, as the in-memory store does.
         """
         await self.update_visibility_timeout(receipt_handle, 0.0)
 
