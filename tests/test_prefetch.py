@@ -281,9 +281,15 @@ def test_no_delivery_is_handed_out_twice(ops: list[tuple[str, Any]]) -> None:
 
 
 class SlowRenewal(RecordingStorage[str]):
-    """A store whose visibility changes take a round trip (a network call)."""
+    """A store whose visibility changes take a round trip (a network call); ``renewing`` is set
+    when one starts."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.renewing = asyncio.Event()
 
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        self.renewing.set()
         await asyncio.sleep(0.01)
         await super().update_visibility_timeout(receipt_handle, visibility_timeout)
 
@@ -300,8 +306,7 @@ async def test_a_dequeue_cancelled_while_its_lease_is_renewed_leaves_nothing_in_
     await dispatcher._prefetch.prepare()  # type: ignore[union-attr]  # leased into the buffer
     clock.advance(20.0)  # less than half of the lease left: the hand-out renews and waits
     dequeue = asyncio.ensure_future(dispatcher.dequeue(limiter))
-    while not any(name == "update_visibility_timeout" for name, *_ in store.calls):
-        await asyncio.sleep(0)
+    await store.renewing.wait()
     dequeue.cancel()
     await asyncio.gather(dequeue, return_exceptions=True)
     assert dequeue.cancelled()
