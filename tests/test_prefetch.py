@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
+    InMemoryStorage,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
     ManualClock,
+    MessageAttributes,
     Priority,
     QueueMessage,
     ScoringWeights,
     TokenInfo,
 )
+from tests.dispatcher.books import Delegating, RenewalFails, native_limiter
+from tests.dispatcher.books import request as sized_request
 from tests.reference.scoring import reference_total
-from tests.reference.storage import RecordingStorage
+from tests.reference.storage import RecordingStorage, ReferenceStorage
 
 
 def request(request_id: str, priority: Priority = Priority.NORMAL, tokens: int = 100) -> LLMRequest[str]:
@@ -321,3 +327,126 @@ async def test_a_dequeue_cancelled_while_its_lease_is_renewed_leaves_nothing_in_
     await job.mark_as_processed()
     assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
     await dispatcher.close()
+
+
+@pytest.mark.parametrize("enable_prefetch", [False, True])
+async def test_buffered_messages_keep_their_leases_while_a_slow_consumer_works(enable_prefetch: bool) -> None:
+    """A consumer taking 20 s a message, a 30 s visibility and a buffer holding all five: each is
+    handed out once with receive count 1, none is dead-lettered (``max_receive_count=2``), and
+    the buffer never holds two copies of one message."""
+    clock = ManualClock(1_000.0)
+    dead: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock, max_receive_count=2, dead_letter=dead)
+    config = LLMQueueDispatcherConfig(clock=clock, buffer_size=10, enable_prefetch=enable_prefetch)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    for i in range(5):
+        await dispatcher.enqueue(sized_request(str(i)))
+    delivered = []
+    for _ in range(8):
+        job = await dispatcher.dequeue(limiter)
+        if job is not None:
+            delivered.append((job.message.payload.id, job.message.attributes.receive_count))
+            clock.advance(20)
+            await job.mark_as_processed()
+        else:
+            clock.advance(40)
+        await asyncio.sleep(0)
+        buffered = dispatcher._core.ids_above(-1.0)  # every buffered request id
+        assert len(buffered) == len(set(buffered))
+    await dispatcher.close()
+    assert delivered == [(str(i), 1) for i in range(5)]
+    assert await dead.get_approximate_message_count() == 0
+
+
+async def test_after_release_buffered_the_buffer_is_renewed_again() -> None:
+    """`release_buffered` (what a stopping Worker calls) halts the background renewal only
+    until the next dequeue: a buffer filled again keeps its leases under a slow consumer."""
+    inner: InMemoryStorage[Any] = InMemoryStorage()
+    config = LLMQueueDispatcherConfig(visibility_timeout=1.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(60_000, 10_000_000)
+    for i in range(5):
+        await dispatcher.enqueue(sized_request(str(i)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_failed(RuntimeError("x"))  # visible again at once
+    await dispatcher.release_buffered()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    job = await dispatcher.dequeue(limiter)  # fills the buffer again
+    assert job is not None
+    await job.update_visibility(600.0)  # the handed-out one is its consumer's to extend
+    await asyncio.sleep(2.5)  # a slow call: the buffered leases (1 s) must be renewed meanwhile
+    attributes = await inner.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 5
+    await job.mark_as_processed()
+    await dispatcher.close()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages == 4
+
+
+def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
+    core = LLMQueueDispatcher(Delegating(InMemoryStorage()))._core
+
+    def delivery(count: int) -> QueueMessage[Any]:
+        attributes = MessageAttributes(
+            message_id="m",
+            receipt_handle=f"h{count}",
+            enqueued_at=datetime.now(timezone.utc),
+            receive_count=count,
+            first_received_at=datetime.now(timezone.utc),
+        )
+        return QueueMessage("m", sized_request("a"), attributes)
+
+    assert core.buffer_insert([delivery(2)]) == []
+    assert core.buffer_insert([delivery(1)]) == ["h1"]  # an older one coming back is not kept
+    assert core.buffer_handles() == ["h2"]
+    assert core.buffer_insert([delivery(3)]) == ["h2"]
+    assert core.buffer_handles() == ["h3"]
+
+
+async def test_a_failing_renewal_of_another_buffered_message_does_not_fail_the_dequeue() -> None:
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    store = RenewalFails(inner)
+    config = LLMQueueDispatcherConfig(clock=clock, visibility_timeout=30.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(LLMRequest("stuck", None, Priority.LOW, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("first", None, Priority.URGENT, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("second", None, Priority.HIGH, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "first"
+    await job.mark_as_processed()
+    clock.advance(20)  # every buffered lease is due for renewal; "stuck"'s fails
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "second"
+    await job.mark_as_processed()
+    await dispatcher.close()
+
+
+async def test_buffered_messages_count_once_in_an_external_stores_metrics() -> None:
+    """Over an external store, a buffered message is leased (in flight for the
+    store) but still waiting for the dispatcher: it counts once, as waiting."""
+    clock = ManualClock(1_000.0)
+    storage: ReferenceStorage[Any] = ReferenceStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=clock, buffer_size=4)
+    )
+    await dispatcher.batch_enqueue([sized_request(f"r{i}") for i in range(10)])
+    job = await dispatcher.dequeue(native_limiter(ManualClock()))
+    assert job is not None
+    attributes = await storage.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (
+        6,
+        4,
+    )
+    queue = (await dispatcher.get_queue_metrics()).queue
+    assert queue.buffered_messages == 3
+    assert queue.approximate_number_of_messages == 9  # 6 in the store + 3 buffered
+    assert queue.approximate_number_of_messages_in_flight == 1  # the job
+    assert queue.total_messages == 10

@@ -1,10 +1,13 @@
-"""Issue 9, defect 5: `purge()` forgets the deliveries it removed, and marking them afterwards
+"""`purge()` forgets the deliveries it removed, and marking them afterwards
 settles their budget cleanly: a refund for a failure, the actual count for a completion, no
 exception for a failure, no phantom in-flight entry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import warnings
 from typing import Any
 
 import pytest
@@ -13,11 +16,12 @@ from llm_queue_dispatcher import (
     InMemoryStorage,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
+    LLMThrottle,
     ManualClock,
     MessageStateError,
     QueueStorageAdapter,
 )
-from tests.hardening.support import BookLimiter, native_limiter, request
+from tests.dispatcher.books import BookLimiter, Delegating, native_limiter, request
 from tests.reference.storage import ReferenceStorage
 
 SOURCES = ["memory", "prefetch"]
@@ -44,7 +48,7 @@ def used(limiter: Any) -> tuple[float, float]:
 @pytest.mark.parametrize("kind", LIMITERS)
 @pytest.mark.parametrize("source", SOURCES)
 async def test_purged_deliveries_leave_the_metrics_and_settle_cleanly(source: str, kind: str) -> None:
-    """Defect 5: after a purge, `processing.active_requests` is 0 at once; marking the purged
+    """After a purge, `processing.active_requests` is 0 at once; marking the purged
     jobs afterwards raises nothing, refunds the failed one, counts the actual tokens of the
     processed ones, and leaves no phantom."""
     clock = ManualClock(1_000.0)
@@ -86,7 +90,7 @@ async def test_purged_deliveries_leave_the_metrics_and_settle_cleanly(source: st
 
 @pytest.mark.parametrize("source", SOURCES)
 async def test_a_purged_delivery_never_touches_the_message_enqueued_after(source: str) -> None:
-    """Defect 5: the purged job's store operations are skipped, so a new message with the same
+    """The purged job's store operations are skipped, so a new message with the same
     id, enqueued and handed out after the purge, stays in flight with its own job."""
     clock = ManualClock(1_000.0)
     _, dispatcher = make(source, clock)
@@ -105,3 +109,73 @@ async def test_a_purged_delivery_never_touches_the_message_enqueued_after(source
     assert metrics.queue.approximate_number_of_messages == 0
     await new.mark_as_processed()
     assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize("mark", ["processed", "failed", "dead_lettered"])
+async def test_a_mark_after_a_purge_leaves_no_coroutine_unawaited(mark: str) -> None:
+    """Marking a purged delivery awaits (or never creates) its store call."""
+    dispatcher: LLMQueueDispatcher[object] = LLMQueueDispatcher(InMemoryStorage(clock=ManualClock(1_000.0)))
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(native_limiter(ManualClock()))
+    assert job is not None
+    await dispatcher.purge()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mark == "processed":
+            await job.mark_as_processed()
+        elif mark == "failed":
+            await job.mark_as_failed(RuntimeError("x"))
+        else:
+            await job.mark_as_dead_lettered(RuntimeError("x"))
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+async def test_purge_over_a_store_whose_purge_leaves_in_flight_messages() -> None:
+    """The adapter's default purge leaves in-flight messages: the dispatcher deletes the ones it
+    leased (buffered and handed out), so nothing comes back after the leases run out."""
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        Delegating(inner), LLMQueueDispatcherConfig(clock=clock, buffer_size=5)
+    )
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    for i in range(3):
+        await dispatcher.enqueue(request(str(i)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await dispatcher.purge()
+    await job.mark_as_processed()
+    clock.advance(31)
+    assert await inner.get_approximate_message_count() == 0
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    assert await dispatcher.dequeue(limiter) is None
+    await dispatcher.close()
+
+
+async def test_a_mark_made_while_the_store_is_purged_settles_its_budget_only() -> None:
+    class SlowPurge(Delegating):
+        async def purge(self) -> None:
+            await asyncio.sleep(0.2)
+            await self.inner.purge()
+
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        SlowPurge(inner), LLMQueueDispatcherConfig(clock=clock)
+    )
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(request("a"))
+    await dispatcher.enqueue(request("b"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    purge = asyncio.ensure_future(dispatcher.purge())
+    await asyncio.sleep(0.1)  # the purge deleted the handed-out message and purges the store
+    await job.mark_as_processed(actual_tokens=40)  # no ReceiptHandleError: settled, budget only
+    await purge
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == 40
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert await inner.get_approximate_message_count() == 0
+    await dispatcher.close()

@@ -1,4 +1,4 @@
-"""Issue 9, defects 2 and 6: a mark whose delivery went stale, a hand-out that fails, and a
+"""A mark whose delivery went stale, a hand-out that fails, and a
 limiter failing during a mark keep the books.
 
 Every delivery has a reservation of its own (under its key, never the request id's): when a
@@ -24,9 +24,8 @@ from llm_queue_dispatcher import (
     ReceiptHandleError,
     ScoringConfig,
 )
-from tests.hardening.support import BookLimiter, native_limiter, request
-from tests.hardening.test_error_paths import FaultyClock
-from tests.hardening.test_redelivery import SOURCES, redelivered
+from tests.dispatcher.books import BookLimiter, FaultyClock, native_limiter, request
+from tests.dispatcher.test_redelivery import SOURCES, redelivered
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -1,4 +1,4 @@
-"""Issue 9, defect 12: typed errors at the door. Every public entry point, given a hostile value
+"""Typed errors at the door. Every public entry point, given a hostile value
 (an int too large for a float, a wrong type, None, NaN, infinities, a lone surrogate, a bool,
 negative zero, a list, a bare object), either accepts it (where the value is valid there) or
 raises a subclass of `LLMQueueDispatcherError` — never an `OverflowError`, `TypeError`,
@@ -41,7 +41,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher._core import BucketState, StateSnapshot
 from llm_queue_dispatcher.provider_limits import ProviderLimits, parse_rate_limit_headers
-from tests.hardening.support import request
+from tests.dispatcher.books import request
 from tests.reference.storage import ReferenceStorage
 
 HOSTILE: dict[str, Any] = {
@@ -461,13 +461,13 @@ def sweep(entry_point: EntryPoint, key: str) -> None:
 
 @pytest.mark.parametrize(("entry_point", "key"), [case for e in ENTRY_POINTS for case in e.cases()])
 def test_a_hostile_value_raises_a_typed_error_and_changes_nothing(entry_point: EntryPoint, key: str) -> None:
-    """Defect 12: the sweep over the public entry points."""
+    """The sweep over the public entry points."""
     sweep(entry_point, key)
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS, ids=[e.name for e in ENTRY_POINTS])
 def test_the_values_called_valid_are_accepted(entry_point: EntryPoint) -> None:
-    """Defect 12, the other side: the sweep's notion of a valid value is the package's (the
+    """The other side: the sweep's notion of a valid value is the package's (the
     values listed as valid are accepted), so the sweep tests what it claims."""
     for key in sorted(entry_point.valid):
         world = World()
@@ -478,7 +478,7 @@ def test_the_values_called_valid_are_accepted(entry_point: EntryPoint) -> None:
 
 
 async def test_a_batch_given_as_a_generator_is_enqueued_whole() -> None:
-    """Defect 12, found by the sweep: the storage ABC's default `batch_enqueue` validated a
+    """Found by the sweep: the storage ABC's default `batch_enqueue` validated a
     generator by reading it, then enqueued what was left of it: nothing."""
     storage: ReferenceStorage[Any] = ReferenceStorage(clock=ManualClock(1_000.0))
     messages = await storage.batch_enqueue(request(f"r{i}") for i in range(3))  # type: ignore[arg-type]
@@ -529,7 +529,7 @@ def test_the_world_itself_is_sane() -> None:
     ],
 )
 def test_the_error_names_the_field_and_the_bad_value(call: Callable[[World], Any], message: str) -> None:
-    """Defect 12: "field must be ..., got <repr>", as every door words it."""
+    """ "Field must be ..., got <repr>", as every door words it."""
     world = World()
     try:
         with pytest.raises(LLMQueueDispatcherError) as raised:
@@ -552,7 +552,7 @@ def test_the_error_names_the_field_and_the_bad_value(call: Callable[[World], Any
     ids=["can_process", "ManualClock", "LLMThrottle.rpm", "prefetch_interval", "weights", "dequeue.timeout"],
 )
 def test_an_int_without_a_repr_still_gets_a_typed_error(call: Callable[[World, Any], Any]) -> None:
-    """Defect 12: past Python's limit on int digits, ``repr`` raises ValueError; building the
+    """Past Python's limit on int digits, ``repr`` raises ValueError; building the
     message must not let that out instead of the typed error."""
     world = World()
     try:
@@ -570,7 +570,7 @@ def test_an_int_without_a_repr_still_gets_a_typed_error(call: Callable[[World, A
     ids=["triple", "single", "str pair", "None pair", "str"],
 )
 def test_headers_of_the_wrong_shape_are_refused_whole(headers: Any) -> None:
-    """Defect 12: `sync_from_headers` given pairs of the wrong shape raised TypeError or
+    """`sync_from_headers` given pairs of the wrong shape raised TypeError or
     ValueError from unpacking. A malformed header value is ignored (a provider's header never
     makes a worker fail); a malformed collection is the caller's mistake."""
     world = World()
@@ -587,13 +587,13 @@ def test_headers_of_the_wrong_shape_are_refused_whole(headers: Any) -> None:
     "value", ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Mon, 32 Jan 2020 00:00:00 GMT", "1e400", "\ud800"]
 )
 def test_a_malformed_retry_after_is_ignored(value: str) -> None:
-    """Defect 12: an HTTP date past datetime's range raised OverflowError out of the header
+    """An HTTP date past datetime's range raised OverflowError out of the header
     parser; a provider's malformed value is ignored, as for every other header."""
     assert parse_rate_limit_headers({"retry-after": value}).retry_after is None
 
 
 def test_a_bad_retry_after_leaves_the_buckets_uncut() -> None:
-    """Defect 12: `apply_provider_limits` cut the buckets, then refused the penalty; every figure
+    """`apply_provider_limits` cut the buckets, then refused the penalty; every figure
     is now checked before anything changes."""
     world = World()
     try:
@@ -608,7 +608,7 @@ def test_a_bad_retry_after_leaves_the_buckets_uncut() -> None:
 
 
 def test_the_throttle_takes_a_logger_as_the_dispatcher_does() -> None:
-    """Defect 12, the rule chosen: ``logger=`` is None or a `logging.Logger` (a subclass
+    """The rule chosen: ``logger=`` is None or a `logging.Logger` (a subclass
     included) for `LLMThrottle`, as for `LLMQueueDispatcherConfig` and `Worker`; anything else,
     a `LoggerAdapter` included, is refused at construction rather than failing at the first
     warning."""
@@ -631,7 +631,7 @@ def test_the_throttle_takes_a_logger_as_the_dispatcher_does() -> None:
 
 
 async def test_an_async_limiter_passes_the_check_at_the_door() -> None:
-    """Defect 12: the up-front limiter check of `dequeue` and `take_unfittable` takes a limiter
+    """The up-front limiter check of `dequeue` and `take_unfittable` takes a limiter
     whose methods are coroutines (`AsyncRateLimiter`) as well as a plain one."""
     throttle = LLMThrottle(600, 100_000, clock=ManualClock())
 

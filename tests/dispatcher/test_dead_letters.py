@@ -1,4 +1,4 @@
-"""Issue 9, defect 7: a dead-letter store that already holds a request id keeps the second copy
+"""A dead-letter store that already holds a request id keeps the second copy
 (it used to be counted as dead-lettered and stored nowhere). The storage contract's side is in
 tests/conformance/test_dead_letter_copies.py; here the dispatcher's paths."""
 
@@ -15,7 +15,7 @@ from llm_queue_dispatcher import (
     ManualClock,
     QueueStorageAdapter,
 )
-from tests.hardening.support import native_limiter, request
+from tests.dispatcher.books import native_limiter, request
 from tests.reference.storage import ReferenceStorage
 
 
@@ -29,7 +29,7 @@ def stores(source: str, clock: ManualClock) -> tuple[QueueStorageAdapter[Any], Q
 
 @pytest.mark.parametrize("source", ["memory", "prefetch"])
 async def test_every_dead_lettered_copy_is_kept(source: str) -> None:
-    """Defect 7: the same request id dead-lettered three times — twice by a handler's
+    """The same request id dead-lettered three times — twice by a handler's
     `mark_as_dead_lettered`, once by the receive-count rule — leaves three copies in the
     dead-letter store, each counted once."""
     clock = ManualClock(1_000.0)

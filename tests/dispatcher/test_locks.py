@@ -1,4 +1,4 @@
-"""Issue 9, defect 1: no Python code runs while a Rust lock is held.
+"""No Python code runs while a Rust lock is held.
 
 Each scenario runs in a child interpreter with a timeout (`run_isolated`): a deadlock hangs the
 process for good, so a hang fails the test instead of hanging the run. Every scenario prints
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tests.hardening.support import run_isolated
+from tests.dispatcher.books import run_isolated
 
 PRELUDE = """
 import asyncio, gc, sys, threading, time
@@ -30,7 +30,7 @@ def assert_done(code: str) -> None:
 
 
 def test_two_threads_dispatching_and_checking_with_a_python_store_clock() -> None:
-    """Defect 1: one thread dispatches (`dequeue` in its own `asyncio.run`) over an
+    """One thread dispatches (`dequeue` in its own `asyncio.run`) over an
     `InMemoryStorage(clock=lambda: time.time())`, another calls `limiter.can_process` in a loop:
     the old fused dispatch called the store clock under the limiter's lock and hung every time."""
     assert_done(
@@ -67,7 +67,7 @@ def test_two_threads_dispatching_and_checking_with_a_python_store_clock() -> Non
 
 
 def test_threads_calling_the_core_dispatch_step_with_python_clocks() -> None:
-    """Defect 1: several threads call the core's dispatch step and the limiter at once, the
+    """Several threads call the core's dispatch step and the limiter at once, the
     store and the limiter both on Python callable clocks."""
     assert_done(
         """
@@ -108,7 +108,7 @@ def test_threads_calling_the_core_dispatch_step_with_python_clocks() -> None:
 
 
 def test_a_store_clock_that_reads_the_limiter() -> None:
-    """Defect 1: the store's clock is Python code that takes the limiter's lock; the old fused
+    """The store's clock is Python code that takes the limiter's lock; the old fused
     dispatch called it with that lock held (a self-deadlock on one thread)."""
     assert_done(
         """
@@ -134,7 +134,7 @@ def test_a_store_clock_that_reads_the_limiter() -> None:
 
 
 def test_a_clock_reading_whose_finalizer_reads_the_limiter() -> None:
-    """Defect 1: a clock returns a float subclass whose `__del__` takes the limiter's lock; the
+    """A clock returns a float subclass whose `__del__` takes the limiter's lock; the
     reading must be released with no lock held."""
     assert_done(
         """
@@ -168,7 +168,7 @@ def test_a_clock_reading_whose_finalizer_reads_the_limiter() -> None:
 
 @pytest.mark.parametrize("reentry", ["limiter", "store"])
 def test_a_payload_finalizer_run_by_the_store(reentry: str) -> None:
-    """Defect 1: payloads the store releases (dropped by retention during a dispatch, purged,
+    """Payloads the store releases (dropped by retention during a dispatch, purged,
     deleted) have a `__del__` that takes the limiter's lock, or re-enters the store itself; the
     old store released them under its locks and hung."""
     assert_done(
@@ -218,7 +218,7 @@ def test_a_payload_finalizer_run_by_the_store(reentry: str) -> None:
 
 
 def test_a_custom_scorer_that_reads_the_limiter_and_the_store_from_threads() -> None:
-    """Defect 1: custom scorers are Python code: they run with no lock held, so one that reads
+    """Custom scorers are Python code: they run with no lock held, so one that reads
     the limiter and the store, while other threads do too, cannot hang the dispatch."""
     assert_done(
         """
@@ -264,7 +264,7 @@ def test_a_custom_scorer_that_reads_the_limiter_and_the_store_from_threads() -> 
 
 
 def test_a_refused_batch_releases_its_payloads_with_no_lock_held() -> None:
-    """Defect 1: a batch refused whole (an id repeated) drops its payloads; one whose
+    """A batch refused whole (an id repeated) drops its payloads; one whose
     `__del__` re-enters the store must find it unlocked."""
     assert_done(
         """

@@ -1,4 +1,4 @@
-"""Issue 9, defect 2: every error path of a dispatch keeps the books.
+"""Every error path of a dispatch keeps the books.
 
 A failure after the budget was reserved releases the reservation whole (its request slot too:
 ``rpm.available`` is checked along with ``tpm.available``) and records nothing; a failure after
@@ -25,7 +25,7 @@ from llm_queue_dispatcher import (
     ProcessableMessage,
     ScoringConfig,
 )
-from tests.hardening.support import BookLimiter, books, native_limiter, request
+from tests.dispatcher.books import BookLimiter, books, native_limiter, request
 
 
 class FaultyClock:
@@ -117,7 +117,7 @@ async def assert_intact(
 @pytest.mark.parametrize("scorer", list(SCORERS))
 @pytest.mark.parametrize("nth", range(1, 13))
 async def test_a_store_clock_failing_at_any_reading(kind: str, scorer: str, nth: int) -> None:
-    """Defect 2: the store's (and dispatcher's) clock raises at its n-th reading during a
+    """The store's (and dispatcher's) clock raises at its n-th reading during a
     dequeue, whichever step that falls in: the dequeue either hands out a job whose books are
     right or raises with nothing reserved and nothing in flight."""
     clock = FaultyClock(ManualClock(1_000.0))
@@ -166,7 +166,7 @@ async def test_the_config_is_read_once_so_a_later_change_cannot_fail_a_dispatch(
 @pytest.mark.parametrize("scorer", list(SCORERS))
 @pytest.mark.parametrize("nth", range(1, 7))
 async def test_a_lost_race_with_the_native_limiter(scorer: str, nth: int) -> None:
-    """Defect 2: another consumer receives every visible message while a dispatch step runs (at
+    """Another consumer receives every visible message while a dispatch step runs (at
     the n-th reading of the limiter's Python clock, between selection, reservation and take):
     a reservation made for a message that is gone is released whole."""
     store_clock = ManualClock(1_000.0)
@@ -187,7 +187,7 @@ async def test_a_lost_race_with_the_native_limiter(scorer: str, nth: int) -> Non
 async def test_another_consumer_receiving_while_the_limiter_answers_leaves_the_winner_ours(
     scorer: str,
 ) -> None:
-    """Defect 2, with a plain-Python limiter: the winner is taken before its reservation is
+    """With a plain-Python limiter: the winner is taken before its reservation is
     asked for (under its delivery's key), so another consumer receiving every visible message
     from inside the limiter's `consume` gets the others; the winner is handed out, reserved once."""
     clock = ManualClock(1_000.0)
@@ -211,7 +211,7 @@ async def test_another_consumer_receiving_while_the_limiter_answers_leaves_the_w
 @pytest.mark.parametrize("kind", LIMITERS)
 @pytest.mark.parametrize("scorer", list(SCORERS))
 async def test_a_failed_take_puts_the_message_back_and_releases(kind: str, scorer: str) -> None:
-    """Defect 2: the message is received but its `QueueMessage` cannot be built (the store's
+    """The message is received but its `QueueMessage` cannot be built (the store's
     clock jumped past the datetime range): the receive is undone — visible again, receive count
     as before — and the reservation released whole."""
     clock = FaultyClock(ManualClock(1_000.0))
@@ -233,7 +233,7 @@ async def test_a_failed_take_puts_the_message_back_and_releases(kind: str, score
 @pytest.mark.parametrize("kind", LIMITERS)
 @pytest.mark.parametrize("scorer", list(SCORERS))
 async def test_a_failing_dead_letter_hand_off_loses_nothing(kind: str, scorer: str) -> None:
-    """Defect 2: a message dead-lettered during a dispatch cannot be handed to the dead-letter
+    """A message dead-lettered during a dispatch cannot be handed to the dead-letter
     store (its clock raises): the dispatch is unaffected, the message waits and arrives at the
     next operation once the dead-letter store works again."""
     clock = ManualClock(1_000.0)
@@ -260,7 +260,7 @@ async def test_a_failing_dead_letter_hand_off_loses_nothing(kind: str, scorer: s
 
 @pytest.mark.parametrize("kind", LIMITERS)
 async def test_a_dead_letter_store_that_stays_down_keeps_the_message(kind: str) -> None:
-    """Defect 2: while the dead-letter store keeps failing, dispatches go on and the dead letter
+    """While the dead-letter store keeps failing, dispatches go on and the dead letter
     waits (counted once); it is delivered when the store recovers."""
     clock = ManualClock(1_000.0)
     dead_clock = ManualClock(1_000.0)
@@ -295,7 +295,7 @@ async def test_a_dead_letter_store_that_stays_down_keeps_the_message(kind: str) 
 @pytest.mark.parametrize("method", ["consume", "get_metrics"])
 @pytest.mark.parametrize("scorer", list(SCORERS))
 async def test_a_failing_python_limiter_leaves_nothing_taken(method: str, scorer: str) -> None:
-    """Defect 2: a non-native limiter whose `consume` (or `get_metrics`) raises: the error
+    """A non-native limiter whose `consume` (or `get_metrics`) raises: the error
     propagates, nothing is received, nothing reserved."""
     clock = ManualClock(1_000.0)
     storage, dispatcher = make(clock, SCORERS[scorer])
@@ -312,7 +312,7 @@ async def test_a_failing_python_limiter_leaves_nothing_taken(method: str, scorer
 @pytest.mark.parametrize("kind", LIMITERS)
 @pytest.mark.parametrize("call", range(1, 4))
 async def test_a_raising_custom_scorer_reserves_nothing(kind: str, call: int) -> None:
-    """Defect 2: a custom scorer raising at its first, second or third evaluation of a dequeue
+    """A custom scorer raising at its first, second or third evaluation of a dequeue
     (a job is already out): the exception propagates, nothing more is reserved or received."""
     calls = {"n": 0, "fail_at": 0}
 

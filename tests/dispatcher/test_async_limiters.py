@@ -25,7 +25,7 @@ from llm_queue_dispatcher import (
     Worker,
     create_in_memory_queue,
 )
-from tests.hardening.support import AsyncThrottle, AsyncThrottleWithRelease
+from tests.dispatcher.books import AsyncThrottle, AsyncThrottleWithRelease
 
 
 class External(InMemoryStorage[Any]):

@@ -1,4 +1,4 @@
-"""Issue 9, defect 6: deliveries are tracked by delivery, not by request id.
+"""Deliveries are tracked by delivery, not by request id.
 
 A message whose lease ran out and that was received again is a second delivery of the same
 request id. The dispatcher tracks both; a stale mark of the first raises `ReceiptHandleError`
@@ -20,7 +20,7 @@ from llm_queue_dispatcher import (
     QueueStorageAdapter,
     ReceiptHandleError,
 )
-from tests.hardening.support import native_limiter, request
+from tests.dispatcher.books import native_limiter, request
 from tests.reference.storage import ReferenceStorage
 
 SOURCES = ["memory", "prefetch"]
@@ -52,7 +52,7 @@ async def redelivered(source: str, limiter: Any) -> tuple[LLMQueueDispatcher[Any
 @pytest.mark.parametrize("mark", ["processed", "failed", "dead_lettered"])
 @pytest.mark.parametrize("source", SOURCES)
 async def test_a_stale_mark_leaves_the_live_delivery_tracked(source: str, mark: str) -> None:
-    """Defect 6: both deliveries are tracked; a stale mark of the first raises
+    """Both deliveries are tracked; a stale mark of the first raises
     `ReceiptHandleError` (processed, dead-lettered) or settles quietly (failed: the message is
     already back in the queue), and the live delivery stays tracked and is marked normally."""
     dispatcher, first, second = await redelivered(source, native_limiter(ManualClock()))

@@ -1,4 +1,4 @@
-"""Issue 9, defect 4: one request id rule at every door, and text Rust cannot hold is refused.
+"""One request id rule at every door, and text Rust cannot hold is refused.
 
 A whitespace-only id used to pass `LLMRequest` and the store while the limiter refused it: one
 such request stopped every later dequeue with a non-native limiter and broke both marks with
@@ -23,7 +23,7 @@ from llm_queue_dispatcher import (
     LLMRequest,
     ManualClock,
 )
-from tests.hardening.support import BookLimiter, native_limiter, request
+from tests.dispatcher.books import BookLimiter, native_limiter, request
 
 WHITESPACE = [" ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x85", "\xa0", "\u1680", "\u2003", "\u2028", "\u3000"]
 # Python's str.isspace() counts these four separators, Unicode White_Space does not: the doors
@@ -81,27 +81,27 @@ DOORS = [request_door, validate_door, store_door, limiter_door]
 
 @pytest.mark.parametrize("candidate", ["", *WHITESPACE, *(w * 3 for w in WHITESPACE), " \u3000\t"])
 def test_whitespace_only_ids_are_refused_at_every_door(candidate: str) -> None:
-    """Defect 4: an empty or whitespace-only id is refused by `LLMRequest`, `validate()`, the
+    """An empty or whitespace-only id is refused by `LLMRequest`, `validate()`, the
     store and the limiter alike."""
     assert [door(candidate) for door in DOORS] == [False] * len(DOORS)
 
 
 @pytest.mark.parametrize("candidate", ["a", " a ", "\ta", *SEPARATORS, " \x1f ", "\u200b", "\ufeff"])
 def test_ids_with_content_are_accepted_at_every_door(candidate: str) -> None:
-    """Defect 4: what is not only whitespace passes every door (the same rule everywhere)."""
+    """What is not only whitespace passes every door (the same rule everywhere)."""
     assert [door(candidate) for door in DOORS] == [True] * len(DOORS)
 
 
 @given(st.lists(st.sampled_from([*WHITESPACE, *SEPARATORS, "a", "\u200b", "\x00"]), max_size=6).map("".join))
 def test_the_doors_agree_on_every_id(candidate: str) -> None:
-    """Defect 4: for any id, the four doors give the same answer."""
+    """For any id, the four doors give the same answer."""
     answers = {door.__name__: door(candidate) for door in DOORS}
     assert len(set(answers.values())) == 1, answers
 
 
 @pytest.mark.parametrize("candidate", SURROGATES)
 def test_lone_surrogates_in_ids_are_refused_everywhere(candidate: str) -> None:
-    """Defect 4: an id Rust cannot hold (a lone surrogate) raises `InvalidRequestError` at
+    """An id Rust cannot hold (a lone surrogate) raises `InvalidRequestError` at
     every door, never `UnicodeEncodeError`, and changes nothing."""
     assert [door(candidate) for door in DOORS] == [False] * len(DOORS)
     limiter = native_limiter(ManualClock())
@@ -118,7 +118,7 @@ def test_lone_surrogates_in_ids_are_refused_everywhere(candidate: str) -> None:
 
 @pytest.mark.parametrize("candidate", SURROGATES)
 async def test_lone_surrogates_in_tenants_are_refused(candidate: str) -> None:
-    """Defect 4: a tenant with a lone surrogate raises `InvalidRequestError` at construction
+    """A tenant with a lone surrogate raises `InvalidRequestError` at construction
     and, set later, at enqueue (single and batch), with nothing stored."""
     with pytest.raises(InvalidRequestError, match="tenant"):
         LLMRequest("a", None, tenant=candidate)
@@ -135,7 +135,7 @@ async def test_lone_surrogates_in_tenants_are_refused(candidate: str) -> None:
 @pytest.mark.parametrize("kind", ["native", "python"])
 @pytest.mark.parametrize("candidate", [" ", "\u3000", "\ud800"])
 async def test_a_bad_id_never_reaches_the_queue_so_dispatch_goes_on(kind: str, candidate: str) -> None:
-    """Defect 4, end to end: a request whose id was changed to a bad one after construction is
+    """End to end: a request whose id was changed to a bad one after construction is
     refused by the dispatcher's enqueue (single and batch); the queue is unchanged and the
     good requests are dispatched and marked with either kind of limiter."""
     clock = ManualClock(1_000.0)

@@ -1,4 +1,4 @@
-"""Issue 9, defect 14: building a large batch of messages pauses the cyclic garbage collector,
+"""Building a large batch of messages pauses the cyclic garbage collector,
 which is process-wide state. Pauses from several threads overlap safely: the collector ends as
 it was before the first began, and a collector the user disabled stays disabled throughout."""
 
@@ -54,7 +54,7 @@ def run_threads(rounds: int = 4, threads: int = 3) -> list[bool]:
 
 @pytest.mark.usefixtures("gc_state")
 def test_concurrent_batches_leave_the_collector_enabled() -> None:
-    """Defect 14: threads building large batches at once (enqueue, peek and receive, each
+    """Threads building large batches at once (enqueue, peek and receive, each
     pausing the collector) leave it enabled when the last one is done. (While one thread builds,
     the others may see it paused: the pause is process-wide.)"""
     gc.enable()
@@ -65,7 +65,7 @@ def test_concurrent_batches_leave_the_collector_enabled() -> None:
 
 @pytest.mark.usefixtures("gc_state")
 def test_a_collector_the_user_disabled_stays_disabled() -> None:
-    """Defect 14: with the collector disabled by the user before, no batch turns it on, during
+    """With the collector disabled by the user before, no batch turns it on, during
     or after."""
     gc.disable()
     seen = run_threads()

@@ -1,5 +1,6 @@
-"""Helpers of the hardening tests (issue 9): a plain-Python rate limiter that keeps exact books,
-a bookkeeping snapshot of a dispatcher, and a runner for scenarios that could hang."""
+"""Helpers of the tests of the dispatcher's books: a plain-Python rate limiter that keeps exact
+books, a bookkeeping snapshot of a dispatcher, a clock that fails on demand, external stores
+with only the required methods, and a runner for scenarios that could hang."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,11 @@ from llm_queue_dispatcher import (
     LLMQueueDispatcher,
     LLMRequest,
     LLMThrottle,
+    ManualClock,
     Priority,
+    QueueMessage,
+    QueueStorageAdapter,
+    StorageError,
     TokenInfo,
     UnknownRequestError,
 )
@@ -242,3 +248,97 @@ class AsyncThrottleWithRelease(AsyncThrottle):
 
     async def release(self, request_id: str) -> None:
         self.inner.release(request_id)
+
+
+class FaultyClock:
+    """A Python callable clock over a `ManualClock`: ``fail_at(n)`` makes its n-th next reading
+    raise (once); ``offset`` shifts every reading; ``on_read`` runs before a chosen reading."""
+
+    def __init__(self, base: ManualClock) -> None:
+        self.base = base
+        self.reads = 0
+        self.offset = 0.0
+        self._fail_at: int | None = None
+        self._hook_at: int | None = None
+        self._hook: Callable[[], None] | None = None
+
+    def fail_at(self, n: int) -> None:
+        self._fail_at = self.reads + n
+
+    def disarm(self) -> None:
+        self._fail_at = self._hook_at = None
+
+    def hook_at(self, n: int, hook: Callable[[], None]) -> None:
+        self._hook_at, self._hook = self.reads + n, hook
+
+    def __call__(self) -> float:
+        self.reads += 1
+        if self.reads == self._hook_at and self._hook is not None:
+            hook, self._hook = self._hook, None
+            hook()
+        if self.reads == self._fail_at:
+            self._fail_at = None
+            raise OSError("injected clock failure")
+        return self.base.now() + self.offset
+
+
+class Delegating(QueueStorageAdapter[Any]):
+    """An external store with only the six required methods (the adapter's defaults for the
+    rest: its purge leaves in-flight messages), over an `InMemoryStorage`."""
+
+    def __init__(self, inner: InMemoryStorage[Any]) -> None:
+        self.inner = inner
+
+    async def enqueue(self, request: LLMRequest[Any]) -> QueueMessage[Any]:
+        return await self.inner.enqueue(request)
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        return await self.inner.dequeue(limit, visibility_timeout)
+
+    async def delete_message(self, receipt_handle: str) -> None:
+        await self.inner.delete_message(receipt_handle)
+
+    async def update_visibility_timeout(self, receipt_handle: str, seconds: float) -> None:
+        await self.inner.update_visibility_timeout(receipt_handle, seconds)
+
+    async def get_approximate_message_count(self) -> int:
+        return await self.inner.get_approximate_message_count()
+
+    async def peek_messages_by_priority(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
+        return await self.inner.peek_messages_by_priority(priority, limit)
+
+
+class SlowReplyLimiter(AsyncThrottleWithRelease):
+    """An asynchronous limiter whose consume takes effect at once and answers 50 ms later (a
+    round trip to a shared limiter)."""
+
+    consume_latency = 0.05
+
+
+class SlowCorrection(SlowReplyLimiter):
+    """An asynchronous limiter whose corrections answer 5 ms later."""
+
+    async def consume(self, request_id: str, tokens: int, metadata: Any = None) -> bool:
+        return self.inner.consume(request_id, tokens, metadata)
+
+    async def adjust_consumption(self, request_id: str, tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, tokens)
+        await asyncio.sleep(0.005)
+
+
+class RenewalFails(Delegating):
+    """Renewing the lease of request "stuck" fails with the store's error."""
+
+    def __init__(self, inner: InMemoryStorage[Any]) -> None:
+        super().__init__(inner)
+        self.stuck: set[str] = set()
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        messages = await super().dequeue(limit, visibility_timeout)
+        self.stuck |= {m.attributes.receipt_handle for m in messages if m.payload.id == "stuck"}
+        return messages
+
+    async def update_visibility_timeout(self, receipt_handle: str, seconds: float) -> None:
+        if receipt_handle in self.stuck and seconds > 0:
+            raise StorageError("lease renewal refused")
+        await super().update_visibility_timeout(receipt_handle, seconds)

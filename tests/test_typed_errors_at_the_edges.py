@@ -1,4 +1,4 @@
-"""Issue 9, defect 12, the doors outside the core: an int too large for a float, a bool, a
+"""The doors outside the core: an int too large for a float, a bool, a
 non-number or a non-finite value gets the library's typed error (never `OverflowError` or
 `TypeError`) from the Worker, the Redis limiter, the Prometheus collector and the demo engine.
 The Redis limiter checks its arguments before any I/O, so no server is needed."""

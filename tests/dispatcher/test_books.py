@@ -42,8 +42,7 @@ from llm_queue_dispatcher import (
     ScoringConfig,
     TokenInfo,
 )
-from tests.hardening.support import BookLimiter
-from tests.hardening.test_error_paths import FaultyClock
+from tests.dispatcher.books import BookLimiter, FaultyClock
 
 VISIBILITY = 30.0
 MAX_RECEIVES = 3
