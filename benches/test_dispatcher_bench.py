@@ -164,7 +164,7 @@ def test_scoring_throughput(benchmark: Any, size: int) -> None:
     leased = run(memory._storage.dequeue(size, 3_600.0))  # type: ignore[attr-defined]
     external = LLMQueueDispatcher(ExternalStore(clock=clock), LLMQueueDispatcherConfig(clock=clock))
     core = external._core
-    core.buffer_insert(leased)
+    core.buffer_insert(leased, 1e12)
     crossing = benchmark(lambda: core.time_until_score(1e6))
     assert crossing == 0.0
     assert core.buffered == size

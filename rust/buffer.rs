@@ -30,6 +30,9 @@ pub struct Leased<M> {
     pub tenant: Option<Box<str>>,
     /// Deadline instant; NaN for none.
     pub deadline: f64,
+    /// When its lease ends at the latest (the dispatcher's clock; counted from before the
+    /// receive, so the estimate errs short).
+    pub lease_end: f64,
 }
 
 /// A message in the buffer.
@@ -49,6 +52,8 @@ pub struct Buffered<M> {
     pub tenant: u32,
     /// Deadline instant; NaN for none.
     pub deadline: f64,
+    /// When its lease ends at the latest.
+    pub lease_end: f64,
 }
 
 impl<M> Buffered<M> {
@@ -127,6 +132,7 @@ impl<M> Buffer<M> {
                     traits: old.traits,
                     tenant,
                     deadline: old.deadline,
+                    lease_end: old.lease_end,
                 });
             }
             let seq = self.next_seq;
@@ -140,9 +146,31 @@ impl<M> Buffer<M> {
                 seq,
                 tenant,
                 deadline: item.deadline,
+                lease_end: item.lease_end,
             });
         }
         not_kept
+    }
+
+    // ----- leases ------------------------------------------------------------------------------
+
+    /// Handles of the messages whose lease has `half` or less left at `now` (with `every`, of
+    /// all), leaving out those `renewing` says are being renewed already.
+    pub fn due(&self, now: f64, half: f64, every: bool, renewing: impl Fn(&str) -> bool) -> Vec<&str> {
+        let due = |item: &&Buffered<M>| (every || item.lease_end - now <= half) && !renewing(&item.handle);
+        self.items.iter().filter(due).map(|item| &*item.handle).collect()
+    }
+
+    /// A lease renewed: it ends at `end` (if its message is still here).
+    pub fn renewed(&mut self, handle: &str, end: f64) {
+        if let Some(item) = self.items.iter_mut().find(|item| &*item.handle == handle) {
+            item.lease_end = end;
+        }
+    }
+
+    /// When the next lease renewal is due (the earliest lease end less `half`).
+    pub fn next_due(&self, half: f64) -> Option<f64> {
+        self.items.iter().map(|item| item.lease_end - half).reduce(f64::min)
     }
 
     /// Puts a message taken out back (its dispatch was given up): selectable again, as it was.
@@ -321,6 +349,7 @@ mod tests {
             message: 0,
             request_id: id.into(),
             handle: format!("h-{id}-{receive_count}").into(),
+            lease_end: 30.0,
             traits: MessageTraits {
                 priority,
                 receive_count,
@@ -363,6 +392,20 @@ mod tests {
         assert!(buffer.take(collected[0].candidate.seq).is_none());
         buffer.restore(taken);
         assert_eq!(buffer.len(), 2);
+    }
+
+    #[test]
+    fn leases_half_used_are_due_for_renewal() {
+        let mut buffer = Buffer::default();
+        let mut later = leased("later", 2, 10, 0.0, 0);
+        later.lease_end = 60.0;
+        buffer.insert([leased("soon", 2, 10, 0.0, 0), later]);
+        assert_eq!(buffer.next_due(15.0), Some(15.0));
+        assert_eq!(buffer.due(16.0, 15.0, false, |_| false), ["h-soon-0"]);
+        assert!(buffer.due(16.0, 15.0, false, |h| h == "h-soon-0").is_empty());
+        assert_eq!(buffer.due(16.0, 15.0, true, |_| false).len(), 2);
+        buffer.renewed("h-soon-0", 46.0);
+        assert_eq!(buffer.next_due(15.0), Some(31.0));
     }
 
     #[test]

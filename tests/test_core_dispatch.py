@@ -102,7 +102,8 @@ def test_the_buffer_picks_the_best_admissible_and_hands_it_out_once() -> None:
             leased("low", Priority.LOW, 100),
             leased("urgent", Priority.URGENT, 100),
             leased("big", Priority.URGENT, 5_000),
-        ]
+        ],
+        1e9,
     )
     throttle = LLMThrottle(60, 1_000, clock=clock)
     job = buffered.dispatch(throttle)
@@ -122,7 +123,7 @@ def test_the_buffer_picks_the_best_admissible_and_hands_it_out_once() -> None:
 def test_a_job_taken_back_returns_to_the_buffer_with_its_budget() -> None:
     clock = ManualClock(110.0)
     buffered = core(clock=clock)
-    buffered.buffer_insert([leased("a", Priority.NORMAL, 100)])
+    buffered.buffer_insert([leased("a", Priority.NORMAL, 100)], 1e9)
     throttle = LLMThrottle(60, 1_000, clock=clock)
     job = buffered.dispatch(throttle)
     assert isinstance(job, ProcessableMessage)
@@ -158,7 +159,7 @@ def test_the_core_releases_cycles_through_the_messages_it_holds() -> None:
     holder = Holder()
     buffered = core()
     holder.core = buffered  # type: ignore[attr-defined]
-    buffered.buffer_insert([leased("a", Priority.NORMAL, 10, payload=holder)])
+    buffered.buffer_insert([leased("a", Priority.NORMAL, 10, payload=holder)], 1e9)
     ref = weakref.ref(holder)
     del holder, buffered
     gc.collect()
@@ -171,7 +172,7 @@ def test_a_job_and_its_core_are_collected_together() -> None:
 
     holder = Holder()
     buffered = core()
-    buffered.buffer_insert([leased("a", Priority.NORMAL, 10, payload=holder)])
+    buffered.buffer_insert([leased("a", Priority.NORMAL, 10, payload=holder)], 1e9)
     job = buffered.dispatch(LLMThrottle(60, 1_000, clock=ManualClock()))
     assert isinstance(job, ProcessableMessage)
     holder.job = job  # type: ignore[attr-defined]  # payload -> job -> core -> payload

@@ -397,10 +397,10 @@ def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
         )
         return QueueMessage("m", sized_request("a"), attributes)
 
-    assert core.buffer_insert([delivery(2)]) == []
-    assert core.buffer_insert([delivery(1)]) == ["h1"]  # an older one coming back is not kept
+    assert core.buffer_insert([delivery(2)], 1e9) == []
+    assert core.buffer_insert([delivery(1)], 1e9) == ["h1"]  # an older one coming back is not kept
     assert core.buffer_handles() == ["h2"]
-    assert core.buffer_insert([delivery(3)]) == ["h2"]
+    assert core.buffer_insert([delivery(3)], 1e9) == ["h2"]
     assert core.buffer_handles() == ["h3"]
 
 

@@ -382,6 +382,10 @@ class ProcessableMessage(Generic[_T]):
     def _needed(self) -> int: ...
     @property
     def _delivery(self) -> int: ...
+    @property
+    def _tokens(self) -> int: ...
+    @property
+    def _lease_end(self) -> float: ...
     def mark_as_processed(self, actual_tokens: int | None = None) -> Awaitable[None]:
         """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``. A
         stale receipt handle settles the delivery and raises ``ReceiptHandleError``."""
@@ -573,8 +577,16 @@ class DispatchCore:
         """A plan's store reply; whether the mark must raise ``ReceiptHandleError``."""
     def finish(self, delivery: int) -> None:
         """Ends a settling delivery once its plan is done."""
-    def buffer_insert(self, messages: Iterable[QueueMessage[Any]]) -> list[str]:
-        """Adds leased messages; the handles of copies not kept."""
+    def buffer_insert(self, messages: Iterable[QueueMessage[Any]], lease_end: float) -> list[str]:
+        """Adds messages leased until ``lease_end``; the handles of copies not kept."""
+    def buffer_due(self, every: bool, renewing: set[str]) -> list[str]:
+        """Handles of buffered leases half used or more (``every``: all), but ``renewing``."""
+    def buffer_renewed(self, handle: str, started: float) -> None:
+        """A buffered lease renewed at ``started``: it ends a visibility timeout later."""
+    def buffer_next_due(self) -> float | None:
+        """Seconds until the next buffered lease is due for renewal."""
+    def now(self) -> float:
+        """The core clock's reading."""
     def buffer_drain(self) -> list[QueueMessage[Any]]:
         """Removes and returns every buffered message."""
     def buffer_handles(self) -> list[str]:
@@ -598,6 +610,12 @@ class DispatchCore:
     def min_visible_tokens(self) -> int | None: ...
     def time_until_score(self, available_tokens: float) -> float | None: ...
     def ids_above(self, capacity: float) -> list[str]: ...
+    def unfittable(self, capacity: float) -> list[str]:
+        """Requests above ``capacity`` not reported before (each is reported once)."""
+    def until_ready(
+        self, held: float | None, smallest_wait: float | None, available_tokens: float, refill: float | None
+    ) -> float:
+        """Seconds until a dequeue that found nothing could hand something out."""
     def take_above(self, capacity: float) -> list[QueueMessage[Any]]: ...
     def drop_expired(self) -> list[str]: ...
     def count_expired(self, count: int) -> None: ...
@@ -608,7 +626,7 @@ class DispatchCore:
     @property
     def active(self) -> int:
         """Deliveries handed out and not settled (purged ones excepted)."""
-    def report(self, capacity: float | None = None) -> CoreReport: ...
+    def report(self) -> CoreReport: ...
     def in_flight(self) -> list[InFlight]: ...
     def tenants(self) -> list[TenantReport]: ...
     @property

@@ -6,9 +6,9 @@ core asks for. With `InMemoryStorage` and an `LLMThrottle` a `dequeue` is one ca
 (exact selection over every visible message, the budget reservation, the receive and the
 delivery's opening, with no await) and so is each mark of the job it returns. Otherwise:
 
-* another rate limiter (`AsyncRateLimiter`, a plain-Python one): the core chooses and takes the
-  winner, Python awaits its reservation under the delivery's key (``"request-id#n"``), then the
-  core hands it out or takes it back (`_choose`);
+* another rate limiter (an `AsyncRateLimiter`, a plain-Python one): the core chooses and takes
+  the winner, Python awaits its reservation under the delivery's key (``"request-id#n"``), then
+  the core hands it out or takes it back (`_choose`);
 * another store: the core selects from a prefetch buffer that `prefetch.Prefetcher` fills and
   whose leases it keeps; a hand-out confirms its lease first (`_hand_out`);
 * a mark that needs I/O (another store, another limiter) comes back as a `Plan`, which
@@ -18,11 +18,13 @@ delivery's opening, with no await) and so is each mark of the job it returns. Ot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +38,6 @@ from .errors import (
     ReceiptHandleError,
     UnknownRequestError,
 )
-from .limiters import call_limiter, release_reservation, reserve
 from .metrics import (
     InFlightDetail,
     LatencyPercentiles,
@@ -62,12 +63,24 @@ T = TypeVar("T")
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
-# With custom scorers, a dequeue waiting for a score to reach min_score_threshold re-checks this
-# often once the time-only bound says it could have (custom scores may change with anything).
-_CUSTOM_RECHECK = 1.0
-
 #: The shortest sleep of a `dequeue` waiting for something to change (seconds).
 _MIN_WAIT = 0.001
+
+
+async def _call(limiter: Any, method: str, *args: Any) -> Any:
+    """``limiter.method(*args)``, awaited when the limiter's method is a coroutine."""
+    result = getattr(limiter, method)(*args)
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _release(limiter: Any, key: str) -> None:
+    """Gives a reservation back whole: ``release`` where the limiter has it, else
+    ``adjust_consumption(key, 0)`` (the tokens only). One it no longer knows has nothing left."""
+    has_release = callable(getattr(limiter, "release", None))
+    with contextlib.suppress(UnknownRequestError):
+        await (
+            _call(limiter, "release", key) if has_release else _call(limiter, "adjust_consumption", key, 0)
+        )
 
 
 class _Runner:
@@ -141,33 +154,54 @@ class _Runner:
             )
 
     async def limiter_call(self, plan: Plan) -> None:
-        """The plan's limiter call on its reservation. Failures are logged: the mark stands (its
-        call happened); only the limiter's count could not be corrected."""
-        limiter, key = plan.limiter, plan.key
+        """The plan's call on the delivery's reservation. A failure is logged: the mark stands
+        (its call happened); only the limiter's count could not be corrected."""
+        limiter, request_id = plan.limiter, plan.request_id
         if limiter is None:
             return
         try:
             if plan.limiter_call == "adjust":
-                await call_limiter(limiter, "adjust_consumption", key, plan.tokens)
+                await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
             else:
-                await release_reservation(limiter, key)
-        except UnknownRequestError:
-            # Older than the limiter's history retention: nothing to correct any more.
+                await _release(limiter, plan.key)
+        except UnknownRequestError:  # older than the limiter's history: nothing to correct
             self.logger.warning(
-                "rate limiter no longer knows request %r; its token count was not adjusted", plan.request_id
+                "rate limiter no longer knows request %r; its token count was not adjusted", request_id
             )
         except RateLimitError as error:
             self.logger.warning(
                 "rate limiter refused the extra tokens of request %r (%s); the message is settled",
-                plan.request_id,
+                request_id,
                 error,
             )
         except Exception as error:
             self.logger.warning(
-                "rate limiter failed to correct request %r (%r); the message is settled",
-                plan.request_id,
-                error,
+                "rate limiter failed to correct request %r (%r); the message is settled", request_id, error
             )
+
+    async def reserve(self, limiter: Any, key: str, tokens: int) -> bool:
+        """``limiter.consume(key, tokens)``. Cancelled while an asynchronous consume is on its
+        way (a round trip to a shared limiter), the call still completes, and a reservation it
+        made is given back in a task `close` waits for: a cancelled dequeue takes nothing."""
+        result = limiter.consume(key, tokens)
+        if not inspect.isawaitable(result):
+            return bool(result)
+        consumed = asyncio.ensure_future(result)
+        try:
+            return bool(await asyncio.shield(consumed))
+        except asyncio.CancelledError:
+            self.shielded(self._give_back_if_granted(limiter, key, consumed))
+            raise
+
+    async def _give_back_if_granted(self, limiter: Any, key: str, consumed: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(Exception):  # refused with an error: nothing was taken
+            if await asyncio.shield(consumed):
+                try:
+                    await _release(limiter, key)
+                except Exception as error:
+                    self.logger.warning(
+                        "could not give back the reservation %r of a cancelled dequeue: %r", key, error
+                    )
 
 
 class LLMQueueDispatcher(Generic[T]):
@@ -202,21 +236,21 @@ class LLMQueueDispatcher(Generic[T]):
         )
         config.validate()
         self._storage = storage
-        self._logger = config.logger or _LOGGER
+        self._logger = logger = config.logger or _LOGGER
         scoring = config.scoring or ScoringConfig()
         weights = scoring.weights or ScoringWeights()
-        self._custom_scorers = list(scoring.custom_scorers)
-        fair = self._fair = config.fair_priority or FairPriorityConfig()
+        self._custom_scorers = scorers = list(scoring.custom_scorers)
+        fair = config.fair_priority or FairPriorityConfig()
         self._clock = config.clock
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
-        in_memory = type(storage) is InMemoryStorage
-        self._runner = runner = _Runner(self._logger)
+        pool = storage.core if type(storage) is InMemoryStorage else None
+        self._runner = runner = _Runner(logger)
         self._core = runner.core = DispatchCore(
-            storage.core if isinstance(storage, InMemoryStorage) and in_memory else None,
+            pool,
             clock=config.clock,
             weights=weights.as_tuple(),
-            custom_weights=[float(scorer.weight) for scorer in self._custom_scorers],
-            custom_names=[str(scorer.name) for scorer in self._custom_scorers],
+            custom_weights=[float(scorer.weight) for scorer in scorers],
+            custom_names=[str(scorer.name) for scorer in scorers],
             max_candidates=config.max_candidates_to_evaluate,
             policy=config.policy,
             tenant_weights=[(name, float(weight)) for name, weight in fair.tenant_weights.items()],
@@ -230,28 +264,24 @@ class LLMQueueDispatcher(Generic[T]):
             hold=config.hold_budget,
             metrics_retention=config.metrics_retention,
             runner=runner,
-            logger=self._logger,
+            logger=logger,
         )
         self._prefetch: Prefetcher[T] | None = None
-        if not in_memory:
+        if pool is None:
             self._prefetch = runner.prefetch = Prefetcher(
                 storage,
                 self._core,
-                clock=config.clock,
                 buffer_size=config.buffer_size,
                 visibility_timeout=config.visibility_timeout,
                 prefetch_interval=config.prefetch_interval,
-                logger=self._logger,
+                logger=logger,
             )
         # The hot path: a dequeue that is one call into Rust.
-        self._fast = in_memory and not config.drop_expired
+        self._fast = pool is not None and not config.drop_expired
         self._wakeup = runner.wakeup = Wakeup(self._core)
         self._closed = False
-        self._reported_unfittable: set[str] = set()
         # (change version, clock instant) a dequeue that found nothing could next succeed at.
         self._ready: tuple[int, float] | None = None
-        # Token capacity of the limiter last seen, for the unfittable count of the metrics.
-        self._last_capacity: float | None = None
 
     def _now(self) -> float:
         clock = self._clock
@@ -337,7 +367,7 @@ class LLMQueueDispatcher(Generic[T]):
             # yield to the event loop, never spin it.
             await self._wakeup.wait(seen, min(remaining, max(until, _MIN_WAIT)))
 
-    def _custom_fn(self, limiter_metrics: Any) -> Any:
+    def _custom_fn(self, limiter_metrics: Any) -> Callable[[QueueMessage[T]], list[Any]]:
         """What the core calls for custom scores: the scorers' values for one message."""
         if type(limiter_metrics) is LLMThrottle:
             limiter_metrics = limiter_metrics.get_metrics()
@@ -347,58 +377,49 @@ class LLMQueueDispatcher(Generic[T]):
             queue_metrics=self._queue_report_now,
             current_time=self._now(),
         )
-
-        def evaluate(message: QueueMessage[T]) -> list[Any]:
-            return [scorer.calculate(message, context) for scorer in scorers]
-
-        return evaluate
+        return lambda message: [scorer.calculate(message, context) for scorer in scorers]
 
     async def _attempt(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """One dispatch: a job handed out, the seconds until a held winner fits, or None."""
-        prefetch = self._prefetch
         while True:
-            if prefetch is not None:
-                await prefetch.prepare()
+            if self._prefetch is not None:
+                await self._prefetch.prepare()
             if self.config.drop_expired:
                 await self._drop_expired()
             if type(limiter) is LLMThrottle:
-                custom_fn = self._custom_fn(limiter) if self._custom_scorers else None
-                found = self._core.dispatch(limiter, custom_fn)
-                if type(found) is not ProcessableMessage or prefetch is None:
-                    return found
+                found = self._core.dispatch(
+                    limiter, self._custom_fn(limiter) if self._custom_scorers else None
+                )
+                if self._prefetch is None:
+                    return found  # handed out already
             else:
-                chosen = await self._choose(limiter)
-                if type(chosen) is not ProcessableMessage:
-                    return chosen
-                found = chosen
-            if await self._hand_out(found, limiter):
+                found = await self._choose(limiter)
+            if type(found) is not ProcessableMessage or await self._hand_out(found):
                 return found
             # Its lease was lost to another consumer (or a purge removed it): the next one.
 
     async def _choose(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """The core takes the winner under what the limiter reports; its reservation (under the
         delivery's key) or admission is awaited here; refused, the winner goes back."""
-        metrics = await call_limiter(limiter, "get_metrics")
-        custom_fn = self._custom_fn(metrics) if self._custom_scorers else None
+        metrics = await _call(limiter, "get_metrics")
         found = self._core.choose(
             limiter,
             float(metrics.tpm.available),
             float(metrics.rpm.available),
             float(metrics.tpm.limit),
             float(metrics.rpm.limit),
-            custom_fn,
+            self._custom_fn(metrics) if self._custom_scorers else None,
         )
         if type(found) is int:
             return await self._held_for(limiter, found)
         if type(found) is not ProcessableMessage:
             return None
         job: ProcessableMessage[T] = found
-        tokens = job.message.payload.token_info.estimated
         try:
             if self.config.reserve_budget:
-                granted = await reserve(limiter, job._key or "", tokens, self._runner.shielded)
+                granted = await self._runner.reserve(limiter, job._key or "", job._tokens)
             else:
-                granted = bool((await call_limiter(limiter, "can_process", tokens)).allowed)
+                granted = bool((await _call(limiter, "can_process", job._tokens)).allowed)
         except BaseException:
             # Failed or cancelled while the limiter answered (a reservation granted meanwhile is
             # given back by `reserve`): the winner goes back as it was.
@@ -409,12 +430,11 @@ class LLMQueueDispatcher(Generic[T]):
             return await self._held_for(limiter, job._needed) if self.config.hold_budget else None
         return job
 
-    async def _hand_out(self, job: ProcessableMessage[T], limiter: Any) -> bool:
-        """Hands out a job the core took: with a prefetch buffer, once its lease is sure to be
-        ours. False when it was lost meanwhile (its reservation goes back)."""
-        prefetch = self._prefetch
+    async def _hand_out(self, job: ProcessableMessage[T]) -> bool:
+        """Hands out a job the core took and reserved; with a prefetch buffer once its lease is
+        sure to be ours. False when it was lost meanwhile (its reservation goes back)."""
         try:
-            kept = True if prefetch is None else await prefetch.confirm(job.message)
+            kept = self._prefetch is None or await self._prefetch.confirm(job)
         except BaseException:
             # Cancelled or failed while renewing the lease: still ours, back into the buffer.
             await self._revoke(job, restore=True)
@@ -430,15 +450,14 @@ class LLMQueueDispatcher(Generic[T]):
         end even if this caller is cancelled."""
         plan = self._core.revoke(job, restore, reserved)
         if restore and self._prefetch is not None:
-            self._prefetch.returned(job.message)
+            self._prefetch.returned()
         if plan is not None:
             await self._runner.shielded(self._runner.limiter_call(plan))
 
     @staticmethod
     async def _held_for(limiter: Any, tokens: int) -> float | None:
         """Seconds until a held winner of ``tokens`` fits (None when it never will)."""
-        check = await call_limiter(limiter, "can_process", tokens)
-        wait = float(check.available_in)
+        wait = float((await _call(limiter, "can_process", tokens)).available_in)
         return wait if math.isfinite(wait) else None
 
     async def _drop_expired(self) -> None:
@@ -452,23 +471,24 @@ class LLMQueueDispatcher(Generic[T]):
 
     # -- waiting -------------------------------------------------------------------------------
     async def _nothing_found(self, limiter: Any, held: float | None, seen: int | None = None) -> float:
-        """After a selection that handed nothing out: reports unfittable requests and works out
-        (and remembers, for `time_until_ready`) how long until a dequeue could succeed."""
-        if seen is None:
-            seen = self._wakeup.version
-        self._report_unfittable(await self._token_capacity(limiter))
-        core = self._core
-        if held is not None:
-            # Held for a winner: until it fits, or a visibility change brings another.
-            until = held
-            expiry = core.next_visibility_change()
-            if expiry is not None:
-                until = min(until, max(0.0, expiry - self._now()))
-            if self._prefetch is not None:
-                # Other producers' messages reach the buffer only when it is filled again.
-                until = min(until, self.config.prefetch_interval)
-        else:
-            until = await self._time_until_change(limiter)
+        """After a dispatch that handed nothing out: reports (once each) the requests that can
+        never fit, and works out (and remembers, for `time_until_ready`) how long until a
+        dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
+        seen = self._wakeup.version if seen is None else seen
+        metrics = await _call(limiter, "get_metrics")
+        capacity = float(metrics.tpm.limit)
+        for request_id in self._core.unfittable(capacity):
+            self._logger.warning(
+                "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
+                "with take_unfittable()",
+                request_id,
+                capacity,
+            )
+        wait = None
+        if held is None and (smallest := self._core.min_visible_tokens()) is not None:
+            wait = float((await _call(limiter, "can_process", smallest)).available_in)
+        refill = self.config.prefetch_interval if self._prefetch is not None else None
+        until = self._core.until_ready(held, wait, float(metrics.tpm.available), refill)
         self._ready = (seen, self._now() + until)
         return until
 
@@ -483,51 +503,6 @@ class LLMQueueDispatcher(Generic[T]):
             return 0.0
         return max(0.0, self._ready[1] - self._now())
 
-    async def _time_until_change(self, limiter: Any) -> float:
-        """Seconds until a message becomes visible or the smallest waiting one fits the budget."""
-        core = self._core
-        candidates: list[float] = []
-        expiry = core.next_visibility_change()
-        if expiry is not None:
-            candidates.append(max(0.0, expiry - self._now()))
-        if self._prefetch is not None:
-            candidates.append(self.config.prefetch_interval)
-        smallest = core.min_visible_tokens()
-        if smallest is not None:
-            check = await call_limiter(limiter, "can_process", smallest)
-            if check.available_in > 0:
-                if math.isfinite(check.available_in):
-                    candidates.append(check.available_in)
-            else:
-                # Something fits but scored below min_score_threshold: scores rise as messages
-                # wait, so sleep until the best one reaches it.
-                metrics = await call_limiter(limiter, "get_metrics")
-                crossing = core.time_until_score(float(metrics.tpm.available))
-                if crossing is not None:
-                    # With custom scorers the crossing is a bound (they count at full weight);
-                    # once it has passed, only a re-check tells.
-                    candidates.append(crossing if crossing > 0 else _CUSTOM_RECHECK)
-        return min(candidates) if candidates else math.inf
-
-    def _report_unfittable(self, capacity: float) -> None:
-        """Logs, once each, the visible requests that exceed the limiter's token capacity (run
-        whenever a dequeue finds nothing, so they never wait unnoticed)."""
-        self._last_capacity = capacity
-        for request_id in self._core.ids_above(capacity):
-            if request_id not in self._reported_unfittable:
-                self._reported_unfittable.add(request_id)
-                self._logger.warning(
-                    "request %r needs more tokens than the limiter can ever grant (capacity %s); "
-                    "take it out with take_unfittable()",
-                    request_id,
-                    capacity,
-                )
-
-    @staticmethod
-    async def _token_capacity(limiter: Any) -> float:
-        metrics = await call_limiter(limiter, "get_metrics")
-        return float(metrics.tpm.limit)
-
     async def take_unfittable(self, rate_limiter: Any) -> list[QueueMessage[T]]:
         """Receives every visible message whose estimate exceeds the limiter's token capacity.
 
@@ -535,9 +510,8 @@ class LLMQueueDispatcher(Generic[T]):
         budget reserved); delete them, or fail them until the store dead-letters them.
         """
         check_rate_limiter(rate_limiter)
-        taken: list[QueueMessage[T]] = self._core.take_above(await self._token_capacity(rate_limiter))
-        for message in taken:
-            self._reported_unfittable.discard(message.payload.id)
+        metrics = await _call(rate_limiter, "get_metrics")
+        taken: list[QueueMessage[T]] = self._core.take_above(float(metrics.tpm.limit))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -578,35 +552,32 @@ class LLMQueueDispatcher(Generic[T]):
     # -- metrics -------------------------------------------------------------------------------
     def _queue_report_now(self) -> QueueMetricsReport:
         """The queue report from in-process state only (what custom scorers may read)."""
-        report = self._core.report(self._last_capacity)
-        by_priority = dict(zip([p.name for p in Priority], report.counts_by_priority, strict=True))
-        oldest = report.oldest_enqueued_at
+        r = self._core.report()
+        by_priority = dict(zip([p.name for p in Priority], r.counts_by_priority, strict=True))
         selectable = sum(by_priority.values())
         return QueueMetricsReport(
             approximate_number_of_messages=selectable,
-            approximate_number_of_messages_in_flight=report.in_flight,
-            buffered_messages=report.buffered,
-            total_messages=selectable + report.in_flight,
+            approximate_number_of_messages_in_flight=r.in_flight,
+            buffered_messages=r.buffered,
+            total_messages=selectable + r.in_flight,
             messages_by_priority=by_priority,
-            oldest_message_age=0.0 if oldest is None else max(0.0, report.now - oldest),
-            average_wait_time=report.average_wait,
-            wait_time_percentiles=WaitTimePercentiles(
-                p50=report.wait_p50, p95=report.wait_p95, p99=report.wait_p99
-            ),
+            oldest_message_age=0.0
+            if r.oldest_enqueued_at is None
+            else max(0.0, r.now - r.oldest_enqueued_at),
+            average_wait_time=r.average_wait,
+            wait_time_percentiles=WaitTimePercentiles(p50=r.wait_p50, p95=r.wait_p95, p99=r.wait_p99),
             throughput=Throughput(
-                messages_per_minute=report.messages_per_minute, tokens_per_minute=report.tokens_per_minute
+                messages_per_minute=r.messages_per_minute, tokens_per_minute=r.tokens_per_minute
             ),
-            dead_lettered=0,
-            failed=report.failed,
-            unfittable_messages=report.unfittable,
-            expired_deadlines=report.expired_deadlines,
+            failed=r.failed,
+            unfittable_messages=r.unfittable,
+            expired_deadlines=r.expired_deadlines,
         )
 
     async def get_queue_metrics(self) -> QueueMetrics:
         """Queue depth, waits, throughput (real tokens), in-flight details and dequeue latency."""
         attributes = await self._storage.get_queue_attributes()
-        local = self._queue_report_now()
-        now = self._now()
+        local, report, now = self._queue_report_now(), self._core.report(), self._now()
         fields = dict(local.__dict__, dead_lettered=attributes.dead_lettered)
         if self._prefetch is not None:
             # The store counts buffered messages as in flight (the buffer leased them); here
@@ -620,17 +591,26 @@ class LLMQueueDispatcher(Generic[T]):
             )
         details = [
             InFlightDetail(
-                request_id=delivery.request_id,
-                message_id=delivery.message.id,
-                priority=int(delivery.message.payload.priority),
-                estimated_tokens=delivery.message.payload.token_info.estimated,
-                score=delivery.score,
-                started_at=delivery.dispatched_at,
-                age=now - delivery.dispatched_at,
+                request_id=d.request_id,
+                message_id=d.message.id,
+                priority=int(d.message.payload.priority),
+                estimated_tokens=d.message.payload.token_info.estimated,
+                score=d.score,
+                started_at=d.dispatched_at,
+                age=now - d.dispatched_at,
             )
-            for delivery in self._core.in_flight()
+            for d in self._core.in_flight()
         ]
-        report = self._core.report()
+        tenants = {
+            t.name: TenantMetrics(
+                visible=t.visible,
+                in_flight=t.in_flight,
+                tokens_in_window=t.tokens_in_window,
+                tokens_served=t.tokens_served,
+                wait_time_percentiles=WaitTimePercentiles(p50=t.wait_p50, p95=t.wait_p95, p99=t.wait_p99),
+            )
+            for t in self._core.tenants()
+        }
         buffered = local.buffered_messages
         return QueueMetrics(
             queue=QueueMetricsReport(**fields),
@@ -640,16 +620,5 @@ class LLMQueueDispatcher(Generic[T]):
                 buffer_utilization=buffered / self.config.buffer_size if buffered else 0.0,
                 dequeue_latency=LatencyPercentiles(p50=report.latency_p50, p99=report.latency_p99),
             ),
-            tenants={
-                tenant.name: TenantMetrics(
-                    visible=tenant.visible,
-                    in_flight=tenant.in_flight,
-                    tokens_in_window=tenant.tokens_in_window,
-                    tokens_served=tenant.tokens_served,
-                    wait_time_percentiles=WaitTimePercentiles(
-                        p50=tenant.wait_p50, p95=tenant.wait_p95, p99=tenant.wait_p99
-                    ),
-                )
-                for tenant in self._core.tenants()
-            },
+            tenants=tenants,
         )

@@ -1,7 +1,7 @@
 """`Prefetcher`: the I/O of a dispatcher's prefetch buffer over a store other than the in-memory
-one. The buffer itself, and selection from it, live in the dispatcher's Rust core
-(`DispatchCore`); this module keeps what only Python can own: the receives that fill it, the
-lease renewals that keep its messages ours, and their order.
+one. The buffer, selection from it and its lease book (when each lease ends) live in the
+dispatcher's Rust core (`DispatchCore`); this module keeps what only Python can own: the
+receives that fill it, the lease renewals that keep its messages ours, and their order.
 
 The buffer is filled with one ``storage.dequeue``: before a selection when it is empty, and
 otherwise in the background as soon as a message leaves it, so a dispatch does not wait for a
@@ -24,11 +24,10 @@ import contextlib
 import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
-from ._core import DispatchCore, Plan
+from ._core import DispatchCore, Plan, ProcessableMessage
 from .errors import ReceiptHandleError, StorageError
 from .storage import QueueStorageAdapter
 from .types import QueueMessage
@@ -53,7 +52,6 @@ class Prefetcher(Generic[T]):
         storage: QueueStorageAdapter[T],
         core: DispatchCore,
         *,
-        clock: Any,
         buffer_size: int,
         visibility_timeout: float,
         prefetch_interval: float,
@@ -65,7 +63,6 @@ class Prefetcher(Generic[T]):
         self._visibility_timeout = visibility_timeout
         self._prefetch_interval = prefetch_interval
         self._logger = logger
-        self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         # Purges in progress: no receive starts meanwhile, and what one in flight brings is
@@ -75,8 +72,6 @@ class Prefetcher(Generic[T]):
         # Messages the receive in flight will bring, and that receive.
         self._pending = 0
         self._fill_task: asyncio.Task[None] | None = None
-        # Receipt handle -> the instant (dispatcher clock) its lease ends at the latest.
-        self._lease_ends: dict[str, float] = {}
         # Background fills and hand-out renewals, kept so they can be awaited on close.
         self._background: set[asyncio.Task[None]] = set()
         # Lease renewals on their way, by receipt handle (buffered or handed-out messages): a
@@ -89,17 +84,13 @@ class Prefetcher(Generic[T]):
     def stopped(self) -> bool:
         return self._stopped
 
-    def _now(self) -> float:
-        clock = self._clock
-        return float(clock()) if clock is not None else time.monotonic()
-
     # -- filling ---------------------------------------------------------------------------------
     async def _fill(self) -> None:
         missing = self._buffer_size - self._core.buffered - self._pending
         if missing <= 0 or self._purging:
             return
         self._pending += missing
-        started = self._now()
+        started = self._core.now()  # lease ends are counted from before the receive: they err short
         try:
             messages = await self.storage.dequeue(missing, self._visibility_timeout)
         finally:
@@ -109,17 +100,12 @@ class Prefetcher(Generic[T]):
             self._arrived_while_purging += messages
             return
         if messages:
-            ends = started + self._visibility_timeout
-            for message in messages:
-                self._lease_ends[message.attributes.receipt_handle] = ends
-            self._buffer(messages)
+            self._buffer(messages, started + self._visibility_timeout)
 
-    def _buffer(self, messages: Sequence[QueueMessage[T]]) -> None:
-        """Puts leased messages into the buffer, where the lease keeper renews them. Of two
-        copies of one request it keeps the later delivery; the lease of the other (its handle
-        is stale) is forgotten."""
-        for stale in self._core.buffer_insert(messages):
-            self._lease_ends.pop(stale, None)
+    def _buffer(self, messages: Sequence[QueueMessage[T]], lease_end: float) -> None:
+        """Puts messages leased until ``lease_end`` into the buffer, where the lease keeper renews
+        them (of two copies of one request the core keeps the later delivery)."""
+        self._core.buffer_insert(messages, lease_end)
         self._keep_leases()
 
     def _start_fill(self) -> asyncio.Task[None]:
@@ -187,14 +173,8 @@ class Prefetcher(Generic[T]):
         message waits for it and reaches the store after it."""
         if self._visibility_timeout <= 0:
             return  # nothing is leased ahead for any time: nothing to keep
-        half = self._visibility_timeout / 2
-        now = self._now()
-        due = [
-            handle
-            for handle in self._core.buffer_handles()
-            if handle not in self._renewals
-            and (every or self._lease_ends.get(handle, math.inf) - now <= half)
-        ]
+        started = self._core.now()
+        due = self._core.buffer_due(every, set(self._renewals))
         if not due:
             return
         renewals = [self._renew(handle, self._visibility_timeout) for handle in due]
@@ -203,13 +183,11 @@ class Prefetcher(Generic[T]):
         failure: BaseException | None = None
         for handle, result in zip(due, results, strict=True):
             if isinstance(result, ReceiptHandleError):
-                # Its lease ran out and another consumer received it: forget it.
-                self._core.buffer_discard(handle)
-                self._lease_ends.pop(handle, None)
+                self._core.buffer_discard(handle)  # its lease ran out and another consumer has it
             elif isinstance(result, BaseException):
                 failure = failure or result
-            elif handle in self._lease_ends:  # still buffered
-                self._lease_ends[handle] = now + self._visibility_timeout
+            else:
+                self._core.buffer_renewed(handle, started)
         if failure is not None:
             raise failure
 
@@ -260,28 +238,26 @@ class Prefetcher(Generic[T]):
                 # Renewals started elsewhere (a selection's): wait for them, do not poll.
                 await asyncio.wait(renewing)
                 continue
-            ends = [self._lease_ends[h] for h in handles if h in self._lease_ends]
-            if not ends:
+            due_in = self._core.buffer_next_due()
+            if due_in is None:
                 return
             # Real seconds, as the prefetch loop sleeps: the dispatcher's clock is assumed to
             # run at that rate (a virtual clock is covered by the renewal before each selection).
-            await asyncio.sleep(max(0.01, min(ends) - half - self._now()))
+            await asyncio.sleep(max(0.01, due_in))
             try:
                 await self._renew_due()
             except Exception:
                 self._logger.exception("renewing buffered leases failed; retrying")
                 await asyncio.sleep(min(half, self._prefetch_interval))
 
-    async def confirm(self, message: QueueMessage[T]) -> bool:
-        """Makes sure a message leaving the buffer is ours for a full visibility timeout; False
-        when its lease was lost (another consumer holds it now). Cancelled or failed, its lease
-        end is kept (the caller puts it back into the buffer)."""
+    async def confirm(self, job: ProcessableMessage[T]) -> bool:
+        """Makes sure a job taken out of the buffer is ours for a full visibility timeout;
+        False when its lease was lost (another consumer holds its message now)."""
         if not self._stopped:
             # The message left the buffer: top it up meanwhile, off this dispatch's path.
             self._refill_soon()
-        handle = message.attributes.receipt_handle
-        lease_end = self._lease_ends.pop(handle, -math.inf)
-        if lease_end - self._now() > self._visibility_timeout / 2:
+        handle = job.message.attributes.receipt_handle
+        if job._lease_end - self._core.now() > self._visibility_timeout / 2:
             # Still ours for a while: nobody else can hold it, renew without waiting.
             renewal = self._renew(handle, self._visibility_timeout)
             self._background.add(renewal)
@@ -293,15 +269,10 @@ class Prefetcher(Generic[T]):
             # Its visibility ran out while buffered and another consumer received it: never
             # hand out a message twice.
             return False
-        except BaseException:
-            # Cancelled or failed mid-renewal: the lease is still ours either way.
-            self._lease_ends[handle] = lease_end
-            raise
         return True
 
-    def returned(self, message: QueueMessage[T]) -> None:
-        """A message taken out and put back into the buffer: its lease is kept (renewed soon)."""
-        self._lease_ends.setdefault(message.attributes.receipt_handle, self._now())
+    def returned(self) -> None:
+        """A message taken out was put back into the buffer (its lease end kept): keep it."""
         self._keep_leases()
 
     # -- deadlines and purge -----------------------------------------------------------------------
@@ -315,7 +286,8 @@ class Prefetcher(Generic[T]):
             except ReceiptHandleError:
                 continue  # its lease ran out: another consumer holds it now
             except BaseException:
-                self._buffer(expired[index:])  # still leased by us: kept, tried again later
+                # Still leased by us: kept (its lease renewed soon), tried again later.
+                self._buffer(expired[index:], self._core.now())
                 raise
             ids.append(message.payload.id)
         return ids
@@ -335,10 +307,8 @@ class Prefetcher(Generic[T]):
             leased += self._core.buffer_drain() + self._arrived_while_purging
             self._arrived_while_purging = []
             while leased:
-                handle = leased[0].attributes.receipt_handle
                 with contextlib.suppress(ReceiptHandleError):
-                    await self.storage.delete_message(handle)
-                self._lease_ends.pop(handle, None)
+                    await self.storage.delete_message(leased[0].attributes.receipt_handle)
                 leased.pop(0)
             for delivery, handle in handed_out:
                 with contextlib.suppress(ReceiptHandleError):
@@ -349,9 +319,7 @@ class Prefetcher(Generic[T]):
             # Cancelled or failed: what is still leased here and not deleted stays ours.
             leased += self._arrived_while_purging
             self._arrived_while_purging = []
-            for message in leased:
-                self._lease_ends.setdefault(message.attributes.receipt_handle, -math.inf)
-            self._buffer(leased)
+            self._buffer(leased, -math.inf)  # leases of unknown length: renewed at once
             raise
         finally:
             self._purging -= 1
@@ -427,5 +395,3 @@ class Prefetcher(Generic[T]):
         except Exception as error:
             # Its lease runs out by itself; the others are still released.
             self._logger.warning("releasing buffered request %r failed: %r", message.payload.id, error)
-        finally:
-            self._lease_ends.pop(handle, None)

@@ -26,6 +26,7 @@ use crate::store::{ReceiptHandle, Store};
 use crate::throttle::{ReservationKey, Throttle};
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // the values compared are exact in binary
 mod tests;
 
 /// How often a stepwise dispatch starts over when its winner vanished or stopped fitting while
@@ -459,6 +460,65 @@ pub fn take_fair_buffered<M>(
 }
 
 // ----- waiting --------------------------------------------------------------------------------
+
+/// With custom scorers, how often a dequeue waiting for a score to reach the minimum looks
+/// again once the time-only bound says it could have (custom scores change with anything).
+pub const CUSTOM_RECHECK: f64 = 1.0;
+
+/// Seconds until a dequeue that found nothing could hand something out: the soonest of a held
+/// winner fitting (`held`), an in-flight message becoming visible (`visibility`), the buffer
+/// being filled again (`refill`), and — when nothing is held — the smallest waiting message
+/// fitting the budget (`smallest`: the limiter's wait for it) or, when it fits already but
+/// scored too low, the best score reaching the minimum (`crossing`, computed only then).
+/// Infinite when only an enqueue or a mark can help.
+pub fn until_ready(
+    held: Option<f64>,
+    visibility: Option<f64>,
+    refill: Option<f64>,
+    smallest: Option<f64>,
+    crossing: impl FnOnce() -> Option<f64>,
+) -> f64 {
+    let mut until = f64::INFINITY;
+    for wait in [visibility.map(|v| v.max(0.0)), refill, held].into_iter().flatten() {
+        until = until.min(wait);
+    }
+    match (held, smallest) {
+        (None, Some(wait)) if wait > 0.0 => until.min(wait), // infinite: it never fits
+        (None, Some(_)) => match crossing() {
+            Some(crossing) => until.min(if crossing > 0.0 { crossing } else { CUSTOM_RECHECK }),
+            None => until,
+        },
+        _ => until,
+    }
+}
+
+/// The requests that can never fit the limiter's token capacity, each reported once, and the
+/// capacity last seen (for the metrics' count).
+#[derive(Debug, Default)]
+pub struct Unfittable {
+    capacity: Option<f64>,
+    reported: std::collections::HashSet<Box<str>>,
+}
+
+impl Unfittable {
+    /// Of `ids` (those above `capacity` now), the ones not reported before; remembers both.
+    pub fn observe<'a>(&mut self, capacity: f64, ids: impl IntoIterator<Item = &'a str>) -> Vec<Box<str>> {
+        self.capacity = Some(capacity);
+        ids.into_iter().filter(|id| self.reported.insert((*id).into())).map(Box::from).collect()
+    }
+
+    /// Taken out of the queue: reported afresh if they come back.
+    pub fn taken<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            self.reported.remove(id);
+        }
+    }
+
+    /// The token capacity last seen.
+    pub fn capacity(&self) -> Option<f64> {
+        self.capacity
+    }
+}
 
 // Every wait-time factor is saturated after 300 s (LOW's `max_wait`): past that, time alone
 // changes no score.

@@ -111,6 +111,7 @@ fn leased(id: &str, priority: u8, tokens: u64) -> Leased<&'static str> {
         message: "m",
         request_id: id.into(),
         handle: format!("h-{id}").into(),
+        lease_end: 30.0,
         traits: MessageTraits {
             priority,
             receive_count: 0,
@@ -327,4 +328,32 @@ fn slots_above_the_capacity_are_found() {
     let slots = slots_above(&s, 1_000.0);
     assert_eq!(slots.len(), 1);
     assert_eq!(&*s.message(slots[0]).request_id, "huge");
+}
+
+#[test]
+fn readiness_is_the_soonest_change() {
+    let never = || panic!("no crossing is asked for");
+    // Held: until it fits, or something becomes visible sooner.
+    assert_eq!(until_ready(Some(5.0), Some(3.0), None, None, never), 3.0);
+    assert_eq!(until_ready(Some(5.0), None, Some(2.0), None, never), 2.0);
+    // A visibility change past due counts as now.
+    assert_eq!(until_ready(None, Some(-1.0), None, None, never), 0.0);
+    // The smallest waiting message fits in 4 s; one that never fits waits for nothing.
+    assert_eq!(until_ready(None, None, None, Some(4.0), never), 4.0);
+    assert_eq!(until_ready(None, None, None, Some(f64::INFINITY), never), f64::INFINITY);
+    // It fits now but scored too low: until the score crosses, or a re-check when it has.
+    assert_eq!(until_ready(None, None, None, Some(0.0), || Some(7.5)), 7.5);
+    assert_eq!(until_ready(None, None, None, Some(0.0), || Some(0.0)), CUSTOM_RECHECK);
+    assert_eq!(until_ready(None, None, None, Some(0.0), || None), f64::INFINITY);
+    assert_eq!(until_ready(None, None, None, None, never), f64::INFINITY);
+}
+
+#[test]
+fn an_unfittable_request_is_reported_once_until_taken() {
+    let mut unfittable = Unfittable::default();
+    assert_eq!(unfittable.observe(100.0, ["a", "b"]), [Box::from("a"), Box::from("b")]);
+    assert!(unfittable.observe(100.0, ["a", "b"]).is_empty());
+    assert_eq!(unfittable.capacity(), Some(100.0));
+    unfittable.taken(["a"]);
+    assert_eq!(unfittable.observe(90.0, ["a"]), [Box::from("a")]);
 }

@@ -81,6 +81,7 @@ pub(crate) struct Held {
 pub(crate) struct CoreState {
     pub ledger: Ledger<Held>,
     pub buffer: Buffer<Py<PyAny>>,
+    pub unfittable: dispatch::Unfittable,
 }
 
 /// The dispatcher's settings, validated once.
@@ -202,6 +203,10 @@ impl PyDispatchCore {
             priority: taken.facts.priority,
             waited: now - taken.facts.enqueued_at,
         };
+        let lease_end = match taken.origin {
+            Origin::Buffer { lease_end, .. } => lease_end,
+            Origin::Store => f64::NAN,
+        };
         let held = Held {
             message: message.clone_ref(py),
             request_id: taken.request_id,
@@ -224,6 +229,7 @@ impl PyDispatchCore {
             }
         };
         let sync = core.store.is_some() && key.is_none();
+        let tokens = taken.facts.tokens;
         let job = PyJob {
             core: slf.clone().unbind(),
             id,
@@ -232,7 +238,9 @@ impl PyDispatchCore {
             dispatched_at: now,
             sync,
             key,
+            tokens,
             needed,
+            lease_end,
             score: Mutex::new(None),
         };
         Py::new(py, job)
@@ -448,9 +456,9 @@ impl PyDispatchCore {
             None => (None, 0),
         };
         // Only another limiter's call is Python's: an `LLMThrottle`'s is made by `finish`.
-        let (limiter, key) = match reservation {
-            Reservation::Keyed(limiter, key) if limiter_call.is_some() => (Some(limiter), key),
-            _ => (None, String::new()),
+        let (limiter, key, limiter_call) = match reservation {
+            Reservation::Keyed(limiter, key) if limiter_call.is_some() => (Some(limiter), key, limiter_call),
+            _ => (None, String::new(), None),
         };
         PyPlan {
             delivery: plan.delivery.0,
@@ -656,7 +664,11 @@ impl PyDispatchCore {
                 fairness_window,
                 settings: Settings { visibility_timeout, min_score, reserve, hold },
             },
-            state: Mutex::new(CoreState { ledger: Ledger::new(metrics_retention, fairness_window), buffer }),
+            state: Mutex::new(CoreState {
+                ledger: Ledger::new(metrics_retention, fairness_window),
+                buffer,
+                unfittable: dispatch::Unfittable::default(),
+            }),
             clock: ClockSource::from_arg(clock, ClockSource::Wall)?,
             runner,
             logger,
@@ -859,15 +871,17 @@ impl PyDispatchCore {
         reserved: bool,
     ) -> PyResult<Option<PyPlan>> {
         let (plan, held) = self.lock(py).ledger.revoke(job.get().id).map_err(|e| to_py_err(py, e))?;
-        if let (true, Origin::Buffer { seq, traits, tenant, deadline }) = (restore, &held.origin) {
+        if let (true, &Origin::Buffer { seq, traits, tenant, deadline, lease_end }) = (restore, &held.origin)
+        {
             let item = Buffered {
                 message: held.message.clone_ref(py),
                 request_id: held.request_id.clone(),
                 handle: held.handle.clone(),
-                traits: *traits,
-                seq: *seq,
-                tenant: *tenant,
-                deadline: *deadline,
+                traits,
+                seq,
+                tenant,
+                deadline,
+                lease_end,
             };
             self.lock(py).buffer.restore(item);
         }
@@ -936,10 +950,17 @@ impl PyDispatchCore {
 
     // ----- the prefetch buffer -----------------------------------------------------------------
 
-    /// Adds leased messages to the buffer (all read before any is added). Returns the handles
-    /// of copies not kept (of two deliveries of one request the later is kept).
-    fn buffer_insert(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-        let leased = messages.try_iter()?.map(|m| read_leased(&m?)).collect::<PyResult<Vec<_>>>()?;
+    /// Adds messages leased until `lease_end` (the core's clock) to the buffer (all read before
+    /// any is added). Returns the handles of copies not kept (of two deliveries of one request
+    /// the later is kept).
+    fn buffer_insert(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        lease_end: f64,
+    ) -> PyResult<Vec<String>> {
+        let leased =
+            messages.try_iter()?.map(|m| read_leased(&m?, lease_end)).collect::<PyResult<Vec<_>>>()?;
         let not_kept = self.lock(py).buffer.insert(leased);
         let handles = not_kept.iter().map(|item| item.handle.to_string()).collect();
         drop(not_kept); // their message objects are released here, unlocked
@@ -969,6 +990,45 @@ impl PyDispatchCore {
         let now = self.clock.now(py)?;
         let items = self.lock(py).buffer.take_expired(now);
         Ok(items.into_iter().map(|item| item.message).collect())
+    }
+
+    /// Handles of the buffered messages whose lease has half of the visibility timeout or less
+    /// left now (`every`: of all), but for those in `renewing` (renewals on their way).
+    #[pyo3(signature = (every, renewing))]
+    fn buffer_due(
+        &self,
+        py: Python<'_>,
+        every: bool,
+        renewing: std::collections::HashSet<String>,
+    ) -> PyResult<Vec<String>> {
+        let now = self.clock.now(py)?;
+        let half = self.config.settings.visibility_timeout / 2.0;
+        let state = self.lock(py);
+        Ok(state
+            .buffer
+            .due(now, half, every, |h| renewing.contains(h))
+            .into_iter()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// A buffered lease renewed at `started` (the core's clock, before the call): it ends a
+    /// visibility timeout later.
+    fn buffer_renewed(&self, py: Python<'_>, handle: &str, started: f64) {
+        let end = started + self.config.settings.visibility_timeout;
+        self.lock(py).buffer.renewed(handle, end);
+    }
+
+    /// Seconds until the next buffered lease is due for renewal (None when the buffer is empty).
+    fn buffer_next_due(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        let now = self.clock.now(py)?;
+        let half = self.config.settings.visibility_timeout / 2.0;
+        Ok(self.lock(py).buffer.next_due(half).map(|due| due - now))
+    }
+
+    /// The core clock's reading (what lease ends are counted in).
+    fn now(&self, py: Python<'_>) -> PyResult<f64> {
+        self.clock.now(py)
     }
 
     /// Messages buffered.
@@ -1040,6 +1100,43 @@ impl PyDispatchCore {
         dispatch::time_until_score(best_at, custom_total, threshold)
     }
 
+    /// The selectable requests whose estimate exceeds the limiter's token `capacity` that were
+    /// not reported before (the caller logs them, once each); remembers the capacity for the
+    /// metrics' count of unfittable messages.
+    fn unfittable(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
+        let above = self.ids_above(py, capacity)?;
+        let new = self.lock(py).unfittable.observe(capacity, above.iter().map(String::as_str));
+        Ok(new.into_iter().map(String::from).collect())
+    }
+
+    /// Seconds until a dequeue that found nothing could hand something out
+    /// (`dispatch::until_ready`): `held`, the seconds a held winner waits; `smallest_wait`, the
+    /// limiter's wait for the smallest selectable message; `available_tokens`, its budget now
+    /// (for the score crossing); `refill`, how often a prefetch buffer is filled again.
+    fn until_ready(
+        &self,
+        py: Python<'_>,
+        held: Option<f64>,
+        smallest_wait: Option<f64>,
+        available_tokens: f64,
+        refill: Option<f64>,
+    ) -> PyResult<f64> {
+        let change = self.next_visibility_change(py)?;
+        let visibility = match change {
+            Some(at) => Some(at - self.clock.now(py)?),
+            None => None,
+        };
+        let mut error = None;
+        let crossing = || {
+            self.time_until_score(py, available_tokens).unwrap_or_else(|e| {
+                error = Some(e);
+                None
+            })
+        };
+        let until = dispatch::until_ready(held, visibility, refill, smallest_wait, crossing);
+        error.map_or(Ok(until), Err)
+    }
+
     /// Request ids of selectable messages whose estimate exceeds `capacity`.
     fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
         match &self.store {
@@ -1057,19 +1154,26 @@ impl PyDispatchCore {
     /// from the in-memory store for the visibility timeout; out of the buffer as it was leased).
     fn take_above<'py>(&self, py: Python<'py>, capacity: f64) -> PyResult<Bound<'py, PyList>> {
         let Some(store) = &self.store else {
-            let items = self.lock(py).buffer.take_above(capacity);
+            let mut state = self.lock(py);
+            let items = state.buffer.take_above(capacity);
+            state.unfittable.taken(items.iter().map(|item| &*item.request_id));
+            drop(state);
             return PyList::new(py, items.into_iter().map(|item| item.message));
         };
         let timeout = self.config.settings.visibility_timeout;
         let views = store.get().with_store(py, |store, now| {
             let slots = dispatch::slots_above(store, capacity);
             let mut views = Vec::with_capacity(slots.len());
+            let mut ids = Vec::with_capacity(slots.len());
             for slot in slots {
                 let handle = store.receive_slot(slot, timeout, now)?;
                 views.push(MessageView::of(py, store.message(slot), Some(handle)));
+                ids.push(store.message(slot).request_id.clone());
             }
-            Ok(views)
+            Ok((views, ids))
         })?;
+        let (views, ids) = views;
+        self.lock(py).unfittable.taken(ids.iter().map(|id| &**id));
         build_list(py, &views)
     }
 
@@ -1130,11 +1234,10 @@ impl PyDispatchCore {
         self.lock(py).ledger.in_flight().count()
     }
 
-    /// The figures of the metrics report; `capacity`: the token capacity of the limiter last
-    /// seen (for the unfittable count), if any.
-    #[pyo3(signature = (capacity=None))]
-    fn report(&self, py: Python<'_>, capacity: Option<f64>) -> PyResult<PyCoreReport> {
+    /// The figures of the metrics report (unfittable: against the token capacity last seen).
+    fn report(&self, py: Python<'_>) -> PyResult<PyCoreReport> {
         let now = self.clock.now(py)?;
+        let capacity = self.lock(py).unfittable.capacity();
         let (counts_by_priority, oldest_enqueued_at, store_in_flight, unfittable) =
             if let Some(store) = &self.store {
                 store.get().with_store(py, |store, _| {
@@ -1279,7 +1382,7 @@ impl PyDispatchCore {
 }
 
 /// Reads a leased message (a `QueueMessage` from `storage.dequeue`) for the buffer.
-fn read_leased(message: &Bound<'_, PyAny>) -> PyResult<Leased<Py<PyAny>>> {
+fn read_leased(message: &Bound<'_, PyAny>, lease_end: f64) -> PyResult<Leased<Py<PyAny>>> {
     use super::args::{invalid_request, text_arg, token_count};
     let py = message.py();
     let request = message.getattr(intern!(py, "payload"))?;
@@ -1315,5 +1418,6 @@ fn read_leased(message: &Bound<'_, PyAny>) -> PyResult<Leased<Py<PyAny>>> {
         },
         tenant,
         deadline,
+        lease_end,
     })
 }

@@ -174,8 +174,12 @@ pub struct PyJob {
     pub(crate) sync: bool,
     /// The reservation's key with a limiter other than `LLMThrottle` (`"id#n"`).
     pub(crate) key: Option<String>,
+    /// Its estimated tokens (what is reserved).
+    pub(crate) tokens: u64,
     /// Tokens to wait for when its reservation is refused (estimate plus any reserve margin).
     pub(crate) needed: u64,
+    /// When its lease from the prefetch buffer ends at the latest (NaN: not from a buffer).
+    pub(crate) lease_end: f64,
     /// The `MessageScore`, built on first access.
     pub(crate) score: Mutex<Option<Py<PyAny>>>,
 }
@@ -368,6 +372,18 @@ impl PyJob {
     #[getter]
     fn _needed(&self) -> u64 {
         self.needed
+    }
+
+    /// Its estimated tokens, as reserved.
+    #[getter]
+    fn _tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// When its lease from the prefetch buffer ends at the latest (NaN: not from a buffer).
+    #[getter]
+    fn _lease_end(&self) -> f64 {
+        self.lease_end
     }
 
     /// Its delivery's id in the dispatcher's books.

@@ -118,7 +118,7 @@ pub(crate) enum Origin {
     /// Received from the in-memory store (its `handle` undoes the receive).
     Store,
     /// Taken out of the prefetch buffer, as it was there.
-    Buffer { seq: u64, traits: MessageTraits, tenant: u32, deadline: f64 },
+    Buffer { seq: u64, traits: MessageTraits, tenant: u32, deadline: f64, lease_end: f64 },
 }
 
 /// The message object of a take: built already (the buffer holds them), or what builds it
@@ -197,6 +197,7 @@ impl Taken {
                 traits: item.traits,
                 tenant: item.tenant,
                 deadline: item.deadline,
+                lease_end: item.lease_end,
             },
             // The buffer scores the store's count before its own receive: the delivery is the next.
             delivery: item.traits.receive_count + 1,

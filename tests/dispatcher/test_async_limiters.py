@@ -378,8 +378,8 @@ async def test_a_cancelled_purge_strands_nothing() -> None:
 
 
 async def test_a_failed_mark_refunds_its_own_reservation_not_the_redeliverys() -> None:
-    """The refund lands before the message can be received again: a concurrent dequeue that
-    takes the redelivery keeps its own reservation (limiters keep them by request id)."""
+    """A concurrent dequeue that takes the redelivery while the failed mark's refund is on its
+    way keeps its own reservation: each delivery has its own."""
     for throttle_is_async in (False, True):
         clock = ManualClock(1_000.0)
         dispatcher: LLMQueueDispatcher[Any] = create_in_memory_queue(clock=clock)
