@@ -318,8 +318,6 @@ class StoreCore:
         """Visible messages."""
     def in_flight_count(self) -> int:
         """Received messages whose visibility has not run out."""
-    def tenant_counts(self) -> dict[str, tuple[int, int]]:
-        """``{tenant: (visible, in_flight)}`` of every tenant with a message ("" for none)."""
     def next_visibility_change(self) -> float | None:
         """Clock reading at which the next in-flight message's visibility ends."""
     def counts_by_priority(self) -> list[int]:
@@ -473,16 +471,20 @@ class CoreReport:
 
 @final
 class InFlight:
-    """One delivery in flight."""
+    """One delivery in flight: the fields of ``InFlightDetail`` but its age."""
 
     @property
     def request_id(self) -> str: ...
     @property
-    def message(self) -> QueueMessage[Any]: ...
+    def message_id(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def estimated_tokens(self) -> int: ...
     @property
     def score(self) -> float: ...
     @property
-    def dispatched_at(self) -> float: ...
+    def started_at(self) -> float: ...
 
 @final
 class TenantReport:
@@ -575,8 +577,9 @@ class DispatchCore:
         """Takes back a job not handed out; another limiter's release comes back as a ``Plan``."""
     def store_replied(self, delivery: int, reply: Literal["landed", "stale", "failed"]) -> bool:
         """A plan's store reply; whether the mark must raise ``ReceiptHandleError``."""
-    def finish(self, delivery: int) -> None:
-        """Ends a settling delivery once its plan is done."""
+    def finish(self, plan: Plan, stale: bool) -> None:
+        """Ends a settling delivery once its plan is done; logs the mark; ``stale``: raises
+        ``ReceiptHandleError``."""
     def buffer_insert(self, messages: Iterable[QueueMessage[Any]], lease_end: float) -> list[str]:
         """Adds messages leased until ``lease_end``; the handles of copies not kept."""
     def buffer_due(self, every: bool, renewing: set[str]) -> list[str]:

@@ -2,17 +2,11 @@
 
 The selection, the deliveries handed out and their books live in one Rust object,
 `DispatchCore`; this module keeps what only Python can own: coroutines, waiting, and the I/O the
-core asks for. With `InMemoryStorage` and an `LLMThrottle` a `dequeue` is one call into Rust
-(exact selection over every visible message, the budget reservation, the receive and the
-delivery's opening, with no await) and so is each mark of the job it returns. Otherwise:
-
-* another rate limiter (an `AsyncRateLimiter`, a plain-Python one): the core chooses and takes
-  the winner, Python awaits its reservation under the delivery's key (``"request-id#n"``), then
-  the core hands it out or takes it back (`_choose`);
-* another store: the core selects from a prefetch buffer that `prefetch.Prefetcher` fills and
-  whose leases it keeps; a hand-out confirms its lease first (`_hand_out`);
-* a mark that needs I/O (another store, another limiter) comes back as a `Plan`, which
-  `_Runner` awaits to its end, reporting each reply to the core.
+core asks for. With `InMemoryStorage` and an `LLMThrottle` a `dequeue` is one call into Rust, and
+so is each mark of the job it returns. Otherwise the core takes the winner and Python awaits its
+reservation on the limiter under the delivery's key, ``"request-id#n"`` (`_choose`), or confirms
+its lease in another store's prefetch buffer (`_hand_out`, `prefetch.Prefetcher`); a mark that
+needs such I/O comes back as a `Plan` that `_Runner` awaits to its end, reporting each reply.
 """
 
 from __future__ import annotations
@@ -29,12 +23,11 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from ._checks import shown
-from ._core import DispatchCore, LLMThrottle, Plan, ProcessableMessage
+from ._core import CoreReport, DispatchCore, LLMThrottle, Plan, ProcessableMessage
 from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .errors import (
     InvalidRequestError,
     MessageStateError,
-    RateLimitError,
     ReceiptHandleError,
     UnknownRequestError,
 )
@@ -63,8 +56,7 @@ T = TypeVar("T")
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
-#: The shortest sleep of a `dequeue` waiting for something to change (seconds).
-_MIN_WAIT = 0.001
+_MIN_WAIT = 0.001  # the shortest sleep of a waiting `dequeue` (seconds)
 
 
 async def _call(limiter: Any, method: str, *args: Any) -> Any:
@@ -142,16 +134,7 @@ class _Runner:
         try:
             await self.limiter_call(plan)
         finally:
-            core.finish(plan.delivery)
-            if plan.log is not None:
-                level, message, error = plan.log
-                getattr(self.logger, level)(message, plan.request_id, error)
-        if stale:
-            verb = "dead-lettered" if plan.store == "dead_letter" else "deleted"
-            raise ReceiptHandleError(
-                f"message {plan.request_id!r} could not be {verb}: its receipt handle is no longer "
-                "current (the visibility ran out and it was received again)"
-            )
+            core.finish(plan, stale)  # logs the mark; raises ReceiptHandleError when stale
 
     async def limiter_call(self, plan: Plan) -> None:
         """The plan's call on the delivery's reservation. A failure is logged: the mark stands
@@ -164,19 +147,10 @@ class _Runner:
                 await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
             else:
                 await _release(limiter, plan.key)
-        except UnknownRequestError:  # older than the limiter's history: nothing to correct
+        except Exception as error:  # unknown (older than its history), refused (strict), down
+            why = "no longer knows it" if isinstance(error, UnknownRequestError) else repr(error)
             self.logger.warning(
-                "rate limiter no longer knows request %r; its token count was not adjusted", request_id
-            )
-        except RateLimitError as error:
-            self.logger.warning(
-                "rate limiter refused the extra tokens of request %r (%s); the message is settled",
-                request_id,
-                error,
-            )
-        except Exception as error:
-            self.logger.warning(
-                "rate limiter failed to correct request %r (%r); the message is settled", request_id, error
+                "rate limiter failed to correct request %r (%s); the message is settled", request_id, why
             )
 
     async def reserve(self, limiter: Any, key: str, tokens: int) -> bool:
@@ -494,11 +468,8 @@ class LLMQueueDispatcher(Generic[T]):
 
     def time_until_ready(self) -> float:
         """Seconds of the dispatcher's clock until a `dequeue` could hand something out, as the
-        last `dequeue` that found nothing worked it out: until a held winner fits, a message
-        becomes visible, or the smallest waiting one fits the budget. 0 when anything changed
-        since (an enqueue, a mark) or no dequeue has come up empty yet; ``inf`` when only an
-        enqueue or a mark can help. What a loop on a virtual clock (a simulation) advances by.
-        """
+        last one that found nothing worked it out (0 when anything changed since, ``inf`` when
+        only an enqueue or a mark can help): what a loop on a virtual clock advances by."""
         if self._ready is None or self._ready[0] != self._wakeup.version:
             return 0.0
         return max(0.0, self._ready[1] - self._now())
@@ -533,11 +504,9 @@ class LLMQueueDispatcher(Generic[T]):
                 await asyncio.wait(running)
 
     async def release_buffered(self) -> None:
-        """Gives buffered messages back unprocessed (their receive undone, so a stop uses up no
-        receive), so other consumers take them now, and halts the background prefetch and lease
-        renewal. Unlike `close()` the dispatcher stays usable: a later `dequeue` fills the
-        buffer and restarts them (unless `stop()` was called). `Worker` calls it when it stops.
-        A no-op with the in-memory store, which has no buffer."""
+        """Gives buffered messages back unprocessed (their receive undone: a stop uses up no
+        receive) and halts the background prefetch and renewals until the next `dequeue` (unlike
+        `close()`). `Worker` calls it when it stops. A no-op with the in-memory store."""
         if self._prefetch is not None:
             await self._prefetch.release_buffered()
 
@@ -550,25 +519,22 @@ class LLMQueueDispatcher(Generic[T]):
         await self.close()
 
     # -- metrics -------------------------------------------------------------------------------
-    def _queue_report_now(self) -> QueueMetricsReport:
+    def _queue_report_now(self, r: CoreReport | None = None) -> QueueMetricsReport:
         """The queue report from in-process state only (what custom scorers may read)."""
-        r = self._core.report()
+        r = r or self._core.report()
         by_priority = dict(zip([p.name for p in Priority], r.counts_by_priority, strict=True))
         selectable = sum(by_priority.values())
+        oldest = r.oldest_enqueued_at
         return QueueMetricsReport(
             approximate_number_of_messages=selectable,
             approximate_number_of_messages_in_flight=r.in_flight,
             buffered_messages=r.buffered,
             total_messages=selectable + r.in_flight,
             messages_by_priority=by_priority,
-            oldest_message_age=0.0
-            if r.oldest_enqueued_at is None
-            else max(0.0, r.now - r.oldest_enqueued_at),
+            oldest_message_age=0.0 if oldest is None else max(0.0, r.now - oldest),
             average_wait_time=r.average_wait,
-            wait_time_percentiles=WaitTimePercentiles(p50=r.wait_p50, p95=r.wait_p95, p99=r.wait_p99),
-            throughput=Throughput(
-                messages_per_minute=r.messages_per_minute, tokens_per_minute=r.tokens_per_minute
-            ),
+            wait_time_percentiles=WaitTimePercentiles(r.wait_p50, r.wait_p95, r.wait_p99),
+            throughput=Throughput(r.messages_per_minute, r.tokens_per_minute),
             failed=r.failed,
             unfittable_messages=r.unfittable,
             expired_deadlines=r.expired_deadlines,
@@ -577,13 +543,14 @@ class LLMQueueDispatcher(Generic[T]):
     async def get_queue_metrics(self) -> QueueMetrics:
         """Queue depth, waits, throughput (real tokens), in-flight details and dequeue latency."""
         attributes = await self._storage.get_queue_attributes()
-        local, report, now = self._queue_report_now(), self._core.report(), self._now()
+        report, now = self._core.report(), self._now()
+        local = self._queue_report_now(report)
         fields = dict(local.__dict__, dead_lettered=attributes.dead_lettered)
         if self._prefetch is not None:
             # The store counts buffered messages as in flight (the buffer leased them); here
             # they count once, as waiting.
-            visible = attributes.approximate_number_of_messages + local.buffered_messages
-            in_flight = max(0, attributes.approximate_number_of_messages_in_flight - local.buffered_messages)
+            visible = attributes.approximate_number_of_messages + report.buffered
+            in_flight = max(0, attributes.approximate_number_of_messages_in_flight - report.buffered)
             fields.update(
                 approximate_number_of_messages=visible,
                 approximate_number_of_messages_in_flight=in_flight,
@@ -591,34 +558,33 @@ class LLMQueueDispatcher(Generic[T]):
             )
         details = [
             InFlightDetail(
-                request_id=d.request_id,
-                message_id=d.message.id,
-                priority=int(d.message.payload.priority),
-                estimated_tokens=d.message.payload.token_info.estimated,
-                score=d.score,
-                started_at=d.dispatched_at,
-                age=now - d.dispatched_at,
+                d.request_id,
+                d.message_id,
+                d.priority,
+                d.estimated_tokens,
+                d.score,
+                d.started_at,
+                now - d.started_at,
             )
             for d in self._core.in_flight()
         ]
         tenants = {
             t.name: TenantMetrics(
-                visible=t.visible,
-                in_flight=t.in_flight,
-                tokens_in_window=t.tokens_in_window,
-                tokens_served=t.tokens_served,
-                wait_time_percentiles=WaitTimePercentiles(p50=t.wait_p50, p95=t.wait_p95, p99=t.wait_p99),
+                t.visible,
+                t.in_flight,
+                t.tokens_in_window,
+                t.tokens_served,
+                WaitTimePercentiles(t.wait_p50, t.wait_p95, t.wait_p99),
             )
             for t in self._core.tenants()
         }
-        buffered = local.buffered_messages
         return QueueMetrics(
             queue=QueueMetricsReport(**fields),
             processing=ProcessingMetrics(active_requests=len(details), in_flight_details=details),
             performance=PerformanceMetrics(
                 prefetch_enabled=self.config.enable_prefetch,
-                buffer_utilization=buffered / self.config.buffer_size if buffered else 0.0,
-                dequeue_latency=LatencyPercentiles(p50=report.latency_p50, p99=report.latency_p99),
+                buffer_utilization=report.buffered / self.config.buffer_size,
+                dequeue_latency=LatencyPercentiles(report.latency_p50, report.latency_p99),
             ),
             tenants=tenants,
         )

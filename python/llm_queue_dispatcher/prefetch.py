@@ -1,20 +1,16 @@
 """`Prefetcher`: the I/O of a dispatcher's prefetch buffer over a store other than the in-memory
-one. The buffer, selection from it and its lease book (when each lease ends) live in the
-dispatcher's Rust core (`DispatchCore`); this module keeps what only Python can own: the
-receives that fill it, the lease renewals that keep its messages ours, and their order.
+one. The buffer, selection from it and its lease book live in the dispatcher's Rust core; this
+module keeps what only Python can own: the receives that fill it, the renewals that keep its
+leases, and their order.
 
-The buffer is filled with one ``storage.dequeue``: before a selection when it is empty, and
-otherwise in the background as soon as a message leaves it, so a dispatch does not wait for a
-round trip to the store; with ``enable_prefetch`` also every ``prefetch_interval`` seconds, when
-the leases of buffered messages are renewed too. Whatever the settings, a buffered message's
-lease is renewed once half of it is used (before each selection, and by a background task while
-the buffer holds messages): it must not become visible in the store while it waits here, or a
-fill would receive it again, a receive nobody got that counts toward ``max_receive_count``. A
-message leaving the buffer gets a full ``visibility_timeout`` again: its lease is renewed before
-it is handed out when less than half of it is left (by the dispatcher's clock, counted from
-before the receive, so the estimate errs short) — then never after another consumer could have
-received it — and in the background otherwise. Releasing the buffer (``close``, a `Worker`
-stopping) gives every message back with ``release_message``: a receive nobody got is undone.
+One ``storage.dequeue`` fills the buffer: before a selection when it is empty, else in the
+background as soon as a message leaves it (and with ``enable_prefetch`` every
+``prefetch_interval``). A buffered lease is renewed once half of it is used (before each
+selection, and by a background task): a message visible in the store while it waits here would
+be received again, a receive that counts toward ``max_receive_count``. A message leaving the
+buffer with less than half of its lease left (counted from before the receive: the estimate
+errs short) is renewed before its hand-out, else in the background. Releasing the buffer
+(``close``, a `Worker` stopping) gives every message back with ``release_message``.
 """
 
 from __future__ import annotations
@@ -79,10 +75,6 @@ class Prefetcher(Generic[T]):
         self._renewals: dict[str, asyncio.Task[None]] = {}
         # Renews buffered leases while the buffer holds messages (see `_keep_leases`).
         self._keeper: asyncio.Task[None] | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopped
 
     # -- filling ---------------------------------------------------------------------------------
     async def _fill(self) -> None:
@@ -149,15 +141,14 @@ class Prefetcher(Generic[T]):
 
     async def store_call(self, plan: Plan) -> None:
         """A mark's store call (after any renewal of its lease on its way)."""
-        message = plan.message
-        handle = message.attributes.receipt_handle
+        handle = plan.message.attributes.receipt_handle
         await self._after_renewal(handle)
         if plan.store == "delete":
             await self.storage.delete_message(handle)
         elif plan.store == "visibility":
             await self.storage.update_visibility_timeout(handle, plan.seconds)
         elif plan.store == "dead_letter":
-            await self.storage.dead_letter_message(message)
+            await self.storage.dead_letter_message(plan.message)
         else:
             await self.storage.release_message(handle)
 
@@ -167,10 +158,8 @@ class Prefetcher(Generic[T]):
         await self.storage.update_visibility_timeout(handle, seconds)
 
     async def _renew_due(self, *, every: bool = False) -> None:
-        """Renews, all at once, the lease of every buffered message with half of it or less
-        left (``every``: of every buffered message; one already being renewed is left to that
-        renewal). Each renewal is registered in `_renewals`, so a mark or a release of its
-        message waits for it and reaches the store after it."""
+        """Renews at once every buffered lease half used or more (``every``: all) that is not on
+        its way already; each in `_renewals`, so a mark or release of its message comes after."""
         if self._visibility_timeout <= 0:
             return  # nothing is leased ahead for any time: nothing to keep
         started = self._core.now()

@@ -25,6 +25,7 @@ use crate::select::{best_candidate, choose, Candidate, Choice, Collected, Search
 use crate::store::{ReceiptHandle, Store};
 use crate::throttle::{ReservationKey, Throttle};
 
+pub mod reason;
 #[cfg(test)]
 #[allow(clippy::float_cmp)] // the values compared are exact in binary
 mod tests;

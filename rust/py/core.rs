@@ -921,14 +921,19 @@ impl PyDispatchCore {
         Ok(after.stale_error)
     }
 
-    /// Ends a settling delivery once its plan is done (its limiter call made, or failed and
-    /// logged; an `LLMThrottle`'s is made here): counted, and waiting dequeues woken.
-    fn finish(&self, py: Python<'_>, delivery: u64) -> PyResult<()> {
-        let id = DeliveryId(delivery);
+    /// Ends a settling delivery once `plan` is done (its limiter call made, or failed and
+    /// logged; an `LLMThrottle`'s is made here): counted, waiting dequeues woken, the mark
+    /// logged; `stale`: then raises `ReceiptHandleError` (the message will be processed again).
+    fn finish(&self, py: Python<'_>, plan: &Bound<'_, PyPlan>, stale: bool) -> PyResult<()> {
+        let done = plan.get();
+        let id = DeliveryId(done.delivery);
         let (native, dispatched_at) = {
-            let state = self.lock(py);
-            let Some(d) = state.ledger.get(id) else {
-                return Err(to_py_err(py, CoreError::MessageState(format!("delivery {delivery} has ended"))));
+            let books = self.lock(py);
+            let Some(d) = books.ledger.get(id) else {
+                return Err(to_py_err(
+                    py,
+                    CoreError::MessageState(format!("delivery {} has ended", done.delivery)),
+                ));
             };
             let native = match (&d.data.reservation, d.state) {
                 (Reservation::Native(throttle, key), ledger::State::Settling { mark, .. }) => {
@@ -945,7 +950,19 @@ impl PyDispatchCore {
         // A clock failing now must not leave the delivery half settled: its dispatch instant
         // stands in for the metrics.
         let now = self.clock.now(py).unwrap_or(dispatched_at);
-        self.finish_delivery(py, id, now)
+        self.finish_delivery(py, id, now)?;
+        if let Some((level, format, error)) = &done.log {
+            self.logger.call_method1(py, *level, (*format, &done.request_id, error))?;
+        }
+        if stale {
+            let mark = if done.store == Some("dead_letter") {
+                Mark::DeadLettered
+            } else {
+                Mark::Processed { actual: None }
+            };
+            return Err(stale_error(py, &done.request_id, mark));
+        }
+        Ok(())
     }
 
     // ----- the prefetch buffer -----------------------------------------------------------------
@@ -1282,15 +1299,28 @@ impl PyDispatchCore {
     }
 
     /// The deliveries in flight.
-    fn in_flight(&self, py: Python<'_>) -> Vec<PyInFlight> {
-        let state = self.lock(py);
-        let deliveries = state.ledger.in_flight();
-        deliveries
-            .map(|(_, d)| PyInFlight {
-                request_id: d.data.request_id.to_string(),
-                message: d.data.message.clone_ref(py),
-                score: d.data.score,
-                dispatched_at: d.dispatched_at,
+    fn in_flight(&self, py: Python<'_>) -> PyResult<Vec<PyInFlight>> {
+        let held: Vec<(String, Py<PyAny>, u8, u64, f64, f64)> = {
+            let state = self.lock(py);
+            let deliveries = state.ledger.in_flight();
+            deliveries
+                .map(|(_, d)| {
+                    let message = d.data.message.clone_ref(py);
+                    (
+                        d.data.request_id.to_string(),
+                        message,
+                        d.facts.priority,
+                        d.facts.tokens,
+                        d.data.score,
+                        d.dispatched_at,
+                    )
+                })
+                .collect()
+        };
+        held.into_iter()
+            .map(|(request_id, message, priority, estimated_tokens, score, started_at)| {
+                let message_id = message.bind(py).getattr(intern!(py, "id"))?.extract()?;
+                Ok(PyInFlight { request_id, message_id, priority, estimated_tokens, score, started_at })
             })
             .collect()
     }

@@ -16,12 +16,9 @@ use pyo3::{intern, PyTraverseError, PyVisit};
 
 use super::args::{float_arg, invalid_request, repr_of, token_count};
 use super::core::PyDispatchCore;
-use crate::dispatch::Facts;
-use crate::fair::FairRank;
+use crate::dispatch::{reason, Facts};
 use crate::ledger::{DeliveryId, Mark};
 use crate::store::{py_repr, MAX_VISIBILITY_TIMEOUT};
-
-const PRIORITY_NAMES: [&str; 4] = ["URGENT", "HIGH", "NORMAL", "LOW"];
 
 /// An awaitable whose outcome is known already: awaiting it returns `value` (None when unset)
 /// or raises `error`, without suspending.
@@ -189,46 +186,6 @@ fn message_score_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     CLASS.import(py, "llm_queue_dispatcher.scoring", "MessageScore")
 }
 
-/// `value` with thousands separators and no decimals (Python's `f"{value:,.0f}"`).
-fn thousands(value: f64) -> String {
-    let digits = format!("{:.0}", value.abs());
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if value < 0.0 && digits != "0" {
-        out.insert(0, '-');
-    }
-    out
-}
-
-/// Python's `f"{value:g}"`: six significant digits, trailing zeros dropped, an exponent
-/// (`e+06`) below 1e-4 and from 1e6 on.
-fn general(value: f64) -> String {
-    if value == 0.0 || !value.is_finite() {
-        return format!("{value}");
-    }
-    let exponent = value.abs().log10().floor() as i32;
-    let trim = |text: String| -> String {
-        if text.contains('.') {
-            text.trim_end_matches('0').trim_end_matches('.').to_owned()
-        } else {
-            text
-        }
-    };
-    if (-4..6).contains(&exponent) {
-        let decimals = usize::try_from(5 - exponent).unwrap_or(0);
-        trim(format!("{value:.decimals$}"))
-    } else {
-        let mantissa = value / 10f64.powi(exponent);
-        let sign = if exponent < 0 { '-' } else { '+' };
-        format!("{}e{sign}{:02}", trim(format!("{mantissa:.5}")), exponent.abs())
-    }
-}
-
 impl PyJob {
     fn request_id(&self, py: Python<'_>) -> PyResult<String> {
         self.message.bind(py).getattr(intern!(py, "payload"))?.getattr(intern!(py, "id"))?.extract()
@@ -248,7 +205,7 @@ impl PyJob {
                 *total
             }
             Facts::Fair(candidate) => {
-                let (urgent, rank, used, effective) = fair_numbers(candidate.rank);
+                let (urgent, rank, used, effective) = reason::fair_breakdown(candidate.rank);
                 breakdown.set_item("urgent_first", f64::from(u8::from(urgent)))?;
                 breakdown.set_item("tenant_rank", rank as f64)?;
                 breakdown.set_item("tenant_tokens", used)?;
@@ -262,58 +219,16 @@ impl PyJob {
     }
 
     fn describe(&self) -> String {
-        match &self.why.facts {
-            Facts::Score { factors, custom, total } => {
-                let names = self.core.get().breakdown_names();
-                let mut parts: Vec<(&str, f64)> =
-                    names.iter().map(String::as_str).zip(factors.iter().chain(custom).copied()).collect();
-                parts.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let top: Vec<String> = parts
-                    .iter()
-                    .take(3)
-                    .filter(|(_, v)| *v > 0.0)
-                    .map(|(n, v)| format!("{n} {v:.3}"))
-                    .collect();
-                if top.is_empty() {
-                    format!("score {total:.3}")
-                } else {
-                    format!("score {total:.3}: {}", top.join(", "))
-                }
-            }
-            Facts::Fair(candidate) => {
-                let who = if self.why.tenant.is_empty() {
-                    "the default tenant".to_owned()
-                } else {
-                    format!("tenant {}", py_repr(&self.why.tenant))
-                };
-                let waited = self.why.waited.max(0.0);
-                match candidate.rank {
-                    FairRank::Urgent => format!("fair_priority: URGENT first ({who}), waited {waited:.1} s"),
-                    FairRank::Tenant { rank, of, usage, effective_priority } => {
-                        let name = PRIORITY_NAMES[usize::from(effective_priority.min(3))];
-                        let aged = if effective_priority < self.why.priority {
-                            format!(" (aged from {})", PRIORITY_NAMES[usize::from(self.why.priority.min(3))])
-                        } else {
-                            String::new()
-                        };
-                        format!(
-                            "fair_priority: {who} used {} tokens in the last {} s (rank {rank} of {of}); {name}{aged}; \
-                             waited {waited:.1} s",
-                            thousands(usage),
-                            general(self.core.get().fairness_window()),
-                        )
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `(urgent, rank, tenant use, effective priority)` of a fair choice.
-fn fair_numbers(rank: FairRank) -> (bool, usize, f64, u8) {
-    match rank {
-        FairRank::Urgent => (true, 0, 0.0, 0),
-        FairRank::Tenant { rank, usage, effective_priority, .. } => (false, rank, usage, effective_priority),
+        let core = self.core.get();
+        let why = &self.why;
+        reason::describe(
+            &why.facts,
+            core.breakdown_names(),
+            &why.tenant,
+            why.priority,
+            why.waited,
+            core.fairness_window(),
+        )
     }
 }
 
@@ -505,23 +420,5 @@ impl PyJob {
             visit.call(score)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_format_as_python_does() {
-        assert_eq!(thousands(1_234_567.4), "1,234,567");
-        assert_eq!(thousands(999.6), "1,000");
-        assert_eq!(thousands(0.0), "0");
-        assert_eq!(general(60.0), "60");
-        assert_eq!(general(0.5), "0.5");
-        assert_eq!(general(12.25), "12.25");
-        assert_eq!(general(1e6), "1e+06");
-        assert_eq!(general(0.00001), "1e-05");
-        assert_eq!(general(123_456.0), "123456");
     }
 }

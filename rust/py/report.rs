@@ -2,7 +2,6 @@
 //! never positional tuples.
 
 use pyo3::prelude::*;
-use pyo3::{PyTraverseError, PyVisit};
 
 /// The figures of a dispatcher's metrics report, at its clock's `now`.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "CoreReport", frozen, get_all)]
@@ -43,24 +42,21 @@ pub struct PyCoreReport {
     pub unfittable: usize,
 }
 
-/// One delivery in flight.
+/// One delivery in flight: the fields of `InFlightDetail` but its age.
 #[pyclass(module = "llm_queue_dispatcher._core", name = "InFlight", frozen, get_all)]
 pub struct PyInFlight {
     /// Its request's id.
     pub request_id: String,
-    /// Its message.
-    pub message: Py<PyAny>,
+    /// Its message's id.
+    pub message_id: String,
+    /// Its request's priority.
+    pub priority: u8,
+    /// Its request's estimated tokens.
+    pub estimated_tokens: u64,
     /// Its total score (0 under `fair_priority`).
     pub score: f64,
     /// When it was handed out.
-    pub dispatched_at: f64,
-}
-
-#[pymethods]
-impl PyInFlight {
-    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
-        visit.call(&self.message)
-    }
+    pub started_at: f64,
 }
 
 /// One tenant's line of the metrics report.

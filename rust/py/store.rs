@@ -509,22 +509,6 @@ impl PyStoreCore {
         self.with_store(py, |store, _| Ok(store.in_flight_count()))
     }
 
-    /// `{tenant: (visible, in_flight)}` for every tenant with a message ("" for none).
-    fn tenant_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let counts: Vec<(String, usize, usize)> = self.with_store(py, |store, _| {
-            Ok(store
-                .tenant_counts()
-                .filter(|(_, c)| c.visible + c.in_flight > 0)
-                .map(|(name, c)| (name.to_owned(), c.visible, c.in_flight))
-                .collect())
-        })?;
-        let d = PyDict::new(py);
-        for (name, visible, in_flight) in counts {
-            d.set_item(name, (visible, in_flight))?;
-        }
-        Ok(d)
-    }
-
     /// The clock reading at which the next in-flight message becomes visible (or is
     /// dead-lettered), None when nothing is in flight.
     fn next_visibility_change(&self, py: Python<'_>) -> PyResult<Option<f64>> {
