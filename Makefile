@@ -52,6 +52,14 @@ test: test-rust test-python
 bench:
 	$(PY) -m pytest benches --benchmark-enable --benchmark-only -q
 
+.PHONY: docs  ## build the documentation site into site/ (mkdocs --strict, as the tests do)
+docs:
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+.PHONY: docs-serve  ## serve the documentation site on 127.0.0.1:8000, rebuilt on every change
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
 COMPARE_ARGS ?=
 
 .PHONY: bench-compare  ## side by side with heapq, a brute force and the TS library (COMPARE_ARGS=--quick ...)

@@ -18,6 +18,20 @@ BENCHES = Path(__file__).resolve().parent
     [
         ("policies.py", ["--depths", "200", "--rounds", "20", "--tenants", "3"], "fair_priority"),
         ("store_memory.py", ["--messages", "2000", "--depths", "500", "--iterations", "50"], "500"),
+        (
+            "real_traffic.py",
+            [
+                "--traces",
+                "tests/data/azure",
+                "--loads",
+                "2",
+                "--strategy",
+                "fifo",
+                "--strategy",
+                "fair_priority",
+            ],
+            "| fair_priority |",
+        ),
     ],
 )
 def test_a_bench_script_runs_on_a_tiny_configuration(script: str, args: list[str], expected: str) -> None:

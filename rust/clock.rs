@@ -28,7 +28,9 @@ impl ManualClock {
         f64::from_bits(self.seconds.load(Ordering::Acquire))
     }
 
-    /// Moves the clock forward by `seconds` (finite, >= 0) and returns the new reading.
+    /// Moves the clock forward by `seconds` (finite, >= 0) and returns the new reading. A move
+    /// whose reading would not be finite is refused and leaves the clock unchanged: every
+    /// deadline and wait computed from an infinite reading would be meaningless.
     pub fn advance(&self, seconds: f64) -> CoreResult<f64> {
         if !seconds.is_finite() || seconds < 0.0 {
             return Err(CoreError::InvalidRequest(format!(
@@ -36,13 +38,17 @@ impl ManualClock {
             )));
         }
         // fetch_update keeps concurrent advances additive.
-        let previous = self
-            .seconds
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
-                Some((f64::from_bits(bits) + seconds).to_bits())
-            })
-            .unwrap_or_else(|bits| bits);
-        Ok(f64::from_bits(previous) + seconds)
+        match self.seconds.fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+            let next = f64::from_bits(bits) + seconds;
+            next.is_finite().then(|| next.to_bits())
+        }) {
+            Ok(previous) => Ok(f64::from_bits(previous) + seconds),
+            Err(current) => Err(CoreError::InvalidRequest(format!(
+                "seconds = {seconds:?} would move the clock past the largest finite reading (it reads {:?}); \
+                 the clock is unchanged",
+                f64::from_bits(current)
+            ))),
+        }
     }
 
     /// Sets the clock to `seconds`; a clock never goes back, so `seconds` must be >= now.
@@ -105,6 +111,18 @@ mod tests {
         clock.set(20.0).unwrap();
         assert!((clock.now() - 20.0).abs() < 1e-12);
         assert!(ManualClock::new(f64::INFINITY).is_err());
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // the readings are exact in binary
+    fn manual_clock_refuses_to_advance_to_a_non_finite_reading() {
+        let clock = ManualClock::new(0.0).unwrap();
+        assert_eq!(clock.advance(1e308).unwrap(), 1e308);
+        let error = clock.advance(1e308).unwrap_err();
+        assert!(
+            matches!(&error, CoreError::InvalidRequest(m) if m.contains("seconds") && m.contains("unchanged"))
+        );
+        assert_eq!(clock.now(), 1e308);
     }
 
     #[test]

@@ -43,17 +43,12 @@ pub struct Budget {
     pub max_tokens: f64,
 }
 
-/// The budget of a limiter now: None when no request can be admitted at all.
+/// The budget of a limiter now: None when no request can be admitted at all (a penalty, an
+/// empty request limit, no slot free); the largest estimate is the smallest over its token
+/// limits (see `Throttle::admissible_tokens`).
 pub fn throttle_budget<M>(state: &Throttle<M>) -> Option<Budget> {
-    if state.penalty_left() > 0.0 || !state.requests().has(1.0) {
-        return None;
-    }
-    let tokens = state.tokens();
-    let capacity = tokens.capacity();
-    // A request is admitted when the bucket holds its estimate plus the debt, or is full and the
-    // estimate alone fits the capacity (see `Throttle::tokens_needed`).
-    let max_tokens = if tokens.has(capacity) { capacity } else { tokens.available() - state.debt() };
-    Some(Budget { available: tokens.available(), max_tokens: max_tokens.max(-1.0) })
+    let max_tokens = state.admissible_tokens()?;
+    Some(Budget { available: state.tokens().available(), max_tokens })
 }
 
 /// The budget messages are ranked against: with `hold`, the whole capacity (a score no longer
@@ -61,7 +56,7 @@ pub fn throttle_budget<M>(state: &Throttle<M>) -> Option<Budget> {
 /// what the limiter admits now.
 pub fn ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
     if hold {
-        let capacity = limiter.tokens().capacity();
+        let capacity = limiter.token_capacity();
         Some(Budget { available: capacity, max_tokens: capacity })
     } else {
         throttle_budget(limiter)
@@ -117,10 +112,10 @@ pub trait Admission {
 
 impl<M> Admission for Throttle<M> {
     fn capacity(&self) -> f64 {
-        self.tokens().capacity()
+        self.token_capacity()
     }
     fn refill_rate(&self) -> f64 {
-        self.tokens().rate()
+        self.token_rate()
     }
     fn admits(&self, tokens: u64, margin: f64) -> bool {
         self.check_with_margin(tokens, margin).allowed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from llm_queue_dispatcher import (
     Priority,
     TokenInfo,
 )
+from llm_queue_dispatcher.types import validate_token_count
 
 
 def test_manual_clock_moves_only_when_told() -> None:
@@ -83,3 +85,150 @@ def test_token_info_rejects_bad_estimates(bad: object) -> None:
 
 def test_token_info_accepts_integral_float() -> None:
     assert TokenInfo(12.0).estimated == 12  # type: ignore[arg-type]
+
+
+def test_an_estimate_alone_is_a_token_info_as_before() -> None:
+    info = TokenInfo(1_200, 900, "gpt-4o")
+    assert (info.estimated, info.actual, info.model, info.input, info.max_output) == (
+        1_200,
+        900,
+        "gpt-4o",
+        None,
+        None,
+    )
+    assert info.parts is None
+    assert info == TokenInfo(estimated=1_200, actual=900, model="gpt-4o")
+
+
+def test_input_and_max_output_make_the_estimate() -> None:
+    info = TokenInfo(input=1_000, max_output=200)
+    assert (info.estimated, info.input, info.max_output, info.parts) == (1_200, 1_000, 200, (1_000, 200))
+    assert TokenInfo(1_200, input=1_000, max_output=200) == info
+
+
+def test_one_part_with_the_estimate_leaves_the_rest_to_the_other() -> None:
+    assert TokenInfo(1_200, input=1_000).max_output == 200
+    assert TokenInfo(1_200, max_output=1_200).input == 0
+    assert TokenInfo(12.0, input=2).parts == (2, 10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, r"token_info.estimated is required unless both input and max_output are given"),
+        ({"input": 100}, r"token_info.estimated is required unless both"),
+        (
+            {"estimated": 100, "input": 60, "max_output": 60},
+            r"token_info.input \+ token_info.max_output must equal",
+        ),
+        ({"estimated": 100, "input": 101}, r"token_info.input must be at most token_info.estimated \(100\)"),
+        ({"estimated": 100, "max_output": 101}, r"token_info.max_output must be at most"),
+        ({"input": -1, "max_output": 5}, r"token_info.input must be >= 0"),
+        ({"input": 5, "max_output": 1.5}, r"token_info.max_output"),
+        ({"input": True, "max_output": 5}, r"token_info.input"),
+        ({"estimated": 10, "input": "5"}, r"token_info.input"),
+    ],
+)
+def test_parts_that_are_no_counts_or_do_not_add_up_are_refused(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        TokenInfo(**fields)  # type: ignore[arg-type]
+
+
+def test_parts_changed_behind_the_constructor_are_refused_at_the_request() -> None:
+    info = TokenInfo(input=10, max_output=5)
+    object.__setattr__(info, "input", 11)
+    with pytest.raises(InvalidRequestError, match=r"token_info.input \+ token_info.max_output must equal"):
+        LLMRequest("a", None, token_info=info)
+    object.__setattr__(info, "max_output", None)
+    with pytest.raises(InvalidRequestError, match="both None or both set"):
+        LLMRequest("a", None, token_info=info)
+
+
+def test_replacing_a_part_needs_the_estimate_recomputed() -> None:
+    info = TokenInfo(input=10, max_output=5)
+    assert dataclasses.replace(info, actual=12).parts == (10, 5)
+    assert dataclasses.replace(info, estimated=None, input=20).estimated == 25  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="must equal"):
+        dataclasses.replace(info, input=20)
+
+
+def test_manual_clock_refuses_to_advance_to_a_reading_that_is_not_finite() -> None:
+    clock = ManualClock()
+    assert clock.advance(1e308) == 1e308
+    with pytest.raises(InvalidRequestError, match=r"^seconds = 1e308 would move the clock past .* unchanged"):
+        clock.advance(1e308)
+    assert clock.now() == 1e308
+    assert clock.advance(0.0) == 1e308
+
+
+class IntLike:
+    """An integer that is not an int, as numpy's are: usable wherever Python wants an index."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+class BrokenIndex:
+    def __index__(self) -> int:
+        raise RuntimeError("not ours to hide")
+
+
+def int_likes() -> list[object]:
+    """`IntLike` always; numpy's integers too when numpy is installed (it is not a dependency)."""
+    values: list[object] = [IntLike(5)]
+    try:
+        import numpy
+    except ImportError:
+        return values
+    return [*values, numpy.int64(5), numpy.uint16(5), numpy.int8(5)]
+
+
+@pytest.mark.parametrize("count", int_likes(), ids=lambda v: type(v).__name__)
+def test_integer_like_objects_are_valid_token_counts(count: object) -> None:
+    info = TokenInfo(count, actual=count)  # type: ignore[arg-type]
+    assert (info.estimated, info.actual) == (5, 5)
+    assert type(info.estimated) is int
+    assert validate_token_count(count, "tokens") == 5
+    throttle = lqd.LLMThrottle(60, 1_000, clock=ManualClock())
+    assert throttle.can_process(count).allowed  # type: ignore[arg-type]
+    assert throttle.consume("a", count)  # type: ignore[arg-type]
+    throttle.adjust_consumption("a", count)  # type: ignore[arg-type]
+    [record] = throttle.get_consumption_history()
+    assert (record.estimated_tokens, record.actual_tokens) == (5, 5)
+
+
+@pytest.mark.parametrize("bad", [IntLike(-1), object()], ids=["negative", "object"])
+def test_integer_like_objects_follow_the_token_count_rules(bad: object) -> None:
+    throttle = lqd.LLMThrottle(60, 1_000, clock=ManualClock())
+    for call in (
+        lambda: TokenInfo(bad),  # type: ignore[arg-type]
+        lambda: throttle.consume("a", bad),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidRequestError, match="estimated"):
+            call()
+    assert throttle.get_consumption_history() == []
+
+
+def test_an_index_that_raises_propagates_its_own_error() -> None:
+    with pytest.raises(RuntimeError, match="not ours to hide"):
+        TokenInfo(BrokenIndex())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="not ours to hide"):
+        lqd.LLMThrottle(60, 1_000).consume("a", BrokenIndex())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("count", int_likes(), ids=lambda v: type(v).__name__)
+async def test_integer_like_token_counts_go_through_a_dispatch_and_its_mark(count: object) -> None:
+    clock = ManualClock(1_000.0)
+    dispatcher = lqd.create_in_memory_queue(clock=clock)
+    throttle = lqd.LLMThrottle(60, 1_000, clock=clock)
+    await dispatcher.enqueue(LLMRequest("a", None, token_info=TokenInfo(count)))  # type: ignore[arg-type]
+    job = await dispatcher.dequeue(throttle)
+    assert job is not None
+    await job.mark_as_processed(actual_tokens=count)  # type: ignore[arg-type]
+    [record] = throttle.get_consumption_history()
+    assert (record.estimated_tokens, record.actual_tokens) == (5, 5)

@@ -100,13 +100,13 @@ def test_the_tpm_control_changes_every_limiter(
     browser_page.click("#apply")
     browser_page.wait_for_selector("#control-status.ok", timeout=5_000)
     for lane in STRATEGIES:
-        assert _metric(demo, "llmqd_limiter_tokens_limit", lane) == 77_777
+        assert _metric(demo, "llmqd_limiter_capacity_tokens", lane) == 77_777
     # A bad value is named and changes nothing.
     browser_page.fill("#tpm", "-5")
     browser_page.click("#apply")
     browser_page.wait_for_selector("#control-status.error", timeout=5_000)
     assert "tpm" in browser_page.inner_text("#control-status")
-    assert _metric(demo, "llmqd_limiter_tokens_limit", "default") == 77_777
+    assert _metric(demo, "llmqd_limiter_capacity_tokens", "default") == 77_777
     browser_page.fill("#tpm", "77777")
     # The browser logs the refused post (HTTP 400) to the console; nothing else may appear.
     assert [message for message in errors if "status of 400" not in message] == []

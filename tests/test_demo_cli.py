@@ -17,7 +17,7 @@ def test_it_serves_on_loopback_and_stops_cleanly_on_ctrl_c() -> None:
         with urllib.request.urlopen(demo.url, timeout=5) as response:
             assert b"llmqd demo" in response.read()
         with urllib.request.urlopen(demo.url + "metrics", timeout=5) as response:
-            assert b'llmqd_limiter_tokens_limit{strategy="fair"} 60000.0' in response.read()
+            assert b'llmqd_limiter_capacity_tokens{strategy="fair"} 60000.0' in response.read()
         demo.process.send_signal(signal.SIGINT)
         out, err = demo.communicate(timeout=10)
     assert demo.process.returncode == 0, err
@@ -47,7 +47,9 @@ def test_bad_arguments_are_refused() -> None:
         ["--speed", "nan"],
         ["--port", "-1"],
         ["--rpm", "-5"],
+        ["--rpm", "0.5"],
         ["--tpm", "inf"],
+        ["--tpm", "15999"],
         ["--initial-burst", "-1"],
     ):
         result = subprocess.run(
@@ -58,6 +60,7 @@ def test_bad_arguments_are_refused() -> None:
         )
         assert result.returncode == 2, arguments
         assert f"argument {arguments[0]}" in result.stderr
+        assert "Traceback" not in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "llm_queue_dispatcher.cli", "demo", "--strategy", "nope"],
         capture_output=True,

@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llm_queue_dispatcher import FACTOR_NAMES, InvalidConfigError, Priority
 from llm_queue_dispatcher.demo.engine import (
@@ -120,18 +122,60 @@ async def test_a_limit_change_builds_a_new_limiter_that_keeps_what_was_used() ->
         await engine.close()
 
 
-async def test_requests_above_the_new_capacity_are_dropped_and_block_nothing() -> None:
-    provider = ProviderModel(token_median=2_000, token_sigma=1.0)
-    engine = DemoEngine(["default"], provider=provider, controls=Controls(arrival_rate=0.0, failure_rate=0.0))
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rpm": 0.5}, "rpm must be within \\[1, "),
+        ({"tpm": 0.5}, "tpm must be within \\[1, "),
+        ({"tpm": 15_999}, "tpm must be at least 16,000"),
+    ],
+)
+async def test_a_limit_that_could_never_admit_a_request_is_refused(
+    changes: dict[str, object], message: str
+) -> None:
+    engine = DemoEngine(["default"])
     try:
-        await engine.burst(200)
-        engine.set_controls({"tpm": 2_000})
-        await _run(engine, 30.0)
-        lane = engine.lanes[0]
-        assert lane.dropped_unfittable > 0
-        assert lane.completed > 0
-        snapshot = await engine.snapshot()
-        assert snapshot["lanes"][0]["stats"]["dropped_unfittable"] == lane.dropped_unfittable
+        before, limiter = engine.controls, engine.lanes[0].limiter
+        with pytest.raises(InvalidConfigError, match=message):
+            engine.set_controls(changes)
+        assert (engine.controls, engine.lanes[0].limiter) == (before, limiter)
+        # The largest request the workload sends is what the TPM must hold at least.
+        assert engine.describe()["provider"]["largest_request"] == ProviderModel().token_max
+        engine.set_controls({"tpm": ProviderModel().token_max, "rpm": 1})
+    finally:
+        await engine.close()
+    with pytest.raises(InvalidConfigError, match="tpm must be at least 2,000"):
+        DemoEngine(provider=ProviderModel(token_max=2_000), controls=Controls(tpm=1_999))
+
+
+async def test_the_tokens_granted_per_minute_stay_within_what_the_bucket_allows() -> None:
+    engine = DemoEngine(["default"], controls=Controls(rpm=600, tpm=60_000, arrival_rate=0.0))
+    try:
+        await engine.burst(400)
+        available: dict[float, float] = {0.0: 60_000.0}  # the token bucket starts full
+        first_minute = later = 0
+        at = 0.0
+        while at < 200.0:
+            at += 1.0
+            await engine.step(at=at)
+            snapshot = await engine.snapshot()
+            stats = snapshot["lanes"][0]["stats"]
+            granted = stats["granted_per_minute"]
+            available[at] = stats["tpm_available"]
+            # Net of refunds, a minute takes at most what the bucket held a minute earlier plus a
+            # minute of refill (and what calls used beyond their estimates).
+            assert granted <= available[max(0.0, at - 60.0)] + 60_000 * 1.1, at
+            point = engine.chart_point(snapshot)
+            assert (point["tpm_limit"], point["tpm_ceiling"]) == (60_000, 120_000)
+            if at <= 60.0:
+                first_minute = max(first_minute, granted)
+            elif at >= 120.0:
+                later = max(later, granted)
+        # The bucket starts full: the first minute takes more than the TPM (saved budget), below
+        # capacity + TPM; once it is spent, a backlog runs at the TPM.
+        assert 60_000 < first_minute <= 120_000
+        assert 50_000 < later <= 60_000 * 1.05
+        assert 0.75 <= stats["actual_to_estimate"] <= 1.1  # the provider model's estimation error
     finally:
         await engine.close()
 
@@ -175,6 +219,9 @@ async def test_a_big_burst_is_shown_as_counts_and_a_head() -> None:
     [
         ({"rpm": -1}, "rpm"),
         ({"rpm": 0}, "rpm"),
+        ({"rpm": 10**400}, "rpm"),
+        ({"tpm": [60_000]}, "tpm"),
+        ({"tpm": {"value": 60_000}}, "tpm"),
         ({"tpm": math.nan}, "tpm"),
         ({"tpm": math.inf}, "tpm"),
         ({"tpm": 1e12}, "tpm"),
@@ -271,3 +318,34 @@ def test_bad_engine_arguments() -> None:
     for speed in (0, -1, math.nan, 101):
         with pytest.raises(InvalidConfigError, match="speed"):
             DemoEngine(speed=speed)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**4000), max_value=10**4000)
+    | st.floats()
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    field=st.sampled_from(["rpm", "tpm", "arrival_rate", "priority_mix", "tenants", "failure_rate", "other"]),
+    value=_JSON,
+)
+def test_any_json_value_for_a_control_is_applied_or_refused_with_the_control_named(
+    field: str, value: object
+) -> None:
+    engine = DemoEngine(["default"], controls=Controls(arrival_rate=0.0))
+    before = engine.controls
+    try:
+        engine.set_controls({field: value})
+    except InvalidConfigError as error:
+        message = str(error)
+        assert field in message
+        assert len(message) < 200
+        assert engine.controls is before

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_queue_dispatcher.demo.engine import Controls, DemoEngine
-from llm_queue_dispatcher.demo.server import create_app
+from llm_queue_dispatcher.demo.server import SERVER_KEY, create_app
 
 
 @pytest.fixture
@@ -85,8 +89,8 @@ async def test_a_tpm_change_reaches_the_limiter_and_metrics(client: TestClient[A
     assert response.status == 200
     assert (await response.json())["controls"]["tpm"] == 123_456
     metrics = await (await client.get("/metrics")).text()
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 123_456
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="fair") == 123_456
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="default") == 123_456
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="fair") == 123_456
     names = {sample.name for family in text_string_to_metric_families(metrics) for sample in family.samples}
     assert names
     assert all(name.startswith("llmqd_") for name in names)
@@ -113,7 +117,7 @@ async def test_bad_controls_get_400_and_change_nothing(
     assert response.status == 400
     assert message in (await response.json())["error"]
     metrics = await (await client.get("/metrics")).text()
-    assert _metric(metrics, "llmqd_limiter_tokens_limit", strategy="default") == 60_000
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="default") == 60_000
 
 
 async def test_malformed_posts_are_refused(client: TestClient[Any, Any]) -> None:
@@ -165,3 +169,112 @@ async def test_request_details(client: TestClient[Any, Any]) -> None:
 async def test_requests_for_another_host_name_are_refused(client: TestClient[Any, Any]) -> None:
     response = await client.get("/", headers={"Host": "attacker.example:8765"})
     assert response.status == 403
+
+
+async def test_a_page_that_goes_away_ends_its_event_stream_without_a_traceback(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Pages that close their connection at once, with a reset, before or after the headers.
+    port = client.port
+    for wait_for_headers in (False, True, False, True):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        if wait_for_headers:
+            await reader.readuntil(b"\r\n\r\n")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+    # Each stream ends: the server forgets its subscriber.
+    hub = client.app[SERVER_KEY].hub
+    for _ in range(500):
+        if not hub.subscribers:
+            break
+        await asyncio.sleep(0.01)
+    assert not hub.subscribers
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
+        ('{"priority_mix": ' + "[" * 3_000 + "]" * 3_000 + "}", "nested too deeply"),
+        ('{"tpm": ' + "9" * 4_000 + "}", "tpm must be"),
+        ('{"tpm": ' + "9" * 5_000 + "}", "not valid JSON"),
+        ('{"rpm": 1e999}', "rpm must be a finite number"),
+        ('{"rpm": -1e999}', "rpm must be a finite number"),
+        ('{"tpm": [60000]}', "tpm must be a finite number"),
+        ('{"tenants": {"n": 3}}', "tenants must be an integer"),
+        ('{"priority_mix": "1234"}', "priority_mix must be 4 numbers"),
+        ('{"priority_mix": [1e308, 1e308, 1e308, 1e308]}', r"priority_mix\[0\] must be within"),
+        ('"tpm"', "must be a JSON object"),
+        ("\xff\xfe", "not valid JSON"),
+    ],
+)
+async def test_hostile_bodies_get_a_short_400_and_no_traceback(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, body: str, message: str
+) -> None:
+    for path in ("/api/controls", "/api/burst"):
+        response = await client.post(
+            path, data=body.encode("latin-1"), headers={"Content-Type": "application/json"}
+        )
+        assert response.status in (400, 413), (path, response.status)
+        if response.status == 413:
+            continue  # larger than the 16 KiB a body may have: refused before it is read
+        error = (await response.json())["error"]
+        assert len(error) < 200
+        if path == "/api/controls" or "JSON" in message or "nested" in message:
+            assert re.search(message, error), error
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
+    metrics = await (await client.get("/metrics")).text()
+    assert _metric(metrics, "llmqd_limiter_capacity_tokens", strategy="default") == 60_000
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"rpm": 0.5}, "rpm"),
+        ({"tpm": 0.5}, "tpm"),
+        ({"tpm": 15_000}, "tpm"),
+        ({"rpm": 0, "tpm": 60_000}, "rpm"),
+    ],
+)
+async def test_a_limit_that_could_never_admit_a_request_gets_a_400_naming_it(
+    client: TestClient[Any, Any], body: dict[str, float], names: str
+) -> None:
+    response = await client.post("/api/controls", json=body)
+    assert response.status == 400
+    assert (await response.json())["error"].startswith(names)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [({"size": 10**4000}, "size must be an integer"), ({"size": 5, "priority": "U" * 5_000}, "priority")],
+)
+async def test_hostile_bursts_get_a_short_400(
+    client: TestClient[Any, Any], body: dict[str, Any], message: str
+) -> None:
+    response = await client.post(
+        "/api/burst", data=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error.startswith(message)
+    assert len(error) < 200
+
+
+async def test_the_page_says_what_the_charts_mean(client: TestClient[Any, Any]) -> None:
+    html = await (await client.get("/")).text()
+    tpm_note = re.search(r'<p class="note" id="note-tpm">(.*?)</p>', html, re.S)
+    throughput_note = re.search(r'<p class="note" id="note-throughput">(.*?)</p>', html, re.S)
+    assert tpm_note is not None
+    assert throughput_note is not None
+    # Above the TPM line: saved budget (the bucket starts full) and the estimation error.
+    assert "starts full" in tpm_note.group(1)
+    assert "not the limiter failing" in tpm_note.group(1)
+    assert "estimation error" in tpm_note.group(1)
+    # Why throughput drops after a burst.
+    assert "Why throughput drops after a burst" in throughput_note.group(1)
+    assert "TPM limit instead of the" in " ".join(throughput_note.group(1).split())

@@ -22,7 +22,12 @@ from llm_queue_dispatcher import (
     WaitTimePercentiles,
     create_in_memory_queue,
 )
-from llm_queue_dispatcher.metrics import PerformanceMetrics, ProcessingMetrics, QueueMetricsReport
+from llm_queue_dispatcher.metrics import (
+    LatencyPercentiles,
+    PerformanceMetrics,
+    ProcessingMetrics,
+    QueueMetricsReport,
+)
 from llm_queue_dispatcher.prometheus import QueueCollector
 
 
@@ -81,10 +86,10 @@ async def test_a_scrape_reports_the_queue_the_limiter_and_the_recorded_events() 
     assert _value(samples, "llmqd_dead_lettered_total", queue="chat") == 0
     # Two dispatches reserved 1 request and 1,000 tokens each; the completion refunded 200 and
     # the failure its 1,000; no time passed since.
-    assert _value(samples, "llmqd_limiter_tokens_available", queue="chat") == pytest.approx(9_200)
-    assert _value(samples, "llmqd_limiter_tokens_limit", queue="chat") == 10_000
-    assert _value(samples, "llmqd_limiter_requests_available", queue="chat") == pytest.approx(58)
-    assert _value(samples, "llmqd_limiter_requests_limit", queue="chat") == 60
+    assert _value(samples, "llmqd_limiter_available_tokens", queue="chat") == pytest.approx(9_200)
+    assert _value(samples, "llmqd_limiter_capacity_tokens", queue="chat") == 10_000
+    assert _value(samples, "llmqd_limiter_available_requests", queue="chat") == pytest.approx(58)
+    assert _value(samples, "llmqd_limiter_capacity_requests", queue="chat") == 60
     # Both waited 4 s: the URGENT one and the NORMAL one.
     assert _value(samples, "llmqd_wait_time_seconds_count", queue="chat", priority="URGENT") == 1
     assert _value(samples, "llmqd_wait_time_seconds_bucket", queue="chat", priority="URGENT", le="2.5") == 0
@@ -95,9 +100,7 @@ async def test_a_scrape_reports_the_queue_the_limiter_and_the_recorded_events() 
     assert _value(samples, "llmqd_wait_time_seconds_count", queue="chat", priority="HIGH") == 0
     assert _value(samples, "llmqd_dequeue_latency_seconds_count", queue="chat") == 2
     assert _value(samples, "llmqd_dequeue_latency_seconds_bucket", queue="chat", le="5e-05") == 1
-    assert _value(samples, "llmqd_window_wait_time_seconds", queue="chat", quantile="0.5") == pytest.approx(
-        4.0
-    )
+    assert _value(samples, "llmqd_window_wait_p50_seconds", queue="chat") == pytest.approx(4.0)
     assert _value(samples, "llmqd_oldest_message_age_seconds", queue="chat") == pytest.approx(4.0)
 
 
@@ -139,7 +142,7 @@ async def test_tenants_are_exported_and_capped() -> None:
     assert _value(samples, "llmqd_tenant_messages", queue="q", tenant="acme", state="in_flight") == 2
     assert _value(samples, "llmqd_tenant_window_tokens", queue="q", tenant="acme") == 1_500
     assert _value(samples, "llmqd_tenant_served_tokens_total", queue="q", tenant="acme") == 40_000
-    assert _value(samples, "llmqd_tenant_wait_time_seconds", queue="q", tenant="acme", quantile="0.99") == 7.5
+    assert _value(samples, "llmqd_tenant_wait_p99_seconds", queue="q", tenant="acme") == 7.5
     exported = {labels for name, labels in samples if name == "llmqd_tenant_window_tokens"}
     # Two tenants at most: the busiest first, then by name ("" before "tiny").
     assert exported == {(("queue", "q"), ("tenant", "acme")), (("queue", "q"), ("tenant", ""))}
@@ -190,7 +193,7 @@ async def test_an_async_limiter_is_awaited() -> None:
     collector = QueueCollector()
     collector.watch(create_in_memory_queue(clock=clock), AsyncLimiter(), queue="q")
     body, _ = await collector.render()
-    assert _value(_samples(body), "llmqd_limiter_tokens_limit", queue="q") == 5_000
+    assert _value(_samples(body), "llmqd_limiter_capacity_tokens", queue="q") == 5_000
 
 
 def test_bad_watches_and_arguments_are_refused() -> None:
@@ -232,3 +235,66 @@ async def test_bad_event_records_are_refused_and_count_nothing() -> None:
     assert _value(samples, "llmqd_dispatched_total") == 0
     assert _value(samples, "llmqd_completed_total") == 0
     assert _value(samples, "llmqd_wait_time_seconds_count", priority="HIGH") == 0
+
+
+class _BackwardsSource:
+    """A dispatcher stand-in whose report says what a clock stepped back could make it say."""
+
+    async def get_queue_metrics(self) -> QueueMetrics:
+        return QueueMetrics(
+            queue=QueueMetricsReport(
+                oldest_message_age=-3.0,
+                wait_time_percentiles=WaitTimePercentiles(p50=-1.0, p95=-0.5, p99=float("nan")),
+            ),
+            processing=ProcessingMetrics(),
+            performance=PerformanceMetrics(dequeue_latency=LatencyPercentiles(p50=-1e-6, p99=-1.0)),
+            tenants={
+                "acme": TenantMetrics(visible=1, wait_time_percentiles=WaitTimePercentiles(-2.0, -2.0, -2.0))
+            },
+        )
+
+
+async def test_no_wait_age_or_latency_is_shown_below_zero() -> None:
+    collector = QueueCollector()
+    collector.watch(_BackwardsSource(), queue="q")
+    body, _ = await collector.render()
+    seconds = {key: value for key, value in _samples(body).items() if key[0].endswith("_seconds")}
+    assert {name for name, _ in seconds} >= {
+        "llmqd_oldest_message_age_seconds",
+        "llmqd_window_wait_p50_seconds",
+        "llmqd_window_wait_p99_seconds",
+        "llmqd_window_dequeue_latency_p99_seconds",
+        "llmqd_tenant_wait_p95_seconds",
+    }
+    assert set(seconds.values()) == {0.0}
+
+
+async def test_names_follow_the_prometheus_conventions() -> None:
+    clock = ManualClock()
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    dispatcher = create_in_memory_queue(clock=clock)
+    collector = QueueCollector()
+    watched = collector.watch(dispatcher, limiter, queue="q")
+    await dispatcher.enqueue(LLMRequest("a", None, Priority.HIGH, TokenInfo(10), tenant="acme"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    watched.record_dispatch(job, 0.001)
+    body, _ = await collector.render()
+    families = list(text_string_to_metric_families(body.decode()))
+    assert len(families) > 20
+    for family in families:
+        assert family.name.startswith("llmqd_"), family.name
+        # Base units: seconds, not minutes or milliseconds; rates per second.
+        assert not any(unit in family.name for unit in ("minute", "_ms", "millis")), family.name
+        for sample in family.samples:
+            if family.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
+            if family.type == "gauge":
+                # "quantile" belongs to summaries; a gauge says its percentile in its name.
+                assert "quantile" not in sample.labels, sample
+        if family.type == "counter":
+            assert family.samples, family.name
+    types = {family.name: family.type for family in families}
+    assert types["llmqd_wait_time_seconds"] == "histogram"
+    assert types["llmqd_window_wait_p95_seconds"] == "gauge"
+    assert types["llmqd_dispatched"] == "counter"  # exposed as llmqd_dispatched_total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import pytest
@@ -12,11 +13,13 @@ from llm_queue_dispatcher import (
     ManualClock,
     PayloadTooLargeError,
     PermanentError,
+    ProviderLimits,
     RetryableError,
     StorageError,
     parse_rate_limit_headers,
+    provider_limits,
 )
-from llm_queue_dispatcher.provider_limits import parse_duration
+from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT, parse_duration
 
 NOW = 1_700_000_000.0
 
@@ -70,6 +73,33 @@ def test_anthropic_headers_and_input_token_fallback() -> None:
     assert limits.tokens_remaining == 1000.0
     assert limits.tokens_reset == pytest.approx(60.0)
     assert limits.retry_after == 12.0
+
+
+def test_anthropic_input_and_output_token_figures_apart() -> None:
+    # As Anthropic's responses carry them: the combined figure is input plus output.
+    limits = parse_rate_limit_headers(
+        {
+            "anthropic-ratelimit-input-tokens-limit": "80000",
+            "anthropic-ratelimit-input-tokens-remaining": "79000",
+            "anthropic-ratelimit-input-tokens-reset": "2023-11-14T22:13:21Z",
+            "anthropic-ratelimit-output-tokens-limit": "16000",
+            "anthropic-ratelimit-output-tokens-remaining": "12000",
+            "anthropic-ratelimit-output-tokens-reset": "2023-11-14T22:13:35Z",
+            "anthropic-ratelimit-tokens-limit": "96000",
+            "anthropic-ratelimit-tokens-remaining": "91000",
+            "anthropic-ratelimit-tokens-reset": "2023-11-14T22:13:35Z",
+        },
+        now=NOW,
+    )
+    assert (limits.input_tokens_limit, limits.input_tokens_remaining) == (80000.0, 79000.0)
+    assert limits.input_tokens_reset == pytest.approx(1.0)
+    assert (limits.output_tokens_limit, limits.output_tokens_remaining) == (16000.0, 12000.0)
+    assert limits.output_tokens_reset == pytest.approx(15.0)
+    assert (limits.tokens_limit, limits.tokens_remaining) == (96000.0, 91000.0)
+    openai = parse_rate_limit_headers({"x-ratelimit-remaining-tokens": "5"}, now=NOW)
+    assert openai.input_tokens_remaining is None
+    assert openai.output_tokens_remaining is None
+    assert not parse_rate_limit_headers({"anthropic-ratelimit-output-tokens-remaining": "1"}).empty
 
 
 def test_retry_after_forms() -> None:
@@ -126,3 +156,65 @@ async def test_mark_as_dead_lettered_moves_the_message_now() -> None:
     assert limiter.get_metrics().tpm.available == pytest.approx(10_000)
     with pytest.raises(MessageStateError):
         await job.mark_as_processed()
+
+
+# -- waits far away ------------------------------------------------------------------------------
+def test_the_longest_wait_believed_is_one_day() -> None:
+    assert MAX_PROVIDER_WAIT == 86_400.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [
+        ("x-ratelimit-reset-tokens", "99999999999s", "tokens_reset"),
+        ("x-ratelimit-reset-requests", "1000000h", "requests_reset"),
+        ("anthropic-ratelimit-tokens-reset", "9999-12-31T23:59:59Z", "tokens_reset"),
+        ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59+00:00", "requests_reset"),
+        ("retry-after", "99999999999", "retry_after"),
+        ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT", "retry_after"),
+        ("retry-after-ms", "99999999999999", "retry_after"),
+    ],
+)
+def test_a_wait_longer_than_a_day_is_cut_to_a_day(name: str, value: str, field: str) -> None:
+    limits = parse_rate_limit_headers({name: value}, now=NOW)
+    assert getattr(limits, field) == MAX_PROVIDER_WAIT
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-ratelimit-reset-tokens", "inf"),
+        ("x-ratelimit-reset-tokens", "-5s"),
+        ("x-ratelimit-reset-requests", "soon"),
+        ("anthropic-ratelimit-tokens-reset", "10000-01-01T00:00:00Z"),
+        ("retry-after", "inf"),
+        ("retry-after", "-5"),
+        ("retry-after", "nan"),
+        ("retry-after", "1e400"),
+        ("retry-after-ms", "-1"),
+    ],
+)
+def test_a_wait_that_is_no_finite_number_is_ignored(name: str, value: str) -> None:
+    assert parse_rate_limit_headers({name: value}, now=NOW).empty
+
+
+def test_a_bad_header_is_logged_once_per_name(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provider_limits, "_LOGGED", set())
+    with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
+        for _ in range(3):
+            parse_rate_limit_headers({"x-ratelimit-reset-tokens": "99999999999s", "retry-after": "soon"})
+        parse_rate_limit_headers({"x-ratelimit-reset-tokens": "later"})
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert any("x-ratelimit-reset-tokens" in m and "99999999999s" in m and "86400" in m for m in messages)
+    assert any("retry-after" in m and "soon" in m and "ignored" in m for m in messages)
+
+
+def test_provider_limits_built_by_hand_cut_their_waits_to_a_day() -> None:
+    limits = ProviderLimits(
+        requests_reset=1e12, tokens_reset=90_000.0, retry_after=1e300, tokens_remaining=1e12
+    )
+    assert (limits.requests_reset, limits.tokens_reset, limits.retry_after) == (MAX_PROVIDER_WAIT,) * 3
+    assert limits.tokens_remaining == 1e12  # not a wait: left as given

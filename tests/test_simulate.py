@@ -12,14 +12,25 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher.cli import main
-from llm_queue_dispatcher.simulate import Workload, run_simulation
+from llm_queue_dispatcher.simulate import SimulationResult, Workload, run_simulation
 
 SMALL = ["--requests", "150", "--rpm", "300", "--tpm", "60000", "--seed", "3"]
 
 
+def waited(result: SimulationResult, priority: str, q: str) -> float:
+    """A wait percentile of a class that had requests sent."""
+    value = result.wait_percentiles()[priority][q]
+    assert value is not None, (priority, q)
+    return value
+
+
 def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    """The JSON of a run, without its wall and CPU time (what differs between reruns)."""
     assert main(["simulate", *SMALL, *args, "--json"]) == 0
     data: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    for result in data:
+        assert result.pop("wall_time_s") >= 0
+        assert result.pop("cpu_time_s") >= 0
     return data
 
 
@@ -37,7 +48,18 @@ def test_table_has_one_column_per_strategy(capsys: pytest.CaptureFixture[str]) -
     assert header.split() == ["default", "fifo", "fair"]
     completed = next(line for line in lines if line.startswith("completed"))
     assert len(completed.split()) == 1 + 3
-    for label in ("makespan", "throughput", "TPM utilisation", "wait p50 URGENT", "wait p99 LOW", "retries"):
+    for label in (
+        "makespan",
+        "throughput",
+        "utilisation to last dispatch",
+        "binding limit",
+        "wait p50 URGENT",
+        "wait p99 LOW",
+        "SLO URGENT <= 1 s",
+        "priority inversions",
+        "retries",
+        "wall time (s)",
+    ):
         assert any(line.startswith(label) for line in lines), label
     assert any(line.startswith("dead-lettered") for line in lines)
 
@@ -74,11 +96,11 @@ def test_simple_priority_serves_urgent_sooner_than_fifo() -> None:
     fifo = run_simulation("fifo", workload, rpm=120.0, tpm=60_000.0)
     priority = run_simulation("simple_priority", workload, rpm=120.0, tpm=60_000.0)
     assert fifo.completed == priority.completed == 300
-    fifo_urgent = fifo.wait_percentiles()["URGENT"]["p50"]
-    priority_urgent = priority.wait_percentiles()["URGENT"]["p50"]
+    fifo_urgent = waited(fifo, "URGENT", "p50")
+    priority_urgent = waited(priority, "URGENT", "p50")
     assert priority_urgent < fifo_urgent / 2, (priority_urgent, fifo_urgent)
     # Under simple_priority URGENT requests also beat the LOW ones of the same run.
-    assert priority_urgent < priority.wait_percentiles()["LOW"]["p50"]
+    assert priority_urgent < waited(priority, "LOW", "p50")
 
 
 def test_every_strategy_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,31 +111,30 @@ def test_every_strategy_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["completed"] + r["dead_lettered"] + r["unfittable"] == 150 for r in results)
 
 
-def test_requests_above_the_tpm_limit_are_reported_once_in_the_clis_words(
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+def test_a_tpm_limit_below_the_largest_request_is_refused_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # Most requests of the workload need more than 100 tokens: they can never be sent.
-    args = ["simulate", "--requests", "200", "--tpm", "100", "--strategy", "default", "--strategy", "fair"]
+    # Most requests of the workload need more than 100 tokens: they could never be sent.
+    assert main(["simulate", "--requests", "200", "--tpm", "100", "--strategy", "default"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("llmqd simulate: --tpm (100) can never admit the workload's largest request (")
+    assert "raise --tpm to at least" in line
+
+
+def test_the_python_api_counts_requests_above_the_tpm_limit_as_unfittable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = Workload(requests=200, seed=7).generate()
+    above = sum(record.estimated_tokens > 100 for record in records)
+    assert 0 < above < 200
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
-        assert main([*args, "--strategy", "fifo"]) == 0
-    captured = capsys.readouterr()
-    # No library warning per request (advising a call a CLI user cannot make) ...
+        results = [run_simulation(name, records, tpm=100.0) for name in ("default", "fair", "fifo")]
+    # No library warning per request: each run takes them out as they arrive and counts them.
     assert [record.getMessage() for record in caplog.records] == []
-    # ... but one line of its own, with the count the table shows in its "unfittable" row.
-    row = next(line for line in captured.out.splitlines() if line.startswith("unfittable (> TPM)"))
-    counts = set(row.split()[-3:])
-    assert len(counts) == 1
-    [count] = counts
-    assert 0 < int(count) < 200
-    assert captured.err.splitlines() == [
-        f"llmqd simulate: {count} of 200 requests need more tokens than the TPM limit (100) allows "
-        "and were never sent (the 'unfittable' count); raise --tpm"
-    ]
-    # --json keeps stdout machine-readable and says it on stderr too.
-    assert main([*args, "--json"]) == 0
-    captured = capsys.readouterr()
-    assert [r["unfittable"] for r in json.loads(captured.out)] == [int(count), int(count)]
-    assert len(captured.err.splitlines()) == 1
+    assert [result.unfittable for result in results] == [above] * 3
+    assert all(result.completed == 200 - above for result in results)
 
 
 def test_a_run_where_everything_fits_says_nothing_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,17 +18,21 @@ from llm_queue_dispatcher import simulate_cli
 from llm_queue_dispatcher.cli import main
 from llm_queue_dispatcher.simulate import SimulationProgress
 
-# 120 s of issue 10's overload at 2x: about 1,300 requests, under a second a strategy.
+# 120 s of the overload preset at 2x: about 1,300 requests, under a second a strategy.
 OVERLOAD = ["--preset", "overload", "--duration", "120"]
 
 
 def simulate_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    """The JSON of a run, without its wall and CPU time (what differs between reruns)."""
     assert main(["simulate", *args, "--json"]) == 0
     data: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    for result in data:
+        assert result.pop("wall_time_s") >= 0
+        assert result.pop("cpu_time_s") >= 0
     return data
 
 
-def test_the_overload_preset_is_issue_10s_workload(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_overload_preset_is_the_documented_workload(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", *OVERLOAD, "--strategy", "fair_priority", "--strategy", "fifo"]) == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]
@@ -92,15 +96,20 @@ def test_strategy_names_no_hold_and_all(capsys: pytest.CaptureFixture[str]) -> N
         "throughput:no-hold",
         "fair:no-hold",
         "default",
+        "simple_priority",
+        "throughput",
+        "fair",
         "fair_priority",
     ]
     flagged = simulate_json(
         capsys, *OVERLOAD, "--no-hold-budget", "--strategy", "default", "--strategy", "fair_priority"
     )
-    # --no-hold-budget is the seed's rule for the score strategies only.
+    # --no-hold-budget (no budget held: the TypeScript library's rule) is for the score strategies only.
     assert [r["strategy"] for r in flagged] == ["default:no-hold", "fair_priority"]
     assert flagged[0] == results[1]
     assert flagged[1] == results[-1]
+    held = simulate_json(capsys, *OVERLOAD, "--strategy", "throughput")
+    assert held[0] == results[7]
 
 
 def test_reserve_tokens_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,7 +118,7 @@ def test_reserve_tokens_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
         == 0
     )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split()[:3] == ["strategy", "util", "arrivals"]
+    assert lines[2].split()[:3] == ["strategy", "util", "URGENT"]
     assert lines[3].split()[0] == "fair_priority"
     assert len(lines) == 4
 
@@ -178,7 +187,13 @@ def test_a_bad_trace_is_reported_with_its_line_and_nothing_runs(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--trace", "x.csv", "--load", "2", "--tenants", "3"], "--load, --tenants do not apply"),
+        (
+            ["--trace", "x.csv", "--arrival-rate", "2", "--tenants", "3"],
+            "--arrival-rate, --tenants do not apply",
+        ),
+        (["--trace", "x.csv", "--deadline", "2"], "--deadline does not apply"),
+        (["--urgent-share", "0.1"], "--urgent-share applies to recorded traffic (--trace)"),
+        (["--tenant-by", "file", "--estimate", "cap"], "--tenant-by, --estimate apply to recorded traffic"),
         (["--load", "2", "--arrival-rate", "3"], "--load or --arrival-rate, not both"),
         (["--arrival", "burst", "--duration", "10"], "--arrival burst"),
         (["--heavy-share", "0.5"], "need --tenants 2 or more"),
@@ -229,18 +244,38 @@ def test_progress_lines_after_the_delay_and_none_with_json(
 ) -> None:
     monkeypatch.setattr(simulate_cli, "_PROGRESS_DELAY", 0.0)
     reporter = simulate_cli._Reporter("lines", interval=0.0)
-    reporter(SimulationProgress("default", 100, 60, 50, 12.0))
+    reporter(SimulationProgress("default", 100, 60, 45, 5, 0, 0, 12.0))
     assert capsys.readouterr().err == (
-        "llmqd simulate: default: 50/100 requests done, 60 arrived, virtual time 12 s, 0 s elapsed\n"
+        "llmqd simulate: default: 50/100 settled (45 completed, 5 expired), 60 arrived, virtual time 12 s, "
+        "0 s elapsed\n"
     )
     quiet = simulate_cli._Reporter("none", interval=0.0)
-    quiet(SimulationProgress("default", 100, 60, 50, 12.0))
+    quiet(SimulationProgress("default", 100, 60, 50, 0, 0, 0, 12.0))
     # auto off a terminal prints lines; --json turns progress off whatever --progress says.
     assert simulate_cli._Reporter("auto", interval=0.0)._mode == "lines"
     assert (
         main(["simulate", "--requests", "3000", "--strategy", "fifo", "--progress", "lines", "--json"]) == 0
     )
     assert capsys.readouterr().err == ""
+
+
+def test_the_last_progress_line_counts_what_the_table_counts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1 request a second goes through while 2.2 arrive: about half outlive the 30 s retention.
+    monkeypatch.setattr(simulate_cli, "_PROGRESS_DELAY", 0.0)
+    args = ["--requests", "3000", "--rpm", "60", "--retention", "30", "--progress", "lines"]
+    assert main(["simulate", *args, "--strategy", "default", "--strategy", "fifo"]) == 0
+    captured = capsys.readouterr()
+    rows = {line.split("  ")[0].strip(): line.split() for line in captured.out.splitlines()}
+    for column, strategy in enumerate(("default", "fifo")):
+        last = [
+            line for line in captured.err.splitlines() if line.startswith(f"llmqd simulate: {strategy}: ")
+        ][-1]
+        completed = int(rows["completed"][1 + column].split("/")[0])
+        expired = int(rows["expired (retention)"][2 + column])
+        assert expired > 1000
+        assert f"3,000/3,000 settled ({completed:,} completed, {expired:,} expired)" in last, last
 
 
 def test_ctrl_c_stops_at_once_and_prints_the_partial_table() -> None:

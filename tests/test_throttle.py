@@ -155,7 +155,7 @@ def test_warn_strategy_empties_and_logs(clock: ManualClock, caplog: pytest.LogCa
 
 def test_custom_logger_receives_the_warning(clock: ManualClock, caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("my.app.throttle")
-    throttle = make(clock, logger=logger)
+    throttle = make(clock, logger=logger, adjustment_failure_strategy="warn")
     assert throttle.consume("a", 1_000)
     with caplog.at_level(logging.WARNING, logger="my.app.throttle"):
         throttle.adjust_consumption("a", 1_100)

@@ -54,7 +54,7 @@ def test_penalize_blocks_every_grant_until_it_ends() -> None:
     assert not limiter.consume("a", 1)
     clock.advance(5.0)
     assert limiter.consume("a", 1)
-    for bad in (-1, math.nan, math.inf, "3", None, True):
+    for bad in (-1, math.nan, -math.inf, "3", None, True):  # inf is clamped to a day
         with pytest.raises(InvalidRequestError):
             limiter.penalize(bad)  # type: ignore[arg-type]
 

@@ -208,7 +208,8 @@ ENTRY_POINTS = [
         "-0.0",
     ),
     entry("LLMThrottle.release", lambda w, v: w.throttle.release(v)),
-    entry("LLMThrottle.penalize", lambda w, v: w.throttle.penalize(v), "-0.0"),
+    # Any wait >= 0 is valid: one too long (an int too large for a float, inf) is clamped to a day.
+    entry("LLMThrottle.penalize", lambda w, v: w.throttle.penalize(v), "-0.0", "huge", "inf"),
     entry("LLMThrottle.restore_from_snapshot", lambda w, v: w.throttle.restore_from_snapshot(v)),
     entry("LLMThrottle.sync_from_headers", lambda w, v: w.throttle.sync_from_headers(v), "list"),
     entry("LLMThrottle.sync_from_headers.pair", lambda w, v: w.throttle.sync_from_headers([v])),
@@ -335,9 +336,7 @@ ENTRY_POINTS = [
     entry("ReferenceStorage.batch_delete", lambda w, v: w.run(w.reference.batch_delete(v)), "list"),
     entry("ReferenceStorage.dead_letter_message", lambda w, v: w.run(w.reference.dead_letter_message(v))),
     # ----- the dispatcher and its configuration
-    entry(
-        "LLMQueueDispatcherConfig.buffer_size", lambda w, v: LLMQueueDispatcherConfig(buffer_size=v), "huge"
-    ),
+    entry("LLMQueueDispatcherConfig.buffer_size", lambda w, v: LLMQueueDispatcherConfig(buffer_size=v)),
     entry(
         "LLMQueueDispatcherConfig.enable_prefetch",
         lambda w, v: LLMQueueDispatcherConfig(enable_prefetch=v),
@@ -346,7 +345,6 @@ ENTRY_POINTS = [
     entry(
         "LLMQueueDispatcherConfig.max_candidates_to_evaluate",
         lambda w, v: LLMQueueDispatcherConfig(max_candidates_to_evaluate=v),
-        "huge",
     ),
     entry("LLMQueueDispatcherConfig.scoring", lambda w, v: LLMQueueDispatcherConfig(scoring=v), "none"),
     entry("LLMQueueDispatcherConfig.logger", lambda w, v: LLMQueueDispatcherConfig(logger=v), "none"),
@@ -622,7 +620,7 @@ def test_the_throttle_takes_a_logger_as_the_dispatcher_does() -> None:
             self.seen.append(str(msg))
 
     logger = AppLogger()
-    throttle = LLMThrottle(60, 1_000, clock=ManualClock(), logger=logger)
+    throttle = LLMThrottle(60, 1_000, clock=ManualClock(), logger=logger, adjustment_failure_strategy="warn")
     assert throttle.consume("a", 1_000)
     throttle.adjust_consumption("a", 1_100)
     assert len(logger.seen) == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["count", "fraction", "non_negative", "positive", "share", "tokens"]
+__all__ = ["count", "fraction", "limit_per_minute", "non_negative", "positive", "share", "tokens"]
 
 
 def _number(text: str) -> float:
@@ -21,6 +21,25 @@ def positive(text: str) -> float:
     value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def limit_per_minute(text: str) -> float:
+    """A rate limit per minute (``--rpm``, ``--tpm``): a finite number >= 1, the rule of
+    `LLMThrottle`, whose bucket must hold at least one request and one token. Refused in one
+    line naming the flag (argparse adds it), before anything runs."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of requests or tokens per minute, got {text!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 1 (a limit below one per minute never admits a request), got {text}"
+        )
     return value
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_MESSAGE_RETENTION",
     "DEFAULT_WEIGHTS",
     "FACTOR_NAMES",
+    "MAX_PROVIDER_WAIT",
     "MAX_VISIBILITY_TIMEOUT",
     "BucketMetrics",
     "BucketState",
@@ -48,6 +49,13 @@ DEFAULT_MESSAGE_RETENTION: float
 FACTOR_NAMES: list[str]
 #: The default weights of the six factors, in FACTOR_NAMES order.
 DEFAULT_WEIGHTS: list[float]
+#: The longest wait a provider can impose on a limiter, in seconds (one day): longer penalties,
+#: ``Retry-After`` values and resets are clamped to it.
+MAX_PROVIDER_WAIT: float
+
+_Reason = Literal[
+    "rpm_limit", "tpm_limit", "itpm_limit", "otpm_limit", "rpd_limit", "tpd_limit", "concurrency_limit"
+]
 
 @final
 class ManualClock:
@@ -57,7 +65,8 @@ class ManualClock:
     def now(self) -> float:
         """The current reading in seconds."""
     def advance(self, seconds: float) -> float:
-        """Moves the clock forward by ``seconds`` (finite, >= 0); returns the new reading."""
+        """Moves the clock forward by ``seconds`` (finite, >= 0); returns the new reading. A move
+        to a reading that is not finite raises `InvalidRequestError` and changes nothing."""
     def set(self, seconds: float) -> None:
         """Sets the clock to ``seconds``, which must not be earlier than the current reading."""
     def __call__(self) -> float:
@@ -71,14 +80,19 @@ class RateLimitCheckResult:
     def allowed(self) -> bool:
         """Whether the request would be admitted now."""
     @property
-    def reason(self) -> Literal["rpm_limit", "tpm_limit"] | None:
-        """Which bucket is short (the request bucket is reported first); None when allowed."""
+    def reason(self) -> _Reason | None:
+        """The binding limit: the one with the longest wait (the first of rpm, tpm, itpm, otpm,
+        rpd, tpd, concurrency on a tie; a penalty counts as rpm); None when allowed."""
     @property
     def available_in(self) -> float:
-        """Exact seconds until admitted: 0 when allowed, ``inf`` when it can never fit."""
+        """Exact seconds until admitted: 0 when allowed, ``inf`` when it can never fit. With
+        every slot of ``max_concurrent`` held: until the oldest reservation is forgotten
+        (``history_retention`` after it was made), sooner if one is settled or released."""
     @property
     def available_tokens(self) -> dict[str, float]:
-        """``{"rpm": requests left, "tpm": tokens left}``."""
+        """``{"rpm": requests left, "tpm": tokens left}``, plus ``"itpm"``, ``"otpm"``,
+        ``"rpd"``, ``"tpd"`` (what their buckets hold) and ``"concurrency"`` (slots free) where
+        configured."""
 
 @final
 class BucketMetrics:
@@ -126,10 +140,16 @@ class CompensationMetrics:
     """Tokens the next successful consume takes on top of its estimate."""
 
     @property
-    def total_debt(self) -> float: ...
+    def total_debt(self) -> float:
+        """The token bucket's (tpm) debt."""
     @property
-    def pending_compensation(self) -> float: ...
-    def to_dict(self) -> dict[str, float]: ...
+    def pending_compensation(self) -> float:
+        """The same figure as ``total_debt``."""
+    @property
+    def debts(self) -> dict[str, float]:
+        """The debt of each token limit: ``"tpm"``, and ``"itpm"``, ``"otpm"``, ``"tpd"`` where
+        configured."""
+    def to_dict(self) -> dict[str, Any]: ...
 
 @final
 class RateLimitMetrics:
@@ -139,6 +159,22 @@ class RateLimitMetrics:
     def rpm(self) -> BucketMetrics: ...
     @property
     def tpm(self) -> BucketMetrics: ...
+    @property
+    def itpm(self) -> BucketMetrics | None:
+        """Input tokens per minute; None when not limited."""
+    @property
+    def otpm(self) -> BucketMetrics | None:
+        """Output tokens per minute; None when not limited."""
+    @property
+    def rpd(self) -> BucketMetrics | None:
+        """Requests per day; None when not limited."""
+    @property
+    def tpd(self) -> BucketMetrics | None:
+        """Tokens per day; None when not limited."""
+    @property
+    def concurrency(self) -> BucketMetrics | None:
+        """Requests in flight (``used``) against ``max_concurrent`` (``limit``); None when not
+        limited."""
     @property
     def efficiency(self) -> float:
         """Estimate accuracy over the last ``efficiency_window_size`` records (1.0 without
@@ -150,7 +186,7 @@ class RateLimitMetrics:
     @property
     def compensation(self) -> CompensationMetrics: ...
     def to_dict(self) -> dict[str, Any]:
-        """The metrics as nested plain dicts."""
+        """The metrics as nested plain dicts (the optional limits only where configured)."""
 
 @final
 class ConsumptionRecord:
@@ -168,10 +204,19 @@ class ConsumptionRecord:
     @property
     def estimated_tokens(self) -> int: ...
     @property
-    def actual_tokens(self) -> int | None: ...
+    def actual_tokens(self) -> int | None:
+        """The count of the last adjustment; None before one, and after an adjustment to 0 (a
+        refund: a failed call is not an estimation miss)."""
     @property
     def compensation_debt(self) -> float:
         """Debt this consume took on top of its estimate."""
+    @property
+    def input_tokens(self) -> int | None:
+        """The input tokens it counts for, when given: the estimate's, then the actual count's
+        once adjusted with them (None after an adjustment without them)."""
+    @property
+    def output_tokens(self) -> int | None:
+        """The output tokens it counts for, as ``input_tokens``."""
 
 @final
 class BucketState:
@@ -188,8 +233,10 @@ class BucketState:
 
 @final
 class StateSnapshot:
-    """The buckets and the compensation debt at one instant. Built from numbers, two
-    `BucketState` objects and an int count (else `InvalidRequestError`)."""
+    """The buckets and the compensation debts at one instant. Built from numbers, `BucketState`
+    objects and an int count (else `InvalidRequestError`); the optional limits' buckets are
+    given where the throttle has them, their debts in ``compensation_debts`` (``"itpm"``,
+    ``"otpm"``, ``"tpd"``)."""
 
     def __new__(
         cls,
@@ -198,6 +245,12 @@ class StateSnapshot:
         tpm_bucket_state: BucketState,
         history_count: int,
         compensation_debt: float,
+        *,
+        itpm_bucket_state: BucketState | None = None,
+        otpm_bucket_state: BucketState | None = None,
+        rpd_bucket_state: BucketState | None = None,
+        tpd_bucket_state: BucketState | None = None,
+        compensation_debts: dict[str, float] | None = None,
     ) -> StateSnapshot: ...
     @property
     def timestamp(self) -> float: ...
@@ -209,17 +262,40 @@ class StateSnapshot:
     def history_count(self) -> int: ...
     @property
     def compensation_debt(self) -> float: ...
+    @property
+    def itpm_bucket_state(self) -> BucketState | None: ...
+    @property
+    def otpm_bucket_state(self) -> BucketState | None: ...
+    @property
+    def rpd_bucket_state(self) -> BucketState | None: ...
+    @property
+    def tpd_bucket_state(self) -> BucketState | None: ...
+    @property
+    def compensation_debts(self) -> dict[str, float]: ...
 
 @final
 class LLMThrottle:
-    """Dual token bucket (requests and tokens per minute) with burst, history and compensation.
+    """Token buckets for requests and tokens per minute, and optionally for the other limits
+    providers publish, with burst, history and compensation.
 
-    Both buckets start full; the request bucket holds ``burst_rpm or rpm`` and refills at
-    ``rpm / 60`` per second, the token bucket likewise with ``tpm``. Thread-safe.
+    Every bucket starts full; the request bucket holds ``burst_rpm or rpm`` and refills at
+    ``rpm / 60`` per second, the token bucket likewise with ``tpm``; ``itpm`` and ``otpm``
+    (input and output tokens per minute, each with its burst) likewise; ``rpd`` and ``tpd``
+    (per day) hold a day's limit and refill at ``rpd / 86400`` per second. ``max_concurrent``
+    limits the reservations in flight: each holds a slot until it is adjusted (settled),
+    released, or forgotten with its record after ``history_retention``. Thread-safe.
 
     Every argument is checked at construction (`InvalidConfigError` naming it): the numbers are
-    ints or floats (not bools) a float can hold; ``logger`` is None (the ``llm_queue_dispatcher``
-    logger) or a `logging.Logger`, the rule of every ``logger`` option of the package.
+    ints or floats (not bools) a float can hold; each bucket holds at least one (``rpm`` or
+    ``burst_rpm``, ``tpm`` or ``burst_tpm``, and so on, >= 1: a smaller bucket never admits a
+    request); ``max_concurrent`` is an int >= 1; ``logger`` is None (the
+    ``llm_queue_dispatcher`` logger) or a `logging.Logger`, the rule of every ``logger`` option
+    of the package. The default ``adjustment_failure_strategy``, "compensate", keeps long-run
+    use within the limits when estimates run low.
+
+    A request's ``input_tokens`` and ``output_tokens`` (keyword arguments of `can_process`,
+    `consume` and `adjust_consumption`) must add up to its total; given one, the other is the
+    rest. Without them, ``itpm`` and ``otpm`` each count the whole total.
     """
 
     def __new__(
@@ -229,30 +305,80 @@ class LLMThrottle:
         *,
         burst_rpm: float | None = None,
         burst_tpm: float | None = None,
+        itpm: float | None = None,
+        otpm: float | None = None,
+        burst_itpm: float | None = None,
+        burst_otpm: float | None = None,
+        rpd: float | None = None,
+        tpd: float | None = None,
+        max_concurrent: int | None = None,
         clock: Any = None,
-        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "compensate",
         max_history_records: int = 10000,
         history_retention: float = 60.0,
         efficiency_window_size: int = 50,
         logger: logging.Logger | None = None,
     ) -> LLMThrottle: ...
-    def can_process(self, estimated_tokens: int) -> RateLimitCheckResult:
-        """Whether 1 request and ``estimated_tokens`` (plus any compensation debt) fit now."""
-    def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
-        """Takes 1 request and ``estimated_tokens`` + debt, all or nothing; False takes nothing."""
-    def consume_or_raise(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> None:
+    def can_process(
+        self, estimated_tokens: int, *, input_tokens: int | None = None, output_tokens: int | None = None
+    ) -> RateLimitCheckResult:
+        """Whether 1 request and ``estimated_tokens`` (plus any compensation debt) fit every
+        limit now, and if not, exactly when."""
+    def consume(
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: Any = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> bool:
+        """Takes 1 request from rpm (and rpd), ``estimated_tokens`` + debt from tpm (and tpd),
+        the input part from itpm, the output part from otpm (each the whole estimate when the
+        parts are not given) and a slot of ``max_concurrent``, all or nothing; False takes
+        nothing."""
+    def consume_or_raise(
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: Any = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
         """Like `consume`, raising `RateLimitError(reason, available_in)` when refused."""
-    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        """Sets the latest consume of ``request_id`` to ``actual_tokens``: takes the extra (per
-        the adjustment failure strategy when short) or refunds the difference."""
+    def adjust_consumption(
+        self,
+        request_id: str,
+        actual_tokens: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Sets the latest consume of ``request_id`` to ``actual_tokens`` on every limit (its
+        input and output parts on itpm and otpm): takes the extra (per the adjustment failure
+        strategy when short; "strict" refuses if any limit is short) or refunds the difference,
+        and frees its slot of ``max_concurrent``. Without the parts, itpm counts the whole
+        actual count and otpm the whole of it up to the output reserved. 0 is a refund (a
+        failed call): it records no actual count, so it is not an estimation miss."""
     def release(self, request_id: str) -> None:
-        """Gives the latest reservation of ``request_id`` back whole (its tokens, its request, the
-        debt it paid); it no longer counts. `UnknownRequestError` when there is none."""
+        """Gives the latest reservation of ``request_id`` back whole (its tokens, its requests,
+        its slot, the debt it paid); it no longer counts. `UnknownRequestError` when there is
+        none."""
+    def settle(self, request_id: str) -> None:
+        """Ends the time in flight of the latest reservation of ``request_id``: frees its slot of
+        ``max_concurrent`` and keeps its tokens as counted (a call that ended without a count to
+        adjust to; an adjustment settles too). `UnknownRequestError` when there is none."""
     def penalize(self, seconds: float) -> None:
-        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``)."""
+        """Grants nothing for ``seconds`` from now (a provider's 429 with ``Retry-After``). More
+        than `MAX_PROVIDER_WAIT` (infinity included) is clamped to it and logged once per
+        limiter; NaN or a negative wait raises `InvalidRequestError`."""
     def sync_from_headers(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ProviderLimits:
-        """Lowers the buckets to what the provider's rate-limit headers say remains, until their
-        reset, and applies ``retry-after`` as a penalty; returns what was read."""
+        """Lowers the buckets (requests, tokens, and input and output tokens where limited) to
+        what the provider's rate-limit headers say remains, until their reset, and applies
+        ``retry-after`` as a penalty; returns what was read. After the reset each bucket refills
+        at its own rate, never above its own capacity. Resets and ``retry-after`` beyond
+        `MAX_PROVIDER_WAIT` are clamped to it (logged once per limiter)."""
     def apply_provider_limits(self, limits: ProviderLimits) -> None:
         """`sync_from_headers` for figures already read."""
     def get_metrics(self) -> RateLimitMetrics:
@@ -260,16 +386,19 @@ class LLMThrottle:
     def get_consumption_history(self) -> list[ConsumptionRecord]:
         """The records kept (within ``history_retention`` and ``max_history_records``), oldest first."""
     def reset(self) -> None:
-        """Full buckets, no history, no debt."""
+        """Full buckets, no history, no debt, no request in flight."""
     def validate_state(self) -> bool:
-        """Whether buckets, debt and history are consistent."""
+        """Whether buckets, debts, slots and history are consistent."""
     def create_snapshot(self) -> StateSnapshot:
-        """The buckets and the debt now."""
+        """The buckets and the debts now."""
     def restore_from_snapshot(self, snapshot: StateSnapshot) -> None:
-        """Restores buckets and debt (validated first; the history is cleared)."""
+        """Restores buckets and debts (validated first, against this throttle's limits; the
+        history is cleared, and the slots it held are free)."""
     @property
     def token_capacity(self) -> float:
-        """Capacity of the token bucket (``burst_tpm or tpm``): no larger estimate ever fits."""
+        """The largest estimate that can ever fit without its parts: the smallest capacity of
+        the token limits (``burst_tpm or tpm``, and itpm, otpm, tpd where set, since each counts
+        the whole estimate then)."""
     @property
     def clock(self) -> Any:
         """The clock given at construction; None for the system monotonic clock."""
@@ -418,7 +547,7 @@ class Plan:
     @property
     def limiter(self) -> Any: ...
     @property
-    def limiter_call(self) -> Literal["adjust", "release"] | None: ...
+    def limiter_call(self) -> Literal["adjust", "release", "settle"] | None: ...
     @property
     def tokens(self) -> int: ...
     @property

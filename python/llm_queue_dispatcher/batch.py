@@ -1,19 +1,35 @@
-"""``llmqd batch``: send a JSONL file of chat requests to an OpenAI-compatible endpoint under
-RPM/TPM limits, with `Worker`, the in-memory dispatcher and `LLMThrottle`.
+"""``llmqd batch``: send a JSONL file of requests to OpenAI (or any OpenAI-compatible endpoint)
+or to Anthropic under RPM/TPM limits, with `Worker`, the in-memory dispatcher and `LLMThrottle`.
 
-Input: one JSON object per line: optional ``id`` (default ``line-N``), ``priority`` (0..3 or
-``urgent``/``high``/``normal``/``low``), ``tenant``; every other key is a keyword argument of
-``chat.completions.create`` (``model`` may come from ``--model``). The whole file is checked
-before anything is sent: bad lines are reported with their numbers and nothing is sent (or,
-with ``--skip-invalid``, they are left out).
+Input: one JSON object per line (``-`` reads standard input), in llmqd's own format (optional
+``id``, ``priority``, ``tenant``; every other key a keyword argument of
+``chat.completions.create``, or of ``messages.create`` with ``--provider anthropic``), in the
+OpenAI Batch API's (``custom_id``, ``method``, ``url``, ``body``) or in Anthropic's Message
+Batches' (``custom_id``, ``params``): `batch_formats` reads and writes them. The flags, ``--out``
+and the whole input are checked before anything is sent: a bad flag or ``--out`` is one line
+naming it; bad lines (not UTF-8, not JSON, NaN or Infinity, a bad field) are reported with their
+numbers, the lines needing more than ``--tpm`` in one message, and nothing is sent (or, with
+``--skip-invalid``, they are left out). Exit status 2.
 
-Output: one JSON object per finished request, appended and flushed as each one finishes:
-``{"id", "status": "ok", "response", "tokens", "attempts"}`` or ``{"id", "status": "failed",
-"error": {"type", "message", "status_code"}, "attempts"}``. Ids already in the output are
-skipped, so running the same command again resumes an interrupted run; delete a failed line to
-send it again. SIGINT or SIGTERM stops taking requests; those running get ``--shutdown-grace``
-seconds, and anything unfinished is simply not in the output, so the next run sends it. (A
-call cut off past the grace may have been billed by the provider without its answer arriving.)
+Output: one JSON object per finished request in the output format (by default the input's),
+appended and flushed as each one finishes. A line that UTF-8 cannot hold (a reply with a lone
+surrogate) is written with its non-ASCII characters escaped. When the output cannot be written
+(disk full), the run stops at once with exit status 3: no request is sent again for it, the
+lines written stay and a line cut off is removed.
+
+Retries: 5xx, 529, 408, 409, timeouts, connection errors and malformed replies are retried with
+backoff up to ``--max-attempts`` failed attempts (429s, which the limiter paces, do not count);
+then the request is written as failed on a transient error. Running the same command again
+resumes from the output, where the last line of an id is its result: it skips the ids done or
+failed for good, sends again those that failed on a transient error (all failed ones with
+``--retry-failed``), and says so. SIGINT or SIGTERM stops taking requests; those running get
+``--shutdown-grace`` seconds, and anything unfinished is simply not in the output, so the next
+run sends it. (A call cut off past the grace may have been billed by the provider without its
+answer arriving.)
+
+The file formats live in `batch_formats`; this module is the command itself (flags, the two
+providers' calls, the run, the results file and its progress), kept in one file so that a run
+reads from top to bottom.
 """
 
 from __future__ import annotations
@@ -21,27 +37,153 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from . import _argtypes as argtypes
-from .errors import InvalidRequestError, PermanentError
-from .types import LLMRequest, Priority
+from .batch_formats import (
+    FORMATS,
+    Answer,
+    Entry,
+    Failure,
+    Format,
+    Previous,
+    Refused,
+    failure_of,
+    previous_results,
+    read_requests,
+)
+from .errors import PermanentError, RetryableError
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
 
-__all__ = ["register", "run"]
+__all__ = ["EXIT_NOT_WRITTEN", "register", "run"]
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
-_RESERVED = ("id", "priority", "tenant")
+#: Exit status of a run stopped because its output could not be written.
+EXIT_NOT_WRITTEN = 3
+
+_DESCRIPTION = (
+    "Send a JSONL file of requests to OpenAI (or any OpenAI-compatible endpoint) or to Anthropic "
+    "under RPM/TPM limits."
+)
+_EPILOG = """\
+Each input line is a JSON object: the keyword arguments of chat.completions.create (of
+messages.create with --provider anthropic), plus an optional id, priority (0..3 or
+urgent/high/normal/low) and tenant. The OpenAI Batch API's input files are read too (custom_id,
+method "POST", url "/v1/chat/completions" or "/v1/messages", body), and Anthropic's Message
+Batches' (custom_id, params): a file whose first line has a custom_id is read in that format
+(--input-format says it), and its results are written in the Batch API's output format, or as
+Message Batches results (--output-format says otherwise). INPUT "-" reads standard input. The
+flags, --out and every line are checked before anything is sent.
+
+The API key is read from the environment variable OPENAI_API_KEY, or ANTHROPIC_API_KEY with
+--provider anthropic (--api-key-env names another); the endpoint is --base-url, else
+$OPENAI_BASE_URL (or $ANTHROPIC_BASE_URL), else the provider's. Anthropic requires max_tokens:
+--default-max-tokens fills it into the lines that set none.
+
+Each finished request is appended to --out as one JSON line. Running the same command again
+resumes: it skips the requests done or failed for good, and sends again those that failed on a
+transient error (5xx, timeout, connection); --retry-failed sends every failed one again.
+
+exit status: 0 every request sent is done, 1 some failed, 2 bad flags or input (nothing sent),
+3 --out could not be written (the run stopped; what was written is kept), 128+N stopped by
+signal N (Ctrl-C, SIGTERM)."""
+
+
+# -- providers -----------------------------------------------------------------------------------
+class _Provider:
+    """One provider's SDK: its client, its call and the tokens an answer counts."""
+
+    name = ""
+    key_variable = ""
+    extra = ""
+    _named: frozenset[str] | None = None  # the parameters of the SDK's create
+    _takes_any = False
+
+    def as_written(self, create: Any, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``payload`` as keyword arguments of the SDK's ``create``: the keys it does not name
+        go in ``extra_body``, so that the request's JSON is the line's as written (a parameter
+        newer than the installed SDK, one an OpenAI-compatible server adds), where the SDK
+        would raise `TypeError` at each attempt."""
+        if self._named is None:  # read once: the SDK does not change during a run
+            parameters = inspect.signature(create).parameters.values()
+            self._takes_any = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+            self._named = frozenset(parameter.name for parameter in parameters)
+        if self._takes_any:
+            return dict(payload)
+        arguments = {key: value for key, value in payload.items() if key in self._named}
+        unnamed = {key: value for key, value in payload.items() if key not in self._named}
+        if unnamed:
+            given = arguments.get("extra_body")
+            arguments["extra_body"] = {**(given if isinstance(given, Mapping) else {}), **unnamed}
+        return arguments
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        """The SDK's async client (its own retries off: the worker retries)."""
+        raise NotImplementedError
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        """One call, with failures mapped to `RetryableError` and `PermanentError`."""
+        raise NotImplementedError
+
+    def tokens(self, answer: Any) -> int | None:
+        """The tokens the answer counts against the limits (None: keep the estimate)."""
+        raise NotImplementedError
+
+
+class _OpenAI(_Provider):
+    name, key_variable, extra = "openai", "OPENAI_API_KEY", "openai"
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        from .openai import create_chat_completion
+
+        payload = self.as_written(client.chat.completions.create, payload)
+        return await create_chat_completion(client, limiter, payload)
+
+    def tokens(self, answer: Any) -> int | None:
+        from .openai import total_tokens
+
+        return total_tokens(answer)
+
+
+class _Anthropic(_Provider):
+    name, key_variable, extra = "anthropic", "ANTHROPIC_API_KEY", "anthropic"
+
+    def client(self, base_url: str | None, api_key: str, timeout: float) -> Any:
+        from anthropic import AsyncAnthropic
+
+        return AsyncAnthropic(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+
+    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+        from .anthropic import create_message
+
+        payload = self.as_written(client.messages.create, payload)
+        return await create_message(client, limiter, payload)
+
+    def tokens(self, answer: Any) -> int | None:
+        from .anthropic import message_tokens
+
+        return message_tokens(answer)
+
+
+_PROVIDERS: dict[str, _Provider] = {provider.name: provider for provider in (_OpenAI(), _Anthropic())}
 
 
 # -- arguments -----------------------------------------------------------------------------------
@@ -49,28 +191,69 @@ def register(commands: Any) -> None:
     """Adds ``llmqd batch`` to the subcommands."""
     batch = commands.add_parser(
         "batch",
-        help="send a JSONL file of chat requests to an OpenAI-compatible endpoint under RPM/TPM limits",
-        description=(__doc__ or "").split("\n\n")[0],
+        help="send a JSONL file of requests to OpenAI or Anthropic under RPM/TPM limits",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        # Short, so that a bad flag's error is not buried under a screen of usage.
+        usage="%(prog)s INPUT --out FILE --rpm N --tpm N [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    batch.add_argument("input", type=Path, help="requests, one JSON object per line")
-    batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; resumes from it)")
-    batch.add_argument("--rpm", type=argtypes.positive, required=True, help="requests per minute allowed")
-    batch.add_argument("--tpm", type=argtypes.positive, required=True, help="tokens per minute allowed")
+    batch.add_argument("input", help='requests, one JSON object per line ("-" reads standard input)')
+    batch.add_argument("--out", type=Path, required=True, help="results (JSONL, appended; a rerun resumes)")
+    batch.add_argument(
+        "--rpm", type=argtypes.limit_per_minute, required=True, help="requests per minute allowed (>= 1)"
+    )
+    batch.add_argument(
+        "--tpm",
+        type=argtypes.limit_per_minute,
+        required=True,
+        help="tokens per minute allowed, input and output together (>= 1)",
+    )
+    batch.add_argument(
+        "--provider",
+        choices=sorted(_PROVIDERS),
+        default="openai",
+        help="openai (chat.completions.create, any OpenAI-compatible endpoint) or anthropic "
+        "(messages.create) (default openai)",
+    )
+    batch.add_argument(
+        "--input-format",
+        choices=["auto", *FORMATS],
+        default="auto",
+        help="auto: a first line with custom_id means the provider's batch format, else native "
+        "(default auto)",
+    )
+    batch.add_argument(
+        "--output-format",
+        choices=list(FORMATS),
+        default=None,
+        help="results format (default: the input's)",
+    )
     batch.add_argument(
         "--concurrency", type=argtypes.count, default=16, help="calls in flight at most (default 16)"
     )
     batch.add_argument(
-        "--base-url", default=None, help="API base URL (default: $OPENAI_BASE_URL or OpenAI's)"
+        "--base-url",
+        default=None,
+        help="API base URL (default: $OPENAI_BASE_URL or $ANTHROPIC_BASE_URL, else the provider's)",
     )
     batch.add_argument("--model", default=None, help="model for lines that name none")
     batch.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
+        "--api-key-env",
+        default=None,
+        help="environment variable holding the API key (default OPENAI_API_KEY, or ANTHROPIC_API_KEY "
+        "with --provider anthropic)",
     )
     batch.add_argument(
         "--max-attempts",
         type=argtypes.count,
         default=5,
         help="failed attempts (429s not counted) before a request is given up (default 5)",
+    )
+    batch.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also send again the requests whose result in --out is a permanent failure",
     )
     batch.add_argument(
         "--max-retry-delay",
@@ -89,9 +272,10 @@ def register(commands: Any) -> None:
     )
     batch.add_argument(
         "--default-max-tokens",
-        type=int,
+        type=argtypes.tokens,
         default=None,
-        help="completion tokens assumed for scheduling when a line sets no max_tokens (default 1024)",
+        help="for lines that set no max_tokens: with openai the completion tokens assumed for "
+        "scheduling (default 1024); with anthropic the max_tokens sent (required, >= 1)",
     )
     batch.add_argument("--skip-invalid", action="store_true", help="send the valid lines despite bad ones")
     batch.add_argument(
@@ -109,105 +293,80 @@ def register(commands: Any) -> None:
     batch.set_defaults(run=run)
 
 
-# -- input and output ----------------------------------------------------------------------------
-@dataclass
-class _Entry:
-    line: int
-    request: LLMRequest[Any]
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuses the flag combinations no run can serve, in one line naming the flag."""
+    for flag, value in (("--input-format", args.input_format), ("--output-format", args.output_format)):
+        if value == "message-batches" and args.provider != "anthropic":
+            raise Refused(f"{flag} message-batches holds Anthropic messages: pass --provider anthropic")
+    if args.provider == "anthropic" and args.default_max_tokens == 0:
+        raise Refused("--default-max-tokens 0: Anthropic needs max_tokens >= 1")
 
 
-def _priority(value: object) -> Priority | int:
-    if isinstance(value, str) and value.upper() in Priority.__members__:
-        return Priority[value.upper()]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"priority must be 0..3 or urgent/high/normal/low, got {value!r}")
-    return value
+def _input_bytes(args: argparse.Namespace) -> bytes:
+    if args.input == "-":
+        return sys.stdin.buffer.read()
+    path = Path(args.input)
+    if path.is_dir():
+        raise Refused(f"{args.input}: is a directory, not a file of requests")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise Refused(f"{args.input}: no such file") from None
+    except OSError as error:
+        raise Refused(f"{args.input}: cannot read: {error.strerror or error}") from None
 
 
-def _read_requests(args: argparse.Namespace) -> tuple[list[_Entry], list[str]]:
-    """Every valid request of the input and a message per bad line."""
-    from .openai import DEFAULT_COMPLETION_TOKENS, request_from_openai_chat
-
-    default_completion = (
-        DEFAULT_COMPLETION_TOKENS if args.default_max_tokens is None else args.default_max_tokens
-    )
-    entries: list[_Entry] = []
-    errors: list[str] = []
-    first_line: dict[str, int] = {}
-    with args.input.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
-            if not text.strip():
-                continue
-            try:
-                item = json.loads(text)
-            except json.JSONDecodeError as error:
-                errors.append(f"line {number}: not JSON ({error.msg} at column {error.colno})")
-                continue
-            if not isinstance(item, dict):
-                errors.append(f"line {number}: expected a JSON object, got {type(item).__name__}")
-                continue
-            request_id = item.get("id", f"line-{number}")
-            if isinstance(request_id, int) and not isinstance(request_id, bool):
-                request_id = str(request_id)
-            payload = {key: value for key, value in item.items() if key not in _RESERVED}
-            if "model" not in payload and args.model is not None:
-                payload["model"] = args.model
-            try:
-                if not isinstance(request_id, str) or not request_id:
-                    raise InvalidRequestError(f"id must be a non-empty string, got {request_id!r}")
-                if not isinstance(payload.get("model"), str):
-                    raise InvalidRequestError("no model: set 'model' on the line or pass --model")
-                request = request_from_openai_chat(
-                    request_id,
-                    payload,
-                    priority=_priority(item.get("priority", Priority.NORMAL)),
-                    tenant=item.get("tenant"),
-                    default_completion_tokens=default_completion,
-                    metadata={"line": number},
-                )
-            except InvalidRequestError as error:
-                errors.append(f"line {number}: {error}")
-                continue
-            if request.token_info.estimated > args.tpm:
-                errors.append(
-                    f"line {number}: needs about {request.token_info.estimated} tokens, more than --tpm "
-                    f"{args.tpm:g} allows in any minute (lower its max_tokens)"
-                )
-                continue
-            if request_id in first_line:
-                errors.append(f"line {number}: id {request_id!r} repeats line {first_line[request_id]}")
-                continue
-            first_line[request_id] = number
-            entries.append(_Entry(number, request))
-    return entries, errors
+# -- output --------------------------------------------------------------------------------------
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuses an ``--out`` that cannot be the results file, before anything is sent."""
+    out: Path = args.out
+    if out.is_dir():
+        raise Refused(f"--out {out}: is a directory; name a file")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise Refused(f"--out {out}: {parent} is a file, not a directory")
+    if args.input != "-" and out.exists():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(args.input, out):
+                raise Refused(f"--out {out}: is the input file; name another file")
 
 
-def _finished_ids(out: Path) -> set[str]:
-    """Ids in an existing output. A last line cut off by a crash is removed (it is sent again);
-    any other unreadable line is an error."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        _LOGGER.warning("%s: removing an incomplete last line (that request is sent again)", out)
-        with out.open("r+b") as handle:
-            handle.truncate(keep)
-        data = data[:keep]
-    done: set[str] = set()
-    # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        text = raw.decode("utf-8")
-        if not text.strip():
-            continue
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError:
-            item = None
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise ValueError(f"{out}: line {number} is not an llmqd batch result")
-        done.add(item["id"])
-    return done
+def _select(
+    args: argparse.Namespace, entries: list[Entry], previous: dict[str, Previous]
+) -> tuple[list[Entry], int]:
+    """The entries to send and how many are skipped; says on stderr what it skipped and why."""
+    pending: list[Entry] = []
+    done = failed_for_good = failed_again = transient_again = 0
+    for entry in entries:
+        before = previous.get(entry.request.id)
+        if before is None:
+            pending.append(entry)
+        elif before.ok:
+            done += 1
+        elif before.retryable:
+            transient_again += 1
+            pending.append(entry)
+        elif args.retry_failed:
+            failed_again += 1
+            pending.append(entry)
+        else:
+            failed_for_good += 1
+    known = done + failed_for_good + failed_again + transient_again
+    if known:
+        parts = [f"skipping {done:,} done"]
+        if failed_for_good:
+            parts.append(f"{failed_for_good:,} failed for good (--retry-failed sends them again)")
+        if transient_again:
+            parts.append(f"sending again {transient_again:,} that failed on a transient error")
+        if failed_again:
+            parts.append(f"sending again {failed_again:,} failed for good (--retry-failed)")
+        print(
+            f"llmqd batch: {args.out} already holds {known:,} of these requests: " + "; ".join(parts),
+            file=sys.stderr,
+        )
+    return pending, done + failed_for_good
 
 
 @dataclass
@@ -216,6 +375,7 @@ class _Progress:
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
+    retryable: int = 0
     tokens: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
 
@@ -227,43 +387,101 @@ class _Progress:
         )
 
 
+def _encode(record: dict[str, Any]) -> bytes:
+    text = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: \\ud800 escaped, as the provider had sent it
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
 class _Results:
-    """Appends one line per finished request, flushed at once."""
+    """Appends one line per finished request, written through at once (no buffer). The first
+    write that fails stops every later one: the output keeps whole lines only (a line cut off
+    is truncated away), `on_broken` is called once, and each result not written is counted."""
 
-    def __init__(self, out: Path, progress: _Progress) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = out.open("a", encoding="utf-8")
+    def __init__(self, out: Path, fmt: Format, progress: _Progress) -> None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._file = out.open("ab", buffering=0)
+        except OSError as error:
+            raise Refused(f"--out {out}: cannot write: {error.strerror or error}") from None
+        self._regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode)
+        self.out = out
+        self.format = fmt
         self.progress = progress
+        self.error: BaseException | None = None
+        self.written = 0
+        self.unwritten = 0
         self.on_write: Any = None
+        self.on_broken: Any = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        if record["status"] == "ok":
-            self.progress.done += 1
-            self.progress.tokens += record.get("tokens") or 0
-        else:
-            self.progress.failed += 1
-        if self.on_write is not None:
-            self.on_write()
+    def succeeded(self, request_id: str, answer: Answer) -> None:
+        """Appends the result line of an answer."""
+        self._write(lambda: self.format.succeeded(request_id, answer), None, answer.tokens or 0)
+
+    def failed(self, request_id: str, failure: Failure) -> None:
+        """Appends the result line of a request given up."""
+        self._write(lambda: self.format.failed(request_id, failure), failure, 0)
+
+    def _write(self, record: Any, failure: Failure | None, tokens: int) -> None:
+        """Appends the line ``record()`` builds and counts it; after a failure to write, only
+        counts it as not written."""
+        if self.error is None:
+            try:
+                self._append(_encode(record()))
+            except (OSError, ValueError, TypeError, RecursionError) as error:
+                self.broken(error)
+            else:
+                self.written += 1
+                if failure is None:
+                    self.progress.done += 1
+                    self.progress.tokens += tokens
+                else:
+                    self.progress.failed += 1
+                    self.progress.retryable += failure.retryable
+                if self.on_write is not None:
+                    self.on_write()
+                return
+        self.unwritten += 1
+
+    def broken(self, error: BaseException) -> None:
+        """Records the first failure to write and stops the run (`on_broken`)."""
+        if self.error is None:
+            self.error = error
+            if self.on_broken is not None:
+                self.on_broken()
+
+    def _append(self, line: bytes) -> None:
+        start = os.fstat(self._file.fileno()).st_size if self._regular else None
+        view = memoryview(line)
+        try:
+            while view:
+                count = self._file.write(view)
+                if not count:
+                    raise OSError(f"{self.out}: the write took nothing")
+                view = view[count:]
+        except OSError:
+            if start is not None:  # keep whole lines only: cut off what part of this one got in
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file.fileno(), start)
+            raise
 
     def close(self) -> None:
-        self._file.close()
-
-
-def _error_record(error: BaseException) -> dict[str, Any]:
-    cause = error.__cause__ if error.__cause__ is not None else error
-    status = getattr(cause, "status_code", None)
-    return {"type": type(error).__name__, "message": str(error), "status_code": status}
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 # -- the run -------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Runs ``llmqd batch``; returns the exit status (0 all done, 1 some failed, 2 bad input or
-    setup, 128 + signal number when interrupted)."""
+    setup, 3 the output could not be written, 128 + signal number when interrupted)."""
     logging.basicConfig(level=logging.WARNING, format="llmqd: %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(_batch(args))
+    except Refused as refusal:
+        print(f"llmqd batch: {refusal}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the worker's own handlers were in place: nothing sent
         return 130
 
@@ -271,45 +489,49 @@ def run(args: argparse.Namespace) -> int:
 async def _batch(args: argparse.Namespace) -> int:
     from .worker import Worker
 
-    if not args.input.is_file():
-        print(f"llmqd batch: {args.input}: no such file", file=sys.stderr)
-        return 2
-    entries, errors = _read_requests(args)
-    for message in errors:
-        print(f"llmqd batch: {args.input}: {message}", file=sys.stderr)
-    if errors and not args.skip_invalid:
+    _check_flags(args)
+    _check_out(args)
+    provider = _PROVIDERS[args.provider]
+    read = read_requests(
+        _input_bytes(args),
+        provider=provider.name,
+        input_format=args.input_format,
+        model=args.model,
+        default_max_tokens=args.default_max_tokens,
+        tpm=args.tpm,
+    )
+    where = "standard input" if args.input == "-" else args.input
+    for message in read.errors:
+        print(f"llmqd batch: {where}: {message}", file=sys.stderr)
+    if read.errors and not args.skip_invalid:
         print(
-            f"llmqd batch: {len(errors)} bad line(s); nothing sent (--skip-invalid sends the rest)",
+            f"llmqd batch: {read.bad_lines} bad line(s); nothing sent (--skip-invalid sends the rest)",
             file=sys.stderr,
         )
         return 2
-    try:
-        finished = _finished_ids(args.out)
-    except (ValueError, UnicodeDecodeError) as error:
-        print(f"llmqd batch: {error}", file=sys.stderr)
-        return 2
-    pending = [entry for entry in entries if entry.request.id not in finished]
-    skipped = len(entries) - len(pending)
-    api_key = os.environ.get(args.api_key_env)
+    output = FORMATS[args.output_format] if args.output_format is not None else read.format
+    pending, skipped = _select(args, read.entries, previous_results(args.out, output))
+    key_variable = args.api_key_env or provider.key_variable
+    api_key = os.environ.get(key_variable)
     if not api_key:
-        print(
-            f"llmqd batch: set {args.api_key_env} to the API key (any value for a server that needs none)",
-            file=sys.stderr,
-        )
-        return 2
+        raise Refused(f"set {key_variable} to the API key (any value for a server that needs none)")
     try:
-        from openai import AsyncOpenAI
+        client = provider.client(args.base_url, api_key, args.timeout)
     except ImportError:
-        print(
-            "llmqd batch: needs the openai SDK: pip install 'llm-queue-dispatcher[openai]'", file=sys.stderr
-        )
-        return 2
+        raise Refused(
+            f"needs the {provider.name} SDK: pip install 'llm-queue-dispatcher[{provider.extra}]'"
+        ) from None
     from ._core import LLMThrottle
     from .config import LLMQueueDispatcherConfig
     from .dispatcher import LLMQueueDispatcher
     from .storage import InMemoryStorage
 
     progress = _Progress(total=len(pending))
+    try:
+        results = _Results(args.out, output, progress)
+    except Refused:
+        await client.close()
+        raise
     limiter = LLMThrottle(args.rpm, args.tpm)
     # Failed requests are in the output; the dead-letter store only keeps the queue's books.
     storage: InMemoryStorage[Any] = InMemoryStorage(dead_letter=InMemoryStorage())
@@ -317,10 +539,7 @@ async def _batch(args: argparse.Namespace) -> int:
         storage, LLMQueueDispatcherConfig(visibility_timeout=60.0)
     )
     await dispatcher.batch_enqueue([entry.request for entry in pending])
-    client = AsyncOpenAI(base_url=args.base_url, api_key=api_key, timeout=args.timeout, max_retries=0)
-    results = _Results(args.out, progress)
-    failures: Counter[str] = Counter()
-    handler = _make_handler(args, client, limiter, results, failures)
+    handler = _make_handler(args, provider, client, limiter, results)
     worker: Worker[Any] = Worker(
         dispatcher,
         limiter,
@@ -328,7 +547,9 @@ async def _batch(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         shutdown_grace=args.shutdown_grace,
         max_retry_delay=args.max_retry_delay,
+        handle_signals=True,  # the whole program: Ctrl-C and SIGTERM stop it gracefully
     )
+    results.on_broken = worker.stop
     reporter = _start_reporter(args, progress, results)
     started = time.monotonic()
     try:
@@ -338,7 +559,15 @@ async def _batch(args: argparse.Namespace) -> int:
         results.close()
         await client.close()
     wall = time.monotonic() - started
-    print(_summary(args, len(entries), skipped, progress, stats.retried, wall))
+    print(_summary(args, len(read.entries), skipped, progress, stats.retried, results.unwritten, wall))
+    if results.error is not None:
+        print(
+            f"llmqd batch: stopped: cannot write {args.out}: {results.error}. The {results.written} "
+            f"result(s) written are kept; {results.unwritten} answer(s) received could not be "
+            "written and go out again with the rest on the next run",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_WRITTEN
     if worker.stop_signal is not None:
         left = progress.total - progress.done - progress.failed
         print(
@@ -346,47 +575,55 @@ async def _batch(args: argparse.Namespace) -> int:
             "run the same command to send them"
         )
         return 128 + int(worker.stop_signal)
+    if progress.retryable:
+        print(
+            f"llmqd batch: {progress.retryable} request(s) failed on transient errors after "
+            "--max-attempts; run the same command to send them again",
+            file=sys.stderr,
+        )
     return 1 if progress.failed else 0
 
 
 def _make_handler(
-    args: argparse.Namespace, client: Any, limiter: Any, results: _Results, failures: Counter[str]
+    args: argparse.Namespace, provider: _Provider, client: Any, limiter: Any, results: _Results
 ) -> Any:
-    from .openai import create_chat_completion
+    failures: Counter[str] = Counter()
 
     async def handle(job: ProcessableMessage[Any]) -> int | None:
         request = job.message.payload
         attempts = job.message.attributes.receive_count
+        if results.error is not None:
+            # The output broke while this request waited: not sent; the next run sends it.
+            raise RetryableError("not sent: the results cannot be written")
         try:
-            completion = await create_chat_completion(client, limiter, request.payload)
+            answer = await provider.call(client, limiter, request.payload)
         except PermanentError as error:
-            results.write(
-                {"id": request.id, "status": "failed", "error": _error_record(error), "attempts": attempts}
-            )
+            results.failed(request.id, failure_of(error, attempts))
             raise
         except Exception as error:
+            # Every failed attempt counts, whatever failed, but a 429: the limiter paces those.
             status = getattr(error.__cause__, "status_code", None)
             results.progress.statuses[status or 0] += 1
-            if status != 429:  # the limiter paces 429s away; they do not use up attempts
+            if status != 429:
                 failures[request.id] += 1
             if failures[request.id] >= args.max_attempts:
-                record = _error_record(error)
-                record["message"] = (
-                    f"gave up after {failures[request.id]} failed attempts: {record['message']}"
-                )
-                results.write({"id": request.id, "status": "failed", "error": record, "attempts": attempts})
-                raise PermanentError(record["message"]) from error
+                message = f"gave up after {failures[request.id]} failed attempts: {error}"
+                results.failed(request.id, failure_of(error, attempts, message))
+                raise PermanentError(message) from error
             raise
-        usage = completion.usage
-        tokens = None if usage is None else int(usage.total_tokens)
-        results.write(
-            {
-                "id": request.id,
-                "status": "ok",
-                "response": completion.model_dump(mode="json"),
-                "tokens": tokens,
-                "attempts": attempts,
-            }
+        # Answered (and billed): from here on nothing makes the request go out again in this run.
+        tokens = provider.tokens(answer)
+        try:
+            # The fields the provider sent (the SDK's models add a null for every field absent).
+            body = answer.model_dump(mode="json", exclude_unset=True)
+        except Exception as error:  # a reply that cannot be written stops the run as a full disk does
+            results.broken(error)
+            results.unwritten += 1
+            return tokens
+        request_id = getattr(answer, "_request_id", None)
+        results.succeeded(
+            request.id,
+            Answer(body, request_id if isinstance(request_id, str) else None, tokens, attempts),
         )
         return tokens
 
@@ -459,7 +696,13 @@ def _start_reporter(args: argparse.Namespace, progress: _Progress, results: _Res
 
 
 def _summary(
-    args: argparse.Namespace, in_file: int, skipped: int, progress: _Progress, retried: int, wall: float
+    args: argparse.Namespace,
+    in_file: int,
+    skipped: int,
+    progress: _Progress,
+    retried: int,
+    unwritten: int,
+    wall: float,
 ) -> str:
     minutes = wall / 60.0 if wall > 0 else float("inf")
     unfinished = progress.total - progress.done - progress.failed
@@ -469,6 +712,11 @@ def _summary(
         ("done", f"{progress.done:,}"),
         ("failed", f"{progress.failed:,}"),
         ("not finished", f"{unfinished:,}"),
+        *(
+            [("not written", f"{unwritten:,}  (answered, but --out could not take them)")]
+            if unwritten
+            else []
+        ),
         ("retried", f"{retried:,}"),
         ("rate limited (429)", f"{progress.statuses[429]:,}"),
         ("tokens", f"{progress.tokens:,}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,9 +108,12 @@ def _require_number(name: str, value: object, *, minimum: float, inclusive: bool
         raise InvalidConfigError(f"{name} must be {relation} {minimum}, got {shown(value)}")
 
 
-def _require_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidConfigError(f"{name} must be an int >= {minimum}, got {shown(value)}")
+def _require_int(name: str, value: object, *, minimum: int, maximum: int = sys.maxsize) -> None:
+    """An int (not a bool) within [minimum, maximum]. The default maximum is the largest count
+    the core holds (``sys.maxsize``): a larger one would raise `OverflowError` where it is used,
+    far from the field that caused it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidConfigError(f"{name} must be an int from {minimum} to {maximum}, got {shown(value)}")
 
 
 def _is_unicode(text: str) -> bool:
@@ -182,6 +186,8 @@ class LLMQueueDispatcherConfig:
         for name in ("hold_budget", "drop_expired"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfigError(f"{name} must be a bool, got {shown(getattr(self, name))}")
+        if self.policy == "score":
+            self._check_threshold_reachable()
         if self.fair_priority is not None:
             if not isinstance(self.fair_priority, FairPriorityConfig):
                 raise InvalidConfigError(
@@ -193,3 +199,31 @@ class LLMQueueDispatcherConfig:
                 "policy 'fair_priority' ranks without weights: scoring (weights, custom scorers) does not "
                 "apply; leave it None"
             )
+
+    def _check_threshold_reachable(self) -> None:
+        """Refuses a score policy whose ``min_score_threshold`` no message can reach. Each factor
+        and each custom score is at most 1, so no total exceeds the sum of the weights: below the
+        threshold, nothing would ever be dispatched and the queue would only grow, silently.
+        (All weights 0 with a threshold <= 0 is valid: every message scores 0 and ties decide.)"""
+        from .scoring import ScoringWeights
+
+        scoring = self.scoring
+        weights = (scoring.weights if scoring is not None else None) or ScoringWeights()
+        custom = [float(scorer.weight) for scorer in scoring.custom_scorers] if scoring is not None else []
+        highest = sum(weights.as_tuple()) + sum(custom)
+        threshold = float(self.min_score_threshold)
+        # A margin for float rounding: weights that add up to the threshold reach it.
+        if highest + 1e-9 >= threshold:
+            return
+        if highest == 0.0:
+            why = (
+                "every factor weight is 0 and no custom scorer has a positive weight, so every message "
+                "scores 0"
+            )
+        else:
+            why = f"the weights add up to {highest:g}, and each factor and custom score is at most 1"
+        raise InvalidConfigError(
+            f"min_score_threshold={shown(self.min_score_threshold)} can never be reached: {why}; nothing "
+            "would ever be dispatched. Give the factors more weight, or lower min_score_threshold "
+            "(<= 0 dispatches whatever the scores)"
+        )

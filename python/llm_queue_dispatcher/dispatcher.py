@@ -145,8 +145,11 @@ class _Runner:
         try:
             if plan.limiter_call == "adjust":
                 await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
-            else:
+            elif plan.limiter_call == "release":
                 await _release(limiter, plan.key)
+            elif callable(getattr(limiter, "settle", None)):
+                # Processed without a count: its slot of requests in flight ends, where it has one.
+                await _call(limiter, "settle", plan.key)
         except Exception as error:  # unknown (older than its history), refused (strict), down
             why = "no longer knows it" if isinstance(error, UnknownRequestError) else repr(error)
             self.logger.warning(

@@ -1,7 +1,9 @@
 """Dispatcher metrics: the report types and the recorder that feeds them.
 
 Everything is measured on the dispatcher's clock, so a simulation on a `ManualClock` reports
-simulated throughput and wait times. Samples older than ``metrics_retention`` are dropped.
+simulated throughput and wait times. Samples older than ``metrics_retention`` are dropped. Waits
+and ages are never negative: a clock that moves backwards (a wall clock stepped back, a callable
+clock of another process) reports 0, not a negative wait.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class QueueMetricsReport(_Report):
     #: Requests removed unsent because their ``deadline`` had passed (``drop_expired``).
     expired_deadlines: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("oldest_message_age", "average_wait_time"):
+            if not getattr(self, name) >= 0.0:  # a clock stepped back: 0, never negative
+                object.__setattr__(self, name, 0.0)
+
 
 @dataclass(frozen=True)
 class InFlightDetail(_Report):
@@ -82,6 +89,11 @@ class InFlightDetail(_Report):
     score: float
     started_at: float
     age: float
+
+    def __post_init__(self) -> None:
+        # A clock read earlier than the dispatch (stepped back) must not report a negative age.
+        if not self.age >= 0.0:
+            object.__setattr__(self, "age", 0.0)
 
 
 @dataclass(frozen=True)
@@ -214,8 +226,9 @@ class MetricsRecorder:
     def record_dispatch(
         self, now: float, wait: float, latency: float, tenant: str = "", charged_tokens: int = 0
     ) -> None:
-        """A message was handed out after waiting ``wait`` s; selecting it took ``latency`` s."""
-        self._dispatches.append((now, wait, tenant, charged_tokens))
+        """A message was handed out after waiting ``wait`` s (a negative wait, from a clock that
+        moved backwards, counts as 0); selecting it took ``latency`` s."""
+        self._dispatches.append((now, wait if wait > 0.0 else 0.0, tenant, charged_tokens))
         self._latencies.append(latency)
 
     def record_completion(self, now: float, tokens: int, tenant: str = "", correction: int = 0) -> None:

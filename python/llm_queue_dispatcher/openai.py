@@ -19,9 +19,13 @@ Response                                       Raised to the worker
 408, 409, 5xx; a timeout; a connection error   `RetryableError` (``retry_after`` from ``Retry-After``
                                                when given, else the worker's backoff)
 400, 401, 403, 404, 422 and any other 4xx      `PermanentError`: dead-lettered at once
-a malformed 2xx body                           `RetryableError`
+a 2xx that is no chat completion: not JSON,    `RetryableError` (never a success: nothing was
+an ``error`` object, no ``choices``            answered)
 ``x-should-retry: true`` / ``false``           overrides the status (the SDK's own convention)
 ============================================  =======================================================
+
+Every wait taken from the provider (``Retry-After``, a reset, the ``retry_after`` passed on) is
+at most `llm_queue_dispatcher.provider_limits.MAX_PROVIDER_WAIT` (one day).
 
 The SDK's own retries are turned off for these calls (``max_retries=0``): the worker retries,
 under the limiter, with the message's receive count, instead of the SDK sleeping inside a
@@ -37,6 +41,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._checks import shown
 from .errors import InvalidRequestError, PermanentError, RetryableError
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .types import LLMRequest, Priority, TokenInfo, validate_token_count
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_COMPLETION_TOKENS",
     "IMAGE_PART_TOKENS",
+    "MAX_TOKEN_COUNT",
     "MESSAGE_OVERHEAD_TOKENS",
     "REPLY_OVERHEAD_TOKENS",
     "Tokenizer",
@@ -58,6 +64,7 @@ __all__ = [
     "estimate_chat_tokens",
     "openai_chat_handler",
     "request_from_openai_chat",
+    "total_tokens",
 ]
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
@@ -73,6 +80,10 @@ REPLY_OVERHEAD_TOKENS = 3
 #: An image part, whatever its size: OpenAI's tile formula for a high-detail image at its
 #: largest after scaling (768 x 2048 px: 85 + 170 x 8 tiles).
 IMAGE_PART_TOKENS = 1_445
+#: The largest token count a payload field, a tokenizer's result or an estimate may hold: the
+#: largest integer a float (the limiters' arithmetic, JSON elsewhere) holds exactly. Anything
+#: larger is a mistake in the payload, refused with `InvalidRequestError`.
+MAX_TOKEN_COUNT = 2**53
 # Penalty after a 429 that named neither a Retry-After nor an exhausted limit's reset.
 _DEFAULT_RATE_LIMIT_PAUSE = 1.0
 
@@ -92,16 +103,33 @@ def _default_count(text: str) -> int:
     return -(-ascii_chars // 4) + (len(text) - ascii_chars)
 
 
-def _as_json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+def _as_json(value: object, where: str) -> str:
+    """``value`` as compact JSON, for counting; a value JSON cannot hold (one that contains
+    itself, nests past the interpreter's depth, holds an int of more than 4,300 digits) is an
+    `InvalidRequestError` naming ``where``."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    except RecursionError:
+        raise InvalidRequestError(f"{where} is nested too deeply to be sent as JSON") from None
+    except (ValueError, TypeError, OverflowError) as error:  # "Circular reference detected", ...
+        raise InvalidRequestError(f"{where} cannot be sent as JSON: {error}") from None
+
+
+def _token_count(value: object, where: str) -> int:
+    """A token count within 0..MAX_TOKEN_COUNT, or `InvalidRequestError` naming ``where``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_TOKEN_COUNT:
+        raise InvalidRequestError(f"{where} must be at most {MAX_TOKEN_COUNT}, got {shown(value)}")
+    return validate_token_count(value, where)
 
 
 def _count_tokens(count: Tokenizer, text: str, where: str) -> int:
     value = count(text)
     try:
-        return validate_token_count(value, f"tokenizer result for {where}")
+        return _token_count(value, f"tokenizer result for {where}")
     except InvalidRequestError:
-        raise InvalidRequestError(f"tokenizer must return an int >= 0, got {value!r} for {where}") from None
+        raise InvalidRequestError(
+            f"tokenizer must return an int within 0..{MAX_TOKEN_COUNT}, got {shown(value)} for {where}"
+        ) from None
 
 
 def _content_tokens(count: Tokenizer, content: object, where: str) -> int:
@@ -116,15 +144,15 @@ def _content_tokens(count: Tokenizer, content: object, where: str) -> int:
             if isinstance(part, str):
                 total += _count_tokens(count, part, part_where)
             elif not isinstance(part, Mapping):
-                raise InvalidRequestError(f"{part_where} must be a str or an object, got {part!r}")
+                raise InvalidRequestError(f"{part_where} must be a str or an object, got {shown(part)}")
             elif part.get("type") in ("image_url", "input_image", "image"):
                 total += IMAGE_PART_TOKENS
             elif isinstance(part.get("text"), str):
                 total += _count_tokens(count, part["text"], part_where)
             else:  # audio, files, refusals, ...: their JSON, which overcounts
-                total += _count_tokens(count, _as_json(part), part_where)
+                total += _count_tokens(count, _as_json(part, part_where), part_where)
         return total
-    raise InvalidRequestError(f"{where} must be a str, a list of parts or None, got {content!r}")
+    raise InvalidRequestError(f"{where} must be a str, a list of parts or None, got {shown(content)}")
 
 
 def _completion_allowance(payload: Mapping[str, Any], default_completion_tokens: int) -> int:
@@ -132,11 +160,13 @@ def _completion_allowance(payload: Mapping[str, Any], default_completion_tokens:
     for key in ("max_tokens", "max_completion_tokens"):  # the second wins when both are set
         value = payload.get(key)
         if value is not None:
-            completion = validate_token_count(value, f"payload[{key!r}]")
+            completion = _token_count(value, f"payload[{key!r}]")
     choices = payload.get("n")
     if choices is not None:
-        if isinstance(choices, bool) or not isinstance(choices, int) or choices < 1:
-            raise InvalidRequestError(f"payload['n'] must be an int >= 1, got {choices!r}")
+        if isinstance(choices, bool) or not isinstance(choices, int) or not 1 <= choices <= MAX_TOKEN_COUNT:
+            raise InvalidRequestError(
+                f"payload['n'] must be an int within 1..{MAX_TOKEN_COUNT}, got {shown(choices)}"
+            )
         completion *= choices
     return completion
 
@@ -163,26 +193,32 @@ def estimate_chat_tokens(
     Nothing is downloaded: pass a tokenizer whose files are installed to count exactly. After
     each call `Worker` corrects the limiter to the provider's ``usage.total_tokens``.
 
+    A payload that cannot be counted raises `InvalidRequestError` naming the field: a value JSON
+    cannot hold (one that contains itself, an int of more than 4,300 digits), a count above
+    `MAX_TOKEN_COUNT`, or an estimate above it (``max_tokens`` times ``n``).
+
     >>> estimate_chat_tokens({"model": "m", "messages": [{"role": "user", "content": "Hello there!"}],
     ...                       "max_tokens": 100})
     111
     """
     if not isinstance(payload, Mapping):
-        raise InvalidRequestError(f"payload must be a mapping of create() keyword arguments, got {payload!r}")
+        raise InvalidRequestError(
+            f"payload must be a mapping of create() keyword arguments, got {shown(payload)}"
+        )
     count: Tokenizer = tokenizer if tokenizer is not None else _default_count
     if not callable(count):
         raise InvalidRequestError(f"tokenizer must be a callable str -> int, got {tokenizer!r}")
-    default = validate_token_count(default_completion_tokens, "default_completion_tokens")
+    default = _token_count(default_completion_tokens, "default_completion_tokens")
     messages = payload.get("messages")
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequestError(
-            f"payload['messages'] must be a non-empty list of messages, got {messages!r}"
+            f"payload['messages'] must be a non-empty list of messages, got {shown(messages)}"
         )
     total = REPLY_OVERHEAD_TOKENS
     for index, message in enumerate(messages):
         where = f"payload['messages'][{index}]"
         if not isinstance(message, Mapping):
-            raise InvalidRequestError(f"{where} must be an object, got {message!r}")
+            raise InvalidRequestError(f"{where} must be an object, got {shown(message)}")
         total += MESSAGE_OVERHEAD_TOKENS
         for key in ("role", "name", "tool_call_id"):
             value = message.get(key)
@@ -191,11 +227,19 @@ def estimate_chat_tokens(
         total += _content_tokens(count, message.get("content"), f"{where}['content']")
         for key in ("tool_calls", "function_call", "audio"):
             if message.get(key) is not None:
-                total += _count_tokens(count, _as_json(message[key]), f"{where}[{key!r}]")
+                field = f"{where}[{key!r}]"
+                total += _count_tokens(count, _as_json(message[key], field), field)
     for key in ("tools", "functions", "response_format"):
         if payload.get(key) is not None:
-            total += _count_tokens(count, _as_json(payload[key]), f"payload[{key!r}]")
-    return total + _completion_allowance(payload, default)
+            field = f"payload[{key!r}]"
+            total += _count_tokens(count, _as_json(payload[key], field), field)
+    total += _completion_allowance(payload, default)
+    if total > MAX_TOKEN_COUNT:
+        raise InvalidRequestError(
+            f"payload needs an estimate of {total} tokens, more than {MAX_TOKEN_COUNT}: lower its "
+            "max_tokens, n or content"
+        )
+    return total
 
 
 def request_from_openai_chat(
@@ -249,7 +293,8 @@ async def _sync_limiter(limiter: object, headers: Any) -> ProviderLimits:
 
 def _rate_limit_pause(limits: ProviderLimits) -> float:
     """How long to hold everything after a 429: Retry-After, else the reset of a limit the
-    provider says is exhausted, else a second."""
+    provider says is exhausted, else a second. At most `MAX_PROVIDER_WAIT`: `ProviderLimits`
+    holds no longer wait."""
     if limits.retry_after is not None:
         return limits.retry_after
     resets = [
@@ -287,6 +332,50 @@ async def _classify(error: APIStatusError, limiter: object) -> Exception:
     return PermanentError(description)
 
 
+def _checked_completion(parsed: object, status: int) -> ChatCompletion:
+    """``parsed`` when it is a chat completion with choices; else a `RetryableError`: a 2xx
+    that is not JSON, that carries an ``error`` object (some gateways answer 200 with one) or
+    that has no ``choices`` answered nothing, and must not be taken for a success."""
+    from openai.types.chat import ChatCompletion
+
+    if not isinstance(parsed, ChatCompletion):
+        text = parsed if isinstance(parsed, str) else _as_text(parsed)
+        raise RetryableError(f"malformed response: HTTP {status} with no chat completion: {text[:200]!r}")
+    error = (parsed.model_extra or {}).get("error")
+    if error is not None:
+        message = error.get("message") if isinstance(error, Mapping) else None
+        shown_error = message if isinstance(message, str) else _as_text(error)
+        raise RetryableError(f"malformed response: HTTP {status} carrying an error: {shown_error[:200]}")
+    choices = parsed.choices
+    if not isinstance(choices, list) or not choices:
+        raise RetryableError(f"malformed response: HTTP {status} with no choices")
+    if any(getattr(choice, "message", None) is None for choice in choices):
+        raise RetryableError(f"malformed response: HTTP {status} with a choice that has no message")
+    return parsed
+
+
+def _as_text(value: object) -> str:
+    try:
+        return json.dumps(value, default=str)
+    except (ValueError, TypeError, RecursionError):
+        return shown(value)
+
+
+def total_tokens(completion: ChatCompletion) -> int | None:
+    """``completion.usage.total_tokens`` as a token count, or None when the response has no
+    usable figure (absent, negative, not an int): the limiter then keeps the estimate. A reply
+    already paid for is never retried because its usage is malformed."""
+    usage = getattr(completion, "usage", None)
+    value = getattr(usage, "total_tokens", None) if usage is not None else None
+    if value is None:
+        return None
+    try:
+        return _token_count(value, "usage.total_tokens")
+    except InvalidRequestError as error:
+        _LOGGER.warning("ignoring the response's usage: %s", error)
+        return None
+
+
 async def create_chat_completion(
     client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
 ) -> ChatCompletion:
@@ -315,8 +404,9 @@ async def create_chat_completion(
             parsed = await parsed
     except openai.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
-    completion: ChatCompletion = parsed
-    return completion
+    except ValueError as error:  # a body announced as JSON that is not (json.JSONDecodeError)
+        raise RetryableError(f"malformed response: HTTP {raw.status_code}, not JSON: {error}") from error
+    return _checked_completion(parsed, raw.status_code)
 
 
 def openai_chat_handler(
@@ -326,7 +416,7 @@ def openai_chat_handler(
     on_completion: Callable[[ProcessableMessage[Any], ChatCompletion], Awaitable[None] | None] | None = None,
 ) -> Callable[[ProcessableMessage[Any]], Awaitable[int | None]]:
     """A `Worker` handler: sends each message's payload with `create_chat_completion` and
-    returns ``usage.total_tokens`` (None when the response has no usage).
+    returns ``usage.total_tokens`` (None when the response has no usable usage: `total_tokens`).
 
     ``on_completion(job, completion)`` (plain or async) sees each successful response before
     the message is acknowledged: store the answer there. If it raises, the message is retried.
@@ -339,7 +429,6 @@ def openai_chat_handler(
         completion = await create_chat_completion(quiet, limiter, job.message.payload.payload)
         if on_completion is not None:
             await _maybe_await(on_completion(job, completion))
-        usage = completion.usage
-        return None if usage is None else int(usage.total_tokens)
+        return total_tokens(completion)
 
     return handle

@@ -20,8 +20,8 @@ Two kinds of figures, read two ways:
   a scrape never waits on the event loop, never awaits a store, and never calls anything that
   changes a dispatcher. Queue depth by priority, in flight, oldest age, unfittable, the wait
   and dequeue-latency percentiles of the dispatcher's window, throughput, failed and
-  dead-lettered totals, the limiter's available and limit for requests and tokens, its debt,
-  and each tenant's counts, tokens and waits (``get_queue_metrics().tenants``).
+  dead-lettered totals, the limiter's available tokens and requests and its capacities, its
+  debt, and each tenant's counts, tokens and waits (``get_queue_metrics().tenants``).
 - **Events, recorded as they happen.** The dispatcher keeps no cumulative dispatch or completion
   counts and no latency distribution, so the caller that dequeues reports them:
   ``watched.record_dispatch(job, dequeue_seconds)`` after a ``dequeue`` that returned a job and
@@ -37,7 +37,11 @@ To serve the text format from an aiohttp app, refresh on each scrape::
 
 From an ASGI app (Starlette, FastAPI) mount prometheus-client's own app and keep the snapshot
 fresh with ``collector.start()`` in the app's startup: ``app.mount("/metrics", make_asgi_app())``.
-Every metric name starts with ``llmqd_``.
+Names follow Prometheus' conventions: every one starts with ``llmqd_``, durations are in
+seconds and rates per second (base units), counters end in ``_total``, and the percentiles the
+dispatcher computes over its window are plain gauges named after their percentile
+(``llmqd_window_wait_p95_seconds``), not gauges with a ``quantile`` label, which Prometheus
+keeps for summaries. A wait is never shown below zero (a clock stepped back cannot make one).
 """
 
 from __future__ import annotations
@@ -100,7 +104,9 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Label names the collector adds itself.
 _RESERVED_LABELS = frozenset({"priority", "tenant", "quantile", "state", "le"})
 _PRIORITY_NAMES = tuple(p.name for p in Priority)
-_QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
+# The percentiles of the dispatcher's reports, each exported as its own gauge.
+_PERCENTILES = ("p50", "p95", "p99")
+_LATENCY_PERCENTILES = ("p50", "p99")
 
 
 class MetricsSource(Protocol):
@@ -137,6 +143,11 @@ class _Histogram:
 
 def _format_bound(bound: float) -> str:
     return repr(float(bound))
+
+
+def _seconds(value: float) -> float:
+    """A duration for export: never below zero (nor NaN), whatever the clock did."""
+    return float(value) if value > 0 else 0.0
 
 
 def _check_seconds(name: str, value: object) -> float:
@@ -322,6 +333,7 @@ class QueueCollector:
 
     def _families(self) -> dict[str, Metric]:
         base = list(self._label_names or ())
+        tenant = [*base, "tenant"]
         gauge = GaugeMetricFamily
         counter = CounterMetricFamily
         specs: list[Metric] = [
@@ -335,20 +347,30 @@ class QueueCollector:
                 "Visible messages larger than the limiter's token capacity (never dispatchable).",
                 labels=base,
             ),
-            gauge(
-                "llmqd_window_wait_time_seconds",
-                "Wait from enqueue to dispatch over the dispatcher's metrics window, by quantile.",
-                labels=[*base, "quantile"],
+            *(
+                gauge(
+                    f"llmqd_window_wait_{name}_seconds",
+                    f"{name} of the wait from enqueue to dispatch over the dispatcher's metrics window.",
+                    labels=base,
+                )
+                for name in _PERCENTILES
+            ),
+            *(
+                gauge(
+                    f"llmqd_window_dequeue_latency_{name}_seconds",
+                    f"{name} of the time the dispatcher spent selecting, over its last samples.",
+                    labels=base,
+                )
+                for name in _LATENCY_PERCENTILES
             ),
             gauge(
-                "llmqd_window_dequeue_latency_seconds",
-                "Time the dispatcher spent selecting, over its last samples, by quantile.",
-                labels=[*base, "quantile"],
+                "llmqd_throughput_messages_per_second",
+                "Completions per second over the last minute.",
+                labels=base,
             ),
-            gauge("llmqd_throughput_messages_per_minute", "Completions over the last minute.", labels=base),
             gauge(
-                "llmqd_throughput_tokens_per_minute",
-                "Tokens of the completions over the last minute (actual where known).",
+                "llmqd_throughput_tokens_per_second",
+                "Tokens of the completions per second over the last minute (actual where known).",
                 labels=base,
             ),
             counter("llmqd_failed", "Dispatches marked failed.", labels=base),
@@ -367,42 +389,47 @@ class QueueCollector:
                 "Wall time of the recorded dequeue calls that returned a message.",
                 labels=base,
             ),
-            gauge("llmqd_limiter_tokens_available", "Tokens in the limiter's token bucket.", labels=base),
+            gauge("llmqd_limiter_available_tokens", "Tokens in the limiter's token bucket.", labels=base),
             gauge(
-                "llmqd_limiter_tokens_limit", "Capacity of the token bucket (burst_tpm or tpm).", labels=base
-            ),
-            gauge(
-                "llmqd_limiter_requests_available", "Requests in the limiter's request bucket.", labels=base
-            ),
-            gauge(
-                "llmqd_limiter_requests_limit",
-                "Capacity of the request bucket (burst_rpm or rpm).",
+                "llmqd_limiter_capacity_tokens",
+                "Capacity of the token bucket (burst_tpm, else tpm); it refills at tpm per minute.",
                 labels=base,
             ),
             gauge(
-                "llmqd_limiter_compensation_debt_tokens",
+                "llmqd_limiter_available_requests", "Requests in the limiter's request bucket.", labels=base
+            ),
+            gauge(
+                "llmqd_limiter_capacity_requests",
+                "Capacity of the request bucket (burst_rpm, else rpm); it refills at rpm per minute.",
+                labels=base,
+            ),
+            gauge(
+                "llmqd_limiter_debt_tokens",
                 "Tokens the limiter's next consume takes on top of its estimate.",
                 labels=base,
             ),
             gauge(
                 "llmqd_tenant_messages",
                 "A tenant's messages, visible or in flight.",
-                labels=[*base, "tenant", "state"],
+                labels=[*tenant, "state"],
             ),
             gauge(
                 "llmqd_tenant_window_tokens",
                 "Tokens charged to a tenant over the fairness window.",
-                labels=[*base, "tenant"],
+                labels=tenant,
             ),
             counter(
                 "llmqd_tenant_served_tokens",
                 "Tokens of a tenant's requests marked processed.",
-                labels=[*base, "tenant"],
+                labels=tenant,
             ),
-            gauge(
-                "llmqd_tenant_wait_time_seconds",
-                "A tenant's wait from enqueue to dispatch, by quantile.",
-                labels=[*base, "tenant", "quantile"],
+            *(
+                gauge(
+                    f"llmqd_tenant_wait_{name}_seconds",
+                    f"{name} of a tenant's wait from enqueue to dispatch.",
+                    labels=tenant,
+                )
+                for name in _PERCENTILES
             ),
         ]
         return {family.name: family for family in specs}
@@ -436,15 +463,17 @@ class QueueCollector:
             for name in _PRIORITY_NAMES:
                 add("llmqd_queue_messages", report.messages_by_priority.get(name, 0), name)
             add("llmqd_in_flight_messages", report.approximate_number_of_messages_in_flight)
-            add("llmqd_oldest_message_age_seconds", report.oldest_message_age)
+            add("llmqd_oldest_message_age_seconds", _seconds(report.oldest_message_age))
             add("llmqd_unfittable_messages", report.unfittable_messages)
-            for quantile, field in _QUANTILES:
-                add("llmqd_window_wait_time_seconds", getattr(report.wait_time_percentiles, field), quantile)
-            latency_report = snapshot.queue.performance.dequeue_latency
-            add("llmqd_window_dequeue_latency_seconds", latency_report.p50, "0.5")
-            add("llmqd_window_dequeue_latency_seconds", latency_report.p99, "0.99")
-            add("llmqd_throughput_messages_per_minute", report.throughput.messages_per_minute)
-            add("llmqd_throughput_tokens_per_minute", report.throughput.tokens_per_minute)
+            for name in _PERCENTILES:
+                add(
+                    f"llmqd_window_wait_{name}_seconds", _seconds(getattr(report.wait_time_percentiles, name))
+                )
+            dequeue_latency = snapshot.queue.performance.dequeue_latency
+            for name in _LATENCY_PERCENTILES:
+                add(f"llmqd_window_dequeue_latency_{name}_seconds", _seconds(getattr(dequeue_latency, name)))
+            add("llmqd_throughput_messages_per_second", report.throughput.messages_per_minute / 60.0)
+            add("llmqd_throughput_tokens_per_second", report.throughput.tokens_per_minute / 60.0)
             add("llmqd_failed", report.failed)
             add("llmqd_dead_lettered", report.dead_lettered)
             add("llmqd_expired_deadlines", report.expired_deadlines)
@@ -457,18 +486,17 @@ class QueueCollector:
                 add("llmqd_tenant_messages", usage.in_flight, tenant, "in_flight")
                 add("llmqd_tenant_window_tokens", usage.tokens_in_window, tenant)
                 add("llmqd_tenant_served_tokens", usage.tokens_served, tenant)
-                for quantile, field in _QUANTILES:
+                for name in _PERCENTILES:
                     add(
-                        "llmqd_tenant_wait_time_seconds",
-                        getattr(usage.wait_time_percentiles, field),
+                        f"llmqd_tenant_wait_{name}_seconds",
+                        _seconds(getattr(usage.wait_time_percentiles, name)),
                         tenant,
-                        quantile,
                     )
         if snapshot.limiter is not None:
             limits = snapshot.limiter
-            add("llmqd_limiter_tokens_available", limits.tpm.available)
-            add("llmqd_limiter_tokens_limit", limits.tpm.limit)
-            add("llmqd_limiter_requests_available", limits.rpm.available)
-            add("llmqd_limiter_requests_limit", limits.rpm.limit)
+            add("llmqd_limiter_available_tokens", limits.tpm.available)
+            add("llmqd_limiter_capacity_tokens", limits.tpm.limit)
+            add("llmqd_limiter_available_requests", limits.rpm.available)
+            add("llmqd_limiter_capacity_requests", limits.rpm.limit)
             with contextlib.suppress(AttributeError):  # an async limiter may report no debt
-                add("llmqd_limiter_compensation_debt_tokens", limits.compensation.total_debt)
+                add("llmqd_limiter_debt_tokens", limits.compensation.total_debt)

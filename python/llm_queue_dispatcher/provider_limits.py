@@ -10,26 +10,35 @@ Both limiters (`LLMThrottle` and `redis.RedisThrottle`) learn from it through
   provider's reset (``requests_reset`` / ``tokens_reset``, seconds from now) it can hold no more
   than that figure minus what was granted since. So the limiter never believes it has more than
   the provider says remains. Without a reset figure the cut happens once and the bucket refills
-  as usual.
+  as usual. ``input_tokens_*`` and ``output_tokens_*`` do the same to a limiter's input and
+  output token buckets (its ``itpm`` and ``otpm``), where it has them.
 
 Headers understood (case-insensitive):
 
 * OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; resets are durations such
   as ``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``.
 * Anthropic: ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (resets are
-  RFC 3339 instants), falling back to ``anthropic-ratelimit-input-tokens-*`` when the combined
-  token headers are absent.
+  RFC 3339 instants; the ``tokens`` figures are input and output together), falling back to
+  ``anthropic-ratelimit-input-tokens-*`` when the combined token headers are absent; and
+  ``anthropic-ratelimit-input-tokens-*`` / ``anthropic-ratelimit-output-tokens-*`` as the input
+  and output figures.
 * ``retry-after`` (seconds or an HTTP date) and ``retry-after-ms``.
 
-Malformed values are ignored: a provider's header never makes a worker fail. Headers that are not
-a mapping or an iterable of ``(name, value)`` pairs are a caller's mistake, refused with
-`InvalidRequestError`.
+Every wait read (``retry_after`` and both resets) is at most `MAX_PROVIDER_WAIT` (one day): a
+longer one (``99999999999s``, an Anthropic reset in the year 9999) is cut to it, so no header can
+hold a limiter, shared or not, for longer than a day. A value that is not a finite number >= 0
+(``inf``, ``-5``, ``soon``) is ignored. Either way a provider's header never makes a worker fail;
+each header name whose value was cut or ignored is logged once per process (logger
+``llm_queue_dispatcher``), not on every response. Headers that are not a mapping or an iterable
+of ``(name, value)`` pairs are a caller's mistake, refused with `InvalidRequestError`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,9 +47,23 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ._checks import finite_float, shown
+
+# The longest wait, in seconds, a provider's header is believed: one day, the core's constant
+# (`LLMThrottle.penalize` clamps to it too). A ``Retry-After`` or a reset further away is cut to
+# it: providers' windows run from a minute (OpenAI, Anthropic) to a day (per-day limits), so a
+# longer figure is a mistake, and believing it would stop every request for years.
+from ._core import MAX_PROVIDER_WAIT
 from .errors import InvalidRequestError
 
-__all__ = ["ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
+__all__ = ["MAX_PROVIDER_WAIT", "ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
+
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+# Header names already logged as cut or ignored: a provider sending a bad figure on every
+# response is reported once per process, not once per response.
+_LOGGED: set[str] = set()
+_LOGGED_LOCK = threading.Lock()
+_WAITS = frozenset({"requests_reset", "tokens_reset", "retry_after"})
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -50,7 +73,8 @@ _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 class ProviderLimits:
     """The provider's view of its limits; None where a response did not say.
 
-    Resets and ``retry_after`` are seconds from the moment the headers were read.
+    Resets and ``retry_after`` are seconds from the moment the headers were read, at most
+    `MAX_PROVIDER_WAIT`: a longer one given here is cut to it.
     """
 
     requests_limit: float | None = None
@@ -60,12 +84,20 @@ class ProviderLimits:
     tokens_remaining: float | None = None
     tokens_reset: float | None = None
     retry_after: float | None = None
+    input_tokens_limit: float | None = None
+    input_tokens_remaining: float | None = None
+    input_tokens_reset: float | None = None
+    output_tokens_limit: float | None = None
+    output_tokens_remaining: float | None = None
+    output_tokens_reset: float | None = None
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if value is not None and ((figure := finite_float(value)) is None or figure < 0):
                 raise InvalidRequestError(f"{name} must be None or a finite number >= 0, got {shown(value)}")
+            if name in _WAITS and value is not None and value > MAX_PROVIDER_WAIT:
+                object.__setattr__(self, name, MAX_PROVIDER_WAIT)
 
     @property
     def empty(self) -> bool:
@@ -94,9 +126,33 @@ def parse_duration(text: str) -> float | None:
     return total if position == len(text) and math.isfinite(total) else None
 
 
-def _number(value: str | None) -> float | None:
-    if value is None:
-        return None
+def _log_once(name: str, message: str, *args: object) -> None:
+    with _LOGGED_LOCK:
+        if name in _LOGGED:
+            return
+        _LOGGED.add(name)
+    _LOGGER.warning(message + " (logged once per header name)", *args)
+
+
+def _ignored(name: str, value: str) -> None:
+    _log_once(name, "provider header %s: %.80r is not a value it can hold; ignored", name, value)
+
+
+def _at_most_a_day(name: str, value: str, seconds: float | None) -> float | None:
+    """``seconds`` cut to `MAX_PROVIDER_WAIT`; a value cut is logged (once per header name)."""
+    if seconds is not None and seconds > MAX_PROVIDER_WAIT:
+        _log_once(
+            name,
+            "provider header %s: %.80r is a wait longer than a day; taken as %g s (MAX_PROVIDER_WAIT)",
+            name,
+            value,
+            MAX_PROVIDER_WAIT,
+        )
+        return MAX_PROVIDER_WAIT
+    return seconds
+
+
+def _float(value: str) -> float | None:
     try:
         number = float(value.strip())
     except ValueError:
@@ -104,8 +160,33 @@ def _number(value: str | None) -> float | None:
     return number if math.isfinite(number) and number >= 0 else None
 
 
-def _instant_in(value: str | None, now: float) -> float | None:
-    """Seconds from ``now`` until an RFC 3339 instant (Anthropic's resets); None if malformed."""
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    """The header's finite number >= 0; a present header holding anything else is logged and
+    ignored."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    number = _float(value)
+    if number is None:
+        _ignored(name, value)
+    return number
+
+
+def _duration(headers: Mapping[str, str], name: str) -> float | None:
+    """An OpenAI-style duration header in seconds, at most a day; None if absent or malformed."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds is None:
+        _ignored(name, value)
+    return _at_most_a_day(name, value, seconds)
+
+
+def _instant_in(headers: Mapping[str, str], name: str, now: float) -> float | None:
+    """Seconds from ``now`` until an RFC 3339 instant (Anthropic's resets), at most a day; None
+    if absent or malformed."""
+    value = headers.get(name)
     if value is None:
         return None
     text = value.strip()
@@ -114,29 +195,32 @@ def _instant_in(value: str | None, now: float) -> float | None:
     try:
         instant = datetime.fromisoformat(text)
     except ValueError:
+        _ignored(name, value)
         return None
     if instant.tzinfo is None:
         instant = instant.replace(tzinfo=timezone.utc)
-    return max(0.0, instant.timestamp() - now)
+    return _at_most_a_day(name, value, max(0.0, instant.timestamp() - now))
 
 
 def _retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    milliseconds = _number(headers.get("retry-after-ms"))
+    """``retry-after-ms``, else ``retry-after`` (seconds or an HTTP date), at most a day."""
+    milliseconds = _number(headers, "retry-after-ms")
     if milliseconds is not None:
-        return milliseconds / 1000.0
+        return _at_most_a_day("retry-after-ms", headers["retry-after-ms"], milliseconds / 1000.0)
     value = headers.get("retry-after")
     if value is None:
         return None
-    seconds = _number(value)
-    if seconds is not None:
-        return seconds
-    try:
-        instant = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):  # a year past datetime's range
-        return None
-    if instant.tzinfo is None:
-        instant = instant.replace(tzinfo=timezone.utc)
-    return max(0.0, instant.timestamp() - now)
+    seconds = _float(value)
+    if seconds is None:
+        try:
+            instant = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):  # a year past datetime's range
+            _ignored("retry-after", value)
+            return None
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=timezone.utc)
+        seconds = max(0.0, instant.timestamp() - now)
+    return _at_most_a_day("retry-after", value, seconds)
 
 
 def _header_items(headers: object) -> Iterable[Any]:
@@ -189,36 +273,36 @@ def parse_rate_limit_headers(
         raise InvalidRequestError(f"now must be None or a finite number of seconds, got {shown(now)}")
     h = _lowercase(headers)
     now = time.time() if now is None else float(now)
-
-    def duration(name: str) -> float | None:
-        value = h.get(name)
-        return None if value is None else parse_duration(value)
-
     requests = (
-        _number(h.get("x-ratelimit-limit-requests")),
-        _number(h.get("x-ratelimit-remaining-requests")),
-        duration("x-ratelimit-reset-requests"),
+        _number(h, "x-ratelimit-limit-requests"),
+        _number(h, "x-ratelimit-remaining-requests"),
+        _duration(h, "x-ratelimit-reset-requests"),
     )
     tokens = (
-        _number(h.get("x-ratelimit-limit-tokens")),
-        _number(h.get("x-ratelimit-remaining-tokens")),
-        duration("x-ratelimit-reset-tokens"),
+        _number(h, "x-ratelimit-limit-tokens"),
+        _number(h, "x-ratelimit-remaining-tokens"),
+        _duration(h, "x-ratelimit-reset-tokens"),
     )
     if all(v is None for v in requests):
         requests = (
-            _number(h.get("anthropic-ratelimit-requests-limit")),
-            _number(h.get("anthropic-ratelimit-requests-remaining")),
-            _instant_in(h.get("anthropic-ratelimit-requests-reset"), now),
+            _number(h, "anthropic-ratelimit-requests-limit"),
+            _number(h, "anthropic-ratelimit-requests-remaining"),
+            _instant_in(h, "anthropic-ratelimit-requests-reset", now),
         )
+
+    def anthropic(prefix: str) -> tuple[float | None, float | None, float | None]:
+        return (
+            _number(h, f"{prefix}-limit"),
+            _number(h, f"{prefix}-remaining"),
+            _instant_in(h, f"{prefix}-reset", now),
+        )
+
+    input_tokens = anthropic("anthropic-ratelimit-input-tokens")
+    output_tokens = anthropic("anthropic-ratelimit-output-tokens")
     if all(v is None for v in tokens):
-        for prefix in ("anthropic-ratelimit-tokens", "anthropic-ratelimit-input-tokens"):
-            tokens = (
-                _number(h.get(f"{prefix}-limit")),
-                _number(h.get(f"{prefix}-remaining")),
-                _instant_in(h.get(f"{prefix}-reset"), now),
-            )
-            if any(v is not None for v in tokens):
-                break
+        tokens = anthropic("anthropic-ratelimit-tokens")
+        if all(v is None for v in tokens):
+            tokens = input_tokens
     return ProviderLimits(
         requests_limit=requests[0],
         requests_remaining=requests[1],
@@ -227,4 +311,10 @@ def parse_rate_limit_headers(
         tokens_remaining=tokens[1],
         tokens_reset=tokens[2],
         retry_after=_retry_after(h, now),
+        input_tokens_limit=input_tokens[0],
+        input_tokens_remaining=input_tokens[1],
+        input_tokens_reset=input_tokens[2],
+        output_tokens_limit=output_tokens[0],
+        output_tokens_remaining=output_tokens[1],
+        output_tokens_reset=output_tokens[2],
     )

@@ -1,41 +1,47 @@
 """``llmqd simulate``: the command line over `llm_queue_dispatcher.simulate`.
 
-Builds the workload from a preset and the flags (or reads a trace), runs each strategy on it,
-and prints the strategies side by side (or JSON), with a progress report on long runs, an
-optional plot, and Ctrl-C stopping the run at once with the table so far.
+Builds the workload from a preset and the flags (or reads traces, `simulate_scenario`), runs
+each strategy on it, and prints the strategies side by side (or JSON), with a progress report on
+long runs, an optional plot, and Ctrl-C stopping the run at once with the table so far.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
-from . import _argtypes as argtypes
 from .config import FairPriorityConfig
 from .simulate import (
     DEFAULT_RETENTION,
+    DEFAULT_SLO,
     PRESETS,
     SCORE_STRATEGIES,
     STRATEGIES,
-    ProviderModel,
     SimulationProgress,
     SimulationResult,
-    TraceRecord,
-    Workload,
     format_summary,
     format_table,
     run_simulation,
     strategy_label,
 )
+from .simulate_scenario import (
+    BASE_RPM,
+    BASE_TPM,
+    Scenario,
+    UsageError,
+    build_scenario,
+    number,
+    parse_slo,
+    whole,
+)
+from .simulate_trace import FORMATS, TraceError
+from .simulate_workload import MAX_REQUESTS, MAX_SECONDS, MAX_TOKENS
 
 __all__ = ["register", "run"]
 
@@ -44,49 +50,46 @@ _PROG = "llmqd simulate"
 # Runs shorter than this show no progress at all.
 _PROGRESS_DELAY = 2.0
 
-# Without a preset: an RPM-bound workload (132 arrivals a minute against 120 RPM).
-_BASE_RPM = 120.0
-_BASE_TPM = 500_000.0
-
-# Flags that describe a generated workload (a trace replaces them all).
-_WORKLOAD_FLAGS = {
-    "requests": "--requests",
-    "duration": "--duration",
-    "arrival": "--arrival",
-    "arrival_rate": "--arrival-rate",
-    "load": "--load",
-    "priority_mix": "--priority-mix",
-    "token_median": "--token-median",
-    "token_sigma": "--token-sigma",
-    "token_min": "--token-min",
-    "token_max": "--token-max",
-    "tenants": "--tenants",
-    "heavy_tenants": "--heavy-tenants",
-    "heavy_share": "--heavy-share",
-    "deadline": "--deadline",
-}
+# `--strategy all`: the baseline, the score presets without and with a held budget, then the
+# fair_priority policy.
+_ALL = (
+    "fifo",
+    *(f"{name}:no-hold" for name in SCORE_STRATEGIES),
+    *SCORE_STRATEGIES,
+    "fair_priority",
+)
 
 
-# `--strategy all`: the baseline, the seed's presets and rule, then the two policies.
-_ALL = ("fifo", *(f"{name}:no-hold" for name in SCORE_STRATEGIES), "default", "fair_priority")
-
-
-class UsageError(Exception):
-    """A bad combination of flags; exit status 2."""
-
-
-# -- argument types (the shared ones are in _argtypes) -------------------------------------------
+# -- argument types ------------------------------------------------------------------------------
 def _mix(text: str) -> tuple[float, float, float, float]:
     parts = [part.strip() for part in text.split(",")]
     try:
         values = [float(part) for part in parts]
     except ValueError:
         values = []
-    if len(values) != 4 or min(values) < 0 or not sum(values) > 0:
+    if len(values) != 4 or not all(0 <= v <= 1e9 for v in values) or not sum(values) > 0:
         raise argparse.ArgumentTypeError(
-            f"must be 4 weights >= 0 for URGENT,HIGH,NORMAL,LOW (e.g. 5,20,50,25), got {text}"
+            f"must be 4 weights from 0 to 1e9 for URGENT,HIGH,NORMAL,LOW (e.g. 5,20,50,25), got {text}"
         )
     return values[0], values[1], values[2], values[3]
+
+
+# Limits: at least one request a minute, or one token; a limit below can never admit a request.
+_limit = number(1.0, 1e15)
+_positive_seconds = number(0.0, MAX_SECONDS, low_open=True)
+_seconds = number(0.0, MAX_SECONDS)
+_share = number(0.0, 1.0)
+_fraction = number(0.0, 1.0, high_open=True)
+_latency = number(0.0, 86_400.0)
+_milliseconds = number(0.0, 86_400.0)
+_load = number(0.0, 1000.0, low_open=True)
+_rate = number(0.0, 1e9, low_open=True)
+_sigma = number(0.0, 10.0)
+_median = number(0.0, float(MAX_TOKENS), low_open=True)
+_requests = whole(1, MAX_REQUESTS)
+_tenants = whole(1, MAX_REQUESTS)
+_tokens = whole(0, MAX_TOKENS)
+_concurrency = whole(1, 1_000_000)
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -96,73 +99,137 @@ def register(commands: Any) -> None:
         "simulate",
         help="dispatch a workload under RPM/TPM limits on a virtual clock and compare strategies",
         description=(
-            "Dispatches a generated workload (or a recorded trace) with each strategy, on a virtual "
-            "clock, and prints them side by side. `--preset overload` is issue 10's workload; any "
-            "flag given overrides the preset."
+            "Dispatches a generated workload, or recorded traffic (--trace), with each strategy, on "
+            "a virtual clock, and prints them side by side. `--preset overload` is a synthetic "
+            "overload; any flag given overrides the preset."
         ),
     )
-    workload = parser.add_argument_group("workload")
+    workload = parser.add_argument_group("generated workload")
     workload.add_argument(
         "--preset", choices=sorted(PRESETS), help="a named scenario (overload: 8 tenants at 2x the TPM limit)"
     )
-    workload.add_argument("--requests", type=argtypes.count, help="requests in the workload (default 10000)")
+    workload.add_argument("--requests", type=_requests, help="requests in the workload (default 10000)")
     workload.add_argument(
-        "--duration", type=argtypes.positive, help="seconds of Poisson arrivals (instead of a request count)"
+        "--duration", type=_positive_seconds, help="seconds of Poisson arrivals (instead of a request count)"
     )
     workload.add_argument("--arrival", choices=["poisson", "burst"], help="arrival pattern (default poisson)")
-    workload.add_argument(
-        "--arrival-rate", type=argtypes.positive, help="Poisson arrivals per second (default 2.2)"
-    )
+    workload.add_argument("--arrival-rate", type=_rate, help="Poisson arrivals per second (default 2.2)")
     workload.add_argument(
         "--load",
-        type=argtypes.positive,
-        help="offered load: estimated tokens arriving per minute / the TPM limit; sets the arrival rate",
+        type=_load,
+        help=(
+            "offered load, up to 1000: for a generated workload the estimated tokens arriving per minute "
+            "/ the TPM limit (sets the arrival rate); for traces the actual tokens per minute / the TPM "
+            "limit (sets the TPM limit, or with --tpm scales the arrival times)"
+        ),
     )
     workload.add_argument(
         "--priority-mix", type=_mix, help="weights of URGENT,HIGH,NORMAL,LOW (default 10,20,50,20)"
     )
+    workload.add_argument("--token-median", type=_median, help="median token estimate (default 800)")
     workload.add_argument(
-        "--token-median", type=argtypes.positive, help="median token estimate (default 800)"
+        "--token-sigma", type=_sigma, help="log-normal sigma of the estimates, up to 10 (default 1)"
     )
+    workload.add_argument("--token-min", type=_tokens, help="smallest estimate (default 20)")
+    workload.add_argument("--token-max", type=_tokens, help="largest estimate (default 200000)")
+    workload.add_argument("--tenants", type=_tenants, help="tenants sending requests (default 1: none)")
     workload.add_argument(
-        "--token-sigma", type=argtypes.non_negative, help="log-normal sigma of the estimates (default 1)"
+        "--heavy-share", type=_share, help="share of the requests the heavy tenant(s) send (default: equal)"
     )
-    workload.add_argument("--token-min", type=argtypes.tokens, help="smallest estimate (default 20)")
-    workload.add_argument("--token-max", type=argtypes.tokens, help="largest estimate (default 200000)")
-    workload.add_argument("--tenants", type=argtypes.count, help="tenants sending requests (default 1: none)")
+    workload.add_argument("--heavy-tenants", type=_tenants, help="how many tenants are heavy (default 1)")
+    workload.add_argument("--deadline", type=_seconds, help="each request's deadline, seconds after arrival")
     workload.add_argument(
-        "--heavy-share",
-        type=argtypes.share,
-        help="share of the requests the heavy tenant(s) send (default: equal)",
+        "--seed",
+        type=int,
+        default=7,
+        help="random seed of the workload, the trace rules and failures (default 7)",
     )
-    workload.add_argument(
-        "--heavy-tenants", type=argtypes.count, help="how many tenants are heavy (default 1)"
-    )
-    workload.add_argument(
-        "--deadline", type=argtypes.non_negative, help="each request's deadline, seconds after arrival"
-    )
-    workload.add_argument(
-        "--seed", type=int, default=7, help="random seed of the workload and failures (default 7)"
-    )
-    workload.add_argument("--trace", metavar="FILE", help="replay a recorded trace (.csv, else JSON Lines)")
     workload.add_argument(
         "--save-trace", metavar="FILE", help="write the workload as a trace (.csv, else JSON Lines)"
     )
+    traces = parser.add_argument_group("recorded traffic")
+    traces.add_argument(
+        "--trace",
+        action="append",
+        metavar="[LABEL=]FILE",
+        help=(
+            "replay a trace: the project's CSV/JSON Lines, the Azure LLM inference trace CSV, the BurstGPT "
+            "CSV or the Mooncake JSON Lines (recognised by header or keys); repeat to merge traces on "
+            "their timestamps; LABEL names the file in rules and as a tenant (default: its stem)"
+        ),
+    )
+    traces.add_argument(
+        "--trace-format", choices=["auto", *FORMATS], default="auto", help="read every trace as this format"
+    )
+    traces.add_argument(
+        "--urgent-share", type=_share, help="share of the requests made URGENT, drawn with --seed (default 0)"
+    )
+    traces.add_argument(
+        "--priority",
+        action="append",
+        metavar="[KEY=]CLASSES",
+        help=(
+            "classes of the other requests: HIGH, or NORMAL,LOW (drawn half and half), or NORMAL:3,LOW:1; "
+            "KEY is a file's label (or a column's value with --priority-by); without KEY, every request "
+            "no other rule matches (default NORMAL); repeatable"
+        ),
+    )
+    traces.add_argument(
+        "--priority-by",
+        metavar="file|column:NAME",
+        default="file",
+        help="what --priority's KEY matches: the file's label (default) or a column's value",
+    )
+    traces.add_argument(
+        "--tenant-by",
+        metavar="none|file|column:NAME",
+        default="none",
+        help="each request's tenant: none (default), the file's label, or a column's value",
+    )
+    traces.add_argument(
+        "--estimate",
+        choices=["actual", "cap"],
+        default="actual",
+        help="the estimate: the actual tokens (default), or the prompt + the --max-tokens cap",
+    )
+    traces.add_argument(
+        "--max-tokens",
+        action="append",
+        metavar="[LABEL=]N",
+        help="the max_tokens cap of a file's requests for --estimate cap (the completion is cut at it)",
+    )
     limits = parser.add_argument_group("provider and limits")
-    limits.add_argument("--rpm", type=argtypes.positive, help=f"requests per minute (default {_BASE_RPM:g})")
-    limits.add_argument("--tpm", type=argtypes.positive, help=f"tokens per minute (default {_BASE_TPM:g})")
     limits.add_argument(
-        "--concurrency", type=argtypes.count, help="concurrent calls the provider takes (default 32)"
+        "--rpm",
+        type=_limit,
+        help=f"requests per minute, >= 1 (default {BASE_RPM:g}; for traces twice the mean arrivals a minute)",
     )
     limits.add_argument(
-        "--failure-rate",
-        type=argtypes.fraction,
-        default=0.0,
-        help="share of attempts the provider fails (default 0)",
+        "--tpm",
+        type=_limit,
+        help=f"tokens per minute, >= 1 (default {BASE_TPM:g}; for traces the tokens a minute / --load)",
+    )
+    limits.add_argument(
+        "--concurrency", type=_concurrency, help="concurrent calls the provider takes (default 32)"
+    )
+    limits.add_argument("--base-latency", type=_latency, help="seconds every call takes (default 0.4)")
+    limits.add_argument(
+        "--ms-per-token",
+        type=_milliseconds,
+        help="milliseconds per token of a call whose completion is not known apart (default 1.5)",
+    )
+    limits.add_argument(
+        "--ms-per-input-token", type=_milliseconds, help="milliseconds per prompt token (default 0.2)"
+    )
+    limits.add_argument(
+        "--ms-per-output-token", type=_milliseconds, help="milliseconds per completion token (default 20)"
+    )
+    limits.add_argument(
+        "--failure-rate", type=_fraction, default=0.0, help="share of attempts the provider fails (default 0)"
     )
     limits.add_argument(
         "--retention",
-        type=argtypes.positive,
+        type=_positive_seconds,
         default=DEFAULT_RETENTION,
         help="seconds a queued request is kept before the store drops it (default 4 days)",
     )
@@ -172,22 +239,36 @@ def register(commands: Any) -> None:
         action="append",
         metavar="NAME",
         help=(
-            f"one of {', '.join(STRATEGIES)}, optionally with ':no-hold' (the seed's rule), or 'all' "
-            f"({', '.join(_ALL)}); repeat to compare (default: default, fair_priority, fifo)"
+            f"one of {', '.join(STRATEGIES)}, optionally with ':no-hold' (no budget held: the TypeScript "
+            f"library's rule), or 'all' ({', '.join(_ALL)}); repeat to compare (default: default, "
+            "fair_priority, fifo)"
         ),
     )
     strategies.add_argument(
         "--no-hold-budget",
         action="store_true",
-        help="the score strategies use the seed's rule: the best among those the limiter admits now",
+        help="the score strategies hold no budget (the TypeScript library's rule)",
     )
     strategies.add_argument(
-        "--reserve-tokens", type=argtypes.tokens, help="fair_priority's reserve (default: automatic)"
+        "--reserve-tokens", type=_tokens, help="fair_priority's reserve (default: automatic)"
     )
     output = parser.add_argument_group("output")
+    output.add_argument(
+        "--slo",
+        type=parse_slo,
+        metavar="CLASS=S,...",
+        help=(
+            "wait targets for SLO attainment, e.g. URGENT=1,HIGH=30 (default "
+            + ",".join(f"{name}={value:g}" for name, value in DEFAULT_SLO.items())
+            + "; classes left out keep theirs)"
+        ),
+    )
     output.add_argument("--json", action="store_true", help="print JSON instead of a table")
     output.add_argument(
-        "--summary", action="store_true", help="one row per strategy: utilisation and p99 waits only"
+        "--per-tenant", action="store_true", help="each tenant's tokens and waits (table rows, JSON detail)"
+    )
+    output.add_argument(
+        "--summary", action="store_true", help="one row per strategy: utilisation, p99 waits, fairness"
     )
     output.add_argument(
         "--plot", metavar="FILE.png", help="draw wait distributions and queue depth (extra [plot])"
@@ -200,143 +281,19 @@ def register(commands: Any) -> None:
     )
     output.add_argument(
         "--progress-interval",
-        type=argtypes.positive,
+        type=_positive_seconds,
         default=5.0,
         help="seconds between progress lines (default 5)",
     )
     parser.set_defaults(run=run)
+    # A bad flag is one line naming it (exit status 2), like every other refusal of the command,
+    # not the 25 lines of usage argparse prints before it.
+    setattr(parser, "error", _one_line_error)  # noqa: B010  (an instance attribute, on purpose)
 
 
-# -- the scenario --------------------------------------------------------------------------------
-@dataclass
-class Scenario:
-    """What the flags resolve to."""
-
-    records: list[TraceRecord]
-    provider: ProviderModel
-    rpm: float
-    tpm: float
-    description: str
-    title: str
-
-
-def _workload(
-    args: argparse.Namespace, preset_workload: Workload, preset_load: float | None, tpm: float
-) -> tuple[Workload, float | None]:
-    """The workload the flags ask for, and the load it was built for (None: a rate or a burst)."""
-    given = {name: getattr(args, name) for name in _WORKLOAD_FLAGS if getattr(args, name) is not None}
-    if "load" in given and "arrival_rate" in given:
-        raise UsageError("give --load or --arrival-rate, not both")
-    if given.get("arrival") == "burst" and ({"load", "arrival_rate", "duration"} & set(given)):
-        raise UsageError(
-            "--arrival burst sends every request at t = 0: --load, --arrival-rate and --duration do not apply"
-        )
-    fields: dict[str, Any] = {name: value for name, value in given.items() if name != "load"}
-    if "requests" in given and "duration" not in given:
-        fields["duration"] = None
-    if "duration" in given and "requests" not in given:
-        fields["requests"] = None
-    if fields.get("arrival") == "burst":
-        fields["duration"] = None
-        if fields.get("requests", preset_workload.requests) is None:
-            fields["requests"] = Workload().requests
-    tenants = given.get("tenants", preset_workload.tenants)
-    if tenants == 1 and ("heavy_share" in given or "heavy_tenants" in given):
-        raise UsageError("--heavy-share and --heavy-tenants need --tenants 2 or more")
-    if "heavy_tenants" in given and given["heavy_tenants"] >= tenants:
-        raise UsageError(f"--heavy-tenants must be below --tenants ({tenants}): some tenants must be light")
-    if "tenants" in given and "heavy_tenants" not in given and preset_workload.heavy_tenants >= tenants:
-        fields["heavy_tenants"] = 1
-    fields["seed"] = args.seed
-    try:
-        workload = dataclasses.replace(preset_workload, **fields)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    load = given.get("load", None if "arrival_rate" in given else preset_load)
-    if load is not None and workload.arrival == "poisson":
-        return workload.with_load(load, tpm), load
-    return workload, None
-
-
-def _describe_workload(
-    workload: Workload, load: float | None, records: Sequence[TraceRecord], tpm: float
-) -> str:
-    if workload.arrival == "burst":
-        shape = f"{len(records):,} requests at t = 0"
-    else:
-        period = records[-1].arrival if records else 0.0
-        rate = f"{workload.arrival_rate:.2f}/s" + (f" for a load of {load:g}x" if load is not None else "")
-        shape = f"{len(records):,} requests over {period:,.0f} s (Poisson, {rate})"
-    parts = [shape, _offered(records, tpm)]
-    if workload.tenants > 1:
-        if workload.heavy_share is None:
-            parts.append(f"{workload.tenants} tenants sending alike")
-        else:
-            heavy = "t1" if workload.heavy_tenants == 1 else f"t1-t{workload.heavy_tenants}"
-            parts.append(f"{workload.tenants} tenants ({heavy} sending {workload.heavy_share:.0%})")
-    mix = "/".join(f"{100 * w / sum(workload.priority_mix):g}" for w in workload.priority_mix)
-    parts.append(f"priorities {mix} %")
-    parts.append(
-        f"estimates log-normal median {workload.token_median:g} sigma {workload.token_sigma:g} "
-        f"in [{workload.token_min}, {workload.token_max}]"
-    )
-    return ", ".join(part for part in parts if part)
-
-
-def _offered(records: Sequence[TraceRecord], tpm: float) -> str:
-    if len(records) < 2 or records[-1].arrival <= 0:
-        return ""
-    estimated = sum(record.estimated_tokens for record in records)
-    return f"offered {estimated / records[-1].arrival * 60.0 / tpm:.2f}x the TPM limit in estimates"
-
-
-def _scenario(args: argparse.Namespace) -> Scenario:
-    from .simulate_trace import read_trace
-
-    preset = PRESETS[args.preset] if args.preset else None
-    rpm = args.rpm if args.rpm is not None else (preset.rpm if preset else _BASE_RPM)
-    tpm = args.tpm if args.tpm is not None else (preset.tpm if preset else _BASE_TPM)
-    base_provider = preset.provider if preset else ProviderModel()
-    provider = dataclasses.replace(
-        base_provider,
-        concurrency=args.concurrency if args.concurrency is not None else base_provider.concurrency,
-        failure_rate=args.failure_rate,
-        seed=args.seed,
-    )
-    if args.trace:
-        given = [flag for name, flag in _WORKLOAD_FLAGS.items() if getattr(args, name) is not None]
-        if given:
-            verb = "does" if len(given) == 1 else "do"
-            raise UsageError(f"--trace replays recorded traffic: {', '.join(given)} {verb} not apply")
-        records = read_trace(args.trace)
-        tenants = len({record.tenant for record in records})
-        description = ", ".join(
-            part
-            for part in (
-                f"trace {args.trace}: {len(records):,} requests over {records[-1].arrival:,.0f} s",
-                _offered(records, tpm),
-                f"{tenants} tenants" if tenants > 1 else "",
-            )
-            if part
-        )
-    else:
-        workload, load = _workload(
-            args, preset.workload if preset else Workload(), preset.load if preset else None, tpm
-        )
-        records = workload.generate()
-        if not records:
-            raise UsageError("the workload has no requests (raise --duration or --arrival-rate)")
-        description = _describe_workload(workload, load, records, tpm)
-    head = f"{args.preset} preset: " if preset and not args.trace else ""
-    description = (
-        f"{head}{description}; rpm {rpm:g}, tpm {tpm:g}, concurrency {provider.concurrency}, latency "
-        f"{provider.base_latency:g} s + {provider.seconds_per_1k_tokens:g} ms/token, failure rate "
-        f"{provider.failure_rate:g}, seed {args.seed} (virtual time)"
-    )
-    title = (
-        f"{head}{len(records):,} requests, {_offered(records, tpm) or 'a burst'}; rpm {rpm:g}, tpm {tpm:g}"
-    )
-    return Scenario(records, provider, rpm, tpm, description, title)
+def _one_line_error(message: str) -> NoReturn:
+    print(f"{_PROG}: {message} (see llmqd simulate --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def _strategies(args: argparse.Namespace) -> list[tuple[str, bool]]:
@@ -365,9 +322,27 @@ def _has_rich() -> bool:
     return True
 
 
+def progress_line(progress: SimulationProgress, elapsed: float) -> str:
+    """A progress line: the requests settled, broken down as the table counts them."""
+    parts = [f"{progress.completed:,} completed"]
+    for name, count in (
+        ("expired", progress.expired),
+        ("dead-lettered", progress.dead_lettered),
+        ("unfittable", progress.unfittable),
+    ):
+        if count:
+            parts.append(f"{count:,} {name}")
+    return (
+        f"{_PROG}: {progress.strategy}: {progress.settled:,}/{progress.requests:,} settled "
+        f"({', '.join(parts)}), {progress.arrived:,} arrived, virtual time {progress.virtual_time:,.0f} s, "
+        f"{elapsed:.0f} s elapsed"
+    )
+
+
 class _Reporter:
     """Shows progress once the command has run for `_PROGRESS_DELAY` seconds: a rich bar on a
-    terminal (extra ``[progress]``), else a line on stderr every ``interval`` seconds."""
+    terminal (extra ``[progress]``), else a line on stderr every ``interval`` seconds and the
+    last one of each run."""
 
     def __init__(self, mode: str, interval: float) -> None:
         self._mode = mode
@@ -393,13 +368,7 @@ class _Reporter:
             self._update_bar(progress)
         elif now - self._last_line >= self._interval or progress.settled >= progress.requests:
             self._last_line = now
-            print(
-                f"{_PROG}: {progress.strategy}: {progress.settled:,}/{progress.requests:,} requests done, "
-                f"{progress.arrived:,} arrived, virtual time {progress.virtual_time:,.0f} s, "
-                f"{now - self._started:.0f} s elapsed",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(progress_line(progress, now - self._started), file=sys.stderr, flush=True)
 
     def _update_bar(self, progress: SimulationProgress) -> None:
         if self._bar is None:
@@ -410,7 +379,7 @@ class _Reporter:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("virtual {task.fields[virtual]:,.0f} s"),
+                TextColumn("{task.fields[detail]}, virtual {task.fields[virtual]:,.0f} s"),
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
                 transient=True,
@@ -419,9 +388,12 @@ class _Reporter:
         task = self._tasks.get(progress.strategy)
         if task is None:
             task = self._tasks[progress.strategy] = self._bar.add_task(
-                progress.strategy, total=progress.requests, virtual=0.0
+                progress.strategy, total=progress.requests, virtual=0.0, detail=""
             )
-        self._bar.update(task, completed=progress.settled, virtual=progress.virtual_time)
+        detail = f"{progress.completed:,} completed" + (
+            f", {progress.expired:,} expired" if progress.expired else ""
+        )
+        self._bar.update(task, completed=progress.settled, virtual=progress.virtual_time, detail=detail)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -447,7 +419,7 @@ class _Interrupt:
 # -- the command ---------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Runs ``llmqd simulate``; returns the exit status (130 when interrupted)."""
-    from .simulate_trace import TraceError, write_trace
+    from .simulate_trace import write_trace
 
     try:
         strategies = _strategies(args)
@@ -487,7 +459,7 @@ def _restore(previous: Any) -> None:
 def _run(
     args: argparse.Namespace, strategies: list[tuple[str, bool]], interrupt: _Interrupt, write_trace: Any
 ) -> int:
-    scenario = _scenario(args)
+    scenario = build_scenario(args)
     if args.save_trace:
         write_trace(args.save_trace, scenario.records)
     reporter = _Reporter("none" if args.json else args.progress, args.progress_interval)
@@ -505,6 +477,7 @@ def _run(
                 hold_budget=hold,
                 fair_priority=fair,
                 message_retention=args.retention,
+                slo=args.slo,
                 stop=interrupt.event,
                 on_progress=reporter,
                 progress_interval=min(0.25, args.progress_interval),
@@ -534,15 +507,8 @@ def _run(
 
 
 def _report(args: argparse.Namespace, scenario: Scenario, results: list[SimulationResult]) -> None:
-    unfittable = max((result.unfittable for result in results), default=0)
-    if unfittable:
-        print(
-            f"{_PROG}: {unfittable} of {len(scenario.records)} requests need more tokens than the TPM "
-            f"limit ({scenario.tpm:g}) allows and were never sent (the 'unfittable' count); raise --tpm",
-            file=sys.stderr,
-        )
     if args.json:
-        print(json.dumps([result.to_dict() for result in results], indent=2))
+        print(json.dumps([result.to_dict(per_tenant=args.per_tenant) for result in results], indent=2))
     else:
         print(scenario.description + "\n")
-        print(format_summary(results) if args.summary else format_table(results))
+        print(format_summary(results) if args.summary else format_table(results, per_tenant=args.per_tenant))

@@ -2,9 +2,10 @@
 ``[plot]``).
 
 Six panels: the distribution of the wait per priority (URGENT, HIGH, NORMAL, LOW), and of the
-light tenants' waits, one line per strategy, as the share of requests that waited longer than
-x (a log-log survival curve: the tail, where the strategies differ, reads directly); and the
-queue depth over virtual time per strategy.
+light tenants' waits (those offering no more than their fair share of tokens), one line per
+strategy, as the share of requests that waited longer than x (a log-log survival curve: the
+tail, where the strategies differ, reads directly); and the queue depth over virtual time per
+strategy.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .simulate import SimulationResult
+from .simulate_result import SimulationResult
 from .types import Priority
 
 __all__ = ["MissingPlotDependency", "plot_results", "require_matplotlib"]
@@ -73,9 +74,7 @@ def plot_results(results: Sequence[SimulationResult], path: str | Path, title: s
         )
     light: list[list[float]] = []
     for result in results:
-        heavy = set(result.heavy_tenants())
-        names = [name for name in result.wait_by_tenant if name not in heavy] if heavy else []
-        light.append(sorted(w for name in names for w in result.wait_by_tenant[name]))
+        light.append(sorted(w for name in result.light_tenants() for w in result.wait_by_tenant[name]))
     panels.append((axes.flat[4], "light tenants' wait", light))
     for ax, name, series in panels:
         for index, (result, waits) in enumerate(zip(results, series, strict=True)):

@@ -1,6 +1,8 @@
 """The workloads `llmqd simulate` runs: a request as a trace holds it (`TraceRecord`), the
-synthetic generator (`Workload`), the simulated provider (`ProviderModel`) and the named
-scenarios (`PRESETS`). `llm_queue_dispatcher.simulate` runs them and re-exports all of this."""
+synthetic generator (`Workload`), the simulated provider (`ProviderModel`), the named scenarios
+(`PRESETS`) and what a recorded workload offers (`tokens_per_minute`, `scale_arrivals`).
+`llm_queue_dispatcher.simulate` runs them and re-exports all of this; reading traces is
+`llm_queue_dispatcher.simulate_trace`."""
 
 from __future__ import annotations
 
@@ -8,20 +10,49 @@ import math
 import random
 import sys
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Literal, NamedTuple
 
 from .types import Priority
 
-__all__ = ["PRESETS", "Preset", "ProviderModel", "TraceRecord", "Workload"]
+__all__ = [
+    "MAX_REQUESTS",
+    "MAX_SECONDS",
+    "MAX_TOKENS",
+    "PRESETS",
+    "Preset",
+    "ProviderModel",
+    "TraceRecord",
+    "Workload",
+    "arrivals_per_minute",
+    "cumulative_shares",
+    "scale_arrivals",
+    "tokens_per_minute",
+]
+
+#: The most requests a workload may hold (generated or read from traces): bounds memory (a
+#: request costs about 300 bytes while it runs) and a run's time.
+MAX_REQUESTS = 5_000_000
+
+#: The latest virtual instant of a workload, in seconds from its start (about 31.7 years): any
+#: arrival or deadline beyond is refused rather than overflowing the dates of the requests.
+MAX_SECONDS = 1e9
+
+#: The most tokens one request may hold (estimate, prompt or completion).
+MAX_TOKENS = 10**12
 
 
 class TraceRecord(NamedTuple):
     """One request of a workload, as a trace file holds it.
 
     ``arrival`` is seconds from the start of the run; ``deadline`` (optional) is seconds after
-    the request's own arrival. ``actual_tokens`` is what the call really uses: it sets the call's
-    latency and is reported to the limiter with ``mark_as_processed(actual_tokens=...)``.
+    the request's own arrival. ``actual_tokens`` is what the call really uses (prompt and
+    completion): it is reported to the limiter with ``mark_as_processed(actual_tokens=...)``
+    and sets the call's latency. ``output_tokens``, when known, is the completion's share of
+    ``actual_tokens``: the provider then charges the prompt and the completion apart
+    (`ProviderModel.latency`).
     """
 
     arrival: float
@@ -30,10 +61,26 @@ class TraceRecord(NamedTuple):
     actual_tokens: int
     tenant: str | None = None
     deadline: float | None = None
+    output_tokens: int | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        """The prompt: the actual tokens that are not the completion (all of them when the
+        completion is not known)."""
+        return self.actual_tokens - (self.output_tokens or 0)
 
 
 def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def cumulative_shares(weights: Iterable[float]) -> list[float]:
+    """The running shares of ``weights`` but the last (``bisect_right`` of a uniform draw in it
+    picks an index with probability weight / total), in one pass: linear in the weights, so
+    that 100,000 tenants cost no more than 100,000 additions."""
+    running = list(accumulate(weights))
+    total = running[-1] if running else 0.0
+    return [value / total for value in running[:-1]]
 
 
 @dataclass(frozen=True)
@@ -76,29 +123,53 @@ class Workload:
         if self.requests is None:
             if self.duration is None or self.arrival != "poisson":
                 raise ValueError("requests=None needs Poisson arrivals and a duration")
-        elif self.requests < 0:
-            raise ValueError(f"requests must be >= 0, got {self.requests}")
-        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
-            raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
-        if len(self.priority_mix) != 4 or min(self.priority_mix) < 0 or not sum(self.priority_mix) > 0:
-            raise ValueError(f"priority_mix must be 4 weights >= 0, not all 0, got {self.priority_mix}")
-        if not (self.token_median > 0 and self.token_sigma >= 0):
-            raise ValueError("token_median must be > 0 and token_sigma >= 0")
-        if not 0 <= self.token_min <= self.token_max:
-            raise ValueError(f"need 0 <= token_min <= token_max, got {self.token_min}, {self.token_max}")
-        low, high = self.actual_ratio
-        if not 0 <= low <= high:
+        elif not 0 <= self.requests <= MAX_REQUESTS:
+            raise ValueError(f"requests must be from 0 to {MAX_REQUESTS:,}, got {self.requests}")
+        if self.duration is not None and not 0 < self.duration <= MAX_SECONDS:
+            raise ValueError(f"duration must be > 0 and <= {MAX_SECONDS:g} seconds, got {self.duration}")
+        mix = self.priority_mix
+        if len(mix) != 4 or not all(0 <= w < math.inf for w in mix) or not 0 < sum(mix) < math.inf:
+            raise ValueError(f"priority_mix must be 4 finite weights >= 0, not all 0, got {mix}")
+        if not (0 < self.token_median <= MAX_TOKENS and 0 <= self.token_sigma <= 10):
             raise ValueError(
-                f"actual_ratio must be (low, high) with 0 <= low <= high, got {self.actual_ratio}"
+                f"token_median must be > 0 and <= {MAX_TOKENS:.0e} and token_sigma within [0, 10], got "
+                f"{self.token_median}, {self.token_sigma}"
+            )
+        if not 0 <= self.token_min <= self.token_max <= MAX_TOKENS:
+            raise ValueError(
+                f"need 0 <= token_min <= token_max <= {MAX_TOKENS:.0e}, got {self.token_min}, "
+                f"{self.token_max}"
+            )
+        low, high = self.actual_ratio
+        if not 0 <= low <= high <= 100:
+            raise ValueError(
+                f"actual_ratio must be (low, high) with 0 <= low <= high <= 100, got {self.actual_ratio}"
             )
         if not (math.isfinite(self.arrival_rate) and self.arrival_rate > 0):
             raise ValueError(f"arrival_rate must be > 0, got {self.arrival_rate}")
         if self.tenants < 1 or not 1 <= self.heavy_tenants <= self.tenants:
             raise ValueError(f"need tenants >= 1 and 1 <= heavy_tenants <= tenants, got {self.tenants}")
+        if self.tenants > MAX_REQUESTS:
+            raise ValueError(f"tenants must be at most {MAX_REQUESTS:,}, got {self.tenants}")
         if self.heavy_share is not None and not 0 <= self.heavy_share <= 1:
             raise ValueError(f"heavy_share must be within [0, 1], got {self.heavy_share}")
-        if self.deadline is not None and not self.deadline >= 0:
-            raise ValueError(f"deadline must be >= 0 seconds, got {self.deadline}")
+        if self.deadline is not None and not 0 <= self.deadline <= MAX_SECONDS:
+            raise ValueError(f"deadline must be from 0 to {MAX_SECONDS:g} seconds, got {self.deadline}")
+        if self.arrival == "poisson":
+            # The expected size and span, so that a rate of 1e-300 or a duration of 1e9 s at a
+            # thousand a second is refused here rather than hanging or overflowing a date.
+            if self.requests is None and self.duration is not None:
+                expected = self.duration * self.arrival_rate
+                if expected > MAX_REQUESTS:
+                    raise ValueError(
+                        f"a duration of {self.duration:g} s at {self.arrival_rate:g} arrivals/s makes about "
+                        f"{expected:.3g} requests; at most {MAX_REQUESTS:,}"
+                    )
+            elif self.requests is not None and self.requests / self.arrival_rate > MAX_SECONDS:
+                raise ValueError(
+                    f"{self.requests:,} requests at {self.arrival_rate:g} arrivals/s span about "
+                    f"{self.requests / self.arrival_rate:.3g} s; at most {MAX_SECONDS:g} s of virtual time"
+                )
 
     def mean_estimate(self) -> float:
         """The expected estimate: the mean of the clipped log-normal (rounding aside)."""
@@ -140,11 +211,9 @@ class Workload:
         rng = random.Random(self.seed)
         draw, lognormal, exponential = rng.random, rng.lognormvariate, rng.expovariate
         priorities = list(Priority)
-        total = sum(self.priority_mix)
-        cum_priority = [sum(self.priority_mix[: i + 1]) / total for i in range(3)]
+        cum_priority = cumulative_shares(self.priority_mix)
         tenants = self.tenant_names()
-        weights = self._tenant_weights()
-        cum_tenant = [sum(weights[: i + 1]) / sum(weights) for i in range(len(weights) - 1)]
+        cum_tenant = cumulative_shares(self._tenant_weights())
         mu, sigma = math.log(self.token_median), self.token_sigma
         token_min, token_max = self.token_min, self.token_max
         low, spread = self.actual_ratio[0], self.actual_ratio[1] - self.actual_ratio[0]
@@ -170,28 +239,51 @@ class Workload:
 
 @dataclass(frozen=True)
 class ProviderModel:
-    """The simulated provider: ``concurrency`` calls at once, each taking ``base_latency +
-    actual tokens / 1000 * seconds_per_1k_tokens`` seconds (0.4 s + 1.5 ms per token by default);
-    an attempt fails with probability ``failure_rate``, drawn from a random sequence seeded by
-    ``seed``."""
+    """The simulated provider: ``concurrency`` calls at once; an attempt fails with probability
+    ``failure_rate``, drawn from a random sequence seeded by ``seed``.
+
+    A call takes ``base_latency`` plus a cost per token it actually uses. When the request's
+    completion is known apart from its prompt (`TraceRecord.output_tokens`, as real traces
+    give it), the prompt costs ``seconds_per_1k_input_tokens`` and the completion, generated
+    one token after another, ``seconds_per_1k_output_tokens`` (0.2 ms and 20 ms a token by
+    default: a 2,000-token prompt with a 200-token answer takes 0.4 + 0.4 + 4 s). Otherwise
+    every token costs ``seconds_per_1k_tokens`` (1.5 ms: the synthetic workloads' model).
+    """
 
     base_latency: float = 0.4
     seconds_per_1k_tokens: float = 1.5
     concurrency: int = 32
     failure_rate: float = 0.0
     seed: int = 0
+    seconds_per_1k_input_tokens: float = 0.2
+    seconds_per_1k_output_tokens: float = 20.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if not 0 <= self.failure_rate < 1:
             raise ValueError(f"failure_rate must be within [0, 1), got {self.failure_rate}")
-        if self.base_latency < 0 or self.seconds_per_1k_tokens < 0:
-            raise ValueError("latencies must be >= 0")
+        for name in (
+            "base_latency",
+            "seconds_per_1k_tokens",
+            "seconds_per_1k_input_tokens",
+            "seconds_per_1k_output_tokens",
+        ):
+            value = getattr(self, name)
+            # A call longer than a day would outlive the lease the simulation gives it.
+            if not 0 <= value <= 86_400:
+                raise ValueError(f"{name} must be from 0 to 86400 seconds, got {value}")
 
-    def latency(self, tokens: int) -> float:
-        """Seconds a call that uses ``tokens`` takes."""
-        return self.base_latency + tokens / 1000.0 * self.seconds_per_1k_tokens
+    def latency(self, tokens: int, output_tokens: int | None = None) -> float:
+        """Seconds a call that uses ``tokens`` in all takes; ``output_tokens`` of them the
+        completion, when known."""
+        if output_tokens is None:
+            return self.base_latency + tokens / 1000.0 * self.seconds_per_1k_tokens
+        return (
+            self.base_latency
+            + (tokens - output_tokens) / 1000.0 * self.seconds_per_1k_input_tokens
+            + output_tokens / 1000.0 * self.seconds_per_1k_output_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -206,13 +298,13 @@ class Preset:
     load: float | None = None
 
 
-#: ``overload``: the workload of issue 10 (Poisson arrivals at twice the TPM limit for 600 s,
+#: ``overload``: a synthetic overload (Poisson arrivals at twice the TPM limit for 600 s,
 #: priorities 5/20/50/25 %, log-normal estimates with median 800 and sigma 1 clipped to
 #: 20-16,000, actual = estimate x U(0.6, 1.2), 8 tenants of which one sends 80 % of the
 #: requests, 32 concurrent calls, RPM 600 / TPM 400,000).
 PRESETS: dict[str, Preset] = {
     "overload": Preset(
-        description="issue 10's overload: 8 tenants, one sending 80 %, at 2x the TPM limit for 600 s",
+        description="a synthetic overload: 8 tenants, one sending 80 %, at 2x the TPM limit for 600 s",
         workload=Workload(
             requests=None,
             duration=600.0,
@@ -232,3 +324,33 @@ PRESETS: dict[str, Preset] = {
         load=2.0,
     ),
 }
+
+
+# -- what a recorded workload offers ---------------------------------------------------------------
+def _span(records: Sequence[TraceRecord]) -> float:
+    return records[-1].arrival - records[0].arrival if records else 0.0
+
+
+def tokens_per_minute(records: Sequence[TraceRecord]) -> float | None:
+    """The actual tokens (prompt and completion) arriving per minute, from the first arrival to
+    the last of ``records`` (in arrival order); None when they all arrive at one instant."""
+    span = _span(records)
+    if span <= 0:
+        return None
+    return sum(record.actual_tokens for record in records) / span * 60.0
+
+
+def arrivals_per_minute(records: Sequence[TraceRecord]) -> float:
+    """The mean arrivals per minute from the first arrival to the last (a workload spanning less
+    than a minute counts as one minute)."""
+    return len(records) / max(_span(records), 60.0) * 60.0
+
+
+def scale_arrivals(records: Sequence[TraceRecord], factor: float) -> list[TraceRecord]:
+    """``records`` with every arrival time multiplied by ``factor`` (> 0): below 1 the same
+    requests come faster. Deadlines, relative to each arrival, stay."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be > 0, got {factor}")
+    if factor == 1.0:
+        return list(records)
+    return [record._replace(arrival=record.arrival * factor) for record in records]

@@ -6,6 +6,15 @@ Rust call. A limiter whose methods are coroutines (`AsyncRateLimiter`, such as
 `llm_queue_dispatcher.redis.RedisThrottle`) works too. Both may offer ``release(request_id)``,
 which gives a reservation back whole (its tokens and its request); without it the dispatcher
 falls back to ``adjust_consumption(request_id, 0)``, which refunds the tokens only.
+
+`MAX_PROVIDER_WAIT` (one day) bounds every wait a provider can impose on `LLMThrottle`:
+``penalize(seconds)`` and the resets and ``Retry-After`` read by ``sync_from_headers``.
+
+Besides ``rpm`` and ``tpm``, `LLMThrottle` (and ``RedisThrottle``) take the other limits
+providers publish: ``itpm`` and ``otpm`` (input and output tokens per minute), ``rpd`` and
+``tpd`` (per day) and ``max_concurrent`` (requests in flight). `can_process`, `consume` and
+`adjust_consumption` then take the request's ``input_tokens`` and ``output_tokens`` as keyword
+arguments; the four-method protocols below stay what a dispatcher needs of any limiter.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from ._checks import shown
 from ._core import (
+    MAX_PROVIDER_WAIT,
     BucketMetrics,
     BucketState,
     CompensationMetrics,
@@ -29,6 +39,7 @@ from ._core import (
 from .errors import InvalidRequestError
 
 __all__ = [
+    "MAX_PROVIDER_WAIT",
     "AdjustmentFailureStrategy",
     "AsyncRateLimiter",
     "BucketMetrics",
@@ -115,14 +126,21 @@ def create_llm_throttle(
     tpm: float,
     burst_rpm: float | None = None,
     burst_tpm: float | None = None,
+    itpm: float | None = None,
+    otpm: float | None = None,
+    burst_itpm: float | None = None,
+    burst_otpm: float | None = None,
+    rpd: float | None = None,
+    tpd: float | None = None,
+    max_concurrent: int | None = None,
     clock: Any = None,
-    adjustment_failure_strategy: AdjustmentFailureStrategy = "warn",
+    adjustment_failure_strategy: AdjustmentFailureStrategy = "compensate",
     max_history_records: int = 10_000,
     history_retention: float = 60.0,
     efficiency_window_size: int = 50,
     logger: logging.Logger | None = None,
 ) -> LLMThrottle:
-    """An `LLMThrottle` from keyword arguments.
+    """An `LLMThrottle` from keyword arguments (the same defaults and checks).
 
     >>> from llm_queue_dispatcher import ManualClock, create_llm_throttle
     >>> throttle = create_llm_throttle(rpm=60, tpm=10_000, clock=ManualClock())
@@ -130,12 +148,28 @@ def create_llm_throttle(
     True
     >>> throttle.can_process(7_000).available_in   # 1,000 tokens short at 10,000 / 60 per second
     6.0
+
+    Anthropic's limits, input and output tokens apart:
+
+    >>> claude = create_llm_throttle(rpm=50, tpm=36_000, itpm=30_000, otpm=6_000, clock=ManualClock())
+    >>> claude.consume("req-2", 7_000, input_tokens=3_000, output_tokens=4_000)
+    True
+    >>> check = claude.can_process(6_000, input_tokens=1_000, output_tokens=5_000)
+    >>> check.reason, check.available_in   # 3,000 output tokens short at 6,000 / 60 per second
+    ('otpm_limit', 30.0)
     """
     return LLMThrottle(
         rpm,
         tpm,
         burst_rpm=burst_rpm,
         burst_tpm=burst_tpm,
+        itpm=itpm,
+        otpm=otpm,
+        burst_itpm=burst_itpm,
+        burst_otpm=burst_otpm,
+        rpd=rpd,
+        tpd=tpd,
+        max_concurrent=max_concurrent,
         clock=clock,
         adjustment_failure_strategy=adjustment_failure_strategy,
         max_history_records=max_history_records,

@@ -7,10 +7,20 @@ and settles it exactly once:
 * the handler returns ``n`` (or None) -> ``mark_as_processed(actual_tokens=n)``;
 * it raises `PermanentError` -> ``mark_as_dead_lettered`` at once;
 * it raises anything else -> ``mark_as_failed(error, retry_after=delay)``, where ``delay`` is a
-  `RetryableError`'s ``retry_after`` or exponential backoff with full jitter;
-* it is cancelled (stop past the grace, or ``run()`` cancelled) -> ``job.release()``: the
-  message is visible again at once for another worker, its receive undone (a stop never uses
-  one up toward ``max_receive_count``), its whole reservation released.
+  `RetryableError`'s ``retry_after`` or exponential backoff with full jitter. "Anything else"
+  includes `BaseException` subclasses, `GeneratorExit` and a `CancelledError` the handler raised
+  itself (a cancelled inner task): backed off like any failure, never retried in a hot loop;
+* it is cancelled by the worker (stop past the grace, or ``run()`` cancelled) -> ``job.release()``:
+  the message is visible again at once for another worker, its receive undone (a stop never uses
+  one up toward ``max_receive_count``), its whole reservation released;
+* it raises `KeyboardInterrupt` or `SystemExit` -> its message is released and the worker stops
+  gracefully (the other handlers get the grace), then ``run()`` raises that exception.
+
+A message delivered again while its handler still runs (its lease ran out because a handler
+blocked the event loop for longer than the visibility timeout, so no lease renewal could run) is
+not handled a second time: the running handler's outcome settles the newest delivery (the only
+one whose receipt handle still works), the newer delivery's reservation is given back, and the
+older delivery is closed without touching the store.
 
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
@@ -26,7 +36,7 @@ import random
 import signal
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from ._checks import finite_float, shown
@@ -90,7 +100,9 @@ class WorkerStats:
     back with a delay. ``dead_lettered``: `PermanentError`\\ s. ``released``: messages handed
     back unprocessed (their receive undone) because the worker stopped or was cancelled while their handler
     ran. ``tokens``: tokens of the processed messages, actual where the handler returned a count
-    and estimated otherwise. ``in_flight``: handlers running now.
+    and estimated otherwise. ``in_flight``: handlers running now. ``redelivered``: deliveries of
+    a message whose handler was still running (its lease ran out while the event loop was
+    blocked), not handled a second time.
     """
 
     processed: int = 0
@@ -99,6 +111,50 @@ class WorkerStats:
     released: int = 0
     tokens: int = 0
     in_flight: int = 0
+    redelivered: int = 0
+
+
+@dataclass(eq=False)
+class _Run(Generic[T]):
+    """One running handler: the deliveries of its message (the first, which the handler got, and
+    any taken again while it ran, newest last) and the lease renewals of the newest."""
+
+    deliveries: list[ProcessableMessage[T]]
+    leases: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Set once the handler ended and its outcome is being settled: no more adoptions.
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class _SavedSignal:
+    """What a signal had before `Worker.run` took it, to put back exactly."""
+
+    signum: signal.Signals
+    #: ``signal.getsignal`` before (None: not installed from Python).
+    python_handler: Any
+    #: The loop's own handler before (``loop.add_signal_handler``), the very `asyncio.Handle`.
+    loop_handle: asyncio.Handle | None
+    #: The worker's handle, to tell whether someone replaced it while `run` ran.
+    ours: asyncio.Handle | None
+
+
+# The Python-level handlers a signal has when nobody installed one.
+_DEFAULT_HANDLERS = (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
+
+
+def _loop_signal_table(loop: asyncio.AbstractEventLoop) -> dict[int, asyncio.Handle] | None:
+    """The loop's ``add_signal_handler`` registrations, when it exposes them (asyncio's Unix
+    loops keep them in ``_signal_handlers``); None for a loop that does not (uvloop)."""
+    table = getattr(loop, "_signal_handlers", None)
+    return table if isinstance(table, dict) else None
+
+
+def _wakeup_fd() -> int:
+    """The current ``signal.set_wakeup_fd`` (main thread only), read without changing it."""
+    fd = signal.set_wakeup_fd(-1)
+    if fd != -1:
+        signal.set_wakeup_fd(fd)
+    return fd
 
 
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
@@ -121,7 +177,7 @@ class Worker(Generic[T]):
     ...         await dispatcher.enqueue(LLMRequest(f"r{n}", {"n": n}, token_info=TokenInfo(100)))
     ...     async def handle(job):
     ...         return 80  # the tokens the call really used
-    ...     worker = Worker(dispatcher, LLMThrottle(60, 10_000), handle, handle_signals=False)
+    ...     worker = Worker(dispatcher, LLMThrottle(60, 10_000), handle)
     ...     stats = await worker.run(stop_when_empty=True)
     ...     return stats.processed
     >>> asyncio.run(main())
@@ -137,8 +193,14 @@ class Worker(Generic[T]):
             cancelled and their messages given back unprocessed (their receive undone).
         max_retry_delay: cap of the backoff after a failure, in seconds (<= 43200).
         retry_base_delay: backoff ceiling after the first failure; doubles per receive.
-        handle_signals: in the main thread, stop on SIGTERM and SIGINT while `run` runs (a second
-            signal skips the rest of the grace); the previous handlers are restored after.
+        handle_signals: off by default, so a worker inside a host application (aiohttp,
+            uvicorn, your own loop) leaves the host's Ctrl-C and SIGTERM handling alone; stop it
+            with `stop` or by cancelling `run`. When True (the ``llmqd`` commands, a worker that
+            is the whole program), in the main thread `run` stops on SIGTERM and SIGINT (a
+            second signal skips the rest of the grace) and afterwards puts back exactly what
+            each signal had: a ``signal.signal`` handler, or the very handler a host registered
+            with ``loop.add_signal_handler``. On a loop that does not expose its handlers
+            (uvloop) a signal that already has a handler is left to it.
         rng: the random source of the jitter (a seeded `random.Random` in tests).
         logger: where the worker logs; default the ``llm_queue_dispatcher`` logger.
     """
@@ -153,7 +215,7 @@ class Worker(Generic[T]):
         shutdown_grace: float = 30.0,
         max_retry_delay: float = 300.0,
         retry_base_delay: float = 1.0,
-        handle_signals: bool = True,
+        handle_signals: bool = False,
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -189,7 +251,15 @@ class Worker(Generic[T]):
         self._logger = logger or _LOGGER
         #: The signal that stopped the last run (SIGTERM or SIGINT), or None.
         self.stop_signal: signal.Signals | None = None
+        # Running handlers and the delivery each one settles (the newest of its message).
         self._active: dict[asyncio.Task[None], ProcessableMessage[T]] = {}
+        self._runs: dict[asyncio.Task[None], _Run[T]] = {}
+        # Message id -> the running handler of that message, to spot a delivery taken again.
+        self._by_message: dict[str, asyncio.Task[None]] = {}
+        # Handler tasks the worker cancelled itself (a stop past the grace, `run` cancelled).
+        self._cancelled_by_worker: set[asyncio.Task[None]] = set()
+        # A KeyboardInterrupt or SystemExit a handler raised: `run` raises it once stopped.
+        self._fatal: BaseException | None = None
         # Give-backs of jobs whose handler was cancelled before it started (see `_on_job_done`).
         self._releasing: set[asyncio.Future[None]] = set()
         self._running = False
@@ -205,6 +275,7 @@ class Worker(Generic[T]):
         self._dead_lettered = 0
         self._released = 0
         self._tokens = 0
+        self._redelivered = 0
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -217,6 +288,7 @@ class Worker(Generic[T]):
             released=self._released,
             tokens=self._tokens,
             in_flight=len(self._active),
+            redelivered=self._redelivered,
         )
 
     @property
@@ -254,13 +326,19 @@ class Worker(Generic[T]):
         )
 
     async def run(self, *, stop_when_empty: bool = False) -> WorkerStats:
-        """Takes and handles messages until `stop`, SIGTERM or SIGINT; returns the `stats`.
+        """Takes and handles messages until `stop` (or, with ``handle_signals``, SIGTERM or
+        SIGINT); returns the `stats`.
 
         With ``stop_when_empty`` it also stops once the queue holds nothing (no visible message,
         none in flight, none waiting for a retry) and no handler runs.
 
         Cancelling the task that runs it cancels the running handlers at once and releases their
         messages (their receive undone) before the cancellation propagates: nothing is lost.
+
+        A handler that raises `KeyboardInterrupt` or `SystemExit` stops the worker as `stop`
+        does (its own message released at once, the others given the grace); then `run` raises
+        that very exception, so the program ends as the handler asked (``sys.exit(3)`` exits
+        with 3), after the books are kept.
         """
         if self._running:
             raise RuntimeError("this Worker is already running")
@@ -274,6 +352,7 @@ class Worker(Generic[T]):
         self._slots = asyncio.Semaphore(self.concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._fatal = None
         if self._stop_requested:
             self._stop_event.set()
         installed = self._install_signal_handlers(loop)
@@ -294,6 +373,8 @@ class Worker(Generic[T]):
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     failure = failure or task.exception()
             await self._shutdown(dispatch, graceful=True)
+            if self._fatal is not None:
+                raise self._fatal
             if failure is not None:
                 raise failure
         except asyncio.CancelledError:
@@ -305,6 +386,8 @@ class Worker(Generic[T]):
             self._stop_requested = False
             self._stop_event = None
             self._force_event = None
+            self._fatal = None
+            self._cancelled_by_worker.clear()
         return self.stats
 
     # -- the loop --------------------------------------------------------------------------------
@@ -337,11 +420,44 @@ class Worker(Generic[T]):
                     self._idle.set()
                 continue
             # No await between the dequeue and this: the job has an owner at once.
+            running = self._by_message.get(job.message.id)
+            if running is not None and self._adopt(running, job):
+                self._slots.release()
+                continue
             task = asyncio.get_running_loop().create_task(
                 self._process(job), name=f"llmqd-job-{job.message.payload.id}"
             )
             self._active[task] = job
+            self._runs[task] = _Run([job])
+            self._by_message[job.message.id] = task
             task.add_done_callback(self._on_job_done)
+
+    def _adopt(self, task: asyncio.Task[None], job: ProcessableMessage[T]) -> bool:
+        """Makes ``job``, a new delivery of the message ``task`` is handling, the delivery that
+        handler settles; False when the handler already ended (``job`` is then a new attempt).
+
+        The store received the message again because its lease ran out: the earlier delivery's
+        receipt handle is stale, so only this one can delete it or change its visibility. Its
+        lease renewal takes over, and its reservation is given back when the handler ends
+        (`_close_run`)."""
+        run = self._runs.get(task)
+        if run is None or run.closed or task.done():
+            return False
+        run.deliveries.append(job)
+        self._active[task] = job
+        for lease in run.leases:
+            lease.cancel()  # the stale delivery's renewals would only fail now
+        run.leases.append(asyncio.get_running_loop().create_task(self._keep_leased(job)))
+        self._redelivered += 1
+        self._logger.warning(
+            "request %r was delivered again (receive %d) while its handler still runs: its lease of "
+            "%s s ran out, most likely because a handler blocked the event loop that long; not "
+            "handling it twice, the running handler's outcome settles the new delivery",
+            job.message.payload.id,
+            job.message.attributes.receive_count,
+            self.dispatcher.config.visibility_timeout,
+        )
+        return True
 
     def _on_job_done(self, task: asyncio.Task[None]) -> None:
         job = self._active.pop(task, None)
@@ -350,6 +466,10 @@ class Worker(Generic[T]):
             release = asyncio.ensure_future(self._release(job, asyncio.CancelledError()))
             self._releasing.add(release)
             release.add_done_callback(self._releasing.discard)
+        run = self._runs.pop(task, None)
+        if run is not None and self._by_message.get(run.deliveries[0].message.id) is task:
+            del self._by_message[run.deliveries[0].message.id]
+        self._cancelled_by_worker.discard(task)
         if self._slots is not None:
             self._slots.release()
         if not self._active:
@@ -375,40 +495,113 @@ class Worker(Generic[T]):
                 return
 
     async def _process(self, job: ProcessableMessage[T]) -> None:
-        loop = asyncio.get_running_loop()
-        heartbeat = loop.create_task(self._keep_leased(job))
+        task = asyncio.current_task()
+        assert task is not None
+        self._runs[task].leases.append(asyncio.get_running_loop().create_task(self._keep_leased(job)))
         try:
             result = await self.handler(job)
         except asyncio.CancelledError as error:
-            await self._stop_heartbeat(heartbeat)
-            await self._release(job, error)
+            if not self._is_stopping(task):
+                # Raised by the handler itself (an inner task was cancelled, a timeout helper),
+                # not a stop: a failure like any other, backed off. Releasing it at once would
+                # run it again at once, in a hot loop.
+                await self._retry(task, job, error)
+                return
+            current = await self._close_run(task, job)
+            await self._release(current, error)
+            await self._close_superseded(task)
             raise
-        except PermanentError as error:
-            await self._stop_heartbeat(heartbeat)
-            if await self._settle(job, "dead-letter", job.mark_as_dead_lettered(error)):
-                self._dead_lettered += 1
-        except Exception as error:
-            await self._stop_heartbeat(heartbeat)
-            delay = self.retry_delay(job, error)
-            self._logger.info(
-                "request %r failed (attempt %d), retrying in %.2f s: %r",
+        except (KeyboardInterrupt, SystemExit) as error:
+            # Left to propagate, asyncio would re-raise it out of the event loop at once, with
+            # no grace for the other handlers and their messages still leased: stop instead,
+            # and `run` raises it once everything is handed back.
+            self._logger.warning(
+                "handler of request %r raised %r: releasing its message and stopping",
                 job.message.payload.id,
-                job.message.attributes.receive_count,
-                delay,
                 error,
             )
-            if await self._settle(job, "retry", job.mark_as_failed(error, retry_after=delay)):
-                self._retried += 1
-        except BaseException as error:  # KeyboardInterrupt or SystemExit raised inside a handler
-            await self._stop_heartbeat(heartbeat)
-            await self._release(job, error)
-            raise
+            current = await self._close_run(task, job)
+            await self._release(current, error)
+            await self._close_superseded(task)
+            if self._fatal is None:
+                self._fatal = error
+            self.stop()
+        except PermanentError as error:
+            current = await self._close_run(task, job)
+            if await self._settle(current, "dead-letter", current.mark_as_dead_lettered(error)):
+                self._dead_lettered += 1
+            await self._close_superseded(task)
+        except BaseException as error:  # an Exception, GeneratorExit or another BaseException
+            await self._retry(task, job, error)
         else:
-            await self._stop_heartbeat(heartbeat)
+            current = await self._close_run(task, job)
             tokens = self._token_count(job, result)
-            if await self._settle(job, "mark processed", job.mark_as_processed(actual_tokens=tokens)):
+            if await self._settle(current, "mark processed", current.mark_as_processed(actual_tokens=tokens)):
                 self._processed += 1
                 self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
+            await self._close_superseded(task)
+
+    async def _retry(
+        self, task: asyncio.Task[None], job: ProcessableMessage[T], error: BaseException
+    ) -> None:
+        """Hands a failed message back after its retry delay (backoff or ``retry_after``)."""
+        current = await self._close_run(task, job)
+        delay = self.retry_delay(current, error)
+        self._logger.info(
+            "request %r failed (attempt %d), retrying in %.2f s: %r",
+            job.message.payload.id,
+            current.message.attributes.receive_count,
+            delay,
+            error,
+        )
+        if await self._settle(current, "retry", current.mark_as_failed(error, retry_after=delay)):
+            self._retried += 1
+        await self._close_superseded(task)
+
+    def _is_stopping(self, task: asyncio.Task[None]) -> bool:
+        """Whether ``task`` was cancelled by the worker (or by anyone, where asyncio can tell:
+        Python 3.11 counts pending cancellations) rather than raising `CancelledError` itself."""
+        if task in self._cancelled_by_worker:
+            return True
+        cancelling = getattr(task, "cancelling", None)
+        return bool(cancelling()) if cancelling is not None else False
+
+    async def _close_run(self, task: asyncio.Task[None], job: ProcessableMessage[T]) -> ProcessableMessage[T]:
+        """The handler of ``task`` ended: stops the lease renewals; returns the delivery its
+        outcome settles (the newest). Each delivery holds a reservation of its own, settled by
+        its own mark: the newest's by the outcome, the earlier ones' by `_close_superseded`.
+        Runs once per handler; later calls only return it."""
+        run = self._runs.get(task)
+        if run is None or run.closed:
+            return self._active.get(task, job)
+        run.closed = True
+        if self._by_message.get(job.message.id) is task:
+            del self._by_message[job.message.id]
+        for lease in run.leases:
+            await self._stop_heartbeat(lease)
+        run.leases.clear()
+        return run.deliveries[-1]
+
+    async def _close_superseded(self, task: asyncio.Task[None]) -> None:
+        """Gives back the deliveries a newer one replaced (``job.release()``): each one's own
+        reservation is released whole, the newest delivery's mark settling the budget the
+        handler used; their receipt handles are stale, so the store changes nothing (and says
+        so: `ReceiptHandleError`, expected here)."""
+        run = self._runs.get(task)
+        if run is None:
+            return
+        for delivery in run.deliveries[:-1]:
+            if delivery.settled:
+                continue
+            try:
+                await delivery.release()
+            except (ReceiptHandleError, MessageStateError):
+                pass  # stale, as expected (or settled meanwhile): its reservation is released
+            except Exception:
+                self._logger.exception(
+                    "could not close the earlier delivery of request %r", delivery.message.payload.id
+                )
+                delivery._abandon()  # nobody will mark it now: no longer counted in flight
 
     def _token_count(self, job: ProcessableMessage[T], result: object) -> int | None:
         if result is None:
@@ -534,6 +727,7 @@ class Worker(Generic[T]):
             return
         self._logger.warning("cancelling %d handler(s) still running; releasing their messages", len(pending))
         for task in pending:
+            self._cancelled_by_worker.add(task)
             task.cancel()
         _done, stuck = await asyncio.wait(pending, timeout=_CANCEL_WAIT)
         for task in stuck:
@@ -542,7 +736,9 @@ class Worker(Generic[T]):
                 "handler of request %r ignored its cancellation; releasing its message anyway",
                 job.message.payload.id,
             )
-            await self._release(job, asyncio.CancelledError())
+            error = asyncio.CancelledError()
+            await self._release(await self._close_run(task, job), error)
+            await self._close_superseded(task)
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: signal.Signals) -> None:
@@ -556,27 +752,59 @@ class Worker(Generic[T]):
             if self._force_event is not None:
                 self._force_event.set()
 
-    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[tuple[signal.Signals, Any]]:
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> tuple[list[_SavedSignal], int]:
+        """Takes SIGTERM and SIGINT for `run` (with ``handle_signals``, in the main thread);
+        returns what to put back: each signal's previous handlers and the wakeup fd."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return []
-        installed: list[tuple[signal.Signals, Any]] = []
+            return [], -1
+        table = _loop_signal_table(loop)
+        wakeup = _wakeup_fd()
+        installed: list[_SavedSignal] = []
         for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(signum)
+            python_handler = signal.getsignal(signum)
+            loop_handle = table.get(signum) if table is not None else None
+            if table is None and python_handler not in _DEFAULT_HANDLERS:
+                # Perhaps the host's own `loop.add_signal_handler`, which this loop cannot hand
+                # back: leave the signal to it.
+                self._logger.warning(
+                    "%s already has a handler this event loop cannot restore; the worker leaves it alone",
+                    signum.name,
+                )
+                continue
             try:
                 loop.add_signal_handler(signum, self._on_signal, signum)
             except (NotImplementedError, RuntimeError, ValueError):  # not a Unix loop
                 continue
-            installed.append((signum, previous))
-        return installed
+            ours = table.get(signum) if table is not None else None
+            installed.append(_SavedSignal(signum, python_handler, loop_handle, ours))
+        return installed, wakeup
 
     @staticmethod
     def _restore_signal_handlers(
-        loop: asyncio.AbstractEventLoop, installed: list[tuple[signal.Signals, Any]]
+        loop: asyncio.AbstractEventLoop, saved: tuple[list[_SavedSignal], int]
     ) -> None:
-        for signum, previous in installed:
-            loop.remove_signal_handler(signum)
-            if previous is not None:
-                signal.signal(signum, previous)
+        """Puts back exactly what `_install_signal_handlers` found, unless someone replaced the
+        worker's handler meanwhile (then theirs stays)."""
+        installed, wakeup = saved
+        if not installed:
+            return
+        table = _loop_signal_table(loop)
+        for entry in reversed(installed):
+            if table is not None:
+                if table.get(entry.signum) is not entry.ours:
+                    continue
+                if entry.loop_handle is not None:
+                    # The host's very Handle back in the loop's table: the signal's C-level
+                    # handler and the wakeup fd are still the loop's, as before.
+                    table[entry.signum] = entry.loop_handle
+                    continue
+            loop.remove_signal_handler(entry.signum)
+            if entry.python_handler is not None:
+                signal.signal(entry.signum, entry.python_handler)
+        # Removing the loop's last handler clears the wakeup fd; give back the one there was.
+        if _wakeup_fd() != wakeup:
+            with contextlib.suppress(ValueError, OSError):
+                signal.set_wakeup_fd(wakeup)
 
     def __repr__(self) -> str:
         state = "running" if self._running else "idle"

@@ -104,6 +104,9 @@ pub enum LimiterOp {
     Adjust(u64),
     /// Give it back whole: its tokens and its request.
     Release,
+    /// End its time in flight (a limiter's slot of requests in flight), its tokens kept as
+    /// counted: processed without an actual count.
+    Settle,
 }
 
 /// A correction of a fair charge: tenant, charge id, tokens it counts for now.
@@ -241,14 +244,14 @@ pub struct Ledger<D> {
 }
 
 /// The limiter call `mark` makes on a delivery's reservation (none without one): to the actual
-/// count (processed with one), refunding the tokens (failed, dead-lettered), giving it back
-/// whole (released).
+/// count (processed with one), settled at its estimate (processed without one), refunding the
+/// tokens (failed, dead-lettered), giving it back whole (released).
 pub fn limiter_op(facts: Facts, mark: Mark) -> Option<LimiterOp> {
     if !facts.reserved {
         return None;
     }
     match mark {
-        Mark::Processed { actual } => actual.map(LimiterOp::Adjust),
+        Mark::Processed { actual } => Some(actual.map_or(LimiterOp::Settle, LimiterOp::Adjust)),
         Mark::Failed { .. } | Mark::DeadLettered => Some(LimiterOp::Adjust(0)),
         Mark::Released => Some(LimiterOp::Release),
     }

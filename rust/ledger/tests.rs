@@ -41,7 +41,7 @@ fn a_failed_store_call_leaves_the_delivery_markable_and_nothing_else_done() {
     assert!(!after.proceed);
     assert_eq!(ledger.get(id).unwrap().state, State::HandedOut);
     let plan = ledger.settle(id, Mark::Processed { actual: None }).unwrap();
-    assert_eq!((plan.store, plan.limiter), (Some(StoreOp::Delete), None));
+    assert_eq!((plan.store, plan.limiter), (Some(StoreOp::Delete), Some(LimiterOp::Settle)));
 }
 
 #[test]
@@ -204,6 +204,7 @@ impl Model {
                 assert!(self.reserved[i]);
                 self.limiter.insert(i, None);
             }
+            Some(LimiterOp::Settle) => assert!(self.reserved[i]),
             None => {}
         }
     }
@@ -376,7 +377,11 @@ proptest! {
             let books = m.limiter[&i];
             match (m.expect[i], m.plans.get(&i)) {
                 (Expect::Ended, Some(plan)) if plan.limiter.is_some() => {
-                    let want = match plan.limiter { Some(LimiterOp::Adjust(n)) => Some(n), _ => None };
+                    let want = match plan.limiter {
+                        Some(LimiterOp::Adjust(n)) => Some(n),
+                        Some(LimiterOp::Settle) => Some(m.estimates[i]),
+                        _ => None,
+                    };
                     prop_assert_eq!(books, want);
                 }
                 (Expect::Ended, None) => {
@@ -387,7 +392,7 @@ proptest! {
                     let want = match plan.limiter {
                         Some(LimiterOp::Adjust(n)) => Some(n),
                         Some(LimiterOp::Release) => None,
-                        None => Some(m.estimates[i]),
+                        Some(LimiterOp::Settle) | None => Some(m.estimates[i]),
                     };
                     prop_assert_eq!(books, want);
                 }

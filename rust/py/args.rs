@@ -1,6 +1,8 @@
 //! Argument readers shared by the bindings, so every entry point rejects bad input alike.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use pyo3::Borrowed;
 
@@ -85,11 +87,29 @@ pub(crate) fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize
     Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))))
 }
 
-/// `types.validate_token_count` in Rust, with the same messages.
+/// `operator.index(value)`: the int an integer-like object (a numpy integer, any class with
+/// `__index__`) stands for; None when it has none (`TypeError`). Other exceptions of a user's
+/// `__index__` propagate. Runs Python code: never call it under a lock.
+fn index_of<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    static INDEX: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let py = value.py();
+    match INDEX.import(py, "operator", "index")?.call1((value,)) {
+        Ok(int) => Ok(Some(int)),
+        Err(error) if error.is_instance_of::<PyTypeError>(py) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// `types.validate_token_count` in Rust, with the same messages: an int (or an integer-like
+/// object such as `numpy.int64`, through `__index__`) or an integral float, >= 0; never a bool.
 pub(crate) fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64> {
     let py = value.py();
     if !is_number(value) {
-        return Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value))));
+        let int = if value.is_instance_of::<PyBool>() { None } else { index_of(value)? };
+        return match int {
+            Some(int) => token_count(&int, field),
+            None => Err(invalid_request(py, format!("{field} must be an int >= 0, got {}", repr_of(value)))),
+        };
     }
     if let Ok(float) = value.cast::<PyFloat>() {
         let v = float.value();

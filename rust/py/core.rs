@@ -401,6 +401,7 @@ impl PyDispatchCore {
         let outcome = match op {
             LimiterOp::Adjust(tokens) => throttle.adjust_reservation(py, key, tokens, request_id)?,
             LimiterOp::Release => throttle.with_state(py, |state, _| state.release_reservation(key))?,
+            LimiterOp::Settle => throttle.with_state(py, |state, _| state.settle_reservation(key))?,
         };
         match outcome {
             Ok(()) => Ok(()),
@@ -453,6 +454,7 @@ impl PyDispatchCore {
         let (limiter_call, tokens) = match plan.limiter {
             Some(LimiterOp::Adjust(tokens)) => (Some("adjust"), tokens),
             Some(LimiterOp::Release) => (Some("release"), 0),
+            Some(LimiterOp::Settle) => (Some("settle"), 0),
             None => (None, 0),
         };
         // Only another limiter's call is Python's: an `LLMThrottle`'s is made by `finish`.

@@ -47,6 +47,7 @@ pub mod _core {
         m.add("DEFAULT_MESSAGE_RETENTION", crate::store::DEFAULT_MESSAGE_RETENTION)?;
         m.add("FACTOR_NAMES", crate::scoring::FACTOR_NAMES)?;
         m.add("DEFAULT_WEIGHTS", crate::scoring::Weights::default().as_array())?;
+        m.add("MAX_PROVIDER_WAIT", crate::throttle::MAX_PROVIDER_WAIT)?;
         Ok(())
     }
 }

@@ -1,10 +1,17 @@
 //! The result classes of `LLMThrottle`: checks, metrics, consumption records and snapshots.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use super::args::{count_arg, float_arg, invalid_request, repr_of};
 use crate::throttle::{BucketState, CheckResult};
+
+/// The keys of `RateLimitCheckResult.available_tokens` beyond "rpm" and "tpm", in the order of
+/// `CheckResult::available_extra`.
+const EXTRA_KEYS: [&str; 5] = ["itpm", "otpm", "rpd", "tpd", "concurrency"];
 
 /// A number field of a snapshot: an int or float, not a bool (`restore_from_snapshot` checks the
 /// range, so a snapshot can carry what a throttle reported).
@@ -27,7 +34,7 @@ pub struct PyCheckResult {
     /// Whether the request would be admitted now.
     #[pyo3(get)]
     pub allowed: bool,
-    /// `"rpm_limit"`, `"tpm_limit"` or None.
+    /// The binding limit (`"rpm_limit"`, `"tpm_limit"`, `"itpm_limit"`, …) or None.
     #[pyo3(get)]
     pub reason: Option<&'static str>,
     /// Exact seconds until admitted (0 when allowed, inf when it can never fit).
@@ -35,6 +42,9 @@ pub struct PyCheckResult {
     pub available_in: f64,
     pub(crate) requests: f64,
     pub(crate) tokens: f64,
+    /// The other limits' levels, when any is configured (boxed: a result of a throttle of
+    /// requests and tokens alone stays as small as it was).
+    pub(crate) extra: Option<Box<[Option<f64>; 5]>>,
 }
 
 impl From<CheckResult> for PyCheckResult {
@@ -45,29 +55,44 @@ impl From<CheckResult> for PyCheckResult {
             available_in: check.available_in,
             requests: check.available_requests,
             tokens: check.available_tokens,
+            extra: check.available_extra.map(Box::new),
         }
     }
 }
 
 #[pymethods]
 impl PyCheckResult {
-    /// `{"rpm": requests left, "tpm": tokens left}`.
+    /// `{"rpm": requests left, "tpm": tokens left}`, and for each other limit configured what
+    /// its bucket holds (`"itpm"`, `"otpm"`, `"rpd"`, `"tpd"`) or the slots free
+    /// (`"concurrency"`).
     #[getter]
     fn available_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
-        dict.set_item("rpm", self.requests)?;
-        dict.set_item("tpm", self.tokens)?;
+        for (key, value) in self.levels() {
+            dict.set_item(key, value)?;
+        }
         Ok(dict)
     }
 
     fn __repr__(&self) -> String {
+        let levels: Vec<String> = self.levels().map(|(key, value)| format!("'{key}': {value}")).collect();
         format!(
-            "RateLimitCheckResult(allowed={}, reason={}, available_in={}, available_tokens={{'rpm': {}, 'tpm': {}}})",
+            "RateLimitCheckResult(allowed={}, reason={}, available_in={}, available_tokens={{{}}})",
             if self.allowed { "True" } else { "False" },
             self.reason.map_or_else(|| "None".to_owned(), |r| format!("'{r}'")),
             self.available_in,
-            self.requests,
-            self.tokens
+            levels.join(", ")
+        )
+    }
+}
+
+impl PyCheckResult {
+    fn levels(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        [("rpm", self.requests), ("tpm", self.tokens)].into_iter().chain(
+            EXTRA_KEYS
+                .iter()
+                .zip(self.extra.as_deref().copied().unwrap_or_default())
+                .filter_map(|(&key, level)| level.map(|l| (key, l))),
         )
     }
 }
@@ -157,12 +182,15 @@ impl PyMemoryMetrics {
     }
 }
 
-/// The compensation debt (`total_debt` and `pending_compensation` are the same figure).
+/// The compensation debt of the token bucket (`total_debt` and `pending_compensation` are the
+/// same figure), and `debts`: that of each token limit (`"tpm"`, and `"itpm"`, `"otpm"`,
+/// `"tpd"` where configured).
 #[pyclass(module = "llm_queue_dispatcher._core", name = "CompensationMetrics", frozen, get_all, eq)]
 #[derive(Debug, Clone, PartialEq)]
 pub struct PyCompensationMetrics {
     pub(crate) total_debt: f64,
     pub(crate) pending_compensation: f64,
+    pub(crate) debts: BTreeMap<String, f64>,
 }
 
 #[pymethods]
@@ -171,22 +199,32 @@ impl PyCompensationMetrics {
         let dict = PyDict::new(py);
         dict.set_item("total_debt", self.total_debt)?;
         dict.set_item("pending_compensation", self.pending_compensation)?;
+        dict.set_item("debts", self.debts.clone())?;
         Ok(dict)
     }
 
     fn __repr__(&self) -> String {
+        let debts: Vec<String> = self.debts.iter().map(|(name, debt)| format!("'{name}': {debt}")).collect();
         format!(
-            "CompensationMetrics(total_debt={}, pending_compensation={})",
-            self.total_debt, self.pending_compensation
+            "CompensationMetrics(total_debt={}, pending_compensation={}, debts={{{}}})",
+            self.total_debt,
+            self.pending_compensation,
+            debts.join(", ")
         )
     }
 }
 
-/// Everything `LLMThrottle.get_metrics` reports.
+/// Everything `LLMThrottle.get_metrics` reports: a `BucketMetrics` per limit (None for the
+/// optional ones not configured; for `concurrency`, `used` is the requests in flight).
 #[pyclass(module = "llm_queue_dispatcher._core", name = "RateLimitMetrics", frozen, get_all)]
 pub struct PyRateLimitMetrics {
     pub(crate) rpm: Py<PyBucketMetrics>,
     pub(crate) tpm: Py<PyBucketMetrics>,
+    pub(crate) itpm: Option<Py<PyBucketMetrics>>,
+    pub(crate) otpm: Option<Py<PyBucketMetrics>>,
+    pub(crate) rpd: Option<Py<PyBucketMetrics>>,
+    pub(crate) tpd: Option<Py<PyBucketMetrics>>,
+    pub(crate) concurrency: Option<Py<PyBucketMetrics>>,
     pub(crate) efficiency: f64,
     pub(crate) consumption_history: Py<PyHistoryStatistics>,
     pub(crate) memory: Py<PyMemoryMetrics>,
@@ -200,6 +238,9 @@ impl PyRateLimitMetrics {
         let dict = PyDict::new(py);
         dict.set_item("rpm", self.rpm.get().to_dict(py)?)?;
         dict.set_item("tpm", self.tpm.get().to_dict(py)?)?;
+        for (key, bucket) in self.optional() {
+            dict.set_item(key, bucket.get().to_dict(py)?)?;
+        }
         dict.set_item("efficiency", self.efficiency)?;
         dict.set_item("consumption_history", self.consumption_history.get().to_dict(py)?)?;
         dict.set_item("memory", self.memory.get().to_dict(py)?)?;
@@ -208,8 +249,13 @@ impl PyRateLimitMetrics {
     }
 
     fn __repr__(&self) -> String {
+        let mut optional = String::new();
+        for (key, bucket) in self.optional() {
+            let _ = write!(optional, ", {key}={}", bucket.get().__repr__());
+        }
         format!(
-            "RateLimitMetrics(rpm={}, tpm={}, efficiency={}, consumption_history={}, memory={}, compensation={})",
+            "RateLimitMetrics(rpm={}, tpm={}{optional}, efficiency={}, consumption_history={}, memory={}, \
+             compensation={})",
             self.rpm.get().__repr__(),
             self.tpm.get().__repr__(),
             self.efficiency,
@@ -217,6 +263,21 @@ impl PyRateLimitMetrics {
             self.memory.get().__repr__(),
             self.compensation.get().__repr__()
         )
+    }
+}
+
+impl PyRateLimitMetrics {
+    /// The optional limits configured, with their keys.
+    fn optional(&self) -> impl Iterator<Item = (&'static str, &Py<PyBucketMetrics>)> {
+        [
+            ("itpm", &self.itpm),
+            ("otpm", &self.otpm),
+            ("rpd", &self.rpd),
+            ("tpd", &self.tpd),
+            ("concurrency", &self.concurrency),
+        ]
+        .into_iter()
+        .filter_map(|(key, bucket)| bucket.as_ref().map(|b| (key, b)))
     }
 }
 
@@ -230,20 +291,25 @@ pub struct PyConsumptionRecord {
     pub(crate) estimated_tokens: u64,
     pub(crate) actual_tokens: Option<u64>,
     pub(crate) compensation_debt: f64,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
 }
 
 #[pymethods]
 impl PyConsumptionRecord {
     fn __repr__(&self) -> String {
+        let optional = |count: Option<u64>| count.map_or_else(|| "None".to_owned(), |a| a.to_string());
         format!(
             "ConsumptionRecord(request_id={:?}, timestamp={}, tokens={}, estimated_tokens={}, actual_tokens={}, \
-             compensation_debt={})",
+             compensation_debt={}, input_tokens={}, output_tokens={})",
             self.request_id,
             self.timestamp,
             self.tokens,
             self.estimated_tokens,
-            self.actual_tokens.map_or_else(|| "None".to_owned(), |a| a.to_string()),
-            self.compensation_debt
+            optional(self.actual_tokens),
+            self.compensation_debt,
+            optional(self.input_tokens),
+            optional(self.output_tokens)
         )
     }
 }
@@ -293,7 +359,9 @@ impl From<&PyBucketState> for BucketState {
     }
 }
 
-/// The buckets and the compensation debt at one instant, for backup and restore.
+/// The buckets and the compensation debts at one instant, for backup and restore: those of
+/// requests and tokens, and of the other limits where configured (`compensation_debts` holds
+/// the debts of itpm, otpm and tpd).
 #[pyclass(module = "llm_queue_dispatcher._core", name = "StateSnapshot", frozen, get_all, eq)]
 #[derive(Debug, Clone, PartialEq)]
 pub struct PyStateSnapshot {
@@ -302,18 +370,62 @@ pub struct PyStateSnapshot {
     pub(crate) tpm_bucket_state: PyBucketState,
     pub(crate) history_count: usize,
     pub(crate) compensation_debt: f64,
+    pub(crate) itpm_bucket_state: Option<PyBucketState>,
+    pub(crate) otpm_bucket_state: Option<PyBucketState>,
+    pub(crate) rpd_bucket_state: Option<PyBucketState>,
+    pub(crate) tpd_bucket_state: Option<PyBucketState>,
+    pub(crate) compensation_debts: BTreeMap<String, f64>,
+}
+
+/// An optional bucket of a snapshot: None, or a `BucketState`.
+fn optional_bucket(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<PyBucketState>> {
+    value.filter(|v| !v.is_none()).map(|v| snapshot_bucket(v, field)).transpose()
+}
+
+/// `compensation_debts`: None, or a dict of "itpm", "otpm" and "tpd" to numbers.
+fn snapshot_debts(value: Option<&Bound<'_, PyAny>>) -> PyResult<BTreeMap<String, f64>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(BTreeMap::new()) };
+    let py = value.py();
+    let Ok(dict) = value.cast::<PyDict>() else {
+        return Err(invalid_request(
+            py,
+            format!("compensation_debts must be a dict, got {}", repr_of(value)),
+        ));
+    };
+    let mut debts = BTreeMap::new();
+    for (key, debt) in dict.iter() {
+        let name = key.cast::<PyString>().ok().and_then(|k| k.to_str().ok().map(str::to_owned));
+        let Some(name) = name.filter(|n| ["itpm", "otpm", "tpd"].contains(&n.as_str())) else {
+            return Err(invalid_request(
+                py,
+                format!("compensation_debts keys must be 'itpm', 'otpm' or 'tpd', got {}", repr_of(&key)),
+            ));
+        };
+        let debt = snapshot_number(&debt, &format!("compensation_debts[{name:?}]"))?;
+        debts.insert(name, debt);
+    }
+    Ok(debts)
 }
 
 #[pymethods]
 impl PyStateSnapshot {
     #[new]
-    #[pyo3(signature = (timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt))]
+    #[pyo3(signature = (timestamp, rpm_bucket_state, tpm_bucket_state, history_count, compensation_debt, *,
+        itpm_bucket_state=None, otpm_bucket_state=None, rpd_bucket_state=None, tpd_bucket_state=None,
+        compensation_debts=None))]
+    // One argument per field of the snapshot, named as the class's attributes (rpm_…, rpd_…).
+    #[allow(clippy::too_many_arguments, clippy::similar_names)]
     fn new(
         timestamp: &Bound<'_, PyAny>,
         rpm_bucket_state: &Bound<'_, PyAny>,
         tpm_bucket_state: &Bound<'_, PyAny>,
         history_count: &Bound<'_, PyAny>,
         compensation_debt: &Bound<'_, PyAny>,
+        itpm_bucket_state: Option<&Bound<'_, PyAny>>,
+        otpm_bucket_state: Option<&Bound<'_, PyAny>>,
+        rpd_bucket_state: Option<&Bound<'_, PyAny>>,
+        tpd_bucket_state: Option<&Bound<'_, PyAny>>,
+        compensation_debts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let timestamp = snapshot_number(timestamp, "timestamp")?;
         let rpm_bucket_state = snapshot_bucket(rpm_bucket_state, "rpm_bucket_state")?;
@@ -325,13 +437,34 @@ impl PyStateSnapshot {
             tpm_bucket_state,
             history_count,
             compensation_debt: snapshot_number(compensation_debt, "compensation_debt")?,
+            itpm_bucket_state: optional_bucket(itpm_bucket_state, "itpm_bucket_state")?,
+            otpm_bucket_state: optional_bucket(otpm_bucket_state, "otpm_bucket_state")?,
+            rpd_bucket_state: optional_bucket(rpd_bucket_state, "rpd_bucket_state")?,
+            tpd_bucket_state: optional_bucket(tpd_bucket_state, "tpd_bucket_state")?,
+            compensation_debts: snapshot_debts(compensation_debts)?,
         })
     }
 
     fn __repr__(&self) -> String {
+        let mut optional = String::new();
+        for (name, state) in [
+            ("itpm_bucket_state", &self.itpm_bucket_state),
+            ("otpm_bucket_state", &self.otpm_bucket_state),
+            ("rpd_bucket_state", &self.rpd_bucket_state),
+            ("tpd_bucket_state", &self.tpd_bucket_state),
+        ] {
+            if let Some(state) = state {
+                let _ = write!(optional, ", {name}={}", state.__repr__());
+            }
+        }
+        if !self.compensation_debts.is_empty() {
+            let debts: Vec<String> =
+                self.compensation_debts.iter().map(|(name, debt)| format!("'{name}': {debt}")).collect();
+            let _ = write!(optional, ", compensation_debts={{{}}}", debts.join(", "));
+        }
         format!(
             "StateSnapshot(timestamp={}, rpm_bucket_state={}, tpm_bucket_state={}, history_count={}, \
-             compensation_debt={})",
+             compensation_debt={}{optional})",
             self.timestamp,
             self.rpm_bucket_state.__repr__(),
             self.tpm_bucket_state.__repr__(),

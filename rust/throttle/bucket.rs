@@ -32,7 +32,7 @@ pub struct TokenBucket {
 }
 
 /// The smallest float above a positive `x`.
-fn next_up(x: f64) -> f64 {
+pub(super) fn next_up(x: f64) -> f64 {
     f64::from_bits(x.to_bits() + 1)
 }
 

@@ -1,24 +1,36 @@
-//! The dual token-bucket rate limiter behind `LLMThrottle`, without Python.
+//! The token-bucket rate limiter behind `LLMThrottle`, without Python.
 //!
 //! Semantics follow `@aid-on/llm-throttle` 1.0.1 (its `LLMThrottle` and `TokenBucket`), with the
 //! changes the contract asks for: durations in seconds, an exact `available_in` that accounts for
-//! both buckets and is infinite when a request can never fit, and all-or-nothing bad-input checks.
-//! Every instant is an `f64` passed in by the caller, so the logic is deterministic under test.
+//! every bucket and is infinite when a request can never fit, all-or-nothing bad-input checks,
+//! and the limits providers publish besides requests and tokens per minute (input and output
+//! tokens per minute, requests and tokens per day, requests in flight: `meters.rs`). Every
+//! instant is an `f64` passed in by the caller, so the logic is deterministic under test.
 //!
-//! About 700 lines for one concept: the two buckets live in `bucket.rs` and the tests in
-//! `tests.rs`; what stays here is the limiter's state machine (consume, adjust, release, debt,
-//! penalty, provider ceilings, history, snapshots), whose steps share its invariants.
+//! About 700 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
+//! `meters.rs`, the history in `history.rs`, snapshots in `snapshot.rs`, a provider's figures in
+//! `provider.rs` and the tests in `tests.rs` and `limits_tests.rs`; what stays here is the
+//! limiter's state machine (check, consume, adjust, release across every limit), whose steps
+//! share its invariants.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::errors::{CoreError, CoreResult};
 
 mod bucket;
+mod history;
+mod meters;
+mod provider;
+mod snapshot;
 
 pub use bucket::{BucketState, TokenBucket};
-
-// Debt below this many tokens is float dust from refunds and is forgotten.
-const DEBT_DUST: f64 = 1e-9;
+#[cfg(test)]
+use history::estimation_accuracy;
+use history::HistoryTotals;
+pub use history::{ConsumptionRecord, HistoryStatistics, RecordExtra};
+pub use meters::{Charge, Dimension, ExtraLimits, Meter, Slots, DAY};
+pub use provider::MAX_PROVIDER_WAIT;
+pub use snapshot::{ExtraState, Snapshot};
 
 /// What `adjust_consumption` does when the bucket holds less than the extra tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,52 +62,6 @@ impl AdjustmentFailureStrategy {
             Self::Strict => "strict",
             Self::Warn => "warn",
             Self::Compensate => "compensate",
-        }
-    }
-}
-
-/// How close an estimate was: `min / max` of the two counts, 1 when both are 0 and 0 when only
-/// one is (nothing estimated for a call that used tokens is a miss, not a perfect guess). One
-/// formula for the efficiency and the estimation accuracy metrics.
-fn estimation_accuracy(estimated: u64, actual: u64) -> f64 {
-    match (estimated, actual) {
-        (0, 0) => 1.0,
-        (0, _) | (_, 0) => 0.0,
-        (e, a) => e.min(a) as f64 / e.max(a) as f64,
-    }
-}
-
-/// Sums over the kept history, updated as records come and go, so metrics cost O(1) however
-/// long the history is.
-#[derive(Debug, Clone, Copy, Default)]
-struct HistoryTotals {
-    /// Records that count (not released).
-    live: usize,
-    tokens: u128,
-    adjusted: usize,
-    accuracy_sum: f64,
-}
-
-impl HistoryTotals {
-    fn add<M>(&mut self, record: &ConsumptionRecord<M>) {
-        self.live += 1;
-        self.tokens += u128::from(record.tokens);
-        if let Some(actual) = record.actual_tokens {
-            self.adjusted += 1;
-            self.accuracy_sum += estimation_accuracy(record.estimated_tokens, actual);
-        }
-    }
-
-    fn remove<M>(&mut self, record: &ConsumptionRecord<M>) {
-        self.live -= 1;
-        self.tokens -= u128::from(record.tokens);
-        if let Some(actual) = record.actual_tokens {
-            self.adjusted -= 1;
-            self.accuracy_sum -= estimation_accuracy(record.estimated_tokens, actual);
-        }
-        if self.adjusted == 0 {
-            // Float dust from the subtractions must not outlive the records it came from.
-            self.accuracy_sum = 0.0;
         }
     }
 }
@@ -145,6 +111,29 @@ impl ThrottleConfig {
                 }
             }
         }
+        // A bucket that holds less than one request (or one token) can never admit anything: a
+        // limiter that waits for ever is refused here, where the mistake is made.
+        for (rate_name, burst_name, rate, burst, unit) in [
+            ("rpm", "burst_rpm", self.rpm, self.burst_rpm, "request"),
+            ("tpm", "burst_tpm", self.tpm, self.burst_tpm, "token"),
+        ] {
+            match burst {
+                Some(burst) if burst < 1.0 => {
+                    return Err(CoreError::InvalidConfig(format!(
+                        "{burst_name} must be >= 1: it is the {unit} bucket's capacity, and a bucket \
+                         holding less than one {unit} never admits a request; got {burst}"
+                    )));
+                }
+                None if rate < 1.0 => {
+                    return Err(CoreError::InvalidConfig(format!(
+                        "{rate_name} must be >= 1: without {burst_name} it is the {unit} bucket's \
+                         capacity, and a bucket holding less than one {unit} never admits a request; \
+                         got {rate} (for less than one {unit} a minute, also set {burst_name} >= 1)"
+                    )));
+                }
+                _ => {}
+            }
+        }
         if self.max_history_records == 0 {
             return Err(CoreError::InvalidConfig("max_history_records must be >= 1, got 0".into()));
         }
@@ -153,30 +142,6 @@ impl ThrottleConfig {
         }
         Ok(())
     }
-}
-
-/// One successful `consume`, kept for `adjust_consumption` and the metrics.
-#[derive(Debug, Clone)]
-pub struct ConsumptionRecord<M> {
-    /// When it was consumed.
-    pub timestamp: f64,
-    /// Tokens it counts for: the estimate, then the actual count once adjusted.
-    pub tokens: u64,
-    /// The caller's request id.
-    pub request_id: String,
-    /// The caller's metadata.
-    pub metadata: M,
-    /// The estimate it was consumed with.
-    pub estimated_tokens: u64,
-    /// The actual count, once adjusted.
-    pub actual_tokens: Option<u64>,
-    /// Debt taken on top of the estimate by this consume.
-    pub compensation_debt: f64,
-    /// Tokens of an upward adjustment the bucket could not pay (`warn` or `compensate`): counted
-    /// in `tokens` but never taken, so `release` does not give them back.
-    pub unpaid: f64,
-    /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
-    pub released: bool,
 }
 
 /// The key of one reservation made with [`Throttle::reserve`]: the sequence number of its
@@ -191,7 +156,9 @@ pub struct ReservationKey(pub u64);
 pub struct CheckResult {
     /// Whether the request would be admitted now.
     pub allowed: bool,
-    /// `"rpm_limit"` or `"tpm_limit"` when refused (the request bucket is reported first).
+    /// The binding limit when refused (`"rpm_limit"`, `"tpm_limit"`, `"itpm_limit"`, …): the
+    /// one with the longest wait, the first of rpm, tpm, itpm, otpm, rpd, tpd, concurrency on a
+    /// tie.
     pub reason: Option<&'static str>,
     /// Exact seconds until admitted: 0 when allowed, infinite when it can never fit.
     pub available_in: f64,
@@ -199,9 +166,42 @@ pub struct CheckResult {
     pub available_requests: f64,
     /// Tokens in the token bucket.
     pub available_tokens: f64,
+    /// The other limits, when any is configured: in the order itpm, otpm, rpd, tpd (what their
+    /// buckets hold) and concurrency (slots free), None where not configured.
+    pub available_extra: Option<[Option<f64>; 5]>,
 }
 
-/// What `adjust_consumption` did; the binding logs the failures.
+/// Where a limit other than rpm and tpm sits in `CheckResult::available_extra` and
+/// `Snapshot::extra`.
+pub fn extra_index(dimension: Dimension) -> Option<usize> {
+    (dimension as usize).checked_sub(Dimension::Itpm as usize)
+}
+
+/// The limit with the longest wait, the first in `Dimension` order on a tie.
+#[derive(Debug, Clone, Copy)]
+struct Binding {
+    wait: f64,
+    dimension: Option<Dimension>,
+}
+
+impl Binding {
+    const NONE: Self = Self { wait: 0.0, dimension: None };
+
+    // Equal waits are a tie, broken by the order of the dimensions (offered in any order).
+    #[allow(clippy::float_cmp)]
+    fn offer(&mut self, dimension: Dimension, wait: f64) {
+        let earlier = self.dimension.is_none_or(|d| dimension < d);
+        if wait > self.wait || (wait > 0.0 && wait == self.wait && earlier) {
+            *self = Self { wait, dimension: Some(dimension) };
+        }
+    }
+
+    fn reason(self) -> Option<&'static str> {
+        self.dimension.map(Dimension::reason)
+    }
+}
+
+/// What `adjust_consumption` did to one token limit; the binding logs the failures.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Adjustment {
     /// The extra was taken or the difference refunded.
@@ -212,45 +212,56 @@ pub enum Adjustment {
     Compensated { shortfall: f64, total_debt: f64 },
 }
 
-/// Figures of the consumption history.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HistoryStatistics {
-    /// Records kept.
-    pub count: usize,
-    /// `total_tokens / count` (0 without records).
-    pub average_tokens_per_request: f64,
-    /// Sum of the records' token counts (actual where adjusted).
-    pub total_tokens: u64,
-    /// Mean of `min(est, act) / max(est, act)` over adjusted records (1 without any).
-    pub estimation_accuracy: f64,
+/// The input and output parts of `total` from what a caller gave: both (they must add up to
+/// it), one (the other is the rest, so it may not exceed `total`), or none (None: unknown).
+/// `names` are the caller's names of the total and the two parts, for the error.
+pub fn split_parts(
+    total: u64,
+    input: Option<u64>,
+    output: Option<u64>,
+    names: [&str; 3],
+) -> CoreResult<Option<(u64, u64)>> {
+    let [total_name, input_name, output_name] = names;
+    match (input, output) {
+        (None, None) => Ok(None),
+        (Some(input), Some(output)) => match input.checked_add(output) {
+            Some(sum) if sum == total => Ok(Some((input, output))),
+            _ => Err(CoreError::InvalidRequest(format!(
+                "{input_name} + {output_name} must equal {total_name}: got {input} + {output}, {total_name} = {total}"
+            ))),
+        },
+        (Some(part), None) | (None, Some(part)) => {
+            let Some(rest) = total.checked_sub(part) else {
+                let name = if input.is_some() { input_name } else { output_name };
+                return Err(CoreError::InvalidRequest(format!(
+                    "{name} must be at most {total_name} ({total}), got {part}"
+                )));
+            };
+            Ok(Some(if input.is_some() { (part, rest) } else { (rest, part) }))
+        }
+    }
 }
 
-/// A point-in-time copy of the buckets and the debt, for backup and restore.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Snapshot {
-    /// When it was taken.
-    pub timestamp: f64,
-    /// The request bucket.
-    pub rpm: BucketState,
-    /// The token bucket.
-    pub tpm: BucketState,
-    /// Consumption records at the time (history is not restored).
-    pub history_count: usize,
-    /// Compensation debt at the time.
-    pub compensation_debt: f64,
-}
-
-/// The limiter: two buckets, a consumption history and a compensation debt.
+/// The limiter: a request bucket and a token bucket (each token limit with its compensation
+/// debt), the optional limits as providers publish them, and a consumption history.
 #[derive(Debug, Clone)]
 pub struct Throttle<M> {
     config: ThrottleConfig,
+    limits: ExtraLimits,
+    /// Whether any of `limits` is set (a throttle of requests and tokens alone skips them).
+    extra_limits: bool,
     requests: TokenBucket,
-    tokens: TokenBucket,
+    tokens: Meter,
+    /// Requests per day.
+    daily_requests: Option<TokenBucket>,
+    /// The other token limits (itpm, otpm, tpd: those configured, in that order).
+    meters: Vec<Meter>,
+    /// Requests in flight.
+    slots: Option<Slots>,
     history: VecDeque<ConsumptionRecord<M>>,
     // Sequence number of `history[0]`; with `latest_by_id` it finds a record in O(1).
     first_seq: u64,
     latest_by_id: HashMap<String, u64>,
-    debt: f64,
     evicted: Vec<M>,
     totals: HistoryTotals,
     /// The reading of the last `advance`: "now" for `check` and `consume`.
@@ -260,19 +271,30 @@ pub struct Throttle<M> {
 }
 
 impl<M> Throttle<M> {
-    /// A throttle with full buckets at `now`.
+    /// A throttle with full buckets at `now`, limited by requests and tokens per minute only.
     pub fn new(config: ThrottleConfig, now: f64) -> CoreResult<Self> {
+        Self::with_limits(config, ExtraLimits::default(), now)
+    }
+
+    /// A throttle with full buckets at `now` and the optional `limits` besides.
+    pub fn with_limits(config: ThrottleConfig, limits: ExtraLimits, now: f64) -> CoreResult<Self> {
         config.validate()?;
+        limits.validate()?;
         let requests = TokenBucket::new(config.burst_rpm.unwrap_or(config.rpm), config.rpm / 60.0, now);
-        let tokens = TokenBucket::new(config.burst_tpm.unwrap_or(config.tpm), config.tpm / 60.0, now);
+        let tokens =
+            Meter::new(Dimension::Tpm, config.burst_tpm.unwrap_or(config.tpm), config.tpm / 60.0, now);
         Ok(Self {
+            daily_requests: limits.rpd.map(|rpd| TokenBucket::new(rpd, rpd / DAY, now)),
+            meters: limits.meters(now),
+            slots: limits.max_concurrent.map(Slots::new),
             config,
+            extra_limits: limits.any(),
+            limits,
             requests,
             tokens,
             history: VecDeque::new(),
             first_seq: 0,
             latest_by_id: HashMap::new(),
-            debt: 0.0,
             evicted: Vec::new(),
             totals: HistoryTotals::default(),
             now,
@@ -285,12 +307,25 @@ impl<M> Throttle<M> {
         &self.config
     }
 
-    /// Refills both buckets and drops history past its retention and its record limit.
+    /// The optional limits.
+    pub fn limits(&self) -> &ExtraLimits {
+        &self.limits
+    }
+
+    /// Refills every bucket and drops history past its retention and its record limit.
     pub fn advance(&mut self, now: f64) {
         // A clock read before another thread's later reading must not move time back.
         self.now = self.now.max(now);
         self.requests.refill(now);
-        self.tokens.refill(now);
+        self.tokens.bucket_mut().refill(now);
+        if self.extra_limits {
+            if let Some(daily) = &mut self.daily_requests {
+                daily.refill(now);
+            }
+            for meter in &mut self.meters {
+                meter.bucket_mut().refill(now);
+            }
+        }
         let cutoff = now - self.config.history_retention;
         while self.history.front().is_some_and(|record| record.timestamp <= cutoff) {
             self.pop_oldest();
@@ -304,6 +339,12 @@ impl<M> Throttle<M> {
         if let Some(record) = self.history.pop_front() {
             if !record.released {
                 self.totals.remove(&record);
+            }
+            if record.holds_slot {
+                // Forgotten unsettled: its slot is free (it can no longer be settled).
+                if let Some(slots) = &mut self.slots {
+                    slots.free_slot(self.first_seq);
+                }
             }
             // Reservations made by key are not in the id map: skip the lookup when it is empty.
             if !self.latest_by_id.is_empty()
@@ -329,6 +370,9 @@ impl<M> Throttle<M> {
         self.first_seq += history.len() as u64;
         self.evicted.extend(history.into_iter().map(|record| record.metadata));
         self.latest_by_id.clear();
+        if let Some(slots) = &mut self.slots {
+            slots.clear();
+        }
     }
 
     /// The request bucket.
@@ -338,56 +382,136 @@ impl<M> Throttle<M> {
 
     /// The token bucket.
     pub fn tokens(&self) -> &TokenBucket {
-        &self.tokens
+        self.tokens.bucket()
     }
 
-    /// Tokens the next `consume` takes on top of its estimate.
+    /// Tokens the next `consume` takes on top of its estimate (from the token bucket).
     pub fn debt(&self) -> f64 {
-        self.debt
+        self.tokens.debt()
     }
 
-    /// Tokens a request of `estimated` tokens must find in the bucket. With a debt that would
-    /// push it past the capacity, a full bucket is enough (the rest of the debt carries over):
-    /// otherwise a large debt would block every request forever.
-    fn tokens_needed(&self, estimated: u64) -> f64 {
-        let estimated = estimated as f64;
-        if estimated > self.tokens.capacity() {
-            estimated
-        } else {
-            (estimated + self.debt).min(self.tokens.capacity())
+    /// The daily request bucket, when `rpd` is set.
+    pub fn daily_requests(&self) -> Option<&TokenBucket> {
+        self.daily_requests.as_ref()
+    }
+
+    /// The other token limits configured (itpm, otpm, tpd, in that order).
+    pub fn meters(&self) -> &[Meter] {
+        &self.meters
+    }
+
+    /// The token limit of `dimension` (tpm, itpm, otpm or tpd), when configured.
+    pub fn meter(&self, dimension: Dimension) -> Option<&Meter> {
+        if dimension == Dimension::Tpm {
+            return Some(&self.tokens);
         }
+        self.meters.iter().find(|meter| meter.dimension() == dimension)
+    }
+
+    /// The requests in flight, when `max_concurrent` is set.
+    pub fn slots(&self) -> Option<&Slots> {
+        self.slots.as_ref()
+    }
+
+    /// The largest estimate that can ever be admitted without its input and output parts (each
+    /// token limit then counts the whole estimate): the smallest token capacity.
+    pub fn token_capacity(&self) -> f64 {
+        self.meters.iter().map(|m| m.bucket().capacity()).fold(self.tokens.bucket().capacity(), f64::min)
+    }
+
+    /// Tokens a second that the token limits let through in the long run, estimates without
+    /// parts counting against each: the slowest refill.
+    pub fn token_rate(&self) -> f64 {
+        self.meters.iter().map(|m| m.bucket().rate()).fold(self.tokens.bucket().rate(), f64::min)
+    }
+
+    /// Whether a request can be admitted at all now (no penalty, a request in every request
+    /// bucket, a slot free), and if so the largest estimate without parts admitted now (below 0
+    /// when none is; see `Meter::admissible`). Call `advance` first.
+    pub fn admissible_tokens(&self) -> Option<f64> {
+        let request_free = self.penalty_left() <= 0.0
+            && self.requests.has(1.0)
+            && self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
+            && self.slots.as_ref().is_none_or(|slots| slots.free() > 0);
+        if !request_free {
+            return None;
+        }
+        let most = self.meters.iter().map(Meter::admissible).fold(self.tokens.admissible(), f64::min);
+        Some(most.max(-1.0))
     }
 
     /// Whether a request of `estimated` tokens (plus any debt) would be admitted now, and if
     /// not, exactly when. Call `advance` first.
     pub fn check(&self, estimated: u64) -> CheckResult {
-        self.check_with_margin(estimated, 0.0)
+        self.check_parts(estimated, None, 0.0)
     }
 
-    /// `check` for a request that must also leave `margin` tokens in the bucket (a reserve
-    /// kept back), the total at most the capacity. Call `advance` first.
+    /// `check` for a request that must also leave `margin` tokens in the token bucket (a
+    /// reserve kept back), the total at most the capacity. Call `advance` first.
     pub fn check_with_margin(&self, estimated: u64, margin: f64) -> CheckResult {
-        let mut needed = self.tokens_needed(estimated);
-        if margin > 0.0 {
-            needed = (needed + margin).min(self.tokens.capacity().max(needed));
-        }
+        self.check_parts(estimated, None, margin)
+    }
+
+    /// `check_with_margin` for a request whose input and output parts may be known: the exact
+    /// wait over every limit, the binding one named. Call `advance` first.
+    #[inline]
+    pub fn check_parts(&self, estimated: u64, parts: Option<(u64, u64)>, margin: f64) -> CheckResult {
         // A penalty holds the request bucket shut: it reports as the request limit.
         let request_wait = self.requests.time_until(1.0).max(self.penalty_left());
-        let token_wait = self.tokens.time_until(needed);
-        let reason = if request_wait > 0.0 {
-            Some("rpm_limit")
-        } else if token_wait > 0.0 {
-            Some("tpm_limit")
+        let token_wait = self.tokens.wait(estimated, margin);
+        let mut binding = if token_wait > request_wait {
+            Binding { wait: token_wait, dimension: Some(Dimension::Tpm) }
+        } else if request_wait > 0.0 {
+            Binding { wait: request_wait, dimension: Some(Dimension::Rpm) }
         } else {
-            None
+            Binding::NONE
         };
+        let available_extra = self.extra_limits.then(|| self.check_extra(&mut binding, estimated, parts));
         CheckResult {
-            allowed: reason.is_none(),
-            reason,
-            available_in: request_wait.max(token_wait),
+            allowed: binding.dimension.is_none(),
+            reason: binding.reason(),
+            available_in: binding.wait,
             available_requests: self.requests.available(),
-            available_tokens: self.tokens.available(),
+            available_tokens: self.tokens.bucket().available(),
+            available_extra,
         }
+    }
+
+    /// `check_parts` over the optional limits: kept out of line, so a throttle of requests and
+    /// tokens alone checks as fast as it did before they existed.
+    #[inline(never)]
+    fn check_extra(
+        &self,
+        binding: &mut Binding,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+    ) -> [Option<f64>; 5] {
+        let mut available_extra = [None; 5];
+        if let Some(daily) = &self.daily_requests {
+            binding.offer(Dimension::Rpd, daily.time_until(1.0));
+            available_extra[2] = Some(daily.available());
+        }
+        for meter in &self.meters {
+            let dimension = meter.dimension();
+            binding.offer(dimension, meter.wait(dimension.share(estimated, parts), 0.0));
+            if let Some(index) = extra_index(dimension) {
+                available_extra[index] = Some(meter.bucket().available());
+            }
+        }
+        if let Some(slots) = &self.slots {
+            binding.offer(Dimension::Concurrency, slots.wait(self.now, self.config.history_retention));
+            available_extra[4] = Some(slots.free() as f64);
+        }
+        available_extra
+    }
+
+    /// Whether the limits beyond rpm and tpm admit a request of `estimated` (split into `parts`
+    /// when known) now.
+    #[inline(never)]
+    fn admits_extra(&self, estimated: u64, parts: Option<(u64, u64)>) -> bool {
+        self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
+            && self.meters.iter().all(|meter| meter.admits(meter.dimension().share(estimated, parts)))
+            && self.slots.as_ref().is_none_or(|slots| slots.free() > 0)
     }
 
     /// Takes one request and the estimate plus the debt, all or nothing. Call `advance` first.
@@ -397,13 +521,28 @@ impl<M> Throttle<M> {
 
     /// `consume`, handing `metadata` back when refused (a binding releases it unlocked).
     pub fn try_consume(&mut self, now: f64, request_id: &str, estimated: u64, metadata: M) -> Result<(), M> {
-        let key = self.reserve(now, request_id, estimated, metadata)?;
+        self.try_consume_parts(now, request_id, estimated, None, metadata)
+    }
+
+    /// `try_consume` of a request whose input and output `parts` (adding up to `estimated`)
+    /// may be known: one request from each request limit, the estimate (plus its debt) from
+    /// each token limit (the input part from itpm, the output part from otpm: each the whole
+    /// estimate when the parts are unknown), and a slot, all or nothing.
+    pub fn try_consume_parts(
+        &mut self,
+        now: f64,
+        request_id: &str,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+        metadata: M,
+    ) -> Result<(), M> {
+        let key = self.reserve_parts(now, request_id, estimated, parts, metadata)?;
         self.latest_by_id.insert(request_id.to_owned(), key.0);
         Ok(())
     }
 
-    /// Takes one request and the estimate plus the debt, all or nothing, like `consume`, and
-    /// returns the reservation's key; the record is found by that key only (`adjust_reservation`,
+    /// Takes what `consume` takes, all or nothing, and returns the reservation's key; the
+    /// record is found by that key only (`adjust_reservation`, `settle_reservation`,
     /// `release_reservation`), not by `request_id`, which it keeps for the history. Call
     /// `advance` first.
     pub fn reserve(
@@ -413,18 +552,36 @@ impl<M> Throttle<M> {
         estimated: u64,
         metadata: M,
     ) -> Result<ReservationKey, M> {
-        let needed = self.tokens_needed(estimated);
-        if self.penalty_left() > 0.0 || !(self.requests.has(1.0) && self.tokens.has(needed)) {
+        self.reserve_parts(now, request_id, estimated, None, metadata)
+    }
+
+    /// `reserve` of a request whose input and output `parts` may be known (see
+    /// `try_consume_parts`).
+    pub fn reserve_parts(
+        &mut self,
+        now: f64,
+        request_id: &str,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+        metadata: M,
+    ) -> Result<ReservationKey, M> {
+        // The token need computed once, for the check and the take (the hot path of a dispatch).
+        let needed = self.tokens.needed(estimated);
+        let admitted = self.penalty_left() <= 0.0
+            && self.requests.has(1.0)
+            && self.tokens.bucket().has(needed)
+            && (!self.extra_limits || self.admits_extra(estimated, parts));
+        if !admitted {
             return Err(metadata);
         }
         self.requests.take(1.0);
-        self.tokens.take(needed);
-        let applied_debt = (needed - estimated as f64).max(0.0);
-        self.debt -= applied_debt;
-        if self.debt < DEBT_DUST {
-            self.debt = 0.0;
-        }
+        let charge = self.tokens.take_needed(estimated, needed);
         let seq = self.first_seq + self.history.len() as u64;
+        let (extra, holds_slot) = if self.extra_limits || parts.is_some() {
+            self.take_extra(seq, now, estimated, parts)
+        } else {
+            (None, false)
+        };
         self.history.push_back(ConsumptionRecord {
             timestamp: now,
             tokens: estimated,
@@ -432,9 +589,11 @@ impl<M> Throttle<M> {
             metadata,
             estimated_tokens: estimated,
             actual_tokens: None,
-            compensation_debt: applied_debt,
+            compensation_debt: charge.debt,
             unpaid: 0.0,
             released: false,
+            holds_slot,
+            extra,
         });
         if let Some(record) = self.history.back() {
             self.totals.add(record);
@@ -445,68 +604,174 @@ impl<M> Throttle<M> {
         Ok(ReservationKey(seq))
     }
 
+    /// The part of a grant beyond requests and tokens per minute: a request of the day, its
+    /// share of each other token limit, a slot; and the record's extra part. Kept out of line,
+    /// so a throttle of requests and tokens alone grants as fast as it did before they existed.
+    #[inline(never)]
+    fn take_extra(
+        &mut self,
+        seq: u64,
+        now: f64,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+    ) -> (Option<Box<RecordExtra>>, bool) {
+        if let Some(daily) = &mut self.daily_requests {
+            daily.take(1.0);
+        }
+        let charges = self
+            .meters
+            .iter_mut()
+            .map(|meter| {
+                let share = meter.dimension().share(estimated, parts);
+                meter.take(share)
+            })
+            .collect();
+        let extra = RecordExtra { parts, output_cap: parts.map(|(_, output)| output), charges };
+        let holds_slot = match &mut self.slots {
+            Some(slots) => {
+                slots.hold(seq, now);
+                true
+            }
+            None => false,
+        };
+        (Some(Box::new(extra)), holds_slot)
+    }
+
     /// Sets the token count of the latest consume of `request_id` to `actual`: takes the extra
-    /// or refunds the difference. Call `advance` first.
+    /// or refunds the difference. `actual` = 0 refunds the tokens and records no actual count
+    /// (the estimation metrics ignore it). Returns what it did to the token bucket (see
+    /// `adjust_parts` for every limit). Call `advance` first.
     pub fn adjust(&mut self, request_id: &str, actual: u64) -> CoreResult<Adjustment> {
+        let outcomes = self.adjust_parts(request_id, actual, None)?;
+        Ok(outcomes.into_iter().find(|(d, _)| *d == Dimension::Tpm).map_or(Adjustment::Applied, |(_, a)| a))
+    }
+
+    /// `adjust` with the actual input and output `parts` when known (adding up to `actual`):
+    /// each token limit is moved to its share of the actual count (the input to itpm, the
+    /// output to otpm). Without the parts, itpm counts the whole actual count (any of it may be
+    /// input) and otpm the whole of it up to the output the grant reserved (a provider stops
+    /// there), or the whole when it reserved none. The grant's slot of `max_concurrent` is
+    /// freed: an adjustment settles it. "strict" refuses, changing nothing, when any limit holds
+    /// less than its extra (the reason names the one with the longest wait); "warn" and
+    /// "compensate" apply to each limit. Returns the limits that could not take their whole
+    /// extra. Call `advance` first.
+    pub fn adjust_parts(
+        &mut self,
+        request_id: &str,
+        actual: u64,
+        parts: Option<(u64, u64)>,
+    ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let index = self.record_index(request_id)?;
-        self.adjust_at(index, actual)
+        self.adjust_at(index, actual, parts)
     }
 
     /// `adjust` of the reservation `key` names. Call `advance` first.
-    pub fn adjust_reservation(&mut self, key: ReservationKey, actual: u64) -> CoreResult<Adjustment> {
+    /// Returns the limits that could not take their whole extra, as `adjust_parts` does.
+    pub fn adjust_reservation(
+        &mut self,
+        key: ReservationKey,
+        actual: u64,
+    ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let index = self.key_index(key)?;
-        self.adjust_at(index, actual)
+        self.adjust_at(index, actual, None)
     }
 
-    fn adjust_at(&mut self, index: usize, actual: u64) -> CoreResult<Adjustment> {
-        let recorded = self.history[index].tokens;
-        let mut outcome = Adjustment::Applied;
-        let mut unpaid = self.history[index].unpaid;
-        if actual > recorded {
-            let extra = (actual - recorded) as f64;
-            if !self.tokens.take(extra) {
-                match self.config.adjustment_failure_strategy {
-                    AdjustmentFailureStrategy::Strict => {
-                        return Err(CoreError::RateLimit {
-                            reason: "tpm_limit",
-                            available_in: self.tokens.time_until(extra),
-                        });
-                    }
-                    AdjustmentFailureStrategy::Warn => {
-                        let shortfall = self.tokens.take_up_to(extra);
-                        unpaid += shortfall;
-                        outcome = Adjustment::Warned { shortfall };
-                    }
-                    AdjustmentFailureStrategy::Compensate => {
-                        let shortfall = self.tokens.take_up_to(extra);
-                        unpaid += shortfall;
-                        self.debt += shortfall;
-                        outcome = Adjustment::Compensated { shortfall, total_debt: self.debt };
-                    }
+    fn adjust_at(
+        &mut self,
+        index: usize,
+        actual: u64,
+        parts: Option<(u64, u64)>,
+    ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
+        let strategy = self.config.adjustment_failure_strategy;
+        let record = &self.history[index];
+        let output_cap = record.extra.as_ref().and_then(|extra| extra.output_cap).unwrap_or(u64::MAX);
+        let target = |dimension: Dimension| match (dimension, parts) {
+            (_, Some(_)) => dimension.share(actual, parts),
+            (Dimension::Otpm, None) => actual.min(output_cap),
+            _ => actual,
+        };
+        let mut charge =
+            Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
+        let mut charges = record.extra.as_ref().map(|extra| extra.charges.clone()).unwrap_or_default();
+        if strategy == AdjustmentFailureStrategy::Strict {
+            let mut refusal = Binding::NONE;
+            if let Some(wait) = self.tokens.shortfall_wait(&charge, actual) {
+                refusal.offer(Dimension::Tpm, wait);
+            }
+            for (meter, charge) in self.meters.iter().zip(&charges) {
+                if let Some(wait) = meter.shortfall_wait(charge, target(meter.dimension())) {
+                    refusal.offer(meter.dimension(), wait);
                 }
             }
-        } else if actual < recorded {
-            // A lower count forgives what was never paid first (a second adjustment).
-            let lower = (recorded - actual) as f64;
-            let forgiven = lower.min(unpaid);
-            unpaid -= forgiven;
-            self.give_back_unpaid(forgiven);
-            self.tokens.refund(lower - forgiven);
+            if let Some(reason) = refusal.reason() {
+                return Err(CoreError::RateLimit { reason, available_in: refusal.wait });
+            }
         }
+        let mut outcomes = Vec::new();
+        let outcome = self.tokens.adjust(strategy, &mut charge, actual);
+        if outcome != Adjustment::Applied {
+            outcomes.push((Dimension::Tpm, outcome));
+        }
+        for (meter, meter_charge) in self.meters.iter_mut().zip(charges.iter_mut()) {
+            let dimension = meter.dimension();
+            let outcome = meter.adjust(strategy, meter_charge, target(dimension));
+            if outcome != Adjustment::Applied {
+                outcomes.push((dimension, outcome));
+            }
+        }
+        let seq = self.first_seq + index as u64;
         let record = &mut self.history[index];
         self.totals.remove(record);
-        record.unpaid = unpaid;
+        record.unpaid = charge.unpaid;
         record.tokens = actual;
-        record.actual_tokens = Some(actual);
+        // 0 tokens is a refund (the call failed, or never reached the provider), not a measured
+        // count: recording it would score a failed call as an estimation miss.
+        record.actual_tokens = (actual > 0).then_some(actual);
+        if record.extra.is_some() || parts.is_some() {
+            let extra = record.extra.get_or_insert_with(Box::default);
+            extra.parts = parts;
+            extra.charges = charges;
+        }
+        let settled = std::mem::take(&mut record.holds_slot);
         self.totals.add(record);
-        Ok(outcome)
+        if settled {
+            if let Some(slots) = &mut self.slots {
+                slots.free_slot(seq);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Ends the time in flight of the latest consume of `request_id`: frees its slot of
+    /// `max_concurrent` (if it still holds one) and keeps its tokens as counted. For a call that
+    /// ended without a count to adjust to. Call `advance` first.
+    pub fn settle(&mut self, request_id: &str) -> CoreResult<()> {
+        let index = self.record_index(request_id)?;
+        self.settle_at(index);
+        Ok(())
+    }
+
+    /// `settle` of the reservation `key` names. Call `advance` first.
+    pub fn settle_reservation(&mut self, key: ReservationKey) -> CoreResult<()> {
+        let index = self.key_index(key)?;
+        self.settle_at(index);
+        Ok(())
+    }
+
+    fn settle_at(&mut self, index: usize) {
+        if std::mem::take(&mut self.history[index].holds_slot) {
+            let seq = self.first_seq + index as u64;
+            if let Some(slots) = &mut self.slots {
+                slots.free_slot(seq);
+            }
+        }
     }
 
     /// Gives back the latest consume of `request_id` whole, as if it never happened: its
     /// tokens (the estimate, or the actual count once adjusted) and its request go back to the
-    /// buckets, the debt it paid is owed again, and its record stops counting. For a
-    /// reservation that was never used (the dispatch failed after it was made). Call `advance`
-    /// first.
+    /// buckets, the debt it paid is owed again, its slot is free, and its record stops
+    /// counting. For a reservation that was never used (the dispatch failed after it was
+    /// made). Call `advance` first.
     pub fn release(&mut self, request_id: &str) -> CoreResult<()> {
         let index = self.record_index(request_id)?;
         self.release_at(index);
@@ -527,40 +792,29 @@ impl<M> Throttle<M> {
     }
 
     fn release_at(&mut self, index: usize) {
+        let strategy = self.config.adjustment_failure_strategy;
+        let seq = self.first_seq + index as u64;
         let record = &mut self.history[index];
-        let (tokens, debt, unpaid) = (record.tokens as f64, record.compensation_debt, record.unpaid);
+        let charge = Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
+        let charges =
+            record.extra.as_mut().map(|extra| std::mem::take(&mut extra.charges)).unwrap_or_default();
+        let held_slot = std::mem::take(&mut record.holds_slot);
         record.released = true;
         let record = &self.history[index];
         self.totals.remove(record);
         self.requests.refund(1.0);
-        self.tokens.refund(tokens - unpaid + debt);
-        // The debt its unpaid adjustment added is not owed; the debt the consume paid is again.
-        self.give_back_unpaid(unpaid);
-        self.debt += debt;
-    }
-
-    /// Gives back `tokens` of an upward adjustment the bucket could not pay. Under `warn` they
-    /// were never taken: nothing to do. Under `compensate` they became debt: what is still owed
-    /// is cancelled, and what later consumes already paid of it goes back to the bucket. (Such
-    /// a payer's own `release` then re-owes what it paid: exact attribution is not kept.)
-    fn give_back_unpaid(&mut self, tokens: f64) {
-        if self.config.adjustment_failure_strategy == AdjustmentFailureStrategy::Compensate {
-            let cancelled = tokens.min(self.debt);
-            self.debt -= cancelled;
-            self.tokens.refund(tokens - cancelled);
+        self.tokens.release(strategy, &charge);
+        if let Some(daily) = &mut self.daily_requests {
+            daily.refund(1.0);
         }
-    }
-
-    /// Grants nothing for `seconds` from now (a provider's 429 with `Retry-After`); a shorter
-    /// penalty never cuts a longer one short. Call `advance` first.
-    pub fn penalize(&mut self, seconds: f64) -> CoreResult<()> {
-        if !(seconds.is_finite() && seconds >= 0.0) {
-            return Err(CoreError::InvalidRequest(format!(
-                "seconds must be a finite number >= 0, got {seconds}"
-            )));
+        for (meter, charge) in self.meters.iter_mut().zip(&charges) {
+            meter.release(strategy, charge);
         }
-        self.penalized_until = self.penalized_until.max(self.now + seconds);
-        Ok(())
+        if held_slot {
+            if let Some(slots) = &mut self.slots {
+                slots.free_slot(seq);
+            }
+        }
     }
 
     /// The reading of the last `advance`.
@@ -571,34 +825,6 @@ impl<M> Throttle<M> {
     /// Seconds left of a penalty (0 when none).
     pub fn penalty_left(&self) -> f64 {
         (self.penalized_until - self.now).max(0.0)
-    }
-
-    /// Lowers what the buckets hold to what a provider says remains: each figure given cuts its
-    /// bucket now and, with a reset (seconds from now), caps it until then at that figure minus
-    /// what is granted meanwhile (see `provider_limits.py`). Call `advance` first.
-    pub fn cap(
-        &mut self,
-        requests: Option<(f64, Option<f64>)>,
-        tokens: Option<(f64, Option<f64>)>,
-    ) -> CoreResult<()> {
-        for (name, figure) in [("requests", requests), ("tokens", tokens)] {
-            if let Some((remaining, reset)) = figure {
-                let bad_reset = reset.is_some_and(|r| !(r.is_finite() && r >= 0.0));
-                if !(remaining.is_finite() && remaining >= 0.0) || bad_reset {
-                    return Err(CoreError::InvalidRequest(format!(
-                        "{name} remaining and reset must be finite numbers >= 0, got {remaining} and {reset:?}"
-                    )));
-                }
-            }
-        }
-        let now = self.now;
-        if let Some((remaining, reset)) = requests {
-            self.requests.cap(remaining, reset.map(|r| now + r));
-        }
-        if let Some((remaining, reset)) = tokens {
-            self.tokens.cap(remaining, reset.map(|r| now + r));
-        }
-        Ok(())
     }
 
     fn record_index(&self, request_id: &str) -> CoreResult<usize> {
@@ -623,145 +849,50 @@ impl<M> Throttle<M> {
         }
     }
 
-    /// The consumption records that count (not released), oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &ConsumptionRecord<M>> {
-        self.history.iter().filter(|record| !record.released)
-    }
-
-    /// How many records count (not released).
-    pub fn history_len(&self) -> usize {
-        self.totals.live
-    }
-
-    /// Mean estimate accuracy over the last `efficiency_window_size` records: 1 without
-    /// records, 0.85 when none has an actual count yet (the seed library's conventions).
-    pub fn efficiency(&self) -> f64 {
-        if self.totals.live == 0 {
-            return 1.0;
-        }
-        let recent =
-            self.history.iter().rev().filter(|r| !r.released).take(self.config.efficiency_window_size);
-        let (sum, count) = recent
-            .filter_map(|record| record.actual_tokens.map(|actual| (record.estimated_tokens, actual)))
-            .fold((0.0, 0usize), |(sum, count), (estimated, actual)| {
-                (sum + estimation_accuracy(estimated, actual), count + 1)
-            });
-        if count == 0 {
-            0.85
-        } else {
-            sum / count as f64
-        }
-    }
-
-    /// Count, totals and estimation accuracy of the history.
-    pub fn history_statistics(&self) -> HistoryStatistics {
-        let count = self.totals.live;
-        let totals = self.totals;
-        // Token totals stay far below 2^64 in any real history; saturate rather than wrap.
-        let total_tokens = u64::try_from(totals.tokens).unwrap_or(u64::MAX);
-        HistoryStatistics {
-            count,
-            average_tokens_per_request: if count == 0 { 0.0 } else { totals.tokens as f64 / count as f64 },
-            total_tokens,
-            estimation_accuracy: if totals.adjusted == 0 {
-                1.0
-            } else {
-                (totals.accuracy_sum / totals.adjusted as f64).clamp(0.0, 1.0)
-            },
-        }
-    }
-
-    /// Forgets every consumption record (no adjustment possible for them any more).
+    /// Forgets every consumption record (no adjustment possible for them any more, and the
+    /// slots they held are free).
     pub fn clear_history(&mut self) {
         self.evict_all();
     }
 
-    /// Full buckets, no history, no debt.
+    /// Full buckets, no history, no debt, no request in flight.
     pub fn reset(&mut self, now: f64) {
         self.requests.reset(now);
         self.tokens.reset(now);
+        if let Some(daily) = &mut self.daily_requests {
+            daily.reset(now);
+        }
+        for meter in &mut self.meters {
+            meter.reset(now);
+        }
         self.evict_all();
-        self.debt = 0.0;
         self.penalized_until = f64::NEG_INFINITY;
     }
 
-    /// Whether the internal state is consistent (buckets in range, debt >= 0, history within
-    /// its limits and timestamps plausible). Call `advance` first.
+    /// Whether the internal state is consistent (buckets in range, debts >= 0, slots within
+    /// their limit, history within its limits and timestamps plausible). Call `advance` first.
     pub fn validate_state(&self, now: f64) -> bool {
         let oldest_allowed = now - 2.0 * self.config.history_retention;
         self.requests.consistent()
             && self.tokens.consistent()
-            && self.debt >= 0.0
+            && self.daily_requests.as_ref().is_none_or(TokenBucket::consistent)
+            && self.meters.iter().all(Meter::consistent)
+            && self.slots.as_ref().is_none_or(|slots| {
+                slots.in_flight() <= slots.limit()
+                    && slots.in_flight() == self.history.iter().filter(|r| r.holds_slot).count() as u64
+            })
             && self.history.len() <= self.config.max_history_records
             && self
                 .history
                 .iter()
                 .all(|record| record.timestamp >= oldest_allowed && record.timestamp <= now + 1.0)
     }
-
-    /// The buckets and the debt now. Call `advance` first.
-    pub fn snapshot(&self, now: f64) -> Snapshot {
-        Snapshot {
-            timestamp: now,
-            rpm: self.requests.state(),
-            tpm: self.tokens.state(),
-            history_count: self.totals.live,
-            compensation_debt: self.debt,
-        }
-    }
-
-    /// Restores the buckets and the debt of `snapshot` and clears the history. Checked whole
-    /// first: on a bad snapshot nothing changes. Only durations are taken from the snapshot's
-    /// instants (how long each bucket had refilled for when it was taken): the restoring
-    /// throttle's clock may count from anywhere (another process, a restart), and the buckets
-    /// refill from its `now` as they would have from the snapshot's. Call `advance` first.
-    // A snapshot of another configuration must be refused, so capacities compare exactly.
-    #[allow(clippy::float_cmp)]
-    pub fn restore(&mut self, snapshot: &Snapshot) -> CoreResult<()> {
-        for (name, state, bucket) in
-            [("rpm", &snapshot.rpm, &self.requests), ("tpm", &snapshot.tpm, &self.tokens)]
-        {
-            if state.capacity != bucket.capacity() {
-                return Err(CoreError::InvalidRequest(format!(
-                    "snapshot {name} capacity {} does not match this throttle's {}",
-                    state.capacity,
-                    bucket.capacity()
-                )));
-            }
-            if !(state.available.is_finite() && (0.0..=state.capacity).contains(&state.available)) {
-                return Err(CoreError::InvalidRequest(format!(
-                    "snapshot {name} available must be within [0, {}], got {}",
-                    state.capacity, state.available
-                )));
-            }
-            if !state.last_refill.is_finite() {
-                return Err(CoreError::InvalidRequest(format!(
-                    "snapshot {name} last_refill must be finite, got {}",
-                    state.last_refill
-                )));
-            }
-        }
-        if !snapshot.timestamp.is_finite() {
-            return Err(CoreError::InvalidRequest(format!(
-                "snapshot timestamp must be finite, got {}",
-                snapshot.timestamp
-            )));
-        }
-        if !(snapshot.compensation_debt.is_finite() && snapshot.compensation_debt >= 0.0) {
-            return Err(CoreError::InvalidRequest(format!(
-                "snapshot compensation_debt must be a finite number >= 0, got {}",
-                snapshot.compensation_debt
-            )));
-        }
-        let since = |state: &BucketState| (snapshot.timestamp - state.last_refill).max(0.0);
-        self.requests.restore(&snapshot.rpm, since(&snapshot.rpm), self.now);
-        self.tokens.restore(&snapshot.tpm, since(&snapshot.tpm), self.now);
-        self.debt = snapshot.compensation_debt;
-        self.evict_all();
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 #[allow(clippy::float_cmp)] // values in these tests are exact in binary
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)] // values in these tests are exact in binary
+mod limits_tests;

@@ -188,7 +188,9 @@ proptest! {
                         let _ = t.release(id);
                     }
                 }
-                Op::Penalize(seconds) => t.penalize(seconds).unwrap(),
+                Op::Penalize(seconds) => {
+                    t.penalize(seconds).unwrap();
+                }
                 Op::Cap(remaining, reset) => {
                     t.cap(None, Some((remaining, reset))).unwrap();
                     prop_assert!(t.tokens().available() <= remaining);
@@ -412,4 +414,67 @@ fn a_key_older_than_the_history_is_unknown() {
     t.reserve(0.0, "b", 10, ()).unwrap();
     t.reserve(0.0, "c", 10, ()).unwrap();
     assert!(matches!(t.adjust_reservation(first, 1), Err(CoreError::UnknownRequest(_))));
+}
+
+#[test]
+fn a_bucket_that_cannot_hold_one_request_or_token_is_refused() {
+    let refused = |rpm: f64, tpm: f64, burst_rpm: Option<f64>, burst_tpm: Option<f64>| {
+        let config = ThrottleConfig {
+            burst_rpm,
+            burst_tpm,
+            ..config(rpm, tpm, AdjustmentFailureStrategy::Compensate)
+        };
+        match config.validate() {
+            Err(CoreError::InvalidConfig(message)) => Some(message),
+            _ => None,
+        }
+    };
+    assert!(refused(0.5, 1000.0, None, None).is_some_and(|m| m.starts_with("rpm must be >= 1")));
+    assert!(refused(60.0, 0.5, None, None).is_some_and(|m| m.starts_with("tpm must be >= 1")));
+    assert!(refused(0.25, 1000.0, Some(0.5), None).is_some_and(|m| m.starts_with("burst_rpm must be >= 1")));
+    assert!(refused(60.0, 0.25, None, Some(0.75)).is_some_and(|m| m.starts_with("burst_tpm must be >= 1")));
+    // Less than one request a minute is fine when the bucket holds one.
+    assert_eq!(refused(0.5, 1000.0, Some(1.0), None), None);
+    assert_eq!(refused(1.0, 1.0, None, None), None);
+}
+
+#[test]
+fn penalties_and_resets_are_clamped_to_one_day() {
+    for asked in [1e308, f64::INFINITY, MAX_PROVIDER_WAIT + 1.0] {
+        let mut t = throttle(60.0, 1000.0);
+        assert_eq!(t.penalize(asked).unwrap(), Some(asked));
+        assert_eq!(t.check(10).available_in, MAX_PROVIDER_WAIT);
+        t.advance(MAX_PROVIDER_WAIT);
+        assert!(t.consume(MAX_PROVIDER_WAIT, "a", 10, ()), "{asked}");
+
+        let mut t = throttle(60.0, 1000.0);
+        assert_eq!(t.cap(Some((0.0, Some(asked))), Some((0.0, Some(5.0)))).unwrap(), Some(asked));
+        // Held at 0 requests for a day, then refilled at its own rate.
+        assert_eq!(t.check(10).available_in, MAX_PROVIDER_WAIT + 1.0);
+        t.advance(MAX_PROVIDER_WAIT + 1.0);
+        assert!(t.consume(MAX_PROVIDER_WAIT + 1.0, "a", 10, ()), "{asked}");
+    }
+    let mut t = throttle(60.0, 1000.0);
+    assert_eq!(t.penalize(MAX_PROVIDER_WAIT).unwrap(), None);
+    assert_eq!(t.cap(None, Some((0.0, Some(MAX_PROVIDER_WAIT)))).unwrap(), None);
+    // NaN and negative waits are refused whole: the valid figure beside them is not applied.
+    assert!(matches!(t.penalize(f64::NAN), Err(CoreError::InvalidRequest(_))));
+    let before = t.requests().available();
+    assert!(t.cap(Some((0.0, None)), Some((0.0, Some(-1.0)))).is_err());
+    assert!(t.cap(Some((0.0, None)), Some((0.0, Some(f64::NAN)))).is_err());
+    assert_eq!(t.requests().available(), before);
+}
+
+#[test]
+fn a_refund_to_zero_tokens_is_not_an_estimation_miss() {
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "failed", 100, ()));
+    t.adjust("failed", 0).unwrap();
+    assert_eq!(t.history().next().map(|r| (r.tokens, r.actual_tokens)), Some((0, None)));
+    assert_eq!(t.history_statistics().estimation_accuracy, 1.0);
+    assert!((t.tokens().available() - 1000.0).abs() < 1e-9);
+    assert!(t.consume(0.0, "ok", 100, ()));
+    t.adjust("ok", 50).unwrap();
+    assert_eq!(t.history_statistics().estimation_accuracy, 0.5);
+    assert_eq!(t.efficiency(), 0.5);
 }

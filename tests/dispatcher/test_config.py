@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import pytest
 
 from llm_queue_dispatcher import (
     CustomScorer,
+    FairPriorityConfig,
     InMemoryStorage,
     InvalidConfigError,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     ManualClock,
+    Priority,
     QueueMessage,
     ScoringConfig,
     ScoringContext,
     ScoringWeights,
     create_in_memory_queue,
 )
-from tests.dispatcher.support import FACTOR_NAMES
+from tests.dispatcher.support import FACTOR_NAMES, request, throttle
 
 BAD_CONFIG = [
     ("buffer_size", 0),
@@ -95,3 +98,87 @@ def test_bad_custom_scorer_raises_invalid_config_error(make: Any) -> None:
 def test_unknown_override_raises_invalid_config_error(clock: ManualClock) -> None:
     with pytest.raises(InvalidConfigError, match="bufer_size"):
         create_in_memory_queue(clock=clock, bufer_size=10)
+
+
+OVERFLOWING = [
+    ("buffer_size", 10**40),
+    ("max_candidates_to_evaluate", 10**30),
+    ("max_candidates_to_evaluate", 2**64),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), OVERFLOWING, ids=[f"{f}={v}" for f, v in OVERFLOWING])
+def test_an_int_too_large_for_the_core_is_an_invalid_config_error_naming_it(field: str, value: int) -> None:
+    for make in (
+        lambda: LLMQueueDispatcherConfig(**{field: value}),
+        lambda: create_in_memory_queue(**{field: value}),
+    ):
+        with pytest.raises(
+            InvalidConfigError, match=rf"^{field} must be an int from 1 to {sys.maxsize}, got {value}$"
+        ):
+            make()
+
+
+@pytest.mark.parametrize(
+    "fair",
+    [
+        {"tenant_weights": {"a": 10**400}},
+        {"fairness_window": 10**400},
+        {"reserve_tokens": 10**40},
+        {"max_wait": {Priority.HIGH: 10**400}},
+    ],
+    ids=["tenant_weights", "fairness_window", "reserve_tokens", "max_wait"],
+)
+def test_fair_priority_numbers_too_large_are_invalid_config_errors_naming_them(fair: dict[str, Any]) -> None:
+    [field] = fair
+    with pytest.raises(InvalidConfigError, match=field):
+        FairPriorityConfig(**fair)
+
+
+def _zero_weights() -> ScoringWeights:
+    return ScoringWeights(**dict.fromkeys(FACTOR_NAMES, 0.0))
+
+
+def test_all_zero_weights_with_a_positive_threshold_are_refused_saying_why(clock: ManualClock) -> None:
+    for scoring in (
+        ScoringConfig(weights=_zero_weights()),
+        ScoringConfig(weights=_zero_weights(), custom_scorers=[CustomScorer("flat", 0.0, _score)]),
+    ):
+        with pytest.raises(
+            InvalidConfigError, match=r"^min_score_threshold=0\.1 can never be reached: every factor"
+        ):
+            LLMQueueDispatcherConfig(scoring=scoring)
+        with pytest.raises(InvalidConfigError, match="nothing would ever be dispatched"):
+            create_in_memory_queue(clock=clock, scoring=scoring)
+
+
+def test_weights_that_add_up_below_the_threshold_are_refused() -> None:
+    weights = ScoringWeights(**dict.fromkeys(FACTOR_NAMES, 0.01))
+    with pytest.raises(InvalidConfigError, match=r"the weights add up to 0\.06"):
+        LLMQueueDispatcherConfig(scoring=ScoringConfig(weights=weights), min_score_threshold=0.1)
+
+
+async def test_all_zero_weights_dispatch_when_the_threshold_is_at_most_zero(clock: ManualClock) -> None:
+    dispatcher = create_in_memory_queue(
+        clock=clock, scoring=ScoringConfig(weights=_zero_weights()), min_score_threshold=0.0
+    )
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    assert job.score.total == 0.0
+
+
+async def test_a_custom_scorer_with_weight_makes_zero_factor_weights_valid(clock: ManualClock) -> None:
+    scoring = ScoringConfig(
+        weights=_zero_weights(), custom_scorers=[CustomScorer("mine", 1.0, lambda m, c: 0.5)]
+    )
+    dispatcher = create_in_memory_queue(clock=clock, scoring=scoring)
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    assert job.score.total == pytest.approx(0.5)
+
+
+def test_fair_priority_ignores_the_score_threshold() -> None:
+    config = LLMQueueDispatcherConfig(policy="fair_priority", min_score_threshold=5.0)
+    assert config.min_score_threshold == 5.0

@@ -147,3 +147,43 @@ async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> No
     assert metrics.processing.active_requests == 0
     assert metrics.queue.throughput.messages_per_minute > 0
     assert dispatcher._core._samples_held <= sizes[1] + 100
+
+
+class SteppedClock:
+    """A wall clock that an operator (or NTP) steps back: a plain callable clock."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_clock_stepped_back_never_gives_negative_waits_or_ages() -> None:
+    clock = SteppedClock(10_000.0)
+    dispatcher = create_in_memory_queue(clock=clock)
+    await dispatcher.batch_enqueue([request("a"), request("b")])
+    clock.now -= 100.0  # stepped back below every enqueue
+    job = await dispatcher.dequeue(throttle(None))
+    assert job is not None
+    clock.now -= 50.0  # and again, below the dispatch
+    metrics = await dispatcher.get_queue_metrics()
+    q = metrics.queue
+    assert q.oldest_message_age == 0.0
+    assert q.average_wait_time == 0.0
+    assert (q.wait_time_percentiles.p50, q.wait_time_percentiles.p95, q.wait_time_percentiles.p99) == (
+        0.0,
+        0.0,
+        0.0,
+    )
+    assert [d.age for d in metrics.processing.in_flight_details] == [0.0]
+    assert all(t.wait_time_percentiles.p99 == 0.0 for t in metrics.tenants.values())
+    assert min(_numbers(metrics.to_dict())) >= 0.0
+
+
+def _numbers(data: object) -> list[float]:
+    if isinstance(data, dict):
+        return [n for value in data.values() for n in _numbers(value)]
+    if isinstance(data, list):
+        return [n for value in data for n in _numbers(value)]
+    return [float(data)] if isinstance(data, (int, float)) else []

@@ -272,7 +272,10 @@ class Run:
         self.store_kind = store
         self.native = limiter == "native"
         self.clock = ManualClock(1_000_000.0)
-        self.inner = LLMThrottle(scenario.rpm, scenario.tpm, clock=self.clock)
+        # "warn": the reference's admission (`admits`) models a limiter without compensation debt.
+        self.inner = LLMThrottle(
+            scenario.rpm, scenario.tpm, clock=self.clock, adjustment_failure_strategy="warn"
+        )
         self.limiter = limiter_for(limiter, self.inner)
         self.capacity = scenario.tpm
         self.weights = ScoringWeights(*scenario.weights)

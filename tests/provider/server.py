@@ -9,12 +9,18 @@ OpenAI does not. Over the limits it answers 429 with ``retry-after``, ``retry-af
 the ``x-ratelimit-*`` headers, which every response carries.
 
 Per-request behaviour is keyed by the content of the request's last message: ``fail_first``
-(answer 500 that many times first), ``status_for`` (always answer that status), ``quota``
-(429 with code ``insufficient_quota``), ``slow`` (the first call waits that long). ``latency``
-delays every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
+(answer 500 that many times first), ``drop_first`` (close the connection without an answer
+that many times first), ``status_for`` (always answer that status), ``quota`` (429 with code
+``insufficient_quota``), ``slow`` (the first call waits that long), ``body_for`` (answer 200
+with this body and content type instead of a completion), ``content_for`` (the assistant's
+text, which may hold anything JSON can escape, a lone surrogate included), ``headers_for``
+(headers added to every answer, an error's included). Every answer carries an ``x-request-id``.
+``latency`` delays
+every answer; ``fail_rate`` fails that share of calls with 500 (seeded).
 
 Run in a background thread with its own event loop (`ProviderServer.start` / `stop`), so both
-async tests and subprocesses can call it.
+async tests and subprocesses can call it. `BackgroundServer` is that lifecycle, shared with the
+Anthropic server (`tests/provider/anthropic_server.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -48,6 +54,10 @@ class ProviderConfig:
     status_for: dict[str, int] = field(default_factory=dict)
     quota: set[str] = field(default_factory=set)
     slow: dict[str, float] = field(default_factory=dict)
+    drop_first: dict[str, int] = field(default_factory=dict)
+    body_for: dict[str, tuple[str, str]] = field(default_factory=dict)  # key: (body, content type)
+    content_for: dict[str, str] = field(default_factory=dict)
+    headers_for: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class _Bucket:
@@ -79,6 +89,73 @@ async def _cancel_the_rest() -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
+Server = TypeVar("Server", bound="BackgroundServer")
+
+
+class BackgroundServer:
+    """An aiohttp application on 127.0.0.1 (a free port), served by a thread with its own event
+    loop. Subclasses add their routes in `_routes` and keep their books under ``_lock``."""
+
+    def __init__(self) -> None:
+        self.started_at = 0.0
+        self.port = 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    def _routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    def start(self: Server) -> Server:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as error:  # reported to start()
+                failure.append(error)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.run_until_complete(_cancel_the_rest())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        if failure:
+            raise failure[0]
+        self.started_at = time.monotonic()
+        return self
+
+    async def _open(self) -> None:
+        app = web.Application()
+        self._routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+
 def _prompt_tokens(body: dict[str, Any]) -> int:
     chars = 0
     for message in body.get("messages") or []:
@@ -95,24 +172,20 @@ def _key(body: dict[str, Any]) -> str:
     return ""
 
 
-class ProviderServer:
+class ProviderServer(BackgroundServer):
     """The server and what it saw. Read the counters after the calls finished."""
 
     def __init__(self, config: ProviderConfig | None = None) -> None:
+        super().__init__()
         self.config = config or ProviderConfig()
         self.calls: Counter[str] = Counter()  # every request, by key
         self.successes: Counter[str] = Counter()  # 200 answers, by key
         self.statuses: Counter[int] = Counter()
         self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
+        self.bodies: dict[str, Any] = {}  # the JSON body of the last request, by key
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
-        self.started_at = 0.0
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
         self._buckets: tuple[_Bucket, _Bucket] | None = None
         self._rng = random.Random(self.config.seed)
-        self.port = 0
 
     @property
     def base_url(self) -> str:
@@ -148,6 +221,7 @@ class ProviderServer:
             "x-ratelimit-limit-tokens": str(int(self.config.tpm)),
             "x-ratelimit-remaining-tokens": str(int(tokens.level)),
             "x-ratelimit-reset-tokens": f"{tokens.until_full():.3f}s",
+            "x-request-id": f"req_{random.getrandbits(64):016x}",
         }
 
     @staticmethod
@@ -158,15 +232,23 @@ class ProviderServer:
         return web.json_response(body, status=status, headers=headers)
 
     async def _chat(self, request: web.Request) -> web.Response:
+        key, response = await self._answer(request)
+        extra = self.config.headers_for.get(key)
+        if extra:
+            response.headers.update(extra)
+        return response
+
+    async def _answer(self, request: web.Request) -> tuple[str, web.Response]:
         try:
             body = await request.json()
         except json.JSONDecodeError:
-            return self._error(400, "body is not JSON", "invalid_request_error", {})
+            return "", self._error(400, "body is not JSON", "invalid_request_error", {})
         key = _key(body)
         config = self.config
         with self._lock:
             now = time.monotonic()
             self.calls[key] += 1
+            self.bodies[key] = body
             attempt = self.calls[key]
             requests, tokens = self._limits(now)
             prompt = _prompt_tokens(body)
@@ -179,11 +261,11 @@ class ProviderServer:
                 tokens.level -= charge
         if key in config.status_for:
             status = config.status_for[key]
-            return self._finish(
+            return key, self._finish(
                 status, self._error(status, f"refused {key}", "invalid_request_error", self._headers_now())
             )
         if key in config.quota:
-            return self._finish(
+            return key, self._finish(
                 429,
                 self._error(
                     429, "quota exceeded", "insufficient_quota", self._headers_now(), "insufficient_quota"
@@ -195,14 +277,26 @@ class ProviderServer:
             headers["retry-after"] = str(math.ceil(wait))
             with self._lock:
                 self.rate_limited_at.append(time.monotonic() - self.started_at)
-            return self._finish(
+            return key, self._finish(
                 429, self._error(429, "rate limit reached", "requests", headers, "rate_limit_exceeded")
             )
         delay = config.latency + (config.slow.get(key, 0.0) if attempt == 1 else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
+        if attempt <= config.drop_first.get(key, 0):
+            # The connection closes with no answer: the client sees a connection error.
+            if request.transport is not None:
+                request.transport.abort()
+            return key, self._finish(0, web.Response(status=500))
         if attempt <= config.fail_first.get(key, 0) or random_failure:
-            return self._finish(500, self._error(500, "internal error", "server_error", self._headers_now()))
+            return key, self._finish(
+                500, self._error(500, "internal error", "server_error", self._headers_now())
+            )
+        if key in config.body_for:
+            text, content_type = config.body_for[key]
+            return key, self._finish(
+                200, web.Response(text=text, content_type=content_type, headers=self._headers_now())
+            )
         completion = min(int(max_tokens), config.completion_tokens)
         usage = {
             "prompt_tokens": prompt,
@@ -220,14 +314,14 @@ class ProviderServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"echo: {key}"},
+                    "message": {"role": "assistant", "content": config.content_for.get(key, f"echo: {key}")},
                     "finish_reason": "stop",
                     "logprobs": None,
                 }
             ],
             "usage": usage,
         }
-        return self._finish(200, web.json_response(answer, headers=self._headers_now()))
+        return key, self._finish(200, web.json_response(answer, headers=self._headers_now()))
 
     def _headers_now(self) -> dict[str, str]:
         with self._lock:
@@ -238,54 +332,8 @@ class ProviderServer:
             self.statuses[status] += 1
         return response
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> ProviderServer:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as error:  # reported to start()
-                failure.append(error)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._close())
-            loop.run_until_complete(_cancel_the_rest())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="provider-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("provider server did not start")
-        if failure:
-            raise failure[0]
-        self.started_at = time.monotonic()
-        return self
-
-    async def _open(self) -> None:
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def _close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
 
 
 def main() -> None:

@@ -36,8 +36,10 @@ from llm_queue_dispatcher.openai import (
     estimate_chat_tokens,
     openai_chat_handler,
 )
+from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT
 
 from .server import ProviderServer
+from .support import AsyncLimiter, BrokenSyncLimiter
 
 
 def chat(key: str, max_tokens: int = 50, **extra: Any) -> dict[str, Any]:
@@ -139,6 +141,79 @@ def test_estimate_names_the_bad_field(payload: Any, field: str) -> None:
         estimate_chat_tokens(payload)
 
 
+def _self_referencing() -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "input_audio"}
+    part["again"] = part
+    return {"messages": [{"role": "user", "content": [part]}]}
+
+
+def _self_containing_tools() -> dict[str, Any]:
+    tools: list[Any] = []
+    tools.append(tools)
+    return {"messages": [{"role": "user", "content": "x"}], "tools": tools}
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**400}, "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -(10**5000)},
+            "max_completion_tokens",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1e300}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 10**5000}, "'n'"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2**30, "n": 2**30}, "estimate"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"limit": 10**5000}]}, "tools"),
+        ({"messages": [10**5000]}, r"messages'\]\[0\]"),
+        (_self_referencing(), r"content'\]\[0\]"),
+        (_self_containing_tools(), "tools"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": _nested(100_000)},
+            "response_format",
+        ),
+    ],
+    ids=[
+        "max-tokens-10e400",
+        "negative-huge",
+        "float-1e300",
+        "n-huge",
+        "estimate-past-2e53",
+        "huge-int-in-tools",
+        "huge-int-as-message",
+        "part-containing-itself",
+        "tools-containing-itself",
+        "nested-too-deep",
+    ],
+)
+def test_oversize_ints_and_self_referencing_payloads_are_refused_naming_the_field(
+    payload: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=field):
+        estimate_chat_tokens(payload)
+    with pytest.raises(InvalidRequestError, match=field):
+        LLMRequest.from_openai_chat("r", {"model": "m", **payload})
+
+
+def test_from_openai_chat_refuses_oversize_request_fields_with_a_typed_error() -> None:
+    payload = chat("x")
+    with pytest.raises(InvalidRequestError, match="priority"):
+        LLMRequest.from_openai_chat("r", payload, priority=-(10**5000))
+    with pytest.raises(InvalidRequestError, match="tenant"):
+        LLMRequest.from_openai_chat("r", payload, tenant=10**5000)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        LLMRequest.from_openai_chat("r", payload, tokenizer=lambda text: 10**400)
+    with pytest.raises(InvalidRequestError, match="default_completion_tokens"):
+        LLMRequest.from_openai_chat("r", {"messages": payload["messages"]}, default_completion_tokens=10**400)
+
+
 def test_from_openai_chat_builds_an_estimated_request() -> None:
     payload = chat("hello", max_tokens=100)
     request = LLMRequest.from_openai_chat("r1", payload, priority=1, tenant="acme", metadata={"k": 1})
@@ -173,36 +248,6 @@ async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
     metrics = limiter.get_metrics()
     assert metrics.rpm.available <= 4 + 0.5  # the server said 4 remain
     assert metrics.tpm.available <= 1_000 - 102 + 5
-
-
-class AsyncLimiter:
-    """An AsyncRateLimiter over LLMThrottle, as a shared (Redis) limiter would look."""
-
-    def __init__(self, inner: LLMThrottle) -> None:
-        self.inner = inner
-        self.awaited: Counter[str] = Counter()
-
-    async def can_process(self, estimated_tokens: int) -> Any:
-        return self.inner.can_process(estimated_tokens)
-
-    async def get_metrics(self) -> Any:
-        return self.inner.get_metrics()
-
-    async def consume(
-        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
-    ) -> bool:
-        return self.inner.consume(request_id, estimated_tokens, metadata)
-
-    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        self.inner.adjust_consumption(request_id, actual_tokens)
-
-    async def penalize(self, seconds: float) -> None:
-        self.awaited["penalize"] += 1
-        self.inner.penalize(seconds)
-
-    async def sync_from_headers(self, headers: Any) -> Any:
-        self.awaited["sync_from_headers"] += 1
-        return self.inner.sync_from_headers(headers)
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -261,6 +306,100 @@ async def test_a_timeout_and_a_refused_connection_are_retryable(provider: Provid
             await create_chat_completion(closed, LLMThrottle(60_000, 1_000_000), chat("k"))
     finally:
         await closed.close()
+
+
+COMPLETION_WITHOUT_CHOICES = '{"id": "x", "object": "chat.completion", "created": 1, "model": "m"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "match"),
+    [
+        (COMPLETION_WITHOUT_CHOICES, "application/json", "no choices"),
+        (COMPLETION_WITHOUT_CHOICES.replace("}", ', "choices": []}'), "application/json", "no choices"),
+        (
+            COMPLETION_WITHOUT_CHOICES.replace("}", ', "choices": [{"index": 0}]}'),
+            "application/json",
+            "no message",
+        ),
+        (
+            '{"error": {"message": "upstream overloaded", "code": 502}}',
+            "application/json",
+            "upstream overloaded",
+        ),
+        ("<html>Bad gateway</html>", "text/html", "no chat completion"),
+        ("{not json", "application/json", "not JSON"),
+        ("[1, 2]", "application/json", "no chat completion"),
+    ],
+    ids=[
+        "no-choices",
+        "empty-choices",
+        "choice-without-message",
+        "error-object",
+        "html",
+        "bad-json",
+        "a-list",
+    ],
+)
+async def test_a_2xx_that_is_no_completion_is_retryable_never_a_success(
+    provider: ProviderServer, client: AsyncOpenAI, body: str, content_type: str, match: str
+) -> None:
+    provider.configure(body_for={"k": (body, content_type)})
+    with pytest.raises(RetryableError, match=match):
+        await create_chat_completion(client, LLMThrottle(60_000, 1_000_000), chat("k"))
+    assert provider.statuses[200] == 1
+
+
+async def test_a_handler_never_acknowledges_a_2xx_that_is_no_completion(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    provider.configure(body_for={"k": ('{"error": {"message": "try later"}}', "application/json")})
+    limiter = LLMThrottle(60_000, 1_000_000)
+    dead: InMemoryStorage[Any] = InMemoryStorage()
+    storage: InMemoryStorage[Any] = InMemoryStorage(max_receive_count=3, dead_letter=dead)
+    worker, _ = await run_batch(
+        client, limiter, ["k"], storage=storage, retry_base_delay=0.01, max_retry_delay=0.02
+    )
+    assert (worker.stats.processed, worker.stats.retried) == (0, 3)
+    assert provider.calls["k"] == 3
+    assert [message.payload.id for message in await dead.dequeue(10, 30.0)] == ["k"]
+
+
+@pytest.mark.parametrize("usage", ['{"total_tokens": -5}', '{"total_tokens": "lots"}', "null"])
+async def test_a_completion_with_unusable_usage_keeps_the_estimate_and_is_not_retried(
+    provider: ProviderServer, client: AsyncOpenAI, usage: str
+) -> None:
+    body = COMPLETION_WITHOUT_CHOICES.replace(
+        "}",
+        ', "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+        f'"content": "hi"}}}}], "usage": {usage}}}',
+    )
+    provider.configure(body_for={"k": (body, "application/json")})
+    limiter = LLMThrottle(60_000, 1_000_000)
+    worker, _ = await run_batch(client, limiter, ["k"])
+    assert (worker.stats.processed, worker.stats.retried) == (1, 0)
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens is None or record.actual_tokens == record.estimated_tokens
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (429, {"retry-after": "99999999999"}),
+        (429, {"retry-after-ms": "99999999999999"}),
+        (429, {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "99999999999s"}),
+        (503, {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}),
+    ],
+    ids=["429-retry-after", "429-retry-after-ms", "429-reset", "503-retry-after-date"],
+)
+async def test_a_provider_wait_years_away_is_passed_on_as_one_day_at_most(
+    provider: ProviderServer, client: AsyncOpenAI, status: int, headers: dict[str, str]
+) -> None:
+    provider.configure(status_for={"k": status}, headers_for={"k": headers})
+    limiter = LLMThrottle(60_000, 1_000_000)
+    with pytest.raises(RetryableError) as caught:
+        await create_chat_completion(client, limiter, chat("k"))
+    assert caught.value.retry_after == MAX_PROVIDER_WAIT
+    assert limiter.can_process(1).available_in <= MAX_PROVIDER_WAIT + 1.0
 
 
 # -- Worker end to end ---------------------------------------------------------------------------
@@ -402,36 +541,39 @@ async def test_the_handler_hands_each_completion_to_on_completion(
         openai_chat_handler(object(), limiter)  # type: ignore[arg-type]
 
 
-def test_the_readme_openai_example_runs_against_an_openai_compatible_server(provider: ProviderServer) -> None:
+@pytest.mark.parametrize(
+    ("page", "heading", "questions"),
+    [
+        ("README.md", "## Calling a provider", ["What is a token bucket?", "Why add jitter to retries?"]),
+        (
+            "docs/workers.md",
+            "## The openai SDK",
+            ["What is a token bucket?", "Why add jitter to retries?", "What is a dead-letter queue?"],
+        ),
+    ],
+)
+def test_the_documented_openai_example_runs_against_an_openai_compatible_server(
+    provider: ProviderServer, page: str, heading: str, questions: list[str]
+) -> None:
     import os
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Running workers") :]
-    code = re.search(r"```python norun\n(.*?)```", section, re.S)
+    text = (Path(__file__).parents[2] / page).read_text()
+    section = text[text.index(heading) :]
+    code = re.search(r"```python \{\.norun\}\n(.*?)```", section, re.S)
     assert code is not None
     env = {**os.environ, "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": provider.base_url}
     result = subprocess.run(
         [sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[:3] == [
-        "q0 echo: What is a token bucket?",
-        "q1 echo: Why add jitter to retries?",
-        "q2 echo: What is a dead-letter queue?",
-    ]
-    assert result.stdout.splitlines()[3].startswith("WorkerStats(processed=3, retried=0, dead_lettered=0")
-
-
-class BrokenSyncLimiter(AsyncLimiter):
-    """A shared limiter whose server went away between the call and the header sync."""
-
-    async def sync_from_headers(self, headers: Any) -> Any:
-        raise ConnectionError("limiter store unreachable")
-
-    async def penalize(self, seconds: float) -> None:
-        raise ConnectionError("limiter store unreachable")
+    lines = result.stdout.splitlines()
+    # The README's example prints each answer as it comes (in any order); the docs' sorts them.
+    expected = [f"q{n} echo: {question}" for n, question in enumerate(questions)]
+    assert sorted(lines[: len(questions)]) == expected
+    stats = f"WorkerStats(processed={len(questions)}, retried=0, dead_lettered=0"
+    assert lines[len(questions)].startswith(stats)
 
 
 async def test_a_limiter_failing_to_sync_does_not_turn_a_completion_into_a_retry(

@@ -23,6 +23,7 @@ from tests.redis.support import (
     ClockedRedisStorage,
     ClockedRedisThrottle,
     RedisServer,
+    ReplyCutter,
     free_port,
     running_server,
 )
@@ -55,6 +56,15 @@ def private_server(tmp_path: Path) -> Iterator[RedisServer]:
     directory.mkdir()
     with running_server(directory) as server:
         yield server
+
+
+@pytest.fixture
+async def reply_cutter(shared_server: RedisServer) -> AsyncIterator[ReplyCutter]:
+    """A proxy in front of the shared server that loses the replies of the script calls it is
+    armed for (see `ReplyCutter`)."""
+    cutter = await ReplyCutter(shared_server.port).start()
+    yield cutter
+    await cutter.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,11 @@ time) to every script. Production code cannot switch this on by accident: it wou
 subclassing a private method. Everything else (keys, scripts, arithmetic) is the production
 code, unchanged.
 
+The lost reply. `ReplyCutter` is a TCP proxy on 127.0.0.1 in front of a server that, once armed,
+lets the next script call (``EVALSHA``) through and closes the connection when the server's
+reply comes back, before the client reads it: the script ran, the client sees a broken
+connection, and redis-py resends the call on a new one.
+
 The server. `RedisServer` runs ``redis-server`` on a free port of 127.0.0.1 in a temporary
 directory with ``--appendonly yes --appendfsync always --maxmemory-policy noeviction`` (the
 configuration the README recommends), in its own process group, and can be killed, paused,
@@ -20,6 +25,7 @@ binary is not installed outside CI; everywhere else a server that cannot start f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -58,6 +64,9 @@ class ClockedRedisStorage(RedisStorage[T]):
     def _time_argument(self) -> str:
         return f"{microseconds(self.clock())} {self._created_us}"
 
+    def _host_time(self) -> float:
+        return self.clock()  # the scripts' clock: this "host" agrees with the "server"
+
 
 class ClockedRedisThrottle(RedisThrottle):
     """`RedisThrottle` on a test clock (see the module docstring). Test-only."""
@@ -68,6 +77,32 @@ class ClockedRedisThrottle(RedisThrottle):
 
     def _time_argument(self) -> str:
         return str(microseconds(self.clock()))
+
+    def _host_time(self) -> float:
+        return self.clock()  # the scripts' clock: this "host" agrees with the "server"
+
+
+#: How far the clock of `an_hour_ahead` hosts is off.
+HOUR = 3600.0
+
+
+def an_hour_ahead() -> float:
+    """The clock of a host an hour ahead of the server (and of this one)."""
+    return time.time() + HOUR
+
+
+class RedisStorageAnHourAhead(RedisStorage[T]):
+    """`RedisStorage` on a host whose clock is an hour ahead of the server's. Test-only."""
+
+    def _host_time(self) -> float:
+        return an_hour_ahead()
+
+
+class RedisThrottleAnHourAhead(RedisThrottle):
+    """`RedisThrottle` on a host whose clock is an hour ahead of the server's. Test-only."""
+
+    def _host_time(self) -> float:
+        return an_hour_ahead()
 
 
 def require_redis_server() -> str:
@@ -187,3 +222,75 @@ def running_server(directory: Path, **options: Any) -> Iterator[RedisServer]:
     finally:
         server.resume()
         server.kill()
+
+
+class ReplyCutter:
+    """A proxy that loses the reply of the next ``armed`` script calls (see the module docstring).
+    ``cuts`` counts the replies lost."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.armed = 0
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._sessions: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def start(self) -> ReplyCutter:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        """Closes every connection, waits for every session to end, then stops listening."""
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._sessions:
+            await asyncio.wait(self._sessions)
+        await self._server.wait_closed()
+
+    async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        session = asyncio.current_task()
+        assert session is not None
+        self._sessions.add(session)
+        self._writers.add(client_out)
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.add(server_out)
+        cut_next_reply = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_in.read(65_536):
+                if self.armed and b"EVALSHA" in data:
+                    self.armed -= 1
+                    cut_next_reply.set()
+                server_out.write(data)
+                await server_out.drain()
+
+        async def downstream() -> None:
+            while data := await server_in.read(65_536):
+                if cut_next_reply.is_set():
+                    self.cuts += 1
+                    return  # the reply is dropped and both connections closed
+                client_out.write(data)
+                await client_out.drain()
+
+        directions = {asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())}
+        try:
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for direction in directions:
+                direction.cancel()
+            await asyncio.wait(directions)
+            for writer in (client_out, server_out):
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                self._writers.discard(writer)
+            self._sessions.discard(session)

@@ -4,6 +4,7 @@ renews and releases; budget is reserved in the shared limiter, adjusted and refu
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import fresh_name
+from tests.redis.support import RedisStorageAnHourAhead, an_hour_ahead
 
 
 @pytest.fixture
@@ -61,6 +63,35 @@ async def test_the_buffer_leases_renews_and_releases(
     await job.mark_as_processed(actual_tokens=40)
     await dispatcher.close()  # the four still buffered go back at once
     assert await counts(storage) == (7, 0)
+
+
+async def test_a_dispatcher_whose_host_clock_is_an_hour_off_sees_the_same_waits(redis_url: str) -> None:
+    """The dispatcher computes ages as its clock's now minus ``enqueued_at``; over Redis both
+    are on this host's clock, the instants translated from the server's, so a host an hour ahead
+    scores and reports the same waits as one whose clock agrees (and does not, say, rank every
+    message as an hour old)."""
+    requests = [LLMRequest(f"m{i}", i, token_info=TokenInfo(100)) for i in range(3)]
+    async with (
+        RedisStorage(redis_url, fresh_name("clock-here")) as here,
+        RedisStorageAnHourAhead[Any](redis_url, fresh_name("clock-ahead")) as ahead,
+    ):
+        await asyncio.gather(here.batch_enqueue(requests), ahead.batch_enqueue(requests))
+        await asyncio.sleep(0.3)
+
+        async def dispatch(storage: RedisStorage[Any], clock: Any) -> tuple[float, float, float]:
+            config = LLMQueueDispatcherConfig(clock=clock, buffer_size=5)
+            async with LLMQueueDispatcher(storage, config) as dispatcher:
+                job = await dispatcher.dequeue(LLMThrottle(600, 100_000))
+                assert job is not None
+                metrics = (await dispatcher.get_queue_metrics()).queue
+                await job.mark_as_processed()
+                return job.score.breakdown["wait_time"], metrics.average_wait_time, metrics.oldest_message_age
+
+        seen_here, seen_ahead = await asyncio.gather(
+            dispatch(here, time.time), dispatch(ahead, an_hour_ahead)
+        )
+    assert seen_ahead == pytest.approx(seen_here, abs=0.05)
+    assert 0.25 < seen_ahead[1] < 5  # waited about 0.3 s, not an hour
 
 
 async def test_budget_is_reserved_in_the_shared_limiter(

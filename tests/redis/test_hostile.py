@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +142,29 @@ async def test_braces_and_newlines_in_ids_and_payloads_are_data(redis_url: str) 
         assert {m.payload.id: m.payload for m in got} == {r.id: r for r in requests}
         keys = [key async for key in storage.redis.scan_iter(match=f"{{{namespace}}}*")]
         assert {redis.crc.key_slot(key) for key in keys} == {redis.crc.key_slot(f"{{{namespace}}}".encode())}
-        assert len(keys) == 6  # meta, seq, ids, body, state, in flight (all received): no stray key
+        replies = [key for key in keys if b":reply:" in key]
+        assert len(replies) == 1  # the receive's reply, kept a minute for a resend
+        assert 0 < await storage.redis.pttl(replies[0]) <= 60_000
+        # meta, seq, ids, body, state, in flight (all received): no stray key
+        assert len(keys) - len(replies) == 6
+
+
+def test_every_script_loop_has_a_written_bound() -> None:
+    """No script loops on a condition (``while``, ``repeat``): each loop is a ``for`` over a
+    constant, the call's arguments or what a key holds, with a comment naming that bound on its
+    line or the line before. A script that never ended would stop Redis for every client."""
+    scripts = resources.files("llm_queue_dispatcher.redis").joinpath("lua")
+    unbounded: list[str] = []
+    for script in scripts.iterdir():
+        lines = script.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            code = line.split("--", 1)[0]
+            where = f"{script.name}:{number + 1}: {line.strip()}"
+            on_a_condition = re.search(r"\b(while|repeat)\b", code) is not None
+            unsaid = re.match(r"\s*for\b", code) and "--" not in line and "Bounded" not in lines[number - 1]
+            if on_a_condition or unsaid:
+                unbounded.append(where)
+    assert not unbounded, unbounded
 
 
 # ----- the password ---------------------------------------------------------------------------------

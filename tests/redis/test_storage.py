@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -30,8 +32,16 @@ from llm_queue_dispatcher import (
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
 from tests.redis.conftest import START, fresh_name
-from tests.redis.support import ClockedRedisStorage, RedisServer
+from tests.redis.support import (
+    HOUR,
+    ClockedRedisStorage,
+    RedisServer,
+    RedisStorageAnHourAhead,
+    ReplyCutter,
+    an_hour_ahead,
+)
 
 MakeStorage = Callable[..., ClockedRedisStorage[Any]]
 
@@ -43,7 +53,11 @@ def utc(seconds: float) -> datetime:
 # ----- payloads ------------------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-MAX_JSON_INT, MAX_JSON_INT)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -61,6 +75,12 @@ REQUESTS = st.builds(
     priority=st.sampled_from(list(Priority)),
     token_info=st.builds(
         TokenInfo, st.integers(0, 10**12), st.none() | st.integers(0, 10**9), st.none() | st.text(max_size=10)
+    )
+    | st.builds(  # with the estimate's input and output parts
+        TokenInfo,
+        actual=st.none() | st.integers(0, 10**9),
+        input=st.integers(0, 10**12),
+        max_output=st.integers(0, 10**6),
     ),
     expected_processing_time=st.none() | st.floats(0, 1e6) | st.integers(0, 1000),
     metadata=st.dictionaries(st.text(max_size=8), JSON, max_size=3),
@@ -119,6 +139,18 @@ async def test_a_serializer_pair_carries_bytes(clocked_storage: MakeStorage) -> 
     assert message.payload.payload == payload
 
 
+def _containing_itself() -> dict[str, Any]:
+    loop: dict[str, Any] = {}
+    loop["a"] = [1, loop]
+    return loop
+
+
+def test_a_list_held_twice_is_no_cycle() -> None:
+    shared = [1, {"deep": [2]}]
+    request = LLMRequest("a", {"x": shared, "y": [shared, shared]})
+    assert decode_request(encode_request(request, None, 10_000), None) == request
+
+
 @pytest.mark.parametrize(
     ("payload", "named"),
     [
@@ -132,6 +164,10 @@ async def test_a_serializer_pair_carries_bytes(clocked_storage: MakeStorage) -> 
         (b"bytes", "bytes is not JSON"),
         ("lone \ud800 surrogate", "surrogate"),
         ({"k": ["\udfff"]}, r"payload\['k'\]\[0\]"),
+        (2**70, r"payload cannot .* the int 1180591620717411303424 is beyond"),
+        ({"n": [1, -(2**53)]}, r"payload\['n'\]\[1\] cannot .* beyond \+-\(2\*\*53 - 1\)"),
+        ([10**5000], r"payload\[0\] cannot .* the int <int of 16610 bits>"),
+        (_containing_itself(), r"payload\['a'\]\[1\] cannot .* contains itself"),
     ],
 )
 async def test_payloads_json_cannot_give_back_are_refused(
@@ -149,6 +185,11 @@ async def test_payloads_json_cannot_give_back_are_refused(
     ("change", "named"),
     [
         (lambda r: setattr(r, "metadata", {"when": datetime(2020, 1, 1)}), "metadata"),
+        (lambda r: setattr(r, "metadata", {"big": 2**64}), r"metadata\['big'\] .* beyond"),
+        (lambda r: setattr(r, "metadata", {"me": _containing_itself()}), r"metadata\['me'\]\['a'\]\[1\]"),
+        (lambda r: setattr(r, "token_info", TokenInfo(2**70)), "token_info.estimated .* beyond"),
+        (lambda r: setattr(r, "token_info", TokenInfo(5, 10**5000)), "token_info.actual .* beyond"),
+        (lambda r: setattr(r, "expected_processing_time", 2**60), "expected_processing_time .* beyond"),
         (lambda r: setattr(r, "metadata", {"s": "\ud800"}), r"metadata\['s'\]"),
         (lambda r: setattr(r, "tenant", "\udc80"), "tenant"),
         (lambda r: setattr(r, "id", "x\ud800"), "id"),
@@ -289,6 +330,38 @@ async def test_instants_come_from_the_server_and_expiry_needs_no_background_task
         assert again.attributes.first_received_at == received.attributes.first_received_at
 
 
+async def test_a_host_clock_an_hour_off_sees_the_same_ages(redis_url: str) -> None:
+    """Instants are the server's, told on each host's clock: a host an hour ahead gets them an
+    hour later, so its ``now - enqueued_at`` (a message's age, its wait) is the server's age,
+    the same as on a host whose clock agrees."""
+    queue = fresh_name("skewed-host")
+    async with (
+        RedisStorage(redis_url, queue) as here,
+        RedisStorageAnHourAhead[Any](redis_url, queue) as ahead,
+    ):
+        await here.enqueue(LLMRequest("a", 1))
+        await ahead.enqueue(LLMRequest("b", 2))
+        await asyncio.sleep(0.2)
+        seen_here = await here.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        seen_ahead = await ahead.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        ages_here = [time.time() - m.attributes.enqueued_at.timestamp() for m in seen_here]
+        ages_ahead = [an_hour_ahead() - m.attributes.enqueued_at.timestamp() for m in seen_ahead]
+        assert ages_ahead == pytest.approx(ages_here, abs=0.05)
+        assert all(0.15 < age < 5 for age in ages_ahead)
+        for mine, theirs in zip(seen_here, seen_ahead, strict=True):
+            shift = theirs.attributes.enqueued_at - mine.attributes.enqueued_at
+            assert shift.total_seconds() == pytest.approx(HOUR, abs=0.05)
+        [received] = await ahead.dequeue(1, 30.0)
+        assert received.attributes.first_received_at is not None
+        assert 0 <= an_hour_ahead() - received.attributes.first_received_at.timestamp() < 1
+        attributes_here, attributes_ahead = (
+            await here.get_queue_attributes(),
+            await ahead.get_queue_attributes(),
+        )
+        shift = attributes_ahead.created_timestamp - attributes_here.created_timestamp
+        assert shift.total_seconds() == pytest.approx(HOUR, abs=0.05)
+
+
 async def test_a_client_decoding_responses_works_too(redis_url: str) -> None:
     client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -373,6 +446,201 @@ async def test_a_retried_enqueue_finds_its_own_messages(
 
     with pytest.raises(DuplicateRequestError, match="'a'"):
         await storage.batch_enqueue(batch)
+
+
+# ----- giving a received message back ----------------------------------------------------------
+
+
+async def test_release_message_undoes_the_receive(clocked_storage: MakeStorage, clock: ManualClock) -> None:
+    """Visible at once, the receive count and first_received_at as before that receive, the
+    handle stale; the next receive counts as the first again."""
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", {"n": 1}))
+    clock.advance(2)
+    [message] = await storage.dequeue(1, 30.0)
+    handle = message.attributes.receipt_handle
+    await storage.release_message(handle)
+    [back] = await storage.peek_messages_by_priority(int(Priority.NORMAL), 5)
+    assert (back.attributes.receive_count, back.attributes.first_received_at) == (0, None)
+    assert back.attributes.enqueued_at == utc(START)
+    attributes = await storage.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (
+        1,
+        0,
+    )
+    for stale_call in (storage.release_message, storage.delete_message):
+        with pytest.raises(ReceiptHandleError):
+            await stale_call(handle)
+    clock.advance(3)
+    [again] = await storage.dequeue(1, 30.0)
+    assert again.attributes.receive_count == 1
+    assert again.attributes.first_received_at == utc(START + 5)
+
+
+async def test_a_release_after_a_second_receive_keeps_the_first_receive(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", 1))
+    [first] = await storage.dequeue(1, 1.0)
+    clock.advance(1)
+    [second] = await storage.dequeue(1, 30.0)
+    assert second.attributes.receive_count == 2
+    await storage.release_message(second.attributes.receipt_handle)
+    [back] = await storage.peek_messages_by_priority(int(Priority.NORMAL), 5)
+    assert back.attributes.receive_count == 1
+    assert back.attributes.first_received_at == first.attributes.first_received_at == utc(START)
+
+
+async def test_a_release_never_uses_up_a_receive(clocked_storage: MakeStorage, clock: ManualClock) -> None:
+    """With max_receive_count=1, receive + release + receive again dead-letters nothing: the
+    handler never saw the message. (Visibility 0 instead would have used up its one receive.)"""
+    dead = clocked_storage()
+    storage = clocked_storage(max_receive_count=1, dead_letter=dead.queue)
+    await storage.enqueue(LLMRequest("a", 1))
+    for _ in range(3):
+        [message] = await storage.dequeue(1, 30.0)
+        assert message.attributes.receive_count == 1
+        await storage.release_message(message.attributes.receipt_handle)
+    [message] = await storage.dequeue(1, 30.0)
+    await storage.delete_message(message.attributes.receipt_handle)
+    assert (await storage.get_queue_attributes()).dead_lettered == 0
+    assert await dead.get_approximate_message_count() == 0
+
+
+async def test_a_stale_or_unknown_handle_releases_nothing(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", 1))
+    [lost] = await storage.dequeue(1, 1.0)
+    clock.advance(1)  # its lease ran out; another consumer receives it
+    [current] = await storage.dequeue(1, 30.0)
+    member = current.attributes.receipt_handle.split(".")[0]
+    for handle in (lost.attributes.receipt_handle, f"{member}.2.{'0' * 32}", "not a handle", ""):
+        with pytest.raises(ReceiptHandleError):
+            await storage.release_message(handle)
+    attributes = await storage.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (
+        0,
+        1,
+    )
+    await storage.delete_message(current.attributes.receipt_handle)  # still the holder's
+
+
+async def test_batch_release_gives_back_the_current_and_names_the_stale(
+    clocked_storage: MakeStorage, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    await storage.batch_enqueue([LLMRequest(f"r{i}", i) for i in range(4)])
+    received = await storage.dequeue(4, 30.0)
+    handles = [m.attributes.receipt_handle for m in received]
+    await storage.delete_message(handles[1])
+    with pytest.raises(ReceiptHandleError) as raised:
+        await storage.batch_release([handles[0], handles[1], "bogus", handles[2]])
+    assert "2 of 4" in str(raised.value)
+    assert handles[1] in str(raised.value)
+    assert "bogus" in str(raised.value)
+    assert handles[0] not in str(raised.value)
+    assert await storage.get_approximate_message_count() == 2  # r0 and r2 back
+    await storage.batch_release([handles[3]])
+    again = await storage.dequeue(10, 30.0)
+    assert sorted(m.payload.id for m in again) == ["r0", "r2", "r3"]
+    assert {m.attributes.receive_count for m in again} == {1}
+    await storage.batch_release([])  # nothing to do, nothing sent
+
+
+# ----- replies lost in transit ----------------------------------------------------------------------
+
+
+async def _load_scripts(storage: RedisStorage[Any]) -> None:
+    """Runs every script once, so the server knows them and an armed cut falls on a script that
+    runs (not on a NOSCRIPT answer)."""
+    stale = f"{'0' * 15}.1.{'0' * 32}"
+    await storage.dequeue(0, 1.0)
+    for call in (
+        storage.delete_message(stale),
+        storage.batch_delete([stale]),
+        storage.release_message(stale),
+        storage.update_visibility_timeout(stale, 1.0),
+    ):
+        with pytest.raises(ReceiptHandleError):
+            await call
+
+
+async def test_a_delete_whose_reply_was_lost_is_not_reported_stale(reply_cutter: ReplyCutter) -> None:
+    """The delete ran, the connection broke before its reply, redis-py resent it: the resend
+    answers as the first run did instead of calling its own handle stale."""
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-delete")) as storage:
+        await _load_scripts(storage)
+        await storage.batch_enqueue([LLMRequest(f"r{i}", i) for i in range(3)])
+        handles = [m.attributes.receipt_handle for m in await storage.dequeue(3, 30.0)]
+        reply_cutter.armed = 1
+        await storage.delete_message(handles[0])
+        reply_cutter.armed = 1
+        await storage.batch_delete(handles[1:])
+        assert reply_cutter.cuts == 2
+        attributes = await storage.get_queue_attributes()
+        assert (
+            attributes.approximate_number_of_messages + attributes.approximate_number_of_messages_in_flight
+            == 0
+        )
+
+
+async def test_a_receive_whose_reply_was_lost_hands_out_what_it_leased(reply_cutter: ReplyCutter) -> None:
+    """The resent receive returns the messages the first run leased, and leases no others:
+    nothing is left leased to nobody."""
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-receive")) as storage:
+        await _load_scripts(storage)
+        await storage.batch_enqueue([LLMRequest(f"r{i}", i) for i in range(5)])
+        reply_cutter.armed = 1
+        received = await storage.dequeue(2, 30.0)
+        assert reply_cutter.cuts == 1
+        assert [m.payload.id for m in received] == ["r0", "r1"]
+        assert [m.attributes.receive_count for m in received] == [1, 1]
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages_in_flight == 2
+        await storage.batch_delete([m.attributes.receipt_handle for m in received])  # the handles work
+
+
+async def test_releases_and_visibility_changes_whose_reply_was_lost_apply_once(
+    reply_cutter: ReplyCutter,
+) -> None:
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-release")) as storage:
+        await _load_scripts(storage)
+        await storage.enqueue(LLMRequest("a", 1))
+        [first] = await storage.dequeue(1, 30.0)
+        reply_cutter.armed = 1
+        await storage.update_visibility_timeout(first.attributes.receipt_handle, 0.0)  # visible now
+        [second] = await storage.dequeue(1, 30.0)
+        assert second.attributes.receive_count == 2
+        reply_cutter.armed = 1
+        await storage.release_message(second.attributes.receipt_handle)
+        assert reply_cutter.cuts == 2
+        [back] = await storage.peek_messages_by_priority(int(Priority.NORMAL), 5)
+        assert back.attributes.receive_count == 1  # that receive undone, once
+
+
+async def test_a_dead_letter_whose_reply_was_lost_moves_once(reply_cutter: ReplyCutter) -> None:
+    async with RedisStorage(reply_cutter.url, fresh_name("lost-dlq")) as storage:
+        await _load_scripts(storage)
+        await storage.enqueue(LLMRequest("a", 1))
+        [message] = await storage.dequeue(1, 30.0)
+        stale = replace(
+            message, attributes=replace(message.attributes, receipt_handle=f"{'0' * 15}.1.{'0' * 32}")
+        )
+        with pytest.raises(ReceiptHandleError):
+            await storage.dead_letter_message(stale)  # loads the script
+        reply_cutter.armed = 1
+        await storage.dead_letter_message(message)
+        assert reply_cutter.cuts == 1
+        assert (await storage.get_queue_attributes()).dead_lettered == 1
 
 
 async def test_receipt_handles_carry_the_receive_count_and_128_random_bits(

@@ -15,11 +15,14 @@ import math
 import sys
 from typing import Any
 
+from .engine import MAX_RPM, MAX_TPM, ProviderModel
+
 __all__ = ["register", "run"]
 
 
-def _number(low: float, high: float, *, low_open: bool = False) -> Any:
-    """An argparse type: a finite number within [low, high], or (low, high] with ``low_open``."""
+def _number(low: float, high: float, *, low_open: bool = False, why: str = "") -> Any:
+    """An argparse type: a finite number within [low, high], or (low, high] with ``low_open``;
+    ``why`` ends the message of a refused value."""
 
     def parse(text: str) -> float:
         try:
@@ -28,7 +31,7 @@ def _number(low: float, high: float, *, low_open: bool = False) -> Any:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
         if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
             opening = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be within {opening}{low:g}, {high:g}], got {text}")
+            raise argparse.ArgumentTypeError(f"must be within {opening}{low:g}, {high:g}], got {text}{why}")
         return value
 
     return parse
@@ -121,17 +124,25 @@ def register(commands: Any) -> None:
         action="append",
         help="a column to show; repeat for several (default: all of them)",
     )
+    # Lower limits could never admit a request: the request bucket must hold one request, the
+    # token bucket the largest request the demo's workload sends.
     demo.add_argument(
         "--rpm",
-        type=_number(0, 1e6, low_open=True),
+        type=_number(1, MAX_RPM, why=": below 1 request per minute, no request is ever admitted"),
         default=90.0,
-        help="starting requests per minute (default 90)",
+        help="starting requests per minute, at least 1 (default 90)",
     )
     demo.add_argument(
         "--tpm",
-        type=_number(0, 1e9, low_open=True),
+        type=_number(
+            ProviderModel.token_max,
+            MAX_TPM,
+            why=f": the demo sends requests of up to {ProviderModel.token_max} tokens, which a lower limit "
+            "could never admit",
+        ),
         default=60_000.0,
-        help="starting tokens per minute (default 60000)",
+        help=f"starting tokens per minute, at least {ProviderModel.token_max} (the largest request the "
+        "demo sends; default 60000)",
     )
     demo.add_argument(
         "--arrival-rate",

@@ -11,6 +11,19 @@ Time: one `ManualClock` is shared by every store, dispatcher configuration and l
 `DemoEngine.step` sets it to the event loop's elapsed time times ``speed``. Nothing reads the
 wall clock, so ``speed=10`` runs ten simulated seconds per second, consistently everywhere.
 
+What the page charts against the TPM limit is what each lane's limiter took from its token
+bucket over the last minute (`_Lane.granted`): a request's estimate at its dispatch, the
+correction to its actual count when it completes (a refund when it used less), the whole
+estimate back when it fails, each when the limiter books it. A token bucket refills at
+the TPM and saves up to its capacity of unused budget, so one minute may take up to capacity +
+TPM: in the first minute (the bucket starts full) and after a time when fewer tokens were asked
+for than refilled (the RPM limit was the one binding). A call that used more tokens than its
+estimate counts at its actual size, and the limiter charges the difference to the next
+requests. The page draws both lines and says so, so none of it reads as the limiter failing.
+
+A limit that could never admit one request (``rpm < 1``, or ``tpm`` below the largest request
+the workload generates, `ProviderModel.token_max`) is refused at the door, naming the control.
+
 Changing the limits: an `LLMThrottle` cannot be reconfigured in place, so each lane gets a new
 one with the new limits on the same clock, and what the old one had used carries over: each
 bucket starts at ``new capacity - (old capacity - old available)``, clamped to the new capacity,
@@ -108,23 +121,35 @@ TENANT_NAMES: tuple[str, ...] = tuple(f"tenant-{letter}" for letter in "abcdefgh
 MAX_BURST = 20_000
 #: Messages waiting per lane above which arrivals are shed (counted) and bursts refused.
 MAX_PENDING = 100_000
+#: Largest limits the controls take.
+MAX_RPM = 1_000_000.0
+MAX_TPM = 1_000_000_000.0
 # Chips shown per section of a lane: the page shows counts and the head, never every element.
 _HEAD = 12
 # Completed and failed requests kept per lane for the detail view.
 _RECENT = 500
-# Seconds of simulated time the per-priority wait percentiles cover.
+# Seconds of simulated time the per-priority wait percentiles and the granted tokens cover.
 _WAIT_WINDOW = 60.0
+_GRANT_WINDOW = 60.0
+# Longest repr of a refused value quoted in an error (a hostile body may send a 4,000-digit int).
+_SHOWN = 40
 _MAX_RECEIVES = 5
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, cut short: the page shows it in one line."""
+    text = shown(value)
+    return text if len(text) <= _SHOWN else f"{text[: _SHOWN - 3]}..."
 
 
 def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> float:
     """``value`` as a float within [low, high] (or (low, high]); else `InvalidConfigError`."""
     number = finite_float(value)
     if number is None:
-        raise InvalidConfigError(f"{name} must be a finite number, got {shown(value)}")
+        raise InvalidConfigError(f"{name} must be a finite number, got {_shown(value)}")
     if number < low or number > high or (low_open and number == low):
         opening = "(" if low_open else "["
-        raise InvalidConfigError(f"{name} must be within {opening}{low:g}, {high:g}], got {value!r}")
+        raise InvalidConfigError(f"{name} must be within {opening}{low:g}, {high:g}], got {_shown(value)}")
     return number
 
 
@@ -132,20 +157,23 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidConfigError(f"{name} must be an integer within [{low}, {high}], got {value!r}")
+        raise InvalidConfigError(f"{name} must be an integer within [{low}, {high}], got {_shown(value)}")
     return value
 
 
 def _validated_controls(fields: Mapping[str, object]) -> dict[str, object]:
     mix = fields["priority_mix"]
     if not isinstance(mix, (list, tuple)) or len(mix) != 4:
-        raise InvalidConfigError(f"priority_mix must be 4 numbers (URGENT, HIGH, NORMAL, LOW), got {mix!r}")
+        raise InvalidConfigError(
+            f"priority_mix must be 4 numbers (URGENT, HIGH, NORMAL, LOW), got {_shown(mix)}"
+        )
     weights = tuple(_number(f"priority_mix[{i}]", w, 0.0, 1e6) for i, w in enumerate(mix))
     if sum(weights) <= 0:
-        raise InvalidConfigError(f"priority_mix must have a positive sum, got {mix!r}")
+        raise InvalidConfigError(f"priority_mix must have a positive sum, got {_shown(mix)}")
+    # Below one request per minute (or one token) the buckets could never hold a request.
     return {
-        "rpm": _number("rpm", fields["rpm"], 0.0, 1_000_000.0, low_open=True),
-        "tpm": _number("tpm", fields["tpm"], 0.0, 1_000_000_000.0, low_open=True),
+        "rpm": _number("rpm", fields["rpm"], 1.0, MAX_RPM),
+        "tpm": _number("tpm", fields["tpm"], 1.0, MAX_TPM),
         "arrival_rate": _number("arrival_rate", fields["arrival_rate"], 0.0, 50.0),
         "priority_mix": weights,
         "tenants": _integer("tenants", fields["tenants"], 1, len(TENANT_NAMES)),
@@ -270,12 +298,16 @@ class _Lane:
     waits: dict[int, deque[tuple[float, float]]] = field(
         default_factory=lambda: {int(p): deque() for p in Priority}
     )
+    # What the limiter took from its token bucket in the last minute, as (when, tokens): an
+    # estimate at dispatch, the correction to the actual count at completion (negative: a
+    # refund), the whole estimate back when an attempt fails.
+    taken: deque[tuple[float, int]] = field(default_factory=deque)
+    # Calls completed in the last minute, as (when, estimated, actual): the estimation error.
+    estimates: deque[tuple[float, int, int]] = field(default_factory=deque)
     completed: int = 0
     failed_attempts: int = 0
-    dropped_unfittable: int = 0
     shed: int = 0
     pending_estimate: int = 0  # visible messages: measured at each snapshot, tracked in between
-    check_unfittable: bool = False
     observer: Any = None  # a prometheus WatchedQueue, when /metrics is served
     _seq: int = 0
 
@@ -294,6 +326,18 @@ class _Lane:
         self.recent.move_to_end(request_id)
         while len(self.recent) > _RECENT:
             self.recent.popitem(last=False)
+
+    def granted(self, now: float) -> tuple[int, float]:
+        """Tokens the limiter took from its bucket over the last minute (net of refunds), and
+        the actual count of the calls completed in it as a share of their estimates (1.0: none)."""
+        since = now - _GRANT_WINDOW
+        while self.taken and self.taken[0][0] <= since:
+            self.taken.popleft()
+        while self.estimates and self.estimates[0][0] <= since:
+            self.estimates.popleft()
+        estimated = sum(estimate for _, estimate, _ in self.estimates)
+        actual = sum(count for _, _, count in self.estimates)
+        return sum(tokens for _, tokens in self.taken), (actual / estimated if estimated else 1.0)
 
     def wait_percentiles(self, now: float) -> dict[str, list[float]]:
         out = {}
@@ -355,8 +399,8 @@ class DemoEngine:
         if len(set(names)) != len(names):
             raise InvalidConfigError(f"strategies must not repeat, got {names}")
         self.speed = _number("speed", speed, 0.0, 100.0, low_open=True)
-        self.controls = controls or Controls()
         self.provider = provider or ProviderModel()
+        self.controls = self._admissible(controls or Controls())
         self.seed = seed
         self._rng = random.Random(seed)
         self.clock = ManualClock(time.time())
@@ -440,21 +484,28 @@ class DemoEngine:
             if accepted:
                 await lane.dispatcher.batch_enqueue(accepted)
                 lane.pending_estimate += len(accepted)
-                capacity = lane.limiter.token_capacity
-                if any(r.token_info.estimated > capacity for r in accepted):
-                    lane.check_unfittable = True
         self.arrived += len(requests)
 
     # -- controls ----------------------------------------------------------------------------
+    def _admissible(self, controls: Controls) -> Controls:
+        """``controls``, unless its TPM could never admit the largest request of the workload
+        (the token bucket holds at most ``tpm`` tokens): then `InvalidConfigError`."""
+        largest = self.provider.token_max
+        if controls.tpm < largest:
+            raise InvalidConfigError(
+                f"tpm must be at least {largest:,} (the largest request this demo sends): "
+                f"a request that size could never be admitted, got {controls.tpm:g}"
+            )
+        return controls
+
     def set_controls(self, changes: Mapping[str, object]) -> Controls:
         """Applies ``changes`` (validated whole first: a bad one raises and changes nothing)."""
-        new = self.controls.updated(changes)
+        new = self._admissible(self.controls.updated(changes))
         old = self.controls
         self.controls = new
         if (new.rpm, new.tpm) != (old.rpm, old.tpm):
             for lane in self.lanes:
                 lane.limiter = _rebuilt_limiter(lane.limiter, new.rpm, new.tpm, self.clock)
-                lane.check_unfittable = True
                 if lane.observer is not None:
                     lane.observer.limiter = lane.limiter
         if new.arrival_rate != old.arrival_rate:
@@ -500,13 +551,17 @@ class DemoEngine:
             _, _, request_id = heapq.heappop(lane.completions)
             flight = lane.in_flight.pop(request_id)
             job = flight.job
+            estimated = job.message.payload.token_info.estimated
             if flight.fails:
+                lane.taken.append((now, -estimated))  # the limiter refunds a failed attempt
                 lane.failed_attempts += 1
                 await job.mark_as_failed(SimulatedProviderError(request_id), retry_after=1.0)
                 lane.remember(request_id, _detail(lane, flight, "failed, retried", now))
                 if job.message.attributes.receive_count < _MAX_RECEIVES:
                     lane.pending_estimate += 1
             else:
+                lane.taken.append((now, flight.actual_tokens - estimated))
+                lane.estimates.append((now, estimated, flight.actual_tokens))
                 await job.mark_as_processed(actual_tokens=flight.actual_tokens)
                 lane.completed += 1
                 lane.remember(
@@ -516,12 +571,6 @@ class DemoEngine:
                     lane.observer.record_completion(job, flight.actual_tokens)
 
     async def _dispatch(self, lane: _Lane, now: float) -> None:
-        if lane.check_unfittable:
-            lane.check_unfittable = False
-            for message in await lane.dispatcher.take_unfittable(lane.limiter):
-                await lane.storage.delete_message(message.attributes.receipt_handle)
-                lane.dropped_unfittable += 1
-                lane.pending_estimate -= 1
         while len(lane.in_flight) < lane.provider.concurrency:
             started = time.perf_counter()
             job = await lane.dispatcher.dequeue(lane.limiter)
@@ -531,6 +580,7 @@ class DemoEngine:
             request = job.message.payload
             fails, actual = self._outcome(request, job.message.attributes.receive_count)
             done_at = now + self.provider.latency(actual)
+            lane.taken.append((now, request.token_info.estimated))
             lane.in_flight[request.id] = _Flight(job, done_at, fails, actual)
             lane._seq += 1
             heapq.heappush(lane.completions, (done_at, lane._seq, request.id))
@@ -562,6 +612,7 @@ class DemoEngine:
             flights = sorted(lane.in_flight.values(), key=lambda f: f.job.dispatched_at, reverse=True)[:_HEAD]
             recent = list(itertools.islice(reversed(lane.recent.values()), _HEAD))
             limits = lane.limiter.get_metrics()
+            granted, actual_share = lane.granted(now)
             lanes.append(
                 {
                     "name": lane.strategy.name,
@@ -587,14 +638,14 @@ class DemoEngine:
                     },
                     "stats": {
                         "throughput": report.throughput.messages_per_minute,
-                        "tokens_per_minute": report.throughput.tokens_per_minute,
+                        "granted_per_minute": granted,
+                        "actual_to_estimate": round(actual_share, 4),
                         "tpm_limit": limits.tpm.limit,
                         "tpm_available": limits.tpm.available,
                         "rpm_limit": limits.rpm.limit,
                         "rpm_available": limits.rpm.available,
                         "failed_attempts": lane.failed_attempts,
                         "dead_lettered": report.dead_lettered,
-                        "dropped_unfittable": lane.dropped_unfittable,
                         "shed": lane.shed,
                         "waits": lane.wait_percentiles(now),
                     },
@@ -609,14 +660,19 @@ class DemoEngine:
         }
 
     def chart_point(self, snapshot: Mapping[str, Any]) -> dict[str, Any]:
-        """The figures the charts plot, taken from a snapshot."""
+        """The figures the charts plot, taken from a snapshot. Beside the TPM limit (the rate the
+        token bucket refills at), ``tpm_ceiling`` is the most a bucket can grant in one minute:
+        its capacity, saved up while fewer tokens were asked for, plus a minute of refill."""
+        tpm = snapshot["controls"]["tpm"]
+        capacity = max((lane["stats"]["tpm_limit"] for lane in snapshot["lanes"]), default=tpm)
         return {
             "t": snapshot["t"],
-            "tpm_limit": snapshot["controls"]["tpm"],
+            "tpm_limit": tpm,
+            "tpm_ceiling": tpm + capacity,
             "lanes": [
                 {
                     "throughput": round(lane["stats"]["throughput"], 2),
-                    "tokens_per_minute": round(lane["stats"]["tokens_per_minute"], 1),
+                    "granted_per_minute": lane["stats"]["granted_per_minute"],
                     "depth": lane["pending"]["total"],
                     "wait_p95": [lane["stats"]["waits"][p.name][1] for p in Priority],
                 }
@@ -648,6 +704,7 @@ class DemoEngine:
                 "concurrency": self.provider.concurrency,
                 "base_latency": self.provider.base_latency,
                 "seconds_per_1k_tokens": self.provider.seconds_per_1k_tokens,
+                "largest_request": self.provider.token_max,
             },
             "max_burst": MAX_BURST,
             "controls": self.controls.to_dict(),

@@ -5,10 +5,13 @@ Routes (all on 127.0.0.1):
 - ``GET /``: the page; ``GET /static/...``: its script, styles and the vendored uPlot.
 - ``GET /events``: server-sent events. ``hello`` once (strategies, controls, chart history),
   then ``snapshot`` every ``push_interval`` seconds: counts and the head of each section of
-  each lane, statistics, and one chart point. The page never polls per element.
+  each lane, statistics, and one chart point. The page never polls per element. A page that
+  goes away (a closed tab, a reload, a reset connection) ends its stream quietly.
 - ``POST /api/controls`` (JSON object of `Controls` fields) and ``POST /api/burst``
-  (``{"size": n, "priority": null | "URGENT" | ... }``): validated whole; a bad value gets
-  ``400 {"error": ...}`` and changes nothing.
+  (``{"size": n, "priority": null | "URGENT" | ... }``): validated whole; a bad value, a limit
+  that could never admit a request, or a hostile body (not JSON, nested too deeply, huge
+  numbers, wrong types) gets ``400 {"error": ...}`` with a one-line message naming the field,
+  logs no traceback and changes nothing.
 - ``GET /api/requests/{lane}/{id}``: score breakdown and reason of a request in flight or
   recently settled (one fetch per click).
 - ``GET /metrics``: the `llm_queue_dispatcher.prometheus` metrics of every lane, label
@@ -133,9 +136,10 @@ class DemoServer:
                 "X-Accel-Buffering": "no",
             }
         )
-        await response.prepare(request)
         queue = self.hub.subscribe()
         try:
+            # Inside the try: a page that left before the headers went out fails here already.
+            await response.prepare(request)
             hello = {**self.engine.describe(), "history": list(self.hub.history)}
             await response.write(encode("hello", hello))
             while True:
@@ -143,8 +147,8 @@ class DemoServer:
                 if frame is None:
                     break
                 await response.write(frame)
-        except (ConnectionResetError, ConnectionError):
-            pass
+        except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+            _LOGGER.debug("an /events client went away")
         finally:
             self.hub.unsubscribe(queue)
         return response
@@ -159,9 +163,11 @@ class DemoServer:
                 content_type="application/json",
             )
         try:
-            body = await request.json()
-        except ValueError as error:
-            raise _bad_request(f"the body is not valid JSON: {error}") from None
+            body = json.loads(await request.read())
+        except RecursionError:
+            raise _bad_request("the body is nested too deeply to be a control change") from None
+        except ValueError as error:  # also a number of more than 4,300 digits, or not UTF-8
+            raise _bad_request(f"the body is not valid JSON: {str(error)[:80]}") from None
         if not isinstance(body, dict):
             raise _bad_request(f"the body must be a JSON object, got {type(body).__name__}")
         return body
@@ -181,7 +187,7 @@ class DemoServer:
             raise _bad_request(f"unknown field(s): {', '.join(unknown)}")
         try:
             count = await self.engine.burst(body.get("size"), body.get("priority"))
-        except (InvalidConfigError, ValueError) as error:
+        except InvalidConfigError as error:
             raise _bad_request(str(error)) from None
         return web.json_response({"enqueued": count})
 

@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .storage import RedisStorage
 from .throttle import (
+    MAX_PROVIDER_WAIT,
     BucketUsage,
     CompensationUsage,
     HistoryUsage,
@@ -31,6 +32,7 @@ from .throttle import (
 )
 
 __all__ = [
+    "MAX_PROVIDER_WAIT",
     "BucketUsage",
     "CompensationUsage",
     "HistoryUsage",

@@ -7,9 +7,12 @@ pair returns. JSON never holds a raw newline, so the first one ends the envelope
 
 What JSON cannot give back equal is refused before any network call, with `InvalidRequestError`
 naming the field: tuples (they come back as lists), dict keys that are not strings (they come
-back as strings), NaN and infinities, objects JSON does not know, strings holding lone
-surrogates (not encodable as UTF-8), nesting too deep to walk. Datetimes travel as ISO 8601
-strings, so an aware datetime comes back equal (same instant) and a naive one identical.
+back as strings), NaN and infinities, ints beyond +-(2**53 - 1) (readers of the stored JSON that
+hold numbers as doubles, as JavaScript and Lua do, would read another number; Python itself
+refuses to write ints of more than 4,300 digits), a list or dict that contains itself, objects
+JSON does not know, strings holding lone surrogates (not encodable as UTF-8), nesting too deep
+to walk. Datetimes travel as ISO 8601 strings, so an aware datetime comes back equal (same
+instant) and a naive one identical.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from .._checks import shown
 from ..errors import InvalidRequestError, PayloadTooLargeError
 from ..types import LLMRequest, Priority, TokenInfo
 
-__all__ = ["Serializer", "decode_request", "encode_request", "request_id_bytes"]
+__all__ = ["MAX_JSON_INT", "Serializer", "decode_request", "encode_request", "request_id_bytes"]
 
 #: ``(dumps, loads)``: ``dumps(payload) -> bytes`` and ``loads(bytes) -> payload``.
 Serializer = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
@@ -32,30 +36,50 @@ _dumps_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(
 _loads_json = json.loads
 
 
+#: The largest int stored as a JSON number: every int up to it is a double too.
+MAX_JSON_INT = 2**53 - 1
+
+
 def _refuse(path: str, why: str) -> InvalidRequestError:
     return InvalidRequestError(f"{path} cannot be stored in Redis: {why}")
 
 
-def _check_json(value: Any, path: str, depth: int = 0) -> None:
+def _check_int(value: int, path: str) -> None:
+    if not -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        raise _refuse(
+            path,
+            f"the int {shown(value)} is beyond +-(2**53 - 1), which JSON readers holding numbers as "
+            "doubles would not read back exactly (store it as a string, or pass serializer=(dumps, loads))",
+        )
+
+
+def _check_json(value: Any, path: str, depth: int = 0, inside: frozenset[int] = frozenset()) -> None:
     """Raises `InvalidRequestError` naming the first part of ``value`` that JSON would not give
-    back equal."""
+    back equal. ``inside``: the ids of the lists and dicts ``value`` is part of (a cycle)."""
     if depth > 200:
         raise _refuse(path, "nested more than 200 levels deep")
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if isinstance(value, int):
+        _check_int(value, path)
         return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _refuse(path, f"{value!r} is not a JSON number")
         return
+    if isinstance(value, (list, dict)):
+        if id(value) in inside:
+            raise _refuse(path, "it contains itself (a cycle JSON cannot hold)")
+        inside = inside | {id(value)}
     if isinstance(value, list):
         for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]", depth + 1)
+            _check_json(item, f"{path}[{index}]", depth + 1, inside)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _refuse(path, f"key {key!r} is not a str (JSON would give it back as a string)")
-            _check_json(item, f"{path}[{key!r}]", depth + 1)
+            _check_json(item, f"{path}[{key!r}]", depth + 1, inside)
         return
     if isinstance(value, tuple):
         raise _refuse(path, "a tuple would come back as a list; use a list")
@@ -122,11 +146,22 @@ def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_
     token_info = request.token_info
     if token_info.model is not None and not isinstance(token_info.model, str):
         raise _refuse("token_info.model", f"must be None or a str, got {token_info.model!r}")
+    for field, number in (
+        ("token_info.estimated", token_info.estimated),
+        ("token_info.actual", token_info.actual),
+        ("token_info.input", token_info.input),
+        ("token_info.max_output", token_info.max_output),
+        ("expected_processing_time", request.expected_processing_time),
+    ):
+        if isinstance(number, int):
+            _check_int(number, field)
     _check_json(request.metadata, "metadata")
     envelope = {
         "id": request.id,
         "priority": int(request.priority),
-        "token_info": [token_info.estimated, token_info.actual, token_info.model],
+        # The estimate's parts, where known, after the three fields every stored request has.
+        "token_info": [token_info.estimated, token_info.actual, token_info.model]
+        + ([] if token_info.parts is None else list(token_info.parts)),
         "expected_processing_time": request.expected_processing_time,
         "metadata": request.metadata,
         "created_at": _iso(request.created_at),
@@ -151,14 +186,15 @@ def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any
     head, _, payload_bytes = blob.partition(b"\n")
     fields = _loads_json(head)
     payload = _loads_json(payload_bytes) if serializer is None else serializer[1](payload_bytes)
-    estimated, actual, model = fields["token_info"]
+    estimated, actual, model, *parts = fields["token_info"]
+    input_tokens, max_output = parts if parts else (None, None)
     created_at = fields["created_at"]
     deadline = fields["deadline"]
     return LLMRequest(
         id=fields["id"],
         payload=payload,
         priority=Priority(fields["priority"]),
-        token_info=TokenInfo(estimated, actual, model),
+        token_info=TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output),
         expected_processing_time=fields["expected_processing_time"],
         metadata=fields["metadata"],
         created_at=datetime.fromisoformat(created_at),

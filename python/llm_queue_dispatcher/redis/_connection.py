@@ -8,7 +8,10 @@
 * A URL is turned into a client with bounded timeouts and one immediate retry on a broken
   connection (so a pooled connection that a Redis restart cut is replaced without the caller
   seeing it); a timeout is not retried, so a slow or paused server surfaces within the socket
-  timeout. The password of a URL appears nowhere: not in ``repr``, not in errors, not in logs.
+  timeout. The call resent may have run before the connection broke: every call that changes
+  something carries a reply key named after a random token drawn for that call, and the script
+  answers a resend from the reply its first run kept there (``lua/common.lua``). The password of
+  a URL appears nowhere: not in ``repr``, not in errors, not in logs.
 * Each operation is one Lua script, sent by its SHA1 (``EVALSHA``) and loaded (``SCRIPT LOAD``)
   only when the server answers ``NOSCRIPT``: after a restart, a ``SCRIPT FLUSH`` or on a new
   server, invisibly to the caller.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
@@ -39,9 +43,11 @@ __all__ = [
     "CLIENT_ERRORS",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
+    "ClockOffset",
     "Connection",
     "Script",
     "check_name",
+    "host_microseconds",
     "redact_url",
     "script",
 ]
@@ -156,9 +162,40 @@ class Connection:
             await self.client.aclose()
 
 
+class ClockOffset:
+    """How far this host's clock is ahead of the Redis server's, in whole microseconds, learned
+    from replies that carry the server's instant.
+
+    A call sent at host instant ``sent`` and answered at ``received`` ran on the server at some
+    instant ``server`` in between, so the offset lies within ``[sent - server, received -
+    server]``. The estimate starts at 0 and moves only when a reply proves it outside that span
+    (widened by `SLACK_US` for the clocks' granularity): hosts whose clock agrees with the
+    server's (one machine, or NTP) keep exactly 0, and a clock an hour off is known from its
+    first reply.
+    """
+
+    #: Microseconds of measurement slack on each side of a reply's span.
+    SLACK_US = 1_000
+
+    def __init__(self) -> None:
+        self.microseconds = 0
+        self.observed = False
+
+    def observe(self, sent_us: int, received_us: int, server_us: int) -> None:
+        low = sent_us - server_us - self.SLACK_US
+        high = received_us - server_us + self.SLACK_US
+        self.microseconds = min(max(self.microseconds, low), high)
+        self.observed = True
+
+
+def host_microseconds(seconds: float) -> int:
+    """A host clock reading (seconds) in whole microseconds."""
+    return round(seconds * 1_000_000)
+
+
 class ScriptClient:
     """What `RedisStorage` and `RedisThrottle` share: the `Connection` their scripts run
-    through, and the scripts' time source."""
+    through, the scripts' time source and this host's clock."""
 
     _connection: Connection
 
@@ -171,6 +208,12 @@ class ScriptClient:
         """The scripts' time source: "" makes them read the server's ``TIME``. Always "" here;
         only the test suite's private subclasses pass a manual clock's readings."""
         return ""
+
+    def _host_time(self) -> float:
+        """This host's clock (``time.time()``: the wall clock a dispatcher reads by default),
+        used only to translate between the server's instants and this host's. The test suite's
+        private subclasses read their manual clock instead."""
+        return time.time()
 
     async def aclose(self) -> None:
         """Closes the client if this object built it from a URL (a client you passed stays open)."""
@@ -188,11 +231,12 @@ def _source(name: str) -> str:
 
 
 class Script:
-    """One operation: a prelude (shared helpers) and the operation's file, as one Lua script."""
+    """One operation: the helpers of every script (``common.lua``), a prelude (the queue's or
+    the limiter's) and the operation's file, as one Lua script."""
 
     def __init__(self, prelude: str, name: str) -> None:
         self.name = name
-        self.source = f"{_source(prelude)}\n{_source(name)}"
+        self.source = f"{_source('common')}\n{_source(prelude)}\n{_source(name)}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def command(self, keys: Sequence[bytes], args: Sequence[Any]) -> tuple[Any, ...]:

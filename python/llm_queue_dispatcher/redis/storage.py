@@ -1,9 +1,21 @@
 """`RedisStorage`: one SQS-like queue shared by every process and host that names it.
 
-Each operation is one Lua script (``lua/queue_common.lua`` + the operation's file), atomic on the
-server. Every instant comes from the server's ``TIME``, so client clocks never matter. Visibility
-expiry, dead-lettering and retention are applied by whichever script runs next (no background
-task, no lost update between processes).
+Each operation is one Lua script (``lua/common.lua`` + ``lua/queue_common.lua`` + the operation's
+file), atomic on the server. Every instant is taken from the server's ``TIME``: visibility expiry,
+dead-lettering and retention are applied by whichever script runs next (no background task, no
+lost update between processes), and no host's clock decides any of them.
+
+Instants handed back (``enqueued_at``, ``first_received_at``, the queue's timestamps) are the
+server's, translated to this host's clock by how far it is from the server's (learned from the
+replies, see `ClockOffset`): so ``now - enqueued_at`` on this host, which is how a dispatcher
+computes a message's age, its wait and the wait factor of its score, is the age on the server's
+clock, whatever this host's clock says. On hosts whose clock agrees with the server's (NTP) the
+instants are the server's own.
+
+A call that changes a message runs with a reply key of its own (see ``lua/common.lua``): if the
+connection breaks after the script ran and the call is resent (redis-py does so by itself), the
+resend answers as the first run did: a delete that landed is not reported stale, a receive hands
+back the messages it leased, a release is not refused.
 
 Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
 
@@ -17,6 +29,7 @@ Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
     {ns}:q:{q}:inflight   zset, score visibility deadline (us): the messages in flight
     {ns}:q:{q}:copies     hash: request id -> live copies beyond the first (a dead-letter queue
                           keeps every copy it is sent, as InMemoryStorage does)
+    {ns}:q:{q}:reply:<t>  a resendable call's reply, for a minute (t: the call's random token)
 
 A member is the sequence number zero-padded to 15 digits; a receipt handle is
 ``<member>.<receive count>.<128-bit token>``. The token is replaced on every receive, so the
@@ -42,10 +55,24 @@ from ..errors import (
     ReceiptHandleError,
     StorageError,
 )
-from ..storage.base import QueueAttributes, QueueStorageAdapter, check_batch, check_visibility_timeout
+from ..storage.base import (
+    QueueAttributes,
+    QueueStorageAdapter,
+    _as_list,
+    check_batch,
+    check_visibility_timeout,
+)
 from ..types import LLMRequest, MessageAttributes, Priority, QueueMessage
 from ._codec import Serializer, decode_request, encode_request, request_id_bytes
-from ._connection import CLIENT_ERRORS, Connection, ScriptClient, check_name, script
+from ._connection import (
+    CLIENT_ERRORS,
+    ClockOffset,
+    Connection,
+    ScriptClient,
+    check_name,
+    host_microseconds,
+    script,
+)
 
 __all__ = ["RedisStorage"]
 
@@ -61,6 +88,12 @@ _FOREVER_US = 2**53
 
 def _utc(microseconds: int) -> datetime:
     return _EPOCH + timedelta(microseconds=microseconds)
+
+
+def _stale(handles: Sequence[str], total: int) -> ReceiptHandleError:
+    return ReceiptHandleError(
+        f"{len(handles)} of {total} receipt handles are unknown or no longer current: {list(handles)!r}"
+    )
 
 
 def _microseconds(seconds: float) -> int:
@@ -166,6 +199,8 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         self.max_payload_bytes = max_payload_bytes
         self.serializer = serializer
         self._connection = Connection(redis)
+        self._clock_offset = ClockOffset()
+        self._reply_prefix = f"{{{namespace}}}:q:{queue}:reply:"
         self._keys = _queue_keys(namespace, queue)
         if dead_letter is not None:
             self._keys += _queue_keys(namespace, dead_letter)
@@ -177,12 +212,29 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
 
     # ----- plumbing ------------------------------------------------------------------------------
 
-    async def _run(self, name: str, *args: Any) -> Any:
-        arguments = (self._time_argument(), secrets.token_hex(16), *self._settings, *args)
+    async def _run(self, name: str, *args: Any, resendable: bool = False, now_at: int | None = None) -> Any:
+        """Runs operation ``name`` with a random token of its own (the seed of its receipt tokens
+        and message ids). ``resendable``: the call changes a message, so the script keeps its
+        reply under a key named after that token, and a resend of this very call is answered
+        from it. ``now_at``: where the reply holds the server's instant, to learn this host's
+        clock offset from."""
+        token = secrets.token_hex(16)
+        keys = self._keys
+        if resendable:
+            keys = [*keys, f"{self._reply_prefix}{token}".encode()]
+        arguments = (self._time_argument(), token, *self._settings, *args)
+        sent = host_microseconds(self._host_time())
         try:
-            return await self._connection.run(script("queue_common", name), self._keys, arguments)
+            reply = await self._connection.run(script("queue_common", name), keys, arguments)
         except CLIENT_ERRORS as exc:
             self._fail(name, exc)
+        if now_at is not None:
+            self._clock_offset.observe(sent, host_microseconds(self._host_time()), int(reply[now_at]))
+        return reply
+
+    def _instant(self, server_us: int) -> datetime:
+        """A server instant on this host's clock (see the module docstring)."""
+        return _utc(int(server_us) + self._clock_offset.microseconds)
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
         message = f"Redis {operation} on queue {self.queue!r} failed: {self._connection.describe_error(exc)}"
@@ -213,9 +265,9 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             attributes=MessageAttributes(
                 message_id=mid,
                 receipt_handle=handle,
-                enqueued_at=_utc(enqueued_us),
+                enqueued_at=self._instant(enqueued_us),
                 receive_count=receive_count,
-                first_received_at=None if first_us < 0 else _utc(first_us),
+                first_received_at=None if first_us < 0 else self._instant(first_us),
             ),
         )
 
@@ -232,13 +284,13 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         args: list[Any] = []
         for rid, priority, body in encoded:
             args += (rid, priority, body)
-        reply = await self._run("enqueue", *args)
-        if reply[0] == b"dup":
+        reply = await self._run("enqueue", *args, now_at=0)
+        if reply[1] == b"dup":
             raise DuplicateRequestError(
-                f"id {reply[1].decode()!r} is already in the queue and not yet deleted"
+                f"id {reply[2].decode()!r} is already in the queue and not yet deleted"
             )
         return [
-            self._message(request, reply[1 + 2 * i], 0, int(reply[2 + 2 * i]), -1, "")
+            self._message(request, reply[2 + 2 * i], 0, int(reply[3 + 2 * i]), -1, "")
             for i, request in enumerate(requests)
         ]
 
@@ -261,10 +313,12 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
         limit = _count(limit, "limit")
         timeout = check_visibility_timeout(visibility_timeout)
-        reply = await self._run("dequeue", limit, _microseconds(timeout), repr(timeout))
+        reply = await self._run(
+            "dequeue", limit, _microseconds(timeout), repr(timeout), resendable=True, now_at=0
+        )
         messages: list[QueueMessage[T]] = []
         unreadable: list[tuple[str, str, StorageError]] = []
-        for i in range(0, len(reply), 7):
+        for i in range(1, len(reply), 7):
             member, mid, count, enqueued, first, token, body = reply[i : i + 7]
             handle = f"{member.decode()}.{count}.{token.decode()}"
             try:
@@ -285,7 +339,9 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         the right serializer; without one it stays leased and comes back after its visibility
         timeout (``max_receive_count`` then dead-letters it), never dropped here."""
         try:
-            moved = self.dead_letter is not None and await self._run("dead_letter", member, token)
+            moved = self.dead_letter is not None and await self._run(
+                "dead_letter", member, token, resendable=True
+            )
         except StorageError:
             moved = False  # the readable messages received with it are handed out all the same
         if moved:
@@ -304,12 +360,17 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
 
     async def delete_message(self, receipt_handle: str) -> None:
         member, token = self._handle(receipt_handle)
-        if not await self._run("delete", member, token):
+        if not await self._run("delete", member, token, resendable=True):
             raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
 
     async def batch_delete(self, receipt_handles: Sequence[str]) -> None:
         """Deletes every current handle in one script, then names the stale or unknown ones."""
-        handles = list(receipt_handles)
+        await self._batch("delete_batch", receipt_handles)
+
+    async def _batch(self, operation: str, receipt_handles: Sequence[str]) -> None:
+        """Runs ``operation`` on every current handle in one script, then raises
+        `ReceiptHandleError` naming the stale or unknown ones (malformed ones are never sent)."""
+        handles = _as_list(receipt_handles, "receipt_handles")
         failed: list[str] = []
         args: list[str] = []
         sent: list[str] = []
@@ -322,18 +383,31 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             args += (member, token)
             sent.append(handle)
         if sent:
-            stale = await self._run("delete_batch", *args)
+            stale = await self._run(operation, *args, resendable=True)
             failed += [sent[int(index)] for index in stale]
         if failed:
-            raise ReceiptHandleError(
-                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer current: "
-                f"{failed!r}"
-            )
+            raise _stale(failed, len(handles))
+
+    async def release_message(self, receipt_handle: str) -> None:
+        """Gives a received message back unprocessed, as if that receive had not happened:
+        visible at once, ``receive_count`` back to its value before it, ``first_received_at``
+        back to None when it was the first; the handle becomes stale. It never dead-letters (a
+        worker that stops does not use up a receive). A stale or unknown handle raises
+        `ReceiptHandleError` and changes nothing."""
+        member, token = self._handle(receipt_handle)
+        stale = await self._run("release", member, token, resendable=True)
+        if stale:
+            raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
+
+    async def batch_release(self, receipt_handles: Sequence[str]) -> None:
+        """`release_message` for every current handle, in one script; then raises
+        `ReceiptHandleError` naming the stale or unknown ones (the others are released)."""
+        await self._batch("release", receipt_handles)
 
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
         timeout = check_visibility_timeout(visibility_timeout)
         member, token = self._handle(receipt_handle)
-        if not await self._run("change_visibility", member, token, _microseconds(timeout)):
+        if not await self._run("change_visibility", member, token, _microseconds(timeout), resendable=True):
             raise ReceiptHandleError(f"receipt handle {receipt_handle!r} is unknown or no longer current")
 
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
@@ -344,7 +418,7 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             raise InvalidRequestError(f"message must be a QueueMessage, got {message!r}")
         handle = message.attributes.receipt_handle
         member, token = self._handle(handle)
-        if not await self._run("dead_letter", member, token):
+        if not await self._run("dead_letter", member, token, resendable=True):
             raise ReceiptHandleError(f"receipt handle {handle!r} is unknown or no longer current")
         if self.dead_letter is None:
             _LOGGER.error(
@@ -360,21 +434,21 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 3:
             raise InvalidRequestError(f"priority must be within 0..3, got {priority!r}")
         limit = _count(limit, "limit")
-        reply = await self._run("peek", int(Priority(priority)), limit)
+        reply = await self._run("peek", int(Priority(priority)), limit, now_at=0)
         return [
             self._message(self._decode(reply[i + 4]), reply[i], reply[i + 1], reply[i + 2], reply[i + 3], "")
-            for i in range(0, len(reply), 5)
+            for i in range(1, len(reply), 5)
         ]
 
     async def get_queue_attributes(self) -> QueueAttributes:
-        reply = await self._run("attributes")
-        visible, in_flight, created, modified, timeout, dead, expired = reply[:7]
+        reply = await self._run("attributes", now_at=0)
+        visible, in_flight, created, modified, timeout, dead, expired = reply[1:8]
         return QueueAttributes(
             approximate_number_of_messages=int(visible),
             approximate_number_of_messages_in_flight=int(in_flight),
             approximate_number_of_messages_delayed=0,
-            created_timestamp=_utc(int(created)),
-            last_modified_timestamp=_utc(int(modified)),
+            created_timestamp=self._instant(int(created)),
+            last_modified_timestamp=self._instant(int(modified)),
             visibility_timeout=float(timeout) if timeout else None,
             message_retention_period=self.message_retention,
             dead_lettered=int(dead),

@@ -1,24 +1,39 @@
-"""`RedisThrottle`: one RPM/TPM budget shared by every process and host that names it.
+"""`RedisThrottle`: one budget shared by every process and host that names it.
 
 The semantics are `LLMThrottle`'s (a request bucket and a token bucket, both refilled
-continuously up to their burst; all-or-nothing grants; an exact ``available_in``, infinite past
-the capacity; ``adjust_consumption`` with the strict, warn and compensate strategies and a
-compensation debt), plus ``release``, ``penalize`` and ``sync_from_headers``. Each method is one
-Lua script (``lua/limiter_common.lua`` + the method's file) run atomically on the server, on the
-server's clock: a client whose clock is minutes off changes nothing.
+continuously up to their burst, and where configured the input and output token buckets
+(``itpm``, ``otpm``), the daily buckets (``rpd``, ``tpd``) and a limit of requests in flight
+(``max_concurrent``); all-or-nothing grants; an exact ``available_in``, infinite past the
+capacity; ``adjust_consumption`` with the strict, warn and compensate strategies and a
+compensation debt per token bucket), plus ``release``, ``penalize`` and ``sync_from_headers``.
+Each method is one Lua script (``lua/limiter_common.lua`` + the method's file) run atomically on
+the server, on the server's clock: a client whose clock is minutes off changes nothing.
 
 It fails closed: when Redis cannot be reached, every method raises `LimiterUnavailableError` (a
 `StorageError`) and nothing is granted. Falling back to a per-process budget would let N
 processes overshoot the provider's limit N times.
 
-Keys, under the namespace's hash tag: ``{ns}:l:{name}:state`` (hash: bucket levels, debt,
-penalty, provider ceilings, history totals), ``{ns}:l:{name}:history`` (hash: request id ->
-latest grant) and ``{ns}:l:{name}:order`` (zset: request ids by grant instant, for retention).
+A provider's delay (``penalize(seconds)``, ``Retry-After``, a reset) counts at most
+`MAX_PROVIDER_WAIT` (one day): a larger one is logged once per limiter and cut to it, so no
+header can hold every process's budget shut for longer, and no wait, however far (a reset in the
+year 9999, a drained bucket refilling a token a minute), makes a script loop: each answers at
+once with a finite wait or ``inf``. A call resent because its reply was lost (redis-py resends
+on a broken connection) is applied once: a grant is charged once, a release gives back once.
+
+Keys, under the namespace's hash tag: ``{ns}:l:{name}:state`` (hash: bucket levels, debts,
+penalty, provider ceilings, history totals), ``{ns}:l:{name}:grants`` (hash: grant number ->
+record), ``{ns}:l:{name}:grant-order`` (list: grant numbers, oldest first),
+``{ns}:l:{name}:latest`` (hash: request id -> its latest grant that counts),
+``{ns}:l:{name}:held`` (sorted set: the grants holding a slot of ``max_concurrent``) and, for a
+minute after each call that changed something, ``{ns}:l:{name}:reply:<token>`` (its reply, for a
+resend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NoReturn
@@ -34,10 +49,20 @@ from ..errors import (
     UnknownRequestError,
 )
 from ..provider_limits import ProviderLimits, parse_rate_limit_headers
-from ..types import validate_request_id, validate_token_count
-from ._connection import CLIENT_ERRORS, Connection, ScriptClient, check_name, script
+from ..throttle import MAX_PROVIDER_WAIT
+from ..types import split_token_parts, validate_request_id, validate_token_count
+from ._connection import (
+    CLIENT_ERRORS,
+    ClockOffset,
+    Connection,
+    ScriptClient,
+    check_name,
+    host_microseconds,
+    script,
+)
 
 __all__ = [
+    "MAX_PROVIDER_WAIT",
     "BucketUsage",
     "CompensationUsage",
     "HistoryUsage",
@@ -48,6 +73,23 @@ __all__ = [
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _STRATEGIES = ("strict", "warn", "compensate")
+#: What a refusal names: the binding limit.
+LimitReason = Literal[
+    "rpm_limit", "tpm_limit", "itpm_limit", "otpm_limit", "rpd_limit", "tpd_limit", "concurrency_limit"
+]
+_REASONS: tuple[LimitReason, ...] = (
+    "rpm_limit",
+    "tpm_limit",
+    "itpm_limit",
+    "otpm_limit",
+    "rpd_limit",
+    "tpd_limit",
+    "concurrency_limit",
+)
+
+#: The longest delay, in seconds, a provider can impose on a `RedisThrottle`: one day. A
+#: ``penalize(seconds)``, ``Retry-After`` or rate-limit reset beyond it counts as one day (logged
+#: once per limiter). The scripts apply the same bound to whatever reaches them.
 
 
 @dataclass(frozen=True)
@@ -55,7 +97,7 @@ class RateLimitCheck:
     """The answer of `RedisThrottle.can_process`, with `RateLimitCheckResult`'s attributes."""
 
     allowed: bool
-    reason: Literal["rpm_limit", "tpm_limit"] | None
+    reason: LimitReason | None
     available_in: float
     available_tokens: Mapping[str, float]
 
@@ -89,21 +131,28 @@ class HistoryUsage:
 
 @dataclass(frozen=True)
 class CompensationUsage:
-    """The compensation debt the next grant takes on top of its estimate."""
+    """The compensation debt the next grant takes on top of its estimate: the token bucket's
+    (``total_debt``, ``pending_compensation``), and that of each token bucket (``debts``:
+    ``"tpm"``, and ``"itpm"``, ``"otpm"``, ``"tpd"`` where configured)."""
 
     total_debt: float
     pending_compensation: float
+    debts: Mapping[str, float]
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "debts": dict(self.debts)}
+
+
+_OPTIONAL_BUCKETS = ("itpm", "otpm", "rpd", "tpd", "concurrency")
 
 
 @dataclass(frozen=True)
 class SharedRateLimitMetrics:
-    """`RedisThrottle.get_metrics`: the shape of `RateLimitMetrics` (``.rpm``, ``.tpm``,
-    ``.efficiency``, ``.consumption_history``, ``.compensation``) plus ``penalty_remaining``
-    (seconds). ``efficiency`` is the estimation accuracy over the kept grants (1.0 when none was
-    adjusted yet)."""
+    """`RedisThrottle.get_metrics`: the shape of `RateLimitMetrics` (``.rpm``, ``.tpm``, the
+    optional ``.itpm``, ``.otpm``, ``.rpd``, ``.tpd`` and ``.concurrency``, None where not
+    configured, ``.efficiency``, ``.consumption_history``, ``.compensation``) plus
+    ``penalty_remaining`` (seconds). ``efficiency`` is the estimation accuracy over the kept
+    grants (1.0 when none was adjusted yet)."""
 
     rpm: BucketUsage
     tpm: BucketUsage
@@ -111,9 +160,20 @@ class SharedRateLimitMetrics:
     consumption_history: HistoryUsage
     compensation: CompensationUsage
     penalty_remaining: float
+    itpm: BucketUsage | None = None
+    otpm: BucketUsage | None = None
+    rpd: BucketUsage | None = None
+    tpd: BucketUsage | None = None
+    concurrency: BucketUsage | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The metrics as nested plain dicts (the optional limits only where configured)."""
+        out = asdict(self)
+        for name in _OPTIONAL_BUCKETS:
+            if out[name] is None:
+                del out[name]
+        out["compensation"] = self.compensation.to_dict()
+        return out
 
 
 def _usage(available: float, limit: float) -> BucketUsage:
@@ -126,6 +186,62 @@ def _positive(value: object, name: str) -> float:
     if number is None or not number > 0:
         raise InvalidConfigError(f"{name} must be a finite number > 0, got {shown(value)}")
     return number
+
+
+def _rate(value: object, name: str, unit: str) -> float:
+    number = finite_float(value)
+    if number is None or not number >= 1:
+        raise InvalidConfigError(
+            f"{name} must be a finite number >= 1 (a bucket that cannot hold one {unit} never admits "
+            f"a request), got {shown(value)}"
+        )
+    return number
+
+
+def _burst(value: object, name: str, rate: float | None, rate_name: str) -> float | None:
+    """A bucket's capacity: None (the rate), or a finite number >= the rate (which is >= 1)."""
+    if value is None:
+        return None
+    if rate is None:
+        raise InvalidConfigError(
+            f"{name} is the capacity of the {rate_name} bucket and needs {rate_name}; got "
+            f"{name}={shown(value)} without {rate_name}"
+        )
+    number = finite_float(value)
+    if number is None or not number >= rate:
+        raise InvalidConfigError(f"{name} must be a finite number >= the rate ({rate}), got {shown(value)}")
+    return number
+
+
+def _optional_rate(value: object, name: str, unit: str) -> float | None:
+    return None if value is None else _rate(value, name, unit)
+
+
+def _concurrency(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigError(
+            f"max_concurrent must be None or an int >= 1 (with no request in flight allowed, none is "
+            f"ever admitted), got {shown(value)}"
+        )
+    return value
+
+
+def _parts(total: int, input_tokens: object, output_tokens: object, total_name: str) -> tuple[str, str]:
+    """The input and output parts of a call as script arguments ('' each when not given): counts
+    that add up to ``total``, or one of them and the rest (`split_token_parts`)."""
+    given = [
+        None if value is None else validate_token_count(value, name)
+        for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens))
+    ]
+    parts = split_token_parts(total, given[0], given[1], (total_name, "input_tokens", "output_tokens"))
+    return ("", "") if parts is None else (str(parts[0]), str(parts[1]))
+
+
+def _reason(name: str) -> LimitReason:
+    """The reason a script named (a name of `_REASONS`)."""
+    return next((reason for reason in _REASONS if reason == name), "tpm_limit")
 
 
 def _request_id(request_id: object) -> bytes:
@@ -148,17 +264,24 @@ def _figure(value: float | None) -> str:
 
 
 class RedisThrottle(ScriptClient):
-    """A dual token-bucket limiter in Redis, shared by every process that uses the same name.
+    """A token-bucket limiter in Redis, shared by every process that uses the same name.
 
     Args:
         redis: a `redis.asyncio.Redis` client (used as given), or a URL (a client with bounded
             timeouts is built, owned and closed by `aclose`).
         name: the limiter's name, ``[A-Za-z0-9_.-]{1,80}``; processes naming the same one share
             one budget.
-        rpm, tpm: requests and tokens per minute (the refill rates).
-        burst_rpm, burst_tpm: bucket capacities (default: the rates).
+        rpm, tpm: requests and tokens per minute (the refill rates), each at least 1: a bucket
+            that cannot hold one request (or one token) would never admit anything.
+        burst_rpm, burst_tpm: bucket capacities (default: the rates), at least the rates.
+        itpm, otpm: input and output tokens per minute (as Anthropic limits them), each at least
+            1; ``burst_itpm`` and ``burst_otpm`` their capacities. Without a request's parts
+            (``input_tokens``, ``output_tokens``) each counts its whole estimate.
+        rpd, tpd: requests and tokens per day (capacity and a day's refill), each at least 1.
+        max_concurrent: requests in flight: a grant holds a slot until it is adjusted (settled),
+            released, or forgotten after ``history_retention``.
         namespace: key prefix and hash tag.
-        adjustment_failure_strategy: "strict", "warn" or "compensate", as in `LLMThrottle`.
+        adjustment_failure_strategy: "compensate" (default), "strict" or "warn", as in `LLMThrottle`.
         history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
         max_history_records: the most grants kept.
         logger: where "warn" and "compensate" adjustments are logged.
@@ -184,23 +307,38 @@ class RedisThrottle(ScriptClient):
         tpm: float,
         burst_rpm: float | None = None,
         burst_tpm: float | None = None,
+        itpm: float | None = None,
+        otpm: float | None = None,
+        burst_itpm: float | None = None,
+        burst_otpm: float | None = None,
+        rpd: float | None = None,
+        tpd: float | None = None,
+        max_concurrent: int | None = None,
         namespace: str = "lqd",
-        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "warn",
+        adjustment_failure_strategy: Literal["strict", "warn", "compensate"] = "compensate",
         history_retention: float = 60.0,
         max_history_records: int = 10_000,
         logger: logging.Logger | None = None,
     ) -> None:
         self.name = check_name(name, "name")
         self.namespace = check_name(namespace, "namespace")
-        self.rpm = _positive(rpm, "rpm")
-        self.tpm = _positive(tpm, "tpm")
+        self.rpm = _rate(rpm, "rpm", "request")
+        self.tpm = _rate(tpm, "tpm", "token")
         for option, burst, rate in (("burst_rpm", burst_rpm, self.rpm), ("burst_tpm", burst_tpm, self.tpm)):
+            # At least the rate, which is at least 1: every bucket holds one request or token.
             if burst is not None and not ((number := finite_float(burst)) is not None and number >= rate):
                 raise InvalidConfigError(
                     f"{option} must be a finite number >= the rate ({rate}), got {shown(burst)}"
                 )
         self.burst_rpm = None if burst_rpm is None else float(burst_rpm)
         self.burst_tpm = None if burst_tpm is None else float(burst_tpm)
+        self.itpm = _optional_rate(itpm, "itpm", "input token")
+        self.otpm = _optional_rate(otpm, "otpm", "output token")
+        self.burst_itpm = _burst(burst_itpm, "burst_itpm", self.itpm, "itpm")
+        self.burst_otpm = _burst(burst_otpm, "burst_otpm", self.otpm, "otpm")
+        self.rpd = _optional_rate(rpd, "rpd", "request")
+        self.tpd = _optional_rate(tpd, "tpd", "token")
+        self.max_concurrent = _concurrency(max_concurrent)
         if adjustment_failure_strategy not in _STRATEGIES:
             raise InvalidConfigError(
                 "adjustment_failure_strategy must be 'strict', 'warn' or 'compensate', "
@@ -217,27 +355,74 @@ class RedisThrottle(ScriptClient):
         self.max_history_records = max_history_records
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
-        prefix = f"{{{namespace}}}:l:{name}:"
-        self._keys = [(prefix + part).encode() for part in ("state", "history", "order")]
+        self._prefix = f"{{{namespace}}}:l:{name}:"
+        self._keys = [
+            (self._prefix + part).encode() for part in ("state", "grants", "grant-order", "latest", "held")
+        ]
+        self._clock_offset = ClockOffset()
+        self._delay_logged = False
         self.request_capacity = self.burst_rpm or self.rpm
-        self.token_capacity = self.burst_tpm or self.tpm
+        optional_capacities = ((self.itpm, self.burst_itpm), (self.otpm, self.burst_otpm), (self.tpd, None))
+        token_capacities = [self.burst_tpm or self.tpm]
+        token_capacities += [burst or rate for rate, burst in optional_capacities if rate is not None]
+        #: The largest estimate that can ever fit without its input and output parts: the
+        #: smallest capacity of the token buckets (each counts the whole estimate then).
+        self.token_capacity = min(token_capacities)
         self._settings = (
             repr(self.rpm),
             repr(self.tpm),
             repr(self.request_capacity),
-            repr(self.token_capacity),
+            repr(self.burst_tpm or self.tpm),
             _microseconds(self.history_retention),
             str(max_history_records),
+            _figure(self.itpm),
+            _figure(self.burst_itpm or self.itpm),
+            _figure(self.otpm),
+            _figure(self.burst_otpm or self.otpm),
+            _figure(self.rpd),
+            _figure(self.tpd),
+            "" if self.max_concurrent is None else str(self.max_concurrent),
         )
 
     # ----- plumbing ------------------------------------------------------------------------------
 
-    async def _run(self, name: str, *args: Any) -> Any:
+    async def _run(self, name: str, *args: Any, resendable: bool = False) -> Any:
+        """Runs operation ``name``. ``resendable``: the call changes the books, so it gets a key
+        of its own (a random token drawn once for this call) under which the script keeps its
+        reply, and a resend of this very call (redis-py resends on a broken connection) is
+        answered from it instead of being applied twice."""
+        keys = self._keys
+        if resendable:
+            keys = [*keys, f"{self._prefix}reply:{secrets.token_hex(16)}".encode()]
         arguments = (self._time_argument(), *self._settings, *args)
         try:
-            return await self._connection.run(script("limiter_common", name), self._keys, arguments)
+            return await self._connection.run(script("limiter_common", name), keys, arguments)
         except CLIENT_ERRORS as exc:
             self._fail(name, exc)
+
+    async def _run_observed(self, name: str, *args: Any) -> Any:
+        """`_run` for a script that answers the server's instant (us): learns this host's offset
+        from it."""
+        sent = host_microseconds(self._host_time())
+        reply = await self._run(name, *args)
+        self._clock_offset.observe(sent, host_microseconds(self._host_time()), int(reply))
+        return reply
+
+    def _bounded_delay(self, seconds: float | None, what: str) -> float | None:
+        """``seconds`` cut to `MAX_PROVIDER_WAIT`; the first cut of this limiter is logged."""
+        if seconds is None or seconds <= MAX_PROVIDER_WAIT:
+            return seconds
+        if not self._delay_logged:
+            self._delay_logged = True
+            self._logger.warning(
+                "%s of %s s for shared limiter %r counts as %s s (one day, the most a provider's "
+                "delay counts); later ones above it are cut silently",
+                what,
+                seconds,
+                self.name,
+                MAX_PROVIDER_WAIT,
+            )
+        return MAX_PROVIDER_WAIT
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
         message = (
@@ -249,55 +434,96 @@ class RedisThrottle(ScriptClient):
             raise LimiterUnavailableError(message) from None
         raise LimiterUnavailableError(message) from exc
 
-    def _check(self, reason: bytes, wait_us: bytes, requests: bytes, tokens: bytes) -> RateLimitCheck:
+    def _check(
+        self, reason: bytes, wait_us: bytes, requests: bytes, tokens: bytes, *levels: bytes
+    ) -> RateLimitCheck:
         named = reason.decode()
+        available = {"rpm": float(requests), "tpm": float(tokens)}
+        available.update((levels[i].decode(), float(levels[i + 1])) for i in range(0, len(levels), 2))
         return RateLimitCheck(
             allowed=not named,
-            reason="rpm_limit" if named == "rpm_limit" else "tpm_limit" if named else None,
+            reason=_reason(named) if named else None,
             available_in=float(wait_us) / 1_000_000,
-            available_tokens={"rpm": float(requests), "tpm": float(tokens)},
+            available_tokens=available,
         )
 
     # ----- the limiter ---------------------------------------------------------------------------
 
-    async def can_process(self, estimated_tokens: int) -> RateLimitCheck:
-        """Whether a request of ``estimated_tokens`` would be granted now, and if not, in exactly
-        how many seconds (``inf`` when it exceeds the token capacity)."""
+    async def can_process(
+        self, estimated_tokens: int, *, input_tokens: int | None = None, output_tokens: int | None = None
+    ) -> RateLimitCheck:
+        """Whether a request of ``estimated_tokens`` (split into ``input_tokens`` and
+        ``output_tokens`` when known) would be granted now, and if not, in exactly how many
+        seconds (``inf`` when it exceeds a bucket's capacity); ``reason`` names the binding
+        limit."""
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
-        reply = await self._run("limiter_check", estimated)
+        parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
+        reply = await self._run("limiter_check", estimated, *parts)
         return self._check(*reply)
 
-    async def _consume(self, request_id: str, estimated_tokens: int) -> RateLimitCheck | None:
+    async def _consume(
+        self, request_id: str, estimated_tokens: int, input_tokens: object, output_tokens: object
+    ) -> RateLimitCheck | None:
         rid = _request_id(request_id)
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
-        reply = await self._run("limiter_consume", rid, estimated)
+        parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
+        reply = await self._run("limiter_consume", rid, estimated, *parts, resendable=True)
         if reply[0] == 1:
             return None
         return self._check(*reply[1:])
 
     async def consume(
-        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> bool:
-        """Takes one request and ``estimated_tokens`` (plus any debt), all or nothing, for every
-        process at once. ``metadata`` is accepted for `RateLimiter` compatibility and not stored."""
-        return await self._consume(request_id, estimated_tokens) is None
+        """Takes one request and ``estimated_tokens`` (plus any debt) from every bucket (the
+        input part from itpm, the output part from otpm: each the whole estimate when the parts
+        are not given) and a slot of ``max_concurrent``, all or nothing, for every process at
+        once. A second grant under one ``request_id`` is a grant of its own, as in
+        `LLMThrottle`: ``adjust_consumption`` and ``release`` act on the latest, and after its
+        release the one before it is the latest again. ``metadata`` is accepted for
+        `RateLimiter` compatibility and not stored."""
+        return await self._consume(request_id, estimated_tokens, input_tokens, output_tokens) is None
 
     async def consume_or_raise(
-        self, request_id: str, estimated_tokens: int, metadata: dict[str, Any] | None = None
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
     ) -> None:
         """Like `consume`, but raises `RateLimitError(reason, available_in)` when refused."""
-        refused = await self._consume(request_id, estimated_tokens)
+        refused = await self._consume(request_id, estimated_tokens, input_tokens, output_tokens)
         if refused is not None:
             raise RateLimitError(refused.reason or "tpm_limit", refused.available_in)
 
-    async def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
-        """Sets the latest grant of ``request_id`` to ``actual_tokens``: takes the extra or refunds
-        the difference. When the bucket holds less than the extra: "strict" raises
-        `RateLimitError` and takes nothing, "warn" empties the bucket and logs, "compensate"
-        empties it and carries the rest as debt. Unknown id: `UnknownRequestError`."""
+    async def adjust_consumption(
+        self,
+        request_id: str,
+        actual_tokens: int,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Sets the latest grant of ``request_id`` to ``actual_tokens`` on every bucket (its
+        input and output parts on itpm and otpm; without them itpm counts the whole actual count
+        and otpm the whole of it up to the output reserved): takes the extra or refunds the
+        difference, and frees its slot of ``max_concurrent``. When a bucket holds less than its
+        extra: "strict" raises `RateLimitError` (naming the binding bucket) and takes nothing,
+        "warn" empties the bucket and logs, "compensate" empties it and carries the rest as that
+        bucket's debt. Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
         actual = validate_token_count(actual_tokens, "actual_tokens")
-        reply = await self._run("limiter_adjust", rid, actual, self.adjustment_failure_strategy)
+        parts = _parts(actual, input_tokens, output_tokens, "actual_tokens")
+        strategy = self.adjustment_failure_strategy
+        reply = await self._run("limiter_adjust", rid, actual, strategy, *parts, resendable=True)
         outcome = reply[0]
         if outcome == b"unknown":
             raise UnknownRequestError(
@@ -305,43 +531,85 @@ class RedisThrottle(ScriptClient):
                 f"history_retention = {self.history_retention} s)"
             )
         if outcome == b"strict":
-            raise RateLimitError("tpm_limit", float(reply[1]) / 1_000_000)
-        if outcome == b"warn":
-            self._logger.warning(
-                "could not take %s more tokens for request %r: the shared token bucket %r is empty",
-                float(reply[1]),
-                request_id,
-                self.name,
+            raise RateLimitError(_reason(reply[2].decode()), float(reply[1]) / 1_000_000)
+        for i in range(1, len(reply), 4):
+            bucket, kind, shortfall, debt = (
+                reply[i].decode(),
+                reply[i + 1],
+                float(reply[i + 2]),
+                float(reply[i + 3]),
             )
-        elif outcome == b"compensate":
-            self._logger.info(
-                "adding %s tokens of request %r to the compensation debt of %r (now %s)",
-                float(reply[1]),
-                request_id,
-                self.name,
-                float(reply[2]),
-            )
+            # The token bucket's messages predate the other buckets: kept word for word.
+            what = "token" if bucket == "tpm" else bucket
+            if kind == b"warn":
+                self._logger.warning(
+                    "could not take %s more tokens for request %r: the shared %s bucket %r is empty",
+                    shortfall,
+                    request_id,
+                    what,
+                    self.name,
+                )
+            else:
+                self._logger.info(
+                    "adding %s tokens of request %r to the %scompensation debt of %r (now %s)",
+                    shortfall,
+                    request_id,
+                    "" if bucket == "tpm" else f"{bucket} ",
+                    self.name,
+                    debt,
+                )
 
     async def release(self, request_id: str) -> None:
         """Gives the latest grant of ``request_id`` back whole (its request, its tokens and the
-        debt it paid) and forgets it, as if it had never been granted. Under a provider ceiling
+        debt it paid) and forgets it, as if it had never been granted; an earlier grant of the
+        same id, if one still counts, is the latest again. Under a provider ceiling
         (`sync_from_headers`) the tokens come back only up to it. Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
-        if not await self._run("limiter_release", rid):
+        if not await self._run("limiter_release", rid, resendable=True):
+            raise UnknownRequestError(
+                f"request {request_id!r} has no consumption record (never consumed, released, or older "
+                f"than history_retention = {self.history_retention} s)"
+            )
+
+    async def settle(self, request_id: str) -> None:
+        """Ends the time in flight of the latest grant of ``request_id``, for every process: frees
+        its slot of ``max_concurrent`` and keeps its tokens as counted (a call that ended without
+        a count to adjust to; an adjustment settles too). Unknown id: `UnknownRequestError`."""
+        rid = _request_id(request_id)
+        if not await self._run("limiter_settle", rid, resendable=True):
             raise UnknownRequestError(
                 f"request {request_id!r} has no consumption record (never consumed, released, or older "
                 f"than history_retention = {self.history_retention} s)"
             )
 
     async def get_metrics(self) -> SharedRateLimitMetrics:
-        """Both buckets (as every process sees them now), the history totals, debt and penalty."""
+        """Every bucket (as every process sees them now), the history totals, debts and penalty."""
         reply = await self._run("limiter_metrics")
         requests, tokens, debt, penalty_us = (float(value) for value in reply[:4])
         count, total, adjusted = int(reply[4]), int(reply[5]), int(reply[6])
         accuracy = 1.0 if adjusted == 0 else min(1.0, max(0.0, float(reply[7]) / adjusted))
+        capacities = {
+            "itpm": self.burst_itpm or self.itpm,
+            "otpm": self.burst_otpm or self.otpm,
+            "rpd": self.rpd,
+            "tpd": self.tpd,
+            "concurrency": self.max_concurrent,
+        }
+        optional: dict[str, BucketUsage] = {}
+        debts = {"tpm": debt}
+        for i in range(8, len(reply), 3):
+            name, level, bucket_debt = reply[i].decode(), float(reply[i + 1]), float(reply[i + 2])
+            capacity = capacities.get(name)
+            if capacity is None:
+                continue  # a bucket another process configured: not this instance's to report
+            if name == "concurrency":  # the script counts the requests in flight
+                level = capacity - level
+            optional[name] = _usage(level, capacity)
+            if name in ("itpm", "otpm", "tpd"):
+                debts[name] = bucket_debt
         return SharedRateLimitMetrics(
             rpm=_usage(requests, self.request_capacity),
-            tpm=_usage(tokens, self.token_capacity),
+            tpm=_usage(tokens, self.burst_tpm or self.tpm),
             efficiency=accuracy,
             consumption_history=HistoryUsage(
                 count=count,
@@ -349,25 +617,46 @@ class RedisThrottle(ScriptClient):
                 total_tokens=total,
                 estimation_accuracy=accuracy,
             ),
-            compensation=CompensationUsage(total_debt=debt, pending_compensation=debt),
+            compensation=CompensationUsage(total_debt=debt, pending_compensation=debt, debts=debts),
             penalty_remaining=penalty_us / 1_000_000,
+            **optional,
         )
 
     async def penalize(self, seconds: float) -> None:
         """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
-        with ``Retry-After``); a later penalty already set is kept."""
-        await self._run("limiter_penalize", _microseconds(_seconds(seconds, "seconds")))
+        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a finite
+        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_WAIT` (one day) it counts
+        as one day."""
+        bounded = self._bounded_delay(_seconds(seconds, "seconds"), "a penalty")
+        await self._run("limiter_penalize", _microseconds(bounded))
 
     async def sync_from_headers(
         self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]
     ) -> ProviderLimits:
         """Learns from a provider response's rate-limit headers (see
         `llm_queue_dispatcher.provider_limits`): ``retry-after`` penalizes; a remaining figure
-        cuts its bucket to at most that now and, until the reset, keeps it at most that figure
-        minus what is granted since. Returns what was read; malformed headers are ignored."""
-        limits = parse_rate_limit_headers(headers)
+        (of requests, tokens, and input and output tokens where itpm and otpm are set) cuts its
+        bucket to at most that now and, until the reset, keeps it at most that figure minus what
+        is granted since; after it the bucket refills at its own rate, never above its own
+        capacity. Returns what was read; malformed headers are ignored.
+
+        Absolute instants (Anthropic's resets, a ``Retry-After`` date) are read against the
+        server's clock, not this host's: a host clock an hour off changes nothing. Delays count
+        at most `MAX_PROVIDER_WAIT`."""
+        if not isinstance(headers, (Mapping, str, bytes)):
+            # Read twice below; not iterable: parse_rate_limit_headers refuses it.
+            with contextlib.suppress(TypeError):
+                headers = list(headers)
+        limits = parse_rate_limit_headers(headers, now=self._server_now())
+        if not self._clock_offset.observed:  # the first sync: learn this host's offset first
+            await self._run_observed("limiter_time")
+            limits = parse_rate_limit_headers(headers, now=self._server_now())
         await self.apply_provider_limits(limits)
         return limits
+
+    def _server_now(self) -> float:
+        """The server's clock now, as this host estimates it (seconds)."""
+        return self._host_time() - self._clock_offset.microseconds / 1_000_000
 
     async def apply_provider_limits(self, limits: ProviderLimits) -> None:
         """`sync_from_headers` for figures already read."""
@@ -375,17 +664,22 @@ class RedisThrottle(ScriptClient):
             raise InvalidRequestError(f"limits must be a ProviderLimits, got {limits!r}")
         if limits.empty:
             return
-        await self._run(
+        await self._run_observed(
             "limiter_sync",
-            _microseconds(limits.retry_after),
+            _microseconds(self._bounded_delay(limits.retry_after, "a Retry-After")),
             _figure(limits.requests_remaining),
-            _microseconds(limits.requests_reset),
+            _microseconds(self._bounded_delay(limits.requests_reset, "a request limit reset")),
             _figure(limits.tokens_remaining),
-            _microseconds(limits.tokens_reset),
+            _microseconds(self._bounded_delay(limits.tokens_reset, "a token limit reset")),
+            _figure(limits.input_tokens_remaining),
+            _microseconds(self._bounded_delay(limits.input_tokens_reset, "an input token limit reset")),
+            _figure(limits.output_tokens_remaining),
+            _microseconds(self._bounded_delay(limits.output_tokens_reset, "an output token limit reset")),
         )
 
     async def reset(self) -> None:
-        """Full buckets, no history, no debt, no penalty, no ceiling, for every process."""
+        """Full buckets, no history, no debt, no penalty, no ceiling, no request in flight, for
+        every process."""
         await self._run("limiter_reset")
 
     # ----- lifecycle -----------------------------------------------------------------------------
@@ -394,8 +688,22 @@ class RedisThrottle(ScriptClient):
         return self
 
     def __repr__(self) -> str:
+        # The optional limits appear only when set: an rpm/tpm limiter reads as it always did.
+        optional = "".join(
+            f", {name}={value!r}"
+            for name, value in (
+                ("itpm", self.itpm),
+                ("otpm", self.otpm),
+                ("burst_itpm", self.burst_itpm),
+                ("burst_otpm", self.burst_otpm),
+                ("rpd", self.rpd),
+                ("tpd", self.tpd),
+                ("max_concurrent", self.max_concurrent),
+            )
+            if value is not None
+        )
         return (
             f"RedisThrottle(name={self.name!r}, namespace={self.namespace!r}, "
             f"redis={self._connection.description}, rpm={self.rpm!r}, tpm={self.tpm!r}, "
-            f"burst_rpm={self.burst_rpm!r}, burst_tpm={self.burst_tpm!r})"
+            f"burst_rpm={self.burst_rpm!r}, burst_tpm={self.burst_tpm!r}{optional})"
         )

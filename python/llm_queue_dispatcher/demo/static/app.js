@@ -55,6 +55,7 @@ function onHello(info) {
 }
 
 function fillControls(controls) {
+  if (state.info) $("tpm").min = state.info.provider.largest_request;
   $("rpm").value = controls.rpm;
   $("tpm").value = controls.tpm;
   $("arrival_rate").value = controls.arrival_rate;
@@ -120,22 +121,26 @@ function renderPending() {
   $("clock").textContent = `t = ${fmt(snapshot.t, 0)} s`;
   $("arrived").textContent = `${fmt(snapshot.arrived)} requests arrived`;
   state.chips.clear();
-  snapshot.lanes.forEach((data, i) => renderLane(state.lanes[i], data));
+  snapshot.lanes.forEach((data, i) => renderLane(state.lanes[i], data, snapshot.controls));
   if (snapshot.point) addPoint(snapshot.point);
 }
 
-function renderLane(lane, data) {
+function renderLane(lane, data, controls) {
   if (!lane) return;
   const s = data.stats;
-  const tpmShare = s.tpm_limit > 0 ? (100 * s.tokens_per_minute) / s.tpm_limit : 0;
+  const tpm = controls.tpm;
+  const tpmShare = tpm > 0 ? (100 * s.granted_per_minute) / tpm : 0;
   lane.stats.innerHTML = [
     ["throughput", `${fmt(s.throughput)} / min`],
-    ["tokens used", `${fmt(s.tokens_per_minute)} / min (${fmt(tpmShare)} % of TPM)`],
-    ["budget now", `${fmt(s.rpm_available)} req, ${fmt(s.tpm_available)} tok`],
+    ["tokens granted", `${fmt(s.granted_per_minute)} / min (${fmt(tpmShare)} % of TPM)`,
+      "tokens the limiter granted over the last minute, actual counts where known"],
+    ["actual / estimate", `${fmt(100 * s.actual_to_estimate)} %`,
+      "the estimation error: actual tokens of the calls completed in the last minute, against their estimates"],
+    ["saved budget", `${fmt(s.rpm_available)} req, ${fmt(s.tpm_available)} tok`,
+      "what the buckets hold now: spendable on top of the refill"],
     ["failed attempts", fmt(s.failed_attempts)],
     ["dead-lettered", fmt(s.dead_lettered)],
-    ["over TPM, dropped", fmt(s.dropped_unfittable)],
-  ].map(([k, v]) => `<span>${k}</span><span>${v}</span>`).join("");
+  ].map(([k, v, title]) => `<span${title ? ` title="${escapeHtml(title)}"` : ""}>${k}</span><span>${v}</span>`).join("");
   lane.waits.innerHTML = state.info.priorities.map((name, i) => {
     const [p50, p95, p99] = s.waits[name];
     return `<tr><td style="color:${PRIORITY_COLORS[i]}">${name}</td><td>${fmt(p50, 1)}</td><td>${fmt(p95, 1)}</td><td>${fmt(p99, 1)}</td></tr>`;
@@ -339,10 +344,11 @@ function buildCharts() {
     element.innerHTML = "";
     return new uPlot(chartOptions(element, series, yLabel), [[], ...series.map(() => [])], element);
   };
-  const limit = { label: "TPM limit", stroke: "#1d2430", dash: [6, 4], width: 1.5, points: { show: false } };
+  const limit = { label: "TPM limit (refill / min)", stroke: "#1d2430", dash: [6, 4], width: 1.5, points: { show: false } };
+  const ceiling = { label: "capacity + TPM", stroke: "#8a93a3", dash: [2, 3], width: 1.5, points: { show: false } };
   state.charts = {
     throughput: make("chart-throughput", laneSeries(), "req / min"),
-    tpm: make("chart-tpm", [...laneSeries(), limit], "tokens / min"),
+    tpm: make("chart-tpm", [...laneSeries(), limit, ceiling], "tokens / min"),
     wait: make("chart-wait", state.info.priorities.map((name, i) => ({
       label: name, stroke: PRIORITY_COLORS[i], width: 1.5, points: { show: false },
     })), "seconds"),
@@ -364,7 +370,8 @@ function redrawCharts() {
   const lanes = state.info.strategies.map((_, i) => i);
   const per = (key) => lanes.map((i) => points.map((p) => (p.lanes[i] ? p.lanes[i][key] : null)));
   state.charts.throughput.setData([xs, ...per("throughput")]);
-  state.charts.tpm.setData([xs, ...per("tokens_per_minute"), points.map((p) => p.tpm_limit)]);
+  state.charts.tpm.setData([xs, ...per("granted_per_minute"), points.map((p) => p.tpm_limit),
+    points.map((p) => p.tpm_ceiling)]);
   state.charts.depth.setData([xs, ...per("depth")]);
   const chosen = Number($("wait-lane").value || 0);
   state.charts.wait.setData([xs, ...state.info.priorities.map((_, q) =>

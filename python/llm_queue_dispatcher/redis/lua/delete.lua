@@ -1,5 +1,11 @@
 -- delete_message: ARGV[5] member, ARGV[6] receipt token. Returns 1, or 0 when the token is not
--- the message's latest (received again, deleted, dead-lettered, expired or purged).
+-- the message's latest (received again, deleted, released, dead-lettered, expired or purged). A
+-- resent call (its reply lost) answers as the first run did: a delete that landed is not
+-- reported stale.
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
 maintain()
 local member = ARGV[5]
 local s = holder(member, ARGV[6])
@@ -9,4 +15,4 @@ end
 leave_current_set(member, s)
 forget(Q, member, s)
 touch(Q)
-return 1
+return remember(REPLY, 1)

@@ -1,6 +1,6 @@
 -- enqueue / batch_enqueue: ARGV[5..] = request id, priority, serialised request, repeated.
--- All or nothing: a request id already live refuses the whole batch. Returns {'ok', message id,
--- enqueued_at, ...} or {'dup', request id}.
+-- All or nothing: a request id already live refuses the whole batch. Returns {NOW, 'ok',
+-- message id, enqueued_at, ...} or {NOW, 'dup', request id}.
 --
 -- The i-th message id is derived from the call's random seed and i alone. So a retry of this very
 -- call (the client resends it after a reply lost in transit) recognises its own first message and
@@ -10,23 +10,26 @@ maintain()
 local function message_id(i)
   return string.sub(redis.sha1hex(NONCE .. ':enqueue:' .. i), 1, 32)
 end
-local out = {'ok'}
+local out = {fmt(NOW), 'ok'}
 local count = (#ARGV - 4) / 3
+-- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
   local rid = ARGV[5 + 3 * i]
   local member = redis.call('HGET', Q.ids, rid)
   if member then
     local s = load(Q, member)
     if i == 0 and s ~= nil and s.mid == message_id(0) then
+      -- Bounded by the call's arguments: one round per request.
       for j = 0, count - 1 do
         out[#out + 1] = message_id(j)
         out[#out + 1] = s.at
       end
       return out
     end
-    return {'dup', rid}
+    return {fmt(NOW), 'dup', rid}
   end
 end
+-- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
   local rid, p, body = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
   insert(Q, rid, p, NOW, body, message_id(i))

@@ -1,52 +1,120 @@
--- adjust_consumption: ARGV[8] request id, ARGV[9] actual tokens, ARGV[10] strategy. Takes the
--- extra or refunds the difference against the latest grant of that id. Returns {'ok'},
--- {'unknown'}, {'strict', wait in us} (nothing taken), {'warn', shortfall} or
--- {'compensate', shortfall, total debt}.
-local request_id, actual, strategy = ARGV[8], tonumber(ARGV[9]), ARGV[10]
+-- adjust_consumption: ARGV[15] request id, ARGV[16] actual tokens, ARGV[17] strategy, ARGV[18]
+-- actual input tokens, ARGV[19] actual output tokens ('' when not given). Moves each token bucket's
+-- charge of the latest grant of that id to its share of the actual count: takes the extra or
+-- refunds the difference; frees the grant's slot of max_concurrent (an adjustment settles it).
+-- Without the parts, an input bucket counts the whole actual count and an output bucket the whole
+-- up to the output the grant reserved. Returns {'unknown'}; {'strict', wait in us, reason}
+-- (nothing taken: some bucket holds less than its extra, the reason names the one with the
+-- longest wait); or {'ok', then name, 'warn' or 'compensate', shortfall, debt now, for each
+-- bucket that could not take its whole extra}. A resent call (its reply lost) answers as the
+-- first run.
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
+local request_id, actual, strategy = ARGV[15], tonumber(ARGV[16]), ARGV[17]
+local input, output = tonumber(ARGV[18]), tonumber(ARGV[19])
 prune()
-local record = load_record(request_id)
+local record = latest_record(request_id)
 if record == nil then
   save()
   return {'unknown'}
 end
-refill(TOKENS)
-local out = {'ok'}
-if actual > record.tokens then
-  local extra = actual - record.tokens
-  if available(TOKENS) >= extra then
-    take(TOKENS, extra)
-    record.held = record.held + extra
-  elseif strategy == 'strict' then
-    save()
-    return {'strict', exact(wait_for(TOKENS, extra))}
-  else
-    local shortfall = take(TOKENS, extra)
-    record.held = record.held + extra - shortfall
-    if strategy == 'compensate' then
-      DEBT = DEBT + shortfall
-      record.owed = record.owed + shortfall
-      out = {'compensate', exact(shortfall), exact(DEBT)}
+
+local function target(b)
+  if input ~= nil then
+    return share(b, actual, input, output)
+  elseif b.counts == 'output' and record.output_cap >= 0 then
+    return math.min(actual, record.output_cap)
+  end
+  return actual
+end
+
+-- Moves charge ch of bucket b to `count`. Returns nil, or {'warn' | 'compensate', shortfall, debt}.
+local function adjust_charge(b, ch, count)
+  local result = nil
+  if count > ch.c then
+    local extra = count - ch.c
+    if available(b) >= extra then
+      take(b, extra)
+      ch.h = ch.h + extra
     else
-      out = {'warn', exact(shortfall)}
+      local shortfall = take(b, extra)
+      ch.h = ch.h + extra - shortfall
+      if strategy == 'compensate' then
+        b.debt = b.debt + shortfall
+        ch.w = ch.w + shortfall
+        result = {'compensate', shortfall, b.debt}
+      else
+        result = {'warn', shortfall, b.debt}
+      end
+    end
+  elseif count < ch.c then
+    -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
+    -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
+    local lower = ch.c - count
+    local never = math.max(0, ch.c + ch.d - ch.h - ch.w)
+    lower = lower - math.min(lower, never)
+    local owed = math.min(lower, ch.w)
+    ch.w = ch.w - owed
+    give_back_owed(b, owed)
+    lower = lower - owed
+    refund(b, lower)
+    ch.h = ch.h - lower
+  end
+  ch.c = count
+  return result
+end
+
+for _, b in ipairs(METERS) do -- the token buckets configured
+  refill(b)
+end
+if strategy == 'strict' then
+  local longest, reason = 0, ''
+  for _, b in ipairs(METERS) do -- the token buckets configured
+    local ch = charge_of(record, b)
+    if ch ~= nil then
+      local extra = target(b) - ch.c
+      if extra > 0 and available(b) < extra then
+        local wait = wait_for(b, extra)
+        if reason == '' or wait > longest then
+          longest, reason = wait, b.name .. '_limit'
+        end
+      end
     end
   end
-elseif actual < record.tokens then
-  -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
-  -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
-  local lower = record.tokens - actual
-  local never = math.max(0, record.tokens + record.debt - record.held - record.owed)
-  lower = lower - math.min(lower, never)
-  local owed = math.min(lower, record.owed)
-  record.owed = record.owed - owed
-  give_back_owed(owed)
-  lower = lower - owed
-  refund(TOKENS, lower)
-  record.held = record.held - lower
+  if reason ~= '' then
+    save()
+    return {'strict', exact(longest), reason}
+  end
 end
 count_in(record, -1)
+local out = {'ok'}
+for _, b in ipairs(METERS) do -- the token buckets configured
+  local ch = charge_of(record, b)
+  if ch ~= nil then
+    local result = adjust_charge(b, ch, target(b))
+    set_charge(record, b, ch)
+    if result ~= nil then
+      out[#out + 1] = b.name
+      out[#out + 1] = result[1]
+      out[#out + 1] = exact(result[2])
+      out[#out + 1] = exact(result[3])
+    end
+  end
+end
 record.tokens = actual
-record.actual = actual
+-- 0 tokens is a refund (the call failed, or never reached the provider), not a measured count:
+-- recording it would score a failed call as an estimation miss (as LLMThrottle does).
+if actual > 0 then
+  record.actual = actual
+else
+  record.actual = -1
+end
+record.input = input or -1
+record.output = output or -1
+free_slot(record)
 count_in(record, 1)
-store_record(request_id, record)
+store_record(record)
 save()
-return out
+return remember(REPLY, out)

@@ -1,27 +1,29 @@
--- Shared prelude of every limiter script (RedisThrottle prepends it to each operation's file).
--- The semantics are LLMThrottle's (rust/throttle.rs): two token buckets refilled continuously,
--- all-or-nothing grants, an exact wait, a compensation debt. Shared by every process that names
--- the limiter, on the server's clock.
+-- Shared prelude of every limiter script (RedisThrottle prepends common.lua and this file to each
+-- operation's file). The semantics are LLMThrottle's (rust/throttle/): token buckets refilled
+-- continuously (requests and tokens per minute, and where configured input and output tokens per
+-- minute and requests and tokens per day), each token bucket with its compensation debt; a limit
+-- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
+-- every process that names the limiter, on the server's clock.
 --
--- KEYS[1] state (hash)   KEYS[2] history (hash request id -> msgpack record)
--- KEYS[3] history order (zset request id by grant instant)
+-- KEYS[1] state (hash: bucket levels, debts, penalty, ceilings, history totals, grant counter)
+-- KEYS[2] grants (hash: grant number -> msgpack record)
+-- KEYS[3] grant order (list of grant numbers, oldest first: LLMThrottle's history)
+-- KEYS[4] latest (hash: request id -> number of its latest grant that counts)
+-- KEYS[5] held (sorted set: grant number -> when granted, for each grant holding a slot of
+--         max_concurrent: from its grant until it is adjusted, released or forgotten)
+-- KEYS[6] only for calls that change the books: where this call's reply is kept (common.lua)
 -- ARGV[1] ""  in production: instants come from the server's TIME. Only the test suite's private
 --             subclass passes "<now_us>" (see tests/redis/support.py).
 -- ARGV[2] rpm  ARGV[3] tpm  ARGV[4] request capacity  ARGV[5] token capacity
--- ARGV[6] history retention in us  ARGV[7] most history records  ARGV[8..] the operation's own.
+-- ARGV[6] history retention in us  ARGV[7] most history records
+-- ARGV[8] itpm  ARGV[9] its capacity  ARGV[10] otpm  ARGV[11] its capacity  ARGV[12] rpd
+-- ARGV[13] tpd  ARGV[14] max_concurrent ('' for each limit not configured)
+-- ARGV[15..] the operation's own.
 --
 -- Instants are whole microseconds. A bucket stores its level at `last`; its level at any t >= last
 -- is computed by level() alone, so the wait a check reports is exactly the one the next grant
 -- sees. A provider ceiling (sync_from_headers) stops the refill above it until its reset, and
 -- falls with every grant.
-
-local function fmt(n)
-  return string.format('%.0f', n)
-end
-
-local function exact(n)
-  return string.format('%.17g', n)
-end
 
 local NOW
 if ARGV[1] == '' then
@@ -30,40 +32,109 @@ if ARGV[1] == '' then
 else
   NOW = tonumber(ARGV[1])
 end
-local STATE, HISTORY, ORDER = KEYS[1], KEYS[2], KEYS[3]
+local STATE, GRANTS, ORDER, LATEST, HELD, REPLY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local RETENTION = tonumber(ARGV[6])
 local MAX_RECORDS = tonumber(ARGV[7])
+local MAX_CONCURRENT = tonumber(ARGV[14]) -- nil: requests in flight are not limited
 local DEBT_DUST = 1e-9
+-- Past 2^53 us (the year 2255) doubles no longer hold every microsecond.
+local EXACT_US = 2 ^ 53
+local MINUTE_US, DAY_US = 60000000, 86400000000
 
-local raw = redis.call('HMGET', STATE, 'ra', 'rl', 'rc', 'rcu', 'ta', 'tl', 'tc', 'tcu', 'debt', 'penalty',
-  'tokens', 'adjusted', 'accuracy')
-
-local function bucket(avail, last, ceiling, ceiling_until, cap, per_minute)
-  local b = {
-    avail = tonumber(avail) or cap, last = tonumber(last) or NOW, cap = cap, per_minute = per_minute,
-    ceiling = tonumber(ceiling), ceiling_until = tonumber(ceiling_until) or 0,
+-- The buckets, in the order a tie between equal waits is reported (rpm, tpm, itpm, otpm, rpd,
+-- tpd; then concurrency): each refills `per` every `period` us up to `cap`, and counts one per
+-- request ('request'), the request's whole tokens ('total'), or its input or output part. Its
+-- state lives in the fields <key>a (level), <key>l (instant of the level), <key>c and <key>cu (a
+-- provider's ceiling and its end) and, for a token bucket, its debt (`debt_field`).
+local SPECS = {
+  {name = 'rpm', key = 'r', per = tonumber(ARGV[2]), period = MINUTE_US, cap = tonumber(ARGV[4]), counts = 'request'},
+  {
+    name = 'tpm', key = 't', per = tonumber(ARGV[3]), period = MINUTE_US, cap = tonumber(ARGV[5]), counts = 'total',
+    debt_field = 'debt',
+  },
+}
+if ARGV[8] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'itpm', key = 'i', per = tonumber(ARGV[8]), period = MINUTE_US, cap = tonumber(ARGV[9]), counts = 'input',
+    debt_field = 'id',
   }
-  if b.avail > cap then
-    b.avail = cap -- another process configured a smaller burst
-  end
-  return b
+end
+if ARGV[10] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'otpm', key = 'o', per = tonumber(ARGV[10]), period = MINUTE_US, cap = tonumber(ARGV[11]),
+    counts = 'output', debt_field = 'od',
+  }
+end
+if ARGV[12] ~= '' then
+  SPECS[#SPECS + 1] = {name = 'rpd', key = 'd', per = tonumber(ARGV[12]), period = DAY_US, cap = tonumber(ARGV[12]), counts = 'request'}
+end
+if ARGV[13] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'tpd', key = 'e', per = tonumber(ARGV[13]), period = DAY_US, cap = tonumber(ARGV[13]), counts = 'total',
+    debt_field = 'ed',
+  }
 end
 
-local REQUESTS = bucket(raw[1], raw[2], raw[3], raw[4], tonumber(ARGV[4]), tonumber(ARGV[2]))
-local TOKENS = bucket(raw[5], raw[6], raw[7], raw[8], tonumber(ARGV[5]), tonumber(ARGV[3]))
-local DEBT = tonumber(raw[9]) or 0
-local PENALTY = tonumber(raw[10]) or 0
-local TOTALS = {tokens = tonumber(raw[11]) or 0, adjusted = tonumber(raw[12]) or 0, accuracy = tonumber(raw[13]) or 0}
+local fields = {'penalty', 'tokens', 'adjusted', 'accuracy', 'live'}
+for _, spec in ipairs(SPECS) do -- the buckets configured
+  for _, suffix in ipairs({'a', 'l', 'c', 'cu'}) do -- a bucket's four fields
+    fields[#fields + 1] = spec.key .. suffix
+  end
+  fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
+end
+local raw = redis.call('HMGET', STATE, unpack(fields))
+
+local PENALTY = tonumber(raw[1]) or 0
+local TOTALS = {
+  tokens = tonumber(raw[2]) or 0, adjusted = tonumber(raw[3]) or 0, accuracy = tonumber(raw[4]) or 0,
+  live = tonumber(raw[5]) or 0,
+}
+
+-- Every bucket configured (BUCKETS, in SPECS order), by name (BY_NAME); the token buckets, which
+-- carry a debt, apart (METERS, tpm first).
+local BUCKETS, BY_NAME, METERS = {}, {}, {}
+for i, spec in ipairs(SPECS) do -- the buckets configured
+  local at = 5 + (i - 1) * 5
+  local b = {
+    name = spec.name, key = spec.key, per = spec.per, period = spec.period, cap = spec.cap, counts = spec.counts,
+    avail = tonumber(raw[at + 1]) or spec.cap, last = tonumber(raw[at + 2]) or NOW,
+    ceiling = tonumber(raw[at + 3]), ceiling_until = tonumber(raw[at + 4]) or 0, debt_field = spec.debt_field,
+  }
+  if b.avail > b.cap then
+    b.avail = b.cap -- another process configured a smaller burst
+  end
+  if spec.debt_field then
+    b.debt = tonumber(raw[at + 5]) or 0
+    METERS[#METERS + 1] = b
+  end
+  BUCKETS[i] = b
+  BY_NAME[spec.name] = b
+end
+local REQUESTS, TOKENS = BY_NAME.rpm, BY_NAME.tpm
+
+-- A penalty or a ceiling stored further ahead than MAX_DELAY_US (by a client that did not bound
+-- it) ends a day from now, stored so at once: nothing holds the limiter shut for longer.
+if PENALTY > NOW + MAX_DELAY_US then
+  PENALTY = NOW + MAX_DELAY_US
+  redis.call('HSET', STATE, 'penalty', fmt(PENALTY))
+end
+for _, b in ipairs(BUCKETS) do -- the buckets configured
+  if b.ceiling ~= nil and b.ceiling_until > NOW + MAX_DELAY_US then
+    b.ceiling_until = NOW + MAX_DELAY_US
+    redis.call('HSET', STATE, b.key .. 'cu', fmt(b.ceiling_until))
+  end
+end
 
 -- The refill of LLMThrottle's TokenBucket (rust/throttle/bucket.rs), in microseconds. Multiply
--- before dividing: whole seconds at whole rates per second come out exact, as in LLMThrottle's
--- float arithmetic, so both limiters draw the same line at the same instant. A ceiling stops
+-- before dividing: whole seconds at rates per second a double holds exactly (whole rates, or a
+-- day's 675 requests: 2^-7 a second) come out exact, as in LLMThrottle's float arithmetic, so both
+-- limiters draw the same line at the same instant. A ceiling stops
 -- the refill above it (never taking away what is there) until its instant; after that the
 -- bucket refills freely from where the ceiling held it.
 local function refill_to(b, t, limit)
   local elapsed = t - b.last
   if elapsed > 0 then
-    local refilled = math.min(b.cap, b.avail + elapsed * b.per_minute / 60000000)
+    local refilled = math.min(b.cap, b.avail + elapsed * b.per / b.period)
     b.avail = math.min(refilled, math.max(limit, b.avail))
     b.last = t
   end
@@ -89,7 +160,7 @@ end
 -- level a grant at t will find, so the wait a check reports is exactly the one that grant sees.
 local function level(b, t)
   local copy = {
-    avail = b.avail, last = b.last, cap = b.cap, per_minute = b.per_minute, ceiling = b.ceiling,
+    avail = b.avail, last = b.last, cap = b.cap, per = b.per, period = b.period, ceiling = b.ceiling,
     ceiling_until = b.ceiling_until,
   }
   refill_until(copy, t)
@@ -101,7 +172,11 @@ local function available(b)
 end
 
 -- Microseconds until the bucket holds n: 0 now, math.huge never (n above its capacity). Under
--- a ceiling below n, the wait runs past the ceiling's end.
+-- a ceiling below n, the wait runs past the ceiling's end. The first guess is the exact refill
+-- time rounded up; rounding in level() can leave it a microsecond or two off, which the two
+-- loops correct (LLMThrottle's TokenBucket::time_until corrects its own float rounding the same
+-- way, in at most 64 rounds). However far the answer (a drained bucket of 1e9 tokens refilling
+-- one token a minute waits 1,900 years), it comes at once.
 local function wait_for(b, n)
   local now_level = level(b, NOW)
   if now_level >= n then
@@ -115,11 +190,23 @@ local function wait_for(b, n)
     base = b.ceiling_until
     base_level = level(b, base)
   end
-  local t = base + math.max(0, math.ceil((n - base_level) * 60000000 / b.per_minute))
-  while level(b, t) < n do
-    t = t + 1
+  local t = base + math.max(0, math.ceil((n - base_level) * b.period / b.per))
+  if t >= EXACT_US then
+    return t - NOW -- centuries away: no microsecond to correct
   end
-  while t > NOW and level(b, t - 1) >= n do
+  -- Bounded: 64 rounds, each adding at least a microsecond.
+  for _ = 1, 64 do
+    local short = n - level(b, t)
+    if short <= 0 then
+      break
+    end
+    t = t + math.max(1, math.ceil(short * b.period / b.per))
+  end
+  -- Bounded: 64 rounds of a microsecond back, to the first instant that holds n.
+  for _ = 1, 64 do
+    if t <= NOW or level(b, t - 1) < n then
+      break
+    end
     t = t - 1
   end
   return t - NOW
@@ -145,13 +232,13 @@ local function refund(b, n)
   b.avail = math.min(b.avail + n, limit)
 end
 
--- Gives back n tokens of debt an upward adjustment added: what is still owed is cancelled, what
--- later grants already paid goes back to the bucket. (Such a payer's own release re-owes what it
--- paid: who paid whose debt is not kept.)
-local function give_back_owed(n)
-  local cancelled = math.min(DEBT, n)
-  DEBT = DEBT - cancelled
-  refund(TOKENS, n - cancelled)
+-- Gives back n tokens of debt an upward adjustment added to token bucket b: what is still owed is
+-- cancelled, what later grants already paid goes back to the bucket. (Such a payer's own release
+-- re-owes what it paid: who paid whose debt is not kept.)
+local function give_back_owed(b, n)
+  local cancelled = math.min(b.debt, n)
+  b.debt = b.debt - cancelled
+  refund(b, n - cancelled)
 end
 
 -- A provider's figure: at most `remaining` now and, with a reset, until then at most
@@ -166,35 +253,104 @@ local function cap_at(b, remaining, reset)
   end
 end
 
--- Tokens a request of `estimated` must find: the estimate plus the debt, but never more than a
--- full bucket (the rest of the debt carries over), as LLMThrottle does.
-local function tokens_needed(estimated)
-  if estimated > TOKENS.cap then
-    return estimated
+-- Tokens a grant of `tokens` must find in token bucket b: the tokens plus the debt, but never more
+-- than a full bucket (the rest of the debt carries over), as LLMThrottle does.
+local function needed(b, tokens)
+  if tokens > b.cap then
+    return tokens
   end
-  return math.min(estimated + DEBT, TOKENS.cap)
+  return math.min(tokens + b.debt, b.cap)
 end
 
--- {reason, wait in us} for a request of `estimated` tokens: reason '' when it would be granted.
--- A penalty (a provider's Retry-After) refuses everything, reported as the request limit.
-local function check(estimated)
-  local request_wait = wait_for(REQUESTS, 1)
-  local token_wait = wait_for(TOKENS, tokens_needed(estimated))
-  local penalty_wait = math.max(0, PENALTY - NOW)
-  local reason = ''
-  if penalty_wait > 0 or request_wait > 0 then
-    reason = 'rpm_limit'
-  elseif token_wait > 0 then
-    reason = 'tpm_limit'
+-- What bucket b counts of a request of `total` tokens whose input and output parts are `input`
+-- and `output` (nil when unknown: an input or output bucket then counts the whole total, any of
+-- which may turn out to be input, or output).
+local function share(b, total, input, output)
+  if b.counts == 'input' and input ~= nil then
+    return input
+  elseif b.counts == 'output' and output ~= nil then
+    return output
   end
-  return reason, math.max(request_wait, token_wait, penalty_wait)
+  return total
+end
+
+-- The grants holding a slot that are not forgotten yet (those granted at or before NOW -
+-- retention go at the next prune, as LLMThrottle's advance drops them before anything else).
+local function slot_cutoff()
+  return '(' .. fmt(NOW - RETENTION)
+end
+
+local function in_flight()
+  return redis.call('ZCOUNT', HELD, slot_cutoff(), '+inf')
+end
+
+-- Microseconds until a slot is free if no grant is settled or released meanwhile: 0 when one is;
+-- else when the oldest grant holding one is forgotten, `retention` after it was granted.
+local function slot_wait()
+  if in_flight() < MAX_CONCURRENT then
+    return 0
+  end
+  local oldest = redis.call('ZRANGEBYSCORE', HELD, slot_cutoff(), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  return tonumber(oldest[2]) + RETENTION - NOW
+end
+
+-- {reason, wait in us} for a request of `estimated` tokens (split into `input` and `output` when
+-- known): reason '' when it would be granted, else the binding limit, the one with the longest
+-- wait (the first in BUCKETS order on a tie, then concurrency). A penalty (a provider's
+-- Retry-After) refuses everything, reported as the request limit.
+local function check(estimated, input, output)
+  local best, reason = 0, ''
+  for _, b in ipairs(BUCKETS) do -- the buckets configured
+    local wait
+    if b.counts == 'request' then
+      wait = wait_for(b, 1)
+    else
+      wait = wait_for(b, needed(b, share(b, estimated, input, output)))
+    end
+    if b == REQUESTS then
+      wait = math.max(wait, PENALTY - NOW)
+    end
+    if wait > best then
+      best, reason = wait, b.name .. '_limit'
+    end
+  end
+  if MAX_CONCURRENT ~= nil then
+    local wait = slot_wait()
+    if wait > best then
+      best, reason = wait, 'concurrency_limit'
+    end
+  end
+  return reason, best
+end
+
+-- What each limit beyond rpm and tpm holds, as the flat list {name, level, ...} that follows a
+-- check's reply: the buckets' levels, and the slots free.
+local function levels()
+  local out = {}
+  for i = 3, #BUCKETS do -- the buckets configured beyond rpm and tpm
+    out[#out + 1] = BUCKETS[i].name
+    out[#out + 1] = exact(available(BUCKETS[i]))
+  end
+  if MAX_CONCURRENT ~= nil then
+    out[#out + 1] = 'concurrency'
+    out[#out + 1] = fmt(math.max(0, MAX_CONCURRENT - in_flight()))
+  end
+  return out
+end
+
+-- The reply of a check: {reason, wait in us, requests available, tokens available, levels...}.
+local function check_reply(reason, wait)
+  local out = {reason, exact(wait), exact(available(REQUESTS)), exact(available(TOKENS))}
+  for _, item in ipairs(levels()) do -- the limits beyond rpm and tpm
+    out[#out + 1] = item
+  end
+  return out
 end
 
 local function save()
   local fields = {
-    'ra', exact(REQUESTS.avail), 'rl', fmt(REQUESTS.last), 'ta', exact(TOKENS.avail), 'tl', fmt(TOKENS.last),
-    'debt', exact(DEBT), 'tokens', fmt(TOTALS.tokens), 'adjusted', fmt(TOTALS.adjusted),
-    'accuracy', exact(TOTALS.accuracy),
+    'tokens', fmt(TOTALS.tokens), 'adjusted', fmt(TOTALS.adjusted), 'accuracy', exact(TOTALS.accuracy),
+    'live', fmt(TOTALS.live),
   }
   if PENALTY > NOW then
     fields[#fields + 1] = 'penalty'
@@ -202,30 +358,66 @@ local function save()
   else
     redis.call('HDEL', STATE, 'penalty')
   end
-  for _, pair in ipairs({{REQUESTS, 'rc', 'rcu'}, {TOKENS, 'tc', 'tcu'}}) do
-    local b = pair[1]
+  for _, b in ipairs(BUCKETS) do -- the buckets configured
+    fields[#fields + 1] = b.key .. 'a'
+    fields[#fields + 1] = exact(b.avail)
+    fields[#fields + 1] = b.key .. 'l'
+    fields[#fields + 1] = fmt(b.last)
+    if b.debt_field then
+      fields[#fields + 1] = b.debt_field
+      fields[#fields + 1] = exact(b.debt)
+    end
     if b.ceiling ~= nil then
-      fields[#fields + 1] = pair[2]
+      fields[#fields + 1] = b.key .. 'c'
       fields[#fields + 1] = exact(b.ceiling)
-      fields[#fields + 1] = pair[3]
+      fields[#fields + 1] = b.key .. 'cu'
       fields[#fields + 1] = fmt(b.ceiling_until)
     else
-      redis.call('HDEL', STATE, pair[2], pair[3])
+      redis.call('HDEL', STATE, b.key .. 'c', b.key .. 'cu')
     end
   end
   redis.call('HSET', STATE, unpack(fields))
 end
 
--- History records: granted at, tokens (estimate, then actual), estimate, actual (-1: none),
--- debt paid on top of the estimate, tokens this grant holds out of the bucket now (what a
--- release gives back), debt its adjustments added (what a release takes back).
-local function load_record(request_id)
-  local packed = redis.call('HGET', HISTORY, request_id)
+-- The history: one record per grant, as LLMThrottle keeps it. A record holds: granted at, the
+-- request id, tokens (estimate, then actual), estimate, actual (-1: none), debt paid on top of
+-- the estimate, tokens this grant holds out of the token bucket now (what a release gives back),
+-- debt its adjustments added (what a release takes back), the number of the grant of the same id
+-- that was latest when it was made ('' for none), whether it was released (1) or still counts (0);
+-- then the input and output tokens it counts for (-1: not given), the output it reserved (-1:
+-- none given; an adjustment without parts counts no more output than that), whether it holds a
+-- slot of max_concurrent (1) or not (0), and its charge on each other token bucket by name
+-- ({tokens, debt paid, tokens held, debt added}, as the four fields above for the token bucket).
+-- A record written before these fields existed reads them as absent.
+-- A second grant under one request id is a record of its own: adjust_consumption and release act
+-- on the latest, and once that one is released the one before it is the latest again. Released
+-- records stay in the order, as LLMThrottle keeps them, until they age out.
+local function load_record(number)
+  if not number then
+    return nil
+  end
+  local packed = redis.call('HGET', GRANTS, number)
   if not packed then
     return nil
   end
-  local at, tokens, estimated, actual, debt, held, owed = cmsgpack.unpack(packed)
-  return {at = at, tokens = tokens, estimated = estimated, actual = actual, debt = debt, held = held, owed = owed}
+  local at, rid, tokens, estimated, actual, debt, held, owed, previous, released, input, output, output_cap, slot,
+    charges = cmsgpack.unpack(packed)
+  return {
+    number = number, at = at, rid = rid, tokens = tokens, estimated = estimated, actual = actual, debt = debt,
+    held = held, owed = owed, previous = previous, released = released, input = input or -1, output = output or -1,
+    output_cap = output_cap or -1, slot = slot or 0, charges = charges or {},
+  }
+end
+
+-- The latest grant of a request id that still counts, or nil.
+local function latest_record(request_id)
+  return load_record(redis.call('HGET', LATEST, request_id))
+end
+
+local function store_record(r)
+  redis.call('HSET', GRANTS, r.number, cmsgpack.pack(
+    r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input, r.output,
+    r.output_cap, r.slot, r.charges))
 end
 
 local function accuracy(r)
@@ -236,6 +428,7 @@ local function accuracy(r)
 end
 
 local function count_in(r, sign)
+  TOTALS.live = TOTALS.live + sign
   TOTALS.tokens = TOTALS.tokens + sign * r.tokens
   if r.actual >= 0 then
     TOTALS.adjusted = TOTALS.adjusted + sign
@@ -247,27 +440,101 @@ local function count_in(r, sign)
   end
 end
 
-local function forget_record(request_id, r)
+-- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
+local function add_record(request_id, r)
+  r.number = fmt(redis.call('HINCRBY', STATE, 'grants', 1))
+  r.rid = request_id
+  r.previous = redis.call('HGET', LATEST, request_id) or ''
+  r.released = 0
+  store_record(r)
+  redis.call('RPUSH', ORDER, r.number)
+  redis.call('HSET', LATEST, request_id, r.number)
+  if r.slot == 1 then
+    redis.call('ZADD', HELD, r.at, r.number)
+  end
+  count_in(r, 1)
+end
+
+-- Frees the slot record r holds, if any (it is settled, released or forgotten).
+local function free_slot(r)
+  if r.slot == 1 then
+    redis.call('ZREM', HELD, r.number)
+    r.slot = 0
+  end
+end
+
+-- The charge of record r on token bucket b, in the record's own terms {c = tokens it counts for,
+-- d = debt it paid, h = tokens it holds out of the bucket, w = debt its adjustments added}; nil
+-- when r was granted before b was configured.
+local function charge_of(r, b)
+  if b == TOKENS then
+    return {c = r.tokens, d = r.debt, h = r.held, w = r.owed}
+  end
+  return r.charges[b.name]
+end
+
+local function set_charge(r, b, ch)
+  if b == TOKENS then
+    r.tokens, r.debt, r.held, r.owed = ch.c, ch.d, ch.h, ch.w
+  else
+    r.charges[b.name] = ch
+  end
+end
+
+-- Releases the latest grant of its id: it stops counting, and the grant of the same id before it
+-- (if it still counts, that is, has not aged out) is the latest again.
+local function release_record(r)
+  r.released = 1
+  store_record(r)
   count_in(r, -1)
-  redis.call('HDEL', HISTORY, request_id)
-  redis.call('ZREM', ORDER, request_id)
+  local previous = load_record(r.previous)
+  if previous ~= nil and previous.released == 0 then
+    redis.call('HSET', LATEST, r.rid, previous.number)
+  else
+    redis.call('HDEL', LATEST, r.rid)
+  end
 end
 
-local function store_record(request_id, r)
-  redis.call('HSET', HISTORY, request_id, cmsgpack.pack(r.at, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed))
+-- Drops the oldest record (LLMThrottle's pop_oldest).
+local function pop_oldest()
+  local number = redis.call('LPOP', ORDER)
+  local r = load_record(number)
+  if r == nil then
+    return
+  end
+  if r.released == 0 then
+    count_in(r, -1)
+  end
+  free_slot(r)
+  if redis.call('HGET', LATEST, r.rid) == number then
+    redis.call('HDEL', LATEST, r.rid)
+  end
+  redis.call('HDEL', GRANTS, number)
 end
 
--- Drops records older than the retention, then the oldest beyond the record limit.
+-- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
+-- younger one), then the oldest beyond the record limit: LLMThrottle's advance. Returns how many.
 local function prune()
-  local old = redis.call('ZRANGEBYSCORE', ORDER, '-inf', fmt(NOW - RETENTION))
-  local excess = redis.call('ZCARD', ORDER) - #old - MAX_RECORDS
-  if excess > 0 then
-    for _, id in ipairs(redis.call('ZRANGE', ORDER, #old, #old + excess - 1)) do
-      old[#old + 1] = id
+  local dropped = 0
+  local cutoff = NOW - RETENTION
+  -- Bounded by the records kept (the list's length when the loop starts).
+  for _ = 1, redis.call('LLEN', ORDER) do
+    local oldest = load_record(redis.call('LINDEX', ORDER, 0))
+    if oldest ~= nil and oldest.at > cutoff then
+      break
     end
+    pop_oldest()
+    dropped = dropped + 1
   end
-  for _, id in ipairs(old) do
-    forget_record(id, load_record(id))
+  -- Bounded by the records beyond the limit.
+  for _ = 1, redis.call('LLEN', ORDER) - MAX_RECORDS do
+    pop_oldest()
+    dropped = dropped + 1
   end
-  return #old
+  if MAX_CONCURRENT ~= nil then
+    -- Slots of grants forgotten without this script's pop_oldest (a client of an earlier
+    -- version dropped them): they count no more (in_flight), and are not kept either.
+    redis.call('ZREMRANGEBYSCORE', HELD, '-inf', fmt(cutoff))
+  end
+  return dropped
 end

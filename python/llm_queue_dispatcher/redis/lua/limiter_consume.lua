@@ -1,29 +1,48 @@
--- consume: ARGV[8] request id, ARGV[9] estimated tokens. One request and the estimate plus the
--- debt, all or nothing. Returns {1} when granted, else {0, reason, wait in us, requests available,
--- tokens available} and nothing changes.
-local request_id, estimated = ARGV[8], tonumber(ARGV[9])
-local reason, wait = check(estimated)
+-- consume: ARGV[15] request id, ARGV[16] estimated tokens, ARGV[17] input tokens, ARGV[18] output
+-- tokens ('' when not given). One request from each request bucket, from each token bucket its
+-- share of the estimate plus its debt, and a slot of max_concurrent, all or nothing. Returns {1}
+-- when granted, else {0, then the reply of a check (limiter_check.lua)} and nothing changes. A
+-- grant is a new record, even when the id already has one (LLMThrottle keeps both;
+-- adjust_consumption and release then act on the newer). A resent call (its reply lost) is
+-- granted once: the first run's reply is kept (common.lua).
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
+local request_id, estimated = ARGV[15], tonumber(ARGV[16])
+local input, output = tonumber(ARGV[17]), tonumber(ARGV[18])
+local reason, wait = check(estimated, input, output)
 if reason ~= '' then
-  return {0, reason, exact(wait), exact(available(REQUESTS)), exact(available(TOKENS))}
+  local refused = {0}
+  for _, item in ipairs(check_reply(reason, wait)) do -- the check's reply
+    refused[#refused + 1] = item
+  end
+  return refused
 end
-refill(REQUESTS)
-refill(TOKENS)
-local needed = tokens_needed(estimated)
-take(REQUESTS, 1)
-take(TOKENS, needed)
-local applied = math.max(0, needed - estimated)
-DEBT = DEBT - applied
-if DEBT < DEBT_DUST then
-  DEBT = 0
+local record = {
+  at = NOW, estimated = estimated, actual = -1, input = input or -1, output = output or -1,
+  output_cap = output or -1, slot = 0, charges = {},
+}
+if MAX_CONCURRENT ~= nil then
+  record.slot = 1
 end
-local previous = load_record(request_id)
-if previous ~= nil then
-  forget_record(request_id, previous)
+for _, b in ipairs(BUCKETS) do -- the buckets configured
+  refill(b)
+  if b.counts == 'request' then
+    take(b, 1)
+  else
+    local tokens = share(b, estimated, input, output)
+    local n = needed(b, tokens)
+    take(b, n)
+    local applied = math.max(0, n - tokens)
+    b.debt = b.debt - applied
+    if b.debt < DEBT_DUST then
+      b.debt = 0
+    end
+    set_charge(record, b, {c = tokens, d = applied, h = n, w = 0})
+  end
 end
-local record = {at = NOW, tokens = estimated, estimated = estimated, actual = -1, debt = applied, held = needed, owed = 0}
-store_record(request_id, record)
-redis.call('ZADD', ORDER, fmt(NOW), request_id)
-count_in(record, 1)
+add_record(request_id, record)
 prune()
 save()
-return {1}
+return remember(REPLY, {1})

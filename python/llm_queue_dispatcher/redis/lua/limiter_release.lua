@@ -1,23 +1,37 @@
--- release: ARGV[8] request id. Gives the latest grant of that id back whole and forgets it, as if
--- it had never been granted: its request, the tokens it holds, the debt it paid (owed again), and
--- the debt its adjustments added (cancelled, or given back where later grants paid it). A provider ceiling is not raised by it. Returns 1, or 0 when
--- the id has no record.
-local request_id = ARGV[8]
+-- release: ARGV[15] request id. Gives the latest grant of that id back whole, as if it had never
+-- been granted: its request to each request bucket, to each token bucket the tokens it holds, the
+-- debt it paid (owed again) and the debt its adjustments added (cancelled, or given back where
+-- later grants paid it), and its slot of max_concurrent. A provider ceiling is not raised by it.
+-- The grant of that id before it, if any still counts, is the latest again. Returns 1, or 0 when
+-- the id has no grant that counts. A resent call (its reply lost) releases once.
+local kept = recalled(REPLY)
+if kept ~= nil then
+  return kept
+end
+local request_id = ARGV[15]
 prune()
-local record = load_record(request_id)
+local record = latest_record(request_id)
 if record == nil then
   save()
   return 0
 end
-refill(REQUESTS)
-refill(TOKENS)
-refund(REQUESTS, 1)
-refund(TOKENS, record.held)
-give_back_owed(record.owed)
-DEBT = DEBT + record.debt
-if DEBT < DEBT_DUST then
-  DEBT = 0
+for _, b in ipairs(BUCKETS) do -- the buckets configured
+  refill(b)
+  if b.counts == 'request' then
+    refund(b, 1)
+  else
+    local ch = charge_of(record, b)
+    if ch ~= nil then
+      refund(b, ch.h)
+      give_back_owed(b, ch.w)
+      b.debt = b.debt + ch.d
+      if b.debt < DEBT_DUST then
+        b.debt = 0
+      end
+    end
+  end
 end
-forget_record(request_id, record)
+free_slot(record)
+release_record(record)
 save()
-return 1
+return remember(REPLY, 1)

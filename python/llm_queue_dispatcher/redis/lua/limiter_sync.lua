@@ -1,18 +1,28 @@
--- sync_from_headers: ARGV[8] Retry-After in us, ARGV[9] requests remaining, ARGV[10] requests reset
--- in us, ARGV[11] tokens remaining, ARGV[12] tokens reset in us ('' where the provider said
--- nothing). A remaining figure cuts its bucket to at most that now; with a reset, the bucket may
--- hold no more than that figure minus what it grants until the reset (a ceiling); without one,
--- any earlier ceiling goes (the provider's newest word counts).
-refill(REQUESTS)
-refill(TOKENS)
-if ARGV[8] ~= '' then
-  PENALTY = math.max(PENALTY, NOW + tonumber(ARGV[8]))
+-- sync_from_headers: ARGV[15] Retry-After in us; then remaining and reset in us of requests
+-- (ARGV[16], ARGV[17]), tokens (ARGV[18], ARGV[19]), input tokens (ARGV[20], ARGV[21]) and output
+-- tokens (ARGV[22], ARGV[23]), for the rpm, tpm, itpm and otpm buckets ('' where the provider said
+-- nothing; a figure for a bucket not configured is ignored; durations count at most MAX_DELAY_US,
+-- one day). A remaining figure cuts its bucket to at most that now; with a reset, the bucket may
+-- hold no more than that figure minus what it grants until the reset (a ceiling), and refills at
+-- its own rate up to its own capacity after it; without one, any earlier ceiling goes (the
+-- provider's newest word counts). Returns the server's instant (us), which the client uses to
+-- read the provider's absolute instants on the server's clock.
+for _, b in ipairs(BUCKETS) do -- the buckets configured
+  refill(b)
 end
-for _, spec in ipairs({{REQUESTS, ARGV[9], ARGV[10]}, {TOKENS, ARGV[11], ARGV[12]}}) do
+local retry_after = delay_us(ARGV[15])
+if retry_after ~= nil then
+  PENALTY = math.max(PENALTY, NOW + retry_after)
+end
+local figures = {
+  {'rpm', ARGV[16], ARGV[17]}, {'tpm', ARGV[18], ARGV[19]}, {'itpm', ARGV[20], ARGV[21]}, {'otpm', ARGV[22], ARGV[23]},
+}
+for _, spec in ipairs(figures) do -- the four figures a provider may send
+  local b = BY_NAME[spec[1]]
   local remaining = tonumber(spec[2])
-  if remaining ~= nil then
-    cap_at(spec[1], remaining, tonumber(spec[3]))
+  if b ~= nil and remaining ~= nil and remaining == remaining then
+    cap_at(b, remaining, delay_us(spec[3]))
   end
 end
 save()
-return 1
+return fmt(NOW)

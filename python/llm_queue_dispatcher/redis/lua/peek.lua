@@ -1,12 +1,13 @@
 -- peek_messages_by_priority: ARGV[5] priority, ARGV[6] limit. Visible messages of that priority,
--- oldest first, unchanged. Returns per message: message id, receive count, enqueued_at,
+-- oldest first, unchanged. Returns NOW, then per message: message id, receive count, enqueued_at,
 -- first_received_at, serialised request.
 maintain()
-local out = {}
+local out = {fmt(NOW)}
 local limit = tonumber(ARGV[6])
 if limit <= 0 then
   return out
 end
+-- Bounded by `limit`.
 for _, member in ipairs(redis.call('ZRANGE', Q.vis[tonumber(ARGV[5]) + 1], 0, limit - 1)) do
   local s = load(Q, member)
   out[#out + 1] = s.mid

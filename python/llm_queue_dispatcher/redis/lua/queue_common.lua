@@ -1,5 +1,5 @@
--- Shared prelude of every queue script (RedisStorage prepends it to each operation's file, so
--- each operation is still one script, loaded once and run atomically).
+-- Shared prelude of every queue script (RedisStorage prepends common.lua and this file to each
+-- operation's file, so each operation is still one script, loaded once and run atomically).
 --
 -- KEYS[1..11]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
 --              body (hash member -> serialised request), state (hash member -> msgpack),
@@ -7,21 +7,19 @@
 --              (zset: score visibility deadline in us, member), copies (hash request id ->
 --              live copies beyond the first: a dead-letter queue keeps every copy it is sent)
 -- KEYS[12..22] the dead-letter queue, same layout (absent without one)
+-- KEYS[last]   only for calls that change a message (#KEYS is then 12 or 23): where this call's
+--              reply is kept for a resend (common.lua)
 -- ARGV[1] ""  in production: every instant comes from the server's TIME. Only the test suite's
---             private subclass passes "<now_us> <created_us>" (see tests/redis_support.py).
--- ARGV[2] 128 random bits (hex) from the client: the seed of this call's receipt tokens and
---         message ids (Redis scripts have no usable randomness of their own).
+--             private subclass passes "<now_us> <created_us>" (see tests/redis/support.py).
+-- ARGV[2] 128 random bits (hex) the client draws once per call: the seed of this call's receipt
+--         tokens and message ids (Redis scripts have no usable randomness of their own), and the
+--         name of its reply key.
 -- ARGV[3] max_receive_count (0: none)   ARGV[4] message retention in us (0: forever)
 -- ARGV[5..] the operation's own arguments.
 --
 -- A member is the message's sequence number, zero-padded to 15 digits, so members that share a
--- score (one enqueue instant) sort in enqueue order. Every number handed to redis.call goes
--- through fmt(): Lua's own tostring keeps only 14 significant digits, fewer than an instant in
--- microseconds has.
-
-local function fmt(n)
-  return string.format('%.0f', n)
-end
+-- score (one enqueue instant) sort in enqueue order. Scripts that report instants also return
+-- NOW, the server's instant, so the client can tell how far its own clock is from it.
 
 local function server_now()
   local t = redis.call('TIME')
@@ -53,6 +51,10 @@ local Q = queue_keys(1)
 local DLQ = nil
 if #KEYS >= 22 then
   DLQ = queue_keys(12)
+end
+local REPLY = nil
+if #KEYS % 11 == 1 then
+  REPLY = KEYS[#KEYS]
 end
 
 -- Fresh identifiers for this call: 128 bits each, derived from the client's random seed.
@@ -130,6 +132,7 @@ end
 local function maintain()
   local changed = false
   local due = redis.call('ZRANGEBYSCORE', Q.inflight, '-inf', fmt(NOW))
+  -- Bounded by the messages in flight whose visibility has ended.
   for _, member in ipairs(due) do
     redis.call('ZREM', Q.inflight, member)
     local s = load(Q, member)
@@ -145,8 +148,9 @@ local function maintain()
   end
   if RETENTION > 0 then
     local cutoff = '(' .. fmt(NOW - RETENTION)
-    for p = 1, 4 do
+    for p = 1, 4 do -- the four priorities
       local old = redis.call('ZRANGEBYSCORE', Q.vis[p], '-inf', cutoff)
+      -- Bounded by the visible messages past the retention period.
       for _, member in ipairs(old) do
         forget(Q, member, load(Q, member))
         changed = true
@@ -178,4 +182,19 @@ local function leave_current_set(member, s)
   if redis.call('ZREM', Q.inflight, member) == 0 then
     redis.call('ZREM', Q.vis[s.p + 1], member)
   end
+end
+
+-- Gives a received message back as if that receive had not happened: visible at once, its
+-- receive count one lower (first_received_at forgotten when that receive was the first), its
+-- receipt token gone (every handle of it is stale). Never dead-letters: the receive is undone,
+-- not used up.
+local function give_back(member, s)
+  leave_current_set(member, s)
+  s.rc = math.max(0, s.rc - 1)
+  if s.rc == 0 then
+    s.first = -1
+  end
+  s.token = ''
+  save(Q, member, s)
+  redis.call('ZADD', Q.vis[s.p + 1], fmt(s.at), member)
 end
