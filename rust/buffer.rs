@@ -9,10 +9,42 @@
 use crate::cells::CellKey;
 use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRuntime};
 use crate::index::{IndexEntry, Ranking};
-use crate::policy::{decide_fair_lanes, Admission, FairDecision};
+use std::collections::HashMap;
+
+use crate::policy::{decide_fair_lanes, Admission, FairDecision, UrgentReserve};
 use crate::scoring::MessageTraits;
 use crate::select::{collect, Collected, SearchContext, SortedCandidates};
-use crate::store::Tenants;
+
+/// Tenant names interned to small numbers for the fair lanes (0 is the tenant "" of requests
+/// without one). The buffer is short-lived and small: nothing is forgotten.
+#[derive(Debug)]
+struct Names {
+    names: Vec<Box<str>>,
+    ids: HashMap<Box<str>, u32>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self { names: vec!["".into()], ids: HashMap::from([(Box::from(""), 0)]) }
+    }
+}
+
+impl Names {
+    fn intern(&mut self, name: Option<&str>) -> u32 {
+        let name = name.unwrap_or("");
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = u32::try_from(self.names.len()).expect("more than 2^32 tenants");
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", |name| name)
+    }
+}
 
 /// A leased message as the buffer reads it.
 #[derive(Debug)]
@@ -75,13 +107,21 @@ impl<M> Buffered<M> {
 pub struct Buffer<M> {
     items: Vec<Buffered<M>>,
     next_seq: u64,
-    tenants: Tenants,
+    tenants: Names,
     fair: Option<(FairConfig, FairRuntime)>,
+    /// The estimates of the messages buffered so far (the URGENT reserve's history).
+    urgent: UrgentReserve,
 }
 
 impl<M> Default for Buffer<M> {
     fn default() -> Self {
-        Self { items: Vec::new(), next_seq: 0, tenants: Tenants::default(), fair: None }
+        Self {
+            items: Vec::new(),
+            next_seq: 0,
+            tenants: Names::default(),
+            fair: None,
+            urgent: UrgentReserve::default(),
+        }
     }
 }
 
@@ -138,6 +178,7 @@ impl<M> Buffer<M> {
             let seq = self.next_seq;
             self.next_seq += 1;
             let tenant = self.tenants.intern(item.tenant.as_deref());
+            self.urgent.observe(item.traits.priority, item.traits.tokens, item.traits.enqueued_at);
             self.items.push(Buffered {
                 message: item.message,
                 request_id: item.request_id,
@@ -261,6 +302,14 @@ impl<M> Buffer<M> {
 
     // ----- the score policy ------------------------------------------------------------------
 
+    /// What sizes the URGENT reserve: the estimates buffered so far, the tokens waiting now,
+    /// the latest arrival.
+    pub fn urgent_history(&self) -> UrgentReserve {
+        let mut history = self.urgent.clone();
+        history.set_waiting_tokens(self.items.iter().map(|item| item.traits.tokens).sum());
+        history
+    }
+
     /// Up to `limit` candidates in exactly descending base score under `context` (the slot of
     /// each is its position in `items`; its `seq` names it for `take`).
     pub fn collect(&self, context: &SearchContext, limit: usize) -> Vec<Collected> {
@@ -287,11 +336,11 @@ impl<M> Buffer<M> {
         self.fair.as_mut().map(|(_, runtime)| runtime)
     }
 
-    /// The fair lanes of the buffered messages at `now` (the buffer is small: built per step).
+    /// The fair lanes of the buffered messages (the buffer is small: built per step).
     /// Lanes order by sequence number as age order, but the buffer's own sequence is the order
     /// messages arrived in it (the store hands them over by priority, a failed one again last):
     /// each entry gets its rank by enqueue instant instead (ties by arrival).
-    fn lanes(&self, config: &FairConfig, now: f64) -> FairLanes {
+    fn lanes(&self, config: &FairConfig) -> FairLanes {
         let mut lanes = FairLanes::new(config.clone());
         let items = &self.items;
         let mut by_age: Vec<usize> = (0..items.len()).collect();
@@ -305,7 +354,6 @@ impl<M> Buffer<M> {
         for (age_rank, &i) in by_age.iter().enumerate() {
             lanes.insert(i as u32, &items[i].entry(age_rank as u64));
         }
-        lanes.age(now);
         lanes
     }
 
@@ -313,10 +361,13 @@ impl<M> Buffer<M> {
     /// None without fair settings or messages.
     pub fn decide_fair(&mut self, limiter: &impl Admission, now: f64, hold: bool) -> Option<FairDecision> {
         let (config, _) = self.fair.as_ref()?;
-        let lanes = self.lanes(config, now);
+        let mut lanes = self.lanes(config);
+        let history = self.urgent_history();
         let items = &self.items;
         let (_, runtime) = self.fair.as_mut()?;
-        decide_fair_lanes(&lanes, |slot| items[slot as usize].traits.tokens, runtime, limiter, now, hold)
+        lanes.prepare_all(now, &mut runtime.ledger);
+        let tokens_of = |slot: u32| items[slot as usize].traits.tokens;
+        decide_fair_lanes(&lanes, tokens_of, runtime, &history, limiter, now, hold)
     }
 
     /// Charges a fair dispatch of `tokens` to `tenant`; the charge's id (0 without fair

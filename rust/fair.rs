@@ -1,37 +1,69 @@
 //! The `fair_priority` policy: URGENT first, then the tenant with the least recent token use
-//! per weight, then priority, deadline and age inside a tenant, with aging.
+//! per weight, then priority, deadline and age inside a tenant, with aging that never lets old
+//! NORMAL and LOW requests overtake fresh HIGH ones.
 //!
 //! The ranking, as a total order of the visible messages at an instant `now`:
 //! 1. With `urgent_first`, every URGENT message comes first, oldest first.
 //! 2. Then tenants, by their token use over the last `fairness_window` seconds divided by their
-//!    weight ([`UsageLedger`]), ties to the tenant whose head (its first message by rule 3) is
-//!    older.
-//! 3. Inside a tenant: effective priority (a NORMAL or LOW message that has waited longer than
-//!    `max_wait[priority]` ranks as HIGH, never as URGENT), then the earliest deadline (none
-//!    last), then the oldest.
+//!    weight ([`UsageLedger`]); ties (tenants that used alike, typically nothing) go to the
+//!    tenant whose head (its first message by rule 3) is in the higher lane, then is older. So
+//!    a tenant below its fair share is never queued behind another tenant's higher classes, and
+//!    among tenants that used alike, such as conversations that each send a few requests, a
+//!    HIGH request goes before a NORMAL one.
+//! 3. Inside a tenant, by lane: URGENT (only without `urgent_first`), HIGH, aged, NORMAL, LOW;
+//!    in a lane, the earliest deadline (none last), then the oldest. A NORMAL or LOW message
+//!    that has waited longer than `max_wait[priority]` moves to the aged lane: it ranks as HIGH,
+//!    behind every native HIGH message of its tenant, and ahead of NORMAL and LOW ones. Aging
+//!    never ranks a message as URGENT.
 //!
-//! The winner is the first message of that order. Holding the budget for it, and the reserve a
-//! backlogged tenant may not take (rule 3b of the contract), are decided by the caller with
-//! [`FairLanes::admission_tokens`]. A tenant is backlogged when it has more than one visible
-//! message and has used at least its fair share of the window's capacity (the tokens the
-//! limiter refills over `fairness_window`, split by weight among the tenants that are waiting
-//! or have used tokens in the window): a light tenant with two or three requests queued goes
-//! at once like a lone one, which is what the reserve is kept for.
+//! The winner is the first message of that order. Holding the budget for it, and the reserves
+//! it must leave in the bucket, are decided by the caller with [`FairLanes::admission_tokens`]:
+//! every non-URGENT message leaves the URGENT reserve (`policy::UrgentReserve`), and one of a
+//! backlogged tenant also the tenant reserve ([`FairRuntime::reserve`]). A tenant is
+//! backlogged when another tenant is active (waiting, or with use in the window: the tenant
+//! reserve is for them), it has more than one visible message, and it has used at least its
+//! fair share of the window's capacity (the tokens the limiter refills over `fairness_window`,
+//! split by weight among the tenants that are waiting or have used tokens in the window): a
+//! light tenant with two or three requests queued goes at once like a lone one.
 //!
-//! [`FairLanes`] keeps the visible messages in that order as a [`Ranking`] beside the store's
-//! candidate index: an URGENT lane, and per tenant one lane per priority keyed by (deadline,
-//! sequence). Aging is a timer, not a scan: each NORMAL or LOW message has an instant at which
-//! it moves to its tenant's HIGH lane, kept in one ordered set; a selection first moves the due
-//! ones (each message moves at most once per visibility). A selection costs O(log n) plus one
-//! step per tenant with waiting messages.
+//! [`FairLanes`] keeps the visible messages in that order beside the store's candidate index:
+//! an URGENT lane, per tenant five lanes keyed by (deadline, sequence), and the tenants with
+//! lane messages in an ordered set by their key of rule 2, so the first tenant is found in
+//! O(log tenants). The lanes keep a copy of each tenant's token use, brought up to date from
+//! the ledger before each selection ([`FairLanes::prepare`]): the ledger reports which tenants'
+//! use changed (a charge, a correction, a charge leaving the window), each moved in the set in
+//! O(log tenants). The tenants' total weight (for the fair share) is kept as they start and
+//! stop being active. Aging is a timer, not a scan: each NORMAL or LOW message has an instant at
+//! which it moves to the aged lane, kept in one ordered set. A selection with `hold` costs
+//! O(log n + log tenants) plus the changes since the last one.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::index::{IndexEntry, Ranking, PRIORITIES};
+use crate::policy::RecentMax;
 use crate::store::OrdTime;
 
 const URGENT: u8 = 0;
 const HIGH: u8 = 1;
+
+/// Lanes of a tenant: URGENT (without `urgent_first`), HIGH, aged, NORMAL, LOW.
+pub const LANES: usize = 5;
+const AGED_LANE: usize = 2;
+
+/// The lane of a message of `priority` that has not aged.
+fn native_lane(priority: u8) -> usize {
+    match priority {
+        0 => 0,
+        1 => 1,
+        2 => 3,
+        _ => 4,
+    }
+}
+
+/// The priority a lane ranks as: the aged lane as HIGH (behind native HIGH).
+pub fn lane_priority(lane: usize) -> u8 {
+    [0, 1, 1, 2, 3][lane.min(LANES - 1)]
+}
 
 /// Settings of the policy.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +74,12 @@ pub struct FairConfig {
     pub fairness_window: f64,
     /// Whether URGENT messages of every tenant go ahead of fairness.
     pub urgent_first: bool,
-    /// Seconds after which a message of each priority ranks as HIGH (URGENT and HIGH: never).
+    /// Seconds after which a message of each priority moves to the aged lane (URGENT and HIGH:
+    /// never).
     pub max_wait: [f64; PRIORITIES],
+    /// Tokens every non-URGENT dispatch leaves for URGENT ones while `urgent_first`; None:
+    /// automatic (`policy::UrgentReserve`).
+    pub urgent_reserve: Option<f64>,
 }
 
 impl Default for FairConfig {
@@ -53,6 +89,7 @@ impl Default for FairConfig {
             fairness_window: 60.0,
             urgent_first: true,
             max_wait: [f64::INFINITY, f64::INFINITY, 300.0, 900.0],
+            urgent_reserve: None,
         }
     }
 }
@@ -64,148 +101,156 @@ impl FairConfig {
     }
 }
 
+/// One dispatch's charge: when, to whom, how many tokens, and its id.
+#[derive(Debug, Clone, Copy)]
+struct Charge {
+    at: f64,
+    tenant: u32,
+    tokens: f64,
+    id: u64,
+}
+
 /// Token use per tenant over a sliding window: each dispatch charges its estimate, and a mark
 /// corrects that charge to the actual count (or takes it back) while it is in the window.
+///
+/// Charges sit in one queue in time order, so expiring them costs O(1) each; each tenant keeps
+/// the sum of its charges (token counts are whole numbers, so the sums are exact) and is
+/// forgotten with its last charge. The tenants whose use changed are reported by
+/// [`UsageLedger::take_changed`], for the fair lanes to follow.
 #[derive(Debug, Default, Clone)]
 pub struct UsageLedger {
     window: f64,
     next_charge: u64,
-    tenants: HashMap<u32, TenantUsage>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct TenantUsage {
-    /// `(instant, tokens, charge id)`, oldest first; ids increase.
-    charges: VecDeque<(f64, f64, u64)>,
-    sum: f64,
-}
-
-impl TenantUsage {
-    fn expire(&mut self, horizon: f64) {
-        while self.charges.front().is_some_and(|&(at, _, _)| at <= horizon) {
-            if let Some((_, tokens, _)) = self.charges.pop_front() {
-                self.sum -= tokens;
-            }
-        }
-        if self.charges.is_empty() {
-            // Float dust from the subtractions must not outlive the charges.
-            self.sum = 0.0;
-        }
-    }
+    charges: VecDeque<Charge>,
+    /// `(sum, count)` of each tenant's charges in the queue.
+    tenants: HashMap<u32, (f64, usize)>,
+    changed: Vec<u32>,
 }
 
 impl UsageLedger {
     /// A ledger over the last `window` seconds.
     pub fn new(window: f64) -> Self {
-        Self { window, next_charge: 1, tenants: HashMap::new() }
+        Self { window, next_charge: 1, ..Self::default() }
     }
 
     /// Charges `tokens` to `tenant` at `now`; returns the charge's id for corrections.
     pub fn charge(&mut self, tenant: u32, now: f64, tokens: f64) -> u64 {
         let id = self.next_charge;
         self.next_charge += 1;
-        let usage = self.tenants.entry(tenant).or_default();
-        // Clamped so the deque stays in time order even if the clock steps back.
-        let at = usage.charges.back().map_or(now, |&(last, _, _)| now.max(last));
-        usage.charges.push_back((at, tokens, id));
-        usage.sum += tokens;
+        // Clamped so the queue stays in time order even if the clock steps back.
+        let at = self.charges.back().map_or(now, |last| now.max(last.at));
+        self.charges.push_back(Charge { at, tenant, tokens, id });
+        let sum = self.tenants.entry(tenant).or_default();
+        sum.0 += tokens;
+        sum.1 += 1;
+        self.changed.push(tenant);
         id
     }
 
-    /// Sets charge `id` of `tenant` to `tokens` (the actual count, or 0 to take it back), if it
-    /// is still in the window.
-    pub fn correct(&mut self, tenant: u32, id: u64, tokens: f64) {
-        let Some(usage) = self.tenants.get_mut(&tenant) else { return };
-        if let Ok(i) = usage.charges.binary_search_by_key(&id, |&(_, _, charge)| charge) {
-            let charge = &mut usage.charges[i];
-            usage.sum += tokens - charge.1;
-            charge.1 = tokens;
+    /// Sets charge `id` to `tokens` (the actual count, or 0 to take it back), if it is still
+    /// in the window. (`_tenant` is the tenant it was charged to; the charge knows it.)
+    pub fn correct(&mut self, _tenant: u32, id: u64, tokens: f64) {
+        if let Ok(i) = self.charges.binary_search_by_key(&id, |c| c.id) {
+            let charge = &mut self.charges[i];
+            let delta = tokens - charge.tokens;
+            charge.tokens = tokens;
+            let tenant = charge.tenant;
+            if let Some(sum) = self.tenants.get_mut(&tenant) {
+                sum.0 += delta;
+            }
+            self.changed.push(tenant);
         }
+    }
+
+    /// Drops the charges that have left the window ending at `now` (a charge at `t` counts
+    /// while `now - window < t`).
+    pub fn expire(&mut self, now: f64) {
+        let horizon = now - self.window;
+        while self.charges.front().is_some_and(|c| c.at <= horizon) {
+            let Some(charge) = self.charges.pop_front() else { break };
+            if let Some(sum) = self.tenants.get_mut(&charge.tenant) {
+                sum.0 -= charge.tokens;
+                sum.1 -= 1;
+                if sum.1 == 0 {
+                    self.tenants.remove(&charge.tenant);
+                }
+            }
+            self.changed.push(charge.tenant);
+        }
+        if self.charges.len() * 4 < self.charges.capacity() && self.charges.capacity() > 64 {
+            self.charges.shrink_to_fit();
+            self.tenants.shrink_to_fit();
+        }
+    }
+
+    /// Tokens charged to `tenant` over the window as of the last expiry.
+    pub fn current(&self, tenant: u32) -> f64 {
+        self.tenants.get(&tenant).map_or(0.0, |&(sum, _)| sum.max(0.0))
     }
 
     /// Tokens charged to `tenant` over the window ending at `now`.
     pub fn usage(&mut self, tenant: u32, now: f64) -> f64 {
-        let horizon = now - self.window;
-        self.tenants.get_mut(&tenant).map_or(0.0, |usage| {
-            usage.expire(horizon);
-            usage.sum.max(0.0)
-        })
+        self.expire(now);
+        self.current(tenant)
     }
 
     /// Every tenant with charges in the window ending at `now`, with its use.
     pub fn usages(&mut self, now: f64) -> Vec<(u32, f64)> {
-        let horizon = now - self.window;
-        self.tenants.retain(|_, usage| {
-            usage.expire(horizon);
-            !usage.charges.is_empty()
-        });
-        self.tenants.iter().map(|(&tenant, usage)| (tenant, usage.sum.max(0.0))).collect()
+        self.expire(now);
+        self.tenants.iter().map(|(&tenant, &(sum, _))| (tenant, sum.max(0.0))).collect()
+    }
+
+    /// The tenants whose use changed since the last call (in no order, maybe repeated).
+    pub fn take_changed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.changed)
     }
 }
 
 /// What a fair dispatcher keeps between dispatches: the tenants' token use, and what sizes the
-/// automatic reserve.
+/// automatic tenant reserve.
 #[derive(Debug, Clone)]
 pub struct FairRuntime {
     /// Token use per tenant over the fairness window.
     pub ledger: UsageLedger,
     /// The reserve a backlogged tenant may not take; None: automatic (see `reserve`).
     pub reserve_tokens: Option<f64>,
-    /// The last estimates dispatched, oldest first, with their sequence numbers.
-    recent: VecDeque<(u64, u64)>,
-    /// The sliding maximum of `recent`: decreasing estimates, each the largest from its
-    /// position on (a monotonic queue: O(1) amortized per dispatch).
-    maxima: VecDeque<(u64, u64)>,
-    dispatched: u64,
+    /// The largest of the last estimates dispatched.
+    recent: RecentMax,
 }
 
-/// Estimates the automatic reserve is sized from.
+/// Estimates the automatic tenant reserve is sized from.
 const RECENT_ESTIMATES: usize = 256;
 
 impl FairRuntime {
-    /// A runtime for `config`, with a fixed reserve or (None) the automatic one.
+    /// A runtime for `config`, with a fixed tenant reserve or (None) the automatic one.
     pub fn new(config: &FairConfig, reserve_tokens: Option<f64>) -> Self {
         Self {
             ledger: UsageLedger::new(config.fairness_window),
             reserve_tokens,
-            recent: VecDeque::new(),
-            maxima: VecDeque::new(),
-            dispatched: 0,
+            recent: RecentMax::new(RECENT_ESTIMATES),
         }
     }
 
-    /// The reserve for a bucket of `capacity` tokens. Automatic: one and a half times the
-    /// largest estimate among the last 256 dispatched requests — room for any typical request
-    /// arriving alone or URGENT, and for the next one after it — at most a tenth of the
-    /// capacity; 1 % of the capacity before the first dispatch. (Measured with `llmqd simulate
-    /// --preset overload`: once the largest estimate, light tenants' p99 wait stayed above
-    /// 0.5 s after an URGENT request drained the reserve; twice it cost utilisation.)
+    /// The tenant reserve for a bucket of `capacity` tokens. Automatic: one and a half times
+    /// the largest estimate among the last 256 dispatched requests — room for any typical
+    /// request of a light tenant arriving alone, and for the next one after it — at most a
+    /// tenth of the capacity; 1 % of the capacity before the first dispatch. (Measured with
+    /// `llmqd simulate --preset overload`: once the largest estimate, light tenants' p99 wait
+    /// stayed above 0.5 s after an URGENT request drained the reserve; twice it cost
+    /// utilisation.)
     pub fn reserve(&self, capacity: f64) -> f64 {
         if let Some(reserve) = self.reserve_tokens {
             return reserve;
         }
-        match self.maxima.front() {
+        match self.recent.max() {
             None => 0.01 * capacity,
-            Some(&(largest, _)) => (1.5 * largest as f64).min(0.1 * capacity),
+            Some(largest) => (1.5 * largest as f64).min(0.1 * capacity),
         }
     }
 
     /// Charges a dispatch of `tokens` to `tenant`; returns the charge's id.
     pub fn charge(&mut self, tenant: u32, now: f64, tokens: u64) -> u64 {
-        let seq = self.dispatched;
-        self.dispatched += 1;
-        self.recent.push_back((tokens, seq));
-        while self.maxima.back().is_some_and(|&(largest, _)| largest <= tokens) {
-            self.maxima.pop_back();
-        }
-        self.maxima.push_back((tokens, seq));
-        if self.recent.len() > RECENT_ESTIMATES {
-            if let Some((_, old)) = self.recent.pop_front() {
-                if self.maxima.front().is_some_and(|&(_, front)| front == old) {
-                    self.maxima.pop_front();
-                }
-            }
-        }
+        self.recent.push(tokens);
         self.ledger.charge(tenant, now, tokens as f64)
     }
 }
@@ -218,19 +263,21 @@ fn lane_key(slot: u32, entry: &IndexEntry) -> LaneKey {
     (OrdTime(deadline), entry.seq, slot)
 }
 
+/// A tenant's place in the order of rule 2: use per weight, its head's lane and sequence
+/// number, the tenant.
+type TenantKey = (OrdTime, u8, u64, u32);
+
 #[derive(Debug, Default, Clone)]
 struct TenantLanes {
-    lanes: [BTreeSet<LaneKey>; PRIORITIES],
+    lanes: [BTreeSet<LaneKey>; LANES],
+    /// Its key in `FairLanes::order`.
+    key: Option<TenantKey>,
 }
 
 impl TenantLanes {
     /// The tenant's first message: its key and lane.
     fn head(&self) -> Option<(LaneKey, usize)> {
-        self.lanes.iter().enumerate().find_map(|(p, lane)| lane.first().map(|&key| (key, p)))
-    }
-
-    fn len(&self) -> usize {
-        self.lanes.iter().map(BTreeSet::len).sum()
+        self.lanes.iter().enumerate().find_map(|(lane, keys)| keys.first().map(|&key| (key, lane)))
     }
 }
 
@@ -269,7 +316,7 @@ pub enum FairRank {
         of: usize,
         /// Its token use over the window.
         usage: f64,
-        /// The message's lane: its effective priority.
+        /// The priority its lane ranks as (the aged lane: HIGH).
         effective_priority: u8,
     },
 }
@@ -281,11 +328,57 @@ pub struct FairCandidate {
     pub slot: u32,
     /// Its tenant.
     pub tenant: u32,
-    /// Whether its tenant is backlogged: other visible messages, and at least its fair share of
-    /// the window's capacity used (such a tenant may not take the reserve).
+    /// Whether it is URGENT: it leaves no reserve, whatever its rank.
+    pub urgent: bool,
+    /// Whether its tenant is backlogged: another tenant active, other visible messages, and at
+    /// least its fair share of the window's capacity used (such a tenant leaves the tenant
+    /// reserve too).
     pub backlogged: bool,
     /// Why it ranks where it does.
     pub rank: FairRank,
+}
+
+/// Where a visible message sits.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    tenant: u32,
+    /// Its lane (`LANES` for the URGENT lane ahead of fairness).
+    lane: usize,
+    key: LaneKey,
+}
+
+/// The total weight of the active tenants (waiting, or with use in the window): unweighted ones
+/// counted, weighted ones summed in tenant order (so the sum does not depend on history).
+#[derive(Debug, Default, Clone)]
+struct ActiveWeight {
+    unweighted: usize,
+    weighted: BTreeMap<u32, f64>,
+    weighted_sum: f64,
+}
+
+impl ActiveWeight {
+    fn set(&mut self, config: &FairConfig, tenant: u32, active: bool) {
+        match config.weights.get(&tenant) {
+            None if active => self.unweighted += 1,
+            None => self.unweighted = self.unweighted.saturating_sub(1),
+            Some(&weight) => {
+                if active {
+                    self.weighted.insert(tenant, weight);
+                } else {
+                    self.weighted.remove(&tenant);
+                }
+                self.weighted_sum = self.weighted.values().sum();
+            }
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.unweighted as f64 + self.weighted_sum
+    }
+
+    fn count(&self) -> usize {
+        self.unweighted + self.weighted.len()
+    }
 }
 
 /// The visible messages in the fair order (see the module docs).
@@ -294,12 +387,16 @@ pub struct FairLanes {
     config: FairConfig,
     urgent: BTreeSet<(u64, u32)>,
     tenants: HashMap<u32, TenantLanes>,
-    /// `(instant it ranks as HIGH, seq, slot)` of NORMAL and LOW messages not yet moved.
+    /// Tenants with lane messages, in the order of rule 2.
+    order: BTreeSet<TenantKey>,
+    /// `(instant it moves to the aged lane, seq, slot)` of NORMAL and LOW messages not yet moved.
     aging: BTreeSet<(OrdTime, u64, u32)>,
-    /// `(tenant, priority, lane key)` of every visible message, for aging and removal.
-    placed: HashMap<u32, (u32, u8, LaneKey)>,
+    placed: HashMap<u32, Placed>,
     /// Visible messages per tenant (URGENT ones included).
     visible: HashMap<u32, usize>,
+    /// Each tenant's token use over the window, as of the last `prepare` (absent: none).
+    usage: HashMap<u32, f64>,
+    active: ActiveWeight,
 }
 
 impl FairLanes {
@@ -309,9 +406,12 @@ impl FairLanes {
             config,
             urgent: BTreeSet::new(),
             tenants: HashMap::new(),
+            order: BTreeSet::new(),
             aging: BTreeSet::new(),
             placed: HashMap::new(),
             visible: HashMap::new(),
+            usage: HashMap::new(),
+            active: ActiveWeight::default(),
         }
     }
 
@@ -327,7 +427,80 @@ impl FairLanes {
             .filter(|t| t.is_finite())
     }
 
-    /// Moves every message that has waited past its `max_wait` by `now` to its tenant's HIGH
+    fn is_active(&self, tenant: u32) -> bool {
+        self.visible.contains_key(&tenant) || self.usage.contains_key(&tenant)
+    }
+
+    /// Runs `change`, keeping the active weight in step with whether `tenant` is active.
+    fn tracking_active<R>(&mut self, tenant: u32, change: impl FnOnce(&mut Self) -> R) -> R {
+        let before = self.is_active(tenant);
+        let result = change(self);
+        let after = self.is_active(tenant);
+        if before != after {
+            self.active.set(&self.config, tenant, after);
+        }
+        result
+    }
+
+    /// Puts `tenant` at its place in the order (out of it when it has no lane message).
+    fn refresh(&mut self, tenant: u32) {
+        let used = self.usage.get(&tenant).copied().unwrap_or(0.0);
+        let per_weight = used / self.config.weight(tenant);
+        let Some(lanes) = self.tenants.get_mut(&tenant) else { return };
+        let key = lanes.head().map(|(head, lane)| (OrdTime(per_weight), lane as u8, head.1, tenant));
+        if key == lanes.key {
+            return;
+        }
+        if let Some(old) = lanes.key.take() {
+            self.order.remove(&old);
+        }
+        if let Some(new) = key {
+            self.order.insert(new);
+            lanes.key = Some(new);
+        } else {
+            self.tenants.remove(&tenant);
+        }
+    }
+
+    /// Sets `tenant`'s token use over the window.
+    pub fn set_usage(&mut self, tenant: u32, used: f64) {
+        self.tracking_active(tenant, |lanes| {
+            if used > 0.0 {
+                lanes.usage.insert(tenant, used);
+            } else {
+                lanes.usage.remove(&tenant);
+            }
+        });
+        self.refresh(tenant);
+    }
+
+    /// Brings the lanes to `now`: expires the ledger's charges, takes the tenants' use from it,
+    /// and moves every message due to the aged lane. Call before `select`.
+    pub fn prepare(&mut self, now: f64, ledger: &mut UsageLedger) {
+        ledger.expire(now);
+        let mut changed = ledger.take_changed();
+        changed.sort_unstable();
+        changed.dedup();
+        for tenant in changed {
+            self.set_usage(tenant, ledger.current(tenant));
+        }
+        self.age(now);
+        if self.usage.len() * 4 < self.usage.capacity() && self.usage.capacity() > 64 {
+            self.usage.shrink_to_fit();
+        }
+    }
+
+    /// `prepare` for lanes built afresh (the prefetch buffer's, per step): every tenant's use
+    /// is taken from the ledger, not only those that changed.
+    pub fn prepare_all(&mut self, now: f64, ledger: &mut UsageLedger) {
+        for (tenant, used) in ledger.usages(now) {
+            self.set_usage(tenant, used);
+        }
+        ledger.take_changed();
+        self.age(now);
+    }
+
+    /// Moves every message that has waited past its `max_wait` by `now` to its tenant's aged
     /// lane. Waited *longer than* `max_wait`: at exactly `max_wait` it has not.
     pub fn age(&mut self, now: f64) {
         while let Some(&(OrdTime(due), seq, slot)) = self.aging.first() {
@@ -335,24 +508,39 @@ impl FairLanes {
                 break;
             }
             self.aging.pop_first();
-            let Some(&(tenant, priority, key)) = self.placed.get(&slot) else { continue };
-            debug_assert_eq!(key.1, seq);
+            let Some(placed) = self.placed.get_mut(&slot) else { continue };
+            debug_assert_eq!(placed.key.1, seq);
+            let (tenant, lane, key) = (placed.tenant, placed.lane, placed.key);
+            placed.lane = AGED_LANE;
             if let Some(lanes) = self.tenants.get_mut(&tenant) {
-                if lanes.lanes[usize::from(priority)].remove(&key) {
-                    lanes.lanes[usize::from(HIGH)].insert(key);
+                if lanes.lanes[lane].remove(&key) {
+                    lanes.lanes[AGED_LANE].insert(key);
                 }
             }
+            self.refresh(tenant);
         }
     }
 
-    /// The winner at `now` (call `age(now)` first): the first message of the fair order, with
-    /// `usage` giving each tenant's use over the window and `fits` telling whether a candidate
-    /// may be admitted now. With `hold`, the first message and whether it fits (the caller
-    /// waits for it when it does not: nothing ranked below it may go); without, the first that
-    /// fits. O(log n + tenants) with `hold`; without, it walks the order up to the first fit.
+    /// Tokens per unit of weight a tenant may use over the fairness window before it counts as
+    /// backlogged: what a limiter refilling `refill_rate` tokens a second refills over the
+    /// window, split by weight among the tenants that are waiting or have used tokens in it.
+    pub fn share_per_weight(&self, refill_rate: f64) -> f64 {
+        let total = self.active.total();
+        if total > 0.0 {
+            // Rounded down a hair: a tenant that used exactly its share counts as having used it.
+            refill_rate * self.config.fairness_window / total * (1.0 - 1e-9)
+        } else {
+            f64::INFINITY
+        }
+    }
+
+    /// The winner (call `prepare(now, ..)` first): the first message of the fair order, with
+    /// `fits` telling whether a candidate may be admitted now. With `hold`, the first message
+    /// that can ever fit and whether it fits now (the caller waits for it when it does not:
+    /// nothing ranked below it may go); without, the first that fits now. O(log n + log
+    /// tenants) with `hold`; without, it walks the order up to the first fit.
     pub fn select(
         &self,
-        usage: &mut impl FnMut(u32) -> f64,
         share_per_weight: f64,
         hold: bool,
         fits: &mut impl FnMut(&FairCandidate) -> Fit,
@@ -365,58 +553,39 @@ impl FairLanes {
                 Fit::Later | Fit::Never => None,
             }
         };
-        let ranked = self.ranked_tenants(usage);
-        let of = ranked.len();
         if self.config.urgent_first {
             for &(_, slot) in &self.urgent {
-                let tenant = self.placed.get(&slot).map_or(0, |p| p.0);
-                let backlogged = self.visible_of(tenant) > 1;
-                if let Some(decision) =
-                    consider(FairCandidate { slot, tenant, backlogged, rank: FairRank::Urgent })
-                {
+                let tenant = self.placed.get(&slot).map_or(0, |p| p.tenant);
+                let candidate =
+                    FairCandidate { slot, tenant, urgent: true, backlogged: false, rank: FairRank::Urgent };
+                if let Some(decision) = consider(candidate) {
                     return decision;
                 }
             }
         }
-        for (position, &(share, _, tenant, usage)) in ranked.iter().enumerate() {
+        let of = self.order.len();
+        // The tenant reserve is for other tenants: with none active, nobody needs it.
+        let others = self.active.count() > 1;
+        for (position, &(OrdTime(per_weight), _, _, tenant)) in self.order.iter().enumerate() {
             let lanes = &self.tenants[&tenant];
             // A light tenant's few queued requests are no backlog to hold the reserve back from.
-            let backlogged = self.visible_of(tenant) > 1 && share >= share_per_weight;
-            for (priority, lane) in lanes.lanes.iter().enumerate() {
-                // An URGENT message finds budget at once whatever its rank (rule 3b): without
-                // `urgent_first` it sits in its tenant's first lane, which holds nothing else
-                // (aging never ranks a message as URGENT).
-                let backlogged = backlogged && priority != URGENT as usize;
-                for &(_, _, slot) in lane {
-                    let rank = FairRank::Tenant {
-                        rank: position + 1,
-                        of,
-                        usage,
-                        effective_priority: priority as u8,
-                    };
-                    if let Some(decision) = consider(FairCandidate { slot, tenant, backlogged, rank }) {
+            let backlogged = others && self.visible_of(tenant) > 1 && per_weight >= share_per_weight;
+            let usage = self.usage.get(&tenant).copied().unwrap_or(0.0);
+            for (lane, keys) in lanes.lanes.iter().enumerate() {
+                let effective_priority = lane_priority(lane);
+                let rank = FairRank::Tenant { rank: position + 1, of, usage, effective_priority };
+                // Without `urgent_first` an URGENT message sits in its tenant's first lane, which
+                // holds nothing else, and still leaves no reserve.
+                let urgent = lane == 0;
+                for &(_, _, slot) in keys {
+                    let candidate = FairCandidate { slot, tenant, urgent, backlogged, rank };
+                    if let Some(decision) = consider(candidate) {
                         return decision;
                     }
                 }
             }
         }
         None
-    }
-
-    /// Tenants with messages in their lanes, in fair order: `(use per weight, head seq,
-    /// tenant, use)`.
-    fn ranked_tenants(&self, usage: &mut impl FnMut(u32) -> f64) -> Vec<(f64, u64, u32, f64)> {
-        let mut ranked: Vec<(f64, u64, u32, f64)> = self
-            .tenants
-            .iter()
-            .filter_map(|(&tenant, lanes)| {
-                let (key, _) = lanes.head()?;
-                let used = usage(tenant);
-                Some((used / self.config.weight(tenant), key.1, tenant, used))
-            })
-            .collect();
-        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        ranked
     }
 
     /// Tenants with visible messages.
@@ -429,69 +598,91 @@ impl FairLanes {
         self.visible.get(&tenant).copied().unwrap_or(0)
     }
 
+    /// Tenants the lanes keep anything for (waiting, or with use in the window).
+    pub fn known_tenants(&self) -> usize {
+        let mut count = self.visible.len();
+        count += self.usage.keys().filter(|t| !self.visible.contains_key(t)).count();
+        count
+    }
+
     /// Tokens a candidate of `tokens` must find in the bucket (on top of the limiter's own
-    /// rule): its estimate, plus `reserve` when its tenant has a backlog and it is not URGENT
-    /// (rule 3b; `backlogged` is false for an URGENT candidate), at most `capacity`.
-    pub fn admission_tokens(candidate: &FairCandidate, tokens: u64, reserve: f64, capacity: f64) -> f64 {
+    /// rule): its estimate, plus `urgent_reserve` when it is not URGENT, plus `tenant_reserve`
+    /// when its tenant is backlogged too; at most `capacity` (a request that fits the bucket
+    /// alone must not need more than a full one).
+    pub fn admission_tokens(
+        candidate: &FairCandidate,
+        tokens: u64,
+        tenant_reserve: f64,
+        urgent_reserve: f64,
+        capacity: f64,
+    ) -> f64 {
         let tokens = tokens as f64;
-        if candidate.backlogged && candidate.rank != FairRank::Urgent {
-            (tokens + reserve).min(capacity.max(tokens))
-        } else {
-            tokens
+        if candidate.urgent {
+            return tokens;
         }
+        let margin = urgent_reserve + if candidate.backlogged { tenant_reserve } else { 0.0 };
+        (tokens + margin).min(capacity.max(tokens))
     }
 }
 
 impl Ranking for FairLanes {
     fn insert(&mut self, slot: u32, entry: &IndexEntry) {
+        let tenant = entry.tenant;
         let priority = entry.cell.priority;
         let key = lane_key(slot, entry);
-        self.placed.insert(slot, (entry.tenant, priority, key));
-        *self.visible.entry(entry.tenant).or_default() += 1;
+        self.tracking_active(tenant, |lanes| *lanes.visible.entry(tenant).or_default() += 1);
         if priority == URGENT && self.config.urgent_first {
+            self.placed.insert(slot, Placed { tenant, lane: LANES, key });
             self.urgent.insert((entry.seq, slot));
             return;
         }
-        let lanes = self.tenants.entry(entry.tenant).or_default();
-        lanes.lanes[usize::from(priority)].insert(key);
+        let lane = native_lane(priority);
+        self.placed.insert(slot, Placed { tenant, lane, key });
+        self.tenants.entry(tenant).or_default().lanes[lane].insert(key);
         if let Some(due) = self.ages_at(entry) {
             self.aging.insert((OrdTime(due), entry.seq, slot));
         }
+        self.refresh(tenant);
     }
 
     fn remove(&mut self, slot: u32, entry: &IndexEntry) {
-        self.placed.remove(&slot);
-        if let Some(count) = self.visible.get_mut(&entry.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                self.visible.remove(&entry.tenant);
+        let tenant = entry.tenant;
+        let placed = self.placed.remove(&slot);
+        self.tracking_active(tenant, |lanes| {
+            if let Some(count) = lanes.visible.get_mut(&tenant) {
+                *count -= 1;
+                if *count == 0 {
+                    lanes.visible.remove(&tenant);
+                }
             }
-        }
-        let priority = entry.cell.priority;
-        if priority == URGENT && self.config.urgent_first {
+        });
+        let Some(placed) = placed else { return };
+        if placed.lane == LANES {
             self.urgent.remove(&(entry.seq, slot));
             return;
         }
-        let key = lane_key(slot, entry);
-        if let Some(lanes) = self.tenants.get_mut(&entry.tenant) {
-            if !lanes.lanes[usize::from(priority)].remove(&key) {
-                lanes.lanes[usize::from(HIGH)].remove(&key);
-            }
-            if lanes.len() == 0 {
-                self.tenants.remove(&entry.tenant);
-            }
+        if let Some(lanes) = self.tenants.get_mut(&tenant) {
+            lanes.lanes[placed.lane].remove(&placed.key);
         }
         if let Some(due) = self.ages_at(entry) {
             self.aging.remove(&(OrdTime(due), entry.seq, slot));
         }
+        self.refresh(tenant);
     }
 
+    /// Forgets every message; the tenants' use stays (it is about the window, not the queue).
     fn clear(&mut self) {
         self.urgent.clear();
         self.tenants.clear();
+        self.order.clear();
         self.aging.clear();
         self.placed.clear();
         self.visible.clear();
+        self.active = ActiveWeight::default();
+        let used: Vec<u32> = self.usage.keys().copied().collect();
+        for tenant in used {
+            self.active.set(&self.config, tenant, true);
+        }
     }
 }
 

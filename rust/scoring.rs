@@ -21,7 +21,8 @@ pub const PRIORITY_FACTOR: [f64; 4] = [1.0, 0.7, 0.4, 0.1];
 /// Seconds of waiting after which the wait-time factor is 1, by priority.
 pub const MAX_WAIT_SECONDS: [f64; 4] = [10.0, 30.0, 60.0, 300.0];
 
-/// Weights of the six factors.
+/// How the score policy ranks: the weights of the six factors, and the two rules that sit
+/// above the weighted sum — whether URGENT ranks first, and the URGENT reserve.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Weights {
     /// Weight of the priority factor.
@@ -36,6 +37,13 @@ pub struct Weights {
     pub token_fit: f64,
     /// Weight of the processing-time factor.
     pub processing_time: f64,
+    /// Whether every URGENT message ranks above every other, whatever the scores (a tier above
+    /// the weighted sum; among URGENT messages the score decides). False: URGENT is the
+    /// priority factor's 1.0 among six weighted factors, the TypeScript library's rule.
+    pub urgent_first: bool,
+    /// Tokens a non-URGENT winner leaves in the bucket for URGENT requests while
+    /// `urgent_first`; None: automatic (`policy::UrgentReserve`). Without `urgent_first`, none.
+    pub urgent_reserve: Option<f64>,
 }
 
 impl Default for Weights {
@@ -47,15 +55,38 @@ impl Default for Weights {
             retry: 0.10,
             token_fit: 0.15,
             processing_time: 0.10,
+            urgent_first: false,
+            urgent_reserve: None,
         }
     }
 }
 
 impl Weights {
-    /// From an array in `FACTOR_NAMES` order.
+    /// From an array in `FACTOR_NAMES` order (URGENT as one weighted factor, no reserve).
     pub fn from_array(values: [f64; 6]) -> Self {
         let [priority, efficiency, wait_time, retry, token_fit, processing_time] = values;
-        Self { priority, efficiency, wait_time, retry, token_fit, processing_time }
+        Self {
+            priority,
+            efficiency,
+            wait_time,
+            retry,
+            token_fit,
+            processing_time,
+            urgent_first: false,
+            urgent_reserve: None,
+        }
+    }
+
+    /// These weights with URGENT first (or not) and the URGENT reserve (None: automatic).
+    #[must_use]
+    pub fn with_urgent(self, urgent_first: bool, urgent_reserve: Option<f64>) -> Self {
+        Self { urgent_first, urgent_reserve, ..self }
+    }
+
+    /// The tier of a message of `priority`: 1 for URGENT with `urgent_first`, else 0. A higher
+    /// tier ranks first whatever the scores.
+    pub fn tier(&self, priority: u8) -> u8 {
+        u8::from(self.urgent_first && priority == 0)
     }
 
     /// The weights in `FACTOR_NAMES` order.

@@ -1,7 +1,9 @@
 //! Exact best-message search over the candidate index.
 //!
 //! Candidates come out in exactly descending base score (the six weighted factors), ties broken
-//! by older `enqueued_at`, then lower sequence number. A max-heap holds two kinds of entries:
+//! by older `enqueued_at`, then lower sequence number. With `Weights::urgent_first`, a tier
+//! comes before the score: every URGENT message ranks above every other (cells are keyed by
+//! priority, so a cell's tier is known without touching its members). A max-heap holds two kinds of entries:
 //! a cell, keyed by an upper bound of every member it has not yet produced (its static bound +
 //! the wait-time factor of its oldest remaining member, which is the largest in the cell), and a
 //! message, keyed by its exact score. Popping a cell expands its oldest remaining member; popping
@@ -68,6 +70,10 @@ pub struct Candidate {
     pub enqueued_at: f64,
     /// Tie-breaker after `enqueued_at`.
     pub seq: u64,
+    /// Its priority (0 = URGENT).
+    pub priority: u8,
+    /// Its tier (`Weights::tier`): ranks before the score.
+    pub tier: u8,
 }
 
 /// The scoring inputs that hold for one search.
@@ -94,14 +100,24 @@ enum Kind {
     Message(Candidate),
 }
 
-/// The selection order of `(score, enqueued_at, seq)` triples: `Greater` when `a` comes first
-/// (a higher score, then older, then a lower sequence number).
-fn rank(a: (f64, f64, u64), b: (f64, f64, u64)) -> Ordering {
-    a.0.total_cmp(&b.0).then_with(|| b.1.total_cmp(&a.1)).then_with(|| b.2.cmp(&a.2))
+/// The selection order of `(tier, score, enqueued_at, seq)`: `Greater` when `a` comes first
+/// (a higher tier, then a higher score, then older, then a lower sequence number).
+fn rank(a: (u8, f64, f64, u64), b: (u8, f64, f64, u64)) -> Ordering {
+    a.0.cmp(&b.0)
+        .then_with(|| a.1.total_cmp(&b.1))
+        .then_with(|| b.2.total_cmp(&a.2))
+        .then_with(|| b.3.cmp(&a.3))
+}
+
+impl Candidate {
+    fn rank_key(&self) -> (u8, f64, f64, u64) {
+        (self.tier, self.base, self.enqueued_at, self.seq)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    tier: u8,
     key: f64,
     enqueued_at: f64,
     seq: u64,
@@ -109,9 +125,13 @@ struct Entry {
 }
 
 impl Entry {
-    // Greater = comes out first: higher score, then older, then lower sequence number.
+    // Greater = comes out first: higher tier, then higher score, then older, then lower
+    // sequence number.
     fn rank(&self, other: &Self) -> Ordering {
-        rank((self.key, self.enqueued_at, self.seq), (other.key, other.enqueued_at, other.seq))
+        rank(
+            (self.tier, self.key, self.enqueued_at, self.seq),
+            (other.tier, other.key, other.enqueued_at, other.seq),
+        )
     }
 }
 
@@ -138,6 +158,8 @@ pub trait CandidateStream {
     fn next_candidate(&mut self) -> Option<Candidate>;
     /// An upper bound of the base score of every candidate not yet produced (None if none).
     fn remaining_bound(&self) -> Option<f64>;
+    /// The highest tier of the candidates not yet produced (None if none).
+    fn remaining_tier(&self) -> Option<u8>;
 }
 
 /// Best-first search over a `CandidateIndex`.
@@ -160,6 +182,7 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
                 let cell_wait =
                     weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
                 heap.push(Entry {
+                    tier: weights.tier(key.priority),
                     key: static_bound + cell_wait,
                     enqueued_at: cell.oldest_enqueued_at,
                     seq: cell.oldest_seq,
@@ -174,6 +197,7 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
     fn push_member(&mut self, slot: u32) -> Option<Candidate> {
         let candidate = score_member(self.index, &self.context, slot)?;
         self.heap.push(Entry {
+            tier: candidate.tier,
             key: candidate.base,
             enqueued_at: candidate.enqueued_at,
             seq: candidate.seq,
@@ -190,6 +214,7 @@ impl<'a, I: CandidateIndex> IndexSearch<'a, I> {
         let own_wait =
             self.context.weights.wait_time * wait_time_factor(self.context.now - head.enqueued_at, priority);
         self.heap.push(Entry {
+            tier: head.tier,
             key: head.base - own_wait + cell_wait + BOUND_SLACK,
             enqueued_at: oldest.0,
             seq: oldest.1,
@@ -216,6 +241,8 @@ impl Candidate {
             tokens: traits.tokens,
             enqueued_at: traits.enqueued_at,
             seq,
+            priority: traits.priority,
+            tier: context.weights.tier(traits.priority),
         }
     }
 }
@@ -252,6 +279,10 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     fn remaining_bound(&self) -> Option<f64> {
         self.heap.peek().map(|entry| entry.key)
     }
+
+    fn remaining_tier(&self) -> Option<u8> {
+        self.heap.peek().map(|entry| entry.tier)
+    }
 }
 
 /// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
@@ -262,14 +293,16 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    // (score, enqueued_at, seq) beats `best` in the order candidates are ranked.
-    let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| {
-        best.is_none_or(|b| {
-            rank((score, enqueued_at, seq), (b.base, b.enqueued_at, b.seq)) == Ordering::Greater
-        })
+    // (tier, score, enqueued_at, seq) beats `best` in the order candidates are ranked.
+    let beats = |best: &Option<Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: u64| {
+        best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
     };
     index.for_each_cell(|key, cell| {
         let (oldest_at, seq, best_time_ms) = (cell.oldest_enqueued_at, cell.oldest_seq, cell.best_time_ms);
+        let tier = weights.tier(key.priority);
+        let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| {
+            beats(best, tier, score, enqueued_at, seq)
+        };
         let wait = weights.wait_time * wait_time_factor(context.now - oldest_at, key.priority);
         if !beats(&best, loose_cell_bound(weights, key, best_time_ms) + wait, oldest_at, seq) {
             return;
@@ -327,7 +360,7 @@ impl SortedCandidates {
             .filter(|(_, traits, _)| traits.tokens as f64 <= context.max_tokens)
             .map(|(slot, traits, seq)| Candidate::scored(context, slot, &traits, seq))
             .collect();
-        sorted.sort_by(|a, b| rank((b.base, b.enqueued_at, b.seq), (a.base, a.enqueued_at, a.seq)));
+        sorted.sort_by(|a, b| rank(b.rank_key(), a.rank_key()));
         Self { sorted, next: 0 }
     }
 }
@@ -342,6 +375,10 @@ impl CandidateStream for SortedCandidates {
     fn remaining_bound(&self) -> Option<f64> {
         self.sorted.get(self.next).map(|c| c.base)
     }
+
+    fn remaining_tier(&self) -> Option<u8> {
+        self.sorted.get(self.next).map(|c| c.tier)
+    }
 }
 
 /// A candidate taken from a stream, with the bound of everything the stream still held.
@@ -349,7 +386,8 @@ impl CandidateStream for SortedCandidates {
 pub struct Collected {
     /// The candidate.
     pub candidate: Candidate,
-    /// Upper bound of the base score of every later candidate (None if there is none).
+    /// Upper bound of the base score of every later candidate of its tier (None if there is
+    /// none; minus infinity when every later one is of a lower tier, so cannot beat it).
     pub bound_after: Option<f64>,
 }
 
@@ -358,7 +396,11 @@ pub fn collect(stream: &mut impl CandidateStream, limit: usize) -> Vec<Collected
     let mut out = Vec::with_capacity(limit.min(64));
     while out.len() < limit {
         let Some(candidate) = stream.next_candidate() else { break };
-        out.push(Collected { candidate, bound_after: stream.remaining_bound() });
+        let bound_after = match stream.remaining_tier() {
+            Some(tier) if tier < candidate.tier => Some(f64::NEG_INFINITY),
+            _ => stream.remaining_bound(),
+        };
+        out.push(Collected { candidate, bound_after });
     }
     out
 }
@@ -396,6 +438,10 @@ pub fn choose<E>(
     let mut best: Option<Choice> = None;
     for (i, item) in collected.iter().enumerate() {
         if let Some(best) = &best {
+            // A lower tier never beats a higher one, whatever its custom scores.
+            if item.candidate.tier < best.candidate.tier {
+                break;
+            }
             // Every candidate from here on scores at most its base + every custom weight.
             if item.candidate.base + custom_total <= best.total {
                 break;

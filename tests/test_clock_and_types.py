@@ -17,6 +17,7 @@ from llm_queue_dispatcher import (
     TokenInfo,
 )
 from llm_queue_dispatcher.types import validate_token_count
+from tests.integer_like import BrokenIndex, IntLike, int_likes
 
 
 def test_manual_clock_moves_only_when_told() -> None:
@@ -163,29 +164,13 @@ def test_manual_clock_refuses_to_advance_to_a_reading_that_is_not_finite() -> No
     assert clock.advance(0.0) == 1e308
 
 
-class IntLike:
-    """An integer that is not an int, as numpy's are: usable wherever Python wants an index."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-    def __index__(self) -> int:
-        return self.value
-
-
-class BrokenIndex:
-    def __index__(self) -> int:
-        raise RuntimeError("not ours to hide")
-
-
-def int_likes() -> list[object]:
-    """`IntLike` always; numpy's integers too when numpy is installed (it is not a dependency)."""
-    values: list[object] = [IntLike(5)]
-    try:
-        import numpy
-    except ImportError:
-        return values
-    return [*values, numpy.int64(5), numpy.uint16(5), numpy.int8(5)]
+@pytest.mark.parametrize("seconds", int_likes(), ids=lambda v: type(v).__name__)
+def test_integer_like_objects_are_valid_clock_readings_and_steps(seconds: object) -> None:
+    clock = ManualClock(seconds)  # type: ignore[arg-type]
+    assert clock.advance(seconds) == 10.0  # type: ignore[arg-type]
+    later = ManualClock()
+    later.set(seconds)  # type: ignore[arg-type]
+    assert later.now() == 5.0
 
 
 @pytest.mark.parametrize("count", int_likes(), ids=lambda v: type(v).__name__)

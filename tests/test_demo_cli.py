@@ -8,6 +8,9 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
+from llm_queue_dispatcher import cli
 from tests.demo_process import start_demo
 
 
@@ -83,3 +86,24 @@ def test_the_package_and_the_help_need_no_optional_dependency() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said", "unsaid"),
+    [
+        (["--rpm", "1e300"], "must be within [1, 1000000], got 1e300", "below"),
+        (["--rpm", "0.5"], "got 0.5: below 1 request per minute", "1e+06"),
+        (["--tpm", "1e20"], "must be within [16000, 1000000000], got 1e20", "never admit"),
+        (["--rpm", "inf"], "must be a finite number within [1, 1000000], got inf", "below"),
+    ],
+    ids=["rpm too large", "rpm too small", "tpm too large", "rpm infinite"],
+)
+def test_a_limit_out_of_range_is_refused_for_the_right_reason(
+    arguments: list[str], said: str, unsaid: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", *arguments])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert said in error
+    assert unsaid not in error

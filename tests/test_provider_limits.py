@@ -10,6 +10,7 @@ import pytest
 from llm_queue_dispatcher import (
     InvalidRequestError,
     LimiterUnavailableError,
+    LLMThrottle,
     ManualClock,
     PayloadTooLargeError,
     PermanentError,
@@ -20,6 +21,7 @@ from llm_queue_dispatcher import (
     provider_limits,
 )
 from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT, parse_duration
+from tests.integer_like import IntLike
 
 NOW = 1_700_000_000.0
 
@@ -218,3 +220,22 @@ def test_provider_limits_built_by_hand_cut_their_waits_to_a_day() -> None:
     )
     assert (limits.requests_reset, limits.tokens_reset, limits.retry_after) == (MAX_PROVIDER_WAIT,) * 3
     assert limits.tokens_remaining == 1e12  # not a wait: left as given
+
+
+def test_header_values_given_as_numbers_are_read_as_their_text() -> None:
+    # Headers built by hand or by a test double: {"retry-after": 30}, not {"retry-after": "30"}.
+    headers = {
+        "retry-after": 30,
+        "x-ratelimit-remaining-tokens": 0,
+        "x-ratelimit-reset-tokens": 2.5,
+        "x-ratelimit-remaining-requests": IntLike(7),
+        "x-ratelimit-limit-requests": True,  # a bool is no figure: ignored
+    }
+    limits = parse_rate_limit_headers(headers)
+    assert (limits.retry_after, limits.tokens_remaining, limits.tokens_reset) == (30.0, 0.0, 2.5)
+    assert (limits.requests_remaining, limits.requests_limit) == (7.0, None)
+    clock = ManualClock()
+    throttle = LLMThrottle(60, 1_000, clock=clock)
+    throttle.sync_from_headers({"retry-after": 30, "x-ratelimit-remaining-tokens": 0})
+    check = throttle.can_process(10)
+    assert (check.allowed, check.available_in) == (False, 30.0)

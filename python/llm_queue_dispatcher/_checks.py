@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
+import operator
 
-__all__ = ["finite_float", "shown"]
+__all__ = ["finite_float", "integer", "real_number", "shown"]
 
 
 def shown(value: object) -> str:
@@ -20,14 +21,42 @@ def shown(value: object) -> str:
         return f"<{type(value).__name__} object>"
 
 
-def finite_float(value: object) -> float | None:
-    """``value`` as a float when it is an int or a float (not a bool) of finite value; None for
-    anything else, an int too large for a float included (``math.isfinite`` and ``float`` would
-    raise `OverflowError` on it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def real_number(value: object) -> float | None:
+    """``value`` as a float when it is a number: an int, a float, or an integer-like object
+    (one with ``__index__``, such as ``numpy.int64``); never a bool. An int too large for a float
+    reads as ``inf`` (or ``-inf``); NaN and the infinities pass through for the caller to judge.
+    None for anything else."""
+    if isinstance(value, bool):
         return None
+    if isinstance(value, float):
+        return float(value)
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)  # type: ignore[arg-type]  # TypeError when it has no __index__
+        except TypeError:
+            return None
     try:
-        number = float(value)
+        return float(value)
     except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def finite_float(value: object) -> float | None:
+    """``value`` as a float when it is a number (`real_number`: an int, a float or an
+    integer-like object, not a bool) of finite value; None for anything else, an int too large
+    for a float included (``math.isfinite`` and ``float`` would raise `OverflowError` on it)."""
+    number = real_number(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def integer(value: object) -> int | None:
+    """``value`` as an int when it is one (not a bool) or an integer-like object (with
+    ``__index__``, such as ``numpy.int64``); None for anything else, a float included."""
+    if isinstance(value, (bool, float)):
         return None
-    return number if math.isfinite(number) else None
+    if isinstance(value, int):
+        return int(value)
+    try:
+        return operator.index(value)  # type: ignore[arg-type]  # TypeError when it has no __index__
+    except TypeError:
+        return None

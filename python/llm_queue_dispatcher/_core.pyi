@@ -672,6 +672,8 @@ class DispatchCore:
         metrics_retention: float,
         runner: Any,
         logger: logging.Logger,
+        score_urgent_first: bool = False,
+        urgent_reserve: float | None = None,
     ) -> DispatchCore: ...
     def dispatch(
         self, throttle: LLMThrottle, custom_fn: Callable[[QueueMessage[Any]], list[Any]] | None = None

@@ -20,6 +20,8 @@ Response                                       Raised to the worker
 a timeout; a connection error                  when given, else the worker's backoff)
 400, 401, 402, 403, 404, 413, 422 and any      `PermanentError`: dead-lettered at once
 other 4xx
+arguments the SDK refuses before sending       `PermanentError` with the SDK's message (a misspelt
+(``TypeError``/``ValueError``: ``temprature``)  keyword, a missing one, text it cannot encode)
 a 2xx that is not JSON, has no ``content``,    `RetryableError`, never a success
 or carries an error object
 ``x-should-retry: true`` / ``false``           overrides the status (the SDK's own convention)
@@ -367,8 +369,9 @@ async def create_message(
     """Calls ``client.messages.create(**payload)`` once (SDK retries off), syncs ``limiter``
     from the response's rate-limit headers, and maps failures as the module's table says.
     ``limiter`` may be synchronous or have coroutine methods; ``penalize`` and
-    ``sync_from_headers`` are used when it has them. A payload that is not a mapping, or asks for
-    a stream, is a `PermanentError`: no retry can send it."""
+    ``sync_from_headers`` are used when it has them. A payload that is not a mapping, asks for a
+    stream, or that the SDK refuses before sending (a misspelt keyword), is a `PermanentError`:
+    no retry can send it."""
     import anthropic
 
     if not isinstance(payload, Mapping):
@@ -387,6 +390,11 @@ async def create_message(
         raise RetryableError(f"connection failed: {error}") from error
     except anthropic.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
+    except (TypeError, ValueError) as error:
+        # Raised by the SDK before any request went out (transport failures are its
+        # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
+        # one (max_tokens), a value it cannot encode. No retry can send it.
+        raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
     await _sync_limiter(limiter, _within_a_day(raw.headers))
     try:
         parsed: Any = raw.parse()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import operator
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,13 +40,17 @@ class FairPriorityConfig:
     * ``tenant_weights``: share weight per tenant (default 1.0): a tenant of weight 2 may use
       twice the tokens of one of weight 1 before ranking behind it.
     * ``fairness_window``: seconds of token use that rank tenants.
-    * ``reserve_tokens``: tokens a tenant with more than one waiting message may not take from
-      the bucket, so that a lone request of a light tenant, or an URGENT one, finds budget at
-      once. None chooses it automatically: twice the mean estimate of the last 256 dispatched
-      requests, at most 10 % of the token capacity (1 % before the first dispatch).
-    * ``urgent_first``: URGENT messages of every tenant go ahead of fairness, oldest first.
-    * ``max_wait``: seconds after which a waiting message of that priority ranks as HIGH (never
-      as URGENT); priorities not listed never age.
+    * ``reserve_tokens``: the tenant reserve, tokens a backlogged tenant (more than one waiting
+      message, at least its fair share of the window used, another tenant active) leaves in the
+      bucket on top of the URGENT reserve, so that a request of a quiet tenant finds budget at
+      once. None chooses it automatically: 1.5 times the largest of the last 256 dispatched
+      estimates, at most 10 % of the token capacity (1 % before the first dispatch).
+    * ``urgent_first``: URGENT messages of every tenant go ahead of fairness, oldest first, and
+      every other dispatch leaves the URGENT reserve (``LLMQueueDispatcherConfig.urgent_reserve``).
+      False: URGENT ranks inside its tenant, and no URGENT reserve is kept.
+    * ``max_wait``: seconds after which a waiting NORMAL or LOW message is aged: it ranks as
+      HIGH behind every native HIGH message of its tenant (never as URGENT); priorities not
+      listed never age.
     """
 
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
@@ -58,6 +64,7 @@ class FairPriorityConfig:
 
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
+        _plain_numbers(self, ("fairness_window", "reserve_tokens"))
         if not isinstance(self.tenant_weights, Mapping):
             raise InvalidConfigError(f"tenant_weights must be a mapping, got {shown(self.tenant_weights)}")
         for tenant, weight in self.tenant_weights.items():
@@ -87,7 +94,8 @@ class FairPriorityConfig:
                     f"max_wait keys must be HIGH, NORMAL or LOW (URGENT never ages), got {shown(priority)}"
                 )
             # inf is valid (that priority never ages); an int too large for a float is not.
-            if seconds != math.inf and (finite_float(seconds) is None or seconds < 0):
+            figure = finite_float(seconds)
+            if seconds != math.inf and (figure is None or figure < 0):
                 raise InvalidConfigError(
                     f"max_wait[{priority!r}] must be seconds >= 0 (inf: never), got {shown(seconds)}"
                 )
@@ -95,6 +103,16 @@ class FairPriorityConfig:
     def max_wait_by_priority(self) -> list[float]:
         """Seconds per priority 0..3 (infinite where a priority does not age)."""
         return [math.inf] + [float(self.max_wait.get(p, math.inf)) for p in (1, 2, 3)]
+
+
+def _plain_numbers(config: object, names: tuple[str, ...]) -> None:
+    """Replaces each integer-like field (a numpy integer: ``__index__``, not an int) by the int
+    it stands for, so every reader of the field, in Python or in the core, takes it."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) and hasattr(type(value), "__index__"):
+            with contextlib.suppress(TypeError):  # numpy's bool has __index__ and refuses
+                setattr(config, name, operator.index(value))
 
 
 def _require_number(name: str, value: object, *, minimum: float, inclusive: bool = True) -> None:
@@ -109,9 +127,9 @@ def _require_number(name: str, value: object, *, minimum: float, inclusive: bool
 
 
 def _require_int(name: str, value: object, *, minimum: int, maximum: int = sys.maxsize) -> None:
-    """An int (not a bool) within [minimum, maximum]. The default maximum is the largest count
-    the core holds (``sys.maxsize``): a larger one would raise `OverflowError` where it is used,
-    far from the field that caused it."""
+    """An int (not a bool; `_plain_numbers` turned integer-likes into ints) within [minimum,
+    maximum]. The default maximum is the largest count the core holds (``sys.maxsize``): a larger
+    one would raise `OverflowError` where it is used, far from the field that caused it."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise InvalidConfigError(f"{name} must be an int from {minimum} to {maximum}, got {shown(value)}")
 
@@ -148,12 +166,40 @@ class LLMQueueDispatcherConfig:
     hold_budget: bool = True
     fair_priority: FairPriorityConfig | None = None
     drop_expired: bool = False
+    #: Score policy: every URGENT request ranks above every other, whatever the scores (among
+    #: URGENT ones the score decides). False: URGENT is the priority factor's 1.0 among six
+    #: weighted factors, the TypeScript library's rule. None (the default) follows
+    #: ``hold_budget``: on when the budget is held, off with ``hold_budget=False``, which stays
+    #: the TypeScript library's rule exactly. (``fair_priority`` has its own switch,
+    #: ``FairPriorityConfig.urgent_first``.)
+    urgent_first: bool | None = None
+    #: Tokens every non-URGENT dispatch leaves in the bucket for URGENT requests, under both
+    #: policies while URGENT goes first (none otherwise). None: automatic, twice the largest of
+    #: the last 64 URGENT estimates (none before the first), at most a quarter of the token
+    #: capacity. 0: none.
+    urgent_reserve: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
+    def score_urgent_first(self) -> bool:
+        """Whether the score policy ranks URGENT first: ``urgent_first``, or ``hold_budget``
+        when it is None."""
+        return self.hold_budget if self.urgent_first is None else self.urgent_first
+
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
+        _plain_numbers(
+            self,
+            (
+                "buffer_size",
+                "max_candidates_to_evaluate",
+                "prefetch_interval",
+                "min_score_threshold",
+                "metrics_retention",
+                "visibility_timeout",
+            ),
+        )
         _require_int("buffer_size", self.buffer_size, minimum=1)
         _require_int("max_candidates_to_evaluate", self.max_candidates_to_evaluate, minimum=1)
         _require_number("prefetch_interval", self.prefetch_interval, minimum=0.0, inclusive=False)
@@ -194,6 +240,19 @@ class LLMQueueDispatcherConfig:
                     f"fair_priority must be a FairPriorityConfig or None, got {shown(self.fair_priority)}"
                 )
             self.fair_priority.validate()
+        if self.urgent_first is not None and not isinstance(self.urgent_first, bool):
+            raise InvalidConfigError(f"urgent_first must be a bool or None, got {shown(self.urgent_first)}")
+        if self.policy == "fair_priority" and self.urgent_first is not None:
+            raise InvalidConfigError(
+                "urgent_first applies to the score policy; with policy 'fair_priority' set "
+                "FairPriorityConfig.urgent_first instead"
+            )
+        if self.urgent_reserve is not None:
+            _require_int("urgent_reserve", self.urgent_reserve, minimum=0)
+            if finite_float(self.urgent_reserve) is None:
+                raise InvalidConfigError(
+                    f"urgent_reserve must be an int a float can hold, got {shown(self.urgent_reserve)}"
+                )
         if self.policy == "fair_priority" and self.scoring is not None:
             raise InvalidConfigError(
                 "policy 'fair_priority' ranks without weights: scoring (weights, custom scorers) does not "

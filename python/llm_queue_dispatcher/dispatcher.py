@@ -242,6 +242,8 @@ class LLMQueueDispatcher(Generic[T]):
             metrics_retention=config.metrics_retention,
             runner=runner,
             logger=logger,
+            score_urgent_first=config.score_urgent_first(),
+            urgent_reserve=None if config.urgent_reserve is None else float(config.urgent_reserve),
         )
         self._prefetch: Prefetcher[T] | None = None
         if pool is None:

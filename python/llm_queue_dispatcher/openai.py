@@ -19,6 +19,8 @@ Response                                       Raised to the worker
 408, 409, 5xx; a timeout; a connection error   `RetryableError` (``retry_after`` from ``Retry-After``
                                                when given, else the worker's backoff)
 400, 401, 403, 404, 422 and any other 4xx      `PermanentError`: dead-lettered at once
+arguments the SDK refuses before sending       `PermanentError` with the SDK's message (a misspelt
+(``TypeError``/``ValueError``: ``temprature``)  keyword, a missing one, text it cannot encode)
 a 2xx that is no chat completion: not JSON,    `RetryableError` (never a success: nothing was
 an ``error`` object, no ``choices``            answered)
 ``x-should-retry: true`` / ``false``           overrides the status (the SDK's own convention)
@@ -382,9 +384,13 @@ async def create_chat_completion(
     """Calls ``client.chat.completions.create(**payload)`` once (SDK retries off), syncs
     ``limiter`` from the response's rate-limit headers, and maps failures as the module's table
     says. ``limiter`` may be synchronous or have coroutine methods; ``penalize`` and
-    ``sync_from_headers`` are used when it has them."""
+    ``sync_from_headers`` are used when it has them. A payload that is not a mapping, or that
+    the SDK refuses before sending (a misspelt keyword), is a `PermanentError`: no retry can
+    send it."""
     import openai
 
+    if not isinstance(payload, Mapping):
+        raise PermanentError(f"payload must be a mapping of create() keyword arguments, got {shown(payload)}")
     if getattr(client, "max_retries", 0) != 0:
         client = client.with_options(max_retries=0)
     try:
@@ -397,6 +403,11 @@ async def create_chat_completion(
         raise RetryableError(f"connection failed: {error}") from error
     except openai.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
+    except (TypeError, ValueError) as error:
+        # Raised by the SDK before any request went out (transport failures are its
+        # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
+        # one, a value it cannot encode. No retry can send it.
+        raise PermanentError(f"the openai SDK refused the payload's arguments: {error}") from error
     await _sync_limiter(limiter, raw.headers)
     try:
         parsed: Any = raw.parse()

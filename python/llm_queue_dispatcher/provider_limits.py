@@ -30,13 +30,16 @@ hold a limiter, shared or not, for longer than a day. A value that is not a fini
 (``inf``, ``-5``, ``soon``) is ignored. Either way a provider's header never makes a worker fail;
 each header name whose value was cut or ignored is logged once per process (logger
 ``llm_queue_dispatcher``), not on every response. Headers that are not a mapping or an iterable
-of ``(name, value)`` pairs are a caller's mistake, refused with `InvalidRequestError`.
+of ``(name, value)`` pairs are a caller's mistake, refused with `InvalidRequestError`. A value
+given as a number (``{"retry-after": 30}``: headers built by hand, a test double) is read as its
+text.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 import re
 import threading
 import time
@@ -46,7 +49,7 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from ._checks import finite_float, shown
+from ._checks import finite_float, real_number, shown
 
 # The longest wait, in seconds, a provider's header is believed: one day, the core's constant
 # (`LLMThrottle.penalize` clamps to it too). A ``Retry-After`` or a reset further away is cut to
@@ -94,9 +97,12 @@ class ProviderLimits:
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if value is not None and ((figure := finite_float(value)) is None or figure < 0):
+            if value is None:
+                continue
+            figure = finite_float(value)
+            if figure is None or figure < 0:
                 raise InvalidRequestError(f"{name} must be None or a finite number >= 0, got {shown(value)}")
-            if name in _WAITS and value is not None and value > MAX_PROVIDER_WAIT:
+            if name in _WAITS and figure > MAX_PROVIDER_WAIT:
                 object.__setattr__(self, name, MAX_PROVIDER_WAIT)
 
     @property
@@ -251,6 +257,9 @@ def _lowercase(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[s
             key = key.decode("latin-1")
         if isinstance(value, bytes):
             value = value.decode("latin-1")
+        elif not isinstance(value, str) and real_number(value) is not None:
+            # A figure given as a number (headers built by hand, a test double): read as its text.
+            value = repr(value) if isinstance(value, float) else str(operator.index(value))
         if isinstance(key, str) and isinstance(value, str):
             out[key.lower()] = value
     return out

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
-from ._checks import shown
+from ._checks import finite_float, shown
 from .errors import InvalidRequestError
 
 __all__ = [
@@ -114,15 +114,10 @@ def _validate_priority(value: object) -> Priority:
 
 
 def _finite_seconds(value: object) -> bool:
-    """Whether ``value`` is an int or float (not a bool) of finite seconds >= 0. An int too
-    large for a float is not finite (``math.isfinite`` would raise `OverflowError` on it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        seconds = float(value)
-    except OverflowError:
-        return False
-    return math.isfinite(seconds) and seconds >= 0
+    """Whether ``value`` is a number (an int, a float or an integer-like, not a bool) of finite
+    seconds >= 0. An int too large for a float is not finite."""
+    seconds = finite_float(value)
+    return seconds is not None and seconds >= 0
 
 
 def _utc_now() -> datetime:

@@ -13,14 +13,16 @@ and settles it exactly once:
 * it is cancelled by the worker (stop past the grace, or ``run()`` cancelled) -> ``job.release()``:
   the message is visible again at once for another worker, its receive undone (a stop never uses
   one up toward ``max_receive_count``), its whole reservation released;
-* it raises `KeyboardInterrupt` or `SystemExit` -> its message is released and the worker stops
-  gracefully (the other handlers get the grace), then ``run()`` raises that exception.
+* it raises `KeyboardInterrupt` or `SystemExit` -> the worker stops taking messages, its message
+  is released (so not handled again before the stop) and the worker stops gracefully (the other
+  handlers get the grace), then ``run()`` raises that exception.
 
 A message delivered again while its handler still runs (its lease ran out because a handler
 blocked the event loop for longer than the visibility timeout, so no lease renewal could run) is
 not handled a second time: the running handler's outcome settles the newest delivery (the only
-one whose receipt handle still works), the newer delivery's reservation is given back, and the
-older delivery is closed without touching the store.
+one whose receipt handle still works) and its reservation; the older delivery is given back with
+its own reservation released whole (``job.release()``: its handle is stale, so the store changes
+nothing).
 
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
@@ -32,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import random
 import signal
 import threading
@@ -39,7 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from ._checks import finite_float, shown
+from . import _signals
+from ._checks import finite_float, real_number, shown
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     InvalidConfigError,
@@ -125,38 +129,6 @@ class _Run(Generic[T]):
     closed: bool = False
 
 
-@dataclass(frozen=True)
-class _SavedSignal:
-    """What a signal had before `Worker.run` took it, to put back exactly."""
-
-    signum: signal.Signals
-    #: ``signal.getsignal`` before (None: not installed from Python).
-    python_handler: Any
-    #: The loop's own handler before (``loop.add_signal_handler``), the very `asyncio.Handle`.
-    loop_handle: asyncio.Handle | None
-    #: The worker's handle, to tell whether someone replaced it while `run` ran.
-    ours: asyncio.Handle | None
-
-
-# The Python-level handlers a signal has when nobody installed one.
-_DEFAULT_HANDLERS = (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
-
-
-def _loop_signal_table(loop: asyncio.AbstractEventLoop) -> dict[int, asyncio.Handle] | None:
-    """The loop's ``add_signal_handler`` registrations, when it exposes them (asyncio's Unix
-    loops keep them in ``_signal_handlers``); None for a loop that does not (uvloop)."""
-    table = getattr(loop, "_signal_handlers", None)
-    return table if isinstance(table, dict) else None
-
-
-def _wakeup_fd() -> int:
-    """The current ``signal.set_wakeup_fd`` (main thread only), read without changing it."""
-    fd = signal.set_wakeup_fd(-1)
-    if fd != -1:
-        signal.set_wakeup_fd(fd)
-    return fd
-
-
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
     number = finite_float(value)
     if number is None:
@@ -199,7 +171,9 @@ class Worker(Generic[T]):
             is the whole program), in the main thread `run` stops on SIGTERM and SIGINT (a
             second signal skips the rest of the grace) and afterwards puts back exactly what
             each signal had: a ``signal.signal`` handler, or the very handler a host registered
-            with ``loop.add_signal_handler``. On a loop that does not expose its handlers
+            with ``loop.add_signal_handler``. Several such workers of one loop share the
+            signals: a signal stops them all, and the last to end puts back what the first
+            found, whatever order they end in. On a loop that does not expose its handlers
             (uvloop) a signal that already has a handler is left to it.
         rng: the random source of the jitter (a seeded `random.Random` in tests).
         logger: where the worker logs; default the ``llm_queue_dispatcher`` logger.
@@ -227,8 +201,10 @@ class Worker(Generic[T]):
             )
         if not callable(handler):
             raise InvalidConfigError(f"handler must be an async callable, got {handler!r}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise InvalidConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        count = real_number(concurrency)  # an int or an integer-like (numpy's), not a bool
+        if count is None or isinstance(concurrency, float) or count < 1:
+            raise InvalidConfigError(f"concurrency must be an int >= 1, got {shown(concurrency)}")
+        concurrency = operator.index(concurrency)
         self.shutdown_grace = _require_number("shutdown_grace", shutdown_grace, minimum=0.0)
         self.max_retry_delay = _require_number(
             "max_retry_delay", max_retry_delay, minimum=0.0, maximum=MAX_VISIBILITY_TIMEOUT
@@ -269,6 +245,9 @@ class Worker(Generic[T]):
         self._force_event: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._idle = asyncio.Event()
+        # Set once the dispatch loop of the current run has ended: no dequeue can take a message
+        # any more.
+        self._dispatch_ended = asyncio.Event()
         self._stop_when_empty = False
         self._processed = 0
         self._retried = 0
@@ -276,6 +255,8 @@ class Worker(Generic[T]):
         self._released = 0
         self._tokens = 0
         self._redelivered = 0
+        # Whether a `retry_after` past the store's limit was logged (once per worker).
+        self._clamp_logged = False
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -306,18 +287,25 @@ class Worker(Generic[T]):
             self._stop_event.set()
 
     def retry_delay(self, job: ProcessableMessage[T], error: BaseException) -> float:
-        """Seconds before a failed message is visible again: a `RetryableError`'s valid
-        ``retry_after`` (at most 43200, the store's limit), else `backoff_delay` over the
-        message's receive count, capped at ``max_retry_delay``."""
-        if isinstance(error, RetryableError):
-            after = error.retry_after
-            if (
-                not isinstance(after, bool)
-                and isinstance(after, (int, float))
-                and math.isfinite(after)
-                and after >= 0
-            ):
-                return min(float(after), MAX_VISIBILITY_TIMEOUT)
+        """Seconds before a failed message is visible again: a `RetryableError`'s
+        ``retry_after`` when it is a number >= 0 (an int, a float or an integer-like such as
+        ``numpy.int64``), cut to 43200 (the store's limit; infinity and an int too large for a
+        float included, logged once per worker); else, and for a NaN, a negative or a non-number
+        ``retry_after``, `backoff_delay` over the message's receive count, capped at
+        ``max_retry_delay``."""
+        if isinstance(error, RetryableError) and error.retry_after is not None:
+            after = real_number(error.retry_after)
+            if after is not None and after >= 0:  # NaN fails the comparison
+                if after > MAX_VISIBILITY_TIMEOUT and not self._clamp_logged:
+                    self._clamp_logged = True
+                    self._logger.warning(
+                        "request %r asked to be retried after %s s; waiting %s s, the longest a "
+                        "message can stay invisible (logged once per worker)",
+                        job.message.payload.id,
+                        shown(error.retry_after),
+                        MAX_VISIBILITY_TIMEOUT,
+                    )
+                return min(after, MAX_VISIBILITY_TIMEOUT)
         return backoff_delay(
             job.message.attributes.receive_count,
             base=self.retry_base_delay,
@@ -352,6 +340,7 @@ class Worker(Generic[T]):
         self._slots = asyncio.Semaphore(self.concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._dispatch_ended = asyncio.Event()
         self._fatal = None
         if self._stop_requested:
             self._stop_event.set()
@@ -392,6 +381,12 @@ class Worker(Generic[T]):
 
     # -- the loop --------------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
+        try:
+            await self._take_messages()
+        finally:
+            self._dispatch_ended.set()
+
+    async def _take_messages(self) -> None:
         assert self._slots is not None
         storage_failures = 0
         wait = _DRAIN_CHECK if self._stop_when_empty else _DEQUEUE_WAIT
@@ -520,12 +515,18 @@ class Worker(Generic[T]):
                 job.message.payload.id,
                 error,
             )
-            current = await self._close_run(task, job)
-            await self._release(current, error)
-            await self._close_superseded(task)
             if self._fatal is None:
                 self._fatal = error
+            # Stop taking messages before this one is visible again, or the dequeue waiting for
+            # work would take it and run the handler on it a second time: `run` ends the
+            # dispatch loop on the stop, before it gives the running handlers their grace.
             self.stop()
+            try:
+                await self._dispatch_ended.wait()
+            finally:  # a stop past the grace cancels this wait: the message is released all the same
+                current = await self._close_run(task, job)
+                await self._release(current, error)
+                await self._close_superseded(task)
         except PermanentError as error:
             current = await self._close_run(task, job)
             if await self._settle(current, "dead-letter", current.mark_as_dead_lettered(error)):
@@ -546,7 +547,20 @@ class Worker(Generic[T]):
     ) -> None:
         """Hands a failed message back after its retry delay (backoff or ``retry_after``)."""
         current = await self._close_run(task, job)
-        delay = self.retry_delay(current, error)
+        try:
+            delay = self.retry_delay(current, error)
+            if not 0.0 <= delay <= MAX_VISIBILITY_TIMEOUT:  # NaN fails it too
+                raise ValueError(f"retry_delay returned {shown(delay)}, not within [0, 43200] seconds")
+        except Exception:
+            # An overridden retry_delay that raised or answered nonsense: the message is handed
+            # back all the same (never left leased with its reservation held), after a backoff.
+            self._logger.exception("could not compute the retry delay of request %r", job.message.payload.id)
+            delay = backoff_delay(
+                current.message.attributes.receive_count,
+                base=self.retry_base_delay,
+                cap=self.max_retry_delay,
+                rng=self._rng,
+            )
         self._logger.info(
             "request %r failed (attempt %d), retrying in %.2f s: %r",
             job.message.payload.id,
@@ -752,59 +766,21 @@ class Worker(Generic[T]):
             if self._force_event is not None:
                 self._force_event.set()
 
-    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> tuple[list[_SavedSignal], int]:
-        """Takes SIGTERM and SIGINT for `run` (with ``handle_signals``, in the main thread);
-        returns what to put back: each signal's previous handlers and the wakeup fd."""
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> _signals.SignalListener | None:
+        """With ``handle_signals``, in the main thread: SIGTERM and SIGINT stop this run, through
+        the registration every such worker of ``loop`` shares (`_signals`)."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return [], -1
-        table = _loop_signal_table(loop)
-        wakeup = _wakeup_fd()
-        installed: list[_SavedSignal] = []
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            python_handler = signal.getsignal(signum)
-            loop_handle = table.get(signum) if table is not None else None
-            if table is None and python_handler not in _DEFAULT_HANDLERS:
-                # Perhaps the host's own `loop.add_signal_handler`, which this loop cannot hand
-                # back: leave the signal to it.
-                self._logger.warning(
-                    "%s already has a handler this event loop cannot restore; the worker leaves it alone",
-                    signum.name,
-                )
-                continue
-            try:
-                loop.add_signal_handler(signum, self._on_signal, signum)
-            except (NotImplementedError, RuntimeError, ValueError):  # not a Unix loop
-                continue
-            ours = table.get(signum) if table is not None else None
-            installed.append(_SavedSignal(signum, python_handler, loop_handle, ours))
-        return installed, wakeup
+            return None
+        return _signals.listen(loop, self._on_signal, self._logger)
 
     @staticmethod
     def _restore_signal_handlers(
-        loop: asyncio.AbstractEventLoop, saved: tuple[list[_SavedSignal], int]
+        loop: asyncio.AbstractEventLoop, listener: _signals.SignalListener | None
     ) -> None:
-        """Puts back exactly what `_install_signal_handlers` found, unless someone replaced the
-        worker's handler meanwhile (then theirs stays)."""
-        installed, wakeup = saved
-        if not installed:
-            return
-        table = _loop_signal_table(loop)
-        for entry in reversed(installed):
-            if table is not None:
-                if table.get(entry.signum) is not entry.ours:
-                    continue
-                if entry.loop_handle is not None:
-                    # The host's very Handle back in the loop's table: the signal's C-level
-                    # handler and the wakeup fd are still the loop's, as before.
-                    table[entry.signum] = entry.loop_handle
-                    continue
-            loop.remove_signal_handler(entry.signum)
-            if entry.python_handler is not None:
-                signal.signal(entry.signum, entry.python_handler)
-        # Removing the loop's last handler clears the wakeup fd; give back the one there was.
-        if _wakeup_fd() != wakeup:
-            with contextlib.suppress(ValueError, OSError):
-                signal.set_wakeup_fd(wakeup)
+        """Leaves the shared registration; the last worker to leave puts back exactly what the
+        signals had before the first took them."""
+        if listener is not None:
+            _signals.stop_listening(listener)
 
     def __repr__(self) -> str:
         state = "running" if self._running else "idle"

@@ -18,7 +18,8 @@ use crate::buffer::{Buffer, Buffered};
 use crate::errors::{CoreError, CoreResult};
 use crate::fair::{FairCandidate, FairRuntime};
 use crate::policy::{
-    admit, decide_fair, decide_score, ranking_budget, Admission, Budget, Decision, FairDecision, Rankings,
+    admit, decide_fair, decide_fair_store, decide_score, ranking_budget, score_margin, score_reserve,
+    Admission, Budget, Decision, FairDecision, Rankings,
 };
 use crate::scoring::Weights;
 use crate::select::{best_candidate, choose, Candidate, Choice, Collected, SearchContext};
@@ -226,14 +227,23 @@ pub fn buffered_score<M, L: Default>(
     limiter_now: f64,
 ) -> Outcome<BufferTake<M>> {
     let Some(budget) = ranking_budget(limiter, settings.hold) else { return Outcome::Nothing };
-    let context =
+    let reserve = score_reserve(weights, Some(&buffer.urgent_history()), limiter, now);
+    let capacity = limiter.tokens().capacity();
+    let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let Some(best) = buffer.collect(&context, 1).into_iter().next() else { return Outcome::Nothing };
-    let candidate = best.candidate;
+    let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
+    let Some(mut candidate) = best(&context) else { return Outcome::Nothing };
+    let margin = score_margin(&candidate, reserve, capacity);
+    if !settings.hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
+        // The best among what leaves the URGENT reserve (as `policy::decide_score`).
+        context.max_tokens = budget.max_tokens - reserve;
+        let Some(fitting) = best(&context) else { return Outcome::Nothing };
+        candidate = fitting;
+    }
     if candidate.base < settings.min_score {
         return Outcome::Nothing;
     }
-    match admit(limiter, (), candidate.tokens, 0.0, settings.hold) {
+    match admit(limiter, (), candidate.tokens, score_margin(&candidate, reserve, capacity), settings.hold) {
         Decision::Take(()) => {}
         Decision::Wait(seconds) => return Outcome::Wait(seconds),
         Decision::Nothing => return Outcome::Nothing,
@@ -309,12 +319,17 @@ pub trait Steps {
 
     /// The budget to rank against (None: the limiter admits nothing now).
     fn budget(&mut self, hold: bool) -> Result<Option<Budget>, Self::Error>;
+    /// The URGENT reserve a non-URGENT winner leaves (`policy::score_reserve` of the pool's
+    /// history), and the token capacity its margin is capped by.
+    fn urgent(&mut self) -> Result<(f64, f64), Self::Error>;
     /// Up to `limit` candidates, best first, under `budget`.
     fn collect(&mut self, budget: Budget, limit: usize) -> Result<Vec<Collected>, Self::Error>;
     /// The raw custom scores of the `i`-th collected candidate (run with no lock held).
     fn evaluate(&mut self, i: usize, candidate: &Candidate) -> Result<Vec<f64>, Self::Error>;
-    /// Seconds until a request of `tokens` fits (0: now; infinite: never).
-    fn wait(&mut self, tokens: u64) -> Result<f64, Self::Error>;
+    /// 0 when a request of `tokens`, leaving `margin` more in the bucket, fits now; else how
+    /// long it is held: seconds for an `LLMThrottle` (infinite: never), the tokens it needs for
+    /// another limiter's reported budget (whose caller asks its limiter when).
+    fn wait(&mut self, tokens: u64, margin: f64) -> Result<f64, Self::Error>;
     /// Reserves `candidate`'s budget: the key, or None when refused.
     fn reserve(&mut self, candidate: &Candidate) -> Result<Option<ReservationKey>, Self::Error>;
     /// Takes `candidate` out if it is still there (None: it left).
@@ -327,9 +342,10 @@ pub trait Steps {
 pub type Attempted<T> = Outcome<(T, Option<ReservationKey>)>;
 
 /// The score policy, step by step: choose with custom scorers (`select::choose`, evaluated in
-/// bound order, at most `max_candidates`), hold or reserve, take; start over when the winner
-/// left or the budget moved meanwhile. With `reserve` off nothing is reserved (the caller
-/// reserves afterwards, when its limiter must be awaited).
+/// bound order, at most `max_candidates`), leaving the URGENT reserve as `policy::decide_score`
+/// does, hold or reserve, take; start over when the winner left or the budget moved meanwhile.
+/// With `reserve` off nothing is reserved (the caller reserves afterwards, when its limiter
+/// must be awaited).
 pub fn attempt<S: Steps>(
     steps: &mut S,
     custom_weights: &[f64],
@@ -339,19 +355,31 @@ pub fn attempt<S: Steps>(
     let limit = if custom_weights.is_empty() { 1 } else { max_candidates };
     for _ in 0..MAX_ATTEMPTS {
         let Some(budget) = steps.budget(settings.hold)? else { return Ok(Outcome::Nothing) };
-        let collected = steps.collect(budget, limit)?;
-        let Some(choice) = choose(&collected, custom_weights, |i, candidate| steps.evaluate(i, candidate))?
-        else {
+        let (reserve, capacity) = steps.urgent()?;
+        let Some(mut choice) = pick(steps, budget, limit, custom_weights)? else {
             return Ok(Outcome::Nothing);
         };
+        let margin = score_margin(&choice.candidate, reserve, capacity);
+        if !settings.hold && margin > 0.0 && steps.wait(choice.candidate.tokens, margin)? != 0.0 {
+            // The best among what leaves the reserve: no URGENT one fits now (it would have won).
+            let leaving = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
+            let Some(fitting) = pick(steps, leaving, limit, custom_weights)? else {
+                return Ok(Outcome::Nothing);
+            };
+            choice = fitting;
+        }
         if choice.total < settings.min_score {
             return Ok(Outcome::Nothing);
         }
         let tokens = choice.candidate.tokens;
-        if settings.hold {
-            let wait = steps.wait(tokens)?;
-            if wait > 0.0 {
-                return Ok(Outcome::wait(wait));
+        let margin = score_margin(&choice.candidate, reserve, capacity);
+        if settings.hold || margin > 0.0 {
+            let wait = steps.wait(tokens, margin)?;
+            if wait != 0.0 {
+                if settings.hold {
+                    return Ok(Outcome::wait(wait));
+                }
+                continue; // the budget moved while custom scorers ran (another thread)
             }
         }
         let key = if settings.reserve {
@@ -381,19 +409,15 @@ pub fn attempt<S: Steps>(
     Ok(Outcome::Nothing)
 }
 
-/// The `fair_priority` choice under `limiter` over the in-memory store (lanes aged to `now`):
-/// the decision, with the slot's request not yet taken. None without fair lanes or messages.
-pub fn choose_fair_in_store<P>(
-    store: &mut Store<P, Rankings>,
-    runtime: &mut FairRuntime,
-    limiter: &impl Admission,
-    now: f64,
-    hold: bool,
-) -> Option<FairDecision> {
-    let lanes = store.ranking_mut().1.as_mut()?;
-    lanes.age(now);
-    let lanes = store.ranking().1.as_ref()?;
-    crate::policy::decide_fair_lanes(lanes, |slot| store.message(slot).tokens, runtime, limiter, now, hold)
+/// The best of `budget` under the custom scorers (none: the best base score).
+fn pick<S: Steps>(
+    steps: &mut S,
+    budget: Budget,
+    limit: usize,
+    custom_weights: &[f64],
+) -> Result<Option<Choice>, S::Error> {
+    let collected = steps.collect(budget, limit)?;
+    choose(&collected, custom_weights, |i, candidate| steps.evaluate(i, candidate))
 }
 
 /// Tokens a held fair winner waits for: its estimate and the reserve margin it must leave.
@@ -412,7 +436,7 @@ pub fn take_fair_in_store<P>(
     settings: Settings,
     now: f64,
 ) -> CoreResult<Outcome<(StoreTake, u64)>> {
-    let Some(decision) = choose_fair_in_store(store, runtime, limiter, now, settings.hold) else {
+    let Some(decision) = decide_fair_store(store, runtime, limiter, now, settings.hold) else {
         return Ok(Outcome::Nothing);
     };
     let slot = decision.candidate.slot;

@@ -140,14 +140,19 @@ mod tests {
     #[test]
     fn a_fair_reason_names_the_tenant_and_its_rank() {
         let rank = FairRank::Tenant { rank: 2, of: 3, usage: 12_345.0, effective_priority: 1 };
-        let facts = Facts::Fair(FairCandidate { slot: 0, tenant: 1, backlogged: false, rank });
+        let facts = Facts::Fair(FairCandidate { slot: 0, tenant: 1, urgent: false, backlogged: false, rank });
         assert_eq!(
             describe(&facts, &[], "acme", 2, 4.25, 60.0),
             "fair_priority: tenant 'acme' used 12,345 tokens in the last 60 s (rank 2 of 3); HIGH (aged from \
              NORMAL); waited 4.2 s"
         );
-        let urgent =
-            Facts::Fair(FairCandidate { slot: 0, tenant: 0, backlogged: false, rank: FairRank::Urgent });
+        let urgent = Facts::Fair(FairCandidate {
+            slot: 0,
+            tenant: 0,
+            urgent: true,
+            backlogged: false,
+            rank: FairRank::Urgent,
+        });
         assert_eq!(
             describe(&urgent, &[], "", 0, -1.0, 60.0),
             "fair_priority: URGENT first (the default tenant), waited 0.0 s"

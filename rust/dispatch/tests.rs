@@ -1,6 +1,5 @@
 use super::*;
 use crate::buffer::Leased;
-use crate::deadlines::DeadlineIndex;
 use crate::fair::{FairConfig, FairLanes};
 use crate::policy::Snapshot;
 use crate::scoring::MessageTraits;
@@ -35,7 +34,7 @@ fn message(id: &str, priority: u8, tokens: u64, tenant: &str) -> NewMessage<()> 
 
 fn store(fair: bool) -> Store<(), Rankings> {
     let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
-    let mut store = Store::with_ranking(config, 0.0, (DeadlineIndex::default(), None)).unwrap();
+    let mut store = Store::with_ranking(config, 0.0, Rankings::default()).unwrap();
     if fair {
         store.ranking_mut().1 = Some(FairLanes::new(FairConfig::default()));
         store.rebuild_ranking();
@@ -167,7 +166,14 @@ struct Scripted {
     /// Takes that find their winner gone (another thread took it).
     vanish: usize,
     refuse: usize,
+    /// The wait of a winner that does not fit (0: everything fits).
     wait: f64,
+    /// Tokens available, a winner fitting when its estimate and margin do not exceed them.
+    available: f64,
+    /// The URGENT reserve and the capacity (`Steps::urgent`).
+    urgent: (f64, f64),
+    /// Priorities by candidate (2 when not given).
+    priorities: Vec<u8>,
     reserved: Vec<u64>,
     released: Vec<u64>,
     evaluated: usize,
@@ -181,6 +187,9 @@ impl Scripted {
             vanish: 0,
             refuse: 0,
             wait: 0.0,
+            available: f64::INFINITY,
+            urgent: (0.0, f64::INFINITY),
+            priorities: Vec::new(),
             reserved: Vec::new(),
             released: Vec::new(),
             evaluated: 0,
@@ -192,13 +201,25 @@ impl Steps for Scripted {
     type Taken = u64;
     type Error = CoreError;
 
-    fn budget(&mut self, _hold: bool) -> CoreResult<Option<Budget>> {
-        Ok(Some(Budget { available: 1e9, max_tokens: 1e9 }))
+    fn budget(&mut self, hold: bool) -> CoreResult<Option<Budget>> {
+        // Holding ranks against the capacity: everything competes.
+        let available = if hold { 1e9 } else { self.available.min(1e9) };
+        Ok(Some(Budget { available, max_tokens: available }))
     }
 
-    fn collect(&mut self, _budget: Budget, limit: usize) -> CoreResult<Vec<Collected>> {
-        let mut sorted: Vec<_> =
-            self.candidates.iter().enumerate().filter(|(i, _)| !self.taken.contains(&(*i as u64))).collect();
+    fn urgent(&mut self) -> CoreResult<(f64, f64)> {
+        Ok(self.urgent)
+    }
+
+    fn collect(&mut self, budget: Budget, limit: usize) -> CoreResult<Vec<Collected>> {
+        let mut sorted: Vec<_> = self
+            .candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, &(_, tokens))| {
+                !self.taken.contains(&(*i as u64)) && tokens as f64 <= budget.max_tokens
+            })
+            .collect();
         sorted.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         let candidates: Vec<Candidate> = sorted
             .iter()
@@ -209,6 +230,8 @@ impl Steps for Scripted {
                 tokens,
                 enqueued_at: 0.0,
                 seq: *i as u64,
+                priority: self.priorities.get(*i).copied().unwrap_or(2),
+                tier: 0,
             })
             .collect();
         Ok(candidates
@@ -224,8 +247,8 @@ impl Steps for Scripted {
         Ok(vec![1.0])
     }
 
-    fn wait(&mut self, _tokens: u64) -> CoreResult<f64> {
-        Ok(self.wait)
+    fn wait(&mut self, tokens: u64, margin: f64) -> CoreResult<f64> {
+        Ok(if tokens as f64 + margin <= self.available { 0.0 } else { self.wait })
     }
 
     fn reserve(&mut self, candidate: &Candidate) -> CoreResult<Option<ReservationKey>> {
@@ -282,11 +305,34 @@ fn custom_scorers_stop_as_soon_as_nothing_left_can_win() {
 #[test]
 fn a_held_winner_reserves_nothing() {
     let mut steps = Scripted::new(vec![(0.9, 10)]);
+    steps.available = 5.0;
     steps.wait = 3.0;
     assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Wait(3.0));
     steps.wait = f64::INFINITY;
     assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Nothing);
     assert!(steps.reserved.is_empty());
+}
+
+#[test]
+fn a_stepwise_winner_leaves_the_urgent_reserve() {
+    // 120 tokens left, a reserve of 50: the best (100 tokens) would leave too little.
+    let candidates = vec![(0.9, 100), (0.5, 40), (0.3, 90)];
+    let mut steps = Scripted::new(candidates.clone());
+    (steps.available, steps.urgent, steps.wait) = (120.0, (50.0, 1_000.0), 2.0);
+    let settings = Settings { hold: false, ..SETTINGS };
+    // Without holding: the best of what leaves it.
+    assert_eq!(
+        attempt(&mut steps, &[0.1], 20, settings).unwrap(),
+        Outcome::Taken((1, Some(ReservationKey(1))))
+    );
+    // Holding: the best is held for (nothing below it goes).
+    let mut steps = Scripted::new(candidates.clone());
+    (steps.available, steps.urgent, steps.wait) = (120.0, (50.0, 1_000.0), 2.0);
+    assert_eq!(attempt(&mut steps, &[], 20, SETTINGS).unwrap(), Outcome::Wait(2.0));
+    // An URGENT winner leaves nothing.
+    let mut steps = Scripted::new(candidates);
+    (steps.available, steps.urgent, steps.priorities) = (120.0, (50.0, 1_000.0), vec![0, 2, 2]);
+    assert_eq!(attempt(&mut steps, &[], 20, settings).unwrap(), Outcome::Taken((0, Some(ReservationKey(0)))));
 }
 
 #[test]
@@ -315,7 +361,7 @@ fn the_fair_choice_over_a_snapshot_is_not_yet_taken() {
     s.enqueue(message("a", 2, 100, "t"), 0.0).unwrap();
     let mut runtime = FairRuntime::new(&FairConfig::default(), Some(0.0));
     let snapshot = Snapshot { available_tokens: 50.0, available_requests: 10.0, capacity: 1_000.0 };
-    let decision = choose_fair_in_store(&mut s, &mut runtime, &snapshot, 0.0, true).unwrap();
+    let decision = decide_fair_store(&mut s, &mut runtime, &snapshot, 0.0, true).unwrap();
     assert!(!decision.fits);
     assert_eq!(s.visible_count(), 1);
 }

@@ -135,6 +135,9 @@ pub struct Stats {
     completions: Window,
     latencies: VecDeque<f64>,
     served: HashMap<u32, u64>,
+    /// Tenants' names as first dispatched (a pool may forget an idle tenant's name while its
+    /// figures are still reported; numbers are never reused).
+    names: HashMap<u32, Box<str>>,
     /// Messages marked failed or dead-lettered.
     pub failed: u64,
     /// Messages marked processed.
@@ -154,6 +157,7 @@ impl Stats {
             completions: Window { span: retention.min(60.0), buckets: VecDeque::new() },
             latencies: VecDeque::new(),
             served: HashMap::new(),
+            names: HashMap::new(),
             failed: 0,
             completed: 0,
             expired_deadlines: 0,
@@ -163,6 +167,16 @@ impl Stats {
     /// Samples held (for a memory bound test).
     pub fn held(&self) -> usize {
         self.dispatches.len() + self.corrections.len() + self.latencies.len() + self.completions.buckets.len()
+    }
+
+    /// Remembers the name of `tenant` (on its first dispatch).
+    pub fn name_tenant(&mut self, tenant: u32, name: &str) {
+        self.names.entry(tenant).or_insert_with(|| name.into());
+    }
+
+    /// The name of a tenant dispatched before.
+    pub fn tenant_name(&self, tenant: u32) -> Option<&str> {
+        self.names.get(&tenant).map(|name| &**name)
     }
 
     /// A message was handed out after waiting `wait` s (a negative wait, from a clock stepped

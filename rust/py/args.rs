@@ -58,29 +58,40 @@ pub(crate) fn is_number(value: &Bound<'_, PyAny>) -> bool {
         && (value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
 }
 
-/// An int or float (not a bool) as an `f64`; None for anything else, an int too large for a
-/// float included (reading it would raise `OverflowError`). Non-finite floats pass through: the
-/// caller says whether they are valid.
-pub(crate) fn float_arg(value: &Bound<'_, PyAny>) -> Option<f64> {
+/// An int or float (not a bool), or an integer-like object (`__index__`: a numpy integer), as an
+/// `f64`; None for anything else, an int too large for a float included (reading it would raise
+/// `OverflowError`). Non-finite floats pass through: the caller says whether they are valid.
+/// Runs Python code (`__index__`): never call it under a lock.
+pub(crate) fn float_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<f64>> {
     if let Ok(float) = value.cast::<PyFloat>() {
-        return Some(float.value());
+        return Ok(Some(float.value()));
     }
-    if is_number(value) {
-        value.extract::<f64>().ok()
-    } else {
-        None
-    }
+    Ok(int_arg(value)?.and_then(|int| int.extract::<f64>().ok()))
 }
 
-/// A count: an int >= 0 (not a bool); one too large for a `usize` saturates (a limit that large
-/// means "no limit"). Anything else is an `InvalidRequestError` naming the field.
+/// The int `value` stands for: itself when it is an int (not a bool), `operator.index(value)`
+/// for an integer-like object; None for anything else (a float included). Runs Python code
+/// (`__index__`): never call it under a lock.
+pub(crate) fn int_arg<'py>(value: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if value.is_instance_of::<PyBool>() || value.is_instance_of::<PyFloat>() {
+        return Ok(None);
+    }
+    if value.is_instance_of::<PyInt>() {
+        return Ok(Some(value.clone()));
+    }
+    index_of(value)
+}
+
+/// A count: an int >= 0 (or an integer-like, not a bool); one too large for a `usize` saturates
+/// (a limit that large means "no limit"). Anything else is an `InvalidRequestError` naming the
+/// field. Runs Python code (`__index__`): never call it under a lock.
 pub(crate) fn count_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
     let py = value.py();
-    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
-        if let Ok(v) = value.extract::<usize>() {
+    if let Some(int) = int_arg(value)? {
+        if let Ok(v) = int.extract::<usize>() {
             return Ok(v);
         }
-        if value.gt(0)? {
+        if int.gt(0)? {
             return Ok(usize::MAX);
         }
     }

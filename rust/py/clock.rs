@@ -12,7 +12,7 @@ use crate::py::errors::to_py_err;
 /// Reads a number of seconds for `field`: an int or float, not a bool; the clock itself checks
 /// the range.
 fn clock_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    float_arg(value).ok_or_else(|| {
+    float_arg(value)?.ok_or_else(|| {
         invalid_request(value.py(), format!("{field} must be a finite number, got {}", repr_of(value)))
     })
 }

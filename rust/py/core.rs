@@ -221,6 +221,7 @@ impl PyDispatchCore {
         };
         let id = {
             let mut state = core.lock(py);
+            state.ledger.stats.name_tenant(taken.facts.tenant, &why.tenant);
             if hand_out {
                 let latency = held.latency;
                 state.ledger.open_handed_out(held, taken.facts, now, latency)
@@ -509,14 +510,10 @@ impl PyDispatchCore {
         if let Some(store) = &self.store {
             return store.get().with_store(py, |store, _| {
                 Ok(store
-                    .tenant_counts()
-                    .enumerate()
-                    .filter(|(_, (_, c))| c.visible + c.in_flight > 0)
-                    .map(|(i, (name, c))| {
-                        (
-                            TenantCount { tenant: i as u32, visible: c.visible, in_flight: c.in_flight },
-                            name.to_owned(),
-                        )
+                    .tenant_counts_by_id()
+                    .filter(|(_, _, c)| c.visible + c.in_flight > 0)
+                    .map(|(tenant, name, c)| {
+                        (TenantCount { tenant, visible: c.visible, in_flight: c.in_flight }, name.to_owned())
                     })
                     .collect())
             });
@@ -598,8 +595,10 @@ impl PyDispatchCore {
     #[new]
     #[pyo3(signature = (pool, *, clock, weights, custom_weights, custom_names, max_candidates, policy,
         tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens, visibility_timeout,
-        min_score, reserve, hold, metrics_retention, runner, logger))]
-    #[allow(clippy::too_many_arguments)]
+        min_score, reserve, hold, metrics_retention, runner, logger, score_urgent_first=false,
+        urgent_reserve=None))]
+    // Keyword arguments of the config's fields, as Python passes them.
+    #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
         py: Python<'_>,
         pool: Option<Py<PyStoreCore>>,
@@ -621,7 +620,15 @@ impl PyDispatchCore {
         metrics_retention: f64,
         runner: Py<PyAny>,
         logger: Py<PyAny>,
+        score_urgent_first: bool,
+        urgent_reserve: Option<f64>,
     ) -> PyResult<Self> {
+        if urgent_reserve.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
+            return Err(bad_config(
+                py,
+                format!("urgent_reserve must be None or a count >= 0, got {urgent_reserve:?}"),
+            ));
+        }
         for (name, value) in FACTOR_NAMES.iter().zip(weights) {
             validate_weight(name, value).map_err(|e| to_py_err(py, e))?;
         }
@@ -648,7 +655,13 @@ impl PyDispatchCore {
         let visibility_timeout = visibility_timeout_arg(visibility_timeout)?;
         let mut buffer = Buffer::default();
         if fair {
-            let config = FairConfig { weights: HashMap::default(), fairness_window, urgent_first, max_wait };
+            let config = FairConfig {
+                weights: HashMap::default(),
+                fairness_window,
+                urgent_first,
+                max_wait,
+                urgent_reserve,
+            };
             match &pool {
                 Some(store) => store.get().configure_fair_lanes(py, &tenant_weights, config, reserve_tokens),
                 None => buffer.configure_fair(&tenant_weights, config, reserve_tokens),
@@ -658,7 +671,7 @@ impl PyDispatchCore {
         Ok(Self {
             store: pool,
             config: Config {
-                weights: Weights::from_array(weights),
+                weights: Weights::from_array(weights).with_urgent(score_urgent_first, urgent_reserve),
                 custom_weights,
                 names,
                 max_candidates,
@@ -1341,9 +1354,11 @@ impl PyDispatchCore {
         let lines = self.lock(py).ledger.stats.tenant_lines(now, &plain, usage.as_deref());
         let mut out = Vec::with_capacity(lines.len());
         for line in lines {
-            let name = match counts.iter().find(|(c, _)| c.tenant == line.tenant) {
-                Some((_, name)) => name.clone(),
-                None => self.tenant_name(py, line.tenant)?,
+            let known = self.lock(py).ledger.stats.tenant_name(line.tenant).map(str::to_owned);
+            let name = match (counts.iter().find(|(c, _)| c.tenant == line.tenant), known) {
+                (Some((_, name)), _) => name.clone(),
+                (None, Some(name)) => name,
+                (None, None) => self.tenant_name(py, line.tenant)?,
             };
             let (wait_p50, wait_p95, wait_p99) = line.waits;
             out.push(PyTenantReport {

@@ -236,7 +236,7 @@ impl PyJob {
 /// `InvalidRequestError` naming it (an int too large for a float, inf and NaN included).
 fn delay_arg(value: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<f64> {
     let Some(value) = value else { return Ok(0.0) };
-    match float_arg(value) {
+    match float_arg(value)? {
         Some(seconds) if (0.0..=MAX_VISIBILITY_TIMEOUT).contains(&seconds) => Ok(seconds),
         _ => Err(invalid_request(
             value.py(),

@@ -80,7 +80,7 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
     let expected_processing_seconds = if ept.is_none() {
         None
     } else {
-        match float_arg(&ept) {
+        match float_arg(&ept)? {
             Some(s) if s.is_finite() && s >= 0.0 => Some(s),
             _ => {
                 return Err(invalid_request(
@@ -116,7 +116,7 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
 
 /// A number of seconds (an int or float, not a bool); an int too large for a float is refused.
 pub(crate) fn seconds_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    float_arg(value).ok_or_else(|| {
+    float_arg(value)?.ok_or_else(|| {
         invalid_request(value.py(), format!("{field} must be a number of seconds, got {}", repr_of(value)))
     })
 }

@@ -16,7 +16,7 @@ use super::throttle::PyThrottle;
 use crate::buffer::Buffered;
 use crate::dispatch::{Facts, Steps};
 use crate::ledger;
-use crate::policy::{ranking_budget, Budget, Snapshot};
+use crate::policy::{ranking_budget, score_reserve, Admission, Budget, Snapshot, UrgentReserve};
 use crate::scoring::MessageTraits;
 use crate::scoring::Weights;
 use crate::select::{best_candidate, collect, Candidate, Collected, IndexSearch, SearchContext};
@@ -49,18 +49,41 @@ impl Against<'_> {
         }
     }
 
-    fn wait(self, py: Python<'_>, tokens: u64) -> PyResult<f64> {
+    /// See `Steps::wait`.
+    fn wait(self, py: Python<'_>, tokens: u64, margin: f64) -> PyResult<f64> {
         match self {
             Self::Throttle(throttle) => throttle.with_state(py, |state, _| {
-                let check = state.check(tokens);
+                let check = state.check_with_margin(tokens, margin);
                 if check.allowed {
                     0.0
                 } else {
                     check.available_in
                 }
             }),
-            // Unknown until the reservation answers: the caller asks `can_process` then.
-            Self::Reported { .. } => Ok(0.0),
+            // How long is the limiter's to say: the caller asks it for the tokens needed.
+            Self::Reported { snapshot, .. } => Ok(if snapshot.admits(tokens, margin) {
+                0.0
+            } else {
+                (tokens as f64 + margin.max(0.0).ceil()).max(1.0)
+            }),
+        }
+    }
+
+    /// See `Steps::urgent`: the reserve under `weights` with the pool's `history` at `now`.
+    fn urgent(
+        self,
+        py: Python<'_>,
+        weights: &Weights,
+        history: &UrgentReserve,
+        now: f64,
+    ) -> PyResult<(f64, f64)> {
+        match self {
+            Self::Throttle(throttle) => throttle.with_state(py, |state, _| {
+                (score_reserve(weights, Some(history), state, now), state.tokens().capacity())
+            }),
+            Self::Reported { snapshot, .. } => {
+                Ok((score_reserve(weights, Some(history), &snapshot, now), snapshot.capacity))
+            }
         }
     }
 }
@@ -297,8 +320,17 @@ impl Steps for StoreSteps<'_, '_> {
         evaluate_custom(custom_fn, &message, self.sel.names)
     }
 
-    fn wait(&mut self, tokens: u64) -> PyResult<f64> {
-        self.sel.against.wait(self.py, tokens)
+    fn wait(&mut self, tokens: u64, margin: f64) -> PyResult<f64> {
+        self.sel.against.wait(self.py, tokens, margin)
+    }
+
+    fn urgent(&mut self) -> PyResult<(f64, f64)> {
+        if !self.sel.weights.urgent_first {
+            return Ok((0.0, f64::INFINITY));
+        }
+        let (history, now) =
+            self.store.with_store(self.py, |store, now| Ok((store.ranking().0 .1.clone(), now)))?;
+        self.sel.against.urgent(self.py, &self.sel.weights, &history, now)
     }
 
     fn reserve(&mut self, candidate: &Candidate) -> PyResult<Option<ReservationKey>> {
@@ -385,8 +417,16 @@ impl Steps for BufferSteps<'_, '_> {
         evaluate_custom(custom_fn, self.messages[i].bind(self.py), self.sel.names)
     }
 
-    fn wait(&mut self, tokens: u64) -> PyResult<f64> {
-        self.sel.against.wait(self.py, tokens)
+    fn wait(&mut self, tokens: u64, margin: f64) -> PyResult<f64> {
+        self.sel.against.wait(self.py, tokens, margin)
+    }
+
+    fn urgent(&mut self) -> PyResult<(f64, f64)> {
+        if !self.sel.weights.urgent_first {
+            return Ok((0.0, f64::INFINITY));
+        }
+        let history = self.state.lock_py_attached(self.py).buffer.urgent_history();
+        self.sel.against.urgent(self.py, &self.sel.weights, &history, self.now)
     }
 
     fn reserve(&mut self, candidate: &Candidate) -> PyResult<Option<ReservationKey>> {

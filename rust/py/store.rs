@@ -23,7 +23,6 @@ pub(crate) use super::requests::visibility_timeout_arg;
 use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
 use super::steps::Taken;
 use super::throttle::PyThrottle;
-use crate::deadlines::DeadlineIndex;
 use crate::dispatch::{self, Outcome, Settings};
 use crate::errors::CoreResult;
 use crate::fair::{FairConfig, FairLanes, FairRuntime};
@@ -282,6 +281,7 @@ impl PyStoreCore {
         let mut state = self.state.lock_py_attached(py);
         config.weights = weights.iter().map(|(name, w)| (state.store.intern_tenant(name), *w)).collect();
         state.fair = Some(FairRuntime::new(&config, reserve));
+        state.store.set_tenant_retention(config.fairness_window);
         state.store.ranking_mut().1 = Some(FairLanes::new(config));
         state.store.rebuild_ranking();
     }
@@ -360,8 +360,7 @@ impl PyStoreCore {
         };
         let config = StoreConfig { max_receive_count, message_retention };
         let now = clock.now(py)?;
-        let store = Store::with_ranking(config, now, (DeadlineIndex::default(), None))
-            .map_err(|e| to_py_err(py, e))?;
+        let store = Store::with_ranking(config, now, Rankings::default()).map_err(|e| to_py_err(py, e))?;
         Ok(Self {
             state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
             config,

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::sync::{MutexExt, PyOnceLock};
-use pyo3::types::{PyInt, PyString, PyType};
+use pyo3::types::{PyString, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::args::{
-    extract_request_id, float_arg, invalid_config, invalid_request, repr_of, token_count, Given,
+    extract_request_id, float_arg, int_arg, invalid_config, invalid_request, repr_of, token_count, Given,
 };
 use super::clock::ClockSource;
 use super::errors::to_py_err;
@@ -32,17 +32,16 @@ const RECORD_SIZE_ESTIMATE: usize = 200;
 /// an int too large for a float included, is an `InvalidConfigError`. The range is the core's.
 fn config_number(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<f64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
-    float_arg(value).map(Some).ok_or_else(|| {
+    float_arg(value)?.map(Some).ok_or_else(|| {
         invalid_config(value.py(), format!("{field} must be a finite number, got {}", repr_of(value)))
     })
 }
 
-/// A count of the configuration: an int (not a bool) from 1 to the largest `usize`; anything
-/// else, an int too large included, is an `InvalidConfigError` naming the field and the range.
+/// A count of the configuration: an int (or an integer-like, not a bool) from 1 to the largest
+/// `usize`; anything else, an int too large included, is an `InvalidConfigError` naming the field
+/// and the range.
 fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
-    let count = (!value.is_instance_of::<pyo3::types::PyBool>() && value.is_instance_of::<PyInt>())
-        .then(|| value.extract::<usize>().ok())
-        .flatten();
+    let count = int_arg(value)?.and_then(|int| int.extract::<usize>().ok());
     count.ok_or_else(|| {
         invalid_config(
             value.py(),
@@ -55,9 +54,10 @@ fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
 /// too large included, is an `InvalidConfigError` naming it.
 fn concurrency_arg(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
-    let count = (!value.is_instance_of::<pyo3::types::PyBool>() && value.is_instance_of::<PyInt>())
-        .then(|| value.extract::<u64>().ok())
-        .flatten();
+    let count = (!value.is_instance_of::<pyo3::types::PyBool>()
+        && value.is_instance_of::<pyo3::types::PyInt>())
+    .then(|| value.extract::<u64>().ok())
+    .flatten();
     count.map(Some).ok_or_else(|| {
         invalid_config(
             value.py(),
@@ -148,7 +148,7 @@ fn provider_figure(limits: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64
     if value.is_none() {
         return Ok(None);
     }
-    match float_arg(&value) {
+    match float_arg(&value)? {
         Some(figure) if figure.is_finite() && figure >= 0.0 => Ok(Some(figure)),
         _ => Err(invalid_request(
             value.py(),
@@ -157,16 +157,16 @@ fn provider_figure(limits: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64
     }
 }
 
-/// A wait in seconds: an int or float (not a bool) >= 0. An int too large for a float reads as
-/// infinite: the core clamps every wait to `MAX_PROVIDER_WAIT`. NaN, a negative number or
-/// anything else is an `InvalidRequestError` naming the field.
+/// A wait in seconds: an int, a float or an integer-like (not a bool) >= 0. An int too large for
+/// a float reads as infinite: the core clamps every wait to `MAX_PROVIDER_WAIT`. NaN, a negative
+/// number or anything else is an `InvalidRequestError` naming the field.
 fn wait_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    let seconds = match float_arg(value) {
+    let seconds = match float_arg(value)? {
         Some(seconds) => Some(seconds),
-        None if value.is_instance_of::<PyInt>() && !value.is_instance_of::<pyo3::types::PyBool>() => {
-            value.gt(0)?.then_some(f64::INFINITY)
-        }
-        None => None,
+        None => match int_arg(value)? {
+            Some(int) => int.gt(0)?.then_some(f64::INFINITY),
+            None => None,
+        },
     };
     seconds.filter(|s| *s >= 0.0).ok_or_else(|| {
         invalid_request(value.py(), format!("{field} must be a number >= 0, got {}", repr_of(value)))

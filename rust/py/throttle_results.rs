@@ -16,7 +16,7 @@ const EXTRA_KEYS: [&str; 5] = ["itpm", "otpm", "rpd", "tpd", "concurrency"];
 /// A number field of a snapshot: an int or float, not a bool (`restore_from_snapshot` checks the
 /// range, so a snapshot can carry what a throttle reported).
 fn snapshot_number(value: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    float_arg(value).ok_or_else(|| {
+    float_arg(value)?.ok_or_else(|| {
         invalid_request(value.py(), format!("{field} must be a number, got {}", repr_of(value)))
     })
 }

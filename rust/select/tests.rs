@@ -119,7 +119,9 @@ fn message() -> impl Strategy<Value = MessageTraits> {
         })
 }
 
-fn brute_force(index: &VecIndex, context: &SearchContext, custom: &[(f64, Vec<f64>)]) -> Option<f64> {
+/// The best `(tier, total)` by brute force: with `urgent_first`, URGENT messages (tier 1) ahead
+/// of every score.
+fn brute_force(index: &VecIndex, context: &SearchContext, custom: &[(f64, Vec<f64>)]) -> Option<(u8, f64)> {
     index
         .messages
         .iter()
@@ -127,9 +129,10 @@ fn brute_force(index: &VecIndex, context: &SearchContext, custom: &[(f64, Vec<f6
         .filter(|(_, m)| m.tokens as f64 <= context.max_tokens)
         .map(|(slot, m)| {
             let base = total(&weighted_factors(&context.weights, m, context.now, context.available));
-            base + custom.iter().map(|(w, scores)| w * clamp_custom(scores[slot])).sum::<f64>()
+            let tier = u8::from(context.weights.urgent_first && m.priority == 0);
+            (tier, base + custom.iter().map(|(w, scores)| w * clamp_custom(scores[slot])).sum::<f64>())
         })
-        .max_by(f64::total_cmp)
+        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
 }
 
 proptest! {
@@ -140,20 +143,29 @@ proptest! {
         messages in proptest::collection::vec(message(), 0..120),
         weights in proptest::array::uniform6(0.0f64..1.0),
         available in 0.0f64..60_000.0,
+        urgent_first in any::<bool>(),
     ) {
         let index = VecIndex::new(messages);
-        let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, None);
+        let context = SearchContext { weights, now: 400.0, available, max_tokens: available };
         let mut search = IndexSearch::new(&index, context);
         let mut produced = Vec::new();
         while let Some(c) = search.next_candidate() {
-            // Everything left is bounded by what just came out.
-            if let Some(bound) = search.remaining_bound() {
-                prop_assert!(bound <= c.base, "{bound} > {}", c.base);
+            prop_assert_eq!(c.tier, u8::from(urgent_first && c.priority == 0));
+            // Everything left is of a lower tier, or bounded by what just came out.
+            if let (Some(bound), Some(tier)) = (search.remaining_bound(), search.remaining_tier()) {
+                prop_assert!(tier <= c.tier);
+                if tier == c.tier {
+                    prop_assert!(bound <= c.base, "{bound} > {}", c.base);
+                }
             }
             produced.push(c);
         }
         for pair in produced.windows(2) {
-            prop_assert!(pair[0].base >= pair[1].base - 1e-9, "{} then {}", pair[0].base, pair[1].base);
+            prop_assert!(pair[0].tier >= pair[1].tier);
+            if pair[0].tier == pair[1].tier {
+                prop_assert!(pair[0].base >= pair[1].base - 1e-9, "{} then {}", pair[0].base, pair[1].base);
+            }
         }
         let eligible = index.messages.iter().filter(|m| m.tokens as f64 <= available).count();
         prop_assert_eq!(produced.len(), eligible);
@@ -168,10 +180,12 @@ proptest! {
         available in 0.0f64..60_000.0,
         custom_weights in proptest::collection::vec(0.0f64..0.6, 0..3),
         seed in any::<u64>(),
+        urgent_first in any::<bool>(),
     ) {
         let n = messages.len();
         let index = VecIndex::new(messages);
-        let context = SearchContext { weights: Weights::from_array(weights), now: 400.0, available, max_tokens: available };
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, None);
+        let context = SearchContext { weights, now: 400.0, available, max_tokens: available };
         // Deterministic pseudo-random custom scores per message, some outside [0, 1] or NaN.
         let custom: Vec<(f64, Vec<f64>)> = custom_weights.iter().enumerate().map(|(j, &w)| {
             let scores = (0..n).map(|i| {
@@ -192,7 +206,8 @@ proptest! {
         let expected = brute_force(&index, &context, &custom);
         match (choice, expected) {
             (None, None) => {}
-            (Some(choice), Some(expected)) => {
+            (Some(choice), Some((tier, expected))) => {
+                prop_assert_eq!(choice.candidate.tier, tier);
                 prop_assert!((choice.total - expected).abs() < 1e-9, "{} vs {}", choice.total, expected);
                 prop_assert!(choice.candidate.tokens as f64 <= available);
             }
@@ -216,6 +231,7 @@ proptest! {
         weights in proptest::array::uniform6(0.0f64..1.0),
         available in 0.0f64..60_000.0,
         now in 0.0f64..1_000.0,
+        urgent_first in any::<bool>(),
     ) {
         use crate::store::{NewMessage, Store, StoreConfig};
         let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
@@ -242,15 +258,16 @@ proptest! {
         store.receive(receives, 1.0, at).unwrap();
         let now = at + 2.0 + now;
         store.release_expired(now);
-        let context = SearchContext { weights: Weights::from_array(weights), now, available, max_tokens: available };
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, None);
+        let context = SearchContext { weights, now, available, max_tokens: available };
         let expected = (0..n)
             .filter(|&slot| store.is_visible(slot) == Some(true))
             .map(|slot| CandidateIndex::traits(&store, slot))
             .filter(|t| t.tokens as f64 <= available)
-            .map(|t| total(&weighted_factors(&context.weights, &t, now, available)))
-            .max_by(f64::total_cmp);
-        let fast = best_candidate(&store, &context).map(|c| c.base);
-        let streamed = IndexSearch::new(&store, context).next_candidate().map(|c| c.base);
+            .map(|t| (weights.tier(t.priority), total(&weighted_factors(&context.weights, &t, now, available))))
+            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let fast = best_candidate(&store, &context).map(|c| (c.tier, c.base));
+        let streamed = IndexSearch::new(&store, context).next_candidate().map(|c| (c.tier, c.base));
         prop_assert_eq!(fast, expected);
         prop_assert_eq!(streamed, expected);
     }

@@ -1,5 +1,6 @@
 //! The store's structural invariants, checked by a full scan (tests and debugging only).
 
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use super::{OrdTime, Store, TenantCounts};
@@ -11,10 +12,17 @@ impl<P, R: Ranking> Store<P, R> {
     /// the visible messages, counts agree, the id table maps every id.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut visible = Vec::new();
-        let mut tenant_counts = vec![TenantCounts::default(); self.tenants.counts.len()];
+        let mut tenant_counts: HashMap<u32, TenantCounts> = HashMap::new();
+        let mut outbox: HashMap<u32, usize> = HashMap::new();
+        for m in &self.outbox {
+            *outbox.entry(m.tenant).or_default() += 1;
+        }
         for (slot, s) in self.slots.iter().enumerate() {
             let Some(m) = &s.message else { continue };
-            let counts = &mut tenant_counts[m.tenant as usize];
+            if !self.tenants.entries.contains_key(&m.tenant) {
+                return Err(format!("slot {slot} names tenant {} that the store forgot", m.tenant));
+            }
+            let counts = tenant_counts.entry(m.tenant).or_default();
             if s.deadline.is_nan() {
                 visible.push((slot as u32, m.index_entry()));
                 counts.visible += 1;
@@ -50,8 +58,18 @@ impl<P, R: Ranking> Store<P, R> {
         if self.free.len() + occupied != self.slots.len() {
             return Err("free list out of date".into());
         }
-        if tenant_counts != self.tenants.counts {
-            return Err(format!("tenant counts {:?} != {tenant_counts:?}", self.tenants.counts));
+        for (&id, tenant) in &self.tenants.entries {
+            let expected = tenant_counts.get(&id).copied().unwrap_or_default();
+            let expected_outbox = outbox.get(&id).copied().unwrap_or(0);
+            if tenant.counts != expected || tenant.outbox != expected_outbox {
+                return Err(format!(
+                    "tenant {id}: counts {:?} and outbox {} != {expected:?} and {expected_outbox}",
+                    tenant.counts, tenant.outbox
+                ));
+            }
+        }
+        if let Some(id) = outbox.keys().find(|id| !self.tenants.entries.contains_key(id)) {
+            return Err(format!("a dead letter names tenant {id} that the store forgot"));
         }
         Ok(())
     }

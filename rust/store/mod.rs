@@ -44,7 +44,8 @@ use self::handles::{random_u64, take_message_ids};
 pub use self::message::{
     validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
 };
-pub use self::tenants::{TenantCounts, Tenants};
+pub use self::tenants::TenantCounts;
+use self::tenants::Tenants;
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
 pub use crate::index::PRIORITIES;
@@ -92,6 +93,8 @@ pub struct Store<P, R: Ranking = ()> {
     ranking: R,
     in_flight: BTreeSet<(OrdTime, u32)>,
     tenants: Tenants,
+    /// The instant of the latest operation (what tenant idleness is timed by).
+    now: f64,
     epoch: u64,
     created_at: f64,
     last_modified_at: f64,
@@ -141,6 +144,7 @@ impl<P, R: Ranking> Store<P, R> {
             ranking,
             in_flight: BTreeSet::new(),
             tenants: Tenants::default(),
+            now,
             epoch: random_u64(),
             created_at: now,
             last_modified_at: now,
@@ -215,19 +219,38 @@ impl<P, R: Ranking> Store<P, R> {
         self.ids.find(hash, |&s| slot_id(slots, s) == Some(request_id)).copied()
     }
 
-    /// The name of an interned tenant ("" for requests without one).
+    /// The name of an interned tenant ("" for requests without one, and for a number the store
+    /// no longer knows).
     pub fn tenant_name(&self, tenant: u32) -> &str {
-        self.tenants.names.get(tenant as usize).map_or("", |name| name)
+        self.tenants.name(tenant)
     }
 
-    /// The interned number of a tenant name, if the store has seen it.
+    /// The interned number of a tenant name, if the store knows it.
     pub fn tenant_id(&self, name: &str) -> Option<u32> {
-        self.tenants.ids.get(name).copied()
+        self.tenants.id(name)
     }
 
-    /// Every tenant seen, with its visible and in-flight counts, by interned number.
+    /// Every tenant the store knows (see `tenants`), with its visible and in-flight counts.
     pub fn tenant_counts(&self) -> impl Iterator<Item = (&str, TenantCounts)> {
-        self.tenants.names.iter().map(|name| &**name).zip(self.tenants.counts.iter().copied())
+        self.tenants.iter().map(|(_, name, counts)| (name, counts))
+    }
+
+    /// Every known tenant: its number, name and message counts.
+    pub fn tenant_counts_by_id(&self) -> impl Iterator<Item = (u32, &str, TenantCounts)> {
+        self.tenants.iter()
+    }
+
+    /// Tenants the store knows: those with messages, pinned ones, and idle ones not yet
+    /// forgotten (see [`Store::set_tenant_retention`]).
+    pub fn known_tenants(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// Keeps a tenant that holds no message for `seconds` before forgetting it (0 by default;
+    /// a `fair_priority` dispatcher sets its fairness window, over which a tenant's token use
+    /// still counts).
+    pub fn set_tenant_retention(&mut self, seconds: f64) {
+        self.tenants.retention = seconds.max(0.0);
     }
 
     /// Visible messages.
@@ -400,7 +423,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.last_modified_at = now;
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
-        self.outbox.push(message);
+        self.send_to_outbox(message);
         Ok(())
     }
 
@@ -410,18 +433,22 @@ impl<P, R: Ranking> Store<P, R> {
         if self.is_visible(slot) != Some(true) {
             return Err(CoreError::MessageState(format!("slot {slot} holds no visible message")));
         }
+        self.now = now;
         self.hide(slot);
         self.last_modified_at = now;
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
         let id = message.request_id.clone();
-        self.outbox.push(message);
+        self.send_to_outbox(message);
         Ok(id)
     }
 
-    /// Interns a tenant name (for configurations that name tenants before their messages).
+    /// Interns a tenant name for a configuration that names tenants before their messages; the
+    /// store never forgets it.
     pub fn intern_tenant(&mut self, name: &str) -> u32 {
-        self.tenants.intern(Some(name))
+        let id = self.tenants.intern(Some(name));
+        self.tenants.pin(id);
+        id
     }
 
     /// Makes the message `handle` names invisible for `visibility_timeout` seconds from `now`
@@ -456,9 +483,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.index.clear();
         self.ranking.clear();
         self.in_flight.clear();
-        for counts in &mut self.tenants.counts {
-            *counts = TenantCounts::default();
-        }
+        self.tenants.purged(now);
         // The slab restarts at generation 0; a new epoch keeps every old handle refused.
         self.epoch = random_u64();
         self.last_modified_at = now;
@@ -469,7 +494,11 @@ impl<P, R: Ranking> Store<P, R> {
     /// payload (for a garbage collector's `__clear__`).
     pub fn clear(&mut self, now: f64) -> Vec<P> {
         let mut payloads = self.purge_inner(now);
-        payloads.extend(self.outbox.drain(..).map(|m| m.payload));
+        let outbox = std::mem::take(&mut self.outbox);
+        for m in &outbox {
+            self.tenants.change(m.tenant, now, |t| t.outbox -= 1);
+        }
+        payloads.extend(outbox.into_iter().map(|m| m.payload));
         payloads.append(&mut self.dropped);
         payloads
     }
@@ -494,13 +523,21 @@ impl<P, R: Ranking> Store<P, R> {
 
     /// Drains the dead-letter outbox: messages dead-lettered (and counted) here, for the caller
     /// to move to the dead-letter store.
+    /// Their tenants stay known until the next operation, so the caller can read their names.
     pub fn take_dead_lettered(&mut self) -> Vec<StoredMessage<P>> {
-        std::mem::take(&mut self.outbox)
+        let outbox = std::mem::take(&mut self.outbox);
+        for m in &outbox {
+            self.tenants.change(m.tenant, self.now, |t| t.outbox -= 1);
+        }
+        outbox
     }
 
     /// Puts back dead letters the dead-letter store could not take: they wait in the outbox
     /// for the next hand-off (still counted once).
     pub fn return_dead_letters(&mut self, mut messages: Vec<StoredMessage<P>>) {
+        for m in &messages {
+            self.tenants.change(m.tenant, self.now, |t| t.outbox += 1);
+        }
         messages.append(&mut self.outbox);
         self.outbox = messages;
     }
@@ -513,6 +550,8 @@ impl<P, R: Ranking> Store<P, R> {
     // ----- internals -----------------------------------------------------------------------
 
     fn maintain(&mut self, now: f64) {
+        self.now = now;
+        self.tenants.reclaim(now);
         while let Some(&(OrdTime(deadline), slot)) = self.in_flight.first() {
             if deadline > now {
                 break;
@@ -530,7 +569,7 @@ impl<P, R: Ranking> Store<P, R> {
             } else if self.config.max_receive_count.is_some_and(|max| message.receive_count >= max) {
                 self.dead_lettered += 1;
                 let message = self.release_slot(slot);
-                self.outbox.push(message);
+                self.send_to_outbox(message);
             } else {
                 self.make_visible(slot);
             }
@@ -548,8 +587,14 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     fn count_tenant(&mut self, slot: u32, change: impl FnOnce(&mut TenantCounts)) {
-        let tenant = self.message(slot).tenant as usize;
-        change(&mut self.tenants.counts[tenant]);
+        let tenant = self.message(slot).tenant;
+        self.tenants.change(tenant, self.now, |t| change(&mut t.counts));
+    }
+
+    /// Puts a dead-lettered message in the outbox (its tenant stays known while it is there).
+    fn send_to_outbox(&mut self, message: StoredMessage<P>) {
+        self.tenants.change(message.tenant, self.now, |t| t.outbox += 1);
+        self.outbox.push(message);
     }
 
     /// Puts a message that is in no set into the visible index (and the second ranking).
@@ -557,7 +602,7 @@ impl<P, R: Ranking> Store<P, R> {
         let entry = self.message(slot).index_entry();
         self.index.insert(slot, &entry);
         self.ranking.insert(slot, &entry);
-        self.tenants.counts[entry.tenant as usize].visible += 1;
+        self.tenants.change(entry.tenant, self.now, |t| t.counts.visible += 1);
     }
 
     /// Takes a visible message out of the visible index (and the second ranking).
@@ -567,7 +612,7 @@ impl<P, R: Ranking> Store<P, R> {
         let enqueued_at_of = |s: u32| slots[s as usize].message.as_ref().map_or(f64::NAN, |m| m.enqueued_at);
         self.index.remove(&entry, enqueued_at_of);
         self.ranking.remove(slot, &entry);
-        self.tenants.counts[entry.tenant as usize].visible -= 1;
+        self.tenants.change(entry.tenant, self.now, |t| t.counts.visible -= 1);
     }
 
     fn insert(&mut self, message: NewMessage<P>, id: u64, now: f64) -> u32 {

@@ -594,3 +594,47 @@ fn release_keeps_the_first_receive_of_an_earlier_delivery() {
     let m = s.message(slot);
     assert_eq!((m.receive_count, m.first_received_at()), (1, Some(1.0)));
 }
+
+#[test]
+fn tenants_seen_once_are_forgotten_once_idle_past_the_retention() {
+    let mut s = store();
+    s.set_tenant_retention(60.0);
+    let weighted = s.intern_tenant("configured");
+    for i in 0..100_000u32 {
+        let mut m = new(&format!("r{i}"), 2, i);
+        m.tenant = Some(format!("t{i}").into());
+        s.enqueue(m, 1.0).unwrap();
+    }
+    assert_eq!(s.known_tenants(), 100_002);
+    let received = s.receive(100_000, 30.0, 2.0).unwrap();
+    for (_, handle) in received {
+        s.delete(&handle.to_string(), 3.0).unwrap();
+    }
+    // Idle since 3.0: kept through the window (their use may still count), forgotten after.
+    s.release_expired(62.9);
+    assert_eq!(s.known_tenants(), 100_002);
+    s.release_expired(63.0);
+    assert_eq!(s.known_tenants(), 2, "the default tenant and the configured one");
+    assert_eq!(s.tenant_id("t7"), None);
+    assert_eq!(s.tenant_id("configured"), Some(weighted));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_dead_lettered_message_keeps_its_tenant_known_until_handed_off() {
+    let mut s = store();
+    let mut m = new("a", 2, 1);
+    m.tenant = Some("t".into());
+    s.enqueue(m, 0.0).unwrap();
+    let (slot, handle) = s.receive(1, 30.0, 0.0).unwrap()[0];
+    let tenant = s.message(slot).tenant;
+    s.dead_letter_now(&handle.to_string(), 1.0).unwrap();
+    s.enqueue(new("b", 2, 2), 100.0).unwrap();
+    assert_eq!(s.tenant_name(tenant), "t");
+    let dead = s.take_dead_lettered();
+    // Still readable until the next operation, then forgotten.
+    assert_eq!(s.tenant_name(dead[0].tenant), "t");
+    s.release_expired(100.0);
+    assert_eq!(s.tenant_id("t"), None);
+    s.check_invariants().unwrap();
+}

@@ -101,6 +101,8 @@ class BookLimiter:
     superseded: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     fail_on: set[str] = field(default_factory=set)
     calls: dict[str, int] = field(default_factory=dict)
+    # Every key `consume` was called with, failed calls included.
+    consume_keys: list[str] = field(default_factory=list)
     strict: bool = False
 
     def _enter(self, method: str) -> None:
@@ -138,6 +140,7 @@ class BookLimiter:
         )
 
     def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+        self.consume_keys.append(request_id)
         self._enter("consume")
         if self.used_tokens + estimated_tokens > self.token_capacity:
             return False

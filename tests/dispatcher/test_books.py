@@ -176,12 +176,18 @@ class DispatchBooks(RuleBasedStateMachine):
             self.scorer_fails = True
         elif fault in ("consume", "metrics") and limiter == "python":
             self.limiters["python"].fail_on.add("consume" if fault == "consume" else "get_metrics")
+        asked = len(self.limiters["python"].consume_keys)
         try:
             job = self.run(self.dispatchers[dispatcher].dequeue(self.limiters[limiter]))
         except (OSError, KeyError, RuntimeError, InvalidRequestError):
             # A failed attempt releases what it reserved, and the id's older reservation (a
             # delivery whose lease ran out) is the current one again.
             job = None
+            if fault == "consume":
+                # Its message was received, then the receive undone: an earlier delivery's
+                # handle (its lease ran out) was made stale by that receive.
+                for key in self.limiters["python"].consume_keys[asked:]:
+                    self.latest.pop(key.rsplit("#", 1)[0], None)
         finally:
             self.disarm()
         if job is None:

@@ -24,6 +24,7 @@ from llm_queue_dispatcher import (
     create_in_memory_queue,
 )
 from tests.dispatcher.support import FACTOR_NAMES, request, throttle
+from tests.integer_like import int_likes
 
 BAD_CONFIG = [
     ("buffer_size", 0),
@@ -105,6 +106,29 @@ OVERFLOWING = [
     ("max_candidates_to_evaluate", 10**30),
     ("max_candidates_to_evaluate", 2**64),
 ]
+
+
+@pytest.mark.parametrize("number", int_likes(5), ids=lambda v: type(v).__name__)
+async def test_integer_like_numbers_are_valid_config_fields(number: object) -> None:
+    config = LLMQueueDispatcherConfig(
+        buffer_size=number,  # type: ignore[arg-type]
+        max_candidates_to_evaluate=number,  # type: ignore[arg-type]
+        prefetch_interval=number,  # type: ignore[arg-type]
+        min_score_threshold=type(number)(0),  # type: ignore[call-arg]
+        metrics_retention=number,  # type: ignore[arg-type]
+        visibility_timeout=number,  # type: ignore[arg-type]
+    )
+    assert (config.buffer_size, config.visibility_timeout, config.prefetch_interval) == (5, 5, 5)
+    fair = FairPriorityConfig(
+        tenant_weights={"a": number},  # type: ignore[dict-item]
+        fairness_window=number,  # type: ignore[arg-type]
+        reserve_tokens=number,  # type: ignore[arg-type]
+        max_wait={Priority.LOW: number},  # type: ignore[dict-item]
+    )
+    assert (fair.fairness_window, fair.reserve_tokens, fair.max_wait_by_priority()[3]) == (5, 5, 5.0)
+    dispatcher = create_in_memory_queue(visibility_timeout=number, policy="fair_priority", fair_priority=fair)  # type: ignore[arg-type]
+    await dispatcher.enqueue(request("a"))
+    assert await dispatcher.dequeue(throttle(ManualClock())) is not None
 
 
 @pytest.mark.parametrize(("field", "value"), OVERFLOWING, ids=[f"{f}={v}" for f, v in OVERFLOWING])

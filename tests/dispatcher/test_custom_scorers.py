@@ -98,7 +98,7 @@ async def test_custom_scorer_that_decides_picks_the_winner(clock: ManualClock) -
     dispatcher = scored_queue(
         clock, CustomScorer("vip", 5.0, lambda message, context: 1.0 if message.payload.id == "vip" else 0.0)
     )
-    await dispatcher.batch_enqueue([request("urgent", Priority.URGENT), request("vip", Priority.LOW)])
+    await dispatcher.batch_enqueue([request("high", Priority.HIGH), request("vip", Priority.LOW)])
     job = await dispatcher.dequeue(throttle(clock))
     assert job is not None
     assert job.message.payload.id == "vip"

@@ -19,6 +19,7 @@ from llm_queue_dispatcher import (
     QueueStorageAdapter,
 )
 from tests.dispatcher.support import counts, queue, request, throttle
+from tests.integer_like import int_likes
 from tests.reference.storage import ReferenceStorage
 
 
@@ -115,6 +116,23 @@ async def test_mark_as_failed_refunds_and_redelivers_after_retry_after(clock: Ma
     assert again.message.attributes.receive_count == 2
     assert again.message.attributes.first_received_at == first_received_at
     assert again.message.attributes.receipt_handle != job.message.attributes.receipt_handle
+
+
+@pytest.mark.parametrize("seconds", int_likes(5), ids=lambda v: type(v).__name__)
+async def test_integer_like_delays_are_valid_for_mark_as_failed_and_update_visibility(
+    clock: ManualClock, seconds: object
+) -> None:
+    dispatcher = queue(clock)
+    limiter = throttle(clock)
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.update_visibility(seconds)  # type: ignore[arg-type]
+    await job.mark_as_failed(RuntimeError("provider error"), retry_after=seconds)  # type: ignore[arg-type]
+    clock.advance(4.9)
+    assert await dispatcher.dequeue(limiter) is None
+    clock.advance(0.2)
+    assert await dispatcher.dequeue(limiter) is not None
 
 
 async def test_mark_as_failed_without_retry_after_redelivers_at_once(clock: ManualClock) -> None:

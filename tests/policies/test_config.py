@@ -195,3 +195,39 @@ def test_create_fair_priority_queue_keeps_the_callers_fields() -> None:
     # A score config handed in becomes a fair_priority one; its other fields stay.
     base = dataclasses.replace(LLMQueueDispatcherConfig(), buffer_size=7, clock=clock)
     assert create_fair_priority_queue(config=base).config.buffer_size == 7
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("urgent_first", 1),
+        ("urgent_first", "yes"),
+        ("urgent_reserve", -1),
+        ("urgent_reserve", 1.5),
+        ("urgent_reserve", True),
+        ("urgent_reserve", "100"),
+        ("urgent_reserve", 10**400),
+    ],
+)
+def test_bad_urgent_fields_are_refused(field: str, value: Any) -> None:
+    with pytest.raises(InvalidConfigError, match=field):
+        LLMQueueDispatcherConfig(**{field: value})
+    with pytest.raises(InvalidConfigError, match=field):
+        create_in_memory_queue(**{field: value})
+
+
+def test_urgent_first_belongs_to_the_score_policy() -> None:
+    """``fair_priority`` has its own switch (`FairPriorityConfig.urgent_first`): setting the
+    score policy's under ``fair_priority`` is refused, naming the one to use."""
+    with pytest.raises(InvalidConfigError, match=r"FairPriorityConfig\.urgent_first"):
+        LLMQueueDispatcherConfig(policy="fair_priority", urgent_first=False)
+    with pytest.raises(InvalidConfigError, match="urgent_first"):
+        create_fair_priority_queue(urgent_first=True)
+
+
+def test_urgent_first_follows_hold_budget_unless_set() -> None:
+    assert LLMQueueDispatcherConfig().score_urgent_first() is True
+    assert LLMQueueDispatcherConfig(hold_budget=False).score_urgent_first() is False
+    assert LLMQueueDispatcherConfig(hold_budget=False, urgent_first=True).score_urgent_first() is True
+    assert LLMQueueDispatcherConfig(urgent_first=False).score_urgent_first() is False
+    assert LLMQueueDispatcherConfig(urgent_reserve=0).urgent_reserve == 0

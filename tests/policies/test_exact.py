@@ -60,7 +60,7 @@ from tests.policies.support import (
     request,
 )
 from tests.reference.fair import PRIORITY_NAMES, FairMessage, FairModel, FairSettings, expired
-from tests.reference.scoring import reference_breakdown, reference_ranking
+from tests.reference.scoring import UrgentHistory, reference_breakdown, reference_ranking, tier, urgent_margin
 
 TOLERANCE = 1e-9
 
@@ -134,10 +134,13 @@ class Scenario:
     ops: list[Op]
     reserve_budget: bool
     drop_expired: bool
+    # both policies: the dispatcher's URGENT reserve (None: automatic)
+    urgent_reserve: int | None = None
     # score policy
     weights: tuple[float, ...] = (0.25, 0.20, 0.20, 0.10, 0.15, 0.10)
     custom_seed: int | None = None
     min_score_threshold: float = 0.0
+    urgent_first: bool | None = None  # None: follows hold_budget
     # fair_priority
     fair: FairSettings = field(default_factory=FairSettings)
 
@@ -197,6 +200,7 @@ def scenarios(draw: st.DrawFn, policy: str) -> Scenario:
         + [Dequeue(), Advance(1.0), Dequeue()],
         reserve_budget=draw(st.sampled_from([True, True, False])),
         drop_expired=draw(st.booleans()),
+        urgent_reserve=draw(st.one_of(st.none(), st.none(), st.integers(0, 2_000), st.integers(0, 100_000))),
     )
     if policy == "score":
         scenario.weights = draw(
@@ -211,8 +215,9 @@ def scenarios(draw: st.DrawFn, policy: str) -> Scenario:
         )
         scenario.custom_seed = draw(st.one_of(st.none(), st.integers(0, 1_000)))
         scenario.min_score_threshold = draw(st.sampled_from([0.0, 0.0, 0.35]))
+        scenario.urgent_first = draw(st.sampled_from([None, None, True, False]))
     else:
-        scenario.fair = draw(fair_settings)
+        scenario.fair = dataclasses.replace(draw(fair_settings), urgent_reserve=scenario.urgent_reserve)
     return scenario
 
 
@@ -283,7 +288,11 @@ class Run:
             hold_budget=hold,
             reserve_budget=scenario.reserve_budget,
             drop_expired=scenario.drop_expired,
+            urgent_reserve=scenario.urgent_reserve,
         )
+        self.urgent_first = hold if scenario.urgent_first is None else scenario.urgent_first
+        # What the score policy's automatic URGENT reserve is sized from.
+        self.history = UrgentHistory()
         fair = scenario.fair
         if policy == "score":
             scorers = []
@@ -298,6 +307,7 @@ class Run:
                 scoring=ScoringConfig(weights=self.weights, custom_scorers=scorers),
                 min_score_threshold=scenario.min_score_threshold,
                 max_candidates_to_evaluate=1_000,
+                urgent_first=scenario.urgent_first,
             )
             fair_config = None
         else:
@@ -311,10 +321,6 @@ class Run:
         self.dispatcher: LLMQueueDispatcher[str] = make_dispatcher(
             make_store(store, self.clock), self.clock, policy=policy, fair=fair_config, **config
         )
-        # "URGENT exempt" from the reserve, read narrowly: exempt when ranked ahead of fairness
-        # (urgent_first); with urgent_first=False an URGENT message of a backlogged tenant
-        # leaves the reserve like any other. The contract's "URGENT exempt" / "an URGENT one
-        # finds budget at once" reads wider; the question is with the lead.
         self.model = FairModel(fair)
         # External store: the messages the prefetch buffer holds. Per `PrefetchSource`, it is
         # filled before a selection when it is empty, and otherwise in the background as soon
@@ -374,8 +380,17 @@ class Run:
         req = request(request_id, tenant=op.tenant, priority=op.priority, tokens=op.tokens, deadline=deadline)
         message = await self.dispatcher.enqueue(req)
         assert message.attributes.enqueued_at.timestamp() == now
-        self.messages[request_id] = Tracked(req, now, self.next_id)
+        tracked = Tracked(req, now, self.next_id)
+        self.messages[request_id] = tracked
         self.next_id += 1
+        if self.store_kind == "memory":
+            self.observe(tracked)
+
+    def observe(self, tracked: Tracked) -> None:
+        """A message became visible to the selection: the URGENT reserve's history."""
+        message = tracked.fair_message()
+        self.history.observe(message.priority, message.tokens, message.enqueued_at)
+        self.model.observe(message)
 
     def visible(self) -> list[Tracked]:
         return [t for t in self.messages.values() if t.job is None]
@@ -388,8 +403,13 @@ class Run:
         return [t for t in self.visible() if t.request.id in self.buffered]
 
     def fill(self) -> None:
-        """A fill of the prefetch buffer: every message visible in the store comes in."""
-        self.buffered |= {t.request.id for t in self.visible()}
+        """A fill of the prefetch buffer: every message visible in the store comes in (in the
+        store's receive order: priority, then age)."""
+        arriving = [t for t in self.visible() if t.request.id not in self.buffered]
+        arriving.sort(key=lambda t: (int(t.request.priority), t.enqueued_at, t.order))
+        for tracked in arriving:
+            self.buffered.add(tracked.request.id)
+            self.observe(tracked)
 
     async def mark(self, op: Mark) -> None:
         if not self.in_flight:
@@ -406,6 +426,8 @@ class Run:
             if op.kind == "failed":
                 await job.mark_as_failed(RuntimeError("retry"))
                 tracked.job = None
+                if self.store_kind == "memory":
+                    self.observe(tracked)
             else:
                 await job.mark_as_dead_lettered(RuntimeError("give up"))
                 del self.messages[tracked.request.id]
@@ -438,37 +460,74 @@ class Run:
     def score_outcomes(self, visible: list[Tracked]) -> tuple[set[str], list[tuple[str, float]]] | None:
         """The messages the score policy may hand out now, and the (message, wait) it may hold
         for; None when nothing goes and nothing is held. One winner, by the reference's order
-        (the highest total, then the older, then the earlier enqueue), unless another message
-        scores within 1e-9 of it from different weighted factors: float rounding may order
-        those either way, so each such message (the first of its factors) may win too."""
+        (URGENT first when on, then the highest total, then the older, then the earlier
+        enqueue), unless another message of its tier scores within 1e-9 of it from different
+        weighted factors: float rounding may order those either way, so each such message (the
+        first of its factors) may win too. A non-URGENT winner leaves the URGENT reserve (none
+        when the limiter admits everything waiting at once); without holding, when the best
+        does not fit with it, the best of those that do."""
         now = self.clock.now()
         seed = self.scenario.custom_seed
+        capacity = self.capacity
+        urgent_first = self.urgent_first
 
         def custom(message: QueueMessage[Any]) -> list[tuple[str, float, float]]:
             return [] if seed is None else [("custom", 0.3, custom_raw(seed, message.payload.id))]
 
-        if self.hold:
-            available = self.capacity
-            eligible = lambda tokens: tokens <= self.capacity  # noqa: E731
-        else:
-            available = self.inner.get_metrics().tpm.available
-            eligible = lambda tokens: bool(self.inner.can_process(tokens).allowed)  # noqa: E731
-        ranking = reference_ranking(
-            [t.queue_message() for t in visible],
-            now=now,
-            available=available,
-            weights=self.weights,
-            eligible=eligible,
-            custom=custom,
+        waiting = sum(t.request.token_info.estimated for t in visible)
+        reserve = self.history.reserve(
+            capacity, fixed=self.scenario.urgent_reserve, urgent_first=urgent_first
         )
+        refill = self.scenario.tpm / 60.0
+        if not self.history.kept(reserve, now=now, refill_rate=refill, admits_waiting=self.admits(waiting)):
+            event("score: a clearing backlog keeps no reserve")
+            reserve = 0.0
+
+        def margin(message: QueueMessage[Any]) -> float:
+            return urgent_margin(
+                int(message.payload.priority), message.payload.token_info.estimated, reserve, capacity
+            )
+
+        def fits_now(message: QueueMessage[Any]) -> bool:
+            tokens = message.payload.token_info.estimated
+            leave = margin(message)
+            if leave > 0:
+                return self.admits(tokens + leave)
+            return bool(self.inner.can_process(tokens).allowed)
+
+        available = capacity if self.hold else self.inner.get_metrics().tpm.available
+
+        def eligible(message: QueueMessage[Any]) -> bool:
+            tokens = message.payload.token_info.estimated
+            return tokens <= capacity if self.hold else bool(self.inner.can_process(tokens).allowed)
+
+        messages = [t.queue_message() for t in visible]
+
+        def rank(accept: Any) -> list[tuple[float, QueueMessage[Any]]]:
+            return reference_ranking(
+                messages,
+                now=now,
+                available=available,
+                weights=self.weights,
+                eligible=accept,
+                custom=custom,
+                urgent_first=urgent_first,
+                by_message=True,
+            )
+
+        ranking = rank(eligible)
+        if not self.hold and ranking and not fits_now(ranking[0][1]):
+            event("score: the best does not leave the URGENT reserve")
+            ranking = rank(lambda message: eligible(message) and fits_now(message))
         if not ranking or ranking[0][0] < self.scenario.min_score_threshold:
             return None
         best = ranking[0][0]
+        best_tier = tier(int(ranking[0][1].payload.priority), urgent_first)
         take: set[str] = set()
         held: list[tuple[str, float]] = []
         seen: set[tuple[float, ...]] = set()
         for total, message in ranking:  # best first
-            if total < best - TOLERANCE:
+            if total < best - TOLERANCE or tier(int(message.payload.priority), urgent_first) != best_tier:
                 break
             factors = reference_breakdown(
                 message, now=now, available=available, weights=self.weights, custom=custom(message)
@@ -477,11 +536,19 @@ class Run:
             if key in seen:
                 continue  # the same weighted factors as one ranked above: the tie-break decides
             seen.add(key)
-            tokens = message.payload.token_info.estimated
-            if self.inner.can_process(tokens).allowed:
+            if fits_now(message):
                 take.add(message.payload.id)
             else:
-                held.append((message.payload.id, self.expected_wait(tokens, 0.0)))
+                held.append(
+                    (
+                        message.payload.id,
+                        self.expected_wait(message.payload.token_info.estimated, margin(message)),
+                    )
+                )
+        if best_tier:
+            event("score: URGENT first")
+        if reserve > 0 and any(margin(m) > 0 for _, m in ranking[:1]):
+            event("score: the URGENT reserve applies")
         return take, held
 
     # -- a dequeue ------------------------------------------------------------------------------

@@ -247,13 +247,20 @@ async def test_reason_of_an_aged_choice(store: Store, limiter: Limiter) -> None:
 
 
 class Tight(Fair):
-    """A fair dispatcher on a 6,000-token bucket refilled at 100 tokens per second."""
+    """A fair dispatcher on a 6,000-token bucket refilled at 100 tokens per second, without the
+    URGENT reserve (these tests are about the tenant reserve; tests/policies/test_urgent.py
+    covers the other)."""
 
     def __init__(self, store: Store, **config: object) -> None:
         super().__init__(store, "native")
         fair = FairPriorityConfig(**config)  # type: ignore[arg-type]
         self.dispatcher = make_dispatcher(
-            make_store(store, self.clock), self.clock, policy="fair_priority", fair=fair, hold_budget=False
+            make_store(store, self.clock),
+            self.clock,
+            policy="fair_priority",
+            fair=fair,
+            hold_budget=False,
+            urgent_reserve=0,
         )
         self.throttle = LLMThrottle(6_000, 6_000, clock=self.clock)
         self.limiter = self.throttle
@@ -313,6 +320,7 @@ async def test_the_automatic_reserve(store: Store) -> None:
         policy="fair_priority",
         fair=FairPriorityConfig(tenant_weights={"z": 1_000.0}),
         prefetch_interval=1_000.0,  # a held wait over an external store is capped by it
+        urgent_reserve=0,
     )
     await fair.add("never", "z", 10_000)
     await fair.add("b0", "b", 10)

@@ -38,26 +38,41 @@ def fair(store: Store, **settings: object):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("store", ["memory", "external"])
-async def test_tenant_ties_go_to_the_older_head(store: Store) -> None:
+async def test_tenant_ties_go_to_the_head_of_the_higher_class_then_the_older(store: Store) -> None:
     clock, dispatcher, limiter = fair(store)
     await dispatcher.enqueue(request("x-normal", tenant="x"))  # older
     clock.advance(1.0)
     await dispatcher.enqueue(request("y-high", tenant="y", priority=Priority.HIGH))
-    job = await dispatcher.dequeue(limiter)
-    assert job is not None
-    assert job.message.payload.id == "x-normal"  # external: "y-high"
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("z-normal", tenant="z"))
+    order = []
+    for _ in range(3):
+        job = await dispatcher.dequeue(limiter)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the external store's background fill lands
+        assert job is not None
+        order.append(job.message.payload.id)
+    # All used nothing: the head in the higher class first, then the older head ("y" has used
+    # tokens by then and ranks last, with nothing left anyway).
+    assert order == ["y-high", "x-normal", "z-normal"]
 
 
 @pytest.mark.parametrize("store", ["memory", "external"])
-async def test_an_aged_message_ranks_by_age_among_high_ones(store: Store) -> None:
+async def test_an_aged_message_ranks_behind_native_high_ones_and_ahead_of_normal_ones(store: Store) -> None:
     clock, dispatcher, limiter = fair(store, max_wait={Priority.NORMAL: 5.0})
     await dispatcher.enqueue(request("old-normal", tenant="x"))
     clock.advance(1.0)
     await dispatcher.enqueue(request("young-high", tenant="x", priority=Priority.HIGH))
-    clock.advance(10.0)  # old-normal has aged: HIGH, and older than young-high
-    job = await dispatcher.dequeue(limiter)
-    assert job is not None
-    assert job.message.payload.id == "old-normal"  # external: "young-high"
+    clock.advance(10.0)  # old-normal has aged: it ranks as HIGH, behind native HIGH
+    await dispatcher.enqueue(request("fresh-normal", tenant="x"))
+    order = []
+    for _ in range(3):
+        job = await dispatcher.dequeue(limiter)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert job is not None
+        order.append(job.message.payload.id)
+    assert order == ["young-high", "old-normal", "fresh-normal"]
 
 
 @pytest.mark.parametrize("store", ["memory", "external"])

@@ -62,6 +62,9 @@ def setup(policy: str, store: Store, limiter: Limiter, **config: Any) -> Setup:
         # waits, so that what is measured is the wait for the winner (see
         # test_a_held_dequeue_sees_what_other_producers_put_into_the_store).
         config.setdefault("prefetch_interval", 10_000.0)
+    # These tests time the wait for a winner; the URGENT reserve would add to it
+    # (tests/policies/test_urgent.py times that).
+    config.setdefault("urgent_reserve", 0)
     dispatcher = make_dispatcher(storage, clock, policy=policy, min_score_threshold=0.0, **config)
     return Setup(clock, inner, limiter_for(limiter, inner), dispatcher, storage)
 

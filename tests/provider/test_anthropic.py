@@ -395,6 +395,41 @@ async def test_status_codes_map_to_retryable_or_permanent(
 
 
 @pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (ask("k", temprature=0.2), "temprature"),
+        (
+            {"model": "claude-test", "messages": [{"role": "user", "content": "k"}]},
+            "Missing required arguments",
+        ),
+        (ask("k\ud800"), "surrogates not allowed"),
+    ],
+    ids=["misspelt keyword", "missing max_tokens", "lone surrogate"],
+)
+async def test_arguments_the_sdk_refuses_before_sending_are_permanent(
+    provider: AnthropicServer, client: AsyncAnthropic, payload: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(PermanentError, match=words):
+        await create_message(client, roomy(), payload)
+    assert sum(provider.calls.values()) == 0  # nothing was sent
+
+
+async def test_a_misspelt_keyword_is_dead_lettered_at_once_not_retried(
+    provider: AnthropicServer, client: AsyncAnthropic
+) -> None:
+    dead: InMemoryStorage[Any] = InMemoryStorage()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(dead_letter=dead))
+    await dispatcher.enqueue(LLMRequest.from_anthropic_messages("typo", ask("typo", temprature=0.2)))
+    await dispatcher.enqueue(LLMRequest.from_anthropic_messages("fine", ask("fine")))
+    limiter = roomy()
+    worker: Worker[Any] = Worker(dispatcher, limiter, anthropic_messages_handler(client, limiter))
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 30)
+    assert (stats.dead_lettered, stats.retried, stats.processed) == (1, 0, 1)
+    [moved] = await dead.dequeue(10, 30.0)
+    assert moved.payload.id == "typo"
+
+
+@pytest.mark.parametrize(
     ("status", "should_retry", "expected"),
     [(503, "false", PermanentError), (400, "true", RetryableError), (429, "false", PermanentError)],
 )

@@ -292,6 +292,39 @@ async def test_status_codes_map_to_retryable_or_permanent(
     assert provider.calls["k"] == 1  # the SDK's own retries are off
 
 
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (chat("k", temprature=0.2), "temprature"),
+        ({"model": "test-model", "max_tokens": 5}, "Missing required arguments"),
+        (chat("k\ud800"), "surrogates not allowed"),
+        ("not a mapping", "payload must be a mapping"),
+    ],
+    ids=["misspelt keyword", "missing keyword", "lone surrogate", "not a mapping"],
+)
+async def test_arguments_the_sdk_refuses_before_sending_are_permanent(
+    provider: ProviderServer, client: AsyncOpenAI, payload: Any, words: str
+) -> None:
+    with pytest.raises(PermanentError, match=words):
+        await create_chat_completion(client, LLMThrottle(60_000, 1_000_000), payload)
+    assert sum(provider.calls.values()) == 0  # nothing was sent
+
+
+async def test_a_misspelt_keyword_is_dead_lettered_at_once_not_retried(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    dead: InMemoryStorage[Any] = InMemoryStorage()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(dead_letter=dead))
+    await dispatcher.enqueue(LLMRequest.from_openai_chat("typo", chat("typo", temprature=0.2)))
+    await dispatcher.enqueue(LLMRequest.from_openai_chat("fine", chat("fine")))
+    limiter = LLMThrottle(60_000, 1_000_000)
+    worker: Worker[Any] = Worker(dispatcher, limiter, openai_chat_handler(client, limiter))
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 30)
+    assert (stats.dead_lettered, stats.retried, stats.processed) == (1, 0, 1)
+    [moved] = await dead.dequeue(10, 30.0)
+    assert moved.payload.id == "typo"
+
+
 async def test_a_timeout_and_a_refused_connection_are_retryable(provider: ProviderServer) -> None:
     provider.configure(slow={"k": 0.8})
     sdk = AsyncOpenAI(base_url=provider.base_url, api_key="x", timeout=0.3)

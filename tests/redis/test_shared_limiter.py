@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import LimiterUnavailableError
+from llm_queue_dispatcher import LimiterUnavailableError, UnknownRequestError
 from llm_queue_dispatcher.redis import RedisThrottle
-from tests.redis.conftest import Workers
+from llm_queue_dispatcher.redis._connection import script
+from tests.redis.conftest import Workers, fresh_name
 from tests.redis.support import RedisServer, free_port
 
 pytestmark = pytest.mark.fault
@@ -131,3 +132,46 @@ async def test_a_hung_server_fails_closed_within_the_timeout(private_server: Red
         finally:
             private_server.resume()
         assert await asyncio.wait_for(limiter.consume("c", 1), 5)
+
+
+async def test_a_grant_made_after_its_caller_timed_out_is_given_back_by_the_next_call(
+    private_server: RedisServer,
+) -> None:
+    """Redis paused past the client's timeout: the consume fails closed, but it was sent, and the
+    server runs it when it resumes. The limiter's next call gives that grant back: the books show
+    only what callers were told they got."""
+    url = private_server.url + "?socket_timeout=0.5"
+    async with RedisThrottle(url, "paused", rpm=60, tpm=1000) as limiter:
+        assert await limiter.consume("a", 10)
+        private_server.pause()
+        try:
+            with pytest.raises(LimiterUnavailableError, match="gives the grant back"):
+                await limiter.consume("b", 100)
+        finally:
+            private_server.resume()
+        metrics = await limiter.get_metrics()
+        assert metrics.consumption_history.count == 1  # "a" only
+        assert metrics.consumption_history.total_tokens == 10
+        assert metrics.tpm.used <= 10.0  # "b"'s 100 tokens are back (10 used, less any refill)
+        with pytest.raises(UnknownRequestError):
+            await limiter.release("b")
+        await limiter.release("a")  # "a" is untouched
+
+
+async def test_a_consume_that_runs_only_after_it_was_settled_grants_nothing(redis_url: str) -> None:
+    """The other order: the lost call reaches the server after the next call settled it (still in
+    a socket buffer while the new connection's call ran). It finds its reply already kept, a
+    refusal, and changes nothing."""
+    async with RedisThrottle(redis_url, fresh_name("late"), rpm=60, tpm=1000) as limiter:
+        late_key = f"{limiter._prefix}reply:{'0' * 32}".encode()
+        limiter._unsettled.append(late_key)
+        assert (await limiter.get_metrics()).consumption_history.count == 0  # settles first
+        assert not limiter._unsettled
+        late = await limiter._connection.run(
+            script("limiter_common", "limiter_consume"),
+            [*limiter._keys, late_key],
+            (limiter._time_argument(), *limiter._settings, b"late", 100),
+        )
+        assert late[0] == 0
+        metrics = await limiter.get_metrics()
+        assert (metrics.consumption_history.count, metrics.rpm.used, metrics.tpm.used) == (0, 0.0, 0.0)

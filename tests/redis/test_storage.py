@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -33,6 +35,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from llm_queue_dispatcher.redis._codec import MAX_JSON_INT, decode_request, encode_request
+from tests.integer_like import IntLike, int_likes
 from tests.redis.conftest import START, fresh_name
 from tests.redis.support import (
     HOUR,
@@ -260,6 +263,127 @@ def test_bad_names_are_refused(redis_url: str, name: Any) -> None:
 def test_bad_options_are_refused(redis_url: str, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfigError):
         RedisStorage(redis_url, "same", **options)
+
+
+@pytest.mark.parametrize("retention", [1e308, math.inf, 2.0**53], ids=["1e308", "inf", "2**53 s"])
+async def test_a_retention_longer_than_redis_can_count_keeps_messages_forever(
+    clocked_storage: MakeStorage, clock: ManualClock, retention: float
+) -> None:
+    storage = clocked_storage(message_retention=retention)
+    assert storage.message_retention == retention
+    await storage.enqueue(LLMRequest("r", {"n": 1}, token_info=TokenInfo(1)))
+    clock.advance(10 * 365 * 86_400.0)  # ten years on
+    [message] = await storage.dequeue(1, 30.0)
+    assert message.payload.id == "r"
+
+
+@pytest.mark.parametrize(
+    "retention",
+    [10**400, -(10**400), 0, math.nan, "60", True],
+    ids=["10**400", "-10**400", "0", "nan", "str", "bool"],
+)
+def test_a_retention_no_number_of_seconds_can_hold_is_refused_naming_it(
+    redis_url: str, retention: Any
+) -> None:
+    with pytest.raises(InvalidConfigError, match="message_retention"):
+        RedisStorage(redis_url, "q", message_retention=retention)
+
+
+@pytest.mark.parametrize("number", int_likes(30), ids=lambda v: type(v).__name__)
+async def test_integer_like_numbers_are_valid_storage_arguments(
+    clocked_storage: MakeStorage, number: object
+) -> None:
+    storage = clocked_storage(
+        message_retention=number, max_receive_count=number, max_payload_bytes=IntLike(4096)
+    )
+    assert (storage.message_retention, storage.max_receive_count, storage.max_payload_bytes) == (
+        30.0,
+        30,
+        4096,
+    )
+    await storage.enqueue(LLMRequest("r", {"n": 1}, token_info=TokenInfo(1)))
+    [message] = await storage.dequeue(number, number)  # type: ignore[arg-type]
+    await storage.update_visibility_timeout(message.attributes.receipt_handle, number)  # type: ignore[arg-type]
+
+
+def maintain_batch() -> int:
+    """The most messages one call expires (queue_common.lua's MAINTAIN_BATCH)."""
+    source = resources.files("llm_queue_dispatcher.redis").joinpath("lua", "queue_common.lua").read_text()
+    match = re.search(r"^local MAINTAIN_BATCH = (\d+)$", source, re.MULTILINE)
+    assert match is not None
+    return int(match.group(1))
+
+
+async def test_expiring_many_messages_at_once_is_bounded_work_per_call_and_answers_stay_right(
+    private_server: RedisServer, clock: ManualClock
+) -> None:
+    """20,000 messages past the retention period at one instant: one call drops at most
+    MAINTAIN_BATCH of them (counted by the server's own command statistics, not by time), the
+    rest go in later calls, and meanwhile none is delivered or counted as visible, all count as
+    expired, and their request ids are free again."""
+    batch = maintain_batch()
+    old = 20 * batch
+    storage: ClockedRedisStorage[Any] = ClockedRedisStorage(
+        private_server.url, "bulk", clock=clock, message_retention=60.0
+    )
+    async with storage:
+        for start in range(0, old, 1_000):
+            await storage.batch_enqueue(
+                [LLMRequest(f"old-{n}", n, token_info=TokenInfo(1)) for n in range(start, start + 1_000)]
+            )
+        clock.advance(30.0)
+        await storage.batch_enqueue([LLMRequest(f"new-{n}", n, token_info=TokenInfo(1)) for n in range(5)])
+        clock.advance(31.0)  # the old ones are past the retention period, the new ones are not
+        client = storage.redis
+        await client.config_resetstat()
+        assert await storage.get_approximate_message_count() == 5
+        # One call, bounded work: each dropped message is three HDELs (id, body, state).
+        hdels = (await client.info("commandstats"))["cmdstat_hdel"]["calls"]
+        assert 0 < hdels <= 3 * batch
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages == 5
+        assert attributes.approximate_number_of_messages_in_flight == 0
+        assert attributes.expired == old  # all counted as expired at once
+        assert [len(await storage.peek_messages_by_priority(p, 100)) for p in Priority] == [0, 0, 5, 0]
+        # Never delivered: a receive takes only the live ones, though the expired are older.
+        received = await storage.dequeue(100, 30.0)
+        assert sorted(m.payload.id for m in received) == [f"new-{n}" for n in range(5)]
+        # An expired request's id is free again at once, before any call dropped it.
+        await storage.enqueue(LLMRequest(f"old-{old - 1}", 0, token_info=TokenInfo(1)))
+        for _ in range(old // batch):  # later calls finish the job, MAINTAIN_BATCH at a time
+            await storage.get_approximate_message_count()
+        state_key = storage._keys[4]
+        assert await client.hlen(state_key) == 6  # the five received and the one enqueued again
+        assert (await storage.get_queue_attributes()).expired == old
+
+
+async def test_many_leases_ending_at_once_are_bounded_work_per_call(
+    private_server: RedisServer, clock: ManualClock
+) -> None:
+    """2.5 x MAINTAIN_BATCH leases ending at one instant: one call returns at most MAINTAIN_BATCH
+    of them (the others count as in flight until a later call returns them), and a few calls
+    later every message is visible again, none lost or doubled."""
+    batch = maintain_batch()
+    total = batch * 5 // 2
+    storage: ClockedRedisStorage[Any] = ClockedRedisStorage(private_server.url, "leases", clock=clock)
+    async with storage:
+        for start in range(0, total, 500):
+            await storage.batch_enqueue(
+                [LLMRequest(f"r{n}", n, token_info=TokenInfo(1)) for n in range(start, start + 500)]
+            )
+        received = 0
+        while received < total:
+            received += len(await storage.dequeue(1_000, 10.0))
+        clock.advance(11.0)  # every lease has ended
+        client = storage.redis
+        await client.config_resetstat()
+        assert await storage.get_approximate_message_count() == batch
+        assert (await client.info("commandstats"))["cmdstat_zadd"]["calls"] <= batch
+        for _ in range(2):
+            await storage.get_approximate_message_count()
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages == total
+        assert attributes.approximate_number_of_messages_in_flight == 0
 
 
 def test_the_client_must_be_a_redis_client_or_a_url() -> None:

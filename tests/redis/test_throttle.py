@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from llm_queue_dispatcher import (
     InvalidConfigError,
     InvalidRequestError,
+    LimiterUnavailableError,
     LLMThrottle,
     ManualClock,
     ProviderLimits,
@@ -32,6 +33,7 @@ from llm_queue_dispatcher.redis import (
     RedisThrottle,
     SharedRateLimitMetrics,
 )
+from tests.integer_like import IntLike, int_likes
 from tests.redis.conftest import START, fresh_name
 from tests.redis.support import ClockedRedisThrottle, RedisServer, RedisThrottleAnHourAhead, ReplyCutter
 
@@ -340,7 +342,7 @@ async def test_penalize_refuses_everything_until_it_ends(
     assert not await throttle.consume("a", 1)
     clock.advance(US)
     assert await throttle.consume("a", 1)
-    for bad in (-1, math.nan, math.inf, "5", True):
+    for bad in (-1, math.nan, "5", True):
         with pytest.raises(InvalidRequestError, match="seconds"):
             await throttle.penalize(bad)
 
@@ -622,10 +624,15 @@ async def test_a_penalty_stored_beyond_a_day_ends_within_one(
 async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     clocked_throttle: MakeThrottle, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """`LLMThrottle.penalize`'s rule: any number >= 0 is taken, infinity and an int too large for
+    a float included, and above a day counts as a day; NaN and negatives are refused."""
     throttle = clocked_throttle(rpm=600, tpm=60_000)
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
         await throttle.penalize(1e308)
         await throttle.penalize(10**30)
+        await throttle.penalize(math.inf)
+        await throttle.penalize(10**400)
+        await throttle.penalize(IntLike(10**400))  # type: ignore[arg-type]
         await throttle.sync_from_headers({"retry-after": "1e12", "x-ratelimit-reset-tokens": "1e12s"})
     [record] = [r for r in caplog.records if "one day" in r.getMessage()]
     assert throttle.name in record.getMessage()
@@ -636,9 +643,24 @@ async def test_penalties_above_a_day_count_as_a_day_and_are_logged_once(
     with caplog.at_level(logging.WARNING, logger="llm_queue_dispatcher"):
         await other.penalize(1e9)
     assert len([r for r in caplog.records if "one day" in r.getMessage()]) == 2  # once per limiter
-    for bad in (math.inf, math.nan, -1.0, 10**400):
-        with pytest.raises(InvalidRequestError, match="seconds"):
-            await throttle.penalize(bad)
+    for bad in (math.nan, -1.0, -(10**400), -math.inf, IntLike(-1), "5", None, True):
+        with pytest.raises(InvalidRequestError, match=r"^seconds must be a number >= 0"):
+            await throttle.penalize(bad)  # type: ignore[arg-type]
+    for bad in (math.nan, -1.0, -(10**400), -math.inf, IntLike(-1), "5", None, True):  # the same rule
+        with pytest.raises(InvalidRequestError, match=r"^seconds must be a number >= 0"):
+            LLMThrottle(600, 60_000).penalize(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("number", int_likes(60), ids=lambda v: type(v).__name__)
+async def test_integer_like_numbers_are_valid_limits_and_penalties(
+    clocked_throttle: MakeThrottle, number: object
+) -> None:
+    throttle = clocked_throttle(
+        rpm=number, tpm=number, burst_rpm=number, burst_tpm=number, history_retention=number
+    )
+    assert (throttle.rpm, throttle.token_capacity) == (60.0, 60.0)
+    await throttle.penalize(number)  # type: ignore[arg-type]
+    assert (await throttle.get_metrics()).penalty_remaining == 60.0
 
 
 # ----- the server's clock only -----------------------------------------------------------------------
@@ -694,6 +716,25 @@ async def test_calls_whose_reply_was_lost_are_applied_once(
         await limiter.release("b")  # the first "b" is still there to give back
         with pytest.raises(UnknownRequestError):
             await limiter.release("b")
+
+
+async def test_a_grant_whose_replies_were_all_lost_is_given_back_by_the_next_call(
+    reply_cutter: ReplyCutter, clock: ManualClock
+) -> None:
+    """The script ran, the reply was lost, the resend's reply too: the caller is told nothing was
+    granted (fail closed), so the grant that landed is given back by the next call, once."""
+    limiter = ClockedRedisThrottle(reply_cutter.url, fresh_name("lost"), rpm=60, tpm=1000, clock=clock)
+    async with limiter:
+        assert await limiter.consume("warm", 0)  # loads the scripts: a cut falls on one that runs
+        await limiter.release("warm")
+        reply_cutter.armed = 2  # the call and redis-py's resend
+        with pytest.raises(LimiterUnavailableError, match="gives the grant back"):
+            await limiter.consume("a", 100)
+        assert reply_cutter.cuts == 2
+        metrics = await limiter.get_metrics()
+        assert (metrics.rpm.used, metrics.tpm.used, metrics.consumption_history.count) == (0.0, 0.0, 0)
+        assert await limiter.consume("b", 1000)  # the whole budget is there
+        assert (await limiter.get_metrics()).tpm.used == 1000.0  # settled once, not again
 
 
 # ----- one budget for every process ----------------------------------------------------------------
@@ -775,6 +816,31 @@ async def test_a_refund_to_zero_is_not_an_estimation_miss(clocked_throttle: Make
 def test_bad_configuration_is_refused(redis_url: str, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidConfigError):
         RedisThrottle(redis_url, "x", **options)
+
+
+async def test_a_history_retention_longer_than_redis_can_count_keeps_grants_like_llm_throttle(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    local_clock = ManualClock(0.0)
+    local = LLMThrottle(60, 100, history_retention=1e308, clock=local_clock)
+    throttle = clocked_throttle(rpm=60, tpm=100, history_retention=1e308)
+    assert await throttle.consume("a", 10)
+    assert local.consume("a", 10)
+    # Ten years on, the grant is still there to adjust, in both.
+    clock.advance(10 * 365 * 86_400.0)
+    local_clock.advance(10 * 365 * 86_400.0)
+    await throttle.adjust_consumption("a", 4)
+    local.adjust_consumption("a", 4)
+    assert (await throttle.get_metrics()).consumption_history.total_tokens == 4
+    assert local.get_metrics().consumption_history.total_tokens == 4
+
+
+@pytest.mark.parametrize("retention", [10**400, math.inf, math.nan, 0], ids=["10**400", "inf", "nan", "0"])
+def test_a_history_retention_no_number_of_seconds_can_hold_is_refused_naming_it(
+    redis_url: str, retention: Any
+) -> None:
+    with pytest.raises(InvalidConfigError, match="history_retention"):
+        RedisThrottle(redis_url, "t", rpm=60, tpm=100, history_retention=retention)
 
 
 @pytest.mark.parametrize(

@@ -1,33 +1,40 @@
 """The brute-force reference of the ``fair_priority`` policy, written from the contract.
 
-Source: /work/shared/API.md, "Scheduling under overload (policies)", and the documentation of
-rust/fair.rs (which tenant is backlogged; the automatic reserve). Nothing here is borrowed from
-the implementation: every rule is spelled out over a plain list of the visible messages, sorted
+Source: /work/shared/API.md, "Scheduling under overload (policies)" and "Scheduling that holds
+on real traffic" (which wins where they differ), and the README's "How a request is chosen"
+(which tenant is backlogged; the automatic reserves). Nothing here is borrowed from the
+implementation: every rule is spelled out over a plain list of the visible messages, sorted
 afresh at each decision.
 
 The total order of the visible messages at an instant ``now``:
 
 1. With ``urgent_first``, every URGENT message (of every tenant) first, oldest first.
 2. Then tenant by tenant: the tenants with (other) visible messages by their token use over the
-   last ``fairness_window`` seconds divided by their weight (default 1), ties to the tenant
-   whose head (its first message by rule 3) is older.
-3. Inside a tenant: effective priority (a NORMAL or LOW message that has waited *longer* than
-   ``max_wait[priority]`` ranks as HIGH; URGENT never ages), then the earliest deadline (none
-   last), then the oldest.
+   last ``fairness_window`` seconds divided by their weight (default 1); ties to the tenant
+   whose head (its first message by rule 3) is in the earlier lane, then is older.
+3. Inside a tenant, by lane: URGENT (without ``urgent_first``), HIGH, aged, NORMAL, LOW; then the
+   earliest deadline (none last), then the oldest. A NORMAL or LOW message that has waited
+   *longer* than ``max_wait[priority]`` is in the aged lane (it ranks as HIGH, behind every
+   native HIGH message of its tenant); URGENT and HIGH never age.
 
 "Oldest" is the earliest enqueue instant, then the earlier enqueue.
 
-Admission (rule 3b and the hold rule):
+Admission (the reserves and the hold rule):
 
 - A request needing more tokens than the limiter's capacity never fits: it is skipped and holds
   nothing.
-- A message of a backlogged tenant must leave the reserve in the bucket, its need capped at the
-  capacity. A tenant is backlogged when it has more than one visible message (URGENT ones
-  included) and has used, per weight, at least its fair share of the window's capacity: the
-  tokens the limiter refills over ``fairness_window``, divided by the total weight of the
-  tenants that are waiting (have a visible message) or have used tokens in the window (use
-  above 0). Exact arithmetic: a tenant that used exactly its share is backlogged. URGENT
-  messages are exempt, with or without ``urgent_first`` ("an URGENT one finds budget at once").
+- An URGENT message leaves nothing in the bucket (with or without ``urgent_first``). Every other
+  message leaves the URGENT reserve, and one of a backlogged tenant the tenant reserve on top;
+  its need (estimate + reserves) is capped at the capacity. Neither reserve is kept while a
+  backlog clears: the limiter admits, now, one request as large as all the visible messages
+  together, and nothing has arrived for as long as the bucket takes to refill both reserves
+  (`tests.reference.scoring.UrgentHistory.kept`).
+- A tenant is backlogged when another tenant is active, it has more than one visible message
+  (URGENT ones included), and it has used, per weight, at least its fair share of the window's
+  capacity: the tokens the limiter refills over ``fairness_window``, divided by the total weight
+  of the active tenants, those that are waiting (have a visible message) or have used tokens in
+  the window (use above 0). Exact arithmetic: a tenant that used exactly its share is
+  backlogged.
 - With ``hold``, the first message of the order (that can ever fit) is the winner: it goes when
   it is admissible now, else the dispatcher holds for it. Without, the first message of the
   order that is admissible now goes.
@@ -36,9 +43,10 @@ Token use is a ledger: each dispatch charges its estimate at the dispatch instan
 corrects that charge while it lies in the window (processed with ``actual_tokens`` to that
 count; failed or dead-lettered to 0). A charge at ``t`` counts while ``now - window < t``.
 
-The automatic reserve (``reserve_tokens=None``): one and a half times the largest estimate
-among the last 256 dispatched requests, at most a tenth of the capacity; 1 % of the capacity
-before the first dispatch.
+The automatic tenant reserve (``reserve_tokens=None``): one and a half times the largest
+estimate among the last 256 dispatched requests, at most a tenth of the capacity; 1 % of the
+capacity before the first dispatch. The URGENT reserve, with ``urgent_first`` only:
+``urgent_reserve`` when set, else automatic (`tests.reference.scoring.UrgentHistory`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+
+from tests.reference.scoring import UrgentHistory
 
 __all__ = [
     "HIGH",
@@ -87,6 +97,7 @@ class FairSettings:
     reserve_tokens: float | None = None
     urgent_first: bool = True
     max_wait: Mapping[int, float] = field(default_factory=lambda: {HIGH: 60.0, NORMAL: 300.0, LOW: 900.0})
+    urgent_reserve: float | None = None
 
     def weight(self, tenant: str) -> float:
         return float(self.tenant_weights.get(tenant, 1.0))
@@ -156,20 +167,30 @@ def oldest_key(message: FairMessage) -> tuple[float, int]:
     return (message.enqueued_at, message.order)
 
 
-def effective_priority(message: FairMessage, now: float, settings: FairSettings) -> int:
-    """NORMAL and LOW rank as HIGH once they have waited longer than their ``max_wait``."""
+AGED = 2  # the aged lane, between HIGH and NORMAL
+LANE_PRIORITY = [URGENT, HIGH, HIGH, NORMAL, LOW]
+
+
+def lane(message: FairMessage, now: float, settings: FairSettings) -> int:
+    """URGENT 0, HIGH 1, aged 2, NORMAL 3, LOW 4: NORMAL and LOW move to the aged lane once they
+    have waited longer than their ``max_wait``."""
     if message.priority in (NORMAL, LOW):
         limit = settings.max_wait.get(message.priority)
         if limit is not None and now - message.enqueued_at > limit:
-            return HIGH
-    return message.priority
+            return AGED
+    return [0, 1, 3, 4][message.priority]
+
+
+def effective_priority(message: FairMessage, now: float, settings: FairSettings) -> int:
+    """The priority its lane ranks as: an aged message as HIGH."""
+    return LANE_PRIORITY[lane(message, now, settings)]
 
 
 def within_tenant_key(
     message: FairMessage, now: float, settings: FairSettings
 ) -> tuple[int, float, float, int]:
     deadline = math.inf if message.deadline is None else message.deadline
-    return (effective_priority(message, now, settings), deadline, *oldest_key(message))
+    return (lane(message, now, settings), deadline, *oldest_key(message))
 
 
 @dataclass(frozen=True)
@@ -185,14 +206,15 @@ class FairModel:
     """The policy's state over time: the ledger, the estimates the automatic reserve reads, and
     the decision at each dispatch."""
 
-    def __init__(self, settings: FairSettings, *, urgent_exempt: bool | None = True) -> None:
+    def __init__(self, settings: FairSettings) -> None:
         self.settings = settings
         self.ledger = Ledger(settings.fairness_window)
         self.recent: list[int] = []
-        #: Whether an URGENT message is exempt from the reserve. The contract says "URGENT
-        #: exempt" (True, the default). None is the narrower reading: exempt when it is ranked
-        #: ahead of fairness (``urgent_first``), an ordinary message of its tenant otherwise.
-        self.urgent_exempt = urgent_exempt
+        self.history = UrgentHistory()
+
+    def observe(self, message: FairMessage) -> None:
+        """A message became visible (enqueued, visible again, taken into the buffer)."""
+        self.history.observe(message.priority, message.tokens, message.enqueued_at)
 
     # -- the order ------------------------------------------------------------------------------
     def order(self, visible: Iterable[FairMessage], now: float) -> list[_Ranked]:
@@ -213,7 +235,12 @@ class FairModel:
             urgent = sorted((m for m in messages if m.priority == URGENT), key=oldest_key)
             ranked += [_Ranked(m, True, 0, 0, self.ledger.usage(m.tenant, now)) for m in urgent]
         tenants = sorted(
-            by_tenant, key=lambda t: (usage[t] / settings.weight(t), oldest_key(by_tenant[t][0]))
+            by_tenant,
+            key=lambda t: (
+                usage[t] / settings.weight(t),
+                lane(by_tenant[t][0], now, settings),
+                oldest_key(by_tenant[t][0]),
+            ),
         )
         for rank, tenant in enumerate(tenants, start=1):
             ranked += [_Ranked(m, False, rank, len(tenants), usage[tenant]) for m in by_tenant[tenant]]
@@ -227,12 +254,11 @@ class FairModel:
             return 0.01 * capacity
         return min(1.5 * max(self.recent[-RECENT_ESTIMATES:]), 0.1 * capacity)
 
-    def _exempt(self, ranked: _Ranked) -> bool:
-        if ranked.message.priority != URGENT:
-            return False
-        if self.urgent_exempt is None:
-            return ranked.urgent
-        return self.urgent_exempt
+    def urgent_reserve(self, capacity: float) -> float:
+        settings = self.settings
+        return self.history.reserve(
+            capacity, fixed=settings.urgent_reserve, urgent_first=settings.urgent_first
+        )
 
     def fair_share(self, visible: Sequence[FairMessage], now: float, refill_rate: float) -> Fraction | None:
         """Tokens per unit of weight a tenant may use over the window before it is backlogged
@@ -246,16 +272,31 @@ class FairModel:
     def backlogged(self, tenant: str, visible: Sequence[FairMessage], now: float, refill_rate: float) -> bool:
         if sum(1 for m in visible if m.tenant == tenant) <= 1:
             return False
+        if len(self.ledger.active(now) | {m.tenant for m in visible}) <= 1:
+            return False  # the tenant reserve is for other tenants: none is active
         share = self.fair_share(visible, now, refill_rate)
         used = Fraction(self.ledger.usage(tenant, now)) / Fraction(self.settings.weight(tenant))
         return share is not None and used >= share
 
-    def margin(self, ranked: _Ranked, backlogged: bool, capacity: float) -> float:
+    def margin(self, ranked: _Ranked, backlogged: bool, capacity: float, reserves_kept: bool) -> float:
         """The reserve part of what the message must find in the bucket."""
         tokens = ranked.message.tokens
-        if not backlogged or self._exempt(ranked):
+        if ranked.message.priority == URGENT or not reserves_kept:
             return 0.0
-        return min(tokens + self.reserve(capacity), capacity) - tokens
+        reserve = self.urgent_reserve(capacity) + (self.reserve(capacity) if backlogged else 0.0)
+        return min(tokens + reserve, capacity) - tokens
+
+    def reserves_kept(
+        self,
+        visible: Sequence[FairMessage],
+        now: float,
+        capacity: float,
+        refill_rate: float,
+        admits: Callable[[float], bool],
+    ) -> bool:
+        both = self.urgent_reserve(capacity) + self.reserve(capacity)
+        waiting = sum(m.tokens for m in visible)
+        return self.history.kept(both, now=now, refill_rate=refill_rate, admits_waiting=admits(waiting))
 
     def choose(
         self,
@@ -270,12 +311,13 @@ class FairModel:
         """The dispatch decision at ``now`` with a limiter of token ``capacity`` refilling
         ``refill_rate`` tokens per second: ``admits(tokens)`` tells whether it admits a request
         needing that many tokens now. None: nothing goes and nothing is held."""
+        reserves_kept = self.reserves_kept(visible, now, capacity, refill_rate, admits)
         for ranked in self.order(visible, now):
             message = ranked.message
             if message.tokens > capacity:
                 continue  # never fits: holds nothing
             backlogged = self.backlogged(message.tenant, visible, now, refill_rate)
-            margin = self.margin(ranked, backlogged, capacity)
+            margin = self.margin(ranked, backlogged, capacity, reserves_kept)
             fits = admits(message.tokens + margin)
             if fits or hold:
                 return FairChoice(

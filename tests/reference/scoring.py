@@ -6,9 +6,12 @@ the admissible messages wins, ties go to the older message, then to the earlier 
 below ``min_score_threshold``), and "Scheduling under overload" for ``hold_budget``
 (`reference_hold_select`: every message that fits the token capacity is ranked with `A` = the
 capacity; the best one goes when the limiter admits it now, else the dispatcher holds for it).
-Every formula is the contract's, verbatim, so the dispatcher's exact selection can be checked
-against it (tests/test_dispatcher_exact.py, tests/test_prefetch.py, tests/policies/) and the
-benchmarks' plain-Python brute force dispatches with it (benches/compare.py).
+"Scheduling that holds on real traffic" for URGENT first (``urgent_first``: every URGENT
+message ranks above every other whatever the scores) and its reserve (`UrgentHistory`, the rule
+written out in the README's "How a request is chosen"). Every formula is the contract's,
+verbatim, so the dispatcher's exact selection can be checked against it
+(tests/test_dispatcher_exact.py, tests/test_prefetch.py, tests/policies/) and the benchmarks'
+plain-Python brute force dispatches with it (benches/compare.py).
 
 It imports nothing from ``llm_queue_dispatcher``: the brute force must run even where the package
 cannot be imported, and a reference should not borrow the values it checks (the default weights
@@ -30,6 +33,7 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "PRIORITY_FACTOR",
     "ContractWeights",
+    "UrgentHistory",
     "Weights",
     "clamp_custom",
     "efficiency_factor",
@@ -44,6 +48,7 @@ __all__ = [
     "selection_key",
     "token_fit_factor",
     "total_score",
+    "urgent_margin",
     "wait_time_factor",
     "weighted_factors",
 ]
@@ -255,6 +260,63 @@ def selection_key(total: float, enqueued_at: float, enqueue_order: int) -> tuple
     return (total, -enqueued_at, -enqueue_order)
 
 
+def tier(priority: int, urgent_first: bool) -> int:
+    """1 for an URGENT message when URGENT goes first (it ranks above every score), else 0."""
+    return int(urgent_first and priority == URGENT)
+
+
+RECENT_URGENT = 64
+URGENT_RESERVE_SHARE = 0.25
+
+
+class UrgentHistory:
+    """What the automatic URGENT reserve is sized from, told of every message that becomes
+    visible (enqueued, or visible again after a failure; over an external store, taken into the
+    prefetch buffer), in that order.
+
+    The automatic reserve is twice the largest of the last 64 URGENT estimates, at most a
+    quarter of the token capacity; none until an URGENT message has been seen. A fixed reserve
+    replaces it; without URGENT first there is none. The reserves are not kept while a backlog
+    clears (`kept`): the limiter admits, now, one request as large as every visible message
+    together, and no message has arrived (latest enqueue instant among those observed) for as
+    long as the bucket takes to refill the reserves."""
+
+    def __init__(self) -> None:
+        self.urgent: list[int] = []
+        self.last_arrival = -math.inf
+
+    def observe(self, priority: int, tokens: int, enqueued_at: float) -> None:
+        if priority == URGENT:
+            self.urgent.append(tokens)
+        self.last_arrival = max(self.last_arrival, enqueued_at)
+
+    def kept(self, reserve: float, *, now: float, refill_rate: float, admits_waiting: bool) -> bool:
+        """Whether reserves totalling ``reserve`` are kept at ``now`` (``admits_waiting``: the
+        limiter admits one request of every visible message's tokens together)."""
+        if reserve <= 0:
+            return True
+        quiet = now - self.last_arrival >= reserve / refill_rate
+        return not (quiet and admits_waiting)
+
+    def automatic(self, capacity: float) -> float:
+        if not self.urgent:
+            return 0.0
+        return min(2.0 * max(self.urgent[-RECENT_URGENT:]), URGENT_RESERVE_SHARE * capacity)
+
+    def reserve(self, capacity: float, *, fixed: float | None, urgent_first: bool) -> float:
+        if not urgent_first:
+            return 0.0
+        return float(fixed) if fixed is not None else self.automatic(capacity)
+
+
+def urgent_margin(priority: int, tokens: int, reserve: float, capacity: float) -> float:
+    """What a message must leave in the bucket on top of its own estimate: the URGENT reserve
+    unless it is URGENT, its need at most a full bucket."""
+    if priority == URGENT:
+        return 0.0
+    return min(reserve, max(capacity - tokens, 0.0))
+
+
 def reference_select(
     messages: Iterable[QueueMessage[Any]],
     *,
@@ -289,21 +351,27 @@ def reference_ranking(
     now: float,
     available: float,
     weights: Weights,
-    eligible: Callable[[int], bool],
+    eligible: Callable[[QueueMessage[Any]], bool] | Callable[[int], bool],
     custom: Callable[[QueueMessage[Any]], Sequence[CustomPart]] = lambda message: (),
+    urgent_first: bool = False,
+    by_message: bool = False,
 ) -> list[tuple[float, QueueMessage[Any]]]:
-    """``(total, message)`` of every message whose estimate is ``eligible``, best first by
-    `selection_key` (``messages`` in enqueue order)."""
+    """``(total, message)`` of every message whose estimate is ``eligible`` (with
+    ``by_message``, every message ``eligible`` accepts), best first: with ``urgent_first``
+    every URGENT message ahead of every other, then by `selection_key` (``messages`` in enqueue
+    order)."""
     keyed = []
     for order, message in enumerate(messages):
-        if not eligible(message.payload.token_info.estimated):
+        accepted = eligible(message) if by_message else eligible(message.payload.token_info.estimated)  # type: ignore[arg-type]
+        if not accepted:
             continue
         total = reference_total(
             message, now=now, available=available, weights=weights, custom=custom(message)
         )
-        keyed.append((selection_key(total, message.attributes.enqueued_at.timestamp(), order), message))
+        key = selection_key(total, message.attributes.enqueued_at.timestamp(), order)
+        keyed.append(((tier(int(message.payload.priority), urgent_first), *key), message))
     keyed.sort(key=lambda item: item[0], reverse=True)
-    return [(key[0], message) for key, message in keyed]
+    return [(key[1], message) for key, message in keyed]
 
 
 def reference_hold_select(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import InvalidConfigError, LLMThrottle, ManualClock, create_llm_throttle
+from tests.integer_like import int_likes
 
 
 @pytest.mark.parametrize(
@@ -66,3 +67,20 @@ def test_warn_stays_available_by_name(caplog: pytest.LogCaptureFixture) -> None:
         throttle.adjust_consumption("a", 1_200)
     assert throttle.get_metrics().compensation.total_debt == 0  # forgiven, and said so
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+@pytest.mark.parametrize("number", int_likes(60), ids=lambda v: type(v).__name__)
+def test_integer_like_numbers_are_valid_limits_durations_and_counts(number: object) -> None:
+    clock = ManualClock()
+    throttle = LLMThrottle(
+        number,  # type: ignore[arg-type]
+        number,  # type: ignore[arg-type]
+        burst_rpm=number,  # type: ignore[arg-type]
+        burst_tpm=number,  # type: ignore[arg-type]
+        history_retention=number,  # type: ignore[arg-type]
+        max_history_records=number,  # type: ignore[arg-type]
+        clock=clock,
+    )
+    assert (throttle.get_metrics().rpm.limit, throttle.token_capacity) == (60, 60.0)
+    throttle.penalize(number)  # type: ignore[arg-type]
+    assert throttle.can_process(1).available_in == 60.0

@@ -12,8 +12,9 @@ import pytest
 
 from llm_queue_dispatcher import InvalidRequestError, LLMThrottle, ManualClock, ProviderLimits, _core
 from llm_queue_dispatcher.throttle import MAX_PROVIDER_WAIT
+from tests.integer_like import IntLike
 
-ABSURD = [1e308, math.inf, 10**400, MAX_PROVIDER_WAIT + 1]
+ABSURD = [1e308, math.inf, 10**400, MAX_PROVIDER_WAIT + 1, IntLike(10**400)]
 
 
 def limiter(clock: ManualClock, logger: logging.Logger | None = None) -> LLMThrottle:

@@ -11,6 +11,7 @@ from llm_queue_dispatcher import (
     Worker,
     create_in_memory_queue,
 )
+from tests.integer_like import int_likes
 from tests.worker.support import noop, roomy_limiter
 
 
@@ -39,3 +40,17 @@ def test_constructor_validates_every_argument() -> None:
     worker = Worker(dispatcher, limiter, noop, concurrency=1, shutdown_grace=0, max_retry_delay=0)
     assert worker.concurrency == 1
     assert worker.stats.processed == 0
+
+
+@pytest.mark.parametrize("number", int_likes(3), ids=lambda v: type(v).__name__)
+def test_integer_like_numbers_are_valid_worker_arguments(number: object) -> None:
+    worker = Worker(
+        create_in_memory_queue(),
+        roomy_limiter(),
+        noop,
+        concurrency=number,  # type: ignore[arg-type]
+        shutdown_grace=number,  # type: ignore[arg-type]
+        max_retry_delay=number,  # type: ignore[arg-type]
+        retry_base_delay=number,  # type: ignore[arg-type]
+    )
+    assert (worker.concurrency, worker.shutdown_grace, worker.max_retry_delay) == (3, 3.0, 3.0)

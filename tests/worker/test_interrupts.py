@@ -117,3 +117,44 @@ def test_keyboard_interrupt_or_system_exit_in_a_handler_stops_gracefully_then_pr
     # taken; nothing in flight; only r0's token kept by the limiter. Then run() raised it.
     assert result.stdout.split() == [name, "1", "1", "3", "0", "1"], result.stderr
     assert result.returncode == status, result.stderr
+
+
+_ONCE_SCRIPT = """
+import asyncio, sys
+from llm_queue_dispatcher import LLMRequest, LLMThrottle, TokenInfo, Worker, create_in_memory_queue
+
+RAISE = {"KeyboardInterrupt": KeyboardInterrupt, "SystemExit": SystemExit}[sys.argv[1]]
+
+async def main():
+    dispatcher = create_in_memory_queue(visibility_timeout=600.0)
+    await dispatcher.enqueue(LLMRequest("r0", 0, token_info=TokenInfo(10)))
+    calls = []
+    async def handle(job):
+        calls.append(job.message.attributes.receive_count)
+        raise RAISE()
+    # A second slot: a dequeue is waiting for work when the message is handed back.
+    worker = Worker(dispatcher, LLMThrottle(6000, 1e6), handle, concurrency=2)
+    try:
+        await worker.run()
+    except RAISE:
+        queue = (await dispatcher.get_queue_metrics()).queue
+        print(len(calls), queue.approximate_number_of_messages,
+              queue.approximate_number_of_messages_in_flight)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("name", ["KeyboardInterrupt", "SystemExit"])
+def test_the_message_of_a_handler_raising_keyboard_interrupt_is_not_handled_again_before_the_stop(
+    name: str,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_ONCE_SCRIPT), name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # The handler ran once; its message is back in the queue, visible, for the next run.
+    assert result.stdout.split() == ["1", "1", "0"], result.stderr

@@ -10,9 +10,13 @@ import random
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from llm_queue_dispatcher import (
     InMemoryStorage,
     LLMQueueDispatcher,
+    LLMThrottle,
+    ManualClock,
     PermanentError,
     ProcessableMessage,
     RetryableError,
@@ -20,6 +24,7 @@ from llm_queue_dispatcher import (
     create_in_memory_queue,
 )
 from llm_queue_dispatcher.worker import backoff_delay
+from tests.integer_like import IntLike
 from tests.worker.support import fill, noop, roomy_limiter
 
 
@@ -173,3 +178,85 @@ async def test_a_handler_that_marks_its_own_job_is_not_marked_twice() -> None:
     stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 10)
     assert stats.processed == 2
     assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [10**400, math.inf, IntLike(10**400), 1e300],
+    ids=["int too large for a float", "inf", "integer-like", "1e300"],
+)
+async def test_an_absurd_retry_after_is_cut_to_the_store_limit_and_the_message_still_settled(
+    retry_after: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A frozen clock: the message handed back can only come back if its delay were ~0, and a
+    # failure to settle it would leave it in flight with its reservation held.
+    clock = ManualClock(1_000.0)
+    dispatcher = create_in_memory_queue(clock=clock, visibility_timeout=1.0)
+    await fill(dispatcher, 1)
+    limiter = LLMThrottle(60_000, 1e8, clock=clock)
+    calls = 0
+    failed = asyncio.Event()
+
+    async def handle(job: ProcessableMessage[Any]) -> int:
+        nonlocal calls
+        calls += 1
+        failed.set()
+        raise RetryableError("wait", retry_after=retry_after)  # type: ignore[arg-type]
+
+    worker = Worker(dispatcher, limiter, handle)
+    run = asyncio.ensure_future(worker.run())
+    await asyncio.wait_for(failed.wait(), 5)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert worker.stats.retried == 1
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0  # marked: no phantom in flight
+    assert metrics.queue.failed == 1
+    assert limiter.get_metrics().consumption_history.total_tokens == 0  # the reservation refunded
+    worker.stop()
+    await asyncio.wait_for(run, 5)
+    assert calls == 1
+    # Invisible for the store's longest delay, 43200 s: not before, and visible once it passed.
+    clock.advance(43_199.0)
+    assert (await dispatcher.get_queue_metrics()).queue.approximate_number_of_messages == 0
+    clock.advance(2.0)
+    assert (await dispatcher.get_queue_metrics()).queue.approximate_number_of_messages == 1
+    # Said once per worker, however often the handler asks for it.
+    assert sum("longest a message can stay invisible" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after", [-1, math.nan, -(10**400), "10", True], ids=["-1", "nan", "-10**400", "str", "bool"]
+)
+async def test_a_negative_nan_or_non_number_retry_after_falls_back_to_backoff(retry_after: object) -> None:
+    dispatcher = create_in_memory_queue()
+    await fill(dispatcher, 1)
+    job = await dispatcher.dequeue(roomy_limiter())
+    assert job is not None
+    worker = Worker(dispatcher, roomy_limiter(), noop, retry_base_delay=1.0, rng=random.Random(1))
+    delay = worker.retry_delay(job, RetryableError("x", retry_after=retry_after))  # type: ignore[arg-type]
+    assert 0.0 <= delay <= 1.0
+    assert worker.retry_delay(job, RetryableError("x", retry_after=IntLike(45))) == 45.0  # type: ignore[arg-type]
+    await job.mark_as_processed()
+
+
+async def test_a_retry_delay_that_raises_still_hands_the_message_back() -> None:
+    dispatcher = create_in_memory_queue()
+    await fill(dispatcher, 1)
+    limiter = roomy_limiter()
+
+    async def handle(job: ProcessableMessage[Any]) -> int:
+        if job.message.attributes.receive_count == 1:
+            raise RuntimeError("boom")
+        return 1
+
+    class Broken(Worker[Any]):
+        def retry_delay(self, job: ProcessableMessage[Any], error: BaseException) -> float:
+            if job.message.attributes.receive_count == 1:
+                raise OverflowError("a subclass's bug")
+            return super().retry_delay(job, error)
+
+    worker = Broken(dispatcher, limiter, handle, retry_base_delay=0.01, max_retry_delay=0.01)
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 10)
+    assert (stats.retried, stats.processed) == (1, 1)
+    assert limiter.get_metrics().consumption_history.total_tokens == 1

@@ -194,3 +194,93 @@ def test_with_handle_signals_the_host_applications_own_handlers_are_restored_exa
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SIGTERM", "1", "True", "True", "True", "SIGINT", "SIGTERM"]
+
+
+_TWO_WORKERS_SCRIPT = """
+import asyncio, os, signal, sys
+from llm_queue_dispatcher import LLMThrottle, Worker, create_in_memory_queue
+
+HOW, ENDING = sys.argv[1], sys.argv[2]
+
+def wakeup_fd():
+    fd = signal.set_wakeup_fd(-1)
+    if fd != -1:
+        signal.set_wakeup_fd(fd)
+    return fd
+
+async def main():
+    loop = asyncio.get_running_loop()
+    host_calls = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if HOW == "loop":
+            loop.add_signal_handler(signum, host_calls.append, signum.name)
+        else:
+            signal.signal(signum, lambda number, frame: host_calls.append(signal.Signals(number).name))
+    def handlers():
+        return {signum: (signal.getsignal(signum), loop._signal_handlers.get(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    before, fd_before = handlers(), wakeup_fd()
+
+    async def handle(job):
+        return 1
+    first, second = (
+        Worker(create_in_memory_queue(), LLMThrottle(6000, 1e6), handle, handle_signals=True)
+        for _ in range(2)
+    )
+    runs = {first: asyncio.ensure_future(first.run()), second: asyncio.ensure_future(second.run())}
+    await asyncio.sleep(0.1)
+    if ENDING == "together":
+        # One signal stops every worker of the process.
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*runs.values()), 5)
+        print(first.stop_signal.name, second.stop_signal.name)
+    else:
+        leaving, staying = (first, second) if ENDING == "first" else (second, first)
+        leaving.stop()
+        await asyncio.wait_for(runs[leaving], 5)
+        # The worker still running gets the signal, not the one gone nor the host.
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.wait_for(runs[staying], 5)
+        print(leaving.stop_signal, staying.stop_signal.name)
+    print(host_calls == [])
+    after = handlers()
+    print(all(after[s][0] is before[s][0] and after[s][1] is before[s][1] for s in before),
+          wakeup_fd() == fd_before)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(os.getpid(), signum)
+    for _ in range(500):
+        if len(host_calls) == 2:
+            break
+        await asyncio.sleep(0.01)
+    print(*sorted(host_calls))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["loop", "signal"])
+@pytest.mark.parametrize("ending", ["first", "last"])
+def test_several_workers_with_handle_signals_end_in_any_order_and_the_host_gets_its_handlers_back(
+    how: str, ending: str
+) -> None:
+    # "first": the worker started first ends first; "last": the one started last ends first.
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_TWO_WORKERS_SCRIPT), how, ending],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "SIGINT", "True", "True", "True", "SIGINT", "SIGTERM"]
+
+
+@pytest.mark.parametrize("how", ["loop", "signal"])
+def test_one_signal_stops_every_worker_with_handle_signals(how: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_TWO_WORKERS_SCRIPT), how, "together"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SIGTERM", "SIGTERM", "True", "True", "True", "SIGINT", "SIGTERM"]

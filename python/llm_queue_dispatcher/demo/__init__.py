@@ -20,18 +20,27 @@ from .engine import MAX_RPM, MAX_TPM, ProviderModel
 __all__ = ["register", "run"]
 
 
-def _number(low: float, high: float, *, low_open: bool = False, why: str = "") -> Any:
+def _figure(value: float) -> str:
+    """A bound as a person writes it: ``1000000``, not ``1e+06``."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _number(low: float, high: float, *, low_open: bool = False, below: str = "") -> Any:
     """An argparse type: a finite number within [low, high], or (low, high] with ``low_open``;
-    ``why`` ends the message of a refused value."""
+    ``below`` ends the message of a value under the range (why it is too small)."""
+    span = f"{'(' if low_open else '['}{_figure(low)}, {_figure(high)}]"
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-            opening = "(" if low_open else "["
-            raise argparse.ArgumentTypeError(f"must be within {opening}{low:g}, {high:g}], got {text}{why}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number within {span}, got {text}")
+        if value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be within {span}, got {text}{below}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be within {span}, got {text}")
         return value
 
     return parse
@@ -128,7 +137,7 @@ def register(commands: Any) -> None:
     # token bucket the largest request the demo's workload sends.
     demo.add_argument(
         "--rpm",
-        type=_number(1, MAX_RPM, why=": below 1 request per minute, no request is ever admitted"),
+        type=_number(1, MAX_RPM, below=": below 1 request per minute, no request is ever admitted"),
         default=90.0,
         help="starting requests per minute, at least 1 (default 90)",
     )
@@ -137,7 +146,7 @@ def register(commands: Any) -> None:
         type=_number(
             ProviderModel.token_max,
             MAX_TPM,
-            why=f": the demo sends requests of up to {ProviderModel.token_max} tokens, which a lower limit "
+            below=f": the demo sends requests of up to {ProviderModel.token_max} tokens, which a lower limit "
             "could never admit",
         ),
         default=60_000.0,

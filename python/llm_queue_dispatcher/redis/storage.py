@@ -3,7 +3,9 @@
 Each operation is one Lua script (``lua/common.lua`` + ``lua/queue_common.lua`` + the operation's
 file), atomic on the server. Every instant is taken from the server's ``TIME``: visibility expiry,
 dead-lettering and retention are applied by whichever script runs next (no background task, no
-lost update between processes), and no host's clock decides any of them.
+lost update between processes), at most 1,000 messages per script (``MAINTAIN_BATCH``: the rest
+in the next ones, a message past the retention period skipped by every reader meanwhile), and no
+host's clock decides any of them.
 
 Instants handed back (``enqueued_at``, ``first_received_at``, the queue's timestamps) are the
 server's, translated to this host's clock by how far it is from the server's (learned from the
@@ -48,6 +50,7 @@ from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio
 
+from .._checks import finite_float, integer, shown
 from ..errors import (
     DuplicateRequestError,
     InvalidConfigError,
@@ -111,9 +114,10 @@ _MAX_COUNT = 2**31
 
 
 def _count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"{name} must be an int >= 0, got {value!r}")
-    return min(value, _MAX_COUNT)
+    count = integer(value)  # an int or an integer-like (numpy's), not a bool
+    if count is None or count < 0:
+        raise InvalidRequestError(f"{name} must be an int >= 0, got {shown(value)}")
+    return min(count, _MAX_COUNT)
 
 
 class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
@@ -129,7 +133,8 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             visibility runs out is dead-lettered. None: never.
         dead_letter: the name of another queue of the same namespace that receives
             dead-lettered messages (with their original enqueue time); None drops and counts them.
-        message_retention: seconds after enqueue after which a message is dropped (counted).
+        message_retention: seconds after enqueue after which a message is dropped (counted); inf,
+            or anything past 2**53 microseconds (about 285 years), keeps messages forever.
         max_payload_bytes: the most bytes one serialised request may take.
         serializer: ``(dumps, loads)`` for payloads that are not JSON: ``dumps(payload)`` returns
             bytes. None: JSON (the payload must read back equal). Never pickle.
@@ -162,40 +167,38 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
     ) -> None:
         self.queue = check_name(queue, "queue")
         self.namespace = check_name(namespace, "namespace")
-        if max_receive_count is not None and (
-            isinstance(max_receive_count, bool)
-            or not isinstance(max_receive_count, int)
-            or max_receive_count < 1
-        ):
-            raise InvalidConfigError(
-                f"max_receive_count must be None or an int >= 1, got {max_receive_count!r}"
-            )
+        if max_receive_count is not None:
+            receives = integer(max_receive_count)  # an int or an integer-like, not a bool
+            if receives is None or receives < 1:
+                raise InvalidConfigError(
+                    f"max_receive_count must be None or an int >= 1, got {shown(max_receive_count)}"
+                )
+            max_receive_count = receives
         if dead_letter is not None:
             check_name(dead_letter, "dead_letter")
             if dead_letter == queue:
                 raise InvalidConfigError(f"dead_letter must name another queue than {queue!r}")
-        if (
-            isinstance(message_retention, bool)
-            or not isinstance(message_retention, (int, float))
-            or math.isnan(message_retention)
-            or message_retention <= 0
-        ):
+        # Any number > 0 (inf: forever), as InMemoryStorage takes it; an int too large for a
+        # float is refused (there too), never read as an OverflowError.
+        retention = finite_float(message_retention)
+        if retention is None and isinstance(message_retention, float) and message_retention == math.inf:
+            retention = math.inf
+        if retention is None or not retention > 0:
             raise InvalidConfigError(
-                f"message_retention must be a number of seconds > 0, got {message_retention!r}"
+                "message_retention must be a number of seconds > 0 (inf: forever), "
+                f"got {shown(message_retention)}"
             )
-        if (
-            isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, int)
-            or max_payload_bytes < 1
-        ):
-            raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {max_payload_bytes!r}")
+        payload_bytes = integer(max_payload_bytes)  # an int or an integer-like, not a bool
+        if payload_bytes is None or payload_bytes < 1:
+            raise InvalidConfigError(f"max_payload_bytes must be an int >= 1, got {shown(max_payload_bytes)}")
+        max_payload_bytes = payload_bytes
         if serializer is not None and not (
             isinstance(serializer, tuple) and len(serializer) == 2 and all(callable(f) for f in serializer)
         ):
             raise InvalidConfigError(f"serializer must be None or a (dumps, loads) pair, got {serializer!r}")
         self.max_receive_count = max_receive_count
         self.dead_letter = dead_letter
-        self.message_retention = float(message_retention)
+        self.message_retention = retention
         self.max_payload_bytes = max_payload_bytes
         self.serializer = serializer
         self._connection = Connection(redis)
@@ -204,10 +207,11 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         self._keys = _queue_keys(namespace, queue)
         if dead_letter is not None:
             self._keys += _queue_keys(namespace, dead_letter)
-        retention_us = _microseconds(self.message_retention) if math.isfinite(self.message_retention) else 0
+        # Compared before rounding: 1e308 s in microseconds is inf, which round() refuses.
+        retention_us = self.message_retention * 1_000_000
         self._settings = (
             str(max_receive_count or 0).encode(),
-            str(0 if retention_us > _FOREVER_US else retention_us).encode(),
+            str(0 if retention_us > _FOREVER_US else round(retention_us)).encode(),
         )
 
     # ----- plumbing ------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ the server, on the server's clock: a client whose clock is minutes off changes n
 
 It fails closed: when Redis cannot be reached, every method raises `LimiterUnavailableError` (a
 `StorageError`) and nothing is granted. Falling back to a per-process budget would let N
-processes overshoot the provider's limit N times.
+processes overshoot the provider's limit N times. A ``consume`` whose reply never came (a
+timeout while Redis was paused or slow) may still have run, or run later when Redis resumes: the
+limiter keeps that call's reply key, and its next call that reaches Redis first settles it
+(``lua/limiter_settle_lost.lua``): a grant that landed is given back whole, and a call that has not
+run yet is answered in advance so that it grants nothing. The books hold as if it had never been
+made.
 
 A provider's delay (``penalize(seconds)``, ``Retry-After``, a reset) counts at most
 `MAX_PROVIDER_WAIT` (one day): a larger one is logged once per limiter and cut to it, so no
@@ -40,7 +45,7 @@ from typing import Any, Literal, NoReturn
 
 import redis.asyncio
 
-from .._checks import finite_float, shown
+from .._checks import finite_float, integer, real_number, shown
 from ..errors import (
     InvalidConfigError,
     InvalidRequestError,
@@ -176,6 +181,15 @@ class SharedRateLimitMetrics:
         return out
 
 
+# Consume calls whose reply was lost, kept for settling: at most this many (a reply is kept a
+# minute on the server; this many lost replies in a minute means Redis is down, not paused) and
+# this many settled per call (the keys of one script call).
+_MAX_UNSETTLED = 1024
+_SETTLE_BATCH = 64
+# The calls that change the books besides consume: a lost reply leaves their outcome unknown.
+_BOOK_CHANGES = ("limiter_adjust", "limiter_release", "limiter_penalize", "limiter_sync", "limiter_reset")
+
+
 def _usage(available: float, limit: float) -> BucketUsage:
     used = limit - available
     return BucketUsage(used=used, available=available, limit=limit, percentage=used / limit * 100.0)
@@ -248,15 +262,16 @@ def _request_id(request_id: object) -> bytes:
     return validate_request_id(request_id, "request_id").encode("utf-8")
 
 
-def _seconds(value: object, name: str) -> float:
-    number = finite_float(value)
-    if number is None or not number >= 0:
-        raise InvalidRequestError(f"{name} must be a finite number of seconds >= 0, got {shown(value)}")
-    return number
+# Microseconds past 2**53 (about 285 years; Lua's doubles hold no finer instant there) are
+# forever: a history_retention of 1e308 s keeps grants as long as the record limit allows.
+_FOREVER_US = 2**53
 
 
 def _microseconds(seconds: float | None) -> str:
-    return "" if seconds is None else str(round(seconds * 1_000_000))
+    if seconds is None:
+        return ""
+    microseconds = seconds * 1_000_000  # compared before rounding: round(inf) raises
+    return str(_FOREVER_US if microseconds > _FOREVER_US else round(microseconds))
 
 
 def _figure(value: float | None) -> str:
@@ -282,13 +297,16 @@ class RedisThrottle(ScriptClient):
             released, or forgotten after ``history_retention``.
         namespace: key prefix and hash tag.
         adjustment_failure_strategy: "compensate" (default), "strict" or "warn", as in `LLMThrottle`.
-        history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``.
+        history_retention: seconds a grant is kept for ``adjust_consumption`` and ``release``
+            (finite, > 0; past 2**53 microseconds, about 285 years, is as long as
+            ``max_history_records`` allows).
         max_history_records: the most grants kept.
         logger: where "warn" and "compensate" adjustments are logged.
 
     Every method is a coroutine; ``can_process`` returns a `RateLimitCheck`, ``get_metrics`` a
     `SharedRateLimitMetrics`. Processes sharing a name should pass the same settings: each call
-    applies the caller's. Redis unreachable: `LimiterUnavailableError`, nothing granted.
+    applies the caller's. Redis unreachable: `LimiterUnavailableError`, nothing granted (a
+    consume that runs anyway, once a paused Redis resumes, is given back by the next call).
 
     Example::
 
@@ -346,13 +364,12 @@ class RedisThrottle(ScriptClient):
             )
         self.adjustment_failure_strategy = adjustment_failure_strategy
         self.history_retention = _positive(history_retention, "history_retention")
-        if (
-            isinstance(max_history_records, bool)
-            or not isinstance(max_history_records, int)
-            or max_history_records < 1
-        ):
-            raise InvalidConfigError(f"max_history_records must be an int >= 1, got {max_history_records!r}")
-        self.max_history_records = max_history_records
+        records = integer(max_history_records)  # an int or an integer-like (numpy's), not a bool
+        if records is None or records < 1:
+            raise InvalidConfigError(
+                f"max_history_records must be an int >= 1, got {shown(max_history_records)}"
+            )
+        self.max_history_records = records
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
         self._prefix = f"{{{namespace}}}:l:{name}:"
@@ -361,6 +378,8 @@ class RedisThrottle(ScriptClient):
         ]
         self._clock_offset = ClockOffset()
         self._delay_logged = False
+        # Reply keys of consume calls whose reply never came, oldest first (`_settle_lost_grants`).
+        self._unsettled: list[bytes] = []
         self.request_capacity = self.burst_rpm or self.rpm
         optional_capacities = ((self.itpm, self.burst_itpm), (self.otpm, self.burst_otpm), (self.tpd, None))
         token_capacities = [self.burst_tpm or self.tpm]
@@ -374,7 +393,7 @@ class RedisThrottle(ScriptClient):
             repr(self.request_capacity),
             repr(self.burst_tpm or self.tpm),
             _microseconds(self.history_retention),
-            str(max_history_records),
+            str(records),
             _figure(self.itpm),
             _figure(self.burst_itpm or self.itpm),
             _figure(self.otpm),
@@ -390,15 +409,47 @@ class RedisThrottle(ScriptClient):
         """Runs operation ``name``. ``resendable``: the call changes the books, so it gets a key
         of its own (a random token drawn once for this call) under which the script keeps its
         reply, and a resend of this very call (redis-py resends on a broken connection) is
-        answered from it instead of being applied twice."""
+        answered from it instead of being applied twice. Grants whose reply was lost are settled
+        first (`_settle_lost_grants`)."""
+        if self._unsettled:
+            await self._settle_lost_grants()
         keys = self._keys
+        reply_key = None
         if resendable:
-            keys = [*keys, f"{self._prefix}reply:{secrets.token_hex(16)}".encode()]
+            reply_key = f"{self._prefix}reply:{secrets.token_hex(16)}".encode()
+            keys = [*keys, reply_key]
         arguments = (self._time_argument(), *self._settings, *args)
         try:
             return await self._connection.run(script("limiter_common", name), keys, arguments)
         except CLIENT_ERRORS as exc:
+            if name == "limiter_consume" and reply_key is not None:
+                # Sent, perhaps run, perhaps still to run when Redis resumes: settled by the next
+                # call that reaches Redis. Past the bound, the oldest are dropped (their replies
+                # expired long ago; a grant among them went back to the budget by refill).
+                self._unsettled.append(reply_key)
+                del self._unsettled[:-_MAX_UNSETTLED]
             self._fail(name, exc)
+
+    async def _settle_lost_grants(self) -> None:
+        """Settles the consume calls whose reply never came (``lua/limiter_settle_lost.lua``): a grant
+        that landed is given back, a call still to run is answered in advance with a refusal.
+        Redis still unreachable: they wait for the next call."""
+        batch, self._unsettled = self._unsettled[:_SETTLE_BATCH], self._unsettled[_SETTLE_BATCH:]
+        arguments = (self._time_argument(), *self._settings)
+        try:
+            given_back = await self._connection.run(
+                script("limiter_common", "limiter_settle_lost"), [*self._keys, *batch], arguments
+            )
+        except CLIENT_ERRORS:
+            self._unsettled[:0] = batch
+            return
+        if given_back:
+            self._logger.warning(
+                "shared limiter %r: gave back %d grant(s) made by a consume whose reply was lost "
+                "(its caller was told nothing was granted)",
+                self.name,
+                given_back,
+            )
 
     async def _run_observed(self, name: str, *args: Any) -> Any:
         """`_run` for a script that answers the server's instant (us): learns this host's offset
@@ -425,9 +476,19 @@ class RedisThrottle(ScriptClient):
         return MAX_PROVIDER_WAIT
 
     def _fail(self, operation: str, exc: BaseException) -> NoReturn:
+        if operation == "limiter_consume":
+            outcome = (
+                "failing closed, nothing granted to this call (if Redis runs it anyway, once paused "
+                "or slow past the timeout, this limiter's next call that reaches Redis gives the "
+                "grant back)"
+            )
+        elif operation in _BOOK_CHANGES:
+            outcome = "failing closed; the call may or may not have been applied"
+        else:
+            outcome = "failing closed, nothing granted"
         message = (
             f"shared limiter {self.name!r} unavailable ({operation}): "
-            f"{self._connection.describe_error(exc)}; failing closed, nothing granted"
+            f"{self._connection.describe_error(exc)}; {outcome}"
         )
         self._logger.warning("%s", message)
         if self._connection.scrub(str(exc)) != str(exc):
@@ -624,10 +685,14 @@ class RedisThrottle(ScriptClient):
 
     async def penalize(self, seconds: float) -> None:
         """Grants nothing, to any process, for ``seconds`` from the server's now (a provider's 429
-        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a finite
-        number >= 0 (else `InvalidRequestError`); above `MAX_PROVIDER_WAIT` (one day) it counts
-        as one day."""
-        bounded = self._bounded_delay(_seconds(seconds, "seconds"), "a penalty")
+        with ``Retry-After``); a later penalty already set is kept. ``seconds`` must be a number
+        >= 0 (an int, a float or an integer-like; else `InvalidRequestError`); above
+        `MAX_PROVIDER_WAIT` (one day), infinity and an int too large for a float included, it
+        counts as one day, logged once per limiter: `LLMThrottle.penalize`'s rule."""
+        number = real_number(seconds)
+        if number is None or not number >= 0:  # NaN fails it too
+            raise InvalidRequestError(f"seconds must be a number >= 0, got {shown(seconds)}")
+        bounded = self._bounded_delay(number, "a penalty")
         await self._run("limiter_penalize", _microseconds(bounded))
 
     async def sync_from_headers(

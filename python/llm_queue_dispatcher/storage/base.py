@@ -44,6 +44,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from .. import _core
+from .._checks import real_number, shown
 from ..errors import DuplicateRequestError, InvalidRequestError, ReceiptHandleError
 from ..types import LLMRequest, QueueMessage
 
@@ -81,16 +82,14 @@ class QueueAttributes:
 
 
 def check_visibility_timeout(visibility_timeout: float) -> float:
-    """Returns ``visibility_timeout`` as a float, or raises `InvalidRequestError`."""
-    if (
-        isinstance(visibility_timeout, bool)
-        or not isinstance(visibility_timeout, (int, float))
-        or not 0.0 <= visibility_timeout <= MAX_VISIBILITY_TIMEOUT
-    ):
+    """Returns ``visibility_timeout`` (an int, a float or an integer-like, not a bool) as a
+    float, or raises `InvalidRequestError`."""
+    seconds = real_number(visibility_timeout)
+    if seconds is None or not 0.0 <= seconds <= MAX_VISIBILITY_TIMEOUT:
         raise InvalidRequestError(
-            f"visibility_timeout must be within [0, 43200] seconds, got {visibility_timeout!r}"
+            f"visibility_timeout must be within [0, 43200] seconds, got {shown(visibility_timeout)}"
         )
-    return float(visibility_timeout)
+    return seconds
 
 
 def _as_list(items: object, name: str) -> list[Any]:

@@ -7,9 +7,9 @@ out[4] = meta[1]
 out[5] = meta[2] or meta[1]
 out[6] = meta[3] or ''
 out[7] = meta[4] or '0'
-out[8] = meta[5] or '0'
+out[8] = fmt(tonumber(meta[5] or '0') + pending_expired())
 for p = 1, 4 do -- the four priorities
-  local n = redis.call('ZCARD', Q.vis[p])
+  local n = live_count(p)
   out[2] = out[2] + n
   out[8 + p] = n
 end

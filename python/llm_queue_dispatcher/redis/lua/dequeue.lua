@@ -39,7 +39,7 @@ for p = 1, 4 do -- the four priorities
   if #taken >= 2 * limit then
     break
   end
-  local members = redis.call('ZRANGE', Q.vis[p], 0, limit - #taken / 2 - 1)
+  local members = live_range(p, limit - #taken / 2)
   -- Bounded by `limit`: ZRANGE returned at most the messages still wanted.
   for _, member in ipairs(members) do
     local s = load(Q, member)

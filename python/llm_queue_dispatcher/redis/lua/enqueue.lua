@@ -16,9 +16,12 @@ local count = (#ARGV - 4) / 3
 for i = 0, count - 1 do
   local rid = ARGV[5 + 3 * i]
   local member = redis.call('HGET', Q.ids, rid)
+  local s = member and load(Q, member)
+  if s and not (i == 0 and s.mid == message_id(0)) and catch_up(member, s) then
+    member = nil -- expired or dead-lettered, though no call had got to it yet: the id is free
+  end
   if member then
-    local s = load(Q, member)
-    if i == 0 and s ~= nil and s.mid == message_id(0) then
+    if i == 0 and s and s.mid == message_id(0) then
       -- Bounded by the call's arguments: one round per request.
       for j = 0, count - 1 do
         out[#out + 1] = message_id(j)

@@ -495,6 +495,39 @@ local function release_record(r)
   end
 end
 
+-- Gives a grant back whole, as if it had never been made: its request to each request bucket, to
+-- each token bucket the tokens it holds, the debt it paid (owed again) and the debt its
+-- adjustments added (cancelled, or given back where later grants paid it), and its slot of
+-- max_concurrent. A provider ceiling is not raised by it. `latest`: it is the latest
+-- grant of its id, and the one before it becomes the latest again; an earlier grant of an id
+-- that has a later one only stops counting.
+local function give_back(record, latest)
+  for _, b in ipairs(BUCKETS) do -- the buckets configured
+    refill(b)
+    if b.counts == 'request' then
+      refund(b, 1)
+    else
+      local ch = charge_of(record, b)
+      if ch ~= nil then
+        refund(b, ch.h)
+        give_back_owed(b, ch.w)
+        b.debt = b.debt + ch.d
+        if b.debt < DEBT_DUST then
+          b.debt = 0
+        end
+      end
+    end
+  end
+  free_slot(record)
+  if latest then
+    release_record(record)
+  else
+    record.released = 1
+    store_record(record)
+    count_in(record, -1)
+  end
+end
+
 -- Drops the oldest record (LLMThrottle's pop_oldest).
 local function pop_oldest()
   local number = redis.call('LPOP', ORDER)

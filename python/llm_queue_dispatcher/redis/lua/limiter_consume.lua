@@ -1,7 +1,7 @@
 -- consume: ARGV[15] request id, ARGV[16] estimated tokens, ARGV[17] input tokens, ARGV[18] output
 -- tokens ('' when not given). One request from each request bucket, from each token bucket its
--- share of the estimate plus its debt, and a slot of max_concurrent, all or nothing. Returns {1}
--- when granted, else {0, then the reply of a check (limiter_check.lua)} and nothing changes. A
+-- share of the estimate plus its debt, and a slot of max_concurrent, all or nothing. Returns
+-- {1, grant number} when granted, else {0, then the reply of a check (limiter_check.lua)} and nothing changes. A
 -- grant is a new record, even when the id already has one (LLMThrottle keeps both;
 -- adjust_consumption and release then act on the newer). A resent call (its reply lost) is
 -- granted once: the first run's reply is kept (common.lua).
@@ -45,4 +45,6 @@ end
 add_record(request_id, record)
 prune()
 save()
-return remember(REPLY, {1})
+-- The grant's number is kept with the reply: a client that never got the reply gives this very
+-- grant back (limiter_settle_lost.lua).
+return remember(REPLY, {1, record.number})

@@ -15,23 +15,6 @@ if record == nil then
   save()
   return 0
 end
-for _, b in ipairs(BUCKETS) do -- the buckets configured
-  refill(b)
-  if b.counts == 'request' then
-    refund(b, 1)
-  else
-    local ch = charge_of(record, b)
-    if ch ~= nil then
-      refund(b, ch.h)
-      give_back_owed(b, ch.w)
-      b.debt = b.debt + ch.d
-      if b.debt < DEBT_DUST then
-        b.debt = 0
-      end
-    end
-  end
-end
-free_slot(record)
-release_record(record)
+give_back(record, true)
 save()
 return remember(REPLY, 1)

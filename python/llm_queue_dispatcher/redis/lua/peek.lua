@@ -8,7 +8,7 @@ if limit <= 0 then
   return out
 end
 -- Bounded by `limit`.
-for _, member in ipairs(redis.call('ZRANGE', Q.vis[tonumber(ARGV[5]) + 1], 0, limit - 1)) do
+for _, member in ipairs(live_range(tonumber(ARGV[5]) + 1, limit)) do
   local s = load(Q, member)
   out[#out + 1] = s.mid
   out[#out + 1] = s.rc

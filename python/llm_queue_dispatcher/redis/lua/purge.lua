@@ -1,6 +1,10 @@
 -- purge: removes every message, visible and in flight; every receipt token becomes stale. The
 -- counters (dead-lettered, expired) and the creation time stay.
 maintain()
+local expired = pending_expired() -- expired before the purge: counted so
+if expired > 0 then
+  redis.call('HINCRBY', Q.meta, 'expired', expired)
+end
 redis.call('UNLINK', Q.ids, Q.body, Q.state, Q.vis[1], Q.vis[2], Q.vis[3], Q.vis[4], Q.inflight, Q.copies)
 touch(Q)
 return 1

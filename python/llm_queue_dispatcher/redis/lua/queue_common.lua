@@ -126,38 +126,92 @@ local function dead_letter(member, s)
   end
 end
 
+-- The most messages one call returns, dead-letters or expires (maintain). A call's work must
+-- not grow with the number of messages due at one instant: 300,000 messages expiring together
+-- held Redis 0.87 s in one script, and about two million would pass its 5 s script limit (BUSY
+-- for every client of the server). The rest is left to the next calls, this many each;
+-- meanwhile every reader skips a message past the retention period (LIVE_MIN) and counts it as
+-- expired (pending_expired), and a message whose visibility ended counts as in flight until a
+-- call returns it.
+local MAINTAIN_BATCH = 1000
+
+-- The lowest enqueued_at (us) of a message not past the retention period: a message is expired
+-- when NOW - enqueued_at > RETENTION, that is, enqueued_at < LIVE_MIN. '-inf' without retention.
+local LIVE_MIN = '-inf'
+if RETENTION > 0 then
+  LIVE_MIN = fmt(NOW - RETENTION)
+end
+
+-- Up to `limit` visible messages of priority index p (1..4) not past the retention period,
+-- oldest first.
+local function live_range(p, limit)
+  return redis.call('ZRANGEBYSCORE', Q.vis[p], LIVE_MIN, '+inf', 'LIMIT', 0, limit)
+end
+
+-- The visible messages of priority index p (1..4) not past the retention period.
+local function live_count(p)
+  return redis.call('ZCOUNT', Q.vis[p], LIVE_MIN, '+inf')
+end
+
+-- Visible messages past the retention period that no call has dropped yet (MAINTAIN_BATCH):
+-- expired already, counted so, never delivered nor counted as visible.
+local function pending_expired()
+  if RETENTION == 0 then
+    return 0
+  end
+  local n = 0
+  for p = 1, 4 do -- the four priorities
+    n = n + redis.call('ZCOUNT', Q.vis[p], '-inf', '(' .. LIVE_MIN)
+  end
+  return n
+end
+
+-- What maintain() does to one message whose visibility ended: it expires (past the retention
+-- period), is dead-lettered (its receives used up) or becomes visible again. Returns whether it
+-- is gone from the queue.
+local function visibility_ended(member, s)
+  redis.call('ZREM', Q.inflight, member)
+  if RETENTION > 0 and NOW - s.at > RETENTION then
+    forget(Q, member, s)
+    redis.call('HINCRBY', Q.meta, 'expired', 1)
+    return true
+  elseif MAX_RECEIVES > 0 and s.rc >= MAX_RECEIVES then
+    dead_letter(member, s)
+    return true
+  end
+  redis.call('ZADD', Q.vis[s.p + 1], fmt(s.at), member)
+  return false
+end
+
 -- SQS's rules applied lazily, so no background task is needed: in-flight messages whose
 -- visibility ran out return (or expire, or are dead-lettered), then visible messages past the
--- retention period expire. Returns whether anything changed.
+-- retention period expire, oldest first, at most MAINTAIN_BATCH in all. Returns whether
+-- anything changed.
 local function maintain()
   local changed = false
-  local due = redis.call('ZRANGEBYSCORE', Q.inflight, '-inf', fmt(NOW))
-  -- Bounded by the messages in flight whose visibility has ended.
+  local due = redis.call('ZRANGEBYSCORE', Q.inflight, '-inf', fmt(NOW), 'LIMIT', 0, MAINTAIN_BATCH)
+  -- Bounded by MAINTAIN_BATCH (the LIMIT above).
   for _, member in ipairs(due) do
-    redis.call('ZREM', Q.inflight, member)
-    local s = load(Q, member)
-    if RETENTION > 0 and NOW - s.at > RETENTION then
-      forget(Q, member, s)
-      redis.call('HINCRBY', Q.meta, 'expired', 1)
-    elseif MAX_RECEIVES > 0 and s.rc >= MAX_RECEIVES then
-      dead_letter(member, s)
-    else
-      redis.call('ZADD', Q.vis[s.p + 1], fmt(s.at), member)
-    end
+    visibility_ended(member, load(Q, member))
     changed = true
   end
+  local budget = MAINTAIN_BATCH - #due
   if RETENTION > 0 then
-    local cutoff = '(' .. fmt(NOW - RETENTION)
     for p = 1, 4 do -- the four priorities
-      local old = redis.call('ZRANGEBYSCORE', Q.vis[p], '-inf', cutoff)
-      -- Bounded by the visible messages past the retention period.
+      if budget <= 0 then
+        break
+      end
+      local old = redis.call('ZRANGEBYSCORE', Q.vis[p], '-inf', '(' .. LIVE_MIN, 'LIMIT', 0, budget)
+      -- Bounded by MAINTAIN_BATCH (the LIMIT above).
       for _, member in ipairs(old) do
         forget(Q, member, load(Q, member))
-        changed = true
       end
       if #old > 0 then
-        redis.call('ZREMRANGEBYSCORE', Q.vis[p], '-inf', cutoff)
+        -- The oldest of the set: exactly the ranks just read.
+        redis.call('ZREMRANGEBYRANK', Q.vis[p], 0, #old - 1)
         redis.call('HINCRBY', Q.meta, 'expired', #old)
+        budget = budget - #old
+        changed = true
       end
     end
   end
@@ -169,10 +223,28 @@ local function maintain()
   return changed
 end
 
--- The current holder's message: the member's state when `token` is its latest receipt token.
+-- Applies to one message now what maintain() would, had its bound let it reach the message: one
+-- whose visibility ended is handled so, one visible past the retention period expires. Returns
+-- whether the message is gone from the queue.
+local function catch_up(member, s)
+  local deadline = redis.call('ZSCORE', Q.inflight, member)
+  if deadline then
+    return tonumber(deadline) <= NOW and visibility_ended(member, s)
+  end
+  if RETENTION > 0 and NOW - s.at > RETENTION then
+    redis.call('ZREM', Q.vis[s.p + 1], member)
+    forget(Q, member, s)
+    redis.call('HINCRBY', Q.meta, 'expired', 1)
+    return true
+  end
+  return false
+end
+
+-- The current holder's message: the member's state when `token` is its latest receipt token
+-- (and the message is still in the queue).
 local function holder(member, token)
   local s = load(Q, member)
-  if s == nil or s.token == '' or s.token ~= token then
+  if s == nil or s.token == '' or s.token ~= token or catch_up(member, s) then
     return nil
   end
   return s
