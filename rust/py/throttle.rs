@@ -50,14 +50,11 @@ fn config_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<usize> {
     })
 }
 
-/// `max_concurrent`: None, or an int (not a bool) the core checks (>= 1); anything else, an int
-/// too large included, is an `InvalidConfigError` naming it.
+/// `max_concurrent`: None, or an int or integer-like (not a bool) the core checks (>= 1);
+/// anything else, an int too large included, is an `InvalidConfigError` naming it.
 fn concurrency_arg(value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
     let Some(value) = value.filter(|v| !v.is_none()) else { return Ok(None) };
-    let count = (!value.is_instance_of::<pyo3::types::PyBool>()
-        && value.is_instance_of::<pyo3::types::PyInt>())
-    .then(|| value.extract::<u64>().ok())
-    .flatten();
+    let count = int_arg(value)?.and_then(|int| int.extract::<u64>().ok());
     count.map(Some).ok_or_else(|| {
         invalid_config(
             value.py(),
