@@ -9,6 +9,11 @@ so setup (filling the queue, imports) cancels out.
 
     python benches/callgrind_round.py                       # this tree's package
     python benches/callgrind_round.py --python OTHER/python # another build (e.g. main's)
+    python benches/callgrind_round.py --floor               # and the loop's own cost
+
+``--floor`` measures the same loop with the dispatcher and the job replaced by empty coroutines:
+the interpreter's cost of any awaitable API driven this way (the loop, two coroutines created
+and finished per round), which the Python layer's figure includes.
 
 One round is what a worker does per request: ``job = await dispatcher.dequeue(limiter)``, then
 ``await job.mark_as_processed()``; the coroutines are driven with ``send(None)`` (the in-memory
@@ -64,6 +69,35 @@ for _ in range(rounds):
 """
 
 
+# The same loop with the package replaced by two empty coroutines: what any awaitable API costs
+# the interpreter per round (the loop, `run`, creating and finishing a coroutine twice).
+FLOOR = r"""
+from llm_queue_dispatcher import ManualClock
+
+def run(coro):
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("suspended")
+
+class Job:
+    async def mark_as_processed(self):
+        return None
+
+class Dispatcher:
+    async def dequeue(self, limiter):
+        return limiter
+
+dispatcher, job, clock = Dispatcher(), Job(), ManualClock(start=1.0)
+rounds = {rounds}
+for _ in range(rounds):
+    clock.advance(0.001)
+    got = run(dispatcher.dequeue(job))
+    run(got.mark_as_processed())
+"""
+
+
 def _split(path: Path) -> dict[str, int]:
     """Total instructions of a callgrind profile, and those spent inside calls from outside the
     Rust extension into it (inclusive: the libpython and libc work the core asks for counts as
@@ -112,11 +146,12 @@ def _split(path: Path) -> dict[str, int]:
     return {"total": total, "core": into_core, "python": total - into_core}
 
 
-def instructions(python: str, depth: int, rounds: int, fill: int) -> dict[str, int]:
+def instructions(python: str, depth: int, rounds: int, fill: int, floor: bool = False) -> dict[str, int]:
     """Callgrind's instruction counts of one child run: in all, and in and outside the core."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        code = CHILD.format(root=str(HERE.parent), depth=depth, rounds=rounds, fill=fill)
+        template = FLOOR if floor else CHILD
+        code = template.format(root=str(HERE.parent), depth=depth, rounds=rounds, fill=fill)
         subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, "-c", code],
             check=True,
@@ -134,12 +169,21 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=2_000)
     parser.add_argument("--extra", type=int, default=4_000)
+    parser.add_argument(
+        "--floor", action="store_true", help="also measure the loop with two empty coroutines in place"
+    )
     args = parser.parse_args()
     fill = args.depth + args.rounds + args.extra
-    base = instructions(args.python, args.depth, args.rounds, fill)
-    more = instructions(args.python, args.depth, args.rounds + args.extra, fill)
-    per_round = {k: round((more[k] - base[k]) / args.extra) for k in base}
-    print(json.dumps({"python": args.python, "depth": args.depth, "per_round": per_round}))
+
+    def per_round(floor: bool) -> dict[str, int]:
+        base = instructions(args.python, args.depth, args.rounds, fill, floor)
+        more = instructions(args.python, args.depth, args.rounds + args.extra, fill, floor)
+        return {k: round((more[k] - base[k]) / args.extra) for k in base}
+
+    figures = {"per_round": per_round(False)}
+    if args.floor:
+        figures["floor_per_round"] = per_round(True)
+    print(json.dumps({"python": args.python, "depth": args.depth, **figures}))
     return 0
 
 
