@@ -9,7 +9,10 @@ One run measures, at each queue depth (``--depths``, default 1k/10k/100k/1M):
                  weights, a simple token bucket (1k and 10k only: it is O(depth) per dequeue);
 * ``ts``         ``@aid-on/llm-queue-dispatcher@1.0.2`` + ``@aid-on/llm-throttle@1.0.1`` under node
                  (installed with npm into ``benches/.cache/``), driven by ``benches/ts/bench.mjs``;
-* ``ours``       this package through its public API only.
+* ``ours``       this package through its public API only;
+* ``baseline``   the same measurement of another commit of this package (``--baseline REF``, e.g.
+                 ``main``): its tree (``git archive``) built once into ``benches/.cache/`` with a
+                 virtualenv of its own, so a change is measured side by side with what it changes.
 
 Every implementation gets the same seeded workload (a mulberry32 stream, ported bit for bit to
 ``bench.mjs``; the two fingerprints are compared). Each measurement runs in its own process, so
@@ -17,6 +20,8 @@ memory figures are per depth and nothing leaks between implementations.
 
     python benches/compare.py --quick --no-ts          # smoke configuration
     python benches/compare.py --write-results          # the full run; rewrites RESULTS.md's section
+    python benches/compare.py --impls ours,baseline --baseline main --depths 1k,1M --repeat 5
+                                                       # this tree against main, alternating runs
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ LIMIT = 1e9
 CLOCK_STEP = 0.001
 CLOCK_START = 1_700_000_000.0
 MIN_SCORE_THRESHOLD = 0.1  # the contract's default LLMQueueDispatcherConfig.min_score_threshold
-IMPLEMENTATIONS = ("heapq", "bruteforce", "ts", "ours")
+IMPLEMENTATIONS = ("heapq", "bruteforce", "ts", "baseline", "ours")
 START_MARKER = "<!-- compare:start -->"
 END_MARKER = "<!-- compare:end -->"
 
@@ -515,11 +520,57 @@ def run_json_command(command: Sequence[str], *, timeout: float, env: dict[str, s
     return json.loads(lines[-1])
 
 
-def run_python_worker(kind: str, depth: int, rounds: int, seed: int) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind]
+def run_python_worker(
+    kind: str, depth: int, rounds: int, seed: int, python: Path | None = None
+) -> dict[str, Any]:
+    """One measurement in a subprocess: of this tree's package, or with ``python`` (a baseline
+    build's interpreter) of that one's, the workload and timing code being this file's."""
+    command = [str(python or sys.executable), str(Path(__file__).resolve()), "--worker", kind]
     command += ["--depth", str(depth), "--rounds", str(rounds), "--seed", str(seed)]
     result: dict[str, Any] = run_json_command(command, timeout=3600)
     return result
+
+
+def baseline_build(ref: str, cache_dir: Path = CACHE_DIR) -> tuple[str, Path]:
+    """``ref``'s commit and the interpreter of a virtualenv holding its build of the package,
+    made once per commit in ``cache_dir``: its tree exported with ``git archive`` (no worktree,
+    nothing of the repository changed), compiled in release mode with this tree's ``maturin``,
+    installed without dependencies (the measurement needs none)."""
+    repo = HERE.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise Skip(f"cannot resolve {ref!r} to a commit: {exc}") from exc
+    root = cache_dir / f"baseline-{sha[:12]}"
+    python = root / "venv" / "bin" / "python"
+    done = root / "built"
+    if done.exists():
+        return sha, python
+    maturin = shutil.which("maturin", path=str(Path(sys.executable).parent)) or shutil.which("maturin")
+    if maturin is None:
+        raise Skip("maturin not found (make install puts it into .venv)")
+    source = root / "src"
+    shutil.rmtree(root, ignore_errors=True)
+    source.mkdir(parents=True)
+    print(f"baseline: building {ref} ({sha[:12]}) into {root} (once)", flush=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", sha], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    wheels = root / "wheels"
+    subprocess.run(
+        [maturin, "build", "--release", "--quiet", "--interpreter", str(python), "--out", str(wheels)],
+        cwd=source,
+        check=True,
+    )
+    [wheel] = wheels.glob("*.whl")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
+    done.write_text(sha + "\n")
+    return sha, python
 
 
 def ts_install(cache_dir: Path = CACHE_DIR) -> Path:
@@ -620,8 +671,44 @@ def parse_depth(text: str) -> int:
     return int(value)
 
 
+def parse_impls(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [impl for impl in chosen if impl not in IMPLEMENTATIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"bad --impls {text!r} (choose from {','.join(IMPLEMENTATIONS)})")
+    return chosen
+
+
 def parse_depths(text: str) -> list[int]:
     return [parse_depth(part) for part in text.split(",") if part.strip()]
+
+
+MEDIAN_FIELDS = (
+    "p50_us",
+    "p99_us",
+    "mean_us",
+    "enqueue_p50_us",
+    "batch_msgs_per_s",
+    "bytes_per_msg",
+    "first_tenth_p50_us",
+    "last_tenth_p50_us",
+)
+
+
+def median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One record for repeated runs of an implementation at a depth: the median of each figure,
+    and every run's p50 and p99 (``p50_runs_us``, ``p99_runs_us``) to show the spread."""
+    record = dict(runs[0])
+    if len(runs) > 1:
+        for key in MEDIAN_FIELDS:
+            values = sorted(float(run[key]) for run in runs if key in run)
+            if values:
+                middle = len(values) // 2
+                record[key] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    record["runs"] = len(runs)
+    record["p50_runs_us"] = [run["p50_us"] for run in runs]
+    record["p99_runs_us"] = [run["p99_us"] for run in runs]
+    return record
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -631,12 +718,13 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def compute_ratios(results: Sequence[dict[str, Any]], depths: Sequence[int]) -> list[dict[str, Any]]:
-    """Per depth: ours/heapq p50, TS/ours p50 (> 1: ours faster), TS/bruteforce p50."""
+    """Per depth: ours/heapq p50, TS/ours p50 (> 1: ours faster), TS/bruteforce p50, and
+    ours/baseline of p50 and p99 (< 1: ours faster)."""
     by_key = {(r["impl"], r["depth"]): r for r in results}
 
-    def p50(impl: str, depth: int) -> float | None:
-        record = by_key.get((impl, depth))
-        return None if record is None else float(record["p50_us"])
+    def p50(impl: str, depth: int, key: str = "p50_us") -> float | None:
+        value = by_key.get((impl, depth), {}).get(key)
+        return None if value is None else float(value)
 
     return [
         {
@@ -644,6 +732,8 @@ def compute_ratios(results: Sequence[dict[str, Any]], depths: Sequence[int]) -> 
             "ours_over_heapq": ratio(p50("ours", depth), p50("heapq", depth)),
             "ts_over_ours": ratio(p50("ts", depth), p50("ours", depth)),
             "ts_over_bruteforce": ratio(p50("ts", depth), p50("bruteforce", depth)),
+            "ours_over_baseline": ratio(p50("ours", depth), p50("baseline", depth)),
+            "ours_over_baseline_p99": ratio(p50("ours", depth, "p99_us"), p50("baseline", depth, "p99_us")),
         }
         for depth in depths
     ]
@@ -705,6 +795,8 @@ def ratio_lines(ratios: Sequence[dict[str, Any]]) -> list[str]:
         ("ours_over_heapq", "ours/heapq"),
         ("ts_over_ours", "TS/ours"),
         ("ts_over_bruteforce", "TS/bruteforce"),
+        ("ours_over_baseline", "ours/baseline"),
+        ("ours_over_baseline_p99", "ours/baseline p99"),
     )
     for entry in ratios:
         parts = [f"{label} {fmt(entry[key])}x" for key, label in labels if entry[key] is not None]
@@ -817,6 +909,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--no-ts", action="store_true", help="skip the TypeScript library")
     parser.add_argument("--no-ours", action="store_true", help="skip our dispatcher")
+    parser.add_argument(
+        "--impls", type=parse_impls, help="comma-separated subset of " + ",".join(IMPLEMENTATIONS)
+    )
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also measure this commit's build of the package (e.g. main)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per implementation and depth, alternating; medians kept"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
     parser.add_argument("--write-results", action="store_true", help="rewrite the section of RESULTS.md")
     parser.add_argument("--results-file", type=Path, default=RESULTS_PATH, help=argparse.SUPPRESS)
@@ -831,6 +932,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args.worker, args.depth, args.rounds, args.seed)
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     depths = args.depths or (list(QUICK_DEPTHS) if args.quick else list(DEFAULT_DEPTHS))
     chosen_rounds = args.rounds or (QUICK_ROUNDS if args.quick else None)
 
@@ -839,8 +942,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    enabled = {"heapq": True, "bruteforce": True, "ts": not args.no_ts, "ours": not args.no_ours}
+    enabled = {
+        "heapq": True,
+        "bruteforce": True,
+        "ts": not args.no_ts,
+        "baseline": args.baseline is not None,
+        "ours": not args.no_ours,
+    }
+    if args.impls is not None:
+        enabled = {impl: on and impl in args.impls for impl, on in enabled.items()}
     modules: Path | None = None
+    baseline_python: Path | None = None
+    if enabled["baseline"]:
+        try:
+            sha, baseline_python = baseline_build(args.baseline)
+        except (Skip, subprocess.CalledProcessError, ValueError) as exc:
+            enabled["baseline"] = False
+            skipped["baseline"] = str(exc)
+            print(f"baseline: skipped ({exc})", flush=True)
+        else:
+            print(f"baseline: {args.baseline} = {sha[:12]}", flush=True)
     if enabled["ts"]:
         try:
             modules = ts_install()
@@ -849,38 +970,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped["ts"] = str(exc)
             print(f"ts: skipped ({exc})", flush=True)
     for name, why in (("ts", "--no-ts"), ("ours", "--no-ours")):
-        if not enabled[name] and name not in skipped:
+        if not enabled[name] and name not in skipped and (args.impls is None or name in args.impls):
             skipped[name] = f"disabled by {why}"
 
     for depth in depths:
         rounds = rounds_for(depth)
-        for impl in IMPLEMENTATIONS:
-            if not enabled[impl] or (impl == "bruteforce" and depth > BRUTEFORCE_MAX_DEPTH):
-                continue
-            started = time.perf_counter()
-            try:
-                if impl == "ts":
-                    assert modules is not None
-                    record = run_ts(modules, depth, rounds, args.seed)
-                elif impl == "bruteforce":
-                    record = run_python_worker(impl, depth, bruteforce_rounds(depth, rounds), args.seed)
-                else:
-                    record = run_python_worker(impl, depth, rounds, args.seed)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"{impl}: failed at depth {human_depth(depth)} ({exc}); continuing", flush=True)
-                skipped[impl] = f"failed at depth {human_depth(depth)}: {exc}"
-                continue
-            if "unavailable" in record:
-                enabled[impl] = False
-                skipped[impl] = f"dispatcher not available: {record['unavailable']}"
-                print(f"{impl}: skipped (dispatcher not available: {record['unavailable']})", flush=True)
-                continue
-            results.append(record)
-            print(
-                f"{impl:>10} {human_depth(depth):>5}: p50 {fmt(record['p50_us'])} µs, "
-                f"p99 {fmt(record['p99_us'])} µs ({time.perf_counter() - started:.1f} s)",
-                flush=True,
-            )
+        # Repeated runs alternate between the implementations, so a change in the machine's load
+        # falls on all of them alike.
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(args.repeat):
+            for impl in IMPLEMENTATIONS:
+                if not enabled[impl] or (impl == "bruteforce" and depth > BRUTEFORCE_MAX_DEPTH):
+                    continue
+                started = time.perf_counter()
+                try:
+                    if impl == "ts":
+                        assert modules is not None
+                        record = run_ts(modules, depth, rounds, args.seed)
+                    elif impl == "bruteforce":
+                        record = run_python_worker(impl, depth, bruteforce_rounds(depth, rounds), args.seed)
+                    elif impl == "baseline":
+                        record = run_python_worker("ours", depth, rounds, args.seed, baseline_python)
+                        record["impl"] = "baseline"
+                    else:
+                        record = run_python_worker(impl, depth, rounds, args.seed)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"{impl}: failed at depth {human_depth(depth)} ({exc}); continuing", flush=True)
+                    skipped[impl] = f"failed at depth {human_depth(depth)}: {exc}"
+                    continue
+                if "unavailable" in record:
+                    enabled[impl] = False
+                    skipped[impl] = f"dispatcher not available: {record['unavailable']}"
+                    print(f"{impl}: skipped (dispatcher not available: {record['unavailable']})", flush=True)
+                    continue
+                runs.setdefault(impl, []).append(record)
+                print(
+                    f"{impl:>10} {human_depth(depth):>5}: p50 {fmt(record['p50_us'])} µs, "
+                    f"p99 {fmt(record['p99_us'])} µs ({time.perf_counter() - started:.1f} s)",
+                    flush=True,
+                )
+        results += [median_record(impl_runs) for impl_runs in runs.values()]
 
     report: dict[str, Any] = {
         "command": " ".join(["python benches/compare.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -893,7 +1022,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text_table(table_rows(results)))
     print()
-    print("Ratios of p50 round latency (ours/heapq: the price over the floor; TS/ours > 1: ours faster):")
+    print(
+        "Ratios of p50 round latency (ours/heapq: the price over the floor; TS/ours > 1: ours faster;"
+        " ours/baseline < 1: ours faster):"
+    )
     for line in ratio_lines(report["ratios"]):
         print("  " + line)
     drift = drift_lines(results)

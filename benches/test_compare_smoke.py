@@ -176,11 +176,38 @@ def test_ratios_compare_p50s() -> None:
         {"impl": "ours", "depth": 10, "p50_us": 6.0},
         {"impl": "ts", "depth": 10, "p50_us": 30.0},
         {"impl": "bruteforce", "depth": 10, "p50_us": 60.0},
+        {"impl": "baseline", "depth": 10, "p50_us": 12.0, "p99_us": 40.0},
     ]
+    results[1]["p99_us"] = 10.0
     (entry,) = compare.compute_ratios(results, [10])
-    assert entry == {"depth": 10, "ours_over_heapq": 3.0, "ts_over_ours": 5.0, "ts_over_bruteforce": 0.5}
+    assert entry == {
+        "depth": 10,
+        "ours_over_heapq": 3.0,
+        "ts_over_ours": 5.0,
+        "ts_over_bruteforce": 0.5,
+        "ours_over_baseline": 0.5,
+        "ours_over_baseline_p99": 0.25,
+    }
     (missing,) = compare.compute_ratios(results[:1], [10])
     assert missing["ours_over_heapq"] is None
+    assert missing["ours_over_baseline"] is None
+
+
+def test_repeated_runs_keep_the_median_of_each_figure_and_every_runs_p50() -> None:
+    runs = [
+        {"impl": "ours", "depth": 10, "p50_us": p50, "p99_us": p50 * 2, "bytes_per_msg": 100.0}
+        for p50 in (5.0, 3.0, 4.0)
+    ]
+    record = compare.median_record(runs)
+    assert (record["p50_us"], record["p99_us"], record["bytes_per_msg"]) == (4.0, 8.0, 100.0)
+    assert (record["runs"], record["p50_runs_us"]) == (3, [5.0, 3.0, 4.0])
+    assert compare.median_record(runs[:2])["p50_us"] == 4.0
+
+
+def test_impls_are_checked() -> None:
+    assert compare.parse_impls("ours, baseline") == ["ours", "baseline"]
+    with pytest.raises(Exception, match="bad --impls"):
+        compare.parse_impls("ours,rust")
 
 
 def test_ts_is_skipped_without_node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

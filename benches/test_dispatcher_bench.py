@@ -21,6 +21,7 @@ import pytest
 
 from llm_queue_dispatcher import (
     CustomScorer,
+    InMemoryStorage,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
@@ -32,11 +33,7 @@ from llm_queue_dispatcher import (
     TokenInfo,
     create_in_memory_queue,
 )
-from llm_queue_dispatcher._core import CandidateBuffer, ScoringParams
 from tests.conformance.support import run
-
-DEFAULT_WEIGHTS = (0.25, 0.2, 0.2, 0.1, 0.15, 0.1)
-
 
 ROUNDS = 2_000
 WARMUP = 100
@@ -101,19 +98,20 @@ def test_async_round_trip(benchmark: Any, depth: int) -> None:
     assert run(dispatcher.get_queue_metrics()).queue.approximate_number_of_messages == depth
 
 
-@pytest.mark.benchmark(group="dispatcher: sync core dispatch + delete")
+@pytest.mark.benchmark(group="dispatcher: sync core dispatch + ack")
 def test_sync_core_round_trip(benchmark: Any, depth: int) -> None:
+    """The core's calls without the coroutines around them: a dispatch, its mark (done when
+    called with the in-memory store and an `LLMThrottle`), an enqueue."""
     dispatcher, (limiter, clock, source) = filled(depth)
-    core = dispatcher._storage.core  # type: ignore[attr-defined]
-    params = ScoringParams(DEFAULT_WEIGHTS, [], 20)
+    core, store = dispatcher._core, dispatcher._storage.core  # type: ignore[attr-defined]
     ahead = iter([next(source) for _ in range(ROUNDS + WARMUP)])
 
     def one() -> None:
         clock.advance(0.001)
-        picked = core.dispatch_native(limiter, params, None, 30.0, 0.0, True)
-        assert picked is not None
-        core.delete(picked[0].attributes.receipt_handle)
-        core.enqueue(next(ahead))
+        job = core.dispatch(limiter)
+        assert job is not None
+        job.mark_as_processed()
+        store.enqueue(next(ahead))
 
     benchmark.pedantic(one, rounds=ROUNDS, warmup_rounds=WARMUP)
 
@@ -156,16 +154,21 @@ def test_custom_scorers(benchmark: Any, scorers: int) -> None:
 @pytest.mark.benchmark(group="scoring engine: score every buffered message")
 @pytest.mark.parametrize("size", [200, 2_000])
 def test_scoring_throughput(benchmark: Any, size: int) -> None:
-    """`CandidateBuffer.select` scores every buffered message in Rust: messages scored per
-    second = size / time per call."""
+    """The prefetch buffer's search scores every buffered message in Rust (here through
+    `time_until_score`, whose first look is one such search): messages scored per second =
+    size / time per call."""
     clock = ManualClock(1_700_000_000.0)
-    dispatcher = create_in_memory_queue(clock=clock)
+    memory = create_in_memory_queue(clock=clock)
     source = workload("s")
-    run(dispatcher.batch_enqueue([next(source) for _ in range(size)]))
-    leased = run(dispatcher._storage.dequeue(size, 3_600.0))
-    buffer = CandidateBuffer(clock)
-    buffer.insert(leased)
-    params = ScoringParams(DEFAULT_WEIGHTS, [], 20)
-    selection = benchmark(lambda: buffer.select(1e6, 1e6, params, None, 0.0))
-    assert selection is not None
-    assert len(buffer) == size
+    run(memory.batch_enqueue([next(source) for _ in range(size)]))
+    leased = run(memory._storage.dequeue(size, 3_600.0))  # type: ignore[attr-defined]
+    external = LLMQueueDispatcher(ExternalStore(clock=clock), LLMQueueDispatcherConfig(clock=clock))
+    core = external._core
+    core.buffer_insert(leased, 1e12)
+    crossing = benchmark(lambda: core.time_until_score(1e6))
+    assert crossing == 0.0
+    assert core.buffered == size
+
+
+class ExternalStore(InMemoryStorage[Any]):
+    """A store the dispatcher treats as external (leased into a prefetch buffer)."""

@@ -4,12 +4,15 @@
 //! are tested with `cargo test`; [`py`] holds the thin `PyO3` layer that exposes them as
 //! `llm_queue_dispatcher._core`.
 
+pub mod buffer;
 pub mod cells;
 pub mod clock;
 pub mod deadlines;
+pub mod dispatch;
 pub mod errors;
 pub mod fair;
 pub mod index;
+pub mod ledger;
 pub mod policy;
 pub mod py;
 pub mod scoring;

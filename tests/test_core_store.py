@@ -3,6 +3,7 @@ garbage collection of cycles through payloads, clocks, the dead-letter hand-off.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import weakref
@@ -16,11 +17,16 @@ from llm_queue_dispatcher import (
     InMemoryStorage,
     InvalidConfigError,
     InvalidRequestError,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
     LLMRequest,
     ManualClock,
+    MessageAttributes,
+    QueueMessage,
     TokenInfo,
 )
 from llm_queue_dispatcher._core import StoreCore
+from tests.dispatcher.books import native_limiter, request
 
 
 def make(rid: str = "a", **kw: Any) -> LLMRequest[Any]:
@@ -217,3 +223,53 @@ def test_batch_building_leaves_the_garbage_collector_as_it_found_it() -> None:
     with pytest.raises(InvalidRequestError):  # a bad request fails the whole batch
         core.enqueue_batch([LLMRequest("c", 1), "not a request"])
     assert gc.isenabled()
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def rebuilt(message: QueueMessage[Any]) -> QueueMessage[Any]:
+    """The same message built by the dataclasses' own constructors."""
+    attributes = MessageAttributes(
+        **{name: getattr(message.attributes, name) for name in field_names(MessageAttributes)}
+    )
+    return QueueMessage(id=message.id, payload=message.payload, attributes=attributes)
+
+
+def assert_exactly_the_dataclass(message: QueueMessage[Any]) -> None:
+    assert type(message) is QueueMessage
+    assert type(message.attributes) is MessageAttributes
+    assert set(vars(message)) == field_names(QueueMessage)
+    assert set(vars(message.attributes)) == field_names(MessageAttributes)
+    twin = rebuilt(message)
+    assert message == twin
+    assert repr(message) == repr(twin)
+    assert dataclasses.asdict(message) == dataclasses.asdict(twin)
+    assert dataclasses.replace(message) == message
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.attributes.receive_count = 99  # type: ignore[misc]
+
+
+async def test_messages_from_every_rust_path_are_the_dataclasses() -> None:
+    """Enqueue, batch enqueue, peek, dequeue, the dispatch step and take_unfittable
+    all build `QueueMessage`/`MessageAttributes` with exactly the dataclass fields, equal to a
+    dataclass-constructed twin."""
+    clock = ManualClock(1_000.0)
+    storage: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    limiter = native_limiter(ManualClock(), tpm=1_000)
+    messages = [await storage.enqueue(request("a"))]
+    messages += await storage.batch_enqueue([request("b"), request("c"), request("huge", 5_000)])
+    messages += await storage.peek_messages_by_priority(2, 10)
+    messages += await storage.dequeue(1, 30.0)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    messages.append(job.message)
+    messages += await dispatcher.take_unfittable(limiter)
+    clock.advance(31.0)
+    messages += await storage.dequeue(10, 30.0)  # received again: first_received_at set
+    assert {m.payload.id for m in messages} == {"a", "b", "c", "huge"}
+    assert any(m.attributes.first_received_at is not None for m in messages)
+    for message in messages:
+        assert_exactly_the_dataclass(message)

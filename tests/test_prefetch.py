@@ -1,33 +1,39 @@
 """The dispatcher over an external (plain-Python) store: the prefetch buffer.
 
 The buffer is filled with ``storage.dequeue(buffer_size, visibility_timeout)``, selection over it
-is exact, buffered leases are renewed every ``prefetch_interval``, ``close()`` releases them
-(visibility 0), and no buffered message is ever handed out twice, even when its lease runs out
-and another consumer receives it.
+is exact, buffered leases are renewed every ``prefetch_interval``, ``close()`` gives them back
+unprocessed (``release_message``: their receive undone), and no buffered message is ever handed
+out twice, even when its lease runs out and another consumer receives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import datetime, timezone
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
+    InMemoryStorage,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
     ManualClock,
+    MessageAttributes,
     Priority,
     QueueMessage,
     ScoringWeights,
     TokenInfo,
 )
+from tests.dispatcher.books import Delegating, RenewalFails, native_limiter
+from tests.dispatcher.books import request as sized_request
 from tests.reference.scoring import reference_total
-from tests.reference.storage import RecordingStorage
+from tests.reference.storage import RecordingStorage, ReferenceStorage
 
 
 def request(request_id: str, priority: Priority = Priority.NORMAL, tokens: int = 100) -> LLMRequest[str]:
@@ -178,13 +184,16 @@ async def test_close_releases_buffered_messages_at_once() -> None:
         assert job is not None
         assert await adapter.get_approximate_message_count() == 2
     # close() let the background top-up land (the buffer was full again: 4), then released
-    # every buffered message, and only those.
-    releases = [args for args in adapter.calls_named("update_visibility_timeout") if args[1] == 0.0]
-    released = {handle for handle, _ in releases}
+    # every buffered message, and only those, their receive undone.
+    releases = adapter.calls_named("release_message")
+    released = {handle for (handle,) in releases}
     assert len(releases) == len(released) == 4
     assert job.message.attributes.receipt_handle not in released
     assert await adapter.get_approximate_message_count() == 5  # the clock did not move
     assert not adapter.is_visible(job.message.payload.id)  # the handed-out one stays leased
+    for priority in range(4):
+        for message in await adapter.peek_messages_by_priority(priority, 10):
+            assert message.attributes.receive_count == 0  # no receive used up by the close
     assert (await dispatcher.get_queue_metrics()).queue.buffered_messages == 0
 
 
@@ -275,3 +284,169 @@ def test_no_delivery_is_handed_out_twice(ops: list[tuple[str, Any]]) -> None:
         await dispatcher.close()
 
     asyncio.run(scenario())
+
+
+class SlowRenewal(RecordingStorage[str]):
+    """A store whose visibility changes take a round trip (a network call); ``renewing`` is set
+    when one starts."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(clock)
+        self.renewing = asyncio.Event()
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        self.renewing.set()
+        await asyncio.sleep(0.01)
+        await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+
+async def test_a_dequeue_cancelled_while_its_lease_is_renewed_leaves_nothing_in_flight() -> None:
+    """The winner's lease is half used, so the hand-out renews it first; cancelled meanwhile,
+    the dequeue takes nothing: no delivery in flight in any of the metrics, its reservation
+    given back, the message back in the buffer for the next dequeue."""
+    clock = ManualClock(1_000.0)
+    store: SlowRenewal = SlowRenewal(clock)
+    dispatcher = LLMQueueDispatcher(store, LLMQueueDispatcherConfig(clock=clock, visibility_timeout=30.0))
+    await dispatcher.enqueue(dataclasses.replace(request("a"), tenant="t"))
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher._prefetch.prepare()  # type: ignore[union-attr]  # leased into the buffer
+    clock.advance(20.0)  # less than half of the lease left: the hand-out renews and waits
+    dequeue = asyncio.ensure_future(dispatcher.dequeue(limiter))
+    await store.renewing.wait()
+    dequeue.cancel()
+    await asyncio.gather(dequeue, return_exceptions=True)
+    assert dequeue.cancelled()
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert metrics.processing.in_flight_details == []
+    assert metrics.tenants["t"].in_flight == 0
+    assert metrics.queue.buffered_messages == 1
+    assert limiter.get_metrics().rpm.used == 0
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_processed()
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    await dispatcher.close()
+
+
+@pytest.mark.parametrize("enable_prefetch", [False, True])
+async def test_buffered_messages_keep_their_leases_while_a_slow_consumer_works(enable_prefetch: bool) -> None:
+    """A consumer taking 20 s a message, a 30 s visibility and a buffer holding all five: each is
+    handed out once with receive count 1, none is dead-lettered (``max_receive_count=2``), and
+    the buffer never holds two copies of one message."""
+    clock = ManualClock(1_000.0)
+    dead: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock, max_receive_count=2, dead_letter=dead)
+    config = LLMQueueDispatcherConfig(clock=clock, buffer_size=10, enable_prefetch=enable_prefetch)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    for i in range(5):
+        await dispatcher.enqueue(sized_request(str(i)))
+    delivered = []
+    for _ in range(8):
+        job = await dispatcher.dequeue(limiter)
+        if job is not None:
+            delivered.append((job.message.payload.id, job.message.attributes.receive_count))
+            clock.advance(20)
+            await job.mark_as_processed()
+        else:
+            clock.advance(40)
+        await asyncio.sleep(0)
+        buffered = dispatcher._core.ids_above(-1.0)  # every buffered request id
+        assert len(buffered) == len(set(buffered))
+    await dispatcher.close()
+    assert delivered == [(str(i), 1) for i in range(5)]
+    assert await dead.get_approximate_message_count() == 0
+
+
+async def test_after_release_buffered_the_buffer_is_renewed_again() -> None:
+    """`release_buffered` (what a stopping Worker calls) halts the background renewal only
+    until the next dequeue: a buffer filled again keeps its leases under a slow consumer."""
+    inner: InMemoryStorage[Any] = InMemoryStorage()
+    config = LLMQueueDispatcherConfig(visibility_timeout=1.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(Delegating(inner), config)
+    limiter = LLMThrottle(60_000, 10_000_000)
+    for i in range(5):
+        await dispatcher.enqueue(sized_request(str(i)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    await job.mark_as_failed(RuntimeError("x"))  # visible again at once
+    await dispatcher.release_buffered()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    job = await dispatcher.dequeue(limiter)  # fills the buffer again
+    assert job is not None
+    await job.update_visibility(600.0)  # the handed-out one is its consumer's to extend
+    await asyncio.sleep(2.5)  # a slow call: the buffered leases (1 s) must be renewed meanwhile
+    attributes = await inner.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 5
+    await job.mark_as_processed()
+    await dispatcher.close()
+    assert (await inner.get_queue_attributes()).approximate_number_of_messages == 4
+
+
+def test_the_buffer_keeps_the_later_delivery_of_a_request() -> None:
+    core = LLMQueueDispatcher(Delegating(InMemoryStorage()))._core
+
+    def delivery(count: int) -> QueueMessage[Any]:
+        attributes = MessageAttributes(
+            message_id="m",
+            receipt_handle=f"h{count}",
+            enqueued_at=datetime.now(timezone.utc),
+            receive_count=count,
+            first_received_at=datetime.now(timezone.utc),
+        )
+        return QueueMessage("m", sized_request("a"), attributes)
+
+    assert core.buffer_insert([delivery(2)], 1e9) == []
+    assert core.buffer_insert([delivery(1)], 1e9) == ["h1"]  # an older one coming back is not kept
+    assert core.buffer_handles() == ["h2"]
+    assert core.buffer_insert([delivery(3)], 1e9) == ["h2"]
+    assert core.buffer_handles() == ["h3"]
+
+
+async def test_a_failing_renewal_of_another_buffered_message_does_not_fail_the_dequeue() -> None:
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    store = RenewalFails(inner)
+    config = LLMQueueDispatcherConfig(clock=clock, visibility_timeout=30.0, buffer_size=10)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(LLMRequest("stuck", None, Priority.LOW, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("first", None, Priority.URGENT, TokenInfo(10)))
+    await dispatcher.enqueue(LLMRequest("second", None, Priority.HIGH, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "first"
+    await job.mark_as_processed()
+    clock.advance(20)  # every buffered lease is due for renewal; "stuck"'s fails
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "second"
+    await job.mark_as_processed()
+    await dispatcher.close()
+
+
+async def test_buffered_messages_count_once_in_an_external_stores_metrics() -> None:
+    """Over an external store, a buffered message is leased (in flight for the
+    store) but still waiting for the dispatcher: it counts once, as waiting."""
+    clock = ManualClock(1_000.0)
+    storage: ReferenceStorage[Any] = ReferenceStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=clock, buffer_size=4)
+    )
+    await dispatcher.batch_enqueue([sized_request(f"r{i}") for i in range(10)])
+    job = await dispatcher.dequeue(native_limiter(ManualClock()))
+    assert job is not None
+    attributes = await storage.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (
+        6,
+        4,
+    )
+    queue = (await dispatcher.get_queue_metrics()).queue
+    assert queue.buffered_messages == 3
+    assert queue.approximate_number_of_messages == 9  # 6 in the store + 3 buffered
+    assert queue.approximate_number_of_messages_in_flight == 1  # the job
+    assert queue.total_messages == 10

@@ -1,11 +1,15 @@
 """Stubs of the compiled module ``llm_queue_dispatcher._core``."""
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, final
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeVar, final
 
 from .provider_limits import ProviderLimits
+from .scoring import MessageScore
 from .types import LLMRequest, QueueMessage
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 __all__ = [
     "DEFAULT_MESSAGE_RETENTION",
@@ -15,20 +19,24 @@ __all__ = [
     "MAX_VISIBILITY_TIMEOUT",
     "BucketMetrics",
     "BucketState",
-    "CandidateBuffer",
     "CompensationMetrics",
     "ConsumptionRecord",
     "ConsumptionStatistics",
-    "FairSelection",
+    "CoreReport",
+    "DispatchCore",
+    "InFlight",
     "LLMThrottle",
     "ManualClock",
     "MemoryMetrics",
+    "Plan",
+    "ProcessableMessage",
+    "Purged",
     "RateLimitCheckResult",
     "RateLimitMetrics",
-    "ScoringParams",
-    "Selection",
+    "Ready",
     "StateSnapshot",
     "StoreCore",
+    "TenantReport",
     "__version__",
 ]
 
@@ -422,9 +430,11 @@ class StoreCore:
         """Deletes the message a current receipt handle names; ``ReceiptHandleError`` otherwise."""
     def dead_letter_now(self, handle: str) -> None:
         """Dead-letters the message a current receipt handle names, at once (counted)."""
-    def cancel_receive(self, handle: str) -> None:
-        """Undoes the receive that issued a current handle: visible again at once, its receive
-        count and first receive as before."""
+    def release(self, handle: str) -> None:
+        """Gives a received message back unprocessed, as if that receive had not happened:
+        visible at once, its receive count and first receive as before; the handle is stale."""
+    def release_batch(self, handles: Iterable[str]) -> list[str]:
+        """Releases every current handle's message; returns the stale or unknown handles."""
     def change_visibility(self, handle: str, visibility_timeout: float) -> None:
         """Makes the message invisible for ``visibility_timeout`` seconds from now (0: visible)."""
     def peek(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
@@ -437,8 +447,6 @@ class StoreCore:
         """Visible messages."""
     def in_flight_count(self) -> int:
         """Received messages whose visibility has not run out."""
-    def tenant_counts(self) -> dict[str, tuple[int, int]]:
-        """``{tenant: (visible, in_flight)}`` of every tenant with a message ("" for none)."""
     def next_visibility_change(self) -> float | None:
         """Clock reading at which the next in-flight message's visibility ends."""
     def counts_by_priority(self) -> list[int]:
@@ -456,225 +464,304 @@ class StoreCore:
     def message_retention(self) -> float: ...
     @property
     def dead_letter(self) -> StoreCore | None: ...
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
-        visibility_timeout: float,
-        min_score: float,
-        reserve: bool,
-        hold: bool = False,
-    ) -> tuple[QueueMessage[Any], float, list[float]] | float | None:
-        """One dispatch step: the best admissible message, its budget reserved on ``throttle``
-        (when ``reserve``) and received; ``(message, total, weighted parts)``; with ``hold``,
-        the seconds until a winner that does not fit yet will; or None."""
-    def configure_fair(
-        self,
-        tenant_weights: dict[str, float],
-        fairness_window: float,
-        urgent_first: bool,
-        max_wait: list[float],
-        reserve_tokens: float | None,
-        urgent_reserve: float | None = None,
-    ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
-        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
-        """One fair dispatch step: ``(message, facts)``, the seconds until a held winner fits, or
-        None."""
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        """The fair choice under a reported budget (other rate limiters), not taken."""
-    def take_fair(
-        self, selection: FairSelection, visibility_timeout: float
-    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | None:
-        """Takes a fair selection (charging its tenant), or None if it left."""
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        """Corrects a fair charge to ``tokens`` (0 takes it back)."""
-    def fair_usage(self) -> list[tuple[str, float]]:
-        """Each tenant's token use over the fairness window."""
-    def drop_expired(self) -> list[str]:
-        """Dead-letters every visible message whose deadline has passed; their ids."""
-    def select(
-        self,
-        available_tokens: float,
-        available_requests: float,
-        params: ScoringParams,
-        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
-        min_score: float,
-        *,
-        reported: tuple[float, float, float] | None = None,
-        hold: bool = False,
-    ) -> Selection | None:
-        """The best message fitting ``available_tokens`` (for other rate limiters), not taken. With
-        ``reported`` (the limiter's available tokens, available requests and token capacity),
-        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
-        the reported budget admits it with it (without ``hold``, the best that does)."""
-    def take(
-        self, selection: Selection, visibility_timeout: float
-    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
-        """Receives a selected message, or None if it is no longer visible."""
-    def min_visible_tokens(self) -> int | None:
-        """The smallest estimate among visible messages."""
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        """Seconds until the best score reaches ``threshold`` with time alone; None: never
-        without another change."""
-    def ids_above(self, capacity: float) -> list[str]:
-        """Request ids of visible messages whose estimate exceeds ``capacity``."""
-    def take_above(self, capacity: float, visibility_timeout: float) -> list[QueueMessage[Any]]:
-        """Receives every visible message whose estimate exceeds ``capacity``."""
     def _check_invariants(self) -> None:
         """Checks the structural invariants by a full scan; raises AssertionError."""
 
 @final
-class ScoringParams:
-    """Validated weights of a dispatcher: the six factors, the custom scorers, the cap on
-    custom-scorer evaluations per dequeue; whether URGENT ranks above every score
-    (``urgent_first``) and the tokens a non-URGENT winner leaves for URGENT ones
-    (``urgent_reserve``; None: automatic with ``urgent_first``, none without)."""
+class Ready(Generic[_R]):
+    """An awaitable whose outcome is known already: awaiting it returns its value or raises its
+    error without suspending (what a mark needing no I/O returns)."""
+
+    def __await__(self) -> Generator[Any, None, _R]: ...
+    def __iter__(self) -> Ready[_R]: ...
+    def __next__(self) -> Any: ...
+    def send(self, value: Any) -> None: ...
+    def throw(self, error: BaseException, *rest: Any) -> None: ...
+    def close(self) -> None: ...
+
+@final
+class ProcessableMessage(Generic[_T]):
+    """A message handed out by ``LLMQueueDispatcher.dequeue``, to be marked exactly once.
+
+    ``async with job:`` marks it processed on a normal exit and failed on an exception (which
+    propagates). A mark needing no I/O (the in-memory store with an ``LLMThrottle``) is done when
+    called and returns an awaitable that is complete already; errors are raised on await.
+    """
+
+    @property
+    def message(self) -> QueueMessage[_T]:
+        """The message handed out."""
+    @property
+    def score(self) -> MessageScore:
+        """Its score: the total and the weighted parts."""
+    @property
+    def reason(self) -> str:
+        """Why this message won: its policy's explanation, or its total and top factors."""
+    @property
+    def dispatched_at(self) -> float:
+        """When it was handed out (the dispatcher's clock)."""
+    @property
+    def settled(self) -> bool:
+        """Whether it was marked (processed, failed, dead-lettered or released)."""
+    @property
+    def _key(self) -> str | None: ...
+    @property
+    def _needed(self) -> int: ...
+    @property
+    def _delivery(self) -> int: ...
+    @property
+    def _tokens(self) -> int: ...
+    @property
+    def _lease_end(self) -> float: ...
+    def mark_as_processed(self, actual_tokens: int | None = None) -> Awaitable[None]:
+        """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``. A
+        stale receipt handle settles the delivery and raises ``ReceiptHandleError``."""
+    def mark_as_failed(self, error: BaseException, *, retry_after: float | None = None) -> Awaitable[None]:
+        """Makes the message visible again after ``retry_after`` s (default at once) and refunds
+        its reserved tokens; ``retry_after`` outside [0, 43200] raises ``InvalidRequestError``
+        and changes nothing."""
+    def mark_as_dead_lettered(self, error: BaseException) -> Awaitable[None]:
+        """Moves the message to the store's dead-letter target at once and refunds its tokens."""
+    def release(self) -> Awaitable[None]:
+        """Gives the message back unprocessed: visible at once, its receive undone, its whole
+        reservation (tokens and request) released."""
+    def update_visibility(self, seconds: float) -> Awaitable[None]:
+        """Keeps the message leased for ``seconds`` more, counted from now."""
+    def _abandon(self) -> None: ...
+    def __aenter__(self) -> Awaitable[ProcessableMessage[_T]]: ...
+    def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Awaitable[None]: ...
+    def __class_getitem__(cls, item: Any) -> Any: ...
+
+@final
+class Plan:
+    """The I/O a mark asks Python to await: the store call, then the limiter call."""
+
+    @property
+    def delivery(self) -> int: ...
+    @property
+    def store(self) -> Literal["delete", "visibility", "dead_letter", "release"] | None: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def message(self) -> QueueMessage[Any]: ...
+    @property
+    def limiter(self) -> Any: ...
+    @property
+    def limiter_call(self) -> Literal["adjust", "release", "settle"] | None: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def stale(self) -> bool: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def log(self) -> tuple[str, str, Any] | None: ...
+
+@final
+class CoreReport:
+    """The figures of a dispatcher's metrics report."""
+
+    @property
+    def now(self) -> float: ...
+    @property
+    def counts_by_priority(self) -> list[int]: ...
+    @property
+    def oldest_enqueued_at(self) -> float | None: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def average_wait(self) -> float: ...
+    @property
+    def wait_p50(self) -> float: ...
+    @property
+    def wait_p95(self) -> float: ...
+    @property
+    def wait_p99(self) -> float: ...
+    @property
+    def messages_per_minute(self) -> float: ...
+    @property
+    def tokens_per_minute(self) -> float: ...
+    @property
+    def latency_p50(self) -> float: ...
+    @property
+    def latency_p99(self) -> float: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def expired_deadlines(self) -> int: ...
+    @property
+    def unfittable(self) -> int: ...
+
+@final
+class InFlight:
+    """One delivery in flight: the fields of ``InFlightDetail`` but its age."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def estimated_tokens(self) -> int: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def started_at(self) -> float: ...
+
+@final
+class TenantReport:
+    """One tenant's line of the metrics report."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def visible(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def tokens_in_window(self) -> float: ...
+    @property
+    def tokens_served(self) -> int: ...
+    @property
+    def wait_p50(self) -> float: ...
+    @property
+    def wait_p95(self) -> float: ...
+    @property
+    def wait_p99(self) -> float: ...
+
+@final
+class Purged:
+    """A delivery handed out when a purge began, to delete by its receipt handle."""
+
+    @property
+    def delivery(self) -> int: ...
+    @property
+    def handle(self) -> str: ...
+
+@final
+class DispatchCore:
+    """One dispatcher's selection, delivery books and metrics: what its Python layer asks and
+    tells. ``pool`` is an in-memory store's core, or None for a prefetch buffer of its own."""
 
     def __new__(
         cls,
-        weights: tuple[float, float, float, float, float, float],
-        custom_weights: list[float],
-        max_candidates: int,
+        pool: StoreCore | None,
         *,
-        urgent_first: bool = False,
-        urgent_reserve: float | None = None,
-    ) -> ScoringParams: ...
-    @property
-    def weights(self) -> list[float]: ...
-
-@final
-class Selection:
-    """A selected message not yet taken (the path for rate limiters other than LLMThrottle)."""
-
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def tokens(self) -> int: ...
-    @property
-    def total(self) -> float: ...
-    @property
-    def breakdown(self) -> list[float]: ...
-    @property
-    def margin(self) -> float:
-        """Tokens it must leave in the bucket (the URGENT reserve, for a non-URGENT winner)."""
-    @property
-    def fits(self) -> bool:
-        """Whether the reported budget admits it now with that margin."""
-
-@final
-class FairSelection:
-    """A ``fair_priority`` choice not yet taken (the path for other rate limiters)."""
-
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def tokens(self) -> int: ...
-    @property
-    def margin(self) -> float:
-        """Tokens it must leave in the bucket (the reserve of a backlogged tenant)."""
-    @property
-    def fits(self) -> bool:
-        """Whether the reported budget admits it now."""
-
-@final
-class CandidateBuffer:
-    """The prefetch buffer of a dispatcher over an external store: leased messages, selected
-    from exactly (every buffered message is scored)."""
-
-    def __new__(cls, clock: Any = None) -> CandidateBuffer: ...
-    def insert(self, messages: Iterable[QueueMessage[Any]]) -> list[str]:
-        """Adds leased messages; all are checked before any is added. Of two copies of one
-        request the later delivery (higher receive count) is kept; returns the handles of the
-        copies not kept."""
-    def drain(self) -> list[QueueMessage[Any]]:
-        """Removes and returns every buffered message."""
-    def handles(self) -> list[str]:
-        """Receipt handles of the buffered messages."""
-    def discard(self, handle: str) -> QueueMessage[Any] | None:
-        """Removes and returns the message with this receipt handle, if it is buffered."""
-    def __len__(self) -> int: ...
-    def dispatch_native(
-        self,
-        throttle: LLMThrottle,
-        params: ScoringParams,
-        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
+        clock: Any,
+        weights: Sequence[float],
+        custom_weights: Sequence[float],
+        custom_names: Sequence[str],
+        max_candidates: int,
+        policy: str,
+        tenant_weights: Sequence[tuple[str, float]],
+        fairness_window: float,
+        urgent_first: bool,
+        max_wait: Sequence[float],
+        reserve_tokens: float | None,
         visibility_timeout: float,
         min_score: float,
         reserve: bool,
-        hold: bool = False,
-    ) -> tuple[QueueMessage[Any], float, list[float]] | float | None:
-        """One dispatch step over the buffer with the budget of ``throttle``."""
-    def configure_fair(
-        self,
-        tenant_weights: dict[str, float],
-        fairness_window: float,
-        urgent_first: bool,
-        max_wait: list[float],
-        reserve_tokens: float | None,
+        hold: bool,
+        metrics_retention: float,
+        runner: Any,
+        logger: logging.Logger,
+        score_urgent_first: bool = False,
         urgent_reserve: float | None = None,
-    ) -> None:
-        """Ranks by the ``fair_priority`` policy from now on (``urgent_reserve``: the tokens
-        every non-URGENT dispatch leaves for URGENT ones; None: automatic)."""
-    def dispatch_fair(
-        self, throttle: LLMThrottle, visibility_timeout: float, reserve: bool, hold: bool
-    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | float | None:
-        """One fair dispatch step: ``(message, facts)``, the seconds until a held winner fits, or
-        None."""
-    def select_fair(
-        self, available_tokens: float, available_requests: float, capacity: float, hold: bool
-    ) -> FairSelection | None:
-        """The fair choice under a reported budget (other rate limiters), not taken."""
-    def take_fair(
-        self, selection: FairSelection, visibility_timeout: float
-    ) -> tuple[QueueMessage[Any], tuple[bool, str, float, int, int, int, int, int]] | None:
-        """Takes a fair selection (charging its tenant), or None if it left."""
-    def correct_charge(self, tenant: int, charge: int, tokens: float) -> None:
-        """Corrects a fair charge to ``tokens`` (0 takes it back)."""
-    def tenant_counts(self) -> dict[str, tuple[int, int]]:
-        """``{tenant: (buffered, 0)}`` of every tenant with a buffered message ("" for none)."""
-    def fair_usage(self) -> list[tuple[str, float]]:
-        """Each tenant's token use over the fairness window."""
-    def take_expired(self) -> list[QueueMessage[Any]]:
-        """Removes and returns buffered messages whose deadline has passed (still leased)."""
-    def select(
+    ) -> DispatchCore: ...
+    def dispatch(
+        self, throttle: LLMThrottle, custom_fn: Callable[[QueueMessage[Any]], list[Any]] | None = None
+    ) -> ProcessableMessage[Any] | float | None:
+        """Select, reserve and take with an ``LLMThrottle``: the job, the seconds until a held
+        winner fits, or None."""
+    def choose(
         self,
+        limiter: Any,
         available_tokens: float,
         available_requests: float,
-        params: ScoringParams,
-        custom_fn: Callable[[QueueMessage[Any]], list[float]] | None,
-        min_score: float,
-        *,
-        reported: tuple[float, float, float] | None = None,
-        hold: bool = False,
-    ) -> Selection | None:
-        """The best buffered message fitting ``available_tokens``, not taken. With
-        ``reported`` (the limiter's available tokens, available requests and token capacity),
-        a non-URGENT winner leaves the URGENT reserve: its ``margin``, and ``fits`` says whether
-        the reported budget admits it with it (without ``hold``, the best that does)."""
-    def take(
-        self, selection: Selection, visibility_timeout: float
-    ) -> tuple[QueueMessage[Any], float, list[float]] | None:
-        """Removes a selected message from the buffer, or None if it left."""
-    def min_visible_tokens(self) -> int | None:
-        """Smallest estimate in the buffer."""
-    def time_until_score(
-        self, available_tokens: float, params: ScoringParams, threshold: float
-    ) -> float | None:
-        """Seconds until the best buffered score reaches ``threshold`` with time alone."""
-    def ids_above(self, capacity: float) -> list[str]:
-        """Request ids of buffered messages whose estimate exceeds ``capacity``."""
-    def take_above(self, capacity: float, visibility_timeout: float | None = None) -> list[QueueMessage[Any]]:
-        """Removes and returns buffered messages whose estimate exceeds ``capacity``."""
-    def counts_by_priority(self) -> list[int]:
-        """Buffered messages per priority, URGENT first."""
-    def oldest_enqueued_at(self) -> float | None:
-        """Oldest ``enqueued_at`` in the buffer, in clock seconds."""
+        token_capacity: float,
+        request_capacity: float,
+        custom_fn: Callable[[QueueMessage[Any]], list[Any]] | None = None,
+    ) -> ProcessableMessage[Any] | int | None:
+        """Select and take under another limiter's reported budget: the job (its reservation is
+        the caller's), the tokens a held winner needs, or None."""
+    def settle(
+        self,
+        job: ProcessableMessage[Any],
+        kind: str,
+        tokens: int | None = None,
+        delay: float = 0.0,
+        error: BaseException | None = None,
+    ) -> Plan | None:
+        """Settles a job; what needs an await comes back as a ``Plan``."""
+    def hand_out(self, job: ProcessableMessage[Any]) -> bool:
+        """Hands out a job taken and reserved; False when a purge removed its message."""
+    def revoke(
+        self, job: ProcessableMessage[Any], restore: bool = True, reserved: bool = True
+    ) -> Plan | None:
+        """Takes back a job not handed out; another limiter's release comes back as a ``Plan``."""
+    def store_replied(self, delivery: int, reply: Literal["landed", "stale", "failed"]) -> bool:
+        """A plan's store reply; whether the mark must raise ``ReceiptHandleError``."""
+    def finish(self, plan: Plan, stale: bool) -> None:
+        """Ends a settling delivery once its plan is done; logs the mark; ``stale``: raises
+        ``ReceiptHandleError``."""
+    def buffer_insert(self, messages: Iterable[QueueMessage[Any]], lease_end: float) -> list[str]:
+        """Adds messages leased until ``lease_end``; the handles of copies not kept."""
+    def buffer_due(self, every: bool, renewing: set[str]) -> list[str]:
+        """Handles of buffered leases half used or more (``every``: all), but ``renewing``."""
+    def buffer_renewed(self, handle: str, started: float) -> None:
+        """A buffered lease renewed at ``started``: it ends a visibility timeout later."""
+    def buffer_next_due(self) -> float | None:
+        """Seconds until the next buffered lease is due for renewal."""
+    def now(self) -> float:
+        """The core clock's reading."""
+    def buffer_drain(self) -> list[QueueMessage[Any]]:
+        """Removes and returns every buffered message."""
+    def buffer_handles(self) -> list[str]:
+        """Receipt handles of the buffered messages."""
+    def buffer_discard(self, handle: str) -> QueueMessage[Any] | None:
+        """Removes the buffered message with this handle."""
+    def buffer_take_expired(self) -> list[QueueMessage[Any]]:
+        """Removes buffered messages whose deadline has passed."""
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def version(self) -> int:
+        """Bumped by every change a waiting dequeue should look at."""
+    def bump(self) -> None:
+        """Records a change made outside the core."""
+    @property
+    def waiting(self) -> int: ...
+    @waiting.setter
+    def waiting(self, waiting: int) -> None: ...
+    def next_visibility_change(self) -> float | None: ...
+    def min_visible_tokens(self) -> int | None: ...
+    def time_until_score(self, available_tokens: float) -> float | None: ...
+    def ids_above(self, capacity: float) -> list[str]: ...
+    def unfittable(self, capacity: float) -> list[str]:
+        """Requests above ``capacity`` not reported before (each is reported once)."""
+    def until_ready(
+        self, held: float | None, smallest_wait: float | None, available_tokens: float, refill: float | None
+    ) -> float:
+        """Seconds until a dequeue that found nothing could hand something out."""
+    def take_above(self, capacity: float) -> list[QueueMessage[Any]]: ...
+    def drop_expired(self) -> list[str]: ...
+    def count_expired(self, count: int) -> None: ...
+    def purge_store(self) -> None: ...
+    def begin_purge(self) -> tuple[int, list[Purged]]: ...
+    def purge_deleted(self, delivery: int) -> None: ...
+    def end_purge(self, purge: int, ok: bool) -> None: ...
+    @property
+    def active(self) -> int:
+        """Deliveries handed out and not settled (purged ones excepted)."""
+    def report(self) -> CoreReport: ...
+    def in_flight(self) -> list[InFlight]: ...
+    def tenants(self) -> list[TenantReport]: ...
+    @property
+    def _samples_held(self) -> int: ...

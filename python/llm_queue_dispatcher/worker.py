@@ -10,8 +10,9 @@ and settles it exactly once:
   `RetryableError`'s ``retry_after`` or exponential backoff with full jitter. "Anything else"
   includes `BaseException` subclasses, `GeneratorExit` and a `CancelledError` the handler raised
   itself (a cancelled inner task): backed off like any failure, never retried in a hot loop;
-* it is cancelled by the worker (stop past the grace, or ``run()`` cancelled) -> released: the
-  message is visible again at once for another worker, its reserved tokens refunded;
+* it is cancelled by the worker (stop past the grace, or ``run()`` cancelled) -> ``job.release()``:
+  the message is visible again at once for another worker, its receive undone (a stop never uses
+  one up toward ``max_receive_count``), its whole reservation released;
 * it raises `KeyboardInterrupt` or `SystemExit` -> the worker stops taking messages, its message
   is released (so not handled again before the stop) and the worker stops gracefully (the other
   handlers get the grace), then ``run()`` raises that exception.
@@ -19,8 +20,9 @@ and settles it exactly once:
 A message delivered again while its handler still runs (its lease ran out because a handler
 blocked the event loop for longer than the visibility timeout, so no lease renewal could run) is
 not handled a second time: the running handler's outcome settles the newest delivery (the only
-one whose receipt handle still works), the newer delivery's reservation is given back, and the
-older delivery is closed without touching the store.
+one whose receipt handle still works) and its reservation; the older delivery is given back with
+its own reservation released whole (``job.release()``: its handle is stale, so the store changes
+nothing).
 
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import operator
@@ -101,7 +102,7 @@ class WorkerStats:
 
     ``processed``: handlers that returned (messages deleted). ``retried``: failed attempts handed
     back with a delay. ``dead_lettered``: `PermanentError`\\ s. ``released``: messages handed
-    back at once (visibility 0) because the worker stopped or was cancelled while their handler
+    back unprocessed (their receive undone) because the worker stopped or was cancelled while their handler
     ran. ``tokens``: tokens of the processed messages, actual where the handler returned a count
     and estimated otherwise. ``in_flight``: handlers running now. ``redelivered``: deliveries of
     a message whose handler was still running (its lease ran out while the event loop was
@@ -161,7 +162,7 @@ class Worker(Generic[T]):
         handler: ``async def handler(job) -> int | None``; returns the actual tokens used.
         concurrency: handlers running at once (>= 1).
         shutdown_grace: seconds running handlers get to finish after a stop; then they are
-            cancelled and their messages released (visibility 0).
+            cancelled and their messages given back unprocessed (their receive undone).
         max_retry_delay: cap of the backoff after a failure, in seconds (<= 43200).
         retry_base_delay: backoff ceiling after the first failure; doubles per receive.
         handle_signals: off by default, so a worker inside a host application (aiohttp,
@@ -235,6 +236,8 @@ class Worker(Generic[T]):
         self._cancelled_by_worker: set[asyncio.Task[None]] = set()
         # A KeyboardInterrupt or SystemExit a handler raised: `run` raises it once stopped.
         self._fatal: BaseException | None = None
+        # Give-backs of jobs whose handler was cancelled before it started (see `_on_job_done`).
+        self._releasing: set[asyncio.Future[None]] = set()
         self._running = False
         self._stop_requested = False
         self._force = False
@@ -318,7 +321,7 @@ class Worker(Generic[T]):
         none in flight, none waiting for a retry) and no handler runs.
 
         Cancelling the task that runs it cancels the running handlers at once and releases their
-        messages (visibility 0) before the cancellation propagates: nothing is lost.
+        messages (their receive undone) before the cancellation propagates: nothing is lost.
 
         A handler that raises `KeyboardInterrupt` or `SystemExit` stops the worker as `stop`
         does (its own message released at once, the others given the grace); then `run` raises
@@ -452,7 +455,12 @@ class Worker(Generic[T]):
         return True
 
     def _on_job_done(self, task: asyncio.Task[None]) -> None:
-        self._active.pop(task, None)
+        job = self._active.pop(task, None)
+        if job is not None and task.cancelled() and not job.settled:
+            # Cancelled before its handler started: nothing gave its message back yet.
+            release = asyncio.ensure_future(self._release(job, asyncio.CancelledError()))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
         run = self._runs.pop(task, None)
         if run is not None and self._by_message.get(run.deliveries[0].message.id) is task:
             del self._by_message[run.deliveries[0].message.id]
@@ -496,7 +504,7 @@ class Worker(Generic[T]):
                 return
             current = await self._close_run(task, job)
             await self._release(current, error)
-            await self._close_superseded(task, error)
+            await self._close_superseded(task)
             raise
         except (KeyboardInterrupt, SystemExit) as error:
             # Left to propagate, asyncio would re-raise it out of the event loop at once, with
@@ -518,12 +526,12 @@ class Worker(Generic[T]):
             finally:  # a stop past the grace cancels this wait: the message is released all the same
                 current = await self._close_run(task, job)
                 await self._release(current, error)
-                await self._close_superseded(task, error)
+                await self._close_superseded(task)
         except PermanentError as error:
             current = await self._close_run(task, job)
             if await self._settle(current, "dead-letter", current.mark_as_dead_lettered(error)):
                 self._dead_lettered += 1
-            await self._close_superseded(task, error)
+            await self._close_superseded(task)
         except BaseException as error:  # an Exception, GeneratorExit or another BaseException
             await self._retry(task, job, error)
         else:
@@ -532,7 +540,7 @@ class Worker(Generic[T]):
             if await self._settle(current, "mark processed", current.mark_as_processed(actual_tokens=tokens)):
                 self._processed += 1
                 self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
-            await self._close_superseded(task, None)
+            await self._close_superseded(task)
 
     async def _retry(
         self, task: asyncio.Task[None], job: ProcessableMessage[T], error: BaseException
@@ -562,7 +570,7 @@ class Worker(Generic[T]):
         )
         if await self._settle(current, "retry", current.mark_as_failed(error, retry_after=delay)):
             self._retried += 1
-        await self._close_superseded(task, error)
+        await self._close_superseded(task)
 
     def _is_stopping(self, task: asyncio.Task[None]) -> bool:
         """Whether ``task`` was cancelled by the worker (or by anyone, where asyncio can tell:
@@ -573,9 +581,10 @@ class Worker(Generic[T]):
         return bool(cancelling()) if cancelling is not None else False
 
     async def _close_run(self, task: asyncio.Task[None], job: ProcessableMessage[T]) -> ProcessableMessage[T]:
-        """The handler of ``task`` ended: stops the lease renewals and gives back the
-        reservations of the deliveries taken again while it ran; returns the delivery its
-        outcome settles (the newest). Runs once per handler; later calls only return it."""
+        """The handler of ``task`` ended: stops the lease renewals; returns the delivery its
+        outcome settles (the newest). Each delivery holds a reservation of its own, settled by
+        its own mark: the newest's by the outcome, the earlier ones' by `_close_superseded`.
+        Runs once per handler; later calls only return it."""
         run = self._runs.get(task)
         if run is None or run.closed:
             return self._active.get(task, job)
@@ -585,39 +594,28 @@ class Worker(Generic[T]):
         for lease in run.leases:
             await self._stop_heartbeat(lease)
         run.leases.clear()
-        if len(run.deliveries) > 1 and self.dispatcher.config.reserve_budget:
-            # Each later delivery reserved the request again, under the same request id. A
-            # limiter's release gives back its latest reservation of that id, so releasing once
-            # per later delivery leaves the first one, which the outcome then uses (corrected to
-            # the actual count, or refunded on a failure): every reservation used or released.
-            for _ in run.deliveries[1:]:
-                await self._give_back_reservation(job.message.payload.id)
         return run.deliveries[-1]
 
-    async def _give_back_reservation(self, request_id: str) -> None:
-        release = getattr(self.limiter, "release", None)
-        if not callable(release):
-            # Without `release` the later reservation stays (erring high, as for any delivery
-            # whose lease ran out) and the outcome corrects it.
-            return
-        try:
-            result = release(request_id)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            self._logger.exception("could not give back the reservation of a redelivery of %r", request_id)
-
-    async def _close_superseded(self, task: asyncio.Task[None], error: BaseException | None) -> None:
-        """Settles the deliveries a newer one replaced: their receipt handles are stale, so the
-        store is not touched; the dispatcher stops counting them in flight and takes back what
-        they charged (the limiter's reservation is left to the newest delivery's mark)."""
+    async def _close_superseded(self, task: asyncio.Task[None]) -> None:
+        """Gives back the deliveries a newer one replaced (``job.release()``): each one's own
+        reservation is released whole, the newest delivery's mark settling the budget the
+        handler used; their receipt handles are stale, so the store changes nothing (and says
+        so: `ReceiptHandleError`, expected here)."""
         run = self._runs.get(task)
         if run is None:
             return
-        reason = error if error is not None else RuntimeError("delivered again while its handler ran")
         for delivery in run.deliveries[:-1]:
-            if not delivery.settled:
-                await self._settle(delivery, "close the earlier delivery of", delivery.mark_as_failed(reason))
+            if delivery.settled:
+                continue
+            try:
+                await delivery.release()
+            except (ReceiptHandleError, MessageStateError):
+                pass  # stale, as expected (or settled meanwhile): its reservation is released
+            except Exception:
+                self._logger.exception(
+                    "could not close the earlier delivery of request %r", delivery.message.payload.id
+                )
+                delivery._abandon()  # nobody will mark it now: no longer counted in flight
 
     def _token_count(self, job: ProcessableMessage[T], result: object) -> int | None:
         if result is None:
@@ -659,9 +657,10 @@ class Worker(Generic[T]):
         return True
 
     async def _release(self, job: ProcessableMessage[T], error: BaseException) -> None:
-        """Hands a message back at once (visibility 0) with its reservation refunded."""
+        """Gives a message back unprocessed (``job.release()``: visible at once, its receive
+        undone so a stop never uses one up, its whole reservation released)."""
         try:
-            await job.mark_as_failed(error, retry_after=0.0)
+            await job.release()
         except MessageStateError:
             return
         except ReceiptHandleError:
@@ -730,6 +729,8 @@ class Worker(Generic[T]):
                 force_wait.cancel()
         try:
             await self._cancel_remaining()
+            if self._releasing:
+                await asyncio.wait(set(self._releasing))
         finally:
             # Messages this process leased ahead into the dispatcher's buffer are held too.
             await self.dispatcher.release_buffered()
@@ -751,7 +752,7 @@ class Worker(Generic[T]):
             )
             error = asyncio.CancelledError()
             await self._release(await self._close_run(task, job), error)
-            await self._close_superseded(task, error)
+            await self._close_superseded(task)
 
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: signal.Signals) -> None:

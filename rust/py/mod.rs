@@ -1,14 +1,14 @@
 //! The `PyO3` layer: thin `#[pyclass]` wrappers over the pure-Rust core, and the module itself.
 
 pub mod args;
-pub mod buffer;
 pub mod clock;
-pub mod dispatch;
+pub mod core;
 pub mod errors;
-pub mod fair;
+pub mod job;
 pub mod messages;
-pub mod params;
+pub mod report;
 pub mod requests;
+pub mod steps;
 pub mod store;
 pub mod throttle;
 pub mod throttle_results;
@@ -22,15 +22,13 @@ use pyo3::prelude::*;
 #[pymodule(gil_used = true)]
 pub mod _core {
     #[pymodule_export]
-    use super::buffer::PyCandidateBuffer;
-    #[pymodule_export]
     use super::clock::PyManualClock;
     #[pymodule_export]
-    use super::dispatch::PySelection;
+    use super::core::PyDispatchCore;
     #[pymodule_export]
-    use super::fair::PyFairSelection;
+    use super::job::{PyJob, PyPlan, PyReady};
     #[pymodule_export]
-    use super::params::PyScoringParams;
+    use super::report::{PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
     #[pymodule_export]
     use super::store::PyStoreCore;
     #[pymodule_export]

@@ -17,21 +17,23 @@ use pyo3::sync::{MutexExt, PyOnceLock};
 use pyo3::types::{PyDict, PyList};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::dispatch::{self, Dispatched, Outcome, PySelection};
-use super::fair::{FairDispatched, FairSettings, PyFairSelection};
+use super::core::CoreErrorOr;
 use super::messages::{build_list, build_view, utc_datetime, DateCache, MessageView};
-use super::params::PyScoringParams;
+pub(crate) use super::requests::visibility_timeout_arg;
 use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
-pub(crate) use super::requests::{datetime_seconds, visibility_timeout_arg};
+use super::steps::Taken;
 use super::throttle::PyThrottle;
+use crate::dispatch::{self, Outcome, Settings};
 use crate::errors::CoreResult;
-use crate::fair::FairRuntime;
-use crate::policy::Rankings;
-use crate::policy::Snapshot;
+use crate::fair::{FairConfig, FairLanes, FairRuntime};
+use crate::ledger::StoreOp;
+use crate::policy::{Rankings, Snapshot};
 use crate::py::args::invalid_request;
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
+use crate::scoring::Weights;
 use crate::store::{ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES};
+use crate::throttle::ReservationKey;
 
 /// The store as the binding holds it: `LLMRequest` payloads.
 pub(crate) type PyStore = Store<Py<PyAny>, Rankings>;
@@ -200,6 +202,112 @@ impl PyStoreCore {
     }
 }
 
+/// What `DispatchCore` does with the store, each under its lock.
+impl PyStoreCore {
+    /// The fused dispatch step with `throttle` (score or `fair_priority` policy): decide,
+    /// reserve, receive (and charge), atomic under the throttle's then the store's lock.
+    pub(crate) fn fused(
+        &self,
+        py: Python<'_>,
+        throttle: &PyThrottle,
+        weights: &Weights,
+        settings: Settings,
+        fair: bool,
+    ) -> PyResult<Outcome<(Taken, Option<ReservationKey>)>> {
+        // Both clocks before any lock: either may be a Python callable.
+        let limiter_now = throttle.now(py)?;
+        let store_now = self.now(py)?;
+        let (decided, aftermath) = throttle.with_state_at(py, limiter_now, |limiter, limiter_now| {
+            self.locked_state(py, store_now, |state, now| {
+                let store = &mut state.store;
+                let outcome = if fair {
+                    let Some(runtime) = state.fair.as_mut() else { return Ok(Outcome::Nothing) };
+                    dispatch::fused_fair(store, runtime, limiter, settings, now, limiter_now)?
+                } else {
+                    dispatch::fused_score(store, limiter, weights, settings, now, limiter_now)?
+                };
+                Ok(outcome.map(|t| {
+                    let reserved = t.key.is_some();
+                    (Taken::from_store(py, store, t.slot, t.handle, t.facts, t.charge, reserved), t.key)
+                }))
+            })
+        });
+        aftermath.finish(py, self);
+        decided.map_err(|e| to_py_err(py, e))
+    }
+
+    /// The `fair_priority` step under another limiter's reported budget
+    /// (`dispatch::take_fair_in_store`): the take with the tokens to wait for if its
+    /// reservation is refused, `Wait` with those tokens (held), or `Nothing`.
+    pub(crate) fn take_fair(
+        &self,
+        py: Python<'_>,
+        snapshot: &Snapshot,
+        settings: Settings,
+    ) -> PyResult<Outcome<(Taken, u64)>> {
+        let store_now = self.now(py)?;
+        let (taken, aftermath) = self.locked_state(py, store_now, |state, now| {
+            let store = &mut state.store;
+            let Some(runtime) = state.fair.as_mut() else { return Ok(Outcome::Nothing) };
+            Ok(dispatch::take_fair_in_store(store, runtime, snapshot, settings, now)?.map(|(t, needed)| {
+                (Taken::from_store(py, store, t.slot, t.handle, t.facts, t.charge, settings.reserve), needed)
+            }))
+        });
+        aftermath.finish(py, self);
+        taken.map_err(|e| to_py_err(py, e))
+    }
+
+    /// A mark's store call, by handle.
+    pub(crate) fn apply(&self, py: Python<'_>, op: StoreOp, handle: &str) -> Result<(), CoreErrorOr> {
+        let now = self.now(py).map_err(CoreErrorOr::Py)?;
+        let (result, aftermath) = self.locked(py, now, |store, now| match op {
+            StoreOp::Delete => store.delete(handle, now).map(drop),
+            StoreOp::ChangeVisibility(seconds) => store.change_visibility(handle, seconds, now),
+            StoreOp::DeadLetter => store.dead_letter_now(handle, now),
+            StoreOp::Release => store.release(handle, now),
+        });
+        aftermath.finish(py, self);
+        result.map_err(CoreErrorOr::Core)
+    }
+
+    /// Keeps `fair_priority` lanes beside the index from now on (replacing any earlier ones).
+    pub(crate) fn configure_fair_lanes(
+        &self,
+        py: Python<'_>,
+        weights: &[(String, f64)],
+        mut config: FairConfig,
+        reserve: Option<f64>,
+    ) {
+        let mut state = self.state.lock_py_attached(py);
+        config.weights = weights.iter().map(|(name, w)| (state.store.intern_tenant(name), *w)).collect();
+        state.fair = Some(FairRuntime::new(&config, reserve));
+        state.store.set_tenant_retention(config.fairness_window);
+        state.store.ranking_mut().1 = Some(FairLanes::new(config));
+        state.store.rebuild_ranking();
+    }
+
+    /// Corrects a fair charge (to the actual count, or 0 to take it back).
+    pub(crate) fn correct_fair_charge(&self, py: Python<'_>, tenant: u32, charge: u64, tokens: f64) {
+        let mut state = self.state.lock_py_attached(py);
+        if let Some(runtime) = state.fair.as_mut() {
+            runtime.ledger.correct(tenant, charge, tokens);
+        }
+    }
+
+    /// Each tenant's token use over the fairness window, by tenant number.
+    pub(crate) fn fair_usage_ids(&self, py: Python<'_>, now: f64) -> Vec<(u32, f64)> {
+        let mut state = self.state.lock_py_attached(py);
+        state.fair.as_mut().map_or_else(Vec::new, |runtime| runtime.ledger.usages(now))
+    }
+
+    /// Removes every message (the binding's `purge`).
+    pub(crate) fn purge_all(&self, py: Python<'_>) -> PyResult<()> {
+        let payloads = self.with_store(py, |store, now| Ok(store.purge(now)))?;
+        drop(payloads);
+        Ok(())
+    }
+}
+
 #[pymethods]
 impl PyStoreCore {
     #[new]
@@ -316,11 +424,20 @@ impl PyStoreCore {
         self.with_store(py, |store, now| store.dead_letter_now(&handle, now))
     }
 
-    /// Undoes the receive that issued a current handle (a message taken but not handed out):
-    /// visible again at once, its receive count and first receive as before.
-    fn cancel_receive(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// Gives a received message back unprocessed, as if that receive had not happened: visible
+    /// at once, its receive count and first receive as before; the handle becomes stale.
+    fn release(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
         let handle = handle_arg(handle)?;
-        self.with_store(py, |store, now| store.cancel_receive(&handle, now))
+        self.with_store(py, |store, now| store.release(&handle, now))
+    }
+
+    /// Releases the messages of every current handle; returns the handles that were stale or
+    /// unknown (nothing changed for those).
+    fn release_batch(&self, py: Python<'_>, handles: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let handles = handles.try_iter()?.map(|h| handle_arg(&h?)).collect::<PyResult<Vec<_>>>()?;
+        self.with_store(py, |store, now| {
+            Ok(handles.into_iter().filter(|handle| store.release(handle, now).is_err()).collect())
+        })
     }
 
     /// Makes the message a current handle names invisible for `visibility_timeout` seconds from
@@ -361,9 +478,7 @@ impl PyStoreCore {
 
     /// Removes every message and invalidates every receipt handle.
     fn purge(&self, py: Python<'_>) -> PyResult<()> {
-        let payloads = self.with_store(py, |store, now| Ok(store.purge(now)))?;
-        drop(payloads);
-        Ok(())
+        self.purge_all(py)
     }
 
     /// The fields of `QueueAttributes` (plus `expired`: messages dropped by retention).
@@ -391,22 +506,6 @@ impl PyStoreCore {
     /// Received messages whose visibility has not run out.
     fn in_flight_count(&self, py: Python<'_>) -> PyResult<usize> {
         self.with_store(py, |store, _| Ok(store.in_flight_count()))
-    }
-
-    /// `{tenant: (visible, in_flight)}` for every tenant with a message ("" for none).
-    fn tenant_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let counts: Vec<(String, usize, usize)> = self.with_store(py, |store, _| {
-            Ok(store
-                .tenant_counts()
-                .filter(|(_, c)| c.visible + c.in_flight > 0)
-                .map(|(name, c)| (name.to_owned(), c.visible, c.in_flight))
-                .collect())
-        })?;
-        let d = PyDict::new(py);
-        for (name, visible, in_flight) in counts {
-            d.set_item(name, (visible, in_flight))?;
-        }
-        Ok(d)
     }
 
     /// The clock reading at which the next in-flight message becomes visible (or is
@@ -450,192 +549,6 @@ impl PyStoreCore {
     #[getter]
     fn dead_letter(&self, py: Python<'_>) -> Option<Py<PyStoreCore>> {
         self.state.lock_py_attached(py).dead_letter.as_ref().map(|d| d.clone_ref(py))
-    }
-
-    // ----- selection (see `dispatch`) ----------------------------------------------------------
-
-    /// One dispatch step with the budget of `throttle` (score policy): `(message, total,
-    /// breakdown)`, the seconds until a held winner fits, or None.
-    #[pyo3(signature = (throttle, params, custom_fn, visibility_timeout, min_score, reserve, hold=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn dispatch_native(
-        slf: &Bound<'_, Self>,
-        throttle: &Bound<'_, PyThrottle>,
-        params: &Bound<'_, PyScoringParams>,
-        custom_fn: Option<&Bound<'_, PyAny>>,
-        visibility_timeout: &Bound<'_, PyAny>,
-        min_score: f64,
-        reserve: bool,
-        hold: bool,
-    ) -> PyResult<Outcome<Dispatched>> {
-        let visibility_timeout = visibility_timeout_arg(visibility_timeout)?;
-        let settings = dispatch::Settings { visibility_timeout, min_score, reserve, hold };
-        dispatch::dispatch_store(slf.py(), slf.get(), throttle.get(), params.get(), custom_fn, settings)
-    }
-
-    /// Keeps `fair_priority` lanes beside the index from now on (see `FairPriorityConfig`).
-    #[pyo3(signature = (tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens, urgent_reserve=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn configure_fair(
-        &self,
-        py: Python<'_>,
-        tenant_weights: &Bound<'_, PyDict>,
-        fairness_window: f64,
-        urgent_first: bool,
-        max_wait: [f64; 4],
-        reserve_tokens: Option<f64>,
-        urgent_reserve: Option<f64>,
-    ) -> PyResult<()> {
-        let settings = FairSettings::read(
-            tenant_weights,
-            fairness_window,
-            urgent_first,
-            max_wait,
-            (reserve_tokens, urgent_reserve),
-        )?;
-        self.configure_fair_lanes(py, &settings);
-        Ok(())
-    }
-
-    /// One `fair_priority` dispatch step with the budget of `throttle`: `(message, facts)`, the
-    /// seconds until a held winner fits, or None.
-    #[pyo3(signature = (throttle, visibility_timeout, reserve, hold))]
-    fn dispatch_fair(
-        &self,
-        py: Python<'_>,
-        throttle: &Bound<'_, PyThrottle>,
-        visibility_timeout: &Bound<'_, PyAny>,
-        reserve: bool,
-        hold: bool,
-    ) -> PyResult<Outcome<FairDispatched>> {
-        let timeout = visibility_timeout_arg(visibility_timeout)?;
-        self.dispatch_fair_step(py, throttle.get(), timeout, reserve, hold)
-    }
-
-    /// The `fair_priority` choice under a reported budget (any rate limiter), not yet taken.
-    fn select_fair(
-        &self,
-        py: Python<'_>,
-        available_tokens: f64,
-        available_requests: f64,
-        capacity: f64,
-        hold: bool,
-    ) -> PyResult<Option<PyFairSelection>> {
-        let snapshot = Snapshot { available_tokens, available_requests, capacity };
-        self.select_fair_step(py, snapshot, hold)
-    }
-
-    /// Receives a fair selection (charging its tenant): `(message, facts)`, or None if it left.
-    fn take_fair(
-        &self,
-        py: Python<'_>,
-        selection: &Bound<'_, PyFairSelection>,
-        visibility_timeout: &Bound<'_, PyAny>,
-    ) -> PyResult<Option<FairDispatched>> {
-        let timeout = visibility_timeout_arg(visibility_timeout)?;
-        self.take_fair_step(py, selection.get(), timeout)
-    }
-
-    /// Corrects the charge of a fair dispatch to `tokens` (0 takes it back).
-    fn correct_charge(&self, py: Python<'_>, tenant: u32, charge: u64, tokens: f64) {
-        self.correct_fair_charge(py, tenant, charge, tokens);
-    }
-
-    /// `{tenant: tokens used over the fairness window}` (empty without fair lanes).
-    fn fair_usage(&self, py: Python<'_>) -> PyResult<Vec<(String, f64)>> {
-        self.fair_usages(py)
-    }
-
-    /// Dead-letters every visible message whose deadline has passed; returns their ids.
-    fn drop_expired(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        let ids = self.with_store(py, crate::policy::drop_expired)?;
-        Ok(ids.into_iter().map(String::from).collect())
-    }
-
-    /// The best candidate under `available_tokens` (any rate limiter), not yet taken.
-    #[pyo3(signature = (available_tokens, available_requests, params, custom_fn, min_score, *, reported=None, hold=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn select(
-        &self,
-        py: Python<'_>,
-        available_tokens: f64,
-        available_requests: f64,
-        params: &Bound<'_, PyScoringParams>,
-        custom_fn: Option<&Bound<'_, PyAny>>,
-        min_score: f64,
-        reported: Option<(f64, f64, f64)>,
-        hold: bool,
-    ) -> PyResult<Option<PySelection>> {
-        dispatch::select_with_budget(
-            py,
-            self,
-            available_tokens,
-            available_requests,
-            params.get(),
-            custom_fn,
-            min_score,
-            dispatch::reported_budget(reported, hold),
-        )
-    }
-
-    /// Receives a selected candidate: `(message, total, breakdown)`, or None if it left.
-    fn take(
-        &self,
-        py: Python<'_>,
-        selection: &Bound<'_, PySelection>,
-        visibility_timeout: &Bound<'_, PyAny>,
-    ) -> PyResult<Option<Dispatched>> {
-        let timeout = visibility_timeout_arg(visibility_timeout)?;
-        dispatch::take_selection(py, self, selection.get(), timeout)
-    }
-
-    /// The smallest estimate among visible messages.
-    fn min_visible_tokens(&self, py: Python<'_>) -> PyResult<Option<u64>> {
-        self.with_store(py, |store, _| Ok(store.index().min_tokens()))
-    }
-
-    /// Seconds until the best visible score reaches `threshold` with time alone (None: never
-    /// without another change).
-    fn time_until_score(
-        &self,
-        py: Python<'_>,
-        available_tokens: f64,
-        params: &Bound<'_, PyScoringParams>,
-        threshold: f64,
-    ) -> PyResult<Option<f64>> {
-        let budget = dispatch::Budget { available: available_tokens, max_tokens: available_tokens };
-        dispatch::time_until_score(py, self, params.get(), budget, threshold)
-    }
-
-    /// Request ids of visible messages whose estimate exceeds `capacity`.
-    fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
-        self.with_store(py, |store, _| {
-            Ok(dispatch::slots_above(store, capacity)
-                .into_iter()
-                .map(|slot| store.message(slot).request_id.to_string())
-                .collect())
-        })
-    }
-
-    /// Receives every visible message whose estimate exceeds `capacity` (they can never be
-    /// dispatched): the caller deletes them or fails them into the dead-letter queue.
-    fn take_above(
-        &self,
-        py: Python<'_>,
-        capacity: f64,
-        visibility_timeout: &Bound<'_, PyAny>,
-    ) -> PyResult<Vec<Py<PyAny>>> {
-        let timeout = visibility_timeout_arg(visibility_timeout)?;
-        let views = self.with_store(py, |store, now| {
-            let mut out = Vec::new();
-            for slot in dispatch::slots_above(store, capacity) {
-                let handle = store.receive_slot(slot, timeout, now)?;
-                out.push(MessageView::of(py, store.message(slot), Some(handle)));
-            }
-            Ok(out)
-        })?;
-        let list = build_list(py, &views)?;
-        Ok(list.iter().map(Bound::unbind).collect())
     }
 
     /// Checks the store's structural invariants by a full scan; raises `AssertionError`.

@@ -313,6 +313,59 @@ impl PyThrottle {
         })?;
         Ok(outcome)
     }
+
+    /// Adjusts the reservation `key` (a dispatcher's delivery of `request_id`) to `actual`,
+    /// logging what a short bucket did as `adjust_consumption` does; the refusal of a strict
+    /// limiter or an unknown key is returned, for the dispatcher to log (the mark stands).
+    pub(crate) fn adjust_reservation(
+        &self,
+        py: Python<'_>,
+        key: crate::throttle::ReservationKey,
+        actual: u64,
+        request_id: &str,
+    ) -> PyResult<Result<(), CoreError>> {
+        match self.with_state(py, |state, _| state.adjust_reservation(key, actual))? {
+            Ok(outcomes) => self.log_adjustments(py, outcomes, request_id).map(Ok),
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
+    fn log_adjustments(
+        &self,
+        py: Python<'_>,
+        outcomes: Vec<(Dimension, Adjustment)>,
+        request_id: &str,
+    ) -> PyResult<()> {
+        for (dimension, outcome) in outcomes {
+            // The token bucket's messages predate the other limits: kept word for word.
+            let bucket =
+                if dimension == Dimension::Tpm { "token".to_owned() } else { dimension.name().to_owned() };
+            let debt =
+                if dimension == Dimension::Tpm { String::new() } else { format!("{} ", dimension.name()) };
+            match outcome {
+                Adjustment::Applied => {}
+                Adjustment::Warned { shortfall } => {
+                    self.logger(py)?.call_method1(
+                        "warning",
+                        (format!(
+                            "could not take {shortfall} more tokens for request {request_id:?}: the {bucket} bucket \
+                             is empty"
+                        ),),
+                    )?;
+                }
+                Adjustment::Compensated { shortfall, total_debt } => {
+                    self.logger(py)?.call_method1(
+                        "info",
+                        (format!(
+                            "adding {shortfall} tokens of request {request_id:?} to the {debt}compensation debt \
+                             (now {total_debt})"
+                        ),),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[pymethods]
@@ -454,35 +507,7 @@ impl PyThrottle {
         let actual = token_count(actual_tokens, "actual_tokens")?;
         let parts = parts_arg(py, actual, "actual_tokens", input_tokens, output_tokens)?;
         let outcomes = self.with_state(py, |state, _| state.adjust_parts(&request_id, actual, parts))?;
-        for (dimension, outcome) in outcomes.map_err(|e| to_py_err(py, e))? {
-            // The token bucket's messages predate the other limits: kept word for word.
-            let bucket =
-                if dimension == Dimension::Tpm { "token".to_owned() } else { dimension.name().to_owned() };
-            let debt =
-                if dimension == Dimension::Tpm { String::new() } else { format!("{} ", dimension.name()) };
-            match outcome {
-                Adjustment::Applied => {}
-                Adjustment::Warned { shortfall } => {
-                    self.logger(py)?.call_method1(
-                        "warning",
-                        (format!(
-                            "could not take {shortfall} more tokens for request {request_id:?}: the {bucket} bucket \
-                             is empty"
-                        ),),
-                    )?;
-                }
-                Adjustment::Compensated { shortfall, total_debt } => {
-                    self.logger(py)?.call_method1(
-                        "info",
-                        (format!(
-                            "adding {shortfall} tokens of request {request_id:?} to the {debt}compensation debt \
-                             (now {total_debt})"
-                        ),),
-                    )?;
-                }
-            }
-        }
-        Ok(())
+        self.log_adjustments(py, outcomes.map_err(|e| to_py_err(py, e))?, &request_id)
     }
 
     /// Bucket use, efficiency, history statistics, memory and compensation.

@@ -235,6 +235,11 @@ impl<P, R: Ranking> Store<P, R> {
         self.tenants.iter().map(|(_, name, counts)| (name, counts))
     }
 
+    /// Every known tenant: its number, name and message counts.
+    pub fn tenant_counts_by_id(&self) -> impl Iterator<Item = (u32, &str, TenantCounts)> {
+        self.tenants.iter()
+    }
+
     /// Tenants the store knows: those with messages, pinned ones, and idle ones not yet
     /// forgotten (see [`Store::set_tenant_retention`]).
     pub fn known_tenants(&self) -> usize {
@@ -376,12 +381,14 @@ impl<P, R: Ranking> Store<P, R> {
         Ok(self.receive_visible(slot, visibility_timeout, now))
     }
 
-    /// Undoes the receive that issued `handle`, which the caller could not hand out (building
-    /// its message failed, or the dispatch was abandoned): the message is visible again at
-    /// once, with its receive count and first receive as they were before (a first receive is
-    /// forgotten). The handle becomes stale.
-    pub fn cancel_receive(&mut self, handle: &str, now: f64) -> CoreResult<()> {
-        self.now = now;
+    /// Gives a received message back unprocessed, as if the receive that issued `handle` had
+    /// not happened (a dispatch that could not hand it out, a job given back because its worker
+    /// stopped): the message is visible again at once, with its receive count and first receive
+    /// as they were before (a first receive is forgotten), so a stop never uses up a receive
+    /// toward `max_receive_count`. The handle becomes stale. A stale or unknown handle changes
+    /// nothing.
+    pub fn release(&mut self, handle: &str, now: f64) -> CoreResult<()> {
+        self.maintain(now);
         let slot = self.resolve(handle)?;
         self.detach(slot);
         let s = &mut self.slots[slot as usize];

@@ -558,6 +558,44 @@ fn messages_quote_like_python() {
 }
 
 #[test]
+fn a_released_message_is_as_if_that_receive_had_not_happened() {
+    let config = StoreConfig { max_receive_count: Some(1), ..StoreConfig::default() };
+    let mut s: Store<u32> = Store::new(config, 0.0).unwrap();
+    s.enqueue(new("a", 2, 1), 0.0).unwrap();
+    for round in 0..5 {
+        let (slot, handle) = s.receive(1, 30.0, 1.0 + f64::from(round)).unwrap()[0];
+        assert_eq!(s.message(slot).receive_count, 1);
+        s.release(&handle.to_string(), 2.0 + f64::from(round)).unwrap();
+        let m = s.message(slot);
+        // Visible at once, no receive used up, its first receive forgotten.
+        assert_eq!((m.receive_count, m.first_received_at()), (0, None));
+        assert_eq!((s.visible_count(), s.in_flight_count()), (1, 0));
+        // The handle is stale now: a second release changes nothing.
+        assert!(matches!(s.release(&handle.to_string(), 3.0), Err(CoreError::ReceiptHandle(_))));
+        s.check_invariants().unwrap();
+    }
+    // max_receive_count = 1 never dead-lettered it.
+    assert_eq!(s.stats().dead_lettered, 0);
+    // A release of a later receive keeps the earlier one's count and first receive.
+    let (slot, h1) = s.receive(1, 10.0, 10.0).unwrap()[0];
+    let _ = h1;
+    s.release_expired(20.0); // dead-lettered: received once, max 1
+    assert!(s.get(slot).is_none());
+    assert!(matches!(s.release(&h1.to_string(), 20.0), Err(CoreError::ReceiptHandle(_))));
+}
+
+#[test]
+fn release_keeps_the_first_receive_of_an_earlier_delivery() {
+    let mut s = store();
+    s.enqueue(new("a", 2, 1), 0.0).unwrap();
+    let (slot, _) = s.receive(1, 5.0, 1.0).unwrap()[0];
+    let (_, h2) = s.receive(1, 5.0, 7.0).unwrap()[0];
+    s.release(&h2.to_string(), 8.0).unwrap();
+    let m = s.message(slot);
+    assert_eq!((m.receive_count, m.first_received_at()), (1, Some(1.0)));
+}
+
+#[test]
 fn tenants_seen_once_are_forgotten_once_idle_past_the_retention() {
     let mut s = store();
     s.set_tenant_retention(60.0);

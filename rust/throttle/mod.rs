@@ -144,6 +144,13 @@ impl ThrottleConfig {
     }
 }
 
+/// The key of one reservation made with [`Throttle::reserve`]: the sequence number of its
+/// consumption record. A dispatcher keys every delivery's reservation by it, so a stale
+/// delivery's mark settles its own reservation and never a newer one of the same request (the
+/// request id is kept in the record for the history only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationKey(pub u64);
+
 /// The answer of `can_process`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CheckResult {
@@ -339,7 +346,10 @@ impl<M> Throttle<M> {
                     slots.free_slot(self.first_seq);
                 }
             }
-            if self.latest_by_id.get(&record.request_id) == Some(&self.first_seq) {
+            // Reservations made by key are not in the id map: skip the lookup when it is empty.
+            if !self.latest_by_id.is_empty()
+                && self.latest_by_id.get(&record.request_id) == Some(&self.first_seq)
+            {
                 self.latest_by_id.remove(&record.request_id);
             }
             self.first_seq += 1;
@@ -356,9 +366,10 @@ impl<M> Throttle<M> {
     fn evict_all(&mut self) {
         self.totals = HistoryTotals::default();
         let history = std::mem::take(&mut self.history);
+        // Sequence numbers keep growing: a reservation key made before never names a new record.
+        self.first_seq += history.len() as u64;
         self.evicted.extend(history.into_iter().map(|record| record.metadata));
         self.latest_by_id.clear();
-        self.first_seq = 0;
         if let Some(slots) = &mut self.slots {
             slots.clear();
         }
@@ -525,6 +536,35 @@ impl<M> Throttle<M> {
         parts: Option<(u64, u64)>,
         metadata: M,
     ) -> Result<(), M> {
+        let key = self.reserve_parts(now, request_id, estimated, parts, metadata)?;
+        self.latest_by_id.insert(request_id.to_owned(), key.0);
+        Ok(())
+    }
+
+    /// Takes what `consume` takes, all or nothing, and returns the reservation's key; the
+    /// record is found by that key only (`adjust_reservation`, `settle_reservation`,
+    /// `release_reservation`), not by `request_id`, which it keeps for the history. Call
+    /// `advance` first.
+    pub fn reserve(
+        &mut self,
+        now: f64,
+        request_id: &str,
+        estimated: u64,
+        metadata: M,
+    ) -> Result<ReservationKey, M> {
+        self.reserve_parts(now, request_id, estimated, None, metadata)
+    }
+
+    /// `reserve` of a request whose input and output `parts` may be known (see
+    /// `try_consume_parts`).
+    pub fn reserve_parts(
+        &mut self,
+        now: f64,
+        request_id: &str,
+        estimated: u64,
+        parts: Option<(u64, u64)>,
+        metadata: M,
+    ) -> Result<ReservationKey, M> {
         // The token need computed once, for the check and the take (the hot path of a dispatch).
         let needed = self.tokens.needed(estimated);
         let admitted = self.penalty_left() <= 0.0
@@ -558,11 +598,10 @@ impl<M> Throttle<M> {
         if let Some(record) = self.history.back() {
             self.totals.add(record);
         }
-        self.latest_by_id.insert(request_id.to_owned(), seq);
         while self.history.len() > self.config.max_history_records {
             self.pop_oldest();
         }
-        Ok(())
+        Ok(ReservationKey(seq))
     }
 
     /// The part of a grant beyond requests and tokens per minute: a request of the day, its
@@ -623,6 +662,26 @@ impl<M> Throttle<M> {
         parts: Option<(u64, u64)>,
     ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let index = self.record_index(request_id)?;
+        self.adjust_at(index, actual, parts)
+    }
+
+    /// `adjust` of the reservation `key` names. Call `advance` first.
+    /// Returns the limits that could not take their whole extra, as `adjust_parts` does.
+    pub fn adjust_reservation(
+        &mut self,
+        key: ReservationKey,
+        actual: u64,
+    ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
+        let index = self.key_index(key)?;
+        self.adjust_at(index, actual, None)
+    }
+
+    fn adjust_at(
+        &mut self,
+        index: usize,
+        actual: u64,
+        parts: Option<(u64, u64)>,
+    ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let strategy = self.config.adjustment_failure_strategy;
         let record = &self.history[index];
         let output_cap = record.extra.as_ref().and_then(|extra| extra.output_cap).unwrap_or(u64::MAX);
@@ -688,13 +747,24 @@ impl<M> Throttle<M> {
     /// ended without a count to adjust to. Call `advance` first.
     pub fn settle(&mut self, request_id: &str) -> CoreResult<()> {
         let index = self.record_index(request_id)?;
+        self.settle_at(index);
+        Ok(())
+    }
+
+    /// `settle` of the reservation `key` names. Call `advance` first.
+    pub fn settle_reservation(&mut self, key: ReservationKey) -> CoreResult<()> {
+        let index = self.key_index(key)?;
+        self.settle_at(index);
+        Ok(())
+    }
+
+    fn settle_at(&mut self, index: usize) {
         if std::mem::take(&mut self.history[index].holds_slot) {
             let seq = self.first_seq + index as u64;
             if let Some(slots) = &mut self.slots {
                 slots.free_slot(seq);
             }
         }
-        Ok(())
     }
 
     /// Gives back the latest consume of `request_id` whole, as if it never happened: its
@@ -704,6 +774,24 @@ impl<M> Throttle<M> {
     /// made). Call `advance` first.
     pub fn release(&mut self, request_id: &str) -> CoreResult<()> {
         let index = self.record_index(request_id)?;
+        self.release_at(index);
+        // An earlier consume of the same id (a delivery still in progress) is the latest again.
+        let previous = self.history.range(..index).rposition(|r| !r.released && r.request_id == request_id);
+        match previous {
+            Some(i) => self.latest_by_id.insert(request_id.to_owned(), self.first_seq + i as u64),
+            None => self.latest_by_id.remove(request_id),
+        };
+        Ok(())
+    }
+
+    /// `release` of the reservation `key` names. Call `advance` first.
+    pub fn release_reservation(&mut self, key: ReservationKey) -> CoreResult<()> {
+        let index = self.key_index(key)?;
+        self.release_at(index);
+        Ok(())
+    }
+
+    fn release_at(&mut self, index: usize) {
         let strategy = self.config.adjustment_failure_strategy;
         let seq = self.first_seq + index as u64;
         let record = &mut self.history[index];
@@ -714,12 +802,6 @@ impl<M> Throttle<M> {
         record.released = true;
         let record = &self.history[index];
         self.totals.remove(record);
-        // An earlier consume of the same id (a delivery still in progress) is the latest again.
-        let previous = self.history.range(..index).rposition(|r| !r.released && r.request_id == request_id);
-        match previous {
-            Some(i) => self.latest_by_id.insert(request_id.to_owned(), self.first_seq + i as u64),
-            None => self.latest_by_id.remove(request_id),
-        };
         self.requests.refund(1.0);
         self.tokens.release(strategy, &charge);
         if let Some(daily) = &mut self.daily_requests {
@@ -733,7 +815,6 @@ impl<M> Throttle<M> {
                 slots.free_slot(seq);
             }
         }
-        Ok(())
     }
 
     /// The reading of the last `advance`.
@@ -755,6 +836,17 @@ impl<M> Throttle<M> {
             )));
         };
         Ok((seq - self.first_seq) as usize)
+    }
+
+    fn key_index(&self, key: ReservationKey) -> CoreResult<usize> {
+        let index = key.0.checked_sub(self.first_seq).map(|i| i as usize);
+        match index {
+            Some(i) if self.history.get(i).is_some_and(|r| !r.released) => Ok(i),
+            _ => Err(CoreError::UnknownRequest(format!(
+                "reservation {} has no consumption record (released, or older than history_retention = {} s)",
+                key.0, self.config.history_retention
+            ))),
+        }
     }
 
     /// Forgets every consumption record (no adjustment possible for them any more, and the

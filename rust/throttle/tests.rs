@@ -373,6 +373,50 @@ fn releasing_a_second_consume_of_an_id_leaves_the_first_adjustable() {
 }
 
 #[test]
+fn a_reservation_key_settles_its_own_record_and_no_other_of_the_request() {
+    let mut t = throttle(60.0, 1000.0);
+    let first = t.reserve(0.0, "a", 300, ()).unwrap();
+    let second = t.reserve(0.0, "a", 200, ()).unwrap();
+    assert_ne!(first, second);
+    // Keyed records are not found by id: the public id API never touches them.
+    assert!(matches!(t.adjust("a", 1), Err(CoreError::UnknownRequest(_))));
+    t.adjust_reservation(first, 100).unwrap();
+    assert!((t.tokens().available() - 700.0).abs() < 1e-9);
+    t.release_reservation(second).unwrap();
+    assert!((t.tokens().available() - 900.0).abs() < 1e-9);
+    assert!((t.requests().available() - 59.0).abs() < 1e-9);
+    // Released once: a second release or adjustment of that key is unknown.
+    assert!(matches!(t.release_reservation(second), Err(CoreError::UnknownRequest(_))));
+    assert!(matches!(t.adjust_reservation(second, 5), Err(CoreError::UnknownRequest(_))));
+    // The history still shows the request id.
+    assert_eq!(t.history().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["a"]);
+}
+
+#[test]
+fn a_key_from_before_a_reset_never_names_a_later_record() {
+    let mut t = throttle(60.0, 1000.0);
+    let old = t.reserve(0.0, "a", 10, ()).unwrap();
+    t.reset(0.0);
+    let new = t.reserve(0.0, "b", 10, ()).unwrap();
+    assert_ne!(old, new);
+    assert!(matches!(t.release_reservation(old), Err(CoreError::UnknownRequest(_))));
+    t.release_reservation(new).unwrap();
+}
+
+#[test]
+fn a_key_older_than_the_history_is_unknown() {
+    let mut t = Throttle::<()>::new(
+        ThrottleConfig { max_history_records: 2, ..config(60.0, 1000.0, AdjustmentFailureStrategy::Warn) },
+        0.0,
+    )
+    .unwrap();
+    let first = t.reserve(0.0, "a", 10, ()).unwrap();
+    t.reserve(0.0, "b", 10, ()).unwrap();
+    t.reserve(0.0, "c", 10, ()).unwrap();
+    assert!(matches!(t.adjust_reservation(first, 1), Err(CoreError::UnknownRequest(_))));
+}
+
+#[test]
 fn a_bucket_that_cannot_hold_one_request_or_token_is_refused() {
     let refused = |rpm: f64, tpm: f64, burst_rpm: Option<f64>, burst_tpm: Option<f64>| {
         let config = ThrottleConfig {

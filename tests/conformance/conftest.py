@@ -32,7 +32,7 @@ FACTORIES: dict[str, StorageFactory] = {
 }
 KINDS = sorted([*FACTORIES, "redis"])
 # Whether a kind's dead-letter store keeps a second copy of a request id it already holds. Every
-# adapter does now (issue 9, defect 7: dropping one loses a request; test_dead_letter_copies.py
+# adapter does now (dropping one loses a request; test_dead_letter_copies.py
 # holds each to it); the stateful model still takes the rule per kind.
 DEAD_LETTER_COPIES = {"memory": True, "reference": True, "redis": True}
 

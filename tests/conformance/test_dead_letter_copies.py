@@ -1,4 +1,4 @@
-"""The storage contract, dead-lettering (API.md, "Storage"; issue 9, defect 7): a dead-letter
+"""The storage contract, dead-lettering (API.md, "Storage"): a dead-letter
 store that already holds a message with the same request id keeps the new copy too. Dropping it
 would lose a request that was counted as dead-lettered and stored nowhere."""
 

@@ -3,8 +3,10 @@ step by step against a small pure-Python model of the contract.
 
 Model states: every message is exactly one of visible, in flight, dead-lettered, expired, deleted
 or purged. Checked: receive order and content (so nothing is delivered while invisible), receive
-counts only grow, every stale handle is refused without effect, and the counts and attributes of
-the adapter and of its dead-letter store match the model after every step.
+counts grow by one per receive and fall back by one when a receive is released (an adapter that
+cannot undo a receive keeps the fallback of `QueueStorageAdapter.release_message`), every stale
+handle is refused without effect, and the counts and attributes of the adapter and of its
+dead-letter store match the model after every step.
 """
 
 from __future__ import annotations
@@ -218,6 +220,26 @@ def machine_for(
             self.run(self.storage.update_visibility_timeout(m.handle, timeout))
             m.state, m.deadline = "in_flight", self.clock.now() + timeout
             self.maintain()
+
+        @rule(data=st.data())
+        def release_current(self, data: st.DataObject) -> None:
+            self.maintain()
+            holders = sorted((m for m in self.live.values() if m.handle is not None), key=lambda m: m.seq)
+            if not holders:
+                return
+            m = data.draw(st.sampled_from(holders))
+            assert m.handle is not None
+            self.run(self.storage.release_message(m.handle))
+            if type(self.storage).release_message is QueueStorageAdapter.release_message:
+                # The fallback: visible at once, the receive counted, the handle current.
+                m.state, m.deadline = "in_flight", self.clock.now()
+                self.maintain()
+                return
+            m.receive_count -= 1
+            if m.receive_count == 0:
+                m.first_received_at = None
+            self.stale.append(m.handle)
+            m.handle, m.state = None, "visible"
 
         @rule(data=st.data(), delete=st.booleans())
         def use_stale_handle(self, data: st.DataObject, delete: bool) -> None:

@@ -8,8 +8,15 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import CustomScorer, ManualClock, Priority, QueueMessage, ScoringContext
-from tests.dispatcher.support import counts, request, scored_queue, throttle
+from llm_queue_dispatcher import (
+    CustomScorer,
+    InvalidConfigError,
+    ManualClock,
+    Priority,
+    QueueMessage,
+    ScoringContext,
+)
+from tests.dispatcher.support import CountingLimiter, counts, request, scored_queue, throttle
 
 
 async def test_custom_scorer_is_called_with_the_message_and_a_context(clock: ManualClock) -> None:
@@ -48,6 +55,28 @@ async def test_custom_scores_are_clamped_and_nan_counts_as_zero(
     assert job is not None
     assert job.score.breakdown["c"] == pytest.approx(0.4 * counted)
     assert job.score.total == pytest.approx(sum(job.score.breakdown.values()))
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", b"1", 10**400, [0.5], object()])
+@pytest.mark.parametrize("kind", ["native", "python"])
+async def test_a_scorer_returning_no_number_is_a_config_error_naming_it_and_nothing_is_dequeued(
+    clock: ManualClock, bad: object, kind: str
+) -> None:
+    """A score must be a number a float can hold (an int or a float, NaN counting as 0):
+    anything else is the configured scorer's defect, reported as `InvalidConfigError` naming it
+    and the value; nothing is reserved or taken."""
+    dispatcher = scored_queue(
+        clock,
+        CustomScorer("fine", 0.1, lambda message, context: 0.5),
+        CustomScorer("faulty", 0.2, lambda message, context: bad),
+    )
+    limiter = throttle(clock, tpm=10_000)
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    with pytest.raises(InvalidConfigError, match="custom scorer 'faulty' returned"):
+        await dispatcher.dequeue(limiter if kind == "native" else CountingLimiter(limiter))
+    assert limiter.get_metrics().tpm.available == pytest.approx(10_000.0)
+    assert limiter.get_metrics().rpm.used == 0
+    assert await counts(dispatcher) == (1, 0, 1)
 
 
 async def test_custom_scorer_exception_propagates_and_nothing_is_dequeued(clock: ManualClock) -> None:

@@ -1,4 +1,4 @@
-"""enqueue and batch_enqueue: the stored message, validation at the door, duplicate ids."""
+"""Enqueue and batch_enqueue: the stored message, validation at the door, duplicate ids."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ mark_as_failed, dead-lettering, update_visibility, `async with job`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -12,11 +13,14 @@ from llm_queue_dispatcher import (
     InvalidRequestError,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
+    LLMThrottle,
     ManualClock,
     MessageStateError,
+    QueueStorageAdapter,
 )
 from tests.dispatcher.support import counts, queue, request, throttle
 from tests.integer_like import int_likes
+from tests.reference.storage import ReferenceStorage
 
 
 async def test_selection_reserves_one_request_and_the_estimate(clock: ManualClock) -> None:
@@ -54,6 +58,30 @@ async def test_mark_as_processed_adjusts_to_actual_tokens(clock: ManualClock, ac
     await job.mark_as_processed(actual_tokens=actual)
     assert limiter.get_metrics().tpm.available == pytest.approx(10_000.0 - actual)
     assert await counts(dispatcher) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("source", ["memory", "prefetch"])
+@pytest.mark.parametrize("actual", [None, 700])
+async def test_a_mark_ends_the_time_in_flight_of_a_max_concurrent_limiter(
+    clock: ManualClock, source: str, actual: int | None
+) -> None:
+    """With ``LLMThrottle(max_concurrent=1)``, marking a job processed frees its slot of
+    requests in flight at once, with an actual count or without one (the estimate stays)."""
+    storage: QueueStorageAdapter[Any] = (
+        InMemoryStorage(clock=clock) if source == "memory" else ReferenceStorage(clock=clock)
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=clock, buffer_size=4)
+    )
+    limiter = LLMThrottle(600, 1_000_000, max_concurrent=1, clock=clock)
+    await dispatcher.batch_enqueue([request("a", tokens=1_000), request("b", tokens=1_000)])
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    assert await dispatcher.dequeue(limiter) is None  # one in flight: the slot is taken
+    await first.mark_as_processed(actual_tokens=actual)
+    second = await dispatcher.dequeue(limiter)
+    assert second is not None
+    assert limiter.get_metrics().consumption_history.total_tokens == (actual or 1_000) + 1_000
 
 
 async def test_mark_as_processed_rejects_a_bad_token_count(clock: ManualClock) -> None:
@@ -217,3 +245,24 @@ async def test_async_with_processable_marks_failed_and_reraises(clock: ManualClo
     assert again.message.attributes.receive_count == 2
     with pytest.raises(MessageStateError):
         await job.mark_as_processed()
+
+
+@pytest.mark.parametrize("retry_after", [10**400, math.inf, math.nan, -1.0, 43_200.5, "5", True])
+async def test_a_bad_retry_after_is_refused_naming_it_and_the_job_stays_markable(
+    clock: ManualClock, retry_after: Any
+) -> None:
+    """Refused at the mark, with nothing changed: the message stays leased, the reservation
+    whole, and the job can still be marked (it is neither lost nor half settled)."""
+    dispatcher = queue(clock)
+    limiter = throttle(clock, tpm=10_000)
+    await dispatcher.enqueue(request("a", tokens=1_000))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    with pytest.raises(InvalidRequestError, match="retry_after"):
+        await job.mark_as_failed(RuntimeError("x"), retry_after=retry_after)
+    assert not job.settled
+    assert await counts(dispatcher) == (0, 1, 1)
+    assert limiter.get_metrics().tpm.used == pytest.approx(1_000.0)
+    await job.mark_as_failed(RuntimeError("x"), retry_after=5.0)
+    assert job.settled
+    assert limiter.get_metrics().tpm.used == pytest.approx(0.0)

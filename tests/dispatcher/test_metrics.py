@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from llm_queue_dispatcher import ManualClock, Priority, create_in_memory_queue
+from llm_queue_dispatcher import (
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    TokenInfo,
+    create_in_memory_queue,
+)
 from tests.dispatcher.support import queue, request, throttle
 
 
@@ -110,6 +117,36 @@ async def test_wait_samples_older_than_metrics_retention_are_dropped(clock: Manu
     assert (await dispatcher.get_queue_metrics()).queue.average_wait_time == pytest.approx(5.0)
     clock.advance(120.0)
     assert (await dispatcher.get_queue_metrics()).queue.average_wait_time == 0.0
+
+
+async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> None:
+    """200k enqueue-dispatch-complete cycles at a constant depth of 10, 1 ms of
+    clock apart (all within the 300 s retention, so only a count bound can hold the memory):
+    the recorder holds no more after 200k cycles than after 100k (give or take a per-second
+    bucket), and less than one element per cycle; `get_queue_metrics()` then works over that bounded state."""
+    clock = ManualClock(1_000.0)
+    dispatcher = create_in_memory_queue(clock=clock)
+    limiter = LLMThrottle(1e12, 1e15, clock=ManualClock())
+    for i in range(10):
+        await dispatcher.enqueue(LLMRequest(f"waiting-{i}", None, token_info=TokenInfo(1)))
+    sizes = []
+    for half in range(2):
+        for i in range(100_000):
+            await dispatcher.enqueue(LLMRequest(f"r{half}-{i}", None, token_info=TokenInfo(10)))
+            job = await dispatcher.dequeue(limiter)
+            assert job is not None
+            await job.mark_as_processed(actual_tokens=7)
+            clock.advance(0.001)
+        sizes.append(dispatcher._core._samples_held)
+    # Per-second buckets of the last minute may differ by one at the two instants measured.
+    assert sizes[1] <= sizes[0] + 100, sizes
+    # And far below one element per cycle (the unbounded windows held six per cycle).
+    assert sizes[1] < 200_000, sizes
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.queue.approximate_number_of_messages == 10
+    assert metrics.processing.active_requests == 0
+    assert metrics.queue.throughput.messages_per_minute > 0
+    assert dispatcher._core._samples_held <= sizes[1] + 100
 
 
 class SteppedClock:

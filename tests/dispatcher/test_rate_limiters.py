@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from llm_queue_dispatcher import (
     CustomScorer,
+    InMemoryStorage,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
     ManualClock,
+    MessageStateError,
     Priority,
     QueueMessage,
+    QueueStorageAdapter,
     RateLimiter,
+    RateLimitError,
     ScoringContext,
 )
+from tests.dispatcher.books import BookLimiter, native_limiter
+from tests.dispatcher.books import request as sized_request
 from tests.dispatcher.support import counts, queue, request, scored_queue
+from tests.reference.storage import ReferenceStorage
 
 
 @dataclass
@@ -86,16 +98,21 @@ async def test_a_plain_python_rate_limiter_works(clock: ManualClock) -> None:
     job = await dispatcher.dequeue(limiter)
     assert job is not None
     assert job.message.payload.id == "high"
-    assert limiter.consumed == [("high", 500)]
+    # Reserved under the delivery: the request id and its delivery number.
+    assert limiter.consumed == [("high#1", 500)]
     await job.mark_as_processed(actual_tokens=700)
-    assert limiter.adjusted == [("high", 700)]
+    assert limiter.adjusted == [("high#1", 700)]
     assert limiter.tokens == 1_300
     nxt = await dispatcher.dequeue(limiter)
     assert nxt is not None
     assert nxt.message.payload.id == "low"
     await nxt.mark_as_failed(RuntimeError("x"))
-    assert limiter.adjusted[-1] == ("low", 0)
+    assert limiter.adjusted[-1] == ("low#1", 0)
     assert limiter.tokens == 1_300
+    again = await dispatcher.dequeue(limiter)
+    assert again is not None
+    assert again.message.payload.id == "low"
+    assert limiter.consumed[-1] == ("low#2", 100)  # its second delivery, its own reservation
 
 
 async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:
@@ -123,3 +140,38 @@ async def test_custom_scorers_see_a_plain_limiters_metrics(clock: ManualClock) -
     await dispatcher.enqueue(request("a"))
     assert await dispatcher.dequeue(FixedBudgetLimiter(tokens=1_234)) is not None
     assert seen == [1_234]
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+@pytest.mark.parametrize("source", ["memory", "prefetch"])
+async def test_a_refused_adjustment_still_settles_the_job(source: str, kind: str) -> None:
+    """The limiter refuses the extra tokens (strict, bucket empty). Whether the mark
+    reports the refusal or not, the message is deleted, the job is settled and forgotten, a
+    second mark raises `MessageStateError`, and the refusal took nothing."""
+    clock = ManualClock(1_000.0)
+    storage: QueueStorageAdapter[Any] = (
+        InMemoryStorage(clock=clock) if source == "memory" else ReferenceStorage(clock=clock)
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(clock=clock, buffer_size=1)
+    )
+    limiter: Any
+    if kind == "native":
+        limiter = native_limiter(ManualClock(), rpm=600, tpm=1_000, adjustment_failure_strategy="strict")
+    else:
+        limiter = BookLimiter(token_capacity=1_000, strict=True)
+    await dispatcher.enqueue(sized_request("a", 100))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert limiter.consume("other", 900)  # the bucket is empty now
+    with contextlib.suppress(RateLimitError):
+        await job.mark_as_processed(actual_tokens=500)
+    with pytest.raises(MessageStateError):
+        await job.mark_as_processed(actual_tokens=500)
+    with pytest.raises(MessageStateError):
+        await job.mark_as_failed(RuntimeError("x"))
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.processing.active_requests == 0
+    assert metrics.queue.total_messages == 0
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages_in_flight == 0
+    assert limiter.get_metrics().tpm.available == pytest.approx(0.0)  # nothing more taken, nothing lost

@@ -10,7 +10,18 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import InvalidRequestError, LLMThrottle, ManualClock, create_in_memory_queue
+from llm_queue_dispatcher import (
+    InMemoryStorage,
+    InvalidRequestError,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMThrottle,
+    ManualClock,
+    ScoringConfig,
+    ScoringWeights,
+    create_in_memory_queue,
+)
+from tests.dispatcher.books import request as sized_request
 from tests.dispatcher.support import CountingLimiter, queue, request, throttle
 
 
@@ -111,3 +122,115 @@ async def test_dequeue_timeout_wakes_on_visibility_expiry_without_busy_polling()
 async def test_dequeue_rejects_a_bad_timeout(clock: ManualClock, timeout: Any) -> None:
     with pytest.raises(InvalidRequestError):
         await queue(clock).dequeue(throttle(clock), timeout=timeout)
+
+
+class Counting:
+    """A plain-Python limiter delegating to an `LLMThrottle`, counting `can_process` calls."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+        self.checks = 0
+
+    def can_process(self, estimated_tokens: int) -> Any:
+        self.checks += 1
+        return self.inner.can_process(estimated_tokens)
+
+    def get_metrics(self) -> Any:
+        return self.inner.get_metrics()
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+        return self.inner.consume(request_id, estimated_tokens, metadata)
+
+    def adjust_consumption(self, request_id: str, actual_tokens: int) -> None:
+        self.inner.adjust_consumption(request_id, actual_tokens)
+
+    def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
+
+def counting_looks(dispatcher: LLMQueueDispatcher[Any]) -> list[int]:
+    """Counts the dispatcher's attempts to dequeue (one per wake-up, plus the first look)."""
+    looks = [0]
+    attempt = dispatcher._attempt
+
+    async def counted(limiter: Any) -> Any:
+        looks[0] += 1
+        return await attempt(limiter)
+
+    dispatcher._attempt = counted  # type: ignore[method-assign]
+    return looks
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+async def test_a_message_that_fits_soon_is_waited_for_not_polled(kind: str) -> None:
+    """950 tokens available, refilling at 100/s; the only message needs 1,000 (its
+    cell's lower bound, 939, fits already). The dequeue sleeps until the bucket holds 1,000
+    (0.5 s) and hands it out: a couple of looks, not one every 50 ms."""
+    throttle = LLMThrottle(6_000, 6_000)  # the system monotonic clock, as the event loop's
+    assert throttle.consume("earlier", 5_050)
+    limiter: Any = throttle if kind == "native" else Counting(throttle)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage())
+    looks = counting_looks(dispatcher)
+    await dispatcher.enqueue(sized_request("big", 1_000))
+    job = await dispatcher.dequeue(limiter, timeout=5.0)
+    assert job is not None
+    assert looks[0] <= 3, looks
+    if kind == "python":
+        assert limiter.checks <= 3, limiter.checks
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+async def test_a_message_that_cannot_fit_before_the_timeout_sleeps_once(kind: str) -> None:
+    """The message fits only in 5 s, the timeout is 0.3 s: one look, one sleep to
+    the timeout, one last look."""
+    throttle = LLMThrottle(6_000, 6_000)
+    assert throttle.consume("earlier", 5_500)
+    limiter: Any = throttle if kind == "native" else Counting(throttle)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage())
+    looks = counting_looks(dispatcher)
+    await dispatcher.enqueue(sized_request("big", 1_000))
+    assert await dispatcher.dequeue(limiter, timeout=0.3) is None
+    assert looks[0] <= 3, looks
+
+
+@pytest.mark.parametrize("kind", ["native", "python"])
+async def test_a_score_below_the_threshold_is_waited_for_until_it_crosses(kind: str) -> None:
+    """Only the wait-time factor counts (weight 1: a NORMAL message scores age / 60)
+    and the threshold is 0.5 / 60, so the message qualifies at an age of 0.5 s. The dequeue
+    sleeps until then, not in 50 ms steps."""
+    throttle = LLMThrottle(6_000, 1_000_000)
+    limiter: Any = throttle if kind == "native" else Counting(throttle)
+    weights = ScoringWeights(
+        priority=0.0, efficiency=0.0, wait_time=1.0, retry=0.0, token_fit=0.0, processing_time=0.0
+    )
+    config = LLMQueueDispatcherConfig(scoring=ScoringConfig(weights=weights), min_score_threshold=0.5 / 60)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(), config)
+    looks = counting_looks(dispatcher)
+    await dispatcher.enqueue(sized_request("slow-riser", 100))
+    job = await dispatcher.dequeue(limiter, timeout=5.0)
+    assert job is not None
+    assert job.score.total >= 0.5 / 60
+    assert looks[0] <= 3, looks
+
+
+async def test_a_waiting_dequeue_never_freezes_the_event_loop() -> None:
+    """The store on a ManualClock, the dispatcher on the wall clock (a misconfiguration): the
+    in-flight message's visibility end is long past by the dispatcher's reckoning, so each wait
+    is worked out as 0. The dequeue must still yield: a 100 ms ticker keeps running."""
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(clock=ManualClock(1_000.0)))
+    limiter = LLMThrottle(600, 100_000)
+    await dispatcher.enqueue(sized_request("a"))
+    assert await dispatcher.dequeue(limiter) is not None
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.1)
+            ticks += 1
+
+    ticking = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    assert await dispatcher.dequeue(limiter, timeout=1.0) is None
+    ticking.cancel()
+    assert ticks >= 5

@@ -285,6 +285,21 @@ class ReferenceStorage(QueueStorageAdapter[T]):
         self._last_modified_at = now
         self._maintain(now)  # a zero timeout makes the message visible at once
 
+    async def release_message(self, receipt_handle: str) -> None:
+        """Gives the message back as if that receive had not happened: visible at once, its
+        receive count one lower (its first receive forgotten at 0), the handle stale."""
+        now = self._clock()
+        self._maintain(now)
+        entry = self._resolve(receipt_handle)
+        self._leave_state(entry)
+        del self._by_handle[receipt_handle]
+        entry.handle = None
+        entry.receive_count -= 1
+        if entry.receive_count == 0:
+            entry.first_received_at = None
+        self._make_visible(entry)
+        self._last_modified_at = now
+
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
         """Moves the message to ``dead_letter`` at once (or drops it without one), counted in
         ``dead_lettered``: one step, as `InMemoryStorage` does."""
@@ -383,3 +398,7 @@ class RecordingStorage(ReferenceStorage[T]):
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
         self.calls.append(("update_visibility_timeout", (receipt_handle, visibility_timeout)))
         await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+    async def release_message(self, receipt_handle: str) -> None:
+        self.calls.append(("release_message", (receipt_handle,)))
+        await super().release_message(receipt_handle)

@@ -68,11 +68,13 @@ async def test_past_the_grace_handlers_are_cancelled_and_their_messages_released
     assert 0.2 <= time.monotonic() - begun < 1.0
     assert cancelled == 2
     assert stats.released == 2
-    assert limiter.get_metrics().consumption_history.total_tokens == 0  # reservations refunded
-    # Visible at once for the next worker, receive count kept.
+    # Reservations released whole: their requests too, not only their tokens.
+    assert limiter.get_metrics().consumption_history.total_tokens == 0
+    assert limiter.get_metrics().consumption_history.count == 0
+    # Visible at once for the next worker, the stopped receive undone: this is their first.
     again = [await dispatcher.dequeue(limiter) for _ in range(2)]
     assert sorted(job.message.payload.id for job in again if job) == ["r0", "r1"]
-    assert {job.message.attributes.receive_count for job in again if job} == {2}
+    assert {job.message.attributes.receive_count for job in again if job} == {1}
 
 
 async def test_a_handler_that_swallows_cancellation_still_has_its_message_released(
@@ -185,7 +187,7 @@ async def test_stopping_gives_back_the_messages_leased_ahead_into_the_buffer(how
     store = ExternalStore()
     config = LLMQueueDispatcherConfig(visibility_timeout=600.0, buffer_size=10, enable_prefetch=True)
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(store, config)
-    assert dispatcher._source.leases  # the premise: a prefetch buffer
+    assert dispatcher._prefetch is not None  # the premise: a prefetch buffer
     await fill(dispatcher, 20)
     handled: list[str] = []
 

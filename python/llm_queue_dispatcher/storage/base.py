@@ -124,11 +124,20 @@ def check_batch(requests: Sequence[LLMRequest[T]]) -> list[LLMRequest[T]]:
     return batch
 
 
+def _raise_stale(failed: list[str], count: int) -> None:
+    """`ReceiptHandleError` naming the stale or unknown handles of a batch call, if any."""
+    if failed:
+        raise ReceiptHandleError(
+            f"{len(failed)} of {count} receipt handles are unknown or no longer current: {failed!r}"
+        )
+
+
 class QueueStorageAdapter(ABC, Generic[T]):
     """A queue backend with SQS-like, at-least-once semantics (see the module docstring).
 
-    Six coroutines are abstract; ``batch_enqueue``, ``batch_delete``, ``get_queue_attributes`` and
-    ``purge`` have working defaults built on them, which a backend may replace with faster or
+    Six coroutines are abstract; ``batch_enqueue``, ``batch_delete``, ``release_message``,
+    ``batch_release``, ``dead_letter_message``, ``get_queue_attributes`` and ``purge`` have
+    working defaults built on them, which a backend may replace with faster or
     atomic versions. Instances are used from one event loop; a backend shared between processes
     makes each step atomic on its side.
     """
@@ -203,11 +212,35 @@ class QueueStorageAdapter(ABC, Generic[T]):
                 await self.delete_message(handle)
             except ReceiptHandleError:
                 failed.append(handle)
-        if failed:
-            raise ReceiptHandleError(
-                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer "
-                f"current: {failed!r}"
-            )
+        _raise_stale(failed, len(handles))
+
+    async def release_message(self, receipt_handle: str) -> None:
+        """Gives a received message back unprocessed, as if that receive had not happened: it
+        is visible at once, its ``receive_count`` is back to its value before that receive, its
+        ``first_received_at`` back to None when that receive was the first, and the handle
+        becomes stale. A dispatcher or a `Worker` that stops gives back what no handler saw this
+        way, so a stop never uses up a receive toward ``max_receive_count``.
+
+        A stale or unknown handle raises `ReceiptHandleError` and changes nothing.
+
+        The default cannot undo a receive: it makes the message visible at once with
+        ``update_visibility_timeout(receipt_handle, 0)``, its receive still counted (and the
+        handle current until the next receive, as after any visibility change). Adapters whose
+        backend can restore the count override it, as the in-memory store does.
+        """
+        await self.update_visibility_timeout(receipt_handle, 0.0)
+
+    async def batch_release(self, receipt_handles: Sequence[str]) -> None:
+        """Releases the messages of every current handle (`release_message`), then raises
+        `ReceiptHandleError` naming the stale or unknown ones, as `batch_delete` does."""
+        handles: list[str] = _as_list(receipt_handles, "receipt_handles")
+        failed: list[str] = []
+        for handle in handles:
+            try:
+                await self.release_message(handle)
+            except ReceiptHandleError:
+                failed.append(handle)
+        _raise_stale(failed, len(handles))
 
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
         """Moves a received message to the dead-letter target now, without waiting for its

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from .._checks import shown
 from .._core import DEFAULT_MESSAGE_RETENTION, StoreCore
-from ..errors import InvalidConfigError, InvalidRequestError
+from ..errors import InvalidConfigError, InvalidRequestError, ReceiptHandleError
 from ..types import LLMRequest, QueueMessage
 from .base import QueueAttributes, QueueStorageAdapter, _as_list
 
@@ -90,6 +90,22 @@ class InMemoryStorage(QueueStorageAdapter[T]):
 
     async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
         self.core.change_visibility(receipt_handle, visibility_timeout)
+
+    async def release_message(self, receipt_handle: str) -> None:
+        """Gives the message back unprocessed, its receive undone (count and first receive as
+        before); one atomic step in the store."""
+        self.core.release(receipt_handle)
+
+    async def batch_release(self, receipt_handles: Sequence[str]) -> None:
+        """Releases every current handle's message in one step, then raises
+        `ReceiptHandleError` naming the stale or unknown ones."""
+        handles: list[str] = _as_list(receipt_handles, "receipt_handles")
+        failed = self.core.release_batch(handles)
+        if failed:
+            raise ReceiptHandleError(
+                f"{len(failed)} of {len(handles)} receipt handles are unknown or no longer current: "
+                f"{failed!r}"
+            )
 
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
         """Moves the message to ``dead_letter`` at once (or drops it there is none), counted
