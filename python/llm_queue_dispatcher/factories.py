@@ -1,4 +1,4 @@
-"""Factories for ready-made dispatchers, and their seed-style aliases.
+"""Factories for ready-made dispatchers, and the longer names kept as aliases.
 
 Each preset sets a few configuration fields. Explicit choices win over a preset: a field of
 ``config`` that differs from its default is kept, and keyword ``overrides`` (any
@@ -158,7 +158,7 @@ def create_fair_priority_queue(
     return LLMQueueDispatcher(store, built)
 
 
-# Seed-style names.
+# The longer names of the TypeScript library, @aid-on/llm-queue-dispatcher, kept as aliases.
 create_in_memory_queue = create_in_memory_llm_queue_dispatcher
 create_prefetching_llm_queue_dispatcher = create_prefetching_queue
 create_simple_priority_llm_queue_dispatcher = create_simple_priority_queue
