@@ -305,7 +305,8 @@ class LLMQueueDispatcherConfig:
                 )
             if index in seen:
                 raise InvalidConfigError(
-                    f"slo_targets gives {_PRIORITY_NAMES[index]} twice ({shown(seen[index])} and {shown(key)})"
+                    f"slo_targets gives {_PRIORITY_NAMES[index]} twice "
+                    f"({shown(seen[index])} and {shown(key)})"
                 )
             seen[index] = key
             # inf is valid (every dispatch meets it); an int too large for a float is not.

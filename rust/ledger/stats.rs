@@ -242,7 +242,15 @@ impl Stats {
     /// A message of `priority` was handed out after waiting `wait` s (a negative wait, from a
     /// clock stepped back, counts as 0); selecting it took `latency` s. It waited for the limit
     /// of the latest refusal if that came after its enqueue.
-    pub fn record_dispatch(&mut self, now: f64, wait: f64, latency: f64, tenant: u32, charged: u64, priority: u8) {
+    pub fn record_dispatch(
+        &mut self,
+        now: f64,
+        wait: f64,
+        latency: f64,
+        tenant: u32,
+        charged: u64,
+        priority: u8,
+    ) {
         let enqueued_at = now - wait;
         let limit = self.last_refusal.filter(|&(at, _)| at >= enqueued_at).map(|(_, limit)| limit);
         let dispatch = Dispatch { at: now, wait: wait.max(0.0), tenant, charged, priority, limit };
@@ -292,7 +300,9 @@ impl Stats {
         summary.binding = current.map(|(_, limit)| limit).or_else(|| {
             (0..LIMITS.len())
                 .filter(|&i| summary.waited[i] > 0)
-                .max_by(|&a, &b| summary.waited[a].cmp(&summary.waited[b]).then(latest[a].total_cmp(&latest[b])))
+                .max_by(|&a, &b| {
+                    summary.waited[a].cmp(&summary.waited[b]).then(latest[a].total_cmp(&latest[b]))
+                })
                 .map(|i| i as u8)
         });
         summary
