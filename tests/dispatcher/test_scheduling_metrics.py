@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
     LLMQueueDispatcher,
@@ -217,11 +220,12 @@ async def test_the_binding_limit_leaves_the_window(clock: ManualClock) -> None:
     assert set(metrics.waited_by_limit.values()) == {0}
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("hold_budget", [True, False])
 async def test_another_limiters_refusal_names_the_binding_limit(
-    clock: ManualClock, hold_budget: bool
+    clock: ManualClock, hold_budget: bool, policy: str
 ) -> None:
-    dispatcher = queue(clock, hold_budget=hold_budget)
+    dispatcher = queue(clock, hold_budget=hold_budget, policy=policy)
     limiter = CountingLimiter(throttle(clock, rpm=600, tpm=1_000))
     await dispatcher.batch_enqueue([request("a", tokens=900), request("b", tokens=900)])
     assert await dispatcher.dequeue(limiter) is not None
@@ -266,3 +270,46 @@ async def test_scheduling_metrics_are_plain_data(clock: ManualClock) -> None:
     assert data["slo_attainment"]["HIGH"] == {"target": 30.0, "dispatched": 1, "met": 1, "attainment": 1.0}
     assert data["binding_limit"] == "none"
     assert list(data["waited_by_limit"]) == list(LIMITS)
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(list(Priority)), st.floats(0.0, 40.0), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    targets=st.lists(st.sampled_from([0.0, 0.5, 1.0, 10.0, 30.0]), min_size=4, max_size=4),
+)
+@settings(max_examples=50, deadline=None)
+def test_slo_attainment_matches_the_waits_the_jobs_report(
+    steps: list[tuple[Priority, float, bool]], targets: list[float]
+) -> None:
+    """Against brute force: each priority's attainment is the share of its jobs whose wait, from
+    the job's own enqueue and dispatch instants, is at most the target."""
+
+    async def run() -> None:
+        clock = ManualClock(1_000.0)
+        dispatcher = queue(
+            clock, metrics_retention=10_000.0, slo_targets=dict(zip(Priority, targets, strict=True))
+        )
+        limiter = throttle(clock)
+        waits: dict[str, list[float]] = {p.name: [] for p in Priority}
+        enqueued: dict[str, float] = {}
+        for index, (priority, seconds, dispatch) in enumerate(steps):
+            await dispatcher.enqueue(request(f"m{index}", priority))
+            enqueued[f"m{index}"] = clock.now()
+            clock.advance(seconds)
+            if dispatch:
+                job = await dispatcher.dequeue(limiter)
+                assert job is not None
+                name = job.message.payload.id
+                waits[Priority(job.message.payload.priority).name].append(job.dispatched_at - enqueued[name])
+        slo = (await scheduling(dispatcher)).slo_attainment
+        for priority, target in zip(Priority, targets, strict=True):
+            seen = waits[priority.name]
+            met = sum(1 for wait in seen if wait <= target)
+            assert (slo[priority.name].dispatched, slo[priority.name].met) == (len(seen), met)
+            expected = met / len(seen) if seen else None
+            assert slo[priority.name].attainment == expected
+
+    asyncio.run(run())
