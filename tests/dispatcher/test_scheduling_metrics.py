@@ -149,6 +149,34 @@ async def test_the_binding_limit_is_concurrency_when_every_slot_is_busy(clock: M
     assert (await scheduling(dispatcher)).binding_limit == "concurrency"
 
 
+@pytest.mark.parametrize(("limits", "binding"), [({"otpm": 1_000}, "OTPM"), ({"rpd": 1}, "RPD")])
+async def test_the_binding_limit_names_a_providers_other_limits(
+    clock: ManualClock, limits: dict[str, float], binding: str
+) -> None:
+    dispatcher = queue(clock)
+    limiter = LLMThrottle(600, 100_000, clock=clock, **limits)
+    await dispatcher.batch_enqueue([request("a", tokens=900), request("b", tokens=900)])
+    assert await dispatcher.dequeue(limiter) is not None
+    assert await dispatcher.dequeue(limiter) is None
+    assert (await scheduling(dispatcher)).binding_limit == binding
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_winner_held_while_a_smaller_message_fits_names_the_token_limit(
+    clock: ManualClock, policy: str
+) -> None:
+    dispatcher = queue(clock, policy=policy)
+    limiter = throttle(clock, rpm=600, tpm=1_000)
+    await dispatcher.enqueue(request("first", Priority.HIGH, tokens=500))
+    assert await dispatcher.dequeue(limiter) is not None  # 500 tokens left
+    await dispatcher.batch_enqueue(
+        [request("big", Priority.HIGH, tokens=900), request("small", Priority.LOW, 10)]
+    )
+    # The budget is held for the HIGH winner, though the LOW one would fit.
+    assert await dispatcher.dequeue(limiter) is None
+    assert (await scheduling(dispatcher)).binding_limit == "TPM"
+
+
 async def test_the_binding_limit_is_the_one_most_dispatches_waited_for(clock: ManualClock) -> None:
     dispatcher = queue(clock)
     limiter = throttle(clock, rpm=4, tpm=1_000)
