@@ -445,9 +445,10 @@ class LLMQueueDispatcher(Generic[T]):
 
     def _refused(self, check: Any) -> None:
         """Tells the core, for the metrics, the limit a limiter other than `LLMThrottle` named
-        refusing a waiting message (an `LLMThrottle`'s refusals the core sees itself)."""
+        refusing a waiting message (an `LLMThrottle`'s refusals the core sees itself). A request
+        that can never be admitted waits for no limit."""
         reason = getattr(check, "reason", None)
-        if not check.allowed and isinstance(reason, str):
+        if not check.allowed and isinstance(reason, str) and math.isfinite(float(check.available_in)):
             self._core.limiter_refused(reason)
 
     async def _drop_expired(self) -> None:

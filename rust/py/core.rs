@@ -252,13 +252,15 @@ impl PyDispatchCore {
     /// reason names it. The smallest waiting message refused names its limit; when it would be
     /// admitted and the dispatch still waits (a larger winner held, a reserve kept), the limit
     /// refusing the smallest request the limiter would not admit does (the token limit nearest
-    /// exhaustion). Nothing waiting, or nothing refused: nothing recorded.
+    /// exhaustion). Nothing waiting, nothing refused, or only requests that can never be
+    /// admitted: nothing recorded.
     fn note_refusal(&self, py: Python<'_>, throttle: &PyThrottle, held: bool, now: f64) -> PyResult<()> {
         let Some(smallest) = self.min_visible_tokens(py)? else { return Ok(()) };
         let reason = throttle.with_state(py, |limiter, _| {
             let check = limiter.check(smallest);
             if !check.allowed {
-                return check.reason;
+                // Never admitted (larger than a capacity): unfittable, not waiting for a limit.
+                return check.reason.filter(|_| check.available_in.is_finite());
             }
             if !held {
                 return None;

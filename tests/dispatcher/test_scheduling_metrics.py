@@ -220,6 +220,16 @@ async def test_no_binding_limit_when_nothing_waited_for_the_limiter(clock: Manua
     assert set(metrics.waited_by_limit.values()) == {0}
 
 
+@pytest.mark.parametrize("native", [True, False])
+async def test_a_request_that_can_never_fit_waits_for_no_limit(clock: ManualClock, native: bool) -> None:
+    dispatcher = queue(clock)
+    inner = throttle(clock, rpm=600, tpm=1_000)
+    limiter = inner if native else CountingLimiter(inner)
+    await dispatcher.enqueue(request("huge", tokens=5_000))  # over the 1,000-token capacity
+    assert await dispatcher.dequeue(limiter) is None
+    assert (await scheduling(dispatcher)).binding_limit == "none"
+
+
 async def test_a_dispatch_enqueued_after_the_refusal_did_not_wait_for_the_limit(clock: ManualClock) -> None:
     dispatcher = queue(clock)
     limiter = throttle(clock, rpm=1, tpm=100_000)
