@@ -87,6 +87,8 @@ def leased(
         ({"custom_weights": [-1.0], "custom_names": ["mine"]}, "mine"),
         ({"max_candidates": 0}, "max_candidates_to_evaluate"),
         ({"policy": "fifo"}, "policy"),
+        ({"slo_targets": [1.0, -1.0, 300.0, 1800.0]}, "slo_targets"),
+        ({"slo_targets": [float("nan"), 30.0, 300.0, 1800.0]}, "slo_targets"),
     ],
 )
 def test_bad_parameters_are_refused_naming_them(overrides: dict[str, Any], names: str) -> None:

@@ -17,6 +17,8 @@ from llm_queue_dispatcher import (
     ManualClock,
     Priority,
     QueueMetrics,
+    SchedulingMetrics,
+    SloAttainment,
     TenantMetrics,
     TokenInfo,
     WaitTimePercentiles,
@@ -29,6 +31,8 @@ from llm_queue_dispatcher.metrics import (
     QueueMetricsReport,
 )
 from llm_queue_dispatcher.prometheus import QueueCollector
+
+_LIMITS = ("RPM", "TPM", "ITPM", "OTPM", "RPD", "TPD", "concurrency")
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -203,7 +207,7 @@ def test_bad_watches_and_arguments_are_refused() -> None:
         collector.watch(object())  # type: ignore[arg-type]
     with pytest.raises(InvalidConfigError, match="get_metrics"):
         collector.watch(dispatcher, object())
-    for name in ("priority", "le", "__x", "bad-name"):
+    for name in ("priority", "le", "limit", "__x", "bad-name"):
         with pytest.raises(InvalidConfigError, match="label name"):
             collector.watch(dispatcher, **{name: "x"})
     collector.watch(dispatcher, queue="a")
@@ -298,3 +302,77 @@ async def test_names_follow_the_prometheus_conventions() -> None:
     assert types["llmqd_wait_time_seconds"] == "histogram"
     assert types["llmqd_window_wait_p95_seconds"] == "gauge"
     assert types["llmqd_dispatched"] == "counter"  # exposed as llmqd_dispatched_total
+
+
+async def test_a_scrape_reports_slo_attainment_and_the_binding_limit() -> None:
+    clock = ManualClock(1_000.0)
+    limiter = LLMThrottle(600, 1_000, clock=clock)
+    dispatcher = create_in_memory_queue(clock=clock, slo_targets={"URGENT": 1.0}, visibility_timeout=3_600)
+    collector = QueueCollector()
+    registry = _registry(collector)
+    collector.watch(dispatcher, limiter, queue="chat")
+    await dispatcher.enqueue(LLMRequest("u", None, Priority.URGENT, TokenInfo(900)))
+    await dispatcher.enqueue(LLMRequest("n", None, Priority.NORMAL, TokenInfo(900)))
+    clock.advance(2.0)
+    assert await dispatcher.dequeue(limiter) is not None  # URGENT, 2 s: misses its 1 s target
+    assert await dispatcher.dequeue(limiter) is None  # NORMAL: 100 tokens left
+
+    await collector.refresh()
+    samples = _samples(generate_latest(registry))
+    assert _value(samples, "llmqd_slo_attainment_ratio", queue="chat", priority="URGENT") == 0.0
+    assert _value(samples, "llmqd_slo_target_seconds", queue="chat", priority="URGENT") == 1.0
+    assert _value(samples, "llmqd_slo_target_seconds", queue="chat", priority="LOW") == 1800.0
+    assert _value(samples, "llmqd_window_dispatches", queue="chat", priority="URGENT") == 1
+    assert _value(samples, "llmqd_window_dispatches_within_slo", queue="chat", priority="URGENT") == 0
+    # No NORMAL dispatch yet: no ratio rather than a made-up one.
+    assert ("llmqd_slo_attainment_ratio", (("priority", "NORMAL"), ("queue", "chat"))) not in samples
+    binding = {limit: _value(samples, "llmqd_binding_limit", queue="chat", limit=limit) for limit in _LIMITS}
+    assert binding == {**dict.fromkeys(_LIMITS, 0.0), "TPM": 1.0}
+    assert _value(samples, "llmqd_binding_limit", queue="chat", limit="none") == 0.0
+
+    clock.advance(60.0)
+    assert await dispatcher.dequeue(limiter) is not None  # NORMAL, after waiting for TPM
+    await collector.refresh()
+    samples = _samples(generate_latest(registry))
+    assert _value(samples, "llmqd_slo_attainment_ratio", queue="chat", priority="NORMAL") == 1.0
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="TPM") == 1
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="RPM") == 0
+    assert _value(samples, "llmqd_binding_limit", queue="chat", limit="TPM") == 1.0
+
+
+async def test_no_binding_limit_is_exported_as_none() -> None:
+    collector = QueueCollector()
+    collector.watch(create_in_memory_queue(), queue="q")
+    samples = _samples((await collector.render())[0])
+    assert _value(samples, "llmqd_binding_limit", queue="q", limit="none") == 1.0
+    assert {_value(samples, "llmqd_binding_limit", queue="q", limit=limit) for limit in _LIMITS} == {0.0}
+
+
+class _OutOfRangeSource:
+    """A dispatcher stand-in whose scheduling figures are out of range."""
+
+    async def get_queue_metrics(self) -> QueueMetrics:
+        return QueueMetrics(
+            queue=QueueMetricsReport(),
+            processing=ProcessingMetrics(),
+            performance=PerformanceMetrics(),
+            scheduling=SchedulingMetrics(
+                slo_attainment={
+                    "URGENT": SloAttainment(target=-1.0, dispatched=-2, met=-3, attainment=-0.5),
+                    "HIGH": SloAttainment(target=30.0, dispatched=1, met=2, attainment=2.0),
+                },
+                waited_by_limit={"TPM": -1},
+            ),
+        )
+
+
+async def test_slo_figures_are_never_shown_out_of_range() -> None:
+    collector = QueueCollector()
+    collector.watch(_OutOfRangeSource(), queue="q")
+    samples = _samples((await collector.render())[0])
+    assert _value(samples, "llmqd_slo_attainment_ratio", queue="q", priority="URGENT") == 0.0
+    assert _value(samples, "llmqd_slo_attainment_ratio", queue="q", priority="HIGH") == 1.0
+    assert _value(samples, "llmqd_slo_target_seconds", queue="q", priority="URGENT") == 0.0
+    assert _value(samples, "llmqd_window_dispatches", queue="q", priority="URGENT") == 0
+    assert _value(samples, "llmqd_window_dispatches_within_slo", queue="q", priority="URGENT") == 0
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="q", limit="TPM") == 0

@@ -597,6 +597,16 @@ class CoreReport:
     def expired_deadlines(self) -> int: ...
     @property
     def unfittable(self) -> int: ...
+    @property
+    def slo_targets(self) -> list[float]: ...
+    @property
+    def slo_dispatched(self) -> list[int]: ...
+    @property
+    def slo_met(self) -> list[int]: ...
+    @property
+    def binding_limit(self) -> str | None: ...
+    @property
+    def waited_by_limit(self) -> list[tuple[str, int]]: ...
 
 @final
 class InFlight:
@@ -674,12 +684,16 @@ class DispatchCore:
         logger: logging.Logger,
         score_urgent_first: bool = False,
         urgent_reserve: float | None = None,
+        slo_targets: Sequence[float] = ...,
     ) -> DispatchCore: ...
     def dispatch(
         self, throttle: LLMThrottle, custom_fn: Callable[[QueueMessage[Any]], list[Any]] | None = None
     ) -> ProcessableMessage[Any] | float | None:
         """Select, reserve and take with an ``LLMThrottle``: the job, the seconds until a held
         winner fits, or None."""
+    def limiter_refused(self, reason: str) -> None:
+        """Records, for the metrics, that another limiter refused a waiting message with
+        ``reason`` (e.g. ``"tpm_limit"``)."""
     def choose(
         self,
         limiter: Any,

@@ -18,13 +18,26 @@ from .storage.base import MAX_VISIBILITY_TIMEOUT
 if TYPE_CHECKING:
     from .scoring import ScoringConfig
 
-__all__ = ["FairPriorityConfig", "LLMQueueDispatcherConfig", "Policy"]
+__all__ = ["DEFAULT_SLO_TARGETS", "FairPriorityConfig", "LLMQueueDispatcherConfig", "Policy"]
 
 #: The scheduling policies: "score" (the weighted score, exact over the queue) and
 #: "fair_priority" (URGENT first, then the tenant with the least recent token use).
 Policy = Literal["score", "fair_priority"]
 
 _POLICIES = ("score", "fair_priority")
+
+
+#: The default wait targets (seconds from enqueue to dispatch) per priority that
+#: ``get_queue_metrics().scheduling`` measures SLO attainment against: URGENT within 1 s, HIGH
+#: within 30 s, NORMAL within 5 minutes, LOW within 30 minutes (the defaults of ``llmqd
+#: simulate --slo``).
+DEFAULT_SLO_TARGETS: Mapping[str, float] = {"URGENT": 1.0, "HIGH": 30.0, "NORMAL": 300.0, "LOW": 1800.0}
+
+_PRIORITY_NAMES = ("URGENT", "HIGH", "NORMAL", "LOW")
+
+
+def _default_slo_targets() -> dict[str, float]:
+    return dict(DEFAULT_SLO_TARGETS)
 
 
 def _default_max_wait() -> dict[int, float]:
@@ -178,9 +191,23 @@ class LLMQueueDispatcherConfig:
     #: the last 64 URGENT estimates (none before the first), at most a quarter of the token
     #: capacity. 0: none.
     urgent_reserve: int | None = None
+    #: Wait targets in seconds (from enqueue to dispatch) per priority, keyed by name
+    #: (``"URGENT"``, ``"HIGH"``, ``"NORMAL"``, ``"LOW"``) or by `Priority`: the SLO attainment
+    #: of ``get_queue_metrics().scheduling`` is the share of each priority's recent dispatches
+    #: that waited at most its target. A priority left out keeps its default
+    #: (`DEFAULT_SLO_TARGETS`); ``inf`` counts every dispatch as met.
+    slo_targets: Mapping[str, float] | Mapping[int, float] = field(default_factory=_default_slo_targets)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def slo_targets_by_priority(self) -> list[float]:
+        """The wait target of each priority, URGENT first (the defaults where not given)."""
+        targets = [float(DEFAULT_SLO_TARGETS[name]) for name in _PRIORITY_NAMES]
+        for key, seconds in self.slo_targets.items():
+            index = _PRIORITY_NAMES.index(key) if isinstance(key, str) else int(key)
+            targets[index] = float(seconds)
+        return targets
 
     def score_urgent_first(self) -> bool:
         """Whether the score policy ranks URGENT first: ``urgent_first``, or ``hold_budget``
@@ -253,11 +280,41 @@ class LLMQueueDispatcherConfig:
                 raise InvalidConfigError(
                     f"urgent_reserve must be an int a float can hold, got {shown(self.urgent_reserve)}"
                 )
+        self._check_slo_targets()
         if self.policy == "fair_priority" and self.scoring is not None:
             raise InvalidConfigError(
                 "policy 'fair_priority' ranks without weights: scoring (weights, custom scorers) does not "
                 "apply; leave it None"
             )
+
+    def _check_slo_targets(self) -> None:
+        if not isinstance(self.slo_targets, Mapping):
+            raise InvalidConfigError(
+                f"slo_targets must be a mapping of priority to seconds, got {shown(self.slo_targets)}"
+            )
+        seen: dict[int, object] = {}
+        for key, seconds in self.slo_targets.items():
+            if isinstance(key, str) and key in _PRIORITY_NAMES:
+                index = _PRIORITY_NAMES.index(key)
+            elif not isinstance(key, (bool, str)) and isinstance(key, int) and 0 <= key <= 3:
+                index = int(key)
+            else:
+                raise InvalidConfigError(
+                    "slo_targets keys must be priorities: 'URGENT', 'HIGH', 'NORMAL', 'LOW' or a "
+                    f"Priority, got {shown(key)}"
+                )
+            if index in seen:
+                raise InvalidConfigError(
+                    f"slo_targets gives {_PRIORITY_NAMES[index]} twice "
+                    f"({shown(seen[index])} and {shown(key)})"
+                )
+            seen[index] = key
+            # inf is valid (every dispatch meets it); an int too large for a float is not.
+            figure = finite_float(seconds)
+            if seconds != math.inf and (figure is None or figure < 0):
+                raise InvalidConfigError(
+                    f"slo_targets[{key!r}] must be seconds >= 0 (inf: always met), got {shown(seconds)}"
+                )
 
     def _check_threshold_reachable(self) -> None:
         """Refuses a score policy whose ``min_score_threshold`` no message can reach. Each factor

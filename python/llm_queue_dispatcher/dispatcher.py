@@ -38,6 +38,8 @@ from .metrics import (
     ProcessingMetrics,
     QueueMetrics,
     QueueMetricsReport,
+    SchedulingMetrics,
+    SloAttainment,
     TenantMetrics,
     Throughput,
     WaitTimePercentiles,
@@ -244,6 +246,7 @@ class LLMQueueDispatcher(Generic[T]):
             logger=logger,
             score_urgent_first=config.score_urgent_first(),
             urgent_reserve=None if config.urgent_reserve is None else float(config.urgent_reserve),
+            slo_targets=config.slo_targets_by_priority(),
         )
         self._prefetch: Prefetcher[T] | None = None
         if pool is None:
@@ -433,11 +436,20 @@ class LLMQueueDispatcher(Generic[T]):
         if plan is not None:
             await self._runner.shielded(self._runner.limiter_call(plan))
 
-    @staticmethod
-    async def _held_for(limiter: Any, tokens: int) -> float | None:
+    async def _held_for(self, limiter: Any, tokens: int) -> float | None:
         """Seconds until a held winner of ``tokens`` fits (None when it never will)."""
-        wait = float((await _call(limiter, "can_process", tokens)).available_in)
+        check = await _call(limiter, "can_process", tokens)
+        self._refused(check)
+        wait = float(check.available_in)
         return wait if math.isfinite(wait) else None
+
+    def _refused(self, check: Any) -> None:
+        """Tells the core, for the metrics, the limit a limiter other than `LLMThrottle` named
+        refusing a waiting message (an `LLMThrottle`'s refusals the core sees itself). A request
+        that can never be admitted waits for no limit."""
+        reason = getattr(check, "reason", None)
+        if not check.allowed and isinstance(reason, str) and math.isfinite(float(check.available_in)):
+            self._core.limiter_refused(reason)
 
     async def _drop_expired(self) -> None:
         if self._prefetch is None:
@@ -465,7 +477,10 @@ class LLMQueueDispatcher(Generic[T]):
             )
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
-            wait = float((await _call(limiter, "can_process", smallest)).available_in)
+            check = await _call(limiter, "can_process", smallest)
+            if type(limiter) is not LLMThrottle:
+                self._refused(check)
+            wait = float(check.available_in)
         refill = self.config.prefetch_interval if self._prefetch is not None else None
         until = self._core.until_ready(held, wait, float(metrics.tpm.available), refill)
         self._ready = (seen, self._now() + until)
@@ -592,4 +607,25 @@ class LLMQueueDispatcher(Generic[T]):
                 dequeue_latency=LatencyPercentiles(report.latency_p50, report.latency_p99),
             ),
             tenants=tenants,
+            scheduling=_scheduling(report),
         )
+
+
+def _scheduling(report: CoreReport) -> SchedulingMetrics:
+    """The scheduling part of a metrics report, from the core's figures."""
+    slo = {
+        priority.name: SloAttainment(
+            target=target,
+            dispatched=dispatched,
+            met=met,
+            attainment=met / dispatched if dispatched else None,
+        )
+        for priority, target, dispatched, met in zip(
+            Priority, report.slo_targets, report.slo_dispatched, report.slo_met, strict=True
+        )
+    }
+    return SchedulingMetrics(
+        slo_attainment=slo,
+        binding_limit=report.binding_limit or "none",
+        waited_by_limit=dict(report.waited_by_limit),
+    )

@@ -22,6 +22,8 @@ __all__ = [
     "ProcessingMetrics",
     "QueueMetrics",
     "QueueMetricsReport",
+    "SchedulingMetrics",
+    "SloAttainment",
     "TenantMetrics",
     "Throughput",
     "WaitTimePercentiles",
@@ -135,6 +137,42 @@ class TenantMetrics(_Report):
     wait_time_percentiles: WaitTimePercentiles = field(default_factory=WaitTimePercentiles)
 
 
+#: The limits a dispatch can wait for, as `SchedulingMetrics` names them.
+LIMITS = ("RPM", "TPM", "ITPM", "OTPM", "RPD", "TPD", "concurrency")
+
+
+@dataclass(frozen=True)
+class SloAttainment(_Report):
+    """One priority's dispatches over the metrics window against its wait target."""
+
+    #: The wait target, seconds from enqueue to dispatch (``slo_targets``).
+    target: float = 0.0
+    #: Messages of the priority dispatched within the window.
+    dispatched: int = 0
+    #: Those that waited at most the target.
+    met: int = 0
+    #: ``met / dispatched``; None when none was dispatched.
+    attainment: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulingMetrics(_Report):
+    """How the scheduling keeps its promises, over the window of the wait percentiles (the
+    dispatches of the last ``metrics_retention`` seconds, at most the last 10,000)."""
+
+    #: Per priority name (URGENT first): dispatches within the window that met the wait target.
+    slo_attainment: dict[str, SloAttainment] = field(default_factory=dict)
+    #: The limit that made requests wait (one of ``"RPM"``, ``"TPM"``, ``"ITPM"``, ``"OTPM"``,
+    #: ``"RPD"``, ``"TPD"``, ``"concurrency"``), as the limiter named it when it refused a
+    #: waiting request: the one refusing now while nothing has been dispatched since its
+    #: latest refusal, else the one most of the window's dispatches waited for; ``"none"``
+    #: when no dispatch of the window waited for a limit.
+    binding_limit: str = "none"
+    #: Dispatches within the window that waited for each limit (the limiter refused while
+    #: their message was waiting; the latest refusal names the limit).
+    waited_by_limit: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
+
+
 @dataclass(frozen=True)
 class QueueMetrics(_Report):
     """Everything `LLMQueueDispatcher.get_queue_metrics()` reports."""
@@ -143,6 +181,7 @@ class QueueMetrics(_Report):
     processing: ProcessingMetrics
     performance: PerformanceMetrics
     tenants: dict[str, TenantMetrics] = field(default_factory=dict)
+    scheduling: SchedulingMetrics = field(default_factory=SchedulingMetrics)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

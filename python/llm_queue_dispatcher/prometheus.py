@@ -21,7 +21,10 @@ Two kinds of figures, read two ways:
   changes a dispatcher. Queue depth by priority, in flight, oldest age, unfittable, the wait
   and dequeue-latency percentiles of the dispatcher's window, throughput, failed and
   dead-lettered totals, the limiter's available tokens and requests and its capacities, its
-  debt, and each tenant's counts, tokens and waits (``get_queue_metrics().tenants``).
+  debt, each tenant's counts, tokens and waits (``get_queue_metrics().tenants``), and the
+  scheduling figures (``get_queue_metrics().scheduling``): SLO attainment per priority
+  (``llmqd_slo_attainment_ratio``, with its target and counts) and the binding limit
+  (``llmqd_binding_limit{limit="TPM"}`` 1, the other limits and ``none`` 0).
 - **Events, recorded as they happen.** The dispatcher keeps no cumulative dispatch or completion
   counts and no latency distribution, so the caller that dequeues reports them:
   ``watched.record_dispatch(job, dequeue_seconds)`` after a ``dequeue`` that returned a job and
@@ -53,7 +56,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,7 +72,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ._checks import finite_float, shown
 from .dispatcher import ProcessableMessage
 from .errors import InvalidConfigError, InvalidRequestError
-from .metrics import QueueMetrics
+from .metrics import LIMITS, QueueMetrics, SchedulingMetrics
 from .types import Priority
 
 __all__ = [
@@ -102,7 +105,7 @@ DEQUEUE_LATENCY_BUCKETS: tuple[float, ...] = (
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Label names the collector adds itself.
-_RESERVED_LABELS = frozenset({"priority", "tenant", "quantile", "state", "le"})
+_RESERVED_LABELS = frozenset({"priority", "tenant", "quantile", "state", "le", "limit"})
 _PRIORITY_NAMES = tuple(p.name for p in Priority)
 # The percentiles of the dispatcher's reports, each exported as its own gauge.
 _PERCENTILES = ("p50", "p95", "p99")
@@ -240,8 +243,8 @@ class QueueCollector:
         """Starts watching ``dispatcher`` (and ``limiter``, a `RateLimiter` or async limiter).
 
         ``labels`` (e.g. ``queue="chat"``) tell queues apart; their names must be the same for
-        every watched queue and must not be ``priority``, ``tenant``, ``quantile``, ``state`` or
-        ``le``.
+        every watched queue and must not be ``priority``, ``tenant``, ``quantile``, ``state``,
+        ``le`` or ``limit``.
         """
         if not callable(getattr(dispatcher, "get_queue_metrics", None)):
             raise InvalidConfigError(f"dispatcher must have get_queue_metrics(), got {dispatcher!r}")
@@ -432,6 +435,7 @@ class QueueCollector:
                 for name in _PERCENTILES
             ),
         ]
+        specs.extend(_scheduling_families(base))
         return {family.name: family for family in specs}
 
     def _add_samples(self, families: Mapping[str, Metric], watched: WatchedQueue) -> None:
@@ -477,6 +481,7 @@ class QueueCollector:
             add("llmqd_failed", report.failed)
             add("llmqd_dead_lettered", report.dead_lettered)
             add("llmqd_expired_deadlines", report.expired_deadlines)
+            _add_scheduling_samples(add, snapshot.queue.scheduling)
             tenants = sorted(
                 snapshot.queue.tenants.items(),
                 key=lambda item: (-(item[1].visible + item[1].in_flight), item[0]),
@@ -500,3 +505,60 @@ class QueueCollector:
             add("llmqd_limiter_capacity_requests", limits.rpm.limit)
             with contextlib.suppress(AttributeError):  # an async limiter may report no debt
                 add("llmqd_limiter_debt_tokens", limits.compensation.total_debt)
+
+
+# -- scheduling: SLO attainment and the binding limit (``get_queue_metrics().scheduling``) -----
+_LIMIT_STATES = (*LIMITS, "none")
+
+
+def _scheduling_families(base: list[str]) -> list[Metric]:
+    """The families of the scheduling metrics, over the dispatcher's metrics window."""
+    priority, limit = [*base, "priority"], [*base, "limit"]
+    return [
+        GaugeMetricFamily(
+            "llmqd_slo_attainment_ratio",
+            "Share of a priority's dispatches over the dispatcher's metrics window that waited at "
+            "most its target (absent while none was dispatched).",
+            labels=priority,
+        ),
+        GaugeMetricFamily(
+            "llmqd_slo_target_seconds",
+            "A priority's wait target, from enqueue to dispatch (slo_targets).",
+            labels=priority,
+        ),
+        GaugeMetricFamily(
+            "llmqd_window_dispatches",
+            "Dispatches of a priority over the dispatcher's metrics window.",
+            labels=priority,
+        ),
+        GaugeMetricFamily(
+            "llmqd_window_dispatches_within_slo",
+            "Dispatches of a priority over the dispatcher's metrics window that met its wait target.",
+            labels=priority,
+        ),
+        GaugeMetricFamily(
+            "llmqd_binding_limit",
+            "1 for the limit that made requests wait (RPM, TPM, ITPM, OTPM, RPD, TPD, concurrency, "
+            "or none), 0 for the others.",
+            labels=limit,
+        ),
+        GaugeMetricFamily(
+            "llmqd_window_limited_dispatches",
+            "Dispatches over the dispatcher's metrics window that waited for a limit, by limit.",
+            labels=limit,
+        ),
+    ]
+
+
+def _add_scheduling_samples(add: Callable[..., None], scheduling: SchedulingMetrics) -> None:
+    """One watched queue's samples of `_scheduling_families`; ``add(name, value, *labels)``."""
+    for name, slo in scheduling.slo_attainment.items():
+        if slo.attainment is not None:
+            add("llmqd_slo_attainment_ratio", min(1.0, max(0.0, slo.attainment)), name)
+        add("llmqd_slo_target_seconds", _seconds(slo.target), name)
+        add("llmqd_window_dispatches", max(0, slo.dispatched), name)
+        add("llmqd_window_dispatches_within_slo", max(0, slo.met), name)
+    for limit in _LIMIT_STATES:
+        add("llmqd_binding_limit", 1.0 if scheduling.binding_limit == limit else 0.0, limit)
+    for limit, count in scheduling.waited_by_limit.items():
+        add("llmqd_window_limited_dispatches", max(0, count), limit)

@@ -36,7 +36,10 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use stats::{percentile, Percentiles, Stats, TenantCount, TenantLine, TenantSummary, SAMPLES};
+pub use stats::{
+    limit_of_reason, percentile, LimitSummary, Percentiles, SloCount, Stats, TenantCount, TenantLine,
+    TenantSummary, DEFAULT_SLO_TARGETS, LIMITS, SAMPLES,
+};
 
 use crate::errors::{CoreError, CoreResult};
 
@@ -380,7 +383,14 @@ impl<D> Ledger<D> {
         delivery.state = State::HandedOut;
         delivery.dispatched_at = now;
         let facts = delivery.facts;
-        self.stats.record_dispatch(now, now - facts.enqueued_at, latency, facts.tenant, facts.tokens);
+        self.stats.record_dispatch(
+            now,
+            now - facts.enqueued_at,
+            latency,
+            facts.tenant,
+            facts.tokens,
+            facts.priority,
+        );
         Ok(())
     }
 
@@ -390,7 +400,14 @@ impl<D> Ledger<D> {
         let delivery = self.get_mut(id).expect("just opened");
         delivery.state = State::HandedOut;
         delivery.dispatched_at = now;
-        self.stats.record_dispatch(now, now - facts.enqueued_at, latency, facts.tenant, facts.tokens);
+        self.stats.record_dispatch(
+            now,
+            now - facts.enqueued_at,
+            latency,
+            facts.tenant,
+            facts.tokens,
+            facts.priority,
+        );
         id
     }
 

@@ -20,6 +20,47 @@ struct Dispatch {
     wait: f64,
     tenant: u32,
     charged: u64,
+    priority: u8,
+    /// The limit (an index into [`LIMITS`]) the limiter named when it last refused while this
+    /// message waited, if it did.
+    limit: Option<u8>,
+}
+
+/// The limits a dispatch can wait for, as the metrics name them, in the order of the limiter's
+/// reasons (`rpm_limit`, `tpm_limit`, `itpm_limit`, `otpm_limit`, `rpd_limit`, `tpd_limit`,
+/// `concurrency_limit`).
+pub const LIMITS: [&str; 7] = ["RPM", "TPM", "ITPM", "OTPM", "RPD", "TPD", "concurrency"];
+
+/// The reasons a limiter gives for a refusal, in the order of [`LIMITS`].
+const REASONS: [&str; 7] =
+    ["rpm_limit", "tpm_limit", "itpm_limit", "otpm_limit", "rpd_limit", "tpd_limit", "concurrency_limit"];
+
+/// The index into [`LIMITS`] of a limiter's refusal `reason` (`"tpm_limit"`, …); None for a
+/// reason no limit of the list gives.
+pub fn limit_of_reason(reason: &str) -> Option<u8> {
+    REASONS.iter().position(|r| *r == reason).map(|i| i as u8)
+}
+
+/// The default wait targets (seconds from enqueue to dispatch) per priority, URGENT first: what
+/// `llmqd simulate` measures SLO attainment against by default.
+pub const DEFAULT_SLO_TARGETS: [f64; 4] = [1.0, 30.0, 300.0, 1800.0];
+
+/// One priority's SLO attainment over the retained dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SloCount {
+    /// Dispatches of the priority.
+    pub dispatched: u64,
+    /// Those whose wait was at most the priority's target.
+    pub met: u64,
+}
+
+/// Which limit made the retained dispatches wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitSummary {
+    /// The binding limit (an index into [`LIMITS`]), None when none made a dispatch wait.
+    pub binding: Option<u8>,
+    /// Retained dispatches that waited for each limit, in the order of [`LIMITS`].
+    pub waited: [u64; 7],
 }
 
 /// Counts per clock second over the last `span` seconds: O(span) memory, however many events
@@ -135,6 +176,12 @@ pub struct Stats {
     completions: Window,
     latencies: VecDeque<f64>,
     served: HashMap<u32, u64>,
+    /// Wait targets per priority, URGENT first.
+    slo_targets: [f64; 4],
+    /// When the limiter last refused a waiting message, and the limit it named.
+    last_refusal: Option<(f64, u8)>,
+    /// Whether nothing was handed out since that refusal: its limit holds the queue now.
+    holding: bool,
     /// Tenants' names as first dispatched (a pool may forget an idle tenant's name while its
     /// figures are still reported; numbers are never reused).
     names: HashMap<u32, Box<str>>,
@@ -157,6 +204,9 @@ impl Stats {
             completions: Window { span: retention.min(60.0), buckets: VecDeque::new() },
             latencies: VecDeque::new(),
             served: HashMap::new(),
+            slo_targets: DEFAULT_SLO_TARGETS,
+            last_refusal: None,
+            holding: false,
             names: HashMap::new(),
             failed: 0,
             completed: 0,
@@ -179,11 +229,83 @@ impl Stats {
         self.names.get(&tenant).map(|name| &**name)
     }
 
-    /// A message was handed out after waiting `wait` s (a negative wait, from a clock stepped
-    /// back, counts as 0); selecting it took `latency` s.
-    pub fn record_dispatch(&mut self, now: f64, wait: f64, latency: f64, tenant: u32, charged: u64) {
-        push_bounded(&mut self.dispatches, Dispatch { at: now, wait: wait.max(0.0), tenant, charged });
+    /// Sets the wait targets per priority (URGENT first) SLO attainment is measured against.
+    pub fn set_slo_targets(&mut self, targets: [f64; 4]) {
+        self.slo_targets = targets;
+    }
+
+    /// The wait targets per priority, URGENT first.
+    pub fn slo_targets(&self) -> [f64; 4] {
+        self.slo_targets
+    }
+
+    /// A message of `priority` was handed out after waiting `wait` s (a negative wait, from a
+    /// clock stepped back, counts as 0); selecting it took `latency` s. It waited for the limit
+    /// of the latest refusal if that came after its enqueue.
+    pub fn record_dispatch(
+        &mut self,
+        now: f64,
+        wait: f64,
+        latency: f64,
+        tenant: u32,
+        charged: u64,
+        priority: u8,
+    ) {
+        let enqueued_at = now - wait;
+        let limit = self.last_refusal.filter(|&(at, _)| at >= enqueued_at).map(|(_, limit)| limit);
+        let dispatch = Dispatch { at: now, wait: wait.max(0.0), tenant, charged, priority, limit };
+        push_bounded(&mut self.dispatches, dispatch);
         push_bounded(&mut self.latencies, latency.max(0.0));
+        self.holding = false;
+    }
+
+    /// The limiter refused a waiting message at `now`, naming `limit` (an index into [`LIMITS`],
+    /// from [`limit_of_reason`]). Only the latest refusal is kept.
+    pub fn record_refusal(&mut self, now: f64, limit: u8) {
+        if usize::from(limit) < LIMITS.len() {
+            self.last_refusal = Some((now, limit));
+            self.holding = true;
+        }
+    }
+
+    /// Per priority (URGENT first), the retained dispatches and those that waited at most the
+    /// priority's target.
+    pub fn slo(&mut self, now: f64) -> [SloCount; 4] {
+        let targets = self.slo_targets;
+        let mut counts = [SloCount::default(); 4];
+        for d in self.recent(now) {
+            let class = usize::from(d.priority.min(3));
+            counts[class].dispatched += 1;
+            if d.wait <= targets[class] {
+                counts[class].met += 1;
+            }
+        }
+        counts
+    }
+
+    /// Which limit made the retained dispatches wait: the latest refusal's while nothing has
+    /// been handed out since it (the limit holding the queue now), else the limit most of them
+    /// waited for (the later on a tie); None when none waited for a limit.
+    pub fn limits(&mut self, now: f64) -> LimitSummary {
+        let horizon = now - self.retention;
+        let mut summary = LimitSummary::default();
+        let mut latest = [f64::NEG_INFINITY; 7];
+        for d in self.recent(now) {
+            if let Some(limit) = d.limit {
+                summary.waited[usize::from(limit)] += 1;
+                latest[usize::from(limit)] = latest[usize::from(limit)].max(d.at);
+            }
+        }
+        let current = self.last_refusal.filter(|&(at, _)| self.holding && at >= horizon);
+        summary.binding = current.map(|(_, limit)| limit).or_else(|| {
+            (0..LIMITS.len())
+                .filter(|&i| summary.waited[i] > 0)
+                .max_by(|&a, &b| {
+                    summary.waited[a].cmp(&summary.waited[b]).then(latest[a].total_cmp(&latest[b]))
+                })
+                .map(|i| i as u8)
+        });
+        summary
     }
 
     /// A message was marked processed having used `tokens`; `correction` is the difference from
@@ -335,7 +457,7 @@ mod tests {
     #[test]
     fn a_clock_stepped_back_never_reports_a_negative_wait() {
         let mut stats = Stats::new(300.0, 60.0);
-        stats.record_dispatch(10.0, -5.0, -1.0, 0, 100);
+        stats.record_dispatch(10.0, -5.0, -1.0, 0, 100, 2);
         assert_eq!(stats.wait_times(10.0), (0.0, (0.0, 0.0, 0.0)));
         assert_eq!(stats.dequeue_latency(), (0.0, 0.0));
     }
@@ -352,9 +474,9 @@ mod tests {
     #[test]
     fn tenant_use_is_charged_then_corrected_within_the_window() {
         let mut stats = Stats::new(300.0, 60.0);
-        stats.record_dispatch(1.0, 2.0, 0.0, 3, 500);
+        stats.record_dispatch(1.0, 2.0, 0.0, 3, 500, 2);
         stats.record_completion(2.0, 200, 3, -300);
-        stats.record_dispatch(1.0, 4.0, 0.0, 4, 100);
+        stats.record_dispatch(1.0, 4.0, 0.0, 4, 100, 2);
         stats.record_failure(2.0, 4, -100);
         let summaries = stats.tenant_summaries(10.0, &[7]);
         assert_eq!(summaries.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [3, 4, 7]);
@@ -370,7 +492,7 @@ mod tests {
     #[test]
     fn tenant_lines_join_counts_summaries_and_the_fair_use() {
         let mut stats = Stats::new(300.0, 60.0);
-        stats.record_dispatch(1.0, 2.0, 0.0, 1, 500);
+        stats.record_dispatch(1.0, 2.0, 0.0, 1, 500, 2);
         let counts = [TenantCount { tenant: 2, visible: 3, in_flight: 1 }];
         let lines = stats.tenant_lines(10.0, &counts, None);
         assert_eq!(
@@ -390,9 +512,61 @@ mod tests {
     fn memory_is_bounded_whatever_the_rate() {
         let mut stats = Stats::new(300.0, 60.0);
         for i in 0..3 * SAMPLES {
-            stats.record_dispatch(0.0, 1.0, 0.0, 0, 1);
+            stats.record_dispatch(0.0, 1.0, 0.0, 0, 1, 2);
+            stats.record_refusal(0.0, 1);
             stats.record_completion(0.0, 1, 0, i64::try_from(i % 2).unwrap());
         }
         assert!(stats.held() <= 3 * SAMPLES + 1);
+    }
+
+    #[test]
+    fn slo_attainment_counts_the_waits_within_each_priority_target() {
+        let mut stats = Stats::new(300.0, 60.0);
+        stats.set_slo_targets([1.0, 30.0, 300.0, 1800.0]);
+        // URGENT: 0.5 and exactly 1.0 meet the target, 1.5 misses; HIGH: 31 misses.
+        for (wait, priority) in [(0.5, 0), (1.0, 0), (1.5, 0), (31.0, 1)] {
+            stats.record_dispatch(10.0, wait, 0.0, 0, 1, priority);
+        }
+        let slo = stats.slo(10.0);
+        assert_eq!(slo[0], SloCount { dispatched: 3, met: 2 });
+        assert_eq!(slo[1], SloCount { dispatched: 1, met: 0 });
+        assert_eq!(slo[2], SloCount::default());
+        // Past the retention the dispatches are gone.
+        assert_eq!(stats.slo(400.0), [SloCount::default(); 4]);
+    }
+
+    #[test]
+    fn a_dispatch_waited_for_the_latest_refusal_after_its_enqueue() {
+        let mut stats = Stats::new(300.0, 60.0);
+        assert_eq!(stats.limits(0.0), LimitSummary::default());
+        stats.record_refusal(5.0, limit_of_reason("tpm_limit").unwrap());
+        // Enqueued at 4 (before the refusal): it waited for TPM.
+        stats.record_dispatch(6.0, 2.0, 0.0, 0, 1, 2);
+        // Enqueued at 5.5 (after it): it did not wait for a limit.
+        stats.record_dispatch(6.0, 0.5, 0.0, 0, 1, 2);
+        let limits = stats.limits(6.0);
+        assert_eq!(limits.waited, [0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(limits.binding.map(|i| LIMITS[usize::from(i)]), Some("TPM"));
+    }
+
+    #[test]
+    fn the_binding_limit_is_the_one_holding_the_queue_now_else_the_most_waited_for() {
+        let (rpm, tpm) = (limit_of_reason("rpm_limit").unwrap(), limit_of_reason("tpm_limit").unwrap());
+        let name = |summary: LimitSummary| summary.binding.map(|i| LIMITS[usize::from(i)]);
+        let mut stats = Stats::new(300.0, 60.0);
+        stats.record_refusal(1.0, tpm);
+        stats.record_dispatch(2.0, 2.0, 0.0, 0, 1, 2);
+        stats.record_dispatch(2.0, 2.0, 0.0, 0, 1, 2);
+        stats.record_refusal(3.0, rpm);
+        stats.record_dispatch(4.0, 4.0, 0.0, 0, 1, 2);
+        // Two dispatches waited for TPM, one for RPM.
+        assert_eq!(stats.limits(4.0).waited[..2], [1, 2]);
+        assert_eq!(name(stats.limits(4.0)), Some("TPM"));
+        // A refusal with nothing handed out since: that limit holds the queue now.
+        stats.record_refusal(5.0, rpm);
+        assert_eq!(name(stats.limits(5.0)), Some("RPM"));
+        // Out of the window: none.
+        assert_eq!(stats.limits(400.0), LimitSummary::default());
+        assert_eq!(limit_of_reason("penalty"), None);
     }
 }

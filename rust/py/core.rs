@@ -247,6 +247,34 @@ impl PyDispatchCore {
         Py::new(py, job)
     }
 
+    /// After a dispatch of `throttle` that handed nothing out (`held`: it waits for a winner
+    /// that does not fit yet) at `now`: records the limit that refused, as the limiter's own
+    /// reason names it. The smallest waiting message refused names its limit; when it would be
+    /// admitted and the dispatch still waits (a larger winner held, a reserve kept), the limit
+    /// refusing the smallest request the limiter would not admit does (the token limit nearest
+    /// exhaustion). Nothing waiting, nothing refused, or only requests that can never be
+    /// admitted: nothing recorded.
+    fn note_refusal(&self, py: Python<'_>, throttle: &PyThrottle, held: bool, now: f64) -> PyResult<()> {
+        let Some(smallest) = self.min_visible_tokens(py)? else { return Ok(()) };
+        let reason = throttle.with_state(py, |limiter, _| {
+            let check = limiter.check(smallest);
+            if !check.allowed {
+                // Never admitted (larger than a capacity): unfittable, not waiting for a limit.
+                return check.reason.filter(|_| check.available_in.is_finite());
+            }
+            if !held {
+                return None;
+            }
+            let most = limiter.admissible_tokens()?;
+            // Saturating: a float beyond u64 converts to u64::MAX.
+            limiter.check((most.max(0.0).floor() as u64).saturating_add(1)).reason
+        })?;
+        if let Some(limit) = reason.and_then(ledger::limit_of_reason) {
+            self.lock(py).ledger.stats.record_refusal(now, limit);
+        }
+        Ok(())
+    }
+
     /// Undoes a take: the store's receive of `release` (a handle) undone, its `LLMThrottle`
     /// reservation and its charge given back.
     fn undo(
@@ -596,7 +624,7 @@ impl PyDispatchCore {
     #[pyo3(signature = (pool, *, clock, weights, custom_weights, custom_names, max_candidates, policy,
         tenant_weights, fairness_window, urgent_first, max_wait, reserve_tokens, visibility_timeout,
         min_score, reserve, hold, metrics_retention, runner, logger, score_urgent_first=false,
-        urgent_reserve=None))]
+        urgent_reserve=None, slo_targets=ledger::DEFAULT_SLO_TARGETS))]
     // Keyword arguments of the config's fields, as Python passes them.
     #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
@@ -622,7 +650,11 @@ impl PyDispatchCore {
         logger: Py<PyAny>,
         score_urgent_first: bool,
         urgent_reserve: Option<f64>,
+        slo_targets: [f64; 4],
     ) -> PyResult<Self> {
+        if slo_targets.iter().any(|t| t.is_nan() || *t < 0.0) {
+            return Err(bad_config(py, format!("slo_targets must be seconds >= 0, got {slo_targets:?}")));
+        }
         if urgent_reserve.is_some_and(|r| !(r.is_finite() && r >= 0.0)) {
             return Err(bad_config(
                 py,
@@ -680,7 +712,11 @@ impl PyDispatchCore {
                 settings: Settings { visibility_timeout, min_score, reserve, hold },
             },
             state: Mutex::new(CoreState {
-                ledger: Ledger::new(metrics_retention, fairness_window),
+                ledger: {
+                    let mut ledger = Ledger::new(metrics_retention, fairness_window);
+                    ledger.stats.set_slo_targets(slo_targets);
+                    ledger
+                },
                 buffer,
                 unfittable: dispatch::Unfittable::default(),
             }),
@@ -756,10 +792,27 @@ impl PyDispatchCore {
                     key.map_or(Reservation::None, |key| Reservation::Native(throttle.clone().unbind(), key));
                 Outcome::Taken(Self::open(slf, taken, reservation, started, hand_out, 0)?)
             }
-            Outcome::Wait(seconds) => Outcome::Wait(seconds),
-            Outcome::Nothing => Outcome::Nothing,
+            Outcome::Wait(seconds) => {
+                core.note_refusal(py, throttle.get(), true, started.1)?;
+                Outcome::Wait(seconds)
+            }
+            Outcome::Nothing => {
+                core.note_refusal(py, throttle.get(), false, started.1)?;
+                Outcome::Nothing
+            }
         };
         outcome_object(py, outcome)
+    }
+
+    /// Records, for the metrics, that a limiter other than `LLMThrottle` refused a waiting
+    /// message with `reason` (its `RateLimitCheckResult.reason`, e.g. `"tpm_limit"`); a reason
+    /// naming no limit is ignored.
+    fn limiter_refused(&self, py: Python<'_>, reason: &str) -> PyResult<()> {
+        if let Some(limit) = ledger::limit_of_reason(reason) {
+            let now = self.clock.now(py)?;
+            self.lock(py).ledger.stats.record_refusal(now, limit);
+        }
+        Ok(())
     }
 
     /// The first half of a dispatch with a limiter other than `LLMThrottle`, from what its
@@ -1292,6 +1345,8 @@ impl PyDispatchCore {
         let (average_wait, (wait_p50, wait_p95, wait_p99)) = summaries.wait_times(now);
         let (messages_per_minute, tokens_per_minute) = summaries.throughput(now);
         let (latency_p50, latency_p99) = summaries.dequeue_latency();
+        let slo = summaries.slo(now);
+        let limits = summaries.limits(now);
         Ok(PyCoreReport {
             now,
             counts_by_priority,
@@ -1310,6 +1365,11 @@ impl PyDispatchCore {
             failed: state.ledger.stats.failed,
             expired_deadlines: state.ledger.stats.expired_deadlines,
             unfittable,
+            slo_targets: state.ledger.stats.slo_targets(),
+            slo_dispatched: slo.map(|c| c.dispatched),
+            slo_met: slo.map(|c| c.met),
+            binding_limit: limits.binding.map(|i| ledger::LIMITS[usize::from(i)]),
+            waited_by_limit: ledger::LIMITS.iter().copied().zip(limits.waited).collect(),
         })
     }
 

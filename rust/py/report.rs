@@ -40,6 +40,17 @@ pub struct PyCoreReport {
     pub expired_deadlines: u64,
     /// Selectable messages above the token capacity asked about.
     pub unfittable: usize,
+    /// The wait target per priority, URGENT first, in seconds.
+    pub slo_targets: [f64; 4],
+    /// Dispatches per priority over the retention window, URGENT first.
+    pub slo_dispatched: [u64; 4],
+    /// Of those, the ones that waited at most their priority's target.
+    pub slo_met: [u64; 4],
+    /// The limit that made the window's dispatches wait (`"RPM"`, `"TPM"`, `"ITPM"`, `"OTPM"`,
+    /// `"RPD"`, `"TPD"`, `"concurrency"`), or None.
+    pub binding_limit: Option<&'static str>,
+    /// Dispatches of the window that waited for each limit, as `(name, count)` in that order.
+    pub waited_by_limit: Vec<(&'static str, u64)>,
 }
 
 /// One delivery in flight: the fields of `InFlightDetail` but its age.

@@ -44,6 +44,16 @@ def throttle(clock: ManualClock | None, rpm: float = 600.0, tpm: float = 100_000
     return LLMThrottle(rpm, tpm, clock=clock)
 
 
+class SteppedClock:
+    """A wall clock that an operator (or NTP) steps back: a plain callable clock."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def counts(dispatcher: LLMQueueDispatcher[Any]) -> tuple[int, int, int]:
     """(visible, in flight, total) as the dispatcher reports them."""
     q = (await dispatcher.get_queue_metrics()).queue

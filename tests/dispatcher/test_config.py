@@ -206,3 +206,42 @@ async def test_a_custom_scorer_with_weight_makes_zero_factor_weights_valid(clock
 def test_fair_priority_ignores_the_score_threshold() -> None:
     config = LLMQueueDispatcherConfig(policy="fair_priority", min_score_threshold=5.0)
     assert config.min_score_threshold == 5.0
+
+
+BAD_SLO_TARGETS = [
+    ["URGENT", 1.0],
+    {"urgent": 1.0},
+    {"CRITICAL": 1.0},
+    {4: 1.0},
+    {-1: 1.0},
+    {True: 1.0},
+    {1.0: 1.0},
+    {"URGENT": -1.0},
+    {"URGENT": math.nan},
+    {"URGENT": "1"},
+    {"URGENT": True},
+    {"URGENT": None},
+    {"URGENT": 10**400},
+    {"URGENT": 1.0, Priority.URGENT: 2.0},
+]
+
+
+@pytest.mark.parametrize("targets", BAD_SLO_TARGETS, ids=[repr(t) for t in BAD_SLO_TARGETS])
+def test_bad_slo_targets_raise_invalid_config_error_at_construction(targets: Any) -> None:
+    with pytest.raises(InvalidConfigError, match="slo_targets"):
+        LLMQueueDispatcherConfig(slo_targets=targets)
+    with pytest.raises(InvalidConfigError, match="slo_targets"):
+        create_in_memory_queue(slo_targets=targets)
+
+
+def test_slo_targets_take_names_priorities_and_inf_and_keep_the_defaults_left_out() -> None:
+    config = LLMQueueDispatcherConfig(slo_targets={"URGENT": 0.5, Priority.LOW: math.inf, 1: 0})
+    assert config.slo_targets_by_priority() == [0.5, 0.0, 300.0, math.inf]
+    assert LLMQueueDispatcherConfig().slo_targets_by_priority() == [1.0, 30.0, 300.0, 1800.0]
+
+
+def test_the_default_slo_targets_are_those_of_llmqd_simulate() -> None:
+    from llm_queue_dispatcher.config import DEFAULT_SLO_TARGETS
+    from llm_queue_dispatcher.simulate_metrics import DEFAULT_SLO
+
+    assert dict(DEFAULT_SLO_TARGETS) == dict(DEFAULT_SLO)

@@ -14,7 +14,7 @@ from llm_queue_dispatcher import (
     TokenInfo,
     create_in_memory_queue,
 )
-from tests.dispatcher.support import queue, request, throttle
+from tests.dispatcher.support import SteppedClock, queue, request, throttle
 
 
 async def test_queue_metrics_report_counts_waits_throughput_and_in_flight(clock: ManualClock) -> None:
@@ -147,16 +147,6 @@ async def test_two_hundred_thousand_dispatches_keep_the_recorder_bounded() -> No
     assert metrics.processing.active_requests == 0
     assert metrics.queue.throughput.messages_per_minute > 0
     assert dispatcher._core._samples_held <= sizes[1] + 100
-
-
-class SteppedClock:
-    """A wall clock that an operator (or NTP) steps back: a plain callable clock."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_a_clock_stepped_back_never_gives_negative_waits_or_ages() -> None:
