@@ -1,4 +1,4 @@
-"""Dispatcher metrics: the report types and the recorder that feeds them.
+"""Dispatcher metrics: the report types `get_queue_metrics()` returns (the Rust core keeps the books).
 
 Everything is measured on the dispatcher's clock, so a simulation on a `ManualClock` reports
 simulated throughput and wait times. Samples older than ``metrics_retention`` are dropped. Waits
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "InFlightDetail",
     "LatencyPercentiles",
-    "MetricsRecorder",
     "PerformanceMetrics",
     "ProcessingMetrics",
     "QueueMetrics",
@@ -193,140 +191,3 @@ def percentile(sorted_values: list[float], q: float) -> float:
     high = min(low + 1, len(sorted_values) - 1)
     fraction = position - low
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
-
-
-class _Window:
-    """Counts per clock second over the last ``span`` seconds: O(span) memory, however many
-    events arrive."""
-
-    __slots__ = ("_buckets", "span")
-
-    def __init__(self, span: float) -> None:
-        self.span = span
-        self._buckets: deque[list[float]] = deque()  # [second, count, tokens]
-
-    def add(self, now: float, count: float, tokens: float) -> None:
-        buckets = self._buckets
-        second = math.floor(now)
-        if buckets and buckets[-1][0] >= second:
-            # The current second (or a clock read before another's later reading: counted in
-            # the latest second).
-            bucket = buckets[-1]
-            bucket[1] += count
-            bucket[2] += tokens
-            return
-        buckets.append([second, count, tokens])
-        self._expire(now)
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self.span
-        while self._buckets and self._buckets[0][0] + 1 <= horizon:
-            self._buckets.popleft()
-
-    def totals(self, now: float) -> tuple[float, float]:
-        """Events and tokens counted in the window ending at ``now``."""
-        self._expire(now)
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
-
-
-def _percentiles(samples: list[float]) -> WaitTimePercentiles:
-    samples.sort()
-    return WaitTimePercentiles(
-        p50=percentile(samples, 0.5), p95=percentile(samples, 0.95), p99=percentile(samples, 0.99)
-    )
-
-
-class MetricsRecorder:
-    """Streaming summaries of dispatches and completions, bounded in memory whatever the rate.
-
-    Each dispatch appends one record (when, wait, tenant, tokens charged) to a deque of the last
-    ``_SAMPLES``; wait percentiles and per-tenant figures are computed from it when a report
-    asks, over the retention window (and, for token use, the fairness window). Throughput
-    counts completions per clock second over the last minute. Recording costs two appends.
-    """
-
-    # Records kept regardless of the clock (a ManualClock may never advance).
-    _SAMPLES = 10_000
-
-    def __init__(self, retention: float, fairness_window: float = 60.0) -> None:
-        self.retention = retention
-        self.fairness_window = fairness_window
-        #: (dispatched_at, wait, tenant, tokens charged)
-        self._dispatches: deque[tuple[float, float, str, int]] = deque(maxlen=self._SAMPLES)
-        #: (at, tenant, correction of a charge) from the marks
-        self._corrections: deque[tuple[float, str, int]] = deque(maxlen=self._SAMPLES)
-        self._completions = _Window(min(60.0, retention))
-        self._latencies: deque[float] = deque(maxlen=self._SAMPLES)
-        self._served: dict[str, int] = {}
-        self.failed = 0
-        self.completed = 0
-        self.expired_deadlines = 0
-
-    def record_dispatch(
-        self, now: float, wait: float, latency: float, tenant: str = "", charged_tokens: int = 0
-    ) -> None:
-        """A message was handed out after waiting ``wait`` s (a negative wait, from a clock that
-        moved backwards, counts as 0); selecting it took ``latency`` s."""
-        self._dispatches.append((now, wait if wait > 0.0 else 0.0, tenant, charged_tokens))
-        self._latencies.append(latency)
-
-    def record_completion(self, now: float, tokens: int, tenant: str = "", correction: int = 0) -> None:
-        """A message was marked processed having used ``tokens`` tokens; ``correction`` is the
-        difference from what its dispatch charged the tenant."""
-        self.completed += 1
-        self._completions.add(now, 1, tokens)
-        self._served[tenant] = self._served.get(tenant, 0) + tokens
-        if correction:
-            self._corrections.append((now, tenant, correction))
-
-    def record_failure(self, now: float = 0.0, tenant: str = "", correction: int = 0) -> None:
-        """A message was marked failed (or dead-lettered); ``correction`` takes back what its
-        dispatch charged the tenant."""
-        self.failed += 1
-        if correction:
-            self._corrections.append((now, tenant, correction))
-
-    def _recent(self, now: float) -> list[tuple[float, float, str, int]]:
-        horizon = now - self.retention
-        dispatches = self._dispatches
-        while dispatches and dispatches[0][0] < horizon:
-            dispatches.popleft()
-        return list(dispatches)
-
-    def wait_times(self, now: float) -> tuple[float, WaitTimePercentiles]:
-        """Average wait and its percentiles over the retained dispatches."""
-        waits = [wait for _, wait, _, _ in self._recent(now)]
-        if not waits:
-            return 0.0, WaitTimePercentiles()
-        return sum(waits) / len(waits), _percentiles(waits)
-
-    def throughput(self, now: float) -> Throughput:
-        """Completions and tokens over the last 60 s of the clock (or the retention, if shorter)."""
-        messages, tokens = self._completions.totals(now)
-        scale = 60.0 / self._completions.span
-        return Throughput(messages_per_minute=messages * scale, tokens_per_minute=tokens * scale)
-
-    def dequeue_latency(self) -> LatencyPercentiles:
-        """Percentiles of the time spent selecting, over the last samples."""
-        latencies = sorted(self._latencies)
-        return LatencyPercentiles(p50=percentile(latencies, 0.5), p99=percentile(latencies, 0.99))
-
-    def tenant_summaries(
-        self, now: float, keep: set[str]
-    ) -> dict[str, tuple[float, int, WaitTimePercentiles]]:
-        """Per tenant seen in the retained dispatches (or in ``keep``): token use charged over
-        the fairness window (with the marks' corrections), tokens served, wait percentiles."""
-        window = now - self.fairness_window
-        waits: dict[str, list[float]] = {name: [] for name in keep}
-        used: dict[str, float] = {}
-        for at, wait, tenant, charged in self._recent(now):
-            waits.setdefault(tenant, []).append(wait)
-            if at > window:
-                used[tenant] = used.get(tenant, 0.0) + charged
-        for at, tenant, correction in self._corrections:
-            if at > window and tenant in used:
-                used[tenant] += correction
-        return {
-            name: (max(0.0, used.get(name, 0.0)), self._served.get(name, 0), _percentiles(samples))
-            for name, samples in waits.items()
-        }
