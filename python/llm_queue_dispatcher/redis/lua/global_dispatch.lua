@@ -1,0 +1,215 @@
+-- global_dispatch (fair_priority): selects the first message of the fair order over the whole
+-- queue, reserves its budget at the co-located RedisThrottle and leases it, up to ARGV[5]
+-- winners in rank order, in one script. The script is common.lua + queue_common.lua + the
+-- limiter's prelude and operations wrapped as limiter_call() (redis/global_choice.py) + this.
+--
+-- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
+-- grant order, latest, held), then this call's reply key (a resend answers as the first run).
+-- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
+-- ARGV[8] fairness window in us  ARGV[9] urgent_first ('1' or '0')
+-- ARGV[10] NORMAL's max_wait in us, ARGV[11] LOW's ('' each: never ages)
+-- ARGV[12] the limiter's token capacity: a message above it never fits, is skipped, holds nothing
+-- ARGV[13] k, then ARGV[14 .. 13 + 2k] tenant, weight pairs (tenants not named weigh 1)
+-- ARGV[14 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
+--
+-- Returns {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
+-- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
+-- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
+-- below it was taken (the budget is held for it).
+--
+-- The order (API.md, "Scheduling under overload" and "Scheduling that holds on real traffic"):
+-- URGENT first across tenants, oldest first (with urgent_first); then the tenant with the least
+-- token use per weight over the window, ties to the tenant whose head is in the earlier lane,
+-- then older; inside a tenant by lane (URGENT, HIGH, aged, NORMAL, LOW), earliest deadline,
+-- oldest. Cost: O(log n) per tenant with visible messages, plus the charges and agings that
+-- came due (at most MAINTAIN_BATCH each per call).
+--
+-- Tenant usage is one record per queue: `usage` (tenant -> tokens charged in the window),
+-- `charges` (zset: delivery key -> when charged), `charge` (hash: delivery key -> msgpack of
+-- tenant, tokens). A dispatch charges its estimate under the delivery's key ("request-id#n",
+-- the limiter's key too); global_mark.lua corrects it; a charge leaves the window by itself, so
+-- a process killed between dispatch and mark leaves nothing that outlives the window.
+
+local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
+local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per lookup
+
+local function received(out, member, s)
+  out[#out + 1] = member
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = s.token
+  out[#out + 1] = redis.call('HGET', Q.body, member)
+end
+
+local LIMITER_KEYS = {}
+for i = 1, 5 do -- the limiter's five keys
+  LIMITER_KEYS[i] = KEYS[QUEUE_KEYS + i]
+end
+local GREPLY = KEYS[QUEUE_KEYS + 6]
+
+maintain()
+local out = {fmt(NOW), ''}
+local kept = recalled(GREPLY)
+if kept ~= nil then
+  -- Bounded by the messages the first run received (member, token pairs).
+  for i = 1, #kept, 2 do
+    local s = holder(kept[i], kept[i + 1])
+    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
+      received(out, kept[i], s)
+    end
+  end
+  return out
+end
+
+local limit = math.min(tonumber(ARGV[5]), WINNERS_MAX)
+local timeout = tonumber(ARGV[6])
+local window = tonumber(ARGV[8])
+local urgent_first = ARGV[9] == '1'
+local max_wait = {tonumber(ARGV[10]), tonumber(ARGV[11])}
+local capacity = tonumber(ARGV[12])
+local weights = {}
+local k = tonumber(ARGV[13])
+-- Bounded by the call's arguments: one round per weighted tenant.
+for i = 0, k - 1 do
+  weights[ARGV[14 + 2 * i]] = tonumber(ARGV[15 + 2 * i])
+end
+local limiter_argv = {}
+-- Bounded: the limiter's fourteen arguments.
+for i = 1, 14 do
+  limiter_argv[i] = ARGV[13 + 2 * k + i]
+end
+if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+  redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
+end
+
+-- Charges that left the window: at most MAINTAIN_BATCH per call (the oldest first).
+local horizon = NOW - window
+local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', 0, MAINTAIN_BATCH)
+-- Bounded by MAINTAIN_BATCH (the LIMIT above).
+for _, key in ipairs(gone) do
+  local raw = redis.call('HGET', Q.charge, key)
+  if raw then
+    local tenant, tokens = cmsgpack.unpack(raw)
+    if redis.call('HINCRBY', Q.usage, tenant, -tokens) <= 0 then
+      redis.call('HDEL', Q.usage, tenant)
+    end
+    redis.call('HDEL', Q.charge, key)
+  end
+  redis.call('ZREM', Q.charges, key)
+end
+
+-- Aging: NORMAL and LOW messages that have waited longer than their max_wait move to the aged
+-- lane, at most MAINTAIN_BATCH per call.
+for i = 1, 2 do -- NORMAL, LOW
+  if max_wait[i] ~= nil then
+    local due = redis.call(
+      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', 0, MAINTAIN_BATCH
+    )
+    -- Bounded by MAINTAIN_BATCH (the LIMIT above).
+    for _, member in ipairs(due) do
+      local s = load(Q, member)
+      redis.call('ZREM', Q.aging[i], member)
+      redis.call('ZREM', Q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
+      redis.call('ZADD', Q.lanes, 0, lane_key(member, s, '2'))
+    end
+  end
+end
+
+-- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, state, lane.
+local function head_of(tenant)
+  local prefix = #tenant .. ':' .. tenant
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX)
+  -- Bounded by SKIP_MAX (the LIMIT above).
+  for _, key in ipairs(keys) do
+    local member = string.sub(key, -15)
+    local s = load(Q, member)
+    if s.tok <= capacity then
+      return member, s, tonumber(string.sub(key, #prefix + 1, #prefix + 1))
+    end
+  end
+  return nil
+end
+
+local function usage_of(tenant)
+  return (tonumber(redis.call('HGET', Q.usage, tenant)) or 0) / (weights[tenant] or 1)
+end
+
+-- The winner: member and state, or nil.
+local function first()
+  if urgent_first then
+    local oldest = redis.call('ZRANGE', Q.urgent, 0, SKIP_MAX - 1)
+    -- Bounded by SKIP_MAX (the ZRANGE above).
+    for _, member in ipairs(oldest) do
+      local s = load(Q, member)
+      if s.tok <= capacity then
+        return member, s
+      end
+    end
+  end
+  local best, best_s, best_key = nil, nil, nil
+  local tenants = redis.call('HKEYS', Q.tenants)
+  -- Bounded by the tenants with visible messages (the hash just read).
+  for _, tenant in ipairs(tenants) do
+    local member, s, lane = head_of(tenant)
+    if member ~= nil then
+      local key = {usage_of(tenant), lane, s.at, member}
+      local better = best == nil
+      if not better then
+        -- Bounded: the four parts of the key.
+        for j = 1, 4 do
+          if key[j] ~= best_key[j] then
+            better = key[j] < best_key[j]
+            break
+          end
+        end
+      end
+      if better then
+        best, best_s, best_key = member, s, key
+      end
+    end
+  end
+  return best, best_s
+end
+
+local taken = {}
+-- Bounded by `limit` (at most WINNERS_MAX).
+for _ = 1, limit do
+  local member, s = first()
+  if member == nil then
+    break
+  end
+  local key = s.rid .. '#' .. (s.rc + 1)
+  local argv = {}
+  -- Bounded: the limiter's fourteen arguments.
+  for i = 1, 14 do
+    argv[i] = limiter_argv[i]
+  end
+  argv[15], argv[16], argv[17], argv[18] = key, s.tok, '', ''
+  local granted = limiter_call(LIMITER_KEYS, argv, 'consume')
+  if granted[1] ~= 1 then
+    out[2] = granted[3] -- the wait in us: the budget is held for this winner
+    break
+  end
+  hide(Q, member, s)
+  s.rc = s.rc + 1
+  if s.first < 0 then
+    s.first = NOW
+  end
+  s.token = fresh()
+  save(Q, member, s)
+  redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+  redis.call('HINCRBY', Q.usage, s.ten, s.tok)
+  redis.call('ZADD', Q.charges, fmt(NOW), key)
+  redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+  received(out, member, s)
+  taken[#taken + 1] = member
+  taken[#taken + 1] = s.token
+end
+if #taken == 0 then
+  return out
+end
+touch(Q)
+remember(GREPLY, taken)
+return out
