@@ -92,7 +92,8 @@ for _, key in ipairs(gone) do
   local raw = redis.call('HGET', Q.charge, key)
   if raw then
     local tenant, tokens = cmsgpack.unpack(raw)
-    if redis.call('HINCRBY', Q.usage, tenant, -tokens) <= 0 then
+    -- (A charge corrected to 0 is skipped: Redis reads no '-0' as an integer.)
+    if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
       redis.call('HDEL', Q.usage, tenant)
     end
     redis.call('HDEL', Q.charge, key)
@@ -200,7 +201,7 @@ for _ = 1, limit do
   s.token = fresh()
   save(Q, member, s)
   redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
-  redis.call('HINCRBY', Q.usage, s.ten, s.tok)
+  redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
   redis.call('ZADD', Q.charges, fmt(NOW), key)
   redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
   received(out, member, s)

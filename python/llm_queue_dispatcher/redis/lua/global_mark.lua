@@ -9,7 +9,7 @@
 -- ARGV[11] tokens (the actual count for 'adjust')  ARGV[12] the limiter's adjustment strategy
 -- ARGV[13..26] the limiter's own ARGV[1..14]
 --
--- Returns {store reply (1, or 0 when the token is stale), limiter reply}. The limiter's call and
+-- Returns {store reply (1, or 0 when the token is stale), limiter reply, NOW}. The limiter's call and
 -- the charge's correction are made even when the store's step finds the token stale: the
 -- delivery ended either way, and its reservation and charge are its own (never a newer
 -- delivery's). The charge becomes the actual count (processed with a count), stays the estimate
@@ -76,10 +76,10 @@ if raw then
     end
   end
   if corrected ~= charged then
-    if redis.call('HINCRBY', Q.usage, tenant, corrected - charged) <= 0 then
+    if redis.call('HINCRBY', Q.usage, tenant, fmt(corrected - charged)) <= 0 then
       redis.call('HDEL', Q.usage, tenant)
     end
     redis.call('HSET', Q.charge, key, cmsgpack.pack(tenant, corrected))
   end
 end
-return remember(GREPLY, {stored, limited})
+return remember(GREPLY, {stored, limited, fmt(NOW)})
