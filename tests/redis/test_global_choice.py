@@ -329,7 +329,7 @@ async def test_a_killed_process_leases_come_back_and_its_tenant_use_expires(
         await asyncio.sleep(2.1)  # every charge left the window: the next dispatch drops them
         limiter_client = RedisThrottle(private_server.url, limiter, rpm=1e6, tpm=1e9)
         async with limiter_client:
-            assert await fair_dispatcher(storage).dequeue(limiter_client) is None
+            assert await fair_dispatcher(storage, fairness_window=2.0).dequeue(limiter_client) is None
         assert await storage.redis.hgetall(storage._keys[16]) == {}
         assert await storage.redis.zcard(storage._keys[17]) == 0
         assert await storage.redis.hlen(storage._keys[18]) == 0
