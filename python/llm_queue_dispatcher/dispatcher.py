@@ -66,7 +66,9 @@ async def _call(limiter: Any, method: str, *args: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
-def _global_choice(storage: object, config: LLMQueueDispatcherConfig, core: DispatchCore, custom: bool) -> Any:
+def _global_choice(
+    storage: object, config: LLMQueueDispatcherConfig, core: DispatchCore, custom: bool
+) -> Any:
     """The global choice over a `RedisStorage` queue (``redis/global_choice.py``), or None: with
     another store or a policy it does not cover, the prefetch buffer ranks what it leased."""
     module = sys.modules.get("llm_queue_dispatcher.redis.storage")

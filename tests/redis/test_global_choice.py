@@ -30,7 +30,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import Workers, fresh_name
-from tests.redis.support import ClockedRedisStorage, ClockedRedisThrottle, RedisServer
+from tests.redis.support import RedisServer
 from tests.reference.fair import AGED, FairMessage, FairModel, FairSettings, lane
 
 WEIGHTS = {"t0": 2.0, "t3": 0.5}
@@ -74,7 +74,9 @@ def as_reference(request: LLMRequest[Any], order: int, enqueued_at: float) -> Fa
 
 def fair_dispatcher(storage: RedisStorage[Any], **fair: Any) -> LLMQueueDispatcher[Any]:
     config = LLMQueueDispatcherConfig(
-        policy="fair_priority", fair_priority=FairPriorityConfig(**fair), clock=getattr(storage, "clock", None)
+        policy="fair_priority",
+        fair_priority=FairPriorityConfig(**fair),
+        clock=getattr(storage, "clock", None),
     )
     return LLMQueueDispatcher(storage, config)
 
@@ -127,7 +129,10 @@ async def test_each_hand_out_is_the_reference_winner_as_time_ages_messages_and_e
             await job.mark_as_processed(actual_tokens=actual)
             model.corrected(key, actual)
         clock.advance(rng.choice([0.5, 2.0, 4.0, 9.0]))
-    assert handed_out > 200 and held > 20 and aged > 5  # every path ran often
+    # Every path ran often.
+    assert handed_out > 200
+    assert held > 20
+    assert aged > 5
     await dispatcher.close()
 
 
@@ -177,7 +182,8 @@ async def test_a_stale_mark_settles_its_own_reservation_and_raises(
     assert late is not None
     clock.advance(31.0)
     fresh = await other.dequeue(limiter)
-    assert fresh is not None and fresh.message.attributes.receive_count == 2
+    assert fresh is not None
+    assert fresh.message.attributes.receive_count == 2
     with pytest.raises(ReceiptHandleError):
         await late.mark_as_processed(actual_tokens=50)
     assert await storage.redis.hget(storage._keys[16], "A") == b"450"  # 50 + the new delivery's 400
@@ -196,7 +202,8 @@ async def test_a_message_above_the_capacity_is_skipped_and_holds_nothing(
     await dispatcher.enqueue(LLMRequest("huge", "x", Priority.URGENT, TokenInfo(5_000), tenant="A"))
     await dispatcher.enqueue(LLMRequest("small", "x", Priority.LOW, TokenInfo(10), tenant="A"))
     job = await dispatcher.dequeue(limiter)
-    assert job is not None and job.message.payload.id == "small"
+    assert job is not None
+    assert job.message.payload.id == "small"
     await job.mark_as_processed()
     assert await dispatcher.dequeue(limiter) is None
     assert await storage.get_approximate_message_count() == 1
@@ -213,7 +220,9 @@ async def test_other_limiters_and_custom_policies_keep_the_per_process_buffer(re
         assert not fair._global.usable_with(elsewhere)  # another hash tag: not co-located
         score = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig())
         assert score._global is None
-        no_hold = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(policy="fair_priority", hold_budget=False))
+        no_hold = LLMQueueDispatcher(
+            storage, LLMQueueDispatcherConfig(policy="fair_priority", hold_budget=False)
+        )
         assert no_hold._global is None
         # Through the buffer all the same: the message is handed out.
         await fair.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(10)))
@@ -241,7 +250,9 @@ def _replay(records: list[dict[str, Any]], requests: list[LLMRequest[Any]], enqu
         now = event["at"] / 1_000_000
         if event["event"] == "recv":
             expected = model.order(visible.values(), now)[0].message
-            assert event["id"] == expected.id, f"hand-out {len(served)}: {event['id']} instead of {expected.id}"
+            assert event["id"] == expected.id, (
+                f"hand-out {len(served)}: {event['id']} instead of {expected.id}"
+            )
             keys[event["id"]] = model.dispatched(visible.pop(event["id"]), now)
             served.append(event["id"])
         else:
@@ -268,7 +279,14 @@ async def _run_processes(server: RedisServer, workers: Workers, tmp_path: Path, 
         messages = await storage.batch_enqueue(requests)
     enqueued_at = messages[0].attributes.enqueued_at.timestamp()
     go = tmp_path / f"go-{queue}"
-    options = {"url": server.url, "queue": queue, "limiter": limiter, "rpm": 1e7, "tpm": 1e9, "weights": WEIGHTS}
+    options = {
+        "url": server.url,
+        "queue": queue,
+        "limiter": limiter,
+        "rpm": 1e7,
+        "tpm": 1e9,
+        "weights": WEIGHTS,
+    }
     for _ in range(processes):
         workers.start("global", go=str(go), max_seconds=60, **options)
     await asyncio.sleep(0.5)  # every process imported and waiting
@@ -333,4 +351,3 @@ async def test_a_killed_process_leases_come_back_and_its_tenant_use_expires(
         assert await storage.redis.hgetall(storage._keys[16]) == {}
         assert await storage.redis.zcard(storage._keys[17]) == 0
         assert await storage.redis.hlen(storage._keys[18]) == 0
-

@@ -240,7 +240,7 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
     module.GlobalChoice._run = recorded  # type: ignore[method-assign]
     deadline = _real_time() + options.get("max_seconds", 60)
     go = options.get("go")
-    while go and not Path(go).exists() and _real_time() < deadline:
+    while go and not Path(go).exists() and _real_time() < deadline:  # noqa: ASYNC110, ASYNC240 (a file from another process)
         await asyncio.sleep(0.005)
     fair = FairPriorityConfig(
         tenant_weights=options.get("weights", {}), fairness_window=options.get("window", 60.0)

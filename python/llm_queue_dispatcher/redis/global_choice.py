@@ -63,12 +63,14 @@ class _GlobalScript(Script):
     operations wrapped as the function ``limiter_call(KEYS, ARGV, op)`` (so they read their own
     keys and arguments, and their locals do not meet the queue's), then the operation."""
 
-    def __init__(self, name: str) -> None:  # noqa: D107 - the class says it
+    def __init__(self, name: str) -> None:
         branches = "\n".join(
             f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
             for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
         )
-        limiter = f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
+        limiter = (
+            f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
+        )
         self.name = name
         self.source = f"{_source('common')}\n{_source('queue_common')}\n{limiter}\n{_source(name)}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()

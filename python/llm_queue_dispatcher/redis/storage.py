@@ -310,9 +310,7 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
         deadline = request.deadline
         deadline_us = (
-            -1
-            if deadline is None
-            else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
+            -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
         )
         return rid, int(request.priority), body, tenant, int(request.token_info.estimated), deadline_us
 
