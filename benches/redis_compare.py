@@ -529,8 +529,8 @@ def render_global(report: dict[str, Any]) -> str:
     server = report["server"]
     lines = [GLOBAL_START, *table, ""]
     lines.append(
-        f"With {server['queued']:,} messages queued (ten tenants): {server['bytes_per_message']:,.0f} bytes of "
-        f"Redis memory per queued message (`used_memory` delta), of which the ranking index takes "
+        f"With {server['queued']:,} messages queued (ten tenants): "
+        f"{server['bytes_per_message']:,.0f} bytes of Redis memory per queued message (`used_memory` delta), of which the ranking index takes "
         f"{server['index_bytes_per_message']:,.0f} (`MEMORY USAGE` of its keys). Server time per "
         f"dispatch script (select + reserve + lease), mean over {server['dispatches']:,} dispatches "
         f"(`INFO commandstats`, EVALSHA): {server['dispatch_us']:.0f} µs; per mark script (delete + "
@@ -652,7 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS_PATH.name}")
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
-    parser.add_argument("--global", dest="global_choice", action="store_true", help="measure the global choice")
+    parser.add_argument(
+        "--global", dest="global_choice", action="store_true", help="measure the global choice"
+    )
     parser.add_argument(
         "--queued", type=int, default=1_000_000, help="messages waiting for the server figures (--global)"
     )
