@@ -530,7 +530,8 @@ def render_global(report: dict[str, Any]) -> str:
     lines = [GLOBAL_START, *table, ""]
     lines.append(
         f"With {server['queued']:,} messages queued (ten tenants): "
-        f"{server['bytes_per_message']:,.0f} bytes of Redis memory per queued message (`used_memory` delta), of which the ranking index takes "
+        f"{server['bytes_per_message']:,.0f} bytes of Redis memory per queued message (`used_memory` "
+        f"delta), of which the ranking index takes "
         f"{server['index_bytes_per_message']:,.0f} (`MEMORY USAGE` of its keys). Server time per "
         f"dispatch script (select + reserve + lease), mean over {server['dispatches']:,} dispatches "
         f"(`INFO commandstats`, EVALSHA): {server['dispatch_us']:.0f} µs; per mark script (delete + "
