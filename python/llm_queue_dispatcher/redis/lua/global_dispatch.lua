@@ -118,16 +118,20 @@ for i = 1, 2 do -- NORMAL, LOW
   end
 end
 
--- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, state, lane.
+-- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, or nil.
+-- An entry is <prefix><lane><deadline: 16><member: 15><tokens>.
 local function head_of(tenant)
   local prefix = #tenant .. ':' .. tenant
-  local keys = redis.call('ZRANGEBYLEX', Q.lanes, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX)
-  -- Bounded by SKIP_MAX (the LIMIT above).
+  local base = #prefix
+  local low, high = '[' .. prefix, '[' .. prefix .. '\255'
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
+  if keys[1] ~= nil and tonumber(string.sub(keys[1], base + 33)) > capacity then
+    keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, SKIP_MAX - 1)
+  end
+  -- Bounded by SKIP_MAX (the LIMITs above).
   for _, key in ipairs(keys) do
-    local member = string.sub(key, -15)
-    local s = load(Q, member)
-    if s.tok <= capacity then
-      return member, s, tonumber(string.sub(key, #prefix + 1, #prefix + 1))
+    if tonumber(string.sub(key, base + 33)) <= capacity then
+      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
     end
   end
   return nil
@@ -140,8 +144,11 @@ end
 -- The winner: member and state, or nil.
 local function first()
   if urgent_first then
-    local oldest = redis.call('ZRANGE', Q.urgent, 0, SKIP_MAX - 1)
-    -- Bounded by SKIP_MAX (the ZRANGE above).
+    local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    if oldest[1] ~= nil and load(Q, oldest[1]).tok > capacity then
+      oldest = redis.call('ZRANGE', Q.urgent, 1, SKIP_MAX - 1)
+    end
+    -- Bounded by SKIP_MAX (the ZRANGEs above).
     for _, member in ipairs(oldest) do
       local s = load(Q, member)
       if s.tok <= capacity then
@@ -149,29 +156,35 @@ local function first()
       end
     end
   end
-  local best, best_s, best_key = nil, nil, nil
+  -- The best tenant by (use per weight, its head's lane, its head's age); a head's state is
+  -- read only to break a tie on the first two.
+  local best, best_use, best_lane, best_s = nil, nil, nil, nil
   local tenants = redis.call('HKEYS', Q.tenants)
   -- Bounded by the tenants with visible messages (the hash just read).
   for _, tenant in ipairs(tenants) do
-    local member, s, lane = head_of(tenant)
+    local member, lane = head_of(tenant)
     if member ~= nil then
-      local key = {usage_of(tenant), lane, s.at, member}
-      local better = best == nil
-      if not better then
-        -- Bounded: the four parts of the key.
-        for j = 1, 4 do
-          if key[j] ~= best_key[j] then
-            better = key[j] < best_key[j]
-            break
-          end
+      local use = usage_of(tenant)
+      local better = best == nil or use < best_use or (use == best_use and lane < best_lane)
+      if not better and use == best_use and lane == best_lane then
+        best_s = best_s or load(Q, best)
+        local s = load(Q, member)
+        better = s.at < best_s.at or (s.at == best_s.at and member < best)
+        if better then
+          best_s = s
         end
+      elseif better then
+        best_s = nil
       end
       if better then
-        best, best_s, best_key = member, s, key
+        best, best_use, best_lane = member, use, lane
       end
     end
   end
-  return best, best_s
+  if best == nil then
+    return nil
+  end
+  return best, best_s or load(Q, best)
 end
 
 local taken = {}

@@ -100,9 +100,10 @@ end
 -- The ranking index of the global choice (global_dispatch.lua), kept by every script as a
 -- message becomes visible or stops being visible:
 --   lanes    one sorted set, every score 0, ordered by member: <len>:<tenant><lane><deadline>
---            <member>, so a tenant's first message (lane, then earliest deadline, then oldest)
---            is one ZRANGEBYLEX. Lanes: 0 URGENT, 1 HIGH, 2 aged, 3 NORMAL, 4 LOW; deadline
---            in us, 16 digits (9...9: none). The length prefix keeps tenants apart.
+--            <member><tokens>, so a tenant's first message (lane, then earliest deadline, then
+--            oldest) is one ZRANGEBYLEX, its estimate read from the entry. Lanes: 0 URGENT,
+--            1 HIGH, 2 aged, 3 NORMAL, 4 LOW; deadline in us, 16 digits (9...9: none). The
+--            length prefix keeps tenants apart.
 --   tenants  hash: tenant -> its visible messages (a tenant with none is not there)
 --   aging:2, aging:3  NORMAL and LOW messages not aged yet: score enqueued_at, member
 --   urgent   URGENT messages: score enqueued_at, member (URGENT first, oldest first)
@@ -115,7 +116,7 @@ local function lane_key(member, s, lane)
   if s.dl >= 0 then
     dl = string.format('%016d', math.min(s.dl, 9999999999999998))
   end
-  return #s.ten .. ':' .. s.ten .. lane .. dl .. member
+  return #s.ten .. ':' .. s.ten .. lane .. dl .. member .. fmt(s.tok)
 end
 
 local function index_add(q, member, s)
