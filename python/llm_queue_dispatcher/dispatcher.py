@@ -375,6 +375,26 @@ class LLMQueueDispatcher(Generic[T]):
             # yield to the event loop, never spin it.
             await self._wakeup.wait(seen, min(remaining, max(until, _MIN_WAIT)))
 
+    async def _dequeue_up_to(
+        self, rate_limiter: Any, count: int, *, timeout: float | None = None
+    ) -> list[ProcessableMessage[T]]:
+        """Up to ``count`` jobs for a `Worker` with that many free handlers: in rank order from
+        one script where the global choice applies (``redis/global_choice.py``), else the one
+        job of a `dequeue`. An empty list when `dequeue` would return None."""
+        if (
+            count > 1
+            and not self._closed
+            and self._global is not None
+            and self._global.usable_with(rate_limiter)
+        ):
+            found: list[ProcessableMessage[T]] | float | None = await self._global.attempt_many(
+                rate_limiter, count
+            )
+            if isinstance(found, list):
+                return found
+        job = await self.dequeue(rate_limiter, timeout=timeout)
+        return [] if job is None else [job]
+
     def _custom_fn(self, limiter_metrics: Any) -> Callable[[QueueMessage[T]], list[Any]]:
         """What the core calls for custom scores: the scorers' values for one message."""
         if type(limiter_metrics) is LLMThrottle:

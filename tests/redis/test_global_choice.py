@@ -387,3 +387,39 @@ async def test_the_scripts_load_again_after_a_flush_and_a_held_winner_reports_it
     assert job.message.payload.id == "next"
     await job.mark_as_processed(actual_tokens=900)
     await dispatcher.close()
+
+
+async def test_a_worker_takes_a_winner_for_every_free_handler_in_one_script(redis_url: str) -> None:
+    """A `Worker` with eight handlers over the global choice: its free handlers' jobs come from
+    one script each time (several winners in rank order), and every message is handled once."""
+    from llm_queue_dispatcher import Worker
+    from llm_queue_dispatcher.redis import global_choice
+
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    requests = workload(120, 9, deadline_base=time.time())
+    asked: list[int] = []
+    handled: list[str] = []
+    original = global_choice.GlobalChoice.attempt_many
+
+    async def counted(self: Any, limiter: Any, count: int) -> Any:
+        asked.append(count)
+        return await original(self, limiter, count)
+
+    async def handle(job: Any) -> int:
+        handled.append(job.message.payload.id)
+        await asyncio.sleep(0.002)
+        return int(job.message.payload.payload["actual"])
+
+    async with storage, limiter:
+        await storage.batch_enqueue(requests)
+        dispatcher = fair_dispatcher(storage)
+        worker = Worker(dispatcher, limiter, handle, concurrency=8)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(global_choice.GlobalChoice, "attempt_many", counted)
+            await worker.run(stop_when_empty=True)
+        await dispatcher.close()
+        assert sorted(handled) == sorted(r.id for r in requests)
+        assert max(asked) > 1
+        assert len(asked) < len(requests)
+        assert await storage.get_approximate_message_count() == 0

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = ["GlobalChoice"]
 
+# The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
+_MOST_WINNERS = 64
+
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 # The limiter's operations a global script calls, each the body of limiter_call(KEYS, ARGV, op).
@@ -171,7 +174,17 @@ class GlobalChoice:
     async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
         """One global dispatch: the job handed out, the seconds until the held winner fits, or
         None (nothing visible that can ever fit)."""
-        storage, core = self._storage, self._core
+        found = await self.attempt_many(limiter, 1)
+        return found[0] if isinstance(found, list) else found
+
+    async def attempt_many(
+        self, limiter: RedisThrottle, count: int
+    ) -> list[ProcessableMessage[Any]] | float | None:
+        """Up to ``count`` winners in rank order, each reserved and leased, in one script (the
+        order is the one successive single dispatches would give, with no other dispatch
+        between them); or, when the first winner does not fit, the seconds until it does; or
+        None. Fewer than ``count`` when the queue holds fewer or a later winner does not fit."""
+        storage = self._storage
         capacity = float(limiter.burst_tpm or limiter.tpm)
         timeout = self._timeout
         sent = host_microseconds(storage._host_time())
@@ -179,7 +192,7 @@ class GlobalChoice:
             "global_dispatch",
             limiter,
             (
-                1,
+                max(1, min(count, _MOST_WINNERS)),
                 round(timeout * 1_000_000),
                 repr(timeout),
                 *self._fair_args,
@@ -191,7 +204,30 @@ class GlobalChoice:
         if len(reply) < 9:
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
-        member, mid, count, enqueued, first, token, body = reply[2:9]
+        jobs: list[ProcessableMessage[Any]] = []
+        failure: BaseException | None = None
+        for i in range(2, len(reply), 7):
+            if failure is not None:
+                # The books failed on an earlier winner: this one goes back untouched.
+                await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode())
+                continue
+            try:
+                jobs.append(await self._open(limiter, capacity, reply[i : i + 7]))
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            if not jobs:
+                raise failure
+            _LOGGER.error("a global winner could not be handed out: %r", failure)
+        return jobs
+
+    async def _open(
+        self, limiter: RedisThrottle, capacity: float, fields: list[Any]
+    ) -> ProcessableMessage[Any]:
+        """The job of one winner the script leased and reserved: its delivery opened in the
+        dispatcher's books (they take it as the buffer's only message), handed out."""
+        storage, core = self._storage, self._core
+        member, mid, count, enqueued, first, token, body = fields
         handle = f"{member.decode()}.{int(count)}.{token.decode()}"
         key = None
         try:
@@ -199,7 +235,7 @@ class GlobalChoice:
             message: QueueMessage[Any] = storage._message(request, mid, int(count), enqueued, first, handle)
             key = f"{request.id}#{int(count)}"
             self._keys.add(key)
-            core.buffer_insert([message], core.now() + timeout)
+            core.buffer_insert([message], core.now() + self._timeout)
             found = core.choose(limiter, math.inf, math.inf, capacity, float(limiter.request_capacity), None)
         except BaseException:
             # Unreadable, or the books refused it: its lease and reservation go back (an unreadable
@@ -209,9 +245,14 @@ class GlobalChoice:
                 self._keys.discard(key)
             await self._give_back(limiter, member.decode(), token.decode())
             raise
-        if type(found) is not ProcessableMessage or found._key != key or not core.hand_out(found):
-            raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
-        return found
+        if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
+            return found
+        # Not expected: the books took another delivery, or none. Both go back.
+        if type(found) is ProcessableMessage:
+            core.revoke(found, False, False)
+        self._keys.discard(key)
+        await self._give_back(limiter, member.decode(), token.decode())
+        raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
 
     async def _give_back(self, limiter: RedisThrottle, member: str, token: str) -> None:
         storage = self._storage
