@@ -27,6 +27,8 @@ script per dispatch and one per mark; section "Redis global choice" of RESULTS.m
 * ``global dispatch+mark``  `LLMQueueDispatcher` with ``policy="fair_priority"`` and a shared
                       `RedisThrottle` (same server and namespace), 16 tasks each doing
                       ``dequeue`` then ``mark_as_processed(actual_tokens=...)``, ten tenants
+* ``global Worker``   a `Worker` with 16 handlers over that dispatcher: the jobs of its free
+                      handlers come from one script, a no-op handler reports 8 tokens
 * ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy (the
                       per-process prefetch buffer, for comparison)
 * ``bullmq work``     as above
@@ -155,7 +157,7 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
     limiter: Any = None
-    if task in ("consume", "dispatcher+RedisThrottle", "global", "buffered"):
+    if task in ("consume", "dispatcher+RedisThrottle", "global", "buffered", "global worker"):
         limiter = RedisThrottle(url, f"bench-{queue}", rpm=1e12, tpm=1e15)
         await limiter.can_process(0)
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -219,6 +221,20 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
                     done += 1
 
             await asyncio.gather(*(marker() for _ in range(16)))
+    elif task == "global worker":
+        # A Worker with 16 handlers over the global choice: the jobs of its free handlers come
+        # from one script; each no-op handler reports 8 tokens (its mark is one script).
+        from llm_queue_dispatcher import Worker
+
+        config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+
+        async def handle(job: Any) -> int:
+            nonlocal done
+            done += 1
+            return 8
+
+        async with LLMQueueDispatcher(storage, config) as dispatcher:
+            await Worker(dispatcher, limiter, handle, concurrency=16).run(stop_when_empty=True)
     elif task == "consume":
         for i in range(count):
             before = time.perf_counter()
@@ -494,7 +510,11 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
     with redis_server(args.fsync) as port:
         serial = iter(range(1_000_000))
         for processes in args.processes:
-            for name, task in (("global dispatch+mark", "global"), ("buffered dispatch+mark", "buffered")):
+            for name, task in (
+                ("global dispatch+mark", "global"),
+                ("global Worker (16 handlers)", "global worker"),
+                ("buffered dispatch+mark", "buffered"),
+            ):
                 queue = f"global-{next(serial)}"
                 asyncio.run(_fill(port, queue, n, TENANTS))
                 result = run_python(task, port, queue, n, processes)

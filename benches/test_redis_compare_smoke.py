@@ -96,8 +96,8 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
     server figures come out, and the section is written between its own markers."""
     with redis_server("everysec") as port:
         url = f"redis://127.0.0.1:{port}/0"
-        for task in ("global", "buffered"):
-            queue = f"smoke-{task}"
+        for task in ("global", "global worker", "buffered"):
+            queue = f"smoke-{task.replace(' ', '-')}"
             asyncio.run(_fill(port, queue, 40, redis_compare.TENANTS))
             assert asyncio.run(_child(task, url, queue, 40, time.time()))["count"] == 40, task
         server = asyncio.run(redis_compare._server_figures(port, 500, dispatches=20))
