@@ -423,3 +423,26 @@ async def test_a_worker_takes_a_winner_for_every_free_handler_in_one_script(redi
         assert max(asked) > 1
         assert len(asked) < len(requests)
         assert await storage.get_approximate_message_count() == 0
+
+
+async def test_a_request_id_enqueued_again_within_the_window_is_charged_once(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A request processed, then enqueued again under the same id and dispatched within the
+    window: its first charge leaves the record when the second is made (they share the
+    delivery key), and the record empties with the window."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    usage_key = storage._keys[16]
+    for actual in (300, 200):
+        await dispatcher.enqueue(LLMRequest("same", "x", Priority.NORMAL, TokenInfo(100), tenant="A"))
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        await job.mark_as_processed(actual_tokens=actual)
+        clock.advance(1.0)
+    assert await storage.redis.hget(usage_key, "A") == b"200"
+    clock.advance(60.0)
+    assert await dispatcher.dequeue(limiter) is None
+    assert await storage.redis.hgetall(usage_key) == {}
+    await dispatcher.close()

@@ -117,7 +117,6 @@ class GlobalChoice:
         self._weights = (str(len(fair.tenant_weights)), *weights)
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
-        self._limiters: dict[int, bool] = {}
 
     @staticmethod
     def for_dispatcher(
@@ -135,19 +134,14 @@ class GlobalChoice:
         return GlobalChoice(storage, config, core) if applies else None  # type: ignore[arg-type]
 
     def usable_with(self, limiter: object) -> bool:
-        """Whether ``limiter`` is a `RedisThrottle` co-located with the queue."""
+        """Whether ``limiter`` is a `RedisThrottle` co-located with the queue: the same namespace
+        (hash tag) on the same server."""
         if not isinstance(limiter, RedisThrottle):
             return False
-        known = self._limiters.get(id(limiter))
-        if known is None:
-            storage = self._storage
-            known = limiter.namespace == storage.namespace and (
-                limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
-            )
-            if len(self._limiters) > 64:
-                self._limiters.clear()
-            self._limiters[id(limiter)] = known
-        return known
+        storage = self._storage
+        return limiter.namespace == storage.namespace and (
+            limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
+        )
 
     def _call(self, limiter: RedisThrottle, args: tuple[Any, ...]) -> tuple[list[bytes], list[Any]]:
         storage = self._storage

@@ -214,6 +214,15 @@ for _ = 1, limit do
   s.token = fresh()
   save(Q, member, s)
   redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+  local earlier = redis.call('HGET', Q.charge, key)
+  if earlier then
+    -- The same key charged within the window: a request id deleted and enqueued again. The
+    -- earlier charge leaves the record now (it would otherwise never be taken off).
+    local tenant, tokens = cmsgpack.unpack(earlier)
+    if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+      redis.call('HDEL', Q.usage, tenant)
+    end
+  end
   redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
   redis.call('ZADD', Q.charges, fmt(NOW), key)
   redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
