@@ -446,3 +446,34 @@ async def test_a_request_id_enqueued_again_within_the_window_is_charged_once(
     assert await dispatcher.dequeue(limiter) is None
     assert await storage.redis.hgetall(usage_key) == {}
     await dispatcher.close()
+
+
+async def test_the_global_choice_carries_on_across_a_server_restart(private_server: RedisServer) -> None:
+    """``kill -9`` of redis-server and a restart on its append-only file between a dispatch and
+    its mark: the mark lands (its scripts load again), the tenant record and the limiter kept
+    the charge and the reservation, and the next dispatch is the next winner."""
+    storage: RedisStorage[Any] = RedisStorage(private_server.url, "restart")
+    limiter = RedisThrottle(private_server.url, "restart-budget", rpm=600, tpm=100_000)
+    async with storage, limiter:
+        dispatcher = fair_dispatcher(storage)
+        await dispatcher.batch_enqueue(
+            [
+                LLMRequest("a", "x", Priority.NORMAL, TokenInfo(100), tenant="A"),
+                LLMRequest("b", "x", Priority.NORMAL, TokenInfo(100), tenant="B"),
+                LLMRequest("a2", "x", Priority.NORMAL, TokenInfo(100), tenant="A"),
+            ]
+        )
+        first = await dispatcher.dequeue(limiter)
+        assert first is not None
+        assert first.message.payload.id == "a"
+        private_server.kill()
+        private_server.restart()
+        await first.mark_as_processed(actual_tokens=150)
+        assert await storage.redis.hget(storage._keys[16], "A") == b"150"
+        history = (await limiter.get_metrics()).consumption_history
+        assert (history.count, history.total_tokens) == (1, 150)  # the reservation, adjusted
+        second = await dispatcher.dequeue(limiter)
+        assert second is not None
+        assert second.message.payload.id == "b"  # A used 150, B nothing
+        await second.mark_as_processed(actual_tokens=100)
+        await dispatcher.close()
