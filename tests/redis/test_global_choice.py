@@ -37,7 +37,9 @@ WEIGHTS = {"t0": 2.0, "t3": 0.5}
 TENANTS = ["t0", "t1", "t2", "t3"]
 
 
-def workload(count: int, seed: int, *, deadline_base: float) -> list[LLMRequest[Any]]:
+def workload(
+    count: int, seed: int, *, deadline_base: float, mix: tuple[int, ...] = (1, 1, 1, 1)
+) -> list[LLMRequest[Any]]:
     """Requests of four tenants (two weighted), every priority, some deadlines, token counts
     from 50 to 2,000, and the actual count each mark will report (half to one and a half)."""
     rng = random.Random(seed)
@@ -53,7 +55,7 @@ def workload(count: int, seed: int, *, deadline_base: float) -> list[LLMRequest[
                 {"actual": rng.randint(tokens // 2, tokens * 3 // 2)},
                 Priority(rng.choices([0, 1, 2, 3], weights=[1, 4, 10, 5])[0]),
                 TokenInfo(tokens),
-                tenant=rng.choice(TENANTS),
+                tenant=rng.choices(TENANTS, weights=mix)[0],
                 deadline=deadline,
             )
         )
@@ -84,55 +86,81 @@ def fair_dispatcher(storage: RedisStorage[Any], **fair: Any) -> LLMQueueDispatch
 # -- one process, manual clock ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("tpm", "mix", "arrivals"),
+    [
+        (6_000, (1, 1, 1, 1), (0, 0, 1, 3)),  # a backlog: the budget binds, aging
+        (6_000, (1, 1, 1, 8), (0, 1, 1, 2)),  # one tenant floods: it is backlogged
+        (30_000, (1, 1, 1, 1), (0, 0, 0, 1)),  # sparse: backlogs clear, no reserve kept
+    ],
+)
 async def test_each_hand_out_is_the_reference_winner_as_time_ages_messages_and_empties_the_window(
-    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+    clocked_storage: Any,
+    clocked_throttle: Any,
+    clock: ManualClock,
+    tpm: int,
+    mix: tuple[int, ...],
+    arrivals: tuple[int, ...],
 ) -> None:
     """Enqueues, hand-outs and marks over 40 minutes of a manual clock, with a budget that binds:
-    every hand-out is the first message of the reference's order (aging at 300 and 900 s, a
-    60 s window, corrections at the marks); when nothing is handed out, the reference's winner
-    is one the limiter cannot admit now (the budget is held for it)."""
+    every decision is the reference's (aging at 300 and 900 s, a 60 s window, corrections at
+    the marks, the URGENT and tenant reserves): the message it hands out, or, when the
+    reference's winner does not fit with its reserves, nothing (the budget is held for it)."""
     storage = clocked_storage()
-    limiter = clocked_throttle(rpm=600, tpm=6_000)
+    # "warn": a count above the estimate leaves no debt, so what the limiter admits is what its
+    # metrics say it holds.
+    limiter = clocked_throttle(rpm=600, tpm=tpm, adjustment_failure_strategy="warn")
     settings = FairSettings(tenant_weights=WEIGHTS)
     model = FairModel(settings)
     dispatcher = fair_dispatcher(storage, tenant_weights=WEIGHTS)
     assert dispatcher._global is not None
     rng = random.Random(7)
-    requests = iter(workload(400, 1, deadline_base=clock()))
+    requests = iter(workload(400, 1, deadline_base=clock(), mix=mix))
     visible: dict[str, FairMessage] = {}
-    sent: dict[str, LLMRequest[Any]] = {}
     order = 0
-    handed_out = held = aged = 0
+    handed_out = held = aged = reserved = 0
     for _ in range(600):
-        for _ in range(rng.choice([0, 0, 1, 3])):
+        for _ in range(rng.choice(arrivals)):
             request = next(requests, None)
             if request is None:
                 break
             message = await dispatcher.enqueue(request)
-            visible[request.id] = as_reference(request, order, message.attributes.enqueued_at.timestamp())
-            sent[request.id] = request
+            reference = as_reference(request, order, message.attributes.enqueued_at.timestamp())
+            visible[request.id] = reference
+            model.observe(reference)
             order += 1
         now = clock()
-        ranked = [r for r in model.order(visible.values(), now) if r.message.tokens <= 6_000]
+        metrics = await limiter.get_metrics()
+        tokens, requests_left = metrics.tpm.available, metrics.rpm.available
+        choice = model.choose(
+            list(visible.values()),
+            now,
+            capacity=tpm,
+            refill_rate=tpm / 60,
+            admits=lambda n, tokens=tokens, left=requests_left: n <= tokens and left >= 1,
+            hold=True,
+        )
         job = await dispatcher.dequeue(limiter)
         if job is None:
-            if ranked:
-                held += 1
-                assert not (await limiter.can_process(ranked[0].message.tokens)).allowed
+            assert choice is None or not choice.fits, f"held, but the reference sends {choice}"
+            held += choice is not None
         else:
+            assert choice is not None, "a hand-out from an empty reference queue"
+            assert choice.fits
+            assert job.message.payload.id == choice.message.id
             handed_out += 1
-            assert ranked, "a hand-out from an empty reference queue"
-            assert job.message.payload.id == ranked[0].message.id
-            aged += lane(ranked[0].message, now, settings) == AGED
+            aged += lane(choice.message, now, settings) == AGED
+            reserved += choice.margin > 0
             key = model.dispatched(visible.pop(job.message.payload.id), now)
             actual = job.message.payload.payload["actual"]
             await job.mark_as_processed(actual_tokens=actual)
             model.corrected(key, actual)
         clock.advance(rng.choice([0.5, 2.0, 4.0, 9.0]))
-    # Every path ran often.
-    assert handed_out > 200
-    assert held > 20
-    assert aged > 5
+    assert handed_out > 100
+    if arrivals == (0, 0, 1, 3):  # the backlog: every path ran often
+        assert held > 20
+        assert aged > 5
+        assert reserved > 20
     await dispatcher.close()
 
 
@@ -477,3 +505,28 @@ async def test_the_global_choice_carries_on_across_a_server_restart(private_serv
         assert second.message.payload.id == "b"  # A used 150, B nothing
         await second.mark_as_processed(actual_tokens=100)
         await dispatcher.close()
+
+
+async def test_no_reserve_is_kept_while_a_backlog_clears(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """An URGENT request of 1,000 tokens sizes the URGENT reserve at 1,500. A NORMAL one of
+    5,000 must then find 6,000 in the bucket, a full one; but once nothing has arrived for as
+    long as the bucket takes to refill both reserves (21 s at 100 tokens/s) and the bucket
+    admits everything waiting, it goes with its own 5,000: at 50 s, not 60."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=6_000, adjustment_failure_strategy="warn")
+    dispatcher = fair_dispatcher(storage)
+    await dispatcher.enqueue(LLMRequest("u", "x", Priority.URGENT, TokenInfo(1_000), tenant="A"))
+    urgent = await dispatcher.dequeue(limiter)
+    assert urgent is not None
+    await urgent.mark_as_processed(actual_tokens=6_000)  # the bucket is empty
+    await dispatcher.enqueue(LLMRequest("m", "x", Priority.NORMAL, TokenInfo(5_000), tenant="B"))
+    clock.advance(49.9)
+    assert await dispatcher.dequeue(limiter) is None  # 4,990 in the bucket
+    clock.advance(0.1)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "m"
+    await job.mark_as_processed(actual_tokens=5_000)
+    await dispatcher.close()

@@ -58,6 +58,7 @@ _LIMITER_OPERATIONS = (
     ("adjust", "limiter_adjust"),
     ("release", "limiter_release"),
     ("settle", "limiter_settle"),
+    ("check", "limiter_check"),
 )
 
 
@@ -114,7 +115,12 @@ class GlobalChoice:
             _us(max_wait[2]),
             _us(max_wait[3]),
         )
-        self._weights = (str(len(fair.tenant_weights)), *weights)
+        self._weights = (
+            "" if fair.reserve_tokens is None else repr(float(fair.reserve_tokens)),
+            "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
+            str(len(fair.tenant_weights)),
+            *weights,
+        )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
 

@@ -105,6 +105,8 @@ _KEY_PARTS = (
     "usage",
     "charges",
     "charge",
+    "recent-urgent",
+    "recent",
 )
 # Deadlines are kept to 16 digits of microseconds (the index's sort key): up to the year 2286.
 _DEADLINE_MAX_US = 9_999_999_999_999_998

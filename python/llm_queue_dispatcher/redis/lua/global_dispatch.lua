@@ -9,8 +9,9 @@
 -- ARGV[8] fairness window in us  ARGV[9] urgent_first ('1' or '0')
 -- ARGV[10] NORMAL's max_wait in us, ARGV[11] LOW's ('' each: never ages)
 -- ARGV[12] the limiter's token capacity: a message above it never fits, is skipped, holds nothing
--- ARGV[13] k, then ARGV[14 .. 13 + 2k] tenant, weight pairs (tenants not named weigh 1)
--- ARGV[14 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
+-- ARGV[13] the tenant reserve (reserve_tokens), ARGV[14] the URGENT reserve ('' each: automatic)
+-- ARGV[15] k, then ARGV[16 .. 15 + 2k] tenant, weight pairs (tenants not named weigh 1)
+-- ARGV[16 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
 --
 -- Returns {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
 -- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
@@ -69,17 +70,19 @@ local window = tonumber(ARGV[8])
 local urgent_first = ARGV[9] == '1'
 local max_wait = {tonumber(ARGV[10]), tonumber(ARGV[11])}
 local capacity = tonumber(ARGV[12])
+local fixed_reserve, fixed_urgent = tonumber(ARGV[13]), tonumber(ARGV[14])
 local weights = {}
-local k = tonumber(ARGV[13])
+local k = tonumber(ARGV[15])
 -- Bounded by the call's arguments: one round per weighted tenant.
 for i = 0, k - 1 do
-  weights[ARGV[14 + 2 * i]] = tonumber(ARGV[15 + 2 * i])
+  weights[ARGV[16 + 2 * i]] = tonumber(ARGV[17 + 2 * i])
 end
 local limiter_argv = {}
 -- Bounded: the limiter's fourteen arguments.
 for i = 1, 14 do
-  limiter_argv[i] = ARGV[13 + 2 * k + i]
+  limiter_argv[i] = ARGV[15 + 2 * k + i]
 end
+local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
 if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
@@ -187,6 +190,110 @@ local function first()
   return best, best_s or load(Q, best)
 end
 
+-- The limiter's call `op` with `request`'s arguments after its own.
+local function limiter(op, request)
+  local argv = {}
+  -- Bounded: the limiter's fourteen arguments.
+  for i = 1, 14 do
+    argv[i] = limiter_argv[i]
+  end
+  -- Bounded: the request's arguments (at most four).
+  for i, value in ipairs(request) do
+    argv[14 + i] = value
+  end
+  return limiter_call(LIMITER_KEYS, argv, op)
+end
+
+-- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
+-- non-URGENT winner must leave the URGENT reserve in the bucket, and one of a backlogged tenant
+-- the tenant reserve on top, its need at most the capacity; neither is kept while a backlog
+-- clears (the limiter admits all the visible messages' estimates together, and nothing arrived
+-- for as long as the bucket takes to refill both).
+local function recent_max(key, count)
+  local most = nil
+  -- Bounded by `count` (the LRANGE).
+  for _, value in ipairs(redis.call('LRANGE', key, 0, count - 1)) do
+    local n = tonumber(value)
+    if most == nil or n > most then
+      most = n
+    end
+  end
+  return most
+end
+
+local function urgent_reserve()
+  if not urgent_first then
+    return 0
+  elseif fixed_urgent ~= nil then
+    return fixed_urgent
+  end
+  local most = recent_max(Q.recent_urgent, 64)
+  return most == nil and 0 or math.min(2 * most, 0.25 * capacity)
+end
+
+local function tenant_reserve()
+  if fixed_reserve ~= nil then
+    return fixed_reserve
+  end
+  local most = recent_max(Q.recent, 256)
+  return most == nil and 0.01 * capacity or math.min(1.5 * most, 0.1 * capacity)
+end
+
+local function admits(tokens)
+  return limiter('check', {tokens, '', ''})[1] == ''
+end
+
+-- A tenant is backlogged when another tenant is active (waiting, or with use in the window), it
+-- has more than one visible message, and its use per weight is at least its fair share of what
+-- the bucket refills over the window.
+local function backlogged(tenant)
+  if (tonumber(redis.call('HGET', Q.tenants, tenant)) or 0) <= 1 then
+    return false
+  end
+  local active, count, total = {}, 0, 0
+  local function add(name)
+    if not active[name] then
+      active[name], count, total = true, count + 1, total + (weights[name] or 1)
+    end
+  end
+  -- Bounded by the tenants with visible messages.
+  for _, name in ipairs(redis.call('HKEYS', Q.tenants)) do
+    add(name)
+  end
+  local used = redis.call('HGETALL', Q.usage)
+  -- Bounded by the tenants with use in the window.
+  for i = 1, #used, 2 do
+    if tonumber(used[i + 1]) > 0 then
+      add(used[i])
+    end
+  end
+  if count <= 1 then
+    return false
+  end
+  return usage_of(tenant) >= refill * (window / 1000000) / total
+end
+
+-- Tokens the winner must find in the bucket on top of its own estimate.
+local function margin(s)
+  if s.p == 0 then
+    return 0
+  end
+  local urgent, reserve = urgent_reserve(), tenant_reserve()
+  local both = urgent + reserve
+  if both <= 0 then
+    return 0
+  end
+  local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
+  local quiet = arrival == nil or (NOW - arrival) / 1000000 >= both / refill
+  if quiet and admits(tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0) then
+    return 0 -- a backlog clears: no reserve is kept
+  end
+  if backlogged(s.ten) then
+    urgent = urgent + reserve
+  end
+  return math.min(s.tok + urgent, capacity) - s.tok
+end
+
 local taken = {}
 -- Bounded by `limit` (at most WINNERS_MAX).
 for _ = 1, limit do
@@ -195,13 +302,15 @@ for _ = 1, limit do
     break
   end
   local key = s.rid .. '#' .. (s.rc + 1)
-  local argv = {}
-  -- Bounded: the limiter's fourteen arguments.
-  for i = 1, 14 do
-    argv[i] = limiter_argv[i]
+  local extra = margin(s)
+  if extra > 0 then
+    local checked = limiter('check', {s.tok + extra, '', ''})
+    if checked[1] ~= '' then
+      out[2] = checked[2] -- the wait in us: the budget is held for this winner
+      break
+    end
   end
-  argv[15], argv[16], argv[17], argv[18] = key, s.tok, '', ''
-  local granted = limiter_call(LIMITER_KEYS, argv, 'consume')
+  local granted = limiter('consume', {key, s.tok, '', ''})
   if granted[1] ~= 1 then
     out[2] = granted[3] -- the wait in us: the budget is held for this winner
     break
@@ -224,6 +333,8 @@ for _ = 1, limit do
     end
   end
   redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
+  redis.call('LPUSH', Q.recent, fmt(s.tok))
+  redis.call('LTRIM', Q.recent, 0, 255)
   redis.call('ZADD', Q.charges, fmt(NOW), key)
   redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
   received(out, member, s)

@@ -1,17 +1,18 @@
 -- Shared prelude of every queue script (RedisStorage prepends common.lua and this file to each
 -- operation's file, so each operation is still one script, loaded once and run atomically).
 --
--- KEYS[1..19]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
+-- KEYS[1..21]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
 --              body (hash member -> serialised request), state (hash member -> msgpack),
 --              vis0..vis3 (zsets per priority: score enqueued_at in us, member), inflight
 --              (zset: score visibility deadline in us, member), copies (hash request id ->
 --              live copies beyond the first: a dead-letter queue keeps every copy it is sent),
 --              then the ranking index of the global choice (see "The ranking index" below):
---              lanes, tenants, aging:2, aging:3, urgent, usage, charges, charge
--- KEYS[20..38] the dead-letter queue, same layout (absent without one)
--- KEYS[last]   only for calls that change a message (#KEYS % 19 is then 1): where this call's
+--              lanes, tenants, aging:2, aging:3, urgent, usage, charges, charge, recent-urgent,
+--              recent
+-- KEYS[22..42] the dead-letter queue, same layout (absent without one)
+-- KEYS[last]   only for calls that change a message (#KEYS % 21 is then 1): where this call's
 --              reply is kept for a resend (common.lua). The global choice's scripts pass the
---              limiter's keys after the queues' (#KEYS % 19 is then 5 or 6: see global_*.lua).
+--              limiter's keys after the queues' (#KEYS % 21 is then 5 or 6: see global_*.lua).
 -- ARGV[1] ""  in production: every instant comes from the server's TIME. Only the test suite's
 --             private subclass passes "<now_us> <created_us>" (see tests/redis/support.py).
 -- ARGV[2] 128 random bits (hex) the client draws once per call: the seed of this call's receipt
@@ -41,7 +42,7 @@ local NONCE = ARGV[2]
 local MAX_RECEIVES = tonumber(ARGV[3])
 local RETENTION = tonumber(ARGV[4])
 
-local WIDTH = 19 -- keys per queue
+local WIDTH = 21 -- keys per queue
 local function queue_keys(base)
   return {
     meta = KEYS[base], seq = KEYS[base + 1], ids = KEYS[base + 2], body = KEYS[base + 3],
@@ -50,6 +51,7 @@ local function queue_keys(base)
     inflight = KEYS[base + 9], copies = KEYS[base + 10],
     lanes = KEYS[base + 11], tenants = KEYS[base + 12], aging = {KEYS[base + 13], KEYS[base + 14]},
     urgent = KEYS[base + 15], usage = KEYS[base + 16], charges = KEYS[base + 17], charge = KEYS[base + 18],
+    recent_urgent = KEYS[base + 19], recent = KEYS[base + 20],
   }
 end
 
@@ -108,6 +110,11 @@ end
 --   aging:2, aging:3  NORMAL and LOW messages not aged yet: score enqueued_at, member
 --   urgent   URGENT messages: score enqueued_at, member (URGENT first, oldest first)
 --   usage, charges, charge   tenant token use over the fairness window (global_dispatch.lua)
+--   recent-urgent  the estimates of the last 64 URGENT messages that became visible (the
+--            automatic URGENT reserve); recent: of the last 256 dispatched (the tenant reserve)
+--   meta fields 'waiting' (the estimates of the visible messages in the index, summed) and
+--   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
+--   the reserves are not kept (global_dispatch.lua)
 local NO_DEADLINE = '9999999999999999'
 local NATIVE_LANE = {'0', '1', '3', '4'}
 
@@ -125,7 +132,14 @@ local function index_add(q, member, s)
   end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
+  redis.call('HINCRBY', q.meta, 'waiting', fmt(s.tok))
+  local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
+  if arrival == nil or s.at > arrival then
+    redis.call('HSET', q.meta, 'arrival', fmt(s.at))
+  end
   if s.p == 0 then
+    redis.call('LPUSH', q.recent_urgent, fmt(s.tok))
+    redis.call('LTRIM', q.recent_urgent, 0, 63)
     redis.call('ZADD', q.urgent, fmt(s.at), member)
   elseif s.p >= 2 then
     redis.call('ZADD', q.aging[s.p - 1], fmt(s.at), member)
@@ -144,8 +158,13 @@ local function index_remove(q, member, s)
       removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
     end
   end
-  if removed == 1 and redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
-    redis.call('HDEL', q.tenants, s.ten)
+  if removed == 1 then
+    if s.tok ~= 0 then
+      redis.call('HINCRBY', q.meta, 'waiting', fmt(-s.tok))
+    end
+    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
+      redis.call('HDEL', q.tenants, s.ten)
+    end
   end
 end
 
