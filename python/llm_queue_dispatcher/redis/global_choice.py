@@ -72,6 +72,14 @@ class _GlobalScript(Script):
             f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
             for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
         )
+        # 'reserve': consume (ARGV[15..18]) only if the bucket also holds ARGV[19] tokens (the
+        # estimate and the reserves it must leave), in one run of the limiter's prelude.
+        branches += (
+            "\nelseif op == 'reserve' then\n"
+            "local reason, wait = check(tonumber(ARGV[19]), nil, nil)\n"
+            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
+            f"{_source('limiter_consume')}"
+        )
         limiter = (
             f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
         )

@@ -197,7 +197,7 @@ local function limiter(op, request)
   for i = 1, 14 do
     argv[i] = limiter_argv[i]
   end
-  -- Bounded: the request's arguments (at most four).
+  -- Bounded: the request's arguments (at most five).
   for i, value in ipairs(request) do
     argv[14 + i] = value
   end
@@ -302,15 +302,8 @@ for _ = 1, limit do
     break
   end
   local key = s.rid .. '#' .. (s.rc + 1)
-  local extra = margin(s)
-  if extra > 0 then
-    local checked = limiter('check', {s.tok + extra, '', ''})
-    if checked[1] ~= '' then
-      out[2] = checked[2] -- the wait in us: the budget is held for this winner
-      break
-    end
-  end
-  local granted = limiter('consume', {key, s.tok, '', ''})
+  -- Reserved only if the bucket holds the estimate and the reserves it must leave.
+  local granted = limiter('reserve', {key, s.tok, '', '', s.tok + margin(s)})
   if granted[1] ~= 1 then
     out[2] = granted[3] -- the wait in us: the budget is held for this winner
     break
