@@ -530,3 +530,28 @@ async def test_no_reserve_is_kept_while_a_backlog_clears(
     assert job.message.payload.id == "m"
     await job.mark_as_processed(actual_tokens=5_000)
     await dispatcher.close()
+
+
+async def test_a_message_dead_lettered_by_its_receives_is_ranked_in_the_dead_letter_queue(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """With ``max_receive_count=1`` a job whose lease runs out is dead-lettered by the next
+    script; the dead-letter queue's index holds it, so a global dispatcher on that queue hands
+    it out, and the first queue's index no longer does."""
+    dead = fresh_name("dead")
+    storage = clocked_storage(max_receive_count=1, dead_letter=dead)
+    graveyard = clocked_storage(queue=dead)
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher, reader = fair_dispatcher(storage), fair_dispatcher(graveyard)
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.HIGH, TokenInfo(100), tenant="A"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    clock.advance(31.0)
+    assert await dispatcher.dequeue(limiter) is None
+    assert await storage.redis.zcard(storage._keys[11]) == 0
+    again = await reader.dequeue(limiter)
+    assert again is not None
+    assert again.message.payload.id == "r"
+    await again.mark_as_processed()
+    await dispatcher.close()
+    await reader.close()
