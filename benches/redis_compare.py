@@ -21,8 +21,26 @@ the first start to the last finish):
 
 Skips BullMQ with a message where node or npm is missing.
 
+``--global`` measures the global choice instead (``fair_priority`` ranked inside Redis, one
+script per dispatch and one per mark; section "Redis global choice" of RESULTS.md):
+
+* ``global dispatch+mark``  `LLMQueueDispatcher` with ``policy="fair_priority"`` and a shared
+                      `RedisThrottle` (same server and namespace), 16 tasks each doing
+                      ``dequeue`` then ``mark_as_processed(actual_tokens=...)``, ten tenants
+* ``global Worker``   a `Worker` with 16 handlers over that dispatcher: the jobs of its free
+                      handlers come from one script, a no-op handler reports 8 tokens
+* ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy (the
+                      per-process prefetch buffer, for comparison)
+* ``bullmq work``     as above
+* memory per queued message: ``INFO memory`` ``used_memory`` before and after enqueueing
+  ``--queued`` messages (ten tenants), divided by their number; the ranking index's share from
+  ``MEMORY USAGE`` of its keys
+* server time per dispatch with ``--queued`` messages waiting: ``INFO commandstats`` (EVALSHA's
+  time per call) over 1,000 dispatches, then over their 1,000 marks
+
     python benches/redis_compare.py --quick --no-bullmq       # smoke configuration
     python benches/redis_compare.py --write-results           # the full run; updates RESULTS.md
+    python benches/redis_compare.py --global --processes 1,2,4 --write-results
 """
 
 from __future__ import annotations
@@ -54,6 +72,9 @@ BULLMQ_PACKAGE = "bullmq@5"
 RESULTS_PATH = HERE / "RESULTS.md"
 START_MARKER = "<!-- redis-compare:start -->"
 END_MARKER = "<!-- redis-compare:end -->"
+GLOBAL_START = "<!-- redis-global:start -->"
+GLOBAL_END = "<!-- redis-global:end -->"
+TENANTS = 10
 PAYLOAD = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -136,7 +157,7 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
     limiter: Any = None
-    if task in ("consume", "dispatcher+RedisThrottle"):
+    if task in ("consume", "dispatcher+RedisThrottle", "global", "buffered", "global worker"):
         limiter = RedisThrottle(url, f"bench-{queue}", rpm=1e12, tpm=1e15)
         await limiter.can_process(0)
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -183,6 +204,37 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
                     done += 1
 
             await asyncio.gather(*(worker() for _ in range(16)))
+    elif task in ("global", "buffered"):
+        # The global choice (fair_priority over the whole queue, in Redis) or, for comparison, the
+        # score policy over a per-process prefetch buffer; both with the shared RedisThrottle.
+        if task == "global":
+            config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+        else:
+            config = LLMQueueDispatcherConfig(buffer_size=50, visibility_timeout=60.0)
+        async with LLMQueueDispatcher(storage, config) as dispatcher:
+            assert (dispatcher._global is not None) == (task == "global")
+
+            async def marker() -> None:
+                nonlocal done
+                while (job := await dispatcher.dequeue(limiter)) is not None:
+                    await job.mark_as_processed(actual_tokens=8)
+                    done += 1
+
+            await asyncio.gather(*(marker() for _ in range(16)))
+    elif task == "global worker":
+        # A Worker with 16 handlers over the global choice: the jobs of its free handlers come
+        # from one script; each no-op handler reports 8 tokens (its mark is one script).
+        from llm_queue_dispatcher import Worker
+
+        config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+
+        async def handle(job: Any) -> int:
+            nonlocal done
+            done += 1
+            return 8
+
+        async with LLMQueueDispatcher(storage, config) as dispatcher:
+            await Worker(dispatcher, limiter, handle, concurrency=16).run(stop_when_empty=True)
     elif task == "consume":
         for i in range(count):
             before = time.perf_counter()
@@ -239,18 +291,71 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
-async def _fill(port: int, queue: str, count: int) -> None:
+async def _fill(port: int, queue: str, count: int, tenants: int = 1) -> None:
     from llm_queue_dispatcher import LLMRequest, TokenInfo
     from llm_queue_dispatcher.redis import RedisStorage
 
     async with RedisStorage(f"redis://127.0.0.1:{port}/0", queue) as storage:
-        for first in range(0, count, 500):
+        for first in range(0, count, 1000):
             await storage.batch_enqueue(
                 [
-                    LLMRequest(f"f{i}", PAYLOAD, token_info=TokenInfo(10))
-                    for i in range(first, min(count, first + 500))
+                    LLMRequest(
+                        f"f{i}",
+                        PAYLOAD,
+                        token_info=TokenInfo(10),
+                        tenant=None if tenants == 1 else f"t{i % tenants}",
+                    )
+                    for i in range(first, min(count, first + 1000))
                 ]
             )
+
+
+async def _server_figures(port: int, queued: int, dispatches: int = 1_000) -> dict[str, Any]:
+    """Memory per queued message, and the server time of the dispatch and the mark scripts with
+    ``queued`` messages waiting."""
+    import redis.asyncio as aioredis
+
+    from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig
+    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+
+    url = f"redis://127.0.0.1:{port}/0"
+    client = aioredis.Redis.from_url(url)
+    queue = f"server-{time.time_ns()}"
+    before = int((await client.info("memory"))["used_memory"])
+    await _fill(port, queue, queued, TENANTS)
+    after = int((await client.info("memory"))["used_memory"])
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    index_bytes = 0
+    for key in storage._keys[11:16]:  # lanes, tenants, aging:2, aging:3, urgent
+        index_bytes += int(await client.memory_usage(key, samples=0) or 0)
+    limiter = RedisThrottle(url, f"server-{queue}", rpm=1e12, tpm=1e15)
+    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+    figures: dict[str, Any] = {
+        "queued": queued,
+        "bytes_per_message": (after - before) / queued,
+        "index_bytes_per_message": index_bytes / queued,
+        "dispatches": dispatches,
+    }
+
+    async def evalsha_us() -> float:
+        stats = (await client.info("commandstats"))["cmdstat_evalsha"]
+        return float(stats["usec"]) / int(stats["calls"])
+
+    # Two phases, each alone on the server: every dispatch (the jobs kept), then every mark.
+    # ``commandstats`` counts a script's whole run once under EVALSHA (the calls it makes
+    # inside are counted apart), so its time per call is the scripts' own server time.
+    async with storage, limiter, LLMQueueDispatcher(storage, config) as dispatcher:
+        await limiter.can_process(0)
+        await client.config_resetstat()
+        jobs = [await dispatcher.dequeue(limiter) for _ in range(dispatches)]
+        figures["dispatch_us"] = await evalsha_us()
+        await client.config_resetstat()
+        for job in jobs:
+            assert job is not None
+            await job.mark_as_processed(actual_tokens=8)
+        figures["mark_us"] = await evalsha_us()
+    await client.aclose()
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +493,85 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_global(args: argparse.Namespace) -> dict[str, Any]:
+    """The global choice: throughput with 1..n processes beside the buffered dispatcher and
+    BullMQ, memory per queued message, server time per dispatch with ``--queued`` waiting."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    modules: Path | None = None
+    if not args.no_bullmq:
+        try:
+            modules = bullmq_install()
+        except Skip as skip:
+            notes.append(f"BullMQ skipped: {skip}")
+            print(f"BullMQ skipped: {skip}", file=sys.stderr)
+    n = args.messages
+    load_before = os.getloadavg()[0]
+    with redis_server(args.fsync) as port:
+        serial = iter(range(1_000_000))
+        for processes in args.processes:
+            for name, task in (
+                ("global dispatch+mark", "global"),
+                ("global Worker (16 handlers)", "global worker"),
+                ("buffered dispatch+mark", "buffered"),
+            ):
+                queue = f"global-{next(serial)}"
+                asyncio.run(_fill(port, queue, n, TENANTS))
+                result = run_python(task, port, queue, n, processes)
+                rows.append({"name": name, "processes": processes, **result})
+                print(f"{name:28} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
+            if modules is not None:
+                queue = f"global-{next(serial)}"
+                run_bullmq(modules, "fill", port, queue, n, 1)
+                result = run_bullmq(modules, "work", port, queue, n, processes)
+                rows.append({"name": "bullmq work", "processes": processes, **result})
+                print(f"{'bullmq work':28} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
+        server = asyncio.run(_server_figures(port, args.queued))
+        print(f"server figures: {server}", file=sys.stderr)
+    notes.append(
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+        "the machine is shared, so figures move from run to run."
+    )
+    return {
+        "rows": rows,
+        "notes": notes,
+        "server": server,
+        "environment": environment(modules),
+        "command": "python benches/redis_compare.py " + " ".join(sys.argv[1:]),
+        "messages": n,
+        "fsync": args.fsync,
+    }
+
+
+def render_global(report: dict[str, Any]) -> str:
+    """The "Redis global choice" section: the throughput table and the server figures."""
+    table = render(report).splitlines()[1:-1]  # the same table, without the other section's markers
+    server = report["server"]
+    lines = [GLOBAL_START, *table, ""]
+    lines.append(
+        f"With {server['queued']:,} messages queued (ten tenants): "
+        f"{server['bytes_per_message']:,.0f} bytes of Redis memory per queued message (`used_memory` "
+        f"delta), of which the ranking index takes "
+        f"{server['index_bytes_per_message']:,.0f} (`MEMORY USAGE` of its keys). Server time per "
+        f"dispatch script (select + reserve + lease), mean over {server['dispatches']:,} dispatches "
+        f"(`INFO commandstats`, EVALSHA): {server['dispatch_us']:.0f} µs; per mark script (delete + "
+        f"limiter correction + tenant charge): {server['mark_us']:.0f} µs."
+    )
+    lines.append(GLOBAL_END)
+    return "\n".join(lines)
+
+
+def write_global_results(section: str, path: Path = RESULTS_PATH) -> None:
+    text = path.read_text()
+    if GLOBAL_START in text and GLOBAL_END in text:
+        before, rest = text.split(GLOBAL_START, 1)
+        _, after = rest.split(GLOBAL_END, 1)
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n## Redis global choice\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def environment(modules: Path | None) -> dict[str, Any]:
     from compare import cpu_model, tool_version
 
@@ -489,9 +673,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--write-results", action="store_true", help=f"update {RESULTS_PATH.name}")
     parser.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    parser.add_argument(
+        "--global", dest="global_choice", action="store_true", help="measure the global choice"
+    )
+    parser.add_argument(
+        "--queued", type=int, default=1_000_000, help="messages waiting for the server figures (--global)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.messages, args.consumes = min(args.messages, 300), min(args.consumes, 200)
+        args.queued = min(args.queued, 3_000)
+    if args.global_choice:
+        report = measure_global(args)
+        section = render_global(report)
+        print(json.dumps(report, indent=2) if args.json else section)
+        if args.write_results:
+            write_global_results(section)
+        return 0
     report = measure(args)
     section = render(report)
     if args.json:

@@ -89,3 +89,46 @@ def test_the_results_section_is_replaced_in_place(tmp_path: Path) -> None:
     assert text.count(START_MARKER) == text.count(END_MARKER) == 1
     assert "4,321" in text
     assert "earlier" in text
+
+
+def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Path) -> None:
+    """--global on tiny sizes: the global and buffered dispatchers each take every message, the
+    server figures come out, and the section is written between its own markers."""
+    with redis_server("everysec") as port:
+        url = f"redis://127.0.0.1:{port}/0"
+        for task in ("global", "global worker", "buffered"):
+            queue = f"smoke-{task.replace(' ', '-')}"
+            asyncio.run(_fill(port, queue, 40, redis_compare.TENANTS))
+            assert asyncio.run(_child(task, url, queue, 40, time.time()))["count"] == 40, task
+        server = asyncio.run(redis_compare._server_figures(port, 500, dispatches=20))
+    assert server["bytes_per_message"] > server["index_bytes_per_message"] > 0
+    assert server["dispatch_us"] > 0
+    assert server["mark_us"] > 0
+    report: dict[str, Any] = {
+        "rows": [{"name": "global dispatch+mark", "processes": 1, "per_second": 999.0}],
+        "notes": [],
+        "server": server,
+        "environment": {
+            "date": "d",
+            "nproc": "2",
+            "cpu": "c",
+            "python": "3",
+            "redis_py": "8",
+            "redis_server": "7",
+            "node": None,
+            "bullmq": None,
+        },
+        "command": "python benches/redis_compare.py --global",
+        "messages": 40,
+        "fsync": "everysec",
+    }
+    section = redis_compare.render_global(report)
+    assert "| global dispatch+mark | 999 |" in section
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Results\n\n{START_MARKER}\nother\n{END_MARKER}\n")
+    redis_compare.write_global_results(section, path)
+    redis_compare.write_global_results(section.replace("| 999 |", "| 111 |"), path)
+    text = path.read_text()
+    assert text.count(redis_compare.GLOBAL_START) == text.count(redis_compare.GLOBAL_END) == 1
+    assert "| 111 |" in text
+    assert "other" in text

@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -67,6 +68,19 @@ async def _call(limiter: Any, method: str, *args: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
+def _global_choice(
+    storage: object, config: LLMQueueDispatcherConfig, core: DispatchCore, custom: bool
+) -> Any:
+    """The global choice over a `RedisStorage` queue (``redis/global_choice.py``), or None: with
+    another store or a policy it does not cover, the prefetch buffer ranks what it leased."""
+    module = sys.modules.get("llm_queue_dispatcher.redis.storage")
+    if module is None or not isinstance(storage, module.RedisStorage):
+        return None
+    from .redis.global_choice import GlobalChoice
+
+    return GlobalChoice.for_dispatcher(storage, config, core, custom)
+
+
 async def _release(limiter: Any, key: str) -> None:
     """Gives a reservation back whole: ``release`` where the limiter has it, else
     ``adjust_consumption(key, 0)`` (the tokens only). One it no longer knows has nothing left."""
@@ -86,6 +100,7 @@ class _Runner:
         self.logger = logger
         self.core: DispatchCore
         self.prefetch: Prefetcher[Any] | None = None
+        self.global_choice: Any = None  # redis.global_choice.GlobalChoice, when it applies
         self.wakeup: Wakeup
         self.pending: set[asyncio.Future[Any]] = set()
 
@@ -122,6 +137,15 @@ class _Runner:
 
     async def _execute(self, plan: Plan) -> None:
         core, stale = self.core, plan.stale
+        if self.global_choice is not None and self.global_choice.handles(plan):
+            # Handed out by the global choice: store, limiter and tenant use in one script.
+            try:
+                was_stale = await self.global_choice.mark(plan)
+            except BaseException:
+                core.store_replied(plan.delivery, "failed")  # markable again; nothing else done
+                raise
+            core.finish(plan, core.store_replied(plan.delivery, "stale" if was_stale else "landed"))
+            return
         if plan.store is not None:
             assert self.prefetch is not None
             try:
@@ -258,6 +282,9 @@ class LLMQueueDispatcher(Generic[T]):
                 prefetch_interval=config.prefetch_interval,
                 logger=logger,
             )
+            self._global = runner.global_choice = _global_choice(storage, config, self._core, bool(scorers))
+        else:
+            self._global = None
         # The hot path: a dequeue that is one call into Rust.
         self._fast = pool is not None and not config.drop_expired
         self._wakeup = runner.wakeup = Wakeup(self._core)
@@ -332,7 +359,9 @@ class LLMQueueDispatcher(Generic[T]):
         if self._prefetch is not None:
             if self._closed:
                 raise MessageStateError("dispatcher is closed")
-            if self.config.enable_prefetch:
+            if self.config.enable_prefetch and not (
+                self._global is not None and self._global.usable_with(rate_limiter)
+            ):
                 self._prefetch.start_prefetching()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -349,6 +378,26 @@ class LLMQueueDispatcher(Generic[T]):
             # yield to the event loop, never spin it.
             await self._wakeup.wait(seen, min(remaining, max(until, _MIN_WAIT)))
 
+    async def _dequeue_up_to(
+        self, rate_limiter: Any, count: int, *, timeout: float | None = None
+    ) -> list[ProcessableMessage[T]]:
+        """Up to ``count`` jobs for a `Worker` with that many free handlers: in rank order from
+        one script where the global choice applies (``redis/global_choice.py``), else the one
+        job of a `dequeue`. An empty list when `dequeue` would return None."""
+        if (
+            count > 1
+            and not self._closed
+            and self._global is not None
+            and self._global.usable_with(rate_limiter)
+        ):
+            found: list[ProcessableMessage[T]] | float | None = await self._global.attempt_many(
+                rate_limiter, count
+            )
+            if isinstance(found, list):
+                return found
+        job = await self.dequeue(rate_limiter, timeout=timeout)
+        return [] if job is None else [job]
+
     def _custom_fn(self, limiter_metrics: Any) -> Callable[[QueueMessage[T]], list[Any]]:
         """What the core calls for custom scores: the scorers' values for one message."""
         if type(limiter_metrics) is LLMThrottle:
@@ -363,6 +412,10 @@ class LLMQueueDispatcher(Generic[T]):
 
     async def _attempt(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """One dispatch: a job handed out, the seconds until a held winner fits, or None."""
+        if self._global is not None and self._global.usable_with(limiter):
+            # The exact winner over the whole Redis queue, reserved and leased in one script.
+            global_found: ProcessableMessage[T] | float | None = await self._global.attempt(limiter)
+            return global_found
         while True:
             if self._prefetch is not None:
                 await self._prefetch.prepare()

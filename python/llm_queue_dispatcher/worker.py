@@ -76,6 +76,8 @@ _DRAIN_CHECK = 1.0
 # How long a cancelled handler may take to finish after the grace before the worker releases its
 # message itself (a handler that swallows CancelledError).
 _CANCEL_WAIT = 5.0
+# The most jobs one dequeue takes for free handlers (with the global choice on Redis).
+_MOST_PER_DEQUEUE = 64
 # Backoff after the storage failed a dequeue, doubled per consecutive failure up to the cap.
 _STORAGE_RETRY_BASE = 0.5
 _STORAGE_RETRY_CAP = 30.0
@@ -390,42 +392,64 @@ class Worker(Generic[T]):
         assert self._slots is not None
         storage_failures = 0
         wait = _DRAIN_CHECK if self._stop_when_empty else _DEQUEUE_WAIT
+        limiter = cast("RateLimiter", self.limiter)  # either kind (AsyncRateLimiter: see dequeue)
+        global_choice = getattr(self.dispatcher, "_global", None)
+        batched = global_choice is not None and global_choice.usable_with(limiter)
         while not self._stop_requested:
             await self._slots.acquire()
             if self._stop_requested:
                 self._slots.release()
                 return
+            # With the global choice on Redis, every free handler's job comes from one script.
+            slots = 1
+            while batched and slots < _MOST_PER_DEQUEUE and not self._slots.locked():
+                await self._slots.acquire()  # free: returns at once
+                slots += 1
             try:
-                # The dispatcher takes either kind of limiter (AsyncRateLimiter: see its dequeue).
-                job = await self.dispatcher.dequeue(cast("RateLimiter", self.limiter), timeout=wait)
+                if slots > 1:
+                    jobs = await self.dispatcher._dequeue_up_to(limiter, slots, timeout=wait)
+                else:
+                    job = await self.dispatcher.dequeue(limiter, timeout=wait)
+                    jobs = [] if job is None else [job]
             except StorageError:
-                self._slots.release()
+                self._release_slots(slots)
                 storage_failures += 1
                 delay = min(_STORAGE_RETRY_CAP, _STORAGE_RETRY_BASE * 2 ** min(storage_failures, 16))
                 self._logger.exception("dequeue failed; retrying in %.1f s", delay)
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                self._slots.release()
+                self._release_slots(slots)
                 raise
             storage_failures = 0
-            if job is None:
-                self._slots.release()
+            self._release_slots(slots - len(jobs))
+            if not jobs:
                 if not self._active:
                     self._idle.set()
                 continue
-            # No await between the dequeue and this: the job has an owner at once.
-            running = self._by_message.get(job.message.id)
-            if running is not None and self._adopt(running, job):
-                self._slots.release()
-                continue
-            task = asyncio.get_running_loop().create_task(
-                self._process(job), name=f"llmqd-job-{job.message.payload.id}"
-            )
-            self._active[task] = job
-            self._runs[task] = _Run([job])
-            self._by_message[job.message.id] = task
-            task.add_done_callback(self._on_job_done)
+            # No await between the dequeue and this: each job has an owner at once.
+            for job in jobs:
+                self._start(job)
+
+    def _release_slots(self, count: int) -> None:
+        assert self._slots is not None
+        for _ in range(count):
+            self._slots.release()
+
+    def _start(self, job: ProcessableMessage[T]) -> None:
+        """Gives a dequeued job its handler task (or to the handler of its message already
+        running, as a new delivery of it); the job holds one acquired slot."""
+        running = self._by_message.get(job.message.id)
+        if running is not None and self._adopt(running, job):
+            self._release_slots(1)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._process(job), name=f"llmqd-job-{job.message.payload.id}"
+        )
+        self._active[task] = job
+        self._runs[task] = _Run([job])
+        self._by_message[job.message.id] = task
+        task.add_done_callback(self._on_job_done)
 
     def _adopt(self, task: asyncio.Task[None], job: ProcessableMessage[T]) -> bool:
         """Makes ``job``, a new delivery of the message ``task`` is handling, the delivery that

@@ -378,7 +378,9 @@ async def test_many_leases_ending_at_once_are_bounded_work_per_call(
         client = storage.redis
         await client.config_resetstat()
         assert await storage.get_approximate_message_count() == batch
-        assert (await client.info("commandstats"))["cmdstat_zadd"]["calls"] <= batch
+        # Each message returned is three ZADDs: its visible set, and the ranking index's lanes and
+        # its aging (or URGENT) set.
+        assert (await client.info("commandstats"))["cmdstat_zadd"]["calls"] <= 3 * batch
         for _ in range(2):
             await storage.get_approximate_message_count()
         attributes = await storage.get_queue_attributes()

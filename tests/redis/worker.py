@@ -220,7 +220,72 @@ async def dispatch(options: dict[str, Any], ledger: Ledger) -> None:
                 ledger.write("ack", id=rid, handle=handle)
 
 
+async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
+    """A `fair_priority` dispatcher whose choice runs in Redis (``redis/global_choice.py``): each
+    hand-out and each mark is recorded with the server's instant of its script (``at``, us), so
+    the test can replay every decision against the brute-force reference in server order. The
+    payload is ``{"actual": n}``: the count the mark reports. With ``hold_jobs`` it takes that
+    many jobs, marks none and sleeps (to be killed)."""
+    from llm_queue_dispatcher import FairPriorityConfig
+    from llm_queue_dispatcher.redis import global_choice as module
+
+    instants: list[int] = []
+    original = module.GlobalChoice._run
+
+    async def recorded(self: Any, name: str, limiter: Any, args: tuple[Any, ...]) -> Any:
+        reply = await original(self, name, limiter, args)
+        instants.append(int(reply[0] if name == "global_dispatch" else reply[2]))
+        return reply
+
+    module.GlobalChoice._run = recorded  # type: ignore[method-assign]
+    deadline = _real_time() + options.get("max_seconds", 60)
+    go = options.get("go")
+    while go and not Path(go).exists() and _real_time() < deadline:  # noqa: ASYNC110, ASYNC240 (a file from another process)
+        await asyncio.sleep(0.005)
+    fair = FairPriorityConfig(
+        tenant_weights=options.get("weights", {}), fairness_window=options.get("window", 60.0)
+    )
+    config = LLMQueueDispatcherConfig(
+        policy="fair_priority", fair_priority=fair, visibility_timeout=options.get("visibility", 30.0)
+    )
+    storage: RedisStorage[Any] = RedisStorage(options["url"], options["queue"])
+    limiter = RedisThrottle(options["url"], options["limiter"], rpm=options["rpm"], tpm=options["tpm"])
+    hold_jobs = options.get("hold_jobs")
+    taken = 0
+    async with storage, limiter:
+        dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+        assert dispatcher._global is not None
+        idle = 0
+        while _real_time() < deadline:
+            job = await dispatcher.dequeue(limiter)
+            if job is None:
+                if hold_jobs is not None or idle > 200:
+                    break
+                attributes = await storage.get_queue_attributes()
+                if attributes.approximate_number_of_messages == 0:
+                    break
+                idle += 1
+                await asyncio.sleep(0.005)
+                continue
+            idle = 0
+            request = job.message.payload
+            ledger.write(
+                "recv", id=request.id, handle=job.message.attributes.receipt_handle,
+                count=job.message.attributes.receive_count, at=instants[-1],
+            )  # fmt: skip
+            taken += 1
+            if hold_jobs is not None:
+                if taken >= hold_jobs:
+                    ledger.write("holding")
+                    await asyncio.sleep(deadline - _real_time())
+                continue
+            actual = request.payload["actual"]
+            await job.mark_as_processed(actual_tokens=actual)
+            ledger.write("ack", id=request.id, handle=job.message.attributes.receipt_handle, at=instants[-1])
+
+
 MODES = {
+    "global": global_choice,
     "produce": produce,
     "consume": consume,
     "hold": hold,

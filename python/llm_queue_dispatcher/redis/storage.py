@@ -84,7 +84,34 @@ T = TypeVar("T")
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _HANDLE = re.compile(r"(\d{15})\.\d{1,10}\.([0-9a-f]{32})")
-_KEY_PARTS = ("meta", "seq", "ids", "body", "state", "vis:0", "vis:1", "vis:2", "vis:3", "inflight", "copies")
+_KEY_PARTS = (
+    "meta",
+    "seq",
+    "ids",
+    "body",
+    "state",
+    "vis:0",
+    "vis:1",
+    "vis:2",
+    "vis:3",
+    "inflight",
+    "copies",
+    # The ranking index of the global choice (lua/queue_common.lua, redis/global_choice.py).
+    "lanes",
+    "tenants",
+    "aging:2",
+    "aging:3",
+    "urgent",
+    "usage",
+    "charges",
+    "charge",
+    "recent-urgent",
+    "recent",
+)
+# Deadlines are kept to 16 digits of microseconds (the index's sort key): up to the year 2286.
+_DEADLINE_MAX_US = 9_999_999_999_999_998
+# A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us).
+_Encoded = tuple[bytes, int, bytes, bytes, int, int]
 # Retention beyond this many microseconds (about 285 years) is forever.
 _FOREVER_US = 2**53
 
@@ -275,19 +302,26 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
             ),
         )
 
-    def _encode(self, request: LLMRequest[T]) -> tuple[bytes, int, bytes]:
+    def _encode(self, request: LLMRequest[T]) -> _Encoded:
         if not isinstance(request, LLMRequest):
             raise InvalidRequestError(f"request must be an LLMRequest, got {request!r}")
         request.validate()
         rid = request_id_bytes(request.id)
-        return rid, int(request.priority), encode_request(request, self.serializer, self.max_payload_bytes)
+        body = encode_request(request, self.serializer, self.max_payload_bytes)
+        # What the ranking index keeps beside the body: tenant, estimate, deadline (us, -1: none).
+        tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
+        deadline = request.deadline
+        deadline_us = (
+            -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
+        )
+        return rid, int(request.priority), body, tenant, int(request.token_info.estimated), deadline_us
 
     async def _enqueue(
-        self, requests: Sequence[LLMRequest[T]], encoded: list[tuple[bytes, int, bytes]]
+        self, requests: Sequence[LLMRequest[T]], encoded: list[_Encoded]
     ) -> list[QueueMessage[T]]:
         args: list[Any] = []
-        for rid, priority, body in encoded:
-            args += (rid, priority, body)
+        for encoded_request in encoded:
+            args += encoded_request
         reply = await self._run("enqueue", *args, now_at=0)
         if reply[1] == b"dup":
             raise DuplicateRequestError(

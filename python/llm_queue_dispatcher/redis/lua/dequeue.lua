@@ -44,6 +44,7 @@ for p = 1, 4 do -- the four priorities
   for _, member in ipairs(members) do
     local s = load(Q, member)
     redis.call('ZREM', Q.vis[p], member)
+    index_remove(Q, member, s)
     s.rc = s.rc + 1
     if s.first < 0 then
       s.first = NOW

@@ -5,6 +5,8 @@ local expired = pending_expired() -- expired before the purge: counted so
 if expired > 0 then
   redis.call('HINCRBY', Q.meta, 'expired', expired)
 end
-redis.call('UNLINK', Q.ids, Q.body, Q.state, Q.vis[1], Q.vis[2], Q.vis[3], Q.vis[4], Q.inflight, Q.copies)
+redis.call('UNLINK', Q.ids, Q.body, Q.state, Q.vis[1], Q.vis[2], Q.vis[3], Q.vis[4], Q.inflight, Q.copies,
+  Q.lanes, Q.tenants, Q.aging[1], Q.aging[2], Q.urgent)
+redis.call('HDEL', Q.meta, 'waiting')
 touch(Q)
 return 1

@@ -1,14 +1,18 @@
 -- Shared prelude of every queue script (RedisStorage prepends common.lua and this file to each
 -- operation's file, so each operation is still one script, loaded once and run atomically).
 --
--- KEYS[1..11]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
+-- KEYS[1..21]  the queue:  meta (hash), seq (counter), ids (hash request id -> member),
 --              body (hash member -> serialised request), state (hash member -> msgpack),
 --              vis0..vis3 (zsets per priority: score enqueued_at in us, member), inflight
 --              (zset: score visibility deadline in us, member), copies (hash request id ->
---              live copies beyond the first: a dead-letter queue keeps every copy it is sent)
--- KEYS[12..22] the dead-letter queue, same layout (absent without one)
--- KEYS[last]   only for calls that change a message (#KEYS is then 12 or 23): where this call's
---              reply is kept for a resend (common.lua)
+--              live copies beyond the first: a dead-letter queue keeps every copy it is sent),
+--              then the ranking index of the global choice (see "The ranking index" below):
+--              lanes, tenants, aging:2, aging:3, urgent, usage, charges, charge, recent-urgent,
+--              recent
+-- KEYS[22..42] the dead-letter queue, same layout (absent without one)
+-- KEYS[last]   only for calls that change a message (#KEYS % 21 is then 1): where this call's
+--              reply is kept for a resend (common.lua). The global choice's scripts pass the
+--              limiter's keys after the queues' (#KEYS % 21 is then 5 or 6: see global_*.lua).
 -- ARGV[1] ""  in production: every instant comes from the server's TIME. Only the test suite's
 --             private subclass passes "<now_us> <created_us>" (see tests/redis/support.py).
 -- ARGV[2] 128 random bits (hex) the client draws once per call: the seed of this call's receipt
@@ -38,22 +42,30 @@ local NONCE = ARGV[2]
 local MAX_RECEIVES = tonumber(ARGV[3])
 local RETENTION = tonumber(ARGV[4])
 
+local WIDTH = 21 -- keys per queue
 local function queue_keys(base)
   return {
     meta = KEYS[base], seq = KEYS[base + 1], ids = KEYS[base + 2], body = KEYS[base + 3],
     state = KEYS[base + 4],
     vis = {KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]},
     inflight = KEYS[base + 9], copies = KEYS[base + 10],
+    lanes = KEYS[base + 11], tenants = KEYS[base + 12], aging = {KEYS[base + 13], KEYS[base + 14]},
+    urgent = KEYS[base + 15], usage = KEYS[base + 16], charges = KEYS[base + 17], charge = KEYS[base + 18],
+    recent_urgent = KEYS[base + 19], recent = KEYS[base + 20],
   }
 end
 
 local Q = queue_keys(1)
 local DLQ = nil
-if #KEYS >= 22 then
-  DLQ = queue_keys(12)
+if #KEYS >= 2 * WIDTH then
+  DLQ = queue_keys(WIDTH + 1)
+end
+local QUEUE_KEYS = WIDTH -- the queues' keys: those after them are the call's own
+if DLQ ~= nil then
+  QUEUE_KEYS = 2 * WIDTH
 end
 local REPLY = nil
-if #KEYS % 11 == 1 then
+if #KEYS % WIDTH == 1 then
   REPLY = KEYS[#KEYS]
 end
 
@@ -65,18 +77,110 @@ local function fresh()
 end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
--- the first receive), message id, request id
+-- the first receive), message id, request id, then what the ranking index needs: tenant,
+-- estimated tokens, deadline in us (-1: none). (A message stored by a version without these
+-- has ten == nil: it is not in the index.)
 local function load(q, member)
   local raw = redis.call('HGET', q.state, member)
   if not raw then
     return nil
   end
-  local p, at, rc, first, token, mid, rid = cmsgpack.unpack(raw)
-  return {p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid}
+  local p, at, rc, first, token, mid, rid, ten, tok, dl = cmsgpack.unpack(raw)
+  return {p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl}
 end
 
 local function save(q, member, s)
-  redis.call('HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid))
+  if s.ten == nil then
+    redis.call('HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid))
+  else
+    redis.call(
+      'HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
+    )
+  end
+end
+
+-- The ranking index of the global choice (global_dispatch.lua), kept by every script as a
+-- message becomes visible or stops being visible:
+--   lanes    one sorted set, every score 0, ordered by member: <len>:<tenant><lane><deadline>
+--            <member><tokens>, so a tenant's first message (lane, then earliest deadline, then
+--            oldest) is one ZRANGEBYLEX, its estimate read from the entry. Lanes: 0 URGENT,
+--            1 HIGH, 2 aged, 3 NORMAL, 4 LOW; deadline in us, 16 digits (9...9: none). The
+--            length prefix keeps tenants apart.
+--   tenants  hash: tenant -> its visible messages (a tenant with none is not there)
+--   aging:2, aging:3  NORMAL and LOW messages not aged yet: score enqueued_at, member
+--   urgent   URGENT messages: score enqueued_at, member (URGENT first, oldest first)
+--   usage, charges, charge   tenant token use over the fairness window (global_dispatch.lua)
+--   recent-urgent  the estimates of the last 64 URGENT messages that became visible (the
+--            automatic URGENT reserve); recent: of the last 256 dispatched (the tenant reserve)
+--   meta fields 'waiting' (the estimates of the visible messages in the index, summed) and
+--   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
+--   the reserves are not kept (global_dispatch.lua)
+local NO_DEADLINE = '9999999999999999'
+local NATIVE_LANE = {'0', '1', '3', '4'}
+
+local function lane_key(member, s, lane)
+  local dl = NO_DEADLINE
+  if s.dl >= 0 then
+    dl = string.format('%016d', math.min(s.dl, 9999999999999998))
+  end
+  return #s.ten .. ':' .. s.ten .. lane .. dl .. member .. fmt(s.tok)
+end
+
+local function index_add(q, member, s)
+  if s.ten == nil then
+    return
+  end
+  redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
+  redis.call('HINCRBY', q.tenants, s.ten, 1)
+  redis.call('HINCRBY', q.meta, 'waiting', fmt(s.tok))
+  local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
+  if arrival == nil or s.at > arrival then
+    redis.call('HSET', q.meta, 'arrival', fmt(s.at))
+  end
+  if s.p == 0 then
+    redis.call('LPUSH', q.recent_urgent, fmt(s.tok))
+    redis.call('LTRIM', q.recent_urgent, 0, 63)
+    redis.call('ZADD', q.urgent, fmt(s.at), member)
+  elseif s.p >= 2 then
+    redis.call('ZADD', q.aging[s.p - 1], fmt(s.at), member)
+  end
+end
+
+local function index_remove(q, member, s)
+  if s.ten == nil then
+    return
+  end
+  local removed = redis.call('ZREM', q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
+  if s.p == 0 then
+    redis.call('ZREM', q.urgent, member)
+  elseif s.p >= 2 then
+    if redis.call('ZREM', q.aging[s.p - 1], member) == 0 then
+      removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
+    end
+  end
+  if removed == 1 then
+    if s.tok ~= 0 then
+      redis.call('HINCRBY', q.meta, 'waiting', fmt(-s.tok))
+    end
+    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
+      redis.call('HDEL', q.tenants, s.ten)
+    end
+  end
+end
+
+-- Adds a member to the visible set of its priority, and to the index.
+local function show(q, member, s)
+  redis.call('ZADD', q.vis[s.p + 1], fmt(s.at), member)
+  index_add(q, member, s)
+end
+
+-- Removes a member from the visible set of its priority (and the index); whether it was there.
+local function hide(q, member, s)
+  if redis.call('ZREM', q.vis[s.p + 1], member) == 1 then
+    index_remove(q, member, s)
+    return true
+  end
+  return false
 end
 
 local function touch(q)
@@ -98,14 +202,18 @@ local function forget(q, member, s)
   redis.call('HDEL', q.state, member)
 end
 
--- A new visible message in q; returns its member and state.
-local function insert(q, rid, p, at, body, mid)
+-- A new visible message in q; returns its member and state. `index` carries tenant, tokens,
+-- deadline (nil: a message not in the index).
+local function insert(q, rid, p, at, body, mid, index)
   local member = string.format('%015d', redis.call('INCR', q.seq))
   local s = {p = p, at = at, rc = 0, first = -1, token = '', mid = mid, rid = rid}
+  if index ~= nil then
+    s.ten, s.tok, s.dl = index.ten, index.tok, index.dl
+  end
   redis.call('HSET', q.ids, rid, member)
   redis.call('HSET', q.body, member, body)
   save(q, member, s)
-  redis.call('ZADD', q.vis[p + 1], fmt(at), member)
+  show(q, member, s)
   return member, s
 end
 
@@ -121,7 +229,11 @@ local function dead_letter(member, s)
     if redis.call('HEXISTS', DLQ.ids, s.rid) == 1 then
       redis.call('HINCRBY', DLQ.copies, s.rid, 1)
     end
-    insert(DLQ, s.rid, s.p, s.at, body, fresh())
+    local index = nil
+    if s.ten ~= nil then
+      index = {ten = s.ten, tok = s.tok, dl = s.dl}
+    end
+    insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
   end
 end
@@ -179,7 +291,7 @@ local function visibility_ended(member, s)
     dead_letter(member, s)
     return true
   end
-  redis.call('ZADD', Q.vis[s.p + 1], fmt(s.at), member)
+  show(Q, member, s)
   return false
 end
 
@@ -204,7 +316,9 @@ local function maintain()
       local old = redis.call('ZRANGEBYSCORE', Q.vis[p], '-inf', '(' .. LIVE_MIN, 'LIMIT', 0, budget)
       -- Bounded by MAINTAIN_BATCH (the LIMIT above).
       for _, member in ipairs(old) do
-        forget(Q, member, load(Q, member))
+        local s = load(Q, member)
+        index_remove(Q, member, s)
+        forget(Q, member, s)
       end
       if #old > 0 then
         -- The oldest of the set: exactly the ranks just read.
@@ -232,7 +346,7 @@ local function catch_up(member, s)
     return tonumber(deadline) <= NOW and visibility_ended(member, s)
   end
   if RETENTION > 0 and NOW - s.at > RETENTION then
-    redis.call('ZREM', Q.vis[s.p + 1], member)
+    hide(Q, member, s)
     forget(Q, member, s)
     redis.call('HINCRBY', Q.meta, 'expired', 1)
     return true
@@ -252,7 +366,7 @@ end
 
 local function leave_current_set(member, s)
   if redis.call('ZREM', Q.inflight, member) == 0 then
-    redis.call('ZREM', Q.vis[s.p + 1], member)
+    hide(Q, member, s)
   end
 end
 
@@ -268,5 +382,5 @@ local function give_back(member, s)
   end
   s.token = ''
   save(Q, member, s)
-  redis.call('ZADD', Q.vis[s.p + 1], fmt(s.at), member)
+  show(Q, member, s)
 end

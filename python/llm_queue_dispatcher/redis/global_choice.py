@@ -1,0 +1,308 @@
+"""The global choice: `fair_priority` ranked over the whole Redis queue, in one round trip.
+
+With `RedisStorage`, the `fair_priority` policy (without custom scorers, with ``hold_budget``
+and ``reserve_budget``, the defaults) and a `RedisThrottle` on the same server and namespace,
+`LLMQueueDispatcher.dequeue` does not fill a per-process prefetch buffer: one script
+(``lua/global_dispatch.lua``) finds the first message of the fair order over every visible
+message of the queue, reserves its budget at the limiter under the delivery's key
+(``"request-id#n"``) and leases it. The tenants' token use is one record in Redis, charged at
+that dispatch and corrected by the mark, which is one script too (``lua/global_mark.lua``:
+the store's step, the limiter's correction and the charge's). Every process that shares the
+queue then sees one order and one ledger of tenant use.
+
+The ranking index the scripts read is kept by every queue script (``lua/queue_common.lua``) as
+messages are enqueued, received, released, dead-lettered, deleted and expire.
+
+Co-location: a queue's keys and a limiter's keys share the hash tag ``{namespace}``, so a
+`RedisThrottle` of the storage's namespace is in the queue's Redis Cluster slot. The global
+choice is used only with such a limiter whose client points at the same server (host, port,
+database or socket path) as the storage's; the script runs on the storage's connection.
+Otherwise (another limiter, custom scorers, the score policy, ``hold_budget=False``,
+``drop_expired``) the dispatcher keeps its per-process prefetch buffer.
+
+Every process sharing a queue should pass the same `FairPriorityConfig`: each call applies the
+fairness window, tenant weights and aging of the process that makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import secrets
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from .._core import DispatchCore, Plan, ProcessableMessage
+from ..config import FairPriorityConfig, LLMQueueDispatcherConfig
+from ..errors import StorageError
+from ..types import QueueMessage
+from ._connection import CLIENT_ERRORS, Script, _source, host_microseconds
+from .storage import RedisStorage
+from .throttle import RedisThrottle
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = ["GlobalChoice"]
+
+# The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
+_MOST_WINNERS = 64
+
+_LOGGER = logging.getLogger("llm_queue_dispatcher")
+
+# The limiter's operations a global script calls, each the body of limiter_call(KEYS, ARGV, op).
+_LIMITER_OPERATIONS = (
+    ("consume", "limiter_consume"),
+    ("adjust", "limiter_adjust"),
+    ("release", "limiter_release"),
+    ("settle", "limiter_settle"),
+    ("check", "limiter_check"),
+)
+
+
+class _GlobalScript(Script):
+    """A global script: ``common.lua``, the queue's prelude, the limiter's prelude and
+    operations wrapped as the function ``limiter_call(KEYS, ARGV, op)`` (so they read their own
+    keys and arguments, and their locals do not meet the queue's), then the operation."""
+
+    def __init__(self, name: str) -> None:
+        branches = "\n".join(
+            f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
+            for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
+        )
+        # 'reserve': consume (ARGV[15..18]) only if the bucket also holds ARGV[19] tokens (the
+        # estimate and the reserves it must leave), in one run of the limiter's prelude.
+        branches += (
+            "\nelseif op == 'reserve' then\n"
+            "local reason, wait = check(tonumber(ARGV[19]), nil, nil)\n"
+            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
+            f"{_source('limiter_consume')}"
+        )
+        limiter = (
+            f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
+        )
+        self.name = name
+        self.source = f"{_source('common')}\n{_source('queue_common')}\n{limiter}\n{_source(name)}"
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+
+@cache
+def _script(name: str) -> _GlobalScript:
+    return _GlobalScript(name)
+
+
+def _server_of(client: redis.asyncio.Redis) -> tuple[Any, ...]:
+    """Where a client connects: host, port, database, socket path."""
+    kwargs = client.connection_pool.connection_kwargs
+    return (kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0), kwargs.get("path"))
+
+
+def _us(seconds: float) -> str:
+    return "" if not math.isfinite(seconds) else str(round(seconds * 1_000_000))
+
+
+class GlobalChoice:
+    """The global choice of one dispatcher over one `RedisStorage` (see the module docstring)."""
+
+    def __init__(
+        self, storage: RedisStorage[Any], config: LLMQueueDispatcherConfig, core: DispatchCore
+    ) -> None:
+        self._storage = storage
+        self._core = core
+        self._timeout = float(config.visibility_timeout)
+        fair = config.fair_priority or FairPriorityConfig()
+        max_wait = fair.max_wait_by_priority()
+        weights: list[Any] = []
+        for tenant, weight in fair.tenant_weights.items():
+            weights += (tenant.encode("utf-8", "surrogatepass"), repr(float(weight)))
+        self._fair_args = (
+            str(round(float(fair.fairness_window) * 1_000_000)),
+            "1" if fair.urgent_first else "0",
+            _us(max_wait[2]),
+            _us(max_wait[3]),
+        )
+        self._weights = (
+            "" if fair.reserve_tokens is None else repr(float(fair.reserve_tokens)),
+            "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
+            str(len(fair.tenant_weights)),
+            *weights,
+        )
+        # Delivery keys handed out here, whose marks go through `mark` (one script each).
+        self._keys: set[str] = set()
+
+    @staticmethod
+    def for_dispatcher(
+        storage: object, config: LLMQueueDispatcherConfig, core: DispatchCore, custom_scorers: bool
+    ) -> GlobalChoice | None:
+        """The global choice for this dispatcher, or None where it does not apply."""
+        applies = (
+            isinstance(storage, RedisStorage)
+            and config.policy == "fair_priority"
+            and not custom_scorers
+            and config.hold_budget
+            and config.reserve_budget
+            and not config.drop_expired
+        )
+        return GlobalChoice(storage, config, core) if applies else None  # type: ignore[arg-type]
+
+    def usable_with(self, limiter: object) -> bool:
+        """Whether ``limiter`` is a `RedisThrottle` co-located with the queue: the same namespace
+        (hash tag) on the same server."""
+        if not isinstance(limiter, RedisThrottle):
+            return False
+        storage = self._storage
+        return limiter.namespace == storage.namespace and (
+            limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
+        )
+
+    def _call(self, limiter: RedisThrottle, args: tuple[Any, ...]) -> tuple[list[bytes], list[Any]]:
+        storage = self._storage
+        token = secrets.token_hex(16)
+        keys = [*storage._keys, *limiter._keys, f"{storage._reply_prefix}{token}".encode()]
+        arguments = [
+            storage._time_argument(),
+            token,
+            *storage._settings,
+            *args,
+            limiter._time_argument(),
+            *limiter._settings,
+        ]
+        return keys, arguments
+
+    async def _run(self, name: str, limiter: RedisThrottle, args: tuple[Any, ...]) -> Any:
+        keys, arguments = self._call(limiter, args)
+        storage = self._storage
+        try:
+            return await storage._connection.run(_script(name), keys, arguments)
+        except CLIENT_ERRORS as exc:
+            storage._fail(name, exc)
+
+    async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
+        """One global dispatch: the job handed out, the seconds until the held winner fits, or
+        None (nothing visible that can ever fit)."""
+        found = await self.attempt_many(limiter, 1)
+        return found[0] if isinstance(found, list) else found
+
+    async def attempt_many(
+        self, limiter: RedisThrottle, count: int
+    ) -> list[ProcessableMessage[Any]] | float | None:
+        """Up to ``count`` winners in rank order, each reserved and leased, in one script (the
+        order is the one successive single dispatches would give, with no other dispatch
+        between them); or, when the first winner does not fit, the seconds until it does; or
+        None. Fewer than ``count`` when the queue holds fewer or a later winner does not fit."""
+        storage = self._storage
+        capacity = float(limiter.burst_tpm or limiter.tpm)
+        timeout = self._timeout
+        sent = host_microseconds(storage._host_time())
+        reply = await self._run(
+            "global_dispatch",
+            limiter,
+            (
+                max(1, min(count, _MOST_WINNERS)),
+                round(timeout * 1_000_000),
+                repr(timeout),
+                *self._fair_args,
+                repr(capacity),
+                *self._weights,
+            ),
+        )
+        storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
+        if len(reply) < 9:
+            wait = reply[1]
+            return float(wait) / 1_000_000 if wait else None
+        jobs: list[ProcessableMessage[Any]] = []
+        failure: BaseException | None = None
+        for i in range(2, len(reply), 7):
+            if failure is not None:
+                # The books failed on an earlier winner: this one goes back untouched.
+                await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode())
+                continue
+            try:
+                jobs.append(await self._open(limiter, capacity, reply[i : i + 7]))
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            if not jobs:
+                raise failure
+            _LOGGER.error("a global winner could not be handed out: %r", failure)
+        return jobs
+
+    async def _open(
+        self, limiter: RedisThrottle, capacity: float, fields: list[Any]
+    ) -> ProcessableMessage[Any]:
+        """The job of one winner the script leased and reserved: its delivery opened in the
+        dispatcher's books (they take it as the buffer's only message), handed out."""
+        storage, core = self._storage, self._core
+        member, mid, count, enqueued, first, token, body = fields
+        handle = f"{member.decode()}.{int(count)}.{token.decode()}"
+        key = None
+        try:
+            request = storage._decode(body)
+            message: QueueMessage[Any] = storage._message(request, mid, int(count), enqueued, first, handle)
+            key = f"{request.id}#{int(count)}"
+            self._keys.add(key)
+            core.buffer_insert([message], core.now() + self._timeout)
+            found = core.choose(limiter, math.inf, math.inf, capacity, float(limiter.request_capacity), None)
+        except BaseException:
+            # Unreadable, or the books refused it: its lease and reservation go back (an unreadable
+            # one to the dead-letter queue when there is one, else it stays leased until its
+            # visibility runs out).
+            if key is not None:
+                self._keys.discard(key)
+            await self._give_back(limiter, member.decode(), token.decode())
+            raise
+        if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
+            return found
+        # Not expected: the books took another delivery, or none. Both go back.
+        if type(found) is ProcessableMessage:
+            core.revoke(found, False, False)
+        self._keys.discard(key)
+        await self._give_back(limiter, member.decode(), token.decode())
+        raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
+
+    async def _give_back(self, limiter: RedisThrottle, member: str, token: str) -> None:
+        storage = self._storage
+        step = "dead_letter" if storage.dead_letter is not None else "visibility"
+        with contextlib.suppress(StorageError):
+            await self._run(
+                "global_mark",
+                limiter,
+                (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, ""),
+            )
+
+    def handles(self, plan: Plan) -> bool:
+        """Whether ``plan`` is the mark of a delivery this global choice handed out, with a store
+        step and its limiter (then `mark` runs it whole in one script)."""
+        return plan.key in self._keys and plan.store is not None and isinstance(plan.limiter, RedisThrottle)
+
+    async def mark(self, plan: Plan) -> bool:
+        """Runs ``plan`` in one script: the store's step, the limiter's call, the charge's
+        correction. Returns whether the receipt handle was stale."""
+        limiter: RedisThrottle = plan.limiter
+        message = plan.message
+        member, token = self._storage._handle(message.attributes.receipt_handle)
+        reply = await self._run(
+            "global_mark",
+            limiter,
+            (
+                plan.store,
+                member,
+                token,
+                round(plan.seconds * 1_000_000),
+                plan.limiter_call or "",
+                plan.key,
+                int(plan.tokens),
+                limiter.adjustment_failure_strategy,
+            ),
+        )
+        self._keys.discard(plan.key)
+        stored, limited = int(reply[0]), reply[1]
+        if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
+            _LOGGER.warning(
+                "rate limiter failed to correct request %r (%s); the message is settled",
+                plan.request_id,
+                limited[0].decode(),
+            )
+        return stored == 0

@@ -1,0 +1,342 @@
+-- global_dispatch (fair_priority): selects the first message of the fair order over the whole
+-- queue, reserves its budget at the co-located RedisThrottle and leases it, up to ARGV[5]
+-- winners in rank order, in one script. The script is common.lua + queue_common.lua + the
+-- limiter's prelude and operations wrapped as limiter_call() (redis/global_choice.py) + this.
+--
+-- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
+-- grant order, latest, held), then this call's reply key (a resend answers as the first run).
+-- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
+-- ARGV[8] fairness window in us  ARGV[9] urgent_first ('1' or '0')
+-- ARGV[10] NORMAL's max_wait in us, ARGV[11] LOW's ('' each: never ages)
+-- ARGV[12] the limiter's token capacity: a message above it never fits, is skipped, holds nothing
+-- ARGV[13] the tenant reserve (reserve_tokens), ARGV[14] the URGENT reserve ('' each: automatic)
+-- ARGV[15] k, then ARGV[16 .. 15 + 2k] tenant, weight pairs (tenants not named weigh 1)
+-- ARGV[16 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
+--
+-- Returns {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
+-- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
+-- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
+-- below it was taken (the budget is held for it).
+--
+-- The order (API.md, "Scheduling under overload" and "Scheduling that holds on real traffic"):
+-- URGENT first across tenants, oldest first (with urgent_first); then the tenant with the least
+-- token use per weight over the window, ties to the tenant whose head is in the earlier lane,
+-- then older; inside a tenant by lane (URGENT, HIGH, aged, NORMAL, LOW), earliest deadline,
+-- oldest. Cost: O(log n) per tenant with visible messages, plus the charges and agings that
+-- came due (at most MAINTAIN_BATCH each per call).
+--
+-- Tenant usage is one record per queue: `usage` (tenant -> tokens charged in the window),
+-- `charges` (zset: delivery key -> when charged), `charge` (hash: delivery key -> msgpack of
+-- tenant, tokens). A dispatch charges its estimate under the delivery's key ("request-id#n",
+-- the limiter's key too); global_mark.lua corrects it; a charge leaves the window by itself, so
+-- a process killed between dispatch and mark leaves nothing that outlives the window.
+
+local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
+local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per lookup
+
+local function received(out, member, s)
+  out[#out + 1] = member
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = s.token
+  out[#out + 1] = redis.call('HGET', Q.body, member)
+end
+
+local LIMITER_KEYS = {}
+for i = 1, 5 do -- the limiter's five keys
+  LIMITER_KEYS[i] = KEYS[QUEUE_KEYS + i]
+end
+local GREPLY = KEYS[QUEUE_KEYS + 6]
+
+maintain()
+local out = {fmt(NOW), ''}
+local kept = recalled(GREPLY)
+if kept ~= nil then
+  -- Bounded by the messages the first run received (member, token pairs).
+  for i = 1, #kept, 2 do
+    local s = holder(kept[i], kept[i + 1])
+    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
+      received(out, kept[i], s)
+    end
+  end
+  return out
+end
+
+local limit = math.min(tonumber(ARGV[5]), WINNERS_MAX)
+local timeout = tonumber(ARGV[6])
+local window = tonumber(ARGV[8])
+local urgent_first = ARGV[9] == '1'
+local max_wait = {tonumber(ARGV[10]), tonumber(ARGV[11])}
+local capacity = tonumber(ARGV[12])
+local fixed_reserve, fixed_urgent = tonumber(ARGV[13]), tonumber(ARGV[14])
+local weights = {}
+local k = tonumber(ARGV[15])
+-- Bounded by the call's arguments: one round per weighted tenant.
+for i = 0, k - 1 do
+  weights[ARGV[16 + 2 * i]] = tonumber(ARGV[17 + 2 * i])
+end
+local limiter_argv = {}
+-- Bounded: the limiter's fourteen arguments.
+for i = 1, 14 do
+  limiter_argv[i] = ARGV[15 + 2 * k + i]
+end
+local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
+if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+  redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
+end
+
+-- Charges that left the window: at most MAINTAIN_BATCH per call (the oldest first).
+local horizon = NOW - window
+local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', 0, MAINTAIN_BATCH)
+-- Bounded by MAINTAIN_BATCH (the LIMIT above).
+for _, key in ipairs(gone) do
+  local raw = redis.call('HGET', Q.charge, key)
+  if raw then
+    local tenant, tokens = cmsgpack.unpack(raw)
+    -- (A charge corrected to 0 is skipped: Redis reads no '-0' as an integer.)
+    if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+      redis.call('HDEL', Q.usage, tenant)
+    end
+    redis.call('HDEL', Q.charge, key)
+  end
+  redis.call('ZREM', Q.charges, key)
+end
+
+-- Aging: NORMAL and LOW messages that have waited longer than their max_wait move to the aged
+-- lane, at most MAINTAIN_BATCH per call.
+for i = 1, 2 do -- NORMAL, LOW
+  if max_wait[i] ~= nil then
+    local due = redis.call(
+      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', 0, MAINTAIN_BATCH
+    )
+    -- Bounded by MAINTAIN_BATCH (the LIMIT above).
+    for _, member in ipairs(due) do
+      local s = load(Q, member)
+      redis.call('ZREM', Q.aging[i], member)
+      redis.call('ZREM', Q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
+      redis.call('ZADD', Q.lanes, 0, lane_key(member, s, '2'))
+    end
+  end
+end
+
+-- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, or nil.
+-- An entry is <prefix><lane><deadline: 16><member: 15><tokens>.
+local function head_of(tenant)
+  local prefix = #tenant .. ':' .. tenant
+  local base = #prefix
+  local low, high = '[' .. prefix, '[' .. prefix .. '\255'
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
+  if keys[1] ~= nil and tonumber(string.sub(keys[1], base + 33)) > capacity then
+    keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, SKIP_MAX - 1)
+  end
+  -- Bounded by SKIP_MAX (the LIMITs above).
+  for _, key in ipairs(keys) do
+    if tonumber(string.sub(key, base + 33)) <= capacity then
+      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
+    end
+  end
+  return nil
+end
+
+local function usage_of(tenant)
+  return (tonumber(redis.call('HGET', Q.usage, tenant)) or 0) / (weights[tenant] or 1)
+end
+
+-- The winner: member and state, or nil.
+local function first()
+  if urgent_first then
+    local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    if oldest[1] ~= nil and load(Q, oldest[1]).tok > capacity then
+      oldest = redis.call('ZRANGE', Q.urgent, 1, SKIP_MAX - 1)
+    end
+    -- Bounded by SKIP_MAX (the ZRANGEs above).
+    for _, member in ipairs(oldest) do
+      local s = load(Q, member)
+      if s.tok <= capacity then
+        return member, s
+      end
+    end
+  end
+  -- The best tenant by (use per weight, its head's lane, its head's age); a head's state is
+  -- read only to break a tie on the first two.
+  local best, best_use, best_lane, best_s = nil, nil, nil, nil
+  local tenants = redis.call('HKEYS', Q.tenants)
+  -- Bounded by the tenants with visible messages (the hash just read).
+  for _, tenant in ipairs(tenants) do
+    local member, lane = head_of(tenant)
+    if member ~= nil then
+      local use = usage_of(tenant)
+      local better = best == nil or use < best_use or (use == best_use and lane < best_lane)
+      if not better and use == best_use and lane == best_lane then
+        best_s = best_s or load(Q, best)
+        local s = load(Q, member)
+        better = s.at < best_s.at or (s.at == best_s.at and member < best)
+        if better then
+          best_s = s
+        end
+      elseif better then
+        best_s = nil
+      end
+      if better then
+        best, best_use, best_lane = member, use, lane
+      end
+    end
+  end
+  if best == nil then
+    return nil
+  end
+  return best, best_s or load(Q, best)
+end
+
+-- The limiter's call `op` with `request`'s arguments after its own.
+local function limiter(op, request)
+  local argv = {}
+  -- Bounded: the limiter's fourteen arguments.
+  for i = 1, 14 do
+    argv[i] = limiter_argv[i]
+  end
+  -- Bounded: the request's arguments (at most five).
+  for i, value in ipairs(request) do
+    argv[14 + i] = value
+  end
+  return limiter_call(LIMITER_KEYS, argv, op)
+end
+
+-- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
+-- non-URGENT winner must leave the URGENT reserve in the bucket, and one of a backlogged tenant
+-- the tenant reserve on top, its need at most the capacity; neither is kept while a backlog
+-- clears (the limiter admits all the visible messages' estimates together, and nothing arrived
+-- for as long as the bucket takes to refill both).
+local function recent_max(key, count)
+  local most = nil
+  -- Bounded by `count` (the LRANGE).
+  for _, value in ipairs(redis.call('LRANGE', key, 0, count - 1)) do
+    local n = tonumber(value)
+    if most == nil or n > most then
+      most = n
+    end
+  end
+  return most
+end
+
+local function urgent_reserve()
+  if not urgent_first then
+    return 0
+  elseif fixed_urgent ~= nil then
+    return fixed_urgent
+  end
+  local most = recent_max(Q.recent_urgent, 64)
+  return most == nil and 0 or math.min(2 * most, 0.25 * capacity)
+end
+
+local function tenant_reserve()
+  if fixed_reserve ~= nil then
+    return fixed_reserve
+  end
+  local most = recent_max(Q.recent, 256)
+  return most == nil and 0.01 * capacity or math.min(1.5 * most, 0.1 * capacity)
+end
+
+local function admits(tokens)
+  return limiter('check', {tokens, '', ''})[1] == ''
+end
+
+-- A tenant is backlogged when another tenant is active (waiting, or with use in the window), it
+-- has more than one visible message, and its use per weight is at least its fair share of what
+-- the bucket refills over the window.
+local function backlogged(tenant)
+  if (tonumber(redis.call('HGET', Q.tenants, tenant)) or 0) <= 1 then
+    return false
+  end
+  local active, count, total = {}, 0, 0
+  local function add(name)
+    if not active[name] then
+      active[name], count, total = true, count + 1, total + (weights[name] or 1)
+    end
+  end
+  -- Bounded by the tenants with visible messages.
+  for _, name in ipairs(redis.call('HKEYS', Q.tenants)) do
+    add(name)
+  end
+  local used = redis.call('HGETALL', Q.usage)
+  -- Bounded by the tenants with use in the window.
+  for i = 1, #used, 2 do
+    if tonumber(used[i + 1]) > 0 then
+      add(used[i])
+    end
+  end
+  if count <= 1 then
+    return false
+  end
+  return usage_of(tenant) >= refill * (window / 1000000) / total
+end
+
+-- Tokens the winner must find in the bucket on top of its own estimate.
+local function margin(s)
+  if s.p == 0 then
+    return 0
+  end
+  local urgent, reserve = urgent_reserve(), tenant_reserve()
+  local both = urgent + reserve
+  if both <= 0 then
+    return 0
+  end
+  local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
+  local quiet = arrival == nil or (NOW - arrival) / 1000000 >= both / refill
+  if quiet and admits(tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0) then
+    return 0 -- a backlog clears: no reserve is kept
+  end
+  if backlogged(s.ten) then
+    urgent = urgent + reserve
+  end
+  return math.min(s.tok + urgent, capacity) - s.tok
+end
+
+local taken = {}
+-- Bounded by `limit` (at most WINNERS_MAX).
+for _ = 1, limit do
+  local member, s = first()
+  if member == nil then
+    break
+  end
+  local key = s.rid .. '#' .. (s.rc + 1)
+  -- Reserved only if the bucket holds the estimate and the reserves it must leave.
+  local granted = limiter('reserve', {key, s.tok, '', '', s.tok + margin(s)})
+  if granted[1] ~= 1 then
+    out[2] = granted[3] -- the wait in us: the budget is held for this winner
+    break
+  end
+  hide(Q, member, s)
+  s.rc = s.rc + 1
+  if s.first < 0 then
+    s.first = NOW
+  end
+  s.token = fresh()
+  save(Q, member, s)
+  redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+  local earlier = redis.call('HGET', Q.charge, key)
+  if earlier then
+    -- The same key charged within the window: a request id deleted and enqueued again. The
+    -- earlier charge leaves the record now (it would otherwise never be taken off).
+    local tenant, tokens = cmsgpack.unpack(earlier)
+    if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+      redis.call('HDEL', Q.usage, tenant)
+    end
+  end
+  redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
+  redis.call('LPUSH', Q.recent, fmt(s.tok))
+  redis.call('LTRIM', Q.recent, 0, 255)
+  redis.call('ZADD', Q.charges, fmt(NOW), key)
+  redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+  received(out, member, s)
+  taken[#taken + 1] = member
+  taken[#taken + 1] = s.token
+end
+if #taken == 0 then
+  return out
+end
+touch(Q)
+remember(GREPLY, taken)
+return out
