@@ -65,6 +65,8 @@ pub struct Leased<M> {
     /// When its lease ends at the latest (the dispatcher's clock; counted from before the
     /// receive, so the estimate errs short).
     pub lease_end: f64,
+    /// Its estimate's input and output parts, when its request gave them.
+    pub parts: Option<(u64, u64)>,
 }
 
 /// A message in the buffer.
@@ -86,6 +88,8 @@ pub struct Buffered<M> {
     pub deadline: f64,
     /// When its lease ends at the latest.
     pub lease_end: f64,
+    /// Its estimate's input and output parts, when its request gave them.
+    pub parts: Option<(u64, u64)>,
 }
 
 impl<M> Buffered<M> {
@@ -173,6 +177,7 @@ impl<M> Buffer<M> {
                     tenant,
                     deadline: old.deadline,
                     lease_end: old.lease_end,
+                    parts: old.parts,
                 });
             }
             let seq = self.next_seq;
@@ -188,6 +193,7 @@ impl<M> Buffer<M> {
                 tenant,
                 deadline: item.deadline,
                 lease_end: item.lease_end,
+                parts: item.parts,
             });
         }
         not_kept
@@ -366,7 +372,10 @@ impl<M> Buffer<M> {
         let items = &self.items;
         let (_, runtime) = self.fair.as_mut()?;
         lanes.prepare_all(now, &mut runtime.ledger);
-        let tokens_of = |slot: u32| items[slot as usize].traits.tokens;
+        let tokens_of = |slot: u32| {
+            let item = &items[slot as usize];
+            (item.traits.tokens, item.parts)
+        };
         decide_fair_lanes(&lanes, tokens_of, runtime, &history, limiter, now, hold)
     }
 
@@ -410,6 +419,7 @@ mod tests {
             },
             tenant: None,
             deadline: f64::NAN,
+            parts: None,
         }
     }
 

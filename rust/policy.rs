@@ -21,6 +21,7 @@
 use std::collections::VecDeque;
 
 use crate::deadlines::DeadlineIndex;
+use crate::dispatch::TokenParts;
 use crate::errors::CoreResult;
 use crate::fair::{FairCandidate, FairLanes, FairRuntime, Fit};
 use crate::index::{IndexEntry, Ranking};
@@ -265,7 +266,7 @@ pub fn ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
 /// The score policy's decision over a store at `now` (no custom scorers: those are applied by
 /// the caller over collected candidates). A non-URGENT winner leaves the URGENT reserve in the
 /// bucket (`score_urgent_reserve`, from the store's history).
-pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
+pub fn decide_score<P: TokenParts, R: Ranking + UrgentHistory, M>(
     store: &Store<P, R>,
     weights: &Weights,
     limiter: &Throttle<M>,
@@ -280,7 +281,8 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
     let capacity = limiter.tokens().capacity();
     let margin = score_margin(&candidate, reserve, capacity);
-    if !hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
+    let parts_of = |slot: u32| store.message(slot).payload.token_parts();
+    if !hold && margin > 0.0 && !limiter.admits_parts(candidate.tokens, parts_of(candidate.slot), margin) {
         // Without holding: the best among what leaves the reserve. No URGENT message fits now
         // (one would have won), so the search is over the others, each needing the reserve.
         context.max_tokens = budget.max_tokens - reserve;
@@ -290,13 +292,23 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     if candidate.base < min_score {
         return Decision::Nothing;
     }
-    admit(limiter, candidate, candidate.tokens, score_margin(&candidate, reserve, capacity), hold)
+    let margin = score_margin(&candidate, reserve, capacity);
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.slot), margin, hold)
 }
 
-/// Whether `candidate` (of `tokens`, keeping `margin` more in the bucket) goes now, or how long
-/// it is held for.
-pub fn admit<M, T>(limiter: &Throttle<M>, candidate: T, tokens: u64, margin: f64, hold: bool) -> Decision<T> {
-    let check = limiter.check_with_margin(tokens, margin);
+/// Whether `candidate` (of `tokens`, split into its input and output `parts` when known,
+/// keeping `margin` more in the bucket) goes now, or how long it is held for: every limit is
+/// checked with its own share (the input part against an input limit, the output part against
+/// an output limit).
+pub fn admit<M, T>(
+    limiter: &Throttle<M>,
+    candidate: T,
+    tokens: u64,
+    parts: Option<(u64, u64)>,
+    margin: f64,
+    hold: bool,
+) -> Decision<T> {
+    let check = limiter.check_parts(tokens, parts, margin);
     if check.allowed {
         Decision::Take(candidate)
     } else if hold && check.available_in.is_finite() {
@@ -318,6 +330,22 @@ pub trait Admission {
     fn admits(&self, tokens: u64, margin: f64) -> bool;
     /// Seconds until it would go (NaN when unknown).
     fn wait(&self, tokens: u64, margin: f64) -> f64;
+    /// `admits` for a request whose input and output `parts` may be known (each limit of input
+    /// or output tokens then checks its own part). A reported budget knows no such limits.
+    fn admits_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> bool {
+        let _ = parts;
+        self.admits(tokens, margin)
+    }
+    /// `wait` for a request whose input and output `parts` may be known.
+    fn wait_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> f64 {
+        let _ = parts;
+        self.wait(tokens, margin)
+    }
+    /// Whether such a request can ever go: every limit's capacity holds its share.
+    fn fits_ever(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        let _ = parts;
+        tokens as f64 <= self.capacity()
+    }
 }
 
 impl<M> Admission for Throttle<M> {
@@ -332,6 +360,15 @@ impl<M> Admission for Throttle<M> {
     }
     fn wait(&self, tokens: u64, margin: f64) -> f64 {
         self.check_with_margin(tokens, margin).available_in
+    }
+    fn admits_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> bool {
+        self.check_parts(tokens, parts, margin).allowed
+    }
+    fn wait_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> f64 {
+        self.check_parts(tokens, parts, margin).available_in
+    }
+    fn fits_ever(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        self.fits_capacity(tokens, parts)
     }
 }
 
@@ -366,17 +403,19 @@ impl Admission for Snapshot {
 pub fn fair_fit(
     limiter: &impl Admission,
     candidate: &FairCandidate,
-    tokens: u64,
+    (tokens, parts): (u64, Option<(u64, u64)>),
     tenant_reserve: f64,
     urgent_reserve: f64,
 ) -> (Fit, f64) {
     let capacity = limiter.capacity();
-    if tokens as f64 > capacity {
+    if !limiter.fits_ever(tokens, parts) {
         return (Fit::Never, 0.0);
     }
+    // The reserves are kept in the token bucket: a request larger than the smallest limit's
+    // capacity (one that fits only by its parts) leaves what that bucket can.
     let needed = FairLanes::admission_tokens(candidate, tokens, tenant_reserve, urgent_reserve, capacity);
-    let margin = needed - tokens as f64;
-    (Fit::from_allowed(limiter.admits(tokens, margin)), margin)
+    let margin = (needed - tokens as f64).max(0.0);
+    (Fit::from_allowed(limiter.admits_parts(tokens, parts, margin)), margin)
 }
 
 /// A fair decision: the candidate, and whether it goes now; when held, the seconds until it
@@ -394,10 +433,11 @@ pub struct FairDecision {
 }
 
 /// The fair policy's decision over `lanes`, brought to `now` already (`FairLanes::prepare`):
-/// `tokens_of` gives each slot's estimate, `history` sizes the automatic URGENT reserve.
+/// `tokens_of` gives each slot's estimate and its input and output parts when known, `history`
+/// sizes the automatic URGENT reserve.
 pub fn decide_fair_lanes(
     lanes: &FairLanes,
-    tokens_of: impl Fn(u32) -> u64,
+    tokens_of: impl Fn(u32) -> (u64, Option<(u64, u64)>),
     runtime: &FairRuntime,
     history: &UrgentReserve,
     limiter: &impl Admission,
@@ -420,13 +460,13 @@ pub fn decide_fair_lanes(
     })?;
     let tokens = tokens_of(candidate.slot);
     let (_, margin) = fair_fit(limiter, &candidate, tokens, tenant_reserve, urgent_reserve);
-    let wait = if fits { 0.0 } else { limiter.wait(tokens, margin) };
+    let wait = if fits { 0.0 } else { limiter.wait_parts(tokens.0, tokens.1, margin) };
     Some(FairDecision { candidate, fits, wait, margin })
 }
 
 /// The fair policy's decision over a store at `now` under any limiter: brings its lanes to
 /// `now` first. None when the store keeps no fair lanes or nothing goes.
-pub fn decide_fair_store<P>(
+pub fn decide_fair_store<P: TokenParts>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &impl Admission,
@@ -437,7 +477,10 @@ pub fn decide_fair_store<P>(
     let ((_, history), lanes) = store.ranking();
     decide_fair_lanes(
         lanes.as_ref()?,
-        |slot| store.message(slot).tokens,
+        |slot| {
+            let message = store.message(slot);
+            (message.tokens, message.payload.token_parts())
+        },
         runtime,
         history,
         limiter,
@@ -448,7 +491,7 @@ pub fn decide_fair_store<P>(
 
 /// The fair policy's decision over a store at `now` with an `LLMThrottle`. Nothing when the
 /// store keeps no fair lanes.
-pub fn decide_fair<P, M>(
+pub fn decide_fair<P: TokenParts, M>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &Throttle<M>,

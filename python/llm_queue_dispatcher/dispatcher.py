@@ -75,6 +75,30 @@ async def _release(limiter: Any, key: str) -> None:
         )
 
 
+def _takes_parts(limiter: Any, method: str) -> bool:
+    """Whether ``limiter.method`` takes a request's ``input_tokens`` and ``output_tokens`` (as
+    `LLMThrottle`'s and `RedisThrottle`'s do); a limiter of the plain protocol is called with
+    the total alone."""
+    function = getattr(limiter, method, None)
+    if function is None:
+        return False
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True
+    return "input_tokens" in parameters and "output_tokens" in parameters
+
+
+def _token_parts(message: QueueMessage[Any]) -> tuple[int, int] | None:
+    """The input and output parts of a message's estimate, when its request gave them."""
+    info = message.payload.token_info
+    if info.input is None or info.max_output is None:
+        return None
+    return (info.input, info.max_output)
+
+
 class _Runner:
     """The I/O of the core's plans, each run to its end in a task of its own even if its caller
     is cancelled (its store call may have landed, and the books must follow it), and the wake-up
@@ -97,9 +121,10 @@ class _Runner:
         tokens: int | None,
         delay: float,
         error: BaseException | None,
+        parts: tuple[int, int] | None = None,
     ) -> None:
         """A job's mark that needs I/O: settled in the core, then its plan awaited to its end."""
-        plan = self.core.settle(job, kind, tokens, delay, error)
+        plan = self.core.settle(job, kind, tokens, delay, error, parts)
         if plan is not None:
             await self.shielded(self._execute(plan))
 
@@ -144,7 +169,15 @@ class _Runner:
             return
         try:
             if plan.limiter_call == "adjust":
-                await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
+                parts = plan.parts
+                if parts is not None and _takes_parts(limiter, "adjust_consumption"):
+                    adjusted = limiter.adjust_consumption(
+                        plan.key, plan.tokens, input_tokens=parts[0], output_tokens=parts[1]
+                    )
+                    if inspect.isawaitable(adjusted):
+                        await adjusted
+                else:
+                    await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
             elif plan.limiter_call == "release":
                 await _release(limiter, plan.key)
             elif callable(getattr(limiter, "settle", None)):
@@ -156,11 +189,18 @@ class _Runner:
                 "rate limiter failed to correct request %r (%s); the message is settled", request_id, why
             )
 
-    async def reserve(self, limiter: Any, key: str, tokens: int) -> bool:
-        """``limiter.consume(key, tokens)``. Cancelled while an asynchronous consume is on its
-        way (a round trip to a shared limiter), the call still completes, and a reservation it
-        made is given back in a task `close` waits for: a cancelled dequeue takes nothing."""
-        result = limiter.consume(key, tokens)
+    async def reserve(
+        self, limiter: Any, key: str, tokens: int, parts: tuple[int, int] | None = None
+    ) -> bool:
+        """``limiter.consume(key, tokens)``, with the request's input and output ``parts`` where
+        it knows them and the limiter takes them (each limit then takes its own share).
+        Cancelled while an asynchronous consume is on its way (a round trip to a shared
+        limiter), the call still completes, and a reservation it made is given back in a task
+        `close` waits for: a cancelled dequeue takes nothing."""
+        if parts is not None and _takes_parts(limiter, "consume"):
+            result = limiter.consume(key, tokens, input_tokens=parts[0], output_tokens=parts[1])
+        else:
+            result = limiter.consume(key, tokens)
         if not inspect.isawaitable(result):
             return bool(result)
         consumed = asyncio.ensure_future(result)
@@ -395,8 +435,12 @@ class LLMQueueDispatcher(Generic[T]):
             return None
         job: ProcessableMessage[T] = found
         try:
+            parts = _token_parts(job.message)
             if self.config.reserve_budget:
-                granted = await self._runner.reserve(limiter, job._key or "", job._tokens)
+                granted = await self._runner.reserve(limiter, job._key or "", job._tokens, parts)
+            elif parts is not None and _takes_parts(limiter, "can_process"):
+                checked = limiter.can_process(job._tokens, input_tokens=parts[0], output_tokens=parts[1])
+                granted = bool((await checked if inspect.isawaitable(checked) else checked).allowed)
             else:
                 granted = bool((await _call(limiter, "can_process", job._tokens)).allowed)
         except BaseException:
@@ -406,7 +450,11 @@ class LLMQueueDispatcher(Generic[T]):
             raise
         if not granted:
             await self._revoke(job, restore=True, reserved=False)
-            return await self._held_for(limiter, job._needed) if self.config.hold_budget else None
+            if not self.config.hold_budget:
+                return None
+            # Held: the winner's wait over every limit, by its parts where the margin is none.
+            exact = parts if job._needed == job._tokens else None
+            return await self._held_for(limiter, job._needed, exact)
         return job
 
     async def _hand_out(self, job: ProcessableMessage[T]) -> bool:
@@ -434,9 +482,14 @@ class LLMQueueDispatcher(Generic[T]):
             await self._runner.shielded(self._runner.limiter_call(plan))
 
     @staticmethod
-    async def _held_for(limiter: Any, tokens: int) -> float | None:
-        """Seconds until a held winner of ``tokens`` fits (None when it never will)."""
-        wait = float((await _call(limiter, "can_process", tokens)).available_in)
+    async def _held_for(limiter: Any, tokens: int, parts: tuple[int, int] | None = None) -> float | None:
+        """Seconds until a held winner of ``tokens`` (split into ``parts`` when known) fits
+        (None when it never will)."""
+        if parts is not None and _takes_parts(limiter, "can_process"):
+            checked = limiter.can_process(tokens, input_tokens=parts[0], output_tokens=parts[1])
+            wait = float((await checked if inspect.isawaitable(checked) else checked).available_in)
+        else:
+            wait = float((await _call(limiter, "can_process", tokens)).available_in)
         return wait if math.isfinite(wait) else None
 
     async def _drop_expired(self) -> None:

@@ -48,6 +48,20 @@ pub struct Settings {
     pub hold: bool,
 }
 
+/// A payload that may know its request's input and output token parts (`TokenInfo.input` and
+/// `max_output`), read once when it was stored: a reservation takes the input part from an input
+/// limit and the output part from an output limit, and admission checks each against its own.
+pub trait TokenParts {
+    /// The input and output parts, adding up to the message's estimate; None when not given.
+    fn token_parts(&self) -> Option<(u64, u64)>;
+}
+
+impl TokenParts for () {
+    fn token_parts(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
 /// What a dispatch step comes to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome<T> {
@@ -125,7 +139,7 @@ pub struct StoreTake {
 
 /// The score policy's fused step: decide (`policy::decide_score`), reserve and receive, under
 /// the caller's locks of `store` (at `now`) and `limiter` (at `limiter_now`, advanced).
-pub fn fused_score<P, M: Default>(
+pub fn fused_score<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     limiter: &mut Throttle<M>,
     weights: &Weights,
@@ -146,7 +160,7 @@ pub fn fused_score<P, M: Default>(
 
 /// The `fair_priority` policy's fused step: decide (`policy::decide_fair`), reserve, receive and
 /// charge the tenant, under the caller's locks.
-pub fn fused_fair<P, M: Default>(
+pub fn fused_fair<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &mut Throttle<M>,
@@ -175,7 +189,7 @@ pub fn fused_fair<P, M: Default>(
 
 /// Reserves the budget of the message in `slot` (when `settings.reserve`) and receives it; a
 /// failed receive releases the reservation. `Nothing` when the limiter refuses.
-fn receive_reserved<P, M: Default>(
+fn receive_reserved<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     limiter: &mut Throttle<M>,
     slot: u32,
@@ -185,7 +199,8 @@ fn receive_reserved<P, M: Default>(
 ) -> CoreResult<Outcome<(ReceiptHandle, Option<ReservationKey>)>> {
     let key = if settings.reserve {
         let message = store.message(slot);
-        match limiter.reserve(limiter_now, &message.request_id, message.tokens, M::default()) {
+        let parts = message.payload.token_parts();
+        match limiter.reserve_parts(limiter_now, &message.request_id, message.tokens, parts, M::default()) {
             Ok(key) => Some(key),
             Err(_) => return Ok(Outcome::Nothing),
         }
@@ -234,7 +249,11 @@ pub fn buffered_score<M, L: Default>(
     let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
     let Some(mut candidate) = best(&context) else { return Outcome::Nothing };
     let margin = score_margin(&candidate, reserve, capacity);
-    if !settings.hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
+    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
+    if !settings.hold
+        && margin > 0.0
+        && !limiter.admits_parts(candidate.tokens, parts_of(candidate.seq), margin)
+    {
         // The best among what leaves the URGENT reserve (as `policy::decide_score`).
         context.max_tokens = budget.max_tokens - reserve;
         let Some(fitting) = best(&context) else { return Outcome::Nothing };
@@ -243,7 +262,9 @@ pub fn buffered_score<M, L: Default>(
     if candidate.base < settings.min_score {
         return Outcome::Nothing;
     }
-    match admit(limiter, (), candidate.tokens, score_margin(&candidate, reserve, capacity), settings.hold) {
+    let parts = parts_of(candidate.seq);
+    let margin = score_margin(&candidate, reserve, capacity);
+    match admit(limiter, (), candidate.tokens, parts, margin, settings.hold) {
         Decision::Take(()) => {}
         Decision::Wait(seconds) => return Outcome::Wait(seconds),
         Decision::Nothing => return Outcome::Nothing,
@@ -305,7 +326,10 @@ fn reserve_buffered<M, L: Default>(
         return Ok(None);
     }
     let item = buffer.get(seq).ok_or(Refused)?;
-    limiter.reserve(limiter_now, &item.request_id, tokens, L::default()).map(Some).map_err(|_| Refused)
+    limiter
+        .reserve_parts(limiter_now, &item.request_id, tokens, item.parts, L::default())
+        .map(Some)
+        .map_err(|_| Refused)
 }
 
 // ----- stepwise -------------------------------------------------------------------------------
@@ -326,10 +350,11 @@ pub trait Steps {
     fn collect(&mut self, budget: Budget, limit: usize) -> Result<Vec<Collected>, Self::Error>;
     /// The raw custom scores of the `i`-th collected candidate (run with no lock held).
     fn evaluate(&mut self, i: usize, candidate: &Candidate) -> Result<Vec<f64>, Self::Error>;
-    /// 0 when a request of `tokens`, leaving `margin` more in the bucket, fits now; else how
-    /// long it is held: seconds for an `LLMThrottle` (infinite: never), the tokens it needs for
-    /// another limiter's reported budget (whose caller asks its limiter when).
-    fn wait(&mut self, tokens: u64, margin: f64) -> Result<f64, Self::Error>;
+    /// 0 when `candidate` (its estimate, split into its input and output parts where the pool
+    /// knows them), leaving `margin` more in the bucket, fits now; else how long it is held:
+    /// seconds for an `LLMThrottle` (infinite: never), the tokens it needs for another
+    /// limiter's reported budget (whose caller asks its limiter when).
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> Result<f64, Self::Error>;
     /// Reserves `candidate`'s budget: the key, or None when refused.
     fn reserve(&mut self, candidate: &Candidate) -> Result<Option<ReservationKey>, Self::Error>;
     /// Takes `candidate` out if it is still there (None: it left).
@@ -360,7 +385,7 @@ pub fn attempt<S: Steps>(
             return Ok(Outcome::Nothing);
         };
         let margin = score_margin(&choice.candidate, reserve, capacity);
-        if !settings.hold && margin > 0.0 && steps.wait(choice.candidate.tokens, margin)? != 0.0 {
+        if !settings.hold && margin > 0.0 && steps.wait(&choice.candidate, margin)? != 0.0 {
             // The best among what leaves the reserve: no URGENT one fits now (it would have won).
             let leaving = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
             let Some(fitting) = pick(steps, leaving, limit, custom_weights)? else {
@@ -371,10 +396,9 @@ pub fn attempt<S: Steps>(
         if choice.total < settings.min_score {
             return Ok(Outcome::Nothing);
         }
-        let tokens = choice.candidate.tokens;
         let margin = score_margin(&choice.candidate, reserve, capacity);
         if settings.hold || margin > 0.0 {
-            let wait = steps.wait(tokens, margin)?;
+            let wait = steps.wait(&choice.candidate, margin)?;
             if wait != 0.0 {
                 if settings.hold {
                     return Ok(Outcome::wait(wait));
@@ -429,7 +453,7 @@ fn needed(tokens: u64, decision: &FairDecision) -> u64 {
 /// the winner received and charged (its reservation is the caller's to make), with the tokens
 /// to wait for if that is refused; or, when it does not fit now, `Wait` for that many tokens
 /// (held; the caller asks its limiter when) or `Nothing`.
-pub fn take_fair_in_store<P>(
+pub fn take_fair_in_store<P: TokenParts>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &impl Admission,

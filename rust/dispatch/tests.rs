@@ -120,6 +120,7 @@ fn leased(id: &str, priority: u8, tokens: u64) -> Leased<&'static str> {
         },
         tenant: None,
         deadline: f64::NAN,
+        parts: None,
     }
 }
 
@@ -247,7 +248,8 @@ impl Steps for Scripted {
         Ok(vec![1.0])
     }
 
-    fn wait(&mut self, tokens: u64, margin: f64) -> CoreResult<f64> {
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> CoreResult<f64> {
+        let tokens = candidate.tokens;
         Ok(if tokens as f64 + margin <= self.available { 0.0 } else { self.wait })
     }
 

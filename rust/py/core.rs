@@ -296,12 +296,16 @@ impl PyDispatchCore {
             };
         }
         let (kind, tokens, delay) = match mark {
-            Mark::Processed { actual } => ("processed", actual, 0.0),
+            Mark::Processed { actual, .. } => ("processed", actual, 0.0),
             Mark::Failed { delay } => ("failed", None, delay),
             Mark::DeadLettered => ("dead_lettered", None, 0.0),
             Mark::Released => ("released", None, 0.0),
         };
-        self.runner.call_method1(py, intern!(py, "mark"), (job, kind, tokens, delay, error))
+        let parts = match mark {
+            Mark::Processed { parts, .. } => parts,
+            _ => None,
+        };
+        self.runner.call_method1(py, intern!(py, "mark"), (job, kind, tokens, delay, error, parts))
     }
 
     /// Settles the job's delivery with `mark`: its store call and its limiter call made here
@@ -400,7 +404,14 @@ impl PyDispatchCore {
         request_id: &str,
     ) -> PyResult<()> {
         let outcome = match op {
-            LimiterOp::Adjust(tokens) => throttle.adjust_reservation(py, key, tokens, request_id)?,
+            LimiterOp::Adjust(tokens) => throttle.adjust_reservation(py, key, tokens, None, request_id)?,
+            LimiterOp::AdjustParts(input, output) => throttle.adjust_reservation(
+                py,
+                key,
+                input.saturating_add(output),
+                Some((input, output)),
+                request_id,
+            )?,
             LimiterOp::Release => throttle.with_state(py, |state, _| state.release_reservation(key))?,
             LimiterOp::Settle => throttle.with_state(py, |state, _| state.settle_reservation(key))?,
         };
@@ -452,11 +463,14 @@ impl PyDispatchCore {
             Some(StoreOp::Release) => (Some("release"), 0.0),
             None => (None, 0.0),
         };
-        let (limiter_call, tokens) = match plan.limiter {
-            Some(LimiterOp::Adjust(tokens)) => (Some("adjust"), tokens),
-            Some(LimiterOp::Release) => (Some("release"), 0),
-            Some(LimiterOp::Settle) => (Some("settle"), 0),
-            None => (None, 0),
+        let (limiter_call, tokens, parts) = match plan.limiter {
+            Some(LimiterOp::Adjust(tokens)) => (Some("adjust"), tokens, None),
+            Some(LimiterOp::AdjustParts(input, output)) => {
+                (Some("adjust"), input.saturating_add(output), Some((input, output)))
+            }
+            Some(LimiterOp::Release) => (Some("release"), 0, None),
+            Some(LimiterOp::Settle) => (Some("settle"), 0, None),
+            None => (None, 0, None),
         };
         // Only another limiter's call is Python's: an `LLMThrottle`'s is made by `finish`.
         let (limiter, key, limiter_call) = match reservation {
@@ -471,6 +485,7 @@ impl PyDispatchCore {
             limiter,
             limiter_call,
             tokens,
+            parts,
             key,
             stale,
             request_id: request_id.to_owned(),
@@ -841,7 +856,10 @@ impl PyDispatchCore {
     /// Settles `job` (`kind`: `"processed"` with `tokens` or None, `"failed"` after `delay`,
     /// `"dead_lettered"`, `"released"`; `error` is logged with a failure or a dead letter): what
     /// needs no await is done here; the rest is returned as a `Plan` (None: all done).
-    #[pyo3(signature = (job, kind, tokens=None, delay=0.0, error=None))]
+    /// `parts`: the input and output tokens of a processed call, adding up to `tokens`, when
+    /// known (`ProcessableMessage.mark_as_processed` checked them).
+    #[pyo3(signature = (job, kind, tokens=None, delay=0.0, error=None, parts=None))]
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         py: Python<'_>,
@@ -850,9 +868,13 @@ impl PyDispatchCore {
         tokens: Option<u64>,
         delay: f64,
         error: Option<&Bound<'_, PyAny>>,
+        parts: Option<(u64, u64)>,
     ) -> PyResult<Option<PyPlan>> {
+        if parts.is_some_and(|(input, output)| tokens != input.checked_add(output)) {
+            return Err(bad_config(py, "parts must add up to tokens".to_owned()));
+        }
         let mark = match kind {
-            "processed" => Mark::Processed { actual: tokens },
+            "processed" => Mark::Processed { actual: tokens, parts },
             "failed" => Mark::Failed { delay },
             "dead_lettered" => Mark::DeadLettered,
             "released" => Mark::Released,
@@ -886,7 +908,8 @@ impl PyDispatchCore {
         reserved: bool,
     ) -> PyResult<Option<PyPlan>> {
         let (plan, held) = self.lock(py).ledger.revoke(job.get().id).map_err(|e| to_py_err(py, e))?;
-        if let (true, &Origin::Buffer { seq, traits, tenant, deadline, lease_end }) = (restore, &held.origin)
+        if let (true, &Origin::Buffer { seq, traits, tenant, deadline, lease_end, parts }) =
+            (restore, &held.origin)
         {
             let item = Buffered {
                 message: held.message.clone_ref(py),
@@ -897,6 +920,7 @@ impl PyDispatchCore {
                 tenant,
                 deadline,
                 lease_end,
+                parts,
             };
             self.lock(py).buffer.restore(item);
         }
@@ -973,7 +997,7 @@ impl PyDispatchCore {
             let mark = if done.store == Some("dead_letter") {
                 Mark::DeadLettered
             } else {
-                Mark::Processed { actual: None }
+                Mark::Processed { actual: None, parts: None }
             };
             return Err(stale_error(py, &done.request_id, mark));
         }
@@ -1438,8 +1462,9 @@ fn read_leased(message: &Bound<'_, PyAny>, lease_end: f64) -> PyResult<Leased<Py
     let priority = request.getattr(intern!(py, "priority"))?.extract::<u8>().ok().filter(|&p| p <= 3);
     let priority = priority
         .ok_or_else(|| invalid_request(py, "buffered message: priority must be within 0..3".to_owned()))?;
-    let estimated = request.getattr(intern!(py, "token_info"))?.getattr(intern!(py, "estimated"))?;
-    let tokens = token_count(&estimated, "token_info.estimated")?;
+    let token_info = request.getattr(intern!(py, "token_info"))?;
+    let tokens = token_count(&token_info.getattr(intern!(py, "estimated"))?, "token_info.estimated")?;
+    let parts = super::requests::token_parts_of(&token_info, tokens)?;
     let expected: Option<f64> = request.getattr(intern!(py, "expected_processing_time"))?.extract()?;
     let enqueued_at: f64 =
         attributes.getattr(intern!(py, "enqueued_at"))?.call_method0(intern!(py, "timestamp"))?.extract()?;
@@ -1466,5 +1491,6 @@ fn read_leased(message: &Bound<'_, PyAny>, lease_end: f64) -> PyResult<Leased<Py
         tenant,
         deadline,
         lease_end,
+        parts,
     })
 }

@@ -419,6 +419,17 @@ impl<M> Throttle<M> {
         self.meters.iter().map(|m| m.bucket().capacity()).fold(self.tokens.bucket().capacity(), f64::min)
     }
 
+    /// Whether a request of `estimated` tokens, split into its input and output `parts` when
+    /// known, can ever be admitted: every token limit's capacity holds its share (the whole
+    /// estimate without the parts, so then this is `estimated <= token_capacity()`).
+    pub fn fits_capacity(&self, estimated: u64, parts: Option<(u64, u64)>) -> bool {
+        estimated as f64 <= self.tokens.bucket().capacity()
+            && self
+                .meters
+                .iter()
+                .all(|meter| meter.dimension().share(estimated, parts) as f64 <= meter.bucket().capacity())
+    }
+
     /// Tokens a second that the token limits let through in the long run, estimates without
     /// parts counting against each: the slowest refill.
     pub fn token_rate(&self) -> f64 {
@@ -665,15 +676,17 @@ impl<M> Throttle<M> {
         self.adjust_at(index, actual, parts)
     }
 
-    /// `adjust` of the reservation `key` names. Call `advance` first.
-    /// Returns the limits that could not take their whole extra, as `adjust_parts` does.
+    /// `adjust_parts` of the reservation `key` names (`parts`, when known, add up to
+    /// `actual`). Call `advance` first. Returns the limits that could not take their whole
+    /// extra, as `adjust_parts` does.
     pub fn adjust_reservation(
         &mut self,
         key: ReservationKey,
         actual: u64,
+        parts: Option<(u64, u64)>,
     ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let index = self.key_index(key)?;
-        self.adjust_at(index, actual, None)
+        self.adjust_at(index, actual, parts)
     }
 
     fn adjust_at(
