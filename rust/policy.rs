@@ -263,9 +263,23 @@ pub fn ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
     }
 }
 
+/// The budget requests split into input and output parts are ranked against, when it is larger
+/// than `ranking_budget`'s (the limiter has input or output limits): the limits that count the
+/// whole estimate bound it, each part being checked against its own limit at admission.
+pub fn parts_ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
+    let strict = ranking_budget(limiter, hold)?;
+    let loose = if hold { limiter.whole_token_capacity() } else { limiter.admissible_whole_tokens()? };
+    (loose > strict.max_tokens).then_some(Budget { max_tokens: loose, ..strict })
+}
+
 /// The score policy's decision over a store at `now` (no custom scorers: those are applied by
 /// the caller over collected candidates). A non-URGENT winner leaves the URGENT reserve in the
 /// bucket (`score_urgent_reserve`, from the store's history).
+///
+/// With input or output limits, the messages are first ranked under `parts_ranking_budget`, so
+/// a request larger than such a limit that fits by its parts competes; when that winner can
+/// never go (or, without holding, does not go now), the ranking is over what fits every limit
+/// with its whole estimate.
 pub fn decide_score<P: TokenParts, R: Ranking + UrgentHistory, M>(
     store: &Store<P, R>,
     weights: &Weights,
@@ -275,6 +289,24 @@ pub fn decide_score<P: TokenParts, R: Ranking + UrgentHistory, M>(
     min_score: f64,
 ) -> Decision<Candidate> {
     let Some(budget) = ranking_budget(limiter, hold) else { return Decision::Nothing };
+    if let Some(loose) = parts_ranking_budget(limiter, hold) {
+        let decision = decide_score_under(store, weights, limiter, now, hold, min_score, loose);
+        if !matches!(decision, Decision::Nothing) {
+            return decision;
+        }
+    }
+    decide_score_under(store, weights, limiter, now, hold, min_score, budget)
+}
+
+fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
+    store: &Store<P, R>,
+    weights: &Weights,
+    limiter: &Throttle<M>,
+    now: f64,
+    hold: bool,
+    min_score: f64,
+    budget: Budget,
+) -> Decision<Candidate> {
     let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter, now);
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };

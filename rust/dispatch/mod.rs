@@ -18,8 +18,8 @@ use crate::buffer::{Buffer, Buffered};
 use crate::errors::{CoreError, CoreResult};
 use crate::fair::{FairCandidate, FairRuntime};
 use crate::policy::{
-    admit, decide_fair, decide_fair_store, decide_score, ranking_budget, score_margin, score_reserve,
-    Admission, Budget, Decision, FairDecision, Rankings,
+    admit, decide_fair, decide_fair_store, decide_score, parts_ranking_budget, ranking_budget, score_margin,
+    score_reserve, Admission, Budget, Decision, FairDecision, Rankings,
 };
 use crate::scoring::Weights;
 use crate::select::{best_candidate, choose, Candidate, Choice, Collected, SearchContext};
@@ -242,33 +242,18 @@ pub fn buffered_score<M, L: Default>(
     limiter_now: f64,
 ) -> Outcome<BufferTake<M>> {
     let Some(budget) = ranking_budget(limiter, settings.hold) else { return Outcome::Nothing };
-    let reserve = score_reserve(weights, Some(&buffer.urgent_history()), limiter, now);
-    let capacity = limiter.tokens().capacity();
-    let mut context =
-        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
-    let Some(mut candidate) = best(&context) else { return Outcome::Nothing };
-    let margin = score_margin(&candidate, reserve, capacity);
-    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
-    if !settings.hold
-        && margin > 0.0
-        && !limiter.admits_parts(candidate.tokens, parts_of(candidate.seq), margin)
-    {
-        // The best among what leaves the URGENT reserve (as `policy::decide_score`).
-        context.max_tokens = budget.max_tokens - reserve;
-        let Some(fitting) = best(&context) else { return Outcome::Nothing };
-        candidate = fitting;
-    }
-    if candidate.base < settings.min_score {
-        return Outcome::Nothing;
-    }
-    let parts = parts_of(candidate.seq);
-    let margin = score_margin(&candidate, reserve, capacity);
-    match admit(limiter, (), candidate.tokens, parts, margin, settings.hold) {
-        Decision::Take(()) => {}
+    // With input or output limits, first under the budget of requests split into parts (as
+    // `policy::decide_score`).
+    let loose = parts_ranking_budget(limiter, settings.hold);
+    let decided = loose
+        .map(|loose| buffered_decision(buffer, limiter, weights, settings, now, loose))
+        .filter(|decision| !matches!(decision, Decision::Nothing))
+        .unwrap_or_else(|| buffered_decision(buffer, limiter, weights, settings, now, budget));
+    let candidate = match decided {
+        Decision::Take(candidate) => candidate,
         Decision::Wait(seconds) => return Outcome::Wait(seconds),
         Decision::Nothing => return Outcome::Nothing,
-    }
+    };
     let Ok(key) = reserve_buffered(buffer, limiter, candidate.seq, candidate.tokens, settings, limiter_now)
     else {
         return Outcome::Nothing;
@@ -279,6 +264,39 @@ pub fn buffered_score<M, L: Default>(
         }
         None => Outcome::Nothing,
     }
+}
+
+/// The score policy's decision over the buffer under `budget`.
+fn buffered_decision<M, L>(
+    buffer: &Buffer<M>,
+    limiter: &Throttle<L>,
+    weights: &Weights,
+    settings: Settings,
+    now: f64,
+    budget: Budget,
+) -> Decision<Candidate> {
+    let reserve = score_reserve(weights, Some(&buffer.urgent_history()), limiter, now);
+    let capacity = limiter.tokens().capacity();
+    let mut context =
+        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
+    let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
+    let Some(mut candidate) = best(&context) else { return Decision::Nothing };
+    let margin = score_margin(&candidate, reserve, capacity);
+    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
+    if !settings.hold
+        && margin > 0.0
+        && !limiter.admits_parts(candidate.tokens, parts_of(candidate.seq), margin)
+    {
+        // The best among what leaves the URGENT reserve (as `policy::decide_score`).
+        context.max_tokens = budget.max_tokens - reserve;
+        let Some(fitting) = best(&context) else { return Decision::Nothing };
+        candidate = fitting;
+    }
+    if candidate.base < settings.min_score {
+        return Decision::Nothing;
+    }
+    let margin = score_margin(&candidate, reserve, capacity);
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.seq), margin, settings.hold)
 }
 
 /// The `fair_priority` step over the buffer with an `LLMThrottle`: decide, reserve, take, charge.

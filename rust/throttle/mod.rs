@@ -242,6 +242,11 @@ pub fn split_parts(
     }
 }
 
+/// Whether `meter` counts a request's whole estimate (not only its input or its output part).
+fn counts_whole(meter: &Meter) -> bool {
+    !matches!(meter.dimension(), Dimension::Itpm | Dimension::Otpm)
+}
+
 /// The limiter: a request bucket and a token bucket (each token limit with its compensation
 /// debt), the optional limits as providers publish them, and a consumption history.
 #[derive(Debug, Clone)]
@@ -440,6 +445,17 @@ impl<M> Throttle<M> {
     /// bucket, a slot free), and if so the largest estimate without parts admitted now (below 0
     /// when none is; see `Meter::admissible`). Call `advance` first.
     pub fn admissible_tokens(&self) -> Option<f64> {
+        self.admissible_over(|_| true)
+    }
+
+    /// `admissible_tokens` over the limits that count a request's whole estimate (tpm, tpd):
+    /// the largest estimate split into input and output parts that may be admitted now (each
+    /// part must still fit its own limit). Call `advance` first.
+    pub fn admissible_whole_tokens(&self) -> Option<f64> {
+        self.admissible_over(counts_whole)
+    }
+
+    fn admissible_over(&self, counted: impl Fn(&Meter) -> bool) -> Option<f64> {
         let request_free = self.penalty_left() <= 0.0
             && self.requests.has(1.0)
             && self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
@@ -447,8 +463,24 @@ impl<M> Throttle<M> {
         if !request_free {
             return None;
         }
-        let most = self.meters.iter().map(Meter::admissible).fold(self.tokens.admissible(), f64::min);
+        let most = self
+            .meters
+            .iter()
+            .filter(|m| counted(m))
+            .map(Meter::admissible)
+            .fold(self.tokens.admissible(), f64::min);
         Some(most.max(-1.0))
+    }
+
+    /// The largest estimate split into input and output parts that can ever be admitted: the
+    /// smallest capacity of the limits that count the whole estimate (tpm, tpd). Equal to
+    /// `token_capacity` without input or output limits.
+    pub fn whole_token_capacity(&self) -> f64 {
+        self.meters
+            .iter()
+            .filter(|m| counts_whole(m))
+            .map(|m| m.bucket().capacity())
+            .fold(self.tokens.bucket().capacity(), f64::min)
     }
 
     /// Whether a request of `estimated` tokens (plus any debt) would be admitted now, and if
