@@ -250,6 +250,9 @@ fn delay_arg(value: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<f64> {
     }
 }
 
+/// A processed mark's total, and its input and output parts, each when given.
+type Counts = (Option<u64>, Option<(u64, u64)>);
+
 /// The counts of a processed mark: the total, and the input and output parts when given (see
 /// `mark_as_processed`).
 fn processed_counts(
@@ -257,7 +260,7 @@ fn processed_counts(
     actual: Option<&Bound<'_, PyAny>>,
     input: Option<&Bound<'_, PyAny>>,
     output: Option<&Bound<'_, PyAny>>,
-) -> PyResult<(Option<u64>, Option<(u64, u64)>)> {
+) -> PyResult<Counts> {
     let count = |value: Option<&Bound<'_, PyAny>>, name: &str| -> PyResult<Option<u64>> {
         value.filter(|v| !v.is_none()).map(|v| token_count(v, name)).transpose()
     };

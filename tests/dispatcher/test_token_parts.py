@@ -95,14 +95,17 @@ def inner(limiter: Any) -> LLMThrottle:
     return limiter if isinstance(limiter, LLMThrottle) else limiter.inner
 
 
-def parted(request_id: str, input_tokens: int, max_output: int, priority: Priority = Priority.NORMAL) -> LLMRequest[Any]:
+def parted(
+    request_id: str, input_tokens: int, max_output: int, priority: Priority = Priority.NORMAL
+) -> LLMRequest[Any]:
     return LLMRequest(request_id, None, priority, TokenInfo(input=input_tokens, max_output=max_output))
 
 
 def levels(limiter: Any) -> tuple[float, float, float]:
     """What the tpm, itpm and otpm buckets hold."""
     metrics = inner(limiter).get_metrics()
-    assert metrics.itpm is not None and metrics.otpm is not None
+    assert metrics.itpm is not None
+    assert metrics.otpm is not None
     return metrics.tpm.available, metrics.itpm.available, metrics.otpm.available
 
 
@@ -114,7 +117,8 @@ async def test_a_reservation_takes_the_input_from_itpm_and_the_output_from_otpm(
     # More than otpm's whole capacity in total: it fits only by its parts.
     await dispatcher.enqueue(parted("a", 5_000, 800))
     job = await dispatcher.dequeue(limiter)
-    assert job is not None and job.message.payload.id == "a"
+    assert job is not None
+    assert job.message.payload.id == "a"
     assert levels(limiter) == pytest.approx((94_200, 5_000, 200))
     await dispatcher.close()
 
@@ -133,25 +137,31 @@ async def test_a_request_fitting_tpm_but_not_itpm_is_held_for_as_long_as_itpm_ne
     assert await dispatcher.dequeue(limiter) is None
     clock.advance(0.501)
     job = await dispatcher.dequeue(limiter)
-    assert job is not None and job.message.payload.id == "big"
+    assert job is not None
+    assert job.message.payload.id == "big"
     await dispatcher.close()
 
 
 # A limiter called from Python is ranked against what its `get_metrics()` reports of requests and
 # tokens: without holding, its refusal of the winner ends the dequeue (as before parts existed).
 @pytest.mark.parametrize("path", [p for p in PATHS if p[1] == "native"], ids="-".join)
-async def test_without_holding_the_request_that_fits_every_limit_goes_first(clock: ManualClock, path: Path) -> None:
+async def test_without_holding_the_request_that_fits_every_limit_goes_first(
+    clock: ManualClock, path: Path
+) -> None:
     dispatcher, limiter = make(clock, path, hold_budget=False)
     assert inner(limiter).consume("earlier", 7_000, input_tokens=7_000, output_tokens=0)
     await dispatcher.enqueue(parted("big", 6_000, 100, Priority.URGENT))
     await dispatcher.enqueue(parted("small", 500, 100, Priority.LOW))
     job = await dispatcher.dequeue(limiter)
-    assert job is not None and job.message.payload.id == "small"
+    assert job is not None
+    assert job.message.payload.id == "small"
     await dispatcher.close()
 
 
 @pytest.mark.parametrize("path", PATHS, ids="-".join)
-async def test_the_mark_corrects_each_limit_with_the_actual_input_and_output(clock: ManualClock, path: Path) -> None:
+async def test_the_mark_corrects_each_limit_with_the_actual_input_and_output(
+    clock: ManualClock, path: Path
+) -> None:
     dispatcher, limiter = make(clock, path)
     await dispatcher.enqueue(parted("a", 5_000, 800))
     job = await dispatcher.dequeue(limiter)
@@ -199,7 +209,9 @@ async def test_the_total_with_one_part_takes_the_other_as_the_rest(
         {"input_tokens": "7", "output_tokens": 3},
     ],
 )
-async def test_bad_counts_are_refused_and_mark_nothing(clock: ManualClock, path: Path, counts: dict[str, Any]) -> None:
+async def test_bad_counts_are_refused_and_mark_nothing(
+    clock: ManualClock, path: Path, counts: dict[str, Any]
+) -> None:
     dispatcher, limiter = make(clock, path)
     await dispatcher.enqueue(parted("a", 5_000, 800))
     job = await dispatcher.dequeue(limiter)
@@ -231,7 +243,8 @@ async def test_a_mark_without_counts_settles_the_reservation_as_it_is(clock: Man
     await job.mark_as_processed()
     assert levels(limiter) == pytest.approx((94_200 - 0, 5_000, 200))
     second = await dispatcher.dequeue(limiter)  # the slot is free again
-    assert second is not None and second.message.payload.id == "b"
+    assert second is not None
+    assert second.message.payload.id == "b"
     await dispatcher.close()
 
 
@@ -271,9 +284,7 @@ def test_reservations_and_marks_by_parts_keep_every_limit_s_books(
     async def scenario() -> None:
         clock = ManualClock(10_000.0)
         store_kind, limiter_kind, policy = path
-        throttle = LLMThrottle(
-            1_000, 1_000_000, itpm=100_000, otpm=10_000, max_concurrent=50, clock=clock
-        )
+        throttle = LLMThrottle(1_000, 1_000_000, itpm=100_000, otpm=10_000, max_concurrent=50, clock=clock)
         storage: Any = (
             InMemoryStorage(clock=clock) if store_kind == "memory" else ReferenceStorage(clock=clock)
         )
@@ -308,7 +319,8 @@ def test_reservations_and_marks_by_parts_keep_every_limit_s_books(
             else:
                 await job.release()
         metrics = throttle.get_metrics()
-        assert metrics.itpm is not None and metrics.otpm is not None
+        assert metrics.itpm is not None
+        assert metrics.otpm is not None
         assert metrics.itpm.available == pytest.approx(100_000 - used[0])
         assert metrics.otpm.available == pytest.approx(10_000 - used[1])
         assert metrics.tpm.available == pytest.approx(1_000_000 - used[0] - used[1])

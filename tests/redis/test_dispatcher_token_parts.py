@@ -84,7 +84,8 @@ def test_marks_by_parts_leave_the_same_books_in_rust_and_lua(
             assert got.rpm.available == pytest.approx(want.rpm.available, abs=1e-9)
             for name in ("itpm", "otpm", "tpd", "concurrency"):
                 want_bucket, got_bucket = getattr(want, name), getattr(got, name)
-                assert want_bucket is not None and got_bucket is not None
+                assert want_bucket is not None
+                assert got_bucket is not None
                 assert got_bucket.available == pytest.approx(want_bucket.available, abs=1e-9), name
             assert got.compensation.debts == pytest.approx(want.compensation.debts, abs=1e-9)
             assert got.consumption_history.total_tokens == want.consumption_history.total_tokens
