@@ -313,7 +313,10 @@ fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
     let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
     let capacity = limiter.tokens().capacity();
     let margin = score_margin(&candidate, reserve, capacity);
-    let parts_of = |slot: u32| store.message(slot).payload.token_parts();
+    let parts_of = |slot: u32| {
+        let message = store.message(slot);
+        message.payload.token_parts(message.tokens)
+    };
     if !hold && margin > 0.0 && !limiter.admits_parts(candidate.tokens, parts_of(candidate.slot), margin) {
         // Without holding: the best among what leaves the reserve. No URGENT message fits now
         // (one would have won), so the search is over the others, each needing the reserve.
@@ -511,7 +514,7 @@ pub fn decide_fair_store<P: TokenParts>(
         lanes.as_ref()?,
         |slot| {
             let message = store.message(slot);
-            (message.tokens, message.payload.token_parts())
+            (message.tokens, message.payload.token_parts(message.tokens))
         },
         runtime,
         history,

@@ -52,13 +52,38 @@ pub struct Settings {
 /// `max_output`), read once when it was stored: a reservation takes the input part from an input
 /// limit and the output part from an output limit, and admission checks each against its own.
 pub trait TokenParts {
-    /// The input and output parts, adding up to the message's estimate; None when not given.
-    fn token_parts(&self) -> Option<(u64, u64)>;
+    /// The input and output parts of a message whose estimate is `tokens`, adding up to it;
+    /// None when not given.
+    fn token_parts(&self, tokens: u64) -> Option<(u64, u64)>;
 }
 
 impl TokenParts for () {
-    fn token_parts(&self) -> Option<(u64, u64)> {
+    fn token_parts(&self, _tokens: u64) -> Option<(u64, u64)> {
         None
+    }
+}
+
+/// A message's input part in 8 bytes, as a stored message keeps it: the output part is the rest
+/// of the estimate, which the message keeps anyway (`input + max_output == estimated` always
+/// holds). `u64::MAX` stands for "no parts". An input part of `u64::MAX` itself is a count that
+/// saturated (beyond 2**64 - 1), so the estimate is too: it is kept as the estimate alone, which
+/// changes nothing a limiter decides (every limit counting the whole estimate, `tpm` always
+/// among them, is finite, so neither can ever be granted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPart(u64);
+
+impl InputPart {
+    /// No parts: the estimate alone.
+    pub const NONE: Self = Self(u64::MAX);
+
+    /// The input part of `parts` (as [`crate::throttle::split_parts`] gives them).
+    pub fn of(parts: Option<(u64, u64)>) -> Self {
+        parts.map_or(Self::NONE, |(input, _)| Self(input))
+    }
+
+    /// The input and output parts of an estimate of `tokens` (the output part is the rest).
+    pub fn parts(self, tokens: u64) -> Option<(u64, u64)> {
+        (self != Self::NONE).then(|| (self.0, tokens.saturating_sub(self.0)))
     }
 }
 
@@ -199,7 +224,7 @@ fn receive_reserved<P: TokenParts, M: Default>(
 ) -> CoreResult<Outcome<(ReceiptHandle, Option<ReservationKey>)>> {
     let key = if settings.reserve {
         let message = store.message(slot);
-        let parts = message.payload.token_parts();
+        let parts = message.payload.token_parts(message.tokens);
         match limiter.reserve_parts(limiter_now, &message.request_id, message.tokens, parts, M::default()) {
             Ok(key) => Some(key),
             Err(_) => return Ok(Outcome::Nothing),

@@ -405,3 +405,20 @@ fn an_unfittable_request_is_reported_once_until_taken() {
     unfittable.taken(["a"]);
     assert_eq!(unfittable.observe(90.0, ["a"]), [Box::from("a")]);
 }
+
+#[test]
+fn an_input_part_keeps_both_parts_in_eight_bytes() {
+    assert_eq!(std::mem::size_of::<InputPart>(), 8);
+    // A pointer payload with its input part: the parts cost a stored message 8 bytes.
+    assert_eq!(std::mem::size_of::<(usize, InputPart)>(), 16);
+    let part = InputPart::of(Some((1_000, 200)));
+    assert_eq!(part.parts(1_200), Some((1_000, 200)));
+    assert_eq!(InputPart::of(Some((0, 0))).parts(0), Some((0, 0)));
+    assert_eq!(InputPart::of(Some((5, 0))).parts(5), Some((5, 0)));
+    assert_eq!(InputPart::of(None), InputPart::NONE);
+    assert_eq!(InputPart::NONE.parts(1_200), None);
+    let largest = InputPart::of(Some((u64::MAX - 1, 1)));
+    assert_eq!(largest.parts(u64::MAX), Some((u64::MAX - 1, 1)));
+    // A saturated input part (so a saturated estimate) is the estimate alone.
+    assert_eq!(InputPart::of(Some((u64::MAX, 0))).parts(u64::MAX), None);
+}

@@ -7,7 +7,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDateTime, PyDict, PyInt, PyString, PyTzInfo};
 
 use super::messages::{llm_request_class, token_info_class};
-use crate::dispatch::TokenParts;
+use crate::dispatch::{InputPart, TokenParts};
 use crate::errors::CoreError;
 pub(crate) use crate::py::args::{count_arg, invalid_config, repr_of};
 use crate::py::args::{float_arg, invalid_request, text_arg, token_count};
@@ -45,19 +45,20 @@ pub(crate) fn datetime_seconds(value: &Bound<'_, PyAny>, field: &str) -> PyResul
 }
 
 /// What the in-memory store keeps of a request: the `LLMRequest` itself, and its estimate's
-/// input and output parts (`TokenInfo.input` and `max_output`), read once at enqueue as its
-/// estimate is, so a dispatch reserves and admits by them without touching Python.
+/// input part (`TokenInfo.input`; `max_output` is the rest of the estimate), read once at
+/// enqueue as its estimate is, so a dispatch reserves and admits by them without touching
+/// Python. 16 bytes: the parts cost a stored message 8.
 #[derive(Debug)]
 pub(crate) struct Payload {
     /// The `LLMRequest`.
     pub object: Py<PyAny>,
-    /// The input and output parts of its estimate, when its `TokenInfo` gave them.
-    pub parts: Option<(u64, u64)>,
+    /// The input part of its estimate, when its `TokenInfo` gave the parts.
+    pub input: InputPart,
 }
 
 impl TokenParts for Payload {
-    fn token_parts(&self) -> Option<(u64, u64)> {
-        self.parts
+    fn token_parts(&self, tokens: u64) -> Option<(u64, u64)> {
+        self.input.parts(tokens)
     }
 }
 
@@ -149,7 +150,7 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
     let deadline = if deadline.is_none() { None } else { Some(datetime_seconds(&deadline, "deadline")?) };
     Ok(NewMessage {
         request_id,
-        payload: Payload { object: request.clone().unbind(), parts },
+        payload: Payload { object: request.clone().unbind(), input: InputPart::of(parts) },
         priority: priority_value,
         tokens,
         expected_processing_seconds,

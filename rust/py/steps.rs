@@ -14,7 +14,7 @@ use super::messages::{build_view_message, MessageView};
 use super::store::PyStoreCore;
 use super::throttle::PyThrottle;
 use crate::buffer::Buffered;
-use crate::dispatch::{Facts, Steps};
+use crate::dispatch::{Facts, Steps, TokenParts};
 use crate::ledger;
 use crate::policy::{ranking_budget, score_reserve, Admission, Budget, Snapshot, UrgentReserve};
 use crate::scoring::MessageTraits;
@@ -275,7 +275,7 @@ impl<'a, 'py> StoreSteps<'a, 'py> {
             Ok(store
                 .get(candidate.slot)
                 .filter(|m| m.message_id == candidate.seq)
-                .and_then(|m| m.payload.parts))
+                .and_then(|m| m.payload.token_parts(m.tokens)))
         })
     }
 
@@ -357,7 +357,7 @@ impl Steps for StoreSteps<'_, '_> {
         let found = self.store.with_store(self.py, |store, _| {
             Ok(still_visible(store, candidate).then(|| {
                 let message = store.message(candidate.slot);
-                (message.request_id.clone(), message.payload.parts)
+                (message.request_id.clone(), message.payload.token_parts(message.tokens))
             }))
         })?;
         let Some((request_id, parts)) = found else { return Ok(None) };
