@@ -7,6 +7,7 @@
 //! `cargo test` reaches every rule; what the binding adds is reading the message objects.
 
 use crate::cells::CellKey;
+use crate::dispatch::Capacity;
 use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRuntime};
 use crate::index::{IndexEntry, Ranking};
 use std::collections::HashMap;
@@ -265,14 +266,18 @@ impl<M> Buffer<M> {
         self.take_where(|item| item.deadline < now)
     }
 
-    /// Removes and returns the messages whose estimate exceeds `capacity` (still leased).
-    pub fn take_above(&mut self, capacity: f64) -> Vec<Buffered<M>> {
-        self.take_where(|item| item.traits.tokens as f64 > capacity)
+    /// Removes and returns the messages that can never fit `capacity` (still leased).
+    pub fn take_above(&mut self, capacity: Capacity) -> Vec<Buffered<M>> {
+        self.take_where(|item| !capacity.fits(item.traits.tokens, item.parts))
     }
 
-    /// Request ids of the messages whose estimate exceeds `capacity`.
-    pub fn ids_above(&self, capacity: f64) -> Vec<&str> {
-        self.items.iter().filter(|i| i.traits.tokens as f64 > capacity).map(|i| &*i.request_id).collect()
+    /// Request ids of the messages that can never fit `capacity` (by their parts when known).
+    pub fn ids_above(&self, capacity: Capacity) -> Vec<&str> {
+        self.items
+            .iter()
+            .filter(|i| !capacity.fits(i.traits.tokens, i.parts))
+            .map(|i| &*i.request_id)
+            .collect()
     }
 
     /// The smallest estimate buffered.
@@ -475,9 +480,9 @@ mod tests {
         let mut late = leased("late", 2, 10, 0.0, 0);
         late.deadline = 5.0;
         buffer.insert([late, leased("huge", 2, 5_000, 0.0, 0), leased("ok", 2, 10, 0.0, 0)]);
-        assert_eq!(buffer.ids_above(1_000.0), ["huge"]);
+        assert_eq!(buffer.ids_above(Capacity::whole(1_000.0)), ["huge"]);
         assert_eq!(buffer.take_expired(5.5).len(), 1);
-        assert_eq!(buffer.take_above(1_000.0).len(), 1);
+        assert_eq!(buffer.take_above(Capacity::whole(1_000.0)).len(), 1);
         assert_eq!(buffer.counts_by_priority(), [0, 0, 1, 0]);
         assert_eq!(buffer.min_tokens(), Some(10));
     }

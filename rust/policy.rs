@@ -26,7 +26,7 @@ use crate::errors::CoreResult;
 use crate::fair::{FairCandidate, FairLanes, FairRuntime, Fit};
 use crate::index::{IndexEntry, Ranking};
 use crate::scoring::Weights;
-use crate::select::{best_candidate, Candidate, SearchContext};
+use crate::select::{best_candidate, Candidate, CandidateIndex, CandidateStream, IndexSearch, SearchContext};
 use crate::store::Store;
 use crate::throttle::Throttle;
 
@@ -310,18 +310,19 @@ fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
     let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter, now);
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
-    let capacity = limiter.tokens().capacity();
-    let margin = score_margin(&candidate, reserve, capacity);
     let parts_of = |slot: u32| {
         let message = store.message(slot);
         message.payload.token_parts(message.tokens)
     };
+    let ever = |candidate: &Candidate| limiter.fits_capacity(candidate.tokens, parts_of(candidate.slot));
+    let Some(mut candidate) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
+    let capacity = limiter.tokens().capacity();
+    let margin = score_margin(&candidate, reserve, capacity);
     if !hold && margin > 0.0 && !limiter.admits_parts(candidate.tokens, parts_of(candidate.slot), margin) {
         // Without holding: the best among what leaves the reserve. No URGENT message fits now
         // (one would have won), so the search is over the others, each needing the reserve.
         context.max_tokens = budget.max_tokens - reserve;
-        let Some(fitting) = best_candidate(store, &context) else { return Decision::Nothing };
+        let Some(fitting) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
         candidate = fitting;
     }
     if candidate.base < min_score {
@@ -329,6 +330,28 @@ fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
     }
     let margin = score_margin(&candidate, reserve, capacity);
     admit(limiter, candidate, candidate.tokens, parts_of(candidate.slot), margin, hold)
+}
+
+/// How many candidates the limiter can never grant a search passes over before it gives up.
+/// Only requests split into parts can be among them (one whose input part exceeds the input
+/// limit, say); the dispatcher reports them, and `take_unfittable` takes them out.
+pub const UNFITTABLE_SKIPS: usize = 64;
+
+/// The best candidate under `context` that the limiter can ever grant (`ever`): the index's
+/// best, or when that one never can, the next in rank order (passing over at most
+/// [`UNFITTABLE_SKIPS`]). So a request larger than an input or output limit, ranked under the
+/// budget of requests split into parts, does not keep the next one from going.
+pub fn best_ever_granted<I: CandidateIndex>(
+    index: &I,
+    context: &SearchContext,
+    ever: impl Fn(&Candidate) -> bool,
+) -> Option<Candidate> {
+    let best = best_candidate(index, context)?;
+    if ever(&best) {
+        return Some(best);
+    }
+    let mut search = IndexSearch::new(index, *context);
+    (0..=UNFITTABLE_SKIPS).map_while(|_| search.next_candidate()).find(|candidate| ever(candidate))
 }
 
 /// Whether `candidate` (of `tokens`, split into its input and output `parts` when known,

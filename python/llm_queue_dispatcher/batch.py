@@ -396,9 +396,8 @@ def _token_limits(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _limiter(args: argparse.Namespace) -> Any:
-    """The `LLMThrottle` of the run: every limit given. (Without the parts of each request's
-    estimate, which the dispatcher does not pass at reservation yet, ``itpm`` and ``otpm``
-    each count the whole estimate: the side that never overshoots the provider.)"""
+    """The `LLMThrottle` of the run: every limit given. Each request's input part is reserved
+    from ``itpm`` and its ``max_tokens`` from ``otpm``; the answer's usage corrects each."""
     from ._core import LLMThrottle
 
     return LLMThrottle(

@@ -508,13 +508,13 @@ class LLMQueueDispatcher(Generic[T]):
         dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
-        capacity = float(metrics.tpm.limit)
-        for request_id in self._core.unfittable(capacity):
+        capacity, input_capacity, output_capacity = _token_capacities(metrics)
+        for request_id in self._core.unfittable(capacity, input_capacity, output_capacity):
             self._logger.warning(
                 "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
                 "with take_unfittable()",
                 request_id,
-                capacity,
+                _capacities_shown(capacity, input_capacity, output_capacity),
             )
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
@@ -533,14 +533,18 @@ class LLMQueueDispatcher(Generic[T]):
         return max(0.0, self._ready[1] - self._now())
 
     async def take_unfittable(self, rate_limiter: Any) -> list[QueueMessage[T]]:
-        """Receives every visible message whose estimate exceeds the limiter's token capacity.
+        """Receives every visible message the limiter can never grant: its estimate above the
+        capacity of a limit that counts it whole (``tpm``, ``tpd``), or, with input and output
+        limits, its input part (``TokenInfo.input``) above ``itpm``'s capacity or its
+        ``max_output`` above ``otpm``'s (an estimate without parts counts whole against those
+        too).
 
         Such a request can never be dispatched. The messages come back leased (in flight, no
         budget reserved); delete them, or fail them until the store dead-letters them.
         """
         check_rate_limiter(rate_limiter)
         metrics = await _call(rate_limiter, "get_metrics")
-        taken: list[QueueMessage[T]] = self._core.take_above(float(metrics.tpm.limit))
+        taken: list[QueueMessage[T]] = self._core.take_above(*_token_capacities(metrics))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -646,3 +650,22 @@ class LLMQueueDispatcher(Generic[T]):
             ),
             tenants=tenants,
         )
+
+
+def _token_capacities(metrics: Any) -> tuple[float, float, float]:
+    """From a limiter's metrics, the most tokens it can ever grant one request: the smallest
+    capacity of the limits counting the whole estimate (``tpm``, and ``tpd`` where set), and the
+    capacities of the input and output limits (``itpm``, ``otpm``; infinite where not set)."""
+
+    def limit(name: str) -> float:
+        bucket = getattr(metrics, name, None)
+        return math.inf if bucket is None else float(bucket.limit)
+
+    return min(float(metrics.tpm.limit), limit("tpd")), limit("itpm"), limit("otpm")
+
+
+def _capacities_shown(capacity: float, input_capacity: float, output_capacity: float) -> str:
+    """The capacities for a log line: ``1000``, or ``1000; input 300, output 200``."""
+    limits = (("input", input_capacity), ("output", output_capacity))
+    shown_parts = [f"{name} {value:g}" for name, value in limits if math.isfinite(value)]
+    return f"{capacity:g}" + (f"; {', '.join(shown_parts)}" if shown_parts else "")

@@ -87,6 +87,44 @@ impl InputPart {
     }
 }
 
+/// The most tokens a limiter can ever grant one request, by what each of its token limits
+/// counts: `whole` the smallest capacity of the limits counting the whole estimate (tpm, tpd),
+/// `input` and `output` those of the input and output limits (itpm, otpm; infinite when not
+/// set). A request whose input part alone exceeds `input`, whose output part exceeds `output`,
+/// or whose estimate exceeds `whole`, can never be admitted; without parts, an input or output
+/// limit counts the whole estimate, so it must fit all three.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// The smallest capacity of the limits that count the whole estimate.
+    pub whole: f64,
+    /// The input limit's capacity (infinite without one).
+    pub input: f64,
+    /// The output limit's capacity (infinite without one).
+    pub output: f64,
+}
+
+impl Capacity {
+    /// Only limits that count the whole estimate.
+    pub fn whole(capacity: f64) -> Self {
+        Self { whole: capacity, input: f64::INFINITY, output: f64::INFINITY }
+    }
+
+    /// Whether a request of `tokens`, split into `parts` when known, can ever be admitted.
+    pub fn fits(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        let total = tokens as f64;
+        total <= self.whole
+            && match parts {
+                Some((input, output)) => input as f64 <= self.input && output as f64 <= self.output,
+                None => total <= self.input && total <= self.output,
+            }
+    }
+
+    /// The largest estimate that fits whatever its parts.
+    pub fn smallest(&self) -> f64 {
+        self.whole.min(self.input).min(self.output)
+    }
+}
+
 /// What a dispatch step comes to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome<T> {
@@ -304,10 +342,19 @@ fn buffered_decision<M, L>(
     let capacity = limiter.tokens().capacity();
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
+    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
+    let ever = |candidate: &Candidate| limiter.fits_capacity(candidate.tokens, parts_of(candidate.seq));
+    // The best the limiter can ever grant (as `policy::best_ever_granted`).
+    let best = |context: &SearchContext| {
+        let first = buffer.collect(context, 1).into_iter().next().map(|c| c.candidate)?;
+        if ever(&first) {
+            return Some(first);
+        }
+        let more = buffer.collect(context, crate::policy::UNFITTABLE_SKIPS + 1);
+        more.into_iter().map(|c| c.candidate).find(|candidate| ever(candidate))
+    };
     let Some(mut candidate) = best(&context) else { return Decision::Nothing };
     let margin = score_margin(&candidate, reserve, capacity);
-    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
     if !settings.hold
         && margin > 0.0
         && !limiter.admits_parts(candidate.tokens, parts_of(candidate.seq), margin)
@@ -584,17 +631,21 @@ pub fn until_ready(
     }
 }
 
-/// The requests that can never fit the limiter's token capacity, each reported once, and the
-/// capacity last seen (for the metrics' count).
+/// The requests that can never fit the limiter's token capacities, each reported once, and the
+/// capacities last seen (for the metrics' count).
 #[derive(Debug, Default)]
 pub struct Unfittable {
-    capacity: Option<f64>,
+    capacity: Option<Capacity>,
     reported: std::collections::HashSet<Box<str>>,
 }
 
 impl Unfittable {
     /// Of `ids` (those above `capacity` now), the ones not reported before; remembers both.
-    pub fn observe<'a>(&mut self, capacity: f64, ids: impl IntoIterator<Item = &'a str>) -> Vec<Box<str>> {
+    pub fn observe<'a>(
+        &mut self,
+        capacity: Capacity,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<Box<str>> {
         self.capacity = Some(capacity);
         ids.into_iter().filter(|id| self.reported.insert((*id).into())).map(Box::from).collect()
     }
@@ -606,8 +657,8 @@ impl Unfittable {
         }
     }
 
-    /// The token capacity last seen.
-    pub fn capacity(&self) -> Option<f64> {
+    /// The token capacities last seen.
+    pub fn capacity(&self) -> Option<Capacity> {
         self.capacity
     }
 }
@@ -676,13 +727,21 @@ pub fn best_score_in_store<P, R: crate::index::Ranking>(
 
 /// Slots of the store's visible messages with more tokens than `capacity`: only cells whose
 /// token range reaches past it are walked.
-pub fn slots_above<P, R: crate::index::Ranking>(store: &Store<P, R>, capacity: f64) -> Vec<u32> {
+pub fn slots_above<P: TokenParts, R: crate::index::Ranking>(
+    store: &Store<P, R>,
+    capacity: Capacity,
+) -> Vec<u32> {
     let mut out = Vec::new();
+    // A cell whose largest estimate fits the smallest capacity holds only requests that fit.
+    let smallest = capacity.smallest();
     for (key, members) in store.visible_cells() {
-        if key.token_range().1 <= capacity {
+        if key.token_range().1 <= smallest {
             continue;
         }
-        out.extend(members.values().copied().filter(|&slot| store.message(slot).tokens as f64 > capacity));
+        out.extend(members.values().copied().filter(|&slot| {
+            let message = store.message(slot);
+            !capacity.fits(message.tokens, message.payload.token_parts(message.tokens))
+        }));
     }
     out
 }

@@ -373,9 +373,26 @@ fn slots_above_the_capacity_are_found() {
     let mut s = store(false);
     s.enqueue(message("huge", 2, 5_000, "t"), 0.0).unwrap();
     s.enqueue(message("ok", 2, 10, "t"), 0.0).unwrap();
-    let slots = slots_above(&s, 1_000.0);
+    let slots = slots_above(&s, Capacity::whole(1_000.0));
     assert_eq!(slots.len(), 1);
     assert_eq!(&*s.message(slots[0]).request_id, "huge");
+}
+
+#[test]
+fn a_request_is_unfittable_by_the_part_its_limit_counts() {
+    let capacity = Capacity { whole: 10_000.0, input: 3_000.0, output: 500.0 };
+    // Each part within its own limit: fits, though the whole exceeds the input limit.
+    assert!(capacity.fits(3_500, Some((3_000, 500))));
+    // The input alone, or the output alone, above its limit: never.
+    assert!(!capacity.fits(3_001, Some((3_001, 0))));
+    assert!(!capacity.fits(1_000, Some((499, 501))));
+    // Above the limits counting the whole estimate, whatever the parts.
+    assert!(!capacity.fits(10_001, Some((2_000, 8_001))));
+    // Without parts the input and output limits count the whole estimate.
+    assert!(capacity.fits(500, None));
+    assert!(!capacity.fits(501, None));
+    assert_eq!(capacity.smallest(), 500.0);
+    assert!(Capacity::whole(100.0).fits(100, None));
 }
 
 #[test]
@@ -399,11 +416,11 @@ fn readiness_is_the_soonest_change() {
 #[test]
 fn an_unfittable_request_is_reported_once_until_taken() {
     let mut unfittable = Unfittable::default();
-    assert_eq!(unfittable.observe(100.0, ["a", "b"]), [Box::from("a"), Box::from("b")]);
-    assert!(unfittable.observe(100.0, ["a", "b"]).is_empty());
-    assert_eq!(unfittable.capacity(), Some(100.0));
+    assert_eq!(unfittable.observe(Capacity::whole(100.0), ["a", "b"]), [Box::from("a"), Box::from("b")]);
+    assert!(unfittable.observe(Capacity::whole(100.0), ["a", "b"]).is_empty());
+    assert_eq!(unfittable.capacity(), Some(Capacity::whole(100.0)));
     unfittable.taken(["a"]);
-    assert_eq!(unfittable.observe(90.0, ["a"]), [Box::from("a")]);
+    assert_eq!(unfittable.observe(Capacity::whole(90.0), ["a"]), [Box::from("a")]);
 }
 
 #[test]

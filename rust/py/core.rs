@@ -129,6 +129,49 @@ fn outcome_object(py: Python<'_>, outcome: Outcome<Py<PyJob>>) -> PyResult<Py<Py
 }
 
 impl PyDispatchCore {
+    /// Request ids of selectable messages that can never fit `capacity`.
+    fn ids_above_capacity(&self, py: Python<'_>, capacity: dispatch::Capacity) -> PyResult<Vec<String>> {
+        match &self.store {
+            Some(store) => store.get().with_store(py, |store, _| {
+                Ok(dispatch::slots_above(store, capacity)
+                    .into_iter()
+                    .map(|s| store.message(s).request_id.to_string())
+                    .collect())
+            }),
+            None => Ok(self.lock(py).buffer.ids_above(capacity).into_iter().map(str::to_owned).collect()),
+        }
+    }
+
+    /// Takes every selectable message that can never fit `capacity` out.
+    fn take_unfittable_core<'py>(
+        &self,
+        py: Python<'py>,
+        capacity: dispatch::Capacity,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let Some(store) = &self.store else {
+            let mut state = self.lock(py);
+            let items = state.buffer.take_above(capacity);
+            state.unfittable.taken(items.iter().map(|item| &*item.request_id));
+            drop(state);
+            return PyList::new(py, items.into_iter().map(|item| item.message));
+        };
+        let timeout = self.config.settings.visibility_timeout;
+        let views = store.get().with_store(py, |store, now| {
+            let slots = dispatch::slots_above(store, capacity);
+            let mut views = Vec::with_capacity(slots.len());
+            let mut ids = Vec::with_capacity(slots.len());
+            for slot in slots {
+                let handle = store.receive_slot(slot, timeout, now)?;
+                views.push(MessageView::of(py, store.message(slot), Some(handle)));
+                ids.push(store.message(slot).request_id.clone());
+            }
+            Ok((views, ids))
+        })?;
+        let (views, ids) = views;
+        self.lock(py).unfittable.taken(ids.iter().map(|id| &**id));
+        build_list(py, &views)
+    }
+
     pub(crate) fn breakdown_names(&self) -> &[String] {
         &self.config.names
     }
@@ -1156,11 +1199,21 @@ impl PyDispatchCore {
         dispatch::time_until_score(best_at, custom_total, threshold)
     }
 
-    /// The selectable requests whose estimate exceeds the limiter's token `capacity` that were
-    /// not reported before (the caller logs them, once each); remembers the capacity for the
-    /// metrics' count of unfittable messages.
-    fn unfittable(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
-        let above = self.ids_above(py, capacity)?;
+    /// The selectable requests the limiter can never grant that were not reported before (the
+    /// caller logs them, once each): an estimate above `capacity` (the smallest capacity of the
+    /// limits counting the whole estimate), an input part above `input_capacity` or an output
+    /// part above `output_capacity` (without parts, the estimate against all three). Remembers
+    /// the capacities for the metrics' count of unfittable messages.
+    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
+    fn unfittable(
+        &self,
+        py: Python<'_>,
+        capacity: f64,
+        input_capacity: f64,
+        output_capacity: f64,
+    ) -> PyResult<Vec<String>> {
+        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
+        let above = self.ids_above_capacity(py, capacity)?;
         let new = self.lock(py).unfittable.observe(capacity, above.iter().map(String::as_str));
         Ok(new.into_iter().map(String::from).collect())
     }
@@ -1195,42 +1248,22 @@ impl PyDispatchCore {
 
     /// Request ids of selectable messages whose estimate exceeds `capacity`.
     fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
-        match &self.store {
-            Some(store) => store.get().with_store(py, |store, _| {
-                Ok(dispatch::slots_above(store, capacity)
-                    .into_iter()
-                    .map(|s| store.message(s).request_id.to_string())
-                    .collect())
-            }),
-            None => Ok(self.lock(py).buffer.ids_above(capacity).into_iter().map(str::to_owned).collect()),
-        }
+        self.ids_above_capacity(py, dispatch::Capacity::whole(capacity))
     }
 
-    /// Takes every selectable message whose estimate exceeds `capacity` out (leased: received
-    /// from the in-memory store for the visibility timeout; out of the buffer as it was leased).
-    fn take_above<'py>(&self, py: Python<'py>, capacity: f64) -> PyResult<Bound<'py, PyList>> {
-        let Some(store) = &self.store else {
-            let mut state = self.lock(py);
-            let items = state.buffer.take_above(capacity);
-            state.unfittable.taken(items.iter().map(|item| &*item.request_id));
-            drop(state);
-            return PyList::new(py, items.into_iter().map(|item| item.message));
-        };
-        let timeout = self.config.settings.visibility_timeout;
-        let views = store.get().with_store(py, |store, now| {
-            let slots = dispatch::slots_above(store, capacity);
-            let mut views = Vec::with_capacity(slots.len());
-            let mut ids = Vec::with_capacity(slots.len());
-            for slot in slots {
-                let handle = store.receive_slot(slot, timeout, now)?;
-                views.push(MessageView::of(py, store.message(slot), Some(handle)));
-                ids.push(store.message(slot).request_id.clone());
-            }
-            Ok((views, ids))
-        })?;
-        let (views, ids) = views;
-        self.lock(py).unfittable.taken(ids.iter().map(|id| &**id));
-        build_list(py, &views)
+    /// Takes every selectable message the limiter can never grant out (as `unfittable` judges
+    /// them; leased: received from the in-memory store for the visibility timeout; out of the
+    /// buffer as it was leased).
+    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
+    fn take_above<'py>(
+        &self,
+        py: Python<'py>,
+        capacity: f64,
+        input_capacity: f64,
+        output_capacity: f64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
+        self.take_unfittable_core(py, capacity)
     }
 
     /// Dead-letters the in-memory store's visible messages whose deadline has passed; their
