@@ -264,26 +264,7 @@ def register(commands: Any) -> None:
         help="tokens per minute allowed, input and output together (>= 1; required unless --itpm "
         "and --otpm are given, whose sum it then is)",
     )
-    batch.add_argument(
-        "--itpm",
-        type=argtypes.limit_per_minute,
-        default=None,
-        help="input tokens per minute allowed (Anthropic's ITPM)",
-    )
-    batch.add_argument(
-        "--otpm",
-        type=argtypes.limit_per_minute,
-        default=None,
-        help="output tokens per minute allowed (Anthropic's OTPM)",
-    )
-    batch.add_argument("--rpd", type=_limit_per_day, default=None, help="requests per day allowed")
-    batch.add_argument("--tpd", type=_limit_per_day, default=None, help="tokens per day allowed")
-    batch.add_argument(
-        "--max-concurrent",
-        type=_within(argtypes.count, maximum=_MAX_CONCURRENT),
-        default=None,
-        help="requests in flight the provider allows at once (a limit of the limiter, beside --concurrency)",
-    )
+    add_provider_limit_arguments(batch)
     batch.add_argument(
         "--provider",
         choices=sorted(_PROVIDERS),
@@ -393,6 +374,32 @@ def _token_limits(args: argparse.Namespace) -> dict[str, float]:
     """The token limits given, by flag: a request's estimate must fit each."""
     given = {"--tpm": args.tpm, "--itpm": args.itpm, "--otpm": args.otpm, "--tpd": args.tpd}
     return {flag: limit for flag, limit in given.items() if limit is not None}
+
+
+def add_provider_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The limits as providers publish them beside ``--rpm`` and ``--tpm``, as ``llmqd batch``
+    and ``llmqd simulate`` take them: ``--itpm``, ``--otpm``, ``--rpd``, ``--tpd``,
+    ``--max-concurrent`` (each None when not given)."""
+    parser.add_argument(
+        "--itpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="input tokens per minute allowed (Anthropic's ITPM)",
+    )
+    parser.add_argument(
+        "--otpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="output tokens per minute allowed (Anthropic's OTPM)",
+    )
+    parser.add_argument("--rpd", type=_limit_per_day, default=None, help="requests per day allowed")
+    parser.add_argument("--tpd", type=_limit_per_day, default=None, help="tokens per day allowed")
+    parser.add_argument(
+        "--max-concurrent",
+        type=_within(argtypes.count, maximum=_MAX_CONCURRENT),
+        default=None,
+        help="requests in flight the provider allows at once (a limit of the limiter, beside --concurrency)",
+    )
 
 
 def _limiter(args: argparse.Namespace) -> Any:
