@@ -74,6 +74,7 @@ from .types import Priority
 
 __all__ = [
     "DEQUEUE_LATENCY_BUCKETS",
+    "LIMIT_NAMES",
     "WAIT_TIME_BUCKETS",
     "MetricsSource",
     "QueueCollector",
@@ -431,6 +432,7 @@ class QueueCollector:
                 )
                 for name in _PERCENTILES
             ),
+            *_limit_families(base),
         ]
         return {family.name: family for family in specs}
 
@@ -500,3 +502,42 @@ class QueueCollector:
             add("llmqd_limiter_capacity_requests", limits.rpm.limit)
             with contextlib.suppress(AttributeError):  # an async limiter may report no debt
                 add("llmqd_limiter_debt_tokens", limits.compensation.total_debt)
+            _add_limit_samples(add, limits)
+
+
+# -- every limit of the limiter -------------------------------------------------------------------
+#: The limits a limiter may keep, by their metrics names: requests and tokens per minute, input
+#: and output tokens per minute, requests and tokens per day, requests in flight.
+LIMIT_NAMES = ("rpm", "tpm", "itpm", "otpm", "rpd", "tpd", "concurrency")
+
+
+def _limit_families(base: list[str]) -> list[Metric]:
+    """The gauges of each limit the limiter keeps, labelled ``limit`` (one of `LIMIT_NAMES`):
+    its capacity and what it holds now, in the limit's own unit (requests, tokens, or slots
+    for ``concurrency``)."""
+    labels = [*base, "limit"]
+    return [
+        GaugeMetricFamily(
+            "llmqd_limiter_limit_capacity",
+            "Capacity of each limit the limiter keeps (rpm, tpm, itpm, otpm, rpd, tpd: its bucket's "
+            "burst or limit; concurrency: max_concurrent), in the limit's unit.",
+            labels=labels,
+        ),
+        GaugeMetricFamily(
+            "llmqd_limiter_limit_available",
+            "What each limit the limiter keeps admits now (its bucket's level; concurrency: free "
+            "slots), in the limit's unit.",
+            labels=labels,
+        ),
+    ]
+
+
+def _add_limit_samples(add: Any, limits: Any) -> None:
+    """One sample of each `_limit_families` gauge per limit the limiter's metrics report
+    (``limits.itpm`` and the other optional limits are None where not configured)."""
+    for name in LIMIT_NAMES:
+        bucket = getattr(limits, name, None)
+        if bucket is None:
+            continue
+        add("llmqd_limiter_limit_capacity", bucket.limit, name)
+        add("llmqd_limiter_limit_available", bucket.available, name)
