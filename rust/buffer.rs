@@ -7,6 +7,7 @@
 //! `cargo test` reaches every rule; what the binding adds is reading the message objects.
 
 use crate::cells::CellKey;
+use crate::dispatch::Capacity;
 use crate::fair::{FairCandidate, FairConfig, FairLanes, FairRuntime};
 use crate::index::{IndexEntry, Ranking};
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct Leased<M> {
     /// When its lease ends at the latest (the dispatcher's clock; counted from before the
     /// receive, so the estimate errs short).
     pub lease_end: f64,
+    /// Its estimate's input and output parts, when its request gave them.
+    pub parts: Option<(u64, u64)>,
 }
 
 /// A message in the buffer.
@@ -86,6 +89,8 @@ pub struct Buffered<M> {
     pub deadline: f64,
     /// When its lease ends at the latest.
     pub lease_end: f64,
+    /// Its estimate's input and output parts, when its request gave them.
+    pub parts: Option<(u64, u64)>,
 }
 
 impl<M> Buffered<M> {
@@ -173,6 +178,7 @@ impl<M> Buffer<M> {
                     tenant,
                     deadline: old.deadline,
                     lease_end: old.lease_end,
+                    parts: old.parts,
                 });
             }
             let seq = self.next_seq;
@@ -188,6 +194,7 @@ impl<M> Buffer<M> {
                 tenant,
                 deadline: item.deadline,
                 lease_end: item.lease_end,
+                parts: item.parts,
             });
         }
         not_kept
@@ -259,14 +266,18 @@ impl<M> Buffer<M> {
         self.take_where(|item| item.deadline < now)
     }
 
-    /// Removes and returns the messages whose estimate exceeds `capacity` (still leased).
-    pub fn take_above(&mut self, capacity: f64) -> Vec<Buffered<M>> {
-        self.take_where(|item| item.traits.tokens as f64 > capacity)
+    /// Removes and returns the messages that can never fit `capacity` (still leased).
+    pub fn take_above(&mut self, capacity: Capacity) -> Vec<Buffered<M>> {
+        self.take_where(|item| !capacity.fits(item.traits.tokens, item.parts))
     }
 
-    /// Request ids of the messages whose estimate exceeds `capacity`.
-    pub fn ids_above(&self, capacity: f64) -> Vec<&str> {
-        self.items.iter().filter(|i| i.traits.tokens as f64 > capacity).map(|i| &*i.request_id).collect()
+    /// Request ids of the messages that can never fit `capacity` (by their parts when known).
+    pub fn ids_above(&self, capacity: Capacity) -> Vec<&str> {
+        self.items
+            .iter()
+            .filter(|i| !capacity.fits(i.traits.tokens, i.parts))
+            .map(|i| &*i.request_id)
+            .collect()
     }
 
     /// The smallest estimate buffered.
@@ -366,7 +377,10 @@ impl<M> Buffer<M> {
         let items = &self.items;
         let (_, runtime) = self.fair.as_mut()?;
         lanes.prepare_all(now, &mut runtime.ledger);
-        let tokens_of = |slot: u32| items[slot as usize].traits.tokens;
+        let tokens_of = |slot: u32| {
+            let item = &items[slot as usize];
+            (item.traits.tokens, item.parts)
+        };
         decide_fair_lanes(&lanes, tokens_of, runtime, &history, limiter, now, hold)
     }
 
@@ -410,6 +424,7 @@ mod tests {
             },
             tenant: None,
             deadline: f64::NAN,
+            parts: None,
         }
     }
 
@@ -465,9 +480,9 @@ mod tests {
         let mut late = leased("late", 2, 10, 0.0, 0);
         late.deadline = 5.0;
         buffer.insert([late, leased("huge", 2, 5_000, 0.0, 0), leased("ok", 2, 10, 0.0, 0)]);
-        assert_eq!(buffer.ids_above(1_000.0), ["huge"]);
+        assert_eq!(buffer.ids_above(Capacity::whole(1_000.0)), ["huge"]);
         assert_eq!(buffer.take_expired(5.5).len(), 1);
-        assert_eq!(buffer.take_above(1_000.0).len(), 1);
+        assert_eq!(buffer.take_above(Capacity::whole(1_000.0)).len(), 1);
         assert_eq!(buffer.counts_by_priority(), [0, 0, 1, 0]);
         assert_eq!(buffer.min_tokens(), Some(10));
     }

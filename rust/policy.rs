@@ -21,11 +21,12 @@
 use std::collections::VecDeque;
 
 use crate::deadlines::DeadlineIndex;
+use crate::dispatch::TokenParts;
 use crate::errors::CoreResult;
 use crate::fair::{FairCandidate, FairLanes, FairRuntime, Fit};
 use crate::index::{IndexEntry, Ranking};
 use crate::scoring::Weights;
-use crate::select::{best_candidate, Candidate, SearchContext};
+use crate::select::{best_candidate, Candidate, CandidateIndex, CandidateStream, IndexSearch, SearchContext};
 use crate::store::Store;
 use crate::throttle::Throttle;
 
@@ -262,10 +263,24 @@ pub fn ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
     }
 }
 
+/// The budget requests split into input and output parts are ranked against, when it is larger
+/// than `ranking_budget`'s (the limiter has input or output limits): the limits that count the
+/// whole estimate bound it, each part being checked against its own limit at admission.
+pub fn parts_ranking_budget<M>(limiter: &Throttle<M>, hold: bool) -> Option<Budget> {
+    let strict = ranking_budget(limiter, hold)?;
+    let loose = if hold { limiter.whole_token_capacity() } else { limiter.admissible_whole_tokens()? };
+    (loose > strict.max_tokens).then_some(Budget { max_tokens: loose, ..strict })
+}
+
 /// The score policy's decision over a store at `now` (no custom scorers: those are applied by
 /// the caller over collected candidates). A non-URGENT winner leaves the URGENT reserve in the
 /// bucket (`score_urgent_reserve`, from the store's history).
-pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
+///
+/// With input or output limits, the messages are first ranked under `parts_ranking_budget`, so
+/// a request larger than such a limit that fits by its parts competes; when that winner can
+/// never go (or, without holding, does not go now), the ranking is over what fits every limit
+/// with its whole estimate.
+pub fn decide_score<P: TokenParts, R: Ranking + UrgentHistory, M>(
     store: &Store<P, R>,
     weights: &Weights,
     limiter: &Throttle<M>,
@@ -274,29 +289,84 @@ pub fn decide_score<P, R: Ranking + UrgentHistory, M>(
     min_score: f64,
 ) -> Decision<Candidate> {
     let Some(budget) = ranking_budget(limiter, hold) else { return Decision::Nothing };
+    if let Some(loose) = parts_ranking_budget(limiter, hold) {
+        let decision = decide_score_under(store, weights, limiter, now, hold, min_score, loose);
+        if !matches!(decision, Decision::Nothing) {
+            return decision;
+        }
+    }
+    decide_score_under(store, weights, limiter, now, hold, min_score, budget)
+}
+
+fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
+    store: &Store<P, R>,
+    weights: &Weights,
+    limiter: &Throttle<M>,
+    now: f64,
+    hold: bool,
+    min_score: f64,
+    budget: Budget,
+) -> Decision<Candidate> {
     let reserve = score_reserve(weights, store.ranking().urgent_history(), limiter, now);
     let mut context =
         SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let Some(mut candidate) = best_candidate(store, &context) else { return Decision::Nothing };
+    let parts_of = |slot: u32| {
+        let message = store.message(slot);
+        message.payload.token_parts(message.tokens)
+    };
+    let ever = |candidate: &Candidate| limiter.fits_capacity(candidate.tokens, parts_of(candidate.slot));
+    let Some(mut candidate) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
     let capacity = limiter.tokens().capacity();
     let margin = score_margin(&candidate, reserve, capacity);
-    if !hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
+    if !hold && margin > 0.0 && !limiter.admits_parts(candidate.tokens, parts_of(candidate.slot), margin) {
         // Without holding: the best among what leaves the reserve. No URGENT message fits now
         // (one would have won), so the search is over the others, each needing the reserve.
         context.max_tokens = budget.max_tokens - reserve;
-        let Some(fitting) = best_candidate(store, &context) else { return Decision::Nothing };
+        let Some(fitting) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
         candidate = fitting;
     }
     if candidate.base < min_score {
         return Decision::Nothing;
     }
-    admit(limiter, candidate, candidate.tokens, score_margin(&candidate, reserve, capacity), hold)
+    let margin = score_margin(&candidate, reserve, capacity);
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.slot), margin, hold)
 }
 
-/// Whether `candidate` (of `tokens`, keeping `margin` more in the bucket) goes now, or how long
-/// it is held for.
-pub fn admit<M, T>(limiter: &Throttle<M>, candidate: T, tokens: u64, margin: f64, hold: bool) -> Decision<T> {
-    let check = limiter.check_with_margin(tokens, margin);
+/// How many candidates the limiter can never grant a search passes over before it gives up.
+/// Only requests split into parts can be among them (one whose input part exceeds the input
+/// limit, say); the dispatcher reports them, and `take_unfittable` takes them out.
+pub const UNFITTABLE_SKIPS: usize = 64;
+
+/// The best candidate under `context` that the limiter can ever grant (`ever`): the index's
+/// best, or when that one never can, the next in rank order (passing over at most
+/// [`UNFITTABLE_SKIPS`]). So a request larger than an input or output limit, ranked under the
+/// budget of requests split into parts, does not keep the next one from going.
+pub fn best_ever_granted<I: CandidateIndex>(
+    index: &I,
+    context: &SearchContext,
+    ever: impl Fn(&Candidate) -> bool,
+) -> Option<Candidate> {
+    let best = best_candidate(index, context)?;
+    if ever(&best) {
+        return Some(best);
+    }
+    let mut search = IndexSearch::new(index, *context);
+    (0..=UNFITTABLE_SKIPS).map_while(|_| search.next_candidate()).find(|candidate| ever(candidate))
+}
+
+/// Whether `candidate` (of `tokens`, split into its input and output `parts` when known,
+/// keeping `margin` more in the bucket) goes now, or how long it is held for: every limit is
+/// checked with its own share (the input part against an input limit, the output part against
+/// an output limit).
+pub fn admit<M, T>(
+    limiter: &Throttle<M>,
+    candidate: T,
+    tokens: u64,
+    parts: Option<(u64, u64)>,
+    margin: f64,
+    hold: bool,
+) -> Decision<T> {
+    let check = limiter.check_parts(tokens, parts, margin);
     if check.allowed {
         Decision::Take(candidate)
     } else if hold && check.available_in.is_finite() {
@@ -318,6 +388,22 @@ pub trait Admission {
     fn admits(&self, tokens: u64, margin: f64) -> bool;
     /// Seconds until it would go (NaN when unknown).
     fn wait(&self, tokens: u64, margin: f64) -> f64;
+    /// `admits` for a request whose input and output `parts` may be known (each limit of input
+    /// or output tokens then checks its own part). A reported budget knows no such limits.
+    fn admits_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> bool {
+        let _ = parts;
+        self.admits(tokens, margin)
+    }
+    /// `wait` for a request whose input and output `parts` may be known.
+    fn wait_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> f64 {
+        let _ = parts;
+        self.wait(tokens, margin)
+    }
+    /// Whether such a request can ever go: every limit's capacity holds its share.
+    fn fits_ever(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        let _ = parts;
+        tokens as f64 <= self.capacity()
+    }
 }
 
 impl<M> Admission for Throttle<M> {
@@ -332,6 +418,15 @@ impl<M> Admission for Throttle<M> {
     }
     fn wait(&self, tokens: u64, margin: f64) -> f64 {
         self.check_with_margin(tokens, margin).available_in
+    }
+    fn admits_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> bool {
+        self.check_parts(tokens, parts, margin).allowed
+    }
+    fn wait_parts(&self, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> f64 {
+        self.check_parts(tokens, parts, margin).available_in
+    }
+    fn fits_ever(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        self.fits_capacity(tokens, parts)
     }
 }
 
@@ -366,17 +461,19 @@ impl Admission for Snapshot {
 pub fn fair_fit(
     limiter: &impl Admission,
     candidate: &FairCandidate,
-    tokens: u64,
+    (tokens, parts): (u64, Option<(u64, u64)>),
     tenant_reserve: f64,
     urgent_reserve: f64,
 ) -> (Fit, f64) {
     let capacity = limiter.capacity();
-    if tokens as f64 > capacity {
+    if !limiter.fits_ever(tokens, parts) {
         return (Fit::Never, 0.0);
     }
+    // The reserves are kept in the token bucket: a request larger than the smallest limit's
+    // capacity (one that fits only by its parts) leaves what that bucket can.
     let needed = FairLanes::admission_tokens(candidate, tokens, tenant_reserve, urgent_reserve, capacity);
-    let margin = needed - tokens as f64;
-    (Fit::from_allowed(limiter.admits(tokens, margin)), margin)
+    let margin = (needed - tokens as f64).max(0.0);
+    (Fit::from_allowed(limiter.admits_parts(tokens, parts, margin)), margin)
 }
 
 /// A fair decision: the candidate, and whether it goes now; when held, the seconds until it
@@ -394,10 +491,11 @@ pub struct FairDecision {
 }
 
 /// The fair policy's decision over `lanes`, brought to `now` already (`FairLanes::prepare`):
-/// `tokens_of` gives each slot's estimate, `history` sizes the automatic URGENT reserve.
+/// `tokens_of` gives each slot's estimate and its input and output parts when known, `history`
+/// sizes the automatic URGENT reserve.
 pub fn decide_fair_lanes(
     lanes: &FairLanes,
-    tokens_of: impl Fn(u32) -> u64,
+    tokens_of: impl Fn(u32) -> (u64, Option<(u64, u64)>),
     runtime: &FairRuntime,
     history: &UrgentReserve,
     limiter: &impl Admission,
@@ -420,13 +518,13 @@ pub fn decide_fair_lanes(
     })?;
     let tokens = tokens_of(candidate.slot);
     let (_, margin) = fair_fit(limiter, &candidate, tokens, tenant_reserve, urgent_reserve);
-    let wait = if fits { 0.0 } else { limiter.wait(tokens, margin) };
+    let wait = if fits { 0.0 } else { limiter.wait_parts(tokens.0, tokens.1, margin) };
     Some(FairDecision { candidate, fits, wait, margin })
 }
 
 /// The fair policy's decision over a store at `now` under any limiter: brings its lanes to
 /// `now` first. None when the store keeps no fair lanes or nothing goes.
-pub fn decide_fair_store<P>(
+pub fn decide_fair_store<P: TokenParts>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &impl Admission,
@@ -437,7 +535,10 @@ pub fn decide_fair_store<P>(
     let ((_, history), lanes) = store.ranking();
     decide_fair_lanes(
         lanes.as_ref()?,
-        |slot| store.message(slot).tokens,
+        |slot| {
+            let message = store.message(slot);
+            (message.tokens, message.payload.token_parts(message.tokens))
+        },
         runtime,
         history,
         limiter,
@@ -448,7 +549,7 @@ pub fn decide_fair_store<P>(
 
 /// The fair policy's decision over a store at `now` with an `LLMThrottle`. Nothing when the
 /// store keeps no fair lanes.
-pub fn decide_fair<P, M>(
+pub fn decide_fair<P: TokenParts, M>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &Throttle<M>,

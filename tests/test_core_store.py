@@ -72,7 +72,8 @@ def test_integral_floats_and_huge_token_counts_are_accepted() -> None:
     big = make("big", token_info=TokenInfo(10**30))
     floaty = make("floaty")
     object.__setattr__(floaty.token_info, "estimated", 12.0)
-    assert len(core.enqueue_batch([big, floaty])) == 2
+    big_parts = make("big-parts", token_info=TokenInfo(input=10**30, max_output=0))
+    assert len(core.enqueue_batch([big, floaty, big_parts])) == 3
 
 
 def test_cycles_through_payloads_are_collected() -> None:

@@ -376,3 +376,34 @@ async def test_slo_figures_are_never_shown_out_of_range() -> None:
     assert _value(samples, "llmqd_window_dispatches", queue="q", priority="URGENT") == 0
     assert _value(samples, "llmqd_window_dispatches_within_slo", queue="q", priority="URGENT") == 0
     assert _value(samples, "llmqd_window_limited_dispatches", queue="q", limit="TPM") == 0
+
+
+async def test_each_limit_the_limiter_keeps_reports_its_capacity_and_what_it_admits_now() -> None:
+    clock = ManualClock()
+    limiter = LLMThrottle(
+        60, 40_000, itpm=30_000, otpm=8_000, rpd=1_000, tpd=2_000_000, max_concurrent=4, clock=clock
+    )
+    assert limiter.consume("a", 1_200, input_tokens=1_000, output_tokens=200)
+    collector = QueueCollector()
+    collector.watch(create_in_memory_queue(clock=clock), limiter, queue="q")
+    samples = _samples((await collector.render())[0])
+    expected = {
+        "rpm": (60, 59),
+        "tpm": (40_000, 38_800),
+        "itpm": (30_000, 29_000),
+        "otpm": (8_000, 7_800),
+        "rpd": (1_000, 999),
+        "tpd": (2_000_000, 1_998_800),
+        "concurrency": (4, 3),
+    }
+    for limit, (capacity, available) in expected.items():
+        assert _value(samples, "llmqd_limiter_limit_capacity", queue="q", limit=limit) == capacity
+        assert _value(samples, "llmqd_limiter_limit_available", queue="q", limit=limit) == available
+
+
+async def test_only_the_limits_a_limiter_keeps_are_reported() -> None:
+    collector = QueueCollector()
+    collector.watch(create_in_memory_queue(), LLMThrottle(30, 5_000), queue="q")
+    samples = _samples((await collector.render())[0])
+    reported = {dict(labels)["limit"] for name, labels in samples if name == "llmqd_limiter_limit_capacity"}
+    assert reported == {"rpm", "tpm"}

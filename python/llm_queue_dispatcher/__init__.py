@@ -63,7 +63,7 @@ from .throttle import (
     StateSnapshot,
     create_llm_throttle,
 )
-from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo
+from .types import LLMRequest, MessageAttributes, Priority, QueueMessage, TokenInfo, TokenUsage
 from .worker import Worker, WorkerStats
 
 __all__ = [
@@ -121,6 +121,7 @@ __all__ = [
     "TenantMetrics",
     "Throughput",
     "TokenInfo",
+    "TokenUsage",
     "UnknownRequestError",
     "WaitTimePercentiles",
     "Worker",

@@ -513,9 +513,18 @@ class ProcessableMessage(Generic[_T]):
     def _tokens(self) -> int: ...
     @property
     def _lease_end(self) -> float: ...
-    def mark_as_processed(self, actual_tokens: int | None = None) -> Awaitable[None]:
-        """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``. A
-        stale receipt handle settles the delivery and raises ``ReceiptHandleError``."""
+    def mark_as_processed(
+        self,
+        actual_tokens: int | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> Awaitable[None]:
+        """Deletes the message; with a reservation, adjusts the limiter to ``actual_tokens``,
+        each limit to its share when ``input_tokens`` and ``output_tokens`` are given (the
+        total is their sum when only they are given); with no count the reservation is settled
+        as it is. Bad counts raise ``InvalidRequestError`` and mark nothing. A stale receipt
+        handle settles the delivery and raises ``ReceiptHandleError``."""
     def mark_as_failed(self, error: BaseException, *, retry_after: float | None = None) -> Awaitable[None]:
         """Makes the message visible again after ``retry_after`` s (default at once) and refunds
         its reserved tokens; ``retry_after`` outside [0, 43200] raises ``InvalidRequestError``
@@ -550,6 +559,8 @@ class Plan:
     def limiter_call(self) -> Literal["adjust", "release", "settle"] | None: ...
     @property
     def tokens(self) -> int: ...
+    @property
+    def parts(self) -> tuple[int, int] | None: ...
     @property
     def key(self) -> str: ...
     @property
@@ -712,6 +723,7 @@ class DispatchCore:
         tokens: int | None = None,
         delay: float = 0.0,
         error: BaseException | None = None,
+        parts: tuple[int, int] | None = None,
     ) -> Plan | None:
         """Settles a job; what needs an await comes back as a ``Plan``."""
     def hand_out(self, job: ProcessableMessage[Any]) -> bool:
@@ -758,13 +770,19 @@ class DispatchCore:
     def min_visible_tokens(self) -> int | None: ...
     def time_until_score(self, available_tokens: float) -> float | None: ...
     def ids_above(self, capacity: float) -> list[str]: ...
-    def unfittable(self, capacity: float) -> list[str]:
-        """Requests above ``capacity`` not reported before (each is reported once)."""
+    def unfittable(
+        self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
+    ) -> list[str]:
+        """Requests the limiter can never grant not reported before (each is reported once):
+        an estimate above ``capacity``, an input part above ``input_capacity``, an output part
+        above ``output_capacity`` (without parts, the estimate against all three)."""
     def until_ready(
         self, held: float | None, smallest_wait: float | None, available_tokens: float, refill: float | None
     ) -> float:
         """Seconds until a dequeue that found nothing could hand something out."""
-    def take_above(self, capacity: float) -> list[QueueMessage[Any]]: ...
+    def take_above(
+        self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
+    ) -> list[QueueMessage[Any]]: ...
     def drop_expired(self) -> list[str]: ...
     def count_expired(self, count: int) -> None: ...
     def purge_store(self) -> None: ...

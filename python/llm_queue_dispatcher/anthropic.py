@@ -59,7 +59,7 @@ from .errors import InvalidRequestError, PermanentError, RetryableError
 from .openai import Tokenizer, _as_json, _count_tokens, _maybe_await, _rate_limit_pause, _sync_limiter
 from .provider_limits import parse_rate_limit_headers
 from .throttle import MAX_PROVIDER_WAIT
-from .types import LLMRequest, Priority, TokenInfo, validate_token_count
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage, validate_token_count
 
 if TYPE_CHECKING:
     from anthropic import APIStatusError, AsyncAnthropic
@@ -82,6 +82,7 @@ __all__ = [
     "estimate_messages_input_tokens",
     "estimate_messages_tokens",
     "message_tokens",
+    "message_usage",
     "request_from_anthropic_messages",
 ]
 
@@ -271,7 +272,7 @@ def estimate_messages_tokens(payload: Mapping[str, Any], *, tokenizer: Tokenizer
     (`estimate_messages_input_tokens`) plus ``max_tokens``, the most the reply can use, which is
     also what Anthropic reserves from the output-tokens-per-minute limit when the call starts.
 
-    After each call `Worker` corrects the limiter to the provider's usage (`message_tokens`).
+    After each call `Worker` corrects the limiter to the provider's usage (`message_usage`).
 
     >>> estimate_messages_tokens({"model": "m", "max_tokens": 100,
     ...                           "messages": [{"role": "user", "content": "Hello there!"}]})
@@ -292,12 +293,18 @@ def request_from_anthropic_messages(
     """An `LLMRequest` carrying ``payload`` (the ``messages.create`` keyword arguments), its token
     estimate from `estimate_messages_tokens` and the payload's ``model``; ``fields`` are further
     `LLMRequest` fields (``deadline``, ``metadata``, ``expected_processing_time``, ...).
+    The estimate's parts are set too, ``input`` (`estimate_messages_input_tokens`) and
+    ``max_output`` (``max_tokens``), for a limiter with input and output limits (``itpm``,
+    ``otpm``) as Anthropic sets them.
     Streaming payloads are refused: the handler needs the whole response's usage."""
-    estimate = estimate_messages_tokens(payload, tokenizer=tokenizer)
+    input_tokens = estimate_messages_input_tokens(payload, tokenizer=tokenizer)
+    max_output = _max_tokens(payload)
     if payload.get("stream"):
         raise InvalidRequestError("payload['stream'] must be false: the handler reads the whole response")
     model = payload.get("model")
-    token_info = TokenInfo(estimate, model=model if isinstance(model, str) else None)
+    token_info = TokenInfo(
+        model=model if isinstance(model, str) else None, input=input_tokens, max_output=max_output
+    )
     # LLMRequest validates ``priority`` (ints 0..3 become a Priority).
     return LLMRequest(id, payload, priority, token_info, tenant=tenant, **fields)  # type: ignore[arg-type]
 
@@ -409,20 +416,31 @@ def message_tokens(message: Message, *, count_cache_reads: bool = False) -> int 
     """The tokens a message counts against Anthropic's limits: ``input_tokens +
     cache_creation_input_tokens + output_tokens``, plus ``cache_read_input_tokens`` when
     ``count_cache_reads`` (for the older models whose input limit counts them). None when the
-    message has no usable ``usage``: the limiter then keeps the estimate."""
+    message has no usable ``usage``: the limiter then keeps the estimate. The total of
+    `message_usage`."""
+    usage = message_usage(message, count_cache_reads=count_cache_reads)
+    return None if usage is None else usage.total
+
+
+def message_usage(message: Message, *, count_cache_reads: bool = False) -> TokenUsage | None:
+    """What a message used, by part, as Anthropic counts it against its input and output limits:
+    ``input`` is ``input_tokens + cache_creation_input_tokens`` (plus ``cache_read_input_tokens``
+    when ``count_cache_reads``), ``output`` is ``output_tokens``; their total is `message_tokens`.
+    None when the message has no usable ``usage``: the limiter then keeps the estimate."""
     usage = getattr(message, "usage", None)
-    parts = ["input_tokens", "cache_creation_input_tokens", "output_tokens"]
+    names = ["input_tokens", "cache_creation_input_tokens", "output_tokens"]
     if count_cache_reads:
-        parts.append("cache_read_input_tokens")
-    total = 0
-    for name in parts:
+        names.append("cache_read_input_tokens")
+    counts: dict[str, int] = {}
+    for name in names:
         value = getattr(usage, name, None)
         if value is None and name.startswith("cache_"):
-            continue  # absent when no cache was used
+            value = 0  # absent when no cache was used
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return None
-        total += value
-    return total
+        counts[name] = value
+    output = counts.pop("output_tokens")
+    return TokenUsage(sum(counts.values()), output)
 
 
 def anthropic_messages_handler(
@@ -431,10 +449,11 @@ def anthropic_messages_handler(
     *,
     on_completion: Callable[[ProcessableMessage[Any], Message], Awaitable[None] | None] | None = None,
     count_cache_reads: bool = False,
-) -> Callable[[ProcessableMessage[Any]], Awaitable[int | None]]:
+) -> Callable[[ProcessableMessage[Any]], Awaitable[TokenUsage | None]]:
     """A `Worker` handler: sends each message's payload with `create_message` on
-    ``anthropic.AsyncAnthropic`` and returns `message_tokens` of the answer, which corrects the
-    limiter (None, keeping the estimate, when the answer has no usage).
+    ``anthropic.AsyncAnthropic`` and returns `message_usage` of the answer, its input and output
+    tokens apart, which correct the limiter, each limit with its own count (None, keeping the
+    estimate, when the answer has no usage).
 
     ``on_completion(job, message)`` (plain or async) sees each successful response before the
     message is acknowledged: store the answer there. If it raises, the message is retried.
@@ -445,10 +464,10 @@ def anthropic_messages_handler(
         raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
     quiet = client.with_options(max_retries=0)
 
-    async def handle(job: ProcessableMessage[Any]) -> int | None:
+    async def handle(job: ProcessableMessage[Any]) -> TokenUsage | None:
         message = await create_message(quiet, limiter, job.message.payload.payload)
         if on_completion is not None:
             await _maybe_await(on_completion(job, message))
-        return message_tokens(message, count_cache_reads=count_cache_reads)
+        return message_usage(message, count_cache_reads=count_cache_reads)
 
     return handle

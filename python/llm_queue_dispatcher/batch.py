@@ -73,6 +73,7 @@ from .batch_formats import (
 )
 from .errors import PermanentError, RetryableError
 from .storage.base import MAX_VISIBILITY_TIMEOUT
+from .types import TokenUsage
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
@@ -157,8 +158,9 @@ class _Provider:
         """One call, with failures mapped to `RetryableError` and `PermanentError`."""
         raise NotImplementedError
 
-    def tokens(self, answer: Any) -> int | None:
-        """The tokens the answer counts against the limits (None: keep the estimate)."""
+    def usage(self, answer: Any) -> TokenUsage | int | None:
+        """The tokens the answer counts against the limits: by part where the provider gives
+        them, else a total (None: keep the estimate)."""
         raise NotImplementedError
 
 
@@ -176,10 +178,10 @@ class _OpenAI(_Provider):
         payload = self.as_written(client.chat.completions.create, payload)
         return await create_chat_completion(client, limiter, payload)
 
-    def tokens(self, answer: Any) -> int | None:
-        from .openai import total_tokens
+    def usage(self, answer: Any) -> TokenUsage | int | None:
+        from .openai import completion_usage
 
-        return total_tokens(answer)
+        return completion_usage(answer)
 
 
 class _Anthropic(_Provider):
@@ -196,10 +198,10 @@ class _Anthropic(_Provider):
         payload = self.as_written(client.messages.create, payload)
         return await create_message(client, limiter, payload)
 
-    def tokens(self, answer: Any) -> int | None:
-        from .anthropic import message_tokens
+    def usage(self, answer: Any) -> TokenUsage | int | None:
+        from .anthropic import message_usage
 
-        return message_tokens(answer)
+        return message_usage(answer)
 
 
 _PROVIDERS: dict[str, _Provider] = {provider.name: provider for provider in (_OpenAI(), _Anthropic())}
@@ -262,26 +264,7 @@ def register(commands: Any) -> None:
         help="tokens per minute allowed, input and output together (>= 1; required unless --itpm "
         "and --otpm are given, whose sum it then is)",
     )
-    batch.add_argument(
-        "--itpm",
-        type=argtypes.limit_per_minute,
-        default=None,
-        help="input tokens per minute allowed (Anthropic's ITPM)",
-    )
-    batch.add_argument(
-        "--otpm",
-        type=argtypes.limit_per_minute,
-        default=None,
-        help="output tokens per minute allowed (Anthropic's OTPM)",
-    )
-    batch.add_argument("--rpd", type=_limit_per_day, default=None, help="requests per day allowed")
-    batch.add_argument("--tpd", type=_limit_per_day, default=None, help="tokens per day allowed")
-    batch.add_argument(
-        "--max-concurrent",
-        type=_within(argtypes.count, maximum=_MAX_CONCURRENT),
-        default=None,
-        help="requests in flight the provider allows at once (a limit of the limiter, beside --concurrency)",
-    )
+    add_provider_limit_arguments(batch)
     batch.add_argument(
         "--provider",
         choices=sorted(_PROVIDERS),
@@ -393,10 +376,35 @@ def _token_limits(args: argparse.Namespace) -> dict[str, float]:
     return {flag: limit for flag, limit in given.items() if limit is not None}
 
 
+def add_provider_limit_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The limits as providers publish them beside ``--rpm`` and ``--tpm``, as ``llmqd batch``
+    and ``llmqd simulate`` take them: ``--itpm``, ``--otpm``, ``--rpd``, ``--tpd``,
+    ``--max-concurrent`` (each None when not given)."""
+    parser.add_argument(
+        "--itpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="input tokens per minute allowed (Anthropic's ITPM)",
+    )
+    parser.add_argument(
+        "--otpm",
+        type=argtypes.limit_per_minute,
+        default=None,
+        help="output tokens per minute allowed (Anthropic's OTPM)",
+    )
+    parser.add_argument("--rpd", type=_limit_per_day, default=None, help="requests per day allowed")
+    parser.add_argument("--tpd", type=_limit_per_day, default=None, help="tokens per day allowed")
+    parser.add_argument(
+        "--max-concurrent",
+        type=_within(argtypes.count, maximum=_MAX_CONCURRENT),
+        default=None,
+        help="requests in flight the provider allows at once (a limit of the limiter, beside --concurrency)",
+    )
+
+
 def _limiter(args: argparse.Namespace) -> Any:
-    """The `LLMThrottle` of the run: every limit given. (Without the parts of each request's
-    estimate, which the dispatcher does not pass at reservation yet, ``itpm`` and ``otpm``
-    each count the whole estimate: the side that never overshoots the provider.)"""
+    """The `LLMThrottle` of the run: every limit given. Each request's input part is reserved
+    from ``itpm`` and its ``max_tokens`` from ``otpm``; the answer's usage corrects each."""
     from ._core import LLMThrottle
 
     return LLMThrottle(
@@ -741,7 +749,7 @@ def _make_handler(
     failures: Counter[str] = Counter()
     rate_limited: Counter[str] = Counter()
 
-    async def handle(job: ProcessableMessage[Any]) -> int | None:
+    async def handle(job: ProcessableMessage[Any]) -> TokenUsage | int | None:
         request = job.message.payload
         attempts = job.message.attributes.receive_count
         if results.error is not None:
@@ -774,20 +782,21 @@ def _make_handler(
                 raise PermanentError(message) from error
             raise
         # Answered (and billed): from here on nothing makes the request go out again in this run.
-        tokens = provider.tokens(answer)
+        usage = provider.usage(answer)
+        tokens = usage.total if isinstance(usage, TokenUsage) else usage
         try:
             # The fields the provider sent (the SDK's models add a null for every field absent).
             body = answer.model_dump(mode="json", exclude_unset=True)
         except Exception as error:  # a reply that cannot be written stops the run as a full disk does
             results.broken(error)
             results.unwritten += 1
-            return tokens
+            return usage
         request_id = getattr(answer, "_request_id", None)
         results.succeeded(
             request.id,
             Answer(body, request_id if isinstance(request_id, str) else None, tokens, attempts),
         )
-        return tokens
+        return usage
 
     return handle
 

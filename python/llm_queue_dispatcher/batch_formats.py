@@ -494,9 +494,9 @@ def _build(
     minute (``--itpm``, ``--otpm``) charge apart."""
     priority = _priority(item.get("priority", Priority.NORMAL))
     tenant = item.get("tenant")
-    request: LLMRequest[Any]
+    # Both constructors set the estimate's parts.
     if provider == "anthropic":
-        from .anthropic import estimate_messages_input_tokens, request_from_anthropic_messages
+        from .anthropic import request_from_anthropic_messages
 
         if "max_tokens" not in payload:
             if default_max_tokens is None:
@@ -504,26 +504,20 @@ def _build(
                     "no max_tokens: Anthropic requires it; set it on the line or pass --default-max-tokens"
                 )
             payload["max_tokens"] = default_max_tokens
-        request = request_from_anthropic_messages(
+        return request_from_anthropic_messages(
             request_id, payload, priority=priority, tenant=tenant, metadata={"line": number}
         )
-        input_tokens = estimate_messages_input_tokens(payload)
-    else:
-        from .openai import DEFAULT_COMPLETION_TOKENS, _completion_allowance, request_from_openai_chat
+    from .openai import DEFAULT_COMPLETION_TOKENS, request_from_openai_chat
 
-        completion_tokens = DEFAULT_COMPLETION_TOKENS if default_max_tokens is None else default_max_tokens
-        request = request_from_openai_chat(
-            request_id,
-            payload,
-            priority=priority,
-            tenant=tenant,
-            default_completion_tokens=completion_tokens,
-            metadata={"line": number},
-        )
-        input_tokens = request.token_info.estimated - _completion_allowance(payload, completion_tokens)
-    info = request.token_info
-    request.token_info = TokenInfo(info.estimated, model=info.model, input=input_tokens)
-    return request
+    completion_tokens = DEFAULT_COMPLETION_TOKENS if default_max_tokens is None else default_max_tokens
+    return request_from_openai_chat(
+        request_id,
+        payload,
+        priority=priority,
+        tenant=tenant,
+        default_completion_tokens=completion_tokens,
+        metadata={"line": number},
+    )
 
 
 def read_requests(
@@ -537,14 +531,13 @@ def read_requests(
 ) -> Requests:
     """Every request of the input ``data`` (``input_format`` ``auto`` or a format's name), and
     a message naming each bad line. ``token_limits`` are the token limits by flag (``--tpm``,
-    ``--itpm``, ``--otpm``, ``--tpd``): a request's whole estimate must fit the smallest, which
-    the limiter charges it all (it is not told the parts), and the lines needing more share one
-    message naming that flag."""
+    ``--itpm``, ``--otpm``, ``--tpd``): a request's whole estimate must fit ``--tpm`` and
+    ``--tpd``, its input part ``--itpm`` and its output part (``max_tokens``) ``--otpm``, as the
+    limiter charges them; the lines needing more than a limit share one message naming it."""
     fmt = None if input_format == "auto" else FORMATS[input_format]
-    flag, capacity = min(token_limits.items(), key=lambda limit: limit[1])
     entries: list[Entry] = []
     errors: list[str] = []
-    too_large: list[tuple[int, int]] = []
+    too_large: dict[str, list[tuple[int, int]]] = {}
     first_line: dict[str, int] = {}
     # Split on b"\n" only: `str.splitlines` would also split inside a text holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):
@@ -579,32 +572,46 @@ def read_requests(
         except InvalidRequestError as error:
             errors.append(f"line {number}: {error}")
             continue
-        if request.token_info.estimated > capacity:
-            too_large.append((number, request.token_info.estimated))
+        over = _over_a_limit(request.token_info, token_limits)
+        if over is not None:
+            too_large.setdefault(over[0], []).append((number, over[1]))
             continue
         if request_id in first_line:
             errors.append(f"line {number}: id {request_id!r} repeats line {first_line[request_id]}")
             continue
         first_line[request_id] = number
         entries.append(Entry(number, request))
-    bad_lines = len(errors) + len(too_large)
-    if too_large:
+    bad_lines = len(errors) + sum(len(lines) for lines in too_large.values())
+    for flag, lines in too_large.items():
         named = ", ".join(
-            f"line {number} (about {tokens:,} tokens)" for number, tokens in too_large[:_LINES_NAMED]
+            f"line {number} (about {tokens:,} tokens)" for number, tokens in lines[:_LINES_NAMED]
         )
-        more = f" and {len(too_large) - _LINES_NAMED:,} more" if len(too_large) > _LINES_NAMED else ""
+        more = f" and {len(lines) - _LINES_NAMED:,} more" if len(lines) > _LINES_NAMED else ""
         period = "day" if flag.endswith("pd") else "minute"
-        whole = (
-            " (each token limit counts a request's whole estimate, input and output)"
-            if flag in ("--itpm", "--otpm")
-            else ""
-        )
-        limit = plain_number(capacity, separators=False)
+        counted = {"--itpm": " of input", "--otpm": " of output (max_tokens)"}.get(flag, "")
+        limit = plain_number(token_limits[flag], separators=False)
+        lower = "their input" if flag == "--itpm" else "their max_tokens"
         errors.append(
-            f"{len(too_large):,} line(s) need more tokens than {flag} {limit} allows in any {period}"
-            f"{whole}: {named}{more}; lower their max_tokens or raise {flag}"
+            f"{len(lines):,} line(s) need more tokens{counted} than {flag} {limit} allows in any {period}: "
+            f"{named}{more}; lower {lower} or raise {flag}"
         )
     return Requests(entries, errors, bad_lines, fmt if fmt is not None else FORMATS["native"])
+
+
+def _over_a_limit(info: TokenInfo, token_limits: Mapping[str, float]) -> tuple[str, int] | None:
+    """The first token limit (by flag) a request can never fit, with the tokens it counts there:
+    ``--tpm`` and ``--tpd`` count the whole estimate, ``--itpm`` the input part and ``--otpm``
+    the output part (each the whole estimate when the request has no parts)."""
+    counted = {
+        "--tpm": info.estimated,
+        "--tpd": info.estimated,
+        "--itpm": info.estimated if info.input is None else info.input,
+        "--otpm": info.estimated if info.max_output is None else info.max_output,
+    }
+    for flag, limit in token_limits.items():
+        if counted[flag] > limit:
+            return flag, counted[flag]
+    return None
 
 
 # -- reading earlier results ---------------------------------------------------------------------

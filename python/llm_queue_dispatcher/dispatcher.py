@@ -91,6 +91,30 @@ async def _release(limiter: Any, key: str) -> None:
         )
 
 
+def _takes_parts(limiter: Any, method: str) -> bool:
+    """Whether ``limiter.method`` takes a request's ``input_tokens`` and ``output_tokens`` (as
+    `LLMThrottle`'s and `RedisThrottle`'s do); a limiter of the plain protocol is called with
+    the total alone."""
+    function = getattr(limiter, method, None)
+    if function is None:
+        return False
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return True
+    return "input_tokens" in parameters and "output_tokens" in parameters
+
+
+def _token_parts(message: QueueMessage[Any]) -> tuple[int, int] | None:
+    """The input and output parts of a message's estimate, when its request gave them."""
+    info = message.payload.token_info
+    if info.input is None or info.max_output is None:
+        return None
+    return (info.input, info.max_output)
+
+
 class _Runner:
     """The I/O of the core's plans, each run to its end in a task of its own even if its caller
     is cancelled (its store call may have landed, and the books must follow it), and the wake-up
@@ -114,9 +138,10 @@ class _Runner:
         tokens: int | None,
         delay: float,
         error: BaseException | None,
+        parts: tuple[int, int] | None = None,
     ) -> None:
         """A job's mark that needs I/O: settled in the core, then its plan awaited to its end."""
-        plan = self.core.settle(job, kind, tokens, delay, error)
+        plan = self.core.settle(job, kind, tokens, delay, error, parts)
         if plan is not None:
             await self.shielded(self._execute(plan))
 
@@ -170,7 +195,15 @@ class _Runner:
             return
         try:
             if plan.limiter_call == "adjust":
-                await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
+                parts = plan.parts
+                if parts is not None and _takes_parts(limiter, "adjust_consumption"):
+                    adjusted = limiter.adjust_consumption(
+                        plan.key, plan.tokens, input_tokens=parts[0], output_tokens=parts[1]
+                    )
+                    if inspect.isawaitable(adjusted):
+                        await adjusted
+                else:
+                    await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
             elif plan.limiter_call == "release":
                 await _release(limiter, plan.key)
             elif callable(getattr(limiter, "settle", None)):
@@ -182,11 +215,18 @@ class _Runner:
                 "rate limiter failed to correct request %r (%s); the message is settled", request_id, why
             )
 
-    async def reserve(self, limiter: Any, key: str, tokens: int) -> bool:
-        """``limiter.consume(key, tokens)``. Cancelled while an asynchronous consume is on its
-        way (a round trip to a shared limiter), the call still completes, and a reservation it
-        made is given back in a task `close` waits for: a cancelled dequeue takes nothing."""
-        result = limiter.consume(key, tokens)
+    async def reserve(
+        self, limiter: Any, key: str, tokens: int, parts: tuple[int, int] | None = None
+    ) -> bool:
+        """``limiter.consume(key, tokens)``, with the request's input and output ``parts`` where
+        it knows them and the limiter takes them (each limit then takes its own share).
+        Cancelled while an asynchronous consume is on its way (a round trip to a shared
+        limiter), the call still completes, and a reservation it made is given back in a task
+        `close` waits for: a cancelled dequeue takes nothing."""
+        if parts is not None and _takes_parts(limiter, "consume"):
+            result = limiter.consume(key, tokens, input_tokens=parts[0], output_tokens=parts[1])
+        else:
+            result = limiter.consume(key, tokens)
         if not inspect.isawaitable(result):
             return bool(result)
         consumed = asyncio.ensure_future(result)
@@ -451,8 +491,12 @@ class LLMQueueDispatcher(Generic[T]):
             return None
         job: ProcessableMessage[T] = found
         try:
+            parts = _token_parts(job.message)
             if self.config.reserve_budget:
-                granted = await self._runner.reserve(limiter, job._key or "", job._tokens)
+                granted = await self._runner.reserve(limiter, job._key or "", job._tokens, parts)
+            elif parts is not None and _takes_parts(limiter, "can_process"):
+                checked = limiter.can_process(job._tokens, input_tokens=parts[0], output_tokens=parts[1])
+                granted = bool((await checked if inspect.isawaitable(checked) else checked).allowed)
             else:
                 granted = bool((await _call(limiter, "can_process", job._tokens)).allowed)
         except BaseException:
@@ -462,7 +506,11 @@ class LLMQueueDispatcher(Generic[T]):
             raise
         if not granted:
             await self._revoke(job, restore=True, reserved=False)
-            return await self._held_for(limiter, job._needed) if self.config.hold_budget else None
+            if not self.config.hold_budget:
+                return None
+            # Held: the winner's wait over every limit, by its parts where the margin is none.
+            exact = parts if job._needed == job._tokens else None
+            return await self._held_for(limiter, job._needed, exact)
         return job
 
     async def _hand_out(self, job: ProcessableMessage[T]) -> bool:
@@ -489,9 +537,16 @@ class LLMQueueDispatcher(Generic[T]):
         if plan is not None:
             await self._runner.shielded(self._runner.limiter_call(plan))
 
-    async def _held_for(self, limiter: Any, tokens: int) -> float | None:
-        """Seconds until a held winner of ``tokens`` fits (None when it never will)."""
-        check = await _call(limiter, "can_process", tokens)
+    async def _held_for(
+        self, limiter: Any, tokens: int, parts: tuple[int, int] | None = None
+    ) -> float | None:
+        """Seconds until a held winner of ``tokens`` (split into ``parts`` when known) fits
+        (None when it never will)."""
+        if parts is not None and _takes_parts(limiter, "can_process"):
+            checked = limiter.can_process(tokens, input_tokens=parts[0], output_tokens=parts[1])
+            check = await checked if inspect.isawaitable(checked) else checked
+        else:
+            check = await _call(limiter, "can_process", tokens)
         self._refused(check)
         wait = float(check.available_in)
         return wait if math.isfinite(wait) else None
@@ -520,13 +575,13 @@ class LLMQueueDispatcher(Generic[T]):
         dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
-        capacity = float(metrics.tpm.limit)
-        for request_id in self._core.unfittable(capacity):
+        capacity, input_capacity, output_capacity = _token_capacities(metrics)
+        for request_id in self._core.unfittable(capacity, input_capacity, output_capacity):
             self._logger.warning(
                 "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
                 "with take_unfittable()",
                 request_id,
-                capacity,
+                _capacities_shown(capacity, input_capacity, output_capacity),
             )
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
@@ -548,14 +603,18 @@ class LLMQueueDispatcher(Generic[T]):
         return max(0.0, self._ready[1] - self._now())
 
     async def take_unfittable(self, rate_limiter: Any) -> list[QueueMessage[T]]:
-        """Receives every visible message whose estimate exceeds the limiter's token capacity.
+        """Receives every visible message the limiter can never grant: its estimate above the
+        capacity of a limit that counts it whole (``tpm``, ``tpd``), or, with input and output
+        limits, its input part (``TokenInfo.input``) above ``itpm``'s capacity or its
+        ``max_output`` above ``otpm``'s (an estimate without parts counts whole against those
+        too).
 
         Such a request can never be dispatched. The messages come back leased (in flight, no
         budget reserved); delete them, or fail them until the store dead-letters them.
         """
         check_rate_limiter(rate_limiter)
         metrics = await _call(rate_limiter, "get_metrics")
-        taken: list[QueueMessage[T]] = self._core.take_above(float(metrics.tpm.limit))
+        taken: list[QueueMessage[T]] = self._core.take_above(*_token_capacities(metrics))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -682,3 +741,22 @@ def _scheduling(report: CoreReport) -> SchedulingMetrics:
         binding_limit=report.binding_limit or "none",
         waited_by_limit=dict(report.waited_by_limit),
     )
+
+
+def _token_capacities(metrics: Any) -> tuple[float, float, float]:
+    """From a limiter's metrics, the most tokens it can ever grant one request: the smallest
+    capacity of the limits counting the whole estimate (``tpm``, and ``tpd`` where set), and the
+    capacities of the input and output limits (``itpm``, ``otpm``; infinite where not set)."""
+
+    def limit(name: str) -> float:
+        bucket = getattr(metrics, name, None)
+        return math.inf if bucket is None else float(bucket.limit)
+
+    return min(float(metrics.tpm.limit), limit("tpd")), limit("itpm"), limit("otpm")
+
+
+def _capacities_shown(capacity: float, input_capacity: float, output_capacity: float) -> str:
+    """The capacities for a log line: ``1000``, or ``1000; input 300, output 200``."""
+    limits = (("input", input_capacity), ("output", output_capacity))
+    shown_parts = [f"{name} {value:g}" for name, value in limits if math.isfinite(value)]
+    return f"{capacity:g}" + (f"; {', '.join(shown_parts)}" if shown_parts else "")

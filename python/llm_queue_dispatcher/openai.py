@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from ._checks import shown
 from .errors import InvalidRequestError, PermanentError, RetryableError
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
-from .types import LLMRequest, Priority, TokenInfo, validate_token_count
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage, validate_token_count
 
 if TYPE_CHECKING:
     from openai import APIStatusError, AsyncOpenAI
@@ -62,6 +62,7 @@ __all__ = [
     "MESSAGE_OVERHEAD_TOKENS",
     "REPLY_OVERHEAD_TOKENS",
     "Tokenizer",
+    "completion_usage",
     "create_chat_completion",
     "estimate_chat_tokens",
     "openai_chat_handler",
@@ -193,7 +194,7 @@ def estimate_chat_tokens(
       ``default_completion_tokens`` (1,024), times ``n``.
 
     Nothing is downloaded: pass a tokenizer whose files are installed to count exactly. After
-    each call `Worker` corrects the limiter to the provider's ``usage.total_tokens``.
+    each call `Worker` corrects the limiter to the provider's usage (`completion_usage`).
 
     A payload that cannot be counted raises `InvalidRequestError` naming the field: a value JSON
     cannot hold (one that contains itself, an int of more than 4,300 digits), a count above
@@ -257,14 +258,26 @@ def request_from_openai_chat(
     """An `LLMRequest` carrying ``payload`` (the ``create()`` keyword arguments), its token
     estimate from `estimate_chat_tokens` and the payload's ``model``; ``fields`` are further
     `LLMRequest` fields (``metadata``, ``deadline``, ``expected_processing_time``, ...).
+    The estimate's parts are set too: ``max_output`` is the completion allowance (``max_tokens``
+    or ``max_completion_tokens`` times ``n``, else ``default_completion_tokens``), ``input`` the
+    rest, for a limiter with input and output limits.
     Streaming payloads are refused: the handler needs the whole response's usage."""
     estimate = estimate_chat_tokens(
         payload, tokenizer=tokenizer, default_completion_tokens=default_completion_tokens
     )
     if payload.get("stream"):
         raise InvalidRequestError("payload['stream'] must be false: the handler reads the whole response")
+    # Checked by estimate_chat_tokens already; the allowance is within the estimate.
+    completion = _completion_allowance(
+        payload, _token_count(default_completion_tokens, "default_completion_tokens")
+    )
     model = payload.get("model")
-    token_info = TokenInfo(estimate, model=model if isinstance(model, str) else None)
+    token_info = TokenInfo(
+        estimate,
+        model=model if isinstance(model, str) else None,
+        input=estimate - completion,
+        max_output=completion,
+    )
     # LLMRequest validates ``priority`` (ints 0..3 become a Priority).
     return LLMRequest(id, payload, priority, token_info, tenant=tenant, **fields)  # type: ignore[arg-type]
 
@@ -378,6 +391,24 @@ def total_tokens(completion: ChatCompletion) -> int | None:
         return None
 
 
+def completion_usage(completion: ChatCompletion) -> TokenUsage | int | None:
+    """What a completion used, for the limiter: a `TokenUsage` of ``usage.prompt_tokens`` and
+    ``usage.completion_tokens`` when the response gives both, else ``usage.total_tokens``
+    (`total_tokens`; a gateway that reports only the total), else None (the estimate stands).
+    An unusable figure (negative, not an int) is ignored with a warning, as in `total_tokens`."""
+    usage = getattr(completion, "usage", None)
+    counts = [getattr(usage, name, None) for name in ("prompt_tokens", "completion_tokens")]
+    if usage is not None and None not in counts:
+        try:
+            return TokenUsage(
+                _token_count(counts[0], "usage.prompt_tokens"),
+                _token_count(counts[1], "usage.completion_tokens"),
+            )
+        except InvalidRequestError as error:
+            _LOGGER.warning("ignoring the response's usage by part: %s", error)
+    return total_tokens(completion)
+
+
 async def create_chat_completion(
     client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
 ) -> ChatCompletion:
@@ -425,9 +456,10 @@ def openai_chat_handler(
     limiter: RateLimiter | AsyncRateLimiter,
     *,
     on_completion: Callable[[ProcessableMessage[Any], ChatCompletion], Awaitable[None] | None] | None = None,
-) -> Callable[[ProcessableMessage[Any]], Awaitable[int | None]]:
+) -> Callable[[ProcessableMessage[Any]], Awaitable[TokenUsage | int | None]]:
     """A `Worker` handler: sends each message's payload with `create_chat_completion` and
-    returns ``usage.total_tokens`` (None when the response has no usable usage: `total_tokens`).
+    returns what it used (`completion_usage`): the prompt and completion tokens apart, which
+    the worker marks as input and output, else ``usage.total_tokens``, else None.
 
     ``on_completion(job, completion)`` (plain or async) sees each successful response before
     the message is acknowledged: store the answer there. If it raises, the message is retried.
@@ -436,10 +468,10 @@ def openai_chat_handler(
         raise InvalidRequestError(f"client must be an openai.AsyncOpenAI, got {client!r}")
     quiet = client.with_options(max_retries=0)
 
-    async def handle(job: ProcessableMessage[Any]) -> int | None:
+    async def handle(job: ProcessableMessage[Any]) -> TokenUsage | int | None:
         completion = await create_chat_completion(quiet, limiter, job.message.payload.payload)
         if on_completion is not None:
             await _maybe_await(on_completion(job, completion))
-        return total_tokens(completion)
+        return completion_usage(completion)
 
     return handle

@@ -77,6 +77,7 @@ from .types import Priority
 
 __all__ = [
     "DEQUEUE_LATENCY_BUCKETS",
+    "LIMIT_NAMES",
     "WAIT_TIME_BUCKETS",
     "MetricsSource",
     "QueueCollector",
@@ -434,6 +435,7 @@ class QueueCollector:
                 )
                 for name in _PERCENTILES
             ),
+            *_limit_families(base),
         ]
         specs.extend(_scheduling_families(base))
         return {family.name: family for family in specs}
@@ -505,6 +507,7 @@ class QueueCollector:
             add("llmqd_limiter_capacity_requests", limits.rpm.limit)
             with contextlib.suppress(AttributeError):  # an async limiter may report no debt
                 add("llmqd_limiter_debt_tokens", limits.compensation.total_debt)
+            _add_limit_samples(add, limits)
 
 
 # -- scheduling: SLO attainment and the binding limit (``get_queue_metrics().scheduling``) -----
@@ -550,6 +553,33 @@ def _scheduling_families(base: list[str]) -> list[Metric]:
     ]
 
 
+# -- every limit of the limiter -------------------------------------------------------------------
+#: The limits a limiter may keep, by their metrics names: requests and tokens per minute, input
+#: and output tokens per minute, requests and tokens per day, requests in flight.
+LIMIT_NAMES = ("rpm", "tpm", "itpm", "otpm", "rpd", "tpd", "concurrency")
+
+
+def _limit_families(base: list[str]) -> list[Metric]:
+    """The gauges of each limit the limiter keeps, labelled ``limit`` (one of `LIMIT_NAMES`):
+    its capacity and what it holds now, in the limit's own unit (requests, tokens, or slots
+    for ``concurrency``)."""
+    labels = [*base, "limit"]
+    return [
+        GaugeMetricFamily(
+            "llmqd_limiter_limit_capacity",
+            "Capacity of each limit the limiter keeps (rpm, tpm, itpm, otpm, rpd, tpd: its bucket's "
+            "burst or limit; concurrency: max_concurrent), in the limit's unit.",
+            labels=labels,
+        ),
+        GaugeMetricFamily(
+            "llmqd_limiter_limit_available",
+            "What each limit the limiter keeps admits now (its bucket's level; concurrency: free "
+            "slots), in the limit's unit.",
+            labels=labels,
+        ),
+    ]
+
+
 def _add_scheduling_samples(add: Callable[..., None], scheduling: SchedulingMetrics) -> None:
     """One watched queue's samples of `_scheduling_families`; ``add(name, value, *labels)``."""
     for name, slo in scheduling.slo_attainment.items():
@@ -562,3 +592,14 @@ def _add_scheduling_samples(add: Callable[..., None], scheduling: SchedulingMetr
         add("llmqd_binding_limit", 1.0 if scheduling.binding_limit == limit else 0.0, limit)
     for limit, count in scheduling.waited_by_limit.items():
         add("llmqd_window_limited_dispatches", max(0, count), limit)
+
+
+def _add_limit_samples(add: Any, limits: Any) -> None:
+    """One sample of each `_limit_families` gauge per limit the limiter's metrics report
+    (``limits.itpm`` and the other optional limits are None where not configured)."""
+    for name in LIMIT_NAMES:
+        bucket = getattr(limits, name, None)
+        if bucket is None:
+            continue
+        add("llmqd_limiter_limit_capacity", bucket.limit, name)
+        add("llmqd_limiter_limit_available", bucket.available, name)

@@ -16,6 +16,7 @@ import time
 from types import FrameType
 from typing import Any, NoReturn
 
+from .batch import add_provider_limit_arguments
 from .config import FairPriorityConfig
 from .simulate import (
     DEFAULT_RETENTION,
@@ -209,6 +210,7 @@ def register(commands: Any) -> None:
         type=_limit,
         help=f"tokens per minute, >= 1 (default {BASE_TPM:g}; for traces the tokens a minute / --load)",
     )
+    add_provider_limit_arguments(limits)
     limits.add_argument(
         "--concurrency", type=_concurrency, help="concurrent calls the provider takes (default 32)"
     )
@@ -474,6 +476,11 @@ def _run(
                 scenario.provider,
                 rpm=scenario.rpm,
                 tpm=scenario.tpm,
+                itpm=args.itpm,
+                otpm=args.otpm,
+                rpd=args.rpd,
+                tpd=args.tpd,
+                max_concurrent=args.max_concurrent,
                 hold_budget=hold,
                 fair_priority=fair,
                 message_retention=args.retention,

@@ -6,7 +6,8 @@ each tested on hand-made inputs whose answer is known.
 * `window_fairness`: Jain's index of token service among backlogged tenants, and the largest
   service difference between them, over fixed windows (60 s).
 * `InversionCounter`: priority inversions, counted as dispatches happen.
-* `BlockedTime`: which limit (RPM, TPM, concurrency) held requests back, and for how long.
+* `BlockedTime`: which limit (RPM, TPM, ITPM, OTPM, RPD, TPD, concurrency) held requests back,
+  and for how long.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ __all__ = [
 DEFAULT_SLO: Mapping[str, float] = {"URGENT": 1.0, "HIGH": 30.0, "NORMAL": 300.0, "LOW": 1800.0}
 
 #: The limits a request can wait on, as `BlockedTime` names them.
-LIMITS = ("RPM", "TPM", "concurrency")
+LIMITS = ("RPM", "TPM", "ITPM", "OTPM", "RPD", "TPD", "concurrency")
+
+# The request limits, and the token limits, by the limiter's metrics names.
+_REQUEST_LIMITS = ("rpm", "rpd")
+_TOKEN_LIMITS = ("tpm", "itpm", "otpm", "tpd")
 
 
 def slo_attainment(sorted_waits: Sequence[float], target: float, requests: int) -> float | None:
@@ -239,13 +244,18 @@ class InversionCounter:
 @dataclass
 class BlockedTime:
     """Seconds during which requests were waiting and none could be dispatched, by the limit
-    that held them: the provider's ``concurrency`` when every call slot was busy, else ``RPM``
-    when the request budget was short for at least as long as the wait, else ``TPM``."""
+    that held them: ``concurrency`` when every call slot was busy (the provider's, or the
+    limiter's ``max_concurrent``), else ``RPM`` (or ``RPD``) when the request budget was short
+    for at least as long as the wait, else the token limit the next request waited for
+    (``TPM``, or ``ITPM``, ``OTPM``, ``TPD`` where set; `classify_limits`). ``seconds`` holds
+    RPM, TPM and concurrency always, the other limits once they held anything."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("RPM", "TPM", "concurrency"), 0.0)
+    )
 
     def add(self, limit: str, seconds: float) -> None:
-        self.seconds[limit] += seconds
+        self.seconds[limit] = self.seconds.get(limit, 0.0) + seconds
 
     @staticmethod
     def classify(in_flight: int, concurrency: int, requests_left: float, rpm: float, wait: float) -> str:
@@ -260,10 +270,43 @@ class BlockedTime:
                 return "RPM"
         return "TPM"
 
+    @staticmethod
+    def classify_limits(
+        levels: Mapping[str, tuple[float, float]], rates: Mapping[str, float], wait: float
+    ) -> str:
+        """The limit holding a dispatch back when the provider has a free call slot, from each
+        limit's ``(available, capacity)`` in ``levels`` and its refill a second in ``rates``
+        (by the limiter's names: ``rpm``, ``tpm``, ``itpm``, ``otpm``, ``rpd``, ``tpd``, and
+        ``concurrency``, whose level is its free slots); ``wait`` is the seconds until the
+        budget admits the next request (``inf`` when unknown).
+
+        ``concurrency`` when no slot of ``max_concurrent`` is free; else the request limit
+        (RPM, RPD) short of a request for at least as long as the wait, the longer first; else
+        the token limit (TPM, ITPM, OTPM, TPD) whose bucket holds the smallest share of its
+        capacity, the one the next request waits for."""
+        slots = levels.get("concurrency")
+        if slots is not None and slots[0] < 1.0:
+            return "concurrency"
+        request_waits = [
+            ((1.0 - levels[name][0]) / rates[name], name)
+            for name in _REQUEST_LIMITS
+            if name in levels and levels[name][0] < 1.0 and rates.get(name, 0.0) > 0
+        ]
+        if request_waits:
+            longest, name = max(request_waits)
+            if longest >= wait - 1e-9 or math.isinf(wait):
+                return name.upper()
+        shares = [
+            (levels[name][0] / levels[name][1], position, name)
+            for position, name in enumerate(_TOKEN_LIMITS)
+            if name in levels and levels[name][1] > 0
+        ]
+        return min(shares)[2].upper() if shares else "TPM"
+
     def binding(self) -> str | None:
         """The limit that held requests back longest; None when nothing was ever held."""
-        limit = max(LIMITS, key=lambda name: self.seconds[name])
-        return limit if self.seconds[limit] > 0 else None
+        limit = max(LIMITS, key=lambda name: self.seconds.get(name, 0.0))
+        return limit if self.seconds.get(limit, 0.0) > 0 else None
 
     def shares(self) -> dict[str, float]:
         """Each limit's share of the time requests were held (all 0 when never)."""

@@ -105,7 +105,7 @@ def format_table(results: Sequence[SimulationResult], per_tenant: bool = False) 
     rows.append(("retries", [str(r.retries) for r in results]))
     rows.append(("dead-lettered", [str(r.dead_lettered) for r in results]))
     rows.append(("expired (retention)", [str(r.expired) for r in results]))
-    rows.append(("unfittable (> TPM)", [str(r.unfittable) for r in results]))
+    rows.append(("unfittable (never fits)", [str(r.unfittable) for r in results]))
     if any(r.has_deadlines for r in results):
         rows.append(("sent past deadline", [str(r.past_deadline) for r in results]))
     if any(r.interrupted for r in results):

@@ -19,6 +19,7 @@ __all__ = [
     "Priority",
     "QueueMessage",
     "TokenInfo",
+    "TokenUsage",
     "split_token_parts",
     "validate_request_id",
     "validate_token_count",
@@ -239,6 +240,33 @@ class TokenInfo:
             counts[1],
             ("token_info.estimated", "token_info.input", "token_info.max_output"),
         )
+
+
+@dataclass(frozen=True, init=False)
+class TokenUsage:
+    """What a call used, by part: ``input`` (the prompt's tokens, as the provider counts them
+    against its input limit) and ``output`` (the reply's). A `Worker` handler may return one
+    instead of a total: the worker then marks the message processed with ``input_tokens`` and
+    ``output_tokens``, and a limiter with input and output limits (``itpm``, ``otpm``) corrects
+    each with its own count; the other limits take the total, ``input + output``.
+
+    >>> TokenUsage(input=1000, output=180).total
+    1180
+
+    Each count is an int >= 0 (`InvalidRequestError` naming the field otherwise).
+    """
+
+    input: int
+    output: int
+
+    def __init__(self, input: int, output: int) -> None:
+        object.__setattr__(self, "input", validate_token_count(input, "usage.input"))
+        object.__setattr__(self, "output", validate_token_count(output, "usage.output"))
+
+    @property
+    def total(self) -> int:
+        """``input + output``."""
+        return self.input + self.output
 
 
 @dataclass

@@ -4,7 +4,9 @@ It takes the message the dispatcher chose (its budget already reserved), runs th
 with at most ``concurrency`` handlers at once, keeps the message leased while the handler runs,
 and settles it exactly once:
 
-* the handler returns ``n`` (or None) -> ``mark_as_processed(actual_tokens=n)``;
+* the handler returns ``n`` (or None) -> ``mark_as_processed(actual_tokens=n)``; it returns a
+  `TokenUsage` -> ``mark_as_processed(input_tokens=usage.input, output_tokens=usage.output)``,
+  so a limiter with input and output limits corrects each with its own count;
 * it raises `PermanentError` -> ``mark_as_dead_lettered`` at once;
 * it raises anything else -> ``mark_as_failed(error, retry_after=delay)``, where ``delay`` is a
   `RetryableError`'s ``retry_after`` or exponential backoff with full jitter. "Anything else"
@@ -56,7 +58,7 @@ from .errors import (
 )
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 from .throttle import AsyncRateLimiter, RateLimiter
-from .types import validate_token_count
+from .types import TokenUsage, validate_token_count
 
 __all__ = ["Handler", "Worker", "WorkerStats", "backoff_delay"]
 
@@ -64,8 +66,9 @@ T = TypeVar("T")
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
-#: A handler: takes a dispatched message, returns the actual tokens used (or None).
-Handler = Callable[[ProcessableMessage[T]], Awaitable["int | None"]]
+#: A handler: takes a dispatched message, returns the actual tokens used: a total, a
+#: `TokenUsage` (input and output apart), or None (the estimate stands).
+Handler = Callable[[ProcessableMessage[T]], Awaitable["int | TokenUsage | None"]]
 
 # How long one dequeue sleeps when nothing can be dispatched. The dispatcher wakes it early on
 # an enqueue, a mark, a visibility expiry or a refill, so this only bounds an idle wait.
@@ -161,7 +164,10 @@ class Worker(Generic[T]):
         dispatcher: where the messages come from; its ``visibility_timeout`` is the lease the
             worker renews at half its length while a handler runs.
         limiter: a `RateLimiter` (`LLMThrottle`) or an `AsyncRateLimiter`, passed to ``dequeue``.
-        handler: ``async def handler(job) -> int | None``; returns the actual tokens used.
+        handler: ``async def handler(job) -> int | TokenUsage | None``; returns the actual
+            tokens used: a total, or a `TokenUsage` with the input and output counts apart
+            (which a limiter with ``itpm``/``otpm`` corrects each with), or None to keep the
+            estimate.
         concurrency: handlers running at once (>= 1).
         shutdown_grace: seconds running handlers get to finish after a stop; then they are
             cancelled and their messages given back unprocessed (their receive undone).
@@ -185,7 +191,7 @@ class Worker(Generic[T]):
         self,
         dispatcher: LLMQueueDispatcher[T],
         limiter: RateLimiter | AsyncRateLimiter,
-        handler: Callable[[ProcessableMessage[T]], Awaitable[int | None]],
+        handler: Callable[[ProcessableMessage[T]], Awaitable[int | TokenUsage | None]],
         *,
         concurrency: int = 16,
         shutdown_grace: float = 30.0,
@@ -561,9 +567,15 @@ class Worker(Generic[T]):
         else:
             current = await self._close_run(task, job)
             tokens = self._token_count(job, result)
-            if await self._settle(current, "mark processed", current.mark_as_processed(actual_tokens=tokens)):
+            if isinstance(tokens, TokenUsage):
+                marking = current.mark_as_processed(input_tokens=tokens.input, output_tokens=tokens.output)
+                counted = tokens.total
+            else:
+                marking = current.mark_as_processed(actual_tokens=tokens)
+                counted = tokens if tokens is not None else job.message.payload.token_info.estimated
+            if await self._settle(current, "mark processed", marking):
                 self._processed += 1
-                self._tokens += tokens if tokens is not None else job.message.payload.token_info.estimated
+                self._tokens += counted
             await self._close_superseded(task)
 
     async def _retry(
@@ -641,16 +653,19 @@ class Worker(Generic[T]):
                 )
                 delivery._abandon()  # nobody will mark it now: no longer counted in flight
 
-    def _token_count(self, job: ProcessableMessage[T], result: object) -> int | None:
+    def _token_count(self, job: ProcessableMessage[T], result: object) -> int | TokenUsage | None:
         if result is None:
             return None
         try:
+            if isinstance(result, TokenUsage):
+                # Checked again: a frozen dataclass's fields can still be set by force.
+                return TokenUsage(result.input, result.output)
             return validate_token_count(result, "handler result")
         except InvalidRequestError:
             # The call itself succeeded: retrying would spend it again. Keep the estimate.
             self._logger.error(
-                "handler for %r returned %r, not a token count (int >= 0 or None); marked processed "
-                "with its estimate",
+                "handler for %r returned %r, not a token count (int >= 0, TokenUsage or None); "
+                "marked processed with its estimate",
                 job.message.payload.id,
                 result,
             )

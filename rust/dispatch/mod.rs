@@ -18,8 +18,8 @@ use crate::buffer::{Buffer, Buffered};
 use crate::errors::{CoreError, CoreResult};
 use crate::fair::{FairCandidate, FairRuntime};
 use crate::policy::{
-    admit, decide_fair, decide_fair_store, decide_score, ranking_budget, score_margin, score_reserve,
-    Admission, Budget, Decision, FairDecision, Rankings,
+    admit, decide_fair, decide_fair_store, decide_score, parts_ranking_budget, ranking_budget, score_margin,
+    score_reserve, Admission, Budget, Decision, FairDecision, Rankings,
 };
 use crate::scoring::Weights;
 use crate::select::{best_candidate, choose, Candidate, Choice, Collected, SearchContext};
@@ -46,6 +46,83 @@ pub struct Settings {
     pub reserve: bool,
     /// Whether the budget is held for the winner (`hold_budget`).
     pub hold: bool,
+}
+
+/// A payload that may know its request's input and output token parts (`TokenInfo.input` and
+/// `max_output`), read once when it was stored: a reservation takes the input part from an input
+/// limit and the output part from an output limit, and admission checks each against its own.
+pub trait TokenParts {
+    /// The input and output parts of a message whose estimate is `tokens`, adding up to it;
+    /// None when not given.
+    fn token_parts(&self, tokens: u64) -> Option<(u64, u64)>;
+}
+
+impl TokenParts for () {
+    fn token_parts(&self, _tokens: u64) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// A message's input part in 8 bytes, as a stored message keeps it: the output part is the rest
+/// of the estimate, which the message keeps anyway (`input + max_output == estimated` always
+/// holds). `u64::MAX` stands for "no parts". An input part of `u64::MAX` itself is a count that
+/// saturated (beyond 2**64 - 1), so the estimate is too: it is kept as the estimate alone, which
+/// changes nothing a limiter decides (every limit counting the whole estimate, `tpm` always
+/// among them, is finite, so neither can ever be granted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPart(u64);
+
+impl InputPart {
+    /// No parts: the estimate alone.
+    pub const NONE: Self = Self(u64::MAX);
+
+    /// The input part of `parts` (as [`crate::throttle::split_parts`] gives them).
+    pub fn of(parts: Option<(u64, u64)>) -> Self {
+        parts.map_or(Self::NONE, |(input, _)| Self(input))
+    }
+
+    /// The input and output parts of an estimate of `tokens` (the output part is the rest).
+    pub fn parts(self, tokens: u64) -> Option<(u64, u64)> {
+        (self != Self::NONE).then(|| (self.0, tokens.saturating_sub(self.0)))
+    }
+}
+
+/// The most tokens a limiter can ever grant one request, by what each of its token limits
+/// counts: `whole` the smallest capacity of the limits counting the whole estimate (tpm, tpd),
+/// `input` and `output` those of the input and output limits (itpm, otpm; infinite when not
+/// set). A request whose input part alone exceeds `input`, whose output part exceeds `output`,
+/// or whose estimate exceeds `whole`, can never be admitted; without parts, an input or output
+/// limit counts the whole estimate, so it must fit all three.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// The smallest capacity of the limits that count the whole estimate.
+    pub whole: f64,
+    /// The input limit's capacity (infinite without one).
+    pub input: f64,
+    /// The output limit's capacity (infinite without one).
+    pub output: f64,
+}
+
+impl Capacity {
+    /// Only limits that count the whole estimate.
+    pub fn whole(capacity: f64) -> Self {
+        Self { whole: capacity, input: f64::INFINITY, output: f64::INFINITY }
+    }
+
+    /// Whether a request of `tokens`, split into `parts` when known, can ever be admitted.
+    pub fn fits(&self, tokens: u64, parts: Option<(u64, u64)>) -> bool {
+        let total = tokens as f64;
+        total <= self.whole
+            && match parts {
+                Some((input, output)) => input as f64 <= self.input && output as f64 <= self.output,
+                None => total <= self.input && total <= self.output,
+            }
+    }
+
+    /// The largest estimate that fits whatever its parts.
+    pub fn smallest(&self) -> f64 {
+        self.whole.min(self.input).min(self.output)
+    }
 }
 
 /// What a dispatch step comes to.
@@ -125,7 +202,7 @@ pub struct StoreTake {
 
 /// The score policy's fused step: decide (`policy::decide_score`), reserve and receive, under
 /// the caller's locks of `store` (at `now`) and `limiter` (at `limiter_now`, advanced).
-pub fn fused_score<P, M: Default>(
+pub fn fused_score<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     limiter: &mut Throttle<M>,
     weights: &Weights,
@@ -146,7 +223,7 @@ pub fn fused_score<P, M: Default>(
 
 /// The `fair_priority` policy's fused step: decide (`policy::decide_fair`), reserve, receive and
 /// charge the tenant, under the caller's locks.
-pub fn fused_fair<P, M: Default>(
+pub fn fused_fair<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &mut Throttle<M>,
@@ -175,7 +252,7 @@ pub fn fused_fair<P, M: Default>(
 
 /// Reserves the budget of the message in `slot` (when `settings.reserve`) and receives it; a
 /// failed receive releases the reservation. `Nothing` when the limiter refuses.
-fn receive_reserved<P, M: Default>(
+fn receive_reserved<P: TokenParts, M: Default>(
     store: &mut Store<P, Rankings>,
     limiter: &mut Throttle<M>,
     slot: u32,
@@ -185,7 +262,8 @@ fn receive_reserved<P, M: Default>(
 ) -> CoreResult<Outcome<(ReceiptHandle, Option<ReservationKey>)>> {
     let key = if settings.reserve {
         let message = store.message(slot);
-        match limiter.reserve(limiter_now, &message.request_id, message.tokens, M::default()) {
+        let parts = message.payload.token_parts(message.tokens);
+        match limiter.reserve_parts(limiter_now, &message.request_id, message.tokens, parts, M::default()) {
             Ok(key) => Some(key),
             Err(_) => return Ok(Outcome::Nothing),
         }
@@ -227,27 +305,18 @@ pub fn buffered_score<M, L: Default>(
     limiter_now: f64,
 ) -> Outcome<BufferTake<M>> {
     let Some(budget) = ranking_budget(limiter, settings.hold) else { return Outcome::Nothing };
-    let reserve = score_reserve(weights, Some(&buffer.urgent_history()), limiter, now);
-    let capacity = limiter.tokens().capacity();
-    let mut context =
-        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
-    let best = |context: &SearchContext| buffer.collect(context, 1).into_iter().next().map(|c| c.candidate);
-    let Some(mut candidate) = best(&context) else { return Outcome::Nothing };
-    let margin = score_margin(&candidate, reserve, capacity);
-    if !settings.hold && margin > 0.0 && !limiter.admits(candidate.tokens, margin) {
-        // The best among what leaves the URGENT reserve (as `policy::decide_score`).
-        context.max_tokens = budget.max_tokens - reserve;
-        let Some(fitting) = best(&context) else { return Outcome::Nothing };
-        candidate = fitting;
-    }
-    if candidate.base < settings.min_score {
-        return Outcome::Nothing;
-    }
-    match admit(limiter, (), candidate.tokens, score_margin(&candidate, reserve, capacity), settings.hold) {
-        Decision::Take(()) => {}
+    // With input or output limits, first under the budget of requests split into parts (as
+    // `policy::decide_score`).
+    let loose = parts_ranking_budget(limiter, settings.hold);
+    let decided = loose
+        .map(|loose| buffered_decision(buffer, limiter, weights, settings, now, loose))
+        .filter(|decision| !matches!(decision, Decision::Nothing))
+        .unwrap_or_else(|| buffered_decision(buffer, limiter, weights, settings, now, budget));
+    let candidate = match decided {
+        Decision::Take(candidate) => candidate,
         Decision::Wait(seconds) => return Outcome::Wait(seconds),
         Decision::Nothing => return Outcome::Nothing,
-    }
+    };
     let Ok(key) = reserve_buffered(buffer, limiter, candidate.seq, candidate.tokens, settings, limiter_now)
     else {
         return Outcome::Nothing;
@@ -258,6 +327,48 @@ pub fn buffered_score<M, L: Default>(
         }
         None => Outcome::Nothing,
     }
+}
+
+/// The score policy's decision over the buffer under `budget`.
+fn buffered_decision<M, L>(
+    buffer: &Buffer<M>,
+    limiter: &Throttle<L>,
+    weights: &Weights,
+    settings: Settings,
+    now: f64,
+    budget: Budget,
+) -> Decision<Candidate> {
+    let reserve = score_reserve(weights, Some(&buffer.urgent_history()), limiter, now);
+    let capacity = limiter.tokens().capacity();
+    let mut context =
+        SearchContext { weights: *weights, now, available: budget.available, max_tokens: budget.max_tokens };
+    let parts_of = |seq: u64| buffer.get(seq).and_then(|item| item.parts);
+    let ever = |candidate: &Candidate| limiter.fits_capacity(candidate.tokens, parts_of(candidate.seq));
+    // The best the limiter can ever grant (as `policy::best_ever_granted`).
+    let best = |context: &SearchContext| {
+        let first = buffer.collect(context, 1).into_iter().next().map(|c| c.candidate)?;
+        if ever(&first) {
+            return Some(first);
+        }
+        let more = buffer.collect(context, crate::policy::UNFITTABLE_SKIPS + 1);
+        more.into_iter().map(|c| c.candidate).find(|candidate| ever(candidate))
+    };
+    let Some(mut candidate) = best(&context) else { return Decision::Nothing };
+    let margin = score_margin(&candidate, reserve, capacity);
+    if !settings.hold
+        && margin > 0.0
+        && !limiter.admits_parts(candidate.tokens, parts_of(candidate.seq), margin)
+    {
+        // The best among what leaves the URGENT reserve (as `policy::decide_score`).
+        context.max_tokens = budget.max_tokens - reserve;
+        let Some(fitting) = best(&context) else { return Decision::Nothing };
+        candidate = fitting;
+    }
+    if candidate.base < settings.min_score {
+        return Decision::Nothing;
+    }
+    let margin = score_margin(&candidate, reserve, capacity);
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.seq), margin, settings.hold)
 }
 
 /// The `fair_priority` step over the buffer with an `LLMThrottle`: decide, reserve, take, charge.
@@ -305,7 +416,10 @@ fn reserve_buffered<M, L: Default>(
         return Ok(None);
     }
     let item = buffer.get(seq).ok_or(Refused)?;
-    limiter.reserve(limiter_now, &item.request_id, tokens, L::default()).map(Some).map_err(|_| Refused)
+    limiter
+        .reserve_parts(limiter_now, &item.request_id, tokens, item.parts, L::default())
+        .map(Some)
+        .map_err(|_| Refused)
 }
 
 // ----- stepwise -------------------------------------------------------------------------------
@@ -326,10 +440,11 @@ pub trait Steps {
     fn collect(&mut self, budget: Budget, limit: usize) -> Result<Vec<Collected>, Self::Error>;
     /// The raw custom scores of the `i`-th collected candidate (run with no lock held).
     fn evaluate(&mut self, i: usize, candidate: &Candidate) -> Result<Vec<f64>, Self::Error>;
-    /// 0 when a request of `tokens`, leaving `margin` more in the bucket, fits now; else how
-    /// long it is held: seconds for an `LLMThrottle` (infinite: never), the tokens it needs for
-    /// another limiter's reported budget (whose caller asks its limiter when).
-    fn wait(&mut self, tokens: u64, margin: f64) -> Result<f64, Self::Error>;
+    /// 0 when `candidate` (its estimate, split into its input and output parts where the pool
+    /// knows them), leaving `margin` more in the bucket, fits now; else how long it is held:
+    /// seconds for an `LLMThrottle` (infinite: never), the tokens it needs for another
+    /// limiter's reported budget (whose caller asks its limiter when).
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> Result<f64, Self::Error>;
     /// Reserves `candidate`'s budget: the key, or None when refused.
     fn reserve(&mut self, candidate: &Candidate) -> Result<Option<ReservationKey>, Self::Error>;
     /// Takes `candidate` out if it is still there (None: it left).
@@ -360,7 +475,7 @@ pub fn attempt<S: Steps>(
             return Ok(Outcome::Nothing);
         };
         let margin = score_margin(&choice.candidate, reserve, capacity);
-        if !settings.hold && margin > 0.0 && steps.wait(choice.candidate.tokens, margin)? != 0.0 {
+        if !settings.hold && margin > 0.0 && steps.wait(&choice.candidate, margin)? != 0.0 {
             // The best among what leaves the reserve: no URGENT one fits now (it would have won).
             let leaving = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
             let Some(fitting) = pick(steps, leaving, limit, custom_weights)? else {
@@ -371,10 +486,9 @@ pub fn attempt<S: Steps>(
         if choice.total < settings.min_score {
             return Ok(Outcome::Nothing);
         }
-        let tokens = choice.candidate.tokens;
         let margin = score_margin(&choice.candidate, reserve, capacity);
         if settings.hold || margin > 0.0 {
-            let wait = steps.wait(tokens, margin)?;
+            let wait = steps.wait(&choice.candidate, margin)?;
             if wait != 0.0 {
                 if settings.hold {
                     return Ok(Outcome::wait(wait));
@@ -429,7 +543,7 @@ fn needed(tokens: u64, decision: &FairDecision) -> u64 {
 /// the winner received and charged (its reservation is the caller's to make), with the tokens
 /// to wait for if that is refused; or, when it does not fit now, `Wait` for that many tokens
 /// (held; the caller asks its limiter when) or `Nothing`.
-pub fn take_fair_in_store<P>(
+pub fn take_fair_in_store<P: TokenParts>(
     store: &mut Store<P, Rankings>,
     runtime: &mut FairRuntime,
     limiter: &impl Admission,
@@ -517,17 +631,21 @@ pub fn until_ready(
     }
 }
 
-/// The requests that can never fit the limiter's token capacity, each reported once, and the
-/// capacity last seen (for the metrics' count).
+/// The requests that can never fit the limiter's token capacities, each reported once, and the
+/// capacities last seen (for the metrics' count).
 #[derive(Debug, Default)]
 pub struct Unfittable {
-    capacity: Option<f64>,
+    capacity: Option<Capacity>,
     reported: std::collections::HashSet<Box<str>>,
 }
 
 impl Unfittable {
     /// Of `ids` (those above `capacity` now), the ones not reported before; remembers both.
-    pub fn observe<'a>(&mut self, capacity: f64, ids: impl IntoIterator<Item = &'a str>) -> Vec<Box<str>> {
+    pub fn observe<'a>(
+        &mut self,
+        capacity: Capacity,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<Box<str>> {
         self.capacity = Some(capacity);
         ids.into_iter().filter(|id| self.reported.insert((*id).into())).map(Box::from).collect()
     }
@@ -539,8 +657,8 @@ impl Unfittable {
         }
     }
 
-    /// The token capacity last seen.
-    pub fn capacity(&self) -> Option<f64> {
+    /// The token capacities last seen.
+    pub fn capacity(&self) -> Option<Capacity> {
         self.capacity
     }
 }
@@ -609,13 +727,21 @@ pub fn best_score_in_store<P, R: crate::index::Ranking>(
 
 /// Slots of the store's visible messages with more tokens than `capacity`: only cells whose
 /// token range reaches past it are walked.
-pub fn slots_above<P, R: crate::index::Ranking>(store: &Store<P, R>, capacity: f64) -> Vec<u32> {
+pub fn slots_above<P: TokenParts, R: crate::index::Ranking>(
+    store: &Store<P, R>,
+    capacity: Capacity,
+) -> Vec<u32> {
     let mut out = Vec::new();
+    // A cell whose largest estimate fits the smallest capacity holds only requests that fit.
+    let smallest = capacity.smallest();
     for (key, members) in store.visible_cells() {
-        if key.token_range().1 <= capacity {
+        if key.token_range().1 <= smallest {
             continue;
         }
-        out.extend(members.values().copied().filter(|&slot| store.message(slot).tokens as f64 > capacity));
+        out.extend(members.values().copied().filter(|&slot| {
+            let message = store.message(slot);
+            !capacity.fits(message.tokens, message.payload.token_parts(message.tokens))
+        }));
     }
     out
 }

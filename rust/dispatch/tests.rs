@@ -120,6 +120,7 @@ fn leased(id: &str, priority: u8, tokens: u64) -> Leased<&'static str> {
         },
         tenant: None,
         deadline: f64::NAN,
+        parts: None,
     }
 }
 
@@ -247,7 +248,8 @@ impl Steps for Scripted {
         Ok(vec![1.0])
     }
 
-    fn wait(&mut self, tokens: u64, margin: f64) -> CoreResult<f64> {
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> CoreResult<f64> {
+        let tokens = candidate.tokens;
         Ok(if tokens as f64 + margin <= self.available { 0.0 } else { self.wait })
     }
 
@@ -371,9 +373,26 @@ fn slots_above_the_capacity_are_found() {
     let mut s = store(false);
     s.enqueue(message("huge", 2, 5_000, "t"), 0.0).unwrap();
     s.enqueue(message("ok", 2, 10, "t"), 0.0).unwrap();
-    let slots = slots_above(&s, 1_000.0);
+    let slots = slots_above(&s, Capacity::whole(1_000.0));
     assert_eq!(slots.len(), 1);
     assert_eq!(&*s.message(slots[0]).request_id, "huge");
+}
+
+#[test]
+fn a_request_is_unfittable_by_the_part_its_limit_counts() {
+    let capacity = Capacity { whole: 10_000.0, input: 3_000.0, output: 500.0 };
+    // Each part within its own limit: fits, though the whole exceeds the input limit.
+    assert!(capacity.fits(3_500, Some((3_000, 500))));
+    // The input alone, or the output alone, above its limit: never.
+    assert!(!capacity.fits(3_001, Some((3_001, 0))));
+    assert!(!capacity.fits(1_000, Some((499, 501))));
+    // Above the limits counting the whole estimate, whatever the parts.
+    assert!(!capacity.fits(10_001, Some((2_000, 8_001))));
+    // Without parts the input and output limits count the whole estimate.
+    assert!(capacity.fits(500, None));
+    assert!(!capacity.fits(501, None));
+    assert_eq!(capacity.smallest(), 500.0);
+    assert!(Capacity::whole(100.0).fits(100, None));
 }
 
 #[test]
@@ -397,9 +416,26 @@ fn readiness_is_the_soonest_change() {
 #[test]
 fn an_unfittable_request_is_reported_once_until_taken() {
     let mut unfittable = Unfittable::default();
-    assert_eq!(unfittable.observe(100.0, ["a", "b"]), [Box::from("a"), Box::from("b")]);
-    assert!(unfittable.observe(100.0, ["a", "b"]).is_empty());
-    assert_eq!(unfittable.capacity(), Some(100.0));
+    assert_eq!(unfittable.observe(Capacity::whole(100.0), ["a", "b"]), [Box::from("a"), Box::from("b")]);
+    assert!(unfittable.observe(Capacity::whole(100.0), ["a", "b"]).is_empty());
+    assert_eq!(unfittable.capacity(), Some(Capacity::whole(100.0)));
     unfittable.taken(["a"]);
-    assert_eq!(unfittable.observe(90.0, ["a"]), [Box::from("a")]);
+    assert_eq!(unfittable.observe(Capacity::whole(90.0), ["a"]), [Box::from("a")]);
+}
+
+#[test]
+fn an_input_part_keeps_both_parts_in_eight_bytes() {
+    assert_eq!(std::mem::size_of::<InputPart>(), 8);
+    // A pointer payload with its input part: the parts cost a stored message 8 bytes.
+    assert_eq!(std::mem::size_of::<(usize, InputPart)>(), 16);
+    let part = InputPart::of(Some((1_000, 200)));
+    assert_eq!(part.parts(1_200), Some((1_000, 200)));
+    assert_eq!(InputPart::of(Some((0, 0))).parts(0), Some((0, 0)));
+    assert_eq!(InputPart::of(Some((5, 0))).parts(5), Some((5, 0)));
+    assert_eq!(InputPart::of(None), InputPart::NONE);
+    assert_eq!(InputPart::NONE.parts(1_200), None);
+    let largest = InputPart::of(Some((u64::MAX - 1, 1)));
+    assert_eq!(largest.parts(u64::MAX), Some((u64::MAX - 1, 1)));
+    // A saturated input part (so a saturated estimate) is the estimate alone.
+    assert_eq!(InputPart::of(Some((u64::MAX, 0))).parts(u64::MAX), None);
 }

@@ -64,10 +64,13 @@ impl DeliveryId {
 /// How a delivery is marked.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mark {
-    /// Processed: the message is deleted; the reservation is corrected to `actual` when given.
+    /// Processed: the message is deleted; the reservation is corrected to `actual` when given
+    /// (each limit to its share of it when its input and output `parts` are known).
     Processed {
         /// Tokens the call used, when known.
         actual: Option<u64>,
+        /// Its input and output tokens, adding up to `actual`, when known.
+        parts: Option<(u64, u64)>,
     },
     /// Failed: the message is visible again after `delay` s; the unused tokens are refunded.
     Failed {
@@ -105,6 +108,9 @@ pub enum StoreOp {
 pub enum LimiterOp {
     /// Set its tokens to this count (0 refunds the tokens; the request stays used).
     Adjust(u64),
+    /// Set its tokens to these input and output counts: each limit to its share (input tokens
+    /// to an input limit, output tokens to an output limit, their sum to the others).
+    AdjustParts(u64, u64),
     /// Give it back whole: its tokens and its request.
     Release,
     /// End its time in flight (a limiter's slot of requests in flight), its tokens kept as
@@ -254,7 +260,8 @@ pub fn limiter_op(facts: Facts, mark: Mark) -> Option<LimiterOp> {
         return None;
     }
     match mark {
-        Mark::Processed { actual } => Some(actual.map_or(LimiterOp::Settle, LimiterOp::Adjust)),
+        Mark::Processed { parts: Some((input, output)), .. } => Some(LimiterOp::AdjustParts(input, output)),
+        Mark::Processed { actual, parts: None } => Some(actual.map_or(LimiterOp::Settle, LimiterOp::Adjust)),
         Mark::Failed { .. } | Mark::DeadLettered => Some(LimiterOp::Adjust(0)),
         Mark::Released => Some(LimiterOp::Release),
     }
@@ -264,7 +271,7 @@ pub fn limiter_op(facts: Facts, mark: Mark) -> Option<LimiterOp> {
 /// with one), to nothing (failed, dead-lettered, released), or none (processed without a count).
 fn charge_fix(facts: Facts, mark: Mark) -> Option<ChargeFix> {
     let tokens = match mark {
-        Mark::Processed { actual } => actual.map(|a| a as f64),
+        Mark::Processed { actual, .. } => actual.map(|a| a as f64),
         _ => Some(0.0),
     };
     facts.charge.zip(tokens).map(|((tenant, charge), tokens)| ChargeFix { tenant, charge, tokens })
@@ -483,7 +490,7 @@ impl<D> Ledger<D> {
         let facts = delivery.facts;
         let charged = i64::try_from(facts.tokens).unwrap_or(i64::MAX);
         match mark {
-            Mark::Processed { actual } => {
+            Mark::Processed { actual, .. } => {
                 let tokens = actual.unwrap_or(facts.tokens);
                 let correction = i64::try_from(tokens).unwrap_or(i64::MAX).saturating_sub(charged);
                 self.stats.record_completion(now, tokens, facts.tenant, correction);

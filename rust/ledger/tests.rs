@@ -9,11 +9,23 @@ fn facts(tokens: u64, reserved: bool, charge: Option<(u32, u64)>) -> Facts {
 }
 
 #[test]
+fn a_processed_mark_with_input_and_output_counts_adjusts_each_part_and_counts_their_sum() {
+    let mut ledger = Ledger::new(300.0, 60.0);
+    let id = ledger.open_handed_out("m", facts(100, true, Some((1, 7))), 1.0, 0.0);
+    let plan = ledger.settle(id, Mark::Processed { actual: Some(90), parts: Some((60, 30)) }).unwrap();
+    assert_eq!(plan.limiter, Some(LimiterOp::AdjustParts(60, 30)));
+    assert_eq!(plan.charge, Some(ChargeFix { tenant: 1, charge: 7, tokens: 90.0 }));
+    ledger.store_replied(id, StoreReply::Landed).unwrap();
+    ledger.finish(id, 2.0).unwrap();
+    assert_eq!(ledger.stats.completed, 1);
+}
+
+#[test]
 fn a_processed_mark_deletes_then_adjusts_then_counts() {
     let mut ledger = Ledger::new(300.0, 60.0);
     let id = ledger.open_handed_out("m", facts(100, true, Some((1, 7))), 1.0, 0.0);
     assert_eq!(ledger.in_flight().count(), 1);
-    let plan = ledger.settle(id, Mark::Processed { actual: Some(80) }).unwrap();
+    let plan = ledger.settle(id, Mark::Processed { actual: Some(80), parts: None }).unwrap();
     assert_eq!(plan.store, Some(StoreOp::Delete));
     assert_eq!(plan.limiter, Some(LimiterOp::Adjust(80)));
     assert_eq!(plan.charge, Some(ChargeFix { tenant: 1, charge: 7, tokens: 80.0 }));
@@ -40,14 +52,14 @@ fn a_failed_store_call_leaves_the_delivery_markable_and_nothing_else_done() {
     let after = ledger.store_replied(id, StoreReply::Failed).unwrap();
     assert!(!after.proceed);
     assert_eq!(ledger.get(id).unwrap().state, State::HandedOut);
-    let plan = ledger.settle(id, Mark::Processed { actual: None }).unwrap();
+    let plan = ledger.settle(id, Mark::Processed { actual: None, parts: None }).unwrap();
     assert_eq!((plan.store, plan.limiter), (Some(StoreOp::Delete), Some(LimiterOp::Settle)));
 }
 
 #[test]
 fn a_stale_handle_fails_processed_and_dead_lettered_marks_only() {
     for (mark, error) in [
-        (Mark::Processed { actual: None }, true),
+        (Mark::Processed { actual: None, parts: None }, true),
         (Mark::DeadLettered, true),
         (Mark::Failed { delay: 0.0 }, false),
         (Mark::Released, false),
@@ -69,7 +81,7 @@ fn a_purged_delivery_settles_its_budget_and_nothing_else() {
     assert_eq!(ledger.in_flight().count(), 0);
     ledger.purge_deleted(id);
     ledger.end_purge(purge, false); // deleted already: stays purged
-    let plan = ledger.settle(id, Mark::Processed { actual: Some(5) }).unwrap();
+    let plan = ledger.settle(id, Mark::Processed { actual: Some(5), parts: None }).unwrap();
     assert_eq!((plan.store, plan.limiter), (None, Some(LimiterOp::Adjust(5))));
     ledger.finish(id, 2.0).unwrap();
 }
@@ -104,7 +116,7 @@ fn a_reserved_delivery_whose_message_was_purged_is_taken_back_not_handed_out() {
 fn abandoning_keeps_the_reservation_and_counts_nothing() {
     let mut ledger = Ledger::new(300.0, 60.0);
     let id = ledger.open_handed_out(9, facts(100, true, None), 1.0, 0.0);
-    ledger.settle(id, Mark::Processed { actual: None }).unwrap();
+    ledger.settle(id, Mark::Processed { actual: None, parts: None }).unwrap();
     assert_eq!(ledger.abandon(id), None); // a mark in progress is not abandoned
     ledger.store_replied(id, StoreReply::Failed).unwrap();
     assert_eq!(ledger.abandon(id), Some(9));
@@ -140,7 +152,11 @@ enum Op {
 
 fn mark() -> impl Strategy<Value = Mark> {
     prop_oneof![
-        proptest::option::of(0u64..500).prop_map(|actual| Mark::Processed { actual }),
+        (proptest::option::of(0u64..500), proptest::bool::ANY).prop_map(|(actual, split)| {
+            // With its input and output counts (a third of it input) or the total alone.
+            let parts = actual.filter(|_| split).map(|a| (a / 3, a - a / 3));
+            Mark::Processed { actual, parts }
+        }),
         (0.0f64..60.0).prop_map(|delay| Mark::Failed { delay }),
         Just(Mark::DeadLettered),
         Just(Mark::Released),
@@ -199,6 +215,10 @@ impl Model {
             Some(LimiterOp::Adjust(n)) => {
                 assert!(self.reserved[i]);
                 self.limiter.insert(i, Some(n));
+            }
+            Some(LimiterOp::AdjustParts(input, output)) => {
+                assert!(self.reserved[i]);
+                self.limiter.insert(i, Some(input + output));
             }
             Some(LimiterOp::Release) => {
                 assert!(self.reserved[i]);
@@ -379,6 +399,7 @@ proptest! {
                 (Expect::Ended, Some(plan)) if plan.limiter.is_some() => {
                     let want = match plan.limiter {
                         Some(LimiterOp::Adjust(n)) => Some(n),
+                        Some(LimiterOp::AdjustParts(input, output)) => Some(input + output),
                         Some(LimiterOp::Settle) => Some(m.estimates[i]),
                         _ => None,
                     };
@@ -391,6 +412,7 @@ proptest! {
                 (Expect::Settling(_, false), Some(plan)) => {
                     let want = match plan.limiter {
                         Some(LimiterOp::Adjust(n)) => Some(n),
+                        Some(LimiterOp::AdjustParts(input, output)) => Some(input + output),
                         Some(LimiterOp::Release) => None,
                         Some(LimiterOp::Settle) | None => Some(m.estimates[i]),
                     };

@@ -129,6 +129,49 @@ fn outcome_object(py: Python<'_>, outcome: Outcome<Py<PyJob>>) -> PyResult<Py<Py
 }
 
 impl PyDispatchCore {
+    /// Request ids of selectable messages that can never fit `capacity`.
+    fn ids_above_capacity(&self, py: Python<'_>, capacity: dispatch::Capacity) -> PyResult<Vec<String>> {
+        match &self.store {
+            Some(store) => store.get().with_store(py, |store, _| {
+                Ok(dispatch::slots_above(store, capacity)
+                    .into_iter()
+                    .map(|s| store.message(s).request_id.to_string())
+                    .collect())
+            }),
+            None => Ok(self.lock(py).buffer.ids_above(capacity).into_iter().map(str::to_owned).collect()),
+        }
+    }
+
+    /// Takes every selectable message that can never fit `capacity` out.
+    fn take_unfittable_core<'py>(
+        &self,
+        py: Python<'py>,
+        capacity: dispatch::Capacity,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let Some(store) = &self.store else {
+            let mut state = self.lock(py);
+            let items = state.buffer.take_above(capacity);
+            state.unfittable.taken(items.iter().map(|item| &*item.request_id));
+            drop(state);
+            return PyList::new(py, items.into_iter().map(|item| item.message));
+        };
+        let timeout = self.config.settings.visibility_timeout;
+        let views = store.get().with_store(py, |store, now| {
+            let slots = dispatch::slots_above(store, capacity);
+            let mut views = Vec::with_capacity(slots.len());
+            let mut ids = Vec::with_capacity(slots.len());
+            for slot in slots {
+                let handle = store.receive_slot(slot, timeout, now)?;
+                views.push(MessageView::of(py, store.message(slot), Some(handle)));
+                ids.push(store.message(slot).request_id.clone());
+            }
+            Ok((views, ids))
+        })?;
+        let (views, ids) = views;
+        self.lock(py).unfittable.taken(ids.iter().map(|id| &**id));
+        build_list(py, &views)
+    }
+
     pub(crate) fn breakdown_names(&self) -> &[String] {
         &self.config.names
     }
@@ -324,12 +367,16 @@ impl PyDispatchCore {
             };
         }
         let (kind, tokens, delay) = match mark {
-            Mark::Processed { actual } => ("processed", actual, 0.0),
+            Mark::Processed { actual, .. } => ("processed", actual, 0.0),
             Mark::Failed { delay } => ("failed", None, delay),
             Mark::DeadLettered => ("dead_lettered", None, 0.0),
             Mark::Released => ("released", None, 0.0),
         };
-        self.runner.call_method1(py, intern!(py, "mark"), (job, kind, tokens, delay, error))
+        let parts = match mark {
+            Mark::Processed { parts, .. } => parts,
+            _ => None,
+        };
+        self.runner.call_method1(py, intern!(py, "mark"), (job, kind, tokens, delay, error, parts))
     }
 
     /// Settles the job's delivery with `mark`: its store call and its limiter call made here
@@ -428,7 +475,14 @@ impl PyDispatchCore {
         request_id: &str,
     ) -> PyResult<()> {
         let outcome = match op {
-            LimiterOp::Adjust(tokens) => throttle.adjust_reservation(py, key, tokens, request_id)?,
+            LimiterOp::Adjust(tokens) => throttle.adjust_reservation(py, key, tokens, None, request_id)?,
+            LimiterOp::AdjustParts(input, output) => throttle.adjust_reservation(
+                py,
+                key,
+                input.saturating_add(output),
+                Some((input, output)),
+                request_id,
+            )?,
             LimiterOp::Release => throttle.with_state(py, |state, _| state.release_reservation(key))?,
             LimiterOp::Settle => throttle.with_state(py, |state, _| state.settle_reservation(key))?,
         };
@@ -480,11 +534,14 @@ impl PyDispatchCore {
             Some(StoreOp::Release) => (Some("release"), 0.0),
             None => (None, 0.0),
         };
-        let (limiter_call, tokens) = match plan.limiter {
-            Some(LimiterOp::Adjust(tokens)) => (Some("adjust"), tokens),
-            Some(LimiterOp::Release) => (Some("release"), 0),
-            Some(LimiterOp::Settle) => (Some("settle"), 0),
-            None => (None, 0),
+        let (limiter_call, tokens, parts) = match plan.limiter {
+            Some(LimiterOp::Adjust(tokens)) => (Some("adjust"), tokens, None),
+            Some(LimiterOp::AdjustParts(input, output)) => {
+                (Some("adjust"), input.saturating_add(output), Some((input, output)))
+            }
+            Some(LimiterOp::Release) => (Some("release"), 0, None),
+            Some(LimiterOp::Settle) => (Some("settle"), 0, None),
+            None => (None, 0, None),
         };
         // Only another limiter's call is Python's: an `LLMThrottle`'s is made by `finish`.
         let (limiter, key, limiter_call) = match reservation {
@@ -499,6 +556,7 @@ impl PyDispatchCore {
             limiter,
             limiter_call,
             tokens,
+            parts,
             key,
             stale,
             request_id: request_id.to_owned(),
@@ -894,7 +952,10 @@ impl PyDispatchCore {
     /// Settles `job` (`kind`: `"processed"` with `tokens` or None, `"failed"` after `delay`,
     /// `"dead_lettered"`, `"released"`; `error` is logged with a failure or a dead letter): what
     /// needs no await is done here; the rest is returned as a `Plan` (None: all done).
-    #[pyo3(signature = (job, kind, tokens=None, delay=0.0, error=None))]
+    /// `parts`: the input and output tokens of a processed call, adding up to `tokens`, when
+    /// known (`ProcessableMessage.mark_as_processed` checked them).
+    #[pyo3(signature = (job, kind, tokens=None, delay=0.0, error=None, parts=None))]
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         py: Python<'_>,
@@ -903,9 +964,13 @@ impl PyDispatchCore {
         tokens: Option<u64>,
         delay: f64,
         error: Option<&Bound<'_, PyAny>>,
+        parts: Option<(u64, u64)>,
     ) -> PyResult<Option<PyPlan>> {
+        if parts.is_some_and(|(input, output)| tokens != input.checked_add(output)) {
+            return Err(bad_config(py, "parts must add up to tokens".to_owned()));
+        }
         let mark = match kind {
-            "processed" => Mark::Processed { actual: tokens },
+            "processed" => Mark::Processed { actual: tokens, parts },
             "failed" => Mark::Failed { delay },
             "dead_lettered" => Mark::DeadLettered,
             "released" => Mark::Released,
@@ -939,7 +1004,8 @@ impl PyDispatchCore {
         reserved: bool,
     ) -> PyResult<Option<PyPlan>> {
         let (plan, held) = self.lock(py).ledger.revoke(job.get().id).map_err(|e| to_py_err(py, e))?;
-        if let (true, &Origin::Buffer { seq, traits, tenant, deadline, lease_end }) = (restore, &held.origin)
+        if let (true, &Origin::Buffer { seq, traits, tenant, deadline, lease_end, parts }) =
+            (restore, &held.origin)
         {
             let item = Buffered {
                 message: held.message.clone_ref(py),
@@ -950,6 +1016,7 @@ impl PyDispatchCore {
                 tenant,
                 deadline,
                 lease_end,
+                parts,
             };
             self.lock(py).buffer.restore(item);
         }
@@ -1026,7 +1093,7 @@ impl PyDispatchCore {
             let mark = if done.store == Some("dead_letter") {
                 Mark::DeadLettered
             } else {
-                Mark::Processed { actual: None }
+                Mark::Processed { actual: None, parts: None }
             };
             return Err(stale_error(py, &done.request_id, mark));
         }
@@ -1185,11 +1252,21 @@ impl PyDispatchCore {
         dispatch::time_until_score(best_at, custom_total, threshold)
     }
 
-    /// The selectable requests whose estimate exceeds the limiter's token `capacity` that were
-    /// not reported before (the caller logs them, once each); remembers the capacity for the
-    /// metrics' count of unfittable messages.
-    fn unfittable(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
-        let above = self.ids_above(py, capacity)?;
+    /// The selectable requests the limiter can never grant that were not reported before (the
+    /// caller logs them, once each): an estimate above `capacity` (the smallest capacity of the
+    /// limits counting the whole estimate), an input part above `input_capacity` or an output
+    /// part above `output_capacity` (without parts, the estimate against all three). Remembers
+    /// the capacities for the metrics' count of unfittable messages.
+    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
+    fn unfittable(
+        &self,
+        py: Python<'_>,
+        capacity: f64,
+        input_capacity: f64,
+        output_capacity: f64,
+    ) -> PyResult<Vec<String>> {
+        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
+        let above = self.ids_above_capacity(py, capacity)?;
         let new = self.lock(py).unfittable.observe(capacity, above.iter().map(String::as_str));
         Ok(new.into_iter().map(String::from).collect())
     }
@@ -1224,42 +1301,22 @@ impl PyDispatchCore {
 
     /// Request ids of selectable messages whose estimate exceeds `capacity`.
     fn ids_above(&self, py: Python<'_>, capacity: f64) -> PyResult<Vec<String>> {
-        match &self.store {
-            Some(store) => store.get().with_store(py, |store, _| {
-                Ok(dispatch::slots_above(store, capacity)
-                    .into_iter()
-                    .map(|s| store.message(s).request_id.to_string())
-                    .collect())
-            }),
-            None => Ok(self.lock(py).buffer.ids_above(capacity).into_iter().map(str::to_owned).collect()),
-        }
+        self.ids_above_capacity(py, dispatch::Capacity::whole(capacity))
     }
 
-    /// Takes every selectable message whose estimate exceeds `capacity` out (leased: received
-    /// from the in-memory store for the visibility timeout; out of the buffer as it was leased).
-    fn take_above<'py>(&self, py: Python<'py>, capacity: f64) -> PyResult<Bound<'py, PyList>> {
-        let Some(store) = &self.store else {
-            let mut state = self.lock(py);
-            let items = state.buffer.take_above(capacity);
-            state.unfittable.taken(items.iter().map(|item| &*item.request_id));
-            drop(state);
-            return PyList::new(py, items.into_iter().map(|item| item.message));
-        };
-        let timeout = self.config.settings.visibility_timeout;
-        let views = store.get().with_store(py, |store, now| {
-            let slots = dispatch::slots_above(store, capacity);
-            let mut views = Vec::with_capacity(slots.len());
-            let mut ids = Vec::with_capacity(slots.len());
-            for slot in slots {
-                let handle = store.receive_slot(slot, timeout, now)?;
-                views.push(MessageView::of(py, store.message(slot), Some(handle)));
-                ids.push(store.message(slot).request_id.clone());
-            }
-            Ok((views, ids))
-        })?;
-        let (views, ids) = views;
-        self.lock(py).unfittable.taken(ids.iter().map(|id| &**id));
-        build_list(py, &views)
+    /// Takes every selectable message the limiter can never grant out (as `unfittable` judges
+    /// them; leased: received from the in-memory store for the visibility timeout; out of the
+    /// buffer as it was leased).
+    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
+    fn take_above<'py>(
+        &self,
+        py: Python<'py>,
+        capacity: f64,
+        input_capacity: f64,
+        output_capacity: f64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
+        self.take_unfittable_core(py, capacity)
     }
 
     /// Dead-letters the in-memory store's visible messages whose deadline has passed; their
@@ -1498,8 +1555,9 @@ fn read_leased(message: &Bound<'_, PyAny>, lease_end: f64) -> PyResult<Leased<Py
     let priority = request.getattr(intern!(py, "priority"))?.extract::<u8>().ok().filter(|&p| p <= 3);
     let priority = priority
         .ok_or_else(|| invalid_request(py, "buffered message: priority must be within 0..3".to_owned()))?;
-    let estimated = request.getattr(intern!(py, "token_info"))?.getattr(intern!(py, "estimated"))?;
-    let tokens = token_count(&estimated, "token_info.estimated")?;
+    let token_info = request.getattr(intern!(py, "token_info"))?;
+    let tokens = token_count(&token_info.getattr(intern!(py, "estimated"))?, "token_info.estimated")?;
+    let parts = super::requests::token_parts_of(&token_info, tokens)?;
     let expected: Option<f64> = request.getattr(intern!(py, "expected_processing_time"))?.extract()?;
     let enqueued_at: f64 =
         attributes.getattr(intern!(py, "enqueued_at"))?.call_method0(intern!(py, "timestamp"))?.extract()?;
@@ -1526,5 +1584,6 @@ fn read_leased(message: &Bound<'_, PyAny>, lease_end: f64) -> PyResult<Leased<Py
         tenant,
         deadline,
         lease_end,
+        parts,
     })
 }

@@ -16,9 +16,11 @@ use pyo3::{intern, PyTraverseError, PyVisit};
 
 use super::args::{float_arg, invalid_request, repr_of, token_count};
 use super::core::PyDispatchCore;
+use super::errors::to_py_err;
 use crate::dispatch::{reason, Facts};
 use crate::ledger::{DeliveryId, Mark};
 use crate::store::{py_repr, MAX_VISIBILITY_TIMEOUT};
+use crate::throttle::split_parts;
 
 /// An awaitable whose outcome is known already: awaiting it returns `value` (None when unset)
 /// or raises `error`, without suspending.
@@ -114,6 +116,9 @@ pub struct PyPlan {
     pub limiter_call: Option<&'static str>,
     /// Tokens of an "adjust".
     pub tokens: u64,
+    /// The input and output tokens of an "adjust" (adding up to `tokens`), when the mark gave
+    /// them.
+    pub parts: Option<(u64, u64)>,
     /// The reservation's key (the request id and the delivery number, `"id#n"`).
     pub key: String,
     /// Whether the mark must raise `ReceiptHandleError` once done (its store call, made
@@ -245,6 +250,45 @@ fn delay_arg(value: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<f64> {
     }
 }
 
+/// A processed mark's total, and its input and output parts, each when given.
+type Counts = (Option<u64>, Option<(u64, u64)>);
+
+/// The counts of a processed mark: the total, and the input and output parts when given (see
+/// `mark_as_processed`).
+fn processed_counts(
+    py: Python<'_>,
+    actual: Option<&Bound<'_, PyAny>>,
+    input: Option<&Bound<'_, PyAny>>,
+    output: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Counts> {
+    let count = |value: Option<&Bound<'_, PyAny>>, name: &str| -> PyResult<Option<u64>> {
+        value.filter(|v| !v.is_none()).map(|v| token_count(v, name)).transpose()
+    };
+    let (actual, input, output) =
+        (count(actual, "actual_tokens")?, count(input, "input_tokens")?, count(output, "output_tokens")?);
+    let total = match (actual, input, output) {
+        (Some(total), _, _) => total,
+        (None, None, None) => return Ok((None, None)),
+        (None, Some(input), Some(output)) => input.checked_add(output).ok_or_else(|| {
+            invalid_request(py, format!("input_tokens + output_tokens is too large: {input} + {output}"))
+        })?,
+        (None, _, _) => {
+            return Err(invalid_request(
+                py,
+                format!(
+                    "mark_as_processed needs actual_tokens, or both input_tokens and output_tokens; got \
+                     input_tokens={}, output_tokens={}",
+                    input.map_or("None".to_owned(), |n| n.to_string()),
+                    output.map_or("None".to_owned(), |n| n.to_string()),
+                ),
+            ))
+        }
+    };
+    let parts = split_parts(total, input, output, ["actual_tokens", "input_tokens", "output_tokens"])
+        .map_err(|e| to_py_err(py, e))?;
+    Ok((Some(total), parts))
+}
+
 #[pymethods]
 impl PyJob {
     /// The message handed out.
@@ -307,25 +351,31 @@ impl PyJob {
         self.id.0
     }
 
-    /// Deletes the message; with a reservation, adjusts the limiter to `actual_tokens`.
+    /// Deletes the message; with a reservation, adjusts the limiter to `actual_tokens`, each
+    /// limit to its share when `input_tokens` and `output_tokens` are given (an input limit to
+    /// the input, an output limit to the output, the others to their sum); without any count
+    /// the reservation is settled as it is.
+    ///
+    /// The counts: `actual_tokens` alone; both parts (the total is their sum); or the total
+    /// and one or both parts (they must add up to it; one part alone is taken from it). Bad
+    /// counts raise `InvalidRequestError` and mark nothing.
     ///
     /// A stale receipt handle (the visibility ran out and another consumer received the
     /// message) settles the delivery and raises `ReceiptHandleError`: the message will be
     /// processed again.
-    #[pyo3(signature = (actual_tokens=None))]
+    #[pyo3(signature = (actual_tokens=None, *, input_tokens=None, output_tokens=None))]
     fn mark_as_processed(
         slf: &Bound<'_, Self>,
         actual_tokens: Option<&Bound<'_, PyAny>>,
+        input_tokens: Option<&Bound<'_, PyAny>>,
+        output_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        let actual = match actual_tokens.filter(|v| !v.is_none()) {
-            None => None,
-            Some(value) => match token_count(value, "actual_tokens") {
-                Ok(tokens) => Some(tokens),
-                Err(error) => return PyReady::failed(py, error),
-            },
+        let mark = match processed_counts(py, actual_tokens, input_tokens, output_tokens) {
+            Ok((actual, parts)) => Mark::Processed { actual, parts },
+            Err(error) => return PyReady::failed(py, error),
         };
-        PyReady::of(py, slf.get().core.get().mark(py, slf, Mark::Processed { actual }, None))
+        PyReady::of(py, slf.get().core.get().mark(py, slf, mark, None))
     }
 
     /// Makes the message visible again after `retry_after` s (default at once) and refunds
@@ -395,7 +445,7 @@ impl PyJob {
             return PyReady::done(py);
         }
         if exc.is_none() {
-            Self::mark_as_processed(slf, None)
+            Self::mark_as_processed(slf, None, None, None)
         } else {
             Self::mark_as_failed(slf, exc, None)
         }

@@ -20,6 +20,7 @@ use pyo3::{ffi, intern};
 use crate::clock::civil_from_days;
 use crate::errors::CoreError;
 use crate::py::errors::to_py_err;
+use crate::py::requests::Payload;
 use crate::store::{format_message_id_into, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN};
 
 // ----- classes of types.py -----------------------------------------------------------------
@@ -130,9 +131,9 @@ pub(crate) struct MessageView {
 
 impl MessageView {
     /// Copies a stored message (one new reference to its payload).
-    pub fn of(py: Python<'_>, message: &StoredMessage<Py<PyAny>>, handle: Option<ReceiptHandle>) -> Self {
+    pub fn of(py: Python<'_>, message: &StoredMessage<Payload>, handle: Option<ReceiptHandle>) -> Self {
         Self {
-            payload: message.payload.clone_ref(py),
+            payload: message.payload.object.clone_ref(py),
             message_id: message.message_id,
             enqueued_at: message.enqueued_at,
             receive_count: message.receive_count,

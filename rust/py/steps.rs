@@ -14,7 +14,7 @@ use super::messages::{build_view_message, MessageView};
 use super::store::PyStoreCore;
 use super::throttle::PyThrottle;
 use crate::buffer::Buffered;
-use crate::dispatch::{Facts, Steps};
+use crate::dispatch::{Facts, Steps, TokenParts};
 use crate::ledger;
 use crate::policy::{ranking_budget, score_reserve, Admission, Budget, Snapshot, UrgentReserve};
 use crate::scoring::MessageTraits;
@@ -50,10 +50,10 @@ impl Against<'_> {
     }
 
     /// See `Steps::wait`.
-    fn wait(self, py: Python<'_>, tokens: u64, margin: f64) -> PyResult<f64> {
+    fn wait(self, py: Python<'_>, tokens: u64, parts: Option<(u64, u64)>, margin: f64) -> PyResult<f64> {
         match self {
             Self::Throttle(throttle) => throttle.with_state(py, |state, _| {
-                let check = state.check_with_margin(tokens, margin);
+                let check = state.check_parts(tokens, parts, margin);
                 if check.allowed {
                     0.0
                 } else {
@@ -141,7 +141,14 @@ pub(crate) enum Origin {
     /// Received from the in-memory store (its `handle` undoes the receive).
     Store,
     /// Taken out of the prefetch buffer, as it was there.
-    Buffer { seq: u64, traits: MessageTraits, tenant: u32, deadline: f64, lease_end: f64 },
+    Buffer {
+        seq: u64,
+        traits: MessageTraits,
+        tenant: u32,
+        deadline: f64,
+        lease_end: f64,
+        parts: Option<(u64, u64)>,
+    },
 }
 
 /// The message object of a take: built already (the buffer holds them), or what builds it
@@ -221,6 +228,7 @@ impl Taken {
                 tenant: item.tenant,
                 deadline: item.deadline,
                 lease_end: item.lease_end,
+                parts: item.parts,
             },
             // The buffer scores the store's count before its own receive: the delivery is the next.
             delivery: item.traits.receive_count + 1,
@@ -261,6 +269,16 @@ pub(crate) struct StoreSteps<'a, 'py> {
 }
 
 impl<'a, 'py> StoreSteps<'a, 'py> {
+    /// The input and output parts of `candidate`'s estimate, when its request gave them.
+    fn parts(&self, candidate: &Candidate) -> PyResult<Option<(u64, u64)>> {
+        self.store.with_store(self.py, |store, _| {
+            Ok(store
+                .get(candidate.slot)
+                .filter(|m| m.message_id == candidate.seq)
+                .and_then(|m| m.payload.token_parts(m.tokens)))
+        })
+    }
+
     pub(crate) fn new(
         py: Python<'py>,
         store: &'a PyStoreCore,
@@ -320,8 +338,9 @@ impl Steps for StoreSteps<'_, '_> {
         evaluate_custom(custom_fn, &message, self.sel.names)
     }
 
-    fn wait(&mut self, tokens: u64, margin: f64) -> PyResult<f64> {
-        self.sel.against.wait(self.py, tokens, margin)
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> PyResult<f64> {
+        let parts = self.parts(candidate)?;
+        self.sel.against.wait(self.py, candidate.tokens, parts, margin)
     }
 
     fn urgent(&mut self) -> PyResult<(f64, f64)> {
@@ -335,12 +354,16 @@ impl Steps for StoreSteps<'_, '_> {
 
     fn reserve(&mut self, candidate: &Candidate) -> PyResult<Option<ReservationKey>> {
         let Against::Throttle(throttle) = self.sel.against else { return Ok(None) };
-        let request_id = self.store.with_store(self.py, |store, _| {
-            Ok(still_visible(store, candidate).then(|| store.message(candidate.slot).request_id.clone()))
+        let found = self.store.with_store(self.py, |store, _| {
+            Ok(still_visible(store, candidate).then(|| {
+                let message = store.message(candidate.slot);
+                (message.request_id.clone(), message.payload.token_parts(message.tokens))
+            }))
         })?;
-        let Some(request_id) = request_id else { return Ok(None) };
-        throttle
-            .with_state(self.py, |state, now| state.reserve(now, &request_id, candidate.tokens, None).ok())
+        let Some((request_id, parts)) = found else { return Ok(None) };
+        throttle.with_state(self.py, |state, now| {
+            state.reserve_parts(now, &request_id, candidate.tokens, parts, None).ok()
+        })
     }
 
     fn take(&mut self, candidate: &Candidate, why: Facts) -> PyResult<Option<Taken>> {
@@ -417,8 +440,10 @@ impl Steps for BufferSteps<'_, '_> {
         evaluate_custom(custom_fn, self.messages[i].bind(self.py), self.sel.names)
     }
 
-    fn wait(&mut self, tokens: u64, margin: f64) -> PyResult<f64> {
-        self.sel.against.wait(self.py, tokens, margin)
+    fn wait(&mut self, candidate: &Candidate, margin: f64) -> PyResult<f64> {
+        let parts =
+            self.state.lock_py_attached(self.py).buffer.get(candidate.seq).and_then(|item| item.parts);
+        self.sel.against.wait(self.py, candidate.tokens, parts, margin)
     }
 
     fn urgent(&mut self) -> PyResult<(f64, f64)> {
@@ -431,13 +456,14 @@ impl Steps for BufferSteps<'_, '_> {
 
     fn reserve(&mut self, candidate: &Candidate) -> PyResult<Option<ReservationKey>> {
         let Against::Throttle(throttle) = self.sel.against else { return Ok(None) };
-        let request_id = {
+        let found = {
             let state = self.state.lock_py_attached(self.py);
-            state.buffer.get(candidate.seq).map(|item| item.request_id.clone())
+            state.buffer.get(candidate.seq).map(|item| (item.request_id.clone(), item.parts))
         };
-        let Some(request_id) = request_id else { return Ok(None) };
-        throttle
-            .with_state(self.py, |state, now| state.reserve(now, &request_id, candidate.tokens, None).ok())
+        let Some((request_id, parts)) = found else { return Ok(None) };
+        throttle.with_state(self.py, |state, now| {
+            state.reserve_parts(now, &request_id, candidate.tokens, parts, None).ok()
+        })
     }
 
     fn take(&mut self, candidate: &Candidate, why: Facts) -> PyResult<Option<Taken>> {

@@ -31,12 +31,13 @@ use crate::policy::{Rankings, Snapshot};
 use crate::py::args::invalid_request;
 use crate::py::clock::ClockSource;
 use crate::py::errors::to_py_err;
+use crate::py::requests::Payload;
 use crate::scoring::Weights;
 use crate::store::{ReceiptHandle, Store, StoreConfig, StoredMessage, PRIORITIES};
 use crate::throttle::ReservationKey;
 
 /// The store as the binding holds it: `LLMRequest` payloads.
-pub(crate) type PyStore = Store<Py<PyAny>, Rankings>;
+pub(crate) type PyStore = Store<Payload, Rankings>;
 
 // ----- the class -----------------------------------------------------------------------------
 
@@ -53,10 +54,10 @@ pub(crate) struct StoreState {
 }
 
 /// A dead-lettered message on its way to the dead-letter store, with its tenant's name.
-type DeadLetter = (StoredMessage<Py<PyAny>>, Option<Box<str>>);
+type DeadLetter = (StoredMessage<Payload>, Option<Box<str>>);
 
 /// Dead letters a store could not take, with the reason.
-type Refused = (PyErr, Vec<StoredMessage<Py<PyAny>>>);
+type Refused = (PyErr, Vec<StoredMessage<Payload>>);
 
 /// What a store operation leaves to do once every lock is released: hand dead letters to the
 /// dead-letter store, release dropped payloads (their finalizers may run).
@@ -64,7 +65,7 @@ type Refused = (PyErr, Vec<StoredMessage<Py<PyAny>>>);
 pub(crate) struct Aftermath {
     dead: Vec<DeadLetter>,
     target: Option<Py<PyStoreCore>>,
-    dropped: Vec<Py<PyAny>>,
+    dropped: Vec<Payload>,
 }
 
 impl Aftermath {
@@ -582,7 +583,7 @@ impl PyStoreCore {
             visit.call(dead_letter)?;
         }
         for payload in state.store.payloads() {
-            visit.call(payload)?;
+            visit.call(&payload.object)?;
         }
         Ok(())
     }

@@ -314,17 +314,19 @@ impl PyThrottle {
         Ok(outcome)
     }
 
-    /// Adjusts the reservation `key` (a dispatcher's delivery of `request_id`) to `actual`,
-    /// logging what a short bucket did as `adjust_consumption` does; the refusal of a strict
-    /// limiter or an unknown key is returned, for the dispatcher to log (the mark stands).
+    /// Adjusts the reservation `key` (a dispatcher's delivery of `request_id`) to `actual`
+    /// (split into its input and output `parts` when known), logging what a short bucket did as
+    /// `adjust_consumption` does; the refusal of a strict limiter or an unknown key is
+    /// returned, for the dispatcher to log (the mark stands).
     pub(crate) fn adjust_reservation(
         &self,
         py: Python<'_>,
         key: crate::throttle::ReservationKey,
         actual: u64,
+        parts: Option<(u64, u64)>,
         request_id: &str,
     ) -> PyResult<Result<(), CoreError>> {
-        match self.with_state(py, |state, _| state.adjust_reservation(key, actual))? {
+        match self.with_state(py, |state, _| state.adjust_reservation(key, actual, parts))? {
             Ok(outcomes) => self.log_adjustments(py, outcomes, request_id).map(Ok),
             Err(error) => Ok(Err(error)),
         }

@@ -242,6 +242,11 @@ pub fn split_parts(
     }
 }
 
+/// Whether `meter` counts a request's whole estimate (not only its input or its output part).
+fn counts_whole(meter: &Meter) -> bool {
+    !matches!(meter.dimension(), Dimension::Itpm | Dimension::Otpm)
+}
+
 /// The limiter: a request bucket and a token bucket (each token limit with its compensation
 /// debt), the optional limits as providers publish them, and a consumption history.
 #[derive(Debug, Clone)]
@@ -419,6 +424,17 @@ impl<M> Throttle<M> {
         self.meters.iter().map(|m| m.bucket().capacity()).fold(self.tokens.bucket().capacity(), f64::min)
     }
 
+    /// Whether a request of `estimated` tokens, split into its input and output `parts` when
+    /// known, can ever be admitted: every token limit's capacity holds its share (the whole
+    /// estimate without the parts, so then this is `estimated <= token_capacity()`).
+    pub fn fits_capacity(&self, estimated: u64, parts: Option<(u64, u64)>) -> bool {
+        estimated as f64 <= self.tokens.bucket().capacity()
+            && self
+                .meters
+                .iter()
+                .all(|meter| meter.dimension().share(estimated, parts) as f64 <= meter.bucket().capacity())
+    }
+
     /// Tokens a second that the token limits let through in the long run, estimates without
     /// parts counting against each: the slowest refill.
     pub fn token_rate(&self) -> f64 {
@@ -429,6 +445,17 @@ impl<M> Throttle<M> {
     /// bucket, a slot free), and if so the largest estimate without parts admitted now (below 0
     /// when none is; see `Meter::admissible`). Call `advance` first.
     pub fn admissible_tokens(&self) -> Option<f64> {
+        self.admissible_over(|_| true)
+    }
+
+    /// `admissible_tokens` over the limits that count a request's whole estimate (tpm, tpd):
+    /// the largest estimate split into input and output parts that may be admitted now (each
+    /// part must still fit its own limit). Call `advance` first.
+    pub fn admissible_whole_tokens(&self) -> Option<f64> {
+        self.admissible_over(counts_whole)
+    }
+
+    fn admissible_over(&self, counted: impl Fn(&Meter) -> bool) -> Option<f64> {
         let request_free = self.penalty_left() <= 0.0
             && self.requests.has(1.0)
             && self.daily_requests.as_ref().is_none_or(|daily| daily.has(1.0))
@@ -436,8 +463,24 @@ impl<M> Throttle<M> {
         if !request_free {
             return None;
         }
-        let most = self.meters.iter().map(Meter::admissible).fold(self.tokens.admissible(), f64::min);
+        let most = self
+            .meters
+            .iter()
+            .filter(|m| counted(m))
+            .map(Meter::admissible)
+            .fold(self.tokens.admissible(), f64::min);
         Some(most.max(-1.0))
+    }
+
+    /// The largest estimate split into input and output parts that can ever be admitted: the
+    /// smallest capacity of the limits that count the whole estimate (tpm, tpd). Equal to
+    /// `token_capacity` without input or output limits.
+    pub fn whole_token_capacity(&self) -> f64 {
+        self.meters
+            .iter()
+            .filter(|m| counts_whole(m))
+            .map(|m| m.bucket().capacity())
+            .fold(self.tokens.bucket().capacity(), f64::min)
     }
 
     /// Whether a request of `estimated` tokens (plus any debt) would be admitted now, and if
@@ -665,15 +708,17 @@ impl<M> Throttle<M> {
         self.adjust_at(index, actual, parts)
     }
 
-    /// `adjust` of the reservation `key` names. Call `advance` first.
-    /// Returns the limits that could not take their whole extra, as `adjust_parts` does.
+    /// `adjust_parts` of the reservation `key` names (`parts`, when known, add up to
+    /// `actual`). Call `advance` first. Returns the limits that could not take their whole
+    /// extra, as `adjust_parts` does.
     pub fn adjust_reservation(
         &mut self,
         key: ReservationKey,
         actual: u64,
+        parts: Option<(u64, u64)>,
     ) -> CoreResult<Vec<(Dimension, Adjustment)>> {
         let index = self.key_index(key)?;
-        self.adjust_at(index, actual, None)
+        self.adjust_at(index, actual, parts)
     }
 
     fn adjust_at(

@@ -380,14 +380,14 @@ fn a_reservation_key_settles_its_own_record_and_no_other_of_the_request() {
     assert_ne!(first, second);
     // Keyed records are not found by id: the public id API never touches them.
     assert!(matches!(t.adjust("a", 1), Err(CoreError::UnknownRequest(_))));
-    t.adjust_reservation(first, 100).unwrap();
+    t.adjust_reservation(first, 100, None).unwrap();
     assert!((t.tokens().available() - 700.0).abs() < 1e-9);
     t.release_reservation(second).unwrap();
     assert!((t.tokens().available() - 900.0).abs() < 1e-9);
     assert!((t.requests().available() - 59.0).abs() < 1e-9);
     // Released once: a second release or adjustment of that key is unknown.
     assert!(matches!(t.release_reservation(second), Err(CoreError::UnknownRequest(_))));
-    assert!(matches!(t.adjust_reservation(second, 5), Err(CoreError::UnknownRequest(_))));
+    assert!(matches!(t.adjust_reservation(second, 5, None), Err(CoreError::UnknownRequest(_))));
     // The history still shows the request id.
     assert_eq!(t.history().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), ["a"]);
 }
@@ -413,7 +413,7 @@ fn a_key_older_than_the_history_is_unknown() {
     let first = t.reserve(0.0, "a", 10, ()).unwrap();
     t.reserve(0.0, "b", 10, ()).unwrap();
     t.reserve(0.0, "c", 10, ()).unwrap();
-    assert!(matches!(t.adjust_reservation(first, 1), Err(CoreError::UnknownRequest(_))));
+    assert!(matches!(t.adjust_reservation(first, 1, None), Err(CoreError::UnknownRequest(_))));
 }
 
 #[test]

@@ -118,15 +118,15 @@ def test_otpm_keeps_the_servers_output_token_limit_with_no_429(
     unpaced = run_cli(anthropic_fake, requests, tmp_path / "tpm.jsonl", *common, "--tpm", "1000000")
     assert unpaced.returncode == 0, unpaced.stderr
     assert anthropic_server.rate_limited["output_tokens"] > 10
-    # --otpm keeps it. The limiter charges each request's whole estimate against --otpm (the
-    # dispatcher does not pass the parts yet): more than the server does, so it never overshoots.
+    # --otpm keeps it. The limiter reserves each request's max_tokens from --otpm as the server
+    # does, and the reply's usage gives back what it did not use.
     anthropic_server.configure()  # the buckets full again
     calls_before = Counter(anthropic_server.successes)
     statuses_before = anthropic_server.statuses[429]
     out = tmp_path / "otpm.jsonl"
     done = run_cli(anthropic_fake, requests, out, *common, "--itpm", "1000000", "--otpm", "60000")
     assert done.returncode == 0, done.stderr
-    assert anthropic_server.statuses[429] == statuses_before
+    assert anthropic_server.statuses[429] == statuses_before, anthropic_server.rate_limited
     assert anthropic_server.successes - calls_before == Counter({key: 1 for key in keys})
     assert all(result.ok for result in outcomes(out))
     assert "(limit 1,060,000)" in done.stdout  # the TPM: --itpm and --otpm together

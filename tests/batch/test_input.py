@@ -169,22 +169,49 @@ def test_lines_needing_more_than_the_tpm_are_reported_once_with_a_count(
     assert sum(openai_fake.calls.values()) == 0
 
 
-def test_lines_needing_more_than_the_smallest_token_limit_are_reported_naming_its_flag(
+def test_lines_needing_more_than_a_token_limit_counts_are_reported_naming_its_flag(
     anthropic_fake: Fake, tmp_path: Path
 ) -> None:
-    # Each token limit counts a request's whole estimate: 2,000 output tokens and a few input
-    # ones never fit an --otpm of 2,000.
+    # --otpm counts the output part alone (max_tokens): 2,000 output tokens fit an --otpm of
+    # 2,000 whatever the input, 2,001 never do.
     requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
-    write_requests(requests, 3, Case("anthropic", "native"), max_tokens=2_000)
+    write_requests(requests, 3, Case("anthropic", "native"), max_tokens=2_001)
     done = run_cli(anthropic_fake, requests, out, "--rpm", "600", "--itpm", "100000", "--otpm", "2000")
     assert_lines_refused(
         done,
         anthropic_fake,
         out,
-        "3 line(s) need more tokens than --otpm 2000 allows in any minute (each token limit counts a "
-        "request's whole estimate, input and output): line 1 (about 2,",
+        "3 line(s) need more tokens of output (max_tokens) than --otpm 2000 allows in any minute: "
+        "line 1 (about 2,001 tokens)",
         "3 bad line(s); nothing sent",
     )
+
+
+def test_a_line_fitting_each_limit_by_its_parts_is_sent(anthropic_fake: Fake, tmp_path: Path) -> None:
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    write_requests(requests, 2, Case("anthropic", "native"), max_tokens=2_000)
+    done = run_cli(anthropic_fake, requests, out, "--rpm", "600", "--itpm", "100000", "--otpm", "2000")
+    assert done.returncode == 0, done.stderr
+    assert sum(anthropic_fake.calls.values()) == 2
+
+
+@pytest.mark.parametrize(("flag", "counted"), [("--itpm", "of input "), ("--tpm", "")])
+def test_the_input_part_and_the_whole_estimate_are_checked_against_their_limits(
+    flag: str, counted: str
+) -> None:
+    line = {"id": "a", "model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 4_000}]}
+    limits = {"--tpm": 100_000.0, "--itpm": 100_000.0, "--otpm": 100.0, flag: 500.0}
+    read = read_requests(
+        (json.dumps(line) + "\n").encode(),
+        provider="anthropic",
+        input_format="auto",
+        model=None,
+        default_max_tokens=None,
+        token_limits=limits,
+    )
+    assert read.entries == []
+    [error] = read.errors
+    assert f"need more tokens {counted}than {flag} 500 allows in any minute" in error
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])

@@ -182,6 +182,7 @@ class ProviderServer(BackgroundServer):
         self.successes: Counter[str] = Counter()  # 200 answers, by key
         self.statuses: Counter[int] = Counter()
         self.usage: dict[str, int] = {}  # total_tokens of the last 200 answer, by key
+        self.usage_parts: dict[str, tuple[int, int]] = {}  # its (prompt, completion) tokens
         self.bodies: dict[str, Any] = {}  # the JSON body of the last request, by key
         self.rate_limited_at: list[float] = []  # server time of each 429 answer
         self._buckets: tuple[_Bucket, _Bucket] | None = None
@@ -306,6 +307,7 @@ class ProviderServer(BackgroundServer):
         with self._lock:
             self.successes[key] += 1
             self.usage[key] = prompt + completion
+            self.usage_parts[key] = (prompt, completion)
         answer = {
             "id": f"chatcmpl-{key}-{attempt}",
             "object": "chat.completion",

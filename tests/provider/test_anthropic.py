@@ -34,6 +34,7 @@ from llm_queue_dispatcher import (
     Priority,
     ProcessableMessage,
     RetryableError,
+    TokenUsage,
     Worker,
 )
 from llm_queue_dispatcher.anthropic import (
@@ -49,6 +50,7 @@ from llm_queue_dispatcher.anthropic import (
     estimate_messages_input_tokens,
     estimate_messages_tokens,
     message_tokens,
+    message_usage,
 )
 
 from .anthropic_server import AnthropicServer
@@ -259,6 +261,9 @@ def test_from_anthropic_messages_builds_an_estimated_request() -> None:
     assert request.token_info.model == "claude-test"
     counted = LLMRequest.from_anthropic_messages("r2", payload, tokenizer=lambda text: 1)
     assert counted.token_info.estimated == 3 + 5 + 1 + 100
+    # The parts, for input and output limits: the input's estimate, and max_tokens.
+    info = request.token_info
+    assert (info.input, info.max_output) == (estimate_messages_input_tokens(payload), 100)
     with pytest.raises(InvalidRequestError, match="stream"):
         LLMRequest.from_anthropic_messages("r3", {**payload, "stream": True})
     with pytest.raises(InvalidRequestError, match="priority"):
@@ -291,6 +296,17 @@ def test_message_tokens_count_cache_writes_and_leave_cache_reads_out_unless_aske
     assert message_tokens(message(input_tokens=50, output_tokens=20)) == 70
     assert message_tokens(message(input_tokens=50, output_tokens=20, cache_creation_input_tokens=None)) == 70
     assert message_tokens(Message.model_construct(id="msg_2", type="message", content=[])) is None
+
+
+def test_message_usage_counts_cache_writes_as_input_and_output_apart() -> None:
+    cached = message(
+        input_tokens=50, output_tokens=20, cache_creation_input_tokens=1_000, cache_read_input_tokens=9_000
+    )
+    assert message_usage(cached) == TokenUsage(input=1_050, output=20)
+    assert message_usage(cached, count_cache_reads=True) == TokenUsage(input=10_050, output=20)
+    assert message_usage(message(input_tokens=50, output_tokens=20)) == TokenUsage(50, 20)
+    assert message_usage(message(input_tokens=50, output_tokens=-1)) is None
+    assert message_usage(Message.model_construct(id="msg_2", type="message", content=[])) is None
 
 
 # -- one call ------------------------------------------------------------------------------------
@@ -572,6 +588,24 @@ async def test_hundreds_of_requests_are_each_answered_once_and_never_over_a_limi
     assert actual == {key: sum(provider.usage[key]) for key in keys}
     assert stats.tokens == sum(sum(usage) for usage in provider.usage.values())
     assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_limiter_with_the_provider_s_input_and_output_limits_meets_no_429(
+    provider: AnthropicServer, client: AsyncAnthropic
+) -> None:
+    # The limiter is told the limits as Anthropic publishes them: each request reserves its
+    # input estimate from itpm and its max_tokens from otpm, and the handler's usage corrects
+    # each with what the server counted. 120 replies of 250 tokens, 300 reserved each: the
+    # output limit (40,000 a minute) holds them all once corrected, not all reserved at once.
+    provider.configure(rpm=6_000, itpm=100_000, otpm=40_000, output_tokens=250, latency=0.02)
+    limiter = LLMThrottle(6_000, 140_000, itpm=100_000, otpm=40_000)
+    keys = [f"request-{n:03d}" for n in range(120)]
+    worker, _ = await run_batch(client, limiter, keys, max_tokens=300, concurrency=16)
+    assert provider.successes == Counter({key: 1 for key in keys})
+    assert provider.statuses[429] == 0, provider.rate_limited
+    parts = {r.request_id: (r.input_tokens, r.output_tokens) for r in limiter.get_consumption_history()}
+    assert parts == provider.usage
+    assert worker.stats.tokens == sum(sum(usage) for usage in provider.usage.values())
 
 
 async def test_each_429_pauses_the_limiter_and_retries_the_message(

@@ -27,11 +27,13 @@ from llm_queue_dispatcher import (
     Priority,
     ProcessableMessage,
     RetryableError,
+    TokenUsage,
     Worker,
 )
 from llm_queue_dispatcher.openai import (
     DEFAULT_COMPLETION_TOKENS,
     IMAGE_PART_TOKENS,
+    completion_usage,
     create_chat_completion,
     estimate_chat_tokens,
     openai_chat_handler,
@@ -227,6 +229,15 @@ def test_from_openai_chat_builds_an_estimated_request() -> None:
     assert words.token_info.estimated == 3 + 4 + 1 + 1 + 100
     with pytest.raises(InvalidRequestError, match="stream"):
         LLMRequest.from_openai_chat("r3", {**payload, "stream": True})
+    # The parts: the completion allowance is the most the reply may use, the rest is input.
+    assert (request.token_info.input, request.token_info.max_output) == (
+        request.token_info.estimated - 100,
+        100,
+    )
+    several = LLMRequest.from_openai_chat("r5", {**payload, "n": 3}, tokenizer=lambda text: 1)
+    assert (several.token_info.input, several.token_info.max_output) == (3 + 4 + 1 + 1, 300)
+    default = LLMRequest.from_openai_chat("r6", {**payload, "max_tokens": None}, default_completion_tokens=7)
+    assert default.token_info.max_output == 7
     with pytest.raises(InvalidRequestError, match="priority"):
         LLMRequest.from_openai_chat("r4", payload, priority=9)
     with pytest.raises(InvalidRequestError, match="id"):
@@ -412,6 +423,42 @@ async def test_a_completion_with_unusable_usage_keeps_the_estimate_and_is_not_re
     assert (worker.stats.processed, worker.stats.retried) == (1, 0)
     [record] = limiter.get_consumption_history()
     assert record.actual_tokens is None or record.actual_tokens == record.estimated_tokens
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ('{"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}', TokenUsage(12, 30)),
+        # A gateway that reports only the total; one whose parts are unusable.
+        ('{"total_tokens": 42}', 42),
+        ('{"prompt_tokens": -1, "completion_tokens": 30, "total_tokens": 42}', 42),
+        ('{"prompt_tokens": 12, "completion_tokens": "many"}', None),
+    ],
+)
+async def test_a_completion_reports_its_prompt_and_completion_tokens_apart_or_its_total(
+    provider: ProviderServer, client: AsyncOpenAI, usage: str, expected: object
+) -> None:
+    body = COMPLETION_WITHOUT_CHOICES.replace(
+        "}",
+        ', "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+        f'"content": "hi"}}}}], "usage": {usage}}}',
+    )
+    provider.configure(body_for={"k": (body, "application/json")})
+    completion = await create_chat_completion(client, LLMThrottle(60_000, 1_000_000), chat("k"))
+    assert completion_usage(completion) == expected
+
+
+async def test_the_worker_marks_prompt_and_completion_tokens_as_input_and_output(
+    provider: ProviderServer, client: AsyncOpenAI
+) -> None:
+    provider.configure(completion_tokens=30)
+    keys = [f"request-{n:02d}" for n in range(12)]
+    limiter = LLMThrottle(60_000, 10_000_000, itpm=5_000_000, otpm=5_000_000)
+    worker, _ = await run_batch(client, limiter, keys)
+    assert worker.stats.processed == len(keys)
+    parts = {r.request_id: (r.input_tokens, r.output_tokens) for r in limiter.get_consumption_history()}
+    assert parts == provider.usage_parts
+    assert worker.stats.tokens == sum(provider.usage.values())
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,41 @@ def test_the_limit_holding_a_dispatch_is_concurrency_then_rpm_then_tpm() -> None
     assert classify(in_flight=1, concurrency=8, requests_left=0.0, rpm=60.0, wait=math.inf) == "RPM"
 
 
+def test_every_limit_of_the_limiter_can_be_the_one_holding_a_dispatch() -> None:
+    classify = BlockedTime.classify_limits
+    rates = {
+        "rpm": 1.0,
+        "tpm": 1_000.0,
+        "itpm": 500.0,
+        "otpm": 100.0,
+        "rpd": 0.01,
+        "tpd": 10.0,
+        "concurrency": 4,
+    }
+    full = {
+        "rpm": (60.0, 60.0),
+        "tpm": (6e4, 6e4),
+        "itpm": (3e4, 3e4),
+        "otpm": (6e3, 6e3),
+        "rpd": (900.0, 900.0),
+    }
+    full |= {"tpd": (8.64e5, 8.64e5), "concurrency": (4.0, 4.0)}
+    # Every slot of max_concurrent held.
+    assert classify({**full, "concurrency": (0.0, 4.0)}, rates, 5.0) == "concurrency"
+    # Half a request left a day: 50 s until the next, the budget says 50 s: RPD holds.
+    assert classify({**full, "rpd": (0.5, 900.0)}, rates, 50.0) == "RPD"
+    # Both request limits short: the longer wait names it.
+    assert classify({**full, "rpm": (0.5, 60.0), "rpd": (0.5, 900.0)}, rates, 50.0) == "RPD"
+    assert classify({**full, "rpm": (0.5, 60.0)}, rates, 0.5) == "RPM"
+    # The token limit whose bucket holds the smallest share of its capacity.
+    assert classify({**full, "otpm": (100.0, 6e3), "tpm": (5e4, 6e4)}, rates, 3.0) == "OTPM"
+    assert classify({**full, "itpm": (10.0, 3e4)}, rates, 3.0) == "ITPM"
+    assert classify({**full, "tpd": (0.0, 8.64e5)}, rates, 3.0) == "TPD"
+    assert classify({**full, "tpm": (0.0, 6e4)}, rates, 3.0) == "TPM"
+    # Only RPM and TPM configured: as `classify`.
+    assert classify({"rpm": (0.5, 60.0), "tpm": (10.0, 6e4)}, {"rpm": 1.0, "tpm": 1e3}, 3.0) == "TPM"
+
+
 def test_the_binding_limit_is_the_one_that_held_longest() -> None:
     blocked = BlockedTime()
     assert blocked.binding() is None

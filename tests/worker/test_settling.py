@@ -15,11 +15,14 @@ import pytest
 from llm_queue_dispatcher import (
     InMemoryStorage,
     LLMQueueDispatcher,
+    LLMRequest,
     LLMThrottle,
     ManualClock,
     PermanentError,
     ProcessableMessage,
     RetryableError,
+    TokenInfo,
+    TokenUsage,
     Worker,
     create_in_memory_queue,
 )
@@ -164,6 +167,47 @@ async def test_a_bad_handler_result_is_processed_with_its_estimate() -> None:
     worker = Worker(dispatcher, roomy_limiter(), handle)
     stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 10)
     assert (stats.processed, stats.tokens) == (1, 40)
+
+
+async def test_a_handler_returning_input_and_output_counts_corrects_each_limit() -> None:
+    dispatcher = create_in_memory_queue()
+    for n in range(3):
+        request = LLMRequest(f"r{n}", None, token_info=TokenInfo(input=300, max_output=200))
+        await dispatcher.enqueue(request)
+    # A frozen clock: nothing refills, so each bucket's use is what the marks left.
+    limiter = LLMThrottle(60_000, 100_000_000, itpm=10_000_000, otpm=10_000_000, clock=ManualClock())
+
+    async def handle(job: ProcessableMessage[Any]) -> TokenUsage:
+        return TokenUsage(input=280, output=35)
+
+    stats = await asyncio.wait_for(Worker(dispatcher, limiter, handle).run(stop_when_empty=True), 10)
+    assert (stats.processed, stats.tokens) == (3, 3 * 315)
+    records = limiter.get_consumption_history()
+    assert {(r.actual_tokens, r.input_tokens, r.output_tokens) for r in records} == {(315, 280, 35)}
+    # Each limit holds its own count: the input 280 each, the output 35 each, the total 315 each.
+    metrics = limiter.get_metrics()
+    assert metrics.itpm is not None
+    assert metrics.otpm is not None
+    assert (metrics.itpm.used, metrics.otpm.used, metrics.tpm.used) == (3 * 280, 3 * 35, 3 * 315)
+
+
+async def test_a_tampered_token_usage_is_processed_with_its_estimate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dispatcher = create_in_memory_queue()
+    await fill(dispatcher, 1, tokens=40)
+    usage = TokenUsage(1, 2)
+    object.__setattr__(usage, "output", -2)
+
+    async def handle(job: ProcessableMessage[Any]) -> TokenUsage:
+        return usage
+
+    limiter = roomy_limiter()
+    stats = await asyncio.wait_for(Worker(dispatcher, limiter, handle).run(stop_when_empty=True), 10)
+    assert (stats.processed, stats.tokens) == (1, 40)
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens is None
+    assert "not a token count" in caplog.text
 
 
 async def test_a_handler_that_marks_its_own_job_is_not_marked_twice() -> None:
