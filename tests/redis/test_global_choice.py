@@ -555,3 +555,36 @@ async def test_a_message_dead_lettered_by_its_receives_is_ranked_in_the_dead_let
     await again.mark_as_processed()
     await dispatcher.close()
     await reader.close()
+
+
+async def test_a_call_over_many_tenants_takes_fewer_winners_and_the_next_calls_drain_the_rest(
+    redis_url: str,
+) -> None:
+    """Each winner's lookup reads every tenant with visible messages: a call of 64 winners over
+    thousands of tenants held Redis for seconds (past its busy-script limit, BUSY for every
+    client). A call's winners are capped by the heads it reads; the next calls take the rest, in
+    the same order, each message once."""
+    from llm_queue_dispatcher.redis import global_choice
+
+    tenants = 1_000
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e9, tpm=1e12)
+    requests = [
+        LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10), tenant=f"tenant-{n}") for n in range(tenants)
+    ]
+    async with storage, limiter:
+        await storage.batch_enqueue(requests)
+        dispatcher = fair_dispatcher(storage)
+        assert dispatcher._global is not None
+        first = await dispatcher._global.attempt_many(limiter, 64)
+        assert isinstance(first, list)
+        cap = global_choice._HEADS_PER_CALL // tenants
+        assert len(first) == cap
+        taken = [job.message.payload.id for job in first]
+        while len(taken) < tenants:
+            more = await dispatcher._global.attempt_many(limiter, 64)
+            assert isinstance(more, list) and more
+            taken += [job.message.payload.id for job in more]
+        # One tenant each, all use zero: the oldest first, enqueue order.
+        assert taken == [r.id for r in requests]
+        await dispatcher.close()

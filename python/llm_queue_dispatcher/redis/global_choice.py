@@ -49,6 +49,9 @@ __all__ = ["GlobalChoice"]
 
 # The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
 _MOST_WINNERS = 64
+# The most tenant heads one call reads (HEADS_MAX in global_dispatch.lua): a call takes at most
+# this many divided by the tenants with visible messages winners, at least one.
+_HEADS_PER_CALL = 4096
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
@@ -191,7 +194,8 @@ class GlobalChoice:
         """Up to ``count`` winners in rank order, each reserved and leased, in one script (the
         order is the one successive single dispatches would give, with no other dispatch
         between them); or, when the first winner does not fit, the seconds until it does; or
-        None. Fewer than ``count`` when the queue holds fewer or a later winner does not fit."""
+        None. Fewer than ``count`` when the queue holds fewer, a later winner does not fit, or
+        many tenants have visible messages (at most ``_HEADS_PER_CALL`` / tenants, at least one)."""
         storage = self._storage
         capacity = float(limiter.burst_tpm or limiter.tpm)
         timeout = self._timeout
