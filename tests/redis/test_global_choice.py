@@ -583,8 +583,72 @@ async def test_a_call_over_many_tenants_takes_fewer_winners_and_the_next_calls_d
         taken = [job.message.payload.id for job in first]
         while len(taken) < tenants:
             more = await dispatcher._global.attempt_many(limiter, 64)
-            assert isinstance(more, list) and more
+            assert isinstance(more, list)
+            assert more
             taken += [job.message.payload.id for job in more]
         # One tenant each, all use zero: the oldest first, enqueue order.
         assert taken == [r.id for r in requests]
+        await dispatcher.close()
+
+
+# What a queue written before the ranking index looks like: states of seven fields, no index,
+# no 'indexed' mark in the queue's meta.
+_AS_BEFORE_THE_INDEX = """
+local raw = redis.call('HGETALL', KEYS[1])
+for i = 1, #raw, 2 do
+  local p, at, rc, first, token, mid, rid = cmsgpack.unpack(raw[i + 1])
+  redis.call('HSET', KEYS[1], raw[i], cmsgpack.pack(p, at, rc, first, token, mid, rid))
+end
+redis.call('HDEL', KEYS[2], 'indexed', 'waiting', 'arrival')
+for i = 3, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+"""
+
+
+async def test_messages_stored_before_the_index_are_indexed_and_handed_out_with_new_ones(
+    redis_url: str,
+) -> None:
+    """A queue filled by a version without the ranking index: its visible messages were never
+    handed out by the global choice (visible, counted, yet invisible to every dispatch). The
+    first dispatch indexes the queue; old and new messages then go out in the fair order, and
+    one that was in flight joins the index when it comes back."""
+    queue = fresh_name("queue")
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue)
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("old-low", "x", Priority.LOW, TokenInfo(10), tenant="a"),
+                LLMRequest("old-high", "x", Priority.HIGH, TokenInfo(10), tenant="a"),
+                LLMRequest("old-held", "x", Priority.HIGH, TokenInfo(10), tenant="b"),
+            ]
+        )
+        held = await storage.dequeue(1, 60.0)
+        assert len(held) == 1  # leased by a process of the older version
+        prefix = f"{{lqd}}:q:{queue}:"
+        index = ("lanes", "tenants", "aging:2", "aging:3", "urgent", "recent-urgent")
+        await storage.redis.eval(
+            _AS_BEFORE_THE_INDEX,
+            2 + len(index),
+            prefix + "state",
+            prefix + "meta",
+            *(prefix + k for k in index),
+        )
+        await storage.enqueue(LLMRequest("new", "x", Priority.NORMAL, TokenInfo(10), tenant="c"))
+        dispatcher = fair_dispatcher(storage)
+        taken = []
+        for _ in range(3):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        await storage.release_message(held[0].attributes.receipt_handle)
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert job is not None
+        taken.append(job.message.payload.id)
+        await job.mark_as_processed()
+        assert sorted(taken) == sorted(["old-low", "old-high", "old-held", "new"])
+        assert taken[-1] == held[0].payload.id
+        assert await storage.get_approximate_message_count() == 0
         await dispatcher.close()

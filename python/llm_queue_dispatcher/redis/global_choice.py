@@ -39,7 +39,7 @@ from ..config import FairPriorityConfig, LLMQueueDispatcherConfig
 from ..errors import StorageError
 from ..types import QueueMessage
 from ._connection import CLIENT_ERRORS, Script, _source, host_microseconds
-from .storage import RedisStorage
+from .storage import RedisStorage, _index_fields
 from .throttle import RedisThrottle
 
 if TYPE_CHECKING:
@@ -196,23 +196,15 @@ class GlobalChoice:
         between them); or, when the first winner does not fit, the seconds until it does; or
         None. Fewer than ``count`` when the queue holds fewer, a later winner does not fit, or
         many tenants have visible messages (at most ``_HEADS_PER_CALL`` / tenants, at least one)."""
-        storage = self._storage
         capacity = float(limiter.burst_tpm or limiter.tpm)
-        timeout = self._timeout
-        sent = host_microseconds(storage._host_time())
-        reply = await self._run(
-            "global_dispatch",
-            limiter,
-            (
-                max(1, min(count, _MOST_WINNERS)),
-                round(timeout * 1_000_000),
-                repr(timeout),
-                *self._fair_args,
-                repr(capacity),
-                *self._weights,
-            ),
-        )
-        storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
+        reply = await self._dispatch(limiter, count, capacity)
+        if len(reply) == 3 and reply[2] == b"unindexed":
+            # A queue from before the ranking index: its messages are indexed, then it is asked
+            # again (once: a queue found unindexed again is left to the next call).
+            await self._index()
+            reply = await self._dispatch(limiter, count, capacity)
+            if len(reply) == 3:
+                return None
         if len(reply) < 9:
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
@@ -232,6 +224,47 @@ class GlobalChoice:
                 raise failure
             _LOGGER.error("a global winner could not be handed out: %r", failure)
         return jobs
+
+    async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
+        storage = self._storage
+        timeout = self._timeout
+        sent = host_microseconds(storage._host_time())
+        reply = await self._run(
+            "global_dispatch",
+            limiter,
+            (
+                max(1, min(count, _MOST_WINNERS)),
+                round(timeout * 1_000_000),
+                repr(timeout),
+                *self._fair_args,
+                repr(capacity),
+                *self._weights,
+            ),
+        )
+        storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
+        return reply
+
+    async def _index(self) -> None:
+        """Puts the messages of a queue stored before the ranking index existed into it
+        (``lua/index_scan.lua``, ``lua/index_fill.lua``), a few hundred per call, then marks the
+        queue indexed. An unreadable message is indexed with no tenant and no estimate: the
+        dispatch that picks it gives it back as any unreadable message."""
+        storage = self._storage
+        cursor = b"0"
+        while True:
+            found = await storage._run("index_scan", cursor)
+            cursor = found[0]
+            fields: list[Any] = []
+            for i in range(1, len(found), 2):
+                try:
+                    tenant, tokens, deadline = _index_fields(storage._decode(found[i + 1]))
+                except StorageError:
+                    tenant, tokens, deadline = b"", 0, -1
+                fields += (found[i], tenant, tokens, deadline)
+            done = cursor in (b"0", 0, "0")
+            await storage._run("index_fill", "1" if done else "0", *fields)
+            if done:
+                return
 
     async def _open(
         self, limiter: RedisThrottle, capacity: float, fields: list[Any]

@@ -110,6 +110,19 @@ _KEY_PARTS = (
 )
 # Deadlines are kept to 16 digits of microseconds (the index's sort key): up to the year 2286.
 _DEADLINE_MAX_US = 9_999_999_999_999_998
+
+
+def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int]:
+    """What the ranking index keeps beside a message's body: tenant, estimated tokens, deadline
+    (us, -1: none)."""
+    tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
+    deadline = request.deadline
+    deadline_us = (
+        -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
+    )
+    return tenant, int(request.token_info.estimated), deadline_us
+
+
 # A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us).
 _Encoded = tuple[bytes, int, bytes, bytes, int, int]
 # Retention beyond this many microseconds (about 285 years) is forever.
@@ -308,13 +321,7 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         request.validate()
         rid = request_id_bytes(request.id)
         body = encode_request(request, self.serializer, self.max_payload_bytes)
-        # What the ranking index keeps beside the body: tenant, estimate, deadline (us, -1: none).
-        tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
-        deadline = request.deadline
-        deadline_us = (
-            -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
-        )
-        return rid, int(request.priority), body, tenant, int(request.token_info.estimated), deadline_us
+        return rid, int(request.priority), body, *_index_fields(request)
 
     async def _enqueue(
         self, requests: Sequence[LLMRequest[T]], encoded: list[_Encoded]

@@ -13,7 +13,8 @@
 -- ARGV[15] k, then ARGV[16 .. 15 + 2k] tenant, weight pairs (tenants not named weigh 1)
 -- ARGV[16 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
 --
--- Returns {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
+-- Returns {NOW, '', 'unindexed'} for a queue not marked indexed (queue_common.lua, created());
+-- else {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
 -- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
 -- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
 -- below it was taken (the budget is held for it).
@@ -67,6 +68,12 @@ if kept ~= nil then
     end
   end
   return out
+end
+
+if redis.call('HGET', Q.meta, 'indexed') ~= '1' then
+  -- Messages stored before the index existed may wait outside it: the client indexes the queue
+  -- (index_scan.lua, index_fill.lua), then calls again.
+  return {fmt(NOW), '', 'unindexed'}
 end
 
 local limit = math.min(tonumber(ARGV[5]), WINNERS_MAX)

@@ -183,8 +183,17 @@ local function hide(q, member, s)
   return false
 end
 
+-- A queue this version creates keeps every message in the ranking index from the start: its meta
+-- says so ('indexed'). One created before the index existed has no such field: the global choice
+-- indexes it first (index_scan.lua, index_fill.lua).
+local function created(q)
+  if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
+    redis.call('HSET', q.meta, 'indexed', '1')
+  end
+end
+
 local function touch(q)
-  redis.call('HSETNX', q.meta, 'created', fmt(CREATED))
+  created(q)
   redis.call('HSET', q.meta, 'modified', fmt(NOW))
 end
 
@@ -235,6 +244,9 @@ local function dead_letter(member, s)
     end
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
+    if index == nil then
+      redis.call('HDEL', DLQ.meta, 'indexed') -- a message from before the index: index it again
+    end
   end
 end
 
@@ -332,7 +344,7 @@ local function maintain()
   if changed then
     touch(Q)
   else
-    redis.call('HSETNX', Q.meta, 'created', fmt(CREATED))
+    created(Q)
   end
   return changed
 end
