@@ -652,3 +652,45 @@ async def test_messages_stored_before_the_index_are_indexed_and_handed_out_with_
         assert taken[-1] == held[0].payload.id
         assert await storage.get_approximate_message_count() == 0
         await dispatcher.close()
+
+
+async def test_a_dequeue_cancelled_while_its_reply_is_in_flight_gives_back_lease_budget_and_charge(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The script ran (the winner leased, its budget reserved, its tenant charged) but the
+    caller was cancelled before reading the reply: nobody holds the job. Its lease, reservation
+    and charge go back at once, as if that receive had not happened, instead of staying out until
+    the visibility timeout and the fairness window."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000)
+    dispatcher = fair_dispatcher(storage)
+    assert dispatcher._global is not None
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(1_000), tenant="A"))
+    connection = storage._connection
+    original = connection.run
+    cancelled: list[str] = []
+
+    async def reply_lost_to_cancellation(script: Any, keys: Any, args: Any) -> Any:
+        result = await original(script, keys, args)
+        if script.name == "global_dispatch" and not cancelled:
+            cancelled.append(script.name)
+            raise asyncio.CancelledError
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "run", reply_lost_to_cancellation)
+        with pytest.raises(asyncio.CancelledError):
+            await dispatcher.dequeue(limiter, timeout=0)
+        await dispatcher.close()  # waits for the give-back
+    assert cancelled == ["global_dispatch"]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 1
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert await storage.redis.hget(storage._keys[16], "A") is None  # no charge left
+    # The whole bucket is back (the clock stands still: nothing refilled).
+    again = fair_dispatcher(storage)
+    job = await again.dequeue(limiter, timeout=0)
+    assert job is not None
+    assert job.message.attributes.receive_count == 1
+    await job.mark_as_processed()
+    await again.close()

@@ -26,6 +26,7 @@ fairness window, tenant weights and aging of the process that makes it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -134,6 +135,8 @@ class GlobalChoice:
         )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
+        # Dispatches cancelled while in flight, whose winners are being given back.
+        self._recoveries: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def for_dispatcher(
@@ -228,9 +231,7 @@ class GlobalChoice:
     async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
         storage = self._storage
         timeout = self._timeout
-        sent = host_microseconds(storage._host_time())
-        reply = await self._run(
-            "global_dispatch",
+        keys, arguments = self._call(
             limiter,
             (
                 max(1, min(count, _MOST_WINNERS)),
@@ -241,8 +242,32 @@ class GlobalChoice:
                 *self._weights,
             ),
         )
+        sent = host_microseconds(storage._host_time())
+        try:
+            reply = await storage._connection.run(_script("global_dispatch"), keys, arguments)
+        except asyncio.CancelledError:
+            # The script may have run, its winners leased and reserved for nobody: the same call
+            # again is answered with them (its reply key), and they go back at once.
+            task = asyncio.get_running_loop().create_task(self._recover(limiter, keys, arguments))
+            self._recoveries.add(task)
+            task.add_done_callback(self._recoveries.discard)
+            raise
+        except CLIENT_ERRORS as exc:
+            storage._fail("global_dispatch", exc)
         storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
         return reply
+
+    async def _recover(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
+        """Gives back the winners of a cancelled dispatch: its call sent again (a run it had
+        made answers as that run did; one it had not made runs now), each winner released with
+        its reservation and charge. On failure they come back after their visibility timeout."""
+        try:
+            reply = await self._storage._connection.run(_script("global_dispatch"), keys, arguments)
+            if len(reply) >= 9:
+                for i in range(2, len(reply), 7):
+                    await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode(), "release")
+        except Exception as exc:  # StorageError, or the client's: left to the visibility timeout
+            _LOGGER.warning("the winners of a cancelled dispatch come back after their visibility: %r", exc)
 
     async def _index(self) -> None:
         """Puts the messages of a queue stored before the ranking index existed into it
@@ -299,9 +324,11 @@ class GlobalChoice:
         await self._give_back(limiter, member.decode(), token.decode())
         raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
 
-    async def _give_back(self, limiter: RedisThrottle, member: str, token: str) -> None:
+    async def _give_back(self, limiter: RedisThrottle, member: str, token: str, step: str = "") -> None:
+        """Ends a delivery no handler got, with its reservation and charge: by ``step``, else
+        (an unreadable one) to the dead-letter queue, or leased until its visibility runs out."""
         storage = self._storage
-        step = "dead_letter" if storage.dead_letter is not None else "visibility"
+        step = step or ("dead_letter" if storage.dead_letter is not None else "visibility")
         with contextlib.suppress(StorageError):
             await self._run(
                 "global_mark",
