@@ -694,3 +694,28 @@ async def test_a_dequeue_cancelled_while_its_reply_is_in_flight_gives_back_lease
     assert job.message.attributes.receive_count == 1
     await job.mark_as_processed()
     await again.close()
+
+
+async def test_estimates_whose_sum_passes_a_redis_integer_are_enqueued_whole_and_the_queue_stays_usable(
+    redis_url: str,
+) -> None:
+    """The index keeps the visible messages' estimates summed. Estimates each valid (below
+    2**53) whose sum passed 2**63 failed the enqueue script midway: part of an all-or-nothing
+    batch stored, the caller told it failed, and every later enqueue of the queue refused."""
+    biggest = 2**53 - 1
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e6)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(biggest), tenant="t") for n in range(1_100)]
+        )
+        assert await storage.get_approximate_message_count() == 1_100
+        await storage.enqueue(LLMRequest("small", "x", Priority.NORMAL, TokenInfo(5), tenant="u"))
+        dispatcher = fair_dispatcher(storage)
+        job = await dispatcher.dequeue(limiter, timeout=0)  # the others never fit: skipped
+        assert job is not None
+        assert job.message.payload.id == "small"
+        await job.mark_as_processed()
+        await storage.purge()
+        assert await storage.get_approximate_message_count() == 0
+        await dispatcher.close()

@@ -112,7 +112,9 @@ end
 --   usage, charges, charge   tenant token use over the fairness window (global_dispatch.lua)
 --   recent-urgent  the estimates of the last 64 URGENT messages that became visible (the
 --            automatic URGENT reserve); recent: of the last 256 dispatched (the tenant reserve)
---   meta fields 'waiting' (the estimates of the visible messages in the index, summed) and
+--   meta fields 'waiting' (the estimates of the visible messages in the index, summed: a float,
+--   as estimates below 2^53 each may pass a 64-bit integer together, which failed the script
+--   midway) and
 --   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
 --   the reserves are not kept (global_dispatch.lua)
 local NO_DEADLINE = '9999999999999999'
@@ -132,7 +134,7 @@ local function index_add(q, member, s)
   end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
-  redis.call('HINCRBY', q.meta, 'waiting', fmt(s.tok))
+  redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
   local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
   if arrival == nil or s.at > arrival then
     redis.call('HSET', q.meta, 'arrival', fmt(s.at))
@@ -160,7 +162,7 @@ local function index_remove(q, member, s)
   end
   if removed == 1 then
     if s.tok ~= 0 then
-      redis.call('HINCRBY', q.meta, 'waiting', fmt(-s.tok))
+      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
     end
     if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
       redis.call('HDEL', q.tenants, s.ten)
