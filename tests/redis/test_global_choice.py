@@ -719,3 +719,39 @@ async def test_estimates_whose_sum_passes_a_redis_integer_are_enqueued_whole_and
         await storage.purge()
         assert await storage.get_approximate_message_count() == 0
         await dispatcher.close()
+
+
+async def test_a_message_from_before_the_index_dead_lettered_is_handed_out_from_the_dead_letter_queue(
+    redis_url: str,
+) -> None:
+    """An unindexed message whose receives ran out lands in a dead-letter queue this version
+    created (marked indexed): the dead-letter queue is indexed again, and a dispatcher over it
+    hands the message out."""
+    queue, dead = fresh_name("queue"), fresh_name("dead")
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue, max_receive_count=1, dead_letter=dead)
+    dead_storage: RedisStorage[Any] = RedisStorage(redis_url, dead)
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, dead_storage, limiter:
+        await dead_storage.enqueue(LLMRequest("fresh", "x", Priority.NORMAL, TokenInfo(10), tenant="b"))
+        await storage.enqueue(LLMRequest("old", "x", Priority.HIGH, TokenInfo(10), tenant="a"))
+        prefix = f"{{lqd}}:q:{queue}:"
+        index = ("lanes", "tenants", "aging:2", "aging:3", "urgent", "recent-urgent")
+        await storage.redis.eval(
+            _AS_BEFORE_THE_INDEX,
+            2 + len(index),
+            prefix + "state",
+            prefix + "meta",
+            *(prefix + k for k in index),
+        )
+        assert len(await storage.dequeue(1, 0.01)) == 1  # an older process's one receive
+        await asyncio.sleep(0.05)
+        assert await storage.get_approximate_message_count() == 0  # dead-lettered
+        dispatcher = fair_dispatcher(dead_storage)
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert sorted(taken) == ["fresh", "old"]
+        await dispatcher.close()
