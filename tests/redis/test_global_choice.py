@@ -26,6 +26,7 @@ from llm_queue_dispatcher import (
     ManualClock,
     Priority,
     ReceiptHandleError,
+    StorageError,
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
@@ -755,3 +756,44 @@ async def test_a_message_from_before_the_index_dead_lettered_is_handed_out_from_
             await job.mark_as_processed()
         assert sorted(taken) == ["fresh", "old"]
         await dispatcher.close()
+
+
+async def test_a_dispatch_whose_reply_timed_out_gives_back_lease_budget_and_charge(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The script ran but its reply came too late (the client's timeout): `dequeue` raises
+    `StorageError`, and the winner it could not hand out goes back at once with its reservation
+    and charge, instead of staying out until its visibility timeout and the fairness window."""
+    import redis.exceptions
+
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000)
+    dispatcher = fair_dispatcher(storage)
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(1_000), tenant="A"))
+    connection = storage._connection
+    original = connection.run
+    lost: list[str] = []
+
+    async def reply_too_late(script: Any, keys: Any, args: Any) -> Any:
+        result = await original(script, keys, args)
+        if script.name == "global_dispatch" and not lost:
+            lost.append(script.name)
+            raise redis.exceptions.TimeoutError("Timeout reading from the server")
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "run", reply_too_late)
+        with pytest.raises(StorageError):
+            await dispatcher.dequeue(limiter, timeout=0)
+        await dispatcher.close()  # waits for the give-back
+    assert lost == ["global_dispatch"]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 1
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert await storage.redis.hget(storage._keys[16], "A") is None
+    again = fair_dispatcher(storage)
+    job = await again.dequeue(limiter, timeout=0)
+    assert job is not None
+    assert job.message.attributes.receive_count == 1
+    await job.mark_as_processed()
+    await again.close()

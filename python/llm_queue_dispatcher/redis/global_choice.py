@@ -182,7 +182,17 @@ class GlobalChoice:
         storage = self._storage
         try:
             return await storage._connection.run(_script(name), keys, arguments)
+        except asyncio.CancelledError:
+            if name == "global_dispatch":
+                # The script may have run, its winners leased and reserved for nobody: the same
+                # call again is answered with them (its reply key), and they go back at once.
+                self._start_recovery(limiter, keys, arguments)
+            raise
         except CLIENT_ERRORS as exc:
+            if name == "global_dispatch":
+                # The same for a reply lost to a timeout (a dropped connection is resent by the
+                # client already; if that failed too, the recovery fails as well and says so).
+                self._start_recovery(limiter, keys, arguments)
             storage._fail(name, exc)
 
     async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
@@ -231,7 +241,9 @@ class GlobalChoice:
     async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
         storage = self._storage
         timeout = self._timeout
-        keys, arguments = self._call(
+        sent = host_microseconds(storage._host_time())
+        reply = await self._run(
+            "global_dispatch",
             limiter,
             (
                 max(1, min(count, _MOST_WINNERS)),
@@ -242,23 +254,16 @@ class GlobalChoice:
                 *self._weights,
             ),
         )
-        sent = host_microseconds(storage._host_time())
-        try:
-            reply = await storage._connection.run(_script("global_dispatch"), keys, arguments)
-        except asyncio.CancelledError:
-            # The script may have run, its winners leased and reserved for nobody: the same call
-            # again is answered with them (its reply key), and they go back at once.
-            task = asyncio.get_running_loop().create_task(self._recover(limiter, keys, arguments))
-            self._recoveries.add(task)
-            task.add_done_callback(self._recoveries.discard)
-            raise
-        except CLIENT_ERRORS as exc:
-            storage._fail("global_dispatch", exc)
         storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
         return reply
 
+    def _start_recovery(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._recover(limiter, keys, arguments))
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
     async def _recover(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
-        """Gives back the winners of a cancelled dispatch: its call sent again (a run it had
+        """Gives back the winners of a dispatch cancelled or timed out: its call sent again (a run it had
         made answers as that run did; one it had not made runs now), each winner released with
         its reservation and charge. On failure they come back after their visibility timeout."""
         try:
