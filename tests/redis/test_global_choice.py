@@ -797,3 +797,28 @@ async def test_a_dispatch_whose_reply_timed_out_gives_back_lease_budget_and_char
     assert job.message.attributes.receive_count == 1
     await job.mark_as_processed()
     await again.close()
+
+
+async def test_a_window_or_max_wait_too_long_to_count_in_microseconds_is_forever(redis_url: str) -> None:
+    """`FairPriorityConfig` takes any finite fairness window and max_wait; beyond about 1e302 s
+    their microseconds are inf, and building the dispatcher raised `OverflowError`. They count
+    as forever: the dispatcher is built and hands out as usual."""
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, limiter:
+        dispatcher = fair_dispatcher(storage, fairness_window=1e308, max_wait={Priority.NORMAL: 1e308})
+        assert dispatcher._global is not None
+        await storage.batch_enqueue(
+            [
+                LLMRequest("normal", "x", Priority.NORMAL, TokenInfo(10), tenant="a"),
+                LLMRequest("high", "x", Priority.HIGH, TokenInfo(10), tenant="a"),
+            ]
+        )
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert taken == ["high", "normal"]
+        await dispatcher.close()

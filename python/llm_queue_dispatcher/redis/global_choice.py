@@ -103,8 +103,14 @@ def _server_of(client: redis.asyncio.Redis) -> tuple[Any, ...]:
     return (kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0), kwargs.get("path"))
 
 
+# A span of more microseconds than this (about 146,000 years) counts as forever: beyond about
+# 1e302 s, seconds * 1e6 is inf, which round() refuses.
+_FOREVER_US = 2**62
+
+
 def _us(seconds: float) -> str:
-    return "" if not math.isfinite(seconds) else str(round(seconds * 1_000_000))
+    """A span in microseconds for the scripts, '' for never (inf)."""
+    return "" if not math.isfinite(seconds) else str(round(min(seconds * 1_000_000, _FOREVER_US)))
 
 
 class GlobalChoice:
@@ -122,7 +128,7 @@ class GlobalChoice:
         for tenant, weight in fair.tenant_weights.items():
             weights += (tenant.encode("utf-8", "surrogatepass"), repr(float(weight)))
         self._fair_args = (
-            str(round(float(fair.fairness_window) * 1_000_000)),
+            _us(float(fair.fairness_window)),  # finite (FairPriorityConfig)
             "1" if fair.urgent_first else "0",
             _us(max_wait[2]),
             _us(max_wait[3]),
