@@ -822,3 +822,36 @@ async def test_a_window_or_max_wait_too_long_to_count_in_microseconds_is_forever
             await job.mark_as_processed()
         assert taken == ["high", "normal"]
         await dispatcher.close()
+
+
+async def test_input_and_output_limits_are_reserved_by_their_parts_and_a_message_that_never_fits_is_skipped(
+    redis_url: str,
+) -> None:
+    """A `RedisThrottle` with ITPM and OTPM: the global choice reserved a message's whole
+    estimate from each, so a request of 10 input and 4,000 output tokens never fitted an ITPM
+    of 1,000 and held the whole queue for ever. It is reserved by its parts, as the per-process
+    path reserves it; a message that can never fit one limit (5,000 input tokens) is skipped
+    and holds nothing, as one above the TPM is."""
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1_000, tpm=100_000, itpm=1_000, otpm=5_000)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("too-long", "x", Priority.HIGH, TokenInfo(input=5_000, max_output=10), tenant="a"),
+                LLMRequest(
+                    "long-reply", "x", Priority.HIGH, TokenInfo(input=10, max_output=4_000), tenant="a"
+                ),
+                LLMRequest("short", "x", Priority.NORMAL, TokenInfo(input=10, max_output=10), tenant="a"),
+            ]
+        )
+        dispatcher = fair_dispatcher(storage)
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert taken == ["long-reply", "short"]
+        assert await dispatcher.dequeue(limiter, timeout=0) is None
+        assert await storage.get_approximate_message_count() == 1  # too-long waits, holding nothing
+        await dispatcher.close()

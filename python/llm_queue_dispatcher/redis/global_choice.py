@@ -76,11 +76,12 @@ class _GlobalScript(Script):
             f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
             for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
         )
-        # 'reserve': consume (ARGV[15..18]) only if the bucket also holds ARGV[19] tokens (the
-        # estimate and the reserves it must leave), in one run of the limiter's prelude.
+        # 'reserve': consume (ARGV[15..18]) only if the buckets also hold ARGV[19] tokens (the
+        # estimate and the reserves it must leave; ITPM and OTPM their parts of the estimate, when
+        # given), in one run of the limiter's prelude.
         branches += (
             "\nelseif op == 'reserve' then\n"
-            "local reason, wait = check(tonumber(ARGV[19]), nil, nil)\n"
+            "local reason, wait = check(tonumber(ARGV[19]), tonumber(ARGV[17]), tonumber(ARGV[18]))\n"
             "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
             f"{_source('limiter_consume')}"
         )
@@ -293,10 +294,10 @@ class GlobalChoice:
             fields: list[Any] = []
             for i in range(1, len(found), 2):
                 try:
-                    tenant, tokens, deadline = _index_fields(storage._decode(found[i + 1]))
+                    index = _index_fields(storage._decode(found[i + 1]))
                 except StorageError:
-                    tenant, tokens, deadline = b"", 0, -1
-                fields += (found[i], tenant, tokens, deadline)
+                    index = (b"", 0, -1, -1, -1)
+                fields += (found[i], *index)
             done = cursor in (b"0", 0, "0")
             await storage._run("index_fill", "1" if done else "0", *fields)
             if done:

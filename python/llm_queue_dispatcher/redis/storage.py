@@ -112,19 +112,28 @@ _KEY_PARTS = (
 _DEADLINE_MAX_US = 9_999_999_999_999_998
 
 
-def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int]:
+def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int, int, int]:
     """What the ranking index keeps beside a message's body: tenant, estimated tokens, deadline
-    (us, -1: none)."""
+    (us, -1: none), input and output tokens (-1 each: not given; the limiter's ITPM and OTPM
+    reserve these parts)."""
     tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
     deadline = request.deadline
     deadline_us = (
         -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
     )
-    return tenant, int(request.token_info.estimated), deadline_us
+    info = request.token_info
+    return (
+        tenant,
+        int(info.estimated),
+        deadline_us,
+        -1 if info.input is None else int(info.input),
+        -1 if info.max_output is None else int(info.max_output),
+    )
 
 
-# A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us).
-_Encoded = tuple[bytes, int, bytes, bytes, int, int]
+# A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us),
+# input and output tokens.
+_Encoded = tuple[bytes, int, bytes, bytes, int, int, int, int]
 # Retention beyond this many microseconds (about 285 years) is forever.
 _FOREVER_US = 2**53
 

@@ -78,23 +78,32 @@ end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
 -- the first receive), message id, request id, then what the ranking index needs: tenant,
--- estimated tokens, deadline in us (-1: none). (A message stored by a version without these
--- has ten == nil: it is not in the index.)
+-- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given). (A
+-- message stored by a version without these has ten == nil: it is not in the index; one stored
+-- before the parts has inp == nil: its limiter reservation counts the whole estimate.)
 local function load(q, member)
   local raw = redis.call('HGET', q.state, member)
   if not raw then
     return nil
   end
-  local p, at, rc, first, token, mid, rid, ten, tok, dl = cmsgpack.unpack(raw)
-  return {p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl}
+  local p, at, rc, first, token, mid, rid, ten, tok, dl, inp, out = cmsgpack.unpack(raw)
+  return {
+    p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl,
+    inp = inp, out = out,
+  }
 end
 
 local function save(q, member, s)
   if s.ten == nil then
     redis.call('HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid))
-  else
+  elseif s.inp == nil then
     redis.call(
       'HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
+    )
+  else
+    redis.call(
+      'HSET', q.state, member,
+      cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out)
     )
   end
 end
@@ -214,12 +223,12 @@ local function forget(q, member, s)
 end
 
 -- A new visible message in q; returns its member and state. `index` carries tenant, tokens,
--- deadline (nil: a message not in the index).
+-- deadline, input and output tokens (nil: a message not in the index).
 local function insert(q, rid, p, at, body, mid, index)
   local member = string.format('%015d', redis.call('INCR', q.seq))
   local s = {p = p, at = at, rc = 0, first = -1, token = '', mid = mid, rid = rid}
   if index ~= nil then
-    s.ten, s.tok, s.dl = index.ten, index.tok, index.dl
+    s.ten, s.tok, s.dl, s.inp, s.out = index.ten, index.tok, index.dl, index.inp, index.out
   end
   redis.call('HSET', q.ids, rid, member)
   redis.call('HSET', q.body, member, body)
@@ -242,7 +251,7 @@ local function dead_letter(member, s)
     end
     local index = nil
     if s.ten ~= nil then
-      index = {ten = s.ten, tok = s.tok, dl = s.dl}
+      index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out}
     end
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
