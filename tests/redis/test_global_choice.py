@@ -855,3 +855,24 @@ async def test_input_and_output_limits_are_reserved_by_their_parts_and_a_message
         assert await dispatcher.dequeue(limiter, timeout=0) is None
         assert await storage.get_approximate_message_count() == 1  # too-long waits, holding nothing
         await dispatcher.close()
+
+
+async def test_a_message_past_the_retention_period_is_never_handed_out(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """More messages expire at once than one call drops (1,000): those left wait in the index.
+    The global choice handed one of them out, past its retention period; it expires it instead,
+    as every reader of the queue does."""
+    storage = clocked_storage(message_retention=60.0)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    await storage.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10), tenant=f"t{n % 3}") for n in range(1_100)]
+    )
+    clock.advance(61.0)
+    dispatcher = fair_dispatcher(storage)
+    assert await dispatcher.dequeue(limiter, timeout=0) is None
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert attributes.approximate_number_of_messages == 0
+    assert attributes.expired == 1_100
+    await dispatcher.close()

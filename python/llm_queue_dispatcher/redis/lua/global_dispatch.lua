@@ -323,9 +323,10 @@ local function part(n)
 end
 
 local taken = {}
-local skipped = 0
--- Bounded by `limit` winners (at most WINNERS_MAX) and SKIP_MAX messages skipped.
-for _ = 1, limit + SKIP_MAX do
+local skipped, expired = 0, 0
+-- Each round takes a winner, skips a message that never fits or expires one past retention.
+-- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
+for _ = 1, limit + 2 * SKIP_MAX do
   local member, s = nil, nil
   if #taken < 2 * limit then
     member, s = first()
@@ -333,43 +334,53 @@ for _ = 1, limit + SKIP_MAX do
   if member == nil then
     break
   end
-  local key = s.rid .. '#' .. (s.rc + 1)
-  -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
-  -- reserves it must leave.
-  local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin(s)})
-  if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
-    -- It can never fit one of the limits: skipped, it holds nothing.
-    excluded[member] = true
-    skipped = skipped + 1
-  elseif granted[1] ~= 1 then
-    out[2] = granted[3] -- the wait in us: the budget is held for this winner
-    break
+  if RETENTION > 0 and NOW - s.at > RETENTION then
+    -- Past the retention period, left in the index by maintain()'s bound: it expires now (as
+    -- every reader of the queue expires it); never handed out.
+    catch_up(member, s)
+    expired = expired + 1
+    if expired >= SKIP_MAX then
+      break -- the next calls drop the rest, MAINTAIN_BATCH each
+    end
   else
-    hide(Q, member, s)
-    s.rc = s.rc + 1
-    if s.first < 0 then
-      s.first = NOW
-    end
-    s.token = fresh()
-    save(Q, member, s)
-    redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
-    local earlier = redis.call('HGET', Q.charge, key)
-    if earlier then
-      -- The same key charged within the window: a request id deleted and enqueued again. The
-      -- earlier charge leaves the record now (it would otherwise never be taken off).
-      local tenant, tokens = cmsgpack.unpack(earlier)
-      if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
-        redis.call('HDEL', Q.usage, tenant)
+    local key = s.rid .. '#' .. (s.rc + 1)
+    -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
+    -- reserves it must leave.
+    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin(s)})
+    if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
+      -- It can never fit one of the limits: skipped, it holds nothing.
+      excluded[member] = true
+      skipped = skipped + 1
+    elseif granted[1] ~= 1 then
+      out[2] = granted[3] -- the wait in us: the budget is held for this winner
+      break
+    else
+      hide(Q, member, s)
+      s.rc = s.rc + 1
+      if s.first < 0 then
+        s.first = NOW
       end
+      s.token = fresh()
+      save(Q, member, s)
+      redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+      local earlier = redis.call('HGET', Q.charge, key)
+      if earlier then
+        -- The same key charged within the window: a request id deleted and enqueued again. The
+        -- earlier charge leaves the record now (it would otherwise never be taken off).
+        local tenant, tokens = cmsgpack.unpack(earlier)
+        if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+          redis.call('HDEL', Q.usage, tenant)
+        end
+      end
+      redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
+      redis.call('LPUSH', Q.recent, fmt(s.tok))
+      redis.call('LTRIM', Q.recent, 0, 255)
+      redis.call('ZADD', Q.charges, fmt(NOW), key)
+      redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+      received(out, member, s)
+      taken[#taken + 1] = member
+      taken[#taken + 1] = s.token
     end
-    redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
-    redis.call('LPUSH', Q.recent, fmt(s.tok))
-    redis.call('LTRIM', Q.recent, 0, 255)
-    redis.call('ZADD', Q.charges, fmt(NOW), key)
-    redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
-    received(out, member, s)
-    taken[#taken + 1] = member
-    taken[#taken + 1] = s.token
   end
 end
 if #taken == 0 then
