@@ -31,7 +31,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import Workers, fresh_name
-from tests.redis.support import RedisServer
+from tests.redis.support import RedisServer, ReplyCutter
 from tests.reference.fair import AGED, FairMessage, FairModel, FairSettings, lane
 
 WEIGHTS = {"t0": 2.0, "t3": 0.5}
@@ -876,3 +876,32 @@ async def test_a_message_past_the_retention_period_is_never_handed_out(
     assert attributes.approximate_number_of_messages == 0
     assert attributes.expired == 1_100
     await dispatcher.close()
+
+
+async def test_a_dispatch_whose_connection_dropped_is_resent_and_hands_its_winner_out_once(
+    reply_cutter: ReplyCutter,
+) -> None:
+    """The connection drops after the script ran: the client sends the call again, which is
+    answered from the first run's kept reply. The winner is handed out once, leased once,
+    reserved once."""
+    storage: RedisStorage[Any] = RedisStorage(reply_cutter.url, fresh_name("queue"))
+    limiter = RedisThrottle(reply_cutter.url, fresh_name("limiter"), rpm=600, tpm=1_000)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("a", "x", Priority.NORMAL, TokenInfo(600), tenant="A"),
+                LLMRequest("b", "x", Priority.NORMAL, TokenInfo(600), tenant="B"),
+            ]
+        )
+        dispatcher = fair_dispatcher(storage)
+        reply_cutter.armed = 1
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert reply_cutter.cuts == 1
+        assert job is not None
+        assert job.message.attributes.receive_count == 1
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages_in_flight == 1
+        # One reservation of 600: the other message (600) does not fit the 1,000 until it ends.
+        assert await dispatcher.dequeue(limiter, timeout=0) is None
+        await job.mark_as_failed(RuntimeError("x"))
+        await dispatcher.close()
