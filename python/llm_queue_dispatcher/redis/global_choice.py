@@ -11,7 +11,10 @@ the store's step, the limiter's correction and the charge's). Every process that
 queue then sees one order and one ledger of tenant use.
 
 The ranking index the scripts read is kept by every queue script (``lua/queue_common.lua``) as
-messages are enqueued, received, released, dead-lettered, deleted and expire.
+messages are enqueued, received, released, dead-lettered, deleted and expire. A queue written
+before the index existed is indexed by the first global dispatch (``lua/index_scan.lua``,
+``lua/index_fill.lua``). A dispatch cancelled or timed out while its reply was in flight is sent
+again in the background and its winners given back (lease, reservation, charge).
 
 Co-location: a queue's keys and a limiter's keys share the hash tag ``{namespace}``, so a
 `RedisThrottle` of the storage's namespace is in the queue's Redis Cluster slot. The global
@@ -270,16 +273,17 @@ class GlobalChoice:
         task.add_done_callback(self._recoveries.discard)
 
     async def _recover(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
-        """Gives back the winners of a dispatch cancelled or timed out: its call sent again (a run it had
-        made answers as that run did; one it had not made runs now), each winner released with
-        its reservation and charge. On failure they come back after their visibility timeout."""
+        """Gives back the winners of a dispatch cancelled or timed out: its call sent again (a
+        run it had made answers as that run did; one it had not made runs now), each winner
+        released with its reservation and charge. On failure they come back after their
+        visibility timeout."""
         try:
             reply = await self._storage._connection.run(_script("global_dispatch"), keys, arguments)
             if len(reply) >= 9:
                 for i in range(2, len(reply), 7):
                     await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode(), "release")
         except Exception as exc:  # StorageError, or the client's: left to the visibility timeout
-            _LOGGER.warning("the winners of a cancelled dispatch come back after their visibility: %r", exc)
+            _LOGGER.warning("the winners of a lost dispatch come back after their visibility: %r", exc)
 
     async def _index(self) -> None:
         """Puts the messages of a queue stored before the ranking index existed into it
