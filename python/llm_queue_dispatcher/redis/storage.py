@@ -21,17 +21,20 @@ back the messages it leased, a release is not refused.
 
 Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
 
-    {ns}:q:{q}:meta       hash: created, modified, visibility_timeout, dead, expired
+    {ns}:q:{q}:meta       hash: created, modified, visibility_timeout, dead, expired, indexed
+                          (every message is in the ranking index), waiting, arrival
     {ns}:q:{q}:seq        counter: the next message's sequence number
     {ns}:q:{q}:ids        hash: request id -> member (messages not yet deleted)
     {ns}:q:{q}:body       hash: member -> the serialised request (see _codec)
     {ns}:q:{q}:state      hash: member -> msgpack of priority, enqueued_at, receive count,
-                          first_received_at, current receipt token, message id, request id
+                          first_received_at, current receipt token, message id, request id,
+                          then tenant, estimate, deadline, input and output tokens (the index's)
     {ns}:q:{q}:vis:0..3   zsets per priority, score enqueued_at (us): the visible messages
     {ns}:q:{q}:inflight   zset, score visibility deadline (us): the messages in flight
     {ns}:q:{q}:copies     hash: request id -> live copies beyond the first (a dead-letter queue
                           keeps every copy it is sent, as InMemoryStorage does)
     {ns}:q:{q}:reply:<t>  a resendable call's reply, for a minute (t: the call's random token)
+    {ns}:q:{q}:lanes ...  the ranking index of the global choice (lua/queue_common.lua)
 
 A member is the sequence number zero-padded to 15 digits; a receipt handle is
 ``<member>.<receive count>.<128-bit token>``. The token is replaced on every receive, so the
