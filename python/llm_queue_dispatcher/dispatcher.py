@@ -631,7 +631,10 @@ class LLMQueueDispatcher(Generic[T]):
             if self._prefetch is not None:
                 await self._prefetch.close()
         finally:
-            if running := running_here(self._runner.pending):
+            pending = set(self._runner.pending)
+            if self._global is not None:
+                pending |= self._global._recoveries  # winners of cancelled global dispatches
+            if running := running_here(pending):
                 # `wait`, not `gather`: a cancelled close must not cancel what it waits for.
                 await asyncio.wait(running)
 

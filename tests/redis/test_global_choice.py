@@ -26,11 +26,12 @@ from llm_queue_dispatcher import (
     ManualClock,
     Priority,
     ReceiptHandleError,
+    StorageError,
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import Workers, fresh_name
-from tests.redis.support import RedisServer
+from tests.redis.support import RedisServer, ReplyCutter
 from tests.reference.fair import AGED, FairMessage, FairModel, FairSettings, lane
 
 WEIGHTS = {"t0": 2.0, "t3": 0.5}
@@ -555,3 +556,352 @@ async def test_a_message_dead_lettered_by_its_receives_is_ranked_in_the_dead_let
     await again.mark_as_processed()
     await dispatcher.close()
     await reader.close()
+
+
+async def test_a_call_over_many_tenants_takes_fewer_winners_and_the_next_calls_drain_the_rest(
+    redis_url: str,
+) -> None:
+    """Each winner's lookup reads every tenant with visible messages: a call of 64 winners over
+    thousands of tenants held Redis for seconds (past its busy-script limit, BUSY for every
+    client). A call's winners are capped by the heads it reads; the next calls take the rest, in
+    the same order, each message once."""
+    from llm_queue_dispatcher.redis import global_choice
+
+    tenants = 1_000
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e9, tpm=1e12)
+    requests = [
+        LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10), tenant=f"tenant-{n}") for n in range(tenants)
+    ]
+    async with storage, limiter:
+        await storage.batch_enqueue(requests)
+        dispatcher = fair_dispatcher(storage)
+        assert dispatcher._global is not None
+        first = await dispatcher._global.attempt_many(limiter, 64)
+        assert isinstance(first, list)
+        cap = global_choice._HEADS_PER_CALL // tenants
+        assert len(first) == cap
+        taken = [job.message.payload.id for job in first]
+        while len(taken) < tenants:
+            more = await dispatcher._global.attempt_many(limiter, 64)
+            assert isinstance(more, list)
+            assert more
+            taken += [job.message.payload.id for job in more]
+        # One tenant each, all use zero: the oldest first, enqueue order.
+        assert taken == [r.id for r in requests]
+        await dispatcher.close()
+
+
+# What a queue written before the ranking index looks like: states of seven fields, no index,
+# no 'indexed' mark in the queue's meta.
+_AS_BEFORE_THE_INDEX = """
+local raw = redis.call('HGETALL', KEYS[1])
+for i = 1, #raw, 2 do
+  local p, at, rc, first, token, mid, rid = cmsgpack.unpack(raw[i + 1])
+  redis.call('HSET', KEYS[1], raw[i], cmsgpack.pack(p, at, rc, first, token, mid, rid))
+end
+redis.call('HDEL', KEYS[2], 'indexed', 'waiting', 'arrival')
+for i = 3, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+"""
+
+
+async def test_messages_stored_before_the_index_are_indexed_and_handed_out_with_new_ones(
+    redis_url: str,
+) -> None:
+    """A queue filled by a version without the ranking index: its visible messages were never
+    handed out by the global choice (visible, counted, yet invisible to every dispatch). The
+    first dispatch indexes the queue; old and new messages then go out in the fair order, and
+    one that was in flight joins the index when it comes back."""
+    queue = fresh_name("queue")
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue)
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("old-low", "x", Priority.LOW, TokenInfo(10), tenant="a"),
+                LLMRequest("old-high", "x", Priority.HIGH, TokenInfo(10), tenant="a"),
+                LLMRequest("old-held", "x", Priority.HIGH, TokenInfo(10), tenant="b"),
+            ]
+        )
+        held = await storage.dequeue(1, 60.0)
+        assert len(held) == 1  # leased by a process of the older version
+        prefix = f"{{lqd}}:q:{queue}:"
+        index = ("lanes", "tenants", "aging:2", "aging:3", "urgent", "recent-urgent")
+        await storage.redis.eval(
+            _AS_BEFORE_THE_INDEX,
+            2 + len(index),
+            prefix + "state",
+            prefix + "meta",
+            *(prefix + k for k in index),
+        )
+        await storage.enqueue(LLMRequest("new", "x", Priority.NORMAL, TokenInfo(10), tenant="c"))
+        dispatcher = fair_dispatcher(storage)
+        taken = []
+        for _ in range(3):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        await storage.release_message(held[0].attributes.receipt_handle)
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert job is not None
+        taken.append(job.message.payload.id)
+        await job.mark_as_processed()
+        assert sorted(taken) == sorted(["old-low", "old-high", "old-held", "new"])
+        assert taken[-1] == held[0].payload.id
+        assert await storage.get_approximate_message_count() == 0
+        await dispatcher.close()
+
+
+async def test_a_dequeue_cancelled_while_its_reply_is_in_flight_gives_back_lease_budget_and_charge(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The script ran (the winner leased, its budget reserved, its tenant charged) but the
+    caller was cancelled before reading the reply: nobody holds the job. Its lease, reservation
+    and charge go back at once, as if that receive had not happened, instead of staying out until
+    the visibility timeout and the fairness window."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000)
+    dispatcher = fair_dispatcher(storage)
+    assert dispatcher._global is not None
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(1_000), tenant="A"))
+    connection = storage._connection
+    original = connection.run
+    cancelled: list[str] = []
+
+    async def reply_lost_to_cancellation(script: Any, keys: Any, args: Any) -> Any:
+        result = await original(script, keys, args)
+        if script.name == "global_dispatch" and not cancelled:
+            cancelled.append(script.name)
+            raise asyncio.CancelledError
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "run", reply_lost_to_cancellation)
+        with pytest.raises(asyncio.CancelledError):
+            await dispatcher.dequeue(limiter, timeout=0)
+        await dispatcher.close()  # waits for the give-back
+    assert cancelled == ["global_dispatch"]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 1
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert await storage.redis.hget(storage._keys[16], "A") is None  # no charge left
+    # The whole bucket is back (the clock stands still: nothing refilled).
+    again = fair_dispatcher(storage)
+    job = await again.dequeue(limiter, timeout=0)
+    assert job is not None
+    assert job.message.attributes.receive_count == 1
+    await job.mark_as_processed()
+    await again.close()
+
+
+async def test_estimates_whose_sum_passes_a_redis_integer_are_enqueued_whole_and_the_queue_stays_usable(
+    redis_url: str,
+) -> None:
+    """The index keeps the visible messages' estimates summed. Estimates each valid (below
+    2**53) whose sum passed 2**63 failed the enqueue script midway: part of an all-or-nothing
+    batch stored, the caller told it failed, and every later enqueue of the queue refused."""
+    biggest = 2**53 - 1
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e6)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(biggest), tenant="t") for n in range(1_100)]
+        )
+        assert await storage.get_approximate_message_count() == 1_100
+        await storage.enqueue(LLMRequest("small", "x", Priority.NORMAL, TokenInfo(5), tenant="u"))
+        dispatcher = fair_dispatcher(storage)
+        job = await dispatcher.dequeue(limiter, timeout=0)  # the others never fit: skipped
+        assert job is not None
+        assert job.message.payload.id == "small"
+        await job.mark_as_processed()
+        await storage.purge()
+        assert await storage.get_approximate_message_count() == 0
+        await dispatcher.close()
+
+
+async def test_a_message_from_before_the_index_dead_lettered_is_handed_out_from_the_dead_letter_queue(
+    redis_url: str,
+) -> None:
+    """An unindexed message whose receives ran out lands in a dead-letter queue this version
+    created (marked indexed): the dead-letter queue is indexed again, and a dispatcher over it
+    hands the message out."""
+    queue, dead = fresh_name("queue"), fresh_name("dead")
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue, max_receive_count=1, dead_letter=dead)
+    dead_storage: RedisStorage[Any] = RedisStorage(redis_url, dead)
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, dead_storage, limiter:
+        await dead_storage.enqueue(LLMRequest("fresh", "x", Priority.NORMAL, TokenInfo(10), tenant="b"))
+        await storage.enqueue(LLMRequest("old", "x", Priority.HIGH, TokenInfo(10), tenant="a"))
+        prefix = f"{{lqd}}:q:{queue}:"
+        index = ("lanes", "tenants", "aging:2", "aging:3", "urgent", "recent-urgent")
+        await storage.redis.eval(
+            _AS_BEFORE_THE_INDEX,
+            2 + len(index),
+            prefix + "state",
+            prefix + "meta",
+            *(prefix + k for k in index),
+        )
+        assert len(await storage.dequeue(1, 0.01)) == 1  # an older process's one receive
+        await asyncio.sleep(0.05)
+        assert await storage.get_approximate_message_count() == 0  # dead-lettered
+        dispatcher = fair_dispatcher(dead_storage)
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert sorted(taken) == ["fresh", "old"]
+        await dispatcher.close()
+
+
+async def test_a_dispatch_whose_reply_timed_out_gives_back_lease_budget_and_charge(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The script ran but its reply came too late (the client's timeout): `dequeue` raises
+    `StorageError`, and the winner it could not hand out goes back at once with its reservation
+    and charge, instead of staying out until its visibility timeout and the fairness window."""
+    import redis.exceptions
+
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000)
+    dispatcher = fair_dispatcher(storage)
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(1_000), tenant="A"))
+    connection = storage._connection
+    original = connection.run
+    lost: list[str] = []
+
+    async def reply_too_late(script: Any, keys: Any, args: Any) -> Any:
+        result = await original(script, keys, args)
+        if script.name == "global_dispatch" and not lost:
+            lost.append(script.name)
+            raise redis.exceptions.TimeoutError("Timeout reading from the server")
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "run", reply_too_late)
+        with pytest.raises(StorageError):
+            await dispatcher.dequeue(limiter, timeout=0)
+        await dispatcher.close()  # waits for the give-back
+    assert lost == ["global_dispatch"]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 1
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert await storage.redis.hget(storage._keys[16], "A") is None
+    again = fair_dispatcher(storage)
+    job = await again.dequeue(limiter, timeout=0)
+    assert job is not None
+    assert job.message.attributes.receive_count == 1
+    await job.mark_as_processed()
+    await again.close()
+
+
+async def test_a_window_or_max_wait_too_long_to_count_in_microseconds_is_forever(redis_url: str) -> None:
+    """`FairPriorityConfig` takes any finite fairness window and max_wait; beyond about 1e302 s
+    their microseconds are inf, and building the dispatcher raised `OverflowError`. They count
+    as forever: the dispatcher is built and hands out as usual."""
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1e6, tpm=1e9)
+    async with storage, limiter:
+        dispatcher = fair_dispatcher(storage, fairness_window=1e308, max_wait={Priority.NORMAL: 1e308})
+        assert dispatcher._global is not None
+        await storage.batch_enqueue(
+            [
+                LLMRequest("normal", "x", Priority.NORMAL, TokenInfo(10), tenant="a"),
+                LLMRequest("high", "x", Priority.HIGH, TokenInfo(10), tenant="a"),
+            ]
+        )
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert taken == ["high", "normal"]
+        await dispatcher.close()
+
+
+async def test_input_and_output_limits_are_reserved_by_their_parts_and_a_message_that_never_fits_is_skipped(
+    redis_url: str,
+) -> None:
+    """A `RedisThrottle` with ITPM and OTPM: the global choice reserved a message's whole
+    estimate from each, so a request of 10 input and 4,000 output tokens never fitted an ITPM
+    of 1,000 and held the whole queue for ever. It is reserved by its parts, as the per-process
+    path reserves it; a message that can never fit one limit (5,000 input tokens) is skipped
+    and holds nothing, as one above the TPM is."""
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(redis_url, fresh_name("limiter"), rpm=1_000, tpm=100_000, itpm=1_000, otpm=5_000)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("too-long", "x", Priority.HIGH, TokenInfo(input=5_000, max_output=10), tenant="a"),
+                LLMRequest(
+                    "long-reply", "x", Priority.HIGH, TokenInfo(input=10, max_output=4_000), tenant="a"
+                ),
+                LLMRequest("short", "x", Priority.NORMAL, TokenInfo(input=10, max_output=10), tenant="a"),
+            ]
+        )
+        dispatcher = fair_dispatcher(storage)
+        taken = []
+        for _ in range(2):
+            job = await dispatcher.dequeue(limiter, timeout=0)
+            assert job is not None
+            taken.append(job.message.payload.id)
+            await job.mark_as_processed()
+        assert taken == ["long-reply", "short"]
+        assert await dispatcher.dequeue(limiter, timeout=0) is None
+        assert await storage.get_approximate_message_count() == 1  # too-long waits, holding nothing
+        await dispatcher.close()
+
+
+async def test_a_message_past_the_retention_period_is_never_handed_out(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """More messages expire at once than one call drops (1,000): those left wait in the index.
+    The global choice handed one of them out, past its retention period; it expires it instead,
+    as every reader of the queue does."""
+    storage = clocked_storage(message_retention=60.0)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    await storage.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10), tenant=f"t{n % 3}") for n in range(1_100)]
+    )
+    clock.advance(61.0)
+    dispatcher = fair_dispatcher(storage)
+    assert await dispatcher.dequeue(limiter, timeout=0) is None
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert attributes.approximate_number_of_messages == 0
+    assert attributes.expired == 1_100
+    await dispatcher.close()
+
+
+async def test_a_dispatch_whose_connection_dropped_is_resent_and_hands_its_winner_out_once(
+    reply_cutter: ReplyCutter,
+) -> None:
+    """The connection drops after the script ran: the client sends the call again, which is
+    answered from the first run's kept reply. The winner is handed out once, leased once,
+    reserved once."""
+    storage: RedisStorage[Any] = RedisStorage(reply_cutter.url, fresh_name("queue"))
+    limiter = RedisThrottle(reply_cutter.url, fresh_name("limiter"), rpm=600, tpm=1_000)
+    async with storage, limiter:
+        await storage.batch_enqueue(
+            [
+                LLMRequest("a", "x", Priority.NORMAL, TokenInfo(600), tenant="A"),
+                LLMRequest("b", "x", Priority.NORMAL, TokenInfo(600), tenant="B"),
+            ]
+        )
+        dispatcher = fair_dispatcher(storage)
+        reply_cutter.armed = 1
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert reply_cutter.cuts == 1
+        assert job is not None
+        assert job.message.attributes.receive_count == 1
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages_in_flight == 1
+        # One reservation of 600: the other message (600) does not fit the 1,000 until it ends.
+        assert await dispatcher.dequeue(limiter, timeout=0) is None
+        await job.mark_as_failed(RuntimeError("x"))
+        await dispatcher.close()

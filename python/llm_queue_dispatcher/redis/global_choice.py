@@ -11,7 +11,10 @@ the store's step, the limiter's correction and the charge's). Every process that
 queue then sees one order and one ledger of tenant use.
 
 The ranking index the scripts read is kept by every queue script (``lua/queue_common.lua``) as
-messages are enqueued, received, released, dead-lettered, deleted and expire.
+messages are enqueued, received, released, dead-lettered, deleted and expire. A queue written
+before the index existed is indexed by the first global dispatch (``lua/index_scan.lua``,
+``lua/index_fill.lua``). A dispatch cancelled or timed out while its reply was in flight is sent
+again in the background and its winners given back (lease, reservation, charge).
 
 Co-location: a queue's keys and a limiter's keys share the hash tag ``{namespace}``, so a
 `RedisThrottle` of the storage's namespace is in the queue's Redis Cluster slot. The global
@@ -26,6 +29,7 @@ fairness window, tenant weights and aging of the process that makes it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -39,7 +43,7 @@ from ..config import FairPriorityConfig, LLMQueueDispatcherConfig
 from ..errors import StorageError
 from ..types import QueueMessage
 from ._connection import CLIENT_ERRORS, Script, _source, host_microseconds
-from .storage import RedisStorage
+from .storage import RedisStorage, _index_fields
 from .throttle import RedisThrottle
 
 if TYPE_CHECKING:
@@ -49,6 +53,9 @@ __all__ = ["GlobalChoice"]
 
 # The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
 _MOST_WINNERS = 64
+# The most tenant heads one call reads (HEADS_MAX in global_dispatch.lua): a call takes at most
+# this many divided by the tenants with visible messages winners, at least one.
+_HEADS_PER_CALL = 4096
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
@@ -72,11 +79,12 @@ class _GlobalScript(Script):
             f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
             for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
         )
-        # 'reserve': consume (ARGV[15..18]) only if the bucket also holds ARGV[19] tokens (the
-        # estimate and the reserves it must leave), in one run of the limiter's prelude.
+        # 'reserve': consume (ARGV[15..18]) only if the buckets also hold ARGV[19] tokens (the
+        # estimate and the reserves it must leave; ITPM and OTPM their parts of the estimate, when
+        # given), in one run of the limiter's prelude.
         branches += (
             "\nelseif op == 'reserve' then\n"
-            "local reason, wait = check(tonumber(ARGV[19]), nil, nil)\n"
+            "local reason, wait = check(tonumber(ARGV[19]), tonumber(ARGV[17]), tonumber(ARGV[18]))\n"
             "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
             f"{_source('limiter_consume')}"
         )
@@ -99,8 +107,14 @@ def _server_of(client: redis.asyncio.Redis) -> tuple[Any, ...]:
     return (kwargs.get("host"), kwargs.get("port"), kwargs.get("db", 0), kwargs.get("path"))
 
 
+# A span of more microseconds than this (about 146,000 years) counts as forever: beyond about
+# 1e302 s, seconds * 1e6 is inf, which round() refuses.
+_FOREVER_US = 2**62
+
+
 def _us(seconds: float) -> str:
-    return "" if not math.isfinite(seconds) else str(round(seconds * 1_000_000))
+    """A span in microseconds for the scripts, '' for never (inf)."""
+    return "" if not math.isfinite(seconds) else str(round(min(seconds * 1_000_000, _FOREVER_US)))
 
 
 class GlobalChoice:
@@ -118,7 +132,7 @@ class GlobalChoice:
         for tenant, weight in fair.tenant_weights.items():
             weights += (tenant.encode("utf-8", "surrogatepass"), repr(float(weight)))
         self._fair_args = (
-            str(round(float(fair.fairness_window) * 1_000_000)),
+            _us(float(fair.fairness_window)),  # finite (FairPriorityConfig)
             "1" if fair.urgent_first else "0",
             _us(max_wait[2]),
             _us(max_wait[3]),
@@ -131,6 +145,8 @@ class GlobalChoice:
         )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
+        # Dispatches cancelled while in flight, whose winners are being given back.
+        self._recoveries: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def for_dispatcher(
@@ -176,7 +192,17 @@ class GlobalChoice:
         storage = self._storage
         try:
             return await storage._connection.run(_script(name), keys, arguments)
+        except asyncio.CancelledError:
+            if name == "global_dispatch":
+                # The script may have run, its winners leased and reserved for nobody: the same
+                # call again is answered with them (its reply key), and they go back at once.
+                self._start_recovery(limiter, keys, arguments)
+            raise
         except CLIENT_ERRORS as exc:
+            if name == "global_dispatch":
+                # The same for a reply lost to a timeout (a dropped connection is resent by the
+                # client already; if that failed too, the recovery fails as well and says so).
+                self._start_recovery(limiter, keys, arguments)
             storage._fail(name, exc)
 
     async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
@@ -191,24 +217,17 @@ class GlobalChoice:
         """Up to ``count`` winners in rank order, each reserved and leased, in one script (the
         order is the one successive single dispatches would give, with no other dispatch
         between them); or, when the first winner does not fit, the seconds until it does; or
-        None. Fewer than ``count`` when the queue holds fewer or a later winner does not fit."""
-        storage = self._storage
+        None. Fewer than ``count`` when the queue holds fewer, a later winner does not fit, or
+        many tenants have visible messages (at most ``_HEADS_PER_CALL`` / tenants, at least one)."""
         capacity = float(limiter.burst_tpm or limiter.tpm)
-        timeout = self._timeout
-        sent = host_microseconds(storage._host_time())
-        reply = await self._run(
-            "global_dispatch",
-            limiter,
-            (
-                max(1, min(count, _MOST_WINNERS)),
-                round(timeout * 1_000_000),
-                repr(timeout),
-                *self._fair_args,
-                repr(capacity),
-                *self._weights,
-            ),
-        )
-        storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
+        reply = await self._dispatch(limiter, count, capacity)
+        if len(reply) == 3 and reply[2] == b"unindexed":
+            # A queue from before the ranking index: its messages are indexed, then it is asked
+            # again (once: a queue found unindexed again is left to the next call).
+            await self._index()
+            reply = await self._dispatch(limiter, count, capacity)
+            if len(reply) == 3:
+                return None
         if len(reply) < 9:
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
@@ -228,6 +247,65 @@ class GlobalChoice:
                 raise failure
             _LOGGER.error("a global winner could not be handed out: %r", failure)
         return jobs
+
+    async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
+        storage = self._storage
+        timeout = self._timeout
+        sent = host_microseconds(storage._host_time())
+        reply = await self._run(
+            "global_dispatch",
+            limiter,
+            (
+                max(1, min(count, _MOST_WINNERS)),
+                round(timeout * 1_000_000),
+                repr(timeout),
+                *self._fair_args,
+                repr(capacity),
+                *self._weights,
+            ),
+        )
+        storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
+        return reply
+
+    def _start_recovery(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._recover(limiter, keys, arguments))
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover(self, limiter: RedisThrottle, keys: list[Any], arguments: list[Any]) -> None:
+        """Gives back the winners of a dispatch cancelled or timed out: its call sent again (a
+        run it had made answers as that run did; one it had not made runs now), each winner
+        released with its reservation and charge. On failure they come back after their
+        visibility timeout."""
+        try:
+            reply = await self._storage._connection.run(_script("global_dispatch"), keys, arguments)
+            if len(reply) >= 9:
+                for i in range(2, len(reply), 7):
+                    await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode(), "release")
+        except Exception as exc:  # StorageError, or the client's: left to the visibility timeout
+            _LOGGER.warning("the winners of a lost dispatch come back after their visibility: %r", exc)
+
+    async def _index(self) -> None:
+        """Puts the messages of a queue stored before the ranking index existed into it
+        (``lua/index_scan.lua``, ``lua/index_fill.lua``), a few hundred per call, then marks the
+        queue indexed. An unreadable message is indexed with no tenant and no estimate: the
+        dispatch that picks it gives it back as any unreadable message."""
+        storage = self._storage
+        cursor = b"0"
+        while True:
+            found = await storage._run("index_scan", cursor)
+            cursor = found[0]
+            fields: list[Any] = []
+            for i in range(1, len(found), 2):
+                try:
+                    index = _index_fields(storage._decode(found[i + 1]))
+                except StorageError:
+                    index = (b"", 0, -1, -1, -1)
+                fields += (found[i], *index)
+            done = cursor in (b"0", 0, "0")
+            await storage._run("index_fill", "1" if done else "0", *fields)
+            if done:
+                return
 
     async def _open(
         self, limiter: RedisThrottle, capacity: float, fields: list[Any]
@@ -262,9 +340,11 @@ class GlobalChoice:
         await self._give_back(limiter, member.decode(), token.decode())
         raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
 
-    async def _give_back(self, limiter: RedisThrottle, member: str, token: str) -> None:
+    async def _give_back(self, limiter: RedisThrottle, member: str, token: str, step: str = "") -> None:
+        """Ends a delivery no handler got, with its reservation and charge: by ``step``, else
+        (an unreadable one) to the dead-letter queue, or leased until its visibility runs out."""
         storage = self._storage
-        step = "dead_letter" if storage.dead_letter is not None else "visibility"
+        step = step or ("dead_letter" if storage.dead_letter is not None else "visibility")
         with contextlib.suppress(StorageError):
             await self._run(
                 "global_mark",

@@ -21,17 +21,20 @@ back the messages it leased, a release is not refused.
 
 Keys (``ns`` = namespace, ``q`` = queue), all under the hash tag ``{ns}``::
 
-    {ns}:q:{q}:meta       hash: created, modified, visibility_timeout, dead, expired
+    {ns}:q:{q}:meta       hash: created, modified, visibility_timeout, dead, expired, indexed
+                          (every message is in the ranking index), waiting, arrival
     {ns}:q:{q}:seq        counter: the next message's sequence number
     {ns}:q:{q}:ids        hash: request id -> member (messages not yet deleted)
     {ns}:q:{q}:body       hash: member -> the serialised request (see _codec)
     {ns}:q:{q}:state      hash: member -> msgpack of priority, enqueued_at, receive count,
-                          first_received_at, current receipt token, message id, request id
+                          first_received_at, current receipt token, message id, request id,
+                          then tenant, estimate, deadline, input and output tokens (the index's)
     {ns}:q:{q}:vis:0..3   zsets per priority, score enqueued_at (us): the visible messages
     {ns}:q:{q}:inflight   zset, score visibility deadline (us): the messages in flight
     {ns}:q:{q}:copies     hash: request id -> live copies beyond the first (a dead-letter queue
                           keeps every copy it is sent, as InMemoryStorage does)
     {ns}:q:{q}:reply:<t>  a resendable call's reply, for a minute (t: the call's random token)
+    {ns}:q:{q}:lanes ...  the ranking index of the global choice (lua/queue_common.lua)
 
 A member is the sequence number zero-padded to 15 digits; a receipt handle is
 ``<member>.<receive count>.<128-bit token>``. The token is replaced on every receive, so the
@@ -110,8 +113,30 @@ _KEY_PARTS = (
 )
 # Deadlines are kept to 16 digits of microseconds (the index's sort key): up to the year 2286.
 _DEADLINE_MAX_US = 9_999_999_999_999_998
-# A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us).
-_Encoded = tuple[bytes, int, bytes, bytes, int, int]
+
+
+def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int, int, int]:
+    """What the ranking index keeps beside a message's body: tenant, estimated tokens, deadline
+    (us, -1: none), input and output tokens (-1 each: not given; the limiter's ITPM and OTPM
+    reserve these parts)."""
+    tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
+    deadline = request.deadline
+    deadline_us = (
+        -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
+    )
+    info = request.token_info
+    return (
+        tenant,
+        int(info.estimated),
+        deadline_us,
+        -1 if info.input is None else int(info.input),
+        -1 if info.max_output is None else int(info.max_output),
+    )
+
+
+# A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us),
+# input and output tokens.
+_Encoded = tuple[bytes, int, bytes, bytes, int, int, int, int]
 # Retention beyond this many microseconds (about 285 years) is forever.
 _FOREVER_US = 2**53
 
@@ -308,13 +333,7 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         request.validate()
         rid = request_id_bytes(request.id)
         body = encode_request(request, self.serializer, self.max_payload_bytes)
-        # What the ranking index keeps beside the body: tenant, estimate, deadline (us, -1: none).
-        tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
-        deadline = request.deadline
-        deadline_us = (
-            -1 if deadline is None else max(0, min(_DEADLINE_MAX_US, round(deadline.timestamp() * 1_000_000)))
-        )
-        return rid, int(request.priority), body, tenant, int(request.token_info.estimated), deadline_us
+        return rid, int(request.priority), body, *_index_fields(request)
 
     async def _enqueue(
         self, requests: Sequence[LLMRequest[T]], encoded: list[_Encoded]

@@ -13,7 +13,8 @@
 -- ARGV[15] k, then ARGV[16 .. 15 + 2k] tenant, weight pairs (tenants not named weigh 1)
 -- ARGV[16 + 2k ..] the limiter's own ARGV[1..14] (its time source and settings)
 --
--- Returns {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
+-- Returns {NOW, '', 'unindexed'} for a queue not marked indexed (queue_common.lua, created());
+-- else {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
 -- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
 -- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
 -- below it was taken (the budget is held for it).
@@ -22,8 +23,9 @@
 -- URGENT first across tenants, oldest first (with urgent_first); then the tenant with the least
 -- token use per weight over the window, ties to the tenant whose head is in the earlier lane,
 -- then older; inside a tenant by lane (URGENT, HIGH, aged, NORMAL, LOW), earliest deadline,
--- oldest. Cost: O(log n) per tenant with visible messages, plus the charges and agings that
--- came due (at most MAINTAIN_BATCH each per call).
+-- oldest. Cost: O(log n) per tenant with visible messages, per winner (the winners of one call
+-- are capped by HEADS_MAX), plus the charges and agings that came due (at most MAINTAIN_BATCH
+-- each per call).
 --
 -- Tenant usage is one record per queue: `usage` (tenant -> tokens charged in the window),
 -- `charges` (zset: delivery key -> when charged), `charge` (hash: delivery key -> msgpack of
@@ -33,6 +35,10 @@
 
 local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
 local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per lookup
+-- The most tenant heads one call reads: each winner's lookup reads the head of every tenant with
+-- visible messages, so a call takes at most HEADS_MAX / tenants winners (at least one). 64
+-- winners over 6,000 tenants held Redis 8 s, past its busy-script limit (BUSY for every client).
+local HEADS_MAX = 4096
 
 local function received(out, member, s)
   out[#out + 1] = member
@@ -64,7 +70,14 @@ if kept ~= nil then
   return out
 end
 
+if redis.call('HGET', Q.meta, 'indexed') ~= '1' then
+  -- Messages stored before the index existed may wait outside it: the client indexes the queue
+  -- (index_scan.lua, index_fill.lua), then calls again.
+  return {fmt(NOW), '', 'unindexed'}
+end
+
 local limit = math.min(tonumber(ARGV[5]), WINNERS_MAX)
+limit = math.max(1, math.min(limit, math.floor(HEADS_MAX / math.max(1, redis.call('HLEN', Q.tenants)))))
 local timeout = tonumber(ARGV[6])
 local window = tonumber(ARGV[8])
 local urgent_first = ARGV[9] == '1'
@@ -123,17 +136,24 @@ end
 
 -- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, or nil.
 -- An entry is <prefix><lane><deadline: 16><member: 15><tokens>.
+-- Messages found this call to never fit one of the limiter's limits (its ITPM, OTPM, TPD...):
+-- skipped like those above the capacity (at most SKIP_MAX per call).
+local excluded = {}
+
 local function head_of(tenant)
   local prefix = #tenant .. ':' .. tenant
   local base = #prefix
+  local function fits(key)
+    return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
+  end
   local low, high = '[' .. prefix, '[' .. prefix .. '\255'
   local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
-  if keys[1] ~= nil and tonumber(string.sub(keys[1], base + 33)) > capacity then
-    keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, SKIP_MAX - 1)
+  if keys[1] ~= nil and not fits(keys[1]) then
+    keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, 2 * SKIP_MAX - 1)
   end
-  -- Bounded by SKIP_MAX (the LIMITs above).
+  -- Bounded by 2 * SKIP_MAX (the LIMITs above).
   for _, key in ipairs(keys) do
-    if tonumber(string.sub(key, base + 33)) <= capacity then
+    if fits(key) then
       return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
     end
   end
@@ -148,13 +168,13 @@ end
 local function first()
   if urgent_first then
     local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
-    if oldest[1] ~= nil and load(Q, oldest[1]).tok > capacity then
-      oldest = redis.call('ZRANGE', Q.urgent, 1, SKIP_MAX - 1)
+    if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
+      oldest = redis.call('ZRANGE', Q.urgent, 1, 2 * SKIP_MAX - 1)
     end
-    -- Bounded by SKIP_MAX (the ZRANGEs above).
+    -- Bounded by 2 * SKIP_MAX (the ZRANGEs above).
     for _, member in ipairs(oldest) do
       local s = load(Q, member)
-      if s.tok <= capacity then
+      if s.tok <= capacity and not excluded[member] then
         return member, s
       end
     end
@@ -294,45 +314,74 @@ local function margin(s)
   return math.min(s.tok + urgent, capacity) - s.tok
 end
 
+-- A part of the estimate for the limiter ('' when not given: its ITPM and OTPM count the whole).
+local function part(n)
+  if n == nil or n < 0 then
+    return ''
+  end
+  return fmt(n)
+end
+
 local taken = {}
--- Bounded by `limit` (at most WINNERS_MAX).
-for _ = 1, limit do
-  local member, s = first()
+local skipped, expired = 0, 0
+-- Each round takes a winner, skips a message that never fits or expires one past retention.
+-- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
+for _ = 1, limit + 2 * SKIP_MAX do
+  local member, s = nil, nil
+  if #taken < 2 * limit then
+    member, s = first()
+  end
   if member == nil then
     break
   end
-  local key = s.rid .. '#' .. (s.rc + 1)
-  -- Reserved only if the bucket holds the estimate and the reserves it must leave.
-  local granted = limiter('reserve', {key, s.tok, '', '', s.tok + margin(s)})
-  if granted[1] ~= 1 then
-    out[2] = granted[3] -- the wait in us: the budget is held for this winner
-    break
-  end
-  hide(Q, member, s)
-  s.rc = s.rc + 1
-  if s.first < 0 then
-    s.first = NOW
-  end
-  s.token = fresh()
-  save(Q, member, s)
-  redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
-  local earlier = redis.call('HGET', Q.charge, key)
-  if earlier then
-    -- The same key charged within the window: a request id deleted and enqueued again. The
-    -- earlier charge leaves the record now (it would otherwise never be taken off).
-    local tenant, tokens = cmsgpack.unpack(earlier)
-    if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
-      redis.call('HDEL', Q.usage, tenant)
+  if RETENTION > 0 and NOW - s.at > RETENTION then
+    -- Past the retention period, left in the index by maintain()'s bound: it expires now (as
+    -- every reader of the queue expires it); never handed out.
+    catch_up(member, s)
+    expired = expired + 1
+    if expired >= SKIP_MAX then
+      break -- the next calls drop the rest, MAINTAIN_BATCH each
+    end
+  else
+    local key = s.rid .. '#' .. (s.rc + 1)
+    -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
+    -- reserves it must leave.
+    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin(s)})
+    if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
+      -- It can never fit one of the limits: skipped, it holds nothing.
+      excluded[member] = true
+      skipped = skipped + 1
+    elseif granted[1] ~= 1 then
+      out[2] = granted[3] -- the wait in us: the budget is held for this winner
+      break
+    else
+      hide(Q, member, s)
+      s.rc = s.rc + 1
+      if s.first < 0 then
+        s.first = NOW
+      end
+      s.token = fresh()
+      save(Q, member, s)
+      redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+      local earlier = redis.call('HGET', Q.charge, key)
+      if earlier then
+        -- The same key charged within the window: a request id deleted and enqueued again. The
+        -- earlier charge leaves the record now (it would otherwise never be taken off).
+        local tenant, tokens = cmsgpack.unpack(earlier)
+        if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+          redis.call('HDEL', Q.usage, tenant)
+        end
+      end
+      redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
+      redis.call('LPUSH', Q.recent, fmt(s.tok))
+      redis.call('LTRIM', Q.recent, 0, 255)
+      redis.call('ZADD', Q.charges, fmt(NOW), key)
+      redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+      received(out, member, s)
+      taken[#taken + 1] = member
+      taken[#taken + 1] = s.token
     end
   end
-  redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
-  redis.call('LPUSH', Q.recent, fmt(s.tok))
-  redis.call('LTRIM', Q.recent, 0, 255)
-  redis.call('ZADD', Q.charges, fmt(NOW), key)
-  redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
-  received(out, member, s)
-  taken[#taken + 1] = member
-  taken[#taken + 1] = s.token
 end
 if #taken == 0 then
   return out

@@ -9,4 +9,5 @@ redis.call('UNLINK', Q.ids, Q.body, Q.state, Q.vis[1], Q.vis[2], Q.vis[3], Q.vis
   Q.lanes, Q.tenants, Q.aging[1], Q.aging[2], Q.urgent)
 redis.call('HDEL', Q.meta, 'waiting')
 touch(Q)
+redis.call('HSET', Q.meta, 'indexed', '1') -- nothing left that is not in the index
 return 1

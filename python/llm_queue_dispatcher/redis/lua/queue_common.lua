@@ -78,23 +78,32 @@ end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
 -- the first receive), message id, request id, then what the ranking index needs: tenant,
--- estimated tokens, deadline in us (-1: none). (A message stored by a version without these
--- has ten == nil: it is not in the index.)
+-- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given). (A
+-- message stored by a version without these has ten == nil: it is not in the index; one stored
+-- before the parts has inp == nil: its limiter reservation counts the whole estimate.)
 local function load(q, member)
   local raw = redis.call('HGET', q.state, member)
   if not raw then
     return nil
   end
-  local p, at, rc, first, token, mid, rid, ten, tok, dl = cmsgpack.unpack(raw)
-  return {p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl}
+  local p, at, rc, first, token, mid, rid, ten, tok, dl, inp, out = cmsgpack.unpack(raw)
+  return {
+    p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl,
+    inp = inp, out = out,
+  }
 end
 
 local function save(q, member, s)
   if s.ten == nil then
     redis.call('HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid))
-  else
+  elseif s.inp == nil then
     redis.call(
       'HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
+    )
+  else
+    redis.call(
+      'HSET', q.state, member,
+      cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out)
     )
   end
 end
@@ -112,7 +121,9 @@ end
 --   usage, charges, charge   tenant token use over the fairness window (global_dispatch.lua)
 --   recent-urgent  the estimates of the last 64 URGENT messages that became visible (the
 --            automatic URGENT reserve); recent: of the last 256 dispatched (the tenant reserve)
---   meta fields 'waiting' (the estimates of the visible messages in the index, summed) and
+--   meta fields 'waiting' (the estimates of the visible messages in the index, summed: a float,
+--   as estimates below 2^53 each may pass a 64-bit integer together, which failed the script
+--   midway) and
 --   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
 --   the reserves are not kept (global_dispatch.lua)
 local NO_DEADLINE = '9999999999999999'
@@ -132,7 +143,7 @@ local function index_add(q, member, s)
   end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
-  redis.call('HINCRBY', q.meta, 'waiting', fmt(s.tok))
+  redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
   local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
   if arrival == nil or s.at > arrival then
     redis.call('HSET', q.meta, 'arrival', fmt(s.at))
@@ -160,7 +171,7 @@ local function index_remove(q, member, s)
   end
   if removed == 1 then
     if s.tok ~= 0 then
-      redis.call('HINCRBY', q.meta, 'waiting', fmt(-s.tok))
+      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
     end
     if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
       redis.call('HDEL', q.tenants, s.ten)
@@ -183,8 +194,17 @@ local function hide(q, member, s)
   return false
 end
 
+-- A queue this version creates keeps every message in the ranking index from the start: its meta
+-- says so ('indexed'). One created before the index existed has no such field: the global choice
+-- indexes it first (index_scan.lua, index_fill.lua).
+local function created(q)
+  if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
+    redis.call('HSET', q.meta, 'indexed', '1')
+  end
+end
+
 local function touch(q)
-  redis.call('HSETNX', q.meta, 'created', fmt(CREATED))
+  created(q)
   redis.call('HSET', q.meta, 'modified', fmt(NOW))
 end
 
@@ -203,12 +223,12 @@ local function forget(q, member, s)
 end
 
 -- A new visible message in q; returns its member and state. `index` carries tenant, tokens,
--- deadline (nil: a message not in the index).
+-- deadline, input and output tokens (nil: a message not in the index).
 local function insert(q, rid, p, at, body, mid, index)
   local member = string.format('%015d', redis.call('INCR', q.seq))
   local s = {p = p, at = at, rc = 0, first = -1, token = '', mid = mid, rid = rid}
   if index ~= nil then
-    s.ten, s.tok, s.dl = index.ten, index.tok, index.dl
+    s.ten, s.tok, s.dl, s.inp, s.out = index.ten, index.tok, index.dl, index.inp, index.out
   end
   redis.call('HSET', q.ids, rid, member)
   redis.call('HSET', q.body, member, body)
@@ -231,10 +251,13 @@ local function dead_letter(member, s)
     end
     local index = nil
     if s.ten ~= nil then
-      index = {ten = s.ten, tok = s.tok, dl = s.dl}
+      index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out}
     end
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
+    if index == nil then
+      redis.call('HDEL', DLQ.meta, 'indexed') -- a message from before the index: index it again
+    end
   end
 end
 
@@ -332,7 +355,7 @@ local function maintain()
   if changed then
     touch(Q)
   else
-    redis.call('HSETNX', Q.meta, 'created', fmt(CREATED))
+    created(Q)
   end
   return changed
 end
