@@ -5,6 +5,7 @@ from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     DuplicateRequestError,
+    ExpiredError,
     InvalidConfigError,
     InvalidRequestError,
     LimiterUnavailableError,
@@ -12,6 +13,7 @@ from .errors import (
     MessageStateError,
     PayloadTooLargeError,
     PermanentError,
+    PurgedError,
     RateLimitError,
     ReceiptHandleError,
     RemoteError,
@@ -45,6 +47,7 @@ from .metrics import (
     Throughput,
     WaitTimePercentiles,
 )
+from .outcomes import HandlerResult
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .scoring import FACTOR_NAMES, CustomScorer, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueAttributes, QueueStorageAdapter
@@ -76,7 +79,9 @@ __all__ = [
     "ConsumptionStatistics",
     "CustomScorer",
     "DuplicateRequestError",
+    "ExpiredError",
     "FairPriorityConfig",
+    "HandlerResult",
     "InFlightDetail",
     "InMemoryStorage",
     "InvalidConfigError",
@@ -100,6 +105,7 @@ __all__ = [
     "ProcessableMessage",
     "ProcessingMetrics",
     "ProviderLimits",
+    "PurgedError",
     "QueueAttributes",
     "QueueMessage",
     "QueueMetrics",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "DuplicateRequestError",
+    "ExpiredError",
     "InvalidConfigError",
     "InvalidRequestError",
     "LLMQueueDispatcherError",
@@ -11,6 +12,7 @@ __all__ = [
     "MessageStateError",
     "PayloadTooLargeError",
     "PermanentError",
+    "PurgedError",
     "RateLimitError",
     "ReceiptHandleError",
     "RemoteError",
@@ -161,3 +163,12 @@ def _rebuild_remote(
     type_name: str, message: str, status_code: int | None, headers: dict[str, str] | None, body: object
 ) -> RemoteError:
     return RemoteError(type_name, message, status_code=status_code, headers=headers, body=body)
+
+
+class ExpiredError(LLMQueueDispatcherError):
+    """The ``error`` of a submitted request removed unsent because its deadline passed
+    (``drop_expired``)."""
+
+
+class PurgedError(LLMQueueDispatcherError):
+    """The ``error`` of a submitted request removed by a purge of its queue."""

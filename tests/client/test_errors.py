@@ -18,13 +18,15 @@ def test_request_failed_error_names_the_request_and_keeps_the_last_error() -> No
     assert isinstance(error, LLMQueueDispatcherError)
     assert error.request_id == "r1"
     assert error.error is cause
-    assert "'r1'" in str(error) and "bad request" in str(error)
+    assert "'r1'" in str(error)
+    assert "bad request" in str(error)
 
 
 def test_request_failed_error_survives_pickling() -> None:
     error = pickle.loads(pickle.dumps(RequestFailedError("r1", PermanentError("no"))))
     assert error.request_id == "r1"
-    assert isinstance(error.error, PermanentError) and str(error.error) == "no"
+    assert isinstance(error.error, PermanentError)
+    assert str(error.error) == "no"
 
 
 def test_remote_error_carries_the_http_response_and_survives_pickling() -> None:
