@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import shown
+from ._queued import QueuedClient
 from .errors import InvalidRequestError, PermanentError, RetryableError
 
 # The helpers every provider integration shares (token counting plumbing, limiter syncing, the
@@ -76,6 +77,7 @@ __all__ = [
     "REPLY_OVERHEAD_TOKENS",
     "TOOL_USE_SYSTEM_TOKENS",
     "UNCOUNTED_DOCUMENT_PAGES",
+    "QueuedAsyncAnthropic",
     "Tokenizer",
     "anthropic_messages_handler",
     "create_message",
@@ -452,3 +454,77 @@ def anthropic_messages_handler(
         return message_tokens(message, count_cache_reads=count_cache_reads)
 
     return handle
+
+
+# -- the drop-in client ------------------------------------------------------------------------
+class _QueuedMessages:
+    """``messages`` of `QueuedAsyncAnthropic`: ``create`` queued, the rest the SDK's."""
+
+    def __init__(self, queued: QueuedAsyncAnthropic) -> None:
+        self._queued = queued
+
+    async def create(
+        self,
+        *,
+        priority: Priority | int | None = None,
+        tenant: str | None = None,
+        deadline: Any = None,
+        **payload: Any,
+    ) -> Message:
+        """``client.messages.create(**payload)``, queued: dispatched in its turn under the
+        limiter, answered with the SDK's `Message` or raising the SDK's error. ``priority``
+        (default the client's), ``tenant`` and ``deadline`` (a `datetime` or seconds from now)
+        are the request's; the rest is sent as given."""
+        message: Message = await self._queued._create(
+            payload, priority=priority, tenant=tenant, deadline=deadline
+        )
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.messages, name)
+
+
+class QueuedAsyncAnthropic(QueuedClient):
+    """``anthropic.AsyncAnthropic`` with ``messages.create`` queued: a drop-in for the client.
+
+    ``await qc.messages.create(model=..., max_tokens=..., messages=..., priority=...,
+    tenant=..., deadline=...)`` enqueues the call on ``dispatcher``, waits its turn under
+    ``limiter`` (whose ``itpm``/``otpm`` take the input estimate and ``max_tokens``) and returns
+    the SDK's `Message`; a permanent failure raises the SDK's own error. 429s, ``retry-after``
+    and the ``anthropic-ratelimit-*`` headers are handled as `anthropic_messages_handler`
+    handles them. Every other attribute is the wrapped client's, unqueued. Options as
+    `llm_queue_dispatcher.openai.QueuedAsyncOpenAI`'s (``tokenizer``, ``concurrency``,
+    ``priority``, ``id_prefix``); ``count_cache_reads`` as `message_tokens`'.
+    """
+
+    _sdk = "anthropic"
+
+    def __init__(
+        self,
+        client: AsyncAnthropic,
+        dispatcher: Any,
+        limiter: RateLimiter | AsyncRateLimiter,
+        *,
+        count_cache_reads: bool = False,
+        **options: Any,
+    ) -> None:
+        if not callable(getattr(client, "with_options", None)) or not hasattr(client, "messages"):
+            raise InvalidRequestError(f"client must be an anthropic.AsyncAnthropic, got {shown(client)}")
+        if not isinstance(count_cache_reads, bool):
+            raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
+        super().__init__(client, dispatcher, limiter, **options)
+        self._quiet = client.with_options(max_retries=0)
+        self._count_cache_reads = count_cache_reads
+        self.messages = _QueuedMessages(self)
+
+    def _estimate(self, payload: Mapping[str, Any]) -> int:
+        return estimate_messages_tokens(payload, tokenizer=self._tokenizer)
+
+    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, int | None]:
+        message = await create_message(self._quiet, self._limiter, payload)
+        return message, message_tokens(message, count_cache_reads=self._count_cache_reads)
+
+    def _rebuild(self, value: object) -> Any:
+        from anthropic.types import Message
+
+        return value if isinstance(value, Message) else Message.model_validate(value)

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import shown
+from ._queued import QueuedClient
 from .errors import InvalidRequestError, PermanentError, RetryableError
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .types import LLMRequest, Priority, TokenInfo, validate_token_count
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_TOKEN_COUNT",
     "MESSAGE_OVERHEAD_TOKENS",
     "REPLY_OVERHEAD_TOKENS",
+    "QueuedAsyncOpenAI",
     "Tokenizer",
     "create_chat_completion",
     "estimate_chat_tokens",
@@ -443,3 +445,90 @@ def openai_chat_handler(
         return total_tokens(completion)
 
     return handle
+
+
+# -- the drop-in client ------------------------------------------------------------------------
+class _QueuedCompletions:
+    """``chat.completions`` of `QueuedAsyncOpenAI`: ``create`` queued, the rest the SDK's."""
+
+    def __init__(self, queued: QueuedAsyncOpenAI) -> None:
+        self._queued = queued
+
+    async def create(
+        self,
+        *,
+        priority: Priority | int | None = None,
+        tenant: str | None = None,
+        deadline: Any = None,
+        **payload: Any,
+    ) -> ChatCompletion:
+        """``client.chat.completions.create(**payload)``, queued: dispatched in its turn under
+        the limiter, answered with the SDK's `ChatCompletion` or raising the SDK's error.
+        ``priority`` (default the client's), ``tenant`` and ``deadline`` (a `datetime` or
+        seconds from now) are the request's; the rest is sent as given."""
+        completion: ChatCompletion = await self._queued._create(
+            payload, priority=priority, tenant=tenant, deadline=deadline
+        )
+        return completion
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.chat.completions, name)
+
+
+class _QueuedChat:
+    def __init__(self, queued: QueuedAsyncOpenAI) -> None:
+        self._queued = queued
+        self.completions = _QueuedCompletions(queued)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.chat, name)
+
+
+class QueuedAsyncOpenAI(QueuedClient):
+    """``openai.AsyncOpenAI`` with its chat completions queued: a drop-in for the client.
+
+    ``await qc.chat.completions.create(model=..., messages=..., priority=..., tenant=...,
+    deadline=...)`` enqueues the call on ``dispatcher``, waits its turn under ``limiter`` and
+    returns the SDK's `ChatCompletion`; a permanent failure raises the SDK's own error
+    (``openai.BadRequestError``, ...). 429s, ``retry-after`` and the ``x-ratelimit-*`` headers
+    are handled as `openai_chat_handler` handles them. Every other attribute (``qc.models``,
+    ``qc.embeddings``, ...) is the wrapped client's, unqueued.
+
+    Args:
+        client: an ``openai.AsyncOpenAI`` (its own retries are turned off for queued calls).
+        dispatcher: the queue (in memory, or a `RedisStorage` shared with other processes).
+        limiter: the provider's limits (`LLMThrottle` or a shared `RedisThrottle`).
+        tokenizer: ``str -> int`` for the estimates; default tiktoken's ``o200k_base`` when
+            tiktoken and its file are installed (never downloaded), else `estimate_chat_tokens`'s
+            heuristic.
+        concurrency: calls in flight at once (the dispatcher's pool).
+        priority: the default priority of a call.
+        id_prefix: the prefix of the request ids (default ``openai-`` and 8 random hex digits).
+    """
+
+    _sdk = "openai"
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        dispatcher: Any,
+        limiter: RateLimiter | AsyncRateLimiter,
+        **options: Any,
+    ) -> None:
+        if not callable(getattr(client, "with_options", None)) or not hasattr(client, "chat"):
+            raise InvalidRequestError(f"client must be an openai.AsyncOpenAI, got {shown(client)}")
+        super().__init__(client, dispatcher, limiter, **options)
+        self._quiet = client.with_options(max_retries=0)
+        self.chat = _QueuedChat(self)
+
+    def _estimate(self, payload: Mapping[str, Any]) -> int:
+        return estimate_chat_tokens(payload, tokenizer=self._tokenizer)
+
+    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, int | None]:
+        completion = await create_chat_completion(self._quiet, self._limiter, payload)
+        return completion, total_tokens(completion)
+
+    def _rebuild(self, value: object) -> Any:
+        from openai.types.chat import ChatCompletion
+
+        return value if isinstance(value, ChatCompletion) else ChatCompletion.model_validate(value)

@@ -185,11 +185,19 @@ def decode_error(encoded: dict[str, Any]) -> BaseException:
     )
 
 
+def _model_json(value: object) -> Any:
+    """An SDK's response object (a pydantic model) as its JSON; anything else cannot travel."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def encode_outcome(request_id: str, outcome: Outcome) -> str:
     """An outcome as JSON; a value JSON cannot hold becomes a failure saying so."""
     if outcome.ok:
         try:
-            return json.dumps({"ok": True, "value": outcome.value}, ensure_ascii=False)
+            return json.dumps({"ok": True, "value": outcome.value}, ensure_ascii=False, default=_model_json)
         except (TypeError, ValueError, RecursionError) as exc:
             error: BaseException = _errors.InvalidRequestError(
                 f"the result of request {request_id!r} was processed but cannot travel to its "
