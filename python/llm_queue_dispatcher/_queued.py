@@ -17,6 +17,8 @@ another process sharing a Redis queue handled it (rebuilt from its status, heade
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import secrets
@@ -25,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from ._checks import finite_float, shown
-from .errors import InvalidRequestError, RemoteError, RequestFailedError
+from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
 from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult
 from .types import LLMRequest, Priority, TokenInfo
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from ._core import ProcessableMessage
     from .dispatcher import LLMQueueDispatcher
 
-__all__ = ["QueuedClient", "Tokenizer"]
+__all__ = ["CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
 
 #: text -> token count.
 Tokenizer = Callable[[str], int]
@@ -72,6 +74,70 @@ def deadline_of(value: object) -> datetime | None:
     return datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
+class StreamCounter:
+    """Counts a stream's tokens as its items go by; `total` at its end (None: keep the estimate)."""
+
+    def see(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def total(self) -> int | None:
+        raise NotImplementedError
+
+
+class CountedStream:
+    """The SDK's stream, passed through item by item (``async for``, ``async with``, its other
+    attributes), its tokens counted; its end (exhausted, failed or closed) ends the call's
+    handler, which corrects the limiter with the count. Read it to its end or close it: the
+    call holds its place in the pool until then."""
+
+    def __init__(self, stream: Any, counter: StreamCounter, finished: asyncio.Future[int | None]) -> None:
+        self._stream = stream
+        self._iterator = stream.__aiter__()
+        self._counter = counter
+        self._finished = finished
+        self._submitted: asyncio.Future[Any] | None = None
+
+    def _finish(self) -> None:
+        if not self._finished.done():
+            try:
+                total = self._counter.total()
+            except Exception:
+                total = None
+            self._finished.set_result(total)
+
+    def __aiter__(self) -> CountedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._iterator.__anext__()
+        except BaseException:  # StopAsyncIteration included: the stream ended
+            self._finish()
+            raise
+        with contextlib.suppress(Exception):
+            self._counter.see(item)
+        return item
+
+    async def close(self) -> None:
+        try:
+            closing = getattr(self._stream, "close", None)
+            if closing is not None:
+                await closing()
+        finally:
+            self._finish()
+
+    async def __aenter__(self) -> CountedStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
 class QueuedClient:
     """The shared machinery: one dispatcher, one limiter, one handler for the pool."""
 
@@ -104,6 +170,7 @@ class QueuedClient:
         self._concurrency = concurrency
         self._priority = Priority(priority)
         self._prefix = id_prefix or f"{self._sdk}-{secrets.token_hex(4)}"
+        self._streams: dict[str, asyncio.Future[CountedStream]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -132,10 +199,6 @@ class QueuedClient:
         tenant: str | None,
         deadline: object,
     ) -> Any:
-        if payload.get("stream"):
-            raise InvalidRequestError(
-                "stream=True is not queued by this client: call the wrapped client for streams"
-            )
         estimate = self._estimate(payload)
         model = payload.get("model")
         request = LLMRequest(
@@ -146,6 +209,8 @@ class QueuedClient:
             tenant=tenant,
             deadline=deadline_of(deadline),
         )
+        if payload.get("stream"):
+            return await self._create_stream(request)
         try:
             value = await self._dispatcher.submit(
                 request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
@@ -154,9 +219,66 @@ class QueuedClient:
             raise self._sdk_error(failure) from failure
         return self._rebuild(value)
 
+    async def _create_stream(self, request: LLMRequest[Any]) -> CountedStream:
+        """A streamed call: queued like any; once its turn came and the provider answered, the
+        open stream comes back here while the handler waits for its end (the tokens counted
+        from it then correct the limiter)."""
+        opened: asyncio.Future[CountedStream] = asyncio.get_running_loop().create_future()
+        self._streams[request.id] = opened
+        submitted = asyncio.ensure_future(
+            self._dispatcher.submit(
+                request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
+            )
+        )
+        try:
+            await asyncio.wait({opened, submitted}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._streams.pop(request.id, None)
+            opened.cancel()
+            submitted.cancel()  # withdraws it, or discards the stream the handler opens
+            with contextlib.suppress(BaseException):
+                await submitted
+            raise
+        self._streams.pop(request.id, None)
+        if opened.done() and not opened.cancelled():
+            stream = opened.result()
+            stream._submitted = submitted  # its outcome, once the stream ended
+            return stream
+        try:
+            submitted.result()
+        except RequestFailedError as failure:
+            raise self._sdk_error(failure) from failure
+        raise MessageStateError(f"request {request.id!r} ended without opening its stream")
+
     async def _handle(self, job: ProcessableMessage[Any]) -> HandlerResult[Any]:
-        response, tokens = await self._call(job.message.payload.payload)
+        payload = job.message.payload.payload
+        if payload.get("stream"):
+            return await self._handle_stream(job, payload)
+        response, tokens = await self._call(payload)
         return HandlerResult(response, actual_tokens=tokens)
+
+    async def _handle_stream(
+        self, job: ProcessableMessage[Any], payload: Mapping[str, Any]
+    ) -> HandlerResult[Any]:
+        opened = self._streams.get(job.message.payload.id)
+        if opened is None:
+            # Made in another process sharing the queue: only that process can read the stream.
+            raise RetryableError("a streamed call is sent by the process that made it", retry_after=1.0)
+        sdk_stream = await self._open_stream(payload)
+        finished: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        counted = CountedStream(sdk_stream, self._stream_counter(payload), finished)
+        if opened.done():  # its caller gave up meanwhile: nobody reads it
+            await counted.close()
+        else:
+            opened.set_result(counted)
+        return HandlerResult(None, actual_tokens=await finished)
+
+    # -- streaming, what a provider's class fills in ---------------------------------------------
+    async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _stream_counter(self, payload: Mapping[str, Any]) -> StreamCounter:
+        raise NotImplementedError
 
     def _sdk_error(self, failure: RequestFailedError) -> BaseException:
         """The SDK's own error behind a failure, else the failure itself."""

@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import shown
-from ._queued import QueuedClient
+from ._queued import QueuedClient, StreamCounter
 from .errors import InvalidRequestError, PermanentError, RetryableError
 
 # The helpers every provider integration shares (token counting plumbing, limiter syncing, the
@@ -376,10 +376,37 @@ async def create_message(
     no retry can send it."""
     import anthropic
 
+    if isinstance(payload, Mapping) and payload.get("stream"):
+        raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
+    raw = await _send_message(client, limiter, payload)
+    try:
+        parsed: Any = raw.parse()
+        if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
+            parsed = await parsed
+    except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
+        raise RetryableError(f"malformed response: {error}") from error
+    return _checked(parsed, anthropic.types.Message)
+
+
+async def open_message_stream(
+    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """Sends a ``stream=True`` call as `create_message` sends any (SDK retries off, the limiter
+    synced, failures mapped as the module's table says) and returns the SDK's stream of events,
+    open."""
+    raw = await _send_message(client, limiter, payload)
+    stream: Any = raw.parse()
+    return await stream if inspect.isawaitable(stream) else stream
+
+
+async def _send_message(
+    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """One call, its raw response (headers read and the limiter synced), failures mapped."""
+    import anthropic
+
     if not isinstance(payload, Mapping):
         raise PermanentError(f"payload must be a mapping of create() keyword arguments, got {shown(payload)}")
-    if payload.get("stream"):
-        raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
     if getattr(client, "max_retries", 0) != 0:
         client = client.with_options(max_retries=0)
     try:
@@ -398,13 +425,7 @@ async def create_message(
         # one (max_tokens), a value it cannot encode. No retry can send it.
         raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
     await _sync_limiter(limiter, _within_a_day(raw.headers))
-    try:
-        parsed: Any = raw.parse()
-        if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
-            parsed = await parsed
-    except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
-        raise RetryableError(f"malformed response: {error}") from error
-    return _checked(parsed, anthropic.types.Message)
+    return raw
 
 
 def message_tokens(message: Message, *, count_cache_reads: bool = False) -> int | None:
@@ -484,6 +505,35 @@ class _QueuedMessages:
         return getattr(self._queued._client.messages, name)
 
 
+class _EventCounter(StreamCounter):
+    """A message stream's tokens, as `message_tokens` counts them: the input usage of its
+    ``message_start`` plus the output of its last ``message_delta``."""
+
+    def __init__(self, count_cache_reads: bool) -> None:
+        self._count_cache_reads = count_cache_reads
+        self._input: int | None = None
+        self._output: int | None = None
+
+    def see(self, item: Any) -> None:
+        kind = getattr(item, "type", None)
+        if kind == "message_start":
+            usage = getattr(getattr(item, "message", None), "usage", None)
+            parts = ["input_tokens", "cache_creation_input_tokens"]
+            if self._count_cache_reads:
+                parts.append("cache_read_input_tokens")
+            values = [getattr(usage, name, None) for name in parts]
+            self._input = sum(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        elif kind == "message_delta":
+            output = getattr(getattr(item, "usage", None), "output_tokens", None)
+            if isinstance(output, int) and not isinstance(output, bool):
+                self._output = output
+
+    def total(self) -> int | None:
+        if self._input is None or self._output is None:
+            return None
+        return self._input + self._output
+
+
 class QueuedAsyncAnthropic(QueuedClient):
     """``anthropic.AsyncAnthropic`` with ``messages.create`` queued: a drop-in for the client.
 
@@ -494,7 +544,9 @@ class QueuedAsyncAnthropic(QueuedClient):
     and the ``anthropic-ratelimit-*`` headers are handled as `anthropic_messages_handler`
     handles them. Every other attribute is the wrapped client's, unqueued. Options as
     `llm_queue_dispatcher.openai.QueuedAsyncOpenAI`'s (``tokenizer``, ``concurrency``,
-    ``priority``, ``id_prefix``); ``count_cache_reads`` as `message_tokens`'.
+    ``priority``, ``id_prefix``); ``count_cache_reads`` as `message_tokens`'. ``stream=True``
+    is queued too: the call returns the SDK's stream of events, open, once its turn came; the
+    usage of its ``message_start`` and ``message_delta`` corrects the limiter at its end.
     """
 
     _sdk = "anthropic"
@@ -523,6 +575,12 @@ class QueuedAsyncAnthropic(QueuedClient):
     async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, int | None]:
         message = await create_message(self._quiet, self._limiter, payload)
         return message, message_tokens(message, count_cache_reads=self._count_cache_reads)
+
+    async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
+        return await open_message_stream(self._quiet, self._limiter, payload)
+
+    def _stream_counter(self, payload: Mapping[str, Any]) -> StreamCounter:
+        return _EventCounter(self._count_cache_reads)
 
     def _rebuild(self, value: object) -> Any:
         from anthropic.types import Message

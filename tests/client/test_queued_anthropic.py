@@ -91,3 +91,19 @@ async def test_bad_calls_raise_at_the_call_and_other_attributes_pass_through(
         assert qc.messages.count_tokens == anthropic_client.messages.count_tokens
     with pytest.raises(InvalidRequestError, match="count_cache_reads"):
         QueuedAsyncAnthropic(anthropic_client, dispatcher, LLMThrottle(60, 1_000), count_cache_reads=1)  # type: ignore[arg-type]
+
+
+async def test_a_streamed_call_passes_through_and_its_usage_corrects_the_limiter(
+    anthropic_provider: AnthropicServer, anthropic_client: AsyncAnthropic
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncAnthropic(anthropic_client, dispatcher, limiter)
+        stream = await qc.messages.create(**call("streamed"), stream=True)  # type: ignore[arg-type]
+        events = [event async for event in stream]
+        assert events[0].type == "message_start"
+        assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == "echo: streamed"
+        await stream._submitted
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens == sum(anthropic_provider.usage["streamed"])

@@ -9,7 +9,7 @@ from collections import Counter
 import openai
 import pytest
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llm_queue_dispatcher import (
     InvalidRequestError,
@@ -19,7 +19,7 @@ from llm_queue_dispatcher import (
     RequestFailedError,
     create_in_memory_queue,
 )
-from llm_queue_dispatcher.openai import QueuedAsyncOpenAI
+from llm_queue_dispatcher.openai import QueuedAsyncOpenAI, estimate_chat_tokens
 from tests.provider.server import ProviderServer
 
 
@@ -161,3 +161,54 @@ async def test_cancelling_a_queued_call_withdraws_it(
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
     assert openai_provider.calls["gone"] == 0
     assert openai_provider.successes == Counter({"first": 1, "next": 1})
+
+
+async def test_a_streamed_call_passes_through_and_its_usage_corrects_the_limiter(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        stream = await qc.chat.completions.create(
+            model="m",
+            messages=messages("streamed"),
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "echo: streamed"
+        assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+        await stream._submitted  # the handler ended with the stream
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens == openai_provider.usage["streamed"]
+
+
+async def test_a_streamed_call_without_usage_is_counted_from_its_text(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    call = {"model": "m", "messages": messages("counted"), "max_tokens": 50}
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, tokenizer=len)  # a token per character
+        async with await qc.chat.completions.create(**call, stream=True) as stream:
+            async for _ in stream:
+                pass
+        await stream._submitted
+    [record] = limiter.get_consumption_history()
+    prompt = estimate_chat_tokens({**call, "max_completion_tokens": 0}, tokenizer=len)
+    assert record.actual_tokens == prompt + len("echo: counted")
+
+
+async def test_a_refused_streamed_call_raises_the_sdks_own_error(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(status_for={"bad": 422})
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000))
+        with pytest.raises(openai.UnprocessableEntityError):
+            await qc.chat.completions.create(model="m", messages=messages("bad"), max_tokens=5, stream=True)
+        assert qc._streams == {}
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
