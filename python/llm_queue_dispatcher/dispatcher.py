@@ -494,13 +494,16 @@ class LLMQueueDispatcher(Generic[T]):
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
         capacity = float(metrics.tpm.limit)
-        for request_id in self._core.unfittable(capacity):
+        unfittable = self._core.unfittable(capacity)
+        for request_id in unfittable:
             self._logger.warning(
                 "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
                 "with take_unfittable()",
                 request_id,
                 capacity,
             )
+        if unfittable:
+            await self._outcomes().unfittable(list(unfittable), capacity)
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
             wait = float((await _call(limiter, "can_process", smallest)).available_in)

@@ -8,6 +8,8 @@ A submitted request ends in exactly one of these ways, and its submitter hears o
   ``max_receive_count`` allows: `RequestFailedError` with that error (reported when the worker
   marks it, before the store moves it);
 * expired (``drop_expired``) or purged: `RequestFailedError` with an error saying so;
+* larger than the limiter can ever grant: `RequestFailedError` with a `RateLimitError`
+  (``available_in`` infinite); the message stays queued for ``take_unfittable()``;
 * withdrawn: the submitter's await was cancelled. A request not yet dispatched is never handed
   to a handler: a worker that takes it deletes it without calling the handler (one request of the
   limiter's budget, no tokens). One already dispatched runs to its end; its result is discarded.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from .errors import (
     InvalidRequestError,
     MessageStateError,
     PurgedError,
+    RateLimitError,
     RequestFailedError,
 )
 from .types import LLMRequest
@@ -347,6 +351,18 @@ class Submissions:
             await self.report(
                 request_id, Outcome(False, error=ExpiredError(f"request {request_id!r} expired"))
             )
+
+    async def unfittable(self, request_ids: list[str], capacity: float) -> None:
+        """Requests larger than the limiter can ever grant: their submitters fail (the messages
+        stay queued, for ``take_unfittable()``)."""
+        for request_id in request_ids:
+            error = RateLimitError(
+                "tpm_limit",
+                math.inf,
+                f"request {request_id!r} needs more tokens than the limiter can ever grant "
+                f"(capacity {capacity})",
+            )
+            await self.report(request_id, Outcome(False, error=error))
 
     async def purged(self) -> None:
         for request_id in list(self.waiting):

@@ -4,6 +4,7 @@ handler's value or `RequestFailedError`; a cancelled one is withdrawn."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from llm_queue_dispatcher import (
     PermanentError,
     ProcessableMessage,
     PurgedError,
+    RateLimitError,
     RequestFailedError,
     RetryableError,
     TokenInfo,
@@ -325,3 +327,17 @@ async def _interleaving(actions: list[str], rng: random.Random) -> None:
     assert book.waiting == {}
     assert book.handlers == {}
     assert getattr(book.relay, "withdrawn", set()) == set()
+
+
+async def test_a_request_larger_than_the_limiter_can_ever_grant_fails_its_submit() -> None:
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        raise AssertionError("never dispatched")
+
+    async with create_in_memory_queue() as dispatcher:
+        throttle = LLMThrottle(60, 1_000)
+        with pytest.raises(RequestFailedError) as raised:
+            await dispatcher.submit(request("huge", tokens=5_000), handle, rate_limiter=throttle)
+        assert isinstance(raised.value.error, RateLimitError)
+        assert raised.value.error.available_in == math.inf
+        [taken] = await dispatcher.take_unfittable(throttle)  # still queued, for its owner to take out
+        assert taken.payload.id == "huge"
