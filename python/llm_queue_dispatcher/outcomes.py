@@ -260,6 +260,11 @@ class Submissions:
             await self.relay.expect(request_id)
             try:
                 await self.dispatcher.enqueue(request)
+            except asyncio.CancelledError:
+                # The enqueue may have landed (a store's reply lost to the cancellation):
+                # withdrawn, so that no handler runs it if it did.
+                await self._shielded(self.relay.withdraw(request_id))
+                raise
             except BaseException:
                 await self._shielded(self.relay.forget(request_id))
                 raise

@@ -341,3 +341,27 @@ async def test_a_request_larger_than_the_limiter_can_ever_grant_fails_its_submit
         assert raised.value.error.available_in == math.inf
         [taken] = await dispatcher.take_unfittable(throttle)  # still queued, for its owner to take out
         assert taken.payload.id == "huge"
+
+
+async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it() -> None:
+    class SlowStorage(InMemoryStorage[Any]):
+        async def enqueue(self, request: LLMRequest[Any]) -> Any:
+            message = await super().enqueue(request)  # landed...
+            await asyncio.sleep(10)  # ...and the reply is slow: the caller gives up meanwhile
+            return message
+
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    dispatcher = LLMQueueDispatcher(SlowStorage())
+    submit = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    stats = await Worker(dispatcher, limiter(), handle).run(stop_when_empty=True)
+    assert handled == []
+    assert stats.withdrawn == 1
+    await dispatcher.close()
