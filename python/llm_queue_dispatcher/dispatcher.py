@@ -540,10 +540,13 @@ class LLMQueueDispatcher(Generic[T]):
     async def close(self) -> None:
         """Stops prefetching and gives buffered messages back unprocessed (their receive
         undone); waits for marks and reservation give-backs whose callers were cancelled."""
-        self._closed = True
         try:
             if self._submissions is not None:
+                # Its pool first: its worker still dequeues until it stops.
                 await self._submissions.close()
+        finally:
+            self._closed = True
+        try:
             if self._prefetch is not None:
                 await self._prefetch.close()
         finally:
