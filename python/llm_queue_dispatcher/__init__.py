@@ -5,6 +5,7 @@ from .config import FairPriorityConfig, LLMQueueDispatcherConfig
 from .dispatcher import LLMQueueDispatcher, ProcessableMessage
 from .errors import (
     DuplicateRequestError,
+    ExpiredError,
     InvalidConfigError,
     InvalidRequestError,
     LimiterUnavailableError,
@@ -12,8 +13,11 @@ from .errors import (
     MessageStateError,
     PayloadTooLargeError,
     PermanentError,
+    PurgedError,
     RateLimitError,
     ReceiptHandleError,
+    RemoteError,
+    RequestFailedError,
     RetryableError,
     StorageError,
     UnknownRequestError,
@@ -45,6 +49,7 @@ from .metrics import (
     Throughput,
     WaitTimePercentiles,
 )
+from .outcomes import HandlerResult
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .scoring import FACTOR_NAMES, CustomScorer, MessageScore, ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueAttributes, QueueStorageAdapter
@@ -76,7 +81,9 @@ __all__ = [
     "ConsumptionStatistics",
     "CustomScorer",
     "DuplicateRequestError",
+    "ExpiredError",
     "FairPriorityConfig",
+    "HandlerResult",
     "InFlightDetail",
     "InMemoryStorage",
     "InvalidConfigError",
@@ -100,6 +107,7 @@ __all__ = [
     "ProcessableMessage",
     "ProcessingMetrics",
     "ProviderLimits",
+    "PurgedError",
     "QueueAttributes",
     "QueueMessage",
     "QueueMetrics",
@@ -110,6 +118,8 @@ __all__ = [
     "RateLimitMetrics",
     "RateLimiter",
     "ReceiptHandleError",
+    "RemoteError",
+    "RequestFailedError",
     "RetryableError",
     "SchedulingMetrics",
     "ScoringConfig",

@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import shown
+from ._queued import QueuedClient, StreamCounter
 from .errors import InvalidRequestError, PermanentError, RetryableError
 
 # The helpers every provider integration shares (token counting plumbing, limiter syncing, the
@@ -76,6 +77,7 @@ __all__ = [
     "REPLY_OVERHEAD_TOKENS",
     "TOOL_USE_SYSTEM_TOKENS",
     "UNCOUNTED_DOCUMENT_PAGES",
+    "QueuedAsyncAnthropic",
     "Tokenizer",
     "anthropic_messages_handler",
     "create_message",
@@ -381,10 +383,37 @@ async def create_message(
     no retry can send it."""
     import anthropic
 
+    if isinstance(payload, Mapping) and payload.get("stream"):
+        raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
+    raw = await _send_message(client, limiter, payload)
+    try:
+        parsed: Any = raw.parse()
+        if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
+            parsed = await parsed
+    except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
+        raise RetryableError(f"malformed response: {error}") from error
+    return _checked(parsed, anthropic.types.Message)
+
+
+async def open_message_stream(
+    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """Sends a ``stream=True`` call as `create_message` sends any (SDK retries off, the limiter
+    synced, failures mapped as the module's table says) and returns the SDK's stream of events,
+    open."""
+    raw = await _send_message(client, limiter, payload)
+    stream: Any = raw.parse()
+    return await stream if inspect.isawaitable(stream) else stream
+
+
+async def _send_message(
+    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """One call, its raw response (headers read and the limiter synced), failures mapped."""
+    import anthropic
+
     if not isinstance(payload, Mapping):
         raise PermanentError(f"payload must be a mapping of create() keyword arguments, got {shown(payload)}")
-    if payload.get("stream"):
-        raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
     if getattr(client, "max_retries", 0) != 0:
         client = client.with_options(max_retries=0)
     try:
@@ -403,13 +432,7 @@ async def create_message(
         # one (max_tokens), a value it cannot encode. No retry can send it.
         raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
     await _sync_limiter(limiter, _within_a_day(raw.headers))
-    try:
-        parsed: Any = raw.parse()
-        if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
-            parsed = await parsed
-    except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
-        raise RetryableError(f"malformed response: {error}") from error
-    return _checked(parsed, anthropic.types.Message)
+    return raw
 
 
 def message_tokens(message: Message, *, count_cache_reads: bool = False) -> int | None:
@@ -471,3 +494,114 @@ def anthropic_messages_handler(
         return message_usage(message, count_cache_reads=count_cache_reads)
 
     return handle
+
+
+# -- the drop-in client ------------------------------------------------------------------------
+class _QueuedMessages:
+    """``messages`` of `QueuedAsyncAnthropic`: ``create`` queued, the rest the SDK's."""
+
+    def __init__(self, queued: QueuedAsyncAnthropic) -> None:
+        self._queued = queued
+
+    async def create(
+        self,
+        *,
+        priority: Priority | int | None = None,
+        tenant: str | None = None,
+        deadline: Any = None,
+        **payload: Any,
+    ) -> Message:
+        """``client.messages.create(**payload)``, queued: dispatched in its turn under the
+        limiter, answered with the SDK's `Message` or raising the SDK's error. ``priority``
+        (default the client's), ``tenant`` and ``deadline`` (a `datetime` or seconds from now)
+        are the request's; the rest is sent as given."""
+        message: Message = await self._queued._create(
+            payload, priority=priority, tenant=tenant, deadline=deadline
+        )
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.messages, name)
+
+
+class _EventCounter(StreamCounter):
+    """A message stream's tokens, as `message_tokens` counts them: the input usage of its
+    ``message_start`` plus the output of its last ``message_delta``."""
+
+    def __init__(self, count_cache_reads: bool) -> None:
+        self._count_cache_reads = count_cache_reads
+        self._input: int | None = None
+        self._output: int | None = None
+
+    def see(self, item: Any) -> None:
+        kind = getattr(item, "type", None)
+        if kind == "message_start":
+            usage = getattr(getattr(item, "message", None), "usage", None)
+            parts = ["input_tokens", "cache_creation_input_tokens"]
+            if self._count_cache_reads:
+                parts.append("cache_read_input_tokens")
+            values = [getattr(usage, name, None) for name in parts]
+            self._input = sum(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        elif kind == "message_delta":
+            output = getattr(getattr(item, "usage", None), "output_tokens", None)
+            if isinstance(output, int) and not isinstance(output, bool):
+                self._output = output
+
+    def total(self) -> int | None:
+        if self._input is None or self._output is None:
+            return None
+        return self._input + self._output
+
+
+class QueuedAsyncAnthropic(QueuedClient):
+    """``anthropic.AsyncAnthropic`` with ``messages.create`` queued: a drop-in for the client.
+
+    ``await qc.messages.create(model=..., max_tokens=..., messages=..., priority=...,
+    tenant=..., deadline=...)`` enqueues the call on ``dispatcher``, waits its turn under
+    ``limiter`` (whose ``itpm``/``otpm`` take the input estimate and ``max_tokens``) and returns
+    the SDK's `Message`; a permanent failure raises the SDK's own error. 429s, ``retry-after``
+    and the ``anthropic-ratelimit-*`` headers are handled as `anthropic_messages_handler`
+    handles them. Every other attribute is the wrapped client's, unqueued. Options as
+    `llm_queue_dispatcher.openai.QueuedAsyncOpenAI`'s (``tokenizer``, ``concurrency``,
+    ``priority``, ``id_prefix``); ``count_cache_reads`` as `message_tokens`'. ``stream=True``
+    is queued too: the call returns the SDK's stream of events, open, once its turn came; the
+    usage of its ``message_start`` and ``message_delta`` corrects the limiter at its end.
+    """
+
+    _sdk = "anthropic"
+
+    def __init__(
+        self,
+        client: AsyncAnthropic,
+        dispatcher: Any,
+        limiter: RateLimiter | AsyncRateLimiter,
+        *,
+        count_cache_reads: bool = False,
+        **options: Any,
+    ) -> None:
+        if not callable(getattr(client, "with_options", None)) or not hasattr(client, "messages"):
+            raise InvalidRequestError(f"client must be an anthropic.AsyncAnthropic, got {shown(client)}")
+        if not isinstance(count_cache_reads, bool):
+            raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
+        super().__init__(client, dispatcher, limiter, **options)
+        self._quiet = client.with_options(max_retries=0)
+        self._count_cache_reads = count_cache_reads
+        self.messages = _QueuedMessages(self)
+
+    def _estimate(self, payload: Mapping[str, Any]) -> int:
+        return estimate_messages_tokens(payload, tokenizer=self._tokenizer)
+
+    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
+        message = await create_message(self._quiet, self._limiter, payload)
+        return message, message_usage(message, count_cache_reads=self._count_cache_reads)
+
+    async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
+        return await open_message_stream(self._quiet, self._limiter, payload)
+
+    def _stream_counter(self, payload: Mapping[str, Any]) -> StreamCounter:
+        return _EventCounter(self._count_cache_reads)
+
+    def _rebuild(self, value: object) -> Any:
+        from anthropic.types import Message
+
+        return value if isinstance(value, Message) else Message.model_validate(value)

@@ -45,6 +45,7 @@ from .metrics import (
     Throughput,
     WaitTimePercentiles,
 )
+from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, Submissions
 from .prefetch import Prefetcher, running_here
 from .scoring import ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueStorageAdapter
@@ -329,6 +330,9 @@ class LLMQueueDispatcher(Generic[T]):
         self._fast = pool is not None and not config.drop_expired
         self._wakeup = runner.wakeup = Wakeup(self._core)
         self._closed = False
+        # Submitters waiting for their outcome, and the pool of `submit(handler=...)`: made when
+        # first needed (a submit, or a worker reporting an outcome).
+        self._submissions: Submissions | None = None
         # (change version, clock instant) a dequeue that found nothing could next succeed at.
         self._ready: tuple[int, float] | None = None
 
@@ -349,12 +353,43 @@ class LLMQueueDispatcher(Generic[T]):
         self._wakeup.notify()
         return messages
 
+    def _outcomes(self) -> Submissions:
+        if self._submissions is None:
+            self._submissions = Submissions(self, self._storage)
+        return self._submissions
+
+    async def submit(
+        self,
+        request: LLMRequest[T],
+        handler: Callable[[ProcessableMessage[T]], Awaitable[Any]] | None = None,
+        *,
+        rate_limiter: Any = None,
+        concurrency: int = DEFAULT_SUBMIT_CONCURRENCY,
+    ) -> Any:
+        """Enqueues ``request`` and waits for its outcome: the handler's return value once it is
+        processed (``HandlerResult.value`` when the handler returns a `HandlerResult`).
+
+        Without ``handler``, a `Worker` on this dispatcher (here, or in another process sharing
+        the store) runs its own handler on it. With ``handler``, the dispatcher's own pool runs
+        it: a `Worker` under ``rate_limiter`` with ``concurrency`` handlers at once, started at
+        the first such submit and stopped by `close`.
+
+        Raises `RequestFailedError` (its ``error`` the last error) when the request is
+        dead-lettered, expired (``drop_expired``) or purged, or the dispatcher is closed while it
+        waits. Cancelling the await withdraws the request: if it was not dispatched yet, no
+        handler ever runs it (a worker that takes it deletes it unprocessed); if it was, its
+        result is discarded. Bad arguments raise `InvalidRequestError` and enqueue nothing.
+        See the "Awaiting a queued call" page of the documentation.
+        """
+        return await self._outcomes().submit(request, handler, rate_limiter, concurrency)
+
     async def purge(self) -> None:
         """Removes every message from the store and the buffer. Messages handed out before are
         gone too: marking them later settles their budget and nothing else. If the purge fails,
         those it had not deleted yet are live deliveries again."""
         if self._prefetch is None:
             self._core.purge_store()
+            await self._outcomes().purged()
             return
         purge, handed_out = self._core.begin_purge()
         ok = False
@@ -363,6 +398,7 @@ class LLMQueueDispatcher(Generic[T]):
             ok = True
         finally:
             self._core.end_purge(purge, ok)
+        await self._outcomes().purged()
 
     # -- selection -----------------------------------------------------------------------------
     async def dequeue(
@@ -567,6 +603,8 @@ class LLMQueueDispatcher(Generic[T]):
             self._core.count_expired(len(ids))
         for request_id in ids:
             self._logger.warning("request %r removed unsent: its deadline has passed", request_id)
+        if ids:
+            await self._outcomes().expired(list(ids))
 
     # -- waiting -------------------------------------------------------------------------------
     async def _nothing_found(self, limiter: Any, held: float | None, seen: int | None = None) -> float:
@@ -576,13 +614,16 @@ class LLMQueueDispatcher(Generic[T]):
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
         capacity, input_capacity, output_capacity = _token_capacities(metrics)
-        for request_id in self._core.unfittable(capacity, input_capacity, output_capacity):
+        unfittable = self._core.unfittable(capacity, input_capacity, output_capacity)
+        for request_id in unfittable:
             self._logger.warning(
                 "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
                 "with take_unfittable()",
                 request_id,
                 _capacities_shown(capacity, input_capacity, output_capacity),
             )
+        if unfittable:
+            await self._outcomes().unfittable(list(unfittable), capacity)
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
             check = await _call(limiter, "can_process", smallest)
@@ -626,7 +667,12 @@ class LLMQueueDispatcher(Generic[T]):
     async def close(self) -> None:
         """Stops prefetching and gives buffered messages back unprocessed (their receive
         undone); waits for marks and reservation give-backs whose callers were cancelled."""
-        self._closed = True
+        try:
+            if self._submissions is not None:
+                # Its pool first: its worker still dequeues until it stops.
+                await self._submissions.close()
+        finally:
+            self._closed = True
         try:
             if self._prefetch is not None:
                 await self._prefetch.close()

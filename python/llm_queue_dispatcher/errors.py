@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "DuplicateRequestError",
+    "ExpiredError",
     "InvalidConfigError",
     "InvalidRequestError",
     "LLMQueueDispatcherError",
@@ -11,8 +12,11 @@ __all__ = [
     "MessageStateError",
     "PayloadTooLargeError",
     "PermanentError",
+    "PurgedError",
     "RateLimitError",
     "ReceiptHandleError",
+    "RemoteError",
+    "RequestFailedError",
     "RetryableError",
     "StorageError",
     "UnknownRequestError",
@@ -105,3 +109,66 @@ class PermanentError(LLMQueueDispatcherError):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
+
+
+class RequestFailedError(LLMQueueDispatcherError):
+    """Raised by ``submit`` for a request that ended without being processed.
+
+    ``request_id`` names it; ``error`` is the last error it met: the handler's exception when it
+    was dead-lettered (a `PermanentError`, or the last failure before ``max_receive_count`` ran
+    out), else an `LLMQueueDispatcherError` saying why it ended (expired, purged, the dispatcher
+    closed). When the request was handled in another process, ``error`` is a `RemoteError`
+    carrying the original's type name, message and, for a provider's HTTP error, its status,
+    headers and body.
+    """
+
+    def __init__(self, request_id: str, error: BaseException) -> None:
+        super().__init__(f"request {request_id!r} failed: {error!r}")
+        self.request_id = request_id
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.request_id, self.error))
+
+
+class RemoteError(LLMQueueDispatcherError):
+    """An error raised in another process, as it reached this one (through a shared store).
+
+    ``type_name`` is the qualified name of the original exception's class; ``status_code``,
+    ``headers`` and ``body`` are set when it came from a provider's HTTP response (an SDK's
+    ``APIStatusError``), else None.
+    """
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        *,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+        body: object = None,
+    ) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_remote, (self.type_name, self.message, self.status_code, self.headers, self.body))
+
+
+def _rebuild_remote(
+    type_name: str, message: str, status_code: int | None, headers: dict[str, str] | None, body: object
+) -> RemoteError:
+    return RemoteError(type_name, message, status_code=status_code, headers=headers, body=body)
+
+
+class ExpiredError(LLMQueueDispatcherError):
+    """The ``error`` of a submitted request removed unsent because its deadline passed
+    (``drop_expired``)."""
+
+
+class PurgedError(LLMQueueDispatcherError):
+    """The ``error`` of a submitted request removed by a purge of its queue."""

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import shown
+from ._queued import QueuedClient, StreamCounter
 from .errors import InvalidRequestError, PermanentError, RetryableError
 from .provider_limits import ProviderLimits, parse_rate_limit_headers
 from .types import LLMRequest, Priority, TokenInfo, TokenUsage, validate_token_count
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_TOKEN_COUNT",
     "MESSAGE_OVERHEAD_TOKENS",
     "REPLY_OVERHEAD_TOKENS",
+    "QueuedAsyncOpenAI",
     "Tokenizer",
     "completion_usage",
     "create_chat_completion",
@@ -420,6 +422,35 @@ async def create_chat_completion(
     send it."""
     import openai
 
+    raw = await _send_chat(client, limiter, payload)
+    try:
+        parsed: Any = raw.parse()
+        if inspect.isawaitable(parsed):  # the SDK announces parse() becomes a coroutine
+            parsed = await parsed
+    except openai.APIResponseValidationError as error:
+        raise RetryableError(f"malformed response: {error}") from error
+    except ValueError as error:  # a body announced as JSON that is not (json.JSONDecodeError)
+        raise RetryableError(f"malformed response: HTTP {raw.status_code}, not JSON: {error}") from error
+    return _checked_completion(parsed, raw.status_code)
+
+
+async def open_chat_stream(
+    client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """Sends a ``stream=True`` call as `create_chat_completion` sends any (SDK retries off, the
+    limiter synced, failures mapped as the module's table says) and returns the SDK's stream of
+    chunks, open."""
+    raw = await _send_chat(client, limiter, payload)
+    stream: Any = raw.parse()
+    return await stream if inspect.isawaitable(stream) else stream
+
+
+async def _send_chat(
+    client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+) -> Any:
+    """One call, its raw response (headers read and the limiter synced), failures mapped."""
+    import openai
+
     if not isinstance(payload, Mapping):
         raise PermanentError(f"payload must be a mapping of create() keyword arguments, got {shown(payload)}")
     if getattr(client, "max_retries", 0) != 0:
@@ -440,15 +471,7 @@ async def create_chat_completion(
         # one, a value it cannot encode. No retry can send it.
         raise PermanentError(f"the openai SDK refused the payload's arguments: {error}") from error
     await _sync_limiter(limiter, raw.headers)
-    try:
-        parsed: Any = raw.parse()
-        if inspect.isawaitable(parsed):  # the SDK announces parse() becomes a coroutine
-            parsed = await parsed
-    except openai.APIResponseValidationError as error:
-        raise RetryableError(f"malformed response: {error}") from error
-    except ValueError as error:  # a body announced as JSON that is not (json.JSONDecodeError)
-        raise RetryableError(f"malformed response: HTTP {raw.status_code}, not JSON: {error}") from error
-    return _checked_completion(parsed, raw.status_code)
+    return raw
 
 
 def openai_chat_handler(
@@ -475,3 +498,130 @@ def openai_chat_handler(
         return completion_usage(completion)
 
     return handle
+
+
+# -- the drop-in client ------------------------------------------------------------------------
+class _QueuedCompletions:
+    """``chat.completions`` of `QueuedAsyncOpenAI`: ``create`` queued, the rest the SDK's."""
+
+    def __init__(self, queued: QueuedAsyncOpenAI) -> None:
+        self._queued = queued
+
+    async def create(
+        self,
+        *,
+        priority: Priority | int | None = None,
+        tenant: str | None = None,
+        deadline: Any = None,
+        **payload: Any,
+    ) -> ChatCompletion:
+        """``client.chat.completions.create(**payload)``, queued: dispatched in its turn under
+        the limiter, answered with the SDK's `ChatCompletion` or raising the SDK's error.
+        ``priority`` (default the client's), ``tenant`` and ``deadline`` (a `datetime` or
+        seconds from now) are the request's; the rest is sent as given."""
+        completion: ChatCompletion = await self._queued._create(
+            payload, priority=priority, tenant=tenant, deadline=deadline
+        )
+        return completion
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.chat.completions, name)
+
+
+class _QueuedChat:
+    def __init__(self, queued: QueuedAsyncOpenAI) -> None:
+        self._queued = queued
+        self.completions = _QueuedCompletions(queued)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queued._client.chat, name)
+
+
+class _ChunkCounter(StreamCounter):
+    """A chat stream's tokens: its ``usage`` chunk's ``total_tokens`` when it sends one
+    (``stream_options={"include_usage": True}``), else the estimate of the prompt plus the
+    streamed text counted by the client's tokenizer (or the heuristic)."""
+
+    def __init__(self, queued: QueuedAsyncOpenAI, payload: Mapping[str, Any]) -> None:
+        self._queued = queued
+        self._payload = payload
+        self._usage: int | None = None
+        self._text: list[str] = []
+
+    def see(self, item: Any) -> None:
+        usage = getattr(item, "usage", None)
+        if usage is not None and isinstance(getattr(usage, "total_tokens", None), int):
+            self._usage = usage.total_tokens
+        for choice in getattr(item, "choices", None) or []:
+            content = getattr(getattr(choice, "delta", None), "content", None)
+            if isinstance(content, str):
+                self._text.append(content)
+
+    def total(self) -> int | None:
+        if self._usage is not None:
+            return self._usage
+        count = self._queued._tokenizer or _default_count
+        prompt = estimate_chat_tokens(
+            {**self._payload, "max_completion_tokens": 0, "n": None}, tokenizer=self._queued._tokenizer
+        )
+        return prompt + _token_count(count("".join(self._text)), "streamed text")
+
+
+class QueuedAsyncOpenAI(QueuedClient):
+    """``openai.AsyncOpenAI`` with its chat completions queued: a drop-in for the client.
+
+    ``await qc.chat.completions.create(model=..., messages=..., priority=..., tenant=...,
+    deadline=...)`` enqueues the call on ``dispatcher``, waits its turn under ``limiter`` and
+    returns the SDK's `ChatCompletion`; a permanent failure raises the SDK's own error
+    (``openai.BadRequestError``, ...). 429s, ``retry-after`` and the ``x-ratelimit-*`` headers
+    are handled as `openai_chat_handler` handles them. Every other attribute (``qc.models``,
+    ``qc.embeddings``, ...) is the wrapped client's, unqueued.
+
+    ``stream=True`` is queued too: the call returns the SDK's stream, open, once its turn came
+    (wrapped to count it: its usage chunk, or the streamed text); the count corrects the limiter
+    when the stream ends. Read it to its end or close it.
+
+    Args:
+        client: an ``openai.AsyncOpenAI`` (its own retries are turned off for queued calls).
+        dispatcher: the queue (in memory, or a `RedisStorage` shared with other processes).
+        limiter: the provider's limits (`LLMThrottle` or a shared `RedisThrottle`).
+        tokenizer: ``str -> int`` for the estimates; default tiktoken's ``o200k_base`` when
+            tiktoken and its file are installed (never downloaded), else `estimate_chat_tokens`'s
+            heuristic.
+        concurrency: calls in flight at once (the dispatcher's pool).
+        priority: the default priority of a call.
+        id_prefix: the prefix of the request ids (default ``openai-`` and 8 random hex digits).
+    """
+
+    _sdk = "openai"
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        dispatcher: Any,
+        limiter: RateLimiter | AsyncRateLimiter,
+        **options: Any,
+    ) -> None:
+        if not callable(getattr(client, "with_options", None)) or not hasattr(client, "chat"):
+            raise InvalidRequestError(f"client must be an openai.AsyncOpenAI, got {shown(client)}")
+        super().__init__(client, dispatcher, limiter, **options)
+        self._quiet = client.with_options(max_retries=0)
+        self.chat = _QueuedChat(self)
+
+    def _estimate(self, payload: Mapping[str, Any]) -> int:
+        return estimate_chat_tokens(payload, tokenizer=self._tokenizer)
+
+    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
+        completion = await create_chat_completion(self._quiet, self._limiter, payload)
+        return completion, completion_usage(completion)
+
+    async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
+        return await open_chat_stream(self._quiet, self._limiter, payload)
+
+    def _stream_counter(self, payload: Mapping[str, Any]) -> StreamCounter:
+        return _ChunkCounter(self, payload)
+
+    def _rebuild(self, value: object) -> Any:
+        from openai.types.chat import ChatCompletion
+
+        return value if isinstance(value, ChatCompletion) else ChatCompletion.model_validate(value)

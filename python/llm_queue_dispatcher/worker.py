@@ -56,6 +56,7 @@ from .errors import (
     RetryableError,
     StorageError,
 )
+from .outcomes import split_result
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 from .throttle import AsyncRateLimiter, RateLimiter
 from .types import TokenUsage, validate_token_count
@@ -111,7 +112,8 @@ class WorkerStats:
     ran. ``tokens``: tokens of the processed messages, actual where the handler returned a count
     and estimated otherwise. ``in_flight``: handlers running now. ``redelivered``: deliveries of
     a message whose handler was still running (its lease ran out while the event loop was
-    blocked), not handled a second time.
+    blocked), not handled a second time. ``withdrawn``: messages whose submitter withdrew them
+    (cancelled its ``submit``) before they were dispatched, deleted without calling the handler.
     """
 
     processed: int = 0
@@ -121,6 +123,7 @@ class WorkerStats:
     tokens: int = 0
     in_flight: int = 0
     redelivered: int = 0
+    withdrawn: int = 0
 
 
 @dataclass(eq=False)
@@ -263,6 +266,7 @@ class Worker(Generic[T]):
         self._released = 0
         self._tokens = 0
         self._redelivered = 0
+        self._withdrawn = 0
         # Whether a `retry_after` past the store's limit was logged (once per worker).
         self._clamp_logged = False
 
@@ -278,6 +282,7 @@ class Worker(Generic[T]):
             tokens=self._tokens,
             in_flight=len(self._active),
             redelivered=self._redelivered,
+            withdrawn=self._withdrawn,
         )
 
     @property
@@ -523,6 +528,14 @@ class Worker(Generic[T]):
         task = asyncio.current_task()
         assert task is not None
         self._runs[task].leases.append(asyncio.get_running_loop().create_task(self._keep_leased(job)))
+        outcomes = self.dispatcher._outcomes()
+        if not await outcomes.claim(job):
+            # Its submitter withdrew it: deleted unprocessed, its tokens given back.
+            current = await self._close_run(task, job)
+            if await self._settle(current, "delete withdrawn", current.mark_as_processed(actual_tokens=0)):
+                self._withdrawn += 1
+            await self._close_superseded(task)
+            return
         try:
             result = await self.handler(job)
         except asyncio.CancelledError as error:
@@ -559,6 +572,7 @@ class Worker(Generic[T]):
                 await self._close_superseded(task)
         except PermanentError as error:
             current = await self._close_run(task, job)
+            await outcomes.failed(current, error)  # before the mark: nothing waits for ever
             if await self._settle(current, "dead-letter", current.mark_as_dead_lettered(error)):
                 self._dead_lettered += 1
             await self._close_superseded(task)
@@ -566,7 +580,9 @@ class Worker(Generic[T]):
             await self._retry(task, job, error)
         else:
             current = await self._close_run(task, job)
-            tokens = self._token_count(job, result)
+            value, reported = split_result(result)
+            await outcomes.processed(current, value)  # before the mark: nothing waits for ever
+            tokens = self._token_count(job, reported)
             if isinstance(tokens, TokenUsage):
                 marking = current.mark_as_processed(input_tokens=tokens.input, output_tokens=tokens.output)
                 counted = tokens.total
@@ -604,6 +620,9 @@ class Worker(Generic[T]):
             delay,
             error,
         )
+        outcomes = self.dispatcher._outcomes()
+        if outcomes.last_attempt(current):
+            await outcomes.failed(current, error)  # the store dead-letters it at its visibility end
         if await self._settle(current, "retry", current.mark_as_failed(error, retry_after=delay)):
             self._retried += 1
         await self._close_superseded(task)

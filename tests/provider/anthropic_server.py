@@ -48,7 +48,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .server import BackgroundServer, _Bucket
+from .server import BackgroundServer, _Bucket, _sse
 
 DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 MALFORMED = ("not-json", "no-content", "error-object")
@@ -126,6 +126,35 @@ def _instant(seconds_from_now: float) -> str:
     """RFC 3339, UTC, rounded up to the second: never earlier than the bucket is full."""
     moment = datetime.fromtimestamp(math.ceil(time.time() + seconds_from_now), tz=timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _message_events(answer: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """A streamed message as Anthropic sends it: message_start (the input usage), the text block,
+    message_delta (the output usage) and message_stop."""
+    usage = answer["usage"]
+    start = answer | {"content": [], "stop_reason": None, "usage": usage | {"output_tokens": 1}}
+    text = answer["content"][0]["text"]
+    return [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": answer["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
 
 
 class AnthropicServer(BackgroundServer):
@@ -319,6 +348,8 @@ class AnthropicServer(BackgroundServer):
                 "cache_read_input_tokens": 0,
             },
         }
+        if body.get("stream"):
+            return self._finish(200, _sse(_message_events(answer), self._headers_now(key), done=False))
         return self._finish(200, web.json_response(answer, headers=self._headers_now(key)))
 
     def _malformed(self, kind: str, key: str) -> web.Response:

@@ -12,7 +12,8 @@ Per-request behaviour is keyed by the content of the request's last message: ``f
 (answer 500 that many times first), ``drop_first`` (close the connection without an answer
 that many times first), ``status_for`` (always answer that status), ``quota`` (429 with code
 ``insufficient_quota``), ``slow`` (the first call waits that long), ``body_for`` (answer 200
-with this body and content type instead of a completion), ``content_for`` (the assistant's
+with this body and content type instead of a completion), ``stream`` (server-sent chunks, the
+usage last when ``stream_options.include_usage``), ``content_for`` (the assistant's
 text, which may hold anything JSON can escape, a lone surrogate included), ``headers_for``
 (headers added to every answer, an error's included). Every answer carries an ``x-request-id``.
 ``latency`` delays
@@ -172,6 +173,41 @@ def _key(body: dict[str, Any]) -> str:
     return ""
 
 
+def _sse(
+    events: list[tuple[str | None, dict[str, Any]]], headers: dict[str, str], *, done: bool
+) -> web.Response:
+    """Server-sent events, all in one body (a client reads them the same way)."""
+    lines = []
+    for name, data in events:
+        if name is not None:
+            lines.append(f"event: {name}")
+        lines.append(f"data: {json.dumps(data)}\n")
+    if done:
+        lines.append("data: [DONE]\n")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/event-stream", headers=headers)
+
+
+def _chunks(answer: dict[str, Any], body: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """A streamed chat completion: the role, the content in two pieces, the finish, and the usage
+    when ``stream_options.include_usage`` asks for it (as OpenAI streams it)."""
+    text = answer["choices"][0]["message"]["content"]
+    base = {k: answer[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    half = len(text) // 2
+    events: list[tuple[str | None, dict[str, Any]]] = [
+        (None, chunk({"role": "assistant", "content": ""})),
+        (None, chunk({"content": text[:half]})),
+        (None, chunk({"content": text[half:]})),
+        (None, chunk({}, "stop")),
+    ]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append((None, base | {"choices": [], "usage": answer["usage"]}))
+    return events
+
+
 class ProviderServer(BackgroundServer):
     """The server and what it saw. Read the counters after the calls finished."""
 
@@ -323,6 +359,8 @@ class ProviderServer(BackgroundServer):
             ],
             "usage": usage,
         }
+        if body.get("stream"):
+            return key, self._finish(200, _sse(_chunks(answer, body), self._headers_now(), done=True))
         return key, self._finish(200, web.json_response(answer, headers=self._headers_now()))
 
     def _headers_now(self) -> dict[str, str]:

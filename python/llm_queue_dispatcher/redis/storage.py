@@ -518,6 +518,12 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
 
     # ----- lifecycle -----------------------------------------------------------------------------
 
+    def _outcome_relay(self, deliver: Any) -> Any:
+        """How `LLMQueueDispatcher.submit` hears of outcomes over this queue: `RedisRelay`."""
+        from .outcomes import RedisRelay
+
+        return RedisRelay(self, deliver)
+
     async def __aenter__(self) -> RedisStorage[T]:
         return self
 

@@ -1,0 +1,314 @@
+"""What `QueuedAsyncOpenAI` and `QueuedAsyncAnthropic` share: an SDK client whose ``create``
+call is queued, dispatched in turn through `LLMQueueDispatcher.submit` and answered with the
+SDK's own response object or error.
+
+Each call becomes an `LLMRequest` (its keyword arguments the payload, its estimate from the
+provider module's estimator, ``priority``, ``tenant`` and ``deadline`` from the call) submitted
+with a handler that sends it through the provider module's ``create_*`` function: so 429s,
+``retry-after`` and the rate-limit headers are handled exactly as `Worker`'s provider handlers
+handle them (the limiter synced and paused, the request retried under it). The dispatcher's own
+pool runs the handlers (``concurrency`` at once, under ``limiter``).
+
+A request that ends unprocessed raises the SDK's own error when a provider's answer ended it
+(``openai.BadRequestError``, ``anthropic.RateLimitError`` after the last retry, ...), also when
+another process sharing a Redis queue handled it (rebuilt from its status, headers and body);
+`RequestFailedError` otherwise (expired, purged, the dispatcher closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from ._checks import finite_float, shown
+from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
+from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage
+
+if TYPE_CHECKING:
+    from ._core import ProcessableMessage
+    from .dispatcher import LLMQueueDispatcher
+
+__all__ = ["CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
+
+#: text -> token count.
+Tokenizer = Callable[[str], int]
+
+_ids = itertools.count()
+
+
+def default_tokenizer() -> Tokenizer | None:
+    """tiktoken's ``o200k_base`` when tiktoken is installed and its file is already cached
+    locally (never downloaded at run time), else None (the documented heuristic)."""
+    import importlib
+
+    try:
+        tiktoken: Any = importlib.import_module("tiktoken")
+    except ImportError:
+        return None
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if not cache or not os.path.isdir(cache) or not os.listdir(cache):
+        return None  # tiktoken would download its file
+    try:
+        encoding = tiktoken.get_encoding("o200k_base")
+    except Exception:
+        return None
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
+
+
+def deadline_of(value: object) -> datetime | None:
+    """``deadline=``: a timezone-aware `datetime`, a number of seconds from now, or None."""
+    if value is None or isinstance(value, datetime):
+        return value
+    seconds = finite_float(value)
+    if seconds is None:
+        raise InvalidRequestError(
+            f"deadline must be a datetime, a number of seconds from now or None, got {shown(value)}"
+        )
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
+
+class StreamCounter:
+    """Counts a stream's tokens as its items go by; `total` at its end (None: keep the estimate)."""
+
+    def see(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def total(self) -> int | None:
+        raise NotImplementedError
+
+
+class CountedStream:
+    """The SDK's stream, passed through item by item (``async for``, ``async with``, its other
+    attributes), its tokens counted; its end (exhausted, failed or closed) ends the call's
+    handler, which corrects the limiter with the count. Read it to its end or close it: the
+    call holds its place in the pool until then."""
+
+    def __init__(self, stream: Any, counter: StreamCounter, finished: asyncio.Future[int | None]) -> None:
+        self._stream = stream
+        self._iterator = stream.__aiter__()
+        self._counter = counter
+        self._finished = finished
+        self._submitted: asyncio.Future[Any] | None = None
+
+    def _finish(self) -> None:
+        if not self._finished.done():
+            try:
+                total = self._counter.total()
+            except Exception:
+                total = None
+            self._finished.set_result(total)
+
+    def __aiter__(self) -> CountedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._iterator.__anext__()
+        except BaseException:  # StopAsyncIteration included: the stream ended
+            self._finish()
+            raise
+        with contextlib.suppress(Exception):
+            self._counter.see(item)
+        return item
+
+    async def close(self) -> None:
+        try:
+            closing = getattr(self._stream, "close", None)
+            if closing is not None:
+                await closing()
+        finally:
+            self._finish()
+
+    async def __aenter__(self) -> CountedStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+
+class QueuedClient:
+    """The shared machinery: one dispatcher, one limiter, one handler for the pool."""
+
+    #: The SDK's module name ("openai", "anthropic").
+    _sdk: str
+
+    def __init__(
+        self,
+        client: Any,
+        dispatcher: LLMQueueDispatcher[Any],
+        limiter: Any,
+        *,
+        tokenizer: Tokenizer | None = None,
+        concurrency: int = DEFAULT_SUBMIT_CONCURRENCY,
+        priority: Priority | int = Priority.NORMAL,
+        id_prefix: str | None = None,
+    ) -> None:
+        from .dispatcher import LLMQueueDispatcher
+
+        if not isinstance(dispatcher, LLMQueueDispatcher):
+            raise InvalidRequestError(f"dispatcher must be an LLMQueueDispatcher, got {shown(dispatcher)}")
+        if tokenizer is not None and not callable(tokenizer):
+            raise InvalidRequestError(
+                f"tokenizer must be a callable str -> int or None, got {shown(tokenizer)}"
+            )
+        self._client = client
+        self._dispatcher = dispatcher
+        self._limiter = limiter
+        self._tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+        self._concurrency = concurrency
+        self._priority = Priority(priority)
+        self._prefix = id_prefix or f"{self._sdk}-{secrets.token_hex(4)}"
+        self._streams: dict[str, asyncio.Future[CountedStream]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        # Everything but the queued call is the wrapped client's (models, files, with_options...).
+        return getattr(self._client, name)
+
+    # -- what a provider's class fills in -------------------------------------------------------
+    def _estimate(self, payload: Mapping[str, Any]) -> int:
+        raise NotImplementedError
+
+    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
+        """One call through the provider module (SDK retries off): (the response, its tokens)."""
+        raise NotImplementedError
+
+    def _rebuild(self, value: object) -> Any:
+        """The SDK's response object from what travelled back (itself, or its JSON)."""
+        raise NotImplementedError
+
+    # -- the queued call ------------------------------------------------------------------------
+    async def _create(
+        self,
+        payload: dict[str, Any],
+        *,
+        priority: Priority | int | None,
+        tenant: str | None,
+        deadline: object,
+    ) -> Any:
+        estimate = self._estimate(payload)
+        model = payload.get("model")
+        request = LLMRequest(
+            f"{self._prefix}-{next(_ids)}",
+            payload,
+            self._priority if priority is None else priority,  # type: ignore[arg-type]
+            TokenInfo(estimate, model=model if isinstance(model, str) else None),
+            tenant=tenant,
+            deadline=deadline_of(deadline),
+        )
+        if payload.get("stream"):
+            return await self._create_stream(request)
+        try:
+            value = await self._dispatcher.submit(
+                request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
+            )
+        except RequestFailedError as failure:
+            raise self._sdk_error(failure) from failure
+        return self._rebuild(value)
+
+    async def _create_stream(self, request: LLMRequest[Any]) -> CountedStream:
+        """A streamed call: queued like any; once its turn came and the provider answered, the
+        open stream comes back here while the handler waits for its end (the tokens counted
+        from it then correct the limiter)."""
+        opened: asyncio.Future[CountedStream] = asyncio.get_running_loop().create_future()
+        self._streams[request.id] = opened
+        submitted = asyncio.ensure_future(
+            self._dispatcher.submit(
+                request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
+            )
+        )
+        try:
+            await asyncio.wait({opened, submitted}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._streams.pop(request.id, None)
+            opened.cancel()
+            submitted.cancel()  # withdraws it, or discards the stream the handler opens
+            with contextlib.suppress(BaseException):
+                await submitted
+            raise
+        self._streams.pop(request.id, None)
+        if opened.done() and not opened.cancelled():
+            stream = opened.result()
+            stream._submitted = submitted  # its outcome, once the stream ended
+            return stream
+        try:
+            submitted.result()
+        except RequestFailedError as failure:
+            raise self._sdk_error(failure) from failure
+        raise MessageStateError(f"request {request.id!r} ended without opening its stream")
+
+    async def _handle(self, job: ProcessableMessage[Any]) -> HandlerResult[Any]:
+        payload = job.message.payload.payload
+        if payload.get("stream"):
+            return await self._handle_stream(job, payload)
+        response, tokens = await self._call(payload)
+        return HandlerResult(response, actual_tokens=tokens)
+
+    async def _handle_stream(
+        self, job: ProcessableMessage[Any], payload: Mapping[str, Any]
+    ) -> HandlerResult[Any]:
+        opened = self._streams.get(job.message.payload.id)
+        if opened is None:
+            # Made in another process sharing the queue: only that process can read the stream.
+            raise RetryableError("a streamed call is sent by the process that made it", retry_after=1.0)
+        sdk_stream = await self._open_stream(payload)
+        finished: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        counted = CountedStream(sdk_stream, self._stream_counter(payload), finished)
+        if opened.done():  # its caller gave up meanwhile: nobody reads it
+            await counted.close()
+        else:
+            opened.set_result(counted)
+        return HandlerResult(None, actual_tokens=await finished)
+
+    # -- streaming, what a provider's class fills in ---------------------------------------------
+    async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _stream_counter(self, payload: Mapping[str, Any]) -> StreamCounter:
+        raise NotImplementedError
+
+    def _sdk_error(self, failure: RequestFailedError) -> BaseException:
+        """The SDK's own error behind a failure, else the failure itself."""
+        import importlib
+
+        sdk = importlib.import_module(self._sdk)
+        error: BaseException | None = failure.error
+        for _ in range(8):
+            if error is None:
+                break
+            if isinstance(error, sdk.APIError):
+                found: BaseException = error
+                return found
+            if isinstance(error, RemoteError) and error.status_code is not None:
+                return self._status_error(error)
+            error = error.__cause__
+        return failure
+
+    def _status_error(self, error: RemoteError) -> BaseException:
+        import importlib
+
+        httpx: Any = None
+        for transport in ("httpx2", "httpx"):  # the SDKs' HTTP library, by their versions
+            try:
+                httpx = importlib.import_module(transport)
+                break
+            except ImportError:
+                continue
+        make: Callable[..., BaseException] = self._client._make_status_error
+        request = httpx.Request("POST", str(getattr(self._client, "base_url", "http://localhost")))
+        status = error.status_code or 500
+        response = httpx.Response(status, headers=error.headers or {}, request=request)
+        return make(error.message, body=error.body, response=response)

@@ -1,0 +1,214 @@
+"""`QueuedAsyncOpenAI`: the SDK's call shape, queued, against the local fake provider that
+enforces its limits with 429s."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from llm_queue_dispatcher import (
+    InvalidRequestError,
+    LLMThrottle,
+    Priority,
+    RemoteError,
+    RequestFailedError,
+    create_in_memory_queue,
+)
+from llm_queue_dispatcher.openai import QueuedAsyncOpenAI, estimate_chat_tokens
+from tests.provider.server import ProviderServer
+
+
+def messages(key: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": key}]
+
+
+async def test_a_queued_call_returns_the_sdks_chat_completion(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        completion = await qc.chat.completions.create(
+            model="m",
+            messages=messages("hello"),
+            max_tokens=50,
+            priority=Priority.HIGH,
+            tenant="t1",
+            deadline=30,
+        )
+    assert isinstance(completion, ChatCompletion)
+    assert completion.choices[0].message.content == "echo: hello"
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens == openai_provider.usage["hello"]
+    assert openai_provider.bodies["hello"] == {"model": "m", "messages": messages("hello"), "max_tokens": 50}
+
+
+async def test_hundreds_of_concurrent_calls_are_answered_once_and_none_over_the_limits(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    # The limiter is told the provider's limits; the calls need most of its minute.
+    openai_provider.configure(rpm=240, tpm=8_000)
+    limiter = LLMThrottle(240, 8_000)
+    keys = [f"k{n}" for n in range(200)]
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, concurrency=32)
+        answers = await asyncio.gather(
+            *(qc.chat.completions.create(model="m", messages=messages(k), max_tokens=20) for k in keys)
+        )
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert [a.choices[0].message.content for a in answers] == [f"echo: {k}" for k in keys]
+    assert openai_provider.successes == Counter({k: 1 for k in keys})
+    assert openai_provider.statuses[429] == 0
+
+
+async def test_a_refused_call_raises_the_sdks_own_error(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(status_for={"bad": 400})
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000))
+        with pytest.raises(openai.BadRequestError) as raised:
+            await qc.chat.completions.create(model="m", messages=messages("bad"), max_tokens=5)
+        assert raised.value.status_code == 400
+        assert isinstance(raised.value.__cause__, RequestFailedError)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert openai_provider.calls["bad"] == 1
+
+
+async def test_a_rate_limited_call_is_paused_retried_and_answered(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(rpm=60, burst_requests=1)  # one request, then one a second
+    limiter = LLMThrottle(60_000, 10_000_000)  # believes in far more: the 429 teaches it
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        first, second = await asyncio.gather(
+            qc.chat.completions.create(model="m", messages=messages("a"), max_tokens=5),
+            qc.chat.completions.create(model="m", messages=messages("b"), max_tokens=5),
+        )
+    assert (first.choices[0].message.content, second.choices[0].message.content) == ("echo: a", "echo: b")
+    assert openai_provider.statuses[429] >= 1
+    assert openai_provider.successes == Counter({"a": 1, "b": 1})
+
+
+async def test_an_error_from_another_process_is_rebuilt_as_the_sdks_error(openai_client: AsyncOpenAI) -> None:
+    qc = QueuedAsyncOpenAI(openai_client, create_in_memory_queue(), LLMThrottle(60, 1_000))
+    remote = RemoteError(
+        "openai.NotFoundError",
+        "no such model",
+        status_code=404,
+        headers={"x-request-id": "req_1"},
+        body={"message": "no such model"},  # as the SDK's error holds it
+    )
+    error = qc._sdk_error(RequestFailedError("r", remote))
+    assert isinstance(error, openai.NotFoundError)
+    assert (error.status_code, error.request_id, error.body) == (404, "req_1", {"message": "no such model"})
+    plain = RequestFailedError("r", RemoteError("x.Y", "no"))
+    assert qc._sdk_error(plain) is plain
+
+
+async def test_other_attributes_are_the_wrapped_clients(openai_client: AsyncOpenAI) -> None:
+    qc = QueuedAsyncOpenAI(openai_client, create_in_memory_queue(), LLMThrottle(60, 1_000))
+    assert qc.models is openai_client.models
+    assert qc.base_url == openai_client.base_url
+    assert qc.chat.completions.with_raw_response is not None
+    assert type(qc.chat.completions.with_raw_response) is type(
+        openai_client.chat.completions.with_raw_response
+    )
+
+
+async def test_bad_calls_raise_at_the_call_and_queue_nothing(openai_client: AsyncOpenAI) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60, 1_000))
+        with pytest.raises(InvalidRequestError, match="messages"):
+            await qc.chat.completions.create(model="m", messages=[])
+        with pytest.raises(InvalidRequestError, match="priority"):
+            await qc.chat.completions.create(model="m", messages=messages("a"), priority=9)
+        with pytest.raises(InvalidRequestError, match="deadline"):
+            await qc.chat.completions.create(model="m", messages=messages("a"), deadline="soon")
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    with pytest.raises(InvalidRequestError, match="client must be"):
+        QueuedAsyncOpenAI(object(), dispatcher, LLMThrottle(60, 1_000))  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="dispatcher must be"):
+        QueuedAsyncOpenAI(openai_client, object(), LLMThrottle(60, 1_000))
+
+
+async def test_cancelling_a_queued_call_withdraws_it(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(slow={"first": 0.3})
+    async with create_in_memory_queue() as dispatcher:
+        # One call at a time: "gone" waits in the queue while "first" is answered slowly.
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000), concurrency=1)
+        first = asyncio.create_task(
+            qc.chat.completions.create(model="m", messages=messages("first"), max_tokens=5)
+        )
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(
+            qc.chat.completions.create(model="m", messages=messages("gone"), max_tokens=5)
+        )
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await qc.chat.completions.create(model="m", messages=messages("next"), max_tokens=5)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert openai_provider.calls["gone"] == 0
+    assert openai_provider.successes == Counter({"first": 1, "next": 1})
+
+
+async def test_a_streamed_call_passes_through_and_its_usage_corrects_the_limiter(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        stream = await qc.chat.completions.create(
+            model="m",
+            messages=messages("streamed"),
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "echo: streamed"
+        assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+        await stream._submitted  # the handler ended with the stream
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    [record] = limiter.get_consumption_history()
+    assert record.actual_tokens == openai_provider.usage["streamed"]
+
+
+async def test_a_streamed_call_without_usage_is_counted_from_its_text(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    call = {"model": "m", "messages": messages("counted"), "max_tokens": 50}
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, tokenizer=len)  # a token per character
+        async with await qc.chat.completions.create(**call, stream=True) as stream:
+            async for _ in stream:
+                pass
+        await stream._submitted
+    [record] = limiter.get_consumption_history()
+    prompt = estimate_chat_tokens({**call, "max_completion_tokens": 0}, tokenizer=len)
+    assert record.actual_tokens == prompt + len("echo: counted")
+
+
+async def test_a_refused_streamed_call_raises_the_sdks_own_error(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(status_for={"bad": 422})
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000))
+        with pytest.raises(openai.UnprocessableEntityError):
+            await qc.chat.completions.create(model="m", messages=messages("bad"), max_tokens=5, stream=True)
+        assert qc._streams == {}
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0

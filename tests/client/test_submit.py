@@ -1,0 +1,370 @@
+"""`LLMQueueDispatcher.submit` within one process: every submit ends exactly once, with the
+handler's value or `RequestFailedError`; a cancelled one is withdrawn."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_queue_dispatcher import (
+    DuplicateRequestError,
+    ExpiredError,
+    HandlerResult,
+    InMemoryStorage,
+    InvalidRequestError,
+    LLMQueueDispatcher,
+    LLMRequest,
+    LLMThrottle,
+    MessageStateError,
+    PermanentError,
+    ProcessableMessage,
+    PurgedError,
+    RateLimitError,
+    RequestFailedError,
+    RetryableError,
+    TokenInfo,
+    Worker,
+    create_in_memory_queue,
+)
+
+
+def request(request_id: str, tokens: int = 10, **fields: Any) -> LLMRequest[Any]:
+    return LLMRequest(request_id, {"n": request_id}, token_info=TokenInfo(tokens), **fields)
+
+
+def limiter() -> LLMThrottle:
+    return LLMThrottle(100_000, 10_000_000)
+
+
+async def settle() -> None:
+    """Lets every ready task run (a handful of event-loop turns)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_submit_returns_the_value_of_the_handler_a_worker_runs() -> None:
+    dispatcher = create_in_memory_queue()
+    seen: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> HandlerResult[str]:
+        seen.append(job.message.payload.id)
+        return HandlerResult(f"answer to {job.message.payload.payload['n']}", actual_tokens=7)
+
+    worker = Worker(dispatcher, limiter(), handle)
+    running = asyncio.create_task(worker.run())
+    try:
+        assert await dispatcher.submit(request("a")) == "answer to a"
+    finally:
+        worker.stop()
+        await running
+    assert seen == ["a"]
+    assert worker.stats.processed == 1
+    assert worker.stats.tokens == 7
+
+
+async def test_submit_to_a_worker_whose_handler_returns_a_token_count_returns_that_count() -> None:
+    dispatcher = create_in_memory_queue()
+
+    async def handle(job: ProcessableMessage[Any]) -> int:
+        return 42
+
+    worker = Worker(dispatcher, limiter(), handle)
+    running = asyncio.create_task(worker.run())
+    try:
+        assert await dispatcher.submit(request("a")) == 42
+    finally:
+        worker.stop()
+        await running
+    assert worker.stats.tokens == 42
+
+
+async def test_hundreds_of_concurrent_submits_through_the_pool_are_each_answered_once() -> None:
+    dispatcher = create_in_memory_queue()
+    calls: Counter[str] = Counter()
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        calls[job.message.payload.id] += 1
+        await asyncio.sleep(0)
+        return job.message.payload.id.upper()
+
+    throttle = limiter()
+    ids = [f"r{n}" for n in range(300)]
+    async with dispatcher:
+        answers = await asyncio.gather(
+            *(dispatcher.submit(request(i), handle, rate_limiter=throttle, concurrency=8) for i in ids)
+        )
+        assert answers == [i.upper() for i in ids]
+        assert calls == Counter({i: 1 for i in ids})
+        metrics = await dispatcher.get_queue_metrics()
+        assert metrics.queue.total_messages == 0
+
+
+async def test_the_pool_keeps_the_estimate_when_the_handler_returns_a_plain_value() -> None:
+    throttle = limiter()
+
+    async def handle(job: ProcessableMessage[Any]) -> int:
+        return 3  # the submitter's value, not a token count: the pool marks with the estimate
+
+    async with create_in_memory_queue() as dispatcher:
+        assert await dispatcher.submit(request("a", tokens=500), handle, rate_limiter=throttle) == 3
+    [record] = throttle.get_consumption_history()
+    assert record.tokens == 500
+
+
+async def test_a_permanent_error_reaches_the_caller_as_request_failed() -> None:
+    failure = PermanentError("the provider refused it")
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        raise failure
+
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(RequestFailedError) as raised:
+            await dispatcher.submit(request("a"), handle, rate_limiter=limiter())
+        assert raised.value.request_id == "a"
+        assert raised.value.error is failure
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_the_last_failure_before_max_receive_count_reaches_the_caller() -> None:
+    attempts: list[int] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        attempts.append(job.message.attributes.receive_count)
+        raise RetryableError(f"busy {len(attempts)}", retry_after=0)
+
+    dead = InMemoryStorage[Any]()
+    dispatcher = LLMQueueDispatcher(InMemoryStorage(max_receive_count=3, dead_letter=dead))
+    async with dispatcher:
+        with pytest.raises(RequestFailedError) as raised:
+            await dispatcher.submit(request("a"), handle, rate_limiter=limiter())
+    assert attempts == [1, 2, 3]
+    assert isinstance(raised.value.error, RetryableError)
+    assert str(raised.value.error) == "busy 3"
+
+
+async def test_an_expired_request_reaches_the_caller() -> None:
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        raise AssertionError("an expired request is never handled")
+
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    async with create_in_memory_queue(drop_expired=True) as dispatcher:
+        with pytest.raises(RequestFailedError) as raised:
+            await dispatcher.submit(request("a", deadline=past), handle, rate_limiter=limiter())
+        assert isinstance(raised.value.error, ExpiredError)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_purge_fails_every_waiting_submit() -> None:
+    async with create_in_memory_queue() as dispatcher:
+        waiting = [asyncio.create_task(dispatcher.submit(request(f"r{n}"))) for n in range(3)]
+        await settle()
+        await dispatcher.purge()
+        for task in waiting:
+            with pytest.raises(RequestFailedError) as raised:
+                await task
+            assert isinstance(raised.value.error, PurgedError)
+
+
+async def test_cancelling_a_submit_withdraws_a_request_not_yet_dispatched() -> None:
+    dispatcher = create_in_memory_queue()
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    submit = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    worker = Worker(dispatcher, limiter(), handle)
+    stats = await worker.run(stop_when_empty=True)
+    assert handled == []
+    assert stats.withdrawn == 1
+    assert stats.processed == 0
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert dispatcher._outcomes().waiting == {}
+
+
+async def test_cancelling_a_submit_already_dispatched_discards_its_result() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        started.set()
+        await release.wait()
+        return "late"
+
+    async with create_in_memory_queue() as dispatcher:
+        submit = asyncio.create_task(dispatcher.submit(request("a"), handle, rate_limiter=limiter()))
+        await started.wait()
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        release.set()
+        await settle()
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        assert dispatcher._outcomes().waiting == {}
+        assert dispatcher._submissions is not None
+        assert dispatcher._submissions.pool is not None
+        assert dispatcher._submissions.pool.worker.stats.processed == 1
+
+
+async def test_closing_the_dispatcher_fails_the_submits_still_waiting() -> None:
+    dispatcher = create_in_memory_queue()
+    waiting = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    await dispatcher.close()
+    with pytest.raises(RequestFailedError) as raised:
+        await waiting
+    assert isinstance(raised.value.error, MessageStateError)
+
+
+async def test_bad_arguments_raise_at_the_call_and_enqueue_nothing() -> None:
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        return None
+
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match="request must be an LLMRequest"):
+            await dispatcher.submit("a")  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="rate_limiter"):
+            await dispatcher.submit(request("a"), handle)
+        with pytest.raises(InvalidRequestError, match="rate_limiter is only used with a handler"):
+            await dispatcher.submit(request("a"), rate_limiter=limiter())
+        with pytest.raises(InvalidRequestError, match="concurrency"):
+            await dispatcher.submit(request("a"), handle, rate_limiter=limiter(), concurrency=0)
+        with pytest.raises(InvalidRequestError, match="handler must be"):
+            await dispatcher.submit(request("a"), "nope", rate_limiter=limiter())  # type: ignore[arg-type]
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        assert dispatcher._outcomes().waiting == {}
+
+
+async def test_a_second_submit_of_a_waiting_id_is_refused_and_the_first_still_answered() -> None:
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "one"
+
+    dispatcher = create_in_memory_queue()
+    first = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    with pytest.raises(DuplicateRequestError):
+        await dispatcher.submit(request("a"))
+    worker = Worker(dispatcher, limiter(), handle)
+    await worker.run(stop_when_empty=True)
+    assert await first == "one"
+
+
+async def test_a_failed_enqueue_leaves_nobody_waiting() -> None:
+    dispatcher = create_in_memory_queue()
+    await dispatcher.enqueue(request("a"))
+    with pytest.raises(DuplicateRequestError):
+        await dispatcher.submit(request("a"))
+    assert dispatcher._outcomes().waiting == {}
+
+
+ACTIONS = ("ok", "fail", "cancel_early", "cancel_late")
+
+
+@settings(deadline=None)
+@given(st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=25), st.integers(0, 2**32 - 1))
+def test_every_submit_ends_exactly_once_and_nothing_is_left_behind(actions: list[str], seed: int) -> None:
+    """Random interleavings of completions, failures and cancellations before and during
+    handling: each submit ends once, each request is handled at most once, none when withdrawn
+    before its dispatch, and the store and the books are empty at the end. (The interleaving's
+    random choices come from a seeded `random.Random`: drawing from Hypothesis inside the
+    handler's tasks is not allowed.)"""
+    asyncio.run(_interleaving(actions, random.Random(seed)))
+
+
+async def _interleaving(actions: list[str], rng: random.Random) -> None:
+    dispatcher = create_in_memory_queue()
+    ids = [f"r{n}" for n in range(len(actions))]
+    action_of = dict(zip(ids, actions, strict=True))
+    tasks = {i: asyncio.create_task(dispatcher.submit(request(i))) for i in ids}
+    handled: Counter[str] = Counter()
+    await settle()
+    early = [i for i in ids if action_of[i] == "cancel_early"]
+    rng.shuffle(early)
+    for i in early:  # withdrawn in a random order, before any dispatch
+        tasks[i].cancel()
+
+    async def handle(job: ProcessableMessage[Any]) -> HandlerResult[str]:
+        request_id = job.message.payload.id
+        handled[request_id] += 1
+        if rng.random() < 0.5:
+            await asyncio.sleep(0)
+        if action_of[request_id] == "cancel_late":
+            tasks[request_id].cancel()
+            await asyncio.sleep(0)
+        if action_of[request_id] == "fail":
+            raise PermanentError(request_id)
+        return HandlerResult(request_id)
+
+    worker = Worker(dispatcher, limiter(), handle, concurrency=rng.randint(1, 4))
+    running = asyncio.create_task(worker.run())
+    await asyncio.wait(tasks.values())
+    for _ in range(10_000):  # the withdrawn ones are deleted when the worker takes them
+        if not (await dispatcher.get_queue_metrics()).queue.total_messages and not worker.stats.in_flight:
+            break
+        await asyncio.sleep(0)
+    worker.stop()
+    await running
+    for i in ids:
+        task = tasks[i]
+        assert task.done()
+        if action_of[i] in ("cancel_early", "cancel_late"):
+            assert task.cancelled()
+        elif action_of[i] == "fail":
+            assert isinstance(task.exception(), RequestFailedError)
+        else:
+            assert task.result() == i
+        assert handled[i] == (0 if action_of[i] == "cancel_early" else 1)
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    book = dispatcher._outcomes()
+    assert book.waiting == {}
+    assert book.handlers == {}
+    assert getattr(book.relay, "withdrawn", set()) == set()
+
+
+async def test_a_request_larger_than_the_limiter_can_ever_grant_fails_its_submit() -> None:
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        raise AssertionError("never dispatched")
+
+    async with create_in_memory_queue() as dispatcher:
+        throttle = LLMThrottle(60, 1_000)
+        with pytest.raises(RequestFailedError) as raised:
+            await dispatcher.submit(request("huge", tokens=5_000), handle, rate_limiter=throttle)
+        assert isinstance(raised.value.error, RateLimitError)
+        assert raised.value.error.available_in == math.inf
+        [taken] = await dispatcher.take_unfittable(throttle)  # still queued, for its owner to take out
+        assert taken.payload.id == "huge"
+
+
+async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it() -> None:
+    class SlowStorage(InMemoryStorage[Any]):
+        async def enqueue(self, request: LLMRequest[Any]) -> Any:
+            message = await super().enqueue(request)  # landed...
+            await asyncio.sleep(10)  # ...and the reply is slow: the caller gives up meanwhile
+            return message
+
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    dispatcher = LLMQueueDispatcher(SlowStorage())
+    submit = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    stats = await Worker(dispatcher, limiter(), handle).run(stop_when_empty=True)
+    assert handled == []
+    assert stats.withdrawn == 1
+    await dispatcher.close()
