@@ -163,6 +163,19 @@ async def test_cancelling_a_queued_call_withdraws_it(
     assert openai_provider.successes == Counter({"first": 1, "next": 1})
 
 
+async def test_a_queued_call_corrects_the_input_and_output_limits_with_the_providers_counts(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000, itpm=5_000_000, otpm=5_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        await asyncio.gather(
+            *(qc.chat.completions.create(model="m", messages=messages(f"k{n}"), max_tokens=50) for n in range(5))
+        )
+    parts = {r.request_id: (r.input_tokens, r.output_tokens) for r in limiter.get_consumption_history()}
+    assert sorted(parts.values()) == sorted(openai_provider.usage_parts[f"k{n}"] for n in range(5))
+
+
 async def test_a_streamed_call_passes_through_and_its_usage_corrects_the_limiter(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:
