@@ -1,0 +1,130 @@
+//! The selection index alone, at the depth of `benches/compare.py`'s workload: fill a store at one
+//! instant, then per round advance 1 ms, find the best message (`select::best_candidate`, the
+//! score policy's default weights, a budget that never binds), receive it, delete it and enqueue
+//! the next request. Prints p50/p99/max per part and the fill rate.
+//!
+//!     cargo run --release --example index_round -- [depth] [rounds]
+
+use std::time::Instant;
+
+use _core::policy::Rankings;
+use _core::scoring::Weights;
+use _core::select::{best_candidate, SearchContext};
+use _core::store::{NewMessage, Store, StoreConfig};
+
+/// mulberry32, as in `benches/compare.py`.
+struct Mulberry32(u32);
+
+impl Mulberry32 {
+    fn next_float(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x6D2B_79F5);
+        let a = self.0;
+        let mut t = (a ^ (a >> 15)).wrapping_mul(1 | a);
+        t = (t.wrapping_add((t ^ (t >> 7)).wrapping_mul(61 | t))) ^ t;
+        f64::from(t ^ (t >> 14)) / 4_294_967_296.0
+    }
+}
+
+struct Workload {
+    rng: Mulberry32,
+    index: u64,
+}
+
+impl Workload {
+    fn next(&mut self) -> NewMessage<u32> {
+        let r: [f64; 4] = std::array::from_fn(|_| self.rng.next_float());
+        let priority = [0.1, 0.3, 0.8, 1.0].iter().position(|&b| r[0] < b).unwrap() as u8;
+        let tokens = 50 + (r[1] * 3951.0).floor() as u64;
+        let expected = (r[2] < 0.25).then(|| 0.5 + r[3] * 39.5);
+        let id = format!("w{}", self.index);
+        self.index += 1;
+        NewMessage {
+            request_id: id.into(),
+            payload: 0,
+            priority,
+            tokens,
+            expected_processing_seconds: expected,
+            tenant: None,
+            deadline: None,
+        }
+    }
+}
+
+fn pct(samples: &mut [u64], p: f64) -> f64 {
+    samples.sort_unstable();
+    let rank = ((p / 100.0 * samples.len() as f64).ceil() as usize).max(1);
+    samples[rank - 1] as f64 / 1000.0
+}
+
+fn rss() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) * 4096
+}
+
+fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let depth = args.first().copied().unwrap_or(1_000_000);
+    let rounds = args.get(1).copied().unwrap_or(1_100) as usize;
+    let mut work = Workload { rng: Mulberry32(20_240_601), index: 0 };
+    let mut now = 1_700_000_000.0;
+    let mut store: Store<u32, Rankings> =
+        Store::with_ranking(StoreConfig::default(), now, Rankings::default()).unwrap();
+    let mut batch: Vec<_> = (0..depth).map(|_| work.next()).collect();
+    let before = rss();
+    let started = Instant::now();
+    for chunk in batch.chunks_mut(10_000) {
+        let mut chunk: Vec<_> = chunk.iter_mut().map(|m| std::mem::replace(m, placeholder())).collect();
+        store.enqueue_batch(&mut chunk, now).unwrap();
+    }
+    let fill = started.elapsed().as_secs_f64();
+    drop(batch);
+    let after = rss();
+    println!(
+        "fill {depth}: {:.0} msgs/s, {:.1} B/msg (RSS, ids and slots included)",
+        depth as f64 / fill,
+        (after - before) as f64 / depth as f64
+    );
+    let weights = Weights::default();
+    let (mut search, mut receive, mut delete, mut enqueue) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        now += 0.001;
+        let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
+        let t0 = Instant::now();
+        let best = best_candidate(&store, &context).expect("a candidate");
+        let t1 = Instant::now();
+        let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
+        let t2 = Instant::now();
+        store.delete(&handle.to_string(), now).unwrap();
+        let t3 = Instant::now();
+        store.enqueue(work.next(), now).unwrap();
+        let t4 = Instant::now();
+        search.push((t1 - t0).as_nanos() as u64);
+        receive.push((t2 - t1).as_nanos() as u64);
+        delete.push((t3 - t2).as_nanos() as u64);
+        enqueue.push((t4 - t3).as_nanos() as u64);
+    }
+    let warm = rounds / 11;
+    for (name, samples) in [("search", search), ("receive", receive), ("delete", delete), ("enqueue", enqueue)] {
+        let first: Vec<u64> = samples[..warm.min(5)].to_vec();
+        let mut rest = samples[warm..].to_vec();
+        println!(
+            "{name:>8}: p50 {:.2} µs, p99 {:.2} µs, max {:.2} µs; first rounds {:?} ns",
+            pct(&mut rest, 50.0),
+            pct(&mut rest, 99.0),
+            pct(&mut rest, 100.0),
+            first
+        );
+    }
+}
+
+fn placeholder() -> NewMessage<u32> {
+    NewMessage {
+        request_id: "".into(),
+        payload: 0,
+        priority: 0,
+        tokens: 0,
+        expected_processing_seconds: None,
+        tenant: None,
+        deadline: None,
+    }
+}
