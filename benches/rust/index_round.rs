@@ -3,7 +3,9 @@
 //! score policy's default weights, a budget that never binds), receive it, delete it and enqueue
 //! the next request. Prints p50/p99/max per part and the fill rate.
 //!
-//!     cargo run --release --example index_round -- [depth] [rounds]
+//!     cargo run --release --example index_round -- [depth] [rounds] [batch size]
+//!
+//! The defaults (1M, 1,100, one batch of the whole depth) are `compare.py`'s at 1M.
 
 use std::time::Instant;
 
@@ -65,6 +67,7 @@ fn main() {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let depth = args.first().copied().unwrap_or(1_000_000);
     let rounds = args.get(1).copied().unwrap_or(1_100) as usize;
+    let batch_size = args.get(2).copied().unwrap_or(depth).max(1) as usize;
     let mut work = Workload { rng: Mulberry32(20_240_601), index: 0 };
     let mut now = 1_700_000_000.0;
     let mut store: Store<u32, Rankings> =
@@ -72,7 +75,7 @@ fn main() {
     let mut batch: Vec<_> = (0..depth).map(|_| work.next()).collect();
     let before = rss();
     let started = Instant::now();
-    for chunk in batch.chunks_mut(10_000) {
+    for chunk in batch.chunks_mut(batch_size) {
         let mut chunk: Vec<_> = chunk.iter_mut().map(|m| std::mem::replace(m, placeholder())).collect();
         store.enqueue_batch(&mut chunk, now).unwrap();
     }
@@ -104,7 +107,9 @@ fn main() {
         enqueue.push((t4 - t3).as_nanos() as u64);
     }
     let warm = rounds / 11;
-    for (name, samples) in [("search", search), ("receive", receive), ("delete", delete), ("enqueue", enqueue)] {
+    for (name, samples) in
+        [("search", search), ("receive", receive), ("delete", delete), ("enqueue", enqueue)]
+    {
         let first: Vec<u64> = samples[..warm.min(5)].to_vec();
         let mut rest = samples[warm..].to_vec();
         println!(

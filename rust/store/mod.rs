@@ -214,7 +214,10 @@ impl<P, R: Ranking> Store<P, R> {
     /// The slot of a message with this request id (one of them, in a dead-letter store that
     /// holds several).
     pub fn slot_of(&self, request_id: &str) -> Option<u32> {
-        let hash = self.hasher.hash_one(request_id);
+        self.slot_of_hashed(request_id, self.hasher.hash_one(request_id))
+    }
+
+    fn slot_of_hashed(&self, request_id: &str, hash: u64) -> Option<u32> {
         let slots = &self.slots;
         self.ids.find(hash, |&s| slot_id(slots, s) == Some(request_id)).copied()
     }
@@ -324,27 +327,46 @@ impl<P, R: Ranking> Store<P, R> {
     /// drops it, after its lock), else it is emptied. Returns the slots in batch order.
     pub fn enqueue_batch(&mut self, messages: &mut Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
         self.maintain(now);
+        // Each id is hashed once: the hash serves the duplicate checks and the id table.
+        let mut hashes = Vec::with_capacity(messages.len());
         let mut seen = HashTable::<usize>::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
             message.validate()?;
             let id: &str = &message.request_id;
-            if self.slot_of(id).is_some() {
+            let hash = self.hasher.hash_one(id);
+            if self.slot_of_hashed(id, hash).is_some() {
                 return Err(duplicate(id));
             }
-            let hash = self.hasher.hash_one(id);
             if seen.find(hash, |&j| &*messages[j].request_id == id).is_some() {
                 return Err(CoreError::DuplicateRequest(format!(
                     "id {} appears more than once in the batch",
                     py_repr(id)
                 )));
             }
-            seen.insert_unique(hash, i, |&j| self.hasher.hash_one(&*messages[j].request_id));
+            hashes.push(hash);
+            seen.insert_unique(hash, i, |&j| hashes[j]);
         }
         drop(seen);
         let first_id = take_message_ids(messages.len() as u64);
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
-        Ok(messages.drain(..).zip(first_id..).map(|(message, id)| self.insert(message, id, now)).collect())
+        let mut entries = Vec::with_capacity(messages.len());
+        let slots = messages
+            .drain(..)
+            .zip(hashes)
+            .zip(first_id..)
+            .map(|((message, hash), id)| {
+                let slot = self.place(message, id, now, hash);
+                let entry = self.message(slot).index_entry();
+                self.ranking.insert(slot, &entry);
+                self.tenants.change(entry.tenant, self.now, |t| t.counts.visible += 1);
+                entries.push((slot, entry));
+                slot
+            })
+            .collect();
+        // The candidate index takes the batch whole, sorted by cell (see `insert_batch`).
+        self.index.insert_batch(&mut entries);
+        Ok(slots)
     }
 
     /// Receives up to `limit` visible messages in receive order (priority, then oldest), each
@@ -616,6 +638,15 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     fn insert(&mut self, message: NewMessage<P>, id: u64, now: f64) -> u32 {
+        let hash = self.hasher.hash_one(&*message.request_id);
+        let slot = self.place(message, id, now, hash);
+        self.make_visible(slot);
+        slot
+    }
+
+    /// Stores a message in a slot and its id (of `hash`) in the id table; the caller makes it
+    /// visible.
+    fn place(&mut self, message: NewMessage<P>, id: u64, now: f64, hash: u64) -> u32 {
         // Clamp so that sequence order stays age order even if the clock steps back.
         let enqueued_at = now.max(self.last_enqueued_at);
         self.last_enqueued_at = enqueued_at;
@@ -634,7 +665,6 @@ impl<P, R: Ranking> Store<P, R> {
             deadline: message.deadline.unwrap_or(f64::NAN),
             priority: message.priority,
         };
-        let hash = self.hasher.hash_one(&*stored.request_id);
         let slot = if let Some(slot) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
             s.message = Some(stored);
@@ -647,7 +677,6 @@ impl<P, R: Ranking> Store<P, R> {
         };
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.ids.insert_unique(hash, slot, |&s| hasher.hash_one(slot_id(slots, s).unwrap_or("")));
-        self.make_visible(slot);
         slot
     }
 
