@@ -254,25 +254,38 @@ pub fn static_cell_bound(
     available: f64,
     max_tokens: f64,
 ) -> Option<f64> {
+    let budget_part = budget_bound(weights, key, available, max_tokens)?;
+    Some(fixed_part(weights, *key, best_time_ms) + budget_part)
+}
+
+/// The best efficiency + token fit over the token range of cells of `key`'s token class
+/// (capped at `max_tokens`), the budget part of `static_cell_bound`: the same for every cell
+/// of one token class. None when no estimate of the class can be admitted.
+pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
     let (lo, hi) = key.token_range();
     if lo > max_tokens {
         return None;
     }
     let hi = hi.min(max_tokens);
-    let budget_part = if available <= 0.0 {
-        0.0
-    } else {
-        // Efficiency and token fit are piecewise linear in u with breakpoints 0.1, 0.5, 0.7, 0.9
-        // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
-        // one of its ends or at a breakpoint inside it.
-        let (u_lo, u_hi) = (lo / available, hi / available);
+    if available <= 0.0 {
+        return Some(0.0);
+    }
+    // Efficiency and token fit are piecewise linear in u with breakpoints 0.1, 0.5, 0.7, 0.9
+    // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
+    // one of its ends or at a breakpoint inside it.
+    let (u_lo, u_hi) = (lo / available, hi / available);
+    Some(
         [u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0]
             .into_iter()
             .filter(|u| (u_lo..=u_hi).contains(u))
             .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
-            .fold(0.0, f64::max)
-    };
-    Some(fixed_part(weights, *key, best_time_ms) + budget_part)
+            .fold(0.0, f64::max),
+    )
+}
+
+/// `static_cell_bound` from a budget part already computed by `budget_bound`.
+pub fn static_cell_bound_with(weights: &Weights, key: &CellKey, best_time_ms: f64, budget_part: f64) -> f64 {
+    fixed_part(weights, *key, best_time_ms) + budget_part
 }
 
 #[cfg(test)]

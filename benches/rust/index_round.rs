@@ -9,9 +9,12 @@
 
 use std::time::Instant;
 
+use _core::cells::CellKey;
+use _core::index::CellSummary;
 use _core::policy::Rankings;
+use _core::scoring::MessageTraits;
 use _core::scoring::Weights;
-use _core::select::{best_candidate, SearchContext};
+use _core::select::{best_candidate, CandidateIndex, SearchContext};
 use _core::store::{NewMessage, Store, StoreConfig};
 
 /// mulberry32, as in `benches/compare.py`.
@@ -52,6 +55,50 @@ impl Workload {
     }
 }
 
+/// The store as the search sees it, counting what the search reads: cells, group heads
+/// offered, members scored, run steps.
+struct Counting<'a> {
+    store: &'a Store<u32, Rankings>,
+    counts: std::cell::Cell<[u64; 4]>,
+}
+
+impl Counting<'_> {
+    fn bump(&self, i: usize, by: u64) {
+        let mut c = self.counts.get();
+        c[i] += by;
+        self.counts.set(c);
+    }
+}
+
+impl CandidateIndex for Counting<'_> {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
+        self.store.for_each_cell(|k, s| {
+            self.bump(0, 1);
+            visit(k, s);
+        });
+    }
+    fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
+        self.store.for_each_group_head(key, |a, b, c, d| {
+            self.bump(1, 1);
+            visit(a, b, c, d);
+        });
+    }
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        self.store.next_in_run(slot)
+    }
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        self.bump(3, 1);
+        self.store.next_run_head(slot)
+    }
+    fn traits(&self, slot: u32) -> MessageTraits {
+        self.bump(2, 1);
+        self.store.traits(slot)
+    }
+    fn seq(&self, slot: u32) -> u64 {
+        self.store.seq(slot)
+    }
+}
+
 fn pct(samples: &mut [u64], p: f64) -> f64 {
     samples.sort_unstable();
     let rank = ((p / 100.0 * samples.len() as f64).ceil() as usize).max(1);
@@ -88,12 +135,25 @@ fn main() {
         (after - before) as f64 / depth as f64
     );
     let weights = Weights::default();
+    let counted = std::env::var_os("COUNT").is_some();
+    let mut totals = [0u64; 4];
     let (mut search, mut receive, mut delete, mut enqueue) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         now += 0.001;
         let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
         let t0 = Instant::now();
-        let best = best_candidate(&store, &context).expect("a candidate");
+        let best = if counted {
+            let counting = Counting { store: &store, counts: std::cell::Cell::new([0; 4]) };
+            let best = best_candidate(&counting, &context);
+            let c = counting.counts.get();
+            for i in 0..4 {
+                totals[i] += c[i];
+            }
+            best
+        } else {
+            best_candidate(&store, &context)
+        }
+        .expect("a candidate");
         let t1 = Instant::now();
         let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
         let t2 = Instant::now();
@@ -105,6 +165,16 @@ fn main() {
         receive.push((t2 - t1).as_nanos() as u64);
         delete.push((t3 - t2).as_nanos() as u64);
         enqueue.push((t4 - t3).as_nanos() as u64);
+    }
+    if counted {
+        let per = |i: usize| totals[i] as f64 / rounds as f64;
+        println!(
+            "per search: {:.0} cells, {:.0} group heads, {:.1} members scored, {:.1} run steps",
+            per(0),
+            per(1),
+            per(2),
+            per(3)
+        );
     }
     let warm = rounds / 11;
     for (name, samples) in
