@@ -334,14 +334,14 @@ impl<'a> BudgetParts<'a> {
         Self { context, parts: Vec::new() }
     }
 
-    fn get(&mut self, key: &CellKey) -> Option<f64> {
+    fn get(&mut self, key: CellKey) -> Option<f64> {
         let class = usize::from(key.token_class);
         if class >= self.parts.len() {
             self.parts.resize(class + 1, f64::NAN);
         }
         if self.parts[class].is_nan() {
             let context = self.context;
-            self.parts[class] = budget_bound(&context.weights, key, context.available, context.max_tokens)
+            self.parts[class] = budget_bound(&context.weights, &key, context.available, context.max_tokens)
                 .unwrap_or(f64::NEG_INFINITY);
         }
         Some(self.parts[class]).filter(|part| *part != f64::NEG_INFINITY)
@@ -366,7 +366,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     let mut budget_parts = BudgetParts::new(context);
     let mut cells = Vec::new();
     index.for_each_cell(|key, cell| {
-        let Some(budget_part) = budget_parts.get(key) else { return };
+        let Some(budget_part) = budget_parts.get(*key) else { return };
         let wait = weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
         cells.push(Bounded {
             tier: weights.tier(key.priority),
@@ -394,8 +394,8 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
             }
         });
-        let mut heap = BinaryHeap::from(std::mem::take(&mut groups));
-        while let Some(group) = heap.pop() {
+        let mut by_bound = BinaryHeap::from(std::mem::take(&mut groups));
+        while let Some(group) = by_bound.pop() {
             if !beats(&best, tier, group.bound, oldest_at, seq) {
                 break; // every group left bounds no higher
             }
@@ -418,7 +418,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
                 head = if single_run { None } else { index.next_run_head(slot) };
             }
         }
-        groups = heap.into_vec();
+        groups = by_bound.into_vec();
         groups.clear();
     }
     best
