@@ -238,6 +238,38 @@ pub fn group_bound(weights: &Weights, key: &CellKey, tokens: u64, best_time_ms: 
         + weights.token_fit * token_fit_factor(tokens, available)
 }
 
+/// `group_bound` for the groups of one cell, its priority and retry parts computed once (the
+/// same sums in the same order: the same values to the bit).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupBounds {
+    weights: Weights,
+    priority_and_retry: f64,
+    available: f64,
+}
+
+impl GroupBounds {
+    /// For the groups of the cell `key` under budget `available`.
+    pub fn new(weights: &Weights, key: &CellKey, available: f64) -> Self {
+        Self {
+            weights: *weights,
+            priority_and_retry: weights.priority * priority_factor(key.priority)
+                + weights.retry * retry_factor(u32::from(key.retry_class)),
+            available,
+        }
+    }
+
+    /// `group_bound` of the group of estimate `tokens` whose best processing time is
+    /// `best_time_ms`.
+    pub fn bound(&self, tokens: u64, best_time_ms: f64) -> f64 {
+        let (weights, tokens) = (&self.weights, tokens as f64);
+        self.priority_and_retry
+            + weights.processing_time * processing_time_factor(best_time_ms)
+            + BOUND_SLACK
+            + weights.efficiency * efficiency_factor(tokens, self.available)
+            + weights.token_fit * token_fit_factor(tokens, self.available)
+    }
+}
+
 /// A bound of a cell's static part that does not depend on the budget: the efficiency and
 /// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
 pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {

@@ -21,8 +21,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, group_bound, static_cell_bound, static_cell_bound_with, total, wait_time_factor,
-    weighted_factors, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, static_cell_bound, static_cell_bound_with, total, wait_time_factor, weighted_factors,
+    GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -359,10 +359,6 @@ impl<'a> BudgetParts<'a> {
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    // (tier, score, enqueued_at, seq) beats `best` in the order candidates are ranked.
-    let beats = |best: &Option<Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: u64| {
-        best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
-    };
     let mut budget_parts = BudgetParts::new(context);
     let mut cells = Vec::new();
     index.for_each_cell(|key, cell| {
@@ -376,52 +372,107 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
             item: (*key, wait),
         });
     });
-    let mut cells = BinaryHeap::from(cells);
+    // The most promising cell first: what it holds usually prunes every other cell at once.
     let mut groups = Vec::new();
+    let top = index_of_max(&cells)?;
+    let first = cells.swap_remove(top);
+    expand_cell(index, context, &first, &mut groups, &mut best);
+    // Then every cell that may still beat the best found, in bound order.
+    cells.retain(|cell| beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq));
+    let mut cells = BinaryHeap::from(cells);
     while let Some(cell) = cells.pop() {
-        if !beats(&best, cell.tier, cell.bound, cell.oldest_at, cell.seq) {
+        if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
             break; // every cell left bounds no higher
         }
-        let (key, wait) = cell.item;
-        let (tier, oldest_at, seq) = (cell.tier, cell.oldest_at, cell.seq);
-        index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
-            // A cheap bound from the group's key alone spares the members' cache lines.
-            if tokens as f64 > context.max_tokens {
-                return;
-            }
-            let bound = group_bound(weights, &key, tokens, best_time_ms, context.available) + wait;
-            if beats(&best, tier, bound, oldest_at, seq) {
-                groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
-            }
-        });
-        let mut by_bound = BinaryHeap::from(std::mem::take(&mut groups));
-        while let Some(group) = by_bound.pop() {
-            if !beats(&best, tier, group.bound, oldest_at, seq) {
-                break; // every group left bounds no higher
-            }
-            let (first, single_run) = group.item;
-            let mut head = Some(first);
-            while let Some(slot) = head {
-                // A group shares its estimate: one inadmissible member means all are.
-                let Some(candidate) = score_member(index, context, slot) else { break };
-                // This run and every later one score at most this head with the cell's
-                // longest wait in place of its own.
-                let own_wait =
-                    weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
-                let rest = candidate.base - own_wait + wait + BOUND_SLACK;
-                if !beats(&best, tier, rest, oldest_at, seq) {
-                    break;
-                }
-                if beats(&best, candidate.tier, candidate.base, candidate.enqueued_at, candidate.seq) {
-                    best = Some(candidate);
-                }
-                head = if single_run { None } else { index.next_run_head(slot) };
-            }
-        }
-        groups = by_bound.into_vec();
-        groups.clear();
+        expand_cell(index, context, &cell, &mut groups, &mut best);
     }
     best
+}
+
+/// Whether `(tier, score, enqueued_at, seq)` beats `best` in the order candidates are ranked.
+fn beats(best: Option<&Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: u64) -> bool {
+    best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
+}
+
+/// The position of the highest-ranked entry.
+fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
+    let mut top: Option<usize> = None;
+    for (i, entry) in entries.iter().enumerate() {
+        if top.is_none_or(|t| entry.cmp(&entries[t]) == Ordering::Greater) {
+            top = Some(i);
+        }
+    }
+    top
+}
+
+/// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
+/// others in bound order; `groups` is scratch space.
+fn expand_cell(
+    index: &impl CandidateIndex,
+    context: &SearchContext,
+    cell: &Bounded<(CellKey, f64)>,
+    groups: &mut Vec<Bounded<(u32, bool)>>,
+    best: &mut Option<Candidate>,
+) {
+    let (key, wait) = cell.item;
+    let (tier, oldest_at, seq) = (cell.tier, cell.oldest_at, cell.seq);
+    let bounds = GroupBounds::new(&context.weights, &key, context.available);
+    groups.clear();
+    index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
+        // A bound from the group's key and cached head alone spares the members' cache lines.
+        if tokens as f64 > context.max_tokens {
+            return;
+        }
+        let bound = bounds.bound(tokens, best_time_ms) + wait;
+        if beats(best.as_ref(), tier, bound, oldest_at, seq) {
+            groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
+        }
+    });
+    let Some(top) = index_of_max(groups) else { return };
+    let first = groups.swap_remove(top);
+    walk_group(index, context, &first, key, wait, best);
+    groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
+    if groups.is_empty() {
+        return;
+    }
+    let mut by_bound = BinaryHeap::from(std::mem::take(groups));
+    while let Some(group) = by_bound.pop() {
+        if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
+            break; // every group left bounds no higher
+        }
+        walk_group(index, context, &group, key, wait, best);
+    }
+    *groups = by_bound.into_vec();
+}
+
+/// Scores the run heads of a group, best processing time first, while they may beat `best`.
+fn walk_group(
+    index: &impl CandidateIndex,
+    context: &SearchContext,
+    group: &Bounded<(u32, bool)>,
+    key: CellKey,
+    wait: f64,
+    best: &mut Option<Candidate>,
+) {
+    let (first, single_run) = group.item;
+    let (tier, oldest_at, seq) = (group.tier, group.oldest_at, group.seq);
+    let mut head = Some(first);
+    while let Some(slot) = head {
+        // A group shares its estimate: one inadmissible member means all are.
+        let Some(candidate) = score_member(index, context, slot) else { break };
+        // This run and every later one score at most this head with the cell's longest wait
+        // in place of its own.
+        let own_wait =
+            context.weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
+        let rest = candidate.base - own_wait + wait + BOUND_SLACK;
+        if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
+            break;
+        }
+        if beats(best.as_ref(), candidate.tier, candidate.base, candidate.enqueued_at, candidate.seq) {
+            *best = Some(candidate);
+        }
+        head = if single_run { None } else { index.next_run_head(slot) };
+    }
 }
 
 /// A stream over a small set of messages scored all at once (the prefetch buffer).

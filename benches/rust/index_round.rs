@@ -166,6 +166,17 @@ fn main() {
         delete.push((t3 - t2).as_nanos() as u64);
         enqueue.push((t4 - t3).as_nanos() as u64);
     }
+    if std::env::var_os("WARM").is_some() {
+        // The same search again and again on one state: its cost with the index in cache.
+        let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
+        let mut warm = Vec::new();
+        for _ in 0..std::env::var("WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(2000) {
+            let t0 = Instant::now();
+            std::hint::black_box(best_candidate(&store, &context));
+            warm.push(t0.elapsed().as_nanos() as u64);
+        }
+        println!("same search, in cache: p50 {:.2} µs", pct(&mut warm, 50.0));
+    }
     if counted {
         let per = |i: usize| totals[i] as f64 / rounds as f64;
         println!(
