@@ -137,6 +137,7 @@ fn main() {
     let weights = Weights::default();
     let counted = std::env::var_os("COUNT").is_some();
     let mut totals = [0u64; 4];
+    let mut per_round: Vec<(u64, usize, [u64; 4])> = Vec::new();
     let (mut search, mut receive, mut delete, mut enqueue) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         now += 0.001;
@@ -146,6 +147,7 @@ fn main() {
             let counting = Counting { store: &store, counts: std::cell::Cell::new([0; 4]) };
             let best = best_candidate(&counting, &context);
             let c = counting.counts.get();
+            per_round.push((0, per_round.len(), c));
             for i in 0..4 {
                 totals[i] += c[i];
             }
@@ -154,6 +156,29 @@ fn main() {
             best_candidate(&store, &context)
         }
         .expect("a candidate");
+        if counted && std::env::var_os("BOUNDS").is_some() && per_round.len() % 5000 == 4999 {
+            let mut above = Vec::new();
+            store.for_each_cell(|key, cell| {
+                let wait = weights.wait_time
+                    * _core::scoring::wait_time_factor(now - cell.oldest_enqueued_at, key.priority);
+                if let Some(b) = _core::scoring::static_cell_bound(&weights, key, cell.best_time_ms, 1e9, 1e9)
+                {
+                    if b + wait >= best.base {
+                        above.push((b + wait - best.base, key.priority, key.token_class, cell.best_time_ms));
+                    }
+                }
+            });
+            above.sort_by(|a, b| b.0.total_cmp(&a.0));
+            println!(
+                "round {}: best {:.12} (tokens {}, time {:?}), {} cells bound above it: {:?}",
+                per_round.len(),
+                best.base,
+                best.tokens,
+                store.message(best.slot).expected_processing_seconds(),
+                above.len(),
+                &above[..above.len().min(6)]
+            );
+        }
         let t1 = Instant::now();
         let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
         let t2 = Instant::now();
@@ -162,6 +187,9 @@ fn main() {
         store.enqueue(work.next(), now).unwrap();
         let t4 = Instant::now();
         search.push((t1 - t0).as_nanos() as u64);
+        if let Some(last) = per_round.last_mut() {
+            last.0 = (t1 - t0).as_nanos() as u64;
+        }
         receive.push((t2 - t1).as_nanos() as u64);
         delete.push((t3 - t2).as_nanos() as u64);
         enqueue.push((t4 - t3).as_nanos() as u64);
@@ -186,6 +214,12 @@ fn main() {
             per(2),
             per(3)
         );
+    }
+    if counted {
+        per_round.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
+        for (ns, round, c) in per_round.iter().take(8) {
+            println!("  slowest: round {round}: {:.1} µs, counts {c:?}", *ns as f64 / 1000.0);
+        }
     }
     let warm = rounds / 11;
     for (name, samples) in
