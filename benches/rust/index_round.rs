@@ -12,9 +12,8 @@ use std::time::Instant;
 use _core::cells::CellKey;
 use _core::index::CellSummary;
 use _core::policy::Rankings;
-use _core::scoring::MessageTraits;
-use _core::scoring::Weights;
-use _core::select::{best_candidate, CandidateIndex, SearchContext};
+use _core::scoring::{static_cell_bound, wait_time_factor, MessageTraits, Weights};
+use _core::select::{best_candidate, Candidate, CandidateIndex, SearchContext};
 use _core::store::{NewMessage, Store, StoreConfig};
 
 /// mulberry32, as in `benches/compare.py`.
@@ -110,6 +109,8 @@ fn rss() -> usize {
     statm.split_whitespace().nth(1).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) * 4096
 }
 
+type IndexStore = Store<u32, Rankings>;
+
 fn main() {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let depth = args.first().copied().unwrap_or(1_000_000);
@@ -117,29 +118,13 @@ fn main() {
     let batch_size = args.get(2).copied().unwrap_or(depth).max(1) as usize;
     let mut work = Workload { rng: Mulberry32(20_240_601), index: 0 };
     let mut now = 1_700_000_000.0;
-    let mut store: Store<u32, Rankings> =
-        Store::with_ranking(StoreConfig::default(), now, Rankings::default()).unwrap();
-    let mut batch: Vec<_> = (0..depth).map(|_| work.next()).collect();
-    let before = rss();
-    let started = Instant::now();
-    for chunk in batch.chunks_mut(batch_size) {
-        let mut chunk: Vec<_> = chunk.iter_mut().map(|m| std::mem::replace(m, placeholder())).collect();
-        store.enqueue_batch(&mut chunk, now).unwrap();
-    }
-    let fill = started.elapsed().as_secs_f64();
-    drop(batch);
-    let after = rss();
-    println!(
-        "fill {depth}: {:.0} msgs/s, {:.1} B/msg (RSS, ids and slots included)",
-        depth as f64 / fill,
-        (after - before) as f64 / depth as f64
-    );
+    let mut store = fill(&mut work, depth, batch_size, now);
     let weights = Weights::default();
     let counted = std::env::var_os("COUNT").is_some();
     let mut totals = [0u64; 4];
     let mut per_round: Vec<(u64, usize, [u64; 4])> = Vec::new();
-    let (mut search, mut receive, mut delete, mut enqueue) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..rounds {
+    let mut samples: [Vec<u64>; 4] = Default::default();
+    for round in 0..rounds {
         now += 0.001;
         let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
         let t0 = Instant::now();
@@ -147,58 +132,38 @@ fn main() {
             let counting = Counting { store: &store, counts: std::cell::Cell::new([0; 4]) };
             let best = best_candidate(&counting, &context);
             let c = counting.counts.get();
-            per_round.push((0, per_round.len(), c));
-            for i in 0..4 {
-                totals[i] += c[i];
+            per_round.push((0, round, c));
+            for (total, count) in totals.iter_mut().zip(c) {
+                *total += count;
             }
             best
         } else {
             best_candidate(&store, &context)
         }
         .expect("a candidate");
-        if counted && std::env::var_os("BOUNDS").is_some() && per_round.len() % 5000 == 4999 {
-            let mut above = Vec::new();
-            store.for_each_cell(|key, cell| {
-                let wait = weights.wait_time
-                    * _core::scoring::wait_time_factor(now - cell.oldest_enqueued_at, key.priority);
-                if let Some(b) = _core::scoring::static_cell_bound(&weights, key, cell.best_time_ms, 1e9, 1e9)
-                {
-                    if b + wait >= best.base {
-                        above.push((b + wait - best.base, key.priority, key.token_class, cell.best_time_ms));
-                    }
-                }
-            });
-            above.sort_by(|a, b| b.0.total_cmp(&a.0));
-            println!(
-                "round {}: best {:.12} (tokens {}, time {:?}), {} cells bound above it: {:?}",
-                per_round.len(),
-                best.base,
-                best.tokens,
-                store.message(best.slot).expected_processing_seconds(),
-                above.len(),
-                &above[..above.len().min(6)]
-            );
-        }
         let t1 = Instant::now();
-        let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
+        if counted && std::env::var_os("BOUNDS").is_some() && round % 5000 == 4999 {
+            print_bounds(&store, &context, round, &best);
+        }
         let t2 = Instant::now();
-        store.delete(&handle.to_string(), now).unwrap();
+        let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
         let t3 = Instant::now();
-        store.enqueue(work.next(), now).unwrap();
+        store.delete(&handle.to_string(), now).unwrap();
         let t4 = Instant::now();
-        search.push((t1 - t0).as_nanos() as u64);
+        store.enqueue(work.next(), now).unwrap();
+        let t5 = Instant::now();
+        for (sample, (a, b)) in samples.iter_mut().zip([(t0, t1), (t2, t3), (t3, t4), (t4, t5)]) {
+            sample.push((b - a).as_nanos() as u64);
+        }
         if let Some(last) = per_round.last_mut() {
             last.0 = (t1 - t0).as_nanos() as u64;
         }
-        receive.push((t2 - t1).as_nanos() as u64);
-        delete.push((t3 - t2).as_nanos() as u64);
-        enqueue.push((t4 - t3).as_nanos() as u64);
     }
-    if std::env::var_os("WARM").is_some() {
+    if let Some(times) = std::env::var("WARM").ok().and_then(|v| v.parse::<usize>().ok()) {
         // The same search again and again on one state: its cost with the index in cache.
         let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
         let mut warm = Vec::new();
-        for _ in 0..std::env::var("WARM").ok().and_then(|v| v.parse().ok()).unwrap_or(2000) {
+        for _ in 0..times {
             let t0 = Instant::now();
             std::hint::black_box(best_candidate(&store, &context));
             warm.push(t0.elapsed().as_nanos() as u64);
@@ -214,17 +179,13 @@ fn main() {
             per(2),
             per(3)
         );
-    }
-    if counted {
         per_round.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
         for (ns, round, c) in per_round.iter().take(8) {
             println!("  slowest: round {round}: {:.1} µs, counts {c:?}", *ns as f64 / 1000.0);
         }
     }
     let warm = rounds / 11;
-    for (name, samples) in
-        [("search", search), ("receive", receive), ("delete", delete), ("enqueue", enqueue)]
-    {
+    for (name, samples) in ["search", "receive", "delete", "enqueue"].into_iter().zip(samples) {
         let first: Vec<u64> = samples[..warm.min(5)].to_vec();
         let mut rest = samples[warm..].to_vec();
         println!(
@@ -235,6 +196,50 @@ fn main() {
             first
         );
     }
+}
+
+/// A store holding `depth` messages of the workload, enqueued at `now` in batches of
+/// `batch_size`; prints the fill rate and the RSS growth per message.
+fn fill(work: &mut Workload, depth: u64, batch_size: usize, now: f64) -> IndexStore {
+    let mut store = Store::with_ranking(StoreConfig::default(), now, Rankings::default()).unwrap();
+    let mut batch: Vec<_> = (0..depth).map(|_| work.next()).collect();
+    let before = rss();
+    let started = Instant::now();
+    for chunk in batch.chunks_mut(batch_size) {
+        let mut chunk: Vec<_> = chunk.iter_mut().map(|m| std::mem::replace(m, placeholder())).collect();
+        store.enqueue_batch(&mut chunk, now).unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    drop(batch);
+    let after = rss();
+    println!(
+        "fill {depth}: {:.0} msgs/s, {:.1} B/msg (RSS growth; the ids were allocated before)",
+        depth as f64 / seconds,
+        (after - before) as f64 / depth as f64
+    );
+    store
+}
+
+/// The cells whose bound is above the best found, the loosest first.
+fn print_bounds(store: &IndexStore, context: &SearchContext, round: usize, best: &Candidate) {
+    let weights = &context.weights;
+    let mut above = Vec::new();
+    store.for_each_cell(|key, cell| {
+        let wait = weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
+        let bound = static_cell_bound(weights, key, cell.best_time_ms, context.available, context.max_tokens);
+        if let Some(bound) = bound.map(|b| b + wait).filter(|b| *b >= best.base) {
+            above.push((bound - best.base, key.priority, key.token_class, cell.best_time_ms));
+        }
+    });
+    above.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "round {round}: best {:.12} (tokens {}, time {:?}), {} cells bound above it: {:?}",
+        best.base,
+        best.tokens,
+        store.message(best.slot).expected_processing_seconds(),
+        above.len(),
+        &above[..above.len().min(6)]
+    );
 }
 
 fn placeholder() -> NewMessage<u32> {
