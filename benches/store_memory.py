@@ -110,6 +110,7 @@ def dequeue_delete_latency(kind: str, depth: int, iterations: int) -> tuple[floa
 
 
 def main() -> None:
+    global FREEZE, CHUNK
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -119,7 +120,6 @@ def main() -> None:
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after creating requests")
     parser.add_argument("--chunk", type=int, default=CHUNK, help=f"messages per batch (default {CHUNK:,})")
     args = parser.parse_args()
-    global FREEZE, CHUNK
     FREEZE = args.gc_freeze
     CHUNK = max(1, args.chunk)
     print(f"RSS per queued message at {args.messages:,} (Rust core, payloads excluded):")

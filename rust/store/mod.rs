@@ -24,8 +24,10 @@
 //! nothing; payloads of dropped messages wait in [`Store::take_dropped`] so a Python layer can
 //! release them after unlocking.
 //!
-//! Memory at 1M queued messages (`P` = one pointer): slot ~120 B, request id heap block ~32 B,
-//! hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~55 B.
+//! Memory at 1M queued messages (`P` = one pointer): slot 96 B (the generation of an occupied
+//! slot lives in its message's padding, a vacant slot's in the free list), request id heap
+//! block ~32 B, hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
+//! (fewer when a batch built them whole).
 
 mod handles;
 mod invariants;
@@ -54,12 +56,12 @@ use crate::index::{Cell, Ranking, VisibleIndex};
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
 
+/// A slot of the slab: 96 B with a one-pointer payload. The slot's generation lives in its
+/// message (in what would be padding) while occupied, and in the free list while vacant.
 pub(crate) struct Slot<P> {
     message: Option<StoredMessage<P>>,
     /// Visibility deadline while in flight; NaN while visible (an `Option<f64>` would cost 8 B).
     deadline: f64,
-    /// Bumped by every receive and every release of the slot; handles must match it.
-    generation: u32,
 }
 
 /// Counters and timestamps behind `QueueAttributes`.
@@ -86,7 +88,8 @@ pub struct StoreStats {
 pub struct Store<P, R: Ranking = ()> {
     config: StoreConfig,
     slots: Vec<Slot<P>>,
-    free: Vec<u32>,
+    /// Vacant slots, each with the generation its next message starts from.
+    free: Vec<(u32, u32)>,
     ids: HashTable<u32>,
     hasher: RandomState,
     index: VisibleIndex,
@@ -413,9 +416,8 @@ impl<P, R: Ranking> Store<P, R> {
         self.maintain(now);
         let slot = self.resolve(handle)?;
         self.detach(slot);
-        let s = &mut self.slots[slot as usize];
-        s.generation = s.generation.wrapping_add(1);
-        let message = s.message.as_mut().expect("a current handle names a message");
+        let message = self.slots[slot as usize].message.as_mut().expect("a current handle names a message");
+        message.generation = message.generation.wrapping_add(1);
         message.receive_count = message.receive_count.saturating_sub(1);
         if message.receive_count == 0 {
             message.first_received = f64::NAN;
@@ -663,16 +665,17 @@ impl<P, R: Ranking> Store<P, R> {
             receive_count: 0,
             tenant,
             deadline: message.deadline.unwrap_or(f64::NAN),
+            generation: 0,
             priority: message.priority,
         };
-        let slot = if let Some(slot) = self.free.pop() {
+        let slot = if let Some((slot, generation)) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
-            s.message = Some(stored);
+            s.message = Some(StoredMessage { generation, ..stored });
             s.deadline = f64::NAN;
             slot
         } else {
             let slot = u32::try_from(self.slots.len()).expect("more than 2^32 messages");
-            self.slots.push(Slot { message: Some(stored), deadline: f64::NAN, generation: 0 });
+            self.slots.push(Slot { message: Some(stored), deadline: f64::NAN });
             slot
         };
         let (slots, hasher) = (&self.slots, &self.hasher);
@@ -690,9 +693,9 @@ impl<P, R: Ranking> Store<P, R> {
             message.first_received = now;
         }
         // Wrapping: a handle could only be confused with one 2^32 receives of this slot older.
-        s.generation = s.generation.wrapping_add(1);
+        message.generation = message.generation.wrapping_add(1);
+        let generation = message.generation;
         s.deadline = deadline;
-        let generation = s.generation;
         self.in_flight.insert((OrdTime(deadline), slot));
         self.count_tenant(slot, |c| c.in_flight += 1);
         self.last_modified_at = now;
@@ -705,8 +708,9 @@ impl<P, R: Ranking> Store<P, R> {
         match self.slots.get(parsed.slot as usize) {
             Some(s)
                 if parsed.epoch == self.epoch
-                    && s.generation == parsed.generation
-                    && s.message.as_ref().is_some_and(|m| m.receive_count > 0) =>
+                    && s.message
+                        .as_ref()
+                        .is_some_and(|m| m.generation == parsed.generation && m.receive_count > 0) =>
             {
                 Ok(parsed.slot)
             }
@@ -730,13 +734,12 @@ impl<P, R: Ranking> Store<P, R> {
     fn release_slot(&mut self, slot: u32) -> StoredMessage<P> {
         let s = &mut self.slots[slot as usize];
         let message = s.message.take().expect("slot holds a message");
-        s.generation = s.generation.wrapping_add(1);
         s.deadline = f64::NAN;
         let hash = self.hasher.hash_one(&*message.request_id);
         if let Ok(entry) = self.ids.find_entry(hash, |&x| x == slot) {
             entry.remove();
         }
-        self.free.push(slot);
+        self.free.push((slot, message.generation.wrapping_add(1)));
         message
     }
 }
