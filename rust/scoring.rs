@@ -270,12 +270,6 @@ impl GroupBounds {
     }
 }
 
-/// A bound of a cell's static part that does not depend on the budget: the efficiency and
-/// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
-pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {
-    fixed_part(weights, *key, best_time_ms) + weights.efficiency + weights.token_fit
-}
-
 /// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best
 /// efficiency + token fit over the cell's token range (capped at `max_tokens`, the largest
 /// estimate the limiter admits now). None when no member of the cell can be admitted.
@@ -355,6 +349,24 @@ mod tests {
     }
 
     proptest! {
+        // The per-cell form of `group_bound` gives the same values, to the bit.
+        #[test]
+        fn group_bounds_equal_group_bound(
+            w in weights(),
+            priority in 0u8..4,
+            receive_count in 0u32..12,
+            tokens in 0u64..200_000,
+            best_time_ms in 1000.0f64..30_001.0,
+            available in 0.0f64..100_000.0,
+        ) {
+            let key = CellKey::for_message(priority, receive_count, tokens);
+            let bounds = GroupBounds::new(&w, &key, available);
+            prop_assert_eq!(
+                bounds.bound(tokens, best_time_ms).to_bits(),
+                group_bound(&w, &key, tokens, best_time_ms, available).to_bits()
+            );
+        }
+
         // The static part of a cell's bound is at least the static part of every member's score.
         #[test]
         fn static_bound_covers_every_member(
