@@ -1,6 +1,7 @@
 """Memory and latency of the in-memory store's Rust core, beside the plain-Python reference.
 
     .venv/bin/python benches/store_memory.py [--messages 1000000] [--depths 1000,100000,1000000]
+        [--chunk 10000]
 
 Prints: RSS growth per queued message at ``--messages`` (the `LLMRequest` objects are created
 before the first reading, so payload objects are excluded); batch-enqueue throughput; p50/p99 of
@@ -109,6 +110,7 @@ def dequeue_delete_latency(kind: str, depth: int, iterations: int) -> tuple[floa
 
 
 def main() -> None:
+    global FREEZE, CHUNK
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -116,9 +118,10 @@ def main() -> None:
     parser.add_argument("--depths", default="1000,100000,1000000")
     parser.add_argument("--iterations", type=int, default=20_000)
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after creating requests")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help=f"messages per batch (default {CHUNK:,})")
     args = parser.parse_args()
-    global FREEZE
     FREEZE = args.gc_freeze
+    CHUNK = max(1, args.chunk)
     print(f"RSS per queued message at {args.messages:,} (Rust core, payloads excluded):")
     print(f"  {memory_per_message(args.messages):.0f} B")
     print(f"batch enqueue ({CHUNK:,} per batch, {args.messages:,} messages), messages/s:")

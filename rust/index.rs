@@ -11,11 +11,16 @@
 //! Layout. Visible messages are grouped in cells ([`CellKey`]: priority, retry class, token
 //! class); a cell maps sequence number to slot, oldest first (sequence order is age order in a
 //! store), and keeps a [`CellSummary`] so pruning a cell touches no message. Inside a cell, the
-//! members with one token estimate form a group, ordered by processing-time key and then age:
-//! the search scores run heads only (see `select`). Two sets of cell heads give the receive
-//! order (priority, then oldest) and the oldest visible message.
+//! members with one token estimate form a group, ordered by processing-time key and then age,
+//! whose head ([`GroupHead`]: first member, best time, whether it is a single run) is kept
+//! beside the group's key, so bounding a group touches none of its members: the search scores
+//! run heads only (see `select`). A cell's best processing time is the best of its group heads.
+//! Two sets of cell heads give the receive order (priority, then oldest) and the oldest visible
+//! message. A batch ([`VisibleIndex::insert_batch`]) is added cell by cell, sorted, so each tree
+//! is walked once or built whole (full nodes: a batch-filled index is also smaller).
 
 use std::cmp::Reverse;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use crate::cells::CellKey;
@@ -107,13 +112,80 @@ pub struct CellSummary {
     pub best_time_ms: f64,
 }
 
-/// The visible messages of one cell, oldest first (dereferences to the `seq -> slot` map), and
-/// the multiset of their processing-time keys, whose smallest bounds the cell's
-/// processing-time factor exactly.
+/// What the search reads of a group before deciding to look inside, kept beside the group's
+/// key so that bounding a group touches none of its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupHead {
+    /// The best (smallest) processing-time key of the group: its first run's.
+    pub time: u64,
+    /// The first member's sequence number (the oldest of the first run).
+    pub seq: u64,
+    /// The first member's slot.
+    pub slot: u32,
+    /// Whether every member shares the first run's processing-time key.
+    pub single_run: bool,
+}
+
+/// The members of a cell with one token estimate, `(time key, seq) -> slot`: best processing
+/// time first, then oldest; its head cached beside them.
+#[derive(Debug, PartialEq)]
+pub struct Group {
+    head: GroupHead,
+    members: BTreeMap<(u64, u64), u32>,
+}
+
+impl Group {
+    /// The first member, its processing-time key and whether the group is a single run.
+    pub fn head(&self) -> &GroupHead {
+        &self.head
+    }
+
+    /// A group of `members` (not empty).
+    fn of(members: BTreeMap<(u64, u64), u32>) -> Self {
+        let mut group = Self { head: GroupHead { time: 0, seq: 0, slot: 0, single_run: true }, members };
+        group.refresh();
+        group
+    }
+
+    /// Recomputes the head from the members (after a removal or a bulk insert).
+    fn refresh(&mut self) {
+        if let (Some((&(time, seq), &slot)), Some((&(last, _), _))) =
+            (self.members.first_key_value(), self.members.last_key_value())
+        {
+            self.head = GroupHead { time, seq, slot, single_run: time == last };
+        }
+    }
+
+    fn insert(&mut self, slot: u32, time: u64, seq: u64) {
+        self.members.insert((time, seq), slot);
+        let head = &mut self.head;
+        if time != head.time {
+            head.single_run = false;
+        }
+        if (time, seq) < (head.time, head.seq) {
+            *head = GroupHead { time, seq, slot, single_run: head.single_run };
+        }
+    }
+}
+
+/// Adds sorted `(key, value)` pairs to `map`: into an empty map, or one not much larger than
+/// what is added, by a bulk build (full nodes, no per-key descent); else key by key.
+fn bulk_extend<K: Ord, V>(map: &mut BTreeMap<K, V>, items: impl ExactSizeIterator<Item = (K, V)>) {
+    if map.is_empty() || items.len().saturating_mul(4) >= map.len() {
+        let mut added: BTreeMap<K, V> = items.collect();
+        map.append(&mut added);
+    } else {
+        map.extend(items);
+    }
+}
+
+/// The visible messages of one cell: oldest first (the cell dereferences to its `seq -> slot`
+/// map), and by group (one per token estimate), whose heads give the cell's best processing
+/// time.
 #[derive(Debug)]
 pub struct Cell {
     members: BTreeMap<u64, u32>,
-    times: BTreeMap<u64, u32>,
+    groups: BTreeMap<u64, Group>,
     summary: CellSummary,
 }
 
@@ -121,14 +193,10 @@ impl Default for Cell {
     fn default() -> Self {
         Self {
             members: BTreeMap::new(),
-            times: BTreeMap::new(),
+            groups: BTreeMap::new(),
             summary: CellSummary { oldest_enqueued_at: 0.0, oldest_seq: 0, best_time_ms: 1000.0 },
         }
     }
-}
-
-fn best_time(times: &BTreeMap<u64, u32>) -> f64 {
-    times.first_key_value().map_or(1000.0, |(&bits, _)| f64::from_bits(bits))
 }
 
 impl Cell {
@@ -137,24 +205,81 @@ impl Cell {
         &self.summary
     }
 
-    fn insert(&mut self, slot: u32, entry: &IndexEntry) {
-        if self.members.first_key_value().is_none_or(|(&head, _)| entry.seq < head) {
-            self.summary.oldest_seq = entry.seq;
-            self.summary.oldest_enqueued_at = entry.enqueued_at;
+    /// The groups of the cell, by token estimate.
+    pub fn groups(&self) -> &BTreeMap<u64, Group> {
+        &self.groups
+    }
+
+    /// The smallest processing time of the groups' heads.
+    fn best_time(&self) -> f64 {
+        self.groups.values().map(|g| g.head.time).min().map_or(1000.0, f64::from_bits)
+    }
+
+    fn note_oldest(&mut self, seq: u64, enqueued_at: f64) {
+        if self.members.first_key_value().is_none_or(|(&head, _)| seq < head) {
+            self.summary.oldest_seq = seq;
+            self.summary.oldest_enqueued_at = enqueued_at;
         }
+    }
+
+    fn insert(&mut self, slot: u32, entry: &IndexEntry) {
+        self.note_oldest(entry.seq, entry.enqueued_at);
         self.members.insert(entry.seq, slot);
-        *self.times.entry(entry.time).or_default() += 1;
-        self.summary.best_time_ms = best_time(&self.times);
+        let time = f64::from_bits(entry.time);
+        if self.groups.is_empty() || time < self.summary.best_time_ms {
+            self.summary.best_time_ms = time;
+        }
+        match self.groups.entry(entry.tokens) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Group::of(BTreeMap::from([((entry.time, entry.seq), slot)])));
+            }
+            Entry::Occupied(mut group) => group.get_mut().insert(slot, entry.time, entry.seq),
+        }
+    }
+
+    /// Adds `batch`, members of this cell sorted by `(tokens, time, seq)`.
+    fn extend(&mut self, batch: &[(u32, IndexEntry)]) {
+        let Some(oldest) = batch.iter().map(|(_, e)| e).min_by_key(|e| e.seq) else { return };
+        self.note_oldest(oldest.seq, oldest.enqueued_at);
+        let mut by_seq: Vec<(u64, u32)> = batch.iter().map(|(slot, e)| (e.seq, *slot)).collect();
+        by_seq.sort_unstable();
+        bulk_extend(&mut self.members, by_seq.into_iter());
+        let mut best = if self.groups.is_empty() { u64::MAX } else { self.summary.best_time_ms.to_bits() };
+        for run in batch.chunk_by(|(_, a), (_, b)| a.tokens == b.tokens) {
+            best = best.min(run[0].1.time);
+            let items = run.iter().map(|(slot, e)| ((e.time, e.seq), *slot));
+            match self.groups.entry(run[0].1.tokens) {
+                Entry::Vacant(vacant) => {
+                    vacant.insert(Group::of(items.collect()));
+                }
+                Entry::Occupied(mut group) => {
+                    let group = group.get_mut();
+                    bulk_extend(&mut group.members, items);
+                    group.refresh();
+                }
+            }
+        }
+        self.summary.best_time_ms = f64::from_bits(best);
     }
 
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
     fn remove(&mut self, entry: &IndexEntry, enqueued_at_of: impl Fn(u32) -> f64) {
         self.members.remove(&entry.seq);
-        if let Some(count) = self.times.get_mut(&entry.time) {
-            *count -= 1;
-            if *count == 0 {
-                self.times.remove(&entry.time);
-                self.summary.best_time_ms = best_time(&self.times);
+        if let Entry::Occupied(mut group) = self.groups.entry(entry.tokens) {
+            let g = group.get_mut();
+            if g.members.remove(&(entry.time, entry.seq)).is_some() {
+                let old_time = g.head.time;
+                let changed = if g.members.is_empty() {
+                    group.remove();
+                    true
+                } else {
+                    g.refresh();
+                    g.head.time != old_time
+                };
+                // The cell's best time moves only when a group that held it no longer does.
+                if changed && old_time == self.summary.best_time_ms.to_bits() {
+                    self.summary.best_time_ms = self.best_time();
+                }
             }
         }
         if entry.seq == self.summary.oldest_seq {
@@ -174,15 +299,10 @@ impl std::ops::Deref for Cell {
     }
 }
 
-/// A group of a cell: the members with one token estimate.
-type GroupId = (CellKey, u64);
-
 /// The candidate index of one store's visible messages.
 #[derive(Debug, Default)]
 pub struct VisibleIndex {
     cells: BTreeMap<CellKey, Cell>,
-    /// The same messages by group: `(time key, seq) -> slot`, best processing time then oldest.
-    groups: BTreeMap<GroupId, BTreeMap<(u64, u64), u32>>,
     /// `(priority, head seq, cell)` of every non-empty cell: the first is the next to receive.
     receive_heads: BTreeSet<(u8, u64, CellKey)>,
     /// `(head seq, cell)` of every non-empty cell: the first is the oldest visible message.
@@ -194,32 +314,47 @@ impl VisibleIndex {
     /// Adds a message that became visible.
     pub fn insert(&mut self, slot: u32, entry: &IndexEntry) {
         let key = entry.cell;
-        self.groups.entry((key, entry.tokens)).or_default().insert((entry.time, entry.seq), slot);
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
         cell.insert(slot, entry);
-        if old_head.is_none_or(|head| entry.seq < head) {
+        self.moved_head(key, old_head, entry.seq);
+        self.by_priority[usize::from(key.priority)] += 1;
+    }
+
+    /// Adds messages that became visible at once (a batch enqueue), the same as inserting them
+    /// one by one. `batch` is reordered: by cell, each cell's members are added together,
+    /// sorted, so each of its trees is walked once (or built whole) rather than once per
+    /// message.
+    pub fn insert_batch(&mut self, batch: &mut [(u32, IndexEntry)]) {
+        batch.sort_unstable_by_key(|(_, e)| (e.cell, e.tokens, e.time, e.seq));
+        for run in batch.chunk_by(|(_, a), (_, b)| a.cell == b.cell) {
+            let key = run[0].1.cell;
+            let cell = self.cells.entry(key).or_default();
+            let old_head = cell.first_key_value().map(|(&s, _)| s);
+            cell.extend(run);
+            let new_head = cell.summary.oldest_seq;
+            self.moved_head(key, old_head, new_head);
+            self.by_priority[usize::from(key.priority)] += run.len();
+        }
+    }
+
+    /// Updates the cell heads after `key`'s oldest member went from `old_head` to, at most,
+    /// `candidate` (a new member's sequence number).
+    fn moved_head(&mut self, key: CellKey, old_head: Option<u64>, candidate: u64) {
+        if old_head.is_none_or(|head| candidate < head) {
             if let Some(head) = old_head {
                 self.receive_heads.remove(&(key.priority, head, key));
                 self.age_heads.remove(&(head, key));
             }
-            self.receive_heads.insert((key.priority, entry.seq, key));
-            self.age_heads.insert((entry.seq, key));
+            self.receive_heads.insert((key.priority, candidate, key));
+            self.age_heads.insert((candidate, key));
         }
-        self.by_priority[usize::from(key.priority)] += 1;
     }
 
     /// Removes a visible message; `enqueued_at_of` gives a slot's enqueue instant (for the
     /// cell's new oldest member).
     pub fn remove(&mut self, entry: &IndexEntry, enqueued_at_of: impl Fn(u32) -> f64) {
         let key = entry.cell;
-        let group = (key, entry.tokens);
-        if let Some(members) = self.groups.get_mut(&group) {
-            members.remove(&(entry.time, entry.seq));
-            if members.is_empty() {
-                self.groups.remove(&group);
-            }
-        }
         let Some(cell) = self.cells.get_mut(&key) else { return };
         let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == entry.seq);
         cell.remove(entry, enqueued_at_of);
@@ -275,43 +410,40 @@ impl VisibleIndex {
     }
 
     /// The smallest estimate among visible messages: the first group of each cell, in
-    /// O(cells · log groups).
+    /// O(cells).
     pub fn min_tokens(&self) -> Option<u64> {
-        self.cells
-            .keys()
-            .filter_map(|key| {
-                self.groups.range((*key, 0)..=(*key, u64::MAX)).next().map(|(&(_, tokens), _)| tokens)
-            })
-            .min()
+        self.cells.values().filter_map(|cell| cell.groups.keys().next().copied()).min()
     }
 
     /// Calls `visit` with the first member of every group of the cell `key`, the group's
     /// estimate, its best processing time in ms, and whether the group is a single run.
     pub fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
-        for (&(_, tokens), members) in self.groups.range((*key, 0)..=(*key, u64::MAX)) {
-            if let (Some((&(time, _), &slot)), Some((&(last, _), _))) =
-                (members.first_key_value(), members.last_key_value())
-            {
-                visit(slot, tokens, f64::from_bits(time), time == last);
-            }
+        let Some(cell) = self.cells.get(key) else { return };
+        for (&tokens, group) in &cell.groups {
+            let head = &group.head;
+            visit(head.slot, tokens, f64::from_bits(head.time), head.single_run);
         }
+    }
+
+    fn group(&self, entry: &IndexEntry) -> Option<&Group> {
+        self.cells.get(&entry.cell)?.groups.get(&entry.tokens)
     }
 
     /// The member after the one `entry` describes in its run (same processing-time key, next
     /// oldest).
     pub fn next_in_run(&self, entry: &IndexEntry) -> Option<u32> {
-        let members = self.groups.get(&(entry.cell, entry.tokens))?;
-        members.range((entry.time, entry.seq + 1)..=(entry.time, u64::MAX)).next().map(|(_, &s)| s)
+        let group = self.group(entry)?;
+        group.members.range((entry.time, entry.seq + 1)..=(entry.time, u64::MAX)).next().map(|(_, &s)| s)
     }
 
     /// The first member of the run after `entry`'s in its group (the next worse
     /// processing-time key), if any.
     pub fn next_run_head(&self, entry: &IndexEntry) -> Option<u32> {
-        let members = self.groups.get(&(entry.cell, entry.tokens))?;
-        if entry.time == u64::MAX {
+        let group = self.group(entry)?;
+        if entry.time == u64::MAX || group.head.single_run {
             return None;
         }
-        members.range((entry.time + 1, 0)..).next().map(|(_, &s)| s)
+        group.members.range((entry.time + 1, 0)..).next().map(|(_, &s)| s)
     }
 
     /// Up to `limit` visible slots of `priority` in receive order (oldest first). Costs
@@ -351,8 +483,11 @@ impl VisibleIndex {
         }
         for (key, cell) in &expected.cells {
             let Some(actual) = self.cells.get(key) else { return Err(format!("cell {key:?} missing")) };
-            if actual.members != cell.members || actual.times != cell.times {
+            if actual.members != cell.members {
                 return Err(format!("members of cell {key:?} out of date"));
+            }
+            if actual.groups != cell.groups {
+                return Err(format!("groups of cell {key:?} out of date"));
             }
             if actual.summary.oldest_seq != cell.summary.oldest_seq
                 || actual.summary.oldest_enqueued_at.to_bits() != cell.summary.oldest_enqueued_at.to_bits()
@@ -361,9 +496,6 @@ impl VisibleIndex {
                 return Err(format!("summary of cell {key:?} out of date"));
             }
         }
-        if expected.groups != self.groups {
-            return Err("groups out of date".into());
-        }
         if expected.receive_heads != self.receive_heads || expected.age_heads != self.age_heads {
             return Err("cell heads out of date".into());
         }
@@ -371,5 +503,76 @@ impl VisibleIndex {
             return Err(format!("counts {:?} != {:?}", self.by_priority, expected.by_priority));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(seq: u64, priority: u8, retries: u32, tokens: u64, time_ms: Option<u32>) -> IndexEntry {
+        IndexEntry {
+            cell: CellKey::for_message(priority, retries, tokens),
+            tokens,
+            time: crate::cells::time_key(tokens, time_ms.map(|ms| f64::from(ms) / 1000.0)),
+            enqueued_at: seq as f64 / 4.0,
+            seq,
+            tenant: 0,
+            deadline: f64::NAN,
+        }
+    }
+
+    proptest! {
+        // Batches (into an empty index, a small one and a large one: built whole, appended, or
+        // inserted key by key), single inserts and removals leave the index exactly as the same
+        // messages inserted one by one would: members, groups and their cached heads, summaries,
+        // cell heads and counts.
+        #[test]
+        fn batches_and_removals_match_one_by_one_inserts(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        (0u8..4, 0u32..3, prop_oneof![1u64..40, 900u64..1100], proptest::option::of(0u32..40_000)),
+                        1..60,
+                    ),
+                    any::<bool>(),
+                    proptest::collection::vec(any::<proptest::sample::Index>(), 0..30),
+                ),
+                1..6,
+            ),
+        ) {
+            let mut index = VisibleIndex::default();
+            let mut live: Vec<(u32, IndexEntry)> = Vec::new();
+            let mut seq = 0u64;
+            for (messages, as_batch, removals) in steps {
+                let mut added: Vec<(u32, IndexEntry)> = messages
+                    .into_iter()
+                    .map(|(priority, retries, tokens, time_ms)| {
+                        seq += 1;
+                        (seq as u32, entry(seq, priority, retries, tokens, time_ms))
+                    })
+                    .collect();
+                live.extend(added.iter().copied());
+                if as_batch {
+                    index.insert_batch(&mut added);
+                } else {
+                    for (slot, e) in &added {
+                        index.insert(*slot, e);
+                    }
+                }
+                prop_assert_eq!(index.check(&live), Ok(()));
+                for pick in removals {
+                    if live.is_empty() {
+                        break;
+                    }
+                    let (_, removed) = live.swap_remove(pick.index(live.len()));
+                    let enqueued_at_of = |slot: u32| f64::from(slot) / 4.0;
+                    index.remove(&removed, enqueued_at_of);
+                }
+                prop_assert_eq!(index.check(&live), Ok(()));
+                prop_assert_eq!(index.len(), live.len());
+            }
+        }
     }
 }

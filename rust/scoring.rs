@@ -238,10 +238,36 @@ pub fn group_bound(weights: &Weights, key: &CellKey, tokens: u64, best_time_ms: 
         + weights.token_fit * token_fit_factor(tokens, available)
 }
 
-/// A bound of a cell's static part that does not depend on the budget: the efficiency and
-/// token-fit factors taken at their maximum of 1. Cheap, for pruning before `static_cell_bound`.
-pub fn loose_cell_bound(weights: &Weights, key: &CellKey, best_time_ms: f64) -> f64 {
-    fixed_part(weights, *key, best_time_ms) + weights.efficiency + weights.token_fit
+/// `group_bound` for the groups of one cell, its priority and retry parts computed once (the
+/// same sums in the same order: the same values to the bit).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupBounds {
+    weights: Weights,
+    priority_and_retry: f64,
+    available: f64,
+}
+
+impl GroupBounds {
+    /// For the groups of the cell `key` under budget `available`.
+    pub fn new(weights: &Weights, key: &CellKey, available: f64) -> Self {
+        Self {
+            weights: *weights,
+            priority_and_retry: weights.priority * priority_factor(key.priority)
+                + weights.retry * retry_factor(u32::from(key.retry_class)),
+            available,
+        }
+    }
+
+    /// `group_bound` of the group of estimate `tokens` whose best processing time is
+    /// `best_time_ms`.
+    pub fn bound(&self, tokens: u64, best_time_ms: f64) -> f64 {
+        let (weights, tokens) = (&self.weights, tokens as f64);
+        self.priority_and_retry
+            + weights.processing_time * processing_time_factor(best_time_ms)
+            + BOUND_SLACK
+            + weights.efficiency * efficiency_factor(tokens, self.available)
+            + weights.token_fit * token_fit_factor(tokens, self.available)
+    }
 }
 
 /// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best
@@ -254,25 +280,38 @@ pub fn static_cell_bound(
     available: f64,
     max_tokens: f64,
 ) -> Option<f64> {
+    let budget_part = budget_bound(weights, key, available, max_tokens)?;
+    Some(fixed_part(weights, *key, best_time_ms) + budget_part)
+}
+
+/// The best efficiency + token fit over the token range of cells of `key`'s token class
+/// (capped at `max_tokens`), the budget part of `static_cell_bound`: the same for every cell
+/// of one token class. None when no estimate of the class can be admitted.
+pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
     let (lo, hi) = key.token_range();
     if lo > max_tokens {
         return None;
     }
     let hi = hi.min(max_tokens);
-    let budget_part = if available <= 0.0 {
-        0.0
-    } else {
-        // Efficiency and token fit are piecewise linear in u with breakpoints 0.1, 0.5, 0.7, 0.9
-        // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
-        // one of its ends or at a breakpoint inside it.
-        let (u_lo, u_hi) = (lo / available, hi / available);
+    if available <= 0.0 {
+        return Some(0.0);
+    }
+    // Efficiency and token fit are piecewise linear in u with breakpoints 0.1, 0.5, 0.7, 0.9
+    // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
+    // one of its ends or at a breakpoint inside it.
+    let (u_lo, u_hi) = (lo / available, hi / available);
+    Some(
         [u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0]
             .into_iter()
             .filter(|u| (u_lo..=u_hi).contains(u))
             .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
-            .fold(0.0, f64::max)
-    };
-    Some(fixed_part(weights, *key, best_time_ms) + budget_part)
+            .fold(0.0, f64::max),
+    )
+}
+
+/// `static_cell_bound` from a budget part already computed by `budget_bound`.
+pub fn static_cell_bound_with(weights: &Weights, key: &CellKey, best_time_ms: f64, budget_part: f64) -> f64 {
+    fixed_part(weights, *key, best_time_ms) + budget_part
 }
 
 #[cfg(test)]
@@ -310,6 +349,24 @@ mod tests {
     }
 
     proptest! {
+        // The per-cell form of `group_bound` gives the same values, to the bit.
+        #[test]
+        fn group_bounds_equal_group_bound(
+            w in weights(),
+            priority in 0u8..4,
+            receive_count in 0u32..12,
+            tokens in 0u64..200_000,
+            best_time_ms in 1000.0f64..30_001.0,
+            available in 0.0f64..100_000.0,
+        ) {
+            let key = CellKey::for_message(priority, receive_count, tokens);
+            let bounds = GroupBounds::new(&w, &key, available);
+            prop_assert_eq!(
+                bounds.bound(tokens, best_time_ms).to_bits(),
+                group_bound(&w, &key, tokens, best_time_ms, available).to_bits()
+            );
+        }
+
         // The static part of a cell's bound is at least the static part of every member's score.
         #[test]
         fn static_bound_covers_every_member(

@@ -21,8 +21,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    group_bound, loose_cell_bound, static_cell_bound, total, wait_time_factor, weighted_factors,
-    MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, static_cell_bound, static_cell_bound_with, total, wait_time_factor, weighted_factors,
+    GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -285,62 +285,194 @@ impl<I: CandidateIndex> CandidateStream for IndexSearch<'_, I> {
     }
 }
 
+/// A cell or a group the walk may visit, with the bound of every member it holds and the age
+/// and sequence number of its oldest (a bound's tie-breakers); ordered as candidates rank, so a
+/// max-heap yields the most promising first.
+#[derive(Debug, Clone, Copy)]
+struct Bounded<T> {
+    tier: u8,
+    bound: f64,
+    oldest_at: f64,
+    seq: u64,
+    item: T,
+}
+
+impl<T> Bounded<T> {
+    fn rank_key(&self) -> (u8, f64, f64, u64) {
+        (self.tier, self.bound, self.oldest_at, self.seq)
+    }
+}
+
+impl<T> PartialEq for Bounded<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl<T> Eq for Bounded<T> {}
+impl<T> PartialOrd for Bounded<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Bounded<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        rank(self.rank_key(), other.rank_key())
+    }
+}
+
+/// The budget part of cell bounds, computed once per token class in a search (it does not
+/// depend on the priority or retry class).
+struct BudgetParts<'a> {
+    context: &'a SearchContext,
+    /// By token class: NaN until computed, minus infinity for a class none of whose
+    /// estimates is admissible.
+    parts: Vec<f64>,
+}
+
+impl<'a> BudgetParts<'a> {
+    fn new(context: &'a SearchContext) -> Self {
+        Self { context, parts: Vec::new() }
+    }
+
+    fn get(&mut self, key: CellKey) -> Option<f64> {
+        let class = usize::from(key.token_class);
+        if class >= self.parts.len() {
+            self.parts.resize(class + 1, f64::NAN);
+        }
+        if self.parts[class].is_nan() {
+            let context = self.context;
+            self.parts[class] = budget_bound(&context.weights, &key, context.available, context.max_tokens)
+                .unwrap_or(f64::NEG_INFINITY);
+        }
+        Some(self.parts[class]).filter(|part| *part != f64::NEG_INFINITY)
+    }
+}
+
 /// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
-/// over the cells that needs no heap. A cell is skipped when a cheap bound (its budget part
-/// taken at its maximum, `w_e + w_tf`) cannot beat the best found, then when its exact bound
-/// cannot; otherwise its group heads are scored. Ties are broken as in `IndexSearch` (older,
-/// then lower sequence number).
+/// that needs no candidate heap. Every cell that may hold an admissible member is bounded from
+/// its summary; cells are then visited best bound first, and inside a cell its groups, bounded
+/// from their heads, best bound first too; the walk stops as soon as the next bound cannot beat
+/// the best found. Visiting in bound order is what keeps a dispatch short when many cells and
+/// groups bound alike (a batch enqueued at one instant): the first ones visited hold the best,
+/// and it prunes the rest. Ties are broken as in `IndexSearch` (older, then lower sequence
+/// number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    // (tier, score, enqueued_at, seq) beats `best` in the order candidates are ranked.
-    let beats = |best: &Option<Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: u64| {
-        best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
-    };
+    let mut budget_parts = BudgetParts::new(context);
+    let mut cells = Vec::new();
     index.for_each_cell(|key, cell| {
-        let (oldest_at, seq, best_time_ms) = (cell.oldest_enqueued_at, cell.oldest_seq, cell.best_time_ms);
-        let tier = weights.tier(key.priority);
-        let beats = |best: &Option<Candidate>, score: f64, enqueued_at: f64, seq: u64| {
-            beats(best, tier, score, enqueued_at, seq)
-        };
-        let wait = weights.wait_time * wait_time_factor(context.now - oldest_at, key.priority);
-        if !beats(&best, loose_cell_bound(weights, key, best_time_ms) + wait, oldest_at, seq) {
-            return;
-        }
-        let Some(static_bound) =
-            static_cell_bound(weights, key, best_time_ms, context.available, context.max_tokens)
-        else {
-            return;
-        };
-        if !beats(&best, static_bound + wait, oldest_at, seq) {
-            return;
-        }
-        index.for_each_group_head(key, |first, tokens, best_time_ms, single_run| {
-            // A cheap bound from the group's key alone spares the members' cache lines.
-            let bound = group_bound(weights, key, tokens, best_time_ms, context.available) + wait;
-            if tokens as f64 > context.max_tokens || !beats(&best, bound, oldest_at, seq) {
-                return;
-            }
-            let mut head = Some(first);
-            while let Some(slot) = head {
-                // A group shares its estimate: one inadmissible member means all are.
-                let Some(candidate) = score_member(index, context, slot) else { break };
-                // This run and every later one score at most this head with the cell's
-                // longest wait in place of its own.
-                let own_wait =
-                    weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
-                let rest = candidate.base - own_wait + wait + BOUND_SLACK;
-                if !beats(&best, rest, oldest_at, seq) {
-                    break;
-                }
-                if beats(&best, candidate.base, candidate.enqueued_at, candidate.seq) {
-                    best = Some(candidate);
-                }
-                head = if single_run { None } else { index.next_run_head(slot) };
-            }
+        let Some(budget_part) = budget_parts.get(*key) else { return };
+        let wait = weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
+        cells.push(Bounded {
+            tier: weights.tier(key.priority),
+            bound: static_cell_bound_with(weights, key, cell.best_time_ms, budget_part) + wait,
+            oldest_at: cell.oldest_enqueued_at,
+            seq: cell.oldest_seq,
+            item: (*key, wait),
         });
     });
+    // The most promising cell first: what it holds usually prunes every other cell at once.
+    let mut groups = Vec::new();
+    let top = index_of_max(&cells)?;
+    let first = cells.swap_remove(top);
+    expand_cell(index, context, &first, &mut groups, &mut best);
+    // Then every cell that may still beat the best found, in bound order.
+    cells.retain(|cell| beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq));
+    let mut cells = BinaryHeap::from(cells);
+    while let Some(cell) = cells.pop() {
+        if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
+            break; // every cell left bounds no higher
+        }
+        expand_cell(index, context, &cell, &mut groups, &mut best);
+    }
     best
+}
+
+/// Whether `(tier, score, enqueued_at, seq)` beats `best` in the order candidates are ranked.
+fn beats(best: Option<&Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: u64) -> bool {
+    best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
+}
+
+/// The position of the highest-ranked entry.
+fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
+    let mut top: Option<usize> = None;
+    for (i, entry) in entries.iter().enumerate() {
+        if top.is_none_or(|t| entry.cmp(&entries[t]) == Ordering::Greater) {
+            top = Some(i);
+        }
+    }
+    top
+}
+
+/// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
+/// others in bound order; `groups` is scratch space.
+fn expand_cell(
+    index: &impl CandidateIndex,
+    context: &SearchContext,
+    cell: &Bounded<(CellKey, f64)>,
+    groups: &mut Vec<Bounded<(u32, bool)>>,
+    best: &mut Option<Candidate>,
+) {
+    let (key, wait) = cell.item;
+    let (tier, oldest_at, seq) = (cell.tier, cell.oldest_at, cell.seq);
+    let bounds = GroupBounds::new(&context.weights, &key, context.available);
+    groups.clear();
+    index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
+        // A bound from the group's key and cached head alone spares the members' cache lines.
+        if tokens as f64 > context.max_tokens {
+            return;
+        }
+        let bound = bounds.bound(tokens, best_time_ms) + wait;
+        if beats(best.as_ref(), tier, bound, oldest_at, seq) {
+            groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
+        }
+    });
+    let Some(top) = index_of_max(groups) else { return };
+    let first = groups.swap_remove(top);
+    walk_group(index, context, &first, key, wait, best);
+    groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
+    if groups.is_empty() {
+        return;
+    }
+    let mut by_bound = BinaryHeap::from(std::mem::take(groups));
+    while let Some(group) = by_bound.pop() {
+        if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
+            break; // every group left bounds no higher
+        }
+        walk_group(index, context, &group, key, wait, best);
+    }
+    *groups = by_bound.into_vec();
+}
+
+/// Scores the run heads of a group, best processing time first, while they may beat `best`.
+fn walk_group(
+    index: &impl CandidateIndex,
+    context: &SearchContext,
+    group: &Bounded<(u32, bool)>,
+    key: CellKey,
+    wait: f64,
+    best: &mut Option<Candidate>,
+) {
+    let (first, single_run) = group.item;
+    let (tier, oldest_at, seq) = (group.tier, group.oldest_at, group.seq);
+    let mut head = Some(first);
+    while let Some(slot) = head {
+        // A group shares its estimate: one inadmissible member means all are.
+        let Some(candidate) = score_member(index, context, slot) else { break };
+        // This run and every later one score at most this head with the cell's longest wait
+        // in place of its own.
+        let own_wait =
+            context.weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
+        let rest = candidate.base - own_wait + wait + BOUND_SLACK;
+        if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
+            break;
+        }
+        if beats(best.as_ref(), candidate.tier, candidate.base, candidate.enqueued_at, candidate.seq) {
+            *best = Some(candidate);
+        }
+        head = if single_run { None } else { index.next_run_head(slot) };
+    }
 }
 
 /// A stream over a small set of messages scored all at once (the prefetch buffer).

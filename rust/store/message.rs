@@ -57,12 +57,15 @@ pub struct StoredMessage<P> {
     pub tenant: u32,
     /// Deadline instant in clock seconds; NaN for none.
     pub deadline: f64,
+    /// Its slot's generation: bumped by every receive and every release; a receipt handle must
+    /// match it. (Kept here, in what would be padding, rather than beside the message.)
+    pub(super) generation: u32,
     /// 0 (URGENT) ..= 3 (LOW).
     pub priority: u8,
 }
 
 // Optional instants and durations are NaN-encoded: an `Option<f64>` costs 16 B, and two of
-// them would push a slot past the 104 B the memory budget assumes.
+// them would push a slot past the 96 B the memory budget assumes.
 fn nan_to_none(value: f64) -> Option<f64> {
     (!value.is_nan()).then_some(value)
 }

@@ -24,8 +24,10 @@
 //! nothing; payloads of dropped messages wait in [`Store::take_dropped`] so a Python layer can
 //! release them after unlocking.
 //!
-//! Memory at 1M queued messages (`P` = one pointer): slot ~120 B, request id heap block ~32 B,
-//! hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~55 B.
+//! Memory at 1M queued messages (`P` = one pointer): slot 96 B (the generation of an occupied
+//! slot lives in its message's padding, a vacant slot's in the free list), request id heap
+//! block ~32 B, hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
+//! (fewer when a batch built them whole).
 
 mod handles;
 mod invariants;
@@ -54,12 +56,12 @@ use crate::index::{Cell, Ranking, VisibleIndex};
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
 
+/// A slot of the slab: 96 B with a one-pointer payload. The slot's generation lives in its
+/// message (in what would be padding) while occupied, and in the free list while vacant.
 pub(crate) struct Slot<P> {
     message: Option<StoredMessage<P>>,
     /// Visibility deadline while in flight; NaN while visible (an `Option<f64>` would cost 8 B).
     deadline: f64,
-    /// Bumped by every receive and every release of the slot; handles must match it.
-    generation: u32,
 }
 
 /// Counters and timestamps behind `QueueAttributes`.
@@ -86,7 +88,8 @@ pub struct StoreStats {
 pub struct Store<P, R: Ranking = ()> {
     config: StoreConfig,
     slots: Vec<Slot<P>>,
-    free: Vec<u32>,
+    /// Vacant slots, each with the generation its next message starts from.
+    free: Vec<(u32, u32)>,
     ids: HashTable<u32>,
     hasher: RandomState,
     index: VisibleIndex,
@@ -214,7 +217,10 @@ impl<P, R: Ranking> Store<P, R> {
     /// The slot of a message with this request id (one of them, in a dead-letter store that
     /// holds several).
     pub fn slot_of(&self, request_id: &str) -> Option<u32> {
-        let hash = self.hasher.hash_one(request_id);
+        self.slot_of_hashed(request_id, self.hasher.hash_one(request_id))
+    }
+
+    fn slot_of_hashed(&self, request_id: &str, hash: u64) -> Option<u32> {
         let slots = &self.slots;
         self.ids.find(hash, |&s| slot_id(slots, s) == Some(request_id)).copied()
     }
@@ -324,27 +330,46 @@ impl<P, R: Ranking> Store<P, R> {
     /// drops it, after its lock), else it is emptied. Returns the slots in batch order.
     pub fn enqueue_batch(&mut self, messages: &mut Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
         self.maintain(now);
+        // Each id is hashed once: the hash serves the duplicate checks and the id table.
+        let mut hashes = Vec::with_capacity(messages.len());
         let mut seen = HashTable::<usize>::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
             message.validate()?;
             let id: &str = &message.request_id;
-            if self.slot_of(id).is_some() {
+            let hash = self.hasher.hash_one(id);
+            if self.slot_of_hashed(id, hash).is_some() {
                 return Err(duplicate(id));
             }
-            let hash = self.hasher.hash_one(id);
             if seen.find(hash, |&j| &*messages[j].request_id == id).is_some() {
                 return Err(CoreError::DuplicateRequest(format!(
                     "id {} appears more than once in the batch",
                     py_repr(id)
                 )));
             }
-            seen.insert_unique(hash, i, |&j| self.hasher.hash_one(&*messages[j].request_id));
+            hashes.push(hash);
+            seen.insert_unique(hash, i, |&j| hashes[j]);
         }
         drop(seen);
         let first_id = take_message_ids(messages.len() as u64);
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
-        Ok(messages.drain(..).zip(first_id..).map(|(message, id)| self.insert(message, id, now)).collect())
+        let mut entries = Vec::with_capacity(messages.len());
+        let slots = messages
+            .drain(..)
+            .zip(hashes)
+            .zip(first_id..)
+            .map(|((message, hash), id)| {
+                let slot = self.place(message, id, now, hash);
+                let entry = self.message(slot).index_entry();
+                self.ranking.insert(slot, &entry);
+                self.tenants.change(entry.tenant, self.now, |t| t.counts.visible += 1);
+                entries.push((slot, entry));
+                slot
+            })
+            .collect();
+        // The candidate index takes the batch whole, sorted by cell (see `insert_batch`).
+        self.index.insert_batch(&mut entries);
+        Ok(slots)
     }
 
     /// Receives up to `limit` visible messages in receive order (priority, then oldest), each
@@ -391,9 +416,8 @@ impl<P, R: Ranking> Store<P, R> {
         self.maintain(now);
         let slot = self.resolve(handle)?;
         self.detach(slot);
-        let s = &mut self.slots[slot as usize];
-        s.generation = s.generation.wrapping_add(1);
-        let message = s.message.as_mut().expect("a current handle names a message");
+        let message = self.slots[slot as usize].message.as_mut().expect("a current handle names a message");
+        message.generation = message.generation.wrapping_add(1);
         message.receive_count = message.receive_count.saturating_sub(1);
         if message.receive_count == 0 {
             message.first_received = f64::NAN;
@@ -616,6 +640,15 @@ impl<P, R: Ranking> Store<P, R> {
     }
 
     fn insert(&mut self, message: NewMessage<P>, id: u64, now: f64) -> u32 {
+        let hash = self.hasher.hash_one(&*message.request_id);
+        let slot = self.place(message, id, now, hash);
+        self.make_visible(slot);
+        slot
+    }
+
+    /// Stores a message in a slot and its id (of `hash`) in the id table; the caller makes it
+    /// visible.
+    fn place(&mut self, message: NewMessage<P>, id: u64, now: f64, hash: u64) -> u32 {
         // Clamp so that sequence order stays age order even if the clock steps back.
         let enqueued_at = now.max(self.last_enqueued_at);
         self.last_enqueued_at = enqueued_at;
@@ -632,22 +665,21 @@ impl<P, R: Ranking> Store<P, R> {
             receive_count: 0,
             tenant,
             deadline: message.deadline.unwrap_or(f64::NAN),
+            generation: 0,
             priority: message.priority,
         };
-        let hash = self.hasher.hash_one(&*stored.request_id);
-        let slot = if let Some(slot) = self.free.pop() {
+        let slot = if let Some((slot, generation)) = self.free.pop() {
             let s = &mut self.slots[slot as usize];
-            s.message = Some(stored);
+            s.message = Some(StoredMessage { generation, ..stored });
             s.deadline = f64::NAN;
             slot
         } else {
             let slot = u32::try_from(self.slots.len()).expect("more than 2^32 messages");
-            self.slots.push(Slot { message: Some(stored), deadline: f64::NAN, generation: 0 });
+            self.slots.push(Slot { message: Some(stored), deadline: f64::NAN });
             slot
         };
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.ids.insert_unique(hash, slot, |&s| hasher.hash_one(slot_id(slots, s).unwrap_or("")));
-        self.make_visible(slot);
         slot
     }
 
@@ -661,9 +693,9 @@ impl<P, R: Ranking> Store<P, R> {
             message.first_received = now;
         }
         // Wrapping: a handle could only be confused with one 2^32 receives of this slot older.
-        s.generation = s.generation.wrapping_add(1);
+        message.generation = message.generation.wrapping_add(1);
+        let generation = message.generation;
         s.deadline = deadline;
-        let generation = s.generation;
         self.in_flight.insert((OrdTime(deadline), slot));
         self.count_tenant(slot, |c| c.in_flight += 1);
         self.last_modified_at = now;
@@ -676,8 +708,9 @@ impl<P, R: Ranking> Store<P, R> {
         match self.slots.get(parsed.slot as usize) {
             Some(s)
                 if parsed.epoch == self.epoch
-                    && s.generation == parsed.generation
-                    && s.message.as_ref().is_some_and(|m| m.receive_count > 0) =>
+                    && s.message
+                        .as_ref()
+                        .is_some_and(|m| m.generation == parsed.generation && m.receive_count > 0) =>
             {
                 Ok(parsed.slot)
             }
@@ -701,13 +734,12 @@ impl<P, R: Ranking> Store<P, R> {
     fn release_slot(&mut self, slot: u32) -> StoredMessage<P> {
         let s = &mut self.slots[slot as usize];
         let message = s.message.take().expect("slot holds a message");
-        s.generation = s.generation.wrapping_add(1);
         s.deadline = f64::NAN;
         let hash = self.hasher.hash_one(&*message.request_id);
         if let Ok(entry) = self.ids.find_entry(hash, |&x| x == slot) {
             entry.remove();
         }
-        self.free.push(slot);
+        self.free.push((slot, message.generation.wrapping_add(1)));
         message
     }
 }

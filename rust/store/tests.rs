@@ -547,7 +547,7 @@ proptest! {
 #[test]
 fn slots_stay_compact() {
     // The memory budget (<= 200 B per queued message) assumes this size for a pointer payload.
-    assert!(std::mem::size_of::<Slot<usize>>() <= 104, "{}", std::mem::size_of::<Slot<usize>>());
+    assert!(std::mem::size_of::<Slot<usize>>() <= 96, "{}", std::mem::size_of::<Slot<usize>>());
 }
 
 #[test]
