@@ -644,7 +644,11 @@ async def test_a_worker_under_a_tight_output_limit_does_not_stall_until_the_prov
     for key in keys:
         await dispatcher.enqueue(LLMRequest.from_anthropic_messages(key, ask(key, max_tokens=1_000)))
     worker: Worker[Any] = Worker(
-        dispatcher, limiter, anthropic_messages_handler(client, recorder), concurrency=16, handle_signals=False
+        dispatcher,
+        limiter,
+        anthropic_messages_handler(client, recorder),
+        concurrency=16,
+        handle_signals=False,
     )
     started = asyncio.get_running_loop().time()
     await asyncio.wait_for(worker.run(stop_when_empty=True), 30)

@@ -372,7 +372,9 @@ async def test_a_header_lowers_a_bucket_and_refill_raises_it_at_its_own_rate_bef
     clock.advance(2)
     assert (await throttle.get_metrics()).tpm.available == 4000.0
     # A later figure never raises the level; a release gives back up to the capacity only.
-    await throttle.sync_from_headers({"x-ratelimit-remaining-tokens": "59000", "x-ratelimit-reset-tokens": "1s"})
+    await throttle.sync_from_headers(
+        {"x-ratelimit-remaining-tokens": "59000", "x-ratelimit-reset-tokens": "1s"}
+    )
     assert (await throttle.get_metrics()).tpm.available == 4000.0
     await throttle.release("a")
     assert (await throttle.get_metrics()).tpm.available == 7000.0

@@ -39,7 +39,11 @@ def test_an_absurd_penalty_is_clamped_to_one_day_not_a_frozen_limiter(seconds: A
 
 @pytest.mark.parametrize(
     "headers",
-    [{"retry-after": "1e308"}, {"retry-after": "99999999999"}, {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}],
+    [
+        {"retry-after": "1e308"},
+        {"retry-after": "99999999999"},
+        {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"},
+    ],
     ids=["retry-after-1e308", "retry-after-huge", "retry-after-year-9999"],
 )
 def test_a_retry_after_from_headers_is_clamped_to_one_day(headers: dict[str, str]) -> None:
