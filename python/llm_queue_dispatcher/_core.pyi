@@ -375,9 +375,10 @@ class LLMThrottle:
         limiter; NaN or a negative wait raises `InvalidRequestError`."""
     def sync_from_headers(self, headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ProviderLimits:
         """Lowers the buckets (requests, tokens, and input and output tokens where limited) to
-        what the provider's rate-limit headers say remains, until their reset, and applies
-        ``retry-after`` as a penalty; returns what was read. After the reset each bucket refills
-        at its own rate, never above its own capacity. Resets and ``retry-after`` beyond
+        what the provider's rate-limit headers say remains, and applies ``retry-after`` as a
+        penalty; returns what was read. From there each bucket refills at its own rate, never
+        above its own capacity: a reset (when the provider's bucket is full again) holds nothing
+        down. Resets and ``retry-after`` beyond
         `MAX_PROVIDER_WAIT` are clamped to it (logged once per limiter)."""
     def apply_provider_limits(self, limits: ProviderLimits) -> None:
         """`sync_from_headers` for figures already read."""

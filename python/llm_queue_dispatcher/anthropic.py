@@ -5,9 +5,9 @@ call is made: `estimate_messages_tokens` and `LLMRequest.from_anthropic_messages
 it, and ``import llm_queue_dispatcher`` never imports it.
 
 Every response (success or error) updates the limiter from Anthropic's rate-limit headers
-(``anthropic-ratelimit-*``, through ``sync_from_headers``): it never believes it holds more than
-the provider says remains until the provider's reset, and a ``retry-after`` pauses it. Errors
-become the worker's vocabulary:
+(``anthropic-ratelimit-*``, through ``sync_from_headers``): each bucket is lowered to what the
+provider says remains and refills at its own rate from there, and a ``retry-after`` pauses it.
+Errors become the worker's vocabulary:
 
 ============================================  =======================================================
 Response                                       Raised to the worker

@@ -5,8 +5,8 @@ call is made: `estimate_chat_tokens` and `LLMRequest.from_openai_chat` work with
 ``import llm_queue_dispatcher`` never imports it.
 
 Every response (success or error) updates the limiter from the provider's rate-limit headers
-(``sync_from_headers``): it never believes it holds more than the provider says remains until
-the provider's reset, and a ``Retry-After`` pauses it. Errors become the worker's vocabulary:
+(``sync_from_headers``): each bucket is lowered to what the provider says remains and refills at
+its own rate from there, and a ``Retry-After`` pauses it. Errors become the worker's vocabulary:
 
 ============================================  =======================================================
 Response                                       Raised to the worker

@@ -6,12 +6,13 @@ Both limiters (`LLMThrottle` and `redis.RedisThrottle`) learn from it through
 * ``retry_after`` (``retry-after`` / ``retry-after-ms``, seconds or an HTTP date) becomes
   ``penalize(retry_after)``: nothing is granted until then.
 * ``requests_remaining`` / ``tokens_remaining`` lower what the limiter believes its request and
-  token buckets hold: each bucket is cut to at most the provider's figure at once, and until the
-  provider's reset (``requests_reset`` / ``tokens_reset``, seconds from now) it can hold no more
-  than that figure minus what was granted since. So the limiter never believes it has more than
-  the provider says remains. Without a reset figure the cut happens once and the bucket refills
-  as usual. ``input_tokens_*`` and ``output_tokens_*`` do the same to a limiter's input and
-  output token buckets (its ``itpm`` and ``otpm``), where it has them.
+  token buckets hold: each bucket is cut to at most the provider's figure at once (never raised
+  by it), and from there refills at its own rate, never above the configured limit. The reset
+  (``requests_reset`` / ``tokens_reset``, seconds from now) holds nothing down: it is the
+  instant the provider's bucket is full again, and the provider refills continuously until
+  then, so a limiter that sat at the figure until the reset would stall a worker for up to a
+  minute with budget available. ``input_tokens_*`` and ``output_tokens_*`` do the same to a
+  limiter's input and output token buckets (its ``itpm`` and ``otpm``), where it has them.
 
 Headers understood (case-insensitive):
 

@@ -8,7 +8,9 @@ which gives a reservation back whole (its tokens and its request); without it th
 falls back to ``adjust_consumption(request_id, 0)``, which refunds the tokens only.
 
 `MAX_PROVIDER_WAIT` (one day) bounds every wait a provider can impose on `LLMThrottle`:
-``penalize(seconds)`` and the resets and ``Retry-After`` read by ``sync_from_headers``.
+``penalize(seconds)`` and the ``Retry-After`` read by ``sync_from_headers`` (a reset beyond it,
+a malformed header, is logged; resets hold no bucket down: a header lowers a bucket, which
+refills at its own rate).
 
 Besides ``rpm`` and ``tpm``, `LLMThrottle` (and ``RedisThrottle``) take the other limits
 providers publish: ``itpm`` and ``otpm`` (input and output tokens per minute), ``rpd`` and

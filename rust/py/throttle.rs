@@ -675,8 +675,9 @@ impl PyThrottle {
         self.log_clamped(py, "penalize(seconds)", clamped)
     }
 
-    /// Lowers what the limiter believes it holds to what the provider says remains, until the
-    /// provider's reset, and applies its `Retry-After` as a penalty. See
+    /// Lowers what the limiter believes it holds to what the provider says remains (from there
+    /// each bucket refills at its own rate, never above its capacity: the provider's reset holds
+    /// nothing down), and applies its `Retry-After` as a penalty. See
     /// `llm_queue_dispatcher.provider_limits` for the headers understood. Returns what was read.
     fn sync_from_headers<'py>(
         &self,

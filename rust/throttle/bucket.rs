@@ -1,5 +1,5 @@
-//! One token bucket: continuous refill up to a capacity, with an optional ceiling that a
-//! provider's own figures impose until their reset.
+//! One token bucket: continuous refill up to a capacity. A provider's figure may lower its level
+//! at once; from there it refills at its own rate.
 
 /// The state of one bucket, as snapshots carry it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -13,14 +13,6 @@ pub struct BucketState {
     pub last_refill: f64,
 }
 
-/// What a provider said remains, until its reset: the bucket may hold no more than `tokens`,
-/// which falls with every grant, until `until`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Ceiling {
-    tokens: f64,
-    until: f64,
-}
-
 /// A token bucket refilled continuously at `rate` tokens per second up to `capacity`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -28,7 +20,6 @@ pub struct TokenBucket {
     rate: f64,
     available: f64,
     last_refill: f64,
-    ceiling: Option<Ceiling>,
 }
 
 /// The smallest float above a positive `x`.
@@ -39,30 +30,15 @@ pub(super) fn next_up(x: f64) -> f64 {
 impl TokenBucket {
     /// A full bucket.
     pub fn new(capacity: f64, rate: f64, now: f64) -> Self {
-        Self { capacity, rate, available: capacity, last_refill: now, ceiling: None }
+        Self { capacity, rate, available: capacity, last_refill: now }
     }
 
     /// Adds the tokens refilled since the last call. A clock reading older than the last one
-    /// (two threads racing for the lock) adds nothing rather than draining the bucket. A
-    /// ceiling caps the refill until its instant, and the time after it refills freely.
+    /// (two threads racing for the lock) adds nothing rather than draining the bucket.
     pub fn refill(&mut self, now: f64) {
-        if let Some(ceiling) = self.ceiling {
-            if now < ceiling.until {
-                self.refill_to(now, ceiling.tokens);
-                return;
-            }
-            self.refill_to(ceiling.until, ceiling.tokens);
-            self.ceiling = None;
-        }
-        self.refill_to(now, self.capacity);
-    }
-
-    fn refill_to(&mut self, now: f64, limit: f64) {
         let elapsed = now - self.last_refill;
         if elapsed > 0.0 {
-            let refilled = (self.available + elapsed * self.rate).min(self.capacity);
-            // A ceiling stops the refill; it never takes away what is already there.
-            self.available = refilled.min(limit.max(self.available));
+            self.available = (self.available + elapsed * self.rate).min(self.capacity);
             self.last_refill = now;
         }
     }
@@ -90,7 +66,6 @@ impl TokenBucket {
     /// Seconds until the bucket holds `count` tokens: 0 if it does, infinite if it never can.
     /// Exact in the clock's own arithmetic: a refill at `last_refill + wait` (the reading a
     /// clock advanced by `wait` gives) finds `count` tokens, and one a float step earlier not.
-    /// Under a ceiling below `count`, the wait runs past the ceiling's end.
     pub fn time_until(&self, count: f64) -> f64 {
         if self.has(count) {
             return 0.0;
@@ -98,17 +73,6 @@ impl TokenBucket {
         if count > self.capacity {
             return f64::INFINITY;
         }
-        match self.ceiling {
-            Some(ceiling) if ceiling.tokens.max(self.available) < count => {
-                let mut after = self.clone();
-                after.refill(ceiling.until);
-                (ceiling.until - self.last_refill) + after.time_until(count)
-            }
-            _ => self.free_time_until(count),
-        }
-    }
-
-    fn free_time_until(&self, count: f64) -> f64 {
         let mut wait = (count - self.available) / self.rate;
         let refilled =
             |wait: f64| self.available + ((self.last_refill + wait) - self.last_refill) * self.rate;
@@ -129,7 +93,6 @@ impl TokenBucket {
     pub fn take(&mut self, count: f64) -> bool {
         if self.has(count) {
             self.available = (self.available - count).max(0.0);
-            self.lower_ceiling(count);
             true
         } else {
             false
@@ -140,37 +103,25 @@ impl TokenBucket {
     pub fn take_up_to(&mut self, count: f64) -> f64 {
         let taken = count.min(self.available).max(0.0);
         self.available -= taken;
-        self.lower_ceiling(count);
         count - taken
     }
 
-    fn lower_ceiling(&mut self, count: f64) {
-        if let Some(ceiling) = &mut self.ceiling {
-            ceiling.tokens = (ceiling.tokens - count).max(0.0);
-        }
-    }
-
-    /// Gives back `count` tokens, up to the capacity (and a provider's ceiling, which does not
-    /// rise again: the provider has not said it refunds).
+    /// Gives back `count` tokens, up to the capacity.
     pub fn refund(&mut self, count: f64) {
-        let limit = self.ceiling.map_or(self.capacity, |c| c.tokens.max(self.available).min(self.capacity));
-        self.available = (self.available + count).min(limit);
+        self.available = (self.available + count).min(self.capacity);
     }
 
-    /// Lowers the bucket to at most `remaining` now, and, with `until`, keeps it at most
-    /// `remaining` minus what is taken from now on until that instant. A later call replaces
-    /// the ceiling: it is the provider's newest word.
-    pub fn cap(&mut self, remaining: f64, until: Option<f64>) {
+    /// Lowers the bucket to at most `remaining` now (a provider's word of what is left); it
+    /// never raises the level, and from there the bucket refills at its own rate up to its own
+    /// capacity: nothing holds it down until the provider's reset.
+    pub fn cap(&mut self, remaining: f64) {
         self.available = self.available.min(remaining.max(0.0));
-        self.ceiling =
-            until.filter(|&until| until > self.last_refill).map(|until| Ceiling { tokens: remaining, until });
     }
 
-    /// Fills the bucket and forgets any ceiling.
+    /// Fills the bucket.
     pub fn reset(&mut self, now: f64) {
         self.available = self.capacity;
         self.last_refill = now;
-        self.ceiling = None;
     }
 
     /// The bucket's state for a snapshot.
@@ -183,7 +134,6 @@ impl TokenBucket {
     pub fn restore(&mut self, state: &BucketState, since_refill: f64, now: f64) {
         self.available = state.available;
         self.last_refill = now - since_refill;
-        self.ceiling = None;
     }
 
     pub(super) fn consistent(&self) -> bool {
@@ -197,36 +147,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_ceiling_caps_refill_until_its_instant_and_falls_with_grants() {
+    fn a_header_lowers_the_bucket_and_refill_raises_it_at_its_own_rate() {
         let mut bucket = TokenBucket::new(1000.0, 10.0, 0.0);
-        bucket.cap(300.0, Some(50.0));
+        bucket.cap(300.0);
         assert_eq!(bucket.available(), 300.0);
         assert!(bucket.take(100.0));
-        // The provider said 300 remain until t=50: 100 were granted, so at most 200 now.
-        bucket.refill(40.0);
-        assert_eq!(bucket.available(), 200.0);
-        assert!(!bucket.has(250.0));
-        // 250 tokens: the ceiling holds the bucket at 200 until t=50, then 5 s of refill.
-        assert_eq!(bucket.time_until(250.0), 15.0);
-        bucket.refill(55.0);
+        // 10 tokens a second from 200, whatever the provider's reset: no hold until it.
+        bucket.refill(5.0);
         assert_eq!(bucket.available(), 250.0);
-        // A refund does not lift a live ceiling.
-        let mut capped = TokenBucket::new(1000.0, 10.0, 0.0);
-        capped.cap(300.0, Some(50.0));
-        assert!(capped.take(300.0));
-        capped.refund(300.0);
-        assert_eq!(capped.available(), 0.0);
+        assert_eq!(bucket.time_until(400.0), 15.0);
+        // Never above the capacity.
+        bucket.refill(500.0);
+        assert_eq!(bucket.available(), 1000.0);
+        // A refund after a cut goes up to the capacity.
+        let mut cut = TokenBucket::new(1000.0, 10.0, 0.0);
+        cut.cap(300.0);
+        assert!(cut.take(300.0));
+        cut.refund(300.0);
+        assert_eq!(cut.available(), 300.0);
     }
 
     #[test]
-    fn a_cap_without_reset_lowers_once() {
+    fn a_cap_never_raises_the_level() {
         let mut bucket = TokenBucket::new(1000.0, 10.0, 0.0);
-        bucket.cap(100.0, None);
+        bucket.cap(100.0);
         assert_eq!(bucket.available(), 100.0);
         bucket.refill(10.0);
         assert_eq!(bucket.available(), 200.0);
-        // Never raises the level.
-        bucket.cap(5000.0, Some(100.0));
+        bucket.cap(5000.0);
         assert_eq!(bucket.available(), 200.0);
     }
 

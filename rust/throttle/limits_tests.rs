@@ -240,17 +240,15 @@ fn parts_add_up_to_the_total_or_one_leaves_the_rest_to_the_other() {
 }
 
 #[test]
-fn a_provider_figure_lowers_a_part_limit_which_refills_after_the_reset_up_to_its_capacity() {
+fn a_header_lowers_a_part_limit_and_refill_raises_it_at_its_own_rate_before_the_reset() {
     let mut t = anthropic(AdjustmentFailureStrategy::Warn);
-    t.cap_limits(&[(Dimension::Otpm, (1_000.0, Some(10.0))), (Dimension::Itpm, (30_000.0, None))]).unwrap();
+    t.cap_limits(&[(Dimension::Otpm, (1_000.0, Some(60.0))), (Dimension::Itpm, (30_000.0, None))]).unwrap();
     assert_eq!(level(&t, Dimension::Otpm), 1_000.0);
     assert_eq!(level(&t, Dimension::Itpm), 30_000.0);
     assert!(t.try_consume_parts(0.0, "a", 600, Some((0, 600)), ()).is_ok());
-    // Until the reset the bucket holds at most what the provider said less what was granted.
-    t.advance(9.0);
-    assert_eq!(level(&t, Dimension::Otpm), 400.0);
-    // After it, it refills at its own rate, 300 a second, never above its capacity.
-    t.advance(12.0);
+    // Long before the reset, the bucket refills at its own rate (300 a second) from 400.
+    assert_eq!(t.check_parts(1_000, Some((0, 1_000)), 0.0).available_in, 2.0);
+    t.advance(2.0);
     assert_eq!(level(&t, Dimension::Otpm), 400.0 + 2.0 * 300.0);
     t.advance(600.0);
     assert_eq!(level(&t, Dimension::Otpm), 18_000.0);

@@ -1,5 +1,5 @@
 //! What a provider says of its limits: a penalty (its 429 and `Retry-After`) and the figures
-//! of its rate-limit headers, which lower the buckets until the provider's reset.
+//! of its rate-limit headers, which lower the buckets at once; they refill at their own rate.
 
 use super::{Dimension, Meter, Throttle, TokenBucket};
 use crate::errors::{CoreError, CoreResult};
@@ -54,16 +54,16 @@ impl<M> Throttle<M> {
     }
 
     /// Lowers what the buckets hold to what a provider says remains: each figure
-    /// `(limit, (remaining, reset))` cuts its bucket now and, with a reset (seconds from now),
-    /// caps it until then at that figure minus what is granted meanwhile; after the reset the
-    /// bucket refills at its own rate up to its own capacity (see `provider_limits.py`). A
-    /// figure for a limit this throttle does not keep is ignored. A reset beyond
-    /// `MAX_PROVIDER_WAIT` (infinity included) is clamped to it, and the longest reset asked
-    /// for is then returned for the caller to log. Checked whole first: on a bad figure nothing
-    /// changes. Call `advance` first.
+    /// `(limit, (remaining, reset))` cuts its bucket now to at most `remaining`, and from there
+    /// the bucket refills at its own rate up to its own capacity. The reset (seconds from now)
+    /// does not hold the bucket down: a provider's reset is the instant its own bucket is full
+    /// again, and it refills continuously until then (see `provider_limits.py`). A figure for a
+    /// limit this throttle does not keep is ignored. A reset is still checked: NaN or negative is
+    /// an `InvalidRequest`, and one beyond `MAX_PROVIDER_WAIT` (infinity included), a malformed
+    /// header, is returned (the longest) for the caller to log. Checked whole first: on a bad
+    /// figure nothing changes. Call `advance` first.
     pub fn cap_limits(&mut self, figures: &[(Dimension, (f64, Option<f64>))]) -> CoreResult<Option<f64>> {
         let mut clamped: Option<f64> = None;
-        let mut resets = Vec::with_capacity(figures.len());
         for &(dimension, (remaining, reset)) in figures {
             let name = figure_name(dimension);
             if !(remaining.is_finite() && remaining >= 0.0) {
@@ -71,20 +71,16 @@ impl<M> Throttle<M> {
                     "{name} remaining must be a finite number >= 0, got {remaining}"
                 )));
             }
-            let mut wait = None;
             if let Some(reset) = reset {
-                let (bounded, was_clamped) = provider_wait(reset, &format!("{name} reset"))?;
+                let (_, was_clamped) = provider_wait(reset, &format!("{name} reset"))?;
                 if was_clamped {
                     clamped = Some(clamped.map_or(reset, |c| c.max(reset)));
                 }
-                wait = Some(bounded);
             }
-            resets.push(wait);
         }
-        let now = self.now;
-        for (&(dimension, (remaining, _)), reset) in figures.iter().zip(resets) {
+        for &(dimension, (remaining, _)) in figures {
             if let Some(bucket) = self.bucket_mut(dimension) {
-                bucket.cap(remaining, reset.map(|r| now + r));
+                bucket.cap(remaining);
             }
         }
         Ok(clamped)

@@ -33,6 +33,7 @@ from llm_queue_dispatcher import (
     PermanentError,
     Priority,
     ProcessableMessage,
+    ProviderLimits,
     RetryableError,
     TokenUsage,
     Worker,
@@ -606,6 +607,56 @@ async def test_a_limiter_with_the_provider_s_input_and_output_limits_meets_no_42
     parts = {r.request_id: (r.input_tokens, r.output_tokens) for r in limiter.get_consumption_history()}
     assert parts == provider.usage
     assert worker.stats.tokens == sum(sum(usage) for usage in provider.usage.values())
+
+
+class SyncRecorder:
+    """The handler's side of a limiter (penalties and header syncs) forwarded to an
+    `LLMThrottle`, keeping what each sync read."""
+
+    def __init__(self, inner: LLMThrottle) -> None:
+        self.inner = inner
+        self.read: list[ProviderLimits] = []
+
+    def penalize(self, seconds: float) -> None:
+        self.inner.penalize(seconds)
+
+    def sync_from_headers(self, headers: Any) -> ProviderLimits:
+        limits = self.inner.sync_from_headers(headers)
+        self.read.append(limits)
+        return limits
+
+
+async def test_a_worker_under_a_tight_output_limit_does_not_stall_until_the_provider_s_reset(
+    provider: AnthropicServer, client: AsyncAnthropic
+) -> None:
+    # 63 replies of 1,000 output tokens against 60,000 a minute (1,000 a second): 60 fit at once,
+    # the last 3 wait about a second each for the refill. The server's headers then say about
+    # nothing remains, with a reset (when its bucket is full again) about a minute away; a
+    # limiter that held the bucket at the figure until the reset would stall the Worker that
+    # long. It refills at its own rate instead, and the run ends well before the reset.
+    provider.configure(rpm=6_000, otpm=60_000, output_tokens=1_000)
+    limiter = LLMThrottle(6_000, 10_000_000, otpm=60_000)
+    recorder = SyncRecorder(limiter)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        InMemoryStorage(), LLMQueueDispatcherConfig(visibility_timeout=60.0)
+    )
+    keys = [f"request-{n:02d}" for n in range(63)]
+    for key in keys:
+        await dispatcher.enqueue(LLMRequest.from_anthropic_messages(key, ask(key, max_tokens=1_000)))
+    worker: Worker[Any] = Worker(
+        dispatcher,
+        limiter,
+        anthropic_messages_handler(client, recorder),
+        concurrency=16,
+        handle_signals=False,
+    )
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(worker.run(stop_when_empty=True), 30)
+    took = asyncio.get_running_loop().time() - started
+    assert provider.successes == Counter({key: 1 for key in keys})
+    resets = [r.output_tokens_reset for r in recorder.read if r.output_tokens_reset is not None]
+    assert max(resets) >= 45  # the provider's reset was most of a minute away ...
+    assert took < max(resets) - 15  # ... and the run did not wait for it
 
 
 async def test_each_429_pauses_the_limiter_and_retries_the_message(

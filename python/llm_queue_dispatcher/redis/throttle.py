@@ -26,7 +26,7 @@ once with a finite wait or ``inf``. A call resent because its reply was lost (re
 on a broken connection) is applied once: a grant is charged once, a release gives back once.
 
 Keys, under the namespace's hash tag: ``{ns}:l:{name}:state`` (hash: bucket levels, debts,
-penalty, provider ceilings, history totals), ``{ns}:l:{name}:grants`` (hash: grant number ->
+penalty, history totals), ``{ns}:l:{name}:grants`` (hash: grant number ->
 record), ``{ns}:l:{name}:grant-order`` (list: grant numbers, oldest first),
 ``{ns}:l:{name}:latest`` (hash: request id -> its latest grant that counts),
 ``{ns}:l:{name}:held`` (sorted set: the grants holding a slot of ``max_concurrent``) and, for a
@@ -623,8 +623,8 @@ class RedisThrottle(ScriptClient):
     async def release(self, request_id: str) -> None:
         """Gives the latest grant of ``request_id`` back whole (its request, its tokens and the
         debt it paid) and forgets it, as if it had never been granted; an earlier grant of the
-        same id, if one still counts, is the latest again. Under a provider ceiling
-        (`sync_from_headers`) the tokens come back only up to it. Unknown id: `UnknownRequestError`."""
+        same id, if one still counts, is the latest again, never above a bucket's capacity.
+        Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
         if not await self._run("limiter_release", rid, resendable=True):
             raise UnknownRequestError(
@@ -701,9 +701,10 @@ class RedisThrottle(ScriptClient):
         """Learns from a provider response's rate-limit headers (see
         `llm_queue_dispatcher.provider_limits`): ``retry-after`` penalizes; a remaining figure
         (of requests, tokens, and input and output tokens where itpm and otpm are set) cuts its
-        bucket to at most that now and, until the reset, keeps it at most that figure minus what
-        is granted since; after it the bucket refills at its own rate, never above its own
-        capacity. Returns what was read; malformed headers are ignored.
+        bucket to at most that now, and from there the bucket refills at its own rate, never
+        above its own capacity. A reset holds nothing down: it is when the provider's own bucket
+        is full again, and the provider refills continuously until then. Returns what was read;
+        malformed headers are ignored.
 
         Absolute instants (Anthropic's resets, a ``Retry-After`` date) are read against the
         server's clock, not this host's: a host clock an hour off changes nothing. Delays count
@@ -743,7 +744,7 @@ class RedisThrottle(ScriptClient):
         )
 
     async def reset(self) -> None:
-        """Full buckets, no history, no debt, no penalty, no ceiling, no request in flight, for
+        """Full buckets, no history, no debt, no penalty, no request in flight, for
         every process."""
         await self._run("limiter_reset")
 

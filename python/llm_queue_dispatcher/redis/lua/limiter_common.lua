@@ -5,7 +5,7 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
--- KEYS[1] state (hash: bucket levels, debts, penalty, ceilings, history totals, grant counter)
+-- KEYS[1] state (hash: bucket levels, debts, penalty, history totals, grant counter)
 -- KEYS[2] grants (hash: grant number -> msgpack record)
 -- KEYS[3] grant order (list of grant numbers, oldest first: LLMThrottle's history)
 -- KEYS[4] latest (hash: request id -> number of its latest grant that counts)
@@ -22,8 +22,8 @@
 --
 -- Instants are whole microseconds. A bucket stores its level at `last`; its level at any t >= last
 -- is computed by level() alone, so the wait a check reports is exactly the one the next grant
--- sees. A provider ceiling (sync_from_headers) stops the refill above it until its reset, and
--- falls with every grant.
+-- sees. A provider's figure (sync_from_headers) lowers a level at once; from there the bucket
+-- refills at its own rate, whatever the provider's reset.
 
 local NOW
 if ARGV[1] == '' then
@@ -44,8 +44,9 @@ local MINUTE_US, DAY_US = 60000000, 86400000000
 -- The buckets, in the order a tie between equal waits is reported (rpm, tpm, itpm, otpm, rpd,
 -- tpd; then concurrency): each refills `per` every `period` us up to `cap`, and counts one per
 -- request ('request'), the request's whole tokens ('total'), or its input or output part. Its
--- state lives in the fields <key>a (level), <key>l (instant of the level), <key>c and <key>cu (a
--- provider's ceiling and its end) and, for a token bucket, its debt (`debt_field`).
+-- state lives in the fields <key>a (level), <key>l (instant of the level) and, for a token bucket,
+-- its debt (`debt_field`). (<key>c and <key>cu, a provider's ceiling that earlier versions kept
+-- until the reset, are read by nobody and deleted on the next save.)
 local SPECS = {
   {name = 'rpm', key = 'r', per = tonumber(ARGV[2]), period = MINUTE_US, cap = tonumber(ARGV[4]), counts = 'request'},
   {
@@ -77,7 +78,7 @@ end
 
 local fields = {'penalty', 'tokens', 'adjusted', 'accuracy', 'live'}
 for _, spec in ipairs(SPECS) do -- the buckets configured
-  for _, suffix in ipairs({'a', 'l', 'c', 'cu'}) do -- a bucket's four fields
+  for _, suffix in ipairs({'a', 'l'}) do -- a bucket's two fields
     fields[#fields + 1] = spec.key .. suffix
   end
   fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
@@ -94,17 +95,16 @@ local TOTALS = {
 -- carry a debt, apart (METERS, tpm first).
 local BUCKETS, BY_NAME, METERS = {}, {}, {}
 for i, spec in ipairs(SPECS) do -- the buckets configured
-  local at = 5 + (i - 1) * 5
+  local at = 5 + (i - 1) * 3
   local b = {
     name = spec.name, key = spec.key, per = spec.per, period = spec.period, cap = spec.cap, counts = spec.counts,
-    avail = tonumber(raw[at + 1]) or spec.cap, last = tonumber(raw[at + 2]) or NOW,
-    ceiling = tonumber(raw[at + 3]), ceiling_until = tonumber(raw[at + 4]) or 0, debt_field = spec.debt_field,
+    avail = tonumber(raw[at + 1]) or spec.cap, last = tonumber(raw[at + 2]) or NOW, debt_field = spec.debt_field,
   }
   if b.avail > b.cap then
     b.avail = b.cap -- another process configured a smaller burst
   end
   if spec.debt_field then
-    b.debt = tonumber(raw[at + 5]) or 0
+    b.debt = tonumber(raw[at + 3]) or 0
     METERS[#METERS + 1] = b
   end
   BUCKETS[i] = b
@@ -112,44 +112,23 @@ for i, spec in ipairs(SPECS) do -- the buckets configured
 end
 local REQUESTS, TOKENS = BY_NAME.rpm, BY_NAME.tpm
 
--- A penalty or a ceiling stored further ahead than MAX_DELAY_US (by a client that did not bound
--- it) ends a day from now, stored so at once: nothing holds the limiter shut for longer.
+-- A penalty stored further ahead than MAX_DELAY_US (by a client that did not bound it) ends a day
+-- from now, stored so at once: nothing holds the limiter shut for longer.
 if PENALTY > NOW + MAX_DELAY_US then
   PENALTY = NOW + MAX_DELAY_US
   redis.call('HSET', STATE, 'penalty', fmt(PENALTY))
-end
-for _, b in ipairs(BUCKETS) do -- the buckets configured
-  if b.ceiling ~= nil and b.ceiling_until > NOW + MAX_DELAY_US then
-    b.ceiling_until = NOW + MAX_DELAY_US
-    redis.call('HSET', STATE, b.key .. 'cu', fmt(b.ceiling_until))
-  end
 end
 
 -- The refill of LLMThrottle's TokenBucket (rust/throttle/bucket.rs), in microseconds. Multiply
 -- before dividing: whole seconds at rates per second a double holds exactly (whole rates, or a
 -- day's 675 requests: 2^-7 a second) come out exact, as in LLMThrottle's float arithmetic, so both
--- limiters draw the same line at the same instant. A ceiling stops
--- the refill above it (never taking away what is there) until its instant; after that the
--- bucket refills freely from where the ceiling held it.
-local function refill_to(b, t, limit)
+-- limiters draw the same line at the same instant.
+local function refill_until(b, t)
   local elapsed = t - b.last
   if elapsed > 0 then
-    local refilled = math.min(b.cap, b.avail + elapsed * b.per / b.period)
-    b.avail = math.min(refilled, math.max(limit, b.avail))
+    b.avail = math.min(b.cap, b.avail + elapsed * b.per / b.period)
     b.last = t
   end
-end
-
-local function refill_until(b, t)
-  if b.ceiling ~= nil then
-    if t < b.ceiling_until then
-      refill_to(b, t, b.ceiling)
-      return
-    end
-    refill_to(b, b.ceiling_until, b.ceiling)
-    b.ceiling = nil
-  end
-  refill_to(b, t, b.cap)
 end
 
 local function refill(b)
@@ -159,10 +138,7 @@ end
 -- The bucket's level at t >= NOW, computed from its stored state alone (changing nothing): the
 -- level a grant at t will find, so the wait a check reports is exactly the one that grant sees.
 local function level(b, t)
-  local copy = {
-    avail = b.avail, last = b.last, cap = b.cap, per = b.per, period = b.period, ceiling = b.ceiling,
-    ceiling_until = b.ceiling_until,
-  }
+  local copy = {avail = b.avail, last = b.last, cap = b.cap, per = b.per, period = b.period}
   refill_until(copy, t)
   return copy.avail
 end
@@ -171,8 +147,8 @@ local function available(b)
   return level(b, NOW)
 end
 
--- Microseconds until the bucket holds n: 0 now, math.huge never (n above its capacity). Under
--- a ceiling below n, the wait runs past the ceiling's end. The first guess is the exact refill
+-- Microseconds until the bucket holds n: 0 now, math.huge never (n above its capacity). The
+-- first guess is the exact refill
 -- time rounded up; rounding in level() can leave it a microsecond or two off, which the two
 -- loops correct (LLMThrottle's TokenBucket::time_until corrects its own float rounding the same
 -- way, in at most 64 rounds). However far the answer (a drained bucket of 1e9 tokens refilling
@@ -185,12 +161,7 @@ local function wait_for(b, n)
   if n > b.cap then
     return math.huge
   end
-  local base, base_level = NOW, now_level
-  if b.ceiling ~= nil and b.ceiling_until > NOW and math.max(b.ceiling, now_level) < n then
-    base = b.ceiling_until
-    base_level = level(b, base)
-  end
-  local t = base + math.max(0, math.ceil((n - base_level) * b.period / b.per))
+  local t = NOW + math.max(0, math.ceil((n - now_level) * b.period / b.per))
   if t >= EXACT_US then
     return t - NOW -- centuries away: no microsecond to correct
   end
@@ -212,24 +183,16 @@ local function wait_for(b, n)
   return t - NOW
 end
 
--- Takes up to n from a refilled bucket, lowering its ceiling by n; returns what it could not take.
+-- Takes up to n from a refilled bucket; returns what it could not take.
 local function take(b, n)
   local taken = math.max(0, math.min(n, b.avail))
   b.avail = b.avail - taken
-  if b.ceiling ~= nil then
-    b.ceiling = math.max(0, b.ceiling - n)
-  end
   return n - taken
 end
 
--- Gives back n, up to the capacity and a live ceiling (which a refund does not raise: the
--- provider never said it refunds).
+-- Gives back n, up to the capacity.
 local function refund(b, n)
-  local limit = b.cap
-  if b.ceiling ~= nil then
-    limit = math.min(b.cap, math.max(b.ceiling, b.avail))
-  end
-  b.avail = math.min(b.avail + n, limit)
+  b.avail = math.min(b.avail + n, b.cap)
 end
 
 -- Gives back n tokens of debt an upward adjustment added to token bucket b: what is still owed is
@@ -241,16 +204,10 @@ local function give_back_owed(b, n)
   refund(b, n - cancelled)
 end
 
--- A provider's figure: at most `remaining` now and, with a reset, until then at most
--- `remaining` minus what is granted since. A later figure replaces the ceiling.
-local function cap_at(b, remaining, reset)
+-- A provider's figure: at most `remaining` now (never raising the level); from there the bucket
+-- refills at its own rate up to its own capacity, as LLMThrottle's TokenBucket::cap.
+local function cap_at(b, remaining)
   b.avail = math.min(b.avail, math.max(remaining, 0))
-  if reset ~= nil and NOW + reset > b.last then
-    b.ceiling = remaining
-    b.ceiling_until = NOW + reset
-  else
-    b.ceiling = nil
-  end
 end
 
 -- Tokens a grant of `tokens` must find in token bucket b: the tokens plus the debt, but never more
@@ -367,14 +324,7 @@ local function save()
       fields[#fields + 1] = b.debt_field
       fields[#fields + 1] = exact(b.debt)
     end
-    if b.ceiling ~= nil then
-      fields[#fields + 1] = b.key .. 'c'
-      fields[#fields + 1] = exact(b.ceiling)
-      fields[#fields + 1] = b.key .. 'cu'
-      fields[#fields + 1] = fmt(b.ceiling_until)
-    else
-      redis.call('HDEL', STATE, b.key .. 'c', b.key .. 'cu')
-    end
+    redis.call('HDEL', STATE, b.key .. 'c', b.key .. 'cu') -- an earlier version's ceiling
   end
   redis.call('HSET', STATE, unpack(fields))
 end
@@ -498,7 +448,7 @@ end
 -- Gives a grant back whole, as if it had never been made: its request to each request bucket, to
 -- each token bucket the tokens it holds, the debt it paid (owed again) and the debt its
 -- adjustments added (cancelled, or given back where later grants paid it), and its slot of
--- max_concurrent. A provider ceiling is not raised by it. `latest`: it is the latest
+-- max_concurrent. `latest`: it is the latest
 -- grant of its id, and the one before it becomes the latest again; an earlier grant of an id
 -- that has a later one only stops counting.
 local function give_back(record, latest)

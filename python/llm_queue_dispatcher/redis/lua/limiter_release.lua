@@ -1,7 +1,7 @@
 -- release: ARGV[15] request id. Gives the latest grant of that id back whole, as if it had never
 -- been granted: its request to each request bucket, to each token bucket the tokens it holds, the
 -- debt it paid (owed again) and the debt its adjustments added (cancelled, or given back where
--- later grants paid it), and its slot of max_concurrent. A provider ceiling is not raised by it.
+-- later grants paid it), and its slot of max_concurrent.
 -- The grant of that id before it, if any still counts, is the latest again. Returns 1, or 0 when
 -- the id has no grant that counts. A resent call (its reply lost) releases once.
 local kept = recalled(REPLY)
