@@ -18,11 +18,13 @@ import pytest
 import redis.asyncio
 
 from llm_queue_dispatcher import (
+    ExpiredError,
     HandlerResult,
     InvalidRequestError,
     LLMQueueDispatcher,
     LLMRequest,
     LLMThrottle,
+    MessageStateError,
     PermanentError,
     ProcessableMessage,
     PurgedError,
@@ -177,6 +179,50 @@ async def test_cancelling_withdraws_and_a_purge_reaches_every_waiting_process(
                 await task
             assert isinstance(raised.value.error, PurgedError)
         assert (await storage.get_queue_attributes()).approximate_number_of_messages == 0
+    assert await leftover_keys(redis_url, queue_name) == []
+    await storage.aclose()
+    await other.aclose()
+
+
+async def test_a_request_the_store_dead_letters_itself_reaches_its_submitter(
+    redis_url: str, queue_name: str
+) -> None:
+    # Its receives used up by a process that died holding it: the store dead-letters it in a
+    # script when its lease ends, and the submitter hears so.
+    storage: RedisStorage[Any] = RedisStorage(
+        redis_url, queue_name, max_receive_count=1, dead_letter=f"{queue_name}-dlq"
+    )
+    other: RedisStorage[Any] = RedisStorage(redis_url, queue_name, max_receive_count=1)
+    async with LLMQueueDispatcher(storage) as dispatcher:
+        dead = asyncio.ensure_future(dispatcher.submit(request("dies-1")))
+        for _ in range(500):  # taken by a process that never marks it, once enqueued
+            if taken := await other.dequeue(1, 0.2):
+                break
+            await asyncio.sleep(0.01)
+        assert taken[0].payload.id == "dies-1"
+        await asyncio.sleep(0.3)
+        assert await other.dequeue(10, 30.0) == []  # the store's upkeep dead-letters it
+        with pytest.raises(RequestFailedError) as dead_lettered:
+            await asyncio.wait_for(dead, 10)
+        assert isinstance(dead_lettered.value.error, MessageStateError)
+        assert "dead-lettered" in str(dead_lettered.value.error)
+    assert await leftover_keys(redis_url, queue_name) == []
+    await storage.aclose()
+    await other.aclose()
+
+
+async def test_a_request_whose_retention_passes_unsent_reaches_its_submitter(
+    redis_url: str, queue_name: str
+) -> None:
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue_name, message_retention=0.5)
+    other: RedisStorage[Any] = RedisStorage(redis_url, queue_name, message_retention=0.5)
+    async with LLMQueueDispatcher(storage) as dispatcher:
+        expiring = asyncio.ensure_future(dispatcher.submit(request("old-1")))
+        await asyncio.sleep(0.8)  # nobody took it within its retention
+        assert await other.dequeue(10, 30.0) == []  # the store's upkeep expires it
+        with pytest.raises(RequestFailedError) as expired:
+            await asyncio.wait_for(expiring, 10)
+        assert isinstance(expired.value.error, ExpiredError)
     assert await leftover_keys(redis_url, queue_name) == []
     await storage.aclose()
     await other.aclose()

@@ -301,6 +301,30 @@ local function pending_expired()
   return n
 end
 
+-- A submitter waiting for a request the store itself ends (its receives used up, its retention
+-- passed) hears how it ended, as `RedisRelay` would tell it (redis/outcomes.py): the entry of
+-- `{ns}:q:{q}:waiting` names its process's inbox, and the outcome is pushed there. Without an
+-- entry (nobody submitted it, or its outcome was told already) nothing happens.
+local RESULT_TTL = 300 -- redis/outcomes.py RESULT_TTL
+local function report_ended(q, rid, error_type, message)
+  local waiting = string.gsub(q.meta, ':meta$', ':waiting')
+  local inbox = redis.call('HGET', waiting, rid)
+  if not inbox then
+    return
+  end
+  redis.call('HDEL', waiting, rid)
+  if inbox == 'withdrawn' then
+    return
+  end
+  local body = cjson.encode({ok = false, error = {type = 'llm_queue_dispatcher.errors.' .. error_type, message = message}})
+  redis.call('RPUSH', inbox, string.len(rid) .. ':' .. rid .. body)
+  redis.call('EXPIRE', inbox, RESULT_TTL)
+end
+
+local function report_expired(q, rid)
+  report_ended(q, rid, 'ExpiredError', 'request ' .. rid .. ' expired: its message retention period passed')
+end
+
 -- What maintain() does to one message whose visibility ended: it expires (past the retention
 -- period), is dead-lettered (its receives used up) or becomes visible again. Returns whether it
 -- is gone from the queue.
@@ -309,9 +333,12 @@ local function visibility_ended(member, s)
   if RETENTION > 0 and NOW - s.at > RETENTION then
     forget(Q, member, s)
     redis.call('HINCRBY', Q.meta, 'expired', 1)
+    report_expired(Q, s.rid)
     return true
   elseif MAX_RECEIVES > 0 and s.rc >= MAX_RECEIVES then
     dead_letter(member, s)
+    report_ended(Q, s.rid, 'MessageStateError', 'request ' .. s.rid .. ' was dead-lettered: its '
+      .. s.rc .. ' receives were used up without a mark')
     return true
   end
   show(Q, member, s)
@@ -342,6 +369,7 @@ local function maintain()
         local s = load(Q, member)
         index_remove(Q, member, s)
         forget(Q, member, s)
+        report_expired(Q, s.rid)
       end
       if #old > 0 then
         -- The oldest of the set: exactly the ranks just read.
@@ -372,6 +400,7 @@ local function catch_up(member, s)
     hide(Q, member, s)
     forget(Q, member, s)
     redis.call('HINCRBY', Q.meta, 'expired', 1)
+    report_expired(Q, s.rid)
     return true
   end
   return false
