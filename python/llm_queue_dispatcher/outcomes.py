@@ -232,6 +232,8 @@ class Submissions:
         self.max_receive_count: int | None = getattr(storage, "max_receive_count", None)
         self.pool: _Pool | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Set by `close`: a closed dispatcher's pool no longer dequeues, nor does its relay listen.
+        self.closed = False
 
     # -- the submitter's side ------------------------------------------------------------------
     async def submit(
@@ -250,6 +252,9 @@ class Submissions:
             pool = self._pool(limiter, _concurrency(concurrency))
         elif limiter is not None:
             raise InvalidRequestError("rate_limiter is only used with a handler (the dispatcher's own pool)")
+        if self.closed or self.dispatcher._closed:
+            # Nothing would end it: its pool is stopped and its relay no longer listens.
+            raise MessageStateError("dispatcher is closed")
         request_id = request.id
         if request_id in self.waiting:
             raise DuplicateRequestError(f"request {request_id!r} is already submitted and waiting")
@@ -275,7 +280,7 @@ class Submissions:
                 del self.waiting[request_id]
             self.handlers.pop(request_id, None)
             raise
-        if pool is not None:
+        if pool is not None and not self.closed:
             pool.latest = handler
             pool.ensure_running()
         try:
@@ -380,7 +385,9 @@ class Submissions:
 
     async def close(self) -> None:
         """Stops the pool and the relay; submitters still waiting here fail and their requests
-        are withdrawn (one already running elsewhere ends there; its outcome reaches nobody)."""
+        are withdrawn (one already running elsewhere ends there; its outcome reaches nobody).
+        Later submits raise `MessageStateError`."""
+        self.closed = True
         if self.pool is not None:
             await self.pool.stop()
         for request_id in list(self.waiting):

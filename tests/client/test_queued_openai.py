@@ -170,7 +170,10 @@ async def test_a_queued_call_corrects_the_input_and_output_limits_with_the_provi
     async with create_in_memory_queue() as dispatcher:
         qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
         await asyncio.gather(
-            *(qc.chat.completions.create(model="m", messages=messages(f"k{n}"), max_tokens=50) for n in range(5))
+            *(
+                qc.chat.completions.create(model="m", messages=messages(f"k{n}"), max_tokens=50)
+                for n in range(5)
+            )
         )
     parts = {r.request_id: (r.input_tokens, r.output_tokens) for r in limiter.get_consumption_history()}
     assert sorted(parts.values()) == sorted(openai_provider.usage_parts[f"k{n}"] for n in range(5))

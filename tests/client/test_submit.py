@@ -368,3 +368,27 @@ async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it
     assert handled == []
     assert stats.withdrawn == 1
     await dispatcher.close()
+
+
+async def test_a_submit_to_a_closed_dispatcher_raises_and_enqueues_nothing() -> None:
+    dispatcher = create_in_memory_queue()
+    throttle = limiter()
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    assert await dispatcher.submit(request("before"), handle, rate_limiter=throttle) == "done"
+    await dispatcher.close()
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"), handle, rate_limiter=throttle)
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"))
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_submit_to_a_dispatcher_closed_before_any_submit_raises() -> None:
+    dispatcher = create_in_memory_queue()
+    await dispatcher.close()
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"))
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
