@@ -75,12 +75,13 @@ def deadline_of(value: object) -> datetime | None:
 
 
 class StreamCounter:
-    """Counts a stream's tokens as its items go by; `total` at its end (None: keep the estimate)."""
+    """Counts a stream's tokens as its items go by; `total` at its end: a `TokenUsage` (input and
+    output apart, each limit corrected with its own), a total, or None (keep the estimate)."""
 
     def see(self, item: Any) -> None:
         raise NotImplementedError
 
-    def total(self) -> int | None:
+    def total(self) -> TokenUsage | int | None:
         raise NotImplementedError
 
 
@@ -90,7 +91,9 @@ class CountedStream:
     handler, which corrects the limiter with the count. Read it to its end or close it: the
     call holds its place in the pool until then."""
 
-    def __init__(self, stream: Any, counter: StreamCounter, finished: asyncio.Future[int | None]) -> None:
+    def __init__(
+        self, stream: Any, counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]
+    ) -> None:
         self._stream = stream
         self._iterator = stream.__aiter__()
         self._counter = counter
@@ -265,7 +268,7 @@ class QueuedClient:
             # Made in another process sharing the queue: only that process can read the stream.
             raise RetryableError("a streamed call is sent by the process that made it", retry_after=1.0)
         sdk_stream = await self._open_stream(payload)
-        finished: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        finished: asyncio.Future[TokenUsage | int | None] = asyncio.get_running_loop().create_future()
         counted = CountedStream(sdk_stream, self._stream_counter(payload), finished)
         if opened.done():  # its caller gave up meanwhile: nobody reads it
             await counted.close()
