@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,24 @@ class StreamCounter:
         raise NotImplementedError
 
 
+def _finish(counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]) -> None:
+    """Ends a counted stream's call with what its counter saw (once)."""
+    if not finished.done():
+        try:
+            total = counter.total()
+        except Exception:
+            total = None
+        finished.set_result(total)
+
+
+def _finish_soon(
+    loop: asyncio.AbstractEventLoop, counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]
+) -> None:
+    """`_finish` in the stream's event loop (a finalizer may run anywhere)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+        loop.call_soon_threadsafe(_finish, counter, finished)
+
+
 class CountedStream:
     """The SDK's stream, passed through item by item (``async for``, ``async with``, its other
     attributes), its tokens counted; its end (exhausted, failed or closed) ends the call's
@@ -99,14 +118,12 @@ class CountedStream:
         self._counter = counter
         self._finished = finished
         self._submitted: asyncio.Future[Any] | None = None
+        # Dropped unread and unclosed, it still ends its call (which would hold its place in the
+        # pool, its message leased, until the dispatcher closes).
+        weakref.finalize(self, _finish_soon, asyncio.get_running_loop(), counter, finished)
 
     def _finish(self) -> None:
-        if not self._finished.done():
-            try:
-                total = self._counter.total()
-            except Exception:
-                total = None
-            self._finished.set_result(total)
+        _finish(self._counter, self._finished)
 
     def __aiter__(self) -> CountedStream:
         return self
@@ -274,6 +291,8 @@ class QueuedClient:
             await counted.close()
         else:
             opened.set_result(counted)
+        # Only its caller holds it now: dropped unclosed, its finalizer ends the call.
+        del opened, counted
         return HandlerResult(None, actual_tokens=await finished)
 
     # -- streaming, what a provider's class fills in ---------------------------------------------
