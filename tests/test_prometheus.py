@@ -32,7 +32,7 @@ from llm_queue_dispatcher.metrics import (
 )
 from llm_queue_dispatcher.prometheus import QueueCollector
 
-_LIMITS = ("RPM", "TPM", "ITPM", "OTPM", "RPD", "TPD", "concurrency")
+_LIMITS = ("rpm", "tpm", "itpm", "otpm", "rpd", "tpd", "concurrency")
 
 
 def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -327,7 +327,7 @@ async def test_a_scrape_reports_slo_attainment_and_the_binding_limit() -> None:
     # No NORMAL dispatch yet: no ratio rather than a made-up one.
     assert ("llmqd_slo_attainment_ratio", (("priority", "NORMAL"), ("queue", "chat"))) not in samples
     binding = {limit: _value(samples, "llmqd_binding_limit", queue="chat", limit=limit) for limit in _LIMITS}
-    assert binding == {**dict.fromkeys(_LIMITS, 0.0), "TPM": 1.0}
+    assert binding == {**dict.fromkeys(_LIMITS, 0.0), "tpm": 1.0}
     assert _value(samples, "llmqd_binding_limit", queue="chat", limit="none") == 0.0
 
     clock.advance(60.0)
@@ -335,9 +335,9 @@ async def test_a_scrape_reports_slo_attainment_and_the_binding_limit() -> None:
     await collector.refresh()
     samples = _samples(generate_latest(registry))
     assert _value(samples, "llmqd_slo_attainment_ratio", queue="chat", priority="NORMAL") == 1.0
-    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="TPM") == 1
-    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="RPM") == 0
-    assert _value(samples, "llmqd_binding_limit", queue="chat", limit="TPM") == 1.0
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="tpm") == 1
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="chat", limit="rpm") == 0
+    assert _value(samples, "llmqd_binding_limit", queue="chat", limit="tpm") == 1.0
 
 
 async def test_no_binding_limit_is_exported_as_none() -> None:
@@ -375,7 +375,7 @@ async def test_slo_figures_are_never_shown_out_of_range() -> None:
     assert _value(samples, "llmqd_slo_target_seconds", queue="q", priority="URGENT") == 0.0
     assert _value(samples, "llmqd_window_dispatches", queue="q", priority="URGENT") == 0
     assert _value(samples, "llmqd_window_dispatches_within_slo", queue="q", priority="URGENT") == 0
-    assert _value(samples, "llmqd_window_limited_dispatches", queue="q", limit="TPM") == 0
+    assert _value(samples, "llmqd_window_limited_dispatches", queue="q", limit="tpm") == 0
 
 
 async def test_each_limit_the_limiter_keeps_reports_its_capacity_and_what_it_admits_now() -> None:
@@ -399,6 +399,35 @@ async def test_each_limit_the_limiter_keeps_reports_its_capacity_and_what_it_adm
     for limit, (capacity, available) in expected.items():
         assert _value(samples, "llmqd_limiter_limit_capacity", queue="q", limit=limit) == capacity
         assert _value(samples, "llmqd_limiter_limit_available", queue="q", limit=limit) == available
+
+
+async def test_every_family_labelled_limit_names_a_limit_the_same_way() -> None:
+    clock = ManualClock()
+    limiter = LLMThrottle(
+        60, 1_000, itpm=5_000, otpm=4_000, rpd=1_000, tpd=10_000, max_concurrent=4, clock=clock
+    )
+    dispatcher = create_in_memory_queue(clock=clock)
+    await dispatcher.enqueue(LLMRequest("a", None, token_info=TokenInfo(900)))
+    await dispatcher.enqueue(LLMRequest("b", None, token_info=TokenInfo(900)))
+    assert await dispatcher.dequeue(limiter) is not None
+    assert await dispatcher.dequeue(limiter) is None  # waits for tpm
+    collector = QueueCollector()
+    collector.watch(dispatcher, limiter, queue="q")
+    samples = _samples((await collector.render())[0])
+    by_family: dict[str, set[str]] = {}
+    for name, labels in samples:
+        if "limit" in dict(labels):
+            by_family.setdefault(name, set()).add(dict(labels)["limit"])
+    kept = by_family["llmqd_limiter_limit_capacity"]
+    assert kept == {"rpm", "tpm", "itpm", "otpm", "rpd", "tpd", "concurrency"}
+    assert by_family["llmqd_binding_limit"] == kept | {"none"}
+    assert by_family["llmqd_window_limited_dispatches"] == kept
+    binding = [
+        dict(labels)["limit"]
+        for name, labels in samples
+        if name == "llmqd_binding_limit" and samples[(name, labels)] == 1.0
+    ]
+    assert binding == ["tpm"]
 
 
 async def test_only_the_limits_a_limiter_keeps_are_reported() -> None:

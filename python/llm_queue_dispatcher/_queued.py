@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -75,13 +76,32 @@ def deadline_of(value: object) -> datetime | None:
 
 
 class StreamCounter:
-    """Counts a stream's tokens as its items go by; `total` at its end (None: keep the estimate)."""
+    """Counts a stream's tokens as its items go by; `total` at its end: a `TokenUsage` (input and
+    output apart, each limit corrected with its own), a total, or None (keep the estimate)."""
 
     def see(self, item: Any) -> None:
         raise NotImplementedError
 
-    def total(self) -> int | None:
+    def total(self) -> TokenUsage | int | None:
         raise NotImplementedError
+
+
+def _finish(counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]) -> None:
+    """Ends a counted stream's call with what its counter saw (once)."""
+    if not finished.done():
+        try:
+            total = counter.total()
+        except Exception:
+            total = None
+        finished.set_result(total)
+
+
+def _finish_soon(
+    loop: asyncio.AbstractEventLoop, counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]
+) -> None:
+    """`_finish` in the stream's event loop (a finalizer may run anywhere)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+        loop.call_soon_threadsafe(_finish, counter, finished)
 
 
 class CountedStream:
@@ -90,20 +110,20 @@ class CountedStream:
     handler, which corrects the limiter with the count. Read it to its end or close it: the
     call holds its place in the pool until then."""
 
-    def __init__(self, stream: Any, counter: StreamCounter, finished: asyncio.Future[int | None]) -> None:
+    def __init__(
+        self, stream: Any, counter: StreamCounter, finished: asyncio.Future[TokenUsage | int | None]
+    ) -> None:
         self._stream = stream
         self._iterator = stream.__aiter__()
         self._counter = counter
         self._finished = finished
         self._submitted: asyncio.Future[Any] | None = None
+        # Dropped unread and unclosed, it still ends its call (which would hold its place in the
+        # pool, its message leased, until the dispatcher closes).
+        weakref.finalize(self, _finish_soon, asyncio.get_running_loop(), counter, finished)
 
     def _finish(self) -> None:
-        if not self._finished.done():
-            try:
-                total = self._counter.total()
-            except Exception:
-                total = None
-            self._finished.set_result(total)
+        _finish(self._counter, self._finished)
 
     def __aiter__(self) -> CountedStream:
         return self
@@ -265,12 +285,14 @@ class QueuedClient:
             # Made in another process sharing the queue: only that process can read the stream.
             raise RetryableError("a streamed call is sent by the process that made it", retry_after=1.0)
         sdk_stream = await self._open_stream(payload)
-        finished: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        finished: asyncio.Future[TokenUsage | int | None] = asyncio.get_running_loop().create_future()
         counted = CountedStream(sdk_stream, self._stream_counter(payload), finished)
         if opened.done():  # its caller gave up meanwhile: nobody reads it
             await counted.close()
         else:
             opened.set_result(counted)
+        # Only its caller holds it now: dropped unclosed, its finalizer ends the call.
+        del opened, counted
         return HandlerResult(None, actual_tokens=await finished)
 
     # -- streaming, what a provider's class fills in ---------------------------------------------

@@ -525,8 +525,8 @@ class _QueuedMessages:
 
 
 class _EventCounter(StreamCounter):
-    """A message stream's tokens, as `message_tokens` counts them: the input usage of its
-    ``message_start`` plus the output of its last ``message_delta``."""
+    """A message stream's tokens, as `message_usage` counts them: the input usage of its
+    ``message_start`` and the output of its last ``message_delta``."""
 
     def __init__(self, count_cache_reads: bool) -> None:
         self._count_cache_reads = count_cache_reads
@@ -547,10 +547,11 @@ class _EventCounter(StreamCounter):
             if isinstance(output, int) and not isinstance(output, bool):
                 self._output = output
 
-    def total(self) -> int | None:
+    def total(self) -> TokenUsage | None:
         if self._input is None or self._output is None:
             return None
-        return self._input + self._output
+        # By part, as `message_usage` counts a whole message: each limit corrected with its own.
+        return TokenUsage(self._input, self._output)
 
 
 class QueuedAsyncAnthropic(QueuedClient):

@@ -378,7 +378,8 @@ class LLMQueueDispatcher(Generic[T]):
         dead-lettered, expired (``drop_expired``) or purged, or the dispatcher is closed while it
         waits. Cancelling the await withdraws the request: if it was not dispatched yet, no
         handler ever runs it (a worker that takes it deletes it unprocessed); if it was, its
-        result is discarded. Bad arguments raise `InvalidRequestError` and enqueue nothing.
+        result is discarded. Bad arguments raise `InvalidRequestError`, and a submit to a closed
+        dispatcher `MessageStateError`; both enqueue nothing.
         See the "Awaiting a queued call" page of the documentation.
         """
         return await self._outcomes().submit(request, handler, rate_limiter, concurrency)

@@ -538,33 +538,35 @@ class _QueuedChat:
 
 
 class _ChunkCounter(StreamCounter):
-    """A chat stream's tokens: its ``usage`` chunk's ``total_tokens`` when it sends one
-    (``stream_options={"include_usage": True}``), else the estimate of the prompt plus the
-    streamed text counted by the client's tokenizer (or the heuristic)."""
+    """A chat stream's tokens: its ``usage`` chunk's counts when it sends one
+    (``stream_options={"include_usage": True}``), as `completion_usage` reads a completion's;
+    else the estimate of the prompt and the streamed text counted by the client's tokenizer
+    (or the heuristic), as the input and output parts."""
 
     def __init__(self, queued: QueuedAsyncOpenAI, payload: Mapping[str, Any]) -> None:
         self._queued = queued
         self._payload = payload
-        self._usage: int | None = None
+        self._usage: TokenUsage | int | None = None
         self._text: list[str] = []
 
     def see(self, item: Any) -> None:
-        usage = getattr(item, "usage", None)
-        if usage is not None and isinstance(getattr(usage, "total_tokens", None), int):
-            self._usage = usage.total_tokens
+        if getattr(item, "usage", None) is not None:
+            usage = completion_usage(item)
+            if usage is not None:
+                self._usage = usage
         for choice in getattr(item, "choices", None) or []:
             content = getattr(getattr(choice, "delta", None), "content", None)
             if isinstance(content, str):
                 self._text.append(content)
 
-    def total(self) -> int | None:
+    def total(self) -> TokenUsage | int | None:
         if self._usage is not None:
             return self._usage
         count = self._queued._tokenizer or _default_count
         prompt = estimate_chat_tokens(
             {**self._payload, "max_completion_tokens": 0, "n": None}, tokenizer=self._queued._tokenizer
         )
-        return prompt + _token_count(count("".join(self._text)), "streamed text")
+        return TokenUsage(prompt, _token_count(count("".join(self._text)), "streamed text"))
 
 
 class QueuedAsyncOpenAI(QueuedClient):

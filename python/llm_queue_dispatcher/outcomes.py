@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import operator
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
@@ -127,23 +128,51 @@ class OutcomeRelay(Protocol):
         """Stops listening."""
 
 
-class LocalRelay:
-    """Outcomes within one process: what is left to remember is the requests withdrawn and not
-    yet taken by a worker."""
+class _LocalHub:
+    """What the dispatchers of one process sharing one store (an `InMemoryStorage`) know of
+    its submitters: who waits for each request, and the requests withdrawn and not yet taken
+    by a worker. A worker on one dispatcher thus answers a submit made on another."""
 
-    def __init__(self, deliver: Callable[[str, Outcome], None]) -> None:
-        self._deliver = deliver
+    def __init__(self) -> None:
+        self.waiting: dict[str, Callable[[str, Outcome], None]] = {}
         self.withdrawn: set[str] = set()
 
+
+# The hub of each store whose relay is a `LocalRelay`, as long as the store lives.
+_HUBS: weakref.WeakKeyDictionary[object, _LocalHub] = weakref.WeakKeyDictionary()
+
+
+def _hub_of(storage: object) -> _LocalHub:
+    try:
+        return _HUBS.setdefault(storage, _LocalHub())
+    except TypeError:  # a store that cannot be weakly referenced: its dispatcher's own
+        return _LocalHub()
+
+
+class LocalRelay:
+    """Outcomes within one process, shared by the dispatchers of one store (``hub``): who
+    waits for each request, and the requests withdrawn and not yet taken by a worker."""
+
+    def __init__(self, deliver: Callable[[str, Outcome], None], hub: _LocalHub | None = None) -> None:
+        self._deliver = deliver
+        self._hub = _LocalHub() if hub is None else hub
+        self.withdrawn = self._hub.withdrawn
+
     async def expect(self, request_id: str) -> None:
-        return None
+        if self._hub.waiting.get(request_id, self._deliver) != self._deliver:
+            raise DuplicateRequestError(f"request {request_id!r} is already submitted and waiting")
+        self._hub.waiting[request_id] = self._deliver
 
     async def enqueued(self, request_id: str) -> None:
         # The enqueue succeeded, so no message of that id was left: a withdrawal is moot.
         self.withdrawn.discard(request_id)
 
+    def _ours(self, request_id: str) -> None:
+        if self._hub.waiting.get(request_id) == self._deliver:
+            del self._hub.waiting[request_id]
+
     async def forget(self, request_id: str) -> None:
-        return None
+        self._ours(request_id)
 
     async def claim(self, request_id: str) -> bool:
         if request_id in self.withdrawn:
@@ -153,12 +182,23 @@ class LocalRelay:
 
     async def report(self, request_id: str, outcome: Outcome, *, here: bool) -> None:
         self.withdrawn.discard(request_id)
+        if here:
+            self._ours(request_id)
+            return
+        deliver = self._hub.waiting.pop(request_id, None)
+        if deliver is not None:
+            deliver(request_id, outcome)  # a submitter of another dispatcher of the store
 
     async def withdraw(self, request_id: str) -> None:
+        self._ours(request_id)
         self.withdrawn.add(request_id)
 
     async def purged(self) -> None:
         self.withdrawn.clear()
+        for request_id, deliver in list(self._hub.waiting.items()):
+            del self._hub.waiting[request_id]
+            if deliver != self._deliver:  # this dispatcher's own were told already
+                deliver(request_id, Outcome(False, error=PurgedError(f"request {request_id!r} was purged")))
 
     async def close(self) -> None:
         return None
@@ -169,7 +209,7 @@ def _relay_for(storage: object, deliver: Callable[[str, Outcome], None]) -> Outc
     if callable(make):
         relay: OutcomeRelay = make(deliver)
         return relay
-    return LocalRelay(deliver)
+    return LocalRelay(deliver, _hub_of(storage))
 
 
 class _Pool:
@@ -232,6 +272,8 @@ class Submissions:
         self.max_receive_count: int | None = getattr(storage, "max_receive_count", None)
         self.pool: _Pool | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Set by `close`: a closed dispatcher's pool no longer dequeues, nor does its relay listen.
+        self.closed = False
 
     # -- the submitter's side ------------------------------------------------------------------
     async def submit(
@@ -250,6 +292,9 @@ class Submissions:
             pool = self._pool(limiter, _concurrency(concurrency))
         elif limiter is not None:
             raise InvalidRequestError("rate_limiter is only used with a handler (the dispatcher's own pool)")
+        if self.closed or self.dispatcher._closed:
+            # Nothing would end it: its pool is stopped and its relay no longer listens.
+            raise MessageStateError("dispatcher is closed")
         request_id = request.id
         if request_id in self.waiting:
             raise DuplicateRequestError(f"request {request_id!r} is already submitted and waiting")
@@ -275,7 +320,7 @@ class Submissions:
                 del self.waiting[request_id]
             self.handlers.pop(request_id, None)
             raise
-        if pool is not None:
+        if pool is not None and not self.closed:
             pool.latest = handler
             pool.ensure_running()
         try:
@@ -380,7 +425,9 @@ class Submissions:
 
     async def close(self) -> None:
         """Stops the pool and the relay; submitters still waiting here fail and their requests
-        are withdrawn (one already running elsewhere ends there; its outcome reaches nobody)."""
+        are withdrawn (one already running elsewhere ends there; its outcome reaches nobody).
+        Later submits raise `MessageStateError`."""
+        self.closed = True
         if self.pool is not None:
             await self.pool.stop()
         for request_id in list(self.waiting):

@@ -24,7 +24,8 @@ Two kinds of figures, read two ways:
   debt, each tenant's counts, tokens and waits (``get_queue_metrics().tenants``), and the
   scheduling figures (``get_queue_metrics().scheduling``): SLO attainment per priority
   (``llmqd_slo_attainment_ratio``, with its target and counts) and the binding limit
-  (``llmqd_binding_limit{limit="TPM"}`` 1, the other limits and ``none`` 0).
+  (``llmqd_binding_limit{limit="tpm"}`` 1, the other limits and ``none`` 0; the ``limit`` label
+  names a limit as ``llmqd_limiter_limit_capacity`` does, in lower case).
 - **Events, recorded as they happen.** The dispatcher keeps no cumulative dispatch or completion
   counts and no latency distribution, so the caller that dequeues reports them:
   ``watched.record_dispatch(job, dequeue_seconds)`` after a ``dequeue`` that returned a job and
@@ -514,6 +515,12 @@ class QueueCollector:
 _LIMIT_STATES = (*LIMITS, "none")
 
 
+def _limit_label(limit: str) -> str:
+    """A limit's ``limit`` label value: its name in lower case (``"TPM"`` -> ``"tpm"``), as the
+    limiter's own gauges (`LIMIT_NAMES`) label it, so one label value means one limit."""
+    return limit.lower()
+
+
 def _scheduling_families(base: list[str]) -> list[Metric]:
     """The families of the scheduling metrics, over the dispatcher's metrics window."""
     priority, limit = [*base, "priority"], [*base, "limit"]
@@ -541,7 +548,7 @@ def _scheduling_families(base: list[str]) -> list[Metric]:
         ),
         GaugeMetricFamily(
             "llmqd_binding_limit",
-            "1 for the limit that made requests wait (RPM, TPM, ITPM, OTPM, RPD, TPD, concurrency, "
+            "1 for the limit that made requests wait (rpm, tpm, itpm, otpm, rpd, tpd, concurrency, "
             "or none), 0 for the others.",
             labels=limit,
         ),
@@ -589,9 +596,9 @@ def _add_scheduling_samples(add: Callable[..., None], scheduling: SchedulingMetr
         add("llmqd_window_dispatches", max(0, slo.dispatched), name)
         add("llmqd_window_dispatches_within_slo", max(0, slo.met), name)
     for limit in _LIMIT_STATES:
-        add("llmqd_binding_limit", 1.0 if scheduling.binding_limit == limit else 0.0, limit)
+        add("llmqd_binding_limit", 1.0 if scheduling.binding_limit == limit else 0.0, _limit_label(limit))
     for limit, count in scheduling.waited_by_limit.items():
-        add("llmqd_window_limited_dispatches", max(0, count), limit)
+        add("llmqd_window_limited_dispatches", max(0, count), _limit_label(limit))
 
 
 def _add_limit_samples(add: Any, limits: Any) -> None:

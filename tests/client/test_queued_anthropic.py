@@ -107,3 +107,16 @@ async def test_a_streamed_call_passes_through_and_its_usage_corrects_the_limiter
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
     [record] = limiter.get_consumption_history()
     assert record.actual_tokens == sum(anthropic_provider.usage["streamed"])
+
+
+async def test_a_streamed_call_corrects_the_input_and_output_limits_with_the_providers_counts(
+    anthropic_provider: AnthropicServer, anthropic_client: AsyncAnthropic
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000, itpm=5_000_000, otpm=5_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncAnthropic(anthropic_client, dispatcher, limiter)
+        stream = await qc.messages.create(**call("streamed"), stream=True)  # type: ignore[arg-type]
+        assert [event async for event in stream]
+        await stream._submitted
+    [record] = limiter.get_consumption_history()
+    assert (record.input_tokens, record.output_tokens) == tuple(anthropic_provider.usage["streamed"])

@@ -4,6 +4,7 @@ enforces its limits with 429s."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 
 import openai
@@ -227,4 +228,45 @@ async def test_a_refused_streamed_call_raises_the_sdks_own_error(
         with pytest.raises(openai.UnprocessableEntityError):
             await qc.chat.completions.create(model="m", messages=messages("bad"), max_tokens=5, stream=True)
         assert qc._streams == {}
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_streamed_call_corrects_the_input_and_output_limits_with_the_providers_counts(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000, itpm=5_000_000, otpm=5_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        stream = await qc.chat.completions.create(
+            model="m",
+            messages=messages("streamed"),
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        assert [chunk async for chunk in stream]
+        await stream._submitted
+    [record] = limiter.get_consumption_history()
+    assert (record.input_tokens, record.output_tokens) == tuple(openai_provider.usage_parts["streamed"])
+
+
+async def test_a_stream_dropped_unread_and_unclosed_frees_its_place_in_the_pool(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, concurrency=1)
+        stream = await qc.chat.completions.create(
+            model="m", messages=messages("dropped"), max_tokens=50, stream=True
+        )
+        submitted = stream._submitted
+        assert submitted is not None
+        del stream  # neither read to its end nor closed
+        gc.collect()
+        # Bounded: a dropped stream's call held the pool's only place until the dispatcher closed.
+        await asyncio.wait_for(submitted, 10)
+        answer = await asyncio.wait_for(
+            qc.chat.completions.create(model="m", messages=messages("next"), max_tokens=5), 10
+        )
+        assert answer.choices
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0

@@ -368,3 +368,77 @@ async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it
     assert handled == []
     assert stats.withdrawn == 1
     await dispatcher.close()
+
+
+async def test_a_submit_to_a_closed_dispatcher_raises_and_enqueues_nothing() -> None:
+    dispatcher = create_in_memory_queue()
+    throttle = limiter()
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    assert await dispatcher.submit(request("before"), handle, rate_limiter=throttle) == "done"
+    await dispatcher.close()
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"), handle, rate_limiter=throttle)
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"))
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_submit_to_a_dispatcher_closed_before_any_submit_raises() -> None:
+    dispatcher = create_in_memory_queue()
+    await dispatcher.close()
+    with pytest.raises(MessageStateError, match="closed"):
+        await dispatcher.submit(request("after"))
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_submit_is_answered_by_a_worker_on_another_dispatcher_of_the_same_store() -> None:
+    storage: InMemoryStorage[Any] = InMemoryStorage()
+    submitting, working = LLMQueueDispatcher(storage), LLMQueueDispatcher(storage)
+
+    async def handle(job: ProcessableMessage[Any]) -> HandlerResult[str]:
+        if job.message.payload.id == "refused":
+            raise PermanentError("no")
+        return HandlerResult(f"answer to {job.message.payload.id}")
+
+    answered = asyncio.create_task(submitting.submit(request("a")))
+    refused = asyncio.create_task(submitting.submit(request("refused")))
+    await settle()
+    stats = await Worker(working, limiter(), handle).run(stop_when_empty=True)
+    assert (stats.processed, stats.dead_lettered) == (1, 1)
+    # Bounded: the worker's dispatcher did not know the other's submitters, who waited for ever.
+    assert await asyncio.wait_for(answered, 10) == "answer to a"
+    with pytest.raises(RequestFailedError) as raised:
+        await asyncio.wait_for(refused, 10)
+    assert isinstance(raised.value.error, PermanentError)
+
+
+async def test_a_request_withdrawn_on_one_dispatcher_is_not_run_on_another_of_the_same_store() -> None:
+    storage: InMemoryStorage[Any] = InMemoryStorage()
+    submitting, working = LLMQueueDispatcher(storage), LLMQueueDispatcher(storage)
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    submit = asyncio.create_task(submitting.submit(request("a")))
+    await settle()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    stats = await Worker(working, limiter(), handle).run(stop_when_empty=True)
+    assert handled == []
+    assert stats.withdrawn == 1
+
+
+async def test_a_purge_on_one_dispatcher_fails_the_submits_waiting_on_another_of_the_same_store() -> None:
+    storage: InMemoryStorage[Any] = InMemoryStorage()
+    submitting, purging = LLMQueueDispatcher(storage), LLMQueueDispatcher(storage)
+    submit = asyncio.create_task(submitting.submit(request("a")))
+    await settle()
+    await purging.purge()
+    with pytest.raises(RequestFailedError) as raised:
+        await asyncio.wait_for(submit, 10)
+    assert isinstance(raised.value.error, PurgedError)

@@ -226,3 +226,25 @@ async def test_a_request_whose_retention_passes_unsent_reaches_its_submitter(
     assert await leftover_keys(redis_url, queue_name) == []
     await storage.aclose()
     await other.aclose()
+
+
+async def test_a_submit_to_a_closed_dispatcher_raises_and_enqueues_nothing(
+    redis_url: str, queue_name: str
+) -> None:
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue_name)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage)
+    limiter = LLMThrottle(1_000, 1_000_000)
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    assert await dispatcher.submit(request("before"), handle, rate_limiter=limiter) == "done"
+    await dispatcher.close()
+    # Bounded: the pool of a closed dispatcher cannot dequeue, so a submit let through waits for ever.
+    with pytest.raises(MessageStateError, match="closed"):
+        await asyncio.wait_for(dispatcher.submit(request("after"), handle, rate_limiter=limiter), 10)
+    with pytest.raises(MessageStateError, match="closed"):
+        await asyncio.wait_for(dispatcher.submit(request("after")), 10)
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages == 0
+    assert await leftover_keys(redis_url, queue_name) == []
+    await storage.aclose()

@@ -857,6 +857,36 @@ async def test_input_and_output_limits_are_reserved_by_their_parts_and_a_message
         await dispatcher.close()
 
 
+async def test_a_mark_by_input_and_output_parts_corrects_each_limit_with_its_own_count(
+    redis_url: str,
+) -> None:
+    """A job of the global choice marked with the provider's input and output counts: the
+    input limit takes the input count and the output limit the output count, as the
+    per-process path's mark does (not the whole total each)."""
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    limiter = RedisThrottle(
+        redis_url, fresh_name("limiter"), rpm=1_000, tpm=100_000, itpm=10_000, otpm=10_000
+    )
+    async with storage, limiter:
+        await storage.enqueue(
+            LLMRequest("r", "x", token_info=TokenInfo(input=1_000, max_output=2_000), tenant="a")
+        )
+        dispatcher = fair_dispatcher(storage)
+        assert dispatcher._global is not None
+        assert dispatcher._global.usable_with(limiter)
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert job is not None
+        await job.mark_as_processed(input_tokens=1_200, output_tokens=300)
+        metrics = await limiter.get_metrics()
+        assert metrics.itpm is not None
+        assert metrics.otpm is not None
+        # Slow refills: what the marks took shows at once (a few tokens refill meanwhile).
+        assert 10_000 - 1_200 <= metrics.itpm.available < 10_000 - 1_200 + 50
+        assert 10_000 - 300 <= metrics.otpm.available < 10_000 - 300 + 50
+        assert 100_000 - 1_500 <= metrics.tpm.available < 100_000 - 1_500 + 100
+        await dispatcher.close()
+
+
 async def test_a_message_past_the_retention_period_is_never_handed_out(
     clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:

@@ -232,8 +232,10 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
     instants: list[int] = []
     original = module.GlobalChoice._run
 
-    async def recorded(self: Any, name: str, limiter: Any, args: tuple[Any, ...]) -> Any:
-        reply = await original(self, name, limiter, args)
+    async def recorded(
+        self: Any, name: str, limiter: Any, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
+    ) -> Any:
+        reply = await original(self, name, limiter, args, tail)
         instants.append(int(reply[0] if name == "global_dispatch" else reply[2]))
         return reply
 

@@ -173,7 +173,9 @@ class GlobalChoice:
             limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
         )
 
-    def _call(self, limiter: RedisThrottle, args: tuple[Any, ...]) -> tuple[list[bytes], list[Any]]:
+    def _call(
+        self, limiter: RedisThrottle, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
+    ) -> tuple[list[bytes], list[Any]]:
         storage = self._storage
         token = secrets.token_hex(16)
         keys = [*storage._keys, *limiter._keys, f"{storage._reply_prefix}{token}".encode()]
@@ -184,11 +186,16 @@ class GlobalChoice:
             *args,
             limiter._time_argument(),
             *limiter._settings,
+            *tail,
         ]
         return keys, arguments
 
-    async def _run(self, name: str, limiter: RedisThrottle, args: tuple[Any, ...]) -> Any:
-        keys, arguments = self._call(limiter, args)
+    async def _run(
+        self, name: str, limiter: RedisThrottle, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
+    ) -> Any:
+        """Runs global script ``name``: ``args`` after the store's arguments, ``tail`` after
+        the limiter's."""
+        keys, arguments = self._call(limiter, args, tail)
         storage = self._storage
         try:
             return await storage._connection.run(_script(name), keys, arguments)
@@ -376,6 +383,8 @@ class GlobalChoice:
                 int(plan.tokens),
                 limiter.adjustment_failure_strategy,
             ),
+            # The actual input and output counts, when the mark gave them: each limit its own.
+            ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1]),
         )
         self._keys.discard(plan.key)
         stored, limited = int(reply[0]), reply[1]

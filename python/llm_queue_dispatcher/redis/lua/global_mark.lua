@@ -8,6 +8,7 @@
 -- ('': the current delivery's, when the token is current)
 -- ARGV[11] tokens (the actual count for 'adjust')  ARGV[12] the limiter's adjustment strategy
 -- ARGV[13..26] the limiter's own ARGV[1..14]
+-- ARGV[27] ARGV[28] the actual input and output tokens for 'adjust' ('' each: not given)
 --
 -- Returns {store reply (1, or 0 when the token is stale), limiter reply, NOW}. The limiter's call and
 -- the charge's correction are made even when the store's step finds the token stale: the
@@ -60,7 +61,7 @@ if call ~= '' then
   end
   argv[15] = key
   if call == 'adjust' then
-    argv[16], argv[17], argv[18], argv[19] = tokens, ARGV[12], '', ''
+    argv[16], argv[17], argv[18], argv[19] = tokens, ARGV[12], ARGV[27] or '', ARGV[28] or ''
   end
   limited = limiter_call(LIMITER_KEYS, argv, call)
 end
