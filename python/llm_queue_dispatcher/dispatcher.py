@@ -46,6 +46,7 @@ from .metrics import (
     WaitTimePercentiles,
 )
 from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, Submissions
+from .outcomes import enqueued as _withdrawals_lapse
 from .prefetch import Prefetcher, running_here
 from .scoring import ScoringConfig, ScoringContext, ScoringWeights
 from .storage import InMemoryStorage, QueueStorageAdapter
@@ -344,12 +345,15 @@ class LLMQueueDispatcher(Generic[T]):
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
         """Stores ``request``; wakes a waiting `dequeue`."""
         message = await self._storage.enqueue(request)
+        _withdrawals_lapse(self._storage, (request,))
         self._wakeup.notify()
         return message
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
         """Stores all of ``requests`` or, on any bad one, none of them."""
-        messages = await self._storage.batch_enqueue(_as_list(requests, "requests"))
+        batch = _as_list(requests, "requests")
+        messages = await self._storage.batch_enqueue(batch)
+        _withdrawals_lapse(self._storage, batch)
         self._wakeup.notify()
         return messages
 

@@ -27,7 +27,7 @@ import logging
 import math
 import operator
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
@@ -210,6 +210,24 @@ def _relay_for(storage: object, deliver: Callable[[str, Outcome], None]) -> Outc
         relay: OutcomeRelay = make(deliver)
         return relay
     return LocalRelay(deliver, _hub_of(storage))
+
+
+def enqueued(storage: object, requests: Sequence[LLMRequest[Any]]) -> None:
+    """Requests just enqueued on ``storage`` by any means: a withdrawal of an earlier request of
+    the same id (its message gone since, dropped by the store) no longer applies, so the new one
+    is not deleted unrun when a worker takes it. Only in-process stores keep withdrawals here."""
+    hub = _HUBS.get(storage) if _weakly_referable(storage) else None
+    if hub is not None and hub.withdrawn:
+        for request in requests:
+            hub.withdrawn.discard(request.id)
+
+
+def _weakly_referable(storage: object) -> bool:
+    try:
+        weakref.ref(storage)
+    except TypeError:
+        return False
+    return True
 
 
 class _Pool:

@@ -23,6 +23,7 @@ from llm_queue_dispatcher import (
     LLMQueueDispatcher,
     LLMRequest,
     LLMThrottle,
+    ManualClock,
     MessageStateError,
     PermanentError,
     ProcessableMessage,
@@ -442,3 +443,29 @@ async def test_a_purge_on_one_dispatcher_fails_the_submits_waiting_on_another_of
     with pytest.raises(RequestFailedError) as raised:
         await asyncio.wait_for(submit, 10)
     assert isinstance(raised.value.error, PurgedError)
+
+
+async def test_a_request_enqueued_again_after_its_withdrawn_namesake_left_the_store_is_run() -> None:
+    # Withdrawn unsent, then dropped by the store at the end of its retention: the withdrawal
+    # lapses with it, and a later plain enqueue of the same id is run, not deleted unrun.
+    clock = ManualClock(1_000.0)
+    storage: InMemoryStorage[Any] = InMemoryStorage(clock=clock, message_retention=60)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage)
+    limiter = LLMThrottle(1_000, 1_000_000, clock=clock)
+    waiting = asyncio.ensure_future(dispatcher.submit(LLMRequest("a", None)))
+    for _ in range(20):  # its enqueue done, it waits for its outcome
+        await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    clock.advance(61)
+    assert await dispatcher.dequeue(limiter) is None  # dropped by retention, never taken
+    await dispatcher.batch_enqueue([LLMRequest("a", None)])
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    stats = await Worker(dispatcher, limiter, handle).run(stop_when_empty=True)
+    assert handled == ["a"]
+    assert stats.withdrawn == 0
