@@ -440,6 +440,9 @@ class StoreCore:
         """Makes the message invisible for ``visibility_timeout`` seconds from now (0: visible)."""
     def peek(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
         """Up to ``limit`` visible messages of ``priority``, oldest first, not received."""
+    def set_ended_listener(self, listener: Callable[[list[str], list[str]], object] | None) -> None:
+        """Sets (or with None removes) what is told, once the locks are released, the ids of the
+        requests the store itself ended: ``listener(dead_lettered_ids, expired_ids)``."""
     def purge(self) -> None:
         """Removes every message; every receipt handle becomes invalid."""
     def attributes(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 from ._checks import real_number, shown
+from ._core import StoreCore
 from .errors import (
     DuplicateRequestError,
     ExpiredError,
@@ -137,6 +138,32 @@ class _LocalHub:
         self.waiting: dict[str, Callable[[str, Outcome], None]] = {}
         self.withdrawn: set[str] = set()
 
+    def store_ended(self, dead_lettered: list[str], expired: list[str]) -> None:
+        """The store ended these requests (an `InMemoryStorage` core's ended listener):
+        dead-lettered, or dropped past the message retention. Their submitters hear so on the
+        event loop's next turn, unless the outcome was told meanwhile by whoever ended them
+        with a reason of their own (a worker's dead-letter mark, a deadline's expiry): a store
+        that dead-letters a message whose last lease ran out, or drops one past its retention,
+        is the only one to know."""
+        ended: list[tuple[str, BaseException]] = [
+            (rid, MessageStateError(f"request {rid!r} was dead-lettered by the store")) for rid in dead_lettered
+        ]
+        ended += [(rid, ExpiredError(f"request {rid!r} expired past its retention period")) for rid in expired]
+        try:
+            asyncio.get_running_loop().call_soon(self._end_all, ended)
+        except RuntimeError:  # no event loop here (a store used from a thread of its own)
+            self._end_all(ended)
+
+    def _end_all(self, ended: list[tuple[str, BaseException]]) -> None:
+        for request_id, error in ended:
+            self._end(request_id, error)
+
+    def _end(self, request_id: str, error: BaseException) -> None:
+        self.withdrawn.discard(request_id)
+        deliver = self.waiting.pop(request_id, None)
+        if deliver is not None:
+            deliver(request_id, Outcome(False, error=error))
+
 
 # The hub of each store whose relay is a `LocalRelay`, as long as the store lives.
 _HUBS: weakref.WeakKeyDictionary[object, _LocalHub] = weakref.WeakKeyDictionary()
@@ -144,9 +171,15 @@ _HUBS: weakref.WeakKeyDictionary[object, _LocalHub] = weakref.WeakKeyDictionary(
 
 def _hub_of(storage: object) -> _LocalHub:
     try:
-        return _HUBS.setdefault(storage, _LocalHub())
+        hub = _HUBS.get(storage)
     except TypeError:  # a store that cannot be weakly referenced: its dispatcher's own
         return _LocalHub()
+    if hub is None:
+        hub = _HUBS[storage] = _LocalHub()
+        core = getattr(storage, "core", None)
+        if isinstance(core, StoreCore):  # an InMemoryStorage: the store tells what it ends
+            core.set_ended_listener(hub.store_ended)
+    return hub
 
 
 class LocalRelay:

@@ -51,6 +51,9 @@ pub(crate) struct StoreState {
     pub dead_letter: Option<Py<PyStoreCore>>,
     /// Tenant use and reserve of a `fair_priority` dispatcher using this store.
     pub fair: Option<FairRuntime>,
+    /// Told, once the locks are released, the ids of the requests the store itself ended:
+    /// dead-lettered and dropped past retention (`set_ended_listener`).
+    pub ended: Option<Py<PyAny>>,
 }
 
 /// A dead-lettered message on its way to the dead-letter store, with its tenant's name.
@@ -66,6 +69,8 @@ pub(crate) struct Aftermath {
     dead: Vec<DeadLetter>,
     target: Option<Py<PyStoreCore>>,
     dropped: Vec<Payload>,
+    /// The store's `ended` listener, when there is something to tell it.
+    listener: Option<Py<PyAny>>,
 }
 
 impl Aftermath {
@@ -74,7 +79,10 @@ impl Aftermath {
     /// operation: a failing hand-off loses nothing. Never raises: the operation itself
     /// succeeded; the failure is logged.
     pub(crate) fn finish(self, py: Python<'_>, source: &PyStoreCore) {
-        let Self { dead, target, dropped } = self;
+        let Self { dead, target, dropped, listener } = self;
+        if let Some(listener) = listener {
+            tell_ended(py, &listener, &dead, &dropped);
+        }
         drop(dropped);
         if dead.is_empty() {
             return;
@@ -92,6 +100,19 @@ impl Aftermath {
                 &format!("could not hand {count} dead-lettered message(s) to the dead-letter store, kept for the next operation: {error}"),
             );
         }
+    }
+}
+
+/// Calls `listener(dead_letter_ids, expired_ids)`; a failure is logged (the operation itself
+/// succeeded).
+fn tell_ended(py: Python<'_>, listener: &Py<PyAny>, dead: &[DeadLetter], dropped: &[Payload]) {
+    let dead_ids: Vec<&str> = dead.iter().map(|(m, _)| &*m.request_id).collect();
+    let expired_ids: Vec<String> = dropped
+        .iter()
+        .filter_map(|p| p.object.bind(py).getattr("id").and_then(|id| id.extract::<String>()).ok())
+        .collect();
+    if let Err(error) = listener.bind(py).call1((dead_ids, expired_ids)) {
+        let _ = log_warning(py, &format!("the store's ended listener failed: {error}"));
     }
 }
 
@@ -158,7 +179,12 @@ impl PyStoreCore {
             .collect();
         let target = if dead.is_empty() { None } else { state.dead_letter.as_ref().map(|t| t.clone_ref(py)) };
         let dropped = state.store.take_dropped();
-        (result, Aftermath { dead, target, dropped })
+        let listener = if dead.is_empty() && dropped.is_empty() {
+            None
+        } else {
+            state.ended.as_ref().map(|l| l.clone_ref(py))
+        };
+        (result, Aftermath { dead, target, dropped, listener })
     }
 
     /// `locked` at the clock's reading, with the aftermath finished and errors raised.
@@ -363,7 +389,7 @@ impl PyStoreCore {
         let now = clock.now(py)?;
         let store = Store::with_ranking(config, now, Rankings::default()).map_err(|e| to_py_err(py, e))?;
         Ok(Self {
-            state: Mutex::new(StoreState { store, clock, dead_letter, fair: None }),
+            state: Mutex::new(StoreState { store, clock, dead_letter, fair: None, ended: None }),
             config,
             last_visibility_timeout: AtomicU64::new(f64::NAN.to_bits()),
         })
@@ -478,6 +504,14 @@ impl PyStoreCore {
     }
 
     /// Removes every message and invalidates every receipt handle.
+    /// Sets (or with None removes) what is told, once the locks are released, the ids of the
+    /// requests the store itself ended: ``listener(dead_lettered_ids, expired_ids)``.
+    #[pyo3(signature = (listener))]
+    fn set_ended_listener(&self, py: Python<'_>, listener: Option<Py<PyAny>>) {
+        let previous = std::mem::replace(&mut self.state.lock_py_attached(py).ended, listener);
+        drop(previous); // outside the lock: its drop may run Python code
+    }
+
     fn purge(&self, py: Python<'_>) -> PyResult<()> {
         self.purge_all(py)
     }

@@ -469,3 +469,33 @@ async def test_a_request_enqueued_again_after_its_withdrawn_namesake_left_the_st
     stats = await Worker(dispatcher, limiter, handle).run(stop_when_empty=True)
     assert handled == ["a"]
     assert stats.withdrawn == 0
+
+
+async def test_a_request_the_store_dead_letters_or_expires_itself_reaches_its_submitter() -> None:
+    # A consumer that takes a message and never marks it: the store dead-letters it when the
+    # lease of its last receive runs out; a request nobody took is dropped past its retention.
+    clock = ManualClock(1_000.0)
+    storage: InMemoryStorage[Any] = InMemoryStorage(
+        clock=clock, max_receive_count=1, dead_letter=InMemoryStorage(clock=clock), message_retention=60
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage)
+    dead = asyncio.ensure_future(dispatcher.submit(request("dies-1")))
+    for _ in range(20):  # its enqueue done, it waits for its outcome
+        await asyncio.sleep(0)
+    [taken] = await storage.dequeue(1, 1.0)
+    assert taken.payload.id == "dies-1"
+    clock.advance(2.0)
+    expiring = asyncio.ensure_future(dispatcher.submit(request("old-1")))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    # Any call runs the store's upkeep first: it dead-letters dies-1.
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages == 1
+    with pytest.raises(RequestFailedError) as dead_lettered:
+        await asyncio.wait_for(dead, 5)
+    assert isinstance(dead_lettered.value.error, MessageStateError)
+    clock.advance(61.0)
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages == 0
+    with pytest.raises(RequestFailedError) as expired:
+        await asyncio.wait_for(expiring, 5)
+    assert isinstance(expired.value.error, ExpiredError)
+    await dispatcher.close()
