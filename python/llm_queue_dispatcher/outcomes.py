@@ -145,10 +145,11 @@ class _LocalHub:
         with a reason of their own (a worker's dead-letter mark, a deadline's expiry): a store
         that dead-letters a message whose last lease ran out, or drops one past its retention,
         is the only one to know."""
-        ended: list[tuple[str, BaseException]] = [
-            (rid, MessageStateError(f"request {rid!r} was dead-lettered by the store")) for rid in dead_lettered
-        ]
-        ended += [(rid, ExpiredError(f"request {rid!r} expired past its retention period")) for rid in expired]
+        ended: list[tuple[str, BaseException]] = []
+        for rid in dead_lettered:
+            ended.append((rid, MessageStateError(f"request {rid!r} was dead-lettered by the store")))
+        for rid in expired:
+            ended.append((rid, ExpiredError(f"request {rid!r} expired past its retention period")))
         try:
             asyncio.get_running_loop().call_soon(self._end_all, ended)
         except RuntimeError:  # no event loop here (a store used from a thread of its own)
