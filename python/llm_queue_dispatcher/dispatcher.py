@@ -96,8 +96,21 @@ async def _release(limiter: Any, key: str) -> None:
 def _takes_parts(limiter: Any, method: str) -> bool:
     """Whether ``limiter.method`` takes a request's ``input_tokens`` and ``output_tokens`` (as
     `LLMThrottle`'s and `RedisThrottle`'s do); a limiter of the plain protocol is called with
-    the total alone."""
-    function = getattr(limiter, method, None)
+    the total alone. Read once per limiter class and method: a signature costs microseconds,
+    and this is asked on every dispatch."""
+    if method in getattr(limiter, "__dict__", ()):  # set on the instance: its own signature
+        return _signature_takes_parts(getattr(limiter, method))
+    key = (type(limiter), method)
+    taken = _PARTS_TAKEN.get(key)
+    if taken is None:
+        taken = _PARTS_TAKEN[key] = _signature_takes_parts(getattr(limiter, method, None))
+    return taken
+
+
+_PARTS_TAKEN: dict[tuple[type, str], bool] = {}
+
+
+def _signature_takes_parts(function: Any) -> bool:
     if function is None:
         return False
     try:
@@ -107,6 +120,15 @@ def _takes_parts(limiter: Any, method: str) -> bool:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return True
     return "input_tokens" in parameters and "output_tokens" in parameters
+
+
+async def _can_process(limiter: Any, tokens: int, parts: tuple[int, int] | None) -> Any:
+    """``limiter.can_process(tokens)``, with the request's input and output ``parts`` where it
+    knows them and the limiter takes them; awaited when the limiter's method is a coroutine."""
+    if parts is not None and _takes_parts(limiter, "can_process"):
+        checked = limiter.can_process(tokens, input_tokens=parts[0], output_tokens=parts[1])
+        return await checked if inspect.isawaitable(checked) else checked
+    return await _call(limiter, "can_process", tokens)
 
 
 def _token_parts(message: QueueMessage[Any]) -> tuple[int, int] | None:
@@ -535,11 +557,8 @@ class LLMQueueDispatcher(Generic[T]):
             parts = _token_parts(job.message)
             if self.config.reserve_budget:
                 granted = await self._runner.reserve(limiter, job._key or "", job._tokens, parts)
-            elif parts is not None and _takes_parts(limiter, "can_process"):
-                checked = limiter.can_process(job._tokens, input_tokens=parts[0], output_tokens=parts[1])
-                granted = bool((await checked if inspect.isawaitable(checked) else checked).allowed)
             else:
-                granted = bool((await _call(limiter, "can_process", job._tokens)).allowed)
+                granted = bool((await _can_process(limiter, job._tokens, parts)).allowed)
         except BaseException:
             # Failed or cancelled while the limiter answered (a reservation granted meanwhile is
             # given back by `reserve`): the winner goes back as it was.
@@ -583,11 +602,7 @@ class LLMQueueDispatcher(Generic[T]):
     ) -> float | None:
         """Seconds until a held winner of ``tokens`` (split into ``parts`` when known) fits
         (None when it never will)."""
-        if parts is not None and _takes_parts(limiter, "can_process"):
-            checked = limiter.can_process(tokens, input_tokens=parts[0], output_tokens=parts[1])
-            check = await checked if inspect.isawaitable(checked) else checked
-        else:
-            check = await _call(limiter, "can_process", tokens)
+        check = await _can_process(limiter, tokens, parts)
         self._refused(check)
         wait = float(check.available_in)
         return wait if math.isfinite(wait) else None
