@@ -6,8 +6,11 @@ A submitted request ends in exactly one of these ways, and its submitter hears o
   submitter gets the handler's return value (``HandlerResult.value`` when it returns one);
 * dead-lettered: the handler raised `PermanentError`, or failed for the last time its store's
   ``max_receive_count`` allows: `RequestFailedError` with that error (reported when the worker
-  marks it, before the store moves it);
-* expired (``drop_expired``) or purged: `RequestFailedError` with an error saying so;
+  marks it, before the store moves it); dead-lettered by the store itself when the lease of its
+  last receive ran out: `RequestFailedError` with a `MessageStateError` (told by the store:
+  `_LocalHub.store_ended`, or the Redis queue scripts);
+* expired (``drop_expired``, or past the store's message retention) or purged:
+  `RequestFailedError` with an error saying so;
 * larger than the limiter can ever grant: `RequestFailedError` with a `RateLimitError`
   (``available_in`` infinite); the message stays queued for ``take_unfittable()``;
 * withdrawn: the submitter's await was cancelled. A request not yet dispatched is never handed
