@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,17 +23,19 @@ from llm_queue_dispatcher import (
     HandlerResult,
     InvalidRequestError,
     LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
     MessageStateError,
     PermanentError,
     ProcessableMessage,
     PurgedError,
+    RateLimitError,
     RequestFailedError,
     TokenInfo,
     Worker,
 )
-from llm_queue_dispatcher.redis import RedisStorage
+from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
 ROOT = Path(__file__).resolve().parents[2]
 _queues = itertools.count()
@@ -248,3 +251,28 @@ async def test_a_submit_to_a_closed_dispatcher_raises_and_enqueues_nothing(
     assert (await storage.get_queue_attributes()).approximate_number_of_messages == 0
     assert await leftover_keys(redis_url, queue_name) == []
     await storage.aclose()
+
+
+async def test_a_request_the_global_choice_can_never_grant_fails_its_submit_and_stays_queued(
+    redis_url: str, queue_name: str
+) -> None:
+    storage: RedisStorage[Any] = RedisStorage(redis_url, queue_name)
+    throttle = RedisThrottle(redis_url, queue_name, rpm=600, tpm=1_000)
+    config = LLMQueueDispatcherConfig(policy="fair_priority")
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    huge = LLMRequest("huge", {"q": "huge"}, token_info=TokenInfo(5_000))
+    try:
+        with pytest.raises(RequestFailedError) as raised:
+            await asyncio.wait_for(dispatcher.submit(huge, handle, rate_limiter=throttle), 15)
+        assert isinstance(raised.value.error, RateLimitError)
+        assert raised.value.error.available_in == math.inf
+        assert await dispatcher.submit(request("small"), handle, rate_limiter=throttle) == "done"
+        assert (await storage.get_queue_attributes()).approximate_number_of_messages == 1  # huge
+    finally:
+        await dispatcher.close()
+        await throttle.aclose()
+        await storage.aclose()

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -160,6 +161,9 @@ def encode_error(error: BaseException) -> dict[str, Any]:
     source = http if http is not None else error
     kind = type(source)
     encoded: dict[str, Any] = {"type": f"{kind.__module__}.{kind.__qualname__}", "message": str(source)}
+    if isinstance(source, _errors.RateLimitError):
+        encoded["reason"] = str(source.reason)
+        encoded["available_in"] = str(float(source.available_in))  # 'inf' where it never fits
     if http is not None:
         response = getattr(http, "response", None)
         headers = getattr(response, "headers", None)
@@ -171,9 +175,17 @@ def encode_error(error: BaseException) -> dict[str, Any]:
 
 
 def decode_error(encoded: dict[str, Any]) -> BaseException:
+    """An error back from its JSON (`encode_error`): the library's own class where it is one,
+    else a `RemoteError` keeping its type name, message and HTTP response."""
     type_name = str(encoded.get("type", "Exception"))
     message = str(encoded.get("message", ""))
     status = encoded.get("status_code")
+    if status is None and type_name == "llm_queue_dispatcher.errors.RateLimitError":
+        try:
+            available_in = float(encoded.get("available_in", "inf"))
+        except (TypeError, ValueError):
+            available_in = math.inf
+        return _errors.RateLimitError(str(encoded.get("reason", "")), available_in, message)
     if status is None and type_name in _REBUILT:
         return _REBUILT[type_name](message)
     return RemoteError(
@@ -210,6 +222,7 @@ def encode_outcome(request_id: str, outcome: Outcome) -> str:
 
 
 def decode_item(item: bytes | str) -> tuple[str, Outcome]:
+    """One inbox item, ``<len(id)>:<id><JSON>``, as (request id, outcome)."""
     text = item.decode("utf-8") if isinstance(item, bytes) else item
     length, _, rest = text.partition(":")
     # The length Lua counted is in bytes: cut the id by bytes.

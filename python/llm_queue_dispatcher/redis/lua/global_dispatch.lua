@@ -140,6 +140,16 @@ end
 -- skipped like those above the capacity (at most SKIP_MAX per call).
 local excluded = {}
 
+-- A message above the capacity, passed over: its submitter, if one waits, hears that it never
+-- fits (it stays queued, as the per-process path leaves it). Told once: the entry goes.
+local function never_fits(member)
+  local s = load(Q, member)
+  if s ~= nil then
+    report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more tokens than the limiter can ever '
+      .. 'grant (capacity ' .. fmt(capacity) .. '); it stays queued', {reason = 'tpm_limit', available_in = 'inf'})
+  end
+end
+
 local function head_of(tenant)
   local prefix = #tenant .. ':' .. tenant
   local base = #prefix
@@ -149,12 +159,17 @@ local function head_of(tenant)
   local low, high = '[' .. prefix, '[' .. prefix .. '\255'
   local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
   if keys[1] ~= nil and not fits(keys[1]) then
+    if tonumber(string.sub(keys[1], base + 33)) > capacity then
+      never_fits(string.sub(keys[1], base + 18, base + 32))
+    end
     keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, 2 * SKIP_MAX - 1)
   end
   -- Bounded by 2 * SKIP_MAX (the LIMITs above).
   for _, key in ipairs(keys) do
     if fits(key) then
       return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
+    elseif tonumber(string.sub(key, base + 33)) > capacity then
+      never_fits(string.sub(key, base + 18, base + 32))
     end
   end
   return nil
@@ -169,6 +184,9 @@ local function first()
   if urgent_first then
     local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
     if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
+      if load(Q, oldest[1]).tok > capacity then
+        never_fits(oldest[1])
+      end
       oldest = redis.call('ZRANGE', Q.urgent, 1, 2 * SKIP_MAX - 1)
     end
     -- Bounded by 2 * SKIP_MAX (the ZRANGEs above).
@@ -176,6 +194,8 @@ local function first()
       local s = load(Q, member)
       if s.tok <= capacity and not excluded[member] then
         return member, s
+      elseif s.tok > capacity then
+        never_fits(member)
       end
     end
   end
@@ -348,9 +368,12 @@ for _ = 1, limit + 2 * SKIP_MAX do
     -- reserves it must leave.
     local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin(s)})
     if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
-      -- It can never fit one of the limits: skipped, it holds nothing.
+      -- It can never fit one of the limits: skipped, it holds nothing. Its submitter, if it
+      -- has one waiting, hears so (it stays queued, as the per-process path leaves it).
       excluded[member] = true
       skipped = skipped + 1
+      report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
+        .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
     elseif granted[1] ~= 1 then
       out[2] = granted[3] -- the wait in us: the budget is held for this winner
       break

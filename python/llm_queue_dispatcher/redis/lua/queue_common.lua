@@ -306,7 +306,7 @@ end
 -- `{ns}:q:{q}:waiting` names its process's inbox, and the outcome is pushed there. Without an
 -- entry (nobody submitted it, or its outcome was told already) nothing happens.
 local RESULT_TTL = 300 -- redis/outcomes.py RESULT_TTL
-local function report_ended(q, rid, error_type, message)
+local function report_ended(q, rid, error_type, message, fields)
   local waiting = string.gsub(q.meta, ':meta$', ':waiting')
   local inbox = redis.call('HGET', waiting, rid)
   if not inbox then
@@ -316,7 +316,9 @@ local function report_ended(q, rid, error_type, message)
   if inbox == 'withdrawn' then
     return
   end
-  local body = cjson.encode({ok = false, error = {type = 'llm_queue_dispatcher.errors.' .. error_type, message = message}})
+  local error = fields or {}
+  error.type, error.message = 'llm_queue_dispatcher.errors.' .. error_type, message
+  local body = cjson.encode({ok = false, error = error})
   redis.call('RPUSH', inbox, string.len(rid) .. ':' .. rid .. body)
   redis.call('EXPIRE', inbox, RESULT_TTL)
 end
