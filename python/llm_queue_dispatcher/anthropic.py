@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import inspect
 import logging
 import math
@@ -385,14 +386,41 @@ async def create_message(
 
     if isinstance(payload, Mapping) and payload.get("stream"):
         raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
-    raw = await _send_message(client, limiter, payload)
+    raw = await _send_message(client, limiter, payload, sync=False)
     try:
         parsed: Any = raw.parse()
         if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
             parsed = await parsed
     except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
+        await _sync_limiter(limiter, _within_a_day(raw.headers))
         raise RetryableError(f"malformed response: {error}") from error
+    await _sync_limiter(limiter, _settled(_within_a_day(raw.headers), payload, parsed))
     return _checked(parsed, anthropic.types.Message)
+
+
+def _settled(headers: Any, payload: Mapping[str, Any], message: Any) -> Any:
+    """The reply's rate-limit headers as the limiter will stand once the call is marked.
+    Anthropic reserves ``max_tokens`` of output when a call starts and gives back what the reply
+    left of it before answering, so its ``remaining`` figures count that part as free; the mark
+    gives the same part back to the limiter's reservation. Read as they come, the part would be
+    counted twice (the limiter believing in tokens the provider does not have): the output and
+    total ``remaining`` are read less it."""
+    max_tokens = payload.get("max_tokens")
+    output = getattr(getattr(message, "usage", None), "output_tokens", None)
+    if type(max_tokens) is not int or type(output) is not int or not 0 <= output < max_tokens:
+        return headers
+    unused = max_tokens - output
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    settled = []
+    for name, value in pairs:
+        if str(name).lower() in _SETTLED_HEADERS:
+            with contextlib.suppress(TypeError, ValueError):
+                value = str(max(0, int(value) - unused))
+        settled.append((name, value))
+    return settled
+
+
+_SETTLED_HEADERS = ("anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-tokens-remaining")
 
 
 async def open_message_stream(
@@ -407,9 +435,14 @@ async def open_message_stream(
 
 
 async def _send_message(
-    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+    client: AsyncAnthropic,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    *,
+    sync: bool = True,
 ) -> Any:
-    """One call, its raw response (headers read and the limiter synced), failures mapped."""
+    """One call, its raw response (headers read and, with ``sync``, the limiter synced from
+    them), failures mapped."""
     import anthropic
 
     if not isinstance(payload, Mapping):
@@ -431,7 +464,8 @@ async def _send_message(
         # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
         # one (max_tokens), a value it cannot encode. No retry can send it.
         raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
-    await _sync_limiter(limiter, _within_a_day(raw.headers))
+    if sync:
+        await _sync_limiter(limiter, _within_a_day(raw.headers))
     return raw
 
 
