@@ -7,6 +7,12 @@ so is each mark of the job it returns. Otherwise the core takes the winner and P
 reservation on the limiter under the delivery's key, ``"request-id#n"`` (`_choose`), or confirms
 its lease in another store's prefetch buffer (`_hand_out`, `prefetch.Prefetcher`); a mark that
 needs such I/O comes back as a `Plan` that `_Runner` awaits to its end, reporting each reply.
+
+About 830 lines: the public class and the plan runner it alone uses, so that one `dequeue` reads
+top to bottom in one file. What is not on that path lives elsewhere: awaiting an outcome in
+`outcomes.py`, the global choice over Redis in `redis/global_choice.py`, the prefetch buffer's
+I/O in `prefetch.py`; the next to move out is the metrics report (`_queue_report_now`,
+`_scheduling`).
 """
 
 from __future__ import annotations
