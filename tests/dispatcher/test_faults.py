@@ -25,39 +25,7 @@ from llm_queue_dispatcher import (
     ProcessableMessage,
     ScoringConfig,
 )
-from tests.dispatcher.books import BookLimiter, books, native_limiter, request
-
-
-class FaultyClock:
-    """A Python callable clock over a `ManualClock`: ``fail_at(n)`` makes its n-th next reading
-    raise (once); ``offset`` shifts every reading; ``on_read`` runs before a chosen reading."""
-
-    def __init__(self, base: ManualClock) -> None:
-        self.base = base
-        self.reads = 0
-        self.offset = 0.0
-        self._fail_at: int | None = None
-        self._hook_at: int | None = None
-        self._hook: Callable[[], None] | None = None
-
-    def fail_at(self, n: int) -> None:
-        self._fail_at = self.reads + n
-
-    def disarm(self) -> None:
-        self._fail_at = self._hook_at = None
-
-    def hook_at(self, n: int, hook: Callable[[], None]) -> None:
-        self._hook_at, self._hook = self.reads + n, hook
-
-    def __call__(self) -> float:
-        self.reads += 1
-        if self.reads == self._hook_at and self._hook is not None:
-            hook, self._hook = self._hook, None
-            hook()
-        if self.reads == self._fail_at:
-            self._fail_at = None
-            raise OSError("injected clock failure")
-        return self.base.now() + self.offset
+from tests.dispatcher.books import BookLimiter, FaultyClock, books, native_limiter, request
 
 
 def scored(scorer: Callable[[Any, Any], float] | None) -> ScoringConfig | None:
