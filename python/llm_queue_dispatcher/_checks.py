@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import operator
 
-__all__ = ["finite_float", "integer", "real_number", "shown"]
+from .errors import InvalidRequestError
+
+__all__ = ["finite_float", "integer", "real_number", "shown", "timeout_seconds"]
 
 
 def shown(value: object) -> str:
@@ -60,3 +62,17 @@ def integer(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]  # TypeError when it has no __index__
     except TypeError:
         return None
+
+
+def timeout_seconds(timeout: object) -> float | None:
+    """A wait's ``timeout``: None (do not wait), or a number of seconds >= 0 as a float; anything
+    else raises `InvalidRequestError`. The sign is checked on the value given: an int too large
+    for a float waits for ever if positive, and is refused if negative."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise InvalidRequestError(f"timeout must be None or a number of seconds >= 0, got {shown(timeout)}")
+    try:
+        return float(timeout)
+    except OverflowError:
+        return math.inf

@@ -214,6 +214,37 @@ class LLMQueueDispatcherConfig:
         when it is None."""
         return self.hold_budget if self.urgent_first is None else self.urgent_first
 
+    def core_options(self) -> dict[str, Any]:
+        """The keyword arguments of the dispatcher's Rust core (`DispatchCore`) this config sets:
+        the scoring weights and custom scorers' names and weights, the policy and its fair
+        shares, and the limits of the search, the reservations and the metrics."""
+        from .scoring import ScoringConfig, ScoringWeights
+
+        scoring = self.scoring or ScoringConfig()
+        scorers = scoring.custom_scorers
+        fair = self.fair_priority or FairPriorityConfig()
+        return {
+            "clock": self.clock,
+            "weights": (scoring.weights or ScoringWeights()).as_tuple(),
+            "custom_weights": [float(scorer.weight) for scorer in scorers],
+            "custom_names": [str(scorer.name) for scorer in scorers],
+            "max_candidates": self.max_candidates_to_evaluate,
+            "policy": self.policy,
+            "tenant_weights": [(name, float(weight)) for name, weight in fair.tenant_weights.items()],
+            "fairness_window": float(fair.fairness_window),
+            "urgent_first": fair.urgent_first,
+            "max_wait": fair.max_wait_by_priority(),
+            "reserve_tokens": None if fair.reserve_tokens is None else float(fair.reserve_tokens),
+            "visibility_timeout": self.visibility_timeout,
+            "min_score": self.min_score_threshold,
+            "reserve": self.reserve_budget,
+            "hold": self.hold_budget,
+            "metrics_retention": self.metrics_retention,
+            "score_urgent_first": self.score_urgent_first(),
+            "urgent_reserve": None if self.urgent_reserve is None else float(self.urgent_reserve),
+            "slo_targets": self.slo_targets_by_priority(),
+        }
+
     def validate(self) -> None:
         """Raises `InvalidConfigError` naming the first bad field."""
         _plain_numbers(

@@ -23,42 +23,24 @@ import dataclasses
 import inspect
 import logging
 import math
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._checks import shown
-from ._core import CoreReport, DispatchCore, LLMThrottle, Plan, ProcessableMessage
-from .config import FairPriorityConfig, LLMQueueDispatcherConfig
-from .errors import (
-    InvalidRequestError,
-    MessageStateError,
-    ReceiptHandleError,
-    UnknownRequestError,
-)
-from .metrics import (
-    InFlightDetail,
-    LatencyPercentiles,
-    PerformanceMetrics,
-    ProcessingMetrics,
-    QueueMetrics,
-    QueueMetricsReport,
-    SchedulingMetrics,
-    SloAttainment,
-    TenantMetrics,
-    Throughput,
-    WaitTimePercentiles,
-)
+from ._checks import timeout_seconds
+from ._core import DispatchCore, LLMThrottle, Plan, ProcessableMessage
+from .config import LLMQueueDispatcherConfig
+from .errors import InvalidRequestError, MessageStateError, ReceiptHandleError, UnknownRequestError
+from .metrics import QueueMetrics, queue_metrics, queue_report
 from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, Submissions
 from .outcomes import enqueued as _withdrawals_lapse
 from .prefetch import Prefetcher, running_here
-from .scoring import ScoringConfig, ScoringContext, ScoringWeights
+from .scoring import ScoringConfig, ScoringContext
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .storage.base import _as_list
 from .throttle import check_rate_limiter
-from .types import LLMRequest, Priority, QueueMessage
+from .types import LLMRequest, QueueMessage
 from .wakeup import Wakeup
 
 __all__ = ["LLMQueueDispatcher", "ProcessableMessage"]
@@ -70,23 +52,18 @@ _LOGGER = logging.getLogger("llm_queue_dispatcher")
 _MIN_WAIT = 0.001  # the shortest sleep of a waiting `dequeue` (seconds)
 
 
-async def _call(limiter: Any, method: str, *args: Any) -> Any:
-    """``limiter.method(*args)``, awaited when the limiter's method is a coroutine."""
-    result = getattr(limiter, method)(*args)
+def _invoke(limiter: Any, method: str, *args: Any, parts: tuple[int, int] | None = None) -> Any:
+    """``limiter.method(*args)``, with a request's input and output ``parts`` where they are known
+    and the method takes them (each limit then takes its own share)."""
+    if parts is not None and _takes_parts(limiter, method):
+        return getattr(limiter, method)(*args, input_tokens=parts[0], output_tokens=parts[1])
+    return getattr(limiter, method)(*args)
+
+
+async def _call(limiter: Any, method: str, *args: Any, parts: tuple[int, int] | None = None) -> Any:
+    """`_invoke`, awaited when the limiter's method is a coroutine."""
+    result = _invoke(limiter, method, *args, parts=parts)
     return await result if inspect.isawaitable(result) else result
-
-
-def _global_choice(
-    storage: object, config: LLMQueueDispatcherConfig, core: DispatchCore, custom: bool
-) -> Any:
-    """The global choice over a `RedisStorage` queue (``redis/global_choice.py``), or None: with
-    another store or a policy it does not cover, the prefetch buffer ranks what it leased."""
-    module = sys.modules.get("llm_queue_dispatcher.redis.storage")
-    if module is None or not isinstance(storage, module.RedisStorage):
-        return None
-    from .redis.global_choice import GlobalChoice
-
-    return GlobalChoice.for_dispatcher(storage, config, core, custom)
 
 
 async def _release(limiter: Any, key: str) -> None:
@@ -126,15 +103,6 @@ def _signature_takes_parts(function: Any) -> bool:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return True
     return "input_tokens" in parameters and "output_tokens" in parameters
-
-
-async def _can_process(limiter: Any, tokens: int, parts: tuple[int, int] | None) -> Any:
-    """``limiter.can_process(tokens)``, with the request's input and output ``parts`` where it
-    knows them and the limiter takes them; awaited when the limiter's method is a coroutine."""
-    if parts is not None and _takes_parts(limiter, "can_process"):
-        checked = limiter.can_process(tokens, input_tokens=parts[0], output_tokens=parts[1])
-        return await checked if inspect.isawaitable(checked) else checked
-    return await _call(limiter, "can_process", tokens)
 
 
 def _token_parts(message: QueueMessage[Any]) -> tuple[int, int] | None:
@@ -225,15 +193,7 @@ class _Runner:
             return
         try:
             if plan.limiter_call == "adjust":
-                parts = plan.parts
-                if parts is not None and _takes_parts(limiter, "adjust_consumption"):
-                    adjusted = limiter.adjust_consumption(
-                        plan.key, plan.tokens, input_tokens=parts[0], output_tokens=parts[1]
-                    )
-                    if inspect.isawaitable(adjusted):
-                        await adjusted
-                else:
-                    await _call(limiter, "adjust_consumption", plan.key, plan.tokens)
+                await _call(limiter, "adjust_consumption", plan.key, plan.tokens, parts=plan.parts)
             elif plan.limiter_call == "release":
                 await _release(limiter, plan.key)
             elif callable(getattr(limiter, "settle", None)):
@@ -248,15 +208,11 @@ class _Runner:
     async def reserve(
         self, limiter: Any, key: str, tokens: int, parts: tuple[int, int] | None = None
     ) -> bool:
-        """``limiter.consume(key, tokens)``, with the request's input and output ``parts`` where
-        it knows them and the limiter takes them (each limit then takes its own share).
-        Cancelled while an asynchronous consume is on its way (a round trip to a shared
-        limiter), the call still completes, and a reservation it made is given back in a task
-        `close` waits for: a cancelled dequeue takes nothing."""
-        if parts is not None and _takes_parts(limiter, "consume"):
-            result = limiter.consume(key, tokens, input_tokens=parts[0], output_tokens=parts[1])
-        else:
-            result = limiter.consume(key, tokens)
+        """``limiter.consume(key, tokens)`` (by ``parts``: `_invoke`). Cancelled while an
+        asynchronous consume is on its way (a round trip to a shared limiter), the call still
+        completes, and a reservation it made is given back in a task `close` waits for: a
+        cancelled dequeue takes nothing."""
+        result = _invoke(limiter, "consume", key, tokens, parts=parts)
         if not inspect.isawaitable(result):
             return bool(result)
         consumed = asyncio.ensure_future(result)
@@ -310,39 +266,14 @@ class LLMQueueDispatcher(Generic[T]):
         config.validate()
         self._storage = storage
         self._logger = logger = config.logger or _LOGGER
-        scoring = config.scoring or ScoringConfig()
-        weights = scoring.weights or ScoringWeights()
-        self._custom_scorers = scorers = list(scoring.custom_scorers)
-        fair = config.fair_priority or FairPriorityConfig()
+        self._custom_scorers = list((config.scoring or ScoringConfig()).custom_scorers)
         self._clock = config.clock
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
         pool = storage.core if type(storage) is InMemoryStorage else None
         self._runner = runner = _Runner(logger)
-        self._core = runner.core = DispatchCore(
-            pool,
-            clock=config.clock,
-            weights=weights.as_tuple(),
-            custom_weights=[float(scorer.weight) for scorer in scorers],
-            custom_names=[str(scorer.name) for scorer in scorers],
-            max_candidates=config.max_candidates_to_evaluate,
-            policy=config.policy,
-            tenant_weights=[(name, float(weight)) for name, weight in fair.tenant_weights.items()],
-            fairness_window=float(fair.fairness_window),
-            urgent_first=fair.urgent_first,
-            max_wait=fair.max_wait_by_priority(),
-            reserve_tokens=None if fair.reserve_tokens is None else float(fair.reserve_tokens),
-            visibility_timeout=config.visibility_timeout,
-            min_score=config.min_score_threshold,
-            reserve=config.reserve_budget,
-            hold=config.hold_budget,
-            metrics_retention=config.metrics_retention,
-            runner=runner,
-            logger=logger,
-            score_urgent_first=config.score_urgent_first(),
-            urgent_reserve=None if config.urgent_reserve is None else float(config.urgent_reserve),
-            slo_targets=config.slo_targets_by_priority(),
-        )
+        self._core = runner.core = DispatchCore(pool, runner=runner, logger=logger, **config.core_options())
         self._prefetch: Prefetcher[T] | None = None
+        self._global: Any = None  # redis.global_choice.GlobalChoice, where the store offers it
         if pool is None:
             self._prefetch = runner.prefetch = Prefetcher(
                 storage,
@@ -352,9 +283,8 @@ class LLMQueueDispatcher(Generic[T]):
                 prefetch_interval=config.prefetch_interval,
                 logger=logger,
             )
-            self._global = runner.global_choice = _global_choice(storage, config, self._core, bool(scorers))
-        else:
-            self._global = None
+            if choice := getattr(storage, "_global_choice", None):  # RedisStorage's
+                self._global = runner.global_choice = choice(config, self._core, bool(self._custom_scorers))
         # The hot path: a dequeue that is one call into Rust.
         self._fast = pool is not None and not config.drop_expired
         self._wakeup = runner.wakeup = Wakeup(self._core)
@@ -454,17 +384,7 @@ class LLMQueueDispatcher(Generic[T]):
             await self._nothing_found(rate_limiter, found)
             return None
         check_rate_limiter(rate_limiter)
-        if timeout is not None:
-            # The sign is checked on the value given: an int too large for a float waits for
-            # ever if positive, and is refused if negative.
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-                raise InvalidRequestError(
-                    f"timeout must be None or a number of seconds >= 0, got {shown(timeout)}"
-                )
-            try:
-                timeout = float(timeout)
-            except OverflowError:
-                timeout = math.inf
+        timeout = timeout_seconds(timeout)
         if self._prefetch is not None:
             if self._closed:
                 raise MessageStateError("dispatcher is closed")
@@ -514,7 +434,7 @@ class LLMQueueDispatcher(Generic[T]):
         scorers = self._custom_scorers
         context = ScoringContext.lazy(
             rate_limiter_metrics=limiter_metrics,
-            queue_metrics=self._queue_report_now,
+            queue_metrics=lambda: queue_report(self._core.report()),
             current_time=self._now(),
         )
         return lambda message: [scorer.calculate(message, context) for scorer in scorers]
@@ -564,7 +484,7 @@ class LLMQueueDispatcher(Generic[T]):
             if self.config.reserve_budget:
                 granted = await self._runner.reserve(limiter, job._key or "", job._tokens, parts)
             else:
-                granted = bool((await _can_process(limiter, job._tokens, parts)).allowed)
+                granted = bool((await _call(limiter, "can_process", job._tokens, parts=parts)).allowed)
         except BaseException:
             # Failed or cancelled while the limiter answered (a reservation granted meanwhile is
             # given back by `reserve`): the winner goes back as it was.
@@ -608,7 +528,7 @@ class LLMQueueDispatcher(Generic[T]):
     ) -> float | None:
         """Seconds until a held winner of ``tokens`` (split into ``parts`` when known) fits
         (None when it never will)."""
-        check = await _can_process(limiter, tokens, parts)
+        check = await _call(limiter, "can_process", tokens, parts=parts)
         self._refused(check)
         wait = float(check.available_in)
         return wait if math.isfinite(wait) else None
@@ -726,96 +646,16 @@ class LLMQueueDispatcher(Generic[T]):
         await self.close()
 
     # -- metrics -------------------------------------------------------------------------------
-    def _queue_report_now(self, r: CoreReport | None = None) -> QueueMetricsReport:
-        """The queue report from in-process state only (what custom scorers may read)."""
-        r = r or self._core.report()
-        by_priority = dict(zip([p.name for p in Priority], r.counts_by_priority, strict=True))
-        selectable = sum(by_priority.values())
-        oldest = r.oldest_enqueued_at
-        return QueueMetricsReport(
-            approximate_number_of_messages=selectable,
-            approximate_number_of_messages_in_flight=r.in_flight,
-            buffered_messages=r.buffered,
-            total_messages=selectable + r.in_flight,
-            messages_by_priority=by_priority,
-            oldest_message_age=0.0 if oldest is None else max(0.0, r.now - oldest),
-            average_wait_time=r.average_wait,
-            wait_time_percentiles=WaitTimePercentiles(r.wait_p50, r.wait_p95, r.wait_p99),
-            throughput=Throughput(r.messages_per_minute, r.tokens_per_minute),
-            failed=r.failed,
-            unfittable_messages=r.unfittable,
-            expired_deadlines=r.expired_deadlines,
-        )
-
     async def get_queue_metrics(self) -> QueueMetrics:
         """Queue depth, waits, throughput (real tokens), in-flight details and dequeue latency."""
-        attributes = await self._storage.get_queue_attributes()
-        report, now = self._core.report(), self._now()
-        local = self._queue_report_now(report)
-        fields = dict(local.__dict__, dead_lettered=attributes.dead_lettered)
-        if self._prefetch is not None:
-            # The store counts buffered messages as in flight (the buffer leased them); here
-            # they count once, as waiting.
-            visible = attributes.approximate_number_of_messages + report.buffered
-            in_flight = max(0, attributes.approximate_number_of_messages_in_flight - report.buffered)
-            fields.update(
-                approximate_number_of_messages=visible,
-                approximate_number_of_messages_in_flight=in_flight,
-                total_messages=visible + in_flight,
-            )
-        details = [
-            InFlightDetail(
-                d.request_id,
-                d.message_id,
-                d.priority,
-                d.estimated_tokens,
-                d.score,
-                d.started_at,
-                now - d.started_at,
-            )
-            for d in self._core.in_flight()
-        ]
-        tenants = {
-            t.name: TenantMetrics(
-                t.visible,
-                t.in_flight,
-                t.tokens_in_window,
-                t.tokens_served,
-                WaitTimePercentiles(t.wait_p50, t.wait_p95, t.wait_p99),
-            )
-            for t in self._core.tenants()
-        }
-        return QueueMetrics(
-            queue=QueueMetricsReport(**fields),
-            processing=ProcessingMetrics(active_requests=len(details), in_flight_details=details),
-            performance=PerformanceMetrics(
-                prefetch_enabled=self.config.enable_prefetch,
-                buffer_utilization=report.buffered / self.config.buffer_size,
-                dequeue_latency=LatencyPercentiles(report.latency_p50, report.latency_p99),
-            ),
-            tenants=tenants,
-            scheduling=_scheduling(report),
+        return queue_metrics(
+            self._core,
+            await self._storage.get_queue_attributes(),
+            self._now(),
+            buffered_in_store=self._prefetch is not None,
+            prefetch_enabled=self.config.enable_prefetch,
+            buffer_size=self.config.buffer_size,
         )
-
-
-def _scheduling(report: CoreReport) -> SchedulingMetrics:
-    """The scheduling part of a metrics report, from the core's figures."""
-    slo = {
-        priority.name: SloAttainment(
-            target=target,
-            dispatched=dispatched,
-            met=met,
-            attainment=met / dispatched if dispatched else None,
-        )
-        for priority, target, dispatched, met in zip(
-            Priority, report.slo_targets, report.slo_dispatched, report.slo_met, strict=True
-        )
-    }
-    return SchedulingMetrics(
-        slo_attainment=slo,
-        binding_limit=report.binding_limit or "none",
-        waited_by_limit=dict(report.waited_by_limit),
-    )
 
 
 def _token_capacities(metrics: Any) -> tuple[float, float, float]:

@@ -1,4 +1,5 @@
-"""Dispatcher metrics: the report types `get_queue_metrics()` returns (the Rust core keeps the books).
+"""Dispatcher metrics: the report types `get_queue_metrics()` returns, built from the figures of
+the dispatcher's Rust core (which keeps the books) and the store's counts.
 
 Everything is measured on the dispatcher's clock, so a simulation on a `ManualClock` reports
 simulated throughput and wait times. Samples older than ``metrics_retention`` are dropped. Waits
@@ -11,7 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .types import Priority
+
+if TYPE_CHECKING:
+    from ._core import CoreReport, DispatchCore
+    from .storage.base import QueueAttributes
 
 __all__ = [
     "InFlightDetail",
@@ -191,3 +198,102 @@ def percentile(sorted_values: list[float], q: float) -> float:
     high = min(low + 1, len(sorted_values) - 1)
     fraction = position - low
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
+
+
+def queue_report(r: CoreReport) -> QueueMetricsReport:
+    """The queue report from the core's figures alone (what custom scorers read as
+    ``queue_metrics``): no store round trip, so no dead-letter count."""
+    by_priority = dict(zip([p.name for p in Priority], r.counts_by_priority, strict=True))
+    selectable = sum(by_priority.values())
+    oldest = r.oldest_enqueued_at
+    return QueueMetricsReport(
+        approximate_number_of_messages=selectable,
+        approximate_number_of_messages_in_flight=r.in_flight,
+        buffered_messages=r.buffered,
+        total_messages=selectable + r.in_flight,
+        messages_by_priority=by_priority,
+        oldest_message_age=0.0 if oldest is None else max(0.0, r.now - oldest),
+        average_wait_time=r.average_wait,
+        wait_time_percentiles=WaitTimePercentiles(r.wait_p50, r.wait_p95, r.wait_p99),
+        throughput=Throughput(r.messages_per_minute, r.tokens_per_minute),
+        failed=r.failed,
+        unfittable_messages=r.unfittable,
+        expired_deadlines=r.expired_deadlines,
+    )
+
+
+def queue_metrics(
+    core: DispatchCore,
+    attributes: QueueAttributes,
+    now: float,
+    *,
+    buffered_in_store: bool,
+    prefetch_enabled: bool,
+    buffer_size: int,
+) -> QueueMetrics:
+    """`LLMQueueDispatcher.get_queue_metrics()`: the core's figures with the store's
+    ``attributes``. ``buffered_in_store``: the store counts the prefetch buffer's messages as in
+    flight (the buffer leased them); the report counts them once, as waiting."""
+    report = core.report()
+    fields = dict(queue_report(report).__dict__, dead_lettered=attributes.dead_lettered)
+    if buffered_in_store:
+        visible = attributes.approximate_number_of_messages + report.buffered
+        in_flight = max(0, attributes.approximate_number_of_messages_in_flight - report.buffered)
+        fields.update(
+            approximate_number_of_messages=visible,
+            approximate_number_of_messages_in_flight=in_flight,
+            total_messages=visible + in_flight,
+        )
+    details = [
+        InFlightDetail(
+            d.request_id,
+            d.message_id,
+            d.priority,
+            d.estimated_tokens,
+            d.score,
+            d.started_at,
+            now - d.started_at,
+        )
+        for d in core.in_flight()
+    ]
+    tenants = {
+        t.name: TenantMetrics(
+            t.visible,
+            t.in_flight,
+            t.tokens_in_window,
+            t.tokens_served,
+            WaitTimePercentiles(t.wait_p50, t.wait_p95, t.wait_p99),
+        )
+        for t in core.tenants()
+    }
+    return QueueMetrics(
+        queue=QueueMetricsReport(**fields),
+        processing=ProcessingMetrics(active_requests=len(details), in_flight_details=details),
+        performance=PerformanceMetrics(
+            prefetch_enabled=prefetch_enabled,
+            buffer_utilization=report.buffered / buffer_size,
+            dequeue_latency=LatencyPercentiles(report.latency_p50, report.latency_p99),
+        ),
+        tenants=tenants,
+        scheduling=scheduling(report),
+    )
+
+
+def scheduling(report: CoreReport) -> SchedulingMetrics:
+    """The scheduling part of a metrics report, from the core's figures."""
+    slo = {
+        priority.name: SloAttainment(
+            target=target,
+            dispatched=dispatched,
+            met=met,
+            attainment=met / dispatched if dispatched else None,
+        )
+        for priority, target, dispatched, met in zip(
+            Priority, report.slo_targets, report.slo_dispatched, report.slo_met, strict=True
+        )
+    }
+    return SchedulingMetrics(
+        slo_attainment=slo,
+        binding_limit=report.binding_limit or "none",
+        waited_by_limit=dict(report.waited_by_limit),
+    )

@@ -516,6 +516,13 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         """Removes every message, visible and in flight; every receipt handle becomes stale."""
         await self._run("purge")
 
+    def _global_choice(self, config: Any, core: Any, custom_scorers: bool) -> Any:
+        """How `LLMQueueDispatcher` ranks this queue: one script over every process's messages
+        (`GlobalChoice`) where its config allows, else None (its prefetch buffer)."""
+        from .global_choice import GlobalChoice
+
+        return GlobalChoice.for_dispatcher(self, config, core, custom_scorers)
+
     # ----- lifecycle -----------------------------------------------------------------------------
 
     def _outcome_relay(self, deliver: Any) -> Any:
