@@ -777,18 +777,29 @@ class DispatchCore:
     def unfittable(
         self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
     ) -> list[str]:
-        """Requests the limiter can never grant not reported before (each is reported once):
-        an estimate above ``capacity``, an input part above ``input_capacity``, an output part
+        """Requests the limiter can never grant not reported before, each logged once: an
+        estimate above ``capacity``, an input part above ``input_capacity``, an output part
         above ``output_capacity`` (without parts, the estimate against all three)."""
     def until_ready(
-        self, held: float | None, smallest_wait: float | None, available_tokens: float, refill: float | None
+        self,
+        held: float | None,
+        smallest_wait: float | None,
+        available_tokens: float,
+        refill: float | None,
+        seen: int,
     ) -> float:
-        """Seconds until a dequeue that found nothing could hand something out."""
+        """Seconds until a dequeue that found nothing (from change version ``seen``) could hand
+        something out; kept for `time_until_ready`."""
+    def time_until_ready(self) -> float:
+        """What the last `until_ready` worked out, less the time since; 0 after any change."""
     def take_above(
         self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
     ) -> list[QueueMessage[Any]]: ...
-    def drop_expired(self) -> list[str]: ...
-    def count_expired(self, count: int) -> None: ...
+    def drop_expired(self) -> list[str]:
+        """Dead-letters the in-memory store's requests past their deadline; their ids, logged
+        and counted."""
+    def count_expired(self, ids: list[str]) -> list[str]:
+        """Logs and counts requests removed unsent past their deadline; returns ``ids``."""
     def purge_store(self) -> None: ...
     def begin_purge(self) -> tuple[int, list[Purged]]: ...
     def purge_deleted(self, delivery: int) -> None: ...

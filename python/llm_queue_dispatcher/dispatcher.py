@@ -105,14 +105,6 @@ def _signature_takes_parts(function: Any) -> bool:
     return "input_tokens" in parameters and "output_tokens" in parameters
 
 
-def _token_parts(message: QueueMessage[Any]) -> tuple[int, int] | None:
-    """The input and output parts of a message's estimate, when its request gave them."""
-    info = message.payload.token_info
-    if info.input is None or info.max_output is None:
-        return None
-    return (info.input, info.max_output)
-
-
 class _Runner:
     """The I/O of the core's plans, each run to its end in a task of its own even if its caller
     is cancelled (its store call may have landed, and the books must follow it), and the wake-up
@@ -265,7 +257,7 @@ class LLMQueueDispatcher(Generic[T]):
         )
         config.validate()
         self._storage = storage
-        self._logger = logger = config.logger or _LOGGER
+        logger = config.logger or _LOGGER
         self._custom_scorers = list((config.scoring or ScoringConfig()).custom_scorers)
         self._clock = config.clock
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
@@ -292,8 +284,6 @@ class LLMQueueDispatcher(Generic[T]):
         # Submitters waiting for their outcome, and the pool of `submit(handler=...)`: made when
         # first needed (a submit, or a worker reporting an outcome).
         self._submissions: Submissions | None = None
-        # (change version, clock instant) a dequeue that found nothing could next succeed at.
-        self._ready: tuple[int, float] | None = None
 
     def _now(self) -> float:
         clock = self._clock
@@ -480,7 +470,7 @@ class LLMQueueDispatcher(Generic[T]):
             return None
         job: ProcessableMessage[T] = found
         try:
-            parts = _token_parts(job.message)
+            parts = job.message.payload.token_info.parts
             if self.config.reserve_budget:
                 granted = await self._runner.reserve(limiter, job._key or "", job._tokens, parts)
             else:
@@ -542,13 +532,8 @@ class LLMQueueDispatcher(Generic[T]):
             self._core.limiter_refused(reason)
 
     async def _drop_expired(self) -> None:
-        if self._prefetch is None:
-            ids = self._core.drop_expired()
-        else:
-            ids = await self._prefetch.drop_expired()
-            self._core.count_expired(len(ids))
-        for request_id in ids:
-            self._logger.warning("request %r removed unsent: its deadline has passed", request_id)
+        """Removes the requests whose deadline has passed (the core logs and counts them)."""
+        ids = self._core.drop_expired() if self._prefetch is None else await self._prefetch.drop_expired()
         if ids:
             await self._outcomes().expired(list(ids))
 
@@ -560,14 +545,7 @@ class LLMQueueDispatcher(Generic[T]):
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
         capacity, input_capacity, output_capacity = _token_capacities(metrics)
-        unfittable = self._core.unfittable(capacity, input_capacity, output_capacity)
-        for request_id in unfittable:
-            self._logger.warning(
-                "request %r needs more tokens than the limiter can ever grant (capacity %s); take it out "
-                "with take_unfittable()",
-                request_id,
-                _capacities_shown(capacity, input_capacity, output_capacity),
-            )
+        unfittable = self._core.unfittable(capacity, input_capacity, output_capacity)  # logs each once
         if unfittable:
             await self._outcomes().unfittable(list(unfittable), capacity)
         wait = None
@@ -577,17 +555,13 @@ class LLMQueueDispatcher(Generic[T]):
                 self._refused(check)
             wait = float(check.available_in)
         refill = self.config.prefetch_interval if self._prefetch is not None else None
-        until = self._core.until_ready(held, wait, float(metrics.tpm.available), refill)
-        self._ready = (seen, self._now() + until)
-        return until
+        return self._core.until_ready(held, wait, float(metrics.tpm.available), refill, seen)
 
     def time_until_ready(self) -> float:
         """Seconds of the dispatcher's clock until a `dequeue` could hand something out, as the
         last one that found nothing worked it out (0 when anything changed since, ``inf`` when
         only an enqueue or a mark can help): what a loop on a virtual clock advances by."""
-        if self._ready is None or self._ready[0] != self._wakeup.version:
-            return 0.0
-        return max(0.0, self._ready[1] - self._now())
+        return self._core.time_until_ready()
 
     async def take_unfittable(self, rate_limiter: Any) -> list[QueueMessage[T]]:
         """Receives every visible message the limiter can never grant: its estimate above the
@@ -668,10 +642,3 @@ def _token_capacities(metrics: Any) -> tuple[float, float, float]:
         return math.inf if bucket is None else float(bucket.limit)
 
     return min(float(metrics.tpm.limit), limit("tpd")), limit("itpm"), limit("otpm")
-
-
-def _capacities_shown(capacity: float, input_capacity: float, output_capacity: float) -> str:
-    """The capacities for a log line: ``1000``, or ``1000; input 300, output 200``."""
-    limits = (("input", input_capacity), ("output", output_capacity))
-    shown_parts = [f"{name} {value:g}" for name, value in limits if math.isfinite(value)]
-    return f"{capacity:g}" + (f"; {', '.join(shown_parts)}" if shown_parts else "")

@@ -266,7 +266,8 @@ class Prefetcher(Generic[T]):
 
     # -- deadlines and purge -----------------------------------------------------------------------
     async def drop_expired(self) -> list[str]:
-        """Dead-letters the buffered messages whose deadline has passed; their ids."""
+        """Dead-letters the buffered messages whose deadline has passed; their ids, which the
+        core logs and counts."""
         ids: list[str] = []
         expired = self._core.buffer_take_expired()
         for index, message in enumerate(expired):
@@ -279,7 +280,7 @@ class Prefetcher(Generic[T]):
                 self._buffer(expired[index:], self._core.now())
                 raise
             ids.append(message.payload.id)
-        return ids
+        return self._core.count_expired(ids)
 
     async def purge(self, handed_out: Sequence[tuple[int, str]], deleted: Callable[[int], None]) -> None:
         """Removes every message from the store and the buffer. ``handed_out``: `(delivery,

@@ -3,7 +3,7 @@
 use crate::fair::FairRank;
 use crate::store::py_repr;
 
-use super::Facts;
+use super::{Capacity, Facts};
 
 const PRIORITY_NAMES: [&str; 4] = ["URGENT", "HIGH", "NORMAL", "LOW"];
 
@@ -69,6 +69,25 @@ pub fn describe(
     }
 }
 
+/// The warning logged once for a request the limiter can never grant, a `logging` format
+/// whose `%r` is the request id: the capacity of the limits counting the whole estimate, then
+/// those of the input and output limits where there are any (`1000; input 300, output 200`).
+pub fn unfittable_warning(capacity: Capacity) -> String {
+    let parts: Vec<String> = [("input", capacity.input), ("output", capacity.output)]
+        .into_iter()
+        .filter(|(_, value)| value.is_finite())
+        .map(|(name, value)| format!("{name} {}", general(value)))
+        .collect();
+    let mut shown = general(capacity.whole);
+    if !parts.is_empty() {
+        shown = format!("{shown}; {}", parts.join(", "));
+    }
+    format!(
+        "request %r needs more tokens than the limiter can ever grant (capacity {shown}); take it out with \
+         take_unfittable()"
+    )
+}
+
 /// `value` with thousands separators and no decimals (Python's `f"{value:,.0f}"`).
 fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.abs());
@@ -125,6 +144,19 @@ mod tests {
         assert_eq!(general(1e6), "1e+06");
         assert_eq!(general(0.00001), "1e-05");
         assert_eq!(general(123_456.0), "123456");
+    }
+
+    #[test]
+    fn the_unfittable_warning_names_each_finite_capacity() {
+        let tail = "; take it out with take_unfittable()";
+        assert_eq!(
+            unfittable_warning(Capacity::whole(1000.0)),
+            format!("request %r needs more tokens than the limiter can ever grant (capacity 1000){tail}")
+        );
+        let parts = Capacity { whole: 2e6, input: 300.0, output: f64::INFINITY };
+        assert!(unfittable_warning(parts).contains("(capacity 2e+06; input 300)"));
+        let both = Capacity { whole: f64::INFINITY, input: 300.5, output: 200.0 };
+        assert!(unfittable_warning(both).contains("(capacity inf; input 300.5, output 200)"));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub(crate) struct CoreState {
     pub ledger: Ledger<Held>,
     pub buffer: Buffer<Py<PyAny>>,
     pub unfittable: dispatch::Unfittable,
+    /// `(version, instant)`: the change version a dequeue that found nothing saw, and the
+    /// instant of the dispatcher's clock at which it worked out a dequeue could next succeed.
+    pub ready: Option<(u64, f64)>,
 }
 
 /// The dispatcher's settings, validated once.
@@ -779,6 +782,7 @@ impl PyDispatchCore {
                 },
                 buffer,
                 unfittable: dispatch::Unfittable::default(),
+                ready: None,
             }),
             clock: ClockSource::from_arg(clock, ClockSource::Wall)?,
             runner,
@@ -1254,11 +1258,11 @@ impl PyDispatchCore {
         dispatch::time_until_score(best_at, custom_total, threshold)
     }
 
-    /// The selectable requests the limiter can never grant that were not reported before (the
-    /// caller logs them, once each): an estimate above `capacity` (the smallest capacity of the
-    /// limits counting the whole estimate), an input part above `input_capacity` or an output
-    /// part above `output_capacity` (without parts, the estimate against all three). Remembers
-    /// the capacities for the metrics' count of unfittable messages.
+    /// The selectable requests the limiter can never grant that were not reported before, each
+    /// logged (a warning, once per request): an estimate above `capacity` (the smallest capacity
+    /// of the limits counting the whole estimate), an input part above `input_capacity` or an
+    /// output part above `output_capacity` (without parts, the estimate against all three).
+    /// Remembers the capacities for the metrics' count of unfittable messages.
     #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
     fn unfittable(
         &self,
@@ -1270,13 +1274,20 @@ impl PyDispatchCore {
         let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
         let above = self.ids_above_capacity(py, capacity)?;
         let new = self.lock(py).unfittable.observe(capacity, above.iter().map(String::as_str));
+        if !new.is_empty() {
+            let warning = dispatch::reason::unfittable_warning(capacity);
+            for request_id in &new {
+                self.log(py, "warning", (warning.as_str(), &**request_id))?;
+            }
+        }
         Ok(new.into_iter().map(String::from).collect())
     }
 
     /// Seconds until a dequeue that found nothing could hand something out
     /// (`dispatch::until_ready`): `held`, the seconds a held winner waits; `smallest_wait`, the
     /// limiter's wait for the smallest selectable message; `available_tokens`, its budget now
-    /// (for the score crossing); `refill`, how often a prefetch buffer is filled again.
+    /// (for the score crossing); `refill`, how often a prefetch buffer is filled again. Kept,
+    /// with `seen` (the change version the dequeue started from), for `time_until_ready`.
     fn until_ready(
         &self,
         py: Python<'_>,
@@ -1284,6 +1295,7 @@ impl PyDispatchCore {
         smallest_wait: Option<f64>,
         available_tokens: f64,
         refill: Option<f64>,
+        seen: u64,
     ) -> PyResult<f64> {
         let change = self.next_visibility_change(py)?;
         let visibility = match change {
@@ -1298,7 +1310,24 @@ impl PyDispatchCore {
             })
         };
         let until = dispatch::until_ready(held, visibility, refill, smallest_wait, crossing);
-        error.map_or(Ok(until), Err)
+        if let Some(error) = error {
+            return Err(error);
+        }
+        let now = self.clock.now(py)?;
+        self.lock(py).ready = Some((seen, now + until));
+        Ok(until)
+    }
+
+    /// Seconds of the dispatcher's clock until a dequeue could hand something out, as the last
+    /// `until_ready` worked it out: 0 when anything changed since (or none did), never below 0.
+    fn time_until_ready(&self, py: Python<'_>) -> PyResult<f64> {
+        let ready = self.lock(py).ready;
+        match ready {
+            Some((seen, at)) if seen == self.version.load(Ordering::Relaxed) => {
+                Ok((at - self.clock.now(py)?).max(0.0))
+            }
+            _ => Ok(0.0),
+        }
     }
 
     /// Request ids of selectable messages whose estimate exceeds `capacity`.
@@ -1322,18 +1351,21 @@ impl PyDispatchCore {
     }
 
     /// Dead-letters the in-memory store's visible messages whose deadline has passed; their
-    /// ids (the buffer's are taken out with `buffer_take_expired` and dead-lettered by Python,
-    /// which reports them with `count_expired`).
+    /// ids, logged and counted (the buffer's are taken out with `buffer_take_expired` and
+    /// dead-lettered by Python, which reports them with `count_expired`).
     fn drop_expired(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         let Some(store) = &self.store else { return Ok(Vec::new()) };
         let ids = store.get().with_store(py, crate::policy::drop_expired)?;
-        self.count_expired(py, ids.len() as u64);
-        Ok(ids.into_iter().map(String::from).collect())
+        self.count_expired(py, ids.into_iter().map(String::from).collect())
     }
 
-    /// Counts requests removed unsent because their deadline had passed.
-    fn count_expired(&self, py: Python<'_>, count: u64) {
-        self.lock(py).ledger.stats.expired_deadlines += count;
+    /// Logs and counts requests removed unsent because their deadline had passed; their ids.
+    fn count_expired(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<String>> {
+        self.lock(py).ledger.stats.expired_deadlines += ids.len() as u64;
+        for request_id in &ids {
+            self.log(py, "warning", ("request %r removed unsent: its deadline has passed", request_id))?;
+        }
+        Ok(ids)
     }
 
     /// Removes every message of the in-memory store, every delivery handed out counting as
