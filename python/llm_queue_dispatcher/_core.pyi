@@ -780,6 +780,10 @@ class DispatchCore:
         """Requests the limiter can never grant not reported before, each logged once: an
         estimate above ``capacity``, an input part above ``input_capacity``, an output part
         above ``output_capacity`` (without parts, the estimate against all three)."""
+    @staticmethod
+    def capacities(limiter_metrics: Any) -> tuple[float, float, float]:
+        """From a limiter's ``get_metrics()``: the smallest capacity of ``tpm`` and ``tpd``, then
+        those of ``itpm`` and ``otpm`` (``inf`` where the limiter has none)."""
     def until_ready(
         self,
         held: float | None,

@@ -8,11 +8,11 @@ import math
 import operator
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._checks import finite_float, shown
-from .errors import InvalidConfigError
+from .errors import InvalidConfigError, InvalidRequestError
 from .storage.base import MAX_VISIBILITY_TIMEOUT
 
 if TYPE_CHECKING:
@@ -213,6 +213,19 @@ class LLMQueueDispatcherConfig:
         """Whether the score policy ranks URGENT first: ``urgent_first``, or ``hold_budget``
         when it is None."""
         return self.hold_budget if self.urgent_first is None else self.urgent_first
+
+    @classmethod
+    def copy_of(cls, config: object) -> LLMQueueDispatcherConfig:
+        """A dispatcher's own copy of ``config`` (None: the defaults), checked: changing the
+        caller's object later changes nothing. Raises `InvalidRequestError` for anything but a
+        config or None, and `InvalidConfigError` naming the first bad field."""
+        if config is None:
+            return cls()
+        if not isinstance(config, LLMQueueDispatcherConfig):
+            raise InvalidRequestError(f"config must be an LLMQueueDispatcherConfig or None, got {config!r}")
+        copy = replace(config)
+        copy.validate()
+        return copy
 
     def core_options(self) -> dict[str, Any]:
         """The keyword arguments of the dispatcher's Rust core (`DispatchCore`) this config sets:

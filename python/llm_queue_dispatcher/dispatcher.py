@@ -3,27 +3,25 @@
 The selection, the deliveries handed out and their books live in one Rust object,
 `DispatchCore`; this module keeps what only Python can own: coroutines, waiting, and the I/O the
 core asks for. With `InMemoryStorage` and an `LLMThrottle` a `dequeue` is one call into Rust, and
-so is each mark of the job it returns. Otherwise the core takes the winner and Python awaits its
-reservation on the limiter under the delivery's key, ``"request-id#n"`` (`_choose`), or confirms
-its lease in another store's prefetch buffer (`_hand_out`, `prefetch.Prefetcher`); a mark that
-needs such I/O comes back as a `Plan` that `_Runner` awaits to its end, reporting each reply.
+so is each mark of the job it returns. Otherwise `_attempt` asks the core for the winner and
+awaits its reservation on the limiter under the delivery's key, ``"request-id#n"`` (`_choose`),
+and its lease in another store's prefetch buffer (`_hand_out`, ``prefetch.py``); over Redis the
+global choice does all three in one script (``redis/global_choice.py``). A mark that needs I/O
+comes back as a `Plan` that `_Runner` awaits to its end, reporting each reply to the core.
 
-About 830 lines: the public class and the plan runner it alone uses, so that one `dequeue` reads
-top to bottom in one file. What is not on that path lives elsewhere: awaiting an outcome in
-`outcomes.py`, the global choice over Redis in `redis/global_choice.py`, the prefetch buffer's
-I/O in `prefetch.py`; the next to move out is the metrics report (`_queue_report_now`,
-`_scheduling`).
+Read top to bottom, one `dequeue` calls out and never back: to the core, the limiter (the
+helpers below), the prefetcher or the global choice, and `wakeup.py` to wait. What is not on
+that path lives elsewhere: the metrics report (``metrics.py``), awaiting an outcome
+(``outcomes.py``), the config's checks and the core's options (``config.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -107,8 +105,9 @@ def _signature_takes_parts(function: Any) -> bool:
 
 class _Runner:
     """The I/O of the core's plans, each run to its end in a task of its own even if its caller
-    is cancelled (its store call may have landed, and the books must follow it), and the wake-up
-    of waiting dequeues. The core calls it; `LLMQueueDispatcher.close` waits for what it runs."""
+    is cancelled (its store call may have landed, and the books must follow it). The core calls
+    its `mark`, its `wakeup` (waiting dequeues) and its `prefetch` (a buffered job's visibility);
+    `LLMQueueDispatcher.close` waits for what it runs."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
@@ -117,9 +116,6 @@ class _Runner:
         self.global_choice: Any = None  # redis.global_choice.GlobalChoice, when it applies
         self.wakeup: Wakeup
         self.pending: set[asyncio.Future[Any]] = set()
-
-    def wake(self) -> None:
-        self.wakeup.wake()
 
     async def mark(
         self,
@@ -134,10 +130,6 @@ class _Runner:
         plan = self.core.settle(job, kind, tokens, delay, error, parts)
         if plan is not None:
             await self.shielded(self._execute(plan))
-
-    def update_visibility(self, job: ProcessableMessage[Any], handle: str, seconds: float) -> Awaitable[None]:
-        assert self.prefetch is not None
-        return self.prefetch.change_visibility(handle, seconds)
 
     def shielded(self, work: Awaitable[None]) -> Awaitable[None]:
         task = asyncio.ensure_future(work)
@@ -249,17 +241,10 @@ class LLMQueueDispatcher(Generic[T]):
     ) -> None:
         if not isinstance(storage, QueueStorageAdapter):
             raise InvalidRequestError(f"storage must be a QueueStorageAdapter, got {storage!r}")
-        if config is not None and not isinstance(config, LLMQueueDispatcherConfig):
-            raise InvalidRequestError(f"config must be an LLMQueueDispatcherConfig or None, got {config!r}")
-        # A copy, read once: changing the caller's object (or this one) later changes nothing.
-        config = self.config = (
-            dataclasses.replace(config) if config is not None else LLMQueueDispatcherConfig()
-        )
-        config.validate()
+        config = self.config = LLMQueueDispatcherConfig.copy_of(config)
         self._storage = storage
         logger = config.logger or _LOGGER
         self._custom_scorers = list((config.scoring or ScoringConfig()).custom_scorers)
-        self._clock = config.clock
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
         pool = storage.core if type(storage) is InMemoryStorage else None
         self._runner = runner = _Runner(logger)
@@ -267,14 +252,7 @@ class LLMQueueDispatcher(Generic[T]):
         self._prefetch: Prefetcher[T] | None = None
         self._global: Any = None  # redis.global_choice.GlobalChoice, where the store offers it
         if pool is None:
-            self._prefetch = runner.prefetch = Prefetcher(
-                storage,
-                self._core,
-                buffer_size=config.buffer_size,
-                visibility_timeout=config.visibility_timeout,
-                prefetch_interval=config.prefetch_interval,
-                logger=logger,
-            )
+            self._prefetch = runner.prefetch = Prefetcher(storage, self._core, config, logger)
             if choice := getattr(storage, "_global_choice", None):  # RedisStorage's
                 self._global = runner.global_choice = choice(config, self._core, bool(self._custom_scorers))
         # The hot path: a dequeue that is one call into Rust.
@@ -284,10 +262,6 @@ class LLMQueueDispatcher(Generic[T]):
         # Submitters waiting for their outcome, and the pool of `submit(handler=...)`: made when
         # first needed (a submit, or a worker reporting an outcome).
         self._submissions: Submissions | None = None
-
-    def _now(self) -> float:
-        clock = self._clock
-        return float(clock()) if clock is not None else time.time()
 
     # -- queue operations ----------------------------------------------------------------------
     async def enqueue(self, request: LLMRequest[T]) -> QueueMessage[T]:
@@ -342,15 +316,8 @@ class LLMQueueDispatcher(Generic[T]):
         those it had not deleted yet are live deliveries again."""
         if self._prefetch is None:
             self._core.purge_store()
-            await self._outcomes().purged()
-            return
-        purge, handed_out = self._core.begin_purge()
-        ok = False
-        try:
-            await self._prefetch.purge([(p.delivery, p.handle) for p in handed_out], self._core.purge_deleted)
-            ok = True
-        finally:
-            self._core.end_purge(purge, ok)
+        else:
+            await self._prefetch.purge()
         await self._outcomes().purged()
 
     # -- selection -----------------------------------------------------------------------------
@@ -378,9 +345,7 @@ class LLMQueueDispatcher(Generic[T]):
         if self._prefetch is not None:
             if self._closed:
                 raise MessageStateError("dispatcher is closed")
-            if self.config.enable_prefetch and not (
-                self._global is not None and self._global.usable_with(rate_limiter)
-            ):
+            if self.config.enable_prefetch and self._global_with(rate_limiter) is None:
                 self._prefetch.start_prefetching()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -403,19 +368,17 @@ class LLMQueueDispatcher(Generic[T]):
         """Up to ``count`` jobs for a `Worker` with that many free handlers: in rank order from
         one script where the global choice applies (``redis/global_choice.py``), else the one
         job of a `dequeue`. An empty list when `dequeue` would return None."""
-        if (
-            count > 1
-            and not self._closed
-            and self._global is not None
-            and self._global.usable_with(rate_limiter)
-        ):
-            found: list[ProcessableMessage[T]] | float | None = await self._global.attempt_many(
-                rate_limiter, count
-            )
+        if count > 1 and not self._closed and (choice := self._global_with(rate_limiter)) is not None:
+            found: list[ProcessableMessage[T]] | float | None = await choice.attempt_many(rate_limiter, count)
             if isinstance(found, list):
                 return found
         job = await self.dequeue(rate_limiter, timeout=timeout)
         return [] if job is None else [job]
+
+    def _global_with(self, limiter: Any) -> Any:
+        """The global choice (``redis/global_choice.py``) where it applies with ``limiter``: a
+        `RedisThrottle` co-located with the queue; else None."""
+        return self._global if self._global is not None and self._global.usable_with(limiter) else None
 
     def _custom_fn(self, limiter_metrics: Any) -> Callable[[QueueMessage[T]], list[Any]]:
         """What the core calls for custom scores: the scorers' values for one message."""
@@ -425,15 +388,15 @@ class LLMQueueDispatcher(Generic[T]):
         context = ScoringContext.lazy(
             rate_limiter_metrics=limiter_metrics,
             queue_metrics=lambda: queue_report(self._core.report()),
-            current_time=self._now(),
+            current_time=self._core.now(),
         )
         return lambda message: [scorer.calculate(message, context) for scorer in scorers]
 
     async def _attempt(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """One dispatch: a job handed out, the seconds until a held winner fits, or None."""
-        if self._global is not None and self._global.usable_with(limiter):
+        if (choice := self._global_with(limiter)) is not None:
             # The exact winner over the whole Redis queue, reserved and leased in one script.
-            global_found: ProcessableMessage[T] | float | None = await self._global.attempt(limiter)
+            global_found: ProcessableMessage[T] | float | None = await choice.attempt(limiter)
             return global_found
         while True:
             if self._prefetch is not None:
@@ -544,7 +507,7 @@ class LLMQueueDispatcher(Generic[T]):
         dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
-        capacity, input_capacity, output_capacity = _token_capacities(metrics)
+        capacity, input_capacity, output_capacity = self._core.capacities(metrics)
         unfittable = self._core.unfittable(capacity, input_capacity, output_capacity)  # logs each once
         if unfittable:
             await self._outcomes().unfittable(list(unfittable), capacity)
@@ -575,7 +538,7 @@ class LLMQueueDispatcher(Generic[T]):
         """
         check_rate_limiter(rate_limiter)
         metrics = await _call(rate_limiter, "get_metrics")
-        taken: list[QueueMessage[T]] = self._core.take_above(*_token_capacities(metrics))
+        taken: list[QueueMessage[T]] = self._core.take_above(*self._core.capacities(metrics))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -622,23 +585,7 @@ class LLMQueueDispatcher(Generic[T]):
     # -- metrics -------------------------------------------------------------------------------
     async def get_queue_metrics(self) -> QueueMetrics:
         """Queue depth, waits, throughput (real tokens), in-flight details and dequeue latency."""
+        attributes = await self._storage.get_queue_attributes()
         return queue_metrics(
-            self._core,
-            await self._storage.get_queue_attributes(),
-            self._now(),
-            buffered_in_store=self._prefetch is not None,
-            prefetch_enabled=self.config.enable_prefetch,
-            buffer_size=self.config.buffer_size,
+            self._core, attributes, self.config, buffered_in_store=self._prefetch is not None
         )
-
-
-def _token_capacities(metrics: Any) -> tuple[float, float, float]:
-    """From a limiter's metrics, the most tokens it can ever grant one request: the smallest
-    capacity of the limits counting the whole estimate (``tpm``, and ``tpd`` where set), and the
-    capacities of the input and output limits (``itpm``, ``otpm``; infinite where not set)."""
-
-    def limit(name: str) -> float:
-        bucket = getattr(metrics, name, None)
-        return math.inf if bucket is None else float(bucket.limit)
-
-    return min(float(metrics.tpm.limit), limit("tpd")), limit("itpm"), limit("otpm")

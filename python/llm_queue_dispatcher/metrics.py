@@ -18,6 +18,7 @@ from .types import Priority
 
 if TYPE_CHECKING:
     from ._core import CoreReport, DispatchCore
+    from .config import LLMQueueDispatcherConfig
     from .storage.base import QueueAttributes
 
 __all__ = [
@@ -225,16 +226,14 @@ def queue_report(r: CoreReport) -> QueueMetricsReport:
 def queue_metrics(
     core: DispatchCore,
     attributes: QueueAttributes,
-    now: float,
+    config: LLMQueueDispatcherConfig,
     *,
     buffered_in_store: bool,
-    prefetch_enabled: bool,
-    buffer_size: int,
 ) -> QueueMetrics:
     """`LLMQueueDispatcher.get_queue_metrics()`: the core's figures with the store's
     ``attributes``. ``buffered_in_store``: the store counts the prefetch buffer's messages as in
     flight (the buffer leased them); the report counts them once, as waiting."""
-    report = core.report()
+    report, now = core.report(), core.now()
     fields = dict(queue_report(report).__dict__, dead_lettered=attributes.dead_lettered)
     if buffered_in_store:
         visible = attributes.approximate_number_of_messages + report.buffered
@@ -270,8 +269,8 @@ def queue_metrics(
         queue=QueueMetricsReport(**fields),
         processing=ProcessingMetrics(active_requests=len(details), in_flight_details=details),
         performance=PerformanceMetrics(
-            prefetch_enabled=prefetch_enabled,
-            buffer_utilization=report.buffered / buffer_size,
+            prefetch_enabled=config.enable_prefetch,
+            buffer_utilization=report.buffered / config.buffer_size,
             dequeue_latency=LatencyPercentiles(report.latency_p50, report.latency_p99),
         ),
         tenants=tenants,

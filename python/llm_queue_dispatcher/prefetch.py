@@ -20,10 +20,11 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._core import DispatchCore, Plan, ProcessableMessage
+from .config import LLMQueueDispatcherConfig
 from .errors import ReceiptHandleError, StorageError
 from .storage import QueueStorageAdapter
 from .types import QueueMessage
@@ -41,23 +42,21 @@ def running_here(tasks: Iterable[asyncio.Future[Any]]) -> set[asyncio.Future[Any
 
 
 class Prefetcher(Generic[T]):
-    """Fills, renews and releases the prefetch buffer of ``core`` from ``storage``."""
+    """Fills, renews and releases the prefetch buffer of ``core`` from ``storage``, as ``config``
+    sets it (``buffer_size``, ``visibility_timeout``, ``prefetch_interval``)."""
 
     def __init__(
         self,
         storage: QueueStorageAdapter[T],
         core: DispatchCore,
-        *,
-        buffer_size: int,
-        visibility_timeout: float,
-        prefetch_interval: float,
+        config: LLMQueueDispatcherConfig,
         logger: logging.Logger,
     ) -> None:
         self.storage = storage
         self._core = core
-        self._buffer_size = buffer_size
-        self._visibility_timeout = visibility_timeout
-        self._prefetch_interval = prefetch_interval
+        self._buffer_size = config.buffer_size
+        self._visibility_timeout = config.visibility_timeout
+        self._prefetch_interval = config.prefetch_interval
         self._logger = logger
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -282,15 +281,16 @@ class Prefetcher(Generic[T]):
             ids.append(message.payload.id)
         return self._core.count_expired(ids)
 
-    async def purge(self, handed_out: Sequence[tuple[int, str]], deleted: Callable[[int], None]) -> None:
-        """Removes every message from the store and the buffer. ``handed_out``: `(delivery,
-        receipt handle)` of the dispatcher's deliveries; each is deleted by handle first (a
-        store's purge may leave in-flight messages), and ``deleted`` learns each one whose
-        message is gone, also when the purge fails later."""
+    async def purge(self) -> None:
+        """Removes every message from the store and the buffer. The deliveries handed out when
+        the purge begins (`DispatchCore.begin_purge`) are deleted by handle first (a store's
+        purge may leave in-flight messages), and the core learns each one whose message is
+        gone, also when the purge fails later."""
         # Nothing buffered is selectable from now on; a receive in flight lands first and what
         # it brings goes to the purge; none starts until the purge is done.
         self._purging += 1
-        leased = self._core.buffer_drain()
+        purge, handed_out = self._core.begin_purge()
+        leased, ok = self._core.buffer_drain(), False
         try:
             while self._fill_task is not None and not self._fill_task.done():
                 await asyncio.wait({self._fill_task})
@@ -300,11 +300,12 @@ class Prefetcher(Generic[T]):
                 with contextlib.suppress(ReceiptHandleError):
                     await self.storage.delete_message(leased[0].attributes.receipt_handle)
                 leased.pop(0)
-            for delivery, handle in handed_out:
+            for delivered in handed_out:
                 with contextlib.suppress(ReceiptHandleError):
-                    await self.storage.delete_message(handle)
-                deleted(delivery)
+                    await self.storage.delete_message(delivered.handle)
+                self._core.purge_deleted(delivered.delivery)
             await self.storage.purge()
+            ok = True
         except BaseException:
             # Cancelled or failed: what is still leased here and not deleted stays ours.
             leased += self._arrived_while_purging
@@ -313,6 +314,7 @@ class Prefetcher(Generic[T]):
             raise
         finally:
             self._purging -= 1
+            self._core.end_purge(purge, ok)
 
     # -- prefetching and shutdown ------------------------------------------------------------------
     def start_prefetching(self) -> None:

@@ -194,7 +194,7 @@ impl PyDispatchCore {
     fn changed(&self, py: Python<'_>) -> PyResult<()> {
         self.version.fetch_add(1, Ordering::Relaxed);
         if self.waiting.load(Ordering::Relaxed) > 0 {
-            self.runner.call_method0(py, intern!(py, "wake"))?;
+            self.runner.getattr(py, intern!(py, "wakeup"))?.call_method0(py, intern!(py, "wake"))?;
         }
         Ok(())
     }
@@ -585,7 +585,12 @@ impl PyDispatchCore {
                     .map_err(|e| e.into_py(py))?;
                 PyReady::done(py)
             }
-            None => self.runner.call_method1(py, intern!(py, "update_visibility"), (job, &*handle, seconds)),
+            // A buffered delivery: the prefetcher renews in order with its other lease calls.
+            None => self.runner.getattr(py, intern!(py, "prefetch"))?.call_method1(
+                py,
+                intern!(py, "change_visibility"),
+                (&*handle, seconds),
+            ),
         }
     }
 
@@ -1281,6 +1286,22 @@ impl PyDispatchCore {
             }
         }
         Ok(new.into_iter().map(String::from).collect())
+    }
+
+    /// From a limiter's `get_metrics()`, the most tokens it can ever grant one request: the
+    /// smallest capacity (`limit`) of the limits counting the whole estimate (`tpm`, and `tpd`
+    /// where there is one), and the capacities of `itpm` and `otpm` (infinite where none).
+    #[staticmethod]
+    fn capacities(limiter_metrics: &Bound<'_, PyAny>) -> PyResult<(f64, f64, f64)> {
+        let py = limiter_metrics.py();
+        let limit = |name: &Bound<'_, pyo3::types::PyString>| -> PyResult<f64> {
+            match limiter_metrics.getattr_opt(name)? {
+                Some(bucket) if !bucket.is_none() => bucket.getattr(intern!(py, "limit"))?.extract(),
+                _ => Ok(f64::INFINITY),
+            }
+        };
+        let tpm: f64 = limiter_metrics.getattr(intern!(py, "tpm"))?.getattr(intern!(py, "limit"))?.extract()?;
+        Ok((tpm.min(limit(intern!(py, "tpd"))?), limit(intern!(py, "itpm"))?, limit(intern!(py, "otpm"))?))
     }
 
     /// Seconds until a dequeue that found nothing could hand something out
