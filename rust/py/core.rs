@@ -1300,7 +1300,8 @@ impl PyDispatchCore {
                 _ => Ok(f64::INFINITY),
             }
         };
-        let tpm: f64 = limiter_metrics.getattr(intern!(py, "tpm"))?.getattr(intern!(py, "limit"))?.extract()?;
+        let tpm: f64 =
+            limiter_metrics.getattr(intern!(py, "tpm"))?.getattr(intern!(py, "limit"))?.extract()?;
         Ok((tpm.min(limit(intern!(py, "tpd"))?), limit(intern!(py, "itpm"))?, limit(intern!(py, "otpm"))?))
     }
 
