@@ -350,3 +350,83 @@ async def test_the_automatic_reserve(store: Store) -> None:
     fair.throttle.reset()
     assert await fair.maybe() == "huge"
     assert await wait_of_a_backlog() == pytest.approx((100 + 600) / 100)  # at most 10 %
+
+
+# The tenant's head and its age, over the in-memory store and an external one alike (the prefetch
+# buffer ranks by the message's age, not by when the buffer received it).
+
+
+def fair_over(store: Store, **settings: object):  # type: ignore[no-untyped-def]
+    clock = ManualClock(1_000.0)
+    dispatcher = make_dispatcher(
+        make_store(store, clock),
+        clock,
+        policy="fair_priority",
+        fair=FairPriorityConfig(reserve_tokens=0, **settings),  # type: ignore[arg-type]
+    )
+    return clock, dispatcher, LLMThrottle(6_000, 1_000_000, clock=clock)
+
+
+@pytest.mark.parametrize("store", ["memory", "external"])
+async def test_tenant_ties_go_to_the_head_of_the_higher_class_then_the_older(store: Store) -> None:
+    clock, dispatcher, limiter = fair_over(store)
+    await dispatcher.enqueue(request("x-normal", tenant="x"))  # older
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("y-high", tenant="y", priority=Priority.HIGH))
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("z-normal", tenant="z"))
+    order = []
+    for _ in range(3):
+        job = await dispatcher.dequeue(limiter)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the external store's background fill lands
+        assert job is not None
+        order.append(job.message.payload.id)
+    # All used nothing: the head in the higher class first, then the older head ("y" has used
+    # tokens by then and ranks last, with nothing left anyway).
+    assert order == ["y-high", "x-normal", "z-normal"]
+
+
+@pytest.mark.parametrize("store", ["memory", "external"])
+async def test_an_aged_message_ranks_behind_native_high_ones_and_ahead_of_normal_ones(store: Store) -> None:
+    clock, dispatcher, limiter = fair_over(store, max_wait={Priority.NORMAL: 5.0})
+    await dispatcher.enqueue(request("old-normal", tenant="x"))
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("young-high", tenant="x", priority=Priority.HIGH))
+    clock.advance(10.0)  # old-normal has aged: it ranks as HIGH, behind native HIGH
+    await dispatcher.enqueue(request("fresh-normal", tenant="x"))
+    order = []
+    for _ in range(3):
+        job = await dispatcher.dequeue(limiter)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert job is not None
+        order.append(job.message.payload.id)
+    assert order == ["young-high", "old-normal", "fresh-normal"]
+
+
+@pytest.mark.parametrize("store", ["memory", "external"])
+async def test_a_failed_message_keeps_its_age(store: Store) -> None:
+    clock, dispatcher, limiter = fair_over(store)
+
+    async def dequeue():  # type: ignore[no-untyped-def]
+        job = await dispatcher.dequeue(limiter)
+        for _ in range(3):
+            await asyncio.sleep(0)  # the external store's background fill lands
+        return job
+
+    await dispatcher.enqueue(request("a1", tenant="a"))
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("b1", tenant="b"))
+    clock.advance(1.0)
+    await dispatcher.enqueue(request("b2", tenant="b"))
+    first = await dequeue()
+    assert first.message.payload.id == "a1"
+    await first.mark_as_failed(RuntimeError("retry"))  # "a" charged 0; a1 visible in the store
+    second = await dequeue()  # external: from the buffer as it was (b1, b2): b1
+    await second.mark_as_failed(RuntimeError("retry"))  # "b" charged 0: a tie again
+    ids = {first.message.payload.id, second.message.payload.id}
+    third = await dequeue()
+    # Tie at 0: the tenant whose head is older goes. "a"'s head a1 (t0) is older than anything
+    # of "b"'s; external: the buffer ranks a1, fetched again last, as the youngest.
+    assert third.message.payload.id == "a1", (ids, third.message.payload.id)

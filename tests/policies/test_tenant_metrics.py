@@ -75,3 +75,41 @@ async def test_tenant_metrics_count_the_default_tenant_and_every_waiting_tenant(
     tenants = (await dispatcher.get_queue_metrics()).tenants
     assert {name: t.visible for name, t in tenants.items()} == {"": 1, "x": 1, "y": 2, "z": 1}
     assert tenants["y"].to_dict()["visible"] == 2
+
+
+@pytest.mark.parametrize("policy", ["score", "fair_priority"])
+@pytest.mark.parametrize("reserve", [True, False])
+async def test_tokens_in_window_without_a_reservation(policy: str, reserve: bool) -> None:
+    """With or without ``reserve_budget``, ``tokens_in_window`` counts a processed request at its
+    actual count (not the estimate and the count) and a failed one not at all."""
+    clock = ManualClock(1_000.0)
+    dispatcher = make_dispatcher(make_store("memory", clock), clock, policy=policy, reserve_budget=reserve)
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    await dispatcher.enqueue(request("a1", tenant="a", tokens=100))
+    await dispatcher.enqueue(request("a2", tenant="a", tokens=100))
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    await first.mark_as_processed(actual_tokens=80)
+    assert (await dispatcher.get_queue_metrics()).tenants[
+        "a"
+    ].tokens_in_window == 80  # (was 180 without a reservation)
+    second = await dispatcher.dequeue(limiter)
+    assert second is not None
+    await second.mark_as_failed(RuntimeError("retry"))
+    assert (await dispatcher.get_queue_metrics()).tenants["a"].tokens_in_window == 80  # (was 280)
+
+
+@pytest.mark.parametrize("policy", ["score", "fair_priority"])
+@pytest.mark.parametrize("store", ["memory", "external"])
+async def test_waiting_tenants_are_reported(policy: str, store: Store) -> None:
+    """Tenants with waiting messages are reported, buffered ones of an external store included."""
+    clock = ManualClock(1_000.0)
+    dispatcher = make_dispatcher(make_store(store, clock), clock, policy=policy)
+    await dispatcher.enqueue(request("a1", tenant="a", priority=Priority.URGENT))
+    await dispatcher.enqueue(request("a2", tenant="a"))
+    await dispatcher.enqueue(request("b1", tenant="b"))
+    job = await dispatcher.dequeue(LLMThrottle(600, 100_000, clock=clock))
+    assert job is not None
+    assert job.message.payload.id == "a1"
+    tenants = (await dispatcher.get_queue_metrics()).tenants
+    assert {n: (t.visible, t.in_flight) for n, t in tenants.items()} == {"a": (1, 1), "b": (1, 0)}

@@ -240,3 +240,24 @@ async def test_a_tenant_below_its_share_is_not_starved_by_anothers_higher_classe
     assert await q.next() == "heavy-high0"
     assert await q.next() == "light-low"
     assert await q.next() == "heavy-high1"
+
+
+@pytest.mark.parametrize("urgent_first", [True, False])
+async def test_an_urgent_request_is_exempt_from_the_reserve(urgent_first: bool) -> None:
+    """With ``urgent_first`` on or off, an URGENT request of a tenant over its share finds budget
+    at once: the reserve is kept for it, not from it."""
+    clock = ManualClock(1_000.0)
+    fair = FairPriorityConfig(urgent_first=urgent_first, reserve_tokens=500, tenant_weights={"z": 1_000.0})
+    dispatcher = make_dispatcher(make_store("memory", clock), clock, policy="fair_priority", fair=fair)
+    limiter = LLMThrottle(6_000, 6_000, clock=clock)
+    await dispatcher.enqueue(request("never", tenant="z", tokens=10_000))  # waits; weighs 1,000
+    await dispatcher.enqueue(request("a0", tenant="a", tokens=10))
+    first = await dispatcher.dequeue(limiter)
+    assert first is not None
+    assert first.message.payload.id == "a0"  # "a" has now used more than its share (~6 tokens)
+    await dispatcher.enqueue(request("a-urgent", tenant="a", priority=Priority.URGENT, tokens=100))
+    await dispatcher.enqueue(request("a2", tenant="a", tokens=100))
+    assert limiter.consume("other traffic", int(limiter.get_metrics().tpm.available) - 300)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None  # (it was held for 100 + 500 tokens)
+    assert job.message.payload.id == "a-urgent"

@@ -60,7 +60,7 @@ def setup(policy: str, store: Store, limiter: Limiter, **config: Any) -> Setup:
         # A held dequeue over an external store also looks at the store every prefetch_interval
         # (other producers' messages reach the buffer only when it is filled): set beyond these
         # waits, so that what is measured is the wait for the winner (see
-        # test_a_held_dequeue_sees_what_other_producers_put_into_the_store).
+        # test_a_held_dequeue_sees_messages_other_producers_put_into_the_store).
         config.setdefault("prefetch_interval", 10_000.0)
     # These tests time the wait for a winner; the URGENT reserve would add to it
     # (tests/policies/test_urgent.py times that).
@@ -208,5 +208,31 @@ def test_a_held_dequeue_times_out_with_nothing_and_leaves_the_queue_as_it_was(
         metrics = await s.dispatcher.get_queue_metrics()
         assert metrics.queue.approximate_number_of_messages == 2
         assert s.dispatcher.time_until_ready() == pytest.approx(17.5, abs=1e-6)
+
+    run_virtual(s.clock, main)
+
+
+@pytest.mark.parametrize("policy", ["score", "fair_priority"])
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_held_dequeue_sees_messages_other_producers_put_into_the_store(policy: str, hold: bool) -> None:
+    """Over an external store a held dequeue still fills its buffer every ``prefetch_interval``:
+    a message another producer puts into the store is seen as soon as without hold."""
+    s = setup(policy, "external", "native", hold_budget=hold, prefetch_interval=5.0)
+
+    async def arrive() -> None:
+        await asyncio.sleep(5.0)
+        await s.store.enqueue(request("vip", tenant="c", priority=Priority.URGENT, tokens=100))
+
+    async def main(loop: VirtualTimeLoop) -> None:
+        await enqueue_big_and_small(s, 30_000)  # the winner "big" fits after 30 s
+        arrival = asyncio.get_running_loop().create_task(arrive())
+        job = await s.dispatcher.dequeue(s.limiter, timeout=1_000.0)
+        await arrival
+        assert job is not None
+        if hold:
+            assert job.message.payload.id == "vip"
+        # hold: "vip" at 30.0 s; without hold ("small" went at once), "vip" waits at most one
+        # prefetch_interval (5 s) after its arrival
+        assert s.clock.now() - START <= 5.0 + s.dispatcher.config.prefetch_interval
 
     run_virtual(s.clock, main)
