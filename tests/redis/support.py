@@ -33,12 +33,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis.asyncio
 
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
@@ -294,3 +295,28 @@ class ReplyCutter:
                     await writer.wait_closed()
                 self._writers.discard(writer)
             self._sessions.discard(session)
+
+
+class Monitor:
+    """The commands a server receives, read with ``MONITOR`` until a marker ``ECHO``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def commands_during(self, action: Callable[[], Awaitable[None]]) -> list[str]:
+        client = redis.asyncio.Redis.from_url(self.url)
+        marker = redis.asyncio.Redis.from_url(self.url)
+        seen: list[str] = []
+        await marker.ping()  # connected before the monitor starts: its handshake is not counted
+        try:
+            async with client.monitor() as monitor:
+                await action()
+                await marker.echo("end-of-action")
+                while True:
+                    command = (await asyncio.wait_for(monitor.next_command(), 10))["command"]
+                    if "end-of-action" in command:
+                        return seen
+                    seen.append(command)
+        finally:
+            await client.aclose()
+            await marker.aclose()

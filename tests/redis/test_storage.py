@@ -1,6 +1,7 @@
 """`RedisStorage` beyond the conformance suite: what crossing a process boundary adds (payloads
 that round-trip, serializers, scripts the server forgot, keys in one slot, the server's clock,
-dead-lettering in one step, retried enqueues)."""
+dead-lettering in one step, retried enqueues), and bad input refused before any command reaches
+the server (watched with ``MONITOR``) while braces and newlines in ids and payloads stay data."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,10 +42,12 @@ from tests.redis.conftest import START, fresh_name
 from tests.redis.support import (
     HOUR,
     ClockedRedisStorage,
+    Monitor,
     RedisServer,
     RedisStorageAnHourAhead,
     ReplyCutter,
     an_hour_ahead,
+    running_server,
 )
 
 MakeStorage = Callable[..., ClockedRedisStorage[Any]]
@@ -236,7 +240,124 @@ async def test_a_mutated_request_is_validated_again(unreachable_storage: RedisSt
         await unreachable_storage.enqueue(request)
 
 
-# ----- configuration -------------------------------------------------------------------------------
+# ----- bad input and configuration: refused before any command; data stored as data ------------
+
+BAD_NAMES = [
+    "{tag}",
+    "a}b{",
+    "new\nline",
+    "carriage\r\nreturn",
+    "x" * 81,
+    "lone\ud800",
+    "sp ace",
+    "",
+    "k:v",
+]
+
+
+@pytest.fixture
+async def monitored(tmp_path: Path) -> AsyncIterator[tuple[str, Monitor]]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    with running_server(directory) as server:
+        yield server.url, Monitor(server.url)
+
+
+@pytest.mark.fault  # starts a server of its own
+async def test_bad_names_payloads_handles_and_counts_are_refused_before_any_command(
+    monitored: tuple[str, Monitor],
+) -> None:
+    url, monitor = monitored
+    storage: RedisStorage[Any] = RedisStorage(url, "ok", max_payload_bytes=4096)
+    limiter = RedisThrottle(url, "ok", rpm=60, tpm=1000)
+    await storage.get_approximate_message_count()  # connected: a refusal cannot hide behind a lazy connect
+    await limiter.can_process(1)
+
+    async def refused() -> None:
+        for name in BAD_NAMES:
+            with pytest.raises(InvalidConfigError):
+                RedisStorage(url, name)
+            with pytest.raises(InvalidConfigError):
+                RedisStorage(url, "ok", namespace=name)
+            with pytest.raises(InvalidConfigError):
+                RedisThrottle(url, name, rpm=1, tpm=1)
+        for payload in ("x" * 5000, {"text": "lone \udc00"}, ("tuple",), float("nan")):
+            with pytest.raises(InvalidRequestError):
+                await storage.enqueue(LLMRequest("r", payload))
+        with pytest.raises(PayloadTooLargeError):
+            await storage.batch_enqueue([LLMRequest("a", 1), LLMRequest("b", "y" * 5000)])
+        with pytest.raises(InvalidRequestError):
+            await storage.enqueue(LLMRequest("id-with-\ud800", 1))
+        for handle in ("{x}\n", "", "1.1.zz", "0" * 15 + ".1." + "0" * 31 + "\n", None):
+            with pytest.raises(ReceiptHandleError):
+                await storage.delete_message(handle)  # type: ignore[arg-type]
+            with pytest.raises(ReceiptHandleError):
+                await storage.update_visibility_timeout(handle, 1.0)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError):
+            await storage.dequeue(-1, 1.0)
+        with pytest.raises(InvalidRequestError):
+            await storage.dequeue(1, float("inf"))
+        with pytest.raises(InvalidRequestError):
+            await limiter.consume("\ud800", 1)
+        with pytest.raises(InvalidRequestError):
+            await limiter.consume("a", -1)
+
+    try:
+        assert await monitor.commands_during(refused) == []
+        # The monitor does see commands that are sent:
+        seen = await monitor.commands_during(lambda: storage.get_approximate_message_count())
+        assert any("EVALSHA" in command for command in seen)
+    finally:
+        await storage.aclose()
+        await limiter.aclose()
+
+
+async def test_braces_and_newlines_in_ids_and_payloads_are_data(redis_url: str) -> None:
+    namespace = "braces-data"
+    async with RedisStorage(redis_url, "q", namespace=namespace) as storage:
+        await storage.purge()
+        ids = ["{q}", "}{", "line\nbreak\r\n", "\x00nul", "*3\r\n$4\r\nPING", "ünï©ødé {ns}:q:q:ids"]
+        requests = [
+            LLMRequest(
+                rid, {"{": "}", "\n": ["\r\n", "{x}"]}, token_info=TokenInfo(1, model="{m}\n"), tenant="{t}"
+            )
+            for rid in ids
+        ]
+        await storage.batch_enqueue(requests)
+        got = await storage.dequeue(10, 30.0)
+        assert sorted(m.payload.id for m in got) == sorted(ids)
+        assert {m.payload.id: m.payload for m in got} == {r.id: r for r in requests}
+        keys = [key async for key in storage.redis.scan_iter(match=f"{{{namespace}}}*")]
+        assert {redis.crc.key_slot(key) for key in keys} == {redis.crc.key_slot(f"{{{namespace}}}".encode())}
+        replies = [key for key in keys if b":reply:" in key]
+        assert len(replies) == 1  # the receive's reply, kept a minute for a resend
+        assert 0 < await storage.redis.pttl(replies[0]) <= 60_000
+        # meta, seq, ids, body, state, in flight (all received): no stray key
+        assert len(keys) - len(replies) == 6
+
+
+def test_bad_dead_letter_names_never_reach_a_key() -> None:
+    for name in BAD_NAMES:
+        with pytest.raises(InvalidConfigError, match="must match"):
+            RedisStorage("redis://127.0.0.1:1/0", "ok", dead_letter=name)
+
+
+def test_every_script_loop_has_a_written_bound() -> None:
+    """No script loops on a condition (``while``, ``repeat``): each loop is a ``for`` over a
+    constant, the call's arguments or what a key holds, with a comment naming that bound on its
+    line or the line before. A script that never ended would stop Redis for every client."""
+    scripts = resources.files("llm_queue_dispatcher.redis").joinpath("lua")
+    unbounded: list[str] = []
+    for script in scripts.iterdir():
+        lines = script.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            code = line.split("--", 1)[0]
+            where = f"{script.name}:{number + 1}: {line.strip()}"
+            on_a_condition = re.search(r"\b(while|repeat)\b", code) is not None
+            unsaid = re.match(r"\s*for\b", code) and "--" not in line and "Bounded" not in lines[number - 1]
+            if on_a_condition or unsaid:
+                unbounded.append(where)
+    assert not unbounded, unbounded
 
 
 @pytest.mark.parametrize("name", ["", "{tag}", "a b", "line\nbreak", "a:b", "x" * 81, "ü", None, 3])

@@ -1,0 +1,67 @@
+"""The connection to Redis (``redis/_connection.py``) as a user sees it: the password of its URL
+never shows, in a repr, an error, a traceback or a log line, whether it is right, wrong, or the
+server is down."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import InvalidConfigError, LLMRequest, StorageError
+from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+from tests.redis.support import RedisServer, free_port, running_server
+
+PASSWORD = "S3cret-Pa55word%21"  # percent-encoded "!" in the URL: both spellings must stay hidden
+DECODED_PASSWORD = "S3cret-Pa55word!"
+
+
+@pytest.fixture
+def guarded_server(tmp_path: Path) -> Any:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    with running_server(directory, password=DECODED_PASSWORD) as server:
+        yield server
+
+
+def _everything_said(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)) + repr(exc) + str(exc)
+
+
+def assert_hidden(text: str) -> None:
+    assert PASSWORD not in text
+    assert DECODED_PASSWORD not in text
+    assert "S3cret" not in text
+
+
+@pytest.mark.fault  # starts a server of its own
+async def test_the_password_never_shows(
+    guarded_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = f"redis://:{PASSWORD}@127.0.0.1:{guarded_server.port}/0"
+    wrong = f"redis://:{PASSWORD}x@127.0.0.1:{guarded_server.port}/0"
+    down = f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0?password={PASSWORD}"
+    caplog.set_level(logging.DEBUG)
+    said: list[str] = []
+    async with RedisStorage(good, "q") as storage, RedisThrottle(good, "l", rpm=60, tpm=100) as limiter:
+        await storage.enqueue(LLMRequest("a", 1))  # the password works
+        assert await limiter.consume("a", 1)
+        said += [repr(storage), repr(limiter), str(storage.__dict__)]
+    for url in (wrong, down):
+        async with RedisStorage(url, "q") as storage, RedisThrottle(url, "l", rpm=60, tpm=100) as limiter:
+            said += [repr(storage), repr(limiter)]
+            for call in (storage.enqueue(LLMRequest("a", 1)), limiter.consume("a", 1)):
+                with pytest.raises(StorageError) as raised:
+                    await call
+                said.append(_everything_said(raised.value))
+    with pytest.raises(InvalidConfigError) as invalid:
+        RedisStorage(f"redis://:{PASSWORD}@127.0.0.1:notaport/0", "q")
+    said.append(_everything_said(invalid.value))
+    said.append(caplog.text)
+    assert "***" in said[0]  # the URL is described, with the password masked
+    assert "AuthenticationError" in "".join(said) or "invalid" in "".join(said).lower()
+    for text in said:
+        assert_hidden(text)
