@@ -1,5 +1,6 @@
 """`llmqd simulate`'s flags: the preset, tenants, load, traces, strategies, output, progress,
-plots, and Ctrl-C."""
+plots, and Ctrl-C; every numeric flag at extreme values runs or is refused in one line naming it
+(exit status 2), and values a run could not replay are refused before anything runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from llm_queue_dispatcher import simulate_cli
 from llm_queue_dispatcher.cli import main
 from llm_queue_dispatcher.simulate import SimulationProgress
+from tests.simulate.support import outcome
 
 # 120 s of the overload preset at 2x: about 1,300 requests, under a second a strategy.
 OVERLOAD = ["--preset", "overload", "--duration", "120"]
@@ -306,3 +309,94 @@ def test_ctrl_c_stops_at_once_and_prints_the_partial_table() -> None:
     assert 0 < int(unfinished.split()[-1]) < 200_000
     assert "interrupted at virtual time" in err
     assert "not run: fifo" in err
+
+
+# -- extreme values: each numeric flag runs, or is refused in one line naming it ----------------
+SMALL = ["--requests", "40", "--strategy", "fifo", "--strategy", "default"]
+EXTREMES = ["1e308", "-1e308", "1e-300", "inf", "-inf", "nan", "-1", "0", str(10**400)]
+
+# Each numeric flag, with what it needs beside it to apply.
+FLAGS: dict[str, list[str]] = {
+    "--requests": [],
+    "--duration": ["--arrival-rate", "1"],
+    "--arrival-rate": [],
+    "--load": [],
+    "--token-median": [],
+    "--token-sigma": [],
+    "--token-min": [],
+    "--token-max": [],
+    "--tenants": [],
+    "--heavy-share": ["--tenants", "3"],
+    "--heavy-tenants": ["--tenants", "3"],
+    "--deadline": [],
+    "--seed": [],
+    "--rpm": [],
+    "--tpm": [],
+    "--concurrency": [],
+    "--base-latency": [],
+    "--ms-per-token": [],
+    "--failure-rate": [],
+    "--retention": [],
+    "--reserve-tokens": [],
+    "--progress-interval": [],
+}
+
+
+def cases() -> Iterator[Any]:
+    for flag, context in FLAGS.items():
+        for value in EXTREMES:
+            yield pytest.param(flag, context, value, id=f"{flag}={value[:10]}")
+
+
+@pytest.mark.parametrize(("flag", "context", "value"), list(cases()))
+def test_an_extreme_flag_value_runs_or_is_refused_in_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str], flag: str, context: list[str], value: str
+) -> None:
+    args = [*SMALL, *context, f"{flag}={value}", "--progress", "none"]
+    status, out, err = outcome(capsys, args)
+    if status == 0:
+        assert out.startswith(("40 requests", "0 requests")) or " requests " in out.splitlines()[0]
+        assert "completed" in out
+        return
+    assert status == 2, err
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("llmqd simulate: "), err
+    assert flag in err, err
+
+
+def test_values_a_run_could_not_replay_are_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for args, message in (
+        (["--requests", "10", "--arrival-rate", "1e-300"], "at most 1e+09 s of virtual time"),
+        (["--duration", "1000000000", "--arrival-rate", "1000"], "requests; at most 5,000,000"),
+        (["--rpm", "0.5"], "argument --rpm: must be a number within [1, 1e+15], got 0.5"),
+        (["--ms-per-token", "80000"], "the longest call would take"),
+        (["--token-max", "1000000", "--tpm", "10000"], "--tpm (10000) can never admit"),
+        (["--slo", "URGENT=nan"], "argument --slo: URGENT: must be a number"),
+        (["--priority-mix", "inf,1,1,1"], "argument --priority-mix: must be 4 weights"),
+    ):
+        status, out, err = outcome(capsys, [*args, "--strategy", "fifo"])
+        assert (status, out) == (2, ""), args
+        assert err.count("\n") == 1, err
+        assert message in err, err
+
+
+def test_a_hundred_thousand_tenants_build_and_run(capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "--tenants",
+        "100000",
+        "--requests",
+        "2000",
+        "--strategy",
+        "fair_priority",
+        "--json",
+        "--progress",
+        "none",
+    ]
+    status, out, _ = outcome(capsys, args)
+    assert status == 0
+    [result] = json.loads(out)
+    assert result["completed"] == 2000
+    assert len(result["tenants"]["light"]) + len(result["tenants"]["heavy"]) > 1000

@@ -1,11 +1,13 @@
 """`llm_queue_dispatcher.simulate` as a Python API: workloads, the provider model, traces,
-retention, determinism, stopping, and what the policies achieve on a small overload."""
+retention, determinism, stopping, and what the policies achieve on a small overload; a workload
+of many tenants is built in linear time."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +274,32 @@ def test_bad_trace_lines_are_rejected_with_their_line_number(
     with pytest.raises(TraceError) as raised:
         read_trace(path)
     assert message in str(raised.value)
+
+
+class CountingWeights(list[float]):
+    """Tenant weights that count every element read, by iteration or by slice."""
+
+    reads = 0
+
+    def __iter__(self) -> Iterator[float]:
+        for value in super().__iter__():
+            CountingWeights.reads += 1
+            yield value
+
+    def __getitem__(self, index: Any) -> Any:
+        value = super().__getitem__(index)
+        CountingWeights.reads += len(value) if isinstance(index, slice) else 1
+        return value
+
+
+def test_a_workload_of_many_tenants_reads_each_weight_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenants = 2_000
+    original = Workload._tenant_weights
+    monkeypatch.setattr(Workload, "_tenant_weights", lambda self: CountingWeights(original(self)))
+    CountingWeights.reads = 0
+    records = Workload(requests=500, tenants=tenants, seed=2).generate()
+    assert len(records) == 500
+    # Linear: a couple of reads per tenant (cumulating the weights once), not one per pair.
+    assert CountingWeights.reads <= 2 * tenants

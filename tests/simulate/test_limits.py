@@ -1,6 +1,7 @@
 """`llmqd simulate` under the limits as providers publish them: input and output tokens per
 minute, requests and tokens per day, requests in flight. The simulated limiter enforces each,
-the report names the one that bound, and a request no limit can ever grant is counted apart."""
+the report names the one that bound (RPM, concurrency, ...), and a request no limit can ever
+grant is counted apart."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from llm_queue_dispatcher import Priority
 from llm_queue_dispatcher.cli import main
-from llm_queue_dispatcher.simulate import ProviderModel, TraceRecord, run_simulation
+from llm_queue_dispatcher.simulate import ProviderModel, TraceRecord, Workload, run_simulation
+from tests.simulate.support import outcome
 
 
 def burst(
@@ -80,3 +82,25 @@ def test_the_cli_takes_the_limits_and_reports_the_binding_one(capsys: pytest.Cap
         main([*args, "--strategy", "default", "--tpd", "0.5"])
     assert refused.value.code == 2
     assert "argument --tpd: must be a finite number >= 1" in capsys.readouterr().err
+
+
+def test_the_report_names_rpm_when_requests_per_minute_bind(capsys: pytest.CaptureFixture[str]) -> None:
+    # 2.2 arrivals a second against 120 RPM, and tokens to spare: RPM binds, not TPM.
+    results = [
+        run_simulation(name, Workload(requests=1500, seed=4)) for name in ("default", "fair_priority", "fifo")
+    ]
+    assert [result.binding_limit for result in results] == ["RPM"] * 3
+    assert all(result.blocked.shares()["RPM"] > 0.95 for result in results)
+    status, out, _ = outcome(capsys, ["--requests", "1500", "--strategy", "fifo"])
+    assert status == 0
+    row = next(line for line in out.splitlines() if line.startswith("binding limit"))
+    assert row.split()[-2] == "RPM"
+
+
+def test_the_report_names_concurrency_when_the_provider_binds() -> None:
+    result = run_simulation("default", Workload(requests=500, seed=4), rpm=10**6, tpm=10**9)
+    slow = run_simulation(
+        "default", Workload(requests=500, seed=4), ProviderModel(concurrency=1), rpm=10**6, tpm=10**9
+    )
+    assert result.binding_limit is None  # 32 calls at once and no limit: nobody waited
+    assert slow.binding_limit == "concurrency"

@@ -1,6 +1,7 @@
 """Traces read as published: the Azure LLM inference trace CSV (the slice in tests/data/azure),
 the BurstGPT CSV and the Mooncake JSON Lines, recognised by header or keys, prompt and
-completion apart, merged on their timestamps; and the project's own format still read."""
+completion apart, merged on their timestamps; and the project's own format still read. A
+malformed trace is refused in one line naming the file and the line (exit status 2)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import Priority
+from llm_queue_dispatcher import Priority, simulate_trace
 from llm_queue_dispatcher.simulate import TraceRecord
 from llm_queue_dispatcher.simulate_trace import (
     TraceError,
@@ -21,6 +22,7 @@ from llm_queue_dispatcher.simulate_trace import (
     read_trace_file,
     write_trace,
 )
+from tests.simulate.support import outcome
 
 AZURE = Path(__file__).parent.parent / "data" / "azure"
 CONV = AZURE / "AzureLLMInferenceTrace_conv.csv"
@@ -246,3 +248,96 @@ def test_a_project_trace_keeps_its_own_priorities_and_tenants_over_the_rules(tmp
     rules = TraceRules(tenant_by="file", priorities={None: ((Priority.HIGH, 1.0),)})
     records = assemble_trace([read_trace_file(path)], rules).records
     assert [(r.priority, r.tenant) for r in records] == [(Priority.LOW, "x"), (Priority.HIGH, "p")]
+
+
+# -- malformed traces: refused in one line naming the file and the line ---------------------------
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+MALFORMED: list[tuple[str, bytes, str]] = [
+    (
+        "non-utf8",
+        HEADER.encode() + b"2023-11-16 18:40:00,1\xff2,3\n",
+        "t.csv:2: not UTF-8 text (byte 22 is 0xff)",
+    ),
+    (
+        "missing column",
+        b"TIMESTAMP,ContextTokens\n2023-11-16 18:40:00,1\n",
+        "t.csv:1: the header has no 'GeneratedTokens'",
+    ),
+    ("short row", HEADER.encode() + b"2023-11-16 18:40:00,1\n", "t.csv:2: 2 cells, the header has 3"),
+    (
+        "negative tokens",
+        HEADER.encode() + b"2023-11-16 18:40:00,-5,3\n",
+        "t.csv:2: ContextTokens must be a whole number",
+    ),
+    (
+        "huge tokens",
+        HEADER.encode() + b"2023-11-16 18:40:00," + str(10**400).encode() + b",3\n",
+        "t.csv:2: ContextTokens",
+    ),
+    ("nan tokens", HEADER.encode() + b"2023-11-16 18:40:00,nan,3\n", "t.csv:2: ContextTokens must be"),
+    (
+        "fractional tokens",
+        HEADER.encode() + b"2023-11-16 18:40:00,1e-300,3\n",
+        "t.csv:2: ContextTokens must be",
+    ),
+    ("bad date", HEADER.encode() + b"2023-13-16 18:40:00,1,3\n", "t.csv:2: TIMESTAMP is no date"),
+    ("no date", HEADER.encode() + b"1e308,1,3\n", "t.csv:2: TIMESTAMP must be a date"),
+    (
+        "span",
+        HEADER.encode() + b"1970-01-01 00:00:00,1,3\n2023-11-16 18:40:00,1,3\n",
+        "t.csv:3: 1.7e+09 s after the trace's start; at most 1e+09 s",
+    ),
+    ("nul byte", HEADER.encode() + b"2023-11-16 18:40:00,1,\x003\n", "t.csv:2: "),
+    ("long line", HEADER.encode() + b"x" * (2 << 20) + b"\n", "t.csv:2: line longer than 1,048,576 bytes"),
+    ("empty", b"", "t.csv: empty file"),
+    ("header only", HEADER.encode(), "t.csv: no requests in the trace"),
+    ("json nan", b'{"timestamp": NaN, "input_length": 1, "output_length": 1}\n', "t.csv:1: not valid JSON"),
+    (
+        "json huge",
+        b'{"timestamp": 1, "input_length": 1' + b"0" * 5000 + b', "output_length": 1}\n',
+        "t.csv:1: not valid JSON",
+    ),
+    ("json deep", b"{" + b'"a": [' * 100_000 + b"\n", "t.csv:1: not valid JSON"),
+    (
+        "json big time",
+        b'{"timestamp": 1e308, "input_length": 1, "output_length": 1}\n',
+        "t.csv:1: timestamp must be milliseconds",
+    ),
+    (
+        "json 10**400",
+        b'{"timestamp": 1, "input_length": ' + str(10**400).encode() + b', "output_length": 1}\n',
+        "a number of 401 digits",
+    ),
+    (
+        "json negative",
+        b'{"timestamp": 1, "input_length": 5, "output_length": -1}\n',
+        "t.csv:1: output_length must be",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_a_malformed_trace_is_refused_in_one_line_naming_the_file_and_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes(content)
+    status, out, err = outcome(capsys, ["--trace", str(path), "--strategy", "fifo"])
+    assert (status, out) == (2, "")
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"llmqd simulate: {tmp_path}/"), err
+    assert message in err, err
+
+
+def test_a_trace_above_the_request_limit_is_refused_at_the_line_that_crosses_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(simulate_trace, "MAX_REQUESTS", 100)
+    path = tmp_path / "big.csv"
+    path.write_text(
+        HEADER + "".join(f"2023-11-16 18:40:{i % 60:02d},1,1\n" for i in range(150)), encoding="utf-8"
+    )
+    status, _, err = outcome(capsys, ["--trace", str(path)])
+    assert status == 2
+    assert err == f"llmqd simulate: {path}:102: more than 100 requests; replay a part of the trace\n"
