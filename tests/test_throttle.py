@@ -274,7 +274,7 @@ def test_snapshot_round_trip_and_bad_snapshots_change_nothing(clock: ManualClock
             StateSnapshot(100.0, snapshot.rpm_bucket_state, snapshot.tpm_bucket_state, 0, -1)
         )
     assert other.get_metrics().tpm.available == pytest.approx(600.0)
-    # Defect 12 of issue 9: the package's typed error, not a bare TypeError.
+    # Not a snapshot: the package's typed error, not a bare TypeError.
     with pytest.raises(InvalidRequestError, match="snapshot must be a StateSnapshot"):
         other.restore_from_snapshot({"not": "a snapshot"})  # type: ignore[arg-type]
 

@@ -1,6 +1,5 @@
 """Store and limiter replies that arrive late (a round trip to Redis), met by a purge, a
-cancellation, a concurrent dequeue or a close: found by a hostile probe of the prefetch buffer
-and the marks."""
+cancellation, a concurrent dequeue or a close, in the prefetch buffer and the marks."""
 
 from __future__ import annotations
 
