@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -30,11 +31,11 @@ from ._checks import timeout_seconds
 from ._core import DispatchCore, LLMThrottle, Plan, ProcessableMessage
 from .config import LLMQueueDispatcherConfig
 from .errors import InvalidRequestError, MessageStateError, ReceiptHandleError, UnknownRequestError
-from .metrics import QueueMetrics, queue_metrics, queue_report
+from .metrics import QueueMetrics, queue_metrics
 from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, Submissions
 from .outcomes import enqueued as _withdrawals_lapse
 from .prefetch import Prefetcher, running_here
-from .scoring import ScoringConfig, ScoringContext
+from .scoring import ScoringConfig, custom_scores
 from .storage import InMemoryStorage, QueueStorageAdapter
 from .storage.base import _as_list
 from .throttle import check_rate_limiter
@@ -244,17 +245,19 @@ class LLMQueueDispatcher(Generic[T]):
         config = self.config = LLMQueueDispatcherConfig.copy_of(config)
         self._storage = storage
         logger = config.logger or _LOGGER
-        self._custom_scorers = list((config.scoring or ScoringConfig()).custom_scorers)
+        scorers = list((config.scoring or ScoringConfig()).custom_scorers)
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
         pool = storage.core if type(storage) is InMemoryStorage else None
         self._runner = runner = _Runner(logger)
         self._core = runner.core = DispatchCore(pool, runner=runner, logger=logger, **config.core_options())
+        # What the core calls for custom scores during one dispatch, given the limiter (or its metrics).
+        self._scores = functools.partial(custom_scores, scorers, core=self._core) if scorers else None
         self._prefetch: Prefetcher[T] | None = None
         self._global: Any = None  # redis.global_choice.GlobalChoice, where the store offers it
         if pool is None:
             self._prefetch = runner.prefetch = Prefetcher(storage, self._core, config, logger)
             if choice := getattr(storage, "_global_choice", None):  # RedisStorage's
-                self._global = runner.global_choice = choice(config, self._core, bool(self._custom_scorers))
+                self._global = runner.global_choice = choice(config, self._core, bool(scorers))
         # The hot path: a dequeue that is one call into Rust.
         self._fast = pool is not None and not config.drop_expired
         self._wakeup = runner.wakeup = Wakeup(self._core)
@@ -333,9 +336,7 @@ class LLMQueueDispatcher(Generic[T]):
         """
         if timeout is None and self._fast and type(rate_limiter) is LLMThrottle:
             # One call into Rust: select, reserve, receive, open the delivery.
-            found = self._core.dispatch(
-                rate_limiter, self._custom_fn(rate_limiter) if self._custom_scorers else None
-            )
+            found = self._core.dispatch(rate_limiter, self._scores(rate_limiter) if self._scores else None)
             if type(found) is ProcessableMessage:
                 return found
             await self._nothing_found(rate_limiter, found)
@@ -380,18 +381,6 @@ class LLMQueueDispatcher(Generic[T]):
         `RedisThrottle` co-located with the queue; else None."""
         return self._global if self._global is not None and self._global.usable_with(limiter) else None
 
-    def _custom_fn(self, limiter_metrics: Any) -> Callable[[QueueMessage[T]], list[Any]]:
-        """What the core calls for custom scores: the scorers' values for one message."""
-        if type(limiter_metrics) is LLMThrottle:
-            limiter_metrics = limiter_metrics.get_metrics()
-        scorers = self._custom_scorers
-        context = ScoringContext.lazy(
-            rate_limiter_metrics=limiter_metrics,
-            queue_metrics=lambda: queue_report(self._core.report()),
-            current_time=self._core.now(),
-        )
-        return lambda message: [scorer.calculate(message, context) for scorer in scorers]
-
     async def _attempt(self, limiter: Any) -> ProcessableMessage[T] | float | None:
         """One dispatch: a job handed out, the seconds until a held winner fits, or None."""
         if (choice := self._global_with(limiter)) is not None:
@@ -404,9 +393,7 @@ class LLMQueueDispatcher(Generic[T]):
             if self.config.drop_expired:
                 await self._drop_expired()
             if type(limiter) is LLMThrottle:
-                found = self._core.dispatch(
-                    limiter, self._custom_fn(limiter) if self._custom_scorers else None
-                )
+                found = self._core.dispatch(limiter, self._scores(limiter) if self._scores else None)
                 if self._prefetch is None:
                     return found  # handed out already
             else:
@@ -425,7 +412,7 @@ class LLMQueueDispatcher(Generic[T]):
             float(metrics.rpm.available),
             float(metrics.tpm.limit),
             float(metrics.rpm.limit),
-            self._custom_fn(metrics) if self._custom_scorers else None,
+            self._scores(metrics) if self._scores else None,
         )
         if type(found) is int:
             return await self._held_for(limiter, found)

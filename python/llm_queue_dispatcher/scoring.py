@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import _core
 from ._checks import finite_float, shown
 from .errors import InvalidConfigError
+from .metrics import queue_report
 
 if TYPE_CHECKING:
     from .metrics import QueueMetricsReport
@@ -215,3 +216,20 @@ class MessageScore:
 # Weight field names double as the breakdown keys, and the defaults are the core's: keep in step.
 assert tuple(f.name for f in fields(ScoringWeights)) == FACTOR_NAMES
 assert ScoringWeights().as_tuple() == tuple(_core.DEFAULT_WEIGHTS)
+
+
+def custom_scores(
+    scorers: Sequence[CustomScorer], limiter: Any, core: _core.DispatchCore
+) -> Callable[[QueueMessage[Any]], list[float]]:
+    """What a dispatcher's core calls for custom scores during one dispatch: the ``scorers``'
+    values for one message, over one context: the limiter's metrics (``limiter``: an
+    `LLMThrottle`, read here, or the metrics its ``get_metrics()`` returned), the queue's report
+    (built from the core's figures on first read) and the core's clock."""
+    if type(limiter) is _core.LLMThrottle:
+        limiter = limiter.get_metrics()
+    context = ScoringContext.lazy(
+        rate_limiter_metrics=limiter,
+        queue_metrics=lambda: queue_report(core.report()),
+        current_time=core.now(),
+    )
+    return lambda message: [scorer.calculate(message, context) for scorer in scorers]
