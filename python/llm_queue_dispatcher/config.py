@@ -215,7 +215,7 @@ class LLMQueueDispatcherConfig:
         return self.hold_budget if self.urgent_first is None else self.urgent_first
 
     @classmethod
-    def copy_of(cls, config: object) -> LLMQueueDispatcherConfig:
+    def _checked_copy(cls, config: object) -> LLMQueueDispatcherConfig:
         """A dispatcher's own copy of ``config`` (None: the defaults), checked: changing the
         caller's object later changes nothing. Raises `InvalidRequestError` for anything but a
         config or None, and `InvalidConfigError` naming the first bad field."""
@@ -227,7 +227,7 @@ class LLMQueueDispatcherConfig:
         copy.validate()
         return copy
 
-    def core_options(self) -> dict[str, Any]:
+    def _core_options(self) -> dict[str, Any]:
         """The keyword arguments of the dispatcher's Rust core (`DispatchCore`) this config sets:
         the scoring weights and custom scorers' names and weights, the policy and its fair
         shares, and the limits of the search, the reservations and the metrics."""

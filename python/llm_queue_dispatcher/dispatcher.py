@@ -242,14 +242,14 @@ class LLMQueueDispatcher(Generic[T]):
     ) -> None:
         if not isinstance(storage, QueueStorageAdapter):
             raise InvalidRequestError(f"storage must be a QueueStorageAdapter, got {storage!r}")
-        config = self.config = LLMQueueDispatcherConfig.copy_of(config)
+        config = self.config = LLMQueueDispatcherConfig._checked_copy(config)
         self._storage = storage
         logger = config.logger or _LOGGER
         scorers = list((config.scoring or ScoringConfig()).custom_scorers)
         # Exactly InMemoryStorage: a subclass may override its methods, so it takes the general path.
         pool = storage.core if type(storage) is InMemoryStorage else None
         self._runner = runner = _Runner(logger)
-        self._core = runner.core = DispatchCore(pool, runner=runner, logger=logger, **config.core_options())
+        self._core = runner.core = DispatchCore(pool, runner=runner, logger=logger, **config._core_options())
         # What the core calls for custom scores during one dispatch, given the limiter (or its metrics).
         self._scores = functools.partial(custom_scores, scorers, core=self._core) if scorers else None
         self._prefetch: Prefetcher[T] | None = None
