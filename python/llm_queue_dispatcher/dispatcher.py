@@ -12,7 +12,8 @@ comes back as a `Plan` that `_Runner` awaits to its end, reporting each reply to
 Read top to bottom, one `dequeue` calls out and never back: to the core, the limiter (the
 helpers below), the prefetcher or the global choice, and `wakeup.py` to wait. What is not on
 that path lives elsewhere: the metrics report (``metrics.py``), awaiting an outcome
-(``outcomes.py``), the config's checks and the core's options (``config.py``).
+(``outcomes.py``), the config's checks and the core's options (``config.py``), the custom
+scorers' context (``scoring.py``).
 """
 
 from __future__ import annotations
