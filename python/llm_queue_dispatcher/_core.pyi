@@ -19,6 +19,7 @@ __all__ = [
     "MAX_VISIBILITY_TIMEOUT",
     "BucketMetrics",
     "BucketState",
+    "Capacity",
     "CompensationMetrics",
     "ConsumptionRecord",
     "ConsumptionStatistics",
@@ -662,6 +663,20 @@ class TenantReport:
     def wait_p99(self) -> float: ...
 
 @final
+class Capacity:
+    """The most tokens a limiter can ever grant one request."""
+
+    @property
+    def whole(self) -> float:
+        """The smallest capacity of the limits counting the whole estimate (``tpm``, ``tpd``)."""
+    @property
+    def input(self) -> float:
+        """The input limit's capacity (``itpm``; ``inf`` without one)."""
+    @property
+    def output(self) -> float:
+        """The output limit's capacity (``otpm``; ``inf`` without one)."""
+
+@final
 class Purged:
     """A delivery handed out when a purge began, to delete by its receipt handle."""
 
@@ -774,16 +789,13 @@ class DispatchCore:
     def min_visible_tokens(self) -> int | None: ...
     def time_until_score(self, available_tokens: float) -> float | None: ...
     def ids_above(self, capacity: float) -> list[str]: ...
-    def unfittable(
-        self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
-    ) -> list[str]:
+    def unfittable(self, capacity: Capacity) -> list[str]:
         """Requests the limiter can never grant not reported before, each logged once: an
-        estimate above ``capacity``, an input part above ``input_capacity``, an output part
-        above ``output_capacity`` (without parts, the estimate against all three)."""
+        estimate above ``capacity.whole``, an input part above ``capacity.input``, an output
+        part above ``capacity.output`` (without parts, the estimate against all three)."""
     @staticmethod
-    def capacities(limiter_metrics: Any) -> tuple[float, float, float]:
-        """From a limiter's ``get_metrics()``: the smallest capacity of ``tpm`` and ``tpd``, then
-        those of ``itpm`` and ``otpm`` (``inf`` where the limiter has none)."""
+    def capacity(limiter_metrics: Any) -> Capacity:
+        """From a limiter's ``get_metrics()``, the most tokens it can ever grant one request."""
     def until_ready(
         self,
         held: float | None,
@@ -796,9 +808,7 @@ class DispatchCore:
         something out; kept for `time_until_ready`."""
     def time_until_ready(self) -> float:
         """What the last `until_ready` worked out, less the time since; 0 after any change."""
-    def take_above(
-        self, capacity: float, input_capacity: float = ..., output_capacity: float = ...
-    ) -> list[QueueMessage[Any]]: ...
+    def take_above(self, capacity: Capacity) -> list[QueueMessage[Any]]: ...
     def drop_expired(self) -> list[str]:
         """Dead-letters the in-memory store's requests past their deadline; their ids, logged
         and counted."""

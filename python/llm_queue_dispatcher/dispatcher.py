@@ -495,10 +495,9 @@ class LLMQueueDispatcher(Generic[T]):
         dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
-        capacity, input_capacity, output_capacity = self._core.capacities(metrics)
-        unfittable = self._core.unfittable(capacity, input_capacity, output_capacity)  # logs each once
-        if unfittable:
-            await self._outcomes().unfittable(list(unfittable), capacity)
+        capacity = self._core.capacity(metrics)
+        if unfittable := self._core.unfittable(capacity):  # logs each once
+            await self._outcomes().unfittable(unfittable, capacity.whole)
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
             check = await _call(limiter, "can_process", smallest)
@@ -526,7 +525,7 @@ class LLMQueueDispatcher(Generic[T]):
         """
         check_rate_limiter(rate_limiter)
         metrics = await _call(rate_limiter, "get_metrics")
-        taken: list[QueueMessage[T]] = self._core.take_above(*self._core.capacities(metrics))
+        taken: list[QueueMessage[T]] = self._core.take_above(self._core.capacity(metrics))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------

@@ -32,7 +32,7 @@ use super::clock::ClockSource;
 use super::errors::to_py_err;
 use super::job::{PyJob, PyPlan, PyReady, Why};
 use super::messages::{build_list, build_view_message, MessageView};
-use super::report::{PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
+use super::report::{PyCapacity, PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
 use super::requests::{datetime_seconds, visibility_timeout_arg};
 use super::steps::{Against, BufferSteps, Message, Origin, Selecting, StoreSteps, Taken};
 use super::store::PyStoreCore;
@@ -1264,19 +1264,12 @@ impl PyDispatchCore {
     }
 
     /// The selectable requests the limiter can never grant that were not reported before, each
-    /// logged (a warning, once per request): an estimate above `capacity` (the smallest capacity
-    /// of the limits counting the whole estimate), an input part above `input_capacity` or an
-    /// output part above `output_capacity` (without parts, the estimate against all three).
-    /// Remembers the capacities for the metrics' count of unfittable messages.
-    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
-    fn unfittable(
-        &self,
-        py: Python<'_>,
-        capacity: f64,
-        input_capacity: f64,
-        output_capacity: f64,
-    ) -> PyResult<Vec<String>> {
-        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
+    /// logged (a warning, once per request): an estimate above `capacity.whole` (the smallest
+    /// capacity of the limits counting the whole estimate), an input part above `capacity.input`
+    /// or an output part above `capacity.output` (without parts, the estimate against all
+    /// three). Remembers the capacity for the metrics' count of unfittable messages.
+    fn unfittable(&self, py: Python<'_>, capacity: &Bound<'_, PyCapacity>) -> PyResult<Vec<String>> {
+        let capacity = dispatch::Capacity::from(*capacity.get());
         let above = self.ids_above_capacity(py, capacity)?;
         let new = self.lock(py).unfittable.observe(capacity, above.iter().map(String::as_str));
         if !new.is_empty() {
@@ -1292,7 +1285,7 @@ impl PyDispatchCore {
     /// smallest capacity (`limit`) of the limits counting the whole estimate (`tpm`, and `tpd`
     /// where there is one), and the capacities of `itpm` and `otpm` (infinite where none).
     #[staticmethod]
-    fn capacities(limiter_metrics: &Bound<'_, PyAny>) -> PyResult<(f64, f64, f64)> {
+    fn capacity(limiter_metrics: &Bound<'_, PyAny>) -> PyResult<PyCapacity> {
         let py = limiter_metrics.py();
         let limit = |name: &Bound<'_, pyo3::types::PyString>| -> PyResult<f64> {
             match limiter_metrics.getattr_opt(name)? {
@@ -1302,7 +1295,8 @@ impl PyDispatchCore {
         };
         let tpm: f64 =
             limiter_metrics.getattr(intern!(py, "tpm"))?.getattr(intern!(py, "limit"))?.extract()?;
-        Ok((tpm.min(limit(intern!(py, "tpd"))?), limit(intern!(py, "itpm"))?, limit(intern!(py, "otpm"))?))
+        let whole = tpm.min(limit(intern!(py, "tpd"))?);
+        Ok(PyCapacity { whole, input: limit(intern!(py, "itpm"))?, output: limit(intern!(py, "otpm"))? })
     }
 
     /// Seconds until a dequeue that found nothing could hand something out
@@ -1360,16 +1354,12 @@ impl PyDispatchCore {
     /// Takes every selectable message the limiter can never grant out (as `unfittable` judges
     /// them; leased: received from the in-memory store for the visibility timeout; out of the
     /// buffer as it was leased).
-    #[pyo3(signature = (capacity, input_capacity=f64::INFINITY, output_capacity=f64::INFINITY))]
     fn take_above<'py>(
         &self,
         py: Python<'py>,
-        capacity: f64,
-        input_capacity: f64,
-        output_capacity: f64,
+        capacity: &Bound<'_, PyCapacity>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let capacity = dispatch::Capacity { whole: capacity, input: input_capacity, output: output_capacity };
-        self.take_unfittable_core(py, capacity)
+        self.take_unfittable_core(py, (*capacity.get()).into())
     }
 
     /// Dead-letters the in-memory store's visible messages whose deadline has passed; their

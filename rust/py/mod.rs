@@ -28,7 +28,7 @@ pub mod _core {
     #[pymodule_export]
     use super::job::{PyJob, PyPlan, PyReady};
     #[pymodule_export]
-    use super::report::{PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
+    use super::report::{PyCapacity, PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
     #[pymodule_export]
     use super::store::PyStoreCore;
     #[pymodule_export]

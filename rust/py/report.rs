@@ -99,3 +99,22 @@ pub struct PyPurged {
     /// Its receipt handle.
     pub handle: String,
 }
+
+/// The most tokens a limiter can ever grant one request (`dispatch::Capacity`), as its
+/// `get_metrics()` reports them.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "Capacity", frozen, get_all)]
+#[derive(Clone, Copy)]
+pub struct PyCapacity {
+    /// The smallest capacity of the limits counting the whole estimate (`tpm`, `tpd`).
+    pub whole: f64,
+    /// The input limit's capacity (`itpm`; infinite without one).
+    pub input: f64,
+    /// The output limit's capacity (`otpm`; infinite without one).
+    pub output: f64,
+}
+
+impl From<PyCapacity> for crate::dispatch::Capacity {
+    fn from(c: PyCapacity) -> Self {
+        Self { whole: c.whole, input: c.input, output: c.output }
+    }
+}
