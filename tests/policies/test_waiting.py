@@ -12,8 +12,9 @@ length and require the same number of calls.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,6 +39,7 @@ COMBINATIONS = [
     for store in ("memory", "external")
     for limiter in ("native", "python")
 ]
+T = TypeVar("T")
 START = 10_000.0
 TPM = 60_000.0  # 1,000 tokens per second
 
@@ -69,6 +71,19 @@ def setup(policy: str, store: Store, limiter: Limiter, **config: Any) -> Setup:
     return Setup(clock, inner, limiter_for(limiter, inner), dispatcher, storage)
 
 
+def run(s: Setup, main: Callable[[VirtualTimeLoop], Awaitable[T]]) -> T:
+    """Runs ``main`` on virtual time, then closes the dispatcher on the same loop (its prefetch
+    tasks end with it, not with the loop)."""
+
+    async def and_close(loop: VirtualTimeLoop) -> T:
+        try:
+            return await main(loop)
+        finally:
+            await s.dispatcher.close()
+
+    return run_virtual(s.clock, and_close)
+
+
 async def enqueue_big_and_small(s: Setup, big_tokens: int) -> None:
     """The winner ("big", LOW, of tenant a) first, then a small LOW request of tenant b that the
     budget would admit long before it: under both policies "big" ranks first."""
@@ -97,7 +112,7 @@ def held_run(
         assert job is not None
         return job.message.payload.id, s.clock.now() - START, loop.jumps, calls(s) - before
 
-    return run_virtual(s.clock, main)
+    return run(s, main)
 
 
 @pytest.mark.parametrize(("policy", "store", "limiter"), COMBINATIONS)
@@ -139,7 +154,7 @@ def test_a_held_dequeue_hands_out_a_newly_enqueued_message_that_outranks_the_win
         assert big.message.payload.id == "big"
         assert s.clock.now() - START == pytest.approx(30.1, abs=1e-6)
 
-    run_virtual(s.clock, main)
+    run(s, main)
 
 
 @pytest.mark.parametrize(("policy", "store", "limiter"), COMBINATIONS)
@@ -165,7 +180,7 @@ def test_a_newly_enqueued_message_ranked_below_the_winner_does_not_go_ahead(
         # The arrival's timer, then the rest of the wait for the winner: two sleeps in all.
         assert [round(j, 6) for j in loop.jumps] == [5.0, 25.0]
 
-    run_virtual(s.clock, main)
+    run(s, main)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -190,7 +205,7 @@ def test_a_held_dequeue_hands_out_an_in_flight_message_that_becomes_visible_and_
         assert s.clock.now() - START == pytest.approx(10.0, abs=1e-9)
         assert len(loop.jumps) == 1
 
-    run_virtual(s.clock, main)
+    run(s, main)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -209,7 +224,7 @@ def test_a_held_dequeue_times_out_with_nothing_and_leaves_the_queue_as_it_was(
         assert metrics.queue.approximate_number_of_messages == 2
         assert s.dispatcher.time_until_ready() == pytest.approx(17.5, abs=1e-6)
 
-    run_virtual(s.clock, main)
+    run(s, main)
 
 
 @pytest.mark.parametrize("policy", ["score", "fair_priority"])
@@ -235,4 +250,4 @@ def test_a_held_dequeue_sees_messages_other_producers_put_into_the_store(policy:
         # prefetch_interval (5 s) after its arrival
         assert s.clock.now() - START <= 5.0 + s.dispatcher.config.prefetch_interval
 
-    run_virtual(s.clock, main)
+    run(s, main)
