@@ -268,6 +268,27 @@ impl GroupBounds {
             + weights.efficiency * efficiency_factor(tokens, self.available)
             + weights.token_fit * token_fit_factor(tokens, self.available)
     }
+
+    /// The bound of a group of estimate `tokens` whose members' weighted processing-time and
+    /// wait factors add up to at most `time_and_wait`.
+    pub fn bound_with(&self, tokens: u64, time_and_wait: f64) -> f64 {
+        let (weights, tokens) = (&self.weights, tokens as f64);
+        self.priority_and_retry
+            + time_and_wait
+            + BOUND_SLACK
+            + weights.efficiency * efficiency_factor(tokens, self.available)
+            + weights.token_fit * token_fit_factor(tokens, self.available)
+    }
+}
+
+/// A cell's bound from its budget part (`budget_bound`) and the most its members' weighted
+/// processing-time and wait factors can add up to (`time_and_wait`).
+pub fn cell_bound_with(weights: &Weights, key: &CellKey, budget_part: f64, time_and_wait: f64) -> f64 {
+    weights.priority * priority_factor(key.priority)
+        + weights.retry * retry_factor(u32::from(key.retry_class))
+        + BOUND_SLACK
+        + budget_part
+        + time_and_wait
 }
 
 /// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best

@@ -21,8 +21,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, static_cell_bound, static_cell_bound_with, total, wait_time_factor, weighted_factors,
-    GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, cell_bound_with, processing_time_factor, static_cell_bound, static_cell_bound_with, total,
+    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -39,12 +39,26 @@ pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell, the slot of its oldest member, and the smallest
     /// processing time among its members in ms (as clamped by `cells::time_key`).
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary));
-    /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`,
     /// the group's token estimate, its best processing time in ms (as `for_each_cell`), and
     /// whether the group is a single run: enough to bound the group without touching its
     /// members, and to skip looking for a next run that does not exist.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
+    /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
+    /// the points of the age frontier of `key`, youngest first, while it returns true: points
+    /// such that every member of the cell is no older than one of them and has no better
+    /// processing time than it. The default is the one point the summary gives (the oldest
+    /// member's age with the best time), which pairs the longest wait with the best processing
+    /// time whoever holds them.
+    fn for_each_age_point(
+        &self,
+        key: &CellKey,
+        summary: &CellSummary,
+        mut visit: impl FnMut(f64, f64) -> bool,
+    ) {
+        let _ = key;
+        visit(summary.oldest_enqueued_at, summary.best_time_ms);
+    }
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
     fn next_in_run(&self, slot: u32) -> Option<u32>;
     /// The head of the run after `slot`'s in its group, if any.
@@ -348,14 +362,109 @@ impl<'a> BudgetParts<'a> {
     }
 }
 
+/// What the members of one cell can score for their processing time and wait together, from its
+/// age frontier (`CandidateIndex::for_each_age_point`): each point's weighted processing-time
+/// factor paired with its own wait, not the cell's best with its oldest member's.
+#[derive(Default)]
+struct AgeBounds {
+    /// By point, oldest first: the weighted processing-time factor (never decreasing).
+    times: Vec<f64>,
+    /// By point: the weighted wait factor (never increasing).
+    waits: Vec<f64>,
+    /// By point: the best `times + waits` of the points up to it.
+    best_up_to: Vec<f64>,
+}
+
+impl AgeBounds {
+    /// Loads the frontier of the cell `key`. It is read youngest first and only up to the first
+    /// point whose wait factor is saturated: the older ones wait no longer and have no better
+    /// processing time.
+    fn load(
+        &mut self,
+        index: &impl CandidateIndex,
+        context: &SearchContext,
+        key: &CellKey,
+        summary: &CellSummary,
+    ) {
+        let weights = &context.weights;
+        self.times.clear();
+        self.waits.clear();
+        self.best_up_to.clear();
+        index.for_each_age_point(key, summary, |enqueued_at, time_ms| {
+            let factor = wait_time_factor(context.now - enqueued_at, key.priority);
+            self.times.push(weights.processing_time * processing_time_factor(time_ms));
+            self.waits.push(weights.wait_time * factor);
+            factor < 1.0
+        });
+        self.times.reverse();
+        self.waits.reverse();
+        let mut best = f64::NEG_INFINITY;
+        for (time, wait) in self.times.iter().zip(&self.waits) {
+            best = best.max(time + wait);
+            self.best_up_to.push(best);
+        }
+    }
+
+    /// The most the weighted processing-time and wait factors of any member add up to.
+    fn best(&self) -> f64 {
+        self.best_up_to.last().copied().unwrap_or(f64::NEG_INFINITY)
+    }
+
+    /// The most they add up to for a member whose weighted processing-time factor is at most
+    /// `time`: a point with a better one counts `time` with its wait (the oldest such point
+    /// waits longest), the others count their own.
+    fn at_most(&self, time: f64) -> f64 {
+        let k = self.times.partition_point(|&t| t <= time);
+        let own = k.checked_sub(1).map_or(f64::NEG_INFINITY, |i| self.best_up_to[i]);
+        let capped = self.waits.get(k).map_or(f64::NEG_INFINITY, |wait| time + wait);
+        own.max(capped)
+    }
+}
+
+/// A cell to visit: its key, its best processing time, the budget part of its bound, and
+/// whether its bound is already the age frontier's.
+#[derive(Debug, Clone, Copy)]
+struct CellItem {
+    key: CellKey,
+    refined: bool,
+    best_time_ms: f64,
+    budget_part: f64,
+}
+
+impl Bounded<CellItem> {
+    /// The summary the cell was bounded from.
+    fn summary(&self) -> CellSummary {
+        CellSummary {
+            oldest_enqueued_at: self.oldest_at,
+            oldest_seq: self.seq,
+            best_time_ms: self.item.best_time_ms,
+        }
+    }
+
+    /// Loads the cell's age frontier into `ages` and, the first time, lowers its bound to what
+    /// the frontier gives.
+    fn refine(&mut self, index: &impl CandidateIndex, context: &SearchContext, ages: &mut AgeBounds) {
+        ages.load(index, context, &self.item.key, &self.summary());
+        if !self.item.refined {
+            let refined =
+                cell_bound_with(&context.weights, &self.item.key, self.item.budget_part, ages.best());
+            self.bound = self.bound.min(refined);
+            self.item.refined = true;
+        }
+    }
+}
+
 /// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
 /// that needs no candidate heap. Every cell that may hold an admissible member is bounded from
 /// its summary; cells are then visited best bound first, and inside a cell its groups, bounded
 /// from their heads, best bound first too; the walk stops as soon as the next bound cannot beat
 /// the best found. Visiting in bound order is what keeps a dispatch short when many cells and
 /// groups bound alike (a batch enqueued at one instant): the first ones visited hold the best,
-/// and it prunes the rest. Ties are broken as in `IndexSearch` (older, then lower sequence
-/// number).
+/// and it prunes the rest. A cell's first bound pairs its best processing time with its oldest
+/// member's wait; before it is visited, that bound is replaced by the one its age frontier gives
+/// (each processing time with the wait of the members that have it), which keeps a long run
+/// from visiting the cells whose best time is a young message's and longest wait an old one's.
+/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
@@ -369,22 +478,27 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
             bound: static_cell_bound_with(weights, key, cell.best_time_ms, budget_part) + wait,
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
-            item: (*key, wait),
+            item: CellItem { key: *key, refined: false, best_time_ms: cell.best_time_ms, budget_part },
         });
     });
-    // The most promising cell first: what it holds usually prunes every other cell at once.
+    // Best bound first, each cell bounded again from its age frontier before it is visited (and
+    // put back if that bound puts it behind another).
     let mut groups = Vec::new();
-    let top = index_of_max(&cells)?;
-    let first = cells.swap_remove(top);
-    expand_cell(index, context, &first, &mut groups, &mut best);
-    // Then every cell that may still beat the best found, in bound order.
-    cells.retain(|cell| beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq));
+    let mut ages = AgeBounds::default();
     let mut cells = BinaryHeap::from(cells);
-    while let Some(cell) = cells.pop() {
+    while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
             break; // every cell left bounds no higher
         }
-        expand_cell(index, context, &cell, &mut groups, &mut best);
+        let refined = cell.item.refined;
+        cell.refine(index, context, &mut ages);
+        if !refined && cells.peek().is_some_and(|next| *next > cell) {
+            cells.push(cell);
+            continue;
+        }
+        if beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
+            expand_cell(index, context, &cell, &ages, &mut groups, &mut best);
+        }
     }
     best
 }
@@ -406,31 +520,34 @@ fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
 }
 
 /// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
-/// others in bound order; `groups` is scratch space.
+/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space.
 fn expand_cell(
     index: &impl CandidateIndex,
     context: &SearchContext,
-    cell: &Bounded<(CellKey, f64)>,
+    cell: &Bounded<CellItem>,
+    ages: &AgeBounds,
     groups: &mut Vec<Bounded<(u32, bool)>>,
     best: &mut Option<Candidate>,
 ) {
-    let (key, wait) = cell.item;
+    let key = cell.item.key;
     let (tier, oldest_at, seq) = (cell.tier, cell.oldest_at, cell.seq);
     let bounds = GroupBounds::new(&context.weights, &key, context.available);
+    let processing_weight = context.weights.processing_time;
     groups.clear();
     index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
         // A bound from the group's key and cached head alone spares the members' cache lines.
         if tokens as f64 > context.max_tokens {
             return;
         }
-        let bound = bounds.bound(tokens, best_time_ms) + wait;
+        let time = processing_weight * processing_time_factor(best_time_ms);
+        let bound = bounds.bound_with(tokens, ages.at_most(time));
         if beats(best.as_ref(), tier, bound, oldest_at, seq) {
             groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
         }
     });
     let Some(top) = index_of_max(groups) else { return };
     let first = groups.swap_remove(top);
-    walk_group(index, context, &first, key, wait, best);
+    walk_group(index, context, &first, ages, best);
     groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
     if groups.is_empty() {
         return;
@@ -440,7 +557,7 @@ fn expand_cell(
         if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
             break; // every group left bounds no higher
         }
-        walk_group(index, context, &group, key, wait, best);
+        walk_group(index, context, &group, ages, best);
     }
     *groups = by_bound.into_vec();
 }
@@ -450,8 +567,7 @@ fn walk_group(
     index: &impl CandidateIndex,
     context: &SearchContext,
     group: &Bounded<(u32, bool)>,
-    key: CellKey,
-    wait: f64,
+    ages: &AgeBounds,
     best: &mut Option<Candidate>,
 ) {
     let (first, single_run) = group.item;
@@ -460,11 +576,11 @@ fn walk_group(
     while let Some(slot) = head {
         // A group shares its estimate: one inadmissible member means all are.
         let Some(candidate) = score_member(index, context, slot) else { break };
-        // This run and every later one score at most this head with the cell's longest wait
-        // in place of its own.
-        let own_wait =
-            context.weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
-        let rest = candidate.base - own_wait + wait + BOUND_SLACK;
+        // This run and every later one score at most this head with, in place of its own
+        // processing-time and wait factors, the most a member with no better processing time
+        // can have (its own wait or an older member's).
+        let [_, _, own_wait, _, _, own_time] = candidate.factors;
+        let rest = candidate.base - own_wait - own_time + ages.at_most(own_time) + BOUND_SLACK;
         if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
             break;
         }

@@ -79,6 +79,21 @@ impl CandidateIndex for VecIndex {
             visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])), single);
         }
     }
+    fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, mut visit: impl FnMut(f64, f64) -> bool) {
+        // The members no older member matches or beats on processing time, by brute force.
+        let mut points = Vec::new();
+        for &slot in &self.cells[key] {
+            let m = &self.messages[slot as usize];
+            if points.last().is_none_or(|&(_, best)| time_key(m) < best) {
+                points.push((m.enqueued_at, time_key(m)));
+            }
+        }
+        for &(enqueued_at, time) in points.iter().rev() {
+            if !visit(enqueued_at, f64::from_bits(time)) {
+                break;
+            }
+        }
+    }
     fn next_in_run(&self, slot: u32) -> Option<u32> {
         let m = &self.messages[slot as usize];
         self.group_members(slot)
