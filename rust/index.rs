@@ -105,7 +105,7 @@ impl<R: Ranking> Ranking for Option<R> {
 
 /// What the search reads of a cell before deciding to look inside: nothing that needs a visit
 /// to its members' memory.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CellSummary {
     /// Enqueue instant of the oldest member.
     pub oldest_enqueued_at: f64,
@@ -113,6 +113,12 @@ pub struct CellSummary {
     pub oldest_seq: u64,
     /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
     pub best_time_ms: f64,
+    /// Enqueue instant of the oldest member with the best processing time (the youngest point
+    /// of the age frontier).
+    pub best_time_enqueued_at: f64,
+    /// The best processing time among the members older than that one, in ms (the next point
+    /// of the age frontier); `best_time_ms` when there is none.
+    pub next_time_ms: f64,
 }
 
 /// What the search reads of a group before deciding to look inside, kept beside the group's
@@ -227,7 +233,13 @@ impl Default for Cell {
         Self {
             members: BTreeMap::new(),
             groups: BTreeMap::new(),
-            summary: CellSummary { oldest_enqueued_at: 0.0, oldest_seq: 0, best_time_ms: 1000.0 },
+            summary: CellSummary {
+                oldest_enqueued_at: 0.0,
+                oldest_seq: 0,
+                best_time_ms: 1000.0,
+                best_time_enqueued_at: 0.0,
+                next_time_ms: 1000.0,
+            },
             frontier: Vec::new(),
         }
     }
@@ -249,6 +261,15 @@ impl Cell {
         &self.frontier
     }
 
+    /// Copies the frontier's two youngest points into the summary.
+    fn sync_frontier_summary(&mut self) {
+        let mut youngest = self.frontier.iter().rev();
+        if let Some(best) = youngest.next() {
+            self.summary.best_time_enqueued_at = best.enqueued_at;
+            self.summary.next_time_ms = f64::from_bits(youngest.next().unwrap_or(best).time);
+        }
+    }
+
     /// Adds a new member to the frontier, if no older member is as good, dropping the younger
     /// points it matches or beats. A message enqueued now (the youngest) costs O(1).
     fn frontier_add(&mut self, point: AgePoint) {
@@ -259,6 +280,7 @@ impl Cell {
         }
         let beaten = frontier[i..].iter().take_while(|p| p.time >= point.time).count();
         frontier.splice(i..i + beaten, [point]);
+        self.sync_frontier_summary();
     }
 
     /// Takes a removed member out of the frontier, if it was a point: the members it alone
@@ -306,6 +328,7 @@ impl Cell {
             .map(|(seq, time, slot)| AgePoint { seq, time, enqueued_at: enqueued_at_of(slot) })
             .collect();
         self.frontier.splice(i..i, points);
+        self.sync_frontier_summary();
     }
 
     /// The smallest processing time of the groups' heads.
@@ -377,6 +400,7 @@ impl Cell {
         }
         staircase(&mut points);
         self.frontier = points;
+        self.sync_frontier_summary();
     }
 
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
@@ -621,6 +645,9 @@ impl VisibleIndex {
             if actual.summary.oldest_seq != cell.summary.oldest_seq
                 || actual.summary.oldest_enqueued_at.to_bits() != cell.summary.oldest_enqueued_at.to_bits()
                 || actual.summary.best_time_ms.to_bits() != cell.summary.best_time_ms.to_bits()
+                || actual.summary.best_time_enqueued_at.to_bits()
+                    != cell.summary.best_time_enqueued_at.to_bits()
+                || actual.summary.next_time_ms.to_bits() != cell.summary.next_time_ms.to_bits()
             {
                 return Err(format!("summary of cell {key:?} out of date"));
             }

@@ -250,12 +250,7 @@ pub struct GroupBounds {
 impl GroupBounds {
     /// For the groups of the cell `key` under budget `available`.
     pub fn new(weights: &Weights, key: &CellKey, available: f64) -> Self {
-        Self {
-            weights: *weights,
-            priority_and_retry: weights.priority * priority_factor(key.priority)
-                + weights.retry * retry_factor(u32::from(key.retry_class)),
-            available,
-        }
+        Self { weights: *weights, priority_and_retry: priority_and_retry(weights, key), available }
     }
 
     /// `group_bound` of the group of estimate `tokens` whose best processing time is
@@ -281,14 +276,11 @@ impl GroupBounds {
     }
 }
 
-/// A cell's bound from its budget part (`budget_bound`) and the most its members' weighted
-/// processing-time and wait factors can add up to (`time_and_wait`).
-pub fn cell_bound_with(weights: &Weights, key: &CellKey, budget_part: f64, time_and_wait: f64) -> f64 {
+/// The weighted priority and retry factors of every member of the cell `key` (its retry class
+/// 7 stands for every receive count whose factor is the 0.1 floor).
+pub fn priority_and_retry(weights: &Weights, key: &CellKey) -> f64 {
     weights.priority * priority_factor(key.priority)
         + weights.retry * retry_factor(u32::from(key.retry_class))
-        + BOUND_SLACK
-        + budget_part
-        + time_and_wait
 }
 
 /// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best

@@ -21,8 +21,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, cell_bound_with, processing_time_factor, static_cell_bound, static_cell_bound_with, total,
-    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, priority_and_retry, processing_time_factor, static_cell_bound, total, wait_time_factor,
+    weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -47,9 +47,9 @@ pub trait CandidateIndex {
     /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
     /// the points of the age frontier of `key`, youngest first, while it returns true: points
     /// such that every member of the cell is no older than one of them and has no better
-    /// processing time than it. The default is the one point the summary gives (the oldest
-    /// member's age with the best time), which pairs the longest wait with the best processing
-    /// time whoever holds them.
+    /// processing time than it. The default is the two points the summary gives: the best
+    /// processing time with its oldest member's age, and the next best with the cell's oldest
+    /// member's age.
     fn for_each_age_point(
         &self,
         key: &CellKey,
@@ -57,7 +57,9 @@ pub trait CandidateIndex {
         mut visit: impl FnMut(f64, f64) -> bool,
     ) {
         let _ = key;
-        visit(summary.oldest_enqueued_at, summary.best_time_ms);
+        if visit(summary.best_time_enqueued_at, summary.best_time_ms) {
+            visit(summary.oldest_enqueued_at, summary.next_time_ms);
+        }
     }
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
     fn next_in_run(&self, slot: u32) -> Option<u32>;
@@ -341,11 +343,24 @@ struct BudgetParts<'a> {
     /// By token class: NaN until computed, minus infinity for a class none of whose
     /// estimates is admissible.
     parts: Vec<f64>,
+    /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
+    priority_and_retry: [f64; 4 * 8],
 }
 
 impl<'a> BudgetParts<'a> {
     fn new(context: &'a SearchContext) -> Self {
-        Self { context, parts: Vec::new() }
+        Self { context, parts: Vec::new(), priority_and_retry: [f64::NAN; 4 * 8] }
+    }
+
+    /// The part of the bound of every member of the cell `key` that its key fixes: priority,
+    /// retry, budget (None when no estimate of its class is admissible), and the slack.
+    fn static_part(&mut self, key: CellKey) -> Option<f64> {
+        let budget = self.get(key)?;
+        let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
+        if self.priority_and_retry[i].is_nan() {
+            self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
+        }
+        Some(self.priority_and_retry[i] + BOUND_SLACK + budget)
     }
 
     fn get(&mut self, key: CellKey) -> Option<f64> {
@@ -421,34 +436,29 @@ impl AgeBounds {
     }
 }
 
-/// A cell to visit: its key, its best processing time, the budget part of its bound, and
-/// whether its bound is already the age frontier's.
+/// A cell to visit: its key, the part of its bound its key fixes, its summary (a position in
+/// the search's list), and whether its bound is already the age frontier's.
 #[derive(Debug, Clone, Copy)]
 struct CellItem {
     key: CellKey,
     refined: bool,
-    best_time_ms: f64,
-    budget_part: f64,
+    summary: u32,
+    static_part: f64,
 }
 
 impl Bounded<CellItem> {
-    /// The summary the cell was bounded from.
-    fn summary(&self) -> CellSummary {
-        CellSummary {
-            oldest_enqueued_at: self.oldest_at,
-            oldest_seq: self.seq,
-            best_time_ms: self.item.best_time_ms,
-        }
-    }
-
     /// Loads the cell's age frontier into `ages` and, the first time, lowers its bound to what
     /// the frontier gives.
-    fn refine(&mut self, index: &impl CandidateIndex, context: &SearchContext, ages: &mut AgeBounds) {
-        ages.load(index, context, &self.item.key, &self.summary());
+    fn refine(
+        &mut self,
+        index: &impl CandidateIndex,
+        context: &SearchContext,
+        summaries: &[CellSummary],
+        ages: &mut AgeBounds,
+    ) {
+        ages.load(index, context, &self.item.key, &summaries[self.item.summary as usize]);
         if !self.item.refined {
-            let refined =
-                cell_bound_with(&context.weights, &self.item.key, self.item.budget_part, ages.best());
-            self.bound = self.bound.min(refined);
+            self.bound = self.bound.min(self.item.static_part + ages.best());
             self.item.refined = true;
         }
     }
@@ -460,26 +470,33 @@ impl Bounded<CellItem> {
 /// from their heads, best bound first too; the walk stops as soon as the next bound cannot beat
 /// the best found. Visiting in bound order is what keeps a dispatch short when many cells and
 /// groups bound alike (a batch enqueued at one instant): the first ones visited hold the best,
-/// and it prunes the rest. A cell's first bound pairs its best processing time with its oldest
-/// member's wait; before it is visited, that bound is replaced by the one its age frontier gives
-/// (each processing time with the wait of the members that have it), which keeps a long run
-/// from visiting the cells whose best time is a young message's and longest wait an old one's.
+/// and it prunes the rest. A cell's first bound pairs its best processing time with the wait
+/// of the oldest member that has it, and its next best with its oldest member's wait; before
+/// it is visited, that bound is replaced by the one its whole age frontier gives (each
+/// processing time with the wait of the members that have it), which keeps a long run from
+/// visiting the cells whose best time is a young message's and longest wait an old one's.
 /// Ties are broken as in `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    let mut budget_parts = BudgetParts::new(context);
+    let mut parts = BudgetParts::new(context);
     let mut cells = Vec::new();
+    let mut summaries = Vec::new();
     index.for_each_cell(|key, cell| {
-        let Some(budget_part) = budget_parts.get(*key) else { return };
-        let wait = weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
+        let Some(static_part) = parts.static_part(*key) else { return };
+        let wait_of =
+            |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
+        let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
+        let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
+        let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
         cells.push(Bounded {
             tier: weights.tier(key.priority),
-            bound: static_cell_bound_with(weights, key, cell.best_time_ms, budget_part) + wait,
+            bound: static_part + at_best.max(older),
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
-            item: CellItem { key: *key, refined: false, best_time_ms: cell.best_time_ms, budget_part },
+            item: CellItem { key: *key, refined: false, summary: summaries.len() as u32, static_part },
         });
+        summaries.push(*cell);
     });
     // Best bound first, each cell bounded again from its age frontier before it is visited (and
     // put back if that bound puts it behind another).
@@ -491,7 +508,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
             break; // every cell left bounds no higher
         }
         let refined = cell.item.refined;
-        cell.refine(index, context, &mut ages);
+        cell.refine(index, context, &summaries, &mut ages);
         if !refined && cells.peek().is_some_and(|next| *next > cell) {
             cells.push(cell);
             continue;
