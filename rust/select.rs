@@ -398,14 +398,14 @@ impl AgeBounds {
         &mut self,
         index: &impl CandidateIndex,
         context: &SearchContext,
-        key: &CellKey,
+        key: CellKey,
         summary: &CellSummary,
     ) {
         let weights = &context.weights;
         self.times.clear();
         self.waits.clear();
         self.best_up_to.clear();
-        index.for_each_age_point(key, summary, |enqueued_at, time_ms| {
+        index.for_each_age_point(&key, summary, |enqueued_at, time_ms| {
             let factor = wait_time_factor(context.now - enqueued_at, key.priority);
             self.times.push(weights.processing_time * processing_time_factor(time_ms));
             self.waits.push(weights.wait_time * factor);
@@ -456,7 +456,7 @@ impl Bounded<CellItem> {
         summaries: &[CellSummary],
         ages: &mut AgeBounds,
     ) {
-        ages.load(index, context, &self.item.key, &summaries[self.item.summary as usize]);
+        ages.load(index, context, self.item.key, &summaries[self.item.summary as usize]);
         if !self.item.refined {
             self.bound = self.bound.min(self.item.static_part + ages.best());
             self.item.refined = true;
