@@ -15,6 +15,9 @@
 //! whose head ([`GroupHead`]: first member, best time, whether it is a single run) is kept
 //! beside the group's key, so bounding a group touches none of its members: the search scores
 //! run heads only (see `select`). A cell's best processing time is the best of its group heads.
+//! A cell also keeps its age frontier ([`AgePoint`]): the members that no older member matches
+//! or beats on processing time, so the search can pair each processing time with the longest
+//! wait of a member that has it, instead of the cell's best time with its oldest member's wait.
 //! Two sets of cell heads give the receive order (priority, then oldest) and the oldest visible
 //! message. A batch ([`VisibleIndex::insert_batch`]) is added cell by cell, sorted, so each tree
 //! is walked once or built whole (full nodes: a batch-filled index is also smaller).
@@ -102,7 +105,7 @@ impl<R: Ranking> Ranking for Option<R> {
 
 /// What the search reads of a cell before deciding to look inside: nothing that needs a visit
 /// to its members' memory.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CellSummary {
     /// Enqueue instant of the oldest member.
     pub oldest_enqueued_at: f64,
@@ -110,6 +113,12 @@ pub struct CellSummary {
     pub oldest_seq: u64,
     /// The smallest processing time among the members, in ms (clamped as `cells::time_key`).
     pub best_time_ms: f64,
+    /// Enqueue instant of the oldest member with the best processing time (the youngest point
+    /// of the age frontier).
+    pub best_time_enqueued_at: f64,
+    /// The best processing time among the members older than that one, in ms (the next point
+    /// of the age frontier); `best_time_ms` when there is none.
+    pub next_time_ms: f64,
 }
 
 /// What the search reads of a group before deciding to look inside, kept beside the group's
@@ -124,6 +133,34 @@ pub struct GroupHead {
     pub slot: u32,
     /// Whether every member shares the first run's processing-time key.
     pub single_run: bool,
+}
+
+/// A member of a cell's age frontier: no older member of the cell has a processing-time key as
+/// good as its own. Every member of the cell is at most as old as, and has no better
+/// processing-time key than, some point of the frontier, so the best processing-time and wait
+/// factors of the points bound every member's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AgePoint {
+    /// Its sequence number (age order).
+    pub seq: u64,
+    /// Its processing-time key (`cells::time_key`).
+    pub time: u64,
+    /// Its enqueue instant.
+    pub enqueued_at: f64,
+}
+
+/// Keeps the points of `points` that no other point matches or beats on both age and
+/// processing-time key, oldest first (so their keys strictly decrease).
+fn staircase(points: &mut Vec<AgePoint>) {
+    points.sort_unstable_by_key(|p| p.seq);
+    let mut best: Option<u64> = None;
+    points.retain(|p| {
+        let keep = best.is_none_or(|b| p.time < b);
+        if keep {
+            best = Some(p.time);
+        }
+        keep
+    });
 }
 
 /// The members of a cell with one token estimate, `(time key, seq) -> slot`: best processing
@@ -187,6 +224,8 @@ pub struct Cell {
     members: BTreeMap<u64, u32>,
     groups: BTreeMap<u64, Group>,
     summary: CellSummary,
+    /// The age frontier, oldest first (processing-time keys strictly decreasing).
+    frontier: Vec<AgePoint>,
 }
 
 impl Default for Cell {
@@ -194,7 +233,14 @@ impl Default for Cell {
         Self {
             members: BTreeMap::new(),
             groups: BTreeMap::new(),
-            summary: CellSummary { oldest_enqueued_at: 0.0, oldest_seq: 0, best_time_ms: 1000.0 },
+            summary: CellSummary {
+                oldest_enqueued_at: 0.0,
+                oldest_seq: 0,
+                best_time_ms: 1000.0,
+                best_time_enqueued_at: 0.0,
+                next_time_ms: 1000.0,
+            },
+            frontier: Vec::new(),
         }
     }
 }
@@ -208,6 +254,81 @@ impl Cell {
     /// The groups of the cell, by token estimate.
     pub fn groups(&self) -> &BTreeMap<u64, Group> {
         &self.groups
+    }
+
+    /// The age frontier: oldest first, processing-time keys strictly decreasing.
+    pub fn frontier(&self) -> &[AgePoint] {
+        &self.frontier
+    }
+
+    /// Copies the frontier's two youngest points into the summary.
+    fn sync_frontier_summary(&mut self) {
+        let mut youngest = self.frontier.iter().rev();
+        if let Some(best) = youngest.next() {
+            self.summary.best_time_enqueued_at = best.enqueued_at;
+            self.summary.next_time_ms = f64::from_bits(youngest.next().unwrap_or(best).time);
+        }
+    }
+
+    /// Adds a new member to the frontier, if no older member is as good, dropping the younger
+    /// points it matches or beats. A message enqueued now (the youngest) costs O(1).
+    fn frontier_add(&mut self, point: AgePoint) {
+        let frontier = &mut self.frontier;
+        let i = frontier.partition_point(|p| p.seq < point.seq);
+        if i > 0 && frontier[i - 1].time <= point.time {
+            return;
+        }
+        let beaten = frontier[i..].iter().take_while(|p| p.time >= point.time).count();
+        frontier.splice(i..i + beaten, [point]);
+        self.sync_frontier_summary();
+    }
+
+    /// Takes a removed member out of the frontier, if it was a point: the members it alone
+    /// covered (younger than it and than its older neighbour's key, older than its younger
+    /// neighbour) are found from the groups, one range read per run in that window of keys.
+    fn frontier_remove(&mut self, entry: &IndexEntry, enqueued_at_of: &impl Fn(u32) -> f64) {
+        let Ok(i) = self.frontier.binary_search_by_key(&entry.seq, |p| p.seq) else { return };
+        let removed = self.frontier.remove(i);
+        let older_time = i.checked_sub(1).map(|j| self.frontier[j].time);
+        let younger_seq = self.frontier.get(i).map_or(u64::MAX, |p| p.seq);
+        let in_window = |time: u64| older_time.is_none_or(|limit| time < limit);
+        // Every member left with a key in [removed, older) is younger than the removed one
+        // (an older one would have been a point between them): the oldest of each run is the
+        // only one that can become a point.
+        let mut found: Vec<(u64, u64, u32)> = Vec::new();
+        for group in self.groups.values() {
+            if !in_window(group.head.time) {
+                continue;
+            }
+            let mut youngest = younger_seq;
+            let mut from = removed.time.max(group.head.time);
+            while let Some((&(time, seq), &slot)) = group.members.range((from, 0)..).next() {
+                if !in_window(time) {
+                    break;
+                }
+                if seq < youngest {
+                    youngest = seq;
+                    found.push((seq, time, slot));
+                }
+                let Some(next) = time.checked_add(1) else { break };
+                from = next;
+            }
+        }
+        found.sort_unstable_by_key(|&(seq, _, _)| seq);
+        let mut best: Option<u64> = None;
+        let points: Vec<AgePoint> = found
+            .into_iter()
+            .filter(|&(_, time, _)| {
+                let keep = best.is_none_or(|b| time < b);
+                if keep {
+                    best = Some(time);
+                }
+                keep
+            })
+            .map(|(seq, time, slot)| AgePoint { seq, time, enqueued_at: enqueued_at_of(slot) })
+            .collect();
+        self.frontier.splice(i..i, points);
+        self.sync_frontier_summary();
     }
 
     /// The smallest processing time of the groups' heads.
@@ -224,6 +345,7 @@ impl Cell {
 
     fn insert(&mut self, slot: u32, entry: &IndexEntry) {
         self.note_oldest(entry.seq, entry.enqueued_at);
+        self.frontier_add(AgePoint { seq: entry.seq, time: entry.time, enqueued_at: entry.enqueued_at });
         self.members.insert(entry.seq, slot);
         let time = f64::from_bits(entry.time);
         if self.groups.is_empty() || time < self.summary.best_time_ms {
@@ -260,6 +382,25 @@ impl Cell {
             }
         }
         self.summary.best_time_ms = f64::from_bits(best);
+        self.extend_frontier(batch);
+    }
+
+    /// Adds the points of `batch` (sorted by `(tokens, time, seq)`) to the frontier: the
+    /// frontier of the old points and of each estimate's oldest members by key.
+    fn extend_frontier(&mut self, batch: &[(u32, IndexEntry)]) {
+        let mut points = std::mem::take(&mut self.frontier);
+        for run in batch.chunk_by(|(_, a), (_, b)| a.tokens == b.tokens) {
+            let mut oldest = u64::MAX;
+            for (_, e) in run {
+                if e.seq < oldest {
+                    oldest = e.seq;
+                    points.push(AgePoint { seq: e.seq, time: e.time, enqueued_at: e.enqueued_at });
+                }
+            }
+        }
+        staircase(&mut points);
+        self.frontier = points;
+        self.sync_frontier_summary();
     }
 
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
@@ -288,6 +429,7 @@ impl Cell {
                 self.summary.oldest_enqueued_at = enqueued_at_of(head_slot);
             }
         }
+        self.frontier_remove(entry, &enqueued_at_of);
     }
 }
 
@@ -425,6 +567,17 @@ impl VisibleIndex {
         }
     }
 
+    /// Calls `visit` with the enqueue instant and processing time in ms of the points of the age
+    /// frontier of the cell `key`, youngest first, while it returns true.
+    pub fn for_each_age_point(&self, key: &CellKey, mut visit: impl FnMut(f64, f64) -> bool) {
+        let Some(cell) = self.cells.get(key) else { return };
+        for point in cell.frontier.iter().rev() {
+            if !visit(point.enqueued_at, f64::from_bits(point.time)) {
+                break;
+            }
+        }
+    }
+
     fn group(&self, entry: &IndexEntry) -> Option<&Group> {
         self.cells.get(&entry.cell)?.groups.get(&entry.tokens)
     }
@@ -492,8 +645,21 @@ impl VisibleIndex {
             if actual.summary.oldest_seq != cell.summary.oldest_seq
                 || actual.summary.oldest_enqueued_at.to_bits() != cell.summary.oldest_enqueued_at.to_bits()
                 || actual.summary.best_time_ms.to_bits() != cell.summary.best_time_ms.to_bits()
+                || actual.summary.best_time_enqueued_at.to_bits()
+                    != cell.summary.best_time_enqueued_at.to_bits()
+                || actual.summary.next_time_ms.to_bits() != cell.summary.next_time_ms.to_bits()
             {
                 return Err(format!("summary of cell {key:?} out of date"));
+            }
+            if actual.frontier.len() != cell.frontier.len()
+                || actual.frontier.iter().zip(&cell.frontier).any(|(a, b)| {
+                    (a.seq, a.time, a.enqueued_at.to_bits()) != (b.seq, b.time, b.enqueued_at.to_bits())
+                })
+            {
+                return Err(format!(
+                    "age frontier of cell {key:?}: {:?}, expected {:?}",
+                    actual.frontier, cell.frontier
+                ));
             }
         }
         if expected.receive_heads != self.receive_heads || expected.age_heads != self.age_heads {

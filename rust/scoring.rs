@@ -250,12 +250,7 @@ pub struct GroupBounds {
 impl GroupBounds {
     /// For the groups of the cell `key` under budget `available`.
     pub fn new(weights: &Weights, key: &CellKey, available: f64) -> Self {
-        Self {
-            weights: *weights,
-            priority_and_retry: weights.priority * priority_factor(key.priority)
-                + weights.retry * retry_factor(u32::from(key.retry_class)),
-            available,
-        }
+        Self { weights: *weights, priority_and_retry: priority_and_retry(weights, key), available }
     }
 
     /// `group_bound` of the group of estimate `tokens` whose best processing time is
@@ -268,6 +263,24 @@ impl GroupBounds {
             + weights.efficiency * efficiency_factor(tokens, self.available)
             + weights.token_fit * token_fit_factor(tokens, self.available)
     }
+
+    /// The bound of a group of estimate `tokens` whose members' weighted processing-time and
+    /// wait factors add up to at most `time_and_wait`.
+    pub fn bound_with(&self, tokens: u64, time_and_wait: f64) -> f64 {
+        let (weights, tokens) = (&self.weights, tokens as f64);
+        self.priority_and_retry
+            + time_and_wait
+            + BOUND_SLACK
+            + weights.efficiency * efficiency_factor(tokens, self.available)
+            + weights.token_fit * token_fit_factor(tokens, self.available)
+    }
+}
+
+/// The weighted priority and retry factors of every member of the cell `key` (its retry class
+/// 7 stands for every receive count whose factor is the 0.1 floor).
+pub fn priority_and_retry(weights: &Weights, key: &CellKey) -> f64 {
+    weights.priority * priority_factor(key.priority)
+        + weights.retry * retry_factor(u32::from(key.retry_class))
 }
 
 /// The part of a cell's upper bound that does not depend on time: `fixed_part` and the best

@@ -21,8 +21,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, static_cell_bound, static_cell_bound_with, total, wait_time_factor, weighted_factors,
-    GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, priority_and_retry, processing_time_factor, static_cell_bound, total, wait_time_factor,
+    weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -39,12 +39,28 @@ pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell, the slot of its oldest member, and the smallest
     /// processing time among its members in ms (as clamped by `cells::time_key`).
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary));
-    /// Calls `visit` with the first member (the head of the first run) of every group of `key`.
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`,
     /// the group's token estimate, its best processing time in ms (as `for_each_cell`), and
     /// whether the group is a single run: enough to bound the group without touching its
     /// members, and to skip looking for a next run that does not exist.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
+    /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
+    /// the points of the age frontier of `key`, youngest first, while it returns true: points
+    /// such that every member of the cell is no older than one of them and has no better
+    /// processing time than it. The default is the two points the summary gives: the best
+    /// processing time with its oldest member's age, and the next best with the cell's oldest
+    /// member's age.
+    fn for_each_age_point(
+        &self,
+        key: &CellKey,
+        summary: &CellSummary,
+        mut visit: impl FnMut(f64, f64) -> bool,
+    ) {
+        let _ = key;
+        if visit(summary.best_time_enqueued_at, summary.best_time_ms) {
+            visit(summary.oldest_enqueued_at, summary.next_time_ms);
+        }
+    }
     /// The member after `slot` in its run (the next oldest with the same time key), if any.
     fn next_in_run(&self, slot: u32) -> Option<u32>;
     /// The head of the run after `slot`'s in its group, if any.
@@ -327,11 +343,24 @@ struct BudgetParts<'a> {
     /// By token class: NaN until computed, minus infinity for a class none of whose
     /// estimates is admissible.
     parts: Vec<f64>,
+    /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
+    priority_and_retry: [f64; 4 * 8],
 }
 
 impl<'a> BudgetParts<'a> {
     fn new(context: &'a SearchContext) -> Self {
-        Self { context, parts: Vec::new() }
+        Self { context, parts: Vec::new(), priority_and_retry: [f64::NAN; 4 * 8] }
+    }
+
+    /// The part of the bound of every member of the cell `key` that its key fixes: priority,
+    /// retry, budget (None when no estimate of its class is admissible), and the slack.
+    fn static_part(&mut self, key: CellKey) -> Option<f64> {
+        let budget = self.get(key)?;
+        let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
+        if self.priority_and_retry[i].is_nan() {
+            self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
+        }
+        Some(self.priority_and_retry[i] + BOUND_SLACK + budget)
     }
 
     fn get(&mut self, key: CellKey) -> Option<f64> {
@@ -348,43 +377,145 @@ impl<'a> BudgetParts<'a> {
     }
 }
 
+/// What the members of one cell can score for their processing time and wait together, from its
+/// age frontier (`CandidateIndex::for_each_age_point`): each point's weighted processing-time
+/// factor paired with its own wait, not the cell's best with its oldest member's.
+#[derive(Default)]
+struct AgeBounds {
+    /// By point, oldest first: the weighted processing-time factor (never decreasing).
+    times: Vec<f64>,
+    /// By point: the weighted wait factor (never increasing).
+    waits: Vec<f64>,
+    /// By point: the best `times + waits` of the points up to it.
+    best_up_to: Vec<f64>,
+}
+
+impl AgeBounds {
+    /// Loads the frontier of the cell `key`. It is read youngest first and only up to the first
+    /// point whose wait factor is saturated: the older ones wait no longer and have no better
+    /// processing time.
+    fn load(
+        &mut self,
+        index: &impl CandidateIndex,
+        context: &SearchContext,
+        key: CellKey,
+        summary: &CellSummary,
+    ) {
+        let weights = &context.weights;
+        self.times.clear();
+        self.waits.clear();
+        self.best_up_to.clear();
+        index.for_each_age_point(&key, summary, |enqueued_at, time_ms| {
+            let factor = wait_time_factor(context.now - enqueued_at, key.priority);
+            self.times.push(weights.processing_time * processing_time_factor(time_ms));
+            self.waits.push(weights.wait_time * factor);
+            factor < 1.0
+        });
+        self.times.reverse();
+        self.waits.reverse();
+        let mut best = f64::NEG_INFINITY;
+        for (time, wait) in self.times.iter().zip(&self.waits) {
+            best = best.max(time + wait);
+            self.best_up_to.push(best);
+        }
+    }
+
+    /// The most the weighted processing-time and wait factors of any member add up to.
+    fn best(&self) -> f64 {
+        self.best_up_to.last().copied().unwrap_or(f64::NEG_INFINITY)
+    }
+
+    /// The most they add up to for a member whose weighted processing-time factor is at most
+    /// `time`: a point with a better one counts `time` with its wait (the oldest such point
+    /// waits longest), the others count their own.
+    fn at_most(&self, time: f64) -> f64 {
+        let k = self.times.partition_point(|&t| t <= time);
+        let own = k.checked_sub(1).map_or(f64::NEG_INFINITY, |i| self.best_up_to[i]);
+        let capped = self.waits.get(k).map_or(f64::NEG_INFINITY, |wait| time + wait);
+        own.max(capped)
+    }
+}
+
+/// A cell to visit: its key, the part of its bound its key fixes, its summary (a position in
+/// the search's list), and whether its bound is already the age frontier's.
+#[derive(Debug, Clone, Copy)]
+struct CellItem {
+    key: CellKey,
+    refined: bool,
+    summary: u32,
+    static_part: f64,
+}
+
+impl Bounded<CellItem> {
+    /// Loads the cell's age frontier into `ages` and, the first time, lowers its bound to what
+    /// the frontier gives.
+    fn refine(
+        &mut self,
+        index: &impl CandidateIndex,
+        context: &SearchContext,
+        summaries: &[CellSummary],
+        ages: &mut AgeBounds,
+    ) {
+        ages.load(index, context, self.item.key, &summaries[self.item.summary as usize]);
+        if !self.item.refined {
+            self.bound = self.bound.min(self.item.static_part + ages.best());
+            self.item.refined = true;
+        }
+    }
+}
+
 /// The best admissible message of `index`, without custom scorers: a branch-and-bound walk
 /// that needs no candidate heap. Every cell that may hold an admissible member is bounded from
 /// its summary; cells are then visited best bound first, and inside a cell its groups, bounded
 /// from their heads, best bound first too; the walk stops as soon as the next bound cannot beat
 /// the best found. Visiting in bound order is what keeps a dispatch short when many cells and
 /// groups bound alike (a batch enqueued at one instant): the first ones visited hold the best,
-/// and it prunes the rest. Ties are broken as in `IndexSearch` (older, then lower sequence
-/// number).
+/// and it prunes the rest. A cell's first bound pairs its best processing time with the wait
+/// of the oldest member that has it, and its next best with its oldest member's wait; before
+/// it is visited, that bound is replaced by the one its whole age frontier gives (each
+/// processing time with the wait of the members that have it), which keeps a long run from
+/// visiting the cells whose best time is a young message's and longest wait an old one's.
+/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    let mut budget_parts = BudgetParts::new(context);
+    let mut parts = BudgetParts::new(context);
     let mut cells = Vec::new();
+    let mut summaries = Vec::new();
     index.for_each_cell(|key, cell| {
-        let Some(budget_part) = budget_parts.get(*key) else { return };
-        let wait = weights.wait_time * wait_time_factor(context.now - cell.oldest_enqueued_at, key.priority);
+        let Some(static_part) = parts.static_part(*key) else { return };
+        let wait_of =
+            |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
+        let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
+        let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
+        let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
         cells.push(Bounded {
             tier: weights.tier(key.priority),
-            bound: static_cell_bound_with(weights, key, cell.best_time_ms, budget_part) + wait,
+            bound: static_part + at_best.max(older),
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
-            item: (*key, wait),
+            item: CellItem { key: *key, refined: false, summary: summaries.len() as u32, static_part },
         });
+        summaries.push(*cell);
     });
-    // The most promising cell first: what it holds usually prunes every other cell at once.
+    // Best bound first, each cell bounded again from its age frontier before it is visited (and
+    // put back if that bound puts it behind another).
     let mut groups = Vec::new();
-    let top = index_of_max(&cells)?;
-    let first = cells.swap_remove(top);
-    expand_cell(index, context, &first, &mut groups, &mut best);
-    // Then every cell that may still beat the best found, in bound order.
-    cells.retain(|cell| beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq));
+    let mut ages = AgeBounds::default();
     let mut cells = BinaryHeap::from(cells);
-    while let Some(cell) = cells.pop() {
+    while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
             break; // every cell left bounds no higher
         }
-        expand_cell(index, context, &cell, &mut groups, &mut best);
+        let refined = cell.item.refined;
+        cell.refine(index, context, &summaries, &mut ages);
+        if !refined && cells.peek().is_some_and(|next| *next > cell) {
+            cells.push(cell);
+            continue;
+        }
+        if beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
+            expand_cell(index, context, &cell, &ages, &mut groups, &mut best);
+        }
     }
     best
 }
@@ -406,31 +537,34 @@ fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
 }
 
 /// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
-/// others in bound order; `groups` is scratch space.
+/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space.
 fn expand_cell(
     index: &impl CandidateIndex,
     context: &SearchContext,
-    cell: &Bounded<(CellKey, f64)>,
+    cell: &Bounded<CellItem>,
+    ages: &AgeBounds,
     groups: &mut Vec<Bounded<(u32, bool)>>,
     best: &mut Option<Candidate>,
 ) {
-    let (key, wait) = cell.item;
+    let key = cell.item.key;
     let (tier, oldest_at, seq) = (cell.tier, cell.oldest_at, cell.seq);
     let bounds = GroupBounds::new(&context.weights, &key, context.available);
+    let processing_weight = context.weights.processing_time;
     groups.clear();
     index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
         // A bound from the group's key and cached head alone spares the members' cache lines.
         if tokens as f64 > context.max_tokens {
             return;
         }
-        let bound = bounds.bound(tokens, best_time_ms) + wait;
+        let time = processing_weight * processing_time_factor(best_time_ms);
+        let bound = bounds.bound_with(tokens, ages.at_most(time));
         if beats(best.as_ref(), tier, bound, oldest_at, seq) {
             groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
         }
     });
     let Some(top) = index_of_max(groups) else { return };
     let first = groups.swap_remove(top);
-    walk_group(index, context, &first, key, wait, best);
+    walk_group(index, context, &first, ages, best);
     groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
     if groups.is_empty() {
         return;
@@ -440,7 +574,7 @@ fn expand_cell(
         if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
             break; // every group left bounds no higher
         }
-        walk_group(index, context, &group, key, wait, best);
+        walk_group(index, context, &group, ages, best);
     }
     *groups = by_bound.into_vec();
 }
@@ -450,8 +584,7 @@ fn walk_group(
     index: &impl CandidateIndex,
     context: &SearchContext,
     group: &Bounded<(u32, bool)>,
-    key: CellKey,
-    wait: f64,
+    ages: &AgeBounds,
     best: &mut Option<Candidate>,
 ) {
     let (first, single_run) = group.item;
@@ -460,11 +593,11 @@ fn walk_group(
     while let Some(slot) = head {
         // A group shares its estimate: one inadmissible member means all are.
         let Some(candidate) = score_member(index, context, slot) else { break };
-        // This run and every later one score at most this head with the cell's longest wait
-        // in place of its own.
-        let own_wait =
-            context.weights.wait_time * wait_time_factor(context.now - candidate.enqueued_at, key.priority);
-        let rest = candidate.base - own_wait + wait + BOUND_SLACK;
+        // This run and every later one score at most this head with, in place of its own
+        // processing-time and wait factors, the most a member with no better processing time
+        // can have (its own wait or an older member's).
+        let [_, _, own_wait, _, _, own_time] = candidate.factors;
+        let rest = candidate.base - own_wait - own_time + ages.at_most(own_time) + BOUND_SLACK;
         if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
             break;
         }

@@ -55,10 +55,10 @@ impl Workload {
 }
 
 /// The store as the search sees it, counting what the search reads: cells, group heads
-/// offered, members scored, run steps.
+/// offered, members scored, run steps, age frontiers and their points.
 struct Counting<'a> {
     store: &'a Store<u32, Rankings>,
-    counts: std::cell::Cell<[u64; 4]>,
+    counts: std::cell::Cell<[u64; 6]>,
 }
 
 impl Counting<'_> {
@@ -80,6 +80,18 @@ impl CandidateIndex for Counting<'_> {
         self.store.for_each_group_head(key, |a, b, c, d| {
             self.bump(1, 1);
             visit(a, b, c, d);
+        });
+    }
+    fn for_each_age_point(
+        &self,
+        key: &CellKey,
+        summary: &CellSummary,
+        mut visit: impl FnMut(f64, f64) -> bool,
+    ) {
+        self.bump(4, 1);
+        self.store.for_each_age_point(key, summary, |a, b| {
+            self.bump(5, 1);
+            visit(a, b)
         });
     }
     fn next_in_run(&self, slot: u32) -> Option<u32> {
@@ -121,15 +133,15 @@ fn main() {
     let mut store = fill(&mut work, depth, batch_size, now);
     let weights = Weights::default();
     let counted = std::env::var_os("COUNT").is_some();
-    let mut totals = [0u64; 4];
-    let mut per_round: Vec<(u64, usize, [u64; 4])> = Vec::new();
+    let mut totals = [0u64; 6];
+    let mut per_round: Vec<(u64, usize, [u64; 6])> = Vec::new();
     let mut samples: [Vec<u64>; 4] = Default::default();
     for round in 0..rounds {
         now += 0.001;
         let context = SearchContext { weights, now, available: 1e9, max_tokens: 1e9 };
         let t0 = Instant::now();
         let best = if counted {
-            let counting = Counting { store: &store, counts: std::cell::Cell::new([0; 4]) };
+            let counting = Counting { store: &store, counts: std::cell::Cell::new([0; 6]) };
             let best = best_candidate(&counting, &context);
             let c = counting.counts.get();
             per_round.push((0, round, c));
@@ -173,14 +185,18 @@ fn main() {
     if counted {
         let per = |i: usize| totals[i] as f64 / rounds as f64;
         println!(
-            "per search: {:.0} cells, {:.0} group heads, {:.1} members scored, {:.1} run steps",
+            "per search: {:.0} cells, {:.0} group heads, {:.1} members scored, {:.1} run steps, {:.1} age frontiers read ({:.1} points)",
             per(0),
             per(1),
             per(2),
-            per(3)
+            per(3),
+            per(4),
+            per(5)
         );
+        // The slowest after the warm-up rounds (those the p50 and p99 below are over).
+        per_round.retain(|r| r.1 >= rounds / 11);
         per_round.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
-        for (ns, round, c) in per_round.iter().take(8) {
+        for (ns, round, c) in per_round.iter().take(12) {
             println!("  slowest: round {round}: {:.1} µs, counts {c:?}", *ns as f64 / 1000.0);
         }
     }

@@ -52,15 +52,18 @@ impl VecIndex {
 impl CandidateIndex for VecIndex {
     fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
         for (key, members) in &self.cells {
-            let best_time_ms = members
-                .iter()
-                .map(|&s| f64::from_bits(time_key(&self.messages[s as usize])))
-                .fold(f64::INFINITY, f64::min);
+            let mut points: Vec<(f64, f64)> = Vec::new();
+            self.for_each_age_point(key, &CellSummary::default(), |enqueued_at, time_ms| {
+                points.push((enqueued_at, time_ms));
+                true
+            });
             let oldest = members[0];
             let summary = CellSummary {
                 oldest_enqueued_at: self.messages[oldest as usize].enqueued_at,
                 oldest_seq: u64::from(oldest),
-                best_time_ms,
+                best_time_ms: points[0].1,
+                best_time_enqueued_at: points[0].0,
+                next_time_ms: points.get(1).unwrap_or(&points[0]).1,
             };
             visit(key, &summary);
         }
@@ -77,6 +80,21 @@ impl CandidateIndex for VecIndex {
         for (tokens, slot) in groups {
             let single = self.next_run_head(slot).is_none();
             visit(slot, tokens, f64::from_bits(time_key(&self.messages[slot as usize])), single);
+        }
+    }
+    fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, mut visit: impl FnMut(f64, f64) -> bool) {
+        // The members no older member matches or beats on processing time, by brute force.
+        let mut points = Vec::new();
+        for &slot in &self.cells[key] {
+            let m = &self.messages[slot as usize];
+            if points.last().is_none_or(|&(_, best)| time_key(m) < best) {
+                points.push((m.enqueued_at, time_key(m)));
+            }
+        }
+        for &(enqueued_at, time) in points.iter().rev() {
+            if !visit(enqueued_at, f64::from_bits(time)) {
+                break;
+            }
         }
     }
     fn next_in_run(&self, slot: u32) -> Option<u32> {
@@ -313,4 +331,89 @@ fn ties_go_to_the_older_message() {
     assert_eq!(search.next_candidate().unwrap().slot, 1);
     assert_eq!(search.next_candidate().unwrap().slot, 2);
     assert_eq!(search.next_candidate().unwrap().slot, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    // A long run on the real store: a batch enqueued at one instant, then rounds that age the
+    // queue past every priority's saturated wait, each taking the best message (acked, given
+    // back, or left to expire so that it comes back with a higher receive count and its old
+    // age) and enqueuing refills (one by one or in small batches). Every round both searches
+    // pick exactly the brute-force winner (score, then older, then enqueued first), and the
+    // index (its cells' age frontiers included) matches one rebuilt from the visible messages.
+    #[test]
+    fn long_runs_with_refills_and_aging_match_brute_force(
+        initial in proptest::collection::vec(message(), 1..40),
+        rounds in proptest::collection::vec(
+            (0.0f64..12.0, 0u8..4, proptest::collection::vec(message(), 0..4), any::<bool>()),
+            1..60,
+        ),
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in prop_oneof![1_000.0f64..60_000.0, Just(1e12)],
+        urgent_first in any::<bool>(),
+    ) {
+        use crate::store::{NewMessage, Store, StoreConfig};
+        let config = StoreConfig { max_receive_count: None, message_retention: f64::INFINITY };
+        let mut store: Store<u32> = Store::new(config, 0.0).unwrap();
+        let mut n = 0u32;
+        let mut new_message = |m: MessageTraits| {
+            n += 1;
+            NewMessage {
+                request_id: format!("r{n}").into(),
+                payload: n,
+                priority: m.priority,
+                tokens: m.tokens,
+                expected_processing_seconds: m.expected_processing_seconds,
+                tenant: None,
+                deadline: None,
+            }
+        };
+        let mut batch: Vec<_> = initial.into_iter().map(&mut new_message).collect();
+        store.enqueue_batch(&mut batch, 0.0).unwrap();
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, None);
+        let mut now = 0.0;
+        for (step, outcome, refills, as_batch) in rounds {
+            now += step;
+            store.release_expired(now);
+            prop_assert_eq!(store.check_invariants(), Ok(()));
+            let context = SearchContext { weights, now, available, max_tokens: available };
+            let expected = store
+                .index()
+                .cells()
+                .values()
+                .flat_map(|cell| cell.values().copied())
+                .filter_map(|slot| {
+                    let t = CandidateIndex::traits(&store, slot);
+                    (t.tokens as f64 <= available).then(|| {
+                        let base = total(&weighted_factors(&context.weights, &t, now, available));
+                        (weights.tier(t.priority), base, t.enqueued_at, CandidateIndex::seq(&store, slot), slot)
+                    })
+                })
+                .max_by(|a, b| rank((a.0, a.1, a.2, a.3), (b.0, b.1, b.2, b.3)))
+                .map(|(tier, base, _, _, slot)| (tier, base, slot));
+            let fast = best_candidate(&store, &context).map(|c| (c.tier, c.base, c.slot));
+            let streamed = IndexSearch::new(&store, context).next_candidate().map(|c| (c.tier, c.base, c.slot));
+            prop_assert_eq!(fast, expected);
+            prop_assert_eq!(streamed, expected);
+            if let Some((_, _, slot)) = expected {
+                let handle = store.receive_slot(slot, 0.5, now).unwrap().to_string();
+                match outcome {
+                    0 | 1 => {
+                        store.delete(&handle, now).unwrap();
+                    }
+                    2 => store.release(&handle, now).unwrap(),
+                    _ => {} // expires before the next round that is 0.5 s later or more
+                }
+            }
+            let mut refills: Vec<_> = refills.into_iter().map(&mut new_message).collect();
+            if as_batch {
+                store.enqueue_batch(&mut refills, now).unwrap();
+            } else {
+                for refill in refills {
+                    store.enqueue(refill, now).unwrap();
+                }
+            }
+        }
+    }
 }

@@ -18,6 +18,10 @@ impl<P, R: Ranking> CandidateIndex for Store<P, R> {
         self.index.for_each_group_head(key, visit);
     }
 
+    fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, visit: impl FnMut(f64, f64) -> bool) {
+        self.index.for_each_age_point(key, visit);
+    }
+
     fn next_in_run(&self, slot: u32) -> Option<u32> {
         self.index.next_in_run(&self.get(slot)?.index_entry())
     }
