@@ -1,0 +1,218 @@
+-- The score policy's exact winner over the whole queue, from its index (score_index.lua): the
+-- branch-and-bound walk of the in-memory selection (rust/select.rs, best_candidate), with the
+-- factor functions of rust/scoring.rs. Part of score_dispatch.lua.
+--
+-- Every non-empty cell is bounded from its summary alone (one HGETALL): its priority and retry
+-- parts, the best efficiency + token fit over its token range, the processing-time factor of
+-- its best member, the wait of its oldest. Cells are visited best bound first; inside one, each
+-- class is bounded the same way with its exact estimate and time, and only a class that can
+-- still beat the best found has its head (its oldest member, the best of the class) read and
+-- scored exactly. The walk stops at the first cell that cannot beat the best. So a dispatch
+-- reads every cell's summary and the heads of the few classes that can win: its cost grows
+-- with the non-empty cells, not with the queue.
+--
+-- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
+-- fit, processing time) from the server's instant; ties go to the older message, then the one
+-- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
+
+local BOUND_SLACK = 1e-9
+local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
+local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
+
+local function efficiency_of_share(u)
+  if u > 1 then
+    return 0
+  elseif u >= 0.7 and u <= 0.9 then
+    return 1
+  elseif u > 0.9 then
+    return 0.9
+  end
+  return u / 0.7
+end
+
+local function token_fit_of_share(u)
+  if u > 1 then
+    return 0
+  elseif u < 0.1 then
+    return 10 * u
+  elseif u <= 0.5 then
+    return 1
+  end
+  return 1 - (u - 0.5) * 0.4
+end
+
+local function processing_time_factor(ms)
+  if ms <= 1000 then
+    return 1
+  elseif ms <= 5000 then
+    return 1 - (ms - 1000) / 4000 * 0.3
+  elseif ms <= 30000 then
+    return 0.7 - (ms - 5000) / 25000 * 0.6
+  end
+  return 0.1
+end
+
+local function retry_factor(count)
+  if count == 0 then
+    return 1
+  end
+  return math.max(0.1, 0.7 ^ math.min(count, 64))
+end
+
+-- The wait factor of a message of priority p (0..3) enqueued at `at` (us).
+local function wait_factor(at, p)
+  local share = math.min(math.max(NOW - at, 0) / 1000000 / MAX_WAIT_SECONDS[p + 1], 1)
+  if p == 0 then
+    return math.sqrt(share)
+  end
+  return share
+end
+
+-- A ranker for weights W (priority, efficiency, wait, retry, token fit, processing time),
+-- capacity C (A of the formulas: the budget is held, so the limiter's token capacity), and
+-- whether URGENT ranks first.
+local function score_ranker(W, C, urgent_first)
+  local ranker = {}
+
+  local function efficiency(tokens)
+    if C <= 0 then
+      return 0
+    end
+    return efficiency_of_share(tokens / C)
+  end
+
+  local function token_fit(tokens)
+    if C <= 0 then
+      return 0
+    end
+    return token_fit_of_share(tokens / C)
+  end
+
+  local function tier(p)
+    return (urgent_first and p == 0) and 1 or 0
+  end
+
+  -- The best efficiency + token fit over a cell's token range (capped at C); nil when no
+  -- estimate of it fits C (rust/scoring.rs, budget_bound).
+  local function budget_bound(class)
+    local lo, hi = score_token_range(class)
+    if lo > C then
+      return nil
+    end
+    hi = math.min(hi, C)
+    if C <= 0 then
+      return 0
+    end
+    local u_lo, u_hi = lo / C, hi / C
+    local best = 0
+    -- Bounded: the range's ends and the factors' five breakpoints.
+    for _, u in ipairs({u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0}) do
+      if u >= u_lo and u <= u_hi then
+        best = math.max(best, W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u))
+      end
+    end
+    return best
+  end
+
+  -- The exact score of a message (rust/scoring.rs, weighted_factors and total).
+  local function score(p, tokens, at, rc, ms)
+    return W[1] * PRIORITY_FACTOR[p + 1] + W[2] * efficiency(tokens) + W[3] * wait_factor(at, p)
+      + W[4] * retry_factor(rc) + W[5] * token_fit(tokens) + W[6] * processing_time_factor(ms)
+  end
+
+  -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
+  local function beats(t, value, at, member, best)
+    if best == nil or t ~= best.tier then
+      return best == nil or t > best.tier
+    elseif value ~= best.score then
+      return value > best.score
+    elseif at ~= best.at then
+      return at < best.at
+    end
+    return member < best.member
+  end
+
+  -- A bound beats `best` unless it is below its score (a bound equal to it may hide an older
+  -- message).
+  local function may_beat(t, bound, best)
+    return best == nil or t > best.tier or (t == best.tier and bound >= best.score)
+  end
+
+  -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at};
+  -- or nil. `above` is called with each cell none of whose estimates fits C.
+  function ranker.best(excluded, above)
+    local cells = {}
+    local summaries = redis.call('HGETALL', Q.sc_cells)
+    -- Bounded by the non-empty cells (the hash just read).
+    for i = 1, #summaries, 2 do
+      local cell, summary = summaries[i], summaries[i + 1]
+      local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
+      local budget = budget_bound(class)
+      if budget == nil then
+        above(cell)
+      else
+        local oldest = tonumber(string.sub(summary, 1, 16))
+        local wait = W[3] * wait_factor(oldest, p)
+        local fixed = W[1] * PRIORITY_FACTOR[p + 1] + W[4] * retry_factor(r)
+        cells[#cells + 1] = {
+          cell = cell, p = p, r = r, tier = tier(p), wait = wait, fixed = fixed,
+          bound = fixed + W[6] * processing_time_factor(ms_of(string.sub(summary, 32, 47))) + BOUND_SLACK + budget + wait,
+        }
+      end
+    end
+    table.sort(cells, function(a, b)
+      if a.tier ~= b.tier then
+        return a.tier > b.tier
+      end
+      return a.bound > b.bound
+    end)
+    local best = nil
+    -- Bounded by the non-empty cells.
+    for _, c in ipairs(cells) do
+      if not may_beat(c.tier, c.bound, best) then
+        break -- every cell left bounds no higher
+      end
+      local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. c.cell, '[' .. c.cell .. '\255')
+      local bounded = {}
+      -- Bounded by the cell's classes (the range just read).
+      for _, class in ipairs(classes) do
+        local tokens = tonumber(string.sub(class, 22))
+        if tokens <= C then
+          local ms = ms_of(string.sub(class, 6, 21))
+          local bound = c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK
+            + W[2] * efficiency(tokens) + W[5] * token_fit(tokens) + c.wait
+          if may_beat(c.tier, bound, best) then
+            bounded[#bounded + 1] = {class = class, tokens = tokens, ms = ms, bound = bound}
+          end
+        end
+      end
+      table.sort(bounded, function(a, b) return a.bound > b.bound end)
+      -- Bounded by the cell's classes.
+      for _, k in ipairs(bounded) do
+        if not may_beat(c.tier, k.bound, best) then
+          break
+        end
+        local prefix = k.class
+        -- The class's oldest member not excluded (at most SKIP_MAX excluded per call, each
+        -- once: reads a few entries more than the excluded ones of this class).
+        local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + (excluded.n or 0))
+        -- Bounded by the LIMIT above.
+        for _, entry in ipairs(heads) do
+          local member = string.sub(entry, 57)
+          if not excluded[member] then
+            local at = tonumber(string.sub(entry, 41, 56))
+            local s = load(Q, member)
+            local value = score(c.p, k.tokens, at, s.rc, k.ms)
+            if beats(c.tier, value, at, member, best) then
+              best = {member = member, score = value, tier = c.tier, at = at, s = s}
+            end
+            break
+          end
+        end
+      end
+    end
+    return best
+  end
+
+  return ranker
+end
