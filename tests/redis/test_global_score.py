@@ -30,7 +30,7 @@ from llm_queue_dispatcher import (
     ScoringWeights,
     TokenInfo,
 )
-from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.conftest import Workers, fresh_name
 from tests.redis.support import RedisServer
 from tests.reference.scoring import ContractWeights, UrgentHistory, tier, total_score, urgent_margin
@@ -157,7 +157,9 @@ async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_t
             winner = ranked[0][2]
             reserve = history.reserve(tpm, fixed=None, urgent_first=True)
             waiting = sum(m.tokens for m in visible.values())
-            if not history.kept(reserve, now=now, refill_rate=tpm / 60, admits_waiting=waiting <= tokens and left >= 1):
+            if not history.kept(
+                reserve, now=now, refill_rate=tpm / 60, admits_waiting=waiting <= tokens and left >= 1
+            ):
                 reserve = 0.0
             margin = urgent_margin(winner.priority, winner.tokens, reserve, tpm)
             fits = winner.tokens + margin <= tokens and left >= 1
@@ -244,7 +246,9 @@ async def test_a_winner_below_the_minimum_score_is_not_handed_out(
     config = LLMQueueDispatcherConfig(clock=clock, min_score_threshold=0.5)
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
     # LOW, a large estimate and a long expected time: about 0.38 at enqueue, 0.58 after 300 s.
-    await dispatcher.enqueue(LLMRequest("low", "x", Priority.LOW, TokenInfo(60_000), expected_processing_time=40.0))
+    await dispatcher.enqueue(
+        LLMRequest("low", "x", Priority.LOW, TokenInfo(60_000), expected_processing_time=40.0)
+    )
     assert await dispatcher.dequeue(limiter) is None
     clock.advance(300.0)
     job = await dispatcher.dequeue(limiter)
@@ -258,7 +262,9 @@ async def test_custom_scorers_and_the_unheld_budget_keep_the_per_process_buffer(
     storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
     async with storage:
         scorer = CustomScorer("one", 0.1, lambda message, context: 1.0)
-        custom = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(scoring=ScoringConfig(custom_scorers=[scorer])))
+        custom = LLMQueueDispatcher(
+            storage, LLMQueueDispatcherConfig(scoring=ScoringConfig(custom_scorers=[scorer]))
+        )
         assert custom._global is None
         unheld = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(hold_budget=False))
         assert unheld._global is None
@@ -315,7 +321,12 @@ async def test_a_purged_queue_leaves_nothing_in_the_score_index(
     await dispatcher.batch_enqueue(requests(20, 6, largest=5_000))
     await dispatcher.purge()
     prefix = storage._keys[0].decode().removesuffix("meta")
-    assert await storage.redis.exists(*(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "cells"))) == 0
+    assert (
+        await storage.redis.exists(
+            *(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "cells"))
+        )
+        == 0
+    )
     await dispatcher.enqueue(LLMRequest("after", "x", Priority.NORMAL, TokenInfo(10)))
     job = await dispatcher.dequeue(limiter)
     assert job is not None
@@ -327,11 +338,15 @@ async def test_a_purged_queue_leaves_nothing_in_the_score_index(
 # -- real processes ------------------------------------------------------------------------------
 
 
-def _replay(records: list[dict[str, Any]], batch: list[LLMRequest[Any]], enqueued_at: list[float], capacity: float) -> int:
+def _replay(
+    records: list[dict[str, Any]], batch: list[LLMRequest[Any]], enqueued_at: list[float], capacity: float
+) -> int:
     """Replays the processes' hand-outs and failures in the server's order against the
     reference; returns the hand-outs checked."""
     visible = {
-        r.id: Visible(r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time, enqueued_at[n], n)
+        r.id: Visible(
+            r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time, enqueued_at[n], n
+        )
         for n, r in enumerate(batch)
     }
     taken: dict[str, Visible] = {}
@@ -372,8 +387,15 @@ async def test_every_hand_out_of_several_processes_is_the_best_score_of_its_inst
             enqueued_at += [m.attributes.enqueued_at.timestamp() for m in messages]
             await asyncio.sleep(0.4)
     go = tmp_path / f"go-{queue}"
-    options = {"url": private_server.url, "queue": queue, "limiter": limiter, "rpm": 1e7, "tpm": tpm, "policy": "score",
-               "min_score": 0.0}  # fmt: skip
+    options = {
+        "url": private_server.url,
+        "queue": queue,
+        "limiter": limiter,
+        "rpm": 1e7,
+        "tpm": tpm,
+        "policy": "score",
+        "min_score": 0.0,
+    }
     for _ in range(processes):
         workers.start("global", go=str(go), max_seconds=60, **options)
     await asyncio.sleep(0.5)  # every process imported and waiting

@@ -251,7 +251,8 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
     )
     if options.get("policy") == "score":
         config = LLMQueueDispatcherConfig(
-            visibility_timeout=options.get("visibility", 30.0), min_score_threshold=options.get("min_score", 0.1)
+            visibility_timeout=options.get("visibility", 30.0),
+            min_score_threshold=options.get("min_score", 0.1),
         )
     else:
         config = LLMQueueDispatcherConfig(
@@ -290,7 +291,9 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
                 continue
             if job.message.attributes.receive_count <= request.payload.get("fail", 0):
                 await job.mark_as_failed(RuntimeError("a retry"))
-                ledger.write("fail", id=request.id, count=job.message.attributes.receive_count, at=instants[-1])
+                ledger.write(
+                    "fail", id=request.id, count=job.message.attributes.receive_count, at=instants[-1]
+                )
                 continue
             actual = request.payload["actual"]
             await job.mark_as_processed(actual_tokens=actual)

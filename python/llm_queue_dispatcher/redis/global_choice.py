@@ -1,30 +1,37 @@
-"""The global choice: `fair_priority` ranked over the whole Redis queue, in one round trip.
+"""The global choice: the score policy and `fair_priority` ranked over the whole Redis queue,
+in one round trip.
 
-With `RedisStorage`, the `fair_priority` policy (without custom scorers, with ``hold_budget``
-and ``reserve_budget``, the defaults) and a `RedisThrottle` on the same server and namespace,
-`LLMQueueDispatcher.dequeue` does not fill a per-process prefetch buffer: one script
-(``lua/global_dispatch.lua``) finds the first message of the fair order over every visible
-message of the queue, reserves its budget at the limiter under the delivery's key
-(``"request-id#n"``) and leases it. The tenants' token use is one record in Redis, charged at
-that dispatch and corrected by the mark, which is one script too (``lua/global_mark.lua``:
-the store's step, the limiter's correction and the charge's). Every process that shares the
-queue then sees one order and one ledger of tenant use.
+With `RedisStorage`, the score policy without custom scorers or the `fair_priority` policy
+(with ``hold_budget`` and ``reserve_budget``, the defaults) and a `RedisThrottle` on the same
+server and namespace, `LLMQueueDispatcher.dequeue` does not fill a per-process prefetch buffer:
+one script finds the winner over every visible message of the queue, reserves its budget at the
+limiter under the delivery's key (``"request-id#n"``) and leases it. For the score policy that
+is ``lua/score_dispatch.lua``: the best score (``lua/score_rank.lua``, the in-memory rules with
+the budget held), found by bounding cells of an index that holds no weight, so processes with
+other weights share it. For `fair_priority` it is ``lua/global_dispatch.lua``: the first message
+of the fair order, the tenants' token use being one record in Redis, charged at that dispatch
+and corrected by the mark. The mark is one script too (``lua/global_mark.lua``: the store's
+step, the limiter's correction and the charge's). Every process that shares the queue then sees
+one order (and one ledger of tenant use).
 
-The ranking index the scripts read is kept by every queue script (``lua/queue_common.lua``) as
-messages are enqueued, received, released, dead-lettered, deleted and expire. A queue written
-before the index existed is indexed by the first global dispatch (``lua/index_scan.lua``,
-``lua/index_fill.lua``). A dispatch cancelled or timed out while its reply was in flight is sent
-again in the background and its winners given back (lease, reservation, charge).
+The ranking indexes the scripts read are kept by every queue script (``lua/queue_common.lua``,
+``lua/score_index.lua``) as messages are enqueued, received, released, dead-lettered, deleted
+and expire. A queue written before an index existed is indexed by the first global dispatch
+(``lua/index_scan.lua``, ``lua/index_fill.lua``, ``lua/score_fill.lua``). A dispatch cancelled
+or timed out while its reply was in flight is sent again in the background and its winners
+given back (lease, reservation, charge).
 
 Co-location: a queue's keys and a limiter's keys share the hash tag ``{namespace}``, so a
 `RedisThrottle` of the storage's namespace is in the queue's Redis Cluster slot. The global
 choice is used only with such a limiter whose client points at the same server (host, port,
 database or socket path) as the storage's; the script runs on the storage's connection.
-Otherwise (another limiter, custom scorers, the score policy, ``hold_budget=False``,
-``drop_expired``) the dispatcher keeps its per-process prefetch buffer.
+Otherwise (another limiter, custom scorers, ``hold_budget=False``, ``drop_expired``) the
+dispatcher keeps its per-process prefetch buffer: custom scorers run Python, so they cannot
+rank inside Redis.
 
-Every process sharing a queue should pass the same `FairPriorityConfig`: each call applies the
-fairness window, tenant weights and aging of the process that makes it.
+Every process sharing a queue should pass the same `FairPriorityConfig` (or score weights):
+each call applies the fairness window, tenant weights and aging (the weights) of the process
+that makes it.
 """
 
 from __future__ import annotations
@@ -148,9 +155,9 @@ class GlobalChoice:
         )
         # The score policy (score_dispatch.lua) or fair_priority (global_dispatch.lua).
         self._dispatch_script = "score_dispatch" if config.policy == "score" else "global_dispatch"
-        weights = (config.scoring or ScoringConfig()).weights or ScoringWeights()
+        scoring = (config.scoring or ScoringConfig()).weights or ScoringWeights()
         self._score_args = (
-            *(repr(float(weight)) for weight in weights.as_tuple()),
+            *(repr(float(weight)) for weight in scoring.as_tuple()),
             "1" if config.score_urgent_first() else "0",
             "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
             repr(float(config.min_score_threshold)),

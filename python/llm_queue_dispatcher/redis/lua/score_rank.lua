@@ -16,6 +16,7 @@
 -- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
 
 local BOUND_SLACK = 1e-9
+local CLASS_PAGE = 128 -- classes of a cell read per call
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -148,14 +149,16 @@ local function score_ranker(W, C, urgent_first)
       local cell, summary = summaries[i], summaries[i + 1]
       local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
       local budget = budget_bound(class)
-      if budget == nil then
-        above(cell)
-      else
+      if select(2, score_token_range(class)) > C then
+        above(cell) -- some of its estimates (or all) never fit
+      end
+      if budget ~= nil then
         local oldest = tonumber(string.sub(summary, 1, 16))
         local wait = W[3] * wait_factor(oldest, p)
         local fixed = W[1] * PRIORITY_FACTOR[p + 1] + W[4] * retry_factor(r)
         cells[#cells + 1] = {
-          cell = cell, p = p, r = r, tier = tier(p), wait = wait, fixed = fixed,
+          cell = cell, p = p, r = r, tier = tier(p), wait = wait, fixed = fixed, budget = budget,
+          count = tonumber(string.sub(summary, 48)),
           bound = fixed + W[6] * processing_time_factor(ms_of(string.sub(summary, 32, 47))) + BOUND_SLACK + budget + wait,
         }
       end
@@ -172,18 +175,34 @@ local function score_ranker(W, C, urgent_first)
       if not may_beat(c.tier, c.bound, best) then
         break -- every cell left bounds no higher
       end
-      local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. c.cell, '[' .. c.cell .. '\255')
+      -- The cell's classes, the best processing time first, a page at a time: a page whose
+      -- first class cannot win even with the cell's best budget part ends the walk (every
+      -- later class has no better processing time).
       local bounded = {}
-      -- Bounded by the cell's classes (the range just read).
-      for _, class in ipairs(classes) do
-        local tokens = tonumber(string.sub(class, 22))
-        if tokens <= C then
+      local done = false
+      -- Bounded by the cell's classes, at most as many as its members (CLASS_PAGE per round).
+      for page = 0, math.floor(c.count / CLASS_PAGE) do
+        local classes = redis.call(
+          'ZRANGEBYLEX', Q.sc_classes, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * CLASS_PAGE, CLASS_PAGE
+        )
+        -- Bounded by CLASS_PAGE (the LIMIT above).
+        for _, class in ipairs(classes) do
           local ms = ms_of(string.sub(class, 6, 21))
-          local bound = c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK
-            + W[2] * efficiency(tokens) + W[5] * token_fit(tokens) + c.wait
-          if may_beat(c.tier, bound, best) then
-            bounded[#bounded + 1] = {class = class, tokens = tokens, ms = ms, bound = bound}
+          local time_part = c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK
+          if not may_beat(c.tier, time_part + c.budget + c.wait, best) then
+            done = true
+            break
           end
+          local tokens = tonumber(string.sub(class, 22))
+          if tokens <= C then
+            local bound = time_part + W[2] * efficiency(tokens) + W[5] * token_fit(tokens) + c.wait
+            if may_beat(c.tier, bound, best) then
+              bounded[#bounded + 1] = {class = class, tokens = tokens, ms = ms, bound = bound}
+            end
+          end
+        end
+        if done or #classes < CLASS_PAGE then
+          break
         end
       end
       table.sort(bounded, function(a, b) return a.bound > b.bound end)
