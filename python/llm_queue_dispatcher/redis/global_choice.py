@@ -252,9 +252,12 @@ class GlobalChoice:
             # again (once: a queue found unindexed again is left to the next call).
             await self._index()
             reply = await self._dispatch(limiter, count, capacity)
-            if len(reply) == 3:
+            if len(reply) == 3 and reply[2] == b"unindexed":
                 return None
         if len(reply) < 9:
+            if len(reply) == 3:
+                # The held winner's refusal (score_dispatch.lua): the binding limit's metrics.
+                self._core.limiter_refused(reply[2].decode())
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
         jobs: list[ProcessableMessage[Any]] = []

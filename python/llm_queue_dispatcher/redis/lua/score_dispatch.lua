@@ -16,7 +16,8 @@
 -- may wait outside the index; else {NOW, wait in us ('' when nothing holds), then per winner:
 -- member, message id, receive count, enqueued_at, first_received_at, receipt token, serialised
 -- request}. The wait is set when the best message (that can ever fit) was refused by the
--- limiter: nothing ranked below it was taken (the budget is held for it).
+-- limiter: nothing ranked below it was taken (the budget is held for it); the limiter's reason
+-- follows it ({NOW, wait, reason}: the metrics' binding limit).
 --
 -- The rules are the in-memory score policy's with the budget held (rust/policy.rs,
 -- decide_score): A is the token capacity; with urgent_first every URGENT message ranks above
@@ -147,8 +148,9 @@ local function above(cell)
   local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, SKIP_MAX)
   -- Bounded by SKIP_MAX (the LIMIT above).
   for _, class in ipairs(classes) do
-    if tonumber(string.sub(class, 22)) > capacity then
-      local entries = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, SKIP_MAX - told)
+    if tonumber(string.sub(class, 22, 40)) > capacity then
+      local prefix = string.sub(class, 1, 40)
+      local entries = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX - told)
       -- Bounded by SKIP_MAX (the LIMIT above).
       for _, entry in ipairs(entries) do
         local s = load(Q, string.sub(entry, 57))
@@ -168,8 +170,8 @@ local excluded = {n = 0}
 local taken = {}
 local skipped, expired = 0, 0
 -- Each round takes a winner, skips a message that never fits a limit or expires one past
--- retention. Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX
--- expired.
+-- retention (at most WINNERS_MAX winners, SKIP_MAX skipped and SKIP_MAX expired).
+-- Bounded by `limit` winners, SKIP_MAX skipped and SKIP_MAX expired.
 for _ = 1, limit + 2 * SKIP_MAX do
   if #taken >= 2 * limit then
     break
@@ -206,6 +208,7 @@ for _ = 1, limit + 2 * SKIP_MAX do
     elseif granted[1] ~= 1 then
       if #taken == 0 then
         out[2] = granted[3] -- the wait in us: the budget is held for this winner
+        out[3] = granted[2]
       end
       break
     else

@@ -13,7 +13,9 @@
 --           digits of its double (positive doubles sort like their bits)><estimate: 19 digits>
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
 --   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first
---   q.sc_classes  lex zset of <class>: a cell's classes, the best processing time first
+--   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
+--                 classes, the best processing time first, each with its head (the best of the
+--                 class), so a class is scored from its entry alone
 --   q.sc_cells    hash: cell -> <oldest: enqueued_at and member, 31 characters><best processing
 --                 time: 16 hex digits><visible members>: what bounds the cell, read in one call
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
@@ -40,13 +42,20 @@ local function hex_of(ms)
   return table.concat(out)
 end
 
+local ms_cache = {}
 local function ms_of(hex)
+  local known = ms_cache[hex]
+  if known ~= nil then
+    return known
+  end
   local bytes = {}
   -- Bounded: the eight bytes of a double.
   for i = 1, 8 do
     bytes[i] = string.char(tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16))
   end
-  return (struct.unpack('>d', table.concat(bytes)))
+  known = struct.unpack('>d', table.concat(bytes))
+  ms_cache[hex] = known
+  return known
 end
 
 -- The token class of an estimate: 0 for none, else 1 + floor(8 log2(tokens)), corrected so the
@@ -104,7 +113,13 @@ local function score_index_add(q, member, s)
   local cell = string.sub(class, 1, 5)
   local best = string.sub(class, 6, 21)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
-  redis.call('ZADD', q.sc_classes, 0, class)
+  local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
+  if entry == nil or age < string.sub(entry, 41) then
+    if entry ~= nil then
+      redis.call('ZREM', q.sc_classes, entry)
+    end
+    redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
+  end
   local summary = redis.call('HGET', q.sc_cells, cell)
   if summary then
     local oldest, kept, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), string.sub(summary, 48)
@@ -125,9 +140,15 @@ local function score_index_remove(q, member, s)
   end
   local cell = string.sub(class, 1, 5)
   redis.call('ZREM', q.sc_ages, cell .. age)
-  local emptied = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1] == nil
-  if emptied then
-    redis.call('ZREM', q.sc_classes, class)
+  local emptied = false
+  if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
+    -- It was the class's head: the next oldest takes its place, if any.
+    local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
+    if next == nil then
+      emptied = true
+    else
+      redis.call('ZADD', q.sc_classes, 0, next)
+    end
   end
   local summary = redis.call('HGET', q.sc_cells, cell)
   if not summary then

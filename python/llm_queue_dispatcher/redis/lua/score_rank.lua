@@ -175,10 +175,10 @@ local function score_ranker(W, C, urgent_first)
       if not may_beat(c.tier, c.bound, best) then
         break -- every cell left bounds no higher
       end
-      -- The cell's classes, the best processing time first, a page at a time: a page whose
-      -- first class cannot win even with the cell's best budget part ends the walk (every
-      -- later class has no better processing time).
-      local bounded = {}
+      -- The cell's classes, the best processing time first, a page at a time: a class whose
+      -- processing time cannot win even with the cell's best budget part ends the walk (every
+      -- later class has no better processing time). A class is scored from its entry: its
+      -- head is its best member (the oldest; the class shares everything else).
       local done = false
       -- Bounded by the cell's classes, at most as many as its members (CLASS_PAGE per round).
       for page = 0, math.floor(c.count / CLASS_PAGE) do
@@ -186,18 +186,36 @@ local function score_ranker(W, C, urgent_first)
           'ZRANGEBYLEX', Q.sc_classes, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * CLASS_PAGE, CLASS_PAGE
         )
         -- Bounded by CLASS_PAGE (the LIMIT above).
-        for _, class in ipairs(classes) do
-          local ms = ms_of(string.sub(class, 6, 21))
-          local time_part = c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK
-          if not may_beat(c.tier, time_part + c.budget + c.wait, best) then
+        for _, entry in ipairs(classes) do
+          local ms = ms_of(string.sub(entry, 6, 21))
+          if not may_beat(c.tier, c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK + c.budget + c.wait, best) then
             done = true
             break
           end
-          local tokens = tonumber(string.sub(class, 22))
+          local tokens = tonumber(string.sub(entry, 22, 40))
           if tokens <= C then
-            local bound = time_part + W[2] * efficiency(tokens) + W[5] * token_fit(tokens) + c.wait
-            if may_beat(c.tier, bound, best) then
-              bounded[#bounded + 1] = {class = class, tokens = tokens, ms = ms, bound = bound}
+            local at, member = tonumber(string.sub(entry, 41, 56)), string.sub(entry, 57)
+            if excluded[member] then
+              -- Skipped this call: the class's oldest member not excluded (at most SKIP_MAX
+              -- are, each once: a few entries more than the excluded ones).
+              local prefix = string.sub(entry, 1, 40)
+              local heads = redis.call(
+                'ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n
+              )
+              member = nil
+              -- Bounded by the LIMIT above.
+              for _, head in ipairs(heads) do
+                if not excluded[string.sub(head, 57)] then
+                  at, member = tonumber(string.sub(head, 41, 56)), string.sub(head, 57)
+                  break
+                end
+              end
+            end
+            if member ~= nil then
+              local value = score(c.p, tokens, at, c.r, ms)
+              if beats(c.tier, value, at, member, best) then
+                best = {member = member, score = value, tier = c.tier, at = at}
+              end
             end
           end
         end
@@ -205,30 +223,9 @@ local function score_ranker(W, C, urgent_first)
           break
         end
       end
-      table.sort(bounded, function(a, b) return a.bound > b.bound end)
-      -- Bounded by the cell's classes.
-      for _, k in ipairs(bounded) do
-        if not may_beat(c.tier, k.bound, best) then
-          break
-        end
-        local prefix = k.class
-        -- The class's oldest member not excluded (at most SKIP_MAX excluded per call, each
-        -- once: reads a few entries more than the excluded ones of this class).
-        local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + (excluded.n or 0))
-        -- Bounded by the LIMIT above.
-        for _, entry in ipairs(heads) do
-          local member = string.sub(entry, 57)
-          if not excluded[member] then
-            local at = tonumber(string.sub(entry, 41, 56))
-            local s = load(Q, member)
-            local value = score(c.p, k.tokens, at, s.rc, k.ms)
-            if beats(c.tier, value, at, member, best) then
-              best = {member = member, score = value, tier = c.tier, at = at, s = s}
-            end
-            break
-          end
-        end
-      end
+    end
+    if best ~= nil then
+      best.s = load(Q, best.member)
     end
     return best
   end
