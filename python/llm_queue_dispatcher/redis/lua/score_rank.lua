@@ -115,12 +115,6 @@ local function score_ranker(W, C, urgent_first)
     return best
   end
 
-  -- The exact score of a message (rust/scoring.rs, weighted_factors and total).
-  local function score(p, tokens, at, rc, ms)
-    return W[1] * PRIORITY_FACTOR[p + 1] + W[2] * efficiency(tokens) + W[3] * wait_factor(at, p)
-      + W[4] * retry_factor(rc) + W[5] * token_fit(tokens) + W[6] * processing_time_factor(ms)
-  end
-
   -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
   local function beats(t, value, at, member, best)
     if best == nil or t ~= best.tier then
@@ -139,8 +133,40 @@ local function score_ranker(W, C, urgent_first)
     return best == nil or t > best.tier or (t == best.tier and bound >= best.score)
   end
 
-  -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at};
-  -- or nil. `above` is called with each cell none of whose estimates fits C.
+  -- Per script: the budget part of each token class, the weighted processing-time factor of
+  -- each time, the weighted efficiency and token fit of each estimate (the same products the
+  -- exact score sums, so a score from them is the score to the bit).
+  local class_budget, time_part, budget_parts = {}, {}, {}
+
+  local function budget_of(class)
+    local known = class_budget[class]
+    if known == nil then
+      known = budget_bound(class) or false
+      class_budget[class] = known
+    end
+    return known
+  end
+
+  local function time_of(hex)
+    local known = time_part[hex]
+    if known == nil then
+      known = W[6] * processing_time_factor(ms_of(hex))
+      time_part[hex] = known
+    end
+    return known
+  end
+
+  local function parts_of(tokens)
+    local known = budget_parts[tokens]
+    if known == nil then
+      known = {W[2] * efficiency(tokens), W[5] * token_fit(tokens)}
+      budget_parts[tokens] = known
+    end
+    return known
+  end
+
+  -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at,
+  -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
   function ranker.best(excluded, above)
     local cells = {}
     local summaries = redis.call('HGETALL', Q.sc_cells)
@@ -148,18 +174,18 @@ local function score_ranker(W, C, urgent_first)
     for i = 1, #summaries, 2 do
       local cell, summary = summaries[i], summaries[i + 1]
       local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
-      local budget = budget_bound(class)
+      local budget = budget_of(class)
       if select(2, score_token_range(class)) > C then
         above(cell) -- some of its estimates (or all) never fit
       end
-      if budget ~= nil then
-        local oldest = tonumber(string.sub(summary, 1, 16))
-        local wait = W[3] * wait_factor(oldest, p)
-        local fixed = W[1] * PRIORITY_FACTOR[p + 1] + W[4] * retry_factor(r)
+      if budget then
+        local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
+        local fixed = W[1] * PRIORITY_FACTOR[p + 1]
+        local retry = W[4] * retry_factor(r)
         cells[#cells + 1] = {
-          cell = cell, p = p, r = r, tier = tier(p), wait = wait, fixed = fixed, budget = budget,
+          cell = cell, p = p, tier = tier(p), wait = wait, fixed = fixed, retry = retry, budget = budget,
           count = tonumber(string.sub(summary, 48)),
-          bound = fixed + W[6] * processing_time_factor(ms_of(string.sub(summary, 32, 47))) + BOUND_SLACK + budget + wait,
+          bound = fixed + retry + time_of(string.sub(summary, 32, 47)) + BOUND_SLACK + budget + wait,
         }
       end
     end
@@ -180,6 +206,7 @@ local function score_ranker(W, C, urgent_first)
       -- later class has no better processing time). A class is scored from its entry: its
       -- head is its best member (the oldest; the class shares everything else).
       local done = false
+      local static = c.fixed + c.retry
       -- Bounded by the cell's classes, at most as many as its members (CLASS_PAGE per round).
       for page = 0, math.floor(c.count / CLASS_PAGE) do
         local classes = redis.call(
@@ -187,34 +214,39 @@ local function score_ranker(W, C, urgent_first)
         )
         -- Bounded by CLASS_PAGE (the LIMIT above).
         for _, entry in ipairs(classes) do
-          local ms = ms_of(string.sub(entry, 6, 21))
-          if not may_beat(c.tier, c.fixed + W[6] * processing_time_factor(ms) + BOUND_SLACK + c.budget + c.wait, best) then
+          local pt = time_of(string.sub(entry, 6, 21))
+          local floor = static + pt + BOUND_SLACK
+          if not may_beat(c.tier, floor + c.budget + c.wait, best) then
             done = true
             break
           end
           local tokens = tonumber(string.sub(entry, 22, 40))
           if tokens <= C then
-            local at, member = tonumber(string.sub(entry, 41, 56)), string.sub(entry, 57)
-            if excluded[member] then
-              -- Skipped this call: the class's oldest member not excluded (at most SKIP_MAX
-              -- are, each once: a few entries more than the excluded ones).
-              local prefix = string.sub(entry, 1, 40)
-              local heads = redis.call(
-                'ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n
-              )
-              member = nil
-              -- Bounded by the LIMIT above.
-              for _, head in ipairs(heads) do
-                if not excluded[string.sub(head, 57)] then
-                  at, member = tonumber(string.sub(head, 41, 56)), string.sub(head, 57)
-                  break
+            local parts = parts_of(tokens)
+            if may_beat(c.tier, floor + parts[1] + parts[2] + c.wait, best) then
+              local at, member = tonumber(string.sub(entry, 41, 56)), string.sub(entry, 57)
+              if excluded[member] then
+                -- Skipped this call: the class's oldest member not excluded (at most SKIP_MAX
+                -- are, each once: a few entries more than the excluded ones).
+                local prefix = string.sub(entry, 1, 40)
+                local heads = redis.call(
+                  'ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n
+                )
+                member = nil
+                -- Bounded by the LIMIT above.
+                for _, head in ipairs(heads) do
+                  if not excluded[string.sub(head, 57)] then
+                    at, member = tonumber(string.sub(head, 41, 56)), string.sub(head, 57)
+                    break
+                  end
                 end
               end
-            end
-            if member ~= nil then
-              local value = score(c.p, tokens, at, c.r, ms)
-              if beats(c.tier, value, at, member, best) then
-                best = {member = member, score = value, tier = c.tier, at = at}
+              if member ~= nil then
+                -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
+                local value = c.fixed + parts[1] + W[3] * wait_factor(at, c.p) + c.retry + parts[2] + pt
+                if beats(c.tier, value, at, member, best) then
+                  best = {member = member, score = value, tier = c.tier, at = at}
+                end
               end
             end
           end
