@@ -57,6 +57,7 @@ local function queue_keys(base)
     sc_ages = string.sub(KEYS[base], 1, -5) .. 'score:ages',
     sc_classes = string.sub(KEYS[base], 1, -5) .. 'score:classes',
     sc_cells = string.sub(KEYS[base], 1, -5) .. 'score:cells',
+    sc_heads = string.sub(KEYS[base], 1, -5) .. 'score:heads',
   }
 end
 

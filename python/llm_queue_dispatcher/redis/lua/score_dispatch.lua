@@ -148,12 +148,12 @@ local function above(cell)
   local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, SKIP_MAX)
   -- Bounded by SKIP_MAX (the LIMIT above).
   for _, class in ipairs(classes) do
-    if tonumber(string.sub(class, 22, 40)) > capacity then
-      local prefix = string.sub(class, 1, 40)
+    if entry_tokens(class) > capacity then
+      local prefix = string.sub(class, 1, CLASS_LEN)
       local entries = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX - told)
       -- Bounded by SKIP_MAX (the LIMIT above).
       for _, entry in ipairs(entries) do
-        local s = load(Q, string.sub(entry, 57))
+        local s = load(Q, entry_member(entry))
         report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more tokens than the limiter can ever '
           .. 'grant (capacity ' .. fmt(capacity) .. '); it stays queued', {reason = 'tpm_limit', available_in = 'inf'})
         told = told + 1

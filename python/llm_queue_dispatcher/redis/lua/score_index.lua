@@ -10,12 +10,15 @@
 --           <p><r><ccc>, 5 characters
 --   class   a cell's members with one estimate and one processing time, whose scores differ
 --           only by their wait: <cell><processing ms, clamped to [1 s, 30.001 s], as the 16 hex
---           digits of its double (positive doubles sort like their bits)><estimate: 19 digits>
+--           digits of its double (positive doubles sort like their bits)><2^53 - estimate: 16
+--           digits (the larger estimate first)>, 37 characters
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
 --   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first
 --   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
---                 classes, the best processing time first, each with its head (the best of the
---                 class), so a class is scored from its entry alone
+--                 classes, the best processing time first, then the larger estimate, each with
+--                 its head (the best of the class), so a class is scored from its entry alone
+--   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
+--                 classes, the oldest head first
 --   q.sc_cells    hash: cell -> <oldest: enqueued_at and member, 31 characters><best processing
 --                 time: 16 hex digits><visible members>: what bounds the cell, read in one call
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
@@ -89,8 +92,33 @@ local function score_cell(s)
   return s.p .. math.min(s.rc, 7) .. string.format('%03d', score_token_class(s.tok))
 end
 
+local TOKENS_TOP = 9007199254740992 -- 2^53: estimates are at most this (a double holds them)
+local CLASS_LEN = 37
+
 local function score_class(s)
-  return score_cell(s) .. hex_of(score_ms(s)) .. string.format('%019.0f', s.tok)
+  return score_cell(s) .. hex_of(score_ms(s)) .. string.format('%016.0f', TOKENS_TOP - s.tok)
+end
+
+-- What an entry of sc_members or sc_classes holds: estimate, enqueued_at, member.
+local function entry_tokens(entry)
+  return TOKENS_TOP - tonumber(string.sub(entry, 22, 37))
+end
+
+local function entry_at(entry)
+  return tonumber(string.sub(entry, 38, 53))
+end
+
+local function entry_member(entry)
+  return string.sub(entry, 54)
+end
+
+-- The sc_heads entry of a sc_classes entry, and back.
+local function head_entry(entry)
+  return string.sub(entry, 1, 5) .. string.sub(entry, 38) .. string.sub(entry, 6, 37)
+end
+
+local function class_entry(head)
+  return string.sub(head, 1, 5) .. string.sub(head, 37) .. string.sub(head, 6, 36)
 end
 
 local function score_age_key(member, s)
@@ -114,11 +142,13 @@ local function score_index_add(q, member, s)
   local best = string.sub(class, 6, 21)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
   local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
-  if entry == nil or age < string.sub(entry, 41) then
+  if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
     if entry ~= nil then
       redis.call('ZREM', q.sc_classes, entry)
+      redis.call('ZREM', q.sc_heads, head_entry(entry))
     end
     redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
+    redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
   end
   local summary = redis.call('HGET', q.sc_cells, cell)
   if summary then
@@ -143,11 +173,13 @@ local function score_index_remove(q, member, s)
   local emptied = false
   if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
     -- It was the class's head: the next oldest takes its place, if any.
+    redis.call('ZREM', q.sc_heads, head_entry(class .. age))
     local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
     if next == nil then
       emptied = true
     else
       redis.call('ZADD', q.sc_classes, 0, next)
+      redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
   end
   local summary = redis.call('HGET', q.sc_cells, cell)

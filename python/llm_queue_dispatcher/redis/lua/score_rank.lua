@@ -17,6 +17,7 @@
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
+local HEAD_WALK = 16 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -136,7 +137,7 @@ local function score_ranker(W, C, urgent_first)
   -- Per script: the budget part of each token class, the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local class_budget, time_part, budget_parts = {}, {}, {}
+  local class_budget, time_part, budget_parts, cell_facts = {}, {}, {}, {}
 
   local function budget_of(class)
     local known = class_budget[class]
@@ -165,48 +166,122 @@ local function score_ranker(W, C, urgent_first)
     return known
   end
 
+  -- The class of `entry` (a sc_classes entry)'s oldest member not in `excluded`: its
+  -- enqueued_at and member, or nil. Its head, unless that one is skipped this call (at most
+  -- SKIP_MAX are, each once: then a few entries more than the excluded ones are read).
+  local function head_of(entry, excluded)
+    local member = entry_member(entry)
+    if not excluded[member] then
+      return entry_at(entry), member
+    end
+    local prefix = string.sub(entry, 1, CLASS_LEN)
+    local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
+    -- Bounded by the LIMIT above.
+    for _, head in ipairs(heads) do
+      if not excluded[entry_member(head)] then
+        return entry_at(head), entry_member(head)
+      end
+    end
+    return nil
+  end
+
   -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at,
   -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
   function ranker.best(excluded, above)
-    local cells = {}
     local summaries = redis.call('HGETALL', Q.sc_cells)
-    -- Bounded by the non-empty cells (the hash just read).
-    for i = 1, #summaries, 2 do
-      local cell, summary = summaries[i], summaries[i + 1]
-      local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
-      local budget = budget_of(class)
-      if select(2, score_token_range(class)) > C then
-        above(cell) -- some of its estimates (or all) never fit
+    -- The admissible cells of `tier`, each with its bound (their summaries are read only for
+    -- the tier walked: the lower one only when no cell of the higher holds a candidate).
+    local function cells_of(tier_wanted)
+      local cells = {}
+      -- Bounded by the non-empty cells (the hash just read).
+      for i = 1, #summaries, 2 do
+        local cell, summary = summaries[i], summaries[i + 1]
+        local known = cell_facts[cell]
+        if known == nil then
+          local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
+          known = {
+            p = p, tier = tier(p), fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
+            budget = budget_of(class), above = select(2, score_token_range(class)) > C,
+            rising = select(2, score_token_range(class)) <= 0.5 * C,
+          }
+          cell_facts[cell] = known
+        end
+        if known.tier == tier_wanted then
+          if known.above then
+            above(cell) -- some of its estimates (or all) never fit
+          end
+          if known.budget then
+            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), known.p)
+            local time = time_of(string.sub(summary, 32, 47))
+            cells[#cells + 1] = {
+              cell = cell, facts = known, wait = wait, time = time, count = tonumber(string.sub(summary, 48)),
+              bound = known.fixed + known.retry + time + BOUND_SLACK + known.budget + wait,
+            }
+          end
+        end
       end
-      if budget then
-        local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
-        local fixed = W[1] * PRIORITY_FACTOR[p + 1]
-        local retry = W[4] * retry_factor(r)
-        cells[#cells + 1] = {
-          cell = cell, p = p, tier = tier(p), wait = wait, fixed = fixed, retry = retry, budget = budget,
-          count = tonumber(string.sub(summary, 48)),
-          bound = fixed + retry + time_of(string.sub(summary, 32, 47)) + BOUND_SLACK + budget + wait,
-        }
+      return cells
+    end
+    local best = nil
+
+    -- Scores the class of `entry` (its estimate `tokens`, processing-time part `pt`) in cell c.
+    local function consider(c, entry, tokens, pt)
+      local at, member = head_of(entry, excluded)
+      if member ~= nil then
+        local f, parts = c.facts, parts_of(tokens)
+        -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
+        local value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
+        if beats(f.tier, value, at, member, best) then
+          best = {member = member, score = value, tier = f.tier, at = at}
+        end
       end
     end
-    table.sort(cells, function(a, b)
-      if a.tier ~= b.tier then
-        return a.tier > b.tier
+
+    -- A cell's classes by their heads, oldest first: each later head waits no longer, so the
+    -- walk stops at the first that cannot win with the cell's best time and budget part.
+    -- Returns whether it got that far; false when HEAD_WALK heads in, it is among heads whose
+    -- wait is full (they all wait alike: the classes walk, by time and estimate, follows).
+    local function walk_heads(c)
+      local f = c.facts
+      local full = NOW - MAX_WAIT_SECONDS[f.p + 1] * 1000000 -- enqueued by then: a full wait
+      local walked = 0
+      -- Bounded by the cell's classes, at most as many as its members (HEAD_WALK per round).
+      for page = 0, math.floor(c.count / HEAD_WALK) do
+        local heads = redis.call(
+          'ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * HEAD_WALK, HEAD_WALK
+        )
+        -- Bounded by HEAD_WALK (the LIMIT above).
+        for _, head in ipairs(heads) do
+          local at = tonumber(string.sub(head, 6, 21))
+          local ceiling = f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + W[3] * wait_factor(at, f.p)
+          if not may_beat(f.tier, ceiling, best) then
+            return true
+          end
+          if walked >= HEAD_WALK and at <= full then
+            return false
+          end
+          walked = walked + 1
+          local entry = class_entry(head)
+          local tokens = entry_tokens(entry)
+          if tokens <= C then
+            consider(c, entry, tokens, time_of(string.sub(entry, 6, 21)))
+          end
+        end
+        if #heads < HEAD_WALK then
+          return true
+        end
       end
-      return a.bound > b.bound
-    end)
-    local best = nil
-    -- Bounded by the non-empty cells.
-    for _, c in ipairs(cells) do
-      if not may_beat(c.tier, c.bound, best) then
-        break -- every cell left bounds no higher
-      end
-      -- The cell's classes, the best processing time first, a page at a time: a class whose
-      -- processing time cannot win even with the cell's best budget part ends the walk (every
-      -- later class has no better processing time). A class is scored from its entry: its
-      -- head is its best member (the oldest; the class shares everything else).
-      local done = false
-      local static = c.fixed + c.retry
+      return true
+    end
+
+    -- A cell's classes by processing time, then the larger estimate: the walk stops at the
+    -- first time that cannot win with the cell's best budget part and longest wait; inside one
+    -- time, where the budget part never falls as the estimate grows (the cell below half the
+    -- capacity), at the first estimate that cannot win.
+    local function walk_classes(c)
+      local f = c.facts
+      local static = f.fixed + f.retry
+      local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Bounded by the cell's classes, at most as many as its members (CLASS_PAGE per round).
       for page = 0, math.floor(c.count / CLASS_PAGE) do
         local classes = redis.call(
@@ -214,45 +289,44 @@ local function score_ranker(W, C, urgent_first)
         )
         -- Bounded by CLASS_PAGE (the LIMIT above).
         for _, entry in ipairs(classes) do
-          local pt = time_of(string.sub(entry, 6, 21))
-          local floor = static + pt + BOUND_SLACK
-          if not may_beat(c.tier, floor + c.budget + c.wait, best) then
-            done = true
-            break
-          end
-          local tokens = tonumber(string.sub(entry, 22, 40))
-          if tokens <= C then
-            local parts = parts_of(tokens)
-            if may_beat(c.tier, floor + parts[1] + parts[2] + c.wait, best) then
-              local at, member = tonumber(string.sub(entry, 41, 56)), string.sub(entry, 57)
-              if excluded[member] then
-                -- Skipped this call: the class's oldest member not excluded (at most SKIP_MAX
-                -- are, each once: a few entries more than the excluded ones).
-                local prefix = string.sub(entry, 1, 40)
-                local heads = redis.call(
-                  'ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n
-                )
-                member = nil
-                -- Bounded by the LIMIT above.
-                for _, head in ipairs(heads) do
-                  if not excluded[string.sub(head, 57)] then
-                    at, member = tonumber(string.sub(head, 41, 56)), string.sub(head, 57)
-                    break
-                  end
-                end
-              end
-              if member ~= nil then
-                -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
-                local value = c.fixed + parts[1] + W[3] * wait_factor(at, c.p) + c.retry + parts[2] + pt
-                if beats(c.tier, value, at, member, best) then
-                  best = {member = member, score = value, tier = c.tier, at = at}
-                end
+          local hex = string.sub(entry, 6, 21)
+          if hex ~= passed then
+            local pt = time_of(hex)
+            local floor = static + pt + BOUND_SLACK
+            if not may_beat(f.tier, floor + f.budget + c.wait, best) then
+              return
+            end
+            local tokens = entry_tokens(entry)
+            if tokens <= C then
+              local parts = parts_of(tokens)
+              if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
+                consider(c, entry, tokens, pt)
+              elseif f.rising then
+                passed = hex
               end
             end
           end
         end
-        if done or #classes < CLASS_PAGE then
-          break
+        if #classes < CLASS_PAGE then
+          return
+        end
+      end
+    end
+
+    -- The cells of the higher tier first (only when none of them holds a candidate can a cell
+    -- of the lower tier hold the winner), best bound first. Bounded by the two tiers.
+    for tier_walked = 1, 0, -1 do
+      local cells = best == nil and cells_of(tier_walked) or {}
+      if #cells > 0 then
+        table.sort(cells, function(a, b) return a.bound > b.bound end)
+        -- Bounded by the non-empty cells.
+        for _, c in ipairs(cells) do
+          if not may_beat(c.facts.tier, c.bound, best) then
+            break -- every cell left bounds no higher
+          end
+          if not walk_heads(c) then
+            walk_classes(c)
+          end
         end
       end
     end
