@@ -4,12 +4,16 @@
 --
 -- Every non-empty cell is bounded from its summary alone (one HGETALL): its priority and retry
 -- parts, the best efficiency + token fit over its token range, the processing-time factor of
--- its best member, the wait of its oldest. Cells are visited best bound first; inside one, each
--- class is bounded the same way with its exact estimate and time, and only a class that can
--- still beat the best found has its head (its oldest member, the best of the class) read and
--- scored exactly. The walk stops at the first cell that cannot beat the best. So a dispatch
--- reads every cell's summary and the heads of the few classes that can win: its cost grows
--- with the non-empty cells, not with the queue.
+-- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
+-- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
+-- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
+-- the classes are scored from their entries (a class's head is its best member): first by
+-- their heads' age, oldest first, which stops at the first head whose wait cannot win; where
+-- the heads' waits are full (they wait alike), by processing time and then the larger
+-- estimate, which stops at the first time, or below half the capacity the first estimate,
+-- that cannot win. So a dispatch reads every cell's summary and, in the cells it visits, the
+-- classes that can still win: its cost grows with the non-empty cells and the distinct
+-- estimates and times inside the cells visited, not with the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
