@@ -21,7 +21,7 @@
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
-local HEAD_WALK = 16 -- heads of a cell read oldest first before its classes are walked
+local HEAD_WALK = 8 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -200,17 +200,21 @@ local function score_ranker(W, C, urgent_first)
       -- Bounded by the non-empty cells (the hash just read).
       for i = 1, #summaries, 2 do
         local cell, summary = summaries[i], summaries[i + 1]
-        local known = cell_facts[cell]
-        if known == nil then
-          local p, r, class = tonumber(string.sub(cell, 1, 1)), tonumber(string.sub(cell, 2, 2)), tonumber(string.sub(cell, 3))
-          known = {
-            p = p, tier = tier(p), fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
-            budget = budget_of(class), above = select(2, score_token_range(class)) > C,
-            rising = select(2, score_token_range(class)) <= 0.5 * C,
-          }
-          cell_facts[cell] = known
+        -- Its tier from its first character (its priority: 48 is '0') before anything else.
+        local known = nil
+        if tier(string.byte(cell, 1) - 48) == tier_wanted then
+          known = cell_facts[cell]
+          if known == nil then
+            local p, r, class = string.byte(cell, 1) - 48, string.byte(cell, 2) - 48, tonumber(string.sub(cell, 3))
+            local _, hi = score_token_range(class)
+            known = {
+              p = p, tier = tier_wanted, fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
+              budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C,
+            }
+            cell_facts[cell] = known
+          end
         end
-        if known.tier == tier_wanted then
+        if known ~= nil then
           if known.above then
             above(cell) -- some of its estimates (or all) never fit
           end
