@@ -290,35 +290,40 @@ local function score_ranker(W, C, urgent_first)
       local f = c.facts
       local static = f.fixed + f.retry
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
-      -- Each round reads a page from `from` on, and moves `from` past it, or past the rest of
-      -- a time whose smaller estimates cannot win (at least one class per round).
-      -- Bounded by the cell's classes, at most as many as its members.
-      for _ = 0, c.count do
+      local passed = nil -- a time whose remaining (smaller) estimates cannot win
+      -- Each round reads a page from `from` on; the next starts after it, or after the rest of
+      -- a time whose smaller estimates cannot win when the page ends inside it.
+      -- Bounded by the cell's classes, at most as many as its members (a page per round).
+      for _ = 0, math.floor(c.count / CLASS_PAGE) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, CLASS_PAGE)
-        local skipped = false
         -- Bounded by CLASS_PAGE (the LIMIT above).
         for _, entry in ipairs(classes) do
           local hex = string.sub(entry, 6, 21)
-          local pt = time_of(hex)
-          local floor = static + pt + BOUND_SLACK
-          if not may_beat(f.tier, floor + f.budget + c.wait, best) then
-            return
-          end
-          local tokens = entry_tokens(entry)
-          if tokens <= C then
-            local parts = parts_of(tokens)
-            if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
-              consider(c, entry, tokens, pt)
-            elseif f.rising then
-              -- The rest of this time: smaller estimates, no larger budget part.
-              from, skipped = '(' .. c.cell .. hex .. '\255', true
-              break
+          if hex ~= passed then
+            local pt = time_of(hex)
+            local floor = static + pt + BOUND_SLACK
+            if not may_beat(f.tier, floor + f.budget + c.wait, best) then
+              return
+            end
+            local tokens = entry_tokens(entry)
+            if tokens <= C then
+              local parts = parts_of(tokens)
+              if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
+                consider(c, entry, tokens, pt)
+              elseif f.rising then
+                passed = hex -- the rest of this time: smaller estimates, no larger budget part
+              end
             end
           end
-          from = '(' .. entry
         end
-        if not skipped and #classes < CLASS_PAGE then
+        if #classes < CLASS_PAGE then
           return
+        end
+        local last = classes[#classes]
+        if string.sub(last, 6, 21) == passed then
+          from = '(' .. c.cell .. passed .. '\255'
+        else
+          from = '(' .. last
         end
       end
     end
