@@ -29,14 +29,17 @@ script per dispatch and one per mark; section "Redis global choice" of RESULTS.m
                       ``dequeue`` then ``mark_as_processed(actual_tokens=...)``, ten tenants
 * ``global Worker``   a `Worker` with 16 handlers over that dispatcher: the jobs of its free
                       handlers come from one script, a no-op handler reports 8 tokens
-* ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy (the
-                      per-process prefetch buffer, for comparison)
+* ``global score dispatch+mark`` the same with the score policy (default weights), ranked
+                      inside Redis too
+* ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy and a
+                      custom scorer (the per-process prefetch buffer, for comparison)
 * ``bullmq work``     as above
 * memory per queued message: ``INFO memory`` ``used_memory`` before and after enqueueing
   ``--queued`` messages (ten tenants), divided by their number; the ranking index's share from
   ``MEMORY USAGE`` of its keys
 * server time per dispatch with ``--queued`` messages waiting: ``INFO commandstats`` (EVALSHA's
-  time per call) over 1,000 dispatches, then over their 1,000 marks
+  time per call) over 1,000 dispatches, then over their 1,000 marks; for the score policy over
+  a queue of every priority, estimates of 50 to 4,000 tokens and four expected processing times
 
     python benches/redis_compare.py --quick --no-bullmq       # smoke configuration
     python benches/redis_compare.py --write-results           # the full run; updates RESULTS.md
@@ -157,7 +160,7 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
     limiter: Any = None
-    if task in ("consume", "dispatcher+RedisThrottle", "global", "buffered", "global worker"):
+    if task in ("consume", "dispatcher+RedisThrottle", "global", "global score", "buffered", "global worker"):
         limiter = RedisThrottle(url, f"bench-{queue}", rpm=1e12, tpm=1e15)
         await limiter.can_process(0)
     await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -204,15 +207,23 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
                     done += 1
 
             await asyncio.gather(*(worker() for _ in range(16)))
-    elif task in ("global", "buffered"):
-        # The global choice (fair_priority over the whole queue, in Redis) or, for comparison, the
-        # score policy over a per-process prefetch buffer; both with the shared RedisThrottle.
+    elif task in ("global", "global score", "buffered"):
+        # The global choice (fair_priority or the score policy over the whole queue, in Redis)
+        # or, for comparison, the score policy with a custom scorer over a per-process prefetch
+        # buffer; all with the shared RedisThrottle.
         if task == "global":
             config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+        elif task == "global score":
+            config = LLMQueueDispatcherConfig(visibility_timeout=60.0)
         else:
-            config = LLMQueueDispatcherConfig(buffer_size=50, visibility_timeout=60.0)
+            from llm_queue_dispatcher import CustomScorer, ScoringConfig
+
+            scorer = CustomScorer("none", 0.0, lambda message, context: 0.0)
+            config = LLMQueueDispatcherConfig(
+                buffer_size=50, visibility_timeout=60.0, scoring=ScoringConfig(custom_scorers=[scorer])
+            )
         async with LLMQueueDispatcher(storage, config) as dispatcher:
-            assert (dispatcher._global is not None) == (task == "global")
+            assert (dispatcher._global is not None) == (task != "buffered")
 
             async def marker() -> None:
                 nonlocal done
@@ -356,6 +367,71 @@ async def _server_figures(port: int, queued: int, dispatches: int = 1_000) -> di
         figures["mark_us"] = await evalsha_us()
     await client.aclose()
     return figures
+
+
+async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000) -> dict[str, Any]:
+    """The server time of the score policy's dispatch and mark scripts with ``queued`` messages
+    of every priority, varied estimates and expected times waiting; its index's memory."""
+    import random
+
+    import redis.asyncio as aioredis
+
+    from llm_queue_dispatcher import (
+        LLMQueueDispatcher,
+        LLMQueueDispatcherConfig,
+        LLMRequest,
+        Priority,
+        TokenInfo,
+    )
+    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+
+    url = f"redis://127.0.0.1:{port}/0"
+    client = aioredis.Redis.from_url(url)
+    queue = f"score-{time.time_ns()}"
+    rng = random.Random(1)
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    async with storage:
+        for first in range(0, queued, 1000):
+            await storage.batch_enqueue(
+                [
+                    LLMRequest(
+                        f"s{i}",
+                        PAYLOAD,
+                        Priority(rng.choices([0, 1, 2, 3], weights=[1, 3, 6, 4])[0]),
+                        TokenInfo(rng.randint(50, 4000)),
+                        expected_processing_time=rng.choice([None, 0.5, 3.0, 20.0]),
+                    )
+                    for i in range(first, min(queued, first + 1000))
+                ]
+            )
+        prefix = storage._keys[0].decode().removesuffix("meta")
+        index_bytes = 0
+        for part in ("members", "ages", "classes", "cells"):
+            index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
+        cells = int(await client.hlen(f"{prefix}score:cells"))
+        # A real budget's size (the factors' A), large enough never to bind here.
+        limiter = RedisThrottle(url, f"score-{queue}", rpm=1e12, tpm=1e7)
+        config = LLMQueueDispatcherConfig(visibility_timeout=60.0)
+        async with limiter, LLMQueueDispatcher(storage, config) as dispatcher:
+            assert dispatcher._global is not None
+            await limiter.can_process(0)
+            await client.config_resetstat()
+            jobs = [await dispatcher.dequeue(limiter) for _ in range(dispatches)]
+            stats = (await client.info("commandstats"))["cmdstat_evalsha"]
+            dispatch_us = float(stats["usec"]) / int(stats["calls"])
+            await client.config_resetstat()
+            for job in jobs:
+                assert job is not None
+                await job.mark_as_processed(actual_tokens=8)
+            stats = (await client.info("commandstats"))["cmdstat_evalsha"]
+            mark_us = float(stats["usec"]) / int(stats["calls"])
+    await client.aclose()
+    return {
+        "score_dispatch_us": dispatch_us,
+        "score_mark_us": mark_us,
+        "score_index_bytes_per_message": index_bytes / queued,
+        "score_cells": cells,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +589,7 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
             for name, task in (
                 ("global dispatch+mark", "global"),
                 ("global Worker (16 handlers)", "global worker"),
+                ("global score dispatch+mark", "global score"),
                 ("buffered dispatch+mark", "buffered"),
             ):
                 queue = f"global-{next(serial)}"
@@ -527,6 +604,7 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({"name": "bullmq work", "processes": processes, **result})
                 print(f"{'bullmq work':28} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
         server = asyncio.run(_server_figures(port, args.queued))
+        server.update(asyncio.run(_score_server_figures(port, args.queued)))
         print(f"server figures: {server}", file=sys.stderr)
     notes.append(
         f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
@@ -557,6 +635,15 @@ def render_global(report: dict[str, Any]) -> str:
         f"(`INFO commandstats`, EVALSHA): {server['dispatch_us']:.0f} µs; per mark script (delete + "
         f"limiter correction + tenant charge): {server['mark_us']:.0f} µs."
     )
+    if "score_dispatch_us" in server:
+        lines.append("")
+        lines.append(
+            f"The score policy, {server['queued']:,} messages queued (every priority, 50 to 4,000 "
+            f"tokens, four expected processing times: {server['score_cells']:,} non-empty cells): "
+            f"its index takes {server['score_index_bytes_per_message']:,.0f} bytes per message; server "
+            f"time per dispatch script {server['score_dispatch_us']:.0f} µs, per mark "
+            f"{server['score_mark_us']:.0f} µs (the same method)."
+        )
     lines.append(GLOBAL_END)
     return "\n".join(lines)
 

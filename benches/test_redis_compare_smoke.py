@@ -96,12 +96,15 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
     server figures come out, and the section is written between its own markers."""
     with redis_server("everysec") as port:
         url = f"redis://127.0.0.1:{port}/0"
-        for task in ("global", "global worker", "buffered"):
+        for task in ("global", "global worker", "global score", "buffered"):
             queue = f"smoke-{task.replace(' ', '-')}"
             asyncio.run(_fill(port, queue, 40, redis_compare.TENANTS))
             assert asyncio.run(_child(task, url, queue, 40, time.time()))["count"] == 40, task
         server = asyncio.run(redis_compare._server_figures(port, 500, dispatches=20))
+        server.update(asyncio.run(redis_compare._score_server_figures(port, 500, dispatches=20)))
     assert server["bytes_per_message"] > server["index_bytes_per_message"] > 0
+    assert server["score_dispatch_us"] > 0
+    assert server["score_index_bytes_per_message"] > 0
     assert server["dispatch_us"] > 0
     assert server["mark_us"] > 0
     report: dict[str, Any] = {
@@ -124,6 +127,7 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
     }
     section = redis_compare.render_global(report)
     assert "| global dispatch+mark | 999 |" in section
+    assert "The score policy" in section
     path = tmp_path / "RESULTS.md"
     path.write_text(f"# Results\n\n{START_MARKER}\nother\n{END_MARKER}\n")
     redis_compare.write_global_results(section, path)

@@ -11,16 +11,22 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import (
+    CustomScorer,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
     Priority,
+    ScoringConfig,
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import fresh_name
 from tests.redis.support import RedisStorageAnHourAhead, an_hour_ahead
+
+# A custom scorer keeps the per-process prefetch buffer (the score policy without one ranks in
+# Redis: tests/redis/test_global_score.py).
+BUFFERED = ScoringConfig(custom_scorers=[CustomScorer("none", 0.0, lambda message, context: 0.0)])
 
 
 @pytest.fixture
@@ -49,9 +55,10 @@ async def test_the_buffer_leases_renews_and_releases(
 ) -> None:
     await storage.batch_enqueue([LLMRequest(f"m{i}", {"i": i}, token_info=TokenInfo(100)) for i in range(8)])
     config = LLMQueueDispatcherConfig(
-        buffer_size=5, visibility_timeout=0.6, enable_prefetch=True, prefetch_interval=0.2
+        buffer_size=5, visibility_timeout=0.6, enable_prefetch=True, prefetch_interval=0.2, scoring=BUFFERED
     )
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is None
     job = await dispatcher.dequeue(limiter)
     assert job is not None
     await asyncio.sleep(0.05)  # the buffer is topped up in the background

@@ -247,8 +247,8 @@ async def test_other_limiters_and_custom_policies_keep_the_per_process_buffer(re
         assert fair._global is not None
         assert not fair._global.usable_with(LLMThrottle(60, 1_000))
         assert not fair._global.usable_with(elsewhere)  # another hash tag: not co-located
-        score = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig())
-        assert score._global is None
+        unheld = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(hold_budget=False))
+        assert unheld._global is None
         no_hold = LLMQueueDispatcher(
             storage, LLMQueueDispatcherConfig(policy="fair_priority", hold_budget=False)
         )

@@ -221,11 +221,13 @@ async def dispatch(options: dict[str, Any], ledger: Ledger) -> None:
 
 
 async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
-    """A `fair_priority` dispatcher whose choice runs in Redis (``redis/global_choice.py``): each
-    hand-out and each mark is recorded with the server's instant of its script (``at``, us), so
-    the test can replay every decision against the brute-force reference in server order. The
-    payload is ``{"actual": n}``: the count the mark reports. With ``hold_jobs`` it takes that
-    many jobs, marks none and sleeps (to be killed)."""
+    """A `fair_priority` (or, with ``policy="score"``, score-policy) dispatcher whose choice runs
+    in Redis (``redis/global_choice.py``): each hand-out and each mark is recorded with the
+    server's instant of its script (``at``, us), so the test can replay every decision against
+    the brute-force reference in server order. The payload is ``{"actual": n}``: the count the
+    mark reports; with ``"fail": k`` the first k deliveries of it are marked failed (visible again
+    at once, recorded as ``fail``). With ``hold_jobs`` it takes that many jobs, marks none and
+    sleeps (to be killed)."""
     from llm_queue_dispatcher import FairPriorityConfig
     from llm_queue_dispatcher.redis import global_choice as module
 
@@ -236,7 +238,7 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
         self: Any, name: str, limiter: Any, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
     ) -> Any:
         reply = await original(self, name, limiter, args, tail)
-        instants.append(int(reply[0] if name == "global_dispatch" else reply[2]))
+        instants.append(int(reply[0] if name in ("global_dispatch", "score_dispatch") else reply[2]))
         return reply
 
     module.GlobalChoice._run = recorded  # type: ignore[method-assign]
@@ -247,9 +249,15 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
     fair = FairPriorityConfig(
         tenant_weights=options.get("weights", {}), fairness_window=options.get("window", 60.0)
     )
-    config = LLMQueueDispatcherConfig(
-        policy="fair_priority", fair_priority=fair, visibility_timeout=options.get("visibility", 30.0)
-    )
+    if options.get("policy") == "score":
+        config = LLMQueueDispatcherConfig(
+            visibility_timeout=options.get("visibility", 30.0),
+            min_score_threshold=options.get("min_score", 0.1),
+        )
+    else:
+        config = LLMQueueDispatcherConfig(
+            policy="fair_priority", fair_priority=fair, visibility_timeout=options.get("visibility", 30.0)
+        )
     storage: RedisStorage[Any] = RedisStorage(options["url"], options["queue"])
     limiter = RedisThrottle(options["url"], options["limiter"], rpm=options["rpm"], tpm=options["tpm"])
     hold_jobs = options.get("hold_jobs")
@@ -280,6 +288,12 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
                 if taken >= hold_jobs:
                     ledger.write("holding")
                     await asyncio.sleep(deadline - _real_time())
+                continue
+            if job.message.attributes.receive_count <= request.payload.get("fail", 0):
+                await job.mark_as_failed(RuntimeError("a retry"))
+                ledger.write(
+                    "fail", id=request.id, count=job.message.attributes.receive_count, at=instants[-1]
+                )
                 continue
             actual = request.payload["actual"]
             await job.mark_as_processed(actual_tokens=actual)

@@ -230,13 +230,21 @@ def _source(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
+def prelude(name: str) -> str:
+    """The source of prelude ``name``: the queue's starts with the score policy's index
+    (``score_index.lua``), which its index functions call."""
+    if name == "queue_common":
+        return f"{_source('score_index')}\n{_source(name)}"
+    return _source(name)
+
+
 class Script:
     """One operation: the helpers of every script (``common.lua``), a prelude (the queue's or
     the limiter's) and the operation's file, as one Lua script."""
 
-    def __init__(self, prelude: str, name: str) -> None:
+    def __init__(self, prelude_name: str, name: str) -> None:
         self.name = name
-        self.source = f"{_source('common')}\n{_source(prelude)}\n{_source(name)}"
+        self.source = f"{_source('common')}\n{prelude(prelude_name)}\n{_source(name)}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
     def command(self, keys: Sequence[bytes], args: Sequence[Any]) -> tuple[Any, ...]:

@@ -1,30 +1,37 @@
-"""The global choice: `fair_priority` ranked over the whole Redis queue, in one round trip.
+"""The global choice: the score policy and `fair_priority` ranked over the whole Redis queue,
+in one round trip.
 
-With `RedisStorage`, the `fair_priority` policy (without custom scorers, with ``hold_budget``
-and ``reserve_budget``, the defaults) and a `RedisThrottle` on the same server and namespace,
-`LLMQueueDispatcher.dequeue` does not fill a per-process prefetch buffer: one script
-(``lua/global_dispatch.lua``) finds the first message of the fair order over every visible
-message of the queue, reserves its budget at the limiter under the delivery's key
-(``"request-id#n"``) and leases it. The tenants' token use is one record in Redis, charged at
-that dispatch and corrected by the mark, which is one script too (``lua/global_mark.lua``:
-the store's step, the limiter's correction and the charge's). Every process that shares the
-queue then sees one order and one ledger of tenant use.
+With `RedisStorage`, the score policy without custom scorers or the `fair_priority` policy
+(with ``hold_budget`` and ``reserve_budget``, the defaults) and a `RedisThrottle` on the same
+server and namespace, `LLMQueueDispatcher.dequeue` does not fill a per-process prefetch buffer:
+one script finds the winner over every visible message of the queue, reserves its budget at the
+limiter under the delivery's key (``"request-id#n"``) and leases it. For the score policy that
+is ``lua/score_dispatch.lua``: the best score (``lua/score_rank.lua``, the in-memory rules with
+the budget held), found by bounding cells of an index that holds no weight, so processes with
+other weights share it. For `fair_priority` it is ``lua/global_dispatch.lua``: the first message
+of the fair order, the tenants' token use being one record in Redis, charged at that dispatch
+and corrected by the mark. The mark is one script too (``lua/global_mark.lua``: the store's
+step, the limiter's correction and the charge's). Every process that shares the queue then sees
+one order (and one ledger of tenant use).
 
-The ranking index the scripts read is kept by every queue script (``lua/queue_common.lua``) as
-messages are enqueued, received, released, dead-lettered, deleted and expire. A queue written
-before the index existed is indexed by the first global dispatch (``lua/index_scan.lua``,
-``lua/index_fill.lua``). A dispatch cancelled or timed out while its reply was in flight is sent
-again in the background and its winners given back (lease, reservation, charge).
+The ranking indexes the scripts read are kept by every queue script (``lua/queue_common.lua``,
+``lua/score_index.lua``) as messages are enqueued, received, released, dead-lettered, deleted
+and expire. A queue written before an index existed is indexed by the first global dispatch
+(``lua/index_scan.lua``, ``lua/index_fill.lua``, ``lua/score_fill.lua``). A dispatch cancelled
+or timed out while its reply was in flight is sent again in the background and its winners
+given back (lease, reservation, charge).
 
 Co-location: a queue's keys and a limiter's keys share the hash tag ``{namespace}``, so a
 `RedisThrottle` of the storage's namespace is in the queue's Redis Cluster slot. The global
 choice is used only with such a limiter whose client points at the same server (host, port,
 database or socket path) as the storage's; the script runs on the storage's connection.
-Otherwise (another limiter, custom scorers, the score policy, ``hold_budget=False``,
-``drop_expired``) the dispatcher keeps its per-process prefetch buffer.
+Otherwise (another limiter, custom scorers, ``hold_budget=False``, ``drop_expired``) the
+dispatcher keeps its per-process prefetch buffer: custom scorers run Python, so they cannot
+rank inside Redis.
 
-Every process sharing a queue should pass the same `FairPriorityConfig`: each call applies the
-fairness window, tenant weights and aging of the process that makes it.
+Every process sharing a queue should pass the same `FairPriorityConfig` (or score weights):
+each call applies the fairness window, tenant weights and aging (the weights) of the process
+that makes it.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from typing import TYPE_CHECKING, Any
 from .._core import DispatchCore, Plan, ProcessableMessage
 from ..config import FairPriorityConfig, LLMQueueDispatcherConfig
 from ..errors import StorageError
+from ..scoring import ScoringConfig, ScoringWeights
 from ..types import QueueMessage
-from ._connection import CLIENT_ERRORS, Script, _source, host_microseconds
+from ._connection import CLIENT_ERRORS, Script, _source, host_microseconds, prelude
 from .storage import RedisStorage, _index_fields
 from .throttle import RedisThrottle
 
@@ -91,8 +99,10 @@ class _GlobalScript(Script):
         limiter = (
             f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
         )
+        # The score policy's dispatch ranks with score_rank.lua.
+        operation = f"{_source('score_rank')}\n{_source(name)}" if name == "score_dispatch" else _source(name)
         self.name = name
-        self.source = f"{_source('common')}\n{_source('queue_common')}\n{limiter}\n{_source(name)}"
+        self.source = f"{_source('common')}\n{prelude('queue_common')}\n{limiter}\n{operation}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
 
@@ -143,6 +153,15 @@ class GlobalChoice:
             str(len(fair.tenant_weights)),
             *weights,
         )
+        # The score policy (score_dispatch.lua) or fair_priority (global_dispatch.lua).
+        self._dispatch_script = "score_dispatch" if config.policy == "score" else "global_dispatch"
+        scoring = (config.scoring or ScoringConfig()).weights or ScoringWeights()
+        self._score_args = (
+            *(repr(float(weight)) for weight in scoring.as_tuple()),
+            "1" if config.score_urgent_first() else "0",
+            "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
+            repr(float(config.min_score_threshold)),
+        )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
         # Dispatches cancelled while in flight, whose winners are being given back.
@@ -155,7 +174,7 @@ class GlobalChoice:
         """The global choice for this dispatcher, or None where it does not apply."""
         applies = (
             isinstance(storage, RedisStorage)
-            and config.policy == "fair_priority"
+            and config.policy in ("fair_priority", "score")
             and not custom_scorers
             and config.hold_budget
             and config.reserve_budget
@@ -200,13 +219,13 @@ class GlobalChoice:
         try:
             return await storage._connection.run(_script(name), keys, arguments)
         except asyncio.CancelledError:
-            if name == "global_dispatch":
+            if name in ("global_dispatch", "score_dispatch"):
                 # The script may have run, its winners leased and reserved for nobody: the same
                 # call again is answered with them (its reply key), and they go back at once.
                 self._start_recovery(limiter, keys, arguments)
             raise
         except CLIENT_ERRORS as exc:
-            if name == "global_dispatch":
+            if name in ("global_dispatch", "score_dispatch"):
                 # The same for a reply lost to a timeout (a dropped connection is resent by the
                 # client already; if that failed too, the recovery fails as well and says so).
                 self._start_recovery(limiter, keys, arguments)
@@ -233,9 +252,12 @@ class GlobalChoice:
             # again (once: a queue found unindexed again is left to the next call).
             await self._index()
             reply = await self._dispatch(limiter, count, capacity)
-            if len(reply) == 3:
+            if len(reply) == 3 and reply[2] == b"unindexed":
                 return None
         if len(reply) < 9:
+            if len(reply) == 3:
+                # The held winner's refusal (score_dispatch.lua): the binding limit's metrics.
+                self._core.limiter_refused(reply[2].decode())
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
         jobs: list[ProcessableMessage[Any]] = []
@@ -259,18 +281,25 @@ class GlobalChoice:
         storage = self._storage
         timeout = self._timeout
         sent = host_microseconds(storage._host_time())
-        reply = await self._run(
-            "global_dispatch",
-            limiter,
-            (
-                max(1, min(count, _MOST_WINNERS)),
+        winners = max(1, min(count, _MOST_WINNERS))
+        if self._dispatch_script == "score_dispatch":
+            arguments: tuple[Any, ...] = (
+                winners,
+                round(timeout * 1_000_000),
+                repr(timeout),
+                repr(capacity),
+                *self._score_args,
+            )
+        else:
+            arguments = (
+                winners,
                 round(timeout * 1_000_000),
                 repr(timeout),
                 *self._fair_args,
                 repr(capacity),
                 *self._weights,
-            ),
-        )
+            )
+        reply = await self._run(self._dispatch_script, limiter, arguments)
         storage._clock_offset.observe(sent, host_microseconds(storage._host_time()), int(reply[0]))
         return reply
 
@@ -285,7 +314,7 @@ class GlobalChoice:
         released with its reservation and charge. On failure they come back after their
         visibility timeout."""
         try:
-            reply = await self._storage._connection.run(_script("global_dispatch"), keys, arguments)
+            reply = await self._storage._connection.run(_script(self._dispatch_script), keys, arguments)
             if len(reply) >= 9:
                 for i in range(2, len(reply), 7):
                     await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode(), "release")
@@ -307,11 +336,17 @@ class GlobalChoice:
                 try:
                     index = _index_fields(storage._decode(found[i + 1]))
                 except StorageError:
-                    index = (b"", 0, -1, -1, -1)
+                    index = (b"", 0, -1, -1, -1, "-1")
                 fields += (found[i], *index)
             done = cursor in (b"0", 0, "0")
             await storage._run("index_fill", "1" if done else "0", *fields)
             if done:
+                break
+        # The score policy's index (lua/score_fill.lua), for a queue stored before it existed.
+        cursor = b"0"
+        while True:
+            cursor = await storage._run("score_fill", cursor)
+            if cursor in (b"0", 0, "0"):
                 return
 
     async def _open(

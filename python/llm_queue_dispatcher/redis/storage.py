@@ -115,10 +115,11 @@ _KEY_PARTS = (
 _DEADLINE_MAX_US = 9_999_999_999_999_998
 
 
-def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int, int, int]:
-    """What the ranking index keeps beside a message's body: tenant, estimated tokens, deadline
+def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int, int, int, str]:
+    """What the ranking indexes keep beside a message's body: tenant, estimated tokens, deadline
     (us, -1: none), input and output tokens (-1 each: not given; the limiter's ITPM and OTPM
-    reserve these parts)."""
+    reserve these parts), expected processing time in seconds (-1: not given; the score
+    policy's processing-time factor)."""
     tenant = (request.tenant or "").encode("utf-8", "surrogatepass")
     deadline = request.deadline
     deadline_us = (
@@ -131,12 +132,13 @@ def _index_fields(request: LLMRequest[Any]) -> tuple[bytes, int, int, int, int]:
         deadline_us,
         -1 if info.input is None else int(info.input),
         -1 if info.max_output is None else int(info.max_output),
+        "-1" if request.expected_processing_time is None else repr(float(request.expected_processing_time)),
     )
 
 
 # A request as the enqueue script takes it: id, priority, body, tenant, estimate, deadline (us),
-# input and output tokens.
-_Encoded = tuple[bytes, int, bytes, bytes, int, int, int, int]
+# input and output tokens, expected processing time.
+_Encoded = tuple[bytes, int, bytes, bytes, int, int, int, int, str]
 # Retention beyond this many microseconds (about 285 years) is forever.
 _FOREVER_US = 2**53
 

@@ -1,6 +1,6 @@
 -- enqueue / batch_enqueue: ARGV[5..] = request id, priority, serialised request, tenant,
--- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given), repeated
--- (the last five feed the ranking index).
+-- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given), expected
+-- processing time in seconds (-1: not given), repeated (the last six feed the ranking indexes).
 -- All or nothing: a request id already live refuses the whole batch. Returns {NOW, 'ok',
 -- message id, enqueued_at, ...} or {NOW, 'dup', request id}.
 --
@@ -13,10 +13,10 @@ local function message_id(i)
   return string.sub(redis.sha1hex(NONCE .. ':enqueue:' .. i), 1, 32)
 end
 local out = {fmt(NOW), 'ok'}
-local count = (#ARGV - 4) / 8
+local count = (#ARGV - 4) / 9
 -- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
-  local rid = ARGV[5 + 8 * i]
+  local rid = ARGV[5 + 9 * i]
   local member = redis.call('HGET', Q.ids, rid)
   local s = member and load(Q, member)
   if s and not (i == 0 and s.mid == message_id(0)) and catch_up(member, s) then
@@ -36,10 +36,10 @@ for i = 0, count - 1 do
 end
 -- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
-  local rid, p, body = ARGV[5 + 8 * i], tonumber(ARGV[6 + 8 * i]), ARGV[7 + 8 * i]
+  local rid, p, body = ARGV[5 + 9 * i], tonumber(ARGV[6 + 9 * i]), ARGV[7 + 9 * i]
   local index = {
-    ten = ARGV[8 + 8 * i], tok = tonumber(ARGV[9 + 8 * i]), dl = tonumber(ARGV[10 + 8 * i]),
-    inp = tonumber(ARGV[11 + 8 * i]), out = tonumber(ARGV[12 + 8 * i]),
+    ten = ARGV[8 + 9 * i], tok = tonumber(ARGV[9 + 9 * i]), dl = tonumber(ARGV[10 + 9 * i]),
+    inp = tonumber(ARGV[11 + 9 * i]), out = tonumber(ARGV[12 + 9 * i]), ept = tonumber(ARGV[13 + 9 * i]),
   }
   insert(Q, rid, p, NOW, body, message_id(i), index)
   out[#out + 1] = message_id(i)

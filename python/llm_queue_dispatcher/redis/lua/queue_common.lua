@@ -52,6 +52,12 @@ local function queue_keys(base)
     lanes = KEYS[base + 11], tenants = KEYS[base + 12], aging = {KEYS[base + 13], KEYS[base + 14]},
     urgent = KEYS[base + 15], usage = KEYS[base + 16], charges = KEYS[base + 17], charge = KEYS[base + 18],
     recent_urgent = KEYS[base + 19], recent = KEYS[base + 20],
+    -- The score policy's index (score_index.lua): named after the queue's meta key, in its slot.
+    sc_members = string.sub(KEYS[base], 1, -5) .. 'score:members',
+    sc_ages = string.sub(KEYS[base], 1, -5) .. 'score:ages',
+    sc_classes = string.sub(KEYS[base], 1, -5) .. 'score:classes',
+    sc_cells = string.sub(KEYS[base], 1, -5) .. 'score:cells',
+    sc_heads = string.sub(KEYS[base], 1, -5) .. 'score:heads',
   }
 end
 
@@ -78,18 +84,20 @@ end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
 -- the first receive), message id, request id, then what the ranking index needs: tenant,
--- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given). (A
--- message stored by a version without these has ten == nil: it is not in the index; one stored
--- before the parts has inp == nil: its limiter reservation counts the whole estimate.)
+-- estimated tokens, deadline in us (-1: none), input and output tokens (-1: not given), the
+-- expected processing time in seconds (-1: not given). (A message stored by a version without
+-- these has ten == nil: it is not in the index; one stored before the parts has inp == nil: its
+-- limiter reservation counts the whole estimate; one stored before the processing time has
+-- ept == nil: the score policy counts it as not given.)
 local function load(q, member)
   local raw = redis.call('HGET', q.state, member)
   if not raw then
     return nil
   end
-  local p, at, rc, first, token, mid, rid, ten, tok, dl, inp, out = cmsgpack.unpack(raw)
+  local p, at, rc, first, token, mid, rid, ten, tok, dl, inp, out, ept = cmsgpack.unpack(raw)
   return {
     p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl,
-    inp = inp, out = out,
+    inp = inp, out = out, ept = ept,
   }
 end
 
@@ -99,6 +107,11 @@ local function save(q, member, s)
   elseif s.inp == nil then
     redis.call(
       'HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
+    )
+  elseif s.ept ~= nil then
+    redis.call(
+      'HSET', q.state, member,
+      cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out, s.ept)
     )
   else
     redis.call(
@@ -141,6 +154,7 @@ local function index_add(q, member, s)
   if s.ten == nil then
     return
   end
+  score_index_add(q, member, s)
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
   redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
@@ -161,6 +175,7 @@ local function index_remove(q, member, s)
   if s.ten == nil then
     return
   end
+  score_index_remove(q, member, s)
   local removed = redis.call('ZREM', q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   if s.p == 0 then
     redis.call('ZREM', q.urgent, member)
@@ -200,6 +215,7 @@ end
 local function created(q)
   if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
     redis.call('HSET', q.meta, 'indexed', '1')
+    redis.call('HSET', q.meta, 'scored', '1')
   end
 end
 
@@ -228,7 +244,7 @@ local function insert(q, rid, p, at, body, mid, index)
   local member = string.format('%015d', redis.call('INCR', q.seq))
   local s = {p = p, at = at, rc = 0, first = -1, token = '', mid = mid, rid = rid}
   if index ~= nil then
-    s.ten, s.tok, s.dl, s.inp, s.out = index.ten, index.tok, index.dl, index.inp, index.out
+    s.ten, s.tok, s.dl, s.inp, s.out, s.ept = index.ten, index.tok, index.dl, index.inp, index.out, index.ept
   end
   redis.call('HSET', q.ids, rid, member)
   redis.call('HSET', q.body, member, body)
@@ -251,7 +267,7 @@ local function dead_letter(member, s)
     end
     local index = nil
     if s.ten ~= nil then
-      index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out}
+      index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out, ept = s.ept}
     end
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)

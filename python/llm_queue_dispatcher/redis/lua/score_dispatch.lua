@@ -1,0 +1,234 @@
+-- score_dispatch (the score policy without custom scorers): selects the best-scored message over
+-- the whole queue (score_rank.lua), reserves its budget at the co-located RedisThrottle and
+-- leases it, up to ARGV[5] winners in rank order, in one script. The script is common.lua + the
+-- queue's prelude (score_index.lua, queue_common.lua) + the limiter's prelude and operations
+-- wrapped as limiter_call() (redis/global_choice.py) + score_rank.lua + this.
+--
+-- KEYS: as global_dispatch.lua (the queues, the limiter's five keys, this call's reply key).
+-- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
+-- ARGV[8] the limiter's token capacity (A of the formulas; a message above it never fits)
+-- ARGV[9 .. 14] the weights: priority, efficiency, wait time, retry, token fit, processing time
+-- ARGV[15] urgent_first ('1' or '0')  ARGV[16] the URGENT reserve ('': automatic)
+-- ARGV[17] min_score_threshold (a winner scoring below it is not taken: nothing is)
+-- ARGV[18 ..] the limiter's own ARGV[1..14]
+--
+-- Returns what global_dispatch.lua returns: {NOW, '', 'unindexed'} for a queue whose messages
+-- may wait outside the index; else {NOW, wait in us ('' when nothing holds), then per winner:
+-- member, message id, receive count, enqueued_at, first_received_at, receipt token, serialised
+-- request}. The wait is set when the best message (that can ever fit) was refused by the
+-- limiter: nothing ranked below it was taken (the budget is held for it); the limiter's reason
+-- follows it ({NOW, wait, reason}: the metrics' binding limit).
+--
+-- The rules are the in-memory score policy's with the budget held (rust/policy.rs,
+-- decide_score): A is the token capacity; with urgent_first every URGENT message ranks above
+-- every other; a non-URGENT winner leaves the URGENT reserve in the bucket unless a backlog is
+-- clearing; a winner below min_score_threshold is not taken.
+
+local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
+local SKIP_MAX = 16 -- messages skipped per call: never fitting a limit, or past retention
+
+local function received(out, member, s)
+  out[#out + 1] = member
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = s.token
+  out[#out + 1] = redis.call('HGET', Q.body, member)
+end
+
+local LIMITER_KEYS = {}
+for i = 1, 5 do -- the limiter's five keys
+  LIMITER_KEYS[i] = KEYS[QUEUE_KEYS + i]
+end
+local GREPLY = KEYS[QUEUE_KEYS + 6]
+
+maintain()
+local out = {fmt(NOW), ''}
+local kept = recalled(GREPLY)
+if kept ~= nil then
+  -- Bounded by the messages the first run received (member, token pairs).
+  for i = 1, #kept, 2 do
+    local s = holder(kept[i], kept[i + 1])
+    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
+      received(out, kept[i], s)
+    end
+  end
+  return out
+end
+
+if redis.call('HGET', Q.meta, 'indexed') ~= '1' or redis.call('HGET', Q.meta, 'scored') ~= '1' then
+  -- Messages stored before the index existed may wait outside it: the client indexes the queue
+  -- (index_scan.lua, index_fill.lua, score_fill.lua), then calls again.
+  return {fmt(NOW), '', 'unindexed'}
+end
+
+local limit = math.max(1, math.min(tonumber(ARGV[5]), WINNERS_MAX))
+local timeout = tonumber(ARGV[6])
+local capacity = tonumber(ARGV[8])
+local weights = {}
+-- Bounded: the six weights.
+for i = 1, 6 do
+  weights[i] = tonumber(ARGV[8 + i])
+end
+local urgent_first = ARGV[15] == '1'
+local fixed_urgent = tonumber(ARGV[16])
+local min_score = tonumber(ARGV[17])
+local limiter_argv = {}
+-- Bounded: the limiter's fourteen arguments.
+for i = 1, 14 do
+  limiter_argv[i] = ARGV[17 + i]
+end
+local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
+if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+  redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
+end
+
+-- The limiter's call `op` with `request`'s arguments after its own.
+local function limiter(op, request)
+  local argv = {}
+  -- Bounded: the limiter's fourteen arguments.
+  for i = 1, 14 do
+    argv[i] = limiter_argv[i]
+  end
+  -- Bounded: the request's arguments (at most five).
+  for i, value in ipairs(request) do
+    argv[14 + i] = value
+  end
+  return limiter_call(LIMITER_KEYS, argv, op)
+end
+
+-- The URGENT reserve (rust/policy.rs, score_reserve): twice the largest of the last 64 URGENT
+-- estimates, at most a quarter of the capacity, or the fixed one; none without urgent_first,
+-- and none while a backlog clears (the limiter admits every visible estimate together and
+-- nothing arrived for as long as the bucket takes to refill the reserve).
+local function urgent_reserve()
+  if not urgent_first then
+    return 0
+  end
+  local reserve = fixed_urgent
+  if reserve == nil then
+    local most = nil
+    -- Bounded: the list keeps 64 estimates.
+    for _, value in ipairs(redis.call('LRANGE', Q.recent_urgent, 0, 63)) do
+      local n = tonumber(value)
+      if most == nil or n > most then
+        most = n
+      end
+    end
+    reserve = most == nil and 0 or math.min(2 * most, 0.25 * capacity)
+  end
+  if reserve <= 0 then
+    return reserve
+  end
+  local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
+  local quiet = arrival == nil or (NOW - arrival) / 1000000 >= reserve / refill
+  local waiting = tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0
+  if quiet and limiter('check', {waiting, '', ''})[1] == '' then
+    return 0
+  end
+  return reserve
+end
+
+-- A part of the estimate for the limiter ('' when not given: its ITPM and OTPM count the whole).
+local function part(n)
+  if n == nil or n < 0 then
+    return ''
+  end
+  return fmt(n)
+end
+
+-- Messages above the capacity are never ranked; their submitters, if any wait, hear that they
+-- never fit (they stay queued, as the per-process path leaves them). Told once: the entry goes.
+local told = 0
+local function above(cell)
+  if told >= SKIP_MAX then
+    return
+  end
+  local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, SKIP_MAX)
+  -- Bounded by SKIP_MAX (the LIMIT above).
+  for _, class in ipairs(classes) do
+    if entry_tokens(class) > capacity then
+      local prefix = string.sub(class, 1, CLASS_LEN)
+      local entries = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX - told)
+      -- Bounded by SKIP_MAX (the LIMIT above).
+      for _, entry in ipairs(entries) do
+        local s = load(Q, entry_member(entry))
+        report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more tokens than the limiter can ever '
+          .. 'grant (capacity ' .. fmt(capacity) .. '); it stays queued', {reason = 'tpm_limit', available_in = 'inf'})
+        told = told + 1
+      end
+      if told >= SKIP_MAX then
+        return
+      end
+    end
+  end
+end
+
+local ranker = score_ranker(weights, capacity, urgent_first)
+local excluded = {n = 0}
+local taken = {}
+local skipped, expired = 0, 0
+-- Each round takes a winner, skips a message that never fits a limit or expires one past
+-- retention (at most WINNERS_MAX winners, SKIP_MAX skipped and SKIP_MAX expired).
+-- Bounded by `limit` winners, SKIP_MAX skipped and SKIP_MAX expired.
+for _ = 1, limit + 2 * SKIP_MAX do
+  if #taken >= 2 * limit then
+    break
+  end
+  local best = ranker.best(excluded, above)
+  if best == nil or best.score < min_score then
+    break
+  end
+  local member, s = best.member, best.s
+  if RETENTION > 0 and NOW - s.at > RETENTION then
+    -- Past the retention period, left in the index by maintain()'s bound: it expires now.
+    catch_up(member, s)
+    expired = expired + 1
+    if expired >= SKIP_MAX then
+      break
+    end
+  else
+    local key = s.rid .. '#' .. (s.rc + 1)
+    local margin = 0
+    if s.p ~= 0 then
+      margin = math.min(s.tok + urgent_reserve(), capacity) - s.tok
+      if margin < 0 then
+        margin = 0
+      end
+    end
+    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin})
+    if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
+      -- It can never fit one of the limits: skipped, it holds nothing.
+      excluded[member] = true
+      excluded.n = excluded.n + 1
+      skipped = skipped + 1
+      report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
+        .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
+    elseif granted[1] ~= 1 then
+      if #taken == 0 then
+        out[2] = granted[3] -- the wait in us: the budget is held for this winner
+        out[3] = granted[2]
+      end
+      break
+    else
+      hide(Q, member, s)
+      s.rc = s.rc + 1
+      if s.first < 0 then
+        s.first = NOW
+      end
+      s.token = fresh()
+      save(Q, member, s)
+      redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+      received(out, member, s)
+      taken[#taken + 1] = member
+      taken[#taken + 1] = s.token
+    end
+  end
+end
+if #taken == 0 then
+  return out
+end
+touch(Q)
+remember(GREPLY, taken)
+return out

@@ -1,0 +1,201 @@
+-- The score policy's ranking index (the global choice, score_rank.lua): part of the queue's
+-- prelude, before queue_common.lua, whose index_add and index_remove call score_index_add and
+-- score_index_remove as a message becomes visible and stops being visible.
+--
+-- It is the cell decomposition of the in-memory index (rust/cells.rs, rust/index.rs) and holds
+-- nothing that depends on the weights or the limiter, so every process reads one index whatever
+-- its configuration:
+--   cell    priority, retry class (the receive count, 7 for every count from 7 on: its factor
+--           is then the 0.1 floor) and token class (eight per doubling of the estimate):
+--           <p><r><ccc>, 5 characters
+--   class   a cell's members with one estimate and one processing time, whose scores differ
+--           only by their wait: <cell><processing ms, clamped to [1 s, 30.001 s], as the 16 hex
+--           digits of its double (positive doubles sort like their bits)><2^53 - estimate: 16
+--           digits (the larger estimate first)>, 37 characters
+--   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
+--   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first
+--   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
+--                 classes, the best processing time first, then the larger estimate, each with
+--                 its head (the best of the class), so a class is scored from its entry alone
+--   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
+--                 classes, the oldest head first
+--   q.sc_cells    hash: cell -> <oldest: enqueued_at and member, 31 characters><best processing
+--                 time: 16 hex digits><visible members>: what bounds the cell, read in one call
+-- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
+-- the index can be filled while scripts keep it (score_fill.lua).
+
+local SCORE_MS_MIN, SCORE_MS_MAX = 1000, 30001
+
+-- The processing time in ms the score is computed from: the expected processing time when
+-- given (0 is a value), else tokens * 0.01 s (API.md, "Scoring").
+local function score_ms(s)
+  if s.ept ~= nil and s.ept >= 0 then
+    return s.ept * 1000
+  end
+  return s.tok * 10
+end
+
+local function hex_of(ms)
+  local bytes = struct.pack('>d', math.min(math.max(ms, SCORE_MS_MIN), SCORE_MS_MAX))
+  local out = {}
+  -- Bounded: the eight bytes of a double.
+  for i = 1, 8 do
+    out[i] = string.format('%02x', string.byte(bytes, i))
+  end
+  return table.concat(out)
+end
+
+local ms_cache = {}
+local function ms_of(hex)
+  local known = ms_cache[hex]
+  if known ~= nil then
+    return known
+  end
+  local bytes = {}
+  -- Bounded: the eight bytes of a double.
+  for i = 1, 8 do
+    bytes[i] = string.char(tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16))
+  end
+  known = struct.unpack('>d', table.concat(bytes))
+  ms_cache[hex] = known
+  return known
+end
+
+-- The token class of an estimate: 0 for none, else 1 + floor(8 log2(tokens)), corrected so the
+-- estimate lies inside the class's range (score_token_range) whatever log's rounding.
+local function score_token_range(class)
+  if class == 0 then
+    return 0, 0
+  end
+  local lo = 2 ^ ((class - 1) / 8) * (1 - 1e-9)
+  return math.max(lo, 1), 2 ^ (class / 8) * (1 + 1e-9)
+end
+
+local function score_token_class(tokens)
+  if tokens <= 0 then
+    return 0
+  end
+  local class = 1 + math.floor(math.log(tokens) / math.log(2) * 8)
+  -- Bounded: log's rounding moves a class by one at most.
+  for _ = 1, 2 do
+    local lo, hi = score_token_range(class)
+    if tokens < lo then
+      class = class - 1
+    elseif tokens > hi then
+      class = class + 1
+    end
+  end
+  return class
+end
+
+local function score_cell(s)
+  return s.p .. math.min(s.rc, 7) .. string.format('%03d', score_token_class(s.tok))
+end
+
+local TOKENS_TOP = 9007199254740992 -- 2^53: estimates are at most this (a double holds them)
+local CLASS_LEN = 37
+
+local function score_class(s)
+  return score_cell(s) .. hex_of(score_ms(s)) .. string.format('%016.0f', TOKENS_TOP - s.tok)
+end
+
+-- What an entry of sc_members or sc_classes holds: estimate, enqueued_at, member.
+local function entry_tokens(entry)
+  return TOKENS_TOP - tonumber(string.sub(entry, 22, 37))
+end
+
+local function entry_at(entry)
+  return tonumber(string.sub(entry, 38, 53))
+end
+
+local function entry_member(entry)
+  return string.sub(entry, 54)
+end
+
+-- The sc_heads entry of a sc_classes entry, and back.
+local function head_entry(entry)
+  return string.sub(entry, 1, 5) .. string.sub(entry, 38) .. string.sub(entry, 6, 37)
+end
+
+local function class_entry(head)
+  return string.sub(head, 1, 5) .. string.sub(head, 37) .. string.sub(head, 6, 36)
+end
+
+local function score_age_key(member, s)
+  return string.format('%016.0f', s.at) .. member
+end
+
+-- A cell's summary: oldest (31 characters), best time (16), count.
+local function cell_summary(oldest, best, count)
+  return oldest .. best .. count
+end
+
+local function score_index_add(q, member, s)
+  if s.ten == nil then
+    return -- stored before the index: score_fill.lua adds it
+  end
+  local class, age = score_class(s), score_age_key(member, s)
+  if redis.call('ZADD', q.sc_members, 0, class .. age) == 0 then
+    return -- indexed already
+  end
+  local cell = string.sub(class, 1, 5)
+  local best = string.sub(class, 6, 21)
+  redis.call('ZADD', q.sc_ages, 0, cell .. age)
+  local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
+  if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
+    if entry ~= nil then
+      redis.call('ZREM', q.sc_classes, entry)
+      redis.call('ZREM', q.sc_heads, head_entry(entry))
+    end
+    redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
+    redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
+  end
+  local summary = redis.call('HGET', q.sc_cells, cell)
+  if summary then
+    local oldest, kept, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), string.sub(summary, 48)
+    summary = cell_summary(age < oldest and age or oldest, best < kept and best or kept, tonumber(count) + 1)
+  else
+    summary = cell_summary(age, best, 1)
+  end
+  redis.call('HSET', q.sc_cells, cell, summary)
+end
+
+local function score_index_remove(q, member, s)
+  if s.ten == nil then
+    return
+  end
+  local class, age = score_class(s), score_age_key(member, s)
+  if redis.call('ZREM', q.sc_members, class .. age) == 0 then
+    return -- not indexed
+  end
+  local cell = string.sub(class, 1, 5)
+  redis.call('ZREM', q.sc_ages, cell .. age)
+  local emptied = false
+  if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
+    -- It was the class's head: the next oldest takes its place, if any.
+    redis.call('ZREM', q.sc_heads, head_entry(class .. age))
+    local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
+    if next == nil then
+      emptied = true
+    else
+      redis.call('ZADD', q.sc_classes, 0, next)
+      redis.call('ZADD', q.sc_heads, 0, head_entry(next))
+    end
+  end
+  local summary = redis.call('HGET', q.sc_cells, cell)
+  if not summary then
+    return
+  end
+  local oldest, best, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), tonumber(string.sub(summary, 48))
+  if count <= 1 then
+    redis.call('HDEL', q.sc_cells, cell)
+    return
+  end
+  if oldest == age then
+    oldest = string.sub(redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6)
+  end
+  if emptied and best == string.sub(class, 6, 21) then
+    best = string.sub(redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6, 21)
+  end
+  redis.call('HSET', q.sc_cells, cell, cell_summary(oldest, best, count - 1))
+end

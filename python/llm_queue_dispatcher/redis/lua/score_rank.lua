@@ -1,0 +1,355 @@
+-- The score policy's exact winner over the whole queue, from its index (score_index.lua): the
+-- branch-and-bound walk of the in-memory selection (rust/select.rs, best_candidate), with the
+-- factor functions of rust/scoring.rs. Part of score_dispatch.lua.
+--
+-- Every non-empty cell is bounded from its summary alone (one HGETALL): its priority and retry
+-- parts, the best efficiency + token fit over its token range, the processing-time factor of
+-- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
+-- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
+-- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
+-- the classes are scored from their entries (a class's head is its best member): first by
+-- their heads' age, oldest first, which stops at the first head whose wait cannot win; where
+-- the heads' waits are full (they wait alike), by processing time and then the larger
+-- estimate, which stops at the first time, or below half the capacity the first estimate,
+-- that cannot win. So a dispatch reads every cell's summary and, in the cells it visits, the
+-- classes that can still win: its cost grows with the non-empty cells and the distinct
+-- estimates and times inside the cells visited, not with the number of messages.
+--
+-- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
+-- fit, processing time) from the server's instant; ties go to the older message, then the one
+-- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
+
+local BOUND_SLACK = 1e-9
+local CLASS_PAGE = 128 -- classes of a cell read per call
+local HEAD_WALK = 8 -- heads of a cell read oldest first before its classes are walked
+local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
+local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
+
+local function efficiency_of_share(u)
+  if u > 1 then
+    return 0
+  elseif u >= 0.7 and u <= 0.9 then
+    return 1
+  elseif u > 0.9 then
+    return 0.9
+  end
+  return u / 0.7
+end
+
+local function token_fit_of_share(u)
+  if u > 1 then
+    return 0
+  elseif u < 0.1 then
+    return 10 * u
+  elseif u <= 0.5 then
+    return 1
+  end
+  return 1 - (u - 0.5) * 0.4
+end
+
+local function processing_time_factor(ms)
+  if ms <= 1000 then
+    return 1
+  elseif ms <= 5000 then
+    return 1 - (ms - 1000) / 4000 * 0.3
+  elseif ms <= 30000 then
+    return 0.7 - (ms - 5000) / 25000 * 0.6
+  end
+  return 0.1
+end
+
+local function retry_factor(count)
+  if count == 0 then
+    return 1
+  end
+  return math.max(0.1, 0.7 ^ math.min(count, 64))
+end
+
+-- The wait factor of a message of priority p (0..3) enqueued at `at` (us).
+local function wait_factor(at, p)
+  local share = math.min(math.max(NOW - at, 0) / 1000000 / MAX_WAIT_SECONDS[p + 1], 1)
+  if p == 0 then
+    return math.sqrt(share)
+  end
+  return share
+end
+
+-- A ranker for weights W (priority, efficiency, wait, retry, token fit, processing time),
+-- capacity C (A of the formulas: the budget is held, so the limiter's token capacity), and
+-- whether URGENT ranks first.
+local function score_ranker(W, C, urgent_first)
+  local ranker = {}
+
+  local function efficiency(tokens)
+    if C <= 0 then
+      return 0
+    end
+    return efficiency_of_share(tokens / C)
+  end
+
+  local function token_fit(tokens)
+    if C <= 0 then
+      return 0
+    end
+    return token_fit_of_share(tokens / C)
+  end
+
+  local function tier(p)
+    return (urgent_first and p == 0) and 1 or 0
+  end
+
+  -- The best efficiency + token fit over a cell's token range (capped at C); nil when no
+  -- estimate of it fits C (rust/scoring.rs, budget_bound).
+  local function budget_bound(class)
+    local lo, hi = score_token_range(class)
+    if lo > C then
+      return nil
+    end
+    hi = math.min(hi, C)
+    if C <= 0 then
+      return 0
+    end
+    local u_lo, u_hi = lo / C, hi / C
+    local best = 0
+    -- Bounded: the range's ends and the factors' five breakpoints.
+    for _, u in ipairs({u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0}) do
+      if u >= u_lo and u <= u_hi then
+        best = math.max(best, W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u))
+      end
+    end
+    return best
+  end
+
+  -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
+  local function beats(t, value, at, member, best)
+    if best == nil or t ~= best.tier then
+      return best == nil or t > best.tier
+    elseif value ~= best.score then
+      return value > best.score
+    elseif at ~= best.at then
+      return at < best.at
+    end
+    return member < best.member
+  end
+
+  -- A bound beats `best` unless it is below its score (a bound equal to it may hide an older
+  -- message).
+  local function may_beat(t, bound, best)
+    return best == nil or t > best.tier or (t == best.tier and bound >= best.score)
+  end
+
+  -- Per script: the budget part of each token class, the weighted processing-time factor of
+  -- each time, the weighted efficiency and token fit of each estimate (the same products the
+  -- exact score sums, so a score from them is the score to the bit).
+  local class_budget, time_part, budget_parts, cell_facts = {}, {}, {}, {}
+
+  local function budget_of(class)
+    local known = class_budget[class]
+    if known == nil then
+      known = budget_bound(class) or false
+      class_budget[class] = known
+    end
+    return known
+  end
+
+  local function time_of(hex)
+    local known = time_part[hex]
+    if known == nil then
+      known = W[6] * processing_time_factor(ms_of(hex))
+      time_part[hex] = known
+    end
+    return known
+  end
+
+  local function parts_of(tokens)
+    local known = budget_parts[tokens]
+    if known == nil then
+      known = {W[2] * efficiency(tokens), W[5] * token_fit(tokens)}
+      budget_parts[tokens] = known
+    end
+    return known
+  end
+
+  -- The class of `entry` (a sc_classes entry)'s oldest member not in `excluded`: its
+  -- enqueued_at and member, or nil. Its head, unless that one is skipped this call (at most
+  -- SKIP_MAX are, each once: then a few entries more than the excluded ones are read).
+  local function head_of(entry, excluded)
+    local member = entry_member(entry)
+    if not excluded[member] then
+      return entry_at(entry), member
+    end
+    local prefix = string.sub(entry, 1, CLASS_LEN)
+    local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
+    -- Bounded by the LIMIT above.
+    for _, head in ipairs(heads) do
+      if not excluded[entry_member(head)] then
+        return entry_at(head), entry_member(head)
+      end
+    end
+    return nil
+  end
+
+  -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at,
+  -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
+  function ranker.best(excluded, above)
+    local summaries = redis.call('HGETALL', Q.sc_cells)
+    -- The admissible cells of `tier`, each with its bound (their summaries are read only for
+    -- the tier walked: the lower one only when no cell of the higher holds a candidate).
+    local function cells_of(tier_wanted)
+      local cells = {}
+      -- Bounded by the non-empty cells (the hash just read).
+      for i = 1, #summaries, 2 do
+        local cell, summary = summaries[i], summaries[i + 1]
+        -- Its tier from its first character (its priority: 48 is '0') before anything else.
+        local known = nil
+        if tier(string.byte(cell, 1) - 48) == tier_wanted then
+          known = cell_facts[cell]
+          if known == nil then
+            local p, r, class = string.byte(cell, 1) - 48, string.byte(cell, 2) - 48, tonumber(string.sub(cell, 3))
+            local _, hi = score_token_range(class)
+            known = {
+              p = p, tier = tier_wanted, fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
+              budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C,
+            }
+            cell_facts[cell] = known
+          end
+        end
+        if known ~= nil then
+          if known.above then
+            above(cell) -- some of its estimates (or all) never fit
+          end
+          if known.budget then
+            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), known.p)
+            local time = time_of(string.sub(summary, 32, 47))
+            cells[#cells + 1] = {
+              cell = cell, facts = known, wait = wait, time = time, count = tonumber(string.sub(summary, 48)),
+              bound = known.fixed + known.retry + time + BOUND_SLACK + known.budget + wait,
+            }
+          end
+        end
+      end
+      return cells
+    end
+    local best = nil
+
+    -- Scores the class of `entry` (its estimate `tokens`, processing-time part `pt`) in cell c.
+    local function consider(c, entry, tokens, pt)
+      local at, member = head_of(entry, excluded)
+      if member ~= nil then
+        local f, parts = c.facts, parts_of(tokens)
+        -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
+        local value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
+        if beats(f.tier, value, at, member, best) then
+          best = {member = member, score = value, tier = f.tier, at = at}
+        end
+      end
+    end
+
+    -- A cell's classes by their heads, oldest first: each later head waits no longer, so the
+    -- walk stops at the first that cannot win with the cell's best time and budget part.
+    -- Returns whether it got that far; false when HEAD_WALK heads in, it is among heads whose
+    -- wait is full (they all wait alike: the classes walk, by time and estimate, follows).
+    local function walk_heads(c)
+      local f = c.facts
+      local full = NOW - MAX_WAIT_SECONDS[f.p + 1] * 1000000 -- enqueued by then: a full wait
+      local walked = 0
+      -- Bounded by the cell's classes, at most as many as its members (HEAD_WALK per round).
+      for page = 0, math.floor(c.count / HEAD_WALK) do
+        local heads = redis.call(
+          'ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * HEAD_WALK, HEAD_WALK
+        )
+        -- Bounded by HEAD_WALK (the LIMIT above).
+        for _, head in ipairs(heads) do
+          local at = tonumber(string.sub(head, 6, 21))
+          local ceiling = f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + W[3] * wait_factor(at, f.p)
+          if not may_beat(f.tier, ceiling, best) then
+            return true
+          end
+          if walked >= HEAD_WALK and at <= full then
+            return false
+          end
+          walked = walked + 1
+          local entry = class_entry(head)
+          local tokens = entry_tokens(entry)
+          if tokens <= C then
+            consider(c, entry, tokens, time_of(string.sub(entry, 6, 21)))
+          end
+        end
+        if #heads < HEAD_WALK then
+          return true
+        end
+      end
+      return true
+    end
+
+    -- A cell's classes by processing time, then the larger estimate: the walk stops at the
+    -- first time that cannot win with the cell's best budget part and longest wait; inside one
+    -- time, where the budget part never falls as the estimate grows (the cell below half the
+    -- capacity), at the first estimate that cannot win.
+    local function walk_classes(c)
+      local f = c.facts
+      local static = f.fixed + f.retry
+      local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
+      local passed = nil -- a time whose remaining (smaller) estimates cannot win
+      -- Each round reads a page from `from` on; the next starts after it, or after the rest of
+      -- a time whose smaller estimates cannot win when the page ends inside it.
+      -- Bounded by the cell's classes, at most as many as its members (a page per round).
+      for _ = 0, math.floor(c.count / CLASS_PAGE) do
+        local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, CLASS_PAGE)
+        -- Bounded by CLASS_PAGE (the LIMIT above).
+        for _, entry in ipairs(classes) do
+          local hex = string.sub(entry, 6, 21)
+          if hex ~= passed then
+            local pt = time_of(hex)
+            local floor = static + pt + BOUND_SLACK
+            if not may_beat(f.tier, floor + f.budget + c.wait, best) then
+              return
+            end
+            local tokens = entry_tokens(entry)
+            if tokens <= C then
+              local parts = parts_of(tokens)
+              if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
+                consider(c, entry, tokens, pt)
+              elseif f.rising then
+                passed = hex -- the rest of this time: smaller estimates, no larger budget part
+              end
+            end
+          end
+        end
+        if #classes < CLASS_PAGE then
+          return
+        end
+        local last = classes[#classes]
+        if string.sub(last, 6, 21) == passed then
+          from = '(' .. c.cell .. passed .. '\255'
+        else
+          from = '(' .. last
+        end
+      end
+    end
+
+    -- The cells of the higher tier first (only when none of them holds a candidate can a cell
+    -- of the lower tier hold the winner), best bound first. Bounded by the two tiers.
+    for tier_walked = 1, 0, -1 do
+      local cells = best == nil and cells_of(tier_walked) or {}
+      if #cells > 0 then
+        table.sort(cells, function(a, b) return a.bound > b.bound end)
+        -- Bounded by the non-empty cells.
+        for _, c in ipairs(cells) do
+          if not may_beat(c.facts.tier, c.bound, best) then
+            break -- every cell left bounds no higher
+          end
+          if not walk_heads(c) then
+            walk_classes(c)
+          end
+        end
+      end
+    end
+    if best ~= nil then
+      best.s = load(Q, best.member)
+    end
+    return best
+  end
+
+  return ranker
+end

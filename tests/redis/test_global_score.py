@@ -1,0 +1,412 @@
+"""The global choice of the score policy (``redis/lua/score_rank.lua``): the best-scored message
+over the whole Redis queue, judged against the brute-force reference scorer
+(``tests/reference/scoring.py``) at every hand-out, with one process on a manual clock (aging
+across every max wait, retries, a budget that binds, the URGENT reserve) and with two and four
+real processes on one queue.
+
+Scores are compared as the reference computes them; two messages whose scores differ by less
+than `TOLERANCE` may go in either order (the server sums the same factors in the same order,
+but from microsecond instants: the last bits of a score can differ)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import (
+    CustomScorer,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    LLMThrottle,
+    ManualClock,
+    Priority,
+    ScoringConfig,
+    ScoringWeights,
+    TokenInfo,
+)
+from llm_queue_dispatcher.redis import RedisStorage
+from tests.redis.conftest import Workers, fresh_name
+from tests.redis.support import RedisServer
+from tests.reference.scoring import ContractWeights, UrgentHistory, tier, total_score, urgent_margin
+
+TOLERANCE = 1e-9
+WEIGHTS = ContractWeights()
+TIMES = (None, None, 0.0, 0.4, 2.5, 12.0, 45.0)  # expected processing times: every slope
+
+
+@dataclass
+class Visible:
+    """What the reference knows of a visible message."""
+
+    id: str
+    priority: int
+    tokens: int
+    expected: float | None
+    enqueued_at: float
+    order: int
+    receive_count: int = 0
+
+    def score(self, now: float, capacity: float) -> float:
+        return total_score(
+            priority=self.priority,
+            tokens=self.tokens,
+            expected_processing_time=self.expected,
+            age=now - self.enqueued_at,
+            receive_count=self.receive_count,
+            available=capacity,
+            weights=WEIGHTS,
+        )
+
+
+def ranking(visible: list[Visible], now: float, capacity: float) -> list[tuple[int, float, Visible]]:
+    """``(tier, score, message)`` of every message that can ever fit, best first (URGENT first,
+    then the score, then older, then enqueued first)."""
+    keyed = [
+        (tier(m.priority, True), m.score(now, capacity), -m.enqueued_at, -m.order, m)
+        for m in visible
+        if m.tokens <= capacity
+    ]
+    keyed.sort(key=lambda k: k[:4], reverse=True)
+    return [(k[0], k[1], k[4]) for k in keyed]
+
+
+def same_rank(got: Visible, expected: tuple[int, float, Visible], now: float, capacity: float) -> bool:
+    """Whether ``got`` is the reference's winner, or ties with it within `TOLERANCE`."""
+    rank, score, message = expected
+    if got.id == message.id:
+        return True
+    return tier(got.priority, True) == rank and abs(got.score(now, capacity) - score) <= TOLERANCE
+
+
+def requests(count: int, seed: int, *, largest: int, above: float = 0.0) -> list[LLMRequest[Any]]:
+    """Every priority, estimates up to ``largest`` (a share ``above`` of them past it: they
+    never fit), every slope of the processing-time factor."""
+    rng = random.Random(seed)
+    made = []
+    for n in range(count):
+        tokens = rng.randint(20, largest) if rng.random() >= above else largest * 3
+        made.append(
+            LLMRequest(
+                f"r{n}",
+                {"actual": tokens, "fail": rng.choice([0, 0, 0, 1, 2])},
+                Priority(rng.choices([0, 1, 2, 3], weights=[1, 3, 6, 4])[0]),
+                TokenInfo(tokens),
+                expected_processing_time=rng.choice(TIMES),
+            )
+        )
+    return made
+
+
+# -- one process, manual clock ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tpm", "arrivals"),
+    [
+        (6_000, (0, 0, 1, 3)),  # a backlog: the budget binds, messages age past every max wait
+        (60_000, (0, 1, 1, 2)),  # the budget rarely binds: the ranking alone decides
+    ],
+)
+async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_the_budget_binds(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, tpm: int, arrivals: tuple[int, ...]
+) -> None:
+    """Enqueues, hand-outs, failures and marks over an hour of a manual clock: every decision is
+    the reference's (the best score over every visible message that can ever fit, URGENT first,
+    A = the capacity; held when the winner and the URGENT reserve do not fit now; nothing below
+    the minimum score)."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=tpm)
+    config = LLMQueueDispatcherConfig(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    rng = random.Random(11)
+    pending = iter(requests(500, 5, largest=tpm // 3, above=0.03))
+    visible: dict[str, Visible] = {}
+    history = UrgentHistory()
+    order = 0
+    handed_out = held = retried = saturated = 0
+    for _ in range(700):
+        for _ in range(rng.choice(arrivals)):
+            request = next(pending, None)
+            if request is None:
+                break
+            message = await dispatcher.enqueue(request)
+            entry = Visible(
+                request.id,
+                int(request.priority),
+                request.token_info.estimated,
+                request.expected_processing_time,
+                message.attributes.enqueued_at.timestamp(),
+                order,
+            )
+            visible[request.id] = entry
+            history.observe(entry.priority, entry.tokens, entry.enqueued_at)
+            order += 1
+        now = clock()
+        metrics = await limiter.get_metrics()
+        tokens, left = metrics.tpm.available, metrics.rpm.available
+        ranked = ranking(list(visible.values()), now, tpm)
+        fits = False
+        if ranked and ranked[0][1] >= config.min_score_threshold:
+            winner = ranked[0][2]
+            reserve = history.reserve(tpm, fixed=None, urgent_first=True)
+            waiting = sum(m.tokens for m in visible.values())
+            if not history.kept(
+                reserve, now=now, refill_rate=tpm / 60, admits_waiting=waiting <= tokens and left >= 1
+            ):
+                reserve = 0.0
+            margin = urgent_margin(winner.priority, winner.tokens, reserve, tpm)
+            fits = winner.tokens + margin <= tokens and left >= 1
+        job = await dispatcher.dequeue(limiter)
+        if job is None:
+            assert not fits, f"held, but the reference sends {ranked[0]}"
+            held += bool(ranked)
+        else:
+            assert fits, f"handed out {job.message.payload.id}, the reference holds for {ranked[:1]}"
+            got = visible[job.message.payload.id]
+            assert same_rank(got, ranked[0], now, tpm), f"{got} instead of {ranked[0]}"
+            assert job.message.attributes.receive_count == got.receive_count + 1
+            saturated += got.priority > 0 and now - got.enqueued_at > 60
+            handed_out += 1
+            del visible[got.id]
+            if got.receive_count < job.message.payload.payload["fail"]:
+                await job.mark_as_failed(RuntimeError("a retry"))
+                got.receive_count += 1
+                visible[got.id] = got
+                history.observe(got.priority, got.tokens, got.enqueued_at)
+                retried += 1
+            else:
+                await job.mark_as_processed()
+        clock.advance(rng.choice([0.5, 2.0, 5.0, 15.0, 40.0]))
+    assert handed_out > 150
+    assert retried > 20
+    if tpm == 6_000:
+        assert held > 20
+        assert saturated > 20
+    await dispatcher.close()
+
+
+async def test_a_worker_takes_its_winners_in_rank_order_in_one_script(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    batch = requests(40, 2, largest=20_000)
+    messages = await dispatcher.batch_enqueue(batch)
+    clock.advance(20.0)
+    visible = [
+        Visible(r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time,
+                m.attributes.enqueued_at.timestamp(), n)
+        for n, (r, m) in enumerate(zip(batch, messages, strict=True))
+    ]  # fmt: skip
+    runs = 0
+    for _ in range(4):
+        jobs = await dispatcher._dequeue_up_to(limiter, 8)
+        assert len(jobs) == 8
+        runs += 1
+        for job in jobs:
+            ranked = ranking(visible, clock(), 1_000_000)
+            got = next(m for m in visible if m.id == job.message.payload.id)
+            assert same_rank(got, ranked[0], clock(), 1_000_000)
+            visible.remove(got)
+            await job.mark_as_processed()
+    assert runs == 4
+    await dispatcher.close()
+
+
+async def test_a_message_above_the_capacity_is_never_ranked_and_holds_nothing(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig())
+    await dispatcher.enqueue(LLMRequest("huge", "x", Priority.URGENT, TokenInfo(5_000)))
+    await dispatcher.enqueue(LLMRequest("small", "x", Priority.LOW, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "small"
+    await job.mark_as_processed()
+    assert await dispatcher.dequeue(limiter) is None
+    assert await storage.get_approximate_message_count() == 1
+    await dispatcher.close()
+
+
+async def test_a_winner_below_the_minimum_score_is_not_handed_out(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    config = LLMQueueDispatcherConfig(clock=clock, min_score_threshold=0.5)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    # LOW, a large estimate and a long expected time: about 0.38 at enqueue, 0.58 after 300 s.
+    await dispatcher.enqueue(
+        LLMRequest("low", "x", Priority.LOW, TokenInfo(60_000), expected_processing_time=40.0)
+    )
+    assert await dispatcher.dequeue(limiter) is None
+    clock.advance(300.0)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.score.total >= 0.5
+    await job.mark_as_processed()
+    await dispatcher.close()
+
+
+async def test_custom_scorers_and_the_unheld_budget_keep_the_per_process_buffer(redis_url: str) -> None:
+    storage: RedisStorage[Any] = RedisStorage(redis_url, fresh_name("queue"))
+    async with storage:
+        scorer = CustomScorer("one", 0.1, lambda message, context: 1.0)
+        custom = LLMQueueDispatcher(
+            storage, LLMQueueDispatcherConfig(scoring=ScoringConfig(custom_scorers=[scorer]))
+        )
+        assert custom._global is None
+        unheld = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(hold_budget=False))
+        assert unheld._global is None
+        weighted = LLMQueueDispatcher(
+            storage, LLMQueueDispatcherConfig(scoring=ScoringConfig(weights=ScoringWeights(priority=0.8)))
+        )
+        assert weighted._global is not None
+        # Through the buffer all the same: the message is handed out.
+        await custom.enqueue(LLMRequest("r", "x", Priority.NORMAL, TokenInfo(10)))
+        job = await custom.dequeue(LLMThrottle(60, 1_000))
+        assert job is not None
+        await job.mark_as_processed()
+        for dispatcher in (custom, unheld, weighted):
+            await dispatcher.close()
+
+
+async def test_messages_stored_before_the_score_index_are_indexed_and_handed_out_in_score_order(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A queue whose messages are not in the score policy's index (as one written before it
+    existed): the first global dispatch indexes them, and the hand-outs follow the scores."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    batch = requests(30, 4, largest=30_000)
+    messages = await dispatcher.batch_enqueue(batch)
+    prefix = storage._keys[0].decode().removesuffix("meta")
+    await storage.redis.delete(*(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "cells")))
+    await storage.redis.hdel(storage._keys[0], "scored")
+    clock.advance(45.0)
+    visible = [
+        Visible(r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time,
+                m.attributes.enqueued_at.timestamp(), n)
+        for n, (r, m) in enumerate(zip(batch, messages, strict=True))
+    ]  # fmt: skip
+    for _ in range(30):
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = next(m for m in visible if m.id == job.message.payload.id)
+        assert same_rank(got, ranking(visible, clock(), 1_000_000)[0], clock(), 1_000_000)
+        visible.remove(got)
+        await job.mark_as_processed()
+        clock.advance(1.0)
+    assert await storage.redis.hget(storage._keys[0], "scored") == b"1"
+    await dispatcher.close()
+
+
+async def test_a_purged_queue_leaves_nothing_in_the_score_index(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig())
+    await dispatcher.batch_enqueue(requests(20, 6, largest=5_000))
+    await dispatcher.purge()
+    prefix = storage._keys[0].decode().removesuffix("meta")
+    assert (
+        await storage.redis.exists(
+            *(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "cells"))
+        )
+        == 0
+    )
+    await dispatcher.enqueue(LLMRequest("after", "x", Priority.NORMAL, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "after"
+    await job.mark_as_processed()
+    await dispatcher.close()
+
+
+# -- real processes ------------------------------------------------------------------------------
+
+
+def _replay(
+    records: list[dict[str, Any]], batch: list[LLMRequest[Any]], enqueued_at: list[float], capacity: float
+) -> int:
+    """Replays the processes' hand-outs and failures in the server's order against the
+    reference; returns the hand-outs checked."""
+    visible = {
+        r.id: Visible(
+            r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time, enqueued_at[n], n
+        )
+        for n, r in enumerate(batch)
+    }
+    taken: dict[str, Visible] = {}
+    events = sorted((r for r in records if r["event"] in ("recv", "fail")), key=lambda r: r["at"])
+    checked = 0
+    for event in events:
+        now = event["at"] / 1_000_000
+        if event["event"] == "recv":
+            ranked = ranking(list(visible.values()), now, capacity)
+            got = visible.pop(event["id"])
+            assert same_rank(got, ranked[0], now, capacity), (
+                f"hand-out {checked}: {got} instead of {ranked[0]}"
+            )
+            taken[got.id] = got
+            checked += 1
+        else:
+            again = taken.pop(event["id"])
+            again.receive_count = event["count"]
+            visible[again.id] = again
+    return checked
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+async def test_every_hand_out_of_several_processes_is_the_best_score_of_its_instant(
+    private_server: RedisServer, workers: Workers, tmp_path: Path, processes: int
+) -> None:
+    """Two or four processes drain one queue at once, failing some deliveries (visible again at
+    once, one receive more): replayed in the server's order, each hand-out is the best-scored
+    message of what was visible then (no minimum score: every message goes)."""
+    queue, limiter = fresh_name("global"), fresh_name("budget")
+    storage: RedisStorage[Any] = RedisStorage(private_server.url, queue)
+    tpm = 20_000_000  # never binds: every hand-out is the ranking's
+    batch = requests(240, 8, largest=20_000)
+    enqueued_at: list[float] = []
+    async with storage:
+        for start in range(0, len(batch), 60):  # four arrivals: their waits differ
+            messages = await storage.batch_enqueue(batch[start : start + 60])
+            enqueued_at += [m.attributes.enqueued_at.timestamp() for m in messages]
+            await asyncio.sleep(0.4)
+    go = tmp_path / f"go-{queue}"
+    options = {
+        "url": private_server.url,
+        "queue": queue,
+        "limiter": limiter,
+        "rpm": 1e7,
+        "tpm": tpm,
+        "policy": "score",
+        "min_score": 0.0,
+    }
+    for _ in range(processes):
+        workers.start("global", go=str(go), max_seconds=60, **options)
+    await asyncio.sleep(0.5)  # every process imported and waiting
+    go.touch()
+    workers.wait(90)
+    records = [r for r in workers.records() if r.get("at") is not None]
+    received = [r["id"] for r in records if r["event"] == "recv"]
+    failures = sum(1 for r in records if r["event"] == "fail")
+    # Every message handed out, once per delivery, across every process.
+    assert sorted(set(received)) == sorted(r.id for r in batch)
+    assert len(received) == len(batch) + failures
+    assert failures > 50
+    assert len({r["pid"] for r in records if r["event"] == "recv"}) == processes
+    assert _replay(records, batch, enqueued_at, tpm) == len(received)
