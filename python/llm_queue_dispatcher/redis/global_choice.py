@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -53,6 +54,8 @@ __all__ = ["GlobalChoice"]
 
 # The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
 _MOST_WINNERS = 64
+# The most marks one call makes (MARKS_MAX in global_mark.lua).
+_MOST_MARKS = 64
 # The most tenant heads one call reads (HEADS_MAX in global_dispatch.lua): a call takes at most
 # this many divided by the tenants with visible messages winners, at least one.
 _HEADS_PER_CALL = 4096
@@ -69,10 +72,28 @@ _LIMITER_OPERATIONS = (
 )
 
 
+@dataclasses.dataclass
+class _Mark:
+    """A mark waiting for its script call: its ten arguments (global_mark.lua) and the future its
+    caller awaits."""
+
+    limiter: RedisThrottle
+    fields: tuple[Any, ...]
+    future: asyncio.Future[tuple[int, Any]]
+
+
 class _GlobalScript(Script):
     """A global script: ``common.lua``, the queue's prelude, the limiter's prelude and
-    operations wrapped as the function ``limiter_call(KEYS, ARGV, op)`` (so they read their own
-    keys and arguments, and their locals do not meet the queue's), then the operation."""
+    operations wrapped as the function ``limiter_open(KEYS, ARGV)`` (so they read their own
+    keys and arguments, and their locals do not meet the queue's), then the operation.
+
+    ``limiter_open`` runs the limiter's prelude once (its state read, at one instant) and
+    returns ``session(op, args)``, which runs operation ``op`` with ``args`` as its own
+    arguments (ARGV[15..]): the operations of one script share one read of the limiter's state,
+    each saving what it changed, as if each were a call of its own at that instant. A session
+    whose operation raised an error must not be used again (its state in memory may be ahead
+    of what was saved). ``limiter_call(KEYS, ARGV, op)`` is one operation in a session of its
+    own."""
 
     def __init__(self, name: str) -> None:
         branches = "\n".join(
@@ -89,7 +110,13 @@ class _GlobalScript(Script):
             f"{_source('limiter_consume')}"
         )
         limiter = (
-            f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
+            f"local function limiter_open(KEYS, ARGV)\n{_source('limiter_common')}\n"
+            "return function(op, args)\n"
+            "if args ~= nil then\n"
+            "-- Bounded: the operations' arguments (at most ten).\n"
+            "for i = 1, 10 do\nARGV[14 + i] = args[i]\nend\n"
+            f"end\n{branches}\nend\nend\nend\n"
+            "local function limiter_call(KEYS, ARGV, op)\nreturn limiter_open(KEYS, ARGV)(op)\nend"
         )
         self.name = name
         self.source = f"{_source('common')}\n{_source('queue_common')}\n{limiter}\n{_source(name)}"
@@ -147,6 +174,9 @@ class GlobalChoice:
         self._keys: set[str] = set()
         # Dispatches cancelled while in flight, whose winners are being given back.
         self._recoveries: set[asyncio.Task[None]] = set()
+        # Marks waiting for their script call, and the task that sends them (`_marked`).
+        self._marks: list[_Mark] = []
+        self._sender: asyncio.Task[None] | None = None
 
     @staticmethod
     def for_dispatcher(
@@ -353,10 +383,8 @@ class GlobalChoice:
         storage = self._storage
         step = step or ("dead_letter" if storage.dead_letter is not None else "visibility")
         with contextlib.suppress(StorageError):
-            await self._run(
-                "global_mark",
-                limiter,
-                (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, ""),
+            await self._marked(
+                limiter, (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, "", "", "")
             )
 
     def handles(self, plan: Plan) -> bool:
@@ -370,8 +398,9 @@ class GlobalChoice:
         limiter: RedisThrottle = plan.limiter
         message = plan.message
         member, token = self._storage._handle(message.attributes.receipt_handle)
-        reply = await self._run(
-            "global_mark",
+        # The actual input and output counts, when the mark gave them: each limit its own.
+        parts = ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1])
+        stored, limited = await self._marked(
             limiter,
             (
                 plan.store,
@@ -382,12 +411,10 @@ class GlobalChoice:
                 plan.key,
                 int(plan.tokens),
                 limiter.adjustment_failure_strategy,
+                *parts,
             ),
-            # The actual input and output counts, when the mark gave them: each limit its own.
-            ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1]),
         )
         self._keys.discard(plan.key)
-        stored, limited = int(reply[0]), reply[1]
         if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",
@@ -395,3 +422,74 @@ class GlobalChoice:
                 limited[0].decode(),
             )
         return stored == 0
+
+    async def _marked(self, limiter: RedisThrottle, fields: tuple[Any, ...]) -> tuple[int, Any]:
+        """One mark (``fields``: its ten arguments of ``lua/global_mark.lua``), sent with the
+        others made in the same turn of the event loop, or while the previous call was on its
+        way, in one script call: the store's reply (1, or 0 when the token was stale) and the
+        limiter's. A mark that fails in the script fails alone (`StorageError`); a call that
+        fails (the connection) fails each of its marks, whose leases then run out as any lease
+        does. Cancelled before its call is sent, the mark is left out of it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, Any]] = loop.create_future()
+        self._marks.append(_Mark(limiter, fields, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_marks())
+        return await future
+
+    async def _send_marks(self) -> None:
+        """Sends the marks waiting, up to ``_MOST_MARKS`` per call (one call per limiter), the
+        calls of one round together; then those that came meanwhile, until none waits."""
+        try:
+            await asyncio.sleep(0)  # the marks of this turn of the event loop join
+            while self._marks:
+                waiting, self._marks = self._marks, []
+                groups: dict[int, list[_Mark]] = {}
+                for item in waiting:
+                    if not item.future.done():  # a caller cancelled before the call was sent
+                        groups.setdefault(id(item.limiter), []).append(item)
+                await asyncio.gather(
+                    *(
+                        self._send_batch(group[i : i + _MOST_MARKS])
+                        for group in groups.values()
+                        for i in range(0, len(group), _MOST_MARKS)
+                    )
+                )
+        finally:
+            self._sender = None
+            for item in self._marks:  # left by a cancelled sender: nothing sent them
+                item.future.cancel()
+            self._marks = []
+
+    async def _send_batch(self, batch: list[_Mark]) -> None:
+        """One script call for ``batch`` (marks of one limiter); each caller gets its own
+        outcome."""
+        tail: list[Any] = []
+        for item in batch:
+            tail += item.fields
+        try:
+            reply = await self._run("global_mark", batch[0].limiter, (len(batch),), tuple(tail))
+        except BaseException as error:
+            for item in batch:
+                if item.future.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    item.future.cancel()
+                else:
+                    own = StorageError(str(error))  # each caller its own exception
+                    own.__cause__ = error.__cause__
+                    item.future.set_exception(own)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue  # its caller was cancelled while the call was on its way
+            stored, limited = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            if stored < 0:
+                text = limited.decode("utf-8", "replace") if isinstance(limited, bytes) else str(limited)
+                item.future.set_exception(
+                    StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
+                )
+            else:
+                item.future.set_result((stored, limited))

@@ -1,7 +1,7 @@
 -- global_dispatch (fair_priority): selects the first message of the fair order over the whole
 -- queue, reserves its budget at the co-located RedisThrottle and leases it, up to ARGV[5]
 -- winners in rank order, in one script. The script is common.lua + queue_common.lua + the
--- limiter's prelude and operations wrapped as limiter_call() (redis/global_choice.py) + this.
+-- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) + this.
 --
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
 -- grant order, latest, held), then this call's reply key (a resend answers as the first run).
@@ -265,18 +265,14 @@ local function first()
   return best, load(Q, best)
 end
 
--- The limiter's call `op` with `request`'s arguments after its own.
+-- The limiter's call `op` with `request`'s arguments after its own, in one session for the
+-- call (redis/global_choice.py: the limiter's state read once).
+local session = nil
 local function limiter(op, request)
-  local argv = {}
-  -- Bounded: the limiter's fourteen arguments.
-  for i = 1, 14 do
-    argv[i] = limiter_argv[i]
+  if session == nil then
+    session = limiter_open(LIMITER_KEYS, limiter_argv)
   end
-  -- Bounded: the request's arguments (at most five).
-  for i, value in ipairs(request) do
-    argv[14 + i] = value
-  end
-  return limiter_call(LIMITER_KEYS, argv, op)
+  return session(op, request)
 end
 
 -- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
