@@ -73,6 +73,17 @@ _LIMITER_OPERATIONS = (
 
 
 @dataclasses.dataclass
+class _Won:
+    """A winner for one caller of `GlobalChoice.attempt`: its fields from the script."""
+
+    fields: list[Any]
+
+
+# The answer to a caller of `GlobalChoice.attempt` the shared call found no winner for.
+_ALONE = object()
+
+
+@dataclasses.dataclass
 class _Mark:
     """A mark waiting for its script call: its ten arguments (global_mark.lua) and the future its
     caller awaits."""
@@ -172,8 +183,12 @@ class GlobalChoice:
         )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
-        # Dispatches cancelled while in flight, whose winners are being given back.
+        # What `close` waits for: dispatches cancelled while in flight whose winners are being
+        # given back, winners given back, the calls of `attempt` and `_marked` on their way.
         self._recoveries: set[asyncio.Task[None]] = set()
+        # Dispatches asked and the task that sends them (`attempt`).
+        self._asks: list[tuple[RedisThrottle, asyncio.Future[Any]]] = []
+        self._asker: asyncio.Task[None] | None = None
         # Marks waiting for their script call, and the task that sends them (`_marked`).
         self._marks: list[_Mark] = []
         self._sender: asyncio.Task[None] | None = None
@@ -244,9 +259,104 @@ class GlobalChoice:
 
     async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
         """One global dispatch: the job handed out, the seconds until the held winner fits, or
-        None (nothing visible that can ever fit)."""
-        found = await self.attempt_many(limiter, 1)
-        return found[0] if isinstance(found, list) else found
+        None (nothing visible that can ever fit).
+
+        The dispatches asked in the same turn of the event loop, or while the previous call was
+        on its way (several tasks dequeuing at once), go in one script call for as many winners
+        as callers, one to each: the winners successive single dispatches would give. A caller
+        left without one (the call found fewer) dispatches alone. A caller cancelled before it
+        has its winner leaves it to be given back whole (lease, reservation and charge)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._asks.append((limiter, future))
+        if self._asker is None:
+            self._asker = loop.create_task(self._send_asks())
+            self._track(self._asker)
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and isinstance(future.result(), _Won):
+                self._start_give_back(limiter, future.result().fields)
+            raise
+        if isinstance(answer, _Won):
+            return await self._open(limiter, float(limiter.burst_tpm or limiter.tpm), answer.fields)
+        if answer is _ALONE:
+            found = await self.attempt_many(limiter, 1)
+            return found[0] if isinstance(found, list) and found else None if isinstance(found, list) else found
+        result: float | None = answer
+        return result
+
+    async def _send_asks(self) -> None:
+        """Answers the dispatches asked (`attempt`), those of one limiter together, up to
+        ``_MOST_WINNERS`` per call; then those asked meanwhile, until none waits."""
+        try:
+            await asyncio.sleep(0)  # the dispatches of this turn of the event loop join
+            while self._asks:
+                asks, self._asks = self._asks, []
+                groups: dict[int, list[tuple[RedisThrottle, asyncio.Future[Any]]]] = {}
+                for limiter, future in asks:
+                    if not future.done():  # a caller cancelled before the call was sent
+                        groups.setdefault(id(limiter), []).append((limiter, future))
+                await asyncio.gather(
+                    *(
+                        self._answer(group[i : i + _MOST_WINNERS])
+                        for group in groups.values()
+                        for i in range(0, len(group), _MOST_WINNERS)
+                    )
+                )
+        finally:
+            self._asker = None
+            for _, future in self._asks:  # left by a cancelled sender: nothing sent them
+                future.cancel()
+            self._asks = []
+
+    async def _answer(self, group: list[tuple[RedisThrottle, asyncio.Future[Any]]]) -> None:
+        """One dispatch call for the callers of ``group`` (one limiter): a winner each, in the
+        order they asked; the wait or None to all when the first winner does not fit or none is
+        visible."""
+        limiter = group[0][0]
+        try:
+            found = await self._winners(limiter, len(group))
+        except BaseException as error:
+            for _, future in group:
+                if future.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(StorageError(str(error)) if isinstance(error, StorageError) else error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        if not isinstance(found, list):
+            for _, future in group:
+                if not future.done():
+                    future.set_result(found)
+            return
+        winners = iter(found)
+        for _, future in group:
+            if future.done():
+                continue  # cancelled while the call was on its way
+            fields = next(winners, None)
+            future.set_result(_ALONE if fields is None else _Won(fields))
+        # The winners of callers cancelled while the call was on its way: given back whole.
+        await asyncio.gather(
+            *(self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release") for fields in winners)
+        )
+
+    def _start_give_back(self, limiter: RedisThrottle, fields: list[Any]) -> None:
+        """Gives back, in a task `close` waits for, a winner nobody will open."""
+        self._track(
+            asyncio.get_running_loop().create_task(
+                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
+            )
+        )
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """A task the dispatcher's `close` waits for (``_recoveries``): a call on its way, a
+        give-back."""
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
 
     async def attempt_many(
         self, limiter: RedisThrottle, count: int
@@ -256,6 +366,31 @@ class GlobalChoice:
         between them); or, when the first winner does not fit, the seconds until it does; or
         None. Fewer than ``count`` when the queue holds fewer, a later winner does not fit, or
         many tenants have visible messages (at most ``_HEADS_PER_CALL`` / tenants, at least one)."""
+        capacity = float(limiter.burst_tpm or limiter.tpm)
+        found = await self._winners(limiter, count)
+        if not isinstance(found, list):
+            return found
+        jobs: list[ProcessableMessage[Any]] = []
+        failure: BaseException | None = None
+        for fields in found:
+            if failure is not None:
+                # The books failed on an earlier winner: this one goes back untouched.
+                await self._give_back(limiter, fields[0].decode(), fields[5].decode())
+                continue
+            try:
+                jobs.append(await self._open(limiter, capacity, fields))
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            if not jobs:
+                raise failure
+            _LOGGER.error("a global winner could not be handed out: %r", failure)
+        return jobs
+
+    async def _winners(self, limiter: RedisThrottle, count: int) -> list[list[Any]] | float | None:
+        """One dispatch call for up to ``count`` winners: each winner's fields as the script
+        returned them (leased and reserved, not yet in the dispatcher's books); or the seconds
+        until the first winner fits; or None."""
         capacity = float(limiter.burst_tpm or limiter.tpm)
         reply = await self._dispatch(limiter, count, capacity)
         if len(reply) == 3 and reply[2] == b"unindexed":
@@ -268,22 +403,7 @@ class GlobalChoice:
         if len(reply) < 9:
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
-        jobs: list[ProcessableMessage[Any]] = []
-        failure: BaseException | None = None
-        for i in range(2, len(reply), 7):
-            if failure is not None:
-                # The books failed on an earlier winner: this one goes back untouched.
-                await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode())
-                continue
-            try:
-                jobs.append(await self._open(limiter, capacity, reply[i : i + 7]))
-            except BaseException as error:
-                failure = error
-        if failure is not None:
-            if not jobs:
-                raise failure
-            _LOGGER.error("a global winner could not be handed out: %r", failure)
-        return jobs
+        return [reply[i : i + 7] for i in range(2, len(reply), 7)]
 
     async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
         storage = self._storage
@@ -435,6 +555,7 @@ class GlobalChoice:
         self._marks.append(_Mark(limiter, fields, future))
         if self._sender is None:
             self._sender = loop.create_task(self._send_marks())
+            self._track(self._sender)
         return await future
 
     async def _send_marks(self) -> None:
