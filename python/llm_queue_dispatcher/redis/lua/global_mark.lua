@@ -42,6 +42,9 @@ end
 -- state read once for the marks of this call. Dropped after a mark that failed.
 local session = nil
 
+-- Whether a mark changed the queue: its meta is touched once, after the marks.
+local touched = false
+
 local function mark(op, member, token, visibility, call, key, tokens, strategy, input, output)
   local stored = 0
   local s = holder(member, token)
@@ -63,7 +66,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     else
       give_back(member, s)
     end
-    touch(Q)
+    touched = true
   end
 
   local limited = ''
@@ -118,5 +121,8 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     out[#out + 1] = -1
     out[#out + 1] = tostring(stored)
   end
+end
+if touched then
+  touch(Q)
 end
 return remember(GREPLY, out)

@@ -515,11 +515,16 @@ end
 
 -- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
 -- younger one), then the oldest beyond the record limit: LLMThrottle's advance. Returns how many.
+-- The records granted at or before NOW - retention are dropped once per run of this prelude: the
+-- operations a global script runs on it (redis/global_choice.py) share its instant, and the
+-- records they add are granted at NOW, after the cutoff.
+local aged_out = false
+
 local function prune()
   local dropped = 0
   local cutoff = NOW - RETENTION
   -- Bounded by the records kept (the list's length when the loop starts).
-  for _ = 1, redis.call('LLEN', ORDER) do
+  for _ = 1, aged_out and 0 or redis.call('LLEN', ORDER) do
     local oldest = load_record(redis.call('LINDEX', ORDER, 0))
     if oldest ~= nil and oldest.at > cutoff then
       break
@@ -527,6 +532,7 @@ local function prune()
     pop_oldest()
     dropped = dropped + 1
   end
+  aged_out = true
   -- Bounded by the records beyond the limit.
   for _ = 1, redis.call('LLEN', ORDER) - MAX_RECORDS do
     pop_oldest()
