@@ -279,7 +279,9 @@ def run_python(
     with the library of this checkout, or of the checkout ``build`` (its ``.venv``)."""
     start_at = time.time() + 1.0 + 0.4 * processes  # after every child has imported and connected
     url = f"redis://127.0.0.1:{port}/0"
-    python, cwd = (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
+    python, cwd = (
+        (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
+    )
     children = [
         subprocess.Popen(
             [python, __file__, "--child", task, url, queue, str(count), repr(start_at), str(concurrency)],
@@ -403,7 +405,9 @@ async def _script_figures(url: str, queue: str, dispatches: int = 1_000) -> dict
         figures["dispatch16_us_per_job"] = usec / len(taken)
         await client.config_resetstat()
         for first in range(0, len(taken), 16):
-            await asyncio.gather(*(job.mark_as_processed(actual_tokens=8) for job in taken[first : first + 16]))
+            await asyncio.gather(
+                *(job.mark_as_processed(actual_tokens=8) for job in taken[first : first + 16])
+            )
         usec, calls = await evalsha_us()
         figures["mark16_us_per_job"] = usec / len(taken)
         figures["mark16_calls_per_job"] = calls / len(taken)
@@ -414,7 +418,9 @@ async def _script_figures(url: str, queue: str, dispatches: int = 1_000) -> dict
 def script_figures(port: int, queue: str, dispatches: int, build: Path | None = None) -> dict[str, Any]:
     """`_script_figures` in a child process of this checkout's library or of ``build``'s."""
     url = f"redis://127.0.0.1:{port}/0"
-    python, cwd = (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
+    python, cwd = (
+        (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
+    )
     out = subprocess.run(
         [python, __file__, "--child", "server", url, queue, str(dispatches), repr(time.time())],
         stdout=subprocess.PIPE,
@@ -478,9 +484,16 @@ def run_bullmq(
     children = [
         subprocess.Popen(
             [
-                *command, "--mode", mode, "--count", str(count), "--start-at", str(start_at_ms),
-                "--concurrency", str(concurrency),
-            ],  # fmt: skip
+                *command,
+                "--mode",
+                mode,
+                "--count",
+                str(count),
+                "--start-at",
+                str(start_at_ms),
+                "--concurrency",
+                str(concurrency),
+            ],
             stdout=subprocess.PIPE,
         )
         for _ in range(processes)
@@ -604,11 +617,19 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
                     add(name + suffix, processes, run_python(task, port, queue, n, processes, c, build))
             queue = f"global-{next(serial)}"
             asyncio.run(_fill(port, queue, n, TENANTS))
-            add(f"buffered dispatch+mark ({c} tasks)", processes, run_python("buffered", port, queue, n, processes, c))
+            add(
+                f"buffered dispatch+mark ({c} tasks)",
+                processes,
+                run_python("buffered", port, queue, n, processes, c),
+            )
             if modules is not None:
                 queue = f"global-{next(serial)}"
                 run_bullmq(modules, "fill", port, queue, n, 1)
-                add(f"bullmq work (concurrency {c})", processes, run_bullmq(modules, "work", port, queue, n, processes, c))
+                add(
+                    f"bullmq work (concurrency {c})",
+                    processes,
+                    run_bullmq(modules, "work", port, queue, n, processes, c),
+                )
         server = asyncio.run(_server_figures(port, args.queued))
         # Each build takes about 2 x `dispatches` of the queued messages.
         dispatches = min(1_000, args.queued // 5)
@@ -658,7 +679,9 @@ def render_global(report: dict[str, Any]) -> str:
         ("mark16_us_per_job", "16 marks made together, µs per job"),
         ("mark16_calls_per_job", "script calls per job for those marks"),
     ):
-        cells = [f"{scripts[key]:.2f}" if key.endswith("per_job") and "calls" in key else f"{scripts[key]:.0f}"]
+        cells = [
+            f"{scripts[key]:.2f}" if key.endswith("per_job") and "calls" in key else f"{scripts[key]:.0f}"
+        ]
         if "baseline" in server:
             other = server["baseline"][key]
             cells.append(f"{other:.2f}" if "calls" in key else f"{other:.0f}")

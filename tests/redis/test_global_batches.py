@@ -65,14 +65,20 @@ async def test_every_winner_of_a_call_for_several_is_the_reference_winner_of_its
         keys = []
         for job in jobs:
             choice = model.choose(
-                list(visible.values()), now, capacity=1e9, refill_rate=1e9 / 60, admits=lambda n: True, hold=True
+                list(visible.values()),
+                now,
+                capacity=1e9,
+                refill_rate=1e9 / 60,
+                admits=lambda n: True,
+                hold=True,
             )
-            assert choice is not None and choice.fits
+            assert choice is not None
+            assert choice.fits
             assert job.message.payload.id == choice.message.id
             keys.append(model.dispatched(visible.pop(job.message.payload.id), now))
         if not jobs:
             assert not visible
-        for job, key in zip(jobs, keys):
+        for job, key in zip(jobs, keys, strict=True):
             actual = job.message.payload.payload["actual"]
             await job.mark_as_processed(actual_tokens=actual)
             model.corrected(key, actual)
@@ -98,7 +104,9 @@ async def test_dequeues_asked_at_once_share_one_call_and_each_gets_its_own_winne
         asked = count_dispatches(storage, patch)
         jobs = await asyncio.gather(*(dispatcher.dequeue(limiter) for _ in range(8)))
     assert asked[0] == 8
-    assert [job.message.payload.id if job else None for job in jobs] == ["r2", "r3", "r1", "r4", "r0"] + [None] * 3
+    assert [job.message.payload.id if job else None for job in jobs] == ["r2", "r3", "r1", "r4", "r0"] + [
+        None
+    ] * 3
     for job in jobs[:5]:
         assert job is not None
         await job.mark_as_processed()
@@ -136,7 +144,8 @@ async def test_a_dequeue_cancelled_while_the_shared_call_is_on_its_way_gives_its
     assert asked == [3]
     with pytest.raises(asyncio.CancelledError):
         await tasks[1]
-    assert first is not None and third is not None
+    assert first is not None
+    assert third is not None
     await dispatcher.close()  # waits for the give-back
     attributes = await storage.get_queue_attributes()
     assert attributes.approximate_number_of_messages == 1

@@ -122,7 +122,7 @@ async def test_a_mark_that_fails_in_the_script_fails_alone(
             *(job.mark_as_processed(actual_tokens=50) for job in jobs), return_exceptions=True
         )
     assert marks == [4]
-    assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
+    assert [outcomes[0], outcomes[2], outcomes[3]] == [None, None, None]
     assert isinstance(outcomes[1], StorageError)
     attributes = await storage.get_queue_attributes()
     assert attributes.approximate_number_of_messages_in_flight == 1

@@ -282,7 +282,9 @@ class GlobalChoice:
             return await self._open(limiter, float(limiter.burst_tpm or limiter.tpm), answer.fields)
         if answer is _ALONE:
             found = await self.attempt_many(limiter, 1)
-            return found[0] if isinstance(found, list) and found else None if isinstance(found, list) else found
+            return (
+                found[0] if isinstance(found, list) and found else None if isinstance(found, list) else found
+            )
         result: float | None = answer
         return result
 
@@ -324,7 +326,9 @@ class GlobalChoice:
                 if isinstance(error, asyncio.CancelledError):
                     future.cancel()
                 else:
-                    future.set_exception(StorageError(str(error)) if isinstance(error, StorageError) else error)
+                    future.set_exception(
+                        StorageError(str(error)) if isinstance(error, StorageError) else error
+                    )
             if not isinstance(error, Exception):
                 raise
             return
@@ -341,7 +345,10 @@ class GlobalChoice:
             future.set_result(_ALONE if fields is None else _Won(fields))
         # The winners of callers cancelled while the call was on its way: given back whole.
         await asyncio.gather(
-            *(self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release") for fields in winners)
+            *(
+                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
+                for fields in winners
+            )
         )
 
     def _start_give_back(self, limiter: RedisThrottle, fields: list[Any]) -> None:

@@ -324,7 +324,7 @@ class _Batched:
             if not isinstance(error, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
