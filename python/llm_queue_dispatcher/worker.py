@@ -259,7 +259,6 @@ class Worker(Generic[T]):
         self._stop_event: asyncio.Event | None = None
         self._force_event: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._dequeuing = False  # a dequeue of the dispatch loop is on its way
         self._idle = asyncio.Event()
         # Set once the dispatch loop of the current run has ended: no dequeue can take a message
         # any more.
@@ -421,7 +420,6 @@ class Worker(Generic[T]):
             while batched and slots < _MOST_PER_DEQUEUE and not self._slots.locked():
                 await self._slots.acquire()  # free: returns at once
                 slots += 1
-            self._dequeuing = True
             try:
                 if slots > 1:
                     jobs = await self.dispatcher._dequeue_up_to(limiter, slots, timeout=wait)
@@ -438,8 +436,6 @@ class Worker(Generic[T]):
             except BaseException:
                 self._release_slots(slots)
                 raise
-            finally:
-                self._dequeuing = False
             storage_failures = 0
             self._release_slots(slots - len(jobs))
             if not jobs:
@@ -510,15 +506,14 @@ class Worker(Generic[T]):
         self._cancelled_by_worker.discard(task)
         if self._slots is not None:
             self._slots.release()
-        if not self._active and not self._dequeuing:
+        if not self._active:
             self._idle.set()
         if not task.cancelled() and task.exception() is not None:
             self._logger.error("worker task failed", exc_info=task.exception())
 
     async def _stop_when_drained(self) -> None:
         """Stops the worker once no handler runs and the queue holds nothing (checked each time
-        the last running handler ends with no dequeue on its way, at start, and when a dequeue
-        comes back empty: a dequeue on its way takes jobs, or comes back empty)."""
+        the last running handler ends, at start, and when an idle dequeue times out)."""
         while True:
             await self._idle.wait()
             self._idle.clear()
