@@ -275,16 +275,18 @@ class GlobalChoice:
         try:
             answer = await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and isinstance(future.result(), _Won):
+            won = future.done() and not future.cancelled() and future.exception() is None
+            if won and isinstance(future.result(), _Won):
+                # Its winner came, but the cancellation reached it first: nobody will open it.
                 self._start_give_back(limiter, future.result().fields)
             raise
         if isinstance(answer, _Won):
             return await self._open(limiter, float(limiter.burst_tpm or limiter.tpm), answer.fields)
         if answer is _ALONE:
             found = await self.attempt_many(limiter, 1)
-            return (
-                found[0] if isinstance(found, list) and found else None if isinstance(found, list) else found
-            )
+            if isinstance(found, list):
+                return found[0] if found else None
+            return found
         result: float | None = answer
         return result
 
