@@ -31,7 +31,8 @@ side with the same ``--concurrency`` (default 16):
 * ``global Worker``   a `Worker` with that many handlers over that dispatcher: the jobs of its
                       free handlers come from one script, the marks (and the outcome relay's
                       claims and reports) made together go in one call; a no-op handler
-                      reporting 8 tokens
+                      reporting 8 tokens; stopped, as BullMQ's, when the queue's counts (read
+                      every 20 ms) show nothing waiting or in flight
 * ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy (the
                       per-process prefetch buffer, for comparison)
 * ``bullmq work``     BullMQ's ``Worker`` with that concurrency and a no-op processor
@@ -245,7 +246,28 @@ async def _child(
             return 8
 
         async with LLMQueueDispatcher(storage, config) as dispatcher:
-            await Worker(dispatcher, limiter, handle, concurrency=concurrency).run(stop_when_empty=True)
+            worker = Worker(dispatcher, limiter, handle, concurrency=concurrency)
+
+            async def stop_when_drained() -> None:
+                # As the BullMQ side stops its worker: the queue's counts every 20 ms, from
+                # outside the worker (its own stop_when_empty reads them whenever its last
+                # running handler ends, one more call per round of handlers).
+                while True:
+                    await asyncio.sleep(0.02)
+                    counts = await storage.get_queue_attributes()
+                    if (
+                        counts.approximate_number_of_messages
+                        + counts.approximate_number_of_messages_in_flight
+                        == 0
+                    ):
+                        worker.stop()
+                        return
+
+            watcher = asyncio.ensure_future(stop_when_drained())
+            try:
+                await worker.run()
+            finally:
+                watcher.cancel()
     elif task == "consume":
         for i in range(count):
             before = time.perf_counter()
