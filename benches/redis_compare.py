@@ -43,7 +43,8 @@ side with the same ``--concurrency`` (default 16):
   dispatches of one winner and their 1,000 marks one by one, then per job with 16 winners per
   dispatch and their marks made together
 * ``--baseline DIR``: the two global rows and the server time also with the library of the
-  checkout DIR (its ``.venv``), each row right after this build's, on the same server
+  checkout DIR (its ``.venv``, or without one this interpreter with ``DIR/python`` first on
+  the path), each row right after this build's, on the same server
 
     python benches/redis_compare.py --quick --no-bullmq       # smoke configuration
     python benches/redis_compare.py --write-results           # the full run; updates RESULTS.md
@@ -288,6 +289,18 @@ async def _child(
     return result
 
 
+def _interpreter(build: Path | None) -> tuple[str, Path, dict[str, str] | None]:
+    """How to run a child with the library of this checkout (``build`` None) or of the
+    checkout ``build``: its own ``.venv`` when it has one, else this interpreter with
+    ``build/python`` first on the path (a checkout of the same compiled core, copied in)."""
+    if build is None:
+        return sys.executable, ROOT, None
+    if (build / ".venv" / "bin" / "python").exists():
+        # Its own package, not this checkout's (an editable install is on its path).
+        return str(build / ".venv" / "bin" / "python"), build, {**os.environ, "PYTHONPATH": ""}
+    return sys.executable, build, {**os.environ, "PYTHONPATH": str(build / "python")}
+
+
 def run_python(
     task: str,
     port: int,
@@ -301,16 +314,13 @@ def run_python(
     with the library of this checkout, or of the checkout ``build`` (its ``.venv``)."""
     start_at = time.time() + 1.0 + 0.4 * processes  # after every child has imported and connected
     url = f"redis://127.0.0.1:{port}/0"
-    python, cwd = (
-        (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
-    )
+    python, cwd, env = _interpreter(build)
     children = [
         subprocess.Popen(
             [python, __file__, "--child", task, url, queue, str(count), repr(start_at), str(concurrency)],
             stdout=subprocess.PIPE,
             cwd=cwd,
-            # The build's own package, not this checkout's (an editable install is on its path).
-            env={**os.environ, "PYTHONPATH": ""} if build is not None else None,
+            env=env,
         )
         for _ in range(processes)
     ]
@@ -440,14 +450,12 @@ async def _script_figures(url: str, queue: str, dispatches: int = 1_000) -> dict
 def script_figures(port: int, queue: str, dispatches: int, build: Path | None = None) -> dict[str, Any]:
     """`_script_figures` in a child process of this checkout's library or of ``build``'s."""
     url = f"redis://127.0.0.1:{port}/0"
-    python, cwd = (
-        (sys.executable, ROOT) if build is None else (str(build / ".venv" / "bin" / "python"), build)
-    )
+    python, cwd, env = _interpreter(build)
     out = subprocess.run(
         [python, __file__, "--child", "server", url, queue, str(dispatches), repr(time.time())],
         stdout=subprocess.PIPE,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": ""} if build is not None else None,
+        env=env,
         check=True,
         timeout=900,
     ).stdout
