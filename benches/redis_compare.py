@@ -22,28 +22,38 @@ the first start to the last finish):
 Skips BullMQ with a message where node or npm is missing.
 
 ``--global`` measures the global choice instead (``fair_priority`` ranked inside Redis, one
-script per dispatch and one per mark; section "Redis global choice" of RESULTS.md):
+script per dispatch and one per mark; section "Redis global choice" of RESULTS.md), every
+side with the same ``--concurrency`` (default 16):
 
 * ``global dispatch+mark``  `LLMQueueDispatcher` with ``policy="fair_priority"`` and a shared
-                      `RedisThrottle` (same server and namespace), 16 tasks each doing
+                      `RedisThrottle` (same server and namespace), that many tasks each doing
                       ``dequeue`` then ``mark_as_processed(actual_tokens=...)``, ten tenants
-* ``global Worker``   a `Worker` with 16 handlers over that dispatcher: the jobs of its free
-                      handlers come from one script, a no-op handler reports 8 tokens
+* ``global Worker``   a `Worker` with that many handlers over that dispatcher: the jobs of its
+                      free handlers come from one script, the marks (and the outcome relay's
+                      claims and reports) made together go in one call; a no-op handler
+                      reporting 8 tokens; stopped, as BullMQ's, when the queue's counts (read
+                      every 20 ms) show nothing waiting or in flight
 * ``global score dispatch+mark`` the same with the score policy (default weights), ranked
                       inside Redis too
 * ``buffered dispatch+mark`` the same dispatcher and limiter with the score policy and a
                       custom scorer (the per-process prefetch buffer, for comparison)
-* ``bullmq work``     as above
+* ``bullmq work``     BullMQ's ``Worker`` with that concurrency and a no-op processor
 * memory per queued message: ``INFO memory`` ``used_memory`` before and after enqueueing
   ``--queued`` messages (ten tenants), divided by their number; the ranking index's share from
   ``MEMORY USAGE`` of its keys
-* server time per dispatch with ``--queued`` messages waiting: ``INFO commandstats`` (EVALSHA's
-  time per call) over 1,000 dispatches, then over their 1,000 marks; for the score policy over
-  a queue of every priority, estimates of 50 to 4,000 tokens and four expected processing times
+* server time on that queue: ``INFO commandstats`` (EVALSHA's time per call) over 1,000
+  dispatches of one winner and their 1,000 marks one by one, then per job with 16 winners per
+  dispatch and their marks made together
+* ``--baseline DIR``: the two global rows and the server time also with the library of the
+  checkout DIR (its ``.venv``, or without one this interpreter with ``DIR/python`` first on
+  the path), each row right after this build's, on the same server
+* the score policy's server time per dispatch and mark with ``--queued`` messages of every
+  priority, estimates of 50 to 4,000 tokens and four expected processing times waiting
 
     python benches/redis_compare.py --quick --no-bullmq       # smoke configuration
     python benches/redis_compare.py --write-results           # the full run; updates RESULTS.md
     python benches/redis_compare.py --global --processes 1,2,4 --write-results
+    python benches/redis_compare.py --global --baseline ../main --write-results   # before/after
 """
 
 from __future__ import annotations
@@ -146,7 +156,9 @@ def redis_version() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def _child(task: str, url: str, queue: str, count: int, start_at: float) -> dict[str, Any]:
+async def _child(
+    task: str, url: str, queue: str, count: int, start_at: float, concurrency: int = 16
+) -> dict[str, Any]:
     from llm_queue_dispatcher import (
         LLMQueueDispatcher,
         LLMQueueDispatcherConfig,
@@ -156,6 +168,8 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
     )
     from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
+    if task == "server":  # the server figures of this build's scripts (``--baseline``)
+        return await _script_figures(url, queue, count)
     pid = os.getpid()
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
@@ -231,10 +245,10 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
                     await job.mark_as_processed(actual_tokens=8)
                     done += 1
 
-            await asyncio.gather(*(marker() for _ in range(16)))
+            await asyncio.gather(*(marker() for _ in range(concurrency)))
     elif task == "global worker":
-        # A Worker with 16 handlers over the global choice: the jobs of its free handlers come
-        # from one script; each no-op handler reports 8 tokens (its mark is one script).
+        # A Worker with ``concurrency`` handlers over the global choice: the jobs of its free
+        # handlers come from one script; each no-op handler reports 8 tokens.
         from llm_queue_dispatcher import Worker
 
         config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
@@ -245,7 +259,28 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
             return 8
 
         async with LLMQueueDispatcher(storage, config) as dispatcher:
-            await Worker(dispatcher, limiter, handle, concurrency=16).run(stop_when_empty=True)
+            worker = Worker(dispatcher, limiter, handle, concurrency=concurrency)
+
+            async def stop_when_drained() -> None:
+                # As the BullMQ side stops its worker: the queue's counts every 20 ms, from
+                # outside the worker (its own stop_when_empty reads them whenever its last
+                # running handler ends, one more call per round of handlers).
+                while True:
+                    await asyncio.sleep(0.02)
+                    counts = await storage.get_queue_attributes()
+                    if (
+                        counts.approximate_number_of_messages
+                        + counts.approximate_number_of_messages_in_flight
+                        == 0
+                    ):
+                        worker.stop()
+                        return
+
+            watcher = asyncio.ensure_future(stop_when_drained())
+            try:
+                await worker.run()
+            finally:
+                watcher.cancel()
     elif task == "consume":
         for i in range(count):
             before = time.perf_counter()
@@ -266,15 +301,38 @@ async def _child(task: str, url: str, queue: str, count: int, start_at: float) -
     return result
 
 
-def run_python(task: str, port: int, queue: str, count: int, processes: int) -> dict[str, Any]:
-    """``processes`` children of this script, each doing ``count`` (or draining the queue)."""
+def _interpreter(build: Path | None) -> tuple[str, Path, dict[str, str] | None]:
+    """How to run a child with the library of this checkout (``build`` None) or of the
+    checkout ``build``: its own ``.venv`` when it has one, else this interpreter with
+    ``build/python`` first on the path (a checkout of the same compiled core, copied in)."""
+    if build is None:
+        return sys.executable, ROOT, None
+    if (build / ".venv" / "bin" / "python").exists():
+        # Its own package, not this checkout's (an editable install is on its path).
+        return str(build / ".venv" / "bin" / "python"), build, {**os.environ, "PYTHONPATH": ""}
+    return sys.executable, build, {**os.environ, "PYTHONPATH": str(build / "python")}
+
+
+def run_python(
+    task: str,
+    port: int,
+    queue: str,
+    count: int,
+    processes: int,
+    concurrency: int = 16,
+    build: Path | None = None,
+) -> dict[str, Any]:
+    """``processes`` children of this script, each doing ``count`` (or draining the queue),
+    with the library of this checkout, or of the checkout ``build`` (its ``.venv``)."""
     start_at = time.time() + 1.0 + 0.4 * processes  # after every child has imported and connected
     url = f"redis://127.0.0.1:{port}/0"
+    python, cwd, env = _interpreter(build)
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--child", task, url, queue, str(count), repr(start_at)],
+            [python, __file__, "--child", task, url, queue, str(count), repr(start_at), str(concurrency)],
             stdout=subprocess.PIPE,
-            cwd=ROOT,
+            cwd=cwd,
+            env=env,
         )
         for _ in range(processes)
     ]
@@ -321,13 +379,12 @@ async def _fill(port: int, queue: str, count: int, tenants: int = 1) -> None:
             )
 
 
-async def _server_figures(port: int, queued: int, dispatches: int = 1_000) -> dict[str, Any]:
-    """Memory per queued message, and the server time of the dispatch and the mark scripts with
-    ``queued`` messages waiting."""
+async def _server_figures(port: int, queued: int) -> dict[str, Any]:
+    """Memory per queued message with ``queued`` messages waiting (ten tenants); the queue is
+    kept for the scripts' figures (`_script_figures`)."""
     import redis.asyncio as aioredis
 
-    from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig
-    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+    from llm_queue_dispatcher.redis import RedisStorage
 
     url = f"redis://127.0.0.1:{port}/0"
     client = aioredis.Redis.from_url(url)
@@ -339,32 +396,65 @@ async def _server_figures(port: int, queued: int, dispatches: int = 1_000) -> di
     index_bytes = 0
     for key in storage._keys[11:16]:  # lanes, tenants, aging:2, aging:3, urgent
         index_bytes += int(await client.memory_usage(key, samples=0) or 0)
-    limiter = RedisThrottle(url, f"server-{queue}", rpm=1e12, tpm=1e15)
-    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
-    figures: dict[str, Any] = {
+    await client.aclose()
+    return {
+        "queue": queue,
         "queued": queued,
         "bytes_per_message": (after - before) / queued,
         "index_bytes_per_message": index_bytes / queued,
-        "dispatches": dispatches,
     }
 
-    async def evalsha_us() -> float:
-        stats = (await client.info("commandstats"))["cmdstat_evalsha"]
-        return float(stats["usec"]) / int(stats["calls"])
 
-    # Two phases, each alone on the server: every dispatch (the jobs kept), then every mark.
-    # ``commandstats`` counts a script's whole run once under EVALSHA (the calls it makes
-    # inside are counted apart), so its time per call is the scripts' own server time.
+async def _script_figures(url: str, queue: str, dispatches: int = 1_000) -> dict[str, Any]:
+    """The server time of the dispatch and mark scripts on ``queue`` (messages waiting): one
+    winner per dispatch and one mark per call, then 16 winners per dispatch (a `Worker`'s free
+    handlers) and their 16 marks made together (per job: whatever the build sends for them)."""
+    import redis.asyncio as aioredis
+
+    from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig
+    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+
+    client = aioredis.Redis.from_url(url)
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    limiter = RedisThrottle(url, f"server-{time.time_ns()}", rpm=1e12, tpm=1e15)
+    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+    figures: dict[str, Any] = {"dispatches": dispatches}
+
+    async def evalsha_us() -> tuple[float, int]:
+        stats = (await client.info("commandstats"))["cmdstat_evalsha"]
+        return float(stats["usec"]), int(stats["calls"])
+
+    # Each phase alone on the server. ``commandstats`` counts a script's whole run once under
+    # EVALSHA (the calls it makes inside are counted apart as well).
     async with storage, limiter, LLMQueueDispatcher(storage, config) as dispatcher:
         await limiter.can_process(0)
         await client.config_resetstat()
         jobs = [await dispatcher.dequeue(limiter) for _ in range(dispatches)]
-        figures["dispatch_us"] = await evalsha_us()
+        usec, calls = await evalsha_us()
+        figures["dispatch_us"] = usec / calls
         await client.config_resetstat()
         for job in jobs:
             assert job is not None
             await job.mark_as_processed(actual_tokens=8)
-        figures["mark_us"] = await evalsha_us()
+        usec, calls = await evalsha_us()
+        figures["mark_us"] = usec / calls
+        await client.config_resetstat()
+        taken: list[Any] = []
+        while len(taken) < dispatches:
+            found = await dispatcher._dequeue_up_to(limiter, 16)
+            if not found:
+                raise SystemExit("the queue ran out before the server figures were taken")
+            taken += found
+        usec, calls = await evalsha_us()
+        figures["dispatch16_us_per_job"] = usec / len(taken)
+        await client.config_resetstat()
+        for first in range(0, len(taken), 16):
+            await asyncio.gather(
+                *(job.mark_as_processed(actual_tokens=8) for job in taken[first : first + 16])
+            )
+        usec, calls = await evalsha_us()
+        figures["mark16_us_per_job"] = usec / len(taken)
+        figures["mark16_calls_per_job"] = calls / len(taken)
     await client.aclose()
     return figures
 
@@ -434,6 +524,22 @@ async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000)
     }
 
 
+def script_figures(port: int, queue: str, dispatches: int, build: Path | None = None) -> dict[str, Any]:
+    """`_script_figures` in a child process of this checkout's library or of ``build``'s."""
+    url = f"redis://127.0.0.1:{port}/0"
+    python, cwd, env = _interpreter(build)
+    out = subprocess.run(
+        [python, __file__, "--child", "server", url, queue, str(dispatches), repr(time.time())],
+        stdout=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        check=True,
+        timeout=900,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # BullMQ
 # ---------------------------------------------------------------------------------------------
@@ -477,12 +583,24 @@ def bullmq_version(modules: Path) -> str:
     return str(json.loads((modules / "bullmq" / "package.json").read_text())["version"])
 
 
-def run_bullmq(modules: Path, mode: str, port: int, queue: str, count: int, processes: int) -> dict[str, Any]:
+def run_bullmq(
+    modules: Path, mode: str, port: int, queue: str, count: int, processes: int, concurrency: int = 50
+) -> dict[str, Any]:
     start_at_ms = int((time.time() + 1.0 + 0.3 * processes) * 1000)
     command = ["node", str(BULLMQ_SCRIPT), "--modules", str(modules), "--port", str(port), "--queue", queue]
     children = [
         subprocess.Popen(
-            [*command, "--mode", mode, "--count", str(count), "--start-at", str(start_at_ms)],
+            [
+                *command,
+                "--mode",
+                mode,
+                "--count",
+                str(count),
+                "--start-at",
+                str(start_at_ms),
+                "--concurrency",
+                str(concurrency),
+            ],
             stdout=subprocess.PIPE,
         )
         for _ in range(processes)
@@ -581,29 +699,52 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
         except Skip as skip:
             notes.append(f"BullMQ skipped: {skip}")
             print(f"BullMQ skipped: {skip}", file=sys.stderr)
-    n = args.messages
+    n, c = args.messages, args.concurrency
+    baseline: Path | None = args.baseline
     load_before = os.getloadavg()[0]
     with redis_server(args.fsync) as port:
         serial = iter(range(1_000_000))
+
+        def add(name: str, processes: int, result: dict[str, Any]) -> None:
+            rows.append({"name": name, "processes": processes, **result})
+            print(f"{name:44} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
+
         for processes in args.processes:
+            builds: list[tuple[str, Path | None]] = [("", None)]
+            if baseline is not None:
+                builds.append((f", before ({baseline.name})", baseline))
+            # Each build's row right after the other's: the machine's load moves between them.
             for name, task in (
-                ("global dispatch+mark", "global"),
-                ("global Worker (16 handlers)", "global worker"),
-                ("global score dispatch+mark", "global score"),
-                ("buffered dispatch+mark", "buffered"),
+                (f"global dispatch+mark ({c} tasks)", "global"),
+                (f"global Worker ({c} handlers)", "global worker"),
+                (f"global score dispatch+mark ({c} tasks)", "global score"),
             ):
-                queue = f"global-{next(serial)}"
-                asyncio.run(_fill(port, queue, n, TENANTS))
-                result = run_python(task, port, queue, n, processes)
-                rows.append({"name": name, "processes": processes, **result})
-                print(f"{name:28} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
+                # The score policy chooses globally in this build only: no baseline row.
+                for suffix, build in builds if task != "global score" else builds[:1]:
+                    queue = f"global-{next(serial)}"
+                    asyncio.run(_fill(port, queue, n, TENANTS))
+                    add(name + suffix, processes, run_python(task, port, queue, n, processes, c, build))
+            queue = f"global-{next(serial)}"
+            asyncio.run(_fill(port, queue, n, TENANTS))
+            add(
+                f"buffered dispatch+mark ({c} tasks)",
+                processes,
+                run_python("buffered", port, queue, n, processes, c),
+            )
             if modules is not None:
                 queue = f"global-{next(serial)}"
                 run_bullmq(modules, "fill", port, queue, n, 1)
-                result = run_bullmq(modules, "work", port, queue, n, processes)
-                rows.append({"name": "bullmq work", "processes": processes, **result})
-                print(f"{'bullmq work':28} x{processes}: {result['per_second']:10,.0f} /s", file=sys.stderr)
+                add(
+                    f"bullmq work (concurrency {c})",
+                    processes,
+                    run_bullmq(modules, "work", port, queue, n, processes, c),
+                )
         server = asyncio.run(_server_figures(port, args.queued))
+        # Each build takes about 2 x `dispatches` of the queued messages.
+        dispatches = min(1_000, args.queued // 5)
+        server["scripts"] = script_figures(port, server["queue"], dispatches)
+        if baseline is not None:
+            server["baseline"] = script_figures(port, server["queue"], dispatches, baseline)
         server.update(asyncio.run(_score_server_figures(port, args.queued)))
         print(f"server figures: {server}", file=sys.stderr)
     notes.append(
@@ -630,11 +771,31 @@ def render_global(report: dict[str, Any]) -> str:
         f"With {server['queued']:,} messages queued (ten tenants): "
         f"{server['bytes_per_message']:,.0f} bytes of Redis memory per queued message (`used_memory` "
         f"delta), of which the ranking index takes "
-        f"{server['index_bytes_per_message']:,.0f} (`MEMORY USAGE` of its keys). Server time per "
-        f"dispatch script (select + reserve + lease), mean over {server['dispatches']:,} dispatches "
-        f"(`INFO commandstats`, EVALSHA): {server['dispatch_us']:.0f} µs; per mark script (delete + "
-        f"limiter correction + tenant charge): {server['mark_us']:.0f} µs."
+        f"{server['index_bytes_per_message']:,.0f} (`MEMORY USAGE` of its keys)."
     )
+    scripts = server["scripts"]
+    lines += [
+        "",
+        f"Server time on that queue (`INFO commandstats`, EVALSHA, mean over {scripts['dispatches']:,} "
+        "jobs per figure, each phase alone on the server):",
+        "",
+        "| server time | " + ("this build | before |" if "baseline" in server else "this build |"),
+        "|---|" + ("---:|---:|" if "baseline" in server else "---:|"),
+    ]
+    for key, label in (
+        ("dispatch_us", "dispatch script, one winner per call (select + reserve + lease), µs"),
+        ("mark_us", "mark script, one mark per call (delete + limiter correction + tenant charge), µs"),
+        ("dispatch16_us_per_job", "dispatch, 16 winners per call, µs per job"),
+        ("mark16_us_per_job", "16 marks made together, µs per job"),
+        ("mark16_calls_per_job", "script calls per job for those marks"),
+    ):
+        cells = [
+            f"{scripts[key]:.2f}" if key.endswith("per_job") and "calls" in key else f"{scripts[key]:.0f}"
+        ]
+        if "baseline" in server:
+            other = server["baseline"][key]
+            cells.append(f"{other:.2f}" if "calls" in key else f"{other:.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "score_dispatch_us" in server:
         lines.append("")
         lines.append(
@@ -745,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         task, url, queue, count, start_at = argv[1:6]
-        print(json.dumps(asyncio.run(_child(task, url, queue, int(count), float(start_at)))))
+        concurrency = int(argv[6]) if len(argv) > 6 else 16
+        print(json.dumps(asyncio.run(_child(task, url, queue, int(count), float(start_at), concurrency))))
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -765,6 +927,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--queued", type=int, default=1_000_000, help="messages waiting for the server figures (--global)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="--global: dispatch tasks, Worker handlers and BullMQ's worker concurrency (default 16)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="--global: also measure the library of this checkout (its .venv), row beside row",
     )
     args = parser.parse_args(argv)
     if args.quick:

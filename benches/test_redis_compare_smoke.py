@@ -100,13 +100,18 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
             queue = f"smoke-{task.replace(' ', '-')}"
             asyncio.run(_fill(port, queue, 40, redis_compare.TENANTS))
             assert asyncio.run(_child(task, url, queue, 40, time.time()))["count"] == 40, task
-        server = asyncio.run(redis_compare._server_figures(port, 500, dispatches=20))
+        server = asyncio.run(redis_compare._server_figures(port, 500))
+        server["scripts"] = redis_compare.script_figures(port, server["queue"], 40)
         server.update(asyncio.run(redis_compare._score_server_figures(port, 500, dispatches=20)))
     assert server["bytes_per_message"] > server["index_bytes_per_message"] > 0
     assert server["score_dispatch_us"] > 0
     assert server["score_index_bytes_per_message"] > 0
-    assert server["dispatch_us"] > 0
-    assert server["mark_us"] > 0
+    scripts = server["scripts"]
+    assert scripts["dispatch_us"] > 0
+    assert scripts["mark_us"] > 0
+    assert scripts["dispatch16_us_per_job"] > 0
+    # The 16 marks made together go in one call.
+    assert scripts["mark16_calls_per_job"] == pytest.approx(1 / 16)
     report: dict[str, Any] = {
         "rows": [{"name": "global dispatch+mark", "processes": 1, "per_second": 999.0}],
         "notes": [],
@@ -128,6 +133,7 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
     section = redis_compare.render_global(report)
     assert "| global dispatch+mark | 999 |" in section
     assert "The score policy" in section
+    assert "| 16 marks made together, µs per job |" in section
     path = tmp_path / "RESULTS.md"
     path.write_text(f"# Results\n\n{START_MARKER}\nother\n{END_MARKER}\n")
     redis_compare.write_global_results(section, path)

@@ -547,11 +547,16 @@ class LLMQueueDispatcher(Generic[T]):
             if self._prefetch is not None:
                 await self._prefetch.close()
         finally:
-            pending = set(self._runner.pending)
-            if self._global is not None:
-                pending |= self._global._recoveries  # winners of cancelled global dispatches
-            if running := running_here(pending):
+            while True:
+                pending = set(self._runner.pending)
+                if self._global is not None:
+                    # Winners of cancelled global dispatches, calls on their way.
+                    pending |= self._global._recoveries
+                running = running_here(pending)
+                if not running:
+                    break
                 # `wait`, not `gather`: a cancelled close must not cancel what it waits for.
+                # Again after: what it waited for may have started more (a give-back).
                 await asyncio.wait(running)
 
     async def release_buffered(self) -> None:

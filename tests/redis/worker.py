@@ -238,7 +238,7 @@ async def global_choice(options: dict[str, Any], ledger: Ledger) -> None:
         self: Any, name: str, limiter: Any, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
     ) -> Any:
         reply = await original(self, name, limiter, args, tail)
-        instants.append(int(reply[0] if name in ("global_dispatch", "score_dispatch") else reply[2]))
+        instants.append(int(reply[0]))  # the server's instant, first in both replies
         return reply
 
     module.GlobalChoice._run = recorded  # type: ignore[method-assign]

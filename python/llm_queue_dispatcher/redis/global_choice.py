@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -61,6 +62,8 @@ __all__ = ["GlobalChoice"]
 
 # The most winners one call takes (WINNERS_MAX in global_dispatch.lua).
 _MOST_WINNERS = 64
+# The most marks one call makes (MARKS_MAX in global_mark.lua).
+_MOST_MARKS = 64
 # The most tenant heads one call reads (HEADS_MAX in global_dispatch.lua): a call takes at most
 # this many divided by the tenants with visible messages winners, at least one.
 _HEADS_PER_CALL = 4096
@@ -77,10 +80,39 @@ _LIMITER_OPERATIONS = (
 )
 
 
+@dataclasses.dataclass
+class _Won:
+    """A winner for one caller of `GlobalChoice.attempt`: its fields from the script."""
+
+    fields: list[Any]
+
+
+# The answer to a caller of `GlobalChoice.attempt` the shared call found no winner for.
+_ALONE = object()
+
+
+@dataclasses.dataclass
+class _Mark:
+    """A mark waiting for its script call: its ten arguments (global_mark.lua) and the future its
+    caller awaits."""
+
+    limiter: RedisThrottle
+    fields: tuple[Any, ...]
+    future: asyncio.Future[tuple[int, Any]]
+
+
 class _GlobalScript(Script):
     """A global script: ``common.lua``, the queue's prelude, the limiter's prelude and
-    operations wrapped as the function ``limiter_call(KEYS, ARGV, op)`` (so they read their own
-    keys and arguments, and their locals do not meet the queue's), then the operation."""
+    operations wrapped as the function ``limiter_open(KEYS, ARGV)`` (so they read their own
+    keys and arguments, and their locals do not meet the queue's), then the operation.
+
+    ``limiter_open`` runs the limiter's prelude once (its state read, at one instant) and
+    returns ``session(op, args)``, which runs operation ``op`` with ``args`` as its own
+    arguments (ARGV[15..]): the operations of one script share one read of the limiter's state,
+    each saving what it changed, as if each were a call of its own at that instant. A session
+    whose operation raised an error must not be used again (its state in memory may be ahead
+    of what was saved). ``limiter_call(KEYS, ARGV, op)`` is one operation in a session of its
+    own."""
 
     def __init__(self, name: str) -> None:
         branches = "\n".join(
@@ -97,7 +129,13 @@ class _GlobalScript(Script):
             f"{_source('limiter_consume')}"
         )
         limiter = (
-            f"local function limiter_call(KEYS, ARGV, op)\n{_source('limiter_common')}\n{branches}\nend\nend"
+            f"local function limiter_open(KEYS, ARGV)\n{_source('limiter_common')}\n"
+            "return function(op, args)\n"
+            "if args ~= nil then\n"
+            "-- Bounded: the operations' arguments (at most ten).\n"
+            "for i = 1, 10 do\nARGV[14 + i] = args[i]\nend\n"
+            f"end\n{branches}\nend\nend\nend\n"
+            "local function limiter_call(KEYS, ARGV, op)\nreturn limiter_open(KEYS, ARGV)(op)\nend"
         )
         # The score policy's dispatch ranks with score_rank.lua.
         operation = f"{_source('score_rank')}\n{_source(name)}" if name == "score_dispatch" else _source(name)
@@ -164,8 +202,15 @@ class GlobalChoice:
         )
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
-        # Dispatches cancelled while in flight, whose winners are being given back.
+        # What `close` waits for: dispatches cancelled while in flight whose winners are being
+        # given back, winners given back, the calls of `attempt` and `_marked` on their way.
         self._recoveries: set[asyncio.Task[None]] = set()
+        # Dispatches asked and the task that sends them (`attempt`).
+        self._asks: list[tuple[RedisThrottle, asyncio.Future[Any]]] = []
+        self._asker: asyncio.Task[None] | None = None
+        # Marks waiting for their script call, and the task that sends them (`_marked`).
+        self._marks: list[_Mark] = []
+        self._sender: asyncio.Task[None] | None = None
 
     @staticmethod
     def for_dispatcher(
@@ -233,9 +278,113 @@ class GlobalChoice:
 
     async def attempt(self, limiter: RedisThrottle) -> ProcessableMessage[Any] | float | None:
         """One global dispatch: the job handed out, the seconds until the held winner fits, or
-        None (nothing visible that can ever fit)."""
-        found = await self.attempt_many(limiter, 1)
-        return found[0] if isinstance(found, list) else found
+        None (nothing visible that can ever fit).
+
+        The dispatches asked in the same turn of the event loop, or while the previous call was
+        on its way (several tasks dequeuing at once), go in one script call for as many winners
+        as callers, one to each: the winners successive single dispatches would give. A caller
+        left without one (the call found fewer) dispatches alone. A caller cancelled before it
+        has its winner leaves it to be given back whole (lease, reservation and charge)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._asks.append((limiter, future))
+        if self._asker is None:
+            self._asker = loop.create_task(self._send_asks())
+            self._track(self._asker)
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            won = future.done() and not future.cancelled() and future.exception() is None
+            if won and isinstance(future.result(), _Won):
+                # Its winner came, but the cancellation reached it first: nobody will open it.
+                self._start_give_back(limiter, future.result().fields)
+            raise
+        if isinstance(answer, _Won):
+            return await self._open(limiter, float(limiter.burst_tpm or limiter.tpm), answer.fields)
+        if answer is _ALONE:
+            found = await self.attempt_many(limiter, 1)
+            if isinstance(found, list):
+                return found[0] if found else None
+            return found
+        result: float | None = answer
+        return result
+
+    async def _send_asks(self) -> None:
+        """Answers the dispatches asked (`attempt`), those of one limiter together, up to
+        ``_MOST_WINNERS`` per call; then those asked meanwhile, until none waits."""
+        try:
+            await asyncio.sleep(0)  # the dispatches of this turn of the event loop join
+            while self._asks:
+                asks, self._asks = self._asks, []
+                groups: dict[int, list[tuple[RedisThrottle, asyncio.Future[Any]]]] = {}
+                for limiter, future in asks:
+                    if not future.done():  # a caller cancelled before the call was sent
+                        groups.setdefault(id(limiter), []).append((limiter, future))
+                await asyncio.gather(
+                    *(
+                        self._answer(group[i : i + _MOST_WINNERS])
+                        for group in groups.values()
+                        for i in range(0, len(group), _MOST_WINNERS)
+                    )
+                )
+        finally:
+            self._asker = None
+            for _, future in self._asks:  # left by a cancelled sender: nothing sent them
+                future.cancel()
+            self._asks = []
+
+    async def _answer(self, group: list[tuple[RedisThrottle, asyncio.Future[Any]]]) -> None:
+        """One dispatch call for the callers of ``group`` (one limiter): a winner each, in the
+        order they asked; the wait or None to all when the first winner does not fit or none is
+        visible."""
+        limiter = group[0][0]
+        try:
+            found = await self._winners(limiter, len(group))
+        except BaseException as error:
+            for _, future in group:
+                if future.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(
+                        StorageError(str(error)) if isinstance(error, StorageError) else error
+                    )
+            if not isinstance(error, Exception):
+                raise
+            return
+        if not isinstance(found, list):
+            for _, future in group:
+                if not future.done():
+                    future.set_result(found)
+            return
+        winners = iter(found)
+        for _, future in group:
+            if future.done():
+                continue  # cancelled while the call was on its way
+            fields = next(winners, None)
+            future.set_result(_ALONE if fields is None else _Won(fields))
+        # The winners of callers cancelled while the call was on its way: given back whole.
+        await asyncio.gather(
+            *(
+                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
+                for fields in winners
+            )
+        )
+
+    def _start_give_back(self, limiter: RedisThrottle, fields: list[Any]) -> None:
+        """Gives back, in a task `close` waits for, a winner nobody will open."""
+        self._track(
+            asyncio.get_running_loop().create_task(
+                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
+            )
+        )
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """A task the dispatcher's `close` waits for (``_recoveries``): a call on its way, a
+        give-back."""
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
 
     async def attempt_many(
         self, limiter: RedisThrottle, count: int
@@ -245,6 +394,31 @@ class GlobalChoice:
         between them); or, when the first winner does not fit, the seconds until it does; or
         None. Fewer than ``count`` when the queue holds fewer, a later winner does not fit, or
         many tenants have visible messages (at most ``_HEADS_PER_CALL`` / tenants, at least one)."""
+        capacity = float(limiter.burst_tpm or limiter.tpm)
+        found = await self._winners(limiter, count)
+        if not isinstance(found, list):
+            return found
+        jobs: list[ProcessableMessage[Any]] = []
+        failure: BaseException | None = None
+        for fields in found:
+            if failure is not None:
+                # The books failed on an earlier winner: this one goes back untouched.
+                await self._give_back(limiter, fields[0].decode(), fields[5].decode())
+                continue
+            try:
+                jobs.append(await self._open(limiter, capacity, fields))
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            if not jobs:
+                raise failure
+            _LOGGER.error("a global winner could not be handed out: %r", failure)
+        return jobs
+
+    async def _winners(self, limiter: RedisThrottle, count: int) -> list[list[Any]] | float | None:
+        """One dispatch call for up to ``count`` winners: each winner's fields as the script
+        returned them (leased and reserved, not yet in the dispatcher's books); or the seconds
+        until the first winner fits; or None."""
         capacity = float(limiter.burst_tpm or limiter.tpm)
         reply = await self._dispatch(limiter, count, capacity)
         if len(reply) == 3 and reply[2] == b"unindexed":
@@ -260,22 +434,7 @@ class GlobalChoice:
                 self._core.limiter_refused(reply[2].decode())
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
-        jobs: list[ProcessableMessage[Any]] = []
-        failure: BaseException | None = None
-        for i in range(2, len(reply), 7):
-            if failure is not None:
-                # The books failed on an earlier winner: this one goes back untouched.
-                await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode())
-                continue
-            try:
-                jobs.append(await self._open(limiter, capacity, reply[i : i + 7]))
-            except BaseException as error:
-                failure = error
-        if failure is not None:
-            if not jobs:
-                raise failure
-            _LOGGER.error("a global winner could not be handed out: %r", failure)
-        return jobs
+        return [reply[i : i + 7] for i in range(2, len(reply), 7)]
 
     async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
         storage = self._storage
@@ -388,10 +547,8 @@ class GlobalChoice:
         storage = self._storage
         step = step or ("dead_letter" if storage.dead_letter is not None else "visibility")
         with contextlib.suppress(StorageError):
-            await self._run(
-                "global_mark",
-                limiter,
-                (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, ""),
+            await self._marked(
+                limiter, (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, "", "", "")
             )
 
     def handles(self, plan: Plan) -> bool:
@@ -405,8 +562,9 @@ class GlobalChoice:
         limiter: RedisThrottle = plan.limiter
         message = plan.message
         member, token = self._storage._handle(message.attributes.receipt_handle)
-        reply = await self._run(
-            "global_mark",
+        # The actual input and output counts, when the mark gave them: each limit its own.
+        parts = ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1])
+        stored, limited = await self._marked(
             limiter,
             (
                 plan.store,
@@ -417,12 +575,10 @@ class GlobalChoice:
                 plan.key,
                 int(plan.tokens),
                 limiter.adjustment_failure_strategy,
+                *parts,
             ),
-            # The actual input and output counts, when the mark gave them: each limit its own.
-            ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1]),
         )
         self._keys.discard(plan.key)
-        stored, limited = int(reply[0]), reply[1]
         if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",
@@ -430,3 +586,75 @@ class GlobalChoice:
                 limited[0].decode(),
             )
         return stored == 0
+
+    async def _marked(self, limiter: RedisThrottle, fields: tuple[Any, ...]) -> tuple[int, Any]:
+        """One mark (``fields``: its ten arguments of ``lua/global_mark.lua``), sent with the
+        others made in the same turn of the event loop, or while the previous call was on its
+        way, in one script call: the store's reply (1, or 0 when the token was stale) and the
+        limiter's. A mark that fails in the script fails alone (`StorageError`); a call that
+        fails (the connection) fails each of its marks, whose leases then run out as any lease
+        does. Cancelled before its call is sent, the mark is left out of it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, Any]] = loop.create_future()
+        self._marks.append(_Mark(limiter, fields, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_marks())
+            self._track(self._sender)
+        return await future
+
+    async def _send_marks(self) -> None:
+        """Sends the marks waiting, up to ``_MOST_MARKS`` per call (one call per limiter), the
+        calls of one round together; then those that came meanwhile, until none waits."""
+        try:
+            await asyncio.sleep(0)  # the marks of this turn of the event loop join
+            while self._marks:
+                waiting, self._marks = self._marks, []
+                groups: dict[int, list[_Mark]] = {}
+                for item in waiting:
+                    if not item.future.done():  # a caller cancelled before the call was sent
+                        groups.setdefault(id(item.limiter), []).append(item)
+                await asyncio.gather(
+                    *(
+                        self._send_batch(group[i : i + _MOST_MARKS])
+                        for group in groups.values()
+                        for i in range(0, len(group), _MOST_MARKS)
+                    )
+                )
+        finally:
+            self._sender = None
+            for item in self._marks:  # left by a cancelled sender: nothing sent them
+                item.future.cancel()
+            self._marks = []
+
+    async def _send_batch(self, batch: list[_Mark]) -> None:
+        """One script call for ``batch`` (marks of one limiter); each caller gets its own
+        outcome."""
+        tail: list[Any] = []
+        for item in batch:
+            tail += item.fields
+        try:
+            reply = await self._run("global_mark", batch[0].limiter, (len(batch),), tuple(tail))
+        except BaseException as error:
+            for item in batch:
+                if item.future.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    item.future.cancel()
+                else:
+                    own = StorageError(str(error))  # each caller its own exception
+                    own.__cause__ = error.__cause__
+                    item.future.set_exception(own)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue  # its caller was cancelled while the call was on its way
+            stored, limited = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            if stored < 0:
+                text = limited.decode("utf-8", "replace") if isinstance(limited, bytes) else str(limited)
+                item.future.set_exception(
+                    StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
+                )
+            else:
+                item.future.set_result((stored, limited))

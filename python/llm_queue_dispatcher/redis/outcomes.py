@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import errors as _errors
@@ -81,6 +81,38 @@ redis.call('RPUSH', inbox, string.len(ARGV[1]) .. ':' .. ARGV[1] .. ARGV[2])
 redis.call('EXPIRE', inbox, ARGV[3])
 return 1
 """
+# The claims and reports made together (`_Batched`): the same, for each id of the call in turn.
+_CLAIM_MANY = """
+local out = {}
+-- Bounded by the call's arguments (at most _MOST_PER_CALL ids).
+for i = 1, #ARGV do
+  out[i] = 1
+  if redis.call('HGET', KEYS[1], ARGV[i]) == 'withdrawn' then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    out[i] = 0
+  end
+end
+return out
+"""
+_REPORT_MANY = """
+local out = {}
+-- Bounded by the call's arguments (at most _MOST_PER_CALL id, body pairs).
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local inbox = redis.call('HGET', KEYS[1], id)
+  local pushed = 0
+  if inbox then
+    redis.call('HDEL', KEYS[1], id)
+    if inbox ~= 'withdrawn' then
+      redis.call('RPUSH', inbox, string.len(id) .. ':' .. id .. ARGV[i + 1])
+      redis.call('EXPIRE', inbox, ARGV[1])
+      pushed = 1
+    end
+  end
+  out[#out + 1] = pushed
+end
+return out
+"""
 _WITHDRAW = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 'withdrawn') end
 return 1
@@ -115,6 +147,8 @@ _SCRIPTS = {
         ("forget", _FORGET),
         ("claim", _CLAIM),
         ("report", _REPORT),
+        ("claim_many", _CLAIM_MANY),
+        ("report_many", _REPORT_MANY),
         ("withdraw", _WITHDRAW),
         ("purged", _PURGED),
     )
@@ -233,6 +267,68 @@ def decode_item(item: bytes | str) -> tuple[str, Outcome]:
     return request_id, Outcome(False, error=decode_error(body.get("error") or {}))
 
 
+# The most claims or reports one call carries.
+_MOST_PER_CALL = 256
+
+
+class _Batched:
+    """The calls of one relay operation made in the same turn of the event loop, or while its
+    previous call was on its way, sent as one script call (``send``: the items in, one result
+    per item out); each caller gets its own result, or its own `StorageError` when the call
+    fails. A caller cancelled before the call is sent is left out of it."""
+
+    def __init__(self, send: Callable[[list[Any]], Awaitable[list[Any]]]) -> None:
+        self._send = send
+        self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((item, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.sleep(0)  # the calls of this turn of the event loop join
+            while self._waiting:
+                waiting = [(item, future) for item, future in self._waiting if not future.done()]
+                self._waiting = []
+                await asyncio.gather(
+                    *(
+                        self._call(waiting[i : i + _MOST_PER_CALL])
+                        for i in range(0, len(waiting), _MOST_PER_CALL)
+                    )
+                )
+        finally:
+            self._sender = None
+            for _, future in self._waiting:  # left by a cancelled sender: nothing sent them
+                future.cancel()
+            self._waiting = []
+
+    async def _call(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._send([item for item, _ in batch])
+        except BaseException as error:
+            for _, future in batch:
+                if future.done():
+                    continue
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    own = _errors.StorageError(str(error))  # each caller its own exception
+                    own.__cause__ = error.__cause__
+                    future.set_exception(own)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
 class RedisRelay:
     """Outcomes through Redis for one `RedisStorage` queue (see the module docstring)."""
 
@@ -248,6 +344,9 @@ class RedisRelay:
         self._deliver = deliver
         self._here: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        # A Worker's handlers start and end together: their claims and reports go in one call.
+        self._claims = _Batched(self._claim_many)
+        self._reports = _Batched(self._report_many)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -271,14 +370,30 @@ class RedisRelay:
         await self._run("forget", [self.waiting_key], [request_id, self.inbox])
 
     async def claim(self, request_id: str) -> bool:
-        return bool(int(await self._run("claim", [self.waiting_key], [request_id])))
+        return bool(int(await self._claims(request_id)))
+
+    async def _claim_many(self, request_ids: list[str]) -> list[Any]:
+        if len(request_ids) == 1:
+            return [await self._run("claim", [self.waiting_key], request_ids)]
+        result: list[Any] = await self._run("claim_many", [self.waiting_key], request_ids)
+        return result
+
+    async def _report_many(self, reports: list[tuple[str, str]]) -> list[Any]:
+        if len(reports) == 1:
+            request_id, body = reports[0]
+            return [await self._run("report", [self.waiting_key], [request_id, body, RESULT_TTL])]
+        args: list[Any] = [RESULT_TTL]
+        for request_id, body in reports:
+            args += (request_id, body)
+        result: list[Any] = await self._run("report_many", [self.waiting_key], args)
+        return result
 
     async def report(self, request_id: str, outcome: Outcome, *, here: bool) -> None:
         if here:
             await self.forget(request_id)
             return
         body = encode_outcome(request_id, outcome)
-        await self._run("report", [self.waiting_key], [request_id, body, RESULT_TTL])
+        await self._reports((request_id, body))
 
     async def withdraw(self, request_id: str) -> None:
         self._here.discard(request_id)

@@ -1,7 +1,7 @@
 -- global_dispatch (fair_priority): selects the first message of the fair order over the whole
 -- queue, reserves its budget at the co-located RedisThrottle and leases it, up to ARGV[5]
 -- winners in rank order, in one script. The script is common.lua + queue_common.lua + the
--- limiter's prelude and operations wrapped as limiter_call() (redis/global_choice.py) + this.
+-- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) + this.
 --
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
 -- grant order, latest, held), then this call's reply key (a resend answers as the first run).
@@ -179,6 +179,29 @@ local function usage_of(tenant)
   return (tonumber(redis.call('HGET', Q.usage, tenant)) or 0) / (weights[tenant] or 1)
 end
 
+-- What the rounds of one call read of the tenants, kept until a round changes it: the tenants with
+-- visible messages (read once: no round makes a tenant visible), each one's head ({member, lane},
+-- or false: none that fits) and use per weight, and the enqueued_at of heads compared on a tie.
+-- A round drops what it changes (forget_tenant): the winner's tenant (its head left, its use
+-- grew), a tenant whose head expired or was found to never fit, a tenant whose earlier charge
+-- went. So each winner after the first costs one head lookup, not one per tenant.
+local tenant_list, heads, uses, ages = nil, {}, {}, {}
+
+local function forget_tenant(tenant)
+  if tenant ~= nil then
+    heads[tenant], uses[tenant] = nil, nil
+  end
+end
+
+local function age_of(member)
+  local at = ages[member]
+  if at == nil then
+    at = load(Q, member).at
+    ages[member] = at
+  end
+  return at
+end
+
 -- The winner: member and state, or nil.
 local function first()
   if urgent_first then
@@ -199,25 +222,37 @@ local function first()
       end
     end
   end
-  -- The best tenant by (use per weight, its head's lane, its head's age); a head's state is
-  -- read only to break a tie on the first two.
-  local best, best_use, best_lane, best_s = nil, nil, nil, nil
-  local tenants = redis.call('HKEYS', Q.tenants)
-  -- Bounded by the tenants with visible messages (the hash just read).
-  for _, tenant in ipairs(tenants) do
-    local member, lane = head_of(tenant)
-    if member ~= nil then
-      local use = usage_of(tenant)
+  -- The best tenant by (use per weight, its head's lane, its head's age, its head's member).
+  if tenant_list == nil then
+    tenant_list = redis.call('HKEYS', Q.tenants)
+    if #tenant_list > 0 then
+      local used = redis.call('HMGET', Q.usage, unpack(tenant_list))
+      -- Bounded by the tenants with visible messages (the hash just read).
+      for i, tenant in ipairs(tenant_list) do
+        uses[tenant] = (tonumber(used[i]) or 0) / (weights[tenant] or 1)
+      end
+    end
+  end
+  local best, best_use, best_lane = nil, nil, nil
+  -- Bounded by the tenants with visible messages (read once per call).
+  for _, tenant in ipairs(tenant_list) do
+    local head = heads[tenant]
+    if head == nil then
+      local member, lane = head_of(tenant)
+      head = member ~= nil and {member, lane} or false
+      heads[tenant] = head
+    end
+    if head then
+      local member, lane = head[1], head[2]
+      local use = uses[tenant]
+      if use == nil then
+        use = usage_of(tenant)
+        uses[tenant] = use
+      end
       local better = best == nil or use < best_use or (use == best_use and lane < best_lane)
       if not better and use == best_use and lane == best_lane then
-        best_s = best_s or load(Q, best)
-        local s = load(Q, member)
-        better = s.at < best_s.at or (s.at == best_s.at and member < best)
-        if better then
-          best_s = s
-        end
-      elseif better then
-        best_s = nil
+        local at, best_at = age_of(member), age_of(best)
+        better = at < best_at or (at == best_at and member < best)
       end
       if better then
         best, best_use, best_lane = member, use, lane
@@ -227,21 +262,17 @@ local function first()
   if best == nil then
     return nil
   end
-  return best, best_s or load(Q, best)
+  return best, load(Q, best)
 end
 
--- The limiter's call `op` with `request`'s arguments after its own.
+-- The limiter's call `op` with `request`'s arguments after its own, in one session for the
+-- call (redis/global_choice.py: the limiter's state read once).
+local session = nil
 local function limiter(op, request)
-  local argv = {}
-  -- Bounded: the limiter's fourteen arguments.
-  for i = 1, 14 do
-    argv[i] = limiter_argv[i]
+  if session == nil then
+    session = limiter_open(LIMITER_KEYS, limiter_argv)
   end
-  -- Bounded: the request's arguments (at most five).
-  for i, value in ipairs(request) do
-    argv[14 + i] = value
-  end
-  return limiter_call(LIMITER_KEYS, argv, op)
+  return session(op, request)
 end
 
 -- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
@@ -334,6 +365,24 @@ local function margin(s)
   return math.min(s.tok + urgent, capacity) - s.tok
 end
 
+-- The most margin(s) can be, read from the call's arguments alone: the reserves at their largest
+-- (each automatic one at its cap: URGENT 0.25, tenant 0.1 of the capacity), both kept. A bucket
+-- that holds the estimate and this much holds it with the exact margin too (a check only gets
+-- harder as the tokens asked grow), and the grant is the same (the margin is only checked, never
+-- taken): so the exact margin, which reads the recent estimates, the limiter's check of the
+-- visible messages and every tenant's use, is worked out only when this bound is refused.
+local function margin_bound(s)
+  if s.p == 0 then
+    return 0
+  end
+  local urgent = 0
+  if urgent_first then
+    urgent = math.max(0, fixed_urgent or 0.25 * capacity)
+  end
+  local reserve = math.max(0, fixed_reserve or 0.1 * capacity)
+  return math.max(0, math.min(s.tok + urgent + reserve, capacity) - s.tok)
+end
+
 -- A part of the estimate for the limiter ('' when not given: its ITPM and OTPM count the whole).
 local function part(n)
   if n == nil or n < 0 then
@@ -358,6 +407,7 @@ for _ = 1, limit + 2 * SKIP_MAX do
     -- Past the retention period, left in the index by maintain()'s bound: it expires now (as
     -- every reader of the queue expires it); never handed out.
     catch_up(member, s)
+    forget_tenant(s.ten)
     expired = expired + 1
     if expired >= SKIP_MAX then
       break -- the next calls drop the rest, MAINTAIN_BATCH each
@@ -366,11 +416,20 @@ for _ = 1, limit + 2 * SKIP_MAX do
     local key = s.rid .. '#' .. (s.rc + 1)
     -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
     -- reserves it must leave.
-    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin(s)})
+    local bound = margin_bound(s)
+    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + bound})
+    if granted[1] ~= 1 and bound > 0 then
+      -- Refused with the bound: the exact margin decides (a grant with it is the same grant).
+      local exact_margin = margin(s)
+      if exact_margin < bound then
+        granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + exact_margin})
+      end
+    end
     if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
       -- It can never fit one of the limits: skipped, it holds nothing. Its submitter, if it
       -- has one waiting, hears so (it stays queued, as the per-process path leaves it).
       excluded[member] = true
+      forget_tenant(s.ten)
       skipped = skipped + 1
       report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
         .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
@@ -394,7 +453,9 @@ for _ = 1, limit + 2 * SKIP_MAX do
         if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
           redis.call('HDEL', Q.usage, tenant)
         end
+        forget_tenant(tenant)
       end
+      forget_tenant(s.ten)
       redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
       redis.call('LPUSH', Q.recent, fmt(s.tok))
       redis.call('LTRIM', Q.recent, 0, 255)

@@ -1,20 +1,25 @@
--- global_mark: the mark of a message handed out by global_dispatch.lua, in one script: the
--- store's step, the limiter's correction of the delivery's reservation and the correction of
--- its tenant's charge. Same composition and KEYS as global_dispatch.lua.
+-- global_mark: the marks of messages handed out by global_dispatch.lua, up to MARKS_MAX in one
+-- script: for each, the store's step, the limiter's correction of the delivery's reservation and
+-- the correction of its tenant's charge. Same composition and KEYS as global_dispatch.lua.
 --
--- ARGV[5] the store's step: 'delete', 'visibility', 'dead_letter' or 'release'
--- ARGV[6] member  ARGV[7] receipt token  ARGV[8] the visibility timeout in us ('visibility')
--- ARGV[9] the limiter's call: 'adjust', 'release', 'settle' or ''  ARGV[10] the delivery's key
--- ('': the current delivery's, when the token is current)
--- ARGV[11] tokens (the actual count for 'adjust')  ARGV[12] the limiter's adjustment strategy
--- ARGV[13..26] the limiter's own ARGV[1..14]
--- ARGV[27] ARGV[28] the actual input and output tokens for 'adjust' ('' each: not given)
+-- ARGV[5] n, the marks  ARGV[6 .. 19] the limiter's own ARGV[1..14]
+-- then ten arguments per mark, the i-th from ARGV[20 + 10 * (i - 1)]:
+--   the store's step: 'delete', 'visibility', 'dead_letter' or 'release'; member; receipt token;
+--   the visibility timeout in us ('visibility'); the limiter's call: 'adjust', 'release',
+--   'settle' or ''; the delivery's key ('': the current delivery's, when the token is current);
+--   tokens (the actual count for 'adjust'); the limiter's adjustment strategy; the actual input
+--   and output tokens for 'adjust' ('' each: not given)
 --
--- Returns {store reply (1, or 0 when the token is stale), limiter reply, NOW}. The limiter's call and
--- the charge's correction are made even when the store's step finds the token stale: the
--- delivery ended either way, and its reservation and charge are its own (never a newer
--- delivery's). The charge becomes the actual count (processed with a count), stays the estimate
--- (processed without one), or 0 (failed, dead-lettered, released), if still in the window.
+-- Returns {NOW, then per mark: store reply (1; 0 when the token is stale; -1 when the mark
+-- failed), limiter reply (the error's text when it failed)}. The marks run in their order, each
+-- on its own: one that raises an error fails alone (what it wrote before the error stays, as a
+-- script's writes do), the others are made. The limiter's call and the charge's correction are
+-- made even when the store's step finds the token stale: the delivery ended either way, and its
+-- reservation and charge are its own (never a newer delivery's). The charge becomes the actual
+-- count (processed with a count), stays the estimate (processed without one), or 0 (failed,
+-- dead-lettered, released), if still in the window.
+
+local MARKS_MAX = 64 -- redis/global_choice.py _MOST_MARKS
 
 local LIMITER_KEYS = {}
 for i = 1, 5 do -- the limiter's five keys
@@ -27,60 +32,97 @@ if kept ~= nil then
 end
 maintain()
 
-local op, member = ARGV[5], ARGV[6]
-local stored = 0
-local s = holder(member, ARGV[7])
-local call, key, tokens = ARGV[9], ARGV[10], ARGV[11]
-if key == '' and s ~= nil then
-  key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
+local limiter_argv = {}
+-- Bounded: the limiter's fourteen arguments.
+for i = 1, 14 do
+  limiter_argv[i] = ARGV[5 + i]
 end
-if s ~= nil then
-  stored = 1
-  if op == 'delete' then
-    leave_current_set(member, s)
-    forget(Q, member, s)
-  elseif op == 'visibility' then
-    leave_current_set(member, s)
-    redis.call('ZADD', Q.inflight, fmt(NOW + tonumber(ARGV[8])), member)
-    maintain()
-  elseif op == 'dead_letter' then
-    leave_current_set(member, s)
-    dead_letter(member, s)
-  else
-    give_back(member, s)
+
+-- The limiter's session (redis/global_choice.py), opened by the first mark that calls it: its
+-- state read once for the marks of this call. Dropped after a mark that failed.
+local session = nil
+
+-- Whether a mark changed the queue: its meta is touched once, after the marks.
+local touched = false
+
+local function mark(op, member, token, visibility, call, key, tokens, strategy, input, output)
+  local stored = 0
+  local s = holder(member, token)
+  if key == '' and s ~= nil then
+    key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
   end
+  if s ~= nil then
+    stored = 1
+    if op == 'delete' then
+      leave_current_set(member, s)
+      forget(Q, member, s)
+    elseif op == 'visibility' then
+      leave_current_set(member, s)
+      redis.call('ZADD', Q.inflight, fmt(NOW + tonumber(visibility)), member)
+      maintain()
+    elseif op == 'dead_letter' then
+      leave_current_set(member, s)
+      dead_letter(member, s)
+    else
+      give_back(member, s)
+    end
+    touched = true
+  end
+
+  local limited = ''
+  if call ~= '' then
+    if session == nil then
+      session = limiter_open(LIMITER_KEYS, limiter_argv)
+    end
+    if call == 'adjust' then
+      limited = session(call, {key, tokens, strategy, input, output})
+    else
+      limited = session(call, {key})
+    end
+  end
+
+  local raw = redis.call('HGET', Q.charge, key)
+  if raw then
+    local tenant, charged = cmsgpack.unpack(raw)
+    local corrected = 0
+    if op == 'delete' then
+      corrected = charged
+      if call == 'adjust' then
+        corrected = tonumber(tokens)
+      end
+    end
+    if corrected ~= charged then
+      if redis.call('HINCRBY', Q.usage, tenant, fmt(corrected - charged)) <= 0 then
+        redis.call('HDEL', Q.usage, tenant)
+      end
+      redis.call('HSET', Q.charge, key, cmsgpack.pack(tenant, corrected))
+    end
+  end
+  return stored, limited
+end
+
+local out = {fmt(NOW)}
+-- Bounded by MARKS_MAX marks.
+for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
+  local base = 20 + 10 * (i - 1)
+  local ok, stored, limited = pcall(
+    mark, ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5],
+    ARGV[base + 6], ARGV[base + 7], ARGV[base + 8], ARGV[base + 9]
+  )
+  if ok then
+    out[#out + 1] = stored
+    out[#out + 1] = limited
+  else
+    session = nil -- what it changed in memory may not have been saved: read again
+    -- An error raised by redis.call is a table with its text in `err`.
+    if type(stored) == 'table' then
+      stored = stored.err or stored.message
+    end
+    out[#out + 1] = -1
+    out[#out + 1] = tostring(stored)
+  end
+end
+if touched then
   touch(Q)
 end
-
-local limited = ''
-if call ~= '' then
-  local argv = {}
-  -- Bounded: the limiter's fourteen arguments.
-  for i = 1, 14 do
-    argv[i] = ARGV[12 + i]
-  end
-  argv[15] = key
-  if call == 'adjust' then
-    argv[16], argv[17], argv[18], argv[19] = tokens, ARGV[12], ARGV[27] or '', ARGV[28] or ''
-  end
-  limited = limiter_call(LIMITER_KEYS, argv, call)
-end
-
-local raw = redis.call('HGET', Q.charge, key)
-if raw then
-  local tenant, charged = cmsgpack.unpack(raw)
-  local corrected = 0
-  if op == 'delete' then
-    corrected = charged
-    if call == 'adjust' then
-      corrected = tonumber(tokens)
-    end
-  end
-  if corrected ~= charged then
-    if redis.call('HINCRBY', Q.usage, tenant, fmt(corrected - charged)) <= 0 then
-      redis.call('HDEL', Q.usage, tenant)
-    end
-    redis.call('HSET', Q.charge, key, cmsgpack.pack(tenant, corrected))
-  end
-end
-return remember(GREPLY, {stored, limited, fmt(NOW)})
+return remember(GREPLY, out)

@@ -83,7 +83,20 @@ for _, spec in ipairs(SPECS) do -- the buckets configured
   end
   fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
 end
+local LEGACY_AT = #fields -- then the ceilings of an earlier version, deleted where found
+for _, spec in ipairs(SPECS) do -- the buckets configured
+  fields[#fields + 1] = spec.key .. 'c'
+  fields[#fields + 1] = spec.key .. 'cu'
+end
 local raw = redis.call('HMGET', STATE, unpack(fields))
+-- What save() must delete: the penalty when one is stored, an earlier version's ceilings.
+local STORED_PENALTY = raw[1] ~= false and raw[1] ~= nil
+local LEGACY = {}
+for i = LEGACY_AT + 1, #fields do -- the ceilings' fields
+  if raw[i] then
+    LEGACY[#LEGACY + 1] = fields[i]
+  end
+end
 
 local PENALTY = tonumber(raw[1]) or 0
 local TOTALS = {
@@ -312,8 +325,10 @@ local function save()
   if PENALTY > NOW then
     fields[#fields + 1] = 'penalty'
     fields[#fields + 1] = fmt(PENALTY)
-  else
+    STORED_PENALTY = true
+  elseif STORED_PENALTY then
     redis.call('HDEL', STATE, 'penalty')
+    STORED_PENALTY = false
   end
   for _, b in ipairs(BUCKETS) do -- the buckets configured
     fields[#fields + 1] = b.key .. 'a'
@@ -324,7 +339,10 @@ local function save()
       fields[#fields + 1] = b.debt_field
       fields[#fields + 1] = exact(b.debt)
     end
-    redis.call('HDEL', STATE, b.key .. 'c', b.key .. 'cu') -- an earlier version's ceiling
+  end
+  if #LEGACY > 0 then
+    redis.call('HDEL', STATE, unpack(LEGACY)) -- an earlier version's ceilings
+    LEGACY = {}
   end
   redis.call('HSET', STATE, unpack(fields))
 end
@@ -497,11 +515,16 @@ end
 
 -- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
 -- younger one), then the oldest beyond the record limit: LLMThrottle's advance. Returns how many.
+-- The records granted at or before NOW - retention are dropped once per run of this prelude: the
+-- operations a global script runs on it (redis/global_choice.py) share its instant, and the
+-- records they add are granted at NOW, after the cutoff.
+local aged_out = false
+
 local function prune()
   local dropped = 0
   local cutoff = NOW - RETENTION
   -- Bounded by the records kept (the list's length when the loop starts).
-  for _ = 1, redis.call('LLEN', ORDER) do
+  for _ = 1, aged_out and 0 or redis.call('LLEN', ORDER) do
     local oldest = load_record(redis.call('LINDEX', ORDER, 0))
     if oldest ~= nil and oldest.at > cutoff then
       break
@@ -509,6 +532,7 @@ local function prune()
     pop_oldest()
     dropped = dropped + 1
   end
+  aged_out = true
   -- Bounded by the records beyond the limit.
   for _ = 1, redis.call('LLEN', ORDER) - MAX_RECORDS do
     pop_oldest()

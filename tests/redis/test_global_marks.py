@@ -1,0 +1,226 @@
+"""The marks of the global choice (``redis/global_choice.py``, ``lua/global_mark.lua``): marks
+made together go in one script call, and each caller still gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.exceptions
+
+from llm_queue_dispatcher import (
+    FairPriorityConfig,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    ManualClock,
+    Priority,
+    ReceiptHandleError,
+    StorageError,
+    TokenInfo,
+)
+from llm_queue_dispatcher.redis import RedisStorage
+
+
+def fair_dispatcher(storage: RedisStorage[Any]) -> LLMQueueDispatcher[Any]:
+    config = LLMQueueDispatcherConfig(
+        policy="fair_priority", fair_priority=FairPriorityConfig(), clock=getattr(storage, "clock", None)
+    )
+    return LLMQueueDispatcher(storage, config)
+
+
+def count_calls(storage: RedisStorage[Any], patch: pytest.MonkeyPatch) -> list[int]:
+    """Patches the storage's connection: the number of marks of each ``global_mark`` call."""
+    connection = storage._connection
+    original = connection.run
+    marks: list[int] = []
+
+    async def counted(script: Any, keys: Any, args: Any) -> Any:
+        if script.name == "global_mark":
+            marks.append(int(args[4]))
+        return await original(script, keys, args)
+
+    patch.setattr(connection, "run", counted)
+    return marks
+
+
+async def enqueue_and_take(dispatcher: LLMQueueDispatcher[Any], limiter: Any, count: int) -> list[Any]:
+    await dispatcher.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(100), tenant="A") for n in range(count)]
+    )
+    jobs = []
+    for _ in range(count):
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        jobs.append(job)
+    return jobs
+
+
+async def test_marks_made_together_go_in_one_call_and_each_caller_gets_its_own_outcome(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """Five marks made at once (processed with and without a count, failed, released, and one
+    whose lease another dispatcher took over): one script call; the stale one raises
+    `ReceiptHandleError` to its caller alone; the store, the limiter and the tenant's use end
+    exactly as five separate marks leave them."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    one, other = fair_dispatcher(storage), fair_dispatcher(storage)
+    jobs = await enqueue_and_take(one, limiter, 4)
+    await one.enqueue(LLMRequest("late", "x", Priority.NORMAL, TokenInfo(100), tenant="A"))
+    clock.advance(20.0)
+    late = await one.dequeue(limiter)
+    assert late is not None
+    clock.advance(15.0)  # the four first leases ran out; the late one's did not
+    jobs = [await one.dequeue(limiter) for _ in range(4)]
+    assert all(job is not None and job.message.attributes.receive_count == 2 for job in jobs)
+    clock.advance(20.0)  # now the late one's ran out too, and the other dispatcher takes it
+    fresh = await other.dequeue(limiter)
+    assert fresh is not None
+    assert fresh.message.payload.id == "late"
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        outcomes = await asyncio.gather(
+            jobs[0].mark_as_processed(actual_tokens=250),
+            jobs[1].mark_as_processed(),
+            jobs[2].mark_as_failed(RuntimeError("provider down")),
+            jobs[3].release(),
+            late.mark_as_processed(actual_tokens=40),
+            return_exceptions=True,
+        )
+    assert marks == [5]
+    assert outcomes[:4] == [None, None, None, None]
+    assert isinstance(outcomes[4], ReceiptHandleError)
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 2  # the failed and the released one
+    assert attributes.approximate_number_of_messages_in_flight == 1  # the other dispatcher's
+    # Tenant use: the four first deliveries, never marked, stay charged for the window (400);
+    # then 250 + 100 (processed), 0 (failed, released), 40 (the stale delivery's count) and
+    # 100 (the other dispatcher's delivery of it).
+    assert await storage.redis.hget(storage._keys[16], "A") == b"890"
+    await fresh.mark_as_processed(actual_tokens=100)
+    await one.close()
+    await other.close()
+
+
+async def test_a_mark_that_fails_in_the_script_fails_alone(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """One message's stored state is unreadable: its mark fails with `StorageError` (it can be
+    marked again), the three marks sent with it land."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    jobs = await enqueue_and_take(dispatcher, limiter, 4)
+    member = jobs[1].message.attributes.receipt_handle.split(".")[0]
+    state = await storage.redis.hget(storage._keys[4], member)
+    await storage.redis.hset(storage._keys[4], member, b"\x9c\x01")  # an array cut short
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        outcomes = await asyncio.gather(
+            *(job.mark_as_processed(actual_tokens=50) for job in jobs), return_exceptions=True
+        )
+    assert marks == [4]
+    assert [outcomes[0], outcomes[2], outcomes[3]] == [None, None, None]
+    assert isinstance(outcomes[1], StorageError)
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 1
+    assert attributes.approximate_number_of_messages == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(3 * 50 + 100)
+    await storage.redis.hset(storage._keys[4], member, state)  # readable again: marked again
+    await jobs[1].mark_as_processed(actual_tokens=50)
+    assert await storage.get_approximate_message_count() == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(4 * 50)
+    await dispatcher.close()
+
+
+async def test_a_call_that_fails_fails_each_of_its_marks_and_they_can_be_made_again(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The connection fails under a call of three marks: each caller gets a `StorageError` of
+    its own, nothing is lost (the messages stay leased), and each mark can be made again."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    jobs = await enqueue_and_take(dispatcher, limiter, 3)
+    connection = storage._connection
+    original = connection.run
+
+    async def broken(script: Any, keys: Any, args: Any) -> Any:
+        if script.name == "global_mark":
+            raise redis.exceptions.ConnectionError("connection reset by peer")
+        return await original(script, keys, args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(connection, "run", broken)
+        outcomes = await asyncio.gather(
+            *(job.mark_as_processed(actual_tokens=60) for job in jobs), return_exceptions=True
+        )
+    assert all(isinstance(outcome, StorageError) for outcome in outcomes)
+    assert len({id(outcome) for outcome in outcomes}) == 3
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 3
+    await asyncio.gather(*(job.mark_as_processed(actual_tokens=60) for job in jobs))
+    assert await storage.get_approximate_message_count() == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(3 * 60)
+    await dispatcher.close()
+
+
+async def test_a_mark_whose_caller_is_cancelled_still_lands_once(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """Callers cancelled while their marks wait for the call: the marks are made all the same,
+    once each, with the mark sent beside them (a mark is never left half made)."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    jobs = await enqueue_and_take(dispatcher, limiter, 3)
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        cancelled = [asyncio.ensure_future(job.mark_as_processed(actual_tokens=70)) for job in jobs[:2]]
+        await asyncio.sleep(0)  # each mark is queued for the call
+        for task in cancelled:
+            task.cancel()
+        await jobs[2].mark_as_processed(actual_tokens=70)
+        for task in cancelled:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await dispatcher.close()  # waits for the marks in flight
+    assert marks == [3]
+    assert await storage.get_approximate_message_count() == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(3 * 70)
+    assert all(job.settled for job in jobs)
+
+
+async def test_a_mark_cancelled_before_its_call_is_sent_is_left_out_of_it(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """A mark of the script itself cancelled before the call goes out is not in it: its message
+    stays leased with its reservation, the marks beside it land."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    choice = dispatcher._global
+    assert choice is not None
+    jobs = await enqueue_and_take(dispatcher, limiter, 2)
+
+    def fields(job: Any) -> tuple[Any, ...]:
+        member, token = storage._handle(job.message.attributes.receipt_handle)
+        key = f"{job.message.payload.id}#1"
+        return ("delete", member, token, 0, "adjust", key, 30, "warn", "", "")
+
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        dropped = asyncio.ensure_future(choice._marked(limiter, fields(jobs[0])))
+        kept = asyncio.ensure_future(choice._marked(limiter, fields(jobs[1])))
+        await asyncio.sleep(0)
+        dropped.cancel()
+        assert await kept == (1, [b"ok"])
+    assert marks == [1]
+    assert dropped.cancelled()
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 1
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(100 + 30)
+    await jobs[0].mark_as_processed(actual_tokens=30)
+    await dispatcher.close()
