@@ -520,11 +520,18 @@ class Worker(Generic[T]):
             if self._active:
                 continue
             try:
-                metrics = await self.dispatcher.get_queue_metrics()
+                # The store's counters alone (one cheap call): the whole metrics report would
+                # cost a round of handlers as much as its jobs' marks.
+                counts = await self.dispatcher._storage.get_queue_attributes()
             except StorageError:
                 self._logger.exception("could not read the queue's size")
                 continue
-            if metrics.queue.total_messages == 0 and not self._active:
+            held = (
+                counts.approximate_number_of_messages
+                + counts.approximate_number_of_messages_in_flight
+                + counts.approximate_number_of_messages_delayed
+            )
+            if held == 0 and not self._active:
                 self.stop()
                 return
 
