@@ -10,11 +10,11 @@
 //! lock is released: constructing objects may run the garbage collector, and with it arbitrary
 //! finalizers that might call back into the store.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDateTime, PyList, PyString, PyType, PyTzInfo};
+use pyo3::types::{PyDateTime, PyList, PyString, PyTuple, PyType, PyTzInfo};
 use pyo3::{ffi, intern};
 
 use crate::clock::civil_from_days;
@@ -39,18 +39,26 @@ types_class!(pub(crate) token_info_class, "TokenInfo");
 types_class!(queue_message_class, "QueueMessage");
 types_class!(message_attributes_class, "MessageAttributes");
 
-fn object_new(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static OBJECT_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    OBJECT_NEW
-        .get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("builtins")?.getattr("object")?.getattr("__new__")?.unbind())
-        })
-        .map(|f| f.bind(py))
-}
-
-/// `object.__new__(cls)`: an instance whose `__init__` has not run.
+/// `object.__new__(cls)`: an instance whose `__init__` has not run. Calls `object`'s `tp_new`
+/// slot directly, as `object.__new__` does after its checks (`cls` is one of the dataclasses
+/// above, a plain subclass of `object`), without a Python-level call and its argument tuple.
 fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
-    object_new(cls.py())?.call1((cls,))
+    static OBJECT_NEW: OnceLock<usize> = OnceLock::new();
+    let py = cls.py();
+    let slot = *OBJECT_NEW.get_or_init(|| {
+        // SAFETY: `PyBaseObject_Type` is the static type `object`; reading a slot is allowed.
+        unsafe { ffi::PyType_GetSlot(std::ptr::addr_of_mut!(ffi::PyBaseObject_Type), ffi::Py_tp_new) as usize }
+    });
+    if slot == 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: the slot holds `object`'s `newfunc`; it is called with a type, an empty tuple of
+    // arguments and no keywords, as `object.__new__(cls)` calls it.
+    unsafe {
+        let new: ffi::newfunc = std::mem::transmute::<usize, ffi::newfunc>(slot);
+        let args = PyTuple::empty(py);
+        Bound::from_owned_ptr_or_err(py, new(cls.as_type_ptr(), args.as_ptr(), std::ptr::null_mut()))
+    }
 }
 
 /// `object.__setattr__(obj, name, value)`: bypasses a frozen dataclass's `__setattr__`.
@@ -184,6 +192,43 @@ pub(crate) fn build_list<'py>(py: Python<'py>, views: &[MessageView]) -> PyResul
     let mut dates = DateCache::default();
     let items = views.iter().map(|v| build_view(py, v, &mut dates)).collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
+}
+
+/// The `QueueMessage`s of a batch just enqueued: one per request, in order, with the message
+/// ids `first_id`, `first_id + 1`, ..., all enqueued at `enqueued_at`, none received yet (what
+/// [`build_view`] would build from each stored message, without reading them back).
+pub(crate) fn build_enqueued<'py>(
+    py: Python<'py>,
+    requests: &[Bound<'py, PyAny>],
+    first_id: u64,
+    enqueued_at: f64,
+) -> PyResult<Bound<'py, PyList>> {
+    let _paused = GcPause::new();
+    let enqueued_at = utc_datetime(py, enqueued_at)?;
+    let (no_handle, none) = (intern!(py, ""), py.None().into_bound(py));
+    let never = 0u32.into_pyobject(py)?;
+    let (message_class, attributes_class) = (queue_message_class(py)?, message_attributes_class(py)?);
+    let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
+    // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
+    // every item is set releases only those set).
+    let list = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
+    let mut id_buf = [0u8; MESSAGE_ID_LEN];
+    for (i, (request, message_id)) in requests.iter().zip(first_id..).enumerate() {
+        let id = PyString::new(py, format_message_id_into(message_id, &mut id_buf));
+        let attributes = new_instance(attributes_class)?;
+        set_field(&attributes, intern!(py, "message_id"), &id)?;
+        set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
+        set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
+        set_field(&attributes, intern!(py, "receive_count"), &never)?;
+        set_field(&attributes, intern!(py, "first_received_at"), &none)?;
+        let message = new_instance(message_class)?;
+        set_field(&message, intern!(py, "id"), &id)?;
+        set_field(&message, intern!(py, "payload"), request)?;
+        set_field(&message, intern!(py, "attributes"), &attributes)?;
+        // SAFETY: `i < len`; the list takes the reference.
+        unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as isize, message.into_ptr()) };
+    }
+    Ok(list)
 }
 
 /// Pauses `CPython`'s cyclic garbage collector while a batch of messages is built. Every object

@@ -4,6 +4,7 @@
 use std::cmp::Ordering;
 
 use super::py_repr;
+use super::RequestId;
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
 use crate::index::{IndexEntry, PRIORITIES};
@@ -36,8 +37,9 @@ impl Ord for OrdTime {
 /// them without copies; only the store mutates them.
 #[derive(Debug)]
 pub struct StoredMessage<P> {
-    /// The request's id (unique among messages in the store, but for dead letters).
-    pub request_id: Box<str>,
+    /// The request's id (unique among messages in the store, but for dead letters); inline
+    /// when short.
+    pub request_id: RequestId,
     /// The caller's object (the `LLMRequest` in the Python layer), kept by reference.
     pub payload: P,
     /// Estimated tokens.
@@ -117,7 +119,7 @@ impl<P> StoredMessage<P> {
 #[derive(Debug)]
 pub struct NewMessage<P> {
     /// Non-empty, unique among messages in the store.
-    pub request_id: Box<str>,
+    pub request_id: RequestId,
     /// The caller's object.
     pub payload: P,
     /// 0 ..= 3.

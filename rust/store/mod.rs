@@ -32,6 +32,7 @@
 mod handles;
 mod invariants;
 mod message;
+mod request_id;
 mod search;
 mod tenants;
 
@@ -46,6 +47,7 @@ use self::handles::{random_u64, take_message_ids};
 pub use self::message::{
     validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
 };
+pub use self::request_id::RequestId;
 pub use self::tenants::TenantCounts;
 use self::tenants::Tenants;
 use crate::cells::CellKey;
@@ -327,7 +329,8 @@ impl<P, R: Ranking> Store<P, R> {
 
     /// Enqueues a batch, validated whole first (fields, ids already queued, ids repeated within
     /// the batch): on any error nothing is enqueued and `messages` is left as it was (the caller
-    /// drops it, after its lock), else it is emptied. Returns the slots in batch order.
+    /// drops it, after its lock), else it is emptied. Returns the slots in batch order; the
+    /// messages' ids are consecutive in that order and they share one `enqueued_at`.
     pub fn enqueue_batch(&mut self, messages: &mut Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
         self.maintain(now);
         // Each id is hashed once: the hash serves the duplicate checks and the id table.
@@ -354,6 +357,8 @@ impl<P, R: Ranking> Store<P, R> {
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
         let mut entries = Vec::with_capacity(messages.len());
+        // Tenant counts are added once per run of one tenant (a batch is mostly one).
+        let mut run: Option<(u32, usize)> = None;
         let slots = messages
             .drain(..)
             .zip(hashes)
@@ -362,11 +367,22 @@ impl<P, R: Ranking> Store<P, R> {
                 let slot = self.place(message, id, now, hash);
                 let entry = self.message(slot).index_entry();
                 self.ranking.insert(slot, &entry);
-                self.tenants.change(entry.tenant, self.now, |t| t.counts.visible += 1);
+                run = match run {
+                    Some((tenant, n)) if tenant == entry.tenant => Some((tenant, n + 1)),
+                    other => {
+                        if let Some((tenant, n)) = other {
+                            self.tenants.change(tenant, self.now, |t| t.counts.visible += n);
+                        }
+                        Some((entry.tenant, 1))
+                    }
+                };
                 entries.push((slot, entry));
                 slot
             })
             .collect();
+        if let Some((tenant, n)) = run {
+            self.tenants.change(tenant, self.now, |t| t.counts.visible += n);
+        }
         // The candidate index takes the batch whole, sorted by cell (see `insert_batch`).
         self.index.insert_batch(&mut entries);
         Ok(slots)
@@ -462,7 +478,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.last_modified_at = now;
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
-        let id = message.request_id.clone();
+        let id = (&message.request_id).into();
         self.send_to_outbox(message);
         Ok(id)
     }
