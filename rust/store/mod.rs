@@ -24,9 +24,9 @@
 //! nothing; payloads of dropped messages wait in [`Store::take_dropped`] so a Python layer can
 //! release them after unlocking.
 //!
-//! Memory at 1M queued messages (`P` = one pointer): slot 96 B (the generation of an occupied
-//! slot lives in its message's padding, a vacant slot's in the free list), request id heap
-//! block ~32 B, hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
+//! Memory at 1M queued messages (`P` = one pointer): slot 104 B (the generation of an occupied
+//! slot lives in its message's padding, a vacant slot's in the free list; a request id of up to
+//! 23 bytes is inline, a longer one has a heap block of its own), hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
 //! (fewer when a batch built them whole).
 
 mod handles;
@@ -58,7 +58,7 @@ use crate::index::{Cell, Ranking, VisibleIndex};
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
 
-/// A slot of the slab: 96 B with a one-pointer payload. The slot's generation lives in its
+/// A slot of the slab: 104 B with a one-pointer payload (112 B with the Python layer's). The slot's generation lives in its
 /// message (in what would be padding) while occupied, and in the free list while vacant.
 pub(crate) struct Slot<P> {
     message: Option<StoredMessage<P>>,

@@ -546,8 +546,9 @@ proptest! {
 
 #[test]
 fn slots_stay_compact() {
-    // The memory budget (<= 200 B per queued message) assumes this size for a pointer payload.
-    assert!(std::mem::size_of::<Slot<usize>>() <= 96, "{}", std::mem::size_of::<Slot<usize>>());
+    // The memory budget (<= 200 B per queued message) assumes this size for a pointer payload:
+    // a request id of up to 23 bytes lives in the slot, with no heap block of its own.
+    assert!(std::mem::size_of::<Slot<usize>>() <= 104, "{}", std::mem::size_of::<Slot<usize>>());
 }
 
 #[test]
