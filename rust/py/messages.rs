@@ -21,7 +21,9 @@ use crate::clock::civil_from_days;
 use crate::errors::CoreError;
 use crate::py::errors::to_py_err;
 use crate::py::requests::Payload;
-use crate::store::{format_message_id_into, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN};
+use crate::store::{
+    format_message_id_into, format_message_id_tail, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN,
+};
 
 // ----- classes of types.py -----------------------------------------------------------------
 
@@ -168,6 +170,7 @@ fn build_from_parts<'py>(
         Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
         None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
     }
+    untrack_atomic(&attributes);
     let message = new_instance(queue_message_class(py)?)?;
     set_field(&message, intern!(py, "id"), &id)?;
     set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
@@ -213,14 +216,24 @@ pub(crate) fn build_enqueued<'py>(
     // every item is set releases only those set).
     let list = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
     let mut id_buf = [0u8; MESSAGE_ID_LEN];
+    // Consecutive ids differ in their last 12 hex digits only (while `id >> 48` stays).
+    let last_id = first_id.saturating_add(requests.len() as u64);
+    let tail_only = first_id >> 48 == last_id >> 48;
+    format_message_id_into(first_id, &mut id_buf);
     for (i, (request, message_id)) in requests.iter().zip(first_id..).enumerate() {
-        let id = PyString::new(py, format_message_id_into(message_id, &mut id_buf));
+        if tail_only {
+            format_message_id_tail(message_id, &mut id_buf);
+        } else {
+            format_message_id_into(message_id, &mut id_buf);
+        }
+        let id = ascii_string(py, &id_buf)?;
         let attributes = new_instance(attributes_class)?;
         set_field(&attributes, intern!(py, "message_id"), &id)?;
         set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
         set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
         set_field(&attributes, intern!(py, "receive_count"), &never)?;
         set_field(&attributes, intern!(py, "first_received_at"), &none)?;
+        untrack_atomic(&attributes);
         let message = new_instance(message_class)?;
         set_field(&message, intern!(py, "id"), &id)?;
         set_field(&message, intern!(py, "payload"), request)?;
@@ -229,6 +242,29 @@ pub(crate) fn build_enqueued<'py>(
         unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as isize, message.into_ptr()) };
     }
     Ok(list)
+}
+
+/// Takes a `MessageAttributes` out of the cyclic garbage collector's sight, as `CPython` does
+/// with a tuple or dict that holds only atomic values: its fields are strs, a datetime, an int
+/// and None, so it can never be part of a reference cycle, and a collection need not visit it
+/// (a batch of a million messages would otherwise leave the next collection a million more
+/// objects to walk). It is freed by reference counting as before.
+fn untrack_atomic(attributes: &Bound<'_, PyAny>) {
+    // SAFETY: a live object of a GC-tracked class; untracking is allowed at any time, and its
+    // deallocator untracks only what is still tracked.
+    unsafe { ffi::PyObject_GC_UnTrack(attributes.as_ptr().cast()) };
+}
+
+/// A str of ASCII bytes, copied straight into a new compact string (no UTF-8 decoding).
+fn ascii_string<'py>(py: Python<'py>, text: &[u8; MESSAGE_ID_LEN]) -> PyResult<Bound<'py, PyString>> {
+    debug_assert!(text.is_ascii());
+    // SAFETY: `PyUnicode_New` with a maximum character below 128 makes a compact ASCII string
+    // of exactly `MESSAGE_ID_LEN` one-byte characters, which are all written before it is used.
+    unsafe {
+        let string = Bound::from_owned_ptr_or_err(py, ffi::PyUnicode_New(MESSAGE_ID_LEN as isize, 127))?;
+        std::ptr::copy_nonoverlapping(text.as_ptr(), ffi::PyUnicode_1BYTE_DATA(string.as_ptr()), MESSAGE_ID_LEN);
+        Ok(string.cast_into_unchecked())
+    }
 }
 
 /// Pauses `CPython`'s cyclic garbage collector while a batch of messages is built. Every object

@@ -42,7 +42,9 @@ use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
-pub use self::handles::{format_message_id, format_message_id_into, ReceiptHandle, MESSAGE_ID_LEN};
+pub use self::handles::{
+    format_message_id, format_message_id_into, format_message_id_tail, ReceiptHandle, MESSAGE_ID_LEN,
+};
 use self::handles::{random_u64, take_message_ids};
 pub use self::message::{
     validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
