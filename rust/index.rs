@@ -188,7 +188,8 @@ fn by_cell(batch: &[(u32, IndexEntry)]) -> Option<Vec<(u32, IndexEntry)>> {
     const CELLS: usize = PRIORITIES * RETRIES * TOKEN_CLASSES;
     // Numbered in `CellKey` order: priority, then retry class, then token class.
     let dense = |key: &CellKey| {
-        let (p, r, t) = (usize::from(key.priority), usize::from(key.retry_class), usize::from(key.token_class));
+        let (p, r, t) =
+            (usize::from(key.priority), usize::from(key.retry_class), usize::from(key.token_class));
         (p < PRIORITIES && r < RETRIES && t < TOKEN_CLASSES).then_some((p * RETRIES + r) * TOKEN_CLASSES + t)
     };
     if batch.len() < CELLS / 4 {

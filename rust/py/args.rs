@@ -153,7 +153,11 @@ pub(crate) fn text_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<String
 
 /// What `read` makes of a str argument's text (borrowed, no copy), with the errors of
 /// [`text_arg`].
-pub(crate) fn text_with<T>(value: &Bound<'_, PyAny>, field: &str, read: impl FnOnce(&str) -> T) -> PyResult<T> {
+pub(crate) fn text_with<T>(
+    value: &Bound<'_, PyAny>,
+    field: &str,
+    read: impl FnOnce(&str) -> T,
+) -> PyResult<T> {
     let py = value.py();
     match value.cast::<PyString>() {
         Ok(text) => text.to_str().map(read).map_err(|_| {

@@ -49,7 +49,9 @@ fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
     let py = cls.py();
     let slot = *OBJECT_NEW.get_or_init(|| {
         // SAFETY: `PyBaseObject_Type` is the static type `object`; reading a slot is allowed.
-        unsafe { ffi::PyType_GetSlot(std::ptr::addr_of_mut!(ffi::PyBaseObject_Type), ffi::Py_tp_new) as usize }
+        unsafe {
+            ffi::PyType_GetSlot(std::ptr::addr_of_mut!(ffi::PyBaseObject_Type), ffi::Py_tp_new) as usize
+        }
     });
     if slot == 0 {
         return Err(PyErr::fetch(py));
@@ -214,7 +216,8 @@ pub(crate) fn build_enqueued<'py>(
     let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
     // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
     // every item is set releases only those set).
-    let list = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
+    let list =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
     let mut id_buf = [0u8; MESSAGE_ID_LEN];
     // Consecutive ids differ in their last 12 hex digits only (while `id >> 48` stays).
     let last_id = first_id.saturating_add(requests.len() as u64);
@@ -262,7 +265,11 @@ fn ascii_string<'py>(py: Python<'py>, text: &[u8; MESSAGE_ID_LEN]) -> PyResult<B
     // of exactly `MESSAGE_ID_LEN` one-byte characters, which are all written before it is used.
     unsafe {
         let string = Bound::from_owned_ptr_or_err(py, ffi::PyUnicode_New(MESSAGE_ID_LEN as isize, 127))?;
-        std::ptr::copy_nonoverlapping(text.as_ptr(), ffi::PyUnicode_1BYTE_DATA(string.as_ptr()), MESSAGE_ID_LEN);
+        std::ptr::copy_nonoverlapping(
+            text.as_ptr(),
+            ffi::PyUnicode_1BYTE_DATA(string.as_ptr()),
+            MESSAGE_ID_LEN,
+        );
         Ok(string.cast_into_unchecked())
     }
 }
