@@ -363,15 +363,12 @@ impl VisibleIndex {
         // By cell first (a counting sort for a large batch: cells are few), then each cell's
         // run, which fits in cache, by the rest of the key.
         let mut scattered;
-        let batch = match by_cell(batch) {
-            Some(by_cell) => {
-                scattered = by_cell;
-                &mut scattered[..]
-            }
-            None => {
-                batch.sort_unstable_by_key(|(_, e)| e.cell);
-                batch
-            }
+        let batch = if let Some(by_cell) = by_cell(batch) {
+            scattered = by_cell;
+            &mut scattered[..]
+        } else {
+            batch.sort_unstable_by_key(|(_, e)| e.cell);
+            batch
         };
         for run in batch.chunk_by_mut(|(_, a), (_, b)| a.cell == b.cell) {
             run.sort_unstable_by_key(|(_, e)| (e.tokens, e.time, e.seq));

@@ -344,8 +344,10 @@ def test_message_attributes_stay_out_of_the_collector_and_messages_in_it() -> No
     request.metadata["self"] = request
     [message] = core.enqueue_batch([request])
     [received] = core.dequeue(1, 30.0)
-    assert gc.is_tracked(message) and gc.is_tracked(received)
-    assert not gc.is_tracked(message.attributes) and not gc.is_tracked(received.attributes)
+    assert gc.is_tracked(message)
+    assert gc.is_tracked(received)
+    assert not gc.is_tracked(message.attributes)
+    assert not gc.is_tracked(received.attributes)
     request.metadata["message"] = message
     alive = weakref.ref(request)
     core.delete(received.attributes.receipt_handle)

@@ -223,7 +223,7 @@ pub(crate) fn build_enqueued<'py>(
     let last_id = first_id.saturating_add(requests.len() as u64);
     let tail_only = first_id >> 48 == last_id >> 48;
     format_message_id_into(first_id, &mut id_buf);
-    for (i, (request, message_id)) in requests.iter().zip(first_id..).enumerate() {
+    for ((i, request), message_id) in (0..len).zip(requests).zip(first_id..) {
         if tail_only {
             format_message_id_tail(message_id, &mut id_buf);
         } else {
@@ -242,7 +242,7 @@ pub(crate) fn build_enqueued<'py>(
         set_field(&message, intern!(py, "payload"), request)?;
         set_field(&message, intern!(py, "attributes"), &attributes)?;
         // SAFETY: `i < len`; the list takes the reference.
-        unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as isize, message.into_ptr()) };
+        unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
     }
     Ok(list)
 }
@@ -258,13 +258,17 @@ fn untrack_atomic(attributes: &Bound<'_, PyAny>) {
     unsafe { ffi::PyObject_GC_UnTrack(attributes.as_ptr().cast()) };
 }
 
+/// [`MESSAGE_ID_LEN`] as `CPython`'s size type.
+const ID_LEN: isize = 36;
+const _: () = assert!(ID_LEN.unsigned_abs() == MESSAGE_ID_LEN);
+
 /// A str of ASCII bytes, copied straight into a new compact string (no UTF-8 decoding).
 fn ascii_string<'py>(py: Python<'py>, text: &[u8; MESSAGE_ID_LEN]) -> PyResult<Bound<'py, PyString>> {
     debug_assert!(text.is_ascii());
     // SAFETY: `PyUnicode_New` with a maximum character below 128 makes a compact ASCII string
     // of exactly `MESSAGE_ID_LEN` one-byte characters, which are all written before it is used.
     unsafe {
-        let string = Bound::from_owned_ptr_or_err(py, ffi::PyUnicode_New(MESSAGE_ID_LEN as isize, 127))?;
+        let string = Bound::from_owned_ptr_or_err(py, ffi::PyUnicode_New(ID_LEN, 127))?;
         std::ptr::copy_nonoverlapping(
             text.as_ptr(),
             ffi::PyUnicode_1BYTE_DATA(string.as_ptr()),

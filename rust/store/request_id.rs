@@ -212,7 +212,8 @@ mod tests {
             assert_eq!(hasher.hash_one(&*id), hasher.hash_one(a.as_str()));
             assert_eq!(hasher.hash_one(&id), hasher.hash_one(a.as_str()));
             for b in &all {
-                assert_eq!(id == RequestId::from(b.as_str()), a == b);
+                let other = RequestId::from(b.as_str());
+                assert_eq!(id.eq(&other), a == b);
                 assert_eq!(id == *b.as_str(), a == b);
             }
         }

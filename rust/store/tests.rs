@@ -668,7 +668,7 @@ fn a_batch_counts_each_tenant_of_its_runs() {
         counts.sort();
         counts
     };
-    assert_eq!(counts(&batched), vec![("".into(), 3), ("a".into(), 3), ("b".into(), 3)]);
+    assert_eq!(counts(&batched), vec![(String::new(), 3), ("a".into(), 3), ("b".into(), 3)]);
     assert_eq!(counts(&batched), counts(&single));
     batched.check_invariants().unwrap();
 }
