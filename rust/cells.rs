@@ -53,7 +53,7 @@ pub fn token_class(tokens: u64) -> u16 {
 }
 
 // `token_class(u64::MAX)` = 1 + floor(8 · 64) = 513.
-const MAX_TOKEN_CLASS: u16 = 513;
+pub(crate) const MAX_TOKEN_CLASS: u16 = 513;
 
 fn compute_token_range(token_class: u16) -> (f64, f64) {
     if token_class == 0 {

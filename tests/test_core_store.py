@@ -274,3 +274,83 @@ async def test_messages_from_every_rust_path_are_the_dataclasses() -> None:
     assert any(m.attributes.first_received_at is not None for m in messages)
     for message in messages:
         assert_exactly_the_dataclass(message)
+
+
+# Request ids around the length the store keeps inline (23 bytes of UTF-8), ASCII and
+# multi-byte (a character must not be split at the limit), and a few long ones.
+EDGE_IDS = [
+    *("x" * n for n in range(1, 27)),
+    *("é" * n for n in (11, 12)),  # 22 and 24 bytes
+    "é" * 11 + "a",  # 23 bytes
+    "😀" * 5 + "abc",  # 23 bytes
+    "😀" * 6,  # 24 bytes
+    "a" * 22 + "😀",  # 26 bytes: the last character crosses the limit
+    " x",
+    "\tid",
+    "req-" + "0" * 60,
+]
+
+
+def test_request_ids_of_every_length_round_trip_through_the_store() -> None:
+    """The store reports back exactly the ids it was given (here as the ids of dead-lettered
+    messages), recognises them as duplicates, and tells apart ids that differ in the last byte."""
+    clock = ManualClock(0.0)
+    core = StoreCore(clock=clock, max_receive_count=1)
+    ended: list[str] = []
+    core.set_ended_listener(lambda dead, expired: ended.extend(dead))
+    core.enqueue_batch([make(rid) for rid in EDGE_IDS])
+    for rid in EDGE_IDS:
+        with pytest.raises(DuplicateRequestError):
+            core.enqueue(make(rid))
+    near = list(dict.fromkeys(rid[:-1] + ("y" if rid[-1] != "y" else "z") for rid in EDGE_IDS))
+    near = [rid for rid in near if rid not in EDGE_IDS]
+    core.enqueue_batch([make(rid) for rid in near])
+    received = core.dequeue(len(EDGE_IDS) * 2, 1.0)
+    assert sorted(m.payload.id for m in received) == sorted(EDGE_IDS + near)
+    clock.advance(2.0)
+    core.dequeue(1, 1.0)  # the expired receives are dead-lettered, reported by id
+    assert sorted(ended) == sorted(EDGE_IDS + near)
+    core._check_invariants()
+
+
+def test_batch_enqueued_messages_are_the_ones_the_store_holds() -> None:
+    """Each message of a batch names the message the store holds (the id a peek reports), ids
+    are unique, and every message equals its twin built by the public constructors, pickles,
+    and has hashable attributes equal to the twin's."""
+    import pickle
+
+    core = StoreCore(clock=ManualClock(1_700_000_000.25))
+    batch = core.enqueue_batch([make(rid) for rid in EDGE_IDS])
+    assert [m.payload.id for m in batch] == EDGE_IDS
+    assert len({m.id for m in batch}) == len(batch)
+    peeked = {m.payload.id: m for m in core.peek(2, len(batch))}
+    for message in batch:
+        assert_exactly_the_dataclass(message)
+        assert message == peeked[message.payload.id]
+        twin = rebuilt(message)
+        assert hash(message.attributes) == hash(twin.attributes)
+        assert message.attributes.enqueued_at == datetime(2023, 11, 14, 22, 13, 20, 250_000, timezone.utc)
+        copy = pickle.loads(pickle.dumps(message))
+        assert copy == message
+        assert type(copy.attributes) is MessageAttributes
+
+
+def test_message_attributes_stay_out_of_the_collector_and_messages_in_it() -> None:
+    """`MessageAttributes` hold atomic values only, so the store leaves them untracked (as
+    CPython does atomic tuples); the message, which holds the caller's request, stays tracked,
+    and a cycle through the request is still collected."""
+    core = StoreCore()
+    request = make("cyclic")
+    request.metadata["self"] = request
+    [message] = core.enqueue_batch([request])
+    [received] = core.dequeue(1, 30.0)
+    assert gc.is_tracked(message)
+    assert gc.is_tracked(received)
+    assert not gc.is_tracked(message.attributes)
+    assert not gc.is_tracked(received.attributes)
+    request.metadata["message"] = message
+    alive = weakref.ref(request)
+    core.delete(received.attributes.receipt_handle)
+    del request, message, received
+    gc.collect()
+    assert alive() is None

@@ -148,9 +148,19 @@ pub(crate) fn token_count(value: &Bound<'_, PyAny>, field: &str) -> PyResult<u64
 /// Reads a `str` argument as UTF-8; a non-str, or a str Rust cannot hold (lone surrogates), is
 /// an `InvalidRequestError` naming the field.
 pub(crate) fn text_arg(value: &Bound<'_, PyAny>, field: &str) -> PyResult<String> {
+    text_with(value, field, str::to_owned)
+}
+
+/// What `read` makes of a str argument's text (borrowed, no copy), with the errors of
+/// [`text_arg`].
+pub(crate) fn text_with<T>(
+    value: &Bound<'_, PyAny>,
+    field: &str,
+    read: impl FnOnce(&str) -> T,
+) -> PyResult<T> {
     let py = value.py();
     match value.cast::<PyString>() {
-        Ok(text) => text.to_str().map(str::to_owned).map_err(|_| {
+        Ok(text) => text.to_str().map(read).map_err(|_| {
             invalid_request(
                 py,
                 format!(

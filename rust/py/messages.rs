@@ -10,18 +10,20 @@
 //! lock is released: constructing objects may run the garbage collector, and with it arbitrary
 //! finalizers that might call back into the store.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDateTime, PyList, PyString, PyType, PyTzInfo};
+use pyo3::types::{PyDateTime, PyList, PyString, PyTuple, PyType, PyTzInfo};
 use pyo3::{ffi, intern};
 
 use crate::clock::civil_from_days;
 use crate::errors::CoreError;
 use crate::py::errors::to_py_err;
 use crate::py::requests::Payload;
-use crate::store::{format_message_id_into, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN};
+use crate::store::{
+    format_message_id_into, format_message_id_tail, ReceiptHandle, StoredMessage, MESSAGE_ID_LEN,
+};
 
 // ----- classes of types.py -----------------------------------------------------------------
 
@@ -39,18 +41,28 @@ types_class!(pub(crate) token_info_class, "TokenInfo");
 types_class!(queue_message_class, "QueueMessage");
 types_class!(message_attributes_class, "MessageAttributes");
 
-fn object_new(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
-    static OBJECT_NEW: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-    OBJECT_NEW
-        .get_or_try_init(py, || {
-            Ok::<_, PyErr>(py.import("builtins")?.getattr("object")?.getattr("__new__")?.unbind())
-        })
-        .map(|f| f.bind(py))
-}
-
-/// `object.__new__(cls)`: an instance whose `__init__` has not run.
+/// `object.__new__(cls)`: an instance whose `__init__` has not run. Calls `object`'s `tp_new`
+/// slot directly, as `object.__new__` does after its checks (`cls` is one of the dataclasses
+/// above, a plain subclass of `object`), without a Python-level call and its argument tuple.
 fn new_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
-    object_new(cls.py())?.call1((cls,))
+    static OBJECT_NEW: OnceLock<usize> = OnceLock::new();
+    let py = cls.py();
+    let slot = *OBJECT_NEW.get_or_init(|| {
+        // SAFETY: `PyBaseObject_Type` is the static type `object`; reading a slot is allowed.
+        unsafe {
+            ffi::PyType_GetSlot(std::ptr::addr_of_mut!(ffi::PyBaseObject_Type), ffi::Py_tp_new) as usize
+        }
+    });
+    if slot == 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: the slot holds `object`'s `newfunc`; it is called with a type, an empty tuple of
+    // arguments and no keywords, as `object.__new__(cls)` calls it.
+    unsafe {
+        let new: ffi::newfunc = std::mem::transmute::<usize, ffi::newfunc>(slot);
+        let args = PyTuple::empty(py);
+        Bound::from_owned_ptr_or_err(py, new(cls.as_type_ptr(), args.as_ptr(), std::ptr::null_mut()))
+    }
 }
 
 /// `object.__setattr__(obj, name, value)`: bypasses a frozen dataclass's `__setattr__`.
@@ -160,6 +172,7 @@ fn build_from_parts<'py>(
         Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
         None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
     }
+    untrack_atomic(&attributes);
     let message = new_instance(queue_message_class(py)?)?;
     set_field(&message, intern!(py, "id"), &id)?;
     set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
@@ -184,6 +197,85 @@ pub(crate) fn build_list<'py>(py: Python<'py>, views: &[MessageView]) -> PyResul
     let mut dates = DateCache::default();
     let items = views.iter().map(|v| build_view(py, v, &mut dates)).collect::<PyResult<Vec<_>>>()?;
     PyList::new(py, items)
+}
+
+/// The `QueueMessage`s of a batch just enqueued: one per request, in order, with the message
+/// ids `first_id`, `first_id + 1`, ..., all enqueued at `enqueued_at`, none received yet (what
+/// [`build_view`] would build from each stored message, without reading them back).
+pub(crate) fn build_enqueued<'py>(
+    py: Python<'py>,
+    requests: &[Bound<'py, PyAny>],
+    first_id: u64,
+    enqueued_at: f64,
+) -> PyResult<Bound<'py, PyList>> {
+    let _paused = GcPause::new();
+    let enqueued_at = utc_datetime(py, enqueued_at)?;
+    let (no_handle, none) = (intern!(py, ""), py.None().into_bound(py));
+    let never = 0u32.into_pyobject(py)?;
+    let (message_class, attributes_class) = (queue_message_class(py)?, message_attributes_class(py)?);
+    let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
+    // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
+    // every item is set releases only those set).
+    let list =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
+    let mut id_buf = [0u8; MESSAGE_ID_LEN];
+    // Consecutive ids differ in their last 12 hex digits only (while `id >> 48` stays).
+    let last_id = first_id.saturating_add(requests.len() as u64);
+    let tail_only = first_id >> 48 == last_id >> 48;
+    format_message_id_into(first_id, &mut id_buf);
+    for ((i, request), message_id) in (0..len).zip(requests).zip(first_id..) {
+        if tail_only {
+            format_message_id_tail(message_id, &mut id_buf);
+        } else {
+            format_message_id_into(message_id, &mut id_buf);
+        }
+        let id = ascii_string(py, &id_buf)?;
+        let attributes = new_instance(attributes_class)?;
+        set_field(&attributes, intern!(py, "message_id"), &id)?;
+        set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
+        set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
+        set_field(&attributes, intern!(py, "receive_count"), &never)?;
+        set_field(&attributes, intern!(py, "first_received_at"), &none)?;
+        untrack_atomic(&attributes);
+        let message = new_instance(message_class)?;
+        set_field(&message, intern!(py, "id"), &id)?;
+        set_field(&message, intern!(py, "payload"), request)?;
+        set_field(&message, intern!(py, "attributes"), &attributes)?;
+        // SAFETY: `i < len`; the list takes the reference.
+        unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
+    }
+    Ok(list)
+}
+
+/// Takes a `MessageAttributes` out of the cyclic garbage collector's sight, as `CPython` does
+/// with a tuple or dict that holds only atomic values: its fields are strs, a datetime, an int
+/// and None, so it can never be part of a reference cycle, and a collection need not visit it
+/// (a batch of a million messages would otherwise leave the next collection a million more
+/// objects to walk). It is freed by reference counting as before.
+fn untrack_atomic(attributes: &Bound<'_, PyAny>) {
+    // SAFETY: a live object of a GC-tracked class; untracking is allowed at any time, and its
+    // deallocator untracks only what is still tracked.
+    unsafe { ffi::PyObject_GC_UnTrack(attributes.as_ptr().cast()) };
+}
+
+/// [`MESSAGE_ID_LEN`] as `CPython`'s size type.
+const ID_LEN: isize = 36;
+const _: () = assert!(ID_LEN.unsigned_abs() == MESSAGE_ID_LEN);
+
+/// A str of ASCII bytes, copied straight into a new compact string (no UTF-8 decoding).
+fn ascii_string<'py>(py: Python<'py>, text: &[u8; MESSAGE_ID_LEN]) -> PyResult<Bound<'py, PyString>> {
+    debug_assert!(text.is_ascii());
+    // SAFETY: `PyUnicode_New` with a maximum character below 128 makes a compact ASCII string
+    // of exactly `MESSAGE_ID_LEN` one-byte characters, which are all written before it is used.
+    unsafe {
+        let string = Bound::from_owned_ptr_or_err(py, ffi::PyUnicode_New(ID_LEN, 127))?;
+        std::ptr::copy_nonoverlapping(
+            text.as_ptr(),
+            ffi::PyUnicode_1BYTE_DATA(string.as_ptr()),
+            MESSAGE_ID_LEN,
+        );
+        Ok(string.cast_into_unchecked())
+    }
 }
 
 /// Pauses `CPython`'s cyclic garbage collector while a batch of messages is built. Every object

@@ -10,9 +10,9 @@ use super::messages::{llm_request_class, token_info_class};
 use crate::dispatch::{InputPart, TokenParts};
 use crate::errors::CoreError;
 pub(crate) use crate::py::args::{count_arg, invalid_config, repr_of};
-use crate::py::args::{float_arg, invalid_request, text_arg, token_count};
+use crate::py::args::{float_arg, invalid_request, text_arg, text_with, token_count};
 use crate::py::errors::to_py_err;
-use crate::store::{validate_request_id, NewMessage};
+use crate::store::{validate_request_id, NewMessage, RequestId};
 use crate::throttle::split_parts;
 
 /// The instant of an aware (or naive, taken as UTC) datetime in seconds since the epoch.
@@ -94,7 +94,7 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
         return Err(invalid_request(py, format!("request must be an LLMRequest, got {}", repr_of(request))));
     }
     let id = request.getattr(intern!(py, "id"))?;
-    let request_id: Box<str> = text_arg(&id, "id")?.into();
+    let request_id: RequestId = text_with(&id, "id", |text| RequestId::from(text))?;
     validate_request_id(&request_id, "id").map_err(|e| to_py_err(py, e))?;
     let priority = request.getattr(intern!(py, "priority"))?;
     if priority.is_instance_of::<PyBool>() || !priority.is_instance_of::<PyInt>() {

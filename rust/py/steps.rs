@@ -185,7 +185,7 @@ impl Taken {
         let message = store.message(slot);
         Self {
             message: Message::View(MessageView::of(py, message, Some(handle))),
-            request_id: message.request_id.clone(),
+            request_id: (&message.request_id).into(),
             handle: handle.to_string().into(),
             origin: Origin::Store,
             delivery: message.receive_count,

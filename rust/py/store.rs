@@ -18,7 +18,7 @@ use pyo3::types::{PyDict, PyList};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::core::CoreErrorOr;
-use super::messages::{build_list, build_view, utc_datetime, DateCache, MessageView};
+use super::messages::{build_enqueued, build_list, build_view, utc_datetime, DateCache, MessageView};
 pub(crate) use super::requests::visibility_timeout_arg;
 use super::requests::{count_arg, extract_request, handle_arg, invalid_config, repr_of, seconds_arg};
 use super::steps::Taken;
@@ -411,13 +411,25 @@ impl PyStoreCore {
         py: Python<'py>,
         requests: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut messages =
-            requests.try_iter()?.map(|r| extract_request(&r?)).collect::<PyResult<Vec<_>>>()?;
-        let views = self.views(py, |store, now| {
-            Ok(store.enqueue_batch(&mut messages, now)?.into_iter().map(|slot| (slot, None)).collect())
+        let mut objects = Vec::new();
+        let mut messages = Vec::new();
+        for request in requests.try_iter()? {
+            let request = request?;
+            messages.push(extract_request(&request)?);
+            objects.push(request);
+        }
+        let placed = self.with_store(py, |store, now| {
+            let slots = store.enqueue_batch(&mut messages, now)?;
+            Ok(slots.first().map(|&slot| {
+                let first = store.message(slot);
+                (first.message_id, first.enqueued_at)
+            }))
         });
         drop(messages); // refused payloads are dropped here, with no lock held
-        build_list(py, &views?)
+        match placed? {
+            Some((first_id, enqueued_at)) => build_enqueued(py, &objects, first_id, enqueued_at),
+            None => Ok(PyList::empty(py)),
+        }
     }
 
     /// Receives up to `limit` visible messages (priority, then oldest first), each invisible for

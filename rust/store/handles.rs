@@ -112,6 +112,12 @@ pub fn format_message_id_into(id: u64, out: &mut [u8; MESSAGE_ID_LEN]) -> &str {
     std::str::from_utf8(out).unwrap_or_default()
 }
 
+/// Rewrites the part of a message id's string form (as [`format_message_id_into`] wrote it into
+/// `out`) that differs between ids sharing their top 16 bits: the last 12 hex digits.
+pub fn format_message_id_tail(id: u64, out: &mut [u8; MESSAGE_ID_LEN]) {
+    write_hex(&mut out[24..36], id & 0xffff_ffff_ffff);
+}
+
 /// The string form of a message id.
 pub fn format_message_id(id: u64) -> String {
     let mut buf = [0u8; MESSAGE_ID_LEN];

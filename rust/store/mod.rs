@@ -24,14 +24,15 @@
 //! nothing; payloads of dropped messages wait in [`Store::take_dropped`] so a Python layer can
 //! release them after unlocking.
 //!
-//! Memory at 1M queued messages (`P` = one pointer): slot 96 B (the generation of an occupied
-//! slot lives in its message's padding, a vacant slot's in the free list), request id heap
-//! block ~32 B, hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
+//! Memory at 1M queued messages (`P` = one pointer): slot 104 B (the generation of an occupied
+//! slot lives in its message's padding, a vacant slot's in the free list; a request id of up to
+//! 23 bytes is inline, a longer one has a heap block of its own), hash table ~10 B (2^21 buckets of 4 B + 1 control byte), index B-trees ~50-65 B
 //! (fewer when a batch built them whole).
 
 mod handles;
 mod invariants;
 mod message;
+mod request_id;
 mod search;
 mod tenants;
 
@@ -41,11 +42,14 @@ use std::hash::{BuildHasher, RandomState};
 
 use hashbrown::HashTable;
 
-pub use self::handles::{format_message_id, format_message_id_into, ReceiptHandle, MESSAGE_ID_LEN};
+pub use self::handles::{
+    format_message_id, format_message_id_into, format_message_id_tail, ReceiptHandle, MESSAGE_ID_LEN,
+};
 use self::handles::{random_u64, take_message_ids};
 pub use self::message::{
     validate_request_id, NewMessage, OrdTime, StoreConfig, StoredMessage, DEFAULT_MESSAGE_RETENTION,
 };
+pub use self::request_id::RequestId;
 pub use self::tenants::TenantCounts;
 use self::tenants::Tenants;
 use crate::cells::CellKey;
@@ -56,7 +60,7 @@ use crate::index::{Cell, Ranking, VisibleIndex};
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
 
-/// A slot of the slab: 96 B with a one-pointer payload. The slot's generation lives in its
+/// A slot of the slab: 104 B with a one-pointer payload (112 B with the Python layer's). The slot's generation lives in its
 /// message (in what would be padding) while occupied, and in the free list while vacant.
 pub(crate) struct Slot<P> {
     message: Option<StoredMessage<P>>,
@@ -327,7 +331,8 @@ impl<P, R: Ranking> Store<P, R> {
 
     /// Enqueues a batch, validated whole first (fields, ids already queued, ids repeated within
     /// the batch): on any error nothing is enqueued and `messages` is left as it was (the caller
-    /// drops it, after its lock), else it is emptied. Returns the slots in batch order.
+    /// drops it, after its lock), else it is emptied. Returns the slots in batch order; the
+    /// messages' ids are consecutive in that order and they share one `enqueued_at`.
     pub fn enqueue_batch(&mut self, messages: &mut Vec<NewMessage<P>>, now: f64) -> CoreResult<Vec<u32>> {
         self.maintain(now);
         // Each id is hashed once: the hash serves the duplicate checks and the id table.
@@ -354,6 +359,8 @@ impl<P, R: Ranking> Store<P, R> {
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
         let mut entries = Vec::with_capacity(messages.len());
+        // Tenant counts are added once per run of one tenant (a batch is mostly one).
+        let mut run: Option<(u32, usize)> = None;
         let slots = messages
             .drain(..)
             .zip(hashes)
@@ -362,11 +369,22 @@ impl<P, R: Ranking> Store<P, R> {
                 let slot = self.place(message, id, now, hash);
                 let entry = self.message(slot).index_entry();
                 self.ranking.insert(slot, &entry);
-                self.tenants.change(entry.tenant, self.now, |t| t.counts.visible += 1);
+                run = match run {
+                    Some((tenant, n)) if tenant == entry.tenant => Some((tenant, n + 1)),
+                    other => {
+                        if let Some((tenant, n)) = other {
+                            self.tenants.change(tenant, self.now, |t| t.counts.visible += n);
+                        }
+                        Some((entry.tenant, 1))
+                    }
+                };
                 entries.push((slot, entry));
                 slot
             })
             .collect();
+        if let Some((tenant, n)) = run {
+            self.tenants.change(tenant, self.now, |t| t.counts.visible += n);
+        }
         // The candidate index takes the batch whole, sorted by cell (see `insert_batch`).
         self.index.insert_batch(&mut entries);
         Ok(slots)
@@ -462,7 +480,7 @@ impl<P, R: Ranking> Store<P, R> {
         self.last_modified_at = now;
         self.dead_lettered += 1;
         let message = self.release_slot(slot);
-        let id = message.request_id.clone();
+        let id = (&message.request_id).into();
         self.send_to_outbox(message);
         Ok(id)
     }

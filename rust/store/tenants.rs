@@ -64,7 +64,7 @@ impl Default for Tenants {
             idle: VecDeque::new(),
             retention: 0.0,
         };
-        let id = tenants.intern(None);
+        let id = tenants.add("");
         debug_assert_eq!(id, 0);
         tenants.pin(0);
         tenants
@@ -75,10 +75,18 @@ impl Tenants {
     /// The number of `name` (None is ""), interning it if new: a new tenant is idle until it
     /// holds a message.
     pub(super) fn intern(&mut self, name: Option<&str>) -> u32 {
-        let name = name.unwrap_or("");
+        let name = match name {
+            Some(name) if !name.is_empty() => name,
+            _ => return 0, // interned first (see `default`) and pinned: never forgotten
+        };
         if let Some(&id) = self.ids.get(name) {
             return id;
         }
+        self.add(name)
+    }
+
+    /// Interns a name not known yet.
+    fn add(&mut self, name: &str) -> u32 {
         let mut id = self.next_id;
         while self.entries.contains_key(&id) {
             id = id.wrapping_add(1);
