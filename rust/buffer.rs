@@ -299,6 +299,16 @@ impl<M> Buffer<M> {
         self.items.iter().map(|item| item.traits.enqueued_at).reduce(f64::min)
     }
 
+    /// The oldest `enqueued_at` buffered of each priority, URGENT first.
+    pub fn oldest_enqueued_by_priority(&self) -> [Option<f64>; 4] {
+        let mut oldest: [Option<f64>; 4] = [None; 4];
+        for item in &self.items {
+            let at = &mut oldest[usize::from(item.traits.priority.min(3))];
+            *at = Some(at.map_or(item.traits.enqueued_at, |a| a.min(item.traits.enqueued_at)));
+        }
+        oldest
+    }
+
     /// `(tenant, messages buffered)` of every tenant with a message here.
     pub fn tenant_counts(&self) -> Vec<(u32, usize)> {
         let mut counts: Vec<(u32, usize)> = Vec::new();
@@ -472,6 +482,19 @@ mod tests {
         assert_eq!(buffer.due(16.0, 15.0, true, |_| false).len(), 2);
         buffer.renewed("h-soon-0", 46.0);
         assert_eq!(buffer.next_due(15.0), Some(31.0));
+    }
+
+    #[test]
+    fn the_oldest_of_each_priority_is_its_earliest_enqueued() {
+        let mut buffer = Buffer::default();
+        assert_eq!(buffer.oldest_enqueued_by_priority(), [None; 4]);
+        buffer.insert([
+            leased("h-new", 1, 10, 9.0, 0),
+            leased("h-old", 1, 10, 3.0, 0),
+            leased("low", 3, 10, 5.0, 0),
+        ]);
+        assert_eq!(buffer.oldest_enqueued_by_priority(), [None, Some(3.0), None, Some(5.0)]);
+        assert_eq!(buffer.oldest_enqueued_at(), Some(3.0));
     }
 
     #[test]

@@ -581,6 +581,24 @@ impl VisibleIndex {
         Some((seq, self.cells[&key][&seq]))
     }
 
+    /// The slot of the oldest visible message of each priority, URGENT first: one pass over
+    /// the cells' age heads, oldest first, so its cost grows with the non-empty cells.
+    pub fn oldest_by_priority(&self) -> [Option<u32>; PRIORITIES] {
+        let mut oldest = [None; PRIORITIES];
+        let mut missing = self.by_priority.iter().filter(|&&n| n > 0).count();
+        for &(seq, key) in &self.age_heads {
+            if missing == 0 {
+                break;
+            }
+            let slot = &mut oldest[usize::from(key.priority)];
+            if slot.is_none() {
+                *slot = Some(self.cells[&key][&seq]);
+                missing -= 1;
+            }
+        }
+        oldest
+    }
+
     /// Visible messages per priority.
     pub fn counts_by_priority(&self) -> [usize; PRIORITIES] {
         self.by_priority

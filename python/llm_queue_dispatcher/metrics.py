@@ -157,8 +157,12 @@ class SloAttainment(_Report):
     dispatched: int = 0
     #: Those that waited at most the target.
     met: int = 0
-    #: ``met / dispatched``; None when none was dispatched.
+    #: ``met / dispatched``. When none was dispatched: 0.0 if a message of the priority is
+    #: waiting longer than the target (a starved class reads as missing its target, not as
+    #: unknown), else None.
     attainment: float | None = None
+    #: Seconds the oldest waiting message of the priority has waited; None when none waits.
+    oldest_wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -280,17 +284,21 @@ def queue_metrics(
 
 def scheduling(report: CoreReport) -> SchedulingMetrics:
     """The scheduling part of a metrics report, from the core's figures."""
-    slo = {
-        priority.name: SloAttainment(
-            target=target,
-            dispatched=dispatched,
-            met=met,
-            attainment=met / dispatched if dispatched else None,
-        )
-        for priority, target, dispatched, met in zip(
-            Priority, report.slo_targets, report.slo_dispatched, report.slo_met, strict=True
-        )
-    }
+    slo = {}
+    for priority, target, dispatched, met, oldest in zip(
+        Priority,
+        report.slo_targets,
+        report.slo_dispatched,
+        report.slo_met,
+        report.oldest_by_priority,
+        strict=True,
+    ):
+        oldest_wait = None if oldest is None else max(0.0, report.now - oldest)
+        if dispatched:
+            attainment: float | None = met / dispatched
+        else:
+            attainment = 0.0 if oldest_wait is not None and oldest_wait > target else None
+        slo[priority.name] = SloAttainment(target, dispatched, met, attainment, oldest_wait)
     return SchedulingMetrics(
         slo_attainment=slo,
         binding_limit=report.binding_limit or "none",

@@ -1426,13 +1426,13 @@ impl PyDispatchCore {
     fn report(&self, py: Python<'_>) -> PyResult<PyCoreReport> {
         let now = self.clock.now(py)?;
         let capacity = self.lock(py).unfittable.capacity();
-        let (counts_by_priority, oldest_enqueued_at, store_in_flight, unfittable) =
+        let (counts_by_priority, oldest_by_priority, store_in_flight, unfittable) =
             if let Some(store) = &self.store {
                 store.get().with_store(py, |store, _| {
                     let unfittable = capacity.map_or(0, |c| dispatch::slots_above(store, c).len());
                     Ok((
                         store.counts_by_priority(),
-                        store.oldest_enqueued_at(),
+                        store.oldest_enqueued_by_priority(),
                         Some(store.in_flight_count()),
                         unfittable,
                     ))
@@ -1440,8 +1440,10 @@ impl PyDispatchCore {
             } else {
                 let state = self.lock(py);
                 let unfittable = capacity.map_or(0, |c| state.buffer.ids_above(c).len());
-                (state.buffer.counts_by_priority(), state.buffer.oldest_enqueued_at(), None, unfittable)
+                let buffer = &state.buffer;
+                (buffer.counts_by_priority(), buffer.oldest_enqueued_by_priority(), None, unfittable)
             };
+        let oldest_enqueued_at = oldest_by_priority.iter().flatten().copied().reduce(f64::min);
         let mut state = self.lock(py);
         let active = state.ledger.in_flight().count();
         let summaries = &mut state.ledger.stats;
@@ -1454,6 +1456,7 @@ impl PyDispatchCore {
             now,
             counts_by_priority,
             oldest_enqueued_at,
+            oldest_by_priority,
             in_flight: store_in_flight.unwrap_or(active),
             active,
             buffered: state.buffer.len(),

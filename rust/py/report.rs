@@ -12,6 +12,8 @@ pub struct PyCoreReport {
     pub counts_by_priority: [usize; 4],
     /// When the oldest selectable message was enqueued.
     pub oldest_enqueued_at: Option<f64>,
+    /// When the oldest selectable message of each priority was enqueued, URGENT first.
+    pub oldest_by_priority: [Option<f64>; 4],
     /// Messages in flight: the in-memory store's count, or this dispatcher's deliveries.
     pub in_flight: usize,
     /// This dispatcher's deliveries handed out and not settled.

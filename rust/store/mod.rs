@@ -289,6 +289,11 @@ impl<P, R: Ranking> Store<P, R> {
         Some(self.message(slot).enqueued_at)
     }
 
+    /// `enqueued_at` of the oldest visible message of each priority, URGENT first.
+    pub fn oldest_enqueued_by_priority(&self) -> [Option<f64>; PRIORITIES] {
+        self.index.oldest_by_priority().map(|slot| slot.map(|s| self.message(s).enqueued_at))
+    }
+
     /// Counters and timestamps.
     pub fn stats(&self) -> StoreStats {
         StoreStats {

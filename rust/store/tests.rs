@@ -532,6 +532,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         prop_assert_eq!(s.counts_by_priority(), by_priority);
         let oldest = model.visible().iter().map(|&i| model.messages[i].enqueued_at).reduce(f64::min);
         prop_assert_eq!(s.oldest_enqueued_at(), oldest);
+        let mut oldest_by_priority: [Option<f64>; 4] = [None; 4];
+        for &i in &model.visible() {
+            let m = &model.messages[i];
+            let at = &mut oldest_by_priority[m.priority as usize];
+            *at = Some(at.map_or(m.enqueued_at, |a| a.min(m.enqueued_at)));
+        }
+        prop_assert_eq!(s.oldest_enqueued_by_priority(), oldest_by_priority);
     }
     Ok(())
 }

@@ -305,7 +305,13 @@ async def test_scheduling_metrics_are_plain_data(clock: ManualClock) -> None:
     dispatcher = queue(clock)
     await dispatch_after(dispatcher, throttle(clock), clock, "m", Priority.HIGH, 3.0)
     data = (await dispatcher.get_queue_metrics()).to_dict()["scheduling"]
-    assert data["slo_attainment"]["HIGH"] == {"target": 30.0, "dispatched": 1, "met": 1, "attainment": 1.0}
+    assert data["slo_attainment"]["HIGH"] == {
+        "target": 30.0,
+        "dispatched": 1,
+        "met": 1,
+        "attainment": 1.0,
+        "oldest_wait": None,
+    }
     assert data["binding_limit"] == "none"
     assert list(data["waited_by_limit"]) == list(LIMITS)
 
@@ -323,7 +329,8 @@ def test_slo_attainment_matches_the_waits_the_jobs_report(
     steps: list[tuple[Priority, float, bool]], targets: list[float]
 ) -> None:
     """Against brute force: each priority's attainment is the share of its jobs whose wait, from
-    the job's own enqueue and dispatch instants, is at most the target."""
+    the job's own enqueue and dispatch instants, is at most the target; with none dispatched,
+    0.0 when one still waiting has waited past the target, else None."""
 
     async def run() -> None:
         clock = ManualClock(1_000.0)
@@ -333,21 +340,63 @@ def test_slo_attainment_matches_the_waits_the_jobs_report(
         limiter = throttle(clock)
         waits: dict[str, list[float]] = {p.name: [] for p in Priority}
         enqueued: dict[str, float] = {}
+        priorities: dict[str, Priority] = {}
+        dispatched: set[str] = set()
         for index, (priority, seconds, dispatch) in enumerate(steps):
             await dispatcher.enqueue(request(f"m{index}", priority))
             enqueued[f"m{index}"] = clock.now()
+            priorities[f"m{index}"] = priority
             clock.advance(seconds)
             if dispatch:
                 job = await dispatcher.dequeue(limiter)
                 assert job is not None
                 name = job.message.payload.id
+                dispatched.add(name)
                 waits[Priority(job.message.payload.priority).name].append(job.dispatched_at - enqueued[name])
         slo = (await scheduling(dispatcher)).slo_attainment
         for priority, target in zip(Priority, targets, strict=True):
             seen = waits[priority.name]
             met = sum(1 for wait in seen if wait <= target)
             assert (slo[priority.name].dispatched, slo[priority.name].met) == (len(seen), met)
-            expected = met / len(seen) if seen else None
-            assert slo[priority.name].attainment == expected
+            waiting = [
+                clock.now() - at
+                for name, at in enqueued.items()
+                if name not in dispatched and priorities[name] is priority
+            ]
+            oldest = max(waiting, default=None)
+            assert slo[priority.name].oldest_wait == oldest
+            if seen:
+                assert slo[priority.name].attainment == met / len(seen)
+            else:
+                late = oldest is not None and oldest > target
+                assert slo[priority.name].attainment == (0.0 if late else None)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_starved_priority_reads_as_missing_its_target_not_as_unknown(
+    clock: ManualClock, policy: str
+) -> None:
+    """A class with nothing dispatched in the window but a message waiting past its target has
+    attainment 0.0 (an alert on the ratio fires); one waiting within the target, or with
+    nothing waiting, has None. ``oldest_wait`` is the oldest waiting message's wait."""
+    dispatcher = queue(clock, policy=policy, slo_targets={"HIGH": 30.0, "LOW": 60.0})
+    await dispatcher.enqueue(request("low", Priority.LOW))
+    clock.advance(20.0)
+    await dispatcher.enqueue(request("high", Priority.HIGH))
+    clock.advance(20.0)
+    slo = (await scheduling(dispatcher)).slo_attainment
+    assert slo["HIGH"] == SloAttainment(30.0, 0, 0, None, oldest_wait=20.0)
+    assert slo["LOW"] == SloAttainment(60.0, 0, 0, None, oldest_wait=40.0)
+    assert slo["URGENT"].oldest_wait is None and slo["URGENT"].attainment is None
+    clock.advance(30.0)  # HIGH has waited 50 s (target 30 s), LOW 70 s (target 60 s)
+    slo = (await scheduling(dispatcher)).slo_attainment
+    assert slo["HIGH"] == SloAttainment(30.0, 0, 0, 0.0, oldest_wait=50.0)
+    assert slo["LOW"] == SloAttainment(60.0, 0, 0, 0.0, oldest_wait=70.0)
+    # Once a HIGH request is dispatched, its class's ratio is its dispatches' again.
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None and job.message.payload.id == "high"
+    slo = (await scheduling(dispatcher)).slo_attainment
+    assert slo["HIGH"] == SloAttainment(30.0, 1, 0, 0.0, oldest_wait=None)
+    assert slo["LOW"].attainment == 0.0
