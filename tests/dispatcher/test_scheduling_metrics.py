@@ -389,14 +389,16 @@ async def test_a_starved_priority_reads_as_missing_its_target_not_as_unknown(
     slo = (await scheduling(dispatcher)).slo_attainment
     assert slo["HIGH"] == SloAttainment(30.0, 0, 0, None, oldest_wait=20.0)
     assert slo["LOW"] == SloAttainment(60.0, 0, 0, None, oldest_wait=40.0)
-    assert slo["URGENT"].oldest_wait is None and slo["URGENT"].attainment is None
+    assert slo["URGENT"].oldest_wait is None
+    assert slo["URGENT"].attainment is None
     clock.advance(30.0)  # HIGH has waited 50 s (target 30 s), LOW 70 s (target 60 s)
     slo = (await scheduling(dispatcher)).slo_attainment
     assert slo["HIGH"] == SloAttainment(30.0, 0, 0, 0.0, oldest_wait=50.0)
     assert slo["LOW"] == SloAttainment(60.0, 0, 0, 0.0, oldest_wait=70.0)
     # Once a HIGH request is dispatched, its class's ratio is its dispatches' again.
     job = await dispatcher.dequeue(throttle(clock))
-    assert job is not None and job.message.payload.id == "high"
+    assert job is not None
+    assert job.message.payload.id == "high"
     slo = (await scheduling(dispatcher)).slo_attainment
     assert slo["HIGH"] == SloAttainment(30.0, 1, 0, 0.0, oldest_wait=None)
     assert slo["LOW"].attainment == 0.0
