@@ -119,12 +119,13 @@ class _GlobalScript(Script):
             f"{'if' if i == 0 else 'elseif'} op == '{op}' then\n{_source(file)}"
             for i, (op, file) in enumerate(_LIMITER_OPERATIONS)
         )
-        # 'reserve': consume (ARGV[15..18]) only if the buckets also hold ARGV[19] tokens (the
-        # estimate and the reserves it must leave; ITPM and OTPM their parts of the estimate, when
-        # given), in one run of the limiter's prelude.
+        # 'reserve': consume (ARGV[15..18]) only if the TPM bucket also holds ARGV[19] tokens
+        # (the estimate and the reserves it must leave; the other limits count the estimate, or
+        # its parts when given, alone), in one run of the limiter's prelude.
         branches += (
             "\nelseif op == 'reserve' then\n"
-            "local reason, wait = check(tonumber(ARGV[19]), tonumber(ARGV[17]), tonumber(ARGV[18]))\n"
+            "local reason, wait = check(tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18]),"
+            " tonumber(ARGV[19]) - tonumber(ARGV[16]))\n"
             "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
             f"{_source('limiter_consume')}"
         )

@@ -267,15 +267,22 @@ end
 -- {reason, wait in us} for a request of `estimated` tokens (split into `input` and `output` when
 -- known): reason '' when it would be granted, else the binding limit, the one with the longest
 -- wait (the first in BUCKETS order on a tie, then concurrency). A penalty (a provider's
--- Retry-After) refuses everything, reported as the request limit.
-local function check(estimated, input, output)
+-- Retry-After) refuses everything, reported as the request limit. `margin` (optional): tokens
+-- the TPM bucket must also keep back (the dispatcher's reserves), the whole at most its
+-- capacity, as LLMThrottle's check_parts: the other limits count the request alone, so a
+-- reserve never makes a request that fits them look as if it never could.
+local function check(estimated, input, output, margin)
   local best, reason = 0, ''
   for _, b in ipairs(BUCKETS) do -- the buckets configured
     local wait
     if b.counts == 'request' then
       wait = wait_for(b, 1)
     else
-      wait = wait_for(b, needed(b, share(b, estimated, input, output)))
+      local need = needed(b, share(b, estimated, input, output))
+      if b == TOKENS and margin ~= nil and margin > 0 then
+        need = math.min(need + margin, math.max(b.cap, need))
+      end
+      wait = wait_for(b, need)
     end
     if b == REQUESTS then
       wait = math.max(wait, PENALTY - NOW)
