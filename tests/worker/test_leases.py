@@ -131,7 +131,6 @@ async def test_a_message_delivered_again_while_its_handler_runs_is_not_handled_t
         await again.mark_as_processed()
 
 
-
 class _CountingStorage(InMemoryStorage[Any]):
     """Counts the visibility changes of messages whose handler has started (`started`): the
     lease renewals."""

@@ -167,7 +167,7 @@ def _us(seconds: float) -> str:
 
 def _encoded(arguments: tuple[Any, ...]) -> tuple[bytes, ...]:
     """Script arguments as the bytes the client would send for them."""
-    return tuple(argument if isinstance(argument, bytes) else str(argument).encode() for argument in arguments)
+    return tuple(arg if isinstance(arg, bytes) else str(arg).encode() for arg in arguments)
 
 
 class GlobalChoice:
