@@ -227,8 +227,11 @@ class LocalRelay:
             deliver(request_id, outcome)  # a submitter of another dispatcher of the store
 
     async def withdraw(self, request_id: str) -> None:
-        self._ours(request_id)
-        self.withdrawn.add(request_id)
+        # Only while it is awaited (as the Redis relay does): one already reported or ended
+        # has no message left for a worker to skip, and nothing would ever take the mark away.
+        if self._hub.waiting.get(request_id) == self._deliver:
+            del self._hub.waiting[request_id]
+            self.withdrawn.add(request_id)
 
     async def purged(self) -> None:
         self.withdrawn.clear()

@@ -136,9 +136,44 @@ class _Run(Generic[T]):
     any taken again while it ran, newest last) and the lease renewals of the newest."""
 
     deliveries: list[ProcessableMessage[T]]
-    leases: list[asyncio.Task[None]] = field(default_factory=list)
+    leases: list[_Lease] = field(default_factory=list)
     #: Set once the handler ended and its outcome is being settled: no more adoptions.
     closed: bool = False
+
+
+class _Lease:
+    """The lease renewals of one delivery: a timer until the first renewal is due (half the
+    visibility timeout), then the task that renews it (`Worker._keep_leased`). A handler that
+    ends sooner, as most do, cancels the timer: no task is made for it."""
+
+    __slots__ = ("_handle", "_task")
+
+    def __init__(self, worker: Worker[Any], job: ProcessableMessage[Any]) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        visibility = float(worker.dispatcher.config.visibility_timeout)
+        if visibility > 0:  # a zero lease cannot be kept: the message is visible again at once
+            self._handle = asyncio.get_running_loop().call_later(visibility / 2, self._begin, worker, job)
+
+    def _begin(self, worker: Worker[Any], job: ProcessableMessage[Any]) -> None:
+        self._handle = None
+        self._task = asyncio.get_running_loop().create_task(worker._keep_leased(job))
+
+    def cancel(self) -> None:
+        """No more renewals (one on its way still runs to its end or its cancellation)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """No more renewals, and none on its way: returns once a renewal that had started ended,
+        so it cannot land after the mark."""
+        self.cancel()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
@@ -481,7 +516,7 @@ class Worker(Generic[T]):
         self._active[task] = job
         for lease in run.leases:
             lease.cancel()  # the stale delivery's renewals would only fail now
-        run.leases.append(asyncio.get_running_loop().create_task(self._keep_leased(job)))
+        run.leases.append(_Lease(self, job))
         self._redelivered += 1
         self._logger.warning(
             "request %r was delivered again (receive %d) while its handler still runs: its lease of "
@@ -538,7 +573,7 @@ class Worker(Generic[T]):
     async def _process(self, job: ProcessableMessage[T]) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._runs[task].leases.append(asyncio.get_running_loop().create_task(self._keep_leased(job)))
+        self._runs[task].leases.append(_Lease(self, job))
         outcomes = self.dispatcher._outcomes()
         if not await outcomes.claim(job):
             # Its submitter withdrew it: deleted unprocessed, its tokens given back.
@@ -658,7 +693,7 @@ class Worker(Generic[T]):
         if self._by_message.get(job.message.id) is task:
             del self._by_message[job.message.id]
         for lease in run.leases:
-            await self._stop_heartbeat(lease)
+            await lease.stop()
         run.leases.clear()
         return run.deliveries[-1]
 
@@ -746,12 +781,12 @@ class Worker(Generic[T]):
 
     # -- leases ----------------------------------------------------------------------------------
     async def _keep_leased(self, job: ProcessableMessage[T]) -> None:
-        """Extends the message's visibility at half its length while the handler runs."""
+        """Extends the message's visibility now, then every half of its length while the handler
+        runs (started by its `_Lease` when the first renewal is due)."""
         while True:
             visibility = float(self.dispatcher.config.visibility_timeout)
             if visibility <= 0:
                 return  # a zero lease cannot be kept: the message is visible again at once
-            await asyncio.sleep(visibility / 2)
             try:
                 await job.update_visibility(visibility)
             except MessageStateError:
@@ -763,13 +798,7 @@ class Worker(Generic[T]):
                 return
             except Exception:
                 self._logger.exception("could not extend the lease of request %r", job.message.payload.id)
-
-    @staticmethod
-    async def _stop_heartbeat(heartbeat: asyncio.Task[None]) -> None:
-        # Wait for it to end, so a visibility update in progress cannot land after the mark.
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+            await asyncio.sleep(visibility / 2)
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self, dispatch: asyncio.Task[None] | None, *, graceful: bool) -> None:

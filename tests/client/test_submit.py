@@ -499,3 +499,16 @@ async def test_a_request_the_store_dead_letters_or_expires_itself_reaches_its_su
         await asyncio.wait_for(expiring, 5)
     assert isinstance(expired.value.error, ExpiredError)
     await dispatcher.close()
+
+
+async def test_a_submitter_cancelled_after_its_outcome_was_reported_leaves_no_withdrawal() -> None:
+    from llm_queue_dispatcher.outcomes import Outcome
+
+    dispatcher = create_in_memory_queue()
+    relay = dispatcher._outcomes().relay
+    await relay.expect("a")
+    await relay.report("a", Outcome(True, "done"), here=True)
+    await relay.withdraw("a")  # the submitter's cancellation, processed after the report
+    assert getattr(relay, "withdrawn", None) == set()
+    # A request of that id enqueued later is not skipped as withdrawn.
+    assert await relay.claim("a")

@@ -129,3 +129,59 @@ async def test_a_message_delivered_again_while_its_handler_runs_is_not_handled_t
         assert again is not None
         assert (again.message.payload.id, again.message.attributes.receive_count) == ("slow", 3)
         await again.mark_as_processed()
+
+
+class _CountingStorage(InMemoryStorage[Any]):
+    """Counts the visibility changes of messages whose handler has started (`started`): the
+    lease renewals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: set[str] = set()
+        self.renewals = 0
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        if receipt_handle in self.started:
+            self.renewals += 1
+        await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+
+async def test_handlers_that_end_within_half_the_visibility_renew_no_lease() -> None:
+    storage = _CountingStorage()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(visibility_timeout=0.4)
+    )
+    await fill(dispatcher, 20)
+
+    async def quick(job: ProcessableMessage[Any]) -> int:
+        storage.started.add(job.message.attributes.receipt_handle)
+        await asyncio.sleep(0.01)
+        return 1
+
+    worker = Worker(dispatcher, roomy_limiter(), quick, concurrency=4)
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 5)
+    assert stats.processed == 20
+    assert len(storage.started) == 20
+    assert storage.renewals == 0
+    await asyncio.sleep(0.3)  # past half the visibility of the last ones: nothing renews them late
+    assert storage.renewals == 0
+
+
+async def test_a_handler_running_past_half_the_visibility_renews_at_each_half() -> None:
+    storage = _CountingStorage()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(visibility_timeout=1.0)
+    )
+    await fill(dispatcher, 1)
+
+    async def slow(job: ProcessableMessage[Any]) -> int:
+        storage.started.add(job.message.attributes.receipt_handle)
+        await asyncio.sleep(1.25)  # renewals due at 0.5 and 1.0 s, the next at 1.5
+        return 1
+
+    worker = Worker(dispatcher, roomy_limiter(), slow)
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 5)
+    assert stats.processed == 1
+    assert storage.renewals == 2
+    await asyncio.sleep(0.5)
+    assert storage.renewals == 2  # none after the mark

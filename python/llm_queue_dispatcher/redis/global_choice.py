@@ -166,6 +166,11 @@ def _us(seconds: float) -> str:
     return "" if not math.isfinite(seconds) else str(round(min(seconds * 1_000_000, _FOREVER_US)))
 
 
+def _encoded(arguments: tuple[Any, ...]) -> tuple[bytes, ...]:
+    """Script arguments as the bytes the client would send for them."""
+    return tuple(arg if isinstance(arg, bytes) else str(arg).encode() for arg in arguments)
+
+
 class GlobalChoice:
     """The global choice of one dispatcher over one `RedisStorage` (see the module docstring)."""
 
@@ -180,13 +185,13 @@ class GlobalChoice:
         weights: list[Any] = []
         for tenant, weight in fair.tenant_weights.items():
             weights += (tenant.encode("utf-8", "surrogatepass"), repr(float(weight)))
-        self._fair_args = (
+        self._fair_args: tuple[Any, ...] = (
             _us(float(fair.fairness_window)),  # finite (FairPriorityConfig)
             "1" if fair.urgent_first else "0",
             _us(max_wait[2]),
             _us(max_wait[3]),
         )
-        self._weights = (
+        self._weights: tuple[Any, ...] = (
             "" if fair.reserve_tokens is None else repr(float(fair.reserve_tokens)),
             "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
             str(len(fair.tenant_weights)),
@@ -195,12 +200,16 @@ class GlobalChoice:
         # The score policy (score_dispatch.lua) or fair_priority (global_dispatch.lua).
         self._dispatch_script = "score_dispatch" if config.policy == "score" else "global_dispatch"
         scoring = (config.scoring or ScoringConfig()).weights or ScoringWeights()
-        self._score_args = (
+        self._score_args: tuple[Any, ...] = (
             *(repr(float(weight)) for weight in scoring.as_tuple()),
             "1" if config.score_urgent_first() else "0",
             "" if config.urgent_reserve is None else repr(float(config.urgent_reserve)),
             repr(float(config.min_score_threshold)),
         )
+        # Sent with every dispatch: encoded once here rather than by the client at each call.
+        self._fair_args = _encoded(self._fair_args)
+        self._weights = _encoded(self._weights)
+        self._score_args = _encoded(self._score_args)
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
         # What `close` waits for: dispatches cancelled while in flight whose winners are being

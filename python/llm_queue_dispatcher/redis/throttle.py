@@ -387,7 +387,7 @@ class RedisThrottle(ScriptClient):
         #: The largest estimate that can ever fit without its input and output parts: the
         #: smallest capacity of the token buckets (each counts the whole estimate then).
         self.token_capacity = min(token_capacities)
-        self._settings = (
+        self._settings: tuple[Any, ...] = (
             repr(self.rpm),
             repr(self.tpm),
             repr(self.request_capacity),
@@ -402,6 +402,8 @@ class RedisThrottle(ScriptClient):
             _figure(self.tpd),
             "" if self.max_concurrent is None else str(self.max_concurrent),
         )
+        # Sent with every call: encoded once here rather than by the client at each call.
+        self._settings = tuple(setting.encode() for setting in self._settings)
 
     # ----- plumbing ------------------------------------------------------------------------------
 
