@@ -19,6 +19,7 @@
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
 -- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
 
+local SWITCH_ALWAYS = true
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
 local HEAD_WALK = 8 -- heads of a cell read oldest first before its classes are walked
@@ -170,15 +171,10 @@ local function score_ranker(W, C, urgent_first)
     return known
   end
 
-  -- The class of `entry` (a sc_classes entry)'s oldest member not in `excluded`: its
-  -- enqueued_at and member, or nil. Its head, unless that one is skipped this call (at most
-  -- SKIP_MAX are, each once: then a few entries more than the excluded ones are read).
-  local function head_of(entry, excluded)
-    local member = entry_member(entry)
-    if not excluded[member] then
-      return entry_at(entry), member
-    end
-    local prefix = string.sub(entry, 1, CLASS_LEN)
+  -- The oldest member not in `excluded` of the class whose sc_members entries start with
+  -- `prefix`, whose head is excluded: its enqueued_at and member, or nil (at most SKIP_MAX
+  -- members are skipped per call, each once: a few entries more than the excluded ones are read).
+  local function head_of(prefix, excluded)
     local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
     -- Bounded by the LIMIT above.
     for _, head in ipairs(heads) do
@@ -232,16 +228,28 @@ local function score_ranker(W, C, urgent_first)
     end
     local best = nil
 
-    -- Scores the class of `entry` (its estimate `tokens`, processing-time part `pt`) in cell c.
-    local function consider(c, entry, tokens, pt)
-      local at, member = head_of(entry, excluded)
-      if member ~= nil then
-        local f, parts = c.facts, parts_of(tokens)
-        -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
-        local value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
-        if beats(f.tier, value, at, member, best) then
-          best = {member = member, score = value, tier = f.tier, at = at}
+    -- Scores a class of cell c (its estimate `tokens`, processing-time part `pt`) whose head
+    -- was enqueued at `at` and waits `wait` (the weighted factor); `entry` is its sc_heads entry
+    -- when `is_head`, else its sc_classes entry, whose member is read only when the score can
+    -- win. When that head is excluded, the class's oldest member not excluded is scored.
+    local function consider(c, tokens, pt, at, wait, entry, is_head)
+      local f, parts = c.facts, parts_of(tokens)
+      -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
+      local value = f.fixed + parts[1] + wait + f.retry + parts[2] + pt
+      if best ~= nil and f.tier == best.tier and value < best.score then
+        return -- a later member of the class waits no longer: none of them wins
+      end
+      local member = is_head and string.sub(entry, 22, -33) or string.sub(entry, CLASS_LEN + 17)
+      if excluded[member] then
+        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
+        at, member = head_of(prefix, excluded)
+        if member == nil then
+          return
         end
+        value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
+      end
+      if beats(f.tier, value, at, member, best) then
+        best = {member = member, score = value, tier = f.tier, at = at}
       end
     end
 
@@ -260,19 +268,19 @@ local function score_ranker(W, C, urgent_first)
         )
         -- Bounded by HEAD_WALK (the LIMIT above).
         for _, head in ipairs(heads) do
+          -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
           local at = tonumber(string.sub(head, 6, 21))
-          local ceiling = f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + W[3] * wait_factor(at, f.p)
-          if not may_beat(f.tier, ceiling, best) then
+          local wait = W[3] * wait_factor(at, f.p)
+          if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
             return true
           end
-          if walked >= HEAD_WALK and at <= full then
-            return false
+          if walked >= HEAD_WALK and (at <= full or SWITCH_ALWAYS) then
+            return false, wait
           end
           walked = walked + 1
-          local entry = class_entry(head)
-          local tokens = entry_tokens(entry)
+          local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
           if tokens <= C then
-            consider(c, entry, tokens, time_of(string.sub(entry, 6, 21)))
+            consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
           end
         end
         if #heads < HEAD_WALK then
@@ -286,7 +294,7 @@ local function score_ranker(W, C, urgent_first)
     -- first time that cannot win with the cell's best budget part and longest wait; inside one
     -- time, where the budget part never falls as the estimate grows (the cell below half the
     -- capacity), at the first estimate that cannot win.
-    local function walk_classes(c)
+    local function walk_classes(c, wait)
       local f = c.facts
       local static = f.fixed + f.retry
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
@@ -302,14 +310,15 @@ local function score_ranker(W, C, urgent_first)
           if hex ~= passed then
             local pt = time_of(hex)
             local floor = static + pt + BOUND_SLACK
-            if not may_beat(f.tier, floor + f.budget + c.wait, best) then
+            if not may_beat(f.tier, floor + f.budget + wait, best) then
               return
             end
             local tokens = entry_tokens(entry)
             if tokens <= C then
               local parts = parts_of(tokens)
-              if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
-                consider(c, entry, tokens, pt)
+              if may_beat(f.tier, floor + parts[1] + parts[2] + wait, best) then
+                local at = tonumber(string.sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
+                consider(c, tokens, pt, at, W[3] * wait_factor(at, f.p), entry, false)
               elseif f.rising then
                 passed = hex -- the rest of this time: smaller estimates, no larger budget part
               end
@@ -339,8 +348,9 @@ local function score_ranker(W, C, urgent_first)
           if not may_beat(c.facts.tier, c.bound, best) then
             break -- every cell left bounds no higher
           end
-          if not walk_heads(c) then
-            walk_classes(c)
+          local done, wait = walk_heads(c)
+          if not done then
+            walk_classes(c, wait)
           end
         end
       end
