@@ -7,22 +7,25 @@
 -- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
 -- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
 -- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
--- the classes are scored from their entries (a class's head is its best member): first by
--- their heads' age, oldest first, which stops at the first head whose wait cannot win; where
--- the heads' waits are full (they wait alike), by processing time and then the larger
--- estimate, which stops at the first time, or below half the capacity the first estimate,
--- that cannot win. So a dispatch reads every cell's summary and, in the cells it visits, the
--- classes that can still win: its cost grows with the non-empty cells and the distinct
--- estimates and times inside the cells visited, not with the number of messages.
+-- the classes are scored from their entries (a class's head is its best member): first the
+-- HEAD_WALK oldest heads, which stops at the first head whose wait cannot win; then, bounded
+-- by the wait of the next head (no class left waits longer), by processing time and then the
+-- larger estimate, which stops at the first time, or below half the capacity the first
+-- estimate, that cannot win (where heads wait alike, as on a fresh queue or a backlog whose
+-- waits are full, walking them by age would read every head older than the winner). A class
+-- whose score cannot win is left before its member is read. So a dispatch reads every cell's
+-- summary and, in the cells it visits, the classes that can still win: its cost grows with
+-- the non-empty cells and the distinct estimates and times inside the cells visited, not with
+-- the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
 -- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
 
-local SWITCH_ALWAYS = true
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
-local HEAD_WALK = 8 -- heads of a cell read oldest first before its classes are walked
+local CLASS_FIRST = 16 -- classes of a cell read by the first call (the walk mostly stops early)
+local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -253,38 +256,28 @@ local function score_ranker(W, C, urgent_first)
       end
     end
 
-    -- A cell's classes by their heads, oldest first: each later head waits no longer, so the
-    -- walk stops at the first that cannot win with the cell's best time and budget part.
-    -- Returns whether it got that far; false when HEAD_WALK heads in, it is among heads whose
-    -- wait is full (they all wait alike: the classes walk, by time and estimate, follows).
+    -- A cell's first HEAD_WALK classes by their heads, oldest first: each later head waits no
+    -- longer, so the walk stops at the first that cannot win with the cell's best time and
+    -- budget part. Returns whether it got that far (or through the cell); else the weighted
+    -- wait of the first head not read, which no class left waits longer than: the classes
+    -- walk, by time and estimate, follows with it.
     local function walk_heads(c)
       local f = c.facts
-      local full = NOW - MAX_WAIT_SECONDS[f.p + 1] * 1000000 -- enqueued by then: a full wait
-      local walked = 0
-      -- Bounded by the cell's classes, at most as many as its members (HEAD_WALK per round).
-      for page = 0, math.floor(c.count / HEAD_WALK) do
-        local heads = redis.call(
-          'ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * HEAD_WALK, HEAD_WALK
-        )
-        -- Bounded by HEAD_WALK (the LIMIT above).
-        for _, head in ipairs(heads) do
-          -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
-          local at = tonumber(string.sub(head, 6, 21))
-          local wait = W[3] * wait_factor(at, f.p)
-          if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
-            return true
-          end
-          if walked >= HEAD_WALK and (at <= full or SWITCH_ALWAYS) then
-            return false, wait
-          end
-          walked = walked + 1
-          local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
-          if tokens <= C then
-            consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
-          end
-        end
-        if #heads < HEAD_WALK then
+      local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', 0, HEAD_WALK + 1)
+      -- Bounded by HEAD_WALK + 1 (the LIMIT above).
+      for i, head in ipairs(heads) do
+        -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
+        local at = tonumber(string.sub(head, 6, 21))
+        local wait = W[3] * wait_factor(at, f.p)
+        if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
           return true
+        end
+        if i > HEAD_WALK then
+          return false, wait
+        end
+        local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
+        if tokens <= C then
+          consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
         end
       end
       return true
@@ -302,9 +295,10 @@ local function score_ranker(W, C, urgent_first)
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it.
       -- Bounded by the cell's classes, at most as many as its members (a page per round).
-      for _ = 0, math.floor(c.count / CLASS_PAGE) do
-        local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, CLASS_PAGE)
-        -- Bounded by CLASS_PAGE (the LIMIT above).
+      local page = CLASS_FIRST
+      for _ = 0, 1 + math.floor(c.count / CLASS_PAGE) do
+        local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
+        -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
           local hex = string.sub(entry, 6, 21)
           if hex ~= passed then
@@ -325,9 +319,10 @@ local function score_ranker(W, C, urgent_first)
             end
           end
         end
-        if #classes < CLASS_PAGE then
+        if #classes < page then
           return
         end
+        page = CLASS_PAGE
         local last = classes[#classes]
         if string.sub(last, 6, 21) == passed then
           from = '(' .. c.cell .. passed .. '\255'
