@@ -145,7 +145,17 @@ local function score_ranker(W, C, urgent_first)
   -- Per script: the budget part of each token class, the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local class_budget, time_part, budget_parts, cell_facts = {}, {}, {}, {}
+  local class_budget, time_part, budget_parts, token_facts = {}, {}, {}, {}
+  -- The weighted priority part of each priority, the weighted retry part of each retry class.
+  local fixed_part, retry_part = {}, {}
+  -- Bounded: four priorities.
+  for p = 0, 3 do
+    fixed_part[p] = W[1] * PRIORITY_FACTOR[p + 1]
+  end
+  -- Bounded: eight retry classes.
+  for r = 0, 7 do
+    retry_part[r] = W[4] * retry_factor(r)
+  end
 
   local function budget_of(class)
     local known = class_budget[class]
@@ -198,31 +208,30 @@ local function score_ranker(W, C, urgent_first)
       local cells = {}
       -- Bounded by the non-empty cells (the hash just read).
       for i = 1, #summaries, 2 do
-        local cell, summary = summaries[i], summaries[i + 1]
+        local cell = summaries[i]
         -- Its tier from its first character (its priority: 48 is '0') before anything else.
-        local known = nil
-        if tier(string.byte(cell, 1) - 48) == tier_wanted then
-          known = cell_facts[cell]
-          if known == nil then
-            local p, r, class = string.byte(cell, 1) - 48, string.byte(cell, 2) - 48, tonumber(string.sub(cell, 3))
+        local p = string.byte(cell, 1) - 48
+        if tier(p) == tier_wanted then
+          local token = token_facts[string.sub(cell, 3)]
+          if token == nil then
+            local class = tonumber(string.sub(cell, 3))
             local _, hi = score_token_range(class)
-            known = {
-              p = p, tier = tier_wanted, fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
-              budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C,
-            }
-            cell_facts[cell] = known
+            token = {budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C}
+            token_facts[string.sub(cell, 3)] = token
           end
-        end
-        if known ~= nil then
-          if known.above then
+          if token.above then
             above(cell) -- some of its estimates (or all) never fit
           end
-          if known.budget then
-            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), known.p)
+          if token.budget then
+            -- The cell is its own facts: priority, tier, fixed parts, budget bound, summary.
+            local summary = summaries[i + 1]
+            local fixed, retry = fixed_part[p], retry_part[string.byte(cell, 2) - 48]
+            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
             local time = time_of(string.sub(summary, 32, 47))
             cells[#cells + 1] = {
-              cell = cell, facts = known, wait = wait, time = time, count = tonumber(string.sub(summary, 48)),
-              bound = known.fixed + known.retry + time + BOUND_SLACK + known.budget + wait,
+              cell = cell, p = p, tier = tier_wanted, fixed = fixed, retry = retry, budget = token.budget,
+              rising = token.rising, summary = summary, time = time,
+              bound = fixed + retry + time + BOUND_SLACK + token.budget + wait,
             }
           end
         end
@@ -236,7 +245,7 @@ local function score_ranker(W, C, urgent_first)
     -- when `is_head`, else its sc_classes entry, whose member is read only when the score can
     -- win. When that head is excluded, the class's oldest member not excluded is scored.
     local function consider(c, tokens, pt, at, wait, entry, is_head)
-      local f, parts = c.facts, parts_of(tokens)
+      local f, parts = c, parts_of(tokens)
       -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
       local value = f.fixed + parts[1] + wait + f.retry + parts[2] + pt
       if best ~= nil and f.tier == best.tier and value < best.score then
@@ -262,7 +271,7 @@ local function score_ranker(W, C, urgent_first)
     -- wait of the first head not read, which no class left waits longer than: the classes
     -- walk, by time and estimate, follows with it.
     local function walk_heads(c)
-      local f = c.facts
+      local f = c
       local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', 0, HEAD_WALK + 1)
       -- Bounded by HEAD_WALK + 1 (the LIMIT above).
       for i, head in ipairs(heads) do
@@ -288,7 +297,7 @@ local function score_ranker(W, C, urgent_first)
     -- time, where the budget part never falls as the estimate grows (the cell below half the
     -- capacity), at the first estimate that cannot win.
     local function walk_classes(c, wait)
-      local f = c.facts
+      local f = c
       local static = f.fixed + f.retry
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
@@ -296,7 +305,7 @@ local function score_ranker(W, C, urgent_first)
       -- a time whose smaller estimates cannot win when the page ends inside it.
       -- Bounded by the cell's classes, at most as many as its members (a page per round).
       local page = CLASS_FIRST
-      for _ = 0, 1 + math.floor(c.count / CLASS_PAGE) do
+      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_PAGE) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
@@ -340,7 +349,7 @@ local function score_ranker(W, C, urgent_first)
         table.sort(cells, function(a, b) return a.bound > b.bound end)
         -- Bounded by the non-empty cells.
         for _, c in ipairs(cells) do
-          if not may_beat(c.facts.tier, c.bound, best) then
+          if not may_beat(c.tier, c.bound, best) then
             break -- every cell left bounds no higher
           end
           local done, wait = walk_heads(c)
