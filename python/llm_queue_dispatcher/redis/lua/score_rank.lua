@@ -303,8 +303,8 @@ local function score_ranker(W, C, urgent_first)
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it.
-      -- Bounded by the cell's classes, at most as many as its members (a page per round).
       local page = CLASS_FIRST
+      -- Bounded by the cell's classes, at most as many as its members (a page per round).
       for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_PAGE) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
