@@ -51,12 +51,8 @@ local function ms_of(hex)
   if known ~= nil then
     return known
   end
-  local bytes = {}
-  -- Bounded: the eight bytes of a double.
-  for i = 1, 8 do
-    bytes[i] = string.char(tonumber(string.sub(hex, 2 * i - 1, 2 * i), 16))
-  end
-  known = struct.unpack('>d', table.concat(bytes))
+  -- Its two 32-bit halves, put back together as the double's eight bytes.
+  known = struct.unpack('>d', struct.pack('>I4I4', tonumber(string.sub(hex, 1, 8), 16), tonumber(string.sub(hex, 9), 16)))
   ms_cache[hex] = known
   return known
 end

@@ -7,13 +7,16 @@
 -- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
 -- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
 -- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
--- the classes are scored from their entries (a class's head is its best member): first by
--- their heads' age, oldest first, which stops at the first head whose wait cannot win; where
--- the heads' waits are full (they wait alike), by processing time and then the larger
--- estimate, which stops at the first time, or below half the capacity the first estimate,
--- that cannot win. So a dispatch reads every cell's summary and, in the cells it visits, the
--- classes that can still win: its cost grows with the non-empty cells and the distinct
--- estimates and times inside the cells visited, not with the number of messages.
+-- the classes are scored from their entries (a class's head is its best member): first the
+-- HEAD_WALK oldest heads, which stops at the first head whose wait cannot win; then, bounded
+-- by the wait of the next head (no class left waits longer), by processing time and then the
+-- larger estimate, which stops at the first time, or below half the capacity the first
+-- estimate, that cannot win (where heads wait alike, as on a fresh queue or a backlog whose
+-- waits are full, walking them by age would read every head older than the winner). A class
+-- whose score cannot win is left before its member is read. So a dispatch reads every cell's
+-- summary and, in the cells it visits, the classes that can still win: its cost grows with
+-- the non-empty cells and the distinct estimates and times inside the cells visited, not with
+-- the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -21,7 +24,8 @@
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
-local HEAD_WALK = 8 -- heads of a cell read oldest first before its classes are walked
+local CLASS_FIRST = 16 -- classes of a cell read by the first call (the walk mostly stops early)
+local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -141,7 +145,17 @@ local function score_ranker(W, C, urgent_first)
   -- Per script: the budget part of each token class, the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local class_budget, time_part, budget_parts, cell_facts = {}, {}, {}, {}
+  local class_budget, time_part, budget_parts, token_facts = {}, {}, {}, {}
+  -- The weighted priority part of each priority, the weighted retry part of each retry class.
+  local fixed_part, retry_part = {}, {}
+  -- Bounded: four priorities.
+  for p = 0, 3 do
+    fixed_part[p] = W[1] * PRIORITY_FACTOR[p + 1]
+  end
+  -- Bounded: eight retry classes.
+  for r = 0, 7 do
+    retry_part[r] = W[4] * retry_factor(r)
+  end
 
   local function budget_of(class)
     local known = class_budget[class]
@@ -170,15 +184,10 @@ local function score_ranker(W, C, urgent_first)
     return known
   end
 
-  -- The class of `entry` (a sc_classes entry)'s oldest member not in `excluded`: its
-  -- enqueued_at and member, or nil. Its head, unless that one is skipped this call (at most
-  -- SKIP_MAX are, each once: then a few entries more than the excluded ones are read).
-  local function head_of(entry, excluded)
-    local member = entry_member(entry)
-    if not excluded[member] then
-      return entry_at(entry), member
-    end
-    local prefix = string.sub(entry, 1, CLASS_LEN)
+  -- The oldest member not in `excluded` of the class whose sc_members entries start with
+  -- `prefix`, whose head is excluded: its enqueued_at and member, or nil (at most SKIP_MAX
+  -- members are skipped per call, each once: a few entries more than the excluded ones are read).
+  local function head_of(prefix, excluded)
     local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
     -- Bounded by the LIMIT above.
     for _, head in ipairs(heads) do
@@ -199,31 +208,30 @@ local function score_ranker(W, C, urgent_first)
       local cells = {}
       -- Bounded by the non-empty cells (the hash just read).
       for i = 1, #summaries, 2 do
-        local cell, summary = summaries[i], summaries[i + 1]
+        local cell = summaries[i]
         -- Its tier from its first character (its priority: 48 is '0') before anything else.
-        local known = nil
-        if tier(string.byte(cell, 1) - 48) == tier_wanted then
-          known = cell_facts[cell]
-          if known == nil then
-            local p, r, class = string.byte(cell, 1) - 48, string.byte(cell, 2) - 48, tonumber(string.sub(cell, 3))
+        local p = string.byte(cell, 1) - 48
+        if tier(p) == tier_wanted then
+          local token = token_facts[string.sub(cell, 3)]
+          if token == nil then
+            local class = tonumber(string.sub(cell, 3))
             local _, hi = score_token_range(class)
-            known = {
-              p = p, tier = tier_wanted, fixed = W[1] * PRIORITY_FACTOR[p + 1], retry = W[4] * retry_factor(r),
-              budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C,
-            }
-            cell_facts[cell] = known
+            token = {budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C}
+            token_facts[string.sub(cell, 3)] = token
           end
-        end
-        if known ~= nil then
-          if known.above then
+          if token.above then
             above(cell) -- some of its estimates (or all) never fit
           end
-          if known.budget then
-            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), known.p)
+          if token.budget then
+            -- The cell is its own facts: priority, tier, fixed parts, budget bound, summary.
+            local summary = summaries[i + 1]
+            local fixed, retry = fixed_part[p], retry_part[string.byte(cell, 2) - 48]
+            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
             local time = time_of(string.sub(summary, 32, 47))
             cells[#cells + 1] = {
-              cell = cell, facts = known, wait = wait, time = time, count = tonumber(string.sub(summary, 48)),
-              bound = known.fixed + known.retry + time + BOUND_SLACK + known.budget + wait,
+              cell = cell, p = p, tier = tier_wanted, fixed = fixed, retry = retry, budget = token.budget,
+              rising = token.rising, summary = summary, time = time,
+              bound = fixed + retry + time + BOUND_SLACK + token.budget + wait,
             }
           end
         end
@@ -232,51 +240,53 @@ local function score_ranker(W, C, urgent_first)
     end
     local best = nil
 
-    -- Scores the class of `entry` (its estimate `tokens`, processing-time part `pt`) in cell c.
-    local function consider(c, entry, tokens, pt)
-      local at, member = head_of(entry, excluded)
-      if member ~= nil then
-        local f, parts = c.facts, parts_of(tokens)
-        -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
-        local value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
-        if beats(f.tier, value, at, member, best) then
-          best = {member = member, score = value, tier = f.tier, at = at}
+    -- Scores a class of cell c (its estimate `tokens`, processing-time part `pt`) whose head
+    -- was enqueued at `at` and waits `wait` (the weighted factor); `entry` is its sc_heads entry
+    -- when `is_head`, else its sc_classes entry, whose member is read only when the score can
+    -- win. When that head is excluded, the class's oldest member not excluded is scored.
+    local function consider(c, tokens, pt, at, wait, entry, is_head)
+      local f, parts = c, parts_of(tokens)
+      -- rust/scoring.rs order: priority, efficiency, wait, retry, token fit, time.
+      local value = f.fixed + parts[1] + wait + f.retry + parts[2] + pt
+      if best ~= nil and f.tier == best.tier and value < best.score then
+        return -- a later member of the class waits no longer: none of them wins
+      end
+      local member = is_head and string.sub(entry, 22, -33) or string.sub(entry, CLASS_LEN + 17)
+      if excluded[member] then
+        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
+        at, member = head_of(prefix, excluded)
+        if member == nil then
+          return
         end
+        value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
+      end
+      if beats(f.tier, value, at, member, best) then
+        best = {member = member, score = value, tier = f.tier, at = at}
       end
     end
 
-    -- A cell's classes by their heads, oldest first: each later head waits no longer, so the
-    -- walk stops at the first that cannot win with the cell's best time and budget part.
-    -- Returns whether it got that far; false when HEAD_WALK heads in, it is among heads whose
-    -- wait is full (they all wait alike: the classes walk, by time and estimate, follows).
+    -- A cell's first HEAD_WALK classes by their heads, oldest first: each later head waits no
+    -- longer, so the walk stops at the first that cannot win with the cell's best time and
+    -- budget part. Returns whether it got that far (or through the cell); else the weighted
+    -- wait of the first head not read, which no class left waits longer than: the classes
+    -- walk, by time and estimate, follows with it.
     local function walk_heads(c)
-      local f = c.facts
-      local full = NOW - MAX_WAIT_SECONDS[f.p + 1] * 1000000 -- enqueued by then: a full wait
-      local walked = 0
-      -- Bounded by the cell's classes, at most as many as its members (HEAD_WALK per round).
-      for page = 0, math.floor(c.count / HEAD_WALK) do
-        local heads = redis.call(
-          'ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', page * HEAD_WALK, HEAD_WALK
-        )
-        -- Bounded by HEAD_WALK (the LIMIT above).
-        for _, head in ipairs(heads) do
-          local at = tonumber(string.sub(head, 6, 21))
-          local ceiling = f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + W[3] * wait_factor(at, f.p)
-          if not may_beat(f.tier, ceiling, best) then
-            return true
-          end
-          if walked >= HEAD_WALK and at <= full then
-            return false
-          end
-          walked = walked + 1
-          local entry = class_entry(head)
-          local tokens = entry_tokens(entry)
-          if tokens <= C then
-            consider(c, entry, tokens, time_of(string.sub(entry, 6, 21)))
-          end
-        end
-        if #heads < HEAD_WALK then
+      local f = c
+      local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', 0, HEAD_WALK + 1)
+      -- Bounded by HEAD_WALK + 1 (the LIMIT above).
+      for i, head in ipairs(heads) do
+        -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
+        local at = tonumber(string.sub(head, 6, 21))
+        local wait = W[3] * wait_factor(at, f.p)
+        if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
           return true
+        end
+        if i > HEAD_WALK then
+          return false, wait
+        end
+        local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
+        if tokens <= C then
+          consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
         end
       end
       return true
@@ -286,39 +296,42 @@ local function score_ranker(W, C, urgent_first)
     -- first time that cannot win with the cell's best budget part and longest wait; inside one
     -- time, where the budget part never falls as the estimate grows (the cell below half the
     -- capacity), at the first estimate that cannot win.
-    local function walk_classes(c)
-      local f = c.facts
+    local function walk_classes(c, wait)
+      local f = c
       local static = f.fixed + f.retry
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it.
+      local page = CLASS_FIRST
       -- Bounded by the cell's classes, at most as many as its members (a page per round).
-      for _ = 0, math.floor(c.count / CLASS_PAGE) do
-        local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, CLASS_PAGE)
-        -- Bounded by CLASS_PAGE (the LIMIT above).
+      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_PAGE) do
+        local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
+        -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
           local hex = string.sub(entry, 6, 21)
           if hex ~= passed then
             local pt = time_of(hex)
             local floor = static + pt + BOUND_SLACK
-            if not may_beat(f.tier, floor + f.budget + c.wait, best) then
+            if not may_beat(f.tier, floor + f.budget + wait, best) then
               return
             end
             local tokens = entry_tokens(entry)
             if tokens <= C then
               local parts = parts_of(tokens)
-              if may_beat(f.tier, floor + parts[1] + parts[2] + c.wait, best) then
-                consider(c, entry, tokens, pt)
+              if may_beat(f.tier, floor + parts[1] + parts[2] + wait, best) then
+                local at = tonumber(string.sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
+                consider(c, tokens, pt, at, W[3] * wait_factor(at, f.p), entry, false)
               elseif f.rising then
                 passed = hex -- the rest of this time: smaller estimates, no larger budget part
               end
             end
           end
         end
-        if #classes < CLASS_PAGE then
+        if #classes < page then
           return
         end
+        page = CLASS_PAGE
         local last = classes[#classes]
         if string.sub(last, 6, 21) == passed then
           from = '(' .. c.cell .. passed .. '\255'
@@ -336,11 +349,12 @@ local function score_ranker(W, C, urgent_first)
         table.sort(cells, function(a, b) return a.bound > b.bound end)
         -- Bounded by the non-empty cells.
         for _, c in ipairs(cells) do
-          if not may_beat(c.facts.tier, c.bound, best) then
+          if not may_beat(c.tier, c.bound, best) then
             break -- every cell left bounds no higher
           end
-          if not walk_heads(c) then
-            walk_classes(c)
+          local done, wait = walk_heads(c)
+          if not done then
+            walk_classes(c, wait)
           end
         end
       end
