@@ -661,8 +661,9 @@ fn stale_error(py: Python<'_>, request_id: &str, mark: Mark) -> PyErr {
     to_py_err(
         py,
         CoreError::ReceiptHandle(format!(
-            "message {} could not be {what}: its receipt handle is no longer current (the visibility ran \
-             out and it was received again)",
+            "message {} could not be {what}: its receipt handle is no longer current (it was received \
+             again after its visibility ran out, or it has left the queue: acknowledged, dead-lettered, \
+             expired or purged)",
             py_repr(request_id)
         )),
     )
