@@ -138,8 +138,14 @@ class _GlobalScript(Script):
             f"end\n{branches}\nend\nend\nend\n"
             "local function limiter_call(KEYS, ARGV, op)\nreturn limiter_open(KEYS, ARGV)(op)\nend"
         )
-        # The score policy's dispatch ranks with score_rank.lua.
-        operation = f"{_source('score_rank')}\n{_source(name)}" if name == "score_dispatch" else _source(name)
+        # The dispatch scripts share dispatch_common.lua; the score policy's ranks with
+        # score_rank.lua.
+        if name == "score_dispatch":
+            operation = f"{_source('dispatch_common')}\n{_source('score_rank')}\n{_source(name)}"
+        elif name == "global_dispatch":
+            operation = f"{_source('dispatch_common')}\n{_source(name)}"
+        else:
+            operation = _source(name)
         self.name = name
         self.source = f"{_source('common')}\n{prelude('queue_common')}\n{limiter}\n{operation}"
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()

@@ -1,7 +1,8 @@
 -- global_dispatch (fair_priority): selects the first message of the fair order over the whole
 -- queue, reserves its budget at the co-located RedisThrottle and leases it, up to ARGV[5]
 -- winners in rank order, in one script. The script is common.lua + queue_common.lua + the
--- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) + this.
+-- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) +
+-- dispatch_common.lua + this.
 --
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
 -- grant order, latest, held), then this call's reply key (a resend answers as the first run).
@@ -33,40 +34,15 @@
 -- the limiter's key too); global_mark.lua corrects it; a charge leaves the window by itself, so
 -- a process killed between dispatch and mark leaves nothing that outlives the window.
 
-local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
 local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per lookup
 -- The most tenant heads one call reads: each winner's lookup reads the head of every tenant with
 -- visible messages, so a call takes at most HEADS_MAX / tenants winners (at least one). 64
 -- winners over 6,000 tenants held Redis 8 s, past its busy-script limit (BUSY for every client).
 local HEADS_MAX = 4096
 
-local function received(out, member, s)
-  out[#out + 1] = member
-  out[#out + 1] = s.mid
-  out[#out + 1] = s.rc
-  out[#out + 1] = s.at
-  out[#out + 1] = s.first
-  out[#out + 1] = s.token
-  out[#out + 1] = redis.call('HGET', Q.body, member)
-end
-
-local LIMITER_KEYS = {}
-for i = 1, 5 do -- the limiter's five keys
-  LIMITER_KEYS[i] = KEYS[QUEUE_KEYS + i]
-end
-local GREPLY = KEYS[QUEUE_KEYS + 6]
-
 maintain()
 local out = {fmt(NOW), ''}
-local kept = recalled(GREPLY)
-if kept ~= nil then
-  -- Bounded by the messages the first run received (member, token pairs).
-  for i = 1, #kept, 2 do
-    local s = holder(kept[i], kept[i + 1])
-    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
-      received(out, kept[i], s)
-    end
-  end
+if replayed(out) then
   return out
 end
 

@@ -2,7 +2,8 @@
 -- the whole queue (score_rank.lua), reserves its budget at the co-located RedisThrottle and
 -- leases it, up to ARGV[5] winners in rank order, in one script. The script is common.lua + the
 -- queue's prelude (score_index.lua, queue_common.lua) + the limiter's prelude and operations
--- wrapped as limiter_call() (redis/global_choice.py) + score_rank.lua + this.
+-- wrapped as limiter_call() (redis/global_choice.py) + dispatch_common.lua + score_rank.lua +
+-- this.
 --
 -- KEYS: as global_dispatch.lua (the queues, the limiter's five keys, this call's reply key).
 -- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
@@ -24,36 +25,11 @@
 -- every other; a non-URGENT winner leaves the URGENT reserve in the bucket unless a backlog is
 -- clearing; a winner below min_score_threshold is not taken.
 
-local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
 local SKIP_MAX = 16 -- messages skipped per call: never fitting a limit, or past retention
-
-local function received(out, member, s)
-  out[#out + 1] = member
-  out[#out + 1] = s.mid
-  out[#out + 1] = s.rc
-  out[#out + 1] = s.at
-  out[#out + 1] = s.first
-  out[#out + 1] = s.token
-  out[#out + 1] = redis.call('HGET', Q.body, member)
-end
-
-local LIMITER_KEYS = {}
-for i = 1, 5 do -- the limiter's five keys
-  LIMITER_KEYS[i] = KEYS[QUEUE_KEYS + i]
-end
-local GREPLY = KEYS[QUEUE_KEYS + 6]
 
 maintain()
 local out = {fmt(NOW), ''}
-local kept = recalled(GREPLY)
-if kept ~= nil then
-  -- Bounded by the messages the first run received (member, token pairs).
-  for i = 1, #kept, 2 do
-    local s = holder(kept[i], kept[i + 1])
-    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
-      received(out, kept[i], s)
-    end
-  end
+if replayed(out) then
   return out
 end
 
