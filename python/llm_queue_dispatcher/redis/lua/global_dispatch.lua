@@ -42,7 +42,7 @@ local HEADS_MAX = 4096
 
 maintain()
 local out = {fmt(NOW), ''}
-if replayed(out) then
+if replayed(out, GREPLY) then
   return out
 end
 
@@ -414,13 +414,7 @@ for _ = 1, limit + 2 * SKIP_MAX do
       break
     else
       hide(Q, member, s)
-      s.rc = s.rc + 1
-      if s.first < 0 then
-        s.first = NOW
-      end
-      s.token = fresh()
-      save(Q, member, s)
-      redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+      lease(out, taken, member, s, timeout)
       local earlier = redis.call('HGET', Q.charge, key)
       if earlier then
         -- The same key charged within the window: a request id deleted and enqueued again. The
@@ -437,9 +431,6 @@ for _ = 1, limit + 2 * SKIP_MAX do
       redis.call('LTRIM', Q.recent, 0, 255)
       redis.call('ZADD', Q.charges, fmt(NOW), key)
       redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
-      received(out, member, s)
-      taken[#taken + 1] = member
-      taken[#taken + 1] = s.token
     end
   end
 end

@@ -454,3 +454,51 @@ local function give_back(member, s)
   save(Q, member, s)
   show(Q, member, s)
 end
+
+-- Appends a received message's reply fields to `out`: member, message id, receive count,
+-- enqueued_at, first_received_at, receipt token, serialised request (dequeue.lua and the global
+-- dispatch scripts reply alike).
+local function received(out, member, s)
+  out[#out + 1] = member
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = s.token
+  out[#out + 1] = redis.call('HGET', Q.body, member)
+end
+
+-- Leases a message already out of the visible sets for `timeout` us: one receive more, a fresh
+-- receipt token, in flight until then. Its reply fields go to `out` and (member, token) to
+-- `taken`, what a resent call answers with (`replayed`).
+local function lease(out, taken, member, s, timeout)
+  s.rc = s.rc + 1
+  if s.first < 0 then
+    s.first = NOW
+  end
+  s.token = fresh()
+  save(Q, member, s)
+  redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
+  received(out, member, s)
+  taken[#taken + 1] = member
+  taken[#taken + 1] = s.token
+end
+
+-- A resent call (its reply lost; the first run `remember`ed its `taken` under `reply_key`)
+-- answers as that run did: the messages it received that are still in flight under the receipt
+-- tokens it gave them, appended to `out`, and receives no others (a receive whose reply was lost
+-- leaves nothing leased to nobody). Returns whether this call is such a resend.
+local function replayed(out, reply_key)
+  local kept = recalled(reply_key)
+  if kept == nil then
+    return false
+  end
+  -- Bounded by the messages the first run received (member, token pairs).
+  for i = 1, #kept, 2 do
+    local s = holder(kept[i], kept[i + 1])
+    if s ~= nil and redis.call('ZSCORE', Q.inflight, kept[i]) then
+      received(out, kept[i], s)
+    end
+  end
+  return true
+end

@@ -29,7 +29,7 @@ local SKIP_MAX = 16 -- messages skipped per call: never fitting a limit, or past
 
 maintain()
 local out = {fmt(NOW), ''}
-if replayed(out) then
+if replayed(out, GREPLY) then
   return out
 end
 
@@ -189,16 +189,7 @@ for _ = 1, limit + 2 * SKIP_MAX do
       break
     else
       hide(Q, member, s)
-      s.rc = s.rc + 1
-      if s.first < 0 then
-        s.first = NOW
-      end
-      s.token = fresh()
-      save(Q, member, s)
-      redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
-      received(out, member, s)
-      taken[#taken + 1] = member
-      taken[#taken + 1] = s.token
+      lease(out, taken, member, s, timeout)
     end
   end
 end
