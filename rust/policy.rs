@@ -17,6 +17,10 @@
 //! Under both, every non-URGENT dispatch leaves the URGENT reserve in the bucket
 //! ([`UrgentReserve`]): an URGENT request arriving while a backlog drains the bucket finds its
 //! budget at once, and so does a second one close behind it.
+//!
+//! About 890 lines for the two policies' rankings over one store (the score policy's search,
+//! `fair_priority`'s lanes and reserves) and the rankings kept beside the index; the tests take
+//! about a third.
 
 use std::collections::VecDeque;
 

@@ -14,6 +14,9 @@
 //! Custom scorers add at most their weight to any message (scores are clamped to [0, 1]), so
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
+//!
+//! About 740 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

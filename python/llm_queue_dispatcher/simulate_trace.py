@@ -43,6 +43,9 @@ Every file is read as bytes a line at a time: a line that is not UTF-8, longer t
 One file, over 700 lines, because reading and assembling share what a row is (`TraceRow`, its
 file and line for every message) and the format table above: the readers of four formats, the
 rules that complete their rows, and the writer of the project's format, each a few functions.
+
+About 740 lines for one concept, a trace: each format's reader is short, and they share the
+value checks, the rules that assign priorities and tenants (`TraceRules`) and the writer.
 """
 
 from __future__ import annotations

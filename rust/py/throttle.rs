@@ -1,4 +1,7 @@
 //! `LLMThrottle` and its result classes: the binding of `crate::throttle`.
+//!
+//! About 800 lines of glue for one class and its result classes: argument reading, the
+//! provider-header conversions and the metrics objects; the limiter itself is `crate::throttle`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

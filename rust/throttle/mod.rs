@@ -7,7 +7,7 @@
 //! tokens per minute, requests and tokens per day, requests in flight: `meters.rs`). Every
 //! instant is an `f64` passed in by the caller, so the logic is deterministic under test.
 //!
-//! About 700 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
+//! About 950 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
 //! `meters.rs`, the history in `history.rs`, snapshots in `snapshot.rs`, a provider's figures in
 //! `provider.rs` and the tests in `tests.rs` and `limits_tests.rs`; what stays here is the
 //! limiter's state machine (check, consume, adjust, release across every limit), whose steps

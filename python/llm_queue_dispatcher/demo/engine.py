@@ -30,6 +30,9 @@ bucket starts at ``new capacity - (old capacity - old available)``, clamped to t
 and the compensation debt moves along (`LLMThrottle.restore_from_snapshot`). Requests in flight
 at that moment were reserved on the old limiter and settle against it, so the correction of
 their estimate to their actual count (a few percent here) does not reach the new one.
+
+About 720 lines for one concept, a lane and the run that drives the lanes together; the
+server and the page live in ``server.py`` and ``static/``.
 """
 
 from __future__ import annotations

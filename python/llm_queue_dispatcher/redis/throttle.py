@@ -32,6 +32,9 @@ record), ``{ns}:l:{name}:grant-order`` (list: grant numbers, oldest first),
 ``{ns}:l:{name}:held`` (sorted set: the grants holding a slot of ``max_concurrent``) and, for a
 minute after each call that changed something, ``{ns}:l:{name}:reply:<token>`` (its reply, for a
 resend).
+
+About 780 lines for one class: the client of the limiter's scripts (grants, settling,
+provider headers, metrics) with its connection handling; the scripts are in ``lua/``.
 """
 
 from __future__ import annotations
