@@ -359,14 +359,6 @@ local function margin_bound(s)
   return math.max(0, math.min(s.tok + urgent + reserve, capacity) - s.tok)
 end
 
--- A part of the estimate for the limiter ('' when not given: its ITPM and OTPM count the whole).
-local function part(n)
-  if n == nil or n < 0 then
-    return ''
-  end
-  return fmt(n)
-end
-
 local taken = {}
 local skipped, expired = 0, 0
 -- Each round takes a winner, skips a message that never fits or expires one past retention.

@@ -106,14 +106,6 @@ local function urgent_reserve()
   return reserve
 end
 
--- A part of the estimate for the limiter ('' when not given: its ITPM and OTPM count the whole).
-local function part(n)
-  if n == nil or n < 0 then
-    return ''
-  end
-  return fmt(n)
-end
-
 -- Messages above the capacity are never ranked; their submitters, if any wait, hear that they
 -- never fit (they stay queued, as the per-process path leaves them). Told once: the entry goes.
 local told = 0
