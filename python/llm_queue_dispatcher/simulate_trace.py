@@ -7,7 +7,8 @@ is called:
   line with the fields below. Any other column or key is an error, so a misspelt name does not
   pass unnoticed.
 * **Azure**: the Azure LLM inference trace CSV as published, ``TIMESTAMP,ContextTokens,
-  GeneratedTokens`` (a date with up to 7 decimals of seconds; the prompt; the completion).
+  GeneratedTokens`` (a date with up to 7 decimals of seconds, in UTC or with its UTC offset as
+  in the 2024 edition; the prompt; the completion).
 * **BurstGPT**: the BurstGPT CSV as published, ``Timestamp,Model,Request tokens,Response
   tokens,Total tokens,Log Type`` (seconds; ``Request tokens`` the prompt, ``Response tokens``
   the completion; the other columns are there for the rules).
@@ -435,12 +436,16 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2}(?:\.\d{1,9})?)")
+# The 2023 trace writes no zone (its clock is UTC); the 2024 one an offset, ``+00:00``.
+_DATE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2}(?:\.\d{1,9})?)(Z|[+-]\d{2}:?\d{2})?"
+)
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 
 class _DayClock:
-    """Reads dates like ``2023-11-16 18:17:03.9799600`` (the trace's clock, no zone) as seconds
+    """Reads dates like ``2023-11-16 18:17:03.9799600`` (the 2023 trace: no zone, UTC) or
+    ``2024-05-10 00:00:00.009930+00:00`` (the 2024 trace: a UTC offset, taken off) as seconds
     from midnight of the first date read: counted from 1970 a float would keep only a quarter of
     a microsecond, from that midnight it keeps the trace's 100 ns."""
 
@@ -454,7 +459,13 @@ class _DayClock:
             raise TraceError(
                 f"{where}: {name} must be a date like 2023-11-16 18:17:03.9799600, got {_shown(text)}"
             )
-        year, month, day, hours, minutes, seconds = match.groups()
+        year, month, day, hours, minutes, seconds, zone = match.groups()
+        offset = 0.0
+        if zone is not None and zone != "Z":
+            zone_hours, zone_minutes = int(zone[1:3]), int(zone[-2:])
+            if zone_hours > 23 or zone_minutes > 59:
+                raise TraceError(f"{where}: {name}'s UTC offset must be within ±23:59, got {text!r}")
+            offset = (zone_hours * 3_600.0 + zone_minutes * 60.0) * (-1.0 if zone[0] == "-" else 1.0)
         key = (year, month, day)
         days = self._days.get(key)
         if days is None:
@@ -469,7 +480,7 @@ class _DayClock:
             raise TraceError(f"{where}: {name} is no time of day, got {text!r}")
         if self.day is None:
             self.day = days
-        return (days - self.day) * 86_400.0 + hour * 3_600.0 + minute * 60.0 + second
+        return (days - self.day) * 86_400.0 + hour * 3_600.0 + minute * 60.0 + second - offset
 
 
 def _priority(value: Any, where: str) -> Priority | None:
