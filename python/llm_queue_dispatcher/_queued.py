@@ -64,15 +64,20 @@ def default_tokenizer() -> Tokenizer | None:
 
 
 def deadline_of(value: object) -> datetime | None:
-    """``deadline=``: a timezone-aware `datetime`, a number of seconds from now, or None."""
+    """``deadline=``: a timezone-aware `datetime`, a number of seconds from now, or None. A
+    number whose instant a `datetime` cannot hold (past the year 9999) is refused too."""
     if value is None or isinstance(value, datetime):
         return value
     seconds = finite_float(value)
-    if seconds is None:
-        raise InvalidRequestError(
-            f"deadline must be a datetime, a number of seconds from now or None, got {shown(value)}"
-        )
-    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    if seconds is not None:
+        try:
+            return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+        except OverflowError:
+            pass
+    raise InvalidRequestError(
+        f"deadline must be a datetime, a number of seconds from now (within the years 1 to 9999) "
+        f"or None, got {shown(value)}"
+    )
 
 
 class StreamCounter:

@@ -132,6 +132,9 @@ async def test_bad_calls_raise_at_the_call_and_queue_nothing(openai_client: Asyn
             await qc.chat.completions.create(model="m", messages=messages("a"), priority=9)
         with pytest.raises(InvalidRequestError, match="deadline"):
             await qc.chat.completions.create(model="m", messages=messages("a"), deadline="soon")
+        # Seconds from now past the last instant a datetime holds (year 9999).
+        with pytest.raises(InvalidRequestError, match="deadline"):
+            await qc.chat.completions.create(model="m", messages=messages("a"), deadline=1e20)
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
     with pytest.raises(InvalidRequestError, match="client must be"):
         QueuedAsyncOpenAI(object(), dispatcher, LLMThrottle(60, 1_000))  # type: ignore[arg-type]
