@@ -204,7 +204,10 @@ class QueuedClient:
         return getattr(self._client, name)
 
     # -- what a provider's class fills in -------------------------------------------------------
-    def _estimate(self, payload: Mapping[str, Any]) -> int:
+    def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:
+        """The estimate's parts, ``(input, max_output)``: the prompt's tokens and the most the
+        reply may use, so that a limiter with input and output limits (``itpm``, ``otpm``)
+        reserves each against its own limit."""
         raise NotImplementedError
 
     async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
@@ -224,13 +227,13 @@ class QueuedClient:
         tenant: str | None,
         deadline: object,
     ) -> Any:
-        estimate = self._estimate(payload)
+        prompt, max_output = self._estimate(payload)
         model = payload.get("model")
         request = LLMRequest(
             f"{self._prefix}-{next(_ids)}",
             payload,
             self._priority if priority is None else priority,  # type: ignore[arg-type]
-            TokenInfo(estimate, model=model if isinstance(model, str) else None),
+            TokenInfo(model=model if isinstance(model, str) else None, input=prompt, max_output=max_output),
             tenant=tenant,
             deadline=deadline_of(deadline),
         )

@@ -623,8 +623,8 @@ class QueuedAsyncAnthropic(QueuedClient):
         self._count_cache_reads = count_cache_reads
         self.messages = _QueuedMessages(self)
 
-    def _estimate(self, payload: Mapping[str, Any]) -> int:
-        return estimate_messages_tokens(payload, tokenizer=self._tokenizer)
+    def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:
+        return estimate_messages_input_tokens(payload, tokenizer=self._tokenizer), _max_tokens(payload)
 
     async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
         message = await create_message(self._quiet, self._limiter, payload)

@@ -610,8 +610,11 @@ class QueuedAsyncOpenAI(QueuedClient):
         self._quiet = client.with_options(max_retries=0)
         self.chat = _QueuedChat(self)
 
-    def _estimate(self, payload: Mapping[str, Any]) -> int:
-        return estimate_chat_tokens(payload, tokenizer=self._tokenizer)
+    def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:
+        estimate = estimate_chat_tokens(payload, tokenizer=self._tokenizer)
+        # Checked by estimate_chat_tokens already; the allowance is within the estimate.
+        completion = _completion_allowance(payload, DEFAULT_COMPLETION_TOKENS)
+        return estimate - completion, completion
 
     async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
         completion = await create_chat_completion(self._quiet, self._limiter, payload)

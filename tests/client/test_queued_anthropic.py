@@ -120,3 +120,22 @@ async def test_a_streamed_call_corrects_the_input_and_output_limits_with_the_pro
         await stream._submitted
     [record] = limiter.get_consumption_history()
     assert (record.input_tokens, record.output_tokens) == tuple(anthropic_provider.usage["streamed"])
+
+
+async def test_a_call_is_reserved_by_its_input_and_max_tokens_under_input_and_output_limits(
+    anthropic_provider: AnthropicServer, anthropic_client: AsyncAnthropic
+) -> None:
+    # A long prompt with a short reply: whole, its estimate is above the output limit; by its
+    # parts (the input against itpm, max_tokens against otpm) it fits at once.
+    prompt = "long " * 20_000
+    limiter = LLMThrottle(50, 100_000, itpm=90_000, otpm=8_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncAnthropic(anthropic_client, dispatcher, limiter)
+        message = await qc.messages.create(**call(prompt, 1_000))  # type: ignore[arg-type]
+    assert isinstance(message, Message)
+    [record] = limiter.get_consumption_history()
+    assert (record.input_tokens, record.output_tokens) == (
+        message.usage.input_tokens,
+        message.usage.output_tokens,
+    )
+    assert record.estimated_tokens > 8_000

@@ -273,3 +273,19 @@ async def test_a_stream_dropped_unread_and_unclosed_frees_its_place_in_the_pool(
         )
         assert answer.choices
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+async def test_a_call_is_reserved_by_its_prompt_and_completion_allowance_under_input_and_output_limits(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    # Whole, the estimate is above the output limit; by its parts (the prompt against itpm,
+    # max_tokens against otpm) it fits at once.
+    prompt = "long " * 20_000
+    limiter = LLMThrottle(50, 100_000, itpm=90_000, otpm=8_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        completion = await qc.chat.completions.create(model="m", messages=messages(prompt), max_tokens=1_000)
+    assert isinstance(completion, ChatCompletion)
+    [record] = limiter.get_consumption_history()
+    assert record.estimated_tokens > 8_000
+    assert record.actual_tokens == openai_provider.usage[prompt]
