@@ -89,6 +89,34 @@ pub(crate) struct CoreState {
     pub ready: Option<(u64, f64)>,
 }
 
+impl CoreState {
+    /// The key of a reservation on a limiter other than `LLMThrottle`:
+    /// `"request id#delivery number"`, the number the message's receive count, unless a live
+    /// delivery already holds that key. One can: an id is unique only among messages not yet
+    /// deleted, so a stale delivery of an earlier message with the same id (its lease ran out,
+    /// not marked yet) may hold `"chat-7#1"` when the new message is first received. The number
+    /// is then the next one no live delivery holds, so that the stale delivery's mark settles
+    /// its own reservation and never this one's.
+    fn delivery_key(&self, request_id: &str, delivery: u32) -> String {
+        let prefix_len = request_id.len() + 1;
+        let held: Vec<u64> = self
+            .ledger
+            .deliveries()
+            .filter_map(|(_, d)| match &d.data.reservation {
+                Reservation::Keyed(_, key) if &*d.data.request_id == request_id => {
+                    key.get(prefix_len..).and_then(|n| n.parse().ok())
+                }
+                _ => None,
+            })
+            .collect();
+        let mut number = u64::from(delivery);
+        while held.contains(&number) {
+            number += 1;
+        }
+        format!("{request_id}#{number}")
+    }
+}
+
 /// The dispatcher's settings, validated once.
 struct Config {
     weights: Weights,
@@ -945,10 +973,8 @@ impl PyDispatchCore {
         match outcome {
             Outcome::Taken((taken, needed)) => {
                 let reservation = if settings.reserve {
-                    Reservation::Keyed(
-                        limiter.clone().unbind(),
-                        format!("{}#{}", taken.request_id, taken.delivery),
-                    )
+                    let key = core.lock(py).delivery_key(&taken.request_id, taken.delivery);
+                    Reservation::Keyed(limiter.clone().unbind(), key)
                 } else {
                     Reservation::None
                 };

@@ -22,6 +22,7 @@ from llm_queue_dispatcher import (
     QueueStorageAdapter,
     RateLimiter,
     RateLimitError,
+    ReceiptHandleError,
     ScoringContext,
 )
 from tests.dispatcher.books import BookLimiter, native_limiter
@@ -113,6 +114,37 @@ async def test_a_plain_python_rate_limiter_works(clock: ManualClock) -> None:
     assert again is not None
     assert again.message.payload.id == "low"
     assert limiter.consumed[-1] == ("low#2", 100)  # its second delivery, its own reservation
+
+
+@pytest.mark.parametrize("policy", ["score", "fair_priority"])
+async def test_a_stale_delivery_of_an_earlier_message_with_the_same_id_keeps_its_own_key(
+    clock: ManualClock, policy: str
+) -> None:
+    # An id is unique only among messages not yet deleted: once "chat-7" is acknowledged a new
+    # "chat-7" may be queued, and its first receive must not take the key of the earlier
+    # message's first delivery, still unmarked (its lease ran out), whose mark would refund it.
+    dispatcher = queue(clock, visibility_timeout=10.0, policy=policy)
+    limiter = FixedBudgetLimiter(tokens=10_000)
+    await dispatcher.enqueue(request("chat-7", tokens=100))
+    stale = await dispatcher.dequeue(limiter)
+    clock.advance(11.0)
+    second = await dispatcher.dequeue(limiter)
+    assert stale is not None and second is not None
+    await second.mark_as_processed(actual_tokens=100)
+    await dispatcher.enqueue(request("chat-7", tokens=300))
+    fresh = await dispatcher.dequeue(limiter)
+    assert fresh is not None
+    keys = [key for key, _ in limiter.consumed]
+    assert keys[:2] == ["chat-7#1", "chat-7#2"]
+    assert keys[2] != "chat-7#1" and keys[2].startswith("chat-7#")
+    with contextlib.suppress(ReceiptHandleError):  # its message is gone: only its budget is settled
+        await stale.mark_as_failed(RuntimeError("its lease ran out"))
+    assert limiter.adjusted[-1] == ("chat-7#1", 0)
+    await fresh.mark_as_processed(actual_tokens=250)
+    assert limiter.adjusted[-1] == (keys[2], 250)
+    # Each reservation settled once, by its own delivery: the stale one refunded whole (its
+    # call failed), the second and the fresh one charged what they used.
+    assert limiter.tokens == 10_000 - 100 - 250
 
 
 async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:
