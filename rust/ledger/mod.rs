@@ -321,6 +321,11 @@ impl<D> Ledger<D> {
         }
     }
 
+    /// The binding's data of the delivery `id` names, if it has not ended.
+    pub fn data_mut(&mut self, id: DeliveryId) -> Option<&mut D> {
+        self.get_mut(id).ok().map(|delivery| &mut delivery.data)
+    }
+
     fn remove(&mut self, id: DeliveryId) -> Delivery<D> {
         let slot = &mut self.slots[id.slot()];
         let delivery = slot.delivery.take().expect("a live delivery");

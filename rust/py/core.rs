@@ -90,30 +90,31 @@ pub(crate) struct CoreState {
 }
 
 impl CoreState {
-    /// The key of a reservation on a limiter other than `LLMThrottle`:
-    /// `"request id#delivery number"`, the number the message's receive count, unless a live
-    /// delivery already holds that key. One can: an id is unique only among messages not yet
-    /// deleted, so a stale delivery of an earlier message with the same id (its lease ran out,
-    /// not marked yet) may hold `"chat-7#1"` when the new message is first received. The number
-    /// is then the next one no live delivery holds, so that the stale delivery's mark settles
-    /// its own reservation and never this one's.
-    fn delivery_key(&self, request_id: &str, delivery: u32) -> String {
-        let prefix_len = request_id.len() + 1;
-        let held: Vec<u64> = self
+    /// Takes the reservation of every live delivery keyed `key` on `limiter` out of the books
+    /// (left to the limiter as it stands): a new delivery is about to reserve under that key.
+    /// One can hold it, as the key is `"request id#receive count"` and an id is unique only
+    /// among messages not yet deleted: a stale delivery of an earlier message with the same id
+    /// (its lease ran out and another consumer acknowledged it, its own mark not made yet) holds
+    /// `"chat-7#1"` when the new message is first received. Its marks then make no limiter
+    /// call, so they can never settle or refund the new delivery's reservation; its own stays
+    /// as counted, erring high, as an abandoned delivery's does. Returns what was taken out, to
+    /// be dropped unlocked.
+    fn orphan_key(&mut self, py: Python<'_>, limiter: &Bound<'_, PyAny>, key: &str) -> Vec<Reservation> {
+        let holders: Vec<DeliveryId> = self
             .ledger
             .deliveries()
-            .filter_map(|(_, d)| match &d.data.reservation {
-                Reservation::Keyed(_, key) if &*d.data.request_id == request_id => {
-                    key.get(prefix_len..).and_then(|n| n.parse().ok())
-                }
-                _ => None,
+            .filter(|(_, d)| {
+                matches!(&d.data.reservation, Reservation::Keyed(held, k) if k == key && held.bind(py).is(limiter))
             })
+            .map(|(id, _)| id)
             .collect();
-        let mut number = u64::from(delivery);
-        while held.contains(&number) {
-            number += 1;
+        let mut orphaned = Vec::with_capacity(holders.len());
+        for id in holders {
+            if let Some(held) = self.ledger.data_mut(id) {
+                orphaned.push(std::mem::replace(&mut held.reservation, Reservation::None));
+            }
         }
-        format!("{request_id}#{number}")
+        orphaned
     }
 }
 
@@ -973,7 +974,9 @@ impl PyDispatchCore {
         match outcome {
             Outcome::Taken((taken, needed)) => {
                 let reservation = if settings.reserve {
-                    let key = core.lock(py).delivery_key(&taken.request_id, taken.delivery);
+                    let key = format!("{}#{}", taken.request_id, taken.delivery);
+                    let orphaned = core.lock(py).orphan_key(py, limiter, &key);
+                    drop(orphaned);
                     Reservation::Keyed(limiter.clone().unbind(), key)
                 } else {
                     Reservation::None
