@@ -437,9 +437,7 @@ def _shown(value: Any) -> str:
 
 
 # The 2023 trace writes no zone (its clock is UTC); the 2024 one an offset, ``+00:00``.
-_DATE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2}(?:\.\d{1,9})?)(Z|[+-]\d{2}:?\d{2})?"
-)
+_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2}(?:\.\d{1,9})?)(Z|[+-]\d{2}:?\d{2})?")
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 

@@ -131,7 +131,8 @@ async def test_a_stale_delivery_of_an_earlier_message_with_the_same_id_never_set
     stale = await dispatcher.dequeue(limiter)
     clock.advance(11.0)
     second = await dispatcher.dequeue(limiter)
-    assert stale is not None and second is not None
+    assert stale is not None
+    assert second is not None
     await second.mark_as_processed(actual_tokens=100)
     await dispatcher.enqueue(request("chat-7", tokens=300))
     fresh = await dispatcher.dequeue(limiter)

@@ -103,7 +103,11 @@ def test_azure_2024_dates_with_their_utc_offset_are_read(tmp_path: Path) -> None
     # The third instant is 00:00:02.5 UTC: an offset is taken off, not ignored.
     assert [r.arrival for r in workload.records] == pytest.approx([0.0, 1.0 - 0.00993, 2.5 - 0.00993])
     assert workload.start == pytest.approx(epoch("2024-05-10 00:00:00.009930"))
-    assert [(r.actual_tokens, r.output_tokens) for r in workload.records] == [(2167, 5), (386, 12), (1142, 84)]
+    assert [(r.actual_tokens, r.output_tokens) for r in workload.records] == [
+        (2167, 5),
+        (386, 12),
+        (1142, 84),
+    ]
 
 
 def test_the_two_azure_files_merge_on_their_shared_clock() -> None:
@@ -301,7 +305,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ),
     ("bad date", HEADER.encode() + b"2023-13-16 18:40:00,1,3\n", "t.csv:2: TIMESTAMP is no date"),
     ("no date", HEADER.encode() + b"1e308,1,3\n", "t.csv:2: TIMESTAMP must be a date"),
-    ("bad offset", HEADER.encode() + b"2024-05-10 00:00:00+25:00,1,3\n", "t.csv:2: TIMESTAMP's UTC offset must be within"),
+    (
+        "bad offset",
+        HEADER.encode() + b"2024-05-10 00:00:00+25:00,1,3\n",
+        "t.csv:2: TIMESTAMP's UTC offset must be within",
+    ),
     (
         "span",
         HEADER.encode() + b"1970-01-01 00:00:00,1,3\n2023-11-16 18:40:00,1,3\n",
