@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from llm_queue_dispatcher import Priority
 from llm_queue_dispatcher.cli import main
-from llm_queue_dispatcher.simulate import SimulationResult, Workload, run_simulation
+from llm_queue_dispatcher.simulate import SimulationResult, TraceRecord, Workload, run_simulation
 
 SMALL = ["--requests", "150", "--rpm", "300", "--tpm", "60000", "--seed", "3"]
 
@@ -162,3 +163,24 @@ def test_unknown_strategy_exits_non_zero_naming_it() -> None:
     assert completed.returncode != 0
     assert "bogus" in completed.stderr
     assert completed.stdout == ""
+
+
+@pytest.mark.parametrize("strategy", ["fifo", "default"])
+def test_a_tenant_whose_requests_expire_unsent_counts_as_backlogged_in_the_fairness(strategy: str) -> None:
+    # Tenant a floods first; tenant b's requests queue behind a's backlog, and the budget a
+    # leaves when a's requests expire is short of b's: they expire unsent after the retention.
+    # b waited throughout [60, 300) and got nothing: those windows compare a's service with
+    # b's zero; they do not leave b out.
+    records = [
+        *(TraceRecord(0.0, Priority.NORMAL, 1_000, 1_000, "a") for _ in range(100)),
+        *(TraceRecord(0.5, Priority.NORMAL, 1_000, 1_000, "a") for _ in range(100)),
+        *(TraceRecord(1.0 + n, Priority.NORMAL, 1_000, 1_000, "b") for n in range(4)),
+    ]
+    result = run_simulation(strategy, records, rpm=6_000, tpm=6_000, message_retention=300.0)
+    assert result.wait_by_tenant["b"] == []
+    assert result.expired == 200 - len(result.wait_by_tenant["a"]) + 4
+    fairness = result.fairness
+    assert fairness is not None
+    assert fairness.windows == 4
+    assert fairness.jain_min == pytest.approx(0.5)
+    assert fairness.max_gap == 6_000

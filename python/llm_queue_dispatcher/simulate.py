@@ -33,7 +33,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -197,6 +197,9 @@ class _Run:
             [r.arrival for r in records],
             retention,
         )
+        self.retention = retention
+        # Requests taken out as larger than the limiter can ever grant: never backlogged.
+        self.unfittable: set[int] = set()
         self.blocked = self.result.blocked
         self.completions: list[tuple[float, int, Any]] = []  # (time, seq, handle)
         self._seq = 0
@@ -274,6 +277,20 @@ class _Run:
         result.makespan = self.clock.now()
         self.dispatched_at[index] = dispatched_at
         return record.actual_tokens
+
+    def _services(self) -> Iterator[tuple[str, float, float, float]]:
+        """What `window_fairness` compares: ``(tenant, arrival, end of its wait, tokens)`` of
+        every request sent, and of every request that arrived and was never sent, with no
+        tokens, waiting until the store dropped it (its retention ran out) or until now: a
+        tenant starved until its requests expire was backlogged all along, and its zero service
+        counts. Requests that can never fit, or dead-lettered after failing, are left out."""
+        records, dispatched, now = self.records, self.dispatched_at, self.clock.now()
+        for i in range(self.next_arrival):
+            record = records[i]
+            if not math.isnan(dispatched[i]):
+                yield record.tenant or "", record.arrival, dispatched[i], record.actual_tokens
+            elif i not in self.unfittable and self.failures.get(i, 0) < _MAX_RECEIVES:
+                yield record.tenant or "", record.arrival, min(record.arrival + self.retention, now), 0.0
 
     def advance(self, wait_for_budget: float, waiting: bool, in_flight: int) -> bool:
         """Moves the clock to the next event; False when nothing can happen any more. With
@@ -357,16 +374,7 @@ class _Run:
         result.inversions = self.inversions.inversions
         result.inversions_within_tenant = self.inversions.within_tenant
         if len(result.requests_by_tenant) > 1:
-            records, dispatched = self.records, self.dispatched_at
-            result.fairness = window_fairness(
-                (
-                    (records[i].tenant or "", records[i].arrival, dispatched[i], records[i].actual_tokens)
-                    for i in range(len(records))
-                    if not math.isnan(dispatched[i])
-                ),
-                result.last_dispatch,
-                _FAIRNESS_WINDOW,
-            )
+            result.fairness = window_fairness(self._services(), result.last_dispatch, _FAIRNESS_WINDOW)
         result.wall_time = time.monotonic() - self._started
         result.cpu_time = time.process_time() - self._cpu_started
         if self._on_progress is not None:
@@ -443,6 +451,7 @@ async def _drop_unfittable(
     for message in taken:
         await storage.delete_message(message.attributes.receipt_handle)
         run.inversions.drop(message.payload.payload)
+        run.unfittable.add(message.payload.payload)
     run.result.unfittable += len(taken)
 
 
@@ -543,6 +552,7 @@ def _run_fifo(run: _Run, retention: float) -> SimulationResult:
             if math.isinf(check.available_in):
                 queue.popleft()  # can never fit: a FIFO would block forever; count it apart
                 run.inversions.drop(index)
+                run.unfittable.add(index)
                 result.unfittable += 1
                 continue
             if not limiter.consume(f"r{index}", record.estimated_tokens, **parts):

@@ -108,7 +108,8 @@ def window_fairness(
     """Fairness of token service among backlogged tenants over the windows ``[k * window,
     (k + 1) * window)`` that end by ``end``.
 
-    ``requests`` are ``(tenant, arrival, dispatched, tokens)`` of the requests sent. A tenant is
+    ``requests`` are ``(tenant, arrival, dispatched, tokens)`` of the requests sent (and of
+    those never sent: ``dispatched`` the instant they stopped waiting, no tokens). A tenant is
     backlogged in a window when at every instant of it one of its requests had arrived and was
     not yet sent; its service is the tokens of its requests sent in the window. Over the windows
     with two backlogged tenants or more: Jain's index of their services (mean and minimum), and
