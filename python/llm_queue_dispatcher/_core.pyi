@@ -430,6 +430,9 @@ class StoreCore:
         """Receives up to ``limit`` visible messages, priority then oldest first."""
     def delete(self, handle: str) -> None:
         """Deletes the message a current receipt handle names; ``ReceiptHandleError`` otherwise."""
+    def withdraw(self, request_id: str) -> bool:
+        """Removes the visible message of ``request_id`` unprocessed (its submitter withdrew
+        it); False, changing nothing, when no message of that id is visible."""
     def dead_letter_now(self, handle: str) -> None:
         """Dead-letters the message a current receipt handle names, at once (counted)."""
     def release(self, handle: str) -> None:

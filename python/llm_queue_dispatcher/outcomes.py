@@ -14,8 +14,10 @@ A submitted request ends in exactly one of these ways, and its submitter hears o
 * larger than the limiter can ever grant: `RequestFailedError` with a `RateLimitError`
   (``available_in`` infinite); the message stays queued for ``take_unfittable()``;
 * withdrawn: the submitter's await was cancelled. A request not yet dispatched is never handed
-  to a handler: a worker that takes it deletes it without calling the handler (one request of the
-  limiter's budget, no tokens). One already dispatched runs to its end; its result is discarded.
+  to a handler: the in-memory store takes it out at once (its id is free again); elsewhere, or
+  when a dequeue received it already, a worker that takes it deletes it without calling the
+  handler (one request of the limiter's budget, no tokens). One already running runs to its
+  end; its result is discarded.
 
 The outcomes travel through a *relay*: `LocalRelay` within one process, or the store's own (with
 `RedisStorage`, `llm_queue_dispatcher.redis.outcomes.RedisRelay`, so the outcome reaches the
@@ -137,9 +139,11 @@ class _LocalHub:
     its submitters: who waits for each request, and the requests withdrawn and not yet taken
     by a worker. A worker on one dispatcher thus answers a submit made on another."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: StoreCore | None = None) -> None:
         self.waiting: dict[str, Callable[[str, Outcome], None]] = {}
         self.withdrawn: set[str] = set()
+        # The in-memory store, where a withdrawn request still waiting is taken out at once.
+        self.store = store
 
     def store_ended(self, dead_lettered: list[str], expired: list[str]) -> None:
         """The store ended these requests (an `InMemoryStorage` core's ended listener):
@@ -179,10 +183,11 @@ def _hub_of(storage: object) -> _LocalHub:
     except TypeError:  # a store that cannot be weakly referenced: its dispatcher's own
         return _LocalHub()
     if hub is None:
-        hub = _HUBS[storage] = _LocalHub()
         core = getattr(storage, "core", None)
-        if isinstance(core, StoreCore):  # an InMemoryStorage: the store tells what it ends
-            core.set_ended_listener(hub.store_ended)
+        store = core if isinstance(core, StoreCore) else None
+        hub = _HUBS[storage] = _LocalHub(store)
+        if store is not None:  # an InMemoryStorage: the store tells what it ends
+            store.set_ended_listener(hub.store_ended)
     return hub
 
 
@@ -231,7 +236,11 @@ class LocalRelay:
         # has no message left for a worker to skip, and nothing would ever take the mark away.
         if self._hub.waiting.get(request_id) == self._deliver:
             del self._hub.waiting[request_id]
-            self.withdrawn.add(request_id)
+            store = self._hub.store
+            if store is None or not store.withdraw(request_id):
+                # Received already (its worker decides), or a store that cannot take it out:
+                # the worker that takes it deletes it unprocessed.
+                self.withdrawn.add(request_id)
 
     async def purged(self) -> None:
         self.withdrawn.clear()

@@ -457,6 +457,15 @@ impl PyStoreCore {
         Ok(())
     }
 
+    /// Removes the visible message of `request_id` unprocessed (its submitter withdrew it);
+    /// False, changing nothing, when no message of that id is visible.
+    fn withdraw(&self, py: Python<'_>, request_id: &str) -> PyResult<bool> {
+        let removed = self.with_store(py, |store, now| Ok(store.withdraw_visible(request_id, now)))?;
+        let withdrawn = removed.is_some();
+        drop(removed); // its payload, after the lock
+        Ok(withdrawn)
+    }
+
     /// Dead-letters the message a current receipt handle names, at once.
     fn dead_letter_now(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
         let handle = handle_arg(handle)?;

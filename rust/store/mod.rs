@@ -490,6 +490,20 @@ impl<P, R: Ranking> Store<P, R> {
         Ok(id)
     }
 
+    /// Removes the visible message of `request_id` unprocessed (its submitter withdrew it before
+    /// any dispatch) and returns it; `None`, changing nothing, when no message of that id is
+    /// visible (none, or one received and in flight: its handler decides).
+    pub fn withdraw_visible(&mut self, request_id: &str, now: f64) -> Option<StoredMessage<P>> {
+        self.maintain(now);
+        let slot = self.slot_of(request_id)?;
+        if self.is_visible(slot) != Some(true) {
+            return None;
+        }
+        self.hide(slot);
+        self.last_modified_at = now;
+        Some(self.release_slot(slot))
+    }
+
     /// Interns a tenant name for a configuration that names tenants before their messages; the
     /// store never forgets it.
     pub fn intern_tenant(&mut self, name: &str) -> u32 {

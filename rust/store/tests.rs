@@ -148,6 +148,29 @@ fn duplicates_are_refused_and_ids_free_up_on_delete() {
 }
 
 #[test]
+fn withdrawing_takes_out_only_a_visible_message_and_frees_its_id() {
+    let mut s = store();
+    s.enqueue(new("a", 1, 1), 0.0).unwrap();
+    s.enqueue(new("b", 1, 2), 0.0).unwrap();
+    let (_, h) = s.receive(1, 30.0, 1.0).unwrap()[0];
+    // In flight: its handler decides, nothing changes.
+    assert!(s.withdraw_visible("a", 1.0).is_none());
+    assert_eq!(s.in_flight_count(), 1);
+    assert!(s.withdraw_visible("unknown", 1.0).is_none());
+    let withdrawn = s.withdraw_visible("b", 1.0).expect("b is visible");
+    assert_eq!(withdrawn.payload, 2);
+    assert_eq!(s.visible_count(), 0);
+    assert!(s.receive(1, 30.0, 1.0).unwrap().is_empty());
+    s.enqueue(new("b", 1, 3), 1.0).unwrap(); // its id is free again
+    s.delete(&h.to_string(), 1.0).unwrap();
+    // Visible again after its lease ran out: withdrawn like a new one.
+    let (_, _) = s.receive(1, 1.0, 2.0).unwrap()[0];
+    assert_eq!(s.withdraw_visible("b", 4.0).map(|m| m.payload), Some(3));
+    assert_eq!((s.visible_count(), s.in_flight_count()), (0, 0));
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn batch_is_validated_whole() {
     let mut s = store();
     s.enqueue(new("x", 1, 0), 0.0).unwrap();

@@ -21,6 +21,7 @@ from llm_queue_dispatcher import (
     InMemoryStorage,
     InvalidRequestError,
     LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
     LLMRequest,
     LLMThrottle,
     ManualClock,
@@ -174,7 +175,7 @@ async def test_a_purge_fails_every_waiting_submit() -> None:
             assert isinstance(raised.value.error, PurgedError)
 
 
-async def test_cancelling_a_submit_withdraws_a_request_not_yet_dispatched() -> None:
+async def test_cancelling_a_submit_takes_a_request_not_yet_dispatched_out_of_the_queue() -> None:
     dispatcher = create_in_memory_queue()
     handled: list[str] = []
 
@@ -186,13 +187,47 @@ async def test_cancelling_a_submit_withdraws_a_request_not_yet_dispatched() -> N
     submit.cancel()
     with pytest.raises(asyncio.CancelledError):
         await submit
+    # Gone at once: nothing to dequeue, nothing counted, its id free for a new submit.
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert await dispatcher.dequeue(limiter()) is None
+    assert getattr(dispatcher._outcomes().relay, "withdrawn", None) == set()
+    again = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
     worker = Worker(dispatcher, limiter(), handle)
     stats = await worker.run(stop_when_empty=True)
+    assert await again is None
+    assert handled == ["a"]
+    assert (stats.withdrawn, stats.processed) == (0, 1)
+    assert dispatcher._outcomes().waiting == {}
+
+
+async def test_a_submit_cancelled_after_a_plain_dequeue_took_its_request_is_not_run_by_a_worker() -> None:
+    # Received by a dequeue that is no worker's (not yet dispatched to a handler): the worker
+    # that later takes it once its lease runs out deletes it unprocessed.
+    clock = ManualClock(1_000.0)
+    storage: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(visibility_timeout=5)
+    )
+    throttle = LLMThrottle(1_000, 1_000_000, clock=clock)
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    submit = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    taken = await dispatcher.dequeue(throttle)
+    assert taken is not None
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages_in_flight == 1
+    clock.advance(6)
+    stats = await Worker(dispatcher, throttle, handle).run(stop_when_empty=True)
     assert handled == []
     assert stats.withdrawn == 1
-    assert stats.processed == 0
     assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
-    assert dispatcher._outcomes().waiting == {}
 
 
 async def test_cancelling_a_submit_already_dispatched_discards_its_result() -> None:
@@ -367,7 +402,8 @@ async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it
         await submit
     stats = await Worker(dispatcher, limiter(), handle).run(stop_when_empty=True)
     assert handled == []
-    assert stats.withdrawn == 1
+    assert stats.withdrawn == 0  # taken out of the store at the cancellation
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
     await dispatcher.close()
 
 
@@ -429,9 +465,10 @@ async def test_a_request_withdrawn_on_one_dispatcher_is_not_run_on_another_of_th
     submit.cancel()
     with pytest.raises(asyncio.CancelledError):
         await submit
+    assert (await working.get_queue_metrics()).queue.total_messages == 0
     stats = await Worker(working, limiter(), handle).run(stop_when_empty=True)
     assert handled == []
-    assert stats.withdrawn == 1
+    assert stats.withdrawn == 0
 
 
 async def test_a_purge_on_one_dispatcher_fails_the_submits_waiting_on_another_of_the_same_store() -> None:
