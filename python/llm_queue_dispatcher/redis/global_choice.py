@@ -126,8 +126,12 @@ class _GlobalScript(Script):
             "\nelseif op == 'reserve' then\n"
             "local reason, wait = check(tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18]),"
             " tonumber(ARGV[19]) - tonumber(ARGV[16]))\n"
-            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
+            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\nPRECHECKED = true\n"
             f"{_source('limiter_consume')}"
+            # 'defer': save() waits for 'flush' (limiter_common.lua, DEFER_SAVE): the dispatch
+            # scripts save the limiter's state once for all their grants.
+            "\nelseif op == 'defer' then\nDEFER_SAVE = true\n"
+            "elseif op == 'flush' then\nflush()\n"
         )
         limiter = (
             f"local function limiter_open(KEYS, ARGV)\n{_source('limiter_common')}\n"
@@ -517,7 +521,10 @@ class GlobalChoice:
             await storage._run("index_fill", "1" if done else "0", *fields)
             if done:
                 break
-        # The score policy's index (lua/score_fill.lua), for a queue stored before it existed.
+        # The score policy's index (lua/score_fill.lua), for a queue stored before it existed or
+        # one only fair_priority dispatched from: kept by every script from here on
+        # (lua/score_start.lua), so the scan misses nothing that moves meanwhile.
+        await storage._run("score_start")
         cursor = b"0"
         while True:
             cursor = await storage._run("score_fill", cursor)

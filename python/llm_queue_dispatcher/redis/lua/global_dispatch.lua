@@ -46,7 +46,8 @@ if replayed(out, GREPLY) then
   return out
 end
 
-if redis.call('HGET', Q.meta, 'indexed') ~= '1' then
+local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout')
+if meta[1] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua), then calls again.
   return {fmt(NOW), '', 'unindexed'}
@@ -72,7 +73,7 @@ for i = 1, 14 do
   limiter_argv[i] = ARGV[15 + 2 * k + i]
 end
 local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
-if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+if meta[2] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
 
@@ -178,10 +179,15 @@ local function age_of(member)
   return at
 end
 
+-- Whether the URGENT set was found empty this call: no round makes a message visible, so it
+-- stays so (one ZRANGE per call, not per winner).
+local no_urgent = false
+
 -- The winner: member and state, or nil.
 local function first()
-  if urgent_first then
+  if urgent_first and not no_urgent then
     local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    no_urgent = oldest[1] == nil
     if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
       if load(Q, oldest[1]).tok > capacity then
         never_fits(oldest[1])
@@ -247,6 +253,7 @@ local session = nil
 local function limiter(op, request)
   if session == nil then
     session = limiter_open(LIMITER_KEYS, limiter_argv)
+    session('defer') -- its state saved once, after the rounds (session('flush') below)
   end
   return session(op, request)
 end
@@ -278,10 +285,23 @@ local function urgent_reserve()
   return most == nil and 0 or math.min(2 * most, 0.25 * capacity)
 end
 
+local recent_pending = {}
+
+-- The estimates of this call's winners not pushed to `recent` yet: pushed in one LPUSH (in
+-- their order, the latest at the head) before anything reads the list, and at the end.
+local function push_recent()
+  if #recent_pending > 0 then
+    redis.call('LPUSH', Q.recent, unpack(recent_pending))
+    redis.call('LTRIM', Q.recent, 0, 255)
+    recent_pending = {}
+  end
+end
+
 local function tenant_reserve()
   if fixed_reserve ~= nil then
     return fixed_reserve
   end
+  push_recent()
   local most = recent_max(Q.recent, 256)
   return most == nil and 0.01 * capacity or math.min(1.5 * most, 0.1 * capacity)
 end
@@ -325,6 +345,7 @@ local function margin(s)
   if s.p == 0 then
     return 0
   end
+  index_flush() -- backlogged() and the backlog's check read the tenants' counts and 'waiting'
   local urgent, reserve = urgent_reserve(), tenant_reserve()
   local both = urgent + reserve
   if both <= 0 then
@@ -361,6 +382,7 @@ end
 
 local taken = {}
 local skipped, expired = 0, 0
+index_defer() -- the rounds' removals from the index counted once (index_flush() below)
 -- Each round takes a winner, skips a message that never fits or expires one past retention.
 -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
 for _ = 1, limit + 2 * SKIP_MAX do
@@ -407,7 +429,8 @@ for _ = 1, limit + 2 * SKIP_MAX do
     else
       hide(Q, member, s)
       lease(out, taken, member, s, timeout)
-      local earlier = redis.call('HGET', Q.charge, key)
+      -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
+      local earlier = redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 and redis.call('HGET', Q.charge, key)
       if earlier then
         -- The same key charged within the window: a request id deleted and enqueued again. The
         -- earlier charge leaves the record now (it would otherwise never be taken off).
@@ -418,13 +441,17 @@ for _ = 1, limit + 2 * SKIP_MAX do
         forget_tenant(tenant)
       end
       forget_tenant(s.ten)
-      redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
-      redis.call('LPUSH', Q.recent, fmt(s.tok))
-      redis.call('LTRIM', Q.recent, 0, 255)
-      redis.call('ZADD', Q.charges, fmt(NOW), key)
+      -- Its use now, as usage_of() would read it back.
+      uses[s.ten] = redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok)) / (weights[s.ten] or 1)
+      recent_pending[#recent_pending + 1] = fmt(s.tok)
       redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
     end
   end
+end
+push_recent()
+index_flush()
+if session ~= nil then
+  session('flush')
 end
 if #taken == 0 then
   return out

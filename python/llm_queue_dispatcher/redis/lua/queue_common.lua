@@ -139,6 +139,20 @@ end
 --   midway) and
 --   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
 --   the reserves are not kept (global_dispatch.lua)
+--
+-- The score policy's index (score_index.lua) is kept only for a queue the score policy has
+-- dispatched from (or begun to index): meta 'scoring' is set when its index starts to be filled
+-- (score_start.lua, before score_fill.lua), 'scored' when the fill is done (a queue created by
+-- a version that kept it from the start has 'scored'). A queue only fair_priority dispatches
+-- from never pays for it: about a quarter of a dispatch's server time.
+local function score_kept(q)
+  if q.score_kept == nil then
+    local flags = redis.call('HMGET', q.meta, 'scored', 'scoring')
+    q.score_kept = flags[1] == '1' or flags[2] == '1'
+  end
+  return q.score_kept
+end
+
 local NO_DEADLINE = '9999999999999999'
 local NATIVE_LANE = {'0', '1', '3', '4'}
 
@@ -154,7 +168,9 @@ local function index_add(q, member, s)
   if s.ten == nil then
     return
   end
-  score_index_add(q, member, s)
+  if score_kept(q) then
+    score_index_add(q, member, s)
+  end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
   redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
@@ -171,11 +187,39 @@ local function index_add(q, member, s)
   end
 end
 
+-- What index_remove() takes off the visible estimates' sum ('waiting') and the tenants' counts,
+-- when a script defers it (index_defer(): global_dispatch.lua, whose rounds remove many messages
+-- of a few tenants): applied by index_flush() in one command each, before anything reads them.
+local index_pending = nil
+
+local function index_defer()
+  index_pending = {waiting = 0, tenants = {}, order = {}}
+end
+
+local function index_flush()
+  local pending = index_pending
+  if pending == nil then
+    return
+  end
+  if pending.waiting ~= 0 then
+    redis.call('HINCRBYFLOAT', Q.meta, 'waiting', fmt(-pending.waiting))
+  end
+  -- Bounded by the tenants of the messages removed since the last flush.
+  for _, tenant in ipairs(pending.order) do
+    if redis.call('HINCRBY', Q.tenants, tenant, -pending.tenants[tenant]) <= 0 then
+      redis.call('HDEL', Q.tenants, tenant)
+    end
+  end
+  index_defer()
+end
+
 local function index_remove(q, member, s)
   if s.ten == nil then
     return
   end
-  score_index_remove(q, member, s)
+  if score_kept(q) then
+    score_index_remove(q, member, s)
+  end
   local removed = redis.call('ZREM', q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   if s.p == 0 then
     redis.call('ZREM', q.urgent, member)
@@ -184,7 +228,15 @@ local function index_remove(q, member, s)
       removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
     end
   end
-  if removed == 1 then
+  if removed == 1 and index_pending ~= nil and q == Q then
+    local pending = index_pending
+    pending.waiting = pending.waiting + tonumber(fmt(s.tok))
+    if pending.tenants[s.ten] == nil then
+      pending.tenants[s.ten] = 0
+      pending.order[#pending.order + 1] = s.ten
+    end
+    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
+  elseif removed == 1 then
     if s.tok ~= 0 then
       redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
     end
@@ -209,13 +261,13 @@ local function hide(q, member, s)
   return false
 end
 
--- A queue this version creates keeps every message in the ranking index from the start: its meta
--- says so ('indexed'). One created before the index existed has no such field: the global choice
+-- A queue this version creates keeps every message in the ranking index of fair_priority from the
+-- start: its meta says so ('indexed'); the score policy's is filled when first needed
+-- (score_kept). One created before the index existed has no such field: the global choice
 -- indexes it first (index_scan.lua, index_fill.lua).
 local function created(q)
   if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
     redis.call('HSET', q.meta, 'indexed', '1')
-    redis.call('HSET', q.meta, 'scored', '1')
   end
 end
 
