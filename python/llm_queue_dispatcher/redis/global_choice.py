@@ -132,6 +132,9 @@ class _GlobalScript(Script):
             # scripts save the limiter's state once for all their grants.
             "\nelseif op == 'defer' then\nDEFER_SAVE = true\n"
             "elseif op == 'flush' then\nflush()\n"
+            # The global mark script's: see checkpoint() in limiter_common.lua.
+            "elseif op == 'checkpoint' then\ncheckpoint()\n"
+            "elseif op == 'rollback' then\nrollback()\n"
         )
         limiter = (
             f"local function limiter_open(KEYS, ARGV)\n{_source('limiter_common')}\n"

@@ -389,6 +389,35 @@ local function flush()
   end
 end
 
+-- What write_state() writes, as it stood at checkpoint(): the global mark script takes one when it
+-- opens the session and after each mark made, and when a mark fails midway (its other marks are
+-- made) writes this back (rollback) instead of what the failed operation left half changed in
+-- memory, as a limiter that saves after every operation would have it.
+local saved = nil
+
+local function checkpoint()
+  local levels = {}
+  for i, b in ipairs(BUCKETS) do -- the buckets configured
+    levels[i] = {b.avail, b.last, b.debt}
+  end
+  saved = {
+    levels = levels, penalty = PENALTY, counter = GRANT_COUNTER, pending = save_pending,
+    totals = {TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live},
+  }
+end
+
+local function rollback()
+  if saved == nil then
+    return
+  end
+  for i, b in ipairs(BUCKETS) do -- the buckets configured
+    b.avail, b.last, b.debt = saved.levels[i][1], saved.levels[i][2], saved.levels[i][3]
+  end
+  PENALTY, GRANT_COUNTER, save_pending = saved.penalty, saved.counter, saved.pending
+  TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live = unpack(saved.totals)
+  flush()
+end
+
 -- The history: one record per grant, as LLMThrottle keeps it. A record holds: granted at, the
 -- request id, tokens (estimate, then actual), estimate, actual (-1: none), debt paid on top of
 -- the estimate, tokens this grant holds out of the token bucket now (what a release gives back),
