@@ -158,11 +158,13 @@ end
 
 -- What the rounds of one call read of the tenants, kept until a round changes it: the tenants with
 -- visible messages (read once: no round makes a tenant visible), each one's head ({member, lane},
--- or false: none that fits) and use per weight, and the enqueued_at of heads compared on a tie.
+-- or false: none that fits) and use per weight (the winner's from its charge's HINCRBY), and the
+-- states of heads read to compare their ages on a tie (the round that takes one reads it no
+-- more: a visible message's state changes only when it is taken, and then it is no head again).
 -- A round drops what it changes (forget_tenant): the winner's tenant (its head left, its use
 -- grew), a tenant whose head expired or was found to never fit, a tenant whose earlier charge
 -- went. So each winner after the first costs one head lookup, not one per tenant.
-local tenant_list, heads, uses, ages = nil, {}, {}, {}
+local tenant_list, heads, uses, states = nil, {}, {}, {}
 
 local function forget_tenant(tenant)
   if tenant ~= nil then
@@ -171,12 +173,12 @@ local function forget_tenant(tenant)
 end
 
 local function age_of(member)
-  local at = ages[member]
-  if at == nil then
-    at = load(Q, member).at
-    ages[member] = at
+  local s = states[member]
+  if s == nil then
+    s = load(Q, member)
+    states[member] = s
   end
-  return at
+  return s.at
 end
 
 -- Whether the URGENT set was found empty this call: no round makes a message visible, so it
@@ -244,7 +246,9 @@ local function first()
   if best == nil then
     return nil
   end
-  return best, load(Q, best)
+  local s = states[best] or load(Q, best)
+  states[best] = nil
+  return best, s
 end
 
 -- The limiter's call `op` with `request`'s arguments after its own, in one session for the

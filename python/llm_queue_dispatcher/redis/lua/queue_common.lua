@@ -279,7 +279,11 @@ end
 -- The request id stays taken while another copy of it lives (only dead-letter queues hold
 -- copies); `ids` then names one copy, or one gone: it is used only to refuse duplicates.
 local function forget(q, member, s)
-  if redis.call('HEXISTS', q.copies, s.rid) == 1 then
+  if q.copies_none == nil then
+    -- Read once per script: only dead_letter() adds copies (to the dead-letter queue).
+    q.copies_none = redis.call('EXISTS', q.copies) == 0
+  end
+  if not q.copies_none and redis.call('HEXISTS', q.copies, s.rid) == 1 then
     if redis.call('HINCRBY', q.copies, s.rid, -1) <= 0 then
       redis.call('HDEL', q.copies, s.rid)
     end
@@ -316,6 +320,7 @@ local function dead_letter(member, s)
   if DLQ ~= nil then
     if redis.call('HEXISTS', DLQ.ids, s.rid) == 1 then
       redis.call('HINCRBY', DLQ.copies, s.rid, 1)
+      DLQ.copies_none = false
     end
     local index = nil
     if s.ten ~= nil then
