@@ -1001,7 +1001,10 @@ async def test_a_queue_only_fair_priority_serves_keeps_no_score_index_until_the_
     prefix = f"{{lqd}}:q:{queue}:"
     fair = fair_dispatcher(storage)
     await fair.batch_enqueue(
-        [LLMRequest(f"r{n}", "x", Priority(n % 4), TokenInfo(10 + 40 * n), tenant=f"t{n % 3}") for n in range(12)]
+        [
+            LLMRequest(f"r{n}", "x", Priority(n % 4), TokenInfo(10 + 40 * n), tenant=f"t{n % 3}")
+            for n in range(12)
+        ]
     )
     for _ in range(4):
         job = await fair.dequeue(limiter, timeout=0)
