@@ -498,19 +498,16 @@ async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000)
                     for i in range(first, min(queued, first + 1000))
                 ]
             )
+        prefix = storage._keys[0].decode().removesuffix("meta")
+        index_bytes = 0
+        for part in ("members", "ages", "classes", "cells"):
+            index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
+        cells = int(await client.hlen(f"{prefix}score:cells"))
         # A real budget's size (the factors' A), large enough never to bind here.
         limiter = RedisThrottle(url, f"score-{queue}", rpm=1e12, tpm=1e7)
         config = LLMQueueDispatcherConfig(visibility_timeout=60.0)
         async with limiter, LLMQueueDispatcher(storage, config) as dispatcher:
             assert dispatcher._global is not None
-            # The score policy's index is filled by its first dispatch: filled here, before
-            # the clock, as a queue the score policy serves keeps it.
-            await dispatcher._global._index()
-            prefix = storage._keys[0].decode().removesuffix("meta")
-            index_bytes = 0
-            for part in ("members", "ages", "classes", "cells"):
-                index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
-            cells = int(await client.hlen(f"{prefix}score:cells"))
             await limiter.can_process(0)
             await client.config_resetstat()
             jobs = [await dispatcher.dequeue(limiter) for _ in range(dispatches)]

@@ -990,11 +990,12 @@ async def test_a_queue_written_by_the_previous_layout_is_served_whole(
     await dispatcher.close()
 
 
-async def test_a_queue_only_fair_priority_serves_keeps_no_score_index_until_the_score_policy_asks(
+async def test_fair_priority_drops_the_score_index_until_the_score_policy_dispatches_again(
     clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:
-    """The score policy's index is filled by its first dispatch (then kept): a queue that only
-    fair_priority dispatches from never writes it, and the score policy then finds every message."""
+    """A queue's first fair_priority dispatch drops the score policy's index when no process of
+    the score policy dispatches from it, and no script writes it any more; the score policy's
+    first dispatch fills it again (then every script keeps it) and finds every message."""
     queue = fresh_name("queue")
     storage = clocked_storage(queue=queue)
     limiter = clocked_throttle(rpm=1e6, tpm=1e9)
@@ -1006,18 +1007,23 @@ async def test_a_queue_only_fair_priority_serves_keeps_no_score_index_until_the_
             for n in range(12)
         ]
     )
+    assert await storage.redis.zcard(prefix + "score:members") == 12  # kept from the start
     for _ in range(4):
         job = await fair.dequeue(limiter, timeout=0)
         assert job is not None
         await job.mark_as_processed()
+    await fair.enqueue(LLMRequest("early", "x", Priority.HIGH, TokenInfo(10), tenant="t1"))
     assert await storage.redis.exists(prefix + "score:members", prefix + "score:cells") == 0
     scored = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
     assert scored._global is not None
     job = await scored.dequeue(limiter, timeout=0)
     assert job is not None
     await job.mark_as_processed()
-    assert await storage.redis.zcard(prefix + "score:members") == 7  # the rest, kept from now on
+    assert await storage.redis.zcard(prefix + "score:members") == 8  # the rest, kept from now on
     await fair.enqueue(LLMRequest("late", "x", Priority.NORMAL, TokenInfo(10), tenant="t0"))
+    job = await fair.dequeue(limiter, timeout=0)  # no longer drops it
+    assert job is not None
+    await job.mark_as_processed()
     assert await storage.redis.zcard(prefix + "score:members") == 8
     left = []
     while (job := await scored.dequeue(limiter, timeout=0)) is not None:

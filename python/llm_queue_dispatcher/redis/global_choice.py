@@ -223,6 +223,8 @@ class GlobalChoice:
         self._fair_args = _encoded(self._fair_args)
         self._weights = _encoded(self._weights)
         self._score_args = _encoded(self._score_args)
+        # Whether this process told the queue that the score policy dispatches from it.
+        self._score_announced = False
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
         # What `close` waits for: dispatches cancelled while in flight whose winners are being
@@ -443,6 +445,11 @@ class GlobalChoice:
         returned them (leased and reserved, not yet in the dispatcher's books); or the seconds
         until the first winner fits; or None."""
         capacity = float(limiter.burst_tpm or limiter.tpm)
+        if self._dispatch_script == "score_dispatch" and not self._score_announced:
+            # The score policy dispatches from this queue: every script keeps its index from now
+            # on, and no fair_priority dispatch drops it (lua/score_start.lua).
+            await self._storage._run("score_start")
+            self._score_announced = True
         reply = await self._dispatch(limiter, count, capacity)
         if len(reply) == 3 and reply[2] == b"unindexed":
             # A queue from before the ranking index: its messages are indexed, then it is asked
@@ -525,7 +532,7 @@ class GlobalChoice:
             if done:
                 break
         # The score policy's index (lua/score_fill.lua), for a queue stored before it existed or
-        # one only fair_priority dispatched from: kept by every script from here on
+        # one whose fair_priority dispatches dropped it: kept by every script from here on
         # (lua/score_start.lua), so the scan misses nothing that moves meanwhile.
         await storage._run("score_start")
         cursor = b"0"

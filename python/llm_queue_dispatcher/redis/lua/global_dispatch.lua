@@ -46,7 +46,7 @@ if replayed(out, GREPLY) then
   return out
 end
 
-local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout')
+local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'scored', 'scoring')
 if meta[1] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua), then calls again.
@@ -73,6 +73,13 @@ for i = 1, 14 do
   limiter_argv[i] = ARGV[15 + 2 * k + i]
 end
 local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
+if meta[3] == '1' and meta[4] ~= '1' then
+  -- No process of the score policy dispatches from this queue: its index is dropped, and no
+  -- script keeps it any more (queue_common.lua, score_kept) until one does.
+  redis.call('UNLINK', Q.sc_members, Q.sc_ages, Q.sc_classes, Q.sc_cells, Q.sc_heads)
+  redis.call('HDEL', Q.meta, 'scored')
+  Q.score_kept = false
+end
 if meta[2] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end

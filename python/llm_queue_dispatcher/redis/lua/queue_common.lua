@@ -140,11 +140,12 @@ end
 --   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
 --   the reserves are not kept (global_dispatch.lua)
 --
--- The score policy's index (score_index.lua) is kept only for a queue the score policy has
--- dispatched from (or begun to index): meta 'scoring' is set when its index starts to be filled
--- (score_start.lua, before score_fill.lua), 'scored' when the fill is done (a queue created by
--- a version that kept it from the start has 'scored'). A queue only fair_priority dispatches
--- from never pays for it: about a quarter of a dispatch's server time.
+-- The score policy's index (score_index.lua) is kept while meta 'scored' (it is whole: set when a
+-- queue is created, or when a fill ends) or 'scoring' is set (a process of the score policy
+-- dispatches from the queue: score_start.lua, run before its first dispatch and before a fill).
+-- The first fair_priority dispatch of a queue without 'scoring' drops it (global_dispatch.lua):
+-- a queue only fair_priority serves stops paying for it, about a quarter of a dispatch's server
+-- time; a process of the score policy that comes later fills it again (score_fill.lua).
 local function score_kept(q)
   if q.score_kept == nil then
     local flags = redis.call('HMGET', q.meta, 'scored', 'scoring')
@@ -261,13 +262,13 @@ local function hide(q, member, s)
   return false
 end
 
--- A queue this version creates keeps every message in the ranking index of fair_priority from the
--- start: its meta says so ('indexed'); the score policy's is filled when first needed
--- (score_kept). One created before the index existed has no such field: the global choice
+-- A queue this version creates keeps every message in the ranking indexes from the start: its meta
+-- says so ('indexed', 'scored'; see score_kept for when the score policy's is dropped). One created before the index existed has no such field: the global choice
 -- indexes it first (index_scan.lua, index_fill.lua).
 local function created(q)
   if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
     redis.call('HSET', q.meta, 'indexed', '1')
+    redis.call('HSET', q.meta, 'scored', '1')
   end
 end
 
