@@ -46,7 +46,8 @@ side with the same ``--concurrency`` (default 16):
   dispatch and their marks made together
 * ``--baseline DIR``: the two global rows and the server time also with the library of the
   checkout DIR (its ``.venv``, or without one this interpreter with ``DIR/python`` first on
-  the path), each row right after this build's, on the same server
+  the path), each row right after this build's, on the same server, each build on queues its
+  own scripts filled (the key layouts may differ)
 * the score policy's server time per dispatch and mark with ``--queued`` messages of every
   priority, estimates of 50 to 4,000 tokens and four expected processing times waiting
 
@@ -170,6 +171,9 @@ async def _child(
 
     if task == "server":  # the server figures of this build's scripts (``--baseline``)
         return await _script_figures(url, queue, count)
+    if task == "fill":  # a queue written by this build's scripts (``--baseline``)
+        await _fill(int(url.rsplit(":", 1)[1].split("/")[0]), queue, count, concurrency)
+        return {"count": count}
     pid = os.getpid()
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     await storage.get_approximate_message_count()  # connected and scripts loaded before the clock starts
@@ -524,6 +528,24 @@ async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000)
     }
 
 
+def fill(port: int, queue: str, count: int, tenants: int, build: Path | None = None) -> None:
+    """`_fill` with this checkout's library, or in a child process of ``build``'s: each build
+    reads a queue its own scripts wrote (their key layouts may differ)."""
+    if build is None:
+        asyncio.run(_fill(port, queue, count, tenants))
+        return
+    url = f"redis://127.0.0.1:{port}/0"
+    python, cwd, env = _interpreter(build)
+    subprocess.run(
+        [python, __file__, "--child", "fill", url, queue, str(count), repr(time.time()), str(tenants)],
+        stdout=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+        check=True,
+        timeout=900,
+    )
+
+
 def script_figures(port: int, queue: str, dispatches: int, build: Path | None = None) -> dict[str, Any]:
     """`_script_figures` in a child process of this checkout's library or of ``build``'s."""
     url = f"redis://127.0.0.1:{port}/0"
@@ -722,7 +744,7 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
                 # The score policy chooses globally in this build only: no baseline row.
                 for suffix, build in builds if task != "global score" else builds[:1]:
                     queue = f"global-{next(serial)}"
-                    asyncio.run(_fill(port, queue, n, TENANTS))
+                    fill(port, queue, n, TENANTS, build)
                     add(name + suffix, processes, run_python(task, port, queue, n, processes, c, build))
             queue = f"global-{next(serial)}"
             asyncio.run(_fill(port, queue, n, TENANTS))
@@ -744,7 +766,10 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
         dispatches = min(1_000, args.queued // 5)
         server["scripts"] = script_figures(port, server["queue"], dispatches)
         if baseline is not None:
-            server["baseline"] = script_figures(port, server["queue"], dispatches, baseline)
+            # On a queue of the same size written by the baseline's own scripts.
+            queue = f"global-{next(serial)}"
+            fill(port, queue, args.queued, TENANTS, baseline)
+            server["baseline"] = script_figures(port, queue, dispatches, baseline)
         server.update(asyncio.run(_score_server_figures(port, args.queued)))
         print(f"server figures: {server}", file=sys.stderr)
     notes.append(

@@ -126,8 +126,15 @@ class _GlobalScript(Script):
             "\nelseif op == 'reserve' then\n"
             "local reason, wait = check(tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18]),"
             " tonumber(ARGV[19]) - tonumber(ARGV[16]))\n"
-            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\n"
+            "if reason ~= '' then\nreturn {0, reason, exact(wait)}\nend\nPRECHECKED = true\n"
             f"{_source('limiter_consume')}"
+            # 'defer': save() waits for 'flush' (limiter_common.lua, DEFER_SAVE): the dispatch
+            # scripts save the limiter's state once for all their grants.
+            "\nelseif op == 'defer' then\nDEFER_SAVE = true\n"
+            "elseif op == 'flush' then\nflush()\n"
+            # The global mark script's: see checkpoint() in limiter_common.lua.
+            "elseif op == 'checkpoint' then\ncheckpoint()\n"
+            "elseif op == 'rollback' then\nrollback()\n"
         )
         limiter = (
             f"local function limiter_open(KEYS, ARGV)\n{_source('limiter_common')}\n"
@@ -216,6 +223,8 @@ class GlobalChoice:
         self._fair_args = _encoded(self._fair_args)
         self._weights = _encoded(self._weights)
         self._score_args = _encoded(self._score_args)
+        # Whether this process told the queue that the score policy dispatches from it.
+        self._score_announced = False
         # Delivery keys handed out here, whose marks go through `mark` (one script each).
         self._keys: set[str] = set()
         # What `close` waits for: dispatches cancelled while in flight whose winners are being
@@ -436,6 +445,11 @@ class GlobalChoice:
         returned them (leased and reserved, not yet in the dispatcher's books); or the seconds
         until the first winner fits; or None."""
         capacity = float(limiter.burst_tpm or limiter.tpm)
+        if self._dispatch_script == "score_dispatch" and not self._score_announced:
+            # The score policy dispatches from this queue: every script keeps its index from now
+            # on, and no fair_priority dispatch drops it (lua/score_start.lua).
+            await self._storage._run("score_start")
+            self._score_announced = True
         reply = await self._dispatch(limiter, count, capacity)
         if len(reply) == 3 and reply[2] == b"unindexed":
             # A queue from before the ranking index: its messages are indexed, then it is asked
@@ -517,7 +531,10 @@ class GlobalChoice:
             await storage._run("index_fill", "1" if done else "0", *fields)
             if done:
                 break
-        # The score policy's index (lua/score_fill.lua), for a queue stored before it existed.
+        # The score policy's index (lua/score_fill.lua), for a queue stored before it existed or
+        # one whose fair_priority dispatches dropped it: kept by every script from here on
+        # (lua/score_start.lua), so the scan misses nothing that moves meanwhile.
+        await storage._run("score_start")
         cursor = b"0"
         while True:
             cursor = await storage._run("score_fill", cursor)

@@ -46,7 +46,8 @@ if replayed(out, GREPLY) then
   return out
 end
 
-if redis.call('HGET', Q.meta, 'indexed') ~= '1' then
+local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'scored', 'scoring')
+if meta[1] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua), then calls again.
   return {fmt(NOW), '', 'unindexed'}
@@ -72,7 +73,14 @@ for i = 1, 14 do
   limiter_argv[i] = ARGV[15 + 2 * k + i]
 end
 local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
-if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+if meta[3] == '1' and meta[4] ~= '1' then
+  -- No process of the score policy dispatches from this queue: its index is dropped, and no
+  -- script keeps it any more (queue_common.lua, score_kept) until one does.
+  redis.call('UNLINK', Q.sc_members, Q.sc_ages, Q.sc_classes, Q.sc_cells, Q.sc_heads)
+  redis.call('HDEL', Q.meta, 'scored')
+  Q.score_kept = false
+end
+if meta[2] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
 
@@ -157,11 +165,13 @@ end
 
 -- What the rounds of one call read of the tenants, kept until a round changes it: the tenants with
 -- visible messages (read once: no round makes a tenant visible), each one's head ({member, lane},
--- or false: none that fits) and use per weight, and the enqueued_at of heads compared on a tie.
+-- or false: none that fits) and use per weight (the winner's from its charge's HINCRBY), and the
+-- states of heads read to compare their ages on a tie (the round that takes one reads it no
+-- more: a visible message's state changes only when it is taken, and then it is no head again).
 -- A round drops what it changes (forget_tenant): the winner's tenant (its head left, its use
 -- grew), a tenant whose head expired or was found to never fit, a tenant whose earlier charge
 -- went. So each winner after the first costs one head lookup, not one per tenant.
-local tenant_list, heads, uses, ages = nil, {}, {}, {}
+local tenant_list, heads, uses, states = nil, {}, {}, {}
 
 local function forget_tenant(tenant)
   if tenant ~= nil then
@@ -170,18 +180,23 @@ local function forget_tenant(tenant)
 end
 
 local function age_of(member)
-  local at = ages[member]
-  if at == nil then
-    at = load(Q, member).at
-    ages[member] = at
+  local s = states[member]
+  if s == nil then
+    s = load(Q, member)
+    states[member] = s
   end
-  return at
+  return s.at
 end
+
+-- Whether the URGENT set was found empty this call: no round makes a message visible, so it
+-- stays so (one ZRANGE per call, not per winner).
+local no_urgent = false
 
 -- The winner: member and state, or nil.
 local function first()
-  if urgent_first then
+  if urgent_first and not no_urgent then
     local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    no_urgent = oldest[1] == nil
     if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
       if load(Q, oldest[1]).tok > capacity then
         never_fits(oldest[1])
@@ -238,7 +253,9 @@ local function first()
   if best == nil then
     return nil
   end
-  return best, load(Q, best)
+  local s = states[best] or load(Q, best)
+  states[best] = nil
+  return best, s
 end
 
 -- The limiter's call `op` with `request`'s arguments after its own, in one session for the
@@ -247,6 +264,7 @@ local session = nil
 local function limiter(op, request)
   if session == nil then
     session = limiter_open(LIMITER_KEYS, limiter_argv)
+    session('defer') -- its state saved once, after the rounds (session('flush') below)
   end
   return session(op, request)
 end
@@ -278,10 +296,23 @@ local function urgent_reserve()
   return most == nil and 0 or math.min(2 * most, 0.25 * capacity)
 end
 
+local recent_pending = {}
+
+-- The estimates of this call's winners not pushed to `recent` yet: pushed in one LPUSH (in
+-- their order, the latest at the head) before anything reads the list, and at the end.
+local function push_recent()
+  if #recent_pending > 0 then
+    redis.call('LPUSH', Q.recent, unpack(recent_pending))
+    redis.call('LTRIM', Q.recent, 0, 255)
+    recent_pending = {}
+  end
+end
+
 local function tenant_reserve()
   if fixed_reserve ~= nil then
     return fixed_reserve
   end
+  push_recent()
   local most = recent_max(Q.recent, 256)
   return most == nil and 0.01 * capacity or math.min(1.5 * most, 0.1 * capacity)
 end
@@ -325,6 +356,7 @@ local function margin(s)
   if s.p == 0 then
     return 0
   end
+  index_flush() -- backlogged() and the backlog's check read the tenants' counts and 'waiting'
   local urgent, reserve = urgent_reserve(), tenant_reserve()
   local both = urgent + reserve
   if both <= 0 then
@@ -361,6 +393,7 @@ end
 
 local taken = {}
 local skipped, expired = 0, 0
+index_defer() -- the rounds' removals from the index counted once (index_flush() below)
 -- Each round takes a winner, skips a message that never fits or expires one past retention.
 -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
 for _ = 1, limit + 2 * SKIP_MAX do
@@ -407,7 +440,8 @@ for _ = 1, limit + 2 * SKIP_MAX do
     else
       hide(Q, member, s)
       lease(out, taken, member, s, timeout)
-      local earlier = redis.call('HGET', Q.charge, key)
+      -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
+      local earlier = redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 and redis.call('HGET', Q.charge, key)
       if earlier then
         -- The same key charged within the window: a request id deleted and enqueued again. The
         -- earlier charge leaves the record now (it would otherwise never be taken off).
@@ -418,13 +452,17 @@ for _ = 1, limit + 2 * SKIP_MAX do
         forget_tenant(tenant)
       end
       forget_tenant(s.ten)
-      redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok))
-      redis.call('LPUSH', Q.recent, fmt(s.tok))
-      redis.call('LTRIM', Q.recent, 0, 255)
-      redis.call('ZADD', Q.charges, fmt(NOW), key)
+      -- Its use now, as usage_of() would read it back.
+      uses[s.ten] = redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok)) / (weights[s.ten] or 1)
+      recent_pending[#recent_pending + 1] = fmt(s.tok)
       redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
     end
   end
+end
+push_recent()
+index_flush()
+if session ~= nil then
+  session('flush')
 end
 if #taken == 0 then
   return out

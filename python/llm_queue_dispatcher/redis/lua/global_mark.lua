@@ -39,7 +39,8 @@ for i = 1, 14 do
 end
 
 -- The limiter's session (redis/global_choice.py), opened by the first mark that calls it: its
--- state read once for the marks of this call. Dropped after a mark that failed.
+-- state read once for the marks of this call and saved once after them (a mark that fails
+-- midway has it saved as the marks before it left it, then dropped).
 local session = nil
 
 -- Whether a mark changed the queue: its meta is touched once, after the marks.
@@ -73,6 +74,8 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
   if call ~= '' then
     if session == nil then
       session = limiter_open(LIMITER_KEYS, limiter_argv)
+      session('defer')
+      session('checkpoint')
     end
     if call == 'adjust' then
       limited = session(call, {key, tokens, strategy, input, output})
@@ -110,10 +113,18 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     ARGV[base + 6], ARGV[base + 7], ARGV[base + 8], ARGV[base + 9]
   )
   if ok then
+    if session ~= nil then
+      session('checkpoint') -- what a later mark that fails leaves saved
+    end
     out[#out + 1] = stored
     out[#out + 1] = limited
   else
-    session = nil -- what it changed in memory may not have been saved: read again
+    if session ~= nil then
+      -- What the marks before it changed is saved; what it changed in memory is not. The
+      -- session is read again by the next mark.
+      pcall(session, 'rollback')
+    end
+    session = nil
     -- An error raised by redis.call is a table with its text in `err`.
     if type(stored) == 'table' then
       stored = stored.err or stored.message
@@ -121,6 +132,9 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     out[#out + 1] = -1
     out[#out + 1] = tostring(stored)
   end
+end
+if session ~= nil then
+  session('flush')
 end
 if touched then
   touch(Q)

@@ -324,7 +324,20 @@ local function check_reply(reason, wait)
   return out
 end
 
-local function save()
+-- The grant counter and the order's length, once read in this run of the prelude: kept here
+-- (the script is atomic), so a run that grants many times reads and writes the counter once
+-- (save() writes it) and never asks the order's length again (RPUSH and LPOP tell it).
+local GRANT_COUNTER, ORDER_LEN = nil, nil
+
+-- Whether save() waits for flush(): a global dispatch script, whose limiter operations all run
+-- before its end with no pcall between them, saves the state once for all its grants.
+local DEFER_SAVE = false
+
+-- Whether the next consume's check is already made: the global scripts' 'reserve' checks the
+-- request with the reserves it must leave, which holds whenever the request alone does.
+local PRECHECKED = false
+
+local function write_state()
   local fields = {
     'tokens', fmt(TOTALS.tokens), 'adjusted', fmt(TOTALS.adjusted), 'accuracy', exact(TOTALS.accuracy),
     'live', fmt(TOTALS.live),
@@ -347,11 +360,62 @@ local function save()
       fields[#fields + 1] = exact(b.debt)
     end
   end
+  if GRANT_COUNTER ~= nil then
+    fields[#fields + 1] = 'grants'
+    fields[#fields + 1] = fmt(GRANT_COUNTER)
+  end
   if #LEGACY > 0 then
     redis.call('HDEL', STATE, unpack(LEGACY)) -- an earlier version's ceilings
     LEGACY = {}
   end
   redis.call('HSET', STATE, unpack(fields))
+end
+
+local save_pending = false
+
+local function save()
+  if DEFER_SAVE then
+    save_pending = true
+  else
+    write_state()
+  end
+end
+
+-- Writes what save() deferred (DEFER_SAVE).
+local function flush()
+  if save_pending then
+    save_pending = false
+    write_state()
+  end
+end
+
+-- What write_state() writes, as it stood at checkpoint(): the global mark script takes one when it
+-- opens the session and after each mark made, and when a mark fails midway (its other marks are
+-- made) writes this back (rollback) instead of what the failed operation left half changed in
+-- memory, as a limiter that saves after every operation would have it.
+local saved = nil
+
+local function checkpoint()
+  local levels = {}
+  for i, b in ipairs(BUCKETS) do -- the buckets configured
+    levels[i] = {b.avail, b.last, b.debt}
+  end
+  saved = {
+    levels = levels, penalty = PENALTY, counter = GRANT_COUNTER, pending = save_pending,
+    totals = {TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live},
+  }
+end
+
+local function rollback()
+  if saved == nil then
+    return
+  end
+  for i, b in ipairs(BUCKETS) do -- the buckets configured
+    b.avail, b.last, b.debt = saved.levels[i][1], saved.levels[i][2], saved.levels[i][3]
+  end
+  PENALTY, GRANT_COUNTER, save_pending = saved.penalty, saved.counter, saved.pending
+  TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live = unpack(saved.totals)
+  flush()
 end
 
 -- The history: one record per grant, as LLMThrottle keeps it. A record holds: granted at, the
@@ -417,12 +481,16 @@ end
 
 -- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
 local function add_record(request_id, r)
-  r.number = fmt(redis.call('HINCRBY', STATE, 'grants', 1))
+  if GRANT_COUNTER == nil then
+    GRANT_COUNTER = tonumber(redis.call('HGET', STATE, 'grants')) or 0
+  end
+  GRANT_COUNTER = GRANT_COUNTER + 1
+  r.number = fmt(GRANT_COUNTER)
   r.rid = request_id
   r.previous = redis.call('HGET', LATEST, request_id) or ''
   r.released = 0
   store_record(r)
-  redis.call('RPUSH', ORDER, r.number)
+  ORDER_LEN = redis.call('RPUSH', ORDER, r.number)
   redis.call('HSET', LATEST, request_id, r.number)
   if r.slot == 1 then
     redis.call('ZADD', HELD, r.at, r.number)
@@ -506,6 +574,9 @@ end
 -- Drops the oldest record (LLMThrottle's pop_oldest).
 local function pop_oldest()
   local number = redis.call('LPOP', ORDER)
+  if number and ORDER_LEN ~= nil then
+    ORDER_LEN = ORDER_LEN - 1
+  end
   local r = load_record(number)
   if r == nil then
     return
@@ -530,8 +601,11 @@ local aged_out = false
 local function prune()
   local dropped = 0
   local cutoff = NOW - RETENTION
+  if not aged_out and ORDER_LEN == nil then
+    ORDER_LEN = redis.call('LLEN', ORDER)
+  end
   -- Bounded by the records kept (the list's length when the loop starts).
-  for _ = 1, aged_out and 0 or redis.call('LLEN', ORDER) do
+  for _ = 1, aged_out and 0 or ORDER_LEN do
     local oldest = load_record(redis.call('LINDEX', ORDER, 0))
     if oldest ~= nil and oldest.at > cutoff then
       break
@@ -540,8 +614,11 @@ local function prune()
     dropped = dropped + 1
   end
   aged_out = true
+  if ORDER_LEN == nil then
+    ORDER_LEN = redis.call('LLEN', ORDER)
+  end
   -- Bounded by the records beyond the limit.
-  for _ = 1, redis.call('LLEN', ORDER) - MAX_RECORDS do
+  for _ = 1, ORDER_LEN - MAX_RECORDS do
     pop_oldest()
     dropped = dropped + 1
   end

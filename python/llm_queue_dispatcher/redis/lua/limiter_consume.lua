@@ -11,7 +11,12 @@ if kept ~= nil then
 end
 local request_id, estimated = ARGV[15], tonumber(ARGV[16])
 local input, output = tonumber(ARGV[17]), tonumber(ARGV[18])
-local reason, wait = check(estimated, input, output)
+local reason, wait = '', 0
+if PRECHECKED then
+  PRECHECKED = false -- checked with the reserves (global_choice.py, 'reserve'): it holds alone
+else
+  reason, wait = check(estimated, input, output)
+end
 if reason ~= '' then
   local refused = {0}
   for _, item in ipairs(check_reply(reason, wait)) do -- the check's reply

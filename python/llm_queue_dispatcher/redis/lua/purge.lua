@@ -11,5 +11,7 @@ redis.call('UNLINK', Q.ids, Q.body, Q.state, Q.vis[1], Q.vis[2], Q.vis[3], Q.vis
 redis.call('HDEL', Q.meta, 'waiting')
 touch(Q)
 redis.call('HSET', Q.meta, 'indexed', '1') -- nothing left that is not in the index
-redis.call('HSET', Q.meta, 'scored', '1')
+if score_kept(Q) then
+  redis.call('HSET', Q.meta, 'scored', '1') -- the score policy's index is kept: it is whole (empty)
+end
 return 1

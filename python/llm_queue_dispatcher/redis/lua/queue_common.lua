@@ -139,6 +139,21 @@ end
 --   midway) and
 --   'arrival' (the latest enqueued_at of a message that became visible): when a backlog clears
 --   the reserves are not kept (global_dispatch.lua)
+--
+-- The score policy's index (score_index.lua) is kept while meta 'scored' (it is whole: set when a
+-- queue is created, or when a fill ends) or 'scoring' is set (a process of the score policy
+-- dispatches from the queue: score_start.lua, run before its first dispatch and before a fill).
+-- The first fair_priority dispatch of a queue without 'scoring' drops it (global_dispatch.lua):
+-- a queue only fair_priority serves stops paying for it, about a quarter of a dispatch's server
+-- time; a process of the score policy that comes later fills it again (score_fill.lua).
+local function score_kept(q)
+  if q.score_kept == nil then
+    local flags = redis.call('HMGET', q.meta, 'scored', 'scoring')
+    q.score_kept = flags[1] == '1' or flags[2] == '1'
+  end
+  return q.score_kept
+end
+
 local NO_DEADLINE = '9999999999999999'
 local NATIVE_LANE = {'0', '1', '3', '4'}
 
@@ -154,7 +169,9 @@ local function index_add(q, member, s)
   if s.ten == nil then
     return
   end
-  score_index_add(q, member, s)
+  if score_kept(q) then
+    score_index_add(q, member, s)
+  end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
   redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
@@ -171,11 +188,39 @@ local function index_add(q, member, s)
   end
 end
 
+-- What index_remove() takes off the visible estimates' sum ('waiting') and the tenants' counts,
+-- when a script defers it (index_defer(): global_dispatch.lua, whose rounds remove many messages
+-- of a few tenants): applied by index_flush() in one command each, before anything reads them.
+local index_pending = nil
+
+local function index_defer()
+  index_pending = {waiting = 0, tenants = {}, order = {}}
+end
+
+local function index_flush()
+  local pending = index_pending
+  if pending == nil then
+    return
+  end
+  if pending.waiting ~= 0 then
+    redis.call('HINCRBYFLOAT', Q.meta, 'waiting', fmt(-pending.waiting))
+  end
+  -- Bounded by the tenants of the messages removed since the last flush.
+  for _, tenant in ipairs(pending.order) do
+    if redis.call('HINCRBY', Q.tenants, tenant, -pending.tenants[tenant]) <= 0 then
+      redis.call('HDEL', Q.tenants, tenant)
+    end
+  end
+  index_defer()
+end
+
 local function index_remove(q, member, s)
   if s.ten == nil then
     return
   end
-  score_index_remove(q, member, s)
+  if score_kept(q) then
+    score_index_remove(q, member, s)
+  end
   local removed = redis.call('ZREM', q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   if s.p == 0 then
     redis.call('ZREM', q.urgent, member)
@@ -184,7 +229,15 @@ local function index_remove(q, member, s)
       removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
     end
   end
-  if removed == 1 then
+  if removed == 1 and index_pending ~= nil and q == Q then
+    local pending = index_pending
+    pending.waiting = pending.waiting + tonumber(fmt(s.tok))
+    if pending.tenants[s.ten] == nil then
+      pending.tenants[s.ten] = 0
+      pending.order[#pending.order + 1] = s.ten
+    end
+    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
+  elseif removed == 1 then
     if s.tok ~= 0 then
       redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
     end
@@ -209,8 +262,8 @@ local function hide(q, member, s)
   return false
 end
 
--- A queue this version creates keeps every message in the ranking index from the start: its meta
--- says so ('indexed'). One created before the index existed has no such field: the global choice
+-- A queue this version creates keeps every message in the ranking indexes from the start: its meta
+-- says so ('indexed', 'scored'; see score_kept for when the score policy's is dropped). One created before the index existed has no such field: the global choice
 -- indexes it first (index_scan.lua, index_fill.lua).
 local function created(q)
   if redis.call('HSETNX', q.meta, 'created', fmt(CREATED)) == 1 then
@@ -227,7 +280,11 @@ end
 -- The request id stays taken while another copy of it lives (only dead-letter queues hold
 -- copies); `ids` then names one copy, or one gone: it is used only to refuse duplicates.
 local function forget(q, member, s)
-  if redis.call('HEXISTS', q.copies, s.rid) == 1 then
+  if q.copies_none == nil then
+    -- Read once per script: only dead_letter() adds copies (to the dead-letter queue).
+    q.copies_none = redis.call('EXISTS', q.copies) == 0
+  end
+  if not q.copies_none and redis.call('HEXISTS', q.copies, s.rid) == 1 then
     if redis.call('HINCRBY', q.copies, s.rid, -1) <= 0 then
       redis.call('HDEL', q.copies, s.rid)
     end
@@ -264,6 +321,7 @@ local function dead_letter(member, s)
   if DLQ ~= nil then
     if redis.call('HEXISTS', DLQ.ids, s.rid) == 1 then
       redis.call('HINCRBY', DLQ.copies, s.rid, 1)
+      DLQ.copies_none = false
     end
     local index = nil
     if s.ten ~= nil then

@@ -1,0 +1,125 @@
+"""The ranking indexes over data stored by an earlier release, and the score policy's index kept
+only while the score policy dispatches from a queue (``redis/lua/queue_common.lua``,
+``score_kept``; ``global_dispatch.lua`` drops it, ``score_start.lua`` keeps it)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llm_queue_dispatcher import (
+    FairPriorityConfig,
+    LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
+    LLMRequest,
+    ManualClock,
+    Priority,
+    TokenInfo,
+)
+from llm_queue_dispatcher.redis import RedisStorage
+from tests.redis.conftest import fresh_name
+
+
+def fair_dispatcher(storage: RedisStorage[Any]) -> LLMQueueDispatcher[Any]:
+    config = LLMQueueDispatcherConfig(
+        policy="fair_priority", fair_priority=FairPriorityConfig(), clock=getattr(storage, "clock", None)
+    )
+    return LLMQueueDispatcher(storage, config)
+
+
+_LAYOUT = Path(__file__).parent / "fixtures" / "queue_layout_da1deba.json"
+
+
+async def _restore_layout(storage: RedisStorage[Any], queue: str) -> dict[str, Any]:
+    """Writes the keys of the fixture (a queue filled by the previous release's scripts, every
+    key as the raw Redis commands that rebuild it) under ``queue``'s names."""
+    layout = json.loads(_LAYOUT.read_text())
+    prefix = f"{{lqd}}:q:{queue}:"
+    async with storage.redis.pipeline(transaction=True) as pipe:
+        for command, part, *values in layout["commands"]:
+            pipe.execute_command(command, prefix + part, *(base64.b64decode(v) for v in values))
+        await pipe.execute()
+    return layout
+
+
+@pytest.mark.parametrize("policy", ["fair_priority", "score"])
+async def test_a_queue_written_by_the_previous_layout_is_served_whole(
+    policy: str, clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A queue as the previous release left it (its score index kept from the start, a message
+    in flight, one given back): every message is handed out once, by either policy, the one in
+    flight after its lease ends, and the score index still follows the queue (it empties)."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    layout = await _restore_layout(storage, queue)
+    clock.advance(layout["clock"] - clock())
+    if policy == "fair_priority":
+        dispatcher = fair_dispatcher(storage)
+    else:
+        dispatcher = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    assert dispatcher._global is not None
+    taken = []
+    while (job := await dispatcher.dequeue(limiter, timeout=0)) is not None:
+        taken.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert layout["in_flight"] not in taken
+    clock.advance(60.0)  # the lease of the message in flight ends
+    while (job := await dispatcher.dequeue(limiter, timeout=0)) is not None:
+        taken.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert sorted(taken) == sorted(r[0] for r in layout["requests"])
+    assert await storage.get_approximate_message_count() == 0
+    prefix = f"{{lqd}}:q:{queue}:"
+    for part in ("score:members", "score:ages", "score:classes", "score:heads", "lanes", "urgent"):
+        assert await storage.redis.zcard(prefix + part) == 0
+    await dispatcher.close()
+
+
+async def test_fair_priority_drops_the_score_index_until_the_score_policy_dispatches_again(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A queue's first fair_priority dispatch drops the score policy's index when no process of
+    the score policy dispatches from it, and no script writes it any more; the score policy's
+    first dispatch fills it again (then every script keeps it) and finds every message."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    prefix = f"{{lqd}}:q:{queue}:"
+    fair = fair_dispatcher(storage)
+    await fair.batch_enqueue(
+        [
+            LLMRequest(f"r{n}", "x", Priority(n % 4), TokenInfo(10 + 40 * n), tenant=f"t{n % 3}")
+            for n in range(12)
+        ]
+    )
+    assert await storage.redis.zcard(prefix + "score:members") == 12  # kept from the start
+    for _ in range(4):
+        job = await fair.dequeue(limiter, timeout=0)
+        assert job is not None
+        await job.mark_as_processed()
+    await fair.enqueue(LLMRequest("early", "x", Priority.HIGH, TokenInfo(10), tenant="t1"))
+    assert await storage.redis.exists(prefix + "score:members", prefix + "score:cells") == 0
+    scored = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    assert scored._global is not None
+    job = await scored.dequeue(limiter, timeout=0)
+    assert job is not None
+    await job.mark_as_processed()
+    assert await storage.redis.zcard(prefix + "score:members") == 8  # the rest, kept from now on
+    await fair.enqueue(LLMRequest("late", "x", Priority.NORMAL, TokenInfo(10), tenant="t0"))
+    job = await fair.dequeue(limiter, timeout=0)  # no longer drops it
+    assert job is not None
+    await job.mark_as_processed()
+    assert await storage.redis.zcard(prefix + "score:members") == 8
+    left = []
+    while (job := await scored.dequeue(limiter, timeout=0)) is not None:
+        left.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert len(left) == 8
+    assert await storage.redis.zcard(prefix + "score:members") == 0
+    await fair.close()
+    await scored.close()
