@@ -19,10 +19,13 @@
 --                 its head (the best of the class), so a class is scored from its entry alone
 --   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
 --                 classes, the oldest head first
---   q.sc_cells    hash: cell -> <oldest: enqueued_at and member, 31 characters><best processing
---                 time: 16 hex digits><visible members>: what bounds the cell, read in one call
+--   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
+--                 processing time: 16 hex digits><visible members>: what bounds the cell; one
+--                 priority's cells are one range of it, read in one call (with urgent_first
+--                 the URGENT tier's alone, the others' only when no URGENT message can go)
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
--- the index can be filled while scripts keep it (score_fill.lua).
+-- the index can be filled while scripts keep it (score_fill.lua). A queue whose sc_cells is
+-- still the hash of an earlier layout has its index dropped and filled again.
 
 local SCORE_MS_MIN, SCORE_MS_MAX = 1000, 30001
 
@@ -126,6 +129,29 @@ local function cell_summary(oldest, best, count)
   return oldest .. best .. count
 end
 
+local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
+
+-- Drops the index of a queue whose sc_cells has an earlier layout (a hash): the next dispatch
+-- finds the queue unscored and has it filled again (score_fill.lua).
+local function score_index_drop(q)
+  -- Bounded: the five keys of the index.
+  for _, name in ipairs(SCORE_KEYS) do
+    redis.call('DEL', q[name])
+  end
+  redis.call('HDEL', q.meta, 'scored')
+end
+
+-- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
+-- has an earlier layout (dropped then).
+local function cell_entry(q, cell)
+  local found = redis.pcall('ZRANGEBYLEX', q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)
+  if found.err ~= nil then
+    score_index_drop(q)
+    return false
+  end
+  return found[1]
+end
+
 local function score_index_add(q, member, s)
   if s.ten == nil then
     return -- stored before the index: score_fill.lua adds it
@@ -146,14 +172,18 @@ local function score_index_add(q, member, s)
     redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
   end
-  local summary = redis.call('HGET', q.sc_cells, cell)
-  if summary then
-    local oldest, kept, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), string.sub(summary, 48)
+  local entry = cell_entry(q, cell)
+  local summary
+  if entry then
+    local oldest, kept, count = string.sub(entry, 6, 36), string.sub(entry, 37, 52), string.sub(entry, 53)
     summary = cell_summary(age < oldest and age or oldest, best < kept and best or kept, tonumber(count) + 1)
+    redis.call('ZREM', q.sc_cells, entry)
+  elseif entry == false then
+    return
   else
     summary = cell_summary(age, best, 1)
   end
-  redis.call('HSET', q.sc_cells, cell, summary)
+  redis.call('ZADD', q.sc_cells, 0, cell .. summary)
 end
 
 local function score_index_remove(q, member, s)
@@ -178,13 +208,13 @@ local function score_index_remove(q, member, s)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
   end
-  local summary = redis.call('HGET', q.sc_cells, cell)
-  if not summary then
+  local entry = cell_entry(q, cell)
+  if not entry then
     return
   end
-  local oldest, best, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), tonumber(string.sub(summary, 48))
+  local oldest, best, count = string.sub(entry, 6, 36), string.sub(entry, 37, 52), tonumber(string.sub(entry, 53))
+  redis.call('ZREM', q.sc_cells, entry)
   if count <= 1 then
-    redis.call('HDEL', q.sc_cells, cell)
     return
   end
   if oldest == age then
@@ -193,5 +223,5 @@ local function score_index_remove(q, member, s)
   if emptied and best == string.sub(class, 6, 21) then
     best = string.sub(redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6, 21)
   end
-  redis.call('HSET', q.sc_cells, cell, cell_summary(oldest, best, count - 1))
+  redis.call('ZADD', q.sc_cells, 0, cell .. cell_summary(oldest, best, count - 1))
 end

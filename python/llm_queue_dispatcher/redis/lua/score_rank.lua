@@ -79,9 +79,12 @@ local function wait_factor(at, p)
 end
 
 -- A ranker for weights W (priority, efficiency, wait, retry, token fit, processing time),
--- capacity C (A of the formulas: the budget is held, so the limiter's token capacity), and
--- whether URGENT ranks first.
-local function score_ranker(W, C, urgent_first)
+-- capacity C (A of the formulas: the budget is held, so the smallest capacity of the limiter's
+-- token limits, as rust/policy.rs ranking_budget), the largest estimate ranked M (at least C:
+-- the limits that count the whole estimate; a request split into input and output parts may
+-- fit the others by its parts, which the limiter checks when it wins), and whether URGENT
+-- ranks first.
+local function score_ranker(W, C, M, urgent_first)
   local ranker = {}
 
   local function efficiency(tokens)
@@ -98,30 +101,30 @@ local function score_ranker(W, C, urgent_first)
     return token_fit_of_share(tokens / C)
   end
 
-  local function tier(p)
-    return (urgent_first and p == 0) and 1 or 0
+  -- Efficiency + token fit of a share u of C (weighted).
+  local function budget_of_share(u)
+    return W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u)
   end
 
-  -- The best efficiency + token fit over a cell's token range (capped at C); nil when no
-  -- estimate of it fits C (rust/scoring.rs, budget_bound).
+  -- Where budget_of_share peaks: it rises up to u = 0.5 (both factors do, or one is flat),
+  -- runs straight from 0.5 to 0.7 (efficiency rising, token fit falling), and never rises past
+  -- 0.7 (efficiency flat then dropping at 0.9 and 1, token fit falling). So over an interval
+  -- its largest value is at the point of the interval nearest to the peak.
+  local peak = budget_of_share(0.7) > budget_of_share(0.5) and 0.7 or 0.5
+
+  -- The best efficiency + token fit over a cell's token range (capped at M); nil when no
+  -- estimate of it is ranked (rust/scoring.rs, budget_bound: the same value, from the one
+  -- point that holds it rather than from every breakpoint).
   local function budget_bound(class)
     local lo, hi = score_token_range(class)
-    if lo > C then
+    if lo > M then
       return nil
     end
-    hi = math.min(hi, C)
+    hi = math.min(hi, M)
     if C <= 0 then
       return 0
     end
-    local u_lo, u_hi = lo / C, hi / C
-    local best = 0
-    -- Bounded: the range's ends and the factors' five breakpoints.
-    for _, u in ipairs({u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0}) do
-      if u >= u_lo and u <= u_hi then
-        best = math.max(best, W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u))
-      end
-    end
-    return best
+    return budget_of_share(math.min(math.max(peak, lo / C), hi / C))
   end
 
   -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
@@ -200,43 +203,66 @@ local function score_ranker(W, C, urgent_first)
 
   -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at,
   -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
+  -- The sc_cells entries of tier `t`'s cells (<cell><summary>): one priority's are one range
+  -- of the index (URGENT's alone while URGENT ranks first, the others' only after).
+  local function entries_of(t)
+    if not urgent_first then
+      return t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
+    elseif t == 1 then
+      return redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+    end
+    return redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+  end
+
   function ranker.best(excluded, above)
-    local summaries = redis.call('HGETALL', Q.sc_cells)
-    -- The admissible cells of `tier`, each with its bound (their summaries are read only for
-    -- the tier walked: the lower one only when no cell of the higher holds a candidate).
-    local function cells_of(tier_wanted)
-      local cells = {}
-      -- Bounded by the non-empty cells (the hash just read).
-      for i = 1, #summaries, 2 do
-        local cell = summaries[i]
-        -- Its tier from its first character (its priority: 48 is '0') before anything else.
-        local p = string.byte(cell, 1) - 48
-        if tier(p) == tier_wanted then
-          local token = token_facts[string.sub(cell, 3)]
-          if token == nil then
-            local class = tonumber(string.sub(cell, 3))
-            local _, hi = score_token_range(class)
-            token = {budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C}
-            token_facts[string.sub(cell, 3)] = token
-          end
-          if token.above then
-            above(cell) -- some of its estimates (or all) never fit
-          end
-          if token.budget then
-            -- The cell is its own facts: priority, tier, fixed parts, budget bound, summary.
-            local summary = summaries[i + 1]
-            local fixed, retry = fixed_part[p], retry_part[string.byte(cell, 2) - 48]
-            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
-            local time = time_of(string.sub(summary, 32, 47))
-            cells[#cells + 1] = {
-              cell = cell, p = p, tier = tier_wanted, fixed = fixed, retry = retry, budget = token.budget,
-              rising = token.rising, summary = summary, time = time,
-              bound = fixed + retry + time + BOUND_SLACK + token.budget + wait,
-            }
+    local entries
+    -- The admissible cells of tier `t`: for each, its sc_cells entry and its bound, in two
+    -- lists (no table per cell: most cells are bounded and never visited), and the place in
+    -- those lists of the highest bound. The lower tier's are read and bounded only when no
+    -- cell of the higher holds a candidate.
+    local function cells_of(t)
+      local cells, bounds, top = {}, {}, nil
+      local n = 0
+      local wait_weight = W[3]
+      -- Bounded by the tier's non-empty cells (the range just read).
+      for _, entry in ipairs(entries_of(t)) do
+        -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
+        -- 16 hex digits><count>; 48 is '0'.
+        local p = string.byte(entry, 1) - 48
+        local key = string.sub(entry, 3, 5)
+        local token = token_facts[key]
+        if token == nil then
+          local class = tonumber(key)
+          local _, hi = score_token_range(class)
+          token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
+          token_facts[key] = token
+        end
+        if token.above then
+          above(string.sub(entry, 1, 5)) -- some of its estimates (or all) never fit
+        end
+        if token.budget then
+          n = n + 1
+          cells[n] = entry
+          bounds[n] = fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
+            + BOUND_SLACK + token.budget + wait_weight * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+          if top == nil or bounds[n] > bounds[top] then
+            top = n
           end
         end
       end
-      return cells
+      return cells, bounds, top
+    end
+
+    -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
+    local function cell_at(entry, t, bound)
+      local p = string.byte(entry, 1) - 48
+      local token = token_facts[string.sub(entry, 3, 5)]
+      local summary = string.sub(entry, 6)
+      return {
+        cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
+        retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
+        summary = summary, time = time_of(string.sub(summary, 32, 47)), bound = bound,
+      }
     end
     local best = nil
 
@@ -285,7 +311,7 @@ local function score_ranker(W, C, urgent_first)
           return false, wait
         end
         local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
-        if tokens <= C then
+        if tokens <= M then
           consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
         end
       end
@@ -317,7 +343,7 @@ local function score_ranker(W, C, urgent_first)
               return
             end
             local tokens = entry_tokens(entry)
-            if tokens <= C then
+            if tokens <= M then
               local parts = parts_of(tokens)
               if may_beat(f.tier, floor + parts[1] + parts[2] + wait, best) then
                 local at = tonumber(string.sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
@@ -341,20 +367,43 @@ local function score_ranker(W, C, urgent_first)
       end
     end
 
+    -- A cell whose oldest member's wait is full (a backlog's) has its classes walked at once:
+    -- no class can wait longer, so reading its oldest heads first would tell nothing more.
+    local function walk(c)
+      local at = tonumber(string.sub(c.summary, 1, 16))
+      if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
+        walk_classes(c, W[3] * wait_factor(at, c.p))
+        return
+      end
+      local done, wait = walk_heads(c)
+      if not done then
+        walk_classes(c, wait)
+      end
+    end
+
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
-    -- of the lower tier hold the winner), best bound first. Bounded by the two tiers.
+    -- of the lower tier hold the winner), best bound first: the best-bounded cell, then, best
+    -- bound first, the others whose bound reaches the best score it gave (most often none on a
+    -- long backlog, whose cells bound alike but for their estimates). Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
-      local cells = best == nil and cells_of(tier_walked) or {}
-      if #cells > 0 then
-        table.sort(cells, function(a, b) return a.bound > b.bound end)
-        -- Bounded by the non-empty cells.
-        for _, c in ipairs(cells) do
-          if not may_beat(c.tier, c.bound, best) then
-            break -- every cell left bounds no higher
+      if best == nil then
+        local cells, bounds, top = cells_of(tier_walked)
+        if top ~= nil then
+          walk(cell_at(cells[top], tier_walked, bounds[top]))
+          local left = {}
+          -- Bounded by the non-empty cells.
+          for k = 1, #cells do
+            if k ~= top and may_beat(tier_walked, bounds[k], best) then
+              left[#left + 1] = {entry = cells[k], bound = bounds[k]}
+            end
           end
-          local done, wait = walk_heads(c)
-          if not done then
-            walk_classes(c, wait)
+          table.sort(left, function(a, b) return a.bound > b.bound end)
+          -- Bounded by the non-empty cells.
+          for _, c in ipairs(left) do
+            if not may_beat(tier_walked, c.bound, best) then
+              break -- every cell left bounds no higher
+            end
+            walk(cell_at(c.entry, tier_walked, c.bound))
           end
         end
       end
