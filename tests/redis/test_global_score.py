@@ -308,6 +308,78 @@ async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets
     await dispatcher.close()
 
 
+async def test_with_input_and_output_limits_the_global_choice_ranks_as_the_in_memory_dispatcher(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """With an input-token limit below the TPM limit, A is the smallest capacity (ITPM's) on
+    Redis as in memory; a request split into parts that fits the input limit by its input part
+    competes (above A: no efficiency, no token fit), one without parts above the input limit
+    never goes. Both dispatchers hand out the reference's winner every time (the buckets full
+    before each dispatch: the ranking alone decides)."""
+    tpm, itpm = 60_000, 6_000
+    rng = random.Random(3)
+    batch = []
+    for n in range(40):
+        if n % 8 == 7:
+            info = TokenInfo(rng.randint(8_000, 30_000), input=rng.randint(500, 5_000))  # fits by parts
+        elif n % 13 == 12:
+            info = TokenInfo(rng.randint(7_000, 20_000))  # above the input limit, no parts: never
+        else:
+            info = TokenInfo(rng.randint(50, itpm))
+        batch.append(
+            LLMRequest(
+                f"m{n}", "x", Priority(rng.choice([1, 2, 2, 3])), info,
+                expected_processing_time=rng.choice(TIMES),
+            )
+        )  # fmt: skip
+    config = LLMQueueDispatcherConfig(clock=clock)
+    on_redis: LLMQueueDispatcher[Any] = LLMQueueDispatcher(clocked_storage(), config)
+    assert on_redis._global is not None
+    redis_limiter = clocked_throttle(rpm=600, tpm=tpm, itpm=itpm)
+    in_memory: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(clock=clock), config)
+    memory_limiter = create_llm_throttle(rpm=600, tpm=tpm, itpm=itpm, clock=clock)
+    visible: list[Visible] = []
+    for n, request in enumerate(batch):
+        message = await on_redis.enqueue(request)
+        await in_memory.enqueue(request)
+        visible.append(
+            Visible(request.id, int(request.priority), request.token_info.estimated,
+                    request.expected_processing_time, message.attributes.enqueued_at.timestamp(), n,
+                    input=request.token_info.input)
+        )  # fmt: skip
+        clock.advance(rng.choice([0.5, 3.0, 20.0]))
+
+    def fits(m: Visible) -> bool:
+        return m.tokens <= tpm and (m.input if m.input is not None else m.tokens) <= itpm
+
+    never = {m.id for m in visible if not fits(m)}
+    assert never and any(m.tokens > itpm and fits(m) for m in visible)
+    differs = 0
+    for _ in range(len(batch) - len(never)):
+        clock.advance(61.0)  # every bucket full again
+        now = clock()
+        ranked = ranking(visible, now, itpm, fits=fits)
+        by_tpm = ranking(visible, now, tpm, fits=fits)
+        differs += by_tpm[0][2].id != ranked[0][2].id
+        jobs = [await on_redis.dequeue(redis_limiter), await in_memory.dequeue(memory_limiter)]
+        ids = []
+        for job in jobs:
+            assert job is not None
+            got = next(m for m in visible if m.id == job.message.payload.id)
+            assert same_rank(got, ranked[0], now, itpm), f"{got} instead of {ranked[0]}"
+            if got.tokens <= itpm:  # the score handed out is the one ranked
+                assert job.score.total == pytest.approx(got.score(now, itpm), abs=1e-6)
+            ids.append(got.id)
+            await job.mark_as_processed()
+        assert ids[0] == ids[1]
+        visible = [m for m in visible if m.id != ids[0]]
+    assert differs > 0  # A = the TPM capacity would have chosen otherwise
+    assert {m.id for m in visible} == never
+    assert await on_redis.dequeue(redis_limiter) is None
+    await on_redis.close()
+    await in_memory.close()
+
+
 async def test_a_worker_takes_its_winners_in_rank_order_in_one_script(
     clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:
