@@ -24,7 +24,8 @@
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
-local CLASS_FIRST = 16 -- classes of a cell read by the first call (the walk mostly stops early)
+local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
+                       -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
@@ -214,43 +215,126 @@ local function score_ranker(W, C, M, urgent_first)
     return redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
   end
 
-  function ranker.best(excluded, above)
-    local entries
-    -- The admissible cells of tier `t`: for each, its sc_cells entry and its bound, in two
-    -- lists (no table per cell: most cells are bounded and never visited), and the place in
-    -- those lists of the highest bound. The lower tier's are read and bounded only when no
-    -- cell of the higher holds a candidate.
-    local function cells_of(t)
-      local cells, bounds, top = {}, {}, nil
-      local n = 0
-      local wait_weight = W[3]
-      -- Bounded by the tier's non-empty cells (the range just read).
-      for _, entry in ipairs(entries_of(t)) do
-        -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
-        -- 16 hex digits><count>; 48 is '0'.
-        local p = string.byte(entry, 1) - 48
-        local key = string.sub(entry, 3, 5)
-        local token = token_facts[key]
-        if token == nil then
-          local class = tonumber(key)
-          local _, hi = score_token_range(class)
-          token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
-          token_facts[key] = token
-        end
-        if token.above then
-          above(string.sub(entry, 1, 5)) -- some of its estimates (or all) never fit
-        end
-        if token.budget then
-          n = n + 1
-          cells[n] = entry
-          bounds[n] = fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
-            + BOUND_SLACK + token.budget + wait_weight * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
-          if top == nil or bounds[n] > bounds[top] then
-            top = n
-          end
+  -- The facts of a token class (its sc_cells key, 3 digits) once per call: its budget bound
+  -- (false when no estimate of it is ranked), whether some of its estimates are never ranked,
+  -- whether its budget part never falls as the estimate grows (below half of C).
+  local function facts_of(key)
+    local token = token_facts[key]
+    if token == nil then
+      local class = tonumber(key)
+      local _, hi = score_token_range(class)
+      token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
+      token_facts[key] = token
+    end
+    return token
+  end
+
+  -- What no member of a cell of priority p and retry class r can score above but for its
+  -- budget part: the processing-time and wait factors at their most (1).
+  local function loose_part(p, r)
+    return fixed_part[p] + retry_part[r] + W[6]
+  end
+
+  -- The token class whose range holds the share of C where the budget part peaks: classes up
+  -- to it have a budget bound that never falls as the class grows, the ones above it one that
+  -- never rises (budget_bound takes the point of the range nearest the peak).
+  local peak_tokens = peak * C
+
+  -- The cells of a tier, given as sc_cells entries (sorted: priority, retry class, token class),
+  -- in streams whose loose bounds (loose_part + budget bound + the full wait) never rise: per
+  -- priority and retry class, from the class nearest the budget's peak down, and from the one
+  -- above it up. `next_cell` gives the entry with the highest loose bound left and that bound
+  -- (nil when none is left): every cell not yet given bounds no higher.
+  local function cell_streams(entries, above)
+    local streams = {}
+    local n = #entries
+    local i = 1
+    -- Bounded by the priorities and retry classes of the tier (each loop takes one group).
+    while i <= n do
+      local group = string.sub(entries[i], 1, 2)
+      -- The group's last entry: binary search (bounded by log2 of the entries).
+      local lo, hi = i, n
+      while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if string.sub(entries[mid], 1, 2) == group then
+          lo = mid
+        else
+          hi = mid - 1
         end
       end
-      return cells, bounds, top
+      local last = lo
+      -- The group's last class whose range starts at or below the peak (i - 1: none).
+      lo, hi = i - 1, last
+      while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if score_token_range(tonumber(string.sub(entries[mid], 3, 5))) <= peak_tokens then
+          lo = mid
+        else
+          hi = mid - 1
+        end
+      end
+      local split = lo
+      -- Cells some of whose estimates are never ranked are the group's top classes.
+      for k = last, i, -1 do
+        if not facts_of(string.sub(entries[k], 3, 5)).above then
+          break
+        end
+        above(string.sub(entries[k], 1, 5))
+      end
+      local p, r = string.byte(group, 1) - 48, string.byte(group, 2) - 48
+      local loose = loose_part(p, r)
+      if split >= i then
+        streams[#streams + 1] = {at = split, step = -1, stop = i, loose = loose, wait = W[3]}
+      end
+      if split < last then
+        streams[#streams + 1] = {at = split + 1, step = 1, stop = last, loose = loose, wait = W[3]}
+      end
+      i = last + 1
+    end
+    -- Each stream's loose bound at its current cell (nil: the stream is done).
+    local function bound_of(stream)
+      local budget = facts_of(string.sub(entries[stream.at], 3, 5)).budget
+      if not budget then
+        return nil -- from here on no estimate is ranked (the classes only grow upwards)
+      end
+      return stream.loose + BOUND_SLACK + budget + stream.wait
+    end
+    -- Bounded by the streams.
+    for _, stream in ipairs(streams) do
+      stream.bound = bound_of(stream)
+    end
+    return function()
+      local top = nil
+      -- Bounded by the streams (two per priority and retry class).
+      for _, stream in ipairs(streams) do
+        if stream.bound ~= nil and (top == nil or stream.bound > top.bound) then
+          top = stream
+        end
+      end
+      if top == nil then
+        return nil
+      end
+      local entry, bound = entries[top.at], top.bound
+      if top.at == top.stop then
+        top.bound = nil
+      else
+        top.at = top.at + top.step
+        top.bound = bound_of(top)
+      end
+      return entry, bound
+    end
+  end
+
+  function ranker.best(excluded, above)
+    -- A cell's bound from its summary: its priority and retry parts, the processing-time
+    -- factor of its best member, its budget bound, the wait of its oldest.
+    local function bound_of(entry)
+      -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
+      -- 16 hex digits><count>; 48 is '0'.
+      local p = string.byte(entry, 1) - 48
+      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
+        + BOUND_SLACK + facts_of(string.sub(entry, 3, 5)).budget
+        + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
@@ -328,10 +412,12 @@ local function score_ranker(W, C, M, urgent_first)
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
-      -- a time whose smaller estimates cannot win when the page ends inside it.
+      -- a time whose smaller estimates cannot win when the page ends inside it (then a short
+      -- page: on a backlog the next time's first class ends the walk).
       local page = CLASS_FIRST
-      -- Bounded by the cell's classes, at most as many as its members (a page per round).
-      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_PAGE) do
+      -- Bounded by the cell's classes, at most as many as its members (each round but the last
+      -- reads a full page of at least CLASS_FIRST).
+      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
@@ -357,12 +443,13 @@ local function score_ranker(W, C, M, urgent_first)
         if #classes < page then
           return
         end
-        page = CLASS_PAGE
         local last = classes[#classes]
         if string.sub(last, 6, 21) == passed then
           from = '(' .. c.cell .. passed .. '\255'
+          page = CLASS_FIRST
         else
           from = '(' .. last
+          page = CLASS_PAGE
         end
       end
     end
@@ -382,23 +469,46 @@ local function score_ranker(W, C, M, urgent_first)
     end
 
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
-    -- of the lower tier hold the winner), best bound first: the best-bounded cell, then, best
-    -- bound first, the others whose bound reaches the best score it gave (most often none on a
-    -- long backlog, whose cells bound alike but for their estimates). Bounded by the two tiers.
+    -- of the lower tier hold the winner), best bound first: cells are bounded from their
+    -- summaries in the order of their loose bounds (cell_streams), until none left can bound
+    -- higher than the best bound found; that cell is walked; then every cell whose bound
+    -- reaches the best score found, best bound first (on a long backlog, whose cells bound
+    -- alike but for their estimates, the walk reads a few cells' summaries and visits one).
+    -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
       if best == nil then
-        local cells, bounds, top = cells_of(tier_walked)
+        local next_cell = cell_streams(entries_of(tier_walked), above)
+        local cells, bounds, top = {}, {}, nil
+        local entry, loose = next_cell()
+        -- Bounded by the tier's cells (each bounded once).
+        while entry ~= nil and (top == nil or loose >= bounds[top]) do
+          local n = #cells + 1
+          cells[n] = entry
+          bounds[n] = bound_of(entry)
+          if top == nil or bounds[n] > bounds[top] then
+            top = n
+          end
+          entry, loose = next_cell()
+        end
         if top ~= nil then
           walk(cell_at(cells[top], tier_walked, bounds[top]))
+          -- The cells not bounded yet whose loose bound reaches the best score.
+          -- Bounded by the tier's cells (each bounded once).
+          while entry ~= nil and may_beat(tier_walked, loose, best) do
+            local n = #cells + 1
+            cells[n] = entry
+            bounds[n] = bound_of(entry)
+            entry, loose = next_cell()
+          end
           local left = {}
-          -- Bounded by the non-empty cells.
+          -- Bounded by the cells bounded.
           for k = 1, #cells do
             if k ~= top and may_beat(tier_walked, bounds[k], best) then
               left[#left + 1] = {entry = cells[k], bound = bounds[k]}
             end
           end
           table.sort(left, function(a, b) return a.bound > b.bound end)
-          -- Bounded by the non-empty cells.
+          -- Bounded by the cells bounded.
           for _, c in ipairs(left) do
             if not may_beat(tier_walked, c.bound, best) then
               break -- every cell left bounds no higher
