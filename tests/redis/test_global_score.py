@@ -500,6 +500,43 @@ async def test_messages_stored_before_the_score_index_are_indexed_and_handed_out
     await dispatcher.close()
 
 
+@pytest.mark.parametrize("enqueue_after", [True, False])
+async def test_a_score_index_of_the_earlier_hash_layout_is_dropped_and_filled_again(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, enqueue_after: bool
+) -> None:
+    """A queue whose cell summaries are a hash (the layout before they became one sorted set):
+    an enqueue, or else the next dispatch, drops the index rather than fail; the dispatch fills
+    it again, and the hand-outs follow the scores."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    batch = requests(24, 9, largest=30_000)
+    first = 20 if enqueue_after else 24
+    messages = await dispatcher.batch_enqueue(batch[:first])
+    cells = f"{storage._keys[0].decode().removesuffix('meta')}score:cells"
+    await storage.redis.delete(cells)
+    await storage.redis.hset(cells, "00001", "a summary of the hash layout")
+    if enqueue_after:
+        messages += await dispatcher.batch_enqueue(batch[first:])
+    clock.advance(30.0)
+    visible = [
+        Visible(r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time,
+                m.attributes.enqueued_at.timestamp(), n)
+        for n, (r, m) in enumerate(zip(batch, messages, strict=True))
+    ]  # fmt: skip
+    for _ in range(len(batch)):
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = next(m for m in visible if m.id == job.message.payload.id)
+        assert same_rank(got, ranking(visible, clock(), 1_000_000)[0], clock(), 1_000_000)
+        visible.remove(got)
+        await job.mark_as_processed()
+        clock.advance(1.0)
+    assert await storage.redis.type(cells) in (b"none", b"zset")
+    assert await dispatcher.dequeue(limiter) is None
+    await dispatcher.close()
+
+
 async def test_a_purged_queue_leaves_nothing_in_the_score_index(
     clocked_storage: Any, clocked_throttle: Any
 ) -> None:
