@@ -505,7 +505,10 @@ async def _score_server_figures(
         index_bytes = 0
         for part in ("members", "ages", "classes", "heads", "cells"):
             index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
-        cells = int(await client.zcard(f"{prefix}score:cells"))
+        # A sorted set (a hash in builds before: a baseline's queue).
+        hashed = await client.type(f"{prefix}score:cells") in (b"hash", "hash")
+        count = client.hlen if hashed else client.zcard
+        cells = int(await count(f"{prefix}score:cells"))
         # A real budget's size (the factors' A), large enough never to bind here.
         limiter = RedisThrottle(url, f"score-{queue}", rpm=1e12, tpm=1e7)
         config = LLMQueueDispatcherConfig(visibility_timeout=60.0)

@@ -294,7 +294,10 @@ async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets
     storage = clocked_storage()
     limiter = clocked_throttle(rpm=100_000, tpm=tpm)
     config = LLMQueueDispatcherConfig(
-        clock=clock, scoring=ScoringConfig(weights=weights), urgent_first=urgent_first, min_score_threshold=0.0
+        clock=clock,
+        scoring=ScoringConfig(weights=weights),
+        urgent_first=urgent_first,
+        min_score_threshold=0.0,
     )
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
     assert dispatcher._global is not None
@@ -353,7 +356,8 @@ async def test_with_input_and_output_limits_the_global_choice_ranks_as_the_in_me
         return m.tokens <= tpm and (m.input if m.input is not None else m.tokens) <= itpm
 
     never = {m.id for m in visible if not fits(m)}
-    assert never and any(m.tokens > itpm and fits(m) for m in visible)
+    assert never
+    assert any(m.tokens > itpm and fits(m) for m in visible)
     differs = 0
     for _ in range(len(batch) - len(never)):
         clock.advance(61.0)  # every bucket full again
