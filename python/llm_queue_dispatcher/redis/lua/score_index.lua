@@ -20,7 +20,9 @@
 --   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
 --                 classes, the oldest head first
 --   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
---                 processing time: 16 hex digits><visible members>: what bounds the cell; one
+--                 processing time: 16 hex digits>: what bounds the cell, rewritten only when
+--                 one of the two changes (a cell is empty when its oldest goes and no member
+--                 is left in sc_ages; an entry may end with a count, as kept before); one
 --                 priority's cells are one range of it, read in one call (with urgent_first
 --                 the URGENT tier's alone, the others' only when no URGENT message can go)
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
@@ -124,10 +126,6 @@ local function score_age_key(member, s)
   return string.format('%016.0f', s.at) .. member
 end
 
--- A cell's summary: oldest (31 characters), best time (16), count.
-local function cell_summary(oldest, best, count)
-  return oldest .. best .. count
-end
 
 local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
 
@@ -173,17 +171,16 @@ local function score_index_add(q, member, s)
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
   end
   local entry = cell_entry(q, cell)
-  local summary
   if entry then
-    local oldest, kept, count = string.sub(entry, 6, 36), string.sub(entry, 37, 52), string.sub(entry, 53)
-    summary = cell_summary(age < oldest and age or oldest, best < kept and best or kept, tonumber(count) + 1)
+    local oldest, kept = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
+    if age >= oldest and best >= kept then
+      return -- its bound is unchanged
+    end
     redis.call('ZREM', q.sc_cells, entry)
-  elseif entry == false then
-    return
-  else
-    summary = cell_summary(age, best, 1)
+    redis.call('ZADD', q.sc_cells, 0, cell .. (age < oldest and age or oldest) .. (best < kept and best or kept))
+  elseif entry == nil then
+    redis.call('ZADD', q.sc_cells, 0, cell .. age .. best)
   end
-  redis.call('ZADD', q.sc_cells, 0, cell .. summary)
 end
 
 local function score_index_remove(q, member, s)
@@ -212,16 +209,22 @@ local function score_index_remove(q, member, s)
   if not entry then
     return
   end
-  local oldest, best, count = string.sub(entry, 6, 36), string.sub(entry, 37, 52), tonumber(string.sub(entry, 53))
-  redis.call('ZREM', q.sc_cells, entry)
-  if count <= 1 then
-    return
-  end
+  local oldest, best = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
+  local changed = false
   if oldest == age then
-    oldest = string.sub(redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6)
+    local next_oldest = redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+    if next_oldest == nil then
+      redis.call('ZREM', q.sc_cells, entry) -- its last member
+      return
+    end
+    oldest, changed = string.sub(next_oldest, 6), true
   end
   if emptied and best == string.sub(class, 6, 21) then
     best = string.sub(redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6, 21)
+    changed = true
   end
-  redis.call('ZADD', q.sc_cells, 0, cell .. cell_summary(oldest, best, count - 1))
+  if changed then
+    redis.call('ZREM', q.sc_cells, entry)
+    redis.call('ZADD', q.sc_cells, 0, cell .. oldest .. best)
+  end
 end

@@ -2,21 +2,25 @@
 -- branch-and-bound walk of the in-memory selection (rust/select.rs, best_candidate), with the
 -- factor functions of rust/scoring.rs. Part of score_dispatch.lua.
 --
--- Every non-empty cell is bounded from its summary alone (one HGETALL): its priority and retry
--- parts, the best efficiency + token fit over its token range, the processing-time factor of
--- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
--- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
--- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
--- the classes are scored from their entries (a class's head is its best member): first the
--- HEAD_WALK oldest heads, which stops at the first head whose wait cannot win; then, bounded
--- by the wait of the next head (no class left waits longer), by processing time and then the
--- larger estimate, which stops at the first time, or below half the capacity the first
--- estimate, that cannot win (where heads wait alike, as on a fresh queue or a backlog whose
--- waits are full, walking them by age would read every head older than the winner). A class
--- whose score cannot win is left before its member is read. So a dispatch reads every cell's
--- summary and, in the cells it visits, the classes that can still win: its cost grows with
--- the non-empty cells and the distinct estimates and times inside the cells visited, not with
--- the number of messages.
+-- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
+-- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
+-- alone: its priority and retry parts, the best efficiency + token fit over its token range,
+-- the processing-time factor of its best member, the wait of its oldest. Cells are bounded in
+-- the order of a looser bound that needs no summary (the time and wait factors at 1: per
+-- priority and retry class, outwards from the token class where the budget part peaks), until
+-- none left can bound higher than the best bound found, and that cell is walked first; then,
+-- best bound first, only the cells whose bound reaches the best score found (those not bounded
+-- yet are bounded while their loose bound does). On a long backlog, whose cells bound alike but
+-- for their estimates, a dispatch bounds a few cells and walks one. Inside a cell the classes
+-- are scored from their entries (a class's head is its best member): first the HEAD_WALK
+-- oldest heads (unless the cell's oldest waits its full factor), which stops at the first head
+-- whose wait cannot win; then, bounded by the wait of the next head (no class left waits
+-- longer), by processing time and then the larger estimate, which stops at the first time, or
+-- below half the capacity the first estimate, that cannot win (where heads wait alike, as on a
+-- fresh queue or a backlog whose waits are full, walking them by age would read every head
+-- older than the winner). A class whose score cannot win is left before its member is read.
+-- So a dispatch's cost grows with the non-empty cells and the distinct estimates and times
+-- inside the cells visited, not with the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -349,6 +353,7 @@ local function score_ranker(W, C, M, urgent_first)
       }
     end
     local best = nil
+    local classes_held = nil -- the classes of every cell (read once, by the first classes walk)
 
     -- Scores a class of cell c (its estimate `tokens`, processing-time part `pt`) whose head
     -- was enqueued at `at` and waits `wait` (the weighted factor); `entry` is its sc_heads entry
@@ -415,9 +420,10 @@ local function score_ranker(W, C, M, urgent_first)
       -- a time whose smaller estimates cannot win when the page ends inside it (then a short
       -- page: on a backlog the next time's first class ends the walk).
       local page = CLASS_FIRST
-      -- Bounded by the cell's classes, at most as many as its members (each round but the last
-      -- reads a full page of at least CLASS_FIRST).
-      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_FIRST) do
+      -- Bounded by the cell's classes, at most as many as the index holds (each round but the
+      -- last reads a full page of at least CLASS_FIRST).
+      classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
+      for _ = 0, 1 + math.floor(classes_held / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
