@@ -253,12 +253,19 @@ local function score_ranker(W, C, M, urgent_first)
     local streams = {}
     local n = #entries
     local i = 1
-    -- Bounded by the priorities and retry classes of the tier (each loop takes one group).
-    while i <= n do
+    -- Bounded by the entries (each round takes one priority and retry class, at least one entry).
+    for _ = 1, n do
+      if i > n then
+        break
+      end
       local group = string.sub(entries[i], 1, 2)
-      -- The group's last entry: binary search (bounded by log2 of the entries).
+      -- The group's last entry, by binary search.
       local lo, hi = i, n
-      while lo < hi do
+      -- Bounded: a binary search halves at most 2^64 entries.
+      for _ = 1, 64 do
+        if lo >= hi then
+          break
+        end
         local mid = math.floor((lo + hi + 1) / 2)
         if string.sub(entries[mid], 1, 2) == group then
           lo = mid
@@ -269,7 +276,11 @@ local function score_ranker(W, C, M, urgent_first)
       local last = lo
       -- The group's last class whose range starts at or below the peak (i - 1: none).
       lo, hi = i - 1, last
-      while lo < hi do
+      -- Bounded: a binary search halves at most 2^64 entries.
+      for _ = 1, 64 do
+        if lo >= hi then
+          break
+        end
         local mid = math.floor((lo + hi + 1) / 2)
         if score_token_range(tonumber(string.sub(entries[mid], 3, 5))) <= peak_tokens then
           lo = mid
@@ -279,6 +290,7 @@ local function score_ranker(W, C, M, urgent_first)
       end
       local split = lo
       -- Cells some of whose estimates are never ranked are the group's top classes.
+      -- Bounded by the group's entries.
       for k = last, i, -1 do
         if not facts_of(string.sub(entries[k], 3, 5)).above then
           break
@@ -420,9 +432,9 @@ local function score_ranker(W, C, M, urgent_first)
       -- a time whose smaller estimates cannot win when the page ends inside it (then a short
       -- page: on a backlog the next time's first class ends the walk).
       local page = CLASS_FIRST
-      -- Bounded by the cell's classes, at most as many as the index holds (each round but the
-      -- last reads a full page of at least CLASS_FIRST).
       classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
+      -- Each round but the last reads a full page of at least CLASS_FIRST classes of the cell.
+      -- Bounded by the cell's classes, at most as many as the index holds.
       for _ = 0, 1 + math.floor(classes_held / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
@@ -483,11 +495,15 @@ local function score_ranker(W, C, M, urgent_first)
     -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
       if best == nil then
-        local next_cell = cell_streams(entries_of(tier_walked), above)
+        local entries = entries_of(tier_walked)
+        local next_cell = cell_streams(entries, above)
         local cells, bounds, top = {}, {}, nil
         local entry, loose = next_cell()
-        -- Bounded by the tier's cells (each bounded once).
-        while entry ~= nil and (top == nil or loose >= bounds[top]) do
+        -- Bounded by the tier's cells (each given once).
+        for _ = 0, #entries do
+          if entry == nil or (top ~= nil and loose < bounds[top]) then
+            break
+          end
           local n = #cells + 1
           cells[n] = entry
           bounds[n] = bound_of(entry)
@@ -499,8 +515,11 @@ local function score_ranker(W, C, M, urgent_first)
         if top ~= nil then
           walk(cell_at(cells[top], tier_walked, bounds[top]))
           -- The cells not bounded yet whose loose bound reaches the best score.
-          -- Bounded by the tier's cells (each bounded once).
-          while entry ~= nil and may_beat(tier_walked, loose, best) do
+          -- Bounded by the tier's cells (each given once).
+          for _ = 0, #entries do
+            if entry == nil or not may_beat(tier_walked, loose, best) then
+              break
+            end
             local n = #cells + 1
             cells[n] = entry
             bounds[n] = bound_of(entry)
