@@ -499,12 +499,17 @@ async def _score_server_figures(
     queue = queue or f"score-{time.time_ns()}"
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     async with storage:
-        if not await storage.get_approximate_message_count():
+        filled = not await storage.get_approximate_message_count()
+        if filled:
             await _score_fill(storage, queued)
         prefix = storage._keys[0].decode().removesuffix("meta")
-        index_bytes = 0
-        for part in ("members", "ages", "classes", "heads", "cells"):
-            index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
+        index_bytes: float | None = None
+        if filled:
+            # Every element counted (samples=0): it holds the server a while on a large queue,
+            # so a queue measured again is not counted again.
+            index_bytes = 0
+            for part in ("members", "ages", "classes", "heads", "cells"):
+                index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
         # A sorted set (a hash in builds before: a baseline's queue).
         hashed = await client.type(f"{prefix}score:cells") in (b"hash", "hash")
         count = client.hlen if hashed else client.zcard
@@ -529,7 +534,7 @@ async def _score_server_figures(
     return {
         "score_dispatch_us": dispatch_us,
         "score_mark_us": mark_us,
-        "score_index_bytes_per_message": index_bytes / queued,
+        "score_index_bytes_per_message": None if index_bytes is None else index_bytes / queued,
         "score_cells": cells,
     }
 
