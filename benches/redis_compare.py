@@ -463,46 +463,61 @@ async def _script_figures(url: str, queue: str, dispatches: int = 1_000) -> dict
     return figures
 
 
-async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000) -> dict[str, Any]:
-    """The server time of the score policy's dispatch and mark scripts with ``queued`` messages
-    of every priority, varied estimates and expected times waiting; its index's memory."""
+async def _score_fill(storage: Any, queued: int) -> None:
+    """Enqueues ``queued`` messages of every priority, estimates of 50 to 4,000 tokens and four
+    expected processing times (the same ones for a given ``queued``)."""
     import random
 
+    from llm_queue_dispatcher import LLMRequest, Priority, TokenInfo
+
+    rng = random.Random(1)
+    for first in range(0, queued, 1000):
+        await storage.batch_enqueue(
+            [
+                LLMRequest(
+                    f"s{i}",
+                    PAYLOAD,
+                    Priority(rng.choices([0, 1, 2, 3], weights=[1, 3, 6, 4])[0]),
+                    TokenInfo(rng.randint(50, 4000)),
+                    expected_processing_time=rng.choice([None, 0.5, 3.0, 20.0]),
+                )
+                for i in range(first, min(queued, first + 1000))
+            ]
+        )
+
+
+async def _score_server_figures(
+    port: int, queued: int, dispatches: int = 1_000, queue: str | None = None
+) -> dict[str, Any]:
+    """The server time of the score policy's dispatch and mark scripts with ``queued`` messages
+    of every priority, varied estimates and expected times waiting; its index's memory. With
+    ``queue``, a queue of that name filled by an earlier call is used as it is (so builds can
+    be measured one after the other on one backlog: each call takes ``dispatches`` messages)."""
     import redis.asyncio as aioredis
 
-    from llm_queue_dispatcher import (
-        LLMQueueDispatcher,
-        LLMQueueDispatcherConfig,
-        LLMRequest,
-        Priority,
-        TokenInfo,
-    )
+    from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig
     from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
     url = f"redis://127.0.0.1:{port}/0"
     client = aioredis.Redis.from_url(url)
-    queue = f"score-{time.time_ns()}"
-    rng = random.Random(1)
+    queue = queue or f"score-{time.time_ns()}"
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     async with storage:
-        for first in range(0, queued, 1000):
-            await storage.batch_enqueue(
-                [
-                    LLMRequest(
-                        f"s{i}",
-                        PAYLOAD,
-                        Priority(rng.choices([0, 1, 2, 3], weights=[1, 3, 6, 4])[0]),
-                        TokenInfo(rng.randint(50, 4000)),
-                        expected_processing_time=rng.choice([None, 0.5, 3.0, 20.0]),
-                    )
-                    for i in range(first, min(queued, first + 1000))
-                ]
-            )
+        filled = not await storage.get_approximate_message_count()
+        if filled:
+            await _score_fill(storage, queued)
         prefix = storage._keys[0].decode().removesuffix("meta")
-        index_bytes = 0
-        for part in ("members", "ages", "classes", "cells"):
-            index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
-        cells = int(await client.hlen(f"{prefix}score:cells"))
+        index_bytes: float | None = None
+        if filled:
+            # Every element counted (samples=0): it holds the server a while on a large queue,
+            # so a queue measured again is not counted again.
+            index_bytes = 0
+            for part in ("members", "ages", "classes", "heads", "cells"):
+                index_bytes += int(await client.memory_usage(f"{prefix}score:{part}", samples=0) or 0)
+        # A sorted set (a hash in builds before: a baseline's queue).
+        hashed = await client.type(f"{prefix}score:cells") in (b"hash", "hash")
+        count = client.hlen if hashed else client.zcard
+        cells = int(await count(f"{prefix}score:cells"))
         # A real budget's size (the factors' A), large enough never to bind here.
         limiter = RedisThrottle(url, f"score-{queue}", rpm=1e12, tpm=1e7)
         config = LLMQueueDispatcherConfig(visibility_timeout=60.0)
@@ -523,7 +538,7 @@ async def _score_server_figures(port: int, queued: int, dispatches: int = 1_000)
     return {
         "score_dispatch_us": dispatch_us,
         "score_mark_us": mark_us,
-        "score_index_bytes_per_message": index_bytes / queued,
+        "score_index_bytes_per_message": None if index_bytes is None else index_bytes / queued,
         "score_cells": cells,
     }
 

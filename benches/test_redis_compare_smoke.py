@@ -1,10 +1,13 @@
 """Smoke tests of benches/redis_compare.py: every measurement on tiny sizes, in process (plus one
-through a child process), the table and the RESULTS.md section. A few seconds; no node needed."""
+through a child process), the table and the RESULTS.md section; and of benches/score_rank_time.py
+on a queue it filled. A few seconds; no node needed."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ from typing import Any
 import pytest
 import redis_compare
 from redis_compare import END_MARKER, START_MARKER, _child, _fill, combine, redis_server, render, run_python
+
+BENCHES = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -142,3 +147,32 @@ def test_the_global_choice_measurements_run_and_fill_their_section(tmp_path: Pat
     assert text.count(redis_compare.GLOBAL_START) == text.count(redis_compare.GLOBAL_END) == 1
     assert "| 111 |" in text
     assert "other" in text
+
+
+def test_the_score_ranking_alone_is_timed_on_a_filled_queue_and_reused_queues_are_not_refilled() -> None:
+    """score_rank_time.py on a queue `_score_server_figures` filled, and a second call of the
+    latter on that queue takes from it rather than filling it again."""
+    with redis_server("everysec") as port:
+        first = asyncio.run(redis_compare._score_server_figures(port, 300, dispatches=10, queue="smoke-rank"))
+        again = asyncio.run(redis_compare._score_server_figures(port, 300, dispatches=10, queue="smoke-rank"))
+        assert first["score_dispatch_us"] > 0
+        assert again["score_dispatch_us"] > 0
+        url = f"redis://127.0.0.1:{port}/0"
+        counts = asyncio.run(_count(url, "smoke-rank"))
+        assert counts == 300 - 20
+        script = str(BENCHES / "score_rank_time.py")
+        done = subprocess.run(
+            [sys.executable, script, "--port", str(port), "--queue", "smoke-rank",
+             "--build", str(BENCHES.parent), "--calls", "3"],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+    assert "ranking" in done.stdout
+    assert "winner 0" in done.stdout
+
+
+async def _count(url: str, queue: str) -> int:
+    from llm_queue_dispatcher.redis import RedisStorage
+
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    async with storage:
+        return await storage.get_approximate_message_count()

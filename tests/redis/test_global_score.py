@@ -20,6 +20,7 @@ import pytest
 
 from llm_queue_dispatcher import (
     CustomScorer,
+    InMemoryStorage,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
@@ -29,11 +30,12 @@ from llm_queue_dispatcher import (
     ScoringConfig,
     ScoringWeights,
     TokenInfo,
+    create_llm_throttle,
 )
 from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.conftest import Workers, fresh_name
 from tests.redis.support import RedisServer
-from tests.reference.scoring import ContractWeights, UrgentHistory, tier, total_score, urgent_margin
+from tests.reference.scoring import ContractWeights, UrgentHistory, Weights, tier, total_score, urgent_margin
 
 TOLERANCE = 1e-9
 WEIGHTS = ContractWeights()
@@ -51,37 +53,58 @@ class Visible:
     enqueued_at: float
     order: int
     receive_count: int = 0
+    input: int | None = None  # the input part, when the request gives its parts
 
-    def score(self, now: float, capacity: float) -> float:
+    def score(self, now: float, capacity: float, weights: Weights = WEIGHTS) -> float:
         return total_score(
             priority=self.priority,
             tokens=self.tokens,
             expected_processing_time=self.expected,
-            age=now - self.enqueued_at,
+            age=max(now - self.enqueued_at, 0.0),  # microsecond instants: a hair below 0 is 0
             receive_count=self.receive_count,
             available=capacity,
-            weights=WEIGHTS,
+            weights=weights,
         )
 
 
-def ranking(visible: list[Visible], now: float, capacity: float) -> list[tuple[int, float, Visible]]:
-    """``(tier, score, message)`` of every message that can ever fit, best first (URGENT first,
-    then the score, then older, then enqueued first)."""
+def ranking(
+    visible: list[Visible],
+    now: float,
+    capacity: float,
+    *,
+    weights: Weights = WEIGHTS,
+    urgent_first: bool = True,
+    fits: Any = None,
+) -> list[tuple[int, float, Visible]]:
+    """``(tier, score, message)`` of every message that can ever fit (``fits``, by default an
+    estimate within ``capacity``), best first (URGENT first, then the score, then older, then
+    enqueued first); A = ``capacity``."""
     keyed = [
-        (tier(m.priority, True), m.score(now, capacity), -m.enqueued_at, -m.order, m)
+        (tier(m.priority, urgent_first), m.score(now, capacity, weights), -m.enqueued_at, -m.order, m)
         for m in visible
-        if m.tokens <= capacity
+        if (m.tokens <= capacity if fits is None else fits(m))
     ]
     keyed.sort(key=lambda k: k[:4], reverse=True)
     return [(k[0], k[1], k[4]) for k in keyed]
 
 
-def same_rank(got: Visible, expected: tuple[int, float, Visible], now: float, capacity: float) -> bool:
+def same_rank(
+    got: Visible,
+    expected: tuple[int, float, Visible],
+    now: float,
+    capacity: float,
+    *,
+    weights: Weights = WEIGHTS,
+    urgent_first: bool = True,
+) -> bool:
     """Whether ``got`` is the reference's winner, or ties with it within `TOLERANCE`."""
     rank, score, message = expected
     if got.id == message.id:
         return True
-    return tier(got.priority, True) == rank and abs(got.score(now, capacity) - score) <= TOLERANCE
+    return (
+        tier(got.priority, urgent_first) == rank
+        and abs(got.score(now, capacity, weights) - score) <= TOLERANCE
+    )
 
 
 def requests(count: int, seed: int, *, largest: int, above: float = 0.0) -> list[LLMRequest[Any]]:
@@ -106,34 +129,43 @@ def requests(count: int, seed: int, *, largest: int, above: float = 0.0) -> list
 # -- one process, manual clock ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("tpm", "arrivals"),
-    [
-        (6_000, (0, 0, 1, 3)),  # a backlog: the budget binds, messages age past every max wait
-        (60_000, (0, 1, 1, 2)),  # the budget rarely binds: the ranking alone decides
-    ],
-)
-async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_the_budget_binds(
-    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, tpm: int, arrivals: tuple[int, ...]
-) -> None:
-    """Enqueues, hand-outs, failures and marks over an hour of a manual clock: every decision is
-    the reference's (the best score over every visible message that can ever fit, URGENT first,
-    A = the capacity; held when the winner and the URGENT reserve do not fit now; nothing below
-    the minimum score)."""
-    storage = clocked_storage()
-    limiter = clocked_throttle(rpm=600, tpm=tpm)
-    config = LLMQueueDispatcherConfig(clock=clock)
-    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
-    assert dispatcher._global is not None
-    rng = random.Random(11)
-    pending = iter(requests(500, 5, largest=tpm // 3, above=0.03))
+@dataclass
+class Counts:
+    """What a run of `_drive` went through."""
+
+    handed_out: int = 0
+    held: int = 0
+    retried: int = 0
+    saturated: int = 0  # hand-outs of non-URGENT messages whose wait was past 60 s
+
+
+async def _drive(
+    dispatcher: LLMQueueDispatcher[Any],
+    limiter: Any,
+    clock: ManualClock,
+    rng: random.Random,
+    pending: list[LLMRequest[Any]],
+    *,
+    tpm: int,
+    rounds: int,
+    arrivals: tuple[int, ...],
+    advances: tuple[float, ...],
+    weights: Weights = WEIGHTS,
+    urgent_first: bool = True,
+    min_score: float = 0.0,
+) -> Counts:
+    """Enqueues ``pending`` a few at a time, dispatches once a round and fails or marks each
+    hand-out, on the manual clock: every decision must be the reference's (the best score over
+    every visible message that can ever fit, A = the capacity; held when the winner and the
+    URGENT reserve do not fit now; nothing below the minimum score)."""
+    requests = iter(pending)
     visible: dict[str, Visible] = {}
     history = UrgentHistory()
     order = 0
-    handed_out = held = retried = saturated = 0
-    for _ in range(700):
+    counts = Counts()
+    for _ in range(rounds):
         for _ in range(rng.choice(arrivals)):
-            request = next(pending, None)
+            request = next(requests, None)
             if request is None:
                 break
             message = await dispatcher.enqueue(request)
@@ -151,11 +183,11 @@ async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_t
         now = clock()
         metrics = await limiter.get_metrics()
         tokens, left = metrics.tpm.available, metrics.rpm.available
-        ranked = ranking(list(visible.values()), now, tpm)
+        ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=urgent_first)
         fits = False
-        if ranked and ranked[0][1] >= config.min_score_threshold:
+        if ranked and ranked[0][1] >= min_score:
             winner = ranked[0][2]
-            reserve = history.reserve(tpm, fixed=None, urgent_first=True)
+            reserve = history.reserve(tpm, fixed=None, urgent_first=urgent_first)
             waiting = sum(m.tokens for m in visible.values())
             if not history.kept(
                 reserve, now=now, refill_rate=tpm / 60, admits_waiting=waiting <= tokens and left >= 1
@@ -166,30 +198,190 @@ async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_t
         job = await dispatcher.dequeue(limiter)
         if job is None:
             assert not fits, f"held, but the reference sends {ranked[0]}"
-            held += bool(ranked)
+            counts.held += bool(ranked)
         else:
             assert fits, f"handed out {job.message.payload.id}, the reference holds for {ranked[:1]}"
             got = visible[job.message.payload.id]
-            assert same_rank(got, ranked[0], now, tpm), f"{got} instead of {ranked[0]}"
+            assert same_rank(got, ranked[0], now, tpm, weights=weights, urgent_first=urgent_first), (
+                f"{got} instead of {ranked[0]}"
+            )
             assert job.message.attributes.receive_count == got.receive_count + 1
-            saturated += got.priority > 0 and now - got.enqueued_at > 60
-            handed_out += 1
+            counts.saturated += got.priority > 0 and now - got.enqueued_at > 60
+            counts.handed_out += 1
             del visible[got.id]
             if got.receive_count < job.message.payload.payload["fail"]:
                 await job.mark_as_failed(RuntimeError("a retry"))
                 got.receive_count += 1
                 visible[got.id] = got
                 history.observe(got.priority, got.tokens, got.enqueued_at)
-                retried += 1
+                counts.retried += 1
             else:
                 await job.mark_as_processed()
-        clock.advance(rng.choice([0.5, 2.0, 5.0, 15.0, 40.0]))
-    assert handed_out > 150
-    assert retried > 20
+        clock.advance(rng.choice(advances))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("tpm", "arrivals"),
+    [
+        (6_000, (0, 0, 1, 3)),  # a backlog: the budget binds, messages age past every max wait
+        (60_000, (0, 1, 1, 2)),  # the budget rarely binds: the ranking alone decides
+    ],
+)
+async def test_each_hand_out_is_the_reference_winner_as_messages_age_retry_and_the_budget_binds(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, tpm: int, arrivals: tuple[int, ...]
+) -> None:
+    """Enqueues, hand-outs, failures and marks over an hour of a manual clock (default weights,
+    URGENT first, the default minimum score)."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=tpm)
+    config = LLMQueueDispatcherConfig(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    pending = requests(500, 5, largest=tpm // 3, above=0.03)
+    counts = await _drive(
+        dispatcher, limiter, clock, random.Random(11), pending,
+        tpm=tpm, rounds=700, arrivals=arrivals, advances=(0.5, 2.0, 5.0, 15.0, 40.0),
+        min_score=config.min_score_threshold,
+    )  # fmt: skip
+    assert counts.handed_out > 150
+    assert counts.retried > 20
     if tpm == 6_000:
-        assert held > 20
-        assert saturated > 20
+        assert counts.held > 20
+        assert counts.saturated > 20
     await dispatcher.close()
+
+
+def random_weights(rng: random.Random) -> ScoringWeights:
+    """Six weights, some of them zero (never all)."""
+    values = [rng.choice([0.0, 0.02, rng.uniform(0.01, 1.0), rng.uniform(0.01, 1.0)]) for _ in range(6)]
+    if not any(values):
+        values[0] = 0.5
+    return ScoringWeights(*values)
+
+
+def random_requests(count: int, rng: random.Random, tpm: int) -> list[LLMRequest[Any]]:
+    """Estimates over every share of the capacity (below a tenth, around the efficiency and
+    token-fit breakpoints, past it: never fitting), every priority, every processing-time slope,
+    up to nine failures (past the retry factor's floor)."""
+    made = []
+    for n in range(count):
+        share = rng.choice([rng.uniform(0.0, 0.12), rng.uniform(0.4, 0.95), rng.uniform(0.0, 1.1)])
+        tokens = max(1, round(tpm * share))
+        made.append(
+            LLMRequest(
+                f"q{n}",
+                {"fail": rng.choice([0, 0, 0, 1, 3, 9])},
+                Priority(rng.choice([0, 1, 2, 2, 3])),
+                TokenInfo(tokens),
+                expected_processing_time=rng.choice([*TIMES, round(rng.uniform(0.0, 40.0), 3)]),
+            )
+        )
+    return made
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets_and_queues(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """Random weights, capacities, URGENT first or not, estimates, expected times, arrivals
+    spread from a fraction of a second to minutes apart (every wait slope, some saturated) and
+    failures: every decision of the server's walk is the reference's."""
+    rng = random.Random(seed)
+    weights = random_weights(rng)
+    urgent_first = rng.random() < 0.5
+    tpm = rng.choice([3_000, 20_000, 150_000])
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=100_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(
+        clock=clock,
+        scoring=ScoringConfig(weights=weights),
+        urgent_first=urgent_first,
+        min_score_threshold=0.0,
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    counts = await _drive(
+        dispatcher, limiter, clock, rng, random_requests(160, rng, tpm),
+        tpm=tpm, rounds=260, arrivals=(0, 1, 1, 2, 5), advances=(0.2, 1.0, 3.0, 8.0, 25.0, 90.0),
+        weights=weights, urgent_first=urgent_first,
+    )  # fmt: skip
+    assert counts.handed_out > 60
+    assert counts.retried > 10
+    await dispatcher.close()
+
+
+async def test_with_input_and_output_limits_the_global_choice_ranks_as_the_in_memory_dispatcher(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """With an input-token limit below the TPM limit, A is the smallest capacity (ITPM's) on
+    Redis as in memory; a request split into parts that fits the input limit by its input part
+    competes (above A: no efficiency, no token fit), one without parts above the input limit
+    never goes. Both dispatchers hand out the reference's winner every time (the buckets full
+    before each dispatch: the ranking alone decides)."""
+    tpm, itpm = 60_000, 6_000
+    rng = random.Random(3)
+    batch = []
+    for n in range(40):
+        if n % 8 == 7:
+            info = TokenInfo(rng.randint(8_000, 30_000), input=rng.randint(500, 5_000))  # fits by parts
+        elif n % 13 == 12:
+            info = TokenInfo(rng.randint(7_000, 20_000))  # above the input limit, no parts: never
+        else:
+            info = TokenInfo(rng.randint(50, itpm))
+        batch.append(
+            LLMRequest(
+                f"m{n}", "x", Priority(rng.choice([1, 2, 2, 3])), info,
+                expected_processing_time=rng.choice(TIMES),
+            )
+        )  # fmt: skip
+    config = LLMQueueDispatcherConfig(clock=clock)
+    on_redis: LLMQueueDispatcher[Any] = LLMQueueDispatcher(clocked_storage(), config)
+    assert on_redis._global is not None
+    redis_limiter = clocked_throttle(rpm=600, tpm=tpm, itpm=itpm)
+    in_memory: LLMQueueDispatcher[Any] = LLMQueueDispatcher(InMemoryStorage(clock=clock), config)
+    memory_limiter = create_llm_throttle(rpm=600, tpm=tpm, itpm=itpm, clock=clock)
+    visible: list[Visible] = []
+    for n, request in enumerate(batch):
+        message = await on_redis.enqueue(request)
+        await in_memory.enqueue(request)
+        visible.append(
+            Visible(request.id, int(request.priority), request.token_info.estimated,
+                    request.expected_processing_time, message.attributes.enqueued_at.timestamp(), n,
+                    input=request.token_info.input)
+        )  # fmt: skip
+        clock.advance(rng.choice([0.5, 3.0, 20.0]))
+
+    def fits(m: Visible) -> bool:
+        return m.tokens <= tpm and (m.input if m.input is not None else m.tokens) <= itpm
+
+    never = {m.id for m in visible if not fits(m)}
+    assert never
+    assert any(m.tokens > itpm and fits(m) for m in visible)
+    differs = 0
+    for _ in range(len(batch) - len(never)):
+        clock.advance(61.0)  # every bucket full again
+        now = clock()
+        ranked = ranking(visible, now, itpm, fits=fits)
+        by_tpm = ranking(visible, now, tpm, fits=fits)
+        differs += by_tpm[0][2].id != ranked[0][2].id
+        jobs = [await on_redis.dequeue(redis_limiter), await in_memory.dequeue(memory_limiter)]
+        ids = []
+        for job in jobs:
+            assert job is not None
+            got = next(m for m in visible if m.id == job.message.payload.id)
+            assert same_rank(got, ranked[0], now, itpm), f"{got} instead of {ranked[0]}"
+            if got.tokens <= itpm:  # the score handed out is the one ranked
+                assert job.score.total == pytest.approx(got.score(now, itpm), abs=1e-6)
+            ids.append(got.id)
+            await job.mark_as_processed()
+        assert ids[0] == ids[1]
+        visible = [m for m in visible if m.id != ids[0]]
+    assert differs > 0  # A = the TPM capacity would have chosen otherwise
+    assert {m.id for m in visible} == never
+    assert await on_redis.dequeue(redis_limiter) is None
+    await on_redis.close()
+    await in_memory.close()
 
 
 async def test_a_worker_takes_its_winners_in_rank_order_in_one_script(
@@ -309,6 +501,43 @@ async def test_messages_stored_before_the_score_index_are_indexed_and_handed_out
         await job.mark_as_processed()
         clock.advance(1.0)
     assert await storage.redis.hget(storage._keys[0], "scored") == b"1"
+    await dispatcher.close()
+
+
+@pytest.mark.parametrize("enqueue_after", [True, False])
+async def test_a_score_index_of_the_earlier_hash_layout_is_dropped_and_filled_again(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, enqueue_after: bool
+) -> None:
+    """A queue whose cell summaries are a hash (the layout before they became one sorted set):
+    an enqueue, or else the next dispatch, drops the index rather than fail; the dispatch fills
+    it again, and the hand-outs follow the scores."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=1_000_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    batch = requests(24, 9, largest=30_000)
+    first = 20 if enqueue_after else 24
+    messages = await dispatcher.batch_enqueue(batch[:first])
+    cells = f"{storage._keys[0].decode().removesuffix('meta')}score:cells"
+    await storage.redis.delete(cells)
+    await storage.redis.hset(cells, "00001", "a summary of the hash layout")
+    if enqueue_after:
+        messages += await dispatcher.batch_enqueue(batch[first:])
+    clock.advance(30.0)
+    visible = [
+        Visible(r.id, int(r.priority), r.token_info.estimated, r.expected_processing_time,
+                m.attributes.enqueued_at.timestamp(), n)
+        for n, (r, m) in enumerate(zip(batch, messages, strict=True))
+    ]  # fmt: skip
+    for _ in range(len(batch)):
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = next(m for m in visible if m.id == job.message.payload.id)
+        assert same_rank(got, ranking(visible, clock(), 1_000_000)[0], clock(), 1_000_000)
+        visible.remove(got)
+        await job.mark_as_processed()
+        clock.advance(1.0)
+    assert await storage.redis.type(cells) in (b"none", b"zset")
+    assert await dispatcher.dequeue(limiter) is None
     await dispatcher.close()
 
 

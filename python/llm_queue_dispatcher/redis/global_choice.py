@@ -555,6 +555,14 @@ class GlobalChoice:
             message: QueueMessage[Any] = storage._message(request, mid, int(count), enqueued, first, handle)
             key = f"{request.id}#{int(count)}"
             self._keys.add(key)
+            if (
+                self._dispatch_script == "score_dispatch"
+                and request.token_info.estimated <= limiter.token_capacity
+            ):
+                # The score it was ranked with (score_dispatch.lua): A is the smallest capacity of
+                # the token limits. One above it (fitting an input or output limit by its parts)
+                # keeps the whole-estimate capacity, which the books need to take it.
+                capacity = float(limiter.token_capacity)
             core.buffer_insert([message], core.now() + self._timeout)
             found = core.choose(limiter, math.inf, math.inf, capacity, float(limiter.request_capacity), None)
         except BaseException:

@@ -7,7 +7,8 @@
 --
 -- KEYS: as global_dispatch.lua (the queues, the limiter's five keys, this call's reply key).
 -- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
--- ARGV[8] the limiter's token capacity (A of the formulas; a message above it never fits)
+-- ARGV[8] the capacity of the limiter's token bucket (burst_tpm, else tpm: what a winner's
+--         margin for the URGENT reserve is capped by)
 -- ARGV[9 .. 14] the weights: priority, efficiency, wait time, retry, token fit, processing time
 -- ARGV[15] urgent_first ('1' or '0')  ARGV[16] the URGENT reserve ('': automatic)
 -- ARGV[17] min_score_threshold (a winner scoring below it is not taken: nothing is)
@@ -21,7 +22,10 @@
 -- follows it ({NOW, wait, reason}: the metrics' binding limit).
 --
 -- The rules are the in-memory score policy's with the budget held (rust/policy.rs,
--- decide_score): A is the token capacity; with urgent_first every URGENT message ranks above
+-- decide_score): A is the smallest capacity of the token limits (tpm, itpm, otpm, tpd); the
+-- estimates ranked are those within the limits that count the whole estimate (tpm, tpd), a
+-- request whose parts can never fit the input or output limit being skipped when it wins (the
+-- limiter says so); with urgent_first every URGENT message ranks above
 -- every other; a non-URGENT winner leaves the URGENT reserve in the bucket unless a backlog is
 -- clearing; a winner below min_score_threshold is not taken.
 
@@ -36,6 +40,11 @@ end
 if redis.call('HGET', Q.meta, 'indexed') ~= '1' or redis.call('HGET', Q.meta, 'scored') ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua, score_fill.lua), then calls again.
+  return {fmt(NOW), '', 'unindexed'}
+end
+if redis.call('TYPE', Q.sc_cells).ok == 'hash' then
+  -- The index of an earlier layout (score_index.lua): dropped, then filled again as above.
+  score_index_drop(Q)
   return {fmt(NOW), '', 'unindexed'}
 end
 
@@ -55,7 +64,22 @@ local limiter_argv = {}
 for i = 1, 14 do
   limiter_argv[i] = ARGV[17 + i]
 end
-local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
+-- From the limiter's settings (limiter_common.lua, ARGV[2..14]: '' where a limit is not set):
+-- A of the formulas, the smallest capacity of the token limits (rust/throttle token_capacity);
+-- the largest estimate ranked, the smallest capacity of those counting the whole estimate
+-- (whole_token_capacity); the slowest refill of the token limits, tokens per second.
+local token_capacity, whole_capacity, refill = tonumber(limiter_argv[5]), tonumber(limiter_argv[5]), tonumber(limiter_argv[3]) / 60
+-- Bounded: the itpm, otpm and tpd limits, each (rate, capacity, seconds of its rate).
+for _, limit in ipairs({{8, 9, 60}, {10, 11, 60}, {13, 13, 86400}}) do
+  local rate, held = tonumber(limiter_argv[limit[1]]), tonumber(limiter_argv[limit[2]])
+  if rate ~= nil then
+    token_capacity = math.min(token_capacity, held)
+    refill = math.min(refill, rate / limit[3])
+    if limit[1] == 13 then
+      whole_capacity = math.min(whole_capacity, held)
+    end
+  end
+end
 if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
@@ -92,7 +116,7 @@ local function urgent_reserve()
         most = n
       end
     end
-    reserve = most == nil and 0 or math.min(2 * most, 0.25 * capacity)
+    reserve = most == nil and 0 or math.min(2 * most, 0.25 * token_capacity)
   end
   if reserve <= 0 then
     return reserve
@@ -106,8 +130,9 @@ local function urgent_reserve()
   return reserve
 end
 
--- Messages above the capacity are never ranked; their submitters, if any wait, hear that they
--- never fit (they stay queued, as the per-process path leaves them). Told once: the entry goes.
+-- Messages above the whole-estimate capacity are never ranked; their submitters, if any wait,
+-- hear that they never fit (they stay queued, as the per-process path leaves them). Told once:
+-- the entry goes.
 local told = 0
 local function above(cell)
   if told >= SKIP_MAX then
@@ -116,14 +141,14 @@ local function above(cell)
   local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, SKIP_MAX)
   -- Bounded by SKIP_MAX (the LIMIT above).
   for _, class in ipairs(classes) do
-    if entry_tokens(class) > capacity then
+    if entry_tokens(class) > whole_capacity then
       local prefix = string.sub(class, 1, CLASS_LEN)
       local entries = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, SKIP_MAX - told)
       -- Bounded by SKIP_MAX (the LIMIT above).
       for _, entry in ipairs(entries) do
         local s = load(Q, entry_member(entry))
         report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more tokens than the limiter can ever '
-          .. 'grant (capacity ' .. fmt(capacity) .. '); it stays queued', {reason = 'tpm_limit', available_in = 'inf'})
+          .. 'grant (capacity ' .. fmt(whole_capacity) .. '); it stays queued', {reason = 'tpm_limit', available_in = 'inf'})
         told = told + 1
       end
       if told >= SKIP_MAX then
@@ -133,7 +158,7 @@ local function above(cell)
   end
 end
 
-local ranker = score_ranker(weights, capacity, urgent_first)
+local ranker = score_ranker(weights, token_capacity, whole_capacity, urgent_first)
 local excluded = {n = 0}
 local taken = {}
 local skipped, expired = 0, 0

@@ -19,10 +19,15 @@
 --                 its head (the best of the class), so a class is scored from its entry alone
 --   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
 --                 classes, the oldest head first
---   q.sc_cells    hash: cell -> <oldest: enqueued_at and member, 31 characters><best processing
---                 time: 16 hex digits><visible members>: what bounds the cell, read in one call
+--   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
+--                 processing time: 16 hex digits>: what bounds the cell, rewritten only when
+--                 one of the two changes (a cell is empty when its oldest goes and no member
+--                 is left in sc_ages; an entry may end with a count, as kept before); one
+--                 priority's cells are one range of it, read in one call (with urgent_first
+--                 the URGENT tier's alone, the others' only when no URGENT message can go)
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
--- the index can be filled while scripts keep it (score_fill.lua).
+-- the index can be filled while scripts keep it (score_fill.lua). A queue whose sc_cells is
+-- still the hash of an earlier layout has its index dropped and filled again.
 
 local SCORE_MS_MIN, SCORE_MS_MAX = 1000, 30001
 
@@ -121,9 +126,28 @@ local function score_age_key(member, s)
   return string.format('%016.0f', s.at) .. member
 end
 
--- A cell's summary: oldest (31 characters), best time (16), count.
-local function cell_summary(oldest, best, count)
-  return oldest .. best .. count
+
+local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
+
+-- Drops the index of a queue whose sc_cells has an earlier layout (a hash): the next dispatch
+-- finds the queue unscored and has it filled again (score_fill.lua).
+local function score_index_drop(q)
+  -- Bounded: the five keys of the index.
+  for _, name in ipairs(SCORE_KEYS) do
+    redis.call('DEL', q[name])
+  end
+  redis.call('HDEL', q.meta, 'scored')
+end
+
+-- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
+-- has an earlier layout (dropped then).
+local function cell_entry(q, cell)
+  local found = redis.pcall('ZRANGEBYLEX', q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)
+  if found.err ~= nil then
+    score_index_drop(q)
+    return false
+  end
+  return found[1]
 end
 
 local function score_index_add(q, member, s)
@@ -146,14 +170,17 @@ local function score_index_add(q, member, s)
     redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
   end
-  local summary = redis.call('HGET', q.sc_cells, cell)
-  if summary then
-    local oldest, kept, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), string.sub(summary, 48)
-    summary = cell_summary(age < oldest and age or oldest, best < kept and best or kept, tonumber(count) + 1)
-  else
-    summary = cell_summary(age, best, 1)
+  local entry = cell_entry(q, cell)
+  if entry then
+    local oldest, kept = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
+    if age >= oldest and best >= kept then
+      return -- its bound is unchanged
+    end
+    redis.call('ZREM', q.sc_cells, entry)
+    redis.call('ZADD', q.sc_cells, 0, cell .. (age < oldest and age or oldest) .. (best < kept and best or kept))
+  elseif entry == nil then
+    redis.call('ZADD', q.sc_cells, 0, cell .. age .. best)
   end
-  redis.call('HSET', q.sc_cells, cell, summary)
 end
 
 local function score_index_remove(q, member, s)
@@ -178,20 +205,26 @@ local function score_index_remove(q, member, s)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
   end
-  local summary = redis.call('HGET', q.sc_cells, cell)
-  if not summary then
+  local entry = cell_entry(q, cell)
+  if not entry then
     return
   end
-  local oldest, best, count = string.sub(summary, 1, 31), string.sub(summary, 32, 47), tonumber(string.sub(summary, 48))
-  if count <= 1 then
-    redis.call('HDEL', q.sc_cells, cell)
-    return
-  end
+  local oldest, best = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
+  local changed = false
   if oldest == age then
-    oldest = string.sub(redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6)
+    local next_oldest = redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+    if next_oldest == nil then
+      redis.call('ZREM', q.sc_cells, entry) -- its last member
+      return
+    end
+    oldest, changed = string.sub(next_oldest, 6), true
   end
   if emptied and best == string.sub(class, 6, 21) then
     best = string.sub(redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6, 21)
+    changed = true
   end
-  redis.call('HSET', q.sc_cells, cell, cell_summary(oldest, best, count - 1))
+  if changed then
+    redis.call('ZREM', q.sc_cells, entry)
+    redis.call('ZADD', q.sc_cells, 0, cell .. oldest .. best)
+  end
 end

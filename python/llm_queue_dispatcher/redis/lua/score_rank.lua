@@ -2,21 +2,25 @@
 -- branch-and-bound walk of the in-memory selection (rust/select.rs, best_candidate), with the
 -- factor functions of rust/scoring.rs. Part of score_dispatch.lua.
 --
--- Every non-empty cell is bounded from its summary alone (one HGETALL): its priority and retry
--- parts, the best efficiency + token fit over its token range, the processing-time factor of
--- its best member, the wait of its oldest. Cells are visited best bound first (URGENT ones
--- first while URGENT ranks first; the others are bounded only when no URGENT one holds a
--- candidate); the walk stops at the first cell that cannot beat the best found. Inside a cell
--- the classes are scored from their entries (a class's head is its best member): first the
--- HEAD_WALK oldest heads, which stops at the first head whose wait cannot win; then, bounded
--- by the wait of the next head (no class left waits longer), by processing time and then the
--- larger estimate, which stops at the first time, or below half the capacity the first
--- estimate, that cannot win (where heads wait alike, as on a fresh queue or a backlog whose
--- waits are full, walking them by age would read every head older than the winner). A class
--- whose score cannot win is left before its member is read. So a dispatch reads every cell's
--- summary and, in the cells it visits, the classes that can still win: its cost grows with
--- the non-empty cells and the distinct estimates and times inside the cells visited, not with
--- the number of messages.
+-- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
+-- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
+-- alone: its priority and retry parts, the best efficiency + token fit over its token range,
+-- the processing-time factor of its best member, the wait of its oldest. Cells are bounded in
+-- the order of a looser bound that needs no summary (the time and wait factors at 1: per
+-- priority and retry class, outwards from the token class where the budget part peaks), until
+-- none left can bound higher than the best bound found, and that cell is walked first; then,
+-- best bound first, only the cells whose bound reaches the best score found (those not bounded
+-- yet are bounded while their loose bound does). On a long backlog, whose cells bound alike but
+-- for their estimates, a dispatch bounds a few cells and walks one. Inside a cell the classes
+-- are scored from their entries (a class's head is its best member): first the HEAD_WALK
+-- oldest heads (unless the cell's oldest waits its full factor), which stops at the first head
+-- whose wait cannot win; then, bounded by the wait of the next head (no class left waits
+-- longer), by processing time and then the larger estimate, which stops at the first time, or
+-- below half the capacity the first estimate, that cannot win (where heads wait alike, as on a
+-- fresh queue or a backlog whose waits are full, walking them by age would read every head
+-- older than the winner). A class whose score cannot win is left before its member is read.
+-- So a dispatch's cost grows with the non-empty cells and the distinct estimates and times
+-- inside the cells visited, not with the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -24,7 +28,8 @@
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
-local CLASS_FIRST = 16 -- classes of a cell read by the first call (the walk mostly stops early)
+local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
+                       -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
@@ -79,9 +84,12 @@ local function wait_factor(at, p)
 end
 
 -- A ranker for weights W (priority, efficiency, wait, retry, token fit, processing time),
--- capacity C (A of the formulas: the budget is held, so the limiter's token capacity), and
--- whether URGENT ranks first.
-local function score_ranker(W, C, urgent_first)
+-- capacity C (A of the formulas: the budget is held, so the smallest capacity of the limiter's
+-- token limits, as rust/policy.rs ranking_budget), the largest estimate ranked M (at least C:
+-- the limits that count the whole estimate; a request split into input and output parts may
+-- fit the others by its parts, which the limiter checks when it wins), and whether URGENT
+-- ranks first.
+local function score_ranker(W, C, M, urgent_first)
   local ranker = {}
 
   local function efficiency(tokens)
@@ -98,30 +106,30 @@ local function score_ranker(W, C, urgent_first)
     return token_fit_of_share(tokens / C)
   end
 
-  local function tier(p)
-    return (urgent_first and p == 0) and 1 or 0
+  -- Efficiency + token fit of a share u of C (weighted).
+  local function budget_of_share(u)
+    return W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u)
   end
 
-  -- The best efficiency + token fit over a cell's token range (capped at C); nil when no
-  -- estimate of it fits C (rust/scoring.rs, budget_bound).
+  -- Where budget_of_share peaks: it rises up to u = 0.5 (both factors do, or one is flat),
+  -- runs straight from 0.5 to 0.7 (efficiency rising, token fit falling), and never rises past
+  -- 0.7 (efficiency flat then dropping at 0.9 and 1, token fit falling). So over an interval
+  -- its largest value is at the point of the interval nearest to the peak.
+  local peak = budget_of_share(0.7) > budget_of_share(0.5) and 0.7 or 0.5
+
+  -- The best efficiency + token fit over a cell's token range (capped at M); nil when no
+  -- estimate of it is ranked (rust/scoring.rs, budget_bound: the same value, from the one
+  -- point that holds it rather than from every breakpoint).
   local function budget_bound(class)
     local lo, hi = score_token_range(class)
-    if lo > C then
+    if lo > M then
       return nil
     end
-    hi = math.min(hi, C)
+    hi = math.min(hi, M)
     if C <= 0 then
       return 0
     end
-    local u_lo, u_hi = lo / C, hi / C
-    local best = 0
-    -- Bounded: the range's ends and the factors' five breakpoints.
-    for _, u in ipairs({u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0}) do
-      if u >= u_lo and u <= u_hi then
-        best = math.max(best, W[2] * efficiency_of_share(u) + W[5] * token_fit_of_share(u))
-      end
-    end
-    return best
+    return budget_of_share(math.min(math.max(peak, lo / C), hi / C))
   end
 
   -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
@@ -200,45 +208,164 @@ local function score_ranker(W, C, urgent_first)
 
   -- The best message not in `excluded` (member -> true) that fits C: {member, score, tier, at,
   -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
-  function ranker.best(excluded, above)
-    local summaries = redis.call('HGETALL', Q.sc_cells)
-    -- The admissible cells of `tier`, each with its bound (their summaries are read only for
-    -- the tier walked: the lower one only when no cell of the higher holds a candidate).
-    local function cells_of(tier_wanted)
-      local cells = {}
-      -- Bounded by the non-empty cells (the hash just read).
-      for i = 1, #summaries, 2 do
-        local cell = summaries[i]
-        -- Its tier from its first character (its priority: 48 is '0') before anything else.
-        local p = string.byte(cell, 1) - 48
-        if tier(p) == tier_wanted then
-          local token = token_facts[string.sub(cell, 3)]
-          if token == nil then
-            local class = tonumber(string.sub(cell, 3))
-            local _, hi = score_token_range(class)
-            token = {budget = budget_of(class), above = hi > C, rising = hi <= 0.5 * C}
-            token_facts[string.sub(cell, 3)] = token
-          end
-          if token.above then
-            above(cell) -- some of its estimates (or all) never fit
-          end
-          if token.budget then
-            -- The cell is its own facts: priority, tier, fixed parts, budget bound, summary.
-            local summary = summaries[i + 1]
-            local fixed, retry = fixed_part[p], retry_part[string.byte(cell, 2) - 48]
-            local wait = W[3] * wait_factor(tonumber(string.sub(summary, 1, 16)), p)
-            local time = time_of(string.sub(summary, 32, 47))
-            cells[#cells + 1] = {
-              cell = cell, p = p, tier = tier_wanted, fixed = fixed, retry = retry, budget = token.budget,
-              rising = token.rising, summary = summary, time = time,
-              bound = fixed + retry + time + BOUND_SLACK + token.budget + wait,
-            }
-          end
+  -- The sc_cells entries of tier `t`'s cells (<cell><summary>): one priority's are one range
+  -- of the index (URGENT's alone while URGENT ranks first, the others' only after).
+  local function entries_of(t)
+    if not urgent_first then
+      return t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
+    elseif t == 1 then
+      return redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+    end
+    return redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+  end
+
+  -- The facts of a token class (its sc_cells key, 3 digits) once per call: its budget bound
+  -- (false when no estimate of it is ranked), whether some of its estimates are never ranked,
+  -- whether its budget part never falls as the estimate grows (below half of C).
+  local function facts_of(key)
+    local token = token_facts[key]
+    if token == nil then
+      local class = tonumber(key)
+      local _, hi = score_token_range(class)
+      token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
+      token_facts[key] = token
+    end
+    return token
+  end
+
+  -- What no member of a cell of priority p and retry class r can score above but for its
+  -- budget part: the processing-time and wait factors at their most (1).
+  local function loose_part(p, r)
+    return fixed_part[p] + retry_part[r] + W[6]
+  end
+
+  -- The token class whose range holds the share of C where the budget part peaks: classes up
+  -- to it have a budget bound that never falls as the class grows, the ones above it one that
+  -- never rises (budget_bound takes the point of the range nearest the peak).
+  local peak_tokens = peak * C
+
+  -- The cells of a tier, given as sc_cells entries (sorted: priority, retry class, token class),
+  -- in streams whose loose bounds (loose_part + budget bound + the full wait) never rise: per
+  -- priority and retry class, from the class nearest the budget's peak down, and from the one
+  -- above it up. `next_cell` gives the entry with the highest loose bound left and that bound
+  -- (nil when none is left): every cell not yet given bounds no higher.
+  local function cell_streams(entries, above)
+    local streams = {}
+    local n = #entries
+    local i = 1
+    -- Bounded by the entries (each round takes one priority and retry class, at least one entry).
+    for _ = 1, n do
+      if i > n then
+        break
+      end
+      local group = string.sub(entries[i], 1, 2)
+      -- The group's last entry, by binary search.
+      local lo, hi = i, n
+      -- Bounded: a binary search halves at most 2^64 entries.
+      for _ = 1, 64 do
+        if lo >= hi then
+          break
+        end
+        local mid = math.floor((lo + hi + 1) / 2)
+        if string.sub(entries[mid], 1, 2) == group then
+          lo = mid
+        else
+          hi = mid - 1
         end
       end
-      return cells
+      local last = lo
+      -- The group's last class whose range starts at or below the peak (i - 1: none).
+      lo, hi = i - 1, last
+      -- Bounded: a binary search halves at most 2^64 entries.
+      for _ = 1, 64 do
+        if lo >= hi then
+          break
+        end
+        local mid = math.floor((lo + hi + 1) / 2)
+        if score_token_range(tonumber(string.sub(entries[mid], 3, 5))) <= peak_tokens then
+          lo = mid
+        else
+          hi = mid - 1
+        end
+      end
+      local split = lo
+      -- Cells some of whose estimates are never ranked are the group's top classes.
+      -- Bounded by the group's entries.
+      for k = last, i, -1 do
+        if not facts_of(string.sub(entries[k], 3, 5)).above then
+          break
+        end
+        above(string.sub(entries[k], 1, 5))
+      end
+      local p, r = string.byte(group, 1) - 48, string.byte(group, 2) - 48
+      local loose = loose_part(p, r)
+      if split >= i then
+        streams[#streams + 1] = {at = split, step = -1, stop = i, loose = loose, wait = W[3]}
+      end
+      if split < last then
+        streams[#streams + 1] = {at = split + 1, step = 1, stop = last, loose = loose, wait = W[3]}
+      end
+      i = last + 1
+    end
+    -- Each stream's loose bound at its current cell (nil: the stream is done).
+    local function bound_of(stream)
+      local budget = facts_of(string.sub(entries[stream.at], 3, 5)).budget
+      if not budget then
+        return nil -- from here on no estimate is ranked (the classes only grow upwards)
+      end
+      return stream.loose + BOUND_SLACK + budget + stream.wait
+    end
+    -- Bounded by the streams.
+    for _, stream in ipairs(streams) do
+      stream.bound = bound_of(stream)
+    end
+    return function()
+      local top = nil
+      -- Bounded by the streams (two per priority and retry class).
+      for _, stream in ipairs(streams) do
+        if stream.bound ~= nil and (top == nil or stream.bound > top.bound) then
+          top = stream
+        end
+      end
+      if top == nil then
+        return nil
+      end
+      local entry, bound = entries[top.at], top.bound
+      if top.at == top.stop then
+        top.bound = nil
+      else
+        top.at = top.at + top.step
+        top.bound = bound_of(top)
+      end
+      return entry, bound
+    end
+  end
+
+  function ranker.best(excluded, above)
+    -- A cell's bound from its summary: its priority and retry parts, the processing-time
+    -- factor of its best member, its budget bound, the wait of its oldest.
+    local function bound_of(entry)
+      -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
+      -- 16 hex digits><count>; 48 is '0'.
+      local p = string.byte(entry, 1) - 48
+      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
+        + BOUND_SLACK + facts_of(string.sub(entry, 3, 5)).budget
+        + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+    end
+
+    -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
+    local function cell_at(entry, t, bound)
+      local p = string.byte(entry, 1) - 48
+      local token = token_facts[string.sub(entry, 3, 5)]
+      local summary = string.sub(entry, 6)
+      return {
+        cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
+        retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
+        summary = summary, time = time_of(string.sub(summary, 32, 47)), bound = bound,
+      }
     end
     local best = nil
+    local classes_held = nil -- the classes of every cell (read once, by the first classes walk)
 
     -- Scores a class of cell c (its estimate `tokens`, processing-time part `pt`) whose head
     -- was enqueued at `at` and waits `wait` (the weighted factor); `entry` is its sc_heads entry
@@ -285,7 +412,7 @@ local function score_ranker(W, C, urgent_first)
           return false, wait
         end
         local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
-        if tokens <= C then
+        if tokens <= M then
           consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
         end
       end
@@ -302,10 +429,13 @@ local function score_ranker(W, C, urgent_first)
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
-      -- a time whose smaller estimates cannot win when the page ends inside it.
+      -- a time whose smaller estimates cannot win when the page ends inside it (then a short
+      -- page: on a backlog the next time's first class ends the walk).
       local page = CLASS_FIRST
-      -- Bounded by the cell's classes, at most as many as its members (a page per round).
-      for _ = 0, 1 + math.floor(tonumber(string.sub(c.summary, 48)) / CLASS_PAGE) do
+      classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
+      -- Each round but the last reads a full page of at least CLASS_FIRST classes of the cell.
+      -- Bounded by the cell's classes, at most as many as the index holds.
+      for _ = 0, 1 + math.floor(classes_held / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
         for _, entry in ipairs(classes) do
@@ -317,7 +447,7 @@ local function score_ranker(W, C, urgent_first)
               return
             end
             local tokens = entry_tokens(entry)
-            if tokens <= C then
+            if tokens <= M then
               local parts = parts_of(tokens)
               if may_beat(f.tier, floor + parts[1] + parts[2] + wait, best) then
                 local at = tonumber(string.sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
@@ -331,30 +461,84 @@ local function score_ranker(W, C, urgent_first)
         if #classes < page then
           return
         end
-        page = CLASS_PAGE
         local last = classes[#classes]
         if string.sub(last, 6, 21) == passed then
           from = '(' .. c.cell .. passed .. '\255'
+          page = CLASS_FIRST
         else
           from = '(' .. last
+          page = CLASS_PAGE
         end
       end
     end
 
+    -- A cell whose oldest member's wait is full (a backlog's) has its classes walked at once:
+    -- no class can wait longer, so reading its oldest heads first would tell nothing more.
+    local function walk(c)
+      local at = tonumber(string.sub(c.summary, 1, 16))
+      if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
+        walk_classes(c, W[3] * wait_factor(at, c.p))
+        return
+      end
+      local done, wait = walk_heads(c)
+      if not done then
+        walk_classes(c, wait)
+      end
+    end
+
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
-    -- of the lower tier hold the winner), best bound first. Bounded by the two tiers.
+    -- of the lower tier hold the winner), best bound first: cells are bounded from their
+    -- summaries in the order of their loose bounds (cell_streams), until none left can bound
+    -- higher than the best bound found; that cell is walked; then every cell whose bound
+    -- reaches the best score found, best bound first (on a long backlog, whose cells bound
+    -- alike but for their estimates, the walk reads a few cells' summaries and visits one).
+    -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
-      local cells = best == nil and cells_of(tier_walked) or {}
-      if #cells > 0 then
-        table.sort(cells, function(a, b) return a.bound > b.bound end)
-        -- Bounded by the non-empty cells.
-        for _, c in ipairs(cells) do
-          if not may_beat(c.tier, c.bound, best) then
-            break -- every cell left bounds no higher
+      if best == nil then
+        local entries = entries_of(tier_walked)
+        local next_cell = cell_streams(entries, above)
+        local cells, bounds, top = {}, {}, nil
+        local entry, loose = next_cell()
+        -- Bounded by the tier's cells (each given once).
+        for _ = 0, #entries do
+          if entry == nil or (top ~= nil and loose < bounds[top]) then
+            break
           end
-          local done, wait = walk_heads(c)
-          if not done then
-            walk_classes(c, wait)
+          local n = #cells + 1
+          cells[n] = entry
+          bounds[n] = bound_of(entry)
+          if top == nil or bounds[n] > bounds[top] then
+            top = n
+          end
+          entry, loose = next_cell()
+        end
+        if top ~= nil then
+          walk(cell_at(cells[top], tier_walked, bounds[top]))
+          -- The cells not bounded yet whose loose bound reaches the best score.
+          -- Bounded by the tier's cells (each given once).
+          for _ = 0, #entries do
+            if entry == nil or not may_beat(tier_walked, loose, best) then
+              break
+            end
+            local n = #cells + 1
+            cells[n] = entry
+            bounds[n] = bound_of(entry)
+            entry, loose = next_cell()
+          end
+          local left = {}
+          -- Bounded by the cells bounded.
+          for k = 1, #cells do
+            if k ~= top and may_beat(tier_walked, bounds[k], best) then
+              left[#left + 1] = {entry = cells[k], bound = bounds[k]}
+            end
+          end
+          table.sort(left, function(a, b) return a.bound > b.bound end)
+          -- Bounded by the cells bounded.
+          for _, c in ipairs(left) do
+            if not may_beat(tier_walked, c.bound, best) then
+              break -- every cell left bounds no higher
+            end
+            walk(cell_at(c.entry, tier_walked, c.bound))
           end
         end
       end
