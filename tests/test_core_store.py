@@ -357,10 +357,10 @@ def test_message_attributes_stay_out_of_the_collector_and_messages_in_it() -> No
 
 
 def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
-    """The attributes of a batch (each given a copy of one prepared ``__dict__``) and those of
-    a single enqueue (filled field by field) behave as `MessageAttributes` built by its
-    constructor: same ``vars()`` in field order, equality, hashing, repr, fields, copies,
-    pickles, weak references, frozen, out of the collector."""
+    """The attributes the store builds for a batch and for a single enqueue (without running
+    the dataclass's ``__init__``) behave as `MessageAttributes` built by its constructor: same
+    ``vars()`` in field order, equality, hashing, repr, fields, copies, pickles, weak
+    references, frozen, out of the collector."""
     import copy
     import pickle
 
@@ -390,7 +390,7 @@ def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             attributes.extra = 1  # type: ignore[attr-defined]
         assert not gc.is_tracked(attributes)
-    # Each message has its own attributes: the prepared dict is copied, never shared.
+    # Each message has its own attributes, never shared within a batch.
     assert len({id(vars(m.attributes)) for m in batch}) == len(batch)
     assert [m.attributes.message_id for m in batch] == [m.id for m in batch]
 

@@ -2,10 +2,9 @@
 //!
 //! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, but are
 //! built with `object.__new__` and `PyObject_GenericSetAttr` (what a frozen dataclass's own
-//! `__init__` does through `object.__setattr__`), or for the attributes of a batch by giving each
-//! instance a copy of one `__dict__`, and datetimes from their calendar fields, so building a
-//! message costs well under a microsecond. `tests/test_core_store.py` checks that the attributes
-//! set here are exactly the dataclasses' fields.
+//! `__init__` does through `object.__setattr__`), and datetimes from their calendar fields, so
+//! building a message costs well under a microsecond. `tests/test_core_store.py` checks that the
+//! attributes set here are exactly the dataclasses' fields.
 //!
 //! Messages are built from [`MessageView`]s copied out of the store under its lock, after the
 //! lock is released: constructing objects may run the garbage collector, and with it arbitrary
@@ -15,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDateTime, PyDict, PyInt, PyList, PyString, PyTuple, PyType, PyTzInfo};
+use pyo3::types::{PyDateTime, PyList, PyString, PyTuple, PyType, PyTzInfo};
 use pyo3::{ffi, intern};
 
 use crate::clock::civil_from_days;
@@ -219,7 +218,6 @@ pub(crate) fn build_enqueued<'py>(
     // every item is set releases only those set).
     let list =
         unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyList_New(len))?.cast_into_unchecked::<PyList>() };
-    let batch_attributes = AttributesOfBatch::new(attributes_class, &enqueued_at, no_handle, &never, &none)?;
     let mut id_buf = [0u8; MESSAGE_ID_LEN];
     // Consecutive ids differ in their last 12 hex digits only (while `id >> 48` stays).
     let last_id = first_id.saturating_add(requests.len() as u64);
@@ -232,7 +230,13 @@ pub(crate) fn build_enqueued<'py>(
             format_message_id_into(message_id, &mut id_buf);
         }
         let id = ascii_string(py, &id_buf)?;
-        let attributes = batch_attributes.build(&id)?;
+        let attributes = new_instance(attributes_class)?;
+        set_field(&attributes, intern!(py, "message_id"), &id)?;
+        set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
+        set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
+        set_field(&attributes, intern!(py, "receive_count"), &never)?;
+        set_field(&attributes, intern!(py, "first_received_at"), &none)?;
+        untrack_atomic(&attributes);
         let message = new_instance(message_class)?;
         set_field(&message, intern!(py, "id"), &id)?;
         set_field(&message, intern!(py, "payload"), request)?;
@@ -241,81 +245,6 @@ pub(crate) fn build_enqueued<'py>(
         unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
     }
     Ok(list)
-}
-
-/// The `MessageAttributes` of a batch just enqueued, which differ only in their `message_id`:
-/// each instance gets a copy of one template `__dict__` with its id set, and is never filled
-/// attribute by attribute (one dictionary copy and one store instead of five generic attribute
-/// stores, each a type look-up and a key look-up).
-struct AttributesOfBatch<'py> {
-    class: &'py Bound<'py, PyType>,
-    /// The fields in the dataclass's order (as `__init__` sets them), `message_id` None.
-    template: Bound<'py, PyDict>,
-    /// Whether instances may be allocated without `tp_new` (see [`AttributesOfBatch::build`]).
-    bare_alloc: bool,
-}
-
-impl<'py> AttributesOfBatch<'py> {
-    fn new(
-        class: &'py Bound<'py, PyType>,
-        enqueued_at: &Bound<'py, PyDateTime>,
-        no_handle: &Bound<'py, PyString>,
-        never: &Bound<'py, PyInt>,
-        none: &Bound<'py, PyAny>,
-    ) -> PyResult<Self> {
-        let py = class.py();
-        let template = PyDict::new(py);
-        template.set_item(intern!(py, "message_id"), none)?;
-        template.set_item(intern!(py, "receipt_handle"), no_handle)?;
-        template.set_item(intern!(py, "enqueued_at"), enqueued_at)?;
-        template.set_item(intern!(py, "receive_count"), never)?;
-        template.set_item(intern!(py, "first_received_at"), none)?;
-        Ok(Self { class, template, bare_alloc: bare_alloc_keeps_dict_state(py) })
-    }
-
-    fn build(&self, id: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyAny>> {
-        let py = self.class.py();
-        // SAFETY: `PyDict_Copy` of a dict returns a new dict (or NULL with an exception set).
-        let dict = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyDict_Copy(self.template.as_ptr()))? };
-        let dict = dict.cast_into::<PyDict>()?;
-        dict.set_item(intern!(py, "message_id"), id)?;
-        let attributes = if self.bare_alloc { bare_instance(self.class)? } else { new_instance(self.class)? };
-        // SAFETY: both live; `PyObject_GenericSetDict` is what `obj.__dict__ = dict` runs.
-        let status =
-            unsafe { ffi::PyObject_GenericSetDict(attributes.as_ptr(), dict.as_ptr(), std::ptr::null_mut()) };
-        if status < 0 {
-            return Err(PyErr::fetch(py));
-        }
-        untrack_atomic(&attributes);
-        Ok(attributes)
-    }
-}
-
-/// Whether an instance of a plain class allocated by its `tp_alloc` alone (no `tp_new`) starts
-/// with neither a dict nor inline attribute values, the state `PyObject_GenericSetDict` then
-/// fills directly: true of `CPython` 3.10 (dicts are made on demand) and 3.11, whose
-/// `object.__new__` adds to `tp_alloc` only an empty set of inline values, which setting a dict
-/// would first turn into a dict of its own. Other versions, whose layout was not checked, make
-/// instances by `object.__new__` and the dict replaces what it prepared.
-fn bare_alloc_keeps_dict_state(py: Python<'_>) -> bool {
-    let version = py.version_info();
-    (version.major, version.minor) >= (3, 10) && (version.major, version.minor) <= (3, 11)
-}
-
-/// An instance allocated by the class's `tp_alloc` slot, zeroed, neither initialised nor given
-/// a dict or attribute values (see [`bare_alloc_keeps_dict_state`]).
-fn bare_instance<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
-    let py = cls.py();
-    // SAFETY: a heap type's `tp_alloc` is `PyType_GenericAlloc` (it takes a reference to the
-    // type); it returns a new, zeroed, GC-tracked object or NULL with an exception set.
-    unsafe {
-        let alloc = ffi::PyType_GetSlot(cls.as_type_ptr(), ffi::Py_tp_alloc);
-        if alloc.is_null() {
-            return new_instance(cls);
-        }
-        let alloc: ffi::allocfunc = std::mem::transmute::<*mut std::ffi::c_void, ffi::allocfunc>(alloc);
-        Bound::from_owned_ptr_or_err(py, alloc(cls.as_type_ptr(), 0))
-    }
 }
 
 /// Takes a `MessageAttributes` out of the cyclic garbage collector's sight, as `CPython` does
