@@ -10,17 +10,23 @@ one call, at each batch size, two ways:
 
 Each figure is the best of ``--repeat`` runs, each in a fresh process; with ``--baseline DIR``
 (another checkout whose ``python/`` holds a built package, e.g. a clone of main after
-``make build-dev``) the runs alternate between this tree and that one, with this interpreter:
+``make build-dev``) the runs alternate between this tree and that one (each first every other
+time), with this interpreter:
 
     .venv/bin/python benches/batch_enqueue.py --baseline /tmp/main-clone --sizes 1M --repeat 5
 
 Throughput is reported from the thread's CPU time (what the machine's other load disturbs
-least) and from the wall clock.
+least) and from the wall clock. Instructions per message, with the measured call alone
+counted (it runs inside ``sorted``, which nothing else here calls):
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=builtin_sorted \
+        .venv/bin/python benches/batch_enqueue.py --callgrind dispatcher --sizes 30k
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -81,6 +87,27 @@ def measure(way: str, size: int) -> dict[str, float]:
     return {"cpu_msgs_per_s": size / cpu, "wall_msgs_per_s": size / wall}
 
 
+def callgrind_once(way: str, size: int) -> None:
+    """One fill, for callgrind: the call (and for ``dispatcher`` the young collection and the
+    freeing of the messages it returns) runs inside ``sorted``, the only call of it here."""
+    from llm_queue_dispatcher import ManualClock, create_in_memory_queue
+    from llm_queue_dispatcher._core import StoreCore
+
+    requests = requests_of(size)
+    gc.collect()
+
+    def fill(_: object) -> int:
+        if way == "store":
+            StoreCore(clock=ManualClock(1.7e9)).enqueue_batch(requests)
+            return 0
+        coroutine = create_in_memory_queue(clock=ManualClock(1.7e9)).batch_enqueue(requests)
+        with contextlib.suppress(StopIteration):  # the in-memory path never suspends
+            coroutine.send(None)
+        return 0
+
+    sorted([0], key=fill)
+
+
 def run(tree: Path | None, way: str, size: int) -> dict[str, float]:
     env = dict(os.environ)
     if tree is not None:
@@ -100,8 +127,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (best is shown)")
     parser.add_argument("--baseline", type=Path, help="a built checkout to run alternately with this one")
     parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
+    parser.add_argument("--callgrind", choices=WAYS, help="one fill of the first size, for callgrind")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.callgrind:
+        callgrind_once(args.callgrind, sizes[0])
+        return
     if args.worker:
         print(json.dumps(measure(args.worker, sizes[0])))
         return
@@ -111,8 +142,10 @@ def main() -> None:
     for way in args.ways.split(","):
         for size in sizes:
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-            for _ in range(args.repeat):
-                for name, tree in trees.items():
+            for repetition in range(args.repeat):
+                # Each tree goes first every other time: the load of the machine drifts.
+                order = list(trees.items())[:: -1 if repetition % 2 else 1]
+                for name, tree in order:
                     runs[name].append(run(tree, way, size))
             for name, results in runs.items():
                 cpu = [r["cpu_msgs_per_s"] for r in results]
