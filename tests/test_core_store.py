@@ -354,3 +354,64 @@ def test_message_attributes_stay_out_of_the_collector_and_messages_in_it() -> No
     del request, message, received
     gc.collect()
     assert alive() is None
+
+
+def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
+    """The attributes the store builds for a batch and for a single enqueue (without running
+    the dataclass's ``__init__``) behave as `MessageAttributes` built by its constructor: same
+    ``vars()`` in field order, equality, hashing, repr, fields, copies, pickles, weak
+    references, frozen, out of the collector."""
+    import copy
+    import pickle
+
+    core = StoreCore(clock=ManualClock(1_700_000_000.5))
+    batch = core.enqueue_batch([make(f"b{i}") for i in range(3)])
+    single = core.enqueue(make("single"))
+    for message in [*batch, single]:
+        attributes = message.attributes
+        twin = rebuilt(message).attributes
+        assert type(attributes) is MessageAttributes
+        assert isinstance(attributes, MessageAttributes)
+        assert list(vars(attributes).items()) == list(vars(twin).items())
+        assert attributes == twin
+        assert hash(attributes) == hash(twin)
+        assert repr(attributes) == repr(twin)
+        assert dataclasses.fields(attributes) == dataclasses.fields(twin)
+        assert dataclasses.astuple(attributes) == dataclasses.astuple(twin)
+        assert dataclasses.replace(attributes, receive_count=1) == dataclasses.replace(twin, receive_count=1)
+        pickled = pickle.loads(pickle.dumps(attributes))
+        for copied in (copy.copy(attributes), copy.deepcopy(attributes), pickled):
+            assert copied == twin
+            assert type(copied) is MessageAttributes
+        assert copy.deepcopy(message) == rebuilt(message)
+        assert weakref.ref(attributes)() is attributes
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            attributes.message_id = "other"  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            attributes.extra = 1  # type: ignore[attr-defined]
+        assert not gc.is_tracked(attributes)
+    # Each message has its own attributes, never shared within a batch.
+    assert len({id(vars(m.attributes)) for m in batch}) == len(batch)
+    assert [m.attributes.message_id for m in batch] == [m.id for m in batch]
+
+
+def test_requests_whose_class_reads_attributes_its_own_way_are_read_through_it() -> None:
+    """The store reads a request's fields directly only when its class looks attributes up the
+    default way; a subclass with its own ``__getattribute__`` is read through it (here it shows
+    a bad priority, which the store refuses, while the stored field is fine)."""
+
+    class Shown(LLMRequest[Any]):
+        lying = False  # set once built: construction validates the priority too
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "priority" and type(self).lying:
+                return 7
+            return super().__getattribute__(name)
+
+    core = StoreCore(clock=ManualClock(0.0))
+    request = Shown("r", None)
+    Shown.lying = True
+    assert vars(request)["priority"] == 2
+    with pytest.raises(InvalidRequestError, match=r"priority must be within 0\.\.3, got 7"):
+        core.enqueue_batch([make("fine"), request])
+    assert core.enqueue_batch([make("fine")])[0].payload.id == "fine"  # the batch left nothing
