@@ -202,6 +202,7 @@ local function index_flush()
   if pending == nil then
     return
   end
+  index_defer() -- taken first: a flush that fails midway is never applied twice
   if pending.waiting ~= 0 then
     redis.call('HINCRBYFLOAT', Q.meta, 'waiting', fmt(-pending.waiting))
   end
@@ -211,7 +212,6 @@ local function index_flush()
       redis.call('HDEL', Q.tenants, tenant)
     end
   end
-  index_defer()
 end
 
 local function index_remove(q, member, s)
