@@ -327,6 +327,9 @@ local function dead_letter(member, s)
     if s.ten ~= nil then
       index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out, ept = s.ept}
     end
+    -- Created first: a queue created marks its score index whole, so the message must be
+    -- written to it (score_kept reads the marks).
+    created(DLQ)
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
     if index == nil then
