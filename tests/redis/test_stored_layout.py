@@ -157,3 +157,36 @@ async def test_the_previous_score_layout_met_by_a_batch_enqueue_leaves_no_entry_
     assert sorted(taken) == sorted([r[0] for r in layout["requests"] if r[0] != layout["in_flight"]] + ["b0"])
     await storage.delete_message(held[0].attributes.receipt_handle)
     await scored.close()
+
+
+async def test_fair_priority_indexing_an_older_queue_leaves_the_score_index_to_the_score_policy(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """A queue stored before the ranking index, first served by fair_priority: its messages are
+    put in the fair order's index, not announced to the score policy nor filled into its index
+    (a queue only fair_priority serves never pays for that index); the score policy's first
+    dispatch still fills it and finds every message."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    prefix = f"{{lqd}}:q:{queue}:"
+    await storage.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10 + n), tenant=f"t{n % 2}") for n in range(6)]
+    )
+    parts = ("members", "ages", "classes", "cells", "heads")
+    await storage.redis.delete(*(f"{prefix}score:{part}" for part in parts))
+    await storage.redis.hdel(storage._keys[0], "indexed", "scored")
+    fair = fair_dispatcher(storage)
+    job = await fair.dequeue(limiter, timeout=0)
+    assert job is not None
+    await job.mark_as_processed()
+    assert await storage.redis.hget(storage._keys[0], "scoring") is None
+    assert await storage.redis.exists(*(f"{prefix}score:{part}" for part in parts)) == 0
+    scored = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=storage.clock))
+    left = []
+    while (job := await scored.dequeue(limiter, timeout=0)) is not None:
+        left.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert len(left) == 5
+    await fair.close()
+    await scored.close()
