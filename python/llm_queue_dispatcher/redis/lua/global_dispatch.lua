@@ -405,8 +405,8 @@ local taken = {}
 local skipped, expired = 0, 0
 index_defer() -- the rounds' removals from the index counted once (index_flush() below)
 -- Each round takes a winner, skips a message that never fits or expires one past retention.
--- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
 local function rounds()
+  -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
   for _ = 1, limit + 2 * SKIP_MAX do
     local member, s = nil, nil
     if #taken < 2 * limit then
