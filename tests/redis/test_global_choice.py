@@ -799,6 +799,44 @@ async def test_a_dispatch_whose_reply_timed_out_gives_back_lease_budget_and_char
     await again.close()
 
 
+async def test_a_dispatch_that_fails_midway_counts_what_it_wrote_before_the_error(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """A dispatch call for three winners fails at its second (that message's stored state is
+    unreadable): Redis keeps what the script wrote before the error, so the first winner stays
+    leased with its grant, and what counts them must say so: the tenant's visible count and
+    the visible estimates' sum lose it, the limiter's bucket holds its reservation and its grant
+    counter passed its number (the next grant gets a number of its own, never overwriting it)."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    await dispatcher.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(100), tenant="A") for n in range(3)]
+    )
+    member = await storage.redis.hget(storage._keys[2], "r1")
+    state = await storage.redis.hget(storage._keys[4], member)
+    await storage.redis.hset(storage._keys[4], member, b"\x9c\x01")  # an array cut short
+    with pytest.raises(StorageError):
+        await dispatcher._dequeue_up_to(limiter, 3)
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages_in_flight == 1
+    assert attributes.approximate_number_of_messages == 2
+    assert await storage.redis.hget(storage._keys[12], "A") == b"2"
+    assert float(await storage.redis.hget(storage._keys[0], "waiting")) == pytest.approx(200)
+    state_key, grants, order = limiter._keys[0], limiter._keys[1], limiter._keys[2]
+    assert await storage.redis.hget(state_key, "grants") == b"1"
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(100)
+    await storage.redis.hset(storage._keys[4], member, state)  # readable again
+    jobs = await dispatcher._dequeue_up_to(limiter, 3)
+    assert sorted(job.message.payload.id for job in jobs) == ["r1", "r2"]
+    numbers = await storage.redis.lrange(order, 0, -1)
+    assert len(numbers) == len(set(numbers)) == await storage.redis.hlen(grants) == 3
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(300)
+    for job in jobs:
+        await job.mark_as_processed()
+    await dispatcher.close()
+
+
 async def test_a_window_or_max_wait_too_long_to_count_in_microseconds_is_forever(redis_url: str) -> None:
     """`FairPriorityConfig` takes any finite fairness window and max_wait; beyond about 1e302 s
     their microseconds are inf, and building the dispatcher raised `OverflowError`. They count

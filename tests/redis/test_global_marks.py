@@ -135,6 +135,27 @@ async def test_a_mark_that_fails_in_the_script_fails_alone(
     await dispatcher.close()
 
 
+async def test_a_mark_that_fails_after_its_limiter_correction_keeps_that_correction_whole(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """One delivery's tenant charge is unreadable, so its mark fails after the limiter corrected
+    its reservation (Redis keeps that record's change): the limiter's levels and totals keep the
+    correction too, as a mark saved on its own would, not the state before it."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    jobs = await enqueue_and_take(dispatcher, limiter, 2)
+    await storage.redis.hset(storage._keys[18], "r0#1", b"\x9c\x01")  # an array cut short
+    outcomes = await asyncio.gather(
+        *(job.mark_as_processed(actual_tokens=50) for job in jobs), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], StorageError)
+    assert outcomes[1] is None
+    assert await storage.get_approximate_message_count() == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(2 * 50)
+    await dispatcher.close()
+
+
 async def test_a_call_that_fails_fails_each_of_its_marks_and_they_can_be_made_again(
     clocked_storage: Any, clocked_throttle: Any
 ) -> None:

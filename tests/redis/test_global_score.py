@@ -541,6 +541,33 @@ async def test_a_score_index_of_the_earlier_hash_layout_is_dropped_and_filled_ag
     await dispatcher.close()
 
 
+async def test_a_message_dead_lettered_into_a_new_dead_letter_queue_is_in_its_score_index(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """With ``max_receive_count=1`` a job whose lease runs out is dead-lettered into a queue no
+    script has touched yet: that queue is created marked as having its score index whole, so
+    the message must be in it, and the score policy on the dead-letter queue hands it out."""
+    dead = fresh_name("dead")
+    storage = clocked_storage(max_receive_count=1, dead_letter=dead)
+    graveyard = clocked_storage(queue=dead)
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    config = LLMQueueDispatcherConfig(clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    reader: LLMQueueDispatcher[Any] = LLMQueueDispatcher(graveyard, config)
+    await dispatcher.enqueue(LLMRequest("r", "x", Priority.HIGH, TokenInfo(100), tenant="A"))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    clock.advance(31.0)
+    assert await dispatcher.dequeue(limiter, timeout=0) is None
+    assert await graveyard.get_approximate_message_count() == 1
+    again = await reader.dequeue(limiter, timeout=0)
+    assert again is not None
+    assert again.message.payload.id == "r"
+    await again.mark_as_processed()
+    await dispatcher.close()
+    await reader.close()
+
+
 async def test_a_purged_queue_leaves_nothing_in_the_score_index(
     clocked_storage: Any, clocked_throttle: Any
 ) -> None:

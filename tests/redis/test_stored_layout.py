@@ -123,3 +123,70 @@ async def test_fair_priority_drops_the_score_index_until_the_score_policy_dispat
     assert await storage.redis.zcard(prefix + "score:members") == 0
     await fair.close()
     await scored.close()
+
+
+async def test_the_previous_score_layout_met_by_a_batch_enqueue_leaves_no_entry_behind(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A queue as the previous release left it meets a batch enqueue first (no process of the
+    score policy has announced itself): the old score index is dropped at the batch's first
+    message, and the batch's later messages are not written into a new one nobody keeps. Else
+    an URGENT one taken meanwhile by a plain dequeue stays in that index, and the score policy,
+    filling the index on top of it, handed it out a second time while still in flight."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    layout = await _restore_layout(storage, queue)
+    clock.advance(layout["clock"] - clock())
+    prefix = f"{{lqd}}:q:{queue}:"
+    await storage.batch_enqueue(
+        [
+            LLMRequest("b0", "x", Priority.LOW, TokenInfo(10), tenant="t"),
+            LLMRequest("b1", "x", Priority.URGENT, TokenInfo(10), tenant="t"),
+        ]
+    )
+    assert await storage.redis.zcard(prefix + "score:members") == 0
+    held = await storage.dequeue(1, 600.0)
+    assert [message.payload.id for message in held] == ["b1"]
+    scored = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    taken = []
+    while (job := await scored.dequeue(limiter, timeout=0)) is not None:
+        taken.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert "b1" not in taken
+    assert sorted(taken) == sorted([r[0] for r in layout["requests"] if r[0] != layout["in_flight"]] + ["b0"])
+    await storage.delete_message(held[0].attributes.receipt_handle)
+    await scored.close()
+
+
+async def test_fair_priority_indexing_an_older_queue_leaves_the_score_index_to_the_score_policy(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """A queue stored before the ranking index, first served by fair_priority: its messages are
+    put in the fair order's index, not announced to the score policy nor filled into its index
+    (a queue only fair_priority serves never pays for that index); the score policy's first
+    dispatch still fills it and finds every message."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    prefix = f"{{lqd}}:q:{queue}:"
+    await storage.batch_enqueue(
+        [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(10 + n), tenant=f"t{n % 2}") for n in range(6)]
+    )
+    parts = ("members", "ages", "classes", "cells", "heads")
+    await storage.redis.delete(*(f"{prefix}score:{part}" for part in parts))
+    await storage.redis.hdel(storage._keys[0], "indexed", "scored")
+    fair = fair_dispatcher(storage)
+    job = await fair.dequeue(limiter, timeout=0)
+    assert job is not None
+    await job.mark_as_processed()
+    assert await storage.redis.hget(storage._keys[0], "scoring") is None
+    assert await storage.redis.exists(*(f"{prefix}score:{part}" for part in parts)) == 0
+    scored = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=storage.clock))
+    left = []
+    while (job := await scored.dequeue(limiter, timeout=0)) is not None:
+        left.append(job.message.payload.id)
+        await job.mark_as_processed()
+    assert len(left) == 5
+    await fair.close()
+    await scored.close()

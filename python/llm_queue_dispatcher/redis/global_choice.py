@@ -531,6 +531,11 @@ class GlobalChoice:
             await storage._run("index_fill", "1" if done else "0", *fields)
             if done:
                 break
+        if self._dispatch_script != "score_dispatch":
+            # A fair_priority process leaves the score policy's index alone: announcing itself
+            # would have every script keep that index for good on a queue the score policy may
+            # never serve (its own first dispatch fills it).
+            return
         # The score policy's index (lua/score_fill.lua), for a queue stored before it existed or
         # one whose fair_priority dispatches dropped it: kept by every script from here on
         # (lua/score_start.lua), so the scan misses nothing that moves meanwhile.

@@ -265,8 +265,17 @@ local function limiter(op, request)
   if session == nil then
     session = limiter_open(LIMITER_KEYS, limiter_argv)
     session('defer') -- its state saved once, after the rounds (session('flush') below)
+    session('checkpoint')
   end
-  return session(op, request)
+  local ok, reply = pcall(session, op, request)
+  if not ok then
+    -- Its state in memory may be half changed: what the operations before it left is what the
+    -- rounds' end saves (the grant numbers it used stay used: its records may be written).
+    session('rollback')
+    error(reply, 0)
+  end
+  session('checkpoint')
+  return reply
 end
 
 -- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
@@ -302,9 +311,10 @@ local recent_pending = {}
 -- their order, the latest at the head) before anything reads the list, and at the end.
 local function push_recent()
   if #recent_pending > 0 then
-    redis.call('LPUSH', Q.recent, unpack(recent_pending))
+    local pending = recent_pending
+    recent_pending = {} -- taken first: a push that fails midway is never made twice
+    redis.call('LPUSH', Q.recent, unpack(pending))
     redis.call('LTRIM', Q.recent, 0, 255)
-    recent_pending = {}
   end
 end
 
@@ -395,74 +405,84 @@ local taken = {}
 local skipped, expired = 0, 0
 index_defer() -- the rounds' removals from the index counted once (index_flush() below)
 -- Each round takes a winner, skips a message that never fits or expires one past retention.
--- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
-for _ = 1, limit + 2 * SKIP_MAX do
-  local member, s = nil, nil
-  if #taken < 2 * limit then
-    member, s = first()
-  end
-  if member == nil then
-    break
-  end
-  if RETENTION > 0 and NOW - s.at > RETENTION then
-    -- Past the retention period, left in the index by maintain()'s bound: it expires now (as
-    -- every reader of the queue expires it); never handed out.
-    catch_up(member, s)
-    forget_tenant(s.ten)
-    expired = expired + 1
-    if expired >= SKIP_MAX then
-      break -- the next calls drop the rest, MAINTAIN_BATCH each
+local function rounds()
+  -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
+  for _ = 1, limit + 2 * SKIP_MAX do
+    local member, s = nil, nil
+    if #taken < 2 * limit then
+      member, s = first()
     end
-  else
-    local key = s.rid .. '#' .. (s.rc + 1)
-    -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
-    -- reserves it must leave.
-    local bound = margin_bound(s)
-    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + bound})
-    if granted[1] ~= 1 and bound > 0 then
-      -- Refused with the bound: the exact margin decides (a grant with it is the same grant).
-      local exact_margin = margin(s)
-      if exact_margin < bound then
-        granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + exact_margin})
-      end
-    end
-    if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
-      -- It can never fit one of the limits: skipped, it holds nothing. Its submitter, if it
-      -- has one waiting, hears so (it stays queued, as the per-process path leaves it).
-      excluded[member] = true
-      forget_tenant(s.ten)
-      skipped = skipped + 1
-      report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
-        .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
-    elseif granted[1] ~= 1 then
-      out[2] = granted[3] -- the wait in us: the budget is held for this winner
+    if member == nil then
       break
-    else
-      hide(Q, member, s)
-      lease(out, taken, member, s, timeout)
-      -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
-      local earlier = redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 and redis.call('HGET', Q.charge, key)
-      if earlier then
-        -- The same key charged within the window: a request id deleted and enqueued again. The
-        -- earlier charge leaves the record now (it would otherwise never be taken off).
-        local tenant, tokens = cmsgpack.unpack(earlier)
-        if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
-          redis.call('HDEL', Q.usage, tenant)
-        end
-        forget_tenant(tenant)
-      end
+    end
+    if RETENTION > 0 and NOW - s.at > RETENTION then
+      -- Past the retention period, left in the index by maintain()'s bound: it expires now (as
+      -- every reader of the queue expires it); never handed out.
+      catch_up(member, s)
       forget_tenant(s.ten)
-      -- Its use now, as usage_of() would read it back.
-      uses[s.ten] = redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok)) / (weights[s.ten] or 1)
-      recent_pending[#recent_pending + 1] = fmt(s.tok)
-      redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+      expired = expired + 1
+      if expired >= SKIP_MAX then
+        break -- the next calls drop the rest, MAINTAIN_BATCH each
+      end
+    else
+      local key = s.rid .. '#' .. (s.rc + 1)
+      -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
+      -- reserves it must leave.
+      local bound = margin_bound(s)
+      local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + bound})
+      if granted[1] ~= 1 and bound > 0 then
+        -- Refused with the bound: the exact margin decides (a grant with it is the same grant).
+        local exact_margin = margin(s)
+        if exact_margin < bound then
+          granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + exact_margin})
+        end
+      end
+      if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
+        -- It can never fit one of the limits: skipped, it holds nothing. Its submitter, if it
+        -- has one waiting, hears so (it stays queued, as the per-process path leaves it).
+        excluded[member] = true
+        forget_tenant(s.ten)
+        skipped = skipped + 1
+        report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
+          .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
+      elseif granted[1] ~= 1 then
+        out[2] = granted[3] -- the wait in us: the budget is held for this winner
+        break
+      else
+        hide(Q, member, s)
+        lease(out, taken, member, s, timeout)
+        -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
+        local earlier = redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 and redis.call('HGET', Q.charge, key)
+        if earlier then
+          -- The same key charged within the window: a request id deleted and enqueued again. The
+          -- earlier charge leaves the record now (it would otherwise never be taken off).
+          local tenant, tokens = cmsgpack.unpack(earlier)
+          if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
+            redis.call('HDEL', Q.usage, tenant)
+          end
+          forget_tenant(tenant)
+        end
+        forget_tenant(s.ten)
+        -- Its use now, as usage_of() would read it back.
+        uses[s.ten] = redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok)) / (weights[s.ten] or 1)
+        recent_pending[#recent_pending + 1] = fmt(s.tok)
+        redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
+      end
     end
   end
 end
+-- Redis keeps what a script wrote before an error: a round that fails (a message's state
+-- unreadable, say) leaves the winners before it leased and their grants recorded, so what
+-- counts them is written before the error goes on (else the tenants' counts and 'waiting'
+-- would count them visible for good, and the limiter would hand their grant numbers out again).
+local done, failure = pcall(rounds)
 push_recent()
 index_flush()
 if session ~= nil then
   session('flush')
+end
+if not done then
+  error(failure, 0)
 end
 if #taken == 0 then
   return out

@@ -413,7 +413,9 @@ local function rollback()
   for i, b in ipairs(BUCKETS) do -- the buckets configured
     b.avail, b.last, b.debt = saved.levels[i][1], saved.levels[i][2], saved.levels[i][3]
   end
-  PENALTY, GRANT_COUNTER, save_pending = saved.penalty, saved.counter, saved.pending
+  -- The grant numbers used since stay used (their records may be written: a script's writes
+  -- before an error stay), so the counter is saved as it stands.
+  PENALTY, save_pending = saved.penalty, saved.pending or GRANT_COUNTER ~= saved.counter
   TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live = unpack(saved.totals)
   flush()
 end

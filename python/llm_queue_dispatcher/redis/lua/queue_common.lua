@@ -202,6 +202,7 @@ local function index_flush()
   if pending == nil then
     return
   end
+  index_defer() -- taken first: a flush that fails midway is never applied twice
   if pending.waiting ~= 0 then
     redis.call('HINCRBYFLOAT', Q.meta, 'waiting', fmt(-pending.waiting))
   end
@@ -211,7 +212,6 @@ local function index_flush()
       redis.call('HDEL', Q.tenants, tenant)
     end
   end
-  index_defer()
 end
 
 local function index_remove(q, member, s)
@@ -327,6 +327,9 @@ local function dead_letter(member, s)
     if s.ten ~= nil then
       index = {ten = s.ten, tok = s.tok, dl = s.dl, inp = s.inp, out = s.out, ept = s.ept}
     end
+    -- Created first: a queue created marks its score index whole, so the message must be
+    -- written to it (score_kept reads the marks).
+    created(DLQ)
     insert(DLQ, s.rid, s.p, s.at, body, fresh(), index)
     touch(DLQ)
     if index == nil then

@@ -130,13 +130,18 @@ end
 local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
 
 -- Drops the index of a queue whose sc_cells has an earlier layout (a hash): the next dispatch
--- finds the queue unscored and has it filled again (score_fill.lua).
+-- finds the queue unscored and has it filled again (score_fill.lua). The rest of this script
+-- keeps the new index only if a process of the score policy has announced itself ('scoring':
+-- every script keeps it from then, so what is written is whole once a fill ends); else nothing
+-- writes it until one does, as the entries of messages that later scripts take would stay
+-- behind (queue_common.lua, score_kept), and a fill on top of them would hand those out again.
 local function score_index_drop(q)
   -- Bounded: the five keys of the index.
   for _, name in ipairs(SCORE_KEYS) do
     redis.call('DEL', q[name])
   end
   redis.call('HDEL', q.meta, 'scored')
+  q.score_kept = redis.call('HGET', q.meta, 'scoring') == '1'
 end
 
 -- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
