@@ -322,6 +322,22 @@ pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens
     )
 }
 
+/// At most the efficiency + token fit of every estimate of `key`'s token class, when every one
+/// is admissible (its whole range is within `max_tokens`); None when some may not be. Both
+/// factors rise with the share of the budget up to 0.1, so the floor there is the range's low
+/// end's; past it, 0 (a safe floor, as the weights are >= 0).
+pub fn budget_floor(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
+    let (lo, hi) = key.token_range();
+    if hi > max_tokens {
+        return None;
+    }
+    if available <= 0.0 || hi / available > 0.1 {
+        return Some(0.0);
+    }
+    let u = lo / available;
+    Some(weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
+}
+
 /// `static_cell_bound` from a budget part already computed by `budget_bound`.
 pub fn static_cell_bound_with(weights: &Weights, key: &CellKey, best_time_ms: f64, budget_part: f64) -> f64 {
     fixed_part(weights, *key, best_time_ms) + budget_part

@@ -82,6 +82,12 @@ impl CandidateIndex for Counting<'_> {
             visit(a, b, c, d);
         });
     }
+    fn for_each_group_head_by_time(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool) -> bool) {
+        self.store.for_each_group_head_by_time(key, |a, b, c, d| {
+            self.bump(1, 1);
+            visit(a, b, c, d)
+        });
+    }
     fn for_each_age_point(
         &self,
         key: &CellKey,
