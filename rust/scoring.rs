@@ -416,5 +416,26 @@ mod tests {
                 None => prop_assert!(tokens as f64 > available),
             }
         }
+
+        // The budget floor of a cell is at most the efficiency + token fit of every member, and
+        // is given only when every estimate of its class is admissible.
+        #[test]
+        fn budget_floor_is_below_every_member(
+            w in weights(),
+            tokens in 0u64..200_000,
+            available in prop_oneof![0.0f64..100_000.0, 1e6f64..1e10],
+            max_tokens in prop_oneof![0.0f64..250_000.0, Just(f64::INFINITY)],
+        ) {
+            let key = CellKey::for_message(0, 0, tokens);
+            let exact = w.efficiency * efficiency_factor(tokens as f64, available)
+                + w.token_fit * token_fit_factor(tokens as f64, available);
+            match budget_floor(&w, &key, available, max_tokens) {
+                Some(floor) => {
+                    prop_assert!(floor <= exact, "{floor} > {exact}");
+                    prop_assert!(tokens as f64 <= max_tokens);
+                }
+                None => prop_assert!(key.token_range().1 > max_tokens),
+            }
+        }
     }
 }

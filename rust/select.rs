@@ -370,22 +370,17 @@ impl<'a> BudgetParts<'a> {
         Self { context, parts: Vec::new(), priority_and_retry: [f64::NAN; 4 * 8] }
     }
 
-    /// The part of the bound of every member of the cell `key` that its key fixes: priority,
-    /// retry, budget (None when no estimate of its class is admissible), and the slack.
-    fn static_part(&mut self, key: CellKey) -> Option<f64> {
-        let (budget, _) = self.get(key);
+    /// The part of the bound of every member of the cell `key` that its key fixes (priority,
+    /// retry, budget and the slack; None when no estimate of its class is admissible), and the
+    /// part of their scores it fixes at least (priority, retry, the budget floor, less the
+    /// slack; minus infinity when some estimate of its class may not be admissible).
+    fn static_part(&mut self, key: CellKey) -> Option<(f64, f64)> {
+        let (budget, floor) = self.get(key);
         if budget == f64::NEG_INFINITY {
             return None;
         }
-        Some(self.priority_and_retry(key) + BOUND_SLACK + budget)
-    }
-
-    /// The part of the score of every member of the cell `key` that its key fixes, at least:
-    /// priority, retry, the budget floor, less the slack. None when some estimate of its class
-    /// may not be admissible.
-    fn floor_part(&mut self, key: CellKey) -> Option<f64> {
-        let (_, floor) = self.get(key);
-        (floor != f64::NEG_INFINITY).then(|| self.priority_and_retry(key) + floor - BOUND_SLACK)
+        let fixed = self.priority_and_retry(key);
+        Some((fixed + BOUND_SLACK + budget, fixed + floor - BOUND_SLACK))
     }
 
     fn priority_and_retry(&mut self, key: CellKey) -> f64 {
@@ -522,7 +517,7 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     // it holds no winner, and is left out of the heap.
     let mut floor = (0, f64::NEG_INFINITY);
     index.for_each_cell(|key, cell| {
-        let Some(static_part) = parts.static_part(*key) else { return };
+        let Some((static_part, floor_part)) = parts.static_part(*key) else { return };
         let wait_of =
             |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
         let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
@@ -531,11 +526,11 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
         let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
         let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
         let tier = weights.tier(key.priority);
-        if let Some(floor_part) = parts.floor_part(*key) {
-            let reached = (tier, floor_part + at_best);
-            if reached.0 > floor.0 || (reached.0 == floor.0 && reached.1 > floor.1) {
-                floor = reached;
-            }
+        // Minus infinity when the cell's members may all be inadmissible: then it reaches no
+        // floor, not even its tier's.
+        let reached = floor_part + at_best;
+        if reached > f64::NEG_INFINITY && (tier > floor.0 || (tier == floor.0 && reached > floor.1)) {
+            floor = (tier, reached);
         }
         cells.push(Bounded {
             tier,
