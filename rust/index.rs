@@ -145,13 +145,11 @@ pub struct GroupHead {
 }
 
 /// The members of a cell with one token estimate, `(time key, seq) -> slot`: best processing
-/// time first, then oldest; its head and its own age frontier cached beside them.
+/// time first, then oldest; its head cached beside them.
 #[derive(Debug, PartialEq)]
 pub struct Group {
     head: GroupHead,
     members: BTreeMap<(u64, u64), u32>,
-    /// The cell's age frontier is found among its groups' when it loses a point.
-    frontier: Frontier<SlotPoint>,
 }
 
 /// The members of `run` (one estimate's, sorted by `(time, seq)`) that no member before them
@@ -166,28 +164,23 @@ fn oldest_by_key(run: &[(u32, IndexEntry)]) -> impl Iterator<Item = (u32, &Index
     })
 }
 
+/// The points of `run` (one estimate's members sorted by `(time, seq)`) for its group's frontier.
+fn group_points(run: &[(u32, IndexEntry)]) -> impl Iterator<Item = SlotPoint> + '_ {
+    oldest_by_key(run).map(|(slot, e)| SlotPoint { seq: e.seq, time: e.time, slot })
+}
+
 impl Group {
     /// The first member, its processing-time key and whether the group is a single run.
     pub fn head(&self) -> &GroupHead {
         &self.head
     }
 
-    /// The group's age frontier: oldest first, processing-time keys strictly decreasing.
-    pub fn frontier(&self) -> &[SlotPoint] {
-        self.frontier.points()
-    }
-
     /// A group of `run` (not empty; one estimate's members sorted by `(time, seq)`).
     fn of(run: &[(u32, IndexEntry)]) -> Self {
         let members = run.iter().map(|(slot, e)| ((e.time, e.seq), *slot)).collect();
         let head = GroupHead { time: 0, seq: 0, slot: 0, single_run: true };
-        let mut group = Self { head, members, frontier: Frontier::default() };
+        let mut group = Self { head, members };
         group.refresh();
-        group.frontier.merge(oldest_by_key(run).map(|(slot, e)| SlotPoint {
-            seq: e.seq,
-            time: e.time,
-            slot,
-        }));
         group
     }
 
@@ -195,7 +188,6 @@ impl Group {
     fn extend(&mut self, run: &[(u32, IndexEntry)]) {
         bulk_extend(&mut self.members, run.iter().map(|(slot, e)| ((e.time, e.seq), *slot)));
         self.refresh();
-        self.frontier.merge(oldest_by_key(run).map(|(slot, e)| SlotPoint { seq: e.seq, time: e.time, slot }));
     }
 
     /// Recomputes the head from the members (after a removal or a bulk insert).
@@ -210,7 +202,6 @@ impl Group {
     fn insert(&mut self, slot: u32, entry: &IndexEntry) {
         let (time, seq) = (entry.time, entry.seq);
         self.members.insert((time, seq), slot);
-        self.frontier.add(SlotPoint { seq, time, slot });
         let head = &mut self.head;
         if time != head.time {
             head.single_run = false;
@@ -220,34 +211,28 @@ impl Group {
         }
     }
 
-    /// Removes a member, if it is one.
-    fn remove(&mut self, time: u64, seq: u64) -> bool {
-        if self.members.remove(&(time, seq)).is_none() {
-            return false;
-        }
-        self.refresh();
-        if let Some(gap) = self.frontier.take(seq) {
-            // Only the oldest member of each run with a key in the gap can be a point, and
-            // only if it is older than those of the runs before it: one range read per run.
-            let mut found = Vec::new();
-            let mut youngest = gap.younger_seq;
-            let mut from = gap.removed.time;
-            while let Some((&(time, seq), &slot)) = self.members.range((from, 0)..).next() {
-                if !gap.below_older(time) {
-                    break;
-                }
-                if seq < youngest {
-                    youngest = seq;
-                    found.push(SlotPoint { seq, time, slot });
-                }
-                let Some(next) = time.checked_add(1) else { break };
-                from = next;
+    /// Takes the removed member `seq` out of the group's frontier, if it was a point.
+    fn repair(&self, frontier: &mut Frontier<SlotPoint>, seq: u64) {
+        let Some(gap) = frontier.take(seq) else { return };
+        // Only the oldest member of each run with a key in the gap can be a point, and only if
+        // it is older than those of the runs before it: one range read per run.
+        let mut found = Vec::new();
+        let mut youngest = gap.younger_seq;
+        let mut from = gap.removed.time;
+        while let Some((&(time, seq), &slot)) = self.members.range((from, 0)..).next() {
+            if !gap.below_older(time) {
+                break;
             }
-            // Found youngest first (seq decreasing, keys increasing): already a staircase.
-            found.reverse();
-            self.frontier.fill(&gap, found);
+            if seq < youngest {
+                youngest = seq;
+                found.push(SlotPoint { seq, time, slot });
+            }
+            let Some(next) = time.checked_add(1) else { break };
+            from = next;
         }
-        true
+        // Found youngest first (seq decreasing, keys increasing): already a staircase.
+        found.reverse();
+        frontier.fill(&gap, found);
     }
 }
 
@@ -303,10 +288,12 @@ fn by_cell(batch: &[(u32, IndexEntry)]) -> Option<Vec<(u32, IndexEntry)>> {
 pub struct Cell {
     members: BTreeMap<u64, u32>,
     groups: BTreeMap<u64, Group>,
-    /// `(best time key, estimate)` of every group, best time first: a search stops at the first
-    /// group whose time cannot win, and a frontier repair reads only the groups that can hold a
-    /// member in its gap.
-    by_time: BTreeSet<(u64, u64)>,
+    /// `(best time key, estimate)` of every group, best time first, with the group's own age
+    /// frontier: a search stops at the first group whose time cannot win, and when the cell
+    /// loses a point of its frontier, the repair reads the points of only the groups that can
+    /// hold a member in its gap, one after the other here (the cell's frontier is the frontier
+    /// of its groups' frontiers).
+    by_time: BTreeMap<(u64, u64), Frontier<SlotPoint>>,
     summary: CellSummary,
     /// The age frontier, oldest first (processing-time keys strictly decreasing).
     frontier: Frontier<AgePoint>,
@@ -317,7 +304,7 @@ impl Default for Cell {
         Self {
             members: BTreeMap::new(),
             groups: BTreeMap::new(),
-            by_time: BTreeSet::new(),
+            by_time: BTreeMap::new(),
             summary: CellSummary {
                 oldest_enqueued_at: 0.0,
                 oldest_seq: 0,
@@ -361,14 +348,13 @@ impl Cell {
     fn frontier_remove(&mut self, entry: &IndexEntry, enqueued_at_of: &impl Fn(u32) -> f64) {
         let Some(gap) = self.frontier.take(entry.seq) else { return };
         let mut found: Vec<SlotPoint> = Vec::new();
-        for &(time, tokens) in &self.by_time {
+        for (&(time, _), points) in &self.by_time {
             // A group whose best key is the older neighbour's or worse has no member in the
             // gap, nor has any group after it.
             if !gap.below_older(time) {
                 break;
             }
-            let points = self.groups.get(&tokens).map_or(&[][..], Group::frontier);
-            found.extend(points.iter().filter(|p| gap.covers(p.time, p.seq)));
+            found.extend(points.points().iter().filter(|p| gap.covers(p.time, p.seq)));
         }
         staircase(&mut found);
         let points =
@@ -379,20 +365,7 @@ impl Cell {
 
     /// The smallest processing time of the groups' heads.
     fn best_time(&self) -> f64 {
-        self.by_time.first().map_or(1000.0, |&(time, _)| f64::from_bits(time))
-    }
-
-    /// Moves the group of `tokens` in `by_time` after its best key went from `old` (None: a
-    /// new group) to `new` (None: the group is gone).
-    fn moved_group(&mut self, tokens: u64, old: Option<u64>, new: Option<u64>) {
-        if old != new {
-            if let Some(old) = old {
-                self.by_time.remove(&(old, tokens));
-            }
-            if let Some(new) = new {
-                self.by_time.insert((new, tokens));
-            }
-        }
+        self.by_time.first_key_value().map_or(1000.0, |(&(time, _), _)| f64::from_bits(time))
     }
 
     fn note_oldest(&mut self, seq: u64, enqueued_at: f64) {
@@ -412,16 +385,32 @@ impl Cell {
         if self.groups.is_empty() || time < self.summary.best_time_ms {
             self.summary.best_time_ms = time;
         }
-        let (old, new) = match self.groups.entry(entry.tokens) {
-            Entry::Vacant(vacant) => (None, vacant.insert(Group::of(&[(slot, *entry)])).head.time),
+        let point = SlotPoint { seq: entry.seq, time: entry.time, slot };
+        let tokens = entry.tokens;
+        match self.groups.entry(tokens) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Group::of(&[(slot, *entry)]));
+                let mut frontier = Frontier::default();
+                frontier.add(point);
+                self.by_time.insert((entry.time, tokens), frontier);
+            }
             Entry::Occupied(mut group) => {
                 let group = group.get_mut();
-                let old = group.head.time;
+                let old = *group.head();
                 group.insert(slot, entry);
-                (Some(old), group.head.time)
+                if old.time != group.head.time {
+                    let mut frontier = self.by_time.remove(&(old.time, tokens)).unwrap_or_default();
+                    frontier.add(point);
+                    self.by_time.insert((group.head.time, tokens), frontier);
+                } else if entry.seq < old.seq {
+                    // Only a member older than the head (one given back) can be a point: a
+                    // younger one with no better key (the usual enqueue) is matched by it.
+                    if let Some(frontier) = self.by_time.get_mut(&(old.time, tokens)) {
+                        frontier.add(point);
+                    }
+                }
             }
-        };
-        self.moved_group(entry.tokens, old, Some(new));
+        }
     }
 
     /// Adds `batch`, members of this cell sorted by `(tokens, time, seq)`.
@@ -435,16 +424,17 @@ impl Cell {
         for run in batch.chunk_by(|(_, a), (_, b)| a.tokens == b.tokens) {
             best = best.min(run[0].1.time);
             let tokens = run[0].1.tokens;
-            let (old, new) = match self.groups.entry(tokens) {
-                Entry::Vacant(vacant) => (None, vacant.insert(Group::of(run)).head.time),
+            let (mut frontier, new) = match self.groups.entry(tokens) {
+                Entry::Vacant(vacant) => (Frontier::default(), vacant.insert(Group::of(run)).head.time),
                 Entry::Occupied(mut group) => {
                     let group = group.get_mut();
                     let old = group.head.time;
                     group.extend(run);
-                    (Some(old), group.head.time)
+                    (self.by_time.remove(&(old, tokens)).unwrap_or_default(), group.head.time)
                 }
             };
-            self.moved_group(tokens, old, Some(new));
+            frontier.merge(group_points(run));
+            self.by_time.insert((new, tokens), frontier);
         }
         self.summary.best_time_ms = f64::from_bits(best);
         self.extend_frontier(batch);
@@ -465,20 +455,29 @@ impl Cell {
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
     fn remove(&mut self, entry: &IndexEntry, enqueued_at_of: impl Fn(u32) -> f64) {
         self.members.remove(&entry.seq);
-        if let Entry::Occupied(mut group) = self.groups.entry(entry.tokens) {
+        let tokens = entry.tokens;
+        if let Entry::Occupied(mut group) = self.groups.entry(tokens) {
             let g = group.get_mut();
             let old_time = g.head.time;
-            if g.remove(entry.time, entry.seq) {
-                let new_time = if g.members.is_empty() {
-                    group.remove();
-                    None
+            if g.members.remove(&(entry.time, entry.seq)).is_some() {
+                g.refresh();
+                let new_time = (!g.members.is_empty()).then_some(g.head.time);
+                if new_time == Some(old_time) {
+                    if let Some(frontier) = self.by_time.get_mut(&(old_time, tokens)) {
+                        g.repair(frontier, entry.seq);
+                    }
                 } else {
-                    Some(g.head.time)
-                };
-                self.moved_group(entry.tokens, Some(old_time), new_time);
-                // The cell's best time moves only when a group that held it no longer does.
-                if new_time != Some(old_time) && old_time == self.summary.best_time_ms.to_bits() {
-                    self.summary.best_time_ms = self.best_time();
+                    let mut frontier = self.by_time.remove(&(old_time, tokens)).unwrap_or_default();
+                    if let Some(new_time) = new_time {
+                        g.repair(&mut frontier, entry.seq);
+                        self.by_time.insert((new_time, tokens), frontier);
+                    } else {
+                        group.remove();
+                    }
+                    // The cell's best time moves only when a group that held it no longer does.
+                    if old_time == self.summary.best_time_ms.to_bits() {
+                        self.summary.best_time_ms = self.best_time();
+                    }
                 }
             }
         }
@@ -663,7 +662,7 @@ impl VisibleIndex {
         mut visit: impl FnMut(u32, u64, f64, bool) -> bool,
     ) {
         let Some(cell) = self.cells.get(key) else { return };
-        for &(time, tokens) in &cell.by_time {
+        for &(time, tokens) in cell.by_time.keys() {
             let Some(group) = cell.groups.get(&tokens) else { continue };
             let head = &group.head;
             if !visit(head.slot, tokens, f64::from_bits(time), head.single_run) {

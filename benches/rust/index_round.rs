@@ -123,7 +123,9 @@ fn frontier_repair(store: &IndexStore, slot: u32) -> (usize, usize, usize) {
     let entry = store.message(slot).index_entry();
     let cell = &store.index().cells()[&entry.cell];
     let frontier = cell.frontier();
-    let Some(at) = frontier.iter().position(|p| p.seq == entry.seq) else { return (0, cell.groups().len(), 0) };
+    let Some(at) = frontier.iter().position(|p| p.seq == entry.seq) else {
+        return (0, cell.groups().len(), 0);
+    };
     let older = at.checked_sub(1).map(|j| frontier[j].time);
     let in_gap = cell.groups().values().filter(|g| older.is_none_or(|limit| g.head().time < limit)).count();
     (frontier.len() - at, cell.groups().len(), in_gap)
