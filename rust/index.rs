@@ -827,9 +827,10 @@ mod tests {
 
     proptest! {
         // Batches (into an empty index, a small one and a large one: built whole, appended, or
-        // inserted key by key), single inserts and removals leave the index exactly as the same
-        // messages inserted one by one would: members, groups and their cached heads, summaries,
-        // cell heads and counts.
+        // inserted key by key), single inserts, removals and removed messages given back (older
+        // than the rest of their group) leave the index exactly as the same messages inserted
+        // one by one would: members, groups and their cached heads and age frontiers, the cells'
+        // frontiers and summaries, cell heads and counts.
         #[test]
         fn batches_and_removals_match_one_by_one_inserts(
             steps in proptest::collection::vec(
@@ -840,14 +841,16 @@ mod tests {
                     ),
                     any::<bool>(),
                     proptest::collection::vec(any::<proptest::sample::Index>(), 0..30),
+                    0usize..10,
                 ),
                 1..6,
             ),
         ) {
             let mut index = VisibleIndex::default();
             let mut live: Vec<(u32, IndexEntry)> = Vec::new();
+            let mut taken: Vec<(u32, IndexEntry)> = Vec::new();
             let mut seq = 0u64;
-            for (messages, as_batch, removals) in steps {
+            for (messages, as_batch, removals, given_back) in steps {
                 let mut added: Vec<(u32, IndexEntry)> = messages
                     .into_iter()
                     .map(|(priority, retries, tokens, time_ms)| {
@@ -868,9 +871,15 @@ mod tests {
                     if live.is_empty() {
                         break;
                     }
-                    let (_, removed) = live.swap_remove(pick.index(live.len()));
+                    let (slot, removed) = live.swap_remove(pick.index(live.len()));
                     let enqueued_at_of = |slot: u32| f64::from(slot) / 4.0;
                     index.remove(&removed, enqueued_at_of);
+                    taken.push((slot, removed));
+                }
+                prop_assert_eq!(index.check(&live), Ok(()));
+                for (slot, back) in taken.drain(..).rev().take(given_back) {
+                    index.insert(slot, &back);
+                    live.push((slot, back));
                 }
                 prop_assert_eq!(index.check(&live), Ok(()));
                 prop_assert_eq!(index.len(), live.len());
