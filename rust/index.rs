@@ -14,17 +14,21 @@
 //! members with one token estimate form a group, ordered by processing-time key and then age,
 //! whose head ([`GroupHead`]: first member, best time, whether it is a single run) is kept
 //! beside the group's key, so bounding a group touches none of its members: the search scores
-//! run heads only (see `select`). A cell's best processing time is the best of its group heads.
-//! A cell also keeps its age frontier ([`AgePoint`]): the members that no older member matches
+//! run heads only (see `select`). The groups are also kept by best time (the head's), with
+//! each group's own age frontier beside that key: a cell's best processing time is the first,
+//! and a search stops reading a cell's groups at the first time that cannot win. A cell also
+//! keeps its age frontier ([`AgePoint`], `frontier`): the members that no older member matches
 //! or beats on processing time, so the search can pair each processing time with the longest
 //! wait of a member that has it, instead of the cell's best time with its oldest member's wait.
+//! When it loses a point, the members that point alone covered are found among the frontiers
+//! of the groups whose best time is in the gap, not by reading the groups' members.
 //! Two sets of cell heads give the receive order (priority, then oldest) and the oldest visible
 //! message. A batch ([`VisibleIndex::insert_batch`]) is added cell by cell, sorted, so each tree
 //! is walked once or built whole (full nodes: a batch-filled index is also smaller).
 //!
-//! About 840 lines for one structure: the cells, their groups, summaries and age frontiers are
-//! kept by the same inserts and removals, so they stay in one file; the search over them is
-//! `crate::select`.
+//! About 890 lines for one structure: the cells, their groups, summaries and age frontiers are
+//! kept by the same inserts and removals, so they stay in one file (the frontier itself is
+//! `frontier`); the search over them is `crate::select`.
 
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
@@ -156,12 +160,15 @@ pub struct Group {
 /// is older than: every one that can be a point of an age frontier.
 fn oldest_by_key(run: &[(u32, IndexEntry)]) -> impl Iterator<Item = (u32, &IndexEntry)> + '_ {
     let mut oldest = u64::MAX;
-    run.iter().filter_map(move |(slot, e)| {
-        (e.seq < oldest).then(|| {
-            oldest = e.seq;
-            (*slot, e)
+    run.iter()
+        .filter(move |(_, e)| {
+            let older = e.seq < oldest;
+            if older {
+                oldest = e.seq;
+            }
+            older
         })
-    })
+        .map(|(slot, e)| (*slot, e))
 }
 
 /// The points of `run` (one estimate's members sorted by `(time, seq)`) for its group's frontier.

@@ -15,7 +15,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 740 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 810 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -506,7 +506,11 @@ impl Bounded<CellItem> {
 /// it is visited, that bound is replaced by the one its whole age frontier gives (each
 /// processing time with the wait of the members that have it), which keeps a long run from
 /// visiting the cells whose best time is a young message's and longest wait an old one's.
-/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
+/// The oldest member with a cell's best time is scored at least its cell's floor (the lowest
+/// budget part its token class allows): a cell whose bound is below the highest floor holds no
+/// winner and never enters the heap. Inside a cell, the groups are read best time first, up to
+/// the first time that cannot win (`expand_cell`). Ties are broken as in `IndexSearch` (older,
+/// then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
@@ -594,7 +598,7 @@ fn expand_cell(
     let mut first_time: Option<f64> = None;
     let mut walked = false;
     index.for_each_group_head_by_time(&key, |first, tokens, best_time_ms, single_run| {
-        if !walked && first_time.is_some_and(|time| time != best_time_ms) {
+        if !walked && first_time.is_some_and(|time| time.to_bits() != best_time_ms.to_bits()) {
             walked = true;
             walk_top(index, context, groups, ages, best);
         }

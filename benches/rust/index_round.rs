@@ -116,6 +116,20 @@ impl CandidateIndex for Counting<'_> {
     }
 }
 
+/// The slowest receives after the warm-up rounds, with what each asked of its cell's frontier.
+fn print_repairs(repairs: &mut Vec<(u64, usize, (usize, usize, usize))>, rounds: usize) {
+    repairs.retain(|r| r.1 >= rounds / 11);
+    let points = repairs.iter().filter(|r| (r.2).0 > 0).count();
+    println!("receives of a cell's frontier point: {points} of {}", repairs.len());
+    repairs.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
+    for (ns, round, (point, groups, in_gap)) in repairs.iter().take(12) {
+        println!(
+            "  slowest receive: round {round}: {:.1} µs, frontier point {point} (1 = youngest), {in_gap} of {groups} groups with a best time in the gap",
+            *ns as f64 / 1000.0
+        );
+    }
+}
+
 /// What receiving `slot` asks of its cell's age frontier: its position from the youngest point
 /// (0: not a point), the cell's groups, and those whose best time is below the older
 /// neighbour's (the groups a repair reads).
@@ -225,16 +239,7 @@ fn main() {
         for (ns, round, c) in per_round.iter().take(12) {
             println!("  slowest: round {round}: {:.1} µs, counts {c:?}", *ns as f64 / 1000.0);
         }
-        repairs.retain(|r| r.1 >= rounds / 11);
-        let points = repairs.iter().filter(|r| (r.2).0 > 0).count();
-        println!("receives of a cell's frontier point: {points} of {}", repairs.len());
-        repairs.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
-        for (ns, round, (point, groups, in_gap)) in repairs.iter().take(12) {
-            println!(
-                "  slowest receive: round {round}: {:.1} µs, frontier point {point} (1 = youngest), {in_gap} of {groups} groups with a best time in the gap",
-                *ns as f64 / 1000.0
-            );
-        }
+        print_repairs(&mut repairs, rounds);
     }
     let warm = rounds / 11;
     for (name, samples) in ["search", "receive", "delete", "enqueue"].into_iter().zip(samples) {
