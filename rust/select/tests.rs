@@ -314,6 +314,78 @@ fn a_batch_of_equal_ages_is_not_walked_member_by_member() {
     assert_eq!(best.seq, 39);
 }
 
+/// The store as the search sees it, counting the group heads offered to the search.
+struct CountingHeads<'a> {
+    store: &'a crate::store::Store<u32>,
+    heads: std::cell::Cell<usize>,
+}
+
+impl CandidateIndex for CountingHeads<'_> {
+    fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary)) {
+        self.store.for_each_cell(visit);
+    }
+    fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
+        self.store.for_each_group_head(key, |a, b, c, d| {
+            self.heads.set(self.heads.get() + 1);
+            visit(a, b, c, d);
+        });
+    }
+    fn for_each_group_head_by_time(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool) -> bool) {
+        self.store.for_each_group_head_by_time(key, |a, b, c, d| {
+            self.heads.set(self.heads.get() + 1);
+            visit(a, b, c, d)
+        });
+    }
+    fn for_each_age_point(&self, key: &CellKey, summary: &CellSummary, visit: impl FnMut(f64, f64) -> bool) {
+        self.store.for_each_age_point(key, summary, visit);
+    }
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        self.store.next_in_run(slot)
+    }
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        self.store.next_run_head(slot)
+    }
+    fn traits(&self, slot: u32) -> MessageTraits {
+        self.store.traits(slot)
+    }
+    fn seq(&self, slot: u32) -> u64 {
+        self.store.seq(slot)
+    }
+}
+
+#[test]
+fn a_wide_cell_is_read_only_up_to_the_first_time_that_cannot_win() {
+    use crate::store::{NewMessage, Store, StoreConfig};
+    // One cell of 160 estimates, three messages each with the estimate's own processing time
+    // (18.8-20.4 s), and one message with a 0.5 s expected time: its group is read first, and
+    // the next group's time already cannot beat it.
+    let message = |n: u32, tokens: u64, expected: Option<f64>| NewMessage {
+        request_id: format!("r{n}").into(),
+        payload: n,
+        priority: 2,
+        tokens,
+        expected_processing_seconds: expected,
+        tenant: None,
+        deadline: None,
+    };
+    let mut batch = Vec::new();
+    for (i, tokens) in (1_880u64..2_040).enumerate() {
+        assert_eq!(CellKey::for_message(2, 0, tokens), CellKey::for_message(2, 0, 1_880));
+        for copy in 0..3u32 {
+            batch.push(message(i as u32 * 4 + copy, tokens, None));
+        }
+    }
+    batch.push(message(9_999, 1_900, Some(0.5)));
+    let mut store: Store<u32> = Store::new(StoreConfig::default(), 0.0).unwrap();
+    store.enqueue_batch(&mut batch, 0.0).unwrap();
+    let context =
+        SearchContext { weights: Weights::default(), now: 1.0, available: 100_000.0, max_tokens: 100_000.0 };
+    let counting = CountingHeads { store: &store, heads: std::cell::Cell::new(0) };
+    let best = best_candidate(&counting, &context).unwrap();
+    assert_eq!(store.message(best.slot).payload, 9_999);
+    assert!(counting.heads.get() <= 2, "{} group heads read of 160", counting.heads.get());
+}
+
 #[test]
 fn ties_go_to_the_older_message() {
     let m = |enqueued_at| MessageTraits {
