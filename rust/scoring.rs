@@ -322,22 +322,6 @@ pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens
     )
 }
 
-/// At most the efficiency + token fit of every estimate of `key`'s token class, when every one
-/// is admissible (its whole range is within `max_tokens`); None when some may not be. Both
-/// factors rise with the share of the budget up to 0.1, so the floor there is the range's low
-/// end's; past it, 0 (a safe floor, as the weights are >= 0).
-pub fn budget_floor(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
-    let (lo, hi) = key.token_range();
-    if hi > max_tokens {
-        return None;
-    }
-    if available <= 0.0 || hi / available > 0.1 {
-        return Some(0.0);
-    }
-    let u = lo / available;
-    Some(weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
-}
-
 /// `static_cell_bound` from a budget part already computed by `budget_bound`.
 pub fn static_cell_bound_with(weights: &Weights, key: &CellKey, best_time_ms: f64, budget_part: f64) -> f64 {
     fixed_part(weights, *key, best_time_ms) + budget_part
@@ -414,27 +398,6 @@ mod tests {
             match static_cell_bound(&w, &key, best_time_ms, available, available) {
                 Some(bound) => prop_assert!(bound >= exact_static, "{bound} < {exact_static}"),
                 None => prop_assert!(tokens as f64 > available),
-            }
-        }
-
-        // The budget floor of a cell is at most the efficiency + token fit of every member, and
-        // is given only when every estimate of its class is admissible.
-        #[test]
-        fn budget_floor_is_below_every_member(
-            w in weights(),
-            tokens in 0u64..200_000,
-            available in prop_oneof![0.0f64..100_000.0, 1e6f64..1e10],
-            max_tokens in prop_oneof![0.0f64..250_000.0, Just(f64::INFINITY)],
-        ) {
-            let key = CellKey::for_message(0, 0, tokens);
-            let exact = w.efficiency * efficiency_factor(tokens as f64, available)
-                + w.token_fit * token_fit_factor(tokens as f64, available);
-            match budget_floor(&w, &key, available, max_tokens) {
-                Some(floor) => {
-                    prop_assert!(floor <= exact, "{floor} > {exact}");
-                    prop_assert!(tokens as f64 <= max_tokens);
-                }
-                None => prop_assert!(key.token_range().1 > max_tokens),
             }
         }
     }

@@ -15,17 +15,17 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 810 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 740 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use crate::cells::{CellKey, MAX_TOKEN_CLASS};
+use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, budget_floor, priority_and_retry, processing_time_factor, static_cell_bound, total,
-    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, priority_and_retry, processing_time_factor, static_cell_bound, total, wait_time_factor,
+    weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -47,20 +47,6 @@ pub trait CandidateIndex {
     /// whether the group is a single run: enough to bound the group without touching its
     /// members, and to skip looking for a next run that does not exist.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
-    /// Calls `visit` as `for_each_group_head` does, best processing time first (any order
-    /// among equal times), while it returns true. The default sorts the heads.
-    fn for_each_group_head_by_time(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool) -> bool) {
-        let mut heads = Vec::new();
-        self.for_each_group_head(key, |slot, tokens, time_ms, single_run| {
-            heads.push((slot, tokens, time_ms, single_run));
-        });
-        heads.sort_by(|a, b| a.2.total_cmp(&b.2));
-        for (slot, tokens, time_ms, single_run) in heads {
-            if !visit(slot, tokens, time_ms, single_run) {
-                break;
-            }
-        }
-    }
     /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
     /// the points of the age frontier of `key`, youngest first, while it returns true: points
     /// such that every member of the cell is no older than one of them and has no better
@@ -353,14 +339,13 @@ impl<T> Ord for Bounded<T> {
     }
 }
 
-/// The budget part of cell bounds and of their floors, computed once per token class in a
-/// search (it does not depend on the priority or retry class).
+/// The budget part of cell bounds, computed once per token class in a search (it does not
+/// depend on the priority or retry class).
 struct BudgetParts<'a> {
     context: &'a SearchContext,
-    /// By token class: `(bound, floor)`, NaN until computed; a bound of minus infinity for a
-    /// class none of whose estimates is admissible, a floor of minus infinity for one some of
-    /// whose estimates may not be.
-    parts: Vec<(f64, f64)>,
+    /// By token class: NaN until computed, minus infinity for a class none of whose
+    /// estimates is admissible.
+    parts: Vec<f64>,
     /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
     priority_and_retry: [f64; 4 * 8],
 }
@@ -370,41 +355,28 @@ impl<'a> BudgetParts<'a> {
         Self { context, parts: Vec::new(), priority_and_retry: [f64::NAN; 4 * 8] }
     }
 
-    /// The part of the bound of every member of the cell `key` that its key fixes (priority,
-    /// retry, budget and the slack; None when no estimate of its class is admissible), and the
-    /// part of their scores it fixes at least (priority, retry, the budget floor, less the
-    /// slack; minus infinity when some estimate of its class may not be admissible).
-    fn static_part(&mut self, key: CellKey) -> Option<(f64, f64)> {
-        let (budget, floor) = self.get(key);
-        if budget == f64::NEG_INFINITY {
-            return None;
-        }
-        let fixed = self.priority_and_retry(key);
-        Some((fixed + BOUND_SLACK + budget, fixed + floor - BOUND_SLACK))
-    }
-
-    fn priority_and_retry(&mut self, key: CellKey) -> f64 {
+    /// The part of the bound of every member of the cell `key` that its key fixes: priority,
+    /// retry, budget (None when no estimate of its class is admissible), and the slack.
+    fn static_part(&mut self, key: CellKey) -> Option<f64> {
+        let budget = self.get(key)?;
         let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
         if self.priority_and_retry[i].is_nan() {
             self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
         }
-        self.priority_and_retry[i]
+        Some(self.priority_and_retry[i] + BOUND_SLACK + budget)
     }
 
-    fn get(&mut self, key: CellKey) -> (f64, f64) {
+    fn get(&mut self, key: CellKey) -> Option<f64> {
         let class = usize::from(key.token_class);
         if class >= self.parts.len() {
-            self.parts.resize(class.max(usize::from(MAX_TOKEN_CLASS)) + 1, (f64::NAN, f64::NAN));
+            self.parts.resize(class + 1, f64::NAN);
         }
-        if self.parts[class].0.is_nan() {
-            let (weights, available, max_tokens) =
-                (&self.context.weights, self.context.available, self.context.max_tokens);
-            self.parts[class] = (
-                budget_bound(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
-                budget_floor(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
-            );
+        if self.parts[class].is_nan() {
+            let context = self.context;
+            self.parts[class] = budget_bound(&context.weights, &key, context.available, context.max_tokens)
+                .unwrap_or(f64::NEG_INFINITY);
         }
-        self.parts[class]
+        Some(self.parts[class]).filter(|part| *part != f64::NEG_INFINITY)
     }
 }
 
@@ -506,38 +478,22 @@ impl Bounded<CellItem> {
 /// it is visited, that bound is replaced by the one its whole age frontier gives (each
 /// processing time with the wait of the members that have it), which keeps a long run from
 /// visiting the cells whose best time is a young message's and longest wait an old one's.
-/// The oldest member with a cell's best time is scored at least its cell's floor (the lowest
-/// budget part its token class allows): a cell whose bound is below the highest floor holds no
-/// winner and never enters the heap. Inside a cell, the groups are read best time first, up to
-/// the first time that cannot win (`expand_cell`). Ties are broken as in `IndexSearch` (older,
-/// then lower sequence number).
+/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
     let mut parts = BudgetParts::new(context);
-    let mut cells = Vec::with_capacity(64);
-    let mut summaries = Vec::with_capacity(64);
-    // The best score some member is sure to reach, `(tier, score)`: a cell that bounds below
-    // it holds no winner, and is left out of the heap.
-    let mut floor = (0, f64::NEG_INFINITY);
+    let mut cells = Vec::new();
+    let mut summaries = Vec::new();
     index.for_each_cell(|key, cell| {
-        let Some((static_part, floor_part)) = parts.static_part(*key) else { return };
+        let Some(static_part) = parts.static_part(*key) else { return };
         let wait_of =
             |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
         let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
-        // Exactly the processing-time and wait factors of the cell's oldest member with the
-        // best time.
         let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
         let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
-        let tier = weights.tier(key.priority);
-        // Minus infinity when the cell's members may all be inadmissible: then it reaches no
-        // floor, not even its tier's.
-        let reached = floor_part + at_best;
-        if reached > f64::NEG_INFINITY && (tier > floor.0 || (tier == floor.0 && reached > floor.1)) {
-            floor = (tier, reached);
-        }
         cells.push(Bounded {
-            tier,
+            tier: weights.tier(key.priority),
             bound: static_part + at_best.max(older),
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
@@ -549,7 +505,6 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     // put back if that bound puts it behind another).
     let mut groups = Vec::new();
     let mut ages = AgeBounds::default();
-    cells.retain(|cell| cell.tier > floor.0 || (cell.tier == floor.0 && cell.bound >= floor.1));
     let mut cells = BinaryHeap::from(cells);
     while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
@@ -573,13 +528,19 @@ fn beats(best: Option<&Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: 
     best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
 }
 
+/// The position of the highest-ranked entry.
+fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
+    let mut top: Option<usize> = None;
+    for (i, entry) in entries.iter().enumerate() {
+        if top.is_none_or(|t| entry.cmp(&entries[t]) == Ordering::Greater) {
+            top = Some(i);
+        }
+    }
+    top
+}
+
 /// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
-/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space. Groups are
-/// offered best processing time first, and bounded by the cell's own budget part until that
-/// bound cannot beat `best`: the groups after it have no better time, so none can. Of the
-/// groups with the first time that may beat `best`, the one with the highest bound is walked
-/// before any later time is looked at, so a cell visited first (no `best` yet) stops early too;
-/// the others gathered are walked after, in bound order, while they may beat `best`.
+/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space.
 fn expand_cell(
     index: &impl CandidateIndex,
     context: &SearchContext,
@@ -593,33 +554,20 @@ fn expand_cell(
     let bounds = GroupBounds::new(&context.weights, &key, context.available);
     let processing_weight = context.weights.processing_time;
     groups.clear();
-    // Before the first walk, the best time's groups are gathered and the best bound among them
-    // walked once a worse time comes: that walk gives the stop its `best`.
-    let mut first_time: Option<f64> = None;
-    let mut walked = false;
-    index.for_each_group_head_by_time(&key, |first, tokens, best_time_ms, single_run| {
-        if !walked && first_time.is_some_and(|time| time.to_bits() != best_time_ms.to_bits()) {
-            walked = true;
-            walk_top(index, context, groups, ages, best);
-        }
-        let time_and_wait = ages.at_most(processing_weight * processing_time_factor(best_time_ms));
-        if !beats(best.as_ref(), tier, cell.item.static_part + time_and_wait, oldest_at, seq) {
-            return false; // nor can any later group: their times are no better
-        }
+    index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
         // A bound from the group's key and cached head alone spares the members' cache lines.
         if tokens as f64 > context.max_tokens {
-            return true;
+            return;
         }
-        let bound = bounds.bound_with(tokens, time_and_wait);
+        let time = processing_weight * processing_time_factor(best_time_ms);
+        let bound = bounds.bound_with(tokens, ages.at_most(time));
         if beats(best.as_ref(), tier, bound, oldest_at, seq) {
             groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
-            first_time.get_or_insert(best_time_ms);
         }
-        true
     });
-    if !walked {
-        walk_top(index, context, groups, ages, best);
-    }
+    let Some(top) = index_of_max(groups) else { return };
+    let first = groups.swap_remove(top);
+    walk_group(index, context, &first, ages, best);
     groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
     if groups.is_empty() {
         return;
@@ -632,26 +580,6 @@ fn expand_cell(
         walk_group(index, context, &group, ages, best);
     }
     *groups = by_bound.into_vec();
-}
-
-/// Walks the group of `groups` with the highest bound, and takes it out.
-fn walk_top(
-    index: &impl CandidateIndex,
-    context: &SearchContext,
-    groups: &mut Vec<Bounded<(u32, bool)>>,
-    ages: &AgeBounds,
-    best: &mut Option<Candidate>,
-) {
-    let mut top: Option<usize> = None;
-    for (i, group) in groups.iter().enumerate() {
-        if top.is_none_or(|t| group.cmp(&groups[t]) == Ordering::Greater) {
-            top = Some(i);
-        }
-    }
-    if let Some(top) = top {
-        let group = groups.swap_remove(top);
-        walk_group(index, context, &group, ages, best);
-    }
 }
 
 /// Scores the run heads of a group, best processing time first, while they may beat `best`.

@@ -82,12 +82,6 @@ impl CandidateIndex for Counting<'_> {
             visit(a, b, c, d);
         });
     }
-    fn for_each_group_head_by_time(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool) -> bool) {
-        self.store.for_each_group_head_by_time(key, |a, b, c, d| {
-            self.bump(1, 1);
-            visit(a, b, c, d)
-        });
-    }
     fn for_each_age_point(
         &self,
         key: &CellKey,
@@ -116,35 +110,6 @@ impl CandidateIndex for Counting<'_> {
     }
 }
 
-/// The slowest receives after the warm-up rounds, with what each asked of its cell's frontier.
-fn print_repairs(repairs: &mut Vec<(u64, usize, (usize, usize, usize))>, rounds: usize) {
-    repairs.retain(|r| r.1 >= rounds / 11);
-    let points = repairs.iter().filter(|r| (r.2).0 > 0).count();
-    println!("receives of a cell's frontier point: {points} of {}", repairs.len());
-    repairs.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
-    for (ns, round, (point, groups, in_gap)) in repairs.iter().take(12) {
-        println!(
-            "  slowest receive: round {round}: {:.1} µs, frontier point {point} (1 = youngest), {in_gap} of {groups} groups with a best time in the gap",
-            *ns as f64 / 1000.0
-        );
-    }
-}
-
-/// What receiving `slot` asks of its cell's age frontier: its position from the youngest point
-/// (0: not a point), the cell's groups, and those whose best time is below the older
-/// neighbour's (the groups a repair reads).
-fn frontier_repair(store: &IndexStore, slot: u32) -> (usize, usize, usize) {
-    let entry = store.message(slot).index_entry();
-    let cell = &store.index().cells()[&entry.cell];
-    let frontier = cell.frontier();
-    let Some(at) = frontier.iter().position(|p| p.seq == entry.seq) else {
-        return (0, cell.groups().len(), 0);
-    };
-    let older = at.checked_sub(1).map(|j| frontier[j].time);
-    let in_gap = cell.groups().values().filter(|g| older.is_none_or(|limit| g.head().time < limit)).count();
-    (frontier.len() - at, cell.groups().len(), in_gap)
-}
-
 fn pct(samples: &mut [u64], p: f64) -> f64 {
     samples.sort_unstable();
     let rank = ((p / 100.0 * samples.len() as f64).ceil() as usize).max(1);
@@ -170,7 +135,6 @@ fn main() {
     let counted = std::env::var_os("COUNT").is_some();
     let mut totals = [0u64; 6];
     let mut per_round: Vec<(u64, usize, [u64; 6])> = Vec::new();
-    let mut repairs: Vec<(u64, usize, (usize, usize, usize))> = Vec::new();
     let mut samples: [Vec<u64>; 4] = Default::default();
     for round in 0..rounds {
         now += 0.001;
@@ -193,13 +157,9 @@ fn main() {
         if counted && std::env::var_os("BOUNDS").is_some() && round % 5000 == 4999 {
             print_bounds(&store, &context, round, &best);
         }
-        let repair = counted.then(|| frontier_repair(&store, best.slot));
         let t2 = Instant::now();
         let handle = store.receive_slot(best.slot, 30.0, now).unwrap();
         let t3 = Instant::now();
-        if let Some(repair) = repair {
-            repairs.push(((t3 - t2).as_nanos() as u64, round, repair));
-        }
         store.delete(&handle.to_string(), now).unwrap();
         let t4 = Instant::now();
         store.enqueue(work.next(), now).unwrap();
@@ -239,7 +199,6 @@ fn main() {
         for (ns, round, c) in per_round.iter().take(12) {
             println!("  slowest: round {round}: {:.1} µs, counts {c:?}", *ns as f64 / 1000.0);
         }
-        print_repairs(&mut repairs, rounds);
     }
     let warm = rounds / 11;
     for (name, samples) in ["search", "receive", "delete", "enqueue"].into_iter().zip(samples) {

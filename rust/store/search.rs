@@ -18,10 +18,6 @@ impl<P, R: Ranking> CandidateIndex for Store<P, R> {
         self.index.for_each_group_head(key, visit);
     }
 
-    fn for_each_group_head_by_time(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool) -> bool) {
-        self.index.for_each_group_head_by_time(key, visit);
-    }
-
     fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, visit: impl FnMut(f64, f64) -> bool) {
         self.index.for_each_age_point(key, visit);
     }
