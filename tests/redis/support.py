@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio
 
+from llm_queue_dispatcher import FairPriorityConfig, LLMQueueDispatcher, LLMQueueDispatcherConfig
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
 T = TypeVar("T")
@@ -320,3 +321,14 @@ class Monitor:
         finally:
             await client.aclose()
             await marker.aclose()
+
+
+def fair_dispatcher(storage: RedisStorage[Any], **fair: Any) -> LLMQueueDispatcher[Any]:
+    """A `fair_priority` dispatcher over ``storage`` (``fair``: `FairPriorityConfig`'s fields), on
+    the storage's test clock where it has one."""
+    config = LLMQueueDispatcherConfig(
+        policy="fair_priority",
+        fair_priority=FairPriorityConfig(**fair),
+        clock=getattr(storage, "clock", None),
+    )
+    return LLMQueueDispatcher(storage, config)

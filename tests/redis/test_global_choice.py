@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import (
-    FairPriorityConfig,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
@@ -31,7 +30,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 from tests.redis.conftest import Workers, fresh_name
-from tests.redis.support import RedisServer, ReplyCutter
+from tests.redis.support import RedisServer, ReplyCutter, fair_dispatcher
 from tests.reference.fair import AGED, FairMessage, FairModel, FairSettings, lane
 
 WEIGHTS = {"t0": 2.0, "t3": 0.5}
@@ -73,15 +72,6 @@ def as_reference(request: LLMRequest[Any], order: int, enqueued_at: float) -> Fa
         order=order,
         deadline=None if request.deadline is None else request.deadline.timestamp(),
     )
-
-
-def fair_dispatcher(storage: RedisStorage[Any], **fair: Any) -> LLMQueueDispatcher[Any]:
-    config = LLMQueueDispatcherConfig(
-        policy="fair_priority",
-        fair_priority=FairPriorityConfig(**fair),
-        clock=getattr(storage, "clock", None),
-    )
-    return LLMQueueDispatcher(storage, config)
 
 
 # -- one process, manual clock ------------------------------------------------------------------

@@ -10,9 +10,7 @@ import pytest
 import redis.exceptions
 
 from llm_queue_dispatcher import (
-    FairPriorityConfig,
     LLMQueueDispatcher,
-    LLMQueueDispatcherConfig,
     LLMRequest,
     ManualClock,
     Priority,
@@ -21,13 +19,7 @@ from llm_queue_dispatcher import (
     TokenInfo,
 )
 from llm_queue_dispatcher.redis import RedisStorage
-
-
-def fair_dispatcher(storage: RedisStorage[Any]) -> LLMQueueDispatcher[Any]:
-    config = LLMQueueDispatcherConfig(
-        policy="fair_priority", fair_priority=FairPriorityConfig(), clock=getattr(storage, "clock", None)
-    )
-    return LLMQueueDispatcher(storage, config)
+from tests.redis.support import fair_dispatcher
 
 
 def count_calls(storage: RedisStorage[Any], patch: pytest.MonkeyPatch) -> list[int]:

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from llm_queue_dispatcher import (
-    FairPriorityConfig,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
     LLMRequest,
@@ -22,14 +21,7 @@ from llm_queue_dispatcher import (
 )
 from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.conftest import fresh_name
-
-
-def fair_dispatcher(storage: RedisStorage[Any]) -> LLMQueueDispatcher[Any]:
-    config = LLMQueueDispatcherConfig(
-        policy="fair_priority", fair_priority=FairPriorityConfig(), clock=getattr(storage, "clock", None)
-    )
-    return LLMQueueDispatcher(storage, config)
-
+from tests.redis.support import fair_dispatcher
 
 _LAYOUT = Path(__file__).parent / "fixtures" / "queue_layout_da1deba.json"
 
