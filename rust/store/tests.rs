@@ -1,3 +1,7 @@
+//! The store's unit and property tests: its SQS semantics (receive order, visibility,
+//! handles, dead-lettering, retention, withdrawal) and its index against a rebuild. (About 720
+//! lines, one file: every test drives the same `Store` through the same few helpers.)
+
 use super::*;
 use proptest::prelude::*;
 
