@@ -20,3 +20,14 @@ local function part(n)
   end
   return fmt(n)
 end
+
+-- The reply of a dispatch call: with winners, the queue touched and the reply kept for a resent
+-- call (queue_common.lua's remember(), read back by replayed()).
+local function answered(out, taken)
+  if #taken == 0 then
+    return out
+  end
+  touch(Q)
+  remember(GREPLY, taken)
+  return out
+end

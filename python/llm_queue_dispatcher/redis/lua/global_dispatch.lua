@@ -484,9 +484,4 @@ end
 if not done then
   error(failure, 0)
 end
-if #taken == 0 then
-  return out
-end
-touch(Q)
-remember(GREPLY, taken)
-return out
+return answered(out, taken)

@@ -210,9 +210,4 @@ for _ = 1, limit + 2 * SKIP_MAX do
     end
   end
 end
-if #taken == 0 then
-  return out
-end
-touch(Q)
-remember(GREPLY, taken)
-return out
+return answered(out, taken)
