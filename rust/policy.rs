@@ -329,6 +329,14 @@ fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
         let Some(fitting) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
         candidate = fitting;
     }
+    if candidate.base < min_score && candidate.tier > 0 {
+        // URGENT ranks first by its tier, yet scores below the threshold: it is not sent, and
+        // (the best URGENT by score below it, so every URGENT) must not hold back the others.
+        // The best by score alone is then the best of the rest, or below the threshold too.
+        context.weights.urgent_first = false;
+        let Some(best) = best_ever_granted(store, &context, ever) else { return Decision::Nothing };
+        candidate = best;
+    }
     if candidate.base < min_score {
         return Decision::Nothing;
     }

@@ -367,6 +367,12 @@ fn buffered_decision<M, L>(
         let Some(fitting) = best(&context) else { return Decision::Nothing };
         candidate = fitting;
     }
+    if candidate.base < settings.min_score && candidate.tier > 0 {
+        // Every URGENT below the threshold holds back nothing (as `policy::decide_score`).
+        context.weights.urgent_first = false;
+        let Some(best) = best(&context) else { return Decision::Nothing };
+        candidate = best;
+    }
     if candidate.base < settings.min_score {
         return Decision::Nothing;
     }
@@ -439,8 +445,14 @@ pub trait Steps {
     /// The URGENT reserve a non-URGENT winner leaves (`policy::score_reserve` of the pool's
     /// history), and the token capacity its margin is capped by.
     fn urgent(&mut self) -> Result<(f64, f64), Self::Error>;
-    /// Up to `limit` candidates, best first, under `budget`.
-    fn collect(&mut self, budget: Budget, limit: usize) -> Result<Vec<Collected>, Self::Error>;
+    /// Up to `limit` candidates, best first, under `budget`; with `by_score`, ranked by score
+    /// alone (URGENT's tier off: see `attempt`).
+    fn collect(
+        &mut self,
+        budget: Budget,
+        limit: usize,
+        by_score: bool,
+    ) -> Result<Vec<Collected>, Self::Error>;
     /// The raw custom scores of the `i`-th collected candidate (run with no lock held).
     fn evaluate(&mut self, i: usize, candidate: &Candidate) -> Result<Vec<f64>, Self::Error>;
     /// 0 when `candidate` (its estimate, split into its input and output parts where the pool
@@ -474,17 +486,24 @@ pub fn attempt<S: Steps>(
     for _ in 0..MAX_ATTEMPTS {
         let Some(budget) = steps.budget(settings.hold)? else { return Ok(Outcome::Nothing) };
         let (reserve, capacity) = steps.urgent()?;
-        let Some(mut choice) = pick(steps, budget, limit, custom_weights)? else {
+        let Some(mut choice) = pick(steps, budget, limit, custom_weights, false)? else {
             return Ok(Outcome::Nothing);
         };
         let margin = score_margin(&choice.candidate, reserve, capacity);
         if !settings.hold && margin > 0.0 && steps.wait(&choice.candidate, margin)? != 0.0 {
             // The best among what leaves the reserve: no URGENT one fits now (it would have won).
             let leaving = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
-            let Some(fitting) = pick(steps, leaving, limit, custom_weights)? else {
+            let Some(fitting) = pick(steps, leaving, limit, custom_weights, false)? else {
                 return Ok(Outcome::Nothing);
             };
             choice = fitting;
+        }
+        if choice.total < settings.min_score && choice.candidate.tier > 0 {
+            // Every URGENT below the threshold holds back nothing (as `policy::decide_score`).
+            let Some(best) = pick(steps, budget, limit, custom_weights, true)? else {
+                return Ok(Outcome::Nothing);
+            };
+            choice = best;
         }
         if choice.total < settings.min_score {
             return Ok(Outcome::Nothing);
@@ -532,8 +551,9 @@ fn pick<S: Steps>(
     budget: Budget,
     limit: usize,
     custom_weights: &[f64],
+    by_score: bool,
 ) -> Result<Option<Choice>, S::Error> {
-    let collected = steps.collect(budget, limit)?;
+    let collected = steps.collect(budget, limit, by_score)?;
     choose(&collected, custom_weights, |i, candidate| steps.evaluate(i, candidate))
 }
 

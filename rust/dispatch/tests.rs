@@ -212,7 +212,7 @@ impl Steps for Scripted {
         Ok(self.urgent)
     }
 
-    fn collect(&mut self, budget: Budget, limit: usize) -> CoreResult<Vec<Collected>> {
+    fn collect(&mut self, budget: Budget, limit: usize, _by_score: bool) -> CoreResult<Vec<Collected>> {
         let mut sorted: Vec<_> = self
             .candidates
             .iter()

@@ -297,9 +297,10 @@ impl Steps for StoreSteps<'_, '_> {
         self.sel.against.budget(self.py, hold)
     }
 
-    fn collect(&mut self, budget: Budget, limit: usize) -> PyResult<Vec<Collected>> {
+    fn collect(&mut self, budget: Budget, limit: usize, by_score: bool) -> PyResult<Vec<Collected>> {
         let py = self.py;
-        let weights = self.sel.weights;
+        let weights =
+            Weights { urgent_first: self.sel.weights.urgent_first && !by_score, ..self.sel.weights };
         let want = self.sel.custom_fn.is_some();
         let (collected, views) = self.store.with_store(py, |store, now| {
             let context =
@@ -416,9 +417,9 @@ impl Steps for BufferSteps<'_, '_> {
         self.sel.against.budget(self.py, hold)
     }
 
-    fn collect(&mut self, budget: Budget, limit: usize) -> PyResult<Vec<Collected>> {
+    fn collect(&mut self, budget: Budget, limit: usize, by_score: bool) -> PyResult<Vec<Collected>> {
         let context = SearchContext {
-            weights: self.sel.weights,
+            weights: Weights { urgent_first: self.sel.weights.urgent_first && !by_score, ..self.sel.weights },
             now: self.now,
             available: budget.available,
             max_tokens: budget.max_tokens,

@@ -503,7 +503,7 @@ class Run:
 
         messages = [t.queue_message() for t in visible]
 
-        def rank(accept: Any) -> list[tuple[float, QueueMessage[Any]]]:
+        def rank(accept: Any, urgent_first: bool = urgent_first) -> list[tuple[float, QueueMessage[Any]]]:
             return reference_ranking(
                 messages,
                 now=now,
@@ -515,11 +515,20 @@ class Run:
                 by_message=True,
             )
 
-        ranking = rank(eligible)
+        accept = eligible
+        ranking = rank(accept)
         if not self.hold and ranking and not fits_now(ranking[0][1]):
             event("score: the best does not leave the URGENT reserve")
-            ranking = rank(lambda message: eligible(message) and fits_now(message))
-        if not ranking or ranking[0][0] < self.scenario.min_score_threshold:
+            accept = lambda message: eligible(message) and fits_now(message)  # noqa: E731
+            ranking = rank(accept)
+        threshold = self.scenario.min_score_threshold
+        if ranking and ranking[0][0] < threshold and tier(int(ranking[0][1].payload.priority), urgent_first):
+            # Every URGENT message is below the threshold: none holds back the others, which
+            # rank by score alone (an URGENT one still first only when it scores the most).
+            event("score: URGENT below the threshold holds back nothing")
+            urgent_first = False
+            ranking = rank(accept, urgent_first=False)
+        if not ranking or ranking[0][0] < threshold:
             return None
         best = ranking[0][0]
         best_tier = tier(int(ranking[0][1].payload.priority), urgent_first)

@@ -19,6 +19,7 @@ from llm_queue_dispatcher import (
     ManualClock,
     Priority,
     ScoringConfig,
+    ScoringWeights,
 )
 from tests.policies.support import Limiter, Store, limiter_for, make_dispatcher, make_store, request
 
@@ -98,6 +99,31 @@ async def test_without_urgent_first_urgent_is_one_weighted_factor(config: dict[s
     q.clock.advance(60.0)
     await q.add("urgent", Priority.URGENT, 500)
     assert await q.next() == "old-high"
+
+
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("limiter", LIMITERS)
+@pytest.mark.parametrize("custom", [False, True])
+async def test_an_urgent_request_below_the_threshold_holds_back_no_request_above_it(
+    store: Store, limiter: Limiter, custom: bool
+) -> None:
+    """URGENT ranks first, but one scoring below ``min_score_threshold`` is not sent, and the
+    best request above the threshold goes instead of nothing; below it, nothing goes."""
+    # Token fit above all, priority a little: a 1-token URGENT request scores about 0.05.
+    weights = ScoringWeights(
+        priority=0.05, efficiency=0, wait_time=0, retry=0, token_fit=0.5, processing_time=0
+    )
+    nothing = [CustomScorer("nothing", 0.01, lambda message, context: 0.0)] if custom else []
+    scoring = ScoringConfig(weights=weights, custom_scorers=nothing)
+    q = queue("score", store, limiter, min_score_threshold=0.1, scoring=scoring)
+    await q.add("tiny-urgent", Priority.URGENT, 1)
+    await q.add("tiny-normal", Priority.NORMAL, 1)
+    await q.add("good-fit", Priority.NORMAL, 30_000)
+    assert await q.next() == "good-fit"
+    assert await q.next() is None  # the best total left, the URGENT one's, is below the threshold
+    # Nothing will cross the threshold (no wait weight); an external store looks again after
+    # its prefetch interval.
+    assert q.dispatcher.time_until_ready() == (float("inf") if store == "memory" else 1_000.0)
 
 
 @pytest.mark.parametrize("store", STORES)
