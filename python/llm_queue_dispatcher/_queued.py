@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._checks import finite_float, shown
 from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
-from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult
-from .types import LLMRequest, Priority, TokenInfo, TokenUsage
+from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult, _concurrency
+from .throttle import AsyncRateLimiter, RateLimiter
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage, _validate_priority, validate_request_id
 
 if TYPE_CHECKING:
     from ._core import ProcessableMessage
@@ -188,12 +189,20 @@ class QueuedClient:
             raise InvalidRequestError(
                 f"tokenizer must be a callable str -> int or None, got {shown(tokenizer)}"
             )
+        # Every option is checked here, where it was given, not at the first call.
+        if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+            raise InvalidRequestError(
+                f"limiter must have can_process, get_metrics, consume and adjust_consumption, "
+                f"got {shown(limiter)}"
+            )
+        if id_prefix is not None:
+            validate_request_id(id_prefix, "id_prefix")
         self._client = client
         self._dispatcher = dispatcher
         self._limiter = limiter
         self._tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
-        self._concurrency = concurrency
-        self._priority = Priority(priority)
+        self._concurrency = _concurrency(concurrency)
+        self._priority = _validate_priority(priority)
         self._prefix = id_prefix or f"{self._sdk}-{secrets.token_hex(4)}"
         self._streams: dict[str, asyncio.Future[CountedStream]] = {}
 

@@ -139,3 +139,17 @@ async def test_a_call_is_reserved_by_its_input_and_max_tokens_under_input_and_ou
         message.usage.output_tokens,
     )
     assert record.estimated_tokens > 8_000
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("concurrency", 0), ("concurrency", True), ("priority", 7), ("priority", False), ("id_prefix", 3)],
+)
+async def test_a_bad_client_option_raises_at_construction(
+    anthropic_client: AsyncAnthropic, option: str, value: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncAnthropic(anthropic_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+        with pytest.raises(InvalidRequestError, match="limiter"):
+            QueuedAsyncAnthropic(anthropic_client, dispatcher, None)  # type: ignore[arg-type]

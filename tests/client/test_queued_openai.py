@@ -289,3 +289,41 @@ async def test_a_call_is_reserved_by_its_prompt_and_completion_allowance_under_i
     [record] = limiter.get_consumption_history()
     assert record.estimated_tokens > 8_000
     assert record.actual_tokens == openai_provider.usage[prompt]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("concurrency", 0),
+        ("concurrency", -1),
+        ("concurrency", True),
+        ("concurrency", 1.5),
+        ("concurrency", "4"),
+        ("priority", 9),
+        ("priority", -1),
+        ("priority", True),
+        ("priority", 2.0),
+        ("priority", "HIGH"),
+        ("priority", None),
+        ("id_prefix", 5),
+        ("id_prefix", ""),
+        ("id_prefix", "   "),
+        ("id_prefix", "\ud800"),
+    ],
+)
+async def test_a_bad_client_option_raises_at_construction(
+    openai_client: AsyncOpenAI, option: str, value: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize("limiter", [None, object(), 5])
+async def test_a_limiter_that_is_not_one_raises_at_construction(
+    openai_client: AsyncOpenAI, limiter: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match="limiter"):
+            QueuedAsyncOpenAI(openai_client, dispatcher, limiter)  # type: ignore[arg-type]
