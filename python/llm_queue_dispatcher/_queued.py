@@ -81,6 +81,12 @@ def deadline_of(value: object) -> datetime | None:
     )
 
 
+def _seen(task: asyncio.Future[Any]) -> None:
+    """Marks a task's exception as retrieved (it stays there for whoever asks for it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class StreamCounter:
     """Counts a stream's tokens as its items go by; `total` at its end: a `TokenUsage` (input and
     output apart, each limit corrected with its own), a total, or None (keep the estimate)."""
@@ -280,6 +286,9 @@ class QueuedClient:
         if opened.done() and not opened.cancelled():
             stream = opened.result()
             stream._submitted = submitted  # its outcome, once the stream ended
+            # Nobody need await that outcome (the stream is the answer): a failure of it (the
+            # dispatcher closed or purged under the open stream) is not an error to report.
+            submitted.add_done_callback(_seen)
             return stream
         try:
             submitted.result()

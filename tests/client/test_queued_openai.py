@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections import Counter
 
 import openai
@@ -327,3 +328,25 @@ async def test_a_limiter_that_is_not_one_raises_at_construction(
     async with create_in_memory_queue() as dispatcher:
         with pytest.raises(InvalidRequestError, match="limiter"):
             QueuedAsyncOpenAI(openai_client, dispatcher, limiter)  # type: ignore[arg-type]
+
+
+async def test_a_stream_whose_call_ends_in_failure_leaves_no_unretrieved_task_error(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call behind an open stream fails (purged under it); nobody awaits that outcome, and
+    # asyncio must not report it as an error nobody retrieved.
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000))
+        stream = await qc.chat.completions.create(
+            model="m", messages=messages("open"), max_tokens=5, stream=True
+        )
+        submitted = stream._submitted
+        assert submitted is not None
+        await dispatcher.purge()
+        await stream.close()
+        await asyncio.wait_for(asyncio.wait({submitted}), 10)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            del stream, submitted
+            gc.collect()
+            await asyncio.sleep(0)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
