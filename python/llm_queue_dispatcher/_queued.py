@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import os
 import secrets
 import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._checks import finite_float, shown
 from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
@@ -43,6 +44,8 @@ __all__ = ["CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
 Tokenizer = Callable[[str], int]
 
 _ids = itertools.count()
+
+_Queued = TypeVar("_Queued", bound="QueuedClient")
 
 
 def default_tokenizer() -> Tokenizer | None:
@@ -203,7 +206,7 @@ class QueuedClient:
             )
         if id_prefix is not None:
             validate_request_id(id_prefix, "id_prefix")
-        self._client = client
+        self._set_client(client)
         self._dispatcher = dispatcher
         self._limiter = limiter
         self._tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
@@ -215,8 +218,31 @@ class QueuedClient:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        # Everything but the queued call is the wrapped client's (models, files, with_options...).
+        # Everything but the queued call is the wrapped client's (models, files, close...).
         return getattr(self._client, name)
+
+    def _set_client(self, client: Any) -> None:
+        """Wraps ``client``: a provider's class sets its queued resources (``chat``,
+        ``messages``) over it too."""
+        self._client = client
+
+    def with_options(self: _Queued, **options: Any) -> _Queued:
+        """The SDK's ``with_options`` (and ``copy``): a client with these options (``timeout``,
+        ``default_headers``, ...) whose calls are queued as this one's are, on the same
+        dispatcher under the same limiter, with the same defaults."""
+        other = copy.copy(self)
+        other._set_client(self._client.with_options(**options))
+        return other
+
+    copy = with_options
+
+    async def __aenter__(self: _Queued) -> _Queued:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # As the SDK's client does: its HTTP connections closed. The dispatcher is left open
+        # (other clients may share it; close it with its own ``async with``).
+        await self._client.close()
 
     # -- what a provider's class fills in -------------------------------------------------------
     def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:

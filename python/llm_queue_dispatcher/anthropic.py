@@ -640,9 +640,12 @@ class QueuedAsyncAnthropic(QueuedClient):
             raise InvalidRequestError(f"client must be an anthropic.AsyncAnthropic, got {shown(client)}")
         if not isinstance(count_cache_reads, bool):
             raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
-        super().__init__(client, dispatcher, limiter, **options)
-        self._quiet = client.with_options(max_retries=0)
         self._count_cache_reads = count_cache_reads
+        super().__init__(client, dispatcher, limiter, **options)
+
+    def _set_client(self, client: Any) -> None:
+        super()._set_client(client)
+        self._quiet = client.with_options(max_retries=0)
         self.messages = _QueuedMessages(self)
 
     def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:

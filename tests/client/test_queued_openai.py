@@ -350,3 +350,41 @@ async def test_a_stream_whose_call_ends_in_failure_leaves_no_unretrieved_task_er
             gc.collect()
             await asyncio.sleep(0)
         assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_queued_client_is_an_async_context_manager_that_closes_the_wrapped_client(
+    openai_provider: ProviderServer,
+) -> None:
+    # As `async with AsyncOpenAI() as client:`; the dispatcher, which other clients may share,
+    # stays open.
+    sdk = AsyncOpenAI(base_url=openai_provider.base_url, api_key="test-key")
+    async with create_in_memory_queue() as dispatcher:
+        async with QueuedAsyncOpenAI(sdk, dispatcher, LLMThrottle(60_000, 10_000_000)) as qc:
+            assert isinstance(qc, QueuedAsyncOpenAI)
+            completion = await qc.chat.completions.create(model="m", messages=messages("ctx"), max_tokens=5)
+            assert completion.choices[0].message.content == "echo: ctx"
+        assert sdk.is_closed()
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize("method", ["with_options", "copy"])
+async def test_a_client_with_other_options_is_queued_too(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI, method: str
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, priority=Priority.HIGH)
+        other = getattr(qc, method)(timeout=7.0)
+        assert isinstance(other, QueuedAsyncOpenAI)
+        assert other._client.timeout == 7.0
+        assert qc._client.timeout != 7.0  # the original keeps its options
+        completion = await other.chat.completions.create(model="m", messages=messages("opts"), max_tokens=5)
+        assert completion.choices[0].message.content == "echo: opts"
+        stream = await other.chat.completions.create(
+            model="m", messages=messages("opts-stream"), max_tokens=5, stream=True
+        )
+        assert [chunk async for chunk in stream]
+        await stream._submitted
+    # Both went through the queue, under the same limiter, as the original's calls do.
+    assert len(limiter.get_consumption_history()) == 2
+    assert openai_provider.successes == Counter({"opts": 1, "opts-stream": 1})
