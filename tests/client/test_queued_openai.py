@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
+import types
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
@@ -388,3 +391,54 @@ async def test_a_client_with_other_options_is_queued_too(
     # Both went through the queue, under the same limiter, as the original's calls do.
     assert len(limiter.get_consumption_history()) == 2
     assert openai_provider.successes == Counter({"opts": 1, "opts-stream": 1})
+
+
+class _FakeEncoding:
+    """tiktoken's encoding, as far as the estimate uses it: a token per character."""
+
+    def encode(self, text: str, *, disallowed_special: tuple[str, ...] = ("all",)) -> list[int]:
+        assert disallowed_special == ()  # special-token text in a prompt is counted, not refused
+        return [0] * len(text)
+
+
+def _fake_tiktoken(fail: bool = False) -> types.ModuleType:
+    module = types.ModuleType("tiktoken")
+
+    def get_encoding(name: str) -> _FakeEncoding:
+        if fail:
+            raise ValueError("unknown encoding")
+        assert name == "o200k_base"
+        return _FakeEncoding()
+
+    module.get_encoding = get_encoding  # type: ignore[attr-defined]
+    return module
+
+
+async def test_estimates_come_from_tiktoken_when_it_and_its_file_are_installed_else_the_heuristic(
+    openai_client: AsyncOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    call = {"model": "m", "messages": messages("hello there, tokens"), "max_tokens": 10}
+    heuristic = estimate_chat_tokens(call)
+    by_characters = estimate_chat_tokens(call, tokenizer=len)
+    assert heuristic != by_characters
+    limiter = LLMThrottle(60, 1_000)
+
+    def estimate() -> int:
+        prompt, completion = QueuedAsyncOpenAI(openai_client, create_in_memory_queue(), limiter)._estimate(
+            call
+        )
+        return prompt + completion
+
+    monkeypatch.delitem(sys.modules, "tiktoken", raising=False)
+    monkeypatch.setattr(sys, "path", [])  # no tiktoken to import
+    assert estimate() == heuristic
+    monkeypatch.setitem(sys.modules, "tiktoken", _fake_tiktoken())
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    assert estimate() == heuristic  # its file would be downloaded: never at run time
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert estimate() == heuristic  # an empty cache holds no file either
+    (tmp_path / "o200k_base").write_text("cached", encoding="utf-8")
+    assert estimate() == by_characters
+    monkeypatch.setitem(sys.modules, "tiktoken", _fake_tiktoken(fail=True))
+    assert estimate() == heuristic
