@@ -28,6 +28,7 @@ from llm_queue_dispatcher import (
     Priority,
     QueueMessage,
     ScoringWeights,
+    StorageError,
     TokenInfo,
 )
 from tests.dispatcher.books import Delegating, RenewalFails, native_limiter
@@ -450,3 +451,58 @@ async def test_buffered_messages_count_once_in_an_external_stores_metrics() -> N
     assert queue.approximate_number_of_messages == 9  # 6 in the store + 3 buffered
     assert queue.approximate_number_of_messages_in_flight == 1  # the job
     assert queue.total_messages == 10
+
+
+class _BadReply(Delegating):
+    """An adapter whose ``dequeue`` answers with what the storage contract does not allow."""
+
+    def __init__(self, inner: InMemoryStorage[Any], reply: str) -> None:
+        super().__init__(inner)
+        self.reply = reply
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        messages = await self.inner.dequeue(limit, visibility_timeout)
+        if self.reply == "junk":
+            return [*messages, "junk"]  # type: ignore[list-item]
+        if self.reply == "none":
+            return None  # type: ignore[return-value]
+        return {"messages": messages}  # type: ignore[return-value]
+
+    async def release_message(self, receipt_handle: str) -> None:
+        await self.inner.release_message(receipt_handle)
+
+
+@pytest.mark.parametrize("reply", ["junk", "none", "mapping"])
+async def test_a_store_answering_a_dequeue_with_no_list_of_messages_raises_storage_error(reply: str) -> None:
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher = LLMQueueDispatcher(
+        _BadReply(inner, reply), LLMQueueDispatcherConfig(clock=clock, buffer_size=2)
+    )
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(4)])
+    limiter = LLMThrottle(600, 100_000, clock=clock)
+    with pytest.raises(StorageError, match=r"_BadReply\.dequeue returned"):
+        await dispatcher.dequeue(limiter)
+    assert limiter.get_metrics().rpm.used == 0  # nothing reserved
+    await dispatcher.close()
+
+
+async def test_the_messages_of_a_malformed_dequeue_reply_are_given_back_at_once() -> None:
+    clock = ManualClock(1_000.0)
+    inner: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    dispatcher = LLMQueueDispatcher(
+        _BadReply(inner, "junk"), LLMQueueDispatcherConfig(clock=clock, buffer_size=2)
+    )
+    await dispatcher.batch_enqueue([request(f"r{i}") for i in range(4)])
+    with pytest.raises(StorageError):
+        await dispatcher.dequeue(LLMThrottle(600, 100_000, clock=clock))
+    # Not leased to nobody until their visibility runs out, nor counted as received.
+    attributes = await inner.get_queue_attributes()
+    assert (
+        attributes.approximate_number_of_messages,
+        attributes.approximate_number_of_messages_in_flight,
+    ) == (4, 0)
+    assert [
+        m.attributes.receive_count for m in await inner.peek_messages_by_priority(Priority.NORMAL, 4)
+    ] == [0] * 4
+    await dispatcher.close()

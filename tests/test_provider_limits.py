@@ -239,3 +239,20 @@ def test_header_values_given_as_numbers_are_read_as_their_text() -> None:
     throttle.sync_from_headers({"retry-after": 30, "x-ratelimit-remaining-tokens": 0})
     check = throttle.can_process(10)
     assert (check.allowed, check.available_in) == (False, 30.0)
+
+
+def test_a_header_value_given_as_an_int_too_long_for_text_is_taken_as_infinite() -> None:
+    # Python refuses to write an int of more than 4,300 digits as text: such a figure is read
+    # as infinite, and ignored as "1e400" is.
+    huge = 10**5000
+    limits = parse_rate_limit_headers({"retry-after": huge, "x-ratelimit-remaining-tokens": huge}, now=NOW)
+    assert (limits.retry_after, limits.tokens_remaining) == (None, None)
+    throttle = LLMThrottle(60, 1_000, clock=ManualClock())
+    throttle.sync_from_headers({"x-ratelimit-remaining-tokens": huge})
+    assert throttle.can_process(10).allowed
+
+
+@pytest.mark.parametrize("text", [5, None, b"1s", 1.5])
+def test_a_duration_that_is_not_text_raises_invalid_request(text: object) -> None:
+    with pytest.raises(InvalidRequestError, match="text"):
+        parse_duration(text)  # type: ignore[arg-type]

@@ -225,6 +225,8 @@ class BucketState:
     `LLMThrottle.restore_from_snapshot` checks their range."""
 
     def __new__(cls, available: float, capacity: float, last_refill: float) -> BucketState: ...
+    def __getnewargs__(self) -> tuple[float, float, float]:
+        """Pickling and copying: the constructor's arguments."""
     @property
     def available(self) -> float: ...
     @property
@@ -253,6 +255,9 @@ class StateSnapshot:
         tpd_bucket_state: BucketState | None = None,
         compensation_debts: dict[str, float] | None = None,
     ) -> StateSnapshot: ...
+    def __getnewargs_ex__(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Pickling and copying (a backup travels to another process): the constructor's
+        arguments, positional and keyword."""
     @property
     def timestamp(self) -> float: ...
     @property

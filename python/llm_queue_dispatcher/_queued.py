@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import os
 import secrets
 import weakref
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._checks import finite_float, shown
 from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
-from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult
-from .types import LLMRequest, Priority, TokenInfo, TokenUsage
+from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult, _concurrency
+from .throttle import AsyncRateLimiter, RateLimiter
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage, _validate_priority, validate_request_id
 
 if TYPE_CHECKING:
     from ._core import ProcessableMessage
@@ -42,6 +44,8 @@ __all__ = ["CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
 Tokenizer = Callable[[str], int]
 
 _ids = itertools.count()
+
+_Queued = TypeVar("_Queued", bound="QueuedClient")
 
 
 def default_tokenizer() -> Tokenizer | None:
@@ -78,6 +82,12 @@ def deadline_of(value: object) -> datetime | None:
         f"deadline must be a datetime, a number of seconds from now (within the years 1 to 9999) "
         f"or None, got {shown(value)}"
     )
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    """Marks a task's exception as retrieved (it stays there for whoever asks for it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class StreamCounter:
@@ -188,20 +198,51 @@ class QueuedClient:
             raise InvalidRequestError(
                 f"tokenizer must be a callable str -> int or None, got {shown(tokenizer)}"
             )
-        self._client = client
+        # Every option is checked here, where it was given, not at the first call.
+        if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+            raise InvalidRequestError(
+                f"limiter must have can_process, get_metrics, consume and adjust_consumption, "
+                f"got {shown(limiter)}"
+            )
+        if id_prefix is not None:
+            validate_request_id(id_prefix, "id_prefix")
+        self._set_client(client)
         self._dispatcher = dispatcher
         self._limiter = limiter
         self._tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
-        self._concurrency = concurrency
-        self._priority = Priority(priority)
+        self._concurrency = _concurrency(concurrency)
+        self._priority = _validate_priority(priority)
         self._prefix = id_prefix or f"{self._sdk}-{secrets.token_hex(4)}"
         self._streams: dict[str, asyncio.Future[CountedStream]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        # Everything but the queued call is the wrapped client's (models, files, with_options...).
+        # Everything but the queued call is the wrapped client's (models, files, close...).
         return getattr(self._client, name)
+
+    def _set_client(self, client: Any) -> None:
+        """Wraps ``client``: a provider's class sets its queued resources (``chat``,
+        ``messages``) over it too."""
+        self._client = client
+
+    def with_options(self: _Queued, **options: Any) -> _Queued:
+        """The SDK's ``with_options`` (and ``copy``): a client with these options (``timeout``,
+        ``default_headers``, ...) whose calls are queued as this one's are, on the same
+        dispatcher under the same limiter, with the same defaults."""
+        other = copy.copy(self)
+        other._set_client(self._client.with_options(**options))
+        return other
+
+    copy = with_options
+
+    async def __aenter__(self: _Queued) -> _Queued:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # As the SDK's client does: its HTTP connections closed. The dispatcher is left open
+        # (other clients may share it; close it with its own ``async with``).
+        await self._client.close()
 
     # -- what a provider's class fills in -------------------------------------------------------
     def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:
@@ -271,6 +312,9 @@ class QueuedClient:
         if opened.done() and not opened.cancelled():
             stream = opened.result()
             stream._submitted = submitted  # its outcome, once the stream ended
+            # Nobody need await that outcome (the stream is the answer): a failure of it (the
+            # dispatcher closed or purged under the open stream) is not an error to report.
+            submitted.add_done_callback(_seen)
             return stream
         try:
             submitted.result()

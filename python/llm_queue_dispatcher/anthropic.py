@@ -58,10 +58,19 @@ from .errors import InvalidRequestError, PermanentError, RetryableError
 
 # The helpers every provider integration shares (token counting plumbing, limiter syncing, the
 # pause after a 429) live in openai.py, the first integration; none of them imports the openai SDK.
-from .openai import Tokenizer, _as_json, _count_tokens, _maybe_await, _rate_limit_pause, _sync_limiter
+from .openai import (
+    MAX_TOKEN_COUNT,
+    Tokenizer,
+    _as_json,
+    _count_tokens,
+    _maybe_await,
+    _rate_limit_pause,
+    _sync_limiter,
+    _token_count,
+)
 from .provider_limits import parse_rate_limit_headers
 from .throttle import MAX_PROVIDER_WAIT
-from .types import LLMRequest, Priority, TokenInfo, TokenUsage, validate_token_count
+from .types import LLMRequest, Priority, TokenInfo, TokenUsage
 
 if TYPE_CHECKING:
     from anthropic import APIStatusError, AsyncAnthropic
@@ -202,7 +211,7 @@ def _max_tokens(payload: Mapping[str, Any]) -> int:
             "payload['max_tokens'] is required by Anthropic's Messages API (the output tokens the "
             "call may use), got None"
         )
-    tokens = validate_token_count(value, "payload['max_tokens']")
+    tokens = _token_count(value, "payload['max_tokens']")
     if tokens < 1:
         raise InvalidRequestError(f"payload['max_tokens'] must be >= 1, got {shown(value)}")
     return tokens
@@ -227,7 +236,9 @@ def estimate_messages_input_tokens(payload: Mapping[str, Any], *, tokenizer: Tok
       their JSON's count.
 
     ``max_tokens`` is checked here too (Anthropic requires it), so a payload the API would refuse
-    is refused at enqueue. Nothing is downloaded: ``tokenizer`` is any ``str -> int``.
+    is refused at enqueue. Nothing is downloaded: ``tokenizer`` is any ``str -> int``. A count or
+    an estimate above ``MAX_TOKEN_COUNT`` (2**53, as `estimate_chat_tokens`) raises
+    `InvalidRequestError`.
 
     >>> estimate_messages_input_tokens({"model": "m", "max_tokens": 100,
     ...                                 "messages": [{"role": "user", "content": "Hello there!"}]})
@@ -267,6 +278,17 @@ def estimate_messages_input_tokens(payload: Mapping[str, Any], *, tokenizer: Tok
     for key in _JSON_INPUTS:
         if payload.get(key) is not None:
             total += _count_tokens(count, _as_json(payload[key], f"payload[{key!r}]"), f"payload[{key!r}]")
+    return _within_limit(total)
+
+
+def _within_limit(total: int) -> int:
+    """``total`` when it is at most `MAX_TOKEN_COUNT`, else `InvalidRequestError` (as
+    `llm_queue_dispatcher.openai.estimate_chat_tokens` refuses such an estimate)."""
+    if total > MAX_TOKEN_COUNT:
+        raise InvalidRequestError(
+            f"payload needs an estimate of {total} tokens, more than {MAX_TOKEN_COUNT}: lower its "
+            "max_tokens or content"
+        )
     return total
 
 
@@ -281,7 +303,7 @@ def estimate_messages_tokens(payload: Mapping[str, Any], *, tokenizer: Tokenizer
     ...                           "messages": [{"role": "user", "content": "Hello there!"}]})
     112
     """
-    return estimate_messages_input_tokens(payload, tokenizer=tokenizer) + _max_tokens(payload)
+    return _within_limit(estimate_messages_input_tokens(payload, tokenizer=tokenizer) + _max_tokens(payload))
 
 
 def request_from_anthropic_messages(
@@ -618,13 +640,21 @@ class QueuedAsyncAnthropic(QueuedClient):
             raise InvalidRequestError(f"client must be an anthropic.AsyncAnthropic, got {shown(client)}")
         if not isinstance(count_cache_reads, bool):
             raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
-        super().__init__(client, dispatcher, limiter, **options)
-        self._quiet = client.with_options(max_retries=0)
         self._count_cache_reads = count_cache_reads
+        super().__init__(client, dispatcher, limiter, **options)
+
+    def _set_client(self, client: Any) -> None:
+        super()._set_client(client)
+        self._quiet = client.with_options(max_retries=0)
         self.messages = _QueuedMessages(self)
 
     def _estimate(self, payload: Mapping[str, Any]) -> tuple[int, int]:
-        return estimate_messages_input_tokens(payload, tokenizer=self._tokenizer), _max_tokens(payload)
+        prompt, max_output = (
+            estimate_messages_input_tokens(payload, tokenizer=self._tokenizer),
+            _max_tokens(payload),
+        )
+        _within_limit(prompt + max_output)
+        return prompt, max_output
 
     async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
         message = await create_message(self._quiet, self._limiter, payload)

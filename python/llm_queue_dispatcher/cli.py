@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,11 +76,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status when the reader of the output went away: a command killed by SIGPIPE, as a
+#: shell reports it (128 + 13).
+BROKEN_PIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``llmqd``; returns the process exit status."""
     args = _parser().parse_args(argv)
-    status: int = args.run(args)
+    try:
+        status: int = args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `llmqd simulate | head`: the reader has what it wanted. Stop quietly, as a command
+        # killed by SIGPIPE does; the interpreter's last flush goes to nothing instead of failing.
+        _discard_stdout()
+        return BROKEN_PIPE_STATUS
     return status
+
+
+def _discard_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # a stdout with no descriptor
+        pass
 
 
 if __name__ == "__main__":

@@ -607,6 +607,9 @@ class QueuedAsyncOpenAI(QueuedClient):
         if not callable(getattr(client, "with_options", None)) or not hasattr(client, "chat"):
             raise InvalidRequestError(f"client must be an openai.AsyncOpenAI, got {shown(client)}")
         super().__init__(client, dispatcher, limiter, **options)
+
+    def _set_client(self, client: Any) -> None:
+        super()._set_client(client)
         self._quiet = client.with_options(max_retries=0)
         self.chat = _QueuedChat(self)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import operator
@@ -43,6 +44,7 @@ from .errors import (
     ExpiredError,
     InvalidRequestError,
     MessageStateError,
+    PermanentError,
     PurgedError,
     RateLimitError,
     RequestFailedError,
@@ -309,7 +311,15 @@ class _Pool:
         if handler is None:
             # Not submitted with a handler in this process and none ever was: nothing can run it.
             raise MessageStateError(f"no handler for request {job.message.payload.id!r}")
-        result = await handler(job)
+        running = handler(job)
+        if not inspect.isawaitable(running):
+            # A plain function given by mistake: it ran, but a retry would run it again for
+            # nothing (for ever without max_receive_count). Its submitter hears why at once.
+            raise PermanentError(
+                f"handler {shown(handler)} returned {shown(running)}, not an awaitable: submit takes an "
+                "async handler (an async def function)"
+            )
+        result = await running
         return result if isinstance(result, HandlerResult) else HandlerResult(result)
 
     async def stop(self) -> None:

@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
+from ._checks import shown
 from ._core import DispatchCore, Plan, ProcessableMessage
 from .config import LLMQueueDispatcherConfig
 from .errors import ReceiptHandleError, StorageError
@@ -83,15 +84,31 @@ class Prefetcher(Generic[T]):
         self._pending += missing
         started = self._core.now()  # lease ends are counted from before the receive: they err short
         try:
-            messages = await self.storage.dequeue(missing, self._visibility_timeout)
+            reply = await self.storage.dequeue(missing, self._visibility_timeout)
         finally:
             self._pending -= missing
+        messages = await self._checked(reply)
         if self._purging:
             # Received before a purge that started meanwhile: the purge deletes them.
             self._arrived_while_purging += messages
             return
         if messages:
             self._buffer(messages, started + self._visibility_timeout)
+
+    async def _checked(self, reply: object) -> list[QueueMessage[T]]:
+        """The messages of a ``dequeue`` reply: a list (or tuple) of `QueueMessage`. Anything
+        else is the adapter's failure, a `StorageError` naming it; the messages it did bring are
+        given back at once rather than leased to nobody until their visibility runs out."""
+        if isinstance(reply, (list, tuple)) and all(isinstance(m, QueueMessage) for m in reply):
+            return list(reply)
+        received = (
+            [m for m in reply if isinstance(m, QueueMessage)] if isinstance(reply, (list, tuple)) else []
+        )
+        if received:
+            await asyncio.wait([asyncio.ensure_future(self._release(m)) for m in received])
+        raise StorageError(
+            f"{type(self.storage).__name__}.dequeue returned {shown(reply)[:200]}, not a list of QueueMessage"
+        )
 
     def _buffer(self, messages: Sequence[QueueMessage[T]], lease_end: float) -> None:
         """Puts messages leased until ``lease_end`` into the buffer, where the lease keeper renews

@@ -113,7 +113,10 @@ class ProviderLimits:
 
 
 def parse_duration(text: str) -> float | None:
-    """Seconds of an OpenAI-style duration (``"6m0s"``, ``"20ms"``, ``"1.5"``); None if malformed."""
+    """Seconds of an OpenAI-style duration (``"6m0s"``, ``"20ms"``, ``"1.5"``); None if malformed.
+    ``text`` that is not a str raises `InvalidRequestError`."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"text must be a str, got {shown(text)}")
     text = text.strip()
     if not text:
         return None
@@ -245,6 +248,15 @@ def _header_items(headers: object) -> Iterable[Any]:
     )
 
 
+def _int_text(value: int) -> str:
+    """An int header value as text; one too long for Python to write (past 4,300 digits) as
+    ``inf``, which no header may hold (it is then ignored, and logged)."""
+    try:
+        return str(value)
+    except ValueError:
+        return "inf" if value > 0 else "-inf"
+
+
 def _lowercase(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in _header_items(headers):
@@ -260,7 +272,7 @@ def _lowercase(headers: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[s
             value = value.decode("latin-1")
         elif not isinstance(value, str) and real_number(value) is not None:
             # A figure given as a number (headers built by hand, a test double): read as its text.
-            value = repr(value) if isinstance(value, float) else str(operator.index(value))
+            value = repr(value) if isinstance(value, float) else _int_text(operator.index(value))
         if isinstance(key, str) and isinstance(value, str):
             out[key.lower()] = value
     return out

@@ -441,6 +441,8 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, TraceError, ImportError) as error:
         print(f"{_PROG}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # the reader went away: `llmqd` stops quietly
     except OSError as error:
         print(f"{_PROG}: {error}", file=sys.stderr)
         return 1

@@ -345,6 +345,11 @@ impl PyBucketState {
             self.available, self.capacity, self.last_refill
         )
     }
+
+    /// Pickling and copying: the constructor's arguments.
+    fn __getnewargs__(&self) -> (f64, f64, f64) {
+        (self.available, self.capacity, self.last_refill)
+    }
 }
 
 impl From<BucketState> for PyBucketState {
@@ -471,5 +476,34 @@ impl PyStateSnapshot {
             self.history_count,
             self.compensation_debt
         )
+    }
+
+    /// Pickling and copying (a backup travels to another process): the constructor's
+    /// arguments, positional and keyword.
+    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyDict>)> {
+        let args = (
+            self.timestamp,
+            self.rpm_bucket_state.clone(),
+            self.tpm_bucket_state.clone(),
+            self.history_count,
+            self.compensation_debt,
+        )
+            .into_pyobject(py)?
+            .into_any();
+        let kwargs = PyDict::new(py);
+        for (name, state) in [
+            ("itpm_bucket_state", &self.itpm_bucket_state),
+            ("otpm_bucket_state", &self.otpm_bucket_state),
+            ("rpd_bucket_state", &self.rpd_bucket_state),
+            ("tpd_bucket_state", &self.tpd_bucket_state),
+        ] {
+            if let Some(state) = state {
+                kwargs.set_item(name, state.clone())?;
+            }
+        }
+        if !self.compensation_debts.is_empty() {
+            kwargs.set_item("compensation_debts", self.compensation_debts.clone())?;
+        }
+        Ok((args, kwargs))
     }
 }

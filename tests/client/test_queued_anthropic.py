@@ -139,3 +139,33 @@ async def test_a_call_is_reserved_by_its_input_and_max_tokens_under_input_and_ou
         message.usage.output_tokens,
     )
     assert record.estimated_tokens > 8_000
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("concurrency", 0), ("concurrency", True), ("priority", 7), ("priority", False), ("id_prefix", 3)],
+)
+async def test_a_bad_client_option_raises_at_construction(
+    anthropic_client: AsyncAnthropic, option: str, value: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncAnthropic(anthropic_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+        with pytest.raises(InvalidRequestError, match="limiter"):
+            QueuedAsyncAnthropic(anthropic_client, dispatcher, None)  # type: ignore[arg-type]
+
+
+async def test_a_queued_client_is_an_async_context_manager_and_keeps_its_queue_with_other_options(
+    anthropic_provider: AnthropicServer, anthropic_client: AsyncAnthropic
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        async with QueuedAsyncAnthropic(anthropic_client, dispatcher, limiter, count_cache_reads=True) as qc:
+            other = qc.with_options(timeout=7.0)
+            assert isinstance(other, QueuedAsyncAnthropic)
+            assert other._count_cache_reads
+            message = await other.messages.create(**call("opts"))  # type: ignore[arg-type]
+            assert isinstance(message, Message)
+        assert anthropic_client.is_closed()
+    assert len(limiter.get_consumption_history()) == 1
+    assert anthropic_provider.successes == Counter({"opts": 1})

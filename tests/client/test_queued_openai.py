@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import sys
+import types
 from collections import Counter
+from pathlib import Path
 
 import openai
 import pytest
@@ -289,3 +293,152 @@ async def test_a_call_is_reserved_by_its_prompt_and_completion_allowance_under_i
     [record] = limiter.get_consumption_history()
     assert record.estimated_tokens > 8_000
     assert record.actual_tokens == openai_provider.usage[prompt]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("concurrency", 0),
+        ("concurrency", -1),
+        ("concurrency", True),
+        ("concurrency", 1.5),
+        ("concurrency", "4"),
+        ("priority", 9),
+        ("priority", -1),
+        ("priority", True),
+        ("priority", 2.0),
+        ("priority", "HIGH"),
+        ("priority", None),
+        ("id_prefix", 5),
+        ("id_prefix", ""),
+        ("id_prefix", "   "),
+        ("id_prefix", "\ud800"),
+    ],
+)
+async def test_a_bad_client_option_raises_at_construction(
+    openai_client: AsyncOpenAI, option: str, value: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize("limiter", [None, object(), 5])
+async def test_a_limiter_that_is_not_one_raises_at_construction(
+    openai_client: AsyncOpenAI, limiter: object
+) -> None:
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match="limiter"):
+            QueuedAsyncOpenAI(openai_client, dispatcher, limiter)  # type: ignore[arg-type]
+
+
+async def test_a_stream_whose_call_ends_in_failure_leaves_no_unretrieved_task_error(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call behind an open stream fails (purged under it); nobody awaits that outcome, and
+    # asyncio must not report it as an error nobody retrieved.
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000))
+        stream = await qc.chat.completions.create(
+            model="m", messages=messages("open"), max_tokens=5, stream=True
+        )
+        submitted = stream._submitted
+        assert submitted is not None
+        await dispatcher.purge()
+        await stream.close()
+        await asyncio.wait_for(asyncio.wait({submitted}), 10)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            del stream, submitted
+            gc.collect()
+            await asyncio.sleep(0)
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_queued_client_is_an_async_context_manager_that_closes_the_wrapped_client(
+    openai_provider: ProviderServer,
+) -> None:
+    # As `async with AsyncOpenAI() as client:`; the dispatcher, which other clients may share,
+    # stays open.
+    sdk = AsyncOpenAI(base_url=openai_provider.base_url, api_key="test-key")
+    async with create_in_memory_queue() as dispatcher:
+        async with QueuedAsyncOpenAI(sdk, dispatcher, LLMThrottle(60_000, 10_000_000)) as qc:
+            assert isinstance(qc, QueuedAsyncOpenAI)
+            completion = await qc.chat.completions.create(model="m", messages=messages("ctx"), max_tokens=5)
+            assert completion.choices[0].message.content == "echo: ctx"
+        assert sdk.is_closed()
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
+@pytest.mark.parametrize("method", ["with_options", "copy"])
+async def test_a_client_with_other_options_is_queued_too(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI, method: str
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, priority=Priority.HIGH)
+        other = getattr(qc, method)(timeout=7.0)
+        assert isinstance(other, QueuedAsyncOpenAI)
+        assert other._client.timeout == 7.0
+        assert qc._client.timeout != 7.0  # the original keeps its options
+        completion = await other.chat.completions.create(model="m", messages=messages("opts"), max_tokens=5)
+        assert completion.choices[0].message.content == "echo: opts"
+        stream = await other.chat.completions.create(
+            model="m", messages=messages("opts-stream"), max_tokens=5, stream=True
+        )
+        assert [chunk async for chunk in stream]
+        await stream._submitted
+    # Both went through the queue, under the same limiter, as the original's calls do.
+    assert len(limiter.get_consumption_history()) == 2
+    assert openai_provider.successes == Counter({"opts": 1, "opts-stream": 1})
+
+
+class _FakeEncoding:
+    """tiktoken's encoding, as far as the estimate uses it: a token per character."""
+
+    def encode(self, text: str, *, disallowed_special: tuple[str, ...] = ("all",)) -> list[int]:
+        assert disallowed_special == ()  # special-token text in a prompt is counted, not refused
+        return [0] * len(text)
+
+
+def _fake_tiktoken(fail: bool = False) -> types.ModuleType:
+    module = types.ModuleType("tiktoken")
+
+    def get_encoding(name: str) -> _FakeEncoding:
+        if fail:
+            raise ValueError("unknown encoding")
+        assert name == "o200k_base"
+        return _FakeEncoding()
+
+    module.get_encoding = get_encoding  # type: ignore[attr-defined]
+    return module
+
+
+async def test_estimates_come_from_tiktoken_when_it_and_its_file_are_installed_else_the_heuristic(
+    openai_client: AsyncOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    call = {"model": "m", "messages": messages("hello there, tokens"), "max_tokens": 10}
+    heuristic = estimate_chat_tokens(call)
+    by_characters = estimate_chat_tokens(call, tokenizer=len)
+    assert heuristic != by_characters
+    limiter = LLMThrottle(60, 1_000)
+
+    def estimate() -> int:
+        prompt, completion = QueuedAsyncOpenAI(openai_client, create_in_memory_queue(), limiter)._estimate(
+            call
+        )
+        return prompt + completion
+
+    monkeypatch.delitem(sys.modules, "tiktoken", raising=False)
+    monkeypatch.setattr(sys, "path", [])  # no tiktoken to import
+    assert estimate() == heuristic
+    monkeypatch.setitem(sys.modules, "tiktoken", _fake_tiktoken())
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    assert estimate() == heuristic  # its file would be downloaded: never at run time
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    assert estimate() == heuristic  # an empty cache holds no file either
+    (tmp_path / "o200k_base").write_text("cached", encoding="utf-8")
+    assert estimate() == by_characters
+    monkeypatch.setitem(sys.modules, "tiktoken", _fake_tiktoken(fail=True))
+    assert estimate() == heuristic

@@ -135,6 +135,24 @@ async def test_a_permanent_error_reaches_the_caller_as_request_failed() -> None:
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
 
 
+async def test_a_handler_that_is_not_async_fails_its_submit_at_once_instead_of_running_again() -> None:
+    # A plain function given by mistake: its result cannot be awaited. Retrying would call it
+    # again and again (with whatever it sends), for ever without max_receive_count.
+    calls: list[str] = []
+
+    def handle(job: ProcessableMessage[Any]) -> int:
+        calls.append(job.message.payload.id)
+        return 5
+
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(RequestFailedError) as raised:
+            await asyncio.wait_for(dispatcher.submit(request("a"), handle, rate_limiter=limiter()), 5)  # type: ignore[arg-type]
+        assert isinstance(raised.value.error, PermanentError)
+        assert "async" in str(raised.value.error)
+        assert calls == ["a"]
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
 async def test_the_last_failure_before_max_receive_count_reaches_the_caller() -> None:
     attempts: list[int] = []
 

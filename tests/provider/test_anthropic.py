@@ -242,6 +242,10 @@ def test_estimate_uses_a_pluggable_tokenizer() -> None:
         ({"max_tokens": 5, "messages": [{"role": "user", "content": 5}]}, "content"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [5]}]}, r"content'\]\[0\]"),
         ({**ask("x"), "system": 5}, "system"),
+        # Past the largest count a float holds exactly, as `estimate_chat_tokens` refuses it.
+        (ask("x", max_tokens=2**53 + 1), r"max_tokens'\] must be at most 9007199254740992"),
+        (ask("x", max_tokens=10**30), r"max_tokens'\] must be at most"),
+        (ask("x", max_tokens=2**53), "estimate of .* tokens, more than 9007199254740992"),
     ],
 )
 def test_estimate_names_the_bad_field(payload: Any, field: str) -> None:

@@ -4,8 +4,10 @@ reservation and at the mark; exact waits and the binding reason; metrics, snapsh
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import pickle
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -372,6 +374,26 @@ def test_a_snapshot_carries_every_bucket_and_debt_and_must_match_the_limits() ->
         type(snapshot)(
             0, snapshot.rpm_bucket_state, snapshot.tpm_bucket_state, 0, 0, compensation_debts={"rpm": 1}
         )
+
+
+def test_a_snapshot_survives_pickling_and_copying_whole() -> None:
+    # A backup is for another process or a later start: it must travel (pickle, a copy).
+    clock = ManualClock()
+    throttle = LLMThrottle(60, 60_000, itpm=40_000, otpm=18_000, rpd=100, tpd=1_000_000, clock=clock)
+    assert throttle.consume("a", 18_000, input_tokens=0, output_tokens=18_000)
+    throttle.adjust_consumption("a", 19_000, input_tokens=0, output_tokens=19_000)
+    snapshot = throttle.create_snapshot()
+    for travelled in (pickle.loads(pickle.dumps(snapshot)), copy.deepcopy(snapshot), copy.copy(snapshot)):
+        assert travelled == snapshot
+        assert type(travelled) is type(snapshot)
+        again = LLMThrottle(
+            60, 60_000, itpm=40_000, otpm=18_000, rpd=100, tpd=1_000_000, clock=ManualClock(9.0)
+        )
+        again.restore_from_snapshot(travelled)
+        assert again.get_metrics().compensation.debts == throttle.get_metrics().compensation.debts
+    bare = LLMThrottle(60, 1_000, clock=clock).create_snapshot()
+    assert pickle.loads(pickle.dumps(bare)) == bare
+    assert pickle.loads(pickle.dumps(bare.rpm_bucket_state)) == bare.rpm_bucket_state
 
 
 # ----- provider headers ----------------------------------------------------------------------------
