@@ -5,22 +5,26 @@
 -- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
 -- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
 -- alone: its priority and retry parts, the best efficiency + token fit over its token range,
--- the processing-time factor of its best member, the wait of its oldest. Cells are bounded in
--- the order of a looser bound that needs no summary (the time and wait factors at 1: per
--- priority and retry class, outwards from the token class where the budget part peaks), until
--- none left can bound higher than the best bound found, and that cell is walked first; then,
--- best bound first, only the cells whose bound reaches the best score found (those not bounded
--- yet are bounded while their loose bound does). On a long backlog, whose cells bound alike but
--- for their estimates, a dispatch bounds a few cells and walks one. Inside a cell the classes
--- are scored from their entries (a class's head is its best member): first the HEAD_WALK
--- oldest heads (unless the cell's oldest waits its full factor), which stops at the first head
--- whose wait cannot win; then, bounded by the wait of the next head (no class left waits
--- longer), by processing time and then the larger estimate, which stops at the first time, or
--- below half the capacity the first estimate, that cannot win (where heads wait alike, as on a
--- fresh queue or a backlog whose waits are full, walking them by age would read every head
--- older than the winner). A class whose score cannot win is left before its member is read.
--- So a dispatch's cost grows with the non-empty cells and the distinct estimates and times
--- inside the cells visited, not with the number of messages.
+-- and the larger of its best processing time's factor with the wait of the oldest member that
+-- has it and its next best time's with the wait of its oldest member. Cells are bounded in the
+-- order of a looser bound that needs no summary (the time and wait factors at 1: per priority
+-- and retry class, outwards from the token class where the budget part peaks), until none left
+-- can bound higher than the best bound found, and that cell is walked first; then, best bound
+-- first, only the cells whose bound reaches the best score found (those not bounded yet are
+-- bounded while their loose bound does). On a long backlog, whose cells bound alike but for
+-- their estimates, a dispatch bounds a few cells and walks one; on a fresh queue, whose cells'
+-- oldest members wait alike, the best time's own wait tells them apart.
+-- Inside a cell the classes are scored from their entries (a class's head is its best member).
+-- A cell whose oldest member waits its full factor has its classes walked by processing time
+-- and then the larger estimate, which stops at the first time, or below half the capacity the
+-- first estimate, that cannot win. Another cell is walked band by band (a band: its members of
+-- one processing time), the best time first, each band's heads oldest first, stopping at the
+-- first head whose wait cannot win and at the first band whose time cannot win with the
+-- longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes walked
+-- by estimate (where heads wait alike, walking them by age would read every one). A class
+-- whose score cannot win is left before its member is read. So a dispatch's cost grows with
+-- the non-empty cells and the distinct estimates and times inside the cells visited, not with
+-- the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -30,7 +34,7 @@ local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
-local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
+local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -342,15 +346,24 @@ local function score_ranker(W, C, M, urgent_first)
   end
 
   function ranker.best(excluded, above)
-    -- A cell's bound from its summary: its priority and retry parts, the processing-time
-    -- factor of its best member, its budget bound, the wait of its oldest.
+    -- A cell's bound from its summary: its priority and retry parts, its budget bound, and the
+    -- larger of the best time's factor with the wait of that band's oldest member and the next
+    -- best time's with the wait of the cell's oldest (every member is of the best band or has
+    -- at most the next time).
     local function bound_of(entry)
       -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
-      -- 16 hex digits><count>; 48 is '0'.
+      -- 16 hex digits><its band's oldest: enqueued_at 16><next time: 16 hex digits>; 48 is '0'.
       local p = string.byte(entry, 1) - 48
-      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
-        + BOUND_SLACK + facts_of(string.sub(entry, 3, 5)).budget
-        + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+      local times = time_of(string.sub(entry, 37, 52)) + W[3] * wait_factor(tonumber(string.sub(entry, 53, 68)), p)
+      local next = string.sub(entry, 69, 84)
+      if next ~= NO_TIME then
+        local later = time_of(next) + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+        if later > times then
+          times = later
+        end
+      end
+      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
+        + facts_of(string.sub(entry, 3, 5)).budget + times
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
@@ -361,7 +374,7 @@ local function score_ranker(W, C, M, urgent_first)
       return {
         cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
         retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
-        summary = summary, time = time_of(string.sub(summary, 32, 47)), bound = bound,
+        summary = summary, bound = bound,
       }
     end
     local best = nil
@@ -378,9 +391,9 @@ local function score_ranker(W, C, M, urgent_first)
       if best ~= nil and f.tier == best.tier and value < best.score then
         return -- a later member of the class waits no longer: none of them wins
       end
-      local member = is_head and string.sub(entry, 22, -33) or string.sub(entry, CLASS_LEN + 17)
+      local member = is_head and string.sub(entry, 38, -17) or string.sub(entry, CLASS_LEN + 17)
       if excluded[member] then
-        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
+        local prefix = is_head and string.sub(entry, 1, 21) .. string.sub(entry, -16) or string.sub(entry, 1, CLASS_LEN)
         at, member = head_of(prefix, excluded)
         if member == nil then
           return
@@ -392,41 +405,15 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
-    -- A cell's first HEAD_WALK classes by their heads, oldest first: each later head waits no
-    -- longer, so the walk stops at the first that cannot win with the cell's best time and
-    -- budget part. Returns whether it got that far (or through the cell); else the weighted
-    -- wait of the first head not read, which no class left waits longer than: the classes
-    -- walk, by time and estimate, follows with it.
-    local function walk_heads(c)
-      local f = c
-      local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', 0, HEAD_WALK + 1)
-      -- Bounded by HEAD_WALK + 1 (the LIMIT above).
-      for i, head in ipairs(heads) do
-        -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
-        local at = tonumber(string.sub(head, 6, 21))
-        local wait = W[3] * wait_factor(at, f.p)
-        if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
-          return true
-        end
-        if i > HEAD_WALK then
-          return false, wait
-        end
-        local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
-        if tokens <= M then
-          consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
-        end
-      end
-      return true
-    end
-
-    -- A cell's classes by processing time, then the larger estimate: the walk stops at the
-    -- first time that cannot win with the cell's best budget part and longest wait; inside one
-    -- time, where the budget part never falls as the estimate grows (the cell below half the
-    -- capacity), at the first estimate that cannot win.
-    local function walk_classes(c, wait)
+    -- The classes of a cell, or of one band of it (`prefix`: the cell, or the cell and a time),
+    -- by processing time, then the larger estimate, none waiting longer than `wait`: the walk
+    -- stops at the first time that cannot win with the cell's best budget part and that wait;
+    -- inside one time, where the budget part never falls as the estimate grows (the cell below
+    -- half the capacity), at the first estimate that cannot win.
+    local function walk_classes(c, wait, prefix)
       local f = c
       local static = f.fixed + f.retry
-      local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
+      local from, to = '[' .. prefix, '[' .. prefix .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it (then a short
@@ -472,18 +459,66 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
+    -- A cell's bands, the best time first, each by its heads oldest first: a band is left at
+    -- the first head whose wait cannot win with the band's time and the cell's best budget part
+    -- (its later heads wait no longer), and the walk at the first band that cannot win with the
+    -- wait of the cell's oldest member (`wait`: later bands have worse times). A band whose
+    -- HEAD_WALK oldest heads were scored has its other classes walked by estimate, none of
+    -- them waiting longer than its next head (where heads wait alike, as on a backlog whose
+    -- waits are full, walking them by age would read every head of the band).
+    local function walk_bands(c, wait)
+      local f = c
+      local static = f.fixed + f.retry + BOUND_SLACK + f.budget
+      local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
+      local band, pt, left, walked = nil, nil, false, 0
+      classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
+      -- Each round but the last reads HEAD_WALK + 1 heads of the cell and moves past at least one.
+      -- Bounded by the cell's heads, at most as many as the index holds classes.
+      for _ = 0, classes_held do
+        local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, from, to, 'LIMIT', 0, HEAD_WALK + 1)
+        -- Bounded by HEAD_WALK + 1 (the LIMIT above).
+        for _, head in ipairs(heads) do
+          -- <cell><time: 16><enqueued_at: 16><member><2^53 - estimate: 16>
+          local hex = string.sub(head, 6, 21)
+          if hex ~= band then
+            band, pt, left, walked = hex, time_of(hex), false, 0
+            if not may_beat(f.tier, static + pt + wait, best) then
+              return
+            end
+          end
+          if not left then
+            local at = tonumber(string.sub(head, 22, 37))
+            local own = W[3] * wait_factor(at, f.p)
+            if not may_beat(f.tier, static + pt + own, best) then
+              left = true
+            elseif walked >= HEAD_WALK then
+              walk_classes(c, own, c.cell .. band)
+              left = true
+            else
+              walked = walked + 1
+              local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
+              if tokens <= M then
+                consider(c, tokens, pt, at, own, head, true)
+              end
+            end
+          end
+        end
+        if #heads <= HEAD_WALK then
+          return
+        end
+        from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
+      end
+    end
+
     -- A cell whose oldest member's wait is full (a backlog's) has its classes walked at once:
     -- no class can wait longer, so reading its oldest heads first would tell nothing more.
     local function walk(c)
       local at = tonumber(string.sub(c.summary, 1, 16))
       if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
-        walk_classes(c, W[3] * wait_factor(at, c.p))
+        walk_classes(c, W[3] * wait_factor(at, c.p), c.cell)
         return
       end
-      local done, wait = walk_heads(c)
-      if not done then
-        walk_classes(c, wait)
-      end
+      walk_bands(c, W[3] * wait_factor(at, c.p))
     end
 
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
