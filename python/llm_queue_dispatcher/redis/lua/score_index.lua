@@ -13,7 +13,11 @@
 --           digits of its double (positive doubles sort like their bits)><2^53 - estimate: 16
 --           digits (the larger estimate first)>, 37 characters
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
---   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first
+--   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first; and of
+--                 ~<cell><enqueued_at><processing time> for each band of a cell (its members
+--                 of one processing time) with its oldest member's enqueued_at: a cell's bands
+--                 oldest first, after every member's entry ('~' sorts after the digits), from
+--                 which the ranking bounds a cell by each time with its own longest wait
 --   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
 --                 classes, the best processing time first, then the larger estimate, each with
 --                 its head (the best of the class), so a class is scored from its entry alone
@@ -178,6 +182,26 @@ local function cell_bands(q, cell)
   return best .. string.sub(first, 22, 37) .. (next and string.sub(next, 6, 21) or NO_TIME)
 end
 
+-- The enqueued_at of the oldest member of the band `band` (<cell><time>), nil when it has none.
+local function band_oldest(q, band)
+  local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. band, '[' .. band .. '\255', 'LIMIT', 0, 1)[1]
+  return first and string.sub(first, 22, 37)
+end
+
+-- Moves the sc_ages entry of band `band` from enqueued_at `was` to `now` (nil: none).
+local function band_moved(q, band, was, now)
+  if was == now then
+    return
+  end
+  local cell, time = string.sub(band, 1, 5), string.sub(band, 6, 21)
+  if was ~= nil then
+    redis.call('ZREM', q.sc_ages, '~' .. cell .. was .. time)
+  end
+  if now ~= nil then
+    redis.call('ZADD', q.sc_ages, 0, '~' .. cell .. now .. time)
+  end
+end
+
 local function score_index_add(q, member, s)
   if s.ten == nil then
     return -- stored before the index: score_fill.lua adds it
@@ -191,12 +215,17 @@ local function score_index_add(q, member, s)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
   local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
   if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
+    local band = string.sub(class, 1, 21)
+    local was = band_oldest(q, band)
     if entry ~= nil then
       redis.call('ZREM', q.sc_classes, entry)
       redis.call('ZREM', q.sc_heads, head_entry(entry))
     end
     redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
+    if was == nil or at < was then
+      band_moved(q, band, was, at) -- the band's oldest member now
+    end
   end
   local summary = cell_entry(q, cell)
   if summary == nil then
@@ -249,6 +278,12 @@ local function score_index_remove(q, member, s)
     else
       redis.call('ZADD', q.sc_classes, 0, next)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
+    end
+    -- It may have been its band's oldest member.
+    local band, at = string.sub(class, 1, 21), string.sub(age, 1, 16)
+    local now = band_oldest(q, band)
+    if now == nil or at < now then
+      band_moved(q, band, at, now)
     end
   end
   local summary = cell_entry(q, cell)

@@ -35,6 +35,7 @@ local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
+local BAND_READ = 12 -- bands of a cell read oldest first to bound it again before its walk
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -521,18 +522,63 @@ local function score_ranker(W, C, M, urgent_first)
       walk_bands(c, W[3] * wait_factor(at, c.p))
     end
 
+    -- A cell's bound from its bands oldest first (the '~' entries of sc_ages, at most
+    -- BAND_READ of them), lower than its summary's or equal: each band whose time is better than
+    -- every older band's counts that time with the wait of its own oldest member (a member of
+    -- a band that does not has no better time than an older band's), up to the band of the
+    -- cell's best time; when that band is not among those read, the bands not read count the
+    -- best time with the wait of the last band read.
+    local function sharpened(entry, bound)
+      local cell, p = string.sub(entry, 1, 5), string.byte(entry, 1) - 48
+      local best_hex = string.sub(entry, 37, 52)
+      local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. cell, '[~' .. cell .. '\255', 'LIMIT', 0, BAND_READ)
+      local record, most, whole = nil, nil, false
+      -- Bounded by BAND_READ (the LIMIT above).
+      for _, band in ipairs(bands) do
+        -- ~<cell><enqueued_at: 16><time: 16>
+        local hex = string.sub(band, 23, 38)
+        if record == nil or hex < record then
+          record = hex
+          local value = time_of(hex) + W[3] * wait_factor(tonumber(string.sub(band, 7, 22)), p)
+          if most == nil or value > most then
+            most = value
+          end
+          if hex == best_hex then
+            whole = true
+            break
+          end
+        end
+      end
+      if most == nil then
+        return bound
+      end
+      if not whole then
+        local value = time_of(best_hex) + W[3] * wait_factor(tonumber(string.sub(bands[#bands], 7, 22)), p)
+        if value > most then
+          most = value
+        end
+      end
+      local sharp = fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
+        + facts_of(string.sub(entry, 3, 5)).budget + most
+      return sharp < bound and sharp or bound
+    end
+
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
     -- of the lower tier hold the winner), best bound first: cells are bounded from their
     -- summaries in the order of their loose bounds (cell_streams), until none left can bound
-    -- higher than the best bound found; that cell is walked; then every cell whose bound
-    -- reaches the best score found, best bound first (on a long backlog, whose cells bound
-    -- alike but for their estimates, the walk reads a few cells' summaries and visits one).
+    -- higher than the best bound found. Then, as long as a cell's bound reaches the best score
+    -- found: the cell of the highest bound is bounded again from its bands (sharpened) the
+    -- first time, walked the second (so a cell whose bands bound it lower waits behind the
+    -- others), and a cell not bounded yet is bounded when its loose bound is the highest. On
+    -- a long backlog, whose cells bound alike but for their estimates, the walk reads a few
+    -- cells' summaries and visits one; on a fresh queue, whose cells' oldest members wait
+    -- alike, the bands' own waits tell the cells apart.
     -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
       if best == nil then
         local entries = entries_of(tier_walked)
         local next_cell = cell_streams(entries, above)
-        local cells, bounds, top = {}, {}, nil
+        local cells, bounds, sharp, done, top = {}, {}, {}, {}, nil
         local entry, loose = next_cell()
         -- Bounded by the tier's cells (each given once).
         for _ = 0, #entries do
@@ -547,33 +593,38 @@ local function score_ranker(W, C, M, urgent_first)
           end
           entry, loose = next_cell()
         end
-        if top ~= nil then
-          walk(cell_at(cells[top], tier_walked, bounds[top]))
-          -- The cells not bounded yet whose loose bound reaches the best score.
-          -- Bounded by the tier's cells (each given once).
-          for _ = 0, #entries do
-            if entry == nil or not may_beat(tier_walked, loose, best) then
-              break
+        -- Each round bounds a cell, sharpens one or walks one (each cell once), or ends.
+        -- Bounded by three rounds per cell of the tier.
+        for _ = 0, 3 * #entries do
+          if entry ~= nil and (top == nil or loose > bounds[top]) then
+            if not may_beat(tier_walked, loose, best) then
+              break -- no cell left bounds higher
             end
             local n = #cells + 1
             cells[n] = entry
             bounds[n] = bound_of(entry)
-            entry, loose = next_cell()
-          end
-          local left = {}
-          -- Bounded by the cells bounded.
-          for k = 1, #cells do
-            if k ~= top and may_beat(tier_walked, bounds[k], best) then
-              left[#left + 1] = {entry = cells[k], bound = bounds[k]}
+            if top == nil or bounds[n] > bounds[top] then
+              top = n
             end
-          end
-          table.sort(left, function(a, b) return a.bound > b.bound end)
-          -- Bounded by the cells bounded.
-          for _, c in ipairs(left) do
-            if not may_beat(tier_walked, c.bound, best) then
+            entry, loose = next_cell()
+          else
+            if top == nil or not may_beat(tier_walked, bounds[top], best) then
               break -- every cell left bounds no higher
             end
-            walk(cell_at(c.entry, tier_walked, c.bound))
+            if not sharp[top] then
+              sharp[top] = true
+              bounds[top] = sharpened(cells[top], bounds[top])
+            else
+              walk(cell_at(cells[top], tier_walked, bounds[top]))
+              done[top] = true
+            end
+            top = nil
+            -- Bounded by the cells bounded.
+            for k = 1, #cells do
+              if not done[k] and (top == nil or bounds[k] > bounds[top]) then
+                top = k
+              end
+            end
           end
         end
       end
