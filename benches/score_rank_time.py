@@ -85,7 +85,9 @@ def _clock_key(queue: str) -> str:
     return f"bench:score-fresh:{queue}:clock"
 
 
-async def _fresh_round(port: int, queue: str, fill: int, span: float, after: float, step: float, dispatches: int) -> dict[str, Any]:
+async def _fresh_round(
+    port: int, queue: str, fill: int, span: float, after: float, step: float, dispatches: int
+) -> dict[str, Any]:
     """One round of ``--fresh`` in this process's library: fills ``queue`` if it is empty, then
     dispatches ``dispatches`` times on the queue's manual clock. Returns the dispatch script's
     mean server time per call and the clock's reading after the round."""
@@ -140,7 +142,9 @@ async def _fresh_round(port: int, queue: str, fill: int, span: float, after: flo
     return {"dispatch_us": float(stats["usec"]) / int(stats["calls"]), "clock": clock()}
 
 
-def _rank_times(port: int, builds: list[Path], queues: list[str], calls: int, capacity: float, now: list[int] | None) -> None:
+def _rank_times(
+    port: int, builds: list[Path], queues: list[str], calls: int, capacity: float, now: list[int] | None
+) -> None:
     """Times the ranking alone of each build on its queue, the builds alternating (see the
     module docstring); ``now``: the instant (us) per build, else the server's."""
     sys.path.insert(0, str(ROOT / "python"))
@@ -182,7 +186,9 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=1e7)
     parser.add_argument("--fresh", type=int, default=0, help="fill each queue with this many fresh messages")
     parser.add_argument("--span", type=float, default=2.0, help="seconds the fresh messages' enqueues span")
-    parser.add_argument("--after", type=float, default=1.0, help="seconds from the last enqueue to the first dispatch")
+    parser.add_argument(
+        "--after", type=float, default=1.0, help="seconds from the last enqueue to the first dispatch"
+    )
     parser.add_argument("--step", type=float, default=0.001, help="seconds the clock moves per dispatch")
     parser.add_argument("--dispatches", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
