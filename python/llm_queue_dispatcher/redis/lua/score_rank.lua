@@ -350,21 +350,22 @@ local function score_ranker(W, C, M, urgent_first)
     -- A cell's bound from its summary: its priority and retry parts, its budget bound, and the
     -- larger of the best time's factor with the wait of that band's oldest member and the next
     -- best time's with the wait of the cell's oldest (every member is of the best band or has
-    -- at most the next time).
+    -- at most the next time). Also whether the best time's part is the larger (its bands could
+    -- then bound it no lower: see sharpened).
     local function bound_of(entry)
       -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
       -- 16 hex digits><its band's oldest: enqueued_at 16><next time: 16 hex digits>; 48 is '0'.
       local p = string.byte(entry, 1) - 48
       local times = time_of(string.sub(entry, 37, 52)) + W[3] * wait_factor(tonumber(string.sub(entry, 53, 68)), p)
-      local next = string.sub(entry, 69, 84)
+      local next, sharp = string.sub(entry, 69, 84), true
       if next ~= NO_TIME then
         local later = time_of(next) + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
         if later > times then
-          times = later
+          times, sharp = later, false
         end
       end
       return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
-        + facts_of(string.sub(entry, 3, 5)).budget + times
+        + facts_of(string.sub(entry, 3, 5)).budget + times, sharp
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
@@ -507,6 +508,13 @@ local function score_ranker(W, C, M, urgent_first)
         if #heads <= HEAD_WALK then
           return
         end
+        if left and band == string.sub(c.summary, 32, 47) then
+          -- Past the best time: the next is the summary's.
+          local next = string.sub(c.summary, 64, 79)
+          if next == NO_TIME or not may_beat(f.tier, static + time_of(next) + wait, best) then
+            return
+          end
+        end
         from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
       end
     end
@@ -568,8 +576,9 @@ local function score_ranker(W, C, M, urgent_first)
     -- summaries in the order of their loose bounds (cell_streams), until none left can bound
     -- higher than the best bound found. Then, as long as a cell's bound reaches the best score
     -- found: the cell of the highest bound is bounded again from its bands (sharpened) the
-    -- first time, walked the second (so a cell whose bands bound it lower waits behind the
-    -- others), and a cell not bounded yet is bounded when its loose bound is the highest. On
+    -- first time, unless its summary's bound is its best band's already, and walked the
+    -- second (so a cell whose bands bound it lower waits behind the others); a cell not
+    -- bounded yet is bounded when its loose bound is the highest. On
     -- a long backlog, whose cells bound alike but for their estimates, the walk reads a few
     -- cells' summaries and visits one; on a fresh queue, whose cells' oldest members wait
     -- alike, the bands' own waits tell the cells apart.
@@ -587,7 +596,7 @@ local function score_ranker(W, C, M, urgent_first)
           end
           local n = #cells + 1
           cells[n] = entry
-          bounds[n] = bound_of(entry)
+          bounds[n], sharp[n] = bound_of(entry)
           if top == nil or bounds[n] > bounds[top] then
             top = n
           end
@@ -602,7 +611,7 @@ local function score_ranker(W, C, M, urgent_first)
             end
             local n = #cells + 1
             cells[n] = entry
-            bounds[n] = bound_of(entry)
+            bounds[n], sharp[n] = bound_of(entry)
             if top == nil or bounds[n] > bounds[top] then
               top = n
             end
