@@ -267,23 +267,21 @@ local function score_index_remove(q, member, s)
   end
   local cell = string.sub(class, 1, 5)
   redis.call('ZREM', q.sc_ages, cell .. age)
-  local head, emptied = false, false
+  local band, at = string.sub(class, 1, 21), string.sub(age, 1, 16)
+  local head, band_now = false, nil
   if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
     -- It was the class's head: the next oldest takes its place, if any.
     head = true
     redis.call('ZREM', q.sc_heads, head_entry(class .. age))
     local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
-    if next == nil then
-      emptied = true
-    else
+    if next ~= nil then
       redis.call('ZADD', q.sc_classes, 0, next)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
-    -- It may have been its band's oldest member.
-    local band, at = string.sub(class, 1, 21), string.sub(age, 1, 16)
-    local now = band_oldest(q, band)
-    if now == nil or at < now then
-      band_moved(q, band, at, now)
+    -- It may have been its band's oldest member (nil now: the band emptied).
+    band_now = band_oldest(q, band)
+    if band_now == nil or at < band_now then
+      band_moved(q, band, at, band_now)
     end
   end
   local summary = cell_entry(q, cell)
@@ -301,10 +299,14 @@ local function score_index_remove(q, member, s)
   end
   local bands = string.sub(summary, 37)
   local time = string.sub(class, 6, 21)
-  -- The best band's oldest member went (or its band emptied), or the next band may have emptied.
-  if head and ((time == string.sub(bands, 1, 16) and string.sub(age, 1, 16) <= string.sub(bands, 17, 32))
-      or (emptied and time == string.sub(bands, 33, 48))) then
-    bands = cell_bands(q, cell)
+  if head and time == string.sub(bands, 1, 16) then
+    if band_now == nil then
+      bands = cell_bands(q, cell) -- the best band emptied: the next is the best now
+    else
+      bands = time .. band_now .. string.sub(bands, 33, 48) -- its oldest member now
+    end
+  elseif head and band_now == nil and time == string.sub(bands, 33, 48) then
+    bands = cell_bands(q, cell) -- the next best band emptied
   end
   local kept = cell .. oldest .. bands
   if kept ~= summary then
