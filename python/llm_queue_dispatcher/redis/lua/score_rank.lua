@@ -9,11 +9,12 @@
 -- has it and its next best time's with the wait of its oldest member. Cells are bounded in the
 -- order of a looser bound that needs no summary (the time and wait factors at 1: per priority
 -- and retry class, outwards from the token class where the budget part peaks), until none left
--- can bound higher than the best bound found, and that cell is walked first; then, best bound
--- first, only the cells whose bound reaches the best score found (those not bounded yet are
+-- can bound higher than the best bound found; then, best bound first, each cell whose bound
+-- reaches the best score found is bounded again from its bands (each processing time with the
+-- wait of its own oldest member) and walked if it still does (those not bounded yet are
 -- bounded while their loose bound does). On a long backlog, whose cells bound alike but for
 -- their estimates, a dispatch bounds a few cells and walks one; on a fresh queue, whose cells'
--- oldest members wait alike, the best time's own wait tells them apart.
+-- oldest members wait alike, the best time's own wait and the bands tell them apart.
 -- Inside a cell the classes are scored from their entries (a class's head is its best member).
 -- A cell whose oldest member waits its full factor has its classes walked by processing time
 -- and then the larger estimate, which stops at the first time, or below half the capacity the
