@@ -176,3 +176,21 @@ async def _count(url: str, queue: str) -> int:
     storage: RedisStorage[Any] = RedisStorage(url, queue)
     async with storage:
         return await storage.get_approximate_message_count()
+
+
+def test_a_fresh_queue_is_filled_once_and_dispatched_from_round_after_round() -> None:
+    """score_rank_time.py --fresh: each round dispatches from the queue filled by the first (the
+    manual clock going on where the last round stopped), then the ranking alone is timed."""
+    with redis_server("everysec") as port:
+        script = str(BENCHES / "score_rank_time.py")
+        done = subprocess.run(
+            [sys.executable, script, "--port", str(port), "--queue", "smoke-fresh",
+             "--build", str(BENCHES.parent), "--fresh", "400", "--rounds", "2", "--dispatches", "10",
+             "--calls", "3"],
+            capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        left = asyncio.run(_count(url, "smoke-fresh"))
+    assert done.stdout.count("dispatch script") == 2
+    assert "winner 0" in done.stdout
+    assert left == 400 - 2 * 11  # each round's first dispatch is not timed

@@ -6,7 +6,10 @@ real processes on one queue.
 
 Scores are compared as the reference computes them; two messages whose scores differ by less
 than `TOLERANCE` may go in either order (the server sums the same factors in the same order,
-but from microsecond instants: the last bits of a score can differ)."""
+but from microsecond instants: the last bits of a score can differ).
+
+About 740 lines in one file: every test judges the server's walk with the same reference
+(`Visible`, `ranking`, `same_rank`, `_drive`), which the stored-layout tests import too."""
 
 from __future__ import annotations
 
@@ -308,6 +311,76 @@ async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets
     )  # fmt: skip
     assert counts.handed_out > 60
     assert counts.retried > 10
+    await dispatcher.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_each_hand_out_is_the_reference_winner_on_a_fresh_queue_of_many_cells_of_one_age(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """Hundreds of messages over many cells and processing times enqueued within about a
+    second, dozens at one instant (cells whose oldest members wait alike, bands whose oldest
+    members tie in age), handed out milliseconds apart and some failed back: every hand-out is
+    the reference's winner, with the default weights or random ones (the budget large enough
+    not to bind: the ranking alone decides)."""
+    rng = random.Random(100 + seed)
+    scoring = random_weights(rng) if seed % 2 else None
+    weights: Weights = scoring or WEIGHTS
+    urgent_first = seed != 3
+    tpm = rng.choice([1_000_000, 5_000_000])
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(
+        clock=clock,
+        scoring=ScoringConfig(weights=scoring),
+        urgent_first=urgent_first,
+        min_score_threshold=0.0,
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    pending = requests(420, 40 + seed, largest=tpm // 300)
+    started = clock()
+    counts = await _drive(
+        dispatcher, limiter, clock, rng, pending,
+        tpm=tpm, rounds=320, arrivals=(0, 0, 1, 2, 40), advances=(0.0, 0.001, 0.002, 0.01),
+        weights=weights, urgent_first=urgent_first,
+    )  # fmt: skip
+    assert counts.handed_out > 150
+    assert counts.retried > 20
+    assert clock() - started < 5.0  # every wait far from full: a fresh queue
+    await dispatcher.close()
+
+
+async def test_in_a_batch_of_one_instant_the_band_s_best_estimate_goes_before_its_oldest_heads(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """Sixty URGENT requests of one expected processing time, their estimates within two token
+    classes, enqueued at one instant (their waits tie): the budget part, which grows with the
+    estimate below half the capacity, decides the hand-outs, not the enqueue order."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=100_000)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    rng = random.Random(7)
+    batch = [
+        LLMRequest(
+            f"b{n}", "x", Priority.URGENT, TokenInfo(rng.randint(1_000, 1_080)), expected_processing_time=2.0
+        )
+        for n in range(60)
+    ]
+    messages = await dispatcher.batch_enqueue(batch)
+    visible = [
+        Visible(r.id, 0, r.token_info.estimated, 2.0, m.attributes.enqueued_at.timestamp(), n)
+        for n, (r, m) in enumerate(zip(batch, messages, strict=True))
+    ]
+    clock.advance(3.0)
+    for _ in range(20):
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = next(m for m in visible if m.id == job.message.payload.id)
+        assert same_rank(got, ranking(visible, clock(), 100_000)[0], clock(), 100_000)
+        visible.remove(got)
+        await job.mark_as_processed()
+        clock.advance(0.001)
     await dispatcher.close()
 
 

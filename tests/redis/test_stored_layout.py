@@ -22,14 +22,24 @@ from llm_queue_dispatcher import (
 from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.conftest import fresh_name
 from tests.redis.support import fair_dispatcher
+from tests.redis.test_global_score import Visible, ranking, same_rank
 
-_LAYOUT = Path(__file__).parent / "fixtures" / "queue_layout_da1deba.json"
+_FIXTURES = Path(__file__).parent / "fixtures"
+# Queues written by earlier scripts: da1deba's score index keeps its cells' summaries in a
+# hash; 1cb6663's in a sorted set, without the bands of each cell.
+_LAYOUT = _FIXTURES / "queue_layout_da1deba.json"
+_LAYOUTS = [_LAYOUT, _FIXTURES / "queue_layout_1cb6663.json"]
 
 
-async def _restore_layout(storage: RedisStorage[Any], queue: str) -> dict[str, Any]:
-    """Writes the keys of the fixture (a queue filled by the previous release's scripts, every
+def _fixture(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+async def _restore_layout(storage: RedisStorage[Any], queue: str, path: Path = _LAYOUT) -> dict[str, Any]:
+    """Writes the keys of the fixture (a queue filled by an earlier release's scripts, every
     key as the raw Redis commands that rebuild it) under ``queue``'s names."""
-    layout = json.loads(_LAYOUT.read_text())
+    layout = _fixture(path)
     prefix = f"{{lqd}}:q:{queue}:"
     async with storage.redis.pipeline(transaction=True) as pipe:
         for command, part, *values in layout["commands"]:
@@ -38,9 +48,10 @@ async def _restore_layout(storage: RedisStorage[Any], queue: str) -> dict[str, A
     return layout
 
 
+@pytest.mark.parametrize("path", _LAYOUTS, ids=lambda path: path.stem)
 @pytest.mark.parametrize("policy", ["fair_priority", "score"])
 async def test_a_queue_written_by_the_previous_layout_is_served_whole(
-    policy: str, clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+    policy: str, path: Path, clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:
     """A queue as the previous release left it (its score index kept from the start, a message
     in flight, one given back): every message is handed out once, by either policy, the one in
@@ -48,7 +59,7 @@ async def test_a_queue_written_by_the_previous_layout_is_served_whole(
     queue = fresh_name("queue")
     storage = clocked_storage(queue=queue)
     limiter = clocked_throttle(rpm=1e6, tpm=1e9)
-    layout = await _restore_layout(storage, queue)
+    layout = await _restore_layout(storage, queue, path)
     clock.advance(layout["clock"] - clock())
     if policy == "fair_priority":
         dispatcher = fair_dispatcher(storage)
@@ -182,3 +193,39 @@ async def test_fair_priority_indexing_an_older_queue_leaves_the_score_index_to_t
     assert len(left) == 5
     await fair.close()
     await scored.close()
+
+
+async def test_a_score_index_without_bands_is_filled_again_and_hands_out_in_score_order(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """A queue whose score index the previous release wrote (its cells' summaries without the
+    bands): the score policy's hand-outs are the reference's winners at each instant, the one
+    given back with its receive count, the one in flight once its lease ends."""
+    queue = fresh_name("queue")
+    storage = clocked_storage(queue=queue)
+    limiter = clocked_throttle(rpm=1e6, tpm=1e9)
+    layout = await _restore_layout(storage, queue, _LAYOUTS[1])
+    clock.advance(layout["clock"] - clock())
+    visible = [
+        Visible(rid, priority, tokens, expected, 1_700_000_000.0 + n, n, int(rid == layout["given_back"]))
+        for n, (rid, _, priority, tokens, expected) in enumerate(layout["requests"])
+        if rid != layout["in_flight"]
+    ]
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, LLMQueueDispatcherConfig(clock=clock))
+    assert dispatcher._global is not None
+    while visible:
+        job = await dispatcher.dequeue(limiter, timeout=0)
+        assert job is not None
+        got = next(m for m in visible if m.id == job.message.payload.id)
+        assert same_rank(got, ranking(visible, clock(), 1e9)[0], clock(), 1e9)
+        assert job.message.attributes.receive_count == got.receive_count + 1
+        visible.remove(got)
+        await job.mark_as_processed()
+        clock.advance(0.5)
+    assert await dispatcher.dequeue(limiter, timeout=0) is None
+    clock.advance(60.0)  # the lease of the message in flight ends
+    job = await dispatcher.dequeue(limiter, timeout=0)
+    assert job is not None
+    assert job.message.payload.id == layout["in_flight"]
+    await job.mark_as_processed()
+    await dispatcher.close()

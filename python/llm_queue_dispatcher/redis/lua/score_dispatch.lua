@@ -42,7 +42,7 @@ if redis.call('HGET', Q.meta, 'indexed') ~= '1' or redis.call('HGET', Q.meta, 's
   -- (index_scan.lua, index_fill.lua, score_fill.lua), then calls again.
   return {fmt(NOW), '', 'unindexed'}
 end
-if redis.call('TYPE', Q.sc_cells).ok == 'hash' then
+if score_layout_earlier(Q) then
   -- The index of an earlier layout (score_index.lua): dropped, then filled again as above.
   score_index_drop(Q)
   return {fmt(NOW), '', 'unindexed'}

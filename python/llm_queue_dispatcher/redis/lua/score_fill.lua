@@ -3,7 +3,7 @@
 -- message of the scanned part to the index (score_index.lua; one indexed already is left as it
 -- is) and, when the scan is done, marks the queue scored. Returns the next cursor ('0': done).
 -- Messages that become visible meanwhile are indexed by the scripts that show them.
-if redis.call('TYPE', Q.sc_cells).ok == 'hash' then
+if score_layout_earlier(Q) then
   score_index_drop(Q) -- an earlier layout (score_index.lua): filled again from scratch
 end
 local found = redis.call('HSCAN', Q.state, ARGV[5], 'COUNT', 256)

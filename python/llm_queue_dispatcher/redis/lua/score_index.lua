@@ -13,18 +13,28 @@
 --           digits of its double (positive doubles sort like their bits)><2^53 - estimate: 16
 --           digits (the larger estimate first)>, 37 characters
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
---   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first
+--   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first; and of
+--                 ~<cell><enqueued_at><processing time> for each band of a cell (its members
+--                 of one processing time) with its oldest member's enqueued_at: a cell's bands
+--                 oldest first, after every member's entry ('~' sorts after the digits), from
+--                 which the ranking bounds a cell by each time with its own longest wait
 --   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
 --                 classes, the best processing time first, then the larger estimate, each with
 --                 its head (the best of the class), so a class is scored from its entry alone
---   q.sc_heads    lex zset of <cell><its oldest member><class without its cell>: the same
---                 classes, the oldest head first
+--   q.sc_heads    lex zset of <cell><processing time><its oldest member><2^53 - estimate>:
+--                 the same classes by band (a cell's members of one processing time), each
+--                 band's heads oldest first, so a band's first entry is its oldest member
 --   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
---                 processing time: 16 hex digits>: what bounds the cell, rewritten only when
---                 one of the two changes (a cell is empty when its oldest goes and no member
---                 is left in sc_ages; an entry may end with a count, as kept before); one
---                 priority's cells are one range of it, read in one call (with urgent_first
---                 the URGENT tier's alone, the others' only when no URGENT message can go)
+--                 processing time: 16 hex digits><the enqueued_at of that band's oldest member:
+--                 16 digits><the next best processing time, 16 hex digits, or 16 'f' for none>:
+--                 what bounds the cell (every member has the best time and waits no longer
+--                 than that band's oldest, or has at most the next best time and waits no longer
+--                 than the cell's oldest), rewritten only when one of them changes (a cell is
+--                 empty when its oldest goes and no member is left in sc_ages); one priority's
+--                 cells are one range of it, read in one call (with urgent_first the URGENT
+--                 tier's alone, the others' only when no URGENT message can go). An entry of
+--                 fewer than CELL_LEN characters is an earlier layout's (no bands): that index
+--                 is dropped and filled again, as a hash of an earlier one is
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
 -- the index can be filled while scripts keep it (score_fill.lua). A queue whose sc_cells is
 -- still the hash of an earlier layout has its index dropped and filled again.
@@ -113,28 +123,27 @@ local function entry_member(entry)
   return string.sub(entry, 54)
 end
 
--- The sc_heads entry of a sc_classes entry, and back.
+-- The sc_heads entry of a sc_classes entry: its cell and time, its head, its estimate.
 local function head_entry(entry)
-  return string.sub(entry, 1, 5) .. string.sub(entry, 38) .. string.sub(entry, 6, 37)
-end
-
-local function class_entry(head)
-  return string.sub(head, 1, 5) .. string.sub(head, 37) .. string.sub(head, 6, 36)
+  return string.sub(entry, 1, 21) .. string.sub(entry, CLASS_LEN + 1) .. string.sub(entry, 22, CLASS_LEN)
 end
 
 local function score_age_key(member, s)
   return string.format('%016.0f', s.at) .. member
 end
 
+local CELL_LEN = 84 -- an sc_cells entry: cell 5, oldest 31, best time 16, its band's oldest 16, next time 16
+local NO_TIME = string.rep('f', 16) -- no next best time (one band): above every time's digits
 
 local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
 
--- Drops the index of a queue whose sc_cells has an earlier layout (a hash): the next dispatch
--- finds the queue unscored and has it filled again (score_fill.lua). The rest of this script
--- keeps the new index only if a process of the score policy has announced itself ('scoring':
--- every script keeps it from then, so what is written is whole once a fill ends); else nothing
--- writes it until one does, as the entries of messages that later scripts take would stay
--- behind (queue_common.lua, score_kept), and a fill on top of them would hand those out again.
+-- Drops the index of a queue whose sc_cells has an earlier layout (a hash, or entries without
+-- bands): the next dispatch finds the queue unscored and has it filled again (score_fill.lua).
+-- The rest of this script keeps the new index only if a process of the score policy has
+-- announced itself ('scoring': every script keeps it from then, so what is written is whole
+-- once a fill ends); else nothing writes it until one does, as the entries of messages that
+-- later scripts take would stay behind (queue_common.lua, score_kept), and a fill on top of
+-- them would hand those out again.
 local function score_index_drop(q)
   -- Bounded: the five keys of the index.
   for _, name in ipairs(SCORE_KEYS) do
@@ -144,15 +153,53 @@ local function score_index_drop(q)
   q.score_kept = redis.call('HGET', q.meta, 'scoring') == '1'
 end
 
+-- Whether the index has an earlier layout (its sc_cells a hash, or its entries without bands).
+local function score_layout_earlier(q)
+  if redis.call('TYPE', q.sc_cells).ok == 'hash' then
+    return true
+  end
+  local first = redis.call('ZRANGE', q.sc_cells, 0, 0)[1]
+  return first ~= nil and #first < CELL_LEN
+end
+
 -- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
 -- has an earlier layout (dropped then).
 local function cell_entry(q, cell)
   local found = redis.pcall('ZRANGEBYLEX', q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)
-  if found.err ~= nil then
+  if found.err ~= nil or (found[1] ~= nil and #found[1] < CELL_LEN) then
     score_index_drop(q)
     return false
   end
   return found[1]
+end
+
+-- The bands part of the sc_cells entry of a non-empty `cell`, from its sc_heads entries: its
+-- best time, the enqueued_at of that band's oldest member, the next best time.
+local function cell_bands(q, cell)
+  local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+  local best = string.sub(first, 6, 21)
+  local next = redis.call('ZRANGEBYLEX', q.sc_heads, '(' .. cell .. best .. '\255', '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+  return best .. string.sub(first, 22, 37) .. (next and string.sub(next, 6, 21) or NO_TIME)
+end
+
+-- The enqueued_at of the oldest member of the band `band` (<cell><time>), nil when it has none.
+local function band_oldest(q, band)
+  local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. band, '[' .. band .. '\255', 'LIMIT', 0, 1)[1]
+  return first and string.sub(first, 22, 37)
+end
+
+-- Moves the sc_ages entry of band `band` from enqueued_at `was` to `now` (nil: none).
+local function band_moved(q, band, was, now)
+  if was == now then
+    return
+  end
+  local cell, time = string.sub(band, 1, 5), string.sub(band, 6, 21)
+  if was ~= nil then
+    redis.call('ZREM', q.sc_ages, '~' .. cell .. was .. time)
+  end
+  if now ~= nil then
+    redis.call('ZADD', q.sc_ages, 0, '~' .. cell .. now .. time)
+  end
 end
 
 local function score_index_add(q, member, s)
@@ -164,27 +211,49 @@ local function score_index_add(q, member, s)
     return -- indexed already
   end
   local cell = string.sub(class, 1, 5)
-  local best = string.sub(class, 6, 21)
+  local time, at = string.sub(class, 6, 21), string.sub(age, 1, 16)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
   local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
   if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
+    local band = string.sub(class, 1, 21)
+    local was = band_oldest(q, band)
     if entry ~= nil then
       redis.call('ZREM', q.sc_classes, entry)
       redis.call('ZREM', q.sc_heads, head_entry(entry))
     end
     redis.call('ZADD', q.sc_classes, 0, class .. age) -- its new head
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
-  end
-  local entry = cell_entry(q, cell)
-  if entry then
-    local oldest, kept = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
-    if age >= oldest and best >= kept then
-      return -- its bound is unchanged
+    if was == nil or at < was then
+      band_moved(q, band, was, at) -- the band's oldest member now
     end
-    redis.call('ZREM', q.sc_cells, entry)
-    redis.call('ZADD', q.sc_cells, 0, cell .. (age < oldest and age or oldest) .. (best < kept and best or kept))
-  elseif entry == nil then
-    redis.call('ZADD', q.sc_cells, 0, cell .. age .. best)
+  end
+  local summary = cell_entry(q, cell)
+  if summary == nil then
+    if not score_layout_earlier(q) then
+      redis.call('ZADD', q.sc_cells, 0, cell .. age .. time .. at .. NO_TIME)
+    else
+      score_index_drop(q)
+    end
+    return
+  elseif not summary then
+    return
+  end
+  local oldest, best, band_at, next = string.sub(summary, 6, 36), string.sub(summary, 37, 52),
+    string.sub(summary, 53, 68), string.sub(summary, 69, 84)
+  if age < oldest then
+    oldest = age
+  end
+  if time < best then
+    best, band_at, next = time, at, best
+  elseif time == best then
+    band_at = at < band_at and at or band_at
+  elseif time < next then
+    next = time
+  end
+  local kept = cell .. oldest .. best .. band_at .. next
+  if kept ~= summary then
+    redis.call('ZREM', q.sc_cells, summary)
+    redis.call('ZADD', q.sc_cells, 0, kept)
   end
 end
 
@@ -198,38 +267,50 @@ local function score_index_remove(q, member, s)
   end
   local cell = string.sub(class, 1, 5)
   redis.call('ZREM', q.sc_ages, cell .. age)
-  local emptied = false
+  local band, at = string.sub(class, 1, 21), string.sub(age, 1, 16)
+  local head, band_now = false, nil
   if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
     -- It was the class's head: the next oldest takes its place, if any.
+    head = true
     redis.call('ZREM', q.sc_heads, head_entry(class .. age))
     local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
-    if next == nil then
-      emptied = true
-    else
+    if next ~= nil then
       redis.call('ZADD', q.sc_classes, 0, next)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
+    -- It may have been its band's oldest member (nil now: the band emptied).
+    band_now = band_oldest(q, band)
+    if band_now == nil or at < band_now then
+      band_moved(q, band, at, band_now)
+    end
   end
-  local entry = cell_entry(q, cell)
-  if not entry then
+  local summary = cell_entry(q, cell)
+  if not summary then
     return
   end
-  local oldest, best = string.sub(entry, 6, 36), string.sub(entry, 37, 52)
-  local changed = false
+  local oldest = string.sub(summary, 6, 36)
   if oldest == age then
     local next_oldest = redis.call('ZRANGEBYLEX', q.sc_ages, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
     if next_oldest == nil then
-      redis.call('ZREM', q.sc_cells, entry) -- its last member
+      redis.call('ZREM', q.sc_cells, summary) -- its last member
       return
     end
-    oldest, changed = string.sub(next_oldest, 6), true
+    oldest = string.sub(next_oldest, 6)
   end
-  if emptied and best == string.sub(class, 6, 21) then
-    best = string.sub(redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1], 6, 21)
-    changed = true
+  local bands = string.sub(summary, 37)
+  local time = string.sub(class, 6, 21)
+  if head and time == string.sub(bands, 1, 16) then
+    if band_now == nil then
+      bands = cell_bands(q, cell) -- the best band emptied: the next is the best now
+    else
+      bands = time .. band_now .. string.sub(bands, 33, 48) -- its oldest member now
+    end
+  elseif head and band_now == nil and time == string.sub(bands, 33, 48) then
+    bands = cell_bands(q, cell) -- the next best band emptied
   end
-  if changed then
-    redis.call('ZREM', q.sc_cells, entry)
-    redis.call('ZADD', q.sc_cells, 0, cell .. oldest .. best)
+  local kept = cell .. oldest .. bands
+  if kept ~= summary then
+    redis.call('ZREM', q.sc_cells, summary)
+    redis.call('ZADD', q.sc_cells, 0, kept)
   end
 end

@@ -5,22 +5,27 @@
 -- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
 -- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
 -- alone: its priority and retry parts, the best efficiency + token fit over its token range,
--- the processing-time factor of its best member, the wait of its oldest. Cells are bounded in
--- the order of a looser bound that needs no summary (the time and wait factors at 1: per
--- priority and retry class, outwards from the token class where the budget part peaks), until
--- none left can bound higher than the best bound found, and that cell is walked first; then,
--- best bound first, only the cells whose bound reaches the best score found (those not bounded
--- yet are bounded while their loose bound does). On a long backlog, whose cells bound alike but
--- for their estimates, a dispatch bounds a few cells and walks one. Inside a cell the classes
--- are scored from their entries (a class's head is its best member): first the HEAD_WALK
--- oldest heads (unless the cell's oldest waits its full factor), which stops at the first head
--- whose wait cannot win; then, bounded by the wait of the next head (no class left waits
--- longer), by processing time and then the larger estimate, which stops at the first time, or
--- below half the capacity the first estimate, that cannot win (where heads wait alike, as on a
--- fresh queue or a backlog whose waits are full, walking them by age would read every head
--- older than the winner). A class whose score cannot win is left before its member is read.
--- So a dispatch's cost grows with the non-empty cells and the distinct estimates and times
--- inside the cells visited, not with the number of messages.
+-- and the larger of its best processing time's factor with the wait of the oldest member that
+-- has it and its next best time's with the wait of its oldest member. Cells are bounded in the
+-- order of a looser bound that needs no summary (the time and wait factors at 1: per priority
+-- and retry class, outwards from the token class where the budget part peaks), until none left
+-- can bound higher than the best bound found; then, best bound first, each cell whose bound
+-- reaches the best score found is bounded again from its bands (each processing time with the
+-- wait of its own oldest member) and walked if it still does (those not bounded yet are
+-- bounded while their loose bound does). On a long backlog, whose cells bound alike but for
+-- their estimates, a dispatch bounds a few cells and walks one; on a fresh queue, whose cells'
+-- oldest members wait alike, the best time's own wait and the bands tell them apart.
+-- Inside a cell the classes are scored from their entries (a class's head is its best member).
+-- A cell whose oldest member waits its full factor has its classes walked by processing time
+-- and then the larger estimate, which stops at the first time, or below half the capacity the
+-- first estimate, that cannot win. Another cell is walked band by band (a band: its members of
+-- one processing time), the best time first, each band's heads oldest first, stopping at the
+-- first head whose wait cannot win and at the first band whose time cannot win with the
+-- longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes walked
+-- by estimate (where heads wait alike, walking them by age would read every one). A class
+-- whose score cannot win is left before its member is read. So a dispatch's cost grows with
+-- the non-empty cells and the distinct estimates and times inside the cells visited, not with
+-- the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -30,7 +35,8 @@ local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
-local HEAD_WALK = 4 -- heads of a cell read oldest first before its classes are walked
+local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
+local BAND_READ = 12 -- bands of a cell read oldest first to bound it again before its walk
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -342,15 +348,25 @@ local function score_ranker(W, C, M, urgent_first)
   end
 
   function ranker.best(excluded, above)
-    -- A cell's bound from its summary: its priority and retry parts, the processing-time
-    -- factor of its best member, its budget bound, the wait of its oldest.
+    -- A cell's bound from its summary: its priority and retry parts, its budget bound, and the
+    -- larger of the best time's factor with the wait of that band's oldest member and the next
+    -- best time's with the wait of the cell's oldest (every member is of the best band or has
+    -- at most the next time). Also whether the best time's part is the larger (its bands could
+    -- then bound it no lower: see sharpened).
     local function bound_of(entry)
       -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
-      -- 16 hex digits><count>; 48 is '0'.
+      -- 16 hex digits><its band's oldest: enqueued_at 16><next time: 16 hex digits>; 48 is '0'.
       local p = string.byte(entry, 1) - 48
-      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + time_of(string.sub(entry, 37, 52))
-        + BOUND_SLACK + facts_of(string.sub(entry, 3, 5)).budget
-        + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+      local times = time_of(string.sub(entry, 37, 52)) + W[3] * wait_factor(tonumber(string.sub(entry, 53, 68)), p)
+      local next, sharp = string.sub(entry, 69, 84), true
+      if next ~= NO_TIME then
+        local later = time_of(next) + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
+        if later > times then
+          times, sharp = later, false
+        end
+      end
+      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
+        + facts_of(string.sub(entry, 3, 5)).budget + times, sharp
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
@@ -361,7 +377,7 @@ local function score_ranker(W, C, M, urgent_first)
       return {
         cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
         retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
-        summary = summary, time = time_of(string.sub(summary, 32, 47)), bound = bound,
+        summary = summary, bound = bound,
       }
     end
     local best = nil
@@ -378,9 +394,9 @@ local function score_ranker(W, C, M, urgent_first)
       if best ~= nil and f.tier == best.tier and value < best.score then
         return -- a later member of the class waits no longer: none of them wins
       end
-      local member = is_head and string.sub(entry, 22, -33) or string.sub(entry, CLASS_LEN + 17)
+      local member = is_head and string.sub(entry, 38, -17) or string.sub(entry, CLASS_LEN + 17)
       if excluded[member] then
-        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
+        local prefix = is_head and string.sub(entry, 1, 21) .. string.sub(entry, -16) or string.sub(entry, 1, CLASS_LEN)
         at, member = head_of(prefix, excluded)
         if member == nil then
           return
@@ -392,41 +408,15 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
-    -- A cell's first HEAD_WALK classes by their heads, oldest first: each later head waits no
-    -- longer, so the walk stops at the first that cannot win with the cell's best time and
-    -- budget part. Returns whether it got that far (or through the cell); else the weighted
-    -- wait of the first head not read, which no class left waits longer than: the classes
-    -- walk, by time and estimate, follows with it.
-    local function walk_heads(c)
-      local f = c
-      local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, '[' .. c.cell, '[' .. c.cell .. '\255', 'LIMIT', 0, HEAD_WALK + 1)
-      -- Bounded by HEAD_WALK + 1 (the LIMIT above).
-      for i, head in ipairs(heads) do
-        -- <cell><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
-        local at = tonumber(string.sub(head, 6, 21))
-        local wait = W[3] * wait_factor(at, f.p)
-        if not may_beat(f.tier, f.fixed + f.retry + c.time + BOUND_SLACK + f.budget + wait, best) then
-          return true
-        end
-        if i > HEAD_WALK then
-          return false, wait
-        end
-        local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
-        if tokens <= M then
-          consider(c, tokens, time_of(string.sub(head, -32, -17)), at, wait, head, true)
-        end
-      end
-      return true
-    end
-
-    -- A cell's classes by processing time, then the larger estimate: the walk stops at the
-    -- first time that cannot win with the cell's best budget part and longest wait; inside one
-    -- time, where the budget part never falls as the estimate grows (the cell below half the
-    -- capacity), at the first estimate that cannot win.
-    local function walk_classes(c, wait)
+    -- The classes of a cell, or of one band of it (`prefix`: the cell, or the cell and a time),
+    -- by processing time, then the larger estimate, none waiting longer than `wait`: the walk
+    -- stops at the first time that cannot win with the cell's best budget part and that wait;
+    -- inside one time, where the budget part never falls as the estimate grows (the cell below
+    -- half the capacity), at the first estimate that cannot win.
+    local function walk_classes(c, wait, prefix)
       local f = c
       local static = f.fixed + f.retry
-      local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
+      local from, to = '[' .. prefix, '[' .. prefix .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it (then a short
@@ -472,32 +462,133 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
+    -- A cell's bands, the best time first, each by its heads oldest first: a band is left at
+    -- the first head whose wait cannot win with the band's time and the cell's best budget part
+    -- (its later heads wait no longer), and the walk at the first band that cannot win with the
+    -- wait of the cell's oldest member (`wait`: later bands have worse times). A band whose
+    -- HEAD_WALK oldest heads were scored has its other classes walked by estimate, none of
+    -- them waiting longer than its next head (where heads wait alike, as on a backlog whose
+    -- waits are full, walking them by age would read every head of the band).
+    local function walk_bands(c, wait)
+      local f = c
+      local static = f.fixed + f.retry + BOUND_SLACK + f.budget
+      local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
+      local band, pt, left, walked = nil, nil, false, 0
+      classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
+      -- Each round but the last reads HEAD_WALK + 1 heads of the cell and moves past at least one.
+      -- Bounded by the cell's heads, at most as many as the index holds classes.
+      for _ = 0, classes_held do
+        local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, from, to, 'LIMIT', 0, HEAD_WALK + 1)
+        -- Bounded by HEAD_WALK + 1 (the LIMIT above).
+        for _, head in ipairs(heads) do
+          -- <cell><time: 16><enqueued_at: 16><member><2^53 - estimate: 16>
+          local hex = string.sub(head, 6, 21)
+          if hex ~= band then
+            band, pt, left, walked = hex, time_of(hex), false, 0
+            if not may_beat(f.tier, static + pt + wait, best) then
+              return
+            end
+          end
+          if not left then
+            local at = tonumber(string.sub(head, 22, 37))
+            local own = W[3] * wait_factor(at, f.p)
+            if not may_beat(f.tier, static + pt + own, best) then
+              left = true
+            elseif walked >= HEAD_WALK then
+              walk_classes(c, own, c.cell .. band)
+              left = true
+            else
+              walked = walked + 1
+              local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
+              if tokens <= M then
+                consider(c, tokens, pt, at, own, head, true)
+              end
+            end
+          end
+        end
+        if #heads <= HEAD_WALK then
+          return
+        end
+        if left and band == string.sub(c.summary, 32, 47) then
+          -- Past the best time: the next is the summary's.
+          local next = string.sub(c.summary, 64, 79)
+          if next == NO_TIME or not may_beat(f.tier, static + time_of(next) + wait, best) then
+            return
+          end
+        end
+        from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
+      end
+    end
+
     -- A cell whose oldest member's wait is full (a backlog's) has its classes walked at once:
     -- no class can wait longer, so reading its oldest heads first would tell nothing more.
     local function walk(c)
       local at = tonumber(string.sub(c.summary, 1, 16))
       if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
-        walk_classes(c, W[3] * wait_factor(at, c.p))
+        walk_classes(c, W[3] * wait_factor(at, c.p), c.cell)
         return
       end
-      local done, wait = walk_heads(c)
-      if not done then
-        walk_classes(c, wait)
+      walk_bands(c, W[3] * wait_factor(at, c.p))
+    end
+
+    -- A cell's bound from its bands oldest first (the '~' entries of sc_ages, at most
+    -- BAND_READ of them), lower than its summary's or equal: each band whose time is better than
+    -- every older band's counts that time with the wait of its own oldest member (a member of
+    -- a band that does not has no better time than an older band's), up to the band of the
+    -- cell's best time; when that band is not among those read, the bands not read count the
+    -- best time with the wait of the last band read.
+    local function sharpened(entry, bound)
+      local cell, p = string.sub(entry, 1, 5), string.byte(entry, 1) - 48
+      local best_hex = string.sub(entry, 37, 52)
+      local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. cell, '[~' .. cell .. '\255', 'LIMIT', 0, BAND_READ)
+      local record, most, whole = nil, nil, false
+      -- Bounded by BAND_READ (the LIMIT above).
+      for _, band in ipairs(bands) do
+        -- ~<cell><enqueued_at: 16><time: 16>
+        local hex = string.sub(band, 23, 38)
+        if record == nil or hex < record then
+          record = hex
+          local value = time_of(hex) + W[3] * wait_factor(tonumber(string.sub(band, 7, 22)), p)
+          if most == nil or value > most then
+            most = value
+          end
+          if hex == best_hex then
+            whole = true
+            break
+          end
+        end
       end
+      if most == nil then
+        return bound
+      end
+      if not whole then
+        local value = time_of(best_hex) + W[3] * wait_factor(tonumber(string.sub(bands[#bands], 7, 22)), p)
+        if value > most then
+          most = value
+        end
+      end
+      local sharp = fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
+        + facts_of(string.sub(entry, 3, 5)).budget + most
+      return sharp < bound and sharp or bound
     end
 
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
     -- of the lower tier hold the winner), best bound first: cells are bounded from their
     -- summaries in the order of their loose bounds (cell_streams), until none left can bound
-    -- higher than the best bound found; that cell is walked; then every cell whose bound
-    -- reaches the best score found, best bound first (on a long backlog, whose cells bound
-    -- alike but for their estimates, the walk reads a few cells' summaries and visits one).
+    -- higher than the best bound found. Then, as long as a cell's bound reaches the best score
+    -- found: the cell of the highest bound is bounded again from its bands (sharpened) the
+    -- first time, unless its summary's bound is its best band's already, and walked the
+    -- second (so a cell whose bands bound it lower waits behind the others); a cell not
+    -- bounded yet is bounded when its loose bound is the highest. On
+    -- a long backlog, whose cells bound alike but for their estimates, the walk reads a few
+    -- cells' summaries and visits one; on a fresh queue, whose cells' oldest members wait
+    -- alike, the bands' own waits tell the cells apart.
     -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
       if best == nil then
         local entries = entries_of(tier_walked)
         local next_cell = cell_streams(entries, above)
-        local cells, bounds, top = {}, {}, nil
+        local cells, bounds, sharp, done, top = {}, {}, {}, {}, nil
         local entry, loose = next_cell()
         -- Bounded by the tier's cells (each given once).
         for _ = 0, #entries do
@@ -506,39 +597,44 @@ local function score_ranker(W, C, M, urgent_first)
           end
           local n = #cells + 1
           cells[n] = entry
-          bounds[n] = bound_of(entry)
+          bounds[n], sharp[n] = bound_of(entry)
           if top == nil or bounds[n] > bounds[top] then
             top = n
           end
           entry, loose = next_cell()
         end
-        if top ~= nil then
-          walk(cell_at(cells[top], tier_walked, bounds[top]))
-          -- The cells not bounded yet whose loose bound reaches the best score.
-          -- Bounded by the tier's cells (each given once).
-          for _ = 0, #entries do
-            if entry == nil or not may_beat(tier_walked, loose, best) then
-              break
+        -- Each round bounds a cell, sharpens one or walks one (each cell once), or ends.
+        -- Bounded by three rounds per cell of the tier.
+        for _ = 0, 3 * #entries do
+          if entry ~= nil and (top == nil or loose > bounds[top]) then
+            if not may_beat(tier_walked, loose, best) then
+              break -- no cell left bounds higher
             end
             local n = #cells + 1
             cells[n] = entry
-            bounds[n] = bound_of(entry)
-            entry, loose = next_cell()
-          end
-          local left = {}
-          -- Bounded by the cells bounded.
-          for k = 1, #cells do
-            if k ~= top and may_beat(tier_walked, bounds[k], best) then
-              left[#left + 1] = {entry = cells[k], bound = bounds[k]}
+            bounds[n], sharp[n] = bound_of(entry)
+            if top == nil or bounds[n] > bounds[top] then
+              top = n
             end
-          end
-          table.sort(left, function(a, b) return a.bound > b.bound end)
-          -- Bounded by the cells bounded.
-          for _, c in ipairs(left) do
-            if not may_beat(tier_walked, c.bound, best) then
+            entry, loose = next_cell()
+          else
+            if top == nil or not may_beat(tier_walked, bounds[top], best) then
               break -- every cell left bounds no higher
             end
-            walk(cell_at(c.entry, tier_walked, c.bound))
+            if not sharp[top] then
+              sharp[top] = true
+              bounds[top] = sharpened(cells[top], bounds[top])
+            else
+              walk(cell_at(cells[top], tier_walked, bounds[top]))
+              done[top] = true
+            end
+            top = nil
+            -- Bounded by the cells bounded.
+            for k = 1, #cells do
+              if not done[k] and (top == nil or bounds[k] > bounds[top]) then
+                top = k
+              end
+            end
           end
         end
       end
