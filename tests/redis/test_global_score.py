@@ -140,6 +140,7 @@ class Counts:
     held: int = 0
     retried: int = 0
     saturated: int = 0  # hand-outs of non-URGENT messages whose wait was past 60 s
+    urgent_below: int = 0  # decisions where every URGENT message was below the threshold
 
 
 async def _drive(
@@ -186,7 +187,13 @@ async def _drive(
         now = clock()
         metrics = await limiter.get_metrics()
         tokens, left = metrics.tpm.available, metrics.rpm.available
-        ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=urgent_first)
+        ranked_first = urgent_first
+        ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=ranked_first)
+        if ranked and ranked[0][1] < min_score and ranked[0][0]:
+            # Every URGENT message scores below the threshold: none holds back the others.
+            ranked_first = False
+            ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=False)
+            counts.urgent_below += 1
         fits = False
         if ranked and ranked[0][1] >= min_score:
             winner = ranked[0][2]
@@ -205,7 +212,7 @@ async def _drive(
         else:
             assert fits, f"handed out {job.message.payload.id}, the reference holds for {ranked[:1]}"
             got = visible[job.message.payload.id]
-            assert same_rank(got, ranked[0], now, tpm, weights=weights, urgent_first=urgent_first), (
+            assert same_rank(got, ranked[0], now, tpm, weights=weights, urgent_first=ranked_first), (
                 f"{got} instead of {ranked[0]}"
             )
             assert job.message.attributes.receive_count == got.receive_count + 1
@@ -293,6 +300,13 @@ async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets
     rng = random.Random(seed)
     weights = random_weights(rng)
     urgent_first = rng.random() < 0.5
+    min_score = 0.0
+    if seed % 3 == 2:
+        # Priority counts little, URGENT goes first and a threshold holds back some messages,
+        # URGENT ones too: those must hold back nothing above it.
+        weights = ScoringWeights(**{**vars(weights), "priority": 0.02})
+        urgent_first = True
+        min_score = 0.3 * sum(vars(weights).values())
     tpm = rng.choice([3_000, 20_000, 150_000])
     storage = clocked_storage()
     limiter = clocked_throttle(rpm=100_000, tpm=tpm)
@@ -300,14 +314,14 @@ async def test_each_hand_out_is_the_reference_winner_over_random_weights_budgets
         clock=clock,
         scoring=ScoringConfig(weights=weights),
         urgent_first=urgent_first,
-        min_score_threshold=0.0,
+        min_score_threshold=min_score,
     )
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
     assert dispatcher._global is not None
     counts = await _drive(
         dispatcher, limiter, clock, rng, random_requests(160, rng, tpm),
         tpm=tpm, rounds=260, arrivals=(0, 1, 1, 2, 5), advances=(0.2, 1.0, 3.0, 8.0, 25.0, 90.0),
-        weights=weights, urgent_first=urgent_first,
+        weights=weights, urgent_first=urgent_first, min_score=min_score,
     )  # fmt: skip
     assert counts.handed_out > 60
     assert counts.retried > 10
@@ -520,6 +534,32 @@ async def test_a_winner_below_the_minimum_score_is_not_handed_out(
     assert job is not None
     assert job.score.total >= 0.5
     await job.mark_as_processed()
+    await dispatcher.close()
+
+
+async def test_an_urgent_winner_below_the_minimum_score_holds_back_no_message_above_it(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    # Token fit above all, priority a little: a 1-token URGENT request scores about 0.05.
+    weights = ScoringWeights(
+        priority=0.05, efficiency=0, wait_time=0, retry=0, token_fit=0.5, processing_time=0
+    )
+    config = LLMQueueDispatcherConfig(
+        clock=clock, min_score_threshold=0.1, scoring=ScoringConfig(weights=weights)
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    await dispatcher.enqueue(LLMRequest("tiny-urgent", "x", Priority.URGENT, TokenInfo(1)))
+    await dispatcher.enqueue(LLMRequest("tiny-normal", "x", Priority.NORMAL, TokenInfo(1)))
+    await dispatcher.enqueue(LLMRequest("good-fit", "x", Priority.NORMAL, TokenInfo(60_000)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    assert job.message.payload.id == "good-fit"
+    await job.mark_as_processed()
+    assert await dispatcher.dequeue(limiter) is None  # the rest score below the threshold
+    assert await storage.get_approximate_message_count() == 2
     await dispatcher.close()
 
 

@@ -170,6 +170,12 @@ for _ = 1, limit + 2 * SKIP_MAX do
     break
   end
   local best = ranker.best(excluded, above)
+  if best ~= nil and best.score < min_score and urgent_first and best.s.p == 0 then
+    -- The best URGENT message, so every one, scores below the threshold: none is sent, none
+    -- holds back the others, which rank by score alone from here on.
+    ranker = score_ranker(weights, token_capacity, whole_capacity, false)
+    best = ranker.best(excluded, above)
+  end
   if best == nil or best.score < min_score then
     break
   end
