@@ -135,6 +135,9 @@ class _GlobalScript(Script):
             # 'defer': save() waits for 'flush' (limiter_common.lua, DEFER_SAVE): the dispatch
             # scripts save the limiter's state once for all their grants.
             "\nelseif op == 'defer' then\nDEFER_SAVE = true\n"
+            # 'defer_drops': the records its grants push out of the history are dropped by
+            # 'flush' too, together (DEFER_DROPS in limiter_common.lua): global_dispatch.lua's.
+            "elseif op == 'defer_drops' then\nDEFER_DROPS = DEFER_SAVE\n"
             "elseif op == 'flush' then\nflush()\n"
             # The global mark script's: see checkpoint() in limiter_common.lua.
             "elseif op == 'checkpoint' then\ncheckpoint()\n"

@@ -373,6 +373,16 @@ end
 
 local save_pending = false
 
+-- The records beyond MAX_RECORDS that a global dispatch's grants pushed out, dropped by flush()
+-- in a few commands for all of them instead of five for each grant (drop_pending, below): set
+-- by 'defer_drops' (redis/global_choice.py) when the limiter keeps no slots of max_concurrent
+-- (dropping a record frees its slot, which a later check of the same call would count).
+-- Nothing in such a call reads a record back (it grants, it never adjusts nor releases), and
+-- the records it drops are the oldest, which it never wrote.
+local DEFER_DROPS = false
+local drops_pending = 0
+local drop_pending -- defined with the history, below
+
 local function save()
   if DEFER_SAVE then
     save_pending = true
@@ -381,8 +391,9 @@ local function save()
   end
 end
 
--- Writes what save() deferred (DEFER_SAVE).
+-- Writes what save() deferred (DEFER_SAVE), after the drops deferred (DEFER_DROPS).
 local function flush()
+  drop_pending()
   if save_pending then
     save_pending = false
     write_state()
@@ -619,6 +630,11 @@ local function prune()
   if ORDER_LEN == nil then
     ORDER_LEN = redis.call('LLEN', ORDER)
   end
+  if DEFER_DROPS and MAX_CONCURRENT == nil then
+    -- Dropped by flush() (drop_pending): ORDER_LEN counts them until then.
+    drops_pending = math.max(drops_pending, ORDER_LEN - MAX_RECORDS)
+    return dropped
+  end
   -- Bounded by the records beyond the limit.
   for _ = 1, ORDER_LEN - MAX_RECORDS do
     pop_oldest()
@@ -630,4 +646,59 @@ local function prune()
     redis.call('ZREMRANGEBYSCORE', HELD, '-inf', fmt(cutoff))
   end
   return dropped
+end
+
+-- Drops the oldest records prune() left to flush() (DEFER_DROPS), as pop_oldest() would one by
+-- one: out of the order (LRANGE, LTRIM), out of the totals when still counting, their slots
+-- freed, each one's id no longer latest when it still was (HMGET, HDEL), the records deleted.
+local DROP_CHUNK = 512 -- records dropped per round of drop_pending (unpack's bound)
+
+drop_pending = function()
+  local n = drops_pending
+  drops_pending = 0 -- taken first: never dropped twice
+  -- Bounded by the records beyond the limit, DROP_CHUNK per round.
+  while n > 0 do
+    local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, DROP_CHUNK) - 1)
+    if #numbers == 0 then
+      return
+    end
+    n = n - #numbers
+    redis.call('LTRIM', ORDER, #numbers, -1)
+    if ORDER_LEN ~= nil then
+      ORDER_LEN = ORDER_LEN - #numbers
+    end
+    local packed = redis.call('HMGET', GRANTS, unpack(numbers))
+    local rids, owners, slots = {}, {}, {}
+    -- Bounded by DROP_CHUNK.
+    for i, number in ipairs(numbers) do
+      if packed[i] then
+        local _, rid, tokens, estimated, actual, _, _, _, _, released, _, _, _, slot = cmsgpack.unpack(packed[i])
+        if released == 0 then
+          count_in({tokens = tokens, estimated = estimated, actual = actual}, -1)
+        end
+        if slot == 1 then
+          slots[#slots + 1] = number
+        end
+        rids[#rids + 1] = rid
+        owners[#owners + 1] = number
+      end
+    end
+    if #slots > 0 then
+      redis.call('ZREM', HELD, unpack(slots))
+    end
+    if #rids > 0 then
+      local latest = redis.call('HMGET', LATEST, unpack(rids))
+      local stale = {}
+      -- Bounded by DROP_CHUNK.
+      for i, rid in ipairs(rids) do
+        if latest[i] == owners[i] then
+          stale[#stale + 1] = rid
+        end
+      end
+      if #stale > 0 then
+        redis.call('HDEL', LATEST, unpack(stale))
+      end
+    end
+    redis.call('HDEL', GRANTS, unpack(numbers))
+  end
 end
