@@ -382,6 +382,10 @@ local save_pending = false
 local DEFER_DROPS = false
 local drops_pending = 0
 local drop_pending -- defined with the history, below
+-- In the same calls (DEFER_DROPS) the new records themselves, their place in the order and
+-- their ids' latest are written by flush() too, one command each for all of them
+-- (records_flush, below), before the drops (which may reach them).
+local records_flush -- defined with the history, below
 
 local function save()
   if DEFER_SAVE then
@@ -391,8 +395,9 @@ local function save()
   end
 end
 
--- Writes what save() deferred (DEFER_SAVE), after the drops deferred (DEFER_DROPS).
+-- Writes what save() deferred (DEFER_SAVE), after the records and drops deferred (DEFER_DROPS).
 local function flush()
+  records_flush()
   drop_pending()
   if save_pending then
     save_pending = false
@@ -492,6 +497,10 @@ local function count_in(r, sign)
   end
 end
 
+-- The records written by records_flush() (DEFER_DROPS): grant number, packed record pairs; their
+-- numbers in order; request id, number pairs; and each id's latest number not written yet.
+local new_records, new_order, new_latest, latest_now = {}, {}, {}, {}
+
 -- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
 local function add_record(request_id, r)
   if GRANT_COUNTER == nil then
@@ -500,8 +509,25 @@ local function add_record(request_id, r)
   GRANT_COUNTER = GRANT_COUNTER + 1
   r.number = fmt(GRANT_COUNTER)
   r.rid = request_id
-  r.previous = redis.call('HGET', LATEST, request_id) or ''
   r.released = 0
+  if DEFER_DROPS and MAX_CONCURRENT == nil then
+    r.previous = latest_now[request_id] or redis.call('HGET', LATEST, request_id) or ''
+    latest_now[request_id] = r.number
+    new_records[#new_records + 1] = r.number
+    new_records[#new_records + 1] = cmsgpack.pack(
+      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
+      r.output, r.output_cap, r.slot, r.charges)
+    new_order[#new_order + 1] = r.number
+    new_latest[#new_latest + 1] = request_id
+    new_latest[#new_latest + 1] = r.number
+    if ORDER_LEN == nil then
+      ORDER_LEN = redis.call('LLEN', ORDER)
+    end
+    ORDER_LEN = ORDER_LEN + 1
+    count_in(r, 1)
+    return
+  end
+  r.previous = redis.call('HGET', LATEST, request_id) or ''
   store_record(r)
   ORDER_LEN = redis.call('RPUSH', ORDER, r.number)
   redis.call('HSET', LATEST, request_id, r.number)
@@ -652,6 +678,18 @@ end
 -- one: out of the order (LRANGE, LTRIM), out of the totals when still counting, their slots
 -- freed, each one's id no longer latest when it still was (HMGET, HDEL), the records deleted.
 local DROP_CHUNK = 512 -- records dropped per round of drop_pending (unpack's bound)
+
+records_flush = function()
+  if #new_order == 0 then
+    return
+  end
+  local records, order, latest = new_records, new_order, new_latest
+  new_records, new_order, new_latest, latest_now = {}, {}, {}, {} -- taken first: never written twice
+  -- Each bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
+  redis.call('HSET', GRANTS, unpack(records))
+  redis.call('RPUSH', ORDER, unpack(order))
+  redis.call('HSET', LATEST, unpack(latest))
+end
 
 drop_pending = function()
   local n = drops_pending
