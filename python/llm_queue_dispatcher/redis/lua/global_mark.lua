@@ -69,8 +69,8 @@ local function forget_later(member, s)
   gone[member] = true
 end
 
--- The charges of the call's marks that name their delivery key, read in one HMGET (bounded by
--- MARKS_MAX marks).
+-- The charges of the call's marks that name their delivery key, read in one HMGET when there are
+-- several (bounded by MARKS_MAX marks).
 local prefetched = {}
 do
   local keys = {}
@@ -80,7 +80,7 @@ do
       keys[#keys + 1] = key
     end
   end
-  if #keys > 0 then
+  if #keys > 1 then -- (one alone is read when its mark needs it)
     local found = redis.call('HMGET', Q.charge, unpack(keys))
     for i, key in ipairs(keys) do -- the keys just read
       prefetched[key] = found[i]
