@@ -27,6 +27,8 @@ end
 -- reads meets them before: a winner is out of the index and the visible sets (hide) when it is
 -- leased, so no later round reads its state, its in-flight entry or its body.
 local lease_states, lease_deadlines, lease_bodies = {}, {}, {}
+-- The request ids of the winners lease_deferred() leased, in order (never reset: one per winner).
+local lease_rids = {}
 
 local function lease_deferred(out, taken, member, s, timeout)
   s.rc = s.rc + 1
@@ -47,6 +49,7 @@ local function lease_deferred(out, taken, member, s, timeout)
   out[#out + 1] = s.token
   out[#out + 1] = false
   lease_bodies[#lease_bodies + 1] = {member, #out}
+  lease_rids[#lease_rids + 1] = s.rid
   taken[#taken + 1] = member
   taken[#taken + 1] = s.token
 end

@@ -16,9 +16,12 @@
 --
 -- Returns {NOW, '', 'unindexed'} for a queue not marked indexed (queue_common.lua, created());
 -- else {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
--- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
+-- count, enqueued_at, first_received_at, receipt token, serialised request; then, with winners,
+-- one more element: a character per winner, '1' when its submitter had withdrawn it (the outcome
+-- relay's `waiting` entry says 'withdrawn', redis/outcomes.py), else '0'}. The wait is set when
 -- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
--- below it was taken (the budget is held for it).
+-- below it was taken (the budget is held for it). The withdrawals are only read (a Worker claims
+-- a withdrawn one as before, which takes its entry): a Worker need not ask again for the others.
 --
 -- The order (API.md, "Scheduling under overload" and "Scheduling that holds on real traffic"):
 -- URGENT first across tenants, oldest first (with urgent_first); then the tenant with the least
@@ -40,10 +43,32 @@ local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per looku
 -- winners over 6,000 tenants held Redis 8 s, past its busy-script limit (BUSY for every client).
 local HEADS_MAX = 4096
 
+-- Whether each winner in `out` (from its third element, seven each) was withdrawn by its
+-- submitter: appended to `out` as one string (bounded by the winners, WINNERS_MAX).
+local function withdrawals(out, rids)
+  if #rids == 0 then
+    return out
+  end
+  local waiting = (string.gsub(Q.meta, ':meta$', ':waiting'))
+  local entries = redis.call('HMGET', waiting, unpack(rids))
+  local flags = {}
+  for i = 1, #rids do -- the winners
+    flags[i] = entries[i] == 'withdrawn' and '1' or '0'
+  end
+  out[#out + 1] = table.concat(flags)
+  return out
+end
+
 maintain()
 local out = {fmt(NOW), ''}
 if replayed(out, GREPLY) then
-  return out
+  local rids = {}
+  -- Bounded by the winners the first run took (seven fields each).
+  for i = 3, #out, 7 do
+    local s = load(Q, out[i])
+    rids[#rids + 1] = s and s.rid or ''
+  end
+  return withdrawals(out, rids)
 end
 
 local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'scored', 'scoring')
@@ -560,4 +585,4 @@ end
 if not done then
   error(failure, 0)
 end
-return answered(out, taken)
+return withdrawals(answered(out, taken), lease_rids)
