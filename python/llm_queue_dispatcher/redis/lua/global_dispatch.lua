@@ -455,8 +455,8 @@ local function charge(key, s)
     -- that one, whose tokens were not written yet.
     usage_added[earlier[1]] = usage_added[earlier[1]] - earlier[2]
     forget_tenant(earlier[1])
-  else
-    -- `charges` and `charge` hold the same keys (written together, dropped together).
+  elseif redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 then
+    -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
     local raw = redis.call('HGET', Q.charge, key)
     if raw then
       -- The same key charged within the window: a request id deleted and enqueued again. The
@@ -485,23 +485,20 @@ local function charge(key, s)
   uses[s.ten] = usage_of(s.ten)
 end
 
--- Writes the charges of the call's winners: one ZADD to `charges`, one HSET to `charge`, one
--- HINCRBY per tenant charged (bounded by the winners, WINNERS_MAX).
+-- Writes the charges of the call's winners (each already in `charges`, whose ZADD told whether
+-- the key had an earlier charge): one HSET to `charge`, one HINCRBY per tenant charged (bounded
+-- by the winners, WINNERS_MAX).
 local function charges_flush()
   if #charge_keys == 0 then
     return
   end
   local keys, values, order, added = charge_keys, charge_values, added_order, usage_added
   charge_keys, charge_values, added_order, usage_added, charged = {}, {}, {}, {}, {} -- never twice
-  local scored, fields = {}, {}
-  local at = fmt(NOW)
+  local fields = {}
   for i, key in ipairs(keys) do -- the winners
-    scored[#scored + 1] = at
-    scored[#scored + 1] = key
     fields[#fields + 1] = key
     fields[#fields + 1] = values[i]
   end
-  redis.call('ZADD', Q.charges, unpack(scored))
   redis.call('HSET', Q.charge, unpack(fields))
   for _, tenant in ipairs(order) do -- the tenants charged
     if added[tenant] ~= 0 then
