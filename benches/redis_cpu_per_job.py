@@ -1,7 +1,8 @@
 """CPU per job of the Redis global choice, client and server apart, in one process.
 
 One measurement: a fresh ``redis-server`` (append-only, as ``redis_compare.py`` starts it), a
-queue of ``COUNT`` messages filled by the library on the path (``redis_compare._fill``), then
+queue of ``COUNT`` messages of ``TENANTS`` tenants (default 1) filled by the library on the
+path (``redis_compare._fill``), then
 one of ``redis_compare.py``'s children run in this process (``global``: 16 tasks each
 dequeuing and marking; ``global worker``: a `Worker` with 16 handlers) until the queue is
 drained. It prints the jobs per second, this process's CPU per job (``getrusage``), the
@@ -11,8 +12,8 @@ the scripts' own calls counted apart from the commands they make).
 Run it once per build and alternate the builds (a checkout of another build: its ``python``
 directory first on ``PYTHONPATH``, run from that checkout so that its ``benches`` is read)::
 
-    python benches/redis_cpu_per_job.py global 20000
-    (cd ../base && PYTHONPATH=python python benches/redis_cpu_per_job.py global 20000)
+    python benches/redis_cpu_per_job.py global 20000 10       # TASK COUNT TENANTS
+    (cd ../base && PYTHONPATH=python python benches/redis_cpu_per_job.py global 20000 10)
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import redis
 import redis_compare
 
 
-def main(task: str, count: int) -> None:
+def main(task: str, count: int, tenants: int) -> None:
     with redis_compare.redis_server("everysec") as port:
-        asyncio.run(redis_compare._fill(port, "q", count))
+        asyncio.run(redis_compare._fill(port, "q", count, tenants))
         client = redis.Redis(port=port)
         client.config_resetstat()
         server_before = client.info("cpu")
@@ -57,4 +58,9 @@ def main(task: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "global", int(sys.argv[2]) if len(sys.argv) > 2 else 20_000)
+    arguments = sys.argv[1:]
+    main(
+        arguments[0] if arguments else "global",
+        int(arguments[1]) if len(arguments) > 1 else 20_000,
+        int(arguments[2]) if len(arguments) > 2 else 1,
+    )
