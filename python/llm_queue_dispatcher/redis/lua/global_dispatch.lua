@@ -16,8 +16,8 @@
 --
 -- Returns {NOW, '', 'unindexed'} for a queue not marked indexed (queue_common.lua, created());
 -- else {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
--- count, enqueued_at, first_received_at, receipt token, serialised request; then, with winners,
--- one more element: a character per winner, '1' when its submitter had withdrawn it (the outcome
+-- count, enqueued_at, first_received_at, receipt token, serialised request; then, with winners
+-- of a call for more than one, one more element: a character per winner, '1' when its submitter had withdrawn it (the outcome
 -- relay's `waiting` entry says 'withdrawn', redis/outcomes.py), else '0'}. The wait is set when
 -- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
 -- below it was taken (the budget is held for it). The withdrawals are only read (a Worker claims
@@ -46,8 +46,8 @@ local HEADS_MAX = 4096
 -- Whether each winner in `out` (from its third element, seven each) was withdrawn by its
 -- submitter: appended to `out` as one string (bounded by the winners, WINNERS_MAX).
 local function withdrawals(out, rids)
-  if #rids == 0 then
-    return out
+  if #rids == 0 or tonumber(ARGV[5]) <= 1 then
+    return out -- (a call for one winner is a dequeue's: nobody reads them)
   end
   local waiting = (string.gsub(Q.meta, ':meta$', ':waiting'))
   local entries = redis.call('HMGET', waiting, unpack(rids))
@@ -304,7 +304,11 @@ local function limiter(op, request)
   if session == nil then
     session = limiter_open(LIMITER_KEYS, limiter_argv)
     session('defer') -- its state saved once, after the rounds (session('flush') below)
-    session('defer_drops') -- and the records its grants push out of the history dropped then
+    if limit > 1 then
+      -- With several winners, their history records written together (and those they push
+      -- out dropped then); one grant alone writes its own, as a single call always did.
+      session('defer_drops')
+    end
     session('checkpoint')
   end
   local ok, reply = pcall(session, op, request)
