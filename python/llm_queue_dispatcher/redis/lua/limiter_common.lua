@@ -5,6 +5,10 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
+-- About 740 lines, one file: Redis runs each script as one source, so every limiter operation
+-- (and the global choice's scripts, which wrap it) carries this prelude whole; the buckets, the
+-- history and the deferred writes of a global script's many grants share its locals.
+--
 -- KEYS[1] state (hash: bucket levels, debts, penalty, history totals, grant counter)
 -- KEYS[2] grants (hash: grant number -> msgpack record)
 -- KEYS[3] grant order (list of grant numbers, oldest first: LLMThrottle's history)
