@@ -699,7 +699,7 @@ drop_pending = function()
   local n = drops_pending
   drops_pending = 0 -- taken first: never dropped twice
   -- Bounded by the records beyond the limit, DROP_CHUNK per round.
-  while n > 0 do
+  for _ = 1, math.ceil(n / DROP_CHUNK) do
     local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, DROP_CHUNK) - 1)
     if #numbers == 0 then
       return
