@@ -46,8 +46,9 @@ side with the same ``--concurrency`` (default 16):
   dispatch and their marks made together
 * ``--baseline DIR``: the two global rows and the server time also with the library of the
   checkout DIR (its ``.venv``, or without one this interpreter with ``DIR/python`` first on
-  the path), each row right after this build's, on the same server, each build on queues its
-  own scripts filled (the key layouts may differ)
+  the path), each row right after this build's (``--baseline-first``: right before it, so that
+  runs alternate the order), on the same server, each build on queues its own scripts filled
+  (the key layouts may differ)
 * the score policy's server time per dispatch and mark with ``--queued`` messages of every
   priority, estimates of 50 to 4,000 tokens and four expected processing times waiting
 
@@ -750,6 +751,8 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
             builds: list[tuple[str, Path | None]] = [("", None)]
             if baseline is not None:
                 builds.append((f", before ({baseline.name})", baseline))
+                if args.baseline_first:
+                    builds.reverse()
             # Each build's row right after the other's: the machine's load moves between them.
             for name, task in (
                 (f"global dispatch+mark ({c} tasks)", "global"),
@@ -757,7 +760,7 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
                 (f"global score dispatch+mark ({c} tasks)", "global score"),
             ):
                 # The score policy chooses globally in this build only: no baseline row.
-                for suffix, build in builds if task != "global score" else builds[:1]:
+                for suffix, build in builds if task != "global score" else [("", None)]:
                     queue = f"global-{next(serial)}"
                     fill(port, queue, n, TENANTS, build)
                     add(name + suffix, processes, run_python(task, port, queue, n, processes, c, build))
@@ -779,12 +782,15 @@ def measure_global(args: argparse.Namespace) -> dict[str, Any]:
         server = asyncio.run(_server_figures(port, args.queued))
         # Each build takes about 2 x `dispatches` of the queued messages.
         dispatches = min(1_000, args.queued // 5)
-        server["scripts"] = script_figures(port, server["queue"], dispatches)
+        if baseline is None or not args.baseline_first:
+            server["scripts"] = script_figures(port, server["queue"], dispatches)
         if baseline is not None:
             # On a queue of the same size written by the baseline's own scripts.
             queue = f"global-{next(serial)}"
             fill(port, queue, args.queued, TENANTS, baseline)
             server["baseline"] = script_figures(port, queue, dispatches, baseline)
+            if args.baseline_first:
+                server["scripts"] = script_figures(port, server["queue"], dispatches)
         server.update(asyncio.run(_score_server_figures(port, args.queued)))
         print(f"server figures: {server}", file=sys.stderr)
     notes.append(
@@ -979,6 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="--global: also measure the library of this checkout (its .venv), row beside row",
+    )
+    parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="--global --baseline: measure the baseline's row before this build's (alternate runs)",
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -575,7 +575,11 @@ class Worker(Generic[T]):
         assert task is not None
         self._runs[task].leases.append(_Lease(self, job))
         outcomes = self.dispatcher._outcomes()
-        if not await outcomes.claim(job):
+        # The global choice's dispatch read the withdrawals already (one call fewer per round
+        # of handlers): the relay is asked only about the others.
+        global_choice = getattr(self.dispatcher, "_global", None)
+        claimed = global_choice is not None and global_choice.claimed(job)
+        if not claimed and not await outcomes.claim(job):
             # Its submitter withdrew it: deleted unprocessed, its tokens given back.
             current = await self._close_run(task, job)
             if await self._settle(current, "delete withdrawn", current.mark_as_processed(actual_tokens=0)):

@@ -160,3 +160,47 @@ async def test_a_dequeue_cancelled_while_the_shared_call_is_on_its_way_gives_its
     await first.mark_as_processed()
     await third.mark_as_processed()
     await again.close()
+
+
+async def test_a_call_whose_grants_pass_the_history_limit_keeps_what_one_at_a_time_keeps(
+    clocked_storage: Any, clocked_throttle: Any, redis_url: str
+) -> None:
+    """Sixteen winners of one call push eleven records out of a history of five (dropped
+    together at the call's end): the limiter then holds what sixteen single dispatches leave,
+    the same five newest grants, their ids latest, the same totals; the marks of the eleven
+    dropped correct nothing, the five kept are corrected, alike in both."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    found: list[Any] = []
+    for batched in (True, False):
+        storage = clocked_storage()
+        limiter = clocked_throttle(rpm=1e6, tpm=1e9, max_history_records=5)
+        dispatcher = fair_dispatcher(storage)
+        await dispatcher.batch_enqueue(
+            [LLMRequest(f"r{n}", "x", Priority.NORMAL, TokenInfo(100 + n), tenant="A") for n in range(16)]
+        )
+        if batched:
+            jobs = await dispatcher._dequeue_up_to(limiter, 16)
+        else:
+            jobs = [job for _ in range(16) if (job := await dispatcher.dequeue(limiter)) is not None]
+        assert [job.message.payload.id for job in jobs] == [f"r{n}" for n in range(16)]
+        _state, grants, order, latest, _held = limiter._keys
+        kept = {
+            "order": await client.lrange(order, 0, -1),
+            "grants": sorted(await client.hkeys(grants)),
+            "latest": await client.hgetall(latest),
+            "metrics": (await limiter.get_metrics()).consumption_history,
+        }
+        for job in jobs:
+            await job.mark_as_processed(actual_tokens=50)
+        kept["after"] = (await limiter.get_metrics()).consumption_history
+        found.append(kept)
+        await dispatcher.close()
+    await client.aclose()
+    batched_kept, single_kept = found
+    assert len(batched_kept["order"]) == 5
+    assert batched_kept == single_kept
+    assert batched_kept["latest"] == {f"r{n}#1".encode(): str(n + 1).encode() for n in range(11, 16)}
+    assert batched_kept["after"].count == 5
+    assert batched_kept["after"].total_tokens == 5 * 50

@@ -135,6 +135,9 @@ class _GlobalScript(Script):
             # 'defer': save() waits for 'flush' (limiter_common.lua, DEFER_SAVE): the dispatch
             # scripts save the limiter's state once for all their grants.
             "\nelseif op == 'defer' then\nDEFER_SAVE = true\n"
+            # 'defer_drops': the records its grants push out of the history are dropped by
+            # 'flush' too, together (DEFER_DROPS in limiter_common.lua): global_dispatch.lua's.
+            "elseif op == 'defer_drops' then\nDEFER_DROPS = DEFER_SAVE\n"
             "elseif op == 'flush' then\nflush()\n"
             # The global mark script's: see checkpoint() in limiter_common.lua.
             "elseif op == 'checkpoint' then\ncheckpoint()\n"
@@ -183,6 +186,19 @@ def _us(seconds: float) -> str:
     return "" if not math.isfinite(seconds) else str(round(min(seconds * 1_000_000, _FOREVER_US)))
 
 
+def _winner_fields(reply: list[Any]) -> list[list[Any]]:
+    """The winners of a dispatch script's reply (seven fields each from its third element),
+    each with an eighth, its withdrawal flag (``b"1"``, ``b"0"``), when the script sent them
+    (global_dispatch.lua's last element: a character per winner)."""
+    count = (len(reply) - 2) // 7
+    winners = [reply[2 + 7 * i : 9 + 7 * i] for i in range(count)]
+    if len(reply) == 3 + 7 * count and count:
+        flags = reply[-1]
+        for i, fields in enumerate(winners):
+            fields.append(flags[i : i + 1])
+    return winners
+
+
 def _encoded(arguments: tuple[Any, ...]) -> tuple[bytes, ...]:
     """Script arguments as the bytes the client would send for them."""
     return tuple(arg if isinstance(arg, bytes) else str(arg).encode() for arg in arguments)
@@ -229,8 +245,9 @@ class GlobalChoice:
         self._score_args = _encoded(self._score_args)
         # Whether this process told the queue that the score policy dispatches from it.
         self._score_announced = False
-        # Delivery keys handed out here, whose marks go through `mark` (one script each).
-        self._keys: set[str] = set()
+        # Delivery keys handed out here, whose marks go through `mark` (one script each): True
+        # when the dispatch found that nobody withdrew the request (`claimed`).
+        self._keys: dict[str, bool] = {}
         # What `close` waits for: dispatches cancelled while in flight whose winners are being
         # given back, winners given back, the calls of `attempt` and `_marked` on their way.
         self._recoveries: set[asyncio.Task[None]] = set()
@@ -468,7 +485,7 @@ class GlobalChoice:
                 self._core.limiter_refused(reply[2].decode())
             wait = reply[1]
             return float(wait) / 1_000_000 if wait else None
-        return [reply[i : i + 7] for i in range(2, len(reply), 7)]
+        return _winner_fields(reply)
 
     async def _dispatch(self, limiter: RedisThrottle, count: int, capacity: float) -> Any:
         storage = self._storage
@@ -509,8 +526,8 @@ class GlobalChoice:
         try:
             reply = await self._storage._connection.run(_script(self._dispatch_script), keys, arguments)
             if len(reply) >= 9:
-                for i in range(2, len(reply), 7):
-                    await self._give_back(limiter, reply[i].decode(), reply[i + 5].decode(), "release")
+                for fields in _winner_fields(reply):
+                    await self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
         except Exception as exc:  # StorageError, or the client's: left to the visibility timeout
             _LOGGER.warning("the winners of a lost dispatch come back after their visibility: %r", exc)
 
@@ -556,14 +573,16 @@ class GlobalChoice:
         """The job of one winner the script leased and reserved: its delivery opened in the
         dispatcher's books (they take it as the buffer's only message), handed out."""
         storage, core = self._storage, self._core
-        member, mid, count, enqueued, first, token, body = fields
+        member, mid, count, enqueued, first, token, body = fields[:7]
         handle = f"{member.decode()}.{int(count)}.{token.decode()}"
         key = None
         try:
             request = storage._decode(body)
             message: QueueMessage[Any] = storage._message(request, mid, int(count), enqueued, first, handle)
             key = f"{request.id}#{int(count)}"
-            self._keys.add(key)
+            # Not withdrawn when the dispatch read it (global_dispatch.lua's flags; the score
+            # policy's dispatch reads none).
+            self._keys[key] = len(fields) > 7 and fields[7] == b"0"
             if (
                 self._dispatch_script == "score_dispatch"
                 and request.token_info.estimated <= limiter.token_capacity
@@ -579,7 +598,7 @@ class GlobalChoice:
             # one to the dead-letter queue when there is one, else it stays leased until its
             # visibility runs out).
             if key is not None:
-                self._keys.discard(key)
+                self._keys.pop(key, None)
             await self._give_back(limiter, member.decode(), token.decode())
             raise
         if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
@@ -587,7 +606,7 @@ class GlobalChoice:
         # Not expected: the books took another delivery, or none. Both go back.
         if type(found) is ProcessableMessage:
             core.revoke(found, False, False)
-        self._keys.discard(key)
+        self._keys.pop(key, None)
         await self._give_back(limiter, member.decode(), token.decode())
         raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
 
@@ -600,6 +619,15 @@ class GlobalChoice:
             await self._marked(
                 limiter, (step, member, token, round(self._timeout * 1_000_000), "release", "", 0, "", "", "")
             )
+
+    def claimed(self, job: ProcessableMessage[Any]) -> bool:
+        """Whether ``job``'s dispatch found that nobody had withdrawn its request: a `Worker`
+        need not ask the outcome relay (it asks for the others, as for any job). Asked once."""
+        key = job._key
+        if key is None or not self._keys.get(key, False):
+            return False
+        self._keys[key] = False
+        return True
 
     def handles(self, plan: Plan) -> bool:
         """Whether ``plan`` is the mark of a delivery this global choice handed out, with a store
@@ -628,7 +656,7 @@ class GlobalChoice:
                 *parts,
             ),
         )
-        self._keys.discard(plan.key)
+        self._keys.pop(plan.key, None)
         if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",

@@ -2,8 +2,8 @@
 -- score_dispatch.lua for the score policy), placed after the limiter's prelude and before
 -- either script by redis/global_choice.py: the most winners of a call, the limiter's keys and
 -- how an estimate's part is passed to it.
--- (A winner's lease, its reply fields and the answer to a resent call are queue_common.lua's
--- lease(), received() and replayed(), as for dequeue.lua.)
+-- (The answer to a resent call is queue_common.lua's replayed(), as for dequeue.lua; a winner's
+-- lease is lease() or, written with the call's other winners, lease_deferred() below.)
 
 local WINNERS_MAX = 64 -- the most winners one call takes (the client asks for fewer)
 
@@ -19,6 +19,58 @@ local function part(n)
     return ''
   end
   return fmt(n)
+end
+
+-- Leases written together: lease_deferred() is queue_common.lua's lease() whose writes (the
+-- state, the in-flight entry) and body read wait for leases_flush(), which makes them in one
+-- command each for every winner of the call (HSET and ZADD with many, HMGET). Nothing a round
+-- reads meets them before: a winner is out of the index and the visible sets (hide) when it is
+-- leased, so no later round reads its state, its in-flight entry or its body.
+local lease_states, lease_deadlines, lease_bodies = {}, {}, {}
+-- The request ids of the winners lease_deferred() leased, in order (never reset: one per winner).
+local lease_rids = {}
+
+local function lease_deferred(out, taken, member, s, timeout)
+  s.rc = s.rc + 1
+  if s.first < 0 then
+    s.first = NOW
+  end
+  s.token = fresh()
+  lease_states[#lease_states + 1] = member
+  lease_states[#lease_states + 1] = packed_state(s)
+  lease_deadlines[#lease_deadlines + 1] = fmt(NOW + timeout)
+  lease_deadlines[#lease_deadlines + 1] = member
+  -- received()'s fields, the body filled in by leases_flush().
+  out[#out + 1] = member
+  out[#out + 1] = s.mid
+  out[#out + 1] = s.rc
+  out[#out + 1] = s.at
+  out[#out + 1] = s.first
+  out[#out + 1] = s.token
+  out[#out + 1] = false
+  lease_bodies[#lease_bodies + 1] = {member, #out}
+  lease_rids[#lease_rids + 1] = s.rid
+  taken[#taken + 1] = member
+  taken[#taken + 1] = s.token
+end
+
+-- Writes the leases lease_deferred() made (bounded by the call's winners, WINNERS_MAX).
+local function leases_flush(out)
+  if #lease_bodies == 0 then
+    return
+  end
+  local states, deadlines, bodies = lease_states, lease_deadlines, lease_bodies
+  lease_states, lease_deadlines, lease_bodies = {}, {}, {} -- taken first: never written twice
+  redis.call('HSET', Q.state, unpack(states))
+  redis.call('ZADD', Q.inflight, unpack(deadlines))
+  local members = {}
+  for i, body in ipairs(bodies) do -- the winners (at most WINNERS_MAX)
+    members[i] = body[1]
+  end
+  local found = redis.call('HMGET', Q.body, unpack(members))
+  for i, body in ipairs(bodies) do -- the winners (at most WINNERS_MAX)
+    out[body[2]] = found[i]
+  end
 end
 
 -- The reply of a dispatch call: with winners, the queue touched and the reply kept for a resent

@@ -16,9 +16,12 @@
 --
 -- Returns {NOW, '', 'unindexed'} for a queue not marked indexed (queue_common.lua, created());
 -- else {NOW, wait in us ('' when nothing holds), then per winner: member, message id, receive
--- count, enqueued_at, first_received_at, receipt token, serialised request}. The wait is set when
+-- count, enqueued_at, first_received_at, receipt token, serialised request; then, with winners
+-- of a call for more than one, one more element: a character per winner, '1' when its submitter had withdrawn it (the outcome
+-- relay's `waiting` entry says 'withdrawn', redis/outcomes.py), else '0'}. The wait is set when
 -- the first message of the order (that can ever fit) was refused by the limiter: nothing ranked
--- below it was taken (the budget is held for it).
+-- below it was taken (the budget is held for it). The withdrawals are only read (a Worker claims
+-- a withdrawn one as before, which takes its entry): a Worker need not ask again for the others.
 --
 -- The order (API.md, "Scheduling under overload" and "Scheduling that holds on real traffic"):
 -- URGENT first across tenants, oldest first (with urgent_first); then the tenant with the least
@@ -40,10 +43,32 @@ local SKIP_MAX = 16 -- messages above the capacity skipped per tenant, per looku
 -- winners over 6,000 tenants held Redis 8 s, past its busy-script limit (BUSY for every client).
 local HEADS_MAX = 4096
 
+-- Whether each winner in `out` (from its third element, seven each) was withdrawn by its
+-- submitter: appended to `out` as one string (bounded by the winners, WINNERS_MAX).
+local function withdrawals(out, rids)
+  if #rids == 0 or tonumber(ARGV[5]) <= 1 then
+    return out -- (a call for one winner is a dequeue's: nobody reads them)
+  end
+  local waiting = (string.gsub(Q.meta, ':meta$', ':waiting'))
+  local entries = redis.call('HMGET', waiting, unpack(rids))
+  local flags = {}
+  for i = 1, #rids do -- the winners
+    flags[i] = entries[i] == 'withdrawn' and '1' or '0'
+  end
+  out[#out + 1] = table.concat(flags)
+  return out
+end
+
 maintain()
 local out = {fmt(NOW), ''}
 if replayed(out, GREPLY) then
-  return out
+  local rids = {}
+  -- Bounded by the winners the first run took (seven fields each).
+  for i = 3, #out, 7 do
+    local s = load(Q, out[i])
+    rids[#rids + 1] = s and s.rid or ''
+  end
+  return withdrawals(out, rids)
 end
 
 local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'scored', 'scoring')
@@ -159,8 +184,21 @@ local function head_of(tenant)
   return nil
 end
 
+-- The winners' charges are written after the rounds (charges_flush), one command each for all of
+-- them: `usage_stored` holds what the usage record held when this call read it (or after this
+-- call changed it), `usage_added` what the winners charged since, not written yet. A tenant's use
+-- is their sum, exact in doubles (whole numbers below 2^53), as the HINCRBY of each winner gave it.
+local usage_stored, usage_added, added_order = {}, {}, {}
+-- The winners' delivery keys and their charges (msgpack of tenant, tokens), in order.
+local charge_keys, charge_values, charged = {}, {}, {}
+
 local function usage_of(tenant)
-  return (tonumber(redis.call('HGET', Q.usage, tenant)) or 0) / (weights[tenant] or 1)
+  local stored = usage_stored[tenant]
+  if stored == nil then
+    stored = tonumber(redis.call('HGET', Q.usage, tenant)) or 0
+    usage_stored[tenant] = stored
+  end
+  return (stored + (usage_added[tenant] or 0)) / (weights[tenant] or 1)
 end
 
 -- What the rounds of one call read of the tenants, kept until a round changes it: the tenants with
@@ -220,7 +258,8 @@ local function first()
       local used = redis.call('HMGET', Q.usage, unpack(tenant_list))
       -- Bounded by the tenants with visible messages (the hash just read).
       for i, tenant in ipairs(tenant_list) do
-        uses[tenant] = (tonumber(used[i]) or 0) / (weights[tenant] or 1)
+        usage_stored[tenant] = tonumber(used[i]) or 0
+        uses[tenant] = usage_of(tenant)
       end
     end
   end
@@ -265,6 +304,11 @@ local function limiter(op, request)
   if session == nil then
     session = limiter_open(LIMITER_KEYS, limiter_argv)
     session('defer') -- its state saved once, after the rounds (session('flush') below)
+    if limit > 1 then
+      -- With several winners, their history records written together (and those they push
+      -- out dropped then); one grant alone writes its own, as a single call always did.
+      session('defer_drops')
+    end
     session('checkpoint')
   end
   local ok, reply = pcall(session, op, request)
@@ -351,8 +395,14 @@ local function backlogged(tenant)
   local used = redis.call('HGETALL', Q.usage)
   -- Bounded by the tenants with use in the window.
   for i = 1, #used, 2 do
-    if tonumber(used[i + 1]) > 0 then
+    if tonumber(used[i + 1]) + (usage_added[used[i]] or 0) > 0 then
       add(used[i])
+    end
+  end
+  -- Bounded by the tenants this call charged (those not in the record yet).
+  for _, name in ipairs(added_order) do
+    if usage_added[name] > 0 then
+      add(name)
     end
   end
   if count <= 1 then
@@ -399,6 +449,70 @@ local function margin_bound(s)
   end
   local reserve = math.max(0, fixed_reserve or 0.1 * capacity)
   return math.max(0, math.min(s.tok + urgent + reserve, capacity) - s.tok)
+end
+
+-- Charges winner `s` under its delivery's `key` (written by charges_flush()).
+local function charge(key, s)
+  local earlier = charged[key]
+  if earlier ~= nil then
+    -- Charged by this very call (not expected: one delivery key per winner): this charge replaces
+    -- that one, whose tokens were not written yet.
+    usage_added[earlier[1]] = usage_added[earlier[1]] - earlier[2]
+    forget_tenant(earlier[1])
+  elseif redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 then
+    -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
+    local raw = redis.call('HGET', Q.charge, key)
+    if raw then
+      -- The same key charged within the window: a request id deleted and enqueued again. The
+      -- earlier charge leaves the record now (it would otherwise never be taken off).
+      local tenant, tokens = cmsgpack.unpack(raw)
+      if tokens ~= 0 then
+        local left = redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens))
+        if left <= 0 then
+          redis.call('HDEL', Q.usage, tenant)
+          left = 0
+        end
+        usage_stored[tenant] = left
+      end
+      forget_tenant(tenant)
+    end
+  end
+  charged[key] = {s.ten, s.tok}
+  charge_keys[#charge_keys + 1] = key
+  charge_values[#charge_values + 1] = cmsgpack.pack(s.ten, s.tok)
+  if usage_added[s.ten] == nil then
+    usage_added[s.ten] = 0
+    added_order[#added_order + 1] = s.ten
+  end
+  usage_added[s.ten] = usage_added[s.ten] + s.tok
+  forget_tenant(s.ten)
+  uses[s.ten] = usage_of(s.ten)
+end
+
+-- Writes the charges of the call's winners (each already in `charges`, whose ZADD told whether
+-- the key had an earlier charge): one HSET to `charge`, one HINCRBY per tenant charged (bounded
+-- by the winners, WINNERS_MAX).
+local function charges_flush()
+  if #charge_keys == 0 then
+    return
+  end
+  local keys, values, order, added = charge_keys, charge_values, added_order, usage_added
+  charge_keys, charge_values, added_order, usage_added, charged = {}, {}, {}, {}, {} -- never twice
+  local fields = {}
+  for i, key in ipairs(keys) do -- the winners
+    fields[#fields + 1] = key
+    fields[#fields + 1] = values[i]
+  end
+  redis.call('HSET', Q.charge, unpack(fields))
+  for _, tenant in ipairs(order) do -- the tenants charged
+    if added[tenant] ~= 0 then
+      local now = redis.call('HINCRBY', Q.usage, tenant, fmt(added[tenant]))
+      if now <= 0 then
+        redis.call('HDEL', Q.usage, tenant)
+      end
+      usage_stored[tenant] = math.max(now, 0)
+    end
+  end
 end
 
 local taken = {}
@@ -450,23 +564,9 @@ local function rounds()
         break
       else
         hide(Q, member, s)
-        lease(out, taken, member, s, timeout)
-        -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
-        local earlier = redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 and redis.call('HGET', Q.charge, key)
-        if earlier then
-          -- The same key charged within the window: a request id deleted and enqueued again. The
-          -- earlier charge leaves the record now (it would otherwise never be taken off).
-          local tenant, tokens = cmsgpack.unpack(earlier)
-          if tokens ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(-tokens)) <= 0 then
-            redis.call('HDEL', Q.usage, tenant)
-          end
-          forget_tenant(tenant)
-        end
-        forget_tenant(s.ten)
-        -- Its use now, as usage_of() would read it back.
-        uses[s.ten] = redis.call('HINCRBY', Q.usage, s.ten, fmt(s.tok)) / (weights[s.ten] or 1)
+        lease_deferred(out, taken, member, s, timeout)
+        charge(key, s)
         recent_pending[#recent_pending + 1] = fmt(s.tok)
-        redis.call('HSET', Q.charge, key, cmsgpack.pack(s.ten, s.tok))
       end
     end
   end
@@ -476,6 +576,8 @@ end
 -- counts them is written before the error goes on (else the tenants' counts and 'waiting'
 -- would count them visible for good, and the limiter would hand their grant numbers out again).
 local done, failure = pcall(rounds)
+leases_flush(out)
+charges_flush()
 push_recent()
 index_flush()
 if session ~= nil then
@@ -484,4 +586,4 @@ end
 if not done then
   error(failure, 0)
 end
-return answered(out, taken)
+return withdrawals(answered(out, taken), lease_rids)

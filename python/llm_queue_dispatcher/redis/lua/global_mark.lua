@@ -46,9 +46,89 @@ local session = nil
 -- Whether a mark changed the queue: its meta is touched once, after the marks.
 local touched = false
 
+-- Writes made once for all the marks, after them (flush_marks): the deleted messages' entries
+-- (ids, body, state: HDEL with many fields each) and the charges' corrections (one HSET, one
+-- HINCRBY per tenant). A mark's own reads never meet them: a message deleted by an earlier mark
+-- of this call is `gone` (no holder any more), and a charge corrected by one is read from
+-- `charges_now`.
+local gone, gone_ids, gone_members = {}, {}, {}
+local charges_now, corrected_keys, corrected_values = {}, {}, {}
+local usage_delta, delta_order = {}, {}
+
+local function forget_later(member, s)
+  if Q.copies_none == nil then
+    -- Read once per script (as forget() does): only dead_letter() adds copies.
+    Q.copies_none = redis.call('EXISTS', Q.copies) == 0
+  end
+  if Q.copies_none then
+    gone_ids[#gone_ids + 1] = s.rid
+    gone_members[#gone_members + 1] = member
+  else
+    forget(Q, member, s)
+  end
+  gone[member] = true
+end
+
+-- The charges of the call's marks that name their delivery key, read in one HMGET when there are
+-- several (bounded by MARKS_MAX marks).
+local prefetched = {}
+do
+  local keys = {}
+  for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do -- the marks
+    local key = ARGV[20 + 10 * (i - 1) + 5]
+    if key ~= nil and key ~= '' then
+      keys[#keys + 1] = key
+    end
+  end
+  if #keys > 1 then -- (one alone is read when its mark needs it)
+    local found = redis.call('HMGET', Q.charge, unpack(keys))
+    for i, key in ipairs(keys) do -- the keys just read
+      prefetched[key] = found[i]
+    end
+  end
+end
+
+local function charge_of(key)
+  local raw = charges_now[key]
+  if raw == nil then
+    raw = prefetched[key]
+    if raw == nil then
+      raw = redis.call('HGET', Q.charge, key)
+    end
+  end
+  return raw
+end
+
+local function flush_marks()
+  if #gone_members > 0 then
+    redis.call('HDEL', Q.ids, unpack(gone_ids))
+    redis.call('HDEL', Q.body, unpack(gone_members))
+    redis.call('HDEL', Q.state, unpack(gone_members))
+    gone_ids, gone_members = {}, {}
+  end
+  if #corrected_keys > 0 then
+    local fields = {}
+    for i, key in ipairs(corrected_keys) do -- the charges corrected (at most MARKS_MAX)
+      fields[#fields + 1] = key
+      fields[#fields + 1] = corrected_values[i]
+    end
+    redis.call('HSET', Q.charge, unpack(fields))
+    corrected_keys, corrected_values = {}, {}
+  end
+  for _, tenant in ipairs(delta_order) do -- the tenants whose charges were corrected
+    if usage_delta[tenant] ~= 0 and redis.call('HINCRBY', Q.usage, tenant, fmt(usage_delta[tenant])) <= 0 then
+      redis.call('HDEL', Q.usage, tenant)
+    end
+  end
+  usage_delta, delta_order = {}, {}
+end
+
 local function mark(op, member, token, visibility, call, key, tokens, strategy, input, output)
   local stored = 0
-  local s = holder(member, token)
+  local s = nil
+  if not gone[member] then
+    s = holder(member, token)
+  end
   if key == '' and s ~= nil then
     key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
   end
@@ -56,7 +136,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     stored = 1
     if op == 'delete' then
       leave_current_set(member, s)
-      forget(Q, member, s)
+      forget_later(member, s)
     elseif op == 'visibility' then
       leave_current_set(member, s)
       redis.call('ZADD', Q.inflight, fmt(NOW + tonumber(visibility)), member)
@@ -87,7 +167,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     session('checkpoint')
   end
 
-  local raw = redis.call('HGET', Q.charge, key)
+  local raw = charge_of(key)
   if raw then
     local tenant, charged = cmsgpack.unpack(raw)
     local corrected = 0
@@ -98,10 +178,16 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
       end
     end
     if corrected ~= charged then
-      if redis.call('HINCRBY', Q.usage, tenant, fmt(corrected - charged)) <= 0 then
-        redis.call('HDEL', Q.usage, tenant)
+      -- Written by flush_marks(), with the other marks' corrections.
+      local packed = cmsgpack.pack(tenant, corrected)
+      charges_now[key] = packed
+      corrected_keys[#corrected_keys + 1] = key
+      corrected_values[#corrected_values + 1] = packed
+      if usage_delta[tenant] == nil then
+        usage_delta[tenant] = 0
+        delta_order[#delta_order + 1] = tenant
       end
-      redis.call('HSET', Q.charge, key, cmsgpack.pack(tenant, corrected))
+      usage_delta[tenant] = usage_delta[tenant] + corrected - charged
     end
   end
   return stored, limited
@@ -136,6 +222,7 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     out[#out + 1] = tostring(stored)
   end
 end
+flush_marks()
 if session ~= nil then
   session('flush')
 end

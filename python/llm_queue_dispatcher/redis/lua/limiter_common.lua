@@ -5,6 +5,10 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
+-- About 740 lines, one file: Redis runs each script as one source, so every limiter operation
+-- (and the global choice's scripts, which wrap it) carries this prelude whole; the buckets, the
+-- history and the deferred writes of a global script's many grants share its locals.
+--
 -- KEYS[1] state (hash: bucket levels, debts, penalty, history totals, grant counter)
 -- KEYS[2] grants (hash: grant number -> msgpack record)
 -- KEYS[3] grant order (list of grant numbers, oldest first: LLMThrottle's history)
@@ -373,6 +377,20 @@ end
 
 local save_pending = false
 
+-- The records beyond MAX_RECORDS that a global dispatch's grants pushed out, dropped by flush()
+-- in a few commands for all of them instead of five for each grant (drop_pending, below): set
+-- by 'defer_drops' (redis/global_choice.py) when the limiter keeps no slots of max_concurrent
+-- (dropping a record frees its slot, which a later check of the same call would count).
+-- Nothing in such a call reads a record back (it grants, it never adjusts nor releases), and
+-- the records it drops are the oldest, which it never wrote.
+local DEFER_DROPS = false
+local drops_pending = 0
+local drop_pending -- defined with the history, below
+-- In the same calls (DEFER_DROPS) the new records themselves, their place in the order and
+-- their ids' latest are written by flush() too, one command each for all of them
+-- (records_flush, below), before the drops (which may reach them).
+local records_flush -- defined with the history, below
+
 local function save()
   if DEFER_SAVE then
     save_pending = true
@@ -381,8 +399,10 @@ local function save()
   end
 end
 
--- Writes what save() deferred (DEFER_SAVE).
+-- Writes what save() deferred (DEFER_SAVE), after the records and drops deferred (DEFER_DROPS).
 local function flush()
+  records_flush()
+  drop_pending()
   if save_pending then
     save_pending = false
     write_state()
@@ -481,6 +501,10 @@ local function count_in(r, sign)
   end
 end
 
+-- The records written by records_flush() (DEFER_DROPS): grant number, packed record pairs; their
+-- numbers in order; request id, number pairs; and each id's latest number not written yet.
+local new_records, new_order, new_latest, latest_now = {}, {}, {}, {}
+
 -- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
 local function add_record(request_id, r)
   if GRANT_COUNTER == nil then
@@ -489,8 +513,25 @@ local function add_record(request_id, r)
   GRANT_COUNTER = GRANT_COUNTER + 1
   r.number = fmt(GRANT_COUNTER)
   r.rid = request_id
-  r.previous = redis.call('HGET', LATEST, request_id) or ''
   r.released = 0
+  if DEFER_DROPS and MAX_CONCURRENT == nil then
+    r.previous = latest_now[request_id] or redis.call('HGET', LATEST, request_id) or ''
+    latest_now[request_id] = r.number
+    new_records[#new_records + 1] = r.number
+    new_records[#new_records + 1] = cmsgpack.pack(
+      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
+      r.output, r.output_cap, r.slot, r.charges)
+    new_order[#new_order + 1] = r.number
+    new_latest[#new_latest + 1] = request_id
+    new_latest[#new_latest + 1] = r.number
+    if ORDER_LEN == nil then
+      ORDER_LEN = redis.call('LLEN', ORDER)
+    end
+    ORDER_LEN = ORDER_LEN + 1
+    count_in(r, 1)
+    return
+  end
+  r.previous = redis.call('HGET', LATEST, request_id) or ''
   store_record(r)
   ORDER_LEN = redis.call('RPUSH', ORDER, r.number)
   redis.call('HSET', LATEST, request_id, r.number)
@@ -619,6 +660,11 @@ local function prune()
   if ORDER_LEN == nil then
     ORDER_LEN = redis.call('LLEN', ORDER)
   end
+  if DEFER_DROPS and MAX_CONCURRENT == nil then
+    -- Dropped by flush() (drop_pending): ORDER_LEN counts them until then.
+    drops_pending = math.max(drops_pending, ORDER_LEN - MAX_RECORDS)
+    return dropped
+  end
   -- Bounded by the records beyond the limit.
   for _ = 1, ORDER_LEN - MAX_RECORDS do
     pop_oldest()
@@ -630,4 +676,71 @@ local function prune()
     redis.call('ZREMRANGEBYSCORE', HELD, '-inf', fmt(cutoff))
   end
   return dropped
+end
+
+-- Drops the oldest records prune() left to flush() (DEFER_DROPS), as pop_oldest() would one by
+-- one: out of the order (LRANGE, LTRIM), out of the totals when still counting, their slots
+-- freed, each one's id no longer latest when it still was (HMGET, HDEL), the records deleted.
+local DROP_CHUNK = 512 -- records dropped per round of drop_pending (unpack's bound)
+
+records_flush = function()
+  if #new_order == 0 then
+    return
+  end
+  local records, order, latest = new_records, new_order, new_latest
+  new_records, new_order, new_latest, latest_now = {}, {}, {}, {} -- taken first: never written twice
+  -- Each bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
+  redis.call('HSET', GRANTS, unpack(records))
+  redis.call('RPUSH', ORDER, unpack(order))
+  redis.call('HSET', LATEST, unpack(latest))
+end
+
+drop_pending = function()
+  local n = drops_pending
+  drops_pending = 0 -- taken first: never dropped twice
+  -- Bounded by the records beyond the limit, DROP_CHUNK per round.
+  for _ = 1, math.ceil(n / DROP_CHUNK) do
+    local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, DROP_CHUNK) - 1)
+    if #numbers == 0 then
+      return
+    end
+    n = n - #numbers
+    redis.call('LTRIM', ORDER, #numbers, -1)
+    if ORDER_LEN ~= nil then
+      ORDER_LEN = ORDER_LEN - #numbers
+    end
+    local packed = redis.call('HMGET', GRANTS, unpack(numbers))
+    local rids, owners, slots = {}, {}, {}
+    -- Bounded by DROP_CHUNK.
+    for i, number in ipairs(numbers) do
+      if packed[i] then
+        local _, rid, tokens, estimated, actual, _, _, _, _, released, _, _, _, slot = cmsgpack.unpack(packed[i])
+        if released == 0 then
+          count_in({tokens = tokens, estimated = estimated, actual = actual}, -1)
+        end
+        if slot == 1 then
+          slots[#slots + 1] = number
+        end
+        rids[#rids + 1] = rid
+        owners[#owners + 1] = number
+      end
+    end
+    if #slots > 0 then
+      redis.call('ZREM', HELD, unpack(slots))
+    end
+    if #rids > 0 then
+      local latest = redis.call('HMGET', LATEST, unpack(rids))
+      local stale = {}
+      -- Bounded by DROP_CHUNK.
+      for i, rid in ipairs(rids) do
+        if latest[i] == owners[i] then
+          stale[#stale + 1] = rid
+        end
+      end
+      if #stale > 0 then
+        redis.call('HDEL', LATEST, unpack(stale))
+      end
+    end
+    redis.call('HDEL', GRANTS, unpack(numbers))
+  end
 end

@@ -101,24 +101,20 @@ local function load(q, member)
   }
 end
 
-local function save(q, member, s)
+-- A state as save() stores it (its fields as far as the message has them).
+local function packed_state(s)
   if s.ten == nil then
-    redis.call('HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid))
+    return cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid)
   elseif s.inp == nil then
-    redis.call(
-      'HSET', q.state, member, cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
-    )
+    return cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl)
   elseif s.ept ~= nil then
-    redis.call(
-      'HSET', q.state, member,
-      cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out, s.ept)
-    )
-  else
-    redis.call(
-      'HSET', q.state, member,
-      cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out)
-    )
+    return cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out, s.ept)
   end
+  return cmsgpack.pack(s.p, s.at, s.rc, s.first, s.token, s.mid, s.rid, s.ten, s.tok, s.dl, s.inp, s.out)
+end
+
+local function save(q, member, s)
+  redis.call('HSET', q.state, member, packed_state(s))
 end
 
 -- The ranking index of the global choice (global_dispatch.lua), kept by every script as a
