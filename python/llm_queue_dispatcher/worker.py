@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import operator
@@ -370,7 +371,9 @@ class Worker(Generic[T]):
         SIGINT); returns the `stats`.
 
         With ``stop_when_empty`` it also stops once the queue holds nothing (no visible message,
-        none in flight, none waiting for a retry) and no handler runs.
+        none in flight, none waiting for a retry) and no handler runs, or once what it holds can
+        never be dispatched as it is (a request larger than the limiter can ever grant, say:
+        logged, and left for `LLMQueueDispatcher.take_unfittable`).
 
         Cancelling the task that runs it cancels the running handlers at once and releases their
         messages (their receive undone) before the cancellation propagates: nothing is lost.
@@ -569,6 +572,23 @@ class Worker(Generic[T]):
             if held == 0 and not self._active:
                 self.stop()
                 return
+            if (
+                counts.approximate_number_of_messages_in_flight
+                + counts.approximate_number_of_messages_delayed
+                == 0
+                and not self._active
+                and self.dispatcher.time_until_ready() == math.inf
+            ):
+                # Only requests no dispatch can ever hand out are left (more tokens than the
+                # limiter can ever grant, a score that stays below the threshold): nothing but
+                # a new message could change that, so a run meant to end with its work ends.
+                self._logger.warning(
+                    "stopping: the %d request(s) left can never be dispatched as they are "
+                    "(take them out with dispatcher.take_unfittable())",
+                    counts.approximate_number_of_messages,
+                )
+                self.stop()
+                return
 
     async def _process(self, job: ProcessableMessage[T]) -> None:
         task = asyncio.current_task()
@@ -587,7 +607,15 @@ class Worker(Generic[T]):
             await self._close_superseded(task)
             return
         try:
-            result = await self.handler(job)
+            running = self.handler(job)
+            if not inspect.isawaitable(running):
+                # A plain function given by mistake: it ran, but a retry would run it again for
+                # nothing (for ever without max_receive_count): dead-lettered at once.
+                raise PermanentError(
+                    f"handler {shown(self.handler)} returned {shown(running)}, not an awaitable: "
+                    "a Worker takes an async handler (an async def function)"
+                )
+            result = await running
         except asyncio.CancelledError as error:
             if not self._is_stopping(task):
                 # Raised by the handler itself (an inner task was cancelled, a timeout helper),

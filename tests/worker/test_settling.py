@@ -304,3 +304,23 @@ async def test_a_retry_delay_that_raises_still_hands_the_message_back() -> None:
     stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 10)
     assert (stats.retried, stats.processed) == (1, 1)
     assert limiter.get_metrics().consumption_history.total_tokens == 1
+
+
+async def test_a_plain_function_handler_is_called_once_and_its_message_dead_lettered() -> None:
+    """A handler that is not async ran, but its result cannot be awaited: a retry would run it
+    again for nothing, so its message is dead-lettered at once."""
+    calls: list[str] = []
+
+    def handle(job: Any) -> int:
+        calls.append(job.message.payload.id)
+        return 5
+
+    async with create_in_memory_queue() as dispatcher:
+        await dispatcher.enqueue(LLMRequest("a", None))
+        worker = Worker(
+            dispatcher, LLMThrottle(6_000, 1_000_000), handle, retry_base_delay=0.01, max_retry_delay=0.01
+        )
+        stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 5.0)
+        assert calls == ["a"]
+        assert stats.dead_lettered == 1
+        assert stats.retried == 0

@@ -9,8 +9,10 @@ from typing import Any
 from llm_queue_dispatcher import (
     InMemoryStorage,
     LLMQueueDispatcher,
+    LLMRequest,
     LLMThrottle,
     ProcessableMessage,
+    TokenInfo,
     Worker,
     create_in_memory_queue,
 )
@@ -65,3 +67,23 @@ async def test_a_new_message_wakes_an_idle_worker_at_once() -> None:
     assert time.monotonic() - begun < 0.5  # woken by the enqueue, not by the 30 s idle timeout
     worker.stop()
     await asyncio.wait_for(run, 5)
+
+
+async def test_a_worker_stopping_when_empty_returns_with_only_an_unfittable_request_left() -> None:
+    """A request larger than the limiter can ever grant is never dispatched: a run meant to end
+    with its work ends, and leaves it queued for `take_unfittable`."""
+    limiter = LLMThrottle(600, 1_000)
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    async with create_in_memory_queue() as dispatcher:
+        await dispatcher.enqueue(LLMRequest("too-big", None, token_info=TokenInfo(5_000)))
+        await dispatcher.enqueue(LLMRequest("fits", None, token_info=TokenInfo(10)))
+        worker = Worker(dispatcher, limiter, handle)
+        stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 5.0)
+        assert handled == ["fits"]
+        assert stats.processed == 1
+        [left] = await dispatcher.take_unfittable(limiter)
+        assert left.payload.id == "too-big"
