@@ -1,5 +1,7 @@
 //! Admission: which message a dispatch takes, given a store, a policy and the limiter's state.
 //! Pure Rust, so `cargo test` reaches every rule; the bindings only lock, call and build.
+//! One file past 700 lines: both rules share the budget, the URGENT reserve and the hold, and
+//! a newcomer finds every admission rule in this one place.
 //!
 //! Two rules, both exact over the whole store:
 //! - **score**: the highest total score; with `urgent_first` (the dispatcher's default), every

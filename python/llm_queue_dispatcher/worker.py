@@ -1,5 +1,8 @@
 """`Worker`: the loop every user would otherwise write around `LLMQueueDispatcher.dequeue`.
 
+One file past 700 lines: the handler's outcomes, its leases, its stop and its signals all act
+on the same running handlers and must be read together to see that each message settles once.
+
 It takes the message the dispatcher chose (its budget already reserved), runs the handler on it
 with at most ``concurrency`` handlers at once, keeps the message leased while the handler runs,
 and settles it exactly once:

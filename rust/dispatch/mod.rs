@@ -3,6 +3,9 @@
 //! the books on every path: a reservation made is released whole when the take fails, a message
 //! taken is put back when the reservation fails.
 //!
+//! One file past 700 lines: the three shapes below share the reservation and take-back steps
+//! whose order keeps those books, and split apart they would each repeat them.
+//!
 //! Pure Rust over `Store`, `Buffer` and `Throttle`; the binding locks, calls and builds objects.
 //! Three shapes:
 //! - **fused** ([`fused_score`], [`fused_fair`]): the in-memory store and an `LLMThrottle`

@@ -20,6 +20,9 @@ limiter. Over an external store the reference chooses among the messages the buf
 ``buffer_size`` is above the number of messages, so each fill takes in every visible one, and
 the test follows when fills happen (before a selection when the buffer is empty; in the
 background after each dequeue).
+
+One file past 700 lines: one stateful model drives every combination above, and its
+reference decisions for both policies must share its state.
 """
 
 from __future__ import annotations
