@@ -1,7 +1,8 @@
 """The anthropic integration against a local Anthropic Messages API server, with the real SDK: the
 estimator, the error mapping, header sync, penalties and waits cut to a day, and Worker runs end
 to end under the server's request, input-token and output-token limits. One file past 700
-lines: every test runs against the one local server this module starts."""
+lines: every test drives the real SDK against the local server through the same fixtures and
+request builders, kept beside them."""
 
 from __future__ import annotations
 
