@@ -15,7 +15,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 740 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 760 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -47,6 +47,27 @@ pub trait CandidateIndex {
     /// whether the group is a single run: enough to bound the group without touching its
     /// members, and to skip looking for a next run that does not exist.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
+    /// Calls `visit` with the token estimate and best processing time in ms of every group of
+    /// `key`, best processing time first, and a way to read the group's head (the slot and
+    /// single-run flag `for_each_group_head` gives), while it returns true: the search reads
+    /// the heads of the groups whose time can still win only. The default sorts what
+    /// `for_each_group_head` gives.
+    fn for_each_group_by_time(
+        &self,
+        key: &CellKey,
+        mut visit: impl FnMut(u64, f64, &dyn Fn() -> (u32, bool)) -> bool,
+    ) {
+        let mut groups = Vec::new();
+        self.for_each_group_head(key, |slot, tokens, time_ms, single_run| {
+            groups.push((time_ms, tokens, slot, single_run));
+        });
+        groups.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (time_ms, tokens, slot, single_run) in groups {
+            if !visit(tokens, time_ms, &|| (slot, single_run)) {
+                break;
+            }
+        }
+    }
     /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
     /// the points of the age frontier of `key`, youngest first, while it returns true: points
     /// such that every member of the cell is no older than one of them and has no better
@@ -528,19 +549,12 @@ fn beats(best: Option<&Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: 
     best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
 }
 
-/// The position of the highest-ranked entry.
-fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
-    let mut top: Option<usize> = None;
-    for (i, entry) in entries.iter().enumerate() {
-        if top.is_none_or(|t| entry.cmp(&entries[t]) == Ordering::Greater) {
-            top = Some(i);
-        }
-    }
-    top
-}
-
-/// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
-/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space.
+/// Scores the groups of `cell` that may beat `best`, in bound order; `ages` is the cell's age
+/// frontier, `groups` scratch space. The groups are read best processing time first: a group's
+/// time and the cell's key bound every group after it (`static_part` holds the best budget part
+/// of the cell's estimates), so the groups bounded so far are walked as soon as they bound above
+/// every group not yet read, and the reading stops at the first time that cannot beat the best
+/// found. A wide cell (hundreds of estimates) is then read only as far as its fast groups.
 fn expand_cell(
     index: &impl CandidateIndex,
     context: &SearchContext,
@@ -554,25 +568,32 @@ fn expand_cell(
     let bounds = GroupBounds::new(&context.weights, &key, context.available);
     let processing_weight = context.weights.processing_time;
     groups.clear();
-    index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
-        // A bound from the group's key and cached head alone spares the members' cache lines.
-        if tokens as f64 > context.max_tokens {
-            return;
-        }
-        let time = processing_weight * processing_time_factor(best_time_ms);
-        let bound = bounds.bound_with(tokens, ages.at_most(time));
-        if beats(best.as_ref(), tier, bound, oldest_at, seq) {
-            groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
-        }
-    });
-    let Some(top) = index_of_max(groups) else { return };
-    let first = groups.swap_remove(top);
-    walk_group(index, context, &first, ages, best);
-    groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
-    if groups.is_empty() {
-        return;
-    }
     let mut by_bound = BinaryHeap::from(std::mem::take(groups));
+    index.for_each_group_by_time(&key, |tokens, best_time_ms, head| {
+        let time_and_wait = ages.at_most(processing_weight * processing_time_factor(best_time_ms));
+        // No group from here on (no better time, no better budget part) bounds higher.
+        let rest = cell.item.static_part + time_and_wait;
+        while let Some(top) = by_bound.peek() {
+            if rank(top.rank_key(), (tier, rest, oldest_at, seq)) != Ordering::Greater {
+                break;
+            }
+            let top = by_bound.pop().expect("peeked");
+            if beats(best.as_ref(), tier, top.bound, oldest_at, seq) {
+                walk_group(index, context, &top, ages, best);
+            }
+        }
+        if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
+            return false;
+        }
+        // A bound from the group's key and cached head alone spares the members' cache lines.
+        if tokens as f64 <= context.max_tokens {
+            let bound = bounds.bound_with(tokens, time_and_wait);
+            if beats(best.as_ref(), tier, bound, oldest_at, seq) {
+                by_bound.push(Bounded { tier, bound, oldest_at, seq, item: head() });
+            }
+        }
+        true
+    });
     while let Some(group) = by_bound.pop() {
         if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
             break; // every group left bounds no higher
