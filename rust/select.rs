@@ -24,8 +24,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, priority_and_retry, processing_time_factor, static_cell_bound, total, wait_time_factor,
-    weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, budget_floor, priority_and_retry, processing_time_factor, static_cell_bound, total,
+    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -364,9 +364,10 @@ impl<T> Ord for Bounded<T> {
 /// depend on the priority or retry class).
 struct BudgetParts<'a> {
     context: &'a SearchContext,
-    /// By token class: NaN until computed, minus infinity for a class none of whose
-    /// estimates is admissible.
-    parts: Vec<f64>,
+    /// By token class: the budget part of the bound and its floor (`scoring::budget_floor`);
+    /// NaN until computed, minus infinity for a class none of whose estimates is admissible
+    /// (a floor: not every estimate is).
+    parts: Vec<(f64, f64)>,
     /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
     priority_and_retry: [f64; 4 * 8],
 }
@@ -377,27 +378,32 @@ impl<'a> BudgetParts<'a> {
     }
 
     /// The part of the bound of every member of the cell `key` that its key fixes: priority,
-    /// retry, budget (None when no estimate of its class is admissible), and the slack.
-    fn static_part(&mut self, key: CellKey) -> Option<f64> {
-        let budget = self.get(key)?;
+    /// retry, budget (None when no estimate of its class is admissible), and the slack; and
+    /// the part of the score every member reaches (minus infinity when unknown).
+    fn static_part(&mut self, key: CellKey) -> Option<(f64, f64)> {
+        let (budget, floor) = self.get(key)?;
         let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
         if self.priority_and_retry[i].is_nan() {
             self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
         }
-        Some(self.priority_and_retry[i] + BOUND_SLACK + budget)
+        let fixed = self.priority_and_retry[i];
+        Some((fixed + BOUND_SLACK + budget, fixed + floor))
     }
 
-    fn get(&mut self, key: CellKey) -> Option<f64> {
+    fn get(&mut self, key: CellKey) -> Option<(f64, f64)> {
         let class = usize::from(key.token_class);
         if class >= self.parts.len() {
-            self.parts.resize(class + 1, f64::NAN);
+            self.parts.resize(class + 1, (f64::NAN, f64::NAN));
         }
-        if self.parts[class].is_nan() {
+        if self.parts[class].0.is_nan() {
             let context = self.context;
-            self.parts[class] = budget_bound(&context.weights, &key, context.available, context.max_tokens)
-                .unwrap_or(f64::NEG_INFINITY);
+            let (weights, available, max_tokens) = (&context.weights, context.available, context.max_tokens);
+            self.parts[class] = (
+                budget_bound(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
+                budget_floor(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
+            );
         }
-        Some(self.parts[class]).filter(|part| *part != f64::NEG_INFINITY)
+        Some(self.parts[class]).filter(|(part, _)| *part != f64::NEG_INFINITY)
     }
 }
 
@@ -506,15 +512,22 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     let mut parts = BudgetParts::new(context);
     let mut cells = Vec::new();
     let mut summaries = Vec::new();
+    // The best score some member is sure to reach: the member with a cell's best processing
+    // time scores at least its key's floor + that time + its own wait.
+    let mut floor: (u8, f64) = (0, f64::NEG_INFINITY);
     index.for_each_cell(|key, cell| {
-        let Some(static_part) = parts.static_part(*key) else { return };
+        let Some((static_part, static_floor)) = parts.static_part(*key) else { return };
         let wait_of =
             |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
         let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
         let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
         let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
+        let tier = weights.tier(key.priority);
+        if static_floor > f64::NEG_INFINITY && (tier, static_floor + at_best) > floor {
+            floor = (tier, static_floor + at_best);
+        }
         cells.push(Bounded {
-            tier: weights.tier(key.priority),
+            tier,
             bound: static_part + at_best.max(older),
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
@@ -526,6 +539,12 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     // put back if that bound puts it behind another).
     let mut groups = Vec::new();
     let mut ages = AgeBounds::default();
+    // A cell that cannot reach the floor holds no winner: it never enters the heap (the slack
+    // keeps a cell whose bound and the floor differ by rounding only).
+    let (floor_tier, floor_score) = floor;
+    cells.retain(|cell| {
+        cell.tier > floor_tier || (cell.tier == floor_tier && cell.bound >= floor_score - BOUND_SLACK)
+    });
     let mut cells = BinaryHeap::from(cells);
     while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
