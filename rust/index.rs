@@ -347,9 +347,7 @@ impl Cell {
         // (an older one would have been a point between them): the oldest of each run is the
         // only one that can become a point.
         let mut found: Vec<(u64, u64, u32)> = Vec::new();
-        let end = older_time.map_or(Bound::Unbounded, |limit| Bound::Excluded((limit, 0)));
-        let window = self.by_time.range((Bound::Unbounded, end));
-        for group in window.map(|(_, tokens)| &self.groups[tokens]) {
+        let mut read = |group: &Group| {
             let mut youngest = younger_seq;
             let mut from = removed.time.max(group.head.time);
             while let Some((&(time, seq), &slot)) = group.members.range((from, 0)..).next() {
@@ -363,6 +361,15 @@ impl Cell {
                 let Some(next) = time.checked_add(1) else { break };
                 from = next;
             }
+        };
+        // The groups whose best key is in the window: looked up from the time order when they
+        // are few, else read in one pass over the groups (cheaper than a lookup each).
+        let end = older_time.map_or(Bound::Unbounded, |limit| Bound::Excluded((limit, 0)));
+        let window = self.by_time.range((Bound::Unbounded, end));
+        if window.clone().nth(self.groups.len() / 4).is_none() {
+            window.for_each(|(_, tokens)| read(&self.groups[tokens]));
+        } else {
+            self.groups.values().filter(|group| in_window(group.head.time)).for_each(read);
         }
         found.sort_unstable_by_key(|&(seq, _, _)| seq);
         let mut best: Option<u64> = None;
