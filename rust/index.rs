@@ -25,7 +25,7 @@
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
 //!
-//! About 970 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! About 980 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 

@@ -15,7 +15,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 760 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 780 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -505,7 +505,9 @@ impl Bounded<CellItem> {
 /// it is visited, that bound is replaced by the one its whole age frontier gives (each
 /// processing time with the wait of the members that have it), which keeps a long run from
 /// visiting the cells whose best time is a young message's and longest wait an old one's.
-/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
+/// A cell whose bound is below a score some member is sure to reach (a cell's best-time member
+/// with its class's least budget part) is left out of that order. Ties are broken as in
+/// `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
