@@ -313,6 +313,10 @@ pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens
     // and 1 (and only drop, never rise, across 0.9 and 1): the maximum over an interval is at
     // one of its ends or at a breakpoint inside it.
     let (u_lo, u_hi) = (lo / available, hi / available);
+    if u_hi < 0.1 {
+        // Both rise with u below the first breakpoint (the common case: a small share).
+        return Some(budget_at(weights, u_hi));
+    }
     Some(
         [u_lo, u_hi, 0.1, 0.5, 0.7, 0.9, 1.0]
             .into_iter()
@@ -320,6 +324,27 @@ pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens
             .map(|u| weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u))
             .fold(0.0, f64::max),
     )
+}
+
+/// Weighted efficiency + token fit of a share `u` of the available tokens.
+fn budget_at(weights: &Weights, u: f64) -> f64 {
+    weights.efficiency * efficiency_of_share(u) + weights.token_fit * token_fit_of_share(u)
+}
+
+/// The least efficiency + token fit of any estimate of `key`'s token class, when every estimate
+/// of the class is admissible (None otherwise): a part of the score every member of a cell of
+/// that class reaches. Exact below the first breakpoint (both parts rise with the share, so the
+/// least is at the class's smallest estimate), 0 above it.
+pub fn budget_floor(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
+    let (lo, hi) = key.token_range();
+    if hi > max_tokens {
+        return None;
+    }
+    if available <= 0.0 {
+        return Some(0.0);
+    }
+    let (u_lo, u_hi) = (lo / available, hi / available);
+    Some(if u_hi < 0.1 { budget_at(weights, u_lo) } else { 0.0 })
 }
 
 /// `static_cell_bound` from a budget part already computed by `budget_bound`.
@@ -378,6 +403,24 @@ mod tests {
                 bounds.bound(tokens, best_time_ms).to_bits(),
                 group_bound(&w, &key, tokens, best_time_ms, available).to_bits()
             );
+        }
+
+        // Every member of a cell reaches its class's budget floor: efficiency + token fit of its
+        // own estimate are at least the floor (when the floor is known: every estimate of the
+        // class admissible), small shares and large ones.
+        #[test]
+        fn budget_floor_is_reached_by_every_member(
+            w in weights(),
+            tokens in 0u64..200_000,
+            available in prop_oneof![0.0f64..100_000.0, 1e6f64..1e12],
+        ) {
+            let key = CellKey::for_message(0, 0, tokens);
+            let traits = MessageTraits { priority: 0, receive_count: 0, tokens, expected_processing_seconds: None, enqueued_at: 0.0 };
+            let f = weighted_factors(&w, &traits, 0.0, available);
+            match budget_floor(&w, &key, available, available) {
+                Some(floor) => prop_assert!(floor <= f[1] + f[4], "{floor} > {}", f[1] + f[4]),
+                None => prop_assert!(key.token_range().1 > available),
+            }
         }
 
         // The static part of a cell's bound is at least the static part of every member's score.

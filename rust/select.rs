@@ -15,7 +15,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 740 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 780 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -24,8 +24,8 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, priority_and_retry, processing_time_factor, static_cell_bound, total, wait_time_factor,
-    weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, budget_floor, priority_and_retry, processing_time_factor, static_cell_bound, total,
+    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -47,6 +47,27 @@ pub trait CandidateIndex {
     /// whether the group is a single run: enough to bound the group without touching its
     /// members, and to skip looking for a next run that does not exist.
     fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool));
+    /// Calls `visit` with the token estimate and best processing time in ms of every group of
+    /// `key`, best processing time first, and a way to read the group's head (the slot and
+    /// single-run flag `for_each_group_head` gives), while it returns true: the search reads
+    /// the heads of the groups whose time can still win only. The default sorts what
+    /// `for_each_group_head` gives.
+    fn for_each_group_by_time(
+        &self,
+        key: &CellKey,
+        mut visit: impl FnMut(u64, f64, &dyn Fn() -> (u32, bool)) -> bool,
+    ) {
+        let mut groups = Vec::new();
+        self.for_each_group_head(key, |slot, tokens, time_ms, single_run| {
+            groups.push((time_ms, tokens, slot, single_run));
+        });
+        groups.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for (time_ms, tokens, slot, single_run) in groups {
+            if !visit(tokens, time_ms, &|| (slot, single_run)) {
+                break;
+            }
+        }
+    }
     /// Calls `visit` with the enqueue instant and processing time in ms (as `for_each_cell`) of
     /// the points of the age frontier of `key`, youngest first, while it returns true: points
     /// such that every member of the cell is no older than one of them and has no better
@@ -343,9 +364,10 @@ impl<T> Ord for Bounded<T> {
 /// depend on the priority or retry class).
 struct BudgetParts<'a> {
     context: &'a SearchContext,
-    /// By token class: NaN until computed, minus infinity for a class none of whose
-    /// estimates is admissible.
-    parts: Vec<f64>,
+    /// By token class: the budget part of the bound and its floor (`scoring::budget_floor`);
+    /// NaN until computed, minus infinity for a class none of whose estimates is admissible
+    /// (a floor: not every estimate is).
+    parts: Vec<(f64, f64)>,
     /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
     priority_and_retry: [f64; 4 * 8],
 }
@@ -356,27 +378,32 @@ impl<'a> BudgetParts<'a> {
     }
 
     /// The part of the bound of every member of the cell `key` that its key fixes: priority,
-    /// retry, budget (None when no estimate of its class is admissible), and the slack.
-    fn static_part(&mut self, key: CellKey) -> Option<f64> {
-        let budget = self.get(key)?;
+    /// retry, budget (None when no estimate of its class is admissible), and the slack; and
+    /// the part of the score every member reaches (minus infinity when unknown).
+    fn static_part(&mut self, key: CellKey) -> Option<(f64, f64)> {
+        let (budget, floor) = self.get(key)?;
         let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
         if self.priority_and_retry[i].is_nan() {
             self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
         }
-        Some(self.priority_and_retry[i] + BOUND_SLACK + budget)
+        let fixed = self.priority_and_retry[i];
+        Some((fixed + BOUND_SLACK + budget, fixed + floor))
     }
 
-    fn get(&mut self, key: CellKey) -> Option<f64> {
+    fn get(&mut self, key: CellKey) -> Option<(f64, f64)> {
         let class = usize::from(key.token_class);
         if class >= self.parts.len() {
-            self.parts.resize(class + 1, f64::NAN);
+            self.parts.resize(class + 1, (f64::NAN, f64::NAN));
         }
-        if self.parts[class].is_nan() {
+        if self.parts[class].0.is_nan() {
             let context = self.context;
-            self.parts[class] = budget_bound(&context.weights, &key, context.available, context.max_tokens)
-                .unwrap_or(f64::NEG_INFINITY);
+            let (weights, available, max_tokens) = (&context.weights, context.available, context.max_tokens);
+            self.parts[class] = (
+                budget_bound(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
+                budget_floor(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
+            );
         }
-        Some(self.parts[class]).filter(|part| *part != f64::NEG_INFINITY)
+        Some(self.parts[class]).filter(|(part, _)| *part != f64::NEG_INFINITY)
     }
 }
 
@@ -478,22 +505,31 @@ impl Bounded<CellItem> {
 /// it is visited, that bound is replaced by the one its whole age frontier gives (each
 /// processing time with the wait of the members that have it), which keeps a long run from
 /// visiting the cells whose best time is a young message's and longest wait an old one's.
-/// Ties are broken as in `IndexSearch` (older, then lower sequence number).
+/// A cell whose bound is below a score some member is sure to reach (a cell's best-time member
+/// with its class's least budget part) is left out of that order. Ties are broken as in
+/// `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
     let mut parts = BudgetParts::new(context);
     let mut cells = Vec::new();
     let mut summaries = Vec::new();
+    // The best score some member is sure to reach: the member with a cell's best processing
+    // time scores at least its key's floor + that time + its own wait.
+    let mut floor: (u8, f64) = (0, f64::NEG_INFINITY);
     index.for_each_cell(|key, cell| {
-        let Some(static_part) = parts.static_part(*key) else { return };
+        let Some((static_part, static_floor)) = parts.static_part(*key) else { return };
         let wait_of =
             |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
         let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
         let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
         let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
+        let tier = weights.tier(key.priority);
+        if static_floor > f64::NEG_INFINITY && (tier, static_floor + at_best) > floor {
+            floor = (tier, static_floor + at_best);
+        }
         cells.push(Bounded {
-            tier: weights.tier(key.priority),
+            tier,
             bound: static_part + at_best.max(older),
             oldest_at: cell.oldest_enqueued_at,
             seq: cell.oldest_seq,
@@ -505,6 +541,12 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     // put back if that bound puts it behind another).
     let mut groups = Vec::new();
     let mut ages = AgeBounds::default();
+    // A cell that cannot reach the floor holds no winner: it never enters the heap (the slack
+    // keeps a cell whose bound and the floor differ by rounding only).
+    let (floor_tier, floor_score) = floor;
+    cells.retain(|cell| {
+        cell.tier > floor_tier || (cell.tier == floor_tier && cell.bound >= floor_score - BOUND_SLACK)
+    });
     let mut cells = BinaryHeap::from(cells);
     while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
@@ -528,19 +570,12 @@ fn beats(best: Option<&Candidate>, tier: u8, score: f64, enqueued_at: f64, seq: 
     best.is_none_or(|b| rank((tier, score, enqueued_at, seq), b.rank_key()) == Ordering::Greater)
 }
 
-/// The position of the highest-ranked entry.
-fn index_of_max<T>(entries: &[Bounded<T>]) -> Option<usize> {
-    let mut top: Option<usize> = None;
-    for (i, entry) in entries.iter().enumerate() {
-        if top.is_none_or(|t| entry.cmp(&entries[t]) == Ordering::Greater) {
-            top = Some(i);
-        }
-    }
-    top
-}
-
-/// Scores the groups of `cell` that may beat `best`, the most promising group first, then the
-/// others in bound order; `ages` is the cell's age frontier, `groups` scratch space.
+/// Scores the groups of `cell` that may beat `best`, in bound order; `ages` is the cell's age
+/// frontier, `groups` scratch space. The groups are read best processing time first: a group's
+/// time and the cell's key bound every group after it (`static_part` holds the best budget part
+/// of the cell's estimates), so the groups bounded so far are walked as soon as they bound above
+/// every group not yet read, and the reading stops at the first time that cannot beat the best
+/// found. A wide cell (hundreds of estimates) is then read only as far as its fast groups.
 fn expand_cell(
     index: &impl CandidateIndex,
     context: &SearchContext,
@@ -554,25 +589,32 @@ fn expand_cell(
     let bounds = GroupBounds::new(&context.weights, &key, context.available);
     let processing_weight = context.weights.processing_time;
     groups.clear();
-    index.for_each_group_head(&key, |first, tokens, best_time_ms, single_run| {
-        // A bound from the group's key and cached head alone spares the members' cache lines.
-        if tokens as f64 > context.max_tokens {
-            return;
-        }
-        let time = processing_weight * processing_time_factor(best_time_ms);
-        let bound = bounds.bound_with(tokens, ages.at_most(time));
-        if beats(best.as_ref(), tier, bound, oldest_at, seq) {
-            groups.push(Bounded { tier, bound, oldest_at, seq, item: (first, single_run) });
-        }
-    });
-    let Some(top) = index_of_max(groups) else { return };
-    let first = groups.swap_remove(top);
-    walk_group(index, context, &first, ages, best);
-    groups.retain(|group| beats(best.as_ref(), tier, group.bound, oldest_at, seq));
-    if groups.is_empty() {
-        return;
-    }
     let mut by_bound = BinaryHeap::from(std::mem::take(groups));
+    index.for_each_group_by_time(&key, |tokens, best_time_ms, head| {
+        let time_and_wait = ages.at_most(processing_weight * processing_time_factor(best_time_ms));
+        // No group from here on (no better time, no better budget part) bounds higher.
+        let rest = cell.item.static_part + time_and_wait;
+        while let Some(top) = by_bound.peek() {
+            if rank(top.rank_key(), (tier, rest, oldest_at, seq)) != Ordering::Greater {
+                break;
+            }
+            let top = by_bound.pop().expect("peeked");
+            if beats(best.as_ref(), tier, top.bound, oldest_at, seq) {
+                walk_group(index, context, &top, ages, best);
+            }
+        }
+        if !beats(best.as_ref(), tier, rest, oldest_at, seq) {
+            return false;
+        }
+        // A bound from the group's key and cached head alone spares the members' cache lines.
+        if tokens as f64 <= context.max_tokens {
+            let bound = bounds.bound_with(tokens, time_and_wait);
+            if beats(best.as_ref(), tier, bound, oldest_at, seq) {
+                by_bound.push(Bounded { tier, bound, oldest_at, seq, item: head() });
+            }
+        }
+        true
+    });
     while let Some(group) = by_bound.pop() {
         if !beats(best.as_ref(), tier, group.bound, oldest_at, seq) {
             break; // every group left bounds no higher

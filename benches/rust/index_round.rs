@@ -82,6 +82,16 @@ impl CandidateIndex for Counting<'_> {
             visit(a, b, c, d);
         });
     }
+    fn for_each_group_by_time(
+        &self,
+        key: &CellKey,
+        mut visit: impl FnMut(u64, f64, &dyn Fn() -> (u32, bool)) -> bool,
+    ) {
+        self.store.for_each_group_by_time(key, |tokens, time_ms, head| {
+            self.bump(1, 1);
+            visit(tokens, time_ms, head)
+        });
+    }
     fn for_each_age_point(
         &self,
         key: &CellKey,
@@ -201,6 +211,15 @@ fn main() {
         }
     }
     let warm = rounds / 11;
+    if counted {
+        // The slowest receive + delete after the warm-up: a frontier repair shows here.
+        let mut slow: Vec<(u64, usize)> =
+            (warm..rounds).map(|r| (samples[1][r] + samples[2][r], r)).collect();
+        slow.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
+        let slow: Vec<String> =
+            slow.iter().take(12).map(|(ns, r)| format!("{r}: {:.1}", *ns as f64 / 1000.0)).collect();
+        println!("  slowest receive + delete (round: µs): {}", slow.join(", "));
+    }
     for (name, samples) in ["search", "receive", "delete", "enqueue"].into_iter().zip(samples) {
         let first: Vec<u64> = samples[..warm.min(5)].to_vec();
         let mut rest = samples[warm..].to_vec();

@@ -18,6 +18,14 @@ impl<P, R: Ranking> CandidateIndex for Store<P, R> {
         self.index.for_each_group_head(key, visit);
     }
 
+    fn for_each_group_by_time(
+        &self,
+        key: &CellKey,
+        visit: impl FnMut(u64, f64, &dyn Fn() -> (u32, bool)) -> bool,
+    ) {
+        self.index.for_each_group_by_time(key, visit);
+    }
+
     fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, visit: impl FnMut(f64, f64) -> bool) {
         self.index.for_each_age_point(key, visit);
     }
