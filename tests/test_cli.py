@@ -3,6 +3,7 @@ the command quietly, as a command killed by SIGPIPE stops, with no traceback or 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,15 +22,19 @@ BROKEN_PIPE_STATUS = 141
     ids=["throttle-demo", "simulate"],
 )
 def test_a_reader_that_goes_away_stops_the_command_quietly(args: list[str]) -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "llm_queue_dispatcher.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as process:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        process.stdout.readline()
-        process.stdout.close()  # as `| head -1` does after its line
-        errors = process.stderr.read().decode()
-        assert process.wait(timeout=120) == BROKEN_PIPE_STATUS
-    assert errors == ""
+    # The reader is gone before the command writes (as `| head -1` is once it has its line):
+    # a pipe whose read end is closed, so every write fails, however fast the command is.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "llm_queue_dispatcher.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert process.returncode == BROKEN_PIPE_STATUS
+    assert process.stderr.decode() == ""
