@@ -1,4 +1,5 @@
-//! Exact best-message search over the candidate index.
+//! Exact best-message search over the candidate index. One file past 700 lines: the search's
+//! bounds, its heap and its two walks (best first, and collected in order) are one algorithm.
 //!
 //! Candidates come out in exactly descending base score (the six weighted factors), ties broken
 //! by older `enqueued_at`, then lower sequence number. With `Weights::urgent_first`, a tier

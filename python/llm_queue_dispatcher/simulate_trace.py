@@ -1,5 +1,8 @@
 """Traces for `llmqd simulate --trace` and ``--save-trace``: recorded traffic to replay.
 
+One file past 700 lines: the four formats share the reading rules (headers, timestamps, the
+errors naming a line) and the conversion to one request type.
+
 Four formats are read, recognised by their header (CSV) or keys (JSON Lines), whatever the file
 is called:
 

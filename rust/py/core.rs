@@ -1,5 +1,6 @@
 //! `DispatchCore`: one dispatcher's selection, books and metrics, the one object its Python
-//! layer asks and tells.
+//! layer asks and tells. One file past 700 lines: it is the one Python-facing object of the
+//! dispatch path, and its methods share its locks' order; the logic is in the pure modules.
 //!
 //! It holds the pool messages are selected from (the in-memory store's core, shared with the
 //! `InMemoryStorage` and any other dispatcher on it; or a prefetch buffer of its own), the

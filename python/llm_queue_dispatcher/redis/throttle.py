@@ -1,5 +1,8 @@
 """`RedisThrottle`: one budget shared by every process and host that names it.
 
+One file past 700 lines: one class, whose methods each send one script and read its reply the
+same way (its arguments, the settings it sends, its errors); the limiter itself is in Lua.
+
 The semantics are `LLMThrottle`'s (a request bucket and a token bucket, both refilled
 continuously up to their burst, and where configured the input and output token buckets
 (``itpm``, ``otpm``), the daily buckets (``rpd``, ``tpd``) and a limit of requests in flight
