@@ -31,11 +31,7 @@ local lease_states, lease_deadlines, lease_bodies = {}, {}, {}
 local lease_rids = {}
 
 local function lease_deferred(out, taken, member, s, timeout)
-  s.rc = s.rc + 1
-  if s.first < 0 then
-    s.first = NOW
-  end
-  s.token = fresh()
+  receive(s)
   lease_states[#lease_states + 1] = member
   lease_states[#lease_states + 1] = packed_state(s)
   lease_deadlines[#lease_deadlines + 1] = fmt(NOW + timeout)

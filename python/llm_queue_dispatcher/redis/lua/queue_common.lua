@@ -525,15 +525,20 @@ local function received(out, member, s)
   out[#out + 1] = redis.call('HGET', Q.body, member)
 end
 
--- Leases a message already out of the visible sets for `timeout` us: one receive more, a fresh
--- receipt token, in flight until then. Its reply fields go to `out` and (member, token) to
--- `taken`, what a resent call answers with (`replayed`).
-local function lease(out, taken, member, s, timeout)
+-- One receive more of state `s`: its count, its first receive, a fresh receipt token.
+local function receive(s)
   s.rc = s.rc + 1
   if s.first < 0 then
     s.first = NOW
   end
   s.token = fresh()
+end
+
+-- Leases a message already out of the visible sets for `timeout` us: one receive more, a fresh
+-- receipt token, in flight until then. Its reply fields go to `out` and (member, token) to
+-- `taken`, what a resent call answers with (`replayed`).
+local function lease(out, taken, member, s, timeout)
+  receive(s)
   save(Q, member, s)
   redis.call('ZADD', Q.inflight, fmt(NOW + timeout), member)
   received(out, member, s)
