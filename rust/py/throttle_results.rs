@@ -382,6 +382,18 @@ pub struct PyStateSnapshot {
     pub(crate) compensation_debts: BTreeMap<String, f64>,
 }
 
+impl PyStateSnapshot {
+    /// The optional buckets by their field names (the repr's and the constructor's).
+    fn optional_states(&self) -> [(&'static str, &Option<PyBucketState>); 4] {
+        [
+            ("itpm_bucket_state", &self.itpm_bucket_state),
+            ("otpm_bucket_state", &self.otpm_bucket_state),
+            ("rpd_bucket_state", &self.rpd_bucket_state),
+            ("tpd_bucket_state", &self.tpd_bucket_state),
+        ]
+    }
+}
+
 /// An optional bucket of a snapshot: None, or a `BucketState`.
 fn optional_bucket(value: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<Option<PyBucketState>> {
     value.filter(|v| !v.is_none()).map(|v| snapshot_bucket(v, field)).transpose()
@@ -452,12 +464,7 @@ impl PyStateSnapshot {
 
     fn __repr__(&self) -> String {
         let mut optional = String::new();
-        for (name, state) in [
-            ("itpm_bucket_state", &self.itpm_bucket_state),
-            ("otpm_bucket_state", &self.otpm_bucket_state),
-            ("rpd_bucket_state", &self.rpd_bucket_state),
-            ("tpd_bucket_state", &self.tpd_bucket_state),
-        ] {
+        for (name, state) in self.optional_states() {
             if let Some(state) = state {
                 let _ = write!(optional, ", {name}={}", state.__repr__());
             }
@@ -491,12 +498,7 @@ impl PyStateSnapshot {
             .into_pyobject(py)?
             .into_any();
         let kwargs = PyDict::new(py);
-        for (name, state) in [
-            ("itpm_bucket_state", &self.itpm_bucket_state),
-            ("otpm_bucket_state", &self.otpm_bucket_state),
-            ("rpd_bucket_state", &self.rpd_bucket_state),
-            ("tpd_bucket_state", &self.tpd_bucket_state),
-        ] {
+        for (name, state) in self.optional_states() {
             if let Some(state) = state {
                 kwargs.set_item(name, state.clone())?;
             }

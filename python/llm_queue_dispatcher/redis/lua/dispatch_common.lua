@@ -36,14 +36,7 @@ local function lease_deferred(out, taken, member, s, timeout)
   lease_states[#lease_states + 1] = packed_state(s)
   lease_deadlines[#lease_deadlines + 1] = fmt(NOW + timeout)
   lease_deadlines[#lease_deadlines + 1] = member
-  -- received()'s fields, the body filled in by leases_flush().
-  out[#out + 1] = member
-  out[#out + 1] = s.mid
-  out[#out + 1] = s.rc
-  out[#out + 1] = s.at
-  out[#out + 1] = s.first
-  out[#out + 1] = s.token
-  out[#out + 1] = false
+  received(out, member, s, true) -- the body filled in by leases_flush()
   lease_bodies[#lease_bodies + 1] = {member, #out}
   lease_rids[#lease_rids + 1] = s.rid
   taken[#taken + 1] = member

@@ -514,15 +514,16 @@ end
 
 -- Appends a received message's reply fields to `out`: member, message id, receive count,
 -- enqueued_at, first_received_at, receipt token, serialised request (dequeue.lua and the global
--- dispatch scripts reply alike).
-local function received(out, member, s)
+-- dispatch scripts reply alike). With `body_later`, the request's place holds false, for the
+-- caller to fill in (dispatch_common.lua's leases_flush()).
+local function received(out, member, s, body_later)
   out[#out + 1] = member
   out[#out + 1] = s.mid
   out[#out + 1] = s.rc
   out[#out + 1] = s.at
   out[#out + 1] = s.first
   out[#out + 1] = s.token
-  out[#out + 1] = redis.call('HGET', Q.body, member)
+  out[#out + 1] = not body_later and redis.call('HGET', Q.body, member)
 end
 
 -- One receive more of state `s`: its count, its first receive, a fresh receipt token.
