@@ -26,9 +26,10 @@ from tests.redis.test_global_score import Visible, ranking, same_rank
 
 _FIXTURES = Path(__file__).parent / "fixtures"
 # Queues written by earlier scripts: da1deba's score index keeps its cells' summaries in a
-# hash; 1cb6663's in a sorted set, without the bands of each cell.
+# hash; 1cb6663's in a sorted set, without the bands of each cell; 0f4e65e's with a band per
+# exact processing time (now a band per bucket of times).
 _LAYOUT = _FIXTURES / "queue_layout_da1deba.json"
-_LAYOUTS = [_LAYOUT, _FIXTURES / "queue_layout_1cb6663.json"]
+_LAYOUTS = [_LAYOUT, _FIXTURES / "queue_layout_1cb6663.json", _FIXTURES / "queue_layout_0f4e65e.json"]
 
 
 def _fixture(path: Path) -> dict[str, Any]:
@@ -195,16 +196,18 @@ async def test_fair_priority_indexing_an_older_queue_leaves_the_score_index_to_t
     await scored.close()
 
 
-async def test_a_score_index_without_bands_is_filled_again_and_hands_out_in_score_order(
-    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+@pytest.mark.parametrize("path", _LAYOUTS[1:], ids=lambda path: path.stem)
+async def test_a_score_index_of_an_earlier_band_layout_is_filled_again_and_hands_out_in_score_order(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, path: Path
 ) -> None:
-    """A queue whose score index the previous release wrote (its cells' summaries without the
-    bands): the score policy's hand-outs are the reference's winners at each instant, the one
-    given back with its receive count, the one in flight once its lease ends."""
+    """A queue whose score index an earlier release wrote (its cells' summaries without the
+    bands, or with a band per exact processing time): the score policy's hand-outs are the
+    reference's winners at each instant, the one given back with its receive count, the one in
+    flight once its lease ends."""
     queue = fresh_name("queue")
     storage = clocked_storage(queue=queue)
     limiter = clocked_throttle(rpm=1e6, tpm=1e9)
-    layout = await _restore_layout(storage, queue, _LAYOUTS[1])
+    layout = await _restore_layout(storage, queue, path)
     clock.advance(layout["clock"] - clock())
     visible = [
         Visible(rid, priority, tokens, expected, 1_700_000_000.0 + n, n, int(rid == layout["given_back"]))

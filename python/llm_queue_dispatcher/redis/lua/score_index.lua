@@ -13,28 +13,34 @@
 --           digits of its double (positive doubles sort like their bits)><2^53 - estimate: 16
 --           digits (the larger estimate first)>, 37 characters
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
+--   band    a cell's members whose processing times fall in one bucket (bucket_of: 5 hex
+--           digits, 32 buckets per doubling of the time), bounded by the bucket's lowest time.
+--           Bands by bucket rather than by exact time keep a cell's bands few when the times
+--           come from the estimates (one per estimate otherwise), so the bound from its bands
+--           stays tight; the walk inside a band still scores each class by its exact time
 --   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first; and of
---                 ~<cell><enqueued_at><processing time> for each band of a cell (its members
---                 of one processing time) with its oldest member's enqueued_at: a cell's bands
---                 oldest first, after every member's entry ('~' sorts after the digits), from
---                 which the ranking bounds a cell by each time with its own longest wait
+--                 ~<cell><enqueued_at><bucket> for each band of a cell with its oldest
+--                 member's enqueued_at: a cell's bands oldest first, after every member's entry
+--                 ('~' sorts after the digits), from which the ranking bounds a cell by each
+--                 bucket's lowest time with the band's own longest wait
 --   q.sc_classes  lex zset of <class><its oldest member: enqueued_at and member>: a cell's
 --                 classes, the best processing time first, then the larger estimate, each with
 --                 its head (the best of the class), so a class is scored from its entry alone
---   q.sc_heads    lex zset of <cell><processing time><its oldest member><2^53 - estimate>:
---                 the same classes by band (a cell's members of one processing time), each
---                 band's heads oldest first, so a band's first entry is its oldest member
+--   q.sc_heads    lex zset of <cell><bucket><its oldest member><processing time><2^53 -
+--                 estimate>: the same classes by band, each band's heads oldest first, so a
+--                 band's first entry is its oldest member
 --   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
---                 processing time: 16 hex digits><the enqueued_at of that band's oldest member:
---                 16 digits><the next best processing time, 16 hex digits, or 16 'f' for none>:
---                 what bounds the cell (every member has the best time and waits no longer
---                 than that band's oldest, or has at most the next best time and waits no longer
---                 than the cell's oldest), rewritten only when one of them changes (a cell is
---                 empty when its oldest goes and no member is left in sc_ages); one priority's
---                 cells are one range of it, read in one call (with urgent_first the URGENT
---                 tier's alone, the others' only when no URGENT message can go). An entry of
---                 fewer than CELL_LEN characters is an earlier layout's (no bands): that index
---                 is dropped and filled again, as a hash of an earlier one is
+--                 bucket: 5 hex digits><the enqueued_at of that band's oldest member: 16
+--                 digits><the next best bucket, 5 hex digits, or 5 'f' for none>: what bounds
+--                 the cell (every member has at least the best bucket's lowest time and waits
+--                 no longer than that band's oldest, or has at least the next bucket's lowest
+--                 time and waits no longer than the cell's oldest), rewritten only when one of
+--                 them changes (a cell is empty when its oldest goes and no member is left in
+--                 sc_ages); one priority's cells are one range of it, read in one call (with
+--                 urgent_first the URGENT tier's alone, the others' only when no URGENT message
+--                 can go). An entry of another length than CELL_LEN is an earlier layout's
+--                 (without bands, or with a band per exact time): that index is dropped and
+--                 filled again, as a hash of an earlier one is
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
 -- the index can be filled while scripts keep it (score_fill.lua). A queue whose sc_cells is
 -- still the hash of an earlier layout has its index dropped and filled again.
@@ -60,16 +66,40 @@ local function hex_of(ms)
   return table.concat(out)
 end
 
+-- The time of `hex`: a time's 16 digits, or a bucket's BUCKET_LEN (the bucket's lowest time).
 local ms_cache = {}
 local function ms_of(hex)
   local known = ms_cache[hex]
   if known ~= nil then
     return known
   end
+  local digits = hex .. string.rep('0', 16 - #hex)
   -- Its two 32-bit halves, put back together as the double's eight bytes.
-  known = struct.unpack('>d', struct.pack('>I4I4', tonumber(string.sub(hex, 1, 8), 16), tonumber(string.sub(hex, 9), 16)))
+  known = struct.unpack('>d', struct.pack('>I4I4', tonumber(string.sub(digits, 1, 8), 16), tonumber(string.sub(digits, 9), 16)))
   ms_cache[hex] = known
   return known
+end
+
+-- A band's bucket of processing times: the first BUCKET_LEN hex digits of a time's double (its
+-- sign, exponent and top mantissa bits) with the last BUCKET_STEP - 1 of that value dropped, so
+-- BUCKETS_PER_DOUBLING buckets per doubling of the time, each from its lowest time (the digits
+-- followed by zeros: a time no longer than any of its members', so a factor no lower) up to the
+-- next bucket's. Bucket digits sort as their times, and a class key of a time in the bucket
+-- lies between <cell><bucket> and <cell><next bucket> (score_rank.lua walks a band so). A
+-- cell's estimates span 2^(1/8) of each other: with estimate-derived times, a cell has about
+-- BUCKETS_PER_DOUBLING / 8 + 1 bands instead of one per estimate.
+local BUCKET_LEN = 5
+local BUCKETS_PER_DOUBLING = 32
+local BUCKET_STEP = 256 / BUCKETS_PER_DOUBLING -- the 5 digits hold 8 mantissa bits
+
+local function bucket_of(hex)
+  local value = tonumber(string.sub(hex, 1, BUCKET_LEN), 16)
+  return string.format('%05x', value - value % BUCKET_STEP)
+end
+
+-- The bucket after `bucket` (its digits bound the bucket's class keys from above).
+local function bucket_after(bucket)
+  return string.format('%05x', tonumber(bucket, 16) + BUCKET_STEP)
 end
 
 -- The token class of an estimate: 0 for none, else 1 + floor(8 log2(tokens)), corrected so the
@@ -123,17 +153,19 @@ local function entry_member(entry)
   return string.sub(entry, 54)
 end
 
--- The sc_heads entry of a sc_classes entry: its cell and time, its head, its estimate.
+-- The sc_heads entry of a sc_classes entry: its cell and bucket, its head, its time and
+-- estimate.
 local function head_entry(entry)
-  return string.sub(entry, 1, 21) .. string.sub(entry, CLASS_LEN + 1) .. string.sub(entry, 22, CLASS_LEN)
+  return string.sub(entry, 1, 5) .. bucket_of(string.sub(entry, 6, 21)) .. string.sub(entry, CLASS_LEN + 1)
+    .. string.sub(entry, 6, CLASS_LEN)
 end
 
 local function score_age_key(member, s)
   return string.format('%016.0f', s.at) .. member
 end
 
-local CELL_LEN = 84 -- an sc_cells entry: cell 5, oldest 31, best time 16, its band's oldest 16, next time 16
-local NO_TIME = string.rep('f', 16) -- no next best time (one band): above every time's digits
+local CELL_LEN = 62 -- an sc_cells entry: cell 5, oldest 31, best bucket 5, its band's oldest 16, next bucket 5
+local NO_TIME = string.rep('f', BUCKET_LEN) -- no next best bucket (one band): above every bucket's digits
 
 local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
 
@@ -153,20 +185,21 @@ local function score_index_drop(q)
   q.score_kept = redis.call('HGET', q.meta, 'scoring') == '1'
 end
 
--- Whether the index has an earlier layout (its sc_cells a hash, or its entries without bands).
+-- Whether the index has an earlier layout (its sc_cells a hash, or its entries without bands or
+-- with a band per exact time).
 local function score_layout_earlier(q)
   if redis.call('TYPE', q.sc_cells).ok == 'hash' then
     return true
   end
   local first = redis.call('ZRANGE', q.sc_cells, 0, 0)[1]
-  return first ~= nil and #first < CELL_LEN
+  return first ~= nil and #first ~= CELL_LEN
 end
 
 -- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
 -- has an earlier layout (dropped then).
 local function cell_entry(q, cell)
   local found = redis.pcall('ZRANGEBYLEX', q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)
-  if found.err ~= nil or (found[1] ~= nil and #found[1] < CELL_LEN) then
+  if found.err ~= nil or (found[1] ~= nil and #found[1] ~= CELL_LEN) then
     score_index_drop(q)
     return false
   end
@@ -174,18 +207,18 @@ local function cell_entry(q, cell)
 end
 
 -- The bands part of the sc_cells entry of a non-empty `cell`, from its sc_heads entries: its
--- best time, the enqueued_at of that band's oldest member, the next best time.
+-- best bucket, the enqueued_at of that band's oldest member, the next best bucket.
 local function cell_bands(q, cell)
   local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
-  local best = string.sub(first, 6, 21)
+  local best = string.sub(first, 6, 10)
   local next = redis.call('ZRANGEBYLEX', q.sc_heads, '(' .. cell .. best .. '\255', '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
-  return best .. string.sub(first, 22, 37) .. (next and string.sub(next, 6, 21) or NO_TIME)
+  return best .. string.sub(first, 11, 26) .. (next and string.sub(next, 6, 10) or NO_TIME)
 end
 
--- The enqueued_at of the oldest member of the band `band` (<cell><time>), nil when it has none.
+-- The enqueued_at of the oldest member of the band `band` (<cell><bucket>), nil when it has none.
 local function band_oldest(q, band)
   local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. band, '[' .. band .. '\255', 'LIMIT', 0, 1)[1]
-  return first and string.sub(first, 22, 37)
+  return first and string.sub(first, 11, 26)
 end
 
 -- Moves the sc_ages entry of band `band` from enqueued_at `was` to `now` (nil: none).
@@ -193,12 +226,12 @@ local function band_moved(q, band, was, now)
   if was == now then
     return
   end
-  local cell, time = string.sub(band, 1, 5), string.sub(band, 6, 21)
+  local cell, bucket = string.sub(band, 1, 5), string.sub(band, 6, 10)
   if was ~= nil then
-    redis.call('ZREM', q.sc_ages, '~' .. cell .. was .. time)
+    redis.call('ZREM', q.sc_ages, '~' .. cell .. was .. bucket)
   end
   if now ~= nil then
-    redis.call('ZADD', q.sc_ages, 0, '~' .. cell .. now .. time)
+    redis.call('ZADD', q.sc_ages, 0, '~' .. cell .. now .. bucket)
   end
 end
 
@@ -211,11 +244,11 @@ local function score_index_add(q, member, s)
     return -- indexed already
   end
   local cell = string.sub(class, 1, 5)
-  local time, at = string.sub(class, 6, 21), string.sub(age, 1, 16)
+  local bucket, at = bucket_of(string.sub(class, 6, 21)), string.sub(age, 1, 16)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
   local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
   if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
-    local band = string.sub(class, 1, 21)
+    local band = cell .. bucket
     local was = band_oldest(q, band)
     if entry ~= nil then
       redis.call('ZREM', q.sc_classes, entry)
@@ -230,7 +263,7 @@ local function score_index_add(q, member, s)
   local summary = cell_entry(q, cell)
   if summary == nil then
     if not score_layout_earlier(q) then
-      redis.call('ZADD', q.sc_cells, 0, cell .. age .. time .. at .. NO_TIME)
+      redis.call('ZADD', q.sc_cells, 0, cell .. age .. bucket .. at .. NO_TIME)
     else
       score_index_drop(q)
     end
@@ -238,17 +271,17 @@ local function score_index_add(q, member, s)
   elseif not summary then
     return
   end
-  local oldest, best, band_at, next = string.sub(summary, 6, 36), string.sub(summary, 37, 52),
-    string.sub(summary, 53, 68), string.sub(summary, 69, 84)
+  local oldest, best, band_at, next = string.sub(summary, 6, 36), string.sub(summary, 37, 41),
+    string.sub(summary, 42, 57), string.sub(summary, 58, 62)
   if age < oldest then
     oldest = age
   end
-  if time < best then
-    best, band_at, next = time, at, best
-  elseif time == best then
+  if bucket < best then
+    best, band_at, next = bucket, at, best
+  elseif bucket == best then
     band_at = at < band_at and at or band_at
-  elseif time < next then
-    next = time
+  elseif bucket < next then
+    next = bucket
   end
   local kept = cell .. oldest .. best .. band_at .. next
   if kept ~= summary then
@@ -267,7 +300,8 @@ local function score_index_remove(q, member, s)
   end
   local cell = string.sub(class, 1, 5)
   redis.call('ZREM', q.sc_ages, cell .. age)
-  local band, at = string.sub(class, 1, 21), string.sub(age, 1, 16)
+  local bucket = bucket_of(string.sub(class, 6, 21))
+  local band, at = cell .. bucket, string.sub(age, 1, 16)
   local head, band_now = false, nil
   if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
     -- It was the class's head: the next oldest takes its place, if any.
@@ -298,14 +332,13 @@ local function score_index_remove(q, member, s)
     oldest = string.sub(next_oldest, 6)
   end
   local bands = string.sub(summary, 37)
-  local time = string.sub(class, 6, 21)
-  if head and time == string.sub(bands, 1, 16) then
+  if head and bucket == string.sub(bands, 1, 5) then
     if band_now == nil then
       bands = cell_bands(q, cell) -- the best band emptied: the next is the best now
     else
-      bands = time .. band_now .. string.sub(bands, 33, 48) -- its oldest member now
+      bands = bucket .. band_now .. string.sub(bands, 22, 26) -- its oldest member now
     end
-  elseif head and band_now == nil and time == string.sub(bands, 33, 48) then
+  elseif head and band_now == nil and bucket == string.sub(bands, 22, 26) then
     bands = cell_bands(q, cell) -- the next best band emptied
   end
   local kept = cell .. oldest .. bands

@@ -5,27 +5,30 @@
 -- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
 -- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
 -- alone: its priority and retry parts, the best efficiency + token fit over its token range,
--- and the larger of its best processing time's factor with the wait of the oldest member that
--- has it and its next best time's with the wait of its oldest member. Cells are bounded in the
+-- and the larger of its best band's time factor (a band: its members whose processing times
+-- fall in one bucket, counted at the bucket's lowest time) with the wait of that band's oldest
+-- member and its next best band's with the wait of its oldest member. Cells are bounded in the
 -- order of a looser bound that needs no summary (the time and wait factors at 1: per priority
 -- and retry class, outwards from the token class where the budget part peaks), until none left
 -- can bound higher than the best bound found; then, best bound first, each cell whose bound
--- reaches the best score found is bounded again from its bands (each processing time with the
--- wait of its own oldest member) and walked if it still does (those not bounded yet are
--- bounded while their loose bound does). On a long backlog, whose cells bound alike but for
--- their estimates, a dispatch bounds a few cells and walks one; on a fresh queue, whose cells'
--- oldest members wait alike, the best time's own wait and the bands tell them apart.
+-- reaches the best score found is bounded again from its bands (each bucket's lowest time
+-- with the wait of the band's own oldest member) and walked if it still does (those not
+-- bounded yet are bounded while their loose bound does). On a long backlog, whose cells bound
+-- alike but for their estimates, a dispatch bounds a few cells and walks one; on a fresh
+-- queue, whose cells' oldest members wait alike, the best band's own wait and the bands tell
+-- them apart (a cell has a few bands even when each estimate gives its own time, so its
+-- bands are read whole and the bound from them stays tight as the queue is drained).
 -- Inside a cell the classes are scored from their entries (a class's head is its best member).
 -- A cell whose oldest member waits its full factor has its classes walked by processing time
 -- and then the larger estimate, which stops at the first time, or below half the capacity the
--- first estimate, that cannot win. Another cell is walked band by band (a band: its members of
--- one processing time), the best time first, each band's heads oldest first, stopping at the
--- first head whose wait cannot win and at the first band whose time cannot win with the
--- longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes walked
--- by estimate (where heads wait alike, walking them by age would read every one). A class
--- whose score cannot win is left before its member is read. So a dispatch's cost grows with
--- the non-empty cells and the distinct estimates and times inside the cells visited, not with
--- the number of messages.
+-- first estimate, that cannot win. Another cell is walked band by band, the best bucket first,
+-- each band's heads oldest first (each scored with its own time), stopping at the first head
+-- whose wait cannot win with the bucket's lowest time and at the first band that cannot win
+-- with the longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes
+-- walked by time and estimate (where heads wait alike, walking them by age would read every
+-- one). A class whose score cannot win is left before its member is read. So a dispatch's cost
+-- grows with the non-empty cells and the distinct estimates and times inside the cells
+-- visited, not with the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
@@ -354,11 +357,11 @@ local function score_ranker(W, C, M, urgent_first)
     -- at most the next time). Also whether the best time's part is the larger (its bands could
     -- then bound it no lower: see sharpened).
     local function bound_of(entry)
-      -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best time:
-      -- 16 hex digits><its band's oldest: enqueued_at 16><next time: 16 hex digits>; 48 is '0'.
+      -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best bucket:
+      -- 5 hex digits><its band's oldest: enqueued_at 16><next bucket: 5 hex digits>; 48 is '0'.
       local p = string.byte(entry, 1) - 48
-      local times = time_of(string.sub(entry, 37, 52)) + W[3] * wait_factor(tonumber(string.sub(entry, 53, 68)), p)
-      local next, sharp = string.sub(entry, 69, 84), true
+      local times = time_of(string.sub(entry, 37, 41)) + W[3] * wait_factor(tonumber(string.sub(entry, 42, 57)), p)
+      local next, sharp = string.sub(entry, 58, 62), true
       if next ~= NO_TIME then
         local later = time_of(next) + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
         if later > times then
@@ -394,9 +397,9 @@ local function score_ranker(W, C, M, urgent_first)
       if best ~= nil and f.tier == best.tier and value < best.score then
         return -- a later member of the class waits no longer: none of them wins
       end
-      local member = is_head and string.sub(entry, 38, -17) or string.sub(entry, CLASS_LEN + 17)
+      local member = is_head and string.sub(entry, 27, -33) or string.sub(entry, CLASS_LEN + 17)
       if excluded[member] then
-        local prefix = is_head and string.sub(entry, 1, 21) .. string.sub(entry, -16) or string.sub(entry, 1, CLASS_LEN)
+        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
         at, member = head_of(prefix, excluded)
         if member == nil then
           return
@@ -408,15 +411,15 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
-    -- The classes of a cell, or of one band of it (`prefix`: the cell, or the cell and a time),
-    -- by processing time, then the larger estimate, none waiting longer than `wait`: the walk
+    -- The classes of a cell, or of one band of it (`from` and `to`: the range of their
+    -- sc_classes entries), by processing time, then the larger estimate, none waiting longer
+    -- than `wait`: the walk
     -- stops at the first time that cannot win with the cell's best budget part and that wait;
     -- inside one time, where the budget part never falls as the estimate grows (the cell below
     -- half the capacity), at the first estimate that cannot win.
-    local function walk_classes(c, wait, prefix)
+    local function walk_classes(c, wait, from, to)
       local f = c
       local static = f.fixed + f.retry
-      local from, to = '[' .. prefix, '[' .. prefix .. '\255'
       local passed = nil -- a time whose remaining (smaller) estimates cannot win
       -- Each round reads a page from `from` on; the next starts after it, or after the rest of
       -- a time whose smaller estimates cannot win when the page ends inside it (then a short
@@ -462,10 +465,11 @@ local function score_ranker(W, C, M, urgent_first)
       end
     end
 
-    -- A cell's bands, the best time first, each by its heads oldest first: a band is left at
-    -- the first head whose wait cannot win with the band's time and the cell's best budget part
-    -- (its later heads wait no longer), and the walk at the first band that cannot win with the
-    -- wait of the cell's oldest member (`wait`: later bands have worse times). A band whose
+    -- A cell's bands, the best bucket first, each by its heads oldest first: a band is left at
+    -- the first head whose wait cannot win with its bucket's lowest time and the cell's best
+    -- budget part (its later heads wait no longer), and the walk at the first band that cannot
+    -- win so with the wait of the cell's oldest member (`wait`: later bands have worse times);
+    -- each head is scored with its own time. A band whose
     -- HEAD_WALK oldest heads were scored has its other classes walked by estimate, none of
     -- them waiting longer than its next head (where heads wait alike, as on a backlog whose
     -- waits are full, walking them by age would read every head of the band).
@@ -481,8 +485,8 @@ local function score_ranker(W, C, M, urgent_first)
         local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, from, to, 'LIMIT', 0, HEAD_WALK + 1)
         -- Bounded by HEAD_WALK + 1 (the LIMIT above).
         for _, head in ipairs(heads) do
-          -- <cell><time: 16><enqueued_at: 16><member><2^53 - estimate: 16>
-          local hex = string.sub(head, 6, 21)
+          -- <cell><bucket: 5><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
+          local hex = string.sub(head, 6, 10)
           if hex ~= band then
             band, pt, left, walked = hex, time_of(hex), false, 0
             if not may_beat(f.tier, static + pt + wait, best) then
@@ -490,18 +494,18 @@ local function score_ranker(W, C, M, urgent_first)
             end
           end
           if not left then
-            local at = tonumber(string.sub(head, 22, 37))
+            local at = tonumber(string.sub(head, 11, 26))
             local own = W[3] * wait_factor(at, f.p)
             if not may_beat(f.tier, static + pt + own, best) then
               left = true
             elseif walked >= HEAD_WALK then
-              walk_classes(c, own, c.cell .. band)
+              walk_classes(c, own, '[' .. c.cell .. band, '(' .. c.cell .. bucket_after(band))
               left = true
             else
               walked = walked + 1
               local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
               if tokens <= M then
-                consider(c, tokens, pt, at, own, head, true)
+                consider(c, tokens, time_of(string.sub(head, -32, -17)), at, own, head, true)
               end
             end
           end
@@ -509,9 +513,9 @@ local function score_ranker(W, C, M, urgent_first)
         if #heads <= HEAD_WALK then
           return
         end
-        if left and band == string.sub(c.summary, 32, 47) then
-          -- Past the best time: the next is the summary's.
-          local next = string.sub(c.summary, 64, 79)
+        if left and band == string.sub(c.summary, 32, 36) then
+          -- Past the best bucket: the next is the summary's.
+          local next = string.sub(c.summary, 53, 57)
           if next == NO_TIME or not may_beat(f.tier, static + time_of(next) + wait, best) then
             return
           end
@@ -525,7 +529,7 @@ local function score_ranker(W, C, M, urgent_first)
     local function walk(c)
       local at = tonumber(string.sub(c.summary, 1, 16))
       if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
-        walk_classes(c, W[3] * wait_factor(at, c.p), c.cell)
+        walk_classes(c, W[3] * wait_factor(at, c.p), '[' .. c.cell, '[' .. c.cell .. '\255')
         return
       end
       walk_bands(c, W[3] * wait_factor(at, c.p))
@@ -539,13 +543,13 @@ local function score_ranker(W, C, M, urgent_first)
     -- best time with the wait of the last band read.
     local function sharpened(entry, bound)
       local cell, p = string.sub(entry, 1, 5), string.byte(entry, 1) - 48
-      local best_hex = string.sub(entry, 37, 52)
+      local best_hex = string.sub(entry, 37, 41)
       local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. cell, '[~' .. cell .. '\255', 'LIMIT', 0, BAND_READ)
       local record, most, whole = nil, nil, false
       -- Bounded by BAND_READ (the LIMIT above).
       for _, band in ipairs(bands) do
-        -- ~<cell><enqueued_at: 16><time: 16>
-        local hex = string.sub(band, 23, 38)
+        -- ~<cell><enqueued_at: 16><bucket: 5>
+        local hex = string.sub(band, 23, 27)
         if record == nil or hex < record then
           record = hex
           local value = time_of(hex) + W[3] * wait_factor(tonumber(string.sub(band, 7, 22)), p)
