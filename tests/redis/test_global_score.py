@@ -597,7 +597,7 @@ async def test_messages_stored_before_the_score_index_are_indexed_and_handed_out
     batch = requests(30, 4, largest=30_000)
     messages = await dispatcher.batch_enqueue(batch)
     prefix = storage._keys[0].decode().removesuffix("meta")
-    await storage.redis.delete(*(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "cells")))
+    await storage.redis.delete(*(f"{prefix}score:{part}" for part in ("members", "ages", "classes", "heads", "cells")))
     await storage.redis.hdel(storage._keys[0], "scored")
     clock.advance(45.0)
     visible = [

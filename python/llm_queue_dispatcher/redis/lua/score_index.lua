@@ -29,18 +29,20 @@
 --   q.sc_heads    lex zset of <cell><bucket><its oldest member><processing time><2^53 -
 --                 estimate>: the same classes by band, each band's heads oldest first, so a
 --                 band's first entry is its oldest member
---   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters><best
---                 bucket: 5 hex digits><the enqueued_at of that band's oldest member: 16
---                 digits><the next best bucket, 5 hex digits, or 5 'f' for none>: what bounds
---                 the cell (every member has at least the best bucket's lowest time and waits
---                 no longer than that band's oldest, or has at least the next bucket's lowest
---                 time and waits no longer than the cell's oldest), rewritten only when one of
---                 them changes (a cell is empty when its oldest goes and no member is left in
---                 sc_ages); one priority's cells are one range of it, read in one call (with
---                 urgent_first the URGENT tier's alone, the others' only when no URGENT message
---                 can go). An entry of another length than CELL_LEN is an earlier layout's
---                 (without bands, or with a band per exact time): that index is dropped and
---                 filled again, as a hash of an earlier one is
+--   q.sc_cells    lex zset of <cell><oldest: enqueued_at and member, 31 characters>|<steps>:
+--                 the steps are the bands each of whose bucket is better than every older
+--                 band's, as <bucket: 5 hex digits><its oldest member's enqueued_at: 16
+--                 digits>, the cell's oldest band first and its best bucket's band last. They
+--                 bound the cell whole (a member of any band has at most the time factor of the
+--                 last step at or below its bucket and waits no longer than that step's
+--                 oldest), so the ranking bounds a cell from its entry alone however many bands
+--                 it has and however far its best bands are drained. Rewritten only when the
+--                 oldest or a band's oldest changes (a cell is empty when its oldest goes and no
+--                 member is left in sc_ages); one priority's cells are one range of it, read in
+--                 one call (with urgent_first the URGENT tier's alone, the others' only when no
+--                 URGENT message can go). An entry without the '|' after its oldest is an
+--                 earlier layout's (without bands, or with a band per exact time): that index is
+--                 dropped and filled again, as a hash of an earlier one is
 -- Adding is idempotent (a message indexed twice is counted once), so a queue stored before
 -- the index can be filled while scripts keep it (score_fill.lua). A queue whose sc_cells is
 -- still the hash of an earlier layout has its index dropped and filled again.
@@ -164,8 +166,8 @@ local function score_age_key(member, s)
   return string.format('%016.0f', s.at) .. member
 end
 
-local CELL_LEN = 62 -- an sc_cells entry: cell 5, oldest 31, best bucket 5, its band's oldest 16, next bucket 5
-local NO_TIME = string.rep('f', BUCKET_LEN) -- no next best bucket (one band): above every bucket's digits
+local CELL_MARK = '|' -- after a cell's oldest in its sc_cells entry (character 37): its steps follow
+local STEP_LEN = BUCKET_LEN + 16 -- a step: a bucket, its band's oldest enqueued_at
 
 local SCORE_KEYS = {'sc_members', 'sc_ages', 'sc_classes', 'sc_heads', 'sc_cells'}
 
@@ -192,27 +194,36 @@ local function score_layout_earlier(q)
     return true
   end
   local first = redis.call('ZRANGE', q.sc_cells, 0, 0)[1]
-  return first ~= nil and #first ~= CELL_LEN
+  return first ~= nil and string.sub(first, 37, 37) ~= CELL_MARK
 end
 
 -- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index
 -- has an earlier layout (dropped then).
 local function cell_entry(q, cell)
   local found = redis.pcall('ZRANGEBYLEX', q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)
-  if found.err ~= nil or (found[1] ~= nil and #found[1] ~= CELL_LEN) then
+  if found.err ~= nil or (found[1] ~= nil and string.sub(found[1], 37, 37) ~= CELL_MARK) then
     score_index_drop(q)
     return false
   end
   return found[1]
 end
 
--- The bands part of the sc_cells entry of a non-empty `cell`, from its sc_heads entries: its
--- best bucket, the enqueued_at of that band's oldest member, the next best bucket.
-local function cell_bands(q, cell)
-  local first = redis.call('ZRANGEBYLEX', q.sc_heads, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
-  local best = string.sub(first, 6, 10)
-  local next = redis.call('ZRANGEBYLEX', q.sc_heads, '(' .. cell .. best .. '\255', '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
-  return best .. string.sub(first, 11, 26) .. (next and string.sub(next, 6, 10) or NO_TIME)
+-- The steps of the sc_cells entry of a non-empty `cell`, from its bands' sc_ages entries oldest
+-- first: each band whose bucket is better than every older band's (at one enqueued_at the
+-- better bucket sorts first, so the other adds nothing).
+local function cell_steps(q, cell)
+  local bands = redis.call('ZRANGEBYLEX', q.sc_ages, '[~' .. cell, '[~' .. cell .. '\255')
+  local steps, record = {}, nil
+  -- Bounded by the cell's bands: at most its buckets (the times are clamped to 1 s .. 30 s).
+  for _, band in ipairs(bands) do
+    -- ~<cell><enqueued_at: 16><bucket: 5>
+    local bucket = string.sub(band, 23, 27)
+    if record == nil or bucket < record then
+      record = bucket
+      steps[#steps + 1] = bucket .. string.sub(band, 7, 22)
+    end
+  end
+  return table.concat(steps)
 end
 
 -- The enqueued_at of the oldest member of the band `band` (<cell><bucket>), nil when it has none.
@@ -247,6 +258,7 @@ local function score_index_add(q, member, s)
   local bucket, at = bucket_of(string.sub(class, 6, 21)), string.sub(age, 1, 16)
   redis.call('ZADD', q.sc_ages, 0, cell .. age)
   local entry = redis.call('ZRANGEBYLEX', q.sc_classes, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
+  local moved = false -- whether its band's oldest changed (the cell's steps may have)
   if entry == nil or age < string.sub(entry, CLASS_LEN + 1) then
     local band = cell .. bucket
     local was = band_oldest(q, band)
@@ -258,12 +270,13 @@ local function score_index_add(q, member, s)
     redis.call('ZADD', q.sc_heads, 0, head_entry(class .. age))
     if was == nil or at < was then
       band_moved(q, band, was, at) -- the band's oldest member now
+      moved = true
     end
   end
   local summary = cell_entry(q, cell)
   if summary == nil then
     if not score_layout_earlier(q) then
-      redis.call('ZADD', q.sc_cells, 0, cell .. age .. bucket .. at .. NO_TIME)
+      redis.call('ZADD', q.sc_cells, 0, cell .. age .. CELL_MARK .. bucket .. at)
     else
       score_index_drop(q)
     end
@@ -271,19 +284,11 @@ local function score_index_add(q, member, s)
   elseif not summary then
     return
   end
-  local oldest, best, band_at, next = string.sub(summary, 6, 36), string.sub(summary, 37, 41),
-    string.sub(summary, 42, 57), string.sub(summary, 58, 62)
+  local oldest = string.sub(summary, 6, 36)
   if age < oldest then
     oldest = age
   end
-  if bucket < best then
-    best, band_at, next = bucket, at, best
-  elseif bucket == best then
-    band_at = at < band_at and at or band_at
-  elseif bucket < next then
-    next = bucket
-  end
-  local kept = cell .. oldest .. best .. band_at .. next
+  local kept = cell .. oldest .. CELL_MARK .. (moved and cell_steps(q, cell) or string.sub(summary, 38))
   if kept ~= summary then
     redis.call('ZREM', q.sc_cells, summary)
     redis.call('ZADD', q.sc_cells, 0, kept)
@@ -302,10 +307,9 @@ local function score_index_remove(q, member, s)
   redis.call('ZREM', q.sc_ages, cell .. age)
   local bucket = bucket_of(string.sub(class, 6, 21))
   local band, at = cell .. bucket, string.sub(age, 1, 16)
-  local head, band_now = false, nil
+  local moved = false -- whether its band's oldest changed (the cell's steps may have)
   if redis.call('ZREM', q.sc_classes, class .. age) == 1 then
     -- It was the class's head: the next oldest takes its place, if any.
-    head = true
     redis.call('ZREM', q.sc_heads, head_entry(class .. age))
     local next = redis.call('ZRANGEBYLEX', q.sc_members, '[' .. class, '[' .. class .. '\255', 'LIMIT', 0, 1)[1]
     if next ~= nil then
@@ -313,9 +317,10 @@ local function score_index_remove(q, member, s)
       redis.call('ZADD', q.sc_heads, 0, head_entry(next))
     end
     -- It may have been its band's oldest member (nil now: the band emptied).
-    band_now = band_oldest(q, band)
+    local band_now = band_oldest(q, band)
     if band_now == nil or at < band_now then
       band_moved(q, band, at, band_now)
+      moved = true
     end
   end
   local summary = cell_entry(q, cell)
@@ -331,17 +336,7 @@ local function score_index_remove(q, member, s)
     end
     oldest = string.sub(next_oldest, 6)
   end
-  local bands = string.sub(summary, 37)
-  if head and bucket == string.sub(bands, 1, 5) then
-    if band_now == nil then
-      bands = cell_bands(q, cell) -- the best band emptied: the next is the best now
-    else
-      bands = bucket .. band_now .. string.sub(bands, 22, 26) -- its oldest member now
-    end
-  elseif head and band_now == nil and bucket == string.sub(bands, 22, 26) then
-    bands = cell_bands(q, cell) -- the next best band emptied
-  end
-  local kept = cell .. oldest .. bands
+  local kept = cell .. oldest .. CELL_MARK .. (moved and cell_steps(q, cell) or string.sub(summary, 38))
   if kept ~= summary then
     redis.call('ZREM', q.sc_cells, summary)
     redis.call('ZADD', q.sc_cells, 0, kept)

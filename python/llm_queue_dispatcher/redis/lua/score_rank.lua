@@ -39,7 +39,6 @@ local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
-local BAND_READ = 12 -- bands of a cell read oldest first to bound it again before its walk
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -351,36 +350,58 @@ local function score_ranker(W, C, M, urgent_first)
   end
 
   function ranker.best(excluded, above)
-    -- A cell's bound from its summary: its priority and retry parts, its budget bound, and the
-    -- larger of the best time's factor with the wait of that band's oldest member and the next
-    -- best time's with the wait of the cell's oldest (every member is of the best band or has
-    -- at most the next time). Also whether the best time's part is the larger (its bands could
-    -- then bound it no lower: see sharpened).
-    local function bound_of(entry)
-      -- <priority><retry class><token class: 3><oldest: enqueued_at 16, member 15><best bucket:
-      -- 5 hex digits><its band's oldest: enqueued_at 16><next bucket: 5 hex digits>; 48 is '0'.
+    -- A cell's steps (score_index.lua) from its sc_cells entry: <priority><retry class><token
+    -- class: 3><oldest: enqueued_at 16, member 15>|<steps: bucket 5, enqueued_at 16>, the
+    -- oldest band first (its bucket the worst of the steps); 48 is '0'. Each as its bucket and
+    -- the weighted wait factor of its band's oldest member.
+    local function steps_of(entry)
       local p = string.byte(entry, 1) - 48
-      local times = time_of(string.sub(entry, 37, 41)) + W[3] * wait_factor(tonumber(string.sub(entry, 42, 57)), p)
-      local next, sharp = string.sub(entry, 58, 62), true
-      if next ~= NO_TIME then
-        local later = time_of(next) + W[3] * wait_factor(tonumber(string.sub(entry, 6, 21)), p)
-        if later > times then
-          times, sharp = later, false
+      local steps = {}
+      -- Bounded by the entry's steps.
+      for i = 38, #entry, STEP_LEN do
+        steps[#steps + 1] = {bucket = string.sub(entry, i, i + 4), wait = W[3] * wait_factor(tonumber(string.sub(entry, i + 5, i + 20)), p)}
+      end
+      return steps
+    end
+
+    -- The most the time and wait parts of a cell's members of bucket `bucket` and worse can be:
+    -- a band at or past a step's bucket but below the next (older) step's waits no longer than
+    -- that step's oldest (were it older, it would be a step), so each step counts its own
+    -- bucket's lowest time and the first step at or below `bucket` counts `bucket`'s. nil when
+    -- no step is (no member from `bucket` on can be better than none).
+    local function rest_bound(steps, bucket)
+      local most = nil
+      -- Bounded by the cell's steps.
+      for _, step in ipairs(steps) do
+        local below = step.bucket <= bucket
+        local value = time_of(below and bucket or step.bucket) + step.wait
+        if most == nil or value > most then
+          most = value
+        end
+        if below then
+          break -- younger steps have better buckets: their bands come before `bucket`
         end
       end
+      return most
+    end
+
+    -- A cell's bound from its entry alone: its priority and retry parts, its budget bound, and
+    -- the most any step's bucket's lowest time and its band's oldest wait score.
+    local function bound_of(entry)
+      local p = string.byte(entry, 1) - 48
+      local steps = steps_of(entry)
       return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
-        + facts_of(string.sub(entry, 3, 5)).budget + times, sharp
+        + facts_of(string.sub(entry, 3, 5)).budget + rest_bound(steps, steps[#steps].bucket)
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
     local function cell_at(entry, t, bound)
       local p = string.byte(entry, 1) - 48
       local token = token_facts[string.sub(entry, 3, 5)]
-      local summary = string.sub(entry, 6)
       return {
         cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
         retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
-        summary = summary, bound = bound,
+        oldest = tonumber(string.sub(entry, 6, 21)), steps = steps_of(entry), bound = bound,
       }
     end
     local best = nil
@@ -467,13 +488,12 @@ local function score_ranker(W, C, M, urgent_first)
 
     -- A cell's bands, the best bucket first, each by its heads oldest first: a band is left at
     -- the first head whose wait cannot win with its bucket's lowest time and the cell's best
-    -- budget part (its later heads wait no longer), and the walk at the first band that cannot
-    -- win so with the wait of the cell's oldest member (`wait`: later bands have worse times);
-    -- each head is scored with its own time. A band whose
-    -- HEAD_WALK oldest heads were scored has its other classes walked by estimate, none of
-    -- them waiting longer than its next head (where heads wait alike, as on a backlog whose
-    -- waits are full, walking them by age would read every head of the band).
-    local function walk_bands(c, wait)
+    -- budget part (its later heads wait no longer), and the walk where no band from there on
+    -- can win so (rest_bound, from the cell's steps); each head is scored with its own time. A
+    -- band whose HEAD_WALK oldest heads were scored has its other classes walked by time and
+    -- estimate, none of them waiting longer than its next head (where heads wait alike, as on
+    -- a backlog whose waits are full, walking them by age would read every head of the band).
+    local function walk_bands(c)
       local f = c
       local static = f.fixed + f.retry + BOUND_SLACK + f.budget
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
@@ -489,7 +509,7 @@ local function score_ranker(W, C, M, urgent_first)
           local hex = string.sub(head, 6, 10)
           if hex ~= band then
             band, pt, left, walked = hex, time_of(hex), false, 0
-            if not may_beat(f.tier, static + pt + wait, best) then
+            if not may_beat(f.tier, static + rest_bound(c.steps, band), best) then
               return
             end
           end
@@ -513,12 +533,8 @@ local function score_ranker(W, C, M, urgent_first)
         if #heads <= HEAD_WALK then
           return
         end
-        if left and band == string.sub(c.summary, 32, 36) then
-          -- Past the best bucket: the next is the summary's.
-          local next = string.sub(c.summary, 53, 57)
-          if next == NO_TIME or not may_beat(f.tier, static + time_of(next) + wait, best) then
-            return
-          end
+        if left and not may_beat(f.tier, static + rest_bound(c.steps, bucket_after(band)), best) then
+          return -- no later band can win
         end
         from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
       end
@@ -527,72 +543,27 @@ local function score_ranker(W, C, M, urgent_first)
     -- A cell whose oldest member's wait is full (a backlog's) has its classes walked at once:
     -- no class can wait longer, so reading its oldest heads first would tell nothing more.
     local function walk(c)
-      local at = tonumber(string.sub(c.summary, 1, 16))
-      if NOW - at >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
-        walk_classes(c, W[3] * wait_factor(at, c.p), '[' .. c.cell, '[' .. c.cell .. '\255')
+      if NOW - c.oldest >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
+        walk_classes(c, W[3] * wait_factor(c.oldest, c.p), '[' .. c.cell, '[' .. c.cell .. '\255')
         return
       end
-      walk_bands(c, W[3] * wait_factor(at, c.p))
-    end
-
-    -- A cell's bound from its bands oldest first (the '~' entries of sc_ages, at most
-    -- BAND_READ of them), lower than its summary's or equal: each band whose time is better than
-    -- every older band's counts that time with the wait of its own oldest member (a member of
-    -- a band that does not has no better time than an older band's), up to the band of the
-    -- cell's best time; when that band is not among those read, the bands not read count the
-    -- best time with the wait of the last band read.
-    local function sharpened(entry, bound)
-      local cell, p = string.sub(entry, 1, 5), string.byte(entry, 1) - 48
-      local best_hex = string.sub(entry, 37, 41)
-      local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. cell, '[~' .. cell .. '\255', 'LIMIT', 0, BAND_READ)
-      local record, most, whole = nil, nil, false
-      -- Bounded by BAND_READ (the LIMIT above).
-      for _, band in ipairs(bands) do
-        -- ~<cell><enqueued_at: 16><bucket: 5>
-        local hex = string.sub(band, 23, 27)
-        if record == nil or hex < record then
-          record = hex
-          local value = time_of(hex) + W[3] * wait_factor(tonumber(string.sub(band, 7, 22)), p)
-          if most == nil or value > most then
-            most = value
-          end
-          if hex == best_hex then
-            whole = true
-            break
-          end
-        end
-      end
-      if most == nil then
-        return bound
-      end
-      if not whole then
-        local value = time_of(best_hex) + W[3] * wait_factor(tonumber(string.sub(bands[#bands], 7, 22)), p)
-        if value > most then
-          most = value
-        end
-      end
-      local sharp = fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
-        + facts_of(string.sub(entry, 3, 5)).budget + most
-      return sharp < bound and sharp or bound
+      walk_bands(c)
     end
 
     -- The cells of the higher tier first (only when none of them holds a candidate can a cell
     -- of the lower tier hold the winner), best bound first: cells are bounded from their
     -- summaries in the order of their loose bounds (cell_streams), until none left can bound
     -- higher than the best bound found. Then, as long as a cell's bound reaches the best score
-    -- found: the cell of the highest bound is bounded again from its bands (sharpened) the
-    -- first time, unless its summary's bound is its best band's already, and walked the
-    -- second (so a cell whose bands bound it lower waits behind the others); a cell not
-    -- bounded yet is bounded when its loose bound is the highest. On
-    -- a long backlog, whose cells bound alike but for their estimates, the walk reads a few
-    -- cells' summaries and visits one; on a fresh queue, whose cells' oldest members wait
-    -- alike, the bands' own waits tell the cells apart.
+    -- found, the cell of the highest bound is walked; a cell not bounded yet is bounded when
+    -- its loose bound is the highest. On a long backlog, whose cells bound alike but for their
+    -- estimates, the walk reads a few cells' summaries and visits one; on a fresh queue, whose
+    -- cells' oldest members wait alike, the steps (each band's own wait) tell the cells apart.
     -- Bounded by the two tiers.
     for tier_walked = 1, 0, -1 do
       if best == nil then
         local entries = entries_of(tier_walked)
         local next_cell = cell_streams(entries, above)
-        local cells, bounds, sharp, done, top = {}, {}, {}, {}, nil
+        local cells, bounds, done, top = {}, {}, {}, nil
         local entry, loose = next_cell()
         -- Bounded by the tier's cells (each given once).
         for _ = 0, #entries do
@@ -601,22 +572,22 @@ local function score_ranker(W, C, M, urgent_first)
           end
           local n = #cells + 1
           cells[n] = entry
-          bounds[n], sharp[n] = bound_of(entry)
+          bounds[n] = bound_of(entry)
           if top == nil or bounds[n] > bounds[top] then
             top = n
           end
           entry, loose = next_cell()
         end
-        -- Each round bounds a cell, sharpens one or walks one (each cell once), or ends.
-        -- Bounded by three rounds per cell of the tier.
-        for _ = 0, 3 * #entries do
+        -- Each round bounds a cell or walks one (each cell once), or ends.
+        -- Bounded by two rounds per cell of the tier.
+        for _ = 0, 2 * #entries do
           if entry ~= nil and (top == nil or loose > bounds[top]) then
             if not may_beat(tier_walked, loose, best) then
               break -- no cell left bounds higher
             end
             local n = #cells + 1
             cells[n] = entry
-            bounds[n], sharp[n] = bound_of(entry)
+            bounds[n] = bound_of(entry)
             if top == nil or bounds[n] > bounds[top] then
               top = n
             end
@@ -625,13 +596,8 @@ local function score_ranker(W, C, M, urgent_first)
             if top == nil or not may_beat(tier_walked, bounds[top], best) then
               break -- every cell left bounds no higher
             end
-            if not sharp[top] then
-              sharp[top] = true
-              bounds[top] = sharpened(cells[top], bounds[top])
-            else
-              walk(cell_at(cells[top], tier_walked, bounds[top]))
-              done[top] = true
-            end
+            walk(cell_at(cells[top], tier_walked, bounds[top]))
+            done[top] = true
             top = nil
             -- Bounded by the cells bounded.
             for k = 1, #cells do
