@@ -365,6 +365,50 @@ async def test_each_hand_out_is_the_reference_winner_on_a_fresh_queue_of_many_ce
     await dispatcher.close()
 
 
+@pytest.mark.parametrize("seed", range(3))
+async def test_each_hand_out_is_the_reference_winner_until_a_fresh_queue_timed_by_its_estimates_is_drained(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """Hundreds of messages in a few token classes (a dozen or more per cell), most without an
+    expected processing time (each estimate its own time: many times per cell), the rest of a
+    few expected times, enqueued within a fraction of a second and handed out milliseconds
+    apart until the queue is empty, some failed back: as each cell's best times are drained
+    and its oldest members are left with worse times, every hand-out is still the reference's
+    winner."""
+    rng = random.Random(200 + seed)
+    scoring = random_weights(rng) if seed == 2 else None
+    weights: Weights = scoring or WEIGHTS
+    tpm = 5_000_000
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(
+        clock=clock, scoring=ScoringConfig(weights=scoring), min_score_threshold=0.0
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    pending = [
+        LLMRequest(
+            f"d{n}",
+            {"fail": rng.choice([0, 0, 0, 0, 1, 2])},
+            Priority(rng.choices([0, 1, 2, 3], weights=[2, 3, 6, 4])[0]),
+            TokenInfo(rng.randint(700, 1_500)),
+            expected_processing_time=rng.choice([None, None, None, None, 0.5, 3.0, 20.0]),
+        )
+        for n in range(450)
+    ]
+    started = clock()
+    counts = await _drive(
+        dispatcher, limiter, clock, rng, pending,
+        tpm=tpm, rounds=900, arrivals=(0, 0, 0, 60), advances=(0.0, 0.001, 0.002),
+        weights=weights,
+    )  # fmt: skip
+    assert counts.handed_out > 450 + 50
+    assert counts.retried > 50
+    assert await storage.get_approximate_message_count() == 0  # drained to the last message
+    assert clock() - started < 5.0  # every wait far from full: a fresh queue
+    await dispatcher.close()
+
+
 async def test_in_a_batch_of_one_instant_the_band_s_best_estimate_goes_before_its_oldest_heads(
     clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:
