@@ -26,8 +26,9 @@ builds alternating, each build's dispatcher (default weights, URGENT first, a `R
 of 10,000,000 TPM that never binds) dispatches ``--dispatches`` times on that clock, from
 ``--after`` seconds past the last enqueue and ``--step`` seconds further per dispatch (each
 round goes on where the build's last one stopped), and the dispatch script's server time per
-call (`INFO commandstats`, EVALSHA) is printed; the ranking alone is then timed at the instant
-the build's last round reached.
+call (`INFO commandstats`, EVALSHA) is printed with the index range reads (ZRANGEBYLEX) the
+scripts made per call, a count the machine's load does not move; the ranking alone is then
+timed at the instant the build's last round reached.
 
     python benches/score_rank_time.py --port 6399 --fresh 1000000 --build . --queue fresh-new \\
         --build /tmp/base --queue fresh-base
@@ -136,10 +137,16 @@ async def _fresh_round(
                 job = await dispatcher.dequeue(limiter)
                 assert job is not None
                 clock.advance(step)
-            stats = (await client.info("commandstats"))["cmdstat_evalsha"]
+            commands = await client.info("commandstats")
+    stats = commands["cmdstat_evalsha"]
+    ranges = commands.get("cmdstat_zrangebylex", {"calls": 0})
     await client.set(_clock_key(queue), repr(clock()))
     await client.aclose()
-    return {"dispatch_us": float(stats["usec"]) / int(stats["calls"]), "clock": clock()}
+    return {
+        "dispatch_us": float(stats["usec"]) / int(stats["calls"]),
+        "ranges": int(ranges["calls"]) / int(stats["calls"]),
+        "clock": clock(),
+    }
 
 
 def _rank_times(
@@ -223,7 +230,8 @@ def main() -> None:
             load = os.getloadavg()[0]
             print(
                 f"round {round_ + 1}, {args.build[n]} on {queues[n]}: dispatch script "
-                f"{figures['dispatch_us']:.0f} µs per call (load {load:.1f})",
+                f"{figures['dispatch_us']:.0f} µs per call, {figures['ranges']:.1f} index range reads "
+                f"(ZRANGEBYLEX) per call (load {load:.1f})",
                 flush=True,
             )
     _rank_times(

@@ -389,9 +389,16 @@ local function score_ranker(W, C, M, urgent_first)
     -- the most any step's bucket's lowest time and its band's oldest wait score.
     local function bound_of(entry)
       local p = string.byte(entry, 1) - 48
-      local steps = steps_of(entry)
+      local most = nil
+      -- Bounded by the entry's steps (read in place: every cell of the tier is bounded).
+      for i = 38, #entry, STEP_LEN do
+        local value = time_of(string.sub(entry, i, i + 4)) + W[3] * wait_factor(tonumber(string.sub(entry, i + 5, i + 20)), p)
+        if most == nil or value > most then
+          most = value
+        end
+      end
       return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
-        + facts_of(string.sub(entry, 3, 5)).budget + rest_bound(steps, steps[#steps].bucket)
+        + facts_of(string.sub(entry, 3, 5)).budget + most
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
