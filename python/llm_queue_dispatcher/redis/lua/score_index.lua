@@ -14,10 +14,10 @@
 --           digits (the larger estimate first)>, 37 characters
 --   q.sc_members  lex zset of <class><enqueued_at: 16 digits><member>: a class's oldest first
 --   band    a cell's members whose processing times fall in one bucket (bucket_of: 5 hex
---           digits, 32 buckets per doubling of the time), bounded by the bucket's lowest time.
---           Bands by bucket rather than by exact time keep a cell's bands few when the times
---           come from the estimates (one per estimate otherwise), so the bound from its bands
---           stays tight; the walk inside a band still scores each class by its exact time
+--           digits, 256 buckets per doubling of the time), bounded by the bucket's lowest
+--           time. Bands by bucket rather than by exact time bound a cell's bands by its
+--           buckets when the times come from the estimates (one band per estimate otherwise);
+--           the walk inside a band still scores each class by its exact time
 --   q.sc_ages     lex zset of <cell><enqueued_at><member>: a cell's oldest first; and of
 --                 ~<cell><enqueued_at><bucket> for each band of a cell with its oldest
 --                 member's enqueued_at: a cell's bands oldest first, after every member's entry
@@ -88,10 +88,14 @@ end
 -- followed by zeros: a time no longer than any of its members', so a factor no lower) up to the
 -- next bucket's. Bucket digits sort as their times, and a class key of a time in the bucket
 -- lies between <cell><bucket> and <cell><next bucket> (score_rank.lua walks a band so). A
--- cell's estimates span 2^(1/8) of each other: with estimate-derived times, a cell has about
--- BUCKETS_PER_DOUBLING / 8 + 1 bands instead of one per estimate.
+-- cell's estimates span 2^(1/8) of each other: with estimate-derived times, a cell has at most
+-- BUCKETS_PER_DOUBLING / 8 + 1 bands. A bucket's lowest time is at most 1/256 shorter than its
+-- members' (the expected times users give, such as 0.5, 3 or 20 s, are their buckets' lowest
+-- exactly): on a fresh queue, whose best messages score within a hair of each other, coarser
+-- buckets (32 per doubling: 3 s counted as 2.94 s) left more cells bounded above the winner
+-- and walked.
 local BUCKET_LEN = 5
-local BUCKETS_PER_DOUBLING = 32
+local BUCKETS_PER_DOUBLING = 256
 local BUCKET_STEP = 256 / BUCKETS_PER_DOUBLING -- the 5 digits hold 8 mantissa bits
 
 local function bucket_of(hex)

@@ -5,19 +5,18 @@
 -- The cells of the tier ranked are read in one call (URGENT's alone while URGENT ranks first;
 -- the others' only when no URGENT cell holds a candidate). A cell is bounded from its summary
 -- alone: its priority and retry parts, the best efficiency + token fit over its token range,
--- and the larger of its best band's time factor (a band: its members whose processing times
--- fall in one bucket, counted at the bucket's lowest time) with the wait of that band's oldest
--- member and its next best band's with the wait of its oldest member. Cells are bounded in the
+-- and the most any of its steps scores: a band's time factor (a band: its members whose
+-- processing times fall in one bucket, counted at the bucket's lowest time) with the wait of
+-- that band's oldest member. Cells are bounded in the
 -- order of a looser bound that needs no summary (the time and wait factors at 1: per priority
 -- and retry class, outwards from the token class where the budget part peaks), until none left
 -- can bound higher than the best bound found; then, best bound first, each cell whose bound
--- reaches the best score found is bounded again from its bands (each bucket's lowest time
--- with the wait of the band's own oldest member) and walked if it still does (those not
--- bounded yet are bounded while their loose bound does). On a long backlog, whose cells bound
--- alike but for their estimates, a dispatch bounds a few cells and walks one; on a fresh
--- queue, whose cells' oldest members wait alike, the best band's own wait and the bands tell
--- them apart (a cell has a few bands even when each estimate gives its own time, so its
--- bands are read whole and the bound from them stays tight as the queue is drained).
+-- reaches the best score found is walked (those not bounded yet are bounded while their loose
+-- bound does). On a long backlog, whose cells bound alike but for their estimates, a dispatch
+-- bounds a few cells and walks one; on a fresh queue, whose cells' oldest members wait alike,
+-- each band's own wait tells them apart: a cell's entry holds its steps (score_index.lua: the
+-- bands whose bucket beats every older band's, each with its oldest member), which bound it
+-- as tightly as all its bands would, however far its best bands are drained.
 -- Inside a cell the classes are scored from their entries (a class's head is its best member).
 -- A cell whose oldest member waits its full factor has its classes walked by processing time
 -- and then the larger estimate, which stops at the first time, or below half the capacity the
