@@ -51,9 +51,11 @@ def main(task: str, count: int, tenants: int) -> None:
     commands = sum(
         int(v["calls"]) for k, v in stats.items() if not k.startswith(("cmdstat_evalsha", "cmdstat_config"))
     )
+    scripts = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
     print(
         f"{task}: {done} jobs, {done / elapsed:,.0f}/s, client CPU {here / done * 1e6:.0f} µs/job, "
-        f"server CPU {server / done * 1e6:.0f} µs/job, {commands / done:.1f} commands/job"
+        f"server CPU {server / done * 1e6:.0f} µs/job, {commands / done:.1f} commands/job, "
+        f"{scripts / done:.2f} script calls/job"
     )
 
 

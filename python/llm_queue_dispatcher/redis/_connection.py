@@ -37,6 +37,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.client import NEVER_DECODE
 
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - the redis extra installs hiredis
+    _pack = None
+
 from ..errors import InvalidConfigError
 
 __all__ = [
@@ -253,12 +258,73 @@ class Script:
     async def run(self, client: redis.asyncio.Redis, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
         Replies are never decoded, whatever the client's ``decode_responses``."""
-        execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
         try:
-            return await execute(*self.command(keys, args), **_RAW)
+            return await _execute(client, self.command(keys, args))
         except redis.exceptions.NoScriptError:
+            execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
             await execute("SCRIPT LOAD", self.source)
-            return await execute(*self.command(keys, args), **_RAW)
+            return await _execute(client, self.command(keys, args))
+
+
+def _direct(client: redis.asyncio.Redis) -> bool:
+    """Whether a call may skip redis-py's command layer (`_execute`): hiredis is there, the
+    client draws its connections from its pool (not one connection of its own) and runs
+    commands as redis-py does (no subclass of its own)."""
+    return (
+        _pack is not None
+        and client.connection is None
+        and type(client).execute_command is redis.asyncio.Redis.execute_command
+    )
+
+
+async def _execute(client: redis.asyncio.Redis, command: tuple[Any, ...]) -> Any:
+    """``client.execute_command(*command)``, reply never decoded, with redis-py's retries and
+    connection handling but without its per-argument encoding in Python: hiredis packs the
+    whole command in one call (a dispatch or a batch of marks sends hundreds of arguments)."""
+    if not _direct(client):
+        execute: Callable[..., Awaitable[Any]] = client.execute_command
+        return await execute(*command, **_RAW)
+    return (await _exchange(client, [command]))[0]
+
+
+async def _exchange(client: redis.asyncio.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Sends ``commands`` in one write on one pooled connection and reads their replies, in
+    order: one that failed in Redis is its `ResponseError` (raised when ``commands`` holds one
+    command). As in redis-py: a broken connection is dropped and the whole exchange tried again
+    as the client's retry policy says (every script this library sends answers a resend from its
+    reply key); a timeout, a cancellation or a failure half way drops the connection."""
+    assert _pack is not None
+    try:
+        packed = b"".join([_pack(command) for command in commands])
+    except TypeError as exc:
+        raise redis.exceptions.DataError(str(exc)) from None
+    pool = client.connection_pool
+    try:
+        acquiring = pool.get_connection()
+    except TypeError:  # redis-py before 5.3 names the command
+        acquiring = pool.get_connection("EVALSHA")
+    connection = await acquiring
+
+    async def exchange() -> list[Any]:
+        await connection.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response(disable_decoding=True))
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def fail(_error: BaseException) -> None:
+        await connection.disconnect()
+
+    try:
+        replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
+    finally:
+        await pool.release(connection)
+    if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
+        raise replies[0]
+    return replies
 
 
 _RAW = {NEVER_DECODE: True}
@@ -357,6 +423,8 @@ class Batcher:
                 return [await script.run(self.client, keys, args)]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
+        if _direct(self.client):
+            return await _exchange(self.client, [script.command(keys, args) for script, keys, args, _ in batch])
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
             pipe.execute_command(*script.command(keys, args), **_RAW)
