@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
@@ -37,12 +38,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.client import NEVER_DECODE
 
+from ..errors import InvalidConfigError
+
+_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
     from hiredis import pack_command as _pack
 except ImportError:  # pragma: no cover - the redis extra installs hiredis
     _pack = None
-
-from ..errors import InvalidConfigError
 
 __all__ = [
     "CLIENT_ERRORS",
@@ -162,7 +164,11 @@ class Connection:
         return await batcher.call(script, keys, args)
 
     async def aclose(self) -> None:
-        """Closes the client if it was built here from a URL."""
+        """Gives back the connection this event loop's calls hold; closes the client if it was
+        built here from a URL."""
+        batcher = self._batchers.get(asyncio.get_running_loop())
+        if batcher is not None:
+            await batcher.aclose()
         if self.owned:
             await self.client.aclose()
 
@@ -258,74 +264,39 @@ class Script:
     async def run(self, client: redis.asyncio.Redis, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         """``EVALSHA``, loading the script first when the server does not know it (``NOSCRIPT``).
         Replies are never decoded, whatever the client's ``decode_responses``."""
+        execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
         try:
-            return await _execute(client, self.command(keys, args))
+            return await execute(*self.command(keys, args), **_RAW)
         except redis.exceptions.NoScriptError:
-            execute: Callable[..., Awaitable[Any]] = client.execute_command  # untyped in redis-py
             await execute("SCRIPT LOAD", self.source)
-            return await _execute(client, self.command(keys, args))
+            return await execute(*self.command(keys, args), **_RAW)
 
 
 def _direct(client: redis.asyncio.Redis) -> bool:
-    """Whether a call may skip redis-py's command layer (`_execute`): hiredis is there, the
-    client draws its connections from its pool (not one connection of its own) and runs
-    commands as redis-py does (no subclass of its own)."""
+    """Whether calls may skip redis-py's command layer (`Batcher`): hiredis is there, the client
+    draws its connections from its pool (not one connection of its own) and runs commands as
+    redis-py does (no subclass of its own)."""
     return (
         _pack is not None
+        and not client.single_connection_client
         and client.connection is None
         and type(client).execute_command is redis.asyncio.Redis.execute_command
     )
 
 
-async def _execute(client: redis.asyncio.Redis, command: tuple[Any, ...]) -> Any:
-    """``client.execute_command(*command)``, reply never decoded, with redis-py's retries and
-    connection handling but without its per-argument encoding in Python: hiredis packs the
-    whole command in one call (a dispatch or a batch of marks sends hundreds of arguments)."""
-    if not _direct(client):
-        execute: Callable[..., Awaitable[Any]] = client.execute_command
-        return await execute(*command, **_RAW)
-    return (await _exchange(client, [command]))[0]
-
-
-async def _exchange(client: redis.asyncio.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Sends ``commands`` in one write on one pooled connection and reads their replies, in
-    order: one that failed in Redis is its `ResponseError` (raised when ``commands`` holds one
-    command). As in redis-py: a broken connection is dropped and the whole exchange tried again
-    as the client's retry policy says (every script this library sends answers a resend from its
-    reply key); a timeout, a cancellation or a failure half way drops the connection."""
-    assert _pack is not None
-    try:
-        packed = b"".join([_pack(command) for command in commands])
-    except TypeError as exc:
-        raise redis.exceptions.DataError(str(exc)) from None
-    pool = client.connection_pool
+async def _acquire(pool: Any) -> Any:
+    """A connection of ``pool``, connected."""
     try:
         acquiring = pool.get_connection()
     except TypeError:  # redis-py before 5.3 names the command
         acquiring = pool.get_connection("EVALSHA")
-    connection = await acquiring
+    return await acquiring
 
-    async def exchange() -> list[Any]:
-        await connection.send_packed_command(packed)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await connection.read_response(disable_decoding=True))
-            except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
-        return replies
 
-    async def fail(_error: BaseException) -> None:
-        await connection.disconnect()
-
-    try:
-        replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
-    finally:
-        await pool.release(connection)
-    if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
-        raise replies[0]
-    return replies
-
+#: Seconds a `Batcher` keeps its pooled connection after its last call: a dispatcher's calls
+#: follow each other a few milliseconds apart, and taking a connection from redis-py's pool and
+#: giving it back costs more than a script's packing.
+_HOLD_SECONDS = 0.05
 
 _RAW = {NEVER_DECODE: True}
 _Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
@@ -346,6 +317,10 @@ class Batcher:
         self._busy = False
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Without redis-py's command layer (`_direct`): the pooled connection kept between calls
+        # (`_HOLD_SECONDS`) and the timer that gives it back.
+        self._held: Any = None
+        self._idle: asyncio.TimerHandle | None = None
 
     async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         if self._busy:
@@ -362,16 +337,92 @@ class Batcher:
             except asyncio.TimeoutError:
                 raise redis.exceptions.TimeoutError(f"no reply within {timeout} s") from None
         self._busy = True
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         try:
-            return await script.run(self.client, keys, args)
+            return await self._run(script, keys, args)
         finally:
             self._next()
+
+    async def _run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """`Script.run`, packed by hiredis and sent on the held connection where `_direct`."""
+        if not _direct(self.client):
+            return await script.run(self.client, keys, args)
+        try:
+            return (await self._exchange([script.command(keys, args)]))[0]
+        except redis.exceptions.NoScriptError:
+            execute: Callable[..., Awaitable[Any]] = self.client.execute_command
+            await execute("SCRIPT LOAD", script.source)
+            return (await self._exchange([script.command(keys, args)]))[0]
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Sends ``commands`` in one write and reads their replies in order, without redis-py's
+        command layer (its encoding of each argument in Python, its pool's bookkeeping at every
+        call): one that failed in Redis is its `ResponseError` (raised when ``commands`` holds
+        one command). As in redis-py: a broken connection is dropped and the whole exchange
+        tried again as the client's retry policy says (every script this library sends answers a
+        resend from its reply key); a timeout, a cancellation or a failure half way drops the
+        connection, which goes back to its pool."""
+        assert _pack is not None
+        try:
+            packed = b"".join([_pack(command) for command in commands])
+        except TypeError as exc:
+            raise redis.exceptions.DataError(str(exc)) from None
+        connection = self._held
+        if connection is None:
+            connection = self._held = await _acquire(self.client.connection_pool)
+
+        async def exchange() -> list[Any]:
+            await connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response(disable_decoding=True))
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        async def fail(_error: BaseException) -> None:
+            await connection.disconnect()
+
+        try:
+            replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
+        except BaseException:
+            self._give_back()
+            raise
+        if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
+            raise replies[0]
+        return replies
+
+    def _give_back(self) -> None:
+        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine)."""
+        connection, self._held = self._held, None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if connection is not None:
+            task = asyncio.get_running_loop().create_task(self._release(connection))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, connection: Any) -> None:
+        with contextlib.suppress(Exception):  # a pool reset or closed meanwhile: nothing to return
+            await self.client.connection_pool.release(connection)
+
+    async def aclose(self) -> None:
+        """Returns the held connection to its pool at once."""
+        self._give_back()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _next(self) -> None:
         batch = [call for call in self._pending if not call[3].done()]
         self._pending = []
         if not batch:
             self._busy = False
+            if self._held is not None:
+                self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._give_back)
             return
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         self._tasks.add(task)
@@ -420,11 +471,11 @@ class Batcher:
         if len(batch) == 1:
             script, keys, args, _ = batch[0]
             try:
-                return [await script.run(self.client, keys, args)]
+                return [await self._run(script, keys, args)]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
         if _direct(self.client):
-            return await _exchange(self.client, [script.command(keys, args) for script, keys, args, _ in batch])
+            return await self._exchange([script.command(keys, args) for script, keys, args, _ in batch])
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
             pipe.execute_command(*script.command(keys, args), **_RAW)

@@ -254,6 +254,8 @@ class GlobalChoice:
         # Dispatches asked and the task that sends them (`attempt`).
         self._asks: list[tuple[RedisThrottle, asyncio.Future[Any]]] = []
         self._asker: asyncio.Task[None] | None = None
+        # The last limiter `usable_with` accepted.
+        self._usable_limiter: RedisThrottle | None = None
         # Marks waiting for their script call, and the task that sends them (`_marked`).
         self._marks: list[_Mark] = []
         self._sender: asyncio.Task[None] | None = None
@@ -276,12 +278,19 @@ class GlobalChoice:
     def usable_with(self, limiter: object) -> bool:
         """Whether ``limiter`` is a `RedisThrottle` co-located with the queue: the same namespace
         (hash tag) on the same server."""
+        if limiter is self._usable_limiter:
+            return True
         if not isinstance(limiter, RedisThrottle):
             return False
         storage = self._storage
-        return limiter.namespace == storage.namespace and (
+        usable = limiter.namespace == storage.namespace and (
             limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
         )
+        if usable:
+            # Asked at every dispatch and mark: the last limiter found usable is known at once
+            # (its namespace and client never change).
+            self._usable_limiter = limiter
+        return usable
 
     def _call(
         self, limiter: RedisThrottle, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
