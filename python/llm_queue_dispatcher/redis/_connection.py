@@ -293,6 +293,13 @@ async def _acquire(pool: Any) -> Any:
     return await acquiring
 
 
+def _expire(future: asyncio.Future[Any], timeout: float) -> None:
+    """Fails a call still waiting for its batch (`Batcher.call`): left out of it, if not sent yet.
+    (A timer: `asyncio.wait_for` adds a future and callbacks of its own to every queued call.)"""
+    if not future.done():
+        future.set_exception(redis.exceptions.TimeoutError(f"no reply within {timeout} s"))
+
+
 #: Seconds a `Batcher` keeps its pooled connection after its last call: a dispatcher's calls
 #: follow each other a few milliseconds apart, and taking a connection from redis-py's pool and
 #: giving it back costs more than a script's packing.
@@ -318,9 +325,12 @@ class Batcher:
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # Without redis-py's command layer (`_direct`): the pooled connection kept between calls
-        # (`_HOLD_SECONDS`) and the timer that gives it back.
+        # (`_HOLD_SECONDS`), whether a call used it since the timer that gives it back last
+        # looked, that timer, and the tasks giving connections back.
         self._held: Any = None
+        self._used = False
         self._idle: asyncio.TimerHandle | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         if self._busy:
@@ -332,14 +342,13 @@ class Batcher:
             # The client's timeout counts from this call, not from when its batch goes out: a
             # call queued behind one that hangs must not wait that one's timeout and then its
             # own. Timed out before its batch went out, it is never sent.
+            expiry = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
             try:
-                return await asyncio.wait_for(future, timeout)
-            except asyncio.TimeoutError:
-                raise redis.exceptions.TimeoutError(f"no reply within {timeout} s") from None
+                return await future
+            finally:
+                expiry.cancel()
         self._busy = True
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._used = True
         try:
             return await self._run(script, keys, args)
         finally:
@@ -372,6 +381,8 @@ class Batcher:
         connection = self._held
         if connection is None:
             connection = self._held = await _acquire(self.client.connection_pool)
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
 
         async def exchange() -> list[Any]:
             await connection.send_packed_command(packed)
@@ -395,6 +406,18 @@ class Batcher:
             raise replies[0]
         return replies
 
+    def _on_idle(self) -> None:
+        """The held connection goes back to its pool once no call used it for `_HOLD_SECONDS`
+        (one timer per period, not one per call)."""
+        self._idle = None
+        if self._held is None:
+            return
+        if self._busy or self._used:
+            self._used = False
+            self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+            return
+        self._give_back()
+
     def _give_back(self) -> None:
         """Returns the held connection to its pool (in a task: redis-py's release is a coroutine)."""
         connection, self._held = self._held, None
@@ -403,8 +426,8 @@ class Batcher:
             self._idle = None
         if connection is not None:
             task = asyncio.get_running_loop().create_task(self._release(connection))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def _release(self, connection: Any) -> None:
         with contextlib.suppress(Exception):  # a pool reset or closed meanwhile: nothing to return
@@ -413,16 +436,14 @@ class Batcher:
     async def aclose(self) -> None:
         """Returns the held connection to its pool at once."""
         self._give_back()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
     def _next(self) -> None:
         batch = [call for call in self._pending if not call[3].done()]
         self._pending = []
         if not batch:
             self._busy = False
-            if self._held is not None:
-                self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._give_back)
             return
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         self._tasks.add(task)

@@ -420,12 +420,11 @@ class GlobalChoice:
             fields = next(winners, None)
             future.set_result(_ALONE if fields is None else _Won(fields))
         # The winners of callers cancelled while the call was on its way: given back whole.
-        await asyncio.gather(
-            *(
-                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
-                for fields in winners
+        left = list(winners)
+        if left:
+            await asyncio.gather(
+                *(self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release") for fields in left)
             )
-        )
 
     def _start_give_back(self, limiter: RedisThrottle, fields: list[Any]) -> None:
         """Gives back, in a task `close` waits for, a winner nobody will open."""
