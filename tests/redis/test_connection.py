@@ -1,6 +1,7 @@
 """The connection to Redis (``redis/_connection.py``) as a user sees it: the password of its URL
 never shows, in a repr, an error, a traceback or a log line, whether it is right, wrong, or the
-server is down."""
+server is down; a client passed in keeps its connections for its owner's own commands, its
+subclass's command hook and its reconnection."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from llm_queue_dispatcher import InvalidConfigError, LLMRequest, StorageError
 from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+from tests.redis.conftest import fresh_name
 from tests.redis.support import RedisServer, free_port, running_server
 
 PASSWORD = "S3cret-Pa55word%21"  # percent-encoded "!" in the URL: both spellings must stay hidden
@@ -65,3 +68,58 @@ async def test_the_password_never_shows(
     assert "AuthenticationError" in "".join(said) or "invalid" in "".join(said).lower()
     for text in said:
         assert_hidden(text)
+
+
+async def test_a_passed_client_gets_its_connection_back_when_the_calls_stop(redis_url: str) -> None:
+    """The library's calls keep one pooled connection while they follow each other: a pool of
+    one connection serves its owner's own commands again once they stop, and at once after
+    ``aclose``."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=2)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    try:
+        storage: RedisStorage[Any] = RedisStorage(client, fresh_name("pool-of-one"))
+        await client.script_flush()  # its scripts are loaded on the connection its calls hold
+        await storage.enqueue(LLMRequest("a", 1))
+        assert await client.ping()  # waits for the library's idle connection, not for ever
+        assert await storage.get_approximate_message_count() == 1
+        await storage.aclose()
+        assert pool._in_use_connections == set()
+    finally:
+        await client.aclose()
+        await pool.aclose()
+
+
+async def test_a_client_subclass_runs_every_script_through_its_own_execute_command(
+    redis_url: str,
+) -> None:
+    seen: list[Any] = []
+
+    class Recording(redis.asyncio.Redis):
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            seen.append(args[0])
+            return await super().execute_command(*args, **options)
+
+    client = Recording.from_url(redis_url)
+    try:
+        storage: RedisStorage[Any] = RedisStorage(client, fresh_name("recorded"))
+        await storage.enqueue(LLMRequest("a", 1))
+        assert await storage.get_approximate_message_count() == 1
+        assert seen.count("EVALSHA") >= 2
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.fault  # starts a server of its own: every connection of it is killed
+async def test_a_connection_the_server_dropped_is_replaced_without_the_caller_seeing_it(
+    private_server: RedisServer,
+) -> None:
+    admin = redis.asyncio.Redis.from_url(private_server.url)
+    try:
+        async with RedisStorage(private_server.url, "dropped") as storage:
+            await storage.enqueue(LLMRequest("a", 1))
+            # The connection the storage's calls hold is among those killed.
+            assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+            await storage.enqueue(LLMRequest("b", 1))
+            assert await storage.get_approximate_message_count() == 2
+    finally:
+        await admin.aclose()

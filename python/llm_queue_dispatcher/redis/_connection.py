@@ -361,9 +361,17 @@ class Batcher:
         try:
             return (await self._exchange([script.command(keys, args)]))[0]
         except redis.exceptions.NoScriptError:
+            await self._load(script)
+            return (await self._exchange([script.command(keys, args)]))[0]
+
+    async def _load(self, script: Script) -> None:
+        """``SCRIPT LOAD``: on the held connection where `_direct` (another one of a pool of one
+        would wait for the held one for ever)."""
+        if _direct(self.client):
+            await self._exchange([("SCRIPT", "LOAD", script.source)])
+        else:
             execute: Callable[..., Awaitable[Any]] = self.client.execute_command
             await execute("SCRIPT LOAD", script.source)
-            return (await self._exchange([script.command(keys, args)]))[0]
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Sends ``commands`` in one write and reads their replies in order, without redis-py's
@@ -458,9 +466,8 @@ class Batcher:
                 if isinstance(result, redis.exceptions.NoScriptError)
             }
             if missing:  # a restart or SCRIPT FLUSH: load each once and run those calls again
-                execute: Callable[..., Awaitable[Any]] = self.client.execute_command
                 for script in missing:
-                    await execute("SCRIPT LOAD", script.source)
+                    await self._load(script)
                 again = [
                     i
                     for i, result in enumerate(results)
