@@ -5,6 +5,8 @@ subclass's command hook and its reconnection."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import traceback
 from pathlib import Path
@@ -70,23 +72,60 @@ async def test_the_password_never_shows(
         assert_hidden(text)
 
 
-async def test_a_passed_client_gets_its_connection_back_when_the_calls_stop(redis_url: str) -> None:
-    """The library's calls keep one pooled connection while they follow each other: a pool of
-    one connection serves its owner's own commands again once they stop, and at once after
-    ``aclose``."""
+async def test_a_small_pool_passed_in_serves_the_storage_the_limiter_and_its_owner_together(
+    redis_url: str,
+) -> None:
+    """A pool of one connection shared by a storage that calls without a pause, a limiter and
+    the owner's own commands: none of them keeps it from the others."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=2)
     client = redis.asyncio.Redis(connection_pool=pool)
+    storage: RedisStorage[Any] = RedisStorage(client, fresh_name("pool-of-one"))
+    limiter = RedisThrottle(client, fresh_name("pool-of-one"), rpm=1e6, tpm=1e9)
+    stop = asyncio.Event()
+
+    async def busy() -> int:
+        count = 0
+        while not stop.is_set():
+            await storage.enqueue(LLMRequest(f"r{count}", 1))
+            count += 1
+        return count
+
+    await client.script_flush()  # scripts loaded while the pool's one connection is in use
+    running = asyncio.ensure_future(busy())
     try:
-        storage: RedisStorage[Any] = RedisStorage(client, fresh_name("pool-of-one"))
-        await client.script_flush()  # its scripts are loaded on the connection its calls hold
-        await storage.enqueue(LLMRequest("a", 1))
-        assert await client.ping()  # waits for the library's idle connection, not for ever
-        assert await storage.get_approximate_message_count() == 1
-        await storage.aclose()
-        assert pool._in_use_connections == set()
+        for i in range(5):
+            assert await limiter.consume(f"c{i}", 1)
+            assert await client.ping()
+        stop.set()
+        assert await storage.get_approximate_message_count() == await running
     finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await running
         await client.aclose()
         await pool.aclose()
+
+
+async def test_the_connection_kept_between_calls_goes_back_to_the_pool_once_they_stop(
+    redis_url: str,
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    in_use = client.connection_pool._in_use_connections
+    try:
+        storage: RedisStorage[Any] = RedisStorage(client, fresh_name("kept"))
+        await storage.enqueue(LLMRequest("a", 1))
+        assert len(in_use) == 1  # kept for the next call
+        for _ in range(500):
+            if not in_use:
+                break
+            await asyncio.sleep(0.01)
+        assert not in_use
+        await storage.enqueue(LLMRequest("b", 1))
+        await storage.aclose()  # a client passed in stays open, its connection back in its pool
+        assert not in_use
+        assert await client.ping()
+    finally:
+        await client.aclose()
 
 
 async def test_a_client_subclass_runs_every_script_through_its_own_execute_command(

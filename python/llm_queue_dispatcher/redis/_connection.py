@@ -305,6 +305,19 @@ def _expire(future: asyncio.Future[Any], timeout: float) -> None:
 #: giving it back costs more than a script's packing.
 _HOLD_SECONDS = 0.05
 
+
+def _holdable(pool: Any) -> bool:
+    """Whether a `Batcher` may keep a connection of ``pool`` between calls: when the pool has at
+    least `_HOLD_MIN_POOL` connections (redis-py's default pool has 100 or more). A small
+    one may be shared by several `Batcher` (a storage and a limiter on one client) or by its
+    owner's commands, which must not wait for a connection a busy one keeps."""
+    return int(getattr(pool, "max_connections", 0) or 0) >= _HOLD_MIN_POOL
+
+
+#: The fewest connections a pool has for a `Batcher` to keep one of them (`_holdable`).
+_HOLD_MIN_POOL = 16
+
+
 _RAW = {NEVER_DECODE: True}
 _Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -380,17 +393,20 @@ class Batcher:
         one command). As in redis-py: a broken connection is dropped and the whole exchange
         tried again as the client's retry policy says (every script this library sends answers a
         resend from its reply key); a timeout, a cancellation or a failure half way drops the
-        connection, which goes back to its pool."""
+        connection, which goes back to its pool (at once when it is kept: `_holdable`)."""
         assert _pack is not None
         try:
             packed = b"".join([_pack(command) for command in commands])
         except TypeError as exc:
             raise redis.exceptions.DataError(str(exc)) from None
+        pool = self.client.connection_pool
         connection = self._held
         if connection is None:
-            connection = self._held = await _acquire(self.client.connection_pool)
-            if self._idle is None:
-                self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+            connection = await _acquire(pool)
+            if _holdable(pool):
+                self._held = connection
+                if self._idle is None:
+                    self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
 
         async def exchange() -> list[Any]:
             await connection.send_packed_command(packed)
@@ -405,11 +421,16 @@ class Batcher:
         async def fail(_error: BaseException) -> None:
             await connection.disconnect()
 
+        held = connection is self._held
         try:
             replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
         except BaseException:
-            self._give_back()
+            if held:
+                self._give_back()
             raise
+        finally:
+            if not held:
+                await pool.release(connection)
         if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
             raise replies[0]
         return replies
