@@ -6,8 +6,8 @@ path (``redis_compare._fill``), then
 one of ``redis_compare.py``'s children run in this process (``global``: 16 tasks each
 dequeuing and marking; ``global worker``: a `Worker` with 16 handlers) until the queue is
 drained. It prints the jobs per second, this process's CPU per job (``getrusage``), the
-server's (``INFO cpu``, user + system) and the Redis commands per job (``INFO commandstats``,
-the scripts' own calls counted apart from the commands they make).
+server's (``INFO cpu``, user + system), the Redis commands per job (``INFO commandstats``,
+the scripts' own calls counted apart from the commands they make) and the script calls per job.
 
 Run it once per build and alternate the builds (a checkout of another build: its ``python``
 directory first on ``PYTHONPATH``, run from that checkout so that its ``benches`` is read)::
