@@ -6,8 +6,8 @@ path (``redis_compare._fill``), then
 one of ``redis_compare.py``'s children run in this process (``global``: 16 tasks each
 dequeuing and marking; ``global worker``: a `Worker` with 16 handlers) until the queue is
 drained. It prints the jobs per second, this process's CPU per job (``getrusage``), the
-server's (``INFO cpu``, user + system) and the Redis commands per job (``INFO commandstats``,
-the scripts' own calls counted apart from the commands they make).
+server's (``INFO cpu``, user + system), the Redis commands per job (``INFO commandstats``,
+the scripts' own calls counted apart from the commands they make) and the script calls per job.
 
 Run it once per build and alternate the builds (a checkout of another build: its ``python``
 directory first on ``PYTHONPATH``, run from that checkout so that its ``benches`` is read)::
@@ -51,9 +51,11 @@ def main(task: str, count: int, tenants: int) -> None:
     commands = sum(
         int(v["calls"]) for k, v in stats.items() if not k.startswith(("cmdstat_evalsha", "cmdstat_config"))
     )
+    scripts = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_evalsha"))
     print(
         f"{task}: {done} jobs, {done / elapsed:,.0f}/s, client CPU {here / done * 1e6:.0f} µs/job, "
-        f"server CPU {server / done * 1e6:.0f} µs/job, {commands / done:.1f} commands/job"
+        f"server CPU {server / done * 1e6:.0f} µs/job, {commands / done:.1f} commands/job, "
+        f"{scripts / done:.2f} script calls/job"
     )
 
 

@@ -34,6 +34,9 @@ Serializer = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
 
 _dumps_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _loads_json = json.loads
+_decode_json = json.JSONDecoder().decode
+# Priority by value: a dict lookup, not the enum's call.
+_PRIORITIES = {int(priority): priority for priority in Priority}
 
 
 #: The largest int stored as a JSON number: every int up to it is a double too.
@@ -181,19 +184,30 @@ def encode_request(request: LLMRequest[Any], serializer: Serializer | None, max_
     return head + b"\n" + payload_bytes
 
 
+def _loads(data: bytes) -> Any:
+    """``json.loads(data)``: UTF-8 decoded directly (what every writer of this format stores),
+    without ``json.loads``'s guess of the encoding; anything else read as ``json.loads`` reads it."""
+    try:
+        return _decode_json(data.decode())
+    except ValueError:  # not UTF-8, a byte order mark, or not JSON: json.loads's answer
+        return _loads_json(data)
+
+
 def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any]:
     """The request ``encode_request`` stored (equal to it, not the same object)."""
     head, _, payload_bytes = blob.partition(b"\n")
-    fields = _loads_json(head)
-    payload = _loads_json(payload_bytes) if serializer is None else serializer[1](payload_bytes)
+    fields = _loads(head)
+    payload = _loads(payload_bytes) if serializer is None else serializer[1](payload_bytes)
     estimated, actual, model, *parts = fields["token_info"]
     input_tokens, max_output = parts if parts else (None, None)
     created_at = fields["created_at"]
     deadline = fields["deadline"]
+    stored = fields["priority"]
+    priority = _PRIORITIES.get(stored) if type(stored) is int else None
     return LLMRequest(
         id=fields["id"],
         payload=payload,
-        priority=Priority(fields["priority"]),
+        priority=Priority(stored) if priority is None else priority,
         token_info=TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output),
         expected_processing_time=fields["expected_processing_time"],
         metadata=fields["metadata"],

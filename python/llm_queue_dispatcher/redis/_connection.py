@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
@@ -38,6 +39,12 @@ from redis.backoff import NoBackoff
 from redis.client import NEVER_DECODE
 
 from ..errors import InvalidConfigError
+
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - the redis extra installs hiredis
+    _pack = None
 
 __all__ = [
     "CLIENT_ERRORS",
@@ -157,7 +164,11 @@ class Connection:
         return await batcher.call(script, keys, args)
 
     async def aclose(self) -> None:
-        """Closes the client if it was built here from a URL."""
+        """Gives back the connection this event loop's calls hold; closes the client if it was
+        built here from a URL."""
+        batcher = self._batchers.get(asyncio.get_running_loop())
+        if batcher is not None:
+            await batcher.aclose()
         if self.owned:
             await self.client.aclose()
 
@@ -261,6 +272,52 @@ class Script:
             return await execute(*self.command(keys, args), **_RAW)
 
 
+def _direct(client: redis.asyncio.Redis) -> bool:
+    """Whether calls may skip redis-py's command layer (`Batcher`): hiredis is there, the client
+    draws its connections from its pool (not one connection of its own) and runs commands as
+    redis-py does (no subclass of its own)."""
+    return (
+        _pack is not None
+        and not client.single_connection_client
+        and client.connection is None
+        and type(client).execute_command is redis.asyncio.Redis.execute_command
+    )
+
+
+async def _acquire(pool: Any) -> Any:
+    """A connection of ``pool``, connected."""
+    try:
+        acquiring = pool.get_connection()
+    except TypeError:  # redis-py before 5.3 names the command
+        acquiring = pool.get_connection("EVALSHA")
+    return await acquiring
+
+
+def _expire(future: asyncio.Future[Any], timeout: float) -> None:
+    """Fails a call still waiting for its batch (`Batcher.call`): left out of it, if not sent yet.
+    (A timer: `asyncio.wait_for` adds a future and callbacks of its own to every queued call.)"""
+    if not future.done():
+        future.set_exception(redis.exceptions.TimeoutError(f"no reply within {timeout} s"))
+
+
+#: Seconds a `Batcher` keeps its pooled connection after its last call: a dispatcher's calls
+#: follow each other a few milliseconds apart, and taking a connection from redis-py's pool and
+#: giving it back costs more than a script's packing.
+_HOLD_SECONDS = 0.05
+
+
+def _holdable(pool: Any) -> bool:
+    """Whether a `Batcher` may keep a connection of ``pool`` between calls: when the pool has at
+    least `_HOLD_MIN_POOL` connections (redis-py's default pool has 100 or more). A small
+    one may be shared by several `Batcher` (a storage and a limiter on one client) or by its
+    owner's commands, which must not wait for a connection a busy one keeps."""
+    return int(getattr(pool, "max_connections", 0) or 0) >= _HOLD_MIN_POOL
+
+
+#: The fewest connections a pool has for a `Batcher` to keep one of them (`_holdable`).
+_HOLD_MIN_POOL = 16
+
+
 _RAW = {NEVER_DECODE: True}
 _Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -280,6 +337,13 @@ class Batcher:
         self._busy = False
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # Without redis-py's command layer (`_direct`): the pooled connection kept between calls
+        # (`_HOLD_SECONDS`), whether a call used it since the timer that gives it back last
+        # looked, that timer, and the tasks giving connections back.
+        self._held: Any = None
+        self._used = False
+        self._idle: asyncio.TimerHandle | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         if self._busy:
@@ -291,15 +355,118 @@ class Batcher:
             # The client's timeout counts from this call, not from when its batch goes out: a
             # call queued behind one that hangs must not wait that one's timeout and then its
             # own. Timed out before its batch went out, it is never sent.
+            expiry = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
             try:
-                return await asyncio.wait_for(future, timeout)
-            except asyncio.TimeoutError:
-                raise redis.exceptions.TimeoutError(f"no reply within {timeout} s") from None
+                return await future
+            finally:
+                expiry.cancel()
         self._busy = True
+        self._used = True
         try:
-            return await script.run(self.client, keys, args)
+            return await self._run(script, keys, args)
         finally:
             self._next()
+
+    async def _run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """`Script.run`, packed by hiredis and sent on the held connection where `_direct`."""
+        if not _direct(self.client):
+            return await script.run(self.client, keys, args)
+        try:
+            return (await self._exchange([script.command(keys, args)]))[0]
+        except redis.exceptions.NoScriptError:
+            await self._load(script)
+            return (await self._exchange([script.command(keys, args)]))[0]
+
+    async def _load(self, script: Script) -> None:
+        """``SCRIPT LOAD``: on the held connection where `_direct` (another one of a pool of one
+        would wait for the held one for ever)."""
+        if _direct(self.client):
+            await self._exchange([("SCRIPT", "LOAD", script.source)])
+        else:
+            execute: Callable[..., Awaitable[Any]] = self.client.execute_command
+            await execute("SCRIPT LOAD", script.source)
+
+    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Sends ``commands`` in one write and reads their replies in order, without redis-py's
+        command layer (its encoding of each argument in Python, its pool's bookkeeping at every
+        call): one that failed in Redis is its `ResponseError` (raised when ``commands`` holds
+        one command). As in redis-py: a broken connection is dropped and the whole exchange
+        tried again as the client's retry policy says (every script this library sends answers a
+        resend from its reply key); a timeout, a cancellation or a failure half way drops the
+        connection, which goes back to its pool (at once when it is kept: `_holdable`)."""
+        assert _pack is not None
+        try:
+            packed = b"".join([_pack(command) for command in commands])
+        except TypeError as exc:
+            raise redis.exceptions.DataError(str(exc)) from None
+        pool = self.client.connection_pool
+        connection = self._held
+        if connection is None:
+            connection = await _acquire(pool)
+            if _holdable(pool):
+                self._held = connection
+                if self._idle is None:
+                    self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+
+        async def exchange() -> list[Any]:
+            await connection.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response(disable_decoding=True))
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        async def fail(_error: BaseException) -> None:
+            await connection.disconnect()
+
+        held = connection is self._held
+        try:
+            replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
+        except BaseException:
+            if held:
+                self._give_back()
+            raise
+        finally:
+            if not held:
+                await pool.release(connection)
+        if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
+            raise replies[0]
+        return replies
+
+    def _on_idle(self) -> None:
+        """The held connection goes back to its pool once no call used it for `_HOLD_SECONDS`
+        (one timer per period, not one per call)."""
+        self._idle = None
+        if self._held is None:
+            return
+        if self._busy or self._used:
+            self._used = False
+            self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+            return
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine)."""
+        connection, self._held = self._held, None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if connection is not None:
+            task = asyncio.get_running_loop().create_task(self._release(connection))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, connection: Any) -> None:
+        with contextlib.suppress(Exception):  # a pool reset or closed meanwhile: nothing to return
+            await self.client.connection_pool.release(connection)
+
+    async def aclose(self) -> None:
+        """Returns the held connection to its pool at once."""
+        self._give_back()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
     def _next(self) -> None:
         batch = [call for call in self._pending if not call[3].done()]
@@ -320,9 +487,8 @@ class Batcher:
                 if isinstance(result, redis.exceptions.NoScriptError)
             }
             if missing:  # a restart or SCRIPT FLUSH: load each once and run those calls again
-                execute: Callable[..., Awaitable[Any]] = self.client.execute_command
                 for script in missing:
-                    await execute("SCRIPT LOAD", script.source)
+                    await self._load(script)
                 again = [
                     i
                     for i, result in enumerate(results)
@@ -354,9 +520,11 @@ class Batcher:
         if len(batch) == 1:
             script, keys, args, _ = batch[0]
             try:
-                return [await script.run(self.client, keys, args)]
+                return [await self._run(script, keys, args)]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
+        if _direct(self.client):
+            return await self._exchange([script.command(keys, args) for script, keys, args, _ in batch])
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
             pipe.execute_command(*script.command(keys, args), **_RAW)

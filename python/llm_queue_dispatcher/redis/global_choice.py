@@ -248,12 +248,16 @@ class GlobalChoice:
         # Delivery keys handed out here, whose marks go through `mark` (one script each): True
         # when the dispatch found that nobody withdrew the request (`claimed`).
         self._keys: dict[str, bool] = {}
+        # Their receipt handles with the handles' parts (member, lease token), for the marks.
+        self._leases: dict[str, tuple[str, str, str]] = {}
         # What `close` waits for: dispatches cancelled while in flight whose winners are being
         # given back, winners given back, the calls of `attempt` and `_marked` on their way.
         self._recoveries: set[asyncio.Task[None]] = set()
         # Dispatches asked and the task that sends them (`attempt`).
         self._asks: list[tuple[RedisThrottle, asyncio.Future[Any]]] = []
         self._asker: asyncio.Task[None] | None = None
+        # The last limiter `usable_with` accepted.
+        self._usable_limiter: RedisThrottle | None = None
         # Marks waiting for their script call, and the task that sends them (`_marked`).
         self._marks: list[_Mark] = []
         self._sender: asyncio.Task[None] | None = None
@@ -276,12 +280,19 @@ class GlobalChoice:
     def usable_with(self, limiter: object) -> bool:
         """Whether ``limiter`` is a `RedisThrottle` co-located with the queue: the same namespace
         (hash tag) on the same server."""
+        if limiter is self._usable_limiter:
+            return True
         if not isinstance(limiter, RedisThrottle):
             return False
         storage = self._storage
-        return limiter.namespace == storage.namespace and (
+        usable = limiter.namespace == storage.namespace and (
             limiter.redis is storage.redis or _server_of(limiter.redis) == _server_of(storage.redis)
         )
+        if usable:
+            # Asked at every dispatch and mark: the last limiter found usable is known at once
+            # (its namespace and client never change).
+            self._usable_limiter = limiter
+        return usable
 
     def _call(
         self, limiter: RedisThrottle, args: tuple[Any, ...], tail: tuple[Any, ...] = ()
@@ -411,12 +422,14 @@ class GlobalChoice:
             fields = next(winners, None)
             future.set_result(_ALONE if fields is None else _Won(fields))
         # The winners of callers cancelled while the call was on its way: given back whole.
-        await asyncio.gather(
-            *(
-                self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
-                for fields in winners
+        left = list(winners)
+        if left:
+            await asyncio.gather(
+                *(
+                    self._give_back(limiter, fields[0].decode(), fields[5].decode(), "release")
+                    for fields in left
+                )
             )
-        )
 
     def _start_give_back(self, limiter: RedisThrottle, fields: list[Any]) -> None:
         """Gives back, in a task `close` waits for, a winner nobody will open."""
@@ -574,15 +587,20 @@ class GlobalChoice:
         dispatcher's books (they take it as the buffer's only message), handed out."""
         storage, core = self._storage, self._core
         member, mid, count, enqueued, first, token, body = fields[:7]
-        handle = f"{member.decode()}.{int(count)}.{token.decode()}"
+        receive_count = int(count)
+        member_text, token_text = member.decode(), token.decode()
+        handle = f"{member_text}.{receive_count}.{token_text}"
         key = None
         try:
             request = storage._decode(body)
-            message: QueueMessage[Any] = storage._message(request, mid, int(count), enqueued, first, handle)
-            key = f"{request.id}#{int(count)}"
+            message: QueueMessage[Any] = storage._message(
+                request, mid, receive_count, enqueued, first, handle
+            )
+            key = f"{request.id}#{receive_count}"
             # Not withdrawn when the dispatch read it (global_dispatch.lua's flags; the score
             # policy's dispatch reads none).
             self._keys[key] = len(fields) > 7 and fields[7] == b"0"
+            self._leases[key] = (handle, member_text, token_text)
             if (
                 self._dispatch_script == "score_dispatch"
                 and request.token_info.estimated <= limiter.token_capacity
@@ -599,7 +617,8 @@ class GlobalChoice:
             # visibility runs out).
             if key is not None:
                 self._keys.pop(key, None)
-            await self._give_back(limiter, member.decode(), token.decode())
+                self._leases.pop(key, None)
+            await self._give_back(limiter, member_text, token_text)
             raise
         if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
             return found
@@ -607,7 +626,8 @@ class GlobalChoice:
         if type(found) is ProcessableMessage:
             core.revoke(found, False, False)
         self._keys.pop(key, None)
-        await self._give_back(limiter, member.decode(), token.decode())
+        self._leases.pop(key, None)
+        await self._give_back(limiter, member_text, token_text)
         raise StorageError(f"the dispatcher's books did not take the global winner {key!r}")
 
     async def _give_back(self, limiter: RedisThrottle, member: str, token: str, step: str = "") -> None:
@@ -638,10 +658,16 @@ class GlobalChoice:
         """Runs ``plan`` in one script: the store's step, the limiter's call, the charge's
         correction. Returns whether the receipt handle was stale."""
         limiter: RedisThrottle = plan.limiter
-        message = plan.message
-        member, token = self._storage._handle(message.attributes.receipt_handle)
+        key, call = plan.key, plan.limiter_call
+        handle = plan.message.attributes.receipt_handle
+        lease = self._leases.get(key)
+        # The handle's parts as `_open` had them, rather than parsed again.
+        if lease is not None and lease[0] == handle:
+            member, token = lease[1], lease[2]
+        else:
+            member, token = self._storage._handle(handle)
         # The actual input and output counts, when the mark gave them: each limit its own.
-        parts = ("", "") if plan.parts is None else (plan.parts[0], plan.parts[1])
+        parts = plan.parts
         stored, limited = await self._marked(
             limiter,
             (
@@ -649,15 +675,16 @@ class GlobalChoice:
                 member,
                 token,
                 round(plan.seconds * 1_000_000),
-                plan.limiter_call or "",
-                plan.key,
+                call or "",
+                key,
                 int(plan.tokens),
                 limiter.adjustment_failure_strategy,
-                *parts,
+                *(("", "") if parts is None else (parts[0], parts[1])),
             ),
         )
-        self._keys.pop(plan.key, None)
-        if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
+        self._keys.pop(key, None)
+        self._leases.pop(key, None)
+        if call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",
                 plan.request_id,

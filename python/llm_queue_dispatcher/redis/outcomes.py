@@ -242,8 +242,13 @@ def _model_json(value: object) -> Any:
 def encode_outcome(request_id: str, outcome: Outcome) -> str:
     """An outcome as JSON; a value JSON cannot hold becomes a failure saying so."""
     if outcome.ok:
+        value = outcome.value
         try:
-            return json.dumps({"ok": True, "value": outcome.value}, ensure_ascii=False, default=_model_json)
+            if value is None or type(value) is int:
+                # What json.dumps writes for them (a Worker's handlers mostly return a token
+                # count), without its encoder's setup at every report.
+                return f'{{"ok": true, "value": {"null" if value is None else int.__repr__(value)}}}'
+            return json.dumps({"ok": True, "value": value}, ensure_ascii=False, default=_model_json)
         except (TypeError, ValueError, RecursionError) as exc:
             error: BaseException = _errors.InvalidRequestError(
                 f"the result of request {request_id!r} was processed but cannot travel to its "
