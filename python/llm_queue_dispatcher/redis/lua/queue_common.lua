@@ -88,9 +88,9 @@ end
 -- expected processing time in seconds (-1: not given). (A message stored by a version without
 -- these has ten == nil: it is not in the index; one stored before the parts has inp == nil: its
 -- limiter reservation counts the whole estimate; one stored before the processing time has
--- ept == nil: the score policy counts it as not given.)
-local function load(q, member)
-  local raw = redis.call('HGET', q.state, member)
+-- ept == nil: the score policy counts it as not given.) state_of reads one as stored (nil for
+-- none: the HGET or HMGET of a member without one), load reads a member's.
+local function state_of(raw)
   if not raw then
     return nil
   end
@@ -99,6 +99,10 @@ local function load(q, member)
     p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl,
     inp = inp, out = out, ept = ept,
   }
+end
+
+local function load(q, member)
+  return state_of(redis.call('HGET', q.state, member))
 end
 
 -- A state as save() stores it (its fields as far as the message has them).
@@ -227,7 +231,11 @@ local function index_remove(q, member, s)
   end
   if removed == 1 and index_pending ~= nil and q == Q then
     local pending = index_pending
-    pending.waiting = pending.waiting + tonumber(fmt(s.tok))
+    local tokens = s.tok
+    if tokens % 1 ~= 0 then
+      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
+    end
+    pending.waiting = pending.waiting + tokens
     if pending.tenants[s.ten] == nil then
       pending.tenants[s.ten] = 0
       pending.order[#pending.order + 1] = s.ten
@@ -465,9 +473,12 @@ end
 
 -- Applies to one message now what maintain() would, had its bound let it reach the message: one
 -- whose visibility ended is handled so, one visible past the retention period expires. Returns
--- whether the message is gone from the queue.
-local function catch_up(member, s)
-  local deadline = redis.call('ZSCORE', Q.inflight, member)
+-- whether the message is gone from the queue. `deadline` (optional): its in-flight deadline as
+-- ZSCORE answers it (false: not in flight), when the caller read it already.
+local function catch_up(member, s, deadline)
+  if deadline == nil then
+    deadline = redis.call('ZSCORE', Q.inflight, member)
+  end
   if deadline then
     return tonumber(deadline) <= NOW and visibility_ended(member, s)
   end
@@ -482,10 +493,16 @@ local function catch_up(member, s)
 end
 
 -- The current holder's message: the member's state when `token` is its latest receipt token
--- (and the message is still in the queue).
-local function holder(member, token)
-  local s = load(Q, member)
-  if s == nil or s.token == '' or s.token ~= token or catch_up(member, s) then
+-- (and the message is still in the queue). `raw` and `deadline` (optional): its stored state
+-- (false: none) and in-flight deadline, when the caller read them already (global_mark.lua).
+local function holder(member, token, raw, deadline)
+  local s
+  if raw == nil then
+    s = load(Q, member)
+  else
+    s = state_of(raw)
+  end
+  if s == nil or s.token == '' or s.token ~= token or catch_up(member, s, deadline) then
     return nil
   end
   return s
