@@ -266,7 +266,8 @@ async def test_marks_of_one_message_in_one_call_each_see_what_the_one_before_lef
     assert attributes.approximate_number_of_messages_in_flight == 0
     assert (await limiter.get_metrics()).tpm.used == pytest.approx(100)  # the other's alone
     again = await dispatcher.dequeue(limiter)
-    assert again is not None and again.message.payload.id == jobs[0].message.payload.id
+    assert again is not None
+    assert again.message.payload.id == jobs[0].message.payload.id
     await again.mark_as_processed(actual_tokens=100)
     assert await storage.get_approximate_message_count() == 0
     await dispatcher.close()
