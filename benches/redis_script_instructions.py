@@ -15,10 +15,11 @@ build's scripts:
 
 The phases: ``dispatch1`` (``--jobs`` dispatch scripts of one winner), ``mark1`` (their marks one
 per call), ``dispatch16`` (dispatches of 16 winners, per job), ``mark16`` (16 marks per call, per
-job). Builds alternate (``--baseline-first`` starts with the baseline). The server's scripts are
-flushed before each measurement. Needs valgrind (``callgrind_control``, ``callgrind_annotate``)::
+job). The builds alternate: the baseline goes second in the first run (first with
+``--baseline-first``), and each run after swaps the order. The server's scripts are flushed
+before each measurement. Needs valgrind (``callgrind_control``, ``callgrind_annotate``)::
 
-    python benches/redis_script_instructions.py --baseline /tmp/base --rounds 2
+    python benches/redis_script_instructions.py --baseline /tmp/base --runs 2
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--queued", type=int, default=3_000, help="messages per fresh queue (default 3000)")
     parser.add_argument("--jobs", type=int, default=300, help="jobs per phase (default 300)")
-    parser.add_argument("--rounds", type=int, default=1, help="measurements per build and phase")
+    parser.add_argument("--runs", type=int, default=1, help="measurements per build and phase (default 1)")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout to measure beside this one")
     parser.add_argument("--baseline-first", action="store_true", help="the baseline's measurement first")
     args = parser.parse_args(argv)
@@ -214,16 +215,14 @@ def main(argv: list[str]) -> None:
     serial = 0
     try:
         with callgrind_server(directory) as (port, pid):
-            for round_number in range(args.rounds):
+            for run_number in range(args.runs):
                 for phase in PHASES:
-                    # Builds alternate their order from round to round.
-                    order = builds if round_number % 2 == 0 else builds[::-1]
+                    # Builds alternate their order from run to run.
+                    order = builds if run_number % 2 == 0 else builds[::-1]
                     for name, build in order:
                         serial += 1
                         per_job = measure(port, pid, directory, build, phase, args, serial)
-                        print(
-                            f"round {round_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job"
-                        )
+                        print(f"run {run_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job")
                         subprocess.run(
                             ["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True
                         )
