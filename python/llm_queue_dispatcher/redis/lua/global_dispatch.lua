@@ -168,7 +168,7 @@ local function never_fits(member)
 end
 
 local function head_of(tenant)
-  local prefix = #tenant .. ':' .. tenant
+  local prefix = tenant_prefix(tenant)
   local base = #prefix
   local function fits(key)
     return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
@@ -598,7 +598,7 @@ local function rounds()
         hide(Q, member, s)
         lease_deferred(out, taken, member, s, timeout)
         charge(key, s)
-        recent_pending[#recent_pending + 1] = fmt(s.tok)
+        recent_pending[#recent_pending + 1] = tokens_text(s.tok)
       end
     end
   end

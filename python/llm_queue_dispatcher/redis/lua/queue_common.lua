@@ -157,12 +157,37 @@ end
 local NO_DEADLINE = '9999999999999999'
 local NATIVE_LANE = {'0', '1', '3', '4'}
 
+-- A tenant's prefix in the lanes' entries (<len>:<tenant>) and an estimate as text, each made once
+-- per run of a script for the tenants and estimates it meets (a number made text is a formatted
+-- print): a dispatch of many winners, an enqueue of many messages meet the same few again.
+local tenant_prefixes, token_texts = {}, {}
+
+local function tenant_prefix(tenant)
+  local prefix = tenant_prefixes[tenant]
+  if prefix == nil then
+    prefix = #tenant .. ':' .. tenant
+    tenant_prefixes[tenant] = prefix
+  end
+  return prefix
+end
+
+local function tokens_text(n)
+  local text = token_texts[n]
+  if text == nil then
+    text = fmt(n)
+    if n > 0 and n % 1 == 0 then -- (never a NaN key, nor -0, whose text is not 0's)
+      token_texts[n] = text
+    end
+  end
+  return text
+end
+
 local function lane_key(member, s, lane)
   local dl = NO_DEADLINE
   if s.dl >= 0 then
     dl = string.format('%016d', math.min(s.dl, 9999999999999998))
   end
-  return #s.ten .. ':' .. s.ten .. lane .. dl .. member .. fmt(s.tok)
+  return tenant_prefix(s.ten) .. lane .. dl .. member .. tokens_text(s.tok)
 end
 
 local function index_add(q, member, s)
@@ -174,13 +199,13 @@ local function index_add(q, member, s)
   end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
-  redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
+  redis.call('HINCRBYFLOAT', q.meta, 'waiting', tokens_text(s.tok))
   local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
   if arrival == nil or s.at > arrival then
     redis.call('HSET', q.meta, 'arrival', fmt(s.at))
   end
   if s.p == 0 then
-    redis.call('LPUSH', q.recent_urgent, fmt(s.tok))
+    redis.call('LPUSH', q.recent_urgent, tokens_text(s.tok))
     redis.call('LTRIM', q.recent_urgent, 0, 63)
     redis.call('ZADD', q.urgent, fmt(s.at), member)
   elseif s.p >= 2 then
