@@ -214,9 +214,9 @@ end
 -- ({member, lane}, or false: none that fits) and use per weight (the winner's from its charge's
 -- HINCRBY), and the states of heads read to compare their ages on a tie (the round that takes
 -- one reads it no more: a visible message's state changes only when it is taken, and then it is
--- no head again). A round drops what it changes (forget_tenant): the winner's tenant (its head left, its
--- use grew), a tenant whose head expired or was found to never fit, a tenant whose earlier charge
--- went. So each winner after the first costs one head lookup, not one per tenant.
+-- no head again). A round drops what it changes (forget_tenant): the winner's tenant (its head
+-- left, its use grew), a tenant whose head expired or was found to never fit, a tenant whose
+-- earlier charge went. So each winner after the first costs one head lookup, not one per tenant.
 local heads, uses, states, usage_read = {}, {}, {}, false
 
 local function forget_tenant(tenant)
