@@ -237,3 +237,37 @@ async def test_a_mark_cancelled_before_its_call_is_sent_is_left_out_of_it(
     assert (await limiter.get_metrics()).tpm.used == pytest.approx(100 + 30)
     await jobs[0].mark_as_processed(actual_tokens=30)
     await dispatcher.close()
+
+
+async def test_marks_of_one_message_in_one_call_each_see_what_the_one_before_left(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """A call that gives a message back, then deletes it under the same receipt handle (and
+    deletes another message): the second mark finds the handle stale (the give-back reset it), so
+    the message stays queued, visible and whole, and its reservation was given back once."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    jobs = await enqueue_and_take(dispatcher, limiter, 2)
+    member, token = storage._handle(jobs[0].message.attributes.receipt_handle)
+    other, other_token = storage._handle(jobs[1].message.attributes.receipt_handle)
+    choice = dispatcher._global
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        outcomes = await asyncio.gather(
+            choice._marked(limiter, ("release", member, token, 0, "release", "", 0, "", "", "")),
+            choice._marked(limiter, ("delete", member, token, 0, "", "", 0, "", "", "")),
+            choice._marked(limiter, ("delete", other, other_token, 0, "adjust", "", 100, "warn", "", "")),
+        )
+    assert marks == [3]
+    assert [stored for stored, _ in outcomes] == [1, 0, 1]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 1
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(100)  # the other's alone
+    again = await dispatcher.dequeue(limiter)
+    assert again is not None
+    assert again.message.payload.id == jobs[0].message.payload.id
+    await again.mark_as_processed(actual_tokens=100)
+    assert await storage.get_approximate_message_count() == 0
+    await dispatcher.close()

@@ -30,11 +30,17 @@ local lease_states, lease_deadlines, lease_bodies = {}, {}, {}
 -- The request ids of the winners lease_deferred() leased, in order (never reset: one per winner).
 local lease_rids = {}
 
+-- The deadline of the call's leases as text, formatted once (a call leases for one timeout).
+local lease_timeout, lease_deadline = nil, nil
+
 local function lease_deferred(out, taken, member, s, timeout)
   receive(s)
   lease_states[#lease_states + 1] = member
   lease_states[#lease_states + 1] = packed_state(s)
-  lease_deadlines[#lease_deadlines + 1] = fmt(NOW + timeout)
+  if timeout ~= lease_timeout then
+    lease_timeout, lease_deadline = timeout, fmt(NOW + timeout)
+  end
+  lease_deadlines[#lease_deadlines + 1] = lease_deadline
   lease_deadlines[#lease_deadlines + 1] = member
   received(out, member, s, true) -- the body filled in by leases_flush()
   lease_bodies[#lease_bodies + 1] = {member, #out}

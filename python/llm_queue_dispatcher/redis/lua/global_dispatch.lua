@@ -60,7 +60,8 @@ local function withdrawals(out, rids)
 end
 
 maintain()
-local out = {fmt(NOW), ''}
+local now_text = fmt(NOW) -- (formatted once: each winner's charge is stamped with it)
+local out = {now_text, ''}
 if replayed(out, GREPLY) then
   local rids = {}
   -- Bounded by the winners the first run took (seven fields each).
@@ -78,8 +79,15 @@ if meta[1] ~= '1' then
   return {fmt(NOW), '', 'unindexed'}
 end
 
+-- The tenants with visible messages (first() reads them), read here when a call for several
+-- winners needs their number: nothing before the rounds changes them.
+local tenant_list = nil
 local limit = math.min(tonumber(ARGV[5]), WINNERS_MAX)
-limit = math.max(1, math.min(limit, math.floor(HEADS_MAX / math.max(1, redis.call('HLEN', Q.tenants)))))
+if limit > 1 then
+  tenant_list = redis.call('HKEYS', Q.tenants)
+  limit = math.max(1, math.min(limit, math.floor(HEADS_MAX / math.max(1, #tenant_list))))
+end
+limit = math.max(1, limit)
 local timeout = tonumber(ARGV[6])
 local window = tonumber(ARGV[8])
 local urgent_first = ARGV[9] == '1'
@@ -160,7 +168,7 @@ local function never_fits(member)
 end
 
 local function head_of(tenant)
-  local prefix = #tenant .. ':' .. tenant
+  local prefix = tenant_prefix(tenant)
   local base = #prefix
   local function fits(key)
     return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
@@ -202,14 +210,14 @@ local function usage_of(tenant)
 end
 
 -- What the rounds of one call read of the tenants, kept until a round changes it: the tenants with
--- visible messages (read once: no round makes a tenant visible), each one's head ({member, lane},
--- or false: none that fits) and use per weight (the winner's from its charge's HINCRBY), and the
--- states of heads read to compare their ages on a tie (the round that takes one reads it no
--- more: a visible message's state changes only when it is taken, and then it is no head again).
--- A round drops what it changes (forget_tenant): the winner's tenant (its head left, its use
--- grew), a tenant whose head expired or was found to never fit, a tenant whose earlier charge
--- went. So each winner after the first costs one head lookup, not one per tenant.
-local tenant_list, heads, uses, states = nil, {}, {}, {}
+-- visible messages (`tenant_list`, read once: no round makes a tenant visible), each one's head
+-- ({member, lane}, or false: none that fits) and use per weight (the winner's from its charge's
+-- HINCRBY), and the states of heads read to compare their ages on a tie (the round that takes
+-- one reads it no more: a visible message's state changes only when it is taken, and then it is
+-- no head again). A round drops what it changes (forget_tenant): the winner's tenant (its head
+-- left, its use grew), a tenant whose head expired or was found to never fit, a tenant whose
+-- earlier charge went. So each winner after the first costs one head lookup, not one per tenant.
+local heads, uses, states, usage_read = {}, {}, {}, false
 
 local function forget_tenant(tenant)
   if tenant ~= nil then
@@ -217,13 +225,24 @@ local function forget_tenant(tenant)
   end
 end
 
-local function age_of(member)
-  local s = states[member]
-  if s == nil then
-    s = load(Q, member)
-    states[member] = s
+-- Reads into `states` those of the heads `members` not read yet, in one command for all of them
+-- (not one each): their ages decide a tie.
+local function read_states(members)
+  local unknown = {}
+  -- Bounded by the heads tied (at most one per tenant with visible messages).
+  for _, member in ipairs(members) do
+    if states[member] == nil then
+      unknown[#unknown + 1] = member
+    end
   end
-  return s.at
+  if #unknown == 0 then
+    return
+  end
+  local found = redis.call('HMGET', Q.state, unpack(unknown))
+  -- Bounded by the heads just read.
+  for i, member in ipairs(unknown) do
+    states[member] = state_of(found[i])
+  end
 end
 
 -- Whether the URGENT set was found empty this call: no round makes a message visible, so it
@@ -252,8 +271,9 @@ local function first()
     end
   end
   -- The best tenant by (use per weight, its head's lane, its head's age, its head's member).
-  if tenant_list == nil then
-    tenant_list = redis.call('HKEYS', Q.tenants)
+  if not usage_read then
+    usage_read = true
+    tenant_list = tenant_list or redis.call('HKEYS', Q.tenants)
     if #tenant_list > 0 then
       local used = redis.call('HMGET', Q.usage, unpack(tenant_list))
       -- Bounded by the tenants with visible messages (the hash just read).
@@ -263,7 +283,8 @@ local function first()
       end
     end
   end
-  local best, best_use, best_lane = nil, nil, nil
+  -- The heads tied with the best on use and lane (their ages decide, read together after).
+  local best, best_use, best_lane, tied = nil, nil, nil, nil
   -- Bounded by the tenants with visible messages (read once per call).
   for _, tenant in ipairs(tenant_list) do
     local head = heads[tenant]
@@ -279,18 +300,29 @@ local function first()
         use = usage_of(tenant)
         uses[tenant] = use
       end
-      local better = best == nil or use < best_use or (use == best_use and lane < best_lane)
-      if not better and use == best_use and lane == best_lane then
-        local at, best_at = age_of(member), age_of(best)
-        better = at < best_at or (at == best_at and member < best)
-      end
-      if better then
-        best, best_use, best_lane = member, use, lane
+      if best == nil or use < best_use or (use == best_use and lane < best_lane) then
+        best, best_use, best_lane, tied = member, use, lane, nil
+      elseif use == best_use and lane == best_lane then
+        tied = tied or {best}
+        tied[#tied + 1] = member
       end
     end
   end
   if best == nil then
     return nil
+  end
+  if tied ~= nil then
+    -- The oldest, then the lowest member, of the heads tied.
+    read_states(tied)
+    best = tied[1]
+    -- Bounded by the heads tied.
+    for i = 2, #tied do
+      local member = tied[i]
+      local at, best_at = states[member].at, states[best].at
+      if at < best_at or (at == best_at and member < best) then
+        best = member
+      end
+    end
   end
   local s = states[best] or load(Q, best)
   states[best] = nil
@@ -459,7 +491,7 @@ local function charge(key, s)
     -- that one, whose tokens were not written yet.
     usage_added[earlier[1]] = usage_added[earlier[1]] - earlier[2]
     forget_tenant(earlier[1])
-  elseif redis.call('ZADD', Q.charges, fmt(NOW), key) == 0 then
+  elseif redis.call('ZADD', Q.charges, now_text, key) == 0 then
     -- `charges` and `charge` hold the same keys: a key already in `charges` has a charge.
     local raw = redis.call('HGET', Q.charge, key)
     if raw then
@@ -566,7 +598,7 @@ local function rounds()
         hide(Q, member, s)
         lease_deferred(out, taken, member, s, timeout)
         charge(key, s)
-        recent_pending[#recent_pending + 1] = fmt(s.tok)
+        recent_pending[#recent_pending + 1] = tokens_text(s.tok)
       end
     end
   end

@@ -88,6 +88,29 @@ do
   end
 end
 
+-- The states and in-flight deadlines of the call's marked messages, read in one HMGET and one
+-- ZMSCORE when there are several (bounded by MARKS_MAX marks). A mark takes its message's (an
+-- earlier mark of the same message may have changed them: it reads its own), and a 'visibility'
+-- mark drops them all (its maintain() may move any message).
+local prefetched_states, prefetched_deadlines = {}, {}
+do
+  local members, seen = {}, {}
+  for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do -- the marks
+    local member = ARGV[20 + 10 * (i - 1) + 1]
+    if member ~= nil and not seen[member] then
+      seen[member] = true
+      members[#members + 1] = member
+    end
+  end
+  if #members > 1 then -- (one alone is read when its mark needs it)
+    local states = redis.call('HMGET', Q.state, unpack(members))
+    local deadlines = redis.call('ZMSCORE', Q.inflight, unpack(members))
+    for i, member in ipairs(members) do -- the members just read
+      prefetched_states[member], prefetched_deadlines[member] = states[i], deadlines[i]
+    end
+  end
+end
+
 local function charge_of(key)
   local raw = charges_now[key]
   if raw == nil then
@@ -126,8 +149,13 @@ end
 local function mark(op, member, token, visibility, call, key, tokens, strategy, input, output)
   local stored = 0
   local s = nil
+  local raw, deadline = prefetched_states[member], prefetched_deadlines[member]
+  prefetched_states[member], prefetched_deadlines[member] = nil, nil
+  if op == 'visibility' then
+    prefetched_states, prefetched_deadlines = {}, {}
+  end
   if not gone[member] then
-    s = holder(member, token)
+    s = holder(member, token, raw, deadline)
   end
   if key == '' and s ~= nil then
     key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
@@ -202,9 +230,8 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     ARGV[base + 6], ARGV[base + 7], ARGV[base + 8], ARGV[base + 9]
   )
   if ok then
-    if session ~= nil then
-      session('checkpoint') -- what a later mark that fails leaves saved
-    end
+    -- (What a later mark that fails leaves saved is the checkpoint its limiter call took: nothing
+    -- after that call changes the limiter.)
     out[#out + 1] = stored
     out[#out + 1] = limited
   else

@@ -155,9 +155,12 @@ end
 -- The bucket's level at t >= NOW, computed from its stored state alone (changing nothing): the
 -- level a grant at t will find, so the wait a check reports is exactly the one that grant sees.
 local function level(b, t)
-  local copy = {avail = b.avail, last = b.last, cap = b.cap, per = b.per, period = b.period}
-  refill_until(copy, t)
-  return copy.avail
+  -- refill_until's arithmetic on the stored state, with no copy of the bucket made.
+  local elapsed = t - b.last
+  if elapsed > 0 then
+    return math.min(b.cap, b.avail + elapsed * b.per / b.period)
+  end
+  return b.avail
 end
 
 local function available(b)
@@ -413,17 +416,23 @@ end
 -- opens the session and after each mark made, and when a mark fails midway (its other marks are
 -- made) writes this back (rollback) instead of what the failed operation left half changed in
 -- memory, as a limiter that saves after every operation would have it.
+-- (Its tables are made once and written over: a dispatch takes one after each of its grants.)
 local saved = nil
 
 local function checkpoint()
-  local levels = {}
-  for i, b in ipairs(BUCKETS) do -- the buckets configured
-    levels[i] = {b.avail, b.last, b.debt}
+  if saved == nil then
+    saved = {levels = {}, totals = {}}
+    for i = 1, #BUCKETS do -- the buckets configured
+      saved.levels[i] = {}
+    end
   end
-  saved = {
-    levels = levels, penalty = PENALTY, counter = GRANT_COUNTER, pending = save_pending,
-    totals = {TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live},
-  }
+  for i, b in ipairs(BUCKETS) do -- the buckets configured
+    local kept = saved.levels[i]
+    kept[1], kept[2], kept[3] = b.avail, b.last, b.debt
+  end
+  saved.penalty, saved.counter, saved.pending = PENALTY, GRANT_COUNTER, save_pending
+  local totals = saved.totals
+  totals[1], totals[2], totals[3], totals[4] = TOTALS.tokens, TOTALS.adjusted, TOTALS.accuracy, TOTALS.live
 end
 
 local function rollback()

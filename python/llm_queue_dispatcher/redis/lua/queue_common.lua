@@ -88,9 +88,9 @@ end
 -- expected processing time in seconds (-1: not given). (A message stored by a version without
 -- these has ten == nil: it is not in the index; one stored before the parts has inp == nil: its
 -- limiter reservation counts the whole estimate; one stored before the processing time has
--- ept == nil: the score policy counts it as not given.)
-local function load(q, member)
-  local raw = redis.call('HGET', q.state, member)
+-- ept == nil: the score policy counts it as not given.) state_of reads one as stored (nil for
+-- none: the HGET or HMGET of a member without one), load reads a member's.
+local function state_of(raw)
   if not raw then
     return nil
   end
@@ -99,6 +99,10 @@ local function load(q, member)
     p = p, at = at, rc = rc, first = first, token = token, mid = mid, rid = rid, ten = ten, tok = tok, dl = dl,
     inp = inp, out = out, ept = ept,
   }
+end
+
+local function load(q, member)
+  return state_of(redis.call('HGET', q.state, member))
 end
 
 -- A state as save() stores it (its fields as far as the message has them).
@@ -153,12 +157,37 @@ end
 local NO_DEADLINE = '9999999999999999'
 local NATIVE_LANE = {'0', '1', '3', '4'}
 
+-- A tenant's prefix in the lanes' entries (<len>:<tenant>) and an estimate as text, each made once
+-- per run of a script for the tenants and estimates it meets (a number made text is a formatted
+-- print): a dispatch of many winners, an enqueue of many messages meet the same few again.
+local tenant_prefixes, token_texts = {}, {}
+
+local function tenant_prefix(tenant)
+  local prefix = tenant_prefixes[tenant]
+  if prefix == nil then
+    prefix = #tenant .. ':' .. tenant
+    tenant_prefixes[tenant] = prefix
+  end
+  return prefix
+end
+
+local function tokens_text(n)
+  local text = token_texts[n]
+  if text == nil then
+    text = fmt(n)
+    if n > 0 and n % 1 == 0 then -- (never a NaN key, nor -0, whose text is not 0's)
+      token_texts[n] = text
+    end
+  end
+  return text
+end
+
 local function lane_key(member, s, lane)
   local dl = NO_DEADLINE
   if s.dl >= 0 then
     dl = string.format('%016d', math.min(s.dl, 9999999999999998))
   end
-  return #s.ten .. ':' .. s.ten .. lane .. dl .. member .. fmt(s.tok)
+  return tenant_prefix(s.ten) .. lane .. dl .. member .. tokens_text(s.tok)
 end
 
 local function index_add(q, member, s)
@@ -170,13 +199,13 @@ local function index_add(q, member, s)
   end
   redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
   redis.call('HINCRBY', q.tenants, s.ten, 1)
-  redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(s.tok))
+  redis.call('HINCRBYFLOAT', q.meta, 'waiting', tokens_text(s.tok))
   local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
   if arrival == nil or s.at > arrival then
     redis.call('HSET', q.meta, 'arrival', fmt(s.at))
   end
   if s.p == 0 then
-    redis.call('LPUSH', q.recent_urgent, fmt(s.tok))
+    redis.call('LPUSH', q.recent_urgent, tokens_text(s.tok))
     redis.call('LTRIM', q.recent_urgent, 0, 63)
     redis.call('ZADD', q.urgent, fmt(s.at), member)
   elseif s.p >= 2 then
@@ -227,7 +256,11 @@ local function index_remove(q, member, s)
   end
   if removed == 1 and index_pending ~= nil and q == Q then
     local pending = index_pending
-    pending.waiting = pending.waiting + tonumber(fmt(s.tok))
+    local tokens = s.tok
+    if tokens % 1 ~= 0 then
+      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
+    end
+    pending.waiting = pending.waiting + tokens
     if pending.tenants[s.ten] == nil then
       pending.tenants[s.ten] = 0
       pending.order[#pending.order + 1] = s.ten
@@ -465,9 +498,12 @@ end
 
 -- Applies to one message now what maintain() would, had its bound let it reach the message: one
 -- whose visibility ended is handled so, one visible past the retention period expires. Returns
--- whether the message is gone from the queue.
-local function catch_up(member, s)
-  local deadline = redis.call('ZSCORE', Q.inflight, member)
+-- whether the message is gone from the queue. `deadline` (optional): its in-flight deadline as
+-- ZSCORE answers it (false: not in flight), when the caller read it already.
+local function catch_up(member, s, deadline)
+  if deadline == nil then
+    deadline = redis.call('ZSCORE', Q.inflight, member)
+  end
   if deadline then
     return tonumber(deadline) <= NOW and visibility_ended(member, s)
   end
@@ -482,10 +518,16 @@ local function catch_up(member, s)
 end
 
 -- The current holder's message: the member's state when `token` is its latest receipt token
--- (and the message is still in the queue).
-local function holder(member, token)
-  local s = load(Q, member)
-  if s == nil or s.token == '' or s.token ~= token or catch_up(member, s) then
+-- (and the message is still in the queue). `raw` and `deadline` (optional): its stored state
+-- (false: none) and in-flight deadline, when the caller read them already (global_mark.lua).
+local function holder(member, token, raw, deadline)
+  local s
+  if raw == nil then
+    s = load(Q, member)
+  else
+    s = state_of(raw)
+  end
+  if s == nil or s.token == '' or s.token ~= token or catch_up(member, s, deadline) then
     return nil
   end
   return s

@@ -1,0 +1,234 @@
+"""Server instructions per job of the Redis global choice's scripts, counted by callgrind.
+
+The server time of a script (``INFO commandstats``) moves with the machine's load; the
+instructions a server runs for it do not. This starts ``redis-server`` under ``valgrind
+--tool=callgrind`` (no append-only file), and for each build (this checkout, and with
+``--baseline DIR`` the checkout DIR, its ``python`` directory first on the path, in a child
+process) and each phase, on a fresh queue of ``--queued`` messages of ten tenants filled by that
+build's scripts:
+
+* warms the server up (one dispatch and one mark, then 40 calls of 16 winners and their marks,
+  so that the hashes the scripts write have left their small encodings, as they have on any
+  queue in use), zeroes the counters (``callgrind_control -z``), runs the phase, dumps them;
+* prints the instructions of ``EVALSHA`` (inclusive: the scripts and every command they call)
+  divided by the jobs of the phase.
+
+The phases: ``dispatch1`` (``--jobs`` dispatch scripts of one winner), ``mark1`` (their marks one
+per call), ``dispatch16`` (dispatches of 16 winners, per job), ``mark16`` (16 marks per call, per
+job). The builds alternate: the baseline goes second in the first run (first with
+``--baseline-first``), and each run after swaps the order. The server's scripts are flushed
+before each measurement. Needs valgrind (``callgrind_control``, ``callgrind_annotate``)::
+
+    python benches/redis_script_instructions.py --baseline /tmp/base --runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import redis_compare  # noqa: E402
+
+PHASES = ("dispatch1", "mark1", "dispatch16", "mark16")
+
+
+@contextlib.contextmanager
+def callgrind_server(directory: Path) -> Iterator[tuple[int, int]]:
+    """A redis-server under callgrind: its port and the valgrind process id."""
+    port = redis_compare.free_port()
+    process = subprocess.Popen(
+        [
+            "valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/cg.%p",
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--appendonly", "no", "--save", "", "--maxmemory-policy", "noeviction",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"redis-server under callgrind did not start on port {port}")
+            time.sleep(0.2)
+        yield port, process.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def dump_instructions(pid: int, directory: Path) -> int:
+    """Dumps callgrind's counters since the last zeroing: EVALSHA's inclusive instructions."""
+    before = set(glob.glob(f"{directory}/cg.{pid}.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    deadline = time.monotonic() + 60
+    while not (new := set(glob.glob(f"{directory}/cg.{pid}.*")) - before):
+        if time.monotonic() > deadline:
+            raise SystemExit("callgrind wrote no dump")
+        time.sleep(0.1)
+    time.sleep(0.5)  # written whole
+    path = new.pop()
+    annotated = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    os.unlink(path)
+    match = re.search(r"^\s*([\d,]+) .*:evalShaCommand ", annotated, re.M)
+    return int(match.group(1).replace(",", "")) if match else 0
+
+
+async def _phase(
+    port: int, queue: str, queued: int, phase: str, jobs: int, pid: int, directory: Path
+) -> float:
+    """One phase on a fresh ``queue`` of ``queued`` messages, with this process's library (its
+    scripts fill the queue, 100 per call: the server is slow under callgrind): instructions
+    per job."""
+    from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig, LLMRequest, TokenInfo
+    from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
+
+    url = f"redis://127.0.0.1:{port}/0"
+    async with RedisStorage(url, queue) as filling:
+        for first in range(0, queued, 100):
+            await filling.batch_enqueue(
+                [
+                    LLMRequest(f"f{i}", redis_compare.PAYLOAD, token_info=TokenInfo(10), tenant=f"t{i % 10}")
+                    for i in range(first, min(queued, first + 100))
+                ]
+            )
+    storage: RedisStorage[Any] = RedisStorage(url, queue)
+    limiter = RedisThrottle(url, f"cg-{time.time_ns()}", rpm=1e12, tpm=1e15)
+    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=60.0)
+
+    def zero() -> None:
+        subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+
+    async with storage, limiter, LLMQueueDispatcher(storage, config) as dispatcher:
+        await limiter.can_process(0)
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        await job.mark_as_processed(actual_tokens=8)
+        for _ in range(40):
+            taken = await dispatcher._dequeue_up_to(limiter, 16)
+            await asyncio.gather(*(job.mark_as_processed(actual_tokens=8) for job in taken))
+        taken = []
+        zero()
+        if phase in ("dispatch1", "mark1"):
+            taken = [await dispatcher.dequeue(limiter) for _ in range(jobs)]
+        else:
+            while len(taken) < jobs:
+                found = await dispatcher._dequeue_up_to(limiter, 16)
+                if not found:
+                    raise SystemExit("the queue ran out")
+                taken += found
+        if phase in ("mark1", "mark16"):
+            zero()
+            if phase == "mark1":
+                for job in taken:
+                    await job.mark_as_processed(actual_tokens=8)
+            else:
+                for first in range(0, len(taken), 16):
+                    await asyncio.gather(
+                        *(job.mark_as_processed(actual_tokens=8) for job in taken[first : first + 16])
+                    )
+        return dump_instructions(pid, directory) / len(taken)
+
+
+def measure(
+    port: int, pid: int, directory: Path, build: Path | None, phase: str, args: Any, serial: int
+) -> float:
+    """One phase with ``build``'s library (None: this checkout's), in a child process."""
+    queue = f"cg-{serial}"
+    subprocess.run(["redis-cli", "-p", str(port), "script", "flush"], check=True, capture_output=True)
+    python, cwd, env = redis_compare._interpreter(build)
+    out = subprocess.run(
+        [
+            python,
+            __file__,
+            "--child",
+            str(port),
+            queue,
+            str(args.queued),
+            phase,
+            str(args.jobs),
+            str(pid),
+            str(directory),
+        ],
+        cwd=cwd,
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--child":
+        port, queue, queued, phase, jobs, pid, directory = argv[1:8]
+        result = asyncio.run(
+            _phase(int(port), queue, int(queued), phase, int(jobs), int(pid), Path(directory))
+        )
+        print(result)
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queued", type=int, default=3_000, help="messages per fresh queue (default 3000)")
+    parser.add_argument("--jobs", type=int, default=300, help="jobs per phase (default 300)")
+    parser.add_argument("--runs", type=int, default=1, help="measurements per build and phase (default 1)")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout to measure beside this one")
+    parser.add_argument("--baseline-first", action="store_true", help="the baseline's measurement first")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind not found (apt-get install valgrind)")
+    builds: list[tuple[str, Path | None]] = [("this build", None)]
+    if args.baseline is not None:
+        builds.append((f"before ({args.baseline.name})", args.baseline))
+    if args.baseline_first:
+        builds.reverse()
+    directory = Path(tempfile.mkdtemp(prefix="lqd-callgrind-"))
+    serial = 0
+    try:
+        with callgrind_server(directory) as (port, pid):
+            for run_number in range(args.runs):
+                for phase in PHASES:
+                    # Builds alternate their order from run to run.
+                    order = builds if run_number % 2 == 0 else builds[::-1]
+                    for name, build in order:
+                        serial += 1
+                        per_job = measure(port, pid, directory, build, phase, args, serial)
+                        print(f"run {run_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job")
+                        subprocess.run(
+                            ["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True
+                        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
