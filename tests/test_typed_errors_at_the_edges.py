@@ -56,6 +56,14 @@ async def test_redis_throttle_penalize(value: Any) -> None:
         await throttle.penalize(value)
 
 
+@pytest.mark.parametrize("value", [5, "x", [("a", 1)], True, object(), float("nan")], ids=repr)
+@pytest.mark.parametrize("method", ["consume", "consume_or_raise"])
+async def test_redis_throttle_metadata_must_be_a_mapping(method: str, value: Any) -> None:
+    throttle = RedisThrottle("redis://127.0.0.1:1", "q", rpm=60, tpm=1000)
+    with pytest.raises(InvalidRequestError, match="metadata must be None or a mapping"):
+        await getattr(throttle, method)("a", 1, value)
+
+
 @pytest.mark.parametrize("value", [*HOSTILE, 0, -1])
 async def test_prometheus_interval(value: Any) -> None:
     with pytest.raises(InvalidConfigError, match="interval"):

@@ -268,6 +268,12 @@ def _request_id(request_id: object) -> bytes:
     return validate_request_id(request_id, "request_id").encode("utf-8")
 
 
+def _check_metadata(metadata: object) -> None:
+    """A consume's ``metadata``: None or a mapping, as for `LLMThrottle` (not stored here)."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidRequestError(f"metadata must be None or a mapping, got {shown(metadata)}")
+
+
 # Microseconds past 2**53 (about 285 years; Lua's doubles hold no finer instant there) are
 # forever: a history_retention of 1e308 s keeps grants as long as the record limit allows.
 _FOREVER_US = 2**53
@@ -531,10 +537,16 @@ class RedisThrottle(ScriptClient):
         return self._check(*reply)
 
     async def _consume(
-        self, request_id: str, estimated_tokens: int, input_tokens: object, output_tokens: object
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: object,
+        input_tokens: object,
+        output_tokens: object,
     ) -> RateLimitCheck | None:
         rid = _request_id(request_id)
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
+        _check_metadata(metadata)
         parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
         reply = await self._run("limiter_consume", rid, estimated, *parts, resendable=True)
         if reply[0] == 1:
@@ -555,9 +567,12 @@ class RedisThrottle(ScriptClient):
         are not given) and a slot of ``max_concurrent``, all or nothing, for every process at
         once. A second grant under one ``request_id`` is a grant of its own, as in
         `LLMThrottle`: ``adjust_consumption`` and ``release`` act on the latest, and after its
-        release the one before it is the latest again. ``metadata`` is accepted for
-        `RateLimiter` compatibility and not stored."""
-        return await self._consume(request_id, estimated_tokens, input_tokens, output_tokens) is None
+        release the one before it is the latest again. ``metadata`` (None or a
+        mapping, else `InvalidRequestError`) is accepted for `RateLimiter` compatibility and not
+        stored."""
+        return (
+            await self._consume(request_id, estimated_tokens, metadata, input_tokens, output_tokens) is None
+        )
 
     async def consume_or_raise(
         self,
@@ -569,7 +584,7 @@ class RedisThrottle(ScriptClient):
         output_tokens: int | None = None,
     ) -> None:
         """Like `consume`, but raises `RateLimitError(reason, available_in)` when refused."""
-        refused = await self._consume(request_id, estimated_tokens, input_tokens, output_tokens)
+        refused = await self._consume(request_id, estimated_tokens, metadata, input_tokens, output_tokens)
         if refused is not None:
             raise RateLimitError(refused.reason or "tpm_limit", refused.available_in)
 
