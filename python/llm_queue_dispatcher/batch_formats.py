@@ -28,6 +28,7 @@ timeout, a lost connection, a malformed answer, an overloaded or failing server.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -539,6 +540,8 @@ def read_requests(
     errors: list[str] = []
     too_large: dict[str, list[tuple[int, int]]] = {}
     first_line: dict[str, int] = {}
+    # A UTF-8 byte order mark (as Windows tools write one) is not part of the first line.
+    data = data.removeprefix(codecs.BOM_UTF8)
     # Split on b"\n" only: `str.splitlines` would also split inside a text holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
