@@ -85,6 +85,42 @@ async def test_a_refused_call_raises_the_sdks_own_error(
     assert openai_provider.calls["bad"] == 1
 
 
+async def test_a_server_error_is_retried_as_often_as_the_clients_max_retries_then_raised(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(status_for={"down": 503, "gone": 502})
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        # The SDK's own default: two retries after the first attempt.
+        with pytest.raises(openai.InternalServerError) as raised:
+            await asyncio.wait_for(qc.chat.completions.create(model="m", messages=messages("down")), 30)
+        assert raised.value.status_code == 503
+        assert isinstance(raised.value.__cause__, RequestFailedError)
+        assert "gave up after 3 failed attempts" in str(raised.value.__cause__)
+        # Not lost: ended, the caller told; nothing left behind in the queue.
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        once = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, max_retries=0)
+        with pytest.raises(openai.InternalServerError):
+            await asyncio.wait_for(once.chat.completions.create(model="m", messages=messages("gone")), 30)
+    assert openai_provider.calls == Counter({"down": 3, "gone": 1})
+
+
+async def test_max_retries_and_max_rate_limited_are_checked_at_construction(
+    openai_client: AsyncOpenAI,
+) -> None:
+    dispatcher = create_in_memory_queue()
+    for option, value in [
+        ("max_retries", -1),
+        ("max_retries", 1.5),
+        ("max_retries", True),
+        ("max_rate_limited", 0),
+        ("max_rate_limited", "3"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+
+
 async def test_a_rate_limited_call_is_paused_retried_and_answered(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:
