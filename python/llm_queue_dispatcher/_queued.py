@@ -416,7 +416,24 @@ class QueuedClient:
             opened.set_result(counted)
         # Only its caller holds it now: dropped unclosed, its finalizer ends the call.
         del opened, counted
-        return HandlerResult(None, actual_tokens=await finished)
+        return HandlerResult(None, actual_tokens=await self._stream_end(finished))
+
+    async def _stream_end(self, finished: asyncio.Future[TokenUsage | int | None]) -> TokenUsage | int | None:
+        """The count of an open stream once its caller ends it; or None (the estimate stands:
+        the prompt and the most the reply may use) as soon as the dispatcher starts closing. The
+        provider has answered by then: the call's work is done, and its reader may take its
+        time (the stream stays open for it), so a close does not wait out its pool's grace for
+        it, nor give the answered request back to be sent again."""
+        book = self._dispatcher._submissions
+        if book is None or finished.done():
+            return await finished
+        closing: asyncio.Future[Any] = asyncio.ensure_future(book.closing.wait())
+        waited: set[asyncio.Future[Any]] = {finished, closing}
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        return finished.result() if finished.done() else None
 
     # -- streaming, what a provider's class fills in ---------------------------------------------
     async def _open_stream(self, payload: Mapping[str, Any]) -> Any:

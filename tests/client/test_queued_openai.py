@@ -293,6 +293,27 @@ async def test_a_streamed_call_corrects_the_input_and_output_limits_with_the_pro
     assert (record.input_tokens, record.output_tokens) == tuple(openai_provider.usage_parts["streamed"])
 
 
+async def test_closing_the_dispatcher_under_an_open_stream_ends_its_call_without_waiting_for_the_reader(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    dispatcher = create_in_memory_queue()
+    qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+    call = {"model": "m", "messages": messages("open"), "max_tokens": 50}
+    stream = await qc.chat.completions.create(**call, stream=True)
+    first = await stream.__anext__()
+    # The provider answered: the call's work is done; its reader may take its time. The pool's
+    # grace (30 s) is not waited out, and the call is not released to be sent again.
+    await asyncio.wait_for(dispatcher.close(), 10)
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    [record] = limiter.get_consumption_history()
+    assert record.tokens == estimate_chat_tokens(call)  # its end unseen: the estimate stands
+    rest = [chunk async for chunk in stream]  # still the caller's to read to its end
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert text == "echo: open"
+    assert openai_provider.calls == Counter({"open": 1})
+
+
 async def test_a_stream_dropped_unread_and_unclosed_frees_its_place_in_the_pool(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:
