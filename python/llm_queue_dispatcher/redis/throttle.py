@@ -237,13 +237,17 @@ def _optional_rate(value: object, name: str, unit: str) -> float | None:
     return None if value is None else _rate(value, name, unit)
 
 
+# The largest count LLMThrottle's core holds (a u64): the same bound for the same options here.
+_MAX_COUNT = 2**64 - 1
+
+
 def _concurrency(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_COUNT:
         raise InvalidConfigError(
-            f"max_concurrent must be None or an int >= 1 (with no request in flight allowed, none is "
-            f"ever admitted), got {shown(value)}"
+            f"max_concurrent must be None or an int from 1 to {_MAX_COUNT} (with no request in flight "
+            f"allowed, none is ever admitted), got {shown(value)}"
         )
     return value
 
@@ -377,11 +381,13 @@ class RedisThrottle(ScriptClient):
         self.adjustment_failure_strategy = adjustment_failure_strategy
         self.history_retention = _positive(history_retention, "history_retention")
         records = integer(max_history_records)  # an int or an integer-like (numpy's), not a bool
-        if records is None or records < 1:
+        if records is None or not 1 <= records <= _MAX_COUNT:
             raise InvalidConfigError(
-                f"max_history_records must be an int >= 1, got {shown(max_history_records)}"
+                f"max_history_records must be an int from 1 to {_MAX_COUNT}, got {shown(max_history_records)}"
             )
         self.max_history_records = records
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise InvalidConfigError(f"logger must be a logging.Logger or None, got {shown(logger)}")
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
         self._prefix = f"{{{namespace}}}:l:{name}:"
