@@ -260,7 +260,14 @@ def _parts(total: int, input_tokens: object, output_tokens: object, total_name: 
         for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens))
     ]
     parts = split_token_parts(total, given[0], given[1], (total_name, "input_tokens", "output_tokens"))
-    return ("", "") if parts is None else (str(parts[0]), str(parts[1]))
+    return ("", "") if parts is None else (str(_saturated(parts[0])), str(_saturated(parts[1])))
+
+
+def _saturated(count: int) -> int:
+    """A token count as the scripts take it: beyond 64 bits, the largest 64-bit count, as
+    `LLMThrottle` reads one (no budget ever fits it). Lua's doubles would hold a larger one as
+    ``inf``, which no later reply could give back as a count."""
+    return min(count, _MAX_COUNT)
 
 
 def _reason(name: str) -> LimitReason:
@@ -539,7 +546,7 @@ class RedisThrottle(ScriptClient):
         limit."""
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
         parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
-        reply = await self._run("limiter_check", estimated, *parts)
+        reply = await self._run("limiter_check", _saturated(estimated), *parts)
         return self._check(*reply)
 
     async def _consume(
@@ -554,7 +561,7 @@ class RedisThrottle(ScriptClient):
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
         _check_metadata(metadata)
         parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
-        reply = await self._run("limiter_consume", rid, estimated, *parts, resendable=True)
+        reply = await self._run("limiter_consume", rid, _saturated(estimated), *parts, resendable=True)
         if reply[0] == 1:
             return None
         return self._check(*reply[1:])
@@ -613,7 +620,7 @@ class RedisThrottle(ScriptClient):
         actual = validate_token_count(actual_tokens, "actual_tokens")
         parts = _parts(actual, input_tokens, output_tokens, "actual_tokens")
         strategy = self.adjustment_failure_strategy
-        reply = await self._run("limiter_adjust", rid, actual, strategy, *parts, resendable=True)
+        reply = await self._run("limiter_adjust", rid, _saturated(actual), strategy, *parts, resendable=True)
         outcome = reply[0]
         if outcome == b"unknown":
             raise UnknownRequestError(
