@@ -232,7 +232,9 @@ class _Native(Format):
         return {"id": request_id, "status": "failed", "error": error, "attempts": failure.attempts}
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("id"), str) and "status" in item
+        # Only the outcomes llmqd writes: any other would be read as a failure for good, and its
+        # request skipped by every rerun.
+        return isinstance(item.get("id"), str) and item.get("status") in ("ok", "failed")
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         error = item.get("error")
@@ -311,7 +313,14 @@ class _BatchApi(Format):
         return record
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("custom_id"), str) and ("response" in item or "error" in item)
+        # An answer (its HTTP status a number) or a failure without one (an error object).
+        if not isinstance(item.get("custom_id"), str):
+            return False
+        response = item.get("response")
+        if isinstance(response, dict):
+            status = response.get("status_code")
+            return isinstance(status, int) and not isinstance(status, bool)
+        return response is None and isinstance(item.get("error"), dict)
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         response, error = item.get("response"), item.get("error")
@@ -353,7 +362,12 @@ class _MessageBatches(Format):
         return {"custom_id": request_id, "result": {"type": "errored", "error": body}}
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("custom_id"), str) and isinstance(item.get("result"), dict)
+        result = item.get("result")
+        return (
+            isinstance(item.get("custom_id"), str)
+            and isinstance(result, dict)
+            and result.get("type") in ("succeeded", "errored", "canceled", "expired")
+        )
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         result = item["result"]

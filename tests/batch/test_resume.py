@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_queue_dispatcher.batch_formats import FORMATS, previous_results
+from llm_queue_dispatcher.batch_formats import FORMATS, Refused, previous_results
 from tests.provider.server import ProviderServer
 
 from .support import (
@@ -203,6 +203,33 @@ def test_a_message_batches_result_is_done_transient_or_failed_for_good(
     out.write_text(json.dumps({"custom_id": "a", "result": result}) + "\n")
     before = previous_results(out, FORMATS["message-batches"])["a"]
     assert (before.ok, before.retryable) == expected
+
+
+@pytest.mark.parametrize(
+    ("fmt", "line"),
+    [
+        ("native", {"id": "a", "status": "maybe"}),
+        ("native", {"id": "a", "status": None}),
+        ("batch-api", {"custom_id": "a", "response": None, "error": None}),
+        ("batch-api", {"custom_id": "a", "response": {"status_code": "200", "body": {}}, "error": None}),
+        ("message-batches", {"custom_id": "a", "result": {"type": "unheard-of"}}),
+    ],
+    ids=[
+        "native-unknown-status",
+        "native-no-status",
+        "batch-api-no-outcome",
+        "batch-api-text-status",
+        "message-batches-unknown-type",
+    ],
+)
+def test_a_result_line_without_a_known_outcome_is_refused_not_read_as_a_failure_for_good(
+    tmp_path: Path, fmt: str, line: dict[str, object]
+) -> None:
+    # Read as failed for good, its request would be skipped by every rerun without a word.
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(line) + "\n")
+    with pytest.raises(Refused, match="line 1 is not an llmqd batch result"):
+        previous_results(out, FORMATS[fmt])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.format != "native"], ids=case_id)
