@@ -645,6 +645,8 @@ def previous_results(out: Path, fmt: Format) -> dict[str, Previous]:
         with out.open("r+b") as handle:
             handle.truncate(keep)
         data = data[:keep]
+    # A byte order mark an editor saved it with is not part of the first line.
+    data = data.removeprefix(codecs.BOM_UTF8)
     previous: dict[str, Previous] = {}
     # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):

@@ -4,6 +4,7 @@ error are sent again, and --retry-failed sends every failed one."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -143,6 +144,13 @@ def test_resume_reads_results_whose_text_holds_unicode_line_separators(tmp_path:
         {"id": "b", "status": "ok", "response": {"text": "plain"}},
     ]
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert set(previous_results(out, FORMATS["native"])) == {"a", "b"}
+
+
+def test_resume_reads_an_output_that_an_editor_saved_with_a_byte_order_mark(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    records = [{"id": "a", "status": "ok", "response": {}}, {"id": "b", "status": "ok", "response": {}}]
+    out.write_bytes(codecs.BOM_UTF8 + "".join(json.dumps(r) + "\n" for r in records).encode())
     assert set(previous_results(out, FORMATS["native"])) == {"a", "b"}
 
 
