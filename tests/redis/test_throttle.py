@@ -1,5 +1,9 @@
 """`RedisThrottle`: `LLMThrottle`'s semantics (checked against it step by step), plus release,
-penalties and provider headers, on a real redis-server and a test clock."""
+penalties and provider headers, on a real redis-server and a test clock.
+
+One file past 700 lines: every test holds the shared limiter to the one class it mirrors,
+`LLMThrottle`, through the same fixtures (a server, a test clock); split by topic, each part
+would repeat them and lose the side-by-side reading."""
 
 from __future__ import annotations
 
