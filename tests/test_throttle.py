@@ -10,6 +10,7 @@ import math
 import pickle
 import threading
 import weakref
+from types import MappingProxyType
 
 import pytest
 from hypothesis import given
@@ -190,6 +191,17 @@ def test_a_debt_larger_than_the_bucket_never_blocks_forever(clock: ManualClock) 
     clock.advance(check.available_in)
     assert throttle.consume("b", 10)  # a full bucket pays what it can; the rest carries over
     assert throttle.get_metrics().compensation.total_debt == pytest.approx(1_510.0)
+
+
+def test_consume_keeps_any_mapping_as_metadata_and_refuses_anything_else(clock: ManualClock) -> None:
+    throttle = make(clock)
+    assert throttle.consume("a", 10, MappingProxyType({"k": 1}))
+    assert throttle.get_consumption_history()[0].metadata == {"k": 1}
+    with pytest.raises(InvalidRequestError, match="metadata must be None or a mapping, got 5"):
+        throttle.consume("b", 10, 5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="metadata"):
+        throttle.consume_or_raise("b", 10, ["k"])  # type: ignore[arg-type]
+    assert [r.request_id for r in throttle.get_consumption_history()] == ["a"]
 
 
 def test_history_is_capped_at_max_records(clock: ManualClock) -> None:

@@ -195,7 +195,11 @@ ENTRY_POINTS = [
     entry("LLMThrottle.can_process", lambda w, v: w.throttle.can_process(v), "huge", "-0.0"),
     entry("LLMThrottle.consume.request_id", lambda w, v: w.throttle.consume(v, 1), "str"),
     entry("LLMThrottle.consume.estimated_tokens", lambda w, v: w.throttle.consume("b", v), "huge", "-0.0"),
-    entry("LLMThrottle.consume.metadata", lambda w, v: w.throttle.consume("b", 1, v), *HOSTILE),
+    # A mapping or None (a dict, as the contract types it; any read-only mapping too).
+    entry("LLMThrottle.consume.metadata", lambda w, v: w.throttle.consume("b", 1, v), "none"),
+    entry(
+        "LLMThrottle.consume_or_raise.metadata", lambda w, v: w.throttle.consume_or_raise("b", 1, v), "none"
+    ),
     entry(
         "LLMThrottle.consume_or_raise.estimated_tokens",
         lambda w, v: w.throttle.consume_or_raise("b", v),

@@ -47,6 +47,25 @@ def test_redis_throttle_numbers(option: str, value: Any) -> None:
         RedisThrottle("redis://127.0.0.1:1", "q", **figures)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_concurrent", 2**64),
+        ("max_concurrent", 10**400),
+        ("max_history_records", 2**64),
+        ("max_history_records", 10**400),
+        ("logger", 5),
+        ("logger", "llm_queue_dispatcher"),
+    ],
+    ids=repr,
+)
+def test_redis_throttle_refuses_the_options_llm_throttle_refuses(option: str, value: Any) -> None:
+    with pytest.raises(InvalidConfigError, match=option):
+        LLMThrottle(60, 1000, **{option: value})
+    with pytest.raises(InvalidConfigError, match=option):
+        RedisThrottle("redis://127.0.0.1:1", "q", rpm=60, tpm=1000, **{option: value})
+
+
 # A wait longer than any (10**400, inf) is a day for both limiters (tests/redis/test_throttle.py):
 # not an error.
 @pytest.mark.parametrize("value", [v for v in [*HOSTILE, -1] if v not in (10**400, float("inf"))], ids=repr)
@@ -54,6 +73,14 @@ async def test_redis_throttle_penalize(value: Any) -> None:
     throttle = RedisThrottle("redis://127.0.0.1:1", "q", rpm=60, tpm=1000)
     with pytest.raises(InvalidRequestError, match="seconds"):
         await throttle.penalize(value)
+
+
+@pytest.mark.parametrize("value", [5, "x", [("a", 1)], True, object(), float("nan")], ids=repr)
+@pytest.mark.parametrize("method", ["consume", "consume_or_raise"])
+async def test_redis_throttle_metadata_must_be_a_mapping(method: str, value: Any) -> None:
+    throttle = RedisThrottle("redis://127.0.0.1:1", "q", rpm=60, tpm=1000)
+    with pytest.raises(InvalidRequestError, match="metadata must be None or a mapping"):
+        await getattr(throttle, method)("a", 1, value)
 
 
 @pytest.mark.parametrize("value", [*HOSTILE, 0, -1])

@@ -342,7 +342,8 @@ class LLMThrottle:
         """Takes 1 request from rpm (and rpd), ``estimated_tokens`` + debt from tpm (and tpd),
         the input part from itpm, the output part from otpm (each the whole estimate when the
         parts are not given) and a slot of ``max_concurrent``, all or nothing; False takes
-        nothing."""
+        nothing. ``metadata`` (None or a mapping, else `InvalidRequestError`) is kept by
+        reference in the consumption record."""
     def consume_or_raise(
         self,
         request_id: str,

@@ -24,12 +24,20 @@ import itertools
 import os
 import secrets
 import weakref
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._checks import finite_float, shown
-from .errors import InvalidRequestError, MessageStateError, RemoteError, RequestFailedError, RetryableError
+from .errors import (
+    InvalidRequestError,
+    MessageStateError,
+    PermanentError,
+    RemoteError,
+    RequestFailedError,
+    RetryableError,
+)
 from .outcomes import DEFAULT_SUBMIT_CONCURRENCY, HandlerResult, _concurrency
 from .throttle import AsyncRateLimiter, RateLimiter
 from .types import LLMRequest, Priority, TokenInfo, TokenUsage, _validate_priority, validate_request_id
@@ -38,7 +46,7 @@ if TYPE_CHECKING:
     from ._core import ProcessableMessage
     from .dispatcher import LLMQueueDispatcher
 
-__all__ = ["CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
+__all__ = ["DEFAULT_MAX_RATE_LIMITED", "CountedStream", "QueuedClient", "StreamCounter", "Tokenizer"]
 
 #: text -> token count.
 Tokenizer = Callable[[str], int]
@@ -46,6 +54,11 @@ Tokenizer = Callable[[str], int]
 _ids = itertools.count()
 
 _Queued = TypeVar("_Queued", bound="QueuedClient")
+_T = TypeVar("_T")
+
+#: 429 answers to one queued call before it is given up (the limiter paces them; a request the
+#: provider never admits, one larger than its limit, must not be retried for ever).
+DEFAULT_MAX_RATE_LIMITED = 20
 
 
 def default_tokenizer() -> Tokenizer | None:
@@ -82,6 +95,13 @@ def deadline_of(value: object) -> datetime | None:
         f"deadline must be a datetime, a number of seconds from now (within the years 1 to 9999) "
         f"or None, got {shown(value)}"
     )
+
+
+def _count(value: object, name: str, minimum: int) -> int:
+    """An int option >= ``minimum`` (not a bool), else `InvalidRequestError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequestError(f"{name} must be an int >= {minimum}, got {shown(value)}")
+    return value
 
 
 def _seen(task: asyncio.Future[Any]) -> None:
@@ -189,6 +209,8 @@ class QueuedClient:
         concurrency: int = DEFAULT_SUBMIT_CONCURRENCY,
         priority: Priority | int = Priority.NORMAL,
         id_prefix: str | None = None,
+        max_retries: int | None = None,
+        max_rate_limited: int = DEFAULT_MAX_RATE_LIMITED,
     ) -> None:
         from .dispatcher import LLMQueueDispatcher
 
@@ -206,6 +228,12 @@ class QueuedClient:
             )
         if id_prefix is not None:
             validate_request_id(id_prefix, "id_prefix")
+        self._max_retries = None if max_retries is None else _count(max_retries, "max_retries", 0)
+        self._max_rate_limited = _count(max_rate_limited, "max_rate_limited", 1)
+        # Failed attempts of each request handled here, by kind: the retry budgets. A request's
+        # entries go when it ends here (answered, given up) or its call in this process returns.
+        self._failures: Counter[str] = Counter()
+        self._rate_limited: Counter[str] = Counter()
         self._set_client(client)
         self._dispatcher = dispatcher
         self._limiter = limiter
@@ -225,6 +253,12 @@ class QueuedClient:
         """Wraps ``client``: a provider's class sets its queued resources (``chat``,
         ``messages``) over it too."""
         self._client = client
+        # The SDK's own retry count (its default 2), kept for queued calls: their retries go
+        # through the queue, not the SDK, but as many.
+        retries = getattr(client, "max_retries", None)
+        self._client_max_retries = (
+            retries if isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0 else 2
+        )
 
     def with_options(self: _Queued, **options: Any) -> _Queued:
         """The SDK's ``with_options`` (and ``copy``): a client with these options (``timeout``,
@@ -278,15 +312,18 @@ class QueuedClient:
             tenant=tenant,
             deadline=deadline_of(deadline),
         )
-        if payload.get("stream"):
-            return await self._create_stream(request)
         try:
-            value = await self._dispatcher.submit(
-                request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
-            )
-        except RequestFailedError as failure:
-            raise self._sdk_error(failure) from failure
-        return self._rebuild(value)
+            if payload.get("stream"):
+                return await self._create_stream(request)
+            try:
+                value = await self._dispatcher.submit(
+                    request, self._handle, rate_limiter=self._limiter, concurrency=self._concurrency
+                )
+            except RequestFailedError as failure:
+                raise self._sdk_error(failure) from failure
+            return self._rebuild(value)
+        finally:
+            self._forget(request.id)
 
     async def _create_stream(self, request: LLMRequest[Any]) -> CountedStream:
         """A streamed call: queued like any; once its turn came and the provider answered, the
@@ -326,8 +363,42 @@ class QueuedClient:
         payload = job.message.payload.payload
         if payload.get("stream"):
             return await self._handle_stream(job, payload)
-        response, tokens = await self._call(payload)
+        response, tokens = await self._attempt(job, self._call(payload))
         return HandlerResult(response, actual_tokens=tokens)
+
+    async def _attempt(self, job: ProcessableMessage[Any], call: Awaitable[_T]) -> _T:
+        """One attempt of a request's call, within its retry budgets: a transient failure
+        (`RetryableError`: a 5xx, a timeout, a connection error) past ``max_retries`` retries,
+        or a 429 past ``max_rate_limited``, becomes a `PermanentError` chained to it, so the
+        request ends (dead-lettered) and its caller gets the SDK's error, as the SDK would
+        raise it after its own last retry."""
+        request_id = job.message.payload.id
+        try:
+            result = await call
+        except RetryableError as error:
+            cause = error.__cause__
+            if getattr(cause, "status_code", None) == 429:
+                self._rate_limited[request_id] += 1
+                count, budget = self._rate_limited[request_id], self._max_rate_limited
+                what = "rate-limited (429) answers"
+            else:
+                self._failures[request_id] += 1
+                count = self._failures[request_id]
+                retries = self._client_max_retries if self._max_retries is None else self._max_retries
+                budget, what = retries + 1, "failed attempts"
+            if count >= budget:
+                self._forget(request_id)
+                raise PermanentError(f"gave up after {count} {what}: {error}") from error
+            raise
+        except PermanentError:
+            self._forget(request_id)
+            raise
+        self._forget(request_id)
+        return result
+
+    def _forget(self, request_id: str) -> None:
+        self._failures.pop(request_id, None)
+        self._rate_limited.pop(request_id, None)
 
     async def _handle_stream(
         self, job: ProcessableMessage[Any], payload: Mapping[str, Any]
@@ -336,7 +407,7 @@ class QueuedClient:
         if opened is None:
             # Made in another process sharing the queue: only that process can read the stream.
             raise RetryableError("a streamed call is sent by the process that made it", retry_after=1.0)
-        sdk_stream = await self._open_stream(payload)
+        sdk_stream = await self._attempt(job, self._open_stream(payload))
         finished: asyncio.Future[TokenUsage | int | None] = asyncio.get_running_loop().create_future()
         counted = CountedStream(sdk_stream, self._stream_counter(payload), finished)
         if opened.done():  # its caller gave up meanwhile: nobody reads it
@@ -345,7 +416,24 @@ class QueuedClient:
             opened.set_result(counted)
         # Only its caller holds it now: dropped unclosed, its finalizer ends the call.
         del opened, counted
-        return HandlerResult(None, actual_tokens=await finished)
+        return HandlerResult(None, actual_tokens=await self._stream_end(finished))
+
+    async def _stream_end(self, finished: asyncio.Future[TokenUsage | int | None]) -> TokenUsage | int | None:
+        """The count of an open stream once its caller ends it; or None (the estimate stands:
+        the prompt and the most the reply may use) as soon as the dispatcher starts closing. The
+        provider has answered by then: the call's work is done, and its reader may take its
+        time (the stream stays open for it), so a close does not wait out its pool's grace for
+        it, nor give the answered request back to be sent again."""
+        book = self._dispatcher._submissions
+        if book is None or finished.done():
+            return await finished
+        closing: asyncio.Future[Any] = asyncio.ensure_future(book.closing.wait())
+        waited: set[asyncio.Future[Any]] = {finished, closing}
+        try:
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        return finished.result() if finished.done() else None
 
     # -- streaming, what a provider's class fills in ---------------------------------------------
     async def _open_stream(self, payload: Mapping[str, Any]) -> Any:

@@ -620,9 +620,10 @@ class QueuedAsyncAnthropic(QueuedClient):
     and the ``anthropic-ratelimit-*`` headers are handled as `anthropic_messages_handler`
     handles them. Every other attribute is the wrapped client's, unqueued. Options as
     `llm_queue_dispatcher.openai.QueuedAsyncOpenAI`'s (``tokenizer``, ``concurrency``,
-    ``priority``, ``id_prefix``); ``count_cache_reads`` as `message_tokens`'. ``stream=True``
-    is queued too: the call returns the SDK's stream of events, open, once its turn came; the
-    usage of its ``message_start`` and ``message_delta`` corrects the limiter at its end.
+    ``priority``, ``id_prefix``, ``max_retries``, ``max_rate_limited``); ``count_cache_reads``
+    as `message_tokens`'. ``stream=True`` is queued too: the call returns the SDK's stream of
+    events, open, once its turn came; the usage of its ``message_start`` and ``message_delta``
+    corrects the limiter at its end.
     """
 
     _sdk = "anthropic"

@@ -28,6 +28,7 @@ timeout, a lost connection, a malformed answer, an overloaded or failing server.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -231,7 +232,9 @@ class _Native(Format):
         return {"id": request_id, "status": "failed", "error": error, "attempts": failure.attempts}
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("id"), str) and "status" in item
+        # Only the outcomes llmqd writes: any other would be read as a failure for good, and its
+        # request skipped by every rerun.
+        return isinstance(item.get("id"), str) and item.get("status") in ("ok", "failed")
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         error = item.get("error")
@@ -310,7 +313,14 @@ class _BatchApi(Format):
         return record
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("custom_id"), str) and ("response" in item or "error" in item)
+        # An answer (its HTTP status a number) or a failure without one (an error object).
+        if not isinstance(item.get("custom_id"), str):
+            return False
+        response = item.get("response")
+        if isinstance(response, dict):
+            status = response.get("status_code")
+            return isinstance(status, int) and not isinstance(status, bool)
+        return response is None and isinstance(item.get("error"), dict)
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         response, error = item.get("response"), item.get("error")
@@ -352,7 +362,12 @@ class _MessageBatches(Format):
         return {"custom_id": request_id, "result": {"type": "errored", "error": body}}
 
     def is_result(self, item: dict[str, Any]) -> bool:
-        return isinstance(item.get("custom_id"), str) and isinstance(item.get("result"), dict)
+        result = item.get("result")
+        return (
+            isinstance(item.get("custom_id"), str)
+            and isinstance(result, dict)
+            and result.get("type") in ("succeeded", "errored", "canceled", "expired")
+        )
 
     def previous(self, item: dict[str, Any]) -> tuple[str, Previous]:
         result = item["result"]
@@ -539,6 +554,8 @@ def read_requests(
     errors: list[str] = []
     too_large: dict[str, list[tuple[int, int]]] = {}
     first_line: dict[str, int] = {}
+    # A UTF-8 byte order mark (as Windows tools write one) is not part of the first line.
+    data = data.removeprefix(codecs.BOM_UTF8)
     # Split on b"\n" only: `str.splitlines` would also split inside a text holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -628,6 +645,8 @@ def previous_results(out: Path, fmt: Format) -> dict[str, Previous]:
         with out.open("r+b") as handle:
             handle.truncate(keep)
         data = data[:keep]
+    # A byte order mark an editor saved it with is not part of the first line.
+    data = data.removeprefix(codecs.BOM_UTF8)
     previous: dict[str, Previous] = {}
     # Split on b"\n" only: `str.splitlines` would also split inside a response holding U+2028.
     for number, raw in enumerate(data.split(b"\n"), start=1):

@@ -593,6 +593,13 @@ class QueuedAsyncOpenAI(QueuedClient):
         concurrency: calls in flight at once (the dispatcher's pool).
         priority: the default priority of a call.
         id_prefix: the prefix of the request ids (default ``openai-`` and 8 random hex digits).
+        max_retries: retries of a call after a transient failure (a 5xx, 408, 409, a timeout,
+            a connection error, a malformed answer), through the queue with the worker's
+            backoff; then the call raises the SDK's error and its request is dead-lettered.
+            Default: the wrapped client's own ``max_retries`` (the SDK's default, 2).
+        max_rate_limited: 429 answers to one call before it is given up the same way
+            (default 20: the limiter paces them, but a request the provider never admits must
+            not be retried for ever).
     """
 
     _sdk = "openai"

@@ -351,6 +351,9 @@ class Submissions:
         self._tasks: set[asyncio.Future[Any]] = set()
         # Set by `close`: a closed dispatcher's pool no longer dequeues, nor does its relay listen.
         self.closed = False
+        # Set when `close` begins: a handler waiting on its caller (a queued client's open
+        # stream) ends at once instead of holding the pool's stop for its grace.
+        self.closing = asyncio.Event()
 
     # -- the submitter's side ------------------------------------------------------------------
     async def submit(
@@ -505,6 +508,7 @@ class Submissions:
         are withdrawn (one already running elsewhere ends there; its outcome reaches nobody).
         Later submits raise `MessageStateError`."""
         self.closed = True
+        self.closing.set()
         if self.pool is not None:
             await self.pool.stop()
         for request_id in list(self.waiting):

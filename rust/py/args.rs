@@ -3,7 +3,7 @@
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 use pyo3::Borrowed;
 
 use super::errors::to_py_err;
@@ -170,6 +170,23 @@ pub(crate) fn text_with<T>(
             )
         }),
         Err(_) => Err(invalid_request(py, format!("{field} must be a str, got {}", repr_of(value)))),
+    }
+}
+
+/// Reads a consume's `metadata`: None (or left out), or a mapping (a dict, as the contract types
+/// it, or any `collections.abc.Mapping`), kept by reference; anything else is an
+/// `InvalidRequestError` naming the field.
+pub(crate) fn metadata_arg(value: Option<Bound<'_, PyAny>>) -> PyResult<Option<Py<PyAny>>> {
+    match value {
+        None => Ok(None),
+        Some(value) if value.is_none() => Ok(None),
+        Some(value) if value.is_instance_of::<PyDict>() || value.cast::<PyMapping>().is_ok() => {
+            Ok(Some(value.unbind()))
+        }
+        Some(value) => Err(invalid_request(
+            value.py(),
+            format!("metadata must be None or a mapping, got {}", repr_of(&value)),
+        )),
     }
 }
 

@@ -14,7 +14,8 @@ use pyo3::types::{PyString, PyType};
 use pyo3::{PyTraverseError, PyVisit};
 
 use super::args::{
-    extract_request_id, float_arg, int_arg, invalid_config, invalid_request, repr_of, token_count, Given,
+    extract_request_id, float_arg, int_arg, invalid_config, invalid_request, metadata_arg, repr_of,
+    token_count, Given,
 };
 use super::clock::ClockSource;
 use super::errors::to_py_err;
@@ -303,7 +304,7 @@ impl PyThrottle {
         let request_id = extract_request_id(request_id)?;
         let tokens = token_count(estimated_tokens, "estimated_tokens")?;
         let parts = parts_arg(py, tokens, "estimated_tokens", input_tokens, output_tokens)?;
-        let metadata = metadata.filter(|m| !m.is_none()).map(Bound::unbind);
+        let metadata = metadata_arg(metadata)?;
         // A refusal, explained when asked (`consume_or_raise`), and its metadata handed back to
         // be released here, unlocked.
         let (outcome, _refused) = self.with_state(py, |state, now| {

@@ -4,6 +4,7 @@ minute can hold; which format a file is read in; Anthropic's required max_tokens
 
 from __future__ import annotations
 
+import codecs
 import json
 import subprocess
 from collections import Counter
@@ -256,6 +257,33 @@ def test_a_dash_reads_the_requests_from_standard_input(case: Case, fake: Fake, t
     done = run_cli(fake, "-", out, "--rpm", "6000", "--tpm", "1000000", stdin=requests.read_text())
     assert done.returncode == 0, done.stderr
     assert sorted(last_outcomes(out)) == ids
+
+
+@pytest.mark.parametrize(
+    "case", [Case("openai", "native"), Case("anthropic", "message-batches")], ids=case_id
+)
+def test_a_utf8_file_starting_with_a_byte_order_mark_is_read_whole(
+    case: Case, fake: Fake, tmp_path: Path
+) -> None:
+    # Windows tools write UTF-8 with a byte order mark; it is not part of the first line.
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    ids = write_requests(requests, 3, case)
+    requests.write_bytes(codecs.BOM_UTF8 + requests.read_bytes())
+    done = run_cli(fake, requests, out, "--rpm", "6000", "--tpm", "1000000")
+    assert done.returncode == 0, done.stderr
+    assert sorted(last_outcomes(out)) == ids
+    piped = run_cli(
+        fake,
+        "-",
+        tmp_path / "piped.jsonl",
+        "--rpm",
+        "6000",
+        "--tpm",
+        "1000000",
+        stdin=requests.read_text(encoding="utf-8"),
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert sorted(last_outcomes(tmp_path / "piped.jsonl")) == ids
 
 
 # -- flags and --out -----------------------------------------------------------------------------

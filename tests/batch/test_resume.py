@@ -4,12 +4,13 @@ error are sent again, and --retry-failed sends every failed one."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
 import pytest
 
-from llm_queue_dispatcher.batch_formats import FORMATS, previous_results
+from llm_queue_dispatcher.batch_formats import FORMATS, Refused, previous_results
 from tests.provider.server import ProviderServer
 
 from .support import (
@@ -146,6 +147,13 @@ def test_resume_reads_results_whose_text_holds_unicode_line_separators(tmp_path:
     assert set(previous_results(out, FORMATS["native"])) == {"a", "b"}
 
 
+def test_resume_reads_an_output_that_an_editor_saved_with_a_byte_order_mark(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    records = [{"id": "a", "status": "ok", "response": {}}, {"id": "b", "status": "ok", "response": {}}]
+    out.write_bytes(codecs.BOM_UTF8 + "".join(json.dumps(r) + "\n" for r in records).encode())
+    assert set(previous_results(out, FORMATS["native"])) == {"a", "b"}
+
+
 # What a rerun makes of each result the provider formats can hold, the ones llmqd does not write
 # included (Anthropic's canceled and expired results; OpenAI's insufficient quota).
 BATCH_API_LINES = [
@@ -203,6 +211,33 @@ def test_a_message_batches_result_is_done_transient_or_failed_for_good(
     out.write_text(json.dumps({"custom_id": "a", "result": result}) + "\n")
     before = previous_results(out, FORMATS["message-batches"])["a"]
     assert (before.ok, before.retryable) == expected
+
+
+@pytest.mark.parametrize(
+    ("fmt", "line"),
+    [
+        ("native", {"id": "a", "status": "maybe"}),
+        ("native", {"id": "a", "status": None}),
+        ("batch-api", {"custom_id": "a", "response": None, "error": None}),
+        ("batch-api", {"custom_id": "a", "response": {"status_code": "200", "body": {}}, "error": None}),
+        ("message-batches", {"custom_id": "a", "result": {"type": "unheard-of"}}),
+    ],
+    ids=[
+        "native-unknown-status",
+        "native-no-status",
+        "batch-api-no-outcome",
+        "batch-api-text-status",
+        "message-batches-unknown-type",
+    ],
+)
+def test_a_result_line_without_a_known_outcome_is_refused_not_read_as_a_failure_for_good(
+    tmp_path: Path, fmt: str, line: dict[str, object]
+) -> None:
+    # Read as failed for good, its request would be skipped by every rerun without a word.
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(line) + "\n")
+    with pytest.raises(Refused, match="line 1 is not an llmqd batch result"):
+        previous_results(out, FORMATS[fmt])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.format != "native"], ids=case_id)

@@ -67,6 +67,22 @@ async def test_a_refused_call_raises_the_sdks_own_error(
         assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
 
 
+async def test_a_server_error_is_retried_as_often_as_the_clients_max_retries_then_raised(
+    anthropic_provider: AnthropicServer, anthropic_client: AsyncAnthropic
+) -> None:
+    anthropic_provider.configure(status_for={"down": 529})
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncAnthropic(
+            anthropic_client.with_options(max_retries=1), dispatcher, LLMThrottle(60_000, 10_000_000)
+        )
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            await asyncio.wait_for(qc.messages.create(**call("down")), 30)  # type: ignore[arg-type]
+        assert raised.value.status_code == 529
+        assert isinstance(raised.value.__cause__, RequestFailedError)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    assert anthropic_provider.calls["down"] == 2
+
+
 async def test_an_error_from_another_process_is_rebuilt_as_the_sdks_error(
     anthropic_client: AsyncAnthropic,
 ) -> None:

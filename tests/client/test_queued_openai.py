@@ -85,6 +85,42 @@ async def test_a_refused_call_raises_the_sdks_own_error(
     assert openai_provider.calls["bad"] == 1
 
 
+async def test_a_server_error_is_retried_as_often_as_the_clients_max_retries_then_raised(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    openai_provider.configure(status_for={"down": 503, "gone": 502})
+    limiter = LLMThrottle(60_000, 10_000_000)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+        # The SDK's own default: two retries after the first attempt.
+        with pytest.raises(openai.InternalServerError) as raised:
+            await asyncio.wait_for(qc.chat.completions.create(model="m", messages=messages("down")), 30)
+        assert raised.value.status_code == 503
+        assert isinstance(raised.value.__cause__, RequestFailedError)
+        assert "gave up after 3 failed attempts" in str(raised.value.__cause__)
+        # Not lost: ended, the caller told; nothing left behind in the queue.
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        once = QueuedAsyncOpenAI(openai_client, dispatcher, limiter, max_retries=0)
+        with pytest.raises(openai.InternalServerError):
+            await asyncio.wait_for(once.chat.completions.create(model="m", messages=messages("gone")), 30)
+    assert openai_provider.calls == Counter({"down": 3, "gone": 1})
+
+
+async def test_max_retries_and_max_rate_limited_are_checked_at_construction(
+    openai_client: AsyncOpenAI,
+) -> None:
+    dispatcher = create_in_memory_queue()
+    for option, value in [
+        ("max_retries", -1),
+        ("max_retries", 1.5),
+        ("max_retries", True),
+        ("max_rate_limited", 0),
+        ("max_rate_limited", "3"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=option):
+            QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60, 1_000), **{option: value})
+
+
 async def test_a_rate_limited_call_is_paused_retried_and_answered(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:
@@ -255,6 +291,27 @@ async def test_a_streamed_call_corrects_the_input_and_output_limits_with_the_pro
         await stream._submitted
     [record] = limiter.get_consumption_history()
     assert (record.input_tokens, record.output_tokens) == tuple(openai_provider.usage_parts["streamed"])
+
+
+async def test_closing_the_dispatcher_under_an_open_stream_ends_its_call_without_waiting_for_the_reader(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    limiter = LLMThrottle(60_000, 10_000_000)
+    dispatcher = create_in_memory_queue()
+    qc = QueuedAsyncOpenAI(openai_client, dispatcher, limiter)
+    call = {"model": "m", "messages": messages("open"), "max_tokens": 50}
+    stream = await qc.chat.completions.create(**call, stream=True)
+    first = await stream.__anext__()
+    # The provider answered: the call's work is done; its reader may take its time. The pool's
+    # grace (30 s) is not waited out, and the call is not released to be sent again.
+    await asyncio.wait_for(dispatcher.close(), 10)
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    [record] = limiter.get_consumption_history()
+    assert record.tokens == estimate_chat_tokens(call)  # its end unseen: the estimate stands
+    rest = [chunk async for chunk in stream]  # still the caller's to read to its end
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert text == "echo: open"
+    assert openai_provider.calls == Counter({"open": 1})
 
 
 async def test_a_stream_dropped_unread_and_unclosed_frees_its_place_in_the_pool(

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from llm_queue_dispatcher import DuplicateRequestError, ManualClock, QueueStorageAdapter
+from llm_queue_dispatcher import (
+    DuplicateRequestError,
+    InMemoryStorage,
+    LLMRequest,
+    ManualClock,
+    QueueMessage,
+    QueueStorageAdapter,
+    ReceiptHandleError,
+    StorageError,
+)
 from tests.conformance.conftest import StorageFactory, same_request
 from tests.conformance.support import req
 
@@ -58,3 +67,75 @@ async def test_dead_letter_message_keeps_a_copy_whose_id_is_already_dead(
     assert await storage.get_approximate_message_count() == 0
     assert (await storage.get_queue_attributes()).dead_lettered == 3
     assert await drain(dead) == ["a", "a", "a"]
+
+
+# -- the base class's default, which a custom adapter without an atomic move keeps ----------------
+
+
+class DefaultDeadLetter(QueueStorageAdapter[Any]):
+    """A custom adapter over an `InMemoryStorage` with only the six required methods, so its
+    ``dead_letter_message`` is the base class's default; ``failing_deletes`` deletes raise
+    `StorageError` (a backend that failed) before doing anything."""
+
+    def __init__(self, inner: InMemoryStorage[Any], dead_letter: QueueStorageAdapter[Any]) -> None:
+        self.inner = inner
+        self.dead_letter = dead_letter
+        self.failing_deletes = 0
+
+    async def enqueue(self, request: LLMRequest[Any]) -> QueueMessage[Any]:
+        return await self.inner.enqueue(request)
+
+    async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[Any]]:
+        return await self.inner.dequeue(limit, visibility_timeout)
+
+    async def delete_message(self, receipt_handle: str) -> None:
+        if self.failing_deletes:
+            self.failing_deletes -= 1
+            raise StorageError("injected delete failure")
+        await self.inner.delete_message(receipt_handle)
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        await self.inner.update_visibility_timeout(receipt_handle, visibility_timeout)
+
+    async def get_approximate_message_count(self) -> int:
+        return await self.inner.get_approximate_message_count()
+
+    async def peek_messages_by_priority(self, priority: int, limit: int) -> list[QueueMessage[Any]]:
+        return await self.inner.peek_messages_by_priority(priority, limit)
+
+
+def default_adapter(clock: ManualClock) -> tuple[DefaultDeadLetter, InMemoryStorage[Any]]:
+    dead: InMemoryStorage[Any] = InMemoryStorage(clock=clock)
+    return DefaultDeadLetter(InMemoryStorage(clock=clock), dead), dead
+
+
+async def test_the_default_dead_letter_with_a_stale_handle_copies_nothing(clock: ManualClock) -> None:
+    storage, dead = default_adapter(clock)
+    await storage.enqueue(req("a"))
+    [first] = await storage.dequeue(1, 5.0)
+    clock.advance(5)
+    [second] = await storage.dequeue(1, 30.0)  # another consumer holds it now
+    with pytest.raises(ReceiptHandleError):
+        await storage.dead_letter_message(first)
+    assert await dead.get_approximate_message_count() == 0
+    assert (await storage.get_queue_attributes()).approximate_number_of_messages == 0
+    # The current holder dead-letters it: exactly one copy, none left behind.
+    await storage.dead_letter_message(second)
+    assert await drain(dead) == ["a"]
+    assert await drain(storage) == []
+    with pytest.raises(ReceiptHandleError):
+        await storage.delete_message(second.attributes.receipt_handle)
+
+
+async def test_the_default_dead_letter_retried_after_a_failed_delete_moves_one_copy(
+    clock: ManualClock,
+) -> None:
+    storage, dead = default_adapter(clock)
+    await storage.enqueue(req("a"))
+    [message] = await storage.dequeue(1, 30.0)
+    storage.failing_deletes = 1
+    with pytest.raises(StorageError):
+        await storage.dead_letter_message(message)
+    await storage.dead_letter_message(message)  # the retry finishes the move
+    assert await drain(dead) == ["a"]
+    assert await drain(storage) == []

@@ -538,11 +538,15 @@ async def test_429s_stay_few_after_the_first_ones(provider: ProviderServer, clie
     limiter = LLMThrottle(1_200, 120_000)
     worker, _ = await run_batch(client, limiter, keys, concurrency=16, max_tokens=100)
     assert provider.successes == Counter({key: 1 for key in keys})
-    # About 1.5 s of work at the provider's 2,000 tokens a second after its burst of 1,000.
-    first = [at for at in provider.rate_limited_at if at < 0.5]
-    later = [at for at in provider.rate_limited_at if at >= 0.5]
-    assert len(first) >= 1  # the limiter's minute-sized burst did overrun the provider at first
-    assert len(later) <= 3, provider.rate_limited_at  # measured 0-1; without the sync, 170+ (below)
+    # Counted, not timed (a loaded machine shifts every instant): the limiter's minute-sized burst
+    # overruns the provider at first; 16 calls in flight, of which its burst of 1,000 tokens
+    # admits 9, so the first wave holds at most 7 refusals. Each 429 pauses the limiter and
+    # lowers it to what the provider says remains; what follows comes in a few smaller waves
+    # (the refused calls give their reservations back), bounded here as if each were one
+    # smaller than the last: 7 + 6 + ... + 1 = 28. Measured 17-18 in all, on a quiet machine and
+    # on a loaded one alike (where a cut at a wall-clock instant miscounted); without the sync,
+    # 170+ (below).
+    assert 1 <= provider.statuses[429] <= 28, provider.rate_limited_at
     assert worker.stats.retried == provider.statuses[429]
 
 

@@ -237,13 +237,17 @@ def _optional_rate(value: object, name: str, unit: str) -> float | None:
     return None if value is None else _rate(value, name, unit)
 
 
+# The largest count LLMThrottle's core holds (a u64): the same bound for the same options here.
+_MAX_COUNT = 2**64 - 1
+
+
 def _concurrency(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_COUNT:
         raise InvalidConfigError(
-            f"max_concurrent must be None or an int >= 1 (with no request in flight allowed, none is "
-            f"ever admitted), got {shown(value)}"
+            f"max_concurrent must be None or an int from 1 to {_MAX_COUNT} (with no request in flight "
+            f"allowed, none is ever admitted), got {shown(value)}"
         )
     return value
 
@@ -256,7 +260,14 @@ def _parts(total: int, input_tokens: object, output_tokens: object, total_name: 
         for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens))
     ]
     parts = split_token_parts(total, given[0], given[1], (total_name, "input_tokens", "output_tokens"))
-    return ("", "") if parts is None else (str(parts[0]), str(parts[1]))
+    return ("", "") if parts is None else (str(_saturated(parts[0])), str(_saturated(parts[1])))
+
+
+def _saturated(count: int) -> int:
+    """A token count as the scripts take it: beyond 64 bits, the largest 64-bit count, as
+    `LLMThrottle` reads one (no budget ever fits it). Lua's doubles would hold a larger one as
+    ``inf``, which no later reply could give back as a count."""
+    return min(count, _MAX_COUNT)
 
 
 def _reason(name: str) -> LimitReason:
@@ -266,6 +277,12 @@ def _reason(name: str) -> LimitReason:
 
 def _request_id(request_id: object) -> bytes:
     return validate_request_id(request_id, "request_id").encode("utf-8")
+
+
+def _check_metadata(metadata: object) -> None:
+    """A consume's ``metadata``: None or a mapping, as for `LLMThrottle` (not stored here)."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidRequestError(f"metadata must be None or a mapping, got {shown(metadata)}")
 
 
 # Microseconds past 2**53 (about 285 years; Lua's doubles hold no finer instant there) are
@@ -371,11 +388,13 @@ class RedisThrottle(ScriptClient):
         self.adjustment_failure_strategy = adjustment_failure_strategy
         self.history_retention = _positive(history_retention, "history_retention")
         records = integer(max_history_records)  # an int or an integer-like (numpy's), not a bool
-        if records is None or records < 1:
+        if records is None or not 1 <= records <= _MAX_COUNT:
             raise InvalidConfigError(
-                f"max_history_records must be an int >= 1, got {shown(max_history_records)}"
+                f"max_history_records must be an int from 1 to {_MAX_COUNT}, got {shown(max_history_records)}"
             )
         self.max_history_records = records
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise InvalidConfigError(f"logger must be a logging.Logger or None, got {shown(logger)}")
         self._logger = logger or _LOGGER
         self._connection = Connection(redis)
         self._prefix = f"{{{namespace}}}:l:{name}:"
@@ -527,16 +546,22 @@ class RedisThrottle(ScriptClient):
         limit."""
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
         parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
-        reply = await self._run("limiter_check", estimated, *parts)
+        reply = await self._run("limiter_check", _saturated(estimated), *parts)
         return self._check(*reply)
 
     async def _consume(
-        self, request_id: str, estimated_tokens: int, input_tokens: object, output_tokens: object
+        self,
+        request_id: str,
+        estimated_tokens: int,
+        metadata: object,
+        input_tokens: object,
+        output_tokens: object,
     ) -> RateLimitCheck | None:
         rid = _request_id(request_id)
         estimated = validate_token_count(estimated_tokens, "estimated_tokens")
+        _check_metadata(metadata)
         parts = _parts(estimated, input_tokens, output_tokens, "estimated_tokens")
-        reply = await self._run("limiter_consume", rid, estimated, *parts, resendable=True)
+        reply = await self._run("limiter_consume", rid, _saturated(estimated), *parts, resendable=True)
         if reply[0] == 1:
             return None
         return self._check(*reply[1:])
@@ -555,9 +580,12 @@ class RedisThrottle(ScriptClient):
         are not given) and a slot of ``max_concurrent``, all or nothing, for every process at
         once. A second grant under one ``request_id`` is a grant of its own, as in
         `LLMThrottle`: ``adjust_consumption`` and ``release`` act on the latest, and after its
-        release the one before it is the latest again. ``metadata`` is accepted for
-        `RateLimiter` compatibility and not stored."""
-        return await self._consume(request_id, estimated_tokens, input_tokens, output_tokens) is None
+        release the one before it is the latest again. ``metadata`` (None or a
+        mapping, else `InvalidRequestError`) is accepted for `RateLimiter` compatibility and not
+        stored."""
+        return (
+            await self._consume(request_id, estimated_tokens, metadata, input_tokens, output_tokens) is None
+        )
 
     async def consume_or_raise(
         self,
@@ -569,7 +597,7 @@ class RedisThrottle(ScriptClient):
         output_tokens: int | None = None,
     ) -> None:
         """Like `consume`, but raises `RateLimitError(reason, available_in)` when refused."""
-        refused = await self._consume(request_id, estimated_tokens, input_tokens, output_tokens)
+        refused = await self._consume(request_id, estimated_tokens, metadata, input_tokens, output_tokens)
         if refused is not None:
             raise RateLimitError(refused.reason or "tpm_limit", refused.available_in)
 
@@ -592,7 +620,7 @@ class RedisThrottle(ScriptClient):
         actual = validate_token_count(actual_tokens, "actual_tokens")
         parts = _parts(actual, input_tokens, output_tokens, "actual_tokens")
         strategy = self.adjustment_failure_strategy
-        reply = await self._run("limiter_adjust", rid, actual, strategy, *parts, resendable=True)
+        reply = await self._run("limiter_adjust", rid, _saturated(actual), strategy, *parts, resendable=True)
         outcome = reply[0]
         if outcome == b"unknown":
             raise UnknownRequestError(

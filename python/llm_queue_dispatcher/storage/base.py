@@ -57,6 +57,11 @@ MAX_VISIBILITY_TIMEOUT: float = _core.MAX_VISIBILITY_TIMEOUT
 
 _PURGE_BATCH = 100
 
+# Seconds the default dead-letter move holds a message invisible while it copies it to the target:
+# longer than a backend call takes, short enough that a process dying mid-move leaves the message
+# to be received again soon.
+_DEAD_LETTER_HOLD = 60.0
+
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 
@@ -250,23 +255,52 @@ class QueueStorageAdapter(ABC, Generic[T]):
         nothing changes). The message counts in ``QueueAttributes.dead_lettered``; without a
         dead-letter target it is dropped and counted, as the ``max_receive_count`` rule does.
 
-        The default enqueues the request into ``self.dead_letter`` when the adapter has such an
-        attribute holding another `QueueStorageAdapter`, then deletes the message here. A
-        failure of that enqueue (`DuplicateRequestError`, `StorageError`) propagates and leaves
-        the message where it was: nothing is lost. Adapters override it to do both in one atomic
-        step and to count it.
+        The default, for an adapter whose backend cannot move a message atomically, takes three
+        steps in an order that loses nothing and copies nothing twice:
+
+        1. it holds the message with ``update_visibility_timeout(receipt_handle, 60)``: a stale
+           handle raises `ReceiptHandleError` here, before anything is copied, and while the copy
+           is made no other consumer can receive the message (so its handle stays current);
+        2. it enqueues the request into ``self.dead_letter`` when the adapter has such an
+           attribute holding another `QueueStorageAdapter` (a failure there, such as
+           `DuplicateRequestError` or `StorageError`, propagates and leaves the message here,
+           held, so nothing is lost);
+        3. it deletes the message here. Should that fail after the copy was made (a `StorageError`),
+           the adapter remembers the copy, and dead-lettering the same message again (it keeps
+           its ``id`` across receives) only deletes it: a retry moves one copy, never two.
+
+        Without a dead-letter target the message is deleted, and logged as dropped. Adapters
+        override it to do the move in one atomic step, to keep a copy whose id the target
+        already holds, and to count it in ``dead_lettered``.
         """
         if not isinstance(message, QueueMessage):
-            raise InvalidRequestError(f"message must be a QueueMessage, got {message!r}")
+            raise InvalidRequestError(f"message must be a QueueMessage, got {shown(message)}")
+        handle = message.attributes.receipt_handle
         target = getattr(self, "dead_letter", None)
-        if isinstance(target, QueueStorageAdapter):
-            await target.enqueue(message.payload)
-        else:
+        if not isinstance(target, QueueStorageAdapter):
+            await self.delete_message(handle)
             _LOGGER.error(
                 "request %r dead-lettered with no dead-letter store configured: dropped",
                 message.payload.id,
             )
-        await self.delete_message(message.attributes.receipt_handle)
+            return
+        await self.update_visibility_timeout(handle, _DEAD_LETTER_HOLD)
+        copied = self._dead_letter_copies()
+        if message.id not in copied:
+            await target.enqueue(message.payload)
+            copied.add(message.id)
+        await self.delete_message(handle)
+        copied.discard(message.id)
+
+    def _dead_letter_copies(self) -> set[str]:
+        """The store ids of the messages the default `dead_letter_message` copied to the target
+        and has not deleted here yet (kept on the instance; an adapter with ``__slots__`` and no
+        ``__dict__`` gets no memory of them)."""
+        try:
+            copies: set[str] = self.__dict__.setdefault("_dead_letter_copied", set())
+        except AttributeError:
+            return set()
+        return copies
 
     async def get_queue_attributes(self) -> QueueAttributes:
         """Queue counters. The default knows only the visible count; backends should override."""

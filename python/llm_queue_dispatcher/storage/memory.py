@@ -108,7 +108,7 @@ class InMemoryStorage(QueueStorageAdapter[T]):
             )
 
     async def dead_letter_message(self, message: QueueMessage[T]) -> None:
-        """Moves the message to ``dead_letter`` at once (or drops it there is none), counted
+        """Moves the message to ``dead_letter`` at once (or drops it when there is none), counted
         in ``dead_lettered``; one atomic step in the store."""
         if not isinstance(message, QueueMessage):
             raise InvalidRequestError(f"message must be a QueueMessage, got {shown(message)}")
