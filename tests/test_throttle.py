@@ -182,15 +182,30 @@ def test_compensate_strategy_carries_debt_into_next_consume(clock: ManualClock) 
     assert throttle.get_consumption_history()[-1].compensation_debt == pytest.approx(300.0)
 
 
-def test_a_debt_larger_than_the_bucket_never_blocks_forever(clock: ManualClock) -> None:
+def test_a_debt_is_at_most_one_full_bucket_and_never_blocks_forever(clock: ManualClock) -> None:
     throttle = make(clock, adjustment_failure_strategy="compensate")
     assert throttle.consume("a", 1_000)
-    throttle.adjust_consumption("a", 3_500)
+    throttle.adjust_consumption("a", 3_500)  # 2,500 short: one full bucket owed
+    assert throttle.get_metrics().compensation.total_debt == pytest.approx(1_000.0)
     check = throttle.can_process(10)
-    assert math.isfinite(check.available_in)
+    assert check.available_in == pytest.approx(60.0)
     clock.advance(check.available_in)
     assert throttle.consume("b", 10)  # a full bucket pays what it can; the rest carries over
-    assert throttle.get_metrics().compensation.total_debt == pytest.approx(1_510.0)
+    assert throttle.get_metrics().compensation.total_debt == pytest.approx(10.0)
+
+
+def test_a_huge_actual_count_holds_the_limiter_back_one_window_at_most(clock: ManualClock) -> None:
+    throttle = make(clock, adjustment_failure_strategy="compensate")
+    assert throttle.consume("a", 100)
+    throttle.adjust_consumption("a", 2**64 - 1)
+    assert throttle.get_metrics().compensation.total_debt == pytest.approx(1_000.0)
+    assert throttle.can_process(100).available_in == pytest.approx(60.0)
+    clock.advance(60.0)
+    assert throttle.consume("b", 100)
+    clock.advance(60.0)
+    assert throttle.consume("c", 100)
+    assert throttle.get_metrics().compensation.total_debt == 0
+    assert throttle.validate_state()
 
 
 def test_consume_keeps_any_mapping_as_metadata_and_refuses_anything_else(clock: ManualClock) -> None:

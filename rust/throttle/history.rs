@@ -70,6 +70,8 @@ pub struct ConsumptionRecord<M> {
     /// Tokens of an upward adjustment the token bucket could not pay (`warn` or `compensate`):
     /// counted in `tokens` but never taken, so `release` does not give them back.
     pub unpaid: f64,
+    /// The part of `unpaid` that became debt (see `Charge::owed`).
+    pub owed: f64,
     /// Given back whole by `release`: it no longer counts, and is kept only until it ages out.
     pub released: bool,
     /// Whether it holds a slot of `max_concurrent` (until adjusted, released or forgotten).

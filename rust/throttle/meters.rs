@@ -204,6 +204,9 @@ pub struct Charge {
     /// Tokens of an upward adjustment the bucket could not pay (`warn` or `compensate`): counted
     /// in `tokens` but never taken, so a release does not give them back.
     pub unpaid: f64,
+    /// The part of `unpaid` that became debt (`compensate`; the rest was never owed: `warn`, or
+    /// past the most debt a bucket carries).
+    pub owed: f64,
 }
 
 /// A token limit: its bucket and its compensation debt (what the next grant takes on top).
@@ -246,7 +249,7 @@ impl Meter {
 
     /// Tokens a grant of `tokens` must find in the bucket. With a debt that would push it past
     /// the capacity, a full bucket is enough (the rest of the debt carries over): otherwise a
-    /// large debt would block every request forever.
+    /// debt near the capacity would block every request forever.
     pub fn needed(&self, tokens: u64) -> f64 {
         let tokens = tokens as f64;
         let capacity = self.bucket.capacity();
@@ -297,7 +300,7 @@ impl Meter {
         if self.debt < DEBT_DUST {
             self.debt = 0.0;
         }
-        Charge { tokens, debt: applied, unpaid: 0.0 }
+        Charge { tokens, debt: applied, unpaid: 0.0, owed: 0.0 }
     }
 
     /// When moving `charge` to `actual` takes more than the bucket holds: the seconds until it
@@ -309,7 +312,13 @@ impl Meter {
 
     /// Moves `charge` to `actual`: takes the extra (what the bucket cannot give: the warn or
     /// compensate strategy; "strict" was refused by the caller before anything changed) or gives
-    /// back the difference, forgiving first what an earlier extra left unpaid.
+    /// back the difference, forgiving first what an earlier extra left unpaid and never owed,
+    /// then what it owed.
+    ///
+    /// Under "compensate" the debt is at most the bucket's capacity: a provider's own bucket is
+    /// full again one window after any use, however large, so a larger debt (an actual count in
+    /// the billions) would hold the limiter back long after the provider. The part beyond is
+    /// unpaid and never owed, as under "warn".
     pub fn adjust(
         &mut self,
         strategy: AdjustmentFailureStrategy,
@@ -323,7 +332,9 @@ impl Meter {
                 let shortfall = self.bucket.take_up_to(extra);
                 charge.unpaid += shortfall;
                 outcome = if strategy == AdjustmentFailureStrategy::Compensate {
-                    self.debt += shortfall;
+                    let owed = shortfall.min((self.bucket.capacity() - self.debt).max(0.0));
+                    self.debt += owed;
+                    charge.owed += owed;
                     Adjustment::Compensated { shortfall, total_debt: self.debt }
                 } else {
                     Adjustment::Warned { shortfall }
@@ -331,10 +342,12 @@ impl Meter {
             }
         } else if actual < charge.tokens {
             let lower = (charge.tokens - actual) as f64;
-            let forgiven = lower.min(charge.unpaid);
-            charge.unpaid -= forgiven;
-            self.give_back_unpaid(strategy, forgiven);
-            self.bucket.refund(lower - forgiven);
+            let never_owed = lower.min(charge.unpaid - charge.owed);
+            let owed = (lower - never_owed).min(charge.owed);
+            charge.unpaid -= never_owed + owed;
+            charge.owed -= owed;
+            self.give_back_owed(owed);
+            self.bucket.refund(lower - never_owed - owed);
         }
         charge.tokens = actual;
         outcome
@@ -343,22 +356,19 @@ impl Meter {
     /// Gives a grant's charge back whole: its tokens (less what was never paid) and the debt it
     /// paid go back to the bucket, and that debt is owed again; the debt its unpaid adjustment
     /// added is not owed any more.
-    pub fn release(&mut self, strategy: AdjustmentFailureStrategy, charge: &Charge) {
+    pub fn release(&mut self, charge: &Charge) {
         self.bucket.refund(charge.tokens as f64 - charge.unpaid + charge.debt);
-        self.give_back_unpaid(strategy, charge.unpaid);
+        self.give_back_owed(charge.owed);
         self.debt += charge.debt;
     }
 
-    /// Gives back `tokens` of an upward adjustment the bucket could not pay. Under `warn` they
-    /// were never taken: nothing to do. Under `compensate` they became debt: what is still owed
-    /// is cancelled, and what later grants already paid of it goes back to the bucket. (Such a
-    /// payer's own release then re-owes what it paid: exact attribution is not kept.)
-    fn give_back_unpaid(&mut self, strategy: AdjustmentFailureStrategy, tokens: f64) {
-        if strategy == AdjustmentFailureStrategy::Compensate {
-            let cancelled = tokens.min(self.debt);
-            self.debt -= cancelled;
-            self.bucket.refund(tokens - cancelled);
-        }
+    /// Gives back `tokens` of debt an upward adjustment added: what is still owed is cancelled,
+    /// and what later grants already paid of it goes back to the bucket. (Such a payer's own
+    /// release then re-owes what it paid: exact attribution is not kept.)
+    fn give_back_owed(&mut self, tokens: f64) {
+        let cancelled = tokens.min(self.debt);
+        self.debt -= cancelled;
+        self.bucket.refund(tokens - cancelled);
     }
 
     /// Full bucket, no debt, no ceiling.

@@ -634,6 +634,7 @@ impl<M> Throttle<M> {
             actual_tokens: None,
             compensation_debt: charge.debt,
             unpaid: 0.0,
+            owed: 0.0,
             released: false,
             holds_slot,
             extra,
@@ -735,8 +736,12 @@ impl<M> Throttle<M> {
             (Dimension::Otpm, None) => actual.min(output_cap),
             _ => actual,
         };
-        let mut charge =
-            Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
+        let mut charge = Charge {
+            tokens: record.tokens,
+            debt: record.compensation_debt,
+            unpaid: record.unpaid,
+            owed: record.owed,
+        };
         let mut charges = record.extra.as_ref().map(|extra| extra.charges.clone()).unwrap_or_default();
         if strategy == AdjustmentFailureStrategy::Strict {
             let mut refusal = Binding::NONE;
@@ -768,6 +773,7 @@ impl<M> Throttle<M> {
         let record = &mut self.history[index];
         self.totals.remove(record);
         record.unpaid = charge.unpaid;
+        record.owed = charge.owed;
         record.tokens = actual;
         // 0 tokens is a refund (the call failed, or never reached the provider), not a measured
         // count: recording it would score a failed call as an estimation miss.
@@ -837,10 +843,14 @@ impl<M> Throttle<M> {
     }
 
     fn release_at(&mut self, index: usize) {
-        let strategy = self.config.adjustment_failure_strategy;
         let seq = self.first_seq + index as u64;
         let record = &mut self.history[index];
-        let charge = Charge { tokens: record.tokens, debt: record.compensation_debt, unpaid: record.unpaid };
+        let charge = Charge {
+            tokens: record.tokens,
+            debt: record.compensation_debt,
+            unpaid: record.unpaid,
+            owed: record.owed,
+        };
         let charges =
             record.extra.as_mut().map(|extra| std::mem::take(&mut extra.charges)).unwrap_or_default();
         let held_slot = std::mem::take(&mut record.holds_slot);
@@ -848,12 +858,12 @@ impl<M> Throttle<M> {
         let record = &self.history[index];
         self.totals.remove(record);
         self.requests.refund(1.0);
-        self.tokens.release(strategy, &charge);
+        self.tokens.release(&charge);
         if let Some(daily) = &mut self.daily_requests {
             daily.refund(1.0);
         }
         for (meter, charge) in self.meters.iter_mut().zip(&charges) {
-            meter.release(strategy, charge);
+            meter.release(charge);
         }
         if held_slot {
             if let Some(slots) = &mut self.slots {

@@ -102,17 +102,18 @@ fn history_expires_and_is_capped() {
 }
 
 #[test]
-fn a_debt_beyond_the_capacity_does_not_block_forever() {
+fn a_debt_of_a_full_bucket_does_not_block_forever() {
     let mut t: Throttle<()> =
         Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
     assert!(t.consume(0.0, "a", 1000, ()));
     t.adjust("a", 3000).unwrap();
-    assert_eq!(t.debt(), 2000.0);
+    assert_eq!(t.debt(), 1000.0); // 2000 short: one full bucket owed
     let check = t.check(10);
-    assert!(check.available_in.is_finite());
+    assert!((check.available_in - 60.0).abs() < 1e-9);
     t.advance(check.available_in);
+    // A full bucket is enough; the rest of the debt carries over.
     assert!(t.consume(check.available_in, "b", 10, ()));
-    assert!((t.debt() - 1010.0).abs() < 1e-6);
+    assert!((t.debt() - 10.0).abs() < 1e-6);
 }
 
 #[test]
@@ -282,6 +283,59 @@ fn a_lower_second_adjustment_forgives_the_unpaid_part_first() {
         assert_eq!(t.debt(), 0.0, "{strategy:?}");
         t.release("a").unwrap();
         assert!((t.tokens().available() - 700.0).abs() < 1e-9, "{strategy:?}");
+    }
+}
+
+fn consume_at(t: &mut Throttle<()>, now: f64, request_id: &str, tokens: u64) -> bool {
+    t.advance(now);
+    t.consume(now, request_id, tokens, ())
+}
+
+#[test]
+fn a_huge_actual_count_owes_at_most_one_full_bucket() {
+    // A provider's bucket is full again one window after any use, however large: a debt beyond
+    // the capacity would hold the limiter back long after the provider itself.
+    let mut t: Throttle<()> =
+        Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
+    assert!(t.consume(0.0, "a", 100, ()));
+    let outcome = t.adjust("a", u64::MAX).unwrap();
+    assert!(matches!(outcome, Adjustment::Compensated { total_debt, .. } if total_debt == 1000.0));
+    assert_eq!(t.debt(), 1000.0);
+    // Another one owes no more.
+    assert!(consume_at(&mut t, 60.0, "b", 100));
+    t.adjust("b", u64::MAX).unwrap();
+    assert_eq!(t.debt(), 1000.0);
+    // One window later a full bucket pays the whole debt, and the next window is free of it.
+    let wait = t.check(100).available_in;
+    assert!((wait - 60.0).abs() < 1e-9, "{wait}");
+    assert!(consume_at(&mut t, 120.0, "c", 100));
+    assert_eq!(t.debt(), 100.0);
+    assert!(consume_at(&mut t, 180.0, "d", 100));
+    assert_eq!(t.debt(), 0.0);
+    assert!(t.validate_state(180.0));
+}
+
+#[test]
+fn a_correction_after_a_huge_actual_count_restores_the_bucket_and_the_debt() {
+    for release in [true, false] {
+        let mut t: Throttle<()> =
+            Throttle::new(config(60.0, 1000.0, AdjustmentFailureStrategy::Compensate), 0.0).unwrap();
+        assert!(t.consume(0.0, "x", 300, ()));
+        assert!(t.consume(0.0, "a", 200, ()));
+        t.adjust("a", 10_000_000).unwrap(); // 500 taken; the debt is one full bucket
+        assert_eq!(t.debt(), 1000.0);
+        assert!(t.tokens().available().abs() < 1e-9);
+        // A smaller but still huge count forgives first what was never owed: the debt stays.
+        t.adjust("a", 9_000_000).unwrap();
+        assert_eq!(t.debt(), 1000.0);
+        if release {
+            t.release("a").unwrap();
+            assert!((t.tokens().available() - 700.0).abs() < 1e-9);
+        } else {
+            t.adjust("a", 100).unwrap();
+            assert!((t.tokens().available() - 600.0).abs() < 1e-9);
+        }
+        assert_eq!(t.debt(), 0.0, "release {release}");
     }
 }
 

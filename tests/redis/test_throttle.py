@@ -316,6 +316,21 @@ async def test_a_token_count_beyond_64_bits_counts_as_the_largest_one_as_in_llm_
     assert (await throttle.can_process(10**400)).available_in == math.inf
 
 
+async def test_a_huge_actual_count_holds_the_limiter_back_one_window_at_most(
+    clocked_throttle: MakeThrottle, clock: ManualClock
+) -> None:
+    throttle = clocked_throttle(rpm=60, tpm=1000)
+    assert await throttle.consume("a", 100)
+    await throttle.adjust_consumption("a", 2**64 - 1)
+    assert (await throttle.get_metrics()).compensation.total_debt == 1000.0
+    assert (await throttle.can_process(100)).available_in == pytest.approx(60.0)
+    clock.advance(60)
+    assert await throttle.consume("b", 100)
+    clock.advance(60)
+    assert await throttle.consume("c", 100)
+    assert (await throttle.get_metrics()).compensation.total_debt == 0.0
+
+
 async def test_adjust_refunds_and_unknown_ids_are_refused(
     clocked_throttle: MakeThrottle, clock: ManualClock
 ) -> None:

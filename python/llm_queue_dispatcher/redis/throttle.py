@@ -615,7 +615,7 @@ class RedisThrottle(ScriptClient):
         difference, and frees its slot of ``max_concurrent``. When a bucket holds less than its
         extra: "strict" raises `RateLimitError` (naming the binding bucket) and takes nothing,
         "warn" empties the bucket and logs, "compensate" empties it and carries the rest as that
-        bucket's debt. Unknown id: `UnknownRequestError`."""
+        bucket's debt (at most one full bucket, as in `LLMThrottle`). Unknown id: `UnknownRequestError`."""
         rid = _request_id(request_id)
         actual = validate_token_count(actual_tokens, "actual_tokens")
         parts = _parts(actual, input_tokens, output_tokens, "actual_tokens")

@@ -42,8 +42,11 @@ local function adjust_charge(b, ch, count)
       local shortfall = take(b, extra)
       ch.h = ch.h + extra - shortfall
       if strategy == 'compensate' then
-        b.debt = b.debt + shortfall
-        ch.w = ch.w + shortfall
+        -- At most a full bucket of debt, as LLMThrottle: the provider's own bucket is full again
+        -- one window after any use. The rest is never owed, as under 'warn'.
+        local owed = math.min(shortfall, math.max(0, b.cap - b.debt))
+        b.debt = b.debt + owed
+        ch.w = ch.w + owed
         result = {'compensate', shortfall, b.debt}
       else
         result = {'warn', shortfall, b.debt}
