@@ -25,7 +25,14 @@
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
 //!
-//! About 980 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! A removal does not repair the frontier at once: the removed member's point stays, marked
+//! gone ([`AgePoint::gone`]). It still bounds every member it covered (none is older or
+//! faster), so the search's bounds stay sound, only looser; once more than [`LOOSE_POINTS`] of
+//! a cell's points are gone they are replaced together, in one read of the groups. In a run
+//! that keeps taking a wide cell's best messages most of them are not points of the loose
+//! frontier, so most removals read no group at all.
+//!
+//! About 1,150 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 
@@ -132,10 +139,6 @@ pub struct CellSummary {
     /// The best processing time among the members older than that one, in ms (the next point
     /// of the age frontier); `best_time_ms` when there is none.
     pub next_time_ms: f64,
-    /// Enqueue instant of a member with the best processing time: the oldest such member while
-    /// the frontier's youngest point is a member, else one of them. A score some member is sure
-    /// to reach pairs the best time with this member's wait.
-    pub best_time_member_at: f64,
 }
 
 /// What the search reads of a group before deciding to look inside, kept beside the group's
@@ -302,7 +305,6 @@ impl Default for Cell {
                 best_time_ms: 1000.0,
                 best_time_enqueued_at: 0.0,
                 next_time_ms: 1000.0,
-                best_time_member_at: 0.0,
             },
             frontier: Vec::new(),
             loose: 0,
@@ -331,24 +333,13 @@ impl Cell {
         &self.frontier
     }
 
-    /// Copies the frontier's two youngest points into the summary, and the age of a member
-    /// with the best processing time for the search's floor: the youngest point's when it is
-    /// a member (it is then the oldest member with the best time), else `floor_at`.
-    fn sync_frontier_summary(&mut self, floor_at: impl FnOnce(&Self) -> f64) {
+    /// Copies the frontier's two youngest points into the summary.
+    fn sync_frontier_summary(&mut self) {
         let mut youngest = self.frontier.iter().rev();
         if let Some(best) = youngest.next() {
             self.summary.best_time_enqueued_at = best.enqueued_at;
             self.summary.next_time_ms = f64::from_bits(youngest.next().unwrap_or(best).time);
-            self.summary.best_time_member_at = if best.gone { floor_at(self) } else { best.enqueued_at };
         }
-    }
-
-    /// The enqueue instant of the oldest member of the group with the best processing time (a
-    /// member with the cell's best time), read through `enqueued_at_of`.
-    fn best_group_head_at(&self, enqueued_at_of: &impl Fn(u32) -> f64) -> f64 {
-        self.by_time.first().map_or(self.summary.best_time_member_at, |(_, tokens)| {
-            enqueued_at_of(self.groups[tokens].head.slot)
-        })
     }
 
     /// Adds a new member to the frontier, if no older point is as good, dropping the younger
@@ -356,52 +347,94 @@ impl Cell {
     fn frontier_add(&mut self, point: AgePoint) {
         let frontier = &mut self.frontier;
         let i = frontier.partition_point(|p| p.seq < point.seq);
-        // Behind a gone youngest point, a member with the cell's best time (or a better one:
-        // the summary's best is updated after this) is what the floor pairs with that time.
-        let at = if point.time <= self.summary.best_time_ms.to_bits() {
-            point.enqueued_at
-        } else {
-            self.summary.best_time_member_at
-        };
         if i > 0 && frontier[i - 1].time <= point.time {
-            if frontier.last().is_some_and(|p| p.gone) {
-                self.summary.best_time_member_at = at;
-            }
             return;
         }
         let beaten = frontier[i..].iter().take_while(|p| p.time >= point.time).count();
         let gone = frontier[i..i + beaten].iter().filter(|p| p.gone).count() as u32;
         frontier.splice(i..i + beaten, [point]);
         self.loose -= gone;
-        self.sync_frontier_summary(|_| at);
+        self.sync_frontier_summary();
     }
 
-    /// Marks a removed member's point gone, if it was one. A gone point still bounds the members
-    /// it covered (none of them is older or faster), so the bounds stay sound and only looser;
-    /// the points that should replace it are found later, for all gone points at once
-    /// ([`Cell::repair_frontier`]), when more than [`LOOSE_POINTS`] are gone. A removal from a
-    /// wide cell whose groups are out of cache then rarely reads them.
+    /// Takes a removed member out of the frontier, if it was a point. The youngest point (the
+    /// oldest member with the best time: what a run that keeps taking a cell's best removes) is
+    /// replaced at once, from the first groups by time ([`Cell::replace_youngest`]); any other
+    /// point is marked gone. A gone point bounds every member it covers (none is older or
+    /// faster), so the search's bounds stay sound and only looser; once more than
+    /// `loose_points` are gone they are replaced by the members they stand for, together
+    /// ([`Cell::repair_frontier`]: one read of the groups in their windows of keys, 5-30 µs in
+    /// a wide cell whose groups are out of cache). The youngest point is never gone: it is the
+    /// cell's best time and its age, which the search's floor relies on.
     fn frontier_remove(
         &mut self,
         entry: &IndexEntry,
         enqueued_at_of: &impl Fn(u32) -> f64,
         loose_points: u32,
     ) {
-        if let Ok(i) = self.frontier.binary_search_by_key(&entry.seq, |p| p.seq) {
-            let point = &mut self.frontier[i];
-            if !point.gone {
-                point.gone = true;
-                self.loose += 1;
-            }
+        let Ok(i) = self.frontier.binary_search_by_key(&entry.seq, |p| p.seq) else { return };
+        if self.frontier[i].gone {
+            return;
+        }
+        if i + 1 == self.frontier.len() {
+            self.replace_youngest(enqueued_at_of);
+        } else {
+            self.frontier[i].gone = true;
+            self.loose += 1;
         }
         if self.loose > loose_points {
             self.repair_frontier(enqueued_at_of);
-        } else if self.frontier.last().is_some_and(|p| p.gone)
-            && entry.time <= self.summary.best_time_ms.to_bits()
-        {
-            // The floor's member may be the one removed, or the best time moved.
-            self.sync_frontier_summary(|cell| cell.best_group_head_at(enqueued_at_of));
         }
+    }
+
+    /// Replaces the youngest point (its member removed) by the oldest member with the cell's
+    /// best time, read from the first groups by time. Every other member is younger than that
+    /// one (its own point covers it) or slower than the best time: the points older than it
+    /// keep covering theirs, and those it needs no more are dropped; the members covered only
+    /// by dropped points older than it are covered by one gone point (the oldest dropped
+    /// point's age, the key after the best time) instead of being looked for.
+    fn replace_youngest(&mut self, enqueued_at_of: &impl Fn(u32) -> f64) {
+        let Some(&(best, _)) = self.by_time.first() else {
+            // The cell is empty.
+            self.frontier.clear();
+            self.loose = 0;
+            return;
+        };
+        let head = self
+            .by_time
+            .range((best, 0)..=(best, u64::MAX))
+            .map(|(_, tokens)| self.groups[tokens].head)
+            .min_by_key(|head| head.seq)
+            .expect("the first group by time");
+        // Points from `faster` on have a key no worse than the best (gone points, and the
+        // removed one); from `younger` on they are younger than the new point.
+        let faster = self.frontier.partition_point(|p| p.time > best);
+        let younger = self.frontier.partition_point(|p| p.seq < head.seq);
+        let cut = faster.min(younger);
+        let oldest_dropped = (faster < younger).then(|| self.frontier[faster]);
+        let older_time = cut.checked_sub(1).map(|j| self.frontier[j].time);
+        self.loose -= self.frontier[cut..].iter().filter(|p| p.gone).count() as u32;
+        self.frontier.truncate(cut);
+        // The members those older dropped points covered are older than the oldest member
+        // with the best time, so their keys are past it; none if that reaches the point
+        // before (those members are its own).
+        let next = best.checked_add(1).filter(|&next| older_time.is_none_or(|t| next < t));
+        if let (Some(from), Some(next)) = (oldest_dropped, next) {
+            self.frontier.push(AgePoint {
+                seq: from.seq,
+                time: next,
+                enqueued_at: from.enqueued_at,
+                gone: true,
+            });
+            self.loose += 1;
+        }
+        self.frontier.push(AgePoint {
+            seq: head.seq,
+            time: best,
+            enqueued_at: enqueued_at_of(head.slot),
+            gone: false,
+        });
+        self.sync_frontier_summary();
     }
 
     /// Replaces every run of gone points by the members they alone covered.
@@ -413,7 +446,7 @@ impl Cell {
             self.repair_run(first_gone, last_gone + 1, enqueued_at_of);
             end = first_gone;
         }
-        self.sync_frontier_summary(|cell| cell.best_group_head_at(enqueued_at_of));
+        self.sync_frontier_summary();
     }
 
     /// Replaces the gone points `a..b` by the members they alone covered (younger than the
@@ -554,7 +587,6 @@ impl Cell {
     /// frontier of the old points and of each estimate's oldest members by key.
     fn extend_frontier(&mut self, batch: &[(u32, IndexEntry)]) {
         let mut points = std::mem::take(&mut self.frontier);
-        let mut fastest: Option<&IndexEntry> = None;
         for run in batch.chunk_by(|(_, a), (_, b)| a.tokens == b.tokens) {
             let mut oldest = u64::MAX;
             for (_, e) in run {
@@ -567,19 +599,12 @@ impl Cell {
                         gone: false,
                     });
                 }
-                if fastest.is_none_or(|f| e.time < f.time) {
-                    fastest = Some(e);
-                }
             }
         }
         staircase(&mut points);
         self.frontier = points;
         self.loose = self.frontier.iter().filter(|p| p.gone).count() as u32;
-        // Behind a gone youngest point: the batch's fastest member if it has the best time now.
-        let at = fastest
-            .filter(|f| f.time <= self.summary.best_time_ms.to_bits())
-            .map_or(self.summary.best_time_member_at, |f| f.enqueued_at);
-        self.sync_frontier_summary(|_| at);
+        self.sync_frontier_summary();
     }
 
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
@@ -652,18 +677,11 @@ impl Cell {
             best_at = best.enqueued_at;
             next_ms = f64::from_bits(youngest.next().unwrap_or(best).time);
         }
-        // The floor's member: the oldest with the best time, or (behind a gone youngest point)
-        // any member with the best time.
-        let member_at = self.summary.best_time_member_at.to_bits();
-        let floor_ok = if self.frontier.last().is_none_or(|p| !p.gone) {
-            member_at == exact.summary.best_time_member_at.to_bits()
-        } else {
-            let best = self.summary.best_time_ms.to_bits();
-            members().any(|e| e.time == best && e.enqueued_at.to_bits() == member_at)
-        };
+        // The youngest point is the oldest member with the best time, gone points or not.
+        let young_ok = self.frontier.last().map(bits) == exact.frontier.last().map(bits);
         if best_at.to_bits() != self.summary.best_time_enqueued_at.to_bits()
             || next_ms.to_bits() != self.summary.next_time_ms.to_bits()
-            || !floor_ok
+            || !young_ok
         {
             return Err(format!("summary {:?} does not follow {:?}", self.summary, self.frontier));
         }

@@ -526,14 +526,8 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
         let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
         let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
         let tier = weights.tier(key.priority);
-        // A member with the best time: the best-time point's own wait, unless that point is gone.
-        let sure = if cell.best_time_member_at.to_bits() == cell.best_time_enqueued_at.to_bits() {
-            at_best
-        } else {
-            time_of(cell.best_time_ms) + wait_of(cell.best_time_member_at)
-        };
-        if static_floor > f64::NEG_INFINITY && (tier, static_floor + sure) > floor {
-            floor = (tier, static_floor + sure);
+        if static_floor > f64::NEG_INFINITY && (tier, static_floor + at_best) > floor {
+            floor = (tier, static_floor + at_best);
         }
         cells.push(Bounded {
             tier,

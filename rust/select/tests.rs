@@ -64,7 +64,6 @@ impl CandidateIndex for VecIndex {
                 best_time_ms: points[0].1,
                 best_time_enqueued_at: points[0].0,
                 next_time_ms: points.get(1).unwrap_or(&points[0]).1,
-                best_time_member_at: points[0].0,
             };
             visit(key, &summary);
         }
