@@ -25,14 +25,17 @@
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
 //!
-//! A removal does not repair the frontier at once: the removed member's point stays, marked
-//! gone ([`AgePoint::gone`]). It still bounds every member it covered (none is older or
-//! faster), so the search's bounds stay sound, only looser; once more than [`LOOSE_POINTS`] of
-//! a cell's points are gone they are replaced together, in one read of the groups. In a run
-//! that keeps taking a wide cell's best messages most of them are not points of the loose
-//! frontier, so most removals read no group at all.
+//! A removal does not look for the members a frontier point alone covered. When the youngest
+//! point goes (the oldest member with the best time: what a run that keeps taking a wide cell's
+//! best messages removes), the oldest member with the new best time takes its place, read from
+//! the first groups by time, and one point marked gone ([`AgePoint::gone`]: no member's)
+//! stands for the members between them. Any other point removed is marked gone. A gone point
+//! still bounds every member it covers (none is older or faster), so the search's bounds stay
+//! sound, only looser; once more than [`LOOSE_POINTS`] of a cell's points are gone they are
+//! replaced together, in one read of the groups in their windows of keys (5-30 µs in a wide
+//! cell whose groups are out of cache).
 //!
-//! About 1,150 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! About 1,170 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 
