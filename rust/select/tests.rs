@@ -483,14 +483,14 @@ proptest! {
 
     // Age frontiers repaired on every removal of a point, after a few gone points, or never:
     // wide cells (many estimates of one token class, spread ages and processing times) lose
-    // their best messages, random members, and get refills; every round the search over each
+    // their best messages, random members, get refills and messages given back; every round the search over each
     // index picks exactly the brute-force winner (ties included), and each index's frontiers,
     // gone points and all, still bound every member (`VisibleIndex::check`).
     #[test]
     fn loose_age_frontiers_give_the_same_winners_as_exact_ones(
         initial in proptest::collection::vec((message(), 0.0f64..3.0), 1..80),
         rounds in proptest::collection::vec(
-            (0u8..4, any::<proptest::sample::Index>(), message(), 0.0f64..3.0),
+            (0u8..5, any::<proptest::sample::Index>(), message(), 0.0f64..3.0),
             1..80,
         ),
         weights in proptest::array::uniform6(0.0f64..1.0),
@@ -552,7 +552,7 @@ proptest! {
                 prop_assert_eq!(ix.index.check(&visible), Ok(()));
             }
             let taken = match (kind, expected) {
-                (0 | 1, Some((_, _, slot))) => live.iter().position(|&s| s == slot),
+                (0 | 1 | 4, Some((_, _, slot))) => live.iter().position(|&s| s == slot),
                 (2, _) if !live.is_empty() => Some(pick.index(live.len())),
                 _ => None,
             };
@@ -560,9 +560,16 @@ proptest! {
                 let slot = live.swap_remove(at);
                 for ix in &mut indexes {
                     ix.remove(slot);
+                    if kind == 4 {
+                        // Given back: the same message returns to the cell it left.
+                        ix.index.insert(slot, &ix.entries[slot as usize]);
+                    }
+                }
+                if kind == 4 {
+                    live.push(slot);
                 }
             }
-            if kind >= 2 {
+            if kind == 2 || kind == 3 {
                 add(&mut indexes, &mut live, refill, now);
             }
         }
