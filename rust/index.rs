@@ -25,7 +25,17 @@
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
 //!
-//! About 980 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! A removal does not look for the members a frontier point alone covered. When the youngest
+//! point goes (the oldest member with the best time: what a run that keeps taking a wide cell's
+//! best messages removes), the oldest member with the new best time takes its place, read from
+//! the first groups by time, and one point marked gone ([`AgePoint::gone`]: no member's)
+//! stands for the members between them. Any other point removed is marked gone. A gone point
+//! still bounds every member it covers (none is older or faster), so the search's bounds stay
+//! sound, only looser; once more than [`LOOSE_POINTS`] of a cell's points are gone they are
+//! replaced together, in one read of the groups in their windows of keys (5-30 µs in a wide
+//! cell whose groups are out of cache).
+//!
+//! About 1,170 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 
@@ -38,6 +48,11 @@ use crate::cells::{CellKey, MAX_TOKEN_CLASS, RETRY_CLASSES};
 
 /// Number of priorities (0 = URGENT ..= 3 = LOW).
 pub const PRIORITIES: usize = 4;
+
+/// How many gone points a cell's age frontier keeps before it is repaired: a repair reads the
+/// groups in the gone points' windows of keys (out of cache in a wide cell, 5-30 µs), and one
+/// repair of several gone points reads them once.
+pub const LOOSE_POINTS: u32 = 2;
 
 /// What the index (and any other [`Ranking`]) knows of a visible message.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,12 +170,16 @@ pub struct AgePoint {
     pub time: u64,
     /// Its enqueue instant.
     pub enqueued_at: f64,
+    /// Whether the member has left the cell: the point still bounds the members it covered
+    /// until the frontier is repaired.
+    pub gone: bool,
 }
 
 /// Keeps the points of `points` that no other point matches or beats on both age and
 /// processing-time key, oldest first (so their keys strictly decrease).
 fn staircase(points: &mut Vec<AgePoint>) {
-    points.sort_unstable_by_key(|p| p.seq);
+    // A member's own point before a gone one of the same sequence number.
+    points.sort_unstable_by_key(|p| (p.seq, p.gone));
     let mut best: Option<u64> = None;
     points.retain(|p| {
         let keep = best.is_none_or(|b| p.time < b);
@@ -269,8 +288,12 @@ pub struct Cell {
     /// the search and a frontier repair read only the groups whose time can matter.
     by_time: BTreeSet<(u64, u64)>,
     summary: CellSummary,
-    /// The age frontier, oldest first (processing-time keys strictly decreasing).
+    /// The age frontier, oldest first (processing-time keys strictly decreasing); it may hold
+    /// points of members that are gone (`AgePoint::gone`), which bound no less than the points
+    /// they stand for.
     frontier: Vec<AgePoint>,
+    /// How many points of the frontier are gone.
+    loose: u32,
 }
 
 impl Default for Cell {
@@ -287,6 +310,7 @@ impl Default for Cell {
                 next_time_ms: 1000.0,
             },
             frontier: Vec::new(),
+            loose: 0,
         }
     }
 }
@@ -321,7 +345,7 @@ impl Cell {
         }
     }
 
-    /// Adds a new member to the frontier, if no older member is as good, dropping the younger
+    /// Adds a new member to the frontier, if no older point is as good, dropping the younger
     /// points it matches or beats. A message enqueued now (the youngest) costs O(1).
     fn frontier_add(&mut self, point: AgePoint) {
         let frontier = &mut self.frontier;
@@ -330,26 +354,119 @@ impl Cell {
             return;
         }
         let beaten = frontier[i..].iter().take_while(|p| p.time >= point.time).count();
+        let gone = frontier[i..i + beaten].iter().filter(|p| p.gone).count() as u32;
         frontier.splice(i..i + beaten, [point]);
+        self.loose -= gone;
         self.sync_frontier_summary();
     }
 
-    /// Takes a removed member out of the frontier, if it was a point: the members it alone
-    /// covered (younger than it and than its older neighbour's key, older than its younger
-    /// neighbour) are found from the groups, one range read per run in that window of keys.
-    fn frontier_remove(&mut self, entry: &IndexEntry, enqueued_at_of: &impl Fn(u32) -> f64) {
+    /// Takes a removed member out of the frontier, if it was a point. The youngest point (the
+    /// oldest member with the best time: what a run that keeps taking a cell's best removes) is
+    /// replaced at once, from the first groups by time ([`Cell::replace_youngest`]); any other
+    /// point is marked gone. A gone point bounds every member it covers (none is older or
+    /// faster), so the search's bounds stay sound and only looser; once more than
+    /// `loose_points` are gone they are replaced by the members they stand for, together
+    /// ([`Cell::repair_frontier`]: one read of the groups in their windows of keys, 5-30 µs in
+    /// a wide cell whose groups are out of cache). The youngest point is never gone: it is the
+    /// cell's best time and its age, which the search's floor relies on.
+    fn frontier_remove(
+        &mut self,
+        entry: &IndexEntry,
+        enqueued_at_of: &impl Fn(u32) -> f64,
+        loose_points: u32,
+    ) {
         let Ok(i) = self.frontier.binary_search_by_key(&entry.seq, |p| p.seq) else { return };
-        let removed = self.frontier.remove(i);
-        let older_time = i.checked_sub(1).map(|j| self.frontier[j].time);
-        let younger_seq = self.frontier.get(i).map_or(u64::MAX, |p| p.seq);
+        if self.frontier[i].gone {
+            return;
+        }
+        if i + 1 == self.frontier.len() {
+            self.replace_youngest(enqueued_at_of);
+        } else {
+            self.frontier[i].gone = true;
+            self.loose += 1;
+        }
+        if self.loose > loose_points {
+            self.repair_frontier(enqueued_at_of);
+        }
+    }
+
+    /// Replaces the youngest point (its member removed) by the oldest member with the cell's
+    /// best time, read from the first groups by time. Every other member is younger than that
+    /// one (its own point covers it) or slower than the best time: the points older than it
+    /// keep covering theirs, and those it needs no more are dropped; the members covered only
+    /// by dropped points older than it are covered by one gone point (the oldest dropped
+    /// point's age, the key after the best time) instead of being looked for.
+    fn replace_youngest(&mut self, enqueued_at_of: &impl Fn(u32) -> f64) {
+        let Some(&(best, _)) = self.by_time.first() else {
+            // The cell is empty.
+            self.frontier.clear();
+            self.loose = 0;
+            return;
+        };
+        let head = self
+            .by_time
+            .range((best, 0)..=(best, u64::MAX))
+            .map(|(_, tokens)| self.groups[tokens].head)
+            .min_by_key(|head| head.seq)
+            .expect("the first group by time");
+        // Points from `faster` on have a key no worse than the best (gone points, and the
+        // removed one); from `younger` on they are younger than the new point.
+        let faster = self.frontier.partition_point(|p| p.time > best);
+        let younger = self.frontier.partition_point(|p| p.seq < head.seq);
+        let cut = faster.min(younger);
+        let oldest_dropped = (faster < younger).then(|| self.frontier[faster]);
+        let older_time = cut.checked_sub(1).map(|j| self.frontier[j].time);
+        self.loose -= self.frontier[cut..].iter().filter(|p| p.gone).count() as u32;
+        self.frontier.truncate(cut);
+        // The members those older dropped points covered are older than the oldest member
+        // with the best time, so their keys are past it; none if that reaches the point
+        // before (those members are its own).
+        let next = best.checked_add(1).filter(|&next| older_time.is_none_or(|t| next < t));
+        if let (Some(from), Some(next)) = (oldest_dropped, next) {
+            self.frontier.push(AgePoint {
+                seq: from.seq,
+                time: next,
+                enqueued_at: from.enqueued_at,
+                gone: true,
+            });
+            self.loose += 1;
+        }
+        self.frontier.push(AgePoint {
+            seq: head.seq,
+            time: best,
+            enqueued_at: enqueued_at_of(head.slot),
+            gone: false,
+        });
+        self.sync_frontier_summary();
+    }
+
+    /// Replaces every run of gone points by the members they alone covered.
+    fn repair_frontier(&mut self, enqueued_at_of: &impl Fn(u32) -> f64) {
+        let mut end = self.frontier.len();
+        while self.loose > 0 {
+            let Some(last_gone) = self.frontier[..end].iter().rposition(|p| p.gone) else { break };
+            let first_gone = self.frontier[..last_gone].iter().rposition(|p| !p.gone).map_or(0, |j| j + 1);
+            self.repair_run(first_gone, last_gone + 1, enqueued_at_of);
+            end = first_gone;
+        }
+        self.sync_frontier_summary();
+    }
+
+    /// Replaces the gone points `a..b` by the members they alone covered (younger than the
+    /// oldest of them, faster than the point before them, older than the point after them),
+    /// found from the groups, one range read per run in that window of keys.
+    fn repair_run(&mut self, a: usize, b: usize, enqueued_at_of: &impl Fn(u32) -> f64) {
+        let lowest_time = self.frontier[b - 1].time;
+        let older_time = a.checked_sub(1).map(|j| self.frontier[j].time);
+        let younger_seq = self.frontier.get(b).map_or(u64::MAX, |p| p.seq);
         let in_window = |time: u64| older_time.is_none_or(|limit| time < limit);
-        // Every member left with a key in [removed, older) is younger than the removed one
-        // (an older one would have been a point between them): the oldest of each run is the
-        // only one that can become a point.
+        // Every member with a key in [lowest, older) is younger than the oldest gone point (an
+        // older one would be covered by a point before them) and has a key above the next
+        // point's: the oldest of each run is the only one that can become a point.
         let mut found: Vec<(u64, u64, u32)> = Vec::new();
         let mut read = |group: &Group| {
             let mut youngest = younger_seq;
-            let mut from = removed.time.max(group.head.time);
+            let mut from = lowest_time.max(group.head.time);
             while let Some((&(time, seq), &slot)) = group.members.range((from, 0)..).next() {
                 if !in_window(time) {
                     break;
@@ -382,10 +499,10 @@ impl Cell {
                 }
                 keep
             })
-            .map(|(seq, time, slot)| AgePoint { seq, time, enqueued_at: enqueued_at_of(slot) })
+            .map(|(seq, time, slot)| AgePoint { seq, time, enqueued_at: enqueued_at_of(slot), gone: false })
             .collect();
-        self.frontier.splice(i..i, points);
-        self.sync_frontier_summary();
+        self.frontier.splice(a..b, points);
+        self.loose -= (b - a) as u32;
     }
 
     /// The smallest processing time of the groups' heads.
@@ -415,7 +532,12 @@ impl Cell {
 
     fn insert(&mut self, slot: u32, entry: &IndexEntry) {
         self.note_oldest(entry.seq, entry.enqueued_at);
-        self.frontier_add(AgePoint { seq: entry.seq, time: entry.time, enqueued_at: entry.enqueued_at });
+        self.frontier_add(AgePoint {
+            seq: entry.seq,
+            time: entry.time,
+            enqueued_at: entry.enqueued_at,
+            gone: false,
+        });
         self.members.insert(entry.seq, slot);
         let time = f64::from_bits(entry.time);
         if self.groups.is_empty() || time < self.summary.best_time_ms {
@@ -473,17 +595,23 @@ impl Cell {
             for (_, e) in run {
                 if e.seq < oldest {
                     oldest = e.seq;
-                    points.push(AgePoint { seq: e.seq, time: e.time, enqueued_at: e.enqueued_at });
+                    points.push(AgePoint {
+                        seq: e.seq,
+                        time: e.time,
+                        enqueued_at: e.enqueued_at,
+                        gone: false,
+                    });
                 }
             }
         }
         staircase(&mut points);
         self.frontier = points;
+        self.loose = self.frontier.iter().filter(|p| p.gone).count() as u32;
         self.sync_frontier_summary();
     }
 
     /// Removes a member; `enqueued_at_of` gives a slot's enqueue instant for the new head.
-    fn remove(&mut self, entry: &IndexEntry, enqueued_at_of: impl Fn(u32) -> f64) {
+    fn remove(&mut self, entry: &IndexEntry, enqueued_at_of: impl Fn(u32) -> f64, loose_points: u32) {
         self.members.remove(&entry.seq);
         if let Entry::Occupied(mut group) = self.groups.entry(entry.tokens) {
             let g = group.get_mut();
@@ -511,7 +639,56 @@ impl Cell {
                 self.summary.oldest_enqueued_at = enqueued_at_of(head_slot);
             }
         }
-        self.frontier_remove(entry, &enqueued_at_of);
+        self.frontier_remove(entry, &enqueued_at_of, loose_points);
+    }
+
+    /// Checks the frontier and the summary fields read from it against `exact`, the same
+    /// members' cell built afresh: equal while no point is gone; else still a cover of every
+    /// member by points oldest first with keys strictly decreasing, whose points not gone are
+    /// members. `by_seq` holds every visible message.
+    fn check_frontier(&self, exact: &Cell, by_seq: &BTreeMap<u64, &IndexEntry>) -> Result<(), String> {
+        let bits = |p: &AgePoint| (p.seq, p.time, p.enqueued_at.to_bits());
+        let gone = self.frontier.iter().filter(|p| p.gone).count() as u32;
+        if gone != self.loose {
+            return Err(format!("{gone} gone points, {} counted", self.loose));
+        }
+        let members = || exact.members.keys().map(|seq| by_seq[seq]);
+        if gone == 0 {
+            if self.frontier.iter().map(bits).ne(exact.frontier.iter().map(bits)) {
+                return Err(format!("{:?}, expected {:?}", self.frontier, exact.frontier));
+            }
+        } else {
+            if self.frontier.windows(2).any(|w| w[0].seq >= w[1].seq || w[0].time <= w[1].time) {
+                return Err(format!("{:?} is not a staircase", self.frontier));
+            }
+            for point in self.frontier.iter().filter(|p| !p.gone) {
+                if by_seq
+                    .get(&point.seq)
+                    .is_none_or(|e| (e.seq, e.time, e.enqueued_at.to_bits()) != bits(point))
+                {
+                    return Err(format!("point {point:?} is no member"));
+                }
+            }
+            let covered = |e: &IndexEntry| self.frontier.iter().any(|p| p.seq <= e.seq && p.time <= e.time);
+            if let Some(e) = members().find(|e| !covered(e)) {
+                return Err(format!("member {} not covered by {:?}", e.seq, self.frontier));
+            }
+        }
+        let (mut best_at, mut next_ms) = (self.summary.best_time_enqueued_at, self.summary.next_time_ms);
+        let mut youngest = self.frontier.iter().rev();
+        if let Some(best) = youngest.next() {
+            best_at = best.enqueued_at;
+            next_ms = f64::from_bits(youngest.next().unwrap_or(best).time);
+        }
+        // The youngest point is the oldest member with the best time, gone points or not.
+        let young_ok = self.frontier.last().map(bits) == exact.frontier.last().map(bits);
+        if best_at.to_bits() != self.summary.best_time_enqueued_at.to_bits()
+            || next_ms.to_bits() != self.summary.next_time_ms.to_bits()
+            || !young_ok
+        {
+            return Err(format!("summary {:?} does not follow {:?}", self.summary, self.frontier));
+        }
+        Ok(())
     }
 }
 
@@ -524,7 +701,7 @@ impl std::ops::Deref for Cell {
 }
 
 /// The candidate index of one store's visible messages.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VisibleIndex {
     cells: BTreeMap<CellKey, Cell>,
     /// `(priority, head seq, cell)` of every non-empty cell: the first is the next to receive.
@@ -532,9 +709,29 @@ pub struct VisibleIndex {
     /// `(head seq, cell)` of every non-empty cell: the first is the oldest visible message.
     age_heads: BTreeSet<(u64, CellKey)>,
     by_priority: [usize; PRIORITIES],
+    /// How many gone points a cell's frontier keeps before it is repaired.
+    loose_points: u32,
+}
+
+impl Default for VisibleIndex {
+    fn default() -> Self {
+        Self::with_loose_points(LOOSE_POINTS)
+    }
 }
 
 impl VisibleIndex {
+    /// An empty index whose cells repair their age frontiers once more than `loose_points` of
+    /// their points are gone (0: on every removal of a point).
+    pub fn with_loose_points(loose_points: u32) -> Self {
+        Self {
+            cells: BTreeMap::new(),
+            receive_heads: BTreeSet::new(),
+            age_heads: BTreeSet::new(),
+            by_priority: [0; PRIORITIES],
+            loose_points,
+        }
+    }
+
     /// Adds a message that became visible.
     pub fn insert(&mut self, slot: u32, entry: &IndexEntry) {
         let key = entry.cell;
@@ -592,7 +789,7 @@ impl VisibleIndex {
         let key = entry.cell;
         let Some(cell) = self.cells.get_mut(&key) else { return };
         let was_head = cell.first_key_value().is_some_and(|(&s, _)| s == entry.seq);
-        cell.remove(entry, enqueued_at_of);
+        cell.remove(entry, enqueued_at_of, self.loose_points);
         if was_head {
             self.receive_heads.remove(&(key.priority, entry.seq, key));
             self.age_heads.remove(&(entry.seq, key));
@@ -608,7 +805,7 @@ impl VisibleIndex {
 
     /// Forgets every message.
     pub fn clear(&mut self) {
-        *self = Self::default();
+        *self = Self::with_loose_points(self.loose_points);
     }
 
     /// The visible messages by cell: each cell maps sequence number to slot, oldest first.
@@ -757,6 +954,7 @@ impl VisibleIndex {
     /// owner): membership, summaries, groups, heads and counts. For tests and debugging.
     pub fn check(&self, entries: &[(u32, IndexEntry)]) -> Result<(), String> {
         let mut expected = Self::default();
+        let by_seq: BTreeMap<u64, &IndexEntry> = entries.iter().map(|(_, e)| (e.seq, e)).collect();
         let mut sorted = entries.to_vec();
         sorted.sort_by_key(|(_, e)| e.seq);
         for (slot, entry) in &sorted {
@@ -784,22 +982,10 @@ impl VisibleIndex {
             if actual.summary.oldest_seq != cell.summary.oldest_seq
                 || actual.summary.oldest_enqueued_at.to_bits() != cell.summary.oldest_enqueued_at.to_bits()
                 || actual.summary.best_time_ms.to_bits() != cell.summary.best_time_ms.to_bits()
-                || actual.summary.best_time_enqueued_at.to_bits()
-                    != cell.summary.best_time_enqueued_at.to_bits()
-                || actual.summary.next_time_ms.to_bits() != cell.summary.next_time_ms.to_bits()
             {
                 return Err(format!("summary of cell {key:?} out of date"));
             }
-            if actual.frontier.len() != cell.frontier.len()
-                || actual.frontier.iter().zip(&cell.frontier).any(|(a, b)| {
-                    (a.seq, a.time, a.enqueued_at.to_bits()) != (b.seq, b.time, b.enqueued_at.to_bits())
-                })
-            {
-                return Err(format!(
-                    "age frontier of cell {key:?}: {:?}, expected {:?}",
-                    actual.frontier, cell.frontier
-                ));
-            }
+            actual.check_frontier(cell, &by_seq).map_err(|e| format!("age frontier of cell {key:?}: {e}"))?;
         }
         if expected.receive_heads != self.receive_heads || expected.age_heads != self.age_heads {
             return Err("cell heads out of date".into());

@@ -16,7 +16,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 780 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 810 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -510,11 +510,35 @@ impl Bounded<CellItem> {
 /// with its class's least budget part) is left out of that order. Ties are broken as in
 /// `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
+    // The buffers of the thread's last search: none is allocated or grown again (a nested
+    // search, if an index ever ran one, starts with empty ones).
+    let mut scratch = SCRATCH.take();
+    let best = search(index, context, &mut scratch);
+    SCRATCH.set(scratch);
+    best
+}
+
+/// The buffers of a search, kept from one to the next.
+#[derive(Default)]
+struct Scratch {
+    cells: Vec<Bounded<CellItem>>,
+    summaries: Vec<CellSummary>,
+    groups: Vec<Bounded<(u32, bool)>>,
+    ages: AgeBounds,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// `best_candidate` in `scratch`'s buffers.
+fn search(index: &impl CandidateIndex, context: &SearchContext, scratch: &mut Scratch) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
     let mut parts = BudgetParts::new(context);
-    let mut cells = Vec::new();
-    let mut summaries = Vec::new();
+    let Scratch { cells, summaries, groups, ages } = scratch;
+    cells.clear();
+    summaries.clear();
     // The best score some member is sure to reach: the member with a cell's best processing
     // time scores at least its key's floor + that time + its own wait.
     let mut floor: (u8, f64) = (0, f64::NEG_INFINITY);
@@ -540,29 +564,28 @@ pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> O
     });
     // Best bound first, each cell bounded again from its age frontier before it is visited (and
     // put back if that bound puts it behind another).
-    let mut groups = Vec::new();
-    let mut ages = AgeBounds::default();
     // A cell that cannot reach the floor holds no winner: it never enters the heap (the slack
     // keeps a cell whose bound and the floor differ by rounding only).
     let (floor_tier, floor_score) = floor;
     cells.retain(|cell| {
         cell.tier > floor_tier || (cell.tier == floor_tier && cell.bound >= floor_score - BOUND_SLACK)
     });
-    let mut cells = BinaryHeap::from(cells);
+    let mut cells = BinaryHeap::from(std::mem::take(cells));
     while let Some(mut cell) = cells.pop() {
         if !beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
             break; // every cell left bounds no higher
         }
         let refined = cell.item.refined;
-        cell.refine(index, context, &summaries, &mut ages);
+        cell.refine(index, context, summaries, ages);
         if !refined && cells.peek().is_some_and(|next| *next > cell) {
             cells.push(cell);
             continue;
         }
         if beats(best.as_ref(), cell.tier, cell.bound, cell.oldest_at, cell.seq) {
-            expand_cell(index, context, &cell, &ages, &mut groups, &mut best);
+            expand_cell(index, context, &cell, ages, groups, &mut best);
         }
     }
+    scratch.cells = cells.into_vec();
     best
 }
 

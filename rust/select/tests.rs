@@ -417,3 +417,161 @@ proptest! {
         }
     }
 }
+
+/// The candidate index itself as the search sees it, over messages kept in vectors: lets a
+/// test choose how the index keeps its cells' age frontiers.
+struct Indexed {
+    index: crate::index::VisibleIndex,
+    entries: Vec<crate::index::IndexEntry>,
+    messages: Vec<MessageTraits>,
+}
+
+impl Indexed {
+    fn entry(slot: usize, m: &MessageTraits) -> crate::index::IndexEntry {
+        crate::index::IndexEntry {
+            cell: CellKey::for_message(m.priority, m.receive_count, m.tokens),
+            tokens: m.tokens,
+            time: time_key(m),
+            enqueued_at: m.enqueued_at,
+            seq: slot as u64,
+            tenant: 0,
+            deadline: f64::NAN,
+        }
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let messages = &self.messages;
+        self.index.remove(&self.entries[slot as usize], |s| messages[s as usize].enqueued_at);
+    }
+}
+
+impl CandidateIndex for Indexed {
+    fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
+        for (key, cell) in self.index.cells() {
+            visit(key, cell.summary());
+        }
+    }
+    fn for_each_group_head(&self, key: &CellKey, visit: impl FnMut(u32, u64, f64, bool)) {
+        self.index.for_each_group_head(key, visit);
+    }
+    fn for_each_group_by_time(
+        &self,
+        key: &CellKey,
+        visit: impl FnMut(u64, f64, &dyn Fn() -> (u32, bool)) -> bool,
+    ) {
+        self.index.for_each_group_by_time(key, visit);
+    }
+    fn for_each_age_point(&self, key: &CellKey, _: &CellSummary, visit: impl FnMut(f64, f64) -> bool) {
+        self.index.for_each_age_point(key, visit);
+    }
+    fn next_in_run(&self, slot: u32) -> Option<u32> {
+        self.index.next_in_run(&self.entries[slot as usize])
+    }
+    fn next_run_head(&self, slot: u32) -> Option<u32> {
+        self.index.next_run_head(&self.entries[slot as usize])
+    }
+    fn traits(&self, slot: u32) -> MessageTraits {
+        self.messages[slot as usize]
+    }
+    fn seq(&self, slot: u32) -> u64 {
+        u64::from(slot)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    // Age frontiers repaired on every removal of a point, after a few gone points, or never:
+    // wide cells (many estimates of one token class, spread ages and processing times) lose
+    // their best messages, random members, get refills and messages given back; every round the search over each
+    // index picks exactly the brute-force winner (ties included), and each index's frontiers,
+    // gone points and all, still bound every member (`VisibleIndex::check`).
+    #[test]
+    fn loose_age_frontiers_give_the_same_winners_as_exact_ones(
+        initial in proptest::collection::vec((message(), 0.0f64..3.0), 1..80),
+        rounds in proptest::collection::vec(
+            (0u8..5, any::<proptest::sample::Index>(), message(), 0.0f64..3.0),
+            1..80,
+        ),
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in prop_oneof![1_000.0f64..60_000.0, Just(1e12)],
+        urgent_first in any::<bool>(),
+    ) {
+        use crate::index::VisibleIndex;
+        let weights = Weights::from_array(weights).with_urgent(urgent_first, None);
+        let mut indexes: Vec<Indexed> = [0, 2, u32::MAX]
+            .into_iter()
+            .map(|loose| Indexed {
+                index: VisibleIndex::with_loose_points(loose),
+                entries: Vec::new(),
+                messages: Vec::new(),
+            })
+            .collect();
+        let mut live: Vec<u32> = Vec::new();
+        let mut now = 0.0;
+        // Wide cells: estimates of one token class, a few priorities and receive counts.
+        let narrow = |m: MessageTraits| MessageTraits {
+            priority: m.priority % 2,
+            receive_count: m.receive_count % 2,
+            tokens: 1024 + m.tokens % 900,
+            ..m
+        };
+        let add = |indexes: &mut Vec<Indexed>, live: &mut Vec<u32>, m: MessageTraits, at: f64| {
+            let m = MessageTraits { enqueued_at: at, ..narrow(m) };
+            for ix in indexes.iter_mut() {
+                let slot = ix.messages.len();
+                let entry = Indexed::entry(slot, &m);
+                ix.messages.push(m);
+                ix.entries.push(entry);
+                ix.index.insert(slot as u32, &entry);
+            }
+            live.push((indexes[0].messages.len() - 1) as u32);
+        };
+        for (m, step) in initial {
+            now += step;
+            add(&mut indexes, &mut live, m, now);
+        }
+        for (kind, pick, refill, step) in rounds {
+            now += step;
+            let context = SearchContext { weights, now, available, max_tokens: available };
+            let ix = &indexes[0];
+            let expected = live
+                .iter()
+                .map(|&slot| (slot, ix.messages[slot as usize]))
+                .filter(|(_, t)| t.tokens as f64 <= available)
+                .map(|(slot, t)| {
+                    let base = total(&weighted_factors(&weights, &t, now, available));
+                    (weights.tier(t.priority), base, t.enqueued_at, u64::from(slot), slot)
+                })
+                .max_by(|a, b| rank((a.0, a.1, a.2, a.3), (b.0, b.1, b.2, b.3)))
+                .map(|(tier, base, _, _, slot)| (tier, base, slot));
+            for ix in &indexes {
+                let found = best_candidate(ix, &context).map(|c| (c.tier, c.base, c.slot));
+                prop_assert_eq!(found, expected);
+                let visible: Vec<_> = live.iter().map(|&s| (s, ix.entries[s as usize])).collect();
+                prop_assert_eq!(ix.index.check(&visible), Ok(()));
+            }
+            let taken = match (kind, expected) {
+                (0 | 1 | 4, Some((_, _, slot))) => live.iter().position(|&s| s == slot),
+                (2, _) if !live.is_empty() => Some(pick.index(live.len())),
+                _ => None,
+            };
+            if let Some(at) = taken {
+                let slot = live.swap_remove(at);
+                for ix in &mut indexes {
+                    ix.remove(slot);
+                    if kind == 4 {
+                        // Given back: the same message returns to the cell it left.
+                        ix.index.insert(slot, &ix.entries[slot as usize]);
+                    }
+                }
+                if kind == 4 {
+                    live.push(slot);
+                }
+            }
+            if kind == 2 || kind == 3 {
+                add(&mut indexes, &mut live, refill, now);
+            }
+        }
+    }
+}
