@@ -110,37 +110,45 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_server(fsync: str) -> Iterator[int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found (apt-get install redis-server)")
-    directory = Path(tempfile.mkdtemp(prefix="lqd-bench-redis-"))
-    port = free_port()
+def started_server(command: list[str], port: int, *, start_seconds: float, name: str) -> Iterator[int]:
+    """Runs ``command`` (a redis-server listening on ``port``) in a session of its own until the
+    block ends: its process id once it answers PING, then killed with its session."""
     process = subprocess.Popen(
-        [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "yes", "--appendfsync", fsync, "--maxmemory-policy", "noeviction",
-            "--save", "", "--logfile", str(directory / "redis.log"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + start_seconds
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as conn:
                 conn.sendall(b"PING\r\n")
                 if conn.recv(16).startswith(b"+PONG"):
                     break
             if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"redis-server did not start on port {port}")
+                raise SystemExit(f"{name} did not start on port {port}")
             time.sleep(0.02)
-        yield port
+        yield process.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def redis_server(fsync: str) -> Iterator[int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found (apt-get install redis-server)")
+    directory = Path(tempfile.mkdtemp(prefix="lqd-bench-redis-"))
+    port = free_port()
+    command = [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--appendonly", "yes", "--appendfsync", fsync, "--maxmemory-policy", "noeviction",
+        "--save", "", "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+    try:
+        with started_server(command, port, start_seconds=15, name="redis-server"):
+            yield port
+    finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -31,8 +31,6 @@ import glob
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,31 +51,15 @@ PHASES = ("dispatch1", "mark1", "dispatch16", "mark16")
 def callgrind_server(directory: Path) -> Iterator[tuple[int, int]]:
     """A redis-server under callgrind: its port and the valgrind process id."""
     port = redis_compare.free_port()
-    process = subprocess.Popen(
-        [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/cg.%p",
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "no", "--save", "", "--maxmemory-policy", "noeviction",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"redis-server under callgrind did not start on port {port}")
-            time.sleep(0.2)
-        yield port, process.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+    command = [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/cg.%p",
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--appendonly", "no", "--save", "", "--maxmemory-policy", "noeviction",
+    ]  # fmt: skip
+    with redis_compare.started_server(
+        command, port, start_seconds=120, name="redis-server under callgrind"
+    ) as pid:
+        yield port, pid
 
 
 def dump_instructions(pid: int, directory: Path) -> int:
