@@ -162,3 +162,29 @@ async def test_a_connection_the_server_dropped_is_replaced_without_the_caller_se
             assert await storage.get_approximate_message_count() == 2
     finally:
         await admin.aclose()
+
+
+
+@pytest.mark.fault  # starts a server of its own: its writes are paused
+async def test_closing_a_storage_while_its_call_waits_for_its_reply_leaves_that_connection_to_the_call(
+    private_server: RedisServer,
+) -> None:
+    """``aclose`` while a call waits for its reply: the connection that call reads from goes back
+    to the pool only once it has its reply, never to the owner's own commands meanwhile."""
+    client = redis.asyncio.Redis.from_url(private_server.url)
+    admin = redis.asyncio.Redis.from_url(private_server.url, single_connection_client=True)
+    try:
+        storage: RedisStorage[Any] = RedisStorage(client, "closed-while-waiting")
+        await storage.enqueue(LLMRequest("a", 1))  # the scripts loaded, a connection kept
+        await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the next script's reply waits
+        call = asyncio.ensure_future(storage.enqueue(LLMRequest("b", 1)))
+        for _ in range(3):  # the call sent, waiting for its reply
+            await asyncio.sleep(0)
+        assert not call.done()
+        await storage.aclose()
+        assert await client.ping()  # on a connection of its own
+        await call
+        assert await storage.get_approximate_message_count() == 2
+    finally:
+        await client.aclose()
+        await admin.aclose()

@@ -339,8 +339,10 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         # Without redis-py's command layer (`_direct`): the pooled connection kept between calls
         # (`_HOLD_SECONDS`), whether a call used it since the timer that gives it back last
-        # looked, that timer, and the tasks giving connections back.
+        # looked, that timer, and the tasks giving connections back; the connection an exchange
+        # is on (given back only once it has its replies: `aclose` may come meanwhile).
         self._held: Any = None
+        self._exchanging: Any = None
         self._used = False
         self._idle: asyncio.TimerHandle | None = None
         self._releases: set[asyncio.Task[None]] = set()
@@ -422,14 +424,18 @@ class Batcher:
             await connection.disconnect()
 
         held = connection is self._held
+        self._exchanging = connection
         try:
             replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
         except BaseException:
-            if held:
+            if connection is self._held:
+                self._exchanging = None
                 self._give_back()
             raise
         finally:
-            if not held:
+            given_back_meanwhile = held and self._exchanging is connection and self._held is not connection
+            self._exchanging = None
+            if not held or given_back_meanwhile:
                 await pool.release(connection)
         if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
             raise replies[0]
@@ -448,12 +454,13 @@ class Batcher:
         self._give_back()
 
     def _give_back(self) -> None:
-        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine)."""
+        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine);
+        one an exchange is on, `_exchange` returns once that exchange ends."""
         connection, self._held = self._held, None
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if connection is not None:
+        if connection is not None and connection is not self._exchanging:
             task = asyncio.get_running_loop().create_task(self._release(connection))
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
