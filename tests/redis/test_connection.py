@@ -164,7 +164,6 @@ async def test_a_connection_the_server_dropped_is_replaced_without_the_caller_se
         await admin.aclose()
 
 
-
 @pytest.mark.fault  # starts a server of its own: its writes are paused
 async def test_closing_a_storage_while_its_call_waits_for_its_reply_leaves_that_connection_to_the_call(
     private_server: RedisServer,
