@@ -1046,6 +1046,32 @@ mod tests {
         assert_eq!(index.len(), live.len());
     }
 
+    /// Adds `messages` (priority, retries, tokens, processing time in ms) under the next
+    /// sequence numbers (their slots too), as one batch or one by one, and to `live`.
+    fn add_numbered(
+        index: &mut VisibleIndex,
+        live: &mut Vec<(u32, IndexEntry)>,
+        seq: &mut u64,
+        as_batch: bool,
+        messages: impl IntoIterator<Item = (u8, u32, u64, Option<u32>)>,
+    ) {
+        let mut added: Vec<(u32, IndexEntry)> = messages
+            .into_iter()
+            .map(|(priority, retries, tokens, time_ms)| {
+                *seq += 1;
+                (*seq as u32, entry(*seq, priority, retries, tokens, time_ms))
+            })
+            .collect();
+        live.extend(added.iter().copied());
+        if as_batch {
+            index.insert_batch(&mut added);
+        } else {
+            for (slot, e) in &added {
+                index.insert(*slot, e);
+            }
+        }
+    }
+
     proptest! {
         // The groups' order by best processing time follows every change of a group's head: a
         // new member with a better time, a batch, the head taken (the next run's time, or the
@@ -1066,21 +1092,10 @@ mod tests {
             let mut live: Vec<(u32, IndexEntry)> = Vec::new();
             let mut seq = 0u64;
             for (messages, as_batch, heads_taken) in steps {
-                let mut added: Vec<(u32, IndexEntry)> = messages
+                let messages = messages
                     .into_iter()
-                    .map(|(priority, tokens, seconds)| {
-                        seq += 1;
-                        (seq as u32, entry(seq, priority, 0, tokens * 100, seconds.map(|s| 1000 + s * 4000)))
-                    })
-                    .collect();
-                live.extend(added.iter().copied());
-                if as_batch {
-                    index.insert_batch(&mut added);
-                } else {
-                    for (slot, e) in &added {
-                        index.insert(*slot, e);
-                    }
-                }
+                    .map(|(priority, tokens, seconds)| (priority, 0, tokens * 100, seconds.map(|s| 1000 + s * 4000)));
+                add_numbered(&mut index, &mut live, &mut seq, as_batch, messages);
                 // Take the head of the fastest group of some cell: its group's time may move.
                 for _ in 0..heads_taken {
                     let Some(key) = index.cells().keys().nth(seq as usize % index.cells().len().max(1)).copied()
@@ -1136,21 +1151,7 @@ mod tests {
             let mut live: Vec<(u32, IndexEntry)> = Vec::new();
             let mut seq = 0u64;
             for (messages, as_batch, removals) in steps {
-                let mut added: Vec<(u32, IndexEntry)> = messages
-                    .into_iter()
-                    .map(|(priority, retries, tokens, time_ms)| {
-                        seq += 1;
-                        (seq as u32, entry(seq, priority, retries, tokens, time_ms))
-                    })
-                    .collect();
-                live.extend(added.iter().copied());
-                if as_batch {
-                    index.insert_batch(&mut added);
-                } else {
-                    for (slot, e) in &added {
-                        index.insert(*slot, e);
-                    }
-                }
+                add_numbered(&mut index, &mut live, &mut seq, as_batch, messages);
                 prop_assert_eq!(index.check(&live), Ok(()));
                 for pick in removals {
                     if live.is_empty() {
