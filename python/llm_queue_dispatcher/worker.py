@@ -32,7 +32,7 @@ nothing).
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
 
-About 850 lines for one loop whose every exit (handler outcome, stop, grace, signal, redelivery)
+About 920 lines for one loop whose every exit (handler outcome, stop, grace, signal, redelivery)
 must settle the same books; the signal plumbing shared with the CLI is in `_signals.py`, the
 submitters' outcomes in `outcomes.py`.
 """

@@ -36,7 +36,7 @@ record), ``{ns}:l:{name}:grant-order`` (list: grant numbers, oldest first),
 minute after each call that changed something, ``{ns}:l:{name}:reply:<token>`` (its reply, for a
 resend).
 
-About 780 lines for one class: the client of the limiter's scripts (grants, settling,
+About 810 lines for one class: the client of the limiter's scripts (grants, settling,
 provider headers, metrics) with its connection handling; the scripts are in ``lua/``.
 """
 
