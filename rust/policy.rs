@@ -343,7 +343,11 @@ fn decide_score_under<P: TokenParts, R: Ranking + UrgentHistory, M>(
         return Decision::Nothing;
     }
     let margin = score_margin(&candidate, reserve, capacity);
-    admit(limiter, candidate, candidate.tokens, parts_of(candidate.slot), margin, hold)
+    // The best by score alone, when every URGENT scored below the threshold, is waited for
+    // held or not: no URGENT is sent before it reaches the threshold, and what this one waits
+    // for is when a dispatch can hand it out (`time_until_ready`).
+    let by_score = weights.urgent_first && !context.weights.urgent_first;
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.slot), margin, hold || by_score)
 }
 
 /// How many candidates the limiter can never grant a search passes over before it gives up.

@@ -380,7 +380,10 @@ fn buffered_decision<M, L>(
         return Decision::Nothing;
     }
     let margin = score_margin(&candidate, reserve, capacity);
-    admit(limiter, candidate, candidate.tokens, parts_of(candidate.seq), margin, settings.hold)
+    // The best by score alone, when every URGENT scored below the threshold, is waited for
+    // held or not (as `policy::decide_score`).
+    let by_score = weights.urgent_first && !context.weights.urgent_first;
+    admit(limiter, candidate, candidate.tokens, parts_of(candidate.seq), margin, settings.hold || by_score)
 }
 
 /// The `fair_priority` step over the buffer with an `LLMThrottle`: decide, reserve, take, charge.
@@ -493,20 +496,25 @@ pub fn attempt<S: Steps>(
             return Ok(Outcome::Nothing);
         };
         let margin = score_margin(&choice.candidate, reserve, capacity);
+        let mut ranked = budget;
         if !settings.hold && margin > 0.0 && steps.wait(&choice.candidate, margin)? != 0.0 {
             // The best among what leaves the reserve: no URGENT one fits now (it would have won).
-            let leaving = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
-            let Some(fitting) = pick(steps, leaving, limit, custom_weights, false)? else {
+            ranked = Budget { max_tokens: budget.max_tokens - reserve, ..budget };
+            let Some(fitting) = pick(steps, ranked, limit, custom_weights, false)? else {
                 return Ok(Outcome::Nothing);
             };
             choice = fitting;
         }
+        // Whether the winner is the best by score alone after every URGENT scored below the
+        // threshold: one that does not fit is then waited for, held or not (as `decide_score`).
+        let mut by_score = false;
         if choice.total < settings.min_score && choice.candidate.tier > 0 {
             // Every URGENT below the threshold holds back nothing (as `policy::decide_score`).
-            let Some(best) = pick(steps, budget, limit, custom_weights, true)? else {
+            let Some(best) = pick(steps, ranked, limit, custom_weights, true)? else {
                 return Ok(Outcome::Nothing);
             };
             choice = best;
+            by_score = true;
         }
         if choice.total < settings.min_score {
             return Ok(Outcome::Nothing);
@@ -515,7 +523,7 @@ pub fn attempt<S: Steps>(
         if settings.hold || margin > 0.0 {
             let wait = steps.wait(&choice.candidate, margin)?;
             if wait != 0.0 {
-                if settings.hold {
+                if settings.hold || by_score {
                     return Ok(Outcome::wait(wait));
                 }
                 continue; // the budget moved while custom scorers ran (another thread)

@@ -726,3 +726,35 @@ def test_fair_priority_matches_the_reference(
 ) -> None:
     scenario = data.draw(scenarios("fair_priority"))
     asyncio.run(Run(scenario, "fair_priority", hold, store, limiter).run())
+
+
+def urgent_below_threshold_behind_the_reserve() -> Scenario:
+    """Every URGENT request is 0 tokens and scores below the threshold once the bucket is
+    drained; the best by score alone is a HIGH request of 2 tokens that must leave the URGENT
+    reserve (twice the URGENT request of 41 tokens), which the bucket refills in 1.1 s."""
+    zero = Enqueue(0.0, None, Priority.URGENT, 0, None)
+    ops: list[Op] = [zero] * 10
+    ops += [Enqueue(0.0, None, Priority.URGENT, 41, None), Enqueue(0.0, None, Priority.HIGH, 2, None)]
+    ops += [zero, zero]
+    ops += [Drain(1.0), Dequeue(), Advance(1.0), Dequeue()]
+    return Scenario(
+        tpm=2_400.0,
+        rpm=6_000.0,
+        ops=ops,
+        reserve_budget=True,
+        drop_expired=False,
+        weights=(0.15, 0.35, 0.1, 0.05, 0.25, 0.1),
+        min_score_threshold=0.35,
+        urgent_first=True,
+    )
+
+
+@pytest.mark.parametrize(("hold", "store", "limiter"), COMBINATIONS)
+@given(scenario=st.just(urgent_below_threshold_behind_the_reserve()))
+def test_a_winner_by_score_behind_the_urgent_reserve_is_waited_for(
+    hold: bool, store: Store, limiter: Limiter, scenario: Scenario
+) -> None:
+    """When every URGENT request scores below the threshold, the best by score alone goes next,
+    held or not: a dequeue that finds it short of the reserve returns None and
+    `time_until_ready()` is its wait, not the moment an URGENT one reaches the threshold."""
+    asyncio.run(Run(scenario, "score", hold, store, limiter).run())
