@@ -37,7 +37,8 @@ if replayed(out, GREPLY) then
   return out
 end
 
-if redis.call('HGET', Q.meta, 'indexed') ~= '1' or redis.call('HGET', Q.meta, 'scored') ~= '1' then
+local flags = redis.call('HMGET', Q.meta, 'indexed', 'scored', 'visibility_timeout')
+if flags[1] ~= '1' or flags[2] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua, score_fill.lua), then calls again.
   return {fmt(NOW), '', 'unindexed'}
@@ -80,7 +81,7 @@ for _, limit in ipairs({{8, 9, 60}, {10, 11, 60}, {13, 13, 86400}}) do
     end
   end
 end
-if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+if flags[3] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
 
