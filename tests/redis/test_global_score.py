@@ -544,6 +544,66 @@ async def test_a_worker_takes_its_winners_in_rank_order_in_one_script(
     await dispatcher.close()
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_each_winner_of_a_call_of_many_is_the_reference_winner_once_those_before_it_left(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """Calls of up to 16 winners over a fresh queue of many cells, most of them holding one or
+    two messages (a winner often empties its cell, or changes its oldest and its best times),
+    the default weights or random ones, URGENT first or not, some winners failed back between
+    calls: the winners of each call come in the reference's rank order, each the best of what
+    the winners before it left (the budget large enough not to bind)."""
+    rng = random.Random(300 + seed)
+    scoring = random_weights(rng) if seed % 2 else None
+    weights: Weights = scoring or WEIGHTS
+    urgent_first = seed != 2
+    tpm = 1_000_000
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(
+        clock=clock, scoring=ScoringConfig(weights=scoring), urgent_first=urgent_first, min_score_threshold=0.0
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    batch = requests(240, 60 + seed, largest=1_000)
+    visible: dict[str, Visible] = {}
+    for first in range(0, len(batch), 40):
+        part = batch[first : first + 40]
+        messages = await dispatcher.batch_enqueue(part)
+        for n, (request, message) in enumerate(zip(part, messages, strict=True)):
+            visible[request.id] = Visible(
+                request.id, int(request.priority), request.token_info.estimated,
+                request.expected_processing_time, message.attributes.enqueued_at.timestamp(), first + n,
+            )  # fmt: skip
+        clock.advance(rng.choice([0.0, 0.001, 0.2]))
+    calls = retried = 0
+    while visible:
+        jobs = await dispatcher._dequeue_up_to(limiter, rng.choice([2, 5, 16]))
+        assert jobs
+        calls += 1
+        now = clock()
+        handed = []
+        for job in jobs:
+            ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=urgent_first)
+            got = visible.pop(job.message.payload.id)
+            assert same_rank(got, ranked[0], now, tpm, weights=weights, urgent_first=urgent_first), (
+                f"{got} instead of {ranked[0]}"
+            )
+            handed.append(got)
+        for job, got in zip(jobs, handed, strict=True):
+            if rng.random() < 0.1 and got.receive_count < 3:
+                await job.mark_as_failed(RuntimeError("a retry"))
+                got.receive_count += 1
+                visible[got.id] = got
+                retried += 1
+            else:
+                await job.mark_as_processed()
+        clock.advance(rng.choice([0.001, 0.01, 0.5]))
+    assert calls < 240 // 2  # most calls took several winners
+    assert retried > 5
+    await dispatcher.close()
+
+
 async def test_a_message_above_the_capacity_is_never_ranked_and_holds_nothing(
     clocked_storage: Any, clocked_throttle: Any
 ) -> None:

@@ -231,13 +231,55 @@ local function score_ranker(W, C, M, urgent_first)
   -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
   -- The sc_cells entries of tier `t`'s cells (<cell><summary>): one priority's are one range
   -- of the index (URGENT's alone while URGENT ranks first, the others' only after).
+  -- Read once per call: the winners after the first find them here, the cells that a winner
+  -- or an expired message left read again (ranker.changed).
+  local tier_entries = {}
   local function entries_of(t)
-    if not urgent_first then
-      return t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
-    elseif t == 1 then
-      return redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+    local entries = tier_entries[t]
+    if entries == nil then
+      if not urgent_first then
+        entries = t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
+      elseif t == 1 then
+        entries = redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+      else
+        entries = redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+      end
+      tier_entries[t] = entries
     end
-    return redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+    return entries
+  end
+
+  -- A message of cell `cell` (its 5 characters) left the index: the cell's entry is read again
+  -- into its tier's entries read so far (kept sorted: a cell's entry starts with the cell).
+  function ranker.changed(cell)
+    local entries = tier_entries[(urgent_first and byte(cell, 1) == 48) and 1 or 0]
+    if entries == nil then
+      return
+    end
+    local read = redis.call('ZRANGEBYLEX', Q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+    -- The first entry whose cell is not below `cell`, by binary search.
+    local lo, hi = 1, #entries + 1
+    -- Bounded: a binary search halves at most 2^64 entries.
+    for _ = 1, 64 do
+      if lo >= hi then
+        break
+      end
+      local mid = math.floor((lo + hi) / 2)
+      if sub(entries[mid], 1, 5) < cell then
+        lo = mid + 1
+      else
+        hi = mid
+      end
+    end
+    if entries[lo] ~= nil and sub(entries[lo], 1, 5) == cell then
+      if read ~= nil then
+        entries[lo] = read
+      else
+        table.remove(entries, lo)
+      end
+    elseif read ~= nil then
+      table.insert(entries, lo, read)
+    end
   end
 
   -- The facts of a token class (its sc_cells key, 3 digits) once per call: its budget bound
