@@ -92,7 +92,8 @@ local function score_ranker(W, C, M, urgent_first)
   -- The builtins the ranking calls a few thousand times per dispatch, as upvalues: a script's
   -- global lookup (string, then sub) costs about as much as the call (callgrind, redis-server
   -- 7.0: two string.sub through the globals 1,820 instructions, through upvalues 1,460).
-  local sub, byte, tonumber, sqrt = string.sub, string.byte, tonumber, math.sqrt
+  local sub, byte, tonumber = string.sub, string.byte, tonumber
+  local sqrt, min, max, floor = math.sqrt, math.min, math.max, math.floor
   local W3 = W[3]
 
   -- W[3] times the wait factor of a message of priority p (0..3) enqueued at `at` (us): the
@@ -142,11 +143,11 @@ local function score_ranker(W, C, M, urgent_first)
     if lo > M then
       return nil
     end
-    hi = math.min(hi, M)
+    hi = min(hi, M)
     if C <= 0 then
       return 0
     end
-    return budget_of_share(math.min(math.max(peak, lo / C), hi / C))
+    return budget_of_share(min(max(peak, lo / C), hi / C))
   end
 
   -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
@@ -219,7 +220,8 @@ local function score_ranker(W, C, M, urgent_first)
   local function head_of(prefix, excluded)
     local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
     -- Bounded by the LIMIT above.
-    for _, head in ipairs(heads) do
+    for k = 1, #heads do
+      local head = heads[k]
       if not excluded[entry_member(head)] then
         return entry_at(head), entry_member(head)
       end
@@ -249,9 +251,18 @@ local function score_ranker(W, C, M, urgent_first)
     return entries
   end
 
-  -- A message of cell `cell` (its 5 characters) left the index: the cell's entry is read again
-  -- into its tier's entries read so far (kept sorted: a cell's entry starts with the cell).
+  -- The cells messages left since the tiers' entries were read (ranker.changed), each read
+  -- again when the next ranking starts (none after a call's last winner).
+  local changed = {}
+
+  -- A message of cell `cell` (its 5 characters) left the index.
   function ranker.changed(cell)
+    changed[#changed + 1] = cell
+  end
+
+  -- Reads the entry of a changed cell again into its tier's entries read so far (kept sorted: a
+  -- cell's entry starts with the cell).
+  local function read_again(cell)
     local entries = tier_entries[(urgent_first and byte(cell, 1) == 48) and 1 or 0]
     if entries == nil then
       return
@@ -264,7 +275,7 @@ local function score_ranker(W, C, M, urgent_first)
       if lo >= hi then
         break
       end
-      local mid = math.floor((lo + hi) / 2)
+      local mid = floor((lo + hi) / 2)
       if sub(entries[mid], 1, 5) < cell then
         lo = mid + 1
       else
@@ -329,7 +340,7 @@ local function score_ranker(W, C, M, urgent_first)
         if lo >= hi then
           break
         end
-        local mid = math.floor((lo + hi + 1) / 2)
+        local mid = floor((lo + hi + 1) / 2)
         if sub(entries[mid], 1, 2) == group then
           lo = mid
         else
@@ -344,7 +355,7 @@ local function score_ranker(W, C, M, urgent_first)
         if lo >= hi then
           break
         end
-        local mid = math.floor((lo + hi + 1) / 2)
+        local mid = floor((lo + hi + 1) / 2)
         if score_token_range(tonumber(sub(entries[mid], 3, 5))) <= peak_tokens then
           lo = mid
         else
@@ -379,13 +390,14 @@ local function score_ranker(W, C, M, urgent_first)
       return stream.loose + BOUND_SLACK + budget + stream.wait
     end
     -- Bounded by the streams.
-    for _, stream in ipairs(streams) do
-      stream.bound = bound_of(stream)
+    for k = 1, #streams do
+      streams[k].bound = bound_of(streams[k])
     end
     return function()
       local top = nil
       -- Bounded by the streams (two per priority and retry class).
-      for _, stream in ipairs(streams) do
+      for k = 1, #streams do
+        local stream = streams[k]
         if stream.bound ~= nil and (top == nil or stream.bound > top.bound) then
           top = stream
         end
@@ -405,6 +417,11 @@ local function score_ranker(W, C, M, urgent_first)
   end
 
   function ranker.best(excluded, above)
+    -- Bounded by the call's winners and expired messages (a cell each).
+    for k = 1, #changed do
+      read_again(changed[k])
+    end
+    changed = {}
     -- A cell's steps (score_index.lua) from its sc_cells entry: <priority><retry class><token
     -- class: 3><oldest: enqueued_at 16, member 15>|<steps: bucket 5, enqueued_at 16>, the
     -- oldest band first (its bucket the worst of the steps); 48 is '0'. Each as its bucket and
@@ -427,7 +444,8 @@ local function score_ranker(W, C, M, urgent_first)
     local function rest_bound(steps, bucket)
       local most = nil
       -- Bounded by the cell's steps.
-      for _, step in ipairs(steps) do
+      for k = 1, #steps do
+        local step = steps[k]
         local below = step.bucket <= bucket
         local value = time_of(below and bucket or step.bucket) + step.wait
         if most == nil or value > most then
@@ -450,9 +468,16 @@ local function score_ranker(W, C, M, urgent_first)
       local p = byte(entry, 1) - 48
       local most = nil
       -- Bounded by the entry's steps (read in place: every cell of the tier is bounded).
+      local longest = MAX_WAIT_SECONDS[p + 1]
       for i = 38, #entry, STEP_LEN do
         local bucket = sub(entry, i, i + 4)
-        local value = (time_part[bucket] or time_of(bucket)) + wait_part(tonumber(sub(entry, i + 5, i + 20)), p)
+        -- wait_part(at, p), inlined: a call costs about as much as its arithmetic.
+        local age = NOW - tonumber(sub(entry, i + 5, i + 20))
+        local share = (age > 0 and age or 0) / 1000000 / longest
+        if share > 1 then
+          share = 1
+        end
+        local value = (time_part[bucket] or time_of(bucket)) + (p == 0 and W3 * sqrt(share) or W3 * share)
         if most == nil or value > most then
           most = value
         end
@@ -518,10 +543,11 @@ local function score_ranker(W, C, M, urgent_first)
       classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
       -- Each round but the last reads a full page of at least CLASS_FIRST classes of the cell.
       -- Bounded by the cell's classes, at most as many as the index holds.
-      for _ = 0, 1 + math.floor(classes_held / CLASS_FIRST) do
+      for _ = 0, 1 + floor(classes_held / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
-        for _, entry in ipairs(classes) do
+        for k = 1, #classes do
+          local entry = classes[k]
           local hex = sub(entry, 6, 21)
           if hex ~= passed then
             local pt = time_part[hex] or time_of(hex)
@@ -573,7 +599,8 @@ local function score_ranker(W, C, M, urgent_first)
       for _ = 0, classes_held do
         local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, from, to, 'LIMIT', 0, HEAD_WALK + 1)
         -- Bounded by HEAD_WALK + 1 (the LIMIT above).
-        for _, head in ipairs(heads) do
+        for k = 1, #heads do
+          local head = heads[k]
           -- <cell><bucket: 5><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
           local hex = sub(head, 6, 10)
           if hex ~= band then
