@@ -28,7 +28,9 @@ of 10,000,000 TPM that never binds) dispatches ``--dispatches`` times on that cl
 round goes on where the build's last one stopped), and the dispatch script's server time per
 call (`INFO commandstats`, EVALSHA) is printed with the index range reads (ZRANGEBYLEX) the
 scripts made per call, a count the machine's load does not move; the ranking alone is then
-timed at the instant the build's last round reached.
+timed at the instant the build's last round reached. With ``--winners N`` each dispatch is one
+call for N winners (a Worker's free handlers ask so): the figures are per call, the printed
+line also per winner.
 
     python benches/score_rank_time.py --port 6399 --fresh 1000000 --build . --queue fresh-new \\
         --build /tmp/base --queue fresh-base
@@ -112,11 +114,13 @@ async def _fresh_round(
     step: float,
     dispatches: int,
     callgrind: tuple[int, Path] | None = None,
+    winners: int = 1,
 ) -> dict[str, Any]:
     """One round of ``--fresh`` in this process's library: fills ``queue`` if it is empty, then
     dispatches ``dispatches`` times on the queue's manual clock. Returns the dispatch script's
     mean server time per call, the clock's reading after the round and, with ``callgrind`` (the
-    server's valgrind process and dump directory), the instructions per call."""
+    server's valgrind process and dump directory), the instructions per call. With ``winners``
+    above 1, each dispatch is one call for that many winners (as a Worker's free handlers ask)."""
     import redis.asyncio as aioredis
 
     sys.path.insert(0, str(ROOT))
@@ -161,8 +165,10 @@ async def _fresh_round(
             if callgrind is not None:
                 _zero_counters(callgrind[0])
             for _ in range(dispatches):
-                job = await dispatcher.dequeue(limiter)
-                assert job is not None
+                if winners == 1:
+                    assert await dispatcher.dequeue(limiter) is not None
+                else:
+                    assert len(await dispatcher._dequeue_up_to(limiter, winners)) == winners
                 clock.advance(step)
             commands = await client.info("commandstats")
             instructions = None
@@ -232,6 +238,7 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.001, help="seconds the clock moves per dispatch")
     parser.add_argument("--dispatches", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--winners", type=int, default=1, help="winners per dispatch call (default 1)")
     parser.add_argument("--callgrind", type=int, default=0, help="the valgrind process of the server")
     parser.add_argument("--callgrind-dir", type=Path, default=None, help="where that server writes dumps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -241,11 +248,8 @@ def main() -> None:
         parser.error("--callgrind needs --callgrind-dir")
     callgrind = (args.callgrind, args.callgrind_dir.resolve()) if args.callgrind else None
     if args.child:
-        figures = asyncio.run(
-            _fresh_round(
-                args.port, queues[0], args.fresh, args.span, args.after, args.step, args.dispatches, callgrind
-            )
-        )
+        round_args = (args.fresh, args.span, args.after, args.step, args.dispatches, callgrind, args.winners)
+        figures = asyncio.run(_fresh_round(args.port, queues[0], *round_args))
         print(json.dumps(figures))
         return
     if not args.fresh:
@@ -263,6 +267,7 @@ def main() -> None:
                 sys.executable, __file__, "--child", "--port", str(args.port), "--queue", queues[n],
                 "--build", str(build), "--fresh", str(args.fresh), "--span", str(args.span),
                 "--after", str(args.after), "--step", str(args.step), "--dispatches", str(args.dispatches),
+                "--winners", str(args.winners),
             ]  # fmt: skip
             if callgrind is not None:
                 command += ["--callgrind", str(callgrind[0]), "--callgrind-dir", str(callgrind[1])]
@@ -271,6 +276,11 @@ def main() -> None:
             clocks[n] = figures["clock"]
             load = os.getloadavg()[0]
             counted = "" if callgrind is None else f", {figures['instructions']:,.0f} instructions per call"
+            if args.winners > 1:
+                counted += f" ({figures['dispatch_us'] / args.winners:.0f} µs per winner"
+                if callgrind is not None:
+                    counted += f", {figures['instructions'] / args.winners:,.0f} instructions"
+                counted += ")"
             print(
                 f"round {round_ + 1}, {args.build[n]} on {queues[n]}: dispatch script "
                 f"{figures['dispatch_us']:.0f} µs per call, {figures['ranges']:.1f} index range reads "

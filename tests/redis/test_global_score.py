@@ -561,7 +561,10 @@ async def test_each_winner_of_a_call_of_many_is_the_reference_winner_once_those_
     storage = clocked_storage()
     limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
     config = LLMQueueDispatcherConfig(
-        clock=clock, scoring=ScoringConfig(weights=scoring), urgent_first=urgent_first, min_score_threshold=0.0
+        clock=clock,
+        scoring=ScoringConfig(weights=scoring),
+        urgent_first=urgent_first,
+        min_score_threshold=0.0,
     )
     dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
     assert dispatcher._global is not None

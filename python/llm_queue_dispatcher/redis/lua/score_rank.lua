@@ -135,11 +135,10 @@ local function score_ranker(W, C, M, urgent_first)
   -- its largest value is at the point of the interval nearest to the peak.
   local peak = budget_of_share(0.7) > budget_of_share(0.5) and 0.7 or 0.5
 
-  -- The best efficiency + token fit over a cell's token range (capped at M); nil when no
+  -- The best efficiency + token fit over a cell's token range [lo, hi] (capped at M); nil when no
   -- estimate of it is ranked (rust/scoring.rs, budget_bound: the same value, from the one
   -- point that holds it rather than from every breakpoint).
-  local function budget_bound(class)
-    local lo, hi = score_token_range(class)
+  local function budget_bound(lo, hi)
     if lo > M then
       return nil
     end
@@ -168,10 +167,10 @@ local function score_ranker(W, C, M, urgent_first)
     return best == nil or t > best.tier or (t == best.tier and bound >= best.score)
   end
 
-  -- Per script: the budget part of each token class, the weighted processing-time factor of
+  -- Per script: the facts of each token class (facts_of), the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local class_budget, time_part, budget_parts, token_facts = {}, {}, {}, {}
+  local time_part, budget_parts, token_facts = {}, {}, {}
   -- The bound of each sc_cells entry met (bound_of in ranker.best): an entry holds all its
   -- bound depends on, and the instant is the script's, so the winners of one call after the
   -- first bound again only the cells whose entries the winners before them changed.
@@ -185,15 +184,6 @@ local function score_ranker(W, C, M, urgent_first)
   -- Bounded: eight retry classes.
   for r = 0, 7 do
     retry_part[r] = W[4] * retry_factor(r)
-  end
-
-  local function budget_of(class)
-    local known = class_budget[class]
-    if known == nil then
-      known = budget_bound(class) or false
-      class_budget[class] = known
-    end
-    return known
   end
 
   local function time_of(hex)
@@ -299,9 +289,10 @@ local function score_ranker(W, C, M, urgent_first)
   local function facts_of(key)
     local token = token_facts[key]
     if token == nil then
-      local class = tonumber(key)
-      local _, hi = score_token_range(class)
-      token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
+      -- Its range once (two powers of two): about a fifth of the ranking's work on a fresh queue,
+      -- where every cell of a tier is bounded, each of its own token class.
+      local lo, hi = score_token_range(tonumber(key))
+      token = {budget = budget_bound(lo, hi) or false, above = hi > M, rising = hi <= 0.5 * C}
       token_facts[key] = token
     end
     return token
