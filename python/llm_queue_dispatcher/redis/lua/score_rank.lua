@@ -170,7 +170,7 @@ local function score_ranker(W, C, M, urgent_first)
   -- Per script: the facts of each token class (facts_of), the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local time_part, budget_parts, token_facts = {}, {}, {}
+  local time_part, budget_parts, token_budget = {}, {}, {}
   -- The bound of each sc_cells entry met (bound_of in ranker.best): an entry holds all its
   -- bound depends on, and the instant is the script's, so the winners of one call after the
   -- first bound again only the cells whose entries the winners before them changed.
@@ -283,19 +283,21 @@ local function score_ranker(W, C, M, urgent_first)
     end
   end
 
-  -- The facts of a token class (its sc_cells key, 3 digits) once per call: its budget bound
-  -- (false when no estimate of it is ranked), whether some of its estimates are never ranked,
-  -- whether its budget part never falls as the estimate grows (below half of C).
+  -- The facts of a token class (its sc_cells key, 3 digits), worked out once per call, on a
+  -- fresh queue for every cell of a tier (each of its own token class): its budget bound, the
+  -- value facts_of returns (false when no estimate of it is ranked); whether some of its
+  -- estimates are never ranked (token_above); whether its budget part never falls as the
+  -- estimate grows, below half of C (token_rising). Kept in three tables: a table per class
+  -- cost about as much as the rest of its facts.
+  local token_above, token_rising = {}, {}
   local function facts_of(key)
-    local token = token_facts[key]
-    if token == nil then
-      -- Its range once (two powers of two): about a fifth of the ranking's work on a fresh queue,
-      -- where every cell of a tier is bounded, each of its own token class.
+    local budget = token_budget[key]
+    if budget == nil then
       local lo, hi = score_token_range(tonumber(key))
-      token = {budget = budget_bound(lo, hi) or false, above = hi > M, rising = hi <= 0.5 * C}
-      token_facts[key] = token
+      budget = budget_bound(lo, hi) or false
+      token_budget[key], token_above[key], token_rising[key] = budget, hi > M, hi <= 0.5 * C
     end
-    return token
+    return budget
   end
 
   -- What no member of a cell of priority p and retry class r can score above but for its
@@ -357,7 +359,9 @@ local function score_ranker(W, C, M, urgent_first)
       -- Cells some of whose estimates are never ranked are the group's top classes.
       -- Bounded by the group's entries.
       for k = last, i, -1 do
-        if not facts_of(sub(entries[k], 3, 5)).above then
+        local key = sub(entries[k], 3, 5)
+        facts_of(key)
+        if not token_above[key] then
           break
         end
         above(sub(entries[k], 1, 5))
@@ -374,7 +378,7 @@ local function score_ranker(W, C, M, urgent_first)
     end
     -- Each stream's loose bound at its current cell (nil: the stream is done).
     local function bound_of(stream)
-      local budget = facts_of(sub(entries[stream.at], 3, 5)).budget
+      local budget = facts_of(sub(entries[stream.at], 3, 5))
       if not budget then
         return nil -- from here on no estimate is ranked (the classes only grow upwards)
       end
@@ -473,7 +477,7 @@ local function score_ranker(W, C, M, urgent_first)
           most = value
         end
       end
-      known = fixed_part[p] + retry_part[byte(entry, 2) - 48] + BOUND_SLACK + facts_of(sub(entry, 3, 5)).budget
+      known = fixed_part[p] + retry_part[byte(entry, 2) - 48] + BOUND_SLACK + facts_of(sub(entry, 3, 5))
         + most
       cell_bounds[entry] = known
       return known
@@ -482,10 +486,10 @@ local function score_ranker(W, C, M, urgent_first)
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
     local function cell_at(entry, t, bound)
       local p = byte(entry, 1) - 48
-      local token = token_facts[sub(entry, 3, 5)]
+      local key = sub(entry, 3, 5)
       return {
         cell = sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
-        retry = retry_part[byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
+        retry = retry_part[byte(entry, 2) - 48], budget = token_budget[key], rising = token_rising[key],
         oldest = tonumber(sub(entry, 6, 21)), steps = steps_of(entry), bound = bound,
       }
     end
