@@ -8,7 +8,7 @@ Scores are compared as the reference computes them; two messages whose scores di
 than `TOLERANCE` may go in either order (the server sums the same factors in the same order,
 but from microsecond instants: the last bits of a score can differ).
 
-About 830 lines in one file: every test judges the server's walk with the same reference
+About 890 lines in one file: every test judges the server's walk with the same reference
 (`Visible`, `ranking`, `same_rank`, `_drive`), which the stored-layout tests import too."""
 
 from __future__ import annotations
