@@ -8,7 +8,7 @@ Scores are compared as the reference computes them; two messages whose scores di
 than `TOLERANCE` may go in either order (the server sums the same factors in the same order,
 but from microsecond instants: the last bits of a score can differ).
 
-About 890 lines in one file: every test judges the server's walk with the same reference
+About 935 lines in one file: every test judges the server's walk with the same reference
 (`Visible`, `ranking`, `same_rank`, `_drive`), which the stored-layout tests import too."""
 
 from __future__ import annotations
@@ -406,6 +406,49 @@ async def test_each_hand_out_is_the_reference_winner_until_a_fresh_queue_timed_b
     assert counts.retried > 50
     assert await storage.get_approximate_message_count() == 0  # drained to the last message
     assert clock() - started < 5.0  # every wait far from full: a fresh queue
+    await dispatcher.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_each_hand_out_is_the_reference_winner_from_cells_of_many_bands_of_scattered_ages(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """URGENT messages of one token class with a dozen and more expected processing times (a
+    band each), enqueued at scattered instants over 9 s: a walk whose best bands hold only young
+    messages goes on to the bands that can still win, past those that cannot, and every
+    hand-out, to the last, is the reference's winner."""
+    rng = random.Random(400 + seed)
+    tpm = 1_000_000
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(clock=clock, min_score_threshold=0.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    times = [1.0 + 0.25 * n for n in range(17)]  # 1 s to 5 s: every one its own band
+    visible: dict[str, Visible] = {}
+    order = 0
+    for _ in range(30):
+        for _ in range(rng.choice([1, 2, 4])):
+            request = LLMRequest(
+                f"b{order}", {}, Priority.URGENT, TokenInfo(rng.randint(1_000, 1_080)),
+                expected_processing_time=rng.choice(times),
+            )  # fmt: skip
+            message = await dispatcher.enqueue(request)
+            visible[request.id] = Visible(
+                request.id, 0, request.token_info.estimated, request.expected_processing_time,
+                message.attributes.enqueued_at.timestamp(), order,
+            )  # fmt: skip
+            order += 1
+        clock.advance(rng.uniform(0.05, 0.3))
+    while visible:
+        now = clock()
+        ranked = ranking(list(visible.values()), now, tpm)
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = visible.pop(job.message.payload.id)
+        assert same_rank(got, ranked[0], now, tpm), f"{got} instead of {ranked[0]}"
+        await job.mark_as_processed()
+        clock.advance(0.001)
     await dispatcher.close()
 
 

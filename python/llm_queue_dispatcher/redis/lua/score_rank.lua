@@ -42,6 +42,7 @@ local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
+local BANDS_READ = 2 -- bands a walk enters one after the other before it reads the cell's bands
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -592,6 +593,33 @@ local function score_ranker(W, C, M, urgent_first)
       local static = f.fixed + f.retry + BOUND_SLACK + f.budget
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local band, pt, left, walked = nil, nil, false, 0
+      local entered = 0 -- bands entered
+      -- The cell's bands (buckets) and what each can score at most (with its lowest time and its
+      -- oldest member's wait, beside `static`), read from sc_ages once the walk has entered
+      -- BANDS_READ bands: past them it goes straight to the next band that can win.
+      local buckets, most = nil, nil
+      local function next_band()
+        if buckets == nil then
+          buckets, most = {}, {}
+          local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. c.cell, '[~' .. c.cell .. '\255')
+          -- Bounded by the cell's bands: at most its buckets (the times are clamped to 1 s .. 30 s).
+          for k = 1, #bands do
+            -- ~<cell: 5><its oldest member's enqueued_at: 16><bucket: 5>
+            local bucket = sub(bands[k], 23, 27)
+            buckets[k] = bucket
+            most[k] = (time_part[bucket] or time_of(bucket)) + wait_part(tonumber(sub(bands[k], 7, 22)), f.p)
+          end
+        end
+        local found = nil
+        -- Bounded by the cell's bands.
+        for k = 1, #buckets do
+          local bucket = buckets[k]
+          if bucket > band and (found == nil or bucket < found) and may_beat(f.tier, static + most[k], best) then
+            found = bucket
+          end
+        end
+        return found
+      end
       classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
       -- Each round but the last reads HEAD_WALK + 1 heads of the cell and moves past at least one.
       -- Bounded by the cell's heads, at most as many as the index holds classes.
@@ -604,6 +632,7 @@ local function score_ranker(W, C, M, urgent_first)
           local hex = sub(head, 6, 10)
           if hex ~= band then
             band, pt, left, walked = hex, time_part[hex] or time_of(hex), false, 0
+            entered = entered + 1
             if not may_beat(f.tier, static + rest_bound(c.steps, band), best) then
               return
             end
@@ -632,7 +661,17 @@ local function score_ranker(W, C, M, urgent_first)
         if left and not may_beat(f.tier, static + rest_bound(c.steps, bucket_after(band)), best) then
           return -- no later band can win
         end
-        from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
+        if not left then
+          from = '(' .. heads[#heads]
+        elseif entered < BANDS_READ then
+          from = '(' .. c.cell .. band .. '\255'
+        else
+          local bucket = next_band()
+          if bucket == nil then
+            return -- no later band can win
+          end
+          from = '[' .. c.cell .. bucket
+        end
       end
     end
 
