@@ -2,7 +2,7 @@
 -- the whole queue (score_rank.lua), reserves its budget at the co-located RedisThrottle and
 -- leases it, up to ARGV[5] winners in rank order, in one script. The script is common.lua + the
 -- queue's prelude (score_index.lua, queue_common.lua) + the limiter's prelude and operations
--- wrapped as limiter_call() (redis/global_choice.py) + dispatch_common.lua + score_rank.lua +
+-- wrapped as limiter_open() (redis/global_choice.py) + dispatch_common.lua + score_rank.lua +
 -- this.
 --
 -- KEYS: as global_dispatch.lua (the queues, the limiter's five keys, this call's reply key).
