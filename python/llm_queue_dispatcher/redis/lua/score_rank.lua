@@ -23,9 +23,11 @@
 -- first estimate, that cannot win. Another cell is walked band by band, the best bucket first,
 -- each band's heads oldest first (each scored with its own time), stopping at the first head
 -- whose wait cannot win with the bucket's lowest time and at the first band that cannot win
--- with the longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes
--- walked by time and estimate (where heads wait alike, walking them by age would read every
--- one). A class whose score cannot win is left before its member is read. So a dispatch's cost
+-- with the longest wait; past BANDS_READ bands it reads the cell's bands (each with its oldest
+-- member) and goes straight to the next one that can win. A band whose HEAD_WALK oldest heads
+-- were scored has its other classes walked by time and estimate (where heads wait alike,
+-- walking them by age would read every one). A class whose score cannot win is left before its
+-- member is read. So a dispatch's cost
 -- grows with the non-empty cells and the distinct estimates and times inside the cells
 -- visited, not with the number of messages.
 --
