@@ -35,7 +35,7 @@
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
 -- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
 --
--- About 715 lines in one file: the ranking is one closure (score_ranker) whose walks share the
+-- About 755 lines in one file: the ranking is one closure (score_ranker) whose walks share the
 -- call's weights, capacities and caches as upvalues; a script is one chunk, so a second file
 -- would be pasted beside this one anyway, and its functions would take those as arguments.
 
