@@ -23,15 +23,30 @@ Fresh queues (``--fresh N``): each build's queue is filled, if empty, by that bu
 spreads their enqueue instants over ``--span`` seconds (every message about as old as the
 others: the case where the cells' oldest members bound alike); then, ``--rounds`` times, the
 builds alternating, each build's dispatcher (default weights, URGENT first, a `RedisThrottle`
-of 10,000,000 TPM that never binds) dispatches ``--dispatches`` times on that clock, from
+of 10,000,000 TPM, which binds only after about 5,000 dispatches: a round that meets it stops
+with a message) dispatches ``--dispatches`` times on that clock, from
 ``--after`` seconds past the last enqueue and ``--step`` seconds further per dispatch (each
 round goes on where the build's last one stopped), and the dispatch script's server time per
 call (`INFO commandstats`, EVALSHA) is printed with the index range reads (ZRANGEBYLEX) the
 scripts made per call, a count the machine's load does not move; the ranking alone is then
-timed at the instant the build's last round reached.
+timed at the instant the build's last round reached. With ``--winners N`` each dispatch is one
+call for N winners (a Worker's free handlers ask so): the figures are per call, the printed
+line also per winner.
 
     python benches/score_rank_time.py --port 6399 --fresh 1000000 --build . --queue fresh-new \\
         --build /tmp/base --queue fresh-base
+
+Instructions (``--callgrind PID``): the server on ``--port`` runs under ``valgrind
+--tool=callgrind`` (process PID, its dumps written to ``--callgrind-dir``: started with
+``--callgrind-out-file=DIR/cg.%p``, and with ``--instr-atstart=no`` plus ``callgrind_control -i
+on`` once its queues are loaded, since a fill under callgrind takes hours: fill a plain server,
+``SAVE``, and start the callgrind one on that dump). Each round then also counts the
+instructions of the dispatch scripts (``EVALSHA`` inclusive: the script and every command it
+calls) per call, which the machine's load does not move (redis_script_instructions.py's
+counting); the ranking alone is not timed then.
+
+    python benches/score_rank_time.py --port 6399 --fresh 1000000 --build . --queue fresh-new \\
+        --build /tmp/base --queue fresh-base --callgrind 12345 --callgrind-dir /tmp/cg
 """
 
 from __future__ import annotations
@@ -86,12 +101,27 @@ def _clock_key(queue: str) -> str:
     return f"bench:score-fresh:{queue}:clock"
 
 
+def _zero_counters(pid: int) -> None:
+    """Zeroes the counters of the callgrind process ``pid``."""
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+
+
 async def _fresh_round(
-    port: int, queue: str, fill: int, span: float, after: float, step: float, dispatches: int
+    port: int,
+    queue: str,
+    fill: int,
+    span: float,
+    after: float,
+    step: float,
+    dispatches: int,
+    callgrind: tuple[int, Path] | None = None,
+    winners: int = 1,
 ) -> dict[str, Any]:
     """One round of ``--fresh`` in this process's library: fills ``queue`` if it is empty, then
     dispatches ``dispatches`` times on the queue's manual clock. Returns the dispatch script's
-    mean server time per call and the clock's reading after the round."""
+    mean server time per call, the clock's reading after the round and, with ``callgrind`` (the
+    server's valgrind process and dump directory), the instructions per call. With ``winners``
+    above 1, each dispatch is one call for that many winners (as a Worker's free handlers ask)."""
     import redis.asyncio as aioredis
 
     sys.path.insert(0, str(ROOT))
@@ -133,11 +163,23 @@ async def _fresh_round(
             await dispatcher.dequeue(limiter)  # the index filled if needed, the script loaded
             clock.advance(step)
             await client.config_resetstat()
+            if callgrind is not None:
+                _zero_counters(callgrind[0])
             for _ in range(dispatches):
-                job = await dispatcher.dequeue(limiter)
-                assert job is not None
+                if winners == 1:
+                    taken = int(await dispatcher.dequeue(limiter) is not None)
+                else:
+                    taken = len(await dispatcher._dequeue_up_to(limiter, winners))
+                if taken < winners:
+                    # The winners' estimates (about 2,000 tokens each) used up the budget.
+                    raise SystemExit("the limiter's 10,000,000 TPM bind: the queue is drained too far")
                 clock.advance(step)
             commands = await client.info("commandstats")
+            instructions = None
+            if callgrind is not None:
+                from redis_script_instructions import dump_instructions
+
+                instructions = dump_instructions(callgrind[0], callgrind[1]) / dispatches
     stats = commands["cmdstat_evalsha"]
     ranges = commands.get("cmdstat_zrangebylex", {"calls": 0})
     await client.set(_clock_key(queue), repr(clock()))
@@ -146,6 +188,7 @@ async def _fresh_round(
         "dispatch_us": float(stats["usec"]) / int(stats["calls"]),
         "ranges": int(ranges["calls"]) / int(stats["calls"]),
         "clock": clock(),
+        "instructions": instructions,
     }
 
 
@@ -199,13 +242,18 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.001, help="seconds the clock moves per dispatch")
     parser.add_argument("--dispatches", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--winners", type=int, default=1, help="winners per dispatch call (default 1)")
+    parser.add_argument("--callgrind", type=int, default=0, help="the valgrind process of the server")
+    parser.add_argument("--callgrind-dir", type=Path, default=None, help="where that server writes dumps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     queues = args.queue if len(args.queue) == len(args.build) else args.queue[:1] * len(args.build)
+    if args.callgrind and args.callgrind_dir is None:
+        parser.error("--callgrind needs --callgrind-dir")
+    callgrind = (args.callgrind, args.callgrind_dir.resolve()) if args.callgrind else None
     if args.child:
-        figures = asyncio.run(
-            _fresh_round(args.port, queues[0], args.fresh, args.span, args.after, args.step, args.dispatches)
-        )
+        round_args = (args.fresh, args.span, args.after, args.step, args.dispatches, callgrind, args.winners)
+        figures = asyncio.run(_fresh_round(args.port, queues[0], *round_args))
         print(json.dumps(figures))
         return
     if not args.fresh:
@@ -223,17 +271,28 @@ def main() -> None:
                 sys.executable, __file__, "--child", "--port", str(args.port), "--queue", queues[n],
                 "--build", str(build), "--fresh", str(args.fresh), "--span", str(args.span),
                 "--after", str(args.after), "--step", str(args.step), "--dispatches", str(args.dispatches),
+                "--winners", str(args.winners),
             ]  # fmt: skip
+            if callgrind is not None:
+                command += ["--callgrind", str(callgrind[0]), "--callgrind-dir", str(callgrind[1])]
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=3600)
             figures = json.loads(out.stdout.strip().splitlines()[-1])
             clocks[n] = figures["clock"]
             load = os.getloadavg()[0]
+            counted = "" if callgrind is None else f", {figures['instructions']:,.0f} instructions per call"
+            if args.winners > 1:
+                counted += f" ({figures['dispatch_us'] / args.winners:.0f} µs per winner"
+                if callgrind is not None:
+                    counted += f", {figures['instructions'] / args.winners:,.0f} instructions"
+                counted += ")"
             print(
                 f"round {round_ + 1}, {args.build[n]} on {queues[n]}: dispatch script "
                 f"{figures['dispatch_us']:.0f} µs per call, {figures['ranges']:.1f} index range reads "
-                f"(ZRANGEBYLEX) per call (load {load:.1f})",
+                f"(ZRANGEBYLEX) per call{counted} (load {load:.1f})",
                 flush=True,
             )
+    if callgrind is not None:
+        return  # timed figures of a server under valgrind tell nothing
     _rank_times(
         args.port, args.build, queues, args.calls, args.capacity, [round(c * 1_000_000) for c in clocks]
     )

@@ -8,7 +8,7 @@ Scores are compared as the reference computes them; two messages whose scores di
 than `TOLERANCE` may go in either order (the server sums the same factors in the same order,
 but from microsecond instants: the last bits of a score can differ).
 
-About 830 lines in one file: every test judges the server's walk with the same reference
+About 935 lines in one file: every test judges the server's walk with the same reference
 (`Visible`, `ranking`, `same_rank`, `_drive`), which the stored-layout tests import too."""
 
 from __future__ import annotations
@@ -409,6 +409,49 @@ async def test_each_hand_out_is_the_reference_winner_until_a_fresh_queue_timed_b
     await dispatcher.close()
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_each_hand_out_is_the_reference_winner_from_cells_of_many_bands_of_scattered_ages(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """URGENT messages of one token class with a dozen and more expected processing times (a
+    band each), enqueued at scattered instants over 9 s: a walk whose best bands hold only young
+    messages goes on to the bands that can still win, past those that cannot, and every
+    hand-out, to the last, is the reference's winner."""
+    rng = random.Random(400 + seed)
+    tpm = 1_000_000
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(clock=clock, min_score_threshold=0.0)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    times = [1.0 + 0.25 * n for n in range(17)]  # 1 s to 5 s: every one its own band
+    visible: dict[str, Visible] = {}
+    order = 0
+    for _ in range(30):
+        for _ in range(rng.choice([1, 2, 4])):
+            request = LLMRequest(
+                f"b{order}", {}, Priority.URGENT, TokenInfo(rng.randint(1_000, 1_080)),
+                expected_processing_time=rng.choice(times),
+            )  # fmt: skip
+            message = await dispatcher.enqueue(request)
+            visible[request.id] = Visible(
+                request.id, 0, request.token_info.estimated, request.expected_processing_time,
+                message.attributes.enqueued_at.timestamp(), order,
+            )  # fmt: skip
+            order += 1
+        clock.advance(rng.uniform(0.05, 0.3))
+    while visible:
+        now = clock()
+        ranked = ranking(list(visible.values()), now, tpm)
+        job = await dispatcher.dequeue(limiter)
+        assert job is not None
+        got = visible.pop(job.message.payload.id)
+        assert same_rank(got, ranked[0], now, tpm), f"{got} instead of {ranked[0]}"
+        await job.mark_as_processed()
+        clock.advance(0.001)
+    await dispatcher.close()
+
+
 async def test_in_a_batch_of_one_instant_the_band_s_best_estimate_goes_before_its_oldest_heads(
     clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
 ) -> None:
@@ -541,6 +584,69 @@ async def test_a_worker_takes_its_winners_in_rank_order_in_one_script(
             visible.remove(got)
             await job.mark_as_processed()
     assert runs == 4
+    await dispatcher.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_each_winner_of_a_call_of_many_is_the_reference_winner_once_those_before_it_left(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock, seed: int
+) -> None:
+    """Calls of up to 16 winners over a fresh queue of many cells, most of them holding one or
+    two messages (a winner often empties its cell, or changes its oldest and its best times),
+    the default weights or random ones, URGENT first or not, some winners failed back between
+    calls: the winners of each call come in the reference's rank order, each the best of what
+    the winners before it left (the budget large enough not to bind)."""
+    rng = random.Random(300 + seed)
+    scoring = random_weights(rng) if seed % 2 else None
+    weights: Weights = scoring or WEIGHTS
+    urgent_first = seed != 2
+    tpm = 1_000_000
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=1_000_000, tpm=tpm)
+    config = LLMQueueDispatcherConfig(
+        clock=clock,
+        scoring=ScoringConfig(weights=scoring),
+        urgent_first=urgent_first,
+        min_score_threshold=0.0,
+    )
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(storage, config)
+    assert dispatcher._global is not None
+    batch = requests(240, 60 + seed, largest=1_000)
+    visible: dict[str, Visible] = {}
+    for first in range(0, len(batch), 40):
+        part = batch[first : first + 40]
+        messages = await dispatcher.batch_enqueue(part)
+        for n, (request, message) in enumerate(zip(part, messages, strict=True)):
+            visible[request.id] = Visible(
+                request.id, int(request.priority), request.token_info.estimated,
+                request.expected_processing_time, message.attributes.enqueued_at.timestamp(), first + n,
+            )  # fmt: skip
+        clock.advance(rng.choice([0.0, 0.001, 0.2]))
+    calls = retried = 0
+    while visible:
+        jobs = await dispatcher._dequeue_up_to(limiter, rng.choice([2, 5, 16]))
+        assert jobs
+        calls += 1
+        now = clock()
+        handed = []
+        for job in jobs:
+            ranked = ranking(list(visible.values()), now, tpm, weights=weights, urgent_first=urgent_first)
+            got = visible.pop(job.message.payload.id)
+            assert same_rank(got, ranked[0], now, tpm, weights=weights, urgent_first=urgent_first), (
+                f"{got} instead of {ranked[0]}"
+            )
+            handed.append(got)
+        for job, got in zip(jobs, handed, strict=True):
+            if rng.random() < 0.1 and got.receive_count < 3:
+                await job.mark_as_failed(RuntimeError("a retry"))
+                got.receive_count += 1
+                visible[got.id] = got
+                retried += 1
+            else:
+                await job.mark_as_processed()
+        clock.advance(rng.choice([0.001, 0.01, 0.5]))
+    assert calls < 240 // 2  # most calls took several winners
+    assert retried > 5
     await dispatcher.close()
 
 

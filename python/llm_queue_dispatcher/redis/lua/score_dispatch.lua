@@ -2,7 +2,7 @@
 -- the whole queue (score_rank.lua), reserves its budget at the co-located RedisThrottle and
 -- leases it, up to ARGV[5] winners in rank order, in one script. The script is common.lua + the
 -- queue's prelude (score_index.lua, queue_common.lua) + the limiter's prelude and operations
--- wrapped as limiter_call() (redis/global_choice.py) + dispatch_common.lua + score_rank.lua +
+-- wrapped as limiter_open() (redis/global_choice.py) + dispatch_common.lua + score_rank.lua +
 -- this.
 --
 -- KEYS: as global_dispatch.lua (the queues, the limiter's five keys, this call's reply key).
@@ -37,7 +37,8 @@ if replayed(out, GREPLY) then
   return out
 end
 
-if redis.call('HGET', Q.meta, 'indexed') ~= '1' or redis.call('HGET', Q.meta, 'scored') ~= '1' then
+local flags = redis.call('HMGET', Q.meta, 'indexed', 'scored', 'visibility_timeout')
+if flags[1] ~= '1' or flags[2] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua, score_fill.lua), then calls again.
   return {fmt(NOW), '', 'unindexed'}
@@ -80,22 +81,33 @@ for _, limit in ipairs({{8, 9, 60}, {10, 11, 60}, {13, 13, 86400}}) do
     end
   end
 end
-if redis.call('HGET', Q.meta, 'visibility_timeout') ~= ARGV[7] then
+if flags[3] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
 
--- The limiter's call `op` with `request`'s arguments after its own.
+-- The limiter's call `op` with `request`'s arguments after its own, in one session for the
+-- call (redis/global_choice.py: the limiter's prelude run and its state read once, not once per
+-- winner), as global_dispatch.lua's: its state saved once after the rounds (session('flush')
+-- below), a failed operation's half-made changes rolled back to the last checkpoint.
+local session = nil
 local function limiter(op, request)
-  local argv = {}
-  -- Bounded: the limiter's fourteen arguments.
-  for i = 1, 14 do
-    argv[i] = limiter_argv[i]
+  if session == nil then
+    session = limiter_open(LIMITER_KEYS, limiter_argv)
+    session('defer')
+    if limit > 1 then
+      -- With several winners, their history records written together (and those they push
+      -- out dropped then); one grant alone writes its own, as a single call always did.
+      session('defer_drops')
+    end
+    session('checkpoint')
   end
-  -- Bounded: the request's arguments (at most five).
-  for i, value in ipairs(request) do
-    argv[14 + i] = value
+  local ok, reply = pcall(session, op, request)
+  if not ok then
+    session('rollback')
+    error(reply, 0)
   end
-  return limiter_call(LIMITER_KEYS, argv, op)
+  session('checkpoint')
+  return reply
 end
 
 -- The URGENT reserve (rust/policy.rs, score_reserve): twice the largest of the last 64 URGENT
@@ -121,6 +133,7 @@ local function urgent_reserve()
   if reserve <= 0 then
     return reserve
   end
+  index_flush() -- 'waiting' counts the winners taken so far (hide: index_defer below)
   local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
   local quiet = arrival == nil or (NOW - arrival) / 1000000 >= reserve / refill
   local waiting = tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0
@@ -162,58 +175,76 @@ local ranker = score_ranker(weights, token_capacity, whole_capacity, urgent_firs
 local excluded = {n = 0}
 local taken = {}
 local skipped, expired = 0, 0
+index_defer() -- the rounds' removals from the index counted once (index_flush() below)
 -- Each round takes a winner, skips a message that never fits a limit or expires one past
 -- retention (at most WINNERS_MAX winners, SKIP_MAX skipped and SKIP_MAX expired).
--- Bounded by `limit` winners, SKIP_MAX skipped and SKIP_MAX expired.
-for _ = 1, limit + 2 * SKIP_MAX do
-  if #taken >= 2 * limit then
-    break
-  end
-  local best = ranker.best(excluded, above)
-  if best ~= nil and best.score < min_score and urgent_first and best.s.p == 0 then
-    -- The best URGENT message, so every one, scores below the threshold: none is sent, none
-    -- holds back the others, which rank by score alone from here on.
-    ranker = score_ranker(weights, token_capacity, whole_capacity, false)
-    best = ranker.best(excluded, above)
-  end
-  if best == nil or best.score < min_score then
-    break
-  end
-  local member, s = best.member, best.s
-  if RETENTION > 0 and NOW - s.at > RETENTION then
-    -- Past the retention period, left in the index by maintain()'s bound: it expires now.
-    catch_up(member, s)
-    expired = expired + 1
-    if expired >= SKIP_MAX then
+local function rounds()
+  -- Bounded by `limit` winners, SKIP_MAX skipped and SKIP_MAX expired.
+  for _ = 1, limit + 2 * SKIP_MAX do
+    if #taken >= 2 * limit then
       break
     end
-  else
-    local key = s.rid .. '#' .. (s.rc + 1)
-    local margin = 0
-    if s.p ~= 0 then
-      margin = math.min(s.tok + urgent_reserve(), capacity) - s.tok
-      if margin < 0 then
-        margin = 0
-      end
+    local best = ranker.best(excluded, above)
+    if best ~= nil and best.score < min_score and urgent_first and best.s.p == 0 then
+      -- The best URGENT message, so every one, scores below the threshold: none is sent, none
+      -- holds back the others, which rank by score alone from here on.
+      ranker = score_ranker(weights, token_capacity, whole_capacity, false)
+      best = ranker.best(excluded, above)
     end
-    local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin})
-    if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
-      -- It can never fit one of the limits: skipped, it holds nothing.
-      excluded[member] = true
-      excluded.n = excluded.n + 1
-      skipped = skipped + 1
-      report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
-        .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
-    elseif granted[1] ~= 1 then
-      if #taken == 0 then
-        out[2] = granted[3] -- the wait in us: the budget is held for this winner
-        out[3] = granted[2]
-      end
+    if best == nil or best.score < min_score then
       break
+    end
+    local member, s = best.member, best.s
+    if RETENTION > 0 and NOW - s.at > RETENTION then
+      -- Past the retention period, left in the index by maintain()'s bound: it expires now.
+      catch_up(member, s)
+      ranker.changed(score_cell(s))
+      expired = expired + 1
+      if expired >= SKIP_MAX then
+        break
+      end
     else
-      hide(Q, member, s)
-      lease(out, taken, member, s, timeout)
+      local key = s.rid .. '#' .. (s.rc + 1)
+      local margin = 0
+      if s.p ~= 0 then
+        margin = math.min(s.tok + urgent_reserve(), capacity) - s.tok
+        if margin < 0 then
+          margin = 0
+        end
+      end
+      local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin})
+      if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
+        -- It can never fit one of the limits: skipped, it holds nothing.
+        excluded[member] = true
+        excluded.n = excluded.n + 1
+        skipped = skipped + 1
+        report_ended(Q, s.rid, 'RateLimitError', 'request ' .. s.rid .. ' needs more than the limiter can ever grant ('
+          .. granted[2] .. '); it stays queued', {reason = granted[2], available_in = 'inf'})
+      elseif granted[1] ~= 1 then
+        if #taken == 0 then
+          out[2] = granted[3] -- the wait in us: the budget is held for this winner
+          out[3] = granted[2]
+        end
+        break
+      else
+        hide(Q, member, s)
+        ranker.changed(score_cell(s))
+        lease_deferred(out, taken, member, s, timeout)
+      end
     end
   end
+end
+-- Redis keeps what a script wrote before an error: a round that fails leaves the winners before
+-- it leased and their grants recorded, so what counts them is written before the error goes on
+-- (else 'waiting' and the tenants' counts would count them visible for good, and the limiter
+-- would hand their grant numbers out again).
+local done, failure = pcall(rounds)
+leases_flush(out)
+index_flush()
+if session ~= nil then
+  session('flush')
+end
+if not done then
+  error(failure, 0)
 end
 return answered(out, taken)

@@ -60,12 +60,8 @@ end
 
 local function hex_of(ms)
   local bytes = struct.pack('>d', math.min(math.max(ms, SCORE_MS_MIN), SCORE_MS_MAX))
-  local out = {}
-  -- Bounded: the eight bytes of a double.
-  for i = 1, 8 do
-    out[i] = string.format('%02x', string.byte(bytes, i))
-  end
-  return table.concat(out)
+  -- The eight bytes in one format (a call per byte cost eight times the call).
+  return string.format('%02x%02x%02x%02x%02x%02x%02x%02x', string.byte(bytes, 1, 8))
 end
 
 -- The time of `hex`: a time's 16 digits, or a bucket's BUCKET_LEN (the bucket's lowest time).
@@ -191,14 +187,14 @@ local function score_index_drop(q)
   q.score_kept = redis.call('HGET', q.meta, 'scoring') == '1'
 end
 
--- Whether the index has an earlier layout (its sc_cells a hash, or its entries without bands or
--- with a band per exact time).
+-- Whether the index has an earlier layout (its sc_cells a hash, which ZRANGE refuses, or its
+-- entries without bands or with a band per exact time).
 local function score_layout_earlier(q)
-  if redis.call('TYPE', q.sc_cells).ok == 'hash' then
+  local first = redis.pcall('ZRANGE', q.sc_cells, 0, 0)
+  if first.err ~= nil then
     return true
   end
-  local first = redis.call('ZRANGE', q.sc_cells, 0, 0)[1]
-  return first ~= nil and string.sub(first, 37, 37) ~= CELL_MARK
+  return first[1] ~= nil and string.sub(first[1], 37, 37) ~= CELL_MARK
 end
 
 -- The sc_cells entry of `cell` (nil when it has no visible member), and false when the index

@@ -23,21 +23,28 @@
 -- first estimate, that cannot win. Another cell is walked band by band, the best bucket first,
 -- each band's heads oldest first (each scored with its own time), stopping at the first head
 -- whose wait cannot win with the bucket's lowest time and at the first band that cannot win
--- with the longest wait; a band whose HEAD_WALK oldest heads were scored has its other classes
--- walked by time and estimate (where heads wait alike, walking them by age would read every
--- one). A class whose score cannot win is left before its member is read. So a dispatch's cost
+-- with the longest wait; past BANDS_READ bands it reads the cell's bands (each with its oldest
+-- member) and goes straight to the next one that can win. A band whose HEAD_WALK oldest heads
+-- were scored has its other classes walked by time and estimate (where heads wait alike,
+-- walking them by age would read every one). A class whose score cannot win is left before its
+-- member is read. So a dispatch's cost
 -- grows with the non-empty cells and the distinct estimates and times inside the cells
 -- visited, not with the number of messages.
 --
 -- Scores are summed in the order of rust/scoring.rs (priority, efficiency, wait, retry, token
 -- fit, processing time) from the server's instant; ties go to the older message, then the one
 -- enqueued first. Bounds are raised by BOUND_SLACK (as rust/scoring.rs) so they stay bounds.
+--
+-- About 755 lines in one file: the ranking is one closure (score_ranker) whose walks share the
+-- call's weights, capacities and caches as upvalues; a script is one chunk, so a second file
+-- would be pasted beside this one anyway, and its functions would take those as arguments.
 
 local BOUND_SLACK = 1e-9
 local CLASS_PAGE = 128 -- classes of a cell read per call
 local CLASS_FIRST = 16 -- classes read by the first call, and by the first after a jump past the
                        -- rest of a time (the walk mostly stops early there)
 local HEAD_WALK = 4 -- heads of a band scored oldest first before its classes are walked
+local BANDS_READ = 2 -- bands a walk enters one after the other before it reads the cell's bands
 local PRIORITY_FACTOR = {1.0, 0.7, 0.4, 0.1}
 local MAX_WAIT_SECONDS = {10.0, 30.0, 60.0, 300.0}
 
@@ -81,15 +88,6 @@ local function retry_factor(count)
   return math.max(0.1, 0.7 ^ math.min(count, 64))
 end
 
--- The wait factor of a message of priority p (0..3) enqueued at `at` (us).
-local function wait_factor(at, p)
-  local share = math.min(math.max(NOW - at, 0) / 1000000 / MAX_WAIT_SECONDS[p + 1], 1)
-  if p == 0 then
-    return math.sqrt(share)
-  end
-  return share
-end
-
 -- A ranker for weights W (priority, efficiency, wait, retry, token fit, processing time),
 -- capacity C (A of the formulas: the budget is held, so the smallest capacity of the limiter's
 -- token limits, as rust/policy.rs ranking_budget), the largest estimate ranked M (at least C:
@@ -98,6 +96,26 @@ end
 -- ranks first.
 local function score_ranker(W, C, M, urgent_first)
   local ranker = {}
+  -- The builtins the ranking calls a few thousand times per dispatch, as upvalues: a script's
+  -- global lookup (string, then sub) costs about as much as the call (callgrind, redis-server
+  -- 7.0: two string.sub through the globals 1,820 instructions, through upvalues 1,460).
+  local sub, byte, tonumber = string.sub, string.byte, tonumber
+  local sqrt, min, max, floor = math.sqrt, math.min, math.max, math.floor
+  local W3 = W[3]
+
+  -- W[3] times the wait factor of a message of priority p (0..3) enqueued at `at` (us): the
+  -- product wait_part(at, p) to the bit, with the builtins as upvalues.
+  local function wait_part(at, p)
+    local age = NOW - at
+    local share = (age > 0 and age or 0) / 1000000 / MAX_WAIT_SECONDS[p + 1]
+    if share > 1 then
+      share = 1
+    end
+    if p == 0 then
+      return W3 * sqrt(share)
+    end
+    return W3 * share
+  end
 
   local function efficiency(tokens)
     if C <= 0 then
@@ -124,19 +142,18 @@ local function score_ranker(W, C, M, urgent_first)
   -- its largest value is at the point of the interval nearest to the peak.
   local peak = budget_of_share(0.7) > budget_of_share(0.5) and 0.7 or 0.5
 
-  -- The best efficiency + token fit over a cell's token range (capped at M); nil when no
+  -- The best efficiency + token fit over a cell's token range [lo, hi] (capped at M); nil when no
   -- estimate of it is ranked (rust/scoring.rs, budget_bound: the same value, from the one
   -- point that holds it rather than from every breakpoint).
-  local function budget_bound(class)
-    local lo, hi = score_token_range(class)
+  local function budget_bound(lo, hi)
     if lo > M then
       return nil
     end
-    hi = math.min(hi, M)
+    hi = min(hi, M)
     if C <= 0 then
       return 0
     end
-    return budget_of_share(math.min(math.max(peak, lo / C), hi / C))
+    return budget_of_share(min(max(peak, lo / C), hi / C))
   end
 
   -- Whether (tier, score, at, member) ranks before `best` (nil: nothing found yet).
@@ -157,10 +174,14 @@ local function score_ranker(W, C, M, urgent_first)
     return best == nil or t > best.tier or (t == best.tier and bound >= best.score)
   end
 
-  -- Per script: the budget part of each token class, the weighted processing-time factor of
+  -- Per script: the facts of each token class (facts_of), the weighted processing-time factor of
   -- each time, the weighted efficiency and token fit of each estimate (the same products the
   -- exact score sums, so a score from them is the score to the bit).
-  local class_budget, time_part, budget_parts, token_facts = {}, {}, {}, {}
+  local time_part, budget_parts, token_budget = {}, {}, {}
+  -- The bound of each sc_cells entry met (bound_of in ranker.best): an entry holds all its
+  -- bound depends on, and the instant is the script's, so the winners of one call after the
+  -- first bound again only the cells whose entries the winners before them changed.
+  local cell_bounds = {}
   -- The weighted priority part of each priority, the weighted retry part of each retry class.
   local fixed_part, retry_part = {}, {}
   -- Bounded: four priorities.
@@ -170,15 +191,6 @@ local function score_ranker(W, C, M, urgent_first)
   -- Bounded: eight retry classes.
   for r = 0, 7 do
     retry_part[r] = W[4] * retry_factor(r)
-  end
-
-  local function budget_of(class)
-    local known = class_budget[class]
-    if known == nil then
-      known = budget_bound(class) or false
-      class_budget[class] = known
-    end
-    return known
   end
 
   local function time_of(hex)
@@ -205,7 +217,8 @@ local function score_ranker(W, C, M, urgent_first)
   local function head_of(prefix, excluded)
     local heads = redis.call('ZRANGEBYLEX', Q.sc_members, '[' .. prefix, '[' .. prefix .. '\255', 'LIMIT', 0, 1 + excluded.n)
     -- Bounded by the LIMIT above.
-    for _, head in ipairs(heads) do
+    for k = 1, #heads do
+      local head = heads[k]
       if not excluded[entry_member(head)] then
         return entry_at(head), entry_member(head)
       end
@@ -217,27 +230,81 @@ local function score_ranker(W, C, M, urgent_first)
   -- s}; or nil. `above` is called with each cell some of whose estimates never fit C.
   -- The sc_cells entries of tier `t`'s cells (<cell><summary>): one priority's are one range
   -- of the index (URGENT's alone while URGENT ranks first, the others' only after).
+  -- Read once per call: the winners after the first find them here, the cells that a winner
+  -- or an expired message left read again (ranker.changed).
+  local tier_entries = {}
   local function entries_of(t)
-    if not urgent_first then
-      return t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
-    elseif t == 1 then
-      return redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+    local entries = tier_entries[t]
+    if entries == nil then
+      if not urgent_first then
+        entries = t == 1 and {} or redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '+')
+      elseif t == 1 then
+        entries = redis.call('ZRANGEBYLEX', Q.sc_cells, '-', '(1')
+      else
+        entries = redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+      end
+      tier_entries[t] = entries
     end
-    return redis.call('ZRANGEBYLEX', Q.sc_cells, '[1', '+')
+    return entries
   end
 
-  -- The facts of a token class (its sc_cells key, 3 digits) once per call: its budget bound
-  -- (false when no estimate of it is ranked), whether some of its estimates are never ranked,
-  -- whether its budget part never falls as the estimate grows (below half of C).
-  local function facts_of(key)
-    local token = token_facts[key]
-    if token == nil then
-      local class = tonumber(key)
-      local _, hi = score_token_range(class)
-      token = {budget = budget_of(class), above = hi > M, rising = hi <= 0.5 * C}
-      token_facts[key] = token
+  -- The cells messages left since the tiers' entries were read (ranker.changed), each read
+  -- again when the next ranking starts (none after a call's last winner).
+  local changed = {}
+
+  -- A message of cell `cell` (its 5 characters) left the index.
+  function ranker.changed(cell)
+    changed[#changed + 1] = cell
+  end
+
+  -- Reads the entry of a changed cell again into its tier's entries read so far (kept sorted: a
+  -- cell's entry starts with the cell).
+  local function read_again(cell)
+    local entries = tier_entries[(urgent_first and byte(cell, 1) == 48) and 1 or 0]
+    if entries == nil then
+      return
     end
-    return token
+    local read = redis.call('ZRANGEBYLEX', Q.sc_cells, '[' .. cell, '[' .. cell .. '\255', 'LIMIT', 0, 1)[1]
+    -- The first entry whose cell is not below `cell`, by binary search.
+    local lo, hi = 1, #entries + 1
+    -- Bounded: a binary search halves at most 2^64 entries.
+    for _ = 1, 64 do
+      if lo >= hi then
+        break
+      end
+      local mid = floor((lo + hi) / 2)
+      if sub(entries[mid], 1, 5) < cell then
+        lo = mid + 1
+      else
+        hi = mid
+      end
+    end
+    if entries[lo] ~= nil and sub(entries[lo], 1, 5) == cell then
+      if read ~= nil then
+        entries[lo] = read
+      else
+        table.remove(entries, lo)
+      end
+    elseif read ~= nil then
+      table.insert(entries, lo, read)
+    end
+  end
+
+  -- The facts of a token class (its sc_cells key, 3 digits), worked out once per call, on a
+  -- fresh queue for every cell of a tier (each of its own token class): its budget bound, the
+  -- value facts_of returns (false when no estimate of it is ranked); whether some of its
+  -- estimates are never ranked (token_above); whether its budget part never falls as the
+  -- estimate grows, below half of C (token_rising). Kept in three tables: a table per class
+  -- cost about as much as the rest of its facts.
+  local token_above, token_rising = {}, {}
+  local function facts_of(key)
+    local budget = token_budget[key]
+    if budget == nil then
+      local lo, hi = score_token_range(tonumber(key))
+      budget = budget_bound(lo, hi) or false
+      token_budget[key], token_above[key], token_rising[key] = budget, hi > M, hi <= 0.5 * C
+    end
+    return budget
   end
 
   -- What no member of a cell of priority p and retry class r can score above but for its
@@ -265,7 +332,7 @@ local function score_ranker(W, C, M, urgent_first)
       if i > n then
         break
       end
-      local group = string.sub(entries[i], 1, 2)
+      local group = sub(entries[i], 1, 2)
       -- The group's last entry, by binary search.
       local lo, hi = i, n
       -- Bounded: a binary search halves at most 2^64 entries.
@@ -273,8 +340,8 @@ local function score_ranker(W, C, M, urgent_first)
         if lo >= hi then
           break
         end
-        local mid = math.floor((lo + hi + 1) / 2)
-        if string.sub(entries[mid], 1, 2) == group then
+        local mid = floor((lo + hi + 1) / 2)
+        if sub(entries[mid], 1, 2) == group then
           lo = mid
         else
           hi = mid - 1
@@ -288,8 +355,8 @@ local function score_ranker(W, C, M, urgent_first)
         if lo >= hi then
           break
         end
-        local mid = math.floor((lo + hi + 1) / 2)
-        if score_token_range(tonumber(string.sub(entries[mid], 3, 5))) <= peak_tokens then
+        local mid = floor((lo + hi + 1) / 2)
+        if score_token_range(tonumber(sub(entries[mid], 3, 5))) <= peak_tokens then
           lo = mid
         else
           hi = mid - 1
@@ -299,12 +366,14 @@ local function score_ranker(W, C, M, urgent_first)
       -- Cells some of whose estimates are never ranked are the group's top classes.
       -- Bounded by the group's entries.
       for k = last, i, -1 do
-        if not facts_of(string.sub(entries[k], 3, 5)).above then
+        local key = sub(entries[k], 3, 5)
+        facts_of(key)
+        if not token_above[key] then
           break
         end
-        above(string.sub(entries[k], 1, 5))
+        above(sub(entries[k], 1, 5))
       end
-      local p, r = string.byte(group, 1) - 48, string.byte(group, 2) - 48
+      local p, r = byte(group, 1) - 48, byte(group, 2) - 48
       local loose = loose_part(p, r)
       if split >= i then
         streams[#streams + 1] = {at = split, step = -1, stop = i, loose = loose, wait = W[3]}
@@ -316,20 +385,21 @@ local function score_ranker(W, C, M, urgent_first)
     end
     -- Each stream's loose bound at its current cell (nil: the stream is done).
     local function bound_of(stream)
-      local budget = facts_of(string.sub(entries[stream.at], 3, 5)).budget
+      local budget = facts_of(sub(entries[stream.at], 3, 5))
       if not budget then
         return nil -- from here on no estimate is ranked (the classes only grow upwards)
       end
       return stream.loose + BOUND_SLACK + budget + stream.wait
     end
     -- Bounded by the streams.
-    for _, stream in ipairs(streams) do
-      stream.bound = bound_of(stream)
+    for k = 1, #streams do
+      streams[k].bound = bound_of(streams[k])
     end
     return function()
       local top = nil
       -- Bounded by the streams (two per priority and retry class).
-      for _, stream in ipairs(streams) do
+      for k = 1, #streams do
+        local stream = streams[k]
         if stream.bound ~= nil and (top == nil or stream.bound > top.bound) then
           top = stream
         end
@@ -349,16 +419,21 @@ local function score_ranker(W, C, M, urgent_first)
   end
 
   function ranker.best(excluded, above)
+    -- Bounded by the call's winners and expired messages (a cell each).
+    for k = 1, #changed do
+      read_again(changed[k])
+    end
+    changed = {}
     -- A cell's steps (score_index.lua) from its sc_cells entry: <priority><retry class><token
     -- class: 3><oldest: enqueued_at 16, member 15>|<steps: bucket 5, enqueued_at 16>, the
     -- oldest band first (its bucket the worst of the steps); 48 is '0'. Each as its bucket and
     -- the weighted wait factor of its band's oldest member.
     local function steps_of(entry)
-      local p = string.byte(entry, 1) - 48
+      local p = byte(entry, 1) - 48
       local steps = {}
       -- Bounded by the entry's steps.
       for i = 38, #entry, STEP_LEN do
-        steps[#steps + 1] = {bucket = string.sub(entry, i, i + 4), wait = W[3] * wait_factor(tonumber(string.sub(entry, i + 5, i + 20)), p)}
+        steps[#steps + 1] = {bucket = sub(entry, i, i + 4), wait = wait_part(tonumber(sub(entry, i + 5, i + 20)), p)}
       end
       return steps
     end
@@ -371,7 +446,8 @@ local function score_ranker(W, C, M, urgent_first)
     local function rest_bound(steps, bucket)
       local most = nil
       -- Bounded by the cell's steps.
-      for _, step in ipairs(steps) do
+      for k = 1, #steps do
+        local step = steps[k]
         local below = step.bucket <= bucket
         local value = time_of(below and bucket or step.bucket) + step.wait
         if most == nil or value > most then
@@ -387,27 +463,41 @@ local function score_ranker(W, C, M, urgent_first)
     -- A cell's bound from its entry alone: its priority and retry parts, its budget bound, and
     -- the most any step's bucket's lowest time and its band's oldest wait score.
     local function bound_of(entry)
-      local p = string.byte(entry, 1) - 48
+      local known = cell_bounds[entry]
+      if known ~= nil then
+        return known
+      end
+      local p = byte(entry, 1) - 48
       local most = nil
       -- Bounded by the entry's steps (read in place: every cell of the tier is bounded).
+      local longest = MAX_WAIT_SECONDS[p + 1]
       for i = 38, #entry, STEP_LEN do
-        local value = time_of(string.sub(entry, i, i + 4)) + W[3] * wait_factor(tonumber(string.sub(entry, i + 5, i + 20)), p)
+        local bucket = sub(entry, i, i + 4)
+        -- wait_part(at, p), inlined: a call costs about as much as its arithmetic.
+        local age = NOW - tonumber(sub(entry, i + 5, i + 20))
+        local share = (age > 0 and age or 0) / 1000000 / longest
+        if share > 1 then
+          share = 1
+        end
+        local value = (time_part[bucket] or time_of(bucket)) + (p == 0 and W3 * sqrt(share) or W3 * share)
         if most == nil or value > most then
           most = value
         end
       end
-      return fixed_part[p] + retry_part[string.byte(entry, 2) - 48] + BOUND_SLACK
-        + facts_of(string.sub(entry, 3, 5)).budget + most
+      known = fixed_part[p] + retry_part[byte(entry, 2) - 48] + BOUND_SLACK + facts_of(sub(entry, 3, 5))
+        + most
+      cell_bounds[entry] = known
+      return known
     end
 
     -- The facts of the cell of sc_cells entry `entry` (of tier `t`), for its walk.
     local function cell_at(entry, t, bound)
-      local p = string.byte(entry, 1) - 48
-      local token = token_facts[string.sub(entry, 3, 5)]
+      local p = byte(entry, 1) - 48
+      local key = sub(entry, 3, 5)
       return {
-        cell = string.sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
-        retry = retry_part[string.byte(entry, 2) - 48], budget = token.budget, rising = token.rising,
-        oldest = tonumber(string.sub(entry, 6, 21)), steps = steps_of(entry), bound = bound,
+        cell = sub(entry, 1, 5), p = p, tier = t, fixed = fixed_part[p],
+        retry = retry_part[byte(entry, 2) - 48], budget = token_budget[key], rising = token_rising[key],
+        oldest = tonumber(sub(entry, 6, 21)), steps = steps_of(entry), bound = bound,
       }
     end
     local best = nil
@@ -424,14 +514,14 @@ local function score_ranker(W, C, M, urgent_first)
       if best ~= nil and f.tier == best.tier and value < best.score then
         return -- a later member of the class waits no longer: none of them wins
       end
-      local member = is_head and string.sub(entry, 27, -33) or string.sub(entry, CLASS_LEN + 17)
+      local member = is_head and sub(entry, 27, -33) or sub(entry, CLASS_LEN + 17)
       if excluded[member] then
-        local prefix = is_head and string.sub(entry, 1, 5) .. string.sub(entry, -32) or string.sub(entry, 1, CLASS_LEN)
+        local prefix = is_head and sub(entry, 1, 5) .. sub(entry, -32) or sub(entry, 1, CLASS_LEN)
         at, member = head_of(prefix, excluded)
         if member == nil then
           return
         end
-        value = f.fixed + parts[1] + W[3] * wait_factor(at, f.p) + f.retry + parts[2] + pt
+        value = f.fixed + parts[1] + wait_part(at, f.p) + f.retry + parts[2] + pt
       end
       if beats(f.tier, value, at, member, best) then
         best = {member = member, score = value, tier = f.tier, at = at}
@@ -455,13 +545,14 @@ local function score_ranker(W, C, M, urgent_first)
       classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
       -- Each round but the last reads a full page of at least CLASS_FIRST classes of the cell.
       -- Bounded by the cell's classes, at most as many as the index holds.
-      for _ = 0, 1 + math.floor(classes_held / CLASS_FIRST) do
+      for _ = 0, 1 + floor(classes_held / CLASS_FIRST) do
         local classes = redis.call('ZRANGEBYLEX', Q.sc_classes, from, to, 'LIMIT', 0, page)
         -- Bounded by `page` (the LIMIT above).
-        for _, entry in ipairs(classes) do
-          local hex = string.sub(entry, 6, 21)
+        for k = 1, #classes do
+          local entry = classes[k]
+          local hex = sub(entry, 6, 21)
           if hex ~= passed then
-            local pt = time_of(hex)
+            local pt = time_part[hex] or time_of(hex)
             local floor = static + pt + BOUND_SLACK
             if not may_beat(f.tier, floor + f.budget + wait, best) then
               return
@@ -470,8 +561,8 @@ local function score_ranker(W, C, M, urgent_first)
             if tokens <= M then
               local parts = parts_of(tokens)
               if may_beat(f.tier, floor + parts[1] + parts[2] + wait, best) then
-                local at = tonumber(string.sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
-                consider(c, tokens, pt, at, W[3] * wait_factor(at, f.p), entry, false)
+                local at = tonumber(sub(entry, CLASS_LEN + 1, CLASS_LEN + 16))
+                consider(c, tokens, pt, at, wait_part(at, f.p), entry, false)
               elseif f.rising then
                 passed = hex -- the rest of this time: smaller estimates, no larger budget part
               end
@@ -482,7 +573,7 @@ local function score_ranker(W, C, M, urgent_first)
           return
         end
         local last = classes[#classes]
-        if string.sub(last, 6, 21) == passed then
+        if sub(last, 6, 21) == passed then
           from = '(' .. c.cell .. passed .. '\255'
           page = CLASS_FIRST
         else
@@ -504,24 +595,53 @@ local function score_ranker(W, C, M, urgent_first)
       local static = f.fixed + f.retry + BOUND_SLACK + f.budget
       local from, to = '[' .. c.cell, '[' .. c.cell .. '\255'
       local band, pt, left, walked = nil, nil, false, 0
+      local entered = 0 -- bands entered
+      -- The cell's bands (buckets) and what each can score at most (with its lowest time and its
+      -- oldest member's wait, beside `static`), read from sc_ages once the walk has entered
+      -- BANDS_READ bands: past them it goes straight to the next band that can win.
+      local buckets, most = nil, nil
+      local function next_band()
+        if buckets == nil then
+          buckets, most = {}, {}
+          local bands = redis.call('ZRANGEBYLEX', Q.sc_ages, '[~' .. c.cell, '[~' .. c.cell .. '\255')
+          -- Bounded by the cell's bands: at most its buckets (the times are clamped to 1 s .. 30 s).
+          for k = 1, #bands do
+            -- ~<cell: 5><its oldest member's enqueued_at: 16><bucket: 5>
+            local bucket = sub(bands[k], 23, 27)
+            buckets[k] = bucket
+            most[k] = (time_part[bucket] or time_of(bucket)) + wait_part(tonumber(sub(bands[k], 7, 22)), f.p)
+          end
+        end
+        local found = nil
+        -- Bounded by the cell's bands.
+        for k = 1, #buckets do
+          local bucket = buckets[k]
+          if bucket > band and (found == nil or bucket < found) and may_beat(f.tier, static + most[k], best) then
+            found = bucket
+          end
+        end
+        return found
+      end
       classes_held = classes_held or redis.call('ZCARD', Q.sc_classes)
       -- Each round but the last reads HEAD_WALK + 1 heads of the cell and moves past at least one.
       -- Bounded by the cell's heads, at most as many as the index holds classes.
       for _ = 0, classes_held do
         local heads = redis.call('ZRANGEBYLEX', Q.sc_heads, from, to, 'LIMIT', 0, HEAD_WALK + 1)
         -- Bounded by HEAD_WALK + 1 (the LIMIT above).
-        for _, head in ipairs(heads) do
+        for k = 1, #heads do
+          local head = heads[k]
           -- <cell><bucket: 5><enqueued_at: 16><member><time: 16><2^53 - estimate: 16>
-          local hex = string.sub(head, 6, 10)
+          local hex = sub(head, 6, 10)
           if hex ~= band then
-            band, pt, left, walked = hex, time_of(hex), false, 0
+            band, pt, left, walked = hex, time_part[hex] or time_of(hex), false, 0
+            entered = entered + 1
             if not may_beat(f.tier, static + rest_bound(c.steps, band), best) then
               return
             end
           end
           if not left then
-            local at = tonumber(string.sub(head, 11, 26))
-            local own = W[3] * wait_factor(at, f.p)
+            local at = tonumber(sub(head, 11, 26))
+            local own = wait_part(at, f.p)
             if not may_beat(f.tier, static + pt + own, best) then
               left = true
             elseif walked >= HEAD_WALK then
@@ -529,9 +649,10 @@ local function score_ranker(W, C, M, urgent_first)
               left = true
             else
               walked = walked + 1
-              local tokens = TOKENS_TOP - tonumber(string.sub(head, -16))
+              local tokens = TOKENS_TOP - tonumber(sub(head, -16))
               if tokens <= M then
-                consider(c, tokens, time_of(string.sub(head, -32, -17)), at, own, head, true)
+                local hex_time = sub(head, -32, -17)
+                consider(c, tokens, time_part[hex_time] or time_of(hex_time), at, own, head, true)
               end
             end
           end
@@ -542,7 +663,17 @@ local function score_ranker(W, C, M, urgent_first)
         if left and not may_beat(f.tier, static + rest_bound(c.steps, bucket_after(band)), best) then
           return -- no later band can win
         end
-        from = left and '(' .. c.cell .. band .. '\255' or '(' .. heads[#heads]
+        if not left then
+          from = '(' .. heads[#heads]
+        elseif entered < BANDS_READ then
+          from = '(' .. c.cell .. band .. '\255'
+        else
+          local bucket = next_band()
+          if bucket == nil then
+            return -- no later band can win
+          end
+          from = '[' .. c.cell .. bucket
+        end
       end
     end
 
@@ -550,7 +681,7 @@ local function score_ranker(W, C, M, urgent_first)
     -- no class can wait longer, so reading its oldest heads first would tell nothing more.
     local function walk(c)
       if NOW - c.oldest >= MAX_WAIT_SECONDS[c.p + 1] * 1000000 then
-        walk_classes(c, W[3] * wait_factor(c.oldest, c.p), '[' .. c.cell, '[' .. c.cell .. '\255')
+        walk_classes(c, wait_part(c.oldest, c.p), '[' .. c.cell, '[' .. c.cell .. '\255')
         return
       end
       walk_bands(c)
