@@ -151,7 +151,8 @@ for i = 1, 2 do -- NORMAL, LOW
   end
 end
 
--- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, or nil.
+-- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, its
+-- entry in the lanes, or nil.
 -- An entry is <prefix><lane><deadline: 16><member: 15><tokens>.
 -- Messages found this call to never fit one of the limiter's limits (its ITPM, OTPM, TPD...):
 -- skipped like those above the capacity (at most SKIP_MAX per call).
@@ -184,7 +185,7 @@ local function head_of(tenant)
   -- Bounded by 2 * SKIP_MAX (the LIMITs above).
   for _, key in ipairs(keys) do
     if fits(key) then
-      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
+      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1)), key
     elseif tonumber(string.sub(key, base + 33)) > capacity then
       never_fits(string.sub(key, base + 18, base + 32))
     end
@@ -218,6 +219,8 @@ end
 -- left, its use grew), a tenant whose head expired or was found to never fit, a tenant whose
 -- earlier charge went. So each winner after the first costs one head lookup, not one per tenant.
 local heads, uses, states, usage_read = {}, {}, {}, false
+-- The lanes' entry of each head read ({entry, lane}): the winner's is taken out by take_visible().
+local entries = {}
 
 local function forget_tenant(tenant)
   if tenant ~= nil then
@@ -249,7 +252,7 @@ end
 -- stays so (one ZRANGE per call, not per winner).
 local no_urgent = false
 
--- The winner: member and state, or nil.
+-- The winner: member, state and (a tenant's head) its lanes' entry and lane, or nil.
 local function first()
   if urgent_first and not no_urgent then
     local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
@@ -289,9 +292,12 @@ local function first()
   for _, tenant in ipairs(tenant_list) do
     local head = heads[tenant]
     if head == nil then
-      local member, lane = head_of(tenant)
+      local member, lane, entry = head_of(tenant)
       head = member ~= nil and {member, lane} or false
       heads[tenant] = head
+      if member ~= nil then
+        entries[member] = {entry, lane}
+      end
     end
     if head then
       local member, lane = head[1], head[2]
@@ -326,7 +332,7 @@ local function first()
   end
   local s = states[best] or load(Q, best)
   states[best] = nil
-  return best, s
+  return best, s, entries[best]
 end
 
 -- The limiter's call `op` with `request`'s arguments after its own, in one session for the
@@ -547,6 +553,44 @@ local function charges_flush()
   end
 end
 
+-- The winners' removals from the visible sets and the aging sets, made after the rounds in one
+-- ZREM per set (removals_flush): the rounds read neither (they read the lanes, which a winner
+-- leaves at once, and URGENT's set, which take_visible() leaves to hide()).
+local vis_leaving, aging_leaving = {{}, {}, {}, {}}, {{}, {}}
+
+-- hide() for a tenant's head taken (`head`: its lanes' entry and lane, from head_of()): the entry
+-- read is the one removed, and whether it had aged is its lane, not one more ZREM.
+local function take_visible(member, s, head)
+  if head == nil or s.p == 0 or s.ten == nil or score_kept(Q) then
+    hide(Q, member, s)
+    return
+  end
+  local leaving = vis_leaving[s.p + 1]
+  leaving[#leaving + 1] = member
+  if redis.call('ZREM', Q.lanes, head[1]) == 1 then
+    if s.p >= 2 and head[2] ~= 2 then
+      leaving = aging_leaving[s.p - 1]
+      leaving[#leaving + 1] = member
+    end
+    index_uncount(Q, s)
+  end
+end
+
+local function removals_flush()
+  for p = 1, 4 do -- the four priorities
+    if #vis_leaving[p] > 0 then
+      redis.call('ZREM', Q.vis[p], unpack(vis_leaving[p]))
+      vis_leaving[p] = {}
+    end
+  end
+  for i = 1, 2 do -- NORMAL, LOW
+    if #aging_leaving[i] > 0 then
+      redis.call('ZREM', Q.aging[i], unpack(aging_leaving[i]))
+      aging_leaving[i] = {}
+    end
+  end
+end
+
 local taken = {}
 local skipped, expired = 0, 0
 index_defer() -- the rounds' removals from the index counted once (index_flush() below)
@@ -554,9 +598,9 @@ index_defer() -- the rounds' removals from the index counted once (index_flush()
 local function rounds()
   -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
   for _ = 1, limit + 2 * SKIP_MAX do
-    local member, s = nil, nil
+    local member, s, head = nil, nil, nil
     if #taken < 2 * limit then
-      member, s = first()
+      member, s, head = first()
     end
     if member == nil then
       break
@@ -595,7 +639,7 @@ local function rounds()
         out[2] = granted[3] -- the wait in us: the budget is held for this winner
         break
       else
-        hide(Q, member, s)
+        take_visible(member, s, head)
         lease_deferred(out, taken, member, s, timeout)
         charge(key, s)
         recent_pending[#recent_pending + 1] = tokens_text(s.tok)
@@ -608,6 +652,7 @@ end
 -- counts them is written before the error goes on (else the tenants' counts and 'waiting'
 -- would count them visible for good, and the limiter would hand their grant numbers out again).
 local done, failure = pcall(rounds)
+removals_flush()
 leases_flush(out)
 charges_flush()
 push_recent()

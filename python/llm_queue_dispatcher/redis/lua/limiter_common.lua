@@ -393,6 +393,8 @@ local drop_pending -- defined with the history, below
 -- their ids' latest are written by flush() too, one command each for all of them
 -- (records_flush, below), before the drops (which may reach them).
 local records_flush -- defined with the history, below
+-- The records a session changed, written by flush() (records_write, below).
+local records_write -- defined with the history, below
 
 local function save()
   if DEFER_SAVE then
@@ -405,6 +407,7 @@ end
 -- Writes what save() deferred (DEFER_SAVE), after the records and drops deferred (DEFER_DROPS).
 local function flush()
   records_flush()
+  records_write()
   drop_pending()
   if save_pending then
     save_pending = false
@@ -462,11 +465,91 @@ end
 -- A second grant under one request id is a record of its own: adjust_consumption and release act
 -- on the latest, and once that one is released the one before it is the latest again. Released
 -- records stay in the order, as LLMThrottle keeps them, until they age out.
+-- In a global script's session (DEFER_SAVE) the records it reads are read once and those it
+-- changes are written back by flush(), one HSET for all of them (a call of 16 marks wrote and
+-- read each of its 16 records by itself): `record_known` holds each record read or written
+-- (number -> packed, false: none), `records_dirty` the numbers flush() writes (`dirty` says
+-- which are). The request ids' latest grants are written at once as ever (write-through) and
+-- kept in `latest_known` (id -> number, false: none) so that no id is read twice. The global
+-- mark script names the ids its marks adjust (ARGV.prefetch, below): both read in one HMGET
+-- each.
+local record_known, records_dirty, dirty, latest_known = {}, {}, {}, {}
+
+local function latest_number(request_id)
+  local number = latest_known[request_id]
+  if number == nil then
+    number = redis.call('HGET', LATEST, request_id)
+    latest_known[request_id] = number
+  end
+  return number or nil
+end
+
+-- The latest grant of `request_id` is `number` from now on (nil: none).
+local function set_latest(request_id, number)
+  if number then
+    redis.call('HSET', LATEST, request_id, number)
+  else
+    redis.call('HDEL', LATEST, request_id)
+  end
+  latest_known[request_id] = number or false
+end
+
+-- Writes the records changed in memory (records_dirty; bounded by the records this run changed).
+records_write = function()
+  if #records_dirty == 0 then
+    return
+  end
+  local numbers = records_dirty
+  records_dirty = {} -- taken first: never written twice
+  local fields = {}
+  for _, number in ipairs(numbers) do -- the records changed
+    if dirty[number] then
+      dirty[number] = nil
+      fields[#fields + 1] = number
+      fields[#fields + 1] = record_known[number]
+    end
+  end
+  if #fields > 0 then
+    redis.call('HSET', GRANTS, unpack(fields))
+  end
+end
+
+-- A record deleted: neither known nor written any more.
+local function record_deleted(number)
+  record_known[number], dirty[number] = false, nil
+end
+
+if ARGV.prefetch ~= nil and #ARGV.prefetch > 0 then
+  -- Bounded by the global mark script's marks (at most MARKS_MAX).
+  local ids = ARGV.prefetch
+  local numbers = redis.call('HMGET', LATEST, unpack(ids))
+  local named = {}
+  for i, request_id in ipairs(ids) do -- the ids just read
+    latest_known[request_id] = numbers[i]
+    if numbers[i] and record_known[numbers[i]] == nil then
+      record_known[numbers[i]] = true -- (read below)
+      named[#named + 1] = numbers[i]
+    end
+  end
+  if #named > 0 then
+    local packed = redis.call('HMGET', GRANTS, unpack(named))
+    for i, number in ipairs(named) do -- the records just read
+      record_known[number] = packed[i]
+    end
+  end
+end
+
 local function load_record(number)
   if not number then
     return nil
   end
-  local packed = redis.call('HGET', GRANTS, number)
+  local packed = record_known[number]
+  if packed == nil then
+    packed = redis.call('HGET', GRANTS, number)
+    if DEFER_SAVE then
+      record_known[number] = packed
+    end
+  end
   if not packed then
     return nil
   end
@@ -481,13 +564,22 @@ end
 
 -- The latest grant of a request id that still counts, or nil.
 local function latest_record(request_id)
-  return load_record(redis.call('HGET', LATEST, request_id))
+  return load_record(latest_number(request_id))
 end
 
 local function store_record(r)
-  redis.call('HSET', GRANTS, r.number, cmsgpack.pack(
+  local packed = cmsgpack.pack(
     r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input, r.output,
-    r.output_cap, r.slot, r.charges))
+    r.output_cap, r.slot, r.charges)
+  if DEFER_SAVE then
+    record_known[r.number] = packed
+    if not dirty[r.number] then
+      dirty[r.number] = true
+      records_dirty[#records_dirty + 1] = r.number
+    end
+  else
+    redis.call('HSET', GRANTS, r.number, packed)
+  end
 end
 
 local function accuracy(r)
@@ -510,9 +602,9 @@ local function count_in(r, sign)
   end
 end
 
--- The records written by records_flush() (DEFER_DROPS): grant number, packed record pairs; their
--- numbers in order; request id, number pairs; and each id's latest number not written yet.
-local new_records, new_order, new_latest, latest_now = {}, {}, {}, {}
+-- The records written by records_flush() (DEFER_DROPS), in order: each packed there, once the
+-- latest grants of their ids are read (one HMGET for all of them).
+local new_records = {}
 
 -- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
 local function add_record(request_id, r)
@@ -524,15 +616,7 @@ local function add_record(request_id, r)
   r.rid = request_id
   r.released = 0
   if DEFER_DROPS and MAX_CONCURRENT == nil then
-    r.previous = latest_now[request_id] or redis.call('HGET', LATEST, request_id) or ''
-    latest_now[request_id] = r.number
-    new_records[#new_records + 1] = r.number
-    new_records[#new_records + 1] = cmsgpack.pack(
-      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
-      r.output, r.output_cap, r.slot, r.charges)
-    new_order[#new_order + 1] = r.number
-    new_latest[#new_latest + 1] = request_id
-    new_latest[#new_latest + 1] = r.number
+    new_records[#new_records + 1] = r -- its `previous` set by records_flush()
     if ORDER_LEN == nil then
       ORDER_LEN = redis.call('LLEN', ORDER)
     end
@@ -540,10 +624,10 @@ local function add_record(request_id, r)
     count_in(r, 1)
     return
   end
-  r.previous = redis.call('HGET', LATEST, request_id) or ''
+  r.previous = latest_number(request_id) or ''
   store_record(r)
   ORDER_LEN = redis.call('RPUSH', ORDER, r.number)
-  redis.call('HSET', LATEST, request_id, r.number)
+  set_latest(request_id, r.number)
   if r.slot == 1 then
     redis.call('ZADD', HELD, r.at, r.number)
   end
@@ -584,9 +668,9 @@ local function release_record(r)
   count_in(r, -1)
   local previous = load_record(r.previous)
   if previous ~= nil and previous.released == 0 then
-    redis.call('HSET', LATEST, r.rid, previous.number)
+    set_latest(r.rid, previous.number)
   else
-    redis.call('HDEL', LATEST, r.rid)
+    set_latest(r.rid, nil)
   end
 end
 
@@ -637,10 +721,11 @@ local function pop_oldest()
     count_in(r, -1)
   end
   free_slot(r)
-  if redis.call('HGET', LATEST, r.rid) == number then
-    redis.call('HDEL', LATEST, r.rid)
+  if latest_number(r.rid) == number then
+    set_latest(r.rid, nil)
   end
   redis.call('HDEL', GRANTS, number)
+  record_deleted(number)
 end
 
 -- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
@@ -693,13 +778,39 @@ end
 local DROP_CHUNK = 512 -- records dropped per round of drop_pending (unpack's bound)
 
 records_flush = function()
-  if #new_order == 0 then
+  if #new_records == 0 then
     return
   end
-  local records, order, latest = new_records, new_order, new_latest
-  new_records, new_order, new_latest, latest_now = {}, {}, {}, {} -- taken first: never written twice
-  -- Each bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
-  redis.call('HSET', GRANTS, unpack(records))
+  local records = new_records
+  new_records = {} -- taken first: never written twice
+  -- Each loop bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
+  local unknown, asked = {}, {}
+  for _, r in ipairs(records) do
+    if latest_known[r.rid] == nil and not asked[r.rid] then
+      asked[r.rid] = true
+      unknown[#unknown + 1] = r.rid
+    end
+  end
+  if #unknown > 0 then
+    local found = redis.call('HMGET', LATEST, unpack(unknown))
+    for i, request_id in ipairs(unknown) do
+      latest_known[request_id] = found[i]
+    end
+  end
+  local packed, order, latest = {}, {}, {}
+  for _, r in ipairs(records) do
+    -- The latest of its id before it: an earlier grant of this call's, or the one stored.
+    r.previous = latest_known[r.rid] or ''
+    latest_known[r.rid] = r.number
+    packed[#packed + 1] = r.number
+    packed[#packed + 1] = cmsgpack.pack(
+      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
+      r.output, r.output_cap, r.slot, r.charges)
+    order[#order + 1] = r.number
+    latest[#latest + 1] = r.rid
+    latest[#latest + 1] = r.number
+  end
+  redis.call('HSET', GRANTS, unpack(packed))
   redis.call('RPUSH', ORDER, unpack(order))
   redis.call('HSET', LATEST, unpack(latest))
 end
@@ -707,6 +818,9 @@ end
 drop_pending = function()
   local n = drops_pending
   drops_pending = 0 -- taken first: never dropped twice
+  if n > 0 then
+    records_write() -- (the records read below as stored)
+  end
   -- Bounded by the records beyond the limit, DROP_CHUNK per round.
   for _ = 1, math.ceil(n / DROP_CHUNK) do
     local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, DROP_CHUNK) - 1)
@@ -748,8 +862,14 @@ drop_pending = function()
       end
       if #stale > 0 then
         redis.call('HDEL', LATEST, unpack(stale))
+        for _, rid in ipairs(stale) do -- bounded by DROP_CHUNK
+          latest_known[rid] = false
+        end
       end
     end
     redis.call('HDEL', GRANTS, unpack(numbers))
+    for _, number in ipairs(numbers) do -- bounded by DROP_CHUNK
+      record_deleted(number)
+    end
   end
 end

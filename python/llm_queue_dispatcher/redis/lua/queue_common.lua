@@ -239,6 +239,31 @@ local function index_flush()
   end
 end
 
+-- A message of state `s` taken out of the lanes: out of the visible estimates' sum and its
+-- tenant's count too (or counted for index_flush(), when deferred).
+local function index_uncount(q, s)
+  if index_pending ~= nil and q == Q then
+    local pending = index_pending
+    local tokens = s.tok
+    if tokens % 1 ~= 0 then
+      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
+    end
+    pending.waiting = pending.waiting + tokens
+    if pending.tenants[s.ten] == nil then
+      pending.tenants[s.ten] = 0
+      pending.order[#pending.order + 1] = s.ten
+    end
+    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
+  else
+    if s.tok ~= 0 then
+      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
+    end
+    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
+      redis.call('HDEL', q.tenants, s.ten)
+    end
+  end
+end
+
 local function index_remove(q, member, s)
   if s.ten == nil then
     return
@@ -254,25 +279,8 @@ local function index_remove(q, member, s)
       removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
     end
   end
-  if removed == 1 and index_pending ~= nil and q == Q then
-    local pending = index_pending
-    local tokens = s.tok
-    if tokens % 1 ~= 0 then
-      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
-    end
-    pending.waiting = pending.waiting + tokens
-    if pending.tenants[s.ten] == nil then
-      pending.tenants[s.ten] = 0
-      pending.order[#pending.order + 1] = s.ten
-    end
-    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
-  elseif removed == 1 then
-    if s.tok ~= 0 then
-      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
-    end
-    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
-      redis.call('HDEL', q.tenants, s.ten)
-    end
+  if removed == 1 then
+    index_uncount(q, s)
   end
 end
 
