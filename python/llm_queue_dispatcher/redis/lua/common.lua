@@ -16,6 +16,10 @@ local function exact(n)
   return string.format('%.17g', n)
 end
 
+-- Numbers a command takes, as text: a number handed to redis.call is printed ('%.17g') at every
+-- call, a string is passed as it is (hot commands' constants are written so).
+local ZERO, ONE = '0', '1'
+
 -- The longest delay a provider can impose, in microseconds: one day (RedisThrottle's
 -- MAX_PROVIDER_DELAY). A Retry-After, a reset or a penalty beyond it counts as one day, and
 -- a duration that is no number (NaN) as none, whatever the client sent.

@@ -60,7 +60,7 @@ local function withdrawals(out, rids)
 end
 
 maintain()
-local now_text = fmt(NOW) -- (formatted once: each winner's charge is stamped with it)
+local now_text = NOW_TEXT -- (each winner's charge is stamped with it)
 local out = {now_text, ''}
 if replayed(out, GREPLY) then
   local rids = {}
@@ -76,7 +76,7 @@ local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'score
 if meta[1] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua), then calls again.
-  return {fmt(NOW), '', 'unindexed'}
+  return {NOW_TEXT, '', 'unindexed'}
 end
 
 -- The tenants with visible messages (first() reads them), read here when a call for several
@@ -119,7 +119,7 @@ end
 
 -- Charges that left the window: at most MAINTAIN_BATCH per call (the oldest first).
 local horizon = NOW - window
-local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', 0, MAINTAIN_BATCH)
+local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', ZERO, MAINTAIN_BATCH_TEXT)
 -- Bounded by MAINTAIN_BATCH (the LIMIT above).
 for _, key in ipairs(gone) do
   local raw = redis.call('HGET', Q.charge, key)
@@ -139,14 +139,14 @@ end
 for i = 1, 2 do -- NORMAL, LOW
   if max_wait[i] ~= nil then
     local due = redis.call(
-      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', 0, MAINTAIN_BATCH
+      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', ZERO, MAINTAIN_BATCH_TEXT
     )
     -- Bounded by MAINTAIN_BATCH (the LIMIT above).
     for _, member in ipairs(due) do
       local s = load(Q, member)
       redis.call('ZREM', Q.aging[i], member)
       redis.call('ZREM', Q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
-      redis.call('ZADD', Q.lanes, 0, lane_key(member, s, '2'))
+      redis.call('ZADD', Q.lanes, ZERO, lane_key(member, s, '2'))
     end
   end
 end
@@ -175,7 +175,7 @@ local function head_of(tenant)
     return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
   end
   local low, high = '[' .. prefix, '[' .. prefix .. '\255'
-  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', ZERO, ONE)
   if keys[1] ~= nil and not fits(keys[1]) then
     if tonumber(string.sub(keys[1], base + 33)) > capacity then
       never_fits(string.sub(keys[1], base + 18, base + 32))
@@ -255,7 +255,7 @@ local no_urgent = false
 -- The winner: member, state and (a tenant's head) its lanes' entry and lane, or nil.
 local function first()
   if urgent_first and not no_urgent then
-    local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    local oldest = redis.call('ZRANGE', Q.urgent, ZERO, ZERO)
     no_urgent = oldest[1] == nil
     if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
       if load(Q, oldest[1]).tok > capacity then
@@ -396,7 +396,7 @@ local function push_recent()
     local pending = recent_pending
     recent_pending = {} -- taken first: a push that fails midway is never made twice
     redis.call('LPUSH', Q.recent, unpack(pending))
-    redis.call('LTRIM', Q.recent, 0, 255)
+    redis.call('LTRIM', Q.recent, ZERO, '255')
   end
 end
 
@@ -542,14 +542,27 @@ local function charges_flush()
     fields[#fields + 1] = values[i]
   end
   redis.call('HSET', Q.charge, unpack(fields))
+  -- The tenants' use: what HINCRBY of each would leave, written in one HSET (and one HDEL) from
+  -- what this call read (usage_stored: every tenant charged was read, the script is atomic).
+  local kept, dropped = {}, {}
   for _, tenant in ipairs(order) do -- the tenants charged
     if added[tenant] ~= 0 then
-      local now = redis.call('HINCRBY', Q.usage, tenant, fmt(added[tenant]))
+      local now = usage_stored[tenant] + tonumber(fmt(added[tenant])) -- (HINCRBY's whole tokens)
       if now <= 0 then
-        redis.call('HDEL', Q.usage, tenant)
+        dropped[#dropped + 1] = tenant
+        now = 0
+      else
+        kept[#kept + 1] = tenant
+        kept[#kept + 1] = fmt(now)
       end
-      usage_stored[tenant] = math.max(now, 0)
+      usage_stored[tenant] = now
     end
+  end
+  if #kept > 0 then
+    redis.call('HSET', Q.usage, unpack(kept))
+  end
+  if #dropped > 0 then
+    redis.call('HDEL', Q.usage, unpack(dropped))
   end
 end
 

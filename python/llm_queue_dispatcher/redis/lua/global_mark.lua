@@ -249,7 +249,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
   return stored, limited
 end
 
-local out = {fmt(NOW)}
+local out = {NOW_TEXT}
 -- Bounded by MARKS_MAX marks.
 for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
   local base = 20 + 10 * (i - 1)

@@ -743,7 +743,7 @@ local function prune()
   end
   -- Bounded by the records kept (the list's length when the loop starts).
   for _ = 1, aged_out and 0 or ORDER_LEN do
-    local oldest = load_record(redis.call('LINDEX', ORDER, 0))
+    local oldest = load_record(redis.call('LINDEX', ORDER, ZERO))
     if oldest ~= nil and oldest.at > cutoff then
       break
     end
@@ -783,9 +783,8 @@ records_flush = function()
   end
   local records = new_records
   new_records = {} -- taken first: never written twice
-  -- Each loop bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
   local unknown, asked = {}, {}
-  for _, r in ipairs(records) do
+  for _, r in ipairs(records) do -- the call's grants (at most WINNERS_MAX of a dispatch)
     if latest_known[r.rid] == nil and not asked[r.rid] then
       asked[r.rid] = true
       unknown[#unknown + 1] = r.rid
@@ -793,12 +792,12 @@ records_flush = function()
   end
   if #unknown > 0 then
     local found = redis.call('HMGET', LATEST, unpack(unknown))
-    for i, request_id in ipairs(unknown) do
+    for i, request_id in ipairs(unknown) do -- the ids just read
       latest_known[request_id] = found[i]
     end
   end
   local packed, order, latest = {}, {}, {}
-  for _, r in ipairs(records) do
+  for _, r in ipairs(records) do -- the call's grants
     -- The latest of its id before it: an earlier grant of this call's, or the one stored.
     r.previous = latest_known[r.rid] or ''
     latest_known[r.rid] = r.number
