@@ -218,9 +218,9 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     else
       limited = session(call, {key})
     end
-    -- Made whole: its records are written, so a failure later in this mark (the charge's
-    -- correction) keeps what it changed, as a limiter that saves after every operation does.
-    session('checkpoint')
+    -- Made whole, it took its checkpoint (save() in limiter_common.lua): its records are
+    -- written, so a failure later in this mark (the charge's correction) keeps what it changed,
+    -- as a limiter that saves after every operation does.
   end
 
   local raw = charge_of(key)

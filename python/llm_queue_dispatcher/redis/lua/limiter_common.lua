@@ -396,9 +396,15 @@ local records_flush -- defined with the history, below
 -- The records a session changed, written by flush() (records_write, below).
 local records_write -- defined with the history, below
 
+local checkpoint -- defined below
+
+-- An operation's last step: its changes saved, or (DEFER_SAVE) left for flush() and kept as the
+-- session's checkpoint (below): every operation that changes the state ends here, so a session's
+-- caller needs no call of its own to take one after each operation.
 local function save()
   if DEFER_SAVE then
     save_pending = true
+    checkpoint()
   else
     write_state()
   end
@@ -415,14 +421,14 @@ local function flush()
   end
 end
 
--- What write_state() writes, as it stood at checkpoint(): the global mark script takes one when it
--- opens the session and after each mark made, and when a mark fails midway (its other marks are
--- made) writes this back (rollback) instead of what the failed operation left half changed in
--- memory, as a limiter that saves after every operation would have it.
+-- What write_state() writes, as it stood at checkpoint(): the global scripts take one when they
+-- open the session, and save() one after each operation made, and when a mark fails midway (its
+-- other marks are made) writes this back (rollback) instead of what the failed operation left
+-- half changed in memory, as a limiter that saves after every operation would have it.
 -- (Its tables are made once and written over: a dispatch takes one after each of its grants.)
 local saved = nil
 
-local function checkpoint()
+checkpoint = function()
   if saved == nil then
     saved = {levels = {}, totals = {}}
     for i = 1, #BUCKETS do -- the buckets configured
