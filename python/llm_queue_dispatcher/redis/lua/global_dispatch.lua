@@ -168,14 +168,31 @@ local function never_fits(member)
   end
 end
 
+-- Each tenant's range in the lanes ({low, high}), made once per call.
+local ranges = {}
+
 local function head_of(tenant)
   local prefix = tenant_prefix(tenant)
   local base = #prefix
+  local range = ranges[tenant]
+  if range == nil then
+    range = {'[' .. prefix, '[' .. prefix .. '\255'}
+    ranges[tenant] = range
+  end
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, range[1], range[2], 'LIMIT', ZERO, ONE)
+  local first_key = keys[1]
+  if first_key == nil then
+    return nil
+  end
+  local member = string.sub(first_key, base + 18, base + 32)
+  if tonumber(string.sub(first_key, base + 33)) <= capacity and not excluded[member] then
+    -- The usual case, answered here: the first entry fits (its lane is one digit).
+    return member, string.byte(first_key, base + 1) - 48, first_key
+  end
   local function fits(key)
     return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
   end
-  local low, high = '[' .. prefix, '[' .. prefix .. '\255'
-  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', ZERO, ONE)
+  local low, high = range[1], range[2]
   if keys[1] ~= nil and not fits(keys[1]) then
     if tonumber(string.sub(keys[1], base + 33)) > capacity then
       never_fits(string.sub(keys[1], base + 18, base + 32))
@@ -628,7 +645,7 @@ local function rounds()
         break -- the next calls drop the rest, MAINTAIN_BATCH each
       end
     else
-      local key = s.rid .. '#' .. (s.rc + 1)
+      local key = s.rid .. '#' .. (SMALL_TEXT[s.rc + 1] or (s.rc + 1))
       -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
       -- reserves it must leave.
       local bound = margin_bound(s)

@@ -85,7 +85,9 @@ do
       end
     end
   end
-  limiter_argv.prefetch = limited
+  if #limited > 1 then -- (one alone is read when its call needs it)
+    limiter_argv.prefetch = limited
+  end
   if #keys > 1 then -- (one alone is read when its mark needs it)
     local found = redis.call('HMGET', Q.charge, unpack(keys))
     for i, key in ipairs(keys) do -- the keys just read
@@ -181,7 +183,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     s = holder(member, token, raw, deadline)
   end
   if key == '' and s ~= nil then
-    key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
+    key = s.rid .. '#' .. (SMALL_TEXT[s.rc] or s.rc) -- a message given back unread: its delivery's key
   end
   if s ~= nil then
     stored = 1

@@ -80,7 +80,7 @@ end
 local fresh_count = 0
 local function fresh()
   fresh_count = fresh_count + 1
-  return string.sub(redis.sha1hex(NONCE .. ':' .. fresh_count), 1, 32)
+  return string.sub(redis.sha1hex(NONCE .. ':' .. (SMALL_TEXT[fresh_count] or fresh_count)), 1, 32)
 end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
