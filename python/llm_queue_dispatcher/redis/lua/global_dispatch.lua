@@ -200,7 +200,8 @@ local function head_of(tenant)
     keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, 2 * SKIP_MAX - 1)
   end
   -- Bounded by 2 * SKIP_MAX (the LIMITs above).
-  for _, key in ipairs(keys) do
+  for n_ = 1, #keys do
+    local key = keys[n_]
     if fits(key) then
       return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1)), key
     elseif tonumber(string.sub(key, base + 33)) > capacity then
@@ -250,7 +251,8 @@ end
 local function read_states(members)
   local unknown = {}
   -- Bounded by the heads tied (at most one per tenant with visible messages).
-  for _, member in ipairs(members) do
+  for n_ = 1, #members do
+    local member = members[n_]
     if states[member] == nil then
       unknown[#unknown + 1] = member
     end
@@ -260,7 +262,8 @@ local function read_states(members)
   end
   local found = redis.call('HMGET', Q.state, unpack(unknown))
   -- Bounded by the heads just read.
-  for i, member in ipairs(unknown) do
+  for i = 1, #unknown do
+    local member = unknown[i]
     states[member] = state_of(found[i])
   end
 end
@@ -297,7 +300,8 @@ local function first()
     if #tenant_list > 0 then
       local used = redis.call('HMGET', Q.usage, unpack(tenant_list))
       -- Bounded by the tenants with visible messages (the hash just read).
-      for i, tenant in ipairs(tenant_list) do
+      for i = 1, #tenant_list do
+        local tenant = tenant_list[i]
         usage_stored[tenant] = tonumber(used[i]) or 0
         uses[tenant] = usage_of(tenant)
       end
@@ -306,7 +310,8 @@ local function first()
   -- The heads tied with the best on use and lane (their ages decide, read together after).
   local best, best_use, best_lane, tied = nil, nil, nil, nil
   -- Bounded by the tenants with visible messages (read once per call).
-  for _, tenant in ipairs(tenant_list) do
+  for n_ = 1, #tenant_list do
+    local tenant = tenant_list[n_]
     local head = heads[tenant]
     if head == nil then
       local member, lane, entry = head_of(tenant)
@@ -554,7 +559,8 @@ local function charges_flush()
   local keys, values, order, added = charge_keys, charge_values, added_order, usage_added
   charge_keys, charge_values, added_order, usage_added, charged = {}, {}, {}, {}, {} -- never twice
   local fields = {}
-  for i, key in ipairs(keys) do -- the winners
+  for i = 1, #keys do -- the winners
+    local key = keys[i]
     fields[#fields + 1] = key
     fields[#fields + 1] = values[i]
   end
@@ -562,7 +568,8 @@ local function charges_flush()
   -- The tenants' use: what HINCRBY of each would leave, written in one HSET (and one HDEL) from
   -- what this call read (usage_stored: every tenant charged was read, the script is atomic).
   local kept, dropped = {}, {}
-  for _, tenant in ipairs(order) do -- the tenants charged
+  for n_ = 1, #order do -- the tenants charged
+    local tenant = order[n_]
     if added[tenant] ~= 0 then
       local now = usage_stored[tenant] + tonumber(fmt(added[tenant])) -- (HINCRBY's whole tokens)
       if now <= 0 then

@@ -90,7 +90,8 @@ do
   end
   if #keys > 1 then -- (one alone is read when its mark needs it)
     local found = redis.call('HMGET', Q.charge, unpack(keys))
-    for i, key in ipairs(keys) do -- the keys just read
+    for i = 1, #keys do -- the keys just read
+      local key = keys[i]
       prefetched[key] = found[i]
     end
   end
@@ -113,7 +114,8 @@ do
   if #members > 1 then -- (one alone is read when its mark needs it)
     local states = redis.call('HMGET', Q.state, unpack(members))
     local deadlines = redis.call('ZMSCORE', Q.inflight, unpack(members))
-    for i, member in ipairs(members) do -- the members just read
+    for i = 1, #members do -- the members just read
+      local member = members[i]
       prefetched_states[member], prefetched_deadlines[member] = states[i], deadlines[i]
     end
   end

@@ -69,12 +69,14 @@ local function adjust_charge(b, ch, count)
   return result
 end
 
-for _, b in ipairs(METERS) do -- the token buckets configured
+for n_ = 1, #METERS do -- the token buckets configured
+  local b = METERS[n_]
   refill(b)
 end
 if strategy == 'strict' then
   local longest, reason = 0, ''
-  for _, b in ipairs(METERS) do -- the token buckets configured
+  for n_ = 1, #METERS do -- the token buckets configured
+    local b = METERS[n_]
     local ch = charge_of(record, b)
     if ch ~= nil then
       local extra = target(b) - ch.c
@@ -93,7 +95,8 @@ if strategy == 'strict' then
 end
 count_in(record, -1)
 local out = {'ok'}
-for _, b in ipairs(METERS) do -- the token buckets configured
+for n_ = 1, #METERS do -- the token buckets configured
+  local b = METERS[n_]
   local ch = charge_of(record, b)
   if ch ~= nil then
     local result = adjust_charge(b, ch, target(b))

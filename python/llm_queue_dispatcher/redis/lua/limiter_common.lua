@@ -280,7 +280,8 @@ end
 -- reserve never makes a request that fits them look as if it never could.
 local function check(estimated, input, output, margin)
   local best, reason = 0, ''
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     local wait
     if b.counts == 'request' then
       wait = wait_for(b, 1)
@@ -357,7 +358,8 @@ local function write_state()
     redis.call('HDEL', STATE, 'penalty')
     STORED_PENALTY = false
   end
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     fields[#fields + 1] = b.key .. 'a'
     fields[#fields + 1] = exact(b.avail)
     fields[#fields + 1] = b.key .. 'l'
@@ -435,7 +437,8 @@ checkpoint = function()
       saved.levels[i] = {}
     end
   end
-  for i, b in ipairs(BUCKETS) do -- the buckets configured
+  for i = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[i]
     local kept = saved.levels[i]
     kept[1], kept[2], kept[3] = b.avail, b.last, b.debt
   end
@@ -448,7 +451,8 @@ local function rollback()
   if saved == nil then
     return
   end
-  for i, b in ipairs(BUCKETS) do -- the buckets configured
+  for i = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[i]
     b.avail, b.last, b.debt = saved.levels[i][1], saved.levels[i][2], saved.levels[i][3]
   end
   -- The grant numbers used since stay used (their records may be written: a script's writes
@@ -687,7 +691,8 @@ end
 -- grant of its id, and the one before it becomes the latest again; an earlier grant of an id
 -- that has a later one only stops counting.
 local function give_back(record, latest)
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     refill(b)
     if b.counts == 'request' then
       refund(b, 1)
@@ -790,7 +795,8 @@ records_flush = function()
   local records = new_records
   new_records = {} -- taken first: never written twice
   local unknown, asked = {}, {}
-  for _, r in ipairs(records) do -- the call's grants (at most WINNERS_MAX of a dispatch)
+  for n_ = 1, #records do -- the call's grants (at most WINNERS_MAX of a dispatch)
+    local r = records[n_]
     if latest_known[r.rid] == nil and not asked[r.rid] then
       asked[r.rid] = true
       unknown[#unknown + 1] = r.rid
@@ -798,12 +804,14 @@ records_flush = function()
   end
   if #unknown > 0 then
     local found = redis.call('HMGET', LATEST, unpack(unknown))
-    for i, request_id in ipairs(unknown) do -- the ids just read
+    for i = 1, #unknown do -- the ids just read
+      local request_id = unknown[i]
       latest_known[request_id] = found[i]
     end
   end
   local packed, order, latest = {}, {}, {}
-  for _, r in ipairs(records) do -- the call's grants
+  for n_ = 1, #records do -- the call's grants
+    local r = records[n_]
     -- The latest of its id before it: an earlier grant of this call's, or the one stored.
     r.previous = latest_known[r.rid] or ''
     latest_known[r.rid] = r.number
