@@ -251,6 +251,57 @@ local function share(b, total, input, output)
   return total
 end
 
+-- An adjustment (limiter_adjust.lua): what token bucket b counts of `actual` tokens, given its
+-- parts (`input`, `output`: nil when not given) and `record`, the grant adjusted. (Defined once per
+-- run of the prelude, not once per adjustment: a global mark script adjusts many.)
+local function adjust_target(b, record, actual, input, output)
+  if input ~= nil then
+    return share(b, actual, input, output)
+  elseif b.counts == 'output' and record.output_cap >= 0 then
+    return math.min(actual, record.output_cap)
+  end
+  return actual
+end
+
+-- Moves charge ch of bucket b to `count` (under adjustment `strategy`). Returns nil, or {'warn' | 'compensate', shortfall, debt}.
+local function adjust_charge(b, ch, count, strategy)
+  local result = nil
+  if count > ch.c then
+    local extra = count - ch.c
+    if available(b) >= extra then
+      take(b, extra)
+      ch.h = ch.h + extra
+    else
+      local shortfall = take(b, extra)
+      ch.h = ch.h + extra - shortfall
+      if strategy == 'compensate' then
+        -- At most a full bucket of debt, as LLMThrottle: the provider's own bucket is full again
+        -- one window after any use. The rest is never owed, as under 'warn'.
+        local owed = math.min(shortfall, math.max(0, b.cap - b.debt))
+        b.debt = b.debt + owed
+        ch.w = ch.w + owed
+        result = {'compensate', shortfall, b.debt}
+      else
+        result = {'warn', shortfall, b.debt}
+      end
+    end
+  elseif count < ch.c then
+    -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
+    -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
+    local lower = ch.c - count
+    local never = math.max(0, ch.c + ch.d - ch.h - ch.w)
+    lower = lower - math.min(lower, never)
+    local owed = math.min(lower, ch.w)
+    ch.w = ch.w - owed
+    give_back_owed(b, owed)
+    lower = lower - owed
+    refund(b, lower)
+    ch.h = ch.h - lower
+  end
+  ch.c = count
+  return result
+end
+
 -- The grants holding a slot that are not forgotten yet (those granted at or before NOW -
 -- retention go at the next prune, as LLMThrottle's advance drops them before anything else).
 local function slot_cutoff()
