@@ -4,6 +4,9 @@
 -- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) +
 -- dispatch_common.lua + this.
 --
+-- About 706 lines, one file: Redis runs each script as one source, and the call's rounds, its
+-- reserves, its charges and the writes deferred to its end share the call's locals.
+--
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
 -- grant order, latest, held), then this call's reply key (a resend answers as the first run).
 -- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
