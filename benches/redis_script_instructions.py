@@ -17,7 +17,10 @@ The phases: ``dispatch1`` (``--jobs`` dispatch scripts of one winner), ``mark1``
 per call), ``dispatch16`` (dispatches of 16 winners, per job), ``mark16`` (16 marks per call, per
 job). The builds alternate: the baseline goes second in the first run (first with
 ``--baseline-first``), and each run after swaps the order. The server's scripts are flushed
-before each measurement. Needs valgrind (``callgrind_control``, ``callgrind_annotate``)::
+before each measurement. ``--phases`` measures some of them only; ``--keep DIR`` keeps each
+measurement's callgrind dump there (``callgrind_annotate --inclusive=yes`` shows where a
+script's instructions go, by the server's and Lua's C functions). Needs valgrind
+(``callgrind_control``, ``callgrind_annotate``)::
 
     python benches/redis_script_instructions.py --baseline /tmp/base --runs 2
 """
