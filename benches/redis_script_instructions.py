@@ -17,7 +17,10 @@ The phases: ``dispatch1`` (``--jobs`` dispatch scripts of one winner), ``mark1``
 per call), ``dispatch16`` (dispatches of 16 winners, per job), ``mark16`` (16 marks per call, per
 job). The builds alternate: the baseline goes second in the first run (first with
 ``--baseline-first``), and each run after swaps the order. The server's scripts are flushed
-before each measurement. Needs valgrind (``callgrind_control``, ``callgrind_annotate``)::
+before each measurement. ``--phases`` measures some of them only; ``--keep DIR`` keeps each
+measurement's callgrind dump there (``callgrind_annotate --inclusive=yes`` shows where a
+script's instructions go, by the server's and Lua's C functions). Needs valgrind
+(``callgrind_control``, ``callgrind_annotate``)::
 
     python benches/redis_script_instructions.py --baseline /tmp/base --runs 2
 """
@@ -79,7 +82,11 @@ def dump_instructions(pid: int, directory: Path) -> int:
         capture_output=True,
         text=True,
     ).stdout
-    os.unlink(path)
+    keep = os.environ.get("LQD_CALLGRIND_KEEP")
+    if keep:  # --keep: the dump is kept for callgrind_annotate
+        shutil.move(path, os.path.join(keep, f"{os.environ.get('LQD_CALLGRIND_NAME', 'dump')}.cg"))
+    else:
+        os.unlink(path)
     match = re.search(r"^\s*([\d,]+) .*:evalShaCommand ", annotated, re.M)
     return int(match.group(1).replace(",", "")) if match else 0
 
@@ -185,6 +192,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=1, help="measurements per build and phase (default 1)")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout to measure beside this one")
     parser.add_argument("--baseline-first", action="store_true", help="the baseline's measurement first")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated phases (default {','.join(PHASES)})"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="keep each measurement's callgrind dump in this directory"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind not found (apt-get install valgrind)")
@@ -198,11 +211,16 @@ def main(argv: list[str]) -> None:
     try:
         with callgrind_server(directory) as (port, pid):
             for run_number in range(args.runs):
-                for phase in PHASES:
+                for phase in args.phases.split(","):
                     # Builds alternate their order from run to run.
                     order = builds if run_number % 2 == 0 else builds[::-1]
                     for name, build in order:
                         serial += 1
+                        if args.keep is not None:
+                            args.keep.mkdir(parents=True, exist_ok=True)
+                            os.environ["LQD_CALLGRIND_KEEP"] = str(args.keep.resolve())
+                            label = "this" if build is None else "base"
+                            os.environ["LQD_CALLGRIND_NAME"] = f"run{run_number + 1}-{phase}-{label}"
                         per_job = measure(port, pid, directory, build, phase, args, serial)
                         print(f"run {run_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job")
                         subprocess.run(

@@ -271,3 +271,35 @@ async def test_marks_of_one_message_in_one_call_each_see_what_the_one_before_lef
     await again.mark_as_processed(actual_tokens=100)
     assert await storage.get_approximate_message_count() == 0
     await dispatcher.close()
+
+
+async def test_marks_made_together_delete_leased_and_lapsed_messages_from_the_set_that_holds_each(
+    clocked_storage: Any, clocked_throttle: Any, clock: ManualClock
+) -> None:
+    """Processed together: two messages still leased and one whose lease ran out before the call
+    (visible again, its receipt handle still its latest): all three leave the queue, none stays
+    visible or in flight, and nothing is handed out again."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    lapsed = (await enqueue_and_take(dispatcher, limiter, 1))[0]
+    clock.advance(20.0)
+    await dispatcher.batch_enqueue(
+        [LLMRequest(f"s{n}", "x", Priority.NORMAL, TokenInfo(100), tenant="B") for n in range(2)]
+    )
+    leased = [await dispatcher.dequeue(limiter) for _ in range(2)]
+    assert all(job is not None for job in leased)
+    clock.advance(15.0)  # the first lease ran out; the two others did not
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        outcomes = await asyncio.gather(
+            *(job.mark_as_processed(actual_tokens=80) for job in [lapsed, *leased]), return_exceptions=True
+        )
+    assert marks == [3]
+    assert outcomes == [None, None, None]
+    attributes = await storage.get_queue_attributes()
+    assert attributes.approximate_number_of_messages == 0
+    assert attributes.approximate_number_of_messages_in_flight == 0
+    assert await dispatcher.dequeue(limiter) is None
+    assert await storage.get_approximate_message_count() == 0
+    await dispatcher.close()

@@ -16,6 +16,14 @@ local function exact(n)
   return string.format('%.17g', n)
 end
 
+-- Numbers a command takes, as text: a number handed to redis.call is printed ('%.17g') at every
+-- call, a string is passed as it is (hot commands' constants are written so).
+local ZERO, ONE = '0', '1'
+
+-- The whole numbers 1 to 16 as text (n's is SMALL_TEXT[n]): a number joined to a string is
+-- printed too, and a call meets these often (receive counts, a call's fresh identifiers).
+local SMALL_TEXT = {'1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13', '14', '15', '16'}
+
 -- The longest delay a provider can impose, in microseconds: one day (RedisThrottle's
 -- MAX_PROVIDER_DELAY). A Retry-After, a reset or a penalty beyond it counts as one day, and
 -- a duration that is no number (NaN) as none, whatever the client sent.

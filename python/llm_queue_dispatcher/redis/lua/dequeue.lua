@@ -7,7 +7,7 @@
 -- under the receipt tokens it gave them, and receives no others: a receive whose reply was lost
 -- leaves nothing leased to nobody.
 maintain()
-local out = {fmt(NOW)}
+local out = {NOW_TEXT}
 if replayed(out, REPLY) then
   return out
 end

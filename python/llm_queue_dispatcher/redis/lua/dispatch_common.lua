@@ -59,11 +59,13 @@ local function leases_flush(out)
   redis.call('HSET', Q.state, unpack(states))
   redis.call('ZADD', Q.inflight, unpack(deadlines))
   local members = {}
-  for i, body in ipairs(bodies) do -- the winners (at most WINNERS_MAX)
+  for i = 1, #bodies do -- the winners (at most WINNERS_MAX)
+    local body = bodies[i]
     members[i] = body[1]
   end
   local found = redis.call('HMGET', Q.body, unpack(members))
-  for i, body in ipairs(bodies) do -- the winners (at most WINNERS_MAX)
+  for i = 1, #bodies do -- the winners (at most WINNERS_MAX)
+    local body = bodies[i]
     out[body[2]] = found[i]
   end
 end

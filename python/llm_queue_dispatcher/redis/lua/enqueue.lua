@@ -12,7 +12,7 @@ maintain()
 local function message_id(i)
   return string.sub(redis.sha1hex(NONCE .. ':enqueue:' .. i), 1, 32)
 end
-local out = {fmt(NOW), 'ok'}
+local out = {NOW_TEXT, 'ok'}
 local count = (#ARGV - 4) / 9
 -- Bounded by the call's arguments: one round per request.
 for i = 0, count - 1 do
@@ -31,7 +31,7 @@ for i = 0, count - 1 do
       end
       return out
     end
-    return {fmt(NOW), 'dup', rid}
+    return {NOW_TEXT, 'dup', rid}
   end
 end
 -- Bounded by the call's arguments: one round per request.

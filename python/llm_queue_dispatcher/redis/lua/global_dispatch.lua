@@ -4,6 +4,9 @@
 -- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) +
 -- dispatch_common.lua + this.
 --
+-- About 706 lines, one file: Redis runs each script as one source, and the call's rounds, its
+-- reserves, its charges and the writes deferred to its end share the call's locals.
+--
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
 -- grant order, latest, held), then this call's reply key (a resend answers as the first run).
 -- ARGV[5] most winners  ARGV[6] visibility timeout in us  ARGV[7] the same in seconds
@@ -60,7 +63,7 @@ local function withdrawals(out, rids)
 end
 
 maintain()
-local now_text = fmt(NOW) -- (formatted once: each winner's charge is stamped with it)
+local now_text = NOW_TEXT -- (each winner's charge is stamped with it)
 local out = {now_text, ''}
 if replayed(out, GREPLY) then
   local rids = {}
@@ -76,7 +79,7 @@ local meta = redis.call('HMGET', Q.meta, 'indexed', 'visibility_timeout', 'score
 if meta[1] ~= '1' then
   -- Messages stored before the index existed may wait outside it: the client indexes the queue
   -- (index_scan.lua, index_fill.lua), then calls again.
-  return {fmt(NOW), '', 'unindexed'}
+  return {NOW_TEXT, '', 'unindexed'}
 end
 
 -- The tenants with visible messages (first() reads them), read here when a call for several
@@ -119,7 +122,7 @@ end
 
 -- Charges that left the window: at most MAINTAIN_BATCH per call (the oldest first).
 local horizon = NOW - window
-local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', 0, MAINTAIN_BATCH)
+local gone = redis.call('ZRANGEBYSCORE', Q.charges, '-inf', fmt(horizon), 'LIMIT', ZERO, MAINTAIN_BATCH_TEXT)
 -- Bounded by MAINTAIN_BATCH (the LIMIT above).
 for _, key in ipairs(gone) do
   local raw = redis.call('HGET', Q.charge, key)
@@ -139,19 +142,20 @@ end
 for i = 1, 2 do -- NORMAL, LOW
   if max_wait[i] ~= nil then
     local due = redis.call(
-      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', 0, MAINTAIN_BATCH
+      'ZRANGEBYSCORE', Q.aging[i], '-inf', '(' .. fmt(NOW - max_wait[i]), 'LIMIT', ZERO, MAINTAIN_BATCH_TEXT
     )
     -- Bounded by MAINTAIN_BATCH (the LIMIT above).
     for _, member in ipairs(due) do
       local s = load(Q, member)
       redis.call('ZREM', Q.aging[i], member)
       redis.call('ZREM', Q.lanes, lane_key(member, s, NATIVE_LANE[s.p + 1]))
-      redis.call('ZADD', Q.lanes, 0, lane_key(member, s, '2'))
+      redis.call('ZADD', Q.lanes, ZERO, lane_key(member, s, '2'))
     end
   end
 end
 
--- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, or nil.
+-- The first message of `tenant` (lane, deadline, oldest) that can ever fit: member, lane, its
+-- entry in the lanes, or nil.
 -- An entry is <prefix><lane><deadline: 16><member: 15><tokens>.
 -- Messages found this call to never fit one of the limiter's limits (its ITPM, OTPM, TPD...):
 -- skipped like those above the capacity (at most SKIP_MAX per call).
@@ -167,14 +171,31 @@ local function never_fits(member)
   end
 end
 
+-- Each tenant's range in the lanes ({low, high}), made once per call.
+local ranges = {}
+
 local function head_of(tenant)
   local prefix = tenant_prefix(tenant)
   local base = #prefix
+  local range = ranges[tenant]
+  if range == nil then
+    range = {'[' .. prefix, '[' .. prefix .. '\255'}
+    ranges[tenant] = range
+  end
+  local keys = redis.call('ZRANGEBYLEX', Q.lanes, range[1], range[2], 'LIMIT', ZERO, ONE)
+  local first_key = keys[1]
+  if first_key == nil then
+    return nil
+  end
+  local member = string.sub(first_key, base + 18, base + 32)
+  if tonumber(string.sub(first_key, base + 33)) <= capacity and not excluded[member] then
+    -- The usual case, answered here: the first entry fits (its lane is one digit).
+    return member, string.byte(first_key, base + 1) - 48, first_key
+  end
   local function fits(key)
     return tonumber(string.sub(key, base + 33)) <= capacity and not excluded[string.sub(key, base + 18, base + 32)]
   end
-  local low, high = '[' .. prefix, '[' .. prefix .. '\255'
-  local keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 0, 1)
+  local low, high = range[1], range[2]
   if keys[1] ~= nil and not fits(keys[1]) then
     if tonumber(string.sub(keys[1], base + 33)) > capacity then
       never_fits(string.sub(keys[1], base + 18, base + 32))
@@ -182,9 +203,10 @@ local function head_of(tenant)
     keys = redis.call('ZRANGEBYLEX', Q.lanes, low, high, 'LIMIT', 1, 2 * SKIP_MAX - 1)
   end
   -- Bounded by 2 * SKIP_MAX (the LIMITs above).
-  for _, key in ipairs(keys) do
+  for n_ = 1, #keys do
+    local key = keys[n_]
     if fits(key) then
-      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1))
+      return string.sub(key, base + 18, base + 32), tonumber(string.sub(key, base + 1, base + 1)), key
     elseif tonumber(string.sub(key, base + 33)) > capacity then
       never_fits(string.sub(key, base + 18, base + 32))
     end
@@ -218,6 +240,8 @@ end
 -- left, its use grew), a tenant whose head expired or was found to never fit, a tenant whose
 -- earlier charge went. So each winner after the first costs one head lookup, not one per tenant.
 local heads, uses, states, usage_read = {}, {}, {}, false
+-- The lanes' entry of each head read ({entry, lane}): the winner's is taken out by take_visible().
+local entries = {}
 
 local function forget_tenant(tenant)
   if tenant ~= nil then
@@ -230,7 +254,8 @@ end
 local function read_states(members)
   local unknown = {}
   -- Bounded by the heads tied (at most one per tenant with visible messages).
-  for _, member in ipairs(members) do
+  for n_ = 1, #members do
+    local member = members[n_]
     if states[member] == nil then
       unknown[#unknown + 1] = member
     end
@@ -240,7 +265,8 @@ local function read_states(members)
   end
   local found = redis.call('HMGET', Q.state, unpack(unknown))
   -- Bounded by the heads just read.
-  for i, member in ipairs(unknown) do
+  for i = 1, #unknown do
+    local member = unknown[i]
     states[member] = state_of(found[i])
   end
 end
@@ -249,10 +275,10 @@ end
 -- stays so (one ZRANGE per call, not per winner).
 local no_urgent = false
 
--- The winner: member and state, or nil.
+-- The winner: member, state and (a tenant's head) its lanes' entry and lane, or nil.
 local function first()
   if urgent_first and not no_urgent then
-    local oldest = redis.call('ZRANGE', Q.urgent, 0, 0)
+    local oldest = redis.call('ZRANGE', Q.urgent, ZERO, ZERO)
     no_urgent = oldest[1] == nil
     if oldest[1] ~= nil and (load(Q, oldest[1]).tok > capacity or excluded[oldest[1]]) then
       if load(Q, oldest[1]).tok > capacity then
@@ -277,7 +303,8 @@ local function first()
     if #tenant_list > 0 then
       local used = redis.call('HMGET', Q.usage, unpack(tenant_list))
       -- Bounded by the tenants with visible messages (the hash just read).
-      for i, tenant in ipairs(tenant_list) do
+      for i = 1, #tenant_list do
+        local tenant = tenant_list[i]
         usage_stored[tenant] = tonumber(used[i]) or 0
         uses[tenant] = usage_of(tenant)
       end
@@ -286,12 +313,16 @@ local function first()
   -- The heads tied with the best on use and lane (their ages decide, read together after).
   local best, best_use, best_lane, tied = nil, nil, nil, nil
   -- Bounded by the tenants with visible messages (read once per call).
-  for _, tenant in ipairs(tenant_list) do
+  for n_ = 1, #tenant_list do
+    local tenant = tenant_list[n_]
     local head = heads[tenant]
     if head == nil then
-      local member, lane = head_of(tenant)
+      local member, lane, entry = head_of(tenant)
       head = member ~= nil and {member, lane} or false
       heads[tenant] = head
+      if member ~= nil then
+        entries[member] = {entry, lane}
+      end
     end
     if head then
       local member, lane = head[1], head[2]
@@ -326,7 +357,7 @@ local function first()
   end
   local s = states[best] or load(Q, best)
   states[best] = nil
-  return best, s
+  return best, s, entries[best]
 end
 
 -- The limiter's call `op` with `request`'s arguments after its own, in one session for the
@@ -350,7 +381,7 @@ local function limiter(op, request)
     session('rollback')
     error(reply, 0)
   end
-  session('checkpoint')
+  -- (An operation that changed the state took its checkpoint: save() in limiter_common.lua.)
   return reply
 end
 
@@ -390,7 +421,7 @@ local function push_recent()
     local pending = recent_pending
     recent_pending = {} -- taken first: a push that fails midway is never made twice
     redis.call('LPUSH', Q.recent, unpack(pending))
-    redis.call('LTRIM', Q.recent, 0, 255)
+    redis.call('LTRIM', Q.recent, ZERO, '255')
   end
 end
 
@@ -531,18 +562,71 @@ local function charges_flush()
   local keys, values, order, added = charge_keys, charge_values, added_order, usage_added
   charge_keys, charge_values, added_order, usage_added, charged = {}, {}, {}, {}, {} -- never twice
   local fields = {}
-  for i, key in ipairs(keys) do -- the winners
+  for i = 1, #keys do -- the winners
+    local key = keys[i]
     fields[#fields + 1] = key
     fields[#fields + 1] = values[i]
   end
   redis.call('HSET', Q.charge, unpack(fields))
-  for _, tenant in ipairs(order) do -- the tenants charged
+  -- The tenants' use: what HINCRBY of each would leave, written in one HSET (and one HDEL) from
+  -- what this call read (usage_stored: every tenant charged was read, the script is atomic).
+  local kept, dropped = {}, {}
+  for n_ = 1, #order do -- the tenants charged
+    local tenant = order[n_]
     if added[tenant] ~= 0 then
-      local now = redis.call('HINCRBY', Q.usage, tenant, fmt(added[tenant]))
+      local now = usage_stored[tenant] + tonumber(fmt(added[tenant])) -- (HINCRBY's whole tokens)
       if now <= 0 then
-        redis.call('HDEL', Q.usage, tenant)
+        dropped[#dropped + 1] = tenant
+        now = 0
+      else
+        kept[#kept + 1] = tenant
+        kept[#kept + 1] = fmt(now)
       end
-      usage_stored[tenant] = math.max(now, 0)
+      usage_stored[tenant] = now
+    end
+  end
+  if #kept > 0 then
+    redis.call('HSET', Q.usage, unpack(kept))
+  end
+  if #dropped > 0 then
+    redis.call('HDEL', Q.usage, unpack(dropped))
+  end
+end
+
+-- The winners' removals from the visible sets and the aging sets, made after the rounds in one
+-- ZREM per set (removals_flush): the rounds read neither (they read the lanes, which a winner
+-- leaves at once, and URGENT's set, which take_visible() leaves to hide()).
+local vis_leaving, aging_leaving = {{}, {}, {}, {}}, {{}, {}}
+
+-- hide() for a tenant's head taken (`head`: its lanes' entry and lane, from head_of()): the entry
+-- read is the one removed, and whether it had aged is its lane, not one more ZREM.
+local function take_visible(member, s, head)
+  if head == nil or s.p == 0 or s.ten == nil or score_kept(Q) then
+    hide(Q, member, s)
+    return
+  end
+  local leaving = vis_leaving[s.p + 1]
+  leaving[#leaving + 1] = member
+  if redis.call('ZREM', Q.lanes, head[1]) == 1 then
+    if s.p >= 2 and head[2] ~= 2 then
+      leaving = aging_leaving[s.p - 1]
+      leaving[#leaving + 1] = member
+    end
+    index_uncount(Q, s)
+  end
+end
+
+local function removals_flush()
+  for p = 1, 4 do -- the four priorities
+    if #vis_leaving[p] > 0 then
+      redis.call('ZREM', Q.vis[p], unpack(vis_leaving[p]))
+      vis_leaving[p] = {}
+    end
+  end
+  for i = 1, 2 do -- NORMAL, LOW
+    if #aging_leaving[i] > 0 then
+      redis.call('ZREM', Q.aging[i], unpack(aging_leaving[i]))
+      aging_leaving[i] = {}
     end
   end
 end
@@ -554,9 +638,9 @@ index_defer() -- the rounds' removals from the index counted once (index_flush()
 local function rounds()
   -- Bounded by `limit` winners (at most WINNERS_MAX), SKIP_MAX skipped and SKIP_MAX expired.
   for _ = 1, limit + 2 * SKIP_MAX do
-    local member, s = nil, nil
+    local member, s, head = nil, nil, nil
     if #taken < 2 * limit then
-      member, s = first()
+      member, s, head = first()
     end
     if member == nil then
       break
@@ -571,7 +655,7 @@ local function rounds()
         break -- the next calls drop the rest, MAINTAIN_BATCH each
       end
     else
-      local key = s.rid .. '#' .. (s.rc + 1)
+      local key = s.rid .. '#' .. (SMALL_TEXT[s.rc + 1] or (s.rc + 1))
       -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
       -- reserves it must leave.
       local bound = margin_bound(s)
@@ -595,7 +679,7 @@ local function rounds()
         out[2] = granted[3] -- the wait in us: the budget is held for this winner
         break
       else
-        hide(Q, member, s)
+        take_visible(member, s, head)
         lease_deferred(out, taken, member, s, timeout)
         charge(key, s)
         recent_pending[#recent_pending + 1] = tokens_text(s.tok)
@@ -608,6 +692,7 @@ end
 -- counts them is written before the error goes on (else the tenants' counts and 'waiting'
 -- would count them visible for good, and the limiter would hand their grant numbers out again).
 local done, failure = pcall(rounds)
+removals_flush()
 leases_flush(out)
 charges_flush()
 push_recent()

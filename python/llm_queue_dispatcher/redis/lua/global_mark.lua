@@ -71,18 +71,27 @@ end
 
 -- The charges of the call's marks that name their delivery key, read in one HMGET when there are
 -- several (bounded by MARKS_MAX marks).
+-- The limiter's session reads the latest grants of the keys its calls name, and their records,
+-- in one HMGET each too (limiter_common.lua, ARGV.prefetch).
 local prefetched = {}
 do
-  local keys = {}
+  local keys, limited = {}, {}
   for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do -- the marks
     local key = ARGV[20 + 10 * (i - 1) + 5]
     if key ~= nil and key ~= '' then
       keys[#keys + 1] = key
+      if ARGV[20 + 10 * (i - 1) + 4] ~= '' then
+        limited[#limited + 1] = key
+      end
     end
+  end
+  if #limited > 1 then -- (one alone is read when its call needs it)
+    limiter_argv.prefetch = limited
   end
   if #keys > 1 then -- (one alone is read when its mark needs it)
     local found = redis.call('HMGET', Q.charge, unpack(keys))
-    for i, key in ipairs(keys) do -- the keys just read
+    for i = 1, #keys do -- the keys just read
+      local key = keys[i]
       prefetched[key] = found[i]
     end
   end
@@ -105,9 +114,24 @@ do
   if #members > 1 then -- (one alone is read when its mark needs it)
     local states = redis.call('HMGET', Q.state, unpack(members))
     local deadlines = redis.call('ZMSCORE', Q.inflight, unpack(members))
-    for i, member in ipairs(members) do -- the members just read
+    for i = 1, #members do -- the members just read
+      local member = members[i]
       prefetched_states[member], prefetched_deadlines[member] = states[i], deadlines[i]
     end
+  end
+end
+
+-- Messages deleted while in flight, taken out of `inflight` after the marks (flush_inflight: one
+-- ZREM for all of them): their in-flight deadline was read (prefetched) and nothing before that
+-- ZREM reads the set but a mark other than 'delete' (its maintain(), its step), which flushes
+-- them first. A message deleted is `gone`: no later mark of the call reads its deadline.
+local leaving = {}
+
+local function flush_inflight()
+  if #leaving > 0 then
+    local members = leaving
+    leaving = {} -- taken first: never removed twice
+    redis.call('ZREM', Q.inflight, unpack(members))
   end
 end
 
@@ -154,16 +178,24 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
   if op == 'visibility' then
     prefetched_states, prefetched_deadlines = {}, {}
   end
+  if op ~= 'delete' then
+    flush_inflight()
+  end
   if not gone[member] then
     s = holder(member, token, raw, deadline)
   end
   if key == '' and s ~= nil then
-    key = s.rid .. '#' .. s.rc -- a message given back unread: the key of its delivery
+    key = s.rid .. '#' .. (SMALL_TEXT[s.rc] or s.rc) -- a message given back unread: its delivery's key
   end
   if s ~= nil then
     stored = 1
     if op == 'delete' then
-      leave_current_set(member, s)
+      if deadline and tonumber(deadline) > NOW then
+        -- Still in flight (holder() left it so): out of `inflight` by flush_inflight().
+        leaving[#leaving + 1] = member
+      else
+        leave_current_set(member, s)
+      end
       forget_later(member, s)
     elseif op == 'visibility' then
       leave_current_set(member, s)
@@ -190,9 +222,9 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
     else
       limited = session(call, {key})
     end
-    -- Made whole: its records are written, so a failure later in this mark (the charge's
-    -- correction) keeps what it changed, as a limiter that saves after every operation does.
-    session('checkpoint')
+    -- Made whole, it took its checkpoint (save() in limiter_common.lua): its records are
+    -- written, so a failure later in this mark (the charge's correction) keeps what it changed,
+    -- as a limiter that saves after every operation does.
   end
 
   local raw = charge_of(key)
@@ -221,7 +253,7 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
   return stored, limited
 end
 
-local out = {fmt(NOW)}
+local out = {NOW_TEXT}
 -- Bounded by MARKS_MAX marks.
 for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
   local base = 20 + 10 * (i - 1)
@@ -249,6 +281,7 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
     out[#out + 1] = tostring(stored)
   end
 end
+flush_inflight()
 flush_marks()
 if session ~= nil then
   session('flush')

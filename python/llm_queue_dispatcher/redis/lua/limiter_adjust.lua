@@ -21,63 +21,17 @@ if record == nil then
   return {'unknown'}
 end
 
-local function target(b)
-  if input ~= nil then
-    return share(b, actual, input, output)
-  elseif b.counts == 'output' and record.output_cap >= 0 then
-    return math.min(actual, record.output_cap)
-  end
-  return actual
-end
-
--- Moves charge ch of bucket b to `count`. Returns nil, or {'warn' | 'compensate', shortfall, debt}.
-local function adjust_charge(b, ch, count)
-  local result = nil
-  if count > ch.c then
-    local extra = count - ch.c
-    if available(b) >= extra then
-      take(b, extra)
-      ch.h = ch.h + extra
-    else
-      local shortfall = take(b, extra)
-      ch.h = ch.h + extra - shortfall
-      if strategy == 'compensate' then
-        -- At most a full bucket of debt, as LLMThrottle: the provider's own bucket is full again
-        -- one window after any use. The rest is never owed, as under 'warn'.
-        local owed = math.min(shortfall, math.max(0, b.cap - b.debt))
-        b.debt = b.debt + owed
-        ch.w = ch.w + owed
-        result = {'compensate', shortfall, b.debt}
-      else
-        result = {'warn', shortfall, b.debt}
-      end
-    end
-  elseif count < ch.c then
-    -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
-    -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
-    local lower = ch.c - count
-    local never = math.max(0, ch.c + ch.d - ch.h - ch.w)
-    lower = lower - math.min(lower, never)
-    local owed = math.min(lower, ch.w)
-    ch.w = ch.w - owed
-    give_back_owed(b, owed)
-    lower = lower - owed
-    refund(b, lower)
-    ch.h = ch.h - lower
-  end
-  ch.c = count
-  return result
-end
-
-for _, b in ipairs(METERS) do -- the token buckets configured
+for n_ = 1, #METERS do -- the token buckets configured
+  local b = METERS[n_]
   refill(b)
 end
 if strategy == 'strict' then
   local longest, reason = 0, ''
-  for _, b in ipairs(METERS) do -- the token buckets configured
+  for n_ = 1, #METERS do -- the token buckets configured
+    local b = METERS[n_]
     local ch = charge_of(record, b)
     if ch ~= nil then
-      local extra = target(b) - ch.c
+      local extra = adjust_target(b, record, actual, input, output) - ch.c
       if extra > 0 and available(b) < extra then
         local wait = wait_for(b, extra)
         if reason == '' or wait > longest then
@@ -93,10 +47,11 @@ if strategy == 'strict' then
 end
 count_in(record, -1)
 local out = {'ok'}
-for _, b in ipairs(METERS) do -- the token buckets configured
+for n_ = 1, #METERS do -- the token buckets configured
+  local b = METERS[n_]
   local ch = charge_of(record, b)
   if ch ~= nil then
-    local result = adjust_charge(b, ch, target(b))
+    local result = adjust_charge(b, ch, adjust_target(b, record, actual, input, output), strategy)
     set_charge(record, b, ch)
     if result ~= nil then
       out[#out + 1] = b.name

@@ -5,7 +5,7 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
--- About 740 lines, one file: Redis runs each script as one source, so every limiter operation
+-- About 939 lines, one file: Redis runs each script as one source, so every limiter operation
 -- (and the global choice's scripts, which wrap it) carries this prelude whole; the buckets, the
 -- history and the deferred writes of a global script's many grants share its locals.
 --
@@ -251,6 +251,57 @@ local function share(b, total, input, output)
   return total
 end
 
+-- An adjustment (limiter_adjust.lua): what token bucket b counts of `actual` tokens, given its
+-- parts (`input`, `output`: nil when not given) and `record`, the grant adjusted. (Defined once per
+-- run of the prelude, not once per adjustment: a global mark script adjusts many.)
+local function adjust_target(b, record, actual, input, output)
+  if input ~= nil then
+    return share(b, actual, input, output)
+  elseif b.counts == 'output' and record.output_cap >= 0 then
+    return math.min(actual, record.output_cap)
+  end
+  return actual
+end
+
+-- Moves charge ch of bucket b to `count` (under adjustment `strategy`). Returns nil, or {'warn' | 'compensate', shortfall, debt}.
+local function adjust_charge(b, ch, count, strategy)
+  local result = nil
+  if count > ch.c then
+    local extra = count - ch.c
+    if available(b) >= extra then
+      take(b, extra)
+      ch.h = ch.h + extra
+    else
+      local shortfall = take(b, extra)
+      ch.h = ch.h + extra - shortfall
+      if strategy == 'compensate' then
+        -- At most a full bucket of debt, as LLMThrottle: the provider's own bucket is full again
+        -- one window after any use. The rest is never owed, as under 'warn'.
+        local owed = math.min(shortfall, math.max(0, b.cap - b.debt))
+        b.debt = b.debt + owed
+        ch.w = ch.w + owed
+        result = {'compensate', shortfall, b.debt}
+      else
+        result = {'warn', shortfall, b.debt}
+      end
+    end
+  elseif count < ch.c then
+    -- A lower count gives back first what an earlier extra left unpaid: under 'warn' it was never
+    -- taken; under 'compensate' it became debt (see give_back_owed). Then what the grant holds.
+    local lower = ch.c - count
+    local never = math.max(0, ch.c + ch.d - ch.h - ch.w)
+    lower = lower - math.min(lower, never)
+    local owed = math.min(lower, ch.w)
+    ch.w = ch.w - owed
+    give_back_owed(b, owed)
+    lower = lower - owed
+    refund(b, lower)
+    ch.h = ch.h - lower
+  end
+  ch.c = count
+  return result
+end
+
 -- The grants holding a slot that are not forgotten yet (those granted at or before NOW -
 -- retention go at the next prune, as LLMThrottle's advance drops them before anything else).
 local function slot_cutoff()
@@ -280,7 +331,8 @@ end
 -- reserve never makes a request that fits them look as if it never could.
 local function check(estimated, input, output, margin)
   local best, reason = 0, ''
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     local wait
     if b.counts == 'request' then
       wait = wait_for(b, 1)
@@ -357,7 +409,8 @@ local function write_state()
     redis.call('HDEL', STATE, 'penalty')
     STORED_PENALTY = false
   end
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     fields[#fields + 1] = b.key .. 'a'
     fields[#fields + 1] = exact(b.avail)
     fields[#fields + 1] = b.key .. 'l'
@@ -393,10 +446,18 @@ local drop_pending -- defined with the history, below
 -- their ids' latest are written by flush() too, one command each for all of them
 -- (records_flush, below), before the drops (which may reach them).
 local records_flush -- defined with the history, below
+-- The records a session changed, written by flush() (records_write, below).
+local records_write -- defined with the history, below
 
+local checkpoint -- defined below
+
+-- An operation's last step: its changes saved, or (DEFER_SAVE) left for flush() and kept as the
+-- session's checkpoint (below): every operation that changes the state ends here, so a session's
+-- caller needs no call of its own to take one after each operation.
 local function save()
   if DEFER_SAVE then
     save_pending = true
+    checkpoint()
   else
     write_state()
   end
@@ -405,6 +466,7 @@ end
 -- Writes what save() deferred (DEFER_SAVE), after the records and drops deferred (DEFER_DROPS).
 local function flush()
   records_flush()
+  records_write()
   drop_pending()
   if save_pending then
     save_pending = false
@@ -412,21 +474,22 @@ local function flush()
   end
 end
 
--- What write_state() writes, as it stood at checkpoint(): the global mark script takes one when it
--- opens the session and after each mark made, and when a mark fails midway (its other marks are
--- made) writes this back (rollback) instead of what the failed operation left half changed in
--- memory, as a limiter that saves after every operation would have it.
+-- What write_state() writes, as it stood at checkpoint(): the global scripts take one when they
+-- open the session, and save() one after each operation made, and when a mark fails midway (its
+-- other marks are made) writes this back (rollback) instead of what the failed operation left
+-- half changed in memory, as a limiter that saves after every operation would have it.
 -- (Its tables are made once and written over: a dispatch takes one after each of its grants.)
 local saved = nil
 
-local function checkpoint()
+checkpoint = function()
   if saved == nil then
     saved = {levels = {}, totals = {}}
     for i = 1, #BUCKETS do -- the buckets configured
       saved.levels[i] = {}
     end
   end
-  for i, b in ipairs(BUCKETS) do -- the buckets configured
+  for i = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[i]
     local kept = saved.levels[i]
     kept[1], kept[2], kept[3] = b.avail, b.last, b.debt
   end
@@ -439,7 +502,8 @@ local function rollback()
   if saved == nil then
     return
   end
-  for i, b in ipairs(BUCKETS) do -- the buckets configured
+  for i = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[i]
     b.avail, b.last, b.debt = saved.levels[i][1], saved.levels[i][2], saved.levels[i][3]
   end
   -- The grant numbers used since stay used (their records may be written: a script's writes
@@ -462,11 +526,91 @@ end
 -- A second grant under one request id is a record of its own: adjust_consumption and release act
 -- on the latest, and once that one is released the one before it is the latest again. Released
 -- records stay in the order, as LLMThrottle keeps them, until they age out.
+-- In a global script's session (DEFER_SAVE) the records it reads are read once and those it
+-- changes are written back by flush(), one HSET for all of them (a call of 16 marks wrote and
+-- read each of its 16 records by itself): `record_known` holds each record read or written
+-- (number -> packed, false: none), `records_dirty` the numbers flush() writes (`dirty` says
+-- which are). The request ids' latest grants are written at once as ever (write-through) and
+-- kept in `latest_known` (id -> number, false: none) so that no id is read twice. The global
+-- mark script names the ids its marks adjust (ARGV.prefetch, below): both read in one HMGET
+-- each.
+local record_known, records_dirty, dirty, latest_known = {}, {}, {}, {}
+
+local function latest_number(request_id)
+  local number = latest_known[request_id]
+  if number == nil then
+    number = redis.call('HGET', LATEST, request_id)
+    latest_known[request_id] = number
+  end
+  return number or nil
+end
+
+-- The latest grant of `request_id` is `number` from now on (nil: none).
+local function set_latest(request_id, number)
+  if number then
+    redis.call('HSET', LATEST, request_id, number)
+  else
+    redis.call('HDEL', LATEST, request_id)
+  end
+  latest_known[request_id] = number or false
+end
+
+-- Writes the records changed in memory (records_dirty; bounded by the records this run changed).
+records_write = function()
+  if #records_dirty == 0 then
+    return
+  end
+  local numbers = records_dirty
+  records_dirty = {} -- taken first: never written twice
+  local fields = {}
+  for _, number in ipairs(numbers) do -- the records changed
+    if dirty[number] then
+      dirty[number] = nil
+      fields[#fields + 1] = number
+      fields[#fields + 1] = record_known[number]
+    end
+  end
+  if #fields > 0 then
+    redis.call('HSET', GRANTS, unpack(fields))
+  end
+end
+
+-- A record deleted: neither known nor written any more.
+local function record_deleted(number)
+  record_known[number], dirty[number] = false, nil
+end
+
+if ARGV.prefetch ~= nil and #ARGV.prefetch > 0 then
+  -- Bounded by the global mark script's marks (at most MARKS_MAX).
+  local ids = ARGV.prefetch
+  local numbers = redis.call('HMGET', LATEST, unpack(ids))
+  local named = {}
+  for i, request_id in ipairs(ids) do -- the ids just read
+    latest_known[request_id] = numbers[i]
+    if numbers[i] and record_known[numbers[i]] == nil then
+      record_known[numbers[i]] = true -- (read below)
+      named[#named + 1] = numbers[i]
+    end
+  end
+  if #named > 0 then
+    local packed = redis.call('HMGET', GRANTS, unpack(named))
+    for i, number in ipairs(named) do -- the records just read
+      record_known[number] = packed[i]
+    end
+  end
+end
+
 local function load_record(number)
   if not number then
     return nil
   end
-  local packed = redis.call('HGET', GRANTS, number)
+  local packed = record_known[number]
+  if packed == nil then
+    packed = redis.call('HGET', GRANTS, number)
+    if DEFER_SAVE then
+      record_known[number] = packed
+    end
+  end
   if not packed then
     return nil
   end
@@ -481,13 +625,22 @@ end
 
 -- The latest grant of a request id that still counts, or nil.
 local function latest_record(request_id)
-  return load_record(redis.call('HGET', LATEST, request_id))
+  return load_record(latest_number(request_id))
 end
 
 local function store_record(r)
-  redis.call('HSET', GRANTS, r.number, cmsgpack.pack(
+  local packed = cmsgpack.pack(
     r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input, r.output,
-    r.output_cap, r.slot, r.charges))
+    r.output_cap, r.slot, r.charges)
+  if DEFER_SAVE then
+    record_known[r.number] = packed
+    if not dirty[r.number] then
+      dirty[r.number] = true
+      records_dirty[#records_dirty + 1] = r.number
+    end
+  else
+    redis.call('HSET', GRANTS, r.number, packed)
+  end
 end
 
 local function accuracy(r)
@@ -510,9 +663,9 @@ local function count_in(r, sign)
   end
 end
 
--- The records written by records_flush() (DEFER_DROPS): grant number, packed record pairs; their
--- numbers in order; request id, number pairs; and each id's latest number not written yet.
-local new_records, new_order, new_latest, latest_now = {}, {}, {}, {}
+-- The records written by records_flush() (DEFER_DROPS), in order: each packed there, once the
+-- latest grants of their ids are read (one HMGET for all of them).
+local new_records = {}
 
 -- A new grant of `request_id`, latest of its id from now on (holding a slot when r.slot is 1).
 local function add_record(request_id, r)
@@ -524,15 +677,7 @@ local function add_record(request_id, r)
   r.rid = request_id
   r.released = 0
   if DEFER_DROPS and MAX_CONCURRENT == nil then
-    r.previous = latest_now[request_id] or redis.call('HGET', LATEST, request_id) or ''
-    latest_now[request_id] = r.number
-    new_records[#new_records + 1] = r.number
-    new_records[#new_records + 1] = cmsgpack.pack(
-      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
-      r.output, r.output_cap, r.slot, r.charges)
-    new_order[#new_order + 1] = r.number
-    new_latest[#new_latest + 1] = request_id
-    new_latest[#new_latest + 1] = r.number
+    new_records[#new_records + 1] = r -- its `previous` set by records_flush()
     if ORDER_LEN == nil then
       ORDER_LEN = redis.call('LLEN', ORDER)
     end
@@ -540,10 +685,10 @@ local function add_record(request_id, r)
     count_in(r, 1)
     return
   end
-  r.previous = redis.call('HGET', LATEST, request_id) or ''
+  r.previous = latest_number(request_id) or ''
   store_record(r)
   ORDER_LEN = redis.call('RPUSH', ORDER, r.number)
-  redis.call('HSET', LATEST, request_id, r.number)
+  set_latest(request_id, r.number)
   if r.slot == 1 then
     redis.call('ZADD', HELD, r.at, r.number)
   end
@@ -584,9 +729,9 @@ local function release_record(r)
   count_in(r, -1)
   local previous = load_record(r.previous)
   if previous ~= nil and previous.released == 0 then
-    redis.call('HSET', LATEST, r.rid, previous.number)
+    set_latest(r.rid, previous.number)
   else
-    redis.call('HDEL', LATEST, r.rid)
+    set_latest(r.rid, nil)
   end
 end
 
@@ -597,7 +742,8 @@ end
 -- grant of its id, and the one before it becomes the latest again; an earlier grant of an id
 -- that has a later one only stops counting.
 local function give_back(record, latest)
-  for _, b in ipairs(BUCKETS) do -- the buckets configured
+  for n_ = 1, #BUCKETS do -- the buckets configured
+    local b = BUCKETS[n_]
     refill(b)
     if b.counts == 'request' then
       refund(b, 1)
@@ -637,10 +783,11 @@ local function pop_oldest()
     count_in(r, -1)
   end
   free_slot(r)
-  if redis.call('HGET', LATEST, r.rid) == number then
-    redis.call('HDEL', LATEST, r.rid)
+  if latest_number(r.rid) == number then
+    set_latest(r.rid, nil)
   end
   redis.call('HDEL', GRANTS, number)
+  record_deleted(number)
 end
 
 -- Drops the records granted at or before NOW - retention (oldest first, stopping at the first
@@ -658,7 +805,7 @@ local function prune()
   end
   -- Bounded by the records kept (the list's length when the loop starts).
   for _ = 1, aged_out and 0 or ORDER_LEN do
-    local oldest = load_record(redis.call('LINDEX', ORDER, 0))
+    local oldest = load_record(redis.call('LINDEX', ORDER, ZERO))
     if oldest ~= nil and oldest.at > cutoff then
       break
     end
@@ -693,13 +840,41 @@ end
 local DROP_CHUNK = 512 -- records dropped per round of drop_pending (unpack's bound)
 
 records_flush = function()
-  if #new_order == 0 then
+  if #new_records == 0 then
     return
   end
-  local records, order, latest = new_records, new_order, new_latest
-  new_records, new_order, new_latest, latest_now = {}, {}, {}, {} -- taken first: never written twice
-  -- Each bounded by the grants of the call (at most WINNERS_MAX of a dispatch).
-  redis.call('HSET', GRANTS, unpack(records))
+  local records = new_records
+  new_records = {} -- taken first: never written twice
+  local unknown, asked = {}, {}
+  for n_ = 1, #records do -- the call's grants (at most WINNERS_MAX of a dispatch)
+    local r = records[n_]
+    if latest_known[r.rid] == nil and not asked[r.rid] then
+      asked[r.rid] = true
+      unknown[#unknown + 1] = r.rid
+    end
+  end
+  if #unknown > 0 then
+    local found = redis.call('HMGET', LATEST, unpack(unknown))
+    for i = 1, #unknown do -- the ids just read
+      local request_id = unknown[i]
+      latest_known[request_id] = found[i]
+    end
+  end
+  local packed, order, latest = {}, {}, {}
+  for n_ = 1, #records do -- the call's grants
+    local r = records[n_]
+    -- The latest of its id before it: an earlier grant of this call's, or the one stored.
+    r.previous = latest_known[r.rid] or ''
+    latest_known[r.rid] = r.number
+    packed[#packed + 1] = r.number
+    packed[#packed + 1] = cmsgpack.pack(
+      r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
+      r.output, r.output_cap, r.slot, r.charges)
+    order[#order + 1] = r.number
+    latest[#latest + 1] = r.rid
+    latest[#latest + 1] = r.number
+  end
+  redis.call('HSET', GRANTS, unpack(packed))
   redis.call('RPUSH', ORDER, unpack(order))
   redis.call('HSET', LATEST, unpack(latest))
 end
@@ -707,6 +882,9 @@ end
 drop_pending = function()
   local n = drops_pending
   drops_pending = 0 -- taken first: never dropped twice
+  if n > 0 then
+    records_write() -- (the records read below as stored)
+  end
   -- Bounded by the records beyond the limit, DROP_CHUNK per round.
   for _ = 1, math.ceil(n / DROP_CHUNK) do
     local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, DROP_CHUNK) - 1)
@@ -748,8 +926,14 @@ drop_pending = function()
       end
       if #stale > 0 then
         redis.call('HDEL', LATEST, unpack(stale))
+        for _, rid in ipairs(stale) do -- bounded by DROP_CHUNK
+          latest_known[rid] = false
+        end
       end
     end
     redis.call('HDEL', GRANTS, unpack(numbers))
+    for _, number in ipairs(numbers) do -- bounded by DROP_CHUNK
+      record_deleted(number)
+    end
   end
 end

@@ -31,7 +31,8 @@ local record = {
 if MAX_CONCURRENT ~= nil then
   record.slot = 1
 end
-for _, b in ipairs(BUCKETS) do -- the buckets configured
+for n_ = 1, #BUCKETS do -- the buckets configured
+  local b = BUCKETS[n_]
   refill(b)
   if b.counts == 'request' then
     take(b, 1)

@@ -38,6 +38,7 @@ else
   local now, created = string.match(ARGV[1], '^(%d+) (%d+)$')
   NOW, CREATED = tonumber(now), tonumber(created)
 end
+local NOW_TEXT = fmt(NOW) -- (made once: maintain(), touch() and replies stamp it)
 local NONCE = ARGV[2]
 local MAX_RECEIVES = tonumber(ARGV[3])
 local RETENTION = tonumber(ARGV[4])
@@ -79,7 +80,7 @@ end
 local fresh_count = 0
 local function fresh()
   fresh_count = fresh_count + 1
-  return string.sub(redis.sha1hex(NONCE .. ':' .. fresh_count), 1, 32)
+  return string.sub(redis.sha1hex(NONCE .. ':' .. (SMALL_TEXT[fresh_count] or fresh_count)), 1, 32)
 end
 
 -- state: priority, enqueued_at, receive_count, first_received_at (-1: never), token ('' before
@@ -197,8 +198,8 @@ local function index_add(q, member, s)
   if score_kept(q) then
     score_index_add(q, member, s)
   end
-  redis.call('ZADD', q.lanes, 0, lane_key(member, s, NATIVE_LANE[s.p + 1]))
-  redis.call('HINCRBY', q.tenants, s.ten, 1)
+  redis.call('ZADD', q.lanes, ZERO, lane_key(member, s, NATIVE_LANE[s.p + 1]))
+  redis.call('HINCRBY', q.tenants, s.ten, ONE)
   redis.call('HINCRBYFLOAT', q.meta, 'waiting', tokens_text(s.tok))
   local arrival = tonumber(redis.call('HGET', q.meta, 'arrival'))
   if arrival == nil or s.at > arrival then
@@ -231,10 +232,55 @@ local function index_flush()
   if pending.waiting ~= 0 then
     redis.call('HINCRBYFLOAT', Q.meta, 'waiting', fmt(-pending.waiting))
   end
-  -- Bounded by the tenants of the messages removed since the last flush.
-  for _, tenant in ipairs(pending.order) do
-    if redis.call('HINCRBY', Q.tenants, tenant, -pending.tenants[tenant]) <= 0 then
-      redis.call('HDEL', Q.tenants, tenant)
+  local order = pending.order
+  if #order == 1 then
+    if redis.call('HINCRBY', Q.tenants, order[1], -pending.tenants[order[1]]) <= 0 then
+      redis.call('HDEL', Q.tenants, order[1])
+    end
+  elseif #order > 1 then
+    -- Read and written in one command each (the script is atomic: what HINCRBY would do).
+    local counts = redis.call('HMGET', Q.tenants, unpack(order))
+    local kept, dropped = {}, {}
+    -- Bounded by the tenants of the messages removed since the last flush.
+    for i, tenant in ipairs(order) do
+      local left = (tonumber(counts[i]) or 0) - pending.tenants[tenant]
+      if left > 0 then
+        kept[#kept + 1] = tenant
+        kept[#kept + 1] = fmt(left)
+      else
+        dropped[#dropped + 1] = tenant
+      end
+    end
+    if #kept > 0 then
+      redis.call('HSET', Q.tenants, unpack(kept))
+    end
+    if #dropped > 0 then
+      redis.call('HDEL', Q.tenants, unpack(dropped))
+    end
+  end
+end
+
+-- A message of state `s` taken out of the lanes: out of the visible estimates' sum and its
+-- tenant's count too (or counted for index_flush(), when deferred).
+local function index_uncount(q, s)
+  if index_pending ~= nil and q == Q then
+    local pending = index_pending
+    local tokens = s.tok
+    if tokens % 1 ~= 0 then
+      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
+    end
+    pending.waiting = pending.waiting + tokens
+    if pending.tenants[s.ten] == nil then
+      pending.tenants[s.ten] = 0
+      pending.order[#pending.order + 1] = s.ten
+    end
+    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
+  else
+    if s.tok ~= 0 then
+      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
+    end
+    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
+      redis.call('HDEL', q.tenants, s.ten)
     end
   end
 end
@@ -254,25 +300,8 @@ local function index_remove(q, member, s)
       removed = redis.call('ZREM', q.lanes, lane_key(member, s, '2')) -- it had aged
     end
   end
-  if removed == 1 and index_pending ~= nil and q == Q then
-    local pending = index_pending
-    local tokens = s.tok
-    if tokens % 1 ~= 0 then
-      tokens = tonumber(fmt(tokens)) -- (a whole number is its own fmt() read back)
-    end
-    pending.waiting = pending.waiting + tokens
-    if pending.tenants[s.ten] == nil then
-      pending.tenants[s.ten] = 0
-      pending.order[#pending.order + 1] = s.ten
-    end
-    pending.tenants[s.ten] = pending.tenants[s.ten] + 1
-  elseif removed == 1 then
-    if s.tok ~= 0 then
-      redis.call('HINCRBYFLOAT', q.meta, 'waiting', fmt(-s.tok))
-    end
-    if redis.call('HINCRBY', q.tenants, s.ten, -1) <= 0 then
-      redis.call('HDEL', q.tenants, s.ten)
-    end
+  if removed == 1 then
+    index_uncount(q, s)
   end
 end
 
@@ -303,7 +332,7 @@ end
 
 local function touch(q)
   created(q)
-  redis.call('HSET', q.meta, 'modified', fmt(NOW))
+  redis.call('HSET', q.meta, 'modified', NOW_TEXT)
 end
 
 -- The request id stays taken while another copy of it lives (only dead-letter queues hold
@@ -375,6 +404,7 @@ end
 -- expired (pending_expired), and a message whose visibility ended counts as in flight until a
 -- call returns it.
 local MAINTAIN_BATCH = 1000
+local MAINTAIN_BATCH_TEXT = '1000' -- (its text: see ZERO in common.lua)
 
 -- The lowest enqueued_at (us) of a message not past the retention period: a message is expired
 -- when NOW - enqueued_at > RETENTION, that is, enqueued_at < LIVE_MIN. '-inf' without retention.
@@ -382,6 +412,7 @@ local LIVE_MIN = '-inf'
 if RETENTION > 0 then
   LIVE_MIN = fmt(NOW - RETENTION)
 end
+local LIVE_BEFORE = '(' .. LIVE_MIN -- (made once: maintain() asks each priority)
 
 -- Up to `limit` visible messages of priority index p (1..4) not past the retention period,
 -- oldest first.
@@ -459,7 +490,7 @@ end
 -- anything changed.
 local function maintain()
   local changed = false
-  local due = redis.call('ZRANGEBYSCORE', Q.inflight, '-inf', fmt(NOW), 'LIMIT', 0, MAINTAIN_BATCH)
+  local due = redis.call('ZRANGEBYSCORE', Q.inflight, '-inf', NOW_TEXT, 'LIMIT', ZERO, MAINTAIN_BATCH_TEXT)
   -- Bounded by MAINTAIN_BATCH (the LIMIT above).
   for _, member in ipairs(due) do
     visibility_ended(member, load(Q, member))
@@ -471,7 +502,10 @@ local function maintain()
       if budget <= 0 then
         break
       end
-      local old = redis.call('ZRANGEBYSCORE', Q.vis[p], '-inf', '(' .. LIVE_MIN, 'LIMIT', 0, budget)
+      local old = redis.call(
+        'ZRANGEBYSCORE', Q.vis[p], '-inf', LIVE_BEFORE, 'LIMIT', ZERO,
+        budget == MAINTAIN_BATCH and MAINTAIN_BATCH_TEXT or budget
+      )
       -- Bounded by MAINTAIN_BATCH (the LIMIT above).
       for _, member in ipairs(old) do
         local s = load(Q, member)
