@@ -106,7 +106,7 @@ local function limiter(op, request)
     session('rollback')
     error(reply, 0)
   end
-  session('checkpoint')
+  -- (An operation that changed the state took its checkpoint: save() in limiter_common.lua.)
   return reply
 end
 

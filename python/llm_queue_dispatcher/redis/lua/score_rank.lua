@@ -469,8 +469,8 @@ local function score_ranker(W, C, M, urgent_first)
       end
       local p = byte(entry, 1) - 48
       local most = nil
-      -- Bounded by the entry's steps (read in place: every cell of the tier is bounded).
       local longest = MAX_WAIT_SECONDS[p + 1]
+      -- Bounded by the entry's steps (read in place: every cell of the tier is bounded).
       for i = 38, #entry, STEP_LEN do
         local bucket = sub(entry, i, i + 4)
         -- wait_part(at, p), inlined: a call costs about as much as its arithmetic.
