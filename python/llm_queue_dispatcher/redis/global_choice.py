@@ -95,14 +95,19 @@ class _Won:
 _ALONE = object()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Mark:
     """A mark waiting for its script call: its ten arguments (global_mark.lua) and the future its
-    caller awaits."""
+    caller awaits. With ``plan`` (a job's mark, `GlobalChoice.settled`), the call is made even
+    if that caller is cancelled, and its reply is told to the dispatcher's books by the call's
+    sender; the caller's future then gets what the books say (None or their error)."""
 
     limiter: RedisThrottle
     fields: tuple[Any, ...]
-    future: asyncio.Future[tuple[int, Any]]
+    future: asyncio.Future[Any]
+    plan: Plan | None = None
+    # Whether the books were told the end of ``plan``'s mark (`GlobalChoice._tell_books`).
+    told: bool = False
 
 
 class _GlobalScript(Script):
@@ -657,9 +662,27 @@ class GlobalChoice:
     async def mark(self, plan: Plan) -> bool:
         """Runs ``plan`` in one script: the store's step, the limiter's call, the charge's
         correction. Returns whether the receipt handle was stale."""
+        stored, limited = await self._marked(plan.limiter, self._mark_fields(plan))
+        return self._mark_landed(plan, stored, limited)
+
+    def settled(self, plan: Plan) -> asyncio.Future[None]:
+        """`mark` without a task of its own: ``plan`` (`handles` it) joins the next mark call,
+        which is made even if the caller is cancelled; the call's sender tells the dispatcher's
+        books its reply (`_tell_books`) and then the future returned (None, or the books' error:
+        `ReceiptHandleError` when stale, `StorageError` when the mark or its call failed, the
+        delivery then markable again)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._marks.append(_Mark(plan.limiter, self._mark_fields(plan), future, plan))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_marks())
+            self._track(self._sender)
+        return future
+
+    def _mark_fields(self, plan: Plan) -> tuple[Any, ...]:
+        """The ten arguments of ``plan``'s mark in ``lua/global_mark.lua``."""
         limiter: RedisThrottle = plan.limiter
-        key, call = plan.key, plan.limiter_call
-        handle = plan.message.attributes.receipt_handle
+        key, handle = plan.key, plan.message.attributes.receipt_handle
         lease = self._leases.get(key)
         # The handle's parts as `_open` had them, rather than parsed again.
         if lease is not None and lease[0] == handle:
@@ -668,29 +691,58 @@ class GlobalChoice:
             member, token = self._storage._handle(handle)
         # The actual input and output counts, when the mark gave them: each limit its own.
         parts = plan.parts
-        stored, limited = await self._marked(
-            limiter,
-            (
-                plan.store,
-                member,
-                token,
-                round(plan.seconds * 1_000_000),
-                call or "",
-                key,
-                int(plan.tokens),
-                limiter.adjustment_failure_strategy,
-                *(("", "") if parts is None else (parts[0], parts[1])),
-            ),
+        return (
+            plan.store,
+            member,
+            token,
+            round(plan.seconds * 1_000_000),
+            plan.limiter_call or "",
+            key,
+            int(plan.tokens),
+            limiter.adjustment_failure_strategy,
+            *(("", "") if parts is None else (parts[0], parts[1])),
         )
+
+    def _mark_landed(self, plan: Plan, stored: int, limited: Any) -> bool:
+        """After ``plan``'s mark call answered (the store's reply ``stored``, the limiter's
+        ``limited``): the delivery forgotten here, a refused correction logged. Whether the
+        receipt handle was stale."""
+        key = plan.key
         self._keys.pop(key, None)
         self._leases.pop(key, None)
-        if call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
+        if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",
                 plan.request_id,
                 limited[0].decode(),
             )
         return stored == 0
+
+    def _tell_books(self, item: _Mark, error: BaseException | None, reply: tuple[int, Any] | None) -> None:
+        """The end of a job's mark (``item.plan``) in the dispatcher's books, then its caller's
+        future: landed (``reply``) or failed (``error``; a cancellation cancels the future)."""
+        plan, future, core = item.plan, item.future, self._core
+        assert plan is not None
+        assert not item.told
+        item.told = True
+        outcome: BaseException | None = error
+        try:
+            if reply is None:
+                core.store_replied(plan.delivery, "failed")  # markable again; nothing else done
+            else:
+                stale = self._mark_landed(plan, *reply)
+                core.finish(plan, core.store_replied(plan.delivery, "stale" if stale else "landed"))
+        except Exception as exc:  # the books' ReceiptHandleError (stale), or a log that failed
+            outcome = exc
+        if future.done():
+            return  # its caller was cancelled: the mark was made all the same
+        if outcome is None:
+            future.set_result(None)
+        elif isinstance(outcome, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(outcome)
+            future.exception()  # retrieved: a caller that did not wait is not warned about it
 
     async def _marked(self, limiter: RedisThrottle, fields: tuple[Any, ...]) -> tuple[int, Any]:
         """One mark (``fields``: its ten arguments of ``lua/global_mark.lua``), sent with the
@@ -705,18 +757,22 @@ class GlobalChoice:
         if self._sender is None:
             self._sender = loop.create_task(self._send_marks())
             self._track(self._sender)
-        return await future
+        result: tuple[int, Any] = await future
+        return result
 
     async def _send_marks(self) -> None:
         """Sends the marks waiting, up to ``_MOST_MARKS`` per call (one call per limiter), the
         calls of one round together; then those that came meanwhile, until none waits."""
+        waiting: list[_Mark] = []
         try:
             await asyncio.sleep(0)  # the marks of this turn of the event loop join
             while self._marks:
                 waiting, self._marks = self._marks, []
                 groups: dict[int, list[_Mark]] = {}
                 for item in waiting:
-                    if not item.future.done():  # a caller cancelled before the call was sent
+                    # Left out: a mark whose caller was cancelled before the call was sent,
+                    # unless it is a job's (`settled`), which is made all the same.
+                    if item.plan is not None or not item.future.done():
                         groups.setdefault(id(item.limiter), []).append(item)
                 await asyncio.gather(
                     *(
@@ -727,13 +783,20 @@ class GlobalChoice:
                 )
         finally:
             self._sender = None
-            for item in self._marks:  # left by a cancelled sender: nothing sent them
-                item.future.cancel()
+            cancelled = asyncio.CancelledError()
+            # Left by a cancelled sender: the marks nothing sent, and those of a call cancelled
+            # before it started.
+            for item in (*waiting, *self._marks):
+                if item.plan is not None:
+                    if not item.told:
+                        self._tell_books(item, cancelled, None)
+                else:
+                    item.future.cancel()
             self._marks = []
 
     async def _send_batch(self, batch: list[_Mark]) -> None:
         """One script call for ``batch`` (marks of one limiter); each caller gets its own
-        outcome."""
+        outcome, a job's mark (`settled`) once the books have it."""
         tail: list[Any] = []
         for item in batch:
             tail += item.fields
@@ -741,25 +804,32 @@ class GlobalChoice:
             reply = await self._run("global_mark", batch[0].limiter, (len(batch),), tuple(tail))
         except BaseException as error:
             for item in batch:
-                if item.future.done():
-                    continue
                 if isinstance(error, asyncio.CancelledError):
-                    item.future.cancel()
+                    own: BaseException = error
                 else:
                     own = StorageError(str(error))  # each caller its own exception
                     own.__cause__ = error.__cause__
-                    item.future.set_exception(own)
+                if item.plan is not None:
+                    self._tell_books(item, own, None)
+                elif not item.future.done():
+                    if isinstance(own, asyncio.CancelledError):
+                        item.future.cancel()
+                    else:
+                        item.future.set_exception(own)
             if not isinstance(error, Exception):
                 raise
             return
         for i, item in enumerate(batch):
-            if item.future.done():
-                continue  # its caller was cancelled while the call was on its way
             stored, limited = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            failed = None
             if stored < 0:
                 text = limited.decode("utf-8", "replace") if isinstance(limited, bytes) else str(limited)
-                item.future.set_exception(
-                    StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
-                )
+                failed = StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
+            if item.plan is not None:
+                self._tell_books(item, failed, None if failed else (stored, limited))
+            elif item.future.done():
+                continue  # its caller was cancelled while the call was on its way
+            elif failed is not None:
+                item.future.set_exception(failed)
             else:
                 item.future.set_result((stored, limited))
