@@ -614,8 +614,10 @@ class GlobalChoice:
                 # the token limits. One above it (fitting an input or output limit by its parts)
                 # keeps the whole-estimate capacity, which the books need to take it.
                 capacity = float(limiter.token_capacity)
-            core.buffer_insert([message], core.now() + self._timeout)
-            found = core.choose(limiter, math.inf, math.inf, capacity, float(limiter.request_capacity), None)
+            # Into the buffer, taken and handed out, in one call.
+            found, handed_out = core.open_winner(
+                message, self._timeout, limiter, capacity, float(limiter.request_capacity)
+            )
         except BaseException:
             # Unreadable, or the books refused it: its lease and reservation go back (an unreadable
             # one to the dead-letter queue when there is one, else it stays leased until its
@@ -625,7 +627,8 @@ class GlobalChoice:
                 self._leases.pop(key, None)
             await self._give_back(limiter, member_text, token_text)
             raise
-        if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
+        if handed_out:
+            assert type(found) is ProcessableMessage
             return found
         # Not expected: the books took another delivery, or none. Both go back.
         if type(found) is ProcessableMessage:
@@ -675,8 +678,7 @@ class GlobalChoice:
         future: asyncio.Future[None] = loop.create_future()
         self._marks.append(_Mark(plan.limiter, self._mark_fields(plan), future, plan))
         if self._sender is None:
-            self._sender = loop.create_task(self._send_marks())
-            self._track(self._sender)
+            self._start_sender(loop)
         return future
 
     def _mark_fields(self, plan: Plan) -> tuple[Any, ...]:
@@ -755,10 +757,32 @@ class GlobalChoice:
         future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._marks.append(_Mark(limiter, fields, future))
         if self._sender is None:
-            self._sender = loop.create_task(self._send_marks())
-            self._track(self._sender)
+            self._start_sender(loop)
         result: tuple[int, Any] = await future
         return result
+
+    def _start_sender(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sender = sender = loop.create_task(self._send_marks())
+        self._track(sender)
+        sender.add_done_callback(self._sender_ended)
+
+    def _sender_ended(self, sender: asyncio.Task[None]) -> None:
+        """A sender cancelled before it started never ran its ``finally``: its marks end here."""
+        if self._sender is sender:
+            self._sender = None
+            self._drop_marks([], self._marks)
+            self._marks = []
+
+    def _drop_marks(self, *lists: list[_Mark]) -> None:
+        """The end of marks no call will send: a job's (`settled`) told to the books as
+        cancelled (markable again), the others' callers cancelled."""
+        cancelled = asyncio.CancelledError()
+        for marks in lists:
+            for item in marks:
+                if item.plan is None:
+                    item.future.cancel()
+                elif not item.told:
+                    self._tell_books(item, cancelled, None)
 
     async def _send_marks(self) -> None:
         """Sends the marks waiting, up to ``_MOST_MARKS`` per call (one call per limiter), the
@@ -783,15 +807,9 @@ class GlobalChoice:
                 )
         finally:
             self._sender = None
-            cancelled = asyncio.CancelledError()
             # Left by a cancelled sender: the marks nothing sent, and those of a call cancelled
             # before it started.
-            for item in (*waiting, *self._marks):
-                if item.plan is not None:
-                    if not item.told:
-                        self._tell_books(item, cancelled, None)
-                else:
-                    item.future.cancel()
+            self._drop_marks(waiting, self._marks)
             self._marks = []
 
     async def _send_batch(self, batch: list[_Mark]) -> None:
