@@ -47,6 +47,7 @@ import hashlib
 import logging
 import math
 import secrets
+from collections.abc import Coroutine
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -207,6 +208,15 @@ def _winner_fields(reply: list[Any]) -> list[list[Any]]:
 def _encoded(arguments: tuple[Any, ...]) -> tuple[bytes, ...]:
     """Script arguments as the bytes the client would send for them."""
     return tuple(arg if isinstance(arg, bytes) else str(arg).encode() for arg in arguments)
+
+
+async def _together(calls: list[Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.gather(*calls)``; one call (the usual case: one limiter) is awaited as it is,
+    without the task and the future `gather` makes."""
+    if len(calls) == 1:
+        await calls[0]
+    else:
+        await asyncio.gather(*calls)
 
 
 class GlobalChoice:
@@ -382,12 +392,12 @@ class GlobalChoice:
                 for limiter, future in asks:
                     if not future.done():  # a caller cancelled before the call was sent
                         groups.setdefault(id(limiter), []).append((limiter, future))
-                await asyncio.gather(
-                    *(
+                await _together(
+                    [
                         self._answer(group[i : i + _MOST_WINNERS])
                         for group in groups.values()
                         for i in range(0, len(group), _MOST_WINNERS)
-                    )
+                    ]
                 )
         finally:
             self._asker = None
@@ -798,12 +808,12 @@ class GlobalChoice:
                     # unless it is a job's (`settled`), which is made all the same.
                     if item.plan is not None or not item.future.done():
                         groups.setdefault(id(item.limiter), []).append(item)
-                await asyncio.gather(
-                    *(
+                await _together(
+                    [
                         self._send_batch(group[i : i + _MOST_MARKS])
                         for group in groups.values()
                         for i in range(0, len(group), _MOST_MARKS)
-                    )
+                    ]
                 )
         finally:
             self._sender = None
