@@ -182,3 +182,38 @@ def test_a_job_and_its_core_are_collected_together() -> None:
     del holder, buffered, job
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("policy", ["score", "fair_priority"])
+def test_a_global_winner_is_buffered_taken_and_handed_out_in_one_call(policy: str) -> None:
+    """`open_winner` (the Redis global choice's winner, reserved under its delivery's key by the
+    script that chose it): the job of that message, handed out, keyed for the limiter, its lease
+    ending the given seconds from the core's clock; nothing left in the buffer."""
+    clock = ManualClock(110.0)
+    books = core(clock=clock, policy=policy)
+    limiter = object()
+    message = leased("a", Priority.NORMAL, 100, received=2)
+    job, handed_out = books.open_winner(message, 30.0, limiter, 1_000.0, 60.0)
+    assert handed_out
+    assert isinstance(job, ProcessableMessage)
+    assert job.message is message
+    assert job._key == "a#2"
+    assert books.active == 1
+    assert books.buffered == 0
+    assert job._lease_end == pytest.approx(140.0)
+
+
+def test_a_global_winner_the_books_rank_below_another_is_not_handed_out() -> None:
+    """Something already buffered ranks first: `open_winner` returns that job, taken but not
+    handed out (the caller takes it back and gives the winner back), and the winner stays in
+    the buffer."""
+    clock = ManualClock(110.0)
+    books = core(clock=clock)
+    books.buffer_insert([leased("urgent", Priority.URGENT, 100)], 1e9)
+    job, handed_out = books.open_winner(leased("low", Priority.LOW, 100), 30.0, object(), 1_000.0, 60.0)
+    assert not handed_out
+    assert isinstance(job, ProcessableMessage)
+    assert job.message.payload.id == "urgent"
+    assert books.active == 0
+    books.revoke(job, False, False)
+    assert [m.payload.id for m in books.buffer_drain()] == ["low"]

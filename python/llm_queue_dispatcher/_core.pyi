@@ -758,6 +758,16 @@ class DispatchCore:
         """Settles a job; what needs an await comes back as a ``Plan``."""
     def hand_out(self, job: ProcessableMessage[Any]) -> bool:
         """Hands out a job taken and reserved; False when a purge removed its message."""
+    def open_winner(
+        self,
+        message: QueueMessage[Any],
+        lease_seconds: float,
+        limiter: Any,
+        token_capacity: float,
+        request_capacity: float,
+    ) -> tuple[ProcessableMessage[Any] | int | None, bool]:
+        """A global winner put in the buffer, taken and handed out in one call: what was taken,
+        and whether it was this message, handed out."""
     def revoke(
         self, job: ProcessableMessage[Any], restore: bool = True, reserved: bool = True
     ) -> Plan | None:

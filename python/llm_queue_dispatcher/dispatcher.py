@@ -105,6 +105,10 @@ def _signature_takes_parts(function: Any) -> bool:
     return "input_tokens" in parameters and "output_tokens" in parameters
 
 
+async def _done() -> None:
+    """A mark with nothing left to do."""
+
+
 class _Runner:
     """The I/O of the core's plans, each run to its end in a task of its own even if its caller
     is cancelled (its store call may have landed, and the books must follow it). The core calls
@@ -119,7 +123,7 @@ class _Runner:
         self.wakeup: Wakeup
         self.pending: set[asyncio.Future[Any]] = set()
 
-    async def mark(
+    def mark(
         self,
         job: ProcessableMessage[Any],
         kind: str,
@@ -127,6 +131,26 @@ class _Runner:
         delay: float,
         error: BaseException | None,
         parts: tuple[int, int] | None = None,
+    ) -> Awaitable[None]:
+        """A job's mark that needs I/O. The global choice's (one script) is settled at once and
+        made by the global choice's mark calls, without a task of its own (`GlobalChoice.settled`)."""
+        choice = self.global_choice
+        if choice is not None and job._key in choice._keys:
+            plan = self.core.settle(job, kind, tokens, delay, error, parts)
+            if plan is not None and choice.handles(plan):
+                settled: Awaitable[None] = choice.settled(plan)
+                return settled
+            return self.shielded(self._execute(plan)) if plan is not None else _done()
+        return self._mark(job, kind, tokens, delay, error, parts)
+
+    async def _mark(
+        self,
+        job: ProcessableMessage[Any],
+        kind: str,
+        tokens: int | None,
+        delay: float,
+        error: BaseException | None,
+        parts: tuple[int, int] | None,
     ) -> None:
         """A job's mark that needs I/O: settled in the core, then its plan awaited to its end."""
         plan = self.core.settle(job, kind, tokens, delay, error, parts)

@@ -32,7 +32,7 @@ nothing).
 So a message is always acknowledged, visible, leased by a running handler, or dead-lettered, and
 every reservation is used or given back.
 
-About 920 lines for one loop whose every exit (handler outcome, stop, grace, signal, redelivery)
+About 970 lines for one loop whose every exit (handler outcome, stop, grace, signal, redelivery)
 must settle the same books; the signal plumbing shared with the CLI is in `_signals.py`, the
 submitters' outcomes in `outcomes.py`.
 """
@@ -146,28 +146,32 @@ class _Run(Generic[T]):
 
 
 class _Lease:
-    """The lease renewals of one delivery: a timer until the first renewal is due (half the
-    visibility timeout), then the task that renews it (`Worker._keep_leased`). A handler that
-    ends sooner, as most do, cancels the timer: no task is made for it."""
+    """The lease renewals of one delivery: a place in the worker's lease timers
+    (`_LeaseTimers`) until the first renewal is due (about half the visibility timeout), then the
+    task that renews it (`Worker._keep_leased`). A handler that ends sooner, as most do, leaves
+    its place: no timer or task is made for it."""
 
-    __slots__ = ("_handle", "_task")
+    __slots__ = ("_due", "_job", "_task", "_timers", "_worker")
 
     def __init__(self, worker: Worker[Any], job: ProcessableMessage[Any]) -> None:
         self._task: asyncio.Task[None] | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._due: _Place | None = None  # its place in the lease timers
+        self._worker, self._job = worker, job
         visibility = float(worker.dispatcher.config.visibility_timeout)
         if visibility > 0:  # a zero lease cannot be kept: the message is visible again at once
-            self._handle = asyncio.get_running_loop().call_later(visibility / 2, self._begin, worker, job)
+            self._timers = worker._lease_timers
+            self._due = self._timers.add(self, visibility)
 
-    def _begin(self, worker: Worker[Any], job: ProcessableMessage[Any]) -> None:
-        self._handle = None
-        self._task = asyncio.get_running_loop().create_task(worker._keep_leased(job))
+    def begin(self) -> None:
+        """The first renewal is due: the task that renews the lease from now on."""
+        self._due = None
+        self._task = asyncio.get_running_loop().create_task(self._worker._keep_leased(self._job))
 
     def cancel(self) -> None:
         """No more renewals (one on its way still runs to its end or its cancellation)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._due is not None:
+            self._timers.discard(self, self._due)
+            self._due = None
         if self._task is not None:
             self._task.cancel()
 
@@ -178,6 +182,53 @@ class _Lease:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+# A lease's place in `_LeaseTimers`: the span's number, the visibility timeout, the event loop.
+_Place = tuple[int, float, asyncio.AbstractEventLoop]
+
+
+class _LeaseTimers:
+    """One timer for the leases taken within the same 1/64 of the visibility timeout, at half
+    the visibility timeout after the first instant of that span: each lease's first renewal is
+    due between 31/64 and 32/64 of the visibility timeout after it was taken, and a worker
+    taking thousands of jobs a second makes a timer every few hundred of them, not one per job
+    (a timer whose leases all ended is cancelled)."""
+
+    __slots__ = ("_due",)
+
+    #: The spans of a visibility timeout that share a timer.
+    SPANS = 64
+
+    def __init__(self) -> None:
+        # A span (`_Place`) -> its leases, its timer.
+        self._due: dict[_Place, tuple[set[_Lease], asyncio.TimerHandle]] = {}
+
+    def add(self, lease: _Lease, visibility: float) -> _Place:
+        """Puts ``lease`` under its span's timer; returns its place (for `discard`)."""
+        loop = asyncio.get_running_loop()
+        span = visibility / self.SPANS
+        key = (int(loop.time() // span), visibility, loop)
+        due = self._due.get(key)
+        if due is None:
+            leases: set[_Lease] = set()
+            timer = loop.call_at(key[0] * span + visibility / 2, self._fire, key)
+            due = self._due[key] = (leases, timer)
+        due[0].add(lease)
+        return key
+
+    def discard(self, lease: _Lease, key: _Place) -> None:
+        due = self._due.get(key)
+        if due is not None:
+            due[0].discard(lease)
+            if not due[0]:
+                due[1].cancel()
+                del self._due[key]
+
+    def _fire(self, key: _Place) -> None:
+        leases, _ = self._due.pop(key)
+        for lease in list(leases):
+            lease.begin()
 
 
 def _require_number(name: str, value: object, *, minimum: float, maximum: float = math.inf) -> float:
@@ -284,6 +335,8 @@ class Worker(Generic[T]):
         # Running handlers and the delivery each one settles (the newest of its message).
         self._active: dict[asyncio.Task[None], ProcessableMessage[T]] = {}
         self._runs: dict[asyncio.Task[None], _Run[T]] = {}
+        # The timers of the running handlers' lease renewals (`_Lease`).
+        self._lease_timers = _LeaseTimers()
         # Message id -> the running handler of that message, to spot a delivery taken again.
         self._by_message: dict[str, asyncio.Task[None]] = {}
         # Handler tasks the worker cancelled itself (a stop past the grace, `run` cancelled).

@@ -1032,6 +1032,34 @@ impl PyDispatchCore {
         state.ledger.hand_out(id, now, latency).is_ok()
     }
 
+    /// The global choice's winner (`redis/global_choice.py`), leased by the store for
+    /// `lease_seconds` more and reserved under its delivery's key by the script that chose it:
+    /// `buffer_insert`, `choose` (nothing else is in the buffer) and `hand_out` in one call.
+    /// Returns `(found, handed_out)`: `found` is what `choose` took (None or another job when the
+    /// books did not take this message: the caller revokes it and gives the winner back).
+    fn open_winner(
+        slf: &Bound<'_, Self>,
+        message: &Bound<'_, PyAny>,
+        lease_seconds: f64,
+        limiter: &Bound<'_, PyAny>,
+        token_capacity: f64,
+        request_capacity: f64,
+    ) -> PyResult<(Py<PyAny>, bool)> {
+        let py = slf.py();
+        let core = slf.get();
+        let leased = read_leased(message, core.clock.now(py)? + lease_seconds)?;
+        let not_kept = core.lock(py).buffer.insert(vec![leased]);
+        drop(not_kept); // its message object is released here, unlocked
+        core.changed(py)?;
+        let found =
+            Self::choose(slf, limiter, f64::INFINITY, f64::INFINITY, token_capacity, request_capacity, None)?;
+        let handed_out = match found.bind(py).cast::<PyJob>() {
+            Ok(job) if job.get().message.bind(py).is(message) => core.hand_out(py, job),
+            _ => false,
+        };
+        Ok((found, handed_out))
+    }
+
     /// Takes back a job that will not be handed out: its charge and its reservation (when
     /// `reserved`: made on the limiter) given back — an `LLMThrottle`'s here; another limiter's
     /// as the `Plan` returned, the caller's to await — and its message returned where it came

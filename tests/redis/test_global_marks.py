@@ -206,6 +206,38 @@ async def test_a_mark_whose_caller_is_cancelled_still_lands_once(
     assert all(job.settled for job in jobs)
 
 
+async def test_marks_whose_call_is_cancelled_before_it_goes_out_can_be_made_again(
+    clocked_storage: Any, clocked_throttle: Any
+) -> None:
+    """The task that sends the marks is cancelled (its event loop shutting down) before their
+    call goes out: each caller's mark is cancelled, nothing changed in Redis, and each job can
+    be marked again, once, with its reservation corrected whole."""
+    storage = clocked_storage()
+    limiter = clocked_throttle(rpm=600, tpm=100_000)
+    dispatcher = fair_dispatcher(storage)
+    choice = dispatcher._global
+    assert choice is not None
+    jobs = await enqueue_and_take(dispatcher, limiter, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        marks = count_calls(storage, patch)
+        pending = [job.mark_as_processed(actual_tokens=40) for job in jobs]
+        assert choice._sender is not None
+        choice._sender.cancel()
+        for mark in pending:
+            with pytest.raises(asyncio.CancelledError):
+                await mark
+        assert marks == []
+        attributes = await storage.get_queue_attributes()
+        assert attributes.approximate_number_of_messages_in_flight == 2
+        assert not any(job.settled for job in jobs)
+        await asyncio.gather(*(job.mark_as_processed(actual_tokens=40) for job in jobs))
+    assert marks == [2]
+    assert all(job.settled for job in jobs)
+    assert await storage.get_approximate_message_count() == 0
+    assert (await limiter.get_metrics()).tpm.used == pytest.approx(2 * 40)
+    await dispatcher.close()
+
+
 async def test_a_mark_cancelled_before_its_call_is_sent_is_left_out_of_it(
     clocked_storage: Any, clocked_throttle: Any
 ) -> None:

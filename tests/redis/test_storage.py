@@ -28,8 +28,10 @@ from llm_queue_dispatcher import (
     InvalidRequestError,
     LLMRequest,
     ManualClock,
+    MessageAttributes,
     PayloadTooLargeError,
     Priority,
+    QueueMessage,
     QueueStorageAdapter,
     ReceiptHandleError,
     StorageError,
@@ -1035,3 +1037,75 @@ async def test_a_call_queued_behind_a_hung_one_fails_within_its_own_timeout(
             private_server.resume()
         assert waited < 1.35  # its own timeout (1 s), not the first's remainder plus its own (1.7 s)
         assert await storage.get_approximate_message_count() == 1
+
+
+def test_a_request_read_back_has_every_field_of_its_type_and_equals_it() -> None:
+    """A stored request is read back without `LLMRequest.__init__` (its checks that the reading
+    answers already are not made twice): every field of the type is there, equal."""
+    import dataclasses
+
+    from llm_queue_dispatcher.redis._codec import _REQUEST_FIELDS
+
+    assert tuple(field.name for field in dataclasses.fields(LLMRequest)) == _REQUEST_FIELDS
+    request = LLMRequest(
+        "r-1",
+        {"messages": ["hi"]},
+        Priority.HIGH,
+        TokenInfo(120, 80, "gpt", input=100, max_output=20),
+        expected_processing_time=1.5,
+        metadata={"k": [1, 2]},
+        tenant="acme",
+        deadline=datetime(2030, 1, 1, tzinfo=timezone.utc),
+    )
+    read = decode_request(encode_request(request, None, 10_000), None)
+    assert read == request
+    assert vars(read).keys() == vars(request).keys()
+    assert type(read.priority) is Priority
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("id", " ", "id must be a non-empty str"),
+        ("id", 5, "id must be a str"),
+        ("metadata", [1], "metadata must be a dict"),
+        ("tenant", 3, "tenant must be None or a str"),
+        ("expected_processing_time", -1, "expected_processing_time must be None"),
+        ("priority", 9, "9 is not a valid Priority"),
+        ("token_info", [-1, None, None], "estimated"),
+    ],
+)
+def test_a_stored_request_with_a_bad_field_is_not_read_back(field: str, value: Any, error: str) -> None:
+    """A stored request whose field another writer got wrong is refused when read back, as
+    `LLMRequest` refuses it when made (the storage then names the message unreadable)."""
+    import json
+
+    head, _, payload = encode_request(LLMRequest("r-1", "x"), None, 10_000).partition(b"\n")
+    fields = json.loads(head)
+    fields[field] = value
+    with pytest.raises((InvalidRequestError, ValueError), match=error):
+        decode_request(json.dumps(fields).encode() + b"\n" + payload, None)
+
+
+async def test_a_message_received_equals_the_one_its_constructors_make(clocked_storage: Any) -> None:
+    """A received message and its attributes are made without their dataclasses' __init__:
+    they equal (and hash as) the ones those make."""
+    storage = clocked_storage()
+    await storage.enqueue(LLMRequest("a", "x"))
+    [message] = await storage.dequeue(1, 5.0)
+    attributes = message.attributes
+    made = QueueMessage(
+        message.id,
+        message.payload,
+        MessageAttributes(
+            attributes.message_id,
+            attributes.receipt_handle,
+            attributes.enqueued_at,
+            attributes.receive_count,
+            attributes.first_received_at,
+        ),
+    )
+    assert message == made
+    assert hash(attributes) == hash(made.attributes)
+    assert vars(message).keys() == vars(made).keys()
+    assert vars(attributes).keys() == vars(made.attributes).keys()

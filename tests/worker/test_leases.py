@@ -185,3 +185,39 @@ async def test_a_handler_running_past_half_the_visibility_renews_at_each_half() 
     assert storage.renewals == 2
     await asyncio.sleep(0.5)
     assert storage.renewals == 2  # none after the mark
+
+
+class _CountingEach(_CountingStorage):
+    """Counts the lease renewals of each started message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed_by: Counter[str] = Counter()
+
+    async def update_visibility_timeout(self, receipt_handle: str, visibility_timeout: float) -> None:
+        if receipt_handle in self.started:
+            self.renewed_by[receipt_handle] += 1
+        await super().update_visibility_timeout(receipt_handle, visibility_timeout)
+
+
+async def test_handlers_that_start_together_each_renew_their_lease_at_each_half() -> None:
+    """Leases taken within a moment share one timer: each handler running past half the
+    visibility still renews its own lease at each half, the others none, and none after the
+    mark."""
+    storage = _CountingEach()
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        storage, LLMQueueDispatcherConfig(visibility_timeout=1.0)
+    )
+    await fill(dispatcher, 6)
+
+    async def slow(job: ProcessableMessage[Any]) -> int:
+        storage.started.add(job.message.attributes.receipt_handle)
+        await asyncio.sleep(1.25 if job.message.payload.id in ("r0", "r2", "r4") else 0.2)
+        return 1
+
+    worker = Worker(dispatcher, roomy_limiter(), slow, concurrency=6)
+    stats = await asyncio.wait_for(worker.run(stop_when_empty=True), 5)
+    assert stats.processed == 6
+    assert sorted(storage.renewed_by.values()) == [2, 2, 2]
+    await asyncio.sleep(0.5)
+    assert sorted(storage.renewed_by.values()) == [2, 2, 2]

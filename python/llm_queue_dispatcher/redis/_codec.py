@@ -25,7 +25,7 @@ from typing import Any
 
 from .._checks import shown
 from ..errors import InvalidRequestError, PayloadTooLargeError
-from ..types import LLMRequest, Priority, TokenInfo
+from ..types import LLMRequest, Priority, TokenInfo, _check_text, _finite_seconds, validate_request_id
 
 __all__ = ["MAX_JSON_INT", "Serializer", "decode_request", "encode_request", "request_id_bytes"]
 
@@ -204,14 +204,60 @@ def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any
     deadline = fields["deadline"]
     stored = fields["priority"]
     priority = _PRIORITIES.get(stored) if type(stored) is int else None
-    return LLMRequest(
-        id=fields["id"],
+    request: LLMRequest[Any] = _new_request(LLMRequest)
+    # Every field, with `LLMRequest.validate`'s checks but those its making here answers
+    # already: the priority is a Priority, the token info a TokenInfo (checked when made), the
+    # instants datetimes (or `fromisoformat`'s ValueError). Read back once per dispatch: this
+    # spares the checks made twice.
+    request.__dict__.update(
+        id=validate_request_id(fields["id"]),
         payload=payload,
         priority=Priority(stored) if priority is None else priority,
         token_info=TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output),
-        expected_processing_time=fields["expected_processing_time"],
-        metadata=fields["metadata"],
+        expected_processing_time=_processing_time(fields["expected_processing_time"]),
+        metadata=_metadata(fields["metadata"]),
         created_at=datetime.fromisoformat(created_at),
-        tenant=fields["tenant"],
+        tenant=_tenant(fields["tenant"]),
         deadline=None if deadline is None else datetime.fromisoformat(deadline),
     )
+    return request
+
+
+# An LLMRequest without its __init__, whose fields `decode_request` sets (all of them: see
+# `_REQUEST_FIELDS`).
+_new_request = object.__new__
+
+#: The fields `decode_request` sets: `LLMRequest`'s (a field added there must be read back too).
+_REQUEST_FIELDS = (
+    "id",
+    "payload",
+    "priority",
+    "token_info",
+    "expected_processing_time",
+    "metadata",
+    "created_at",
+    "tenant",
+    "deadline",
+)
+
+
+def _processing_time(value: Any) -> Any:
+    if value is not None and not _finite_seconds(value):
+        raise InvalidRequestError(
+            f"expected_processing_time must be None or a finite number of seconds >= 0, got {shown(value)}"
+        )
+    return value
+
+
+def _metadata(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"metadata must be a dict, got {shown(value)}")
+    return value
+
+
+def _tenant(value: Any) -> Any:
+    if value is not None:
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"tenant must be None or a str, got {shown(value)}")
+        _check_text(value, "tenant")
+    return value

@@ -33,7 +33,7 @@ Every process sharing a queue should pass the same `FairPriorityConfig` (or scor
 each call applies the fairness window, tenant weights and aging (the weights) of the process
 that makes it.
 
-About 770 lines for one concept, the Python half of those scripts: the dispatch call and its
+About 860 lines for one concept, the Python half of those scripts: the dispatch call and its
 batching, the recovery of a dispatch whose reply was lost, the first indexing of an older queue
 and the marks' batching all share the script wrapper and the delivery keys handed out here.
 """
@@ -47,6 +47,7 @@ import hashlib
 import logging
 import math
 import secrets
+from collections.abc import Coroutine
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -95,14 +96,19 @@ class _Won:
 _ALONE = object()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Mark:
     """A mark waiting for its script call: its ten arguments (global_mark.lua) and the future its
-    caller awaits."""
+    caller awaits. With ``plan`` (a job's mark, `GlobalChoice.settled`), the call is made even
+    if that caller is cancelled, and its reply is told to the dispatcher's books by the call's
+    sender; the caller's future then gets what the books say (None or their error)."""
 
     limiter: RedisThrottle
     fields: tuple[Any, ...]
-    future: asyncio.Future[tuple[int, Any]]
+    future: asyncio.Future[Any]
+    plan: Plan | None = None
+    # Whether the books were told the end of ``plan``'s mark (`GlobalChoice._tell_books`).
+    told: bool = False
 
 
 class _GlobalScript(Script):
@@ -202,6 +208,15 @@ def _winner_fields(reply: list[Any]) -> list[list[Any]]:
 def _encoded(arguments: tuple[Any, ...]) -> tuple[bytes, ...]:
     """Script arguments as the bytes the client would send for them."""
     return tuple(arg if isinstance(arg, bytes) else str(arg).encode() for arg in arguments)
+
+
+async def _together(calls: list[Coroutine[Any, Any, None]]) -> None:
+    """``asyncio.gather(*calls)``; one call (the usual case: one limiter) is awaited as it is,
+    without the task and the future `gather` makes."""
+    if len(calls) == 1:
+        await calls[0]
+    else:
+        await asyncio.gather(*calls)
 
 
 class GlobalChoice:
@@ -377,12 +392,12 @@ class GlobalChoice:
                 for limiter, future in asks:
                     if not future.done():  # a caller cancelled before the call was sent
                         groups.setdefault(id(limiter), []).append((limiter, future))
-                await asyncio.gather(
-                    *(
+                await _together(
+                    [
                         self._answer(group[i : i + _MOST_WINNERS])
                         for group in groups.values()
                         for i in range(0, len(group), _MOST_WINNERS)
-                    )
+                    ]
                 )
         finally:
             self._asker = None
@@ -609,8 +624,10 @@ class GlobalChoice:
                 # the token limits. One above it (fitting an input or output limit by its parts)
                 # keeps the whole-estimate capacity, which the books need to take it.
                 capacity = float(limiter.token_capacity)
-            core.buffer_insert([message], core.now() + self._timeout)
-            found = core.choose(limiter, math.inf, math.inf, capacity, float(limiter.request_capacity), None)
+            # Into the buffer, taken and handed out, in one call.
+            found, handed_out = core.open_winner(
+                message, self._timeout, limiter, capacity, float(limiter.request_capacity)
+            )
         except BaseException:
             # Unreadable, or the books refused it: its lease and reservation go back (an unreadable
             # one to the dead-letter queue when there is one, else it stays leased until its
@@ -620,7 +637,8 @@ class GlobalChoice:
                 self._leases.pop(key, None)
             await self._give_back(limiter, member_text, token_text)
             raise
-        if type(found) is ProcessableMessage and found._key == key and core.hand_out(found):
+        if handed_out:
+            assert type(found) is ProcessableMessage
             return found
         # Not expected: the books took another delivery, or none. Both go back.
         if type(found) is ProcessableMessage:
@@ -657,9 +675,26 @@ class GlobalChoice:
     async def mark(self, plan: Plan) -> bool:
         """Runs ``plan`` in one script: the store's step, the limiter's call, the charge's
         correction. Returns whether the receipt handle was stale."""
+        stored, limited = await self._marked(plan.limiter, self._mark_fields(plan))
+        return self._mark_landed(plan, stored, limited)
+
+    def settled(self, plan: Plan) -> asyncio.Future[None]:
+        """`mark` without a task of its own: ``plan`` (`handles` it) joins the next mark call,
+        which is made even if the caller is cancelled; the call's sender tells the dispatcher's
+        books its reply (`_tell_books`) and then the future returned (None, or the books' error:
+        `ReceiptHandleError` when stale, `StorageError` when the mark or its call failed, the
+        delivery then markable again)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._marks.append(_Mark(plan.limiter, self._mark_fields(plan), future, plan))
+        if self._sender is None:
+            self._start_sender(loop)
+        return future
+
+    def _mark_fields(self, plan: Plan) -> tuple[Any, ...]:
+        """The ten arguments of ``plan``'s mark in ``lua/global_mark.lua``."""
         limiter: RedisThrottle = plan.limiter
-        key, call = plan.key, plan.limiter_call
-        handle = plan.message.attributes.receipt_handle
+        key, handle = plan.key, plan.message.attributes.receipt_handle
         lease = self._leases.get(key)
         # The handle's parts as `_open` had them, rather than parsed again.
         if lease is not None and lease[0] == handle:
@@ -668,29 +703,58 @@ class GlobalChoice:
             member, token = self._storage._handle(handle)
         # The actual input and output counts, when the mark gave them: each limit its own.
         parts = plan.parts
-        stored, limited = await self._marked(
-            limiter,
-            (
-                plan.store,
-                member,
-                token,
-                round(plan.seconds * 1_000_000),
-                call or "",
-                key,
-                int(plan.tokens),
-                limiter.adjustment_failure_strategy,
-                *(("", "") if parts is None else (parts[0], parts[1])),
-            ),
+        return (
+            plan.store,
+            member,
+            token,
+            round(plan.seconds * 1_000_000),
+            plan.limiter_call or "",
+            key,
+            int(plan.tokens),
+            limiter.adjustment_failure_strategy,
+            *(("", "") if parts is None else (parts[0], parts[1])),
         )
+
+    def _mark_landed(self, plan: Plan, stored: int, limited: Any) -> bool:
+        """After ``plan``'s mark call answered (the store's reply ``stored``, the limiter's
+        ``limited``): the delivery forgotten here, a refused correction logged. Whether the
+        receipt handle was stale."""
+        key = plan.key
         self._keys.pop(key, None)
         self._leases.pop(key, None)
-        if call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
+        if plan.limiter_call == "adjust" and isinstance(limited, list) and limited and limited[0] != b"ok":
             _LOGGER.warning(
                 "rate limiter failed to correct request %r (%s); the message is settled",
                 plan.request_id,
                 limited[0].decode(),
             )
         return stored == 0
+
+    def _tell_books(self, item: _Mark, error: BaseException | None, reply: tuple[int, Any] | None) -> None:
+        """The end of a job's mark (``item.plan``) in the dispatcher's books, then its caller's
+        future: landed (``reply``) or failed (``error``; a cancellation cancels the future)."""
+        plan, future, core = item.plan, item.future, self._core
+        assert plan is not None
+        assert not item.told
+        item.told = True
+        outcome: BaseException | None = error
+        try:
+            if reply is None:
+                core.store_replied(plan.delivery, "failed")  # markable again; nothing else done
+            else:
+                stale = self._mark_landed(plan, *reply)
+                core.finish(plan, core.store_replied(plan.delivery, "stale" if stale else "landed"))
+        except Exception as exc:  # the books' ReceiptHandleError (stale), or a log that failed
+            outcome = exc
+        if future.done():
+            return  # its caller was cancelled: the mark was made all the same
+        if outcome is None:
+            future.set_result(None)
+        elif isinstance(outcome, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(outcome)
+            future.exception()  # retrieved: a caller that did not wait is not warned about it
 
     async def _marked(self, limiter: RedisThrottle, fields: tuple[Any, ...]) -> tuple[int, Any]:
         """One mark (``fields``: its ten arguments of ``lua/global_mark.lua``), sent with the
@@ -703,37 +767,64 @@ class GlobalChoice:
         future: asyncio.Future[tuple[int, Any]] = loop.create_future()
         self._marks.append(_Mark(limiter, fields, future))
         if self._sender is None:
-            self._sender = loop.create_task(self._send_marks())
-            self._track(self._sender)
-        return await future
+            self._start_sender(loop)
+        result: tuple[int, Any] = await future
+        return result
+
+    def _start_sender(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sender = sender = loop.create_task(self._send_marks())
+        self._track(sender)
+        sender.add_done_callback(self._sender_ended)
+
+    def _sender_ended(self, sender: asyncio.Task[None]) -> None:
+        """A sender cancelled before it started never ran its ``finally``: its marks end here."""
+        if self._sender is sender:
+            self._sender = None
+            self._drop_marks([], self._marks)
+            self._marks = []
+
+    def _drop_marks(self, *lists: list[_Mark]) -> None:
+        """The end of marks no call will send: a job's (`settled`) told to the books as
+        cancelled (markable again), the others' callers cancelled."""
+        cancelled = asyncio.CancelledError()
+        for marks in lists:
+            for item in marks:
+                if item.plan is None:
+                    item.future.cancel()
+                elif not item.told:
+                    self._tell_books(item, cancelled, None)
 
     async def _send_marks(self) -> None:
         """Sends the marks waiting, up to ``_MOST_MARKS`` per call (one call per limiter), the
         calls of one round together; then those that came meanwhile, until none waits."""
+        waiting: list[_Mark] = []
         try:
             await asyncio.sleep(0)  # the marks of this turn of the event loop join
             while self._marks:
                 waiting, self._marks = self._marks, []
                 groups: dict[int, list[_Mark]] = {}
                 for item in waiting:
-                    if not item.future.done():  # a caller cancelled before the call was sent
+                    # Left out: a mark whose caller was cancelled before the call was sent,
+                    # unless it is a job's (`settled`), which is made all the same.
+                    if item.plan is not None or not item.future.done():
                         groups.setdefault(id(item.limiter), []).append(item)
-                await asyncio.gather(
-                    *(
+                await _together(
+                    [
                         self._send_batch(group[i : i + _MOST_MARKS])
                         for group in groups.values()
                         for i in range(0, len(group), _MOST_MARKS)
-                    )
+                    ]
                 )
         finally:
             self._sender = None
-            for item in self._marks:  # left by a cancelled sender: nothing sent them
-                item.future.cancel()
+            # Left by a cancelled sender: the marks nothing sent, and those of a call cancelled
+            # before it started.
+            self._drop_marks(waiting, self._marks)
             self._marks = []
 
     async def _send_batch(self, batch: list[_Mark]) -> None:
         """One script call for ``batch`` (marks of one limiter); each caller gets its own
-        outcome."""
+        outcome, a job's mark (`settled`) once the books have it."""
         tail: list[Any] = []
         for item in batch:
             tail += item.fields
@@ -741,25 +832,32 @@ class GlobalChoice:
             reply = await self._run("global_mark", batch[0].limiter, (len(batch),), tuple(tail))
         except BaseException as error:
             for item in batch:
-                if item.future.done():
-                    continue
                 if isinstance(error, asyncio.CancelledError):
-                    item.future.cancel()
+                    own: BaseException = error
                 else:
                     own = StorageError(str(error))  # each caller its own exception
                     own.__cause__ = error.__cause__
-                    item.future.set_exception(own)
+                if item.plan is not None:
+                    self._tell_books(item, own, None)
+                elif not item.future.done():
+                    if isinstance(own, asyncio.CancelledError):
+                        item.future.cancel()
+                    else:
+                        item.future.set_exception(own)
             if not isinstance(error, Exception):
                 raise
             return
         for i, item in enumerate(batch):
-            if item.future.done():
-                continue  # its caller was cancelled while the call was on its way
             stored, limited = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            failed = None
             if stored < 0:
                 text = limited.decode("utf-8", "replace") if isinstance(limited, bytes) else str(limited)
-                item.future.set_exception(
-                    StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
-                )
+                failed = StorageError(f"Redis global_mark on queue {self._storage.queue!r} failed: {text}")
+            if item.plan is not None:
+                self._tell_books(item, failed, None if failed else (stored, limited))
+            elif item.future.done():
+                continue  # its caller was cancelled while the call was on its way
+            elif failed is not None:
+                item.future.set_exception(failed)
             else:
                 item.future.set_result((stored, limited))

@@ -143,6 +143,10 @@ _Encoded = tuple[bytes, int, bytes, bytes, int, int, int, int, str]
 _FOREVER_US = 2**53
 
 
+# An instance without its __init__ (`RedisStorage._message`).
+_new = object.__new__
+
+
 def _utc(microseconds: int) -> datetime:
     return _EPOCH + timedelta(microseconds=microseconds)
 
@@ -317,17 +321,19 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         handle: str,
     ) -> QueueMessage[T]:
         mid = message_id.decode()
-        return QueueMessage(
-            id=mid,
-            payload=request,
-            attributes=MessageAttributes(
-                message_id=mid,
-                receipt_handle=handle,
-                enqueued_at=self._instant(enqueued_us),
-                receive_count=receive_count,
-                first_received_at=None if first_us < 0 else self._instant(first_us),
-            ),
+        # Made as their frozen dataclasses' __init__ would (they check nothing), without its
+        # object.__setattr__ per field: one of each per message received.
+        attributes: MessageAttributes = _new(MessageAttributes)
+        attributes.__dict__.update(
+            message_id=mid,
+            receipt_handle=handle,
+            enqueued_at=self._instant(enqueued_us),
+            receive_count=receive_count,
+            first_received_at=None if first_us < 0 else self._instant(first_us),
         )
+        message: QueueMessage[T] = _new(QueueMessage)
+        message.__dict__.update(id=mid, payload=request, attributes=attributes)
+        return message
 
     def _encode(self, request: LLMRequest[T]) -> _Encoded:
         if not isinstance(request, LLMRequest):
