@@ -217,7 +217,8 @@ class LLMQueueDispatcherConfig:
     @classmethod
     def _checked_copy(cls, config: object) -> LLMQueueDispatcherConfig:
         """A dispatcher's own copy of ``config`` (None: the defaults), checked: changing the
-        caller's object later changes nothing. Raises `InvalidRequestError` for anything but a
+        caller's object later, or the objects it holds (``slo_targets``, ``fair_priority``,
+        ``scoring``), changes nothing. Raises `InvalidRequestError` for anything but a
         config or None, and `InvalidConfigError` naming the first bad field."""
         if config is None:
             return cls()
@@ -225,7 +226,28 @@ class LLMQueueDispatcherConfig:
             raise InvalidRequestError(f"config must be an LLMQueueDispatcherConfig or None, got {config!r}")
         copy = replace(config)
         copy.validate()
+        copy._own_containers()
         return copy
+
+    def _own_containers(self) -> None:
+        """Replaces the mutable objects this config shares with its caller (the SLO targets, the
+        fair-priority settings and their mappings, the scoring settings, their weights and
+        scorers) by copies, so that a later change to the caller's objects, or to the copy's,
+        reaches neither the other nor any other dispatcher."""
+        from .scoring import ScoringConfig
+
+        self.slo_targets = dict(self.slo_targets)
+        if self.fair_priority is not None:
+            fair = self.fair_priority
+            self.fair_priority = replace(
+                fair, tenant_weights=dict(fair.tenant_weights), max_wait=dict(fair.max_wait)
+            )
+        if self.scoring is not None:
+            scoring = self.scoring
+            self.scoring = ScoringConfig(
+                weights=None if scoring.weights is None else replace(scoring.weights),
+                custom_scorers=[replace(scorer) for scorer in scoring.custom_scorers],
+            )
 
     def _core_options(self) -> dict[str, Any]:
         """The keyword arguments of the dispatcher's Rust core (`DispatchCore`) this config sets:
