@@ -227,7 +227,26 @@ class LLMQueueDispatcherConfig:
         copy = replace(config)
         copy.validate()
         copy._own_containers()
+        object.__setattr__(copy, "_fixed", True)
         return copy
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A dispatcher reads its config when it is built, and a few fields again later (the
+        # prefetch settings, the buffer size in the metrics, the visibility a Worker extends
+        # leases by): a change to its copy would apply half-way, unchecked (a buffer_size of 0
+        # broke get_queue_metrics). So the copy a dispatcher holds refuses every change.
+        if self.__dict__.get("_fixed", False):
+            raise InvalidConfigError(
+                f"a dispatcher's config is fixed when the dispatcher is built: {name} cannot change; "
+                f"build another dispatcher, e.g. from dataclasses.replace(dispatcher.config, {name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or a pickle of a dispatcher's config is the caller's to change.
+        state = dict(self.__dict__)
+        state.pop("_fixed", None)
+        return state
 
     def _own_containers(self) -> None:
         """Replaces the mutable objects this config shares with its caller (the SLO targets, the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -272,6 +274,35 @@ async def test_changing_the_callers_config_objects_after_construction_changes_no
     job = await dispatcher.dequeue(throttle(clock))
     assert job is not None
     assert set(job.score.breakdown) == {*FACTOR_NAMES, "mine"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("buffer_size", 0), ("buffer_size", 500), ("enable_prefetch", True), ("visibility_timeout", math.nan)],
+)
+async def test_a_dispatchers_config_refuses_changes_and_its_metrics_stay_readable(
+    clock: ManualClock, field: str, value: Any
+) -> None:
+    """The dispatcher reads some fields again after it is built (the buffer size in the
+    metrics, the visibility a Worker extends leases by): a change to its config, good or bad,
+    is refused with `InvalidConfigError` naming the field and changes nothing (a buffer size of
+    0 set there made get_queue_metrics raise ZeroDivisionError). A copy is the caller's to
+    change and build another dispatcher from."""
+    dispatcher = create_in_memory_queue(clock=clock, buffer_size=10)
+    await dispatcher.enqueue(request("a"))
+    before = repr(dispatcher.config)
+    with pytest.raises(InvalidConfigError, match=f"{field} cannot change"):
+        setattr(dispatcher.config, field, value)
+    assert repr(dispatcher.config) == before
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.performance.buffer_utilization == 0.0
+    assert metrics.performance.prefetch_enabled is False
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    for copied in (copy.copy(dispatcher.config), replace(dispatcher.config)):
+        copied.buffer_size = 20
+        assert create_in_memory_queue(copied).config.buffer_size == 20
+    assert dispatcher.config.buffer_size == 10
 
 
 def test_fair_priority_ignores_the_score_threshold() -> None:
