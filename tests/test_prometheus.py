@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_queue_dispatcher import (
     InvalidConfigError,
     InvalidRequestError,
+    LLMQueueDispatcher,
     LLMRequest,
     LLMThrottle,
     ManualClock,
@@ -239,6 +240,48 @@ async def test_bad_event_records_are_refused_and_count_nothing() -> None:
     assert _value(samples, "llmqd_dispatched_total") == 0
     assert _value(samples, "llmqd_completed_total") == 0
     assert _value(samples, "llmqd_wait_time_seconds_count", priority="HIGH") == 0
+
+
+def test_a_class_instead_of_a_dispatcher_or_limiter_and_labels_no_scrape_can_write_are_refused() -> None:
+    """A class has the methods, unbound (the first refresh raised `TypeError`); a label value
+    with a lone surrogate cannot be written as UTF-8 (every scrape raised). Refused at
+    ``watch``, which then watches nothing."""
+    collector = QueueCollector()
+    dispatcher = create_in_memory_queue()
+    with pytest.raises(InvalidConfigError, match="get_queue_metrics"):
+        collector.watch(LLMQueueDispatcher)  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match="get_metrics"):
+        collector.watch(dispatcher, LLMThrottle)
+    with pytest.raises(InvalidConfigError, match="label queue must be a str of valid Unicode"):
+        collector.watch(dispatcher, queue="\ud800")
+    # Nothing was watched: the first good watch may choose its labels.
+    collector.watch(dispatcher, region="eu")
+
+
+async def test_event_records_of_a_non_job_or_of_more_tokens_than_a_count_holds_are_refused() -> None:
+    """One completion of 10**400 tokens was counted, and every later scrape raised
+    `OverflowError`; a record of something that is not a job raised `AttributeError`."""
+    clock = ManualClock()
+    limiter = LLMThrottle(60, 10_000, clock=clock)
+    dispatcher = create_in_memory_queue(clock=clock)
+    collector = QueueCollector()
+    watched = collector.watch(dispatcher, limiter)
+    await dispatcher.enqueue(LLMRequest("a", None, Priority.HIGH, TokenInfo(10)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    for tokens in (10**400, 2**53 + 1):
+        with pytest.raises(InvalidRequestError, match="tokens must be None or an int within"):
+            watched.record_completion(job, tokens)
+    for bad in (None, "job", job.message):
+        with pytest.raises(InvalidRequestError, match="job must be a ProcessableMessage"):
+            watched.record_dispatch(bad, 0.001)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError, match="job must be a ProcessableMessage"):
+            watched.record_completion(bad, 5)  # type: ignore[arg-type]
+    watched.record_completion(job, 2**53)
+    samples = _samples(generate_latest(_registry(collector)))
+    assert _value(samples, "llmqd_dispatched_total") == 0
+    assert _value(samples, "llmqd_completed_total") == 1
+    assert _value(samples, "llmqd_completed_tokens_total") == 2**53
 
 
 class _BackwardsSource:

@@ -98,6 +98,30 @@ def test_wait_covers_both_buckets(clock: ManualClock) -> None:
     assert check.available_in == pytest.approx(60.0)  # the longer of 60 s (request) and 24 s (tokens)
 
 
+def test_a_clock_set_back_does_not_stop_refills_or_penalties_until_it_catches_up() -> None:
+    """A plain callable clock that steps back (a wall clock set back half a day): the limiter
+    counts on from its last reading. Before, nothing refilled and no penalty ran out until the
+    clock came back to its old reading, while ``available_in`` kept saying 30 s."""
+    now = [100_000.0]
+    throttle = LLMThrottle(60, 10_000, clock=lambda: now[0])
+    assert throttle.consume("a", 10_000)
+    throttle.penalize(10.0)
+    now[0] = 50_000.0
+    check = throttle.can_process(5_000)
+    assert check.available_in == pytest.approx(30.0)  # 5,000 tokens at 10,000 / 60 a second
+    now[0] = 50_010.0
+    assert throttle.can_process(1).allowed  # the penalty ran out
+    assert throttle.can_process(5_000).available_in == pytest.approx(20.0)
+    now[0] = 50_000.0 + check.available_in
+    assert throttle.can_process(5_000).allowed
+    assert throttle.consume("b", 5_000)
+    # A reading a moment behind the last (another thread's earlier one) refills nothing twice.
+    now[0] = 50_030.0 - 0.5
+    assert throttle.get_metrics().tpm.available == pytest.approx(0.0, abs=1e-6)
+    now[0] = 50_031.0
+    assert throttle.get_metrics().tpm.available == pytest.approx(10_000 / 60, rel=1e-9)
+
+
 def test_consume_or_raise(clock: ManualClock) -> None:
     throttle = make(clock, tpm=1_000)
     throttle.consume_or_raise("a", 900)

@@ -217,7 +217,8 @@ class LLMQueueDispatcherConfig:
     @classmethod
     def _checked_copy(cls, config: object) -> LLMQueueDispatcherConfig:
         """A dispatcher's own copy of ``config`` (None: the defaults), checked: changing the
-        caller's object later changes nothing. Raises `InvalidRequestError` for anything but a
+        caller's object later, or the objects it holds (``slo_targets``, ``fair_priority``,
+        ``scoring``), changes nothing. Raises `InvalidRequestError` for anything but a
         config or None, and `InvalidConfigError` naming the first bad field."""
         if config is None:
             return cls()
@@ -225,7 +226,47 @@ class LLMQueueDispatcherConfig:
             raise InvalidRequestError(f"config must be an LLMQueueDispatcherConfig or None, got {config!r}")
         copy = replace(config)
         copy.validate()
+        copy._own_containers()
+        object.__setattr__(copy, "_fixed", True)
         return copy
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A dispatcher reads its config when it is built, and a few fields again later (the
+        # prefetch settings, the buffer size in the metrics, the visibility a Worker extends
+        # leases by): a change to its copy would apply half-way, unchecked (a buffer_size of 0
+        # broke get_queue_metrics). So the copy a dispatcher holds refuses every change.
+        if self.__dict__.get("_fixed", False):
+            raise InvalidConfigError(
+                f"a dispatcher's config is fixed when the dispatcher is built: {name} cannot change; "
+                f"build another dispatcher, e.g. from dataclasses.replace(dispatcher.config, {name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or a pickle of a dispatcher's config is the caller's to change.
+        state = dict(self.__dict__)
+        state.pop("_fixed", None)
+        return state
+
+    def _own_containers(self) -> None:
+        """Replaces the mutable objects this config shares with its caller (the SLO targets, the
+        fair-priority settings and their mappings, the scoring settings, their weights and
+        scorers) by copies, so that a later change to the caller's objects, or to the copy's,
+        reaches neither the other nor any other dispatcher."""
+        from .scoring import ScoringConfig
+
+        self.slo_targets = dict(self.slo_targets)
+        if self.fair_priority is not None:
+            fair = self.fair_priority
+            self.fair_priority = replace(
+                fair, tenant_weights=dict(fair.tenant_weights), max_wait=dict(fair.max_wait)
+            )
+        if self.scoring is not None:
+            scoring = self.scoring
+            self.scoring = ScoringConfig(
+                weights=None if scoring.weights is None else replace(scoring.weights),
+                custom_scorers=[replace(scorer) for scorer in scoring.custom_scorers],
+            )
 
     def _core_options(self) -> dict[str, Any]:
         """The keyword arguments of the dispatcher's Rust core (`DispatchCore`) this config sets:

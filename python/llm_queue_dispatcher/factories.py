@@ -70,7 +70,9 @@ def _build_config(
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise InvalidConfigError(f"unknown configuration field(s): {', '.join(unknown)}")
-    base = config if config is not None else _DEFAULTS
+    # Never `_DEFAULTS` itself: the config built here would share its `slo_targets` dict, and a
+    # change through one dispatcher's config would reach every dispatcher built later.
+    base = config if config is not None else LLMQueueDispatcherConfig()
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LLMQueueDispatcherConfig)}
     for name, value in preset.items():
         # A preset only fills fields the caller left at their default.

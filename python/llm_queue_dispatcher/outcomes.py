@@ -49,6 +49,7 @@ from .errors import (
     RateLimitError,
     RequestFailedError,
 )
+from .throttle import check_rate_limiter
 from .types import LLMRequest, TokenUsage
 
 if TYPE_CHECKING:
@@ -369,6 +370,9 @@ class Submissions:
         if handler is not None:
             if not callable(handler):
                 raise InvalidRequestError(f"handler must be an async callable or None, got {shown(handler)}")
+            # Checked (and built, unstarted) now, kept only once the request is enqueued: a submit
+            # refused later (a bad or duplicate request, a closed dispatcher) must not leave the
+            # dispatcher's pool bound to its limiter, which would refuse every other limiter.
             pool = self._pool(limiter, _concurrency(concurrency))
         elif limiter is not None:
             raise InvalidRequestError("rate_limiter is only used with a handler (the dispatcher's own pool)")
@@ -401,6 +405,8 @@ class Submissions:
             self.handlers.pop(request_id, None)
             raise
         if pool is not None and not self.closed:
+            # Another submit may have kept a pool while this one enqueued: that one runs it.
+            pool = self.pool = self.pool or pool
             pool.latest = handler
             pool.ensure_running()
         try:
@@ -422,8 +428,13 @@ class Submissions:
                 "submit with a handler needs rate_limiter= (its pool dispatches under it)"
             )
         if self.pool is None:
-            self.pool = _Pool(self, limiter, concurrency)  # the Worker validates the limiter
-        elif self.pool.limiter is not limiter:
+            # The dispatcher's own check (a limiter class is refused too): a limiter its
+            # `dequeue` refuses would stop the pool's worker at once and leave the submitter
+            # waiting for ever.
+            check_rate_limiter(limiter)
+            # Not kept here: `submit` keeps it once its request is enqueued.
+            return _Pool(self, limiter, concurrency)  # the Worker checks the rest
+        if self.pool.limiter is not limiter:
             raise InvalidRequestError(
                 "the dispatcher's pool already runs under another rate limiter; pass the same one"
             )

@@ -74,6 +74,7 @@ from ._checks import finite_float, shown
 from .dispatcher import ProcessableMessage
 from .errors import InvalidConfigError, InvalidRequestError
 from .metrics import LIMITS, QueueMetrics, SchedulingMetrics
+from .openai import MAX_TOKEN_COUNT
 from .types import Priority
 
 __all__ = [
@@ -162,6 +163,17 @@ def _check_seconds(name: str, value: object) -> float:
     return number
 
 
+def _check_job(job: object) -> None:
+    if not isinstance(job, ProcessableMessage):
+        raise InvalidRequestError(f"job must be a ProcessableMessage from dequeue, got {shown(job)}")
+
+
+def _is_instance_with(value: object, method: str) -> bool:
+    """Whether ``value`` has ``method`` to call: an object, not a class (whose method is
+    unbound: the first refresh would raise `TypeError`)."""
+    return not isinstance(value, type) and callable(getattr(value, method, None))
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     queue: QueueMetrics | None = None
@@ -192,6 +204,7 @@ class WatchedQueue:
         Its wait (from enqueue to dispatch, on the dispatcher's clock) goes to the wait-time
         histogram of its priority.
         """
+        _check_job(job)
         latency = _check_seconds("dequeue_seconds", dequeue_seconds)
         wait = max(0.0, job.dispatched_at - job.message.attributes.enqueued_at.timestamp())
         priority = Priority(job.message.payload.priority).name
@@ -202,9 +215,15 @@ class WatchedQueue:
 
     def record_completion(self, job: ProcessableMessage[Any], tokens: int | None = None) -> None:
         """Counts a completion of ``job`` that used ``tokens`` (default: its estimate)."""
+        _check_job(job)
         used = job.message.payload.token_info.estimated if tokens is None else tokens
-        if isinstance(used, bool) or not isinstance(used, int) or used < 0:
-            raise InvalidRequestError(f"tokens must be None or an int >= 0, got {tokens!r}")
+        # At most MAX_TOKEN_COUNT, the rule of every count a request carries: the total is
+        # exported as a float, and one count no float holds made every later scrape raise.
+        if isinstance(used, bool) or not isinstance(used, int) or not 0 <= used <= MAX_TOKEN_COUNT:
+            given = shown(tokens) if tokens is not None else f"None, and the job's estimate is {shown(used)}"
+            raise InvalidRequestError(
+                f"tokens must be None or an int within 0..{MAX_TOKEN_COUNT}, got {given}"
+            )
         with self._lock:
             self._completed += 1
             self._completed_tokens += used
@@ -248,15 +267,22 @@ class QueueCollector:
         every watched queue and must not be ``priority``, ``tenant``, ``quantile``, ``state``,
         ``le`` or ``limit``.
         """
-        if not callable(getattr(dispatcher, "get_queue_metrics", None)):
-            raise InvalidConfigError(f"dispatcher must have get_queue_metrics(), got {dispatcher!r}")
-        if limiter is not None and not callable(getattr(limiter, "get_metrics", None)):
-            raise InvalidConfigError(f"limiter must have get_metrics(), got {limiter!r}")
+        if not _is_instance_with(dispatcher, "get_queue_metrics"):
+            raise InvalidConfigError(f"dispatcher must have get_queue_metrics(), got {shown(dispatcher)}")
+        if limiter is not None and not _is_instance_with(limiter, "get_metrics"):
+            raise InvalidConfigError(f"limiter must have get_metrics(), got {shown(limiter)}")
         for name, value in labels.items():
             if not _LABEL_NAME.match(name) or name.startswith("__") or name in _RESERVED_LABELS:
                 raise InvalidConfigError(f"label name {name!r} is not allowed")
             if not isinstance(value, str):
-                raise InvalidConfigError(f"label {name} must be a str, got {value!r}")
+                raise InvalidConfigError(f"label {name} must be a str, got {shown(value)}")
+            # The text format is UTF-8: a lone surrogate would make every scrape raise.
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidConfigError(
+                    f"label {name} must be a str of valid Unicode (no lone surrogates), got {shown(value)}"
+                ) from None
         names = tuple(sorted(labels))
         if self._label_names is not None and names != self._label_names:
             raise InvalidConfigError(

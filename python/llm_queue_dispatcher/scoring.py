@@ -6,6 +6,7 @@ contract, each in [0, 1] before weighting.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ class ScoringWeights:
         """Raises `InvalidConfigError` naming the first bad weight."""
         for name in FACTOR_NAMES:
             _check_weight(name, getattr(self, name))
+        _check_weight_sum(self.as_tuple(), "the factor weights")
 
     def as_tuple(self) -> tuple[float, float, float, float, float, float]:
         """The weights in `FACTOR_NAMES` order."""
@@ -135,6 +137,22 @@ class ScoringConfig:
                     f"custom scorer name {scorer.name!r} is already used by another factor"
                 )
             seen.add(scorer.name)
+        weights = (self.weights or ScoringWeights()).as_tuple()
+        _check_weight_sum(
+            (*weights, *(float(scorer.weight) for scorer in self.custom_scorers)),
+            "the factor and custom scorer weights",
+        )
+
+
+def _check_weight_sum(weights: tuple[float, ...], what: str) -> None:
+    """Refuses weights whose sum no float holds: a message's total could then be ``inf``, every
+    message would tie at it, and the ranking the weights ask for would be lost (URGENT behind
+    LOW) without a word."""
+    if not math.isfinite(sum(weights)):
+        raise InvalidConfigError(
+            f"{what} add up to more than a float holds ({', '.join(f'{w:g}' for w in weights)}); "
+            "scale them down (only their ratios and min_score_threshold matter)"
+        )
 
 
 _UNSET: Any = object()

@@ -410,6 +410,9 @@ def _trace_scenario(args: argparse.Namespace, provider: ProviderModel) -> Scenar
     if args.load is not None:
         if offered is None:
             raise UsageError("--load needs a trace whose requests arrive over time, not at one instant")
+        if offered == 0:
+            # No load to scale: neither a TPM limit nor an arrival scale follows from it.
+            raise UsageError("--load needs a trace with tokens: every request of this one has 0 tokens")
         if args.tpm is not None:
             tpm = args.tpm
             scale = offered / (args.load * tpm)
@@ -418,7 +421,8 @@ def _trace_scenario(args: argparse.Namespace, provider: ProviderModel) -> Scenar
         else:
             tpm = offered / args.load
             tpm_source = "--load"
-    elif args.tpm is not None or preset is not None or offered is None:
+    elif args.tpm is not None or preset is not None or not offered:
+        # Without tokens arriving (all at one instant, or none at all), load 1 sets no limit.
         tpm = args.tpm if args.tpm is not None else preset.tpm if preset else BASE_TPM
         tpm_source = (
             "--tpm" if args.tpm is not None or not preset else f"the {args.preset} preset's TPM limit"

@@ -48,7 +48,7 @@ One file, over 700 lines, because reading and assembling share what a row is (`T
 file and line for every message) and the format table above: the readers of four formats, the
 rules that complete their rows, and the writer of the project's format, each a few functions.
 
-About 740 lines for one concept, a trace: each format's reader is short, and they share the
+About 770 lines for one concept, a trace: each format's reader is short, and they share the
 value checks, the rules that assign priorities and tenants (`TraceRules`) and the writer.
 """
 
@@ -277,6 +277,14 @@ def _read_csv(lines: _Lines, name: str, forced: str, columns: tuple[str, ...]) -
     return kind, clock.day, rows
 
 
+def _check_named_once(header: Sequence[str], read: Iterable[str], where: str) -> None:
+    """Refuses a header naming a column that is read twice: which of its cells holds the value
+    would be a guess (the first for some columns, the last for others)."""
+    for column in read:
+        if header.count(column) > 1:
+            raise TraceError(f"{where}: the header names the column {column!r} twice")
+
+
 def _csv_parser(
     kind: str, header: list[str], columns: tuple[str, ...], where: str, clock: _DayClock
 ) -> Callable[[list[str], str, int], TraceRow]:
@@ -289,6 +297,7 @@ def _csv_parser(
         missing = [column for column in _REQUIRED if column not in header]
         if missing:
             raise TraceError(f"{where}: the header has no {missing[0]!r} column")
+        _check_named_once(header, header, where)
         if columns:
             raise TraceError(
                 f"{where}: a trace in the project's format has its own tenant and priority columns; "
@@ -308,6 +317,7 @@ def _csv_parser(
     for column in (time_column, input_column, output_column, *columns):
         if column not in header:
             raise TraceError(f"{where}: the header has no {column!r} column ({_NAMES[kind]})")
+    _check_named_once(header, (time_column, input_column, output_column, *columns), where)
     time_at, input_at, output_at = (header.index(c) for c in (time_column, input_column, output_column))
     extra_at = [header.index(column) for column in columns]
     to_seconds: Callable[[str, str, str], float] = clock.seconds if kind == "azure" else _seconds_value

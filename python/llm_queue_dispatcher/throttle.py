@@ -111,11 +111,15 @@ _LIMITER_METHODS = ("can_process", "get_metrics", "consume", "adjust_consumption
 def check_rate_limiter(limiter: object, name: str = "rate_limiter") -> None:
     """Raises `InvalidRequestError` naming ``name`` unless ``limiter`` has the four methods of
     the `RateLimiter` protocol, plain or coroutines (`AsyncRateLimiter`): checked at the door, so
-    a wrong object fails before anything is selected or taken, not with an `AttributeError`
-    half-way."""
+    a wrong object (a limiter class instead of a limiter, for one) fails before anything is
+    selected or taken, not with an `AttributeError` or a `TypeError` half-way."""
     if type(limiter) is LLMThrottle:
         return
-    if not all(callable(getattr(limiter, method, None)) for method in _LIMITER_METHODS):
+    # A class (``LLMThrottle`` itself, not one built from it) has the four methods too, unbound:
+    # the first call would raise `TypeError` half-way through a dispatch.
+    if isinstance(limiter, type) or not all(
+        callable(getattr(limiter, method, None)) for method in _LIMITER_METHODS
+    ):
         raise InvalidRequestError(
             f"{name} must be a RateLimiter or an AsyncRateLimiter (can_process, get_metrics, consume "
             f"and adjust_consumption), got {shown(limiter)}"

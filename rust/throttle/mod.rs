@@ -7,7 +7,7 @@
 //! tokens per minute, requests and tokens per day, requests in flight: `meters.rs`). Every
 //! instant is an `f64` passed in by the caller, so the logic is deterministic under test.
 //!
-//! About 950 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
+//! About 970 lines for one concept: a bucket lives in `bucket.rs`, the optional limits in
 //! `meters.rs`, the history in `history.rs`, snapshots in `snapshot.rs`, a provider's figures in
 //! `provider.rs` and the tests in `tests.rs` and `limits_tests.rs`; what stays here is the
 //! limiter's state machine (check, consume, adjust, release across every limit), whose steps
@@ -271,9 +271,15 @@ pub struct Throttle<M> {
     totals: HistoryTotals,
     /// The reading of the last `advance`: "now" for `check` and `consume`.
     now: f64,
+    /// Seconds added to every clock reading: the steps back the clock took (see `advance`).
+    clock_offset: f64,
     /// Nothing is granted before this instant (a provider's 429 and its `Retry-After`).
     penalized_until: f64,
 }
+
+/// Seconds a clock reading may lag the last one and still be a reading taken before another
+/// thread's later one (time stands still for it); further behind, the clock stepped back.
+pub const CLOCK_STEP_BACK: f64 = 1.0;
 
 impl<M> Throttle<M> {
     /// A throttle with full buckets at `now`, limited by requests and tokens per minute only.
@@ -303,6 +309,7 @@ impl<M> Throttle<M> {
             evicted: Vec::new(),
             totals: HistoryTotals::default(),
             now,
+            clock_offset: 0.0,
             penalized_until: f64::NEG_INFINITY,
         })
     }
@@ -318,9 +325,19 @@ impl<M> Throttle<M> {
     }
 
     /// Refills every bucket and drops history past its retention and its record limit.
-    pub fn advance(&mut self, now: f64) {
+    ///
+    /// A `reading` more than `CLOCK_STEP_BACK` behind the last one is the clock stepping back (a
+    /// wall clock set back), and time resumes from the last reading: the step is added to every
+    /// later reading. Without that, nothing refilled and no penalty ran out until the clock
+    /// caught up (an hour for a clock set back an hour), while every wait said otherwise.
+    pub fn advance(&mut self, reading: f64) {
+        let shifted = reading + self.clock_offset;
+        if shifted < self.now - CLOCK_STEP_BACK {
+            self.clock_offset += self.now - shifted;
+        }
         // A clock read before another thread's later reading must not move time back.
-        self.now = self.now.max(now);
+        self.now = self.now.max(reading + self.clock_offset);
+        let now = self.now;
         self.requests.refill(now);
         self.tokens.bucket_mut().refill(now);
         if self.extra_limits {

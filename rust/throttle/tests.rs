@@ -524,3 +524,34 @@ fn a_refund_to_zero_tokens_is_not_an_estimation_miss() {
     assert_eq!(t.history_statistics().estimation_accuracy, 0.5);
     assert_eq!(t.efficiency(), 0.5);
 }
+
+#[test]
+fn a_clock_stepped_back_resumes_refilling_and_penalties_from_the_last_reading() {
+    let mut t = throttle(60.0, 1000.0);
+    t.advance(100_000.0);
+    assert!(t.consume(t.now(), "a", 1000, ()));
+    t.penalize(10.0).unwrap();
+    // A wall clock set back by half a day: time resumes from the last reading.
+    t.advance(50_000.0);
+    assert!((t.now() - 100_000.0).abs() < 1e-9);
+    let check = t.check(500);
+    // 500 tokens at 1000/60 a second: 30 s, as said, not 30 s after the clock catches up.
+    assert!((check.available_in - 30.0).abs() < 1e-9);
+    t.advance(50_010.0);
+    assert_eq!(t.penalty_left(), 0.0);
+    t.advance(50_000.0 + check.available_in);
+    assert!(t.check(500).allowed);
+    assert!(t.consume(t.now(), "b", 500, ()));
+}
+
+#[test]
+fn a_reading_a_moment_behind_the_last_refills_nothing_twice() {
+    // Another thread's earlier reading, taken before this one's later: time stands still.
+    let mut t = throttle(60.0, 1000.0);
+    assert!(t.consume(0.0, "a", 1000, ()));
+    t.advance(10.0);
+    t.advance(10.0 - CLOCK_STEP_BACK / 2.0);
+    t.advance(10.0);
+    assert!((t.tokens().available() - 1000.0 / 60.0 * 10.0).abs() < 1e-9);
+    assert!((t.now() - 10.0).abs() < 1e-12);
+}

@@ -300,6 +300,47 @@ async def test_bad_arguments_raise_at_the_call_and_enqueue_nothing() -> None:
         assert dispatcher._outcomes().waiting == {}
 
 
+async def test_a_limiter_class_given_to_submit_is_refused_at_the_call_instead_of_waiting_for_ever() -> None:
+    """``rate_limiter=LLMThrottle`` (the class): the pool's worker stopped at its first dequeue
+    and the submit, its request enqueued, waited for ever. Refused at the call now; nothing is
+    enqueued, and a later submit with a limiter runs."""
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    async with create_in_memory_queue() as dispatcher:
+        with pytest.raises(InvalidRequestError, match="rate_limiter must be a RateLimiter"):
+            await asyncio.wait_for(dispatcher.submit(request("a"), handle, rate_limiter=LLMThrottle), 5.0)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        assert dispatcher._outcomes().waiting == {}
+        answer = await asyncio.wait_for(dispatcher.submit(request("a"), handle, rate_limiter=limiter()), 5.0)
+        assert answer == "done"
+
+
+async def test_a_refused_submit_leaves_the_pool_free_for_another_limiter() -> None:
+    """A submit refused for its request (a field made invalid after construction, an id still
+    queued) changes nothing: the dispatcher's pool is not bound
+    to the limiter it named, and the next submit may use another one."""
+
+    async def handle(job: ProcessableMessage[Any]) -> str:
+        return "done"
+
+    async with create_in_memory_queue() as dispatcher:
+        bad = request("bad")
+        bad.priority = 9  # type: ignore[assignment]
+        with pytest.raises(InvalidRequestError, match="priority"):
+            await dispatcher.submit(bad, handle, rate_limiter=limiter())
+        await dispatcher.enqueue(request("queued"))
+        with pytest.raises(DuplicateRequestError):
+            await dispatcher.submit(request("queued"), handle, rate_limiter=limiter())
+        assert dispatcher._outcomes().pool is None
+        other = limiter()
+        answer = await asyncio.wait_for(dispatcher.submit(request("a"), handle, rate_limiter=other), 5.0)
+        assert answer == "done"
+        with pytest.raises(InvalidRequestError, match="another rate limiter"):
+            await dispatcher.submit(request("b"), handle, rate_limiter=limiter())
+
+
 async def test_a_second_submit_of_a_waiting_id_is_refused_and_the_first_still_answered() -> None:
     async def handle(job: ProcessableMessage[Any]) -> str:
         return "one"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -201,6 +203,106 @@ async def test_a_custom_scorer_with_weight_makes_zero_factor_weights_valid(clock
     job = await dispatcher.dequeue(throttle(clock))
     assert job is not None
     assert job.score.total == pytest.approx(0.5)
+
+
+def test_weights_whose_sum_no_float_holds_are_refused(clock: ManualClock) -> None:
+    """Each weight finite, their sum not: every total would be inf and tie, and the order the
+    weights ask for (URGENT first) would be lost without a word. Weights changed to such values
+    after construction are refused when a dispatcher is built."""
+    weights = ScoringWeights()
+    scoring = ScoringConfig(weights=weights)
+    for name in FACTOR_NAMES:
+        setattr(weights, name, 1e308)
+    with pytest.raises(InvalidConfigError, match="factor weights add up to more than a float holds"):
+        create_in_memory_queue(clock=clock, scoring=scoring)
+    weights = ScoringWeights(priority=1.0)
+    scoring = ScoringConfig(weights=weights, custom_scorers=[CustomScorer("mine", 1.0, _score)])
+    weights.priority = 1e308
+    scoring.custom_scorers[0].weight = 1e308
+    with pytest.raises(InvalidConfigError, match="custom scorer weights add up to more than a float holds"):
+        create_in_memory_queue(clock=clock, scoring=scoring)
+
+
+def test_factor_weights_whose_sum_no_float_holds_are_refused_at_construction() -> None:
+    with pytest.raises(InvalidConfigError, match="factor weights add up to more than a float holds"):
+        ScoringWeights(**dict.fromkeys(FACTOR_NAMES, 1e308))
+    with pytest.raises(InvalidConfigError, match="custom scorer weights add up to more than a float holds"):
+        ScoringConfig(custom_scorers=[CustomScorer("a", 1e308, _score), CustomScorer("b", 1e308, _score)])
+
+
+async def test_very_large_weights_a_float_can_sum_still_rank_by_priority(clock: ManualClock) -> None:
+    dispatcher = create_in_memory_queue(
+        clock=clock, scoring=ScoringConfig(weights=ScoringWeights(**dict.fromkeys(FACTOR_NAMES, 1e300)))
+    )
+    await dispatcher.enqueue(request("low", Priority.LOW))
+    await dispatcher.enqueue(request("urgent", Priority.URGENT))
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    assert job.message.payload.id == "urgent"
+    assert math.isfinite(job.score.total)
+
+
+async def test_changing_the_callers_config_objects_after_construction_changes_nothing(
+    clock: ManualClock,
+) -> None:
+    """The dispatcher keeps its own copies of the SLO targets, the fair-priority settings and
+    the scoring settings: the caller's objects, changed (even to bad values) after the
+    dispatcher was built, neither change its config nor show in it."""
+    scorer = CustomScorer("mine", 0.1, _score)
+    weights = ScoringWeights()
+    scoring = ScoringConfig(weights=weights, custom_scorers=[scorer])
+    config = LLMQueueDispatcherConfig(clock=clock, scoring=scoring, slo_targets={"URGENT": 2.0})
+    dispatcher = create_in_memory_queue(config)
+    fair = FairPriorityConfig(tenant_weights={"a": 2.0}, max_wait={Priority.LOW: 100.0})
+    fair_dispatcher = create_in_memory_queue(clock=clock, policy="fair_priority", fair_priority=fair)
+    config.slo_targets["URGENT"] = -1.0
+    weights.priority = math.nan
+    scoring.custom_scorers.append(CustomScorer("late", 0.5, _score))
+    scorer.weight = -1.0
+    fair.tenant_weights["a"] = -5.0  # type: ignore[index]
+    fair.max_wait[Priority.LOW] = -1.0  # type: ignore[index]
+    assert dispatcher.config.slo_targets == {"URGENT": 2.0}
+    assert dispatcher.config.scoring is not None
+    assert dispatcher.config.scoring.weights == ScoringWeights()
+    assert [(s.name, s.weight) for s in dispatcher.config.scoring.custom_scorers] == [("mine", 0.1)]
+    assert fair_dispatcher.config.fair_priority is not None
+    assert fair_dispatcher.config.fair_priority.tenant_weights == {"a": 2.0}
+    assert fair_dispatcher.config.fair_priority.max_wait == {Priority.LOW: 100.0}
+    dispatcher.config.validate()
+    fair_dispatcher.config.validate()
+    await dispatcher.enqueue(request("a"))
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    assert set(job.score.breakdown) == {*FACTOR_NAMES, "mine"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("buffer_size", 0), ("buffer_size", 500), ("enable_prefetch", True), ("visibility_timeout", math.nan)],
+)
+async def test_a_dispatchers_config_refuses_changes_and_its_metrics_stay_readable(
+    clock: ManualClock, field: str, value: Any
+) -> None:
+    """The dispatcher reads some fields again after it is built (the buffer size in the
+    metrics, the visibility a Worker extends leases by): a change to its config, good or bad,
+    is refused with `InvalidConfigError` naming the field and changes nothing (a buffer size of
+    0 set there made get_queue_metrics raise ZeroDivisionError). A copy is the caller's to
+    change and build another dispatcher from."""
+    dispatcher = create_in_memory_queue(clock=clock, buffer_size=10)
+    await dispatcher.enqueue(request("a"))
+    before = repr(dispatcher.config)
+    with pytest.raises(InvalidConfigError, match=f"{field} cannot change"):
+        setattr(dispatcher.config, field, value)
+    assert repr(dispatcher.config) == before
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.performance.buffer_utilization == 0.0
+    assert metrics.performance.prefetch_enabled is False
+    job = await dispatcher.dequeue(throttle(clock))
+    assert job is not None
+    for copied in (copy.copy(dispatcher.config), replace(dispatcher.config)):
+        copied.buffer_size = 20
+        assert create_in_memory_queue(copied).config.buffer_size == 20
+    assert dispatcher.config.buffer_size == 10
 
 
 def test_fair_priority_ignores_the_score_threshold() -> None:

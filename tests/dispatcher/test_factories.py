@@ -27,6 +27,7 @@ from llm_queue_dispatcher import (
     create_throughput_optimized_llm_queue_dispatcher,
     create_throughput_optimized_queue,
 )
+from llm_queue_dispatcher.config import DEFAULT_SLO_TARGETS
 from tests.dispatcher.support import request, throttle
 
 
@@ -117,6 +118,23 @@ def test_overrides_win_over_config_and_leave_it_untouched(clock: ManualClock) ->
     in_memory = create_in_memory_queue(config, min_score_threshold=0.0)
     assert in_memory.config.min_score_threshold == 0.0
     assert in_memory.config.buffer_size == 10
+
+
+async def test_a_change_to_one_dispatchers_config_never_reaches_a_dispatcher_built_later(
+    clock: ManualClock,
+) -> None:
+    """Each factory call builds its dispatcher from fresh defaults: the SLO targets dict of one
+    dispatcher's config is its own, so changing it cannot change another's targets."""
+    first = create_in_memory_queue(clock=clock)
+    first.config.slo_targets["URGENT"] = 99.0
+    later = create_in_memory_queue(clock=clock, visibility_timeout=3_600.0)
+    assert later.config.slo_targets == DEFAULT_SLO_TARGETS
+    await later.enqueue(request("u", Priority.URGENT))
+    clock.advance(5.0)  # past URGENT's default target of 1 s, within 99 s
+    assert await later.dequeue(throttle(clock)) is not None
+    urgent = (await later.get_queue_metrics()).scheduling.slo_attainment["URGENT"]
+    assert (urgent.target, urgent.dispatched, urgent.met) == (1.0, 1, 0)
+    assert LLMQueueDispatcherConfig().slo_targets == DEFAULT_SLO_TARGETS
 
 
 async def test_in_memory_factory_store_shares_the_config_clock(clock: ManualClock) -> None:

@@ -17,6 +17,7 @@ import pytest
 from llm_queue_dispatcher import (
     CustomScorer,
     InMemoryStorage,
+    InvalidConfigError,
     InvalidRequestError,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
@@ -118,13 +119,16 @@ async def test_the_config_is_read_once_so_a_later_change_cannot_fail_a_dispatch(
     kind: str, scorer: str
 ) -> None:
     """A visibility timeout the store would refuse, set on the dispatcher's config after its
-    construction, never reaches a dispatch: the config is validated and read once."""
+    construction, never reaches a dispatch: the config is validated and read once, and the
+    dispatcher's copy refuses the change."""
     clock = ManualClock(1_000.0)
     storage, dispatcher = make(clock, SCORERS[scorer])
     limiter = limiter_of(kind)
     await dispatcher.enqueue(request("a"))
     for bad in (50_000.0, -1.0, float("nan")):
-        dispatcher.config.visibility_timeout = bad
+        with pytest.raises(InvalidConfigError, match="visibility_timeout cannot change"):
+            dispatcher.config.visibility_timeout = bad
+    assert dispatcher.config.visibility_timeout == 30.0
     job = await dispatcher.dequeue(limiter)
     assert job is not None
     await assert_intact(limiter, storage, dispatcher, [job], visible=0)

@@ -13,8 +13,10 @@ import pytest
 from llm_queue_dispatcher import (
     CustomScorer,
     InMemoryStorage,
+    InvalidRequestError,
     LLMQueueDispatcher,
     LLMQueueDispatcherConfig,
+    LLMThrottle,
     ManualClock,
     MessageStateError,
     Priority,
@@ -144,6 +146,27 @@ async def test_a_stale_delivery_of_an_earlier_message_with_the_same_id_never_set
     await fresh.mark_as_processed(actual_tokens=250)
     assert limiter.adjusted == [("chat-7#2", 100), ("chat-7#1", 250)]
     assert limiter.tokens == 10_000 - 100 - 100 - 250
+
+
+@pytest.mark.parametrize("limiter_class", [LLMThrottle, FixedBudgetLimiter, BookLimiter])
+async def test_a_limiter_class_instead_of_a_limiter_is_refused_and_changes_nothing(
+    clock: ManualClock, limiter_class: type
+) -> None:
+    """Passing the class (``LLMThrottle`` rather than ``LLMThrottle(...)``) is a caller's
+    mistake refused at the door, as any other object that is not a limiter: its methods are
+    unbound, and calling one half-way through a dispatch raised `TypeError`."""
+    dispatcher = queue(clock)
+    await dispatcher.enqueue(request("a"))
+    with pytest.raises(InvalidRequestError, match="rate_limiter must be a RateLimiter"):
+        await dispatcher.dequeue(limiter_class)
+    with pytest.raises(InvalidRequestError, match="rate_limiter must be a RateLimiter"):
+        await dispatcher.dequeue(limiter_class, timeout=1.0)
+    with pytest.raises(InvalidRequestError, match="rate_limiter must be a RateLimiter"):
+        await dispatcher.take_unfittable(limiter_class)
+    assert await counts(dispatcher) == (1, 0, 1)
+    job = await dispatcher.dequeue(FixedBudgetLimiter(tokens=2_000))
+    assert job is not None
+    assert job.message.payload.id == "a"
 
 
 async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:

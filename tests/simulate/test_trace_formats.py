@@ -288,6 +288,16 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ),
     ("short row", HEADER.encode() + b"2023-11-16 18:40:00,1\n", "t.csv:2: 2 cells, the header has 3"),
     (
+        "a column read twice",
+        b"TIMESTAMP,ContextTokens,GeneratedTokens,ContextTokens\n2023-11-16 18:40:00,1,3,500\n",
+        "t.csv:1: the header names the column 'ContextTokens' twice",
+    ),
+    (
+        "a project column twice",
+        b"arrival,estimated,arrival\n0.5,10,7\n",
+        "t.csv:1: the header names the column 'arrival' twice",
+    ),
+    (
         "negative tokens",
         HEADER.encode() + b"2023-11-16 18:40:00,-5,3\n",
         "t.csv:2: ContextTokens must be a whole number",

@@ -14,6 +14,7 @@ import pytest
 from llm_queue_dispatcher import Priority
 from llm_queue_dispatcher.cli import main
 from llm_queue_dispatcher.simulate import ProviderModel, TraceRecord
+from llm_queue_dispatcher.simulate_scenario import BASE_TPM
 from llm_queue_dispatcher.simulate_trace import TraceRules, assemble_trace, read_trace_file
 from llm_queue_dispatcher.simulate_workload import arrivals_per_minute, scale_arrivals, tokens_per_minute
 
@@ -138,6 +139,27 @@ def test_a_trace_without_load_or_tpm_runs_at_load_1(capsys: pytest.CaptureFixtur
     assert "= 1.00x the TPM limit" in first
     assert "(twice the mean arrivals a minute)" in first
     assert "latency 0.4 s + 0.2 ms/prompt token + 20 ms/completion token" in first
+
+
+def test_a_trace_whose_requests_have_no_tokens_runs_and_refuses_a_load(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Every request of 0 tokens: no tokens arrive a minute, so load 1 sets no TPM limit (the
+    default limit applies, as for a trace arriving at one instant) and ``--load`` is refused in
+    one line naming it; before, the report divided by a TPM limit of 0."""
+    trace = tmp_path / "zeros.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,0,0\n"
+        "2023-11-16 18:15:47.6805900,0,0\n"
+    )
+    [result] = simulate_json(capsys, "--trace", str(trace), "--strategy", "fifo")
+    assert result["tpm_limit"] == BASE_TPM
+    assert result["tokens_used"] == 0
+    for extra in ([], ["--tpm", "100"]):
+        err = stderr_of(capsys, "--trace", str(trace), "--load", "2", *extra)
+        assert err.count("\n") == 1
+        assert "--load needs a trace with tokens" in err, err
 
 
 def test_the_provider_charges_the_prompt_and_the_completion_apart() -> None:
