@@ -345,9 +345,38 @@ class LLMRequest(Generic[T]):
             _check_text(self.tenant, "tenant")
 
 
+class _FieldState:
+    """Copying and pickling of a frozen dataclass whose fields are slots: the state is the dict
+    of its fields (what an instance with a ``__dict__`` pickles, so pickles made before the
+    fields became slots load, and the other way round), set back past the frozen
+    ``__setattr__``."""
+
+    __slots__ = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # type: ignore[attr-defined]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+
+# The two classes the store builds for every message keep their fields in slots, not in a
+# per-instance dict: one allocation per instance instead of two, and the store sets each field
+# through its slot's descriptor (`rust/py/messages.rs`). `__weakref__` keeps them weakly
+# referenceable, as a dataclass with a dict is.
 @dataclass(frozen=True)
-class MessageAttributes:
+class MessageAttributes(_FieldState):
     """What the store knows of one delivery of a message."""
+
+    __slots__ = (
+        "__weakref__",
+        "enqueued_at",
+        "first_received_at",
+        "message_id",
+        "receipt_handle",
+        "receive_count",
+    )
 
     message_id: str
     receipt_handle: str
@@ -357,8 +386,10 @@ class MessageAttributes:
 
 
 @dataclass(frozen=True)
-class QueueMessage(Generic[T]):
+class QueueMessage(_FieldState, Generic[T]):
     """A request as the store holds it: the request plus its delivery attributes."""
+
+    __slots__ = ("__weakref__", "attributes", "id", "payload")
 
     id: str
     payload: LLMRequest[T]

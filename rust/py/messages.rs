@@ -1,10 +1,13 @@
 //! Building `QueueMessage` objects from stored messages, fast.
 //!
-//! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, but are
-//! built with `object.__new__` and `PyObject_GenericSetAttr` (what a frozen dataclass's own
-//! `__init__` does through `object.__setattr__`), and datetimes from their calendar fields, so
-//! building a message costs well under a microsecond. `tests/test_core_store.py` checks that the
-//! attributes set here are exactly the dataclasses' fields.
+//! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, whose fields
+//! are slots. They are built as `object.__new__` builds them (the class's `tp_alloc`), each
+//! field written into its slot at the offset its member descriptor gives (what the descriptor's
+//! `__set__`, and so a frozen dataclass's own `__init__` through `object.__setattr__`, would
+//! store there), and datetimes from their calendar fields, so building a message costs well
+//! under a microsecond. Should a field not be such a slot, it is set with
+//! `PyObject_GenericSetAttr` instead. `tests/test_core_store.py` checks that the attributes set
+//! here are exactly the dataclasses' fields.
 //!
 //! Messages are built from [`MessageView`]s copied out of the store under its lock, after the
 //! lock is released: constructing objects may run the garbage collector, and with it arbitrary
@@ -40,6 +43,136 @@ types_class!(pub(crate) llm_request_class, "LLMRequest");
 types_class!(pub(crate) token_info_class, "TokenInfo");
 types_class!(queue_message_class, "QueueMessage");
 types_class!(message_attributes_class, "MessageAttributes");
+
+/// The fields of `MessageAttributes`, in the order [`Maker::make`] takes their values.
+const ATTRIBUTE_FIELDS: [&str; 5] =
+    ["message_id", "receipt_handle", "enqueued_at", "receive_count", "first_received_at"];
+/// The fields of `QueueMessage`, likewise.
+const MESSAGE_FIELDS: [&str; 3] = ["id", "payload", "attributes"];
+
+/// Builds instances of one of the dataclasses without running its `__init__`, from the values
+/// of its fields.
+struct Maker<const N: usize> {
+    class: Py<PyType>,
+    how: How<N>,
+}
+
+enum How<const N: usize> {
+    /// Each field is a slot of the class itself at this offset, holding an object (`T_OBJECT_EX`,
+    /// writable); the class allocates with `tp_alloc`, zeroed: the slots start empty.
+    Slots([usize; N]),
+    /// `object.__new__`, then `object.__setattr__` of each field by name.
+    SetAttr([Py<PyString>; N]),
+}
+
+impl<const N: usize> Maker<N> {
+    fn of(class: &Bound<'_, PyType>, names: [&str; N]) -> PyResult<Self> {
+        let py = class.py();
+        let how = match slot_offsets(class, names)? {
+            Some(offsets) => How::Slots(offsets),
+            None => How::SetAttr(names.map(|name| PyString::intern(py, name).unbind())),
+        };
+        Ok(Self { class: class.clone().unbind(), how })
+    }
+
+    /// An instance with `values[i]` as its field `i`.
+    fn make<'py>(&self, py: Python<'py>, values: [&Bound<'py, PyAny>; N]) -> PyResult<Bound<'py, PyAny>> {
+        let class = self.class.bind(py);
+        match &self.how {
+            How::Slots(offsets) => {
+                let object = alloc_instance(class)?;
+                for (&offset, value) in offsets.iter().zip(values) {
+                    // SAFETY: `slot_offsets` checked that `offset` is an object slot inside the
+                    // class's instances, and `object` is a fresh, zeroed instance of exactly
+                    // that class: the slot is empty, so it takes a new reference and nothing is
+                    // overwritten.
+                    unsafe {
+                        let slot = object.as_ptr().byte_add(offset).cast::<*mut ffi::PyObject>();
+                        debug_assert!((*slot).is_null());
+                        *slot = value.clone().into_ptr();
+                    }
+                }
+                Ok(object)
+            }
+            How::SetAttr(names) => {
+                let object = new_instance(class)?;
+                for (name, value) in names.iter().zip(values) {
+                    set_field(&object, name.bind(py), value)?;
+                }
+                Ok(object)
+            }
+        }
+    }
+}
+
+/// The offsets of the named fields when each is an object slot (`__slots__`) of `class` itself,
+/// writable, within its instances, and `class` allocates plain zeroed instances of a fixed size;
+/// None otherwise (a field kept in the instance's dict, a property, a different layout).
+fn slot_offsets<const N: usize>(class: &Bound<'_, PyType>, names: [&str; N]) -> PyResult<Option<[usize; N]>> {
+    let py = class.py();
+    let type_ptr = class.as_type_ptr();
+    // SAFETY: a live type object; reading plain fields of a full (non-limited) type object.
+    let (basicsize, itemsize, has_alloc) =
+        unsafe { ((*type_ptr).tp_basicsize, (*type_ptr).tp_itemsize, (*type_ptr).tp_alloc.is_some()) };
+    let Ok(basicsize) = usize::try_from(basicsize) else { return Ok(None) };
+    if itemsize != 0 || !has_alloc {
+        return Ok(None);
+    }
+    let own = class.getattr(intern!(py, "__dict__"))?;
+    let mut offsets = [0usize; N];
+    for (name, offset) in names.iter().zip(&mut offsets) {
+        let Ok(descriptor) = own.get_item(name) else { return Ok(None) };
+        // SAFETY: comparing the descriptor's type with the static type of member descriptors.
+        let is_member = unsafe {
+            std::ptr::eq(ffi::Py_TYPE(descriptor.as_ptr()), std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type))
+        };
+        if !is_member {
+            return Ok(None);
+        }
+        // SAFETY: an object of exactly `member_descriptor`'s type is a `PyMemberDescrObject`, whose
+        // `d_member` points at the `PyMemberDef` of the slot (`CPython` 3.10 and later alike;
+        // PyO3 names the pointee's type differently before 3.11, the pointer is the same).
+        let (owner, member) = unsafe {
+            let descriptor = descriptor.as_ptr().cast::<ffi::PyMemberDescrObject>();
+            ((*descriptor).d_common.d_type, &*(*descriptor).d_member.cast::<ffi::PyMemberDef>())
+        };
+        let Ok(at) = usize::try_from(member.offset) else { return Ok(None) };
+        let fits = at >= std::mem::size_of::<ffi::PyObject>()
+            && at % std::mem::align_of::<*mut ffi::PyObject>() == 0
+            && at + std::mem::size_of::<*mut ffi::PyObject>() <= basicsize;
+        if !std::ptr::eq(owner, type_ptr)
+            || member.type_code != ffi::Py_T_OBJECT_EX
+            || member.flags & ffi::Py_READONLY != 0
+            || !fits
+        {
+            return Ok(None);
+        }
+        *offset = at;
+    }
+    Ok(Some(offsets))
+}
+
+/// What `object.__new__(cls)` returns for a class without a per-instance dict: a zeroed instance
+/// from the class's `tp_alloc` (tracked by the collector when the class is).
+fn alloc_instance<'py>(class: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    let py = class.py();
+    // SAFETY: `slot_offsets` checked that the class has a `tp_alloc`; it is called as
+    // `object.__new__` calls it, with no items.
+    unsafe {
+        let alloc = (*class.as_type_ptr()).tp_alloc.ok_or_else(|| PyErr::fetch(py))?;
+        Bound::from_owned_ptr_or_err(py, alloc(class.as_type_ptr(), 0))
+    }
+}
+
+fn attributes_maker(py: Python<'_>) -> PyResult<&Maker<5>> {
+    static MAKER: PyOnceLock<Maker<5>> = PyOnceLock::new();
+    MAKER.get_or_try_init(py, || Maker::of(message_attributes_class(py)?, ATTRIBUTE_FIELDS))
+}
+
+fn message_maker(py: Python<'_>) -> PyResult<&Maker<3>> {
+    static MAKER: PyOnceLock<Maker<3>> = PyOnceLock::new();
+    MAKER.get_or_try_init(py, || Maker::of(queue_message_class(py)?, MESSAGE_FIELDS))
+}
 
 /// `object.__new__(cls)`: an instance whose `__init__` has not run. Calls `object`'s `tp_new`
 /// slot directly, as `object.__new__` does after its checks (`cls` is one of the dataclasses
@@ -162,22 +295,17 @@ fn build_from_parts<'py>(
     dates: &mut DateCache<'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut id_buf = [0u8; MESSAGE_ID_LEN];
-    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf));
-    let attributes = new_instance(message_attributes_class(py)?)?;
-    set_field(&attributes, intern!(py, "message_id"), &id)?;
-    set_field(&attributes, intern!(py, "receipt_handle"), &handle)?;
-    set_field(&attributes, intern!(py, "enqueued_at"), &dates.get(py, view.enqueued_at)?)?;
-    set_field(&attributes, intern!(py, "receive_count"), &view.receive_count.into_pyobject(py)?)?;
-    match view.first_received_at {
-        Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
-        None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
-    }
+    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf)).into_any();
+    let enqueued_at = dates.get(py, view.enqueued_at)?.into_any();
+    let receive_count = view.receive_count.into_pyobject(py)?.into_any();
+    let first_received_at = match view.first_received_at {
+        Some(at) => dates.get(py, at)?.into_any(),
+        None => py.None().into_bound(py),
+    };
+    let attributes = attributes_maker(py)?
+        .make(py, [&id, handle.as_any(), &enqueued_at, &receive_count, &first_received_at])?;
     untrack_atomic(&attributes);
-    let message = new_instance(queue_message_class(py)?)?;
-    set_field(&message, intern!(py, "id"), &id)?;
-    set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
-    set_field(&message, intern!(py, "attributes"), &attributes)?;
-    Ok(message)
+    message_maker(py)?.make(py, [&id, view.payload.bind(py), &attributes])
 }
 
 pub(crate) fn build_view<'py>(
@@ -211,8 +339,9 @@ pub(crate) fn build_enqueued<'py>(
     let _paused = GcPause::new();
     let enqueued_at = utc_datetime(py, enqueued_at)?;
     let (no_handle, none) = (intern!(py, ""), py.None().into_bound(py));
-    let never = 0u32.into_pyobject(py)?;
-    let (message_class, attributes_class) = (queue_message_class(py)?, message_attributes_class(py)?);
+    let never = 0u32.into_pyobject(py)?.into_any();
+    let (no_handle, none, enqueued_at) = (no_handle.as_any(), none.as_any(), enqueued_at.as_any());
+    let (message_maker, attributes_maker) = (message_maker(py)?, attributes_maker(py)?);
     let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
     // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
     // every item is set releases only those set).
@@ -229,18 +358,10 @@ pub(crate) fn build_enqueued<'py>(
         } else {
             format_message_id_into(message_id, &mut id_buf);
         }
-        let id = ascii_string(py, &id_buf)?;
-        let attributes = new_instance(attributes_class)?;
-        set_field(&attributes, intern!(py, "message_id"), &id)?;
-        set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
-        set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
-        set_field(&attributes, intern!(py, "receive_count"), &never)?;
-        set_field(&attributes, intern!(py, "first_received_at"), &none)?;
+        let id = ascii_string(py, &id_buf)?.into_any();
+        let attributes = attributes_maker.make(py, [&id, no_handle, enqueued_at, &never, none])?;
         untrack_atomic(&attributes);
-        let message = new_instance(message_class)?;
-        set_field(&message, intern!(py, "id"), &id)?;
-        set_field(&message, intern!(py, "payload"), request)?;
-        set_field(&message, intern!(py, "attributes"), &attributes)?;
+        let message = message_maker.make(py, [&id, request, &attributes])?;
         // SAFETY: `i < len`; the list takes the reference.
         unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
     }
