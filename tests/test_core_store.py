@@ -448,6 +448,41 @@ def test_messages_copy_and_pickle_with_every_protocol() -> None:
     assert loaded == QueueMessage(message.id, plain, twin.attributes)
 
 
+def test_batch_message_attributes_are_built_on_first_read_and_kept() -> None:
+    """A batch's messages read their `MessageAttributes` as if built eagerly: the same object
+    on every read, equal to the constructor's, out of the collector; a message whose attributes
+    were never read compares, prints, copies, pickles and is replaced as an eager one; a value
+    set past the frozen ``__setattr__`` replaces them; a deleted field is gone."""
+    import copy
+    import pickle
+
+    core = StoreCore(clock=ManualClock(1_700_000_000.5))
+    at = datetime(2023, 11, 14, 22, 13, 20, 500_000, timezone.utc)
+    batch = core.enqueue_batch([make(f"m{i}") for i in range(6)])
+    eager = [QueueMessage(m.id, m.payload, MessageAttributes(m.id, "", at, 0, None)) for m in batch]
+    first = batch[0].attributes
+    assert batch[0].attributes is first
+    assert first == eager[0].attributes
+    assert not gc.is_tracked(first)
+    assert batch[1] == eager[1]  # compared before any read of its attributes
+    assert repr(batch[2]) == repr(eager[2])
+    assert copy.copy(batch[3]) == eager[3]
+    assert pickle.loads(pickle.dumps(batch[4])) == eager[4]
+    assert dataclasses.replace(batch[5], id="other") == dataclasses.replace(eager[5], id="other")
+    [unread] = core.enqueue_batch([make("set")])
+    other = MessageAttributes("x", "h", at, 1, at)
+    object.__setattr__(unread, "attributes", other)
+    assert unread.attributes is other
+    [gone] = core.enqueue_batch([make("deleted")])
+    object.__delattr__(gone, "attributes")
+    with pytest.raises(AttributeError):
+        _ = gone.attributes
+    assert [f.name for f in dataclasses.fields(QueueMessage)] == ["id", "payload", "attributes"]
+    assert QueueMessage(first.message_id, make("c"), first).attributes is first
+    with pytest.raises(TypeError, match="member descriptors"):
+        type(QueueMessage.__dict__["attributes"])(QueueMessage.__dict__["id"], property())
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(

@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
 from ._checks import finite_float, shown
+from ._core import AttributesSlot
 from .errors import InvalidRequestError
 
 __all__ = [
@@ -389,8 +390,17 @@ class MessageAttributes(_FieldState):
 class QueueMessage(_FieldState, Generic[T]):
     """A request as the store holds it: the request plus its delivery attributes."""
 
-    __slots__ = ("__weakref__", "attributes", "id", "payload")
+    # `_enqueued_at`: not a field; see `AttributesSlot` below.
+    __slots__ = ("__weakref__", "_enqueued_at", "attributes", "id", "payload")
 
     id: str
     payload: LLMRequest[T]
     attributes: MessageAttributes
+
+
+# `attributes` is read through its slot, except that a message from the in-memory store's batch
+# enqueue gets its `MessageAttributes` built on first read (from its id and the batch's instant,
+# left in `_enqueued_at`), then kept: the same object on every read, equal to an eager build.
+QueueMessage.attributes = AttributesSlot(  # type: ignore[assignment,misc]
+    QueueMessage.__dict__["attributes"], QueueMessage.__dict__["_enqueued_at"]
+)

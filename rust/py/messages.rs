@@ -15,6 +15,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
+use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDateTime, PyList, PyString, PyTuple, PyType, PyTzInfo};
@@ -22,6 +23,7 @@ use pyo3::{ffi, intern};
 
 use crate::clock::civil_from_days;
 use crate::errors::CoreError;
+use crate::py::args::repr_of;
 use crate::py::errors::to_py_err;
 use crate::py::requests::Payload;
 use crate::store::{
@@ -121,7 +123,10 @@ fn slot_offsets<const N: usize>(class: &Bound<'_, PyType>, names: [&str; N]) -> 
     let own = class.getattr(intern!(py, "__dict__"))?;
     let mut offsets = [0usize; N];
     for (name, offset) in names.iter().zip(&mut offsets) {
-        let Ok(descriptor) = own.get_item(name) else { return Ok(None) };
+        let Ok(mut descriptor) = own.get_item(name) else { return Ok(None) };
+        if let Ok(lazy) = descriptor.cast::<PyAttributesSlot>() {
+            descriptor = lazy.get().slot.bind(py).clone();
+        }
         // SAFETY: comparing the descriptor's type with the static type of member descriptors.
         let is_member = unsafe {
             std::ptr::eq(ffi::Py_TYPE(descriptor.as_ptr()), std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type))
@@ -172,6 +177,145 @@ fn attributes_maker(py: Python<'_>) -> PyResult<&Maker<5>> {
 fn message_maker(py: Python<'_>) -> PyResult<&Maker<3>> {
     static MAKER: PyOnceLock<Maker<3>> = PyOnceLock::new();
     MAKER.get_or_try_init(py, || Maker::of(queue_message_class(py)?, MESSAGE_FIELDS))
+}
+
+/// Builds `QueueMessage`s without their `MessageAttributes` (see [`PyAttributesSlot`]): id,
+/// payload and the instant of the batch, each into its slot. None when the class is not laid
+/// out for that (its `attributes` not read through a [`PyAttributesSlot`], or a field not a
+/// slot): messages are then built whole.
+fn lazy_message_maker(py: Python<'_>) -> PyResult<Option<&Maker<3>>> {
+    static MAKER: PyOnceLock<Option<Maker<3>>> = PyOnceLock::new();
+    let maker = MAKER.get_or_try_init(py, || -> PyResult<_> {
+        let class = queue_message_class(py)?;
+        let lazy = class
+            .getattr(intern!(py, "__dict__"))?
+            .get_item("attributes")?
+            .is_instance_of::<PyAttributesSlot>();
+        let maker = Maker::of(class, ["id", "payload", "_enqueued_at"])?;
+        Ok((lazy && matches!(maker.how, How::Slots(_))).then_some(maker))
+    })?;
+    Ok(maker.as_ref())
+}
+
+// ----- attributes built on first read ----------------------------------------------------------
+
+/// The `attributes` field of `QueueMessage`, set over the field's slot by `types.py`: reads,
+/// sets and deletes that slot. A batch enqueue leaves the slot of each message it returns empty
+/// and the batch's instant in the message's `_enqueued_at` slot: the first read of `attributes`
+/// builds the `MessageAttributes` an eager build would have made (the message's id, no receipt
+/// handle, that instant, not received) and keeps them in the slot, so every read gives that
+/// same object. A batch of a million messages then allocates, and frees, a million objects
+/// fewer when the attributes are never read.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "AttributesSlot", frozen)]
+pub struct PyAttributesSlot {
+    /// The member descriptor of the `attributes` slot.
+    slot: Py<PyAny>,
+    /// The member descriptor of the `_enqueued_at` slot.
+    enqueued_at: Py<PyAny>,
+}
+
+#[pymethods]
+impl PyAttributesSlot {
+    #[new]
+    fn new(slot: &Bound<'_, PyAny>, enqueued_at: &Bound<'_, PyAny>) -> PyResult<Self> {
+        for descriptor in [slot, enqueued_at] {
+            // SAFETY: comparing an object's type with the static type of member descriptors.
+            let is_member = unsafe {
+                std::ptr::eq(
+                    ffi::Py_TYPE(descriptor.as_ptr()),
+                    std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type),
+                )
+            };
+            if !is_member {
+                return Err(PyTypeError::new_err(format!(
+                    "AttributesSlot takes the member descriptors of two slots, got {}",
+                    repr_of(descriptor)
+                )));
+            }
+        }
+        Ok(Self { slot: slot.clone().unbind(), enqueued_at: enqueued_at.clone().unbind() })
+    }
+
+    fn __get__<'py>(
+        slf: &Bound<'py, Self>,
+        instance: Option<&Bound<'py, PyAny>>,
+        _owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let Some(message) = instance.filter(|m| !m.is_none()) else { return Ok(slf.clone().into_any()) };
+        let this = slf.get();
+        let error = match descriptor_get(this.slot.bind(py), message) {
+            Ok(attributes) => return Ok(attributes),
+            Err(error) => error,
+        };
+        // An empty slot: attributes not built yet, or deleted (then `_enqueued_at` is empty too).
+        if !error.is_instance_of::<PyAttributeError>(py) {
+            return Err(error);
+        }
+        let Ok(enqueued_at) = descriptor_get(this.enqueued_at.bind(py), message) else { return Err(error) };
+        let id = message.getattr(intern!(py, "id"))?;
+        let (never, none) = (0u32.into_pyobject(py)?.into_any(), py.None().into_bound(py));
+        let attributes =
+            attributes_maker(py)?.make(py, [&id, intern!(py, "").as_any(), &enqueued_at, &never, &none])?;
+        untrack_atomic(&attributes);
+        descriptor_set(this.slot.bind(py), message, Some(&attributes))?;
+        descriptor_set(this.enqueued_at.bind(py), message, None)?;
+        Ok(attributes)
+    }
+
+    fn __set__(&self, py: Python<'_>, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        descriptor_set(self.slot.bind(py), instance, Some(value))?;
+        // A set value replaces attributes not built yet: they are never built.
+        match descriptor_set(self.enqueued_at.bind(py), instance, None) {
+            Err(error) if !error.is_instance_of::<PyAttributeError>(py) => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    fn __delete__(&self, py: Python<'_>, instance: &Bound<'_, PyAny>) -> PyResult<()> {
+        let deleted = descriptor_set(self.slot.bind(py), instance, None);
+        let pending = descriptor_set(self.enqueued_at.bind(py), instance, None);
+        // Attributes not built yet count as set: deleting them succeeds once.
+        match (deleted, pending) {
+            (Ok(()), _) | (_, Ok(())) => Ok(()),
+            (Err(error), _) => Err(error),
+        }
+    }
+}
+
+/// `descriptor.__get__(instance)` through the descriptor's slot.
+fn descriptor_get<'py>(
+    descriptor: &Bound<'py, PyAny>,
+    instance: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = descriptor.py();
+    // SAFETY: a member descriptor (checked at construction) has `tp_descr_get`; all pointers are
+    // live; the slot returns a new reference or NULL with an exception set.
+    unsafe {
+        let get = (*ffi::Py_TYPE(descriptor.as_ptr())).tp_descr_get.ok_or_else(|| PyErr::fetch(py))?;
+        let owner = ffi::Py_TYPE(instance.as_ptr()).cast::<ffi::PyObject>();
+        Bound::from_owned_ptr_or_err(py, get(descriptor.as_ptr(), instance.as_ptr(), owner))
+    }
+}
+
+/// `descriptor.__set__(instance, value)`, or `__delete__` for None, through the descriptor's slot.
+fn descriptor_set(
+    descriptor: &Bound<'_, PyAny>,
+    instance: &Bound<'_, PyAny>,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let py = descriptor.py();
+    // SAFETY: a member descriptor (checked at construction) has `tp_descr_set`; all pointers are
+    // live (NULL deletes); it returns 0, or -1 with an exception set.
+    let status = unsafe {
+        let set = (*ffi::Py_TYPE(descriptor.as_ptr())).tp_descr_set.ok_or_else(|| PyErr::fetch(py))?;
+        set(descriptor.as_ptr(), instance.as_ptr(), value.map_or(std::ptr::null_mut(), Bound::as_ptr))
+    };
+    if status < 0 {
+        Err(PyErr::fetch(py))
+    } else {
+        Ok(())
+    }
 }
 
 /// `object.__new__(cls)`: an instance whose `__init__` has not run. Calls `object`'s `tp_new`
@@ -342,6 +486,7 @@ pub(crate) fn build_enqueued<'py>(
     let never = 0u32.into_pyobject(py)?.into_any();
     let (no_handle, none, enqueued_at) = (no_handle.as_any(), none.as_any(), enqueued_at.as_any());
     let (message_maker, attributes_maker) = (message_maker(py)?, attributes_maker(py)?);
+    let lazy = lazy_message_maker(py)?;
     let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
     // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
     // every item is set releases only those set).
@@ -359,9 +504,13 @@ pub(crate) fn build_enqueued<'py>(
             format_message_id_into(message_id, &mut id_buf);
         }
         let id = ascii_string(py, &id_buf)?.into_any();
-        let attributes = attributes_maker.make(py, [&id, no_handle, enqueued_at, &never, none])?;
-        untrack_atomic(&attributes);
-        let message = message_maker.make(py, [&id, request, &attributes])?;
+        let message = if let Some(lazy) = lazy {
+            lazy.make(py, [&id, request, enqueued_at])?
+        } else {
+            let attributes = attributes_maker.make(py, [&id, no_handle, enqueued_at, &never, none])?;
+            untrack_atomic(&attributes);
+            message_maker.make(py, [&id, request, &attributes])?
+        };
         // SAFETY: `i < len`; the list takes the reference.
         unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
     }
