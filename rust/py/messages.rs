@@ -89,7 +89,7 @@ impl<const N: usize> Maker<N> {
                     // that class: the slot is empty, so it takes a new reference and nothing is
                     // overwritten.
                     unsafe {
-                        let slot = object.as_ptr().byte_add(offset).cast::<*mut ffi::PyObject>();
+                        let slot = slot_at(&object, offset);
                         debug_assert!((*slot).is_null());
                         *slot = value.clone().into_ptr();
                     }
@@ -112,11 +112,9 @@ impl<const N: usize> Maker<N> {
 /// None otherwise (a field kept in the instance's dict, a property, a different layout).
 fn slot_offsets<const N: usize>(class: &Bound<'_, PyType>, names: [&str; N]) -> PyResult<Option<[usize; N]>> {
     let py = class.py();
-    let type_ptr = class.as_type_ptr();
     // SAFETY: a live type object; reading plain fields of a full (non-limited) type object.
-    let (basicsize, itemsize, has_alloc) =
-        unsafe { ((*type_ptr).tp_basicsize, (*type_ptr).tp_itemsize, (*type_ptr).tp_alloc.is_some()) };
-    let Ok(basicsize) = usize::try_from(basicsize) else { return Ok(None) };
+    let (itemsize, has_alloc) =
+        unsafe { ((*class.as_type_ptr()).tp_itemsize, (*class.as_type_ptr()).tp_alloc.is_some()) };
     if itemsize != 0 || !has_alloc {
         return Ok(None);
     }
@@ -127,34 +125,48 @@ fn slot_offsets<const N: usize>(class: &Bound<'_, PyType>, names: [&str; N]) -> 
         if let Ok(lazy) = descriptor.cast::<PyAttributesSlot>() {
             descriptor = lazy.get().slot.bind(py).clone();
         }
-        // SAFETY: comparing the descriptor's type with the static type of member descriptors.
-        let is_member = unsafe {
-            std::ptr::eq(ffi::Py_TYPE(descriptor.as_ptr()), std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type))
-        };
-        if !is_member {
-            return Ok(None);
+        match object_slot(&descriptor) {
+            Some((owner, at)) if owner == class.as_type_ptr() as usize => *offset = at,
+            _ => return Ok(None),
         }
-        // SAFETY: an object of exactly `member_descriptor`'s type is a `PyMemberDescrObject`, whose
-        // `d_member` points at the `PyMemberDef` of the slot (`CPython` 3.10 and later alike;
-        // PyO3 names the pointee's type differently before 3.11, the pointer is the same).
-        let (owner, member) = unsafe {
-            let descriptor = descriptor.as_ptr().cast::<ffi::PyMemberDescrObject>();
-            ((*descriptor).d_common.d_type, &*(*descriptor).d_member.cast::<ffi::PyMemberDef>())
-        };
-        let Ok(at) = usize::try_from(member.offset) else { return Ok(None) };
-        let fits = at >= std::mem::size_of::<ffi::PyObject>()
-            && at % std::mem::align_of::<*mut ffi::PyObject>() == 0
-            && at + std::mem::size_of::<*mut ffi::PyObject>() <= basicsize;
-        if !std::ptr::eq(owner, type_ptr)
-            || member.type_code != ffi::Py_T_OBJECT_EX
-            || member.flags & ffi::Py_READONLY != 0
-            || !fits
-        {
-            return Ok(None);
-        }
-        *offset = at;
     }
     Ok(Some(offsets))
+}
+
+/// `(the class, the offset)` of the slot a member descriptor gives access to, when it is a
+/// writable object slot (`T_OBJECT_EX`) inside the class's instances (their fixed part); None
+/// for any other descriptor.
+fn object_slot(descriptor: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
+    // SAFETY: comparing an object's type with the static type of member descriptors.
+    let is_member = unsafe {
+        std::ptr::eq(ffi::Py_TYPE(descriptor.as_ptr()), std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type))
+    };
+    if !is_member {
+        return None;
+    }
+    // SAFETY: an object of exactly `member_descriptor`'s type is a `PyMemberDescrObject`, whose
+    // `d_member` points at the `PyMemberDef` of the slot (`CPython` 3.10 and later alike; PyO3
+    // names the pointee's type differently before 3.11, the pointer is the same), and whose
+    // `d_type` is the live class that declared it.
+    let (owner, member, basicsize) = unsafe {
+        let descriptor = descriptor.as_ptr().cast::<ffi::PyMemberDescrObject>();
+        let owner = (*descriptor).d_common.d_type;
+        (owner, &*(*descriptor).d_member.cast::<ffi::PyMemberDef>(), (*owner).tp_basicsize)
+    };
+    let (at, basicsize) = (usize::try_from(member.offset).ok()?, usize::try_from(basicsize).ok()?);
+    let fits = at >= std::mem::size_of::<ffi::PyObject>()
+        && at % std::mem::align_of::<*mut ffi::PyObject>() == 0
+        && at + std::mem::size_of::<*mut ffi::PyObject>() <= basicsize;
+    (member.type_code == ffi::Py_T_OBJECT_EX && member.flags & ffi::Py_READONLY == 0 && fits)
+        .then_some((owner as usize, at))
+}
+
+/// The slot at `offset` of `object`.
+///
+/// # Safety
+/// `offset` is that of an object slot of `object`'s class or of a base (see [`object_slot`]).
+unsafe fn slot_at(object: &Bound<'_, PyAny>, offset: usize) -> *mut *mut ffi::PyObject {
+    object.as_ptr().byte_add(offset).cast::<*mut ffi::PyObject>()
 }
 
 /// What `object.__new__(cls)` returns for a class without a per-instance dict: a zeroed instance
@@ -212,28 +224,29 @@ pub struct PyAttributesSlot {
     slot: Py<PyAny>,
     /// The member descriptor of the `_enqueued_at` slot.
     enqueued_at: Py<PyAny>,
+    /// The class declaring both slots (its address), and their offsets: a read of a built
+    /// message's attributes is one load, no call.
+    owner: usize,
+    offsets: (usize, usize),
 }
 
 #[pymethods]
 impl PyAttributesSlot {
     #[new]
     fn new(slot: &Bound<'_, PyAny>, enqueued_at: &Bound<'_, PyAny>) -> PyResult<Self> {
-        for descriptor in [slot, enqueued_at] {
-            // SAFETY: comparing an object's type with the static type of member descriptors.
-            let is_member = unsafe {
-                std::ptr::eq(
-                    ffi::Py_TYPE(descriptor.as_ptr()),
-                    std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type),
-                )
-            };
-            if !is_member {
-                return Err(PyTypeError::new_err(format!(
-                    "AttributesSlot takes the member descriptors of two slots, got {}",
-                    repr_of(descriptor)
-                )));
-            }
+        match (object_slot(slot), object_slot(enqueued_at)) {
+            (Some((owner, at)), Some((other, pending))) if owner == other => Ok(Self {
+                slot: slot.clone().unbind(),
+                enqueued_at: enqueued_at.clone().unbind(),
+                owner,
+                offsets: (at, pending),
+            }),
+            _ => Err(PyTypeError::new_err(format!(
+                "AttributesSlot takes the member descriptors of two object slots of one class, got {} and {}",
+                repr_of(slot),
+                repr_of(enqueued_at)
+            ))),
         }
-        Ok(Self { slot: slot.clone().unbind(), enqueued_at: enqueued_at.clone().unbind() })
     }
 
     fn __get__<'py>(
@@ -244,20 +257,31 @@ impl PyAttributesSlot {
         let py = slf.py();
         let Some(message) = instance.filter(|m| !m.is_none()) else { return Ok(slf.clone().into_any()) };
         let this = slf.get();
-        let error = match descriptor_get(this.slot.bind(py), message) {
-            Ok(attributes) => return Ok(attributes),
-            Err(error) => error,
-        };
-        // An empty slot: attributes not built yet, or deleted (then `_enqueued_at` is empty too).
-        if !error.is_instance_of::<PyAttributeError>(py) {
-            return Err(error);
+        // SAFETY: `owner` is the live class that declared the slots (the descriptors keep it).
+        let fits =
+            unsafe { ffi::PyObject_TypeCheck(message.as_ptr(), this.owner as *mut ffi::PyTypeObject) } != 0;
+        if !fits {
+            return descriptor_get(this.slot.bind(py), message); // its TypeError
         }
-        let Ok(enqueued_at) = descriptor_get(this.enqueued_at.bind(py), message) else { return Err(error) };
+        let (at, pending) = this.offsets;
+        // SAFETY: `message` is an instance of the class (or a subclass) whose object slots these are.
+        let (attributes, enqueued_at) = unsafe { (*slot_at(message, at), *slot_at(message, pending)) };
+        if !attributes.is_null() {
+            // SAFETY: a live object the slot holds a reference to.
+            return Ok(unsafe { Bound::from_borrowed_ptr(py, attributes) });
+        }
+        if enqueued_at.is_null() {
+            return descriptor_get(this.slot.bind(py), message); // its AttributeError
+        }
+        // SAFETY: as above; a new reference while the slot's is given up below.
+        let enqueued_at = unsafe { Bound::from_borrowed_ptr(py, enqueued_at) };
         let id = message.getattr(intern!(py, "id"))?;
         let (never, none) = (0u32.into_pyobject(py)?.into_any(), py.None().into_bound(py));
         let attributes =
             attributes_maker(py)?.make(py, [&id, intern!(py, "").as_any(), &enqueued_at, &never, &none])?;
         untrack_atomic(&attributes);
+        // Set through the descriptors: whatever a finalizer run by a collection during the
+        // build may have put in the slots is released, not leaked.
         descriptor_set(this.slot.bind(py), message, Some(&attributes))?;
         descriptor_set(this.enqueued_at.bind(py), message, None)?;
         Ok(attributes)
