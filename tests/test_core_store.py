@@ -481,6 +481,8 @@ def test_batch_message_attributes_are_built_on_first_read_and_kept() -> None:
     assert QueueMessage(first.message_id, make("c"), first).attributes is first
     with pytest.raises(TypeError, match="member descriptors"):
         type(QueueMessage.__dict__["attributes"])(QueueMessage.__dict__["id"], property())
+    with pytest.raises(TypeError, match="doesn't apply to a 'object' object"):
+        QueueMessage.__dict__["attributes"].__get__(object())
 
 
 @settings(max_examples=40, deadline=None)
