@@ -243,10 +243,11 @@ fn bulk_extend<K: Ord, V>(map: &mut BTreeMap<K, V>, items: impl ExactSizeIterato
     }
 }
 
-/// `batch` ordered by cell (each cell's members in their order in `batch`) by a counting sort
-/// over the cells' dense numbers, when the batch is large enough for that to pay; None for a
-/// small batch (or a key out of the cells' ranges), which the caller sorts instead.
-fn by_cell(batch: &[(u32, IndexEntry)]) -> Option<Vec<(u32, IndexEntry)>> {
+/// Orders `batch` by cell in place, by a counting sort over the cells' dense numbers (each
+/// member swapped straight into its cell's range: no copy of the batch, whose pages would be
+/// fresh memory), when the batch is large enough for that to pay. False, `batch` untouched, for
+/// a small batch (or a key out of the cells' ranges), which the caller sorts instead.
+fn sort_by_cell(batch: &mut [(u32, IndexEntry)]) -> bool {
     const RETRIES: usize = RETRY_CLASSES as usize + 1;
     const TOKEN_CLASSES: usize = MAX_TOKEN_CLASS as usize + 1;
     const CELLS: usize = PRIORITIES * RETRIES * TOKEN_CLASSES;
@@ -257,24 +258,32 @@ fn by_cell(batch: &[(u32, IndexEntry)]) -> Option<Vec<(u32, IndexEntry)>> {
         (p < PRIORITIES && r < RETRIES && t < TOKEN_CLASSES).then_some((p * RETRIES + r) * TOKEN_CLASSES + t)
     };
     if batch.len() < CELLS / 4 {
-        return None;
+        return false;
     }
-    let mut next = vec![0usize; CELLS];
-    for (_, entry) in batch {
-        next[dense(&entry.cell)?] += 1;
+    let mut counts = vec![0usize; CELLS];
+    for (_, entry) in &*batch {
+        let Some(cell) = dense(&entry.cell) else { return false };
+        counts[cell] += 1;
     }
+    // `next[c]..end[c]`: the part of cell c's range not yet holding its members.
+    let (mut next, mut end) = (Vec::with_capacity(CELLS), Vec::with_capacity(CELLS));
     let mut start = 0;
-    for slot in &mut next {
-        (*slot, start) = (start, start + *slot);
+    for count in counts {
+        next.push(start);
+        start += count;
+        end.push(start);
     }
-    let mut out = vec![(0u32, batch[0].1); batch.len()];
-    for item in batch {
-        if let Some(i) = dense(&item.1.cell) {
-            out[next[i]] = *item;
-            next[i] += 1;
+    for cell in 0..CELLS {
+        while next[cell] < end[cell] {
+            let i = next[cell];
+            let home = dense(&batch[i].1.cell).expect("every cell was numbered above");
+            if home != cell {
+                batch.swap(i, next[home]);
+            }
+            next[home] += 1;
         }
     }
-    Some(out)
+    true
 }
 
 /// The visible messages of one cell: oldest first (the cell dereferences to its `seq -> slot`
@@ -749,14 +758,9 @@ impl VisibleIndex {
     pub fn insert_batch(&mut self, batch: &mut [(u32, IndexEntry)]) {
         // By cell first (a counting sort for a large batch: cells are few), then each cell's
         // run, which fits in cache, by the rest of the key.
-        let mut scattered;
-        let batch = if let Some(by_cell) = by_cell(batch) {
-            scattered = by_cell;
-            &mut scattered[..]
-        } else {
+        if !sort_by_cell(batch) {
             batch.sort_unstable_by_key(|(_, e)| e.cell);
-            batch
-        };
+        }
         for run in batch.chunk_by_mut(|(_, a), (_, b)| a.cell == b.cell) {
             run.sort_unstable_by_key(|(_, e)| (e.tokens, e.time, e.seq));
             let run = &*run;

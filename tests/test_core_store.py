@@ -7,10 +7,12 @@ import dataclasses
 import gc
 import math
 import weakref
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_queue_dispatcher import (
     DuplicateRequestError,
@@ -241,9 +243,11 @@ def rebuilt(message: QueueMessage[Any]) -> QueueMessage[Any]:
 def assert_exactly_the_dataclass(message: QueueMessage[Any]) -> None:
     assert type(message) is QueueMessage
     assert type(message.attributes) is MessageAttributes
-    assert set(vars(message)) == field_names(QueueMessage)
-    assert set(vars(message.attributes)) == field_names(MessageAttributes)
+    assert list(message.__getstate__()) == [f.name for f in dataclasses.fields(QueueMessage)]
+    assert list(message.attributes.__getstate__()) == [f.name for f in dataclasses.fields(MessageAttributes)]
     twin = rebuilt(message)
+    assert message.__getstate__() == twin.__getstate__()
+    assert message.attributes.__getstate__() == twin.attributes.__getstate__()
     assert message == twin
     assert repr(message) == repr(twin)
     assert dataclasses.asdict(message) == dataclasses.asdict(twin)
@@ -359,7 +363,7 @@ def test_message_attributes_stay_out_of_the_collector_and_messages_in_it() -> No
 def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
     """The attributes the store builds for a batch and for a single enqueue (without running
     the dataclass's ``__init__``) behave as `MessageAttributes` built by its constructor: same
-    ``vars()`` in field order, equality, hashing, repr, fields, copies, pickles, weak
+    state in field order, equality, hashing, repr, fields, copies, pickles, weak
     references, frozen, out of the collector."""
     import copy
     import pickle
@@ -372,7 +376,7 @@ def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
         twin = rebuilt(message).attributes
         assert type(attributes) is MessageAttributes
         assert isinstance(attributes, MessageAttributes)
-        assert list(vars(attributes).items()) == list(vars(twin).items())
+        assert list(attributes.__getstate__().items()) == list(twin.__getstate__().items())
         assert attributes == twin
         assert hash(attributes) == hash(twin)
         assert repr(attributes) == repr(twin)
@@ -391,8 +395,141 @@ def test_batch_enqueued_attributes_behave_as_constructed_ones() -> None:
             attributes.extra = 1  # type: ignore[attr-defined]
         assert not gc.is_tracked(attributes)
     # Each message has its own attributes, never shared within a batch.
-    assert len({id(vars(m.attributes)) for m in batch}) == len(batch)
+    assert len({id(m.attributes) for m in batch}) == len(batch)
     assert [m.attributes.message_id for m in batch] == [m.id for m in batch]
+
+
+def test_messages_copy_and_pickle_with_every_protocol() -> None:
+    """Messages and their attributes keep their fields in slots, and still pickle with every
+    protocol, copy, deep-copy (a cycle through the request included), take weak references and
+    refuse new attributes; a pickle whose state is the dict of the fields (as one made when the
+    fields were in a per-instance dict) loads into an equal message."""
+    import copy
+    import pickle
+
+    core = StoreCore(clock=ManualClock(1_700_000_000.0))
+    request = make("cyclic")
+    [message] = core.enqueue_batch([request])
+    request.metadata["message"] = message
+    twin = rebuilt(message)
+    # The copies' requests hold the copies (a cycle): compared field by field, not with ==.
+    copies = [pickle.loads(pickle.dumps(message, p)) for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+    for loaded in [*copies, copy.deepcopy(message)]:
+        assert type(loaded) is QueueMessage
+        assert (loaded.id, loaded.attributes) == (message.id, twin.attributes)
+        assert loaded.payload is not request
+        assert loaded.payload.id == request.id
+        assert loaded.payload.metadata["message"] is loaded
+    assert copy.copy(message) == twin
+    assert weakref.ref(message)() is message
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        object.__setattr__(message, "extra", 1)
+
+    class AsBefore:
+        """Pickles as a dataclass instance with a ``__dict__`` did: a new instance, then the
+        dict of its fields as its state."""
+
+        def __init__(self, cls: type, state: dict[str, Any]) -> None:
+            self.cls, self.state = cls, state
+
+        def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+            return (object.__new__, (self.cls,), self.state)
+
+    fields = {f.name: getattr(twin.attributes, f.name) for f in dataclasses.fields(MessageAttributes)}
+    plain = make("plain")
+    old = AsBefore(
+        QueueMessage, {"id": message.id, "payload": plain, "attributes": AsBefore(MessageAttributes, fields)}
+    )
+    loaded = pickle.loads(pickle.dumps(old, 2))
+    assert type(loaded) is QueueMessage
+    assert type(loaded.attributes) is MessageAttributes
+    assert loaded == QueueMessage(message.id, plain, twin.attributes)
+
+
+def test_batch_message_attributes_are_built_on_first_read_and_kept() -> None:
+    """A batch's messages read their `MessageAttributes` as if built eagerly: the same object
+    on every read, equal to the constructor's, out of the collector; a message whose attributes
+    were never read compares, prints, copies, pickles and is replaced as an eager one; a value
+    set past the frozen ``__setattr__`` replaces them; a deleted field is gone."""
+    import copy
+    import pickle
+
+    core = StoreCore(clock=ManualClock(1_700_000_000.5))
+    at = datetime(2023, 11, 14, 22, 13, 20, 500_000, timezone.utc)
+    batch = core.enqueue_batch([make(f"m{i}") for i in range(6)])
+    eager = [QueueMessage(m.id, m.payload, MessageAttributes(m.id, "", at, 0, None)) for m in batch]
+    first = batch[0].attributes
+    assert batch[0].attributes is first
+    assert first == eager[0].attributes
+    assert not gc.is_tracked(first)
+    assert batch[1] == eager[1]  # compared before any read of its attributes
+    assert repr(batch[2]) == repr(eager[2])
+    assert copy.copy(batch[3]) == eager[3]
+    assert pickle.loads(pickle.dumps(batch[4])) == eager[4]
+    assert dataclasses.replace(batch[5], id="other") == dataclasses.replace(eager[5], id="other")
+    [unread] = core.enqueue_batch([make("set")])
+    other = MessageAttributes("x", "h", at, 1, at)
+    object.__setattr__(unread, "attributes", other)
+    assert unread.attributes is other
+    [gone] = core.enqueue_batch([make("deleted")])
+    object.__delattr__(gone, "attributes")
+    with pytest.raises(AttributeError):
+        _ = gone.attributes
+    assert [f.name for f in dataclasses.fields(QueueMessage)] == ["id", "payload", "attributes"]
+    assert QueueMessage(first.message_id, make("c"), first).attributes is first
+    with pytest.raises(TypeError, match="member descriptors"):
+        type(QueueMessage.__dict__["attributes"])(QueueMessage.__dict__["id"], property())
+    with pytest.raises(TypeError, match="doesn't apply to a 'object' object"):
+        QueueMessage.__dict__["attributes"].__get__(object())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.integers(0, 10_000),
+            st.none() | st.floats(0.0, 1e6),
+            st.none() | st.sampled_from(["t1", "t2", "ü"]),
+        ),
+        max_size=40,
+    ),
+    st.floats(0.0, 4e9),
+)
+def test_batch_enqueue_returns_the_messages_a_constructor_would_build(
+    fields: list[tuple[int, int, float | None, str | None]], now: float
+) -> None:
+    """Each message a batch returns equals, and has the state, repr and hash of attributes of,
+    the message built by the dataclasses' constructors from the request, its message id and the
+    batch's instant; the ids are distinct and name the stored messages."""
+    core = StoreCore(clock=ManualClock(now))
+    requests = [
+        make(f"r{i}", priority=p, token_info=TokenInfo(t), expected_processing_time=e, tenant=n)
+        for i, (p, t, e, n) in enumerate(fields)
+    ]
+    batch = core.enqueue_batch(requests)
+    assert type(batch) is list
+    # The clock's reading to the microsecond, halves away from zero (the store's rounding).
+    enqueued_at = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(
+        microseconds=math.floor(now * 1e6 + 0.5)
+    )
+    for message, req in zip(batch, requests, strict=True):
+        eager = QueueMessage(
+            id=message.id,
+            payload=req,
+            attributes=MessageAttributes(message.id, "", enqueued_at, 0, None),
+        )
+        assert message == eager
+        assert message.payload is req
+        assert repr(message) == repr(eager)
+        assert message.__getstate__() == eager.__getstate__()
+        assert hash(message.attributes) == hash(eager.attributes)
+        assert dataclasses.astuple(message) == dataclasses.astuple(eager)
+    assert len({m.id for m in batch}) == len(batch)
+    peeked = [m for priority in range(4) for m in core.peek(priority, len(batch) + 1)]
+    assert sorted(m.id for m in peeked) == sorted(m.id for m in batch)
 
 
 def test_requests_whose_class_reads_attributes_its_own_way_are_read_through_it() -> None:

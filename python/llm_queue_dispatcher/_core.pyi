@@ -17,6 +17,7 @@ __all__ = [
     "FACTOR_NAMES",
     "MAX_PROVIDER_WAIT",
     "MAX_VISIBILITY_TIMEOUT",
+    "AttributesSlot",
     "BucketMetrics",
     "BucketState",
     "Capacity",
@@ -410,6 +411,17 @@ class LLMThrottle:
     @property
     def clock(self) -> Any:
         """The clock given at construction; None for the system monotonic clock."""
+
+@final
+class AttributesSlot:
+    """The ``attributes`` field of ``QueueMessage``: its slot, read, set and deleted through the
+    slot's member descriptor; a message a batch enqueue left without its ``MessageAttributes``
+    gets them built on first read (from its id and ``_enqueued_at``) and kept."""
+
+    def __new__(cls, slot: Any, enqueued_at: Any) -> AttributesSlot: ...
+    def __get__(self, instance: Any, owner: Any = None, /) -> Any: ...
+    def __set__(self, instance: Any, value: Any, /) -> None: ...
+    def __delete__(self, instance: Any, /) -> None: ...
 
 @final
 class StoreCore:

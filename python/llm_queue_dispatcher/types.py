@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import Any, Generic, TypeVar
 
 from ._checks import finite_float, shown
+from ._core import AttributesSlot
 from .errors import InvalidRequestError
 
 __all__ = [
@@ -345,9 +346,38 @@ class LLMRequest(Generic[T]):
             _check_text(self.tenant, "tenant")
 
 
+class _FieldState:
+    """Copying and pickling of a frozen dataclass whose fields are slots: the state is the dict
+    of its fields (what an instance with a ``__dict__`` pickles, so pickles made before the
+    fields became slots load, and the other way round), set back past the frozen
+    ``__setattr__``."""
+
+    __slots__ = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # type: ignore[attr-defined]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+
+
+# The two classes the store builds for every message keep their fields in slots, not in a
+# per-instance dict: one allocation per instance instead of two, and the store sets each field
+# through its slot's descriptor (`rust/py/messages.rs`). `__weakref__` keeps them weakly
+# referenceable, as a dataclass with a dict is.
 @dataclass(frozen=True)
-class MessageAttributes:
+class MessageAttributes(_FieldState):
     """What the store knows of one delivery of a message."""
+
+    __slots__ = (
+        "__weakref__",
+        "enqueued_at",
+        "first_received_at",
+        "message_id",
+        "receipt_handle",
+        "receive_count",
+    )
 
     message_id: str
     receipt_handle: str
@@ -357,9 +387,20 @@ class MessageAttributes:
 
 
 @dataclass(frozen=True)
-class QueueMessage(Generic[T]):
+class QueueMessage(_FieldState, Generic[T]):
     """A request as the store holds it: the request plus its delivery attributes."""
+
+    # `_enqueued_at`: not a field; see `AttributesSlot` below.
+    __slots__ = ("__weakref__", "_enqueued_at", "attributes", "id", "payload")
 
     id: str
     payload: LLMRequest[T]
     attributes: MessageAttributes
+
+
+# `attributes` is read through its slot, except that a message from the in-memory store's batch
+# enqueue gets its `MessageAttributes` built on first read (from its id and the batch's instant,
+# left in `_enqueued_at`), then kept: the same object on every read, equal to an eager build.
+QueueMessage.attributes = AttributesSlot(  # type: ignore[assignment,misc]
+    QueueMessage.__dict__["attributes"], QueueMessage.__dict__["_enqueued_at"]
+)

@@ -1,10 +1,13 @@
 //! Building `QueueMessage` objects from stored messages, fast.
 //!
-//! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, but are
-//! built with `object.__new__` and `PyObject_GenericSetAttr` (what a frozen dataclass's own
-//! `__init__` does through `object.__setattr__`), and datetimes from their calendar fields, so
-//! building a message costs well under a microsecond. `tests/test_core_store.py` checks that the
-//! attributes set here are exactly the dataclasses' fields.
+//! `QueueMessage` and `MessageAttributes` stay the frozen dataclasses of `types.py`, whose fields
+//! are slots. They are built as `object.__new__` builds them (the class's `tp_alloc`), each
+//! field written into its slot at the offset its member descriptor gives (what the descriptor's
+//! `__set__`, and so a frozen dataclass's own `__init__` through `object.__setattr__`, would
+//! store there), and datetimes from their calendar fields, so building a message costs well
+//! under a microsecond. Should a field not be such a slot, it is set with
+//! `PyObject_GenericSetAttr` instead. `tests/test_core_store.py` checks that the attributes set
+//! here are exactly the dataclasses' fields.
 //!
 //! Messages are built from [`MessageView`]s copied out of the store under its lock, after the
 //! lock is released: constructing objects may run the garbage collector, and with it arbitrary
@@ -12,6 +15,7 @@
 
 use std::sync::{Mutex, OnceLock};
 
+use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDateTime, PyList, PyString, PyTuple, PyType, PyTzInfo};
@@ -19,6 +23,7 @@ use pyo3::{ffi, intern};
 
 use crate::clock::civil_from_days;
 use crate::errors::CoreError;
+use crate::py::args::repr_of;
 use crate::py::errors::to_py_err;
 use crate::py::requests::Payload;
 use crate::store::{
@@ -40,6 +45,302 @@ types_class!(pub(crate) llm_request_class, "LLMRequest");
 types_class!(pub(crate) token_info_class, "TokenInfo");
 types_class!(queue_message_class, "QueueMessage");
 types_class!(message_attributes_class, "MessageAttributes");
+
+/// The fields of `MessageAttributes`, in the order [`Maker::make`] takes their values.
+const ATTRIBUTE_FIELDS: [&str; 5] =
+    ["message_id", "receipt_handle", "enqueued_at", "receive_count", "first_received_at"];
+/// The fields of `QueueMessage`, likewise.
+const MESSAGE_FIELDS: [&str; 3] = ["id", "payload", "attributes"];
+
+/// Builds instances of one of the dataclasses without running its `__init__`, from the values
+/// of its fields.
+struct Maker<const N: usize> {
+    class: Py<PyType>,
+    how: How<N>,
+}
+
+enum How<const N: usize> {
+    /// Each field is a slot of the class itself at this offset, holding an object (`T_OBJECT_EX`,
+    /// writable); the class allocates with `tp_alloc`, zeroed: the slots start empty.
+    Slots([usize; N]),
+    /// `object.__new__`, then `object.__setattr__` of each field by name.
+    SetAttr([Py<PyString>; N]),
+}
+
+impl<const N: usize> Maker<N> {
+    fn of(class: &Bound<'_, PyType>, names: [&str; N]) -> PyResult<Self> {
+        let py = class.py();
+        let how = match slot_offsets(class, names)? {
+            Some(offsets) => How::Slots(offsets),
+            None => How::SetAttr(names.map(|name| PyString::intern(py, name).unbind())),
+        };
+        Ok(Self { class: class.clone().unbind(), how })
+    }
+
+    /// An instance with `values[i]` as its field `i`.
+    fn make<'py>(&self, py: Python<'py>, values: [&Bound<'py, PyAny>; N]) -> PyResult<Bound<'py, PyAny>> {
+        let class = self.class.bind(py);
+        match &self.how {
+            How::Slots(offsets) => {
+                let object = alloc_instance(class)?;
+                for (&offset, value) in offsets.iter().zip(values) {
+                    // SAFETY: `slot_offsets` checked that `offset` is an object slot inside the
+                    // class's instances, and `object` is a fresh, zeroed instance of exactly
+                    // that class: the slot is empty, so it takes a new reference and nothing is
+                    // overwritten.
+                    unsafe {
+                        let slot = slot_at(&object, offset);
+                        debug_assert!((*slot).is_null());
+                        *slot = value.clone().into_ptr();
+                    }
+                }
+                Ok(object)
+            }
+            How::SetAttr(names) => {
+                let object = new_instance(class)?;
+                for (name, value) in names.iter().zip(values) {
+                    set_field(&object, name.bind(py), value)?;
+                }
+                Ok(object)
+            }
+        }
+    }
+}
+
+/// The offsets of the named fields when each is an object slot (`__slots__`) of `class` itself,
+/// writable, within its instances, and `class` allocates plain zeroed instances of a fixed size;
+/// None otherwise (a field kept in the instance's dict, a property, a different layout).
+fn slot_offsets<const N: usize>(class: &Bound<'_, PyType>, names: [&str; N]) -> PyResult<Option<[usize; N]>> {
+    let py = class.py();
+    // SAFETY: a live type object; reading plain fields of a full (non-limited) type object.
+    let (itemsize, has_alloc) =
+        unsafe { ((*class.as_type_ptr()).tp_itemsize, (*class.as_type_ptr()).tp_alloc.is_some()) };
+    if itemsize != 0 || !has_alloc {
+        return Ok(None);
+    }
+    let own = class.getattr(intern!(py, "__dict__"))?;
+    let mut offsets = [0usize; N];
+    for (name, offset) in names.iter().zip(&mut offsets) {
+        let Ok(mut descriptor) = own.get_item(name) else { return Ok(None) };
+        if let Ok(lazy) = descriptor.cast::<PyAttributesSlot>() {
+            descriptor = lazy.get().slot.bind(py).clone();
+        }
+        match object_slot(&descriptor) {
+            Some((owner, at)) if owner == class.as_type_ptr() as usize => *offset = at,
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(offsets))
+}
+
+/// `(the class, the offset)` of the slot a member descriptor gives access to, when it is a
+/// writable object slot (`T_OBJECT_EX`) inside the class's instances (their fixed part); None
+/// for any other descriptor.
+fn object_slot(descriptor: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
+    // SAFETY: comparing an object's type with the static type of member descriptors.
+    let is_member = unsafe {
+        std::ptr::eq(ffi::Py_TYPE(descriptor.as_ptr()), std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type))
+    };
+    if !is_member {
+        return None;
+    }
+    // SAFETY: an object of exactly `member_descriptor`'s type is a `PyMemberDescrObject`, whose
+    // `d_member` points at the `PyMemberDef` of the slot (`CPython` 3.10 and later alike; PyO3
+    // names the pointee's type differently before 3.11, the pointer is the same), and whose
+    // `d_type` is the live class that declared it.
+    let (owner, member, basicsize) = unsafe {
+        let descriptor = descriptor.as_ptr().cast::<ffi::PyMemberDescrObject>();
+        let owner = (*descriptor).d_common.d_type;
+        (owner, &*(*descriptor).d_member.cast::<ffi::PyMemberDef>(), (*owner).tp_basicsize)
+    };
+    let (at, basicsize) = (usize::try_from(member.offset).ok()?, usize::try_from(basicsize).ok()?);
+    let fits = at >= std::mem::size_of::<ffi::PyObject>()
+        && at % std::mem::align_of::<*mut ffi::PyObject>() == 0
+        && at + std::mem::size_of::<*mut ffi::PyObject>() <= basicsize;
+    (member.type_code == ffi::Py_T_OBJECT_EX && member.flags & ffi::Py_READONLY == 0 && fits)
+        .then_some((owner as usize, at))
+}
+
+/// The slot at `offset` of `object`.
+///
+/// # Safety
+/// `offset` is that of an object slot of `object`'s class or of a base (see [`object_slot`]).
+unsafe fn slot_at(object: &Bound<'_, PyAny>, offset: usize) -> *mut *mut ffi::PyObject {
+    object.as_ptr().byte_add(offset).cast::<*mut ffi::PyObject>()
+}
+
+/// What `object.__new__(cls)` returns for a class without a per-instance dict: a zeroed instance
+/// from the class's `tp_alloc` (tracked by the collector when the class is).
+fn alloc_instance<'py>(class: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    let py = class.py();
+    // SAFETY: `slot_offsets` checked that the class has a `tp_alloc`; it is called as
+    // `object.__new__` calls it, with no items.
+    unsafe {
+        let alloc = (*class.as_type_ptr()).tp_alloc.ok_or_else(|| PyErr::fetch(py))?;
+        Bound::from_owned_ptr_or_err(py, alloc(class.as_type_ptr(), 0))
+    }
+}
+
+fn attributes_maker(py: Python<'_>) -> PyResult<&Maker<5>> {
+    static MAKER: PyOnceLock<Maker<5>> = PyOnceLock::new();
+    MAKER.get_or_try_init(py, || Maker::of(message_attributes_class(py)?, ATTRIBUTE_FIELDS))
+}
+
+fn message_maker(py: Python<'_>) -> PyResult<&Maker<3>> {
+    static MAKER: PyOnceLock<Maker<3>> = PyOnceLock::new();
+    MAKER.get_or_try_init(py, || Maker::of(queue_message_class(py)?, MESSAGE_FIELDS))
+}
+
+/// Builds `QueueMessage`s without their `MessageAttributes` (see [`PyAttributesSlot`]): id,
+/// payload and the instant of the batch, each into its slot. None when the class is not laid
+/// out for that (its `attributes` not read through a [`PyAttributesSlot`], or a field not a
+/// slot): messages are then built whole.
+fn lazy_message_maker(py: Python<'_>) -> PyResult<Option<&Maker<3>>> {
+    static MAKER: PyOnceLock<Option<Maker<3>>> = PyOnceLock::new();
+    let maker = MAKER.get_or_try_init(py, || -> PyResult<_> {
+        let class = queue_message_class(py)?;
+        let lazy = class
+            .getattr(intern!(py, "__dict__"))?
+            .get_item("attributes")?
+            .is_instance_of::<PyAttributesSlot>();
+        let maker = Maker::of(class, ["id", "payload", "_enqueued_at"])?;
+        Ok((lazy && matches!(maker.how, How::Slots(_))).then_some(maker))
+    })?;
+    Ok(maker.as_ref())
+}
+
+// ----- attributes built on first read ----------------------------------------------------------
+
+/// The `attributes` field of `QueueMessage`, set over the field's slot by `types.py`: reads,
+/// sets and deletes that slot. A batch enqueue leaves the slot of each message it returns empty
+/// and the batch's instant in the message's `_enqueued_at` slot: the first read of `attributes`
+/// builds the `MessageAttributes` an eager build would have made (the message's id, no receipt
+/// handle, that instant, not received) and keeps them in the slot, so every read gives that
+/// same object. A batch of a million messages then allocates, and frees, a million objects
+/// fewer when the attributes are never read.
+#[pyclass(module = "llm_queue_dispatcher._core", name = "AttributesSlot", frozen)]
+pub struct PyAttributesSlot {
+    /// The member descriptor of the `attributes` slot.
+    slot: Py<PyAny>,
+    /// The member descriptor of the `_enqueued_at` slot.
+    enqueued_at: Py<PyAny>,
+    /// The class declaring both slots (its address), and their offsets: a read of a built
+    /// message's attributes is one load, no call.
+    owner: usize,
+    offsets: (usize, usize),
+}
+
+#[pymethods]
+impl PyAttributesSlot {
+    #[new]
+    fn new(slot: &Bound<'_, PyAny>, enqueued_at: &Bound<'_, PyAny>) -> PyResult<Self> {
+        match (object_slot(slot), object_slot(enqueued_at)) {
+            (Some((owner, at)), Some((other, pending))) if owner == other => Ok(Self {
+                slot: slot.clone().unbind(),
+                enqueued_at: enqueued_at.clone().unbind(),
+                owner,
+                offsets: (at, pending),
+            }),
+            _ => Err(PyTypeError::new_err(format!(
+                "AttributesSlot takes the member descriptors of two object slots of one class, got {} and {}",
+                repr_of(slot),
+                repr_of(enqueued_at)
+            ))),
+        }
+    }
+
+    fn __get__<'py>(
+        slf: &Bound<'py, Self>,
+        instance: Option<&Bound<'py, PyAny>>,
+        _owner: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let Some(message) = instance.filter(|m| !m.is_none()) else { return Ok(slf.clone().into_any()) };
+        let this = slf.get();
+        // SAFETY: `owner` is the live class that declared the slots (the descriptors keep it).
+        let fits =
+            unsafe { ffi::PyObject_TypeCheck(message.as_ptr(), this.owner as *mut ffi::PyTypeObject) } != 0;
+        if !fits {
+            return descriptor_get(this.slot.bind(py), message); // its TypeError
+        }
+        let (at, pending) = this.offsets;
+        // SAFETY: `message` is an instance of the class (or a subclass) whose object slots these are.
+        let (attributes, enqueued_at) = unsafe { (*slot_at(message, at), *slot_at(message, pending)) };
+        if !attributes.is_null() {
+            // SAFETY: a live object the slot holds a reference to.
+            return Ok(unsafe { Bound::from_borrowed_ptr(py, attributes) });
+        }
+        if enqueued_at.is_null() {
+            return descriptor_get(this.slot.bind(py), message); // its AttributeError
+        }
+        // SAFETY: as above; a new reference while the slot's is given up below.
+        let enqueued_at = unsafe { Bound::from_borrowed_ptr(py, enqueued_at) };
+        let id = message.getattr(intern!(py, "id"))?;
+        let (never, none) = (0u32.into_pyobject(py)?.into_any(), py.None().into_bound(py));
+        let attributes =
+            attributes_maker(py)?.make(py, [&id, intern!(py, "").as_any(), &enqueued_at, &never, &none])?;
+        untrack_atomic(&attributes);
+        // Set through the descriptors: whatever a finalizer run by a collection during the
+        // build may have put in the slots is released, not leaked.
+        descriptor_set(this.slot.bind(py), message, Some(&attributes))?;
+        descriptor_set(this.enqueued_at.bind(py), message, None)?;
+        Ok(attributes)
+    }
+
+    fn __set__(&self, py: Python<'_>, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        descriptor_set(self.slot.bind(py), instance, Some(value))?;
+        // A set value replaces attributes not built yet: they are never built.
+        match descriptor_set(self.enqueued_at.bind(py), instance, None) {
+            Err(error) if !error.is_instance_of::<PyAttributeError>(py) => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    fn __delete__(&self, py: Python<'_>, instance: &Bound<'_, PyAny>) -> PyResult<()> {
+        let deleted = descriptor_set(self.slot.bind(py), instance, None);
+        let pending = descriptor_set(self.enqueued_at.bind(py), instance, None);
+        // Attributes not built yet count as set: deleting them succeeds once.
+        match (deleted, pending) {
+            (Ok(()), _) | (_, Ok(())) => Ok(()),
+            (Err(error), _) => Err(error),
+        }
+    }
+}
+
+/// `descriptor.__get__(instance)` through the descriptor's slot.
+fn descriptor_get<'py>(
+    descriptor: &Bound<'py, PyAny>,
+    instance: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = descriptor.py();
+    // SAFETY: a member descriptor (checked at construction) has `tp_descr_get`; all pointers are
+    // live; the slot returns a new reference or NULL with an exception set.
+    unsafe {
+        let get = (*ffi::Py_TYPE(descriptor.as_ptr())).tp_descr_get.ok_or_else(|| PyErr::fetch(py))?;
+        let owner = ffi::Py_TYPE(instance.as_ptr()).cast::<ffi::PyObject>();
+        Bound::from_owned_ptr_or_err(py, get(descriptor.as_ptr(), instance.as_ptr(), owner))
+    }
+}
+
+/// `descriptor.__set__(instance, value)`, or `__delete__` for None, through the descriptor's slot.
+fn descriptor_set(
+    descriptor: &Bound<'_, PyAny>,
+    instance: &Bound<'_, PyAny>,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let py = descriptor.py();
+    // SAFETY: a member descriptor (checked at construction) has `tp_descr_set`; all pointers are
+    // live (NULL deletes); it returns 0, or -1 with an exception set.
+    let status = unsafe {
+        let set = (*ffi::Py_TYPE(descriptor.as_ptr())).tp_descr_set.ok_or_else(|| PyErr::fetch(py))?;
+        set(descriptor.as_ptr(), instance.as_ptr(), value.map_or(std::ptr::null_mut(), Bound::as_ptr))
+    };
+    if status < 0 {
+        Err(PyErr::fetch(py))
+    } else {
+        Ok(())
+    }
+}
 
 /// `object.__new__(cls)`: an instance whose `__init__` has not run. Calls `object`'s `tp_new`
 /// slot directly, as `object.__new__` does after its checks (`cls` is one of the dataclasses
@@ -162,22 +463,17 @@ fn build_from_parts<'py>(
     dates: &mut DateCache<'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut id_buf = [0u8; MESSAGE_ID_LEN];
-    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf));
-    let attributes = new_instance(message_attributes_class(py)?)?;
-    set_field(&attributes, intern!(py, "message_id"), &id)?;
-    set_field(&attributes, intern!(py, "receipt_handle"), &handle)?;
-    set_field(&attributes, intern!(py, "enqueued_at"), &dates.get(py, view.enqueued_at)?)?;
-    set_field(&attributes, intern!(py, "receive_count"), &view.receive_count.into_pyobject(py)?)?;
-    match view.first_received_at {
-        Some(at) => set_field(&attributes, intern!(py, "first_received_at"), &dates.get(py, at)?)?,
-        None => set_field(&attributes, intern!(py, "first_received_at"), &py.None().into_bound(py))?,
-    }
+    let id = PyString::new(py, format_message_id_into(view.message_id, &mut id_buf)).into_any();
+    let enqueued_at = dates.get(py, view.enqueued_at)?.into_any();
+    let receive_count = view.receive_count.into_pyobject(py)?.into_any();
+    let first_received_at = match view.first_received_at {
+        Some(at) => dates.get(py, at)?.into_any(),
+        None => py.None().into_bound(py),
+    };
+    let attributes = attributes_maker(py)?
+        .make(py, [&id, handle.as_any(), &enqueued_at, &receive_count, &first_received_at])?;
     untrack_atomic(&attributes);
-    let message = new_instance(queue_message_class(py)?)?;
-    set_field(&message, intern!(py, "id"), &id)?;
-    set_field(&message, intern!(py, "payload"), view.payload.bind(py))?;
-    set_field(&message, intern!(py, "attributes"), &attributes)?;
-    Ok(message)
+    message_maker(py)?.make(py, [&id, view.payload.bind(py), &attributes])
 }
 
 pub(crate) fn build_view<'py>(
@@ -211,8 +507,10 @@ pub(crate) fn build_enqueued<'py>(
     let _paused = GcPause::new();
     let enqueued_at = utc_datetime(py, enqueued_at)?;
     let (no_handle, none) = (intern!(py, ""), py.None().into_bound(py));
-    let never = 0u32.into_pyobject(py)?;
-    let (message_class, attributes_class) = (queue_message_class(py)?, message_attributes_class(py)?);
+    let never = 0u32.into_pyobject(py)?.into_any();
+    let (no_handle, none, enqueued_at) = (no_handle.as_any(), none.as_any(), enqueued_at.as_any());
+    let (message_maker, attributes_maker) = (message_maker(py)?, attributes_maker(py)?);
+    let lazy = lazy_message_maker(py)?;
     let len = isize::try_from(requests.len()).map_err(|_| PyErr::fetch(py))?;
     // SAFETY: a new list of `len` empty items, each set once below (a list dropped before
     // every item is set releases only those set).
@@ -229,18 +527,14 @@ pub(crate) fn build_enqueued<'py>(
         } else {
             format_message_id_into(message_id, &mut id_buf);
         }
-        let id = ascii_string(py, &id_buf)?;
-        let attributes = new_instance(attributes_class)?;
-        set_field(&attributes, intern!(py, "message_id"), &id)?;
-        set_field(&attributes, intern!(py, "receipt_handle"), no_handle)?;
-        set_field(&attributes, intern!(py, "enqueued_at"), &enqueued_at)?;
-        set_field(&attributes, intern!(py, "receive_count"), &never)?;
-        set_field(&attributes, intern!(py, "first_received_at"), &none)?;
-        untrack_atomic(&attributes);
-        let message = new_instance(message_class)?;
-        set_field(&message, intern!(py, "id"), &id)?;
-        set_field(&message, intern!(py, "payload"), request)?;
-        set_field(&message, intern!(py, "attributes"), &attributes)?;
+        let id = ascii_string(py, &id_buf)?.into_any();
+        let message = if let Some(lazy) = lazy {
+            lazy.make(py, [&id, request, enqueued_at])?
+        } else {
+            let attributes = attributes_maker.make(py, [&id, no_handle, enqueued_at, &never, none])?;
+            untrack_atomic(&attributes);
+            message_maker.make(py, [&id, request, &attributes])?
+        };
         // SAFETY: `i < len`; the list takes the reference.
         unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i, message.into_ptr()) };
     }

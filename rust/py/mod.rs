@@ -28,6 +28,8 @@ pub mod _core {
     #[pymodule_export]
     use super::job::{PyJob, PyPlan, PyReady};
     #[pymodule_export]
+    use super::messages::PyAttributesSlot;
+    #[pymodule_export]
     use super::report::{PyCapacity, PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
     #[pymodule_export]
     use super::store::PyStoreCore;

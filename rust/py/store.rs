@@ -411,8 +411,9 @@ impl PyStoreCore {
         py: Python<'py>,
         requests: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut objects = Vec::new();
-        let mut messages = Vec::new();
+        // A list's length is its size; any other iterable's `__len__` is not trusted for it.
+        let size = requests.cast::<PyList>().map_or(0, PyListMethods::len);
+        let (mut objects, mut messages) = (Vec::with_capacity(size), Vec::with_capacity(size));
         for request in requests.try_iter()? {
             let request = request?;
             messages.push(extract_request(&request)?);

@@ -55,7 +55,7 @@ use self::tenants::Tenants;
 use crate::cells::CellKey;
 use crate::errors::{CoreError, CoreResult};
 pub use crate::index::PRIORITIES;
-use crate::index::{Cell, Ranking, VisibleIndex};
+use crate::index::{Cell, IndexEntry, Ranking, VisibleIndex};
 
 /// Longest visibility timeout in seconds (12 hours, as in SQS).
 pub const MAX_VISIBILITY_TIMEOUT: f64 = 43_200.0;
@@ -363,15 +363,16 @@ impl<P, R: Ranking> Store<P, R> {
         let first_id = take_message_ids(messages.len() as u64);
         self.slots.reserve(messages.len().saturating_sub(self.free.len()));
         self.ids.reserve(messages.len(), |&s| self.hasher.hash_one(slot_id(&self.slots, s).unwrap_or("")));
-        let mut entries = Vec::with_capacity(messages.len());
         // Tenant counts are added once per run of one tenant (a batch is mostly one).
         let mut run: Option<(u32, usize)> = None;
-        let slots = messages
-            .drain(..)
-            .zip(hashes)
-            .zip(first_id..)
-            .map(|((message, hash), id)| {
-                let slot = self.place(message, id, now, hash);
+        // The entries are collected in place of the messages they come from (`Vec`'s in-place
+        // collect: same alignment, smaller items), in memory already touched: a new vector of a
+        // large batch's size would be fresh pages, each a page fault.
+        let mut entries: Vec<(u32, IndexEntry)> = std::mem::take(messages)
+            .into_iter()
+            .enumerate()
+            .map(|(i, message)| {
+                let slot = self.place(message, first_id + i as u64, now, hashes[i]);
                 let entry = self.message(slot).index_entry();
                 self.ranking.insert(slot, &entry);
                 run = match run {
@@ -383,10 +384,10 @@ impl<P, R: Ranking> Store<P, R> {
                         Some((entry.tenant, 1))
                     }
                 };
-                entries.push((slot, entry));
-                slot
+                (slot, entry)
             })
             .collect();
+        let slots = entries.iter().map(|&(slot, _)| slot).collect();
         if let Some((tenant, n)) = run {
             self.tenants.change(tenant, self.now, |t| t.counts.visible += n);
         }

@@ -79,8 +79,10 @@ class InMemoryStorage(QueueStorageAdapter[T]):
 
     async def batch_enqueue(self, requests: Sequence[LLMRequest[T]]) -> list[QueueMessage[T]]:
         """All or nothing: the whole batch is validated, duplicates included, before storing."""
-        # Read once into a list here: the core checks each request, this the batch's shape.
-        return self.core.enqueue_batch(_as_list(requests, "requests"))
+        # Read once into a list here: the core checks each request, this the batch's shape. A
+        # list goes as it is (the core reads each item once), not copied.
+        batch = requests if type(requests) is list else _as_list(requests, "requests")
+        return self.core.enqueue_batch(batch)
 
     async def dequeue(self, limit: int, visibility_timeout: float) -> list[QueueMessage[T]]:
         return self.core.dequeue(limit, visibility_timeout)
