@@ -145,6 +145,7 @@ _FOREVER_US = 2**53
 
 # An instance without its __init__ (`RedisStorage._message`).
 _new = object.__new__
+_set = object.__setattr__  # past the frozen dataclasses' own __setattr__
 
 
 def _utc(microseconds: int) -> datetime:
@@ -321,18 +322,18 @@ class RedisStorage(ScriptClient, QueueStorageAdapter[T]):
         handle: str,
     ) -> QueueMessage[T]:
         mid = message_id.decode()
-        # Made as their frozen dataclasses' __init__ would (they check nothing), without its
-        # object.__setattr__ per field: one of each per message received.
+        # Made as their frozen dataclasses' __init__ would (they check nothing), each field set
+        # through its slot, without the __init__ call: one of each per message received.
         attributes: MessageAttributes = _new(MessageAttributes)
-        attributes.__dict__.update(
-            message_id=mid,
-            receipt_handle=handle,
-            enqueued_at=self._instant(enqueued_us),
-            receive_count=receive_count,
-            first_received_at=None if first_us < 0 else self._instant(first_us),
-        )
+        _set(attributes, "message_id", mid)
+        _set(attributes, "receipt_handle", handle)
+        _set(attributes, "enqueued_at", self._instant(enqueued_us))
+        _set(attributes, "receive_count", receive_count)
+        _set(attributes, "first_received_at", None if first_us < 0 else self._instant(first_us))
         message: QueueMessage[T] = _new(QueueMessage)
-        message.__dict__.update(id=mid, payload=request, attributes=attributes)
+        _set(message, "id", mid)
+        _set(message, "payload", request)
+        _set(message, "attributes", attributes)
         return message
 
     def _encode(self, request: LLMRequest[T]) -> _Encoded:
