@@ -16,7 +16,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 810 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 880 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -50,7 +50,7 @@ pub trait CandidateIndex {
     fn for_each_priority(&self, mut visit: impl FnMut(u8, &[(CellKey, CellSummary)])) {
         let mut by_priority: [Vec<(CellKey, CellSummary)>; 4] = Default::default();
         self.for_each_cell(|key, summary| {
-            by_priority[usize::from(key.priority.min(3))].push((*key, *summary))
+            by_priority[usize::from(key.priority.min(3))].push((*key, *summary));
         });
         for (priority, cells) in (0u8..).zip(&by_priority) {
             visit(priority, cells);
