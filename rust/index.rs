@@ -24,6 +24,8 @@
 //!
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
+//! The cells' summaries are also copied, by priority, into one list each
+//! ([`VisibleIndex::summaries`]) that the search's first pass reads contiguously.
 //!
 //! A removal does not look for the members a frontier point alone covered. When the youngest
 //! point goes (the oldest member with the best time: what a run that keeps taking a wide cell's
