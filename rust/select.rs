@@ -535,9 +535,8 @@ impl Bounded<CellItem> {
 /// A cell whose bound is below a score some member is sure to reach (a cell's best-time member
 /// with its class's least budget part) is left out of that order. The priorities are read
 /// URGENT first, and a priority whose bound as a whole (`priority_bound`) is already below that
-/// floor is left out without bounding its cells one by one: at 1M queued, the URGENT cells'
-/// floor leaves out the other three priorities' 150 cells in most searches. Ties are broken as
-/// in `IndexSearch` (older, then lower sequence number).
+/// floor is left out without bounding its cells one by one. Ties are broken as in
+/// `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     // The buffers of the thread's last search: none is allocated or grown again (a nested
     // search, if an index ever ran one, starts with empty ones).
