@@ -24,6 +24,8 @@
 //!
 //! A cell also orders its groups by best processing time, so the search reads a wide cell only
 //! as far as its groups can still win, and a frontier repair only the groups in its window.
+//! The cells' summaries are also copied, by priority, into one list each
+//! ([`VisibleIndex::summaries`]) that the search's first pass reads contiguously.
 //!
 //! A removal does not look for the members a frontier point alone covered. When the youngest
 //! point goes (the oldest member with the best time: what a run that keeps taking a wide cell's
@@ -35,7 +37,7 @@
 //! replaced together, in one read of the groups in their windows of keys (5-30 µs in a wide
 //! cell whose groups are out of cache).
 //!
-//! About 1,170 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! About 1,210 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 
@@ -303,6 +305,8 @@ pub struct Cell {
     frontier: Vec<AgePoint>,
     /// How many points of the frontier are gone.
     loose: u32,
+    /// Its place in the index's list of summaries (`u32::MAX` until it has one).
+    at: u32,
 }
 
 impl Default for Cell {
@@ -320,6 +324,7 @@ impl Default for Cell {
             },
             frontier: Vec::new(),
             loose: 0,
+            at: u32::MAX,
         }
     }
 }
@@ -709,10 +714,25 @@ impl std::ops::Deref for Cell {
     }
 }
 
+/// Copies `cell`'s summary into `summaries` after a change, giving it a place when it has none.
+fn publish(summaries: &mut Vec<(CellKey, CellSummary)>, key: CellKey, cell: &mut Cell) {
+    if let Some(listed) = summaries.get_mut(cell.at as usize) {
+        listed.1 = cell.summary;
+    } else {
+        cell.at = summaries.len() as u32;
+        summaries.push((key, cell.summary));
+    }
+}
+
 /// The candidate index of one store's visible messages.
 #[derive(Debug)]
 pub struct VisibleIndex {
     cells: BTreeMap<CellKey, Cell>,
+    /// Every non-empty cell's key and a copy of its summary, by priority, side by side in no
+    /// particular order: the search bounds the cells on every dispatch, and reads them here in
+    /// contiguous passes instead of across the map's nodes (a cell is about 150 bytes), a
+    /// priority at a time (it may leave out a whole priority).
+    summaries: [Vec<(CellKey, CellSummary)>; PRIORITIES],
     /// `(priority, head seq, cell)` of every non-empty cell: the first is the next to receive.
     receive_heads: BTreeSet<(u8, u64, CellKey)>,
     /// `(head seq, cell)` of every non-empty cell: the first is the oldest visible message.
@@ -734,6 +754,7 @@ impl VisibleIndex {
     pub fn with_loose_points(loose_points: u32) -> Self {
         Self {
             cells: BTreeMap::new(),
+            summaries: Default::default(),
             receive_heads: BTreeSet::new(),
             age_heads: BTreeSet::new(),
             by_priority: [0; PRIORITIES],
@@ -747,6 +768,7 @@ impl VisibleIndex {
         let cell = self.cells.entry(key).or_default();
         let old_head = cell.first_key_value().map(|(&s, _)| s);
         cell.insert(slot, entry);
+        publish(&mut self.summaries[usize::from(key.priority)], key, cell);
         self.moved_head(key, old_head, entry.seq);
         self.by_priority[usize::from(key.priority)] += 1;
     }
@@ -768,6 +790,7 @@ impl VisibleIndex {
             let cell = self.cells.entry(key).or_default();
             let old_head = cell.first_key_value().map(|(&s, _)| s);
             cell.extend(run);
+            publish(&mut self.summaries[usize::from(key.priority)], key, cell);
             let new_head = cell.summary.oldest_seq;
             self.moved_head(key, old_head, new_head);
             self.by_priority[usize::from(key.priority)] += run.len();
@@ -801,15 +824,29 @@ impl VisibleIndex {
                 self.receive_heads.insert((key.priority, head, key));
                 self.age_heads.insert((head, key));
             } else {
+                let (at, listed) = (cell.at as usize, &mut self.summaries[usize::from(key.priority)]);
                 self.cells.remove(&key);
+                listed.swap_remove(at);
+                if let Some(&(moved, _)) = listed.get(at) {
+                    self.cells.get_mut(&moved).expect("a listed cell").at = at as u32;
+                }
+                self.by_priority[usize::from(key.priority)] -= 1;
+                return;
             }
         }
+        publish(&mut self.summaries[usize::from(key.priority)], key, cell);
         self.by_priority[usize::from(key.priority)] -= 1;
     }
 
     /// Forgets every message.
     pub fn clear(&mut self) {
         *self = Self::with_loose_points(self.loose_points);
+    }
+
+    /// The key and summary of every non-empty cell, by priority (URGENT first), each
+    /// priority's in no particular order: what the search's first pass reads.
+    pub fn summaries(&self) -> &[Vec<(CellKey, CellSummary)>; PRIORITIES] {
+        &self.summaries
     }
 
     /// The visible messages by cell: each cell maps sequence number to slot, oldest first.
@@ -990,6 +1027,16 @@ impl VisibleIndex {
                 return Err(format!("summary of cell {key:?} out of date"));
             }
             actual.check_frontier(cell, &by_seq).map_err(|e| format!("age frontier of cell {key:?}: {e}"))?;
+        }
+        let listed_cells: usize = self.summaries.iter().map(Vec::len).sum();
+        if listed_cells != self.cells.len() {
+            return Err(format!("{listed_cells} summaries listed for {} cells", self.cells.len()));
+        }
+        for (key, cell) in &self.cells {
+            let listed = self.summaries[usize::from(key.priority)].get(cell.at as usize);
+            if listed.is_none_or(|(k, s)| k != key || s != &cell.summary) {
+                return Err(format!("summary of cell {key:?} listed as {listed:?}, not {:?}", cell.summary));
+            }
         }
         if expected.receive_heads != self.receive_heads || expected.age_heads != self.age_heads {
             return Err("cell heads out of date".into());

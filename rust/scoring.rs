@@ -302,6 +302,19 @@ pub fn static_cell_bound(
 /// of one token class. None when no estimate of the class can be admitted.
 pub fn budget_bound(weights: &Weights, key: &CellKey, available: f64, max_tokens: f64) -> Option<f64> {
     let (lo, hi) = key.token_range();
+    budget_bound_over(weights, lo, hi, available, max_tokens)
+}
+
+/// The best efficiency + token fit of any estimate in `[lo, hi]` (capped at `max_tokens`);
+/// None when none can be admitted. `budget_bound` of a token class is this over its range; over
+/// the union of several classes' ranges it bounds each of theirs.
+pub fn budget_bound_over(
+    weights: &Weights,
+    lo: f64,
+    hi: f64,
+    available: f64,
+    max_tokens: f64,
+) -> Option<f64> {
     if lo > max_tokens {
         return None;
     }
@@ -420,6 +433,26 @@ mod tests {
             match budget_floor(&w, &key, available, available) {
                 Some(floor) => prop_assert!(floor <= f[1] + f[4], "{floor} > {}", f[1] + f[4]),
                 None => prop_assert!(key.token_range().1 > available),
+            }
+        }
+
+        // The budget bound over several token classes' ranges is at least each class's own.
+        #[test]
+        fn budget_bound_over_classes_covers_each_class(
+            w in weights(),
+            tokens in proptest::collection::vec(0u64..200_000, 1..6),
+            available in prop_oneof![0.0f64..100_000.0, 1e6f64..1e12],
+            max_tokens in prop_oneof![0.0f64..200_000.0, Just(f64::INFINITY)],
+        ) {
+            let keys: Vec<CellKey> = tokens.iter().map(|&t| CellKey::for_message(1, 0, t)).collect();
+            let lo = keys.iter().map(|k| k.token_range().0).fold(f64::INFINITY, f64::min);
+            let hi = keys.iter().map(|k| k.token_range().1).fold(f64::NEG_INFINITY, f64::max);
+            let over = budget_bound_over(&w, lo, hi, available, max_tokens);
+            for key in &keys {
+                if let Some(own) = budget_bound(&w, key, available, max_tokens) {
+                    let over = over.expect("a class admissible, so the union is");
+                    prop_assert!(over >= own, "{over} < {own} for {key:?}");
+                }
             }
         }
 

@@ -16,7 +16,7 @@
 //! `choose` evaluates them on candidates in that order and stops as soon as the best total found
 //! reaches the bound of everything not yet produced, or after `max_candidates` evaluations.
 //!
-//! About 810 lines for one search, `best_candidate` and its streaming form for custom scorers,
+//! About 880 lines for one search, `best_candidate` and its streaming form for custom scorers,
 //! with the bounds they share; the tests are in `select/tests.rs`.
 
 use std::cmp::Ordering;
@@ -25,8 +25,9 @@ use std::collections::BinaryHeap;
 use crate::cells::CellKey;
 pub use crate::index::CellSummary;
 use crate::scoring::{
-    budget_bound, budget_floor, priority_and_retry, processing_time_factor, static_cell_bound, total,
-    wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights, BOUND_SLACK,
+    budget_bound, budget_bound_over, budget_floor, priority_and_retry, processing_time_factor,
+    static_cell_bound, total, wait_time_factor, weighted_factors, GroupBounds, MessageTraits, Weights,
+    BOUND_SLACK,
 };
 
 /// What the search needs from an index of visible messages grouped in cells.
@@ -43,6 +44,18 @@ pub trait CandidateIndex {
     /// Calls `visit` with every non-empty cell, the slot of its oldest member, and the smallest
     /// processing time among its members in ms (as clamped by `cells::time_key`).
     fn for_each_cell(&self, visit: impl FnMut(&CellKey, &CellSummary));
+    /// Calls `visit` with each priority (URGENT first) and the keys and summaries of its
+    /// non-empty cells, in any order: the search bounds a priority's cells together before it
+    /// reads any of them. The default sorts what `for_each_cell` gives.
+    fn for_each_priority(&self, mut visit: impl FnMut(u8, &[(CellKey, CellSummary)])) {
+        let mut by_priority: [Vec<(CellKey, CellSummary)>; 4] = Default::default();
+        self.for_each_cell(|key, summary| {
+            by_priority[usize::from(key.priority.min(3))].push((*key, *summary));
+        });
+        for (priority, cells) in (0u8..).zip(&by_priority) {
+            visit(priority, cells);
+        }
+    }
     /// Calls `visit` with the first member (the head of the first run) of every group of `key`,
     /// the group's token estimate, its best processing time in ms (as `for_each_cell`), and
     /// whether the group is a single run: enough to bound the group without touching its
@@ -362,49 +375,62 @@ impl<T> Ord for Bounded<T> {
 }
 
 /// The budget part of cell bounds, computed once per token class in a search (it does not
-/// depend on the priority or retry class).
-struct BudgetParts<'a> {
-    context: &'a SearchContext,
-    /// By token class: the budget part of the bound and its floor (`scoring::budget_floor`);
-    /// NaN until computed, minus infinity for a class none of whose estimates is admissible
-    /// (a floor: not every estimate is).
-    parts: Vec<(f64, f64)>,
-    /// By priority and retry class: `scoring::priority_and_retry`, NaN until computed.
-    priority_and_retry: [f64; 4 * 8],
+/// depend on the priority or retry class). Kept in the search's scratch from one search to the
+/// next: an entry counts only when its stamp is the current search's, so nothing is cleared or
+/// allocated per search.
+#[derive(Default)]
+struct BudgetParts {
+    /// The current search's stamp (never 0 once a search has begun).
+    stamp: u32,
+    /// By token class: the stamp it was computed in, the budget part of the bound and its
+    /// floor (`scoring::budget_floor`); minus infinity for a class none of whose estimates is
+    /// admissible (a floor: not every estimate is).
+    parts: Vec<(u32, f64, f64)>,
+    /// By priority and retry class: the stamp and `scoring::priority_and_retry`.
+    priority_and_retry: [(u32, f64); 4 * 8],
 }
 
-impl<'a> BudgetParts<'a> {
-    fn new(context: &'a SearchContext) -> Self {
-        Self { context, parts: Vec::new(), priority_and_retry: [f64::NAN; 4 * 8] }
+impl BudgetParts {
+    /// Forgets the previous search's parts.
+    fn start(&mut self) {
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            // After 2^32 searches: every entry's stamp could match again.
+            self.parts.clear();
+            self.priority_and_retry = [(0, 0.0); 4 * 8];
+            self.stamp = 1;
+        }
     }
 
     /// The part of the bound of every member of the cell `key` that its key fixes: priority,
     /// retry, budget (None when no estimate of its class is admissible), and the slack; and
     /// the part of the score every member reaches (minus infinity when unknown).
-    fn static_part(&mut self, key: CellKey) -> Option<(f64, f64)> {
-        let (budget, floor) = self.get(key)?;
+    fn static_part(&mut self, context: &SearchContext, key: CellKey) -> Option<(f64, f64)> {
+        let (budget, floor) = self.get(context, key)?;
         let i = usize::from(key.priority.min(3)) * 8 + usize::from(key.retry_class.min(7));
-        if self.priority_and_retry[i].is_nan() {
-            self.priority_and_retry[i] = priority_and_retry(&self.context.weights, &key);
+        let cached = &mut self.priority_and_retry[i];
+        if cached.0 != self.stamp {
+            *cached = (self.stamp, priority_and_retry(&context.weights, &key));
         }
-        let fixed = self.priority_and_retry[i];
+        let fixed = cached.1;
         Some((fixed + BOUND_SLACK + budget, fixed + floor))
     }
 
-    fn get(&mut self, key: CellKey) -> Option<(f64, f64)> {
+    fn get(&mut self, context: &SearchContext, key: CellKey) -> Option<(f64, f64)> {
         let class = usize::from(key.token_class);
         if class >= self.parts.len() {
-            self.parts.resize(class + 1, (f64::NAN, f64::NAN));
+            self.parts.resize(class + 1, (0, f64::NAN, f64::NAN));
         }
-        if self.parts[class].0.is_nan() {
-            let context = self.context;
+        let entry = &mut self.parts[class];
+        if entry.0 != self.stamp {
             let (weights, available, max_tokens) = (&context.weights, context.available, context.max_tokens);
-            self.parts[class] = (
+            *entry = (
+                self.stamp,
                 budget_bound(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
                 budget_floor(weights, &key, available, max_tokens).unwrap_or(f64::NEG_INFINITY),
             );
         }
-        Some(self.parts[class]).filter(|(part, _)| *part != f64::NEG_INFINITY)
+        Some((entry.1, entry.2)).filter(|(part, _)| *part != f64::NEG_INFINITY)
     }
 }
 
@@ -507,7 +533,9 @@ impl Bounded<CellItem> {
 /// processing time with the wait of the members that have it), which keeps a long run from
 /// visiting the cells whose best time is a young message's and longest wait an old one's.
 /// A cell whose bound is below a score some member is sure to reach (a cell's best-time member
-/// with its class's least budget part) is left out of that order. Ties are broken as in
+/// with its class's least budget part) is left out of that order. The priorities are read
+/// URGENT first, and a priority whose bound as a whole (`priority_bound`) is already below that
+/// floor is left out without bounding its cells one by one. Ties are broken as in
 /// `IndexSearch` (older, then lower sequence number).
 pub fn best_candidate(index: &impl CandidateIndex, context: &SearchContext) -> Option<Candidate> {
     // The buffers of the thread's last search: none is allocated or grown again (a nested
@@ -525,6 +553,7 @@ struct Scratch {
     summaries: Vec<CellSummary>,
     groups: Vec<Bounded<(u32, bool)>>,
     ages: AgeBounds,
+    parts: BudgetParts,
 }
 
 thread_local! {
@@ -535,32 +564,50 @@ thread_local! {
 fn search(index: &impl CandidateIndex, context: &SearchContext, scratch: &mut Scratch) -> Option<Candidate> {
     let weights = &context.weights;
     let mut best: Option<Candidate> = None;
-    let mut parts = BudgetParts::new(context);
-    let Scratch { cells, summaries, groups, ages } = scratch;
+    let Scratch { cells, summaries, groups, ages, parts } = scratch;
+    parts.start();
     cells.clear();
     summaries.clear();
     // The best score some member is sure to reach: the member with a cell's best processing
     // time scores at least its key's floor + that time + its own wait.
     let mut floor: (u8, f64) = (0, f64::NEG_INFINITY);
-    index.for_each_cell(|key, cell| {
-        let Some((static_part, static_floor)) = parts.static_part(*key) else { return };
-        let wait_of =
-            |enqueued_at: f64| weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority);
-        let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
-        let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
-        let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
-        let tier = weights.tier(key.priority);
-        if static_floor > f64::NEG_INFINITY && (tier, static_floor + at_best) > floor {
-            floor = (tier, static_floor + at_best);
+    index.for_each_priority(|priority, listed| {
+        let tier = weights.tier(priority);
+        // A priority whose cells all bound below the floor found so far holds no winner: one
+        // bound over all of them (its best retry class, budget part over its estimates' range,
+        // best processing time and oldest wait) leaves them out unread, one by one.
+        if floor.1 > f64::NEG_INFINITY && tier <= floor.0 {
+            let Some(bound) = priority_bound(context, priority, listed) else { return };
+            if tier < floor.0 || bound < floor.1 - BOUND_SLACK {
+                return;
+            }
         }
-        cells.push(Bounded {
-            tier,
-            bound: static_part + at_best.max(older),
-            oldest_at: cell.oldest_enqueued_at,
-            seq: cell.oldest_seq,
-            item: CellItem { key: *key, refined: false, summary: summaries.len() as u32, static_part },
-        });
-        summaries.push(*cell);
+        for (key, cell) in listed {
+            let Some((static_part, static_floor)) = parts.static_part(context, *key) else { continue };
+            let wait_of = |enqueued_at: f64| {
+                weights.wait_time * wait_time_factor(context.now - enqueued_at, key.priority)
+            };
+            let time_of = |ms: f64| weights.processing_time * processing_time_factor(ms);
+            let at_best = time_of(cell.best_time_ms) + wait_of(cell.best_time_enqueued_at);
+            let older = time_of(cell.next_time_ms) + wait_of(cell.oldest_enqueued_at);
+            let tier = weights.tier(key.priority);
+            if static_floor > f64::NEG_INFINITY && (tier, static_floor + at_best) > floor {
+                floor = (tier, static_floor + at_best);
+            }
+            let bound = static_part + at_best.max(older);
+            // The floor only rises: a cell below the floor found so far is below the last one.
+            if tier < floor.0 || (tier == floor.0 && bound < floor.1 - BOUND_SLACK) {
+                continue;
+            }
+            cells.push(Bounded {
+                tier,
+                bound,
+                oldest_at: cell.oldest_enqueued_at,
+                seq: cell.oldest_seq,
+                item: CellItem { key: *key, refined: false, summary: summaries.len() as u32, static_part },
+            });
+            summaries.push(*cell);
+        }
     });
     // Best bound first, each cell bounded again from its age frontier before it is visited (and
     // put back if that bound puts it behind another).
@@ -587,6 +634,35 @@ fn search(index: &impl CandidateIndex, context: &SearchContext, scratch: &mut Sc
     }
     scratch.cells = cells.into_vec();
     best
+}
+
+/// An upper bound of every member of the cells `listed` (all of `priority`), from what they
+/// share at most: the best retry factor, the best budget part over their estimates' whole range,
+/// the best processing time and the oldest member's wait; None when none is admissible. It
+/// bounds each cell's first bound in the search (plus slack for rounding), so a priority it
+/// puts below the floor holds no cell the search would keep.
+fn priority_bound(context: &SearchContext, priority: u8, listed: &[(CellKey, CellSummary)]) -> Option<f64> {
+    let weights = &context.weights;
+    let (mut lo, mut hi, mut retry_class) = (f64::INFINITY, f64::NEG_INFINITY, u8::MAX);
+    let (mut best_time_ms, mut oldest_at) = (f64::INFINITY, f64::INFINITY);
+    for (key, cell) in listed {
+        let (class_lo, class_hi) = key.token_range();
+        lo = lo.min(class_lo);
+        hi = hi.max(class_hi);
+        retry_class = retry_class.min(key.retry_class);
+        best_time_ms = best_time_ms.min(cell.best_time_ms);
+        oldest_at = oldest_at.min(cell.oldest_enqueued_at);
+    }
+    let budget = budget_bound_over(weights, lo, hi, context.available, context.max_tokens)?;
+    let key = CellKey { priority, retry_class, token_class: 0 };
+    Some(
+        priority_and_retry(weights, &key)
+            + BOUND_SLACK
+            + budget
+            + weights.processing_time * processing_time_factor(best_time_ms)
+            + weights.wait_time * wait_time_factor(context.now - oldest_at, priority)
+            + BOUND_SLACK,
+    )
 }
 
 /// Whether `(tier, score, enqueued_at, seq)` beats `best` in the order candidates are ranked.

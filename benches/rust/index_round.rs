@@ -76,6 +76,12 @@ impl CandidateIndex for Counting<'_> {
             visit(k, s);
         });
     }
+    fn for_each_priority(&self, mut visit: impl FnMut(u8, &[(CellKey, CellSummary)])) {
+        self.store.for_each_priority(|priority, cells| {
+            self.bump(0, cells.len() as u64);
+            visit(priority, cells);
+        });
+    }
     fn for_each_group_head(&self, key: &CellKey, mut visit: impl FnMut(u32, u64, f64, bool)) {
         self.store.for_each_group_head(key, |a, b, c, d| {
             self.bump(1, 1);
@@ -195,7 +201,7 @@ fn main() {
     if counted {
         let per = |i: usize| totals[i] as f64 / rounds as f64;
         println!(
-            "per search: {:.0} cells, {:.0} group heads, {:.1} members scored, {:.1} run steps, {:.1} age frontiers read ({:.1} points)",
+            "per search: {:.0} cells offered, {:.0} group heads, {:.1} members scored, {:.1} run steps, {:.1} age frontiers read ({:.1} points)",
             per(0),
             per(1),
             per(2),

@@ -191,6 +191,32 @@ proptest! {
         prop_assert_eq!(best_candidate(&index, &context), produced.first().copied());
     }
 
+    // The bound the search puts on a whole priority before reading its cells is at least the
+    // score of every admissible member of that priority (so leaving a priority out when that
+    // bound is below the floor drops no winner).
+    #[test]
+    fn a_priority_bound_covers_every_member_of_the_priority(
+        messages in proptest::collection::vec(message(), 1..120),
+        weights in proptest::array::uniform6(0.0f64..1.0),
+        available in prop_oneof![0.0f64..60_000.0, 1e6f64..1e10],
+        max_tokens in prop_oneof![0.0f64..60_000.0, Just(f64::INFINITY)],
+        now in 0.0f64..800.0,
+    ) {
+        let index = VecIndex::new(messages);
+        let context = SearchContext { weights: Weights::from_array(weights), now, available, max_tokens };
+        index.for_each_priority(|priority, listed| {
+            if listed.is_empty() {
+                return;
+            }
+            let bound = priority_bound(&context, priority, listed);
+            for m in index.messages.iter().filter(|m| m.priority == priority && m.tokens as f64 <= max_tokens) {
+                let score = total(&weighted_factors(&context.weights, m, now, available));
+                let bound = bound.expect("an admissible member, so a bound");
+                assert!(bound >= score, "priority {priority}: bound {bound} < score {score} of {m:?}");
+            }
+        });
+    }
+
     #[test]
     fn choice_matches_brute_force(
         messages in proptest::collection::vec(message(), 0..120),

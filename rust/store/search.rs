@@ -9,8 +9,14 @@ use crate::select::CandidateIndex;
 /// The in-memory store is searched in place: its index's cells, read through its slab.
 impl<P, R: Ranking> CandidateIndex for Store<P, R> {
     fn for_each_cell(&self, mut visit: impl FnMut(&CellKey, &CellSummary)) {
-        for (key, cell) in self.index.cells() {
-            visit(key, cell.summary());
+        for (key, summary) in self.index.summaries().iter().flatten() {
+            visit(key, summary);
+        }
+    }
+
+    fn for_each_priority(&self, mut visit: impl FnMut(u8, &[(CellKey, CellSummary)])) {
+        for (priority, cells) in (0u8..).zip(self.index.summaries()) {
+            visit(priority, cells);
         }
     }
 
