@@ -123,37 +123,22 @@ class _Runner:
         self.wakeup: Wakeup
         self.pending: set[asyncio.Future[Any]] = set()
 
-    def mark(
-        self,
-        job: ProcessableMessage[Any],
-        kind: str,
-        tokens: int | None,
-        delay: float,
-        error: BaseException | None,
-        parts: tuple[int, int] | None = None,
-    ) -> Awaitable[None]:
-        """A job's mark that needs I/O. The global choice's (one script) is settled at once and
-        made by the global choice's mark calls, without a task of its own (`GlobalChoice.settled`)."""
+    def mark(self, job: ProcessableMessage[Any], *settle: Any) -> Awaitable[None]:
+        """A job's mark that needs I/O (``settle``: what `DispatchCore.settle` takes after the
+        job): settled in the core when awaited, then its plan awaited to its end. A job of the
+        global choice settles at once, and its plan joins that choice's next mark call without a
+        task of its own (`GlobalChoice.settled`)."""
         choice = self.global_choice
-        if choice is not None and job._key in choice._keys:
-            plan = self.core.settle(job, kind, tokens, delay, error, parts)
-            if plan is not None and choice.handles(plan):
-                settled: Awaitable[None] = choice.settled(plan)
-                return settled
-            return self.shielded(self._execute(plan)) if plan is not None else _done()
-        return self._mark(job, kind, tokens, delay, error, parts)
+        if choice is None or not choice.owns(job):
+            return self._mark(job, *settle)
+        plan = self.core.settle(job, *settle)
+        if plan is not None and choice.handles(plan):
+            settled: Awaitable[None] = choice.settled(plan)
+            return settled
+        return self.shielded(self._execute(plan)) if plan is not None else _done()
 
-    async def _mark(
-        self,
-        job: ProcessableMessage[Any],
-        kind: str,
-        tokens: int | None,
-        delay: float,
-        error: BaseException | None,
-        parts: tuple[int, int] | None,
-    ) -> None:
-        """A job's mark that needs I/O: settled in the core, then its plan awaited to its end."""
-        plan = self.core.settle(job, kind, tokens, delay, error, parts)
+    async def _mark(self, job: ProcessableMessage[Any], *settle: Any) -> None:
+        plan = self.core.settle(job, *settle)
         if plan is not None:
             await self.shielded(self._execute(plan))
 

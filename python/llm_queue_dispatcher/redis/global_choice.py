@@ -667,6 +667,10 @@ class GlobalChoice:
         self._keys[key] = False
         return True
 
+    def owns(self, job: ProcessableMessage[Any]) -> bool:
+        """Whether ``job`` is a delivery this global choice handed out (and not marked yet)."""
+        return job._key in self._keys
+
     def handles(self, plan: Plan) -> bool:
         """Whether ``plan`` is the mark of a delivery this global choice handed out, with a store
         step and its limiter (then `mark` runs it whole in one script)."""
