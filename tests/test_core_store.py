@@ -46,6 +46,8 @@ def make(rid: str = "a", **kw: Any) -> LLMRequest[Any]:
         ("token_info", 5),
         ("expected_processing_time", -0.5),
         ("expected_processing_time", True),
+        ("metadata", 5),
+        ("created_at", "2026-01-01"),
     ],
 )
 def test_rust_validation_messages_equal_python_ones(field: str, value: Any) -> None:

@@ -300,7 +300,9 @@ class Worker(Generic[T]):
     ) -> None:
         if not isinstance(dispatcher, LLMQueueDispatcher):
             raise InvalidConfigError(f"dispatcher must be an LLMQueueDispatcher, got {dispatcher!r}")
-        if not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
+        # A class (`LLMThrottle` itself) has the four methods too, unbound: refused here, not at
+        # the first dequeue.
+        if isinstance(limiter, type) or not isinstance(limiter, (RateLimiter, AsyncRateLimiter)):
             raise InvalidConfigError(
                 f"limiter must have can_process, get_metrics, consume and adjust_consumption, got {limiter!r}"
             )

@@ -166,6 +166,18 @@ pub(crate) fn extract_request(request: &Bound<'_, PyAny>) -> PyResult<NewMessage
     };
     let deadline = attr(request, intern!(py, "deadline"))?;
     let deadline = if deadline.is_none() { None } else { Some(datetime_seconds(&deadline, "deadline")?) };
+    // Not stored, but a field changed after construction is refused as `validate` would.
+    let metadata = attr(request, intern!(py, "metadata"))?;
+    if !metadata.is_instance_of::<PyDict>() {
+        return Err(invalid_request(py, format!("metadata must be a dict, got {}", repr_of(&metadata))));
+    }
+    let created_at = attr(request, intern!(py, "created_at"))?;
+    if !created_at.is_instance_of::<PyDateTime>() {
+        return Err(invalid_request(
+            py,
+            format!("created_at must be a datetime, got {}", repr_of(&created_at)),
+        ));
+    }
     Ok(NewMessage {
         request_id,
         payload: Payload { object: request.clone().unbind(), input: InputPart::of(parts) },

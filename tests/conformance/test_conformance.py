@@ -95,6 +95,10 @@ async def test_duplicate_ids_are_refused_until_deleted(
         ("expected_processing_time", math.nan, "expected_processing_time"),
         ("expected_processing_time", math.inf, "expected_processing_time"),
         ("expected_processing_time", "1s", "expected_processing_time"),
+        ("metadata", None, "metadata"),
+        ("metadata", [("k", "v")], "metadata"),
+        ("created_at", "2026-01-01", "created_at"),
+        ("created_at", None, "created_at"),
     ],
 )
 async def test_enqueue_revalidates_mutated_requests(

@@ -8,6 +8,7 @@ import pytest
 
 from llm_queue_dispatcher import (
     InvalidConfigError,
+    LLMThrottle,
     Worker,
     create_in_memory_queue,
 )
@@ -22,6 +23,8 @@ def test_constructor_validates_every_argument() -> None:
         Worker(object(), limiter, noop)  # type: ignore[arg-type]
     with pytest.raises(InvalidConfigError, match="limiter"):
         Worker(dispatcher, object(), noop)  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfigError, match="limiter"):
+        Worker(dispatcher, LLMThrottle, noop)  # type: ignore[arg-type]  # the class, not a limiter
     with pytest.raises(InvalidConfigError, match="handler"):
         Worker(dispatcher, limiter, 3)  # type: ignore[arg-type]
     for bad in (0, -1, True, 2.0, "4"):
