@@ -50,6 +50,16 @@ T = TypeVar("T")
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 _MIN_WAIT = 0.001  # the shortest sleep of a waiting `dequeue` (seconds)
+# How soon a waiting `dequeue` asks again a limiter that refused without saying when (a wait of
+# 0 or less): a plain limiter's answer, which may never change by itself; never a busy poll.
+_UNSAID_WAIT = 0.05
+
+
+def _refused_wait(limiter: Any, check: Any) -> float:
+    """The seconds ``check`` (a refusal, or an admission that came too late) says to wait."""
+    wait = float(check.available_in)
+    unsaid = wait <= 0 and not check.allowed and type(limiter) is not LLMThrottle
+    return _UNSAID_WAIT if unsaid else wait
 
 
 def _invoke(limiter: Any, method: str, *args: Any, parts: tuple[int, int] | None = None) -> Any:
@@ -480,7 +490,7 @@ class LLMQueueDispatcher(Generic[T]):
         (None when it never will)."""
         check = await _call(limiter, "can_process", tokens, parts=parts)
         self._refused(check)
-        wait = float(check.available_in)
+        wait = _refused_wait(limiter, check)
         return wait if math.isfinite(wait) else None
 
     def _refused(self, check: Any) -> None:
@@ -512,7 +522,7 @@ class LLMQueueDispatcher(Generic[T]):
             check = await _call(limiter, "can_process", smallest)
             if type(limiter) is not LLMThrottle:
                 self._refused(check)
-            wait = float(check.available_in)
+            wait = _refused_wait(limiter, check)
         refill = self.config.prefetch_interval if self._prefetch is not None else None
         return self._core.until_ready(held, wait, float(metrics.tpm.available), refill, seen)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -234,3 +235,33 @@ async def test_a_waiting_dequeue_never_freezes_the_event_loop() -> None:
     assert await dispatcher.dequeue(limiter, timeout=1.0) is None
     ticking.cancel()
     assert ticks >= 5
+
+
+class RefusingWithoutSayingWhen(Counting):
+    """A plain limiter that refuses every request and says it could go in 0 seconds (or less)."""
+
+    def __init__(self, available_in: float) -> None:
+        super().__init__(LLMThrottle(60, 100_000))
+        self.available_in = available_in
+
+    def can_process(self, estimated_tokens: int) -> Any:
+        self.checks += 1
+        return SimpleNamespace(
+            allowed=False, reason="tpm_limit", available_in=self.available_in, available_tokens={"tpm": 0}
+        )
+
+    def consume(self, request_id: str, estimated_tokens: int, metadata: Any = None) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("available_in", [0.0, -5.0])
+async def test_a_limiter_refusing_without_saying_when_is_asked_again_not_polled(available_in: float) -> None:
+    """A waiting dequeue asks such a limiter again every few tens of milliseconds, not every
+    millisecond (its answer may never change by itself): a few calls in 0.3 s, not hundreds."""
+    dispatcher = create_in_memory_queue()
+    await dispatcher.enqueue(request("a", tokens=10))
+    limiter = RefusingWithoutSayingWhen(available_in)
+    assert await dispatcher.dequeue(limiter, timeout=0.3) is None
+    assert 1 <= limiter.checks <= 20, limiter.checks
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.queue.approximate_number_of_messages == 1  # left where it was
