@@ -37,7 +37,7 @@
 //! replaced together, in one read of the groups in their windows of keys (5-30 µs in a wide
 //! cell whose groups are out of cache).
 //!
-//! About 1,210 lines (170 of them tests) for one structure: the cells, their groups, summaries
+//! About 1,220 lines (170 of them tests) for one structure: the cells, their groups, summaries
 //! and age frontiers are kept by the same inserts and removals, so they stay in one file; the
 //! search over them is `crate::select`.
 

@@ -17,7 +17,7 @@
 //!   another thread may take the winner in between; the loop then starts over, at most
 //!   [`MAX_ATTEMPTS`] times.
 //!
-//! About 750 lines for one concept, a dispatch attempt and its steps; the books are in
+//! About 780 lines for one concept, a dispatch attempt and its steps; the books are in
 //! `crate::ledger`, the reasons in `reason.rs`, the tests in `tests.rs`.
 
 use crate::buffer::{Buffer, Buffered};

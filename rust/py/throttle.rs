@@ -1,6 +1,6 @@
 //! `LLMThrottle` and its result classes: the binding of `crate::throttle`.
 //!
-//! About 800 lines of glue for one class and its result classes: argument reading, the
+//! About 810 lines of glue for one class and its result classes: argument reading, the
 //! provider-header conversions and the metrics objects; the limiter itself is `crate::throttle`.
 
 use std::collections::BTreeMap;

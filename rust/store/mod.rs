@@ -1,6 +1,6 @@
 //! The in-memory queue store: SQS semantics (visibility timeouts, receipt handles, receive counts,
 //! dead-lettering, retention) over the candidate index the exact selection search walks.
-//! (About 800 lines: handles, invariants, messages, tenants and the search are in their own files;
+//! (About 820 lines: handles, invariants, messages, tenants and the search are in their own files;
 //! what stays is the slab and the state transitions every operation shares.)
 //!
 //! Layout. Messages live in a slab (`Vec` of slots plus a free list; a slot index is a `u32`).

@@ -33,7 +33,7 @@ Every process sharing a queue should pass the same `FairPriorityConfig` (or scor
 each call applies the fairness window, tenant weights and aging (the weights) of the process
 that makes it.
 
-About 860 lines for one concept, the Python half of those scripts: the dispatch call and its
+About 870 lines for one concept, the Python half of those scripts: the dispatch call and its
 batching, the recovery of a dispatch whose reply was lost, the first indexing of an older queue
 and the marks' batching all share the script wrapper and the delivery keys handed out here.
 """
