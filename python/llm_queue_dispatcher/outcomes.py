@@ -398,7 +398,14 @@ class Submissions:
             except BaseException:
                 await self._shielded(self.relay.forget(request_id))
                 raise
-            await self._shielded(self.relay.enqueued(request_id))
+            recorded = asyncio.ensure_future(self.relay.enqueued(request_id))
+            try:
+                await self._shielded(recorded)
+            except asyncio.CancelledError:
+                # Enqueued, and its submitter stopped waiting: withdrawn once the relay has the
+                # enqueue (which clears an earlier withdrawal of the id), so no handler runs it.
+                await self._shielded(self._withdraw_once_recorded(recorded, request_id))
+                raise
         except BaseException:
             if self.waiting.get(request_id) is future:
                 del self.waiting[request_id]
@@ -439,6 +446,11 @@ class Submissions:
                 "the dispatcher's pool already runs under another rate limiter; pass the same one"
             )
         return self.pool
+
+    async def _withdraw_once_recorded(self, recorded: asyncio.Future[None], request_id: str) -> None:
+        with contextlib.suppress(Exception):  # the relay's failure to record it: withdrawn anyway
+            await recorded
+        await self.relay.withdraw(request_id)
 
     def _shielded(self, work: Awaitable[None]) -> Awaitable[None]:
         """Runs ``work`` to its end even if the caller is cancelled meanwhile."""

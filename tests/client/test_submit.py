@@ -466,6 +466,35 @@ async def test_a_submit_cancelled_during_its_enqueue_leaves_no_handler_to_run_it
     await dispatcher.close()
 
 
+async def test_a_submit_cancelled_while_its_enqueue_is_recorded_leaves_no_handler_to_run_it() -> None:
+    """The relay records the enqueue (a round trip to a shared relay) when the submitter gives
+    up: the request, already queued, is withdrawn and no handler runs it."""
+    handled: list[str] = []
+
+    async def handle(job: ProcessableMessage[Any]) -> None:
+        handled.append(job.message.payload.id)
+
+    dispatcher = create_in_memory_queue()
+    relay = dispatcher._outcomes().relay
+    record = relay.enqueued
+
+    async def slow_record(request_id: str) -> None:
+        await asyncio.sleep(0.05)  # the caller gives up meanwhile
+        await record(request_id)
+
+    relay.enqueued = slow_record  # type: ignore[method-assign]
+    submit = asyncio.create_task(dispatcher.submit(request("a")))
+    await settle()
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    await asyncio.sleep(0.1)  # the recording and the withdrawal land
+    await Worker(dispatcher, limiter(), handle).run(stop_when_empty=True)
+    assert handled == []
+    assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+    await dispatcher.close()
+
+
 async def test_a_submit_to_a_closed_dispatcher_raises_and_enqueues_nothing() -> None:
     dispatcher = create_in_memory_queue()
     throttle = limiter()
