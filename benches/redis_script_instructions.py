@@ -11,7 +11,8 @@ build's scripts:
   so that the hashes the scripts write have left their small encodings, as they have on any
   queue in use), zeroes the counters (``callgrind_control -z``), runs the phase, dumps them;
 * prints the instructions of ``EVALSHA`` (inclusive: the scripts and every command they call)
-  divided by the jobs of the phase.
+  divided by the jobs of the phase, and the whole server's (every command, reading the requests
+  and writing the replies: what ``bullmq_server_cost.py`` reports for BullMQ's worker).
 
 The phases: ``dispatch1`` (``--jobs`` dispatch scripts of one winner), ``mark1`` (their marks one
 per call), ``dispatch16`` (dispatches of 16 winners, per job), ``mark16`` (16 marks per call, per
@@ -65,8 +66,9 @@ def callgrind_server(directory: Path) -> Iterator[tuple[int, int]]:
         yield port, pid
 
 
-def dump_instructions(pid: int, directory: Path) -> int:
-    """Dumps callgrind's counters since the last zeroing: EVALSHA's inclusive instructions."""
+def dump_instructions(pid: int, directory: Path) -> tuple[int, int]:
+    """Dumps callgrind's counters since the last zeroing: EVALSHA's inclusive instructions, and
+    the whole server's (every command, the event loop, the replies written)."""
     before = set(glob.glob(f"{directory}/cg.{pid}.*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     deadline = time.monotonic() + 60
@@ -87,16 +89,20 @@ def dump_instructions(pid: int, directory: Path) -> int:
         shutil.move(path, os.path.join(keep, f"{os.environ.get('LQD_CALLGRIND_NAME', 'dump')}.cg"))
     else:
         os.unlink(path)
-    match = re.search(r"^\s*([\d,]+) .*:evalShaCommand ", annotated, re.M)
-    return int(match.group(1).replace(",", "")) if match else 0
+    found = [
+        re.search(pattern, annotated, re.M)
+        for pattern in (r"^\s*([\d,]+) .*:evalShaCommand ", r"^\s*([\d,]+) .*PROGRAM TOTALS")
+    ]
+    evalsha, total = (int(match.group(1).replace(",", "")) if match else 0 for match in found)
+    return evalsha, total
 
 
 async def _phase(
     port: int, queue: str, queued: int, phase: str, jobs: int, pid: int, directory: Path
-) -> float:
+) -> tuple[float, float]:
     """One phase on a fresh ``queue`` of ``queued`` messages, with this process's library (its
-    scripts fill the queue, 100 per call: the server is slow under callgrind): instructions
-    per job."""
+    scripts fill the queue, 100 per call: the server is slow under callgrind): EVALSHA's and
+    the whole server's instructions per job."""
     from llm_queue_dispatcher import LLMQueueDispatcher, LLMQueueDispatcherConfig, LLMRequest, TokenInfo
     from llm_queue_dispatcher.redis import RedisStorage, RedisThrottle
 
@@ -144,12 +150,13 @@ async def _phase(
                     await asyncio.gather(
                         *(job.mark_as_processed(actual_tokens=8) for job in taken[first : first + 16])
                     )
-        return dump_instructions(pid, directory) / len(taken)
+        evalsha, total = dump_instructions(pid, directory)
+        return evalsha / len(taken), total / len(taken)
 
 
 def measure(
     port: int, pid: int, directory: Path, build: Path | None, phase: str, args: Any, serial: int
-) -> float:
+) -> tuple[float, float]:
     """One phase with ``build``'s library (None: this checkout's), in a child process."""
     queue = f"cg-{serial}"
     subprocess.run(["redis-cli", "-p", str(port), "script", "flush"], check=True, capture_output=True)
@@ -173,7 +180,8 @@ def measure(
         stdout=subprocess.PIPE,
         text=True,
     ).stdout
-    return float(out.strip().splitlines()[-1])
+    evalsha, total = out.strip().splitlines()[-1].split()
+    return float(evalsha), float(total)
 
 
 def main(argv: list[str]) -> None:
@@ -182,7 +190,7 @@ def main(argv: list[str]) -> None:
         result = asyncio.run(
             _phase(int(port), queue, int(queued), phase, int(jobs), int(pid), Path(directory))
         )
-        print(result)
+        print(*result)
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -221,8 +229,11 @@ def main(argv: list[str]) -> None:
                             os.environ["LQD_CALLGRIND_KEEP"] = str(args.keep.resolve())
                             label = "this" if build is None else "base"
                             os.environ["LQD_CALLGRIND_NAME"] = f"run{run_number + 1}-{phase}-{label}"
-                        per_job = measure(port, pid, directory, build, phase, args, serial)
-                        print(f"run {run_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job")
+                        per_job, whole = measure(port, pid, directory, build, phase, args, serial)
+                        print(
+                            f"run {run_number + 1} {phase:10} {name:24} {per_job:12,.0f} instructions/job"
+                            f" (whole server {whole:,.0f})"
+                        )
                         subprocess.run(
                             ["redis-cli", "-p", str(port), "flushall"], check=True, capture_output=True
                         )

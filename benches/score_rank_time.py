@@ -179,7 +179,7 @@ async def _fresh_round(
             if callgrind is not None:
                 from redis_script_instructions import dump_instructions
 
-                instructions = dump_instructions(callgrind[0], callgrind[1]) / dispatches
+                instructions = dump_instructions(callgrind[0], callgrind[1])[0] / dispatches
     stats = commands["cmdstat_evalsha"]
     ranges = commands.get("cmdstat_zrangebylex", {"calls": 0})
     await client.set(_clock_key(queue), repr(clock()))
