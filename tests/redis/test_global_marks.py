@@ -1,9 +1,13 @@
 """The marks of the global choice (``redis/global_choice.py``, ``lua/global_mark.lua``): marks
-made together go in one script call, and each caller still gets its own outcome."""
+made together go in one script call, and each caller still gets its own outcome; the limiter's
+books after the global scripts' grants and marks are `LLMThrottle`'s."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import random
 from typing import Any
 
 import pytest
@@ -11,12 +15,16 @@ import redis.exceptions
 
 from llm_queue_dispatcher import (
     LLMQueueDispatcher,
+    LLMQueueDispatcherConfig,
     LLMRequest,
+    LLMThrottle,
     ManualClock,
     Priority,
+    RateLimitError,
     ReceiptHandleError,
     StorageError,
     TokenInfo,
+    UnknownRequestError,
 )
 from llm_queue_dispatcher.redis import RedisStorage
 from tests.redis.support import fair_dispatcher
@@ -335,3 +343,84 @@ async def test_marks_made_together_delete_leased_and_lapsed_messages_from_the_se
     assert await dispatcher.dequeue(limiter) is None
     assert await storage.get_approximate_message_count() == 0
     await dispatcher.close()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "max_records", "seed"),
+    [("compensate", 10_000, 1), ("warn", 10_000, 2), ("strict", 10_000, 3), ("compensate", 3, 4)],
+)
+async def test_global_grants_and_marks_leave_the_limiter_as_llm_throttle_does(
+    clocked_storage: Any,
+    clocked_throttle: Any,
+    clock: ManualClock,
+    strategy: str,
+    max_records: int,
+    seed: int,
+) -> None:
+    """Dispatches of one to four winners per call and marks made together (processed with a
+    count above or below the estimate, processed without one, released), on a manual clock with whole-second
+    steps and rates a double holds exactly per second: after every step the shared limiter's
+    levels, debts and history are what an `LLMThrottle` given the same grants (each winner's
+    estimate under its delivery key), adjustments, settlements and releases holds. The global scripts
+    grant and correct inside one session per call (``limiter_open``), not through the limiter's
+    own scripts, which ``test_decisions_match_llm_throttle`` compares."""
+    options: dict[str, Any] = {"adjustment_failure_strategy": strategy, "max_history_records": max_records}
+    local = LLMThrottle(120, 1_200, clock=clock, logger=logging.getLogger("quiet"), **options)
+    shared = clocked_throttle(rpm=120, tpm=1_200, **options)
+    storage = clocked_storage()
+    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=3_600.0, clock=clock)
+    rng = random.Random(seed)
+    in_flight: list[tuple[Any, str, int]] = []
+    handed_out = 0
+    async with LLMQueueDispatcher(storage, config) as dispatcher:
+        for step in range(80):
+            action = rng.random()
+            if action < 0.3:
+                await dispatcher.batch_enqueue(
+                    [
+                        LLMRequest(
+                            f"s{step}m{n}",
+                            "x",
+                            Priority.NORMAL,
+                            TokenInfo(rng.randint(20, 500)),
+                            tenant=rng.choice("AB"),
+                        )
+                        for n in range(rng.randint(1, 3))
+                    ]
+                )
+            elif action < 0.6:
+                for job in await dispatcher._dequeue_up_to(shared, rng.randint(1, 4)):
+                    key = f"{job.message.payload.id}#{job.message.attributes.receive_count}"
+                    estimate = job.message.payload.token_info.estimated
+                    assert local.consume(key, estimate), "the shared limiter granted what LLMThrottle refuses"
+                    in_flight.append((job, key, estimate))
+                    handed_out += 1
+            elif action < 0.85 and in_flight:
+                rng.shuffle(in_flight)
+                count = rng.randint(1, 4)
+                marked, in_flight = in_flight[:count], in_flight[count:]
+                marks = []
+                for job, key, estimate in marked:
+                    if rng.random() < 0.75:
+                        actual = rng.choice([0, estimate // 2, estimate, estimate * 2, estimate * 3])
+                        with contextlib.suppress(RateLimitError, UnknownRequestError):
+                            local.adjust_consumption(key, actual)
+                        marks.append(job.mark_as_processed(actual_tokens=actual))
+                    elif rng.random() < 0.6:
+                        with contextlib.suppress(UnknownRequestError):
+                            local.settle(key)
+                        marks.append(job.mark_as_processed())
+                    else:  # given back whole (the request never reached the provider)
+                        with contextlib.suppress(UnknownRequestError):
+                            local.release(key)
+                        marks.append(job.release())
+                await asyncio.gather(*marks)
+            else:
+                clock.advance(float(rng.choice([1, 3, 20])))
+            want, got = local.get_metrics(), await shared.get_metrics()
+            assert got.rpm.available == pytest.approx(want.rpm.available, abs=1e-9), step
+            assert got.tpm.available == pytest.approx(want.tpm.available, abs=1e-9), step
+            assert got.compensation.total_debt == pytest.approx(want.compensation.total_debt, abs=1e-9), step
+            assert got.consumption_history.count == want.consumption_history.count, step
+            assert got.consumption_history.total_tokens == want.consumption_history.total_tokens, step
+    assert handed_out >= 10
