@@ -273,11 +273,14 @@ class AdmittingWithNaNTokens(Counting):
 
     def can_process(self, estimated_tokens: int) -> Any:
         self.checks += 1
-        return SimpleNamespace(allowed=True, reason=None, available_in=0.0, available_tokens={"tpm": math.nan})
+        return SimpleNamespace(
+            allowed=True, reason=None, available_in=0.0, available_tokens={"tpm": math.nan}
+        )
 
     def get_metrics(self) -> Any:
         metrics = self.inner.get_metrics()
-        return SimpleNamespace(rpm=metrics.rpm, tpm=SimpleNamespace(available=math.nan, limit=metrics.tpm.limit))
+        nan_tokens = SimpleNamespace(available=math.nan, limit=metrics.tpm.limit)
+        return SimpleNamespace(rpm=metrics.rpm, tpm=nan_tokens)
 
 
 async def test_a_limiter_reporting_nan_tokens_available_gets_a_typed_error_not_a_busy_poll() -> None:
