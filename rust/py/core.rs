@@ -14,7 +14,7 @@
 //! that order only; no Python code runs under any of them (clocks are read before locking,
 //! Python objects are released after unlocking).
 //!
-//! About 1,600 lines for one class whose methods share the ledger and the pool (its pymethods
+//! About 1,720 lines for one class whose methods share the ledger and the pool (its pymethods
 //! cannot be split across files without a second `#[pymethods]` block per concern, which the
 //! crate does not enable); the selection steps live in `steps.rs`, the job in `job.rs`, every
 //! rule in the pure modules. The next split is the metrics report and the unfittable queries.
