@@ -540,7 +540,7 @@ class LLMQueueDispatcher(Generic[T]):
             while True:
                 pending = set(self._runner.pending)
                 if self._global is not None:
-                    pending |= self._global.pending()  # winners of cancelled dispatches, calls
+                    pending |= self._global.pending()  # give-backs, calls on their way
                 running = running_here(pending)
                 if not running:
                     break
