@@ -10,14 +10,21 @@ so setup (filling the queue, imports) cancels out.
     python benches/callgrind_round.py                       # this tree's package
     python benches/callgrind_round.py --python OTHER/python # another build (e.g. main's)
     python benches/callgrind_round.py --floor               # and the loop's own cost
+    python benches/callgrind_round.py --await               # the rounds awaited in a coroutine
 
-``--floor`` measures the same loop with the dispatcher and the job replaced by empty coroutines:
-the interpreter's cost of any awaitable API driven this way (the loop, two coroutines created
-and finished per round), which the Python layer's figure includes.
+``--floor`` measures the same loop with the package replaced by stand-ins that do no work, two
+kinds: two empty coroutines (``coroutines``: what any ``async def`` API costs the interpreter
+per round, the loop included), and two awaitables already complete of the kind the marks
+return, each made by one call into the core (``ready``: the least any awaitable API costs this
+loop; a `dequeue` returning such an object instead of a coroutine cannot go below it). The
+Python layer's figure includes the loop's cost.
 
 One round is what a worker does per request: ``job = await dispatcher.dequeue(limiter)``, then
-``await job.mark_as_processed()``; the coroutines are driven with ``send(None)`` (the in-memory
-path never suspends), as ``benches/test_dispatcher_bench.py`` does, so no event loop is counted.
+``await job.mark_as_processed()``. By default each awaitable is driven on its own with
+``send(None)`` (the in-memory path never suspends), as ``benches/test_dispatcher_bench.py``
+does: each costs the loop a ``StopIteration`` caught in Python. With ``--await`` the rounds run
+inside one coroutine, awaiting each as a worker's loop does, driven by one ``send(None)``. No
+event loop is counted either way.
 The queue holds ``--depth`` messages more than the rounds take, so no enqueue is counted (as in
 ``compare.py``, where the enqueue that keeps the depth is timed apart).
 """
@@ -62,17 +69,30 @@ rounds = {rounds}
 # Both runs fill the queue alike, with a message for each round of the longer run too: the
 # depth stays at least {depth}, and no enqueue (timed apart in compare.py) is counted.
 run(dispatcher.batch_enqueue([request(item) for item in take(stream, {fill})]))
-for _ in range(rounds):
-    clock.advance(CLOCK_STEP)
-    job = run(dispatcher.dequeue(throttle))
-    run(job.mark_as_processed())
+STEP = CLOCK_STEP
+{loop}
 """
 
+# The rounds, each awaitable driven on its own (`run`), or awaited in one coroutine (`--await`).
+SEND_LOOP = """
+for _ in range(rounds):
+    clock.advance(STEP)
+    job = run(dispatcher.dequeue(throttle))
+    run(job.{mark})
+"""
+AWAIT_LOOP = """
+async def rounds_of(count):
+    for _ in range(count):
+        clock.advance(STEP)
+        job = await dispatcher.dequeue(throttle)
+        await job.{mark}
+run(rounds_of(rounds))
+"""
 
-# The same loop with the package replaced by two empty coroutines: what any awaitable API costs
-# the interpreter per round (the loop, `run`, creating and finishing a coroutine twice).
+# The same loop with the package replaced by stand-ins that do no work (see ``--floor``).
 FLOOR = r"""
-from llm_queue_dispatcher import ManualClock
+from llm_queue_dispatcher import (
+    LLMRequest, LLMThrottle, ManualClock, Priority, TokenInfo, create_in_memory_queue)
 
 def run(coro):
     try:
@@ -81,20 +101,32 @@ def run(coro):
         return stop.value
     raise AssertionError("suspended")
 
-class Job:
+class Coroutines:
+    async def dequeue(self, limiter):
+        return self
+
     async def mark_as_processed(self):
         return None
 
-class Dispatcher:
-    async def dequeue(self, limiter):
-        return limiter
+class Ready:
+    # `__aenter__` of a job returns an awaitable already complete with the job; `__aexit__` of
+    # a job already marked one complete with None: one call into the core each.
+    def __init__(self, job):
+        self.job = job
 
-dispatcher, job, clock = Dispatcher(), Job(), ManualClock(start=1.0)
+    def dequeue(self, limiter):
+        return self.job.__aenter__()
+
+clock = ManualClock(start=1.0)
+throttle = LLMThrottle(60, 10_000, clock=clock)
+queued = create_in_memory_queue(clock=clock)
+run(queued.enqueue(LLMRequest("a", "hi", Priority.LOW, TokenInfo(10))))
+settled = run(queued.dequeue(throttle))
+run(settled.mark_as_processed())
+dispatcher = Coroutines() if {kind!r} == "coroutines" else Ready(settled)
 rounds = {rounds}
-for _ in range(rounds):
-    clock.advance(0.001)
-    got = run(dispatcher.dequeue(job))
-    run(got.mark_as_processed())
+STEP = 0.001
+{loop}
 """
 
 
@@ -146,12 +178,19 @@ def _split(path: Path) -> dict[str, int]:
     return {"total": total, "core": into_core, "python": total - into_core}
 
 
-def instructions(python: str, depth: int, rounds: int, fill: int, floor: bool = False) -> dict[str, int]:
-    """Callgrind's instruction counts of one child run: in all, and in and outside the core."""
+def instructions(
+    python: str, depth: int, rounds: int, fill: int, floor: str | None = None, awaited: bool = False
+) -> dict[str, int]:
+    """Callgrind's instruction counts of one child run (``floor``: of a stand-in's loop, its
+    kind): in all, and in and outside the core."""
+    mark = "__aexit__(None, None, None)" if floor == "ready" else "mark_as_processed()"
+    loop = (AWAIT_LOOP if awaited else SEND_LOOP).format(mark=mark)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        template = FLOOR if floor else CHILD
-        code = template.format(root=str(HERE.parent), depth=depth, rounds=rounds, fill=fill)
+        template = CHILD if floor is None else FLOOR
+        code = template.format(
+            root=str(HERE.parent), depth=depth, rounds=rounds, fill=fill, kind=floor, loop=loop
+        )
         subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, "-c", code],
             check=True,
@@ -170,20 +209,25 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2_000)
     parser.add_argument("--extra", type=int, default=4_000)
     parser.add_argument(
-        "--floor", action="store_true", help="also measure the loop with two empty coroutines in place"
+        "--floor", action="store_true", help="also measure the loop with stand-ins that do no work in place"
+    )
+    parser.add_argument(
+        "--await", dest="awaited", action="store_true", help="await the rounds in one coroutine"
     )
     args = parser.parse_args()
     fill = args.depth + args.rounds + args.extra
 
-    def per_round(floor: bool) -> dict[str, int]:
-        base = instructions(args.python, args.depth, args.rounds, fill, floor)
-        more = instructions(args.python, args.depth, args.rounds + args.extra, fill, floor)
+    def per_round(floor: str | None) -> dict[str, int]:
+        base = instructions(args.python, args.depth, args.rounds, fill, floor, args.awaited)
+        more = instructions(args.python, args.depth, args.rounds + args.extra, fill, floor, args.awaited)
         return {k: round((more[k] - base[k]) / args.extra) for k in base}
 
-    figures = {"per_round": per_round(False)}
+    figures = {"per_round": per_round(None)}
     if args.floor:
-        figures["floor_per_round"] = per_round(True)
-    print(json.dumps({"python": args.python, "depth": args.depth, **figures}))
+        figures["floor_per_round"] = per_round("coroutines")
+        figures["ready_floor_per_round"] = per_round("ready")
+    loop = "await" if args.awaited else "send"
+    print(json.dumps({"python": args.python, "depth": args.depth, "loop": loop, **figures}))
     return 0
 
 

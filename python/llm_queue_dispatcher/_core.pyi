@@ -750,14 +750,13 @@ class DispatchCore:
     def choose(
         self,
         limiter: Any,
-        available_tokens: float,
-        available_requests: float,
-        token_capacity: float,
-        request_capacity: float,
+        metrics: Any,
         custom_fn: Callable[[QueueMessage[Any]], list[Any]] | None = None,
     ) -> ProcessableMessage[Any] | int | None:
-        """Select and take under another limiter's reported budget: the job (its reservation is
-        the caller's), the tokens a held winner needs, or None."""
+        """Select and take under the budget another limiter reported (``metrics``, its
+        ``get_metrics()``): the job (its reservation is the caller's), the tokens a held winner
+        needs, or None. A number of ``metrics`` that is not one (or NaN) is an
+        `InvalidRequestError` naming the limiter; nothing is taken."""
     def settle(
         self,
         job: ProcessableMessage[Any],
@@ -827,18 +826,26 @@ class DispatchCore:
         estimate above ``capacity.whole``, an input part above ``capacity.input``, an output
         part above ``capacity.output`` (without parts, the estimate against all three)."""
     @staticmethod
-    def capacity(limiter_metrics: Any) -> Capacity:
-        """From a limiter's ``get_metrics()``, the most tokens it can ever grant one request."""
+    def capacity(limiter: Any, metrics: Any) -> Capacity:
+        """From ``limiter``'s ``get_metrics()`` (``metrics``), the most tokens it can ever grant
+        one request; a limit that is not a number is an `InvalidRequestError` naming it."""
+    def refusal_wait(self, limiter: Any, check: Any) -> float:
+        """The seconds ``limiter``'s `can_process` answer ``check`` says a waiting dequeue should
+        wait (``inf``: never; 0.05 for another limiter refusing without saying when), noting the
+        limit another limiter named refusing; an ``available_in`` that is not a number is an
+        `InvalidRequestError` naming the limiter."""
     def until_ready(
         self,
+        limiter: Any,
+        metrics: Any,
         held: float | None,
         smallest_wait: float | None,
-        available_tokens: float,
         refill: float | None,
         seen: int,
     ) -> float:
         """Seconds until a dequeue that found nothing (from change version ``seen``) could hand
-        something out; kept for `time_until_ready`."""
+        something out, with the tokens ``limiter`` reported available in ``metrics``; kept for
+        `time_until_ready`."""
     def time_until_ready(self) -> float:
         """What the last `until_ready` worked out, less the time since; 0 after any change."""
     def take_above(self, capacity: Capacity) -> list[QueueMessage[Any]]: ...

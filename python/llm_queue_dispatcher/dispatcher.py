@@ -50,16 +50,6 @@ T = TypeVar("T")
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
 
 _MIN_WAIT = 0.001  # the shortest sleep of a waiting `dequeue` (seconds)
-# How soon a waiting `dequeue` asks again a limiter that refused without saying when (a wait of
-# 0 or less): a plain limiter's answer, which may never change by itself; never a busy poll.
-_UNSAID_WAIT = 0.05
-
-
-def _refused_wait(limiter: Any, check: Any) -> float:
-    """The seconds ``check`` (a refusal, or an admission that came too late) says to wait."""
-    wait = float(check.available_in)
-    unsaid = wait <= 0 and not check.allowed and type(limiter) is not LLMThrottle
-    return _UNSAID_WAIT if unsaid else wait
 
 
 def _invoke(limiter: Any, method: str, *args: Any, parts: tuple[int, int] | None = None) -> Any:
@@ -426,14 +416,7 @@ class LLMQueueDispatcher(Generic[T]):
         """The core takes the winner under what the limiter reports; its reservation (under the
         delivery's key) or admission is awaited here; refused, the winner goes back."""
         metrics = await _call(limiter, "get_metrics")
-        found = self._core.choose(
-            limiter,
-            float(metrics.tpm.available),
-            float(metrics.rpm.available),
-            float(metrics.tpm.limit),
-            float(metrics.rpm.limit),
-            self._scores(metrics) if self._scores else None,
-        )
+        found = self._core.choose(limiter, metrics, self._scores(metrics) if self._scores else None)
         if type(found) is int:
             return await self._held_for(limiter, found)
         if type(found) is not ProcessableMessage:
@@ -489,17 +472,8 @@ class LLMQueueDispatcher(Generic[T]):
         """Seconds until a held winner of ``tokens`` (split into ``parts`` when known) fits
         (None when it never will)."""
         check = await _call(limiter, "can_process", tokens, parts=parts)
-        self._refused(check)
-        wait = _refused_wait(limiter, check)
+        wait = self._core.refusal_wait(limiter, check)
         return wait if math.isfinite(wait) else None
-
-    def _refused(self, check: Any) -> None:
-        """Tells the core, for the metrics, the limit a limiter other than `LLMThrottle` named
-        refusing a waiting message (an `LLMThrottle`'s refusals the core sees itself). A request
-        that can never be admitted waits for no limit."""
-        reason = getattr(check, "reason", None)
-        if not check.allowed and isinstance(reason, str) and math.isfinite(float(check.available_in)):
-            self._core.limiter_refused(reason)
 
     async def _drop_expired(self) -> None:
         """Removes the requests whose deadline has passed (the core logs and counts them)."""
@@ -514,17 +488,14 @@ class LLMQueueDispatcher(Generic[T]):
         dequeue could succeed: the core's `until_ready`, from what the limiter answers."""
         seen = self._wakeup.version if seen is None else seen
         metrics = await _call(limiter, "get_metrics")
-        capacity = self._core.capacity(metrics)
+        capacity = self._core.capacity(limiter, metrics)
         if unfittable := self._core.unfittable(capacity):  # logs each once
             await self._outcomes().unfittable(unfittable, capacity.whole)
         wait = None
         if held is None and (smallest := self._core.min_visible_tokens()) is not None:
-            check = await _call(limiter, "can_process", smallest)
-            if type(limiter) is not LLMThrottle:
-                self._refused(check)
-            wait = _refused_wait(limiter, check)
+            wait = self._core.refusal_wait(limiter, await _call(limiter, "can_process", smallest))
         refill = self.config.prefetch_interval if self._prefetch is not None else None
-        return self._core.until_ready(held, wait, float(metrics.tpm.available), refill, seen)
+        return self._core.until_ready(limiter, metrics, held, wait, refill, seen)
 
     def time_until_ready(self) -> float:
         """Seconds of the dispatcher's clock until a `dequeue` could hand something out, as the
@@ -544,7 +515,7 @@ class LLMQueueDispatcher(Generic[T]):
         """
         check_rate_limiter(rate_limiter)
         metrics = await _call(rate_limiter, "get_metrics")
-        taken: list[QueueMessage[T]] = self._core.take_above(self._core.capacity(metrics))
+        taken: list[QueueMessage[T]] = self._core.take_above(self._core.capacity(rate_limiter, metrics))
         return taken
 
     # -- prefetching and shutdown --------------------------------------------------------------
@@ -569,8 +540,7 @@ class LLMQueueDispatcher(Generic[T]):
             while True:
                 pending = set(self._runner.pending)
                 if self._global is not None:
-                    # Winners of cancelled global dispatches, calls on their way.
-                    pending |= self._global._recoveries
+                    pending |= self._global.pending()  # give-backs, calls on their way
                 running = running_here(pending)
                 if not running:
                     break

@@ -14,7 +14,7 @@
 //! that order only; no Python code runs under any of them (clocks are read before locking,
 //! Python objects are released after unlocking).
 //!
-//! About 1,600 lines for one class whose methods share the ledger and the pool (its pymethods
+//! About 1,720 lines for one class whose methods share the ledger and the pool (its pymethods
 //! cannot be split across files without a second `#[pymethods]` block per concern, which the
 //! crate does not enable); the selection steps live in `steps.rs`, the job in `job.rs`, every
 //! rule in the pure modules. The next split is the metrics report and the unfittable queries.
@@ -34,6 +34,7 @@ use super::errors::to_py_err;
 use super::job::{PyJob, PyPlan, PyReady, Why};
 use super::messages::{build_list, build_view_message, MessageView};
 use super::report::{PyCapacity, PyCoreReport, PyInFlight, PyPurged, PyTenantReport};
+use super::reported;
 use super::requests::{datetime_seconds, visibility_timeout_arg};
 use super::steps::{Against, BufferSteps, Message, Origin, Selecting, StoreSteps, Taken};
 use super::store::PyStoreCore;
@@ -666,6 +667,75 @@ impl PyDispatchCore {
             None => Ok(self.lock(py).buffer.tenant_name(tenant).to_owned()),
         }
     }
+
+    /// `choose` against a reported budget, `snapshot` and `request_capacity`.
+    fn choose_against(
+        slf: &Bound<'_, Self>,
+        limiter: &Bound<'_, PyAny>,
+        snapshot: Snapshot,
+        request_capacity: f64,
+        custom_fn: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let core = slf.get();
+        let started = (Instant::now(), core.clock.now(py)?);
+        let (config, settings) = (&core.config, core.config.settings);
+        let against = Against::Reported { snapshot, request_capacity };
+        // The reservation is the caller's, after the take: its key names this delivery.
+        let stepwise = Settings { reserve: false, ..settings };
+        let selecting = Selecting {
+            against,
+            weights: config.weights,
+            custom_fn: core.custom(custom_fn),
+            names: config.custom_names(),
+            reserve: settings.reserve,
+        };
+        let outcome = match (&core.store, config.fair) {
+            (Some(store), true) => store.get().take_fair(py, &snapshot, settings)?,
+            (None, true) => {
+                let mut state = core.lock(py);
+                let outcome = dispatch::take_fair_buffered(&mut state.buffer, &snapshot, settings, started.1);
+                outcome.map(|(t, needed)| {
+                    (Taken::from_buffer(&state, t.item, t.facts, t.charge, settings.reserve), needed)
+                })
+            }
+            (Some(store), false) => {
+                let mut steps = StoreSteps::new(py, store.get(), selecting, settings.visibility_timeout);
+                dispatch::attempt(&mut steps, &config.custom_weights, config.max_candidates, stepwise)?.map(
+                    |(t, _)| {
+                        let tokens = t.facts.tokens;
+                        (t, tokens)
+                    },
+                )
+            }
+            (None, false) => {
+                let mut steps = BufferSteps::new(py, &core.state, selecting, started.1);
+                dispatch::attempt(&mut steps, &config.custom_weights, config.max_candidates, stepwise)?.map(
+                    |(t, _)| {
+                        let tokens = t.facts.tokens;
+                        (t, tokens)
+                    },
+                )
+            }
+        };
+        match outcome {
+            Outcome::Taken((taken, needed)) => {
+                let reservation = if settings.reserve {
+                    let key = format!("{}#{}", taken.request_id, taken.delivery);
+                    let orphaned = core.lock(py).orphan_key(py, limiter, &key);
+                    drop(orphaned);
+                    Reservation::Keyed(limiter.clone().unbind(), key)
+                } else {
+                    Reservation::None
+                };
+                Ok(Self::open(slf, taken, reservation, started, false, needed)?.into_any())
+            }
+            // Only a fair winner that does not fit reports its tokens; a score winner's wait is
+            // asked of the limiter once its reservation is refused.
+            Outcome::Wait(needed) => Ok((needed as u64).into_pyobject(py)?.into_any().unbind()),
+            Outcome::Nothing => Ok(py.None()),
+        }
+    }
 }
 
 /// `MessageStateError` for a job marked already (`mark`: the mark refused).
@@ -916,79 +986,18 @@ impl PyDispatchCore {
     }
 
     /// The first half of a dispatch with a limiter other than `LLMThrottle`, from what its
-    /// `get_metrics()` reported: selects and takes the winner, not yet handed out. The job (its
-    /// reservation, under `job._key`, is the caller's to make, then `hand_out` or `revoke`), the
-    /// tokens a held winner needs (`int`: ask the limiter when they fit), or None.
-    #[pyo3(signature = (limiter, available_tokens, available_requests, token_capacity, request_capacity, custom_fn=None))]
+    /// `get_metrics()` reported (`metrics`): selects and takes the winner, not yet handed out.
+    /// The job (its reservation, under `job._key`, is the caller's to make, then `hand_out` or
+    /// `revoke`), the tokens a held winner needs (`int`: ask the limiter when they fit), or None.
+    #[pyo3(signature = (limiter, metrics, custom_fn=None))]
     fn choose(
         slf: &Bound<'_, Self>,
         limiter: &Bound<'_, PyAny>,
-        available_tokens: f64,
-        available_requests: f64,
-        token_capacity: f64,
-        request_capacity: f64,
+        metrics: &Bound<'_, PyAny>,
         custom_fn: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let py = slf.py();
-        let core = slf.get();
-        let started = (Instant::now(), core.clock.now(py)?);
-        let (config, settings) = (&core.config, core.config.settings);
-        let snapshot = Snapshot { available_tokens, available_requests, capacity: token_capacity };
-        let against = Against::Reported { snapshot, request_capacity };
-        // The reservation is the caller's, after the take: its key names this delivery.
-        let stepwise = Settings { reserve: false, ..settings };
-        let selecting = Selecting {
-            against,
-            weights: config.weights,
-            custom_fn: core.custom(custom_fn),
-            names: config.custom_names(),
-            reserve: settings.reserve,
-        };
-        let outcome = match (&core.store, config.fair) {
-            (Some(store), true) => store.get().take_fair(py, &snapshot, settings)?,
-            (None, true) => {
-                let mut state = core.lock(py);
-                let outcome = dispatch::take_fair_buffered(&mut state.buffer, &snapshot, settings, started.1);
-                outcome.map(|(t, needed)| {
-                    (Taken::from_buffer(&state, t.item, t.facts, t.charge, settings.reserve), needed)
-                })
-            }
-            (Some(store), false) => {
-                let mut steps = StoreSteps::new(py, store.get(), selecting, settings.visibility_timeout);
-                dispatch::attempt(&mut steps, &config.custom_weights, config.max_candidates, stepwise)?.map(
-                    |(t, _)| {
-                        let tokens = t.facts.tokens;
-                        (t, tokens)
-                    },
-                )
-            }
-            (None, false) => {
-                let mut steps = BufferSteps::new(py, &core.state, selecting, started.1);
-                dispatch::attempt(&mut steps, &config.custom_weights, config.max_candidates, stepwise)?.map(
-                    |(t, _)| {
-                        let tokens = t.facts.tokens;
-                        (t, tokens)
-                    },
-                )
-            }
-        };
-        match outcome {
-            Outcome::Taken((taken, needed)) => {
-                let reservation = if settings.reserve {
-                    let key = format!("{}#{}", taken.request_id, taken.delivery);
-                    let orphaned = core.lock(py).orphan_key(py, limiter, &key);
-                    drop(orphaned);
-                    Reservation::Keyed(limiter.clone().unbind(), key)
-                } else {
-                    Reservation::None
-                };
-                Ok(Self::open(slf, taken, reservation, started, false, needed)?.into_any())
-            }
-            // Only a fair winner that does not fit reports its tokens; a score winner's wait is
-            // asked of the limiter once its reservation is refused.
-            Outcome::Wait(needed) => Ok((needed as u64).into_pyobject(py)?.into_any().unbind()),
-            Outcome::Nothing => Ok(py.None()),
-        }
+        let (snapshot, request_capacity) = reported::snapshot(limiter, metrics)?;
+        Self::choose_against(slf, limiter, snapshot, request_capacity, custom_fn)
     }
 
     /// Settles `job` (`kind`: `"processed"` with `tokens` or None, `"failed"` after `delay`,
@@ -1051,8 +1060,17 @@ impl PyDispatchCore {
         let not_kept = core.lock(py).buffer.insert(vec![leased]);
         drop(not_kept); // its message object is released here, unlocked
         core.changed(py)?;
-        let found =
-            Self::choose(slf, limiter, f64::INFINITY, f64::INFINITY, token_capacity, request_capacity, None)?;
+        let found = Self::choose_against(
+            slf,
+            limiter,
+            Snapshot {
+                available_tokens: f64::INFINITY,
+                available_requests: f64::INFINITY,
+                capacity: token_capacity,
+            },
+            request_capacity,
+            None,
+        )?;
         let handed_out = match found.bind(py).cast::<PyJob>() {
             Ok(job) if job.get().message.bind(py).is(message) => core.hand_out(py, job),
             _ => false,
@@ -1340,38 +1358,47 @@ impl PyDispatchCore {
         Ok(new.into_iter().map(String::from).collect())
     }
 
-    /// From a limiter's `get_metrics()`, the most tokens it can ever grant one request: the
-    /// smallest capacity (`limit`) of the limits counting the whole estimate (`tpm`, and `tpd`
-    /// where there is one), and the capacities of `itpm` and `otpm` (infinite where none).
+    /// From `limiter`'s `get_metrics()` (`metrics`), the most tokens it can ever grant one
+    /// request (`reported::capacity`).
     #[staticmethod]
-    fn capacity(limiter_metrics: &Bound<'_, PyAny>) -> PyResult<PyCapacity> {
-        let py = limiter_metrics.py();
-        let limit = |name: &Bound<'_, pyo3::types::PyString>| -> PyResult<f64> {
-            match limiter_metrics.getattr_opt(name)? {
-                Some(bucket) if !bucket.is_none() => bucket.getattr(intern!(py, "limit"))?.extract(),
-                _ => Ok(f64::INFINITY),
-            }
-        };
-        let tpm: f64 =
-            limiter_metrics.getattr(intern!(py, "tpm"))?.getattr(intern!(py, "limit"))?.extract()?;
-        let whole = tpm.min(limit(intern!(py, "tpd"))?);
-        Ok(PyCapacity { whole, input: limit(intern!(py, "itpm"))?, output: limit(intern!(py, "otpm"))? })
+    fn capacity(limiter: &Bound<'_, PyAny>, metrics: &Bound<'_, PyAny>) -> PyResult<PyCapacity> {
+        reported::capacity(limiter, metrics)
+    }
+
+    /// The seconds `limiter`'s `can_process` answer `check` says a waiting dequeue should wait
+    /// (`reported::wait`), noting for the metrics the limit a limiter other than `LLMThrottle`
+    /// named refusing.
+    fn refusal_wait(
+        &self,
+        py: Python<'_>,
+        limiter: &Bound<'_, PyAny>,
+        check: &Bound<'_, PyAny>,
+    ) -> PyResult<f64> {
+        let (wait, reason) = reported::wait(limiter, check)?;
+        if let Some(reason) = reason {
+            self.limiter_refused(py, &reason)?;
+        }
+        Ok(wait)
     }
 
     /// Seconds until a dequeue that found nothing could hand something out
     /// (`dispatch::until_ready`): `held`, the seconds a held winner waits; `smallest_wait`, the
-    /// limiter's wait for the smallest selectable message; `available_tokens`, its budget now
-    /// (for the score crossing); `refill`, how often a prefetch buffer is filled again. Kept,
-    /// with `seen` (the change version the dequeue started from), for `time_until_ready`.
+    /// limiter's wait for the smallest selectable message; the tokens `limiter` reported
+    /// available in `metrics` (for the score crossing); `refill`, how often a prefetch buffer is
+    /// filled again. Kept, with `seen` (the change version the dequeue started from), for
+    /// `time_until_ready`.
+    #[allow(clippy::too_many_arguments)]
     fn until_ready(
         &self,
         py: Python<'_>,
+        limiter: &Bound<'_, PyAny>,
+        metrics: &Bound<'_, PyAny>,
         held: Option<f64>,
         smallest_wait: Option<f64>,
-        available_tokens: f64,
         refill: Option<f64>,
         seen: u64,
     ) -> PyResult<f64> {
+        let available_tokens = reported::available_tokens(limiter, metrics)?;
         let change = self.next_visibility_change(py)?;
         let visibility = match change {
             Some(at) => Some(at - self.clock.now(py)?),

@@ -7,6 +7,7 @@ pub mod errors;
 pub mod job;
 pub mod messages;
 pub mod report;
+pub mod reported;
 pub mod requests;
 pub mod steps;
 pub mod store;

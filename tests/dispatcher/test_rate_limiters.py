@@ -169,6 +169,65 @@ async def test_a_limiter_class_instead_of_a_limiter_is_refused_and_changes_nothi
     assert job.message.payload.id == "a"
 
 
+class MisreportingLimiter(FixedBudgetLimiter):
+    """A plain limiter that refuses every consume and reports ``value`` where ``field`` (a path
+    into its answers: ``tpm.limit`` of its metrics, ``available_in`` of its checks) should be a
+    number."""
+
+    def __init__(self, field: str, value: Any) -> None:
+        super().__init__(tokens=2_000, accept=False)
+        self.field, self.value = field, value
+
+    def __repr__(self) -> str:
+        return "MisreportingLimiter()"
+
+    def can_process(self, estimated_tokens: int) -> Check:
+        check = super().can_process(estimated_tokens)
+        if self.field == "available_in":
+            check.available_in = self.value
+        return check
+
+    def get_metrics(self) -> Any:
+        metrics = super().get_metrics()
+        if "." in self.field:
+            bucket, name = self.field.split(".")
+            setattr(getattr(metrics, bucket), name, self.value)
+        return metrics
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("available_in", "soon"),
+        ("available_in", None),
+        ("available_in", math.nan),
+        ("tpm.limit", "lots"),
+        ("tpm.available", None),
+        ("rpm.limit", [1]),
+    ],
+)
+async def test_a_limiter_reporting_a_number_that_is_not_one_gets_a_typed_error_naming_it(
+    clock: ManualClock, field: str, value: Any
+) -> None:
+    """Its answer is refused with `InvalidRequestError` naming the limiter and the field (not
+    a raw `TypeError` or `ValueError` from deep inside a dispatch), and nothing is taken."""
+    dispatcher = queue(clock)
+    await dispatcher.enqueue(request("a"))
+    limiter = MisreportingLimiter(field, value)
+    named = rf"MisreportingLimiter\(\) reported .*{field.replace('.', '[.]')}"
+    for timeout in (None, 1.0):
+        with pytest.raises(InvalidRequestError, match=named):
+            await dispatcher.dequeue(limiter, timeout=timeout)
+    if field == "tpm.limit":  # the capacity take_unfittable reads
+        with pytest.raises(InvalidRequestError, match=named):
+            await dispatcher.take_unfittable(limiter)
+    assert await counts(dispatcher) == (1, 0, 1)
+    assert limiter.tokens == 2_000
+    job = await dispatcher.dequeue(FixedBudgetLimiter(tokens=2_000))
+    assert job is not None
+    assert job.message.payload.id == "a"
+
+
 async def test_a_limiter_that_refuses_to_consume_gets_nothing(clock: ManualClock) -> None:
     dispatcher = queue(clock)
     limiter = FixedBudgetLimiter(tokens=2_000, accept=False)

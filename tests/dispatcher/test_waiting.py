@@ -265,3 +265,34 @@ async def test_a_limiter_refusing_without_saying_when_is_asked_again_not_polled(
     assert 1 <= limiter.checks <= 20, limiter.checks
     metrics = await dispatcher.get_queue_metrics()
     assert metrics.queue.approximate_number_of_messages == 1  # left where it was
+
+
+class AdmittingWithNaNTokens(Counting):
+    """A plain limiter whose checks admit at once but whose metrics report NaN tokens available:
+    no message fits NaN, and the admission says to wait no time."""
+
+    def can_process(self, estimated_tokens: int) -> Any:
+        self.checks += 1
+        return SimpleNamespace(
+            allowed=True, reason=None, available_in=0.0, available_tokens={"tpm": math.nan}
+        )
+
+    def get_metrics(self) -> Any:
+        metrics = self.inner.get_metrics()
+        nan_tokens = SimpleNamespace(available=math.nan, limit=metrics.tpm.limit)
+        return SimpleNamespace(rpm=metrics.rpm, tpm=nan_tokens)
+
+
+async def test_a_limiter_reporting_nan_tokens_available_gets_a_typed_error_not_a_busy_poll() -> None:
+    """A waiting dequeue asked such a limiter every millisecond (hundreds of checks in 0.3 s):
+    its answer is refused at once, with the limiter named, and the message stays queued."""
+    dispatcher = create_in_memory_queue()
+    await dispatcher.enqueue(request("a", tokens=10))
+    limiter = AdmittingWithNaNTokens(LLMThrottle(60, 100_000))
+    started = time.monotonic()
+    with pytest.raises(InvalidRequestError, match=r"reported get_metrics\(\)[.]tpm[.]available = nan"):
+        await dispatcher.dequeue(limiter, timeout=0.3)
+    assert time.monotonic() - started < 0.2
+    assert limiter.checks <= 1
+    metrics = await dispatcher.get_queue_metrics()
+    assert metrics.queue.approximate_number_of_messages == 1

@@ -454,6 +454,11 @@ class GlobalChoice:
             )
         )
 
+    def pending(self) -> set[asyncio.Task[None]]:
+        """The tasks the dispatcher's `close` waits for (a copy): winners of cancelled
+        dispatches being given back, winners given back, calls on their way."""
+        return set(self._recoveries)
+
     def _track(self, task: asyncio.Task[None]) -> None:
         """A task the dispatcher's `close` waits for (``_recoveries``): a call on its way, a
         give-back."""
