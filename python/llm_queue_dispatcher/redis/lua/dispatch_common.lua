@@ -1,7 +1,7 @@
 -- What the two global dispatch scripts share (global_dispatch.lua for fair_priority,
 -- score_dispatch.lua for the score policy), placed after the limiter's prelude and before
--- either script by redis/global_choice.py: the most winners of a call, the limiter's keys and
--- how an estimate's part is passed to it.
+-- either script by redis/global_choice.py: the most winners of a call, the limiter's keys, its
+-- session for the call (lean or generic) and how an estimate's part is passed to it.
 -- (The answer to a resent call is queue_common.lua's replayed(), as for dequeue.lua; a winner's
 -- lease is lease() or, written with the call's other winners, lease_deferred() below.)
 

@@ -4,7 +4,7 @@
 -- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) +
 -- dispatch_common.lua + this.
 --
--- About 706 lines, one file: Redis runs each script as one source, and the call's rounds, its
+-- About 680 lines, one file: Redis runs each script as one source, and the call's rounds, its
 -- reserves, its charges and the writes deferred to its end share the call's locals.
 --
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
