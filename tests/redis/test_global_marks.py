@@ -472,7 +472,7 @@ async def test_the_lean_limiter_session_stores_exactly_what_the_generic_one_stor
     four winners, marks made together (adjusted, settled, released), the limiter's own
     operations between them on the same grants (a second grant under a delivery's key, its
     adjustment, its release: the generic scripts reading what the lean session wrote, and the
-    reverse), and clock steps past the history's retention."""
+    reverse; a penalty), and clock steps past the history's retention."""
     options: dict[str, Any] = {"adjustment_failure_strategy": strategy, "max_history_records": max_records}
     config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=3_600.0, clock=clock)
     lean_limiter, generic_limiter = (clocked_throttle(rpm=120, tpm=1_200, **options) for _ in range(2))
@@ -541,13 +541,15 @@ async def test_the_lean_limiter_session_stores_exactly_what_the_generic_one_stor
                 # back (the global mark then acts on whichever grant of the key is the latest).
                 _, _, key = rng.choice(in_flight)
                 tokens, actual = rng.randint(10, 300), rng.choice([0, 50, 600])
-                operation = rng.choice(["consume", "adjust", "release"])
+                operation = rng.choice(["consume", "adjust", "release", "penalize"])
                 for limiter in (lean_limiter, generic_limiter):
                     with contextlib.suppress(RateLimitError, UnknownRequestError):
                         if operation == "consume":
                             await limiter.consume(key, tokens)
                         elif operation == "adjust":
                             await limiter.adjust_consumption(key, actual)
+                        elif operation == "penalize":  # a provider's Retry-After: the grants wait
+                            await limiter.penalize(2.0)
                         else:
                             await limiter.release(key)
             else:
