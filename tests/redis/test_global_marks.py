@@ -566,9 +566,10 @@ async def test_the_lean_limiter_session_keeps_a_delivery_keys_earlier_grants_as_
     redis_url: str,
 ) -> None:
     """A delivery's key with grants of the limiter's own scripts around the global ones: a grant
-    alone follows the key's earlier grant even when that one ages out in the same call, and a
-    mark that gives a grant back makes the key's earlier grant the latest again (the limiter's
-    own adjustment then acts on it). The lean session and the generic one store the same."""
+    alone follows the key's earlier grant even when that one ages out in the same call (with 40
+    others: the lean session drops them a chunk at a time), and a mark that gives a grant back
+    makes the key's earlier grant the latest again (the limiter's own adjustment then acts on
+    it). The lean session and the generic one store the same."""
     client = redis.asyncio.Redis.from_url(redis_url)
     books = []
     for run in range(2):  # the lean session's, then the generic one's, each on its own clock
@@ -580,23 +581,26 @@ async def test_the_lean_limiter_session_keeps_a_delivery_keys_earlier_grants_as_
             if run == 1:
                 patch.setattr(global_choice, "_script", generic_script)
             async with LLMQueueDispatcher(storage, config) as dispatcher:
+                for n in range(40):  # more than one chunk of the order ages out at once below
+                    await limiter.consume(f"bulk{n}", 5)
                 await limiter.consume("old#1", 40)  # ages out at the dispatch below
                 clock.advance(61.0)
                 await dispatcher.enqueue(LLMRequest("old", "x", Priority.NORMAL, TokenInfo(50), tenant="A"))
                 await dispatcher.enqueue(LLMRequest("kept", "x", Priority.NORMAL, TokenInfo(70), tenant="A"))
                 (first,) = await dispatcher._dequeue_up_to(limiter, 1)
+                after_first = await limiter_books(client, limiter)
                 (second,) = await dispatcher._dequeue_up_to(limiter, 1)
                 assert [first.message.payload.id, second.message.payload.id] == ["old", "kept"]
                 await limiter.consume("kept#1", 30)  # a second grant under the delivery's key
                 await second.release()  # gives the latest back: the dispatch's grant is latest again
                 await limiter.adjust_consumption("kept#1", 90)
                 await first.mark_as_processed(actual_tokens=20)
-                books.append(await limiter_books(client, limiter))
+                books.append((after_first, await limiter_books(client, limiter)))
         await limiter.aclose()
         await storage.aclose()
     await client.aclose()
     assert books[0] == books[1]
-    _, grants, order, latest, _ = books[0]
+    _, grants, order, latest, _ = books[0][1]
     # The first grant of old#1 aged out; kept#1's second grant is given back, its first latest.
     assert len(grants) == 3
     assert latest[b"kept#1"] == order[1]

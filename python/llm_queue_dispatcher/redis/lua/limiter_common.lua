@@ -337,37 +337,99 @@ if ARGV.lean ~= nil and ARGV[8] == '' and ARGV[10] == '' and ARGV[12] == '' and 
     end
 
     -- prune()'s first part, once per call: the records granted at or before NOW - retention,
-    -- oldest first (pop_oldest()). Its second part, the records beyond MAX_RECORDS, is flush()'s
-    -- (a mark script's session is lean only when there are none at its start).
+    -- oldest first, dropped as pop_oldest() drops each. A limiter whose oldest record is younger
+    -- (a busy one, whose history its record limit caps) reads that one record; else the order's
+    -- head is read a chunk at a time (32 records, then twice as many each round up to 512) and
+    -- the records aged out in it dropped in a few commands for all of them, not five each.
     local function age_out()
       if aged_out then
         return
       end
       aged_out = true
       local cutoff = NOW - RETENTION
-      -- Bounded by the records kept (the list's length at the start).
-      for _ = 1, order_len do
-        local number = redis.call('LINDEX', ORDER, ZERO)
-        if not number then
+      local first = redis.call('LINDEX', ORDER, ZERO)
+      if not first then
+        return
+      end
+      local oldest = record_of(first)
+      if oldest ~= nil and oldest.at > cutoff then
+        return
+      end
+      local chunk = 32
+      -- Bounded by the records kept: each round but the last drops a whole chunk (at least 32).
+      for _ = 1, math.ceil(order_len / 32) do
+        local numbers = redis.call('LRANGE', ORDER, 0, chunk - 1)
+        local unknown = {}
+        for i = 1, #numbers do -- bounded by the chunk
+          if known[numbers[i]] == nil then
+            unknown[#unknown + 1] = numbers[i]
+          end
+        end
+        if #unknown > 0 then
+          local packed = redis.call('HMGET', GRANTS, unpack(unknown))
+          for i = 1, #unknown do -- the records just read
+            known[unknown[i]] = packed[i]
+          end
+        end
+        local records, count = {}, 0
+        for i = 1, #numbers do -- bounded by the chunk: the aged prefix (a missing record is dropped)
+          local r = record_of(numbers[i])
+          if r ~= nil and r.at > cutoff then
+            break
+          end
+          count = i
+          records[i] = r or false
+        end
+        if count == 0 then
           break
         end
-        local r = record_of(number)
-        if r ~= nil and r.at > cutoff then
-          break
+        redis.call('LTRIM', ORDER, count, -1)
+        order_len = order_len - count
+        local rids, asked = {}, {}
+        for i = 1, count do -- the records aged out
+          local r = records[i]
+          if r and latest[r.rid] == nil and not asked[r.rid] then
+            asked[r.rid] = true
+            rids[#rids + 1] = r.rid
+          end
         end
-        redis.call('LPOP', ORDER)
-        order_len = order_len - 1
-        if r ~= nil then
-          if r.released == 0 then
-            count_in(r, -1)
+        if #rids > 0 then
+          local found = redis.call('HMGET', LATEST, unpack(rids))
+          for i = 1, #rids do -- the ids just read
+            latest[rids[i]] = found[i]
           end
-          free_slot(r)
-          if latest_of(r.rid) == number then
-            set_latest(r.rid, nil)
+        end
+        local slots, stale, gone = {}, {}, {}
+        for i = 1, count do -- the records aged out, oldest first (pop_oldest()'s order)
+          local r, number = records[i], numbers[i]
+          if r then
+            if r.released == 0 then
+              count_in(r, -1)
+            end
+            if r.slot == 1 then
+              slots[#slots + 1] = number
+            end
+            if latest[r.rid] == number then
+              stale[#stale + 1] = r.rid
+              latest[r.rid] = false
+            end
+            gone[#gone + 1] = number
           end
-          redis.call('HDEL', GRANTS, number)
           known[number] = false
         end
+        if #slots > 0 then
+          redis.call('ZREM', HELD, unpack(slots))
+        end
+        if #stale > 0 then
+          redis.call('HDEL', LATEST, unpack(stale))
+        end
+        if #gone > 0 then
+          redis.call('HDEL', GRANTS, unpack(gone))
+        end
+        if count < chunk then
+          break
+        end
+        chunk = math.min(2 * chunk, 512)
       end
     end
 
