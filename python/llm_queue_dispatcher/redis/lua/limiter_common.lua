@@ -339,8 +339,9 @@ if ARGV.lean ~= nil and ARGV[8] == '' and ARGV[10] == '' and ARGV[12] == '' and 
     -- prune()'s first part, once per call: the records granted at or before NOW - retention,
     -- oldest first, dropped as pop_oldest() drops each. A limiter whose oldest record is younger
     -- (a busy one, whose history its record limit caps) reads that one record; else the order's
-    -- head is read a chunk at a time (32 records, then twice as many each round up to 512) and
-    -- the records aged out in it dropped in a few commands for all of them, not five each.
+    -- head is read a chunk at a time (4 records, then twice as many each round up to 512: a few
+    -- aged out cost few reads) and the records aged out in it dropped in a few commands for all
+    -- of them, not five each.
     local function age_out()
       if aged_out then
         return
@@ -355,9 +356,9 @@ if ARGV.lean ~= nil and ARGV[8] == '' and ARGV[10] == '' and ARGV[12] == '' and 
       if oldest ~= nil and oldest.at > cutoff then
         return
       end
-      local chunk = 32
-      -- Bounded by the records kept: each round but the last drops a whole chunk (at least 32).
-      for _ = 1, math.ceil(order_len / 32) do
+      local chunk = 4
+      -- Bounded by the records kept: each round but the last drops a whole chunk (at least 4).
+      for _ = 1, math.ceil(order_len / 4) do
         local numbers = redis.call('LRANGE', ORDER, 0, chunk - 1)
         local unknown = {}
         for i = 1, #numbers do -- bounded by the chunk
