@@ -5,7 +5,7 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
--- About 1,380 lines, one file: Redis runs each script as one source, so every limiter operation
+-- About 1,445 lines, one file: Redis runs each script as one source, so every limiter operation
 -- (and the global choice's scripts, which wrap it) carries this prelude whole; the buckets, the
 -- history and the deferred writes of a global script's many grants share its locals. The global
 -- scripts' lean session for the common limiter (RPM and TPM alone, below the bucket arithmetic)
