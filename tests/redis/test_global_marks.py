@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 from typing import Any
 
 import pytest
+import redis.asyncio
 import redis.exceptions
 
 from llm_queue_dispatcher import (
@@ -26,8 +28,9 @@ from llm_queue_dispatcher import (
     TokenInfo,
     UnknownRequestError,
 )
-from llm_queue_dispatcher.redis import RedisStorage
-from tests.redis.support import fair_dispatcher
+from llm_queue_dispatcher.redis import RedisStorage, global_choice
+from tests.redis.conftest import START, fresh_name
+from tests.redis.support import ClockedRedisStorage, ClockedRedisThrottle, fair_dispatcher
 
 
 def count_calls(storage: RedisStorage[Any], patch: pytest.MonkeyPatch) -> list[int]:
@@ -424,3 +427,180 @@ async def test_global_grants_and_marks_leave_the_limiter_as_llm_throttle_does(
             assert got.consumption_history.count == want.consumption_history.count, step
             assert got.consumption_history.total_tokens == want.consumption_history.total_tokens, step
     assert handed_out >= 10
+
+
+def generic_script(name: str) -> Any:
+    """The global script ``name`` with its limiter's lean session left out: every grant and
+    correction goes through the generic session (``limiter_common.lua``)."""
+    script = global_choice._GlobalScript(name)
+    source = script.source.replace("if ARGV.lean ~= nil and", "if false and", 1)
+    assert source != script.source, "the lean session's guard moved: this test no longer compares"
+    script.source = source
+    script.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+    return script
+
+
+async def limiter_books(client: Any, limiter: Any) -> tuple[Any, ...]:
+    """Everything a limiter stores, as stored: its state, its records (packed), their order, the
+    request ids' latest grants, the grants holding a slot."""
+    state, grants, order, latest, held = limiter._keys
+    return (
+        await client.hgetall(state),
+        await client.hgetall(grants),
+        await client.lrange(order, 0, -1),
+        await client.hgetall(latest),
+        await client.zrange(held, 0, -1, withscores=True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "max_records", "seed"),
+    [("compensate", 10_000, 5), ("warn", 4, 6), ("strict", 10_000, 7), ("compensate", 3, 8)],
+)
+async def test_the_lean_limiter_session_stores_exactly_what_the_generic_one_stores(
+    clocked_storage: Any,
+    clocked_throttle: Any,
+    clock: ManualClock,
+    redis_url: str,
+    strategy: str,
+    max_records: int,
+    seed: int,
+) -> None:
+    """The global scripts grant and correct an RPM + TPM limiter through a lean session; the
+    same steps made with the generic session (the lean one left out of the scripts) leave the
+    limiter's stored books byte for byte the same after every step: global dispatches of one to
+    four winners, marks made together (adjusted, settled, released), the limiter's own
+    operations between them on the same grants (a second grant under a delivery's key, its
+    adjustment, its release: the generic scripts reading what the lean session wrote, and the
+    reverse; a penalty), and clock steps past the history's retention."""
+    options: dict[str, Any] = {"adjustment_failure_strategy": strategy, "max_history_records": max_records}
+    config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=3_600.0, clock=clock)
+    lean_limiter, generic_limiter = (clocked_throttle(rpm=120, tpm=1_200, **options) for _ in range(2))
+    lean_storage, generic_storage = clocked_storage(), clocked_storage()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    rng = random.Random(seed)
+    in_flight: list[tuple[Any, Any, str]] = []  # (lean job, generic job, delivery key)
+    granted = adjusted = 0
+    async with (
+        LLMQueueDispatcher(lean_storage, config) as lean,
+        LLMQueueDispatcher(generic_storage, config) as generic,
+    ):
+
+        @contextlib.asynccontextmanager
+        async def generic_scripts() -> Any:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(global_choice, "_script", generic_script)
+                yield
+
+        for step in range(90):
+            action = rng.random()
+            if action < 0.25:
+                requests = [
+                    LLMRequest(
+                        f"s{step}m{n}", "x", Priority.NORMAL, TokenInfo(rng.randint(20, 500)), tenant=tenant
+                    )
+                    for n, tenant in enumerate(rng.choice("AB") for _ in range(rng.randint(1, 3)))
+                ]
+                await lean.batch_enqueue(requests)
+                await generic.batch_enqueue(requests)
+            elif action < 0.5:
+                count = rng.randint(1, 4)
+                lean_jobs = await lean._dequeue_up_to(lean_limiter, count)
+                async with generic_scripts():
+                    generic_jobs = await generic._dequeue_up_to(generic_limiter, count)
+                lean_ids = [job.message.payload.id for job in lean_jobs]
+                assert lean_ids == [job.message.payload.id for job in generic_jobs], step
+                for one, other in zip(lean_jobs, generic_jobs, strict=True):
+                    key = f"{one.message.payload.id}#{one.message.attributes.receive_count}"
+                    in_flight.append((one, other, key))
+                granted += len(lean_jobs)
+            elif action < 0.75 and in_flight:
+                rng.shuffle(in_flight)
+                count = rng.randint(1, 4)
+                marked, in_flight = in_flight[:count], in_flight[count:]
+                lean_marks, generic_marks = [], []
+                for one, other, _ in marked:
+                    choice = rng.random()
+                    if choice < 0.7:
+                        actual = rng.choice([0, 10, 100, 400, 900])
+                        lean_marks.append(one.mark_as_processed(actual_tokens=actual))
+                        generic_marks.append(other.mark_as_processed(actual_tokens=actual))
+                        adjusted += 1
+                    elif choice < 0.85:
+                        lean_marks.append(one.mark_as_processed())
+                        generic_marks.append(other.mark_as_processed())
+                    else:
+                        lean_marks.append(one.release())
+                        generic_marks.append(other.release())
+                lean_outcomes = await asyncio.gather(*lean_marks, return_exceptions=True)
+                async with generic_scripts():
+                    generic_outcomes = await asyncio.gather(*generic_marks, return_exceptions=True)
+                assert [repr(o) for o in lean_outcomes] == [repr(o) for o in generic_outcomes], step
+            elif action < 0.87 and in_flight:
+                # The limiter's own scripts on a delivery's key: a second grant, adjusted or given
+                # back (the global mark then acts on whichever grant of the key is the latest).
+                _, _, key = rng.choice(in_flight)
+                tokens, actual = rng.randint(10, 300), rng.choice([0, 50, 600])
+                operation = rng.choice(["consume", "adjust", "release", "penalize"])
+                for limiter in (lean_limiter, generic_limiter):
+                    with contextlib.suppress(RateLimitError, UnknownRequestError):
+                        if operation == "consume":
+                            await limiter.consume(key, tokens)
+                        elif operation == "adjust":
+                            await limiter.adjust_consumption(key, actual)
+                        elif operation == "penalize":  # a provider's Retry-After: the grants wait
+                            await limiter.penalize(2.0)
+                        else:
+                            await limiter.release(key)
+            else:
+                clock.advance(float(rng.choice([1, 3, 20, 61])))
+            lean_books = await limiter_books(client, lean_limiter)
+            generic_books = await limiter_books(client, generic_limiter)
+            assert lean_books == generic_books, step
+    await client.aclose()
+    assert granted >= 10
+    assert adjusted >= 5
+
+
+async def test_the_lean_limiter_session_keeps_a_delivery_keys_earlier_grants_as_the_generic_one(
+    redis_url: str,
+) -> None:
+    """A delivery's key with grants of the limiter's own scripts around the global ones: a grant
+    alone follows the key's earlier grant even when that one ages out in the same call (with 40
+    others: the lean session drops them a chunk at a time), and a mark that gives a grant back
+    makes the key's earlier grant the latest again (the limiter's own adjustment then acts on
+    it). The lean session and the generic one store the same."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    books = []
+    for run in range(2):  # the lean session's, then the generic one's, each on its own clock
+        clock = ManualClock(START)
+        config = LLMQueueDispatcherConfig(policy="fair_priority", visibility_timeout=3_600.0, clock=clock)
+        limiter = ClockedRedisThrottle(redis_url, fresh_name("limiter"), clock=clock, rpm=120, tpm=1_200)
+        storage: ClockedRedisStorage[Any] = ClockedRedisStorage(redis_url, fresh_name("queue"), clock=clock)
+        with pytest.MonkeyPatch.context() as patch:
+            if run == 1:
+                patch.setattr(global_choice, "_script", generic_script)
+            async with LLMQueueDispatcher(storage, config) as dispatcher:
+                for n in range(40):  # more than one chunk of the order ages out at once below
+                    await limiter.consume(f"bulk{n}", 5)
+                await limiter.consume("old#1", 40)  # ages out at the dispatch below
+                clock.advance(61.0)
+                await dispatcher.enqueue(LLMRequest("old", "x", Priority.NORMAL, TokenInfo(50), tenant="A"))
+                await dispatcher.enqueue(LLMRequest("kept", "x", Priority.NORMAL, TokenInfo(70), tenant="A"))
+                (first,) = await dispatcher._dequeue_up_to(limiter, 1)
+                after_first = await limiter_books(client, limiter)
+                (second,) = await dispatcher._dequeue_up_to(limiter, 1)
+                assert [first.message.payload.id, second.message.payload.id] == ["old", "kept"]
+                await limiter.consume("kept#1", 30)  # a second grant under the delivery's key
+                await second.release()  # gives the latest back: the dispatch's grant is latest again
+                await limiter.adjust_consumption("kept#1", 90)
+                await first.mark_as_processed(actual_tokens=20)
+                books.append((after_first, await limiter_books(client, limiter)))
+        await limiter.aclose()
+        await storage.aclose()
+    await client.aclose()
+    assert books[0] == books[1]
+    _, grants, order, latest, _ = books[0][1]
+    # The first grant of old#1 aged out; kept#1's second grant is given back, its first latest.
+    assert len(grants) == 3
+    assert latest[b"kept#1"] == order[1]

@@ -1,7 +1,7 @@
 -- What the two global dispatch scripts share (global_dispatch.lua for fair_priority,
 -- score_dispatch.lua for the score policy), placed after the limiter's prelude and before
--- either script by redis/global_choice.py: the most winners of a call, the limiter's keys and
--- how an estimate's part is passed to it.
+-- either script by redis/global_choice.py: the most winners of a call, the limiter's keys, its
+-- session for the call (lean or generic) and how an estimate's part is passed to it.
 -- (The answer to a resent call is queue_common.lua's replayed(), as for dequeue.lua; a winner's
 -- lease is lease() or, written with the call's other winners, lease_deferred() below.)
 
@@ -19,6 +19,82 @@ local function part(n)
     return ''
   end
   return fmt(n)
+end
+
+-- The limiter's session for the call (redis/global_choice.py: the limiter's state read once),
+-- opened by the call's first limiter operation: the lean one (limiter_common.lua, LEAN) when
+-- the limiter is RPM and TPM alone, else the generic one, its state saved once after the rounds
+-- (limiter_flush()) and a failed operation's half-made changes rolled back to the last
+-- checkpoint. limiter_setup() names the limiter's arguments and whether the call may take
+-- several winners (their history records then written together, and those they push out
+-- dropped then; one grant alone writes its own, as a single call always did).
+local limiter_session, limiter_lean, limiter_args, limiter_many = nil, nil, nil, false
+
+local function limiter_setup(argv, many)
+  limiter_args, limiter_many = argv, many
+end
+
+local function limiter_start()
+  if limiter_session == nil and limiter_lean == nil then
+    limiter_args.lean = limiter_many and 'many' or 'one'
+    limiter_session, limiter_lean = limiter_open(LIMITER_KEYS, limiter_args)
+    if limiter_lean == nil then
+      limiter_session('defer') -- its state saved once, after the rounds (limiter_flush())
+      if limiter_many then
+        limiter_session('defer_drops')
+      end
+      limiter_session('checkpoint')
+    end
+  end
+end
+
+-- The generic session's operation `op` with `request`'s arguments after its own.
+local function limiter(op, request)
+  local ok, reply = pcall(limiter_session, op, request)
+  if not ok then
+    -- Its state in memory may be half changed: what the operations before it left is what the
+    -- rounds' end saves (the grant numbers it used stay used: its records may be written).
+    limiter_session('rollback')
+    error(reply, 0)
+  end
+  -- (An operation that changed the state took its checkpoint: save() in limiter_common.lua.)
+  return reply
+end
+
+-- A part of the estimate as the lean session takes it: the number part() passes as text.
+local function lean_part(n)
+  if n == nil or n < 0 then
+    return nil
+  end
+  return tonumber(fmt(n))
+end
+
+-- The limiter's 'reserve' of winner `s` under its delivery's `key`: granted only if the buckets
+-- hold its estimate (its parts for ITPM and OTPM) and the TPM bucket `need` (the estimate and
+-- the reserves it must leave). {1, grant number}, else {0, reason, wait in us}.
+local function limiter_reserve(key, s, need)
+  limiter_start()
+  if limiter_lean ~= nil then
+    return limiter_lean.reserve(key, s.tok, lean_part(s.inp), lean_part(s.out), need)
+  end
+  return limiter('reserve', {key, s.tok, part(s.inp), part(s.out), need})
+end
+
+-- Whether the limiter would grant `tokens` now (changing nothing).
+local function limiter_admits(tokens)
+  limiter_start()
+  if limiter_lean ~= nil then
+    return limiter_lean.check(tokens) == ''
+  end
+  return limiter('check', {tokens, '', ''})[1] == ''
+end
+
+local function limiter_flush()
+  if limiter_lean ~= nil then
+    limiter_lean.flush()
+  elseif limiter_session ~= nil then
+    limiter_session('flush')
+  end
 end
 
 -- Leases written together: lease_deferred() is queue_common.lua's lease() whose writes (the

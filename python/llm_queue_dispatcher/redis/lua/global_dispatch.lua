@@ -4,7 +4,7 @@
 -- limiter's prelude and operations wrapped as limiter_open() (redis/global_choice.py) +
 -- dispatch_common.lua + this.
 --
--- About 706 lines, one file: Redis runs each script as one source, and the call's rounds, its
+-- About 680 lines, one file: Redis runs each script as one source, and the call's rounds, its
 -- reserves, its charges and the writes deferred to its end share the call's locals.
 --
 -- KEYS: the queue (and its dead-letter queue), then the limiter's five keys (state, grants,
@@ -108,6 +108,7 @@ local limiter_argv = {}
 for i = 1, 14 do
   limiter_argv[i] = ARGV[15 + 2 * k + i]
 end
+limiter_setup(limiter_argv, limit > 1)
 local refill = tonumber(limiter_argv[3]) / 60 -- the token bucket's refill, tokens per second
 if meta[3] == '1' and meta[4] ~= '1' then
   -- No process of the score policy dispatches from this queue: its index is dropped, and no
@@ -360,31 +361,6 @@ local function first()
   return best, s, entries[best]
 end
 
--- The limiter's call `op` with `request`'s arguments after its own, in one session for the
--- call (redis/global_choice.py: the limiter's state read once).
-local session = nil
-local function limiter(op, request)
-  if session == nil then
-    session = limiter_open(LIMITER_KEYS, limiter_argv)
-    session('defer') -- its state saved once, after the rounds (session('flush') below)
-    if limit > 1 then
-      -- With several winners, their history records written together (and those they push
-      -- out dropped then); one grant alone writes its own, as a single call always did.
-      session('defer_drops')
-    end
-    session('checkpoint')
-  end
-  local ok, reply = pcall(session, op, request)
-  if not ok then
-    -- Its state in memory may be half changed: what the operations before it left is what the
-    -- rounds' end saves (the grant numbers it used stay used: its records may be written).
-    session('rollback')
-    error(reply, 0)
-  end
-  -- (An operation that changed the state took its checkpoint: save() in limiter_common.lua.)
-  return reply
-end
-
 -- The reserves (API.md, "Scheduling that holds on real traffic"; tests/reference/fair.py): a
 -- non-URGENT winner must leave the URGENT reserve in the bucket, and one of a backlogged tenant
 -- the tenant reserve on top, its need at most the capacity; neither is kept while a backlog
@@ -432,10 +408,6 @@ local function tenant_reserve()
   push_recent()
   local most = recent_max(Q.recent, 256)
   return most == nil and 0.01 * capacity or math.min(1.5 * most, 0.1 * capacity)
-end
-
-local function admits(tokens)
-  return limiter('check', {tokens, '', ''})[1] == ''
 end
 
 -- A tenant is backlogged when another tenant is active (waiting, or with use in the window), it
@@ -487,7 +459,7 @@ local function margin(s)
   end
   local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
   local quiet = arrival == nil or (NOW - arrival) / 1000000 >= both / refill
-  if quiet and admits(tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0) then
+  if quiet and limiter_admits(tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0) then
     return 0 -- a backlog clears: no reserve is kept
   end
   if backlogged(s.ten) then
@@ -659,12 +631,12 @@ local function rounds()
       -- Reserved only if the buckets hold the estimate (its parts for ITPM and OTPM) and the
       -- reserves it must leave.
       local bound = margin_bound(s)
-      local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + bound})
+      local granted = limiter_reserve(key, s, s.tok + bound)
       if granted[1] ~= 1 and bound > 0 then
         -- Refused with the bound: the exact margin decides (a grant with it is the same grant).
         local exact_margin = margin(s)
         if exact_margin < bound then
-          granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + exact_margin})
+          granted = limiter_reserve(key, s, s.tok + exact_margin)
         end
       end
       if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
@@ -697,9 +669,7 @@ leases_flush(out)
 charges_flush()
 push_recent()
 index_flush()
-if session ~= nil then
-  session('flush')
-end
+limiter_flush()
 if not done then
   error(failure, 0)
 end

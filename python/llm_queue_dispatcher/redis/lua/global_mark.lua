@@ -39,9 +39,11 @@ for i = 1, 14 do
 end
 
 -- The limiter's session (redis/global_choice.py), opened by the first mark that calls it: its
--- state read once for the marks of this call and saved once after them (a mark that fails
--- midway has it saved as the marks before it left it, then dropped).
-local session = nil
+-- state read once for the marks of this call and saved once after them. The lean one
+-- (limiter_common.lua, LEAN) when the limiter is RPM and TPM alone: an operation of it that
+-- fails changes nothing. Else the generic one: a mark that fails midway has it saved as the
+-- marks before it left it, then dropped.
+local session, lean = nil, nil
 
 -- Whether a mark changed the queue: its meta is touched once, after the marks.
 local touched = false
@@ -212,12 +214,23 @@ local function mark(op, member, token, visibility, call, key, tokens, strategy, 
 
   local limited = ''
   if call ~= '' then
-    if session == nil then
-      session = limiter_open(LIMITER_KEYS, limiter_argv)
-      session('defer')
-      session('checkpoint')
+    if session == nil and lean == nil then
+      limiter_argv.lean = 'mark'
+      session, lean = limiter_open(LIMITER_KEYS, limiter_argv)
+      if lean == nil then
+        session('defer')
+        session('checkpoint')
+      end
     end
-    if call == 'adjust' then
+    if lean ~= nil then
+      if call == 'adjust' then
+        limited = lean.adjust(key, tokens, strategy, input, output)
+      elseif call == 'release' then
+        limited = lean.release(key)
+      elseif call == 'settle' then
+        limited = lean.settle(key)
+      end
+    elseif call == 'adjust' then
       limited = session(call, {key, tokens, strategy, input, output})
     else
       limited = session(call, {key})
@@ -283,7 +296,9 @@ for i = 1, math.min(tonumber(ARGV[5]), MARKS_MAX) do
 end
 flush_inflight()
 flush_marks()
-if session ~= nil then
+if lean ~= nil then
+  lean.flush()
+elseif session ~= nil then
   session('flush')
 end
 if touched then

@@ -5,9 +5,12 @@
 -- of requests in flight; all-or-nothing grants, an exact wait, a history of grants. Shared by
 -- every process that names the limiter, on the server's clock.
 --
--- About 939 lines, one file: Redis runs each script as one source, so every limiter operation
+-- About 1,445 lines, one file: Redis runs each script as one source, so every limiter operation
 -- (and the global choice's scripts, which wrap it) carries this prelude whole; the buckets, the
--- history and the deferred writes of a global script's many grants share its locals.
+-- history and the deferred writes of a global script's many grants share its locals. The global
+-- scripts' lean session for the common limiter (RPM and TPM alone, below the bucket arithmetic)
+-- lives here too: it calls that arithmetic, and it returns before the generic session's
+-- definitions run, which is what makes it lean.
 --
 -- KEYS[1] state (hash: bucket levels, debts, penalty, history totals, grant counter)
 -- KEYS[2] grants (hash: grant number -> msgpack record)
@@ -44,97 +47,6 @@ local DEBT_DUST = 1e-9
 -- Past 2^53 us (the year 2255) doubles no longer hold every microsecond.
 local EXACT_US = 2 ^ 53
 local MINUTE_US, DAY_US = 60000000, 86400000000
-
--- The buckets, in the order a tie between equal waits is reported (rpm, tpm, itpm, otpm, rpd,
--- tpd; then concurrency): each refills `per` every `period` us up to `cap`, and counts one per
--- request ('request'), the request's whole tokens ('total'), or its input or output part. Its
--- state lives in the fields <key>a (level), <key>l (instant of the level) and, for a token bucket,
--- its debt (`debt_field`). (<key>c and <key>cu, a provider's ceiling that earlier versions kept
--- until the reset, are read by nobody and deleted on the next save.)
-local SPECS = {
-  {name = 'rpm', key = 'r', per = tonumber(ARGV[2]), period = MINUTE_US, cap = tonumber(ARGV[4]), counts = 'request'},
-  {
-    name = 'tpm', key = 't', per = tonumber(ARGV[3]), period = MINUTE_US, cap = tonumber(ARGV[5]), counts = 'total',
-    debt_field = 'debt',
-  },
-}
-if ARGV[8] ~= '' then
-  SPECS[#SPECS + 1] = {
-    name = 'itpm', key = 'i', per = tonumber(ARGV[8]), period = MINUTE_US, cap = tonumber(ARGV[9]), counts = 'input',
-    debt_field = 'id',
-  }
-end
-if ARGV[10] ~= '' then
-  SPECS[#SPECS + 1] = {
-    name = 'otpm', key = 'o', per = tonumber(ARGV[10]), period = MINUTE_US, cap = tonumber(ARGV[11]),
-    counts = 'output', debt_field = 'od',
-  }
-end
-if ARGV[12] ~= '' then
-  SPECS[#SPECS + 1] = {name = 'rpd', key = 'd', per = tonumber(ARGV[12]), period = DAY_US, cap = tonumber(ARGV[12]), counts = 'request'}
-end
-if ARGV[13] ~= '' then
-  SPECS[#SPECS + 1] = {
-    name = 'tpd', key = 'e', per = tonumber(ARGV[13]), period = DAY_US, cap = tonumber(ARGV[13]), counts = 'total',
-    debt_field = 'ed',
-  }
-end
-
-local fields = {'penalty', 'tokens', 'adjusted', 'accuracy', 'live'}
-for _, spec in ipairs(SPECS) do -- the buckets configured
-  for _, suffix in ipairs({'a', 'l'}) do -- a bucket's two fields
-    fields[#fields + 1] = spec.key .. suffix
-  end
-  fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
-end
-local LEGACY_AT = #fields -- then the ceilings of an earlier version, deleted where found
-for _, spec in ipairs(SPECS) do -- the buckets configured
-  fields[#fields + 1] = spec.key .. 'c'
-  fields[#fields + 1] = spec.key .. 'cu'
-end
-local raw = redis.call('HMGET', STATE, unpack(fields))
--- What save() must delete: the penalty when one is stored, an earlier version's ceilings.
-local STORED_PENALTY = raw[1] ~= false and raw[1] ~= nil
-local LEGACY = {}
-for i = LEGACY_AT + 1, #fields do -- the ceilings' fields
-  if raw[i] then
-    LEGACY[#LEGACY + 1] = fields[i]
-  end
-end
-
-local PENALTY = tonumber(raw[1]) or 0
-local TOTALS = {
-  tokens = tonumber(raw[2]) or 0, adjusted = tonumber(raw[3]) or 0, accuracy = tonumber(raw[4]) or 0,
-  live = tonumber(raw[5]) or 0,
-}
-
--- Every bucket configured (BUCKETS, in SPECS order), by name (BY_NAME); the token buckets, which
--- carry a debt, apart (METERS, tpm first).
-local BUCKETS, BY_NAME, METERS = {}, {}, {}
-for i, spec in ipairs(SPECS) do -- the buckets configured
-  local at = 5 + (i - 1) * 3
-  local b = {
-    name = spec.name, key = spec.key, per = spec.per, period = spec.period, cap = spec.cap, counts = spec.counts,
-    avail = tonumber(raw[at + 1]) or spec.cap, last = tonumber(raw[at + 2]) or NOW, debt_field = spec.debt_field,
-  }
-  if b.avail > b.cap then
-    b.avail = b.cap -- another process configured a smaller burst
-  end
-  if spec.debt_field then
-    b.debt = tonumber(raw[at + 3]) or 0
-    METERS[#METERS + 1] = b
-  end
-  BUCKETS[i] = b
-  BY_NAME[spec.name] = b
-end
-local REQUESTS, TOKENS = BY_NAME.rpm, BY_NAME.tpm
-
--- A penalty stored further ahead than MAX_DELAY_US (by a client that did not bound it) ends a day
--- from now, stored so at once: nothing holds the limiter shut for longer.
-if PENALTY > NOW + MAX_DELAY_US then
-  PENALTY = NOW + MAX_DELAY_US
-  redis.call('HSET', STATE, 'penalty', fmt(PENALTY))
-end
 
 -- The refill of LLMThrottle's TokenBucket (rust/throttle/bucket.rs), in microseconds. Multiply
 -- before dividing: whole seconds at rates per second a double holds exactly (whole rates, or a
@@ -224,12 +136,6 @@ local function give_back_owed(b, n)
   refund(b, n - cancelled)
 end
 
--- A provider's figure: at most `remaining` now (never raising the level); from there the bucket
--- refills at its own rate up to its own capacity, as LLMThrottle's TokenBucket::cap.
-local function cap_at(b, remaining)
-  b.avail = math.min(b.avail, math.max(remaining, 0))
-end
-
 -- Tokens a grant of `tokens` must find in token bucket b: the tokens plus the debt, but never more
 -- than a full bucket (the rest of the debt carries over), as LLMThrottle does.
 local function needed(b, tokens)
@@ -237,30 +143,6 @@ local function needed(b, tokens)
     return tokens
   end
   return math.min(tokens + b.debt, b.cap)
-end
-
--- What bucket b counts of a request of `total` tokens whose input and output parts are `input`
--- and `output` (nil when unknown: an input or output bucket then counts the whole total, any of
--- which may turn out to be input, or output).
-local function share(b, total, input, output)
-  if b.counts == 'input' and input ~= nil then
-    return input
-  elseif b.counts == 'output' and output ~= nil then
-    return output
-  end
-  return total
-end
-
--- An adjustment (limiter_adjust.lua): what token bucket b counts of `actual` tokens, given its
--- parts (`input`, `output`: nil when not given) and `record`, the grant adjusted. (Defined once per
--- run of the prelude, not once per adjustment: a global mark script adjusts many.)
-local function adjust_target(b, record, actual, input, output)
-  if input ~= nil then
-    return share(b, actual, input, output)
-  elseif b.counts == 'output' and record.output_cap >= 0 then
-    return math.min(actual, record.output_cap)
-  end
-  return actual
 end
 
 -- Moves charge ch of bucket b to `count` (under adjustment `strategy`). Returns nil, or {'warn' | 'compensate', shortfall, debt}.
@@ -300,6 +182,650 @@ local function adjust_charge(b, ch, count, strategy)
   end
   ch.c = count
   return result
+end
+
+-- What the history counts (the records that still count, their tokens, the adjusted ones and
+-- their accuracy): read with the state (the lean session's or the generic one's, below).
+local TOTALS
+
+local function accuracy(r)
+  if r.estimated == 0 then
+    return 1
+  end
+  return math.min(r.estimated, r.actual) / math.max(r.estimated, r.actual)
+end
+
+local function count_in(r, sign)
+  TOTALS.live = TOTALS.live + sign
+  TOTALS.tokens = TOTALS.tokens + sign * r.tokens
+  if r.actual >= 0 then
+    TOTALS.adjusted = TOTALS.adjusted + sign
+    TOTALS.accuracy = TOTALS.accuracy + sign * accuracy(r)
+  end
+  if TOTALS.adjusted <= 0 then
+    TOTALS.adjusted = 0
+    TOTALS.accuracy = 0 -- float dust must not outlive the records it came from
+  end
+end
+
+-- The lean session: the global scripts' grants and corrections when the limiter is the common
+-- one, RPM and TPM alone (no ITPM, OTPM, RPD, TPD nor max_concurrent sent; no penalty stored
+-- beyond MAX_DELAY_US, no earlier version's ceilings stored; for a mark script, no more records
+-- kept than MAX_RECORDS), asked for by the global scripts (ARGV.lean: 'one' or 'many', a
+-- dispatch for one winner or for several; 'mark'). It does what the generic session below does
+-- for these operations, with the same arithmetic (the functions above), and writes the same
+-- state, records, order and latest grants: a script of either kind reads what the other wrote.
+-- What it leaves out is the generic session's cost per call and per operation: its tables per
+-- bucket and per charge, its ~40 definitions, its operations' if-chain, argument copies and
+-- pcall, its checkpoints (a lean operation raises before it changes anything, or not at all).
+-- Returns nil, LEAN (the operations below); a limiter that is not the common one, or state the
+-- generic session must repair, goes on to it.
+if ARGV.lean ~= nil and ARGV[8] == '' and ARGV[10] == '' and ARGV[12] == '' and ARGV[13] == ''
+  and MAX_CONCURRENT == nil then
+  local raw = redis.call(
+    'HMGET', STATE, 'penalty', 'tokens', 'adjusted', 'accuracy', 'live', 'ra', 'rl', 'ta', 'tl', 'debt', 'grants', 'rc',
+    'rcu', 'tc', 'tcu')
+  local penalty = tonumber(raw[1]) or 0
+  local order_len = redis.call('LLEN', ORDER)
+  if not (raw[12] or raw[13] or raw[14] or raw[15]) and penalty <= NOW + MAX_DELAY_US
+    and (ARGV.lean ~= 'mark' or order_len <= MAX_RECORDS) then
+    local many = ARGV.lean == 'many'
+    local stored_penalty = raw[1] ~= false
+    local R = {per = tonumber(ARGV[2]), period = MINUTE_US, cap = tonumber(ARGV[4])}
+    R.avail, R.last = tonumber(raw[6]) or R.cap, tonumber(raw[7]) or NOW
+    if R.avail > R.cap then
+      R.avail = R.cap -- another process configured a smaller burst
+    end
+    local T = {per = tonumber(ARGV[3]), period = MINUTE_US, cap = tonumber(ARGV[5])}
+    T.avail, T.last, T.debt = tonumber(raw[8]) or T.cap, tonumber(raw[9]) or NOW, tonumber(raw[10]) or 0
+    if T.avail > T.cap then
+      T.avail = T.cap
+    end
+    TOTALS = {
+      tokens = tonumber(raw[2]) or 0, adjusted = tonumber(raw[3]) or 0, accuracy = tonumber(raw[4]) or 0,
+      live = tonumber(raw[5]) or 0,
+    }
+    -- The grant counter (written back only when this call granted, as the generic session's).
+    local counter, granted = tonumber(raw[11]) or 0, false
+    local save_pending, aged_out = false, false
+    -- Records read or changed (number -> packed text, or the record's table once changed; false:
+    -- none), the changed ones' numbers in order; the request ids' latest grants (id -> number;
+    -- false: none), written through as the generic session's; the new grants, written by flush.
+    local known, changed, latest, fresh = {}, {}, {}, {}
+
+    if ARGV.prefetch ~= nil and #ARGV.prefetch > 0 then
+      -- The ids the global mark script's marks name (at most MARKS_MAX): their latest grants
+      -- and those records, one HMGET each (as the generic session's prefetch).
+      local ids = ARGV.prefetch
+      local numbers = redis.call('HMGET', LATEST, unpack(ids))
+      local named = {}
+      for i = 1, #ids do -- the ids just read
+        local number = numbers[i]
+        latest[ids[i]] = number
+        if number and known[number] == nil then
+          known[number] = false
+          named[#named + 1] = number
+        end
+      end
+      if #named > 0 then
+        local packed = redis.call('HMGET', GRANTS, unpack(named))
+        for i = 1, #named do -- the records just read
+          known[named[i]] = packed[i]
+        end
+      end
+    end
+
+    -- load_record() and store_record() of the generic session (a record's fields and defaults).
+    local function record_of(number)
+      if not number or number == '' then
+        return nil
+      end
+      local packed = known[number]
+      if packed == nil then
+        packed = redis.call('HGET', GRANTS, number)
+        known[number] = packed
+      end
+      if not packed or type(packed) == 'table' then
+        return packed or nil
+      end
+      local at, rid, tokens, estimated, actual, debt, held, owed, previous, released, input, output, output_cap, slot,
+        charges = cmsgpack.unpack(packed)
+      return {
+        number = number, at = at, rid = rid, tokens = tokens, estimated = estimated, actual = actual, debt = debt,
+        held = held, owed = owed, previous = previous, released = released, input = input or -1, output = output or -1,
+        output_cap = output_cap or -1, slot = slot or 0, charges = charges or {},
+      }
+    end
+
+    local function pack(r)
+      return cmsgpack.pack(
+        r.at, r.rid, r.tokens, r.estimated, r.actual, r.debt, r.held, r.owed, r.previous, r.released, r.input,
+        r.output, r.output_cap, r.slot, r.charges)
+    end
+
+    local function record_changed(r)
+      if type(known[r.number]) ~= 'table' then
+        changed[#changed + 1] = r.number
+      end
+      known[r.number] = r
+    end
+
+    local function latest_of(request_id)
+      local number = latest[request_id]
+      if number == nil then
+        number = redis.call('HGET', LATEST, request_id)
+        latest[request_id] = number
+      end
+      return number or nil
+    end
+
+    local function set_latest(request_id, number)
+      if number then
+        redis.call('HSET', LATEST, request_id, number)
+      else
+        redis.call('HDEL', LATEST, request_id)
+      end
+      latest[request_id] = number or false
+    end
+
+    -- A slot of max_concurrent held by a record from a time the limiter had one: freed.
+    local function free_slot(r)
+      if r.slot == 1 then
+        redis.call('ZREM', HELD, r.number)
+        r.slot = 0
+      end
+    end
+
+    -- prune()'s first part, once per call: the records granted at or before NOW - retention,
+    -- oldest first, dropped as pop_oldest() drops each. A limiter whose oldest record is younger
+    -- (a busy one, whose history its record limit caps) reads that one record; else the order's
+    -- head is read a chunk at a time (4 records, then twice as many each round up to 512: a few
+    -- aged out cost few reads) and the records aged out in it dropped in a few commands for all
+    -- of them, not five each.
+    local function age_out()
+      if aged_out then
+        return
+      end
+      aged_out = true
+      local cutoff = NOW - RETENTION
+      local first = redis.call('LINDEX', ORDER, ZERO)
+      if not first then
+        return
+      end
+      local oldest = record_of(first)
+      if oldest ~= nil and oldest.at > cutoff then
+        return
+      end
+      local chunk = 4
+      -- Bounded by the records kept: each round but the last drops a whole chunk (at least 4).
+      for _ = 1, math.ceil(order_len / 4) do
+        local numbers = redis.call('LRANGE', ORDER, 0, chunk - 1)
+        local unknown = {}
+        for i = 1, #numbers do -- bounded by the chunk
+          if known[numbers[i]] == nil then
+            unknown[#unknown + 1] = numbers[i]
+          end
+        end
+        if #unknown > 0 then
+          local packed = redis.call('HMGET', GRANTS, unpack(unknown))
+          for i = 1, #unknown do -- the records just read
+            known[unknown[i]] = packed[i]
+          end
+        end
+        local records, count = {}, 0
+        for i = 1, #numbers do -- bounded by the chunk: the aged prefix (a missing record is dropped)
+          local r = record_of(numbers[i])
+          if r ~= nil and r.at > cutoff then
+            break
+          end
+          count = i
+          records[i] = r or false
+        end
+        if count == 0 then
+          break
+        end
+        redis.call('LTRIM', ORDER, count, -1)
+        order_len = order_len - count
+        local rids, asked = {}, {}
+        for i = 1, count do -- the records aged out
+          local r = records[i]
+          if r and latest[r.rid] == nil and not asked[r.rid] then
+            asked[r.rid] = true
+            rids[#rids + 1] = r.rid
+          end
+        end
+        if #rids > 0 then
+          local found = redis.call('HMGET', LATEST, unpack(rids))
+          for i = 1, #rids do -- the ids just read
+            latest[rids[i]] = found[i]
+          end
+        end
+        local slots, stale, gone = {}, {}, {}
+        for i = 1, count do -- the records aged out, oldest first (pop_oldest()'s order)
+          local r, number = records[i], numbers[i]
+          if r then
+            if r.released == 0 then
+              count_in(r, -1)
+            end
+            if r.slot == 1 then
+              slots[#slots + 1] = number
+            end
+            if latest[r.rid] == number then
+              stale[#stale + 1] = r.rid
+              latest[r.rid] = false
+            end
+            gone[#gone + 1] = number
+          end
+          known[number] = false
+        end
+        if #slots > 0 then
+          redis.call('ZREM', HELD, unpack(slots))
+        end
+        if #stale > 0 then
+          redis.call('HDEL', LATEST, unpack(stale))
+        end
+        if #gone > 0 then
+          redis.call('HDEL', GRANTS, unpack(gone))
+        end
+        if count < chunk then
+          break
+        end
+        chunk = math.min(2 * chunk, 512)
+      end
+    end
+
+    local LEAN = {}
+
+    -- check() of the generic session for these two buckets: {reason, wait in us}; `margin`
+    -- (optional) tokens the TPM bucket must also keep back.
+    function LEAN.check(estimated, margin)
+      local best, reason = 0, ''
+      local wait = math.max(wait_for(R, 1), penalty - NOW)
+      if wait > best then
+        best, reason = wait, 'rpm_limit'
+      end
+      local need = needed(T, estimated)
+      if margin ~= nil and margin > 0 then
+        need = math.min(need + margin, math.max(T.cap, need))
+      end
+      wait = wait_for(T, need)
+      if wait > best then
+        best, reason = wait, 'tpm_limit'
+      end
+      return reason, best
+    end
+
+    -- The global scripts' 'reserve': a grant of `estimated` tokens (its parts `input`, `output`,
+    -- nil when not given) to `request_id` if the TPM bucket also holds `need` (the estimate and
+    -- the reserves). Returns {1, grant number}, else {0, reason, wait in us}.
+    function LEAN.reserve(request_id, estimated, input, output, need)
+      local reason, wait = LEAN.check(estimated, need - estimated)
+      if reason ~= '' then
+        return {0, reason, exact(wait)}
+      end
+      refill(R)
+      take(R, 1)
+      refill(T)
+      local n = needed(T, estimated)
+      take(T, n)
+      local applied = math.max(0, n - estimated)
+      T.debt = T.debt - applied
+      if T.debt < DEBT_DUST then
+        T.debt = 0
+      end
+      counter, granted = counter + 1, true
+      local r = {
+        number = fmt(counter), at = NOW, rid = request_id, tokens = estimated, estimated = estimated, actual = -1,
+        debt = applied, held = n, owed = 0, released = 0, input = input or -1, output = output or -1,
+        output_cap = output or -1, slot = 0, charges = {},
+      }
+      if not many then
+        -- A grant alone takes the latest of its id before the history is pruned, as the generic
+        -- session's add_record() without deferred drops.
+        r.previous = latest_of(request_id) or ''
+      end
+      fresh[#fresh + 1] = r
+      count_in(r, 1)
+      age_out()
+      save_pending = true
+      return {1, r.number}
+    end
+
+    -- limiter_adjust.lua's, for the TPM bucket alone: the reply the same.
+    function LEAN.adjust(request_id, actual, strategy, input, output)
+      age_out()
+      save_pending = true
+      local r = record_of(latest_of(request_id))
+      if r == nil then
+        return {'unknown'}
+      end
+      actual, input, output = tonumber(actual), tonumber(input), tonumber(output)
+      if actual == nil then
+        error('adjust: the actual tokens are not a number', 0)
+      end
+      refill(T)
+      local ch = {c = r.tokens, d = r.debt, h = r.held, w = r.owed}
+      if strategy == 'strict' then
+        local extra = actual - ch.c
+        if extra > 0 and available(T) < extra then
+          return {'strict', exact(wait_for(T, extra)), 'tpm_limit'}
+        end
+      end
+      count_in(r, -1)
+      local out = {'ok'}
+      local result = adjust_charge(T, ch, actual, strategy)
+      r.tokens, r.debt, r.held, r.owed = ch.c, ch.d, ch.h, ch.w
+      if result ~= nil then
+        out[2], out[3], out[4], out[5] = 'tpm', result[1], exact(result[2]), exact(result[3])
+      end
+      -- 0 tokens is a refund, not a measured count (limiter_adjust.lua).
+      r.actual = actual > 0 and actual or -1
+      r.input, r.output = input or -1, output or -1
+      free_slot(r)
+      count_in(r, 1)
+      record_changed(r)
+      return out
+    end
+
+    -- limiter_release.lua's: the latest grant of the id given back whole (give_back()).
+    function LEAN.release(request_id)
+      age_out()
+      save_pending = true
+      local r = record_of(latest_of(request_id))
+      if r == nil then
+        return 0
+      end
+      refill(R)
+      refund(R, 1)
+      refill(T)
+      refund(T, r.held)
+      give_back_owed(T, r.owed)
+      T.debt = T.debt + r.debt
+      if T.debt < DEBT_DUST then
+        T.debt = 0
+      end
+      free_slot(r)
+      r.released = 1
+      record_changed(r)
+      count_in(r, -1)
+      local previous = record_of(r.previous)
+      if previous ~= nil and previous.released == 0 then
+        set_latest(r.rid, previous.number)
+      else
+        set_latest(r.rid, nil)
+      end
+      return 1
+    end
+
+    -- limiter_settle.lua's.
+    function LEAN.settle(request_id)
+      age_out()
+      save_pending = true
+      local r = record_of(latest_of(request_id))
+      if r == nil then
+        return 0
+      end
+      free_slot(r)
+      record_changed(r)
+      return 1
+    end
+
+    -- The generic session's flush(): the new grants (records_flush), the records changed
+    -- (records_write), those beyond MAX_RECORDS dropped (drop_pending), the state (write_state).
+    function LEAN.flush()
+      if #fresh > 0 then
+        local records = fresh
+        fresh = {} -- taken first: never written twice
+        local unknown, asked = {}, {}
+        for i = 1, #records do -- the call's grants (at most WINNERS_MAX)
+          local rid = records[i].rid
+          if records[i].previous == nil and latest[rid] == nil and not asked[rid] then
+            asked[rid] = true
+            unknown[#unknown + 1] = rid
+          end
+        end
+        if #unknown > 0 then
+          local found = redis.call('HMGET', LATEST, unpack(unknown))
+          for i = 1, #unknown do -- the ids just read
+            latest[unknown[i]] = found[i]
+          end
+        end
+        local packed, order, latest_fields = {}, {}, {}
+        for i = 1, #records do -- the call's grants
+          local r = records[i]
+          if r.previous == nil then
+            r.previous = latest[r.rid] or ''
+          end
+          latest[r.rid] = r.number
+          packed[#packed + 1] = r.number
+          packed[#packed + 1] = pack(r)
+          order[i] = r.number
+          latest_fields[#latest_fields + 1] = r.rid
+          latest_fields[#latest_fields + 1] = r.number
+        end
+        redis.call('HSET', GRANTS, unpack(packed))
+        order_len = redis.call('RPUSH', ORDER, unpack(order))
+        redis.call('HSET', LATEST, unpack(latest_fields))
+      end
+      if #changed > 0 then
+        local fields = {}
+        for i = 1, #changed do -- the records the call's marks changed (at most MARKS_MAX)
+          local r = known[changed[i]]
+          if type(r) == 'table' then
+            fields[#fields + 1] = r.number
+            fields[#fields + 1] = pack(r)
+            known[r.number] = fields[#fields]
+          end
+        end
+        changed = {}
+        if #fields > 0 then
+          redis.call('HSET', GRANTS, unpack(fields))
+        end
+      end
+      -- Only a call that granted drops (the generic session's prune() after each grant).
+      local n = granted and order_len - MAX_RECORDS or 0
+      -- Bounded by the records beyond the limit, 512 per round (drop_pending()'s DROP_CHUNK).
+      for _ = 1, math.ceil(n / 512) do
+        local numbers = redis.call('LRANGE', ORDER, 0, math.min(n, 512) - 1)
+        if #numbers == 0 then
+          break
+        end
+        n = n - #numbers
+        redis.call('LTRIM', ORDER, #numbers, -1)
+        order_len = order_len - #numbers
+        local packed = redis.call('HMGET', GRANTS, unpack(numbers))
+        local rids, owners, slots = {}, {}, {}
+        for i = 1, #numbers do -- bounded by 512
+          if packed[i] then
+            local _, rid, tokens, estimated, actual, _, _, _, _, released, _, _, _, slot = cmsgpack.unpack(packed[i])
+            if released == 0 then
+              count_in({tokens = tokens, estimated = estimated, actual = actual}, -1)
+            end
+            if slot == 1 then
+              slots[#slots + 1] = numbers[i]
+            end
+            rids[#rids + 1] = rid
+            owners[#owners + 1] = numbers[i]
+          end
+        end
+        if #slots > 0 then
+          redis.call('ZREM', HELD, unpack(slots))
+        end
+        if #rids > 0 then
+          local found = redis.call('HMGET', LATEST, unpack(rids))
+          local stale = {}
+          for i = 1, #rids do -- bounded by 512
+            if found[i] == owners[i] then
+              stale[#stale + 1] = rids[i]
+              latest[rids[i]] = false
+            end
+          end
+          if #stale > 0 then
+            redis.call('HDEL', LATEST, unpack(stale))
+          end
+        end
+        redis.call('HDEL', GRANTS, unpack(numbers))
+        for i = 1, #numbers do -- bounded by 512
+          known[numbers[i]] = false
+        end
+      end
+      if save_pending then
+        save_pending = false
+        local fields = {
+          'tokens', fmt(TOTALS.tokens), 'adjusted', fmt(TOTALS.adjusted), 'accuracy', exact(TOTALS.accuracy),
+          'live', fmt(TOTALS.live),
+        }
+        if penalty > NOW then
+          fields[#fields + 1] = 'penalty'
+          fields[#fields + 1] = fmt(penalty)
+          stored_penalty = true
+        elseif stored_penalty then
+          redis.call('HDEL', STATE, 'penalty')
+          stored_penalty = false
+        end
+        fields[#fields + 1] = 'ra'
+        fields[#fields + 1] = exact(R.avail)
+        fields[#fields + 1] = 'rl'
+        fields[#fields + 1] = fmt(R.last)
+        fields[#fields + 1] = 'ta'
+        fields[#fields + 1] = exact(T.avail)
+        fields[#fields + 1] = 'tl'
+        fields[#fields + 1] = fmt(T.last)
+        fields[#fields + 1] = 'debt'
+        fields[#fields + 1] = exact(T.debt)
+        if granted then
+          fields[#fields + 1] = 'grants'
+          fields[#fields + 1] = fmt(counter)
+        end
+        redis.call('HSET', STATE, unpack(fields))
+      end
+    end
+
+    return nil, LEAN
+  end
+end
+
+
+-- The buckets, in the order a tie between equal waits is reported (rpm, tpm, itpm, otpm, rpd,
+-- tpd; then concurrency): each refills `per` every `period` us up to `cap`, and counts one per
+-- request ('request'), the request's whole tokens ('total'), or its input or output part. Its
+-- state lives in the fields <key>a (level), <key>l (instant of the level) and, for a token bucket,
+-- its debt (`debt_field`). (<key>c and <key>cu, a provider's ceiling that earlier versions kept
+-- until the reset, are read by nobody and deleted on the next save.)
+local SPECS = {
+  {name = 'rpm', key = 'r', per = tonumber(ARGV[2]), period = MINUTE_US, cap = tonumber(ARGV[4]), counts = 'request'},
+  {
+    name = 'tpm', key = 't', per = tonumber(ARGV[3]), period = MINUTE_US, cap = tonumber(ARGV[5]), counts = 'total',
+    debt_field = 'debt',
+  },
+}
+if ARGV[8] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'itpm', key = 'i', per = tonumber(ARGV[8]), period = MINUTE_US, cap = tonumber(ARGV[9]), counts = 'input',
+    debt_field = 'id',
+  }
+end
+if ARGV[10] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'otpm', key = 'o', per = tonumber(ARGV[10]), period = MINUTE_US, cap = tonumber(ARGV[11]),
+    counts = 'output', debt_field = 'od',
+  }
+end
+if ARGV[12] ~= '' then
+  SPECS[#SPECS + 1] = {name = 'rpd', key = 'd', per = tonumber(ARGV[12]), period = DAY_US, cap = tonumber(ARGV[12]), counts = 'request'}
+end
+if ARGV[13] ~= '' then
+  SPECS[#SPECS + 1] = {
+    name = 'tpd', key = 'e', per = tonumber(ARGV[13]), period = DAY_US, cap = tonumber(ARGV[13]), counts = 'total',
+    debt_field = 'ed',
+  }
+end
+
+local fields = {'penalty', 'tokens', 'adjusted', 'accuracy', 'live'}
+for _, spec in ipairs(SPECS) do -- the buckets configured
+  for _, suffix in ipairs({'a', 'l'}) do -- a bucket's two fields
+    fields[#fields + 1] = spec.key .. suffix
+  end
+  fields[#fields + 1] = spec.debt_field or (spec.key .. 'a')
+end
+local LEGACY_AT = #fields -- then the ceilings of an earlier version, deleted where found
+for _, spec in ipairs(SPECS) do -- the buckets configured
+  fields[#fields + 1] = spec.key .. 'c'
+  fields[#fields + 1] = spec.key .. 'cu'
+end
+local raw = redis.call('HMGET', STATE, unpack(fields))
+-- What save() must delete: the penalty when one is stored, an earlier version's ceilings.
+local STORED_PENALTY = raw[1] ~= false and raw[1] ~= nil
+local LEGACY = {}
+for i = LEGACY_AT + 1, #fields do -- the ceilings' fields
+  if raw[i] then
+    LEGACY[#LEGACY + 1] = fields[i]
+  end
+end
+
+local PENALTY = tonumber(raw[1]) or 0
+TOTALS = {
+  tokens = tonumber(raw[2]) or 0, adjusted = tonumber(raw[3]) or 0, accuracy = tonumber(raw[4]) or 0,
+  live = tonumber(raw[5]) or 0,
+}
+
+-- Every bucket configured (BUCKETS, in SPECS order), by name (BY_NAME); the token buckets, which
+-- carry a debt, apart (METERS, tpm first).
+local BUCKETS, BY_NAME, METERS = {}, {}, {}
+for i, spec in ipairs(SPECS) do -- the buckets configured
+  local at = 5 + (i - 1) * 3
+  local b = {
+    name = spec.name, key = spec.key, per = spec.per, period = spec.period, cap = spec.cap, counts = spec.counts,
+    avail = tonumber(raw[at + 1]) or spec.cap, last = tonumber(raw[at + 2]) or NOW, debt_field = spec.debt_field,
+  }
+  if b.avail > b.cap then
+    b.avail = b.cap -- another process configured a smaller burst
+  end
+  if spec.debt_field then
+    b.debt = tonumber(raw[at + 3]) or 0
+    METERS[#METERS + 1] = b
+  end
+  BUCKETS[i] = b
+  BY_NAME[spec.name] = b
+end
+local REQUESTS, TOKENS = BY_NAME.rpm, BY_NAME.tpm
+
+-- A penalty stored further ahead than MAX_DELAY_US (by a client that did not bound it) ends a day
+-- from now, stored so at once: nothing holds the limiter shut for longer.
+if PENALTY > NOW + MAX_DELAY_US then
+  PENALTY = NOW + MAX_DELAY_US
+  redis.call('HSET', STATE, 'penalty', fmt(PENALTY))
+end
+
+-- A provider's figure: at most `remaining` now (never raising the level); from there the bucket
+-- refills at its own rate up to its own capacity, as LLMThrottle's TokenBucket::cap.
+local function cap_at(b, remaining)
+  b.avail = math.min(b.avail, math.max(remaining, 0))
+end
+
+
+-- What bucket b counts of a request of `total` tokens whose input and output parts are `input`
+-- and `output` (nil when unknown: an input or output bucket then counts the whole total, any of
+-- which may turn out to be input, or output).
+local function share(b, total, input, output)
+  if b.counts == 'input' and input ~= nil then
+    return input
+  elseif b.counts == 'output' and output ~= nil then
+    return output
+  end
+  return total
+end
+
+-- An adjustment (limiter_adjust.lua): what token bucket b counts of `actual` tokens, given its
+-- parts (`input`, `output`: nil when not given) and `record`, the grant adjusted. (Defined once per
+-- run of the prelude, not once per adjustment: a global mark script adjusts many.)
+local function adjust_target(b, record, actual, input, output)
+  if input ~= nil then
+    return share(b, actual, input, output)
+  elseif b.counts == 'output' and record.output_cap >= 0 then
+    return math.min(actual, record.output_cap)
+  end
+  return actual
 end
 
 -- The grants holding a slot that are not forgotten yet (those granted at or before NOW -
@@ -640,26 +1166,6 @@ local function store_record(r)
     end
   else
     redis.call('HSET', GRANTS, r.number, packed)
-  end
-end
-
-local function accuracy(r)
-  if r.estimated == 0 then
-    return 1
-  end
-  return math.min(r.estimated, r.actual) / math.max(r.estimated, r.actual)
-end
-
-local function count_in(r, sign)
-  TOTALS.live = TOTALS.live + sign
-  TOTALS.tokens = TOTALS.tokens + sign * r.tokens
-  if r.actual >= 0 then
-    TOTALS.adjusted = TOTALS.adjusted + sign
-    TOTALS.accuracy = TOTALS.accuracy + sign * accuracy(r)
-  end
-  if TOTALS.adjusted <= 0 then
-    TOTALS.adjusted = 0
-    TOTALS.accuracy = 0 -- float dust must not outlive the records it came from
   end
 end
 

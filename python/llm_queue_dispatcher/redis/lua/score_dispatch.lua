@@ -65,6 +65,7 @@ local limiter_argv = {}
 for i = 1, 14 do
   limiter_argv[i] = ARGV[17 + i]
 end
+limiter_setup(limiter_argv, limit > 1)
 -- From the limiter's settings (limiter_common.lua, ARGV[2..14]: '' where a limit is not set):
 -- A of the formulas, the smallest capacity of the token limits (rust/throttle token_capacity);
 -- the largest estimate ranked, the smallest capacity of those counting the whole estimate
@@ -85,30 +86,6 @@ if flags[3] ~= ARGV[7] then
   redis.call('HSET', Q.meta, 'visibility_timeout', ARGV[7])
 end
 
--- The limiter's call `op` with `request`'s arguments after its own, in one session for the
--- call (redis/global_choice.py: the limiter's prelude run and its state read once, not once per
--- winner), as global_dispatch.lua's: its state saved once after the rounds (session('flush')
--- below), a failed operation's half-made changes rolled back to the last checkpoint.
-local session = nil
-local function limiter(op, request)
-  if session == nil then
-    session = limiter_open(LIMITER_KEYS, limiter_argv)
-    session('defer')
-    if limit > 1 then
-      -- With several winners, their history records written together (and those they push
-      -- out dropped then); one grant alone writes its own, as a single call always did.
-      session('defer_drops')
-    end
-    session('checkpoint')
-  end
-  local ok, reply = pcall(session, op, request)
-  if not ok then
-    session('rollback')
-    error(reply, 0)
-  end
-  -- (An operation that changed the state took its checkpoint: save() in limiter_common.lua.)
-  return reply
-end
 
 -- The URGENT reserve (rust/policy.rs, score_reserve): twice the largest of the last 64 URGENT
 -- estimates, at most a quarter of the capacity, or the fixed one; none without urgent_first,
@@ -137,7 +114,7 @@ local function urgent_reserve()
   local arrival = tonumber(redis.call('HGET', Q.meta, 'arrival'))
   local quiet = arrival == nil or (NOW - arrival) / 1000000 >= reserve / refill
   local waiting = tonumber(redis.call('HGET', Q.meta, 'waiting')) or 0
-  if quiet and limiter('check', {waiting, '', ''})[1] == '' then
+  if quiet and limiter_admits(waiting) then
     return 0
   end
   return reserve
@@ -212,7 +189,7 @@ local function rounds()
           margin = 0
         end
       end
-      local granted = limiter('reserve', {key, s.tok, part(s.inp), part(s.out), s.tok + margin})
+      local granted = limiter_reserve(key, s, s.tok + margin)
       if granted[1] ~= 1 and granted[3] == 'inf' and skipped < SKIP_MAX then
         -- It can never fit one of the limits: skipped, it holds nothing.
         excluded[member] = true
@@ -241,9 +218,7 @@ end
 local done, failure = pcall(rounds)
 leases_flush(out)
 index_flush()
-if session ~= nil then
-  session('flush')
-end
+limiter_flush()
 if not done then
   error(failure, 0)
 end
