@@ -931,19 +931,19 @@ async def test_payloads_come_back_equal_not_identical(clocked_storage: MakeStora
 async def test_concurrent_calls_share_round_trips_and_each_gets_its_own_answer(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Calls made while a round trip is in flight go out together as one pipeline; every caller
+    """Calls made in one turn of the event loop go out together in one write; every caller
     still gets its own reply or its own error, even when the server forgot the scripts between."""
     from llm_queue_dispatcher import DuplicateRequestError
-    from llm_queue_dispatcher.redis._connection import Batcher
+    from llm_queue_dispatcher.redis import _connection
 
     sizes: list[int] = []
-    original = Batcher._pipeline
+    original = _connection._pack_calls
 
-    async def recording(self: Batcher, batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await original(self, batch)
+    def recording(calls: list[Any]) -> bytes:
+        sizes.append(len(calls))
+        return original(calls)
 
-    monkeypatch.setattr(Batcher, "_pipeline", recording)
+    monkeypatch.setattr(_connection, "_pack_calls", recording)
     async with RedisStorage(redis_url, fresh_name("pipelined")) as storage:
         await storage.enqueue(LLMRequest("taken", 0))
         await storage.redis.script_flush()  # the batch below must reload what it needs
