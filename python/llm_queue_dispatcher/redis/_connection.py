@@ -443,6 +443,11 @@ class Batcher:
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._reader is None:
+            held = self._held
+            if held is not None and held.is_connected:
+                # Written now, not once the reader starts: those made meanwhile go apart.
+                self._reading = self._wire = held
+                self._write()
             self._reader = asyncio.get_running_loop().create_task(self._read())
         elif len(self._inflight) < _DEPTH:
             self._write()
@@ -497,7 +502,8 @@ class Batcher:
                         self._held = connection
                         if self._idle is None:
                             self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
-                self._reading = connection
+                if self._reading is not connection:  # everything in flight written on it first
+                    self._reading, self._wire = connection, None
                 try:
                     await self._read_on(connection)
                 finally:
