@@ -1064,6 +1064,24 @@ def test_a_request_read_back_has_every_field_of_its_type_and_equals_it() -> None
 
 
 @pytest.mark.parametrize(
+    "token_info",
+    [TokenInfo(10), TokenInfo(0), TokenInfo(12, 7, "gpt"), TokenInfo(30, input=20, max_output=10)],
+)
+def test_token_counts_read_back_equal_the_ones_stored(token_info: TokenInfo) -> None:
+    """The usual stored estimate (a count alone) is read back without `TokenInfo.__init__`:
+    it has every field of its type and equals (and hashes as) the one stored."""
+    import dataclasses
+
+    from llm_queue_dispatcher.redis._codec import _TOKEN_INFO_FIELDS
+
+    assert tuple(field.name for field in dataclasses.fields(TokenInfo)) == _TOKEN_INFO_FIELDS
+    read = decode_request(encode_request(LLMRequest("r", "x", token_info=token_info), None, 10_000), None)
+    assert read.token_info == token_info
+    assert hash(read.token_info) == hash(token_info)
+    assert vars(read.token_info) == vars(token_info)
+
+
+@pytest.mark.parametrize(
     ("field", "value", "error"),
     [
         ("id", " ", "id must be a non-empty str"),
