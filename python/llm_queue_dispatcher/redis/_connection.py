@@ -489,7 +489,9 @@ class Batcher:
         pool = self.client.connection_pool
         try:
             while self._pending or self._inflight:
-                connection = self._held
+                # The connection `_flush` wrote on already (kept even if given back meanwhile),
+                # else the held one, else one of the pool.
+                connection = self._reading or self._held
                 if connection is None:
                     try:
                         connection = await _acquire(pool)
@@ -537,9 +539,11 @@ class Batcher:
                 if isinstance(exc, asyncio.CancelledError) and self._timed_out:
                     error = redis.exceptions.TimeoutError(f"no reply within {self._timeout} s")
                     _uncancel(asyncio.current_task())
-                with contextlib.suppress(Exception):
-                    await self._drop(connection)
+                # The calls on it fail; those made from now on wait for the next connection.
+                self._wire = None
                 self._fail_inflight(error)
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
                 if connection is self._held:
                     self._give_back()
                 if error is exc and not isinstance(exc, Exception):
