@@ -15,6 +15,10 @@
 * Each operation is one Lua script, sent by its SHA1 (``EVALSHA``) and loaded (``SCRIPT LOAD``)
   only when the server answers ``NOSCRIPT``: after a restart, a ``SCRIPT FLUSH`` or on a new
   server, invisibly to the caller.
+
+About 770 lines for one concept, how a script call reaches Redis: the client's making, the
+scripts, and the two batchers that carry every call (`Batcher`'s pipelining shares the
+client's pool, timeouts, retry policy and scripts with all of it).
 """
 
 from __future__ import annotations
