@@ -931,19 +931,19 @@ async def test_payloads_come_back_equal_not_identical(clocked_storage: MakeStora
 async def test_concurrent_calls_share_round_trips_and_each_gets_its_own_answer(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Calls made while a round trip is in flight go out together as one pipeline; every caller
+    """Calls made in one turn of the event loop go out together in one write; every caller
     still gets its own reply or its own error, even when the server forgot the scripts between."""
     from llm_queue_dispatcher import DuplicateRequestError
-    from llm_queue_dispatcher.redis._connection import Batcher
+    from llm_queue_dispatcher.redis import _connection
 
     sizes: list[int] = []
-    original = Batcher._pipeline
+    original = _connection._pack_calls
 
-    async def recording(self: Batcher, batch: list[Any]) -> list[Any]:
-        sizes.append(len(batch))
-        return await original(self, batch)
+    def recording(calls: list[Any]) -> bytes:
+        sizes.append(len(calls))
+        return original(calls)
 
-    monkeypatch.setattr(Batcher, "_pipeline", recording)
+    monkeypatch.setattr(_connection, "_pack_calls", recording)
     async with RedisStorage(redis_url, fresh_name("pipelined")) as storage:
         await storage.enqueue(LLMRequest("taken", 0))
         await storage.redis.script_flush()  # the batch below must reload what it needs
@@ -1061,6 +1061,24 @@ def test_a_request_read_back_has_every_field_of_its_type_and_equals_it() -> None
     assert read == request
     assert vars(read).keys() == vars(request).keys()
     assert type(read.priority) is Priority
+
+
+@pytest.mark.parametrize(
+    "token_info",
+    [TokenInfo(10), TokenInfo(0), TokenInfo(12, 7, "gpt"), TokenInfo(30, input=20, max_output=10)],
+)
+def test_token_counts_read_back_equal_the_ones_stored(token_info: TokenInfo) -> None:
+    """The usual stored estimate (a count alone) is read back without `TokenInfo.__init__`:
+    it has every field of its type and equals (and hashes as) the one stored."""
+    import dataclasses
+
+    from llm_queue_dispatcher.redis._codec import _TOKEN_INFO_FIELDS
+
+    assert tuple(field.name for field in dataclasses.fields(TokenInfo)) == _TOKEN_INFO_FIELDS
+    read = decode_request(encode_request(LLMRequest("r", "x", token_info=token_info), None, 10_000), None)
+    assert read.token_info == token_info
+    assert hash(read.token_info) == hash(token_info)
+    assert vars(read.token_info) == vars(token_info)
 
 
 @pytest.mark.parametrize(

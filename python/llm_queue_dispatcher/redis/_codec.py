@@ -213,7 +213,7 @@ def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any
         id=validate_request_id(fields["id"]),
         payload=payload,
         priority=Priority(stored) if priority is None else priority,
-        token_info=TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output),
+        token_info=_token_info(estimated, actual, model, input_tokens, max_output),
         expected_processing_time=_processing_time(fields["expected_processing_time"]),
         metadata=_metadata(fields["metadata"]),
         created_at=datetime.fromisoformat(created_at),
@@ -222,6 +222,29 @@ def decode_request(blob: bytes, serializer: Serializer | None) -> LLMRequest[Any
     )
     return request
 
+
+def _token_info(estimated: Any, actual: Any, model: Any, input_tokens: Any, max_output: Any) -> TokenInfo:
+    """``TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output)``; the
+    usual stored estimate (a count alone) made without ``__init__``, whose checks it passes."""
+    if (
+        type(estimated) is int
+        and estimated >= 0
+        and actual is None
+        and model is None
+        and input_tokens is None
+        and max_output is None
+    ):
+        info: TokenInfo = _new_token_info(TokenInfo)
+        # Every field of `TokenInfo` (`_TOKEN_INFO_FIELDS`).
+        info.__dict__.update(estimated=estimated, actual=None, model=None, input=None, max_output=None)
+        return info
+    return TokenInfo(estimated, actual, model, input=input_tokens, max_output=max_output)
+
+
+_new_token_info = object.__new__
+
+#: The fields `_token_info` sets: `TokenInfo`'s.
+_TOKEN_INFO_FIELDS = ("estimated", "actual", "model", "input", "max_output")
 
 # An LLMRequest without its __init__, whose fields `decode_request` sets (all of them: see
 # `_REQUEST_FIELDS`).

@@ -15,18 +15,24 @@
 * Each operation is one Lua script, sent by its SHA1 (``EVALSHA``) and loaded (``SCRIPT LOAD``)
   only when the server answers ``NOSCRIPT``: after a restart, a ``SCRIPT FLUSH`` or on a new
   server, invisibly to the caller.
+
+About 770 lines for one concept, how a script call reaches Redis: the client's making, the
+scripts, and the two batchers that carry every call (`Batcher`'s pipelining shares the
+client's pool, timeouts, retry policy and scripts with all of it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hashlib
+import math
 import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from functools import cache
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -116,7 +122,7 @@ class Connection:
 
     def __init__(self, redis_or_url: object) -> None:
         self._secrets: list[str] = []
-        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher] = (
+        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher | CommandBatcher] = (
             weakref.WeakKeyDictionary()
         )
         if isinstance(redis_or_url, str):
@@ -155,13 +161,16 @@ class Connection:
         detail = self.scrub(str(exc)) or type(exc).__name__
         return f"{type(exc).__name__}: {detail}"
 
-    async def run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """Runs ``script`` through this event loop's `Batcher` (auto-pipelining)."""
+    def run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Awaitable[Any]:
+        """Runs ``script`` through this event loop's `Batcher` (auto-pipelining): awaited, its
+        reply."""
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
-            batcher = self._batchers[loop] = Batcher(self.client)
-        return await batcher.call(script, keys, args)
+            batcher = self._batchers[loop] = (
+                Batcher(self.client) if _direct(self.client) else CommandBatcher(self.client)
+            )
+        return batcher.call(script, keys, args)
 
     async def aclose(self) -> None:
         """Gives back the connection this event loop's calls hold; closes the client if it was
@@ -236,7 +245,7 @@ class ScriptClient:
         await self.aclose()
 
 
-@cache
+@functools.cache
 def _source(name: str) -> str:
     return resources.files(__package__).joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
@@ -294,8 +303,9 @@ async def _acquire(pool: Any) -> Any:
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
-    """Fails a call still waiting for its batch (`Batcher.call`): left out of it, if not sent yet.
-    (A timer: `asyncio.wait_for` adds a future and callbacks of its own to every queued call.)"""
+    """Fails a call still waiting for its batch (`CommandBatcher.call`): left out of it, if not
+    sent yet. (A timer: `asyncio.wait_for` adds a future and callbacks of its own to every
+    queued call.)"""
     if not future.done():
         future.set_exception(redis.exceptions.TimeoutError(f"no reply within {timeout} s"))
 
@@ -317,19 +327,347 @@ def _holdable(pool: Any) -> bool:
 #: The fewest connections a pool has for a `Batcher` to keep one of them (`_holdable`).
 _HOLD_MIN_POOL = 16
 
+#: The most exchanges a `Batcher` has on the wire at once. Two let the server run one while the
+#: client handles the replies of the other; more only lengthen the queue in the socket.
+_DEPTH = 3
+
 
 _RAW = {NEVER_DECODE: True}
 _Call = tuple[Script, Sequence[bytes], Sequence[Any], "asyncio.Future[Any]"]
 
 
+class _Exchange:
+    """Calls written to the connection in one write: their replies come back in this order.
+    ``calls`` holds None for a ``SCRIPT LOAD`` (its reply is read and dropped); ``reloaded``:
+    these calls already met ``NOSCRIPT`` once and had their scripts loaded, so a second
+    ``NOSCRIPT`` is their error; ``deadline``: the loop time by which the oldest of them must
+    have its reply (None without a socket timeout)."""
+
+    __slots__ = ("calls", "deadline", "packed", "reloaded")
+
+    def __init__(
+        self, calls: list[_Call | None], packed: bytes, deadline: float | None, reloaded: bool = False
+    ) -> None:
+        self.calls = calls
+        self.packed = packed
+        self.deadline = deadline
+        self.reloaded = reloaded
+
+
+def _pack_calls(calls: Sequence[_Call]) -> bytes:
+    assert _pack is not None
+    try:
+        return b"".join([_pack(script.command(keys, args)) for script, keys, args, _ in calls])
+    except TypeError as exc:
+        raise redis.exceptions.DataError(str(exc)) from None
+
+
+def _uncancel(task: asyncio.Task[Any] | None) -> None:
+    """Takes back a cancellation this module made and turned into a timeout (Python 3.11+
+    counts them: `asyncio.timeout` and task groups rely on the count)."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+def _settle(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fails ``future`` with ``error`` (cancels it for a cancellation), unless it is done."""
+    if future.done():
+        return
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(error)
+
+
 class Batcher:
-    """Auto-pipelining for one client in one event loop.
+    """Auto-pipelining for one client in one event loop, on one connection it holds.
+
+    Calls are written as they are made: those of one turn of the event loop in one write, at
+    once, whatever is still on its way (up to `_DEPTH` writes in flight; more wait for the
+    first to be answered). One reader reads the replies in order and gives each call its own
+    reply or error: while the server runs one write's scripts, the client handles the replies of
+    the one before. Each script is its own atomic step (no transaction).
+
+    The guarantees of a single call hold for each:
+
+    * A call's socket timeout counts from the call: a write's replies must come by the time its
+      oldest call was made plus the timeout; a call that could not be written by then is never
+      sent. A timeout drops the connection and fails every call on it.
+    * A broken connection is reconnected and everything on it written again, as the client's
+      retry policy says (once, for a client built from a URL): every script that changes
+      something answers a resend from the reply its first run kept (its reply key).
+    * ``NOSCRIPT`` (a restart, ``SCRIPT FLUSH``): the scripts are loaded and only the calls
+      that met it run again, once.
+    * A caller cancelled or timed out does not stop the reading: its reply is read and
+      dropped, so the replies of the others stay in step.
+
+    Used where `_direct` holds (hiredis, a pooled client of redis-py's own class); else
+    `CommandBatcher`.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._timeout: float | None = client.connection_pool.connection_kwargs.get("socket_timeout")
+        # Calls made and not written yet, and the loop time the oldest of them was made.
+        self._pending: list[_Call] = []
+        self._pending_since = 0.0
+        self._flush_scheduled = False
+        # Written, in order; the task reading their replies and the connection it reads.
+        self._inflight: collections.deque[_Exchange] = collections.deque()
+        self._reader: asyncio.Task[None] | None = None
+        # The connection the reader reads; the same once everything in flight is written on it
+        # (a write goes out at once then, else when it is: `_receive`); whether the reader was
+        # stopped by a call's timeout.
+        self._reading: Any = None
+        self._wire: Any = None
+        self._timed_out = False
+        # The pooled connection kept between calls (`_HOLD_SECONDS`), whether a call was made
+        # since the timer that gives it back last looked, that timer, the tasks giving
+        # connections back.
+        self._held: Any = None
+        self._used = False
+        self._idle: asyncio.TimerHandle | None = None
+        self._releases: set[asyncio.Task[None]] = set()
+
+    def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """The future of ``script``'s reply (or its error), the call written with the others of
+        this turn of the event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            self._pending_since = loop.time()
+        self._pending.append((script, keys, args, future))
+        self._used = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._reader is None:
+            held = self._held
+            if held is not None and held.is_connected:
+                # Written now, not once the reader starts: those made meanwhile go apart.
+                self._reading = self._wire = held
+                self._write()
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        elif len(self._inflight) < _DEPTH:
+            self._write()
+
+    def _write(self) -> None:
+        """Makes the calls made since the last write (those cancelled or timed out meanwhile
+        left out) one exchange, written at once when the reader's connection is ready for it
+        (`_wire`), else when it is (`_receive`)."""
+        calls = self._pending
+        if not calls:
+            return
+        self._pending = []
+        deadline: float | None = None
+        if self._timeout is not None:
+            deadline = self._pending_since + self._timeout
+            if asyncio.get_running_loop().time() >= deadline:  # waited out its timeout unsent: never sent
+                error = redis.exceptions.TimeoutError(f"no reply within {self._timeout} s")
+                for call in calls:
+                    _settle(call[3], error)
+                return
+        calls = [call for call in calls if not call[3].done()]
+        if not calls:
+            return
+        try:
+            packed = _pack_calls(calls)
+        except redis.exceptions.DataError as exc:
+            for call in calls:
+                _settle(call[3], exc)
+            return
+        self._inflight.append(_Exchange(list(calls), packed, deadline))
+        if self._wire is not None:
+            self._wire._writer.write(packed)
+
+    async def _read(self) -> None:
+        """The reader: takes a connection (the held one, or one of the pool), writes what is
+        pending and reads the replies in order, until nothing is pending or in flight. A
+        failure fails the calls on the wire; those made meanwhile go on a connection taken
+        again."""
+        pool = self.client.connection_pool
+        try:
+            while self._pending or self._inflight:
+                # The connection `_flush` wrote on already (kept even if given back meanwhile),
+                # else the held one, else one of the pool.
+                connection = self._reading or self._held
+                if connection is None:
+                    try:
+                        connection = await _acquire(pool)
+                    except BaseException as exc:
+                        self._fail_all(exc)
+                        if not isinstance(exc, Exception):
+                            raise
+                        return
+                    if _holdable(pool):
+                        self._held = connection
+                        if self._idle is None:
+                            self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+                if self._reading is not connection:  # everything in flight written on it first
+                    self._reading, self._wire = connection, None
+                try:
+                    await self._read_on(connection)
+                finally:
+                    self._wire = None
+                    self._reading = None
+                    if connection is not self._held:  # not kept, or given back meanwhile
+                        await self._release(connection)
+        finally:
+            self._reader = None
+
+    async def _read_on(self, connection: Any) -> None:
+        """Reads the replies of what is in flight on ``connection``, writing what is made
+        meanwhile, until nothing is pending or in flight; returns early after a failure (the
+        calls on the wire failed with it)."""
+        while True:
+            if self._pending and len(self._inflight) < _DEPTH:
+                self._write()
+            if not self._inflight:
+                return
+            exchange = self._inflight[0]
+            deadline = exchange.deadline
+            if deadline is not None and len(self._inflight) > 1:
+                deadline = min([e.deadline for e in self._inflight if e.deadline is not None])
+            timer = None if deadline is None else asyncio.get_running_loop().call_at(deadline, self._time_out)
+            receive = functools.partial(self._receive, connection, exchange)
+            drop = functools.partial(self._drop, connection)
+            try:
+                missing = await connection.retry.call_with_retry(receive, drop)
+            except BaseException as exc:
+                error: BaseException = exc
+                if isinstance(exc, asyncio.CancelledError) and self._timed_out:
+                    error = redis.exceptions.TimeoutError(f"no reply within {self._timeout} s")
+                    _uncancel(asyncio.current_task())
+                # The calls on it fail; those made from now on wait for the next connection.
+                self._wire = None
+                self._fail_inflight(error)
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+                if connection is self._held:
+                    self._give_back()
+                if error is exc and not isinstance(exc, Exception):
+                    self._fail_all(exc)
+                    raise
+                return
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._timed_out = False
+            self._inflight.popleft()
+            if missing:
+                # A restart or SCRIPT FLUSH: each script loaded once, then those calls again,
+                # written behind what is on the wire.
+                scripts = list(dict.fromkeys(call[0] for call in missing))
+                assert _pack is not None
+                packed = b"".join([_pack(("SCRIPT", "LOAD", script.source)) for script in scripts])
+                packed += _pack_calls(missing)
+                self._inflight.append(
+                    _Exchange([*(None for _ in scripts), *missing], packed, exchange.deadline, True)
+                )
+                if self._wire is not None:
+                    self._wire._writer.write(packed)
+
+    def _time_out(self) -> None:
+        """The oldest call on the wire waited out its timeout: the reader stops reading."""
+        if self._reader is not None:
+            self._timed_out = True
+            self._reader.cancel()
+
+    async def _drop(self, connection: Any, _error: BaseException | None = None) -> None:
+        """Disconnects ``connection``: what was written on it must be written again."""
+        self._wire = None
+        await connection.disconnect()
+
+    async def _receive(self, connection: Any, exchange: _Exchange) -> list[_Call]:
+        """Reads ``exchange``'s replies into its calls' futures (connected first, and everything
+        in flight written, when the connection is new or was broken); returns the calls that met
+        ``NOSCRIPT`` for the first time."""
+        if self._wire is None:
+            if not connection.is_connected:
+                await connection.connect()
+            connection._writer.write(b"".join([e.packed for e in self._inflight]))
+            self._wire = connection
+        missing: list[_Call] = []
+        for call in exchange.calls:
+            try:
+                reply = await connection.read_response(disable_decoding=True, timeout=math.inf)
+            except redis.exceptions.ResponseError as exc:
+                reply = exc
+            if call is None:
+                continue
+            future = call[3]
+            if future.done():
+                continue  # its caller was cancelled or timed out: dropped
+            if isinstance(reply, redis.exceptions.NoScriptError) and not exchange.reloaded:
+                missing.append(call)
+            elif isinstance(reply, redis.exceptions.ResponseError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+        return missing
+
+    def _fail_inflight(self, error: BaseException) -> None:
+        inflight, self._inflight = self._inflight, collections.deque()
+        for exchange in inflight:
+            for call in exchange.calls:
+                if call is not None:
+                    _settle(call[3], error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fails what is on the wire and what waits to be written (the reader ends)."""
+        self._fail_inflight(error)
+        pending, self._pending = self._pending, []
+        for call in pending:
+            _settle(call[3], error)
+
+    def _on_idle(self) -> None:
+        """The held connection goes back to its pool once no call used it for `_HOLD_SECONDS`
+        (one timer per period, not one per call)."""
+        self._idle = None
+        if self._held is None:
+            return
+        if self._reader is not None or self._used:
+            self._used = False
+            self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
+            return
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine);
+        the one the reader reads is returned when it is done with it."""
+        connection, self._held = self._held, None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if connection is not None and connection is not self._reading:
+            task = asyncio.get_running_loop().create_task(self._release(connection))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def _release(self, connection: Any) -> None:
+        with contextlib.suppress(Exception):  # a pool reset or closed meanwhile: nothing to return
+            await self.client.connection_pool.release(connection)
+
+    async def aclose(self) -> None:
+        """Returns the held connection to its pool at once (the one calls are on: when they
+        have their replies)."""
+        self._give_back()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+
+
+class CommandBatcher:
+    """Auto-pipelining through redis-py's command layer, for a client `Batcher` does not take
+    (no hiredis, a client with a connection of its own, a subclass of redis-py's client).
 
     A call made while nothing is on the wire goes out at once, alone. Calls made while a round
     trip is in flight wait for it and then go out together, as one pipeline (``transaction=False``:
-    each script is still its own atomic step, with its own reply or error). Under concurrency
-    this replaces a send, a receive and redis-py's per-command bookkeeping per call by one per
-    batch; alone, a call pays nothing extra.
+    each script is still its own atomic step, with its own reply or error).
     """
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
@@ -337,15 +675,6 @@ class Batcher:
         self._busy = False
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        # Without redis-py's command layer (`_direct`): the pooled connection kept between calls
-        # (`_HOLD_SECONDS`), whether a call used it since the timer that gives it back last
-        # looked, that timer, and the tasks giving connections back; the connection an exchange
-        # is on (given back only once it has its replies: `aclose` may come meanwhile).
-        self._held: Any = None
-        self._exchanging: Any = None
-        self._used = False
-        self._idle: asyncio.TimerHandle | None = None
-        self._releases: set[asyncio.Task[None]] = set()
 
     async def call(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         if self._busy:
@@ -363,117 +692,13 @@ class Batcher:
             finally:
                 expiry.cancel()
         self._busy = True
-        self._used = True
         try:
-            return await self._run(script, keys, args)
+            return await script.run(self.client, keys, args)
         finally:
             self._next()
 
-    async def _run(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """`Script.run`, packed by hiredis and sent on the held connection where `_direct`."""
-        if not _direct(self.client):
-            return await script.run(self.client, keys, args)
-        try:
-            return (await self._exchange([script.command(keys, args)]))[0]
-        except redis.exceptions.NoScriptError:
-            await self._load(script)
-            return (await self._exchange([script.command(keys, args)]))[0]
-
-    async def _load(self, script: Script) -> None:
-        """``SCRIPT LOAD``: on the held connection where `_direct` (another one of a pool of one
-        would wait for the held one for ever)."""
-        if _direct(self.client):
-            await self._exchange([("SCRIPT", "LOAD", script.source)])
-        else:
-            execute: Callable[..., Awaitable[Any]] = self.client.execute_command
-            await execute("SCRIPT LOAD", script.source)
-
-    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Sends ``commands`` in one write and reads their replies in order, without redis-py's
-        command layer (its encoding of each argument in Python, its pool's bookkeeping at every
-        call): one that failed in Redis is its `ResponseError` (raised when ``commands`` holds
-        one command). As in redis-py: a broken connection is dropped and the whole exchange
-        tried again as the client's retry policy says (every script this library sends answers a
-        resend from its reply key); a timeout, a cancellation or a failure half way drops the
-        connection, which goes back to its pool (at once when it is kept: `_holdable`)."""
-        assert _pack is not None
-        try:
-            packed = b"".join([_pack(command) for command in commands])
-        except TypeError as exc:
-            raise redis.exceptions.DataError(str(exc)) from None
-        pool = self.client.connection_pool
-        connection = self._held
-        if connection is None:
-            connection = await _acquire(pool)
-            if _holdable(pool):
-                self._held = connection
-                if self._idle is None:
-                    self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
-
-        async def exchange() -> list[Any]:
-            await connection.send_packed_command(packed)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response(disable_decoding=True))
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-            return replies
-
-        async def fail(_error: BaseException) -> None:
-            await connection.disconnect()
-
-        held = connection is self._held
-        self._exchanging = connection
-        try:
-            replies: list[Any] = await connection.retry.call_with_retry(exchange, fail)
-        except BaseException:
-            if connection is self._held:
-                self._exchanging = None
-                self._give_back()
-            raise
-        finally:
-            given_back_meanwhile = held and self._exchanging is connection and self._held is not connection
-            self._exchanging = None
-            if not held or given_back_meanwhile:
-                await pool.release(connection)
-        if len(commands) == 1 and isinstance(replies[0], redis.exceptions.ResponseError):
-            raise replies[0]
-        return replies
-
-    def _on_idle(self) -> None:
-        """The held connection goes back to its pool once no call used it for `_HOLD_SECONDS`
-        (one timer per period, not one per call)."""
-        self._idle = None
-        if self._held is None:
-            return
-        if self._busy or self._used:
-            self._used = False
-            self._idle = asyncio.get_running_loop().call_later(_HOLD_SECONDS, self._on_idle)
-            return
-        self._give_back()
-
-    def _give_back(self) -> None:
-        """Returns the held connection to its pool (in a task: redis-py's release is a coroutine);
-        one an exchange is on, `_exchange` returns once that exchange ends."""
-        connection, self._held = self._held, None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        if connection is not None and connection is not self._exchanging:
-            task = asyncio.get_running_loop().create_task(self._release(connection))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
-
-    async def _release(self, connection: Any) -> None:
-        with contextlib.suppress(Exception):  # a pool reset or closed meanwhile: nothing to return
-            await self.client.connection_pool.release(connection)
-
     async def aclose(self) -> None:
-        """Returns the held connection to its pool at once."""
-        self._give_back()
-        if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+        """Nothing held."""
 
     def _next(self) -> None:
         batch = [call for call in self._pending if not call[3].done()]
@@ -494,8 +719,9 @@ class Batcher:
                 if isinstance(result, redis.exceptions.NoScriptError)
             }
             if missing:  # a restart or SCRIPT FLUSH: load each once and run those calls again
+                execute: Callable[..., Awaitable[Any]] = self.client.execute_command
                 for script in missing:
-                    await self._load(script)
+                    await execute("SCRIPT LOAD", script.source)
                 again = [
                     i
                     for i, result in enumerate(results)
@@ -512,12 +738,7 @@ class Batcher:
                     future.set_result(result)
         except BaseException as exc:  # the whole round trip failed (or was cancelled): every call did
             for _, _, _, future in batch:
-                if future.done():
-                    continue
-                if isinstance(exc, asyncio.CancelledError):
-                    future.cancel()
-                else:
-                    future.set_exception(exc)
+                _settle(future, exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -527,11 +748,9 @@ class Batcher:
         if len(batch) == 1:
             script, keys, args, _ = batch[0]
             try:
-                return [await self._run(script, keys, args)]
+                return [await script.run(self.client, keys, args)]
             except redis.exceptions.ResponseError as exc:
                 return [exc]
-        if _direct(self.client):
-            return await self._exchange([script.command(keys, args) for script, keys, args, _ in batch])
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args, _ in batch:
             pipe.execute_command(*script.command(keys, args), **_RAW)
@@ -539,7 +758,7 @@ class Batcher:
         return results
 
 
-@cache
+@functools.cache
 def script(prelude: str, name: str) -> Script:
     """The script of operation ``name`` (built once per process)."""
     return Script(prelude, name)
