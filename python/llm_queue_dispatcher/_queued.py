@@ -285,8 +285,12 @@ class QueuedClient:
         reserves each against its own limit."""
         raise NotImplementedError
 
-    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
-        """One call through the provider module (SDK retries off): (the response, its tokens)."""
+    async def _call(
+        self, payload: Mapping[str, Any], reserved: TokenInfo | None
+    ) -> tuple[Any, TokenUsage | int | None]:
+        """One call through the provider module (SDK retries off): (the response, its tokens).
+        ``reserved``: what the call's reservation holds, which its mark corrects (the limiter is
+        synced as it will stand then)."""
         raise NotImplementedError
 
     def _rebuild(self, value: object) -> Any:
@@ -363,7 +367,7 @@ class QueuedClient:
         payload = job.message.payload.payload
         if payload.get("stream"):
             return await self._handle_stream(job, payload)
-        response, tokens = await self._attempt(job, self._call(payload))
+        response, tokens = await self._attempt(job, self._call(payload, job.message.payload.token_info))
         return HandlerResult(response, actual_tokens=tokens)
 
     async def _attempt(self, job: ProcessableMessage[Any], call: Awaitable[_T]) -> _T:
