@@ -207,6 +207,37 @@ async def test_cancelling_a_queued_call_withdraws_it(
     assert openai_provider.successes == Counter({"first": 1, "next": 1})
 
 
+async def test_a_call_cancelled_while_its_attempt_fails_leaves_no_retry_count_behind(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    # Each attempt is sent, then its caller gives up while it runs; the attempt then fails (a
+    # 500) and its request is withdrawn unsent at its next turn. A long-lived client must not
+    # keep a retry count for every call that ended that way.
+    keys = [f"k{n}" for n in range(20)]
+    openai_provider.configure(slow=dict.fromkeys(keys, 0.3), fail_first=dict.fromkeys(keys, 1))
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000), concurrency=20)
+        calls = [
+            asyncio.create_task(qc.chat.completions.create(model="m", messages=messages(key), max_tokens=5))
+            for key in keys
+        ]
+        for _ in range(500):  # until every attempt is at the (slow) provider
+            if sum(openai_provider.calls.values()) == len(keys):
+                break
+            await asyncio.sleep(0.01)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        for _ in range(500):  # the attempts fail, then their requests are withdrawn
+            if (await dispatcher.get_queue_metrics()).queue.total_messages == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        assert not qc._failures
+        assert not qc._rate_limited
+    assert openai_provider.calls == Counter(dict.fromkeys(keys, 1))
+
+
 async def test_a_queued_call_corrects_the_input_and_output_limits_with_the_providers_counts(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:
