@@ -413,4 +413,11 @@ def settled_headers(headers: Any, reserved: TokenInfo | None, used: TokenUsage |
                 if math.isfinite(figure) and figure >= 0:
                     value = repr(max(0.0, figure - back[part]))
         settled.append((name, value))
+    if isinstance(headers, Mapping):
+        # Of the kind given (``httpx.Headers``: read without regard to case), for a limiter
+        # whose ``sync_from_headers`` reads a mapping.
+        kind: Any = type(headers)
+        with contextlib.suppress(Exception):
+            return kind(settled)
+        return dict(settled)
     return settled
