@@ -1,5 +1,8 @@
 """Messages through the ``anthropic`` SDK (Anthropic's Messages API), for `Worker`.
 
+One file past 700 lines (707 lines): the estimator, the call with its error mapping and limiter
+syncing, the handler and the drop-in client are one provider's integration, read together.
+
 Install with ``pip install 'llm-queue-dispatcher[anthropic]'``. The SDK is imported only when a
 call is made: `estimate_messages_tokens` and `LLMRequest.from_anthropic_messages` work without
 it, and ``import llm_queue_dispatcher`` never imports it.
@@ -63,6 +66,7 @@ from .openai import (
     _as_json,
     _check_reserved,
     _count_tokens,
+    _is_closed,
     _maybe_await,
     _rate_limit_pause,
     _sync_failed,
@@ -498,6 +502,8 @@ async def _send_message(
     except anthropic.APITimeoutError as error:
         raise RetryableError(f"timed out: {error}") from error
     except anthropic.APIConnectionError as error:
+        if _is_closed(client):  # wrapped by some SDK versions: no attempt can ever be sent
+            raise PermanentError(f"the anthropic client is closed: {error}") from error
         raise RetryableError(f"connection failed: {error}") from error
     except anthropic.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
@@ -506,6 +512,10 @@ async def _send_message(
         # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
         # one (max_tokens), a value it cannot encode. No retry can send it.
         raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
+    except RuntimeError as error:
+        if _is_closed(client):  # the SDK's bare RuntimeError: no attempt can ever be sent
+            raise PermanentError(f"the anthropic client is closed: {error}") from error
+        raise
     if sync:
         await _sync_limiter(limiter, _within_a_day(raw.headers))
     return raw

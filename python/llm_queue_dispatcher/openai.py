@@ -1,5 +1,8 @@
 """Chat completions through the ``openai`` SDK (any OpenAI-compatible endpoint), for `Worker`.
 
+One file past 700 lines (718 lines): the estimator, the call with its error mapping and limiter
+syncing, the handler and the drop-in client are one provider's integration, read together.
+
 Install with ``pip install 'llm-queue-dispatcher[openai]'``. The SDK is imported only when a
 call is made: `estimate_chat_tokens` and `LLMRequest.from_openai_chat` work without it, and
 ``import llm_queue_dispatcher`` never imports it.
@@ -517,6 +520,8 @@ async def _send_chat(
     except openai.APITimeoutError as error:
         raise RetryableError(f"timed out: {error}") from error
     except openai.APIConnectionError as error:
+        if _is_closed(client):  # wrapped by some SDK versions: no attempt can ever be sent
+            raise PermanentError(f"the openai client is closed: {error}") from error
         raise RetryableError(f"connection failed: {error}") from error
     except openai.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
@@ -525,9 +530,22 @@ async def _send_chat(
         # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
         # one, a value it cannot encode. No retry can send it.
         raise PermanentError(f"the openai SDK refused the payload's arguments: {error}") from error
+    except RuntimeError as error:
+        if _is_closed(client):  # the SDK's bare RuntimeError: no attempt can ever be sent
+            raise PermanentError(f"the openai client is closed: {error}") from error
+        raise
     if sync:
         await _sync_limiter(limiter, raw.headers)
     return raw
+
+
+def _is_closed(client: object) -> bool:
+    """Whether an SDK client was closed (its ``is_closed()``)."""
+    closed = getattr(client, "is_closed", None)
+    try:
+        return callable(closed) and closed() is True
+    except Exception:
+        return False
 
 
 def openai_chat_handler(

@@ -483,6 +483,14 @@ async def test_arguments_the_sdk_refuses_before_sending_are_permanent(
     assert sum(provider.calls.values()) == 0  # nothing was sent
 
 
+async def test_a_call_through_a_closed_client_is_permanent(provider: AnthropicServer) -> None:
+    closed = AsyncAnthropic(base_url=provider.base_url, api_key="test-key")
+    await closed.close()
+    with pytest.raises(PermanentError, match="client is closed"):
+        await create_message(closed, roomy(), ask("k"))
+    assert sum(provider.calls.values()) == 0
+
+
 async def test_a_misspelt_keyword_is_dead_lettered_at_once_not_retried(
     provider: AnthropicServer, client: AsyncAnthropic
 ) -> None:
