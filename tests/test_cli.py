@@ -38,3 +38,26 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(args: list[str]) -> N
         os.close(write_end)
     assert process.returncode == BROKEN_PIPE_STATUS
     assert process.stderr.decode() == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--rpm", "0.5"], "--rpm"),
+        (["--tpm", "0.9", "--tokens", "1"], "--tpm"),
+        (["--rpm", "1e-300"], "--rpm"),
+        (["--tokens", "9007199254740993"], "--tokens"),
+    ],
+    ids=["rpm below one", "tpm below one", "rpm subnormal", "tokens past 2**53"],
+)
+def test_throttle_demo_refuses_a_limit_no_bucket_can_hold_in_one_line_naming_the_flag(
+    args: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llm_queue_dispatcher.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["throttle-demo", *args])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}:" in error
+    assert "Traceback" not in error

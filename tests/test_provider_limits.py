@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import pickle
 
@@ -17,10 +19,17 @@ from llm_queue_dispatcher import (
     ProviderLimits,
     RetryableError,
     StorageError,
+    TokenInfo,
+    TokenUsage,
     parse_rate_limit_headers,
     provider_limits,
 )
-from llm_queue_dispatcher.provider_limits import MAX_PROVIDER_WAIT, parse_duration
+from llm_queue_dispatcher.provider_limits import (
+    FAILED_CALL,
+    MAX_PROVIDER_WAIT,
+    parse_duration,
+    settled_headers,
+)
 from tests.integer_like import IntLike
 
 NOW = 1_700_000_000.0
@@ -256,3 +265,38 @@ def test_a_header_value_given_as_an_int_too_long_for_text_is_taken_as_infinite()
 def test_a_duration_that_is_not_text_raises_invalid_request(text: object) -> None:
     with pytest.raises(InvalidRequestError, match="text"):
         parse_duration(text)  # type: ignore[arg-type]
+
+
+def test_settled_headers_read_each_remaining_figure_less_what_the_mark_gives_back() -> None:
+    # The headers' class of the SDKs' HTTP library, by their versions.
+    httpx = (
+        pytest.importorskip("httpx2") if importlib.util.find_spec("httpx2") else pytest.importorskip("httpx")
+    )
+    headers = httpx.Headers(
+        {
+            "X-RateLimit-Remaining-Tokens": "900",
+            "x-ratelimit-remaining-requests": "4",
+            "anthropic-ratelimit-input-tokens-remaining": "500",
+            "anthropic-ratelimit-output-tokens-remaining": "300",
+        }
+    )
+    reserved = TokenInfo(input=110, max_output=400)
+    settled = settled_headers(headers, reserved, TokenUsage(100, 21))
+    # Of the same kind, so that a limiter reading them as a mapping reads them as before.
+    assert isinstance(settled, httpx.Headers)
+    assert settled["x-ratelimit-remaining-tokens"] == "511.0"  # 900 - (510 - 121)
+    assert settled["x-ratelimit-remaining-requests"] == "4"  # a mark gives back no request
+    assert settled["anthropic-ratelimit-input-tokens-remaining"] == "490.0"
+    assert settled["anthropic-ratelimit-output-tokens-remaining"] == "0.0"  # 300 - 379: none left
+    # Without Anthropic's combined figures its input ones stand for them: less the whole.
+    anthropic = settled_headers(
+        {"anthropic-ratelimit-input-tokens-remaining": "500"}, reserved, TokenUsage(100, 21)
+    )
+    limits = parse_rate_limit_headers(anthropic)
+    assert (limits.tokens_remaining, limits.input_tokens_remaining) == (111.0, 490.0)
+    plain = settled_headers({"x-ratelimit-remaining-tokens": "900"}, TokenInfo(500), FAILED_CALL)
+    assert plain == {"x-ratelimit-remaining-tokens": "400.0"}
+    pairs = [("x-ratelimit-remaining-tokens", "900")]
+    assert settled_headers(pairs, TokenInfo(500), 600) is pairs  # used more than reserved
+    assert settled_headers(pairs, None, FAILED_CALL) is pairs
+    assert settled_headers(pairs, TokenInfo(500), None) is pairs  # the estimate stands

@@ -234,6 +234,10 @@ class QueuedClient:
         # entries go when it ends here (answered, given up) or its call in this process returns.
         self._failures: Counter[str] = Counter()
         self._rate_limited: Counter[str] = Counter()
+        # Requests with an attempt running here, and those of them whose call here has returned
+        # (its caller cancelled): such an attempt's end forgets its counts, as nothing will.
+        self._running: set[str] = set()
+        self._call_ended: set[str] = set()
         self._set_client(client)
         self._dispatcher = dispatcher
         self._limiter = limiter
@@ -285,8 +289,12 @@ class QueuedClient:
         reserves each against its own limit."""
         raise NotImplementedError
 
-    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
-        """One call through the provider module (SDK retries off): (the response, its tokens)."""
+    async def _call(
+        self, payload: Mapping[str, Any], reserved: TokenInfo | None
+    ) -> tuple[Any, TokenUsage | int | None]:
+        """One call through the provider module (SDK retries off): (the response, its tokens).
+        ``reserved``: what the call's reservation holds, which its mark corrects (the limiter is
+        synced as it will stand then)."""
         raise NotImplementedError
 
     def _rebuild(self, value: object) -> Any:
@@ -323,6 +331,8 @@ class QueuedClient:
                 raise self._sdk_error(failure) from failure
             return self._rebuild(value)
         finally:
+            if request.id in self._running:
+                self._call_ended.add(request.id)
             self._forget(request.id)
 
     async def _create_stream(self, request: LLMRequest[Any]) -> CountedStream:
@@ -363,7 +373,7 @@ class QueuedClient:
         payload = job.message.payload.payload
         if payload.get("stream"):
             return await self._handle_stream(job, payload)
-        response, tokens = await self._attempt(job, self._call(payload))
+        response, tokens = await self._attempt(job, self._call(payload, job.message.payload.token_info))
         return HandlerResult(response, actual_tokens=tokens)
 
     async def _attempt(self, job: ProcessableMessage[Any], call: Awaitable[_T]) -> _T:
@@ -373,6 +383,18 @@ class QueuedClient:
         request ends (dead-lettered) and its caller gets the SDK's error, as the SDK would
         raise it after its own last retry."""
         request_id = job.message.payload.id
+        self._running.add(request_id)
+        try:
+            return await self._counted(request_id, call)
+        finally:
+            self._running.discard(request_id)
+            if request_id in self._call_ended:
+                # Its caller gave up while this attempt ran: a failure leaves it to be withdrawn
+                # at its next turn, which never reaches here to forget its counts.
+                self._call_ended.discard(request_id)
+                self._forget(request_id)
+
+    async def _counted(self, request_id: str, call: Awaitable[_T]) -> _T:
         try:
             result = await call
         except RetryableError as error:

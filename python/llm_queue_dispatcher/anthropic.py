@@ -1,5 +1,8 @@
 """Messages through the ``anthropic`` SDK (Anthropic's Messages API), for `Worker`.
 
+One file past 700 lines (707 lines): the estimator, the call with its error mapping and limiter
+syncing, the handler and the drop-in client are one provider's integration, read together.
+
 Install with ``pip install 'llm-queue-dispatcher[anthropic]'``. The SDK is imported only when a
 call is made: `estimate_messages_tokens` and `LLMRequest.from_anthropic_messages` work without
 it, and ``import llm_queue_dispatcher`` never imports it.
@@ -44,7 +47,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import inspect
 import logging
 import math
@@ -62,13 +64,16 @@ from .openai import (
     MAX_TOKEN_COUNT,
     Tokenizer,
     _as_json,
+    _check_reserved,
     _count_tokens,
+    _is_closed,
     _maybe_await,
     _rate_limit_pause,
+    _sync_failed,
     _sync_limiter,
     _token_count,
 )
-from .provider_limits import parse_rate_limit_headers
+from .provider_limits import parse_rate_limit_headers, settled_headers
 from .throttle import MAX_PROVIDER_WAIT
 from .types import LLMRequest, Priority, TokenInfo, TokenUsage
 
@@ -362,10 +367,10 @@ async def _penalize(limiter: object, seconds: float) -> None:
             _LOGGER.warning("the limiter's penalize failed; the 429 stands", exc_info=True)
 
 
-async def _classify(error: APIStatusError, limiter: object) -> Exception:
+async def _classify(error: APIStatusError, limiter: object, reserved: TokenInfo | None) -> Exception:
     status = error.status_code
     headers = error.response.headers
-    limits = await _sync_limiter(limiter, _within_a_day(headers))
+    limits = await _sync_failed(limiter, _within_a_day(headers), reserved)
     description = f"HTTP {status}: {error.message}"
     should_retry = headers.get("x-should-retry")
     if status == 429 and should_retry != "false":
@@ -396,53 +401,70 @@ def _checked(parsed: object, message_type: type[Message]) -> Message:
 
 
 async def create_message(
-    client: AsyncAnthropic, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+    client: AsyncAnthropic,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    *,
+    reserved: TokenInfo | None = None,
+    count_cache_reads: bool = False,
 ) -> Message:
     """Calls ``client.messages.create(**payload)`` once (SDK retries off), syncs ``limiter``
     from the response's rate-limit headers, and maps failures as the module's table says.
     ``limiter`` may be synchronous or have coroutine methods; ``penalize`` and
     ``sync_from_headers`` are used when it has them. A payload that is not a mapping, asks for a
     stream, or that the SDK refuses before sending (a misspelt keyword), is a `PermanentError`:
-    no retry can send it."""
+    no retry can send it.
+
+    ``reserved``: the call's reservation in ``limiter`` (the request's `TokenInfo`), which its
+    mark corrects to `message_usage` (with ``count_cache_reads``; a failure's gives it all
+    back): each remaining figure is read less what that mark gives back to its bucket
+    (`provider_limits.settled_headers`). Without it, the unused part of ``max_tokens``."""
+    _check_reserved(reserved)
+    if not isinstance(count_cache_reads, bool):
+        raise InvalidRequestError(f"count_cache_reads must be a bool, got {shown(count_cache_reads)}")
+    message, _ = await _complete(client, limiter, payload, reserved, count_cache_reads)
+    return message
+
+
+async def _complete(
+    client: AsyncAnthropic,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    reserved: TokenInfo | None,
+    count_cache_reads: bool,
+) -> tuple[Message, TokenUsage | None]:
+    """`create_message`, and the answer's `message_usage`."""
     import anthropic
 
     if isinstance(payload, Mapping) and payload.get("stream"):
         raise PermanentError("payload['stream'] must be false: the handler reads the whole response")
-    raw = await _send_message(client, limiter, payload, sync=False)
+    raw = await _send_message(client, limiter, payload, reserved=reserved, sync=False)
+    headers = _within_a_day(raw.headers)
     try:
-        parsed: Any = raw.parse()
-        if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
-            parsed = await parsed
-    except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
-        await _sync_limiter(limiter, _within_a_day(raw.headers))
-        raise RetryableError(f"malformed response: {error}") from error
-    await _sync_limiter(limiter, _settled(_within_a_day(raw.headers), payload, parsed))
-    return _checked(parsed, anthropic.types.Message)
+        try:
+            parsed: Any = raw.parse()
+            if inspect.isawaitable(parsed):  # the async client's parse() is a coroutine
+                parsed = await parsed
+        except (anthropic.APIResponseValidationError, ValueError) as error:  # ValueError: not JSON
+            raise RetryableError(f"malformed response: {error}") from error
+        message = _checked(parsed, anthropic.types.Message)
+    except RetryableError:
+        await _sync_failed(limiter, headers, reserved)
+        raise
+    usage = message_usage(message, count_cache_reads=count_cache_reads)
+    if reserved is None:
+        reserved = _output_reserved(payload, usage)
+    await _sync_limiter(limiter, settled_headers(headers, reserved, usage))
+    return message, usage
 
 
-def _settled(headers: Any, payload: Mapping[str, Any], message: Any) -> Any:
-    """The reply's rate-limit headers as the limiter will stand once the call is marked.
-    Anthropic reserves ``max_tokens`` of output when a call starts and gives back what the reply
-    left of it before answering, so its ``remaining`` figures count that part as free; the mark
-    gives the same part back to the limiter's reservation. Read as they come, the part would be
-    counted twice (the limiter believing in tokens the provider does not have): the output and
-    total ``remaining`` are read less it."""
+def _output_reserved(payload: Mapping[str, Any], usage: TokenUsage | None) -> TokenInfo | None:
+    """Without the call's reservation, the part Anthropic gives back before it answers (its
+    figures count it as free), as a mark would: ``max_tokens`` less the output used."""
     max_tokens = payload.get("max_tokens")
-    output = getattr(getattr(message, "usage", None), "output_tokens", None)
-    if type(max_tokens) is not int or type(output) is not int or not 0 <= output < max_tokens:
-        return headers
-    unused = max_tokens - output
-    pairs = headers.items() if hasattr(headers, "items") else headers
-    settled = []
-    for name, value in pairs:
-        if str(name).lower() in _SETTLED_HEADERS:
-            with contextlib.suppress(TypeError, ValueError):
-                value = str(max(0, int(value) - unused))
-        settled.append((name, value))
-    return settled
-
-
-_SETTLED_HEADERS = ("anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-tokens-remaining")
+    if usage is None or type(max_tokens) is not int or not usage.output <= max_tokens <= MAX_TOKEN_COUNT:
+        return None
+    return TokenInfo(input=usage.input, max_output=max_tokens)
 
 
 async def open_message_stream(
@@ -461,10 +483,12 @@ async def _send_message(
     limiter: RateLimiter | AsyncRateLimiter,
     payload: Mapping[str, Any],
     *,
+    reserved: TokenInfo | None = None,
     sync: bool = True,
 ) -> Any:
     """One call, its raw response (headers read and, with ``sync``, the limiter synced from
-    them), failures mapped."""
+    them), failures mapped (the limiter synced from theirs, as it will stand once ``reserved``
+    is given back)."""
     import anthropic
 
     if not isinstance(payload, Mapping):
@@ -474,10 +498,12 @@ async def _send_message(
     try:
         raw = await client.messages.with_raw_response.create(**dict(payload))
     except anthropic.APIStatusError as error:
-        raise await _classify(error, limiter) from error
+        raise await _classify(error, limiter, reserved) from error
     except anthropic.APITimeoutError as error:
         raise RetryableError(f"timed out: {error}") from error
     except anthropic.APIConnectionError as error:
+        if _is_closed(client):  # wrapped by some SDK versions: no attempt can ever be sent
+            raise PermanentError(f"the anthropic client is closed: {error}") from error
         raise RetryableError(f"connection failed: {error}") from error
     except anthropic.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
@@ -486,6 +512,10 @@ async def _send_message(
         # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
         # one (max_tokens), a value it cannot encode. No retry can send it.
         raise PermanentError(f"the anthropic SDK refused the payload's arguments: {error}") from error
+    except RuntimeError as error:
+        if _is_closed(client):  # the SDK's bare RuntimeError: no attempt can ever be sent
+            raise PermanentError(f"the anthropic client is closed: {error}") from error
+        raise
     if sync:
         await _sync_limiter(limiter, _within_a_day(raw.headers))
     return raw
@@ -544,10 +574,13 @@ def anthropic_messages_handler(
     quiet = client.with_options(max_retries=0)
 
     async def handle(job: ProcessableMessage[Any]) -> TokenUsage | None:
-        message = await create_message(quiet, limiter, job.message.payload.payload)
+        request = job.message.payload
+        message, usage = await _complete(
+            quiet, limiter, request.payload, request.token_info, count_cache_reads
+        )
         if on_completion is not None:
             await _maybe_await(on_completion(job, message))
-        return message_usage(message, count_cache_reads=count_cache_reads)
+        return usage
 
     return handle
 
@@ -657,9 +690,10 @@ class QueuedAsyncAnthropic(QueuedClient):
         _within_limit(prompt + max_output)
         return prompt, max_output
 
-    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
-        message = await create_message(self._quiet, self._limiter, payload)
-        return message, message_usage(message, count_cache_reads=self._count_cache_reads)
+    async def _call(
+        self, payload: Mapping[str, Any], reserved: TokenInfo | None
+    ) -> tuple[Any, TokenUsage | int | None]:
+        return await _complete(self._quiet, self._limiter, payload, reserved, self._count_cache_reads)
 
     async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
         return await open_message_stream(self._quiet, self._limiter, payload)

@@ -73,7 +73,7 @@ from .batch_formats import (
 )
 from .errors import PermanentError, RetryableError
 from .storage.base import MAX_VISIBILITY_TIMEOUT
-from .types import TokenUsage
+from .types import TokenInfo, TokenUsage
 
 if TYPE_CHECKING:
     from .dispatcher import ProcessableMessage
@@ -154,8 +154,9 @@ class _Provider:
         """The SDK's async client (its own retries off: the worker retries)."""
         raise NotImplementedError
 
-    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
-        """One call, with failures mapped to `RetryableError` and `PermanentError`."""
+    async def call(self, client: Any, limiter: Any, payload: Any, reserved: TokenInfo) -> Any:
+        """One call, with failures mapped to `RetryableError` and `PermanentError`; the limiter
+        synced as it will stand once ``reserved`` (the request's reservation) is marked."""
         raise NotImplementedError
 
     def usage(self, answer: Any) -> TokenUsage | int | None:
@@ -172,11 +173,11 @@ class _OpenAI(_Provider):
 
         return AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
-    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+    async def call(self, client: Any, limiter: Any, payload: Any, reserved: TokenInfo) -> Any:
         from .openai import create_chat_completion
 
         payload = self.as_written(client.chat.completions.create, payload)
-        return await create_chat_completion(client, limiter, payload)
+        return await create_chat_completion(client, limiter, payload, reserved=reserved)
 
     def usage(self, answer: Any) -> TokenUsage | int | None:
         from .openai import completion_usage
@@ -192,11 +193,11 @@ class _Anthropic(_Provider):
 
         return AsyncAnthropic(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
 
-    async def call(self, client: Any, limiter: Any, payload: Any) -> Any:
+    async def call(self, client: Any, limiter: Any, payload: Any, reserved: TokenInfo) -> Any:
         from .anthropic import create_message
 
         payload = self.as_written(client.messages.create, payload)
-        return await create_message(client, limiter, payload)
+        return await create_message(client, limiter, payload, reserved=reserved)
 
     def usage(self, answer: Any) -> TokenUsage | int | None:
         from .anthropic import message_usage
@@ -756,7 +757,7 @@ def _make_handler(
             # The output broke while this request waited: not sent; the next run sends it.
             raise RetryableError("not sent: the results cannot be written")
         try:
-            answer = await provider.call(client, limiter, request.payload)
+            answer = await provider.call(client, limiter, request.payload, request.token_info)
         except PermanentError as error:
             results.failed(request.id, failure_of(error, attempts))
             raise

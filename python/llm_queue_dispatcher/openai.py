@@ -1,5 +1,8 @@
 """Chat completions through the ``openai`` SDK (any OpenAI-compatible endpoint), for `Worker`.
 
+One file past 700 lines (718 lines): the estimator, the call with its error mapping and limiter
+syncing, the handler and the drop-in client are one provider's integration, read together.
+
 Install with ``pip install 'llm-queue-dispatcher[openai]'``. The SDK is imported only when a
 call is made: `estimate_chat_tokens` and `LLMRequest.from_openai_chat` work without it, and
 ``import llm_queue_dispatcher`` never imports it.
@@ -36,6 +39,7 @@ handler while the message's budget stays reserved.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -46,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from ._checks import shown
 from ._queued import QueuedClient, StreamCounter
 from .errors import InvalidRequestError, PermanentError, RetryableError
-from .provider_limits import ProviderLimits, parse_rate_limit_headers
+from .provider_limits import FAILED_CALL, ProviderLimits, parse_rate_limit_headers, settled_headers
 from .types import LLMRequest, Priority, TokenInfo, TokenUsage, validate_token_count
 
 if TYPE_CHECKING:
@@ -308,6 +312,19 @@ async def _sync_limiter(limiter: object, headers: Any) -> ProviderLimits:
     return parse_rate_limit_headers(headers)
 
 
+async def _sync_failed(limiter: object, headers: Any, reserved: TokenInfo | None) -> ProviderLimits:
+    """`_sync_limiter` after a failed call, whose mark gives the whole reservation back: synced
+    as the limiter will stand then. Returns what was read, with the remaining figures as they
+    came (which limit is exhausted is the provider's word)."""
+    limits = await _sync_limiter(limiter, settled_headers(headers, reserved, FAILED_CALL))
+    if reserved is None:
+        return limits
+    given = parse_rate_limit_headers(headers)
+    return dataclasses.replace(
+        limits, requests_remaining=given.requests_remaining, tokens_remaining=given.tokens_remaining
+    )
+
+
 def _rate_limit_pause(limits: ProviderLimits) -> float:
     """How long to hold everything after a 429: Retry-After, else the reset of a limit the
     provider says is exhausted, else a second. At most `MAX_PROVIDER_WAIT`: `ProviderLimits`
@@ -325,9 +342,10 @@ def _rate_limit_pause(limits: ProviderLimits) -> float:
     return max(resets) if resets else _DEFAULT_RATE_LIMIT_PAUSE
 
 
-async def _classify(error: APIStatusError, limiter: object) -> Exception:
+async def _classify(error: APIStatusError, limiter: object, reserved: TokenInfo | None) -> Exception:
     status = error.status_code
-    limits = await _sync_limiter(limiter, error.response.headers)
+    headers = error.response.headers
+    limits = await _sync_failed(limiter, headers, reserved)
     description = f"HTTP {status}: {error.message}"
     should_retry = error.response.headers.get("x-should-retry")
     if status == 429 and getattr(error, "code", None) == "insufficient_quota":
@@ -412,26 +430,60 @@ def completion_usage(completion: ChatCompletion) -> TokenUsage | int | None:
 
 
 async def create_chat_completion(
-    client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+    client: AsyncOpenAI,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    *,
+    reserved: TokenInfo | None = None,
 ) -> ChatCompletion:
     """Calls ``client.chat.completions.create(**payload)`` once (SDK retries off), syncs
     ``limiter`` from the response's rate-limit headers, and maps failures as the module's table
     says. ``limiter`` may be synchronous or have coroutine methods; ``penalize`` and
     ``sync_from_headers`` are used when it has them. A payload that is not a mapping, or that
     the SDK refuses before sending (a misspelt keyword), is a `PermanentError`: no retry can
-    send it."""
+    send it.
+
+    ``reserved``: the `TokenInfo` the call's reservation holds in ``limiter`` (the request's),
+    when its mark will correct the reservation to `completion_usage` (as `Worker` marks a
+    handler's result; a failure gives it all back). The provider's remaining-tokens figure is
+    then read less what that mark gives back, so that once marked the limiter believes in no
+    more than the provider said remains."""
+    _check_reserved(reserved)
+    completion, _ = await _complete(client, limiter, payload, reserved)
+    return completion
+
+
+def _check_reserved(reserved: object) -> None:
+    if reserved is not None and not isinstance(reserved, TokenInfo):
+        raise InvalidRequestError(f"reserved must be a TokenInfo or None, got {shown(reserved)}")
+
+
+async def _complete(
+    client: AsyncOpenAI,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    reserved: TokenInfo | None,
+) -> tuple[ChatCompletion, TokenUsage | int | None]:
+    """`create_chat_completion`, and the answer's `completion_usage`."""
     import openai
 
-    raw = await _send_chat(client, limiter, payload)
+    raw = await _send_chat(client, limiter, payload, reserved=reserved, sync=False)
     try:
-        parsed: Any = raw.parse()
-        if inspect.isawaitable(parsed):  # the SDK announces parse() becomes a coroutine
-            parsed = await parsed
-    except openai.APIResponseValidationError as error:
-        raise RetryableError(f"malformed response: {error}") from error
-    except ValueError as error:  # a body announced as JSON that is not (json.JSONDecodeError)
-        raise RetryableError(f"malformed response: HTTP {raw.status_code}, not JSON: {error}") from error
-    return _checked_completion(parsed, raw.status_code)
+        try:
+            parsed: Any = raw.parse()
+            if inspect.isawaitable(parsed):  # the SDK announces parse() becomes a coroutine
+                parsed = await parsed
+        except openai.APIResponseValidationError as error:
+            raise RetryableError(f"malformed response: {error}") from error
+        except ValueError as error:  # a body announced as JSON that is not (json.JSONDecodeError)
+            raise RetryableError(f"malformed response: HTTP {raw.status_code}, not JSON: {error}") from error
+        completion = _checked_completion(parsed, raw.status_code)
+    except RetryableError:
+        await _sync_failed(limiter, raw.headers, reserved)
+        raise
+    usage = completion_usage(completion)
+    await _sync_limiter(limiter, settled_headers(raw.headers, reserved, usage))
+    return completion, usage
 
 
 async def open_chat_stream(
@@ -446,9 +498,15 @@ async def open_chat_stream(
 
 
 async def _send_chat(
-    client: AsyncOpenAI, limiter: RateLimiter | AsyncRateLimiter, payload: Mapping[str, Any]
+    client: AsyncOpenAI,
+    limiter: RateLimiter | AsyncRateLimiter,
+    payload: Mapping[str, Any],
+    *,
+    reserved: TokenInfo | None = None,
+    sync: bool = True,
 ) -> Any:
-    """One call, its raw response (headers read and the limiter synced), failures mapped."""
+    """One call, its raw response (with ``sync``, the limiter synced from its headers), failures
+    mapped (the limiter synced from theirs, as it will stand once ``reserved`` is given back)."""
     import openai
 
     if not isinstance(payload, Mapping):
@@ -458,10 +516,12 @@ async def _send_chat(
     try:
         raw = await client.chat.completions.with_raw_response.create(**dict(payload))
     except openai.APIStatusError as error:
-        raise await _classify(error, limiter) from error
+        raise await _classify(error, limiter, reserved) from error
     except openai.APITimeoutError as error:
         raise RetryableError(f"timed out: {error}") from error
     except openai.APIConnectionError as error:
+        if _is_closed(client):  # wrapped by some SDK versions: no attempt can ever be sent
+            raise PermanentError(f"the openai client is closed: {error}") from error
         raise RetryableError(f"connection failed: {error}") from error
     except openai.APIResponseValidationError as error:
         raise RetryableError(f"malformed response: {error}") from error
@@ -470,8 +530,22 @@ async def _send_chat(
         # APIConnectionError): a misspelt or unknown keyword ("temprature"), a missing required
         # one, a value it cannot encode. No retry can send it.
         raise PermanentError(f"the openai SDK refused the payload's arguments: {error}") from error
-    await _sync_limiter(limiter, raw.headers)
+    except RuntimeError as error:
+        if _is_closed(client):  # the SDK's bare RuntimeError: no attempt can ever be sent
+            raise PermanentError(f"the openai client is closed: {error}") from error
+        raise
+    if sync:
+        await _sync_limiter(limiter, raw.headers)
     return raw
+
+
+def _is_closed(client: object) -> bool:
+    """Whether an SDK client was closed (its ``is_closed()``)."""
+    closed = getattr(client, "is_closed", None)
+    try:
+        return callable(closed) and closed() is True
+    except Exception:
+        return False
 
 
 def openai_chat_handler(
@@ -492,10 +566,11 @@ def openai_chat_handler(
     quiet = client.with_options(max_retries=0)
 
     async def handle(job: ProcessableMessage[Any]) -> TokenUsage | int | None:
-        completion = await create_chat_completion(quiet, limiter, job.message.payload.payload)
+        request = job.message.payload
+        completion, usage = await _complete(quiet, limiter, request.payload, request.token_info)
         if on_completion is not None:
             await _maybe_await(on_completion(job, completion))
-        return completion_usage(completion)
+        return usage
 
     return handle
 
@@ -626,9 +701,10 @@ class QueuedAsyncOpenAI(QueuedClient):
         completion = _completion_allowance(payload, DEFAULT_COMPLETION_TOKENS)
         return estimate - completion, completion
 
-    async def _call(self, payload: Mapping[str, Any]) -> tuple[Any, TokenUsage | int | None]:
-        completion = await create_chat_completion(self._quiet, self._limiter, payload)
-        return completion, completion_usage(completion)
+    async def _call(
+        self, payload: Mapping[str, Any], reserved: TokenInfo | None
+    ) -> tuple[Any, TokenUsage | int | None]:
+        return await _complete(self._quiet, self._limiter, payload, reserved)
 
     async def _open_stream(self, payload: Mapping[str, Any]) -> Any:
         return await open_chat_stream(self._quiet, self._limiter, payload)

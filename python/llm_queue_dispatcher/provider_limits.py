@@ -38,6 +38,7 @@ text.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -58,8 +59,16 @@ from ._checks import finite_float, real_number, shown
 # longer figure is a mistake, and believing it would stop every request for years.
 from ._core import MAX_PROVIDER_WAIT
 from .errors import InvalidRequestError
+from .types import TokenInfo, TokenUsage
 
-__all__ = ["MAX_PROVIDER_WAIT", "ProviderLimits", "parse_duration", "parse_rate_limit_headers"]
+__all__ = [
+    "FAILED_CALL",
+    "MAX_PROVIDER_WAIT",
+    "ProviderLimits",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "settled_headers",
+]
 
 
 _LOGGER = logging.getLogger("llm_queue_dispatcher")
@@ -340,3 +349,75 @@ def parse_rate_limit_headers(
         output_tokens_remaining=output_tokens[1],
         output_tokens_reset=output_tokens[2],
     )
+
+
+# The headers of what remains of a token limit, by the part of a reservation each counts.
+_REMAINING_TOKEN_HEADERS = {
+    "x-ratelimit-remaining-tokens": "total",
+    "anthropic-ratelimit-tokens-remaining": "total",
+    "anthropic-ratelimit-input-tokens-remaining": "input",
+    "anthropic-ratelimit-output-tokens-remaining": "output",
+}
+#: What a failed call counts when it is marked: nothing (its whole reservation is given back).
+FAILED_CALL = TokenUsage(0, 0)
+
+
+def _given_back(reserved: TokenInfo, used: TokenUsage | int | None) -> dict[str, int]:
+    """What marking a call gives back to each token bucket of the limiter, by part (``total``,
+    ``input``, ``output``): the reservation beyond what the call ``used`` (a failure's mark gives
+    back all of it: `FAILED_CALL`). Nothing when ``used`` is None (the estimate stands), nor for
+    a part the mark does not correct (a total gives nothing back to the input and output)."""
+    if used is None:
+        return {}
+    total = used.total if isinstance(used, TokenUsage) else used
+    back = {"total": max(0, reserved.estimated - total)}
+    if isinstance(used, TokenUsage) and reserved.input is not None and reserved.max_output is not None:
+        back["input"] = max(0, reserved.input - used.input)
+        back["output"] = max(0, reserved.max_output - used.output)
+    return back
+
+
+def settled_headers(headers: Any, reserved: TokenInfo | None, used: TokenUsage | int | None) -> Any:
+    """A response's headers as the limiter will stand once the call is marked.
+
+    The provider's ``remaining`` figures count the call as the provider charged it; the
+    limiter's bucket holds the call's reservation, and its mark gives back what the reservation
+    held beyond the usage (all of it for a failure). Synced from the figures as they came, the
+    limiter would then believe in those tokens on top of what the provider said remains (each
+    marked call adding its part: 429s at the limit). So each remaining-tokens figure is read less
+    what the mark gives back to its bucket. ``headers`` unchanged without a reservation.
+
+    A figure below what the mark gives back is read as 0 (a bucket holds no less): the limiter
+    then believes in the difference once marked, until the next answer's figures."""
+    back = {} if reserved is None else _given_back(reserved, used)
+    if not any(back.values()):
+        return headers
+    pairs = list(headers.items()) if hasattr(headers, "items") else list(headers)
+    names = {str(name).lower() for name, _ in pairs}
+    combined = "anthropic-ratelimit-tokens-remaining"
+    fallback = "anthropic-ratelimit-input-tokens-remaining"
+    if combined not in names and fallback in names and "x-ratelimit-remaining-tokens" not in names:
+        # Without the combined figures the input ones stand for them (`parse_rate_limit_headers`):
+        # named as the combined ones here, so that the total bucket is read less the total.
+        pairs += [
+            (name.replace("-input-tokens-", "-tokens-"), value)
+            for name, value in pairs
+            if str(name).lower().startswith("anthropic-ratelimit-input-tokens-")
+        ]
+    settled = []
+    for name, value in pairs:
+        part = _REMAINING_TOKEN_HEADERS.get(str(name).lower())
+        if part is not None and back.get(part) and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # not a figure: the sync ignores it and says so
+                figure = float(value.strip())
+                if math.isfinite(figure) and figure >= 0:
+                    value = repr(max(0.0, figure - back[part]))
+        settled.append((name, value))
+    if isinstance(headers, Mapping):
+        # Of the kind given (``httpx.Headers``: read without regard to case), for a limiter
+        # whose ``sync_from_headers`` reads a mapping.
+        kind: Any = type(headers)
+        with contextlib.suppress(Exception):
+            return kind(settled)
+        return dict(settled)
+    return settled

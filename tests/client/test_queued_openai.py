@@ -207,6 +207,65 @@ async def test_cancelling_a_queued_call_withdraws_it(
     assert openai_provider.successes == Counter({"first": 1, "next": 1})
 
 
+async def test_a_call_cancelled_while_its_attempt_fails_leaves_no_retry_count_behind(
+    openai_provider: ProviderServer, openai_client: AsyncOpenAI
+) -> None:
+    # Each attempt is sent, then its caller gives up while it runs; the attempt then fails (a
+    # 500) and its request is withdrawn unsent at its next turn. A long-lived client must not
+    # keep a retry count for every call that ended that way.
+    keys = [f"k{n}" for n in range(20)]
+    openai_provider.configure(slow=dict.fromkeys(keys, 0.3), fail_first=dict.fromkeys(keys, 1))
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(openai_client, dispatcher, LLMThrottle(60_000, 10_000_000), concurrency=20)
+        calls = [
+            asyncio.create_task(qc.chat.completions.create(model="m", messages=messages(key), max_tokens=5))
+            for key in keys
+        ]
+        for _ in range(500):  # until every attempt is at the (slow) provider
+            if sum(openai_provider.calls.values()) == len(keys):
+                break
+            await asyncio.sleep(0.01)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        for _ in range(500):  # the attempts fail, then their requests are withdrawn
+            if (await dispatcher.get_queue_metrics()).queue.total_messages == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+        assert not qc._failures
+        assert not qc._rate_limited
+    assert openai_provider.calls == Counter(dict.fromkeys(keys, 1))
+
+
+async def test_calls_queued_when_the_wrapped_client_closes_end_with_an_error_not_a_hang(
+    openai_provider: ProviderServer,
+) -> None:
+    openai_provider.configure(latency=0.2)
+    sdk = AsyncOpenAI(base_url=openai_provider.base_url, api_key="test-key", timeout=10.0)
+    async with create_in_memory_queue() as dispatcher:
+        qc = QueuedAsyncOpenAI(sdk, dispatcher, LLMThrottle(60_000, 10_000_000), concurrency=2)
+        calls = [
+            asyncio.create_task(
+                qc.chat.completions.create(model="m", messages=messages(f"k{n}"), max_tokens=5)
+            )
+            for n in range(6)
+        ]
+        await asyncio.sleep(0.05)
+        await qc.__aexit__(None, None, None)  # the SDK's client closed under the queued calls
+        # No attempt can be sent through a closed client: each call ends, none is retried for
+        # ever (the SDK raises a bare RuntimeError for it, past the retry budget).
+        ended = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+        failed = [result for result in ended if isinstance(result, Exception)]
+        assert len(failed) == len(calls), ended
+        # The calls sent before the close: the SDK's own error (its connection closed under
+        # them); those after: the client is closed, the request dead-lettered.
+        for result in failed:
+            assert isinstance(result, (openai.APIConnectionError, RequestFailedError)), result
+        assert any("client is closed" in str(result) for result in failed)
+        assert (await dispatcher.get_queue_metrics()).queue.total_messages == 0
+
+
 async def test_a_queued_call_corrects_the_input_and_output_limits_with_the_providers_counts(
     openai_provider: ProviderServer, openai_client: AsyncOpenAI
 ) -> None:

@@ -335,6 +335,52 @@ async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
     assert metrics.tpm.available <= 1_975 + 20
 
 
+@pytest.mark.parametrize("outcome", ["answered", "failed"])
+async def test_a_marked_call_leaves_each_bucket_no_higher_than_the_provider_said_remains(
+    provider: AnthropicServer, client: AsyncAnthropic, outcome: str
+) -> None:
+    # Buckets of 1,000 input and 1,000 output tokens, refilled one token a second; the limiter
+    # believes in far more, on a manual clock (nothing refills it between answer and reading).
+    provider.configure(
+        rpm=600,
+        itpm=60,
+        otpm=60,
+        burst_input_tokens=1_000,
+        burst_output_tokens=1_000,
+        script={"hello": [500] if outcome == "failed" else []},
+    )
+    clock = ManualClock()
+    limiter = LLMThrottle(600, 60_000, itpm=6_000, otpm=6_000, clock=clock)
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        InMemoryStorage(clock=clock), LLMQueueDispatcherConfig(clock=clock)
+    )
+    request = LLMRequest.from_anthropic_messages("r", ask("hello", max_tokens=50))
+    # The estimate counts more input than the provider (its overheads are conservative).
+    assert request.token_info.input is not None
+    assert request.token_info.input > 2 + 3
+    await dispatcher.enqueue(request)
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    try:
+        usage = await anthropic_messages_handler(client, limiter)(job)
+    except RetryableError as error:
+        assert outcome == "failed"
+        await job.mark_as_failed(error)
+    else:
+        assert usage is not None
+        await job.mark_as_processed(input_tokens=usage.input, output_tokens=usage.output)
+    # The provider charged the input (2 + 3) and kept the output the answer used (20, none for
+    # a failure). The mark gives back what the reservation held beyond the usage: read as they
+    # came, the figures let the limiter believe in those tokens a second time.
+    output = 20 if outcome == "answered" else 0
+    metrics = limiter.get_metrics()
+    assert metrics.itpm is not None
+    assert metrics.otpm is not None
+    assert metrics.itpm.available <= 1_000 - 5 + 2
+    assert metrics.otpm.available <= 1_000 - output + 2
+    assert metrics.tpm.available <= 2_000 - 5 - output + 3
+
+
 async def test_the_fake_provider_limits_input_and_output_tokens_apart(
     provider: AnthropicServer, client: AsyncAnthropic
 ) -> None:
@@ -435,6 +481,14 @@ async def test_arguments_the_sdk_refuses_before_sending_are_permanent(
     with pytest.raises(PermanentError, match=words):
         await create_message(client, roomy(), payload)
     assert sum(provider.calls.values()) == 0  # nothing was sent
+
+
+async def test_a_call_through_a_closed_client_is_permanent(provider: AnthropicServer) -> None:
+    closed = AsyncAnthropic(base_url=provider.base_url, api_key="test-key")
+    await closed.close()
+    with pytest.raises(PermanentError, match="client is closed"):
+        await create_message(closed, roomy(), ask("k"))
+    assert sum(provider.calls.values()) == 0
 
 
 async def test_a_misspelt_keyword_is_dead_lettered_at_once_not_retried(

@@ -261,6 +261,41 @@ async def test_a_response_syncs_the_limiter_down_to_the_provider_headers(
     assert metrics.tpm.available <= 1_000 - 102 + 5
 
 
+async def _dispatch_and_mark(client: AsyncOpenAI, limiter: LLMThrottle, key: str, max_tokens: int) -> None:
+    """One request through the dispatcher's reservation, the handler and the worker's mark."""
+    clock = limiter.clock
+    dispatcher: LLMQueueDispatcher[Any] = LLMQueueDispatcher(
+        InMemoryStorage(clock=clock), LLMQueueDispatcherConfig(clock=clock)
+    )
+    await dispatcher.enqueue(LLMRequest.from_openai_chat(key, chat(key, max_tokens=max_tokens)))
+    job = await dispatcher.dequeue(limiter)
+    assert job is not None
+    try:
+        usage = await openai_chat_handler(client, limiter)(job)
+    except Exception as error:
+        await job.mark_as_failed(error)
+        return
+    assert isinstance(usage, TokenUsage)
+    await job.mark_as_processed(input_tokens=usage.input, output_tokens=usage.output)
+
+
+@pytest.mark.parametrize("outcome", ["answered", "failed"])
+async def test_a_marked_call_leaves_the_limiter_no_higher_than_the_provider_said_remains(
+    provider: ProviderServer, client: AsyncOpenAI, outcome: str
+) -> None:
+    # The provider charges the prompt and max_tokens on arrival and gives nothing back (OpenAI's
+    # rule); its bucket of 1,000 tokens refills 1 a second. The limiter believes in 60,000, on a
+    # manual clock: nothing refills it between the answer and the reading.
+    provider.configure(rpm=600, tpm=60, burst_tokens=1_000, fail_first={"k": 1 if outcome == "failed" else 0})
+    limiter = LLMThrottle(600, 60_000, clock=ManualClock())
+    await _dispatch_and_mark(client, limiter, "k", max_tokens=100)
+    # The answer said 1,000 - (1 + 100) remain (plus a token or two refilled while it ran). The
+    # mark then gives back what the reservation held beyond the usage (all of it on a failure):
+    # read as it came, the figure let the limiter believe in those tokens a second time.
+    remaining = 1_000 - (1 + 100)
+    assert limiter.get_metrics().tpm.available <= remaining + 3
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_429_penalizes_the_limiter_and_is_retryable_after_retry_after(
     provider: ProviderServer, client: AsyncOpenAI, kind: str
@@ -319,6 +354,14 @@ async def test_arguments_the_sdk_refuses_before_sending_are_permanent(
     with pytest.raises(PermanentError, match=words):
         await create_chat_completion(client, LLMThrottle(60_000, 1_000_000), payload)
     assert sum(provider.calls.values()) == 0  # nothing was sent
+
+
+async def test_a_call_through_a_closed_client_is_permanent(provider: ProviderServer) -> None:
+    closed = AsyncOpenAI(base_url=provider.base_url, api_key="test-key")
+    await closed.close()
+    with pytest.raises(PermanentError, match="client is closed"):
+        await create_chat_completion(closed, LLMThrottle(60_000, 1_000_000), chat("k"))
+    assert sum(provider.calls.values()) == 0
 
 
 async def test_a_misspelt_keyword_is_dead_lettered_at_once_not_retried(
