@@ -117,12 +117,13 @@ class _GlobalScript(Script):
     keys and arguments, and their locals do not meet the queue's), then the operation.
 
     ``limiter_open`` runs the limiter's prelude once (its state read, at one instant) and
-    returns ``session(op, args)``, which runs operation ``op`` with ``args`` as its own
-    arguments (ARGV[15..]): the operations of one script share one read of the limiter's state,
-    each saving what it changed, as if each were a call of its own at that instant. A session
-    whose operation raised an error must not be used again (its state in memory may be ahead
-    of what was saved). ``limiter_call(KEYS, ARGV, op)`` is one operation in a session of its
-    own."""
+    returns ``session, nil``; when the script asks for it and the limiter is RPM + TPM alone,
+    ``nil, LEAN`` instead (the lean session of ``limiter_common.lua``, which stores the same).
+    ``session(op, args)`` runs operation ``op`` with ``args`` as its own arguments
+    (ARGV[15..]): the operations of one script share one read of the limiter's state, each
+    saving what it changed, as if each were a call of its own at that instant. A session whose
+    operation raised an error must not be used again (its state in memory may be ahead of what
+    was saved). ``limiter_call(KEYS, ARGV, op)`` is one operation in a session of its own."""
 
     def __init__(self, name: str) -> None:
         branches = "\n".join(
